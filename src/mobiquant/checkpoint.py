@@ -1,0 +1,232 @@
+"""Quantized checkpoints: a folder with ``quantized.safetensors`` and ``mobiquant.json``.
+
+The tensor file holds what a packed MoBiQuant model adds to its base model: per MoBiLinear the
+bit-plane codes (``plane0..planeK-1``), fp16 steps and zero points, and bias; per router its MLP, its
+current threshold and its bits->threshold table. The JSON names the format version, the MoBiQuant config,
+the router sites, the base model (reference and fingerprint) and the tensor file's sha256. Files are
+written to temporary names and renamed into place, JSON last: a folder whose JSON exists is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .modules import MoBiLinear
+from .patching import MoBiConfig, find_blocks, mobi_linears, quantize_model, routers
+
+FORMAT = "mobiquant"
+FORMAT_VERSION = 1
+CONFIG_NAME = "mobiquant.json"
+TENSORS_NAME = "quantized.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    """A quantized checkpoint is missing, truncated, corrupted or does not fit the base model."""
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """sha256 of the base model's architecture and input embedding (never quantized)."""
+    h = hashlib.sha256()
+    cfg = getattr(model, "config", None)
+    h.update(type(model).__name__.encode())
+    if cfg is not None:
+        for key in ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size"):
+            h.update(f"{key}={getattr(cfg, key, None)};".encode())
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None:
+        w = emb.weight.detach().float().reshape(-1)[: 1 << 20].cpu().contiguous()
+        h.update(w.numpy().tobytes())
+    return h.hexdigest()
+
+
+def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for name, m in mobi_linears(model):
+        if not m.packed:
+            raise CheckpointError(f"{name} is not packed: call mobiquant.freeze(model) before saving")
+        for e in range(m.num_slices):
+            state[f"{name}.plane{e}"] = m.plane(e)
+        state[f"{name}.scale"] = m.scale
+        state[f"{name}.zero"] = m.zero
+        if m.bias is not None:
+            state[f"{name}.bias"] = m.bias
+    for name, r in routers(model):
+        for key, t in r.state_dict().items():
+            state[f"{name}.{key}"] = t
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def save_quantized(model: nn.Module, folder: str | os.PathLike, base_model: str | None = None,
+                   extra: dict | None = None) -> Path:
+    """Write ``model`` (packed) to ``folder`` atomically; returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg: MoBiConfig = model.mobiquant_config
+    state = quantized_state(model)
+    dtypes = {str(m._compute_dtype).removeprefix("torch.") for _, m in mobi_linears(model)}
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{TENSORS_NAME}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        digest = sha256_file(tmp)
+        size = os.path.getsize(tmp)
+        os.replace(tmp, folder / TENSORS_NAME)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": cfg.to_dict(),
+        "sites": model.mobiquant_sites,
+        "compute_dtype": sorted(dtypes)[0] if dtypes else "float32",
+        "base_model": {
+            "name_or_path": base_model or getattr(getattr(model, "config", None), "_name_or_path", None),
+            "architecture": type(model).__name__,
+            "fingerprint": base_fingerprint(model),
+        },
+        "tensors": {"file": TENSORS_NAME, "sha256": digest, "bytes": size, "count": len(state)},
+    }
+    if extra:
+        meta["extra"] = extra
+    atomic_write_bytes(folder / CONFIG_NAME, json.dumps(meta, indent=2).encode())
+    _fsync_dir(folder)
+    return folder
+
+
+def read_meta(folder: str | os.PathLike) -> dict:
+    folder = Path(folder)
+    cfg_path = folder / CONFIG_NAME
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist")
+    if not cfg_path.is_file():
+        raise CheckpointError(
+            f"{folder} has no {CONFIG_NAME}: not a mobiquant checkpoint, or its save was interrupted"
+        )
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); the checkpoint is corrupted") from e
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{cfg_path} is not a mobiquant checkpoint (format={meta.get('format')!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{cfg_path} has format version {meta.get('format_version')!r}; this mobiquant reads version "
+            f"{FORMAT_VERSION} only"
+        )
+    return meta
+
+
+def load_quantized(model: nn.Module, folder: str | os.PathLike, check_base: bool = True) -> nn.Module:
+    """Patch the FP base ``model`` in place with the checkpoint in ``folder``; returns the model."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    tfile = folder / meta["tensors"]["file"]
+    if not tfile.is_file():
+        raise CheckpointError(f"checkpoint tensor file {tfile} is missing")
+    size = os.path.getsize(tfile)
+    if size != meta["tensors"]["bytes"]:
+        raise CheckpointError(
+            f"{tfile} has {size} bytes but {meta['tensors']['bytes']} were written: truncated or replaced"
+        )
+    digest = sha256_file(tfile)
+    if digest != meta["tensors"]["sha256"]:
+        raise CheckpointError(f"{tfile} is corrupted: sha256 {digest} does not match the recorded one")
+    if check_base:
+        want = meta["base_model"]["fingerprint"]
+        if base_fingerprint(model) != want:
+            raise CheckpointError(
+                f"checkpoint {folder} was built for base model {meta['base_model']['name_or_path']!r} "
+                f"({meta['base_model']['architecture']}); the model given to load it into is a different one"
+            )
+    try:
+        state = load_file(str(tfile))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {tfile}: {e}") from e
+    cfg = MoBiConfig(**meta["config"])
+    compute_dtype = getattr(torch, meta.get("compute_dtype", "float32"))
+    try:
+        find_blocks(model)
+        quantize_model(model, cfg, sites=meta["sites"])
+    except (AttributeError, IndexError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {folder} does not fit this model's structure: {e}") from e
+    for _, m in mobi_linears(model):
+        m.make_packed_buffers(compute_dtype)
+    expected = set(quantized_state(model))
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint tensors do not match the model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    with torch.no_grad():
+        for name, m in list(mobi_linears(model)) + list(routers(model)):
+            _assign(m, name, state)
+    for _, m in mobi_linears(model):
+        m.clear_cache()
+    for _, r in routers(model):
+        r.requires_grad_(False)
+    return model
+
+
+def _assign(module: nn.Module, name: str, state: dict[str, torch.Tensor]) -> None:
+    """Put the checkpoint tensors named ``name.*`` into ``module``'s own parameters and buffers."""
+    for attr, current in list(module.named_parameters(recurse=True)) + list(module.named_buffers(recurse=True)):
+        key = f"{name}.{attr}"
+        if key not in state or current is None:
+            continue
+        t = state[key]
+        owner_name, _, leaf = attr.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        if leaf in owner._parameters:
+            if current.shape != t.shape:
+                raise CheckpointError(f"{key}: checkpoint shape {tuple(t.shape)} != model {tuple(current.shape)}")
+            current.copy_(t)
+        else:  # buffers take the stored tensor as is (dtype and shape are part of the format)
+            owner._buffers[leaf] = t.to(current.device)

@@ -1,0 +1,253 @@
+"""``MoBiLinear``: a drop-in replacement for ``nn.Linear`` holding a MoBiSlice weight and a router link.
+
+Two lives:
+* *fake-quant* (during calibration): keeps the frozen full-precision weight and the learnable LWC
+  parameters ``gamma``/``beta``; slices are recomputed every forward with straight-through rounding, so the
+  loss is differentiable in LWC and router parameters.
+* *packed* (after :meth:`freeze`): only bit-plane codes (one packed buffer per slice), the fp16 step and
+  zero point per group. This is the deployable checkpoint; every reported number comes from it.
+
+In either life the forward runs in one of two modes: ``static`` (every token uses ``static_k`` slices)
+or ``routed`` (the router picks ``k`` per token; during training, straight-through nested gates).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .quant.packing import pack_codes, packed_width, unpack_codes
+from .quant.primitives import from_groups, num_groups, to_groups
+from .quant.slicer import ResidualSlicer
+from .router import TokenRouter
+
+Mode = Literal["static", "routed"]
+
+
+class MoBiLinear(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        slice_bits=(2, 2, 2, 2),
+        group_size: int = 128,
+        lwc_init: float | None = 4.0,
+        word_bits: int = 32,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.slicer = ResidualSlicer(slice_bits, group_size)
+        self.word_bits = word_bits
+        self.lwc_init = lwc_init
+        ng = num_groups(in_features, group_size)
+        factory = {"device": device, "dtype": dtype}
+        self.register_buffer("weight", torch.empty(out_features, in_features, **factory))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, **factory))
+        else:
+            self.bias = None
+        if lwc_init is not None:
+            self.gamma = nn.Parameter(torch.full((out_features, ng), float(lwc_init), device=device))
+            self.beta = nn.Parameter(torch.full((out_features, ng), float(lwc_init), device=device))
+        else:
+            self.gamma = self.beta = None
+        self.packed = False
+        self.mode: Mode = "static"
+        self.static_k = self.num_slices
+        self.target_bits: float | None = None  # training-time budget for routed fake-quant
+        self._router: TokenRouter | None = None
+        self.track = False
+        self.k_counts = torch.zeros(self.num_slices, dtype=torch.float64)
+        self._view_cache: dict[int, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> "MoBiLinear":
+        m = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+            **kwargs,
+        )
+        with torch.no_grad():
+            m.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                m.bias.copy_(linear.bias)
+        return m
+
+    @property
+    def slice_bits(self) -> tuple[int, ...]:
+        return self.slicer.slice_bits
+
+    @property
+    def num_slices(self) -> int:
+        return self.slicer.num_slices
+
+    @property
+    def router(self) -> TokenRouter | None:
+        return self._router
+
+    def attach_router(self, router: TokenRouter | None) -> None:
+        # A plain attribute, not a submodule: routers are shared by several linears and registered once,
+        # at the block level, so state dicts hold each router exactly once.
+        object.__setattr__(self, "_router", router)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, slices={list(self.slice_bits)}, "
+            f"g={self.slicer.group_size}, packed={self.packed}, mode={self.mode}"
+            + (f", k={self.static_k}" if self.mode == "static" else "")
+        )
+
+    # ------------------------------------------------------------------ mode control
+    def set_static(self, k: int) -> None:
+        self.slicer._check_k(k)
+        self.mode, self.static_k = "static", k
+
+    def set_routed(self) -> None:
+        if self._router is None:
+            raise RuntimeError("this MoBiLinear has no router attached; routed mode is unavailable")
+        self.mode = "routed"
+
+    def reset_counts(self) -> None:
+        self.k_counts = torch.zeros(self.num_slices, dtype=torch.float64)
+
+    # ------------------------------------------------------------------ weights
+    def fake_views(self, ste: bool = True, upto: int | None = None) -> list[torch.Tensor]:
+        """Differentiable ``[W_1..W_upto]`` (default all K) from the FP weight and the LWC parameters."""
+        return self.slicer.views(
+            self.weight.float(), self.gamma, self.beta, ste=ste, scale_dtype=torch.float16, upto=upto
+        )
+
+    def plane(self, e: int) -> torch.Tensor:
+        return getattr(self, f"plane{e}")
+
+    def codes(self) -> list[torch.Tensor]:
+        """Unpacked slice codes ``[out, in]`` (uint8) of a packed layer."""
+        self._require_packed()
+        return [
+            unpack_codes(self.plane(e), b, self.in_features, self.word_bits)
+            for e, b in enumerate(self.slice_bits)
+        ]
+
+    def dequantized(self, k: int) -> torch.Tensor:
+        """``W_k`` of a packed layer by integer shift-and-add, cached until the codes change."""
+        self._require_packed()
+        if k not in self._view_cache:
+            g = self.slicer.group_size
+            grouped = [to_groups(c, g) for c in self.codes()]
+            w = self.slicer.integer_view(
+                grouped, self.scale.float().unsqueeze(-1), self.zero.float().unsqueeze(-1), k
+            )
+            self._view_cache[k] = from_groups(w, self.in_features).to(self.weight_dtype)
+        return self._view_cache[k]
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return self._compute_dtype
+
+    def _require_packed(self) -> None:
+        if not self.packed:
+            raise RuntimeError("layer is not packed yet: call freeze() after calibration")
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Turn the learned LWC into stored codes: bit-planes, fp16 steps and zero points; drop FP weight."""
+        if self.packed:
+            return
+        sc = self.slicer.decompose(self.weight.float(), self.gamma, self.beta, scale_dtype=torch.float16)
+        self._compute_dtype = self.weight.dtype
+        for e, (c, b) in enumerate(zip(sc.codes, self.slice_bits)):
+            flat = from_groups(c, self.in_features)
+            self.register_buffer(f"plane{e}", pack_codes(flat, b, self.word_bits))
+        self.register_buffer("scale", sc.scale.squeeze(-1).to(torch.float16))
+        self.register_buffer("zero", sc.zero.squeeze(-1).to(torch.float16))
+        del self.weight
+        self.register_buffer("weight", None)
+        self.gamma = self.beta = None
+        self.packed = True
+        self._view_cache.clear()
+
+    def make_packed_buffers(self, compute_dtype: torch.dtype = torch.float32) -> None:
+        """Empty packed buffers of the right shapes, to be filled by ``load_state_dict``."""
+        ng = num_groups(self.in_features, self.slicer.group_size)
+        dev = self.weight.device if self.weight is not None else None
+        for e, b in enumerate(self.slice_bits):
+            dtype = torch.int32 if self.word_bits == 32 else torch.uint8
+            width = packed_width(self.in_features, b, self.word_bits)
+            self.register_buffer(f"plane{e}", torch.zeros(self.out_features, width, dtype=dtype, device=dev))
+        self.register_buffer("scale", torch.ones(self.out_features, ng, dtype=torch.float16, device=dev))
+        self.register_buffer("zero", torch.zeros(self.out_features, ng, dtype=torch.float16, device=dev))
+        self._compute_dtype = compute_dtype
+        if "weight" in self._buffers:
+            del self._buffers["weight"]
+        self.register_buffer("weight", None)
+        self.gamma = self.beta = None
+        self.packed = True
+        self._view_cache.clear()
+
+    def clear_cache(self) -> None:
+        self._view_cache.clear()
+
+    def _apply(self, fn, recurse=True):  # .to()/.cuda() invalidate cached dequantized views
+        self._view_cache.clear()
+        out = super()._apply(fn, recurse)
+        if self.packed and getattr(self, "_compute_dtype", None) is not None:
+            probe = fn(torch.zeros((), dtype=self._compute_dtype))
+            if probe.is_floating_point():
+                self._compute_dtype = probe.dtype
+        return out
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return self._forward_packed(x)
+        return self._forward_fake(x)
+
+    def _count(self, k: torch.Tensor | int, n_tokens: int) -> None:
+        if not self.track:
+            return
+        if isinstance(k, int):
+            self.k_counts[k - 1] += n_tokens
+        else:
+            self.k_counts += torch.bincount(k.reshape(-1).cpu(), minlength=self.num_slices + 1)[1:].double()
+
+    def _forward_fake(self, x: torch.Tensor) -> torch.Tensor:
+        n_tokens = x.numel() // x.shape[-1]
+        if self.mode == "static" or self._router is None:
+            w = self.fake_views(upto=self.static_k)[-1]
+            self._count(self.static_k, n_tokens)
+            return F.linear(x, w.to(x.dtype), self.bias)
+        views = self.fake_views()
+        gates, _ = self._router.gates(x, self.target_bits)
+        y = F.linear(x, views[0].to(x.dtype), self.bias)
+        for e in range(1, self.num_slices):
+            delta = (views[e] - views[e - 1]).to(x.dtype)
+            y = y + gates[..., e - 1 : e].to(x.dtype) * F.linear(x, delta)
+        if self.track:
+            self._count(1 + (gates.detach() > 0.5).cumprod(-1).sum(-1), n_tokens)
+        return y
+
+    def _forward_packed(self, x: torch.Tensor) -> torch.Tensor:
+        n_tokens = x.numel() // x.shape[-1]
+        if self.mode == "static" or self._router is None:
+            self._count(self.static_k, n_tokens)
+            return F.linear(x, self.dequantized(self.static_k).to(x.dtype), self.bias)
+        k = self._router.slice_counts(x)
+        self._count(k, n_tokens)
+        flat_x = x.reshape(-1, x.shape[-1])
+        flat_k = k.reshape(-1)
+        out = torch.empty(flat_x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+        for kk in torch.unique(flat_k).tolist():
+            idx = (flat_k == kk).nonzero(as_tuple=True)[0]
+            out[idx] = F.linear(flat_x[idx], self.dequantized(int(kk)).to(x.dtype), self.bias)
+        return out.reshape(*x.shape[:-1], self.out_features)

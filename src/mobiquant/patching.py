@@ -1,0 +1,324 @@
+"""Swap the linears of a Hugging Face decoder-only LM for ``MoBiLinear`` by module discovery.
+
+* Transformer blocks are found as the longest ``nn.ModuleList`` whose children contain ``nn.Linear``s
+  (``model.layers`` in LLaMA/Qwen2/Gemma, ``gpt_neox.layers``, ``decoder.layers`` in OPT, ...).
+* Router sites are found by tracing: linears of one block that receive the very same input tensor in a
+  forward pass share one router (q/k/v; gate/up). No architecture names are hard-coded.
+* Embeddings and ``lm_head`` stay in full precision unless asked otherwise.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+
+from .modules import MoBiLinear
+from .quant.packing import packed_width
+from .quant.primitives import num_groups
+from .quant.slicer import check_slice_bits
+from .router import TokenRouter
+
+ROUTERS_ATTR = "mobi_routers"
+
+
+@dataclass
+class MoBiConfig:
+    """Everything that shapes a MoBiQuant model (saved with every checkpoint)."""
+
+    slice_bits: Sequence[int] = (2, 2, 2, 2)
+    group_size: int = 128
+    lwc_init: float | None = 4.0
+    router_hidden: int = 64
+    router_placement: str = "site"  # "site": one router per shared input; "linear": one per linear
+    router_temperature: float = 1.0
+    skip: Sequence[str] = field(default_factory=list)  # regexes on full module names to keep in FP
+    word_bits: int = 32
+
+    def __post_init__(self):
+        self.slice_bits = tuple(check_slice_bits(self.slice_bits))
+        if self.router_placement not in ("site", "linear"):
+            raise ValueError(
+                f"router_placement must be 'site' or 'linear', got {self.router_placement!r}"
+            )
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0:
+            raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}")
+        self.skip = list(self.skip)
+
+    @property
+    def min_bits(self) -> int:
+        return self.slice_bits[0]
+
+    @property
+    def max_bits(self) -> int:
+        return sum(self.slice_bits)
+
+    def to_dict(self) -> dict:
+        return {
+            "slice_bits": list(self.slice_bits),
+            "group_size": self.group_size,
+            "lwc_init": self.lwc_init,
+            "router_hidden": self.router_hidden,
+            "router_placement": self.router_placement,
+            "router_temperature": self.router_temperature,
+            "skip": list(self.skip),
+            "word_bits": self.word_bits,
+        }
+
+
+# ---------------------------------------------------------------------------- discovery
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's stack of transformer blocks: the longest ModuleList of modules containing linears."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            if all(any(isinstance(m, nn.Linear) for m in child.modules()) for child in mod):
+                if best is None or len(mod) > len(best[1]):
+                    best = (name, mod)
+    if best is None:
+        raise ValueError(
+            f"{type(model).__name__} has no stack of blocks built from nn.Linear: nothing to quantize"
+        )
+    return best
+
+
+def block_linears(block: nn.Module, skip: Iterable[str] = (), prefix: str = "") -> dict[str, nn.Linear]:
+    pats = [re.compile(p) for p in skip]
+    out = {}
+    for name, mod in block.named_modules():
+        if isinstance(mod, (nn.Linear, MoBiLinear)) and name:
+            full = f"{prefix}.{name}" if prefix else name
+            if not any(p.search(full) for p in pats):
+                out[name] = mod
+    return out
+
+
+def site_key(linear_names: Sequence[str]) -> str:
+    return linear_names[0].replace(".", "_")
+
+
+def trace_model_sites(model: nn.Module, linear_names_per_block: list[list[str]], seqlen: int = 8):
+    """Trace every block once with a short dummy input; returns the site groups of each block."""
+    _, blocks = find_blocks(model)
+    result: list[list[list[str]] | None] = [None] * len(blocks)
+    hooks = []
+    seen: list[dict[str, torch.Tensor]] = [dict() for _ in blocks]
+    for bi, block in enumerate(blocks):
+        modules = dict(block.named_modules())
+        for name in linear_names_per_block[bi]:
+            def hook(mod, args, bi=bi, name=name):
+                seen[bi].setdefault(name, args[0])
+            hooks.append(modules[name].register_forward_pre_hook(hook))
+    vocab = getattr(getattr(model, "config", None), "vocab_size", 2)
+    device = next(model.parameters()).device
+    ids = torch.arange(seqlen, device=device).remainder(vocab).unsqueeze(0)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    for bi in range(len(blocks)):
+        groups: list[list[str]] = []
+        tensors: list[torch.Tensor | None] = []
+        for name in linear_names_per_block[bi]:
+            t = seen[bi].get(name)
+            for i, other in enumerate(tensors):
+                if t is not None and other is t:
+                    groups[i].append(name)
+                    break
+            else:
+                groups.append([name])
+                tensors.append(t)
+        result[bi] = groups
+    return result
+
+
+# ---------------------------------------------------------------------------- patching
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def quantize_model(
+    model: nn.Module,
+    cfg: MoBiConfig | None = None,
+    sites: list[list[list[str]]] | None = None,
+) -> nn.Module:
+    """Replace the block linears of ``model`` in place by fake-quant ``MoBiLinear`` + routers.
+
+    ``sites`` (per block, the groups of linear names that share a router) is traced when not given.
+    """
+    cfg = cfg or MoBiConfig()
+    blocks_name, blocks = find_blocks(model)
+    names_per_block = [
+        list(block_linears(b, cfg.skip, prefix=f"{blocks_name}.{i}").keys()) for i, b in enumerate(blocks)
+    ]
+    if not any(names_per_block):
+        raise ValueError("every linear of the model was skipped: nothing to quantize (check `skip`)")
+    if sites is None:
+        if cfg.router_placement == "linear" or len(cfg.slice_bits) == 1:
+            sites = [[[n] for n in names] for names in names_per_block]
+        else:
+            sites = trace_model_sites(model, names_per_block)
+    for bi, block in enumerate(blocks):
+        routers = nn.ModuleDict()
+        for group in sites[bi]:
+            first = block.get_submodule(group[0])
+            router = None
+            if len(cfg.slice_bits) > 1:
+                router = TokenRouter(
+                    first.in_features, cfg.slice_bits, cfg.router_hidden, cfg.router_temperature
+                ).to(device=first.weight.device)
+                routers[site_key(group)] = router
+            for name in group:
+                lin = block.get_submodule(name)
+                q = MoBiLinear.from_linear(
+                    lin,
+                    slice_bits=cfg.slice_bits,
+                    group_size=cfg.group_size,
+                    lwc_init=cfg.lwc_init,
+                    word_bits=cfg.word_bits,
+                )
+                q.attach_router(router)
+                q.site = site_key(group)
+                _set_submodule(block, name, q)
+        setattr(block, ROUTERS_ATTR, routers)
+    model.mobiquant_config = cfg
+    model.mobiquant_sites = sites
+    return model
+
+
+def mobi_linears(model: nn.Module) -> Iterator[tuple[str, MoBiLinear]]:
+    for name, mod in model.named_modules():
+        if isinstance(mod, MoBiLinear):
+            yield name, mod
+
+
+def routers(model: nn.Module) -> Iterator[tuple[str, TokenRouter]]:
+    for name, mod in model.named_modules():
+        if isinstance(mod, TokenRouter):
+            yield name, mod
+
+
+# ---------------------------------------------------------------------------- elastic control
+def set_static(model: nn.Module, k: int) -> None:
+    """Any-precision view without routing: every token uses ``k`` slices in every layer."""
+    for _, m in mobi_linears(model):
+        m.set_static(k)
+
+
+def set_budget(model: nn.Module, avg_bits: float) -> None:
+    """Elastic inference at ``avg_bits`` average code bits: moves router thresholds only."""
+    cfg: MoBiConfig = model.mobiquant_config
+    if not cfg.min_bits <= avg_bits <= cfg.max_bits:
+        raise ValueError(
+            f"budget {avg_bits} is outside the achievable range [{cfg.min_bits}, {cfg.max_bits}] bits "
+            f"of slices {list(cfg.slice_bits)}"
+        )
+    for _, r in routers(model):
+        r.set_budget(avg_bits)
+    for _, m in mobi_linears(model):
+        if m.router is not None:
+            m.set_routed()
+        else:  # no router (K = 1): the one static view
+            m.set_static(m.num_slices)
+
+
+def static_k_for_bits(cfg: MoBiConfig, bits: float) -> int | None:
+    """``k`` whose static view has exactly ``bits`` code bits, if any."""
+    total = 0
+    for k, b in enumerate(cfg.slice_bits, start=1):
+        total += b
+        if abs(total - bits) < 1e-9:
+            return k
+    return None
+
+
+@torch.no_grad()
+def calibrate_thresholds(model: nn.Module, batches: Iterable[torch.Tensor], max_tokens: int = 1 << 16) -> None:
+    """Record each router's input activations on ``batches`` of token ids and fit its bits->tau table."""
+    acts: dict[str, list[torch.Tensor]] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+    for name, lin in mobi_linears(model):
+        r = lin.router
+        if r is None:
+            continue
+        rid = str(id(r))
+        if rid in acts:
+            continue
+        acts[rid], counts[rid] = [], 0
+
+        def hook(mod, args, rid=rid):
+            if counts[rid] < max_tokens:
+                x = args[0].detach().reshape(-1, args[0].shape[-1])
+                x = x[: max_tokens - counts[rid]]
+                acts[rid].append(x.float().cpu())
+                counts[rid] += x.shape[0]
+
+        hooks.append(lin.register_forward_pre_hook(hook))
+    by_id = {str(id(r)): r for _, r in routers(model)}
+    try:
+        for ids in batches:
+            model(input_ids=ids.to(next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+    for rid, xs in acts.items():
+        if not xs:
+            raise RuntimeError("a router saw no tokens while calibrating thresholds")
+        r = by_id[rid]
+        r.fit_thresholds(torch.cat(xs).to(r.tau.device))
+
+
+# ---------------------------------------------------------------------------- accounting
+def reset_counts(model: nn.Module, track: bool = True) -> None:
+    for _, m in mobi_linears(model):
+        m.reset_counts()
+        m.track = track
+
+
+def achieved_bits(model: nn.Module) -> float:
+    """Parameter-weighted average code bits over all MoBiLinears and all tokens seen since reset."""
+    num, den = 0.0, 0.0
+    for _, m in mobi_linears(model):
+        tokens = float(m.k_counts.sum())
+        if tokens == 0:
+            continue
+        widths = torch.tensor([m.slicer.bits_at(k) for k in range(1, m.num_slices + 1)], dtype=torch.float64)
+        params = m.in_features * m.out_features
+        num += params * float((m.k_counts * widths).sum())
+        den += params * tokens
+    if den == 0:
+        raise RuntimeError("no tokens were counted: call reset_counts(model) before the forward passes")
+    return num / den
+
+
+def storage_bits(model: nn.Module) -> float:
+    """Stored bits per quantized weight: every packed slice plane (word padding included) plus the
+    fp16 step and fp16 zero point of each group. Routers are reported separately (``router_params``)."""
+    bits, weights = 0, 0
+    for _, m in mobi_linears(model):
+        groups = m.out_features * num_groups(m.in_features, m.slicer.group_size)
+        words = sum(packed_width(m.in_features, b, m.word_bits) for b in m.slice_bits)
+        bits += m.out_features * words * m.word_bits + groups * 32
+        weights += m.in_features * m.out_features
+    return bits / weights
+
+
+def router_params(model: nn.Module) -> int:
+    return sum(p.numel() for _, r in routers(model) for p in r.parameters())
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Pack every MoBiLinear (codes from the learned LWC); the model is then a real quantized checkpoint."""
+    for _, m in mobi_linears(model):
+        m.freeze()
+    for _, r in routers(model):
+        r.requires_grad_(False)
+    return model

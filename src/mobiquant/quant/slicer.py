@@ -1,0 +1,164 @@
+"""MoBiSlice: one weight stored as a base slice plus recursive mid-rise residual slices.
+
+Base slice (asymmetric, LWC):      ``W1 = h (q1 - z)``
+Residual slice ``e`` (no params):  ``h_e = h_(e-1) / 2^b_e``,
+                                   ``q_e = clamp(floor((W - W_(e-1)) / h_e) + 2^(b_e-1), 0, 2^b_e - 1)``,
+                                   ``W_e = W_(e-1) + h_e (q_e - (2^b_e - 1) / 2)``.
+
+The ``k``-slice view is also one integer code times one shared step (what a kernel computes):
+``C_k = sum_e q_e 2^(B_k - B_e)`` with ``B_e = b_2 + ... + b_e`` and
+``W_k = (h / 2^B_k) (C_k - 2^B_k z - (2^B_k - 1) / 2)`` (the half offsets of the residuals telescope).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .primitives import (
+    GroupQuantParams,
+    check_bits,
+    check_group_size,
+    floor_ste,
+    from_groups,
+    lwc_params,
+    quantize,
+    to_groups,
+)
+
+
+def check_slice_bits(slice_bits: Sequence[int]) -> tuple[int, ...]:
+    bits = tuple(slice_bits)
+    if not bits:
+        raise ValueError("slice_bits must list at least one slice bit-width, e.g. [2, 2, 2, 2]")
+    for i, b in enumerate(bits):
+        check_bits(b, name=f"slice_bits[{i}]")
+    if sum(bits) > 8:
+        raise ValueError(
+            f"slice_bits {list(bits)} sum to {sum(bits)} bits; the concatenated code must fit 8 bits"
+        )
+    return bits
+
+
+@dataclass
+class SliceCodes:
+    """Integer codes of every slice (``[out, n_groups, group_size]`` each, padded) and the base params."""
+
+    codes: list[torch.Tensor]
+    scale: torch.Tensor  # [out, n_groups, 1]
+    zero: torch.Tensor  # [out, n_groups, 1]
+
+
+class ResidualSlicer:
+    """Decomposes weights into ``len(slice_bits)`` slices and rebuilds the ``k``-slice views."""
+
+    def __init__(self, slice_bits: Sequence[int] = (2, 2, 2, 2), group_size: int = 128):
+        self.slice_bits = check_slice_bits(slice_bits)
+        self.group_size = check_group_size(group_size)
+
+    @property
+    def num_slices(self) -> int:
+        return len(self.slice_bits)
+
+    def bits_at(self, k: int) -> int:
+        """Bits per weight of the ``k``-slice view (codes only)."""
+        self._check_k(k)
+        return sum(self.slice_bits[:k])
+
+    def _check_k(self, k: int) -> None:
+        if not 1 <= k <= self.num_slices:
+            raise ValueError(f"k must be between 1 and {self.num_slices} slices, got {k}")
+
+    def residual_shift(self, k: int) -> int:
+        """``B_k = b_2 + ... + b_k``: the extra bits of the ``k``-slice code over the base slice."""
+        return sum(self.slice_bits[1:k])
+
+    # ----- floating-point recursion (also the differentiable fake-quant path) -----
+    def base_params(
+        self,
+        grouped: torch.Tensor,
+        gamma: torch.Tensor | None = None,
+        beta: torch.Tensor | None = None,
+        ste: bool = False,
+        scale_dtype: torch.dtype | None = None,
+    ) -> GroupQuantParams:
+        params = lwc_params(grouped, self.slice_bits[0], gamma, beta, ste=ste)
+        if scale_dtype is not None:  # the step as it will be stored (e.g. fp16), so views match the checkpoint
+            rounded = params.scale.to(scale_dtype).to(params.scale.dtype)
+            params = GroupQuantParams(scale=(rounded - params.scale).detach() + params.scale, zero=params.zero)
+        return params
+
+    def grouped_views(
+        self,
+        grouped: torch.Tensor,
+        params: GroupQuantParams,
+        ste: bool = False,
+        return_codes: bool = False,
+        upto: int | None = None,
+    ):
+        """Views ``W_1..W_upto`` (default all ``K``) of a grouped weight (and optionally the codes)."""
+        b1 = self.slice_bits[0]
+        q = quantize(grouped, params, b1, ste=ste)
+        view = params.scale * (q - params.zero)
+        views, codes = [view], [q]
+        step = params.scale
+        for b in self.slice_bits[1 : upto or self.num_slices]:
+            step = step / 2**b
+            r = (grouped - view) / step
+            r = floor_ste(r) if ste else r.floor()
+            q = (r + 2 ** (b - 1)).clamp(0, 2**b - 1)
+            view = view + step * (q - (2**b - 1) / 2)
+            views.append(view)
+            codes.append(q)
+        return (views, codes) if return_codes else views
+
+    def views(
+        self,
+        weight: torch.Tensor,
+        gamma: torch.Tensor | None = None,
+        beta: torch.Tensor | None = None,
+        ste: bool = False,
+        scale_dtype: torch.dtype | None = None,
+        upto: int | None = None,
+    ) -> list[torch.Tensor]:
+        """Reconstructions ``[W_1, ..., W_upto]`` of ``weight`` ``[out, in]`` in floating point."""
+        grouped = to_groups(weight, self.group_size)
+        params = self.base_params(grouped, gamma, beta, ste=ste, scale_dtype=scale_dtype)
+        views = self.grouped_views(grouped, params, ste=ste, upto=upto)
+        return [from_groups(v, weight.shape[1]) for v in views]
+
+    def decompose(
+        self,
+        weight: torch.Tensor,
+        gamma: torch.Tensor | None = None,
+        beta: torch.Tensor | None = None,
+        scale_dtype: torch.dtype | None = torch.float16,
+    ) -> SliceCodes:
+        """Integer codes of every slice for storage (no gradient)."""
+        with torch.no_grad():
+            grouped = to_groups(weight.float(), self.group_size)
+            params = self.base_params(grouped, gamma, beta, scale_dtype=scale_dtype)
+            _, codes = self.grouped_views(grouped, params, return_codes=True)
+        return SliceCodes(codes=[c.to(torch.uint8) for c in codes], scale=params.scale, zero=params.zero)
+
+    # ----- integer shift-and-add form (what the kernels compute) -----
+    def concat_codes(self, codes: Sequence[torch.Tensor], k: int) -> torch.Tensor:
+        """``C_k``: the first ``k`` slice codes concatenated most-significant first (int32)."""
+        self._check_k(k)
+        c = codes[0].to(torch.int32)
+        for e in range(1, k):
+            c = (c << self.slice_bits[e]) + codes[e].to(torch.int32)
+        return c
+
+    def integer_view(
+        self, codes: Sequence[torch.Tensor], scale: torch.Tensor, zero: torch.Tensor, k: int
+    ) -> torch.Tensor:
+        """``W_k`` (grouped layout) from the concatenated code and the ONE shared step ``h``."""
+        shift = self.residual_shift(k)
+        c = self.concat_codes(codes, k).to(scale.dtype)
+        return (scale / 2**shift) * (c - (2**shift * zero + (2**shift - 1) / 2))
+
+    def integer_reconstruct(self, sc: SliceCodes, k: int, in_features: int) -> torch.Tensor:
+        return from_groups(self.integer_view(sc.codes, sc.scale, sc.zero, k), in_features)

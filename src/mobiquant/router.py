@@ -1,0 +1,174 @@
+"""MoBiRoute: a tiny per-token router that chooses how many residual slices each token uses.
+
+Each router is a 2-layer MLP ``d -> hidden -> K-1`` on a token's input activation, one score per residual
+slice. Gates are nested: residual slice ``e`` is on only if slices ``2..e-1`` are, so the gate of slice
+``e`` is decided by ``min(score_2..score_e)`` against ONE threshold ``tau`` per router. A higher ``tau``
+means fewer slices; the achieved average bits fall monotonically as ``tau`` rises.
+
+Elastic control: after calibration, each router keeps a table mapping ``tau`` to the average bits it
+achieved on calibration activations (a weighted quantile function of its scores). Asking for a budget
+``B`` looks ``tau`` up in that table: thresholds change, weights never do.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+TABLE_POINTS = 513
+
+
+def nested_min(scores: torch.Tensor) -> torch.Tensor:
+    """Running minimum over the slice axis: slice ``e`` is on iff ``nested_min[..., e] > tau``."""
+    return torch.cummin(scores, dim=-1).values
+
+
+def weighted_tail_table(
+    values: torch.Tensor, slice_bits: Sequence[int], points: int = TABLE_POINTS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Table of (bits, tau) for values ``[N, K-1]`` (nested minima), sorted by increasing bits.
+
+    ``bits(tau) = b_1 + (1/N) sum_{t,j} b_(j+1) [values[t, j] > tau]`` is the average code width per
+    weight when the threshold is ``tau``; it is evaluated at ``points`` thresholds spread evenly in bits.
+    """
+    values = values.detach().float().reshape(-1, len(slice_bits) - 1)
+    n = values.shape[0]
+    if n == 0:
+        raise ValueError("cannot calibrate router thresholds from zero tokens")
+    weights = torch.tensor(slice_bits[1:], dtype=torch.float64).expand(n, -1).reshape(-1)
+    flat = values.reshape(-1).double()
+    order = torch.argsort(flat, descending=True)
+    tau_sorted = flat[order]
+    # Setting tau just below tau_sorted[i] switches on entries 0..i.
+    bits_after = slice_bits[0] + torch.cumsum(weights[order], 0) / n
+    lo, hi = float(slice_bits[0]), float(sum(slice_bits))
+    targets = torch.linspace(lo, hi, points, dtype=torch.float64)
+    idx = torch.searchsorted(bits_after, targets, right=False).clamp(max=len(bits_after) - 1)
+    # Threshold halfway between the entry that reaches the target and the next smaller value.
+    nxt = torch.cat([tau_sorted[1:], tau_sorted[-1:] - 1.0])
+    taus = (tau_sorted[idx] + nxt[idx]) / 2
+    span = float(tau_sorted[0] - tau_sorted[-1]) + 1.0
+    taus[0] = tau_sorted[0] + span  # nothing on
+    taus[-1] = tau_sorted[-1] - span  # everything on
+    return targets.float(), taus.float()
+
+
+def interp_tau(bits_table: torch.Tensor, tau_table: torch.Tensor, budget: float) -> float:
+    """Linear interpolation of ``tau`` for ``budget`` in a (bits, tau) table sorted by bits."""
+    b = bits_table.double()
+    t = tau_table.double()
+    budget = min(max(float(budget), float(b[0])), float(b[-1]))
+    i = int(torch.searchsorted(b, torch.tensor([budget], dtype=torch.float64)).clamp(1, len(b) - 1))
+    w = (budget - float(b[i - 1])) / max(float(b[i] - b[i - 1]), 1e-12)
+    return float(t[i - 1] + w * (t[i] - t[i - 1]))
+
+
+class TokenRouter(nn.Module):
+    """Scores the need of each token for residual slices ``2..K`` of one input site."""
+
+    def __init__(
+        self,
+        in_features: int,
+        slice_bits: Sequence[int],
+        hidden: int = 64,
+        temperature: float = 1.0,
+    ):
+        super().__init__()
+        if len(slice_bits) < 2:
+            raise ValueError("a router needs at least two slices (one base and one residual)")
+        if hidden <= 0:
+            raise ValueError(f"router hidden size must be positive, got {hidden}")
+        self.slice_bits = tuple(int(b) for b in slice_bits)
+        self.temperature = float(temperature)
+        self.net = nn.Sequential(
+            nn.Linear(in_features, hidden), nn.GELU(), nn.Linear(hidden, len(slice_bits) - 1)
+        )
+        # Small random scores to start with (ties would make every token choose alike), and a mild
+        # preference for fewer slices at the deeper residuals.
+        with torch.no_grad():
+            self.net[2].weight.mul_(0.1)
+            self.net[2].bias.copy_(-torch.arange(len(slice_bits) - 1, dtype=torch.float32) * 0.1)
+        self.register_buffer("tau", torch.zeros(()))
+        self.register_buffer("bits_table", torch.empty(0))
+        self.register_buffer("tau_table", torch.empty(0))
+        # Training-time budget target (set by the calibration loop each step).
+        self.train_target: float | None = None
+        self._cache: tuple | None = None
+
+    @property
+    def num_residuals(self) -> int:
+        return len(self.slice_bits) - 1
+
+    @property
+    def calibrated(self) -> bool:
+        return self.bits_table.numel() > 0
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.to(self.net[0].weight.dtype))
+
+    # ---------------- hard routing (inference) ----------------
+    def slice_counts(self, x: torch.Tensor) -> torch.Tensor:
+        """Number of slices ``k`` in ``[1, K]`` per token (``long``, shape ``x.shape[:-1]``)."""
+        key = (id(x), x._version, float(self.tau))
+        if self._cache is not None and self._cache[0] is x and self._cache[1] == key:
+            return self._cache[2]
+        with torch.no_grad():
+            on = nested_min(self.scores(x)) > self.tau
+            k = 1 + on.sum(-1)
+        self._cache = (x, key, k)
+        return k
+
+    # ---------------- soft / straight-through gates (training) ----------------
+    def gates(self, x: torch.Tensor, target_bits: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nested straight-through gates ``m [..., K-1]`` and their soft values (for the budget loss).
+
+        With ``target_bits`` the threshold is the weighted quantile of this batch's scores that meets it,
+        so the hard gates achieve the target exactly and the router learns WHICH tokens get more slices.
+        """
+        if self._cache is not None and self._cache[0] is x and self._cache[1] == ("gates", target_bits):
+            return self._cache[2]
+        s = self.scores(x)
+        m_nested = nested_min(s)
+        if target_bits is not None:
+            bits_t, tau_t = weighted_tail_table(m_nested.detach().reshape(-1, self.num_residuals), self.slice_bits)
+            tau = interp_tau(bits_t, tau_t, target_bits)
+        else:
+            tau = float(self.tau)
+        soft = torch.sigmoid((m_nested - tau) / self.temperature)
+        hard = (m_nested > tau).to(soft.dtype)
+        gates = hard + soft - soft.detach()
+        result = (gates, soft)
+        self._cache = (x, ("gates", target_bits), result)
+        return result
+
+    def clear_cache(self) -> None:
+        self._cache = None
+
+    # ---------------- elastic thresholds ----------------
+    @torch.no_grad()
+    def fit_thresholds(self, activations: torch.Tensor) -> None:
+        """Build the bits -> tau table from calibration activations ``[..., d]``."""
+        x = activations.reshape(-1, activations.shape[-1])
+        m = nested_min(self.scores(x))
+        bits, taus = weighted_tail_table(m, self.slice_bits)
+        self.bits_table = bits.to(self.tau.device)
+        self.tau_table = taus.to(self.tau.device)
+
+    def set_budget(self, avg_bits: float) -> None:
+        lo, hi = self.slice_bits[0], sum(self.slice_bits)
+        if not lo <= avg_bits <= hi:
+            raise ValueError(f"budget {avg_bits} bits is outside this router's range [{lo}, {hi}]")
+        if not self.calibrated:
+            raise RuntimeError(
+                "router thresholds are not calibrated: call calibrate_thresholds(model, inputs) first"
+            )
+        self.tau.fill_(interp_tau(self.bits_table, self.tau_table, avg_bits))
+        self._cache = None
+
+
+def budget_bits(soft_gates: torch.Tensor, slice_bits: Sequence[int]) -> torch.Tensor:
+    """Mean code width implied by (soft) nested gates ``[..., K-1]``: ``b_1 + sum_e b_e mean(m_e)``."""
+    w = torch.tensor(slice_bits[1:], dtype=soft_gates.dtype, device=soft_gates.device)
+    return slice_bits[0] + (soft_gates.reshape(-1, len(slice_bits) - 1).mean(0) * w).sum()
