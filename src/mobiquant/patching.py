@@ -144,6 +144,46 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def quantize_block(block: nn.Module, block_sites: list[list[str]], cfg: MoBiConfig) -> nn.Module:
+    """Replace the linears named in ``block_sites`` by fake-quant ``MoBiLinear``s, one router per site."""
+    routers_ = nn.ModuleDict()
+    for group in block_sites:
+        first = block.get_submodule(group[0])
+        router = None
+        if len(cfg.slice_bits) > 1:
+            router = TokenRouter(
+                first.in_features, cfg.slice_bits, cfg.router_hidden, cfg.router_temperature
+            ).to(device=first.weight.device)
+            routers_[site_key(group)] = router
+        for name in group:
+            lin = block.get_submodule(name)
+            q = MoBiLinear.from_linear(
+                lin,
+                slice_bits=cfg.slice_bits,
+                group_size=cfg.group_size,
+                lwc_init=cfg.lwc_init,
+                word_bits=cfg.word_bits,
+            )
+            q.attach_router(router)
+            q.site = site_key(group)
+            _set_submodule(block, name, q)
+    setattr(block, ROUTERS_ATTR, routers_)
+    return block
+
+
+def discover_sites(model: nn.Module, cfg: MoBiConfig) -> list[list[list[str]]]:
+    """Per block, the groups of linear names that share one router (by ``cfg.router_placement``)."""
+    blocks_name, blocks = find_blocks(model)
+    names_per_block = [
+        list(block_linears(b, cfg.skip, prefix=f"{blocks_name}.{i}").keys()) for i, b in enumerate(blocks)
+    ]
+    if not any(names_per_block):
+        raise ValueError("every linear of the model was skipped: nothing to quantize (check `skip`)")
+    if cfg.router_placement == "linear" or len(cfg.slice_bits) == 1:
+        return [[[n] for n in names] for names in names_per_block]
+    return trace_model_sites(model, names_per_block)
+
+
 def quantize_model(
     model: nn.Module,
     cfg: MoBiConfig | None = None,
@@ -154,40 +194,11 @@ def quantize_model(
     ``sites`` (per block, the groups of linear names that share a router) is traced when not given.
     """
     cfg = cfg or MoBiConfig()
-    blocks_name, blocks = find_blocks(model)
-    names_per_block = [
-        list(block_linears(b, cfg.skip, prefix=f"{blocks_name}.{i}").keys()) for i, b in enumerate(blocks)
-    ]
-    if not any(names_per_block):
-        raise ValueError("every linear of the model was skipped: nothing to quantize (check `skip`)")
+    _, blocks = find_blocks(model)
     if sites is None:
-        if cfg.router_placement == "linear" or len(cfg.slice_bits) == 1:
-            sites = [[[n] for n in names] for names in names_per_block]
-        else:
-            sites = trace_model_sites(model, names_per_block)
+        sites = discover_sites(model, cfg)
     for bi, block in enumerate(blocks):
-        routers = nn.ModuleDict()
-        for group in sites[bi]:
-            first = block.get_submodule(group[0])
-            router = None
-            if len(cfg.slice_bits) > 1:
-                router = TokenRouter(
-                    first.in_features, cfg.slice_bits, cfg.router_hidden, cfg.router_temperature
-                ).to(device=first.weight.device)
-                routers[site_key(group)] = router
-            for name in group:
-                lin = block.get_submodule(name)
-                q = MoBiLinear.from_linear(
-                    lin,
-                    slice_bits=cfg.slice_bits,
-                    group_size=cfg.group_size,
-                    lwc_init=cfg.lwc_init,
-                    word_bits=cfg.word_bits,
-                )
-                q.attach_router(router)
-                q.site = site_key(group)
-                _set_submodule(block, name, q)
-        setattr(block, ROUTERS_ATTR, routers)
+        quantize_block(block, sites[bi], cfg)
     model.mobiquant_config = cfg
     model.mobiquant_sites = sites
     return model

@@ -94,8 +94,8 @@ class TokenRouter(nn.Module):
         self.register_buffer("bits_table", torch.empty(0))
         self.register_buffer("tau_table", torch.empty(0))
         # Training-time budget target (set by the calibration loop each step).
-        self.train_target: float | None = None
         self._cache: tuple | None = None
+        self.last_soft: torch.Tensor | None = None
 
     @property
     def num_residuals(self) -> int:
@@ -141,10 +141,12 @@ class TokenRouter(nn.Module):
         gates = hard + soft - soft.detach()
         result = (gates, soft)
         self._cache = (x, ("gates", target_bits), result)
+        self.last_soft = soft  # read by the calibration loop's budget loss
         return result
 
     def clear_cache(self) -> None:
         self._cache = None
+        self.last_soft = None
 
     # ---------------- elastic thresholds ----------------
     @torch.no_grad()

@@ -1,0 +1,380 @@
+"""Block-wise calibration, sequential over transformer blocks, each block optimised by Lightning.
+
+For block ``i``: its inputs come from the already-quantized blocks ``0..i-1`` (the quantized trajectory),
+its targets are the full-precision block applied to the full-precision trajectory (as in OmniQuant).
+Only LWC parameters and routers learn; pretrained weights stay frozen.
+
+* Stage 1 (base slice): every token uses slice 1 only; minimise output MSE.
+* Stage 2 (joint): all slices, routers on; each step samples a target budget in ``[b_1, sum b]`` and
+  minimises output MSE + ``lambda * (soft_bits - target)^2``. Hard gates meet the target exactly (the
+  threshold is the batch's score quantile), so the router learns which tokens deserve more slices.
+
+After a block is trained it is frozen (packed codes, the real checkpoint), its routers' bits->threshold
+tables are fitted on their calibration activations, and the quantized trajectory is pushed through the
+packed block at budgets cycling over the range, which become the next block's inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import lightning as L
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from .modules import MoBiLinear
+from .patching import (
+    ROUTERS_ATTR,
+    MoBiConfig,
+    discover_sites,
+    find_blocks,
+    quantize_block,
+)
+from .router import TokenRouter, budget_bits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CalibConfig:
+    """Optimisation settings (paper: 128 x 2048 tokens, 20 epochs, batch 1, AdamW, LWC lr 1e-3..1e-2)."""
+
+    epochs_stage1: int = 10
+    epochs_stage2: int = 10
+    batch_size: int = 1
+    lr_lwc: float = 5e-3
+    lr_router: float = 1e-3
+    weight_decay: float = 0.0
+    budget_loss_weight: float = 0.1
+    budget_sampling: str = "uniform"  # "uniform" in [b_1, sum b] or "cycle" over `budgets`
+    budgets: Sequence[float] = (2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0)
+    gradient_clip_val: float | None = 1.0
+    precision: str | int = "32-true"
+    accelerator: str = "cpu"
+    devices: int | str = 1
+    strategy: str = "auto"
+    seed: int = 0
+    progress_bar: bool = True
+    threshold_tokens: int = 1 << 16
+
+    def __post_init__(self):
+        if self.epochs_stage1 < 0 or self.epochs_stage2 < 0 or self.epochs_stage1 + self.epochs_stage2 == 0:
+            raise ValueError(
+                f"epochs_stage1={self.epochs_stage1}, epochs_stage2={self.epochs_stage2}: both must be >= 0 "
+                "and at least one positive"
+            )
+        if self.budget_sampling not in ("uniform", "cycle"):
+            raise ValueError(f"budget_sampling must be 'uniform' or 'cycle', got {self.budget_sampling!r}")
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+
+
+# ---------------------------------------------------------------------------- block inputs
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Hidden states entering the first block for every row of ``ids`` ``[n, T]``, and its call kwargs."""
+    _, blocks = find_blocks(model)
+    inputs: list[torch.Tensor] = []
+    kwargs_box: dict[str, Any] = {}
+
+    def hook(mod, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        inputs.append(hidden.detach())
+        if not kwargs_box:
+            kw = dict(kwargs)
+            kw.pop("hidden_states", None)
+            kw["past_key_values"] = None
+            kw.pop("past_key_value", None)
+            kw["use_cache"] = False
+            kwargs_box.update(kw)
+        raise _StopForward
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for row in ids:
+            try:
+                model(input_ids=row.unsqueeze(0).to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return torch.cat(inputs), kwargs_box
+
+
+def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    out = block(x, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def run_block_batched(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any], batch_size: int,
+                      before_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+    outs = []
+    for i, start in enumerate(range(0, x.shape[0], batch_size)):
+        if before_batch is not None:
+            before_batch(i)
+        outs.append(run_block(block, x[start : start + batch_size], kwargs))
+    return torch.cat(outs)
+
+
+# ---------------------------------------------------------------------------- Lightning module
+def _block_mobi(block: nn.Module) -> list[MoBiLinear]:
+    return [m for m in block.modules() if isinstance(m, MoBiLinear)]
+
+
+def _block_routers(block: nn.Module) -> list[TokenRouter]:
+    return list(getattr(block, ROUTERS_ATTR, {}).values())
+
+
+class BlockCalibration(L.LightningModule):
+    """Learns the LWC parameters and routers of one transformer block against its FP outputs."""
+
+    def __init__(self, block: nn.Module, block_kwargs: dict[str, Any], cfg: CalibConfig, mobi: MoBiConfig,
+                 block_index: int, step_offset: int = 0):
+        super().__init__()
+        self.block = block
+        self.block_kwargs = block_kwargs
+        self.cfg = cfg
+        self.mobi = mobi
+        self.block_index = block_index
+        self.step_offset = step_offset
+        self.linears = _block_mobi(block)
+        self.routers = _block_routers(block)
+        self.gen = torch.Generator().manual_seed(cfg.seed * 100_003 + block_index)
+        self._cycle = 0
+        self.final_loss = math.nan
+        self.final_mse = math.nan
+        self.has_routing = bool(self.routers) and cfg.epochs_stage2 > 0
+
+    # -- stage control
+    @property
+    def stage(self) -> int:
+        return 1 if self.current_epoch < self.cfg.epochs_stage1 or not self.has_routing else 2
+
+    def _sample_budget(self) -> float:
+        lo, hi = self.mobi.min_bits, self.mobi.max_bits
+        if self.cfg.budget_sampling == "cycle":
+            b = list(self.cfg.budgets)[self._cycle % len(self.cfg.budgets)]
+            self._cycle += 1
+            return float(min(max(b, lo), hi))
+        return float(lo + (hi - lo) * torch.rand((), generator=self.gen))
+
+    def _configure_stage(self) -> float | None:
+        if self.stage == 1:
+            for m in self.linears:
+                m.set_static(1) if self.has_routing else m.set_static(m.num_slices)
+            return None
+        target = self._sample_budget()
+        for m in self.linears:
+            m.set_routed()
+            m.target_bits = target
+        for r in self.routers:
+            r.clear_cache()
+        return target
+
+    # -- Lightning hooks
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        target = self._configure_stage()
+        out = run_block(self.block, x, self.block_kwargs)
+        mse = F.mse_loss(out.float(), y.float())
+        loss = mse
+        if target is not None and self.cfg.budget_loss_weight > 0:
+            loss = loss + self.cfg.budget_loss_weight * self._budget_loss(target)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite loss {float(loss)} in block {self.block_index} at step {self.global_step} "
+                f"(stage {self.stage}); earlier blocks are kept"
+            )
+        self.final_loss, self.final_mse = float(loss.detach()), float(mse.detach())
+        self.log_dict(
+            {"calib/loss": loss.detach(), "calib/mse": mse.detach(), "calib/block": float(self.block_index),
+             "calib/stage": float(self.stage), "calib/step": float(self.step_offset + self.global_step)},
+            prog_bar=False, on_step=True, on_epoch=False, batch_size=x.shape[0],
+        )
+        self.log("mse", mse.detach(), prog_bar=True, on_step=True, on_epoch=False, logger=False)
+        return loss
+
+    def _budget_loss(self, target: float) -> torch.Tensor:
+        num, den = 0.0, 0
+        params_by_router: dict[int, int] = {}
+        for m in self.linears:
+            if m.router is not None:
+                params_by_router[id(m.router)] = params_by_router.get(id(m.router), 0) + m.in_features * m.out_features
+        for r in self.routers:
+            if r.last_soft is None or id(r) not in params_by_router:
+                continue
+            w = params_by_router[id(r)]
+            num = num + w * budget_bits(r.last_soft, r.slice_bits)
+            den += w
+        if den == 0:
+            return torch.zeros((), device=self.device)
+        return (num / den - target) ** 2
+
+    def on_train_epoch_start(self):
+        if self.current_epoch == self.cfg.epochs_stage1 and self.has_routing and self.cfg.epochs_stage1 > 0:
+            log.debug("block %d: stage 2 (joint slices + routers)", self.block_index)
+
+    def configure_optimizers(self):
+        lwc = [p for m in self.linears for p in (m.gamma, m.beta) if p is not None]
+        groups = [{"params": lwc, "lr": self.cfg.lr_lwc, "weight_decay": self.cfg.weight_decay}]
+        router_params = [p for r in self.routers for p in r.parameters()]
+        if router_params and self.has_routing:
+            groups.append({"params": router_params, "lr": self.cfg.lr_router, "weight_decay": 0.0})
+        return torch.optim.AdamW(groups)
+
+
+# ---------------------------------------------------------------------------- driver
+@dataclass
+class BlockReport:
+    block: int
+    final_loss: float
+    final_mse: float
+    seconds: float
+    steps: int
+
+
+@dataclass
+class CalibrationResult:
+    blocks: list[BlockReport] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_rows(self) -> list[dict]:
+        return [vars(b) for b in self.blocks]
+
+
+def _trainable_only_quant(block: nn.Module) -> None:
+    for p in block.parameters():
+        p.requires_grad_(False)
+    for m in _block_mobi(block):
+        for p in (m.gamma, m.beta):
+            if p is not None:
+                p.requires_grad_(True)
+    for r in _block_routers(block):
+        r.requires_grad_(True)
+
+
+@torch.no_grad()
+def _fit_block_thresholds(block: nn.Module, x: torch.Tensor, kwargs, cfg: CalibConfig) -> None:
+    """Fit each router's bits->tau table on the activations it sees for the quantized inputs ``x``."""
+    routers_ = _block_routers(block)
+    if not routers_:
+        return
+    acts: dict[int, list[torch.Tensor]] = {id(r): [] for r in routers_}
+    hooks = []
+    for m in _block_mobi(block):
+        r = m.router
+        if r is None:
+            continue
+        def hook(mod, args, r=r):
+            if not acts[id(r)] or acts[id(r)][-1] is not args[0]:
+                acts[id(r)].append(args[0])
+        hooks.append(m.register_forward_pre_hook(hook))
+        m.set_static(m.num_slices)
+    try:
+        run_block_batched(block, x, kwargs, cfg.batch_size)
+    finally:
+        for h in hooks:
+            h.remove()
+    for r in routers_:
+        xs = torch.cat([a.reshape(-1, a.shape[-1]) for a in acts[id(r)]])
+        if xs.shape[0] > cfg.threshold_tokens:
+            idx = torch.randperm(xs.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
+            xs = xs[idx[: cfg.threshold_tokens]]
+        r.fit_thresholds(xs)
+
+
+def calibrate_model(
+    model: nn.Module,
+    calib_ids: torch.Tensor,
+    mobi: MoBiConfig,
+    cfg: CalibConfig | None = None,
+    loggers: Any = False,
+    callbacks: list | None = None,
+    on_block_end: Callable[[int, BlockReport], None] | None = None,
+) -> CalibrationResult:
+    """Quantize and calibrate ``model`` in place on token windows ``calib_ids`` ``[n, T]``.
+
+    Returns per-block reports; afterwards every block is packed and every router has threshold tables,
+    so ``set_budget`` works at once.
+    """
+    cfg = cfg or CalibConfig()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    t_start = time.perf_counter()
+    sites = discover_sites(model, mobi)
+    _, blocks = find_blocks(model)
+    device = next(model.parameters()).device
+    fp_x, kwargs = capture_block_inputs(model, calib_ids)
+    q_x = fp_x.clone()
+    result = CalibrationResult()
+    step_offset = 0
+    budget_cycle = list(cfg.budgets) or [mobi.max_bits]
+    for i, block in enumerate(blocks):
+        t0 = time.perf_counter()
+        fp_y = run_block_batched(block, fp_x, kwargs, cfg.batch_size)  # FP targets before patching
+        quantize_block(block, sites[i], mobi)
+        _trainable_only_quant(block)
+        module = BlockCalibration(block, kwargs, cfg, mobi, i, step_offset)
+        epochs = cfg.epochs_stage1 + (cfg.epochs_stage2 if module.has_routing else 0)
+        loader = DataLoader(TensorDataset(q_x, fp_y), batch_size=cfg.batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(cfg.seed + i))
+        trainer = L.Trainer(
+            max_epochs=epochs,
+            accelerator=cfg.accelerator,
+            devices=cfg.devices,
+            strategy=cfg.strategy,
+            precision=cfg.precision,
+            gradient_clip_val=cfg.gradient_clip_val,
+            logger=loggers,
+            callbacks=callbacks,
+            enable_checkpointing=bool(callbacks),
+            enable_progress_bar=cfg.progress_bar,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            log_every_n_steps=1,
+            deterministic=False,
+        )
+        if epochs > 0:
+            trainer.fit(module, loader)
+        block.to(device)
+        block.eval()
+        for m in _block_mobi(block):
+            m.target_bits = None
+            m.freeze()
+        for r in _block_routers(block):
+            r.requires_grad_(False)
+            r.clear_cache()
+        _fit_block_thresholds(block, q_x, kwargs, cfg)
+        fp_x = fp_y
+
+        def at_budget(batch_idx: int, block=block):
+            b = budget_cycle[batch_idx % len(budget_cycle)]
+            for m in _block_mobi(block):
+                if m.router is not None:
+                    m.router.set_budget(min(max(b, mobi.min_bits), mobi.max_bits))
+                    m.set_routed()
+        q_x = run_block_batched(block, q_x, kwargs, cfg.batch_size,
+                                before_batch=at_budget if module.routers else None)
+        for m in _block_mobi(block):
+            m.clear_cache()
+        steps = int(trainer.global_step)
+        step_offset += steps
+        report = BlockReport(i, module.final_loss, module.final_mse, time.perf_counter() - t0, steps)
+        result.blocks.append(report)
+        if on_block_end is not None:
+            on_block_end(i, report)
+    result.seconds = time.perf_counter() - t_start
+    model.mobiquant_config = mobi
+    model.mobiquant_sites = sites
+    return result
