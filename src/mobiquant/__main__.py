@@ -1,0 +1,36 @@
+"""``mobiquant`` / ``python -m mobiquant``: the Hydra app.
+
+    mobiquant                                   # defaults: SmolLM2-135M, MoBiQuant, offline corpus
+    mobiquant experiment=demo                   # what `make run` runs
+    mobiquant -m quant=mobiquant,lwc seed=0,1   # a multirun sweep
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+CONF_DIR = os.environ.get("MOBIQUANT_CONF", str(Path(__file__).resolve().parents[2] / "conf"))
+
+
+def _task(cfg) -> float:
+    from .pipeline import ConfigError, run
+
+    try:
+        return run(cfg)
+    except ConfigError as e:  # a clear one-line message instead of a traceback
+        print(f"mobiquant: invalid configuration: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main() -> None:
+    if not Path(CONF_DIR, "config.yaml").is_file():
+        sys.exit(f"mobiquant: config folder {CONF_DIR} not found (set MOBIQUANT_CONF to the repository's conf/)")
+    import hydra
+
+    hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(_task)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Quantization methods as the pipeline sees them: each turns the FP model into evaluated variants.
+
+A method is built from its ``conf/quant/<name>.yaml`` (``_target_``) and asked, for a budget grid, to
+yield :class:`Variant`s: a model ready for evaluation at one budget plus what it cost. Methods whose
+weights fit the MoBiSlice format yield models of packed ``MoBiLinear``s, so evaluation, achieved-bit
+accounting and storage accounting are shared by all of them.
+
+* ``fp``               the unquantized reference
+* ``rtn``              round-to-nearest per-group asymmetric, at each integer budget
+* ``lwc``              bit-specific calibrated PTQ (block-wise LWC, one slice of B bits), one calibration per bit
+* ``mobiquant``        one calibrated MoBiSlice checkpoint + routers, every budget by ``set_budget``
+* ``mobiquant_static`` the same kind of checkpoint, every token at the same ``k`` (any-precision, no router)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+
+from .calibration import CalibConfig, calibrate_model
+from .checkpoint import save_quantized
+from .patching import (
+    MoBiConfig,
+    freeze,
+    quantize_model,
+    set_budget,
+    set_static,
+    static_k_for_bits,
+    storage_bits,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunContext:
+    """What a method may use: a factory for fresh FP copies, calibration windows, where to write."""
+
+    fp_model: Callable[[], nn.Module]
+    calib_ids: torch.Tensor
+    output_dir: Path
+    calib: CalibConfig
+    loggers: Any = False
+    callbacks_factory: Callable[[str], list] | None = None
+    on_block_end: Callable[[str, int, Any], None] | None = None
+    save_checkpoints: bool = True
+    base_model_name: str | None = None
+    cache: dict = field(default_factory=dict)  # calibrated models shared between methods of one run
+
+
+@dataclass
+class Variant:
+    method: str
+    budget: float
+    model: nn.Module
+    storage_bits: float
+    calib_seconds: float = 0.0
+    n_calibrations: int = 0
+    checkpoint: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def integer_budgets(grid: Sequence[float], lo: int = 1, hi: int = 8) -> list[int]:
+    return sorted({int(b) for b in grid if float(b).is_integer() and lo <= b <= hi})
+
+
+class QuantMethod:
+    name: str = "method"
+
+    def budgets(self, grid: Sequence[float]) -> list[float]:
+        raise NotImplementedError
+
+    def run(self, ctx: RunContext, grid: Sequence[float]) -> Iterator[Variant]:
+        raise NotImplementedError
+
+    def _save(self, ctx: RunContext, model: nn.Module, tag: str, extra: dict | None = None) -> str | None:
+        if not ctx.save_checkpoints:
+            return None
+        folder = ctx.output_dir / "checkpoints" / tag
+        save_quantized(model, folder, base_model=ctx.base_model_name, extra=extra)
+        return str(folder)
+
+
+class FullPrecision(QuantMethod):
+    name = "fp"
+
+    def __init__(self, name: str = "fp"):
+        self.name = name
+
+    def budgets(self, grid):
+        return [math.nan]
+
+    def run(self, ctx, grid):
+        model = ctx.fp_model()
+        bits = torch.finfo(next(model.parameters()).dtype).bits
+        yield Variant(self.name, math.nan, model, storage_bits=float(bits), extra={"avg_bits": float(bits)})
+
+
+class RTN(QuantMethod):
+    """Round-to-nearest: a one-slice MoBiSlice without LWC, packed without any calibration."""
+
+    name = "rtn"
+
+    def __init__(self, name: str = "rtn", group_size: int = 128, bits: Sequence[int] | None = None):
+        self.name, self.group_size, self.bits = name, group_size, bits
+
+    def budgets(self, grid):
+        return [float(b) for b in (self.bits or integer_budgets(grid))]
+
+    def run(self, ctx, grid):
+        for b in self.budgets(grid):
+            model = ctx.fp_model()
+            quantize_model(model, MoBiConfig(slice_bits=(int(b),), group_size=self.group_size, lwc_init=None))
+            freeze(model)
+            yield Variant(self.name, b, model, storage_bits(model), n_calibrations=0)
+
+
+class LWC(QuantMethod):
+    """Bit-specific calibrated PTQ: block-wise LWC with ONE slice of B bits, one calibration per B."""
+
+    name = "lwc"
+
+    def __init__(self, name: str = "lwc", group_size: int = 128, lwc_init: float = 4.0,
+                 bits: Sequence[int] | None = None, calib: dict | None = None):
+        self.name, self.group_size, self.lwc_init, self.bits = name, group_size, lwc_init, bits
+        self.calib_overrides = dict(calib or {})
+
+    def budgets(self, grid):
+        return [float(b) for b in (self.bits or integer_budgets(grid))]
+
+    def run(self, ctx, grid):
+        for b in self.budgets(grid):
+            model = ctx.fp_model()
+            mobi = MoBiConfig(slice_bits=(int(b),), group_size=self.group_size, lwc_init=self.lwc_init)
+            calib = dataclasses.replace(ctx.calib, **self.calib_overrides) if self.calib_overrides else ctx.calib
+            t0 = time.perf_counter()
+            calibrate_model(model, ctx.calib_ids, mobi, calib, loggers=ctx.loggers,
+                            on_block_end=_block_cb(ctx, f"{self.name}{int(b)}"))
+            seconds = time.perf_counter() - t0
+            ckpt = self._save(ctx, model, f"{self.name}-w{int(b)}")
+            yield Variant(self.name, b, model, storage_bits(model), seconds, 1, ckpt)
+
+
+def _block_cb(ctx: RunContext, tag: str):
+    if ctx.on_block_end is None:
+        return None
+    return lambda i, report: ctx.on_block_end(tag, i, report)
+
+
+class MoBiQuant(QuantMethod):
+    """One calibration of the MoBiSlice + router checkpoint; every budget of the grid by thresholds."""
+
+    name = "mobiquant"
+
+    def __init__(self, name: str = "mobiquant", mobi: MoBiConfig | dict | None = None,
+                 calib: dict | None = None, static: bool = False):
+        self.name = name
+        self.mobi = mobi if isinstance(mobi, MoBiConfig) else MoBiConfig(**(mobi or {}))
+        self.calib_overrides = dict(calib or {})
+        self.static = static
+
+    def budgets(self, grid):
+        lo, hi = self.mobi.min_bits, self.mobi.max_bits
+        if self.static:
+            sums = [sum(self.mobi.slice_bits[:k]) for k in range(1, len(self.mobi.slice_bits) + 1)]
+            return [float(b) for b in sums]
+        return [float(b) for b in grid if lo <= b <= hi]
+
+    def calibrated(self, ctx: RunContext) -> tuple[nn.Module, float, str | None, bool]:
+        """The calibrated checkpoint; reused when another method of the run calibrated the same one."""
+        key = ("mobiquant", repr(self.mobi.to_dict()), repr(sorted(self.calib_overrides.items())))
+        if key in ctx.cache:
+            return (*ctx.cache[key], True)
+        model = ctx.fp_model()
+        calib = dataclasses.replace(ctx.calib, **self.calib_overrides) if self.calib_overrides else ctx.calib
+        t0 = time.perf_counter()
+        calibrate_model(model, ctx.calib_ids, self.mobi, calib, loggers=ctx.loggers,
+                        on_block_end=_block_cb(ctx, self.name))
+        seconds = time.perf_counter() - t0
+        ckpt = self._save(ctx, model, self.name, extra={"calib_seconds": seconds})
+        ctx.cache[key] = (model, seconds, ckpt)
+        return model, seconds, ckpt, False
+
+    def run(self, ctx, grid):
+        model, seconds, ckpt, reused = self.calibrated(ctx)
+        n_cal = 0 if reused else 1
+        if reused:
+            seconds = 0.0
+        for b in self.budgets(grid):
+            if self.static:
+                set_static(model, static_k_for_bits(self.mobi, b))
+            else:
+                set_budget(model, b)
+            yield Variant(self.name, b, model, storage_bits(model), seconds, n_cal, ckpt,
+                          extra={"shared_checkpoint": reused})
+
+
+def build_method(name: str, cfg: Any) -> QuantMethod:
+    """Instantiate a method from its (Hydra) config node; the node's ``_target_`` names the class."""
+    from hydra.utils import instantiate
+
+    method = instantiate(cfg, _convert_="all")
+    if not isinstance(method, QuantMethod):
+        raise TypeError(f"quant config {name!r} does not build a QuantMethod (got {type(method).__name__})")
+    method.name = name if name else method.name
+    return method

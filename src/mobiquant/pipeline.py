@@ -1,0 +1,283 @@
+"""The experiment: load model and text, run every configured method, evaluate every budget, report.
+
+Outputs in the run directory: ``results.csv`` (one row per method x budget x dataset, rewritten
+atomically after each evaluation), ``results.md``, ``elasticity.png``, ``calibration.csv``,
+``checkpoints/<method>/`` and, with the W&B logger, an offline (or online) W&B run.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from .methods import QuantMethod, RunContext, Variant
+from .patching import achieved_bits, mobi_linears, reset_counts
+from .results import (
+    KEY,
+    concat_rows,
+    has_row,
+    is_non_increasing,
+    plot_elasticity,
+    ppl_table,
+    read_results,
+    write_csv,
+)
+from .tracking import Tracker, plain_config, wandb_env_default
+
+log = logging.getLogger("mobiquant")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; raised before any work starts."""
+
+
+# ---------------------------------------------------------------------------- validation
+def _num(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}={value!r} is not a number")
+    return float(value)
+
+
+def _pos_int(value: Any, key: str, allowed: str = "a positive integer") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{key}={value!r} is invalid: expected {allowed}")
+    return value
+
+
+def build_methods(cfg: DictConfig) -> list[QuantMethod]:
+    """The method under study (``quant``) first, then the baselines; each validated by construction."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    nodes: list[tuple[str, DictConfig]] = [("quant", cfg.quant)]
+    for name, node in (cfg.get("baselines") or {}).items():
+        nodes.append((f"baselines.{name}", node))
+    methods, names = [], set()
+    for key, node in nodes:
+        if node is None or "_target_" not in node:
+            raise ConfigError(f"{key} has no _target_: every quant config must name its method class")
+        try:
+            method = instantiate(node, _convert_="all")
+        except InstantiationException as e:
+            cause = e.__cause__ or e
+            raise ConfigError(f"{key} ({node.get('name', '?')}): {cause}") from e
+        if not isinstance(method, QuantMethod):
+            raise ConfigError(f"{key}: _target_ {node._target_} does not build a QuantMethod")
+        if method.name in names:
+            continue  # e.g. quant=rtn together with the rtn baseline
+        names.add(method.name)
+        methods.append(method)
+    return methods
+
+
+def validate(cfg: DictConfig) -> tuple[list[QuantMethod], list[float]]:
+    """Check the whole config before any model is loaded; returns the methods and the budget grid."""
+    budgets = cfg.budget.get("budgets")
+    if not isinstance(budgets, (list, ListConfig)) or len(budgets) == 0:
+        raise ConfigError(f"budget.budgets={budgets!r} must be a non-empty list of average bit-widths in [1, 8]")
+    grid = []
+    for i, b in enumerate(budgets):
+        v = _num(b, f"budget.budgets[{i}]")
+        if not 1.0 <= v <= 8.0:
+            raise ConfigError(f"budget.budgets[{i}]={b} is outside the achievable range: allowed 1 <= bits <= 8")
+        grid.append(v)
+    _pos_int(cfg.group_size, "group_size")
+    _pos_int(cfg.data.calib.nsamples, "data.calib.nsamples")
+    seqlen = _pos_int(cfg.data.calib.seqlen, "data.calib.seqlen")
+    if seqlen < 2:
+        raise ConfigError(f"data.calib.seqlen={seqlen} is too short: at least 2 tokens")
+    _pos_int(cfg.eval.seqlen, "eval.seqlen")
+    if cfg.eval.get("max_windows") is not None:
+        _pos_int(cfg.eval.max_windows, "eval.max_windows", "a positive integer or null")
+    if not cfg.data.get("eval"):
+        raise ConfigError("data.eval is empty: name at least one evaluation corpus")
+    from . import data as data_mod
+
+    known = getattr(data_mod, "CORPORA", None)
+    for key, spec in [("data.calib", cfg.data.calib)] + [(f"data.eval.{k}", v) for k, v in cfg.data.eval.items()]:
+        if known is not None and spec.corpus not in known:
+            raise ConfigError(f"{key}.corpus={spec.corpus!r} is unknown; allowed: {sorted(known)}")
+        for p in spec.get("paths") or []:
+            if not Path(p).exists():
+                raise ConfigError(f"{key}.paths: file {p} does not exist")
+    from hydra.errors import InstantiationException
+
+    try:
+        instantiate_calib(cfg)
+    except InstantiationException as e:
+        raise ConfigError(f"calib: {e.__cause__ or e}") from e
+    methods = build_methods(cfg)
+    main = methods[0]
+    if not main.budgets(grid):
+        raise ConfigError(
+            f"quant={main.name}: none of budget.budgets={grid} is achievable by this method "
+            f"(e.g. slices {getattr(getattr(main, 'mobi', None), 'slice_bits', '?')})"
+        )
+    return methods, grid
+
+
+def instantiate_calib(cfg: DictConfig):
+    from hydra.utils import instantiate
+
+    return instantiate(cfg.calib, _convert_="all")
+
+
+# ---------------------------------------------------------------------------- model and data
+def load_base_model(cfg: DictConfig):
+    if cfg.model.path == "tiny":
+        from .tiny import tiny_llama
+
+        return tiny_llama(**cfg.model.get("tiny", {}), dtype=cfg.model.dtype)
+    from .models import load_model
+
+    return load_model(cfg.model.path, dtype=cfg.model.dtype, device=cfg.model.device,
+                      cache_dir=cfg.paths.cache_dir)
+
+
+def load_token_ids(spec: DictConfig, tokenizer) -> torch.Tensor:
+    from .data import corpus_joiner, load_corpus, tokenize_corpus
+
+    kwargs = {}
+    if spec.get("paths"):
+        kwargs["paths"] = list(spec.paths)
+    docs = load_corpus(spec.corpus, split=spec.split, **kwargs)
+    return tokenize_corpus(docs, tokenizer, joiner=corpus_joiner(spec.corpus))
+
+
+# ---------------------------------------------------------------------------- run
+def _row_avg_bits(variant: Variant) -> float:
+    if any(True for _ in mobi_linears(variant.model)):
+        return achieved_bits(variant.model)
+    if "avg_bits" in variant.extra:
+        return float(variant.extra["avg_bits"])
+    return float(variant.budget)
+
+
+def run(cfg: DictConfig) -> float:
+    """Run one experiment; returns the mean perplexity of ``quant`` over its budgets (first eval corpus)."""
+    from .calibration import BlockReport  # noqa: F401  (import early: fails fast if lightning is broken)
+    from .data import calibration_windows, eval_windows
+    from .evaluation import perplexity
+
+    t_start = time.perf_counter()
+    methods, grid = validate(cfg)
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(int(cfg.torch_threads))
+    torch.manual_seed(cfg.seed)
+    wandb_env_default()
+    os.environ["MOBIQUANT_CACHE"] = str(cfg.paths.cache_dir)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results_path = out_dir / "results.csv"
+    previous = read_results(results_path) if cfg.get("resume", True) else read_results("/nonexistent")
+    rows: list[dict] = previous.to_dict("records")
+    calib_rows: list[dict] = []
+    tracker = Tracker(cfg.get("logger"), plain_config(cfg))
+    failed = True
+    try:
+        log.info("loading model %s", cfg.model.path)
+        base, tokenizer = load_base_model(cfg)
+        tok_name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        dtype = str(next(base.parameters()).dtype).removeprefix("torch.")
+
+        def fp_model():
+            return copy.deepcopy(base)
+
+        log.info("calibration text: %s (%s)", cfg.data.calib.corpus, cfg.data.calib.split)
+        calib_ids = calibration_windows(
+            load_token_ids(cfg.data.calib, tokenizer), cfg.data.calib.nsamples, cfg.data.calib.seqlen, cfg.seed
+        )
+        eval_sets = {}
+        for name, spec in cfg.data.eval.items():
+            ids = load_token_ids(spec, tokenizer)
+            eval_sets[name] = eval_windows(ids, cfg.eval.seqlen, cfg.eval.get("max_windows"))
+            log.info("eval %s: %d windows of %d tokens", name, eval_sets[name].shape[0], cfg.eval.seqlen)
+
+        calib = instantiate_calib(cfg)
+
+        def on_block_end(tag: str, i: int, report) -> None:
+            calib_rows.append({"method": tag, **vars(report)})
+            log.info("[%s] block %d/%d  mse %.3g  %.1fs", tag, i + 1, _n_blocks(base), report.final_mse,
+                     report.seconds)
+            tracker.log_block(tag, i, report)
+
+        ctx = RunContext(
+            fp_model=fp_model, calib_ids=calib_ids, output_dir=out_dir, calib=calib,
+            loggers=tracker.lightning_loggers, on_block_end=on_block_end,
+            save_checkpoints=bool(cfg.save_checkpoints), base_model_name=str(cfg.model.path),
+        )
+        logged_ckpts: set[str] = set()
+        for method in methods:
+            budgets = method.budgets(grid)
+            todo = [(b, ds) for b in budgets for ds in eval_sets if not has_row(_df(rows), method.name, b, ds)]
+            if not todo:
+                log.info("[%s] all results present in %s: skipped", method.name, results_path)
+                continue
+            log.info("[%s] budgets %s", method.name, [f"{b:g}" for b in budgets])
+            for variant in method.run(ctx, grid):
+                for ds, windows in eval_sets.items():
+                    if has_row(_df(rows), variant.method, variant.budget, ds):
+                        continue
+                    reset_counts(variant.model)
+                    t0 = time.perf_counter()
+                    r = perplexity(variant.model, windows, batch_size=cfg.eval.batch_size)
+                    row = {
+                        "model": cfg.model.name, "method": variant.method, "budget": variant.budget,
+                        "avg_bits": _row_avg_bits(variant), "storage_bits": variant.storage_bits,
+                        "dataset": ds, "seqlen": r["seqlen"], "n_windows": r["n_windows"],
+                        "n_tokens": r["n_tokens"], "ppl": r["ppl"], "nll": r["nll"], "tokenizer": tok_name,
+                        "dtype": dtype, "calib_seconds": variant.calib_seconds,
+                        "n_calibrations": variant.n_calibrations, "eval_seconds": time.perf_counter() - t0,
+                        "checkpoint": variant.checkpoint,
+                    }
+                    reset_counts(variant.model, track=False)
+                    rows.append(row)
+                    write_csv(concat_rows(rows), results_path)
+                    tracker.log_row(row)
+                    b = "FP" if math.isnan(variant.budget) else f"{variant.budget:g}"
+                    log.info("[%s] budget %s  %s ppl %.3f  (avg bits %.3f, storage %.3f)", variant.method, b,
+                             ds, r["ppl"], row["avg_bits"], row["storage_bits"])
+                if variant.checkpoint and variant.checkpoint not in logged_ckpts:
+                    logged_ckpts.add(variant.checkpoint)
+                    tracker.log_checkpoint(variant.checkpoint, Path(variant.checkpoint).name)
+        df = concat_rows(rows)
+        write_csv(df, results_path)
+        if calib_rows:
+            write_csv(concat_rows(calib_rows).dropna(axis=1, how="all"), out_dir / "calibration.csv")
+        plot = plot_elasticity(df, out_dir / "elasticity.png", title=cfg.model.name)
+        md = "\n\n".join(f"### {ds}\n\n{ppl_table(df, ds)}" for ds in eval_sets)
+        (out_dir / "results.md").write_text(md + "\n")
+        tracker.log_results(df, plot, md)
+        wall = time.perf_counter() - t_start
+        print(f"\nResults ({cfg.model.name}, seqlen {cfg.eval.seqlen}, group size {cfg.group_size}; ppl):\n")
+        print(md)
+        main = methods[0]
+        for ds in eval_sets:
+            if main.name in set(df["method"]) and len(main.budgets(grid)) > 1:
+                mono = is_non_increasing(df, main.name, ds)
+                print(f"\n{main.name} curve on {ds} non-increasing in average bits: {mono}")
+        print(f"\nwall time {wall / 60:.1f} min; outputs in {out_dir}")
+        failed = False
+        first = next(iter(eval_sets))
+        sel = df[(df["method"] == main.name) & (df["dataset"] == first)]
+        return float(sel["ppl"].mean()) if not sel.empty else math.nan
+    finally:
+        tracker.finish(failed)
+
+
+def _df(rows):
+    return concat_rows(rows) if rows else concat_rows([]).iloc[0:0]
+
+
+def _n_blocks(model) -> int:
+    from .patching import find_blocks
+
+    return len(find_blocks(model)[1])

@@ -1,0 +1,133 @@
+"""Results tables: one row per (method, budget, dataset), written atomically; the elasticity plot."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import pandas as pd
+
+COLUMNS = [
+    "model", "method", "budget", "avg_bits", "storage_bits", "dataset", "seqlen", "n_windows",
+    "n_tokens", "ppl", "nll", "tokenizer", "dtype", "calib_seconds", "n_calibrations", "eval_seconds",
+    "checkpoint",
+]
+KEY = ["method", "budget", "dataset"]
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_csv(df: pd.DataFrame, path: str | os.PathLike) -> None:
+    buf = io.StringIO()
+    df.to_csv(buf, index=False)
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_results(path: str | os.PathLike) -> pd.DataFrame:
+    path = Path(path)
+    if not path.exists():
+        return pd.DataFrame(columns=COLUMNS)
+    df = pd.read_csv(path)
+    missing = [c for c in KEY + ["ppl"] if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path} is not a mobiquant results table: columns {missing} are missing")
+    return df
+
+
+def has_row(df: pd.DataFrame, method: str, budget: float, dataset: str) -> bool:
+    if df.empty:
+        return False
+    b = df["budget"].astype(float)
+    same_budget = b.isna() if budget is None or (isinstance(budget, float) and math.isnan(budget)) else (
+        (b - float(budget)).abs() < 1e-9)
+    return bool(((df["method"] == method) & same_budget & (df["dataset"] == dataset)).any())
+
+
+def ppl_table(df: pd.DataFrame, dataset: str | None = None, mark_best: bool = True) -> str:
+    """Markdown table methods x budgets (ppl), best (lowest) per budget column in bold."""
+    if dataset is not None:
+        df = df[df["dataset"] == dataset]
+    if df.empty:
+        return "(no results)"
+    d = df.copy()
+    d["budget"] = d["budget"].map(lambda b: "FP" if pd.isna(b) else f"{float(b):g}")
+    pivot = d.pivot_table(index="method", columns="budget", values="ppl", aggfunc="first")
+    cols = sorted(pivot.columns, key=lambda c: (c != "FP", float(c) if c != "FP" else 0.0))
+    pivot = pivot[cols]
+    out = pivot.map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
+    if mark_best:
+        for c in cols:
+            if c == "FP" or pivot[c].notna().sum() < 2:
+                continue
+            best = pivot[c].idxmin()
+            out.loc[best, c] = f"**{out.loc[best, c]}**"
+    header = "| method | " + " | ".join(f"{c} bit" if c != "FP" else c for c in cols) + " |"
+    sep = "|---" * (len(cols) + 1) + "|"
+    rows = [f"| {m} | " + " | ".join(out.loc[m, c] for c in cols) + " |" for m in out.index]
+    return "\n".join([header, sep, *rows])
+
+
+def plot_elasticity(df: pd.DataFrame, path: str | os.PathLike, title: str = "") -> Path:
+    """Perplexity vs achieved average bits, one line per method, log-scale ppl; one panel per dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(df["dataset"]))
+    fig, axes = plt.subplots(1, max(1, len(datasets)), figsize=(6 * max(1, len(datasets)), 4.2), squeeze=False)
+    for ax, ds in zip(axes[0], datasets):
+        sub = df[df["dataset"] == ds]
+        for method, g in sub.groupby("method", sort=False):
+            g = g.sort_values("avg_bits")
+            if g["budget"].isna().all():  # FP: a horizontal reference line
+                ax.axhline(float(g["ppl"].iloc[0]), color="k", ls="--", lw=1, label=f"{method} ({g['ppl'].iloc[0]:.2f})")
+                continue
+            ax.plot(g["avg_bits"], g["ppl"], marker="o", label=method)
+        ax.set_yscale("log")
+        ax.set_xlabel("average bits per weight (achieved)")
+        ax.set_ylabel("perplexity")
+        ax.set_title(f"{title} {ds}".strip())
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def is_non_increasing(df: pd.DataFrame, method: str, dataset: str, tol: float = 0.0) -> bool:
+    g = df[(df["method"] == method) & (df["dataset"] == dataset)].sort_values("avg_bits")
+    p = g["ppl"].to_list()
+    return all(b <= a * (1 + tol) for a, b in zip(p, p[1:]))
+
+
+def concat_rows(rows: Iterable[dict]) -> pd.DataFrame:
+    df = pd.DataFrame(list(rows))
+    return df.reindex(columns=COLUMNS + [c for c in df.columns if c not in COLUMNS])

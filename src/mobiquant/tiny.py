@@ -1,0 +1,53 @@
+"""A tiny random-initialised LLaMA with a byte-level tokenizer, for smoke runs and tests.
+
+It needs no download and builds in milliseconds, yet goes through the same code paths as a real model
+(Hugging Face ``LlamaForCausalLM``, a ``PreTrainedTokenizerFast``).
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """256 byte tokens (GPT-2 style byte alphabet) and an end-of-text token; no merges."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
+def tiny_llama(
+    hidden_size: int = 64,
+    intermediate_size: int = 160,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    seed: int = 0,
+    dtype: str = "float32",
+):
+    """``(model, tokenizer)``: a random LLaMA over the byte tokenizer's 257 tokens."""
+    tokenizer = byte_tokenizer()
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        max_position_embeddings=4096,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    model = model.to(getattr(torch, dtype)).eval()
+    model.requires_grad_(False)
+    model.config._name_or_path = f"tiny-llama-h{hidden_size}-l{num_hidden_layers}-seed{seed}"
+    return model, tokenizer
