@@ -168,6 +168,8 @@ def run(cfg: DictConfig) -> float:
     from .evaluation import perplexity
 
     t_start = time.perf_counter()
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):  # keep the console to our progress
+        logging.getLogger(name).setLevel(logging.WARNING)
     methods, grid = validate(cfg)
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg.torch_threads))

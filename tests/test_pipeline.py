@@ -1,0 +1,94 @@
+"""``experiment=smoke`` end to end on the tiny random model: files, tables, W&B offline run, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from mobiquant.__main__ import CONF_DIR
+from mobiquant.pipeline import run
+from mobiquant.results import COLUMNS
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def smoke_cfg(tmp_path: Path, *overrides: str):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=smoke", *overrides], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+        cfg.paths.output_dir = str(tmp_path / "run")
+        cfg.paths.cache_dir = str(tmp_path / "cache")
+        cfg.paths.shared_data_dir = str(SHARED)
+    return cfg
+
+
+@pytest.fixture
+def wandb_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / "wandb_dir").mkdir()
+
+
+def test_smoke_end_to_end_with_wandb_offline(tmp_path, wandb_env):
+    cfg = smoke_cfg(tmp_path, "logger=wandb")
+    metric = run(cfg)
+    out = tmp_path / "run"
+    df = pd.read_csv(out / "results.csv")
+    assert set(COLUMNS) <= set(df.columns)
+    # fp once, rtn at integer budgets, mobiquant at every budget of the grid
+    assert set(df["method"]) == {"fp", "rtn", "mobiquant"}
+    mobi = df[df["method"] == "mobiquant"].sort_values("budget")
+    assert mobi["budget"].tolist() == [2.0, 3.0, 4.0, 8.0]
+    assert (mobi["avg_bits"] - mobi["budget"]).abs().max() < 0.5  # measured, not assumed
+    assert df["ppl"].map(math.isfinite).all()
+    assert (df["n_windows"] == 4).all() and (df["seqlen"] == 64).all()
+    assert math.isclose(metric, mobi["ppl"].mean(), rel_tol=1e-9)
+    for name in ("elasticity.png", "results.md", "calibration.csv"):
+        assert (out / name).stat().st_size > 0, name
+    ck = out / "checkpoints" / "mobiquant"
+    meta = json.loads((ck / "mobiquant.json").read_text())
+    assert meta["config"]["slice_bits"] == [2, 2, 2, 2]
+    calib = pd.read_csv(out / "calibration.csv")
+    assert len(calib) == 2 and calib["final_mse"].map(math.isfinite).all()
+    # W&B offline run: exists and holds the logged results table
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    tables = list(runs[0].glob("files/media/table/results_*.table.json"))
+    assert tables, "results table not logged to W&B"
+    logged = json.loads(tables[0].read_text())
+    assert "ppl" in logged["columns"] and len(logged["data"]) == len(df)
+
+
+def test_resume_skips_finished_rows(tmp_path, wandb_env):
+    cfg = smoke_cfg(tmp_path, "logger=none", "baselines=fp")
+    run(cfg)
+    out = tmp_path / "run"
+    first = pd.read_csv(out / "results.csv")
+    (out / "checkpoints").rename(out / "moved")  # a recalibration would recreate it
+    run(smoke_cfg(tmp_path, "logger=none", "baselines=fp"))
+    second = pd.read_csv(out / "results.csv")
+    pd.testing.assert_frame_equal(first, second)
+    assert not (out / "checkpoints").exists()
+
+
+def test_text_files_corpus_from_shared_data(tmp_path, wandb_env):
+    if not SHARED.exists():
+        pytest.skip("../shared/data is not beside the repository")
+    cfg = smoke_cfg(
+        tmp_path, "logger=csv", "baselines=none", "data=wikitext2_local", "data.calib.corpus=text_files",
+        f"data.calib.paths=[{SHARED}/ptb/ptb.valid.txt]", "budget.budgets=[2,8]",
+    )
+    run(cfg)
+    df = pd.read_csv(tmp_path / "run" / "results.csv")
+    assert set(df["dataset"]) == {"wikitext2", "ptb"}
+    assert list((tmp_path / "run" / "csv").rglob("metrics.csv")), "Lightning CSV logger wrote no metrics"
