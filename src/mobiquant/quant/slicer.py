@@ -85,9 +85,16 @@ class ResidualSlicer:
         scale_dtype: torch.dtype | None = None,
     ) -> GroupQuantParams:
         params = lwc_params(grouped, self.slice_bits[0], gamma, beta, ste=ste)
-        if scale_dtype is not None:  # the step as it will be stored (e.g. fp16), so views match the checkpoint
+        if scale_dtype is not None:  # step and zero point as stored (e.g. fp16): views match the checkpoint
             rounded = params.scale.to(scale_dtype).to(params.scale.dtype)
-            params = GroupQuantParams(scale=(rounded - params.scale).detach() + params.scale, zero=params.zero)
+            # The zero point is an integer but lies far outside [0, 2^b1 - 1] for one-signed narrow groups
+            # (e.g. constant ones): keep it finite and exactly what the fp16 buffer will hold.
+            limit = torch.finfo(scale_dtype).max
+            zero = params.zero.clamp(-limit, limit).to(scale_dtype).to(params.zero.dtype)
+            params = GroupQuantParams(
+                scale=(rounded - params.scale).detach() + params.scale,
+                zero=(zero - params.zero).detach() + params.zero,
+            )
         return params
 
     def grouped_views(

@@ -1,0 +1,189 @@
+"""MoBiRoute: nested gates, straight-through training gates, and elastic threshold calibration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mobiquant.router import TokenRouter, budget_bits, interp_tau, nested_min, weighted_tail_table
+
+DIM = 64
+
+
+def site_activations(n: int, seed: int, dim: int = DIM) -> torch.Tensor:
+    """Gaussian tokens with a fixed random scale per channel (the same 'site' for every seed)."""
+    scale = torch.exp(torch.randn(dim, generator=torch.Generator().manual_seed(1234)))
+    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def make_router(slice_bits=(2, 2, 2, 2), seed: int = 0, **kw) -> TokenRouter:
+    torch.manual_seed(seed)
+    return TokenRouter(DIM, slice_bits, **kw)
+
+
+def per_token_bits(k: torch.Tensor, slice_bits) -> torch.Tensor:
+    """Code bits of each token: the sum of the bit-widths of the ``k`` slices it uses."""
+    widths = torch.cumsum(torch.tensor(slice_bits, dtype=torch.float64), 0)
+    return widths[k - 1]
+
+
+def is_prefix(on: torch.Tensor) -> bool:
+    """Rows of the form 1..1 0..0 (nested gates)."""
+    on = on.to(torch.int64)
+    return bool((on[..., 1:] <= on[..., :-1]).all())
+
+
+# ---------------------------------------------------------------------------- nested gates
+def test_nested_min_is_running_minimum():
+    s = torch.tensor([[3.0, 1.0, 2.0, 0.5], [0.0, 1.0, -1.0, 2.0]])
+    assert nested_min(s).tolist() == [[3.0, 1.0, 1.0, 0.5], [0.0, 0.0, -1.0, -1.0]]
+
+
+@pytest.mark.parametrize("slice_bits", [(2, 2, 2, 2), (3, 1, 1, 1, 1, 1), (4, 2, 2)])
+def test_slice_counts_are_nested_and_in_range(slice_bits):
+    r = make_router(slice_bits)
+    x = site_activations(3000, seed=1).reshape(30, 100, DIM)
+    for tau in [-1.0, -0.1, 0.0, 0.05, 1.0]:
+        r.tau.fill_(tau)
+        k = r.slice_counts(x)
+        assert k.shape == (30, 100) and k.dtype == torch.int64
+        assert int(k.min()) >= 1 and int(k.max()) <= len(slice_bits)
+        on = nested_min(r.scores(x)) > tau
+        assert is_prefix(on)
+        # k counts exactly the leading run of active residual slices.
+        j = torch.arange(len(slice_bits) - 1)
+        assert torch.equal(on, j < (k - 1).unsqueeze(-1))
+
+
+def test_hard_and_straight_through_gates_are_nested():
+    r = make_router((2, 2, 2, 2))
+    x = site_activations(2000, seed=2)
+    r.fit_thresholds(x)
+    for target in [None, 2.5, 4.0, 6.7]:
+        if target is None:
+            r.set_budget(5.0)
+        gates, soft = r.gates(x, target)
+        hard = gates.detach() > 0.5
+        assert is_prefix(hard)
+        assert bool(((gates.detach() - hard.float()).abs() < 1e-6).all())  # forward value is 0/1
+        assert bool(((soft > 0) & (soft < 1)).all())
+        r.clear_cache()
+    # Without a batch target the training gates agree with the inference counts at the same tau.
+    gates, _ = r.gates(x)
+    assert torch.equal(1 + (gates.detach() > 0.5).sum(-1), r.slice_counts(x))
+
+
+def test_raising_the_budget_never_takes_a_slice_away_from_a_token():
+    r = make_router()
+    r.fit_thresholds(site_activations(5000, seed=3))
+    x = site_activations(2000, seed=4)
+    prev = None
+    for b in torch.linspace(2, 8, 13).tolist():
+        r.set_budget(b)
+        k = r.slice_counts(x)
+        if prev is not None:
+            assert bool((k >= prev).all())
+        prev = k
+
+
+@pytest.mark.parametrize("target", [2.3, 3.0, 4.5, 7.9])
+def test_batch_target_gates_hit_the_target_on_that_batch(target):
+    r = make_router()
+    x = site_activations(4096, seed=5)
+    gates, soft = r.gates(x, target)
+    hard = (gates.detach() > 0.5).double()
+    achieved = 2 + 2 * hard.mean(0).sum()
+    assert float(achieved) == pytest.approx(target, abs=0.02)
+    assert soft.shape == (4096, 3) and r.last_soft is soft
+
+
+def test_gradients_reach_router_through_straight_through_gates():
+    r = make_router()
+    x = site_activations(512, seed=6)
+    gates, soft = r.gates(x, 5.0)
+    # Loss through the hard (STE) gates and the soft budget term.
+    loss = (gates * torch.tensor([1.0, 2.0, 3.0])).sum() + (budget_bits(soft, r.slice_bits) - 4.0) ** 2
+    loss.backward()
+    for name, p in r.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_budget_bits_of_hard_and_soft_gates():
+    assert float(budget_bits(torch.ones(10, 3), (2, 2, 2, 2))) == 8.0
+    assert float(budget_bits(torch.zeros(10, 3), (2, 2, 2, 2))) == 2.0
+    g = torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]])
+    assert float(budget_bits(g, (3, 1, 1, 1, 1, 1))) == pytest.approx(3 + 1.5 / 1)
+
+
+# ---------------------------------------------------------------------------- elastic thresholds
+@pytest.mark.parametrize("slice_bits", [(2, 2, 2, 2), (3, 1, 1, 1, 1, 1), (4, 2, 2)])
+def test_calibrated_budgets_hold_on_fresh_activations(slice_bits):
+    r = make_router(slice_bits)
+    r.fit_thresholds(site_activations(20000, seed=10))
+    fresh = site_activations(20000, seed=11)
+    with torch.no_grad():
+        fresh_min = nested_min(r.scores(fresh))  # scores do not depend on the budget: compute once
+    lo, hi = slice_bits[0], sum(slice_bits)
+    budgets = [b for b in torch.arange(2.0, 8.01, 0.25).tolist() if lo <= b <= hi]
+    assert len(budgets) >= 17
+    for b in budgets:
+        r.set_budget(b)
+        k = 1 + (fresh_min > r.tau).sum(-1)
+        if b == int(b):  # the public per-token path gives the same counts
+            assert torch.equal(r.slice_counts(fresh), k)
+        achieved = float(per_token_bits(k, slice_bits).mean())
+        assert achieved == pytest.approx(b, abs=0.05), (b, achieved)
+    # The end points are exact: nothing on, everything on.
+    r.set_budget(lo)
+    assert bool((r.slice_counts(fresh) == 1).all())
+    r.set_budget(hi)
+    assert bool((r.slice_counts(fresh) == len(slice_bits)).all())
+
+
+def test_threshold_table_is_monotone_and_saved_in_state_dict():
+    r = make_router()
+    r.fit_thresholds(site_activations(3000, seed=12))
+    assert r.calibrated
+    assert r.bits_table[0] == 2 and r.bits_table[-1] == 8
+    assert bool((r.bits_table[1:] > r.bits_table[:-1]).all())
+    assert bool((r.tau_table[1:] <= r.tau_table[:-1]).all())
+    r.set_budget(3.7)
+    sd = r.state_dict()
+    assert {"tau", "bits_table", "tau_table"} <= set(sd)
+    r2 = make_router(seed=99)
+    r2.fit_thresholds(site_activations(100, seed=15))  # tables are buffers sized by calibration
+    r2.load_state_dict(sd)
+    x = site_activations(1000, seed=13)
+    assert torch.equal(r2.slice_counts(x), r.slice_counts(x))
+
+
+def test_weighted_tail_table_on_hand_made_values():
+    # Two tokens, one residual of 2 bits: scores 1.0 and -1.0 -> 2 bits (none), 3 (one), 4 (both).
+    bits, taus = weighted_tail_table(torch.tensor([[1.0], [-1.0]]), (2, 2), points=5)
+    assert bits.tolist() == [2.0, 2.5, 3.0, 3.5, 4.0]
+    assert taus[0] > 1.0 and taus[-1] < -1.0
+    assert -1.0 < float(taus[2]) < 1.0  # exactly one token on at 3 bits
+    assert float(interp_tau(bits, taus, 3.0)) == pytest.approx(float(taus[2]))
+    with pytest.raises(ValueError, match="zero tokens"):
+        weighted_tail_table(torch.empty(0, 1), (2, 2))
+
+
+# ---------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("budget", [1.99, 8.01, 0.0, 12.0])
+def test_budget_outside_range_raises(budget):
+    r = make_router()
+    r.fit_thresholds(site_activations(500, seed=14))
+    with pytest.raises(ValueError, match=r"outside this router's range \[2, 8\]"):
+        r.set_budget(budget)
+
+
+def test_uncalibrated_router_refuses_a_budget():
+    with pytest.raises(RuntimeError, match="not calibrated"):
+        make_router().set_budget(4.0)
+
+
+def test_invalid_router_shapes_raise():
+    with pytest.raises(ValueError, match="at least two slices"):
+        TokenRouter(DIM, (8,))
+    with pytest.raises(ValueError, match="hidden size"):
+        TokenRouter(DIM, (2, 2), hidden=0)
