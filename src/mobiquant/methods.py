@@ -10,6 +10,10 @@ accounting and storage accounting are shared by all of them.
 * ``lwc``              bit-specific calibrated PTQ (block-wise LWC, one slice of B bits), one calibration per bit
 * ``mobiquant``        one calibrated MoBiSlice checkpoint + routers, every budget by ``set_budget``
 * ``mobiquant_static`` the same kind of checkpoint, every token at the same ``k`` (any-precision, no router)
+* ``gptq``             GPTQ at each integer budget
+* ``matryoshka``       one 8-bit code read at 2/4/6/8 bits by MSB truncation
+* ``mixed_layer``      the MoBiQuant checkpoint with static per-layer slice counts from a sensitivity measure
+* ``hqq``              the external ``hqq`` package at each bit-width it supports
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from .calibration import CalibConfig, calibrate_model
-from .checkpoint import save_quantized
+from .checkpoint import CONFIG_NAME, load_quantized, read_meta, save_quantized
 from .patching import (
     MoBiConfig,
     freeze,
@@ -80,6 +84,19 @@ class QuantMethod:
 
     def run(self, ctx: RunContext, grid: Sequence[float]) -> Iterator[Variant]:
         raise NotImplementedError
+
+    def _load_saved(self, ctx: RunContext, tag: str, mobi: MoBiConfig) -> tuple[nn.Module, float, str] | None:
+        """A checkpoint this run directory already holds for ``tag`` with the same settings (resume)."""
+        folder = ctx.output_dir / "checkpoints" / tag
+        if not ctx.save_checkpoints or not (folder / CONFIG_NAME).is_file():
+            return None
+        meta = read_meta(folder)
+        if meta["config"] != mobi.to_dict():
+            log.warning("checkpoint %s has other settings than this run: calibrating anew", folder)
+            return None
+        model = load_quantized(ctx.fp_model(), folder)
+        log.info("[%s] resumed from checkpoint %s", tag, folder)
+        return model, float(meta.get("extra", {}).get("calib_seconds", 0.0)), str(folder)
 
     def _save(self, ctx: RunContext, model: nn.Module, tag: str, extra: dict | None = None) -> str | None:
         if not ctx.save_checkpoints:
@@ -138,14 +155,19 @@ class LWC(QuantMethod):
 
     def run(self, ctx, grid):
         for b in self.budgets(grid):
-            model = ctx.fp_model()
             mobi = MoBiConfig(slice_bits=(int(b),), group_size=self.group_size, lwc_init=self.lwc_init)
-            calib = dataclasses.replace(ctx.calib, **self.calib_overrides) if self.calib_overrides else ctx.calib
-            t0 = time.perf_counter()
-            calibrate_model(model, ctx.calib_ids, mobi, calib, loggers=ctx.loggers,
-                            on_block_end=_block_cb(ctx, f"{self.name}{int(b)}"))
-            seconds = time.perf_counter() - t0
-            ckpt = self._save(ctx, model, f"{self.name}-w{int(b)}")
+            tag = f"{self.name}-w{int(b)}"
+            saved = self._load_saved(ctx, tag, mobi)
+            if saved is not None:
+                model, seconds, ckpt = saved
+            else:
+                model = ctx.fp_model()
+                calib = dataclasses.replace(ctx.calib, **self.calib_overrides) if self.calib_overrides else ctx.calib
+                t0 = time.perf_counter()
+                calibrate_model(model, ctx.calib_ids, mobi, calib, loggers=ctx.loggers,
+                                on_block_end=_block_cb(ctx, tag))
+                seconds = time.perf_counter() - t0
+                ckpt = self._save(ctx, model, tag, extra={"calib_seconds": seconds})
             yield Variant(self.name, b, model, storage_bits(model), seconds, 1, ckpt)
 
 
@@ -179,6 +201,10 @@ class MoBiQuant(QuantMethod):
         key = ("mobiquant", repr(self.mobi.to_dict()), repr(sorted(self.calib_overrides.items())))
         if key in ctx.cache:
             return (*ctx.cache[key], True)
+        saved = self._load_saved(ctx, self.name, self.mobi)
+        if saved is not None:
+            ctx.cache[key] = saved
+            return (*saved, False)
         model = ctx.fp_model()
         calib = dataclasses.replace(ctx.calib, **self.calib_overrides) if self.calib_overrides else ctx.calib
         t0 = time.perf_counter()
@@ -201,6 +227,113 @@ class MoBiQuant(QuantMethod):
                 set_budget(model, b)
             yield Variant(self.name, b, model, storage_bits(model), seconds, n_cal, ckpt,
                           extra={"shared_checkpoint": reused})
+
+
+class GPTQ(QuantMethod):
+    """GPTQ (Hessian-based, act-order, damping) at each integer budget; one quantization per bit-width."""
+
+    name = "gptq"
+
+    def __init__(self, name: str = "gptq", group_size: int = 128, bits: Sequence[int] | None = None,
+                 act_order: bool = True, percdamp: float = 0.01, blocksize: int = 128):
+        self.name, self.group_size, self.bits = name, group_size, bits
+        self.kwargs = {"act_order": act_order, "percdamp": percdamp, "blocksize": blocksize}
+
+    def budgets(self, grid):
+        return [float(b) for b in (self.bits or integer_budgets(grid))]
+
+    def run(self, ctx, grid):
+        from .baselines import quantize_gptq
+
+        for b in self.budgets(grid):
+            model = ctx.fp_model()
+            t0 = time.perf_counter()
+            quantize_gptq(model, ctx.calib_ids, int(b), self.group_size, progress=False, **self.kwargs)
+            seconds = time.perf_counter() - t0
+            ckpt = self._save(ctx, model, f"{self.name}-w{int(b)}")
+            yield Variant(self.name, b, model, storage_bits(model), seconds, 1, ckpt)
+
+
+class Matryoshka(QuantMethod):
+    """One 8-bit RTN code per weight, read at 2/4/6/8 bits by MSB truncation (mid-point corrected)."""
+
+    name = "matryoshka"
+
+    def __init__(self, name: str = "matryoshka", group_size: int = 128, slice_bits: Sequence[int] = (2, 2, 2, 2)):
+        self.name, self.group_size, self.slice_bits = name, group_size, tuple(slice_bits)
+
+    def budgets(self, grid):
+        return [float(sum(self.slice_bits[:k])) for k in range(1, len(self.slice_bits) + 1)]
+
+    def run(self, ctx, grid):
+        from .baselines import quantize_matryoshka
+
+        model = ctx.fp_model()
+        quantize_matryoshka(model, self.group_size, self.slice_bits)
+        ckpt = self._save(ctx, model, self.name)
+        for k, b in enumerate(self.budgets(grid), start=1):
+            set_static(model, k)
+            yield Variant(self.name, b, model, storage_bits(model), 0.0, 0, ckpt)
+
+
+class MixedLayer(QuantMethod):
+    """Static per-linear slice counts chosen from a sensitivity measure; no per-token routing.
+
+    Uses the MoBiQuant checkpoint of the same settings (shared when ``mobiquant`` runs too), so the
+    comparison isolates routing granularity: per token (MoBiQuant) against per layer (this).
+    """
+
+    name = "mixed_layer"
+
+    def __init__(self, name: str = "mixed_layer", mobi: MoBiConfig | dict | None = None,
+                 calib: dict | None = None, metric: str = "fisher", sensitivity_windows: int | None = 8,
+                 static: bool | None = None):
+        # `static` is accepted (and ignored) because this config inherits the mobiquant one.
+        self.name = name
+        self.source = MoBiQuant(name="mobiquant", mobi=mobi, calib=calib)
+        self.metric, self.sensitivity_windows = metric, sensitivity_windows
+
+    def budgets(self, grid):
+        lo, hi = self.source.mobi.min_bits, self.source.mobi.max_bits
+        return [float(b) for b in grid if lo <= b <= hi]
+
+    def run(self, ctx, grid):
+        from .baselines import allocate_bits, apply_allocation, layer_sensitivity
+
+        model, seconds, ckpt, reused = self.source.calibrated(ctx)
+        sens = layer_sensitivity(model, ctx.calib_ids, metrics=(self.metric,), max_windows=self.sensitivity_windows)
+        for b in self.budgets(grid):
+            alloc = allocate_bits(sens, b, metric=self.metric)
+            bits = apply_allocation(model, alloc)
+            yield Variant(self.name, b, model, storage_bits(model), 0.0 if reused else seconds,
+                          0 if reused else 1, ckpt, extra={"allocated_bits": bits})
+
+
+class HQQ(QuantMethod):
+    """The external ``hqq`` package (Half-Quadratic Quantization), calibration-free, per bit-width."""
+
+    name = "hqq"
+
+    def __init__(self, name: str = "hqq", group_size: int = 128, bits: Sequence[int] | None = None,
+                 axis: int = 1, optimize: bool = True):
+        self.name, self.group_size, self.bits, self.axis, self.optimize = name, group_size, bits, axis, optimize
+
+    def budgets(self, grid):
+        from .baselines import HQQ_BITS
+
+        return [float(b) for b in (self.bits or integer_budgets(grid)) if int(b) in HQQ_BITS]
+
+    def run(self, ctx, grid):
+        from .baselines import quantize_hqq
+
+        for b in self.budgets(grid):
+            model = ctx.fp_model()
+            t0 = time.perf_counter()
+            quantize_hqq(model, int(b), self.group_size, axis=self.axis, optimize=self.optimize)
+            seconds = time.perf_counter() - t0
+            sbits = getattr(model, "hqq_storage_bits", None) or storage_bits(model)
+            yield Variant(self.name, b, model, float(sbits), seconds, 0, None,
+                          extra={"avg_bits": float(b), "quant_seconds": seconds})
 
 
 def build_method(name: str, cfg: Any) -> QuantMethod:

@@ -66,6 +66,9 @@ class MoBiLinear(nn.Module):
         self.track = False
         self.k_counts = torch.zeros(self.num_slices, dtype=torch.float64)
         self._view_cache: dict[int, torch.Tensor] = {}
+        # Packed matmul: 'torch' (dequantize + F.linear), 'triton' (bit-plane kernels), or 'auto' (triton
+        # when x is on CUDA and triton imports, else torch).
+        self.backend: Literal["auto", "torch", "triton"] = "auto"
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -143,13 +146,15 @@ class MoBiLinear(nn.Module):
         """``W_k`` of a packed layer by integer shift-and-add, cached until the codes change."""
         self._require_packed()
         if k not in self._view_cache:
-            g = self.slicer.group_size
-            grouped = [to_groups(c, g) for c in self.codes()]
-            w = self.slicer.integer_view(
-                grouped, self.scale.float().unsqueeze(-1), self.zero.float().unsqueeze(-1), k
-            )
-            self._view_cache[k] = from_groups(w, self.in_features).to(self.weight_dtype)
+            with torch.inference_mode(False), torch.no_grad():  # a cache usable both in and out of inference
+                self._view_cache[k] = self._integer_view(k)
         return self._view_cache[k]
+
+    def _integer_view(self, k: int) -> torch.Tensor:
+        g = self.slicer.group_size
+        grouped = [to_groups(c, g) for c in self.codes()]
+        w = self.slicer.integer_view(grouped, self.scale.float().unsqueeze(-1), self.zero.float().unsqueeze(-1), k)
+        return from_groups(w, self.in_features).to(self.weight_dtype)
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -237,13 +242,36 @@ class MoBiLinear(nn.Module):
             self._count(1 + (gates.detach() > 0.5).cumprod(-1).sum(-1), n_tokens)
         return y
 
+    def _use_triton(self, x: torch.Tensor) -> bool:
+        backend = getattr(self, "backend", "auto")
+        if backend == "torch" or self.word_bits != 32:
+            return False
+        from . import kernels
+
+        if backend == "triton":
+            if not kernels.available(x.device):
+                raise RuntimeError("backend='triton' needs triton and a CUDA tensor (or TRITON_INTERPRET=1)")
+            return True
+        return x.is_cuda and kernels.available(x.device)
+
+    def _forward_triton(self, x: torch.Tensor, k) -> torch.Tensor:
+        from .kernels.triton_bitplane import bitplane_linear
+
+        planes = [self.plane(e) for e in range(self.num_slices)]
+        g = self.slicer.group_size
+        return bitplane_linear(x, planes, self.scale, self.zero, self.slice_bits, g, k, self.bias)
+
     def _forward_packed(self, x: torch.Tensor) -> torch.Tensor:
         n_tokens = x.numel() // x.shape[-1]
         if self.mode == "static" or self._router is None:
             self._count(self.static_k, n_tokens)
+            if self._use_triton(x):
+                return self._forward_triton(x, self.static_k)
             return F.linear(x, self.dequantized(self.static_k).to(x.dtype), self.bias)
         k = self._router.slice_counts(x)
         self._count(k, n_tokens)
+        if self._use_triton(x):
+            return self._forward_triton(x, k)
         flat_x = x.reshape(-1, x.shape[-1])
         flat_k = k.reshape(-1)
         out = torch.empty(flat_x.shape[0], self.out_features, dtype=x.dtype, device=x.device)

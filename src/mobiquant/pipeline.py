@@ -24,10 +24,13 @@ from .results import (
     KEY,
     concat_rows,
     has_row,
+    atomic_write_text,
     is_non_increasing,
+    method_summary,
     plot_elasticity,
     ppl_table,
     read_results,
+    summary_markdown,
     write_csv,
 )
 from .tracking import Tracker, plain_config, wandb_env_default
@@ -238,6 +241,7 @@ def run(cfg: DictConfig) -> float:
                         "n_tokens": r["n_tokens"], "ppl": r["ppl"], "nll": r["nll"], "tokenizer": tok_name,
                         "dtype": dtype, "calib_seconds": variant.calib_seconds,
                         "n_calibrations": variant.n_calibrations, "eval_seconds": time.perf_counter() - t0,
+                        "quant_params": sum(m.in_features * m.out_features for _, m in mobi_linears(variant.model)),
                         "checkpoint": variant.checkpoint,
                     }
                     reset_counts(variant.model, track=False)
@@ -256,7 +260,8 @@ def run(cfg: DictConfig) -> float:
             write_csv(concat_rows(calib_rows).dropna(axis=1, how="all"), out_dir / "calibration.csv")
         plot = plot_elasticity(df, out_dir / "elasticity.png", title=cfg.model.name)
         md = "\n\n".join(f"### {ds}\n\n{ppl_table(df, ds)}" for ds in eval_sets)
-        (out_dir / "results.md").write_text(md + "\n")
+        md += "\n\n### cost of covering the grid\n\n" + summary_markdown(method_summary(df))
+        atomic_write_text(out_dir / "results.md", md + "\n")
         tracker.log_results(df, plot, md)
         wall = time.perf_counter() - t_start
         print(f"\nResults ({cfg.model.name}, seqlen {cfg.eval.seqlen}, group size {cfg.group_size}; ppl):\n")

@@ -14,7 +14,7 @@ import pandas as pd
 COLUMNS = [
     "model", "method", "budget", "avg_bits", "storage_bits", "dataset", "seqlen", "n_windows",
     "n_tokens", "ppl", "nll", "tokenizer", "dtype", "calib_seconds", "n_calibrations", "eval_seconds",
-    "checkpoint",
+    "quant_params", "checkpoint",
 ]
 KEY = ["method", "budget", "dataset"]
 
@@ -131,3 +131,34 @@ def is_non_increasing(df: pd.DataFrame, method: str, dataset: str, tol: float = 
 def concat_rows(rows: Iterable[dict]) -> pd.DataFrame:
     df = pd.DataFrame(list(rows))
     return df.reindex(columns=COLUMNS + [c for c in df.columns if c not in COLUMNS])
+
+
+def method_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Per method: calibration wall time and count to cover its budgets, and the bytes needed to store
+    every precision it serves (one shared checkpoint, or one per bit-width)."""
+    rows = []
+    for method, g in df.groupby("method", sort=False):
+        first = g[g["dataset"] == g["dataset"].iloc[0]]
+        # one entry per stored artifact: the checkpoint folder when shared, else each budget
+        art = first.assign(_art=first["checkpoint"].fillna(first["budget"].astype(str)))
+        per_art = art.drop_duplicates("_art")
+        params = float(first["quant_params"].max()) if "quant_params" in first else math.nan
+        if not params:  # nothing quantized (the FP reference)
+            params = math.nan
+        rows.append({
+            "method": method,
+            "budgets": len(first),
+            "n_calibrations": int(per_art["n_calibrations"].fillna(0).sum()),
+            "calib_seconds": float(per_art["calib_seconds"].fillna(0).sum()),
+            "stored_bytes_all_precisions": float((per_art["storage_bits"] * params / 8).sum()),
+        })
+    return pd.DataFrame(rows)
+
+
+def summary_markdown(summary: pd.DataFrame) -> str:
+    lines = ["| method | budgets | calibrations | calibration time (s) | bytes for every precision (MB) |",
+             "|---|---|---|---|---|"]
+    for r in summary.itertuples():
+        lines.append(f"| {r.method} | {r.budgets} | {r.n_calibrations} | {r.calib_seconds:.0f} | "
+                     ("n/a" if math.isnan(r.stored_bytes_all_precisions) else f"{r.stored_bytes_all_precisions / 1e6:.1f}") + " |")
+    return "\n".join(lines)
