@@ -1,0 +1,289 @@
+#!/usr/bin/env python
+"""End-to-end decode throughput at batch 1: a stack of LLaMA-3-8B-shaped linears, routers included.
+
+Each layer has the seven linears of a LLaMA-3-8B block (q, k, v, o: 4096x4096 / 4096->1024; gate, up:
+4096->14336; down: 14336->4096) with random weights and a stand-in data flow (no attention, no norms):
+``a = q(h); k(h); v(h); h2 = h + o(a); h = h2 + down(silu(gate(h2)) * up(h2))``. The quantized stack
+stores MoBiSlice bit-planes (slices 2-2-2-2, groups of 128) and has one router per input site (q/k/v
+share one, o, gate/up share one, down), a 2-layer MLP (4096 -> 64 -> 3) run by one fused Triton kernel
+that writes the token's slice count ``k`` on the device; the bit-plane kernels read it there (no host
+synchronisation). Budgets: static k = 1..4 (2/4/6/8 bits, no router) and routed budgets 2..8 bits, the
+routers' thresholds set on calibration tokens so that the average bits match the budget.
+
+Timing: one CUDA graph holds ``STEPS`` decode steps (each a fresh random token through every layer); the
+median graph replay (``triton.testing.do_bench``) over ``STEPS`` gives tokens/s; fp16 (cuBLAS) the same
+way in the same run. Needs only torch and triton. Writes ``decode_bench.csv`` to ``$OUT`` when set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernel_bench import GROUP, SLICE_BITS, bench, copy_bandwidth, load_kernels  # noqa: E402
+
+D, FF, KV = 4096, 14336, 1024
+HIDDEN = 64
+STEPS = 8
+
+
+# ------------------------------------------------------------------------------------- fused router
+@triton.jit
+def _router_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, tau_ptr, part_ptr, lock_ptr, k_ptr, D_IN,
+                   R: tl.constexpr, RP: tl.constexpr, HB: tl.constexpr, BD: tl.constexpr):
+    """One token: scores = W2 gelu(W1 x + b1) + b2; k = 1 + #(nested min of scores > tau).
+
+    Each program computes ``HB`` hidden units; the last one to finish sums the partial scores."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    hrows = pid * HB + tl.arange(0, HB)
+    acc = tl.zeros((HB,), dtype=tl.float32)
+    for d0 in range(0, D_IN, BD):
+        cols = d0 + tl.arange(0, BD)
+        x = tl.load(x_ptr + cols, mask=cols < D_IN, other=0.0).to(tl.float32)
+        w = tl.load(w1_ptr + hrows[:, None] * D_IN + cols[None, :], mask=cols[None, :] < D_IN, other=0.0)
+        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+    h = acc + tl.load(b1_ptr + hrows).to(tl.float32)
+    h = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+    r = tl.arange(0, RP)
+    w2 = tl.load(w2_ptr + r[:, None] * (HB * nprog) + hrows[None, :], mask=r[:, None] < R, other=0.0)
+    part = tl.sum(w2.to(tl.float32) * h[None, :], axis=1)
+    tl.store(part_ptr + pid * RP + r, part)
+    tl.debug_barrier()
+    ticket = tl.atomic_add(lock_ptr, 1, sem="acq_rel")
+    tl.debug_barrier()
+    if ticket == nprog - 1:
+        s = tl.load(b2_ptr + r, mask=r < R, other=0.0).to(tl.float32)
+        for p in range(0, nprog):
+            s += tl.load(part_ptr + p * RP + r, cache_modifier=".cg")
+        tau = tl.load(tau_ptr)
+        # nested gates: slice e+2 is on iff scores 0..e are all above tau
+        on = tl.where(r < R, s > tau, False).to(tl.int32)
+        run = tl.associative_scan(on, 0, _and_fn)
+        k = 1 + tl.sum(tl.where(r < R, run, 0), axis=0)
+        tl.store(k_ptr, k.to(tl.int64))
+        tl.atomic_xchg(lock_ptr, 0)
+
+
+@triton.jit
+def _and_fn(a, b):
+    return a & b
+
+
+class Router:
+    def __init__(self, d, gen):
+        self.w1 = (torch.randn(HIDDEN, d, generator=gen, device="cuda") / math.sqrt(d)).half()
+        self.b1 = (torch.randn(HIDDEN, generator=gen, device="cuda") * 0.1).half()
+        self.w2 = (torch.randn(len(SLICE_BITS) - 1, HIDDEN, generator=gen, device="cuda") / 8).half()
+        self.b2 = torch.zeros(len(SLICE_BITS) - 1, device="cuda").half()
+        self.tau = torch.zeros((), device="cuda")
+        self.part = torch.empty(64 * 4, device="cuda")
+        self.lock = torch.zeros(1, dtype=torch.int32, device="cuda")
+        self.k = torch.ones(1, dtype=torch.long, device="cuda")
+        self.calib = []
+
+    def scores(self, x):  # torch reference, [T, 3]
+        h = F.gelu(x.float() @ self.w1.float().t() + self.b1.float())
+        return h @ self.w2.float().t() + self.b2.float()
+
+    def __call__(self, x):
+        hb = 4
+        _router_kernel[(HIDDEN // hb,)](x, self.w1, self.b1, self.w2, self.b2, self.tau, self.part, self.lock,
+                                        self.k, x.shape[-1], R=len(SLICE_BITS) - 1, RP=4, HB=hb, BD=512,
+                                        num_warps=4)
+        return self.k
+
+    def set_budget(self, bits):
+        """tau such that the calibration tokens' average bits (2 + 2 * #active residuals) equal ``bits``."""
+        s = torch.cat(self.calib)
+        nested = torch.cummin(s, dim=-1).values.flatten().sort(descending=True).values
+        want = (bits - SLICE_BITS[0]) / 2 * s.shape[0]  # number of active residual gates
+        i = int(round(want))
+        if i <= 0:
+            self.tau.fill_(float(nested[0]) + 1.0)
+        elif i >= nested.numel():
+            self.tau.fill_(float(nested[-1]) - 1.0)
+        else:
+            self.tau.fill_(float(nested[i - 1] + nested[i]) / 2)
+
+
+# ------------------------------------------------------------------------------------------ stacks
+class QLinear:
+    def __init__(self, n_out, n_in, tb, gen):
+        self.tb = tb
+        # random words are random codes (first code in the low bits of each int32 word)
+        self.planes = [torch.randint(-(2**31), 2**31 - 1, (n_out, n_in // (32 // b)), generator=gen,
+                                     device="cuda", dtype=torch.int32) for b in SLICE_BITS]
+        ng = math.ceil(n_in / GROUP)
+        # W spans about 4 steps: std ~ 1 / sqrt(n_in)
+        self.scale = torch.full((n_out, ng), 1.0 / (1.15 * math.sqrt(n_in)), device="cuda").half()
+        self.zero = torch.full((n_out, ng), 2.0, device="cuda").half()
+        self.n_in, self.n_out = n_in, n_out
+        self.out = None
+
+    def __call__(self, x, k):
+        return self.tb.bitplane_linear(x, self.planes, self.scale, self.zero, SLICE_BITS, GROUP, k)
+
+
+def layer_shapes():
+    return dict(q=(D, D), k=(KV, D), v=(KV, D), o=(D, D), gate=(FF, D), up=(FF, D), down=(D, FF))
+
+
+def fp16_step(layers, h):
+    for L in layers:
+        a = F.linear(h, L["q"])
+        F.linear(h, L["k"])
+        F.linear(h, L["v"])
+        h2 = h + F.linear(a, L["o"])
+        h = h2 + F.linear(F.silu(F.linear(h2, L["gate"])) * F.linear(h2, L["up"]), L["down"])
+    return h
+
+
+def q_step(layers, h, static_k=None, collect=False):
+    for L in layers:
+        def route(name, x):
+            if static_k is not None:
+                return static_k
+            if collect:
+                L["r_" + name].calib.append(L["r_" + name].scores(x))
+                return len(SLICE_BITS)
+            return L["r_" + name](x)
+
+        kq = route("qkv", h)
+        a = L["q"](h, kq)
+        L["k"](h, kq)
+        L["v"](h, kq)
+        h2 = h + L["o"](a, route("o", a))
+        kg = route("gu", h2)
+        m = F.silu(L["gate"](h2, kg)) * L["up"](h2, kg)
+        h = h2 + L["down"](m, route("down", m))
+    return h
+
+
+def graph_of(step_fn, xs):
+    """A CUDA graph of ``len(xs)`` decode steps, one fresh token each."""
+    step_fn(xs[0])  # compile / warm up
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for x in xs:
+            step_fn(x)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for x in xs:
+            step_fn(x)
+    return g
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--out", default=os.environ.get("OUT"))
+    args = ap.parse_args(argv)
+    tb = load_kernels()
+    dev = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, " \
+          f"{time.strftime('%Y-%m-%d')}"
+    print(f"# {dev}")
+    copy_bw, _ = copy_bandwidth()
+    print(f"# copy bandwidth {copy_bw / 1e9:.0f} GB/s")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shapes = layer_shapes()
+    fp_layers = [{n: (torch.randn(o, i, generator=gen, device="cuda") / math.sqrt(i)).half()
+                  for n, (o, i) in shapes.items()} for _ in range(args.layers)]
+    q_layers = []
+    for _ in range(args.layers):
+        L = {n: QLinear(o, i, tb, gen) for n, (o, i) in shapes.items()}
+        for r, d in (("qkv", D), ("o", D), ("gu", D), ("down", FF)):
+            L["r_" + r] = Router(d, gen)
+        q_layers.append(L)
+    xs = [torch.randn(1, D, generator=gen, device="cuda").half() for _ in range(STEPS)]
+
+    # router calibration on 256 tokens through the full-precision view (k = 4)
+    with torch.no_grad():
+        calib = torch.randn(256, D, generator=gen, device="cuda").half()
+        q_step(q_layers, calib, collect=True)
+
+    rows = []
+    fp16_bytes = sum(o * i * 2 for o, i in shapes.values()) * args.layers
+    g = graph_of(lambda x: fp16_step(fp_layers, x), xs)
+    t = bench(g.replay, warmup=20, rep=200) / STEPS
+    rows.append(dict(mode="fp16", budget=16.0, achieved_bits=16.0, us_per_token=t, tok_s=1e6 / t, speedup=1.0,
+                     pct_copy=100 * fp16_bytes / (t * 1e-6) / copy_bw))
+    t16 = t
+    del g
+    print(f"fp16: {t:.1f} us/token")
+
+    for k in range(1, len(SLICE_BITS) + 1):
+        g = graph_of(lambda x: q_step(q_layers, x, static_k=k), xs)
+        t = bench(g.replay, warmup=20, rep=200) / STEPS
+        nb = sum(o * i * 2 * k / 8 + o * math.ceil(i / GROUP) * 4 for o, i in shapes.values()) * args.layers
+        rows.append(dict(mode=f"static k={k}", budget=2.0 * k, achieved_bits=2.0 * k, us_per_token=t,
+                         tok_s=1e6 / t, speedup=t16 / t, pct_copy=100 * nb / (t * 1e-6) / copy_bw))
+        del g
+        print(f"static k={k}: {t:.1f} us/token  x{t16 / t:.2f}")
+
+    for budget in range(2, 9):
+        for L in q_layers:
+            for r in ("qkv", "o", "gu", "down"):
+                L["r_" + r].set_budget(budget)
+        # achieved bits on the timed tokens (parameter-weighted over linears), measured outside the graph
+        tot_bits = tot_par = 0.0
+        ks = {}
+        for x in xs:
+            for L in q_layers:
+                h = x
+                kq = int(L["r_qkv"](h))
+                a = L["q"](h, kq)
+                h2 = h + L["o"](a, (ko := int(L["r_o"](a))))
+                kg = int(L["r_gu"](h2))
+                m = F.silu(L["gate"](h2, kg)) * L["up"](h2, kg)
+                kd = int(L["r_down"](m))
+                for name, kk in (("q", kq), ("k", kq), ("v", kq), ("o", ko), ("gate", kg), ("up", kg), ("down", kd)):
+                    o, i = shapes[name]
+                    tot_bits += 2 * kk * o * i
+                    tot_par += o * i
+                    ks[kk] = ks.get(kk, 0) + 1
+        achieved = tot_bits / tot_par
+        g = graph_of(lambda x: q_step(q_layers, x), xs)
+        t = bench(g.replay, warmup=20, rep=200) / STEPS
+        nb = tot_bits / 8 / STEPS + sum(o * math.ceil(i / GROUP) * 4 for o, i in shapes.values()) * args.layers
+        rows.append(dict(mode="routed", budget=float(budget), achieved_bits=achieved, us_per_token=t,
+                         tok_s=1e6 / t, speedup=t16 / t, pct_copy=100 * nb / (t * 1e-6) / copy_bw))
+        del g
+        print(f"routed budget {budget}: achieved {achieved:.2f} bits, {t:.1f} us/token  x{t16 / t:.2f}  k counts {ks}")
+
+    # router alone: 4 routers per layer
+    r = q_layers[0]["r_qkv"]
+    tr = bench(lambda: r(xs[0]), warmup=20, rep=100)
+    print(f"# one router launch (4096 -> 64 -> 3, fused): {tr:.2f} us; {4 * args.layers} per token")
+
+    print()
+    print(f"# decode at batch 1, {args.layers} LLaMA-3-8B-shaped layers (7 linears each), {dev}")
+    print(f"{'mode':14s} {'budget':>6s} {'bits':>5s} {'us/token':>9s} {'tok/s':>8s} {'x fp16':>6s} {'%copy':>6s}")
+    for r_ in rows:
+        print(f"{r_['mode']:14s} {r_['budget']:6.1f} {r_['achieved_bits']:5.2f} {r_['us_per_token']:9.1f} "
+              f"{r_['tok_s']:8.0f} {r_['speedup']:6.2f} {r_['pct_copy']:6.1f}")
+    if args.out:
+        import csv
+
+        with open(os.path.join(args.out, "decode_bench.csv"), "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0].keys()))
+            w.writeheader()
+            w.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

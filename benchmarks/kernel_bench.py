@@ -1,0 +1,309 @@
+#!/usr/bin/env python
+"""Bit-plane kernel benchmark: LLaMA-3-8B linear shapes, fp16 cuBLAS and dequantize-then-matmul beside.
+
+Needs only torch and triton (no hydra, omegaconf or wandb). Run from the repository root:
+
+    python benchmarks/kernel_bench.py               # the table (defaults of the library)
+    python benchmarks/kernel_bench.py --sweep       # first a launch-config sweep for 1/16/2048 tokens
+    python benchmarks/kernel_bench.py --quick       # fewer shapes and token counts
+
+Every number is the median of ``triton.testing.do_bench`` (L2 flushed before each call) on the same card
+in the same run, together with a device-to-device copy bandwidth measured first. Bytes are the fewest a
+kernel must move: the planes it needs (up to the largest k among the tokens), scales and zero points,
+activations in, outputs out. Prints one table; writes CSV files to ``$OUT`` (or ``--out``) when set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SHAPES = [  # (name, out_features, in_features) of LLaMA-3-8B linears
+    ("q/o 4096x4096", 4096, 4096),
+    ("gate/up 4096->14336", 14336, 4096),
+    ("down 14336->4096", 4096, 14336),
+    ("k/v 4096->1024", 1024, 4096),
+]
+TOKENS = [1, 4, 16, 128, 2048]
+SLICE_BITS = (2, 2, 2, 2)
+GROUP = 128
+
+
+def load_kernels():
+    """``mobiquant.kernels.triton_bitplane``, or the file itself if the package cannot be imported."""
+    sys.path.insert(0, str(ROOT / "src"))
+    try:
+        from mobiquant.kernels import triton_bitplane as tb
+
+        return tb
+    except Exception as exc:  # e.g. a dependency of the package missing on this machine
+        print(f"# package import failed ({exc!r}); loading the kernel file directly", file=sys.stderr)
+        path = ROOT / "src" / "mobiquant" / "kernels" / "triton_bitplane.py"
+        spec = importlib.util.spec_from_file_location("triton_bitplane", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["triton_bitplane"] = mod
+        spec.loader.exec_module(mod)
+        return mod
+
+
+def bench(fn, warmup=10, rep=40):
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median") * 1e3  # us
+
+
+def copy_bandwidth(nbytes=1 << 30):
+    a = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    t = bench(lambda: b.copy_(a), warmup=20, rep=200)
+    return 2 * nbytes / (t * 1e-6), t  # read + write
+
+
+def make_layer(n_out, n_in, gen_seed=0):
+    g = torch.Generator(device="cuda").manual_seed(gen_seed)
+    planes = []
+    for b in SLICE_BITS:
+        per = 32 // b
+        planes.append(
+            torch.randint(-(2**31), 2**31 - 1, (n_out, math.ceil(n_in / per)), dtype=torch.int32,
+                          device="cuda", generator=g)
+        )
+    ng = math.ceil(n_in / GROUP)
+    scale = (torch.rand(n_out, ng, device="cuda", generator=g) * 0.01 + 0.002).half()
+    zero = torch.randint(0, 2 ** SLICE_BITS[0], (n_out, ng), device="cuda", generator=g).half()
+    return planes, scale, zero
+
+
+def plane_bytes(n_out, n_in, k):
+    return sum(n_out * math.ceil(n_in / (32 // b)) * 4 for b in SLICE_BITS[:k])
+
+
+def min_bytes(n_out, n_in, m, kmax, act_bytes=2):
+    ng = math.ceil(n_in / GROUP)
+    return plane_bytes(n_out, n_in, kmax) + n_out * ng * 4 + m * n_in * act_bytes + m * n_out * act_bytes
+
+
+def mixed_k(m, gen):
+    """Per-token k for a mixed batch: every k equally likely (average 5 bits); one token: k = 2."""
+    if m == 1:
+        return torch.tensor([2], device="cuda")
+    k = torch.randint(1, len(SLICE_BITS) + 1, (m,), generator=gen)
+    k[: min(m, 4)] = torch.arange(1, min(m, 4) + 1)
+    return k.cuda()
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# --------------------------------------------------------------------------------------------- sweep
+def sweep(tb, shapes, log):
+    """Launch configurations for 1, 16 and 2048 tokens at k = 1 and 4; returns the best per case."""
+    small_cfgs_1 = [tb.SmallConfig(block_n=bn, block_k=bk, use_dot=False, num_warps=nw)
+                    for bn in (16, 32, 64) for bk in (128, 256, 512) for nw in (4,)]
+    small_cfgs_1 += [tb.SmallConfig(block_n=bn, block_k=128, use_dot=True) for bn in (32, 64, 128)]
+    small_cfgs_16 = [tb.SmallConfig(block_n=bn, block_k=bk, use_dot=True, num_warps=nw)
+                     for bn in (32, 64, 128) for bk in (64, 128) for nw in (4, 8)]
+    tile_cfgs = [
+        tb.TileConfig(128, 128, 64, 8, 8, 3),
+        tb.TileConfig(128, 256, 64, 8, 8, 3),
+        tb.TileConfig(64, 128, 64, 8, 4, 4),
+        tb.TileConfig(128, 128, 128, 8, 8, 3),
+        tb.TileConfig(128, 64, 64, 8, 4, 4),
+    ]
+    best = {}
+    for name, n_out, n_in in shapes:
+        planes, scale, zero = make_layer(n_out, n_in)
+        for m, cfgs, path in ((1, small_cfgs_1, "small"), (16, small_cfgs_16, "small"), (2048, tile_cfgs, "tile")):
+            x = torch.randn(m, n_in, device="cuda", dtype=torch.float16)
+            out = torch.empty(m, n_out, device="cuda", dtype=torch.float16)
+            for k in (1, 4):
+                res = []
+                for cfg in cfgs:
+                    kw = {"small_config": cfg} if path == "small" else {"tile_config": cfg}
+                    try:
+                        f = lambda: tb.bitplane_linear(x, planes, scale, zero, SLICE_BITS, GROUP, k,  # noqa: E731
+                                                       out=out, path=path, **kw)
+                        f()
+                        t = bench(f)
+                    except Exception as exc:  # a config that does not compile or fit
+                        log(f"# sweep {name} m={m} k={k} {cfg}: {type(exc).__name__}: {str(exc)[:120]}")
+                        continue
+                    res.append((t, cfg))
+                    log(f"sweep,{name},{m},{k},{t:.2f},{cfg}")
+                if res:
+                    res.sort(key=lambda r: r[0])
+                    best[(name, m, k)] = res[0]
+                    log(f"# best {name} m={m} k={k}: {res[0][0]:.2f} us {res[0][1]}")
+    return best
+
+
+# --------------------------------------------------------------------------------------------- table
+def table(tb, shapes, tokens, copy_bw, log, check=True, best=None):
+    """The main table; with ``best`` (from :func:`sweep`) each case uses the swept config nearest it."""
+    gen = torch.Generator().manual_seed(0)
+
+    def cfg_kwargs(name, m, k):
+        if not best:
+            return {}
+        kk = 1 if k in (1, 2) else 4
+        mm = 1 if m == 1 else 16 if m <= 16 else 2048 if m > 256 else None
+        hit = best.get((name, mm, kk)) if mm else None
+        if hit is None:
+            return {}
+        cfg = hit[1]
+        if isinstance(cfg, tb.SmallConfig):
+            return {"small_config": cfg, "path": "small"}
+        return {"tile_config": cfg, "path": "tile"}
+
+    rows = []
+    for name, n_out, n_in in shapes:
+        planes, scale, zero = make_layer(n_out, n_in)
+        w16 = (torch.randn(n_out, n_in, device="cuda") / math.sqrt(n_in)).half()
+        wbuf = torch.empty(n_out, n_in, device="cuda", dtype=torch.float16)
+        for m in tokens:
+            x = torch.randn(m, n_in, device="cuda", dtype=torch.float16)
+            out = torch.empty(m, n_out, device="cuda", dtype=torch.float16)
+            t16 = bench(lambda: torch.matmul(x, w16.t(), out=out))
+            b16 = n_out * n_in * 2 + m * (n_in + n_out) * 2
+            flops = 2.0 * m * n_in * n_out
+            rows.append(dict(shape=name, tokens=m, k="fp16", bits=16, us=t16, fp16_us=t16, speedup=1.0,
+                             bytes=b16, gbps=b16 / t16 / 1e3, pct_copy=100 * b16 / (t16 * 1e-6) / copy_bw,
+                             tflops=flops / t16 / 1e6, deq_mm_us=float("nan"), err=0.0, config="cublas"))
+            kmix = mixed_k(m, gen)
+            for k in [1, 2, 3, 4, "mixed"]:
+                kk = kmix if k == "mixed" else k
+                if k == "mixed":
+                    kmax = int(kmix.max())
+                    bits = 2.0 * float(kmix.float().mean())
+                else:
+                    kmax, bits = k, 2 * k
+                kw = cfg_kwargs(name, m, k)
+                f = lambda: tb.bitplane_linear(x, planes, scale, zero, SLICE_BITS, GROUP, kk, out=out, **kw)  # noqa: E731
+                f()
+                err = float("nan")
+                if check:
+                    if k == "mixed":
+                        ref = torch.empty_like(out, dtype=torch.float32)
+                        for j in kmix.unique().tolist():
+                            idx = (kmix == j).nonzero().flatten()
+                            wj = tb.dequantize(planes, scale, zero, SLICE_BITS, GROUP, j, n_in, dtype=torch.float32)
+                            ref[idx] = x[idx].float() @ wj.t()
+                    else:
+                        wj = tb.dequantize(planes, scale, zero, SLICE_BITS, GROUP, k, n_in, dtype=torch.float32)
+                        ref = x.float() @ wj.t()
+                    err = rel_err(f(), ref)
+                t = bench(f)
+                # dequantize-then-matmul baseline (a Triton dequantize pass + cuBLAS), per k group
+                if k == "mixed":
+                    groups = [(j, (kmix == j).nonzero().flatten()) for j in kmix.unique().tolist()]
+
+                    def dq():
+                        for j, idx in groups:
+                            tb.dequantize(planes, scale, zero, SLICE_BITS, GROUP, j, n_in, out=wbuf)
+                            out.index_copy_(0, idx, torch.matmul(x.index_select(0, idx), wbuf.t()))
+                else:
+                    def dq():
+                        tb.dequantize(planes, scale, zero, SLICE_BITS, GROUP, k, n_in, out=wbuf)
+                        torch.matmul(x, wbuf.t(), out=out)
+                dq()
+                tdq = bench(dq)
+                nb = min_bytes(n_out, n_in, m, kmax)
+                rows.append(dict(shape=name, tokens=m, k=k, bits=bits, us=t, fp16_us=t16, speedup=t16 / t,
+                                 bytes=nb, gbps=nb / t / 1e3, pct_copy=100 * nb / (t * 1e-6) / copy_bw,
+                                 tflops=flops / t / 1e6, deq_mm_us=tdq, err=err))
+                r = rows[-1]
+                r["config"] = str(kw.get("small_config") or kw.get("tile_config") or "default")
+                log(f"{name:22s} M={m:5d} k={str(k):5s} {t:9.2f} us  fp16 {t16:9.2f} us  x{r['speedup']:.2f}  "
+                    f"{r['gbps']:7.0f} GB/s ({r['pct_copy']:5.1f}% copy)  deq+mm {tdq:9.2f} us  err {err:.1e}")
+        del planes, scale, zero, w16, wbuf
+        torch.cuda.empty_cache()
+    return rows
+
+
+def print_table(rows, copy_bw, dev):
+    print()
+    print(f"# {dev}; copy bandwidth {copy_bw / 1e9:.0f} GB/s (read+write); times are medians in us")
+    hdr = f"{'shape':22s} {'M':>5s} {'k':>5s} {'bits':>4s} {'triton':>9s} {'fp16':>9s} {'x fp16':>6s} " \
+          f"{'deq+mm':>9s} {'GB/s':>6s} {'%copy':>5s} {'TFLOP/s':>7s} {'rel.err':>7s}"
+    print(hdr)
+    for r in rows:
+        if r["k"] == "fp16":
+            continue
+        print(f"{r['shape']:22s} {r['tokens']:5d} {str(r['k']):>5s} {r['bits']:4.1f} {r['us']:9.2f} "
+              f"{r['fp16_us']:9.2f} {r['speedup']:6.2f} {r['deq_mm_us']:9.2f} {r['gbps']:6.0f} "
+              f"{r['pct_copy']:5.1f} {r['tflops']:7.1f} {r['err']:7.1e}")
+
+
+def write_csv(rows, path):
+    if not rows:
+        return
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0].keys()))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sweep", action="store_true", help="sweep launch configs first (1/16/2048 tokens)")
+    ap.add_argument("--sweep-only", action="store_true")
+    ap.add_argument("--use-sweep", action="store_true", help="the table uses the best swept configs")
+    ap.add_argument("--quick", action="store_true", help="two shapes, tokens 1/16/2048")
+    ap.add_argument("--no-check", action="store_true", help="skip the correctness check of each case")
+    ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for CSV files (default $OUT)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kernel_bench needs a CUDA device", file=sys.stderr)
+        return 2
+    import triton
+
+    tb = load_kernels()
+    dev = f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).multi_processor_count} SMs), " \
+          f"torch {torch.__version__}, triton {triton.__version__}, {time.strftime('%Y-%m-%d')}"
+    print(f"# {dev}")
+    logf = open(os.path.join(args.out, "kernel_bench.log"), "w") if args.out else None
+
+    def log(msg):
+        print(msg, flush=True)
+        if logf:
+            logf.write(msg + "\n")
+            logf.flush()
+
+    copy_bw, tcopy = copy_bandwidth()
+    log(f"# copy bandwidth: {copy_bw / 1e9:.0f} GB/s (1 GiB copied in {tcopy:.0f} us)")
+    shapes = SHAPES[:2] if args.quick else SHAPES
+    tokens = [1, 16, 2048] if args.quick else TOKENS
+    t0 = time.time()
+    best = None
+    if args.sweep or args.sweep_only:
+        best = sweep(tb, shapes, log)
+        log(f"# sweep took {time.time() - t0:.0f} s")
+        if args.out:
+            with open(os.path.join(args.out, "kernel_sweep_best.csv"), "w") as fh:
+                fh.write("shape,tokens,k,us,config\n")
+                for (name, m, k), (t, cfg) in best.items():
+                    fh.write(f"{name},{m},{k},{t:.3f},\"{cfg}\"\n")
+        if args.sweep_only:
+            return 0
+    t1 = time.time()
+    rows = table(tb, shapes, tokens, copy_bw, log, check=not args.no_check, best=best if args.use_sweep else None)
+    log(f"# table took {time.time() - t1:.0f} s")
+    if args.out:
+        write_csv(rows, os.path.join(args.out, "kernel_bench.csv"))
+    print_table(rows, copy_bw, dev)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,976 @@
+"""Triton kernels for MoBiSlice bit-plane weights: read only the first ``k`` planes, rebuild, multiply.
+
+Storage (see :class:`mobiquant.modules.MoBiLinear`): plane ``e`` is int32 ``[out, ceil(in / per_e)]``
+with ``per_e = 32 // b_e`` codes per word, the first code in the least significant bits; ``scale`` and
+``zero`` are fp16 ``[out, n_groups]``. The ``k``-slice weight is
+``W_k = (s / 2^B_k) (C_k - 2^B_k z - (2^B_k - 1) / 2)``, ``C_k = sum_e q_e << (b_(e+1) + ... + b_k)``,
+which telescopes into per-plane residuals ``W_k = sum_(e<=k) D_e`` with
+``D_1 = s (q_1 - z)`` and ``D_e = s 2^-B_e (q_e - (2^b_e - 1) / 2)``.
+
+Two kernels:
+
+* ``_bp_small_kernel`` (1..16 tokens, decode): every program covers all tokens and ``BLOCK_N`` output
+  rows. Planes are read once per tile, up to the largest ``k`` among its tokens; each token's
+  contribution of plane ``e`` is gated by ``k_token > e`` (the base plane is shared by every token). The
+  per-group scale and zero point are factored out of the inner product: codes enter the dot as the exact
+  floating-point value ``1 + q / 2^b`` built by bit tricks (no int->float conversion), and the group's
+  affine terms are applied once per group from ``sum(x)``. Optional split-K with an in-kernel serial
+  reduction (the last program of an output tile sums the partials), so one launch either way.
+* ``_bp_tile_kernel`` (prefill, or layouts the small kernel does not cover): dequantize a
+  ``[BLOCK_N, BLOCK_K]`` tile by shift-and-add of the first ``k`` planes (``k`` a compile-time constant),
+  apply scale and zero, ``tl.dot``. Mixed ``k``: tokens are sorted by ``k`` on the device, one launch per
+  possible ``k`` reads its segment through the permutation and scatters rows back in place; programs past
+  the segment's end exit at once. No host synchronisation on the device path.
+
+Self-contained (torch and triton only) so that benchmarks can load it without the rest of the package.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_SLICES = 8
+_DT_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+@triton.jit
+def _decode(
+    plane_ptr,
+    rows,
+    row_mask,
+    col0,
+    K_IN,
+    B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    STRUCT: tl.constexpr,
+):
+    """Codes ``[BLOCK_N, BLOCK_K]`` (int32) of columns ``col0 ..`` of one plane.
+
+    STRUCT: ``32 // B`` is a power of two dividing ``BLOCK_K`` and ``col0``: load whole words once and
+    expand them by a broadcast shift; otherwise every element gathers its word (any bit-width)."""
+    PER: tl.constexpr = 32 // B
+    MASK: tl.constexpr = (1 << B) - 1
+    n_words = (K_IN + PER - 1) // PER
+    if STRUCT:
+        NW: tl.constexpr = BLOCK_K // PER
+        w_idx = col0 // PER + tl.arange(0, NW)
+        words = tl.load(
+            plane_ptr + rows[:, None].to(tl.int64) * n_words + w_idx[None, :],
+            mask=row_mask[:, None] & (w_idx[None, :] < n_words),
+            other=0,
+        )
+        shifts = tl.arange(0, PER) * B
+        codes = (words[:, :, None] >> shifts[None, None, :]) & MASK
+        codes = tl.reshape(codes, (BLOCK_N, BLOCK_K))
+    else:
+        cols = col0 + tl.arange(0, BLOCK_K)
+        words = tl.load(
+            plane_ptr + rows[:, None].to(tl.int64) * n_words + (cols // PER)[None, :],
+            mask=row_mask[:, None] & (cols[None, :] < K_IN),
+            other=0,
+        )
+        codes = (words >> ((cols % PER) * B)[None, :]) & MASK
+    return codes
+
+
+@triton.jit
+def _magic(codes, B: tl.constexpr, DT: tl.constexpr):
+    """``1 + q / 2^B`` exactly, in the dot's dtype, by placing the code in the mantissa (no I2F)."""
+    if DT == 0:
+        return ((codes << (10 - B)) | 0x3C00).to(tl.int16).to(tl.float16, bitcast=True)
+    elif DT == 1:
+        return ((codes << (7 - B)) | 0x3F80).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        return ((codes << (23 - B)) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _cast(v, DT: tl.constexpr):
+    if DT == 0:
+        return v.to(tl.float16)
+    elif DT == 1:
+        return v.to(tl.bfloat16)
+    else:
+        return v.to(tl.float32)
+
+
+@triton.jit
+def _load_words(plane_ptr, rows, row_mask, col0, K_IN, B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Words ``[BLOCK_N, BLOCK_K // per]`` covering columns ``col0 ..`` (``col0`` a multiple of per);
+    rows off in ``row_mask`` (outside the layer, or a plane no token of the tile needs) are not read."""
+    PER: tl.constexpr = 32 // B
+    NW: tl.constexpr = BLOCK_K // PER
+    n_words = (K_IN + PER - 1) // PER
+    w_idx = col0 // PER + tl.arange(0, NW)
+    return tl.load(
+        plane_ptr + rows[:, None].to(tl.int64) * n_words + w_idx[None, :],
+        mask=row_mask[:, None] & (w_idx[None, :] < n_words),
+        other=0,
+    )
+
+
+@triton.jit
+def _expand(words, B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Words ``[BLOCK_N, BLOCK_K // per]`` -> codes ``[BLOCK_N, BLOCK_K]`` (int32), column order kept."""
+    PER: tl.constexpr = 32 // B
+    MASK: tl.constexpr = (1 << B) - 1
+    shifts = tl.arange(0, PER) * B
+    codes = (words[:, :, None] >> shifts[None, None, :]) & MASK
+    return tl.reshape(codes, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _small_proc(T, x, kvec, words, A, E: tl.constexpr, B: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, DT: tl.constexpr):
+    """``T += (x * [k > E] * A) @ f^T`` with ``f = 1 + q / 2^B`` (MAGIC) or ``f = q``."""
+    codes = _expand(words, B, BLOCK_N, BLOCK_K)
+    if MAGIC:
+        f = _magic(codes, B, DT)
+    else:
+        f = _cast(codes, DT)
+    xa = x * tl.where(kvec > E, A, 0.0)[:, None]
+    if DT == 2:
+        T = tl.dot(xa, tl.trans(f), T, input_precision="ieee")
+    else:
+        T = tl.dot(_cast(xa, DT), tl.trans(f), T)
+    return T
+
+
+@triton.jit
+def _small_maybe(T, x, kvec, kmax, words, A, E: tl.constexpr, B: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, DT: tl.constexpr, PER_TOKEN: tl.constexpr):
+    if PER_TOKEN:
+        if kmax > E:
+            T = _small_proc(T, x, kvec, words, A, E, B, BLOCK_N, BLOCK_K, MAGIC, DT)
+    else:
+        T = _small_proc(T, x, kvec, words, A, E, B, BLOCK_N, BLOCK_K, MAGIC, DT)
+    return T
+
+
+@triton.jit
+def _gemv_proc(P, xa, words, B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               MAGIC: tl.constexpr):
+    codes = _expand(words, B, BLOCK_N, BLOCK_K)
+    if MAGIC:
+        f = _magic(codes, B, 2)
+    else:
+        f = codes.to(tl.float32)
+    return P + f * xa[None, :]
+
+
+@triton.jit
+def _gemv_maybe(P, x, kk, words, A, E: tl.constexpr, B: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, PER_TOKEN: tl.constexpr):
+    if PER_TOKEN:
+        if kk > E:
+            P = _gemv_proc(P, x * A, words, B, BLOCK_N, BLOCK_K, MAGIC)
+    else:
+        P = _gemv_proc(P, x * A, words, B, BLOCK_N, BLOCK_K, MAGIC)
+    return P
+
+
+@triton.jit
+def _splitk_store(acc, out_ptr, part_ptr, lock_ptr, bias_ptr, offs_m, m_mask, rows, row_mask, N,
+                  stride_om, pid_n, pid_k, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Store ``acc`` ``[BLOCK_M, BLOCK_N]`` (+ bias); with split-K, the last split of a tile reduces."""
+    out_offs = offs_m[:, None] * stride_om + rows[None, :]
+    out_mask = m_mask[:, None] & row_mask[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        part_offs = (pid_k * BLOCK_M + tl.arange(0, BLOCK_M))[:, None] * N + rows[None, :]
+        tl.store(part_ptr + part_offs, acc, mask=row_mask[None, :])
+        tl.debug_barrier()  # every thread's partial is stored before the release below
+        ticket = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel")
+        tl.debug_barrier()
+        if ticket == SPLIT_K - 1:
+            tot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for sk in range(0, SPLIT_K):
+                p_offs = (sk * BLOCK_M + tl.arange(0, BLOCK_M))[:, None] * N + rows[None, :]
+                tot += tl.load(part_ptr + p_offs, mask=row_mask[None, :], other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                tot += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + out_offs, tot.to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(lock_ptr + pid_n, 0)  # self-resetting counter
+
+
+@triton.jit
+def _plane_consts(kvec, C0, C1, C2, C3, C4, C5, C6, C7, NS: tl.constexpr):
+    """Per-token sum over its active planes of the group's constant terms (module docstring)."""
+    pc = tl.where(kvec > 0, C0, 0.0)
+    if NS > 1:
+        pc += tl.where(kvec > 1, C1, 0.0)
+    if NS > 2:
+        pc += tl.where(kvec > 2, C2, 0.0)
+    if NS > 3:
+        pc += tl.where(kvec > 3, C3, 0.0)
+    if NS > 4:
+        pc += tl.where(kvec > 4, C4, 0.0)
+    if NS > 5:
+        pc += tl.where(kvec > 5, C5, 0.0)
+    if NS > 6:
+        pc += tl.where(kvec > 6, C6, 0.0)
+    if NS > 7:
+        pc += tl.where(kvec > 7, C7, 0.0)
+    return pc
+
+
+# ------------------------------------------------------------------------------------ small-batch kernel
+@triton.jit
+def _bp_small_kernel(
+    x_ptr,
+    out_ptr,
+    part_ptr,
+    lock_ptr,
+    bias_ptr,
+    k_ptr,
+    scale_ptr,
+    zero_ptr,
+    p0, p1, p2, p3, p4, p5, p6, p7,
+    A0, A1, A2, A3, A4, A5, A6, A7,
+    C0, C1, C2, C3, C4, C5, C6, C7,
+    M,
+    N,
+    K_IN,
+    N_GROUPS,
+    k_uniform,
+    stride_xm,
+    stride_om,
+    CHUNKS_PER_SPLIT,
+    GROUP: tl.constexpr,
+    NS: tl.constexpr,
+    KMAX: tl.constexpr,
+    B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
+    B4: tl.constexpr, B5: tl.constexpr, B6: tl.constexpr, B7: tl.constexpr,
+    PER_TOKEN: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    MAGIC: tl.constexpr,
+    DT: tl.constexpr,
+):
+    """2..16 tokens, tensor cores; ``BLOCK_K`` divides the group size (one scale per row per chunk)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    if PER_TOKEN:
+        kvec = tl.load(k_ptr + offs_m, mask=m_mask, other=0).to(tl.int32)
+        kmax = tl.max(kvec, axis=0)
+    else:
+        kvec = tl.zeros((BLOCK_M,), dtype=tl.int32) + k_uniform
+        kmax = tl.max(kvec, axis=0)
+    pc = _plane_consts(kvec, C0, C1, C2, C3, C4, C5, C6, C7, NS)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    n_chunks = tl.cdiv(K_IN, BLOCK_K)
+    c_lo = pid_k * CHUNKS_PER_SPLIT
+    c_hi = tl.minimum(c_lo + CHUNKS_PER_SPLIT, n_chunks)
+    for c in range(c_lo, c_hi):
+        col0 = c * BLOCK_K
+        # Issue every needed plane's loads before any decode (planes past kmax are masked off: no traffic).
+        w0 = _load_words(p0, rows, row_mask, col0, K_IN, B0, BLOCK_K)
+        if KMAX > 1:
+            w1 = _load_words(p1, rows, row_mask & ((rows * 0 + kmax) > 1), col0, K_IN, B1, BLOCK_K)
+        if KMAX > 2:
+            w2 = _load_words(p2, rows, row_mask & ((rows * 0 + kmax) > 2), col0, K_IN, B2, BLOCK_K)
+        if KMAX > 3:
+            w3 = _load_words(p3, rows, row_mask & ((rows * 0 + kmax) > 3), col0, K_IN, B3, BLOCK_K)
+        if KMAX > 4:
+            w4 = _load_words(p4, rows, row_mask & ((rows * 0 + kmax) > 4), col0, K_IN, B4, BLOCK_K)
+        if KMAX > 5:
+            w5 = _load_words(p5, rows, row_mask & ((rows * 0 + kmax) > 5), col0, K_IN, B5, BLOCK_K)
+        if KMAX > 6:
+            w6 = _load_words(p6, rows, row_mask & ((rows * 0 + kmax) > 6), col0, K_IN, B6, BLOCK_K)
+        if KMAX > 7:
+            w7 = _load_words(p7, rows, row_mask & ((rows * 0 + kmax) > 7), col0, K_IN, B7, BLOCK_K)
+        g = col0 // GROUP
+        s = tl.load(scale_ptr + rows.to(tl.int64) * N_GROUPS + g, mask=row_mask, other=0.0).to(tl.float32)
+        z = tl.load(zero_ptr + rows.to(tl.int64) * N_GROUPS + g, mask=row_mask, other=0.0).to(tl.float32)
+        cols = col0 + tl.arange(0, BLOCK_K)
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
+            mask=m_mask[:, None] & (cols[None, :] < K_IN),
+            other=0.0,
+        ).to(tl.float32)
+        xs = tl.sum(x, axis=1)  # [BLOCK_M]
+        T = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        T = _small_proc(T, x, kvec, w0, A0, 0, B0, BLOCK_N, BLOCK_K, MAGIC, DT)
+        if KMAX > 1:
+            T = _small_maybe(T, x, kvec, kmax, w1, A1, 1, B1, BLOCK_N, BLOCK_K, MAGIC, DT, PER_TOKEN)
+        if KMAX > 2:
+            T = _small_maybe(T, x, kvec, kmax, w2, A2, 2, B2, BLOCK_N, BLOCK_K, MAGIC, DT, PER_TOKEN)
+        if KMAX > 3:
+            T = _small_maybe(T, x, kvec, kmax, w3, A3, 3, B3, BLOCK_N, BLOCK_K, MAGIC, DT, PER_TOKEN)
+        if KMAX > 4:
+            T = _small_maybe(T, x, kvec, kmax, w4, A4, 4, B4, BLOCK_N, BLOCK_K, MAGIC, DT, PER_TOKEN)
+        if KMAX > 5:
+            T = _small_maybe(T, x, kvec, kmax, w5, A5, 5, B5, BLOCK_N, BLOCK_K, MAGIC, DT, PER_TOKEN)
+        if KMAX > 6:
+            T = _small_maybe(T, x, kvec, kmax, w6, A6, 6, B6, BLOCK_N, BLOCK_K, MAGIC, DT, PER_TOKEN)
+        if KMAX > 7:
+            T = _small_maybe(T, x, kvec, kmax, w7, A7, 7, B7, BLOCK_N, BLOCK_K, MAGIC, DT, PER_TOKEN)
+        acc += s[None, :] * (T - (xs * pc)[:, None] - xs[:, None] * z[None, :])
+    _splitk_store(acc, out_ptr, part_ptr, lock_ptr, bias_ptr, offs_m, m_mask, rows, row_mask, N,
+                  stride_om, pid_n, pid_k, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
+
+
+# ------------------------------------------------------------------------------------- one-token kernel
+@triton.jit
+def _bp_gemv_kernel(
+    x_ptr,
+    out_ptr,
+    part_ptr,
+    lock_ptr,
+    bias_ptr,
+    k_ptr,
+    scale_ptr,
+    zero_ptr,
+    p0, p1, p2, p3, p4, p5, p6, p7,
+    A0, A1, A2, A3, A4, A5, A6, A7,
+    C0, C1, C2, C3, C4, C5, C6, C7,
+    N,
+    K_IN,
+    N_GROUPS,
+    k_uniform,
+    CHUNKS_PER_SPLIT,
+    GROUP: tl.constexpr,
+    NS: tl.constexpr,
+    KMAX: tl.constexpr,
+    B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
+    B4: tl.constexpr, B5: tl.constexpr, B6: tl.constexpr, B7: tl.constexpr,
+    PER_TOKEN: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GPC: tl.constexpr,
+    MAGIC: tl.constexpr,
+):
+    """One token on CUDA cores: fp32 multiply-add of the magic codes, group terms per chunk.
+
+    A chunk of ``BLOCK_K`` columns holds ``GPC`` whole groups (``GPC > 1``) or lies inside one group."""
+    SUBG: tl.constexpr = BLOCK_K // GPC
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    if PER_TOKEN:
+        kk = tl.load(k_ptr).to(tl.int32)
+    else:
+        kk = tl.max(tl.zeros((1,), dtype=tl.int32) + k_uniform, axis=0)
+    pc = tl.sum(_plane_consts(tl.zeros((1,), dtype=tl.int32) + kk, C0, C1, C2, C3, C4, C5, C6, C7, NS), axis=0)
+
+    acc = tl.zeros((BLOCK_N, GPC), dtype=tl.float32)
+    n_chunks = tl.cdiv(K_IN, BLOCK_K)
+    c_lo = pid_k * CHUNKS_PER_SPLIT
+    c_hi = tl.minimum(c_lo + CHUNKS_PER_SPLIT, n_chunks)
+    for c in range(c_lo, c_hi):
+        col0 = c * BLOCK_K
+        w0 = _load_words(p0, rows, row_mask, col0, K_IN, B0, BLOCK_K)
+        if KMAX > 1:
+            w1 = _load_words(p1, rows, row_mask & ((rows * 0 + kk) > 1), col0, K_IN, B1, BLOCK_K)
+        if KMAX > 2:
+            w2 = _load_words(p2, rows, row_mask & ((rows * 0 + kk) > 2), col0, K_IN, B2, BLOCK_K)
+        if KMAX > 3:
+            w3 = _load_words(p3, rows, row_mask & ((rows * 0 + kk) > 3), col0, K_IN, B3, BLOCK_K)
+        if KMAX > 4:
+            w4 = _load_words(p4, rows, row_mask & ((rows * 0 + kk) > 4), col0, K_IN, B4, BLOCK_K)
+        if KMAX > 5:
+            w5 = _load_words(p5, rows, row_mask & ((rows * 0 + kk) > 5), col0, K_IN, B5, BLOCK_K)
+        if KMAX > 6:
+            w6 = _load_words(p6, rows, row_mask & ((rows * 0 + kk) > 6), col0, K_IN, B6, BLOCK_K)
+        if KMAX > 7:
+            w7 = _load_words(p7, rows, row_mask & ((rows * 0 + kk) > 7), col0, K_IN, B7, BLOCK_K)
+        gidx = (col0 + tl.arange(0, GPC) * SUBG) // GROUP
+        gptr = rows.to(tl.int64)[:, None] * N_GROUPS + gidx[None, :]
+        gmask = row_mask[:, None] & (gidx < N_GROUPS)[None, :]
+        s = tl.load(scale_ptr + gptr, mask=gmask, other=0.0).to(tl.float32)
+        z = tl.load(zero_ptr + gptr, mask=gmask, other=0.0).to(tl.float32)
+        cols = col0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + cols, mask=cols < K_IN, other=0.0).to(tl.float32)
+        P = _gemv_proc(tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32), x * A0, w0, B0, BLOCK_N, BLOCK_K, MAGIC)
+        if KMAX > 1:
+            P = _gemv_maybe(P, x, kk, w1, A1, 1, B1, BLOCK_N, BLOCK_K, MAGIC, PER_TOKEN)
+        if KMAX > 2:
+            P = _gemv_maybe(P, x, kk, w2, A2, 2, B2, BLOCK_N, BLOCK_K, MAGIC, PER_TOKEN)
+        if KMAX > 3:
+            P = _gemv_maybe(P, x, kk, w3, A3, 3, B3, BLOCK_N, BLOCK_K, MAGIC, PER_TOKEN)
+        if KMAX > 4:
+            P = _gemv_maybe(P, x, kk, w4, A4, 4, B4, BLOCK_N, BLOCK_K, MAGIC, PER_TOKEN)
+        if KMAX > 5:
+            P = _gemv_maybe(P, x, kk, w5, A5, 5, B5, BLOCK_N, BLOCK_K, MAGIC, PER_TOKEN)
+        if KMAX > 6:
+            P = _gemv_maybe(P, x, kk, w6, A6, 6, B6, BLOCK_N, BLOCK_K, MAGIC, PER_TOKEN)
+        if KMAX > 7:
+            P = _gemv_maybe(P, x, kk, w7, A7, 7, B7, BLOCK_N, BLOCK_K, MAGIC, PER_TOKEN)
+        T = tl.sum(tl.reshape(P, (BLOCK_N, GPC, SUBG)), axis=2)  # [BLOCK_N, GPC]
+        xs = tl.sum(tl.reshape(x, (GPC, SUBG)), axis=1)  # [GPC]
+        acc += s * (T - xs[None, :] * (pc + z))
+    y = tl.reshape(tl.sum(acc, axis=1), (1, BLOCK_N))
+    zero_m = tl.zeros((1,), dtype=tl.int32)
+    _splitk_store(y, out_ptr, part_ptr, lock_ptr, bias_ptr, zero_m, zero_m == 0, rows, row_mask, N,
+                  0, pid_n, pid_k, HAS_BIAS, SPLIT_K, 1, BLOCK_N)
+
+
+# -------------------------------------------------------------------------------- tile (prefill) kernel
+@triton.jit
+def _tile_codes(c, plane_ptr, rows, row_mask, col0, K_IN, B: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, STRUCT: tl.constexpr):
+    return (c << B) | _decode(plane_ptr, rows, row_mask, col0, K_IN, B, BLOCK_N, BLOCK_K, STRUCT)
+
+
+@triton.jit
+def _bp_tile_kernel(
+    x_ptr,
+    out_ptr,
+    bias_ptr,
+    perm_ptr,
+    seg_ptr,
+    scale_ptr,
+    zero_ptr,
+    p0, p1, p2, p3, p4, p5, p6, p7,
+    inv_shift,
+    half_off,
+    M,
+    N,
+    K_IN,
+    N_GROUPS,
+    stride_xm,
+    stride_om,
+    GROUP: tl.constexpr,
+    KSEL: tl.constexpr,
+    B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
+    B4: tl.constexpr, B5: tl.constexpr, B6: tl.constexpr, B7: tl.constexpr,
+    S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
+    S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SCALE_VEC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    DT: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_id = pid // (GROUP_M * num_pid_n)
+    first_m = group_id * GROUP_M
+    gsize = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % gsize
+    pid_n = (pid % (GROUP_M * num_pid_n)) // gsize
+
+    if HAS_PERM:
+        seg_lo = tl.load(seg_ptr + KSEL - 1)
+        seg_hi = tl.load(seg_ptr + KSEL)
+    else:
+        seg_lo = 0
+        seg_hi = M
+    start = seg_lo + pid_m * BLOCK_M
+    if start < seg_hi:
+        pos = start + tl.arange(0, BLOCK_M)
+        m_mask = pos < seg_hi
+        if HAS_PERM:
+            tok = tl.load(perm_ptr + pos, mask=m_mask, other=0).to(tl.int64)
+        else:
+            tok = pos.to(tl.int64)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for col0 in range(0, K_IN, BLOCK_K):
+            cols = col0 + tl.arange(0, BLOCK_K)
+            x = tl.load(
+                x_ptr + tok[:, None] * stride_xm + cols[None, :],
+                mask=m_mask[:, None] & (cols[None, :] < K_IN),
+                other=0.0,
+            )
+            c = _decode(p0, rows, row_mask, col0, K_IN, B0, BLOCK_N, BLOCK_K, S0)
+            if KSEL > 1:
+                c = _tile_codes(c, p1, rows, row_mask, col0, K_IN, B1, BLOCK_N, BLOCK_K, S1)
+            if KSEL > 2:
+                c = _tile_codes(c, p2, rows, row_mask, col0, K_IN, B2, BLOCK_N, BLOCK_K, S2)
+            if KSEL > 3:
+                c = _tile_codes(c, p3, rows, row_mask, col0, K_IN, B3, BLOCK_N, BLOCK_K, S3)
+            if KSEL > 4:
+                c = _tile_codes(c, p4, rows, row_mask, col0, K_IN, B4, BLOCK_N, BLOCK_K, S4)
+            if KSEL > 5:
+                c = _tile_codes(c, p5, rows, row_mask, col0, K_IN, B5, BLOCK_N, BLOCK_K, S5)
+            if KSEL > 6:
+                c = _tile_codes(c, p6, rows, row_mask, col0, K_IN, B6, BLOCK_N, BLOCK_K, S6)
+            if KSEL > 7:
+                c = _tile_codes(c, p7, rows, row_mask, col0, K_IN, B7, BLOCK_N, BLOCK_K, S7)
+            if SCALE_VEC:
+                g = col0 // GROUP
+                s = tl.load(scale_ptr + rows.to(tl.int64) * N_GROUPS + g, mask=row_mask, other=0.0)
+                z = tl.load(zero_ptr + rows.to(tl.int64) * N_GROUPS + g, mask=row_mask, other=0.0)
+                s = s.to(tl.float32)[:, None]
+                z = z.to(tl.float32)[:, None]
+            else:
+                gidx = rows.to(tl.int64)[:, None] * N_GROUPS + (cols // GROUP)[None, :]
+                gmask = row_mask[:, None] & (cols[None, :] < K_IN)
+                s = tl.load(scale_ptr + gidx, mask=gmask, other=0.0).to(tl.float32)
+                z = tl.load(zero_ptr + gidx, mask=gmask, other=0.0).to(tl.float32)
+            w = _cast(s * (c.to(tl.float32) * inv_shift - z - half_off), DT)
+            if DT == 2 or DOT_F32:
+                acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(_cast(x, DT), tl.trans(w), acc)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(
+            out_ptr + tok[:, None] * stride_om + rows[None, :],
+            acc.to(out_ptr.dtype.element_ty),
+            mask=m_mask[:, None] & row_mask[None, :],
+        )
+
+
+# ------------------------------------------------------------------------------------ dequantize kernel
+@triton.jit
+def _bp_dequant_kernel(
+    w_ptr,
+    scale_ptr,
+    zero_ptr,
+    p0, p1, p2, p3, p4, p5, p6, p7,
+    inv_shift,
+    half_off,
+    N,
+    K_IN,
+    N_GROUPS,
+    GROUP: tl.constexpr,
+    KSEL: tl.constexpr,
+    B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
+    B4: tl.constexpr, B5: tl.constexpr, B6: tl.constexpr, B7: tl.constexpr,
+    S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
+    S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``W_k`` ``[N, K_IN]`` written in ``w_ptr``'s dtype (the dequantize-then-matmul baseline)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col0 = tl.program_id(1) * BLOCK_K
+    row_mask = rows < N
+    cols = col0 + tl.arange(0, BLOCK_K)
+    c = _decode(p0, rows, row_mask, col0, K_IN, B0, BLOCK_N, BLOCK_K, S0)
+    if KSEL > 1:
+        c = _tile_codes(c, p1, rows, row_mask, col0, K_IN, B1, BLOCK_N, BLOCK_K, S1)
+    if KSEL > 2:
+        c = _tile_codes(c, p2, rows, row_mask, col0, K_IN, B2, BLOCK_N, BLOCK_K, S2)
+    if KSEL > 3:
+        c = _tile_codes(c, p3, rows, row_mask, col0, K_IN, B3, BLOCK_N, BLOCK_K, S3)
+    if KSEL > 4:
+        c = _tile_codes(c, p4, rows, row_mask, col0, K_IN, B4, BLOCK_N, BLOCK_K, S4)
+    if KSEL > 5:
+        c = _tile_codes(c, p5, rows, row_mask, col0, K_IN, B5, BLOCK_N, BLOCK_K, S5)
+    if KSEL > 6:
+        c = _tile_codes(c, p6, rows, row_mask, col0, K_IN, B6, BLOCK_N, BLOCK_K, S6)
+    if KSEL > 7:
+        c = _tile_codes(c, p7, rows, row_mask, col0, K_IN, B7, BLOCK_N, BLOCK_K, S7)
+    mask = row_mask[:, None] & (cols[None, :] < K_IN)
+    gidx = rows.to(tl.int64)[:, None] * N_GROUPS + (cols // GROUP)[None, :]
+    s = tl.load(scale_ptr + gidx, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(zero_ptr + gidx, mask=mask, other=0.0).to(tl.float32)
+    w = s * (c.to(tl.float32) * inv_shift - z - half_off)
+    tl.store(w_ptr + rows.to(tl.int64)[:, None] * K_IN + cols[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------- host side
+@dataclass(frozen=True)
+class SmallConfig:
+    """Small-batch launch: ``use_dot`` None = tensor cores for 2..16 tokens, CUDA cores for one token."""
+
+    block_n: int | None = None
+    block_k: int | None = None  # tensor cores: must divide the group; one token: may hold whole groups
+    split_k: int | None = None  # default: enough programs to fill the device
+    num_warps: int = 4
+    num_stages: int = 2
+    use_dot: bool | None = None
+    magic: bool = True
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 64
+    group_m: int = 8
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    p = 1
+    while p * 2 <= cap and n % (p * 2) == 0:
+        p *= 2
+    return p
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _shifts(slice_bits: Sequence[int]) -> list[int]:
+    """``B_e`` (0-based plane e): bits of planes 1..e, i.e. the shift of plane e's step below the base."""
+    out, acc = [], 0
+    for e, b in enumerate(slice_bits):
+        if e > 0:
+            acc += b
+        out.append(acc)
+    return out
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
+_LOCKS: dict[tuple, torch.Tensor] = {}
+
+
+def _locks(device: torch.device, n: int) -> torch.Tensor:
+    key = (device.type, device.index)
+    buf = _LOCKS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _LOCKS[key] = buf
+    return buf
+
+
+def _plane_args(planes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    ps = [p if p.is_contiguous() else p.contiguous() for p in planes]
+    return ps + [ps[0]] * (MAX_SLICES - len(ps))
+
+
+def _bits_args(slice_bits: Sequence[int]) -> list[int]:
+    return list(slice_bits) + [1] * (MAX_SLICES - len(slice_bits))
+
+
+def _small_block_k(group_size: int, use_dot: bool, block_k: int | None) -> int:
+    if block_k is not None:
+        return block_k
+    if use_dot:
+        return _pow2_divisor(group_size, 128)
+    return 256 if _is_pow2(group_size) and group_size <= 256 else _pow2_divisor(group_size, 256)
+
+
+def small_supported(
+    slice_bits: Sequence[int], group_size: int, block_k: int | None = None, use_dot: bool = True
+) -> bool:
+    """Layouts the small-batch kernels cover: power-of-two codes per word, chunks of whole words that
+    lie in one group (tensor cores) or hold whole power-of-two groups (one token)."""
+    pers = [32 // b for b in slice_bits]
+    if not all(_is_pow2(p) for p in pers):
+        return False
+    bk = _small_block_k(group_size, use_dot, block_k)
+    if not _is_pow2(bk) or bk % max(pers) != 0:
+        return False
+    if use_dot:
+        return bk >= 16 and group_size % bk == 0
+    return group_size % bk == 0 or (_is_pow2(group_size) and bk % group_size == 0)
+
+
+def _check_k(k, num_slices: int):
+    if isinstance(k, int):
+        if not 1 <= k <= num_slices:
+            raise ValueError(f"k must be between 1 and {num_slices}, got {k}")
+
+
+def _small_consts(slice_bits: Sequence[int], magic: bool) -> tuple[list[float], list[float]]:
+    """Per-plane activation factor ``A_e`` and group-constant coefficient ``C_e`` (module docstring)."""
+    A, C = [], []
+    for e, (b, sh) in enumerate(zip(slice_bits, _shifts(slice_bits))):
+        half = (2**b - 1) / 2 if e > 0 else 0.0
+        if magic:  # f = 1 + q / 2^b, so q = 2^b (f - 1)
+            A.append(2.0 ** (b - sh))
+            C.append(2.0 ** (b - sh) + half * 2.0**-sh)
+        else:
+            A.append(2.0**-sh)
+            C.append(half * 2.0**-sh)
+    pad = [0.0] * (MAX_SLICES - len(slice_bits))
+    return A + pad, C + pad
+
+
+def bitplane_linear_small(
+    x2: torch.Tensor,
+    planes: Sequence[torch.Tensor],
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    slice_bits: Sequence[int],
+    group_size: int,
+    k,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    config: SmallConfig | None = None,
+) -> torch.Tensor:
+    """``x2`` ``[M <= 16, in]`` -> ``[M, out]``: every plane read once per tile, up to the largest ``k``."""
+    cfg = config or SmallConfig()
+    M, K_IN = x2.shape
+    N = scale.shape[0]
+    NS = len(slice_bits)
+    if M > 16:
+        raise ValueError(f"the small-batch kernels take at most 16 tokens, got {M}")
+    use_dot = cfg.use_dot if cfg.use_dot is not None else M > 1
+    if M > 1 and not use_dot:
+        raise ValueError("the CUDA-core kernel takes one token; use tensor cores (use_dot) for more")
+    bk = _small_block_k(group_size, use_dot, cfg.block_k)
+    if not small_supported(slice_bits, group_size, bk, use_dot):
+        raise ValueError(f"slice bits {list(slice_bits)} / group {group_size} / block_k {bk} not supported")
+    dt = _DT_CODES[x2.dtype]
+    if dt == 1 and _interpreting():
+        dt = 2  # the interpreter's bf16 dot is wrong; bf16 operands are exact in fp32 anyway
+    magic = cfg.magic and not (dt == 1 and use_dot and max(slice_bits) > 7)
+    A, C = _small_consts(slice_bits, magic)
+    if isinstance(k, int):
+        _check_k(k, NS)
+        per_token, kmax_c, k_t, k_u = False, k, x2, k
+    else:
+        k_t = k.reshape(-1)
+        if k_t.dtype not in (torch.int32, torch.int64) or k_t.device != x2.device:
+            k_t = k_t.to(device=x2.device, dtype=torch.int32)
+        k_t = k_t.contiguous()
+        if k_t.numel() != M:
+            raise ValueError(f"k has {k_t.numel()} entries for {M} tokens")
+        per_token, kmax_c, k_u = True, NS, 0
+        if k_t.device.type == "cpu" and M:
+            lo, hi = int(k_t.min()), int(k_t.max())
+            if lo < 1 or hi > NS:
+                raise ValueError(f"per-token k must be in [1, {NS}], got [{lo}, {hi}]")
+            kmax_c = hi
+    block_n = cfg.block_n or (64 if use_dot else 32)
+    n_tiles = triton.cdiv(N, block_n)
+    n_chunks = triton.cdiv(K_IN, bk)
+    split = cfg.split_k
+    if split is None:
+        target = 4 * _num_sms(x2.device)
+        split = 1
+        while n_tiles * split < target and split * 2 <= n_chunks and split < 32:
+            split *= 2
+    split = max(1, min(split, n_chunks))
+    cps = triton.cdiv(n_chunks, split)
+    split = triton.cdiv(n_chunks, cps)
+    block_m = max(16, triton.next_power_of_2(M)) if use_dot else 1
+    if out is None:
+        out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
+    if split > 1:
+        part = torch.empty(split * block_m, N, dtype=torch.float32, device=x2.device)
+        locks = _locks(x2.device, n_tiles)
+    else:
+        part = locks = out
+    common = dict(
+        GROUP=group_size, NS=NS, KMAX=kmax_c, PER_TOKEN=per_token, HAS_BIAS=bias is not None,
+        SPLIT_K=split, BLOCK_N=block_n, BLOCK_K=bk, MAGIC=magic,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **{f"B{i}": b for i, b in enumerate(_bits_args(slice_bits))},
+    )
+    head = (x2, out, part, locks, bias if bias is not None else out, k_t, scale, zero, *_plane_args(planes), *A, *C)
+    if use_dot:
+        _bp_small_kernel[(n_tiles, split)](
+            *head, M, N, K_IN, scale.shape[1], k_u, x2.stride(0), out.stride(0), cps,
+            BLOCK_M=block_m, DT=dt, **common,
+        )
+    else:
+        gpc = 1 if group_size % bk == 0 else bk // group_size
+        _bp_gemv_kernel[(n_tiles, split)](
+            *head, N, K_IN, scale.shape[1], k_u, cps, GPC=gpc, **common,
+        )
+    return out
+
+
+def _tile_launch(x2, out, planes, scale, zero, slice_bits, group_size, ksel, bias, perm, seg, M_grid, cfg):
+    M, K_IN = x2.shape
+    N = scale.shape[0]
+    bk = cfg.block_k
+    shifts = _shifts(slice_bits)
+    sh = shifts[ksel - 1]
+    struct = [(_is_pow2(32 // b) and bk % (32 // b) == 0) for b in slice_bits]
+    struct += [False] * (MAX_SLICES - len(struct))
+    grid = (triton.cdiv(M_grid, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+    _bp_tile_kernel[grid](
+        x2, out, bias if bias is not None else out, perm if perm is not None else out,
+        seg if seg is not None else out, scale, zero,
+        *_plane_args(planes), 2.0**-sh, (1.0 - 2.0**-sh) / 2,
+        M_grid, N, K_IN, scale.shape[1], x2.stride(0), out.stride(0),
+        GROUP=group_size, KSEL=ksel,
+        **{f"B{i}": b for i, b in enumerate(_bits_args(slice_bits))},
+        **{f"S{i}": s for i, s in enumerate(struct)},
+        HAS_PERM=perm is not None, HAS_BIAS=bias is not None, SCALE_VEC=group_size % bk == 0,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, GROUP_M=cfg.group_m, DT=_DT_CODES[x2.dtype],
+        DOT_F32=x2.dtype == torch.bfloat16 and _interpreting(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def default_tile_config(M: int) -> TileConfig:
+    if M <= 16:
+        return TileConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)
+    if M <= 64:
+        return TileConfig(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=3)
+    if M <= 256:
+        return TileConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4)
+    return TileConfig()
+
+
+def bitplane_linear_tiled(
+    x2: torch.Tensor,
+    planes: Sequence[torch.Tensor],
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    slice_bits: Sequence[int],
+    group_size: int,
+    k,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    config: TileConfig | None = None,
+) -> torch.Tensor:
+    """Dequantize-tile-then-``tl.dot``; per-token ``k`` by sorting tokens and one launch per ``k``."""
+    M, K_IN = x2.shape
+    N = scale.shape[0]
+    NS = len(slice_bits)
+    cfg = config or default_tile_config(M)
+    if out is None:
+        out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
+    if M == 0:
+        return out
+    if isinstance(k, int):
+        _check_k(k, NS)
+        _tile_launch(x2, out, planes, scale, zero, slice_bits, group_size, k, bias, None, None, M, cfg)
+        return out
+    kf = k.reshape(-1)
+    if kf.numel() != M:
+        raise ValueError(f"k has {kf.numel()} entries for {M} tokens")
+    present = range(1, NS + 1)
+    if kf.device.type == "cpu":  # counts are free on the host: launch only the k values present
+        counts = torch.bincount(kf.long(), minlength=NS + 1)
+        if int(kf.min()) < 1 or int(kf.max()) > NS:
+            raise ValueError(f"per-token k must be in [1, {NS}]")
+        present = [j for j in range(1, NS + 1) if int(counts[j])]
+        if len(present) == 1:
+            j = present[0]
+            _tile_launch(x2, out, planes, scale, zero, slice_bits, group_size, j, bias, None, None, M, cfg)
+            return out
+    kd = kf.to(device=x2.device)
+    perm = torch.argsort(kd, stable=True).to(torch.int32)
+    seg = torch.zeros(NS + 1, dtype=torch.int32, device=x2.device)
+    seg[1:] = torch.cumsum(torch.bincount(kd.long().clamp(1, NS), minlength=NS + 1)[1:], 0).to(torch.int32)
+    for j in present:
+        _tile_launch(x2, out, planes, scale, zero, slice_bits, group_size, j, bias, perm, seg, M, cfg)
+    return out
+
+
+def dequantize(
+    planes: Sequence[torch.Tensor],
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    slice_bits: Sequence[int],
+    group_size: int,
+    k: int,
+    in_features: int,
+    dtype: torch.dtype = torch.float16,
+    out: torch.Tensor | None = None,
+    block_n: int = 32,
+    block_k: int = 128,
+) -> torch.Tensor:
+    """``W_k`` ``[out, in]`` by one Triton pass over the first ``k`` planes."""
+    _check_k(k, len(slice_bits))
+    N = scale.shape[0]
+    sh = _shifts(slice_bits)[k - 1]
+    if out is None:
+        out = torch.empty(N, in_features, dtype=dtype, device=scale.device)
+    struct = [(_is_pow2(32 // b) and block_k % (32 // b) == 0) for b in slice_bits]
+    struct += [False] * (MAX_SLICES - len(struct))
+    grid = (triton.cdiv(N, block_n), triton.cdiv(in_features, block_k))
+    _bp_dequant_kernel[grid](
+        out, scale, zero, *_plane_args(planes), 2.0**-sh, (1.0 - 2.0**-sh) / 2,
+        N, in_features, scale.shape[1], GROUP=group_size, KSEL=k,
+        **{f"B{i}": b for i, b in enumerate(_bits_args(slice_bits))},
+        **{f"S{i}": s for i, s in enumerate(struct)},
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+    )
+    return out
+
+
+def bitplane_linear(
+    x: torch.Tensor,
+    planes: Sequence[torch.Tensor],
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    slice_bits: Sequence[int],
+    group_size: int,
+    k,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    small_config: SmallConfig | None = None,
+    tile_config: TileConfig | None = None,
+    path: str = "auto",
+) -> torch.Tensor:
+    """``y = x W_k^T (+ bias)`` reading only the first ``k`` bit-planes; ``k`` int or per-token tensor.
+
+    ``path``: 'auto' (small-batch kernel for <= 16 tokens when the layout allows, else tiles), 'small'
+    or 'tile'. ``out``, if given, is a ``[tokens, out_features]`` buffer to write (contiguous rows)."""
+    slice_bits = tuple(int(b) for b in slice_bits)
+    if not 1 <= len(slice_bits) <= MAX_SLICES or len(planes) != len(slice_bits):
+        raise ValueError(f"need one plane per slice (1..{MAX_SLICES}), got {len(planes)} for {slice_bits}")
+    if x.dtype not in _DT_CODES:
+        raise TypeError(f"activations must be fp16, bf16 or fp32, got {x.dtype}")
+    K_IN = x.shape[-1]
+    N = scale.shape[0]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K_IN)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    if not isinstance(k, int):
+        if not torch.is_tensor(k):
+            raise TypeError("k must be an int or a tensor of per-token slice counts")
+        if k.numel() == 1 and k.device.type == "cpu":
+            k = int(k.reshape(()))
+    if out is not None:
+        if out.shape != (M, N) or out.stride(-1) != 1 or out.dtype != x.dtype:
+            raise ValueError(f"out must be a row-contiguous {x.dtype} tensor of shape {(M, N)}")
+    scale = scale.contiguous()
+    zero = zero.contiguous()
+    if path == "auto":
+        small_ok = M <= 16 and small_supported(slice_bits, group_size, None, M > 1)
+        path = "small" if small_ok else "tile"
+    if path == "small":
+        y = bitplane_linear_small(x2, planes, scale, zero, slice_bits, group_size, k, bias, out, small_config)
+    elif path == "tile":
+        y = bitplane_linear_tiled(x2, planes, scale, zero, slice_bits, group_size, k, bias, out, tile_config)
+    else:
+        raise ValueError(f"path must be 'auto', 'small' or 'tile', got {path!r}")
+    return y.reshape(*lead, N)
+
+
+__all__ = [
+    "SmallConfig",
+    "TileConfig",
+    "bitplane_linear",
+    "bitplane_linear_small",
+    "bitplane_linear_tiled",
+    "default_tile_config",
+    "dequantize",
+    "small_supported",
+]

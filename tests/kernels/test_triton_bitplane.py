@@ -1,0 +1,334 @@
+"""Triton bit-plane kernels against the PyTorch reference and ``MoBiLinear.dequantized``.
+
+On a machine without CUDA these run in Triton's interpreter (``TRITON_INTERPRET=1``, set by this folder's
+conftest) on tiny shapes. Every check draws fresh random inputs, poisons the output buffer with NaN and
+checks that every element was written. Tests marked ``gpu`` need CUDA and skip cleanly without it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mobiquant import MoBiLinear
+from mobiquant.kernels import available, bitplane_linear, dequantize_reference, torch_reference
+from mobiquant.quant.packing import pack_codes
+
+triton = pytest.importorskip(
+    "triton", reason="triton is not installed (pip install 'mobiquant[test]' or 'triton'): kernel tests skipped"
+)
+from mobiquant.kernels import triton_bitplane as tb  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0") else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    pytest.skip("no CUDA device and TRITON_INTERPRET is not set", allow_module_level=True)
+
+# Relative-error bounds against a float64 reference (output rounding of each dtype, plus the weight
+# rounding of the tile path in 16-bit formats).
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def make_layer(n_out, n_in, slice_bits, group, gen, device=DEVICE):
+    planes = [
+        pack_codes(torch.randint(0, 2**b, (n_out, n_in), generator=gen), b).to(device) for b in slice_bits
+    ]
+    ng = -(-n_in // group)
+    scale = (torch.rand(n_out, ng, generator=gen) * 0.02 + 0.002).half().to(device)
+    zero = torch.randint(0, 2 ** slice_bits[0], (n_out, ng), generator=gen).half().to(device)
+    return planes, scale, zero
+
+
+def check(x, planes, scale, zero, bits, group, k, bias=None, **kw):
+    """Run the Triton entry into a NaN-poisoned buffer; compare with a float64 reference."""
+    m = x.reshape(-1, x.shape[-1]).shape[0]
+    out = torch.full((m, scale.shape[0]), float("nan"), dtype=x.dtype, device=x.device)
+    y = tb.bitplane_linear(x, planes, scale, zero, bits, group, k, bias=bias, out=out, **kw)
+    assert y.shape == (*x.shape[:-1], scale.shape[0])
+    assert not torch.isnan(out).any(), "some output elements were never written"
+    assert torch.isfinite(y).all()
+    ref = torch_reference(x, planes, scale, zero, bits, group, k, bias=bias, compute_dtype=torch.float64)
+    err = ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+    assert err < TOL[x.dtype], f"relative error {err:.2e} (dtype {x.dtype}, k={k}, {kw})"
+    return y
+
+
+@pytest.fixture
+def gen():
+    # Fresh inputs for every test (and every run): a seed drawn from the OS, reported on failure.
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"seed={seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+def randx(m, n_in, dtype, gen):
+    return torch.randn(m, n_in, generator=gen).to(dtype).to(DEVICE)
+
+
+# ------------------------------------------------------------------------------- every k, every path
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize(
+    "path,m", [("small", 1), ("small", 5), ("tile", 1), ("tile", 21)], ids=lambda v: str(v)
+)
+def test_every_k(path, m, dtype, gen):
+    bits, group = (2, 2, 2, 2), 64
+    planes, scale, zero = make_layer(48, 200, bits, group, gen)  # ragged last group, partial last word
+    x = randx(m, 200, dtype, gen)
+    for k in range(1, len(bits) + 1):
+        check(x, planes, scale, zero, bits, group, k, path=path)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("path,m", [("small", 1), ("small", 16), ("tile", 37)], ids=lambda v: str(v))
+def test_mixed_k_in_one_batch(path, m, dtype, gen):
+    bits, group = (2, 2, 2, 2), 64
+    planes, scale, zero = make_layer(48, 200, bits, group, gen)
+    x = randx(m, 200, dtype, gen)
+    k = torch.randint(1, 5, (m,), generator=gen)
+    if m >= 4:
+        k[:4] = torch.tensor([4, 1, 3, 2])[torch.randperm(4, generator=gen)]  # every k present
+    bias = torch.randn(48, generator=gen).to(DEVICE)
+    check(x, planes, scale, zero, bits, group, k.to(DEVICE), bias=bias, path=path)
+    # 3-D activations with a per-token k of the same leading shape
+    if m % 2 == 0 or m == 37:
+        x3 = randx(m, 200, dtype, gen).reshape(1, m, 200)
+        check(x3, planes, scale, zero, bits, group, k.reshape(1, m).to(DEVICE), path=path)
+
+
+def test_small_batch_reads_only_needed_planes(gen):
+    """With every token at k=1, planes 2..4 may hold garbage that must not leak into the result."""
+    bits, group = (2, 2, 2, 2), 64
+    planes, scale, zero = make_layer(32, 128, bits, group, gen)
+    x = randx(3, 128, torch.float32, gen)
+    ref = tb.bitplane_linear(x, planes, scale, zero, bits, group, 1, path="small")
+    nan_planes = [planes[0]] + [torch.full_like(p, -1) for p in planes[1:]]
+    k = torch.ones(3, dtype=torch.long, device=DEVICE)
+    y = tb.bitplane_linear(x, nan_planes, scale, zero, bits, group, k, path="small")
+    torch.testing.assert_close(y, ref)
+    y1 = tb.bitplane_linear(x[:1], nan_planes, scale, zero, bits, group, k[:1], path="small")
+    torch.testing.assert_close(y1, ref[:1])
+
+
+# ------------------------------------------------------------------------------ layouts and configs
+@pytest.mark.parametrize(
+    "bits,group,n_out,n_in",
+    [
+        ((2, 2, 2, 2), 128, 40, 256),
+        ((4, 4), 48, 24, 130),  # group not a power of two: one-token kernel chunks inside groups
+        ((4, 2, 2), 64, 24, 130),
+        ((3, 3, 2), 64, 24, 130),  # 10 codes per word: tile path with gathered words
+        ((1,) * 8, 128, 16, 160),
+        ((8,), 32, 24, 130),
+        ((2, 2, 2, 2), 100, 24, 230),  # group size with no power-of-two chunk: scale per column
+    ],
+    ids=str,
+)
+def test_slice_layouts(bits, group, n_out, n_in, gen):
+    planes, scale, zero = make_layer(n_out, n_in, bits, group, gen)
+    ks = sorted({1, (len(bits) + 1) // 2, len(bits)})
+    for m in (1, 3, 20):
+        x = randx(m, n_in, torch.float16, gen)
+        for k in ks:
+            check(x, planes, scale, zero, bits, group, k)
+        kt = torch.randint(1, len(bits) + 1, (m,), generator=gen).to(DEVICE)
+        check(x, planes, scale, zero, bits, group, kt)
+
+
+@pytest.mark.parametrize(
+    "cfg,m",
+    [
+        (tb.SmallConfig(block_n=16, split_k=1), 1),
+        (tb.SmallConfig(block_n=16, split_k=3), 1),  # uneven split of 4 chunks
+        (tb.SmallConfig(block_n=32, block_k=128, split_k=2), 1),  # two groups per chunk
+        (tb.SmallConfig(block_n=16, split_k=2, magic=False), 1),
+        (tb.SmallConfig(block_n=16, block_k=32, split_k=4), 7),
+        (tb.SmallConfig(block_n=32, split_k=1, magic=False), 9),
+    ],
+    ids=str,
+)
+def test_small_configs(cfg, m, gen):
+    bits, group = (2, 2, 2, 2), 64
+    planes, scale, zero = make_layer(40, 256, bits, group, gen)
+    bias = torch.randn(40, generator=gen).to(DEVICE)
+    for dtype in (torch.float16, torch.float32):
+        x = randx(m, 256, dtype, gen)
+        check(x, planes, scale, zero, bits, group, 3, bias=bias, path="small", small_config=cfg)
+        kt = torch.randint(1, 5, (m,), generator=gen).to(DEVICE)
+        check(x, planes, scale, zero, bits, group, kt, bias=bias, path="small", small_config=cfg)
+
+
+def test_split_k_counters_reset(gen):
+    """The serial split-K counters reset themselves: repeated launches stay correct."""
+    bits, group = (2, 2, 2, 2), 64
+    planes, scale, zero = make_layer(32, 256, bits, group, gen)
+    cfg = tb.SmallConfig(block_n=16, split_k=4)
+    for _ in range(3):
+        x = randx(2, 256, torch.float32, gen)
+        check(x, planes, scale, zero, bits, group, 2, path="small", small_config=cfg)
+
+
+def test_tile_configs(gen):
+    bits, group = (2, 2, 2, 2), 64
+    planes, scale, zero = make_layer(40, 200, bits, group, gen)
+    x = randx(45, 200, torch.float16, gen)
+    kt = torch.randint(1, 5, (45,), generator=gen)
+    for cfg in (tb.TileConfig(16, 16, 32, 1, 1, 1), tb.TileConfig(32, 32, 64, 2, 2, 2)):
+        check(x, planes, scale, zero, bits, group, 2, path="tile", tile_config=cfg)
+        check(x, planes, scale, zero, bits, group, kt.to(DEVICE), path="tile", tile_config=cfg)
+    # k given on the host: only the k values present are launched
+    check(x, planes, scale, zero, bits, group, kt, path="tile")
+
+
+def test_dequantize_kernel(gen):
+    bits, group = (2, 2, 2, 2), 64
+    planes, scale, zero = make_layer(40, 200, bits, group, gen)
+    for k in range(1, 5):
+        w = tb.dequantize(planes, scale, zero, bits, group, k, 200, dtype=torch.float32)
+        ref = dequantize_reference(planes, scale, zero, bits, group, k, 200)
+        torch.testing.assert_close(w, ref, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ MoBiLinear hook
+def _frozen_layer(n_in, n_out, group, gen, bias=True):
+    lin = torch.nn.Linear(n_in, n_out, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n_out, n_in, generator=gen) * 0.05)
+        if bias:
+            lin.bias.copy_(torch.randn(n_out, generator=gen))
+    m = MoBiLinear.from_linear(lin, group_size=group)
+    m.freeze()
+    return m.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=lambda d: str(d).split(".")[-1])
+def test_mobilinear_backend_matches_dequantized(dtype, gen):
+    m = _frozen_layer(200, 48, 64, gen).to(dtype)
+    for tokens in (1, 4, 19):
+        x = randx(tokens, 200, dtype, gen)
+        for k in range(1, 5):
+            m.set_static(k)
+            m.backend = "triton"
+            y = m(x)
+            ref = x.double() @ m.dequantized(k).double().T + m.bias.double()
+            err = ((y.double() - ref).norm() / ref.norm()).item()
+            assert err < TOL[dtype], (tokens, k, err)
+            m.backend = "torch"
+            torch.testing.assert_close(m(x), y, rtol=TOL[dtype] * 5, atol=TOL[dtype] * 5)
+
+
+def test_mobilinear_routed_backend(gen):
+    from mobiquant.router import TokenRouter
+
+    m = _frozen_layer(128, 32, 64, gen, bias=False)
+    router = TokenRouter(128, m.slice_bits).to(DEVICE)
+    m.attach_router(router)
+    m.set_routed()
+    x = randx(12, 128, torch.float32, gen) * 3
+    scores = torch.cummin(router.scores(x), -1).values.detach()
+    router.tau.fill_(float(scores.median()))  # a mix of slice counts
+    k = router.slice_counts(x)
+    m.backend = "torch"
+    ref = m(x)
+    m.backend = "triton"
+    y = m(x)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    assert k.unique().numel() > 1
+
+
+def test_backend_auto_uses_torch_on_cpu(gen):
+    m = _frozen_layer(64, 16, 32, gen).cpu()
+    assert m.backend == "auto"
+    assert not m._use_triton(torch.zeros(1, 64))
+    m.backend = "torch"
+    assert not m._use_triton(torch.zeros(1, 64))
+
+
+# ---------------------------------------------------------------------------------- API and errors
+def test_entry_dispatch_and_errors(gen):
+    bits, group = (2, 2, 2, 2), 64
+    planes, scale, zero = make_layer(16, 64, bits, group, gen)
+    x = randx(2, 64, torch.float32, gen)
+    y_t = bitplane_linear(x, planes, scale, zero, bits, group, 2, backend="triton")
+    y_r = bitplane_linear(x, planes, scale, zero, bits, group, 2, backend="torch")
+    torch.testing.assert_close(y_t, y_r, rtol=1e-5, atol=1e-5)
+    assert available(DEVICE)
+    with pytest.raises(ValueError):
+        tb.bitplane_linear(x, planes, scale, zero, bits, group, 5)
+    with pytest.raises(ValueError):
+        tb.bitplane_linear(x, planes[:3], scale, zero, bits, group, 1)
+    if DEVICE == "cpu":  # per-token k is validated where it costs no device synchronisation
+        with pytest.raises(ValueError):
+            tb.bitplane_linear(x, planes, scale, zero, bits, group, torch.tensor([0, 2]))
+    with pytest.raises(TypeError):
+        tb.bitplane_linear(x.to(torch.int32), planes, scale, zero, bits, group, 1)
+
+
+def test_package_imports_without_triton():
+    """The core library and the torch fallback work where ``import triton`` fails."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, mobiquant, mobiquant.kernels as K\n"
+        "assert not K.triton_importable() and not K.available()\n"
+        "from mobiquant.quant.packing import pack_codes\n"
+        "p = [pack_codes(torch.randint(0, 4, (8, 32)), 2) for _ in range(4)]\n"
+        "s = torch.full((8, 1), 0.01).half(); z = torch.ones(8, 1).half()\n"
+        "y = K.bitplane_linear(torch.randn(3, 32), p, s, z, (2, 2, 2, 2), 32, torch.tensor([1, 2, 4]))\n"
+        "assert y.shape == (3, 8)\n"
+        "m = mobiquant.MoBiLinear(32, 8, group_size=32); m.weight.normal_(); m.freeze(); m.backend = 'triton'\n"
+        "try:\n    m(torch.randn(2, 32))\nexcept RuntimeError:\n    print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("ok")
+
+
+# ------------------------------------------------------------------------------------------ GPU only
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device (and TRITON_INTERPRET unset)")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("m", [1, 4, 16, 128, 300])
+def test_gpu_llama_like_shapes(m, dtype, gen):
+    bits, group = (2, 2, 2, 2), 128
+    planes, scale, zero = make_layer(1024, 4096, bits, group, gen)
+    x = randx(m, 4096, dtype, gen)
+    for k in range(1, 5):
+        check(x, planes, scale, zero, bits, group, k)
+    check(x, planes, scale, zero, bits, group, torch.randint(1, 5, (m,), generator=gen).to(DEVICE))
+
+
+@gpu
+@needs_cuda
+def test_gpu_cuda_graph_capture(gen):
+    """The small-batch path with a device-side per-token k needs no host sync: it captures in a graph."""
+    bits, group = (2, 2, 2, 2), 128
+    planes, scale, zero = make_layer(2048, 1024, bits, group, gen)
+    x = randx(1, 1024, torch.float16, gen)
+    k = torch.tensor([3], device=DEVICE)
+    y = tb.bitplane_linear(x, planes, scale, zero, bits, group, k)  # warm-up compiles
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        tb.bitplane_linear(x, planes, scale, zero, bits, group, k)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        yg = tb.bitplane_linear(x, planes, scale, zero, bits, group, k)
+    for kk in (1, 4, 2):
+        x.copy_(randx(1, 1024, torch.float16, gen))
+        k.fill_(kk)
+        g.replay()
+        torch.cuda.synchronize()
+        ref = torch_reference(x, planes, scale, zero, bits, group, kk, compute_dtype=torch.float64)
+        err = ((yg.double() - ref.double()).norm() / ref.double().norm()).item()
+        assert err < TOL[torch.float16]
+    assert y.shape == yg.shape
