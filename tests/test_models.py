@@ -235,6 +235,19 @@ def test_resolve_dtype_accepts_names_and_dtypes():
         resolve_dtype(torch.int8)
 
 
+def test_load_model_gguf_file_directly(fake_gguf):
+    model, tok = load_model(fake_gguf, dtype="bfloat16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+
+
+def test_load_model_rejects_other_files(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match="not a model folder"):
+        load_model(path)
+
+
 def test_load_model_missing_path_like_name(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing"):
         load_model(str(tmp_path / "missing"))
