@@ -51,6 +51,69 @@ class SliceCodes:
     zero: torch.Tensor  # [out, n_groups, 1]
 
 
+class _SteViews(torch.autograd.Function):
+    """All views ``W_1..W_n`` with straight-through rounding, differentiable in step ``h`` and zero ``z``.
+
+    Equal in value and gradient to the autograd recursion of :meth:`ResidualSlicer.grouped_views` with
+    ``ste=True``, but it keeps no per-op graph: the backward re-runs the recursion and accumulates
+    ``dW_e/dh`` and ``dW_e/dz`` in closed form, which is several times cheaper in time and memory.
+    With ``in_e`` the clamp pass-through mask of slice ``e`` and ``r_e`` its unrounded residual code:
+    ``dW_1/dh = (q_1 - z) - in_1 W/h``, ``dW_1/dz = -h (1 - in_1)``,
+    ``dW_e/dh = (1 - in_e) dW_(e-1)/dh + (q_e - c_e - in_e r_e) / 2^B_e``, ``dW_e/dz = (1 - in_e) dW_(e-1)/dz``.
+    """
+
+    @staticmethod
+    def _recursion(grouped, scale, zero, bits, want_grads):
+        qmax = 2 ** bits[0] - 1
+        t = (grouped / scale).round() + zero
+        inside = (t >= 0) & (t <= qmax)
+        q = t.clamp(0, qmax)
+        view = scale * (q - zero)
+        views = [view]
+        if want_grads:
+            a = (q - zero) - inside * (grouped / scale)
+            c = -scale * (~inside)
+            grads = [(a, c)]
+        shift = 0
+        step = scale
+        for b in bits[1:]:
+            shift += b
+            step = step / 2**b
+            r = (grouped - view) / step
+            t = r.floor() + 2 ** (b - 1)
+            inside = (t >= 0) & (t <= 2**b - 1)
+            q = t.clamp(0, 2**b - 1)
+            view = view + step * (q - (2**b - 1) / 2)
+            views.append(view)
+            if want_grads:
+                keep = (~inside).to(grouped.dtype)
+                a = a * keep + (q - (2**b - 1) / 2 - inside * r) / 2**shift
+                c = c * keep
+                grads.append((a, c))
+        return views, (grads if want_grads else None)
+
+    @staticmethod
+    def forward(ctx, grouped, scale, zero, bits):
+        views, _ = _SteViews._recursion(grouped, scale, zero, bits, False)
+        ctx.save_for_backward(grouped, scale, zero)
+        ctx.bits = bits
+        return tuple(views)
+
+    @staticmethod
+    def backward(ctx, *grad_views):
+        grouped, scale, zero = ctx.saved_tensors
+        with torch.no_grad():
+            _, grads = _SteViews._recursion(grouped, scale, zero, ctx.bits, True)
+            d_scale = torch.zeros_like(scale)
+            d_zero = torch.zeros_like(zero)
+            for g, (a, c) in zip(grad_views, grads):
+                if g is None:
+                    continue
+                d_scale += (g * a).sum(-1, keepdim=True)
+                d_zero += (g * c).sum(-1, keepdim=True)
+        return None, d_scale, d_zero, None
+
+
 class ResidualSlicer:
     """Decomposes weights into ``len(slice_bits)`` slices and rebuilds the ``k``-slice views."""
 
@@ -130,10 +193,17 @@ class ResidualSlicer:
         scale_dtype: torch.dtype | None = None,
         upto: int | None = None,
     ) -> list[torch.Tensor]:
-        """Reconstructions ``[W_1, ..., W_upto]`` of ``weight`` ``[out, in]`` in floating point."""
+        """Reconstructions ``[W_1, ..., W_upto]`` of ``weight`` ``[out, in]`` in floating point.
+
+        With ``ste=True`` the views are differentiable in ``gamma``/``beta`` (straight-through rounding).
+        """
         grouped = to_groups(weight, self.group_size)
         params = self.base_params(grouped, gamma, beta, ste=ste, scale_dtype=scale_dtype)
-        views = self.grouped_views(grouped, params, ste=ste, upto=upto)
+        if ste:
+            bits = self.slice_bits[: upto or self.num_slices]
+            views = _SteViews.apply(grouped.detach(), params.scale, params.zero, bits)
+        else:
+            views = self.grouped_views(grouped, params, ste=ste, upto=upto)
         return [from_groups(v, weight.shape[1]) for v in views]
 
     def decompose(
