@@ -329,6 +329,9 @@ def calibrate_model(
         epochs = cfg.epochs_stage1 + (cfg.epochs_stage2 if module.has_routing else 0)
         loader = DataLoader(TensorDataset(q_x, fp_y), batch_size=cfg.batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(cfg.seed + i))
+        cbs = list(callbacks or [])
+        if cfg.progress_bar:  # plain tqdm: no refresh thread, readable in log files
+            cbs.append(L.pytorch.callbacks.TQDMProgressBar(refresh_rate=1))
         trainer = L.Trainer(
             max_epochs=epochs,
             accelerator=cfg.accelerator,
@@ -337,8 +340,8 @@ def calibrate_model(
             precision=cfg.precision,
             gradient_clip_val=cfg.gradient_clip_val,
             logger=loggers,
-            callbacks=callbacks,
-            enable_checkpointing=bool(callbacks),
+            callbacks=cbs,
+            enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in cbs),
             enable_progress_bar=cfg.progress_bar,
             enable_model_summary=False,
             num_sanity_val_steps=0,
