@@ -312,3 +312,28 @@ def test_storage_bits_counts_planes_padding_and_group_params(tiny_llama):
     weights = sum(o * 64 for o in outs_64) + 64 * 160
     assert mq.storage_bits(tiny_llama) == pytest.approx(bits / weights)
     assert 8.5 < mq.storage_bits(tiny_llama) < 10
+
+
+def test_budget_conditioned_thresholds_meet_budgets_on_fresh_text():
+    """fit_budget_thresholds: every router at its budget-B quantile while upstream layers run at B too;
+    achieved bits on unseen token windows then track the requested budget."""
+    import mobiquant as mq
+    from mobiquant.patching import fit_budget_thresholds
+    from mobiquant.tiny import tiny_llama
+
+    model, _ = tiny_llama(hidden_size=64, num_hidden_layers=2)
+    mq.quantize_model(model, mq.MoBiConfig(group_size=32, router_hidden=8))
+    mq.freeze(model)
+    gen = torch.Generator().manual_seed(3)
+    calib = torch.randint(0, 257, (8, 128), generator=gen)
+    grid = [2 + 0.25 * i for i in range(25)]
+    fit_budget_thresholds(model, list(calib.split(2)), grid)
+    fresh = torch.randint(0, 257, (8, 128), generator=gen)
+    for budget in (2.0, 2.5, 3.25, 4.0, 5.5, 7.0, 8.0):
+        mq.set_budget(model, budget)
+        mq.reset_counts(model)
+        model(input_ids=fresh)
+        assert abs(mq.achieved_bits(model) - budget) < 0.1, budget
+    for _, r in mq.patching.routers(model):
+        assert torch.all(r.tau_table[1:] <= r.tau_table[:-1])  # non-increasing in the budget
+        assert r.record_budget is None and not r.recorded

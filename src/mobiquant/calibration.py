@@ -11,7 +11,7 @@ Only LWC parameters and routers learn; pretrained weights stay frozen.
 
 After a block is trained it is frozen (packed codes, the real checkpoint), its routers' bits->threshold
 tables are fitted on their calibration activations, and the quantized trajectory is pushed through the
-packed block at budgets cycling over the range, which become the next block's inputs.
+packed block at ``propagate_budget`` (default: the middle of the range) to become the next block's inputs.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from .patching import (
     MoBiConfig,
     discover_sites,
     find_blocks,
+    fit_budget_thresholds,
     quantize_block,
 )
 from .router import TokenRouter, budget_bits
@@ -61,6 +62,14 @@ class CalibConfig:
     strategy: str = "auto"
     seed: int = 0
     progress_bar: bool = True
+    # Budget at which calibration inputs are pushed through a finished block to form the next block's
+    # inputs. None: the middle of the slice range (5 bits for [2, 2, 2, 2]); pushing them at the lowest
+    # budgets feeds later blocks near-random inputs on small models.
+    propagate_budget: float | None = None
+    # Final budget-conditioned threshold fit (patching.fit_budget_thresholds): budget grid step and how
+    # many calibration windows it runs per budget. 0 windows keeps the per-block tables only.
+    threshold_step: float = 0.25
+    threshold_windows: int = 4
     threshold_tokens: int = 1 << 16
 
     def __post_init__(self):
@@ -319,7 +328,8 @@ def calibrate_model(
     q_x = fp_x.clone()
     result = CalibrationResult()
     step_offset = 0
-    budget_cycle = list(cfg.budgets) or [mobi.max_bits]
+    mid = (mobi.min_bits + mobi.max_bits) / 2
+    prop_budget = float(cfg.propagate_budget) if cfg.propagate_budget is not None else mid
     for i, block in enumerate(blocks):
         t0 = time.perf_counter()
         fp_y = run_block_batched(block, fp_x, kwargs, cfg.batch_size)  # FP targets before patching
@@ -362,10 +372,9 @@ def calibrate_model(
         fp_x = fp_y
 
         def at_budget(batch_idx: int, block=block):
-            b = budget_cycle[batch_idx % len(budget_cycle)]
             for m in _block_mobi(block):
                 if m.router is not None:
-                    m.router.set_budget(min(max(b, mobi.min_bits), mobi.max_bits))
+                    m.router.set_budget(min(max(prop_budget, mobi.min_bits), mobi.max_bits))
                     m.set_routed()
         q_x = run_block_batched(block, q_x, kwargs, cfg.batch_size,
                                 before_batch=at_budget if module.routers else None)
@@ -377,7 +386,13 @@ def calibrate_model(
         result.blocks.append(report)
         if on_block_end is not None:
             on_block_end(i, report)
-    result.seconds = time.perf_counter() - t_start
     model.mobiquant_config = mobi
     model.mobiquant_sites = sites
+    if cfg.threshold_windows > 0 and len(mobi.slice_bits) > 1:
+        n = int(round((mobi.max_bits - mobi.min_bits) / cfg.threshold_step))
+        grid = [mobi.min_bits + i * (mobi.max_bits - mobi.min_bits) / n for i in range(n + 1)]
+        t0 = time.perf_counter()
+        fit_budget_thresholds(model, list(calib_ids[: cfg.threshold_windows].split(1)), grid)
+        log.info("budget-conditioned thresholds for %d budgets in %.1fs", len(grid), time.perf_counter() - t0)
+    result.seconds = time.perf_counter() - t_start
     return result

@@ -287,6 +287,40 @@ def calibrate_thresholds(model: nn.Module, batches: Iterable[torch.Tensor], max_
         r.fit_thresholds(torch.cat(xs).to(r.tau.device))
 
 
+@torch.no_grad()
+def fit_budget_thresholds(model: nn.Module, batches: Sequence[torch.Tensor], budgets: Sequence[float]) -> None:
+    """Budget-conditioned thresholds: for each budget ``B``, run the whole model with EVERY router at
+    its batch-quantile threshold for ``B`` (as in training) and record the thresholds it used; set_budget
+    then interpolates between these. Unlike a per-router table fitted on one activation distribution,
+    each router's table reflects the activations it sees when all upstream layers run at ``B`` too.
+    """
+    rs = [r for _, r in routers(model)]
+    if not rs:
+        return
+    for _, m in mobi_linears(model):
+        if m.router is not None:
+            m.set_routed()
+    device = next(model.parameters()).device
+    table: dict[int, list[float]] = {id(r): [] for r in rs}
+    try:
+        for b in budgets:
+            for r in rs:
+                r.record_budget, r.recorded = float(b), []
+                r.clear_cache()
+            for ids in batches:
+                model(input_ids=ids.to(device))
+            for r in rs:
+                if not r.recorded:
+                    raise RuntimeError("a router saw no tokens while fitting budget thresholds")
+                table[id(r)].append(sum(r.recorded) / len(r.recorded))
+    finally:
+        for r in rs:
+            r.record_budget, r.recorded = None, []
+            r.clear_cache()
+    for r in rs:
+        r.set_table(budgets, table[id(r)])
+
+
 # ---------------------------------------------------------------------------- accounting
 def reset_counts(model: nn.Module, track: bool = True) -> None:
     for _, m in mobi_linears(model):

@@ -98,6 +98,8 @@ def validate(cfg: DictConfig) -> tuple[list[QuantMethod], list[float]]:
     if seqlen < 2:
         raise ConfigError(f"data.calib.seqlen={seqlen} is too short: at least 2 tokens")
     _pos_int(cfg.eval.seqlen, "eval.seqlen")
+    if cfg.eval.get("backend", "auto") not in ("auto", "torch", "triton"):
+        raise ConfigError(f"eval.backend={cfg.eval.backend!r} is invalid; allowed: auto, torch, triton")
     if cfg.eval.get("max_windows") is not None:
         _pos_int(cfg.eval.max_windows, "eval.max_windows", "a positive integer or null")
     if not cfg.data.get("eval"):
@@ -232,6 +234,8 @@ def run(cfg: DictConfig) -> float:
                     if has_row(_df(rows), variant.method, variant.budget, ds):
                         continue
                     reset_counts(variant.model)
+                    for _, m in mobi_linears(variant.model):
+                        m.backend = cfg.eval.get("backend", "auto")
                     t0 = time.perf_counter()
                     r = perplexity(variant.model, windows, batch_size=cfg.eval.batch_size)
                     row = {

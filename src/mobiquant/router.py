@@ -37,14 +37,14 @@ def weighted_tail_table(
     n = values.shape[0]
     if n == 0:
         raise ValueError("cannot calibrate router thresholds from zero tokens")
-    weights = torch.tensor(slice_bits[1:], dtype=torch.float64).expand(n, -1).reshape(-1)
+    weights = torch.tensor(slice_bits[1:], dtype=torch.float64, device=values.device).expand(n, -1).reshape(-1)
     flat = values.reshape(-1).double()
     order = torch.argsort(flat, descending=True)
     tau_sorted = flat[order]
     # Setting tau just below tau_sorted[i] switches on entries 0..i.
     bits_after = slice_bits[0] + torch.cumsum(weights[order], 0) / n
     lo, hi = float(slice_bits[0]), float(sum(slice_bits))
-    targets = torch.linspace(lo, hi, points, dtype=torch.float64)
+    targets = torch.linspace(lo, hi, points, dtype=torch.float64, device=values.device)
     idx = torch.searchsorted(bits_after, targets, right=False).clamp(max=len(bits_after) - 1)
     # Threshold halfway between the entry that reaches the target and the next smaller value.
     nxt = torch.cat([tau_sorted[1:], tau_sorted[-1:] - 1.0])
@@ -57,8 +57,8 @@ def weighted_tail_table(
 
 def interp_tau(bits_table: torch.Tensor, tau_table: torch.Tensor, budget: float) -> float:
     """Linear interpolation of ``tau`` for ``budget`` in a (bits, tau) table sorted by bits."""
-    b = bits_table.double()
-    t = tau_table.double()
+    b = bits_table.detach().double().cpu()
+    t = tau_table.detach().double().cpu()
     budget = min(max(float(budget), float(b[0])), float(b[-1]))
     i = int(torch.searchsorted(b, torch.tensor([budget], dtype=torch.float64)).clamp(1, len(b) - 1))
     w = (budget - float(b[i - 1])) / max(float(b[i] - b[i - 1]), 1e-12)
@@ -96,6 +96,9 @@ class TokenRouter(nn.Module):
         # Training-time budget target (set by the calibration loop each step).
         self._cache: tuple | None = None
         self.last_soft: torch.Tensor | None = None
+        # Budget-conditioned threshold fitting (see patching.fit_budget_thresholds).
+        self.record_budget: float | None = None
+        self.recorded: list[float] = []
 
     @property
     def num_residuals(self) -> int:
@@ -111,12 +114,17 @@ class TokenRouter(nn.Module):
     # ---------------- hard routing (inference) ----------------
     def slice_counts(self, x: torch.Tensor) -> torch.Tensor:
         """Number of slices ``k`` in ``[1, K]`` per token (``long``, shape ``x.shape[:-1]``)."""
-        key = (id(x), float(self.tau))
+        key = (id(x), float(self.tau), self.record_budget)
         if self._cache is not None and self._cache[0] is x and self._cache[1] == key:
             return self._cache[2]
         with torch.no_grad():
-            on = nested_min(self.scores(x)) > self.tau
-            k = 1 + on.sum(-1)
+            m = nested_min(self.scores(x))
+            tau = self.tau
+            if self.record_budget is not None:  # threshold fitting: this batch's quantile for the budget
+                bits_t, tau_t = weighted_tail_table(m.reshape(-1, self.num_residuals), self.slice_bits)
+                tau = interp_tau(bits_t, tau_t, self.record_budget)
+                self.recorded.append(tau)
+            k = 1 + (m > tau).sum(-1)
         self._cache = (x, key, k)
         return k
 
@@ -157,6 +165,16 @@ class TokenRouter(nn.Module):
         bits, taus = weighted_tail_table(m, self.slice_bits)
         self.bits_table = bits.to(self.tau.device)
         self.tau_table = taus.to(self.tau.device)
+
+    def set_table(self, budgets: Sequence[float], taus: Sequence[float]) -> None:
+        """Install a (budget -> tau) table; taus are made non-increasing in the budget."""
+        b = torch.tensor(list(budgets), dtype=torch.float32)
+        t = torch.tensor(list(taus), dtype=torch.float32)
+        order = torch.argsort(b)
+        b, t = b[order], torch.cummin(t[order], 0).values
+        self.bits_table = b.to(self.tau.device)
+        self.tau_table = t.to(self.tau.device)
+        self._cache = None
 
     def set_budget(self, avg_bits: float) -> None:
         lo, hi = self.slice_bits[0], sum(self.slice_bits)
