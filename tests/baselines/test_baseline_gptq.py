@@ -131,3 +131,13 @@ def test_constant_and_one_signed_groups_stay_finite():
     res = gptq_quantize_weight(W, 2 * X.t() @ X / 512, bits=4, group_size=64)
     assert torch.isfinite(res.dequantize()).all()
     assert torch.isfinite(res.zero).all()
+
+
+def test_lazy_batch_size_does_not_change_the_result():
+    """Lazy batch updates are exact: any blocksize (also one not aligned with the groups) gives one answer."""
+    W, _, H = layer_case(out_f=24, in_f=200)
+    ref = gptq_quantize_weight(W, H, bits=3, group_size=64, act_order=False, blocksize=200)
+    for bs in (1, 48, 128):
+        res = gptq_quantize_weight(W, H, bits=3, group_size=64, act_order=False, blocksize=bs)
+        assert float((res.codes.int() != ref.codes.int()).float().mean()) < 0.01
+        torch.testing.assert_close(res.scale, ref.scale, rtol=1e-3, atol=1e-6)
