@@ -50,13 +50,14 @@ def _views(m: MoBiLinear) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def _accumulate(stats: dict, name: str, x: torch.Tensor, g: torch.Tensor | None, deltas: list[torch.Tensor]):
+def _accumulate(stats: dict, name: str, m: MoBiLinear, x: torch.Tensor, g: torch.Tensor | None):
     x2 = x.reshape(-1, x.shape[-1]).float()
     g2 = None if g is None else g.reshape(-1, g.shape[-1]).float()
     st = stats[name]
     st["tokens"] += x2.shape[0]
-    for k, d in enumerate(deltas, start=1):
-        dy = x2 @ d.t()
+    views = _views(m)  # packed: cached by the layer; fake-quant: recomputed (nothing kept here)
+    for k in range(1, len(views)):
+        dy = x2 @ (views[k - 1] - views[-1]).t()
         st["output_mse"][k - 1] += float((dy * dy).sum())
         if g2 is not None:
             s = (g2 * dy).sum(-1)
@@ -91,10 +92,6 @@ def layer_sensitivity(
     device = next(model.parameters()).device
     for m in layers.values():
         m.set_static(m.num_slices)
-    deltas = {}
-    for name, m in layers.items():
-        views = _views(m)
-        deltas[name] = [v - views[-1] for v in views[:-1]]
     K_of = {name: m.num_slices for name, m in layers.items()}
     stats = {
         name: {"tokens": 0, "fisher": [0.0] * (K_of[name] - 1), "output_mse": [0.0] * (K_of[name] - 1)}
@@ -102,7 +99,7 @@ def layer_sensitivity(
     }
     hooks = []
     for name, m in layers.items():
-        if not deltas[name]:
+        if m.num_slices == 1:
             continue
 
         def fwd(mod, args, out, name=name):
@@ -113,9 +110,9 @@ def layer_sensitivity(
                         f"{name}: its output carries no gradient, so the Fisher metric cannot be measured "
                         "(the model's input embeddings were not found); use metrics=('output_mse',)"
                     )
-                out.register_hook(lambda g, x=x: _accumulate(stats, name, x, g, deltas[name]))
+                out.register_hook(lambda g, x=x, mod=mod: _accumulate(stats, name, mod, x, g))
             else:
-                _accumulate(stats, name, x, None, deltas[name])
+                _accumulate(stats, name, mod, x, None)
 
         hooks.append(m.register_forward_hook(fwd))
     emb = model.get_input_embeddings() if need_grad else None
@@ -141,6 +138,9 @@ def layer_sensitivity(
         for h in hooks:
             h.remove()
         model.train(was_training)
+        for m in layers.values():
+            if m.packed:
+                m.clear_cache()
     rows = []
     for name, m in layers.items():
         st = stats[name]
