@@ -160,5 +160,5 @@ def summary_markdown(summary: pd.DataFrame) -> str:
              "|---|---|---|---|---|"]
     for r in summary.itertuples():
         lines.append(f"| {r.method} | {r.budgets} | {r.n_calibrations} | {r.calib_seconds:.0f} | "
-                     ("n/a" if math.isnan(r.stored_bytes_all_precisions) else f"{r.stored_bytes_all_precisions / 1e6:.1f}") + " |")
+                     + ("n/a" if math.isnan(r.stored_bytes_all_precisions) else f"{r.stored_bytes_all_precisions / 1e6:.1f}") + " |")
     return "\n".join(lines)
