@@ -53,6 +53,9 @@ class CalibConfig:
     lr_router: float = 1e-3
     weight_decay: float = 0.0
     budget_loss_weight: float = 0.1
+    # Stage-2 reconstruction term: "mse", or "log_mse" (scale-free: a step at a low budget, whose MSE is
+    # orders of magnitude larger, no longer dominates the shared LWC parameters).
+    stage2_loss: str = "mse"
     budget_sampling: str = "uniform"  # "uniform" in [b_1, sum b] or "cycle" over `budgets`
     budgets: Sequence[float] = (2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0)
     gradient_clip_val: float | None = 1.0
@@ -78,6 +81,8 @@ class CalibConfig:
                 f"epochs_stage1={self.epochs_stage1}, epochs_stage2={self.epochs_stage2}: both must be >= 0 "
                 "and at least one positive"
             )
+        if self.stage2_loss not in ("mse", "log_mse"):
+            raise ValueError(f"stage2_loss must be 'mse' or 'log_mse', got {self.stage2_loss!r}")
         if self.budget_sampling not in ("uniform", "cycle"):
             raise ValueError(f"budget_sampling must be 'uniform' or 'cycle', got {self.budget_sampling!r}")
         if self.batch_size <= 0:
@@ -198,7 +203,7 @@ class BlockCalibration(L.LightningModule):
         target = self._configure_stage()
         out = run_block(self.block, x, self.block_kwargs)
         mse = F.mse_loss(out.float(), y.float())
-        loss = mse
+        loss = torch.log(mse + 1e-12) if target is not None and self.cfg.stage2_loss == "log_mse" else mse
         if target is not None and self.cfg.budget_loss_weight > 0:
             loss = loss + self.cfg.budget_loss_weight * self._budget_loss(target)
         if not torch.isfinite(loss):
