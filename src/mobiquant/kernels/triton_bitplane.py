@@ -7,20 +7,32 @@ with ``per_e = 32 // b_e`` codes per word, the first code in the least significa
 which telescopes into per-plane residuals ``W_k = sum_(e<=k) D_e`` with
 ``D_1 = s (q_1 - z)`` and ``D_e = s 2^-B_e (q_e - (2^b_e - 1) / 2)``.
 
-Two kernels:
+Paths (``bitplane_linear(..., path=)``):
 
-* ``_bp_small_kernel`` (1..16 tokens, decode): every program covers all tokens and ``BLOCK_N`` output
-  rows. Planes are read once per tile, up to the largest ``k`` among its tokens; each token's
-  contribution of plane ``e`` is gated by ``k_token > e`` (the base plane is shared by every token). The
-  per-group scale and zero point are factored out of the inner product: codes enter the dot as the exact
-  floating-point value ``1 + q / 2^b`` built by bit tricks (no int->float conversion), and the group's
-  affine terms are applied once per group from ``sum(x)``. Optional split-K with an in-kernel serial
-  reduction (the last program of an output tile sums the partials), so one launch either way.
-* ``_bp_tile_kernel`` (prefill, or layouts the small kernel does not cover): dequantize a
-  ``[BLOCK_N, BLOCK_K]`` tile by shift-and-add of the first ``k`` planes (``k`` a compile-time constant),
-  apply scale and zero, ``tl.dot``. Mixed ``k``: tokens are sorted by ``k`` on the device, one launch per
-  possible ``k`` reads its segment through the permutation and scatters rows back in place; programs past
-  the segment's end exit at once. No host synchronisation on the device path.
+* ``small``, one token: ``_bp_gemv_kernel`` on CUDA cores. The token has one ``k``, so its planes are
+  OR-ed straight into the bits of the fp32 ``1 + C_k / 2^bits`` (each code shifted to its place under
+  the mantissa's top: one shift and one mask per code and plane, no int->float conversion) and the dot
+  product needs one multiply-add per weight whatever ``k``; the group's scale and zero point are applied
+  once per group from ``sum(x)``.
+* ``small``, 2..16 tokens: ``_bp_small_kernel`` on tensor cores. Every program covers all tokens and
+  ``BLOCK_N`` output rows and reads each plane once, up to the largest ``k`` among its tokens. Same ``k``
+  for all tokens: one dot on the concatenated code (as above, in the activation dtype when it holds the
+  bits exactly). Mixed ``k``: one dot per plane with each token's activations gated by ``k_token > e``
+  (the base plane is shared by every token); codes enter as exact ``1 + q / 2^b``.
+  Both small kernels issue every needed plane's loads before decoding (planes past the largest ``k`` are
+  masked off: no traffic) and may split K with an in-kernel serial reduction (the last program of an
+  output tile sums the partials; self-resetting counters), so one launch either way.
+* ``tile``: ``_bp_tile_kernel``, dequantize a ``[BLOCK_N, BLOCK_K]`` tile by shift-and-add of the first
+  ``k`` planes (``k`` a compile-time constant), apply scale and zero, ``tl.dot`` (wgmma on Hopper).
+  Mixed ``k``: tokens are sorted by ``k`` on the device, one launch per possible ``k`` reads its segment
+  through the permutation and scatters rows back in place; programs past the segment's end exit at once.
+  No host synchronisation. Also the path for layouts the small kernels do not cover (codes per word not a
+  power of two, group sizes without a power-of-two chunk).
+* ``dequant``: ``W_k`` by one Triton pass into a scratch buffer, then cuBLAS; 'auto' on CUDA from
+  ``DEQUANT_MIN_TOKENS`` tokens (faster than ``tile`` at prefill sizes in our H100 measurements).
+
+Codes are split out of their words by a tree of ``tl.join`` (``_expand_at``), which keeps all codes of a
+word in the thread that loaded it.
 
 Self-contained (torch and triton only) so that benchmarks can load it without the rest of the package.
 """
@@ -72,9 +84,7 @@ def _decode(
             mask=row_mask[:, None] & (w_idx[None, :] < n_words),
             other=0,
         )
-        shifts = tl.arange(0, PER) * B
-        codes = (words[:, :, None] >> shifts[None, None, :]) & MASK
-        codes = tl.reshape(codes, (BLOCK_N, BLOCK_K))
+        codes = _expand(words, B, BLOCK_N, BLOCK_K)
     else:
         cols = col0 + tl.arange(0, BLOCK_K)
         words = tl.load(
@@ -84,17 +94,6 @@ def _decode(
         )
         codes = (words >> ((cols % PER) * B)[None, :]) & MASK
     return codes
-
-
-@triton.jit
-def _magic(codes, B: tl.constexpr, DT: tl.constexpr):
-    """``1 + q / 2^B`` exactly, in the dot's dtype, by placing the code in the mantissa (no I2F)."""
-    if DT == 0:
-        return ((codes << (10 - B)) | 0x3C00).to(tl.int16).to(tl.float16, bitcast=True)
-    elif DT == 1:
-        return ((codes << (7 - B)) | 0x3F80).to(tl.int16).to(tl.bfloat16, bitcast=True)
-    else:
-        return ((codes << (23 - B)) | 0x3F800000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -123,24 +122,83 @@ def _load_words(plane_ptr, rows, row_mask, col0, K_IN, B: tl.constexpr, BLOCK_K:
 
 
 @triton.jit
-def _expand(words, B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Words ``[BLOCK_N, BLOCK_K // per]`` -> codes ``[BLOCK_N, BLOCK_K]`` (int32), column order kept."""
+def _ex1(w, SB: tl.constexpr, ST: tl.constexpr, MASK: tl.constexpr, POS: tl.constexpr):
+    # the code at bits SB.. of each word, moved to bits POS.. (one shift and one mask)
+    if POS >= SB:
+        return (w << (POS - SB)) & (MASK << POS)
+    else:
+        return (w >> (SB - POS)) & (MASK << POS)
+
+
+@triton.jit
+def _ex2(w, SB: tl.constexpr, ST: tl.constexpr, MASK: tl.constexpr, POS: tl.constexpr):
+    return tl.join(_ex1(w, SB, 2 * ST, MASK, POS), _ex1(w, SB + ST, 2 * ST, MASK, POS))
+
+
+@triton.jit
+def _ex4(w, SB: tl.constexpr, ST: tl.constexpr, MASK: tl.constexpr, POS: tl.constexpr):
+    return tl.join(_ex2(w, SB, 2 * ST, MASK, POS), _ex2(w, SB + ST, 2 * ST, MASK, POS))
+
+
+@triton.jit
+def _ex8(w, SB: tl.constexpr, ST: tl.constexpr, MASK: tl.constexpr, POS: tl.constexpr):
+    return tl.join(_ex4(w, SB, 2 * ST, MASK, POS), _ex4(w, SB + ST, 2 * ST, MASK, POS))
+
+
+@triton.jit
+def _ex16(w, SB: tl.constexpr, ST: tl.constexpr, MASK: tl.constexpr, POS: tl.constexpr):
+    return tl.join(_ex8(w, SB, 2 * ST, MASK, POS), _ex8(w, SB + ST, 2 * ST, MASK, POS))
+
+
+@triton.jit
+def _ex32(w, SB: tl.constexpr, ST: tl.constexpr, MASK: tl.constexpr, POS: tl.constexpr):
+    return tl.join(_ex16(w, SB, 2 * ST, MASK, POS), _ex16(w, SB + ST, 2 * ST, MASK, POS))
+
+
+@triton.jit
+def _expand_at(words, B: tl.constexpr, POS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Words ``[BLOCK_N, BLOCK_K // per]`` -> codes ``[BLOCK_N, BLOCK_K]`` (int32) shifted to bit ``POS``,
+    column order kept.
+
+    A tree of ``tl.join`` (the joined axis is the minor one and stays inside a thread) splits each word
+    into its codes in registers: even codes then odd codes at every level, so the flattened minor axes
+    count the codes in storage order. (A broadcast shift over a third axis would spread the codes of one
+    word across lanes and copy every word to each of them through shared memory.)"""
     PER: tl.constexpr = 32 // B
     MASK: tl.constexpr = (1 << B) - 1
-    shifts = tl.arange(0, PER) * B
-    codes = (words[:, :, None] >> shifts[None, None, :]) & MASK
+    if PER == 1:
+        codes = _ex1(words, 0, B, MASK, POS)
+    elif PER == 2:
+        codes = _ex2(words, 0, B, MASK, POS)
+    elif PER == 4:
+        codes = _ex4(words, 0, B, MASK, POS)
+    elif PER == 8:
+        codes = _ex8(words, 0, B, MASK, POS)
+    elif PER == 16:
+        codes = _ex16(words, 0, B, MASK, POS)
+    else:
+        codes = _ex32(words, 0, B, MASK, POS)
     return tl.reshape(codes, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _expand(words, B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    return _expand_at(words, B, 0, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
 def _small_proc(T, x, kvec, words, A, E: tl.constexpr, B: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, DT: tl.constexpr):
     """``T += (x * [k > E] * A) @ f^T`` with ``f = 1 + q / 2^B`` (MAGIC) or ``f = q``."""
-    codes = _expand(words, B, BLOCK_N, BLOCK_K)
     if MAGIC:
-        f = _magic(codes, B, DT)
+        if DT == 0:
+            f = _bits_to(_expand_at(words, B, 10 - B, BLOCK_N, BLOCK_K) | 0x3C00, DT)
+        elif DT == 1:
+            f = _bits_to(_expand_at(words, B, 7 - B, BLOCK_N, BLOCK_K) | 0x3F80, DT)
+        else:
+            f = _bits_to(_expand_at(words, B, 23 - B, BLOCK_N, BLOCK_K) | 0x3F800000, DT)
     else:
-        f = _cast(codes, DT)
+        f = _cast(_expand(words, B, BLOCK_N, BLOCK_K), DT)
     xa = x * tl.where(kvec > E, A, 0.0)[:, None]
     if DT == 2:
         T = tl.dot(xa, tl.trans(f), T, input_precision="ieee")
@@ -161,25 +219,70 @@ def _small_maybe(T, x, kvec, kmax, words, A, E: tl.constexpr, B: tl.constexpr, B
 
 
 @triton.jit
-def _gemv_proc(P, xa, words, B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               MAGIC: tl.constexpr):
-    codes = _expand(words, B, BLOCK_N, BLOCK_K)
-    if MAGIC:
-        f = _magic(codes, B, 2)
+def _or_plane(fb, words, kk, E: tl.constexpr, B: tl.constexpr, POS: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, PER_TOKEN: tl.constexpr):
+    """OR plane ``E``'s codes into the concatenated code at bit ``POS`` (skipped when k <= E)."""
+    if PER_TOKEN:
+        if kk > E:
+            fb = fb | _expand_at(words, B, POS, BLOCK_N, BLOCK_K)
     else:
-        f = codes.to(tl.float32)
-    return P + f * xa[None, :]
+        fb = fb | _expand_at(words, B, POS, BLOCK_N, BLOCK_K)
+    return fb
 
 
 @triton.jit
-def _gemv_maybe(P, x, kk, words, A, E: tl.constexpr, B: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, PER_TOKEN: tl.constexpr):
-    if PER_TOKEN:
-        if kk > E:
-            P = _gemv_proc(P, x * A, words, B, BLOCK_N, BLOCK_K, MAGIC)
-    else:
-        P = _gemv_proc(P, x * A, words, B, BLOCK_N, BLOCK_K, MAGIC)
-    return P
+def _select(kv, H0, H1, H2, H3, H4, H5, H6, H7, NS: tl.constexpr):
+    """``H[k - 1]`` per entry of ``kv``."""
+    h = tl.where(kv == 1, H0, 0.0)
+    if NS > 1:
+        h += tl.where(kv == 2, H1, 0.0)
+    if NS > 2:
+        h += tl.where(kv == 3, H2, 0.0)
+    if NS > 3:
+        h += tl.where(kv == 4, H3, 0.0)
+    if NS > 4:
+        h += tl.where(kv == 5, H4, 0.0)
+    if NS > 5:
+        h += tl.where(kv == 6, H5, 0.0)
+    if NS > 6:
+        h += tl.where(kv == 7, H6, 0.0)
+    if NS > 7:
+        h += tl.where(kv == 8, H7, 0.0)
+    return h
+
+
+@triton.jit
+def _concat_bits(w0, w1, w2, w3, w4, w5, w6, w7, kk, ONE: tl.constexpr, TOP: tl.constexpr, KMAX: tl.constexpr,
+                 B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
+                 B4: tl.constexpr, B5: tl.constexpr, B6: tl.constexpr, B7: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_TOKEN: tl.constexpr):
+    """Bits of the float ``1 + C_k / 2^(b_1 + .. + b_k)``: each plane's codes go straight to their place
+    under the mantissa's top (``TOP`` mantissa bits, ``ONE`` the bits of 1.0): one shift and one mask
+    (and one OR) per code and plane, no int->float conversion."""
+    P0: tl.constexpr = TOP - B0
+    P1: tl.constexpr = P0 - B1
+    P2: tl.constexpr = P1 - B2
+    P3: tl.constexpr = P2 - B3
+    P4: tl.constexpr = P3 - B4
+    P5: tl.constexpr = P4 - B5
+    P6: tl.constexpr = P5 - B6
+    P7: tl.constexpr = P6 - B7
+    fb = _expand_at(w0, B0, P0, BLOCK_N, BLOCK_K) | ONE
+    if KMAX > 1:
+        fb = _or_plane(fb, w1, kk, 1, B1, P1, BLOCK_N, BLOCK_K, PER_TOKEN)
+    if KMAX > 2:
+        fb = _or_plane(fb, w2, kk, 2, B2, P2, BLOCK_N, BLOCK_K, PER_TOKEN)
+    if KMAX > 3:
+        fb = _or_plane(fb, w3, kk, 3, B3, P3, BLOCK_N, BLOCK_K, PER_TOKEN)
+    if KMAX > 4:
+        fb = _or_plane(fb, w4, kk, 4, B4, P4, BLOCK_N, BLOCK_K, PER_TOKEN)
+    if KMAX > 5:
+        fb = _or_plane(fb, w5, kk, 5, B5, P5, BLOCK_N, BLOCK_K, PER_TOKEN)
+    if KMAX > 6:
+        fb = _or_plane(fb, w6, kk, 6, B6, P6, BLOCK_N, BLOCK_K, PER_TOKEN)
+    if KMAX > 7:
+        fb = _or_plane(fb, w7, kk, 7, B7, P7, BLOCK_N, BLOCK_K, PER_TOKEN)
+    return fb
 
 
 @triton.jit
@@ -233,6 +336,16 @@ def _plane_consts(kvec, C0, C1, C2, C3, C4, C5, C6, C7, NS: tl.constexpr):
 
 # ------------------------------------------------------------------------------------ small-batch kernel
 @triton.jit
+def _bits_to(fb, DT: tl.constexpr):
+    if DT == 0:
+        return fb.to(tl.int16).to(tl.float16, bitcast=True)
+    elif DT == 1:
+        return fb.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        return fb.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _bp_small_kernel(
     x_ptr,
     out_ptr,
@@ -245,6 +358,7 @@ def _bp_small_kernel(
     p0, p1, p2, p3, p4, p5, p6, p7,
     A0, A1, A2, A3, A4, A5, A6, A7,
     C0, C1, C2, C3, C4, C5, C6, C7,
+    H0, H1, H2, H3, H4, H5, H6, H7,
     M,
     N,
     K_IN,
@@ -266,8 +380,13 @@ def _bp_small_kernel(
     BLOCK_K: tl.constexpr,
     MAGIC: tl.constexpr,
     DT: tl.constexpr,
+    COMBINED: tl.constexpr,
 ):
-    """2..16 tokens, tensor cores; ``BLOCK_K`` divides the group size (one scale per row per chunk)."""
+    """2..16 tokens, tensor cores; ``BLOCK_K`` divides the group size (one scale per row per chunk).
+
+    COMBINED (every token the same ``k``): one dot per chunk with the concatenated code as the exact
+    float ``1 + C_k / 2^bits``. Otherwise one dot per plane with each token's activations gated by
+    ``k_token > e``, so that a plane is read once for all the tokens that need it."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -281,6 +400,17 @@ def _bp_small_kernel(
         kvec = tl.zeros((BLOCK_M,), dtype=tl.int32) + k_uniform
         kmax = tl.max(kvec, axis=0)
     pc = _plane_consts(kvec, C0, C1, C2, C3, C4, C5, C6, C7, NS)
+    h = _select(kvec, H0, H1, H2, H3, H4, H5, H6, H7, NS)
+    TWO_B0: tl.constexpr = 1 << B0
+    if DT == 0:
+        ONE: tl.constexpr = 0x3C00
+        TOP: tl.constexpr = 10
+    elif DT == 1:
+        ONE: tl.constexpr = 0x3F80
+        TOP: tl.constexpr = 7
+    else:
+        ONE: tl.constexpr = 0x3F800000
+        TOP: tl.constexpr = 23
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     n_chunks = tl.cdiv(K_IN, BLOCK_K)
@@ -290,6 +420,13 @@ def _bp_small_kernel(
         col0 = c * BLOCK_K
         # Issue every needed plane's loads before any decode (planes past kmax are masked off: no traffic).
         w0 = _load_words(p0, rows, row_mask, col0, K_IN, B0, BLOCK_K)
+        w1 = w0
+        w2 = w0
+        w3 = w0
+        w4 = w0
+        w5 = w0
+        w6 = w0
+        w7 = w0
         if KMAX > 1:
             w1 = _load_words(p1, rows, row_mask & ((rows * 0 + kmax) > 1), col0, K_IN, B1, BLOCK_K)
         if KMAX > 2:
@@ -308,29 +445,40 @@ def _bp_small_kernel(
         s = tl.load(scale_ptr + rows.to(tl.int64) * N_GROUPS + g, mask=row_mask, other=0.0).to(tl.float32)
         z = tl.load(zero_ptr + rows.to(tl.int64) * N_GROUPS + g, mask=row_mask, other=0.0).to(tl.float32)
         cols = col0 + tl.arange(0, BLOCK_K)
-        x = tl.load(
+        xr = tl.load(
             x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
             mask=m_mask[:, None] & (cols[None, :] < K_IN),
             other=0.0,
-        ).to(tl.float32)
+        )
+        x = xr.to(tl.float32)
         xs = tl.sum(x, axis=1)  # [BLOCK_M]
         T = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        T = _small_proc(T, x, kvec, w0, A0, 0, B0, BLOCK_N, BLOCK_K, MAGIC, DT)
-        if KMAX > 1:
-            T = _small_maybe(T, x, kvec, kmax, w1, A1, 1, B1, BLOCK_N, BLOCK_K, MAGIC, DT, PER_TOKEN)
-        if KMAX > 2:
-            T = _small_maybe(T, x, kvec, kmax, w2, A2, 2, B2, BLOCK_N, BLOCK_K, MAGIC, DT, PER_TOKEN)
-        if KMAX > 3:
-            T = _small_maybe(T, x, kvec, kmax, w3, A3, 3, B3, BLOCK_N, BLOCK_K, MAGIC, DT, PER_TOKEN)
-        if KMAX > 4:
-            T = _small_maybe(T, x, kvec, kmax, w4, A4, 4, B4, BLOCK_N, BLOCK_K, MAGIC, DT, PER_TOKEN)
-        if KMAX > 5:
-            T = _small_maybe(T, x, kvec, kmax, w5, A5, 5, B5, BLOCK_N, BLOCK_K, MAGIC, DT, PER_TOKEN)
-        if KMAX > 6:
-            T = _small_maybe(T, x, kvec, kmax, w6, A6, 6, B6, BLOCK_N, BLOCK_K, MAGIC, DT, PER_TOKEN)
-        if KMAX > 7:
-            T = _small_maybe(T, x, kvec, kmax, w7, A7, 7, B7, BLOCK_N, BLOCK_K, MAGIC, DT, PER_TOKEN)
-        acc += s[None, :] * (T - (xs * pc)[:, None] - xs[:, None] * z[None, :])
+        if COMBINED:
+            fb = _concat_bits(w0, w1, w2, w3, w4, w5, w6, w7, kmax, ONE, TOP, KMAX,
+                              B0, B1, B2, B3, B4, B5, B6, B7, BLOCK_N, BLOCK_K, False)
+            f = _bits_to(fb, DT)
+            if DT == 2:
+                T = tl.dot(x, tl.trans(f), T, input_precision="ieee")
+            else:
+                T = tl.dot(_cast(xr, DT), tl.trans(f), T)
+            acc += s[None, :] * (TWO_B0 * (T - xs[:, None]) - xs[:, None] * (z[None, :] + h[:, None]))
+        else:
+            T = _small_proc(T, x, kvec, w0, A0, 0, B0, BLOCK_N, BLOCK_K, MAGIC, DT)
+            if KMAX > 1:
+                T = _small_maybe(T, x, kvec, kmax, w1, A1, 1, B1, BLOCK_N, BLOCK_K, MAGIC, DT, PER_TOKEN)
+            if KMAX > 2:
+                T = _small_maybe(T, x, kvec, kmax, w2, A2, 2, B2, BLOCK_N, BLOCK_K, MAGIC, DT, PER_TOKEN)
+            if KMAX > 3:
+                T = _small_maybe(T, x, kvec, kmax, w3, A3, 3, B3, BLOCK_N, BLOCK_K, MAGIC, DT, PER_TOKEN)
+            if KMAX > 4:
+                T = _small_maybe(T, x, kvec, kmax, w4, A4, 4, B4, BLOCK_N, BLOCK_K, MAGIC, DT, PER_TOKEN)
+            if KMAX > 5:
+                T = _small_maybe(T, x, kvec, kmax, w5, A5, 5, B5, BLOCK_N, BLOCK_K, MAGIC, DT, PER_TOKEN)
+            if KMAX > 6:
+                T = _small_maybe(T, x, kvec, kmax, w6, A6, 6, B6, BLOCK_N, BLOCK_K, MAGIC, DT, PER_TOKEN)
+            if KMAX > 7:
+                T = _small_maybe(T, x, kvec, kmax, w7, A7, 7, B7, BLOCK_N, BLOCK_K, MAGIC, DT, PER_TOKEN)
+            acc += s[None, :] * (T - (xs * pc)[:, None] - xs[:, None] * z[None, :])
     _splitk_store(acc, out_ptr, part_ptr, lock_ptr, bias_ptr, offs_m, m_mask, rows, row_mask, N,
                   stride_om, pid_n, pid_k, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
 
@@ -347,8 +495,7 @@ def _bp_gemv_kernel(
     scale_ptr,
     zero_ptr,
     p0, p1, p2, p3, p4, p5, p6, p7,
-    A0, A1, A2, A3, A4, A5, A6, A7,
-    C0, C1, C2, C3, C4, C5, C6, C7,
+    H0, H1, H2, H3, H4, H5, H6, H7,
     N,
     K_IN,
     N_GROUPS,
@@ -365,9 +512,10 @@ def _bp_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GPC: tl.constexpr,
-    MAGIC: tl.constexpr,
 ):
-    """One token on CUDA cores: fp32 multiply-add of the magic codes, group terms per chunk.
+    """One token on CUDA cores. Its ``k`` is one number, so the planes are concatenated into
+    ``f = 1 + C_k / 2^bits`` (exact fp32, built by bit placement) and ``sum(x f)`` needs one multiply-add
+    per weight whatever ``k``; per group ``y += s (2^b_1 (sum(x f) - sum(x)) - sum(x) (z + h_k))``.
 
     A chunk of ``BLOCK_K`` columns holds ``GPC`` whole groups (``GPC > 1``) or lies inside one group."""
     SUBG: tl.constexpr = BLOCK_K // GPC
@@ -379,7 +527,8 @@ def _bp_gemv_kernel(
         kk = tl.load(k_ptr).to(tl.int32)
     else:
         kk = tl.max(tl.zeros((1,), dtype=tl.int32) + k_uniform, axis=0)
-    pc = tl.sum(_plane_consts(tl.zeros((1,), dtype=tl.int32) + kk, C0, C1, C2, C3, C4, C5, C6, C7, NS), axis=0)
+    h = tl.sum(_select(tl.zeros((1,), dtype=tl.int32) + kk, H0, H1, H2, H3, H4, H5, H6, H7, NS), axis=0)
+    TWO_B0: tl.constexpr = 1 << B0
 
     acc = tl.zeros((BLOCK_N, GPC), dtype=tl.float32)
     n_chunks = tl.cdiv(K_IN, BLOCK_K)
@@ -387,7 +536,15 @@ def _bp_gemv_kernel(
     c_hi = tl.minimum(c_lo + CHUNKS_PER_SPLIT, n_chunks)
     for c in range(c_lo, c_hi):
         col0 = c * BLOCK_K
+        # every needed plane's loads first (planes past k are masked off: no traffic)
         w0 = _load_words(p0, rows, row_mask, col0, K_IN, B0, BLOCK_K)
+        w1 = w0
+        w2 = w0
+        w3 = w0
+        w4 = w0
+        w5 = w0
+        w6 = w0
+        w7 = w0
         if KMAX > 1:
             w1 = _load_words(p1, rows, row_mask & ((rows * 0 + kk) > 1), col0, K_IN, B1, BLOCK_K)
         if KMAX > 2:
@@ -409,24 +566,12 @@ def _bp_gemv_kernel(
         z = tl.load(zero_ptr + gptr, mask=gmask, other=0.0).to(tl.float32)
         cols = col0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + cols, mask=cols < K_IN, other=0.0).to(tl.float32)
-        P = _gemv_proc(tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32), x * A0, w0, B0, BLOCK_N, BLOCK_K, MAGIC)
-        if KMAX > 1:
-            P = _gemv_maybe(P, x, kk, w1, A1, 1, B1, BLOCK_N, BLOCK_K, MAGIC, PER_TOKEN)
-        if KMAX > 2:
-            P = _gemv_maybe(P, x, kk, w2, A2, 2, B2, BLOCK_N, BLOCK_K, MAGIC, PER_TOKEN)
-        if KMAX > 3:
-            P = _gemv_maybe(P, x, kk, w3, A3, 3, B3, BLOCK_N, BLOCK_K, MAGIC, PER_TOKEN)
-        if KMAX > 4:
-            P = _gemv_maybe(P, x, kk, w4, A4, 4, B4, BLOCK_N, BLOCK_K, MAGIC, PER_TOKEN)
-        if KMAX > 5:
-            P = _gemv_maybe(P, x, kk, w5, A5, 5, B5, BLOCK_N, BLOCK_K, MAGIC, PER_TOKEN)
-        if KMAX > 6:
-            P = _gemv_maybe(P, x, kk, w6, A6, 6, B6, BLOCK_N, BLOCK_K, MAGIC, PER_TOKEN)
-        if KMAX > 7:
-            P = _gemv_maybe(P, x, kk, w7, A7, 7, B7, BLOCK_N, BLOCK_K, MAGIC, PER_TOKEN)
-        T = tl.sum(tl.reshape(P, (BLOCK_N, GPC, SUBG)), axis=2)  # [BLOCK_N, GPC]
-        xs = tl.sum(tl.reshape(x, (GPC, SUBG)), axis=1)  # [GPC]
-        acc += s * (T - xs[None, :] * (pc + z))
+        fb = _concat_bits(w0, w1, w2, w3, w4, w5, w6, w7, kk, 0x3F800000, 23, KMAX,
+                          B0, B1, B2, B3, B4, B5, B6, B7, BLOCK_N, BLOCK_K, PER_TOKEN)
+        f = fb.to(tl.float32, bitcast=True)
+        T = tl.sum(tl.reshape(f * x[None, :], (BLOCK_N, GPC, SUBG)), axis=2)  # [BLOCK_N, GPC]
+        xs = tl.sum(tl.reshape(x, (GPC, SUBG)), axis=1)[None, :]  # [1, GPC]
+        acc += s * (TWO_B0 * (T - xs) - xs * (z + h))
     y = tl.reshape(tl.sum(acc, axis=1), (1, BLOCK_N))
     zero_m = tl.zeros((1,), dtype=tl.int32)
     _splitk_store(y, out_ptr, part_ptr, lock_ptr, bias_ptr, zero_m, zero_m == 0, rows, row_mask, N,
@@ -607,7 +752,8 @@ class SmallConfig:
     num_warps: int = 4
     num_stages: int = 2
     use_dot: bool | None = None
-    magic: bool = True
+    magic: bool = True  # codes enter the dot as exact floats 1 + q / 2^b built from bits (no I2F)
+    combine: bool = True  # tensor cores, every token the same k: one dot on the concatenated code
 
 
 @dataclass(frozen=True)
@@ -781,20 +927,23 @@ def bitplane_linear_small(
         part = locks = out
     common = dict(
         GROUP=group_size, NS=NS, KMAX=kmax_c, PER_TOKEN=per_token, HAS_BIAS=bias is not None,
-        SPLIT_K=split, BLOCK_N=block_n, BLOCK_K=bk, MAGIC=magic,
+        SPLIT_K=split, BLOCK_N=block_n, BLOCK_K=bk,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **{f"B{i}": b for i, b in enumerate(_bits_args(slice_bits))},
     )
-    head = (x2, out, part, locks, bias if bias is not None else out, k_t, scale, zero, *_plane_args(planes), *A, *C)
+    H = [(1.0 - 2.0**-sh) / 2 for sh in _shifts(slice_bits)] + [0.0] * (MAX_SLICES - NS)
+    head = (x2, out, part, locks, bias if bias is not None else out, k_t, scale, zero, *_plane_args(planes))
     if use_dot:
+        top = {0: 10, 1: 7, 2: 23}[dt]
+        combined = cfg.combine and magic and not per_token and sum(slice_bits[:kmax_c]) <= top
         _bp_small_kernel[(n_tiles, split)](
-            *head, M, N, K_IN, scale.shape[1], k_u, x2.stride(0), out.stride(0), cps,
-            BLOCK_M=block_m, DT=dt, **common,
+            *head, *A, *C, *H, M, N, K_IN, scale.shape[1], k_u, x2.stride(0), out.stride(0), cps,
+            BLOCK_M=block_m, DT=dt, COMBINED=combined, MAGIC=magic, **common,
         )
     else:
         gpc = 1 if group_size % bk == 0 else bk // group_size
         _bp_gemv_kernel[(n_tiles, split)](
-            *head, N, K_IN, scale.shape[1], k_u, cps, GPC=gpc, **common,
+            *head, *H, N, K_IN, scale.shape[1], k_u, cps, GPC=gpc, **common,
         )
     return out
 
@@ -830,7 +979,66 @@ def default_tile_config(M: int) -> TileConfig:
         return TileConfig(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=3)
     if M <= 256:
         return TileConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4)
-    return TileConfig()
+    # best of the H100 sweep at 2048 tokens on every LLaMA-3-8B shape but k/v (benchmarks/NOTES.md)
+    return TileConfig(block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=4)
+
+
+#: From this many tokens on CUDA, 'auto' dequantizes W_k once and calls cuBLAS (measured faster than the
+#: fused tile kernel at 2048 tokens for every shape and k on an H100; benchmarks/NOTES.md).
+DEQUANT_MIN_TOKENS = 1024
+
+
+def bitplane_linear_dequant(
+    x2: torch.Tensor,
+    planes: Sequence[torch.Tensor],
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    slice_bits: Sequence[int],
+    group_size: int,
+    k,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Prefill: ``W_k`` by one Triton pass over its planes into a scratch buffer, then ``torch.matmul``
+    (cuBLAS on CUDA), once per ``k`` present. A per-token ``k`` tensor costs one host synchronisation
+    (the token count of each ``k``)."""
+    M, K_IN = x2.shape
+    N = scale.shape[0]
+    NS = len(slice_bits)
+    if out is None:
+        out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
+    if M == 0:
+        return out
+    wbuf = torch.empty(N, K_IN, dtype=x2.dtype, device=x2.device)
+    b = None if bias is None else bias.to(x2.dtype)
+
+    def run(kk, xs, dst):
+        dequantize(planes, scale, zero, slice_bits, group_size, kk, K_IN, dtype=x2.dtype, out=wbuf)
+        if b is None:
+            torch.matmul(xs, wbuf.t(), out=dst)
+        else:
+            torch.addmm(b, xs, wbuf.t(), out=dst)
+
+    if isinstance(k, int):
+        _check_k(k, NS)
+        run(k, x2, out)
+        return out
+    kf = k.reshape(-1).to(x2.device)
+    if kf.numel() != M:
+        raise ValueError(f"k has {kf.numel()} entries for {M} tokens")
+    counts = torch.bincount(kf.long(), minlength=NS + 1).tolist()
+    if counts[0] or len(counts) > NS + 1:
+        raise ValueError(f"per-token k must be in [1, {NS}]")
+    present = [j for j in range(1, NS + 1) if counts[j]]
+    if len(present) == 1:
+        run(present[0], x2, out)
+        return out
+    for j in present:
+        idx = (kf == j).nonzero(as_tuple=True)[0]
+        part = torch.empty(idx.numel(), N, dtype=x2.dtype, device=x2.device)
+        run(j, x2.index_select(0, idx), part)
+        out.index_copy_(0, idx, part)
+    return out
 
 
 def bitplane_linear_tiled(
@@ -928,8 +1136,10 @@ def bitplane_linear(
 ) -> torch.Tensor:
     """``y = x W_k^T (+ bias)`` reading only the first ``k`` bit-planes; ``k`` int or per-token tensor.
 
-    ``path``: 'auto' (small-batch kernel for <= 16 tokens when the layout allows, else tiles), 'small'
-    or 'tile'. ``out``, if given, is a ``[tokens, out_features]`` buffer to write (contiguous rows)."""
+    ``path``: 'auto' (small-batch kernels for <= 16 tokens when the layout allows; on CUDA from
+    ``DEQUANT_MIN_TOKENS`` tokens 'dequant'; else tiles), 'small', 'tile' (fused dequantize-tile-then-dot)
+    or 'dequant' (dequantize W_k, then cuBLAS). ``out``, if given, is a ``[tokens, out_features]`` buffer
+    to write (contiguous rows)."""
     slice_bits = tuple(int(b) for b in slice_bits)
     if not 1 <= len(slice_bits) <= MAX_SLICES or len(planes) != len(slice_bits):
         raise ValueError(f"need one plane per slice (1..{MAX_SLICES}), got {len(planes)} for {slice_bits}")
@@ -954,20 +1164,29 @@ def bitplane_linear(
     zero = zero.contiguous()
     if path == "auto":
         small_ok = M <= 16 and small_supported(slice_bits, group_size, None, M > 1)
-        path = "small" if small_ok else "tile"
+        if small_ok:
+            path = "small"
+        elif M >= DEQUANT_MIN_TOKENS and x2.is_cuda and tile_config is None:
+            path = "dequant"
+        else:
+            path = "tile"
     if path == "small":
         y = bitplane_linear_small(x2, planes, scale, zero, slice_bits, group_size, k, bias, out, small_config)
     elif path == "tile":
         y = bitplane_linear_tiled(x2, planes, scale, zero, slice_bits, group_size, k, bias, out, tile_config)
+    elif path == "dequant":
+        y = bitplane_linear_dequant(x2, planes, scale, zero, slice_bits, group_size, k, bias, out)
     else:
-        raise ValueError(f"path must be 'auto', 'small' or 'tile', got {path!r}")
+        raise ValueError(f"path must be 'auto', 'small', 'tile' or 'dequant', got {path!r}")
     return y.reshape(*lead, N)
 
 
 __all__ = [
     "SmallConfig",
     "TileConfig",
+    "DEQUANT_MIN_TOKENS",
     "bitplane_linear",
+    "bitplane_linear_dequant",
     "bitplane_linear_small",
     "bitplane_linear_tiled",
     "default_tile_config",
