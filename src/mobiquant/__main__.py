@@ -21,7 +21,18 @@ def _task(cfg) -> float:
         return run(cfg)
     except ConfigError as e:  # a clear one-line message instead of a traceback
         print(f"mobiquant: invalid configuration: {e}", file=sys.stderr)
+        if _multirun():
+            # An exception (not SystemExit) lets Hydra record this job as failed and run the others;
+            # the sweep then ends with this error once every job of the batch is done.
+            raise
         raise SystemExit(2) from None
+
+
+def _multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def main() -> None:
