@@ -20,7 +20,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .modules import MoBiLinear
+from .fileio import atomic_write_bytes, fsync_dir, sha256_file
 from .patching import MoBiConfig, find_blocks, mobi_linears, quantize_model, routers
 
 FORMAT = "mobiquant"
@@ -31,40 +31,6 @@ TENSORS_NAME = "quantized.safetensors"
 
 class CheckpointError(RuntimeError):
     """A quantized checkpoint is missing, truncated, corrupted or does not fit the base model."""
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def base_fingerprint(model: nn.Module) -> str:
@@ -136,7 +102,7 @@ def save_quantized(model: nn.Module, folder: str | os.PathLike, base_model: str 
     if extra:
         meta["extra"] = extra
     atomic_write_bytes(folder / CONFIG_NAME, json.dumps(meta, indent=2).encode())
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return folder
 
 

@@ -28,7 +28,6 @@ import importlib.util
 import json
 import os
 import re
-import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -37,7 +36,8 @@ from typing import Any
 
 import torch
 
-from .models import cache_root, hub_offline, hub_reachable, shared_mode
+from .fileio import atomic_write_text
+from .models import cache_root, hub_offline, hub_reachable
 
 __all__ = [
     "CORPORA",
@@ -177,23 +177,6 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a flushed temporary sibling and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        shared_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def wiki_extract_articles(cache_dir: str | os.PathLike[str] | None = None, refresh: bool = False) -> list[WikiArticle]:
     """All cleaned articles of the gensim Wikipedia extract, in dump order (cached after the first call).
 
@@ -213,7 +196,7 @@ def wiki_extract_articles(cache_dir: str | os.PathLike[str] | None = None, refre
         if text:
             articles.append(WikiArticle(title=title, text=text))
     payload = "".join(json.dumps({"title": a.title, "text": a.text}, ensure_ascii=False) + "\n" for a in articles)
-    _atomic_write_text(cache_file, payload)
+    atomic_write_text(cache_file, payload)
     return articles
 
 

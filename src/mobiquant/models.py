@@ -37,6 +37,8 @@ from urllib.parse import urlparse
 
 import torch
 
+from .fileio import fsync_dir, fsync_tree, sha256_file, shared_mode
+
 __all__ = [
     "DEFAULT_MODEL",
     "DTYPES",
@@ -148,49 +150,10 @@ DEFAULT_MODEL = "smollm2-135m"
 # --------------------------------------------------------------------------------------------------
 
 
-def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
-def _fsync_tree(root: Path) -> None:
-    """Flush every file below ``root`` and the directories themselves to disk."""
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def shared_mode(path: str | os.PathLike[str]) -> None:
-    """Give a file or folder made by :mod:`tempfile` (private, 0600/0700) the usual umask-based mode."""
-    base = 0o777 if os.path.isdir(path) else 0o666
-    os.chmod(path, base & ~_umask())
 
 
 def _read_marker(folder: Path) -> dict[str, Any] | None:
@@ -267,7 +230,7 @@ def convert_gguf(gguf_file: str | os.PathLike[str], out_dir: str | os.PathLike[s
             "source_file": gguf_file.name,
             "source_path": str(gguf_file),
             "source_size": gguf_file.stat().st_size,
-            "source_sha256": _sha256_file(gguf_file),
+            "source_sha256": sha256_file(gguf_file),
             "transformers_version": transformers.__version__,
             "torch_version": torch.__version__,
             "dtype": "float32",
@@ -277,7 +240,7 @@ def convert_gguf(gguf_file: str | os.PathLike[str], out_dir: str | os.PathLike[s
         }
         (tmp / SOURCE_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
         shared_mode(tmp)  # mkdtemp makes a private folder; the cache is meant to be readable like any other
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if out_dir.exists():
             # Move the old folder aside first: a directory can only be renamed over an empty one.
             stale = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
@@ -286,7 +249,7 @@ def convert_gguf(gguf_file: str | os.PathLike[str], out_dir: str | os.PathLike[s
             shutil.rmtree(stale, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
-        _fsync_dir(out_dir.parent)
+        fsync_dir(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

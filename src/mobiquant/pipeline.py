@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 
 from .methods import QuantMethod, RunContext, Variant
 from .patching import achieved_bits, mobi_linears, reset_counts
 from .results import (
-    KEY,
     concat_rows,
     has_row,
     atomic_write_text,
@@ -168,7 +167,6 @@ def _row_avg_bits(variant: Variant) -> float:
 
 def run(cfg: DictConfig) -> float:
     """Run one experiment; returns the mean perplexity of ``quant`` over its budgets (first eval corpus)."""
-    from .calibration import BlockReport  # noqa: F401  (import early: fails fast if lightning is broken)
     from .data import calibration_windows, eval_windows
     from .evaluation import perplexity
 

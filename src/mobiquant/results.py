@@ -11,28 +11,14 @@ from typing import Iterable
 
 import pandas as pd
 
+from .fileio import atomic_write_text
+
 COLUMNS = [
     "model", "method", "budget", "avg_bits", "storage_bits", "dataset", "seqlen", "n_windows",
     "n_tokens", "ppl", "nll", "tokenizer", "dtype", "calib_seconds", "n_calibrations", "eval_seconds",
     "quant_params", "checkpoint",
 ]
 KEY = ["method", "budget", "dataset"]
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_csv(df: pd.DataFrame, path: str | os.PathLike) -> None:
