@@ -136,7 +136,7 @@ def method_summary(df: pd.DataFrame) -> pd.DataFrame:
             "budgets": len(first),
             "n_calibrations": int(per_art["n_calibrations"].fillna(0).sum()),
             "calib_seconds": float(per_art["calib_seconds"].fillna(0).sum()),
-            "stored_bytes_all_precisions": float((per_art["storage_bits"] * params / 8).sum()),
+            "stored_bytes_all_precisions": float((per_art["storage_bits"] * params / 8).sum(min_count=1)),
         })
     return pd.DataFrame(rows)
 
