@@ -16,9 +16,14 @@ packed block at ``propagate_budget`` (default: the middle of the range) to becom
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import math
+import os
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -309,6 +314,91 @@ def _fit_block_thresholds(block: nn.Module, x: torch.Tensor, kwargs, cfg: CalibC
         r.fit_thresholds(xs)
 
 
+def _propagate(block, q_x, kwargs, cfg: CalibConfig, mobi: MoBiConfig, budget: float) -> torch.Tensor:
+    """The next block's inputs: the quantized trajectory through this packed block at ``budget``."""
+    for m in _block_mobi(block):
+        if m.router is not None:
+            m.router.set_budget(min(max(budget, mobi.min_bits), mobi.max_bits))
+            m.set_routed()
+    out = run_block_batched(block, q_x, kwargs, cfg.batch_size)
+    for m in _block_mobi(block):
+        m.clear_cache()
+    return out
+
+
+class _CalibState:
+    """Finished blocks of one calibration, saved as they complete (``block_XXX.safetensors``)."""
+
+    def __init__(self, folder, mobi: MoBiConfig, cfg: CalibConfig, calib_ids: torch.Tensor):
+        from .fileio import atomic_write_text
+
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        ids = calib_ids.detach().cpu().contiguous()
+        settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("progress_bar",)}
+        self.key = {
+            "mobi": mobi.to_dict(),
+            "calib": json.loads(json.dumps(settings, default=str)),
+            "calib_ids_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
+            "calib_ids_shape": list(ids.shape),
+        }
+        meta_path = self.folder / "state.json"
+        self.reports: dict[int, dict] = {}
+        if meta_path.exists():
+            meta = json.loads(meta_path.read_text())
+            if meta.get("key") == self.key:
+                self.reports = {int(k): v for k, v in meta.get("blocks", {}).items()}
+            else:
+                log.warning("calibration state in %s was made with other settings: starting over", self.folder)
+                for f in self.folder.glob("block_*.safetensors"):
+                    f.unlink()
+        self._write = lambda: atomic_write_text(
+            meta_path, json.dumps({"key": self.key, "blocks": self.reports}, indent=1))
+        self._write()
+
+    def _file(self, i: int) -> Path:
+        return self.folder / f"block_{i:03d}.safetensors"
+
+    def has(self, i: int) -> bool:
+        return i in self.reports and self._file(i).is_file()
+
+    def report(self, i: int) -> BlockReport:
+        return BlockReport(**{**self.reports[i], "seconds": 0.0, "steps": 0})
+
+    def save(self, i: int, block: nn.Module, report: BlockReport) -> None:
+        from safetensors.torch import save_file
+
+        from .checkpoint import quantized_state
+        from .fileio import fsync_dir
+
+        tmp = self._file(i).with_suffix(".tmp")
+        save_file(quantized_state(block), str(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self._file(i))
+        fsync_dir(self.folder)
+        self.reports[i] = vars(report)
+        self._write()  # the JSON names a block only once its tensors are safely on disk
+
+    def load(self, i: int, block: nn.Module) -> None:
+        from safetensors.torch import load_file
+
+        from .checkpoint import _assign
+
+        tensors = load_file(str(self._file(i)))
+        dtype = next(iter(_block_mobi(block))).weight.dtype
+        device = next(iter(_block_mobi(block))).weight.device
+        for m in _block_mobi(block):
+            m.make_packed_buffers(dtype)
+        with torch.no_grad():
+            for name, mod in block.named_modules():
+                if isinstance(mod, (MoBiLinear, TokenRouter)):
+                    _assign(mod, name, tensors)
+        block.to(device)
+        for r in _block_routers(block):
+            r.requires_grad_(False)
+
+
 def calibrate_model(
     model: nn.Module,
     calib_ids: torch.Tensor,
@@ -317,14 +407,19 @@ def calibrate_model(
     loggers: Any = False,
     callbacks: list | None = None,
     on_block_end: Callable[[int, BlockReport], None] | None = None,
+    state_dir: str | os.PathLike | None = None,
 ) -> CalibrationResult:
     """Quantize and calibrate ``model`` in place on token windows ``calib_ids`` ``[n, T]``.
 
     Returns per-block reports; afterwards every block is packed and every router has threshold tables,
-    so ``set_budget`` works at once.
+    so ``set_budget`` works at once. With ``state_dir``, every finished block is saved there as it
+    completes; calling again with the same arguments and folder reloads the finished blocks, rebuilds
+    the next block's inputs by running them, and continues with the first unfinished block. The result
+    is the same as an uninterrupted run (each block's randomness is seeded by its index).
     """
     cfg = cfg or CalibConfig()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    state = _CalibState(state_dir, mobi, cfg, calib_ids) if state_dir is not None else None
     t_start = time.perf_counter()
     sites = discover_sites(model, mobi)
     _, blocks = find_blocks(model)
@@ -338,7 +433,18 @@ def calibrate_model(
     for i, block in enumerate(blocks):
         t0 = time.perf_counter()
         fp_y = run_block_batched(block, fp_x, kwargs, cfg.batch_size)  # FP targets before patching
+        torch.manual_seed(cfg.seed * 1_000_003 + i)  # router init: the same whether resumed or not
         quantize_block(block, sites[i], mobi)
+        if state is not None and state.has(i):
+            state.load(i, block)
+            report = state.report(i)
+            log.info("block %d: resumed from %s", i, state.folder)
+            fp_x = fp_y
+            q_x = _propagate(block, q_x, kwargs, cfg, mobi, prop_budget)
+            result.blocks.append(report)
+            if on_block_end is not None:
+                on_block_end(i, report)
+            continue
         _trainable_only_quant(block)
         module = BlockCalibration(block, kwargs, cfg, mobi, i, step_offset)
         epochs = cfg.epochs_stage1 + (cfg.epochs_stage2 if module.has_routing else 0)
@@ -375,19 +481,12 @@ def calibrate_model(
             r.clear_cache()
         _fit_block_thresholds(block, q_x, kwargs, cfg)
         fp_x = fp_y
-
-        def at_budget(batch_idx: int, block=block):
-            for m in _block_mobi(block):
-                if m.router is not None:
-                    m.router.set_budget(min(max(prop_budget, mobi.min_bits), mobi.max_bits))
-                    m.set_routed()
-        q_x = run_block_batched(block, q_x, kwargs, cfg.batch_size,
-                                before_batch=at_budget if module.routers else None)
-        for m in _block_mobi(block):
-            m.clear_cache()
         steps = int(trainer.global_step)
         step_offset += steps
         report = BlockReport(i, module.final_loss, module.final_mse, time.perf_counter() - t0, steps)
+        if state is not None:
+            state.save(i, block, report)
+        q_x = _propagate(block, q_x, kwargs, cfg, mobi, prop_budget)
         result.blocks.append(report)
         if on_block_end is not None:
             on_block_end(i, report)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import math
 import time
 from dataclasses import dataclass, field
@@ -58,6 +59,16 @@ class RunContext:
     save_checkpoints: bool = True
     base_model_name: str | None = None
     cache: dict = field(default_factory=dict)  # calibrated models shared between methods of one run
+    resume: bool = True  # keep per-block calibration state in output_dir/calib_state/<tag> and resume from it
+
+    def state_dir(self, tag: str) -> Path | None:
+        return self.output_dir / "calib_state" / tag if self.resume else None
+
+    def drop_state(self, tag: str) -> None:
+        """The finished checkpoint supersedes the per-block state."""
+        folder = self.state_dir(tag)
+        if folder is not None and folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @dataclass
@@ -165,9 +176,11 @@ class LWC(QuantMethod):
                 calib = dataclasses.replace(ctx.calib, **self.calib_overrides) if self.calib_overrides else ctx.calib
                 t0 = time.perf_counter()
                 calibrate_model(model, ctx.calib_ids, mobi, calib, loggers=ctx.loggers,
-                                on_block_end=_block_cb(ctx, tag))
+                                on_block_end=_block_cb(ctx, tag), state_dir=ctx.state_dir(tag))
                 seconds = time.perf_counter() - t0
                 ckpt = self._save(ctx, model, tag, extra={"calib_seconds": seconds})
+                if ckpt is not None:
+                    ctx.drop_state(tag)
             yield Variant(self.name, b, model, storage_bits(model), seconds, 1, ckpt)
 
 
@@ -209,9 +222,11 @@ class MoBiQuant(QuantMethod):
         calib = dataclasses.replace(ctx.calib, **self.calib_overrides) if self.calib_overrides else ctx.calib
         t0 = time.perf_counter()
         calibrate_model(model, ctx.calib_ids, self.mobi, calib, loggers=ctx.loggers,
-                        on_block_end=_block_cb(ctx, self.name))
+                        on_block_end=_block_cb(ctx, self.name), state_dir=ctx.state_dir(self.name))
         seconds = time.perf_counter() - t0
         ckpt = self._save(ctx, model, self.name, extra={"calib_seconds": seconds})
+        if ckpt is not None:
+            ctx.drop_state(self.name)
         ctx.cache[key] = (model, seconds, ckpt)
         return model, seconds, ckpt, False
 

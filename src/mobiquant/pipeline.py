@@ -218,6 +218,7 @@ def run(cfg: DictConfig) -> float:
             fp_model=fp_model, calib_ids=calib_ids, output_dir=out_dir, calib=calib,
             loggers=tracker.lightning_loggers, on_block_end=on_block_end,
             save_checkpoints=bool(cfg.save_checkpoints), base_model_name=str(cfg.model.path),
+            resume=bool(cfg.get("resume", True)),
         )
         logged_ckpts: set[str] = set()
         for method in methods:
