@@ -56,3 +56,29 @@ def test_state_from_other_settings_is_not_reused(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         calibrate_model(model, ids, mq.MoBiConfig(group_size=32, router_hidden=8), cfg, state_dir=state)
     assert "other settings" in caplog.text
+
+
+def test_non_finite_loss_stops_the_block_and_names_it(tmp_path, monkeypatch):
+    """A NaN in a block's output stops calibration with the block and step named; earlier blocks stay saved."""
+    from mobiquant import calibration
+
+    real_run_block = calibration.run_block
+    calls = {"n": 0}
+
+    def poisoned(block, x, kwargs):
+        out = real_run_block(block, x, kwargs)
+        if torch.is_grad_enabled() and block is poisoned.target:
+            calls["n"] += 1
+            return out * float("nan")
+        return out
+
+    model, _ = tiny_llama(num_hidden_layers=2)
+    poisoned.target = model.model.layers[1]
+    monkeypatch.setattr(calibration, "run_block", poisoned)
+    ids = torch.randint(0, 257, (4, 32), generator=torch.Generator().manual_seed(0))
+    cfg = CalibConfig(epochs_stage1=1, epochs_stage2=1, batch_size=2, progress_bar=False, threshold_windows=0)
+    with pytest.raises(FloatingPointError, match=r"block 1 at step 0"):
+        calibrate_model(model, ids, mq.MoBiConfig(group_size=32, router_hidden=8), cfg, state_dir=tmp_path / "s")
+    assert calls["n"] == 1
+    meta = json.loads((tmp_path / "s" / "state.json").read_text())
+    assert sorted(meta["blocks"]) == ["0"]  # block 0's work is kept
