@@ -18,6 +18,7 @@ accounting and storage accounting are shared by all of them.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import logging
 import shutil
@@ -87,14 +88,18 @@ def integer_budgets(grid: Sequence[float], lo: int = 1, hi: int = 8) -> list[int
     return sorted({int(b) for b in grid if float(b).is_integer() and lo <= b <= hi})
 
 
-class QuantMethod:
+class QuantMethod(abc.ABC):
+    """A method of the comparison: which budgets of the grid it serves, and the variants it yields."""
+
     name: str = "method"
 
+    @abc.abstractmethod
     def budgets(self, grid: Sequence[float]) -> list[float]:
-        raise NotImplementedError
+        """The budgets of ``grid`` this method evaluates (NaN for the unquantized reference)."""
 
+    @abc.abstractmethod
     def run(self, ctx: RunContext, grid: Sequence[float]) -> Iterator[Variant]:
-        raise NotImplementedError
+        """Yield one evaluated-ready :class:`Variant` per budget."""
 
     def _load_saved(self, ctx: RunContext, tag: str, mobi: MoBiConfig) -> tuple[nn.Module, float, str] | None:
         """A checkpoint this run directory already holds for ``tag`` with the same settings (resume)."""
