@@ -14,11 +14,30 @@ from pathlib import Path
 CONF_DIR = os.environ.get("MOBIQUANT_CONF", str(Path(__file__).resolve().parents[2] / "conf"))
 
 
+# `task=<name>` picks what the app does; every task takes the composed config and returns a float
+# (the value an Optuna sweep optimises). Modules are imported lazily so a typo costs no import time.
+TASKS = {
+    "quantize": "mobiquant.pipeline:run",  # calibrate, evaluate every budget, report (the default)
+}
+
+
+def resolve_task(name: str):
+    """The callable behind ``task=<name>``; a clear error naming the allowed tasks otherwise."""
+    import importlib
+
+    from .pipeline import ConfigError
+
+    if name not in TASKS:
+        raise ConfigError(f"task={name!r} is unknown; allowed: {', '.join(sorted(TASKS))}")
+    module, attr = TASKS[name].split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 def _task(cfg) -> float:
-    from .pipeline import ConfigError, run
+    from .pipeline import ConfigError
 
     try:
-        return run(cfg)
+        return resolve_task(str(cfg.get("task", "quantize")))(cfg)
     except ConfigError as e:  # a clear one-line message instead of a traceback
         print(f"mobiquant: invalid configuration: {e}", file=sys.stderr)
         if _multirun():
