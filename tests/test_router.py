@@ -39,16 +39,17 @@ def test_nested_min_is_running_minimum():
     assert nested_min(s).tolist() == [[3.0, 1.0, 1.0, 0.5], [0.0, 0.0, -1.0, -1.0]]
 
 
+@pytest.mark.parametrize("policy", ["free", "adjacent"])
 @pytest.mark.parametrize("slice_bits", [(2, 2, 2, 2), (3, 1, 1, 1, 1, 1), (4, 2, 2)])
-def test_slice_counts_are_nested_and_in_range(slice_bits):
-    r = make_router(slice_bits)
+def test_slice_counts_are_nested_and_in_range(slice_bits, policy):
+    r = make_router(slice_bits, policy=policy)
     x = site_activations(3000, seed=1).reshape(30, 100, DIM)
-    for tau in [-1.0, -0.1, 0.0, 0.05, 1.0]:
+    for tau in [-1.0, -0.1, 0.0, 0.05, 0.5, 1.0, 2.5, 3.2, 9.0]:
         r.tau.fill_(tau)
         k = r.slice_counts(x)
         assert k.shape == (30, 100) and k.dtype == torch.int64
         assert int(k.min()) >= 1 and int(k.max()) <= len(slice_bits)
-        on = nested_min(r.scores(x)) > tau
+        on = r.gate_values(r.scores(x)) > tau
         assert is_prefix(on)
         # k counts exactly the leading run of active residual slices.
         j = torch.arange(len(slice_bits) - 1)
@@ -122,7 +123,7 @@ def test_calibrated_budgets_hold_on_fresh_activations(slice_bits):
     r.fit_thresholds(site_activations(20000, seed=10))
     fresh = site_activations(20000, seed=11)
     with torch.no_grad():
-        fresh_min = nested_min(r.scores(fresh))  # scores do not depend on the budget: compute once
+        fresh_min = r.gate_values(r.scores(fresh))  # scores do not depend on the budget: compute once
     lo, hi = slice_bits[0], sum(slice_bits)
     budgets = [b for b in torch.arange(2.0, 8.01, 0.25).tolist() if lo <= b <= hi]
     assert len(budgets) >= 17
@@ -187,3 +188,26 @@ def test_invalid_router_shapes_raise():
         TokenRouter(DIM, (8,))
     with pytest.raises(ValueError, match="hidden size"):
         TokenRouter(DIM, (2, 2), hidden=0)
+
+
+@pytest.mark.parametrize("slice_bits", [(2, 2, 2, 2), (2, 1, 1, 1, 1, 1, 1)])
+def test_adjacent_policy_uses_only_the_two_views_around_the_budget(slice_bits):
+    r = make_router(slice_bits, policy="adjacent")
+    x = site_activations(4000, seed=3)
+    r.fit_thresholds(x)
+    levels = torch.cumsum(torch.tensor(slice_bits, dtype=torch.float64), 0)
+    lo, hi = float(levels[0]), float(levels[-1])
+    for budget in torch.linspace(lo, hi, 23).tolist():
+        r.set_budget(budget)
+        bits = per_token_bits(r.slice_counts(x), slice_bits)
+        below, above = levels[levels <= budget + 1e-9].max(), levels[levels >= budget - 1e-9].min()
+        assert set(bits.unique().tolist()) <= {float(below), float(above)}
+        assert abs(float(bits.mean()) - budget) < 0.02
+    # An integer view is the static view: every token at the same k.
+    r.set_budget(float(levels[1]))
+    assert r.slice_counts(x).unique().tolist() == [2]
+
+
+def test_unknown_router_policy_is_rejected():
+    with pytest.raises(ValueError, match="policy must be one of"):
+        make_router(policy="greedy")

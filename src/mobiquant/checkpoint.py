@@ -12,15 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from .fileio import atomic_write_bytes, fsync_dir, sha256_file
+from .fileio import discard, ensure_dir, fsync_dir, sha256_file, stage_bytes, writing
 from .patching import MoBiConfig, find_blocks, mobi_linears, quantize_model, routers
 
 FORMAT = "mobiquant"
@@ -67,25 +66,18 @@ def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_quantized(model: nn.Module, folder: str | os.PathLike, base_model: str | None = None,
                    extra: dict | None = None) -> Path:
-    """Write ``model`` (packed) to ``folder`` atomically; returns the folder."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write ``model`` (packed) to ``folder`` atomically; returns the folder.
+
+    Both files are first written in full to temporary names (this is where a full disk fails, leaving an
+    earlier checkpoint in ``folder`` as it was). Then the old JSON is removed, the tensor file renamed into
+    place and the new JSON last: at every instant the folder is the old checkpoint, an incomplete one
+    (no JSON: calibrated anew by a resumed run), or the new one.
+    """
+    folder = ensure_dir(folder)
     cfg: MoBiConfig = model.mobiquant_config
     state = quantized_state(model)
     dtypes = {str(m._compute_dtype).removeprefix("torch.") for _, m in mobi_linears(model)}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{TENSORS_NAME}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        digest = sha256_file(tmp)
-        size = os.path.getsize(tmp)
-        os.replace(tmp, folder / TENSORS_NAME)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    data = save(state, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -97,12 +89,29 @@ def save_quantized(model: nn.Module, folder: str | os.PathLike, base_model: str 
             "architecture": type(model).__name__,
             "fingerprint": base_fingerprint(model),
         },
-        "tensors": {"file": TENSORS_NAME, "sha256": digest, "bytes": size, "count": len(state)},
+        "tensors": {"file": TENSORS_NAME, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                    "count": len(state)},
     }
     if extra:
         meta["extra"] = extra
-    atomic_write_bytes(folder / CONFIG_NAME, json.dumps(meta, indent=2).encode())
-    fsync_dir(folder)
+    tensors_path, meta_path = folder / TENSORS_NAME, folder / CONFIG_NAME
+    staged: list[tuple[Path, Path]] = []
+    try:
+        staged.append((stage_bytes(tensors_path, data), tensors_path))
+        del data
+        staged.append((stage_bytes(meta_path, json.dumps(meta, indent=2).encode()), meta_path))
+        with writing(meta_path):
+            if meta_path.exists():
+                meta_path.unlink()
+                fsync_dir(folder)
+        for tmp, final in staged:
+            with writing(final):
+                os.replace(tmp, final)
+            fsync_dir(folder)
+    except BaseException:
+        for tmp, _ in staged:
+            discard(tmp)
+        raise
     return folder
 
 
@@ -155,7 +164,8 @@ def load_quantized(model: nn.Module, folder: str | os.PathLike, check_base: bool
         state = load_file(str(tfile))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"cannot read {tfile}: {e}") from e
-    cfg = MoBiConfig(**meta["config"])
+    # Checkpoints written before gate policies existed used free (nested-minimum) gates.
+    cfg = MoBiConfig(**{"router_policy": "free", **meta["config"]})
     compute_dtype = getattr(torch, meta.get("compute_dtype", "float32"))
     try:
         find_blocks(model)

@@ -35,6 +35,8 @@ class MoBiConfig:
     router_hidden: int = 64
     router_placement: str = "site"  # "site": one router per shared input; "linear": one per linear
     router_temperature: float = 1.0
+    router_policy: str = "adjacent"  # "adjacent": tokens between the two views around the budget; "free"
+    routers: bool = True  # False: multi-slice weights without routers (static views only, e.g. matryoshka)
     skip: Sequence[str] = field(default_factory=list)  # regexes on full module names to keep in FP
     word_bits: int = 32
 
@@ -44,6 +46,10 @@ class MoBiConfig:
             raise ValueError(
                 f"router_placement must be 'site' or 'linear', got {self.router_placement!r}"
             )
+        from .router import POLICIES
+
+        if self.router_policy not in POLICIES:
+            raise ValueError(f"router_policy must be one of {POLICIES}, got {self.router_policy!r}")
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0:
             raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}")
         self.skip = list(self.skip)
@@ -64,6 +70,8 @@ class MoBiConfig:
             "router_hidden": self.router_hidden,
             "router_placement": self.router_placement,
             "router_temperature": self.router_temperature,
+            "router_policy": self.router_policy,
+            "routers": self.routers,
             "skip": list(self.skip),
             "word_bits": self.word_bits,
         }
@@ -150,9 +158,9 @@ def quantize_block(block: nn.Module, block_sites: list[list[str]], cfg: MoBiConf
     for group in block_sites:
         first = block.get_submodule(group[0])
         router = None
-        if len(cfg.slice_bits) > 1:
+        if len(cfg.slice_bits) > 1 and cfg.routers:
             router = TokenRouter(
-                first.in_features, cfg.slice_bits, cfg.router_hidden, cfg.router_temperature
+                first.in_features, cfg.slice_bits, cfg.router_hidden, cfg.router_temperature, cfg.router_policy
             ).to(device=first.weight.device)
             routers_[site_key(group)] = router
         for name in group:

@@ -5,6 +5,16 @@ slice. Gates are nested: residual slice ``e`` is on only if slices ``2..e-1`` ar
 ``e`` is decided by ``min(score_2..score_e)`` against ONE threshold ``tau`` per router. A higher ``tau``
 means fewer slices; the achieved average bits fall monotonically as ``tau`` rises.
 
+Two gate policies (``policy``):
+
+* ``free``: the gate of slice ``e`` is ``min(score_2..score_e) > tau``; at a given budget a token may use
+  any number of slices.
+* ``adjacent`` (our choice, the default): the sigmoid of each slice's score is placed in its own band,
+  ``v_e = sigmoid(score_e) + 2 (K - 1 - e)``, so one ``tau`` inside the band of slice ``e`` turns every
+  earlier slice on, every later slice off, and slice ``e`` on for the tokens that score highest. At a
+  budget between two views every token uses one of those two views; integer views are exact static views.
+  This keeps tokens off views far below the budget (a 2-bit view is unusable on small models).
+
 Elastic control: after calibration, each router keeps a table mapping ``tau`` to the average bits it
 achieved on calibration activations (a weighted quantile function of its scores). Asking for a budget
 ``B`` looks ``tau`` up in that table: thresholds change, weights never do.
@@ -65,6 +75,9 @@ def interp_tau(bits_table: torch.Tensor, tau_table: torch.Tensor, budget: float)
     return float(t[i - 1] + w * (t[i] - t[i - 1]))
 
 
+POLICIES = ("free", "adjacent")
+
+
 class TokenRouter(nn.Module):
     """Scores the need of each token for residual slices ``2..K`` of one input site."""
 
@@ -74,8 +87,12 @@ class TokenRouter(nn.Module):
         slice_bits: Sequence[int],
         hidden: int = 64,
         temperature: float = 1.0,
+        policy: str = "adjacent",
     ):
         super().__init__()
+        if policy not in POLICIES:
+            raise ValueError(f"router policy must be one of {POLICIES}, got {policy!r}")
+        self.policy = policy
         if len(slice_bits) < 2:
             raise ValueError("a router needs at least two slices (one base and one residual)")
         if hidden <= 0:
@@ -111,6 +128,14 @@ class TokenRouter(nn.Module):
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.to(self.net[0].weight.dtype))
 
+    def gate_values(self, scores: torch.Tensor) -> torch.Tensor:
+        """Values compared with ``tau``: slice ``e`` is on iff ``gate_values[..., e] > tau``; they are
+        non-increasing along the slice axis, so gates are nested under either policy."""
+        if self.policy == "free":
+            return nested_min(scores)
+        bands = 2.0 * torch.arange(self.num_residuals - 1, -1, -1, dtype=scores.dtype, device=scores.device)
+        return torch.sigmoid(scores) + bands
+
     # ---------------- hard routing (inference) ----------------
     def slice_counts(self, x: torch.Tensor) -> torch.Tensor:
         """Number of slices ``k`` in ``[1, K]`` per token (``long``, shape ``x.shape[:-1]``)."""
@@ -118,7 +143,7 @@ class TokenRouter(nn.Module):
         if self._cache is not None and self._cache[0] is x and self._cache[1] == key:
             return self._cache[2]
         with torch.no_grad():
-            m = nested_min(self.scores(x))
+            m = self.gate_values(self.scores(x))
             tau = self.tau
             if self.record_budget is not None:  # threshold fitting: this batch's quantile for the budget
                 bits_t, tau_t = weighted_tail_table(m.reshape(-1, self.num_residuals), self.slice_bits)
@@ -138,7 +163,7 @@ class TokenRouter(nn.Module):
         if self._cache is not None and self._cache[0] is x and self._cache[1] == ("gates", target_bits):
             return self._cache[2]
         s = self.scores(x)
-        m_nested = nested_min(s)
+        m_nested = self.gate_values(s)
         if target_bits is not None:
             bits_t, tau_t = weighted_tail_table(m_nested.detach().reshape(-1, self.num_residuals), self.slice_bits)
             tau = interp_tau(bits_t, tau_t, target_bits)
@@ -161,7 +186,7 @@ class TokenRouter(nn.Module):
     def fit_thresholds(self, activations: torch.Tensor) -> None:
         """Build the bits -> tau table from calibration activations ``[..., d]``."""
         x = activations.reshape(-1, activations.shape[-1])
-        m = nested_min(self.scores(x))
+        m = self.gate_values(self.scores(x))
         bits, taus = weighted_tail_table(m, self.slice_bits)
         self.bits_table = bits.to(self.tau.device)
         self.tau_table = taus.to(self.tau.device)

@@ -68,3 +68,22 @@ def test_narrow_one_signed_groups_stay_exact_and_finite():
         got = m.dequantized(k).double()
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, truncated_view(full, s, zT, 8, 2 * k, 64), rtol=0, atol=1e-9)
+
+
+def test_matryoshka_checkpoint_reloads_without_routers(tmp_path):
+    from mobiquant.checkpoint import load_quantized, save_quantized
+    from mobiquant.patching import mobi_linears, routers, set_static
+    from mobiquant.tiny import tiny_llama
+
+    model, _ = tiny_llama(num_hidden_layers=1, seed=0)
+    quantize_matryoshka(model, group_size=32)
+    save_quantized(model, tmp_path / "ckpt")
+    fresh, _ = tiny_llama(num_hidden_layers=1, seed=0)
+    load_quantized(fresh, tmp_path / "ckpt")
+    assert not list(routers(fresh))
+    ids = torch.randint(0, 256, (1, 16))
+    for k in (1, 2, 4):
+        set_static(model, k)
+        set_static(fresh, k)
+        assert torch.equal(model(input_ids=ids).logits, fresh(input_ids=ids).logits)
+    assert len(list(mobi_linears(fresh))) == len(list(mobi_linears(model)))

@@ -227,7 +227,7 @@ def test_mobilinear_routed_backend(gen):
     from mobiquant.router import TokenRouter
 
     m = _frozen_layer(128, 32, 64, gen, bias=False)
-    router = TokenRouter(128, m.slice_bits).to(DEVICE)
+    router = TokenRouter(128, m.slice_bits, policy="free").to(DEVICE)
     m.attach_router(router)
     m.set_routed()
     x = randx(12, 128, torch.float32, gen) * 3

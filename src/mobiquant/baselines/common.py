@@ -106,7 +106,7 @@ def mark_quantized(model: nn.Module, blocks: tuple[str, nn.ModuleList], slice_bi
     """
     blocks_name, blocks = blocks
     model.mobiquant_config = MoBiConfig(
-        slice_bits=tuple(slice_bits), group_size=group_size, lwc_init=None, router_placement="linear",
+        slice_bits=tuple(slice_bits), group_size=group_size, lwc_init=None, router_placement="linear", routers=False,
         skip=list(skip), word_bits=word_bits,
     )
     model.mobiquant_sites = [
