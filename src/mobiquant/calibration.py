@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from .dist import is_rank_zero
 from .modules import MoBiLinear
 from .patching import (
     ROUTERS_ATTR,
@@ -330,10 +331,9 @@ class _CalibState:
     """Finished blocks of one calibration, saved as they complete (``block_XXX.safetensors``)."""
 
     def __init__(self, folder, mobi: MoBiConfig, cfg: CalibConfig, calib_ids: torch.Tensor):
-        from .fileio import atomic_write_text
+        from .fileio import atomic_write_text, ensure_dir
 
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder = ensure_dir(folder)
         ids = calib_ids.detach().cpu().contiguous()
         settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("progress_bar",)}
         self.key = {
@@ -351,8 +351,10 @@ class _CalibState:
             else:
                 log.warning("calibration state in %s was made with other settings: starting over", self.folder)
                 for f in self.folder.glob("block_*.safetensors"):
-                    f.unlink()
-        self._write = lambda: atomic_write_text(
+                    if is_rank_zero():
+                        f.unlink(missing_ok=True)
+        self.writer = is_rank_zero()  # under DDP every rank reads the state, rank 0 alone writes it
+        self._write = lambda: self.writer and atomic_write_text(
             meta_path, json.dumps({"key": self.key, "blocks": self.reports}, indent=1))
         self._write()
 
@@ -366,17 +368,15 @@ class _CalibState:
         return BlockReport(**{**self.reports[i], "seconds": 0.0, "steps": 0})
 
     def save(self, i: int, block: nn.Module, report: BlockReport) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
+        if not self.writer:
+            self.reports[i] = vars(report)
+            return
         from .checkpoint import quantized_state
-        from .fileio import fsync_dir
+        from .fileio import atomic_write_bytes
 
-        tmp = self._file(i).with_suffix(".tmp")
-        save_file(quantized_state(block), str(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self._file(i))
-        fsync_dir(self.folder)
+        atomic_write_bytes(self._file(i), save(quantized_state(block)))
         self.reports[i] = vars(report)
         self._write()  # the JSON names a block only once its tensors are safely on disk
 
@@ -448,8 +448,6 @@ def calibrate_model(
         _trainable_only_quant(block)
         module = BlockCalibration(block, kwargs, cfg, mobi, i, step_offset)
         epochs = cfg.epochs_stage1 + (cfg.epochs_stage2 if module.has_routing else 0)
-        loader = DataLoader(TensorDataset(q_x, fp_y), batch_size=cfg.batch_size, shuffle=True,
-                            generator=torch.Generator().manual_seed(cfg.seed + i))
         cbs = list(callbacks or [])
         if cfg.progress_bar:  # plain tqdm: no refresh thread, readable in log files
             cbs.append(L.pytorch.callbacks.TQDMProgressBar(refresh_rate=1))
@@ -469,6 +467,11 @@ def calibrate_model(
             log_every_n_steps=1,
             deterministic=False,
         )
+        # `batch_size` is the global batch: under DDP each rank takes its share of it (at least one
+        # sample), and Lightning's distributed sampler gives each rank its own shard of the windows.
+        per_rank = max(1, cfg.batch_size // max(1, trainer.world_size))
+        loader = DataLoader(TensorDataset(q_x, fp_y), batch_size=per_rank, shuffle=True,
+                            generator=torch.Generator().manual_seed(cfg.seed + i))
         if epochs > 0:
             trainer.fit(module, loader)
         block.to(device)

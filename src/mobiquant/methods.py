@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from .calibration import CalibConfig, calibrate_model
 from .checkpoint import CONFIG_NAME, load_quantized, read_meta, save_quantized
+from .dist import is_rank_zero
 from .patching import (
     MoBiConfig,
     freeze,
@@ -68,7 +69,7 @@ class RunContext:
     def drop_state(self, tag: str) -> None:
         """The finished checkpoint supersedes the per-block state."""
         folder = self.state_dir(tag)
-        if folder is not None and folder.exists():
+        if folder is not None and folder.exists() and is_rank_zero():
             shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -118,6 +119,8 @@ class QuantMethod(abc.ABC):
         if not ctx.save_checkpoints:
             return None
         folder = ctx.output_dir / "checkpoints" / tag
+        if not is_rank_zero():  # DDP: rank 0 writes
+            return str(folder)
         save_quantized(model, folder, base_model=ctx.base_model_name, extra=extra)
         return str(folder)
 

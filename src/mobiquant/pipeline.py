@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig
 
+from .dist import is_rank_zero
+from .fileio import ensure_writable_dir
 from .methods import QuantMethod, RunContext, Variant
 from .patching import achieved_bits, mobi_linears, reset_counts
 from .results import (
@@ -140,9 +142,10 @@ def load_base_model(cfg: DictConfig):
         from .tiny import tiny_llama
 
         return tiny_llama(**cfg.model.get("tiny", {}), dtype=cfg.model.dtype)
+    from .dist import local_device
     from .models import load_model
 
-    return load_model(cfg.model.path, dtype=cfg.model.dtype, device=cfg.model.device,
+    return load_model(cfg.model.path, dtype=cfg.model.dtype, device=local_device(str(cfg.model.device)),
                       cache_dir=cfg.paths.cache_dir)
 
 
@@ -179,13 +182,15 @@ def run(cfg: DictConfig) -> float:
     torch.manual_seed(cfg.seed)
     wandb_env_default()
     os.environ["MOBIQUANT_CACHE"] = str(cfg.paths.cache_dir)
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = ensure_writable_dir(cfg.paths.output_dir)  # a read-only folder fails here, before any work
     results_path = out_dir / "results.csv"
     previous = read_results(results_path) if cfg.get("resume", True) else read_results("/nonexistent")
     rows: list[dict] = previous.to_dict("records")
     calib_rows: list[dict] = []
-    tracker = Tracker(cfg.get("logger"), plain_config(cfg))
+    # Under trainer=ddp every rank runs this function (see mobiquant.dist); rank 0 alone evaluates,
+    # writes and logs, the others take part in each block's fit.
+    rank0 = is_rank_zero()
+    tracker = Tracker(cfg.get("logger") if rank0 else None, plain_config(cfg))
     failed = True
     try:
         log.info("loading model %s", cfg.model.path)
@@ -229,6 +234,8 @@ def run(cfg: DictConfig) -> float:
                 continue
             log.info("[%s] budgets %s", method.name, [f"{b:g}" for b in budgets])
             for variant in method.run(ctx, grid):
+                if not rank0:
+                    continue
                 for ds, windows in eval_sets.items():
                     if has_row(_df(rows), variant.method, variant.budget, ds):
                         continue
@@ -257,6 +264,9 @@ def run(cfg: DictConfig) -> float:
                 if variant.checkpoint and variant.checkpoint not in logged_ckpts:
                     logged_ckpts.add(variant.checkpoint)
                     tracker.log_checkpoint(variant.checkpoint, Path(variant.checkpoint).name)
+        if not rank0:
+            failed = False
+            return math.nan
         df = concat_rows(rows)
         write_csv(df, results_path)
         if calib_rows:
