@@ -82,3 +82,31 @@ def test_non_finite_loss_stops_the_block_and_names_it(tmp_path, monkeypatch):
     assert calls["n"] == 1
     meta = json.loads((tmp_path / "s" / "state.json").read_text())
     assert sorted(meta["blocks"]) == ["0"]  # block 0's work is kept
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_inputs_kept_on_cpu_give_the_same_calibration(device):
+    """inputs_on=cpu (pinned host memory, streamed batch by batch) changes where tensors live, not the result."""
+    import dataclasses
+
+    from mobiquant.calibration import CalibConfig, calibrate_model, inputs_device
+    from mobiquant.checkpoint import quantized_state
+    from mobiquant.patching import MoBiConfig
+    from mobiquant.tiny import tiny_llama
+
+    cfg = CalibConfig(epochs_stage1=1, epochs_stage2=1, batch_size=2, progress_bar=False, threshold_windows=0)
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    states = []
+    for where in ("device", "cpu"):
+        model, _ = tiny_llama(num_hidden_layers=2, hidden_size=64, intermediate_size=160, seed=0)
+        model.to(device)
+        calibrate_model(model, ids, MoBiConfig(group_size=32, router_hidden=8), dataclasses.replace(cfg, inputs_on=where))
+        states.append({k: v.cpu() for k, v in quantized_state(model).items()})
+    assert states[0].keys() == states[1].keys()
+    for k in states[0]:
+        torch.testing.assert_close(states[0][k], states[1][k], rtol=1e-5, atol=1e-6, msg=k)
+    model, _ = tiny_llama(num_hidden_layers=1, seed=0)
+    assert inputs_device(model, 10**6, 64, torch.float32, "auto").type == "cpu"  # CPU models: host memory
+    with pytest.raises(ValueError, match="inputs_on must be"):
+        CalibConfig(inputs_on="gpu")

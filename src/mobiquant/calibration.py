@@ -80,6 +80,10 @@ class CalibConfig:
     threshold_step: float = 0.25
     threshold_windows: int = 4
     threshold_tokens: int = 1 << 16
+    # Where the cached block inputs/targets live: "device" (the model's device), "cpu" (pinned host
+    # memory, streamed to the device batch by batch), or "auto" (device when the three tensors take
+    # under half of the free accelerator memory, else cpu).
+    inputs_on: str = "auto"
 
     def __post_init__(self):
         if self.epochs_stage1 < 0 or self.epochs_stage2 < 0 or self.epochs_stage1 + self.epochs_stage2 == 0:
@@ -91,6 +95,8 @@ class CalibConfig:
             raise ValueError(f"stage2_loss must be 'mse' or 'log_mse', got {self.stage2_loss!r}")
         if self.budget_sampling not in ("uniform", "cycle"):
             raise ValueError(f"budget_sampling must be 'uniform' or 'cycle', got {self.budget_sampling!r}")
+        if self.inputs_on not in ("auto", "device", "cpu"):
+            raise ValueError(f"inputs_on must be 'auto', 'device' or 'cpu', got {self.inputs_on!r}")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
 
@@ -100,16 +106,37 @@ class _StopForward(Exception):
     pass
 
 
+def inputs_device(model: nn.Module, n_tokens: int, hidden: int, dtype: torch.dtype, where: str = "auto",
+                  copies: int = 3) -> torch.device:
+    """Where calibration tensors (``copies`` of ``[n_tokens, hidden]``) are kept: see ``CalibConfig.inputs_on``."""
+    device = next(model.parameters()).device
+    if where == "cpu" or device.type != "cuda":
+        return torch.device("cpu")
+    if where == "device":
+        return device
+    free, _ = torch.cuda.mem_get_info(device)
+    need = copies * n_tokens * hidden * torch.empty((), dtype=dtype).element_size()
+    return device if need < free / 2 else torch.device("cpu")
+
+
+def _to_store(t: torch.Tensor, store: torch.device) -> torch.Tensor:
+    t = t.to(store)
+    return t.pin_memory() if store.type == "cpu" and torch.cuda.is_available() else t
+
+
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Hidden states entering the first block for every row of ``ids`` ``[n, T]``, and its call kwargs."""
+def capture_block_inputs(model: nn.Module, ids: torch.Tensor,
+                         store: torch.device | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Hidden states entering the first block for every row of ``ids`` ``[n, T]``, and its call kwargs.
+
+    ``store``: where the states are kept (default: the model's device)."""
     _, blocks = find_blocks(model)
     inputs: list[torch.Tensor] = []
     kwargs_box: dict[str, Any] = {}
 
     def hook(mod, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        inputs.append(hidden.detach())
+        inputs.append(hidden.detach() if store is None else hidden.detach().to(store))
         if not kwargs_box:
             kw = dict(kwargs)
             kw.pop("hidden_states", None)
@@ -129,7 +156,8 @@ def capture_block_inputs(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Ten
                 pass
     finally:
         handle.remove()
-    return torch.cat(inputs), kwargs_box
+    x = torch.cat(inputs)
+    return (x if store is None else _to_store(x, store)), kwargs_box
 
 
 def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -140,12 +168,16 @@ def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> torc
 @torch.no_grad()
 def run_block_batched(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any], batch_size: int,
                       before_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+    """The block's outputs for ``x`` in batches, kept where ``x`` is (streamed to the block's device)."""
+    device = next(block.parameters()).device
     outs = []
     for i, start in enumerate(range(0, x.shape[0], batch_size)):
         if before_batch is not None:
             before_batch(i)
-        outs.append(run_block(block, x[start : start + batch_size], kwargs))
-    return torch.cat(outs)
+        out = run_block(block, x[start : start + batch_size].to(device, non_blocking=True), kwargs)
+        outs.append(out.to(x.device))
+    y = torch.cat(outs)
+    return y.pin_memory() if x.is_pinned() else y
 
 
 # ---------------------------------------------------------------------------- Lightning module
@@ -263,6 +295,7 @@ class BlockReport:
     final_mse: float
     seconds: float
     steps: int
+    peak_mem_mb: float = math.nan  # peak accelerator memory allocated during the block (CUDA only)
 
 
 @dataclass
@@ -424,14 +457,22 @@ def calibrate_model(
     sites = discover_sites(model, mobi)
     _, blocks = find_blocks(model)
     device = next(model.parameters()).device
-    fp_x, kwargs = capture_block_inputs(model, calib_ids)
+    hidden = int(getattr(getattr(model, "config", None), "hidden_size", 0) or 0)
+    store = (inputs_device(model, calib_ids.numel(), hidden, next(model.parameters()).dtype, cfg.inputs_on)
+             if hidden else device)
+    if store != device:
+        log.info("calibration inputs kept in pinned host memory and streamed to %s", device)
+    fp_x, kwargs = capture_block_inputs(model, calib_ids, store)
     q_x = fp_x.clone()
     result = CalibrationResult()
     step_offset = 0
     mid = (mobi.min_bits + mobi.max_bits) / 2
     prop_budget = float(cfg.propagate_budget) if cfg.propagate_budget is not None else mid
+    on_cuda = device.type == "cuda"
     for i, block in enumerate(blocks):
         t0 = time.perf_counter()
+        if on_cuda:
+            torch.cuda.reset_peak_memory_stats(device)
         fp_y = run_block_batched(block, fp_x, kwargs, cfg.batch_size)  # FP targets before patching
         torch.manual_seed(cfg.seed * 1_000_003 + i)  # router init: the same whether resumed or not
         quantize_block(block, sites[i], mobi)
@@ -486,7 +527,8 @@ def calibrate_model(
         fp_x = fp_y
         steps = int(trainer.global_step)
         step_offset += steps
-        report = BlockReport(i, module.final_loss, module.final_mse, time.perf_counter() - t0, steps)
+        peak = torch.cuda.max_memory_allocated(device) / 2**20 if on_cuda else math.nan
+        report = BlockReport(i, module.final_loss, module.final_mse, time.perf_counter() - t0, steps, peak)
         if state is not None:
             state.save(i, block, report)
         q_x = _propagate(block, q_x, kwargs, cfg, mobi, prop_budget)
