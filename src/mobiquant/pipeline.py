@@ -179,6 +179,8 @@ def run(cfg: DictConfig) -> float:
     methods, grid = validate(cfg)
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg.torch_threads))
+    if cfg.trainer.get("float32_matmul_precision"):  # "high": TF32 tensor cores for fp32 matmuls on GPUs
+        torch.set_float32_matmul_precision(str(cfg.trainer.float32_matmul_precision))
     torch.manual_seed(cfg.seed)
     wandb_env_default()
     os.environ["MOBIQUANT_CACHE"] = str(cfg.paths.cache_dir)
