@@ -5,13 +5,12 @@ from __future__ import annotations
 import io
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
 import pandas as pd
 
-from .fileio import atomic_write_text
+from .fileio import atomic_write_bytes, atomic_write_text
 
 COLUMNS = [
     "model", "method", "budget", "avg_bits", "storage_bits", "dataset", "seqlen", "n_windows",
@@ -96,15 +95,12 @@ def plot_elasticity(df: pd.DataFrame, path: str | os.PathLike, title: str = "") 
         ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
+    buf = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        fig.savefig(buf, dpi=120, format=path.suffix.lstrip(".") or "png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 
