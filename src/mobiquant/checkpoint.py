@@ -64,6 +64,22 @@ def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
+def _serialize(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The safetensors file of ``state``: the same bytes for the same tensors, in every process.
+
+    safetensors writes its metadata map in hash order, which changes from one process to the next; the
+    header is written again with the metadata keys sorted (same length, same tensor entries and offsets).
+    """
+    data = save(state, metadata=metadata)
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    header = {"__metadata__": dict(sorted(header.pop("__metadata__", {}).items())), **header}
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > n:  # pragma: no cover - serde_json writes the same compact JSON
+        return data
+    return data[:8] + text.ljust(n) + data[8 + n :]
+
+
 def save_quantized(model: nn.Module, folder: str | os.PathLike, base_model: str | None = None,
                    extra: dict | None = None) -> Path:
     """Write ``model`` (packed) to ``folder`` atomically; returns the folder.
@@ -77,7 +93,7 @@ def save_quantized(model: nn.Module, folder: str | os.PathLike, base_model: str 
     cfg: MoBiConfig = model.mobiquant_config
     state = quantized_state(model)
     dtypes = {str(m._compute_dtype).removeprefix("torch.") for _, m in mobi_linears(model)}
-    data = save(state, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    data = _serialize(state, {"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
