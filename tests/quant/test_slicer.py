@@ -186,7 +186,7 @@ def test_upto_limits_the_views():
 
 # ---------------------------------------------------------------------------- errors
 @pytest.mark.parametrize(
-    "bad", [[], [0, 2], [2, -1], [2.0, 2], [2, 2.5], ["2"], [5, 4], [2, 2, 2, 2, 1], [9]]
+    "bad", [[], [0, 2], [2, -1], [2.0, 2], [2, 2.5], ["2"], [5, 4], [2, 2, 2, 2, 1], [9], 4, None, "22", {2: 2}]
 )
 def test_invalid_slice_bits_raise(bad):
     with pytest.raises(ValueError, match="slice_bits"):

@@ -30,6 +30,8 @@ from .primitives import (
 
 
 def check_slice_bits(slice_bits: Sequence[int]) -> tuple[int, ...]:
+    if isinstance(slice_bits, (str, bytes)) or not isinstance(slice_bits, Sequence):
+        raise ValueError(f"slice_bits must be a list of slice bit-widths, e.g. [2, 2, 2, 2], got {slice_bits!r}")
     bits = tuple(slice_bits)
     if not bits:
         raise ValueError("slice_bits must list at least one slice bit-width, e.g. [2, 2, 2, 2]")
