@@ -89,6 +89,21 @@ class Tracker:
         if markdown:
             self.wandb_run.summary["results_markdown"] = markdown
 
+    def log_metrics(self, metrics: dict) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics)
+
+    def log_table(self, key: str, df: pd.DataFrame, markdown: str | None = None) -> None:
+        """``df`` as the W&B table ``key`` (and ``markdown`` in the run summary under ``<key>_markdown``)."""
+        if self.wandb_run is None:
+            return
+        import wandb
+
+        clean = df.astype({c: "string" for c in df.columns if df[c].dtype == object}).fillna(pd.NA)
+        self.wandb_run.log({key: wandb.Table(dataframe=clean.astype(object).where(clean.notna(), None))})
+        if markdown:
+            self.wandb_run.summary[f"{key}_markdown"] = markdown
+
     def log_checkpoint(self, folder: str | None, name: str) -> None:
         if self.wandb_run is None or folder is None:
             return
