@@ -30,6 +30,13 @@ def runs(tmp_path_factory):
     return root / "one", root / "two"
 
 
+def test_per_device_batch_halves_the_steps(tmp_path):
+    _run(tmp_path, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "calib.batch_scope=per_device",
+         "model.tiny.num_hidden_layers=1")
+    # Each rank takes 2 windows per step from its shard of 2: one step per epoch, two epochs.
+    assert list(pd.read_csv(tmp_path / "calibration.csv")["steps"]) == [2]
+
+
 def test_ddp_splits_each_block_between_two_ranks(runs):
     one, two = runs
     assert (two / "train_ddp_process_1.log").is_file()  # Lightning started a second rank with our overrides

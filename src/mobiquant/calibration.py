@@ -84,6 +84,9 @@ class CalibConfig:
     # memory, streamed to the device batch by batch), or "auto" (device when the three tensors take
     # under half of the free accelerator memory, else cpu).
     inputs_on: str = "auto"
+    # Under DDP: "global" (each of N ranks takes batch_size / N windows per step: the same optimisation as
+    # one device) or "per_device" (each rank takes batch_size: N x fewer steps, an N x larger batch).
+    batch_scope: str = "global"
 
     def __post_init__(self):
         if self.epochs_stage1 < 0 or self.epochs_stage2 < 0 or self.epochs_stage1 + self.epochs_stage2 == 0:
@@ -95,6 +98,8 @@ class CalibConfig:
             raise ValueError(f"stage2_loss must be 'mse' or 'log_mse', got {self.stage2_loss!r}")
         if self.budget_sampling not in ("uniform", "cycle"):
             raise ValueError(f"budget_sampling must be 'uniform' or 'cycle', got {self.budget_sampling!r}")
+        if self.batch_scope not in ("global", "per_device"):
+            raise ValueError(f"batch_scope must be 'global' or 'per_device', got {self.batch_scope!r}")
         if self.inputs_on not in ("auto", "device", "cpu"):
             raise ValueError(f"inputs_on must be 'auto', 'device' or 'cpu', got {self.inputs_on!r}")
         if self.batch_size <= 0:
@@ -508,9 +513,10 @@ def calibrate_model(
             log_every_n_steps=1,
             deterministic=False,
         )
-        # `batch_size` is the global batch: under DDP each rank takes its share of it (at least one
-        # sample), and Lightning's distributed sampler gives each rank its own shard of the windows.
-        per_rank = max(1, cfg.batch_size // max(1, trainer.world_size))
+        # `batch_size` is the global batch by default: under DDP each rank takes its share of it (at least
+        # one window); Lightning's distributed sampler gives each rank its own shard of the windows.
+        per_rank = (max(1, cfg.batch_size // max(1, trainer.world_size)) if cfg.batch_scope == "global"
+                    else cfg.batch_size)
         loader = DataLoader(TensorDataset(q_x, fp_y), batch_size=per_rank, shuffle=True,
                             generator=torch.Generator().manual_seed(cfg.seed + i))
         if epochs > 0:
