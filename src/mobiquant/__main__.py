@@ -18,6 +18,7 @@ CONF_DIR = os.environ.get("MOBIQUANT_CONF", str(Path(__file__).resolve().parents
 # (the value an Optuna sweep optimises). Modules are imported lazily so a typo costs no import time.
 TASKS = {
     "quantize": "mobiquant.pipeline:run",  # calibrate, evaluate every budget, report (the default)
+    "outliers": "mobiquant.analysis.outliers:run",  # outlier migration: cross-precision ppl, top-p% token overlap
     "lm_eval": "mobiquant.harness:run",  # lm-evaluation-harness tasks on the quantized model, per budget
 }
 
