@@ -19,6 +19,7 @@ CONF_DIR = os.environ.get("MOBIQUANT_CONF", str(Path(__file__).resolve().parents
 TASKS = {
     "quantize": "mobiquant.pipeline:run",  # calibrate, evaluate every budget, report (the default)
     "outliers": "mobiquant.analysis.outliers:run",  # outlier migration: cross-precision ppl, top-p% token overlap
+    "routers": "mobiquant.analysis.routers:run",  # slices used per layer and router site, at each budget
     "lm_eval": "mobiquant.harness:run",  # lm-evaluation-harness tasks on the quantized model, per budget
 }
 
