@@ -35,7 +35,7 @@ class MoBiConfig:
     router_hidden: int = 64
     router_placement: str = "site"  # "site": one router per shared input; "linear": one per linear
     router_temperature: float = 1.0
-    router_policy: str = "adjacent"  # "adjacent": tokens between the two views around the budget; "free"
+    router_policy: str = "free"  # "free": any number of slices per token; "adjacent": the two views around the budget
     routers: bool = True  # False: multi-slice weights without routers (static views only, e.g. matryoshka)
     skip: Sequence[str] = field(default_factory=list)  # regexes on full module names to keep in FP
     word_bits: int = 32

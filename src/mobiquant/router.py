@@ -7,13 +7,14 @@ means fewer slices; the achieved average bits fall monotonically as ``tau`` rise
 
 Two gate policies (``policy``):
 
-* ``free``: the gate of slice ``e`` is ``min(score_2..score_e) > tau``; at a given budget a token may use
-  any number of slices.
-* ``adjacent`` (our choice, the default): the sigmoid of each slice's score is placed in its own band,
+* ``free`` (the default): the gate of slice ``e`` is ``min(score_2..score_e) > tau``; at a given budget a
+  token may use any number of slices.
+* ``adjacent``: the sigmoid of each slice's score is placed in its own band,
   ``v_e = sigmoid(score_e) + 2 (K - 1 - e)``, so one ``tau`` inside the band of slice ``e`` turns every
   earlier slice on, every later slice off, and slice ``e`` on for the tokens that score highest. At a
   budget between two views every token uses one of those two views; integer views are exact static views.
-  This keeps tokens off views far below the budget (a 2-bit view is unusable on small models).
+  This keeps tokens off views far below the budget. Measured on SmolLM2-135M (docs/RESULTS.md) free
+  routing was better at most budgets: sending some tokens to 6-8 bits pays for others at 2 bits.
 
 Elastic control: after calibration, each router keeps a table mapping ``tau`` to the average bits it
 achieved on calibration activations (a weighted quantile function of its scores). Asking for a budget
@@ -87,7 +88,7 @@ class TokenRouter(nn.Module):
         slice_bits: Sequence[int],
         hidden: int = 64,
         temperature: float = 1.0,
-        policy: str = "adjacent",
+        policy: str = "free",
     ):
         super().__init__()
         if policy not in POLICIES:
