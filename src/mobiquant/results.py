@@ -94,7 +94,13 @@ def plot_elasticity(df: pd.DataFrame, path: str | os.PathLike, title: str = "") 
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
+    return save_figure(fig, Path(path))
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write a matplotlib figure atomically (format from the suffix, PNG by default) and close it."""
+    import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
     try:
         fig.savefig(buf, dpi=120, format=path.suffix.lstrip(".") or "png")

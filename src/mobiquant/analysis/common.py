@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import logging
 import math
 import os
@@ -23,11 +22,11 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig
 
-from ..fileio import atomic_write_bytes, ensure_writable_dir
+from ..fileio import ensure_writable_dir
 from ..methods import MoBiQuant, QuantMethod, RunContext
 from ..patching import find_blocks
 from ..pipeline import ConfigError, instantiate_calib, load_base_model, load_token_ids
-from ..results import concat_rows, write_csv
+from ..results import concat_rows, save_figure, write_csv
 from ..tracking import Tracker, plain_config, wandb_env_default
 
 log = logging.getLogger("mobiquant")
@@ -189,19 +188,6 @@ def forward_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- outputs
-def save_figure(fig, path: Path) -> Path:
-    """Write a matplotlib figure atomically (PNG by the suffix) and close it."""
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    try:
-        fig.savefig(buf, dpi=120, format=path.suffix.lstrip(".") or "png")
-    finally:
-        plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
-
-
 def pyplot():
     import matplotlib
 
