@@ -26,8 +26,13 @@ achieved bits, global bits, deviation), ``router_budgets.csv`` (budget: achieved
 ``router_k_shares.png`` (stacked bars of the ``k`` shares per layer, one panel per budget),
 ``routers.md`` (summary: per-layer deviation, first layers against the rest), and the same in W&B.
 
-With the default ``adjacent`` gate policy a budget equal to a view's bits (4 bits of ``[2, 2, 2, 2]``)
-sends every token through that view, so layers deviate only at budgets between views.
+With the ``adjacent`` gate policy (``router.policy=adjacent``) a budget equal to a view's bits (4 bits of
+``[2, 2, 2, 2]``) sends every token through that view, so layers deviate only at budgets between views;
+with ``free`` a token may use any number of slices at any budget. The thresholds
+are fitted per router (:func:`mobiquant.patching.fit_budget_thresholds`): every router meets the budget
+on the calibration windows, so a layer deviates only as far as its router's scores on the analysed text
+differ from those on the calibration windows (and the threshold table is interpolated between its
+budgets); no layer is given more bits than another by design.
 
 The task returns the mean absolute per-layer deviation over every layer and budget.
 """
@@ -226,7 +231,9 @@ def summary_markdown(cfg, dataset: str, windows, per_budget: pd.DataFrame, layer
                                         mean_abs_deviation=per_layer["mean_abs_deviation"].map("{:.3f}".format))),
         "",
         f"First {early} layers: mean |deviation| {layers.loc[is_early, 'abs_deviation'].mean():.3f} bits; other "
-        f"layers: {layers.loc[~is_early, 'abs_deviation'].mean():.3f} bits.",
+        f"layers: {layers.loc[~is_early, 'abs_deviation'].mean():.3f} bits. Thresholds are fitted per router to "
+        "meet each budget on the calibration windows, so deviations measure how the routers' scores on this "
+        "text differ from those, not an allocation between layers.",
         "",
         "## Achieved bits per site (all layers, parameter-weighted)",
         "",
