@@ -34,10 +34,10 @@ from .fileio import atomic_write_text, ensure_writable_dir
 from .lm_eval_tasks import LOCAL_TASKS, TASKS_DIR
 from .methods import QuantMethod, RunContext, Variant
 from .patching import (
-    MoBiConfig, find_blocks, mobi_linears, reset_counts, set_budget, set_static, static_k_for_bits, storage_bits,
+    MoBiConfig, mobi_linears, reset_counts, set_budget, set_static, static_k_for_bits, storage_bits,
 )
 from .pipeline import (
-    ConfigError, _num, _pos_int, _row_avg_bits, instantiate_calib, load_base_model, load_token_ids, validate,
+    ConfigError, _num, _pos_int, _row_avg_bits, load_base_model, load_token_ids, run_context, validate,
 )
 from .results import write_csv
 from .tracking import Tracker, plain_config, wandb_env_default
@@ -408,18 +408,7 @@ def run(cfg: DictConfig) -> float:
             calib_ids = calibration_windows(
                 load_token_ids(cfg.data.calib, tokenizer), cfg.data.calib.nsamples, cfg.data.calib.seqlen, cfg.seed
             )
-            n_blocks = len(find_blocks(base)[1])
-
-            def on_block_end(tag: str, i: int, report) -> None:
-                log.info("[%s] block %d/%d  mse %.3g  %.1fs", tag, i + 1, n_blocks, report.final_mse, report.seconds)
-                tracker.log_block(tag, i, report)
-
-            ctx = RunContext(
-                fp_model=lambda: copy.deepcopy(base), calib_ids=calib_ids, output_dir=out_dir,
-                calib=instantiate_calib(cfg), loggers=tracker.lightning_loggers, on_block_end=on_block_end,
-                save_checkpoints=bool(cfg.save_checkpoints), base_model_name=str(cfg.model.path),
-                resume=bool(cfg.get("resume", True)),
-            )
+            ctx = run_context(cfg, base, calib_ids, out_dir, tracker)
             variants.append(method_variants(plan, ctx))
         for stream in variants:
             for variant in stream:

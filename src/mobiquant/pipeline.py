@@ -159,6 +159,26 @@ def load_token_ids(spec: DictConfig, tokenizer) -> torch.Tensor:
     return tokenize_corpus(docs, tokenizer, joiner=corpus_joiner(spec.corpus))
 
 
+def run_context(cfg: DictConfig, base, calib_ids: torch.Tensor, out_dir: Path, tracker: Tracker,
+                calib_rows: list[dict] | None = None, calib=None) -> RunContext:
+    """What the methods of a run may use: FP copies of ``base``, the calibration windows, the run folder,
+    and a block callback that logs each finished block (and appends it to ``calib_rows`` when given)."""
+    n_blocks = _n_blocks(base)
+
+    def on_block_end(tag: str, i: int, report) -> None:
+        if calib_rows is not None:
+            calib_rows.append({"method": tag, **vars(report)})
+        log.info("[%s] block %d/%d  mse %.3g  %.1fs", tag, i + 1, n_blocks, report.final_mse, report.seconds)
+        tracker.log_block(tag, i, report)
+
+    return RunContext(
+        fp_model=lambda: copy.deepcopy(base), calib_ids=calib_ids, output_dir=out_dir,
+        calib=calib if calib is not None else instantiate_calib(cfg), loggers=tracker.lightning_loggers,
+        on_block_end=on_block_end, save_checkpoints=bool(cfg.save_checkpoints),
+        base_model_name=str(cfg.model.path), resume=bool(cfg.get("resume", True)),
+    )
+
+
 # ---------------------------------------------------------------------------- run
 def _row_avg_bits(variant: Variant) -> float:
     if any(True for _ in mobi_linears(variant.model)):
@@ -200,9 +220,6 @@ def run(cfg: DictConfig) -> float:
         tok_name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         dtype = str(next(base.parameters()).dtype).removeprefix("torch.")
 
-        def fp_model():
-            return copy.deepcopy(base)
-
         log.info("calibration text: %s (%s)", cfg.data.calib.corpus, cfg.data.calib.split)
         calib_ids = calibration_windows(
             load_token_ids(cfg.data.calib, tokenizer), cfg.data.calib.nsamples, cfg.data.calib.seqlen, cfg.seed
@@ -213,20 +230,7 @@ def run(cfg: DictConfig) -> float:
             eval_sets[name] = eval_windows(ids, cfg.eval.seqlen, cfg.eval.get("max_windows"))
             log.info("eval %s: %d windows of %d tokens", name, eval_sets[name].shape[0], cfg.eval.seqlen)
 
-        calib = instantiate_calib(cfg)
-
-        def on_block_end(tag: str, i: int, report) -> None:
-            calib_rows.append({"method": tag, **vars(report)})
-            log.info("[%s] block %d/%d  mse %.3g  %.1fs", tag, i + 1, _n_blocks(base), report.final_mse,
-                     report.seconds)
-            tracker.log_block(tag, i, report)
-
-        ctx = RunContext(
-            fp_model=fp_model, calib_ids=calib_ids, output_dir=out_dir, calib=calib,
-            loggers=tracker.lightning_loggers, on_block_end=on_block_end,
-            save_checkpoints=bool(cfg.save_checkpoints), base_model_name=str(cfg.model.path),
-            resume=bool(cfg.get("resume", True)),
-        )
+        ctx = run_context(cfg, base, calib_ids, out_dir, tracker, calib_rows)
         logged_ckpts: set[str] = set()
         for method in methods:
             budgets = method.budgets(grid)

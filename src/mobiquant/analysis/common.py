@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from ..fileio import ensure_writable_dir
 from ..methods import MoBiQuant, QuantMethod, RunContext
 from ..patching import find_blocks
-from ..pipeline import ConfigError, instantiate_calib, load_base_model, load_token_ids
+from ..pipeline import ConfigError, load_base_model, load_token_ids, run_context
 from ..results import concat_rows, save_figure, write_csv
 from ..tracking import Tracker, plain_config, wandb_env_default
 
@@ -132,7 +132,6 @@ def open_session(cfg: DictConfig, dataset: str) -> Iterator[Session]:
     try:
         log.info("loading model %s", cfg.model.path)
         base, tokenizer = load_base_model(cfg)
-        n_blocks = len(find_blocks(base)[1])
         log.info("calibration text: %s (%s)", cfg.data.calib.corpus, cfg.data.calib.split)
         calib_ids = calibration_windows(
             load_token_ids(cfg.data.calib, tokenizer), cfg.data.calib.nsamples, cfg.data.calib.seqlen, cfg.seed
@@ -141,17 +140,7 @@ def open_session(cfg: DictConfig, dataset: str) -> Iterator[Session]:
                                cfg.eval.get("max_windows"))
         log.info("analysed text %s: %d windows of %d tokens", dataset, windows.shape[0], windows.shape[1])
 
-        def on_block_end(tag: str, i: int, report) -> None:
-            calib_rows.append({"method": tag, **vars(report)})
-            log.info("[%s] block %d/%d  mse %.3g  %.1fs", tag, i + 1, n_blocks, report.final_mse, report.seconds)
-            tracker.log_block(tag, i, report)
-
-        ctx = RunContext(
-            fp_model=lambda: copy.deepcopy(base), calib_ids=calib_ids, output_dir=out_dir,
-            calib=instantiate_calib(cfg), loggers=tracker.lightning_loggers, on_block_end=on_block_end,
-            save_checkpoints=bool(cfg.save_checkpoints), base_model_name=str(cfg.model.path),
-            resume=bool(cfg.get("resume", True)),
-        )
+        ctx = run_context(cfg, base, calib_ids, out_dir, tracker, calib_rows)
         session = Session(cfg, out_dir, tracker, base, tokenizer, ctx, dataset, windows,
                           getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__, calib_rows)
         yield session
