@@ -30,17 +30,17 @@ import torch
 from omegaconf import DictConfig, ListConfig
 
 from .checkpoint import CheckpointError, load_quantized, read_meta
-from .fileio import atomic_write_text, ensure_writable_dir
+from .fileio import atomic_write_text
 from .lm_eval_tasks import LOCAL_TASKS, TASKS_DIR
 from .methods import QuantMethod, RunContext, Variant
 from .patching import (
     MoBiConfig, mobi_linears, reset_counts, set_budget, set_static, static_k_for_bits, storage_bits,
 )
 from .pipeline import (
-    ConfigError, _num, _pos_int, _row_avg_bits, load_base_model, load_token_ids, run_context, validate,
+    ConfigError, _num, _pos_int, _row_avg_bits, load_base_model, load_token_ids, prepare_run, run_context, validate,
 )
 from .results import write_csv
-from .tracking import Tracker, plain_config, wandb_env_default
+from .tracking import Tracker, plain_config
 
 log = logging.getLogger("mobiquant")
 
@@ -386,12 +386,7 @@ def run(cfg: DictConfig) -> float:
     # Bootstrap stderrs in this process: lm-eval's pool would fork a process holding the model (and CUDA).
     os.environ.setdefault("DISABLE_MULTIPROC", "1")
     plan = validate_lm_eval(cfg)
-    if cfg.get("torch_threads"):
-        torch.set_num_threads(int(cfg.torch_threads))
-    torch.manual_seed(cfg.seed)
-    wandb_env_default()
-    os.environ["MOBIQUANT_CACHE"] = str(cfg.paths.cache_dir)
-    out_dir = ensure_writable_dir(cfg.paths.output_dir)
+    out_dir = prepare_run(cfg)
     csv_path = out_dir / CSV_NAME
     rows = _previous(csv_path, plan) if cfg.get("resume", True) else []
     done = {_key(r["method"], r["budget"], r["request"]) for r in rows}

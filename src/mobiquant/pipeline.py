@@ -159,6 +159,17 @@ def load_token_ids(spec: DictConfig, tokenizer) -> torch.Tensor:
     return tokenize_corpus(docs, tokenizer, joiner=corpus_joiner(spec.corpus))
 
 
+def prepare_run(cfg: DictConfig) -> Path:
+    """Process settings every task shares (threads, seed, W&B mode, model cache) and the run folder,
+    checked writable so that a read-only folder fails here, before any work."""
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(int(cfg.torch_threads))
+    torch.manual_seed(cfg.seed)
+    wandb_env_default()
+    os.environ["MOBIQUANT_CACHE"] = str(cfg.paths.cache_dir)
+    return ensure_writable_dir(cfg.paths.output_dir)
+
+
 def run_context(cfg: DictConfig, base, calib_ids: torch.Tensor, out_dir: Path, tracker: Tracker,
                 calib_rows: list[dict] | None = None, calib=None) -> RunContext:
     """What the methods of a run may use: FP copies of ``base``, the calibration windows, the run folder,
@@ -197,14 +208,9 @@ def run(cfg: DictConfig) -> float:
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):  # keep the console to our progress
         logging.getLogger(name).setLevel(logging.WARNING)
     methods, grid = validate(cfg)
-    if cfg.get("torch_threads"):
-        torch.set_num_threads(int(cfg.torch_threads))
     if cfg.trainer.get("float32_matmul_precision"):  # "high": TF32 tensor cores for fp32 matmuls on GPUs
         torch.set_float32_matmul_precision(str(cfg.trainer.float32_matmul_precision))
-    torch.manual_seed(cfg.seed)
-    wandb_env_default()
-    os.environ["MOBIQUANT_CACHE"] = str(cfg.paths.cache_dir)
-    out_dir = ensure_writable_dir(cfg.paths.output_dir)  # a read-only folder fails here, before any work
+    out_dir = prepare_run(cfg)
     results_path = out_dir / "results.csv"
     previous = read_results(results_path) if cfg.get("resume", True) else read_results("/nonexistent")
     rows: list[dict] = previous.to_dict("records")

@@ -12,7 +12,6 @@ import contextlib
 import copy
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -22,12 +21,11 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig
 
-from ..fileio import ensure_writable_dir
 from ..methods import MoBiQuant, QuantMethod, RunContext
 from ..patching import find_blocks
-from ..pipeline import ConfigError, load_base_model, load_token_ids, run_context
+from ..pipeline import ConfigError, load_base_model, load_token_ids, prepare_run, run_context
 from ..results import concat_rows, save_figure, write_csv
-from ..tracking import Tracker, plain_config, wandb_env_default
+from ..tracking import Tracker, plain_config
 
 log = logging.getLogger("mobiquant")
 
@@ -120,12 +118,7 @@ def open_session(cfg: DictConfig, dataset: str) -> Iterator[Session]:
 
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    if cfg.get("torch_threads"):
-        torch.set_num_threads(int(cfg.torch_threads))
-    torch.manual_seed(cfg.seed)
-    wandb_env_default()
-    os.environ["MOBIQUANT_CACHE"] = str(cfg.paths.cache_dir)
-    out_dir = ensure_writable_dir(cfg.paths.output_dir)
+    out_dir = prepare_run(cfg)
     tracker = Tracker(cfg.get("logger"), plain_config(cfg))
     failed = True
     calib_rows: list[dict] = []
