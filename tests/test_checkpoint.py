@@ -19,11 +19,14 @@ def logits(model, ids):
         return model(input_ids=ids).logits
 
 
-@pytest.fixture
-def saved(tmp_path, make_llama, make_batches):
-    """A calibrated, frozen tiny LLaMA at a fractional budget, saved to ``tmp_path / 'ckpt'``."""
+@pytest.fixture(params=[None, 4], ids=["paper-grid", "anchor4"])
+def saved(request, tmp_path, make_llama, make_batches):
+    """A calibrated, frozen tiny LLaMA at a fractional budget, saved to ``tmp_path / 'ckpt'``.
+
+    Once with the paper's grid (integer zero points) and once anchored at 4 bits (fractional zero points).
+    """
     model = make_llama(0)
-    mq.quantize_model(model, mq.MoBiConfig(group_size=64))
+    mq.quantize_model(model, mq.MoBiConfig(group_size=64, anchor_bits=request.param))
     mq.calibrate_thresholds(model, make_batches(4, batch=4, seqlen=32, seed=7))
     mq.freeze(model)
     mq.set_budget(model, 4.3)

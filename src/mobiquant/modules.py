@@ -39,11 +39,12 @@ class MoBiLinear(nn.Module):
         word_bits: int = 32,
         device=None,
         dtype=None,
+        anchor_bits: int | None = None,
     ):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.slicer = ResidualSlicer(slice_bits, group_size)
+        self.slicer = ResidualSlicer(slice_bits, group_size, anchor_bits)
         self.word_bits = word_bits
         self.lwc_init = lwc_init
         ng = num_groups(in_features, group_size)

@@ -19,7 +19,7 @@ import torch.nn as nn
 from .modules import MoBiLinear
 from .quant.packing import packed_width
 from .quant.primitives import num_groups
-from .quant.slicer import check_slice_bits
+from .quant.slicer import check_anchor_bits, check_slice_bits
 from .router import TokenRouter
 
 ROUTERS_ATTR = "mobi_routers"
@@ -39,9 +39,11 @@ class MoBiConfig:
     routers: bool = True  # False: multi-slice weights without routers (static views only, e.g. matryoshka)
     skip: Sequence[str] = field(default_factory=list)  # regexes on full module names to keep in FP
     word_bits: int = 32
+    anchor_bits: int | None = None  # None: the base slice's own grid (paper); a view's bits: that view is RTN-exact
 
     def __post_init__(self):
         self.slice_bits = tuple(check_slice_bits(self.slice_bits))
+        self.anchor_bits = check_anchor_bits(self.anchor_bits, self.slice_bits)
         if self.router_placement not in ("site", "linear"):
             raise ValueError(
                 f"router_placement must be 'site' or 'linear', got {self.router_placement!r}"
@@ -74,6 +76,7 @@ class MoBiConfig:
             "routers": self.routers,
             "skip": list(self.skip),
             "word_bits": self.word_bits,
+            "anchor_bits": self.anchor_bits,
         }
 
 
@@ -171,6 +174,7 @@ def quantize_block(block: nn.Module, block_sites: list[list[str]], cfg: MoBiConf
                 group_size=cfg.group_size,
                 lwc_init=cfg.lwc_init,
                 word_bits=cfg.word_bits,
+                anchor_bits=cfg.anchor_bits,
             )
             q.attach_router(router)
             q.site = site_key(group)

@@ -40,7 +40,9 @@ def make_layer(n_out, n_in, slice_bits, group, gen, device=DEVICE):
     ]
     ng = -(-n_in // group)
     scale = (torch.rand(n_out, ng, generator=gen) * 0.02 + 0.002).half().to(device)
-    zero = torch.randint(0, 2 ** slice_bits[0], (n_out, ng), generator=gen).half().to(device)
+    # Fractional zero points (multiples of 1/8, as a grid anchored above the base slice stores) include the
+    # integer ones of the paper's grid.
+    zero = (torch.randint(0, 8 * 2 ** slice_bits[0], (n_out, ng), generator=gen) / 8 - 0.375).half().to(device)
     return planes, scale, zero
 
 

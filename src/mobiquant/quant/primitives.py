@@ -74,11 +74,18 @@ def lwc_params(
     gamma: torch.Tensor | None = None,
     beta: torch.Tensor | None = None,
     ste: bool = False,
+    anchor_bits: int | None = None,
 ) -> GroupQuantParams:
     """Asymmetric min-max parameters with optional learnable weight clipping (LWC).
 
     ``h = (sigmoid(gamma) max - sigmoid(beta) min) / (2^b - 1)``, ``z = round(-sigmoid(beta) min / h)``.
     Without ``gamma``/``beta`` this is plain min-max (round-to-nearest) quantization.
+
+    ``anchor_bits = a > b`` builds the ``b``-bit grid by merging ``m = 2^(a - b)`` neighbouring steps of the
+    ``a``-bit min-max grid ``s_a = range / (2^a - 1)`` (zero-aligned: its zero point is an integer):
+    ``h = m s_a`` and ``z = (round(-min / s_a) - (m - 1) / 2) / m``, so every ``b``-bit level is the centre
+    of ``m`` levels of the ``a``-bit grid. Mid-rise residual slices of ``a - b`` bits then rebuild that
+    ``a``-bit grid exactly (see :mod:`mobiquant.quant.slicer`). The zero point is a multiple of ``1/(2m)``.
     """
     wmax = grouped.amax(dim=-1, keepdim=True)
     wmin = grouped.amin(dim=-1, keepdim=True)
@@ -86,17 +93,26 @@ def lwc_params(
         wmax = torch.sigmoid(gamma).unsqueeze(-1) * wmax
     if beta is not None:
         wmin = torch.sigmoid(beta).unsqueeze(-1) * wmin
-    scale = ((wmax - wmin) / (2**bits - 1)).clamp(min=MIN_SCALE)
-    zero = -wmin / scale
+    a = bits if anchor_bits is None else anchor_bits
+    if isinstance(a, bool) or not isinstance(a, int) or a < bits:
+        raise ValueError(f"anchor_bits must be an integer >= the base bit-width {bits}, got {anchor_bits!r}")
+    m = 2 ** (a - bits)
+    fine = ((wmax - wmin) / (2**a - 1)).clamp(min=MIN_SCALE / m)
+    zero = -wmin / fine
     zero = round_ste(zero) if ste else zero.round()
-    return GroupQuantParams(scale=scale, zero=zero)
+    if m > 1:
+        zero = (zero - (m - 1) / 2) / m
+    return GroupQuantParams(scale=fine * m, zero=zero)
 
 
 def quantize(grouped: torch.Tensor, params: GroupQuantParams, bits: int, ste: bool = False) -> torch.Tensor:
     """Integer codes in ``[0, 2^bits - 1]`` (as floats, so the STE path stays differentiable)."""
-    x = grouped / params.scale
+    # The zero point may be fractional (``anchor_bits``): add its fractional part before rounding and its
+    # integer part after, which for an integer zero point is exactly ``round(W / h) + z``.
+    whole = params.zero.detach().round()
+    x = grouped / params.scale + (params.zero - whole)
     x = round_ste(x) if ste else x.round()
-    return (x + params.zero).clamp(0, 2**bits - 1)
+    return (x + whole).clamp(0, 2**bits - 1)
 
 
 def dequantize(codes: torch.Tensor, params: GroupQuantParams) -> torch.Tensor:

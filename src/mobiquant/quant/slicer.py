@@ -8,6 +8,14 @@ Residual slice ``e`` (no params):  ``h_e = h_(e-1) / 2^b_e``,
 The ``k``-slice view is also one integer code times one shared step (what a kernel computes):
 ``C_k = sum_e q_e 2^(B_k - B_e)`` with ``B_e = b_2 + ... + b_e`` and
 ``W_k = (h / 2^B_k) (C_k - 2^B_k z - (2^B_k - 1) / 2)`` (the half offsets of the residuals telescope).
+
+Grid anchor (``anchor_bits``, an option beyond the paper): by default the base slice is the min-max grid of
+``b_1`` bits (``h = range / (2^b_1 - 1)``) and the nested ``k``-slice view has step ``range / 12`` at 4 bits
+for slices 2-2-2-2, coarser than the direct 4-bit grid (``range / 15``). With ``anchor_bits = a`` the base
+step is ``2^(a - b_1)`` steps of the ``a``-bit min-max grid and its levels are their centres (a fractional
+zero point), so the ``a``-bit view is exactly the zero-aligned ``a``-bit min-max grid, views above it
+subdivide it, and views below it merge its steps. Nothing else changes: the residual recursion, the codes,
+the shift-and-add form and the kernels are the same.
 """
 
 from __future__ import annotations
@@ -44,6 +52,19 @@ def check_slice_bits(slice_bits: Sequence[int]) -> tuple[int, ...]:
     return bits
 
 
+def check_anchor_bits(anchor_bits: int | None, slice_bits: Sequence[int]) -> int | None:
+    """``None`` (the base slice's own min-max grid, as in the paper) or a view's bit-width ``b_1 + ... + b_k``."""
+    if anchor_bits is None:
+        return None
+    views = [sum(slice_bits[:k]) for k in range(1, len(slice_bits) + 1)]
+    if isinstance(anchor_bits, bool) or not isinstance(anchor_bits, int) or anchor_bits not in views:
+        raise ValueError(
+            f"anchor_bits must be null (grid anchored at the base slice) or the bit-width of one of the views "
+            f"of slice_bits {list(slice_bits)}, i.e. one of {views}; got {anchor_bits!r}"
+        )
+    return None if anchor_bits == slice_bits[0] else anchor_bits
+
+
 @dataclass
 class SliceCodes:
     """Integer codes of every slice (``[out, n_groups, group_size]`` each, padded) and the base params."""
@@ -67,7 +88,8 @@ class _SteViews(torch.autograd.Function):
     @staticmethod
     def _recursion(grouped, scale, zero, bits, want_grads):
         qmax = 2 ** bits[0] - 1
-        t = (grouped / scale).round() + zero
+        whole = zero.round()  # as in primitives.quantize: exact for integer zero points
+        t = (grouped / scale + (zero - whole)).round() + whole
         inside = (t >= 0) & (t <= qmax)
         q = t.clamp(0, qmax)
         view = scale * (q - zero)
@@ -119,9 +141,12 @@ class _SteViews(torch.autograd.Function):
 class ResidualSlicer:
     """Decomposes weights into ``len(slice_bits)`` slices and rebuilds the ``k``-slice views."""
 
-    def __init__(self, slice_bits: Sequence[int] = (2, 2, 2, 2), group_size: int = 128):
+    def __init__(
+        self, slice_bits: Sequence[int] = (2, 2, 2, 2), group_size: int = 128, anchor_bits: int | None = None
+    ):
         self.slice_bits = check_slice_bits(slice_bits)
         self.group_size = check_group_size(group_size)
+        self.anchor_bits = check_anchor_bits(anchor_bits, self.slice_bits)
 
     @property
     def num_slices(self) -> int:
@@ -149,7 +174,7 @@ class ResidualSlicer:
         ste: bool = False,
         scale_dtype: torch.dtype | None = None,
     ) -> GroupQuantParams:
-        params = lwc_params(grouped, self.slice_bits[0], gamma, beta, ste=ste)
+        params = lwc_params(grouped, self.slice_bits[0], gamma, beta, ste=ste, anchor_bits=self.anchor_bits)
         if scale_dtype is not None:  # step and zero point as stored (e.g. fp16): views match the checkpoint
             rounded = params.scale.to(scale_dtype).to(params.scale.dtype)
             # The zero point is an integer but lies far outside [0, 2^b1 - 1] for one-signed narrow groups
