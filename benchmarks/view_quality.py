@@ -49,8 +49,8 @@ def main(argv=None) -> None:
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--layouts", nargs="+", default=["2,2,2,2:2", "3,1,1,1,1,1:2"],
-                   help="slice bits:k readings to compare with RTN at the same bits")
+    p.add_argument("--layouts", nargs="+", default=["2,2,2,2:2", "2,2,2,2@4:2", "3,1,1,1,1,1:2"],
+                   help="slice bits[@anchor bits]:k readings to compare with RTN at the same bits")
     p.add_argument("--out", default=None, help="CSV to write")
     args = p.parse_args(argv)
     base, tok = load_model(args.model)
@@ -61,13 +61,14 @@ def main(argv=None) -> None:
     readings = []
     for spec in args.layouts:
         bits_s, _, k_s = spec.partition(":")
-        readings.append((tuple(int(b) for b in bits_s.split(",")), int(k_s)))
-    for bits in sorted({sum(sl[:k]) for sl, k in readings}):
-        readings.insert(0, ((bits,), 1))  # RTN at each compared bit-width
+        bits_s, _, anchor = bits_s.partition("@")
+        readings.append((tuple(int(b) for b in bits_s.split(",")), int(k_s), int(anchor) if anchor else None))
+    for bits in sorted({sum(sl[:k]) for sl, k, _ in readings}):
+        readings.insert(0, ((bits,), 1, None))  # RTN at each compared bit-width
     mse = {}
-    for sl, k in readings:
-        tag = f"{list(sl)} k={k}"
-        slicer = ResidualSlicer(sl, args.group_size)
+    for sl, k, anchor in readings:
+        tag = f"{list(sl)}{f' @{anchor}' if anchor else ''} k={k}"
+        slicer = ResidualSlicer(sl, args.group_size, anchor)
         w_err, o_err = [], {}
         for name, x in acts.items():
             w = base.get_submodule(name).weight.detach().float()
@@ -77,7 +78,8 @@ def main(argv=None) -> None:
             o_err[name] = float(((x @ v.T - y) ** 2).mean() / (y ** 2).mean())
         mse[tag] = (statistics.mean(w_err), o_err)
         model = copy.deepcopy(base)
-        quantize_model(model, MoBiConfig(slice_bits=sl, group_size=args.group_size, lwc_init=None, routers=False))
+        quantize_model(model, MoBiConfig(slice_bits=sl, group_size=args.group_size, lwc_init=None, routers=False,
+                                         anchor_bits=anchor))
         set_static(model, k)
         rows.append({"weights": tag, "bits": sum(sl[:k]), "ppl": perplexity(model, windows)["ppl"],
                      "weight_rel_mse": mse[tag][0]})

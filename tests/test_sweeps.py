@@ -27,7 +27,7 @@ TINY = ["model=tiny-llama", "debug=fast", "group_size=32", "router.hidden=8", "c
         "torch_threads=1"]
 PRESETS = {  # preset -> number of jobs its `-m` sweep expands to
     "ablation_slices": 4, "ablation_router": 8, "ablation_budget_loss": 5, "ablation_calib_samples": 4,
-    "ablation_group_size": 2, "ablation_seeds": 3, "ablation_router_policy": 2,
+    "ablation_group_size": 2, "ablation_seeds": 3, "ablation_router_policy": 2, "ablation_grid_anchor": 4,
 }
 
 
