@@ -81,6 +81,32 @@ def test_resume_skips_finished_rows(tmp_path, wandb_env):
     assert not (out / "checkpoints").exists()
 
 
+def test_saved_checkpoint_reused_only_with_the_same_calibration(tmp_path, wandb_env, caplog):
+    """A run folder's checkpoint is reused for the same calibration settings and tokens, never for others."""
+    import logging
+
+    args = ("logger=none", "baselines=none", "budget.budgets=[4]")
+    run(smoke_cfg(tmp_path, *args))
+    out = tmp_path / "run"
+    meta_file = out / "checkpoints" / "mobiquant" / "mobiquant.json"
+    first = json.loads(meta_file.read_text())["extra"]["calib"]
+    assert first["lr_lwc"] == 5e-3 and first["calib_tokens"].startswith("[")
+
+    def rerun(*extra):
+        (out / "results.csv").unlink()  # otherwise the finished row is simply skipped
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="mobiquant"):
+            run(smoke_cfg(tmp_path, *args, *extra))
+        return caplog.text
+
+    assert "resumed from checkpoint" in rerun()
+    text = rerun("calib.lr_lwc=0.02")
+    assert "other calibration settings or tokens (lr_lwc)" in text and "resumed from" not in text
+    assert json.loads(meta_file.read_text())["extra"]["calib"]["lr_lwc"] == 0.02  # the new calibration
+    text = rerun("calib.lr_lwc=0.02", "seed=3")  # other calibration windows
+    assert "calib_tokens" in text and "resumed from" not in text
+
+
 def test_text_files_corpus_from_shared_data(tmp_path, wandb_env):
     if not SHARED.exists():
         pytest.skip("../shared/data is not beside the repository")

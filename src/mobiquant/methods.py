@@ -102,8 +102,13 @@ class QuantMethod(abc.ABC):
     def run(self, ctx: RunContext, grid: Sequence[float]) -> Iterator[Variant]:
         """Yield one evaluated-ready :class:`Variant` per budget."""
 
-    def _load_saved(self, ctx: RunContext, tag: str, mobi: MoBiConfig) -> tuple[nn.Module, float, str] | None:
-        """A checkpoint this run directory already holds for ``tag`` with the same settings (resume)."""
+    def _load_saved(self, ctx: RunContext, tag: str, mobi: MoBiConfig,
+                    calib: CalibConfig | None = None) -> tuple[nn.Module, float, str] | None:
+        """A checkpoint this run directory already holds for ``tag`` with the same settings (resume).
+
+        Same settings: the same MoBiConfig and, when ``calib`` is given, the same calibration settings and
+        calibration tokens (:func:`calib_signature`); a checkpoint calibrated otherwise is calibrated anew.
+        """
         folder = ctx.output_dir / "checkpoints" / tag
         if not ctx.save_checkpoints or not (folder / CONFIG_NAME).is_file():
             return None
@@ -111,6 +116,14 @@ class QuantMethod(abc.ABC):
         if meta["config"] != mobi.to_dict():
             log.warning("checkpoint %s has other settings than this run: calibrating anew", folder)
             return None
+        if calib is not None:
+            saved = meta.get("extra", {}).get("calib")
+            want = calib_signature(calib, ctx.calib_ids)
+            if saved != want:
+                diff = sorted(k for k in set(want) | set(saved or {}) if (saved or {}).get(k) != want.get(k))
+                log.warning("checkpoint %s was calibrated with other calibration settings or tokens (%s): "
+                            "calibrating anew", folder, ", ".join(diff) if saved else "none recorded")
+                return None
         model = load_quantized(ctx.fp_model(), folder)
         log.info("[%s] resumed from checkpoint %s", tag, folder)
         return model, float(meta.get("extra", {}).get("calib_seconds", 0.0)), str(folder)
@@ -123,6 +136,23 @@ class QuantMethod(abc.ABC):
             return str(folder)
         save_quantized(model, folder, base_model=ctx.base_model_name, extra=extra)
         return str(folder)
+
+
+#: CalibConfig fields that do not change what a calibration computes (display, where inputs are cached).
+_RUNTIME_ONLY = ("progress_bar", "inputs_on")
+
+
+def calib_signature(calib: CalibConfig, calib_ids: torch.Tensor | None) -> dict:
+    """What a calibrated checkpoint depends on beside its MoBiConfig: the calibration settings and a digest of
+    the calibration tokens. Saved with the checkpoint; a resumed run reuses it only when this matches."""
+    import hashlib
+
+    sig = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(calib).items()
+           if k not in _RUNTIME_ONLY}
+    if calib_ids is not None:
+        ids = calib_ids.detach().to("cpu", torch.int64).contiguous()
+        sig["calib_tokens"] = f"{list(ids.shape)}:{hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]}"
+    return sig
 
 
 class FullPrecision(QuantMethod):
@@ -176,17 +206,18 @@ class LWC(QuantMethod):
         for b in self.budgets(grid):
             mobi = MoBiConfig(slice_bits=(int(b),), group_size=self.group_size, lwc_init=self.lwc_init)
             tag = f"{self.name}-w{int(b)}"
-            saved = self._load_saved(ctx, tag, mobi)
+            calib = dataclasses.replace(ctx.calib, **self.calib_overrides) if self.calib_overrides else ctx.calib
+            saved = self._load_saved(ctx, tag, mobi, calib)
             if saved is not None:
                 model, seconds, ckpt = saved
             else:
                 model = ctx.fp_model()
-                calib = dataclasses.replace(ctx.calib, **self.calib_overrides) if self.calib_overrides else ctx.calib
                 t0 = time.perf_counter()
                 calibrate_model(model, ctx.calib_ids, mobi, calib, loggers=ctx.loggers,
                                 on_block_end=_block_cb(ctx, tag), state_dir=ctx.state_dir(tag))
                 seconds = time.perf_counter() - t0
-                ckpt = self._save(ctx, model, tag, extra={"calib_seconds": seconds})
+                ckpt = self._save(ctx, model, tag, extra={"calib_seconds": seconds,
+                                                          "calib": calib_signature(calib, ctx.calib_ids)})
                 if ckpt is not None:
                     ctx.drop_state(tag)
             yield Variant(self.name, b, model, storage_bits(model), seconds, 1, ckpt)
@@ -222,17 +253,18 @@ class MoBiQuant(QuantMethod):
         key = ("mobiquant", repr(self.mobi.to_dict()), repr(sorted(self.calib_overrides.items())))
         if key in ctx.cache:
             return (*ctx.cache[key], True)
-        saved = self._load_saved(ctx, self.name, self.mobi)
+        calib = dataclasses.replace(ctx.calib, **self.calib_overrides) if self.calib_overrides else ctx.calib
+        saved = self._load_saved(ctx, self.name, self.mobi, calib)
         if saved is not None:
             ctx.cache[key] = saved
             return (*saved, False)
         model = ctx.fp_model()
-        calib = dataclasses.replace(ctx.calib, **self.calib_overrides) if self.calib_overrides else ctx.calib
         t0 = time.perf_counter()
         calibrate_model(model, ctx.calib_ids, self.mobi, calib, loggers=ctx.loggers,
                         on_block_end=_block_cb(ctx, self.name), state_dir=ctx.state_dir(self.name))
         seconds = time.perf_counter() - t0
-        ckpt = self._save(ctx, model, self.name, extra={"calib_seconds": seconds})
+        ckpt = self._save(ctx, model, self.name, extra={"calib_seconds": seconds,
+                                                        "calib": calib_signature(calib, ctx.calib_ids)})
         if ckpt is not None:
             ctx.drop_state(self.name)
         ctx.cache[key] = (model, seconds, ckpt)
