@@ -64,6 +64,9 @@ def test_quant_options_build_their_method(tmp_path):
         cfg = _compose([f"quant={opt}", "baselines=none"], tmp_path)
         methods, _ = validate(cfg)
         assert len(methods) == 1 and methods[0].name == cfg.quant.name
+    cfg = _compose(["quant=mobiquant_a4", "baselines=none"], tmp_path)
+    (method,), _ = validate(cfg)
+    assert (method.mobi.anchor_bits, method.mobi.router_policy, method.mobi.slice_bits) == (4, "adjacent", (2, 2, 2, 2))
 
 
 @pytest.mark.parametrize(
