@@ -13,8 +13,11 @@ Two gate policies (``policy``):
   ``v_e = sigmoid(score_e) + 2 (K - 1 - e)``, so one ``tau`` inside the band of slice ``e`` turns every
   earlier slice on, every later slice off, and slice ``e`` on for the tokens that score highest. At a
   budget between two views every token uses one of those two views; integer views are exact static views.
-  This keeps tokens off views far below the budget. Measured on SmolLM2-135M (docs/RESULTS.md) free
-  routing was better at most budgets: sending some tokens to 6-8 bits pays for others at 2 bits.
+  This keeps tokens off views far below the budget. Measured on SmolLM2-135M (docs/RESULTS.md): with the
+  paper's grid and a short CPU calibration free routing was better at most budgets (sending some tokens
+  to 6-8 bits pays for others at 2 bits); after a GPU-length calibration of a grid anchored at 4 bits,
+  free routing put tokens on the unusable 2-bit base and fell far below the static views it could have
+  used (634.7 at 4.26 bits against 27.6 for the static 4-bit view), which ``adjacent`` rules out.
 
 Elastic control: after calibration, each router keeps a table mapping ``tau`` to the average bits it
 achieved on calibration activations (a weighted quantile function of its scores). Asking for a budget
