@@ -26,7 +26,8 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from types import MappingProxyType
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -92,6 +93,8 @@ def integer_budgets(grid: Sequence[float], lo: int = 1, hi: int = 8) -> list[int
 class QuantMethod(abc.ABC):
     """A method of the comparison: which budgets of the grid it serves, and the variants it yields."""
 
+    calib_overrides: Mapping[str, Any] = MappingProxyType({})  # per-method `calib` overrides, if any
+
     name: str = "method"
 
     @abc.abstractmethod
@@ -101,6 +104,10 @@ class QuantMethod(abc.ABC):
     @abc.abstractmethod
     def run(self, ctx: RunContext, grid: Sequence[float]) -> Iterator[Variant]:
         """Yield one evaluated-ready :class:`Variant` per budget."""
+
+    def _calib(self, ctx: RunContext) -> CalibConfig:
+        """The run's calibration settings with this method's ``calib`` overrides applied."""
+        return dataclasses.replace(ctx.calib, **self.calib_overrides) if self.calib_overrides else ctx.calib
 
     def _load_saved(self, ctx: RunContext, tag: str, mobi: MoBiConfig,
                     calib: CalibConfig | None = None) -> tuple[nn.Module, float, str] | None:
@@ -117,10 +124,10 @@ class QuantMethod(abc.ABC):
             log.warning("checkpoint %s has other settings than this run: calibrating anew", folder)
             return None
         if calib is not None:
-            saved = meta.get("extra", {}).get("calib")
+            saved = meta.get("extra", {}).get("calib") or {}
             want = calib_signature(calib, ctx.calib_ids)
             if saved != want:
-                diff = sorted(k for k in set(want) | set(saved or {}) if (saved or {}).get(k) != want.get(k))
+                diff = sorted(k for k in set(want) | set(saved) if saved.get(k) != want.get(k))
                 log.warning("checkpoint %s was calibrated with other calibration settings or tokens (%s): "
                             "calibrating anew", folder, ", ".join(diff) if saved else "none recorded")
                 return None
@@ -128,9 +135,13 @@ class QuantMethod(abc.ABC):
         log.info("[%s] resumed from checkpoint %s", tag, folder)
         return model, float(meta.get("extra", {}).get("calib_seconds", 0.0)), str(folder)
 
-    def _save(self, ctx: RunContext, model: nn.Module, tag: str, extra: dict | None = None) -> str | None:
+    def _save(self, ctx: RunContext, model: nn.Module, tag: str, extra: dict | None = None,
+              calib: CalibConfig | None = None) -> str | None:
+        """Save ``model`` under ``tag``; with ``calib``, its :func:`calib_signature` goes into ``extra``."""
         if not ctx.save_checkpoints:
             return None
+        if calib is not None:
+            extra = {**(extra or {}), "calib": calib_signature(calib, ctx.calib_ids)}
         folder = ctx.output_dir / "checkpoints" / tag
         if not is_rank_zero():  # DDP: rank 0 writes
             return str(folder)
@@ -206,7 +217,7 @@ class LWC(QuantMethod):
         for b in self.budgets(grid):
             mobi = MoBiConfig(slice_bits=(int(b),), group_size=self.group_size, lwc_init=self.lwc_init)
             tag = f"{self.name}-w{int(b)}"
-            calib = dataclasses.replace(ctx.calib, **self.calib_overrides) if self.calib_overrides else ctx.calib
+            calib = self._calib(ctx)
             saved = self._load_saved(ctx, tag, mobi, calib)
             if saved is not None:
                 model, seconds, ckpt = saved
@@ -216,8 +227,7 @@ class LWC(QuantMethod):
                 calibrate_model(model, ctx.calib_ids, mobi, calib, loggers=ctx.loggers,
                                 on_block_end=_block_cb(ctx, tag), state_dir=ctx.state_dir(tag))
                 seconds = time.perf_counter() - t0
-                ckpt = self._save(ctx, model, tag, extra={"calib_seconds": seconds,
-                                                          "calib": calib_signature(calib, ctx.calib_ids)})
+                ckpt = self._save(ctx, model, tag, extra={"calib_seconds": seconds}, calib=calib)
                 if ckpt is not None:
                     ctx.drop_state(tag)
             yield Variant(self.name, b, model, storage_bits(model), seconds, 1, ckpt)
@@ -253,7 +263,7 @@ class MoBiQuant(QuantMethod):
         key = ("mobiquant", repr(self.mobi.to_dict()), repr(sorted(self.calib_overrides.items())))
         if key in ctx.cache:
             return (*ctx.cache[key], True)
-        calib = dataclasses.replace(ctx.calib, **self.calib_overrides) if self.calib_overrides else ctx.calib
+        calib = self._calib(ctx)
         saved = self._load_saved(ctx, self.name, self.mobi, calib)
         if saved is not None:
             ctx.cache[key] = saved
@@ -263,8 +273,7 @@ class MoBiQuant(QuantMethod):
         calibrate_model(model, ctx.calib_ids, self.mobi, calib, loggers=ctx.loggers,
                         on_block_end=_block_cb(ctx, self.name), state_dir=ctx.state_dir(self.name))
         seconds = time.perf_counter() - t0
-        ckpt = self._save(ctx, model, self.name, extra={"calib_seconds": seconds,
-                                                        "calib": calib_signature(calib, ctx.calib_ids)})
+        ckpt = self._save(ctx, model, self.name, extra={"calib_seconds": seconds}, calib=calib)
         if ckpt is not None:
             ctx.drop_state(self.name)
         ctx.cache[key] = (model, seconds, ckpt)

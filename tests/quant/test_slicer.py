@@ -216,15 +216,19 @@ def test_k_out_of_range_raises(k):
         s.integer_reconstruct(sc, k, 64)
 
 
-@pytest.mark.parametrize("bits", [(2, 2, 2, 2), (3, 1, 1, 1, 1, 1), (4, 2, 2), (8,)])
+@pytest.mark.parametrize(
+    "bits,anchor",
+    # anchor: the paper's grid (None), or one anchored above the base (fractional zero points)
+    [((2, 2, 2, 2), None), ((3, 1, 1, 1, 1, 1), None), ((4, 2, 2), None), ((8,), None), ((2, 2, 2, 2), 6)],
+)
 @pytest.mark.parametrize("group_size", [32, 64])
-def test_closed_form_ste_views_match_autograd_recursion(bits, group_size):
+def test_closed_form_ste_views_match_autograd_recursion(bits, anchor, group_size):
     """The fused straight-through views equal the plain autograd recursion in value and gradient."""
     from mobiquant.quant.primitives import from_groups, to_groups
 
     gen = torch.Generator().manual_seed(7)
     w = torch.randn(48, 100, generator=gen) * (torch.rand(48, 1, generator=gen) * 3)
-    slicer = ResidualSlicer(bits, group_size)
+    slicer = ResidualSlicer(bits, group_size, anchor)
     ng = -(-100 // group_size)
     gamma = torch.nn.Parameter(torch.randn(48, ng, generator=gen) + 2)
     beta = torch.nn.Parameter(torch.randn(48, ng, generator=gen) + 2)
