@@ -118,6 +118,78 @@ def test_small_batch_reads_only_needed_planes(gen):
     torch.testing.assert_close(y1, ref[:1])
 
 
+# ----------------------------------------------------------------- one token: field kernel vs concat
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize(
+    "n_out,n_in,group",
+    [(40, 1024, 128), (33, 200, 64), (24, 130, 128), (70, 96, 32), (16, 2048, 1024)],
+    ids=str,
+)
+def test_one_token_field_kernel(n_out, n_in, group, dtype, gen):
+    """The field kernel (default for one token, equal slice widths) against the reference and against the
+    concatenated-code kernel, every k, on even and ragged K (partial chunk, partial word, row stride not a
+    multiple of 16), rows not a multiple of the block, several chunks per split."""
+    bits = (2, 2, 2, 2)
+    planes, scale, zero = make_layer(n_out, n_in, bits, group, gen)
+    bias = torch.randn(n_out, generator=gen).to(DEVICE)
+    x = randx(1, n_in, dtype, gen)
+    assert tb._fields_ok(bits, 4)
+    for k in range(1, 5):
+        y = check(x, planes, scale, zero, bits, group, k, bias=bias, path="small")
+        y_old = check(x, planes, scale, zero, bits, group, k, bias=bias, path="small",
+                      small_config=tb.SmallConfig(fields=False))
+        torch.testing.assert_close(y, y_old, rtol=TOL[dtype] * 4, atol=TOL[dtype] * 4 * y_old.abs().max().item())
+    for cfg in (tb.SmallConfig(block_n=16, block_k=256, split_k=1), tb.SmallConfig(block_n=64, split_k=3),
+                tb.SmallConfig(block_n=32, block_k=128, split_k=2, num_warps=2)):
+        check(x, planes, scale, zero, bits, group, 3, path="small", small_config=cfg)
+
+
+@pytest.mark.parametrize("scale_x", [1e-4, 1.0, 3e3])
+def test_one_token_field_kernel_activation_range(scale_x, gen):
+    """Products are formed as x C 2^-64 from subnormal code fields: small and large activations keep
+    their relative accuracy."""
+    bits, group = (2, 2, 2, 2), 128
+    planes, scale, zero = make_layer(32, 512, bits, group, gen)
+    for dtype in (torch.float16, torch.float32):
+        x = (randx(1, 512, torch.float32, gen) * scale_x).to(dtype)
+        for k in (1, 4):
+            check(x, planes, scale, zero, bits, group, k, path="small")
+
+
+@pytest.mark.parametrize(
+    "bits,group,n_in", [((1,) * 8, 64, 160), ((4, 4), 64, 136), ((8,), 32, 96), ((4, 2, 2), 64, 130)], ids=str
+)
+def test_one_token_field_kernel_widths(bits, group, n_in, gen):
+    """Other equal widths (1, 4, 8 bits) use the field kernel up to the k it covers; wider codes and mixed
+    widths fall back to the concatenated-code kernel."""
+    planes, scale, zero = make_layer(24, n_in, bits, group, gen)
+    x = randx(1, n_in, torch.float32, gen)
+    for k in range(1, len(bits) + 1):
+        check(x, planes, scale, zero, bits, group, k, path="small")
+    assert tb._fields_ok((1,) * 8, 4) and not tb._fields_ok((1,) * 8, 8)
+    assert tb._fields_ok((4, 4), 2) and tb._fields_ok((8,), 1)
+    assert tb._fields_ok((4, 2, 2), 1) and not tb._fields_ok((4, 2, 2), 2)
+
+
+def test_one_token_device_k_compiles_every_plane(gen, monkeypatch):
+    """A per-token k read on the device (as on CUDA: the kernel compiles for every plane and masks the
+    planes past k): planes past k hold garbage that must not leak, for both one-token kernels."""
+    monkeypatch.setattr(tb, "_host_k_range", lambda k_t: None)
+    bits, group = (2, 2, 2, 2), 64
+    planes, scale, zero = make_layer(40, 320, bits, group, gen)
+    x = randx(1, 320, torch.float16, gen)
+    for kk in range(1, 5):
+        bad = planes[:kk] + [torch.full_like(p, -1) for p in planes[kk:]]
+        ref = torch_reference(x, planes, scale, zero, bits, group, kk, compute_dtype=torch.float64)
+        for cfg in (tb.SmallConfig(), tb.SmallConfig(fields=False)):
+            out = torch.full((1, 40), float("nan"), dtype=x.dtype, device=DEVICE)
+            k = torch.tensor([kk], device=DEVICE)
+            y = tb.bitplane_linear_small(x, bad, scale, zero, bits, group, k, out=out, config=cfg)
+            assert not torch.isnan(out).any()
+            err = ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+            assert err < TOL[torch.float16], (kk, cfg, err)
+
+
 # ------------------------------------------------------------------------------ layouts and configs
 @pytest.mark.parametrize(
     "bits,group,n_out,n_in",

@@ -9,11 +9,16 @@ which telescopes into per-plane residuals ``W_k = sum_(e<=k) D_e`` with
 
 Paths (``bitplane_linear(..., path=)``):
 
-* ``small``, one token: ``_bp_gemv_kernel`` on CUDA cores. The token has one ``k``, so its planes are
-  OR-ed straight into the bits of the fp32 ``1 + C_k / 2^bits`` (each code shifted to its place under
-  the mantissa's top: one shift and one mask per code and plane, no int->float conversion) and the dot
-  product needs one multiply-add per weight whatever ``k``; the group's scale and zero point are applied
-  once per group from ``sum(x)``.
+* ``small``, one token, planes ``1..k`` of one width (e.g. 2-2-2-2, up to four planes):
+  ``_bp_gemv_fields_kernel`` on CUDA cores. Each code's field is masked out of its word where it lies
+  (one AND per code and plane, one shift per word and plane) and read as a subnormal fp32; the
+  activations are scaled per code position so that one FMA per code accumulates ``x C``. Words come
+  in 16-byte loads (row strides passed from the host).
+* ``small``, one token, other layouts: ``_bp_gemv_kernel`` on CUDA cores. The token has one ``k``, so
+  its planes are OR-ed straight into the bits of the fp32 ``1 + C_k / 2^bits`` (each code shifted to its
+  place under the mantissa's top: one shift and one mask per code and plane, no int->float conversion)
+  and the dot product needs one multiply-add per weight whatever ``k``. In both kernels the group's
+  scale and zero point are applied once per group from ``sum(x)``.
 * ``small``, 2..16 tokens: ``_bp_small_kernel`` on tensor cores. Every program covers all tokens and
   ``BLOCK_N`` output rows and reads each plane once, up to the largest ``k`` among its tokens. Same ``k``
   for all tokens: one dot on the concatenated code (as above, in the activation dtype when it holds the
@@ -107,18 +112,22 @@ def _cast(v, DT: tl.constexpr):
 
 
 @triton.jit
-def _load_words(plane_ptr, rows, row_mask, col0, K_IN, B: tl.constexpr, BLOCK_K: tl.constexpr):
+def _load_words(plane_ptr, WS, rows, row_mask, col0, K_IN, B: tl.constexpr, BLOCK_K: tl.constexpr,
+                EVEN_K: tl.constexpr):
     """Words ``[BLOCK_N, BLOCK_K // per]`` covering columns ``col0 ..`` (``col0`` a multiple of per);
-    rows off in ``row_mask`` (outside the layer, or a plane no token of the tile needs) are not read."""
+    rows off in ``row_mask`` (outside the layer, or a plane no token of the tile needs) are not read.
+
+    ``WS`` is the plane's row stride in words, passed from the host so that Triton specialises it (a
+    multiple of 16 makes every row start 16-byte aligned: 16-byte vector loads). ``EVEN_K``: ``BLOCK_K``
+    divides ``K_IN``, no column mask (a mask that varies along the row would split the vectors)."""
     PER: tl.constexpr = 32 // B
     NW: tl.constexpr = BLOCK_K // PER
+    w_idx = tl.multiple_of(col0 // PER, NW) + tl.arange(0, NW)
+    ptrs = plane_ptr + rows[:, None].to(tl.int64) * WS + w_idx[None, :]
+    if EVEN_K:
+        return tl.load(ptrs, mask=row_mask[:, None], other=0)
     n_words = (K_IN + PER - 1) // PER
-    w_idx = col0 // PER + tl.arange(0, NW)
-    return tl.load(
-        plane_ptr + rows[:, None].to(tl.int64) * n_words + w_idx[None, :],
-        mask=row_mask[:, None] & (w_idx[None, :] < n_words),
-        other=0,
-    )
+    return tl.load(ptrs, mask=row_mask[:, None] & (w_idx[None, :] < n_words), other=0)
 
 
 @triton.jit
@@ -356,6 +365,7 @@ def _bp_small_kernel(
     scale_ptr,
     zero_ptr,
     p0, p1, p2, p3, p4, p5, p6, p7,
+    WS0, WS1, WS2, WS3, WS4, WS5, WS6, WS7,
     A0, A1, A2, A3, A4, A5, A6, A7,
     C0, C1, C2, C3, C4, C5, C6, C7,
     H0, H1, H2, H3, H4, H5, H6, H7,
@@ -372,6 +382,7 @@ def _bp_small_kernel(
     KMAX: tl.constexpr,
     B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
     B4: tl.constexpr, B5: tl.constexpr, B6: tl.constexpr, B7: tl.constexpr,
+    EVEN_K: tl.constexpr,
     PER_TOKEN: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SPLIT_K: tl.constexpr,
@@ -419,7 +430,7 @@ def _bp_small_kernel(
     for c in range(c_lo, c_hi):
         col0 = c * BLOCK_K
         # Issue every needed plane's loads before any decode (planes past kmax are masked off: no traffic).
-        w0 = _load_words(p0, rows, row_mask, col0, K_IN, B0, BLOCK_K)
+        w0 = _load_words(p0, WS0, rows, row_mask, col0, K_IN, B0, BLOCK_K, EVEN_K)
         w1 = w0
         w2 = w0
         w3 = w0
@@ -428,19 +439,19 @@ def _bp_small_kernel(
         w6 = w0
         w7 = w0
         if KMAX > 1:
-            w1 = _load_words(p1, rows, row_mask & ((rows * 0 + kmax) > 1), col0, K_IN, B1, BLOCK_K)
+            w1 = _load_words(p1, WS1, rows, row_mask & ((rows * 0 + kmax) > 1), col0, K_IN, B1, BLOCK_K, EVEN_K)
         if KMAX > 2:
-            w2 = _load_words(p2, rows, row_mask & ((rows * 0 + kmax) > 2), col0, K_IN, B2, BLOCK_K)
+            w2 = _load_words(p2, WS2, rows, row_mask & ((rows * 0 + kmax) > 2), col0, K_IN, B2, BLOCK_K, EVEN_K)
         if KMAX > 3:
-            w3 = _load_words(p3, rows, row_mask & ((rows * 0 + kmax) > 3), col0, K_IN, B3, BLOCK_K)
+            w3 = _load_words(p3, WS3, rows, row_mask & ((rows * 0 + kmax) > 3), col0, K_IN, B3, BLOCK_K, EVEN_K)
         if KMAX > 4:
-            w4 = _load_words(p4, rows, row_mask & ((rows * 0 + kmax) > 4), col0, K_IN, B4, BLOCK_K)
+            w4 = _load_words(p4, WS4, rows, row_mask & ((rows * 0 + kmax) > 4), col0, K_IN, B4, BLOCK_K, EVEN_K)
         if KMAX > 5:
-            w5 = _load_words(p5, rows, row_mask & ((rows * 0 + kmax) > 5), col0, K_IN, B5, BLOCK_K)
+            w5 = _load_words(p5, WS5, rows, row_mask & ((rows * 0 + kmax) > 5), col0, K_IN, B5, BLOCK_K, EVEN_K)
         if KMAX > 6:
-            w6 = _load_words(p6, rows, row_mask & ((rows * 0 + kmax) > 6), col0, K_IN, B6, BLOCK_K)
+            w6 = _load_words(p6, WS6, rows, row_mask & ((rows * 0 + kmax) > 6), col0, K_IN, B6, BLOCK_K, EVEN_K)
         if KMAX > 7:
-            w7 = _load_words(p7, rows, row_mask & ((rows * 0 + kmax) > 7), col0, K_IN, B7, BLOCK_K)
+            w7 = _load_words(p7, WS7, rows, row_mask & ((rows * 0 + kmax) > 7), col0, K_IN, B7, BLOCK_K, EVEN_K)
         g = col0 // GROUP
         s = tl.load(scale_ptr + rows.to(tl.int64) * N_GROUPS + g, mask=row_mask, other=0.0).to(tl.float32)
         z = tl.load(zero_ptr + rows.to(tl.int64) * N_GROUPS + g, mask=row_mask, other=0.0).to(tl.float32)
@@ -495,6 +506,7 @@ def _bp_gemv_kernel(
     scale_ptr,
     zero_ptr,
     p0, p1, p2, p3, p4, p5, p6, p7,
+    WS0, WS1, WS2, WS3, WS4, WS5, WS6, WS7,
     H0, H1, H2, H3, H4, H5, H6, H7,
     N,
     K_IN,
@@ -506,6 +518,7 @@ def _bp_gemv_kernel(
     KMAX: tl.constexpr,
     B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
     B4: tl.constexpr, B5: tl.constexpr, B6: tl.constexpr, B7: tl.constexpr,
+    EVEN_K: tl.constexpr,
     PER_TOKEN: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SPLIT_K: tl.constexpr,
@@ -537,7 +550,7 @@ def _bp_gemv_kernel(
     for c in range(c_lo, c_hi):
         col0 = c * BLOCK_K
         # every needed plane's loads first (planes past k are masked off: no traffic)
-        w0 = _load_words(p0, rows, row_mask, col0, K_IN, B0, BLOCK_K)
+        w0 = _load_words(p0, WS0, rows, row_mask, col0, K_IN, B0, BLOCK_K, EVEN_K)
         w1 = w0
         w2 = w0
         w3 = w0
@@ -546,19 +559,19 @@ def _bp_gemv_kernel(
         w6 = w0
         w7 = w0
         if KMAX > 1:
-            w1 = _load_words(p1, rows, row_mask & ((rows * 0 + kk) > 1), col0, K_IN, B1, BLOCK_K)
+            w1 = _load_words(p1, WS1, rows, row_mask & ((rows * 0 + kk) > 1), col0, K_IN, B1, BLOCK_K, EVEN_K)
         if KMAX > 2:
-            w2 = _load_words(p2, rows, row_mask & ((rows * 0 + kk) > 2), col0, K_IN, B2, BLOCK_K)
+            w2 = _load_words(p2, WS2, rows, row_mask & ((rows * 0 + kk) > 2), col0, K_IN, B2, BLOCK_K, EVEN_K)
         if KMAX > 3:
-            w3 = _load_words(p3, rows, row_mask & ((rows * 0 + kk) > 3), col0, K_IN, B3, BLOCK_K)
+            w3 = _load_words(p3, WS3, rows, row_mask & ((rows * 0 + kk) > 3), col0, K_IN, B3, BLOCK_K, EVEN_K)
         if KMAX > 4:
-            w4 = _load_words(p4, rows, row_mask & ((rows * 0 + kk) > 4), col0, K_IN, B4, BLOCK_K)
+            w4 = _load_words(p4, WS4, rows, row_mask & ((rows * 0 + kk) > 4), col0, K_IN, B4, BLOCK_K, EVEN_K)
         if KMAX > 5:
-            w5 = _load_words(p5, rows, row_mask & ((rows * 0 + kk) > 5), col0, K_IN, B5, BLOCK_K)
+            w5 = _load_words(p5, WS5, rows, row_mask & ((rows * 0 + kk) > 5), col0, K_IN, B5, BLOCK_K, EVEN_K)
         if KMAX > 6:
-            w6 = _load_words(p6, rows, row_mask & ((rows * 0 + kk) > 6), col0, K_IN, B6, BLOCK_K)
+            w6 = _load_words(p6, WS6, rows, row_mask & ((rows * 0 + kk) > 6), col0, K_IN, B6, BLOCK_K, EVEN_K)
         if KMAX > 7:
-            w7 = _load_words(p7, rows, row_mask & ((rows * 0 + kk) > 7), col0, K_IN, B7, BLOCK_K)
+            w7 = _load_words(p7, WS7, rows, row_mask & ((rows * 0 + kk) > 7), col0, K_IN, B7, BLOCK_K, EVEN_K)
         gidx = (col0 + tl.arange(0, GPC) * SUBG) // GROUP
         gptr = rows.to(tl.int64)[:, None] * N_GROUPS + gidx[None, :]
         gmask = row_mask[:, None] & (gidx < N_GROUPS)[None, :]
@@ -572,6 +585,214 @@ def _bp_gemv_kernel(
         T = tl.sum(tl.reshape(f * x[None, :], (BLOCK_N, GPC, SUBG)), axis=2)  # [BLOCK_N, GPC]
         xs = tl.sum(tl.reshape(x, (GPC, SUBG)), axis=1)[None, :]  # [1, GPC]
         acc += s * (TWO_B0 * (T - xs) - xs * (z + h))
+    y = tl.reshape(tl.sum(acc, axis=1), (1, BLOCK_N))
+    zero_m = tl.zeros((1,), dtype=tl.int32)
+    _splitk_store(y, out_ptr, part_ptr, lock_ptr, bias_ptr, zero_m, zero_m == 0, rows, row_mask, N,
+                  0, pid_n, pid_k, HAS_BIAS, SPLIT_K, 1, BLOCK_N)
+
+
+# ------------------------------------------------------------- one-token kernel, equal slice widths
+# Code fields read in place: with every plane ``B`` bits wide, the code of column ``j`` sits at the same
+# bits ``(j mod per) B`` of word ``j // per`` in every plane. Plane ``e`` shifted up by ``(KMAX-1-e) B``
+# and OR-ed with the others gives the concatenated code ``C`` at bit ``(j mod half) B`` of the low or
+# high half word (``half = per / 2``). ``C`` masked out of that word, read as fp32 bits, is the
+# subnormal ``C 2^(pos - 149)``: one AND per code and plane (plus one shift per word and plane), no
+# int->float conversion and no constant 1 to remove. The activation of column ``j`` is scaled once per
+# chunk by ``2^(149 - S - pos)`` so that every product ``x C 2^-S`` is a normal float.
+_FIELD_S = 64  # products are x C 2^-64: normal for |x| > 2^-62; x 2^(85 - pos) finite for |x| < 2^42
+
+
+@triton.jit
+def _fld(lo, hi, J: tl.constexpr, HALF: tl.constexpr, B: tl.constexpr, SH: tl.constexpr):
+    # plane field of code J (the plane's words shifted up by SH), left in place: one AND
+    MASK: tl.constexpr = (1 << B) - 1
+    if J < HALF:
+        return lo & (MASK << (J * B + SH))
+    else:
+        return hi & (MASK << ((J - HALF) * B + SH))
+
+
+@triton.jit
+def _fa1(acc, xj, l0, h0, l1, h1, l2, h2, l3, h3, J: tl.constexpr, ST: tl.constexpr, HALF: tl.constexpr,
+         B: tl.constexpr, KMAX: tl.constexpr):
+    """``acc += field_J * x'_J``: the concatenated code of code position ``J`` of every word, read as a
+    subnormal, times the scaled activation of that column (``xj`` ``[words]``)."""
+    fb = _fld(l0, h0, J, HALF, B, (KMAX - 1) * B)
+    if KMAX > 1:
+        fb = fb | _fld(l1, h1, J, HALF, B, (KMAX - 2) * B)
+    if KMAX > 2:
+        fb = fb | _fld(l2, h2, J, HALF, B, (KMAX - 3) * B)
+    if KMAX > 3:
+        fb = fb | _fld(l3, h3, J, HALF, B, (KMAX - 4) * B)
+    return acc + fb.to(tl.float32, bitcast=True) * xj[None, :]
+
+
+@triton.jit
+def _fa2(acc, xt, l0, h0, l1, h1, l2, h2, l3, h3, J: tl.constexpr, ST: tl.constexpr, HALF: tl.constexpr,
+         B: tl.constexpr, KMAX: tl.constexpr):
+    xa, xb = tl.split(xt)
+    acc = _fa1(acc, xa, l0, h0, l1, h1, l2, h2, l3, h3, J, 2 * ST, HALF, B, KMAX)
+    return _fa1(acc, xb, l0, h0, l1, h1, l2, h2, l3, h3, J + ST, 2 * ST, HALF, B, KMAX)
+
+
+@triton.jit
+def _fa4(acc, xt, l0, h0, l1, h1, l2, h2, l3, h3, J: tl.constexpr, ST: tl.constexpr, HALF: tl.constexpr,
+         B: tl.constexpr, KMAX: tl.constexpr):
+    xa, xb = tl.split(xt)
+    acc = _fa2(acc, xa, l0, h0, l1, h1, l2, h2, l3, h3, J, 2 * ST, HALF, B, KMAX)
+    return _fa2(acc, xb, l0, h0, l1, h1, l2, h2, l3, h3, J + ST, 2 * ST, HALF, B, KMAX)
+
+
+@triton.jit
+def _fa8(acc, xt, l0, h0, l1, h1, l2, h2, l3, h3, J: tl.constexpr, ST: tl.constexpr, HALF: tl.constexpr,
+         B: tl.constexpr, KMAX: tl.constexpr):
+    xa, xb = tl.split(xt)
+    acc = _fa4(acc, xa, l0, h0, l1, h1, l2, h2, l3, h3, J, 2 * ST, HALF, B, KMAX)
+    return _fa4(acc, xb, l0, h0, l1, h1, l2, h2, l3, h3, J + ST, 2 * ST, HALF, B, KMAX)
+
+
+@triton.jit
+def _fa16(acc, xt, l0, h0, l1, h1, l2, h2, l3, h3, J: tl.constexpr, ST: tl.constexpr, HALF: tl.constexpr,
+          B: tl.constexpr, KMAX: tl.constexpr):
+    xa, xb = tl.split(xt)
+    acc = _fa8(acc, xa, l0, h0, l1, h1, l2, h2, l3, h3, J, 2 * ST, HALF, B, KMAX)
+    return _fa8(acc, xb, l0, h0, l1, h1, l2, h2, l3, h3, J + ST, 2 * ST, HALF, B, KMAX)
+
+
+@triton.jit
+def _fa32(acc, xt, l0, h0, l1, h1, l2, h2, l3, h3, J: tl.constexpr, ST: tl.constexpr, HALF: tl.constexpr,
+          B: tl.constexpr, KMAX: tl.constexpr):
+    xa, xb = tl.split(xt)
+    acc = _fa16(acc, xa, l0, h0, l1, h1, l2, h2, l3, h3, J, 2 * ST, HALF, B, KMAX)
+    return _fa16(acc, xb, l0, h0, l1, h1, l2, h2, l3, h3, J + ST, 2 * ST, HALF, B, KMAX)
+
+
+@triton.jit
+def _fields_dot(acc, xw, w0, w1, w2, w3, B: tl.constexpr, KMAX: tl.constexpr, NW: tl.constexpr):
+    """``acc [BLOCK_N, NW] += sum_j field_j(words) * x'[word, j]``, elementwise per code position ``j``
+    (one AND per code and plane, one FMA per code; ``xw`` ``[NW, per]`` scaled activations)."""
+    PER: tl.constexpr = 32 // B
+    HALF: tl.constexpr = PER // 2
+    # plane e shifted up by (KMAX - 1 - e) B; hi: the upper half word brought down (sign bits never reach
+    # a field, which ends below bit 16 + shift)
+    l0 = w0 << ((KMAX - 1) * B)
+    h0 = w0 >> (16 - (KMAX - 1) * B)
+    l1 = l0
+    h1 = h0
+    l2 = l0
+    h2 = h0
+    l3 = l0
+    h3 = h0
+    if KMAX > 1:
+        l1 = w1 << ((KMAX - 2) * B)
+        h1 = w1 >> (16 - (KMAX - 2) * B)
+    if KMAX > 2:
+        l2 = w2 << ((KMAX - 3) * B)
+        h2 = w2 >> (16 - (KMAX - 3) * B)
+    if KMAX > 3:
+        l3 = w3 << ((KMAX - 4) * B)
+        h3 = w3 >> (16 - (KMAX - 4) * B)
+    if PER == 2:
+        acc = _fa2(acc, xw, l0, h0, l1, h1, l2, h2, l3, h3, 0, 1, HALF, B, KMAX)
+    elif PER == 4:
+        acc = _fa4(acc, tl.reshape(xw, (NW, 2, 2)), l0, h0, l1, h1, l2, h2, l3, h3, 0, 1, HALF, B, KMAX)
+    elif PER == 8:
+        acc = _fa8(acc, tl.reshape(xw, (NW, 2, 2, 2)), l0, h0, l1, h1, l2, h2, l3, h3, 0, 1, HALF, B, KMAX)
+    elif PER == 16:
+        acc = _fa16(acc, tl.reshape(xw, (NW, 2, 2, 2, 2)), l0, h0, l1, h1, l2, h2, l3, h3, 0, 1, HALF, B,
+                    KMAX)
+    else:
+        acc = _fa32(acc, tl.reshape(xw, (NW, 2, 2, 2, 2, 2)), l0, h0, l1, h1, l2, h2, l3, h3, 0, 1, HALF, B,
+                    KMAX)
+    return acc
+
+
+@triton.jit
+def _bp_gemv_fields_kernel(
+    x_ptr,
+    out_ptr,
+    part_ptr,
+    lock_ptr,
+    bias_ptr,
+    k_ptr,
+    scale_ptr,
+    zero_ptr,
+    p0, p1, p2, p3,
+    WS0, WS1, WS2, WS3,
+    H0, H1, H2, H3, H4, H5, H6, H7,
+    mult,
+    N,
+    K_IN,
+    N_GROUPS,
+    k_uniform,
+    CHUNKS_PER_SPLIT,
+    GROUP: tl.constexpr,
+    NS: tl.constexpr,
+    KMAX: tl.constexpr,
+    B: tl.constexpr,
+    XE: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    PER_TOKEN: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GPC: tl.constexpr,
+):
+    """One token, every slice ``B`` bits: ``sum(x W_k)`` from the code fields read in place (see above).
+
+    Per group ``y += s (mult sum(x' f) - sum(x) (z + h_k))`` with ``f`` the subnormal field, ``x'`` the
+    scaled activations and ``mult = 2^(S - (KMAX-1) B)``: planes past ``k`` are zero, so the field holds
+    ``C_k 2^((KMAX-k) B)`` and ``mult`` is the same for every ``k``. Per code and plane one AND, per code
+    one FMA; the sum over a group is in-thread but for the few lanes that share a group."""
+    SUBG: tl.constexpr = BLOCK_K // GPC
+    PER: tl.constexpr = 32 // B
+    HALF: tl.constexpr = PER // 2
+    NW: tl.constexpr = BLOCK_K // PER
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    if PER_TOKEN:
+        kk = tl.load(k_ptr).to(tl.int32)
+    else:
+        kk = tl.max(tl.zeros((1,), dtype=tl.int32) + k_uniform, axis=0)
+    h = tl.sum(_select(tl.zeros((1,), dtype=tl.int32) + kk, H0, H1, H2, H3, H4, H5, H6, H7, NS), axis=0)
+    # x' = x 2^(149 - S - pos): the exponent bits of 2^(149 - S - pos) for each code position (XE = 276 - S)
+    jpos = tl.arange(0, PER)
+    xsc = ((XE - (jpos % HALF) * B) << 23).to(tl.float32, bitcast=True)
+    wcol = tl.arange(0, NW)[:, None] * PER + jpos[None, :]  # [NW, PER] column offsets
+
+    acc = tl.zeros((BLOCK_N, GPC), dtype=tl.float32)
+    n_chunks = tl.cdiv(K_IN, BLOCK_K)
+    c_lo = pid_k * CHUNKS_PER_SPLIT
+    c_hi = tl.minimum(c_lo + CHUNKS_PER_SPLIT, n_chunks)
+    for c in range(c_lo, c_hi):
+        col0 = c * BLOCK_K
+        w0 = _load_words(p0, WS0, rows, row_mask, col0, K_IN, B, BLOCK_K, EVEN_K)
+        w1 = w0
+        w2 = w0
+        w3 = w0
+        if KMAX > 1:
+            w1 = _load_words(p1, WS1, rows, row_mask & ((rows * 0 + kk) > 1), col0, K_IN, B, BLOCK_K, EVEN_K)
+        if KMAX > 2:
+            w2 = _load_words(p2, WS2, rows, row_mask & ((rows * 0 + kk) > 2), col0, K_IN, B, BLOCK_K, EVEN_K)
+        if KMAX > 3:
+            w3 = _load_words(p3, WS3, rows, row_mask & ((rows * 0 + kk) > 3), col0, K_IN, B, BLOCK_K, EVEN_K)
+        gidx = (col0 + tl.arange(0, GPC) * SUBG) // GROUP
+        gptr = rows.to(tl.int64)[:, None] * N_GROUPS + gidx[None, :]
+        gmask = row_mask[:, None] & (gidx < N_GROUPS)[None, :]
+        s = tl.load(scale_ptr + gptr, mask=gmask, other=0.0).to(tl.float32)
+        z = tl.load(zero_ptr + gptr, mask=gmask, other=0.0).to(tl.float32)
+        if EVEN_K:
+            xw = tl.load(x_ptr + col0 + wcol).to(tl.float32)
+        else:
+            xw = tl.load(x_ptr + col0 + wcol, mask=col0 + wcol < K_IN, other=0.0).to(tl.float32)
+        P = tl.zeros((BLOCK_N, NW), dtype=tl.float32)
+        P = _fields_dot(P, xw * xsc[None, :], w0, w1, w2, w3, B, KMAX, NW)
+        T = tl.sum(tl.reshape(P, (BLOCK_N, GPC, NW // GPC)), axis=2)  # [BLOCK_N, GPC]
+        xs = tl.sum(tl.reshape(xw, (GPC, SUBG)), axis=1)[None, :]  # [1, GPC]
+        acc += s * (mult * T - xs * (z + h))
     y = tl.reshape(tl.sum(acc, axis=1), (1, BLOCK_N))
     zero_m = tl.zeros((1,), dtype=tl.int32)
     _splitk_store(y, out_ptr, part_ptr, lock_ptr, bias_ptr, zero_m, zero_m == 0, rows, row_mask, N,
@@ -754,6 +975,7 @@ class SmallConfig:
     use_dot: bool | None = None
     magic: bool = True  # codes enter the dot as exact floats 1 + q / 2^b built from bits (no I2F)
     combine: bool = True  # tensor cores, every token the same k: one dot on the concatenated code
+    fields: bool = True  # one token, equal slice widths: code fields read in place (_bp_gemv_fields_kernel)
 
 
 @dataclass(frozen=True)
@@ -822,6 +1044,27 @@ def _small_block_k(group_size: int, use_dot: bool, block_k: int | None) -> int:
     return 256 if _is_pow2(group_size) and group_size <= 256 else _pow2_divisor(group_size, 256)
 
 
+#: One-token rows per program of the field kernel by the largest k (registers: 16 words per plane and
+#: thread at 4 warps and 512 columns; see benchmarks/NOTES.md, version 6).
+_FIELDS_BLOCK_N = (64, 64, 32, 32)
+
+
+def _fields_ok(slice_bits: Sequence[int], kmax: int) -> bool:
+    """The field kernel covers up to four planes ``1..kmax`` of one width ``b`` (power-of-two codes per
+    word, at least two) whose concatenated code fits under bit 23 of a half word: ``15 + (kmax-1) b <= 22``."""
+    b = slice_bits[0]
+    return (kmax <= 4 and all(bb == b for bb in slice_bits[:kmax]) and b <= 16 and _is_pow2(32 // b)
+            and (kmax - 1) * b <= 7)
+
+
+def _fields_block_k(group_size: int, bk: int) -> int:
+    """512 columns per chunk (32 words of 2-bit codes per row and plane: eight 16-byte loads per row)
+    when the group is a power of two that divides or holds it; else the CUDA-core default."""
+    if _is_pow2(group_size):
+        return 512
+    return bk
+
+
 def small_supported(
     slice_bits: Sequence[int], group_size: int, block_k: int | None = None, use_dot: bool = True
 ) -> bool:
@@ -836,6 +1079,14 @@ def small_supported(
     if use_dot:
         return bk >= 16 and group_size % bk == 0
     return group_size % bk == 0 or (_is_pow2(group_size) and bk % group_size == 0)
+
+
+def _host_k_range(k_t: torch.Tensor) -> tuple[int, int] | None:
+    """``(min, max)`` of a per-token ``k`` that lives on the host (free to read), else None: the kernels
+    then compile for every plane and read ``k`` on the device."""
+    if k_t.device.type != "cpu":
+        return None
+    return int(k_t.min()), int(k_t.max())
 
 
 def _check_k(k, num_slices: int):
@@ -900,12 +1151,19 @@ def bitplane_linear_small(
         if k_t.numel() != M:
             raise ValueError(f"k has {k_t.numel()} entries for {M} tokens")
         per_token, kmax_c, k_u = True, NS, 0
-        if k_t.device.type == "cpu" and M:
-            lo, hi = int(k_t.min()), int(k_t.max())
+        rng = _host_k_range(k_t) if M else None
+        if rng is not None:
+            lo, hi = rng
             if lo < 1 or hi > NS:
                 raise ValueError(f"per-token k must be in [1, {NS}], got [{lo}, {hi}]")
             kmax_c = hi
-    block_n = cfg.block_n or (64 if use_dot else 32)
+    fields = not use_dot and cfg.fields and _fields_ok(slice_bits, kmax_c)
+    if fields:
+        if cfg.block_k is None:
+            bk = _fields_block_k(group_size, bk)
+        block_n = cfg.block_n or _FIELDS_BLOCK_N[min(kmax_c, 4) - 1]
+    else:
+        block_n = cfg.block_n or (64 if use_dot else 32)
     n_tiles = triton.cdiv(N, block_n)
     n_chunks = triton.cdiv(K_IN, bk)
     split = cfg.split_k
@@ -927,23 +1185,33 @@ def bitplane_linear_small(
         part = locks = out
     common = dict(
         GROUP=group_size, NS=NS, KMAX=kmax_c, PER_TOKEN=per_token, HAS_BIAS=bias is not None,
-        SPLIT_K=split, BLOCK_N=block_n, BLOCK_K=bk,
+        SPLIT_K=split, BLOCK_N=block_n, BLOCK_K=bk, EVEN_K=K_IN % bk == 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **{f"B{i}": b for i, b in enumerate(_bits_args(slice_bits))},
     )
+    bits_kw = {f"B{i}": b for i, b in enumerate(_bits_args(slice_bits))}
     H = [(1.0 - 2.0**-sh) / 2 for sh in _shifts(slice_bits)] + [0.0] * (MAX_SLICES - NS)
-    head = (x2, out, part, locks, bias if bias is not None else out, k_t, scale, zero, *_plane_args(planes))
+    ps = _plane_args(planes)
+    head = (x2, out, part, locks, bias if bias is not None else out, k_t, scale, zero, *ps,
+            *[p.stride(0) for p in ps])
     if use_dot:
         top = {0: 10, 1: 7, 2: 23}[dt]
         combined = cfg.combine and magic and not per_token and sum(slice_bits[:kmax_c]) <= top
         _bp_small_kernel[(n_tiles, split)](
             *head, *A, *C, *H, M, N, K_IN, scale.shape[1], k_u, x2.stride(0), out.stride(0), cps,
-            BLOCK_M=block_m, DT=dt, COMBINED=combined, MAGIC=magic, **common,
+            BLOCK_M=block_m, DT=dt, COMBINED=combined, MAGIC=magic, **common, **bits_kw,
+        )
+        return out
+    gpc = 1 if group_size % bk == 0 else bk // group_size
+    if fields:
+        b = slice_bits[0]
+        _bp_gemv_fields_kernel[(n_tiles, split)](
+            *head[:8], *ps[:4], *head[16:20], *H, 2.0 ** (_FIELD_S - (kmax_c - 1) * b), N, K_IN, scale.shape[1],
+            k_u, cps,
+            GPC=gpc, B=b, XE=276 - _FIELD_S, **common,
         )
     else:
-        gpc = 1 if group_size % bk == 0 else bk // group_size
         _bp_gemv_kernel[(n_tiles, split)](
-            *head, *H, N, K_IN, scale.shape[1], k_u, cps, GPC=gpc, **common,
+            *head, *H, N, K_IN, scale.shape[1], k_u, cps, GPC=gpc, **common, **bits_kw,
         )
     return out
 
