@@ -202,7 +202,8 @@ def table(tb, shapes, tokens, copy_bw, log, check=True, best=None):
             flops = 2.0 * m * n_in * n_out
             rows.append(dict(shape=name, tokens=m, k="fp16", bits=16, us=t16, fp16_us=t16, speedup=1.0,
                              bytes=b16, gbps=b16 / t16 / 1e3, pct_copy=100 * b16 / (t16 * 1e-6) / copy_bw,
-                             tflops=flops / t16 / 1e6, deq_mm_us=float("nan"), err=0.0, config="cublas"))
+                             tflops=flops / t16 / 1e6, deq_mm_us=float("nan"), err=0.0, concat_us=float("nan"),
+                             config="cublas"))
             kmix = mixed_k(m, gen)
             for k in [1, 2, 3, 4, "mixed"]:
                 kk = kmix if k == "mixed" else k
@@ -241,14 +242,23 @@ def table(tb, shapes, tokens, copy_bw, log, check=True, best=None):
                         torch.matmul(x, wbuf.t(), out=out)
                 dq()
                 tdq = bench(dq)
+                # one token: the concatenated-code kernel in the same run (the field kernel is the default)
+                t_concat = float("nan")
+                if m == 1 and not kw:
+                    cc = tb.SmallConfig(fields=False)
+                    fc = lambda: tb.bitplane_linear(x, planes, scale, zero, SLICE_BITS, GROUP, kk, out=out,  # noqa: E731
+                                                    path="small", small_config=cc)
+                    fc()
+                    t_concat = bench(fc)
                 nb = min_bytes(n_out, n_in, m, kmax)
                 rows.append(dict(shape=name, tokens=m, k=k, bits=bits, us=t, fp16_us=t16, speedup=t16 / t,
                                  bytes=nb, gbps=nb / t / 1e3, pct_copy=100 * nb / (t * 1e-6) / copy_bw,
-                                 tflops=flops / t / 1e6, deq_mm_us=tdq, err=err))
+                                 tflops=flops / t / 1e6, deq_mm_us=tdq, err=err, concat_us=t_concat))
                 r = rows[-1]
                 r["config"] = str(kw.get("small_config") or kw.get("tile_config") or "default")
                 log(f"{name:22s} M={m:5d} k={str(k):5s} {t:9.2f} us  fp16 {t16:9.2f} us  x{r['speedup']:.2f}  "
-                    f"{r['gbps']:7.0f} GB/s ({r['pct_copy']:5.1f}% copy)  deq+mm {tdq:9.2f} us  err {err:.1e}")
+                    f"{r['gbps']:7.0f} GB/s ({r['pct_copy']:5.1f}% copy)  deq+mm {tdq:9.2f} us  err {err:.1e}"
+                    + (f"  concat-kernel {t_concat:8.2f} us" if t_concat == t_concat else ""))
         del planes, scale, zero, w16, wbuf
         torch.cuda.empty_cache()
     return rows
@@ -283,6 +293,7 @@ def main(argv=None):
     ap.add_argument("--sweep-only", action="store_true")
     ap.add_argument("--use-sweep", action="store_true", help="the table uses the best swept configs")
     ap.add_argument("--quick", action="store_true", help="two shapes, tokens 1/16/2048")
+    ap.add_argument("--tokens", default=None, help="comma-separated token counts (default 1,4,16,128,2048)")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness check of each case")
     ap.add_argument("--graph", action="store_true", help="time CUDA-graph replays (recommended for <= 16 tokens)")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for CSV files (default $OUT)")
@@ -310,6 +321,8 @@ def main(argv=None):
     log(f"# copy bandwidth: {copy_bw / 1e9:.0f} GB/s (1 GiB copied in {tcopy:.0f} us)")
     shapes = SHAPES[:2] if args.quick else SHAPES
     tokens = [1, 16, 2048] if args.quick else TOKENS
+    if args.tokens:
+        tokens = [int(t) for t in args.tokens.split(",")]
     t0 = time.time()
     best = None
     if args.sweep or args.sweep_only:
