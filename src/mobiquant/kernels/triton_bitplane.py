@@ -122,7 +122,7 @@ def _load_words(plane_ptr, WS, rows, row_mask, col0, K_IN, B: tl.constexpr, BLOC
     divides ``K_IN``, no column mask (a mask that varies along the row would split the vectors)."""
     PER: tl.constexpr = 32 // B
     NW: tl.constexpr = BLOCK_K // PER
-    w_idx = tl.multiple_of(col0 // PER, NW) + tl.arange(0, NW)
+    w_idx = col0 // PER + tl.arange(0, NW)
     ptrs = plane_ptr + rows[:, None].to(tl.int64) * WS + w_idx[None, :]
     if EVEN_K:
         return tl.load(ptrs, mask=row_mask[:, None], other=0)
