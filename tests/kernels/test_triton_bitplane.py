@@ -119,6 +119,9 @@ def test_small_batch_reads_only_needed_planes(gen):
 
 
 # ----------------------------------------------------------------- one token: field kernel vs concat
+FIELDS = tb.SmallConfig(fields=True)  # opt-in until it has run on a GPU
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize(
     "n_out,n_in,group",
@@ -126,7 +129,7 @@ def test_small_batch_reads_only_needed_planes(gen):
     ids=str,
 )
 def test_one_token_field_kernel(n_out, n_in, group, dtype, gen):
-    """The field kernel (default for one token, equal slice widths) against the reference and against the
+    """The field kernel (one token, equal slice widths) against the reference and against the
     concatenated-code kernel, every k, on even and ragged K (partial chunk, partial word, row stride not a
     multiple of 16), rows not a multiple of the block, several chunks per split."""
     bits = (2, 2, 2, 2)
@@ -135,12 +138,12 @@ def test_one_token_field_kernel(n_out, n_in, group, dtype, gen):
     x = randx(1, n_in, dtype, gen)
     assert tb._fields_ok(bits, 4)
     for k in range(1, 5):
-        y = check(x, planes, scale, zero, bits, group, k, bias=bias, path="small")
-        y_old = check(x, planes, scale, zero, bits, group, k, bias=bias, path="small",
-                      small_config=tb.SmallConfig(fields=False))
+        y = check(x, planes, scale, zero, bits, group, k, bias=bias, path="small", small_config=FIELDS)
+        y_old = check(x, planes, scale, zero, bits, group, k, bias=bias, path="small")
         torch.testing.assert_close(y, y_old, rtol=TOL[dtype] * 4, atol=TOL[dtype] * 4 * y_old.abs().max().item())
-    for cfg in (tb.SmallConfig(block_n=16, block_k=256, split_k=1), tb.SmallConfig(block_n=64, split_k=3),
-                tb.SmallConfig(block_n=32, block_k=128, split_k=2, num_warps=2)):
+    for cfg in (tb.SmallConfig(block_n=16, block_k=256, split_k=1, fields=True),
+                tb.SmallConfig(block_n=64, split_k=3, fields=True),
+                tb.SmallConfig(block_n=32, block_k=128, split_k=2, num_warps=2, fields=True)):
         check(x, planes, scale, zero, bits, group, 3, path="small", small_config=cfg)
 
 
@@ -153,7 +156,7 @@ def test_one_token_field_kernel_activation_range(scale_x, gen):
     for dtype in (torch.float16, torch.float32):
         x = (randx(1, 512, torch.float32, gen) * scale_x).to(dtype)
         for k in (1, 4):
-            check(x, planes, scale, zero, bits, group, k, path="small")
+            check(x, planes, scale, zero, bits, group, k, path="small", small_config=FIELDS)
 
 
 @pytest.mark.parametrize(
@@ -165,7 +168,7 @@ def test_one_token_field_kernel_widths(bits, group, n_in, gen):
     planes, scale, zero = make_layer(24, n_in, bits, group, gen)
     x = randx(1, n_in, torch.float32, gen)
     for k in range(1, len(bits) + 1):
-        check(x, planes, scale, zero, bits, group, k, path="small")
+        check(x, planes, scale, zero, bits, group, k, path="small", small_config=FIELDS)
     assert tb._fields_ok((1,) * 8, 4) and not tb._fields_ok((1,) * 8, 8)
     assert tb._fields_ok((4, 4), 2) and tb._fields_ok((8,), 1)
     assert tb._fields_ok((4, 2, 2), 1) and not tb._fields_ok((4, 2, 2), 2)
@@ -181,7 +184,7 @@ def test_one_token_device_k_compiles_every_plane(gen, monkeypatch):
     for kk in range(1, 5):
         bad = planes[:kk] + [torch.full_like(p, -1) for p in planes[kk:]]
         ref = torch_reference(x, planes, scale, zero, bits, group, kk, compute_dtype=torch.float64)
-        for cfg in (tb.SmallConfig(), tb.SmallConfig(fields=False)):
+        for cfg in (FIELDS, tb.SmallConfig()):
             out = torch.full((1, 40), float("nan"), dtype=x.dtype, device=DEVICE)
             k = torch.tensor([kk], device=DEVICE)
             y = tb.bitplane_linear_small(x, bad, scale, zero, bits, group, k, out=out, config=cfg)
@@ -380,6 +383,9 @@ def test_gpu_llama_like_shapes(m, dtype, gen):
     for k in range(1, 5):
         check(x, planes, scale, zero, bits, group, k)
     check(x, planes, scale, zero, bits, group, torch.randint(1, 5, (m,), generator=gen).to(DEVICE))
+    if m == 1:  # the opt-in field kernel, on the GPU
+        for k in range(1, 5):
+            check(x, planes, scale, zero, bits, group, k, path="small", small_config=FIELDS)
 
 
 @gpu
