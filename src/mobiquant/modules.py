@@ -249,11 +249,17 @@ class MoBiLinear(nn.Module):
             return False
         from . import kernels
 
+        # the kernels are inference-only (no autograd): a forward that must carry gradients back to its
+        # input (e.g. mixed_layer's Fisher sensitivity) takes the PyTorch path
+        needs_grad = torch.is_grad_enabled() and x.requires_grad
         if backend == "triton":
             if not kernels.available(x.device):
                 raise RuntimeError("backend='triton' needs triton and a CUDA tensor (or TRITON_INTERPRET=1)")
+            if needs_grad:
+                raise RuntimeError("backend='triton' runs inference only, but this input requires grad: "
+                                   "use backend='auto' (PyTorch path when gradients are needed) or torch.no_grad()")
             return True
-        return x.is_cuda and kernels.available(x.device)
+        return not needs_grad and x.is_cuda and kernels.available(x.device)
 
     def _forward_triton(self, x: torch.Tensor, k) -> torch.Tensor:
         from .kernels.triton_bitplane import bitplane_linear

@@ -319,6 +319,25 @@ def test_mobilinear_routed_backend(gen):
     assert k.unique().numel() > 1
 
 
+def test_triton_backend_is_inference_only(gen):
+    """The kernels carry no autograd: an input that needs gradients is refused by backend='triton' with a
+    clear error (backend='auto' takes the PyTorch path for it), and the same input runs under no_grad."""
+    m = _frozen_layer(64, 16, 32, gen)
+    m.set_static(2)
+    m.backend = "triton"
+    x = randx(3, 64, torch.float32, gen).requires_grad_(True)
+    with pytest.raises(RuntimeError, match="inference only"):
+        m(x)
+    with torch.no_grad():
+        y = m(x)
+    m.backend = "auto"
+    assert not m._use_triton(x)
+    y_auto = m(x)
+    y_auto.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(y_auto.detach(), y, rtol=1e-4, atol=1e-4)
+
+
 def test_backend_auto_uses_torch_on_cpu(gen):
     m = _frozen_layer(64, 16, 32, gen).cpu()
     assert m.backend == "auto"
