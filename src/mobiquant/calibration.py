@@ -63,6 +63,10 @@ class CalibConfig:
     # orders of magnitude larger, no longer dominates the shared LWC parameters).
     stage2_loss: str = "mse"
     budget_sampling: str = "uniform"  # "uniform" in [b_1, sum b] or "cycle" over `budgets`
+    # The view stage 1 trains the clipping for, in bits (a prefix sum of the slice widths, e.g. 4 for the
+    # first two slices of [2, 2, 2, 2]). None: the base slice alone (the paper). The clipping is shared by
+    # every view, so stage 1 decides which views it serves best.
+    stage1_bits: float | None = None
     budgets: Sequence[float] = (2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0)
     gradient_clip_val: float | None = 1.0
     precision: str | int = "32-true"
@@ -104,6 +108,22 @@ class CalibConfig:
             raise ValueError(f"inputs_on must be 'auto', 'device' or 'cpu', got {self.inputs_on!r}")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.stage1_bits is not None and not self.stage1_bits > 0:
+            raise ValueError(f"stage1_bits must be a positive bit-width or None, got {self.stage1_bits!r}")
+
+
+def stage1_slices(mobi: MoBiConfig, cfg: CalibConfig) -> int:
+    """How many slices stage 1 trains: the base alone, or the view of ``cfg.stage1_bits`` bits."""
+    if cfg.stage1_bits is None:
+        return 1
+    views = [sum(mobi.slice_bits[:k]) for k in range(1, len(mobi.slice_bits) + 1)]
+    for k, bits in enumerate(views, start=1):
+        if abs(bits - float(cfg.stage1_bits)) < 1e-9:
+            return k
+    raise ValueError(
+        f"calib.stage1_bits={cfg.stage1_bits} is not a view of slices {list(mobi.slice_bits)}: "
+        f"allowed {views} (or null for the base slice)"
+    )
 
 
 # ---------------------------------------------------------------------------- block inputs
@@ -213,6 +233,7 @@ class BlockCalibration(L.LightningModule):
         self.final_loss = math.nan
         self.final_mse = math.nan
         self.has_routing = bool(self.routers) and cfg.epochs_stage2 > 0
+        self.stage1_k = stage1_slices(mobi, cfg)
 
     # -- stage control
     @property
@@ -230,7 +251,7 @@ class BlockCalibration(L.LightningModule):
     def _configure_stage(self) -> float | None:
         if self.stage == 1:
             for m in self.linears:
-                m.set_static(1) if self.has_routing else m.set_static(m.num_slices)
+                m.set_static(min(self.stage1_k, m.num_slices)) if self.has_routing else m.set_static(m.num_slices)
             return None
         target = self._sample_budget()
         for m in self.linears:
@@ -456,6 +477,7 @@ def calibrate_model(
     is the same as an uninterrupted run (each block's randomness is seeded by its index).
     """
     cfg = cfg or CalibConfig()
+    stage1_slices(mobi, cfg)  # a bad stage1_bits fails here, before any work
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     state = _CalibState(state_dir, mobi, cfg, calib_ids) if state_dir is not None else None
     t_start = time.perf_counter()
