@@ -17,11 +17,11 @@ class Interrupt(Exception):
     pass
 
 
-def _calibrate(state_dir=None, stop_after=None, layers=3):
+def _calibrate(state_dir=None, stop_after=None, layers=3, sync_every=1):
     model, _ = tiny_llama(num_hidden_layers=layers)
     ids = torch.randint(0, 257, (4, 32), generator=torch.Generator().manual_seed(0))
     cfg = CalibConfig(epochs_stage1=1, epochs_stage2=1, batch_size=2, progress_bar=False, threshold_windows=2,
-                      threshold_step=1.0)
+                      threshold_step=1.0, sync_every=sync_every)
 
     def on_block_end(i, report):
         if stop_after is not None and i == stop_after:
@@ -46,6 +46,16 @@ def test_interrupted_calibration_resumes_bit_identical(tmp_path):
         assert torch.equal(reference[key], resumed[key]), key
 
 
+def test_sync_interval_does_not_change_the_result():
+    """sync_every only changes when the host checks the loss and logs, not what is learned."""
+    torch.set_num_threads(1)
+    reference = quantized_state(_calibrate(layers=2))
+    other = quantized_state(_calibrate(layers=2, sync_every=3))
+    assert reference.keys() == other.keys()
+    for key in reference:
+        assert torch.equal(reference[key], other[key]), key
+
+
 def test_state_from_other_settings_is_not_reused(tmp_path, caplog):
     state = tmp_path / "state"
     with pytest.raises(Interrupt):
@@ -58,8 +68,10 @@ def test_state_from_other_settings_is_not_reused(tmp_path, caplog):
     assert "other settings" in caplog.text
 
 
-def test_non_finite_loss_stops_the_block_and_names_it(tmp_path, monkeypatch):
-    """A NaN in a block's output stops calibration with the block and step named; earlier blocks stay saved."""
+@pytest.mark.parametrize("sync_every", [1, 3])
+def test_non_finite_loss_stops_the_block_and_names_it(tmp_path, monkeypatch, sync_every):
+    """A NaN in a block's output stops calibration with the block and its first bad step named, at the next
+    host-device check (every ``sync_every`` steps); earlier blocks stay saved."""
     from mobiquant import calibration
 
     real_run_block = calibration.run_block
@@ -76,10 +88,11 @@ def test_non_finite_loss_stops_the_block_and_names_it(tmp_path, monkeypatch):
     poisoned.target = model.model.layers[1]
     monkeypatch.setattr(calibration, "run_block", poisoned)
     ids = torch.randint(0, 257, (4, 32), generator=torch.Generator().manual_seed(0))
-    cfg = CalibConfig(epochs_stage1=1, epochs_stage2=1, batch_size=2, progress_bar=False, threshold_windows=0)
-    with pytest.raises(FloatingPointError, match=r"block 1 at step 0"):
+    cfg = CalibConfig(epochs_stage1=2, epochs_stage2=2, batch_size=2, progress_bar=False, threshold_windows=0,
+                      sync_every=sync_every)
+    with pytest.raises(FloatingPointError, match=r"block 1 at step 0 \(stage 1\)"):
         calibrate_model(model, ids, mq.MoBiConfig(group_size=32, router_hidden=8), cfg, state_dir=tmp_path / "s")
-    assert calls["n"] == 1
+    assert calls["n"] == sync_every  # stopped at the first check after the bad step
     meta = json.loads((tmp_path / "s" / "state.json").read_text())
     assert sorted(meta["blocks"]) == ["0"]  # block 0's work is kept
 

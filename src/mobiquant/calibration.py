@@ -91,6 +91,11 @@ class CalibConfig:
     # Under DDP: "global" (each of N ranks takes batch_size / N windows per step: the same optimisation as
     # one device) or "per_device" (each rank takes batch_size: N x fewer steps, an N x larger batch).
     batch_scope: str = "global"
+    # Host-device synchronisation interval, in optimizer steps: the loss is checked for NaN/inf and the
+    # step metrics are logged every this many steps. 1 stops at the first non-finite step; a larger value
+    # lets a GPU run ahead of the host (a non-finite loss then stops the block at the next check, naming the
+    # first bad step).
+    sync_every: int = 1
 
     def __post_init__(self):
         if self.epochs_stage1 < 0 or self.epochs_stage2 < 0 or self.epochs_stage1 + self.epochs_stage2 == 0:
@@ -108,6 +113,8 @@ class CalibConfig:
             raise ValueError(f"inputs_on must be 'auto', 'device' or 'cpu', got {self.inputs_on!r}")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.sync_every < 1:
+            raise ValueError(f"sync_every must be >= 1 (steps between host-device checks), got {self.sync_every}")
         if self.stage1_bits is not None and not self.stage1_bits > 0:
             raise ValueError(f"stage1_bits must be a positive bit-width or None, got {self.stage1_bits!r}")
 
@@ -230,8 +237,8 @@ class BlockCalibration(L.LightningModule):
         self.routers = _block_routers(block)
         self.gen = torch.Generator().manual_seed(cfg.seed * 100_003 + block_index)
         self._cycle = 0
-        self.final_loss = math.nan
-        self.final_mse = math.nan
+        self._last: torch.Tensor | None = None  # (loss, mse) of the latest step, on the device
+        self._bad_step: torch.Tensor | None = None  # first step with a non-finite loss (-1: none), on the device
         self.has_routing = bool(self.routers) and cfg.epochs_stage2 > 0
         self.stage1_k = stage1_slices(mobi, cfg)
 
@@ -270,12 +277,13 @@ class BlockCalibration(L.LightningModule):
         loss = torch.log(mse + 1e-12) if target is not None and self.cfg.stage2_loss == "log_mse" else mse
         if target is not None and self.cfg.budget_loss_weight > 0:
             loss = loss + self.cfg.budget_loss_weight * self._budget_loss(target)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite loss {float(loss)} in block {self.block_index} at step {self.global_step} "
-                f"(stage {self.stage}); earlier blocks are kept"
-            )
-        self.final_loss, self.final_mse = float(loss.detach()), float(mse.detach())
+        self._last = torch.stack([loss.detach(), mse.detach()])
+        if self._bad_step is None:
+            self._bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+        first_bad = ~torch.isfinite(self._last[0]) & (self._bad_step < 0)
+        self._bad_step = torch.where(first_bad, torch.full_like(self._bad_step, self.global_step), self._bad_step)
+        if (self.global_step + 1) % self.cfg.sync_every == 0:
+            self._check_finite()
         self.log_dict(
             {"calib/loss": loss.detach(), "calib/mse": mse.detach(), "calib/block": float(self.block_index),
              "calib/stage": float(self.stage), "calib/step": float(self.step_offset + self.global_step)},
@@ -283,6 +291,27 @@ class BlockCalibration(L.LightningModule):
         )
         self.log("mse", mse.detach(), prog_bar=True, on_step=True, on_epoch=False, logger=False)
         return loss
+
+    @property
+    def final_loss(self) -> float:
+        return float(self._last[0]) if self._last is not None else math.nan
+
+    @property
+    def final_mse(self) -> float:
+        return float(self._last[1]) if self._last is not None else math.nan
+
+    def _check_finite(self) -> None:
+        """One host-device synchronisation: stop if any step since the start had a non-finite loss."""
+        if self._bad_step is None or (step := int(self._bad_step)) < 0:
+            return
+        per_epoch = max(1, int(self.trainer.num_training_batches)) if self._trainer is not None else 1
+        stage = 1 if step < self.cfg.epochs_stage1 * per_epoch or not self.has_routing else 2
+        raise FloatingPointError(
+            f"non-finite loss in block {self.block_index} at step {step} (stage {stage}); earlier blocks are kept"
+        )
+
+    def on_train_end(self):
+        self._check_finite()
 
     def _budget_loss(self, target: float) -> torch.Tensor:
         num, den = 0.0, 0
@@ -532,7 +561,7 @@ def calibrate_model(
             enable_progress_bar=cfg.progress_bar,
             enable_model_summary=False,
             num_sanity_val_steps=0,
-            log_every_n_steps=1,
+            log_every_n_steps=cfg.sync_every,
             deterministic=False,
         )
         # `batch_size` is the global batch by default: under DDP each rank takes its share of it (at least
