@@ -50,11 +50,14 @@ def job_overrides(args, method: str, gpus: int, baselines: str = "none") -> list
 
 def run_job(args, method: str, gpus: int, baselines: str) -> Path:
     run_dir = Path(args.out) / f"{method}_{gpus}gpu"
-    cmd = [sys.executable, "-m", "mobiquant", *job_overrides(args, method, gpus, baselines),
-           f"hydra.run.dir={run_dir}"]
+    # Lightning's launcher starts the other ranks at the first block's fit, so they load the model and
+    # capture the block inputs while rank 0 waits; torchrun starts every rank at once.
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
+              if gpus > 1 and args.launcher == "torchrun" else [sys.executable])
+    cmd = [*launch, "-m", "mobiquant", *job_overrides(args, method, gpus, baselines), f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
-    print(f"\n>>> {method} on {gpus} GPU(s): {' '.join(cmd[3:])}", flush=True)
+    print(f"\n>>> {method} on {gpus} GPU(s): {' '.join(cmd[len(launch) + 2:])}", flush=True)
     proc = subprocess.run(cmd, env=env, timeout=args.timeout)
     print(f"<<< {method} on {gpus} GPU(s): exit {proc.returncode} after {time.perf_counter() - t0:.0f}s", flush=True)
     return run_dir
@@ -101,6 +104,8 @@ def main(argv=None) -> None:
     p.add_argument("--precision", default="32-true")
     p.add_argument("--budgets", type=float, nargs="+", default=[2, 2.5, 3, 3.5, 4, 5, 6, 8])
     p.add_argument("--max-windows", type=int, default=0, help="evaluation windows (0: all)")
+    p.add_argument("--launcher", choices=["lightning", "torchrun"], default="lightning",
+                   help="how runs on several GPUs start their ranks (torchrun: all at once)")
     p.add_argument("--timeout", type=int, default=3600)
     p.add_argument("--out", default="calib_bench_runs")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job (after --)")

@@ -56,3 +56,20 @@ def test_ddp_results_are_written_once_and_match_one_device(runs):
     merged = r1.merge(r2, on=["method", "budget", "dataset"], suffixes=("_1", "_2"))
     rel = (merged["ppl_1"] - merged["ppl_2"]).abs() / merged["ppl_1"]
     assert (rel < 0.02).all(), merged[["budget", "ppl_1", "ppl_2"]]
+
+
+def test_torchrun_starts_every_rank_at_once(tmp_path, runs):
+    """Launched by torchrun (every rank started together, no Lightning launcher), the same job gives the
+    same split of each block and writes its results once."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    for key in ("LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mobiquant",
+           *SMOKE, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not (tmp_path / "train_ddp_process_1.log").exists()  # no rank started by Lightning
+    two = runs[1]
+    assert list(pd.read_csv(tmp_path / "calibration.csv")["steps"]) == [4, 4]
+    r_torchrun, r_lightning = pd.read_csv(tmp_path / "results.csv"), pd.read_csv(two / "results.csv")
+    assert len(r_torchrun) == len(r_lightning) and not r_torchrun.duplicated(["method", "budget", "dataset"]).any()

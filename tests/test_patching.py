@@ -337,3 +337,52 @@ def test_budget_conditioned_thresholds_meet_budgets_on_fresh_text():
     for _, r in mq.patching.routers(model):
         assert torch.all(r.tau_table[1:] <= r.tau_table[:-1])  # non-increasing in the budget
         assert r.record_budget is None and not r.recorded
+
+
+def _threshold_model():
+    from mobiquant.tiny import tiny_llama
+
+    model, _ = tiny_llama(hidden_size=64, num_hidden_layers=2, seed=0)
+    torch.manual_seed(0)  # router init
+    mq.quantize_model(model, mq.MoBiConfig(group_size=32, router_hidden=8))
+    mq.freeze(model)
+    calib = torch.randint(0, 257, (4, 64), generator=torch.Generator().manual_seed(3))
+    return model, list(calib.split(2)), [2 + 0.5 * i for i in range(13)]
+
+
+def _fit_on_rank(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    from mobiquant.patching import fit_budget_thresholds
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model, batches, grid = _threshold_model()
+        calls = []
+        model.register_forward_pre_hook(lambda mod, args, kwargs: calls.append(1), with_kwargs=True)
+        fit_budget_thresholds(model, batches, grid)
+        tables = {name: r.tau_table.clone() for name, r in mq.patching.routers(model)}
+        torch.save({"tables": tables, "forwards": len(calls)}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_budget_thresholds_split_across_ranks_match_one_process(tmp_path):
+    """Under torch.distributed each rank fits every N-th budget and the rows are exchanged: every rank ends
+    with the tables that one process computes alone."""
+    import torch.multiprocessing as tmp
+
+    from mobiquant.patching import fit_budget_thresholds
+
+    model, batches, grid = _threshold_model()
+    fit_budget_thresholds(model, batches, grid)
+    alone = {name: r.tau_table.clone() for name, r in mq.patching.routers(model)}
+    tmp.spawn(_fit_on_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank, budgets in ((0, 7), (1, 6)):  # 13 budgets: 0, 2, ..., 12 on rank 0; 1, 3, ..., 11 on rank 1
+        saved = torch.load(tmp_path / f"rank{rank}.pt")
+        assert saved["forwards"] == budgets * len(batches)
+        split = saved["tables"]
+        assert split.keys() == alone.keys() and len(alone) > 0
+        for name in alone:
+            torch.testing.assert_close(split[name], alone[name], rtol=1e-6, atol=1e-7)

@@ -599,6 +599,9 @@ def calibrate_model(
         grid = [mobi.min_bits + i * (mobi.max_bits - mobi.min_bits) / n for i in range(n + 1)]
         t0 = time.perf_counter()
         fit_budget_thresholds(model, list(calib_ids[: cfg.threshold_windows].split(1)), grid)
-        log.info("budget-conditioned thresholds for %d budgets in %.1fs", len(grid), time.perf_counter() - t0)
+        dist = torch.distributed
+        ranks = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        log.info("budget-conditioned thresholds for %d budgets in %.1fs (%d rank%s)", len(grid),
+                 time.perf_counter() - t0, ranks, "s" if ranks > 1 else "")
     result.seconds = time.perf_counter() - t_start
     return result

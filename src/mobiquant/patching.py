@@ -305,6 +305,10 @@ def fit_budget_thresholds(model: nn.Module, batches: Sequence[torch.Tensor], bud
     its batch-quantile threshold for ``B`` (as in training) and record the thresholds it used; set_budget
     then interpolates between these. Unlike a per-router table fitted on one activation distribution,
     each router's table reflects the activations it sees when all upstream layers run at ``B`` too.
+
+    Under ``torch.distributed`` (every rank holding the same model, as after a DDP calibration) each rank
+    fits every N-th budget and the rows are exchanged, so N ranks share the work; the tables are the same
+    as one process's, since every budget is fitted on its own.
     """
     rs = [r for _, r in routers(model)]
     if not rs:
@@ -313,24 +317,31 @@ def fit_budget_thresholds(model: nn.Module, batches: Sequence[torch.Tensor], bud
         if m.router is not None:
             m.set_routed()
     device = next(model.parameters()).device
-    table: dict[int, list[float]] = {id(r): [] for r in rs}
+    dist = torch.distributed
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    rows: dict[int, list[float]] = {}  # budget index -> one threshold per router
     try:
-        for b in budgets:
+        for j in range(rank, len(budgets), world):
             for r in rs:
-                r.record_budget, r.recorded = float(b), []
+                r.record_budget, r.recorded = float(budgets[j]), []
                 r.clear_cache()
             for ids in batches:
                 model(input_ids=ids.to(device))
             for r in rs:
                 if not r.recorded:
                     raise RuntimeError("a router saw no tokens while fitting budget thresholds")
-                table[id(r)].append(sum(r.recorded) / len(r.recorded))
+            rows[j] = [sum(r.recorded) / len(r.recorded) for r in rs]
     finally:
         for r in rs:
             r.record_budget, r.recorded = None, []
             r.clear_cache()
-    for r in rs:
-        r.set_table(budgets, table[id(r)])
+    if world > 1:
+        gathered: list[dict[int, list[float]] | None] = [None] * world
+        dist.all_gather_object(gathered, rows)
+        rows = {j: row for part in gathered for j, row in (part or {}).items()}
+    for i, r in enumerate(rs):
+        r.set_table(budgets, [rows[j][i] for j in range(len(budgets))])
 
 
 # ---------------------------------------------------------------------------- accounting
