@@ -10,8 +10,8 @@ Prints one table of calibration cost and one of perplexity per budget, and write
 
 Paper protocol by default: 128 x 2048 calibration tokens, 20 epochs (stage 1 + stage 2 for MoBiQuant,
 all of them for `lwc`), group size 128, slices [2, 2, 2, 2]. `--batch-size` is the global batch.
-Needs hydra-core, omegaconf and lightning beside torch and transformers (see benchmarks/gpu_compare.sh
-for a bare machine).
+Needs hydra-core, omegaconf and lightning beside torch and transformers; `benchmarks/bare_gpu.sh` brings
+the wheels, the GGUF and the texts to a bare machine in transfers of about 50 MB.
 """
 
 from __future__ import annotations
