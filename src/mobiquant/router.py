@@ -164,7 +164,10 @@ class TokenRouter(nn.Module):
         With ``target_bits`` the threshold is the weighted quantile of this batch's scores that meets it,
         so the hard gates achieve the target exactly and the router learns WHICH tokens get more slices.
         """
-        if self._cache is not None and self._cache[0] is x and self._cache[1] == ("gates", target_bits):
+        # The cache serves the linears that share this router within one forward. A later step on the same
+        # input tensor has updated parameters (new versions) and must not reuse the first step's graph.
+        key = ("gates", target_bits, torch.is_grad_enabled(), tuple(p._version for p in self.parameters()))
+        if self._cache is not None and self._cache[0] is x and self._cache[1] == key:
             return self._cache[2]
         s = self.scores(x)
         m_nested = self.gate_values(s)
@@ -177,7 +180,7 @@ class TokenRouter(nn.Module):
         hard = (m_nested > tau).to(soft.dtype)
         gates = hard + soft - soft.detach()
         result = (gates, soft)
-        self._cache = (x, ("gates", target_bits), result)
+        self._cache = (x, key, result)
         self.last_soft = soft  # read by the calibration loop's budget loss
         return result
 
