@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from .dist import is_rank_zero
+from .dist import is_rank_zero, world_size
 from .modules import MoBiLinear
 from .patching import (
     ROUTERS_ATTR,
@@ -42,6 +42,7 @@ from .patching import (
     find_blocks,
     fit_budget_thresholds,
     quantize_block,
+    static_k_for_bits,
 )
 from .router import TokenRouter, budget_bits
 
@@ -123,10 +124,10 @@ def stage1_slices(mobi: MoBiConfig, cfg: CalibConfig) -> int:
     """How many slices stage 1 trains: the base alone, or the view of ``cfg.stage1_bits`` bits."""
     if cfg.stage1_bits is None:
         return 1
+    k = static_k_for_bits(mobi, float(cfg.stage1_bits))
+    if k is not None:
+        return k
     views = [sum(mobi.slice_bits[:k]) for k in range(1, len(mobi.slice_bits) + 1)]
-    for k, bits in enumerate(views, start=1):
-        if abs(bits - float(cfg.stage1_bits)) < 1e-9:
-            return k
     raise ValueError(
         f"calib.stage1_bits={cfg.stage1_bits} is not a view of slices {list(mobi.slice_bits)}: "
         f"allowed {views} (or null for the base slice)"
@@ -258,7 +259,7 @@ class BlockCalibration(L.LightningModule):
     def _configure_stage(self) -> float | None:
         if self.stage == 1:
             for m in self.linears:
-                m.set_static(min(self.stage1_k, m.num_slices)) if self.has_routing else m.set_static(m.num_slices)
+                m.set_static(self.stage1_k) if self.has_routing else m.set_static(m.num_slices)
             return None
         target = self._sample_budget()
         for m in self.linears:
@@ -599,8 +600,7 @@ def calibrate_model(
         grid = [mobi.min_bits + i * (mobi.max_bits - mobi.min_bits) / n for i in range(n + 1)]
         t0 = time.perf_counter()
         fit_budget_thresholds(model, list(calib_ids[: cfg.threshold_windows].split(1)), grid)
-        dist = torch.distributed
-        ranks = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        ranks = world_size()
         log.info("budget-conditioned thresholds for %d budgets in %.1fs (%d rank%s)", len(grid),
                  time.perf_counter() - t0, ranks, "s" if ranks > 1 else "")
     result.seconds = time.perf_counter() - t_start

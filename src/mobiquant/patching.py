@@ -16,6 +16,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
+from .dist import world_size
 from .modules import MoBiLinear
 from .quant.packing import packed_width
 from .quant.primitives import num_groups
@@ -317,9 +318,8 @@ def fit_budget_thresholds(model: nn.Module, batches: Sequence[torch.Tensor], bud
         if m.router is not None:
             m.set_routed()
     device = next(model.parameters()).device
-    dist = torch.distributed
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    rank = dist.get_rank() if world > 1 else 0
+    world = world_size()
+    rank = torch.distributed.get_rank() if world > 1 else 0
     rows: dict[int, list[float]] = {}  # budget index -> one threshold per router
     try:
         for j in range(rank, len(budgets), world):
@@ -338,7 +338,7 @@ def fit_budget_thresholds(model: nn.Module, batches: Sequence[torch.Tensor], bud
             r.clear_cache()
     if world > 1:
         gathered: list[dict[int, list[float]] | None] = [None] * world
-        dist.all_gather_object(gathered, rows)
+        torch.distributed.all_gather_object(gathered, rows)
         rows = {j: row for part in gathered for j, row in (part or {}).items()}
     for i, r in enumerate(rs):
         r.set_table(budgets, [rows[j][i] for j in range(len(budgets))])
