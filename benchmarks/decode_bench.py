@@ -133,7 +133,7 @@ class QLinear:
         self.n_in, self.n_out = n_in, n_out
         self.out = None
 
-    small_config = None  # --fields: the field one-token kernel (opt-in) instead of the default
+    small_config = None  # --fields: each one-token kernel forced in turn (the default picks by k)
 
     def __call__(self, x, k):
         return self.tb.bitplane_linear(x, self.planes, self.scale, self.zero, SLICE_BITS, GROUP, k,
@@ -198,7 +198,8 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--fields", action="store_true",
-                    help="also time static k with the field one-token kernel (SmallConfig(fields=True))")
+                    help="also time static k with each one-token kernel forced: SmallConfig(fields=True) and "
+                         "fields=False (the default takes the field kernel for k <= FIELDS_MAX_K)")
     args = ap.parse_args(argv)
     tb = load_kernels()
     dev = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, " \
@@ -241,15 +242,16 @@ def main(argv=None):
                          tok_s=1e6 / t, speedup=t16 / t, pct_copy=100 * nb / (t * 1e-6) / copy_bw))
         del g
         print(f"static k={k}: {t:.1f} us/token  x{t16 / t:.2f}")
-        if args.fields:
-            QLinear.small_config = tb.SmallConfig(fields=True)
+        for forced in ((True, False) if args.fields else ()):
+            QLinear.small_config = tb.SmallConfig(fields=forced)
             g = graph_of(lambda x: q_step(q_layers, x, static_k=k), xs)
             tc = bench(g.replay, warmup=20, rep=200) / STEPS
             QLinear.small_config = None
-            rows.append(dict(mode=f"fields k={k}", budget=2.0 * k, achieved_bits=2.0 * k, us_per_token=tc,
+            name = "fields" if forced else "concat"
+            rows.append(dict(mode=f"{name} k={k}", budget=2.0 * k, achieved_bits=2.0 * k, us_per_token=tc,
                              tok_s=1e6 / tc, speedup=t16 / tc, pct_copy=100 * nb / (tc * 1e-6) / copy_bw))
             del g
-            print(f"static k={k}, field kernel: {tc:.1f} us/token  x{t16 / tc:.2f}")
+            print(f"static k={k}, {name} kernel forced: {tc:.1f} us/token  x{t16 / tc:.2f}")
 
     for budget in range(2, 9):
         for L in q_layers:

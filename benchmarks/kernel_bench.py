@@ -242,8 +242,8 @@ def table(tb, shapes, tokens, copy_bw, log, check=True, best=None):
                         torch.matmul(x, wbuf.t(), out=out)
                 dq()
                 tdq = bench(dq)
-                # one token: the field kernel in the same run (opt-in until measured; the default is the
-                # concatenated-code kernel)
+                # one token: the field kernel forced, in the same run (the default takes it only for
+                # k <= FIELDS_MAX_K)
                 t_fields = float("nan")
                 if m == 1 and not kw:
                     cc = tb.SmallConfig(fields=True)

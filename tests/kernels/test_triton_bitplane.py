@@ -119,7 +119,19 @@ def test_small_batch_reads_only_needed_planes(gen):
 
 
 # ----------------------------------------------------------------- one token: field kernel vs concat
-FIELDS = tb.SmallConfig(fields=True)  # opt-in until it has run on a GPU
+FIELDS = tb.SmallConfig(fields=True)
+CONCAT = tb.SmallConfig(fields=False)
+
+
+def test_field_kernel_default_choice():
+    """By default one token takes the field kernel up to FIELDS_MAX_K planes (faster there on an H200),
+    the concatenated-code kernel beyond; an explicit choice wins where the layout allows it."""
+    bits = (2, 2, 2, 2)
+    auto = tb.SmallConfig()
+    assert [tb._want_fields(auto, bits, k) for k in range(1, 5)] == [k <= tb.FIELDS_MAX_K for k in range(1, 5)]
+    assert all(tb._want_fields(FIELDS, bits, k) for k in range(1, 5))
+    assert not any(tb._want_fields(CONCAT, bits, k) for k in range(1, 5))
+    assert not tb._want_fields(FIELDS, (4, 2, 2), 2)  # unequal widths: never
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
@@ -139,7 +151,7 @@ def test_one_token_field_kernel(n_out, n_in, group, dtype, gen):
     assert tb._fields_ok(bits, 4)
     for k in range(1, 5):
         y = check(x, planes, scale, zero, bits, group, k, bias=bias, path="small", small_config=FIELDS)
-        y_old = check(x, planes, scale, zero, bits, group, k, bias=bias, path="small")
+        y_old = check(x, planes, scale, zero, bits, group, k, bias=bias, path="small", small_config=CONCAT)
         torch.testing.assert_close(y, y_old, rtol=TOL[dtype] * 4, atol=TOL[dtype] * 4 * y_old.abs().max().item())
     for cfg in (tb.SmallConfig(block_n=16, block_k=256, split_k=1, fields=True),
                 tb.SmallConfig(block_n=64, split_k=3, fields=True),

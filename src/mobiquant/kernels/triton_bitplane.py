@@ -9,12 +9,12 @@ which telescopes into per-plane residuals ``W_k = sum_(e<=k) D_e`` with
 
 Paths (``bitplane_linear(..., path=)``):
 
-* ``small``, one token, planes ``1..k`` of one width (e.g. 2-2-2-2, up to four planes):
+* ``small``, one token, planes ``1..k`` of one width (e.g. 2-2-2-2), ``k <= FIELDS_MAX_K`` by default:
   ``_bp_gemv_fields_kernel`` on CUDA cores. Each code's field is masked out of its word where it lies
   (one AND per code and plane, one shift per word and plane) and read as a subnormal fp32; the
   activations are scaled per code position so that one FMA per code accumulates ``x C``. Words come
   in 16-byte loads (row strides passed from the host).
-* ``small``, one token, other layouts: ``_bp_gemv_kernel`` on CUDA cores. The token has one ``k``, so
+* ``small``, one token, other layouts and larger ``k``: ``_bp_gemv_kernel`` on CUDA cores. The token has one ``k``, so
   its planes are OR-ed straight into the bits of the fp32 ``1 + C_k / 2^bits`` (each code shifted to its
   place under the mantissa's top: one shift and one mask per code and plane, no int->float conversion)
   and the dot product needs one multiply-add per weight whatever ``k``. In both kernels the group's
@@ -975,9 +975,9 @@ class SmallConfig:
     use_dot: bool | None = None
     magic: bool = True  # codes enter the dot as exact floats 1 + q / 2^b built from bits (no I2F)
     combine: bool = True  # tensor cores, every token the same k: one dot on the concatenated code
-    # one token, equal slice widths: code fields read in place (_bp_gemv_fields_kernel). Off by default until
-    # it has run on a GPU (benchmarks/NOTES.md, version 6); the benchmarks time it beside the default.
-    fields: bool = False
+    # one token, equal slice widths: code fields read in place (_bp_gemv_fields_kernel). None: used when at
+    # most FIELDS_MAX_K planes are read (faster there on an H200, slower at k=4; benchmarks/NOTES.md, version 6).
+    fields: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -1051,12 +1051,24 @@ def _small_block_k(group_size: int, use_dot: bool, block_k: int | None) -> int:
 _FIELDS_BLOCK_N = (64, 64, 32, 32)
 
 
+#: ``SmallConfig(fields=None)`` takes the field kernel for one token when at most this many planes are read:
+#: on an H200 it beat the default one-token kernel at k = 1-3 and lost at k = 4 (benchmarks/NOTES.md, version 6).
+FIELDS_MAX_K = 3
+
+
 def _fields_ok(slice_bits: Sequence[int], kmax: int) -> bool:
     """The field kernel covers up to four planes ``1..kmax`` of one width ``b`` (power-of-two codes per
     word, at least two) whose concatenated code fits under bit 23 of a half word: ``15 + (kmax-1) b <= 22``."""
     b = slice_bits[0]
     return (kmax <= 4 and all(bb == b for bb in slice_bits[:kmax]) and b <= 16 and _is_pow2(32 // b)
             and (kmax - 1) * b <= 7)
+
+
+def _want_fields(cfg: SmallConfig, slice_bits: Sequence[int], kmax: int) -> bool:
+    """One-token kernel choice: the field kernel when the layout allows it and ``cfg.fields`` asks for it
+    (``None``: when at most ``FIELDS_MAX_K`` planes are read)."""
+    want = cfg.fields if cfg.fields is not None else kmax <= FIELDS_MAX_K
+    return bool(want) and _fields_ok(slice_bits, kmax)
 
 
 def _fields_block_k(group_size: int, bk: int) -> int:
@@ -1159,7 +1171,7 @@ def bitplane_linear_small(
             if lo < 1 or hi > NS:
                 raise ValueError(f"per-token k must be in [1, {NS}], got [{lo}, {hi}]")
             kmax_c = hi
-    fields = not use_dot and cfg.fields and _fields_ok(slice_bits, kmax_c)
+    fields = not use_dot and _want_fields(cfg, slice_bits, kmax_c)
     if fields:
         if cfg.block_k is None:
             bk = _fields_block_k(group_size, bk)
