@@ -125,8 +125,11 @@ def test_inputs_kept_on_cpu_give_the_same_calibration(device):
         CalibConfig(inputs_on="gpu")
 
 
-@pytest.mark.parametrize("stage1_bits,expected_k", [(None, 1), (4, 2), (8.0, 4)])
-def test_stage1_trains_the_chosen_view(stage1_bits, expected_k, monkeypatch):
+@pytest.mark.parametrize("stage1_bits,anchor,expected_k", [
+    (None, None, 1), ("base", 4, 1), (4, None, 2), (8.0, None, 4),
+    ("anchor", None, 1), ("anchor", 4, 2), ("anchor", 6, 3), ("anchor", 2, 1),
+])
+def test_stage1_trains_the_chosen_view(stage1_bits, anchor, expected_k, monkeypatch):
     """Stage 1 trains the clipping on the base slice (paper) or on the view of ``stage1_bits`` bits; stage 2
     routes. Recorded from the linears' state in every forward that builds a graph (the training steps)."""
     model, _ = tiny_llama(num_hidden_layers=2)
@@ -143,7 +146,7 @@ def test_stage1_trains_the_chosen_view(stage1_bits, expected_k, monkeypatch):
     monkeypatch.setattr(mq.MoBiLinear, "forward", forward)
     cfg = CalibConfig(epochs_stage1=1, epochs_stage2=1, batch_size=2, progress_bar=False, threshold_windows=0,
                       stage1_bits=stage1_bits)
-    calibrate_model(model, ids, mq.MoBiConfig(group_size=32, router_hidden=8), cfg)
+    calibrate_model(model, ids, mq.MoBiConfig(group_size=32, router_hidden=8, anchor_bits=anchor), cfg)
     assert {s for s in seen if s[0] == "static"} == {("static", expected_k)}
     assert any(mode != "static" for mode, _ in seen)  # stage 2 routed
 
@@ -152,8 +155,10 @@ def test_stage1_bits_must_be_a_view():
     model, _ = tiny_llama(num_hidden_layers=1)
     ids = torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(0))
     cfg = CalibConfig(epochs_stage1=1, epochs_stage2=1, progress_bar=False, stage1_bits=3)
-    msg = r"stage1_bits=3 is not a view of slices \[2, 2, 2, 2\]: allowed \[2, 4, 6, 8\]"
+    msg = r"stage1_bits=3 is not a view of slices \[2, 2, 2, 2\]: allowed \[2, 4, 6, 8\] \(or 'base', 'anchor'\)"
     with pytest.raises(ValueError, match=msg):
         calibrate_model(model, ids, mq.MoBiConfig(group_size=32, router_hidden=8), cfg)
     with pytest.raises(ValueError, match="stage1_bits must be a positive"):
         CalibConfig(stage1_bits=0)
+    with pytest.raises(ValueError, match="'base', 'anchor' or None, got 'top'"):
+        CalibConfig(stage1_bits="top")

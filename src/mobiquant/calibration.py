@@ -64,10 +64,12 @@ class CalibConfig:
     # orders of magnitude larger, no longer dominates the shared LWC parameters).
     stage2_loss: str = "mse"
     budget_sampling: str = "uniform"  # "uniform" in [b_1, sum b] or "cycle" over `budgets`
-    # The view stage 1 trains the clipping for, in bits (a prefix sum of the slice widths, e.g. 4 for the
-    # first two slices of [2, 2, 2, 2]). None: the base slice alone (the paper). The clipping is shared by
-    # every view, so stage 1 decides which views it serves best.
-    stage1_bits: float | None = None
+    # The view stage 1 trains the clipping for: bits (a prefix sum of the slice widths, e.g. 4 for the first
+    # two slices of [2, 2, 2, 2]); None or "base": the base slice alone (the paper); "anchor": the view the
+    # grid is anchored at (MoBiConfig.anchor_bits), else the base slice. The clipping is shared by every
+    # view, so stage 1 decides which views it serves best (docs/RESULTS.md: anchor 4 with stage 1 on the
+    # 4-bit view gained 6% at 4 bits on SmolLM2-135M).
+    stage1_bits: float | str | None = "anchor"
     budgets: Sequence[float] = (2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0)
     gradient_clip_val: float | None = 1.0
     precision: str | int = "32-true"
@@ -116,21 +118,30 @@ class CalibConfig:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         if self.sync_every < 1:
             raise ValueError(f"sync_every must be >= 1 (steps between host-device checks), got {self.sync_every}")
-        if self.stage1_bits is not None and not self.stage1_bits > 0:
-            raise ValueError(f"stage1_bits must be a positive bit-width or None, got {self.stage1_bits!r}")
+        if isinstance(self.stage1_bits, str):
+            if self.stage1_bits not in ("base", "anchor"):
+                raise ValueError(f"stage1_bits must be a positive bit-width, 'base', 'anchor' or None, "
+                                 f"got {self.stage1_bits!r}")
+        elif self.stage1_bits is not None and not self.stage1_bits > 0:
+            raise ValueError(f"stage1_bits must be a positive bit-width, 'base', 'anchor' or None, "
+                             f"got {self.stage1_bits!r}")
 
 
 def stage1_slices(mobi: MoBiConfig, cfg: CalibConfig) -> int:
-    """How many slices stage 1 trains: the base alone, or the view of ``cfg.stage1_bits`` bits."""
-    if cfg.stage1_bits is None:
+    """How many slices stage 1 trains: the base alone, the anchored view, or the view of ``cfg.stage1_bits``
+    bits."""
+    bits = cfg.stage1_bits
+    if bits == "anchor":
+        bits = mobi.anchor_bits  # always a view when set (MoBiConfig checks it)
+    if bits is None or bits == "base":
         return 1
-    k = static_k_for_bits(mobi, float(cfg.stage1_bits))
+    k = static_k_for_bits(mobi, float(bits))
     if k is not None:
         return k
     views = [sum(mobi.slice_bits[:k]) for k in range(1, len(mobi.slice_bits) + 1)]
     raise ValueError(
         f"calib.stage1_bits={cfg.stage1_bits} is not a view of slices {list(mobi.slice_bits)}: "
-        f"allowed {views} (or null for the base slice)"
+        f"allowed {views} (or 'base', 'anchor')"
     )
 
 
