@@ -13,6 +13,7 @@ accounting and storage accounting are shared by all of them.
 * ``gptq``             GPTQ at each integer budget
 * ``matryoshka``       one 8-bit code read at 2/4/6/8 bits by MSB truncation
 * ``mixed_layer``      the MoBiQuant checkpoint with static per-layer slice counts from a sensitivity measure
+* ``mobiquant_sites``  the MoBiQuant checkpoint, per-layer budgets from measured cost curves, routed within
 * ``hqq``              the external ``hqq`` package at each bit-width it supports
 """
 
@@ -371,6 +372,44 @@ class MixedLayer(QuantMethod):
             bits = apply_allocation(model, alloc)
             yield Variant(self.name, b, model, storage_bits(model), 0.0 if reused else seconds,
                           0 if reused else 1, ckpt, extra={"allocated_bits": bits})
+
+
+class SiteBudgets(QuantMethod):
+    """The MoBiQuant checkpoint with each router site's local budget chosen from its measured cost curve
+    (:mod:`mobiquant.site_budgets`): per-layer allocation of the bits, per-token routing within each layer.
+
+    Uses the MoBiQuant checkpoint of the same settings, like ``mixed_layer``; only thresholds differ from
+    ``mobiquant`` at the same budget.
+    """
+
+    name = "mobiquant_sites"
+
+    def __init__(self, name: str = "mobiquant_sites", mobi: MoBiConfig | dict | None = None,
+                 calib: dict | None = None, sensitivity_windows: int | None = 8, grid_step: float = 0.25,
+                 static: bool | None = None):
+        # `static` is accepted (and ignored) because this config inherits the mobiquant one.
+        if not grid_step > 0:
+            raise ValueError(f"grid_step must be a positive number of bits, got {grid_step!r}")
+        self.name = name
+        self.source = MoBiQuant(name="mobiquant", mobi=mobi, calib=calib)
+        self.sensitivity_windows, self.grid_step = sensitivity_windows, float(grid_step)
+
+    def budgets(self, grid):
+        lo, hi = self.source.mobi.min_bits, self.source.mobi.max_bits
+        return [float(b) for b in grid if lo <= b <= hi]
+
+    def run(self, ctx, grid):
+        from .site_budgets import (allocate_site_budgets, allocated_bits, apply_site_budgets, default_grid,
+                                   site_cost_curves)
+
+        model, seconds, ckpt, reused = self.source.calibrated(ctx)
+        curves = site_cost_curves(model, ctx.calib_ids, default_grid(self.source.mobi.slice_bits, self.grid_step),
+                                  max_windows=self.sensitivity_windows)
+        for b in self.budgets(grid):
+            alloc = allocate_site_budgets(curves, b)
+            apply_site_budgets(model, alloc)
+            yield Variant(self.name, b, model, storage_bits(model), 0.0 if reused else seconds,
+                          0 if reused else 1, ckpt, extra={"allocated_bits": allocated_bits(curves, alloc)})
 
 
 class HQQ(QuantMethod):

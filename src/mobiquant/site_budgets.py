@@ -1,0 +1,206 @@
+"""Sensitivity-allocated router budgets: where the bits of a global budget go, per router site.
+
+Plain MoBiQuant reads a global budget ``B`` by giving every router the same local budget ``B``, so every
+layer, sensitive or not, sends its share of tokens to the cheap views. Per-layer sensitivity differs by
+orders of magnitude (on SmolLM2-135M a static per-layer allocation, ``mixed_layer``, beat uniform routing
+by 8x at 3.5 bits; docs/RESULTS.md). Here each router site (the linears sharing one input and router)
+gets its own local budget ``b_s``, with the parameter-weighted mean of the ``b_s`` at most ``B``, and its
+router still picks WHICH tokens get the extra slices within ``b_s``.
+
+1. :func:`site_cost_curves` measures, on calibration windows, every site's loss cost as a function of its
+   local budget with its own router doing the routing: per token and view ``k``, the empirical-Fisher
+   estimate ``0.5 (g_t . dY_t)^2`` with ``dY = X (W_k - W_K)^T`` and ``g_t`` the gradient of the summed
+   token NLL w.r.t. the linear's output (as in :mod:`mobiquant.baselines.mixed_layer`, kept per token and
+   summed over the site's linears); the router's gate values for the same tokens say which view each
+   token takes when the threshold is set to meet ``b`` on these tokens. ``C_s(b)`` is the summed cost.
+2. :func:`allocate_site_budgets` picks one point of each site's curve to minimise ``sum_s C_s(b_s)``
+   subject to ``sum_s P_s b_s <= B sum_s P_s`` (the multiple-choice knapsack of ``mixed_layer``).
+3. :func:`apply_site_budgets` sets each router's threshold from its own (budget-conditioned) table at its
+   local budget; weights and routers are unchanged, only thresholds move.
+
+This is a reading of any calibrated MoBiQuant checkpoint (no training); it needs a backward pass over a
+few calibration windows once, then a knapsack per budget.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .baselines.mixed_layer import _views, allocate_bits
+from .patching import mobi_linears, routers
+from .router import TokenRouter, interp_tau, weighted_tail_table
+
+
+def _site_of(model: nn.Module) -> tuple[dict[str, TokenRouter], dict[str, str], dict[str, int]]:
+    """Router name -> router; linear name -> its router's name; router name -> parameters it serves."""
+    by_id = {id(r): name for name, r in routers(model)}
+    rs = {name: r for name, r in routers(model)}
+    site_of, params = {}, {name: 0 for name in rs}
+    for name, m in mobi_linears(model):
+        if m.router is None:
+            continue
+        site = by_id[id(m.router)]
+        site_of[name] = site
+        params[site] += m.in_features * m.out_features
+    return rs, site_of, params
+
+
+def default_grid(slice_bits: Sequence[int], step: float = 0.25) -> list[float]:
+    lo, hi = float(slice_bits[0]), float(sum(slice_bits))
+    n = int(round((hi - lo) / step))
+    return [lo + i * step for i in range(n + 1)]
+
+
+def site_cost_curves(
+    model: nn.Module,
+    calib_ids: torch.Tensor,
+    grid: Sequence[float] | None = None,
+    max_windows: int | None = 8,
+    batch_size: int = 1,
+) -> dict[str, dict]:
+    """``{router name: {"params", "budgets": grid, "cost": [C_s(b) for b in grid]}}`` (see module docstring).
+
+    Every linear is left in static mode at ``K`` slices during the measurement (the full-precision view
+    downstream, as for ``mixed_layer``'s sensitivity) and restored to routed mode afterwards.
+    """
+    if calib_ids.dim() != 2 or calib_ids.shape[0] == 0:
+        raise ValueError(f"calib_ids must be a non-empty [n, T] tensor, got {tuple(calib_ids.shape)}")
+    rs, site_of, params = _site_of(model)
+    if not rs:
+        raise ValueError("the model has no routers: site budgets need a MoBiQuant checkpoint with routers")
+    slice_bits = next(iter(rs.values())).slice_bits
+    grid = [float(b) for b in (grid if grid is not None else default_grid(slice_bits))]
+    lo, hi = float(slice_bits[0]), float(sum(slice_bits))
+    bad = [b for b in grid if not lo <= b <= hi]
+    if bad or not grid:
+        raise ValueError(f"site budget grid must lie in [{lo}, {hi}] bits of slices {list(slice_bits)}, got {bad or grid}")
+    if max_windows is not None:
+        calib_ids = calib_ids[:max_windows]
+    layers = {n: m for n, m in mobi_linears(model) if n in site_of}
+    K = len(slice_bits)
+    token_cost: dict[str, list[torch.Tensor]] = {s: [] for s in rs}  # per batch: [T, K] summed over linears
+    gate_vals: dict[str, list[torch.Tensor]] = {s: [] for s in rs}
+    pending: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def accumulate(name: str, m, x: torch.Tensor, g: torch.Tensor) -> None:
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        g2 = g.reshape(-1, g.shape[-1]).float()
+        views = _views(m)
+        cost = torch.zeros(x2.shape[0], K, dtype=torch.float64)
+        for k in range(1, K):
+            dy = x2 @ (views[k - 1] - views[-1]).t()
+            cost[:, k - 1] = (0.5 * (g2 * dy).sum(-1).double() ** 2).cpu()
+        site = site_of[name]
+        pending[site] = pending[site] + cost if site in pending else cost
+
+    hooks = []
+    for name, m in layers.items():
+        def fwd(mod, args, out, name=name):
+            x = args[0].detach()
+            site = site_of[name]
+            if site not in seen:
+                r = rs[site]
+                with torch.no_grad():
+                    gv = r.gate_values(r.scores(x.reshape(-1, x.shape[-1])))
+                gate_vals[site].append(gv.float().cpu())
+                seen.add(site)
+            if not out.requires_grad:
+                raise RuntimeError(f"{name}: its output carries no gradient (the model's input embeddings "
+                                   "were not found), so site costs cannot be measured")
+            out.register_hook(lambda g, x=x, mod=mod: accumulate(name, mod, x, g))
+
+        hooks.append(m.register_forward_hook(fwd))
+    emb = model.get_input_embeddings()
+    if emb is None:
+        raise ValueError("the model has no input embeddings to start the backward pass from")
+    hooks.append(emb.register_forward_hook(lambda mod, a, out: out.detach().requires_grad_(True)))
+    for m in layers.values():
+        m.set_static(m.num_slices)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, calib_ids.shape[0], batch_size):
+            seen: set[str] = set()
+            pending.clear()
+            ids = calib_ids[start : start + batch_size].to(device)
+            with torch.enable_grad():
+                logits = model(input_ids=ids, use_cache=False).logits
+                loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                       ids[:, 1:].reshape(-1), reduction="sum")
+                loss.backward()
+            for site, c in pending.items():
+                token_cost[site].append(c)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+        for m in layers.values():
+            if m.packed:
+                m.clear_cache()
+            m.set_routed()
+        model.zero_grad(set_to_none=True)
+    curves = {}
+    for site, r in rs.items():
+        cost = torch.cat(token_cost[site])  # [T, K], column K-1 (all slices) is zero
+        gv = torch.cat(gate_vals[site]).double()  # [T, K-1]
+        bits_t, tau_t = weighted_tail_table(gv, slice_bits)
+        rows = torch.arange(cost.shape[0])
+        c = []
+        for b in grid:
+            k = (gv > interp_tau(bits_t, tau_t, b)).sum(-1)  # slices beyond the base: view index k
+            c.append(float(cost[rows, k].sum()))
+        curves[site] = {"params": params[site], "budgets": list(grid), "cost": c}
+    return curves
+
+
+def allocate_site_budgets(curves: Mapping[str, dict], budget: float, max_dp_states: int = 200_000_000) -> dict[str, float]:
+    """``{router name: local budget}`` minimising the summed cost at a parameter-weighted mean ``<= budget``."""
+    grids = {tuple(c["budgets"]) for c in curves.values()}
+    if len(grids) != 1:
+        raise ValueError("every site's curve must use the same budget grid")
+    grid = list(next(iter(grids)))
+    steps = np.diff(grid)
+    step = float(steps.min()) if len(steps) else 1.0
+    units = [g / step for g in grid]
+    if any(abs(u - round(u)) > 1e-6 for u in units):
+        raise ValueError(f"the budget grid must be a multiple of its smallest step {step}: {grid}")
+    units = [int(round(u)) for u in units]
+    table = {s: {"params": int(c["params"]), "bits": units, "cost": list(c["cost"])} for s, c in curves.items()}
+    ks = allocate_bits(table, budget / step + 1e-9, metric="cost", max_dp_states=max_dp_states)
+    return {s: grid[k - 1] for s, k in ks.items()}
+
+
+def allocated_bits(curves: Mapping[str, dict], alloc: Mapping[str, float]) -> float:
+    """Parameter-weighted mean of the local budgets."""
+    num = sum(curves[s]["params"] * alloc[s] for s in curves)
+    return num / sum(curves[s]["params"] for s in curves)
+
+
+def apply_site_budgets(model: nn.Module, alloc: Mapping[str, float]) -> None:
+    """Each router's threshold for its local budget (from its own table); linears routed."""
+    rs = dict(routers(model))
+    missing, unknown = set(rs) - set(alloc), set(alloc) - set(rs)
+    if missing or unknown:
+        raise ValueError(f"site budgets do not match the model's routers: missing {sorted(missing)[:5]}, "
+                         f"unknown {sorted(unknown)[:5]}")
+    for name, r in rs.items():
+        b = float(alloc[name])
+        if not math.isfinite(b):
+            raise ValueError(f"{name}: local budget must be finite, got {b}")
+        r.set_budget(b)
+    for _, m in mobi_linears(model):
+        if m.router is not None:
+            m.set_routed()
+        else:
+            m.set_static(m.num_slices)
+
+
+__all__ = ["allocate_site_budgets", "allocated_bits", "apply_site_budgets", "default_grid", "site_cost_curves"]
