@@ -30,9 +30,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .baselines.mixed_layer import _views, allocate_bits
+from .baselines.mixed_layer import _views, allocate_bits, nll_backward, release_hooks
 from .patching import mobi_linears, routers
 from .router import TokenRouter, interp_tau, weighted_tail_table
 
@@ -131,20 +130,12 @@ def site_cost_curves(
             seen: set[str] = set()
             pending.clear()
             ids = calib_ids[start : start + batch_size].to(device)
-            with torch.enable_grad():
-                logits = model(input_ids=ids, use_cache=False).logits
-                loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                       ids[:, 1:].reshape(-1), reduction="sum")
-                loss.backward()
+            nll_backward(model, ids)
             for site, c in pending.items():
                 token_cost[site].append(c)
     finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+        release_hooks(hooks, model, was_training, layers.values())
         for m in layers.values():
-            if m.packed:
-                m.clear_cache()
             m.set_routed()
         model.zero_grad(set_to_none=True)
     curves = {}

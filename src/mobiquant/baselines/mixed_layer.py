@@ -64,6 +64,25 @@ def _accumulate(stats: dict, name: str, m: MoBiLinear, x: torch.Tensor, g: torch
             st["fisher"][k - 1] += 0.5 * float((s.double() ** 2).sum())
 
 
+def nll_backward(model: nn.Module, ids: torch.Tensor) -> None:
+    """Backward pass of the summed next-token NLL of ``ids`` (the gradients the Fisher hooks read)."""
+    with torch.enable_grad():
+        logits = model(input_ids=ids, use_cache=False).logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
+                               reduction="sum")
+        loss.backward()
+
+
+def release_hooks(hooks, model: nn.Module, was_training: bool, layers: Iterable[MoBiLinear]) -> None:
+    """After a measuring pass: hooks removed, train/eval mode restored, packed layers' cached views freed."""
+    for h in hooks:
+        h.remove()
+    model.train(was_training)
+    for m in layers:
+        if m.packed:
+            m.clear_cache()
+
+
 def layer_sensitivity(
     model: nn.Module,
     calib_ids: torch.Tensor,
@@ -124,23 +143,12 @@ def layer_sensitivity(
         for start in range(0, calib_ids.shape[0], batch_size):
             ids = calib_ids[start : start + batch_size].to(device)
             if need_grad:
-                with torch.enable_grad():
-                    logits = model(input_ids=ids, use_cache=False).logits
-                    loss = F.cross_entropy(
-                        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
-                        reduction="sum",
-                    )
-                    loss.backward()
+                nll_backward(model, ids)
             else:
                 with torch.no_grad():
                     model(input_ids=ids, use_cache=False)
     finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-        for m in layers.values():
-            if m.packed:
-                m.clear_cache()
+        release_hooks(hooks, model, was_training, layers.values())
     rows = []
     for name, m in layers.items():
         st = stats[name]
