@@ -39,12 +39,12 @@ STEPS = 8
 # ------------------------------------------------------------------------------------- fused router
 @triton.jit
 def _router_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, tau_ptr, part_ptr, lock_ptr, k_ptr, D_IN,
-                   R: tl.constexpr, RP: tl.constexpr, HB: tl.constexpr, BD: tl.constexpr):
+                   R: tl.constexpr, RP: tl.constexpr, HB: tl.constexpr, BD: tl.constexpr, NPROG: tl.constexpr):
     """One token: scores = W2 gelu(W1 x + b1) + b2; k = 1 + #(nested min of scores > tau).
 
     Each program computes ``HB`` hidden units; the last one to finish sums the partial scores."""
     pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
+    nprog = NPROG  # the grid is (NPROG,)
     hrows = pid * HB + tl.arange(0, HB)
     acc = tl.zeros((HB,), dtype=tl.float32)
     for d0 in range(0, D_IN, BD):
@@ -62,9 +62,10 @@ def _router_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, tau_ptr, part_ptr, loc
     ticket = tl.atomic_add(lock_ptr, 1, sem="acq_rel")
     tl.debug_barrier()
     if ticket == nprog - 1:
-        s = tl.load(b2_ptr + r, mask=r < R, other=0.0).to(tl.float32)
-        for p in range(0, nprog):
-            s += tl.load(part_ptr + p * RP + r, cache_modifier=".cg")
+        # every program's partial scores in one load (was a loop of NPROG dependent loads)
+        p = tl.arange(0, NPROG)
+        parts = tl.load(part_ptr + p[:, None] * RP + r[None, :], cache_modifier=".cg")
+        s = tl.load(b2_ptr + r, mask=r < R, other=0.0).to(tl.float32) + tl.sum(parts, axis=0)
         tau = tl.load(tau_ptr)
         # nested gates: slice e+2 is on iff scores 0..e are all above tau
         on = tl.where(r < R, s > tau, False).to(tl.int32)
@@ -99,7 +100,7 @@ class Router:
         hb = 1  # one hidden unit per program: 64 programs share the read of W1
         _router_kernel[(HIDDEN // hb,)](x, self.w1, self.b1, self.w2, self.b2, self.tau, self.part, self.lock,
                                         self.k, x.shape[-1], R=len(SLICE_BITS) - 1, RP=4, HB=hb, BD=1024,
-                                        num_warps=4)
+                                        NPROG=HIDDEN // hb, num_warps=4)
         return self.k
 
     def set_budget(self, bits):
@@ -296,10 +297,37 @@ def main(argv=None):
         print(f"routed budget {budget}: achieved {achieved:.2f} bits, {t:.1f} us/token  x{t16 / t:.2f}  "
               f"k counts {ks}; router kernel vs torch k mismatches: {mismatch}; last activations finite: {finite}")
 
-    # router alone: 4 routers per layer
+    if args.fields:  # routed stack with the field kernel forced (device-side k: compiled for every plane)
+        for budget in (4, 6):
+            for L in q_layers:
+                for r in ("qkv", "o", "gu", "down"):
+                    L["r_" + r].set_budget(budget)
+            QLinear.small_config = tb.SmallConfig(fields=True)
+            g = graph_of(lambda x: q_step(q_layers, x), xs)
+            t = bench(g.replay, warmup=20, rep=200) / STEPS
+            QLinear.small_config = None
+            rows.append(dict(mode="routed fields", budget=float(budget), achieved_bits=float("nan"), us_per_token=t,
+                             tok_s=1e6 / t, speedup=t16 / t, pct_copy=float("nan")))
+            del g
+            print(f"routed budget {budget}, field kernel forced: {t:.1f} us/token  x{t16 / t:.2f}")
+
+    # router alone: 4 routers per layer, launched alone and inside a graph of a whole token's routers
     r = q_layers[0]["r_qkv"]
     tr = bench(lambda: r(xs[0]), warmup=20, rep=100)
     print(f"# one router launch (4096 -> 64 -> 3, fused): {tr:.2f} us; {4 * args.layers} per token")
+    m_in = torch.zeros(1, FF, device="cuda", dtype=xs[0].dtype)
+
+    def routers_only(x):
+        for L in q_layers:
+            L["r_qkv"](x), L["r_o"](x), L["r_gu"](x), L["r_down"](m_in)
+
+    g = graph_of(routers_only, xs)
+    tg = bench(g.replay, warmup=20, rep=200) / STEPS
+    del g
+    print(f"# a token's {4 * args.layers} router launches inside a CUDA graph: {tg:.1f} us "
+          f"({tg / (4 * args.layers):.2f} us each)")
+    rows.append(dict(mode="routers only", budget=float("nan"), achieved_bits=float("nan"), us_per_token=tg,
+                     tok_s=1e6 / tg, speedup=t16 / tg, pct_copy=float("nan")))
 
     print()
     print(f"# decode at batch 1, {args.layers} LLaMA-3-8B-shaped layers (7 linears each), {dev}")
