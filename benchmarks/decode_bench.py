@@ -297,19 +297,21 @@ def main(argv=None):
         print(f"routed budget {budget}: achieved {achieved:.2f} bits, {t:.1f} us/token  x{t16 / t:.2f}  "
               f"k counts {ks}; router kernel vs torch k mismatches: {mismatch}; last activations finite: {finite}")
 
-    if args.fields:  # routed stack with the field kernel forced (device-side k: compiled for every plane)
-        for budget in (4, 6):
+    if args.fields:  # routed stack with the field kernel forced (device-side k: one body per k, branched)
+        for budget in (2, 4, 6):
             for L in q_layers:
                 for r in ("qkv", "o", "gu", "down"):
                     L["r_" + r].set_budget(budget)
-            QLinear.small_config = tb.SmallConfig(fields=True)
-            g = graph_of(lambda x: q_step(q_layers, x), xs)
-            t = bench(g.replay, warmup=20, rep=200) / STEPS
-            QLinear.small_config = None
-            rows.append(dict(mode="routed fields", budget=float(budget), achieved_bits=float("nan"), us_per_token=t,
-                             tok_s=1e6 / t, speedup=t16 / t, pct_copy=float("nan")))
-            del g
-            print(f"routed budget {budget}, field kernel forced: {t:.1f} us/token  x{t16 / t:.2f}")
+            for bn in (None, 64):
+                QLinear.small_config = tb.SmallConfig(fields=True, block_n=bn)
+                g = graph_of(lambda x: q_step(q_layers, x), xs)
+                t = bench(g.replay, warmup=20, rep=200) / STEPS
+                QLinear.small_config = None
+                name = "routed fields" + (f" n{bn}" if bn else "")
+                rows.append(dict(mode=name, budget=float(budget), achieved_bits=float("nan"), us_per_token=t,
+                                 tok_s=1e6 / t, speedup=t16 / t, pct_copy=float("nan")))
+                del g
+                print(f"routed budget {budget}, field kernel forced (block_n {bn}): {t:.1f} us/token  x{t16 / t:.2f}")
 
     # router alone: 4 routers per layer, launched alone and inside a graph of a whole token's routers
     r = q_layers[0]["r_qkv"]

@@ -132,6 +132,8 @@ def test_field_kernel_default_choice():
     assert all(tb._want_fields(FIELDS, bits, k) for k in range(1, 5))
     assert not any(tb._want_fields(CONCAT, bits, k) for k in range(1, 5))
     assert not tb._want_fields(FIELDS, (4, 2, 2), 2)  # unequal widths: never
+    # k read on the device (every plane compiled): the field kernel, which branches into a body per k
+    assert tb._want_fields(auto, bits, 4, device_k=True) and not tb._want_fields(CONCAT, bits, 4, device_k=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
@@ -414,29 +416,33 @@ def test_gpu_llama_like_shapes(m, dtype, gen):
     for k in range(1, 5):
         check(x, planes, scale, zero, bits, group, k)
     check(x, planes, scale, zero, bits, group, torch.randint(1, 5, (m,), generator=gen).to(DEVICE))
-    if m == 1:  # the opt-in field kernel, on the GPU
+    if m == 1:  # the field kernel forced, with k on the host and on the device (one body per k)
         for k in range(1, 5):
             check(x, planes, scale, zero, bits, group, k, path="small", small_config=FIELDS)
+            check(x, planes, scale, zero, bits, group, torch.tensor([k], device=DEVICE), path="small",
+                  small_config=FIELDS)
 
 
 @gpu
 @needs_cuda
-def test_gpu_cuda_graph_capture(gen):
-    """The small-batch path with a device-side per-token k needs no host sync: it captures in a graph."""
+@pytest.mark.parametrize("cfg", [None, FIELDS], ids=["default", "fields"])
+def test_gpu_cuda_graph_capture(cfg, gen):
+    """The small-batch path with a device-side per-token k needs no host sync: it captures in a graph, and
+    one captured graph serves every k (the field kernel branches on k inside)."""
     bits, group = (2, 2, 2, 2), 128
     planes, scale, zero = make_layer(2048, 1024, bits, group, gen)
     x = randx(1, 1024, torch.float16, gen)
     k = torch.tensor([3], device=DEVICE)
-    y = tb.bitplane_linear(x, planes, scale, zero, bits, group, k)  # warm-up compiles
+    y = tb.bitplane_linear(x, planes, scale, zero, bits, group, k, small_config=cfg)  # warm-up compiles
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        tb.bitplane_linear(x, planes, scale, zero, bits, group, k)
+        tb.bitplane_linear(x, planes, scale, zero, bits, group, k, small_config=cfg)
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        yg = tb.bitplane_linear(x, planes, scale, zero, bits, group, k)
-    for kk in (1, 4, 2):
+        yg = tb.bitplane_linear(x, planes, scale, zero, bits, group, k, small_config=cfg)
+    for kk in (1, 4, 2, 3):
         x.copy_(randx(1, 1024, torch.float16, gen))
         k.fill_(kk)
         g.replay()

@@ -708,6 +708,44 @@ def _fields_dot(acc, xw, w0, w1, w2, w3, B: tl.constexpr, KMAX: tl.constexpr, NW
 
 
 @triton.jit
+def _fields_chunks(acc, x_ptr, p0, p1, p2, p3, WS0, WS1, WS2, WS3, scale_ptr, zero_ptr, rows, row_mask, kk, h, mult,
+                   K_IN, N_GROUPS, c_lo, c_hi, xsc, wcol, GROUP: tl.constexpr, KMAX: tl.constexpr,
+                   B: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   GPC: tl.constexpr):
+    """The field kernel's chunks ``c_lo..c_hi`` of one program for planes ``1..KMAX``, added to ``acc``."""
+    SUBG: tl.constexpr = BLOCK_K // GPC
+    PER: tl.constexpr = 32 // B
+    NW: tl.constexpr = BLOCK_K // PER
+    for c in range(c_lo, c_hi):
+        col0 = c * BLOCK_K
+        w0 = _load_words(p0, WS0, rows, row_mask, col0, K_IN, B, BLOCK_K, EVEN_K)
+        w1 = w0
+        w2 = w0
+        w3 = w0
+        if KMAX > 1:
+            w1 = _load_words(p1, WS1, rows, row_mask & ((rows * 0 + kk) > 1), col0, K_IN, B, BLOCK_K, EVEN_K)
+        if KMAX > 2:
+            w2 = _load_words(p2, WS2, rows, row_mask & ((rows * 0 + kk) > 2), col0, K_IN, B, BLOCK_K, EVEN_K)
+        if KMAX > 3:
+            w3 = _load_words(p3, WS3, rows, row_mask & ((rows * 0 + kk) > 3), col0, K_IN, B, BLOCK_K, EVEN_K)
+        gidx = (col0 + tl.arange(0, GPC) * SUBG) // GROUP
+        gptr = rows.to(tl.int64)[:, None] * N_GROUPS + gidx[None, :]
+        gmask = row_mask[:, None] & (gidx < N_GROUPS)[None, :]
+        s = tl.load(scale_ptr + gptr, mask=gmask, other=0.0).to(tl.float32)
+        z = tl.load(zero_ptr + gptr, mask=gmask, other=0.0).to(tl.float32)
+        if EVEN_K:
+            xw = tl.load(x_ptr + col0 + wcol).to(tl.float32)
+        else:
+            xw = tl.load(x_ptr + col0 + wcol, mask=col0 + wcol < K_IN, other=0.0).to(tl.float32)
+        P = tl.zeros((BLOCK_N, NW), dtype=tl.float32)
+        P = _fields_dot(P, xw * xsc[None, :], w0, w1, w2, w3, B, KMAX, NW)
+        T = tl.sum(tl.reshape(P, (BLOCK_N, GPC, NW // GPC)), axis=2)  # [BLOCK_N, GPC]
+        xs = tl.sum(tl.reshape(xw, (GPC, SUBG)), axis=1)[None, :]  # [1, GPC]
+        acc += s * (mult * T - xs * (z + h))
+    return acc
+
+
+@triton.jit
 def _bp_gemv_fields_kernel(
     x_ptr,
     out_ptr,
@@ -738,6 +776,7 @@ def _bp_gemv_fields_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GPC: tl.constexpr,
+    BRANCH_K: tl.constexpr,
 ):
     """One token, every slice ``B`` bits: ``sum(x W_k)`` from the code fields read in place (see above).
 
@@ -767,32 +806,29 @@ def _bp_gemv_fields_kernel(
     n_chunks = tl.cdiv(K_IN, BLOCK_K)
     c_lo = pid_k * CHUNKS_PER_SPLIT
     c_hi = tl.minimum(c_lo + CHUNKS_PER_SPLIT, n_chunks)
-    for c in range(c_lo, c_hi):
-        col0 = c * BLOCK_K
-        w0 = _load_words(p0, WS0, rows, row_mask, col0, K_IN, B, BLOCK_K, EVEN_K)
-        w1 = w0
-        w2 = w0
-        w3 = w0
-        if KMAX > 1:
-            w1 = _load_words(p1, WS1, rows, row_mask & ((rows * 0 + kk) > 1), col0, K_IN, B, BLOCK_K, EVEN_K)
-        if KMAX > 2:
-            w2 = _load_words(p2, WS2, rows, row_mask & ((rows * 0 + kk) > 2), col0, K_IN, B, BLOCK_K, EVEN_K)
-        if KMAX > 3:
-            w3 = _load_words(p3, WS3, rows, row_mask & ((rows * 0 + kk) > 3), col0, K_IN, B, BLOCK_K, EVEN_K)
-        gidx = (col0 + tl.arange(0, GPC) * SUBG) // GROUP
-        gptr = rows.to(tl.int64)[:, None] * N_GROUPS + gidx[None, :]
-        gmask = row_mask[:, None] & (gidx < N_GROUPS)[None, :]
-        s = tl.load(scale_ptr + gptr, mask=gmask, other=0.0).to(tl.float32)
-        z = tl.load(zero_ptr + gptr, mask=gmask, other=0.0).to(tl.float32)
-        if EVEN_K:
-            xw = tl.load(x_ptr + col0 + wcol).to(tl.float32)
+    if BRANCH_K:
+        # k read on the device: one body per k, compiled together, the token's own executed (a body for
+        # k planes shifts them as if KMAX were k, so its multiplier is mult 2^((KMAX - k) B))
+        if kk == 1:
+            acc = _fields_chunks(acc, x_ptr, p0, p1, p2, p3, WS0, WS1, WS2, WS3, scale_ptr, zero_ptr, rows,
+                                 row_mask, kk, h, mult * (1 << ((KMAX - 1) * B)), K_IN, N_GROUPS, c_lo, c_hi,
+                                 xsc, wcol, GROUP, 1, B, EVEN_K, BLOCK_N, BLOCK_K, GPC)
+        elif kk == 2:
+            acc = _fields_chunks(acc, x_ptr, p0, p1, p2, p3, WS0, WS1, WS2, WS3, scale_ptr, zero_ptr, rows,
+                                 row_mask, kk, h, mult * (1 << ((KMAX - 2) * B)), K_IN, N_GROUPS, c_lo, c_hi,
+                                 xsc, wcol, GROUP, 2, B, EVEN_K, BLOCK_N, BLOCK_K, GPC)
+        elif kk == 3:
+            acc = _fields_chunks(acc, x_ptr, p0, p1, p2, p3, WS0, WS1, WS2, WS3, scale_ptr, zero_ptr, rows,
+                                 row_mask, kk, h, mult * (1 << ((KMAX - 3) * B)), K_IN, N_GROUPS, c_lo, c_hi,
+                                 xsc, wcol, GROUP, 3, B, EVEN_K, BLOCK_N, BLOCK_K, GPC)
         else:
-            xw = tl.load(x_ptr + col0 + wcol, mask=col0 + wcol < K_IN, other=0.0).to(tl.float32)
-        P = tl.zeros((BLOCK_N, NW), dtype=tl.float32)
-        P = _fields_dot(P, xw * xsc[None, :], w0, w1, w2, w3, B, KMAX, NW)
-        T = tl.sum(tl.reshape(P, (BLOCK_N, GPC, NW // GPC)), axis=2)  # [BLOCK_N, GPC]
-        xs = tl.sum(tl.reshape(xw, (GPC, SUBG)), axis=1)[None, :]  # [1, GPC]
-        acc += s * (mult * T - xs * (z + h))
+            acc = _fields_chunks(acc, x_ptr, p0, p1, p2, p3, WS0, WS1, WS2, WS3, scale_ptr, zero_ptr, rows,
+                                 row_mask, kk, h, mult, K_IN, N_GROUPS, c_lo, c_hi, xsc, wcol, GROUP, KMAX, B,
+                                 EVEN_K, BLOCK_N, BLOCK_K, GPC)
+    else:
+        acc = _fields_chunks(acc, x_ptr, p0, p1, p2, p3, WS0, WS1, WS2, WS3, scale_ptr, zero_ptr, rows, row_mask,
+                             kk, h, mult, K_IN, N_GROUPS, c_lo, c_hi, xsc, wcol, GROUP, KMAX, B, EVEN_K, BLOCK_N,
+                             BLOCK_K, GPC)
     y = tl.reshape(tl.sum(acc, axis=1), (1, BLOCK_N))
     zero_m = tl.zeros((1,), dtype=tl.int32)
     _splitk_store(y, out_ptr, part_ptr, lock_ptr, bias_ptr, zero_m, zero_m == 0, rows, row_mask, N,
@@ -1049,6 +1085,9 @@ def _small_block_k(group_size: int, use_dot: bool, block_k: int | None) -> int:
 #: One-token rows per program of the field kernel by the largest k (registers: 16 words per plane and
 #: thread at 4 warps and 512 columns; see benchmarks/NOTES.md, version 6).
 _FIELDS_BLOCK_N = (64, 64, 32, 32)
+#: Rows per program when ``k`` is read on the device (one body per k; 64 beat 32 on the routed H200 decode
+#: stack at budgets 2, 4 and 6: 486.6 / 589.6 / 696.7 against 549.4 / 640.1 / 733.5 us per token).
+_FIELDS_BRANCH_BLOCK_N = 64
 
 
 #: ``SmallConfig(fields=None)`` takes the field kernel for one token when at most this many planes are read:
@@ -1064,10 +1103,11 @@ def _fields_ok(slice_bits: Sequence[int], kmax: int) -> bool:
             and (kmax - 1) * b <= 7)
 
 
-def _want_fields(cfg: SmallConfig, slice_bits: Sequence[int], kmax: int) -> bool:
+def _want_fields(cfg: SmallConfig, slice_bits: Sequence[int], kmax: int, device_k: bool = False) -> bool:
     """One-token kernel choice: the field kernel when the layout allows it and ``cfg.fields`` asks for it
-    (``None``: when at most ``FIELDS_MAX_K`` planes are read)."""
-    want = cfg.fields if cfg.fields is not None else kmax <= FIELDS_MAX_K
+    (``None``: when at most ``FIELDS_MAX_K`` planes are read, or when ``k`` is read on the device, where the
+    field kernel branches into a body per k; benchmarks/NOTES.md, versions 7 and 9)."""
+    want = cfg.fields if cfg.fields is not None else (kmax <= FIELDS_MAX_K or device_k)
     return bool(want) and _fields_ok(slice_bits, kmax)
 
 
@@ -1156,7 +1196,7 @@ def bitplane_linear_small(
     A, C = _small_consts(slice_bits, magic)
     if isinstance(k, int):
         _check_k(k, NS)
-        per_token, kmax_c, k_t, k_u = False, k, x2, k
+        per_token, kmax_c, k_t, k_u, rng = False, k, x2, k, None
     else:
         k_t = k.reshape(-1)
         if k_t.dtype not in (torch.int32, torch.int64) or k_t.device != x2.device:
@@ -1171,11 +1211,13 @@ def bitplane_linear_small(
             if lo < 1 or hi > NS:
                 raise ValueError(f"per-token k must be in [1, {NS}], got [{lo}, {hi}]")
             kmax_c = hi
-    fields = not use_dot and _want_fields(cfg, slice_bits, kmax_c)
+    device_k = per_token and rng is None
+    fields = not use_dot and _want_fields(cfg, slice_bits, kmax_c, device_k)
+    branch_k = fields and per_token and kmax_c == 4
     if fields:
         if cfg.block_k is None:
             bk = _fields_block_k(group_size, bk)
-        block_n = cfg.block_n or _FIELDS_BLOCK_N[min(kmax_c, 4) - 1]
+        block_n = cfg.block_n or (_FIELDS_BRANCH_BLOCK_N if branch_k else _FIELDS_BLOCK_N[min(kmax_c, 4) - 1])
     else:
         block_n = cfg.block_n or (64 if use_dot else 32)
     n_tiles = triton.cdiv(N, block_n)
@@ -1221,7 +1263,7 @@ def bitplane_linear_small(
         _bp_gemv_fields_kernel[(n_tiles, split)](
             *head[:8], *ps[:4], *head[16:20], *H, 2.0 ** (_FIELD_S - (kmax_c - 1) * b), N, K_IN, scale.shape[1],
             k_u, cps,
-            GPC=gpc, B=b, XE=276 - _FIELD_S, **common,
+            GPC=gpc, B=b, XE=276 - _FIELD_S, BRANCH_K=branch_k, **common,
         )
     else:
         _bp_gemv_kernel[(n_tiles, split)](
