@@ -114,3 +114,20 @@ def test_bad_input_is_refused(model_and_curves, calib_ids):
                                          num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
     with pytest.raises(ValueError, match="no routers"):
         site_cost_curves(plain, calib_ids)
+
+
+def test_refit_thresholds_at_local_budgets(model_and_curves, calib_ids):
+    """Refitted with every router at its own local budget, the thresholds meet the allocation on the
+    windows they were fitted on (up to the ties of a tiny model), and bad windows are refused."""
+    model, curves = model_and_curves
+    alloc = allocate_site_budgets(curves, 4.5)
+    apply_site_budgets(model, alloc, calib_ids=calib_ids[:2])
+    for r in (r for _, r in routers(model)):
+        assert r.record_budget is None and not r.recorded  # recording switched off again
+    reset_counts(model)
+    with torch.no_grad():
+        model(input_ids=calib_ids[:2])
+    refit_gap = abs(achieved_bits(model) - allocated_bits(curves, alloc))
+    assert refit_gap < 0.15, refit_gap
+    with pytest.raises(ValueError, match="non-empty"):
+        apply_site_budgets(model, alloc, calib_ids=calib_ids[:0])

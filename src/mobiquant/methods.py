@@ -386,13 +386,14 @@ class SiteBudgets(QuantMethod):
 
     def __init__(self, name: str = "mobiquant_sites", mobi: MoBiConfig | dict | None = None,
                  calib: dict | None = None, sensitivity_windows: int | None = 8, grid_step: float = 0.25,
-                 static: bool | None = None):
+                 refit_thresholds: bool = True, static: bool | None = None):
         # `static` is accepted (and ignored) because this config inherits the mobiquant one.
         if not grid_step > 0:
             raise ValueError(f"grid_step must be a positive number of bits, got {grid_step!r}")
         self.name = name
         self.source = MoBiQuant(name="mobiquant", mobi=mobi, calib=calib)
         self.sensitivity_windows, self.grid_step = sensitivity_windows, float(grid_step)
+        self.refit_thresholds = bool(refit_thresholds)
 
     def budgets(self, grid):
         lo, hi = self.source.mobi.min_bits, self.source.mobi.max_bits
@@ -405,9 +406,10 @@ class SiteBudgets(QuantMethod):
         model, seconds, ckpt, reused = self.source.calibrated(ctx)
         curves = site_cost_curves(model, ctx.calib_ids, default_grid(self.source.mobi.slice_bits, self.grid_step),
                                   max_windows=self.sensitivity_windows)
+        refit = ctx.calib_ids[: self.sensitivity_windows] if self.refit_thresholds else None
         for b in self.budgets(grid):
             alloc = allocate_site_budgets(curves, b)
-            apply_site_budgets(model, alloc)
+            apply_site_budgets(model, alloc, calib_ids=refit)
             yield Variant(self.name, b, model, storage_bits(model), 0.0 if reused else seconds,
                           0 if reused else 1, ckpt, extra={"allocated_bits": allocated_bits(curves, alloc)})
 
