@@ -108,6 +108,9 @@ def test_bad_input_is_refused(model_and_curves, calib_ids):
         site_cost_curves(model, calib_ids, [1.0, 2.0])
     with pytest.raises(ValueError, match="non-empty"):
         site_cost_curves(model, calib_ids[:0])
+    with pytest.raises(ValueError, match=r"grid step 0.35 must be positive and divide the range \[2.0, 8.0\]"):
+        default_grid((2, 2, 2, 2), 0.35)
+    assert default_grid((2, 2, 2, 2), 2.0) == [2.0, 4.0, 6.0, 8.0]
     with pytest.raises(ValueError, match="missing"):
         apply_site_budgets(model, {})
     plain = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=160,

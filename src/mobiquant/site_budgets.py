@@ -51,8 +51,12 @@ def _site_of(model: nn.Module) -> tuple[dict[str, TokenRouter], dict[str, str], 
 
 
 def default_grid(slice_bits: Sequence[int], step: float = 0.25) -> list[float]:
+    """Local budgets from the base slice's bits to all slices' bits in steps of ``step`` (which must divide
+    the range, so that both ends are on the grid)."""
     lo, hi = float(slice_bits[0]), float(sum(slice_bits))
-    n = int(round((hi - lo) / step))
+    n = int(round((hi - lo) / step)) if step > 0 else 0
+    if step <= 0 or abs(n * step - (hi - lo)) > 1e-9:
+        raise ValueError(f"grid step {step} must be positive and divide the range [{lo}, {hi}] bits")
     return [lo + i * step for i in range(n + 1)]
 
 
