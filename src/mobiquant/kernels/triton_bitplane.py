@@ -1012,7 +1012,8 @@ class SmallConfig:
     magic: bool = True  # codes enter the dot as exact floats 1 + q / 2^b built from bits (no I2F)
     combine: bool = True  # tensor cores, every token the same k: one dot on the concatenated code
     # one token, equal slice widths: code fields read in place (_bp_gemv_fields_kernel). None: used when at
-    # most FIELDS_MAX_K planes are read (faster there on an H200, slower at k=4; benchmarks/NOTES.md, version 6).
+    # most FIELDS_MAX_K planes are read (faster there on an H200, slower at k=4) and when k is read on the
+    # device (a body per k; benchmarks/NOTES.md, versions 7 and 9).
     fields: bool | None = None
 
 
