@@ -496,6 +496,18 @@ def _bp_small_kernel(
 
 # ------------------------------------------------------------------------------------- one-token kernel
 @triton.jit
+def _chunk_scale_zero(scale_ptr, zero_ptr, rows, row_mask, col0, N_GROUPS, GROUP: tl.constexpr,
+                      GPC: tl.constexpr, SUBG: tl.constexpr):
+    """Steps and zero points ``[rows, GPC]`` (fp32) of the ``GPC`` groups a one-token chunk at ``col0`` covers."""
+    gidx = (col0 + tl.arange(0, GPC) * SUBG) // GROUP
+    gptr = rows.to(tl.int64)[:, None] * N_GROUPS + gidx[None, :]
+    gmask = row_mask[:, None] & (gidx < N_GROUPS)[None, :]
+    s = tl.load(scale_ptr + gptr, mask=gmask, other=0.0).to(tl.float32)
+    z = tl.load(zero_ptr + gptr, mask=gmask, other=0.0).to(tl.float32)
+    return s, z
+
+
+@triton.jit
 def _bp_gemv_kernel(
     x_ptr,
     out_ptr,
@@ -572,11 +584,7 @@ def _bp_gemv_kernel(
             w6 = _load_words(p6, WS6, rows, row_mask & ((rows * 0 + kk) > 6), col0, K_IN, B6, BLOCK_K, EVEN_K)
         if KMAX > 7:
             w7 = _load_words(p7, WS7, rows, row_mask & ((rows * 0 + kk) > 7), col0, K_IN, B7, BLOCK_K, EVEN_K)
-        gidx = (col0 + tl.arange(0, GPC) * SUBG) // GROUP
-        gptr = rows.to(tl.int64)[:, None] * N_GROUPS + gidx[None, :]
-        gmask = row_mask[:, None] & (gidx < N_GROUPS)[None, :]
-        s = tl.load(scale_ptr + gptr, mask=gmask, other=0.0).to(tl.float32)
-        z = tl.load(zero_ptr + gptr, mask=gmask, other=0.0).to(tl.float32)
+        s, z = _chunk_scale_zero(scale_ptr, zero_ptr, rows, row_mask, col0, N_GROUPS, GROUP, GPC, SUBG)
         cols = col0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + cols, mask=cols < K_IN, other=0.0).to(tl.float32)
         fb = _concat_bits(w0, w1, w2, w3, w4, w5, w6, w7, kk, 0x3F800000, 23, KMAX,
@@ -728,11 +736,7 @@ def _fields_chunks(acc, x_ptr, p0, p1, p2, p3, WS0, WS1, WS2, WS3, scale_ptr, ze
             w2 = _load_words(p2, WS2, rows, row_mask & ((rows * 0 + kk) > 2), col0, K_IN, B, BLOCK_K, EVEN_K)
         if KMAX > 3:
             w3 = _load_words(p3, WS3, rows, row_mask & ((rows * 0 + kk) > 3), col0, K_IN, B, BLOCK_K, EVEN_K)
-        gidx = (col0 + tl.arange(0, GPC) * SUBG) // GROUP
-        gptr = rows.to(tl.int64)[:, None] * N_GROUPS + gidx[None, :]
-        gmask = row_mask[:, None] & (gidx < N_GROUPS)[None, :]
-        s = tl.load(scale_ptr + gptr, mask=gmask, other=0.0).to(tl.float32)
-        z = tl.load(zero_ptr + gptr, mask=gmask, other=0.0).to(tl.float32)
+        s, z = _chunk_scale_zero(scale_ptr, zero_ptr, rows, row_mask, col0, N_GROUPS, GROUP, GPC, SUBG)
         if EVEN_K:
             xw = tl.load(x_ptr + col0 + wcol).to(tl.float32)
         else:
