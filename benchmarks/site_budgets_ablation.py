@@ -10,6 +10,8 @@ at each budget, the perplexity of:
 * ``sites_int``    the same knapsack restricted to the static views (local budgets 2/4/6/8: no routing);
 * ``sites_refit``  ``sites`` with each router's threshold refitted on the calibration windows while every
   router runs at its own local budget (``quant=mobiquant_sites``, the default);
+* ``linears_refit`` one local budget per linear (its own threshold on its router's gate values), refitted
+  (``quant=mobiquant_sites per=linear``);
 * ``mixed_layer``  static per-linear slice counts from the Fisher sensitivity.
 
 Calibration windows come from the Wikipedia extract's calibration articles, evaluation windows from its
@@ -36,6 +38,7 @@ from mobiquant.models import load_model  # noqa: E402
 from mobiquant.patching import achieved_bits, reset_counts, routers, set_budget  # noqa: E402
 from mobiquant.site_budgets import (  # noqa: E402
     allocate_site_budgets,
+    apply_linear_budgets,
     apply_site_budgets,
     default_grid,
     site_cost_curves,
@@ -65,6 +68,7 @@ def main(argv=None):
     slice_bits = next(iter(routers(model)))[1].slice_bits
     curves = site_cost_curves(model, calib, default_grid(slice_bits, 0.25), max_windows=None)
     curves_int = site_cost_curves(model, calib, default_grid(slice_bits, 2.0), max_windows=None)
+    curves_lin = site_cost_curves(model, calib, default_grid(slice_bits, 0.25), max_windows=None, per="linear")
     sens = layer_sensitivity(model, calib, metrics=("fisher",))
 
     def ppl():
@@ -84,6 +88,9 @@ def main(argv=None):
         res["sites_refit"] = ppl()
         apply_site_budgets(model, allocate_site_budgets(curves_int, b))
         res["sites_int"] = ppl()
+        apply_linear_budgets(model, allocate_site_budgets(curves_lin, b), calib_ids=calib)
+        res["linears_refit"] = ppl()
+        set_budget(model, b)  # clears the per-linear thresholds
         apply_allocation(model, allocate_bits(sens, b))
         res["mixed_layer"] = ppl()
         for name, (p, bits) in res.items():

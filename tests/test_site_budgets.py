@@ -134,3 +134,56 @@ def test_refit_thresholds_at_local_budgets(model_and_curves, calib_ids):
     assert refit_gap < 0.15, refit_gap
     with pytest.raises(ValueError, match="non-empty"):
         apply_site_budgets(model, alloc, calib_ids=calib_ids[:0])
+
+
+def test_per_linear_curves_and_thresholds(model_and_curves, calib_ids):
+    """per="linear": one curve per linear; each linear reads its own threshold on its router's values, so
+    linears sharing a router can sit at different budgets; set_budget puts them back on the router's."""
+    from mobiquant.site_budgets import apply_linear_budgets
+
+    model, _ = model_and_curves
+    grid = default_grid((2, 2, 2, 2), 0.5)
+    curves = site_cost_curves(model, calib_ids, grid, max_windows=4, batch_size=2, per="linear")
+    lin = dict(mobi_linears(model))
+    assert set(curves) == set(lin)
+    for name, c in curves.items():
+        assert c["params"] == lin[name].in_features * lin[name].out_features
+        assert c["cost"][-1] == 0.0 and c["cost"][0] >= c["cost"][-1]
+    # q at the base, k and v at all slices, though q/k/v share one router
+    alloc = {n: (2.0 if n.endswith("q_proj") else 8.0) for n in lin}
+    apply_linear_budgets(model, alloc)
+    reset_counts(model)
+    with torch.no_grad():
+        model(input_ids=calib_ids[:2])
+    for n, m in lin.items():
+        k_used = {i + 1 for i, c in enumerate(m.k_counts.tolist()) if c > 0}
+        assert k_used == ({1} if n.endswith("q_proj") else {4}), (n, m.k_counts)
+    # refitted at the allocation of a budget: achieved bits follow it on the windows it was fitted on
+    alloc = allocate_site_budgets(curves, 4.5)
+    apply_linear_budgets(model, alloc, calib_ids=calib_ids[:2])
+    assert all(m.route_record_budget is None and not m.route_recorded for m in lin.values())
+    reset_counts(model)
+    with torch.no_grad():
+        model(input_ids=calib_ids[:2])
+    assert achieved_bits(model) == pytest.approx(allocated_bits(curves, alloc), abs=0.15)
+    set_budget(model, 4.5)
+    assert all(m.route_tau is None for m in lin.values())
+    with pytest.raises(ValueError, match=r"local budget must be in \[2, 8\] bits, got 9.0"):
+        apply_linear_budgets(model, {n: 9.0 for n in lin})
+    with pytest.raises(ValueError, match="missing"):
+        apply_linear_budgets(model, {})
+    with pytest.raises(ValueError, match="per must be 'site' or 'linear'"):
+        site_cost_curves(model, calib_ids, grid, per="block")
+
+
+def test_per_linear_thresholds_need_packed_linears(calib_ids):
+    from mobiquant.site_budgets import apply_linear_budgets
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=160,
+                                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+    quantize_model(model, MoBiConfig(group_size=32, router_hidden=8, router_policy="adjacent"))
+    for _, r in routers(model):
+        r.set_table([2.0, 8.0], [10.0, -10.0])
+    with pytest.raises(ValueError, match="is not packed"):
+        apply_linear_budgets(model, {n: 4.0 for n, _ in mobi_linears(model)})

@@ -386,7 +386,7 @@ class SiteBudgets(QuantMethod):
 
     def __init__(self, name: str = "mobiquant_sites", mobi: MoBiConfig | dict | None = None,
                  calib: dict | None = None, sensitivity_windows: int | None = 8, grid_step: float = 0.25,
-                 refit_thresholds: bool = True, static: bool | None = None):
+                 refit_thresholds: bool = True, per: str = "site", static: bool | None = None):
         # `static` is accepted (and ignored) because this config inherits the mobiquant one.
         if not grid_step > 0:
             raise ValueError(f"grid_step must be a positive number of bits, got {grid_step!r}")
@@ -394,22 +394,26 @@ class SiteBudgets(QuantMethod):
         self.source = MoBiQuant(name="mobiquant", mobi=mobi, calib=calib)
         self.sensitivity_windows, self.grid_step = sensitivity_windows, float(grid_step)
         self.refit_thresholds = bool(refit_thresholds)
+        if per not in ("site", "linear"):
+            raise ValueError(f"per must be 'site' (one budget per router) or 'linear', got {per!r}")
+        self.per = per
 
     def budgets(self, grid):
         lo, hi = self.source.mobi.min_bits, self.source.mobi.max_bits
         return [float(b) for b in grid if lo <= b <= hi]
 
     def run(self, ctx, grid):
-        from .site_budgets import (allocate_site_budgets, allocated_bits, apply_site_budgets, default_grid,
-                                   site_cost_curves)
+        from .site_budgets import (allocate_site_budgets, allocated_bits, apply_linear_budgets, apply_site_budgets,
+                                   default_grid, site_cost_curves)
 
         model, seconds, ckpt, reused = self.source.calibrated(ctx)
         curves = site_cost_curves(model, ctx.calib_ids, default_grid(self.source.mobi.slice_bits, self.grid_step),
-                                  max_windows=self.sensitivity_windows)
+                                  max_windows=self.sensitivity_windows, per=self.per)
         refit = ctx.calib_ids[: self.sensitivity_windows] if self.refit_thresholds else None
+        apply = apply_site_budgets if self.per == "site" else apply_linear_budgets
         for b in self.budgets(grid):
             alloc = allocate_site_budgets(curves, b)
-            apply_site_budgets(model, alloc, calib_ids=refit)
+            apply(model, alloc, calib_ids=refit)
             yield Variant(self.name, b, model, storage_bits(model), 0.0 if reused else seconds,
                           0 if reused else 1, ckpt, extra={"allocated_bits": allocated_bits(curves, alloc)})
 

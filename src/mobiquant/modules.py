@@ -64,6 +64,13 @@ class MoBiLinear(nn.Module):
         self.static_k = self.num_slices
         self.target_bits: float | None = None  # training-time budget for routed fake-quant
         self._router: TokenRouter | None = None
+        # Packed routed inference with this linear's own threshold on its (shared) router's gate values
+        # (None: the router's threshold). Set by mobiquant.site_budgets for per-linear budgets; cleared by
+        # patching.set_budget. ``route_record_budget``: record this batch's quantile threshold for that
+        # budget into ``route_recorded`` (threshold fitting).
+        self.route_tau: float | None = None
+        self.route_record_budget: float | None = None
+        self.route_recorded: list[float] = []
         self.track = False
         self.k_counts = torch.zeros(self.num_slices, dtype=torch.float64)
         self._view_cache: dict[int, torch.Tensor] = {}
@@ -268,6 +275,12 @@ class MoBiLinear(nn.Module):
         g = self.slicer.group_size
         return bitplane_linear(x, planes, self.scale, self.zero, self.slice_bits, g, k, self.bias)
 
+    def _routed_k(self, x: torch.Tensor) -> torch.Tensor:
+        """Slices per token: the router's choice, or this linear's own threshold on the router's values."""
+        if self.route_tau is None and self.route_record_budget is None:
+            return self._router.slice_counts(x)
+        return self._router.slice_counts_at(x, self.route_tau, self.route_record_budget, self.route_recorded)
+
     def _forward_packed(self, x: torch.Tensor) -> torch.Tensor:
         n_tokens = x.numel() // x.shape[-1]
         if self.mode == "static" or self._router is None:
@@ -275,7 +288,7 @@ class MoBiLinear(nn.Module):
             if self._use_triton(x):
                 return self._forward_triton(x, self.static_k)
             return F.linear(x, self.dequantized(self.static_k).to(x.dtype), self.bias)
-        k = self._router.slice_counts(x)
+        k = self._routed_k(x)
         self._count(k, n_tokens)
         if self._use_triton(x):
             return self._forward_triton(x, k)

@@ -247,6 +247,7 @@ def set_budget(model: nn.Module, avg_bits: float) -> None:
     for _, r in routers(model):
         r.set_budget(avg_bits)
     for _, m in mobi_linears(model):
+        m.route_tau = None  # every linear on its router's threshold (see mobiquant.site_budgets)
         if m.router is not None:
             m.set_routed()
         else:  # no router (K = 1): the one static view

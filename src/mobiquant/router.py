@@ -116,6 +116,7 @@ class TokenRouter(nn.Module):
         self.register_buffer("tau_table", torch.empty(0))
         # Training-time budget target (set by the calibration loop each step).
         self._cache: tuple | None = None
+        self._values: tuple | None = None  # (input, key, gate values) for slice_counts_at
         self.last_soft: torch.Tensor | None = None
         # Budget-conditioned threshold fitting (see patching.fit_budget_thresholds).
         self.record_budget: float | None = None
@@ -157,6 +158,27 @@ class TokenRouter(nn.Module):
         self._cache = (x, key, k)
         return k
 
+    @torch.no_grad()
+    def slice_counts_at(self, x: torch.Tensor, tau: float | None, record_budget: float | None = None,
+                        recorded: list[float] | None = None) -> torch.Tensor:
+        """Slices per token for a caller's own threshold ``tau`` on this router's gate values (the values
+        are computed once per input and shared by every caller). With ``record_budget`` the threshold is
+        this batch's quantile for that budget instead, appended to ``recorded``."""
+        key = ("values", tuple(p._version for p in self.parameters()))
+        if self._values is not None and self._values[0] is x and self._values[1] == key:
+            m = self._values[2]
+        else:
+            m = self.gate_values(self.scores(x))
+            self._values = (x, key, m)
+        if record_budget is not None:
+            bits_t, tau_t = weighted_tail_table(m.reshape(-1, self.num_residuals), self.slice_bits)
+            tau = interp_tau(bits_t, tau_t, record_budget)
+            if recorded is not None:
+                recorded.append(tau)
+        if tau is None:
+            raise ValueError("slice_counts_at needs a threshold or a budget to record")
+        return 1 + (m > tau).sum(-1)
+
     # ---------------- soft / straight-through gates (training) ----------------
     def gates(self, x: torch.Tensor, target_bits: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Nested straight-through gates ``m [..., K-1]`` and their soft values (for the budget loss).
@@ -186,6 +208,7 @@ class TokenRouter(nn.Module):
 
     def clear_cache(self) -> None:
         self._cache = None
+        self._values = None
         self.last_soft = None
 
     # ---------------- elastic thresholds ----------------

@@ -66,14 +66,21 @@ def site_cost_curves(
     grid: Sequence[float] | None = None,
     max_windows: int | None = 8,
     batch_size: int = 1,
+    per: str = "site",
 ) -> dict[str, dict]:
     """``{router name: {"params", "budgets": grid, "cost": [C_s(b) for b in grid]}}`` (see module docstring).
+
+    ``per="linear"``: one curve per linear instead (keyed by the linear's name), each routed by its site's
+    router with a threshold of its own (:func:`apply_linear_budgets`), so q/k/v or gate/up need not share
+    a budget.
 
     Every linear is left in static mode at ``K`` slices during the measurement (the full-precision view
     downstream, as for ``mixed_layer``'s sensitivity) and restored to routed mode afterwards.
     """
     if calib_ids.dim() != 2 or calib_ids.shape[0] == 0:
         raise ValueError(f"calib_ids must be a non-empty [n, T] tensor, got {tuple(calib_ids.shape)}")
+    if per not in ("site", "linear"):
+        raise ValueError(f"per must be 'site' or 'linear', got {per!r}")
     rs, site_of, params = _site_of(model)
     if not rs:
         raise ValueError("the model has no routers: site budgets need a MoBiQuant checkpoint with routers")
@@ -87,7 +94,8 @@ def site_cost_curves(
         calib_ids = calib_ids[:max_windows]
     layers = {n: m for n, m in mobi_linears(model) if n in site_of}
     K = len(slice_bits)
-    token_cost: dict[str, list[torch.Tensor]] = {s: [] for s in rs}  # per batch: [T, K] summed over linears
+    keys = list(rs) if per == "site" else list(layers)
+    token_cost: dict[str, list[torch.Tensor]] = {s: [] for s in keys}  # per batch: [T, K] (per site: summed)
     gate_vals: dict[str, list[torch.Tensor]] = {s: [] for s in rs}
     pending: dict[str, torch.Tensor] = {}
 
@@ -100,8 +108,8 @@ def site_cost_curves(
         for k in range(1, K):
             dy = x2 @ (views[k - 1] - views[-1]).t()
             cost[:, k - 1] = (0.5 * (g2 * dy).sum(-1).double() ** 2).cpu()
-        site = site_of[name]
-        pending[site] = pending[site] + cost if site in pending else cost
+        key = site_of[name] if per == "site" else name
+        pending[key] = pending[key] + cost if key in pending else cost
 
     hooks = []
     for name, m in layers.items():
@@ -135,29 +143,32 @@ def site_cost_curves(
             pending.clear()
             ids = calib_ids[start : start + batch_size].to(device)
             nll_backward(model, ids)
-            for site, c in pending.items():
-                token_cost[site].append(c)
+            for key, c in pending.items():
+                token_cost[key].append(c)
     finally:
         release_hooks(hooks, model, was_training, layers.values())
         for m in layers.values():
             m.set_routed()
         model.zero_grad(set_to_none=True)
-    curves = {}
-    for site, r in rs.items():
-        cost = torch.cat(token_cost[site])  # [T, K], column K-1 (all slices) is zero
+    views_at = {}  # per site: view index (0-based) of every token at each grid budget
+    for site in rs:
         gv = torch.cat(gate_vals[site]).double()  # [T, K-1]
         bits_t, tau_t = weighted_tail_table(gv, slice_bits)
+        views_at[site] = [(gv > interp_tau(bits_t, tau_t, b)).sum(-1) for b in grid]
+    curves = {}
+    for key in keys:
+        site = key if per == "site" else site_of[key]
+        cost = torch.cat(token_cost[key])  # [T, K], column K-1 (all slices) is zero
         rows = torch.arange(cost.shape[0])
-        c = []
-        for b in grid:
-            k = (gv > interp_tau(bits_t, tau_t, b)).sum(-1)  # slices beyond the base: view index k
-            c.append(float(cost[rows, k].sum()))
-        curves[site] = {"params": params[site], "budgets": list(grid), "cost": c}
+        c = [float(cost[rows, k].sum()) for k in views_at[site]]
+        n_params = params[key] if per == "site" else layers[key].in_features * layers[key].out_features
+        curves[key] = {"params": n_params, "budgets": list(grid), "cost": c}
     return curves
 
 
 def allocate_site_budgets(curves: Mapping[str, dict], budget: float, max_dp_states: int = 200_000_000) -> dict[str, float]:
-    """``{router name: local budget}`` minimising the summed cost at a parameter-weighted mean ``<= budget``."""
+    """``{site or linear name: local budget}`` minimising the summed cost at a parameter-weighted mean
+    ``<= budget`` (the keys of ``curves``)."""
     grids = {tuple(c["budgets"]) for c in curves.values()}
     if len(grids) != 1:
         raise ValueError("every site's curve must use the same budget grid")
@@ -200,12 +211,61 @@ def apply_site_budgets(model: nn.Module, alloc: Mapping[str, float], calib_ids: 
             raise ValueError(f"{name}: local budget must be finite, got {b}")
         r.set_budget(b)
     for _, m in mobi_linears(model):
+        m.route_tau = None
         if m.router is not None:
             m.set_routed()
         else:
             m.set_static(m.num_slices)
     if calib_ids is not None:
         _refit_thresholds(model, rs, alloc, calib_ids, batch_size)
+
+
+def apply_linear_budgets(model: nn.Module, alloc: Mapping[str, float], calib_ids: torch.Tensor | None = None,
+                         batch_size: int = 1) -> None:
+    """Each linear's own threshold on its router's gate values for its local budget (``alloc`` keyed by
+    linear name, from ``site_cost_curves(..., per="linear")``); linears routed. Without ``calib_ids`` the
+    threshold is read from the router's budget table at the linear's budget; with them it is fitted on those
+    windows while every linear runs at its own budget (as :func:`apply_site_budgets`)."""
+    layers = {n: m for n, m in mobi_linears(model) if m.router is not None}
+    missing, unknown = set(layers) - set(alloc), set(alloc) - set(layers)
+    if missing or unknown:
+        raise ValueError(f"linear budgets do not match the model's routed linears: missing {sorted(missing)[:5]}, "
+                         f"unknown {sorted(unknown)[:5]}")
+    for name, m in layers.items():
+        b = float(alloc[name])
+        lo, hi = m.router.slice_bits[0], sum(m.router.slice_bits)
+        if not (math.isfinite(b) and lo <= b <= hi):
+            raise ValueError(f"{name}: local budget must be in [{lo}, {hi}] bits, got {b}")
+        if not m.router.calibrated:
+            raise RuntimeError(f"{name}: its router's thresholds are not calibrated")
+        if not m.packed:
+            raise ValueError(f"{name} is not packed: per-linear thresholds apply to packed inference "
+                             "(call mobiquant.freeze(model) first)")
+        m.route_tau = interp_tau(m.router.bits_table, m.router.tau_table, b)
+        m.set_routed()
+    if calib_ids is None:
+        return
+    if calib_ids.dim() != 2 or calib_ids.shape[0] == 0:
+        raise ValueError(f"calib_ids must be a non-empty [n, T] tensor, got {tuple(calib_ids.shape)}")
+    device = next(model.parameters()).device
+    for name, m in layers.items():
+        m.route_record_budget, m.route_recorded = float(alloc[name]), []
+        m.router.clear_cache()
+    try:
+        with torch.no_grad():
+            for start in range(0, calib_ids.shape[0], batch_size):
+                model(input_ids=calib_ids[start : start + batch_size].to(device), use_cache=False)
+        taus = {}
+        for name, m in layers.items():
+            if not m.route_recorded:
+                raise RuntimeError(f"{name} saw no tokens while fitting its threshold")
+            taus[name] = sum(m.route_recorded) / len(m.route_recorded)
+    finally:
+        for m in layers.values():
+            m.route_record_budget, m.route_recorded = None, []
+            m.router.clear_cache()
+    for name, m in layers.items():
+        m.route_tau = taus[name]
 
 
 @torch.no_grad()
@@ -233,4 +293,5 @@ def _refit_thresholds(model: nn.Module, rs: Mapping[str, TokenRouter], alloc: Ma
         r.tau.fill_(taus[name])
 
 
-__all__ = ["allocate_site_budgets", "allocated_bits", "apply_site_budgets", "default_grid", "site_cost_curves"]
+__all__ = ["allocate_site_budgets", "allocated_bits", "apply_linear_budgets", "apply_site_budgets", "default_grid",
+           "site_cost_curves"]
