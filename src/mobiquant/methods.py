@@ -386,7 +386,7 @@ class SiteBudgets(QuantMethod):
 
     def __init__(self, name: str = "mobiquant_sites", mobi: MoBiConfig | dict | None = None,
                  calib: dict | None = None, sensitivity_windows: int | None = 8, grid_step: float = 0.25,
-                 refit_thresholds: bool = True, per: str = "site", static: bool | None = None):
+                 refit_thresholds: bool = True, per: str = "linear", static: bool | None = None):
         # `static` is accepted (and ignored) because this config inherits the mobiquant one.
         if not grid_step > 0:
             raise ValueError(f"grid_step must be a positive number of bits, got {grid_step!r}")
