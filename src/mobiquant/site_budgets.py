@@ -190,6 +190,12 @@ def allocated_bits(curves: Mapping[str, dict], alloc: Mapping[str, float]) -> fl
     return num / sum(curves[s]["params"] for s in curves)
 
 
+def _check_keys(have: Mapping[str, object], alloc: Mapping[str, float], what: str) -> None:
+    missing, unknown = set(have) - set(alloc), set(alloc) - set(have)
+    if missing or unknown:
+        raise ValueError(f"{what}: missing {sorted(missing)[:5]}, unknown {sorted(unknown)[:5]}")
+
+
 def apply_site_budgets(model: nn.Module, alloc: Mapping[str, float], calib_ids: torch.Tensor | None = None,
                        batch_size: int = 1) -> None:
     """Each router's threshold for its local budget; linears routed.
@@ -201,10 +207,7 @@ def apply_site_budgets(model: nn.Module, alloc: Mapping[str, float], calib_ids: 
     SmolLM2-135M this hit the budget exactly and lowered perplexity at 3-3.5 bits by 18-22%
     (docs/RESULTS.md)."""
     rs = dict(routers(model))
-    missing, unknown = set(rs) - set(alloc), set(alloc) - set(rs)
-    if missing or unknown:
-        raise ValueError(f"site budgets do not match the model's routers: missing {sorted(missing)[:5]}, "
-                         f"unknown {sorted(unknown)[:5]}")
+    _check_keys(rs, alloc, "site budgets do not match the model's routers")
     for name, r in rs.items():
         b = float(alloc[name])
         if not math.isfinite(b):
@@ -217,7 +220,9 @@ def apply_site_budgets(model: nn.Module, alloc: Mapping[str, float], calib_ids: 
         else:
             m.set_static(m.num_slices)
     if calib_ids is not None:
-        _refit_thresholds(model, rs, alloc, calib_ids, batch_size)
+        taus = _recorded_thresholds(model, rs, alloc, calib_ids, batch_size, "record_budget", "recorded")
+        for name, r in rs.items():
+            r.tau.fill_(taus[name])
 
 
 def apply_linear_budgets(model: nn.Module, alloc: Mapping[str, float], calib_ids: torch.Tensor | None = None,
@@ -227,10 +232,7 @@ def apply_linear_budgets(model: nn.Module, alloc: Mapping[str, float], calib_ids
     threshold is read from the router's budget table at the linear's budget; with them it is fitted on those
     windows while every linear runs at its own budget (as :func:`apply_site_budgets`)."""
     layers = {n: m for n, m in mobi_linears(model) if m.router is not None}
-    missing, unknown = set(layers) - set(alloc), set(alloc) - set(layers)
-    if missing or unknown:
-        raise ValueError(f"linear budgets do not match the model's routed linears: missing {sorted(missing)[:5]}, "
-                         f"unknown {sorted(unknown)[:5]}")
+    _check_keys(layers, alloc, "linear budgets do not match the model's routed linears")
     for name, m in layers.items():
         b = float(alloc[name])
         lo, hi = m.router.slice_bits[0], sum(m.router.slice_bits)
@@ -243,54 +245,42 @@ def apply_linear_budgets(model: nn.Module, alloc: Mapping[str, float], calib_ids
                              "(call mobiquant.freeze(model) first)")
         m.route_tau = interp_tau(m.router.bits_table, m.router.tau_table, b)
         m.set_routed()
-    if calib_ids is None:
-        return
-    if calib_ids.dim() != 2 or calib_ids.shape[0] == 0:
-        raise ValueError(f"calib_ids must be a non-empty [n, T] tensor, got {tuple(calib_ids.shape)}")
-    device = next(model.parameters()).device
-    for name, m in layers.items():
-        m.route_record_budget, m.route_recorded = float(alloc[name]), []
-        m.router.clear_cache()
-    try:
-        with torch.no_grad():
-            for start in range(0, calib_ids.shape[0], batch_size):
-                model(input_ids=calib_ids[start : start + batch_size].to(device), use_cache=False)
-        taus = {}
+    if calib_ids is not None:
+        taus = _recorded_thresholds(model, layers, alloc, calib_ids, batch_size, "route_record_budget", "route_recorded")
         for name, m in layers.items():
-            if not m.route_recorded:
-                raise RuntimeError(f"{name} saw no tokens while fitting its threshold")
-            taus[name] = sum(m.route_recorded) / len(m.route_recorded)
-    finally:
-        for m in layers.values():
-            m.route_record_budget, m.route_recorded = None, []
-            m.router.clear_cache()
-    for name, m in layers.items():
-        m.route_tau = taus[name]
+            m.route_tau = taus[name]
 
 
 @torch.no_grad()
-def _refit_thresholds(model: nn.Module, rs: Mapping[str, TokenRouter], alloc: Mapping[str, float],
-                      calib_ids: torch.Tensor, batch_size: int) -> None:
+def _recorded_thresholds(model: nn.Module, holders: Mapping[str, nn.Module], alloc: Mapping[str, float],
+                         calib_ids: torch.Tensor, batch_size: int, budget_attr: str, list_attr: str) -> dict[str, float]:
+    """Run ``calib_ids`` with every holder (router or linear) recording its batch-quantile threshold for its
+    budget ``alloc[name]`` (``budget_attr`` / ``list_attr``); the mean threshold per holder."""
     if calib_ids.dim() != 2 or calib_ids.shape[0] == 0:
         raise ValueError(f"calib_ids must be a non-empty [n, T] tensor, got {tuple(calib_ids.shape)}")
     device = next(model.parameters()).device
-    for name, r in rs.items():
-        r.record_budget, r.recorded = float(alloc[name]), []
+    rs = [r for _, r in routers(model)]
+    for name, h in holders.items():
+        setattr(h, budget_attr, float(alloc[name]))
+        setattr(h, list_attr, [])
+    for r in rs:
         r.clear_cache()
     try:
         for start in range(0, calib_ids.shape[0], batch_size):
             model(input_ids=calib_ids[start : start + batch_size].to(device), use_cache=False)
         taus = {}
-        for name, r in rs.items():
-            if not r.recorded:
-                raise RuntimeError(f"router {name} saw no tokens while refitting its threshold")
-            taus[name] = sum(r.recorded) / len(r.recorded)
+        for name, h in holders.items():
+            rec = getattr(h, list_attr)
+            if not rec:
+                raise RuntimeError(f"{name} saw no tokens while fitting its threshold")
+            taus[name] = sum(rec) / len(rec)
     finally:
-        for r in rs.values():
-            r.record_budget, r.recorded = None, []
+        for h in holders.values():
+            setattr(h, budget_attr, None)
+            setattr(h, list_attr, [])
+        for r in rs:
             r.clear_cache()
-    for name, r in rs.items():
-        r.tau.fill_(taus[name])
+    return taus
 
 
 __all__ = ["allocate_site_budgets", "allocated_bits", "apply_linear_budgets", "apply_site_budgets", "default_grid",
