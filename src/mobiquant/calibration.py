@@ -118,13 +118,9 @@ class CalibConfig:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         if self.sync_every < 1:
             raise ValueError(f"sync_every must be >= 1 (steps between host-device checks), got {self.sync_every}")
-        if isinstance(self.stage1_bits, str):
-            if self.stage1_bits not in ("base", "anchor"):
-                raise ValueError(f"stage1_bits must be a positive bit-width, 'base', 'anchor' or None, "
-                                 f"got {self.stage1_bits!r}")
-        elif self.stage1_bits is not None and not self.stage1_bits > 0:
-            raise ValueError(f"stage1_bits must be a positive bit-width, 'base', 'anchor' or None, "
-                             f"got {self.stage1_bits!r}")
+        s1 = self.stage1_bits
+        if not (s1 is None or (s1 in ("base", "anchor") if isinstance(s1, str) else s1 > 0)):
+            raise ValueError(f"stage1_bits must be a positive bit-width, 'base', 'anchor' or None, got {s1!r}")
 
 
 def stage1_slices(mobi: MoBiConfig, cfg: CalibConfig) -> int:

@@ -359,8 +359,7 @@ class MixedLayer(QuantMethod):
         self.metric, self.sensitivity_windows = metric, sensitivity_windows
 
     def budgets(self, grid):
-        lo, hi = self.source.mobi.min_bits, self.source.mobi.max_bits
-        return [float(b) for b in grid if lo <= b <= hi]
+        return self.source.budgets(grid)  # every grid budget the checkpoint's routers can serve
 
     def run(self, ctx, grid):
         from .baselines import allocate_bits, apply_allocation, layer_sensitivity
@@ -399,8 +398,7 @@ class SiteBudgets(QuantMethod):
         self.per = per
 
     def budgets(self, grid):
-        lo, hi = self.source.mobi.min_bits, self.source.mobi.max_bits
-        return [float(b) for b in grid if lo <= b <= hi]
+        return self.source.budgets(grid)  # every grid budget the checkpoint's routers can serve
 
     def run(self, ctx, grid):
         from .site_budgets import (allocate_site_budgets, allocated_bits, apply_linear_budgets, apply_site_budgets,

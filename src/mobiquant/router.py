@@ -142,6 +142,11 @@ class TokenRouter(nn.Module):
         return torch.sigmoid(scores) + bands
 
     # ---------------- hard routing (inference) ----------------
+    def _batch_tau(self, values: torch.Tensor, budget: float) -> float:
+        """The threshold at which these gate values meet ``budget`` average bits (this batch's quantile)."""
+        bits_t, tau_t = weighted_tail_table(values.reshape(-1, self.num_residuals), self.slice_bits)
+        return interp_tau(bits_t, tau_t, budget)
+
     def slice_counts(self, x: torch.Tensor) -> torch.Tensor:
         """Number of slices ``k`` in ``[1, K]`` per token (``long``, shape ``x.shape[:-1]``)."""
         key = (id(x), self.tau._version, self.record_budget)  # no host sync on CUDA
@@ -151,8 +156,7 @@ class TokenRouter(nn.Module):
             m = self.gate_values(self.scores(x))
             tau = self.tau
             if self.record_budget is not None:  # threshold fitting: this batch's quantile for the budget
-                bits_t, tau_t = weighted_tail_table(m.reshape(-1, self.num_residuals), self.slice_bits)
-                tau = interp_tau(bits_t, tau_t, self.record_budget)
+                tau = self._batch_tau(m, self.record_budget)
                 self.recorded.append(tau)
             k = 1 + (m > tau).sum(-1)
         self._cache = (x, key, k)
@@ -171,8 +175,7 @@ class TokenRouter(nn.Module):
             m = self.gate_values(self.scores(x))
             self._values = (x, key, m)
         if record_budget is not None:
-            bits_t, tau_t = weighted_tail_table(m.reshape(-1, self.num_residuals), self.slice_bits)
-            tau = interp_tau(bits_t, tau_t, record_budget)
+            tau = self._batch_tau(m, record_budget)
             if recorded is not None:
                 recorded.append(tau)
         if tau is None:

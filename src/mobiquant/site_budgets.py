@@ -38,8 +38,8 @@ from .router import TokenRouter, interp_tau, weighted_tail_table
 
 def _site_of(model: nn.Module) -> tuple[dict[str, TokenRouter], dict[str, str], dict[str, int]]:
     """Router name -> router; linear name -> its router's name; router name -> parameters it serves."""
-    by_id = {id(r): name for name, r in routers(model)}
-    rs = {name: r for name, r in routers(model)}
+    rs = dict(routers(model))
+    by_id = {id(r): name for name, r in rs.items()}
     site_of, params = {}, {name: 0 for name in rs}
     for name, m in mobi_linears(model):
         if m.router is None:
