@@ -2,9 +2,11 @@
 
 The tensor file holds what a packed MoBiQuant model adds to its base model: per MoBiLinear the
 bit-plane codes (``plane0..planeK-1``), fp16 steps and zero points, and bias; per router its MLP, its
-current threshold and its bits->threshold table. The JSON names the format version, the MoBiQuant config,
-the router sites, the base model (reference and fingerprint) and the tensor file's sha256. Files are
-written to temporary names and renamed into place, JSON last: a folder whose JSON exists is complete.
+current threshold and its bits->threshold table; the budget plan, when the model has one (``plan.*``:
+the deployed per-linear thresholds at every grid budget, :mod:`mobiquant.plan`). The JSON names the
+format version, the MoBiQuant config, the router sites, the base model (reference and fingerprint) and
+the tensor file's sha256. Files are written to temporary names and renamed into place, JSON last: a
+folder whose JSON exists is complete.
 """
 
 from __future__ import annotations
@@ -20,10 +22,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from .fileio import discard, ensure_dir, fsync_dir, sha256_file, stage_bytes, writing
-from .patching import MoBiConfig, find_blocks, mobi_linears, quantize_model, routers
+from .patching import MoBiConfig, budget_plan, find_blocks, install_plan, mobi_linears, quantize_model, routers
+from .plan import BudgetPlan
 
 FORMAT = "mobiquant"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this code reads: 1 (no budget plan), 2 (an optional budget plan: ``plan.*`` tensors, ``plan`` key).
+READABLE_VERSIONS = (1, 2)
 CONFIG_NAME = "mobiquant.json"
 TENSORS_NAME = "quantized.safetensors"
 
@@ -92,6 +97,9 @@ def save_quantized(model: nn.Module, folder: str | os.PathLike, base_model: str 
     folder = ensure_dir(folder)
     cfg: MoBiConfig = model.mobiquant_config
     state = quantized_state(model)
+    plan = budget_plan(model)
+    if plan is not None:
+        state.update(plan.state())
     dtypes = {str(m._compute_dtype).removeprefix("torch.") for _, m in mobi_linears(model)}
     data = _serialize(state, {"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     meta = {
@@ -108,6 +116,8 @@ def save_quantized(model: nn.Module, folder: str | os.PathLike, base_model: str 
         "tensors": {"file": TENSORS_NAME, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
                     "count": len(state)},
     }
+    if plan is not None:
+        meta["plan"] = plan.meta()
     if extra:
         meta["extra"] = extra
     tensors_path, meta_path = folder / TENSORS_NAME, folder / CONFIG_NAME
@@ -146,10 +156,11 @@ def read_meta(folder: str | os.PathLike) -> dict:
         raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); the checkpoint is corrupted") from e
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{cfg_path} is not a mobiquant checkpoint (format={meta.get('format')!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
+    version = meta.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"{cfg_path} has format version {meta.get('format_version')!r}; this mobiquant reads version "
-            f"{FORMAT_VERSION} only"
+            f"{cfg_path} has format version {version!r} ({type(version).__name__}); this mobiquant reads the "
+            f"integer versions {list(READABLE_VERSIONS)}"
         )
     return meta
 
@@ -190,6 +201,15 @@ def load_quantized(model: nn.Module, folder: str | os.PathLike, check_base: bool
         raise CheckpointError(f"checkpoint {folder} does not fit this model's structure: {e}") from e
     for _, m in mobi_linears(model):
         m.make_packed_buffers(compute_dtype)
+    plan_state = {k: state.pop(k) for k in [k for k in state if k.startswith("plan.")]}
+    plan = None
+    if "plan" in meta:
+        try:
+            plan = BudgetPlan.from_state(plan_state, meta["plan"])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {folder}: its budget plan is invalid: {e}") from e
+    elif plan_state:
+        raise CheckpointError(f"checkpoint {folder} has plan tensors but no plan in {CONFIG_NAME}")
     expected = set(quantized_state(model))
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
@@ -204,6 +224,10 @@ def load_quantized(model: nn.Module, folder: str | os.PathLike, check_base: bool
         m.clear_cache()
     for _, r in routers(model):
         r.requires_grad_(False)
+    try:
+        install_plan(model, plan)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {folder}: {e}") from e
     return model
 
 

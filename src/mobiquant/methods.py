@@ -38,7 +38,10 @@ from .checkpoint import CONFIG_NAME, load_quantized, read_meta, save_quantized
 from .dist import is_rank_zero
 from .patching import (
     MoBiConfig,
+    budget_plan,
     freeze,
+    install_plan,
+    mobi_linears,
     quantize_model,
     set_budget,
     set_static,
@@ -112,29 +115,37 @@ class QuantMethod(abc.ABC):
 
     def _load_saved(self, ctx: RunContext, tag: str, mobi: MoBiConfig,
                     calib: CalibConfig | None = None) -> tuple[nn.Module, float, str] | None:
-        """A checkpoint this run directory already holds for ``tag`` with the same settings (resume).
+        """A checkpoint this run directory already holds with the same settings (resume), found by what it
+        is, not by name: ``checkpoints/<tag>`` first, then any other folder under ``checkpoints/``.
 
         Same settings: the same MoBiConfig and, when ``calib`` is given, the same calibration settings and
         calibration tokens (:func:`calib_signature`); a checkpoint calibrated otherwise is calibrated anew.
         """
-        folder = ctx.output_dir / "checkpoints" / tag
-        if not ctx.save_checkpoints or not (folder / CONFIG_NAME).is_file():
+        root = ctx.output_dir / "checkpoints"
+        if not ctx.save_checkpoints or not root.is_dir():
             return None
-        meta = read_meta(folder)
-        if meta["config"] != mobi.to_dict():
-            log.warning("checkpoint %s has other settings than this run: calibrating anew", folder)
-            return None
-        if calib is not None:
-            saved = meta.get("extra", {}).get("calib") or {}
-            want = calib_signature(calib, ctx.calib_ids)
-            if saved != want:
-                diff = sorted(k for k in set(want) | set(saved) if saved.get(k) != want.get(k))
-                log.warning("checkpoint %s was calibrated with other calibration settings or tokens (%s): "
-                            "calibrating anew", folder, ", ".join(diff) if saved else "none recorded")
-                return None
-        model = load_quantized(ctx.fp_model(), folder)
-        log.info("[%s] resumed from checkpoint %s", tag, folder)
-        return model, float(meta.get("extra", {}).get("calib_seconds", 0.0)), str(folder)
+        want = calib_signature(calib, ctx.calib_ids) if calib is not None else None
+        folders = [root / tag] + sorted(p for p in root.iterdir() if p.name != tag)
+        for folder in folders:
+            if not (folder / CONFIG_NAME).is_file():
+                continue
+            meta = read_meta(folder)
+            if meta["config"] != mobi.to_dict():
+                if folder.name == tag:
+                    log.warning("checkpoint %s has other settings than this run: not reused", folder)
+                continue
+            if want is not None:
+                saved = meta.get("extra", {}).get("calib") or {}
+                if saved != want:
+                    if folder.name == tag:
+                        diff = sorted(k for k in set(want) | set(saved) if saved.get(k) != want.get(k))
+                        log.warning("checkpoint %s was calibrated with other calibration settings or tokens (%s): "
+                                    "not reused", folder, ", ".join(diff) if saved else "none recorded")
+                    continue
+            model = load_quantized(ctx.fp_model(), folder)
+            log.info("[%s] resumed from checkpoint %s", tag, folder)
+            return model, float(meta.get("extra", {}).get("calib_seconds", 0.0)), str(folder)
+        return None
 
     def _save(self, ctx: RunContext, model: nn.Module, tag: str, extra: dict | None = None,
               calib: CalibConfig | None = None) -> str | None:
@@ -240,17 +251,44 @@ def _block_cb(ctx: RunContext, tag: str):
     return lambda i, report: ctx.on_block_end(tag, i, report)
 
 
+ALLOCATIONS = ("uniform", "site", "linear")
+
+
 class MoBiQuant(QuantMethod):
-    """One calibration of the MoBiSlice + router checkpoint; every budget of the grid by thresholds."""
+    """One calibration of the MoBiSlice + router checkpoint; every budget of the grid by thresholds.
+
+    ``allocation`` says how a global budget is read: ``uniform`` (every router at the budget, as in the
+    paper) or a budget plan (:mod:`mobiquant.plan`) with a local budget per ``linear`` or per router
+    ``site`` from measured cost curves, thresholds refitted at those budgets, and at every grid budget the
+    reading (allocated or uniform) with the lower held-out calibration loss. The plan is built once after
+    calibration, saved in the checkpoint, and served by ``set_budget``: what is evaluated is what a
+    reloaded checkpoint runs. ``plan`` holds its settings (``step``, ``sensitivity_windows``,
+    ``refit_thresholds``, ``select_windows``; see :func:`mobiquant.site_budgets.build_plan`).
+    """
 
     name = "mobiquant"
+    PLAN_DEFAULTS = MappingProxyType({"step": 0.25, "sensitivity_windows": 8, "refit_thresholds": True,
+                                      "select_windows": 4})
 
     def __init__(self, name: str = "mobiquant", mobi: MoBiConfig | dict | None = None,
-                 calib: dict | None = None, static: bool = False):
+                 calib: dict | None = None, static: bool = False, allocation: str = "uniform",
+                 plan: Mapping[str, Any] | None = None):
         self.name = name
         self.mobi = mobi if isinstance(mobi, MoBiConfig) else MoBiConfig(**(mobi or {}))
         self.calib_overrides = dict(calib or {})
         self.static = static
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+        self.allocation = allocation
+        unknown = set(plan or {}) - set(self.PLAN_DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown plan settings {sorted(unknown)}; allowed: {sorted(self.PLAN_DEFAULTS)}")
+        self.plan_settings = {**self.PLAN_DEFAULTS, **(plan or {})}
+        step = self.plan_settings["step"]
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or not step > 0:
+            raise ValueError(f"plan.step must be a positive number of bits, got {step!r}")
+        if allocation != "uniform" and len(self.mobi.slice_bits) < 2:
+            raise ValueError(f"allocation={allocation!r} needs at least two slices, got {list(self.mobi.slice_bits)}")
 
     def budgets(self, grid):
         lo, hi = self.mobi.min_bits, self.mobi.max_bits
@@ -259,9 +297,12 @@ class MoBiQuant(QuantMethod):
             return [float(b) for b in sums]
         return [float(b) for b in grid if lo <= b <= hi]
 
+    def _cache_key(self) -> tuple:
+        return ("mobiquant", repr(self.mobi.to_dict()), repr(sorted(self.calib_overrides.items())))
+
     def calibrated(self, ctx: RunContext) -> tuple[nn.Module, float, str | None, bool]:
         """The calibrated checkpoint; reused when another method of the run calibrated the same one."""
-        key = ("mobiquant", repr(self.mobi.to_dict()), repr(sorted(self.calib_overrides.items())))
+        key = self._cache_key()
         if key in ctx.cache:
             return (*ctx.cache[key], True)
         calib = self._calib(ctx)
@@ -280,18 +321,76 @@ class MoBiQuant(QuantMethod):
         ctx.cache[key] = (model, seconds, ckpt)
         return model, seconds, ckpt, False
 
+    def plan_config(self) -> dict:
+        """What identifies this method's budget plan (compared with a saved plan's settings)."""
+        return {"per": self.allocation, "step": float(self.plan_settings["step"]),
+                "refit_thresholds": bool(self.plan_settings["refit_thresholds"]),
+                "select_windows": int(self.plan_settings["select_windows"])}
+
+    def budget_plan(self, ctx: RunContext, model: nn.Module, seconds: float) -> tuple[Any, float, str | None]:
+        """This method's plan for the calibrated ``model``: from the run's cache, the loaded checkpoint, or
+        built now (then saved with the checkpoint). Returns ``(plan, seconds spent building it, checkpoint)``."""
+        from .site_budgets import build_plan
+
+        want = self.plan_config()
+        sw = self.plan_settings["sensitivity_windows"]
+        want["sensitivity_windows"] = int(ctx.calib_ids.shape[0] if sw is None else min(sw, ctx.calib_ids.shape[0]))
+        key = ("plan", *self._cache_key(), repr(sorted(want.items())))
+        if key in ctx.cache:
+            return ctx.cache[key]
+        have = budget_plan(model)
+        if have is not None and {k: have.settings.get(k) for k in want} == want:
+            log.info("[%s] budget plan reused from the checkpoint", self.name)
+            result = (have, 0.0, None)
+        else:
+            install_plan(model, None)
+            t0 = time.perf_counter()
+            plan = build_plan(model, ctx.calib_ids, per=self.allocation, step=want["step"],
+                              sensitivity_windows=self.plan_settings["sensitivity_windows"],
+                              refit_thresholds=want["refit_thresholds"], select_windows=want["select_windows"],
+                              log=log)
+            built = time.perf_counter() - t0
+            install_plan(model, plan)
+            chosen = sum(r == "uniform" for r in plan.reading)
+            log.info("[%s] budget plan for %d budgets in %.1fs (%d read uniformly)", self.name,
+                     len(plan.budgets), built, chosen)
+            ckpt = self._save(ctx, model, self.name, calib=self._calib(ctx),
+                              extra={"calib_seconds": seconds, "plan_seconds": built})
+            result = (plan, built, ckpt)
+        ctx.cache[key] = result
+        return result
+
     def run(self, ctx, grid):
         model, seconds, ckpt, reused = self.calibrated(ctx)
         n_cal = 0 if reused else 1
         if reused:
             seconds = 0.0
+        plan, plan_seconds = None, 0.0
+        if not self.static and self.allocation != "uniform":
+            plan, plan_seconds, plan_ckpt = self.budget_plan(ctx, model, seconds)
+            ckpt = plan_ckpt or ckpt
+        install_plan(model, plan)
         for b in self.budgets(grid):
             if self.static:
                 set_static(model, static_k_for_bits(self.mobi, b))
             else:
                 set_budget(model, b)
-            yield Variant(self.name, b, model, storage_bits(model), seconds, n_cal, ckpt,
-                          extra={"shared_checkpoint": reused})
+            extra = {"shared_checkpoint": reused}
+            if plan is not None:
+                local = plan.local_at(b)
+                extra["allocated_bits"] = _param_mean(model, local)
+            yield Variant(self.name, b, model, storage_bits(model), seconds + plan_seconds, n_cal, ckpt,
+                          extra=extra)
+
+
+def _param_mean(model: nn.Module, values: Mapping[str, float]) -> float:
+    """Parameter-weighted mean of per-linear ``values`` over the linears they name."""
+    num = den = 0.0
+    for name, m in mobi_linears(model):
+        if name in values:
+            n = m.in_features * m.out_features
+            num, den = num + n * values[name], den + n
+    return num / den if den else math.nan
 
 
 class GPTQ(QuantMethod):
@@ -352,8 +451,9 @@ class MixedLayer(QuantMethod):
 
     def __init__(self, name: str = "mixed_layer", mobi: MoBiConfig | dict | None = None,
                  calib: dict | None = None, metric: str = "fisher", sensitivity_windows: int | None = 8,
-                 static: bool | None = None):
-        # `static` is accepted (and ignored) because this config inherits the mobiquant one.
+                 static: bool | None = None, allocation: str | None = None, plan: Mapping[str, Any] | None = None):
+        # `static`, `allocation` and `plan` are accepted (and ignored) because this config inherits the
+        # mobiquant one.
         self.name = name
         self.source = MoBiQuant(name="mobiquant", mobi=mobi, calib=calib)
         self.metric, self.sensitivity_windows = metric, sensitivity_windows
@@ -373,47 +473,24 @@ class MixedLayer(QuantMethod):
                           0 if reused else 1, ckpt, extra={"allocated_bits": bits})
 
 
-class SiteBudgets(QuantMethod):
-    """The MoBiQuant checkpoint with each router site's local budget chosen from its measured cost curve
-    (:mod:`mobiquant.site_budgets`): per-layer allocation of the bits, per-token routing within each layer.
-
-    Uses the MoBiQuant checkpoint of the same settings, like ``mixed_layer``; only thresholds differ from
-    ``mobiquant`` at the same budget.
-    """
+class SiteBudgets(MoBiQuant):
+    """``quant=mobiquant_sites``: the MoBiQuant checkpoint read through a budget plan with a local budget per
+    linear (``per="linear"``) or per router site (``per="site"``); :class:`MoBiQuant` with that allocation.
+    Kept for the commands and configs written before plans were part of every checkpoint."""
 
     name = "mobiquant_sites"
 
     def __init__(self, name: str = "mobiquant_sites", mobi: MoBiConfig | dict | None = None,
                  calib: dict | None = None, sensitivity_windows: int | None = 8, grid_step: float = 0.25,
-                 refit_thresholds: bool = True, per: str = "linear", static: bool | None = None):
-        # `static` is accepted (and ignored) because this config inherits the mobiquant one.
-        if not grid_step > 0:
-            raise ValueError(f"grid_step must be a positive number of bits, got {grid_step!r}")
-        self.name = name
-        self.source = MoBiQuant(name="mobiquant", mobi=mobi, calib=calib)
-        self.sensitivity_windows, self.grid_step = sensitivity_windows, float(grid_step)
-        self.refit_thresholds = bool(refit_thresholds)
+                 refit_thresholds: bool = True, per: str = "linear", select_windows: int = 4,
+                 static: bool | None = None, allocation: str | None = None, plan: Mapping[str, Any] | None = None):
+        # `static`, `allocation` and `plan` are accepted because this config inherits the mobiquant one;
+        # this method's own keys decide.
         if per not in ("site", "linear"):
             raise ValueError(f"per must be 'site' (one budget per router) or 'linear', got {per!r}")
-        self.per = per
-
-    def budgets(self, grid):
-        return self.source.budgets(grid)  # every grid budget the checkpoint's routers can serve
-
-    def run(self, ctx, grid):
-        from .site_budgets import (allocate_site_budgets, allocated_bits, apply_linear_budgets, apply_site_budgets,
-                                   default_grid, site_cost_curves)
-
-        model, seconds, ckpt, reused = self.source.calibrated(ctx)
-        curves = site_cost_curves(model, ctx.calib_ids, default_grid(self.source.mobi.slice_bits, self.grid_step),
-                                  max_windows=self.sensitivity_windows, per=self.per)
-        refit = ctx.calib_ids[: self.sensitivity_windows] if self.refit_thresholds else None
-        apply = apply_site_budgets if self.per == "site" else apply_linear_budgets
-        for b in self.budgets(grid):
-            alloc = allocate_site_budgets(curves, b)
-            apply(model, alloc, calib_ids=refit)
-            yield Variant(self.name, b, model, storage_bits(model), 0.0 if reused else seconds,
-                          0 if reused else 1, ckpt, extra={"allocated_bits": allocated_bits(curves, alloc)})
+        super().__init__(name, mobi, calib, static=False, allocation=per,
+                         plan={"step": grid_step, "sensitivity_windows": sensitivity_windows,
+                               "refit_thresholds": refit_thresholds, "select_windows": select_windows})
 
 
 class HQQ(QuantMethod):

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from .dist import world_size
 from .modules import MoBiLinear
+from .plan import PLAN_ATTR, BudgetPlan
 from .quant.packing import packed_width
 from .quant.primitives import num_groups
 from .quant.slicer import check_anchor_bits, check_slice_bits
@@ -236,22 +237,51 @@ def set_static(model: nn.Module, k: int) -> None:
         m.set_static(k)
 
 
-def set_budget(model: nn.Module, avg_bits: float) -> None:
-    """Elastic inference at ``avg_bits`` average code bits: moves router thresholds only."""
+def set_budget(model: nn.Module, avg_bits: float, uniform: bool = False) -> None:
+    """Elastic inference at ``avg_bits`` average code bits: moves thresholds only, never weights.
+
+    With a budget plan installed (:func:`install_plan`; saved checkpoints carry theirs) every routed linear
+    takes its own threshold from the plan, interpolated at ``avg_bits`` (:mod:`mobiquant.plan`). Without one,
+    or with ``uniform=True``, every router runs at ``avg_bits`` itself (uniform routing, as in the paper).
+    """
     cfg: MoBiConfig = model.mobiquant_config
     if not cfg.min_bits <= avg_bits <= cfg.max_bits:
         raise ValueError(
             f"budget {avg_bits} is outside the achievable range [{cfg.min_bits}, {cfg.max_bits}] bits "
             f"of slices {list(cfg.slice_bits)}"
         )
+    plan = None if uniform else getattr(model, PLAN_ATTR, None)
     for _, r in routers(model):
         r.set_budget(avg_bits)
-    for _, m in mobi_linears(model):
-        m.route_tau = None  # every linear on its router's threshold (see mobiquant.site_budgets)
+    taus = plan.taus_at(avg_bits) if plan is not None else {}
+    for name, m in mobi_linears(model):
+        m.route_tau = taus.get(name)  # None: the router's own threshold (see mobiquant.site_budgets)
         if m.router is not None:
             m.set_routed()
         else:  # no router (K = 1): the one static view
             m.set_static(m.num_slices)
+
+
+def install_plan(model: nn.Module, plan: BudgetPlan | None) -> None:
+    """Make ``plan`` the model's deployed reading (``None`` removes it: uniform routing)."""
+    if plan is None:
+        if hasattr(model, PLAN_ATTR):
+            delattr(model, PLAN_ATTR)
+        return
+    routed = {n for n, m in mobi_linears(model) if m.router is not None}
+    missing, unknown = routed - set(plan.linears), set(plan.linears) - routed
+    if missing or unknown:
+        raise ValueError(f"budget plan does not match the model's routed linears: missing {sorted(missing)[:3]}, "
+                         f"unknown {sorted(unknown)[:3]}")
+    cfg: MoBiConfig = model.mobiquant_config
+    if plan.lo > cfg.min_bits + 1e-9 or plan.hi < cfg.max_bits - 1e-9:
+        raise ValueError(f"budget plan covers [{plan.lo}, {plan.hi}] bits, the slices [{cfg.min_bits}, "
+                         f"{cfg.max_bits}]: a plan must span the whole range")
+    setattr(model, PLAN_ATTR, plan)
+
+
+def budget_plan(model: nn.Module) -> BudgetPlan | None:
+    return getattr(model, PLAN_ATTR, None)
 
 
 def static_k_for_bits(cfg: MoBiConfig, bits: float) -> int | None:

@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from .baselines.mixed_layer import _views, allocate_bits, nll_backward, release_hooks
 from .patching import mobi_linears, routers
+from .plan import BudgetPlan, stack_plan
 from .router import TokenRouter, interp_tau, weighted_tail_table
 
 
@@ -252,6 +253,83 @@ def apply_linear_budgets(model: nn.Module, alloc: Mapping[str, float], calib_ids
 
 
 @torch.no_grad()
+def _mean_nll(model: nn.Module, ids: torch.Tensor, batch_size: int) -> float:
+    from .evaluation import window_nll
+
+    device = next(model.parameters()).device
+    total = sum(float(window_nll(model, ids[i : i + batch_size].to(device)).sum())
+                for i in range(0, ids.shape[0], batch_size))
+    return total / (ids.shape[0] * (ids.shape[1] - 1))
+
+
+def _current_taus(model: nn.Module) -> dict[str, float]:
+    """Each routed linear's threshold as it runs now (its own, or its router's)."""
+    return {n: float(m.route_tau) if m.route_tau is not None else float(m.router.tau)
+            for n, m in mobi_linears(model) if m.router is not None}
+
+
+def build_plan(model: nn.Module, calib_ids: torch.Tensor, per: str = "linear", step: float = 0.25,
+               sensitivity_windows: int | None = 8, refit_thresholds: bool = True, select_windows: int = 4,
+               batch_size: int = 1, log=None) -> BudgetPlan:
+    """The deployed reading of a calibrated, packed checkpoint at every budget of a ``step`` grid.
+
+    1. Cost curves per linear (or per site) on the first ``sensitivity_windows`` calibration windows
+       (:func:`site_cost_curves`), and at every grid budget the knapsack allocation of local budgets
+       (:func:`allocate_site_budgets`) with thresholds refitted at those budgets (:func:`apply_linear_budgets`).
+    2. With ``select_windows > 0``: at every grid budget strictly inside the range, the allocated reading
+       and uniform routing are both scored (mean token NLL) on calibration windows held out from step 1
+       (the last ``select_windows`` windows when too few are left), and the lower one is kept. Evaluation
+       text is never used.
+
+    Returns a :class:`~mobiquant.plan.BudgetPlan`; install it with ``patching.install_plan`` so that
+    ``set_budget`` serves it. Leaves every routed linear on its router's own threshold.
+    """
+    from .patching import set_budget
+
+    if per not in ("site", "linear"):
+        raise ValueError(f"per must be 'site' or 'linear', got {per!r}")
+    if calib_ids.dim() != 2 or calib_ids.shape[0] == 0:
+        raise ValueError(f"calib_ids must be a non-empty [n, T] tensor, got {tuple(calib_ids.shape)}")
+    if select_windows < 0:
+        raise ValueError(f"select_windows must be >= 0, got {select_windows}")
+    rs, site_of, _ = _site_of(model)
+    if not rs:
+        raise ValueError("the model has no routers: a budget plan needs a MoBiQuant checkpoint with routers")
+    slice_bits = next(iter(rs.values())).slice_bits
+    grid = default_grid(slice_bits, step)
+    n_sens = calib_ids.shape[0] if sensitivity_windows is None else min(sensitivity_windows, calib_ids.shape[0])
+    sens = calib_ids[:n_sens]
+    held = calib_ids[n_sens : n_sens + select_windows]
+    if held.shape[0] < select_windows:
+        held = calib_ids[-select_windows:] if select_windows else held
+    curves = site_cost_curves(model, sens, grid, max_windows=None, batch_size=batch_size, per=per)
+    apply = apply_site_budgets if per == "site" else apply_linear_budgets
+    lo, hi = grid[0], grid[-1]
+    rows = []
+    for b in grid:
+        alloc = allocate_site_budgets(curves, b)
+        apply(model, alloc, calib_ids=sens if refit_thresholds else None, batch_size=batch_size)
+        taus = _current_taus(model)
+        local = {n: float(alloc[n] if per == "linear" else alloc[site_of[n]]) for n in taus}
+        reading = "allocated"
+        if select_windows and lo < b < hi:
+            nll_alloc = _mean_nll(model, held, batch_size)
+            set_budget(model, b, uniform=True)
+            nll_uniform = _mean_nll(model, held, batch_size)
+            if nll_uniform < nll_alloc:
+                taus, local, reading = _current_taus(model), {n: float(b) for n in taus}, "uniform"
+            if log is not None:
+                log.info("plan at %.2f bits: held-out nll allocated %.4f, uniform %.4f -> %s", b, nll_alloc,
+                         nll_uniform, reading)
+        rows.append((taus, local, reading))
+    for _, m in mobi_linears(model):
+        m.route_tau = None
+    settings = {"per": per, "step": float(step), "sensitivity_windows": int(n_sens),
+                "refit_thresholds": bool(refit_thresholds), "select_windows": int(select_windows)}
+    return stack_plan(grid, rows, settings)
+
+
+@torch.no_grad()
 def _recorded_thresholds(model: nn.Module, holders: Mapping[str, nn.Module], alloc: Mapping[str, float],
                          calib_ids: torch.Tensor, batch_size: int, budget_attr: str, list_attr: str) -> dict[str, float]:
     """Run ``calib_ids`` with every holder (router or linear) recording its batch-quantile threshold for its
@@ -283,5 +361,5 @@ def _recorded_thresholds(model: nn.Module, holders: Mapping[str, nn.Module], all
     return taus
 
 
-__all__ = ["allocate_site_budgets", "allocated_bits", "apply_linear_budgets", "apply_site_budgets", "default_grid",
-           "site_cost_curves"]
+__all__ = ["allocate_site_budgets", "allocated_bits", "apply_linear_budgets", "apply_site_budgets", "build_plan",
+           "default_grid", "site_cost_curves"]

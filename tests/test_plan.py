@@ -1,0 +1,183 @@
+"""Budget plans: built from cost curves, served by set_budget, saved with the checkpoint, reloaded exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import mobiquant as mq
+from mobiquant.checkpoint import CONFIG_NAME, TENSORS_NAME
+from mobiquant.patching import budget_plan, fit_budget_thresholds, install_plan, mobi_linears, routers
+from mobiquant.plan import BudgetPlan, stack_plan
+from mobiquant.site_budgets import _mean_nll, build_plan, default_grid
+from test_site_budgets import routed_model  # tests/ is on sys.path (pytest's default import mode)
+
+
+def fp_model():
+    """The FP base that ``routed_model()`` quantizes (same seed and shape)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    return LlamaForCausalLM(cfg).eval().requires_grad_(False)
+
+
+def test_plan_interpolates_and_validates():
+    plan = BudgetPlan([2.0, 3.0, 4.0], ["a", "b"], [[10.0, 8.0, 6.0], [1.0, 1.0, 0.0]],
+                      [[2.0, 3.0, 4.0], [2.0, 3.0, 4.0]], ["allocated", "uniform", "allocated"])
+    assert plan.taus_at(2.0) == {"a": 10.0, "b": 1.0}
+    assert plan.taus_at(3.5) == {"a": 7.0, "b": 0.5}
+    assert plan.taus_at(4.0) == {"a": 6.0, "b": 0.0}
+    assert plan.local_at(2.25)["a"] == pytest.approx(2.25)
+    with pytest.raises(ValueError, match="outside this plan's range"):
+        plan.taus_at(4.5)
+    with pytest.raises(ValueError, match="increase strictly"):
+        BudgetPlan([3.0, 2.0], ["a"], [[1.0, 2.0]], [[3.0, 2.0]], ["allocated"] * 2)
+    with pytest.raises(ValueError, match="reading"):
+        BudgetPlan([2.0, 3.0], ["a"], [[1.0, 2.0]], [[2.0, 3.0]], ["allocated", "best"])
+    back = BudgetPlan.from_state(plan.state(), json.loads(json.dumps(plan.meta())))
+    assert back.budgets == plan.budgets and torch.equal(back.taus, plan.taus) and back.reading == plan.reading
+    with pytest.raises(ValueError, match="expected"):
+        BudgetPlan.from_state({**plan.state(), "plan.taus": torch.zeros(3, 3)}, plan.meta())
+
+
+def test_stack_plan_needs_the_same_linears_at_every_budget():
+    with pytest.raises(ValueError, match="same linears"):
+        stack_plan([2.0, 3.0], [({"a": 1.0}, {"a": 2.0}, "allocated"), ({"b": 1.0}, {"b": 3.0}, "allocated")])
+
+
+@pytest.fixture(scope="module")
+def planned():
+    model = routed_model()
+    ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(3))
+    fit_budget_thresholds(model, list(ids.split(2)), default_grid((2, 2, 2, 2), 0.5))
+    plan = build_plan(model, ids, per="linear", step=0.5, sensitivity_windows=4, select_windows=4, batch_size=2)
+    return model, ids, plan
+
+
+def test_build_plan_covers_every_routed_linear_and_the_whole_range(planned):
+    model, _, plan = planned
+    routed = {n for n, m in mobi_linears(model) if m.router is not None}
+    assert set(plan.linears) == routed
+    assert plan.budgets == default_grid((2, 2, 2, 2), 0.5)
+    assert plan.reading[0] == plan.reading[-1] == "allocated"  # the ends are the static views
+    assert set(plan.reading) <= {"allocated", "uniform"}
+    assert plan.settings == {"per": "linear", "step": 0.5, "sensitivity_windows": 4, "refit_thresholds": True,
+                             "select_windows": 4}
+    # Local budgets of an allocated reading are parameter-weighted at most the budget.
+    params = {n: m.in_features * m.out_features for n, m in mobi_linears(model)}
+    for j, b in enumerate(plan.budgets):
+        mean = sum(params[n] * float(plan.local[i, j]) for i, n in enumerate(plan.linears)) / sum(params.values())
+        assert mean <= b + 1e-9
+    assert all(m.route_tau is None for _, m in mobi_linears(model))  # building leaves no threshold behind
+
+
+def test_set_budget_serves_the_plan_and_its_choice_is_the_lower_held_out_loss(planned):
+    model, ids, plan = planned
+    held = ids[-4:]
+    install_plan(model, plan)
+    try:
+        for j, b in enumerate(plan.budgets[1:-1], start=1):
+            mq.set_budget(model, b)
+            taus = plan.taus_at(b)
+            assert all(m.route_tau == taus[n] for n, m in mobi_linears(model) if m.router is not None)
+            planned_nll = _mean_nll(model, held, 2)
+            mq.set_budget(model, b, uniform=True)
+            assert all(m.route_tau is None for _, m in mobi_linears(model))
+            uniform_nll = _mean_nll(model, held, 2)
+            # the plan keeps whichever reading was lower on these held-out windows
+            assert planned_nll <= uniform_nll + 1e-9, (b, plan.reading[j])
+        # Achieved bits track the budget between grid points too (interpolated thresholds).
+        for b in (3.0, 4.25, 6.0):
+            mq.set_budget(model, b)
+            mq.reset_counts(model)
+            with torch.no_grad():
+                model(input_ids=ids)
+            assert abs(mq.achieved_bits(model) - b) < 0.6
+    finally:
+        install_plan(model, None)
+
+
+def test_install_plan_refuses_a_plan_of_another_model(planned):
+    model, _, plan = planned
+    other = BudgetPlan(plan.budgets, ["x"] * 1, plan.taus[:1], plan.local[:1], plan.reading)
+    with pytest.raises(ValueError, match="does not match"):
+        install_plan(model, other)
+    short = BudgetPlan(plan.budgets[:3], plan.linears, plan.taus[:, :3], plan.local[:, :3], plan.reading[:3])
+    with pytest.raises(ValueError, match="whole range"):
+        install_plan(model, short)
+
+
+def test_checkpoint_carries_the_plan_and_reproduces_every_budget(planned, tmp_path):
+    model, ids, plan = planned
+    install_plan(model, plan)
+    try:
+        folder = mq.save_quantized(model, tmp_path / "ckpt")
+        meta = json.loads((folder / CONFIG_NAME).read_text())
+        assert meta["format_version"] == 2 and meta["plan"]["linears"] == plan.linears
+        loaded = mq.load_quantized(fp_model(), folder)
+        assert budget_plan(loaded) is not None and budget_plan(loaded).budgets == plan.budgets
+        for b in (2.0, 3.25, 4.0, 5.5, 8.0):
+            mq.set_budget(model, b)
+            mq.set_budget(loaded, b)
+            with torch.no_grad():
+                assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits), b
+    finally:
+        install_plan(model, None)
+
+
+def test_version_1_checkpoints_still_load_without_a_plan(tmp_path):
+    model = routed_model()
+    fit_budget_thresholds(model, [torch.randint(0, 128, (2, 16))], default_grid((2, 2, 2, 2), 1.0))
+    folder = mq.save_quantized(model, tmp_path / "v1")
+    meta = json.loads((folder / CONFIG_NAME).read_text())
+    meta["format_version"] = 1
+    (folder / CONFIG_NAME).write_text(json.dumps(meta))
+    loaded = mq.load_quantized(fp_model(), folder)
+    assert budget_plan(loaded) is None
+    mq.set_budget(loaded, 5.0)
+    assert len(list(routers(loaded))) == 8
+
+
+def test_a_plan_without_its_tensors_is_refused(planned, tmp_path):
+    model, _, plan = planned
+    install_plan(model, plan)
+    try:
+        folder = mq.save_quantized(model, tmp_path / "ckpt")
+    finally:
+        install_plan(model, None)
+    meta = json.loads((folder / CONFIG_NAME).read_text())
+    meta["plan"]["reading"] = meta["plan"]["reading"][:-1]
+    (folder / CONFIG_NAME).write_text(json.dumps(meta))
+    with pytest.raises(mq.CheckpointError, match="budget plan is invalid"):
+        mq.load_quantized(fp_model(), folder)
+    assert (folder / TENSORS_NAME).is_file()
+
+
+def test_pipeline_evaluates_what_a_reloaded_checkpoint_serves(tmp_path, monkeypatch):
+    """`quant=mobiquant` (a per-linear plan by default): the perplexity in results.csv at every budget,
+    fractional ones included, is reproduced exactly by load_quantized + set_budget on a fresh base model."""
+    import pandas as pd
+
+    from mobiquant.data import eval_windows
+    from mobiquant.evaluation import perplexity
+    from mobiquant.pipeline import load_base_model, load_token_ids, run
+    from test_pipeline import smoke_cfg
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = smoke_cfg(tmp_path, "baselines=none", "budget.budgets=[2,3,3.5,4.25,8]", "quant.plan.step=0.5")
+    run(cfg)
+    df = pd.read_csv(tmp_path / "run" / "results.csv")
+    folder = tmp_path / "run" / "checkpoints" / "mobiquant"
+    meta = json.loads((folder / CONFIG_NAME).read_text())
+    assert meta["plan"]["settings"]["per"] == "linear" and meta["extra"]["plan_seconds"] > 0
+    base, tokenizer = load_base_model(cfg)
+    model = mq.load_quantized(base, folder)
+    spec = next(iter(cfg.data.eval.values()))
+    windows = eval_windows(load_token_ids(spec, tokenizer), cfg.eval.seqlen, cfg.eval.max_windows)
+    for row in df[df["method"] == "mobiquant"].itertuples():
+        mq.set_budget(model, row.budget)
+        assert perplexity(model, windows)["ppl"] == row.ppl, row.budget
