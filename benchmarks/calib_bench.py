@@ -42,6 +42,8 @@ def job_overrides(args, method: str, gpus: int, baselines: str = "none") -> list
         f"calib.batch_size={args.batch_size}", *epochs,
         "data=offline_wikitext2", "data.calib.corpus=text_files", f"data.calib.paths=[{args.calib_text}]",
         "~data.eval.wiki_extract", f"data.eval.wikitext2.paths=[{args.eval_text}]",
+        *[f"+data.eval.{name}={{corpus: text_files, split: all, paths: [{path}]}}"
+          for name, path in (spec.split("=", 1) for spec in args.extra_eval)],
         f"eval.max_windows={args.max_windows if args.max_windows else 'null'}",
         f"budget.budgets=[{','.join(str(b) for b in args.budgets)}]",
         "save_checkpoints=true", *args.overrides,
@@ -49,7 +51,7 @@ def job_overrides(args, method: str, gpus: int, baselines: str = "none") -> list
 
 
 def run_job(args, method: str, gpus: int, baselines: str) -> Path:
-    run_dir = Path(args.out) / f"{method}_{gpus}gpu"
+    run_dir = Path(args.out) / f"{args.tag or method}_{gpus}gpu"
     # Lightning's launcher starts the other ranks at the first block's fit, so they load the model and
     # capture the block inputs while rank 0 waits; torchrun starts every rank at once.
     launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
@@ -104,9 +106,12 @@ def main(argv=None) -> None:
     p.add_argument("--precision", default="32-true")
     p.add_argument("--budgets", type=float, nargs="+", default=[2, 2.5, 3, 3.5, 4, 5, 6, 8])
     p.add_argument("--max-windows", type=int, default=0, help="evaluation windows (0: all)")
+    p.add_argument("--extra-eval", nargs="*", default=[], metavar="NAME=PATH",
+                   help="more evaluation texts (one document per line), e.g. extract=/root/data/wiki_extract_eval.txt")
     p.add_argument("--launcher", choices=["lightning", "torchrun"], default="lightning",
                    help="how runs on several GPUs start their ranks (torchrun: all at once)")
     p.add_argument("--timeout", type=int, default=3600)
+    p.add_argument("--tag", default="", help="run folder name instead of the method's (e.g. one per layout)")
     p.add_argument("--out", default="calib_bench_runs")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job (after --)")
     args = p.parse_args(argv)
@@ -131,11 +136,12 @@ def main(argv=None) -> None:
         md += ["calibration cost", "", cost.to_markdown(index=False, floatfmt=".4g"), ""]
     if not ppl.empty:
         ppl["run"] = ppl["method"] + "/" + ppl["gpus"].astype(str) + "gpu"
-        table = ppl.pivot_table(index="run", columns="budget", values="ppl", aggfunc="first")
-        bits = ppl.pivot_table(index="run", columns="budget", values="avg_bits", aggfunc="first")
-        md += [f"perplexity ({ppl['dataset'].iloc[0]}, {int(ppl['n_windows'].iloc[0])} windows)", "",
-               table.to_markdown(floatfmt=".2f"), "", "achieved average bits", "",
-               bits.to_markdown(floatfmt=".3f"), ""]
+        for ds, part in ppl.groupby("dataset", sort=False):
+            table = part.pivot_table(index="run", columns="budget", values="ppl", aggfunc="first")
+            bits = part.pivot_table(index="run", columns="budget", values="avg_bits", aggfunc="first")
+            md += [f"perplexity ({ds}, {int(part['n_windows'].iloc[0])} windows)", "",
+                   table.to_markdown(floatfmt=".2f"), "", f"achieved average bits ({ds})", "",
+                   bits.to_markdown(floatfmt=".3f"), ""]
         ppl.to_csv(out / "calib_bench_ppl.csv", index=False)
     cost.to_csv(out / "calib_bench.csv", index=False)
     (out / "calib_bench.md").write_text("\n".join(md) + "\n")

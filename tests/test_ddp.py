@@ -50,7 +50,7 @@ def test_ddp_splits_each_block_between_two_ranks(runs):
 def test_ddp_results_are_written_once_and_match_one_device(runs):
     one, two = runs
     r1, r2 = pd.read_csv(one / "results.csv"), pd.read_csv(two / "results.csv")
-    assert len(r2) == len(r1) == 4 and not r2.duplicated(["method", "budget", "dataset"]).any()
+    assert len(r2) == len(r1) == 3 and not r2.duplicated(["method", "budget", "dataset"]).any()
     assert (two / "checkpoints" / "mobiquant" / "quantized.safetensors").is_file()
     # Different shards per step, same data and global batch: the same result up to sampling noise.
     merged = r1.merge(r2, on=["method", "budget", "dataset"], suffixes=("_1", "_2"))

@@ -72,21 +72,21 @@ def test_smoke_evaluates_every_method_and_budget(smoke):
     df = pd.read_csv(out / harness.CSV_NAME)
     assert list(df.columns) == harness.COLUMNS
     passes = {(m, "FP" if pd.isna(b) else float(b)) for m, b in zip(df["method"], df["budget"])}
-    assert passes == {("fp", "FP"), ("rtn", 2.0), ("rtn", 8.0), ("mobiquant", 2.0), ("mobiquant", 8.0)}
+    assert passes == {("fp", "FP"), ("rtn", 3.0), ("rtn", 8.0), ("mobiquant", 3.0), ("mobiquant", 8.0)}
     assert set(df["task"]) == {"wikitext2_lastword"} and set(df["metric"]) == {"acc", "perplexity"}
     assert len(df) == 2 * len(passes)
     assert (df["n_examples"] == 8).all() and (df["limit"] == 8).all()
     assert df["value"].map(math.isfinite).all() and df["stderr"].map(math.isfinite).all()
     assert df["acc" == df["metric"]]["value"].between(0, 1).all()
     # average bits are measured on the tokens lm-eval sent through the routed model
-    for b in (2.0, 8.0):
+    for b in (3.0, 8.0):
         assert abs(_rows(df, "mobiquant", b, "acc")["avg_bits"] - b) < 0.5
     assert _rows(df, "fp", None, "acc")["avg_bits"] == 32
     # the quantized model is what was evaluated: its likelihoods move with the budget and differ from FP
-    ppl = {b: _rows(df, "mobiquant", b, "perplexity")["value"] for b in (2.0, 8.0)}
+    ppl = {b: _rows(df, "mobiquant", b, "perplexity")["value"] for b in (3.0, 8.0)}
     fp = _rows(df, "fp", None, "perplexity")["value"]
-    assert ppl[2.0] != ppl[8.0] and ppl[2.0] != fp
-    assert abs(math.log(ppl[8.0]) - math.log(fp)) < abs(math.log(ppl[2.0]) - math.log(fp))
+    assert ppl[3.0] != ppl[8.0] and ppl[3.0] != fp
+    assert abs(math.log(ppl[8.0]) - math.log(fp)) < abs(math.log(ppl[3.0]) - math.log(fp))
     # the returned value: mean accuracy of `quant` over its budgets
     assert value == pytest.approx(df[(df["method"] == "mobiquant") & (df["metric"] == "acc")]["value"].mean())
     md = (out / harness.MD_NAME).read_text()
@@ -103,17 +103,17 @@ def test_checkpoint_at_several_budgets_matches_the_in_memory_model(smoke, tmp_pa
     out, _ = smoke
     ckpt = out / "checkpoints" / "mobiquant"
     cfg = lm_eval_cfg(tmp_path / "run", "logger=none", "baselines=none", f"lm_eval.checkpoint={ckpt}",
-                      "lm_eval.budgets=[2,3,8]", cache=tmp_path / "cache")
+                      "lm_eval.budgets=[3,4,8]", cache=tmp_path / "cache")
     harness.run(cfg)
     df = pd.read_csv(tmp_path / "run" / harness.CSV_NAME)
-    assert set(df["method"]) == {"mobiquant"} and sorted(set(df["budget"])) == [2.0, 3.0, 8.0]
+    assert set(df["method"]) == {"mobiquant"} and sorted(set(df["budget"])) == [3.0, 4.0, 8.0]
     assert set(df["checkpoint"]) == {str(ckpt)}
     first = pd.read_csv(out / harness.CSV_NAME)
-    for b in (2.0, 8.0):  # the reloaded checkpoint scores exactly as the model that was saved
+    for b in (3.0, 8.0):  # the reloaded checkpoint scores exactly as the model that was saved
         assert _rows(df, "mobiquant", b, "perplexity")["value"] == pytest.approx(
             _rows(first, "mobiquant", b, "perplexity")["value"], rel=1e-6)
-    bits = [_rows(df, "mobiquant", b, "acc")["avg_bits"] for b in (2.0, 3.0, 8.0)]
-    assert bits[0] < bits[1] < bits[2] and abs(bits[1] - 3.0) < 0.5
+    bits = [_rows(df, "mobiquant", b, "acc")["avg_bits"] for b in (3.0, 4.0, 8.0)]
+    assert bits[0] < bits[1] < bits[2] and abs(bits[1] - 4.0) < 0.5
 
 
 def test_rerun_in_the_same_folder_skips_finished_passes(smoke, monkeypatch):
@@ -157,7 +157,7 @@ def test_checkpoint_budget_outside_its_slices(smoke, tmp_path, monkeypatch):
     monkeypatch.setattr(harness, "load_base_model", lambda cfg: pytest.fail("model loaded"))
     cfg = lm_eval_cfg(tmp_path / "run", "logger=none", f"lm_eval.checkpoint={out}/checkpoints/mobiquant",
                       "lm_eval.budgets=[1]")
-    fragment = r"outside what checkpoint .* serves \(slices \[2, 2, 2, 2\]\): allowed 2 <= bits <= 8"
+    fragment = r"outside what checkpoint .* serves \(slices \[3, 1, 1, 1, 1, 1\]\): allowed 3 <= bits <= 8"
     with pytest.raises(ConfigError, match=fragment):
         harness.run(cfg)
 

@@ -44,6 +44,23 @@ def test_plan_interpolates_and_validates():
         BudgetPlan.from_state({**plan.state(), "plan.taus": torch.zeros(3, 3)}, plan.meta())
 
 
+def test_batch_tau_meets_the_budget_without_leaving_the_device():
+    from mobiquant.router import batch_tau
+
+    g = torch.Generator().manual_seed(0)
+    values = torch.sort(torch.randn(500, 3, generator=g), dim=-1, descending=True).values  # nested, no ties
+    for budget in (2.0, 2.7, 4.0, 5.5, 8.0):
+        tau = batch_tau(values, (2, 2, 2, 2), budget)
+        assert isinstance(tau, torch.Tensor) and tau.dim() == 0 and tau.dtype == values.dtype
+        bits = 2 + 2 * (values > tau).sum() / 500
+        assert abs(float(bits) - budget) <= 2 / 500 + 1e-6, (budget, float(bits))
+    layout = (3, 1, 1, 1, 1, 1)
+    v5 = torch.sort(torch.randn(400, 5, generator=g), dim=-1, descending=True).values
+    for budget in (3.0, 3.3, 6.5, 8.0):
+        bits = 3 + (v5 > batch_tau(v5, layout, budget)).sum() / 400
+        assert abs(float(bits) - budget) <= 1 / 400 + 1e-6
+
+
 def test_stack_plan_needs_the_same_linears_at_every_budget():
     with pytest.raises(ValueError, match="same linears"):
         stack_plan([2.0, 3.0], [({"a": 1.0}, {"a": 2.0}, "allocated"), ({"b": 1.0}, {"b": 3.0}, "allocated")])
@@ -66,7 +83,7 @@ def test_build_plan_covers_every_routed_linear_and_the_whole_range(planned):
     assert plan.reading[0] == plan.reading[-1] == "allocated"  # the ends are the static views
     assert set(plan.reading) <= {"allocated", "uniform"}
     assert plan.settings == {"per": "linear", "step": 0.5, "sensitivity_windows": 4, "refit_thresholds": True,
-                             "select_windows": 4}
+                             "refit_windows": 4, "select_windows": 4}
     # Local budgets of an allocated reading are parameter-weighted at most the budget.
     params = {n: m.in_features * m.out_features for n, m in mobi_linears(model)}
     for j, b in enumerate(plan.budgets):

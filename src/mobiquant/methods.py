@@ -268,7 +268,7 @@ class MoBiQuant(QuantMethod):
 
     name = "mobiquant"
     PLAN_DEFAULTS = MappingProxyType({"step": 0.25, "sensitivity_windows": 8, "refit_thresholds": True,
-                                      "select_windows": 4})
+                                      "refit_windows": 4, "select_windows": 2})
 
     def __init__(self, name: str = "mobiquant", mobi: MoBiConfig | dict | None = None,
                  calib: dict | None = None, static: bool = False, allocation: str = "uniform",
@@ -287,8 +287,8 @@ class MoBiQuant(QuantMethod):
         step = self.plan_settings["step"]
         if isinstance(step, bool) or not isinstance(step, (int, float)) or not step > 0:
             raise ValueError(f"plan.step must be a positive number of bits, got {step!r}")
-        if allocation != "uniform" and len(self.mobi.slice_bits) < 2:
-            raise ValueError(f"allocation={allocation!r} needs at least two slices, got {list(self.mobi.slice_bits)}")
+        if len(self.mobi.slice_bits) < 2 or not self.mobi.routers:
+            self.allocation = "uniform"  # one view (or no routers): nothing to allocate
 
     def budgets(self, grid):
         lo, hi = self.mobi.min_bits, self.mobi.max_bits
@@ -333,8 +333,11 @@ class MoBiQuant(QuantMethod):
         from .site_budgets import build_plan
 
         want = self.plan_config()
+        n = ctx.calib_ids.shape[0]
         sw = self.plan_settings["sensitivity_windows"]
-        want["sensitivity_windows"] = int(ctx.calib_ids.shape[0] if sw is None else min(sw, ctx.calib_ids.shape[0]))
+        want["sensitivity_windows"] = int(n if sw is None else min(sw, n))
+        rw = self.plan_settings["refit_windows"]
+        want["refit_windows"] = want["sensitivity_windows"] if rw is None else min(int(rw), want["sensitivity_windows"])
         key = ("plan", *self._cache_key(), repr(sorted(want.items())))
         if key in ctx.cache:
             return ctx.cache[key]
@@ -348,7 +351,7 @@ class MoBiQuant(QuantMethod):
             plan = build_plan(model, ctx.calib_ids, per=self.allocation, step=want["step"],
                               sensitivity_windows=self.plan_settings["sensitivity_windows"],
                               refit_thresholds=want["refit_thresholds"], select_windows=want["select_windows"],
-                              log=log)
+                              refit_windows=self.plan_settings["refit_windows"], log=log)
             built = time.perf_counter() - t0
             install_plan(model, plan)
             chosen = sum(r == "uniform" for r in plan.reading)
@@ -482,7 +485,8 @@ class SiteBudgets(MoBiQuant):
 
     def __init__(self, name: str = "mobiquant_sites", mobi: MoBiConfig | dict | None = None,
                  calib: dict | None = None, sensitivity_windows: int | None = 8, grid_step: float = 0.25,
-                 refit_thresholds: bool = True, per: str = "linear", select_windows: int = 4,
+                 refit_thresholds: bool = True, per: str = "linear", select_windows: int = 2,
+                 refit_windows: int | None = 4,
                  static: bool | None = None, allocation: str | None = None, plan: Mapping[str, Any] | None = None):
         # `static`, `allocation` and `plan` are accepted because this config inherits the mobiquant one;
         # this method's own keys decide.
@@ -490,7 +494,8 @@ class SiteBudgets(MoBiQuant):
             raise ValueError(f"per must be 'site' (one budget per router) or 'linear', got {per!r}")
         super().__init__(name, mobi, calib, static=False, allocation=per,
                          plan={"step": grid_step, "sensitivity_windows": sensitivity_windows,
-                               "refit_thresholds": refit_thresholds, "select_windows": select_windows})
+                               "refit_thresholds": refit_thresholds, "select_windows": select_windows,
+                               "refit_windows": refit_windows})
 
 
 class HQQ(QuantMethod):

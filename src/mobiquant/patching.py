@@ -362,7 +362,7 @@ def fit_budget_thresholds(model: nn.Module, batches: Sequence[torch.Tensor], bud
             for r in rs:
                 if not r.recorded:
                     raise RuntimeError("a router saw no tokens while fitting budget thresholds")
-            rows[j] = [sum(r.recorded) / len(r.recorded) for r in rs]
+            rows[j] = [float(torch.stack(r.recorded).double().mean()) for r in rs]
     finally:
         for r in rs:
             r.record_budget, r.recorded = None, []

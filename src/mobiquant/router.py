@@ -69,6 +69,32 @@ def weighted_tail_table(
     return targets.float(), taus.float()
 
 
+def batch_tau(values: torch.Tensor, slice_bits: Sequence[int], budget: float) -> torch.Tensor:
+    """The threshold (a 0-dim tensor on ``values``' device, no host sync) at which gate values ``[N, K-1]``
+    first reach ``budget`` average bits: the entries above it are the highest-valued ones whose summed
+    slice bits, per token, reach ``budget - b_1``. Outside ``(b_1, sum b)`` every gate is off or on."""
+    k1 = len(slice_bits) - 1
+    v = values.detach().reshape(-1, k1)
+    n = v.shape[0]
+    if n == 0:
+        raise ValueError("cannot fit a router threshold from zero tokens")
+    lo, hi = float(slice_bits[0]), float(sum(slice_bits))
+    target = min(max(float(budget), lo), hi)
+    flat = v.reshape(-1).double()
+    tau_sorted, order = torch.sort(flat, descending=True)
+    weights = torch.tensor(slice_bits[1:], dtype=torch.float64, device=v.device).expand(n, -1).reshape(-1)
+    bits_after = lo + torch.cumsum(weights[order], 0) / n
+    idx = torch.searchsorted(bits_after, torch.tensor([target], dtype=torch.float64, device=v.device))
+    idx = idx.clamp(max=flat.numel() - 1)[0]
+    nxt = torch.cat([tau_sorted[1:], tau_sorted[-1:] - 1.0])
+    tau = (tau_sorted[idx] + nxt[idx]) / 2
+    if target <= lo:
+        tau = tau_sorted[0] + 1.0
+    elif target >= hi:
+        tau = tau_sorted[-1] - 1.0
+    return tau.to(values.dtype)
+
+
 def interp_tau(bits_table: torch.Tensor, tau_table: torch.Tensor, budget: float) -> float:
     """Linear interpolation of ``tau`` for ``budget`` in a (bits, tau) table sorted by bits."""
     b = bits_table.detach().double().cpu()
@@ -120,7 +146,7 @@ class TokenRouter(nn.Module):
         self.last_soft: torch.Tensor | None = None
         # Budget-conditioned threshold fitting (see patching.fit_budget_thresholds).
         self.record_budget: float | None = None
-        self.recorded: list[float] = []
+        self.recorded: list[torch.Tensor] = []
 
     @property
     def num_residuals(self) -> int:
@@ -142,10 +168,10 @@ class TokenRouter(nn.Module):
         return torch.sigmoid(scores) + bands
 
     # ---------------- hard routing (inference) ----------------
-    def _batch_tau(self, values: torch.Tensor, budget: float) -> float:
-        """The threshold at which these gate values meet ``budget`` average bits (this batch's quantile)."""
-        bits_t, tau_t = weighted_tail_table(values.reshape(-1, self.num_residuals), self.slice_bits)
-        return interp_tau(bits_t, tau_t, budget)
+    def _batch_tau(self, values: torch.Tensor, budget: float) -> torch.Tensor:
+        """The threshold at which these gate values meet ``budget`` average bits (this batch's quantile), as a
+        0-dim tensor on their device: threshold fitting records one per batch without a host sync."""
+        return batch_tau(values, self.slice_bits, budget)
 
     def slice_counts(self, x: torch.Tensor) -> torch.Tensor:
         """Number of slices ``k`` in ``[1, K]`` per token (``long``, shape ``x.shape[:-1]``)."""
@@ -163,8 +189,8 @@ class TokenRouter(nn.Module):
         return k
 
     @torch.no_grad()
-    def slice_counts_at(self, x: torch.Tensor, tau: float | None, record_budget: float | None = None,
-                        recorded: list[float] | None = None) -> torch.Tensor:
+    def slice_counts_at(self, x: torch.Tensor, tau: float | torch.Tensor | None, record_budget: float | None = None,
+                        recorded: list | None = None) -> torch.Tensor:
         """Slices per token for a caller's own threshold ``tau`` on this router's gate values (the values
         are computed once per input and shared by every caller). With ``record_budget`` the threshold is
         this batch's quantile for that budget instead, appended to ``recorded``."""

@@ -269,13 +269,14 @@ def _current_taus(model: nn.Module) -> dict[str, float]:
 
 
 def build_plan(model: nn.Module, calib_ids: torch.Tensor, per: str = "linear", step: float = 0.25,
-               sensitivity_windows: int | None = 8, refit_thresholds: bool = True, select_windows: int = 4,
-               batch_size: int = 1, log=None) -> BudgetPlan:
+               sensitivity_windows: int | None = 8, refit_thresholds: bool = True, select_windows: int = 2,
+               refit_windows: int | None = 4, batch_size: int = 1, log=None) -> BudgetPlan:
     """The deployed reading of a calibrated, packed checkpoint at every budget of a ``step`` grid.
 
     1. Cost curves per linear (or per site) on the first ``sensitivity_windows`` calibration windows
        (:func:`site_cost_curves`), and at every grid budget the knapsack allocation of local budgets
-       (:func:`allocate_site_budgets`) with thresholds refitted at those budgets (:func:`apply_linear_budgets`).
+       (:func:`allocate_site_budgets`) with thresholds refitted at those budgets (:func:`apply_linear_budgets`)
+       on the first ``refit_windows`` of them (``None``: all).
     2. With ``select_windows > 0``: at every grid budget strictly inside the range, the allocated reading
        and uniform routing are both scored (mean token NLL) on calibration windows held out from step 1
        (the last ``select_windows`` windows when too few are left), and the lower one is kept. Evaluation
@@ -302,13 +303,16 @@ def build_plan(model: nn.Module, calib_ids: torch.Tensor, per: str = "linear", s
     held = calib_ids[n_sens : n_sens + select_windows]
     if held.shape[0] < select_windows:
         held = calib_ids[-select_windows:] if select_windows else held
+    if refit_windows is not None and refit_windows < 1:
+        raise ValueError(f"refit_windows must be >= 1 or None, got {refit_windows}")
+    refit_ids = sens if refit_windows is None else sens[:refit_windows]
     curves = site_cost_curves(model, sens, grid, max_windows=None, batch_size=batch_size, per=per)
     apply = apply_site_budgets if per == "site" else apply_linear_budgets
     lo, hi = grid[0], grid[-1]
     rows = []
     for b in grid:
         alloc = allocate_site_budgets(curves, b)
-        apply(model, alloc, calib_ids=sens if refit_thresholds else None, batch_size=batch_size)
+        apply(model, alloc, calib_ids=refit_ids if refit_thresholds else None, batch_size=batch_size)
         taus = _current_taus(model)
         local = {n: float(alloc[n] if per == "linear" else alloc[site_of[n]]) for n in taus}
         reading = "allocated"
@@ -325,7 +329,8 @@ def build_plan(model: nn.Module, calib_ids: torch.Tensor, per: str = "linear", s
     for _, m in mobi_linears(model):
         m.route_tau = None
     settings = {"per": per, "step": float(step), "sensitivity_windows": int(n_sens),
-                "refit_thresholds": bool(refit_thresholds), "select_windows": int(select_windows)}
+                "refit_thresholds": bool(refit_thresholds), "refit_windows": int(refit_ids.shape[0]),
+                "select_windows": int(select_windows)}
     return stack_plan(grid, rows, settings)
 
 
@@ -351,7 +356,7 @@ def _recorded_thresholds(model: nn.Module, holders: Mapping[str, nn.Module], all
             rec = getattr(h, list_attr)
             if not rec:
                 raise RuntimeError(f"{name} saw no tokens while fitting its threshold")
-            taus[name] = sum(rec) / len(rec)
+            taus[name] = float(torch.stack([torch.as_tensor(t) for t in rec]).double().mean())
     finally:
         for h in holders.values():
             setattr(h, budget_attr, None)

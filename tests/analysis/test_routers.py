@@ -24,7 +24,8 @@ SHARES = [f"share_k{k}" for k in range(1, 5)]
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory, compose_cfg):
     root = tmp_path_factory.mktemp("routers")
-    cfg = compose_cfg(root / "run", "experiment=routers_smoke")
+    # the 2-bit-slice layout: four views that cover the whole 2-8 bit grid
+    cfg = compose_cfg(root / "run", "experiment=routers_smoke", "quant.mobi.slice_bits=[2,2,2,2]")
     metric = routers.run(cfg)
     return root / "run", metric, cfg
 
