@@ -34,7 +34,7 @@ from .results import (
     summary_markdown,
     write_csv,
 )
-from .tracking import Tracker, plain_config, wandb_env_default
+from .tracking import OBJECTIVE, Tracker, curve_summary, plain_config, wandb_env_default
 
 log = logging.getLogger("mobiquant")
 
@@ -200,7 +200,8 @@ def _row_avg_bits(variant: Variant) -> float:
 
 
 def run(cfg: DictConfig) -> float:
-    """Run one experiment; returns the mean perplexity of ``quant`` over its budgets (first eval corpus)."""
+    """Run one experiment; returns the mean log-perplexity of ``quant`` over its budgets on the first
+    evaluation corpus (``tracking.OBJECTIVE``, what a sweeper minimises)."""
     from .data import calibration_windows, eval_windows
     from .evaluation import perplexity
 
@@ -288,19 +289,21 @@ def run(cfg: DictConfig) -> float:
         md += "\n\n### cost of covering the grid\n\n" + summary_markdown(method_summary(df))
         atomic_write_text(out_dir / "results.md", md + "\n")
         tracker.log_results(df, plot, md)
+        main = methods[0]
+        summary = curve_summary(df, main.name, list(eval_sets))
+        tracker.log_summary(summary)
         wall = time.perf_counter() - t_start
         print(f"\nResults ({cfg.model.name}, seqlen {cfg.eval.seqlen}, group size {cfg.group_size}; ppl):\n")
         print(md)
-        main = methods[0]
         for ds in eval_sets:
             if main.name in set(df["method"]) and len(main.budgets(grid)) > 1:
                 mono = is_non_increasing(df, main.name, ds)
                 print(f"\n{main.name} curve on {ds} non-increasing in average bits: {mono}")
-        print(f"\nwall time {wall / 60:.1f} min; outputs in {out_dir}")
+        print(f"\n{OBJECTIVE} (mean log-ppl of {main.name} over its budgets, {next(iter(eval_sets))}): "
+              f"{summary[OBJECTIVE]:.4f}")
+        print(f"wall time {wall / 60:.1f} min; outputs in {out_dir}")
         failed = False
-        first = next(iter(eval_sets))
-        sel = df[(df["method"] == main.name) & (df["dataset"] == first)]
-        return float(sel["ppl"].mean()) if not sel.empty else math.nan
+        return summary[OBJECTIVE]
     finally:
         tracker.finish(failed)
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import pandas as pd
 
 from .results import atomic_write_text, read_results, write_csv
@@ -133,14 +134,22 @@ def _sweep_group(job: Path, cfg: Any) -> str | None:
     rebuilt from ``.hydra/hydra.yaml`` (the sweep directory as the job saw it; under ``wandb agent``
     the sweep id is unknown here: pass ``--group``).
     """
-    if cfg is None or "logger_group" not in cfg:
+    if cfg is None:
         return None
     from omegaconf import OmegaConf
 
     raw = OmegaConf.to_container(cfg, resolve=False).get("logger_group")
-    if raw is None or "${" not in str(raw):
-        return None if raw is None else str(raw)
     hydra_yaml = job / ".hydra" / "hydra.yaml"
+    if raw is None:  # mobiquant.tracking.run_group: the sweep directory of a multirun, else task_name
+        try:
+            multirun = "MULTIRUN" in str(OmegaConf.load(hydra_yaml).hydra.mode)
+        except Exception:  # noqa: BLE001
+            multirun = False
+        if not multirun:
+            return None if "task_name" not in cfg else str(_literal(cfg, "task_name"))
+        raw = "${hydra:sweep.dir}"
+    if "${" not in str(raw):
+        return str(raw)
     if "${hydra:sweep.dir}" not in str(raw) or not hydra_yaml.is_file():
         return None
     try:
@@ -275,15 +284,19 @@ def check_not_mixed(df: pd.DataFrame, axes: list[str], root: Path) -> None:
 
 
 def _add_scores(jobs: pd.DataFrame, df: pd.DataFrame) -> None:
-    """Per job and dataset: mean ppl of the main method over its budgets (the task's return value)."""
+    """Per job and dataset: mean ppl and mean log-ppl (the task's return value) of the main method over
+    its budgets."""
     main = quantized(df[df["is_main"]])
     first = next(iter(dict.fromkeys(df["dataset"])))
     budgets = main[main["dataset"] == first].groupby("job")["budget"].apply(
         lambda b: ",".join(f"{v:g}" for v in sorted(b.unique())))
     jobs["budgets"] = jobs["job"].map(budgets)  # a mean over other budgets is another metric
     for ds in dict.fromkeys(df["dataset"]):
-        means = main[main["dataset"] == ds].groupby("job")["ppl"].mean()
-        jobs[f"mean_ppl.{ds}"] = jobs["job"].map(means)
+        sel = main[main["dataset"] == ds]
+        jobs[f"mean_ppl.{ds}"] = jobs["job"].map(sel.groupby("job")["ppl"].mean())
+        # the run's `objective` (mobiquant.tracking.curve_summary), what the sweepers minimise
+        jobs[f"mean_log_ppl.{ds}"] = jobs["job"].map(sel.assign(lp=np.log(sel["ppl"].astype(float)))
+                                                     .groupby("job")["lp"].mean())
 
 
 # ---------------------------------------------------------------------------- analysis
