@@ -4,6 +4,7 @@ One calibrated checkpoint stores every weight as a low-bit base slice plus resid
 per-token router picks how many slices each token uses, so the average bit-width is chosen at run time.
 """
 
+from .calibration import CalibConfig, calibrate
 from .checkpoint import CheckpointError, load_quantized, save_quantized
 from .modules import MoBiLinear
 from .patching import (
@@ -23,12 +24,14 @@ from .router import TokenRouter
 __version__ = "0.1.0"
 
 __all__ = [
+    "CalibConfig",
     "CheckpointError",
     "MoBiConfig",
     "MoBiLinear",
     "ResidualSlicer",
     "TokenRouter",
     "achieved_bits",
+    "calibrate",
     "calibrate_thresholds",
     "freeze",
     "load_quantized",
