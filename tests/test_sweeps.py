@@ -146,7 +146,7 @@ def test_slurm_launcher_renders_submitit_job(tmp_path, monkeypatch):
     sweep = tmp_path / "sweep"
     cfg = _compose(["experiment=ablation_slices", "hydra/launcher=slurm", "hydra.launcher.partition=a100",
                     "hydra.launcher.array_parallelism=2", "hydra.launcher.timeout_min=90",
-                    f"hydra.sweep.dir={sweep}", "hydra.job.name=mobiquant"])
+                    f"hydra.sweep.dir={sweep}"])  # job name: conf/hydra/default.yaml
     launcher = instantiate(cfg.hydra.launcher)
     launcher.setup(hydra_context=HydraContext(config_loader=None, callbacks=Callbacks()),
                    task_function=lambda c: 0.0, config=cfg)
