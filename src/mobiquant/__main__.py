@@ -43,6 +43,8 @@ def register_resolvers() -> None:
     from omegaconf import OmegaConf
 
     OmegaConf.register_new_resolver("mobiquant_tasks", tasks_help, replace=True)
+    # the project: the folder holding conf/ (paths.root_dir), not the working directory
+    OmegaConf.register_new_resolver("mobiquant_root", lambda: str(Path(CONF_DIR).resolve().parent), replace=True)
 
 
 def resolve_task(name: str):
@@ -84,6 +86,11 @@ def main() -> None:
     import hydra
 
     register_resolvers()
+    from .configcheck import preflight
+
+    error = preflight(sys.argv[1:], CONF_DIR, tasks=TASKS)  # before Hydra makes a run folder
+    if error:
+        sys.exit(f"mobiquant: invalid configuration: {error}")
     hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(_task)()
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig
 
+from .configcheck import ConfigError, check_config, check_schema
 from .dist import is_rank_zero
 from .fileio import ensure_writable_dir
 from .methods import QuantMethod, RunContext, Variant
@@ -39,8 +40,6 @@ from .tracking import OBJECTIVE, Tracker, curve_summary, plain_config, wandb_env
 log = logging.getLogger("mobiquant")
 
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; raised before any work starts."""
 
 
 # ---------------------------------------------------------------------------- validation
@@ -84,6 +83,7 @@ def build_methods(cfg: DictConfig) -> list[QuantMethod]:
 
 def validate(cfg: DictConfig) -> tuple[list[QuantMethod], list[float]]:
     """Check the whole config before any model is loaded; returns the methods and the budget grid."""
+    check_config(cfg, schema=False)  # required values, model folder, data files
     budgets = cfg.budget.get("budgets")
     if not isinstance(budgets, (list, ListConfig)) or len(budgets) == 0:
         raise ConfigError(f"budget.budgets={budgets!r} must be a non-empty list of average bit-widths in [1, 8]")
@@ -111,11 +111,9 @@ def validate(cfg: DictConfig) -> tuple[list[QuantMethod], list[float]]:
     for key, spec in [("data.calib", cfg.data.calib)] + [(f"data.eval.{k}", v) for k, v in cfg.data.eval.items()]:
         if known is not None and spec.corpus not in known:
             raise ConfigError(f"{key}.corpus={spec.corpus!r} is unknown; allowed: {sorted(known)}")
-        for p in spec.get("paths") or []:
-            if not Path(p).exists():
-                raise ConfigError(f"{key}.paths: file {p} does not exist")
     from hydra.errors import InstantiationException
 
+    check_schema(cfg)  # keys and types of calib, quant and the baselines, from the classes they build
     try:
         instantiate_calib(cfg)
     except InstantiationException as e:
