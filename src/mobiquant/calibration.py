@@ -663,6 +663,8 @@ def calibrate_model(
         n = int(round((mobi.max_bits - mobi.min_bits) / cfg.threshold_step))
         grid = [mobi.min_bits + i * (mobi.max_bits - mobi.min_bits) / n for i in range(n + 1)]
         t0 = time.perf_counter()
+        log.info("budget-conditioned thresholds: %d budgets x %d windows ...", len(grid),
+                 min(cfg.threshold_windows, calib_ids.shape[0]))
         fit_budget_thresholds(model, list(calib_ids[: cfg.threshold_windows].split(1)), grid)
         ranks = world_size()
         log.info("budget-conditioned thresholds for %d budgets in %.1fs (%d rank%s)", len(grid),

@@ -225,10 +225,11 @@ def run(cfg: DictConfig) -> float:
         tok_name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         dtype = str(next(base.parameters()).dtype).removeprefix("torch.")
 
-        log.info("calibration text: %s (%s)", cfg.data.calib.corpus, cfg.data.calib.split)
-        calib_ids = calibration_windows(
-            load_token_ids(cfg.data.calib, tokenizer), cfg.data.calib.nsamples, cfg.data.calib.seqlen, cfg.seed
-        )
+        log.info("calibration text: %s (%s) ...", cfg.data.calib.corpus, cfg.data.calib.split)
+        t0 = time.perf_counter()
+        calib_tokens = load_token_ids(cfg.data.calib, tokenizer)
+        log.info("calibration text: %d tokens in %.1fs", calib_tokens.numel(), time.perf_counter() - t0)
+        calib_ids = calibration_windows(calib_tokens, cfg.data.calib.nsamples, cfg.data.calib.seqlen, cfg.seed)
         eval_sets = {}
         for name, spec in cfg.data.eval.items():
             ids = load_token_ids(spec, tokenizer)
