@@ -244,3 +244,14 @@ def test_wikitext2_token_count_with_smollm2_tokenizer():
     assert ids.shape == (1, 301_948)
     assert tok.bos_token_id is None or int(ids[0, 0]) != tok.bos_token_id  # no BOS is added
     assert eval_windows(ids, 2048).shape == (147, 2048)
+
+
+def test_byte_tokenizer_table_gives_the_tokenizer_ids():
+    """tokenize_corpus maps bytes through the tiny tokenizer's table: the same ids as running it."""
+    from mobiquant.tiny import byte_tokenizer
+
+    tok = byte_tokenizer()
+    text = bytes(range(256)).decode("latin-1") + " Zürich — 東京 \n\n end"
+    fast = data.tokenize_corpus([text, "two"], tok)
+    slow = tok("\n\n".join([text, "two"]), return_tensors="pt", verbose=False)["input_ids"]
+    assert fast.dtype == torch.long and torch.equal(fast, slow)

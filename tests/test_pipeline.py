@@ -15,6 +15,7 @@ from omegaconf import open_dict
 from mobiquant.__main__ import CONF_DIR
 from mobiquant.pipeline import run
 from mobiquant.results import COLUMNS
+from wandb_offline import read_run
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -52,7 +53,7 @@ def test_smoke_end_to_end_with_wandb_offline(tmp_path, wandb_env):
     assert (mobi["avg_bits"] - mobi["budget"]).abs().max() < 0.5  # measured, not assumed
     assert df["ppl"].map(math.isfinite).all()
     assert (df["n_windows"] == 4).all() and (df["seqlen"] == 64).all()
-    assert math.isclose(metric, mobi["ppl"].mean(), rel_tol=1e-9)
+    assert math.isclose(metric, mobi["ppl"].map(math.log).mean(), rel_tol=1e-9)  # the sweepers' objective
     for name in ("elasticity.png", "results.md", "calibration.csv"):
         assert (out / name).stat().st_size > 0, name
     ck = out / "checkpoints" / "mobiquant"
@@ -67,6 +68,16 @@ def test_smoke_end_to_end_with_wandb_offline(tmp_path, wandb_env):
     assert tables, "results table not logged to W&B"
     logged = json.loads(tables[0].read_text())
     assert "ppl" in logged["columns"] and len(logged["data"]) == len(df)
+    # the summary: one key per method, dataset and budget, and the whole curve as `objective`
+    wb = read_run(runs[0])
+    assert wb["group"] == "smoke" and wb["name"] == "smoke-mobiquant"  # a single run: its experiment
+    assert {"method:mobiquant", "model:tiny-llama", "budgets:2,3,4,8"} <= set(wb["tags"])
+    summary = wb["summary"]
+    assert summary["objective"] == pytest.approx(metric)
+    for b, ppl in zip(mobi["budget"], mobi["ppl"]):
+        assert summary[f"ppl/mobiquant/wiki_extract/b{b:g}"] == pytest.approx(ppl)
+    assert summary["ppl/fp/wiki_extract"] == pytest.approx(df.loc[df["method"] == "fp", "ppl"].iloc[0])
+    assert "eval/mobiquant/wiki_extract/ppl" not in summary  # was the last (8-bit) row, not the curve
 
 
 def test_resume_skips_finished_rows(tmp_path, wandb_env):

@@ -90,8 +90,11 @@ def test_write_report_outputs(sweep, tmp_path):
     md = paths["markdown"].read_text()
     assert "| quant.mobi.slice_bits=[2,2,2,2] seed=0 | mobiquant |" in md
     assert "`4` (no results)" in md and "Pareto front" in md and "2 bit" in md
-    for key in ("elasticity:quant.mobi.slice_bits", "elasticity:seed", "pareto"):
+    for key in ("elasticity", "elasticity:quant.mobi.slice_bits", "elasticity:seed", "pareto"):
         assert paths[key].stat().st_size > 5000, key
+        assert paths[f"{key} (pdf)"].read_bytes()[:5] == b"%PDF-", key  # a vector copy of every figure
+    assert "mean +- std over seeds" in md
+    assert "| mobiquant | quant.mobi.slice_bits=[4,2,2] |" in md and " +- " in md
     assert pd.read_csv(paths["jobs"])["status"].tolist().count("ok") == 4
 
 
@@ -215,3 +218,71 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main([str(tmp_path), "--wandb", "disabled"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mobiquant-report: ") and "holds no results.csv" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------- seeds and methods
+@pytest.fixture
+def methods_sweep(tmp_path):
+    """`-m quant=mobiquant,rtn seed=0,1`: the main method differs between jobs."""
+    root = tmp_path / "methods"
+    n = 0
+    for quant in ("mobiquant", "rtn"):
+        for seed in (0, 1):
+            df = rows(main=quant, scale=(1.0 if quant == "mobiquant" else 2.0) * (1 + 0.1 * seed))
+            if quant == "rtn":  # its own rows only (rows() adds rtn beside the main method)
+                df = df.drop_duplicates(subset=["method", "budget", "dataset"], keep="first")
+            make_job(root, str(n), [f"quant={quant}", f"seed={seed}"], df, config={"quant": {"name": quant}})
+            n += 1
+    return root
+
+
+def test_curves_never_mix_methods(methods_sweep):
+    rep = collect(methods_sweep)
+    assert rep.axes == ["quant", "seed"]
+    by_seed = rp.curves_by(rep.df, "seed")
+    assert set(by_seed["method"]) == {"mobiquant", "rtn"}
+    for (method, seed), g in by_seed.groupby(["method", "value"]):  # one job each: its own readings
+        job = rep.df[rep.df["is_main"] & (rep.df["method"] == method) & (rep.df[OV + "seed"] == seed)]
+        expected = job[job["budget"].notna()].set_index("budget")["ppl"]
+        assert (g["n_jobs"] == 1).all()
+        for b, ppl in zip(g["budget"], g["ppl"]):
+            assert ppl == pytest.approx(expected[b]), (method, seed, b)
+    overall = rp.curves_by(rep.df, None)  # seeds averaged per method
+    assert (overall["n_jobs"] == 2).all() and set(overall["method"]) == {"mobiquant", "rtn"}
+
+
+def test_seed_summary_mean_and_std_per_method_and_budget(methods_sweep):
+    rep = collect(methods_sweep)
+    s = rp.seed_summary(rp.quantized(rep.df[rep.df["is_main"]]))
+    row = s[(s["method"] == "rtn") & (s["budget"] == 2.0)].iloc[0]
+    vals = [2.0 * (1 + 0.1 * seed) * (10.0 + 8.0 / 2.0) for seed in (0, 1)]
+    assert row["n_seeds"] == 2 and row["config"] == ""  # the method names the line
+    assert row["ppl_mean"] == pytest.approx(sum(vals) / 2)
+    assert row["ppl_std"] == pytest.approx(pd.Series(vals).std())
+    md = rp.markdown(rep)
+    assert "| rtn |  |" in md and "(n=2)" in md
+
+
+def test_figures_have_plain_tick_labels(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mobiquant.results import plot_elasticity, readable_log_axis
+
+    for lo, hi in ((261.1, 264.8), (12.0, 3000.0)):
+        fig, ax = plt.subplots()
+        ax.plot([2, 3, 4], [hi, (lo + hi) / 2, lo])
+        ax.axhline(lo * 0.99, ls="--")
+        readable_log_axis(ax)
+        fig.canvas.draw()
+        labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+        labels += [t.get_text() for t in ax.get_yticklabels(minor=True) if t.get_text()]
+        plt.close(fig)
+        assert len(labels) >= 2, labels
+        for text in labels:  # plain numbers: no mathtext powers such as 2.635x10^2
+            float(text)
+    df = rows()
+    png = plot_elasticity(df, tmp_path / "elasticity.png", title="t")
+    assert png.stat().st_size > 5000 and (tmp_path / "elasticity.pdf").read_bytes()[:5] == b"%PDF-"

@@ -146,7 +146,7 @@ def test_slurm_launcher_renders_submitit_job(tmp_path, monkeypatch):
     sweep = tmp_path / "sweep"
     cfg = _compose(["experiment=ablation_slices", "hydra/launcher=slurm", "hydra.launcher.partition=a100",
                     "hydra.launcher.array_parallelism=2", "hydra.launcher.timeout_min=90",
-                    f"hydra.sweep.dir={sweep}", "hydra.job.name=mobiquant"])
+                    f"hydra.sweep.dir={sweep}"])  # job name: conf/hydra/default.yaml
     launcher = instantiate(cfg.hydra.launcher)
     launcher.setup(hydra_context=HydraContext(config_loader=None, callbacks=Callbacks()),
                    task_function=lambda c: 0.0, config=cfg)
@@ -255,8 +255,11 @@ def _agent_argv(spec: dict) -> list[str]:
 
 @pytest.mark.parametrize("path", sorted(SWEEPS.glob("*.yaml")), ids=lambda p: p.stem)
 def test_wandb_sweep_definition(path, monkeypatch, tmp_path):
+    from mobiquant.tracking import OBJECTIVE
+
     spec = yaml.safe_load(path.read_text())
     assert spec["method"] in ("grid", "random", "bayes") and spec["parameters"]
+    assert spec["metric"] == {"name": OBJECTIVE, "goal": "minimize"}  # the runs' summary key
     cmd = spec["command"]
     assert cmd[:4] == ["${env}", "${interpreter}", "-m", "mobiquant"] and cmd[-1] == "${args_no_hyphens}"
     monkeypatch.setenv("WANDB_SWEEP_ID", "swp1")
@@ -289,5 +292,5 @@ def test_optuna_search_minimises_the_returned_metric(tmp_path):
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert best["name"] == "optuna" and set(best["best_params"]) >= {"router", "router.hidden"}
     rep = collect(sweep)
-    scores = rep.jobs["mean_ppl.wiki_extract"]
+    scores = rep.jobs["mean_log_ppl.wiki_extract"]  # the task's return value, the run's `objective`
     assert len(scores) == 2 and best["best_value"] == pytest.approx(scores.min())

@@ -24,6 +24,29 @@ TASKS = {
 }
 
 
+# One line per task for `mobiquant --help`.
+TASK_HELP = {
+    "quantize": "calibrate `quant` (and the baselines), evaluate every budget, write the tables (default)",
+    "outliers": "outlier migration: cross-precision perplexity and top-p% token overlap (analysis.outliers)",
+    "routers": "how the routers spend the bits, per layer and site, at each budget (analysis.routers)",
+    "lm_eval": "lm-evaluation-harness tasks on the quantized model at each budget (lm_eval.*)",
+}
+
+
+def tasks_help() -> str:
+    """The ``task=`` values with one line each (the ``${mobiquant_tasks:}`` of the help header)."""
+    width = max(map(len, TASKS))
+    return "\n".join(f"  task={name:<{width}}  {TASK_HELP.get(name, '')}".rstrip() for name in TASKS)
+
+
+def register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("mobiquant_tasks", tasks_help, replace=True)
+    # the project: the folder holding conf/ (paths.root_dir), not the working directory
+    OmegaConf.register_new_resolver("mobiquant_root", lambda: str(Path(CONF_DIR).resolve().parent), replace=True)
+
+
 def resolve_task(name: str):
     """The callable behind ``task=<name>``; a clear error naming the allowed tasks otherwise."""
     import importlib
@@ -62,7 +85,16 @@ def main() -> None:
         sys.exit(f"mobiquant: config folder {CONF_DIR} not found (set MOBIQUANT_CONF to the repository's conf/)")
     import hydra
 
+    register_resolvers()
+    from .configcheck import preflight
+
+    error = preflight(sys.argv[1:], CONF_DIR, tasks=TASKS)  # before Hydra makes a run folder
+    if error:
+        sys.exit(f"mobiquant: invalid configuration: {error}")
     hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(_task)()
+
+
+register_resolvers()  # the configs may be composed without main() (tests, notebooks)
 
 
 if __name__ == "__main__":

@@ -495,6 +495,61 @@ class _CalibState:
             r.requires_grad_(False)
 
 
+def _unpatch(model: nn.Module) -> list[list[list[str]]] | None:
+    """A model already patched by ``quantize_model`` (fake-quant, not yet packed) back to its FP linears;
+    returns its router sites, or None when it holds no ``MoBiLinear``.
+
+    Calibration patches each block itself, after taking that block's FP outputs as targets. Given a patched
+    model it used to patch the patched blocks again: the linears inside the routers were taken for weights
+    to quantize and got routers of their own, which no token ever reached (``torch.cat`` of no activations
+    in the threshold fit). A ``MoBiLinear`` keeps its FP weight until it is packed, so the FP model is
+    recovered exactly; the routers are re-initialised by the calibration as for an FP model.
+    """
+    patched = [(n, m) for n, m in model.named_modules() if isinstance(m, MoBiLinear)]
+    if not patched:
+        return None
+    if any(m.packed for _, m in patched):
+        raise ValueError("the model is already packed (mq.freeze or a finished calibration): calibrate the "
+                         "FP model, or the model right after mq.quantize_model")
+    sites = getattr(model, "mobiquant_sites", None)
+    if sites is None:
+        raise ValueError("the model holds MoBiLinear layers but no router sites: patch it with mq.quantize_model")
+    for name, m in patched:
+        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device,
+                        dtype=m.weight.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(m.weight)
+            if m.bias is not None:
+                lin.bias.copy_(m.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, lin)
+    _, blocks = find_blocks(model)
+    for block in blocks:
+        if hasattr(block, ROUTERS_ATTR):
+            delattr(block, ROUTERS_ATTR)
+    return sites
+
+
+def calibrate(model: nn.Module, calib_ids: torch.Tensor, mobi: MoBiConfig | None = None, *,
+              loggers: Any = False, callbacks: list | None = None, state_dir: str | os.PathLike | None = None,
+              **settings: Any) -> CalibrationResult:
+    """One call from a model (FP, or patched by ``quantize_model``) to a calibrated, packed checkpoint.
+
+    ``calib_ids``: token windows ``[n, T]``. ``mobi``: the slices and routers (default: the config the model
+    was patched with, else ``MoBiConfig()``). ``settings``: any ``CalibConfig`` field (``epochs_stage1=2``,
+    ``batch_size=4``, ...; the defaults are the paper's protocol); the accelerator follows the model's
+    device unless given. Afterwards ``set_budget`` works at once and ``save_quantized`` writes the checkpoint.
+    """
+    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(CalibConfig)})
+    if unknown:
+        raise TypeError(f"calibrate() got unknown settings {unknown}; allowed: the fields of CalibConfig")
+    mobi = mobi or getattr(model, "mobiquant_config", None) or MoBiConfig()
+    if "accelerator" not in settings:
+        settings["accelerator"] = "gpu" if next(model.parameters()).device.type == "cuda" else "cpu"
+    return calibrate_model(model, calib_ids, mobi, CalibConfig(**settings), loggers=loggers, callbacks=callbacks,
+                           state_dir=state_dir)
+
+
 def calibrate_model(
     model: nn.Module,
     calib_ids: torch.Tensor,
@@ -507,7 +562,9 @@ def calibrate_model(
 ) -> CalibrationResult:
     """Quantize and calibrate ``model`` in place on token windows ``calib_ids`` ``[n, T]``.
 
-    Returns per-block reports; afterwards every block is packed and every router has threshold tables,
+    ``model`` is the FP model, or the same right after ``quantize_model`` (its sites are kept, the FP
+    weights restored first). Returns per-block reports; afterwards every block is packed and every router
+    has threshold tables,
     so ``set_budget`` works at once. With ``state_dir``, every finished block is saved there as it
     completes; calling again with the same arguments and folder reloads the finished blocks, rebuilds
     the next block's inputs by running them, and continues with the first unfinished block. The result
@@ -518,7 +575,7 @@ def calibrate_model(
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     state = _CalibState(state_dir, mobi, cfg, calib_ids) if state_dir is not None else None
     t_start = time.perf_counter()
-    sites = discover_sites(model, mobi)
+    sites = _unpatch(model) or discover_sites(model, mobi)
     _, blocks = find_blocks(model)
     device = next(model.parameters()).device
     hidden = int(getattr(getattr(model, "config", None), "hidden_size", 0) or 0)
@@ -606,6 +663,8 @@ def calibrate_model(
         n = int(round((mobi.max_bits - mobi.min_bits) / cfg.threshold_step))
         grid = [mobi.min_bits + i * (mobi.max_bits - mobi.min_bits) / n for i in range(n + 1)]
         t0 = time.perf_counter()
+        log.info("budget-conditioned thresholds: %d budgets x %d windows ...", len(grid),
+                 min(cfg.threshold_windows, calib_ids.shape[0]))
         fit_budget_thresholds(model, list(calib_ids[: cfg.threshold_windows].split(1)), grid)
         ranks = world_size()
         log.info("budget-conditioned thresholds for %d budgets in %.1fs (%d rank%s)", len(grid),

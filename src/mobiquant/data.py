@@ -469,6 +469,11 @@ def tokenize_corpus(docs: str | Sequence[str], tokenizer: Any, joiner: str = "\n
     text = joiner.join(docs)
     if not text:
         raise ValueError("Nothing to tokenize: the corpus is empty")
+    table = getattr(tokenizer, "byte_table", None)  # a byte vocabulary without merges (mobiquant.tiny)
+    if table is not None:
+        import numpy as np
+
+        return torch.from_numpy(table[np.frombuffer(text.encode("utf-8"), dtype=np.uint8)]).long().reshape(1, -1)
     ids = tokenizer(text, return_tensors="pt", verbose=False)["input_ids"]
     ids = torch.as_tensor(ids, dtype=torch.long)
     return ids.reshape(1, -1)

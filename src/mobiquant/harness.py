@@ -40,6 +40,7 @@ from .pipeline import (
     ConfigError, _num, _pos_int, _row_avg_bits, load_base_model, load_token_ids, prepare_run, run_context, validate,
 )
 from .results import write_csv
+from .configcheck import path_hint
 from .tracking import Tracker, plain_config
 
 log = logging.getLogger("mobiquant")
@@ -123,7 +124,8 @@ def _local_metadata(cfg: DictConfig, tasks: list[str]) -> dict[str, str]:
         if not path:
             raise ConfigError(f"lm_eval task {task!r} is built from a local file: set lm_eval.data.{key}")
         if not Path(path).is_file():
-            raise ConfigError(f"lm_eval.data.{key}: file {path} does not exist (task {task!r} is built from it)")
+            raise ConfigError(f"lm_eval.data.{key}: file {path} does not exist (task {task!r} is built from it)"
+                              f"{path_hint(cfg, str(path))}")
         meta[key] = str(path)
     return meta
 

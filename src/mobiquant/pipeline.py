@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig
 
+from .configcheck import ConfigError, check_config, check_schema
 from .dist import is_rank_zero
 from .fileio import ensure_writable_dir
 from .methods import QuantMethod, RunContext, Variant
@@ -34,13 +35,11 @@ from .results import (
     summary_markdown,
     write_csv,
 )
-from .tracking import Tracker, plain_config, wandb_env_default
+from .tracking import OBJECTIVE, Tracker, curve_summary, plain_config, wandb_env_default
 
 log = logging.getLogger("mobiquant")
 
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; raised before any work starts."""
 
 
 # ---------------------------------------------------------------------------- validation
@@ -84,6 +83,7 @@ def build_methods(cfg: DictConfig) -> list[QuantMethod]:
 
 def validate(cfg: DictConfig) -> tuple[list[QuantMethod], list[float]]:
     """Check the whole config before any model is loaded; returns the methods and the budget grid."""
+    check_config(cfg, schema=False)  # required values, model folder, data files
     budgets = cfg.budget.get("budgets")
     if not isinstance(budgets, (list, ListConfig)) or len(budgets) == 0:
         raise ConfigError(f"budget.budgets={budgets!r} must be a non-empty list of average bit-widths in [1, 8]")
@@ -111,11 +111,9 @@ def validate(cfg: DictConfig) -> tuple[list[QuantMethod], list[float]]:
     for key, spec in [("data.calib", cfg.data.calib)] + [(f"data.eval.{k}", v) for k, v in cfg.data.eval.items()]:
         if known is not None and spec.corpus not in known:
             raise ConfigError(f"{key}.corpus={spec.corpus!r} is unknown; allowed: {sorted(known)}")
-        for p in spec.get("paths") or []:
-            if not Path(p).exists():
-                raise ConfigError(f"{key}.paths: file {p} does not exist")
     from hydra.errors import InstantiationException
 
+    check_schema(cfg)  # keys and types of calib, quant and the baselines, from the classes they build
     try:
         instantiate_calib(cfg)
     except InstantiationException as e:
@@ -200,7 +198,8 @@ def _row_avg_bits(variant: Variant) -> float:
 
 
 def run(cfg: DictConfig) -> float:
-    """Run one experiment; returns the mean perplexity of ``quant`` over its budgets (first eval corpus)."""
+    """Run one experiment; returns the mean log-perplexity of ``quant`` over its budgets on the first
+    evaluation corpus (``tracking.OBJECTIVE``, what a sweeper minimises)."""
     from .data import calibration_windows, eval_windows
     from .evaluation import perplexity
 
@@ -226,10 +225,11 @@ def run(cfg: DictConfig) -> float:
         tok_name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         dtype = str(next(base.parameters()).dtype).removeprefix("torch.")
 
-        log.info("calibration text: %s (%s)", cfg.data.calib.corpus, cfg.data.calib.split)
-        calib_ids = calibration_windows(
-            load_token_ids(cfg.data.calib, tokenizer), cfg.data.calib.nsamples, cfg.data.calib.seqlen, cfg.seed
-        )
+        log.info("calibration text: %s (%s) ...", cfg.data.calib.corpus, cfg.data.calib.split)
+        t0 = time.perf_counter()
+        calib_tokens = load_token_ids(cfg.data.calib, tokenizer)
+        log.info("calibration text: %d tokens in %.1fs", calib_tokens.numel(), time.perf_counter() - t0)
+        calib_ids = calibration_windows(calib_tokens, cfg.data.calib.nsamples, cfg.data.calib.seqlen, cfg.seed)
         eval_sets = {}
         for name, spec in cfg.data.eval.items():
             ids = load_token_ids(spec, tokenizer)
@@ -288,19 +288,21 @@ def run(cfg: DictConfig) -> float:
         md += "\n\n### cost of covering the grid\n\n" + summary_markdown(method_summary(df))
         atomic_write_text(out_dir / "results.md", md + "\n")
         tracker.log_results(df, plot, md)
+        main = methods[0]
+        summary = curve_summary(df, main.name, list(eval_sets))
+        tracker.log_summary(summary)
         wall = time.perf_counter() - t_start
         print(f"\nResults ({cfg.model.name}, seqlen {cfg.eval.seqlen}, group size {cfg.group_size}; ppl):\n")
         print(md)
-        main = methods[0]
         for ds in eval_sets:
             if main.name in set(df["method"]) and len(main.budgets(grid)) > 1:
                 mono = is_non_increasing(df, main.name, ds)
                 print(f"\n{main.name} curve on {ds} non-increasing in average bits: {mono}")
-        print(f"\nwall time {wall / 60:.1f} min; outputs in {out_dir}")
+        print(f"\n{OBJECTIVE} (mean log-ppl of {main.name} over its budgets, {next(iter(eval_sets))}): "
+              f"{summary[OBJECTIVE]:.4f}")
+        print(f"wall time {wall / 60:.1f} min; outputs in {out_dir}")
         failed = False
-        first = next(iter(eval_sets))
-        sel = df[(df["method"] == main.name) & (df["dataset"] == first)]
-        return float(sel["ppl"].mean()) if not sel.empty else math.nan
+        return summary[OBJECTIVE]
     finally:
         tracker.finish(failed)
 

@@ -32,9 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import pandas as pd
 
-from .results import atomic_write_text, read_results, write_csv
+from .results import atomic_write_text, read_results, readable_log_axis, write_csv
 
 log = logging.getLogger("mobiquant.report")
 
@@ -133,14 +134,22 @@ def _sweep_group(job: Path, cfg: Any) -> str | None:
     rebuilt from ``.hydra/hydra.yaml`` (the sweep directory as the job saw it; under ``wandb agent``
     the sweep id is unknown here: pass ``--group``).
     """
-    if cfg is None or "logger_group" not in cfg:
+    if cfg is None:
         return None
     from omegaconf import OmegaConf
 
     raw = OmegaConf.to_container(cfg, resolve=False).get("logger_group")
-    if raw is None or "${" not in str(raw):
-        return None if raw is None else str(raw)
     hydra_yaml = job / ".hydra" / "hydra.yaml"
+    if raw is None:  # mobiquant.tracking.run_group: the sweep directory of a multirun, else task_name
+        try:
+            multirun = "MULTIRUN" in str(OmegaConf.load(hydra_yaml).hydra.mode)
+        except Exception:  # noqa: BLE001
+            multirun = False
+        if not multirun:
+            return None if "task_name" not in cfg else str(_literal(cfg, "task_name"))
+        raw = "${hydra:sweep.dir}"
+    if "${" not in str(raw):
+        return str(raw)
     if "${hydra:sweep.dir}" not in str(raw) or not hydra_yaml.is_file():
         return None
     try:
@@ -275,15 +284,19 @@ def check_not_mixed(df: pd.DataFrame, axes: list[str], root: Path) -> None:
 
 
 def _add_scores(jobs: pd.DataFrame, df: pd.DataFrame) -> None:
-    """Per job and dataset: mean ppl of the main method over its budgets (the task's return value)."""
+    """Per job and dataset: mean ppl and mean log-ppl (the task's return value) of the main method over
+    its budgets."""
     main = quantized(df[df["is_main"]])
     first = next(iter(dict.fromkeys(df["dataset"])))
     budgets = main[main["dataset"] == first].groupby("job")["budget"].apply(
         lambda b: ",".join(f"{v:g}" for v in sorted(b.unique())))
     jobs["budgets"] = jobs["job"].map(budgets)  # a mean over other budgets is another metric
     for ds in dict.fromkeys(df["dataset"]):
-        means = main[main["dataset"] == ds].groupby("job")["ppl"].mean()
-        jobs[f"mean_ppl.{ds}"] = jobs["job"].map(means)
+        sel = main[main["dataset"] == ds]
+        jobs[f"mean_ppl.{ds}"] = jobs["job"].map(sel.groupby("job")["ppl"].mean())
+        # the run's `objective` (mobiquant.tracking.curve_summary), what the sweepers minimise
+        jobs[f"mean_log_ppl.{ds}"] = jobs["job"].map(sel.assign(lp=np.log(sel["ppl"].astype(float)))
+                                                     .groupby("job")["lp"].mean())
 
 
 # ---------------------------------------------------------------------------- analysis
@@ -311,24 +324,67 @@ def quantized(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["budget"].notna()]
 
 
+SEED_KEYS = ("seed",)  # overrides that repeat a configuration: aggregated (mean +- std), never compared
+
+
+METHOD_KEYS = ("quant",)  # the method's own name tells these jobs apart
+
+
+def config_label(row_overrides: dict[str, Any], axes: list[str]) -> str:
+    """The job's label without its seed (jobs that differ only in the seed share it) and without ``quant``
+    (the method names it)."""
+    return " ".join(f"{k}={row_overrides[k]}" for k in axes
+                    if k not in SEED_KEYS + METHOD_KEYS and row_overrides.get(k) is not None)
+
+
+def _with_config(df: pd.DataFrame) -> pd.DataFrame:
+    axes = [c.removeprefix(OV) for c in df.columns if c.startswith(OV)]
+    cfg = [config_label({k: r[OV + k] for k in axes if not _isna(r[OV + k])}, axes) for _, r in df.iterrows()] \
+        if axes else [""] * len(df)
+    return df.assign(config=cfg)
+
+
 def curves_by(df: pd.DataFrame, key: str | None) -> pd.DataFrame:
-    """Main-method curves per value of ``key`` (all jobs when None): mean/min/max ppl and avg bits per
-    (dataset, value, budget), over the jobs that share the value."""
+    """Main-method curves per method and value of ``key`` (per method and configuration when None; a seed
+    key gives one curve per method and seed): mean, std, min and max ppl and mean avg bits per (dataset,
+    method, value, budget), over the jobs that share them. Methods are never averaged together."""
     main = quantized(df[df["is_main"]])
-    col = OV + key if key else "label"
-    g = main.assign(_v=main[col].fillna("(default)")).groupby(["dataset", "_v", "budget"], sort=False)
-    out = g.agg(avg_bits=("avg_bits", "mean"), ppl=("ppl", "mean"), ppl_min=("ppl", "min"),
+    if key is None:
+        main = _with_config(main)
+        values = main["config"]
+    else:
+        values = main[OV + key].fillna("(default)")
+    g = main.assign(_v=values).groupby(["dataset", "method", "_v", "budget"], sort=False)
+    out = g.agg(avg_bits=("avg_bits", "mean"), ppl=("ppl", "mean"), ppl_std=("ppl", "std"), ppl_min=("ppl", "min"),
                 ppl_max=("ppl", "max"), n_jobs=("job", "nunique")).reset_index()
-    return out.rename(columns={"_v": "value"}).sort_values(["dataset", "value", "avg_bits"])
+    out["ppl_std"] = out["ppl_std"].fillna(0.0)
+    return out.rename(columns={"_v": "value"}).sort_values(["dataset", "method", "value", "avg_bits"])
+
+
+def seed_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Per dataset, method, configuration (the label without the seed) and budget: mean and std of ppl
+    over the seeds (``n_seeds`` jobs), and mean achieved bits; FP rows have budget NaN."""
+    d = _with_config(df)
+    d = d.assign(_b=d["budget"].fillna(-1.0))
+    g = d.groupby(["dataset", "method", "config", "_b"], sort=False)
+    out = g.agg(avg_bits=("avg_bits", "mean"), ppl_mean=("ppl", "mean"), ppl_std=("ppl", "std"),
+                n_seeds=("job", "nunique")).reset_index()
+    out["budget"] = out["_b"].where(out["_b"] >= 0)
+    return out.drop(columns="_b")[["dataset", "method", "config", "budget", "avg_bits", "ppl_mean", "ppl_std",
+                                   "n_seeds"]]
 
 
 # ---------------------------------------------------------------------------- plots
 def _save(fig, path: Path) -> Path:
+    """The figure as PNG (``path``) and as PDF beside it, for a paper."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=150)
+        fig.savefig(path.with_suffix(".pdf"))
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -342,29 +398,41 @@ def _figure(n: int):
     return fig, axes[0]
 
 
+def _finish_axes(ax, title: str) -> None:
+    ax.set_xlabel("average bits per weight (achieved)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title)
+    readable_log_axis(ax)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def plot_curves(df: pd.DataFrame, key: str | None, path: str | os.PathLike, title: str = "") -> Path:
-    """Elasticity curves of the main method overlaid per value of ``key`` (per job label when None)."""
+    """Elasticity curves of the main method: one line per method and value of ``key`` (per method and
+    configuration when None), mean over the jobs sharing them with a +-std band (seeds and the other keys);
+    FP as a dashed reference line. Written as PNG and PDF."""
     curves = curves_by(df, key)
     datasets = list(dict.fromkeys(df["dataset"]))
     fig, axes = _figure(len(datasets))
     fp = df[df["budget"].isna()]
+    methods = list(dict.fromkeys(curves["method"]))
     for ax, ds in zip(axes, datasets):
         sub = curves[curves["dataset"] == ds]
-        values = _sort_values(sub["value"])
-        for v in values:
-            g = sub[sub["value"] == v].sort_values("avg_bits")
-            line, = ax.plot(g["avg_bits"], g["ppl"], marker="o", label=f"{key}={v}" if key else str(v))
-            if (g["n_jobs"] > 1).any():
-                ax.fill_between(g["avg_bits"], g["ppl_min"], g["ppl_max"], color=line.get_color(), alpha=0.15)
+        for method in methods:
+            m = sub[sub["method"] == method]
+            for v in _sort_values(m["value"]):
+                g = m[m["value"] == v].sort_values("avg_bits")
+                what = (f"{key}={v}" if key else str(v)) if v != "" else ""
+                label = f"{method} {what}".strip() if len(methods) > 1 or not what else what
+                n = int(g["n_jobs"].max())
+                line, = ax.plot(g["avg_bits"], g["ppl"], marker="o", label=label + (f" (n={n})" if n > 1 else ""))
+                if n > 1:
+                    ax.fill_between(g["avg_bits"], (g["ppl"] - g["ppl_std"]).clip(lower=g["ppl_min"]),
+                                    g["ppl"] + g["ppl_std"], color=line.get_color(), alpha=0.15, lw=0)
         ref = fp[fp["dataset"] == ds]["ppl"]
         if not ref.empty:
             ax.axhline(float(ref.mean()), color="k", ls="--", lw=1, label=f"FP ({ref.mean():.2f})")
-        ax.set_yscale("log")
-        ax.set_xlabel("average bits per weight (achieved)")
-        ax.set_ylabel("perplexity")
-        ax.set_title(f"{title} {ds}".strip())
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        _finish_axes(ax, f"{title} {ds}".strip())
     return _save(fig, Path(path))
 
 
@@ -383,12 +451,7 @@ def plot_pareto(df: pd.DataFrame, path: str | os.PathLike, title: str = "") -> P
             ys = [*front["ppl"], float(front["ppl"].iloc[-1])]
             ax.step(xs, ys, where="post", color="k", lw=1.2, label="Pareto front")
             ax.scatter(front["avg_bits"], front["ppl"], s=60, facecolors="none", edgecolors="k")
-        ax.set_yscale("log")
-        ax.set_xlabel("average bits per weight (achieved)")
-        ax.set_ylabel("perplexity")
-        ax.set_title(f"{title} {ds} (Pareto)".strip())
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        _finish_axes(ax, f"{title} {ds} (Pareto)".strip())
     return _save(fig, Path(path))
 
 
@@ -440,10 +503,25 @@ def markdown(report: Report) -> str:
         fp = df[(df["dataset"] == ds) & df["budget"].isna()]["ppl"]
         if not fp.empty:
             parts += ["", f"FP reference: {fp.mean():.3f}"]
+        if any(k in SEED_KEYS for k in report.axes):
+            parts += ["", f"## {ds}: mean +- std over seeds (main method of each configuration)", "",
+                      _md_table(seed_table(df, ds))]
         front = pareto_front(quantized(df[df["dataset"] == ds]))
         parts += ["", f"### {ds}: Pareto front (all methods and jobs)", "",
                   _md_table(front[["label", "method", "budget", "avg_bits", "ppl"]])]
     return "\n".join(parts) + "\n"
+
+
+def seed_table(df: pd.DataFrame, dataset: str) -> pd.DataFrame:
+    """Rows method x configuration, columns budgets, cells ``mean +- std (n)`` of the main method's ppl."""
+    s = seed_summary(quantized(df[df["is_main"]]))
+    s = s[s["dataset"] == dataset]
+    s = s.assign(b=s["budget"].map(lambda b: f"{float(b):g} bit"),
+                 cell=[f"{m:.3f} +- {sd:.3f} (n={n})" if n > 1 else f"{m:.3f} (n=1)"
+                       for m, sd, n in zip(s["ppl_mean"], s["ppl_std"].fillna(0.0), s["n_seeds"])])
+    pivot = s.pivot_table(index=["method", "config"], columns="b", values="cell", aggfunc="first")
+    pivot = pivot[sorted(pivot.columns, key=lambda c: float(c.split()[0]))]
+    return pivot.reset_index()
 
 
 # ---------------------------------------------------------------------------- writing
@@ -467,13 +545,15 @@ def write_report(report: Report, out: str | os.PathLike | None = None) -> dict[s
     atomic_write_text(out / "report.md", markdown(report))
     paths["markdown"] = out / "report.md"
     title = str(report.df["model"].iloc[0])
-    if report.axes:
-        for key in report.axes:
-            name = re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
-            paths[f"elasticity:{key}"] = plot_curves(report.df, key, out / f"elasticity_{name}.png", title)
-    else:
-        paths["elasticity"] = plot_curves(report.df, None, out / "elasticity.png", title)
+    # one line per method and configuration, seeds averaged (+-std); then one figure per swept key
+    paths["elasticity"] = plot_curves(report.df, None, out / "elasticity.png", title)
+    for key in report.axes:
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
+        paths[f"elasticity:{key}"] = plot_curves(report.df, key, out / f"elasticity_{name}.png", title)
     paths["pareto"] = plot_pareto(report.df, out / "pareto.png", title)
+    for key, p in list(paths.items()):
+        if p.suffix == ".png":
+            paths[f"{key} (pdf)"] = p.with_suffix(".pdf")
     return paths
 
 

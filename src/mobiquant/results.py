@@ -87,17 +87,38 @@ def plot_elasticity(df: pd.DataFrame, path: str | os.PathLike, title: str = "") 
                 ax.axhline(float(g["ppl"].iloc[0]), color="k", ls="--", lw=1, label=f"{method} ({g['ppl'].iloc[0]:.2f})")
                 continue
             ax.plot(g["avg_bits"], g["ppl"], marker="o", label=method)
-        ax.set_yscale("log")
+        readable_log_axis(ax)
         ax.set_xlabel("average bits per weight (achieved)")
         ax.set_ylabel("perplexity")
         ax.set_title(f"{title} {ds}".strip())
-        ax.grid(True, which="both", alpha=0.3)
+        ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    return save_figure(fig, Path(path))
+    path = Path(path)
+    save_figure(fig, path.with_suffix(".pdf"), close=False)  # a vector copy for papers
+    return save_figure(fig, path)
 
 
-def save_figure(fig, path: Path) -> Path:
+def readable_log_axis(ax) -> None:
+    """Log-scale perplexity with plain tick labels (``20``, ``25``, ``263.5``, never ``2.635x10^2``): a
+    range under 20x gets about six evenly spaced ticks, a wider one 1-2-5 steps per decade."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter, NullLocator
+
+    ax.set_yscale("log")
+    lo, hi = ax.get_ylim()
+    if hi / max(lo, 1e-12) < 20:
+        ticks = MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi)
+        ticks = [t for t in ticks if lo <= t <= hi and t > 0]
+        ax.yaxis.set_major_locator(FixedLocator(ticks))
+        ax.yaxis.set_minor_locator(NullLocator())
+    else:
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.4g}"))
+    ax.set_ylim(lo, hi)
+
+
+def save_figure(fig, path: Path, close: bool = True) -> Path:
     """Write a matplotlib figure atomically (format from the suffix, PNG by default) and close it."""
     import matplotlib.pyplot as plt
 
@@ -105,7 +126,8 @@ def save_figure(fig, path: Path) -> Path:
     try:
         fig.savefig(buf, dpi=120, format=path.suffix.lstrip(".") or "png")
     finally:
-        plt.close(fig)
+        if close:
+            plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return path
 

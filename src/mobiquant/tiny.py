@@ -6,6 +6,7 @@ It needs no download and builds in milliseconds, yet goes through the same code 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -19,7 +20,25 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    # Without merges every UTF-8 byte is one token: mobiquant.data.tokenize_corpus maps bytes through this
+    # table (the same ids as the tokenizer, tested) instead of running it over megabytes of text.
+    fast.byte_table = np.array([vocab[ch] for ch in _byte_chars()], dtype=np.int64)
+    return fast
+
+
+def _byte_chars() -> list[str]:
+    """The ByteLevel alphabet's character for each byte 0..255: printable Latin-1 bytes stand for
+    themselves, the others take the code points from 256 on, in byte order."""
+    keep = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAC + 1)) | set(range(0xAE, 0xFF + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
 
 
 def tiny_llama(

@@ -1,0 +1,369 @@
+"""Configuration checks that run before any work: one line naming the key and what it allows.
+
+``preflight(argv)`` composes the command line's config the way Hydra will (before Hydra creates a run
+folder and before any W&B run exists) and returns the first problem as one line, or None:
+
+* an unknown key (``calib.epoch=3``): "did you mean `epochs_stage1`", from the keys that exist there;
+* an unknown group option (``quant=nope``): the options of the group;
+* a required value left open (``model=local`` without ``model.path``);
+* a value of the wrong type for the class the node builds (``calib.epochs_stage1=abc``): the class's own
+  field types (``CalibConfig``, the methods' constructors) are the schema;
+* a model folder or data file that does not exist, naming the override that sets it.
+
+``check_config(cfg)`` runs the last three on a composed config; ``pipeline.validate`` calls it, so every
+job of a sweep checks its own values too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import os
+import re
+import typing
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; raised before any work starts."""
+
+
+# Nodes built from `_target_` whose keys and types are checked against the class (loggers are Lightning's).
+SCHEMA_NODES = ("calib", "quant", "baselines")
+
+
+# ---------------------------------------------------------------------------- helpers
+def did_you_mean(word: str, choices) -> str:
+    """`` did you mean `a` or `b`?`` for the choices close to ``word`` (or that start with it), else ``""``."""
+    choices = [str(c) for c in choices]
+    close = difflib.get_close_matches(word, choices, n=3, cutoff=0.6)  # the closest first
+    close += sorted(c for c in choices if word and (c.startswith(word) or word.startswith(c)))
+    close = list(dict.fromkeys(close))[:3]
+    return f"; did you mean {' or '.join(f'`{c}`' for c in close)}?" if close else ""
+
+
+def _type_name(tp) -> str:
+    if tp is type(None):
+        return "null"
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or type(tp).__name__ == "UnionType":
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (list, tuple) or (origin is not None and getattr(origin, "__name__", "") == "Sequence"):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        item = _type_name(args[0]) if args else ""
+        plural = {"an integer": "integers", "a number": "numbers", "a string": "strings"}.get(item, item)
+        return f"a list of {plural}" if args else "a list"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping of {tp.__name__} fields"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            dict: "a mapping"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _fits(value: Any, tp) -> bool:
+    """Whether a plain config value can be given for annotation ``tp`` (unknown annotations accept all)."""
+    if tp is Any or tp is inspect.Parameter.empty:
+        return True
+    if tp is type(None):
+        return value is None
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or type(tp).__name__ == "UnionType":
+        return any(_fits(value, a) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if tp is dict or origin is dict or dataclasses.is_dataclass(tp):
+        return isinstance(value, dict)
+    if origin in (list, tuple) or (origin is not None and getattr(origin, "__name__", "") in ("Sequence",)):
+        if not isinstance(value, (list, tuple)):
+            return False
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        return not args or all(_fits(v, args[0]) for v in value)
+    if tp is list or tp is tuple:
+        return isinstance(value, (list, tuple))
+    return True  # a class we do not model (torch.dtype, ...): left to the constructor
+
+
+def _fields(target) -> tuple[dict[str, Any], bool]:
+    """``{name: annotation}`` of what ``target`` accepts, and whether it also takes ``**kwargs``."""
+    fn = target.__init__ if inspect.isclass(target) else target
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # noqa: BLE001 - an annotation that does not evaluate: names only
+        hints = {}
+    params = inspect.signature(target).parameters
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    named = {n: hints.get(n, p.annotation if isinstance(p.annotation, type) else Any) for n, p in params.items()
+             if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
+    return named, var_kw
+
+
+def _dataclass_in(tp):
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for a in typing.get_args(tp):
+        if dataclasses.is_dataclass(a):
+            return a
+    return None
+
+
+def check_node(key: str, node: dict, target, sources: dict[str, str] | None = None) -> None:
+    """``node``'s keys and value types against ``target``'s signature (a dataclass: its fields).
+    ``sources``: for values copied by interpolation, the key they come from (named in the error)."""
+    fields, var_kw = _fields(target)
+    name = getattr(target, "__name__", str(target))
+    for k, v in node.items():
+        if str(k).startswith("_"):
+            continue
+        if k not in fields:
+            if var_kw:
+                continue
+            raise ConfigError(f"{key}.{k} is not a setting of {key} ({name}){did_you_mean(str(k), fields)}")
+        tp = fields[k]
+        sub = _dataclass_in(tp)
+        if sub is not None and isinstance(v, dict):
+            check_node(f"{key}.{k}", v, sub)
+            continue
+        if not _fits(v, tp):
+            src = (sources or {}).get(str(k))
+            name = f"{src}={v!r} (as {key}.{k})" if src else f"{key}.{k}={v!r}"
+            raise ConfigError(f"{name} is invalid: expected {_type_name(tp)}")
+
+
+def _target_of(node) -> Any:
+    from hydra.utils import get_class, get_method
+
+    path = str(node["_target_"])
+    try:
+        return get_class(path)
+    except Exception:  # noqa: BLE001 - a function target
+        try:
+            return get_method(path)
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"_target_ {path} cannot be imported: {e}") from e
+
+
+def check_schema(cfg: DictConfig) -> None:
+    """Keys and types of the nodes built from ``_target_`` (``calib``, ``quant``, ``baselines.*``)."""
+    nodes = []
+    for key in SCHEMA_NODES:
+        node = cfg.get(key)
+        if node is None:
+            continue
+        if "_target_" in node:
+            nodes.append((key, node))
+        else:  # baselines: a mapping of quant nodes
+            nodes += [(f"{key}.{k}", v) for k, v in node.items() if isinstance(v, DictConfig) and "_target_" in v]
+    for key, node in nodes:
+        try:
+            plain = OmegaConf.to_container(node, resolve=True)
+        except Exception as e:  # noqa: BLE001 - an interpolation that does not resolve
+            raise ConfigError(f"{key}: {e}".splitlines()[0]) from e
+        sources = {}
+        for k in node.keys():  # `budgets: ${budget.budgets}`: an error names budget.budgets
+            raw = node._get_node(k)
+            if raw is not None and raw._is_interpolation():
+                m = re.fullmatch(r"\$\{([A-Za-z0-9_.]+)\}", str(raw._value()))
+                if m:
+                    sources[str(k)] = m.group(1)
+        check_node(key, plain, _target_of(node), sources)
+
+
+# ---------------------------------------------------------------------------- values left open, paths
+def missing_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Keys still ``???`` (mandatory values nobody set), outside the ``hydra`` node."""
+    out = []
+    for k in cfg.keys() if isinstance(cfg, DictConfig) else range(len(cfg)):
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if key == "hydra":
+            continue
+        if OmegaConf.is_missing(cfg, k):
+            out.append(key)
+            continue
+        try:
+            child = cfg._get_node(k)
+        except Exception:  # noqa: BLE001
+            continue
+        if isinstance(child, (DictConfig, ListConfig)) and not child._is_missing() and not child._is_none():
+            out += missing_keys(child, key)
+    return out
+
+
+REQUIRED_HINT = {
+    "model.path": "model=local needs model.path=<a local Hugging Face folder, a .gguf file or a hub id> "
+                  "(e.g. model.path=/models/Llama-3.2-1B)",
+}
+
+
+def check_required(cfg: DictConfig) -> None:
+    for key in missing_keys(cfg):
+        raise ConfigError(f"{key} is not set: {REQUIRED_HINT.get(key, f'set {key}=<value> on the command line')}")
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~")) or os.sep in path.rstrip(os.sep) and Path(path).exists() \
+        or path.endswith(".gguf")
+
+
+def check_model(cfg: DictConfig) -> None:
+    """``model.path``: a local folder must exist and hold a Hugging Face config; a hub id is left to loading."""
+    model = cfg.get("model")
+    if model is None or OmegaConf.is_missing(model, "path"):
+        return
+    path = str(model.path)
+    if path == "tiny" or not _looks_local(path):
+        return  # the tiny test model, a built-in name (smollm2-135m) or a hub id (org/name)
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(f"model.path={path} does not exist: set model.path to a local Hugging Face folder, "
+                          "a .gguf file or a hub id (org/name)")
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise ConfigError(f"model.path={path} is a folder without config.json: not a Hugging Face model folder")
+    if p.is_file() and p.suffix != ".gguf":
+        raise ConfigError(f"model.path={path} is a file but not a .gguf: give its Hugging Face folder instead")
+
+
+def path_hint(cfg: DictConfig, path: str) -> str:
+    """The override that moves ``path``: ``paths.shared_data_dir`` for files under it, else the file's key."""
+    shared = OmegaConf.select(cfg, "paths.shared_data_dir", default=None, throw_on_resolution_failure=False)
+    if shared and os.path.abspath(str(path)).startswith(os.path.abspath(str(shared)) + os.sep):
+        return (f"; paths.shared_data_dir={shared} holds no such file: set paths.shared_data_dir=<the folder "
+                "holding wikitext-2-raw/ and ptb/> (or MOBIQUANT_SHARED_DATA)")
+    if not os.path.isabs(str(path)):
+        return f" (relative to {os.getcwd()}: give an absolute path)"
+    return ""
+
+
+def check_data(cfg: DictConfig) -> None:
+    """Every text file a corpus reads (``data.calib.paths``, ``data.eval.<name>.paths``) exists."""
+    data = cfg.get("data")
+    if data is None:
+        return
+    specs = [("data.calib", data.get("calib"))] + [(f"data.eval.{k}", v) for k, v in (data.get("eval") or {}).items()]
+    for key, spec in specs:
+        if spec is None:
+            continue
+        for i, p in enumerate(spec.get("paths") or []):
+            if not Path(str(p)).exists():
+                raise ConfigError(f"{key}.paths[{i}]: file {p} does not exist{path_hint(cfg, str(p))}")
+    if str(cfg.get("task", "")) == "lm_eval" and cfg.get("lm_eval") is not None:
+        from .lm_eval_tasks import LOCAL_TASKS  # the local tasks built from a text file
+
+        for task in cfg.lm_eval.get("tasks") or []:
+            key = LOCAL_TASKS.get(str(task))
+            path = (cfg.lm_eval.get("data") or {}).get(key) if key else None
+            if path and not Path(str(path)).is_file():
+                raise ConfigError(f"lm_eval.data.{key}: file {path} does not exist (task {task!r} is built from it)"
+                                  f"{path_hint(cfg, str(path))}")
+
+
+def check_config(cfg: DictConfig, schema: bool = True) -> None:
+    """Required values, the model path, the data files and (``schema``) the ``_target_`` nodes' keys and
+    types of ``cfg``."""
+    check_required(cfg)
+    check_model(cfg)
+    check_data(cfg)
+    if schema:
+        check_schema(cfg)
+
+
+# ---------------------------------------------------------------------------- the command line
+def _composition_message(e: Exception) -> str:
+    """Hydra's composition errors as one line, with "did you mean" for unknown keys and group options."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    text = str(e)
+    cause = e.__cause__
+    while cause is not None and not isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
+        cause = cause.__cause__
+    m = re.search(r"Could not override '([^']+)'", text)
+    if m and cause is not None:
+        full = m.group(1)
+        parent_key, _, leaf = full.rpartition(".")
+        keys = _keys_at(parent_key)
+        where = f"`{parent_key}`" if parent_key else "the config"
+        value = re.search(r"use \+\S+?=(.*)$", text, flags=re.M)
+        plus = f" (to add a new key: +{full}={value.group(1)})" if value else ""
+        return f"{full} is not a key of {where}{did_you_mean(leaf, keys)}{plus}"
+    m = re.search(r"Could not find '([^']+)/([^']+)'", text)
+    if m:
+        group, option = m.groups()
+        options = re.findall(r"^\t(\S+)$", text, flags=re.M)
+        allowed = f"; allowed: {', '.join(options)}" if options else ""
+        return f"{group}={option} is unknown{did_you_mean(option, options) if options else ''}{allowed}"
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return first
+
+
+_BASE: DictConfig | None = None
+
+
+def _keys_at(key: str) -> list[str]:
+    node = _BASE if not key else OmegaConf.select(_BASE, key, default=None, throw_on_resolution_failure=False) \
+        if _BASE is not None else None
+    return [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+
+
+def preflight(argv: list[str], conf_dir: str, tasks=None) -> str | None:
+    """The first configuration problem of the command line ``argv`` as one line, or None (see the module
+    docstring). Help, ``--cfg`` and other informational flags are left to Hydra. In a multirun, the keys
+    that are swept are left to each job's own checks, so one bad value fails its job and not the sweep."""
+    global _BASE
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        args = get_args_parser().parse_args(argv)
+    except SystemExit:
+        return None  # Hydra prints its own usage error
+    if (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion or args.config_dir
+            or getattr(args, "experimental_rerun", None) or getattr(args, "version", False)):
+        return None
+    config_name = args.config_name or "config"
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(args.overrides))
+    except HydraException as e:
+        return str(e).strip().splitlines()[0]
+    swept = {o.key_or_group for o in parsed if o.is_sweep_override()}
+    plain = [o.input_line for o in parsed if not o.is_sweep_override()]
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=conf_dir, version_base="1.3", job_name="mobiquant"):
+        _BASE = compose(config_name)
+        try:
+            cfg = compose(config_name, overrides=plain, return_hydra_config=True)
+        except Exception as e:  # noqa: BLE001 - Hydra's composition errors: one line
+            return _composition_message(e)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        task = str(cfg.get("task", "quantize"))
+        if tasks is not None and task not in tasks:
+            raise ConfigError(f"task={task} is unknown; allowed: {', '.join(sorted(tasks))}{did_you_mean(task, tasks)}")
+        if not args.multirun and task == "quantize":  # the pipeline's own checks (budgets, methods, corpora)
+            from .pipeline import validate
+
+            validate(cfg)  # check_config included
+        else:
+            check_config(cfg)
+    except ConfigError as e:
+        key = re.split(r"[=\s\[:(]", str(e), maxsplit=1)[0]
+        if any(key == s or key.startswith(f"{s}.") or key.startswith(f"{s.split('/')[-1]}.") for s in swept):
+            return None  # a swept key: each job checks its own value
+        return str(e)
+    return None
