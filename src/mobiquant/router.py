@@ -163,7 +163,7 @@ class TokenRouter(nn.Module):
         return k
 
     @torch.no_grad()
-    def slice_counts_at(self, x: torch.Tensor, tau: float | None, record_budget: float | None = None,
+    def slice_counts_at(self, x: torch.Tensor, tau: float | torch.Tensor | None, record_budget: float | None = None,
                         recorded: list[float] | None = None) -> torch.Tensor:
         """Slices per token for a caller's own threshold ``tau`` on this router's gate values (the values
         are computed once per input and shared by every caller). With ``record_budget`` the threshold is
@@ -180,6 +180,8 @@ class TokenRouter(nn.Module):
                 recorded.append(tau)
         if tau is None:
             raise ValueError("slice_counts_at needs a threshold or a budget to record")
+        if torch.is_tensor(tau) and tau.device != m.device:
+            tau = tau.to(m.device)
         return 1 + (m > tau).sum(-1)
 
     # ---------------- soft / straight-through gates (training) ----------------
