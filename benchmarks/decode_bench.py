@@ -5,8 +5,9 @@ Each layer has the seven linears of a LLaMA-3-8B block (q, k, v, o: 4096x4096 / 
 4096->14336; down: 14336->4096) with random weights and a stand-in data flow (no attention, no norms):
 ``a = q(h); k(h); v(h); h2 = h + o(a); h = h2 + down(silu(gate(h2)) * up(h2))``. The quantized stack
 stores MoBiSlice bit-planes (slices 2-2-2-2, groups of 128) and has one router per input site (q/k/v
-share one, o, gate/up share one, down), a 2-layer MLP (4096 -> 64 -> 3) run by one fused Triton kernel
-that writes the token's slice count ``k`` on the device; the bit-plane kernels read it there (no host
+share one, o, gate/up share one, down), a 2-layer MLP (4096 -> 64 -> 3) run by the package's fused
+Triton router kernel (``mobiquant.kernels.triton_router``) that writes the token's slice count ``k`` on the
+device; the bit-plane kernels read it there (no host
 synchronisation). Budgets: static k = 1..4 (2/4/6/8 bits, no router) and routed budgets 2..8 bits, the
 routers' thresholds set on calibration tokens so that the average bits match the budget.
 
@@ -26,7 +27,6 @@ import time
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernel_bench import GROUP, SLICE_BITS, bench, copy_bandwidth, load_kernels  # noqa: E402
@@ -37,47 +37,12 @@ STEPS = 8
 
 
 # ------------------------------------------------------------------------------------- fused router
-@triton.jit
-def _router_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, tau_ptr, part_ptr, lock_ptr, k_ptr, D_IN,
-                   R: tl.constexpr, RP: tl.constexpr, HB: tl.constexpr, BD: tl.constexpr, NPROG: tl.constexpr):
-    """One token: scores = W2 gelu(W1 x + b1) + b2; k = 1 + #(nested min of scores > tau).
+def load_router_kernel():
+    """``mobiquant.kernels.triton_router.fused_router`` (the package's fused router kernel)."""
+    load_kernels()  # puts src/ on the path
+    from mobiquant.kernels.triton_router import fused_router
 
-    Each program computes ``HB`` hidden units; the last one to finish sums the partial scores."""
-    pid = tl.program_id(0)
-    nprog = NPROG  # the grid is (NPROG,)
-    hrows = pid * HB + tl.arange(0, HB)
-    acc = tl.zeros((HB,), dtype=tl.float32)
-    for d0 in range(0, D_IN, BD):
-        cols = d0 + tl.arange(0, BD)
-        x = tl.load(x_ptr + cols, mask=cols < D_IN, other=0.0).to(tl.float32)
-        w = tl.load(w1_ptr + hrows[:, None] * D_IN + cols[None, :], mask=cols[None, :] < D_IN, other=0.0)
-        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
-    h = acc + tl.load(b1_ptr + hrows).to(tl.float32)
-    h = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
-    r = tl.arange(0, RP)
-    w2 = tl.load(w2_ptr + r[:, None] * (HB * nprog) + hrows[None, :], mask=r[:, None] < R, other=0.0)
-    part = tl.sum(w2.to(tl.float32) * h[None, :], axis=1)
-    tl.store(part_ptr + pid * RP + r, part)
-    tl.debug_barrier()
-    ticket = tl.atomic_add(lock_ptr, 1, sem="acq_rel")
-    tl.debug_barrier()
-    if ticket == nprog - 1:
-        # every program's partial scores in one load (was a loop of NPROG dependent loads)
-        p = tl.arange(0, NPROG)
-        parts = tl.load(part_ptr + p[:, None] * RP + r[None, :], cache_modifier=".cg")
-        s = tl.load(b2_ptr + r, mask=r < R, other=0.0).to(tl.float32) + tl.sum(parts, axis=0)
-        tau = tl.load(tau_ptr)
-        # nested gates: slice e+2 is on iff scores 0..e are all above tau
-        on = tl.where(r < R, s > tau, False).to(tl.int32)
-        run = tl.associative_scan(on, 0, _and_fn)
-        k = 1 + tl.sum(tl.where(r < R, run, 0), axis=0)
-        tl.store(k_ptr, k.to(tl.int64))
-        tl.atomic_xchg(lock_ptr, 0)
-
-
-@triton.jit
-def _and_fn(a, b):
-    return a & b
+    return fused_router
 
 
 class Router:
@@ -87,21 +52,18 @@ class Router:
         self.w2 = (torch.randn(len(SLICE_BITS) - 1, HIDDEN, generator=gen, device="cuda") / 8).half()
         self.b2 = torch.zeros(len(SLICE_BITS) - 1, device="cuda").half()
         self.tau = torch.zeros((), device="cuda")
-        self.part = torch.empty(64 * 4, device="cuda")
-        self.lock = torch.zeros(1, dtype=torch.int32, device="cuda")
-        self.k = torch.ones(1, dtype=torch.long, device="cuda")
         self.calib = []
 
     def scores(self, x):  # torch reference, [T, 3]
         h = F.gelu(x.float() @ self.w1.float().t() + self.b1.float())
         return h @ self.w2.float().t() + self.b2.float()
 
+    fused = None  # the package's kernel, set in main()
+
     def __call__(self, x):
-        hb = 1  # one hidden unit per program: 64 programs share the read of W1
-        _router_kernel[(HIDDEN // hb,)](x, self.w1, self.b1, self.w2, self.b2, self.tau, self.part, self.lock,
-                                        self.k, x.shape[-1], R=len(SLICE_BITS) - 1, RP=4, HB=hb, BD=1024,
-                                        NPROG=HIDDEN // hb, num_warps=4)
-        return self.k
+        # one hidden unit per program: 64 programs share the read of W1; k is written on the device
+        k, _ = Router.fused(x, self.w1, self.b1, self.w2, self.b2, self.tau, "free")
+        return k
 
     def set_budget(self, bits):
         """tau such that the calibration tokens' average bits (2 + 2 * #active residuals) equal ``bits``."""
@@ -203,6 +165,7 @@ def main(argv=None):
                          "fields=False (the default takes the field kernel for k <= FIELDS_MAX_K)")
     args = ap.parse_args(argv)
     tb = load_kernels()
+    Router.fused = staticmethod(load_router_kernel())
     dev = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, " \
           f"{time.strftime('%Y-%m-%d')}"
     print(f"# {dev}")

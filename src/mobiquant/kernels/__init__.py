@@ -22,11 +22,14 @@ import torch.nn.functional as F
 from ..quant.packing import unpack_codes
 
 __all__ = [
-    "BACKENDS", "available", "bitplane_linear", "dequantize_reference", "torch_reference", "triton_importable",
-    "use_triton",
+    "BACKENDS", "ROUTER_MAX_TOKENS", "available", "bitplane_linear", "dequantize_reference", "fused_router",
+    "torch_reference", "triton_importable", "use_fused_router", "use_triton",
 ]
 
 BACKENDS = ("auto", "torch", "triton")
+#: With backend 'auto', batches of more tokens than this route in PyTorch (a prefill's router is a plain GEMM
+#: that cuBLAS does well); the fused router kernel serves decode-sized batches.
+ROUTER_MAX_TOKENS = 64
 
 _TRITON_OK: bool | None = None
 
@@ -199,3 +202,28 @@ def bitplane_linear(
         out.copy_(y.reshape(out.shape))
         return out.reshape(y.shape)
     return y
+
+
+# ------------------------------------------------------------------------------------------- router
+def use_fused_router(x: torch.Tensor, backend: str = "auto") -> bool:
+    """Whether a router's hard decisions for ``x`` run in the fused Triton kernel: 'torch' never, 'triton'
+    always (an error when Triton cannot run on ``x``'s device), 'auto' on CUDA for at most
+    :data:`ROUTER_MAX_TOKENS` tokens. Hard decisions carry no gradient, so none is needed here."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        if not available(x.device):
+            raise RuntimeError("backend='triton' needs triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
+        return True
+    return x.is_cuda and x.numel() <= ROUTER_MAX_TOKENS * x.shape[-1] and available(x.device)
+
+
+def fused_router(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                 tau: torch.Tensor, policy: str = "free") -> tuple[torch.Tensor, torch.Tensor]:
+    """One launch: slice counts ``k`` and gate values of a ``d -> hidden -> K-1`` router for tokens ``x``,
+    against the threshold held in the device tensor ``tau`` (:mod:`.triton_router`)."""
+    from .triton_router import fused_router as _fused
+
+    return _fused(x, w1, b1, w2, b2, tau, policy)
