@@ -21,6 +21,7 @@ TASKS = {
     "outliers": "mobiquant.analysis.outliers:run",  # outlier migration: cross-precision ppl, top-p% token overlap
     "routers": "mobiquant.analysis.routers:run",  # slices used per layer and router site, at each budget
     "lm_eval": "mobiquant.harness:run",  # lm-evaluation-harness tasks on the quantized model, per budget
+    "decode": "mobiquant.decode:run",  # generation speed (static KV cache, CUDA graph) per budget
 }
 
 
