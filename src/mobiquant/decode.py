@@ -88,6 +88,7 @@ class BudgetControl:
         self.linears = [m for _, m in mobi_linears(model)]
         self._snaps: dict[float, dict] = {}
         self._holders: dict[int, torch.Tensor] = {}  # linear index -> its route_tau device tensor
+        self._structure: tuple | None = None
 
     @property
     def quantized(self) -> bool:
@@ -128,6 +129,7 @@ class BudgetControl:
         if budget is None:
             return
         budget = float(budget)
+        self._structure = None
         snap = self._snaps.get(budget)
         if snap is None:
             snap = self._snaps[budget] = self._snapshot(budget)
@@ -160,8 +162,12 @@ class BudgetControl:
         raise RuntimeError("a routed linear's router is not part of the model")
 
     def structure(self) -> tuple:
-        """What a captured graph depends on beyond device tensors: modes, static k, own thresholds."""
-        return tuple((m.mode, m.static_k if m.mode == "static" else 0, m.route_tau is not None) for m in self.linears)
+        """What a captured graph depends on beyond device tensors: modes, static k, own thresholds (computed
+        again only after a budget change: the per-token host work of a graph replay stays small)."""
+        if self._structure is None:
+            self._structure = tuple((m.mode, m.static_k if m.mode == "static" else 0, m.route_tau is not None)
+                                    for m in self.linears)
+        return self._structure
 
 
 def _budget_fn(budget: Budget, n: int) -> Callable[[int], float | None]:
