@@ -1,6 +1,6 @@
 """``mobiquant.decode``: cached generation equals the eager model, budgets switch per token, bad input fails.
 
-The model is the tiny random LLaMA of conftest, quantized (slices 2-2-2-2, g32), its router thresholds
+The model is the tiny random LLaMA of ``mobiquant.tiny``, quantized (slices 2-2-2-2, g32), its router thresholds
 calibrated on random tokens and packed: every routed forward runs the package's inference dispatch.
 """
 
@@ -19,8 +19,17 @@ from omegaconf import open_dict
 import mobiquant as mq
 from mobiquant import decode
 from mobiquant.decode import BudgetControl, generate
+from mobiquant.tiny import tiny_llama
 
-from conftest import build_tiny_llama, token_batches
+
+def build_tiny_llama(seed: int = 0):
+    """The tiny random LLaMA of ``task=decode``'s smoke runs (vocabulary: 257 byte tokens)."""
+    return tiny_llama(seed=seed)[0]
+
+
+def token_batches(n: int, batch: int = 4, seqlen: int = 32, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 257, (batch, seqlen), generator=g) for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
