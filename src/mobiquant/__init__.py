@@ -28,6 +28,8 @@ _EXPORTS = {
     "quantize_model": "patching",
     "reset_counts": "patching",
     "set_budget": "patching",
+    "install_plan": "patching",
+    "plan_budgets": "site_budgets",
     "set_static": "patching",
     "storage_bits": "patching",
     "ResidualSlicer": "quant.slicer",
@@ -44,6 +46,8 @@ if TYPE_CHECKING:
                            set_budget, set_static, storage_bits)
     from .quant.slicer import ResidualSlicer
     from .router import TokenRouter
+    from .patching import install_plan
+    from .site_budgets import plan_budgets
 
 
 def __getattr__(name: str):

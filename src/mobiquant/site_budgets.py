@@ -334,6 +334,17 @@ def build_plan(model: nn.Module, calib_ids: torch.Tensor, per: str = "linear", s
     return stack_plan(grid, rows, settings)
 
 
+def plan_budgets(model: nn.Module, calib_ids: torch.Tensor, **settings) -> BudgetPlan:
+    """Build the budget plan of a calibrated, packed model (:func:`build_plan`, ``settings`` its keywords)
+    and install it, so that ``set_budget`` serves it and ``save_quantized`` stores it; returns the plan."""
+    from .patching import install_plan
+
+    install_plan(model, None)
+    plan = build_plan(model, calib_ids, **settings)
+    install_plan(model, plan)
+    return plan
+
+
 @torch.no_grad()
 def _recorded_thresholds(model: nn.Module, holders: Mapping[str, nn.Module], alloc: Mapping[str, float],
                          calib_ids: torch.Tensor, batch_size: int, budget_attr: str, list_attr: str) -> dict[str, float]:
@@ -367,4 +378,4 @@ def _recorded_thresholds(model: nn.Module, holders: Mapping[str, nn.Module], all
 
 
 __all__ = ["allocate_site_budgets", "allocated_bits", "apply_linear_budgets", "apply_site_budgets", "build_plan",
-           "default_grid", "site_cost_curves"]
+           "default_grid", "plan_budgets", "site_cost_curves"]
