@@ -116,6 +116,10 @@ def test_saved_checkpoint_reused_only_with_the_same_calibration(tmp_path, wandb_
     assert json.loads(meta_file.read_text())["extra"]["calib"]["lr_lwc"] == 0.02  # the new calibration
     text = rerun("calib.lr_lwc=0.02", "seed=3")  # other calibration windows
     assert "calib_tokens" in text and "resumed from" not in text
+    assert "resumed from" not in rerun("calib.lr_lwc=0.02", "seed=3", "resume=false")  # calibrate anew
+    # Found by what it is, not by name: the uniform reading of the same settings reuses this checkpoint.
+    text = rerun("calib.lr_lwc=0.02", "seed=3", "quant=mobiquant_uniform")
+    assert f"resumed from checkpoint {out / 'checkpoints' / 'mobiquant'}" in text
 
 
 def test_text_files_corpus_from_shared_data(tmp_path, wandb_env):

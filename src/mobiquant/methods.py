@@ -122,8 +122,8 @@ class QuantMethod(abc.ABC):
         calibration tokens (:func:`calib_signature`); a checkpoint calibrated otherwise is calibrated anew.
         """
         root = ctx.output_dir / "checkpoints"
-        if not ctx.save_checkpoints or not root.is_dir():
-            return None
+        if not ctx.resume or not ctx.save_checkpoints or not root.is_dir():
+            return None  # resume=false: calibrate anew
         want = calib_signature(calib, ctx.calib_ids) if calib is not None else None
         folders = [root / tag] + sorted(p for p in root.iterdir() if p.name != tag)
         for folder in folders:
