@@ -1,4 +1,4 @@
-"""``task=outliers``: the outlier-migration analysis (MOBIQUANT.md sections 1 and 7).
+"""``task=outliers``: the outlier-migration analysis (docs/DESIGN.md, sections 'Motivation' and 'Analyses').
 
 One command calibrates bit-specific LWC checkpoints at every bit-width of ``analysis.outliers.bits``
 (default A = 3, B = 4) and the MoBiQuant checkpoint of ``quant``, or reloads them from the run directory,

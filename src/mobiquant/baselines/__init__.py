@@ -1,4 +1,4 @@
-"""Baselines measured side by side with MoBiQuant (MOBIQUANT.md section 6).
+"""Baselines measured side by side with MoBiQuant (docs/DESIGN.md, section 'Baselines').
 
 Every baseline whose weights fit the MoBiSlice format returns a model of packed ``MoBiLinear``s, so
 evaluation, bit accounting, checkpoints and kernels are shared:
