@@ -7,6 +7,8 @@ calibrated on random tokens and packed: every routed forward runs the package's 
 from __future__ import annotations
 
 import math
+import re
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -201,6 +203,199 @@ def test_static_only_model_decodes_static_views(prompt):
     assert g.tokens[0].tolist() == eager_greedy(model, prompt, 6)
     with pytest.raises(ValueError, match="not a static view"):
         generate(model, prompt, 3, budget=5.0)
+
+
+# ------------------------------------------------------------------------------------------ graph fallback (CPU)
+# transformers' StaticLayer writes each forward's keys and values at its own offset (``cumulative_length``) and
+# advances it; a capture attempt runs forwards that are not decode steps (warm-ups, the first replay, its eager
+# check). On the CPU a stand-in for the CUDA graph runs the same sequence, so a capture attempt that moves the
+# cache shows here as it did on the GPU (``index_copy_(): index out of bounds`` after the fallback).
+class ReplayOnCPU:
+    """A captured step on the CPU: like a CUDA graph, ``replay`` runs the recorded forward from the stepper's
+    static inputs (token, position, the cache's offset tensors) into a static output; ``fault`` changes it."""
+
+    def __init__(self, stepper, out: torch.Tensor, fault=None):
+        self.stepper, self.out, self.fault = stepper, out, fault
+
+    def replay(self):
+        logits = self.stepper._eager(self.stepper.ids, self.stepper.pos)
+        if self.fault == "raise":  # after the forward wrote the cache
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        self.out.copy_(self.fault(logits) if callable(self.fault) else logits)
+
+
+def simulated_capture(fail: str | None = None, fault=None):
+    """A ``_Stepper._capture`` for the CPU: the real warm-up forwards (they write the cache), then a capture that
+    runs nothing (as CUDA stream capture records without running) or raises."""
+
+    def capture(self, saved):
+        if fail == "before warm-up":
+            raise RuntimeError("CUDA error: out of memory")
+        self._warm_up(saved)
+        if fail == "after warm-up":
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
+        out = torch.full((self.ids.shape[0], self.model.config.vocab_size), math.nan)
+        self.captures += 1
+        return ReplayOnCPU(self, out, fault), out
+
+    return capture
+
+
+@pytest.fixture
+def cpu_graph(monkeypatch):
+    """``install(**simulated_capture kwargs)``: ``cuda_graph='graph'`` then runs the graph path on the CPU."""
+    real = decode._graph_mode
+
+    def mode(cuda_graph, device, *args):
+        return "graph" if cuda_graph == "graph" else real(cuda_graph, device, *args)
+
+    monkeypatch.setattr(decode, "_graph_mode", mode)
+
+    def install(**kw):
+        monkeypatch.setattr(decode._Stepper, "_capture", simulated_capture(**kw))
+
+    return install
+
+
+@pytest.fixture
+def prompt16():
+    """The benchmark's prompt length (decode_bench.package_rows)."""
+    return token_batches(1, batch=1, seqlen=16, seed=7)[0]
+
+
+def negate(logits):
+    return -logits
+
+
+FAILURES = {
+    "capture raises after warm-up": (dict(fail="after warm-up"),
+                                     "capture failed: RuntimeError: CUDA error: operation not permitted"),
+    "capture raises at once": (dict(fail="before warm-up"), "capture failed: RuntimeError: CUDA error: out of memory"),
+    "replay raises": (dict(fault="raise"), "capture failed: RuntimeError: CUDA error: an illegal memory access"),
+    "replay differs": (dict(fault=negate), "a graph replay differed from the eager forward"),
+}
+
+
+@pytest.mark.parametrize("failure", list(FAILURES))
+def test_rejected_graph_attempt_decodes_as_if_none_was_made(qmodel, prompt16, cpu_graph, failure):
+    """The benchmark's sequence of calls (a short warm-up generation, then longer ones, on one model), each with a
+    rejected capture: the eager fallback gives the tokens of a run that never tried a graph, up to the last
+    position of the cache (the failure on the GPU: the fallback wrote past it)."""
+    kw, reason = FAILURES[failure]
+    cpu_graph(**kw)
+    for n, cache_len in [(8, None), (16, None), (8, 16 + 8), (2, None)]:
+        ref = generate(qmodel, prompt16, n, budget=4.0, cache_len=cache_len, cuda_graph="off")
+        with pytest.warns(UserWarning, match="CUDA graph not used") as rec:
+            g = generate(qmodel, prompt16, n, budget=4.0, cache_len=cache_len, cuda_graph="graph")
+        assert torch.equal(g.tokens, ref.tokens), (n, cache_len)
+        assert g.new_tokens == n and g.timed_tokens == n - 2
+        msg = str(rec[0].message)
+        assert re.search(reason, msg) and re.search(reason, g.graph), msg
+        assert "\n" not in g.graph
+
+
+@pytest.mark.parametrize("failure", list(FAILURES) + ["accepted"])
+def test_the_cache_after_a_capture_attempt_is_that_of_an_eager_step(prompt16, cpu_graph, failure):
+    """Step by step, every layer's keys, values and write offset equal those of eager decoding, bit for bit,
+    whether the capture failed, its replay was rejected, or the graph was kept."""
+    from transformers import StaticCache
+
+    model = build_tiny_llama(0).eval()
+    cpu_graph(**(FAILURES[failure][0] if failure in FAILURES else {}))
+    T, n = prompt16.shape[1], 6
+    kw = decode._forward_kwargs(model)[0]
+    steppers = []
+    for mode in ("off", "graph"):
+        cache = StaticCache(config=model.config, max_cache_len=T + n)
+        with torch.no_grad():
+            logits = model(input_ids=prompt16, **{kw: cache}, use_cache=True).logits[:, -1]
+        steppers.append(decode._Stepper(model, cache, kw, torch.device("cpu"), 1, mode, T + n))
+    tok = logits.argmax(-1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for pos in range(T, T + n):
+            with torch.no_grad():
+                (a, _), (b, _) = (s.step(tok, pos, ()) for s in steppers)
+            for la, lb in zip(*(s.cache.layers for s in steppers)):
+                assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values), pos
+                assert int(la.cumulative_length) == int(lb.cumulative_length) == pos + 1
+            assert torch.equal(a.argmax(-1), b.argmax(-1))
+            tok = a.argmax(-1)
+    graph = steppers[1]
+    assert graph.status == "graph" if failure == "accepted" else graph.mode == "off"
+    assert len(graph.graphs) == (failure == "accepted")
+
+
+def test_accepted_graph_replays_decode_like_eager(qmodel, prompt16, cpu_graph):
+    """A replay that differs from the eager forward by rounding noise is kept, and every later step replays it:
+    the same tokens as eager decoding, one capture per generation, to the last position of the cache."""
+    cpu_graph(fault=lambda logits: logits * (1 + 1e-4) + 1e-5)
+    for n, cache_len in [(8, None), (16, None), (8, 16 + 8)]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback
+            g = generate(qmodel, prompt16, n, budget=4.0, cache_len=cache_len, cuda_graph="graph")
+        assert g.graph == "graph" and g.captures == 1 and g.timed_tokens == n - 2
+        assert torch.equal(g.tokens, generate(qmodel, prompt16, n, budget=4.0, cuda_graph="off").tokens)
+    sched = [2.0, 8.0, 3.0, 6.0, 4.0, 2.0, 8.0, 5.0]
+    g = generate(qmodel, prompt16, 8, budget=sched, cuda_graph="graph")
+    assert g.graph == "graph" and g.captures == 1
+    assert torch.equal(g.tokens, generate(qmodel, prompt16, 8, budget=sched, cuda_graph="off").tokens)
+
+
+def test_decoding_to_the_end_of_the_cache_and_past_it(qmodel, prompt16):
+    T, n = prompt16.shape[1], 10
+    full = generate(qmodel, prompt16, n, budget=4.0)
+    assert torch.equal(generate(qmodel, prompt16, n, budget=4.0, cache_len=T + n - 1).tokens, full.tokens)
+    assert torch.equal(generate(qmodel, prompt16, n, budget=4.0, cache_len=T + n).tokens, full.tokens)
+    with pytest.raises(ValueError, match=f"needs {T + n - 1} cache positions, the cache holds {T + n - 2}"):
+        generate(qmodel, prompt16, n, budget=4.0, cache_len=T + n - 2)
+    stepper = decode._Stepper(qmodel, None, "past_key_values", torch.device("cpu"), 1, "off", T + 2)
+    with pytest.raises(ValueError, match=f"decode position {T + 2} is outside the static cache of {T + 2} positions"):
+        stepper.step(torch.tensor([1]), T + 2, ())
+
+
+def test_a_moved_cache_offset_is_a_clear_error(prompt16, monkeypatch):
+    """A forward outside the decode steps that moved the cache is reported, not left to write out of range."""
+    model = build_tiny_llama(0)
+    real = decode._Stepper.eager
+
+    def twice(self, tok, pos):  # one stray forward at the first decode step
+        if pos == prompt16.shape[1]:
+            real(self, tok, pos)
+        return real(self, tok, pos)
+
+    monkeypatch.setattr(decode._Stepper, "eager", twice)
+    with pytest.raises(RuntimeError, match=r"offset is \[20\] after 4 new tokens of a 16-token prompt, expected 19"):
+        generate(model, prompt16, 4, cache_len=32)
+
+
+def test_cache_offsets_save_and_restore_in_place():
+    from transformers import StaticCache
+
+    model = build_tiny_llama(0).eval()
+    cache = StaticCache(config=model.config, max_cache_len=8)
+    offsets = decode._CacheOffsets(cache)
+    kw = decode._forward_kwargs(model)[0]
+    assert offsets.not_rewindable() is None
+    with torch.no_grad():
+        model(input_ids=torch.arange(3)[None], **{kw: cache}, use_cache=True)
+    live = offsets.tensors()
+    assert len(live) == model.config.num_hidden_layers and offsets.values() == [3, 3]
+    saved = offsets.save()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[5]]), **{kw: cache}, use_cache=True)
+    assert offsets.values() == [4, 4]
+    offsets.restore(saved)
+    assert offsets.values() == [3, 3] and all(a is b for a, b in zip(offsets.tensors(), live))
+    offsets.check(3, "now")
+    with pytest.raises(RuntimeError, match=r"write offset is \[3\] now, expected 4"):
+        offsets.check(4, "now")
+
+    class Sliding:
+        cumulative_length_int = 3
+
+    sliding = decode._CacheOffsets(type("Cache", (), {"layers": [Sliding()]})())
+    assert "keeps positions on the host" in sliding.not_rewindable()
 
 
 # ------------------------------------------------------------------------------------------ task=decode
