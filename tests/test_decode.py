@@ -272,7 +272,7 @@ FAILURES = {
                                      "capture failed: RuntimeError: CUDA error: operation not permitted"),
     "capture raises at once": (dict(fail="before warm-up"), "capture failed: RuntimeError: CUDA error: out of memory"),
     "replay raises": (dict(fault="raise"), "capture failed: RuntimeError: CUDA error: an illegal memory access"),
-    "replay differs": (dict(fault=negate), "a graph replay differed from the eager forward"),
+    "replay differs": (dict(fault=negate), r"max \|logit difference\| [0-9.e+-]+ > [0-9.e+-]+ \(0.02 x max \|logit\|"),
 }
 
 
@@ -292,6 +292,17 @@ def test_rejected_graph_attempt_decodes_as_if_none_was_made(qmodel, prompt16, cp
         msg = str(rec[0].message)
         assert re.search(reason, msg) and re.search(reason, g.graph), msg
         assert "\n" not in g.graph
+
+
+def test_a_rejected_check_decodes_as_if_none_was_made(qmodel, prompt16, cpu_graph, monkeypatch):
+    """A faithful replay that the check rejects anyway (as on the H200): eager decoding goes on as without it."""
+    cpu_graph()
+    monkeypatch.setattr(decode, "_replay_mismatch", lambda got, ref: "rejected for the test")
+    for n in (8, 16):
+        with pytest.warns(UserWarning, match=r"CUDA graph not used \(rejected for the test\); decoding eagerly"):
+            g = generate(qmodel, prompt16, n, budget=3.0, cuda_graph="graph")
+        assert g.graph == "rejected for the test"
+        assert torch.equal(g.tokens, generate(qmodel, prompt16, n, budget=3.0, cuda_graph="off").tokens)
 
 
 @pytest.mark.parametrize("failure", list(FAILURES) + ["accepted"])
@@ -340,6 +351,35 @@ def test_accepted_graph_replays_decode_like_eager(qmodel, prompt16, cpu_graph):
     g = generate(qmodel, prompt16, 8, budget=sched, cuda_graph="graph")
     assert g.graph == "graph" and g.captures == 1
     assert torch.equal(g.tokens, generate(qmodel, prompt16, 8, budget=sched, cuda_graph="off").tokens)
+
+
+def test_replay_check_tolerates_rounding_and_names_the_failed_check():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(2, 300, generator=g) * 4
+    assert decode._replay_mismatch(ref.clone(), ref) is None
+    noise = ref * (1 + 1e-3 * torch.randn(ref.shape, generator=g))  # TF32-like rounding
+    assert decode._replay_mismatch(noise, ref) is None
+    assert decode._replay_mismatch(ref.half().float(), ref) is None  # fp16 rounding of every logit
+    scale = float(ref.abs().max())
+    shifted = ref.clone()
+    shifted[1, 7] += 0.05 * scale
+    why = decode._replay_mismatch(shifted, ref)
+    assert why.startswith("a graph replay differed from the eager forward: max |logit difference| ")
+    assert f"{0.05 * scale:.4g} > {0.02 * scale:.4g} (0.02 x max |logit| {scale:.4g})" in why
+    # a near tie that rounding can flip is no reason to give the graph up; a clear lead is
+    r = torch.tensor([[1.0, 0.985, 0.1, -1.0]])
+    assert decode._replay_mismatch(torch.tensor([[0.99, 0.999, 0.1, -1.0]]), r) is None
+    r = torch.tensor([[1.0, 0.975, 0.1, -1.0]])
+    why = decode._replay_mismatch(torch.tensor([[0.986, 0.99, 0.1, -1.0]]), r)
+    assert why == ("a graph replay picked another greedy token than the eager forward in rows [0] "
+                   "(eager leads by more than 0.02)")
+    bad = ref.clone()
+    bad[0, 3] = math.nan
+    assert "non-finite" in decode._replay_mismatch(bad, ref)
+    assert decode._replay_mismatch(bad, bad.clone()) is None  # both non-finite in the same place: compare the rest
+    assert decode._replay_mismatch(torch.zeros(1, 5), torch.zeros(1, 5)) is None
+    # bfloat16 logits: the tolerance is at least 4 ulp of the dtype
+    assert "0.03125 x max" in decode._replay_mismatch(ref.bfloat16() + scale, ref.bfloat16())
 
 
 def test_decoding_to_the_end_of_the_cache_and_past_it(qmodel, prompt16):
