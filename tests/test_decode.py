@@ -516,3 +516,104 @@ def test_gpu_graph_decode_equals_eager_and_switches_without_recapture(dtype, pro
     g = generate(model, prompt, 8, budget=sched, cuda_graph="graph")
     assert g.graph == "graph" and g.captures == 1
     assert torch.equal(g.tokens, generate(model, prompt, 8, budget=sched, cuda_graph="off").tokens)
+
+
+def gpu_models(dtype):
+    """The tiny LLaMA unquantized and quantized (routers calibrated, packed), on CUDA in ``dtype``."""
+    fp = build_tiny_llama(0).to("cuda", dtype)
+    q = build_tiny_llama(0)
+    mq.quantize_model(q, mq.MoBiConfig(group_size=32))
+    mq.calibrate_thresholds(q, token_batches(4, batch=4, seqlen=32, seed=100))
+    mq.freeze(q)
+    return fp, q.to("cuda", dtype)
+
+
+# decode_bench.package_rows: a warm-up generation of min(8, new_tokens), then the timed one; here also one that
+# ends at the last position of a cache of prompt + new tokens, and one that fills a cache of the default length
+BENCH_CALLS = [(8, None), (32, None), (8, 16 + 8), (2, None)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_gpu_benchmark_calls_keep_the_graph_and_the_cache_positions(dtype, prompt16):
+    """The calls of the decode benchmark on one model: each generation captures once, its first replay passes the
+    check, the tokens are eager decoding's, and the cache is filled to its last position without a write past it
+    (``generate`` checks every layer's write offset at the end)."""
+    fp, q = gpu_models(dtype)
+    prompt = prompt16.cuda()
+    for model, budget in ((fp, None), (q, 4.0), (q, 2.0), (q, 8.0)):
+        for n, cache_len in BENCH_CALLS:
+            g = generate(model, prompt, n, budget=budget, cache_len=cache_len, cuda_graph="graph")
+            assert g.graph == "graph" and g.captures == 1, g.graph
+            ref = generate(model, prompt, n, budget=budget, cache_len=cache_len, cuda_graph="off")
+            assert torch.equal(g.tokens, ref.tokens), (budget, n, cache_len)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("failure", ["replay rejected", "capture raises", "host sync in capture"])
+def test_gpu_failed_graph_attempt_decodes_as_if_none_was_made(failure, prompt16, monkeypatch):
+    """The failure on the H200: after a real capture attempt that fails or whose replay is rejected, eager
+    decoding gives the tokens of a run without a graph, for consecutive generations on one model, up to the last
+    position of the cache, and no device-side assert (the attempt no longer moves the cache's write offsets)."""
+    fp, q = gpu_models(torch.float16)
+    prompt = prompt16.cuda()
+    hooks = []
+    if failure == "replay rejected":
+        monkeypatch.setattr(decode, "_replay_mismatch", lambda got, ref: "rejected for the test")
+        reason = "rejected for the test"
+    else:
+        def during_capture(mod, args):
+            if torch.cuda.is_current_stream_capturing():
+                if failure == "capture raises":
+                    raise RuntimeError("a forward that cannot be captured")
+                torch.ones(1, device="cuda").item()  # a host synchronisation: CUDA refuses it while capturing
+
+        hooks = [m.model.register_forward_pre_hook(during_capture) for m in (fp, q)]
+        reason = "capture failed: "
+    try:
+        for model, budget in ((fp, None), (q, 4.0)):
+            for n, cache_len in BENCH_CALLS:
+                ref = generate(model, prompt, n, budget=budget, cache_len=cache_len, cuda_graph="off")
+                with pytest.warns(UserWarning, match="CUDA graph not used"):
+                    g = generate(model, prompt, n, budget=budget, cache_len=cache_len, cuda_graph="graph")
+                assert g.graph.startswith(reason), g.graph
+                assert torch.equal(g.tokens, ref.tokens), (budget, n, cache_len)
+        torch.cuda.synchronize()
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_capture_leaves_the_cache_as_an_eager_step(prompt16):
+    """Step by step on CUDA: with the graph kept, every layer's write offset after each step is the position fed
+    plus one, and the keys and values of the positions written equal eager decoding's to rounding."""
+    from transformers import StaticCache
+
+    fp, _ = gpu_models(torch.float32)
+    prompt = prompt16.cuda()
+    T, n = prompt.shape[1], 6
+    kw = decode._forward_kwargs(fp)[0]
+    steppers = []
+    for mode in ("off", "graph"):
+        cache = StaticCache(config=fp.config, max_cache_len=T + n)
+        with torch.no_grad():
+            logits = fp(input_ids=prompt, **{kw: cache}, use_cache=True).logits[:, -1]
+        steppers.append(decode._Stepper(fp, cache, kw, torch.device("cuda"), 1, mode, T + n))
+    tok = logits.argmax(-1)
+    with torch.no_grad():
+        for pos in range(T, T + n):
+            a, _ = steppers[0].step(tok, pos, ())
+            b, _ = steppers[1].step(tok, pos, ())
+            assert steppers[1].status == "graph", steppers[1].status
+            for s in steppers:
+                assert s.offsets.values() == [pos + 1] * fp.config.num_hidden_layers
+            for la, lb in zip(*(s.cache.layers for s in steppers)):
+                torch.testing.assert_close(la.keys, lb.keys, rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(la.values, lb.values, rtol=1e-4, atol=1e-5)
+            assert torch.equal(a.argmax(-1), b.argmax(-1))
+            tok = a.argmax(-1)
