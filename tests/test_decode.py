@@ -7,6 +7,8 @@ calibrated on random tokens and packed: every routed forward runs the package's 
 from __future__ import annotations
 
 import math
+import re
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -203,6 +205,239 @@ def test_static_only_model_decodes_static_views(prompt):
         generate(model, prompt, 3, budget=5.0)
 
 
+# ------------------------------------------------------------------------------------------ graph fallback (CPU)
+# transformers' StaticLayer writes each forward's keys and values at its own offset (``cumulative_length``) and
+# advances it; a capture attempt runs forwards that are not decode steps (warm-ups, the first replay, its eager
+# check). On the CPU a stand-in for the CUDA graph runs the same sequence, so a capture attempt that moves the
+# cache shows here as it did on the GPU (``index_copy_(): index out of bounds`` after the fallback).
+class ReplayOnCPU:
+    """A captured step on the CPU: like a CUDA graph, ``replay`` runs the recorded forward from the stepper's
+    static inputs (token, position, the cache's offset tensors) into a static output; ``fault`` changes it."""
+
+    def __init__(self, stepper, out: torch.Tensor, fault=None):
+        self.stepper, self.out, self.fault = stepper, out, fault
+
+    def replay(self):
+        logits = self.stepper._eager(self.stepper.ids, self.stepper.pos)
+        if self.fault == "raise":  # after the forward wrote the cache
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        self.out.copy_(self.fault(logits) if callable(self.fault) else logits)
+
+
+def simulated_capture(fail: str | None = None, fault=None):
+    """A ``_Stepper._capture`` for the CPU: the real warm-up forwards (they write the cache), then a capture that
+    runs nothing (as CUDA stream capture records without running) or raises."""
+
+    def capture(self, saved):
+        if fail == "before warm-up":
+            raise RuntimeError("CUDA error: out of memory")
+        self._warm_up(saved)
+        if fail == "after warm-up":
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
+        out = torch.full((self.ids.shape[0], self.model.config.vocab_size), math.nan)
+        self.captures += 1
+        return ReplayOnCPU(self, out, fault), out
+
+    return capture
+
+
+@pytest.fixture
+def cpu_graph(monkeypatch):
+    """``install(**simulated_capture kwargs)``: ``cuda_graph='graph'`` then runs the graph path on the CPU."""
+    real = decode._graph_mode
+
+    def mode(cuda_graph, device, *args):
+        return "graph" if cuda_graph == "graph" else real(cuda_graph, device, *args)
+
+    monkeypatch.setattr(decode, "_graph_mode", mode)
+
+    def install(**kw):
+        monkeypatch.setattr(decode._Stepper, "_capture", simulated_capture(**kw))
+
+    return install
+
+
+@pytest.fixture
+def prompt16():
+    """The benchmark's prompt length (decode_bench.package_rows)."""
+    return token_batches(1, batch=1, seqlen=16, seed=7)[0]
+
+
+def negate(logits):
+    return -logits
+
+
+FAILURES = {
+    "capture raises after warm-up": (dict(fail="after warm-up"),
+                                     "capture failed: RuntimeError: CUDA error: operation not permitted"),
+    "capture raises at once": (dict(fail="before warm-up"), "capture failed: RuntimeError: CUDA error: out of memory"),
+    "replay raises": (dict(fault="raise"), "capture failed: RuntimeError: CUDA error: an illegal memory access"),
+    "replay differs": (dict(fault=negate), r"max \|logit difference\| [0-9.e+-]+ > [0-9.e+-]+ \(0.02 x max \|logit\|"),
+}
+
+
+@pytest.mark.parametrize("failure", list(FAILURES))
+def test_rejected_graph_attempt_decodes_as_if_none_was_made(qmodel, prompt16, cpu_graph, failure):
+    """The benchmark's sequence of calls (a short warm-up generation, then longer ones, on one model), each with a
+    rejected capture: the eager fallback gives the tokens of a run that never tried a graph, up to the last
+    position of the cache (the failure on the GPU: the fallback wrote past it)."""
+    kw, reason = FAILURES[failure]
+    cpu_graph(**kw)
+    for n, cache_len in [(8, None), (16, None), (8, 16 + 8), (2, None)]:
+        ref = generate(qmodel, prompt16, n, budget=4.0, cache_len=cache_len, cuda_graph="off")
+        with pytest.warns(UserWarning, match="CUDA graph not used") as rec:
+            g = generate(qmodel, prompt16, n, budget=4.0, cache_len=cache_len, cuda_graph="graph")
+        assert torch.equal(g.tokens, ref.tokens), (n, cache_len)
+        assert g.new_tokens == n and g.timed_tokens == n - 2
+        msg = str(rec[0].message)
+        assert re.search(reason, msg) and re.search(reason, g.graph), msg
+        assert "\n" not in g.graph
+
+
+def test_a_rejected_check_decodes_as_if_none_was_made(qmodel, prompt16, cpu_graph, monkeypatch):
+    """A faithful replay that the check rejects anyway (as on the H200): eager decoding goes on as without it."""
+    cpu_graph()
+    monkeypatch.setattr(decode, "_replay_mismatch", lambda got, ref: "rejected for the test")
+    for n in (8, 16):
+        with pytest.warns(UserWarning, match=r"CUDA graph not used \(rejected for the test\); decoding eagerly"):
+            g = generate(qmodel, prompt16, n, budget=3.0, cuda_graph="graph")
+        assert g.graph == "rejected for the test"
+        assert torch.equal(g.tokens, generate(qmodel, prompt16, n, budget=3.0, cuda_graph="off").tokens)
+
+
+@pytest.mark.parametrize("failure", list(FAILURES) + ["accepted"])
+def test_the_cache_after_a_capture_attempt_is_that_of_an_eager_step(prompt16, cpu_graph, failure):
+    """Step by step, every layer's keys, values and write offset equal those of eager decoding, bit for bit,
+    whether the capture failed, its replay was rejected, or the graph was kept."""
+    from transformers import StaticCache
+
+    model = build_tiny_llama(0).eval()
+    cpu_graph(**(FAILURES[failure][0] if failure in FAILURES else {}))
+    T, n = prompt16.shape[1], 6
+    kw = decode._forward_kwargs(model)[0]
+    steppers = []
+    for mode in ("off", "graph"):
+        cache = StaticCache(config=model.config, max_cache_len=T + n)
+        with torch.no_grad():
+            logits = model(input_ids=prompt16, **{kw: cache}, use_cache=True).logits[:, -1]
+        steppers.append(decode._Stepper(model, cache, kw, torch.device("cpu"), 1, mode, T + n))
+    tok = logits.argmax(-1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for pos in range(T, T + n):
+            with torch.no_grad():
+                (a, _), (b, _) = (s.step(tok, pos, ()) for s in steppers)
+            for la, lb in zip(*(s.cache.layers for s in steppers)):
+                assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values), pos
+                assert int(la.cumulative_length) == int(lb.cumulative_length) == pos + 1
+            assert torch.equal(a.argmax(-1), b.argmax(-1))
+            tok = a.argmax(-1)
+    graph = steppers[1]
+    assert graph.status == "graph" if failure == "accepted" else graph.mode == "off"
+    assert len(graph.graphs) == (failure == "accepted")
+
+
+def test_accepted_graph_replays_decode_like_eager(qmodel, prompt16, cpu_graph):
+    """A replay that differs from the eager forward by rounding noise is kept, and every later step replays it:
+    the same tokens as eager decoding, one capture per generation, to the last position of the cache."""
+    cpu_graph(fault=lambda logits: logits * (1 + 1e-4) + 1e-5)
+    for n, cache_len in [(8, None), (16, None), (8, 16 + 8)]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback
+            g = generate(qmodel, prompt16, n, budget=4.0, cache_len=cache_len, cuda_graph="graph")
+        assert g.graph == "graph" and g.captures == 1 and g.timed_tokens == n - 2
+        assert torch.equal(g.tokens, generate(qmodel, prompt16, n, budget=4.0, cuda_graph="off").tokens)
+    sched = [2.0, 8.0, 3.0, 6.0, 4.0, 2.0, 8.0, 5.0]
+    g = generate(qmodel, prompt16, 8, budget=sched, cuda_graph="graph")
+    assert g.graph == "graph" and g.captures == 1
+    assert torch.equal(g.tokens, generate(qmodel, prompt16, 8, budget=sched, cuda_graph="off").tokens)
+
+
+def test_replay_check_tolerates_rounding_and_names_the_failed_check():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(2, 300, generator=g) * 4
+    assert decode._replay_mismatch(ref.clone(), ref) is None
+    noise = ref * (1 + 1e-3 * torch.randn(ref.shape, generator=g))  # TF32-like rounding
+    assert decode._replay_mismatch(noise, ref) is None
+    assert decode._replay_mismatch(ref.half().float(), ref) is None  # fp16 rounding of every logit
+    scale = float(ref.abs().max())
+    shifted = ref.clone()
+    shifted[1, 7] += 0.05 * scale
+    why = decode._replay_mismatch(shifted, ref)
+    assert why.startswith("a graph replay differed from the eager forward: max |logit difference| ")
+    assert f"{0.05 * scale:.4g} > {0.02 * scale:.4g} (0.02 x max |logit| {scale:.4g})" in why
+    # a near tie that rounding can flip is no reason to give the graph up; a clear lead is
+    r = torch.tensor([[1.0, 0.985, 0.1, -1.0]])
+    assert decode._replay_mismatch(torch.tensor([[0.99, 0.999, 0.1, -1.0]]), r) is None
+    r = torch.tensor([[1.0, 0.975, 0.1, -1.0]])
+    why = decode._replay_mismatch(torch.tensor([[0.986, 0.99, 0.1, -1.0]]), r)
+    assert why == ("a graph replay picked another greedy token than the eager forward in rows [0] "
+                   "(eager leads by more than 0.02)")
+    bad = ref.clone()
+    bad[0, 3] = math.nan
+    assert "non-finite" in decode._replay_mismatch(bad, ref)
+    assert decode._replay_mismatch(bad, bad.clone()) is None  # both non-finite in the same place: compare the rest
+    assert decode._replay_mismatch(torch.zeros(1, 5), torch.zeros(1, 5)) is None
+    # bfloat16 logits: the tolerance is at least 4 ulp of the dtype
+    assert "0.03125 x max" in decode._replay_mismatch(ref.bfloat16() + scale, ref.bfloat16())
+
+
+def test_decoding_to_the_end_of_the_cache_and_past_it(qmodel, prompt16):
+    T, n = prompt16.shape[1], 10
+    full = generate(qmodel, prompt16, n, budget=4.0)
+    assert torch.equal(generate(qmodel, prompt16, n, budget=4.0, cache_len=T + n - 1).tokens, full.tokens)
+    assert torch.equal(generate(qmodel, prompt16, n, budget=4.0, cache_len=T + n).tokens, full.tokens)
+    with pytest.raises(ValueError, match=f"needs {T + n - 1} cache positions, the cache holds {T + n - 2}"):
+        generate(qmodel, prompt16, n, budget=4.0, cache_len=T + n - 2)
+    stepper = decode._Stepper(qmodel, None, "past_key_values", torch.device("cpu"), 1, "off", T + 2)
+    with pytest.raises(ValueError, match=f"decode position {T + 2} is outside the static cache of {T + 2} positions"):
+        stepper.step(torch.tensor([1]), T + 2, ())
+
+
+def test_a_moved_cache_offset_is_a_clear_error(prompt16, monkeypatch):
+    """A forward outside the decode steps that moved the cache is reported, not left to write out of range."""
+    model = build_tiny_llama(0)
+    real = decode._Stepper.eager
+
+    def twice(self, tok, pos):  # one stray forward at the first decode step
+        if pos == prompt16.shape[1]:
+            real(self, tok, pos)
+        return real(self, tok, pos)
+
+    monkeypatch.setattr(decode._Stepper, "eager", twice)
+    with pytest.raises(RuntimeError, match=r"offset is \[20\] after 4 new tokens of a 16-token prompt, expected 19"):
+        generate(model, prompt16, 4, cache_len=32)
+
+
+def test_cache_offsets_save_and_restore_in_place():
+    from transformers import StaticCache
+
+    model = build_tiny_llama(0).eval()
+    cache = StaticCache(config=model.config, max_cache_len=8)
+    offsets = decode._CacheOffsets(cache)
+    kw = decode._forward_kwargs(model)[0]
+    assert offsets.not_rewindable() is None
+    with torch.no_grad():
+        model(input_ids=torch.arange(3)[None], **{kw: cache}, use_cache=True)
+    live = offsets.tensors()
+    assert len(live) == model.config.num_hidden_layers and offsets.values() == [3, 3]
+    saved = offsets.save()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[5]]), **{kw: cache}, use_cache=True)
+    assert offsets.values() == [4, 4]
+    offsets.restore(saved)
+    assert offsets.values() == [3, 3] and all(a is b for a, b in zip(offsets.tensors(), live))
+    offsets.check(3, "now")
+    with pytest.raises(RuntimeError, match=r"write offset is \[3\] now, expected 4"):
+        offsets.check(4, "now")
+
+    class Sliding:
+        cumulative_length_int = 3
+
+    sliding = decode._CacheOffsets(type("Cache", (), {"layers": [Sliding()]})())
+    assert "keeps positions on the host" in sliding.not_rewindable()
+
+
 # ------------------------------------------------------------------------------------------ task=decode
 from mobiquant.__main__ import CONF_DIR  # noqa: E402  (also registers the config resolvers)
 
@@ -281,3 +516,104 @@ def test_gpu_graph_decode_equals_eager_and_switches_without_recapture(dtype, pro
     g = generate(model, prompt, 8, budget=sched, cuda_graph="graph")
     assert g.graph == "graph" and g.captures == 1
     assert torch.equal(g.tokens, generate(model, prompt, 8, budget=sched, cuda_graph="off").tokens)
+
+
+def gpu_models(dtype):
+    """The tiny LLaMA unquantized and quantized (routers calibrated, packed), on CUDA in ``dtype``."""
+    fp = build_tiny_llama(0).to("cuda", dtype)
+    q = build_tiny_llama(0)
+    mq.quantize_model(q, mq.MoBiConfig(group_size=32))
+    mq.calibrate_thresholds(q, token_batches(4, batch=4, seqlen=32, seed=100))
+    mq.freeze(q)
+    return fp, q.to("cuda", dtype)
+
+
+# decode_bench.package_rows: a warm-up generation of min(8, new_tokens), then the timed one; here also one that
+# ends at the last position of a cache of prompt + new tokens, and one that fills a cache of the default length
+BENCH_CALLS = [(8, None), (32, None), (8, 16 + 8), (2, None)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_gpu_benchmark_calls_keep_the_graph_and_the_cache_positions(dtype, prompt16):
+    """The calls of the decode benchmark on one model: each generation captures once, its first replay passes the
+    check, the tokens are eager decoding's, and the cache is filled to its last position without a write past it
+    (``generate`` checks every layer's write offset at the end)."""
+    fp, q = gpu_models(dtype)
+    prompt = prompt16.cuda()
+    for model, budget in ((fp, None), (q, 4.0), (q, 2.0), (q, 8.0)):
+        for n, cache_len in BENCH_CALLS:
+            g = generate(model, prompt, n, budget=budget, cache_len=cache_len, cuda_graph="graph")
+            assert g.graph == "graph" and g.captures == 1, g.graph
+            ref = generate(model, prompt, n, budget=budget, cache_len=cache_len, cuda_graph="off")
+            assert torch.equal(g.tokens, ref.tokens), (budget, n, cache_len)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("failure", ["replay rejected", "capture raises", "host sync in capture"])
+def test_gpu_failed_graph_attempt_decodes_as_if_none_was_made(failure, prompt16, monkeypatch):
+    """The failure on the H200: after a real capture attempt that fails or whose replay is rejected, eager
+    decoding gives the tokens of a run without a graph, for consecutive generations on one model, up to the last
+    position of the cache, and no device-side assert (the attempt no longer moves the cache's write offsets)."""
+    fp, q = gpu_models(torch.float16)
+    prompt = prompt16.cuda()
+    hooks = []
+    if failure == "replay rejected":
+        monkeypatch.setattr(decode, "_replay_mismatch", lambda got, ref: "rejected for the test")
+        reason = "rejected for the test"
+    else:
+        def during_capture(mod, args):
+            if torch.cuda.is_current_stream_capturing():
+                if failure == "capture raises":
+                    raise RuntimeError("a forward that cannot be captured")
+                torch.ones(1, device="cuda").item()  # a host synchronisation: CUDA refuses it while capturing
+
+        hooks = [m.model.register_forward_pre_hook(during_capture) for m in (fp, q)]
+        reason = "capture failed: "
+    try:
+        for model, budget in ((fp, None), (q, 4.0)):
+            for n, cache_len in BENCH_CALLS:
+                ref = generate(model, prompt, n, budget=budget, cache_len=cache_len, cuda_graph="off")
+                with pytest.warns(UserWarning, match="CUDA graph not used"):
+                    g = generate(model, prompt, n, budget=budget, cache_len=cache_len, cuda_graph="graph")
+                assert g.graph.startswith(reason), g.graph
+                assert torch.equal(g.tokens, ref.tokens), (budget, n, cache_len)
+        torch.cuda.synchronize()
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_capture_leaves_the_cache_as_an_eager_step(prompt16):
+    """Step by step on CUDA: with the graph kept, every layer's write offset after each step is the position fed
+    plus one, and the keys and values of the positions written equal eager decoding's to rounding."""
+    from transformers import StaticCache
+
+    fp, _ = gpu_models(torch.float32)
+    prompt = prompt16.cuda()
+    T, n = prompt.shape[1], 6
+    kw = decode._forward_kwargs(fp)[0]
+    steppers = []
+    for mode in ("off", "graph"):
+        cache = StaticCache(config=fp.config, max_cache_len=T + n)
+        with torch.no_grad():
+            logits = fp(input_ids=prompt, **{kw: cache}, use_cache=True).logits[:, -1]
+        steppers.append(decode._Stepper(fp, cache, kw, torch.device("cuda"), 1, mode, T + n))
+    tok = logits.argmax(-1)
+    with torch.no_grad():
+        for pos in range(T, T + n):
+            a, _ = steppers[0].step(tok, pos, ())
+            b, _ = steppers[1].step(tok, pos, ())
+            assert steppers[1].status == "graph", steppers[1].status
+            for s in steppers:
+                assert s.offsets.values() == [pos + 1] * fp.config.num_hidden_layers
+            for la, lb in zip(*(s.cache.layers for s in steppers)):
+                torch.testing.assert_close(la.keys, lb.keys, rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(la.values, lb.values, rtol=1e-4, atol=1e-5)
+            assert torch.equal(a.argmax(-1), b.argmax(-1))
+            tok = a.argmax(-1)

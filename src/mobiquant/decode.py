@@ -210,11 +210,111 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _CacheOffsets:
+    """Where each layer of the static cache writes next.
+
+    transformers 5 (5.17, 5.24) does not write a step's keys and values at the ``cache_position`` it is handed:
+    every ``StaticLayer`` keeps its own write offset (``cumulative_length``, a 0-dim device tensor), advances it
+    in place by the tokens of each forward, and derives the positions (RoPE, causal mask) from it too. So every
+    forward through the cache takes a new slot, also one that is not a decode step (the two warm-up runs before
+    a capture, the first replay, its eager check): without a rewind, a capture attempt leaves the cache three
+    positions ahead of the tokens fed, and the decode steps after it write past ``max_cache_len``
+    (``index_copy_(): index out of bounds``). :meth:`save` and :meth:`restore` put the offsets back in place
+    (the same tensors: a captured graph reads and advances these). Older caches that write at
+    ``cache_position`` have no offsets: both are no-ops there."""
+
+    TENSORS = ("cumulative_length", "indexer_cumulative_length")
+    HOST = ("cumulative_length_int",)  # sliding-window layers: positions a captured graph cannot advance
+
+    def __init__(self, cache):
+        self.layers = list(getattr(cache, "layers", None) or [])
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for layer in self.layers for a in self.TENSORS if torch.is_tensor(t := getattr(layer, a, None))]
+
+    def not_rewindable(self) -> str | None:
+        """Why a forward through this cache cannot be undone by :meth:`restore` (so no capture is tried)."""
+        if any(isinstance(getattr(layer, a, None), int) for layer in self.layers for a in self.TENSORS + self.HOST):
+            return "the static cache keeps positions on the host (sliding-window layers)"
+        if any(c.__name__ == "LinearAttentionCacheLayerMixin" for layer in self.layers for c in type(layer).__mro__):
+            return "the cache holds recurrent states (linear-attention layers)"
+        return None
+
+    def save(self) -> tuple[list[torch.Tensor], list[tuple[Any, str, int]]]:
+        dev = [t.clone() for t in self.tensors()]
+        host = [(layer, a, v) for layer in self.layers for a in self.TENSORS + self.HOST
+                if isinstance(v := getattr(layer, a, None), int)]
+        return dev, host
+
+    def restore(self, saved) -> None:
+        dev, host = saved
+        live = self.tensors()
+        if len(live) != len(dev):
+            raise RuntimeError("the static cache's layers changed during a decode step")
+        if live:
+            torch._foreach_copy_(live, dev)
+        for layer, a, v in host:
+            setattr(layer, a, v)
+
+    def values(self) -> list[int]:
+        """The offset of every layer that the model wrote (a host synchronisation)."""
+        used = [layer for layer in self.layers if getattr(layer, "is_initialized", True)]
+        dev = [t for layer in used for a in self.TENSORS if torch.is_tensor(t := getattr(layer, a, None))]
+        host = [v for layer in used for a in self.TENSORS + self.HOST if isinstance(v := getattr(layer, a, None), int)]
+        return (torch.stack([t.reshape(()) for t in dev]).tolist() if dev else []) + host
+
+    def check(self, expected: int, when: str) -> None:
+        """Raise if some layer's write offset is not ``expected`` (tokens fed so far)."""
+        bad = sorted({v for v in self.values() if v != expected})
+        if bad:
+            raise RuntimeError(f"mobiquant.decode: the static cache's write offset is {bad} {when}, expected "
+                               f"{expected} (tokens fed so far): a forward outside the decode steps moved it")
+
+
+# The first replay of a captured step is checked against an eager forward of the same position. Bit equality (or
+# a tolerance of 1e-3 absolute) is the wrong test: the graph and the eager forward may run different kernels
+# (cuBLAS picks algorithms per stream and workspace, TF32 for float32 matmuls, split-K reductions in another
+# order), so logits differ by a few units in the last place of their largest values, and fp16 logits of a few
+# units have ulps of 2e-3 and more. What a faulty capture produces -- a wrong position or cache slot, stale router
+# thresholds, a host value baked into the graph -- moves logits by a sizeable part of their own scale (a step
+# two positions off moved the tiny test model's by 4 %, a large model's by far more) and changes greedy tokens.
+# So: the largest difference must stay below REPLAY_RTOL (at least 4 ulp of the logits' dtype: 3 % for bfloat16)
+# times the largest |eager logit|, and the greedy token must agree in every row unless the eager logits of the
+# two tokens are within that tolerance (a near tie that such noise can flip).
+REPLAY_RTOL = 2e-2
+
+
+def _replay_mismatch(got: torch.Tensor, ref: torch.Tensor) -> str | None:
+    """Why the graph's logits ``got`` are not those of the eager forward ``ref`` (``[batch, vocab]``), or None."""
+    rtol = max(REPLAY_RTOL, 4 * torch.finfo(ref.dtype).eps) if ref.is_floating_point() else REPLAY_RTOL
+    g, r = got.float(), ref.float()
+    finite = torch.isfinite(r)
+    if not torch.equal(torch.isfinite(g), finite):
+        return "a graph replay gave non-finite logits where the eager forward's are finite, or the reverse"
+    g, r = g.where(finite, 0.0), r.where(finite, 0.0)
+    scale = float(r.abs().amax())
+    tol = rtol * max(scale, torch.finfo(torch.float32).tiny)
+    err = float((g - r).abs().amax())
+    if err > tol:
+        return (f"a graph replay differed from the eager forward: max |logit difference| {err:.4g} > {tol:.4g} "
+                f"({rtol:g} x max |logit| {scale:.4g})")
+    top_g, top_r = g.argmax(-1), r.argmax(-1)
+    lead = r.gather(-1, top_r[:, None]) - r.gather(-1, top_g[:, None])
+    flipped = ((top_g != top_r) & (lead.squeeze(-1) > tol)).nonzero().flatten().tolist()
+    if flipped:
+        return (f"a graph replay picked another greedy token than the eager forward in rows {flipped} "
+                f"(eager leads by more than {tol:.4g})")
+    return None
+
+
 class _Stepper:
     """One decode position: eager, a captured CUDA graph, or ``torch.compile(mode='reduce-overhead')``."""
 
-    def __init__(self, model, cache, cache_kw: str, device: torch.device, batch: int, mode: str):
+    def __init__(self, model, cache, cache_kw: str, device: torch.device, batch: int, mode: str,
+                 cache_len: int | None = None):
         self.model, self.cache, self.cache_kw, self.device, self.mode = model, cache, cache_kw, device, mode
+        self.cache_len = cache_len
+        self.offsets = _CacheOffsets(cache)
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -231,27 +331,64 @@ class _Stepper:
         self.pos.fill_(pos)
         return self._eager(self.ids, self.pos)
 
-    def _capture(self) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """Warm up on a side stream (kernels compile, the position written is the step's own), then capture."""
+    def _warm_up(self, saved, runs: int = 2) -> None:
+        """Forwards of the step before its capture (kernels compile, allocations settle). Each starts from the
+        cache offsets ``saved`` and so writes the step's own slot; the offsets are back at ``saved`` after."""
+        for _ in range(runs):
+            self.offsets.restore(saved)
+            self._eager(self.ids, self.pos)
+        self.offsets.restore(saved)
+
+    def _capture(self, saved) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Warm up on a side stream, then capture; the cache offsets are at ``saved`` when it returns."""
         for r in (r for _, r in routers(self.model)):
             r.clear_cache()
         s = torch.cuda.Stream(self.device)
         s.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(s):
-            for _ in range(2):
-                self._eager(self.ids, self.pos)
+            self._warm_up(saved)
         torch.cuda.current_stream(self.device).wait_stream(s)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
+        with torch.cuda.graph(g):  # recorded, not run: the offsets do not move
             logits = self._eager(self.ids, self.pos)
         for r in (r for _, r in routers(self.model)):
             r.clear_cache()
         self.captures += 1
         return g, logits
 
+    def _first_step(self, pos: int, key: tuple) -> torch.Tensor:
+        """Capture the step for ``key``, replay it once and check the replay against an eager forward. Returns
+        the eager forward's logits, so that whether the graph is kept or not, the cache and its offsets are
+        exactly those of an eager step (the eager forward runs last, from the offsets the step began with)."""
+        why = self.offsets.not_rewindable()
+        if why is not None:
+            self._give_up(f"{why}: a capture attempt could not be undone")
+            return self._eager(self.ids, self.pos)
+        saved = self.offsets.save()
+        try:
+            entry = self._capture(saved)
+            entry[0].replay()
+            got = entry[1].clone()
+        except Exception as e:  # a forward that synchronises with the host cannot be captured
+            _sync(self.device)
+            self.offsets.restore(saved)
+            self._give_up(f"capture failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+                          if str(e).strip() else f"capture failed: {type(e).__name__}")
+            return self._eager(self.ids, self.pos)
+        self.offsets.restore(saved)
+        ref = self._eager(self.ids, self.pos)
+        why = _replay_mismatch(got, ref)
+        if why is not None:
+            self._give_up(why)
+            return ref
+        self.graphs[key] = entry
+        return ref
+
     def step(self, tok: torch.Tensor, pos: int, key: tuple) -> tuple[torch.Tensor, bool]:
         """Logits of position ``pos`` fed ``tok``; the flag says the step was a capture or its check (keep it
         out of the timing)."""
+        if self.cache_len is not None and not 0 <= pos < self.cache_len:
+            raise ValueError(f"decode position {pos} is outside the static cache of {self.cache_len} positions")
         if self.mode == "off":
             return self.eager(tok, pos), False
         self.ids.copy_(tok.view(-1, 1))
@@ -264,23 +401,12 @@ class _Stepper:
             return self._compiled(self.ids, self.pos).clone(), False
         entry = self.graphs.get(key)
         if entry is None:
-            try:
-                entry = self.graphs[key] = self._capture()
-            except Exception as e:  # a forward that synchronises with the host cannot be captured
-                self._give_up(f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
-                return self.eager(tok, pos), True
-            entry[0].replay()
-            # the first replay of each graph is checked against an eager forward of the same position
-            ref = self._eager(self.ids, self.pos)
-            if not torch.allclose(entry[1].float(), ref.float(), rtol=1e-3, atol=1e-3):
-                self._give_up("a graph replay differed from the eager forward")
-                return ref, True
-            return entry[1].clone(), True
+            return self._first_step(pos, key), True
         entry[0].replay()
         return entry[1].clone(), False
 
     def _give_up(self, why: str) -> None:
-        warnings.warn(f"mobiquant.decode: CUDA graph not used ({why}); decoding eagerly", stacklevel=3)
+        warnings.warn(f"mobiquant.decode: CUDA graph not used ({why}); decoding eagerly", stacklevel=4)
         self.mode, self.status, self.graphs = "off", why, {}
 
 
@@ -342,8 +468,10 @@ def generate(
     prefill, entry ``i`` to the forward that produces token ``i``), a callable ``step -> bits`` (``None``:
     keep), or ``None`` (the model as it is set). ``temperature`` 0: greedy; otherwise sampling, from the
     ``top_k`` most likely tokens when given, with a generator seeded by ``seed``. ``cache_len``: positions
-    of the static cache (default prompt + new tokens). ``cuda_graph``: 'auto' (a captured decode step on
-    CUDA, eager elsewhere), 'graph', 'compile' (``torch.compile(mode='reduce-overhead')``) or 'off'.
+    of the static cache (default prompt + new tokens - 1: the last token is never fed back). ``cuda_graph``:
+    'auto' (a captured decode step on CUDA, eager elsewhere), 'graph', 'compile'
+    (``torch.compile(mode='reduce-overhead')``) or 'off'; a capture that fails, or whose first replay does not
+    match an eager forward, falls back to eager decoding with a warning that says why.
     ``eos_token_id``: stop once every row has produced it (one host synchronisation per token).
     ``track_bits``: the achieved average bits of every new token (eager only)."""
     from transformers import StaticCache
@@ -414,7 +542,7 @@ def generate(
         done = (tok == eos_token_id) if eos_token_id is not None else None
         _sync(device)
         prefill_s = time.perf_counter() - t0
-        stepper = _Stepper(model, cache, cache_kw, device, batch, mode)
+        stepper = _Stepper(model, cache, cache_kw, device, batch, mode, cache_len)
         decode_s, timed, n = 0.0, 0, 1
         seg_start, seg_tokens = time.perf_counter(), 0
         for i in range(1, max_new_tokens):
@@ -427,6 +555,7 @@ def generate(
                 decode_s += time.perf_counter() - seg_start
                 timed += seg_tokens
                 seg_tokens = 0
+                stepper.offsets.check(T + i, f"after the capture step of position {T + i - 1}")
             record_bits()
             tok = _pick(logits, temperature, top_k, gen)
             if done is not None:
@@ -442,6 +571,7 @@ def generate(
         _sync(device)
         decode_s += time.perf_counter() - seg_start
         timed += seg_tokens
+        stepper.offsets.check(T + n - 1, f"after {n} new tokens of a {T}-token prompt")
     finally:
         model.train(was_training)
         for r in control.routers:
