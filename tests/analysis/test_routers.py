@@ -18,6 +18,8 @@ from mobiquant.pipeline import ConfigError, load_base_model, load_token_ids
 FILES = ["router_sites.csv", "router_layers.csv", "router_budgets.csv", "router_bits.png", "router_k_shares.png",
          "routers.md", "calibration.csv"]
 BUDGETS = [2, 2.5, 3, 3.5, 4, 5, 6, 8]
+# the 2-bit-slice layout: four views that cover the whole 2-8 bit grid of the smoke run
+SMOKE = ("experiment=routers_smoke", "quant.mobi.slice_bits=[2,2,2,2]")
 SHARES = [f"share_k{k}" for k in range(1, 5)]
 
 
@@ -25,7 +27,7 @@ SHARES = [f"share_k{k}" for k in range(1, 5)]
 def smoke_run(tmp_path_factory, compose_cfg):
     root = tmp_path_factory.mktemp("routers")
     # the 2-bit-slice layout: four views that cover the whole 2-8 bit grid
-    cfg = compose_cfg(root / "run", "experiment=routers_smoke", "quant.mobi.slice_bits=[2,2,2,2]")
+    cfg = compose_cfg(root / "run", *SMOKE)
     metric = routers.run(cfg)
     return root / "run", metric, cfg
 
@@ -99,7 +101,7 @@ def test_global_bits_match_the_checkpoint_reloaded(smoke_run):
 def test_resume_does_not_recalibrate(smoke_run, compose_cfg, no_calibration):
     out, metric, _ = smoke_run
     before = pd.read_csv(out / "router_layers.csv")
-    assert routers.run(compose_cfg(out, "experiment=routers_smoke")) == pytest.approx(metric)
+    assert routers.run(compose_cfg(out, *SMOKE)) == pytest.approx(metric)
     pd.testing.assert_frame_equal(pd.read_csv(out / "router_layers.csv"), before)
     assert "reloaded from" in (out / "routers.md").read_text()
 
@@ -111,7 +113,7 @@ def test_explicit_budgets(tmp_path, compose_cfg, smoke_run, no_calibration):
 
     out, _, _ = smoke_run
     shutil.copytree(out / "checkpoints", tmp_path / "run" / "checkpoints")
-    routers.run(compose_cfg(tmp_path / "run", "experiment=routers_smoke", "analysis.routers.budgets=[3.25,2.5]",
+    routers.run(compose_cfg(tmp_path / "run", *SMOKE, "analysis.routers.budgets=[3.25,2.5]",
                             "analysis.routers.early_layers=1"))
     assert sorted(pd.read_csv(tmp_path / "run" / "router_budgets.csv")["budget"]) == [2.5, 3.25]
 
