@@ -7,10 +7,9 @@ import math
 import pandas as pd
 import pytest
 
-from test_pipeline import smoke_cfg  # tests/ is on sys.path (pytest's default import mode)
-
 from mobiquant.pipeline import run
 from mobiquant.results import method_summary
+from test_pipeline import smoke_cfg  # tests/ is on sys.path (pytest's default import mode)
 
 # The compare preset's method list, on the tiny random LLaMA with smoke-sized data.
 TINY = ["experiment=compare", "model=tiny-llama", "logger=none", "group_size=32", "router.hidden=8",

@@ -10,7 +10,6 @@ import torch.nn as nn
 
 import mobiquant as mq
 from mobiquant.modules import MoBiLinear
-from mobiquant.quant.primitives import fake_quant_rtn
 from mobiquant.patching import (
     ROUTERS_ATTR,
     find_blocks,
@@ -19,6 +18,7 @@ from mobiquant.patching import (
     routers,
     static_k_for_bits,
 )
+from mobiquant.quant.primitives import fake_quant_rtn
 
 LLAMA_SITES = [
     ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],

@@ -42,11 +42,20 @@ if TYPE_CHECKING:
     from .calibration import CalibConfig, calibrate
     from .checkpoint import CheckpointError, load_quantized, save_quantized
     from .modules import MoBiLinear
-    from .patching import (MoBiConfig, achieved_bits, calibrate_thresholds, freeze, quantize_model, reset_counts,
-                           set_budget, set_static, storage_bits)
+    from .patching import (
+        MoBiConfig,
+        achieved_bits,
+        calibrate_thresholds,
+        freeze,
+        install_plan,
+        quantize_model,
+        reset_counts,
+        set_budget,
+        set_static,
+        storage_bits,
+    )
     from .quant.slicer import ResidualSlicer
     from .router import TokenRouter
-    from .patching import install_plan
     from .site_budgets import plan_budgets
 
 

@@ -82,7 +82,7 @@ class MoBiLinear(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **kwargs) -> "MoBiLinear":
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> MoBiLinear:
         m = cls(
             linear.in_features,
             linear.out_features,

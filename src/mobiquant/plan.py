@@ -15,8 +15,8 @@ this module only holds, interpolates and serialises it, and depends on nothing e
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import torch
 
@@ -95,7 +95,7 @@ class BudgetPlan:
         return {"linears": self.linears, "reading": self.reading, "settings": dict(self.settings)}
 
     @classmethod
-    def from_state(cls, state: Mapping[str, torch.Tensor], meta: Mapping) -> "BudgetPlan":
+    def from_state(cls, state: Mapping[str, torch.Tensor], meta: Mapping) -> BudgetPlan:
         missing = [k for k in ("plan.budgets", "plan.taus", "plan.local") if k not in state]
         if missing:
             raise ValueError(f"plan tensors missing: {missing}")

@@ -26,7 +26,7 @@ achieved on calibration activations (a weighted quantile function of its scores)
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn

@@ -25,7 +25,7 @@ few calibration windows once, then a knapsack per budget.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch

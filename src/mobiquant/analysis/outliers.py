@@ -73,9 +73,9 @@ import logging
 import math
 import time
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import lightning as L
 import numpy as np

@@ -42,7 +42,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd

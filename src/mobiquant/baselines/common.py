@@ -14,13 +14,13 @@ and its ``k``-slice view is ``W_k = (scale / 2^B_k) (C_k - 2^B_k zero - (2^B_k -
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 
 from ..modules import MoBiLinear
-from ..patching import MoBiConfig, block_linears, find_blocks
+from ..patching import MoBiConfig, block_linears
 from ..quant.packing import pack_codes
 from ..quant.primitives import check_group_size, num_groups
 from ..quant.slicer import check_slice_bits

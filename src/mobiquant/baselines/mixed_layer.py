@@ -25,9 +25,9 @@ multi-slice ``MoBiLinear``s (a MoBiQuant checkpoint, the Matryoshka baseline, pa
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import reduce
-from typing import Iterable, Mapping
 
 import numpy as np
 import pandas as pd

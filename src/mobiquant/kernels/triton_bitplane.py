@@ -44,8 +44,8 @@ Self-contained (torch and triton only) so that benchmarks can load it without th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import triton

@@ -20,8 +20,8 @@ the shift-and-add form and the kernels are the same.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
