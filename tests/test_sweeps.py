@@ -192,7 +192,8 @@ def test_local_multirun_keeps_the_results_of_good_jobs(local_sweep):
     for job, n in (("1", 2), ("2", 4)):  # ... after every other job ran to the end
         df = pd.read_csv(sweep / job / "results.csv")
         assert set(df["method"]) == {"mobiquant", "fp"}, job
-        assert sorted(df.loc[df["method"] == "mobiquant", "budget"]) == [4.0, 8.0]  # the default slices [3, 1, 1, 1, 1, 1] serve 3-8 bits
+        # the default slices [3, 1, 1, 1, 1, 1] serve 3-8 bits
+        assert sorted(df.loc[df["method"] == "mobiquant", "budget"]) == [4.0, 8.0]
         assert yaml.safe_load((sweep / job / ".hydra" / "overrides.yaml").read_text())[0] == f"data.calib.nsamples={n}"
         assert (sweep / job / "elasticity.png").exists()
     logs = list((sweep / ".submitit").rglob("*_log.err"))

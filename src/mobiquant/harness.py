@@ -354,7 +354,8 @@ def markdown_table(df: pd.DataFrame) -> str:
         return "(no results)"
     d = df.copy()
     d["budget"] = d["budget"].map(lambda b: "FP" if pd.isna(b) else f"{float(b):g}")
-    d["cell"] = [f"{v:.4g}" + ("" if pd.isna(s) else f" ± {s:.2g}") for v, s in zip(d["value"], d["stderr"])]
+    d["cell"] = [f"{v:.4g}" + ("" if pd.isna(s) else f" ± {s:.2g}")
+                 for v, s in zip(d["value"], d["stderr"], strict=True)]
     d["column"] = d["task"] + " " + d["metric"]
     index = ["method", "budget", "avg_bits"]
     d["avg_bits"] = d["avg_bits"].map(lambda b: f"{b:.3f}")

@@ -182,7 +182,7 @@ class MoBiLinear(nn.Module):
             return
         sc = self.slicer.decompose(self.weight.float(), self.gamma, self.beta, scale_dtype=torch.float16)
         self._compute_dtype = self.weight.dtype
-        for e, (c, b) in enumerate(zip(sc.codes, self.slice_bits)):
+        for e, (c, b) in enumerate(zip(sc.codes, self.slice_bits, strict=True)):
             flat = from_groups(c, self.in_features)
             self.register_buffer(f"plane{e}", pack_codes(flat, b, self.word_bits))
         self.register_buffer("scale", sc.scale.squeeze(-1).to(torch.float16))

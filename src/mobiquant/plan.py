@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import torch
 
@@ -43,7 +44,7 @@ class BudgetPlan:
         G, L = len(self.budgets), len(self.linears)
         if G == 0 or L == 0:
             raise ValueError(f"a budget plan needs at least one budget and one linear, got {G} and {L}")
-        if any(b2 <= b1 for b1, b2 in zip(self.budgets, self.budgets[1:])):
+        if any(b2 <= b1 for b1, b2 in pairwise(self.budgets)):
             raise ValueError(f"plan budgets must increase strictly, got {self.budgets}")
         if len(set(self.linears)) != L:
             raise ValueError("plan linears must be unique")
@@ -79,12 +80,12 @@ class BudgetPlan:
         """Every linear's threshold at ``budget`` (linear interpolation between the grid budgets)."""
         i, j, w = self._weights(budget)
         t = (1 - w) * self.taus[:, i] + w * self.taus[:, j]
-        return dict(zip(self.linears, t.tolist()))
+        return dict(zip(self.linears, t.tolist(), strict=True))
 
     def local_at(self, budget: float) -> dict[str, float]:
         i, j, w = self._weights(budget)
         t = (1 - w) * self.local[:, i] + w * self.local[:, j]
-        return dict(zip(self.linears, t.tolist()))
+        return dict(zip(self.linears, t.tolist(), strict=True))
 
     # ------------------------------------------------------------------ serialisation
     def state(self) -> dict[str, torch.Tensor]:

@@ -74,7 +74,7 @@ def pack_linear_from_codes(
     if bias is not None:
         m.bias.copy_(bias.detach().to(device=device, dtype=dtype))
     m.make_packed_buffers(compute_dtype or dtype)
-    for e, (c, b) in enumerate(zip(codes_per_slice, bits)):
+    for e, (c, b) in enumerate(zip(codes_per_slice, bits, strict=True)):
         if tuple(c.shape) != (out_f, in_f):
             raise ValueError(f"codes of slice {e} must have shape {(out_f, in_f)}, got {tuple(c.shape)}")
         if c.is_floating_point():

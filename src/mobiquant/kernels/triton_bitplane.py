@@ -788,7 +788,6 @@ def _bp_gemv_fields_kernel(
     scaled activations and ``mult = 2^(S - (KMAX-1) B)``: planes past ``k`` are zero, so the field holds
     ``C_k 2^((KMAX-k) B)`` and ``mult`` is the same for every ``k``. Per code and plane one AND, per code
     one FMA; the sum over a group is in-thread but for the few lanes that share a group."""
-    SUBG: tl.constexpr = BLOCK_K // GPC
     PER: tl.constexpr = 32 // B
     HALF: tl.constexpr = PER // 2
     NW: tl.constexpr = BLOCK_K // PER
@@ -1157,7 +1156,7 @@ def _check_k(k, num_slices: int):
 def _small_consts(slice_bits: Sequence[int], magic: bool) -> tuple[list[float], list[float]]:
     """Per-plane activation factor ``A_e`` and group-constant coefficient ``C_e`` (module docstring)."""
     A, C = [], []
-    for e, (b, sh) in enumerate(zip(slice_bits, _shifts(slice_bits))):
+    for e, (b, sh) in enumerate(zip(slice_bits, _shifts(slice_bits), strict=True)):
         half = (2**b - 1) / 2 if e > 0 else 0.0
         if magic:  # f = 1 + q / 2^b, so q = 2^b (f - 1)
             A.append(2.0 ** (b - sh))
