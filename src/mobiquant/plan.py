@@ -121,9 +121,9 @@ def stack_plan(budgets: Sequence[float], per_budget: Sequence[tuple[dict[str, fl
     for taus, local, _ in per_budget:
         if sorted(taus) != names or sorted(local) != names:
             raise ValueError("every plan budget must cover the same linears")
-    taus = torch.tensor([[t[n] for t, _, _ in per_budget] for n in names], dtype=torch.float64)
-    local = torch.tensor([[lo[n] for _, lo, _ in per_budget] for n in names], dtype=torch.float64)
-    return BudgetPlan(list(budgets), names, taus, local, [r for _, _, r in per_budget], dict(settings or {}))
+    taus_t = torch.tensor([[t[n] for t, _, _ in per_budget] for n in names], dtype=torch.float64)
+    local_t = torch.tensor([[lo[n] for _, lo, _ in per_budget] for n in names], dtype=torch.float64)
+    return BudgetPlan(list(budgets), names, taus_t, local_t, [r for _, _, r in per_budget], dict(settings or {}))
 
 
 __all__ = ["PLAN_ATTR", "READINGS", "BudgetPlan", "stack_plan"]

@@ -416,12 +416,12 @@ def _bp_small_kernel(
     if DT == 0:
         ONE: tl.constexpr = 0x3C00
         TOP: tl.constexpr = 10
-    elif DT == 1:
-        ONE: tl.constexpr = 0x3F80
-        TOP: tl.constexpr = 7
+    elif DT == 1:  # (one constexpr per branch, resolved at compile time: not a redefinition for Triton)
+        ONE: tl.constexpr = 0x3F80  # type: ignore[no-redef]
+        TOP: tl.constexpr = 7  # type: ignore[no-redef]
     else:
-        ONE: tl.constexpr = 0x3F800000
-        TOP: tl.constexpr = 23
+        ONE: tl.constexpr = 0x3F800000  # type: ignore[no-redef]
+        TOP: tl.constexpr = 23  # type: ignore[no-redef]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     n_chunks = tl.cdiv(K_IN, BLOCK_K)
@@ -1397,7 +1397,7 @@ def bitplane_linear_tiled(
     kf = k.reshape(-1)
     if kf.numel() != M:
         raise ValueError(f"k has {kf.numel()} entries for {M} tokens")
-    present = range(1, NS + 1)
+    present: Sequence[int] = range(1, NS + 1)
     if kf.device.type == "cpu":  # counts are free on the host: launch only the k values present
         counts = torch.bincount(kf.long(), minlength=NS + 1)
         if int(kf.min()) < 1 or int(kf.max()) > NS:
