@@ -30,6 +30,14 @@ test: $(STAMP) ## Run the test suite (slow tests on the real model included)
 test-fast: $(STAMP) ## Run the tests that need no real model (skips `slow`)
 	WANDB_MODE=offline $(PY) -m pytest tests -q -m "not slow" $(ARGS)
 
+lint: $(STAMP) ## Lint src/, tests/ and benchmarks/ (ruff check) and type-check src/ (mypy)
+	$(PY) -m ruff check
+	$(PY) -m mypy
+
+format: $(STAMP) ## Format the code (ruff format) and apply ruff's safe fixes (ruff check --fix)
+	$(PY) -m ruff format
+	$(PY) -m ruff check --fix
+
 run: $(STAMP) ## Calibrate SmolLM2-135M and print the elasticity table (experiment=demo)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(VENV)/bin/mobiquant experiment=demo $(ARGS)
 
@@ -37,6 +45,6 @@ compare: $(STAMP) ## Run every baseline beside MoBiQuant (experiment=compare)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(VENV)/bin/mobiquant experiment=compare $(ARGS)
 
 clean: ## Remove run outputs (keeps .venv and the model cache)
-	rm -rf outputs multirun .pytest_cache
+	rm -rf outputs multirun .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help venv test test-fast run compare clean
+.PHONY: help venv test test-fast lint format run compare clean

@@ -67,7 +67,7 @@ def run_job(args, method: str, gpus: int, baselines: str) -> Path:
 
 def summarize(run_dirs: dict[tuple[str, int], Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
     cost, ppl = [], []
-    for (method, gpus), d in run_dirs.items():
+    for (_method, gpus), d in run_dirs.items():
         res = d / "results.csv"
         if not res.is_file():
             continue
@@ -87,7 +87,7 @@ def summarize(run_dirs: dict[tuple[str, int], Path]) -> tuple[pd.DataFrame, pd.D
     if not cost_df.empty:
         base = cost_df[cost_df.gpus == 1].set_index("method")["calib_seconds"]
         cost_df["speedup_vs_1gpu"] = [base.get(m, float("nan")) / s for m, s in
-                                      zip(cost_df["method"], cost_df["calib_seconds"])]
+                                      zip(cost_df["method"], cost_df["calib_seconds"], strict=True)]
     return cost_df, pd.DataFrame(ppl)
 
 

@@ -260,7 +260,8 @@ def table(tb, shapes, tokens, copy_bw, log, check=True, best=None):
                 log(f"{name:22s} M={m:5d} k={str(k):5s} {t:9.2f} us  fp16 {t16:9.2f} us  x{r['speedup']:.2f}  "
                     f"{r['gbps']:7.0f} GB/s ({r['pct_copy']:5.1f}% copy)  deq+mm {tdq:9.2f} us  err {err:.1e}"
                     + (f"  field-kernel {t_fields:8.2f} us" if t_fields == t_fields else ""))
-        del planes, scale, zero, w16, wbuf
+        # drop this shape's tensors (the benchmarked closures share these variables) before the next one
+        planes = scale = zero = w16 = wbuf = None
         torch.cuda.empty_cache()
     return rows
 

@@ -114,7 +114,8 @@ def test_inputs_kept_on_cpu_give_the_same_calibration(device):
     for where in ("device", "cpu"):
         model, _ = tiny_llama(num_hidden_layers=2, hidden_size=64, intermediate_size=160, seed=0)
         model.to(device)
-        calibrate_model(model, ids, MoBiConfig(group_size=32, router_hidden=8), dataclasses.replace(cfg, inputs_on=where))
+        calibrate_model(model, ids, MoBiConfig(group_size=32, router_hidden=8),
+                        dataclasses.replace(cfg, inputs_on=where))
         states.append({k: v.cpu() for k, v in quantized_state(model).items()})
     assert states[0].keys() == states[1].keys()
     for k in states[0]:

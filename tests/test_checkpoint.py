@@ -46,7 +46,7 @@ def test_round_trip_gives_identical_logits_routed_and_static(saved, make_llama, 
         mq.set_budget(model, budget)
         mq.set_budget(loaded, budget)
         assert torch.equal(logits(loaded, input_ids), logits(model, input_ids))
-    for (_, a), (_, b) in zip(routers(model), routers(loaded)):
+    for (_, a), (_, b) in zip(routers(model), routers(loaded), strict=True):
         assert torch.equal(a.tau, b.tau) and torch.equal(a.bits_table, b.bits_table)
     # Static any-precision views.
     for k in (1, 2, 4):

@@ -14,7 +14,8 @@ from mobiquant.__main__ import CONF_DIR
 from mobiquant.methods import QuantMethod
 from mobiquant.pipeline import ConfigError, instantiate_calib, validate
 
-GROUPS = ["model", "quant", "router", "budget", "data", "trainer", "logger", "paths", "baselines", "experiment", "debug"]
+GROUPS = ["model", "quant", "router", "budget", "data", "trainer", "logger", "paths", "baselines", "experiment",
+          "debug"]
 
 
 def options(group: str) -> list[str]:
@@ -105,6 +106,7 @@ def test_unknown_group_option_names_allowed(tmp_path):
 
 
 def test_missing_text_file(tmp_path):
-    cfg = _compose(["data=offline", f"+data.eval.extra={{corpus: text_files, split: all, paths: [{tmp_path}/none.txt]}}"], tmp_path)
+    extra = f"+data.eval.extra={{corpus: text_files, split: all, paths: [{tmp_path}/none.txt]}}"
+    cfg = _compose(["data=offline", extra], tmp_path)
     with pytest.raises(ConfigError, match="does not exist"):
         validate(cfg)

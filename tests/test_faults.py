@@ -92,7 +92,7 @@ def make_read_only(monkeypatch, root: Path, code: int = errno.EACCES) -> None:
     def guard(real, n_paths=1):
         def fake(*args, **kwargs):
             fds = [kwargs.get("src_dir_fd"), kwargs.get("dst_dir_fd")] if n_paths == 2 else [kwargs.get("dir_fd")]
-            for path, fd in zip(args[:n_paths], fds):
+            for path, fd in zip(args[:n_paths], fds, strict=True):
                 if _under(path, root, fd):
                     deny(path)
             return real(*args, **kwargs)

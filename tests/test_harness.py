@@ -71,7 +71,7 @@ def test_smoke_evaluates_every_method_and_budget(smoke):
     out, value = smoke
     df = pd.read_csv(out / harness.CSV_NAME)
     assert list(df.columns) == harness.COLUMNS
-    passes = {(m, "FP" if pd.isna(b) else float(b)) for m, b in zip(df["method"], df["budget"])}
+    passes = {(m, "FP" if pd.isna(b) else float(b)) for m, b in zip(df["method"], df["budget"], strict=True)}
     assert passes == {("fp", "FP"), ("rtn", 3.0), ("rtn", 8.0), ("mobiquant", 3.0), ("mobiquant", 8.0)}
     assert set(df["task"]) == {"wikitext2_lastword"} and set(df["metric"]) == {"acc", "perplexity"}
     assert len(df) == 2 * len(passes)

@@ -42,7 +42,8 @@ def tiny_model(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, models as tk_models, pre_tokenizers
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tk_models
 
     words = ["[UNK]"] + [f"w{i}" for i in range(VOCAB - 1)]
     tok = Tokenizer(tk_models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 import torch.nn as nn
@@ -73,7 +75,7 @@ def test_eight_bit_view_is_close_to_the_linear_without_clipping():
             m.set_static(k)
             errs.append(float((m(x) - ref).norm() / ref.norm()))
     assert errs[-1] < 0.02
-    assert all(a > 2 * b for a, b in zip(errs, errs[1:])), errs
+    assert all(a > 2 * b for a, b in pairwise(errs)), errs
 
 
 def test_routed_fake_forward_gives_each_token_its_own_view():
@@ -151,7 +153,7 @@ def test_repeated_steps_on_one_batch_with_cleared_router_cache():
     losses = _train_steps(m, tokens(128, 100), steps=3, clear=True)
     assert all(torch.isfinite(torch.tensor(losses))) and len(set(losses)) == 3
     assert bool((m.gamma != 4.0).any()) and bool((m.beta != 4.0).any())
-    assert all(not torch.equal(a, b) for a, b in zip(router_before, m.router.parameters()))
+    assert all(not torch.equal(a, b) for a, b in zip(router_before, m.router.parameters(), strict=True))
 
 
 def test_repeated_steps_on_one_batch_without_clearing_the_cache():
@@ -223,7 +225,7 @@ def test_freeze_stores_bit_planes_and_drops_the_fp_weight():
     assert all(m.plane(e).dtype == torch.int32 for e in range(4))
     assert m.scale.dtype == torch.float16 and m.scale.shape == (24, 2)
     assert m.zero.dtype == torch.float16 and m.zero.shape == (24, 2)
-    for got, want in zip(m.codes(), codes_before):
+    for got, want in zip(m.codes(), codes_before, strict=True):
         assert torch.equal(got, want.reshape(24, -1)[:, :100])
     m.freeze()  # idempotent
     assert m.packed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from itertools import pairwise
 
 import pytest
 import torch
@@ -10,7 +11,6 @@ import torch.nn as nn
 
 import mobiquant as mq
 from mobiquant.modules import MoBiLinear
-from mobiquant.quant.primitives import fake_quant_rtn
 from mobiquant.patching import (
     ROUTERS_ATTR,
     find_blocks,
@@ -19,6 +19,7 @@ from mobiquant.patching import (
     routers,
     static_k_for_bits,
 )
+from mobiquant.quant.primitives import fake_quant_rtn
 
 LLAMA_SITES = [
     ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
@@ -187,7 +188,7 @@ def test_static_views_approach_the_original_model(tiny_llama, input_ids):
         mq.set_static(tiny_llama, k)
         errs.append(rel_err(logits(tiny_llama, input_ids), ref))
     assert errs[-1] < 0.02, errs  # 8-bit view: close to the FP model
-    assert all(a > 2 * b for a, b in zip(errs, errs[1:])), errs
+    assert all(a > 2 * b for a, b in pairwise(errs)), errs
     with pytest.raises(ValueError, match="k must be between 1 and 4"):
         mq.set_static(tiny_llama, 5)
 

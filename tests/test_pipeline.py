@@ -74,7 +74,7 @@ def test_smoke_end_to_end_with_wandb_offline(tmp_path, wandb_env):
     assert {"method:mobiquant", "model:tiny-llama", "budgets:2,3,4,8"} <= set(wb["tags"])
     summary = wb["summary"]
     assert summary["objective"] == pytest.approx(metric)
-    for b, ppl in zip(mobi["budget"], mobi["ppl"]):
+    for b, ppl in zip(mobi["budget"], mobi["ppl"], strict=True):
         assert summary[f"ppl/mobiquant/wiki_extract/b{b:g}"] == pytest.approx(ppl)
     assert summary["ppl/fp/wiki_extract"] == pytest.approx(df.loc[df["method"] == "fp", "ppl"].iloc[0])
     assert "eval/mobiquant/wiki_extract/ppl" not in summary  # was the last (8-bit) row, not the curve

@@ -109,7 +109,7 @@ def test_curves_average_the_other_axes(sweep):
 def test_pareto_front():
     df = pd.DataFrame({"avg_bits": [2, 2, 3, 4, 4, 8], "ppl": [20, 25, 21, 12, 11, 11.5]})
     front = pareto_front(df)
-    assert list(zip(front["avg_bits"], front["ppl"])) == [(2, 20), (4, 11)]
+    assert list(zip(front["avg_bits"], front["ppl"], strict=True)) == [(2, 20), (4, 11)]
 
 
 def test_empty_and_missing_directories(tmp_path):
@@ -245,7 +245,7 @@ def test_curves_never_mix_methods(methods_sweep):
         job = rep.df[rep.df["is_main"] & (rep.df["method"] == method) & (rep.df[OV + "seed"] == seed)]
         expected = job[job["budget"].notna()].set_index("budget")["ppl"]
         assert (g["n_jobs"] == 1).all()
-        for b, ppl in zip(g["budget"], g["ppl"]):
+        for b, ppl in zip(g["budget"], g["ppl"], strict=True):
             assert ppl == pytest.approx(expected[b]), (method, seed, b)
     overall = rp.curves_by(rep.df, None)  # seeds averaged per method
     assert (overall["n_jobs"] == 2).all() and set(overall["method"]) == {"mobiquant", "rtn"}

@@ -4,7 +4,6 @@ job; the SLURM job rendered without a cluster), W&B sweep definitions and the ex
 from __future__ import annotations
 
 import os
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -100,8 +99,8 @@ def test_optuna_preset(tmp_path):
     task = _task_cfg(cfg, tmp_path)
     assert task.baselines == {} and "optuna" in task.tags
     # every search-space parameter is an override the task accepts
-    from hydra_plugins.hydra_optuna_sweeper._impl import create_optuna_distribution_from_override
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_optuna_distribution_from_override
 
     for ov in OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in sw.params.items()
                                                          if k != "seed"]):
@@ -134,10 +133,10 @@ def _fake_bin(tmp_path: Path, captured: Path) -> Path:
 def test_slurm_launcher_renders_submitit_job(tmp_path, monkeypatch):
     """`hydra/launcher=slurm` through the plugin's own launch(): the sbatch script submitit writes."""
     import submitit
+    from hydra._internal.callbacks import Callbacks
     from hydra.core.utils import setup_globals
     from hydra.types import HydraContext
     from hydra.utils import instantiate
-    from hydra._internal.callbacks import Callbacks
 
     captured = tmp_path / "captured.sbatch"
     monkeypatch.setenv("PATH", f"{_fake_bin(tmp_path, captured)}{os.pathsep}{os.environ['PATH']}")
@@ -193,7 +192,8 @@ def test_local_multirun_keeps_the_results_of_good_jobs(local_sweep):
     for job, n in (("1", 2), ("2", 4)):  # ... after every other job ran to the end
         df = pd.read_csv(sweep / job / "results.csv")
         assert set(df["method"]) == {"mobiquant", "fp"}, job
-        assert sorted(df.loc[df["method"] == "mobiquant", "budget"]) == [4.0, 8.0]  # the default slices [3, 1, 1, 1, 1, 1] serve 3-8 bits
+        # the default slices [3, 1, 1, 1, 1, 1] serve 3-8 bits
+        assert sorted(df.loc[df["method"] == "mobiquant", "budget"]) == [4.0, 8.0]
         assert yaml.safe_load((sweep / job / ".hydra" / "overrides.yaml").read_text())[0] == f"data.calib.nsamples={n}"
         assert (sweep / job / "elasticity.png").exists()
     logs = list((sweep / ".submitit").rglob("*_log.err"))

@@ -38,16 +38,26 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-if TYPE_CHECKING:
-    from .calibration import CalibConfig, calibrate
-    from .checkpoint import CheckpointError, load_quantized, save_quantized
-    from .modules import MoBiLinear
-    from .patching import (MoBiConfig, achieved_bits, calibrate_thresholds, freeze, quantize_model, reset_counts,
-                           set_budget, set_static, storage_bits)
-    from .quant.slicer import ResidualSlicer
-    from .router import TokenRouter
-    from .patching import install_plan
-    from .site_budgets import plan_budgets
+if TYPE_CHECKING:  # the same names for type checkers, re-exported explicitly (`name as name`)
+    from .calibration import CalibConfig as CalibConfig
+    from .calibration import calibrate as calibrate
+    from .checkpoint import CheckpointError as CheckpointError
+    from .checkpoint import load_quantized as load_quantized
+    from .checkpoint import save_quantized as save_quantized
+    from .modules import MoBiLinear as MoBiLinear
+    from .patching import MoBiConfig as MoBiConfig
+    from .patching import achieved_bits as achieved_bits
+    from .patching import calibrate_thresholds as calibrate_thresholds
+    from .patching import freeze as freeze
+    from .patching import install_plan as install_plan
+    from .patching import quantize_model as quantize_model
+    from .patching import reset_counts as reset_counts
+    from .patching import set_budget as set_budget
+    from .patching import set_static as set_static
+    from .patching import storage_bits as storage_bits
+    from .quant.slicer import ResidualSlicer as ResidualSlicer
+    from .router import TokenRouter as TokenRouter
+    from .site_budgets import plan_budgets as plan_budgets
 
 
 def __getattr__(name: str):

@@ -23,9 +23,10 @@ import logging
 import math
 import os
 import time
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch

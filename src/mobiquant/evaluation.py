@@ -26,8 +26,8 @@ def model_device(model: torch.nn.Module) -> torch.device:
     """The device of the model's first parameter (or buffer); CPU for a model that has neither."""
     for tensor in model.parameters():
         return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
+    for buffer in model.buffers():
+        return buffer.device
     return torch.device("cpu")
 
 

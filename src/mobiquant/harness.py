@@ -21,26 +21,41 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import pandas as pd
 import torch
 from omegaconf import DictConfig, ListConfig
 
 from .checkpoint import CheckpointError, load_quantized, read_meta
+from .configcheck import path_hint
 from .fileio import atomic_write_text
 from .lm_eval_tasks import LOCAL_TASKS, TASKS_DIR
 from .methods import QuantMethod, RunContext, Variant
 from .patching import (
-    MoBiConfig, mobi_linears, reset_counts, set_budget, set_static, static_k_for_bits, storage_bits,
+    MoBiConfig,
+    mobi_linears,
+    reset_counts,
+    set_budget,
+    set_static,
+    static_k_for_bits,
+    storage_bits,
 )
 from .pipeline import (
-    ConfigError, _num, _pos_int, _row_avg_bits, load_base_model, load_token_ids, prepare_run, run_context, validate,
+    ConfigError,
+    _num,
+    _pos_int,
+    _row_avg_bits,
+    load_base_model,
+    load_token_ids,
+    prepare_run,
+    run_context,
+    validate,
 )
 from .results import write_csv
-from .configcheck import path_hint
 from .tracking import Tracker, plain_config
 
 log = logging.getLogger("mobiquant")
@@ -339,7 +354,8 @@ def markdown_table(df: pd.DataFrame) -> str:
         return "(no results)"
     d = df.copy()
     d["budget"] = d["budget"].map(lambda b: "FP" if pd.isna(b) else f"{float(b):g}")
-    d["cell"] = [f"{v:.4g}" + ("" if pd.isna(s) else f" ± {s:.2g}") for v, s in zip(d["value"], d["stderr"])]
+    d["cell"] = [f"{v:.4g}" + ("" if pd.isna(s) else f" ± {s:.2g}")
+                 for v, s in zip(d["value"], d["stderr"], strict=True)]
     d["column"] = d["task"] + " " + d["metric"]
     index = ["method", "budget", "avg_bits"]
     d["avg_bits"] = d["avg_bits"].map(lambda b: f"{b:.3f}")

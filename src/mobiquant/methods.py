@@ -22,13 +22,14 @@ from __future__ import annotations
 import abc
 import dataclasses
 import logging
-import shutil
 import math
+import shutil
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn

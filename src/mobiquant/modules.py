@@ -28,6 +28,16 @@ Mode = Literal["static", "routed"]
 
 
 class MoBiLinear(nn.Module):
+    # buffers and parameters registered at run time, declared for type checkers: ``weight`` is the FP weight
+    # until the layer is packed (then None); ``scale``, ``zero`` and ``plane<e>`` exist once it is packed.
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    gamma: nn.Parameter | None
+    beta: nn.Parameter | None
+    scale: torch.Tensor
+    zero: torch.Tensor
+    _compute_dtype: torch.dtype
+
     def __init__(
         self,
         in_features: int,
@@ -82,7 +92,7 @@ class MoBiLinear(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **kwargs) -> "MoBiLinear":
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> MoBiLinear:
         m = cls(
             linear.in_features,
             linear.out_features,
@@ -94,6 +104,7 @@ class MoBiLinear(nn.Module):
         with torch.no_grad():
             m.weight.copy_(linear.weight)
             if linear.bias is not None:
+                assert m.bias is not None
                 m.bias.copy_(linear.bias)
         return m
 
@@ -182,7 +193,7 @@ class MoBiLinear(nn.Module):
             return
         sc = self.slicer.decompose(self.weight.float(), self.gamma, self.beta, scale_dtype=torch.float16)
         self._compute_dtype = self.weight.dtype
-        for e, (c, b) in enumerate(zip(sc.codes, self.slice_bits)):
+        for e, (c, b) in enumerate(zip(sc.codes, self.slice_bits, strict=True)):
             flat = from_groups(c, self.in_features)
             self.register_buffer(f"plane{e}", pack_codes(flat, b, self.word_bits))
         self.register_buffer("scale", sc.scale.squeeze(-1).to(torch.float16))
@@ -261,6 +272,7 @@ class MoBiLinear(nn.Module):
 
     def _routed_k(self, x: torch.Tensor) -> torch.Tensor:
         """Slices per token: the router's choice, or this linear's own threshold on the router's values."""
+        assert self._router is not None  # routed mode only
         if self.route_tau is None and self.route_record_budget is None:
             return self._router.slice_counts(x)
         return self._router.slice_counts_at(x, self.route_tau, self.route_record_budget, self.route_recorded)
@@ -269,6 +281,7 @@ class MoBiLinear(nn.Module):
         from . import kernels
 
         n_tokens = x.numel() // x.shape[-1]
+        k: int | torch.Tensor
         if self.mode == "static" or self._router is None:
             k = self.static_k
         else:

@@ -10,8 +10,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -300,7 +300,7 @@ def calibrate_thresholds(model: nn.Module, batches: Iterable[torch.Tensor], max_
     acts: dict[str, list[torch.Tensor]] = {}
     counts: dict[str, int] = {}
     hooks = []
-    for name, lin in mobi_linears(model):
+    for _name, lin in mobi_linears(model):
         r = lin.router
         if r is None:
             continue

@@ -24,9 +24,9 @@ from .fileio import ensure_writable_dir
 from .methods import QuantMethod, RunContext, Variant
 from .patching import achieved_bits, mobi_linears, reset_counts
 from .results import (
+    atomic_write_text,
     concat_rows,
     has_row,
-    atomic_write_text,
     is_non_increasing,
     method_summary,
     plot_elasticity,

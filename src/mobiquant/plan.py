@@ -15,8 +15,9 @@ this module only holds, interpolates and serialises it, and depends on nothing e
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from itertools import pairwise
 
 import torch
 
@@ -43,7 +44,7 @@ class BudgetPlan:
         G, L = len(self.budgets), len(self.linears)
         if G == 0 or L == 0:
             raise ValueError(f"a budget plan needs at least one budget and one linear, got {G} and {L}")
-        if any(b2 <= b1 for b1, b2 in zip(self.budgets, self.budgets[1:])):
+        if any(b2 <= b1 for b1, b2 in pairwise(self.budgets)):
             raise ValueError(f"plan budgets must increase strictly, got {self.budgets}")
         if len(set(self.linears)) != L:
             raise ValueError("plan linears must be unique")
@@ -79,12 +80,12 @@ class BudgetPlan:
         """Every linear's threshold at ``budget`` (linear interpolation between the grid budgets)."""
         i, j, w = self._weights(budget)
         t = (1 - w) * self.taus[:, i] + w * self.taus[:, j]
-        return dict(zip(self.linears, t.tolist()))
+        return dict(zip(self.linears, t.tolist(), strict=True))
 
     def local_at(self, budget: float) -> dict[str, float]:
         i, j, w = self._weights(budget)
         t = (1 - w) * self.local[:, i] + w * self.local[:, j]
-        return dict(zip(self.linears, t.tolist()))
+        return dict(zip(self.linears, t.tolist(), strict=True))
 
     # ------------------------------------------------------------------ serialisation
     def state(self) -> dict[str, torch.Tensor]:
@@ -95,7 +96,7 @@ class BudgetPlan:
         return {"linears": self.linears, "reading": self.reading, "settings": dict(self.settings)}
 
     @classmethod
-    def from_state(cls, state: Mapping[str, torch.Tensor], meta: Mapping) -> "BudgetPlan":
+    def from_state(cls, state: Mapping[str, torch.Tensor], meta: Mapping) -> BudgetPlan:
         missing = [k for k in ("plan.budgets", "plan.taus", "plan.local") if k not in state]
         if missing:
             raise ValueError(f"plan tensors missing: {missing}")
@@ -120,9 +121,9 @@ def stack_plan(budgets: Sequence[float], per_budget: Sequence[tuple[dict[str, fl
     for taus, local, _ in per_budget:
         if sorted(taus) != names or sorted(local) != names:
             raise ValueError("every plan budget must cover the same linears")
-    taus = torch.tensor([[t[n] for t, _, _ in per_budget] for n in names], dtype=torch.float64)
-    local = torch.tensor([[lo[n] for _, lo, _ in per_budget] for n in names], dtype=torch.float64)
-    return BudgetPlan(list(budgets), names, taus, local, [r for _, _, r in per_budget], dict(settings or {}))
+    taus_t = torch.tensor([[t[n] for t, _, _ in per_budget] for n in names], dtype=torch.float64)
+    local_t = torch.tensor([[lo[n] for _, lo, _ in per_budget] for n in names], dtype=torch.float64)
+    return BudgetPlan(list(budgets), names, taus_t, local_t, [r for _, _, r in per_budget], dict(settings or {}))
 
 
 __all__ = ["PLAN_ATTR", "READINGS", "BudgetPlan", "stack_plan"]

@@ -28,9 +28,10 @@ import math
 import os
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -250,10 +251,10 @@ def _labels(jobs: pd.DataFrame, axes: list[str]) -> list[str]:
     if not axes:
         base = [j if j != "." else "run" for j in jobs["job"]]
     else:
-        base = [" ".join(f"{k}={'(default)' if v is None else v}" for k, v in zip(axes, row))
+        base = [" ".join(f"{k}={'(default)' if v is None else v}" for k, v in zip(axes, row, strict=True))
                 for row in jobs[[OV + k for k in axes]].itertuples(index=False)]
     counts = pd.Series(base).value_counts()
-    return [b if counts[b] == 1 or not axes else f"{b} [{j}]" for b, j in zip(base, jobs["job"])]
+    return [b if counts[b] == 1 or not axes else f"{b} [{j}]" for b, j in zip(base, jobs["job"], strict=True)]
 
 
 def check_not_mixed(df: pd.DataFrame, axes: list[str], root: Path) -> None:
@@ -312,7 +313,7 @@ def pareto_front(df: pd.DataFrame, x: str = "avg_bits", y: str = "ppl") -> pd.Da
     """Rows no other row beats on both fewer (or equal) bits and lower (or equal) perplexity."""
     d = df.dropna(subset=[x, y]).sort_values([x, y])
     keep, best = [], math.inf
-    for idx, v in zip(d.index, d[y]):
+    for idx, v in zip(d.index, d[y], strict=True):
         if v < best:
             keep.append(idx)
             best = v
@@ -416,7 +417,7 @@ def plot_curves(df: pd.DataFrame, key: str | None, path: str | os.PathLike, titl
     fig, axes = _figure(len(datasets))
     fp = df[df["budget"].isna()]
     methods = list(dict.fromkeys(curves["method"]))
-    for ax, ds in zip(axes, datasets):
+    for ax, ds in zip(axes, datasets, strict=False):
         sub = curves[curves["dataset"] == ds]
         for method in methods:
             m = sub[sub["method"] == method]
@@ -441,7 +442,7 @@ def plot_pareto(df: pd.DataFrame, path: str | os.PathLike, title: str = "") -> P
     q = quantized(df)
     datasets = list(dict.fromkeys(df["dataset"]))
     fig, axes = _figure(len(datasets))
-    for ax, ds in zip(axes, datasets):
+    for ax, ds in zip(axes, datasets, strict=False):
         sub = q[q["dataset"] == ds]
         for method, g in sub.groupby("method", sort=False):
             ax.scatter(g["avg_bits"], g["ppl"], s=18, alpha=0.7, label=method)
@@ -483,7 +484,7 @@ def markdown(report: Report) -> str:
     bad = jobs[jobs["status"] != "ok"]
     if not bad.empty:
         parts += ["", "Jobs without results (failed, killed or still running): "
-                  + ", ".join(f"`{j}` ({s})" for j, s in zip(bad["job"], bad["status"])) + "."]
+                  + ", ".join(f"`{j}` ({s})" for j, s in zip(bad["job"], bad["status"], strict=True)) + "."]
     first = report.datasets[0]
     score_cols = [c for c in ok.columns if c.startswith("mean_ppl.")]
     board = ok[["label", "main_method", "budgets", *score_cols]].sort_values(f"mean_ppl.{first}")
@@ -518,7 +519,7 @@ def seed_table(df: pd.DataFrame, dataset: str) -> pd.DataFrame:
     s = s[s["dataset"] == dataset]
     s = s.assign(b=s["budget"].map(lambda b: f"{float(b):g} bit"),
                  cell=[f"{m:.3f} +- {sd:.3f} (n={n})" if n > 1 else f"{m:.3f} (n=1)"
-                       for m, sd, n in zip(s["ppl_mean"], s["ppl_std"].fillna(0.0), s["n_seeds"])])
+                       for m, sd, n in zip(s["ppl_mean"], s["ppl_std"].fillna(0.0), s["n_seeds"], strict=True)])
     pivot = s.pivot_table(index=["method", "config"], columns="b", values="cell", aggfunc="first")
     pivot = pivot[sorted(pivot.columns, key=lambda c: float(c.split()[0]))]
     return pivot.reset_index()
@@ -576,7 +577,7 @@ def log_to_wandb(report: Report, paths: dict[str, Path], mode: str = "offline", 
             return wandb.Table(dataframe=clean.astype(object).where(clean.notna(), None))
 
         payload: dict[str, Any] = {"report/results": table(report.df), "report/jobs": table(report.jobs)}
-        for key, p in paths.items():
+        for p in paths.values():
             if p.suffix == ".png":
                 payload[f"report/{p.stem}"] = wandb.Image(str(p))
         run.log(payload)

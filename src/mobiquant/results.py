@@ -5,8 +5,9 @@ from __future__ import annotations
 import io
 import math
 import os
+from collections.abc import Iterable
+from itertools import pairwise
 from pathlib import Path
-from typing import Iterable
 
 import pandas as pd
 
@@ -79,12 +80,13 @@ def plot_elasticity(df: pd.DataFrame, path: str | os.PathLike, title: str = "") 
 
     datasets = list(dict.fromkeys(df["dataset"]))
     fig, axes = plt.subplots(1, max(1, len(datasets)), figsize=(6 * max(1, len(datasets)), 4.2), squeeze=False)
-    for ax, ds in zip(axes[0], datasets):
+    for ax, ds in zip(axes[0], datasets, strict=False):
         sub = df[df["dataset"] == ds]
         for method, g in sub.groupby("method", sort=False):
             g = g.sort_values("avg_bits")
             if g["budget"].isna().all():  # FP: a horizontal reference line
-                ax.axhline(float(g["ppl"].iloc[0]), color="k", ls="--", lw=1, label=f"{method} ({g['ppl'].iloc[0]:.2f})")
+                ax.axhline(float(g["ppl"].iloc[0]), color="k", ls="--", lw=1,
+                           label=f"{method} ({g['ppl'].iloc[0]:.2f})")
                 continue
             ax.plot(g["avg_bits"], g["ppl"], marker="o", label=method)
         readable_log_axis(ax)
@@ -135,7 +137,7 @@ def save_figure(fig, path: Path, close: bool = True) -> Path:
 def is_non_increasing(df: pd.DataFrame, method: str, dataset: str, tol: float = 0.0) -> bool:
     g = df[(df["method"] == method) & (df["dataset"] == dataset)].sort_values("avg_bits")
     p = g["ppl"].to_list()
-    return all(b <= a * (1 + tol) for a, b in zip(p, p[1:]))
+    return all(b <= a * (1 + tol) for a, b in pairwise(p))
 
 
 def concat_rows(rows: Iterable[dict]) -> pd.DataFrame:
@@ -169,6 +171,7 @@ def summary_markdown(summary: pd.DataFrame) -> str:
     lines = ["| method | budgets | calibrations | calibration time (s) | bytes for every precision (MB) |",
              "|---|---|---|---|---|"]
     for r in summary.itertuples():
+        stored = r.stored_bytes_all_precisions
         lines.append(f"| {r.method} | {r.budgets} | {r.n_calibrations} | {r.calib_seconds:.0f} | "
-                     + ("n/a" if math.isnan(r.stored_bytes_all_precisions) else f"{r.stored_bytes_all_precisions / 1e6:.1f}") + " |")
+                     + ("n/a" if math.isnan(stored) else f"{stored / 1e6:.1f}") + " |")
     return "\n".join(lines)

@@ -26,7 +26,8 @@ achieved on calibration activations (a weighted quantile function of its scores)
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -111,6 +112,11 @@ POLICIES = ("free", "adjacent")
 class TokenRouter(nn.Module):
     """Scores the need of each token for residual slices ``2..K`` of one input site."""
 
+    # buffers (registered in __init__), declared for type checkers
+    tau: torch.Tensor
+    bits_table: torch.Tensor
+    tau_table: torch.Tensor
+
     def __init__(
         self,
         in_features: int,
@@ -134,9 +140,10 @@ class TokenRouter(nn.Module):
         )
         # Small random scores to start with (ties would make every token choose alike), and a mild
         # preference for fewer slices at the deeper residuals.
+        head = cast(nn.Linear, self.net[2])
         with torch.no_grad():
-            self.net[2].weight.mul_(0.1)
-            self.net[2].bias.copy_(-torch.arange(len(slice_bits) - 1, dtype=torch.float32) * 0.1)
+            head.weight.mul_(0.1)
+            head.bias.copy_(-torch.arange(len(slice_bits) - 1, dtype=torch.float32) * 0.1)
         self.register_buffer("tau", torch.zeros(()))
         self.register_buffer("bits_table", torch.empty(0))
         self.register_buffer("tau_table", torch.empty(0))
@@ -161,7 +168,7 @@ class TokenRouter(nn.Module):
         return self.bits_table.numel() > 0
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.to(self.net[0].weight.dtype))
+        return self.net(x.to(cast(nn.Linear, self.net[0]).weight.dtype))
 
     def gate_values(self, scores: torch.Tensor) -> torch.Tensor:
         """Values compared with ``tau``: slice ``e`` is on iff ``gate_values[..., e] > tau``; they are
@@ -183,7 +190,7 @@ class TokenRouter(nn.Module):
         from . import kernels
 
         if kernels.use_fused_router(x, getattr(self, "backend", "auto")):
-            first, last = self.net[0], self.net[2]
+            first, last = cast(nn.Linear, self.net[0]), cast(nn.Linear, self.net[2])
             k, m = kernels.fused_router(x, first.weight, first.bias, last.weight, last.bias, tau, self.policy)
             return m, k
         return self.gate_values(self.scores(x)), None
@@ -203,9 +210,8 @@ class TokenRouter(nn.Module):
                 self.recorded.append(tau)
                 k = 1 + (m > tau).sum(-1)
             else:
-                m, k = self._hard_values(x, self.tau)
-                if k is None:
-                    k = 1 + (m > self.tau).sum(-1)
+                m, k_fused = self._hard_values(x, self.tau)
+                k = 1 + (m > self.tau).sum(-1) if k_fused is None else k_fused
                 self._values = (x, self._values_key(), m)  # linears with their own thresholds reuse them
         self._cache = (x, key, k)
         return k

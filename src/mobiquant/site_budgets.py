@@ -25,7 +25,7 @@ few calibration windows once, then a knapsack per budget.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -90,7 +90,8 @@ def site_cost_curves(
     lo, hi = float(slice_bits[0]), float(sum(slice_bits))
     bad = [b for b in grid if not lo <= b <= hi]
     if bad or not grid:
-        raise ValueError(f"site budget grid must lie in [{lo}, {hi}] bits of slices {list(slice_bits)}, got {bad or grid}")
+        raise ValueError(f"site budget grid must lie in [{lo}, {hi}] bits of slices {list(slice_bits)}, "
+                         f"got {bad or grid}")
     if max_windows is not None:
         calib_ids = calib_ids[:max_windows]
     layers = {n: m for n, m in mobi_linears(model) if n in site_of}
@@ -167,7 +168,8 @@ def site_cost_curves(
     return curves
 
 
-def allocate_site_budgets(curves: Mapping[str, dict], budget: float, max_dp_states: int = 200_000_000) -> dict[str, float]:
+def allocate_site_budgets(curves: Mapping[str, dict], budget: float,
+                          max_dp_states: int = 200_000_000) -> dict[str, float]:
     """``{site or linear name: local budget}`` minimising the summed cost at a parameter-weighted mean
     ``<= budget`` (the keys of ``curves``)."""
     grids = {tuple(c["budgets"]) for c in curves.values()}
@@ -247,7 +249,8 @@ def apply_linear_budgets(model: nn.Module, alloc: Mapping[str, float], calib_ids
         m.route_tau = interp_tau(m.router.bits_table, m.router.tau_table, b)
         m.set_routed()
     if calib_ids is not None:
-        taus = _recorded_thresholds(model, layers, alloc, calib_ids, batch_size, "route_record_budget", "route_recorded")
+        taus = _recorded_thresholds(model, layers, alloc, calib_ids, batch_size,
+                                    "route_record_budget", "route_recorded")
         for name, m in layers.items():
             m.route_tau = taus[name]
 
@@ -347,7 +350,8 @@ def plan_budgets(model: nn.Module, calib_ids: torch.Tensor, **settings) -> Budge
 
 @torch.no_grad()
 def _recorded_thresholds(model: nn.Module, holders: Mapping[str, nn.Module], alloc: Mapping[str, float],
-                         calib_ids: torch.Tensor, batch_size: int, budget_attr: str, list_attr: str) -> dict[str, float]:
+                         calib_ids: torch.Tensor, batch_size: int, budget_attr: str,
+                         list_attr: str) -> dict[str, float]:
     """Run ``calib_ids`` with every holder (router or linear) recording its batch-quantile threshold for its
     budget ``alloc[name]`` (``budget_attr`` / ``list_attr``); the mean threshold per holder."""
     if calib_ids.dim() != 2 or calib_ids.shape[0] == 0:

@@ -38,7 +38,7 @@ class Tracker:
 
         self.loggers: list = []
         self.wandb_run = None
-        for name, node in (logger_cfg or {}).items():
+        for _name, node in (logger_cfg or {}).items():
             if node is None or "_target_" not in node:
                 continue
             is_wandb = str(node._target_).endswith("WandbLogger")
@@ -239,7 +239,7 @@ def curve_summary(df: pd.DataFrame, main: str, datasets: list[str]) -> dict[str,
     mean for ``main`` on the first dataset (NaN when it has no rows)."""
     out: dict[str, float] = {}
     for (method, ds), g in df.groupby(["method", "dataset"], sort=False):
-        for b, ppl in zip(g["budget"], g["ppl"]):
+        for b, ppl in zip(g["budget"], g["ppl"], strict=True):
             key = f"ppl/{method}/{ds}" if pd.isna(b) else f"ppl/{method}/{ds}/b{float(b):g}"
             out[key] = float(ppl)
         q = g[g["budget"].notna()]

@@ -52,7 +52,7 @@ def test_k_distributions_sum_to_one(smoke_run):
         assert (df[SHARES] >= 0).all().all()
     # site placement on LLaMA: q/k/v share a router, gate/up share one, o_proj and down_proj one each
     one = sites[(sites["budget"] == 3) & (sites["layer"] == 0)]
-    assert dict(zip(one["site"], one["linears"])) == {
+    assert dict(zip(one["site"], one["linears"], strict=True)) == {
         "self_attn_q_proj": 3, "self_attn_o_proj": 1, "mlp_gate_proj": 2, "mlp_down_proj": 1}
     assert (sites["tokens"] == 4 * 64).all()  # every window token, counted once per site
     assert sorted(sites["budget"].unique()) == BUDGETS and sorted(layers["layer"].unique()) == [0, 1]

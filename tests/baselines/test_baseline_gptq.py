@@ -106,7 +106,7 @@ def test_gptq_model_beats_rtn_model(llama_factory, calib_ids):
     rtn = llama_factory(0)
     _, blocks = find_blocks(rtn)
     for b in blocks:
-        for name, lin in block_linears(b).items():
+        for lin in block_linears(b).values():
             lin.weight.data = fake_quant_rtn(lin.weight.data, 3, 64)
     gptq = quantize_gptq(llama_factory(0), calib_ids, bits=3, group_size=64, progress=False)
     e_rtn = float((rtn(input_ids=calib_ids).logits - fp).pow(2).mean())

@@ -12,8 +12,7 @@ import os
 import pytest
 import torch
 
-from mobiquant import MoBiLinear
-from mobiquant import kernels
+from mobiquant import MoBiLinear, kernels
 from mobiquant.router import TokenRouter
 
 pytest.importorskip("triton", reason="triton is not installed: kernel tests skipped")

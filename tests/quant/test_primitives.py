@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 
@@ -129,7 +131,7 @@ def test_fake_quant_rtn_matches_reference_and_shrinks_with_bits(bits, width, g, 
 def test_fake_quant_rtn_error_halves_per_bit(gen):
     w = torch.randn(64, 512, generator=gen)
     errs = [float((fake_quant_rtn(w, b, 128) - w).norm() / w.norm()) for b in range(3, 9)]
-    ratios = [a / b for a, b in zip(errs, errs[1:])]
+    ratios = [a / b for a, b in pairwise(errs)]
     assert all(1.7 < r < 2.3 for r in ratios), ratios
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
 
 import pytest
 import torch
@@ -33,7 +34,7 @@ def rel_errors(slicer: ResidualSlicer, w: torch.Tensor) -> list[float]:
 def test_each_slice_cuts_error_by_about_2_to_the_b(dist, bits):
     w = gaussian(64, 1024) if dist == "gaussian" else student_t(64, 1024)
     errs = rel_errors(ResidualSlicer(bits, 128), w)
-    assert all(a > b for a, b in zip(errs, errs[1:])), errs
+    assert all(a > b for a, b in pairwise(errs)), errs
     for e in range(1, len(bits)):
         ratio = errs[e - 1] / errs[e]
         target = 2 ** bits[e]
@@ -45,7 +46,7 @@ def test_each_slice_cuts_error_by_about_2_to_the_b(dist, bits):
 
 def test_gaussian_errors_match_spec_measurements():
     errs = rel_errors(ResidualSlicer((2, 2, 2, 2), 128), gaussian(128, 1024, seed=1))
-    for got, spec in zip(errs, [0.50, 0.126, 0.031, 0.008]):
+    for got, spec in zip(errs, [0.50, 0.126, 0.031, 0.008], strict=True):
         assert got == pytest.approx(spec, rel=0.15), errs
 
 
@@ -86,7 +87,7 @@ def test_codes_and_concatenated_code_ranges(bits):
     s = ResidualSlicer(bits, 64)
     sc = s.decompose(w)
     assert len(sc.codes) == len(bits)
-    for c, b in zip(sc.codes, bits):
+    for c, b in zip(sc.codes, bits, strict=True):
         assert c.dtype == torch.uint8 and int(c.max()) <= 2**b - 1
     prev = None
     for k in range(1, len(bits) + 1):
@@ -158,7 +159,7 @@ def test_clipped_weights_saturate_the_residual_slices():
     s = ResidualSlicer((2, 2, 2, 2), 64)
     sc = s.decompose(w, gamma, beta, scale_dtype=None)
     top = w.argmax(dim=1)
-    for c, b in zip(sc.codes, s.slice_bits):
+    for c, b in zip(sc.codes, s.slice_bits, strict=True):
         assert torch.all(c[torch.arange(4), 0, top] == 2**b - 1)
 
 
@@ -171,7 +172,7 @@ def test_views_are_differentiable_in_lwc_parameters():
     sum(((v - w) ** 2).sum() for v in views).backward()
     assert gamma.grad.abs().sum() > 0 and beta.grad.abs().sum() > 0
     # The STE path has the same forward values as the hard path.
-    for a, b in zip(views, s.views(w, gamma.detach(), beta.detach(), scale_dtype=torch.float16)):
+    for a, b in zip(views, s.views(w, gamma.detach(), beta.detach(), scale_dtype=torch.float16), strict=True):
         assert torch.equal(a.detach(), b)
 
 
@@ -181,7 +182,7 @@ def test_upto_limits_the_views():
     full = s.views(w)
     for k in range(1, 5):
         part = s.views(w, upto=k)
-        assert len(part) == k and all(torch.equal(a, b) for a, b in zip(part, full))
+        assert len(part) == k and all(torch.equal(a, b) for a, b in zip(part, full, strict=False))
 
 
 # ---------------------------------------------------------------------------- errors
@@ -235,17 +236,17 @@ def test_closed_form_ste_views_match_autograd_recursion(bits, anchor, group_size
     upstream = [torch.randn(48, 100, generator=gen) for _ in bits]
 
     fused = slicer.views(w, gamma, beta, ste=True, scale_dtype=torch.float16)
-    sum((v * u).sum() for v, u in zip(fused, upstream)).backward()
+    sum((v * u).sum() for v, u in zip(fused, upstream, strict=True)).backward()
     g_fused = (gamma.grad.clone(), beta.grad.clone())
     gamma.grad = beta.grad = None
 
     grouped = to_groups(w, group_size)
     params = slicer.base_params(grouped, gamma, beta, ste=True, scale_dtype=torch.float16)
     plain = [from_groups(v, 100) for v in slicer.grouped_views(grouped, params, ste=True)]
-    sum((v * u).sum() for v, u in zip(plain, upstream)).backward()
+    sum((v * u).sum() for v, u in zip(plain, upstream, strict=True)).backward()
 
-    for a, b in zip(fused, plain):
+    for a, b in zip(fused, plain, strict=True):
         assert torch.equal(a, b)
-    for got, want in zip(g_fused, (gamma.grad, beta.grad)):
+    for got, want in zip(g_fused, (gamma.grad, beta.grad), strict=True):
         assert want.abs().max() > 0
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))

@@ -12,9 +12,10 @@ import contextlib
 import copy
 import logging
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import pandas as pd
 import torch
@@ -24,7 +25,8 @@ from omegaconf import DictConfig
 from ..methods import MoBiQuant, QuantMethod, RunContext
 from ..patching import find_blocks
 from ..pipeline import ConfigError, load_base_model, load_token_ids, prepare_run, run_context
-from ..results import concat_rows, save_figure, write_csv
+from ..results import concat_rows, write_csv
+from ..results import save_figure as save_figure  # re-exported: the analyses import it from here
 from ..tracking import Tracker, plain_config
 
 log = logging.getLogger("mobiquant")

@@ -73,9 +73,9 @@ import logging
 import math
 import time
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import lightning as L
 import numpy as np
@@ -522,7 +522,8 @@ def pair_kind(a: Variant, b: Variant) -> str:
     return "other"
 
 
-def jaccard_table(errors: pd.DataFrame, variants: Sequence[Variant], sites: Sequence[str], percent: float) -> pd.DataFrame:
+def jaccard_table(errors: pd.DataFrame, variants: Sequence[Variant], sites: Sequence[str],
+                  percent: float) -> pd.DataFrame:
     rows = []
     n = len(errors)
     for site in sites:
@@ -535,7 +536,8 @@ def jaccard_table(errors: pd.DataFrame, variants: Sequence[Variant], sites: Sequ
     return pd.DataFrame(rows)
 
 
-def matrix_table(errors: pd.DataFrame, variants: Sequence[Variant], avg_bits: dict[str, float], meta: dict) -> pd.DataFrame:
+def matrix_table(errors: pd.DataFrame, variants: Sequence[Variant], avg_bits: dict[str, float],
+                 meta: dict) -> pd.DataFrame:
     rows = [{"calibrated": "fp", "calibrated_at_bits": math.nan, "run_at_bits": math.nan, "avg_bits": math.nan,
              "ppl": ppl_of(errors["fp:nll"]), "nll": float(errors["fp:nll"].mean()), "checkpoint": None, **meta}]
     for v in variants:
@@ -569,8 +571,9 @@ def plot_matrix(matrix: pd.DataFrame, path: Path, title: str) -> Path:
         ax.text(c, r, f"{v:.4g}\n({bits.iat[r, c]:.2f} b)", ha="center", va="center", fontsize=8,
                 color="w" if dark else "k")
     ax.set_xticks(range(ppl.shape[1]), ppl.columns)
-    ax.set_yticks(range(ppl.shape[0]), ["MoBiQuant (one checkpoint)" if r == "mobiquant" else f"LWC calibrated at {r[5:]}"
-                                        for r in ppl.index])
+    ax.set_yticks(range(ppl.shape[0]),
+                  ["MoBiQuant (one checkpoint)" if r == "mobiquant" else f"LWC calibrated at {r[5:]}"
+                   for r in ppl.index])
     ax.set_title(f"{title}: perplexity (FP {fp:.4g})", fontsize=9)
     fig.colorbar(im, ax=ax, label="log10 ppl")
     fig.tight_layout()
@@ -585,7 +588,7 @@ def plot_scatter(errors: pd.DataFrame, pairs: Sequence[tuple[str, str, str]], si
     idx = np.arange(len(errors))
     if len(idx) > max_points:
         idx = np.sort(rng.choice(idx, size=max_points, replace=False))
-    for ax, (title, a, b) in zip(axes[0], pairs):
+    for ax, (title, a, b) in zip(axes[0], pairs, strict=True):
         x, y = errors[f"{a}:{site}"].to_numpy(), errors[f"{b}:{site}"].to_numpy()
         ta, tb = top_mask(x, percent), top_mask(y, percent)
         groups = [("neither", ~ta & ~tb, "0.7"), (f"top {percent:g}% at {a} only", ta & ~tb, "tab:blue"),
@@ -707,7 +710,8 @@ def run(cfg: DictConfig) -> float:
         sel = jac[(jac["site"] == site) & (jac["variant_a"] == f"lwc-w{a}@{a}") & (jac["variant_b"] == f"lwc-w{a}@{b}")]
         metric = float(sel["jaccard"].iloc[0])
         summary = {"jaccard_same_checkpoint": metric,
-                   **{f"ppl/{r.calibrated}@{r.run_at_bits:g}": r.ppl for r in matrix.itertuples() if r.calibrated != "fp"},
+                   **{f"ppl/{r.calibrated}@{r.run_at_bits:g}": r.ppl
+                      for r in matrix.itertuples() if r.calibrated != "fp"},
                    "ppl/fp": float(matrix["ppl"].iloc[0])}
         log_to_wandb(ses.tracker, "outliers", {"ppl_matrix": matrix, "jaccard": jac, "top_tokens": top},
                      images, summary, md)

@@ -42,7 +42,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -174,10 +174,10 @@ def plot_shares(layers: pd.DataFrame, path, slice_widths: Sequence[int]) -> obje
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 2.8 * nrows), squeeze=False, sharey=True)
     cols = [c for c in layers.columns if c.startswith("share_k")]
     colors = plt.get_cmap("viridis")(np.linspace(0.1, 0.9, len(cols)))
-    for ax, b in zip(axes.flat, budgets):
+    for ax, b in zip(axes.flat, budgets, strict=False):
         sub = layers[layers["budget"] == b].sort_values("layer")
         bottom = np.zeros(len(sub))
-        for c, color, w in zip(cols, colors, slice_widths):
+        for c, color, w in zip(cols, colors, slice_widths, strict=False):
             ax.bar(sub["layer"], sub[c], bottom=bottom, color=color, width=0.85, label=f"k={c[7:]} ({w} bits)")
             bottom += sub[c].to_numpy()
         ax.set_title(f"budget {b:g}", fontsize=9)

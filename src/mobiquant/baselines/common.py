@@ -14,13 +14,13 @@ and its ``k``-slice view is ``W_k = (scale / 2^B_k) (C_k - 2^B_k zero - (2^B_k -
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 
 from ..modules import MoBiLinear
-from ..patching import MoBiConfig, block_linears, find_blocks
+from ..patching import MoBiConfig, block_linears
 from ..quant.packing import pack_codes
 from ..quant.primitives import check_group_size, num_groups
 from ..quant.slicer import check_slice_bits
@@ -74,7 +74,7 @@ def pack_linear_from_codes(
     if bias is not None:
         m.bias.copy_(bias.detach().to(device=device, dtype=dtype))
     m.make_packed_buffers(compute_dtype or dtype)
-    for e, (c, b) in enumerate(zip(codes_per_slice, bits)):
+    for e, (c, b) in enumerate(zip(codes_per_slice, bits, strict=True)):
         if tuple(c.shape) != (out_f, in_f):
             raise ValueError(f"codes of slice {e} must have shape {(out_f, in_f)}, got {tuple(c.shape)}")
         if c.is_floating_point():

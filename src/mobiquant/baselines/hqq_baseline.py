@@ -26,7 +26,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn

@@ -23,7 +23,7 @@ Both ``h`` (a power-of-two multiple of an fp16 step) and ``zero`` (a multiple of
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn

@@ -25,9 +25,10 @@ multi-slice ``MoBiLinear``s (a MoBiQuant checkpoint, the Matryoshka baseline, pa
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import reduce
-from typing import Iterable, Mapping
+from itertools import pairwise
 
 import numpy as np
 import pandas as pd
@@ -204,7 +205,7 @@ def _check_layers(layers: list[_Layer]) -> None:
     for L in layers:
         if len(L.bits) != len(L.cost) or not L.bits:
             raise ValueError(f"{L.name}: bits and cost must list one value per k")
-        if any(b2 <= b1 for b1, b2 in zip(L.bits, L.bits[1:])):
+        if any(b2 <= b1 for b1, b2 in pairwise(L.bits)):
             raise ValueError(f"{L.name}: bits must increase with k, got {L.bits}")
         if L.params <= 0:
             raise ValueError(f"{L.name}: params must be positive")
@@ -228,7 +229,7 @@ def _dp(layers: list[_Layer], cap_units: int, unit: int) -> list[int] | None:
     for i, L in enumerate(layers):
         new = np.full(cap_units + 1, INF)
         arg = np.zeros(cap_units + 1, dtype=np.int16)
-        for k, (b, c) in enumerate(zip(L.bits, L.cost)):
+        for k, (b, c) in enumerate(zip(L.bits, L.cost, strict=True)):
             w = L.params * b // unit
             if w > cap_units:
                 continue
@@ -323,7 +324,7 @@ def allocate_bits(sensitivity, budget: float, metric: str = "fisher", method: st
             ks = _dp(layers, cap_units, unit)
     if ks is None:
         ks = _greedy(layers, budget_total)
-    return {L.name: k for L, k in zip(layers, ks)}
+    return {L.name: k for L, k in zip(layers, ks, strict=True)}
 
 
 def allocation_bits(sensitivity_or_model, alloc: Mapping[str, int]) -> float:
@@ -356,7 +357,7 @@ def allocation_table(sensitivity: pd.DataFrame, alloc: Mapping[str, int]) -> pd.
     first = sensitivity.groupby("name", sort=False).first().reset_index()[["name", "params"]]
     first["k"] = first["name"].map(alloc)
     bits = sensitivity.set_index(["name", "k"])["bits"]
-    first["bits"] = [int(bits[(n, k)]) for n, k in zip(first["name"], first["k"])]
+    first["bits"] = [int(bits[(n, k)]) for n, k in zip(first["name"], first["k"], strict=True)]
     return first
 
 

@@ -44,8 +44,8 @@ Self-contained (torch and triton only) so that benchmarks can load it without th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import triton
@@ -416,12 +416,12 @@ def _bp_small_kernel(
     if DT == 0:
         ONE: tl.constexpr = 0x3C00
         TOP: tl.constexpr = 10
-    elif DT == 1:
-        ONE: tl.constexpr = 0x3F80
-        TOP: tl.constexpr = 7
+    elif DT == 1:  # (one constexpr per branch, resolved at compile time: not a redefinition for Triton)
+        ONE: tl.constexpr = 0x3F80  # type: ignore[no-redef]
+        TOP: tl.constexpr = 7  # type: ignore[no-redef]
     else:
-        ONE: tl.constexpr = 0x3F800000
-        TOP: tl.constexpr = 23
+        ONE: tl.constexpr = 0x3F800000  # type: ignore[no-redef]
+        TOP: tl.constexpr = 23  # type: ignore[no-redef]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     n_chunks = tl.cdiv(K_IN, BLOCK_K)
@@ -788,7 +788,6 @@ def _bp_gemv_fields_kernel(
     scaled activations and ``mult = 2^(S - (KMAX-1) B)``: planes past ``k`` are zero, so the field holds
     ``C_k 2^((KMAX-k) B)`` and ``mult`` is the same for every ``k``. Per code and plane one AND, per code
     one FMA; the sum over a group is in-thread but for the few lanes that share a group."""
-    SUBG: tl.constexpr = BLOCK_K // GPC
     PER: tl.constexpr = 32 // B
     HALF: tl.constexpr = PER // 2
     NW: tl.constexpr = BLOCK_K // PER
@@ -1157,7 +1156,7 @@ def _check_k(k, num_slices: int):
 def _small_consts(slice_bits: Sequence[int], magic: bool) -> tuple[list[float], list[float]]:
     """Per-plane activation factor ``A_e`` and group-constant coefficient ``C_e`` (module docstring)."""
     A, C = [], []
-    for e, (b, sh) in enumerate(zip(slice_bits, _shifts(slice_bits))):
+    for e, (b, sh) in enumerate(zip(slice_bits, _shifts(slice_bits), strict=True)):
         half = (2**b - 1) / 2 if e > 0 else 0.0
         if magic:  # f = 1 + q / 2^b, so q = 2^b (f - 1)
             A.append(2.0 ** (b - sh))
@@ -1398,7 +1397,7 @@ def bitplane_linear_tiled(
     kf = k.reshape(-1)
     if kf.numel() != M:
         raise ValueError(f"k has {kf.numel()} entries for {M} tokens")
-    present = range(1, NS + 1)
+    present: Sequence[int] = range(1, NS + 1)
     if kf.device.type == "cpu":  # counts are free on the host: launch only the k values present
         counts = torch.bincount(kf.long(), minlength=NS + 1)
         if int(kf.min()) < 1 or int(kf.max()) > NS:

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+
 @triton.jit
 def _min_fn(a, b):
     return tl.minimum(a, b)

@@ -20,8 +20,8 @@ the shift-and-add form and the kernels are the same.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -130,7 +130,7 @@ class _SteViews(torch.autograd.Function):
             _, grads = _SteViews._recursion(grouped, scale, zero, ctx.bits, True)
             d_scale = torch.zeros_like(scale)
             d_zero = torch.zeros_like(zero)
-            for g, (a, c) in zip(grad_views, grads):
+            for g, (a, c) in zip(grad_views, grads, strict=True):
                 if g is None:
                     continue
                 d_scale += (g * a).sum(-1, keepdim=True)
