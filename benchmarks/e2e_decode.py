@@ -122,7 +122,8 @@ def run_rows(args, fp, q, tok, device):
 
 def profile(q, tok, device, prompt):
     """Top kernels of a few eager decode steps at budget 4 (where the time of a launch-bound step goes)."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     from mobiquant.decode import generate
 

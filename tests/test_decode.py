@@ -327,7 +327,7 @@ def test_the_cache_after_a_capture_attempt_is_that_of_an_eager_step(prompt16, cp
         for pos in range(T, T + n):
             with torch.no_grad():
                 (a, _), (b, _) = (s.step(tok, pos, ()) for s in steppers)
-            for la, lb in zip(*(s.cache.layers for s in steppers)):
+            for la, lb in zip(*(s.cache.layers for s in steppers), strict=False):
                 assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values), pos
                 assert int(la.cumulative_length) == int(lb.cumulative_length) == pos + 1
             assert torch.equal(a.argmax(-1), b.argmax(-1))
@@ -426,7 +426,7 @@ def test_cache_offsets_save_and_restore_in_place():
         model(input_ids=torch.tensor([[5]]), **{kw: cache}, use_cache=True)
     assert offsets.values() == [4, 4]
     offsets.restore(saved)
-    assert offsets.values() == [3, 3] and all(a is b for a, b in zip(offsets.tensors(), live))
+    assert offsets.values() == [3, 3] and all(a is b for a, b in zip(offsets.tensors(), live, strict=False))
     offsets.check(3, "now")
     with pytest.raises(RuntimeError, match=r"write offset is \[3\] now, expected 4"):
         offsets.check(4, "now")
@@ -612,7 +612,7 @@ def test_gpu_capture_leaves_the_cache_as_an_eager_step(prompt16):
             assert steppers[1].status == "graph", steppers[1].status
             for s in steppers:
                 assert s.offsets.values() == [pos + 1] * fp.config.num_hidden_layers
-            for la, lb in zip(*(s.cache.layers for s in steppers)):
+            for la, lb in zip(*(s.cache.layers for s in steppers), strict=False):
                 torch.testing.assert_close(la.keys, lb.keys, rtol=1e-4, atol=1e-5)
                 torch.testing.assert_close(la.values, lb.values, rtol=1e-4, atol=1e-5)
             assert torch.equal(a.argmax(-1), b.argmax(-1))

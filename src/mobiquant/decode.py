@@ -137,7 +137,7 @@ class BudgetControl:
         if self.routers:
             dst += [r.tau for r in self.routers]
             src += snap["taus"]
-        for i, (m, (mode, k, own)) in enumerate(zip(self.linears, snap["linears"])):
+        for i, (m, (mode, k, own)) in enumerate(zip(self.linears, snap["linears"], strict=False)):
             m.mode, m.static_k = mode, k
             holder = self._holders.get(i)
             if own is None and holder is None:
