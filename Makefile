@@ -30,8 +30,9 @@ test: $(STAMP) ## Run the test suite (slow tests on the real model included)
 test-fast: $(STAMP) ## Run the tests that need no real model (skips `slow`)
 	WANDB_MODE=offline $(PY) -m pytest tests -q -m "not slow" $(ARGS)
 
-lint: $(STAMP) ## Lint src/, tests/ and benchmarks/ (ruff check) and type-check src/ (mypy)
+lint: $(STAMP) ## Lint and format-check src/, tests/ and benchmarks/ (ruff) and type-check src/ (mypy)
 	$(PY) -m ruff check
+	$(PY) -m ruff format --check
 	$(PY) -m mypy
 
 format: $(STAMP) ## Format the code (ruff format) and apply ruff's safe fixes (ruff check --fix)

@@ -30,23 +30,43 @@ from mobiquant.results import method_summary  # noqa: E402
 
 
 def job_overrides(args, method: str, gpus: int, baselines: str = "none") -> list[str]:
-    trainer = ["trainer=gpu", "trainer.devices=1"] if gpus == 1 else [
-        "trainer=ddp", "trainer.accelerator=gpu", f"trainer.devices={gpus}"]
-    epochs = ([f"calib.epochs_stage1={args.epochs1}", f"calib.epochs_stage2={args.epochs2}"] if method != "lwc"
-              else [f"calib.epochs_stage1={args.epochs1 + args.epochs2}", "calib.epochs_stage2=0"])
-    model = (["model=local", f"model.path={args.model}"] if args.model != "smollm2-135m" else [])
+    trainer = (
+        ["trainer=gpu", "trainer.devices=1"]
+        if gpus == 1
+        else ["trainer=ddp", "trainer.accelerator=gpu", f"trainer.devices={gpus}"]
+    )
+    epochs = (
+        [f"calib.epochs_stage1={args.epochs1}", f"calib.epochs_stage2={args.epochs2}"]
+        if method != "lwc"
+        else [f"calib.epochs_stage1={args.epochs1 + args.epochs2}", "calib.epochs_stage2=0"]
+    )
+    model = ["model=local", f"model.path={args.model}"] if args.model != "smollm2-135m" else []
     return [
-        f"quant={method}", f"baselines={baselines}", *trainer, f"trainer.precision={args.precision}",
-        *model, "model.device=cuda", "logger=csv", "calib.progress_bar=false",
-        f"data.calib.nsamples={args.nsamples}", f"data.calib.seqlen={args.seqlen}",
-        f"calib.batch_size={args.batch_size}", *epochs,
-        "data=offline_wikitext2", "data.calib.corpus=text_files", f"data.calib.paths=[{args.calib_text}]",
-        "~data.eval.wiki_extract", f"data.eval.wikitext2.paths=[{args.eval_text}]",
-        *[f"+data.eval.{name}={{corpus: text_files, split: all, paths: [{path}]}}"
-          for name, path in (spec.split("=", 1) for spec in args.extra_eval)],
+        f"quant={method}",
+        f"baselines={baselines}",
+        *trainer,
+        f"trainer.precision={args.precision}",
+        *model,
+        "model.device=cuda",
+        "logger=csv",
+        "calib.progress_bar=false",
+        f"data.calib.nsamples={args.nsamples}",
+        f"data.calib.seqlen={args.seqlen}",
+        f"calib.batch_size={args.batch_size}",
+        *epochs,
+        "data=offline_wikitext2",
+        "data.calib.corpus=text_files",
+        f"data.calib.paths=[{args.calib_text}]",
+        "~data.eval.wiki_extract",
+        f"data.eval.wikitext2.paths=[{args.eval_text}]",
+        *[
+            f"+data.eval.{name}={{corpus: text_files, split: all, paths: [{path}]}}"
+            for name, path in (spec.split("=", 1) for spec in args.extra_eval)
+        ],
         f"eval.max_windows={args.max_windows if args.max_windows else 'null'}",
         f"budget.budgets=[{','.join(str(b) for b in args.budgets)}]",
-        "save_checkpoints=true", *args.overrides,
+        "save_checkpoints=true",
+        *args.overrides,
     ]
 
 
@@ -54,12 +74,15 @@ def run_job(args, method: str, gpus: int, baselines: str) -> Path:
     run_dir = Path(args.out) / f"{args.tag or method}_{gpus}gpu"
     # Lightning's launcher starts the other ranks at the first block's fit, so they load the model and
     # capture the block inputs while rank 0 waits; torchrun starts every rank at once.
-    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
-              if gpus > 1 and args.launcher == "torchrun" else [sys.executable])
+    launch = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
+        if gpus > 1 and args.launcher == "torchrun"
+        else [sys.executable]
+    )
     cmd = [*launch, "-m", "mobiquant", *job_overrides(args, method, gpus, baselines), f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
-    print(f"\n>>> {method} on {gpus} GPU(s): {' '.join(cmd[len(launch) + 2:])}", flush=True)
+    print(f"\n>>> {method} on {gpus} GPU(s): {' '.join(cmd[len(launch) + 2 :])}", flush=True)
     proc = subprocess.run(cmd, env=env, timeout=args.timeout)
     print(f"<<< {method} on {gpus} GPU(s): exit {proc.returncode} after {time.perf_counter() - t0:.0f}s", flush=True)
     return run_dir
@@ -75,19 +98,34 @@ def summarize(run_dirs: dict[tuple[str, int], Path]) -> tuple[pd.DataFrame, pd.D
         cal = pd.read_csv(d / "calibration.csv") if (d / "calibration.csv").is_file() else pd.DataFrame()
         for r in method_summary(df).itertuples():  # lwc: one calibration per bit-width, summed
             tags = cal[cal["method"].astype(str).str.startswith(r.method)] if "method" in cal else cal
-            cost.append({"method": r.method, "gpus": gpus, "calibrations": r.n_calibrations,
-                         "calib_seconds": r.calib_seconds,
-                         "steps": float(tags["steps"].sum()) if "steps" in tags else float("nan"),
-                         "peak_mem_mb_rank0": float(tags["peak_mem_mb"].max()) if "peak_mem_mb" in tags
-                         else float("nan")})
+            cost.append(
+                {
+                    "method": r.method,
+                    "gpus": gpus,
+                    "calibrations": r.n_calibrations,
+                    "calib_seconds": r.calib_seconds,
+                    "steps": float(tags["steps"].sum()) if "steps" in tags else float("nan"),
+                    "peak_mem_mb_rank0": float(tags["peak_mem_mb"].max()) if "peak_mem_mb" in tags else float("nan"),
+                }
+            )
         for _, r in df.iterrows():
-            ppl.append({"method": r.method, "gpus": gpus, "budget": r.budget, "avg_bits": r.avg_bits,
-                        "ppl": r.ppl, "dataset": r.dataset, "n_windows": r.n_windows})
+            ppl.append(
+                {
+                    "method": r.method,
+                    "gpus": gpus,
+                    "budget": r.budget,
+                    "avg_bits": r.avg_bits,
+                    "ppl": r.ppl,
+                    "dataset": r.dataset,
+                    "n_windows": r.n_windows,
+                }
+            )
     cost_df = pd.DataFrame(cost)
     if not cost_df.empty:
         base = cost_df[cost_df.gpus == 1].set_index("method")["calib_seconds"]
-        cost_df["speedup_vs_1gpu"] = [base.get(m, float("nan")) / s for m, s in
-                                      zip(cost_df["method"], cost_df["calib_seconds"], strict=True)]
+        cost_df["speedup_vs_1gpu"] = [
+            base.get(m, float("nan")) / s for m, s in zip(cost_df["method"], cost_df["calib_seconds"], strict=True)
+        ]
     return cost_df, pd.DataFrame(ppl)
 
 
@@ -96,8 +134,12 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="smollm2-135m", help="GGUF file or model folder (default: the packaged one)")
     p.add_argument("--calib-text", required=True, help="calibration text file (not the evaluation split)")
     p.add_argument("--eval-text", required=True, help="WikiText-2 test (wiki.test.raw)")
-    p.add_argument("--runs", nargs="+", default=["mobiquant:1:elastic", "mobiquant:2"],
-                   help="method:gpus[:baselines group] ... (e.g. mobiquant:1:elastic lwc:2)")
+    p.add_argument(
+        "--runs",
+        nargs="+",
+        default=["mobiquant:1:elastic", "mobiquant:2"],
+        help="method:gpus[:baselines group] ... (e.g. mobiquant:1:elastic lwc:2)",
+    )
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--epochs1", type=int, default=10, help="stage-1 epochs (lwc: epochs1 + epochs2 in all)")
@@ -106,10 +148,19 @@ def main(argv=None) -> None:
     p.add_argument("--precision", default="32-true")
     p.add_argument("--budgets", type=float, nargs="+", default=[2, 2.5, 3, 3.5, 4, 5, 6, 8])
     p.add_argument("--max-windows", type=int, default=0, help="evaluation windows (0: all)")
-    p.add_argument("--extra-eval", nargs="*", default=[], metavar="NAME=PATH",
-                   help="more evaluation texts (one document per line), e.g. extract=/root/data/wiki_extract_eval.txt")
-    p.add_argument("--launcher", choices=["lightning", "torchrun"], default="lightning",
-                   help="how runs on several GPUs start their ranks (torchrun: all at once)")
+    p.add_argument(
+        "--extra-eval",
+        nargs="*",
+        default=[],
+        metavar="NAME=PATH",
+        help="more evaluation texts (one document per line), e.g. extract=/root/data/wiki_extract_eval.txt",
+    )
+    p.add_argument(
+        "--launcher",
+        choices=["lightning", "torchrun"],
+        default="lightning",
+        help="how runs on several GPUs start their ranks (torchrun: all at once)",
+    )
     p.add_argument("--timeout", type=int, default=3600)
     p.add_argument("--tag", default="", help="run folder name instead of the method's (e.g. one per layout)")
     p.add_argument("--out", default="calib_bench_runs")
@@ -130,8 +181,11 @@ def main(argv=None) -> None:
     cost, ppl = summarize(dirs)
     out = Path(args.out)
     card = torch.cuda.get_device_name(0)
-    md = [f"card: {card} x {torch.cuda.device_count()}; {args.nsamples} x {args.seqlen} calibration tokens, "
-          f"epochs {args.epochs1} + {args.epochs2}, global batch {args.batch_size}, precision {args.precision}", ""]
+    md = [
+        f"card: {card} x {torch.cuda.device_count()}; {args.nsamples} x {args.seqlen} calibration tokens, "
+        f"epochs {args.epochs1} + {args.epochs2}, global batch {args.batch_size}, precision {args.precision}",
+        "",
+    ]
     if not cost.empty:
         md += ["calibration cost", "", cost.to_markdown(index=False, floatfmt=".4g"), ""]
     if not ppl.empty:
@@ -139,9 +193,16 @@ def main(argv=None) -> None:
         for ds, part in ppl.groupby("dataset", sort=False):
             table = part.pivot_table(index="run", columns="budget", values="ppl", aggfunc="first")
             bits = part.pivot_table(index="run", columns="budget", values="avg_bits", aggfunc="first")
-            md += [f"perplexity ({ds}, {int(part['n_windows'].iloc[0])} windows)", "",
-                   table.to_markdown(floatfmt=".2f"), "", f"achieved average bits ({ds})", "",
-                   bits.to_markdown(floatfmt=".3f"), ""]
+            md += [
+                f"perplexity ({ds}, {int(part['n_windows'].iloc[0])} windows)",
+                "",
+                table.to_markdown(floatfmt=".2f"),
+                "",
+                f"achieved average bits ({ds})",
+                "",
+                bits.to_markdown(floatfmt=".3f"),
+                "",
+            ]
         ppl.to_csv(out / "calib_bench_ppl.csv", index=False)
     cost.to_csv(out / "calib_bench.csv", index=False)
     (out / "calib_bench.md").write_text("\n".join(md) + "\n")

@@ -96,8 +96,12 @@ class QLinear:
     def __init__(self, n_out, n_in, tb, gen):
         self.tb = tb
         # random words are random codes (first code in the low bits of each int32 word)
-        self.planes = [torch.randint(-(2**31), 2**31 - 1, (n_out, n_in // (32 // b)), generator=gen,
-                                     device="cuda", dtype=torch.int32) for b in SLICE_BITS]
+        self.planes = [
+            torch.randint(
+                -(2**31), 2**31 - 1, (n_out, n_in // (32 // b)), generator=gen, device="cuda", dtype=torch.int32
+            )
+            for b in SLICE_BITS
+        ]
         ng = math.ceil(n_in / GROUP)
         # W spans about 4 steps: std ~ 1 / sqrt(n_in)
         self.scale = torch.full((n_out, ng), 1.0 / (1.15 * math.sqrt(n_in)), device="cuda").half()
@@ -111,8 +115,9 @@ class QLinear:
     small_config = None  # --fields: each one-token kernel forced in turn (the default picks by k)
 
     def __call__(self, x, k):
-        return self.tb.bitplane_linear(x, self.planes, self.scale, self.zero, SLICE_BITS, GROUP, k,
-                                       small_config=QLinear.small_config)
+        return self.tb.bitplane_linear(
+            x, self.planes, self.scale, self.zero, SLICE_BITS, GROUP, k, small_config=QLinear.small_config
+        )
 
 
 def layer_shapes():
@@ -131,6 +136,7 @@ def fp16_step(layers, h):
 
 def q_step(layers, h, static_k=None, collect=False):
     for L in layers:
+
         def route(name, x):
             if static_k is not None:
                 return static_k
@@ -179,8 +185,15 @@ def package_models(layers, d, ff, kv, heads, vocab, device, dtype, seed=0):
     load_kernels()  # puts src/ on the path
     import mobiquant as mq
 
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=ff, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=heads * kv // d, max_position_embeddings=4096)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=d,
+        intermediate_size=ff,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads * kv // d,
+        max_position_embeddings=4096,
+    )
     torch.manual_seed(seed)
     with torch.device(device):
         fp = LlamaForCausalLM(cfg).to(dtype).eval()
@@ -223,17 +236,35 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw):
         return g.us_per_token, g.graph
 
     t16, how = timed(fp)
-    rows.append(dict(mode="package fp16", budget=16.0, achieved_bits=16.0, us_per_token=t16, tok_s=1e6 / t16,
-                     speedup=1.0, pct_copy=100 * linear_bytes(fp, 16) / (t16 * 1e-6) / copy_bw if copy_bw else math.nan,
-                     graph=how))
+    rows.append(
+        dict(
+            mode="package fp16",
+            budget=16.0,
+            achieved_bits=16.0,
+            us_per_token=t16,
+            tok_s=1e6 / t16,
+            speedup=1.0,
+            pct_copy=100 * linear_bytes(fp, 16) / (t16 * 1e-6) / copy_bw if copy_bw else math.nan,
+            graph=how,
+        )
+    )
     print(f"package fp16: {t16:.1f} us/token (graph: {how})")
     for k in range(1, len(SLICE_BITS) + 1):
         mq.set_static(q, k)
         t, how = timed(q)
         bits = 2.0 * k
-        rows.append(dict(mode=f"package static k={k}", budget=bits, achieved_bits=bits, us_per_token=t, tok_s=1e6 / t,
-                         speedup=t16 / t, pct_copy=100 * linear_bytes(q, bits) / (t * 1e-6) / copy_bw if copy_bw
-                         else math.nan, graph=how))
+        rows.append(
+            dict(
+                mode=f"package static k={k}",
+                budget=bits,
+                achieved_bits=bits,
+                us_per_token=t,
+                tok_s=1e6 / t,
+                speedup=t16 / t,
+                pct_copy=100 * linear_bytes(q, bits) / (t * 1e-6) / copy_bw if copy_bw else math.nan,
+                graph=how,
+            )
+        )
         print(f"package static k={k}: {t:.1f} us/token  x{t16 / t:.2f} (graph: {how})")
     for budget in range(2, 2 * len(SLICE_BITS) + 1):
         # achieved bits of the decode tokens, counted eagerly (counting synchronises every step)
@@ -241,12 +272,21 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw):
         steps = g.achieved_bits[1:] or g.achieved_bits
         bits = sum(steps) / len(steps)
         t, how = timed(q, float(budget))
-        rows.append(dict(mode="package routed", budget=float(budget), achieved_bits=bits, us_per_token=t,
-                         tok_s=1e6 / t, speedup=t16 / t,
-                         pct_copy=100 * linear_bytes(q, bits) / (t * 1e-6) / copy_bw if copy_bw else math.nan,
-                         graph=how))
-        print(f"package routed budget {budget}: achieved {bits:.2f} bits, {t:.1f} us/token  x{t16 / t:.2f} "
-              f"(graph: {how})")
+        rows.append(
+            dict(
+                mode="package routed",
+                budget=float(budget),
+                achieved_bits=bits,
+                us_per_token=t,
+                tok_s=1e6 / t,
+                speedup=t16 / t,
+                pct_copy=100 * linear_bytes(q, bits) / (t * 1e-6) / copy_bw if copy_bw else math.nan,
+                graph=how,
+            )
+        )
+        print(
+            f"package routed budget {budget}: achieved {bits:.2f} bits, {t:.1f} us/token  x{t16 / t:.2f} (graph: {how})"
+        )
     return rows
 
 
@@ -258,6 +298,7 @@ def gemlite_module():
     """``(GemLiteLinear class, DType)`` of the installed gemlite, or ``None`` and why not."""
     try:
         from gemlite.core import DType
+
         try:
             from gemlite.core import GemLiteLinearTriton as cls
         except ImportError:
@@ -277,8 +318,14 @@ class GemliteLinear:
         ng = n_in // GROUP
         scales = (torch.rand(n_out, ng, generator=gen, device="cuda") * 0.01 + 0.001).half()
         zeros = torch.full((n_out, ng), (2**bits - 1) / 2, device="cuda").half()
-        self.layer = cls(bits, group_size=GROUP, in_features=n_in, out_features=n_out, input_dtype=dtype.FP16,
-                         output_dtype=dtype.FP16)
+        self.layer = cls(
+            bits,
+            group_size=GROUP,
+            in_features=n_in,
+            out_features=n_out,
+            input_dtype=dtype.FP16,
+            output_dtype=dtype.FP16,
+        )
         self.layer.pack(w_q, scales, zeros, None)
 
     def __call__(self, x):
@@ -308,15 +355,32 @@ def gemlite_rows(api, n_layers, xs, t16, copy_bw):
             g = graph_of(lambda _: layers[0][name](x), [x] * STEPS)
             t = bench(g.replay, warmup=20, rep=200) / STEPS
             nb = o * i * bits / 8 + o * (i // GROUP) * 4
-            rows.append(dict(mode=f"gemlite {name} {o}x{i}", budget=float(bits), achieved_bits=float(bits),
-                             us_per_token=t, tok_s=1e6 / t, speedup=float("nan"),
-                             pct_copy=100 * nb / (t * 1e-6) / copy_bw))
+            rows.append(
+                dict(
+                    mode=f"gemlite {name} {o}x{i}",
+                    budget=float(bits),
+                    achieved_bits=float(bits),
+                    us_per_token=t,
+                    tok_s=1e6 / t,
+                    speedup=float("nan"),
+                    pct_copy=100 * nb / (t * 1e-6) / copy_bw,
+                )
+            )
             del g
         g = graph_of(lambda x: gemlite_step(layers, x), xs)
         t = bench(g.replay, warmup=20, rep=200) / STEPS
         nb = sum(o * i * bits / 8 + o * (i // GROUP) * 4 for o, i in shapes.values()) * n_layers
-        rows.append(dict(mode=f"gemlite {bits}-bit", budget=float(bits), achieved_bits=float(bits), us_per_token=t,
-                         tok_s=1e6 / t, speedup=t16 / t, pct_copy=100 * nb / (t * 1e-6) / copy_bw))
+        rows.append(
+            dict(
+                mode=f"gemlite {bits}-bit",
+                budget=float(bits),
+                achieved_bits=float(bits),
+                us_per_token=t,
+                tok_s=1e6 / t,
+                speedup=t16 / t,
+                pct_copy=100 * nb / (t * 1e-6) / copy_bw,
+            )
+        )
         del g
         print(f"gemlite {bits}-bit stack: {t:.1f} us/token  x{t16 / t:.2f}")
     return rows
@@ -335,15 +399,24 @@ def our_linear_rows(tb, xs_unused, copy_bw):
             g = graph_of(lambda _: L(x, k), [x] * STEPS)
             t = bench(g.replay, warmup=20, rep=200) / STEPS
             nb = o * i * 2 * k / 8 + o * math.ceil(i / GROUP) * 4
-            rows.append(dict(mode=f"static k={k} {name} {o}x{i}", budget=2.0 * k, achieved_bits=2.0 * k,
-                             us_per_token=t, tok_s=1e6 / t, speedup=float("nan"),
-                             pct_copy=100 * nb / (t * 1e-6) / copy_bw))
+            rows.append(
+                dict(
+                    mode=f"static k={k} {name} {o}x{i}",
+                    budget=2.0 * k,
+                    achieved_bits=2.0 * k,
+                    us_per_token=t,
+                    tok_s=1e6 / t,
+                    speedup=float("nan"),
+                    pct_copy=100 * nb / (t * 1e-6) / copy_bw,
+                )
+            )
             del g
     return rows
 
 
 def x_gemlite(rows):
     """Each of our static rows against gemlite's row of the same bits and shape (stack or single linear)."""
+
     def key(mode, budget):
         parts = mode.split(" ", 2)
         if parts[0] == "gemlite":
@@ -357,18 +430,23 @@ def x_gemlite(rows):
     ref = {key(r["mode"], r["budget"]): r["us_per_token"] for r in rows if r["mode"].startswith("gemlite ")}
     for r in rows:
         k = key(r["mode"], r["budget"])
-        r["x_gemlite"] = ref[k] / r["us_per_token"] if not r["mode"].startswith("gemlite ") and k in ref \
-            else float("nan")
+        r["x_gemlite"] = (
+            ref[k] / r["us_per_token"] if not r["mode"].startswith("gemlite ") and k in ref else float("nan")
+        )
 
 
 def print_table(rows, title):
     print()
     print(title)
-    print(f"{'mode':34s} {'budget':>6s} {'bits':>5s} {'us/token':>9s} {'tok/s':>8s} {'x fp16':>6s} {'%copy':>6s} "
-          f"{'x gemlite':>9s}")
+    print(
+        f"{'mode':34s} {'budget':>6s} {'bits':>5s} {'us/token':>9s} {'tok/s':>8s} {'x fp16':>6s} {'%copy':>6s} "
+        f"{'x gemlite':>9s}"
+    )
     for r_ in rows:
-        print(f"{r_['mode']:34s} {r_['budget']:6.1f} {r_['achieved_bits']:5.2f} {r_['us_per_token']:9.1f} "
-              f"{r_['tok_s']:8.0f} {r_['speedup']:6.2f} {r_['pct_copy']:6.1f} {r_.get('x_gemlite', float('nan')):9.2f}")
+        print(
+            f"{r_['mode']:34s} {r_['budget']:6.1f} {r_['achieved_bits']:5.2f} {r_['us_per_token']:9.1f} "
+            f"{r_['tok_s']:8.0f} {r_['speedup']:6.2f} {r_['pct_copy']:6.1f} {r_.get('x_gemlite', float('nan')):9.2f}"
+        )
 
 
 def dry_run(args):
@@ -386,9 +464,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--out", default=os.environ.get("OUT"))
-    ap.add_argument("--fields", action="store_true",
-                    help="also time static k with each one-token kernel forced: SmallConfig(fields=True) and "
-                         "fields=False (the default takes the field kernel for k <= FIELDS_MAX_K)")
+    ap.add_argument(
+        "--fields",
+        action="store_true",
+        help="also time static k with each one-token kernel forced: SmallConfig(fields=True) and "
+        "fields=False (the default takes the field kernel for k <= FIELDS_MAX_K)",
+    )
     ap.add_argument("--no-package", action="store_true", help="skip the rows of the model patched by the package")
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per package row")
     ap.add_argument("--gemlite", action="store_true", help="also time PyPI gemlite at 2/4/8 bits, group 128")
@@ -402,15 +483,19 @@ def main(argv=None):
         ap.error("needs a CUDA device (use --dry-run to check the code path on the CPU)")
     tb = load_kernels()
     Router.fused = staticmethod(load_router_kernel())
-    dev = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, " \
-          f"{time.strftime('%Y-%m-%d')}"
+    dev = (
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+        f"{time.strftime('%Y-%m-%d')}"
+    )
     print(f"# {dev}")
     copy_bw, _ = copy_bandwidth()
     print(f"# copy bandwidth {copy_bw / 1e9:.0f} GB/s")
     gen = torch.Generator(device="cuda").manual_seed(0)
     shapes = layer_shapes()
-    fp_layers = [{n: (torch.randn(o, i, generator=gen, device="cuda") / math.sqrt(i)).half()
-                  for n, (o, i) in shapes.items()} for _ in range(args.layers)]
+    fp_layers = [
+        {n: (torch.randn(o, i, generator=gen, device="cuda") / math.sqrt(i)).half() for n, (o, i) in shapes.items()}
+        for _ in range(args.layers)
+    ]
     q_layers = []
     for _ in range(args.layers):
         L = {n: QLinear(o, i, tb, gen) for n, (o, i) in shapes.items()}
@@ -428,8 +513,17 @@ def main(argv=None):
     fp16_bytes = sum(o * i * 2 for o, i in shapes.values()) * args.layers
     g = graph_of(lambda x: fp16_step(fp_layers, x), xs)
     t = bench(g.replay, warmup=20, rep=200) / STEPS
-    rows.append(dict(mode="fp16", budget=16.0, achieved_bits=16.0, us_per_token=t, tok_s=1e6 / t, speedup=1.0,
-                     pct_copy=100 * fp16_bytes / (t * 1e-6) / copy_bw))
+    rows.append(
+        dict(
+            mode="fp16",
+            budget=16.0,
+            achieved_bits=16.0,
+            us_per_token=t,
+            tok_s=1e6 / t,
+            speedup=1.0,
+            pct_copy=100 * fp16_bytes / (t * 1e-6) / copy_bw,
+        )
+    )
     t16 = t
     del g
     print(f"fp16: {t:.1f} us/token")
@@ -438,18 +532,36 @@ def main(argv=None):
         g = graph_of(lambda x: q_step(q_layers, x, static_k=k), xs)
         t = bench(g.replay, warmup=20, rep=200) / STEPS
         nb = sum(o * i * 2 * k / 8 + o * math.ceil(i / GROUP) * 4 for o, i in shapes.values()) * args.layers
-        rows.append(dict(mode=f"static k={k}", budget=2.0 * k, achieved_bits=2.0 * k, us_per_token=t,
-                         tok_s=1e6 / t, speedup=t16 / t, pct_copy=100 * nb / (t * 1e-6) / copy_bw))
+        rows.append(
+            dict(
+                mode=f"static k={k}",
+                budget=2.0 * k,
+                achieved_bits=2.0 * k,
+                us_per_token=t,
+                tok_s=1e6 / t,
+                speedup=t16 / t,
+                pct_copy=100 * nb / (t * 1e-6) / copy_bw,
+            )
+        )
         del g
         print(f"static k={k}: {t:.1f} us/token  x{t16 / t:.2f}")
-        for forced in ((True, False) if args.fields else ()):
+        for forced in (True, False) if args.fields else ():
             QLinear.small_config = tb.SmallConfig(fields=forced)
             g = graph_of(lambda x: q_step(q_layers, x, static_k=k), xs)
             tc = bench(g.replay, warmup=20, rep=200) / STEPS
             QLinear.small_config = None
             name = "fields" if forced else "concat"
-            rows.append(dict(mode=f"{name} k={k}", budget=2.0 * k, achieved_bits=2.0 * k, us_per_token=tc,
-                             tok_s=1e6 / tc, speedup=t16 / tc, pct_copy=100 * nb / (tc * 1e-6) / copy_bw))
+            rows.append(
+                dict(
+                    mode=f"{name} k={k}",
+                    budget=2.0 * k,
+                    achieved_bits=2.0 * k,
+                    us_per_token=tc,
+                    tok_s=1e6 / tc,
+                    speedup=t16 / tc,
+                    pct_copy=100 * nb / (tc * 1e-6) / copy_bw,
+                )
+            )
             del g
             print(f"static k={k}, {name} kernel forced: {tc:.1f} us/token  x{t16 / tc:.2f}")
 
@@ -490,11 +602,22 @@ def main(argv=None):
         g = graph_of(lambda x: q_step(q_layers, x), xs)
         t = bench(g.replay, warmup=20, rep=200) / STEPS
         nb = tot_bits / 8 / STEPS + sum(o * math.ceil(i / GROUP) * 4 for o, i in shapes.values()) * args.layers
-        rows.append(dict(mode="routed", budget=float(budget), achieved_bits=achieved, us_per_token=t,
-                         tok_s=1e6 / t, speedup=t16 / t, pct_copy=100 * nb / (t * 1e-6) / copy_bw))
+        rows.append(
+            dict(
+                mode="routed",
+                budget=float(budget),
+                achieved_bits=achieved,
+                us_per_token=t,
+                tok_s=1e6 / t,
+                speedup=t16 / t,
+                pct_copy=100 * nb / (t * 1e-6) / copy_bw,
+            )
+        )
         del g
-        print(f"routed budget {budget}: achieved {achieved:.2f} bits, {t:.1f} us/token  x{t16 / t:.2f}  "
-              f"k counts {ks}; router kernel vs torch k mismatches: {mismatch}; last activations finite: {finite}")
+        print(
+            f"routed budget {budget}: achieved {achieved:.2f} bits, {t:.1f} us/token  x{t16 / t:.2f}  "
+            f"k counts {ks}; router kernel vs torch k mismatches: {mismatch}; last activations finite: {finite}"
+        )
 
     if args.fields:  # routed stack with the field kernel forced (device-side k: one body per k, branched)
         for budget in (2, 4, 6):
@@ -507,8 +630,17 @@ def main(argv=None):
                 t = bench(g.replay, warmup=20, rep=200) / STEPS
                 QLinear.small_config = None
                 name = "routed fields" + (f" n{bn}" if bn else "")
-                rows.append(dict(mode=name, budget=float(budget), achieved_bits=float("nan"), us_per_token=t,
-                                 tok_s=1e6 / t, speedup=t16 / t, pct_copy=float("nan")))
+                rows.append(
+                    dict(
+                        mode=name,
+                        budget=float(budget),
+                        achieved_bits=float("nan"),
+                        us_per_token=t,
+                        tok_s=1e6 / t,
+                        speedup=t16 / t,
+                        pct_copy=float("nan"),
+                    )
+                )
                 del g
                 print(f"routed budget {budget}, field kernel forced (block_n {bn}): {t:.1f} us/token  x{t16 / t:.2f}")
 
@@ -525,10 +657,21 @@ def main(argv=None):
     g = graph_of(routers_only, xs)
     tg = bench(g.replay, warmup=20, rep=200) / STEPS
     del g
-    print(f"# a token's {4 * args.layers} router launches inside a CUDA graph: {tg:.1f} us "
-          f"({tg / (4 * args.layers):.2f} us each)")
-    rows.append(dict(mode="routers only", budget=float("nan"), achieved_bits=float("nan"), us_per_token=tg,
-                     tok_s=1e6 / tg, speedup=t16 / tg, pct_copy=float("nan")))
+    print(
+        f"# a token's {4 * args.layers} router launches inside a CUDA graph: {tg:.1f} us "
+        f"({tg / (4 * args.layers):.2f} us each)"
+    )
+    rows.append(
+        dict(
+            mode="routers only",
+            budget=float("nan"),
+            achieved_bits=float("nan"),
+            us_per_token=tg,
+            tok_s=1e6 / tg,
+            speedup=t16 / tg,
+            pct_copy=float("nan"),
+        )
+    )
 
     if args.gemlite:
         api, why = gemlite_module()
@@ -547,8 +690,11 @@ def main(argv=None):
         del fp, q
 
     x_gemlite(rows)
-    print_table(rows, f"# decode at batch 1, {args.layers} LLaMA-3-8B-shaped layers (7 linears each), {dev}; "
-                      "package rows: x fp16 against 'package fp16'")
+    print_table(
+        rows,
+        f"# decode at batch 1, {args.layers} LLaMA-3-8B-shaped layers (7 linears each), {dev}; "
+        "package rows: x fp16 against 'package fp16'",
+    )
     if args.out:
         import csv
 

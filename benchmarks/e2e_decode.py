@@ -42,8 +42,12 @@ def parse_args(argv=None):
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--prompt", default=PROMPT)
-    ap.add_argument("--graph", default="auto", choices=["auto", "graph", "compile", "off"],
-                    help="decode step: CUDA graph (auto on CUDA), torch.compile reduce-overhead, or eager")
+    ap.add_argument(
+        "--graph",
+        default="auto",
+        choices=["auto", "graph", "compile", "off"],
+        help="decode step: CUDA graph (auto on CUDA), torch.compile reduce-overhead, or eager",
+    )
     ap.add_argument("--profile", action="store_true", help="print the top kernels of eager decode steps at budget 4")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--dry-run", action="store_true", help="tiny random model on the CPU, few tokens: the code path")
@@ -106,16 +110,32 @@ def run_rows(args, fp, q, tok, device):
     def bits_of(model, budget):
         if budget is None:
             return 16.0
-        g = generate(model, args.prompt, min(16, args.new_tokens), tokenizer=tok, budget=budget, cuda_graph="off",
-                     track_bits=True)
+        g = generate(
+            model,
+            args.prompt,
+            min(16, args.new_tokens),
+            tokenizer=tok,
+            budget=budget,
+            cuda_graph="off",
+            track_bits=True,
+        )
         steps = g.achieved_bits[1:] or g.achieved_bits
         return sum(steps) / len(steps)
 
     for name, model, budget in [("fp16", fp, None)] + [("mobiquant", q, b) for b in args.budgets]:
         g = time_one(model, budget)
-        rows.append(dict(mode=name, budget=float("nan") if budget is None else budget, bits=bits_of(model, budget),
-                         tokens_per_s=g.tokens_per_s, us_per_token=g.us_per_token, prefill_ms=1e3 * g.prefill_s,
-                         graph=g.graph, text=g.text[0][:60]))
+        rows.append(
+            dict(
+                mode=name,
+                budget=float("nan") if budget is None else budget,
+                bits=bits_of(model, budget),
+                tokens_per_s=g.tokens_per_s,
+                us_per_token=g.us_per_token,
+                prefill_ms=1e3 * g.prefill_s,
+                graph=g.graph,
+                text=g.text[0][:60],
+            )
+        )
         print(f"{name} {'' if budget is None else budget}: {g.us_per_token:.1f} us/token ({g.graph})", flush=True)
     return rows
 
@@ -151,8 +171,10 @@ def main(argv=None):
     df = pd.DataFrame(rows)
     df["x_fp16"] = float(df.loc[df["mode"] == "fp16", "us_per_token"].iloc[0]) / df["us_per_token"]
     card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    print(f"\n# SmolLM2-135M end to end through mobiquant.decode, batch 1, {args.new_tokens} new tokens, {card}, "
-          f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+    print(
+        f"\n# SmolLM2-135M end to end through mobiquant.decode, batch 1, {args.new_tokens} new tokens, {card}, "
+        f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+    )
     print(df.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     if args.profile:
         profile(q, tok, device, args.prompt)

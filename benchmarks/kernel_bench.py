@@ -98,8 +98,9 @@ def make_layer(n_out, n_in, gen_seed=0):
     for b in SLICE_BITS:
         per = 32 // b
         planes.append(
-            torch.randint(-(2**31), 2**31 - 1, (n_out, math.ceil(n_in / per)), dtype=torch.int32,
-                          device="cuda", generator=g)
+            torch.randint(
+                -(2**31), 2**31 - 1, (n_out, math.ceil(n_in / per)), dtype=torch.int32, device="cuda", generator=g
+            )
         )
     ng = math.ceil(n_in / GROUP)
     scale = (torch.rand(n_out, ng, device="cuda", generator=g) * 0.01 + 0.002).half()
@@ -132,12 +133,24 @@ def rel_err(a, b):
 # --------------------------------------------------------------------------------------------- sweep
 def sweep(tb, shapes, log):
     """Launch configurations for 1, 16 and 2048 tokens at k = 1 and 4; returns the best per case."""
-    small_cfgs_1 = [tb.SmallConfig(block_n=bn, block_k=bk, use_dot=False, num_warps=nw)
-                    for bn, bk, nw in ((16, 128, 4), (16, 256, 4), (16, 512, 4), (32, 128, 4), (32, 256, 4),
-                                       (32, 512, 8), (64, 128, 4), (64, 256, 8), (8, 512, 4))]
-    small_cfgs_16 = [tb.SmallConfig(block_n=bn, block_k=bk, use_dot=True, num_warps=nw)
-                     for bn, bk, nw in ((32, 64, 4), (32, 128, 4), (64, 64, 4), (64, 128, 4), (128, 64, 4),
-                                        (64, 128, 8))]
+    small_cfgs_1 = [
+        tb.SmallConfig(block_n=bn, block_k=bk, use_dot=False, num_warps=nw)
+        for bn, bk, nw in (
+            (16, 128, 4),
+            (16, 256, 4),
+            (16, 512, 4),
+            (32, 128, 4),
+            (32, 256, 4),
+            (32, 512, 8),
+            (64, 128, 4),
+            (64, 256, 8),
+            (8, 512, 4),
+        )
+    ]
+    small_cfgs_16 = [
+        tb.SmallConfig(block_n=bn, block_k=bk, use_dot=True, num_warps=nw)
+        for bn, bk, nw in ((32, 64, 4), (32, 128, 4), (64, 64, 4), (64, 128, 4), (128, 64, 4), (64, 128, 8))
+    ]
     tile_cfgs = [
         tb.TileConfig(128, 128, 64, 8, 8, 3),
         tb.TileConfig(128, 256, 64, 8, 8, 3),
@@ -155,8 +168,18 @@ def sweep(tb, shapes, log):
                 for cfg in cfgs:
                     kw = {"small_config": cfg} if path == "small" else {"tile_config": cfg}
                     try:
-                        f = lambda: tb.bitplane_linear(x, planes, scale, zero, SLICE_BITS, GROUP, k,  # noqa: E731
-                                                       out=out, path=path, **kw)
+                        f = lambda: tb.bitplane_linear(  # noqa: E731
+                            x,
+                            planes,
+                            scale,
+                            zero,
+                            SLICE_BITS,
+                            GROUP,
+                            k,
+                            out=out,
+                            path=path,
+                            **kw,
+                        )
                         f()
                         t = bench(f)
                     except Exception as exc:  # a config that does not compile or fit
@@ -200,10 +223,25 @@ def table(tb, shapes, tokens, copy_bw, log, check=True, best=None):
             t16 = bench(lambda: torch.matmul(x, w16.t(), out=out))
             b16 = n_out * n_in * 2 + m * (n_in + n_out) * 2
             flops = 2.0 * m * n_in * n_out
-            rows.append(dict(shape=name, tokens=m, k="fp16", bits=16, us=t16, fp16_us=t16, speedup=1.0,
-                             bytes=b16, gbps=b16 / t16 / 1e3, pct_copy=100 * b16 / (t16 * 1e-6) / copy_bw,
-                             tflops=flops / t16 / 1e6, deq_mm_us=float("nan"), err=0.0, fields_us=float("nan"),
-                             config="cublas"))
+            rows.append(
+                dict(
+                    shape=name,
+                    tokens=m,
+                    k="fp16",
+                    bits=16,
+                    us=t16,
+                    fp16_us=t16,
+                    speedup=1.0,
+                    bytes=b16,
+                    gbps=b16 / t16 / 1e3,
+                    pct_copy=100 * b16 / (t16 * 1e-6) / copy_bw,
+                    tflops=flops / t16 / 1e6,
+                    deq_mm_us=float("nan"),
+                    err=0.0,
+                    fields_us=float("nan"),
+                    config="cublas",
+                )
+            )
             kmix = mixed_k(m, gen)
             for k in [1, 2, 3, 4, "mixed"]:
                 kk = kmix if k == "mixed" else k
@@ -237,9 +275,11 @@ def table(tb, shapes, tokens, copy_bw, log, check=True, best=None):
                             tb.dequantize(planes, scale, zero, SLICE_BITS, GROUP, j, n_in, out=wbuf)
                             out.index_copy_(0, idx, torch.matmul(x.index_select(0, idx), wbuf.t()))
                 else:
+
                     def dq():
                         tb.dequantize(planes, scale, zero, SLICE_BITS, GROUP, k, n_in, out=wbuf)
                         torch.matmul(x, wbuf.t(), out=out)
+
                 dq()
                 tdq = bench(dq)
                 # one token: the field kernel forced, in the same run (the default takes it only for
@@ -247,19 +287,46 @@ def table(tb, shapes, tokens, copy_bw, log, check=True, best=None):
                 t_fields = float("nan")
                 if m == 1 and not kw:
                     cc = tb.SmallConfig(fields=True)
-                    fc = lambda: tb.bitplane_linear(x, planes, scale, zero, SLICE_BITS, GROUP, kk, out=out,  # noqa: E731
-                                                    path="small", small_config=cc)
+                    fc = lambda: tb.bitplane_linear(  # noqa: E731
+                        x,
+                        planes,
+                        scale,
+                        zero,
+                        SLICE_BITS,
+                        GROUP,
+                        kk,
+                        out=out,
+                        path="small",
+                        small_config=cc,
+                    )
                     fc()
                     t_fields = bench(fc)
                 nb = min_bytes(n_out, n_in, m, kmax)
-                rows.append(dict(shape=name, tokens=m, k=k, bits=bits, us=t, fp16_us=t16, speedup=t16 / t,
-                                 bytes=nb, gbps=nb / t / 1e3, pct_copy=100 * nb / (t * 1e-6) / copy_bw,
-                                 tflops=flops / t / 1e6, deq_mm_us=tdq, err=err, fields_us=t_fields))
+                rows.append(
+                    dict(
+                        shape=name,
+                        tokens=m,
+                        k=k,
+                        bits=bits,
+                        us=t,
+                        fp16_us=t16,
+                        speedup=t16 / t,
+                        bytes=nb,
+                        gbps=nb / t / 1e3,
+                        pct_copy=100 * nb / (t * 1e-6) / copy_bw,
+                        tflops=flops / t / 1e6,
+                        deq_mm_us=tdq,
+                        err=err,
+                        fields_us=t_fields,
+                    )
+                )
                 r = rows[-1]
                 r["config"] = str(kw.get("small_config") or kw.get("tile_config") or "default")
-                log(f"{name:22s} M={m:5d} k={str(k):5s} {t:9.2f} us  fp16 {t16:9.2f} us  x{r['speedup']:.2f}  "
+                log(
+                    f"{name:22s} M={m:5d} k={str(k):5s} {t:9.2f} us  fp16 {t16:9.2f} us  x{r['speedup']:.2f}  "
                     f"{r['gbps']:7.0f} GB/s ({r['pct_copy']:5.1f}% copy)  deq+mm {tdq:9.2f} us  err {err:.1e}"
-                    + (f"  field-kernel {t_fields:8.2f} us" if t_fields == t_fields else ""))
+                    + (f"  field-kernel {t_fields:8.2f} us" if t_fields == t_fields else "")
+                )
         # drop this shape's tensors (the benchmarked closures share these variables) before the next one
         planes = scale = zero = w16 = wbuf = None
         torch.cuda.empty_cache()
@@ -269,15 +336,19 @@ def table(tb, shapes, tokens, copy_bw, log, check=True, best=None):
 def print_table(rows, copy_bw, dev):
     print()
     print(f"# {dev}; copy bandwidth {copy_bw / 1e9:.0f} GB/s (read+write); times are medians in us")
-    hdr = f"{'shape':22s} {'M':>5s} {'k':>5s} {'bits':>4s} {'triton':>9s} {'fp16':>9s} {'x fp16':>6s} " \
-          f"{'deq+mm':>9s} {'GB/s':>6s} {'%copy':>5s} {'TFLOP/s':>7s} {'rel.err':>7s}"
+    hdr = (
+        f"{'shape':22s} {'M':>5s} {'k':>5s} {'bits':>4s} {'triton':>9s} {'fp16':>9s} {'x fp16':>6s} "
+        f"{'deq+mm':>9s} {'GB/s':>6s} {'%copy':>5s} {'TFLOP/s':>7s} {'rel.err':>7s}"
+    )
     print(hdr)
     for r in rows:
         if r["k"] == "fp16":
             continue
-        print(f"{r['shape']:22s} {r['tokens']:5d} {str(r['k']):>5s} {r['bits']:4.1f} {r['us']:9.2f} "
-              f"{r['fp16_us']:9.2f} {r['speedup']:6.2f} {r['deq_mm_us']:9.2f} {r['gbps']:6.0f} "
-              f"{r['pct_copy']:5.1f} {r['tflops']:7.1f} {r['err']:7.1e}")
+        print(
+            f"{r['shape']:22s} {r['tokens']:5d} {str(r['k']):>5s} {r['bits']:4.1f} {r['us']:9.2f} "
+            f"{r['fp16_us']:9.2f} {r['speedup']:6.2f} {r['deq_mm_us']:9.2f} {r['gbps']:6.0f} "
+            f"{r['pct_copy']:5.1f} {r['tflops']:7.1f} {r['err']:7.1e}"
+        )
 
 
 def write_csv(rows, path):
@@ -308,8 +379,10 @@ def main(argv=None):
     import triton
 
     tb = load_kernels()
-    dev = f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).multi_processor_count} SMs), " \
-          f"torch {torch.__version__}, triton {triton.__version__}, {time.strftime('%Y-%m-%d')}"
+    dev = (
+        f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).multi_processor_count} SMs), "
+        f"torch {torch.__version__}, triton {triton.__version__}, {time.strftime('%Y-%m-%d')}"
+    )
     print(f"# {dev}")
     logf = open(os.path.join(args.out, "kernel_bench.log"), "w") if args.out else None
 
@@ -334,7 +407,7 @@ def main(argv=None):
             with open(os.path.join(args.out, "kernel_sweep_best.csv"), "w") as fh:
                 fh.write("shape,tokens,k,us,config\n")
                 for (name, m, k), (t, cfg) in best.items():
-                    fh.write(f"{name},{m},{k},{t:.3f},\"{cfg}\"\n")
+                    fh.write(f'{name},{m},{k},{t:.3f},"{cfg}"\n')
         if args.sweep_only:
             return 0
     t1 = time.time()

@@ -61,8 +61,9 @@ def main(argv=None):
     model, tok = load_model(args.model)
     load_quantized(model, args.checkpoint)
     model.eval()
-    calib = calibration_windows(tokenize_corpus(load_wiki_extract("calib"), tok), args.calib_windows,
-                                args.calib_seqlen, seed=1)
+    calib = calibration_windows(
+        tokenize_corpus(load_wiki_extract("calib"), tok), args.calib_windows, args.calib_seqlen, seed=1
+    )
     docs = load_text_files([args.eval_text]) if args.eval_text else load_wiki_extract("eval")
     ev = eval_windows(tokenize_corpus(docs, tok), args.seqlen, args.eval_windows)
     slice_bits = next(iter(routers(model)))[1].slice_bits

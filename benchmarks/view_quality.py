@@ -31,8 +31,11 @@ def layer_inputs(model, window: torch.Tensor) -> dict[str, torch.Tensor]:
     acts, hooks = {}, []
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Linear) and name != "lm_head":
-            hooks.append(m.register_forward_pre_hook(
-                lambda mod, a, n=name: acts.__setitem__(n, a[0].detach().reshape(-1, a[0].shape[-1]))))
+            hooks.append(
+                m.register_forward_pre_hook(
+                    lambda mod, a, n=name: acts.__setitem__(n, a[0].detach().reshape(-1, a[0].shape[-1]))
+                )
+            )
     try:
         with torch.no_grad():
             model(input_ids=window)
@@ -49,8 +52,12 @@ def main(argv=None) -> None:
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--layouts", nargs="+", default=["2,2,2,2:2", "2,2,2,2@4:2", "3,1,1,1,1,1:2"],
-                   help="slice bits[@anchor bits]:k readings to compare with RTN at the same bits")
+    p.add_argument(
+        "--layouts",
+        nargs="+",
+        default=["2,2,2,2:2", "2,2,2,2@4:2", "3,1,1,1,1,1:2"],
+        help="slice bits[@anchor bits]:k readings to compare with RTN at the same bits",
+    )
     p.add_argument("--out", default=None, help="CSV to write")
     args = p.parse_args(argv)
     base, tok = load_model(args.model)
@@ -74,15 +81,23 @@ def main(argv=None) -> None:
             w = base.get_submodule(name).weight.detach().float()
             v = slicer.views(w, upto=k)[-1]
             y = x @ w.T
-            w_err.append(float(((v - w) ** 2).mean() / (w ** 2).mean()))
-            o_err[name] = float(((x @ v.T - y) ** 2).mean() / (y ** 2).mean())
+            w_err.append(float(((v - w) ** 2).mean() / (w**2).mean()))
+            o_err[name] = float(((x @ v.T - y) ** 2).mean() / (y**2).mean())
         mse[tag] = (statistics.mean(w_err), o_err)
         model = copy.deepcopy(base)
-        quantize_model(model, MoBiConfig(slice_bits=sl, group_size=args.group_size, lwc_init=None, routers=False,
-                                         anchor_bits=anchor))
+        quantize_model(
+            model,
+            MoBiConfig(slice_bits=sl, group_size=args.group_size, lwc_init=None, routers=False, anchor_bits=anchor),
+        )
         set_static(model, k)
-        rows.append({"weights": tag, "bits": sum(sl[:k]), "ppl": perplexity(model, windows)["ppl"],
-                     "weight_rel_mse": mse[tag][0]})
+        rows.append(
+            {
+                "weights": tag,
+                "bits": sum(sl[:k]),
+                "ppl": perplexity(model, windows)["ppl"],
+                "weight_rel_mse": mse[tag][0],
+            }
+        )
         print(rows[-1], flush=True)
         del model
     df = pd.DataFrame(rows)
@@ -96,8 +111,10 @@ def main(argv=None) -> None:
         df.loc[i, "output_mse_vs_rtn_median"] = statistics.median(ratios.values())
         df.loc[i, "output_mse_vs_rtn_worst"] = ratios[worst]
         df.loc[i, "worst_layer"] = worst
-    print(f"\n{args.model}, {args.windows} x {args.seqlen} tokens of {args.eval_text}, g{args.group_size}, "
-          "no calibration\n")
+    print(
+        f"\n{args.model}, {args.windows} x {args.seqlen} tokens of {args.eval_text}, g{args.group_size}, "
+        "no calibration\n"
+    )
     print(df.to_markdown(index=False, floatfmt=".4g"))
     if args.out:
         df.to_csv(args.out, index=False)

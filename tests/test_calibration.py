@@ -20,15 +20,23 @@ class Interrupt(Exception):
 def _calibrate(state_dir=None, stop_after=None, layers=3, sync_every=1):
     model, _ = tiny_llama(num_hidden_layers=layers)
     ids = torch.randint(0, 257, (4, 32), generator=torch.Generator().manual_seed(0))
-    cfg = CalibConfig(epochs_stage1=1, epochs_stage2=1, batch_size=2, progress_bar=False, threshold_windows=2,
-                      threshold_step=1.0, sync_every=sync_every)
+    cfg = CalibConfig(
+        epochs_stage1=1,
+        epochs_stage2=1,
+        batch_size=2,
+        progress_bar=False,
+        threshold_windows=2,
+        threshold_step=1.0,
+        sync_every=sync_every,
+    )
 
     def on_block_end(i, report):
         if stop_after is not None and i == stop_after:
             raise Interrupt
 
-    calibrate_model(model, ids, mq.MoBiConfig(group_size=32, router_hidden=8), cfg,
-                    on_block_end=on_block_end, state_dir=state_dir)
+    calibrate_model(
+        model, ids, mq.MoBiConfig(group_size=32, router_hidden=8), cfg, on_block_end=on_block_end, state_dir=state_dir
+    )
     return model
 
 
@@ -88,8 +96,9 @@ def test_non_finite_loss_stops_the_block_and_names_it(tmp_path, monkeypatch, syn
     poisoned.target = model.model.layers[1]
     monkeypatch.setattr(calibration, "run_block", poisoned)
     ids = torch.randint(0, 257, (4, 32), generator=torch.Generator().manual_seed(0))
-    cfg = CalibConfig(epochs_stage1=2, epochs_stage2=2, batch_size=2, progress_bar=False, threshold_windows=0,
-                      sync_every=sync_every)
+    cfg = CalibConfig(
+        epochs_stage1=2, epochs_stage2=2, batch_size=2, progress_bar=False, threshold_windows=0, sync_every=sync_every
+    )
     with pytest.raises(FloatingPointError, match=r"block 1 at step 0 \(stage 1\)"):
         calibrate_model(model, ids, mq.MoBiConfig(group_size=32, router_hidden=8), cfg, state_dir=tmp_path / "s")
     assert calls["n"] == sync_every  # stopped at the first check after the bad step
@@ -97,8 +106,13 @@ def test_non_finite_loss_stops_the_block_and_names_it(tmp_path, monkeypatch, syn
     assert sorted(meta["blocks"]) == ["0"]  # block 0's work is kept
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+    ],
+)
 def test_inputs_kept_on_cpu_give_the_same_calibration(device):
     """inputs_on=cpu (pinned host memory, streamed batch by batch) changes where tensors live, not the result."""
     import dataclasses
@@ -114,8 +128,9 @@ def test_inputs_kept_on_cpu_give_the_same_calibration(device):
     for where in ("device", "cpu"):
         model, _ = tiny_llama(num_hidden_layers=2, hidden_size=64, intermediate_size=160, seed=0)
         model.to(device)
-        calibrate_model(model, ids, MoBiConfig(group_size=32, router_hidden=8),
-                        dataclasses.replace(cfg, inputs_on=where))
+        calibrate_model(
+            model, ids, MoBiConfig(group_size=32, router_hidden=8), dataclasses.replace(cfg, inputs_on=where)
+        )
         states.append({k: v.cpu() for k, v in quantized_state(model).items()})
     assert states[0].keys() == states[1].keys()
     for k in states[0]:
@@ -126,10 +141,19 @@ def test_inputs_kept_on_cpu_give_the_same_calibration(device):
         CalibConfig(inputs_on="gpu")
 
 
-@pytest.mark.parametrize("stage1_bits,anchor,expected_k", [
-    (None, None, 1), ("base", 4, 1), (4, None, 2), (8.0, None, 4),
-    ("anchor", None, 1), ("anchor", 4, 2), ("anchor", 6, 3), ("anchor", 2, 1),
-])
+@pytest.mark.parametrize(
+    "stage1_bits,anchor,expected_k",
+    [
+        (None, None, 1),
+        ("base", 4, 1),
+        (4, None, 2),
+        (8.0, None, 4),
+        ("anchor", None, 1),
+        ("anchor", 4, 2),
+        ("anchor", 6, 3),
+        ("anchor", 2, 1),
+    ],
+)
 def test_stage1_trains_the_chosen_view(stage1_bits, anchor, expected_k, monkeypatch):
     """Stage 1 trains the clipping on the base slice (paper) or on the view of ``stage1_bits`` bits; stage 2
     routes. Recorded from the linears' state in every forward that builds a graph (the training steps)."""
@@ -145,8 +169,9 @@ def test_stage1_trains_the_chosen_view(stage1_bits, anchor, expected_k, monkeypa
         return out
 
     monkeypatch.setattr(mq.MoBiLinear, "forward", forward)
-    cfg = CalibConfig(epochs_stage1=1, epochs_stage2=1, batch_size=2, progress_bar=False, threshold_windows=0,
-                      stage1_bits=stage1_bits)
+    cfg = CalibConfig(
+        epochs_stage1=1, epochs_stage2=1, batch_size=2, progress_bar=False, threshold_windows=0, stage1_bits=stage1_bits
+    )
     calibrate_model(model, ids, mq.MoBiConfig(group_size=32, router_hidden=8, anchor_bits=anchor), cfg)
     assert {s for s in seen if s[0] == "static"} == {("static", expected_k)}
     assert any(mode != "static" for mode, _ in seen)  # stage 2 routed

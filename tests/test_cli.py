@@ -17,10 +17,15 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 def mobiquant(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-           "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "mobiquant", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "mobiquant", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_help_introduces_the_app_tasks_and_report(tmp_path):
@@ -49,19 +54,34 @@ def test_job_and_log_file_are_named_mobiquant():
 
 
 # ---------------------------------------------------------------------------- errors before any work
-@pytest.mark.parametrize("args,fragments", [
-    (["model=local", "model.path=/nope", "logger=wandb"], ["model.path=/nope does not exist"]),
-    (["model=local"], ["model.path is not set", "model.path=<"]),
-    (["calib.epochs_stage1=abc"], ["calib.epochs_stage1='abc' is invalid: expected an integer"]),
-    (["calib.epoch=3"], ["calib.epoch is not a key of `calib`", "did you mean `epochs_stage1`", "+calib.epoch=3"]),
-    (["quant=nope"], ["quant=nope is unknown; allowed:", "mobiquant_a4"]),
-    (["task=lm_evl"], ["task=lm_evl is unknown", "did you mean `lm_eval`"]),
-    (["budget.budgets=[2,9]"], ["budget.budgets[1]=9"]),
-    (["experiment=lm_eval_smoke", "paths.shared_data_dir=/nodata"],
-     ["lm_eval.data.wikitext2_path", "set paths.shared_data_dir="]),
-    (["-m", "experiment=smoke", "seed=0,1", "calib.epoch=3"], ["did you mean `epochs_stage1`"]),
-], ids=["bad_model_path", "no_model_path", "type", "unknown_key", "group_option", "task", "pipeline", "data_dir",
-        "multirun"])
+@pytest.mark.parametrize(
+    "args,fragments",
+    [
+        (["model=local", "model.path=/nope", "logger=wandb"], ["model.path=/nope does not exist"]),
+        (["model=local"], ["model.path is not set", "model.path=<"]),
+        (["calib.epochs_stage1=abc"], ["calib.epochs_stage1='abc' is invalid: expected an integer"]),
+        (["calib.epoch=3"], ["calib.epoch is not a key of `calib`", "did you mean `epochs_stage1`", "+calib.epoch=3"]),
+        (["quant=nope"], ["quant=nope is unknown; allowed:", "mobiquant_a4"]),
+        (["task=lm_evl"], ["task=lm_evl is unknown", "did you mean `lm_eval`"]),
+        (["budget.budgets=[2,9]"], ["budget.budgets[1]=9"]),
+        (
+            ["experiment=lm_eval_smoke", "paths.shared_data_dir=/nodata"],
+            ["lm_eval.data.wikitext2_path", "set paths.shared_data_dir="],
+        ),
+        (["-m", "experiment=smoke", "seed=0,1", "calib.epoch=3"], ["did you mean `epochs_stage1`"]),
+    ],
+    ids=[
+        "bad_model_path",
+        "no_model_path",
+        "type",
+        "unknown_key",
+        "group_option",
+        "task",
+        "pipeline",
+        "data_dir",
+        "multirun",
+    ],
+)
 def test_config_errors_are_one_line_before_any_run_folder(args, fragments, tmp_path):
     proc = mobiquant(*args, cwd=tmp_path)
     assert proc.returncode != 0
@@ -85,8 +105,18 @@ def test_schema_from_the_built_class():
     from mobiquant.calibration import CalibConfig
     from mobiquant.configcheck import ConfigError, check_node, did_you_mean
 
-    check_node("calib", {"epochs_stage1": 2, "lr_lwc": 1, "stage1_bits": "anchor", "devices": "auto",
-                         "propagate_budget": None, "budgets": [2, 3.5]}, CalibConfig)
+    check_node(
+        "calib",
+        {
+            "epochs_stage1": 2,
+            "lr_lwc": 1,
+            "stage1_bits": "anchor",
+            "devices": "auto",
+            "propagate_budget": None,
+            "budgets": [2, 3.5],
+        },
+        CalibConfig,
+    )
     with pytest.raises(ConfigError, match=r"calib.lr_lwc='fast' is invalid: expected a number"):
         check_node("calib", {"lr_lwc": "fast"}, CalibConfig)
     with pytest.raises(ConfigError, match=r"calib.budgets=\['a'\] is invalid: expected a list of numbers"):

@@ -12,9 +12,20 @@ from mobiquant.results import method_summary
 from test_pipeline import smoke_cfg  # tests/ is on sys.path (pytest's default import mode)
 
 # The compare preset's method list, on the tiny random LLaMA with smoke-sized data.
-TINY = ["experiment=compare", "model=tiny-llama", "logger=none", "group_size=32", "router.hidden=8",
-        "data.calib.nsamples=4", "data.calib.seqlen=64", "eval.seqlen=64", "eval.max_windows=2",
-        "calib.progress_bar=false", "budget.budgets=[2,3,3.5,4,6]", "torch_threads=1"]
+TINY = [
+    "experiment=compare",
+    "model=tiny-llama",
+    "logger=none",
+    "group_size=32",
+    "router.hidden=8",
+    "data.calib.nsamples=4",
+    "data.calib.seqlen=64",
+    "eval.seqlen=64",
+    "eval.max_windows=2",
+    "calib.progress_bar=false",
+    "budget.budgets=[2,3,3.5,4,6]",
+    "torch_threads=1",
+]
 
 
 @pytest.mark.slow
@@ -24,8 +35,19 @@ def test_compare_smoke_end_to_end(tmp_path, monkeypatch):
     run(smoke_cfg(tmp_path, *TINY))
     out = tmp_path / "run"
     df = pd.read_csv(out / "results.csv")
-    wanted = {"fp", "rtn", "matryoshka", "mobiquant_static", "mixed_layer", "mobiquant_sites", "hqq", "gptq",
-              "lwc", "mobiquant", "mobiquant_a4"}
+    wanted = {
+        "fp",
+        "rtn",
+        "matryoshka",
+        "mobiquant_static",
+        "mixed_layer",
+        "mobiquant_sites",
+        "hqq",
+        "gptq",
+        "lwc",
+        "mobiquant",
+        "mobiquant_a4",
+    }
     assert wanted <= set(df["method"]), wanted - set(df["method"])
     assert df["ppl"].map(math.isfinite).all()
     for name in ("elasticity.png", "results.md", "calibration.csv"):

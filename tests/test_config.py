@@ -14,8 +14,19 @@ from mobiquant.__main__ import CONF_DIR
 from mobiquant.methods import QuantMethod
 from mobiquant.pipeline import ConfigError, instantiate_calib, validate
 
-GROUPS = ["model", "quant", "router", "budget", "data", "trainer", "logger", "paths", "baselines", "experiment",
-          "debug"]
+GROUPS = [
+    "model",
+    "quant",
+    "router",
+    "budget",
+    "data",
+    "trainer",
+    "logger",
+    "paths",
+    "baselines",
+    "experiment",
+    "debug",
+]
 
 
 def options(group: str) -> list[str]:

@@ -98,8 +98,17 @@ words = st.text(string.ascii_letters, min_size=1, max_size=6)
 floats = st.one_of(st.floats(-4, 12), st.sampled_from([math.nan, math.inf, -math.inf, 1e300]))
 scalars = st.one_of(st.integers(-5, 300), floats, st.booleans(), words, st.none())
 budgets = st.one_of(
-    st.lists(st.one_of(st.integers(-2, 12), st.floats(0, 9).map(lambda x: round(x * 4) / 4), floats,
-                       st.booleans(), words, st.none()), max_size=6),
+    st.lists(
+        st.one_of(
+            st.integers(-2, 12),
+            st.floats(0, 9).map(lambda x: round(x * 4) / 4),
+            floats,
+            st.booleans(),
+            words,
+            st.none(),
+        ),
+        max_size=6,
+    ),
     st.lists(st.sampled_from([2, 2.5, 3, 4, 6, 8]), min_size=1, max_size=4),  # mostly valid grids
     scalars,
 )
@@ -110,13 +119,15 @@ slice_bits = st.one_of(
     scalars,
 )
 positive_ish = st.one_of(st.integers(-3, 200), st.sampled_from([1, 2, 16, 32, 64]), scalars)
-draws = st.fixed_dictionaries({
-    "budget.budgets": st.one_of(st.just(KEEP), budgets),
-    "quant.mobi.slice_bits": st.one_of(st.just(KEEP), slice_bits),
-    "group_size": st.one_of(st.just(KEEP), positive_ish),
-    "data.calib.nsamples": st.one_of(st.just(KEEP), positive_ish),
-    "data.calib.seqlen": st.one_of(st.just(KEEP), positive_ish),
-})
+draws = st.fixed_dictionaries(
+    {
+        "budget.budgets": st.one_of(st.just(KEEP), budgets),
+        "quant.mobi.slice_bits": st.one_of(st.just(KEEP), slice_bits),
+        "group_size": st.one_of(st.just(KEEP), positive_ish),
+        "data.calib.nsamples": st.one_of(st.just(KEEP), positive_ish),
+        "data.calib.seqlen": st.one_of(st.just(KEEP), positive_ish),
+    }
+)
 
 
 @SETTINGS
@@ -129,8 +140,13 @@ def test_validate_accepts_or_names_the_offending_key(base, values):
     check(cfg)
 
 
-SINGLE = {"budget.budgets": budgets, "quant.mobi.slice_bits": slice_bits, "group_size": positive_ish,
-          "data.calib.nsamples": positive_ish, "data.calib.seqlen": positive_ish}
+SINGLE = {
+    "budget.budgets": budgets,
+    "quant.mobi.slice_bits": slice_bits,
+    "group_size": positive_ish,
+    "data.calib.nsamples": positive_ish,
+    "data.calib.seqlen": positive_ish,
+}
 
 
 @pytest.mark.parametrize("key", sorted(SINGLE))
@@ -175,8 +191,14 @@ def test_oracle_sees_both_outcomes(base):
     """The oracle is not vacuous: the shipped config is valid, and each rule rejects a value of its own."""
     assert invalid_keys(base) == set()
     validate(base)
-    for key, value in [("budget.budgets", [2, 9]), ("quant.mobi.slice_bits", 4), ("group_size", True),
-                       ("data.calib.nsamples", 0), ("data.calib.seqlen", 1), ("quant.mobi.slice_bits", [1])]:
+    for key, value in [
+        ("budget.budgets", [2, 9]),
+        ("quant.mobi.slice_bits", 4),
+        ("group_size", True),
+        ("data.calib.nsamples", 0),
+        ("data.calib.seqlen", 1),
+        ("quant.mobi.slice_bits", [1]),
+    ]:
         cfg = copy.deepcopy(base)
         OmegaConf.update(cfg, key, value, merge=False)
         assert invalid_keys(cfg), (key, value)

@@ -59,7 +59,11 @@ def test_text_files_one_document_per_nonempty_line(tmp_path):
     a.write_text(" = Title = \n\nfirst line\n   \nsecond line\n", encoding="utf-8")
     b.write_text("third, ünïcode\n", encoding="utf-8")
     assert load_corpus("text_files", paths=[a, str(b)]) == [
-        " = Title = ", "first line", "second line", "third, ünïcode"]
+        " = Title = ",
+        "first line",
+        "second line",
+        "third, ünïcode",
+    ]
     assert load_corpus("text_files", paths=b, split="eval", cache_dir=tmp_path) == ["third, ünïcode"]
 
 

@@ -16,8 +16,13 @@ def _run(run_dir, *overrides):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     for key in ("LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    proc = subprocess.run([sys.executable, "-m", "mobiquant", *SMOKE, *overrides, f"hydra.run.dir={run_dir}"],
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mobiquant", *SMOKE, *overrides, f"hydra.run.dir={run_dir}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -31,8 +36,14 @@ def runs(tmp_path_factory):
 
 
 def test_per_device_batch_halves_the_steps(tmp_path):
-    _run(tmp_path, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "calib.batch_scope=per_device",
-         "model.tiny.num_hidden_layers=1")
+    _run(
+        tmp_path,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "calib.batch_scope=per_device",
+        "model.tiny.num_hidden_layers=1",
+    )
     # Each rank takes 2 windows per step from its shard of 2: one step per epoch, two epochs.
     assert list(pd.read_csv(tmp_path / "calibration.csv")["steps"]) == [2]
 
@@ -64,8 +75,20 @@ def test_torchrun_starts_every_rank_at_once(tmp_path, runs):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     for key in ("LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mobiquant",
-           *SMOKE, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"hydra.run.dir={tmp_path}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "mobiquant",
+        *SMOKE,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        f"hydra.run.dir={tmp_path}",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert not (tmp_path / "train_ddp_process_1.log").exists()  # no rank started by Lightning

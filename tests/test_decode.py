@@ -82,7 +82,8 @@ def test_unquantized_model_and_budget_none(prompt):
 def test_prefill_is_one_forward_of_the_whole_prompt(qmodel, prompt):
     lengths = []
     hook = qmodel.model.register_forward_pre_hook(
-        lambda mod, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+        lambda mod, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
     try:
         generate(qmodel, prompt, 6, budget=4.0)
     finally:
@@ -139,8 +140,7 @@ def test_sampling_is_seeded_and_top_k_one_is_greedy(qmodel, prompt):
     c = generate(qmodel, prompt, 10, budget=4.0, temperature=1.0, seed=4)
     assert torch.equal(a.tokens, b.tokens) and not torch.equal(a.tokens, c.tokens)
     greedy = generate(qmodel, prompt, 10, budget=4.0)
-    assert torch.equal(generate(qmodel, prompt, 10, budget=4.0, temperature=0.7, top_k=1, seed=0).tokens,
-                       greedy.tokens)
+    assert torch.equal(generate(qmodel, prompt, 10, budget=4.0, temperature=0.7, top_k=1, seed=0).tokens, greedy.tokens)
 
 
 def test_batch_rows_and_eos_stop(qmodel, prompt):
@@ -268,8 +268,10 @@ def negate(logits):
 
 
 FAILURES = {
-    "capture raises after warm-up": (dict(fail="after warm-up"),
-                                     "capture failed: RuntimeError: CUDA error: operation not permitted"),
+    "capture raises after warm-up": (
+        dict(fail="after warm-up"),
+        "capture failed: RuntimeError: CUDA error: operation not permitted",
+    ),
     "capture raises at once": (dict(fail="before warm-up"), "capture failed: RuntimeError: CUDA error: out of memory"),
     "replay raises": (dict(fault="raise"), "capture failed: RuntimeError: CUDA error: an illegal memory access"),
     "replay differs": (dict(fault=negate), r"max \|logit difference\| [0-9.e+-]+ > [0-9.e+-]+ \(0.02 x max \|logit\|"),
@@ -371,8 +373,9 @@ def test_replay_check_tolerates_rounding_and_names_the_failed_check():
     assert decode._replay_mismatch(torch.tensor([[0.99, 0.999, 0.1, -1.0]]), r) is None
     r = torch.tensor([[1.0, 0.975, 0.1, -1.0]])
     why = decode._replay_mismatch(torch.tensor([[0.986, 0.99, 0.1, -1.0]]), r)
-    assert why == ("a graph replay picked another greedy token than the eager forward in rows [0] "
-                   "(eager leads by more than 0.02)")
+    assert why == (
+        "a graph replay picked another greedy token than the eager forward in rows [0] (eager leads by more than 0.02)"
+    )
     bad = ref.clone()
     bad[0, 3] = math.nan
     assert "non-finite" in decode._replay_mismatch(bad, ref)
@@ -444,8 +447,11 @@ from mobiquant.__main__ import CONF_DIR  # noqa: E402  (also registers the confi
 
 def decode_cfg(tmp_path: Path, *overrides: str):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=decode_smoke", "torch_threads=1", "logger=none", *overrides],
-                      return_hydra_config=True)
+        cfg = compose(
+            "config",
+            overrides=["experiment=decode_smoke", "torch_threads=1", "logger=none", *overrides],
+            return_hydra_config=True,
+        )
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
@@ -486,11 +492,13 @@ def test_task_decode_from_a_saved_checkpoint(tmp_path, monkeypatch):
 
 
 def test_task_decode_rejects_bad_settings(tmp_path):
-    for override, match in [("decode.max_new_tokens=0", "decode.max_new_tokens"),
-                            ("decode.temperature=-1", "decode.temperature"),
-                            ("decode.cuda_graph=always", "decode.cuda_graph"),
-                            ("decode.budgets=[]", "decode.budgets"),
-                            ("decode.prompt=''", "decode.prompt")]:
+    for override, match in [
+        ("decode.max_new_tokens=0", "decode.max_new_tokens"),
+        ("decode.temperature=-1", "decode.temperature"),
+        ("decode.cuda_graph=always", "decode.cuda_graph"),
+        ("decode.budgets=[]", "decode.budgets"),
+        ("decode.prompt=''", "decode.prompt"),
+    ]:
         with pytest.raises(ValueError, match=match):
             decode.run(decode_cfg(tmp_path, override))
 
@@ -565,6 +573,7 @@ def test_gpu_failed_graph_attempt_decodes_as_if_none_was_made(failure, prompt16,
         monkeypatch.setattr(decode, "_replay_mismatch", lambda got, ref: "rejected for the test")
         reason = "rejected for the test"
     else:
+
         def during_capture(mod, args):
             if torch.cuda.is_current_stream_capturing():
                 if failure == "capture raises":

@@ -17,8 +17,9 @@ import decode_bench  # noqa: E402
 import e2e_decode  # noqa: E402
 
 
-@pytest.mark.parametrize("argv", [["--budgets", "1,4"], ["--budgets", "x"], ["--new-tokens", "1"],
-                                  ["--gguf", "/nonexistent.gguf"]])
+@pytest.mark.parametrize(
+    "argv", [["--budgets", "1,4"], ["--budgets", "x"], ["--new-tokens", "1"], ["--gguf", "/nonexistent.gguf"]]
+)
 def test_e2e_decode_rejects_bad_arguments(argv):
     with pytest.raises(SystemExit):
         e2e_decode.parse_args(argv)
@@ -38,12 +39,14 @@ def test_decode_bench_needs_a_gpu_or_dry_run(monkeypatch):
 
 
 def test_x_gemlite_pairs_rows_of_the_same_bits_and_shape():
-    rows = [dict(mode="gemlite 2-bit", budget=2.0, us_per_token=100.0),
-            dict(mode="gemlite q 4096x4096", budget=4.0, us_per_token=20.0),
-            dict(mode="static k=1", budget=2.0, us_per_token=50.0),
-            dict(mode="static k=2 q 4096x4096", budget=4.0, us_per_token=10.0),
-            dict(mode="static k=2", budget=4.0, us_per_token=10.0),
-            dict(mode="routed", budget=2.0, us_per_token=1.0)]
+    rows = [
+        dict(mode="gemlite 2-bit", budget=2.0, us_per_token=100.0),
+        dict(mode="gemlite q 4096x4096", budget=4.0, us_per_token=20.0),
+        dict(mode="static k=1", budget=2.0, us_per_token=50.0),
+        dict(mode="static k=2 q 4096x4096", budget=4.0, us_per_token=10.0),
+        dict(mode="static k=2", budget=4.0, us_per_token=10.0),
+        dict(mode="routed", budget=2.0, us_per_token=1.0),
+    ]
     decode_bench.x_gemlite(rows)
     got = [r["x_gemlite"] for r in rows]
     assert got[2:4] == [2.0, 2.0] and all(x != x for x in got[:2] + got[4:])  # NaN where there is no pair

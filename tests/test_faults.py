@@ -47,8 +47,11 @@ from mobiquant.tiny import tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING = ["calib_seconds", "eval_seconds"]  # wall-clock columns of results.csv: never equal between runs
-REASONS = {errno.EACCES: "Permission denied", errno.EROFS: "Read-only file system",
-           errno.ENOSPC: "No space left on device"}
+REASONS = {
+    errno.EACCES: "Permission denied",
+    errno.EROFS: "Read-only file system",
+    errno.ENOSPC: "No space left on device",
+}
 
 
 # ---------------------------------------------------------------------------- fault injectors
@@ -96,6 +99,7 @@ def make_read_only(monkeypatch, root: Path, code: int = errno.EACCES) -> None:
                 if _under(path, root, fd):
                     deny(path)
             return real(*args, **kwargs)
+
         return fake
 
     monkeypatch.setattr(os, "open", fake_os_open)
@@ -134,8 +138,9 @@ class FullDisk:
 
 def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
     """Every file below ``root``: its bytes and modification time."""
-    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))
-            if p.is_file()}
+    return {
+        str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def temporaries(root: Path) -> list[str]:
@@ -154,14 +159,28 @@ def assert_write_error(err: WriteError, path: Path, code: int) -> None:
 
 # ---------------------------------------------------------------------------- SIGKILL of a real calibration
 def _cli(run_dir: Path, cache: Path, layers: int) -> list[str]:
-    return [sys.executable, "-m", "mobiquant", "experiment=smoke", "quant=mobiquant", "baselines=none",
-            "torch_threads=1", f"model.tiny.num_hidden_layers={layers}", f"paths.cache_dir={cache}",
-            f"hydra.run.dir={run_dir}"]
+    return [
+        sys.executable,
+        "-m",
+        "mobiquant",
+        "experiment=smoke",
+        "quant=mobiquant",
+        "baselines=none",
+        "torch_threads=1",
+        f"model.tiny.num_hidden_layers={layers}",
+        f"paths.cache_dir={cache}",
+        f"hydra.run.dir={run_dir}",
+    ]
 
 
 def _child_env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "offline",
-            "PYTHONUNBUFFERED": "1"}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "WANDB_MODE": "offline",
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def _run_cli(cmd, cwd: Path) -> str:
@@ -200,8 +219,13 @@ def test_sigkill_during_calibration_resumes_bit_identical(tmp_path, cache):
 
     state_dir = run_dir / "calib_state" / "mobiquant"
     ckpt_dir = run_dir / "checkpoints" / "mobiquant"
-    proc = subprocess.Popen(_cli(run_dir, cache, layers), cwd=tmp_path, env=_child_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cli(run_dir, cache, layers),
+        cwd=tmp_path,
+        env=_child_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 300
         while kill_after not in _finished_blocks(state_dir / "state.json"):
@@ -260,8 +284,11 @@ def test_sigkill_during_calibration_resumes_bit_identical(tmp_path, cache):
 # ---------------------------------------------------------------------------- read-only output folder
 def _smoke_cfg(out: Path, cache: Path, *overrides: str):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=smoke", "logger=none", "torch_threads=1", *overrides],
-                      return_hydra_config=True)
+        cfg = compose(
+            "config",
+            overrides=["experiment=smoke", "logger=none", "torch_threads=1", *overrides],
+            return_hydra_config=True,
+        )
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
@@ -279,8 +306,9 @@ def finished_run(tmp_path_factory, cache):
 
 
 @pytest.mark.parametrize("code", [errno.EACCES, errno.EROFS], ids=["no-write-permission", "read-only-mount"])
-def test_read_only_output_dir_fails_before_work_and_keeps_earlier_files(finished_run, cache, tmp_path, monkeypatch,
-                                                                       code):
+def test_read_only_output_dir_fails_before_work_and_keeps_earlier_files(
+    finished_run, cache, tmp_path, monkeypatch, code
+):
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
     before = snapshot(out)
@@ -317,8 +345,10 @@ def _fault(kind: str, monkeypatch, folder: Path, name: str) -> int:
 @pytest.mark.parametrize("kind", ["full-disk", "read-only"])
 def test_results_csv_write_fault_keeps_the_previous_table(tmp_path, monkeypatch, kind):
     path = tmp_path / "results.csv"
-    rows = [{c: None for c in COLUMNS} | {"method": "rtn", "budget": float(b), "dataset": "d", "ppl": 10.0 + b}
-            for b in range(2, 9)]
+    rows = [
+        {c: None for c in COLUMNS} | {"method": "rtn", "budget": float(b), "dataset": "d", "ppl": 10.0 + b}
+        for b in range(2, 9)
+    ]
     write_csv(pd.DataFrame(rows[:3]), path)
     before = snapshot(tmp_path)
     code = _fault(kind, monkeypatch, tmp_path, "results.csv")
@@ -331,8 +361,9 @@ def test_results_csv_write_fault_keeps_the_previous_table(tmp_path, monkeypatch,
     assert len(read_results(path)) == 3
 
 
-@pytest.mark.parametrize("kind,name", [("full-disk", TENSORS_NAME), ("full-disk", CONFIG_NAME),
-                                       ("read-only", TENSORS_NAME)])
+@pytest.mark.parametrize(
+    "kind,name", [("full-disk", TENSORS_NAME), ("full-disk", CONFIG_NAME), ("read-only", TENSORS_NAME)]
+)
 def test_checkpoint_write_fault_keeps_the_previous_checkpoint(tmp_path, monkeypatch, kind, name):
     folder = tmp_path / "ckpt"
     old = _packed((4,))
@@ -356,14 +387,16 @@ def test_checkpoint_write_fault_keeps_the_previous_checkpoint(tmp_path, monkeypa
 def _calibrate(state_dir, layers=3):
     model, _ = tiny_llama(num_hidden_layers=layers)
     ids = torch.randint(0, 257, (4, 32), generator=torch.Generator().manual_seed(0))
-    cfg = CalibConfig(epochs_stage1=1, epochs_stage2=1, batch_size=2, progress_bar=False, threshold_windows=2,
-                      threshold_step=1.0)
+    cfg = CalibConfig(
+        epochs_stage1=1, epochs_stage2=1, batch_size=2, progress_bar=False, threshold_windows=2, threshold_step=1.0
+    )
     calibrate_model(model, ids, mq.MoBiConfig(group_size=32, router_hidden=8), cfg, state_dir=state_dir)
     return quantized_state(model)
 
 
-@pytest.mark.parametrize("name,nth", [("block_001.safetensors", 1), ("state.json", 3)],
-                         ids=["block-file", "state-json"])
+@pytest.mark.parametrize(
+    "name,nth", [("block_001.safetensors", 1), ("state.json", 3)], ids=["block-file", "state-json"]
+)
 def test_full_disk_during_calibration_keeps_finished_blocks_and_resumes(tmp_path, monkeypatch, caplog, name, nth):
     """state.json is written at the start and after each block: its third write is the one naming block 1."""
     torch.set_num_threads(1)

@@ -32,8 +32,9 @@ if not WIKI.is_file():
 
 def lm_eval_cfg(out: Path, *overrides: str, experiment: str = "lm_eval_smoke", cache: Path | None = None):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=[f"experiment={experiment}", "torch_threads=1", *overrides],
-                      return_hydra_config=True)
+        cfg = compose(
+            "config", overrides=[f"experiment={experiment}", "torch_threads=1", *overrides], return_hydra_config=True
+        )
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
@@ -61,8 +62,11 @@ def smoke(tmp_path_factory):
 
 def _rows(df, method, budget, metric):
     b = df["budget"].astype(float)
-    sel = df[(df["method"] == method) & (b.isna() if budget is None else (b - budget).abs() < 1e-9)
-             & (df["metric"] == metric)]
+    sel = df[
+        (df["method"] == method)
+        & (b.isna() if budget is None else (b - budget).abs() < 1e-9)
+        & (df["metric"] == metric)
+    ]
     assert len(sel) == 1, (method, budget, metric, len(sel))
     return sel.iloc[0]
 
@@ -102,8 +106,14 @@ def test_smoke_evaluates_every_method_and_budget(smoke):
 def test_checkpoint_at_several_budgets_matches_the_in_memory_model(smoke, tmp_path):
     out, _ = smoke
     ckpt = out / "checkpoints" / "mobiquant"
-    cfg = lm_eval_cfg(tmp_path / "run", "logger=none", "baselines=none", f"lm_eval.checkpoint={ckpt}",
-                      "lm_eval.budgets=[3,4,8]", cache=tmp_path / "cache")
+    cfg = lm_eval_cfg(
+        tmp_path / "run",
+        "logger=none",
+        "baselines=none",
+        f"lm_eval.checkpoint={ckpt}",
+        "lm_eval.budgets=[3,4,8]",
+        cache=tmp_path / "cache",
+    )
     harness.run(cfg)
     df = pd.read_csv(tmp_path / "run" / harness.CSV_NAME)
     assert set(df["method"]) == {"mobiquant"} and sorted(set(df["budget"])) == [3.0, 4.0, 8.0]
@@ -111,7 +121,8 @@ def test_checkpoint_at_several_budgets_matches_the_in_memory_model(smoke, tmp_pa
     first = pd.read_csv(out / harness.CSV_NAME)
     for b in (3.0, 8.0):  # the reloaded checkpoint scores exactly as the model that was saved
         assert _rows(df, "mobiquant", b, "perplexity")["value"] == pytest.approx(
-            _rows(first, "mobiquant", b, "perplexity")["value"], rel=1e-6)
+            _rows(first, "mobiquant", b, "perplexity")["value"], rel=1e-6
+        )
     bits = [_rows(df, "mobiquant", b, "acc")["avg_bits"] for b in (3.0, 4.0, 8.0)]
     assert bits[0] < bits[1] < bits[2] and abs(bits[1] - 4.0) < 0.5
 
@@ -155,8 +166,9 @@ def test_bad_inputs_fail_before_any_work(override, fragment, tmp_path, monkeypat
 def test_checkpoint_budget_outside_its_slices(smoke, tmp_path, monkeypatch):
     out, _ = smoke
     monkeypatch.setattr(harness, "load_base_model", lambda cfg: pytest.fail("model loaded"))
-    cfg = lm_eval_cfg(tmp_path / "run", "logger=none", f"lm_eval.checkpoint={out}/checkpoints/mobiquant",
-                      "lm_eval.budgets=[1]")
+    cfg = lm_eval_cfg(
+        tmp_path / "run", "logger=none", f"lm_eval.checkpoint={out}/checkpoints/mobiquant", "lm_eval.budgets=[1]"
+    )
     fragment = r"outside what checkpoint .* serves \(slices \[3, 1, 1, 1, 1, 1\]\): allowed 3 <= bits <= 8"
     with pytest.raises(ConfigError, match=fragment):
         harness.run(cfg)
@@ -165,9 +177,19 @@ def test_checkpoint_budget_outside_its_slices(smoke, tmp_path, monkeypatch):
 def test_cli_names_the_bad_value(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "MOBIQUANT_SHARED_DATA": str(SHARED)}
     proc = subprocess.run(
-        [sys.executable, "-m", "mobiquant", "experiment=lm_eval_smoke", "lm_eval.budgets=[9]",
-         f"hydra.run.dir={tmp_path}/run"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "mobiquant",
+            "experiment=lm_eval_smoke",
+            "lm_eval.budgets=[9]",
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "mobiquant: invalid configuration: lm_eval.budgets[0]=9 is outside the achievable range" in proc.stderr
@@ -203,8 +225,16 @@ def test_smollm2_lm_eval_fp_against_rtn(tmp_path):
         smollm2_gguf_path()
     except ModelNotAvailableError as err:
         pytest.skip(str(err))
-    cfg = lm_eval_cfg(tmp_path / "run", "logger=none", "quant=rtn", "baselines=fp", "lm_eval.budgets=[2,8]",
-                      "lm_eval.limit=16", "lm_eval.bootstrap_iters=0", experiment="lm_eval_demo")
+    cfg = lm_eval_cfg(
+        tmp_path / "run",
+        "logger=none",
+        "quant=rtn",
+        "baselines=fp",
+        "lm_eval.budgets=[2,8]",
+        "lm_eval.limit=16",
+        "lm_eval.bootstrap_iters=0",
+        experiment="lm_eval_demo",
+    )
     harness.run(cfg)
     df = pd.read_csv(tmp_path / "run" / harness.CSV_NAME)
     assert len(df) == 6 and (df["n_examples"] == 16).all() and df["value"].map(math.isfinite).all()

@@ -18,8 +18,7 @@ def make_linear(inp: int = 100, out: int = 24, bias: bool = True, seed: int = 0)
     return nn.Linear(inp, out, bias=bias)
 
 
-def make_mobi(inp=100, out=24, slice_bits=(2, 2, 2, 2), group_size=64, router=False, seed=0, policy="adjacent",
-              **kw):
+def make_mobi(inp=100, out=24, slice_bits=(2, 2, 2, 2), group_size=64, router=False, seed=0, policy="adjacent", **kw):
     lin = make_linear(inp, out, seed=seed)
     m = MoBiLinear.from_linear(lin, slice_bits=slice_bits, group_size=group_size, **kw)
     if router:
@@ -321,8 +320,12 @@ def test_packed_accessors_need_freeze():
 
 @pytest.mark.parametrize(
     "kw,match",
-    [({"slice_bits": (4, 4, 1)}, "slice_bits"), ({"slice_bits": (0, 2)}, "slice_bits"),
-     ({"group_size": 0}, "group_size"), ({"group_size": -8}, "group_size")],
+    [
+        ({"slice_bits": (4, 4, 1)}, "slice_bits"),
+        ({"slice_bits": (0, 2)}, "slice_bits"),
+        ({"group_size": 0}, "group_size"),
+        ({"group_size": -8}, "group_size"),
+    ],
 )
 def test_invalid_construction_raises(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -402,5 +405,6 @@ def test_dispatch_backend_choice_and_errors():
     y = kernels.bitplane_linear(x, planes, m.scale, m.zero, m.slice_bits, 64, 2, m.bias, weight=m.dequantized)
     torch.testing.assert_close(y, kernels.torch_reference(x, planes, m.scale, m.zero, m.slice_bits, 64, 2, m.bias))
     with pytest.raises(ValueError, match="entries for 3 tokens"):
-        kernels.bitplane_linear(x, planes, m.scale, m.zero, m.slice_bits, 64, torch.tensor([1, 2]),
-                                weight=m.dequantized)
+        kernels.bitplane_linear(
+            x, planes, m.scale, m.zero, m.slice_bits, 64, torch.tensor([1, 2]), weight=m.dequantized
+        )

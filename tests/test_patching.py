@@ -104,8 +104,7 @@ def test_discovery_is_not_llama_specific(tiny_opt, input_ids):
     assert name == "model.decoder.layers"
     sites = tiny_opt.mobiquant_sites[0]
     assert sorted(map(sorted, sites)) == sorted(
-        [["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"], ["self_attn.out_proj"],
-         ["fc1"], ["fc2"]]
+        [["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"], ["self_attn.out_proj"], ["fc1"], ["fc2"]]
     )
     layer = tiny_opt.model.decoder.layers[0]
     assert layer.self_attn.q_proj.router is layer.self_attn.k_proj.router is layer.self_attn.v_proj.router
@@ -170,9 +169,14 @@ def test_model_without_linears_raises():
 
 @pytest.mark.parametrize(
     "kw,match",
-    [({"slice_bits": (2, 2, 2, 3)}, "sum to 9"), ({"slice_bits": (2, 0)}, "slice_bits"),
-     ({"slice_bits": (2.5, 2)}, "slice_bits"), ({"group_size": 0}, "group_size"),
-     ({"group_size": -1}, "group_size"), ({"router_placement": "block"}, "router_placement")],
+    [
+        ({"slice_bits": (2, 2, 2, 3)}, "sum to 9"),
+        ({"slice_bits": (2, 0)}, "slice_bits"),
+        ({"slice_bits": (2.5, 2)}, "slice_bits"),
+        ({"group_size": 0}, "group_size"),
+        ({"group_size": -1}, "group_size"),
+        ({"router_placement": "block"}, "router_placement"),
+    ],
 )
 def test_invalid_config_raises(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -300,6 +304,7 @@ def test_freeze_model_keeps_outputs_and_disables_router_training(tiny_llama, inp
 
 def test_storage_bits_counts_planes_padding_and_group_params(tiny_llama):
     mq.quantize_model(tiny_llama, mq.MoBiConfig(slice_bits=(3, 1, 2, 2), group_size=64, word_bits=32))
+
     # Widths 64 (six linears per block) and 160 (down_proj). Per row: words of each plane (32-bit words
     # hold 10 three-bit codes, 32 one-bit codes, 16 two-bit codes), plus 32 bits per group.
     def row_bits(width):

@@ -126,8 +126,13 @@ def test_text_files_corpus_from_shared_data(tmp_path, wandb_env):
     if not SHARED.exists():
         pytest.skip("../shared/data is not beside the repository")
     cfg = smoke_cfg(
-        tmp_path, "logger=csv", "baselines=none", "data=wikitext2_local", "data.calib.corpus=text_files",
-        f"data.calib.paths=[{SHARED}/ptb/ptb.valid.txt]", "budget.budgets=[2,8]",
+        tmp_path,
+        "logger=csv",
+        "baselines=none",
+        "data=wikitext2_local",
+        "data.calib.corpus=text_files",
+        f"data.calib.paths=[{SHARED}/ptb/ptb.valid.txt]",
+        "budget.budgets=[2,8]",
     )
     run(cfg)
     df = pd.read_csv(tmp_path / "run" / "results.csv")

@@ -20,14 +20,25 @@ def fp_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     return LlamaForCausalLM(cfg).eval().requires_grad_(False)
 
 
 def test_plan_interpolates_and_validates():
-    plan = BudgetPlan([2.0, 3.0, 4.0], ["a", "b"], [[10.0, 8.0, 6.0], [1.0, 1.0, 0.0]],
-                      [[2.0, 3.0, 4.0], [2.0, 3.0, 4.0]], ["allocated", "uniform", "allocated"])
+    plan = BudgetPlan(
+        [2.0, 3.0, 4.0],
+        ["a", "b"],
+        [[10.0, 8.0, 6.0], [1.0, 1.0, 0.0]],
+        [[2.0, 3.0, 4.0], [2.0, 3.0, 4.0]],
+        ["allocated", "uniform", "allocated"],
+    )
     assert plan.taus_at(2.0) == {"a": 10.0, "b": 1.0}
     assert plan.taus_at(3.5) == {"a": 7.0, "b": 0.5}
     assert plan.taus_at(4.0) == {"a": 6.0, "b": 0.0}
@@ -82,8 +93,14 @@ def test_build_plan_covers_every_routed_linear_and_the_whole_range(planned):
     assert plan.budgets == default_grid((2, 2, 2, 2), 0.5)
     assert plan.reading[0] == plan.reading[-1] == "allocated"  # the ends are the static views
     assert set(plan.reading) <= {"allocated", "uniform"}
-    assert plan.settings == {"per": "linear", "step": 0.5, "sensitivity_windows": 4, "refit_thresholds": True,
-                             "refit_windows": 4, "select_windows": 4}
+    assert plan.settings == {
+        "per": "linear",
+        "step": 0.5,
+        "sensitivity_windows": 4,
+        "refit_thresholds": True,
+        "refit_windows": 4,
+        "select_windows": 4,
+    }
     # Local budgets of an allocated reading are parameter-weighted at most the budget.
     params = {n: m.in_features * m.out_features for n, m in mobi_linears(model)}
     for j, b in enumerate(plan.budgets):

@@ -23,14 +23,44 @@ BUDGETS = [2.0, 3.0, 4.0, 8.0]
 def rows(model="tiny-llama", datasets=("wiki_extract",), scale=1.0, main="mobiquant", seqlen=64):
     out = []
     for ds in datasets:
-        out.append({"model": model, "method": "fp", "budget": math.nan, "avg_bits": 32.0, "storage_bits": 32.0,
-                    "dataset": ds, "seqlen": seqlen, "ppl": 10.0})
+        out.append(
+            {
+                "model": model,
+                "method": "fp",
+                "budget": math.nan,
+                "avg_bits": 32.0,
+                "storage_bits": 32.0,
+                "dataset": ds,
+                "seqlen": seqlen,
+                "ppl": 10.0,
+            }
+        )
         for b in BUDGETS:
-            out.append({"model": model, "method": main, "budget": b, "avg_bits": b + 0.01, "storage_bits": 9.0,
-                        "dataset": ds, "seqlen": seqlen, "ppl": scale * (10.0 + 8.0 / b)})
+            out.append(
+                {
+                    "model": model,
+                    "method": main,
+                    "budget": b,
+                    "avg_bits": b + 0.01,
+                    "storage_bits": 9.0,
+                    "dataset": ds,
+                    "seqlen": seqlen,
+                    "ppl": scale * (10.0 + 8.0 / b),
+                }
+            )
             if b in (2.0, 4.0):
-                out.append({"model": model, "method": "rtn", "budget": b, "avg_bits": b, "storage_bits": b,
-                            "dataset": ds, "seqlen": seqlen, "ppl": 10.0 + 30.0 / b})
+                out.append(
+                    {
+                        "model": model,
+                        "method": "rtn",
+                        "budget": b,
+                        "avg_bits": b,
+                        "storage_bits": b,
+                        "dataset": ds,
+                        "seqlen": seqlen,
+                        "ppl": 10.0 + 30.0 / b,
+                    }
+                )
     return pd.DataFrame(out).reindex(columns=COLUMNS)
 
 
@@ -52,8 +82,12 @@ def sweep(tmp_path):
     n = 0
     for layout, scale in (("[2,2,2,2]", 1.0), ("[4,2,2]", 1.1)):
         for seed in (0, 1):
-            make_job(root, str(n), ["experiment=ablation_slices", f"quant.mobi.slice_bits={layout}", f"seed={seed}"],
-                     rows(scale=scale * (1 + 0.01 * seed)))
+            make_job(
+                root,
+                str(n),
+                ["experiment=ablation_slices", f"quant.mobi.slice_bits={layout}", f"seed={seed}"],
+                rows(scale=scale * (1 + 0.01 * seed)),
+            )
             n += 1
     make_job(root, str(n), ["experiment=ablation_slices", "quant.mobi.slice_bits=[2,2,2]", "seed=0"], None)
     (root / ".submitit" / "123").mkdir(parents=True)  # launcher logs: not jobs
@@ -179,11 +213,20 @@ def test_main_method_from_config_or_results(tmp_path):
 
 
 def test_group_recovered_from_the_hydra_record(tmp_path):
-    job = make_job(tmp_path / "outputs" / "x" / "multiruns" / "t0", "0", ["seed=0"], rows(),
-                   config={"logger_group": "${oc.env:WANDB_SWEEP_ID,${hydra:sweep.dir}}"})
-    hydra = {"hydra": {"sweep": {"dir": "outputs/${task_name}/multiruns/${now:%Y}", "subdir": "${hydra.job.num}"},
-                       "job": {"num": 0},
-                       "runtime": {"cwd": str(tmp_path), "output_dir": str(job)}}}
+    job = make_job(
+        tmp_path / "outputs" / "x" / "multiruns" / "t0",
+        "0",
+        ["seed=0"],
+        rows(),
+        config={"logger_group": "${oc.env:WANDB_SWEEP_ID,${hydra:sweep.dir}}"},
+    )
+    hydra = {
+        "hydra": {
+            "sweep": {"dir": "outputs/${task_name}/multiruns/${now:%Y}", "subdir": "${hydra.job.num}"},
+            "job": {"num": 0},
+            "runtime": {"cwd": str(tmp_path), "output_dir": str(job)},
+        }
+    }
     (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
     assert collect(job.parent).group == "outputs/x/multiruns/t0"  # as ${hydra:sweep.dir} gave it to the job
     make_job(tmp_path / "lit", "0", [], rows(), config={"logger_group": "abc123"})

@@ -19,8 +19,14 @@ from mobiquant.site_budgets import (
 
 def routed_model(seed: int = 0, policy: str = "adjacent"):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = LlamaForCausalLM(cfg).eval()
     model.requires_grad_(False)
     quantize_model(model, MoBiConfig(group_size=32, router_hidden=8, router_policy=policy))
@@ -46,7 +52,8 @@ def test_cost_curves_per_site(model_and_curves):
     rs = dict(routers(model))
     assert set(curves) == set(rs) and len(rs) == 8  # 4 sites per block (qkv, o, gate/up, down)
     assert sum(c["params"] for c in curves.values()) == sum(
-        m.in_features * m.out_features for _, m in mobi_linears(model))
+        m.in_features * m.out_features for _, m in mobi_linears(model)
+    )
     for name, c in curves.items():
         assert c["budgets"] == default_grid((2, 2, 2, 2), 0.5)
         assert c["cost"][-1] == 0.0  # every token at all slices: the reference view
@@ -113,8 +120,16 @@ def test_bad_input_is_refused(model_and_curves, calib_ids):
     assert default_grid((2, 2, 2, 2), 2.0) == [2.0, 4.0, 6.0, 8.0]
     with pytest.raises(ValueError, match="missing"):
         apply_site_budgets(model, {})
-    plain = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=160,
-                                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+    plain = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     with pytest.raises(ValueError, match="no routers"):
         site_cost_curves(plain, calib_ids)
 
@@ -180,8 +195,16 @@ def test_per_linear_thresholds_need_packed_linears(calib_ids):
     from mobiquant.site_budgets import apply_linear_budgets
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=160,
-                                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     quantize_model(model, MoBiConfig(group_size=32, router_hidden=8, router_policy="adjacent"))
     for _, r in routers(model):
         r.set_table([2.0, 8.0], [10.0, -10.0])

@@ -22,11 +22,23 @@ REPO = Path(CONF_DIR).parent
 SWEEPS = REPO / "sweeps"
 NOTEBOOK = REPO / "notebooks" / "elasticity.ipynb"
 # The ablation presets at smoke size: tiny random LLaMA, a few short windows, one epoch per stage.
-TINY = ["model=tiny-llama", "debug=fast", "group_size=32", "router.hidden=8", "calib.progress_bar=false",
-        "torch_threads=1"]
+TINY = [
+    "model=tiny-llama",
+    "debug=fast",
+    "group_size=32",
+    "router.hidden=8",
+    "calib.progress_bar=false",
+    "torch_threads=1",
+]
 PRESETS = {  # preset -> number of jobs its `-m` sweep expands to
-    "ablation_slices": 4, "ablation_router": 8, "ablation_budget_loss": 5, "ablation_calib_samples": 4,
-    "ablation_group_size": 2, "ablation_seeds": 3, "ablation_router_policy": 2, "ablation_grid_anchor": 4,
+    "ablation_slices": 4,
+    "ablation_router": 8,
+    "ablation_budget_loss": 5,
+    "ablation_calib_samples": 4,
+    "ablation_group_size": 2,
+    "ablation_seeds": 3,
+    "ablation_router_policy": 2,
+    "ablation_grid_anchor": 4,
 }
 
 
@@ -81,8 +93,15 @@ def test_slices_preset_layouts(tmp_path):
     got = [tuple(_compose(["experiment=ablation_slices", *j]).quant.mobi.slice_bits) for j in jobs]
     assert got == [(2, 2, 2, 2), (3, 1, 1, 1, 1, 1), (4, 2, 2), (2, 2, 2)]
     # command-line sweeps replace the preset's values for the same key and add new axes
-    assert len(_expand(OmegaConf.to_container(cfg.hydra.sweeper.params),
-                       ["quant.mobi.slice_bits=[2,2,2,2],[4,2,2]", "seed=0,1,2"])) == 6
+    assert (
+        len(
+            _expand(
+                OmegaConf.to_container(cfg.hydra.sweeper.params),
+                ["quant.mobi.slice_bits=[2,2,2,2],[4,2,2]", "seed=0,1,2"],
+            )
+        )
+        == 6
+    )
 
 
 def test_wandb_sweep_id_names_the_group(monkeypatch, tmp_path):
@@ -102,15 +121,15 @@ def test_optuna_preset(tmp_path):
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra_plugins.hydra_optuna_sweeper._impl import create_optuna_distribution_from_override
 
-    for ov in OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in sw.params.items()
-                                                         if k != "seed"]):
+    for ov in OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in sw.params.items() if k != "seed"]):
         create_optuna_distribution_from_override(ov)
         one = ov.sweep_iterator().__next__() if ov.is_discrete_sweep() else ov.value().start
         validate(_task_cfg(_compose(["hparams_search=elasticity_optuna", f"{ov.key_or_group}={one}"]), tmp_path))
 
 
-@pytest.mark.parametrize("launcher,target", [("local", "LocalLauncher"), ("slurm", "SlurmLauncher"),
-                                             ("joblib", "JoblibLauncher")])
+@pytest.mark.parametrize(
+    "launcher,target", [("local", "LocalLauncher"), ("slurm", "SlurmLauncher"), ("joblib", "JoblibLauncher")]
+)
 def test_launcher_presets_compose(launcher, target):
     cfg = _compose([f"hydra/launcher={launcher}"])
     assert cfg.hydra.launcher._target_.endswith(target)
@@ -143,19 +162,35 @@ def test_slurm_launcher_renders_submitit_job(tmp_path, monkeypatch):
     monkeypatch.setattr(submitit.core.core.Job, "results", lambda self: ["not run"])
     setup_globals()
     sweep = tmp_path / "sweep"
-    cfg = _compose(["experiment=ablation_slices", "hydra/launcher=slurm", "hydra.launcher.partition=a100",
-                    "hydra.launcher.array_parallelism=2", "hydra.launcher.timeout_min=90",
-                    f"hydra.sweep.dir={sweep}"])  # job name: conf/hydra/default.yaml
+    cfg = _compose(
+        [
+            "experiment=ablation_slices",
+            "hydra/launcher=slurm",
+            "hydra.launcher.partition=a100",
+            "hydra.launcher.array_parallelism=2",
+            "hydra.launcher.timeout_min=90",
+            f"hydra.sweep.dir={sweep}",
+        ]
+    )  # job name: conf/hydra/default.yaml
     launcher = instantiate(cfg.hydra.launcher)
-    launcher.setup(hydra_context=HydraContext(config_loader=None, callbacks=Callbacks()),
-                   task_function=lambda c: 0.0, config=cfg)
+    launcher.setup(
+        hydra_context=HydraContext(config_loader=None, callbacks=Callbacks()), task_function=lambda c: 0.0, config=cfg
+    )
     jobs = _expand(OmegaConf.to_container(cfg.hydra.sweeper.params))
     assert launcher.launch(jobs, initial_job_idx=0) == ["not run"] * 4
     text = captured.read_text()
-    for line in ("#SBATCH --partition=a100", "#SBATCH --gpus-per-node=1", "#SBATCH --time=90",
-                 "#SBATCH --array=0-3%2", "#SBATCH --cpus-per-task=8", "#SBATCH --mem=64GB",
-                 "#SBATCH --ntasks-per-node=1", "#SBATCH --nodes=1", "#SBATCH --job-name=mobiquant",
-                 "#SBATCH --signal=USR2@120"):
+    for line in (
+        "#SBATCH --partition=a100",
+        "#SBATCH --gpus-per-node=1",
+        "#SBATCH --time=90",
+        "#SBATCH --array=0-3%2",
+        "#SBATCH --cpus-per-task=8",
+        "#SBATCH --mem=64GB",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --nodes=1",
+        "#SBATCH --job-name=mobiquant",
+        "#SBATCH --signal=USR2@120",
+    ):
         assert line in text, f"{line} missing from:\n{text}"
     assert f"#SBATCH --output={sweep}/.submitit/%A_%a/%A_%a_0_log.out" in text
     assert "-m submitit.core._submit" in text and sys.executable in text
@@ -176,9 +211,19 @@ def local_sweep(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("local_sweep")
     sweep = tmp / "sweep"
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
-    cmd = [sys.executable, "-m", "mobiquant", "-m", "experiment=ablation_calib_samples",
-           "data.calib.nsamples=0,2,4", *TINY, "logger=csv", "hydra/launcher=local",
-           f"paths.cache_dir={tmp / 'cache'}", f"hydra.sweep.dir={sweep}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mobiquant",
+        "-m",
+        "experiment=ablation_calib_samples",
+        "data.calib.nsamples=0,2,4",
+        *TINY,
+        "logger=csv",
+        "hydra/launcher=local",
+        f"paths.cache_dir={tmp / 'cache'}",
+        f"hydra.sweep.dir={sweep}",
+    ]
     proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     return sweep, proc
 
@@ -227,8 +272,9 @@ def test_report_and_notebook_on_the_local_multirun(local_sweep, tmp_path):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     os.environ["MOBIQUANT_REPORT"] = str(out)
     try:
-        NotebookClient(nb, timeout=300, kernel_name="python3",
-                       resources={"metadata": {"path": str(tmp_path)}}).execute()
+        NotebookClient(
+            nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        ).execute()
     finally:
         del os.environ["MOBIQUANT_REPORT"]
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
@@ -284,9 +330,18 @@ def test_optuna_search_minimises_the_returned_metric(tmp_path):
     sweep = tmp_path / "sweep"
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     tiny = [o for o in TINY if not o.startswith("router.hidden")]  # a command-line value would fix it
-    cmd = [sys.executable, "-m", "mobiquant", "-m", "hparams_search=elasticity_optuna", *tiny,
-           "logger=none", "hydra.sweeper.n_trials=2", f"paths.cache_dir={tmp_path / 'cache'}",
-           f"hydra.sweep.dir={sweep}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mobiquant",
+        "-m",
+        "hparams_search=elasticity_optuna",
+        *tiny,
+        "logger=none",
+        "hydra.sweeper.n_trials=2",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"hydra.sweep.dir={sweep}",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())

@@ -71,8 +71,13 @@ def test_group_precedence(tmp_path, wandb_offline, monkeypatch):
 def test_tags_name_method_model_and_budgets(tmp_path):
     config = plain_config(_job_cfg(["experiment=smoke", "quant=rtn", "tags=[ablation]"], tmp_path))
     assert run_tags(config) == ["ablation", "method:rtn", "model:tiny-llama", "budgets:2,3,4,8"]
-    assert run_name(config, overrides=["hydra/launcher=local", "paths.cache_dir=/x", "router.hidden=8",
-                                       "quant=rtn", "logger=wandb"]) == "smoke-rtn-router.hidden=8"
+    assert (
+        run_name(
+            config,
+            overrides=["hydra/launcher=local", "paths.cache_dir=/x", "router.hidden=8", "quant=rtn", "logger=wandb"],
+        )
+        == "smoke-rtn-router.hidden=8"
+    )
 
 
 def test_wandb_run_of_a_multirun_job(tmp_path, wandb_offline):
@@ -96,19 +101,20 @@ def test_wandb_run_of_a_multirun_job(tmp_path, wandb_offline):
 def test_explicit_logger_settings_are_kept(tmp_path, wandb_offline):
     from mobiquant.tracking import wandb_identity
 
-    cfg = _job_cfg(["experiment=smoke", "logger=wandb", "logger.wandb.name=mine", "logger.wandb.group=g"],
-                   tmp_path)
+    cfg = _job_cfg(["experiment=smoke", "logger=wandb", "logger.wandb.name=mine", "logger.wandb.group=g"], tmp_path)
     ident = wandb_identity(cfg.logger.wandb, plain_config(cfg))
     assert "name" not in ident and "group" not in ident and "method:mobiquant" in ident["tags"]
 
 
 def test_curve_summary():
-    df = pd.DataFrame({
-        "method": ["fp", "mobiquant", "mobiquant", "rtn", "mobiquant"],
-        "dataset": ["wiki", "wiki", "wiki", "wiki", "ptb"],
-        "budget": [math.nan, 2.5, 4.0, 4.0, 2.5],
-        "ppl": [10.0, 40.0, 12.0, 14.0, 50.0],
-    })
+    df = pd.DataFrame(
+        {
+            "method": ["fp", "mobiquant", "mobiquant", "rtn", "mobiquant"],
+            "dataset": ["wiki", "wiki", "wiki", "wiki", "ptb"],
+            "budget": [math.nan, 2.5, 4.0, 4.0, 2.5],
+            "ppl": [10.0, 40.0, 12.0, 14.0, 50.0],
+        }
+    )
     s = curve_summary(df, "mobiquant", ["wiki", "ptb"])
     assert s["ppl/fp/wiki"] == 10.0 and s["ppl/mobiquant/wiki/b2.5"] == 40.0 and s["ppl/rtn/wiki/b4"] == 14.0
     assert s[OBJECTIVE] == pytest.approx((math.log(40) + math.log(12)) / 2)

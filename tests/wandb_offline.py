@@ -27,10 +27,10 @@ def records(path: str | Path):
         if left < CHUNK:  # the block's tail is padding
             pos += left
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + CHUNK])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + CHUNK])
         if kind == 0 and length == 0:
             break
-        piece = data[pos + CHUNK:pos + CHUNK + length]
+        piece = data[pos + CHUNK : pos + CHUNK + length]
         pos += CHUNK + length
         pending = piece if kind in (1, 2) else pending + piece
         if kind in (1, 4):

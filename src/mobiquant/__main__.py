@@ -1,8 +1,8 @@
 """``mobiquant`` / ``python -m mobiquant``: the Hydra app.
 
-    mobiquant                                   # defaults: SmolLM2-135M, MoBiQuant, offline corpus
-    mobiquant experiment=demo                   # what `make run` runs
-    mobiquant -m quant=mobiquant,lwc seed=0,1   # a multirun sweep
+mobiquant                                   # defaults: SmolLM2-135M, MoBiQuant, offline corpus
+mobiquant experiment=demo                   # what `make run` runs
+mobiquant -m quant=mobiquant,lwc seed=0,1   # a multirun sweep
 """
 
 from __future__ import annotations

@@ -147,8 +147,9 @@ class _StopForward(Exception):
     pass
 
 
-def inputs_device(model: nn.Module, n_tokens: int, hidden: int, dtype: torch.dtype, where: str = "auto",
-                  copies: int = 3) -> torch.device:
+def inputs_device(
+    model: nn.Module, n_tokens: int, hidden: int, dtype: torch.dtype, where: str = "auto", copies: int = 3
+) -> torch.device:
     """Where calibration tensors (``copies`` of ``[n_tokens, hidden]``) are kept: see ``CalibConfig.inputs_on``."""
     device = next(model.parameters()).device
     if where == "cpu" or device.type != "cuda":
@@ -166,8 +167,9 @@ def _to_store(t: torch.Tensor, store: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, ids: torch.Tensor,
-                         store: torch.device | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+def capture_block_inputs(
+    model: nn.Module, ids: torch.Tensor, store: torch.device | None = None
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """Hidden states entering the first block for every row of ``ids`` ``[n, T]``, and its call kwargs.
 
     ``store``: where the states are kept (default: the model's device)."""
@@ -207,8 +209,13 @@ def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> torc
 
 
 @torch.no_grad()
-def run_block_batched(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any], batch_size: int,
-                      before_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+def run_block_batched(
+    block: nn.Module,
+    x: torch.Tensor,
+    kwargs: dict[str, Any],
+    batch_size: int,
+    before_batch: Callable[[int], None] | None = None,
+) -> torch.Tensor:
     """The block's outputs for ``x`` in batches, kept where ``x`` is (streamed to the block's device)."""
     device = next(block.parameters()).device
     outs = []
@@ -233,8 +240,15 @@ def _block_routers(block: nn.Module) -> list[TokenRouter]:
 class BlockCalibration(L.LightningModule):
     """Learns the LWC parameters and routers of one transformer block against its FP outputs."""
 
-    def __init__(self, block: nn.Module, block_kwargs: dict[str, Any], cfg: CalibConfig, mobi: MoBiConfig,
-                 block_index: int, step_offset: int = 0):
+    def __init__(
+        self,
+        block: nn.Module,
+        block_kwargs: dict[str, Any],
+        cfg: CalibConfig,
+        mobi: MoBiConfig,
+        block_index: int,
+        step_offset: int = 0,
+    ):
         super().__init__()
         self.block = block
         self.block_kwargs = block_kwargs
@@ -294,9 +308,17 @@ class BlockCalibration(L.LightningModule):
         if (self.global_step + 1) % self.cfg.sync_every == 0:
             self._check_finite()
         self.log_dict(
-            {"calib/loss": loss.detach(), "calib/mse": mse.detach(), "calib/block": float(self.block_index),
-             "calib/stage": float(self.stage), "calib/step": float(self.step_offset + self.global_step)},
-            prog_bar=False, on_step=True, on_epoch=False, batch_size=x.shape[0],
+            {
+                "calib/loss": loss.detach(),
+                "calib/mse": mse.detach(),
+                "calib/block": float(self.block_index),
+                "calib/stage": float(self.stage),
+                "calib/step": float(self.step_offset + self.global_step),
+            },
+            prog_bar=False,
+            on_step=True,
+            on_epoch=False,
+            batch_size=x.shape[0],
         )
         self.log("mse", mse.detach(), prog_bar=True, on_step=True, on_epoch=False, logger=False)
         return loss
@@ -394,9 +416,11 @@ def _fit_block_thresholds(block: nn.Module, x: torch.Tensor, kwargs, cfg: CalibC
         r = m.router
         if r is None:
             continue
+
         def hook(mod, args, r=r):
             if not acts[id(r)] or acts[id(r)][-1] is not args[0]:
                 acts[id(r)].append(args[0])
+
         hooks.append(m.register_forward_pre_hook(hook))
         m.set_static(m.num_slices)
     try:
@@ -451,8 +475,10 @@ class _CalibState:
                     if is_rank_zero():
                         f.unlink(missing_ok=True)
         self.writer = is_rank_zero()  # under DDP every rank reads the state, rank 0 alone writes it
-        self._write = lambda: self.writer and atomic_write_text(
-            meta_path, json.dumps({"key": self.key, "blocks": self.reports}, indent=1))
+        self._write = lambda: (
+            self.writer
+            and atomic_write_text(meta_path, json.dumps({"key": self.key, "blocks": self.reports}, indent=1))
+        )
         self._write()
 
     def _file(self, i: int) -> Path:
@@ -510,14 +536,17 @@ def _unpatch(model: nn.Module) -> list[list[list[str]]] | None:
     if not patched:
         return None
     if any(m.packed for _, m in patched):
-        raise ValueError("the model is already packed (mq.freeze or a finished calibration): calibrate the "
-                         "FP model, or the model right after mq.quantize_model")
+        raise ValueError(
+            "the model is already packed (mq.freeze or a finished calibration): calibrate the "
+            "FP model, or the model right after mq.quantize_model"
+        )
     sites = getattr(model, "mobiquant_sites", None)
     if sites is None:
         raise ValueError("the model holds MoBiLinear layers but no router sites: patch it with mq.quantize_model")
     for name, m in patched:
-        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device,
-                        dtype=m.weight.dtype)
+        lin = nn.Linear(
+            m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype
+        )
         with torch.no_grad():
             lin.weight.copy_(m.weight)
             if m.bias is not None:
@@ -531,9 +560,16 @@ def _unpatch(model: nn.Module) -> list[list[list[str]]] | None:
     return sites
 
 
-def calibrate(model: nn.Module, calib_ids: torch.Tensor, mobi: MoBiConfig | None = None, *,
-              loggers: Any = False, callbacks: list | None = None, state_dir: str | os.PathLike | None = None,
-              **settings: Any) -> CalibrationResult:
+def calibrate(
+    model: nn.Module,
+    calib_ids: torch.Tensor,
+    mobi: MoBiConfig | None = None,
+    *,
+    loggers: Any = False,
+    callbacks: list | None = None,
+    state_dir: str | os.PathLike | None = None,
+    **settings: Any,
+) -> CalibrationResult:
     """One call from a model (FP, or patched by ``quantize_model``) to a calibrated, packed checkpoint.
 
     ``calib_ids``: token windows ``[n, T]``. ``mobi``: the slices and routers (default: the config the model
@@ -547,8 +583,9 @@ def calibrate(model: nn.Module, calib_ids: torch.Tensor, mobi: MoBiConfig | None
     mobi = mobi or getattr(model, "mobiquant_config", None) or MoBiConfig()
     if "accelerator" not in settings:
         settings["accelerator"] = "gpu" if next(model.parameters()).device.type == "cuda" else "cpu"
-    return calibrate_model(model, calib_ids, mobi, CalibConfig(**settings), loggers=loggers, callbacks=callbacks,
-                           state_dir=state_dir)
+    return calibrate_model(
+        model, calib_ids, mobi, CalibConfig(**settings), loggers=loggers, callbacks=callbacks, state_dir=state_dir
+    )
 
 
 def calibrate_model(
@@ -580,8 +617,11 @@ def calibrate_model(
     _, blocks = find_blocks(model)
     device = next(model.parameters()).device
     hidden = int(getattr(getattr(model, "config", None), "hidden_size", 0) or 0)
-    store = (inputs_device(model, calib_ids.numel(), hidden, next(model.parameters()).dtype, cfg.inputs_on)
-             if hidden else device)
+    store = (
+        inputs_device(model, calib_ids.numel(), hidden, next(model.parameters()).dtype, cfg.inputs_on)
+        if hidden
+        else device
+    )
     if store != device:
         log.info("calibration inputs kept in pinned host memory and streamed to %s", device)
     fp_x, kwargs = capture_block_inputs(model, calib_ids, store)
@@ -632,10 +672,15 @@ def calibrate_model(
         )
         # `batch_size` is the global batch by default: under DDP each rank takes its share of it (at least
         # one window); Lightning's distributed sampler gives each rank its own shard of the windows.
-        per_rank = (max(1, cfg.batch_size // max(1, trainer.world_size)) if cfg.batch_scope == "global"
-                    else cfg.batch_size)
-        loader = DataLoader(TensorDataset(q_x, fp_y), batch_size=per_rank, shuffle=True,
-                            generator=torch.Generator().manual_seed(cfg.seed + i))
+        per_rank = (
+            max(1, cfg.batch_size // max(1, trainer.world_size)) if cfg.batch_scope == "global" else cfg.batch_size
+        )
+        loader = DataLoader(
+            TensorDataset(q_x, fp_y),
+            batch_size=per_rank,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(cfg.seed + i),
+        )
         if epochs > 0:
             trainer.fit(module, loader)
         block.to(device)
@@ -664,11 +709,19 @@ def calibrate_model(
         n = int(round((mobi.max_bits - mobi.min_bits) / cfg.threshold_step))
         grid = [mobi.min_bits + i * (mobi.max_bits - mobi.min_bits) / n for i in range(n + 1)]
         t0 = time.perf_counter()
-        log.info("budget-conditioned thresholds: %d budgets x %d windows ...", len(grid),
-                 min(cfg.threshold_windows, calib_ids.shape[0]))
+        log.info(
+            "budget-conditioned thresholds: %d budgets x %d windows ...",
+            len(grid),
+            min(cfg.threshold_windows, calib_ids.shape[0]),
+        )
         fit_budget_thresholds(model, list(calib_ids[: cfg.threshold_windows].split(1)), grid)
         ranks = world_size()
-        log.info("budget-conditioned thresholds for %d budgets in %.1fs (%d rank%s)", len(grid),
-                 time.perf_counter() - t0, ranks, "s" if ranks > 1 else "")
+        log.info(
+            "budget-conditioned thresholds for %d budgets in %.1fs (%d rank%s)",
+            len(grid),
+            time.perf_counter() - t0,
+            ranks,
+            "s" if ranks > 1 else "",
+        )
     result.seconds = time.perf_counter() - t_start
     return result

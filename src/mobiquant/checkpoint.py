@@ -85,8 +85,9 @@ def _serialize(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> byte
     return data[:8] + text.ljust(n) + data[8 + n :]
 
 
-def save_quantized(model: nn.Module, folder: str | os.PathLike, base_model: str | None = None,
-                   extra: dict | None = None) -> Path:
+def save_quantized(
+    model: nn.Module, folder: str | os.PathLike, base_model: str | None = None, extra: dict | None = None
+) -> Path:
     """Write ``model`` (packed) to ``folder`` atomically; returns the folder.
 
     Both files are first written in full to temporary names (this is where a full disk fails, leaving an
@@ -113,8 +114,12 @@ def save_quantized(model: nn.Module, folder: str | os.PathLike, base_model: str 
             "architecture": type(model).__name__,
             "fingerprint": base_fingerprint(model),
         },
-        "tensors": {"file": TENSORS_NAME, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
-                    "count": len(state)},
+        "tensors": {
+            "file": TENSORS_NAME,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "bytes": len(data),
+            "count": len(state),
+        },
     }
     if plan is not None:
         meta["plan"] = plan.meta()
@@ -147,9 +152,7 @@ def read_meta(folder: str | os.PathLike) -> dict:
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
     if not cfg_path.is_file():
-        raise CheckpointError(
-            f"{folder} has no {CONFIG_NAME}: not a mobiquant checkpoint, or its save was interrupted"
-        )
+        raise CheckpointError(f"{folder} has no {CONFIG_NAME}: not a mobiquant checkpoint, or its save was interrupted")
     try:
         meta = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

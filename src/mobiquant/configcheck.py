@@ -61,8 +61,9 @@ def _type_name(tp) -> str:
         return f"a list of {plural}" if args else "a list"
     if dataclasses.is_dataclass(tp):
         return f"a mapping of {tp.__name__} fields"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-            dict: "a mapping"}.get(tp, getattr(tp, "__name__", str(tp)))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
 
 
 def _fits(value: Any, tp) -> bool:
@@ -105,8 +106,11 @@ def _fields(target) -> tuple[dict[str, Any], bool]:
         hints = {}
     params = inspect.signature(target).parameters
     var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    named = {n: hints.get(n, p.annotation if isinstance(p.annotation, type) else Any) for n, p in params.items()
-             if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
+    named = {
+        n: hints.get(n, p.annotation if isinstance(p.annotation, type) else Any)
+        for n, p in params.items()
+        if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    }
     return named, var_kw
 
 
@@ -203,7 +207,7 @@ def missing_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
 
 REQUIRED_HINT = {
     "model.path": "model=local needs model.path=<a local Hugging Face folder, a .gguf file or a hub id> "
-                  "(e.g. model.path=/models/Llama-3.2-1B)",
+    "(e.g. model.path=/models/Llama-3.2-1B)",
 }
 
 
@@ -213,8 +217,12 @@ def check_required(cfg: DictConfig) -> None:
 
 
 def _looks_local(path: str) -> bool:
-    return path.startswith(("/", "./", "../", "~")) or os.sep in path.rstrip(os.sep) and Path(path).exists() \
+    return (
+        path.startswith(("/", "./", "../", "~"))
+        or os.sep in path.rstrip(os.sep)
+        and Path(path).exists()
         or path.endswith(".gguf")
+    )
 
 
 def check_model(cfg: DictConfig) -> None:
@@ -227,8 +235,10 @@ def check_model(cfg: DictConfig) -> None:
         return  # the tiny test model, a built-in name (smollm2-135m) or a hub id (org/name)
     p = Path(path).expanduser()
     if not p.exists():
-        raise ConfigError(f"model.path={path} does not exist: set model.path to a local Hugging Face folder, "
-                          "a .gguf file or a hub id (org/name)")
+        raise ConfigError(
+            f"model.path={path} does not exist: set model.path to a local Hugging Face folder, "
+            "a .gguf file or a hub id (org/name)"
+        )
     if p.is_dir() and not (p / "config.json").is_file():
         raise ConfigError(f"model.path={path} is a folder without config.json: not a Hugging Face model folder")
     if p.is_file() and p.suffix != ".gguf":
@@ -239,8 +249,10 @@ def path_hint(cfg: DictConfig, path: str) -> str:
     """The override that moves ``path``: ``paths.shared_data_dir`` for files under it, else the file's key."""
     shared = OmegaConf.select(cfg, "paths.shared_data_dir", default=None, throw_on_resolution_failure=False)
     if shared and os.path.abspath(str(path)).startswith(os.path.abspath(str(shared)) + os.sep):
-        return (f"; paths.shared_data_dir={shared} holds no such file: set paths.shared_data_dir=<the folder "
-                "holding wikitext-2-raw/ and ptb/> (or MOBIQUANT_SHARED_DATA)")
+        return (
+            f"; paths.shared_data_dir={shared} holds no such file: set paths.shared_data_dir=<the folder "
+            "holding wikitext-2-raw/ and ptb/> (or MOBIQUANT_SHARED_DATA)"
+        )
     if not os.path.isabs(str(path)):
         return f" (relative to {os.getcwd()}: give an absolute path)"
     return ""
@@ -265,8 +277,10 @@ def check_data(cfg: DictConfig) -> None:
             key = LOCAL_TASKS.get(str(task))
             path = (cfg.lm_eval.get("data") or {}).get(key) if key else None
             if path and not Path(str(path)).is_file():
-                raise ConfigError(f"lm_eval.data.{key}: file {path} does not exist (task {task!r} is built from it)"
-                                  f"{path_hint(cfg, str(path))}")
+                raise ConfigError(
+                    f"lm_eval.data.{key}: file {path} does not exist (task {task!r} is built from it)"
+                    f"{path_hint(cfg, str(path))}"
+                )
 
 
 def check_config(cfg: DictConfig, schema: bool = True) -> None:
@@ -311,8 +325,13 @@ _BASE: DictConfig | None = None
 
 
 def _keys_at(key: str) -> list[str]:
-    node = _BASE if not key else OmegaConf.select(_BASE, key, default=None, throw_on_resolution_failure=False) \
-        if _BASE is not None else None
+    node = (
+        _BASE
+        if not key
+        else OmegaConf.select(_BASE, key, default=None, throw_on_resolution_failure=False)
+        if _BASE is not None
+        else None
+    )
     return [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
 
 
@@ -332,8 +351,16 @@ def preflight(argv: list[str], conf_dir: str, tasks=None) -> str | None:
         args = get_args_parser().parse_args(argv)
     except SystemExit:
         return None  # Hydra prints its own usage error
-    if (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion or args.config_dir
-            or getattr(args, "experimental_rerun", None) or getattr(args, "version", False)):
+    if (
+        args.help
+        or args.hydra_help
+        or args.cfg
+        or args.info
+        or args.shell_completion
+        or args.config_dir
+        or getattr(args, "experimental_rerun", None)
+        or getattr(args, "version", False)
+    ):
         return None
     config_name = args.config_name or "config"
     try:

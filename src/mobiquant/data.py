@@ -137,9 +137,7 @@ def clean_wiki_markup(raw: str, min_line_words: int = 3) -> str:
         kept.append((line, heading is not None))
     # A heading with no paragraph below it (a section that held only lists of links, say) is noise.
     lines = [
-        line
-        for i, (line, is_heading) in enumerate(kept)
-        if not (is_heading and (i + 1 == len(kept) or kept[i + 1][1]))
+        line for i, (line, is_heading) in enumerate(kept) if not (is_heading and (i + 1 == len(kept) or kept[i + 1][1]))
     ]
     return "\n".join(lines)
 
@@ -233,8 +231,9 @@ def load_wiki_extract(
 # --------------------------------------------------------------------------------------------------
 
 
-def load_text_files(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]] | None,
-                    split: str = "all") -> list[str]:
+def load_text_files(
+    paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]] | None, split: str = "all"
+) -> list[str]:
     """Every non-empty line of local UTF-8 files, in order, each as one document (line ends removed).
 
     The files themselves define what they are for (calibration or evaluation), so ``split`` is only
@@ -308,8 +307,9 @@ def _load_hub_corpus(name: str, split: str = "eval", max_docs: int | None = None
     elif split in native:
         wanted = [split]
     else:
-        raise ValueError(f"Unknown split {split!r} for {name!r}; "
-                         f"use one of {', '.join(SPLITS + tuple(sorted(native)))}")
+        raise ValueError(
+            f"Unknown split {split!r} for {name!r}; use one of {', '.join(SPLITS + tuple(sorted(native)))}"
+        )
     if importlib.util.find_spec("datasets") is None:
         raise _datasets_unavailable(name, "the optional package `datasets` is not installed (`pip install datasets`)")
     offline = hub_offline() or os.environ.get("HF_DATASETS_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
@@ -325,8 +325,11 @@ def _load_hub_corpus(name: str, split: str = "eval", max_docs: int | None = None
         try:
             rows = datasets.load_dataset(source.path, source.config, split=native_split, **load_kwargs)
         except Exception as err:  # datasets raises many types (ConnectionError, FileNotFoundError, ...)
-            where = ("the Hugging Face Hub is switched off and it is not cached" if offline
-                     else f"{type(err).__name__}: {err}")
+            where = (
+                "the Hugging Face Hub is switched off and it is not cached"
+                if offline
+                else f"{type(err).__name__}: {err}"
+            )
             raise _datasets_unavailable(name, where) from err
         texts = rows[source.field] if max_docs is None else rows.select(range(min(max_docs, len(rows))))[source.field]
         docs.extend(t for t in texts if source.keep_empty or t.strip())
@@ -387,10 +390,16 @@ CORPORA: dict[str, CorpusSpec] = {
             True,
             "English Wikipedia extract shipped in the gensim wheel, split by article into calib/eval (offline default)",
         ),
-        CorpusSpec("text_files", _text_files_loader, "\n\n", True,
-                   "local UTF-8 files, one document per non-empty line"),
-        CorpusSpec("wikitext2", _hub_loader("wikitext2"), "\n\n", False,
-                   "WikiText-2 raw via `datasets` (calib=train, eval=test)"),
+        CorpusSpec(
+            "text_files", _text_files_loader, "\n\n", True, "local UTF-8 files, one document per non-empty line"
+        ),
+        CorpusSpec(
+            "wikitext2",
+            _hub_loader("wikitext2"),
+            "\n\n",
+            False,
+            "WikiText-2 raw via `datasets` (calib=train, eval=test)",
+        ),
         CorpusSpec(
             "ptb",
             _hub_loader("ptb"),

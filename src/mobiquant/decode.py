@@ -104,8 +104,10 @@ class BudgetControl:
         if self.routers:
             lo, hi = self.cfg.min_bits, self.cfg.max_bits
             if not lo <= budget <= hi:
-                raise ValueError(f"budget {budget:g} is outside this model's range [{lo:g}, {hi:g}] bits "
-                                 f"(slices {list(self.cfg.slice_bits)})")
+                raise ValueError(
+                    f"budget {budget:g} is outside this model's range [{lo:g}, {hi:g}] bits "
+                    f"(slices {list(self.cfg.slice_bits)})"
+                )
         elif static_k_for_bits(self.cfg, budget) is None:
             views = [sum(self.cfg.slice_bits[:k]) for k in range(1, len(self.cfg.slice_bits) + 1)]
             raise ValueError(f"budget {budget:g} is not a static view of this model (no routers): one of {views}")
@@ -165,8 +167,9 @@ class BudgetControl:
         """What a captured graph depends on beyond device tensors: modes, static k, own thresholds (computed
         again only after a budget change: the per-token host work of a graph replay stays small)."""
         if self._structure is None:
-            self._structure = tuple((m.mode, m.static_k if m.mode == "static" else 0, m.route_tau is not None)
-                                    for m in self.linears)
+            self._structure = tuple(
+                (m.mode, m.static_k if m.mode == "static" else 0, m.route_tau is not None) for m in self.linears
+            )
         return self._structure
 
 
@@ -188,8 +191,11 @@ def _forward_kwargs(model: nn.Module) -> tuple[str, str | None]:
     """The cache keyword of ``model.forward`` (``cache`` in newer transformers) and the logits-trimming one."""
     params = inspect.signature(model.forward).parameters
     cache_kw = "cache" if "cache" in params else "past_key_values"
-    keep = "logits_to_keep" if "logits_to_keep" in params else (
-        "num_logits_to_keep" if "num_logits_to_keep" in params else None)
+    keep = (
+        "logits_to_keep"
+        if "logits_to_keep" in params
+        else ("num_logits_to_keep" if "num_logits_to_keep" in params else None)
+    )
     return cache_kw, keep
 
 
@@ -242,8 +248,12 @@ class _CacheOffsets:
 
     def save(self) -> tuple[list[torch.Tensor], list[tuple[Any, str, int]]]:
         dev = [t.clone() for t in self.tensors()]
-        host = [(layer, a, v) for layer in self.layers for a in self.TENSORS + self.HOST
-                if isinstance(v := getattr(layer, a, None), int)]
+        host = [
+            (layer, a, v)
+            for layer in self.layers
+            for a in self.TENSORS + self.HOST
+            if isinstance(v := getattr(layer, a, None), int)
+        ]
         return dev, host
 
     def restore(self, saved) -> None:
@@ -267,8 +277,10 @@ class _CacheOffsets:
         """Raise if some layer's write offset is not ``expected`` (tokens fed so far)."""
         bad = sorted({v for v in self.values() if v != expected})
         if bad:
-            raise RuntimeError(f"mobiquant.decode: the static cache's write offset is {bad} {when}, expected "
-                               f"{expected} (tokens fed so far): a forward outside the decode steps moved it")
+            raise RuntimeError(
+                f"mobiquant.decode: the static cache's write offset is {bad} {when}, expected "
+                f"{expected} (tokens fed so far): a forward outside the decode steps moved it"
+            )
 
 
 # The first replay of a captured step is checked against an eager forward of the same position. Bit equality (or
@@ -296,22 +308,27 @@ def _replay_mismatch(got: torch.Tensor, ref: torch.Tensor) -> str | None:
     tol = rtol * max(scale, torch.finfo(torch.float32).tiny)
     err = float((g - r).abs().amax())
     if err > tol:
-        return (f"a graph replay differed from the eager forward: max |logit difference| {err:.4g} > {tol:.4g} "
-                f"({rtol:g} x max |logit| {scale:.4g})")
+        return (
+            f"a graph replay differed from the eager forward: max |logit difference| {err:.4g} > {tol:.4g} "
+            f"({rtol:g} x max |logit| {scale:.4g})"
+        )
     top_g, top_r = g.argmax(-1), r.argmax(-1)
     lead = r.gather(-1, top_r[:, None]) - r.gather(-1, top_g[:, None])
     flipped = ((top_g != top_r) & (lead.squeeze(-1) > tol)).nonzero().flatten().tolist()
     if flipped:
-        return (f"a graph replay picked another greedy token than the eager forward in rows {flipped} "
-                f"(eager leads by more than {tol:.4g})")
+        return (
+            f"a graph replay picked another greedy token than the eager forward in rows {flipped} "
+            f"(eager leads by more than {tol:.4g})"
+        )
     return None
 
 
 class _Stepper:
     """One decode position: eager, a captured CUDA graph, or ``torch.compile(mode='reduce-overhead')``."""
 
-    def __init__(self, model, cache, cache_kw: str, device: torch.device, batch: int, mode: str,
-                 cache_len: int | None = None):
+    def __init__(
+        self, model, cache, cache_kw: str, device: torch.device, batch: int, mode: str, cache_len: int | None = None
+    ):
         self.model, self.cache, self.cache_kw, self.device, self.mode = model, cache, cache_kw, device, mode
         self.cache_len = cache_len
         self.offsets = _CacheOffsets(cache)
@@ -372,8 +389,11 @@ class _Stepper:
         except Exception as e:  # a forward that synchronises with the host cannot be captured
             _sync(self.device)
             self.offsets.restore(saved)
-            self._give_up(f"capture failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
-                          if str(e).strip() else f"capture failed: {type(e).__name__}")
+            self._give_up(
+                f"capture failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+                if str(e).strip()
+                else f"capture failed: {type(e).__name__}"
+            )
             return self._eager(self.ids, self.pos)
         self.offsets.restore(saved)
         ref = self._eager(self.ids, self.pos)
@@ -425,8 +445,10 @@ def _prompt_ids(prompt, tokenizer, device: torch.device) -> torch.Tensor:
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)
     if ids.dim() != 2 or ids.shape[1] == 0 or ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"prompt ids must be a non-empty [tokens] or [batch, tokens] integer tensor, got "
-                         f"{tuple(ids.shape)} {ids.dtype}")
+        raise ValueError(
+            f"prompt ids must be a non-empty [tokens] or [batch, tokens] integer tensor, got "
+            f"{tuple(ids.shape)} {ids.dtype}"
+        )
     return ids.to(device=device, dtype=torch.long)
 
 
@@ -440,8 +462,10 @@ def _graph_mode(cuda_graph: str | bool, device: torch.device, track_bits: bool, 
         if device.type != "cuda":
             raise ValueError(f"cuda_graph={mode!r} needs the model on a CUDA device (it is on {device})")
         if track_bits or any(m.track for m in linears):
-            raise ValueError("slice counting (track_bits, MoBiLinear.track) synchronises with the host every "
-                             "step: use cuda_graph='off' with it")
+            raise ValueError(
+                "slice counting (track_bits, MoBiLinear.track) synchronises with the host every "
+                "step: use cuda_graph='off' with it"
+            )
     return mode
 
 
@@ -491,8 +515,10 @@ def generate(
     if isinstance(cache_len, bool) or not isinstance(cache_len, int) or cache_len < 1:
         raise ValueError(f"cache_len must be a positive integer, got {cache_len!r}")
     if need > cache_len:
-        raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens needs {need} cache positions, "
-                         f"the cache holds {cache_len}")
+        raise ValueError(
+            f"prompt of {T} tokens + {max_new_tokens} new tokens needs {need} cache positions, "
+            f"the cache holds {cache_len}"
+        )
     control = BudgetControl(model)
     budget_at = _budget_fn(budget, max_new_tokens)
     if not callable(budget) and budget is not None:  # every budget checked before any work
@@ -580,9 +606,18 @@ def generate(
     text = None
     if tokenizer is not None:
         text = [tokenizer.decode(row.tolist(), skip_special_tokens=True) for row in tokens]
-    return Generation(tokens=tokens, prompt_tokens=T, text=text, prefill_s=prefill_s, decode_s=decode_s,
-                      timed_tokens=timed, budgets=used, achieved_bits=bits, graph=stepper.status,
-                      captures=stepper.captures)
+    return Generation(
+        tokens=tokens,
+        prompt_tokens=T,
+        text=text,
+        prefill_s=prefill_s,
+        decode_s=decode_s,
+        timed_tokens=timed,
+        budgets=used,
+        achieved_bits=bits,
+        graph=stepper.status,
+        captures=stepper.captures,
+    )
 
 
 # ------------------------------------------------------------------------------------------ task=decode
@@ -602,8 +637,11 @@ def _decode_settings(cfg) -> dict[str, Any]:
     key = "decode.budgets"
     if node is None:
         node, key = cfg.budget.get("budgets"), "budget.budgets"
-    if not isinstance(node, (list, ListConfig)) or not node or not all(
-            isinstance(b, (int, float)) and not isinstance(b, bool) for b in node):
+    if (
+        not isinstance(node, (list, ListConfig))
+        or not node
+        or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in node)
+    ):
         raise ConfigError(f"{key}={node!r} must be a non-empty list of average bit-widths")
     temperature = d.get("temperature", 0.0)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
@@ -615,9 +653,18 @@ def _decode_settings(cfg) -> dict[str, Any]:
     if graph not in GRAPH_MODES:
         raise ConfigError(f"decode.cuda_graph={graph!r} is invalid; allowed: {', '.join(GRAPH_MODES)}")
     repeats = _pos_int(d.get("repeats", 1), "decode.repeats")
-    return dict(prompt=prompt, max_new_tokens=n, budgets=[float(b) for b in node], temperature=float(temperature),
-                top_k=top_k, seed=d.get("seed"), cuda_graph=graph, repeats=repeats, fp=bool(d.get("fp", True)),
-                checkpoint=d.get("checkpoint"))
+    return dict(
+        prompt=prompt,
+        max_new_tokens=n,
+        budgets=[float(b) for b in node],
+        temperature=float(temperature),
+        top_k=top_k,
+        seed=d.get("seed"),
+        cuda_graph=graph,
+        repeats=repeats,
+        fp=bool(d.get("fp", True)),
+        checkpoint=d.get("checkpoint"),
+    )
 
 
 def _checkpoint_config(folder, budgets: list[float]):
@@ -702,8 +749,9 @@ def run(cfg) -> float:
                 for b in s["budgets"]:
                     yield folder.name, b, model
                 return
-            calib_ids = calibration_windows(load_token_ids(cfg.data.calib, tokenizer), cfg.data.calib.nsamples,
-                                            cfg.data.calib.seqlen, cfg.seed)
+            calib_ids = calibration_windows(
+                load_token_ids(cfg.data.calib, tokenizer), cfg.data.calib.nsamples, cfg.data.calib.seqlen, cfg.seed
+            )
             ctx = run_context(cfg, base, calib_ids, out_dir, tracker)
             for v in main.run(ctx, s["budgets"]):
                 if any(abs(v.budget - b) < 1e-6 for b in s["budgets"]):
@@ -713,8 +761,13 @@ def run(cfg) -> float:
             model.to(device)
             for _, m in mobi_linears(model):
                 m.backend = cfg.eval.get("backend", "auto")
-            kw = dict(tokenizer=tokenizer, temperature=s["temperature"], top_k=s["top_k"], seed=s["seed"],
-                      cuda_graph=s["cuda_graph"])
+            kw = dict(
+                tokenizer=tokenizer,
+                temperature=s["temperature"],
+                top_k=s["top_k"],
+                seed=s["seed"],
+                cuda_graph=s["cuda_graph"],
+            )
             b = None if math.isnan(budget) else budget
             generate(model, s["prompt"], min(4, s["max_new_tokens"]), budget=b, **kw)  # warm-up: compile kernels
             best = None
@@ -724,13 +777,32 @@ def run(cfg) -> float:
                     best = g
             full = torch.cat([tokenizer(s["prompt"], return_tensors="pt").input_ids, best.tokens], 1)
             bits = _bits_on(model, full)
-            rows.append(dict(model=cfg.model.name, method=method, budget=budget, avg_bits=bits,
-                             prompt_tokens=best.prompt_tokens, new_tokens=best.new_tokens, prefill_s=best.prefill_s,
-                             decode_s=best.decode_s, tokens_per_s=best.tokens_per_s, us_per_token=best.us_per_token,
-                             graph=best.graph, device=str(device), text=best.text[0]))
-            log.info("[%s] budget %s: %.1f tokens/s (%.0f us/token, %.2f bits, graph %s)", method,
-                     "FP" if math.isnan(budget) else f"{budget:g}", best.tokens_per_s, best.us_per_token, bits,
-                     best.graph)
+            rows.append(
+                dict(
+                    model=cfg.model.name,
+                    method=method,
+                    budget=budget,
+                    avg_bits=bits,
+                    prompt_tokens=best.prompt_tokens,
+                    new_tokens=best.new_tokens,
+                    prefill_s=best.prefill_s,
+                    decode_s=best.decode_s,
+                    tokens_per_s=best.tokens_per_s,
+                    us_per_token=best.us_per_token,
+                    graph=best.graph,
+                    device=str(device),
+                    text=best.text[0],
+                )
+            )
+            log.info(
+                "[%s] budget %s: %.1f tokens/s (%.0f us/token, %.2f bits, graph %s)",
+                method,
+                "FP" if math.isnan(budget) else f"{budget:g}",
+                best.tokens_per_s,
+                best.us_per_token,
+                bits,
+                best.graph,
+            )
         df = pd.DataFrame(rows)
         fp = df.loc[df["method"] == "fp", "us_per_token"]
         df["x_fp"] = float(fp.iloc[0]) / df["us_per_token"] if len(fp) else math.nan

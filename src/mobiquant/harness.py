@@ -62,8 +62,22 @@ log = logging.getLogger("mobiquant")
 
 CSV_NAME, MD_NAME = "lm_eval.csv", "lm_eval.md"
 COLUMNS = [
-    "model", "method", "budget", "avg_bits", "storage_bits", "request", "task", "metric", "value", "stderr",
-    "n_examples", "limit", "num_fewshot", "eval_seconds", "checkpoint", "lm_eval_version",
+    "model",
+    "method",
+    "budget",
+    "avg_bits",
+    "storage_bits",
+    "request",
+    "task",
+    "metric",
+    "value",
+    "stderr",
+    "n_examples",
+    "limit",
+    "num_fewshot",
+    "eval_seconds",
+    "checkpoint",
+    "lm_eval_version",
 ]
 _BUDGET_TOL = 1e-6
 
@@ -139,8 +153,10 @@ def _local_metadata(cfg: DictConfig, tasks: list[str]) -> dict[str, str]:
         if not path:
             raise ConfigError(f"lm_eval task {task!r} is built from a local file: set lm_eval.data.{key}")
         if not Path(path).is_file():
-            raise ConfigError(f"lm_eval.data.{key}: file {path} does not exist (task {task!r} is built from it)"
-                              f"{path_hint(cfg, str(path))}")
+            raise ConfigError(
+                f"lm_eval.data.{key}: file {path} does not exist (task {task!r} is built from it)"
+                f"{path_hint(cfg, str(path))}"
+            )
         meta[key] = str(path)
     return meta
 
@@ -149,9 +165,7 @@ def _lm_eval_tasks():
     try:
         from lm_eval.tasks import TaskManager
     except ImportError as e:
-        raise ConfigError(
-            f"task=lm_eval needs lm-evaluation-harness: pip install 'mobiquant[lm_eval]' ({e})"
-        ) from e
+        raise ConfigError(f"task=lm_eval needs lm-evaluation-harness: pip install 'mobiquant[lm_eval]' ({e})") from e
     return TaskManager
 
 
@@ -237,8 +251,16 @@ def validate_lm_eval(cfg: DictConfig) -> Plan:
             )
         plan_kwargs["main"] = main.name
     registry = check_tasks(tasks)
-    return Plan(tasks=tasks, budgets=budgets, limit=limit, num_fewshot=fewshot, metadata=metadata,
-                registry=registry, methods=methods, **plan_kwargs)
+    return Plan(
+        tasks=tasks,
+        budgets=budgets,
+        limit=limit,
+        num_fewshot=fewshot,
+        metadata=metadata,
+        registry=registry,
+        methods=methods,
+        **plan_kwargs,
+    )
 
 
 # ---------------------------------------------------------------------------- variants
@@ -272,9 +294,12 @@ def hflm(model: torch.nn.Module, tokenizer, batch_size: int, max_length: int | N
 
     class InMemoryHFLM(HFLM):
         def get_model_info(self) -> dict:
-            return {"model_num_parameters": sum(p.numel() for p in self.model.parameters()),
-                    "model_dtype": str(next(self.model.parameters()).dtype), "model_revision": None,
-                    "model_sha": ""}
+            return {
+                "model_num_parameters": sum(p.numel() for p in self.model.parameters()),
+                "model_dtype": str(next(self.model.parameters()).dtype),
+                "model_revision": None,
+                "model_sha": "",
+            }
 
     return InMemoryHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
 
@@ -295,16 +320,22 @@ def result_rows(results: dict, request: str) -> list[dict]:
             if "," not in key or "_stderr," in key:
                 continue
             metric, filt = key.split(",", 1)
-            rows.append({
-                "request": request, "task": task, "metric": metric if filt == "none" else key,
-                "value": _float(value), "stderr": _float(metrics.get(f"{metric}_stderr,{filt}")),
-                "n_examples": n,
-            })
+            rows.append(
+                {
+                    "request": request,
+                    "task": task,
+                    "metric": metric if filt == "none" else key,
+                    "value": _float(value),
+                    "stderr": _float(metrics.get(f"{metric}_stderr,{filt}")),
+                    "n_examples": n,
+                }
+            )
     return rows
 
 
-def evaluate_variant(plan: Plan, cfg: DictConfig, variant: Variant, tokenizer, tasks: list[str],
-                     tm: Any) -> tuple[list[dict], float]:
+def evaluate_variant(
+    plan: Plan, cfg: DictConfig, variant: Variant, tokenizer, tasks: list[str], tm: Any
+) -> tuple[list[dict], float]:
     """One lm-eval pass of ``variant`` over ``tasks``; its rows and the measured average bits."""
     import lm_eval
 
@@ -315,9 +346,17 @@ def evaluate_variant(plan: Plan, cfg: DictConfig, variant: Variant, tokenizer, t
     lm = hflm(model, tokenizer, int(cfg.lm_eval.batch_size), cfg.lm_eval.get("max_length"))
     seed = int(cfg.seed)
     results = lm_eval.simple_evaluate(
-        model=lm, tasks=list(tasks), task_manager=tm, limit=plan.limit, num_fewshot=plan.num_fewshot,
-        bootstrap_iters=int(cfg.lm_eval.get("bootstrap_iters", 0)), log_samples=False, random_seed=seed,
-        numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+        model=lm,
+        tasks=list(tasks),
+        task_manager=tm,
+        limit=plan.limit,
+        num_fewshot=plan.num_fewshot,
+        bootstrap_iters=int(cfg.lm_eval.get("bootstrap_iters", 0)),
+        log_samples=False,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
     )
     avg_bits = _row_avg_bits(variant)
     reset_counts(model, track=False)
@@ -354,8 +393,9 @@ def markdown_table(df: pd.DataFrame) -> str:
         return "(no results)"
     d = df.copy()
     d["budget"] = d["budget"].map(lambda b: "FP" if pd.isna(b) else f"{float(b):g}")
-    d["cell"] = [f"{v:.4g}" + ("" if pd.isna(s) else f" ± {s:.2g}")
-                 for v, s in zip(d["value"], d["stderr"], strict=True)]
+    d["cell"] = [
+        f"{v:.4g}" + ("" if pd.isna(s) else f" ± {s:.2g}") for v, s in zip(d["value"], d["stderr"], strict=True)
+    ]
     d["column"] = d["task"] + " " + d["metric"]
     index = ["method", "budget", "avg_bits"]
     d["avg_bits"] = d["avg_bits"].map(lambda b: f"{b:.3f}")
@@ -379,8 +419,9 @@ def _previous(path: Path, plan: Plan) -> list[dict]:
     if not set(COLUMNS) <= set(df.columns):
         missing = sorted(set(COLUMNS) - set(df.columns))
         raise ConfigError(f"{path} is not a mobiquant lm_eval table (columns {missing} missing)")
-    same = (df["limit"].map(_setting).eq(_setting(plan.limit))
-            & df["num_fewshot"].map(_setting).eq(_setting(plan.num_fewshot)))
+    same = df["limit"].map(_setting).eq(_setting(plan.limit)) & df["num_fewshot"].map(_setting).eq(
+        _setting(plan.num_fewshot)
+    )
     return df[same].to_dict("records")
 
 
@@ -434,9 +475,15 @@ def run(cfg: DictConfig) -> float:
                 new, avg_bits = evaluate_variant(plan, cfg, variant, tokenizer, todo, tm)
                 seconds = time.perf_counter() - t0
                 common = {
-                    "model": cfg.model.name, "method": variant.method, "budget": variant.budget,
-                    "avg_bits": avg_bits, "storage_bits": variant.storage_bits, "limit": plan.limit,
-                    "num_fewshot": plan.num_fewshot, "eval_seconds": seconds, "checkpoint": variant.checkpoint,
+                    "model": cfg.model.name,
+                    "method": variant.method,
+                    "budget": variant.budget,
+                    "avg_bits": avg_bits,
+                    "storage_bits": variant.storage_bits,
+                    "limit": plan.limit,
+                    "num_fewshot": plan.num_fewshot,
+                    "eval_seconds": seconds,
+                    "checkpoint": variant.checkpoint,
                     "lm_eval_version": lm_eval.__version__,
                 }
                 new = [{**common, **r} for r in new]
@@ -444,12 +491,22 @@ def run(cfg: DictConfig) -> float:
                 done |= {_key(variant.method, variant.budget, t) for t in todo}
                 write_csv(pd.DataFrame(rows, columns=COLUMNS), csv_path)
                 for r in new:
-                    log.info("[%s] budget %s  %s %s %.4g  (avg bits %.3f, %.0fs)", r["method"], b, r["task"],
-                             r["metric"], r["value"], avg_bits, seconds)
-                tracker.log_metrics({
-                    **{f"lm_eval/{r['task']}/{r['metric']}/{r['method']}": r["value"] for r in new},
-                    f"lm_eval/avg_bits/{variant.method}": avg_bits,
-                })
+                    log.info(
+                        "[%s] budget %s  %s %s %.4g  (avg bits %.3f, %.0fs)",
+                        r["method"],
+                        b,
+                        r["task"],
+                        r["metric"],
+                        r["value"],
+                        avg_bits,
+                        seconds,
+                    )
+                tracker.log_metrics(
+                    {
+                        **{f"lm_eval/{r['task']}/{r['metric']}/{r['method']}": r["value"] for r in new},
+                        f"lm_eval/avg_bits/{variant.method}": avg_bits,
+                    }
+                )
         df = pd.DataFrame(rows, columns=COLUMNS)
         write_csv(df, csv_path)
         md = markdown_table(df)

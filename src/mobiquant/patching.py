@@ -47,9 +47,7 @@ class MoBiConfig:
         self.slice_bits = tuple(check_slice_bits(self.slice_bits))
         self.anchor_bits = check_anchor_bits(self.anchor_bits, self.slice_bits)
         if self.router_placement not in ("site", "linear"):
-            raise ValueError(
-                f"router_placement must be 'site' or 'linear', got {self.router_placement!r}"
-            )
+            raise ValueError(f"router_placement must be 'site' or 'linear', got {self.router_placement!r}")
         from .router import POLICIES
 
         if self.router_policy not in POLICIES:
@@ -92,9 +90,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
                 if best is None or len(mod) > len(best[1]):
                     best = (name, mod)
     if best is None:
-        raise ValueError(
-            f"{type(model).__name__} has no stack of blocks built from nn.Linear: nothing to quantize"
-        )
+        raise ValueError(f"{type(model).__name__} has no stack of blocks built from nn.Linear: nothing to quantize")
     return best
 
 
@@ -122,8 +118,10 @@ def trace_model_sites(model: nn.Module, linear_names_per_block: list[list[str]],
     for bi, block in enumerate(blocks):
         modules = dict(block.named_modules())
         for name in linear_names_per_block[bi]:
+
             def hook(mod, args, bi=bi, name=name):
                 seen[bi].setdefault(name, args[0])
+
             hooks.append(modules[name].register_forward_pre_hook(hook))
     vocab = getattr(getattr(model, "config", None), "vocab_size", 2)
     device = next(model.parameters()).device
@@ -271,12 +269,16 @@ def install_plan(model: nn.Module, plan: BudgetPlan | None) -> None:
     routed = {n for n, m in mobi_linears(model) if m.router is not None}
     missing, unknown = routed - set(plan.linears), set(plan.linears) - routed
     if missing or unknown:
-        raise ValueError(f"budget plan does not match the model's routed linears: missing {sorted(missing)[:3]}, "
-                         f"unknown {sorted(unknown)[:3]}")
+        raise ValueError(
+            f"budget plan does not match the model's routed linears: missing {sorted(missing)[:3]}, "
+            f"unknown {sorted(unknown)[:3]}"
+        )
     cfg: MoBiConfig = model.mobiquant_config
     if plan.lo > cfg.min_bits + 1e-9 or plan.hi < cfg.max_bits - 1e-9:
-        raise ValueError(f"budget plan covers [{plan.lo}, {plan.hi}] bits, the slices [{cfg.min_bits}, "
-                         f"{cfg.max_bits}]: a plan must span the whole range")
+        raise ValueError(
+            f"budget plan covers [{plan.lo}, {plan.hi}] bits, the slices [{cfg.min_bits}, "
+            f"{cfg.max_bits}]: a plan must span the whole range"
+        )
     setattr(model, PLAN_ATTR, plan)
 
 

@@ -40,8 +40,6 @@ from .tracking import OBJECTIVE, Tracker, curve_summary, plain_config, wandb_env
 log = logging.getLogger("mobiquant")
 
 
-
-
 # ---------------------------------------------------------------------------- validation
 def _num(value: Any, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -143,8 +141,9 @@ def load_base_model(cfg: DictConfig):
     from .dist import local_device
     from .models import load_model
 
-    return load_model(cfg.model.path, dtype=cfg.model.dtype, device=local_device(str(cfg.model.device)),
-                      cache_dir=cfg.paths.cache_dir)
+    return load_model(
+        cfg.model.path, dtype=cfg.model.dtype, device=local_device(str(cfg.model.device)), cache_dir=cfg.paths.cache_dir
+    )
 
 
 def load_token_ids(spec: DictConfig, tokenizer) -> torch.Tensor:
@@ -168,8 +167,15 @@ def prepare_run(cfg: DictConfig) -> Path:
     return ensure_writable_dir(cfg.paths.output_dir)
 
 
-def run_context(cfg: DictConfig, base, calib_ids: torch.Tensor, out_dir: Path, tracker: Tracker,
-                calib_rows: list[dict] | None = None, calib=None) -> RunContext:
+def run_context(
+    cfg: DictConfig,
+    base,
+    calib_ids: torch.Tensor,
+    out_dir: Path,
+    tracker: Tracker,
+    calib_rows: list[dict] | None = None,
+    calib=None,
+) -> RunContext:
     """What the methods of a run may use: FP copies of ``base``, the calibration windows, the run folder,
     and a block callback that logs each finished block (and appends it to ``calib_rows`` when given)."""
     n_blocks = _n_blocks(base)
@@ -181,10 +187,15 @@ def run_context(cfg: DictConfig, base, calib_ids: torch.Tensor, out_dir: Path, t
         tracker.log_block(tag, i, report)
 
     return RunContext(
-        fp_model=lambda: copy.deepcopy(base), calib_ids=calib_ids, output_dir=out_dir,
-        calib=calib if calib is not None else instantiate_calib(cfg), loggers=tracker.lightning_loggers,
-        on_block_end=on_block_end, save_checkpoints=bool(cfg.save_checkpoints),
-        base_model_name=str(cfg.model.path), resume=bool(cfg.get("resume", True)),
+        fp_model=lambda: copy.deepcopy(base),
+        calib_ids=calib_ids,
+        output_dir=out_dir,
+        calib=calib if calib is not None else instantiate_calib(cfg),
+        loggers=tracker.lightning_loggers,
+        on_block_end=on_block_end,
+        save_checkpoints=bool(cfg.save_checkpoints),
+        base_model_name=str(cfg.model.path),
+        resume=bool(cfg.get("resume", True)),
     )
 
 
@@ -257,12 +268,22 @@ def run(cfg: DictConfig) -> float:
                     t0 = time.perf_counter()
                     r = perplexity(variant.model, windows, batch_size=cfg.eval.batch_size)
                     row = {
-                        "model": cfg.model.name, "method": variant.method, "budget": variant.budget,
-                        "avg_bits": _row_avg_bits(variant), "storage_bits": variant.storage_bits,
-                        "dataset": ds, "seqlen": r["seqlen"], "n_windows": r["n_windows"],
-                        "n_tokens": r["n_tokens"], "ppl": r["ppl"], "nll": r["nll"], "tokenizer": tok_name,
-                        "dtype": dtype, "calib_seconds": variant.calib_seconds,
-                        "n_calibrations": variant.n_calibrations, "eval_seconds": time.perf_counter() - t0,
+                        "model": cfg.model.name,
+                        "method": variant.method,
+                        "budget": variant.budget,
+                        "avg_bits": _row_avg_bits(variant),
+                        "storage_bits": variant.storage_bits,
+                        "dataset": ds,
+                        "seqlen": r["seqlen"],
+                        "n_windows": r["n_windows"],
+                        "n_tokens": r["n_tokens"],
+                        "ppl": r["ppl"],
+                        "nll": r["nll"],
+                        "tokenizer": tok_name,
+                        "dtype": dtype,
+                        "calib_seconds": variant.calib_seconds,
+                        "n_calibrations": variant.n_calibrations,
+                        "eval_seconds": time.perf_counter() - t0,
                         "quant_params": sum(m.in_features * m.out_features for _, m in mobi_linears(variant.model)),
                         "checkpoint": variant.checkpoint,
                     }
@@ -271,8 +292,15 @@ def run(cfg: DictConfig) -> float:
                     write_csv(concat_rows(rows), results_path)
                     tracker.log_row(row)
                     b = "FP" if math.isnan(variant.budget) else f"{variant.budget:g}"
-                    log.info("[%s] budget %s  %s ppl %.3f  (avg bits %.3f, storage %.3f)", variant.method, b,
-                             ds, r["ppl"], row["avg_bits"], row["storage_bits"])
+                    log.info(
+                        "[%s] budget %s  %s ppl %.3f  (avg bits %.3f, storage %.3f)",
+                        variant.method,
+                        b,
+                        ds,
+                        r["ppl"],
+                        row["avg_bits"],
+                        row["storage_bits"],
+                    )
                 if variant.checkpoint and variant.checkpoint not in logged_ckpts:
                     logged_ckpts.add(variant.checkpoint)
                     tracker.log_checkpoint(variant.checkpoint, Path(variant.checkpoint).name)
@@ -298,8 +326,10 @@ def run(cfg: DictConfig) -> float:
             if main.name in set(df["method"]) and len(main.budgets(grid)) > 1:
                 mono = is_non_increasing(df, main.name, ds)
                 print(f"\n{main.name} curve on {ds} non-increasing in average bits: {mono}")
-        print(f"\n{OBJECTIVE} (mean log-ppl of {main.name} over its budgets, {next(iter(eval_sets))}): "
-              f"{summary[OBJECTIVE]:.4f}")
+        print(
+            f"\n{OBJECTIVE} (mean log-ppl of {main.name} over its budgets, {next(iter(eval_sets))}): "
+            f"{summary[OBJECTIVE]:.4f}"
+        )
         print(f"wall time {wall / 60:.1f} min; outputs in {out_dir}")
         failed = False
         return summary[OBJECTIVE]

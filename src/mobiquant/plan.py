@@ -89,8 +89,11 @@ class BudgetPlan:
 
     # ------------------------------------------------------------------ serialisation
     def state(self) -> dict[str, torch.Tensor]:
-        return {"plan.budgets": torch.tensor(self.budgets, dtype=torch.float64),
-                "plan.taus": self.taus.contiguous(), "plan.local": self.local.contiguous()}
+        return {
+            "plan.budgets": torch.tensor(self.budgets, dtype=torch.float64),
+            "plan.taus": self.taus.contiguous(),
+            "plan.local": self.local.contiguous(),
+        }
 
     def meta(self) -> dict:
         return {"linears": self.linears, "reading": self.reading, "settings": dict(self.settings)}
@@ -106,14 +109,24 @@ class BudgetPlan:
         G, L = state["plan.budgets"].numel(), len(meta["linears"])
         for key in ("plan.taus", "plan.local"):
             if tuple(state[key].shape) != (L, G):
-                raise ValueError(f"{key} has shape {tuple(state[key].shape)}, expected {(L, G)} "
-                                 f"({L} linears x {G} budgets)")
-        return cls(state["plan.budgets"].tolist(), meta["linears"], state["plan.taus"], state["plan.local"],
-                   meta["reading"], dict(meta.get("settings") or {}))
+                raise ValueError(
+                    f"{key} has shape {tuple(state[key].shape)}, expected {(L, G)} ({L} linears x {G} budgets)"
+                )
+        return cls(
+            state["plan.budgets"].tolist(),
+            meta["linears"],
+            state["plan.taus"],
+            state["plan.local"],
+            meta["reading"],
+            dict(meta.get("settings") or {}),
+        )
 
 
-def stack_plan(budgets: Sequence[float], per_budget: Sequence[tuple[dict[str, float], dict[str, float], str]],
-               settings: Mapping | None = None) -> BudgetPlan:
+def stack_plan(
+    budgets: Sequence[float],
+    per_budget: Sequence[tuple[dict[str, float], dict[str, float], str]],
+    settings: Mapping | None = None,
+) -> BudgetPlan:
     """A plan from one ``(taus by linear, local budgets by linear, reading)`` triple per budget."""
     if len(budgets) != len(per_budget) or not per_budget:
         raise ValueError("one (taus, local, reading) entry per plan budget is needed")

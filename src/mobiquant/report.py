@@ -196,9 +196,14 @@ def collect(root: str | os.PathLike, allow_mixed: bool = False) -> Report:
         overrides = _read_overrides(d)
         parsed[rel] = dict(parse_override(o) for o in overrides)
         cfg = _read_config(d)
-        job = {"job": rel, "sweep": Path(rel).parent.as_posix() if rel != "." else ".",
-               "overrides": " ".join(overrides), "task_name": _literal(cfg, "task_name"),
-               "group": _sweep_group(d, cfg), "tags": _literal(cfg, "tags") or []}
+        job = {
+            "job": rel,
+            "sweep": Path(rel).parent.as_posix() if rel != "." else ".",
+            "overrides": " ".join(overrides),
+            "task_name": _literal(cfg, "task_name"),
+            "group": _sweep_group(d, cfg),
+            "tags": _literal(cfg, "tags") or [],
+        }
         csv = d / "results.csv"
         if not csv.is_file():
             jobs.append({**job, "status": "no results", "main_method": None, "n_rows": 0})
@@ -211,8 +216,9 @@ def collect(root: str | os.PathLike, allow_mixed: bool = False) -> Report:
             jobs.append({**job, "status": "empty", "main_method": None, "n_rows": 0})
             continue
         main = _main_method(cfg, df)
-        df = df.assign(job=rel, sweep=job["sweep"], overrides=job["overrides"], main_method=main,
-                       is_main=df["method"] == main)
+        df = df.assign(
+            job=rel, sweep=job["sweep"], overrides=job["overrides"], main_method=main, is_main=df["method"] == main
+        )
         frames.append(df)
         jobs.append({**job, "status": "ok", "main_method": main, "n_rows": len(df)})
     jobs_df = pd.DataFrame(jobs)
@@ -236,8 +242,14 @@ def collect(root: str | os.PathLike, allow_mixed: bool = False) -> Report:
     df = df[front + [c for c in df.columns if c not in front]]
     groups = {g for g in jobs_df["group"] if g}
     tags = sorted({t for ts in jobs_df["tags"] for t in (ts if isinstance(ts, list) else [])})
-    return Report(root=root, df=df, jobs=jobs_df.drop(columns=["tags"]), axes=axes,
-                  group=groups.pop() if len(groups) == 1 else None, tags=tags)
+    return Report(
+        root=root,
+        df=df,
+        jobs=jobs_df.drop(columns=["tags"]),
+        axes=axes,
+        group=groups.pop() if len(groups) == 1 else None,
+        tags=tags,
+    )
 
 
 def _varying_keys(parsed: dict[str, dict[str, str]]) -> list[str]:
@@ -251,8 +263,10 @@ def _labels(jobs: pd.DataFrame, axes: list[str]) -> list[str]:
     if not axes:
         base = [j if j != "." else "run" for j in jobs["job"]]
     else:
-        base = [" ".join(f"{k}={'(default)' if v is None else v}" for k, v in zip(axes, row, strict=True))
-                for row in jobs[[OV + k for k in axes]].itertuples(index=False)]
+        base = [
+            " ".join(f"{k}={'(default)' if v is None else v}" for k, v in zip(axes, row, strict=True))
+            for row in jobs[[OV + k for k in axes]].itertuples(index=False)
+        ]
     counts = pd.Series(base).value_counts()
     return [b if counts[b] == 1 or not axes else f"{b} [{j}]" for b, j in zip(base, jobs["job"], strict=True)]
 
@@ -273,10 +287,12 @@ def check_not_mixed(df: pd.DataFrame, axes: list[str], root: Path) -> None:
         if per_job[attr].nunique() <= 1:
             continue
         explained = ov is not None and any(
-            per_job[attr].groupby(ov[OV + k].fillna("(default)")).nunique().max() == 1 for k in axes)
+            per_job[attr].groupby(ov[OV + k].fillna("(default)")).nunique().max() == 1 for k in axes
+        )
         if not explained:
-            seen = "; ".join(f"{v} in {', '.join(g.index[:4])}{' ...' if len(g) > 4 else ''}"
-                             for v, g in per_job.groupby(attr)[attr])
+            seen = "; ".join(
+                f"{v} in {', '.join(g.index[:4])}{' ...' if len(g) > 4 else ''}" for v, g in per_job.groupby(attr)[attr]
+            )
             differ = f"the jobs differ only in {', '.join(axes)}" if axes else "the jobs have the same overrides"
             raise ReportError(
                 f"results of different {noun} are mixed under {root} ({seen}), but no override tells them "
@@ -289,15 +305,19 @@ def _add_scores(jobs: pd.DataFrame, df: pd.DataFrame) -> None:
     its budgets."""
     main = quantized(df[df["is_main"]])
     first = next(iter(dict.fromkeys(df["dataset"])))
-    budgets = main[main["dataset"] == first].groupby("job")["budget"].apply(
-        lambda b: ",".join(f"{v:g}" for v in sorted(b.unique())))
+    budgets = (
+        main[main["dataset"] == first]
+        .groupby("job")["budget"]
+        .apply(lambda b: ",".join(f"{v:g}" for v in sorted(b.unique())))
+    )
     jobs["budgets"] = jobs["job"].map(budgets)  # a mean over other budgets is another metric
     for ds in dict.fromkeys(df["dataset"]):
         sel = main[main["dataset"] == ds]
         jobs[f"mean_ppl.{ds}"] = jobs["job"].map(sel.groupby("job")["ppl"].mean())
         # the run's `objective` (mobiquant.tracking.curve_summary), what the sweepers minimise
-        jobs[f"mean_log_ppl.{ds}"] = jobs["job"].map(sel.assign(lp=np.log(sel["ppl"].astype(float)))
-                                                     .groupby("job")["lp"].mean())
+        jobs[f"mean_log_ppl.{ds}"] = jobs["job"].map(
+            sel.assign(lp=np.log(sel["ppl"].astype(float))).groupby("job")["lp"].mean()
+        )
 
 
 # ---------------------------------------------------------------------------- analysis
@@ -334,14 +354,18 @@ METHOD_KEYS = ("quant",)  # the method's own name tells these jobs apart
 def config_label(row_overrides: dict[str, Any], axes: list[str]) -> str:
     """The job's label without its seed (jobs that differ only in the seed share it) and without ``quant``
     (the method names it)."""
-    return " ".join(f"{k}={row_overrides[k]}" for k in axes
-                    if k not in SEED_KEYS + METHOD_KEYS and row_overrides.get(k) is not None)
+    return " ".join(
+        f"{k}={row_overrides[k]}" for k in axes if k not in SEED_KEYS + METHOD_KEYS and row_overrides.get(k) is not None
+    )
 
 
 def _with_config(df: pd.DataFrame) -> pd.DataFrame:
     axes = [c.removeprefix(OV) for c in df.columns if c.startswith(OV)]
-    cfg = [config_label({k: r[OV + k] for k in axes if not _isna(r[OV + k])}, axes) for _, r in df.iterrows()] \
-        if axes else [""] * len(df)
+    cfg = (
+        [config_label({k: r[OV + k] for k in axes if not _isna(r[OV + k])}, axes) for _, r in df.iterrows()]
+        if axes
+        else [""] * len(df)
+    )
     return df.assign(config=cfg)
 
 
@@ -356,8 +380,14 @@ def curves_by(df: pd.DataFrame, key: str | None) -> pd.DataFrame:
     else:
         values = main[OV + key].fillna("(default)")
     g = main.assign(_v=values).groupby(["dataset", "method", "_v", "budget"], sort=False)
-    out = g.agg(avg_bits=("avg_bits", "mean"), ppl=("ppl", "mean"), ppl_std=("ppl", "std"), ppl_min=("ppl", "min"),
-                ppl_max=("ppl", "max"), n_jobs=("job", "nunique")).reset_index()
+    out = g.agg(
+        avg_bits=("avg_bits", "mean"),
+        ppl=("ppl", "mean"),
+        ppl_std=("ppl", "std"),
+        ppl_min=("ppl", "min"),
+        ppl_max=("ppl", "max"),
+        n_jobs=("job", "nunique"),
+    ).reset_index()
     out["ppl_std"] = out["ppl_std"].fillna(0.0)
     return out.rename(columns={"_v": "value"}).sort_values(["dataset", "method", "value", "avg_bits"])
 
@@ -368,11 +398,13 @@ def seed_summary(df: pd.DataFrame) -> pd.DataFrame:
     d = _with_config(df)
     d = d.assign(_b=d["budget"].fillna(-1.0))
     g = d.groupby(["dataset", "method", "config", "_b"], sort=False)
-    out = g.agg(avg_bits=("avg_bits", "mean"), ppl_mean=("ppl", "mean"), ppl_std=("ppl", "std"),
-                n_seeds=("job", "nunique")).reset_index()
+    out = g.agg(
+        avg_bits=("avg_bits", "mean"), ppl_mean=("ppl", "mean"), ppl_std=("ppl", "std"), n_seeds=("job", "nunique")
+    ).reset_index()
     out["budget"] = out["_b"].where(out["_b"] >= 0)
-    return out.drop(columns="_b")[["dataset", "method", "config", "budget", "avg_bits", "ppl_mean", "ppl_std",
-                                   "n_seeds"]]
+    return out.drop(columns="_b")[
+        ["dataset", "method", "config", "budget", "avg_bits", "ppl_mean", "ppl_std", "n_seeds"]
+    ]
 
 
 # ---------------------------------------------------------------------------- plots
@@ -426,10 +458,16 @@ def plot_curves(df: pd.DataFrame, key: str | None, path: str | os.PathLike, titl
                 what = (f"{key}={v}" if key else str(v)) if v != "" else ""
                 label = f"{method} {what}".strip() if len(methods) > 1 or not what else what
                 n = int(g["n_jobs"].max())
-                line, = ax.plot(g["avg_bits"], g["ppl"], marker="o", label=label + (f" (n={n})" if n > 1 else ""))
+                (line,) = ax.plot(g["avg_bits"], g["ppl"], marker="o", label=label + (f" (n={n})" if n > 1 else ""))
                 if n > 1:
-                    ax.fill_between(g["avg_bits"], (g["ppl"] - g["ppl_std"]).clip(lower=g["ppl_min"]),
-                                    g["ppl"] + g["ppl_std"], color=line.get_color(), alpha=0.15, lw=0)
+                    ax.fill_between(
+                        g["avg_bits"],
+                        (g["ppl"] - g["ppl_std"]).clip(lower=g["ppl_min"]),
+                        g["ppl"] + g["ppl_std"],
+                        color=line.get_color(),
+                        alpha=0.15,
+                        lw=0,
+                    )
         ref = fp[fp["dataset"] == ds]["ppl"]
         if not ref.empty:
             ax.axhline(float(ref.mean()), color="k", ls="--", lw=1, label=f"FP ({ref.mean():.2f})")
@@ -461,8 +499,9 @@ def _md_table(frame: pd.DataFrame) -> str:
     cols = list(frame.columns)
     lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
     for row in frame.itertuples(index=False):
-        cells = [f"{v:.3f}" if isinstance(v, float) and not math.isnan(v) else ("" if _isna(v) else str(v))
-                 for v in row]
+        cells = [
+            f"{v:.3f}" if isinstance(v, float) and not math.isnan(v) else ("" if _isna(v) else str(v)) for v in row
+        ]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines)
 
@@ -477,19 +516,31 @@ def _isna(v) -> bool:
 def markdown(report: Report) -> str:
     df, jobs = report.df, report.jobs
     ok = jobs[jobs["status"] == "ok"]
-    parts = [f"# Sweep report: {report.root}", "",
-             f"{len(ok)} finished job(s) of {len(jobs)}; swept: "
-             + (", ".join(f"`{k}`" for k in report.axes) or "nothing (one configuration)")
-             + (f"; W&B group `{report.group}`" if report.group else "") + "."]
+    parts = [
+        f"# Sweep report: {report.root}",
+        "",
+        f"{len(ok)} finished job(s) of {len(jobs)}; swept: "
+        + (", ".join(f"`{k}`" for k in report.axes) or "nothing (one configuration)")
+        + (f"; W&B group `{report.group}`" if report.group else "")
+        + ".",
+    ]
     bad = jobs[jobs["status"] != "ok"]
     if not bad.empty:
-        parts += ["", "Jobs without results (failed, killed or still running): "
-                  + ", ".join(f"`{j}` ({s})" for j, s in zip(bad["job"], bad["status"], strict=True)) + "."]
+        parts += [
+            "",
+            "Jobs without results (failed, killed or still running): "
+            + ", ".join(f"`{j}` ({s})" for j, s in zip(bad["job"], bad["status"], strict=True))
+            + ".",
+        ]
     first = report.datasets[0]
     score_cols = [c for c in ok.columns if c.startswith("mean_ppl.")]
     board = ok[["label", "main_method", "budgets", *score_cols]].sort_values(f"mean_ppl.{first}")
-    parts += ["", f"## Leaderboard (mean ppl of the main method over its budgets; sorted by {first})", "",
-              _md_table(board.rename(columns={c: c.removeprefix("mean_ppl.") for c in score_cols}))]
+    parts += [
+        "",
+        f"## Leaderboard (mean ppl of the main method over its budgets; sorted by {first})",
+        "",
+        _md_table(board.rename(columns={c: c.removeprefix("mean_ppl.") for c in score_cols})),
+    ]
     if board["budgets"].nunique() > 1:
         parts += ["", "The jobs cover different budgets: compare means only between rows with the same budgets."]
     for ds in report.datasets:
@@ -505,11 +556,19 @@ def markdown(report: Report) -> str:
         if not fp.empty:
             parts += ["", f"FP reference: {fp.mean():.3f}"]
         if any(k in SEED_KEYS for k in report.axes):
-            parts += ["", f"## {ds}: mean +- std over seeds (main method of each configuration)", "",
-                      _md_table(seed_table(df, ds))]
+            parts += [
+                "",
+                f"## {ds}: mean +- std over seeds (main method of each configuration)",
+                "",
+                _md_table(seed_table(df, ds)),
+            ]
         front = pareto_front(quantized(df[df["dataset"] == ds]))
-        parts += ["", f"### {ds}: Pareto front (all methods and jobs)", "",
-                  _md_table(front[["label", "method", "budget", "avg_bits", "ppl"]])]
+        parts += [
+            "",
+            f"### {ds}: Pareto front (all methods and jobs)",
+            "",
+            _md_table(front[["label", "method", "budget", "avg_bits", "ppl"]]),
+        ]
     return "\n".join(parts) + "\n"
 
 
@@ -517,9 +576,13 @@ def seed_table(df: pd.DataFrame, dataset: str) -> pd.DataFrame:
     """Rows method x configuration, columns budgets, cells ``mean +- std (n)`` of the main method's ppl."""
     s = seed_summary(quantized(df[df["is_main"]]))
     s = s[s["dataset"] == dataset]
-    s = s.assign(b=s["budget"].map(lambda b: f"{float(b):g} bit"),
-                 cell=[f"{m:.3f} +- {sd:.3f} (n={n})" if n > 1 else f"{m:.3f} (n=1)"
-                       for m, sd, n in zip(s["ppl_mean"], s["ppl_std"].fillna(0.0), s["n_seeds"], strict=True)])
+    s = s.assign(
+        b=s["budget"].map(lambda b: f"{float(b):g} bit"),
+        cell=[
+            f"{m:.3f} +- {sd:.3f} (n={n})" if n > 1 else f"{m:.3f} (n=1)"
+            for m, sd, n in zip(s["ppl_mean"], s["ppl_std"].fillna(0.0), s["n_seeds"], strict=True)
+        ],
+    )
     pivot = s.pivot_table(index=["method", "config"], columns="b", values="cell", aggfunc="first")
     pivot = pivot[sorted(pivot.columns, key=lambda c: float(c.split()[0]))]
     return pivot.reset_index()
@@ -558,8 +621,14 @@ def write_report(report: Report, out: str | os.PathLike | None = None) -> dict[s
     return paths
 
 
-def log_to_wandb(report: Report, paths: dict[str, Path], mode: str = "offline", project: str = "mobiquant",
-                 group: str | None = None, out: str | os.PathLike | None = None) -> str | None:
+def log_to_wandb(
+    report: Report,
+    paths: dict[str, Path],
+    mode: str = "offline",
+    project: str = "mobiquant",
+    group: str | None = None,
+    out: str | os.PathLike | None = None,
+) -> str | None:
     """One W&B run (job_type ``report``) with the tables, plots and Markdown; returns its directory."""
     if mode == "disabled":
         return None
@@ -567,11 +636,18 @@ def log_to_wandb(report: Report, paths: dict[str, Path], mode: str = "offline", 
     import wandb
 
     out = Path(out) if out is not None else paths["csv"].parent
-    run = wandb.init(project=project, group=group or report.group, job_type="report",
-                     name=f"report-{report.root.resolve().name}", tags=["report", *report.tags],
-                     dir=str(out), mode=mode,
-                     config={"root": str(report.root), "axes": report.axes, "n_jobs": int(len(report.jobs))})
+    run = wandb.init(
+        project=project,
+        group=group or report.group,
+        job_type="report",
+        name=f"report-{report.root.resolve().name}",
+        tags=["report", *report.tags],
+        dir=str(out),
+        mode=mode,
+        config={"root": str(report.root), "axes": report.axes, "n_jobs": int(len(report.jobs))},
+    )
     try:
+
         def table(frame: pd.DataFrame):
             clean = frame.astype({c: "string" for c in frame.columns if frame[c].dtype == object})
             return wandb.Table(dataframe=clean.astype(object).where(clean.notna(), None))
@@ -602,8 +678,12 @@ def load_report(path: str | os.PathLike) -> pd.DataFrame:
     path = Path(path)
     if path.is_file():
         return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
-    for cand in (path / "report.parquet", path / "report.csv", path / "report" / "report.parquet",
-                 path / "report" / "report.csv"):
+    for cand in (
+        path / "report.parquet",
+        path / "report.csv",
+        path / "report" / "report.parquet",
+        path / "report" / "report.csv",
+    ):
         if cand.is_file() and (cand.suffix != ".parquet" or has_parquet()):
             return load_report(cand)
     return collect(path).df
@@ -614,17 +694,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="mobiquant-report",
         description="Collect the results.csv files of a sweep into one report: report.csv/.parquet, "
-                    "report.md, comparison plots and a W&B summary run.")
+        "report.md, comparison plots and a W&B summary run.",
+    )
     p.add_argument("dir", help="multirun directory (or run directory, or a folder of them)")
     p.add_argument("--out", help="output folder (default: DIR/report)")
-    p.add_argument("--wandb", choices=["offline", "online", "disabled"],
-                   default=os.environ.get("WANDB_MODE") if os.environ.get("WANDB_MODE") in
-                   ("offline", "online", "disabled") else "offline",
-                   help="W&B summary run mode (default: $WANDB_MODE, else offline)")
+    p.add_argument(
+        "--wandb",
+        choices=["offline", "online", "disabled"],
+        default=os.environ.get("WANDB_MODE")
+        if os.environ.get("WANDB_MODE") in ("offline", "online", "disabled")
+        else "offline",
+        help="W&B summary run mode (default: $WANDB_MODE, else offline)",
+    )
     p.add_argument("--project", default="mobiquant", help="W&B project (default: mobiquant)")
     p.add_argument("--group", help="W&B group (default: the sweep's own group when it can be recovered)")
-    p.add_argument("--allow-mixed", action="store_true",
-                   help="report results of different models/corpora even without an override telling them apart")
+    p.add_argument(
+        "--allow-mixed",
+        action="store_true",
+        help="report results of different models/corpora even without an override telling them apart",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -633,8 +721,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mobiquant-report: {e}", file=sys.stderr)
         return 2
     paths = write_report(report, args.out)
-    run_dir = log_to_wandb(report, paths, mode=args.wandb, project=args.project, group=args.group, out=args.out
-                           or paths["csv"].parent)
+    run_dir = log_to_wandb(
+        report, paths, mode=args.wandb, project=args.project, group=args.group, out=args.out or paths["csv"].parent
+    )
     n_ok = int((report.jobs["status"] == "ok").sum())
     print(f"{n_ok}/{len(report.jobs)} job(s), {len(report.df)} rows; swept: {', '.join(report.axes) or '-'}")
     for key, path in paths.items():

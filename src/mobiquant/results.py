@@ -14,9 +14,24 @@ import pandas as pd
 from .fileio import atomic_write_bytes, atomic_write_text
 
 COLUMNS = [
-    "model", "method", "budget", "avg_bits", "storage_bits", "dataset", "seqlen", "n_windows",
-    "n_tokens", "ppl", "nll", "tokenizer", "dtype", "calib_seconds", "n_calibrations", "eval_seconds",
-    "quant_params", "checkpoint",
+    "model",
+    "method",
+    "budget",
+    "avg_bits",
+    "storage_bits",
+    "dataset",
+    "seqlen",
+    "n_windows",
+    "n_tokens",
+    "ppl",
+    "nll",
+    "tokenizer",
+    "dtype",
+    "calib_seconds",
+    "n_calibrations",
+    "eval_seconds",
+    "quant_params",
+    "checkpoint",
 ]
 KEY = ["method", "budget", "dataset"]
 
@@ -42,8 +57,11 @@ def has_row(df: pd.DataFrame, method: str, budget: float, dataset: str) -> bool:
     if df.empty:
         return False
     b = df["budget"].astype(float)
-    same_budget = b.isna() if budget is None or (isinstance(budget, float) and math.isnan(budget)) else (
-        (b - float(budget)).abs() < 1e-9)
+    same_budget = (
+        b.isna()
+        if budget is None or (isinstance(budget, float) and math.isnan(budget))
+        else ((b - float(budget)).abs() < 1e-9)
+    )
     return bool(((df["method"] == method) & same_budget & (df["dataset"] == dataset)).any())
 
 
@@ -85,8 +103,9 @@ def plot_elasticity(df: pd.DataFrame, path: str | os.PathLike, title: str = "") 
         for method, g in sub.groupby("method", sort=False):
             g = g.sort_values("avg_bits")
             if g["budget"].isna().all():  # FP: a horizontal reference line
-                ax.axhline(float(g["ppl"].iloc[0]), color="k", ls="--", lw=1,
-                           label=f"{method} ({g['ppl'].iloc[0]:.2f})")
+                ax.axhline(
+                    float(g["ppl"].iloc[0]), color="k", ls="--", lw=1, label=f"{method} ({g['ppl'].iloc[0]:.2f})"
+                )
                 continue
             ax.plot(g["avg_bits"], g["ppl"], marker="o", label=method)
         readable_log_axis(ax)
@@ -157,21 +176,28 @@ def method_summary(df: pd.DataFrame) -> pd.DataFrame:
         params = float(first["quant_params"].max()) if "quant_params" in first else math.nan
         if not params:  # nothing quantized (the FP reference)
             params = math.nan
-        rows.append({
-            "method": method,
-            "budgets": len(first),
-            "n_calibrations": int(per_art["n_calibrations"].fillna(0).sum()),
-            "calib_seconds": float(per_art["calib_seconds"].fillna(0).sum()),
-            "stored_bytes_all_precisions": float((per_art["storage_bits"] * params / 8).sum(min_count=1)),
-        })
+        rows.append(
+            {
+                "method": method,
+                "budgets": len(first),
+                "n_calibrations": int(per_art["n_calibrations"].fillna(0).sum()),
+                "calib_seconds": float(per_art["calib_seconds"].fillna(0).sum()),
+                "stored_bytes_all_precisions": float((per_art["storage_bits"] * params / 8).sum(min_count=1)),
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def summary_markdown(summary: pd.DataFrame) -> str:
-    lines = ["| method | budgets | calibrations | calibration time (s) | bytes for every precision (MB) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| method | budgets | calibrations | calibration time (s) | bytes for every precision (MB) |",
+        "|---|---|---|---|---|",
+    ]
     for r in summary.itertuples():
         stored = r.stored_bytes_all_precisions
-        lines.append(f"| {r.method} | {r.budgets} | {r.n_calibrations} | {r.calib_seconds:.0f} | "
-                     + ("n/a" if math.isnan(stored) else f"{stored / 1e6:.1f}") + " |")
+        lines.append(
+            f"| {r.method} | {r.budgets} | {r.n_calibrations} | {r.calib_seconds:.0f} | "
+            + ("n/a" if math.isnan(stored) else f"{stored / 1e6:.1f}")
+            + " |"
+        )
     return "\n".join(lines)

@@ -135,9 +135,7 @@ class TokenRouter(nn.Module):
             raise ValueError(f"router hidden size must be positive, got {hidden}")
         self.slice_bits = tuple(int(b) for b in slice_bits)
         self.temperature = float(temperature)
-        self.net = nn.Sequential(
-            nn.Linear(in_features, hidden), nn.GELU(), nn.Linear(hidden, len(slice_bits) - 1)
-        )
+        self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.GELU(), nn.Linear(hidden, len(slice_bits) - 1))
         # Small random scores to start with (ties would make every token choose alike), and a mild
         # preference for fewer slices at the deeper residuals.
         head = cast(nn.Linear, self.net[2])
@@ -217,8 +215,13 @@ class TokenRouter(nn.Module):
         return k
 
     @torch.no_grad()
-    def slice_counts_at(self, x: torch.Tensor, tau: float | torch.Tensor | None, record_budget: float | None = None,
-                        recorded: list | None = None) -> torch.Tensor:
+    def slice_counts_at(
+        self,
+        x: torch.Tensor,
+        tau: float | torch.Tensor | None,
+        record_budget: float | None = None,
+        recorded: list | None = None,
+    ) -> torch.Tensor:
         """Slices per token for a caller's own threshold ``tau`` on this router's gate values (the values
         are computed once per input and shared by every caller). With ``record_budget`` the threshold is
         this batch's quantile for that budget instead, appended to ``recorded``."""
@@ -295,9 +298,7 @@ class TokenRouter(nn.Module):
         if not lo <= avg_bits <= hi:
             raise ValueError(f"budget {avg_bits} bits is outside this router's range [{lo}, {hi}]")
         if not self.calibrated:
-            raise RuntimeError(
-                "router thresholds are not calibrated: call calibrate_thresholds(model, inputs) first"
-            )
+            raise RuntimeError("router thresholds are not calibrated: call calibrate_thresholds(model, inputs) first")
         self.tau.fill_(interp_tau(self.bits_table, self.tau_table, avg_bits))
         self._cache = None
 

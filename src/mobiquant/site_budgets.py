@@ -90,8 +90,9 @@ def site_cost_curves(
     lo, hi = float(slice_bits[0]), float(sum(slice_bits))
     bad = [b for b in grid if not lo <= b <= hi]
     if bad or not grid:
-        raise ValueError(f"site budget grid must lie in [{lo}, {hi}] bits of slices {list(slice_bits)}, "
-                         f"got {bad or grid}")
+        raise ValueError(
+            f"site budget grid must lie in [{lo}, {hi}] bits of slices {list(slice_bits)}, got {bad or grid}"
+        )
     if max_windows is not None:
         calib_ids = calib_ids[:max_windows]
     layers = {n: m for n, m in mobi_linears(model) if n in site_of}
@@ -115,6 +116,7 @@ def site_cost_curves(
 
     hooks = []
     for name, m in layers.items():
+
         def fwd(mod, args, out, name=name):
             x = args[0].detach()
             site = site_of[name]
@@ -125,8 +127,10 @@ def site_cost_curves(
                 gate_vals[site].append(gv.float().cpu())
                 seen.add(site)
             if not out.requires_grad:
-                raise RuntimeError(f"{name}: its output carries no gradient (the model's input embeddings "
-                                   "were not found), so site costs cannot be measured")
+                raise RuntimeError(
+                    f"{name}: its output carries no gradient (the model's input embeddings "
+                    "were not found), so site costs cannot be measured"
+                )
             out.register_hook(lambda g, x=x, mod=mod: accumulate(name, mod, x, g))
 
         hooks.append(m.register_forward_hook(fwd))
@@ -168,8 +172,9 @@ def site_cost_curves(
     return curves
 
 
-def allocate_site_budgets(curves: Mapping[str, dict], budget: float,
-                          max_dp_states: int = 200_000_000) -> dict[str, float]:
+def allocate_site_budgets(
+    curves: Mapping[str, dict], budget: float, max_dp_states: int = 200_000_000
+) -> dict[str, float]:
     """``{site or linear name: local budget}`` minimising the summed cost at a parameter-weighted mean
     ``<= budget`` (the keys of ``curves``)."""
     grids = {tuple(c["budgets"]) for c in curves.values()}
@@ -199,8 +204,9 @@ def _check_keys(have: Mapping[str, object], alloc: Mapping[str, float], what: st
         raise ValueError(f"{what}: missing {sorted(missing)[:5]}, unknown {sorted(unknown)[:5]}")
 
 
-def apply_site_budgets(model: nn.Module, alloc: Mapping[str, float], calib_ids: torch.Tensor | None = None,
-                       batch_size: int = 1) -> None:
+def apply_site_budgets(
+    model: nn.Module, alloc: Mapping[str, float], calib_ids: torch.Tensor | None = None, batch_size: int = 1
+) -> None:
     """Each router's threshold for its local budget; linears routed.
 
     Without ``calib_ids`` the threshold comes from the router's own budget table, which was fitted with
@@ -228,8 +234,9 @@ def apply_site_budgets(model: nn.Module, alloc: Mapping[str, float], calib_ids: 
             r.tau.fill_(taus[name])
 
 
-def apply_linear_budgets(model: nn.Module, alloc: Mapping[str, float], calib_ids: torch.Tensor | None = None,
-                         batch_size: int = 1) -> None:
+def apply_linear_budgets(
+    model: nn.Module, alloc: Mapping[str, float], calib_ids: torch.Tensor | None = None, batch_size: int = 1
+) -> None:
     """Each linear's own threshold on its router's gate values for its local budget (``alloc`` keyed by
     linear name, from ``site_cost_curves(..., per="linear")``); linears routed. Without ``calib_ids`` the
     threshold is read from the router's budget table at the linear's budget; with them it is fitted on those
@@ -244,13 +251,16 @@ def apply_linear_budgets(model: nn.Module, alloc: Mapping[str, float], calib_ids
         if not m.router.calibrated:
             raise RuntimeError(f"{name}: its router's thresholds are not calibrated")
         if not m.packed:
-            raise ValueError(f"{name} is not packed: per-linear thresholds apply to packed inference "
-                             "(call mobiquant.freeze(model) first)")
+            raise ValueError(
+                f"{name} is not packed: per-linear thresholds apply to packed inference "
+                "(call mobiquant.freeze(model) first)"
+            )
         m.route_tau = interp_tau(m.router.bits_table, m.router.tau_table, b)
         m.set_routed()
     if calib_ids is not None:
-        taus = _recorded_thresholds(model, layers, alloc, calib_ids, batch_size,
-                                    "route_record_budget", "route_recorded")
+        taus = _recorded_thresholds(
+            model, layers, alloc, calib_ids, batch_size, "route_record_budget", "route_recorded"
+        )
         for name, m in layers.items():
             m.route_tau = taus[name]
 
@@ -260,20 +270,33 @@ def _mean_nll(model: nn.Module, ids: torch.Tensor, batch_size: int) -> float:
     from .evaluation import window_nll
 
     device = next(model.parameters()).device
-    total = sum(float(window_nll(model, ids[i : i + batch_size].to(device)).sum())
-                for i in range(0, ids.shape[0], batch_size))
+    total = sum(
+        float(window_nll(model, ids[i : i + batch_size].to(device)).sum()) for i in range(0, ids.shape[0], batch_size)
+    )
     return total / (ids.shape[0] * (ids.shape[1] - 1))
 
 
 def _current_taus(model: nn.Module) -> dict[str, float]:
     """Each routed linear's threshold as it runs now (its own, or its router's)."""
-    return {n: float(m.route_tau) if m.route_tau is not None else float(m.router.tau)
-            for n, m in mobi_linears(model) if m.router is not None}
+    return {
+        n: float(m.route_tau) if m.route_tau is not None else float(m.router.tau)
+        for n, m in mobi_linears(model)
+        if m.router is not None
+    }
 
 
-def build_plan(model: nn.Module, calib_ids: torch.Tensor, per: str = "linear", step: float = 0.25,
-               sensitivity_windows: int | None = 8, refit_thresholds: bool = True, select_windows: int = 2,
-               refit_windows: int | None = 4, batch_size: int = 1, log=None) -> BudgetPlan:
+def build_plan(
+    model: nn.Module,
+    calib_ids: torch.Tensor,
+    per: str = "linear",
+    step: float = 0.25,
+    sensitivity_windows: int | None = 8,
+    refit_thresholds: bool = True,
+    select_windows: int = 2,
+    refit_windows: int | None = 4,
+    batch_size: int = 1,
+    log=None,
+) -> BudgetPlan:
     """The deployed reading of a calibrated, packed checkpoint at every budget of a ``step`` grid.
 
     1. Cost curves per linear (or per site) on the first ``sensitivity_windows`` calibration windows
@@ -326,14 +349,24 @@ def build_plan(model: nn.Module, calib_ids: torch.Tensor, per: str = "linear", s
             if nll_uniform < nll_alloc:
                 taus, local, reading = _current_taus(model), {n: float(b) for n in taus}, "uniform"
             if log is not None:
-                log.info("plan at %.2f bits: held-out nll allocated %.4f, uniform %.4f -> %s", b, nll_alloc,
-                         nll_uniform, reading)
+                log.info(
+                    "plan at %.2f bits: held-out nll allocated %.4f, uniform %.4f -> %s",
+                    b,
+                    nll_alloc,
+                    nll_uniform,
+                    reading,
+                )
         rows.append((taus, local, reading))
     for _, m in mobi_linears(model):
         m.route_tau = None
-    settings = {"per": per, "step": float(step), "sensitivity_windows": int(n_sens),
-                "refit_thresholds": bool(refit_thresholds), "refit_windows": int(refit_ids.shape[0]),
-                "select_windows": int(select_windows)}
+    settings = {
+        "per": per,
+        "step": float(step),
+        "sensitivity_windows": int(n_sens),
+        "refit_thresholds": bool(refit_thresholds),
+        "refit_windows": int(refit_ids.shape[0]),
+        "select_windows": int(select_windows),
+    }
     return stack_plan(grid, rows, settings)
 
 
@@ -349,9 +382,15 @@ def plan_budgets(model: nn.Module, calib_ids: torch.Tensor, **settings) -> Budge
 
 
 @torch.no_grad()
-def _recorded_thresholds(model: nn.Module, holders: Mapping[str, nn.Module], alloc: Mapping[str, float],
-                         calib_ids: torch.Tensor, batch_size: int, budget_attr: str,
-                         list_attr: str) -> dict[str, float]:
+def _recorded_thresholds(
+    model: nn.Module,
+    holders: Mapping[str, nn.Module],
+    alloc: Mapping[str, float],
+    calib_ids: torch.Tensor,
+    batch_size: int,
+    budget_attr: str,
+    list_attr: str,
+) -> dict[str, float]:
     """Run ``calib_ids`` with every holder (router or linear) recording its batch-quantile threshold for its
     budget ``alloc[name]`` (``budget_attr`` / ``list_attr``); the mean threshold per holder."""
     if calib_ids.dim() != 2 or calib_ids.shape[0] == 0:
@@ -381,5 +420,13 @@ def _recorded_thresholds(model: nn.Module, holders: Mapping[str, nn.Module], all
     return taus
 
 
-__all__ = ["allocate_site_budgets", "allocated_bits", "apply_linear_budgets", "apply_site_budgets", "build_plan",
-           "default_grid", "plan_budgets", "site_cost_curves"]
+__all__ = [
+    "allocate_site_budgets",
+    "allocated_bits",
+    "apply_linear_budgets",
+    "apply_site_budgets",
+    "build_plan",
+    "default_grid",
+    "plan_budgets",
+    "site_cost_curves",
+]

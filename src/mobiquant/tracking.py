@@ -28,8 +28,19 @@ log = logging.getLogger(__name__)
 # first evaluation corpus (what `mobiquant` returns to a sweeper; lower is better).
 OBJECTIVE = "objective"
 # Overrides that never tell two runs apart in a name: where outputs and logs go, how the job is launched.
-NAME_SKIP = ("hydra", "logger", "logger_group", "paths", "experiment", "torch_threads", "save_checkpoints",
-             "resume", "tags", "task_name", "hparams_search")
+NAME_SKIP = (
+    "hydra",
+    "logger",
+    "logger_group",
+    "paths",
+    "experiment",
+    "torch_threads",
+    "save_checkpoints",
+    "resume",
+    "tags",
+    "task_name",
+    "hparams_search",
+)
 
 
 class Tracker:
@@ -73,9 +84,13 @@ class Tracker:
     def log_block(self, method: str, block: int, report: Any) -> None:
         if self.wandb_run is None:
             return
-        self.wandb_run.log({f"calib_blocks/{method}/final_mse": report.final_mse,
-                            f"calib_blocks/{method}/seconds": report.seconds,
-                            f"calib_blocks/{method}/block": block})
+        self.wandb_run.log(
+            {
+                f"calib_blocks/{method}/final_mse": report.final_mse,
+                f"calib_blocks/{method}/seconds": report.seconds,
+                f"calib_blocks/{method}/block": block,
+            }
+        )
 
     def log_results(self, df: pd.DataFrame, plot_path: Path | None, markdown: str | None = None) -> None:
         if self.wandb_run is None:

@@ -27,8 +27,16 @@ from mobiquant.evaluation import perplexity
 from mobiquant.patching import mobi_linears
 from mobiquant.pipeline import ConfigError, load_base_model
 
-FILES = ["token_errors.csv", "ppl_matrix.csv", "jaccard.csv", "top_tokens.csv", "ppl_matrix.png",
-         "error_scatter.png", "outliers.md", "calibration.csv"]
+FILES = [
+    "token_errors.csv",
+    "ppl_matrix.csv",
+    "jaccard.csv",
+    "top_tokens.csv",
+    "ppl_matrix.png",
+    "error_scatter.png",
+    "outliers.md",
+    "calibration.csv",
+]
 
 
 @pytest.fixture(scope="module")
@@ -231,8 +239,14 @@ def test_missing_clipping_or_other_settings_recalibrate(tmp_path, compose_cfg, m
     assert set(m["calibrated"]) == {"fp", "lwc-w3", "lwc-w4"}
     # other LWC calibration settings: both checkpoints are stale
     calls.clear()
-    outliers.run(compose_cfg(tmp_path / "run", "experiment=outliers_smoke", "analysis.outliers.mobiquant=false",
-                             "analysis.outliers.lwc_calib.lr_lwc=0.02"))
+    outliers.run(
+        compose_cfg(
+            tmp_path / "run",
+            "experiment=outliers_smoke",
+            "analysis.outliers.mobiquant=false",
+            "analysis.outliers.lwc_calib.lr_lwc=0.02",
+        )
+    )
     assert calls == [(3,), (4,)]
 
 
@@ -312,9 +326,18 @@ def test_rank_site_must_be_a_measured_block():
 @pytest.mark.slow  # a child process starting the app: tens of seconds on a 2-core CPU
 def test_cli_reports_a_bad_percentage_in_one_line(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "mobiquant", "experiment=outliers_smoke", "analysis.outliers.top_percent=0",
-         f"hydra.run.dir={tmp_path / 'run'}"],
-        capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            "-m",
+            "mobiquant",
+            "experiment=outliers_smoke",
+            "analysis.outliers.top_percent=0",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 2
     assert "mobiquant: invalid configuration: analysis.outliers.top_percent=0" in proc.stderr

@@ -15,8 +15,15 @@ from mobiquant.evaluation import perplexity
 from mobiquant.patching import achieved_bits, reset_counts, set_budget
 from mobiquant.pipeline import ConfigError, load_base_model, load_token_ids
 
-FILES = ["router_sites.csv", "router_layers.csv", "router_budgets.csv", "router_bits.png", "router_k_shares.png",
-         "routers.md", "calibration.csv"]
+FILES = [
+    "router_sites.csv",
+    "router_layers.csv",
+    "router_budgets.csv",
+    "router_bits.png",
+    "router_k_shares.png",
+    "routers.md",
+    "calibration.csv",
+]
 BUDGETS = [2, 2.5, 3, 3.5, 4, 5, 6, 8]
 # the 2-bit-slice layout: four views that cover the whole 2-8 bit grid of the smoke run
 SMOKE = ("experiment=routers_smoke", "quant.mobi.slice_bits=[2,2,2,2]")
@@ -53,7 +60,11 @@ def test_k_distributions_sum_to_one(smoke_run):
     # site placement on LLaMA: q/k/v share a router, gate/up share one, o_proj and down_proj one each
     one = sites[(sites["budget"] == 3) & (sites["layer"] == 0)]
     assert dict(zip(one["site"], one["linears"], strict=True)) == {
-        "self_attn_q_proj": 3, "self_attn_o_proj": 1, "mlp_gate_proj": 2, "mlp_down_proj": 1}
+        "self_attn_q_proj": 3,
+        "self_attn_o_proj": 1,
+        "mlp_gate_proj": 2,
+        "mlp_down_proj": 1,
+    }
     assert (sites["tokens"] == 4 * 64).all()  # every window token, counted once per site
     assert sorted(sites["budget"].unique()) == BUDGETS and sorted(layers["layer"].unique()) == [0, 1]
 
@@ -73,7 +84,8 @@ def test_achieved_bits_in_range_and_consistent_with_the_global_figure(smoke_run)
         weighted = (lay["params"] * lay["achieved_bits"]).sum() / lay["params"].sum()
         assert weighted == pytest.approx(r.achieved_bits, rel=1e-12)
         assert (site["params"] * site["achieved_bits"]).sum() / site["params"].sum() == pytest.approx(
-            r.achieved_bits, rel=1e-12)
+            r.achieved_bits, rel=1e-12
+        )
         np.testing.assert_allclose(lay["deviation"], lay["achieved_bits"] - r.achieved_bits, atol=1e-12)
         assert abs(r.achieved_bits - r.budget) < 0.5
         assert math.isfinite(r.ppl)
@@ -113,8 +125,9 @@ def test_explicit_budgets(tmp_path, compose_cfg, smoke_run, no_calibration):
 
     out, _, _ = smoke_run
     shutil.copytree(out / "checkpoints", tmp_path / "run" / "checkpoints")
-    routers.run(compose_cfg(tmp_path / "run", *SMOKE, "analysis.routers.budgets=[3.25,2.5]",
-                            "analysis.routers.early_layers=1"))
+    routers.run(
+        compose_cfg(tmp_path / "run", *SMOKE, "analysis.routers.budgets=[3.25,2.5]", "analysis.routers.early_layers=1")
+    )
     assert sorted(pd.read_csv(tmp_path / "run" / "router_budgets.csv")["budget"]) == [2.5, 3.25]
 
 

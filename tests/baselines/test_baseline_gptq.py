@@ -115,8 +115,9 @@ def test_gptq_model_beats_rtn_model(llama_factory, calib_ids):
 
 
 def test_true_sequential_off_and_bad_inputs(llama_factory, calib_ids):
-    model = quantize_gptq(llama_factory(0), calib_ids[:2], bits=4, group_size=128, true_sequential=False,
-                          progress=False)
+    model = quantize_gptq(
+        llama_factory(0), calib_ids[:2], bits=4, group_size=128, true_sequential=False, progress=False
+    )
     assert all(m.packed for _, m in mobi_linears(model))
     with pytest.raises(ValueError):
         quantize_gptq(llama_factory(0), calib_ids[0], bits=4, progress=False)

@@ -8,8 +8,9 @@ import torch
 from mobiquant.baselines import hqq_available, hqq_storage_bits, quantize_hqq
 from mobiquant.patching import mobi_linears
 
-pytestmark = pytest.mark.skipif(not hqq_available(), reason="the `hqq` package is not importable "
-                                "(DISABLE_CUDA=1 pip install hqq)")
+pytestmark = pytest.mark.skipif(
+    not hqq_available(), reason="the `hqq` package is not importable (DISABLE_CUDA=1 pip install hqq)"
+)
 
 
 def test_hqq_4bit_tiny_model(llama_factory, eval_ids):
@@ -31,8 +32,13 @@ def test_conversion_matches_hqq_own_module(llama_factory, eval_ids):
     model = llama_factory(0)
     lin = model.model.layers[0].mlp.down_proj  # in = 160: HQQ's groups of 128 cross rows
     W = lin.weight.detach().clone()
-    own = HQQLinear(lin, BaseQuantizeConfig(nbits=3, group_size=128, axis=1), del_orig=False,
-                    compute_dtype=torch.float32, device="cpu")
+    own = HQQLinear(
+        lin,
+        BaseQuantizeConfig(nbits=3, group_size=128, axis=1),
+        del_orig=False,
+        compute_dtype=torch.float32,
+        device="cpu",
+    )
     ref = own.dequantize().float()
     quantize_hqq(model, bits=3, group_size=128)
     got = model.model.layers[0].mlp.down_proj.dequantized(1).float()

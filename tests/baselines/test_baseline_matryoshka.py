@@ -11,8 +11,10 @@ from mobiquant.patching import mobi_linears
 from mobiquant.quant.primitives import fake_quant_rtn
 
 
-@pytest.mark.parametrize("slice_bits,group_size", [((2, 2, 2, 2), 64), ((2, 2, 2, 2), 128), ((3, 2, 1), 64),
-                                                   ((4, 4), 48), ((1, 1, 2, 3), 128)])
+@pytest.mark.parametrize(
+    "slice_bits,group_size",
+    [((2, 2, 2, 2), 64), ((2, 2, 2, 2), 128), ((3, 2, 1), 64), ((4, 4), 48), ((1, 1, 2, 3), 128)],
+)
 def test_views_equal_truncated_code(slice_bits, group_size):
     g = torch.Generator().manual_seed(0)
     W = torch.randn(48, 200, generator=g) * 0.04  # 200 columns: ragged last group
@@ -28,8 +30,9 @@ def test_views_equal_truncated_code(slice_bits, group_size):
         got = m.dequantized(k).double()
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-7 * float(ref.abs().max()))
     # the full view is the T-bit RTN code
-    torch.testing.assert_close(m.dequantized(len(slice_bits)), fake_quant_rtn(W, T, group_size),
-                               rtol=0, atol=float(s.max()) * 0.51)
+    torch.testing.assert_close(
+        m.dequantized(len(slice_bits)), fake_quant_rtn(W, T, group_size), rtol=0, atol=float(s.max()) * 0.51
+    )
 
 
 def test_stored_parameters_follow_the_derivation():

@@ -92,7 +92,8 @@ def test_model_sensitivity_and_allocation(llama_factory, calib_ids, eval_ids, qu
         alloc = allocate_bits(sens, budget)
         bits = apply_allocation(model, alloc)
         assert bits <= budget + 1e-9 and budget - bits < 2 * 64 * 160 / sum(
-            m.in_features * m.out_features for _, m in mobi_linears(model))
+            m.in_features * m.out_features for _, m in mobi_linears(model)
+        )
         reset_counts(model)
         logits = model(input_ids=eval_ids).logits
         assert torch.isfinite(logits).all()

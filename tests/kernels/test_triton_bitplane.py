@@ -35,9 +35,7 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
 
 def make_layer(n_out, n_in, slice_bits, group, gen, device=DEVICE):
-    planes = [
-        pack_codes(torch.randint(0, 2**b, (n_out, n_in), generator=gen), b).to(device) for b in slice_bits
-    ]
+    planes = [pack_codes(torch.randint(0, 2**b, (n_out, n_in), generator=gen), b).to(device) for b in slice_bits]
     ng = -(-n_in // group)
     scale = (torch.rand(n_out, ng, generator=gen) * 0.02 + 0.002).half().to(device)
     # Fractional zero points (multiples of 1/8, as a grid anchored above the base slice stores) include the
@@ -86,9 +84,7 @@ def test_every_k(path, m, dtype, gen):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize(
-    "path,m", [("small", 1), ("small", 16), ("tile", 37), ("dequant", 10)], ids=lambda v: str(v)
-)
+@pytest.mark.parametrize("path,m", [("small", 1), ("small", 16), ("tile", 37), ("dequant", 10)], ids=lambda v: str(v))
 def test_mixed_k_in_one_batch(path, m, dtype, gen):
     bits, group = (2, 2, 2, 2), 64
     planes, scale, zero = make_layer(48, 200, bits, group, gen)
@@ -155,9 +151,11 @@ def test_one_token_field_kernel(n_out, n_in, group, dtype, gen):
         y = check(x, planes, scale, zero, bits, group, k, bias=bias, path="small", small_config=FIELDS)
         y_old = check(x, planes, scale, zero, bits, group, k, bias=bias, path="small", small_config=CONCAT)
         torch.testing.assert_close(y, y_old, rtol=TOL[dtype] * 4, atol=TOL[dtype] * 4 * y_old.abs().max().item())
-    for cfg in (tb.SmallConfig(block_n=16, block_k=256, split_k=1, fields=True),
-                tb.SmallConfig(block_n=64, split_k=3, fields=True),
-                tb.SmallConfig(block_n=32, block_k=128, split_k=2, num_warps=2, fields=True)):
+    for cfg in (
+        tb.SmallConfig(block_n=16, block_k=256, split_k=1, fields=True),
+        tb.SmallConfig(block_n=64, split_k=3, fields=True),
+        tb.SmallConfig(block_n=32, block_k=128, split_k=2, num_warps=2, fields=True),
+    ):
         check(x, planes, scale, zero, bits, group, 3, path="small", small_config=cfg)
 
 
@@ -419,8 +417,9 @@ def test_gpu_llama_like_shapes(m, dtype, gen):
     if m == 1:  # the field kernel forced, with k on the host and on the device (one body per k)
         for k in range(1, 5):
             check(x, planes, scale, zero, bits, group, k, path="small", small_config=FIELDS)
-            check(x, planes, scale, zero, bits, group, torch.tensor([k], device=DEVICE), path="small",
-                  small_config=FIELDS)
+            check(
+                x, planes, scale, zero, bits, group, torch.tensor([k], device=DEVICE), path="small", small_config=FIELDS
+            )
 
 
 @gpu

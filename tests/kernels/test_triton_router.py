@@ -84,8 +84,16 @@ def test_fused_router_hidden_per_program_and_batch_shape():
     tau = safe_taus(m_ref, 1)[1]
     k_ref, _ = torch_counts(r, x, tau)
     for hb in (1, 2, 4):
-        k, m = fused_router(x, r.net[0].weight, r.net[0].bias, r.net[2].weight, r.net[2].bias,
-                            torch.tensor(tau, device=DEVICE), "free", hidden_per_program=hb)
+        k, m = fused_router(
+            x,
+            r.net[0].weight,
+            r.net[0].bias,
+            r.net[2].weight,
+            r.net[2].bias,
+            torch.tensor(tau, device=DEVICE),
+            "free",
+            hidden_per_program=hb,
+        )
         assert k.shape == (2, 3) and m.shape == (2, 3, 3)
         assert torch.equal(k, k_ref)
         torch.testing.assert_close(m, m_ref, rtol=1e-5, atol=1e-5)

@@ -46,8 +46,21 @@ def test_round_trip_property(rows, cols, bits, word_bits, seed):
     assert torch.equal(unpack_codes(packed, bits, cols, word_bits), codes)
 
 
-@pytest.mark.parametrize("bits,word_bits,per", [(1, 8, 8), (2, 8, 4), (3, 8, 2), (5, 8, 1), (8, 8, 1),
-                                               (1, 32, 32), (2, 32, 16), (3, 32, 10), (7, 32, 4), (8, 32, 4)])
+@pytest.mark.parametrize(
+    "bits,word_bits,per",
+    [
+        (1, 8, 8),
+        (2, 8, 4),
+        (3, 8, 2),
+        (5, 8, 1),
+        (8, 8, 1),
+        (1, 32, 32),
+        (2, 32, 16),
+        (3, 32, 10),
+        (7, 32, 4),
+        (8, 32, 4),
+    ],
+)
 def test_codes_per_word(bits, word_bits, per):
     assert codes_per_word(bits, word_bits) == per
 

@@ -40,9 +40,7 @@ def test_check_group_size_rejects_non_positive(bad):
         check_group_size(bad)
 
 
-@pytest.mark.parametrize(
-    "width,g,expect", [(576, 128, 5), (512, 128, 4), (100, 64, 2), (64, 128, 1), (1, 1, 1)]
-)
+@pytest.mark.parametrize("width,g,expect", [(576, 128, 5), (512, 128, 4), (100, 64, 2), (64, 128, 1), (1, 1, 1)])
 def test_num_groups(width, g, expect):
     assert num_groups(width, g) == expect
 
@@ -96,8 +94,10 @@ def test_lwc_formula_and_gradients(gen):
     gamma = torch.randn(4, 4, generator=gen).requires_grad_()
     beta = torch.randn(4, 4, generator=gen).requires_grad_()
     p = lwc_params(grouped, 3, gamma, beta, ste=True)
-    h = (torch.sigmoid(gamma)[..., None] * grouped.amax(-1, keepdim=True)
-         - torch.sigmoid(beta)[..., None] * grouped.amin(-1, keepdim=True)) / 7
+    h = (
+        torch.sigmoid(gamma)[..., None] * grouped.amax(-1, keepdim=True)
+        - torch.sigmoid(beta)[..., None] * grouped.amin(-1, keepdim=True)
+    ) / 7
     torch.testing.assert_close(p.scale, h)
     lo = torch.sigmoid(beta)[..., None] * grouped.amin(-1, keepdim=True)
     torch.testing.assert_close(p.zero, (-lo / h).round())

@@ -57,19 +57,24 @@ def analysis_dataset(cfg: DictConfig) -> str:
 
 def single_process(cfg: DictConfig, task: str) -> None:
     if str(cfg.trainer.get("strategy", "auto")).startswith("ddp"):
-        raise ConfigError(f"task={task} runs in one process: trainer={cfg.trainer.strategy} is not supported "
-                          "(use trainer=cpu or trainer=gpu)")
+        raise ConfigError(
+            f"task={task} runs in one process: trainer={cfg.trainer.strategy} is not supported "
+            "(use trainer=cpu or trainer=gpu)"
+        )
 
 
 def routed_mobiquant(method: QuantMethod, task: str) -> MoBiQuant:
     """The ``quant`` method as a MoBiQuant checkpoint with routers, or a ConfigError saying what is needed."""
     if type(method) is not MoBiQuant or method.static:
-        raise ConfigError(f"task={task} analyses a routed MoBiQuant checkpoint: quant={method.name} is not one "
-                          "(use quant=mobiquant)")
+        raise ConfigError(
+            f"task={task} analyses a routed MoBiQuant checkpoint: quant={method.name} is not one (use quant=mobiquant)"
+        )
     mobi = method.mobi
     if len(mobi.slice_bits) < 2 or not mobi.routers:
-        raise ConfigError(f"task={task}: quant.mobi.slice_bits={list(mobi.slice_bits)} (routers={mobi.routers}) "
-                          "has no router to analyse; use at least two slices")
+        raise ConfigError(
+            f"task={task}: quant.mobi.slice_bits={list(mobi.slice_bits)} (routers={mobi.routers}) "
+            "has no router to analyse; use at least two slices"
+        )
     return method
 
 
@@ -80,8 +85,9 @@ def resolve_layers(layers: Sequence[int], n_blocks: int, key: str) -> list[int]:
         if isinstance(v, bool) or not isinstance(v, int):
             raise ConfigError(f"{key}[{i}]={v!r} is not an integer block index")
         if not -n_blocks <= v < n_blocks:
-            raise ConfigError(f"{key}[{i}]={v} is outside this model's {n_blocks} blocks: allowed "
-                              f"{-n_blocks} to {n_blocks - 1}")
+            raise ConfigError(
+                f"{key}[{i}]={v} is outside this model's {n_blocks} blocks: allowed {-n_blocks} to {n_blocks - 1}"
+            )
         if v % n_blocks not in out:
             out.append(v % n_blocks)
     return out
@@ -131,13 +137,24 @@ def open_session(cfg: DictConfig, dataset: str) -> Iterator[Session]:
         calib_ids = calibration_windows(
             load_token_ids(cfg.data.calib, tokenizer), cfg.data.calib.nsamples, cfg.data.calib.seqlen, cfg.seed
         )
-        windows = eval_windows(load_token_ids(cfg.data.eval[dataset], tokenizer), cfg.eval.seqlen,
-                               cfg.eval.get("max_windows"))
+        windows = eval_windows(
+            load_token_ids(cfg.data.eval[dataset], tokenizer), cfg.eval.seqlen, cfg.eval.get("max_windows")
+        )
         log.info("analysed text %s: %d windows of %d tokens", dataset, windows.shape[0], windows.shape[1])
 
         ctx = run_context(cfg, base, calib_ids, out_dir, tracker, calib_rows)
-        session = Session(cfg, out_dir, tracker, base, tokenizer, ctx, dataset, windows,
-                          getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__, calib_rows)
+        session = Session(
+            cfg,
+            out_dir,
+            tracker,
+            base,
+            tokenizer,
+            ctx,
+            dataset,
+            windows,
+            getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__,
+            calib_rows,
+        )
         yield session
         failed = False
     finally:
@@ -156,8 +173,10 @@ def capture_blocks(model: nn.Module, blocks_name: str, layers: Sequence[int]) ->
     box: dict[int, torch.Tensor] = {}
     hooks = []
     for i in layers:
+
         def hook(mod, args, out, i=i):
             box[i] = (out[0] if isinstance(out, (tuple, list)) else out).detach()
+
         hooks.append(blocks[i].register_forward_hook(hook))
     try:
         yield box
@@ -183,6 +202,7 @@ def pyplot():
 
 def markdown_table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
     """A plain Markdown table (no extra dependency)."""
+
     def cell(v):
         if isinstance(v, float):
             return "" if math.isnan(v) else floatfmt.format(v)
@@ -193,8 +213,14 @@ def markdown_table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
     return "\n".join(lines)
 
 
-def log_to_wandb(tracker: Tracker, prefix: str, tables: dict[str, pd.DataFrame], images: dict[str, Path],
-                 summary: dict[str, float], markdown: str) -> None:
+def log_to_wandb(
+    tracker: Tracker,
+    prefix: str,
+    tables: dict[str, pd.DataFrame],
+    images: dict[str, Path],
+    summary: dict[str, float],
+    markdown: str,
+) -> None:
     """Tables, figures, scalar results and the Markdown summary into the run's W&B run (if any)."""
     run = tracker.wandb_run
     if run is None:

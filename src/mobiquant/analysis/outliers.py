@@ -156,7 +156,8 @@ def outlier_settings(cfg: DictConfig, quant) -> OutlierSettings:
                 raise ConfigError(
                     f"{key}.bits[{i}]={b} is out of range for the MoBiQuant row: quant.mobi.slice_bits="
                     f"{list(mobi.slice_bits)} serves {mobi.min_bits} to {mobi.max_bits} bits "
-                    f"(or set {key}.mobiquant=false)")
+                    f"(or set {key}.mobiquant=false)"
+                )
     p = node.get("top_percent")
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 100:
         raise ConfigError(f"{key}.top_percent={p!r} is invalid: expected a percentage p with 0 < p <= 100")
@@ -184,10 +185,21 @@ def outlier_settings(cfg: DictConfig, quant) -> OutlierSettings:
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{key}.lwc_calib={dict(overrides)!r}: {e}") from e
     if lwc_calib.epochs_stage1 < 1:
-        raise ConfigError(f"calib.epochs_stage1={lwc_calib.epochs_stage1} (with {key}.lwc_calib): LWC learns its "
-                          "clipping in stage 1 only, so task=outliers needs at least one stage-1 epoch")
-    return OutlierSettings([int(b) for b in bits], [int(v) for v in layers], block_error, float(p), rank_by,
-                           use_mobi, float(lwc_init), int(points), lwc_calib)
+        raise ConfigError(
+            f"calib.epochs_stage1={lwc_calib.epochs_stage1} (with {key}.lwc_calib): LWC learns its "
+            "clipping in stage 1 only, so task=outliers needs at least one stage-1 epoch"
+        )
+    return OutlierSettings(
+        [int(b) for b in bits],
+        [int(v) for v in layers],
+        block_error,
+        float(p),
+        rank_by,
+        use_mobi,
+        float(lwc_init),
+        int(points),
+        lwc_calib,
+    )
 
 
 def resolve_rank_site(rank_by: str, layers: Sequence[int], n_blocks: int) -> str:
@@ -195,8 +207,10 @@ def resolve_rank_site(rank_by: str, layers: Sequence[int], n_blocks: int) -> str
         return rank_by
     i = int(rank_by[5:])
     if not -n_blocks <= i < n_blocks or i % n_blocks not in layers:
-        raise ConfigError(f"analysis.outliers.rank_by={rank_by!r} names a block that is not measured: "
-                          f"add it to analysis.outliers.layers (measured: {list(layers)})")
+        raise ConfigError(
+            f"analysis.outliers.rank_by={rank_by!r} names a block that is not measured: "
+            f"add it to analysis.outliers.layers (measured: {list(layers)})"
+        )
     return f"block{i % n_blocks}"
 
 
@@ -271,12 +285,14 @@ def calibration_key(calib: CalibConfig, calib_ids: torch.Tensor) -> str:
     """What an LWC calibration depends on besides its MoBiConfig: the settings and the windows."""
     settings = {k: v for k, v in dataclasses.asdict(calib).items() if k != "progress_bar"}
     ids = calib_ids.detach().cpu().contiguous().numpy().tobytes()
-    return json.dumps({"calib": settings, "calib_ids_sha256": hashlib.sha256(ids).hexdigest()}, sort_keys=True,
-                      default=str)
+    return json.dumps(
+        {"calib": settings, "calib_ids_sha256": hashlib.sha256(ids).hexdigest()}, sort_keys=True, default=str
+    )
 
 
-def lwc_checkpoint(ctx: RunContext, bits: int, group_size: int, lwc_init: float,
-                   calib: CalibConfig | None = None) -> LwcCheckpoint:
+def lwc_checkpoint(
+    ctx: RunContext, bits: int, group_size: int, lwc_init: float, calib: CalibConfig | None = None
+) -> LwcCheckpoint:
     """The LWC checkpoint calibrated at ``bits`` with its learned clipping (``calib``: the settings, by
     default ``ctx.calib``), reloaded when this run directory holds both (``checkpoints/lwc-w<bits>/``)
     from a calibration with the same settings and windows, calibrated otherwise."""
@@ -310,8 +326,16 @@ def lwc_checkpoint(ctx: RunContext, bits: int, group_size: int, lwc_init: float,
     recorder = ClippingRecorder(prefix, state)
     on_block = None if ctx.on_block_end is None else (lambda i, report: ctx.on_block_end(tag, i, report))
     t0 = time.perf_counter()
-    calibrate_model(model, ctx.calib_ids, mobi, calib, loggers=ctx.loggers, callbacks=[recorder],
-                    on_block_end=on_block, state_dir=state)
+    calibrate_model(
+        model,
+        ctx.calib_ids,
+        mobi,
+        calib,
+        loggers=ctx.loggers,
+        callbacks=[recorder],
+        on_block_end=on_block,
+        state_dir=state,
+    )
     seconds = time.perf_counter() - t0
     clipping = recorder.collect(len(blocks))
     ckpt = method._save(ctx, model, tag, extra={"calib_seconds": seconds})
@@ -358,8 +382,13 @@ def sites_of(layers: Sequence[int]) -> list[str]:
 
 
 @torch.inference_mode()
-def token_errors(fp: nn.Module, variants: Sequence[Variant], windows: torch.Tensor, layers: Sequence[int],
-                 block_error: str = "relative") -> tuple[pd.DataFrame, dict[str, float]]:
+def token_errors(
+    fp: nn.Module,
+    variants: Sequence[Variant],
+    windows: torch.Tensor,
+    layers: Sequence[int],
+    block_error: str = "relative",
+) -> tuple[pd.DataFrame, dict[str, float]]:
     """Per scored token and variant: NLL and the error at every site (see the module docstring); and the
     achieved average bits of each variant (token counts, parameter-weighted)."""
     fp.eval()
@@ -400,13 +429,15 @@ def token_errors(fp: nn.Module, variants: Sequence[Variant], windows: torch.Tens
                 else:
                     err = diff.pow(2).mean(-1)
                 cols[f"{v.name}:block{i}"].append(err.cpu())
-    df = pd.DataFrame({
-        "window": np.repeat(np.arange(n), T - 1),
-        "position": np.tile(np.arange(T - 1), n),
-        "token": windows[:, :-1].reshape(-1).numpy(),
-        "next_token": windows[:, 1:].reshape(-1).numpy(),
-        **{k: torch.cat(v).double().numpy() for k, v in cols.items()},
-    })
+    df = pd.DataFrame(
+        {
+            "window": np.repeat(np.arange(n), T - 1),
+            "position": np.tile(np.arange(T - 1), n),
+            "token": windows[:, :-1].reshape(-1).numpy(),
+            "next_token": windows[:, 1:].reshape(-1).numpy(),
+            **{k: torch.cat(v).double().numpy() for k, v in cols.items()},
+        }
+    )
     # Every window is the same length, so the mean of the per-window values is the whole text's average.
     return df, {k: float(np.mean(v)) for k, v in bits.items()}
 
@@ -473,8 +504,15 @@ def split_nll(high: nn.Module, low: nn.Module, windows: torch.Tensor, low_tokens
     return torch.cat(out).double().numpy()
 
 
-def top_token_experiment(models: dict[str, Variant], errors: pd.DataFrame, windows: torch.Tensor, bits: Sequence[int],
-                         percent: float, site: str, seed: int) -> pd.DataFrame:
+def top_token_experiment(
+    models: dict[str, Variant],
+    errors: pd.DataFrame,
+    windows: torch.Tensor,
+    bits: Sequence[int],
+    percent: float,
+    site: str,
+    seed: int,
+) -> pd.DataFrame:
     rows = []
     n_tokens = len(errors)
     rng = np.random.default_rng(seed)
@@ -492,22 +530,42 @@ def top_token_experiment(models: dict[str, Variant], errors: pd.DataFrame, windo
         for set_name, s in sets.items():
             for split in ("low", "high"):
                 low_tokens = s if split == "low" else ~s
-                log.info("[outliers] lwc-w%d, %s (%s%%) at %d bits, the rest at %d", a, set_name, f"{percent:g}",
-                         lo if split == "low" else hi, hi if split == "low" else lo)
+                log.info(
+                    "[outliers] lwc-w%d, %s (%s%%) at %d bits, the rest at %d",
+                    a,
+                    set_name,
+                    f"{percent:g}",
+                    lo if split == "low" else hi,
+                    hi if split == "low" else lo,
+                )
                 nll = split_nll(high.model, low.model, windows, low_tokens)
                 n_low_processed = int(low_tokens.sum())  # the unscored last tokens run at `hi`
                 processed = windows.numel()
-                rows.append({
-                    "calibrated_at": a, "run_at": b, "low_bits": lo, "high_bits": hi, "token_set": set_name,
-                    "set_at_bits": lo if split == "low" else hi, "rest_at_bits": hi if split == "low" else lo,
-                    "split": split, "top_percent": percent, "rank_site": site, "n_set": int(s.sum()),
-                    "n_tokens": n_tokens,
-                    "avg_bits": (n_low_processed * lo + (processed - n_low_processed) * hi) / processed,
-                    "ppl": ppl_of(nll), "nll_set": float(nll[s].mean()), "nll_rest": float(nll[~s].mean()),
-                    "nll_set_all_low": float(nll_lo[s].mean()), "nll_set_all_high": float(nll_hi[s].mean()),
-                    "ppl_all_low": ppl_of(nll_lo), "ppl_all_high": ppl_of(nll_hi),
-                    "jaccard_with_top_at_A": jaccard(s, sets["top at A"]),
-                })
+                rows.append(
+                    {
+                        "calibrated_at": a,
+                        "run_at": b,
+                        "low_bits": lo,
+                        "high_bits": hi,
+                        "token_set": set_name,
+                        "set_at_bits": lo if split == "low" else hi,
+                        "rest_at_bits": hi if split == "low" else lo,
+                        "split": split,
+                        "top_percent": percent,
+                        "rank_site": site,
+                        "n_set": int(s.sum()),
+                        "n_tokens": n_tokens,
+                        "avg_bits": (n_low_processed * lo + (processed - n_low_processed) * hi) / processed,
+                        "ppl": ppl_of(nll),
+                        "nll_set": float(nll[s].mean()),
+                        "nll_rest": float(nll[~s].mean()),
+                        "nll_set_all_low": float(nll_lo[s].mean()),
+                        "nll_set_all_high": float(nll_hi[s].mean()),
+                        "ppl_all_low": ppl_of(nll_lo),
+                        "ppl_all_high": ppl_of(nll_hi),
+                        "jaccard_with_top_at_A": jaccard(s, sets["top at A"]),
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -522,30 +580,60 @@ def pair_kind(a: Variant, b: Variant) -> str:
     return "other"
 
 
-def jaccard_table(errors: pd.DataFrame, variants: Sequence[Variant], sites: Sequence[str],
-                  percent: float) -> pd.DataFrame:
+def jaccard_table(
+    errors: pd.DataFrame, variants: Sequence[Variant], sites: Sequence[str], percent: float
+) -> pd.DataFrame:
     rows = []
     n = len(errors)
     for site in sites:
         masks = {v.name: top_mask(errors[f"{v.name}:{site}"].to_numpy(), percent) for v in variants}
         for a, b in itertools.combinations(variants, 2):
             k = int(masks[a.name].sum())
-            rows.append({"site": site, "variant_a": a.name, "variant_b": b.name, "kind": pair_kind(a, b),
-                         "top_percent": percent, "n_top": k, "n_tokens": n,
-                         "jaccard": jaccard(masks[a.name], masks[b.name]), "random_jaccard": random_jaccard(k, n)})
+            rows.append(
+                {
+                    "site": site,
+                    "variant_a": a.name,
+                    "variant_b": b.name,
+                    "kind": pair_kind(a, b),
+                    "top_percent": percent,
+                    "n_top": k,
+                    "n_tokens": n,
+                    "jaccard": jaccard(masks[a.name], masks[b.name]),
+                    "random_jaccard": random_jaccard(k, n),
+                }
+            )
     return pd.DataFrame(rows)
 
 
-def matrix_table(errors: pd.DataFrame, variants: Sequence[Variant], avg_bits: dict[str, float],
-                 meta: dict) -> pd.DataFrame:
-    rows = [{"calibrated": "fp", "calibrated_at_bits": math.nan, "run_at_bits": math.nan, "avg_bits": math.nan,
-             "ppl": ppl_of(errors["fp:nll"]), "nll": float(errors["fp:nll"].mean()), "checkpoint": None, **meta}]
+def matrix_table(
+    errors: pd.DataFrame, variants: Sequence[Variant], avg_bits: dict[str, float], meta: dict
+) -> pd.DataFrame:
+    rows = [
+        {
+            "calibrated": "fp",
+            "calibrated_at_bits": math.nan,
+            "run_at_bits": math.nan,
+            "avg_bits": math.nan,
+            "ppl": ppl_of(errors["fp:nll"]),
+            "nll": float(errors["fp:nll"].mean()),
+            "checkpoint": None,
+            **meta,
+        }
+    ]
     for v in variants:
         cal_bits = math.nan if v.calibrated == "mobiquant" else float(v.calibrated.removeprefix("lwc-w"))
-        rows.append({"calibrated": v.calibrated, "calibrated_at_bits": cal_bits, "run_at_bits": float(v.run_at),
-                     "avg_bits": avg_bits[v.name], "ppl": ppl_of(errors[f"{v.name}:nll"]),
-                     "nll": float(errors[f"{v.name}:nll"].mean()), "checkpoint": v.checkpoint,
-                     **meta})
+        rows.append(
+            {
+                "calibrated": v.calibrated,
+                "calibrated_at_bits": cal_bits,
+                "run_at_bits": float(v.run_at),
+                "avg_bits": avg_bits[v.name],
+                "ppl": ppl_of(errors[f"{v.name}:nll"]),
+                "nll": float(errors[f"{v.name}:nll"].mean()),
+                "checkpoint": v.checkpoint,
+                **meta,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -568,20 +656,29 @@ def plot_matrix(matrix: pd.DataFrame, path: Path, title: str) -> Path:
     im = ax.imshow(np.log10(ppl.to_numpy(dtype=float)), cmap="viridis_r", aspect="auto")
     for (r, c), v in np.ndenumerate(ppl.to_numpy(dtype=float)):
         dark = im.norm(np.log10(v)) > 0.5  # viridis_r: high values are dark
-        ax.text(c, r, f"{v:.4g}\n({bits.iat[r, c]:.2f} b)", ha="center", va="center", fontsize=8,
-                color="w" if dark else "k")
+        ax.text(
+            c, r, f"{v:.4g}\n({bits.iat[r, c]:.2f} b)", ha="center", va="center", fontsize=8, color="w" if dark else "k"
+        )
     ax.set_xticks(range(ppl.shape[1]), ppl.columns)
-    ax.set_yticks(range(ppl.shape[0]),
-                  ["MoBiQuant (one checkpoint)" if r == "mobiquant" else f"LWC calibrated at {r[5:]}"
-                   for r in ppl.index])
+    ax.set_yticks(
+        range(ppl.shape[0]),
+        ["MoBiQuant (one checkpoint)" if r == "mobiquant" else f"LWC calibrated at {r[5:]}" for r in ppl.index],
+    )
     ax.set_title(f"{title}: perplexity (FP {fp:.4g})", fontsize=9)
     fig.colorbar(im, ax=ax, label="log10 ppl")
     fig.tight_layout()
     return save_figure(fig, path)
 
 
-def plot_scatter(errors: pd.DataFrame, pairs: Sequence[tuple[str, str, str]], site: str, percent: float,
-                 max_points: int, seed: int, path: Path) -> Path:
+def plot_scatter(
+    errors: pd.DataFrame,
+    pairs: Sequence[tuple[str, str, str]],
+    site: str,
+    percent: float,
+    max_points: int,
+    seed: int,
+    path: Path,
+) -> Path:
     plt = pyplot()
     fig, axes = plt.subplots(1, len(pairs), figsize=(4.6 * len(pairs), 4.2), squeeze=False)
     rng = np.random.default_rng(seed)
@@ -591,8 +688,12 @@ def plot_scatter(errors: pd.DataFrame, pairs: Sequence[tuple[str, str, str]], si
     for ax, (title, a, b) in zip(axes[0], pairs, strict=True):
         x, y = errors[f"{a}:{site}"].to_numpy(), errors[f"{b}:{site}"].to_numpy()
         ta, tb = top_mask(x, percent), top_mask(y, percent)
-        groups = [("neither", ~ta & ~tb, "0.7"), (f"top {percent:g}% at {a} only", ta & ~tb, "tab:blue"),
-                  (f"top {percent:g}% at {b} only", ~ta & tb, "tab:orange"), ("both", ta & tb, "tab:red")]
+        groups = [
+            ("neither", ~ta & ~tb, "0.7"),
+            (f"top {percent:g}% at {a} only", ta & ~tb, "tab:blue"),
+            (f"top {percent:g}% at {b} only", ~ta & tb, "tab:orange"),
+            ("both", ta & tb, "tab:red"),
+        ]
         for label, m, color in groups:
             sel = idx[m[idx]]
             ax.scatter(x[sel], y[sel], s=3, alpha=0.5, color=color, label=f"{label} ({int(m.sum())})", rasterized=True)
@@ -609,9 +710,18 @@ def plot_scatter(errors: pd.DataFrame, pairs: Sequence[tuple[str, str, str]], si
 
 
 # ---------------------------------------------------------------------------- summary
-def summary_markdown(cfg: DictConfig, s: OutlierSettings, dataset: str, windows: torch.Tensor, matrix: pd.DataFrame,
-                     jac: pd.DataFrame, top: pd.DataFrame, site: str, sites: Sequence[str],
-                     lwc: dict[int, LwcCheckpoint]) -> str:
+def summary_markdown(
+    cfg: DictConfig,
+    s: OutlierSettings,
+    dataset: str,
+    windows: torch.Tensor,
+    matrix: pd.DataFrame,
+    jac: pd.DataFrame,
+    top: pd.DataFrame,
+    site: str,
+    sites: Sequence[str],
+    lwc: dict[int, LwcCheckpoint],
+) -> str:
     n, T = windows.shape
     ppl = matrix_pivot(matrix, "ppl").reset_index()
     bits = matrix_pivot(matrix, "avg_bits").reset_index()
@@ -626,8 +736,10 @@ def summary_markdown(cfg: DictConfig, s: OutlierSettings, dataset: str, windows:
         "",
         f"LWC calibration: {s.lwc_calib.epochs_stage1} epoch(s), batch {s.lwc_calib.batch_size}, lr "
         f"{s.lwc_calib.lr_lwc:g}, clipping logits from {s.lwc_init:g}. "
-        "LWC checkpoints: " + ", ".join(
-            f"lwc-w{b} ({'reloaded' if c.resumed else f'calibrated in {c.seconds:.0f} s'})" for b, c in lwc.items()),
+        "LWC checkpoints: "
+        + ", ".join(
+            f"lwc-w{b} ({'reloaded' if c.resumed else f'calibrated in {c.seconds:.0f} s'})" for b, c in lwc.items()
+        ),
         "",
         f"## Perplexity: calibrated at (rows) x run at (columns); FP {fp:.4g}",
         "",
@@ -641,18 +753,37 @@ def summary_markdown(cfg: DictConfig, s: OutlierSettings, dataset: str, windows:
         "",
     ]
     key = jac[jac["kind"] != "other"].copy()
-    wide = key.pivot_table(index=["kind", "variant_a", "variant_b"], columns="site", values="jaccard",
-                           aggfunc="first", sort=False).reset_index()
+    wide = key.pivot_table(
+        index=["kind", "variant_a", "variant_b"], columns="site", values="jaccard", aggfunc="first", sort=False
+    ).reset_index()
     wide = wide[["kind", "variant_a", "variant_b"] + [c for c in sites if c in wide.columns]]
-    lines += [markdown_table(wide, "{:.3f}"), "",
-              f"Two random sets of this size overlap by {float(jac['random_jaccard'].iloc[0]):.3f} on average.", "",
-              f"## Top-{s.top_percent:g}% tokens kept at the other precision (ranking `{site}`)", "",
-              "Rows: checkpoint `lwc-wA` with the token set at `set_at_bits` and every other token at `rest_at_bits`. "
-              "`top at A`: the tokens most hurt when the checkpoint runs at its calibrated A bits; `top at B`: most "
-              "hurt at B; `random`: a random set of the same size. NLLs are means over the set / the other tokens; "
-              "`nll_set_all_low` / `_high`: the set's NLL when every token runs at the lower / higher bits.", ""]
-    cols = ["calibrated_at", "run_at", "token_set", "set_at_bits", "rest_at_bits", "avg_bits", "ppl", "nll_set",
-            "nll_rest", "nll_set_all_low", "nll_set_all_high", "jaccard_with_top_at_A"]
+    lines += [
+        markdown_table(wide, "{:.3f}"),
+        "",
+        f"Two random sets of this size overlap by {float(jac['random_jaccard'].iloc[0]):.3f} on average.",
+        "",
+        f"## Top-{s.top_percent:g}% tokens kept at the other precision (ranking `{site}`)",
+        "",
+        "Rows: checkpoint `lwc-wA` with the token set at `set_at_bits` and every other token at `rest_at_bits`. "
+        "`top at A`: the tokens most hurt when the checkpoint runs at its calibrated A bits; `top at B`: most "
+        "hurt at B; `random`: a random set of the same size. NLLs are means over the set / the other tokens; "
+        "`nll_set_all_low` / `_high`: the set's NLL when every token runs at the lower / higher bits.",
+        "",
+    ]
+    cols = [
+        "calibrated_at",
+        "run_at",
+        "token_set",
+        "set_at_bits",
+        "rest_at_bits",
+        "avg_bits",
+        "ppl",
+        "nll_set",
+        "nll_rest",
+        "nll_set_all_low",
+        "nll_set_all_high",
+        "jaccard_with_top_at_A",
+    ]
     lines += [markdown_table(top[cols]), ""]
     return "\n".join(lines)
 
@@ -673,21 +804,37 @@ def run(cfg: DictConfig) -> float:
         for a, ck in lwc.items():
             for b in s.bits:
                 model = ck.model if b == a else requantize_lwc(ses.fp_model(), ck.clipping, b, int(cfg.group_size))
-                variants.append(Variant(f"lwc-w{a}@{b}", f"lwc-w{a}", b, model,
-                                        checkpoint=ck.checkpoint if b == a else None))
+                variants.append(
+                    Variant(f"lwc-w{a}@{b}", f"lwc-w{a}", b, model, checkpoint=ck.checkpoint if b == a else None)
+                )
         if s.mobiquant:
             method: MoBiQuant = methods[0]
             mobi_model, _, mobi_ckpt, _ = method.calibrated(ses.ctx)
             for b in s.bits:
-                variants.append(Variant(f"mobiquant@{b}", "mobiquant", b, mobi_model,
-                                        prepare=lambda b=b: set_budget(mobi_model, b), checkpoint=mobi_ckpt))
+                variants.append(
+                    Variant(
+                        f"mobiquant@{b}",
+                        "mobiquant",
+                        b,
+                        mobi_model,
+                        prepare=lambda b=b: set_budget(mobi_model, b),
+                        checkpoint=mobi_ckpt,
+                    )
+                )
         log.info("[outliers] per-token errors of %d variants on %d windows", len(variants), ses.windows.shape[0])
         errors, avg_bits = token_errors(ses.base, variants, ses.windows, layers, s.block_error)
         out = ses.out_dir
         write_csv(errors, out / "token_errors.csv")
         n, T = ses.windows.shape
-        meta = {"model": cfg.model.name, "dataset": dataset, "seqlen": T, "n_windows": n, "n_tokens": n * (T - 1),
-                "tokenizer": ses.tokenizer_name, "group_size": int(cfg.group_size)}
+        meta = {
+            "model": cfg.model.name,
+            "dataset": dataset,
+            "seqlen": T,
+            "n_windows": n,
+            "n_tokens": n * (T - 1),
+            "tokenizer": ses.tokenizer_name,
+            "group_size": int(cfg.group_size),
+        }
         matrix = matrix_table(errors, variants, avg_bits, meta)
         write_csv(matrix, out / "ppl_matrix.csv")
         jac = jaccard_table(errors, variants, sites_of(layers), s.top_percent)
@@ -696,25 +843,30 @@ def run(cfg: DictConfig) -> float:
         top = top_token_experiment(by_name, errors, ses.windows, s.bits, s.top_percent, site, int(cfg.seed))
         write_csv(top, out / "top_tokens.csv")
         a, b = s.bits[0], s.bits[1]
-        pairs = [("same checkpoint", f"lwc-w{a}@{a}", f"lwc-w{a}@{b}"),
-                 ("bit-specific", f"lwc-w{a}@{a}", f"lwc-w{b}@{b}")]
+        pairs = [
+            ("same checkpoint", f"lwc-w{a}@{a}", f"lwc-w{a}@{b}"),
+            ("bit-specific", f"lwc-w{a}@{a}", f"lwc-w{b}@{b}"),
+        ]
         if s.mobiquant:
             pairs.append(("MoBiQuant", f"mobiquant@{a}", f"mobiquant@{b}"))
         images = {
             "ppl_matrix": plot_matrix(matrix, out / "ppl_matrix.png", str(cfg.model.name)),
-            "error_scatter": plot_scatter(errors, pairs, site, s.top_percent, s.scatter_points, int(cfg.seed),
-                                          out / "error_scatter.png"),
+            "error_scatter": plot_scatter(
+                errors, pairs, site, s.top_percent, s.scatter_points, int(cfg.seed), out / "error_scatter.png"
+            ),
         }
         md = summary_markdown(cfg, s, dataset, ses.windows, matrix, jac, top, site, sites_of(layers), lwc)
         atomic_write_text(out / "outliers.md", md + "\n")
         sel = jac[(jac["site"] == site) & (jac["variant_a"] == f"lwc-w{a}@{a}") & (jac["variant_b"] == f"lwc-w{a}@{b}")]
         metric = float(sel["jaccard"].iloc[0])
-        summary = {"jaccard_same_checkpoint": metric,
-                   **{f"ppl/{r.calibrated}@{r.run_at_bits:g}": r.ppl
-                      for r in matrix.itertuples() if r.calibrated != "fp"},
-                   "ppl/fp": float(matrix["ppl"].iloc[0])}
-        log_to_wandb(ses.tracker, "outliers", {"ppl_matrix": matrix, "jaccard": jac, "top_tokens": top},
-                     images, summary, md)
+        summary = {
+            "jaccard_same_checkpoint": metric,
+            **{f"ppl/{r.calibrated}@{r.run_at_bits:g}": r.ppl for r in matrix.itertuples() if r.calibrated != "fp"},
+            "ppl/fp": float(matrix["ppl"].iloc[0]),
+        }
+        log_to_wandb(
+            ses.tracker, "outliers", {"ppl_matrix": matrix, "jaccard": jac, "top_tokens": top}, images, summary, md
+        )
         print("\n" + md)
         print(f"\nwall time {(time.perf_counter() - t_start) / 60:.1f} min; outputs in {out}")
         return metric

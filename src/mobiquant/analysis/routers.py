@@ -82,8 +82,10 @@ def router_budgets(cfg: DictConfig, method, grid: Sequence[float]) -> list[float
         if isinstance(b, bool) or not isinstance(b, (int, float)):
             raise ConfigError(f"analysis.routers.budgets[{i}]={b!r} is not a number")
         if not lo <= b <= hi:
-            raise ConfigError(f"analysis.routers.budgets[{i}]={b} is out of range: quant.mobi.slice_bits="
-                              f"{list(mobi.slice_bits)} serves {lo} to {hi} bits")
+            raise ConfigError(
+                f"analysis.routers.budgets[{i}]={b} is out of range: quant.mobi.slice_bits="
+                f"{list(mobi.slice_bits)} serves {lo} to {hi} bits"
+            )
         out.append(float(b))
     return sorted(set(out))
 
@@ -93,8 +95,10 @@ def early_count(cfg: DictConfig, n_blocks: int) -> int:
     if v is None:
         return max(1, n_blocks // 4)
     if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v < n_blocks:
-        raise ConfigError(f"analysis.routers.early_layers={v!r} is invalid: expected null or an integer from 1 "
-                          f"to {n_blocks - 1} (this model has {n_blocks} blocks)")
+        raise ConfigError(
+            f"analysis.routers.early_layers={v!r} is invalid: expected null or an integer from 1 "
+            f"to {n_blocks - 1} (this model has {n_blocks} blocks)"
+        )
     return v
 
 
@@ -130,16 +134,30 @@ def count_rows(model, budget: float) -> tuple[list[dict], list[dict]]:
                 widths = np.array([s.bits_at(k) for k in range(1, s.num_slices + 1)], dtype=np.float64)
             counts, params, tokens = _weighted(linears)
             share = counts / counts.sum()
-            site_rows.append({"budget": budget, "layer": layer, "site": site, "linears": len(linears),
-                              "params": params, "tokens": tokens,
-                              **{f"share_k{k}": float(v) for k, v in enumerate(share, start=1)},
-                              "achieved_bits": float((share * widths).sum())})
+            site_rows.append(
+                {
+                    "budget": budget,
+                    "layer": layer,
+                    "site": site,
+                    "linears": len(linears),
+                    "params": params,
+                    "tokens": tokens,
+                    **{f"share_k{k}": float(v) for k, v in enumerate(share, start=1)},
+                    "achieved_bits": float((share * widths).sum()),
+                }
+            )
             layer_counts = layer_counts + counts
             layer_params += params
         share = layer_counts / layer_counts.sum()
-        layer_rows.append({"budget": budget, "layer": layer, "params": layer_params,
-                           **{f"share_k{k}": float(v) for k, v in enumerate(share, start=1)},
-                           "achieved_bits": float((share * widths).sum())})
+        layer_rows.append(
+            {
+                "budget": budget,
+                "layer": layer,
+                "params": layer_params,
+                **{f"share_k{k}": float(v) for k, v in enumerate(share, start=1)},
+                "achieved_bits": float((share * widths).sum()),
+            }
+        )
     return site_rows, layer_rows
 
 
@@ -150,9 +168,10 @@ def plot_bits(layers: pd.DataFrame, path) -> object:
     dev = layers.pivot_table(index="layer", columns="budget", values="deviation")
     fig, axes = plt.subplots(1, 2, figsize=(2 * (2.2 + 0.55 * bits.shape[1]), max(3.0, 1.5 + 0.22 * bits.shape[0])))
     lim = max(float(np.abs(dev.to_numpy()).max()), 1e-6)
-    for ax, data, title, kw in ((axes[0], bits, "achieved bits", {"cmap": "viridis"}),
-                                (axes[1], dev, "deviation from the model's achieved bits",
-                                 {"cmap": "RdBu_r", "vmin": -lim, "vmax": lim})):
+    for ax, data, title, kw in (
+        (axes[0], bits, "achieved bits", {"cmap": "viridis"}),
+        (axes[1], dev, "deviation from the model's achieved bits", {"cmap": "RdBu_r", "vmin": -lim, "vmax": lim}),
+    ):
         im = ax.imshow(data.to_numpy(), aspect="auto", **kw)
         ax.set_xticks(range(data.shape[1]), [f"{c:g}" for c in data.columns])
         ax.set_yticks(range(data.shape[0]), [str(i) for i in data.index], fontsize=7)
@@ -184,7 +203,7 @@ def plot_shares(layers: pd.DataFrame, path, slice_widths: Sequence[int]) -> obje
         ax.set_xlabel("layer")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(0, 1)
-    for ax in axes.flat[len(budgets):]:
+    for ax in axes.flat[len(budgets) :]:
         ax.axis("off")
     axes[0, 0].set_ylabel("share of tokens x weights")
     handles, labels = axes[0, 0].get_legend_handles_labels()
@@ -194,17 +213,32 @@ def plot_shares(layers: pd.DataFrame, path, slice_widths: Sequence[int]) -> obje
 
 
 # ---------------------------------------------------------------------------- summary
-def summary_markdown(cfg, dataset: str, windows, per_budget: pd.DataFrame, layers: pd.DataFrame,
-                     sites: pd.DataFrame, early: int, ckpt_note: str) -> str:
+def summary_markdown(
+    cfg,
+    dataset: str,
+    windows,
+    per_budget: pd.DataFrame,
+    layers: pd.DataFrame,
+    sites: pd.DataFrame,
+    early: int,
+    ckpt_note: str,
+) -> str:
     n, T = windows.shape
     bits = layers.pivot_table(index="layer", columns="budget", values="achieved_bits")
     bits.columns = [f"{c:g}" for c in bits.columns]
-    per_layer = layers.groupby("layer").agg(mean_deviation=("deviation", "mean"),
-                                            mean_abs_deviation=("abs_deviation", "mean")).reset_index()
+    per_layer = (
+        layers.groupby("layer")
+        .agg(mean_deviation=("deviation", "mean"), mean_abs_deviation=("abs_deviation", "mean"))
+        .reset_index()
+    )
     n_blocks = int(layers["layer"].max()) + 1
     is_early = layers["layer"] < early
-    site_kind = sites.assign(w=sites["params"] * sites["achieved_bits"]).groupby(["site", "budget"]).agg(
-        w=("w", "sum"), params=("params", "sum")).reset_index()
+    site_kind = (
+        sites.assign(w=sites["params"] * sites["achieved_bits"])
+        .groupby(["site", "budget"])
+        .agg(w=("w", "sum"), params=("params", "sum"))
+        .reset_index()
+    )
     site_kind["bits"] = site_kind["w"] / site_kind["params"]
     site_table = site_kind.pivot_table(index="site", columns="budget", values="bits", sort=False)
     site_table.columns = [f"{c:g}" for c in site_table.columns]
@@ -216,8 +250,11 @@ def summary_markdown(cfg, dataset: str, windows, per_budget: pd.DataFrame, layer
         "",
         "## Per budget",
         "",
-        markdown_table(per_budget[["budget", "achieved_bits", "ppl", "max_abs_deviation", "early_abs_deviation",
-                                   "rest_abs_deviation"]]),
+        markdown_table(
+            per_budget[
+                ["budget", "achieved_bits", "ppl", "max_abs_deviation", "early_abs_deviation", "rest_abs_deviation"]
+            ]
+        ),
         "",
         f"`early_abs_deviation`: mean |deviation| of the first {early} of {n_blocks} layers; `rest`: the others.",
         "",
@@ -227,8 +264,12 @@ def summary_markdown(cfg, dataset: str, windows, per_budget: pd.DataFrame, layer
         "",
         "## Deviation from the model's achieved bits, per layer, over all budgets",
         "",
-        markdown_table(per_layer.assign(mean_deviation=per_layer["mean_deviation"].map("{:+.3f}".format),
-                                        mean_abs_deviation=per_layer["mean_abs_deviation"].map("{:.3f}".format))),
+        markdown_table(
+            per_layer.assign(
+                mean_deviation=per_layer["mean_deviation"].map("{:+.3f}".format),
+                mean_abs_deviation=per_layer["mean_abs_deviation"].map("{:.3f}".format),
+            )
+        ),
         "",
         f"First {early} layers: mean |deviation| {layers.loc[is_early, 'abs_deviation'].mean():.3f} bits; other "
         f"layers: {layers.loc[~is_early, 'abs_deviation'].mean():.3f} bits. Thresholds are fitted per router to "
@@ -256,8 +297,11 @@ def run(cfg: DictConfig) -> float:
         early = early_count(cfg, ses.n_blocks)
         model, seconds, ckpt, _ = method.calibrated(ses.ctx)
         resumed = not ses.calib_rows
-        ckpt_note = f"reloaded from `{ckpt}`" if resumed else f"calibrated in {seconds:.0f} s" + (
-            f", saved to `{ckpt}`" if ckpt else "")
+        ckpt_note = (
+            f"reloaded from `{ckpt}`"
+            if resumed
+            else f"calibrated in {seconds:.0f} s" + (f", saved to `{ckpt}`" if ckpt else "")
+        )
         for _, m in mobi_linears(model):
             m.backend = cfg.eval.get("backend", "auto")
         site_rows, layer_rows, budget_rows = [], [], []
@@ -274,17 +318,33 @@ def run(cfg: DictConfig) -> float:
                 row["deviation"] = row["achieved_bits"] - total
                 row["abs_deviation"] = abs(row["deviation"])
             devs = np.array([row["abs_deviation"] for row in l_rows])
-            budget_rows.append({"model": cfg.model.name, "dataset": dataset, "budget": b, "achieved_bits": total,
-                                "ppl": r["ppl"], "nll": r["nll"], "n_tokens": r["n_tokens"],
-                                "n_windows": r["n_windows"], "seqlen": r["seqlen"],
-                                "max_abs_deviation": float(devs.max()),
-                                "early_abs_deviation": float(devs[:early].mean()),
-                                "rest_abs_deviation": float(devs[early:].mean()) if len(devs) > early else math.nan,
-                                "eval_seconds": time.perf_counter() - t0, "checkpoint": ckpt})
+            budget_rows.append(
+                {
+                    "model": cfg.model.name,
+                    "dataset": dataset,
+                    "budget": b,
+                    "achieved_bits": total,
+                    "ppl": r["ppl"],
+                    "nll": r["nll"],
+                    "n_tokens": r["n_tokens"],
+                    "n_windows": r["n_windows"],
+                    "seqlen": r["seqlen"],
+                    "max_abs_deviation": float(devs.max()),
+                    "early_abs_deviation": float(devs[:early].mean()),
+                    "rest_abs_deviation": float(devs[early:].mean()) if len(devs) > early else math.nan,
+                    "eval_seconds": time.perf_counter() - t0,
+                    "checkpoint": ckpt,
+                }
+            )
             site_rows += s_rows
             layer_rows += l_rows
-            log.info("[routers] budget %g: achieved %.3f bits, ppl %.3f, largest layer deviation %.3f", b, total,
-                     r["ppl"], devs.max())
+            log.info(
+                "[routers] budget %g: achieved %.3f bits, ppl %.3f, largest layer deviation %.3f",
+                b,
+                total,
+                r["ppl"],
+                devs.max(),
+            )
         out = ses.out_dir
         sites, layers, per_budget = pd.DataFrame(site_rows), pd.DataFrame(layer_rows), pd.DataFrame(budget_rows)
         write_csv(sites, out / "router_sites.csv")
@@ -292,16 +352,21 @@ def run(cfg: DictConfig) -> float:
         write_csv(per_budget, out / "router_budgets.csv")
         mobi = method.mobi
         widths = [sum(mobi.slice_bits[:k]) for k in range(1, len(mobi.slice_bits) + 1)]
-        images = {"router_bits": plot_bits(layers, out / "router_bits.png"),
-                  "router_k_shares": plot_shares(layers, out / "router_k_shares.png", widths)}
+        images = {
+            "router_bits": plot_bits(layers, out / "router_bits.png"),
+            "router_k_shares": plot_shares(layers, out / "router_k_shares.png", widths),
+        }
         md = summary_markdown(cfg, ses.dataset, ses.windows, per_budget, layers, sites, early, ckpt_note)
         atomic_write_text(out / "routers.md", md + "\n")
         metric = float(layers["abs_deviation"].mean())
-        summary = {"mean_abs_deviation": metric,
-                   **{f"achieved_bits@{r.budget:g}": r.achieved_bits for r in per_budget.itertuples()},
-                   **{f"ppl@{r.budget:g}": r.ppl for r in per_budget.itertuples()}}
-        log_to_wandb(ses.tracker, "routers", {"sites": sites, "layers": layers, "budgets": per_budget}, images,
-                     summary, md)
+        summary = {
+            "mean_abs_deviation": metric,
+            **{f"achieved_bits@{r.budget:g}": r.achieved_bits for r in per_budget.itertuples()},
+            **{f"ppl@{r.budget:g}": r.ppl for r in per_budget.itertuples()},
+        }
+        log_to_wandb(
+            ses.tracker, "routers", {"sites": sites, "layers": layers, "budgets": per_budget}, images, summary, md
+        )
         print("\n" + md)
         print(f"\nwall time {(time.perf_counter() - t_start) / 60:.1f} min; outputs in {out}")
         return metric

@@ -68,8 +68,15 @@ def pack_linear_from_codes(
         if tuple(t.shape) != (out_f, ng):
             raise ValueError(f"{name} must have shape {(out_f, ng)} (out, ceil(in / group_size)), got {tuple(t.shape)}")
     m = MoBiLinear(
-        in_f, out_f, bias=bias is not None, slice_bits=bits, group_size=group_size, lwc_init=None,
-        word_bits=word_bits, device=device, dtype=dtype,
+        in_f,
+        out_f,
+        bias=bias is not None,
+        slice_bits=bits,
+        group_size=group_size,
+        lwc_init=None,
+        word_bits=word_bits,
+        device=device,
+        dtype=dtype,
     )
     if bias is not None:
         m.bias.copy_(bias.detach().to(device=device, dtype=dtype))
@@ -98,16 +105,28 @@ def quantizable_linears(block: nn.Module, skip: Sequence[str] = (), prefix: str 
     return block_linears(block, skip, prefix=prefix)
 
 
-def mark_quantized(model: nn.Module, blocks: tuple[str, nn.ModuleList], slice_bits: Sequence[int],
-                   group_size: int, method: str, skip: Sequence[str] = (), word_bits: int = 32) -> nn.Module:
+def mark_quantized(
+    model: nn.Module,
+    blocks: tuple[str, nn.ModuleList],
+    slice_bits: Sequence[int],
+    group_size: int,
+    method: str,
+    skip: Sequence[str] = (),
+    word_bits: int = 32,
+) -> nn.Module:
     """Record the MoBiSlice config and per-linear sites (no routers) on a model built by a baseline.
 
     ``blocks``: ``find_blocks(model)`` taken *before* patching (afterwards the blocks hold no nn.Linear).
     """
     blocks_name, blocks = blocks
     model.mobiquant_config = MoBiConfig(
-        slice_bits=tuple(slice_bits), group_size=group_size, lwc_init=None, router_placement="linear", routers=False,
-        skip=list(skip), word_bits=word_bits,
+        slice_bits=tuple(slice_bits),
+        group_size=group_size,
+        lwc_init=None,
+        router_placement="linear",
+        routers=False,
+        skip=list(skip),
+        word_bits=word_bits,
     )
     model.mobiquant_sites = [
         [[n] for n, m in block_linears(b, prefix=f"{blocks_name}.{i}").items() if isinstance(m, MoBiLinear)]

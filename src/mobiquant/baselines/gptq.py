@@ -195,9 +195,11 @@ def _input_groups(block: nn.Module, names: list[str], x: torch.Tensor, kwargs: d
     seen: list[tuple[str, torch.Tensor]] = []
     hooks = []
     for name in names:
+
         def hook(mod, args, name=name):
             if all(n != name for n, _ in seen):
                 seen.append((name, args[0]))
+
         hooks.append(block.get_submodule(name).register_forward_pre_hook(hook))
     try:
         run_block(block, x[:1], kwargs)
@@ -221,8 +223,14 @@ def _input_groups(block: nn.Module, names: list[str], x: torch.Tensor, kwargs: d
 
 
 @torch.no_grad()
-def _collect_hessians(block: nn.Module, groups: list[list[str]], x: torch.Tensor, kwargs: dict[str, Any],
-                      batch_size: int, stop_after: bool) -> dict[str, HessianAccumulator]:
+def _collect_hessians(
+    block: nn.Module,
+    groups: list[list[str]],
+    x: torch.Tensor,
+    kwargs: dict[str, Any],
+    batch_size: int,
+    stop_after: bool,
+) -> dict[str, HessianAccumulator]:
     """Hessians of the linears in ``groups`` on block inputs ``x``; one accumulator per input group.
 
     With ``stop_after`` the block forward is cut short once every group has been seen.
@@ -300,23 +308,26 @@ def quantize_gptq(
     for bi in range(len(blocks)):
         t0 = time.perf_counter()
         block = blocks[bi]
-        names = [n for n, m in quantizable_linears(block, skip, prefix=f"{blocks_name}.{bi}").items()
-                 if isinstance(m, nn.Linear)]
+        names = [
+            n
+            for n, m in quantizable_linears(block, skip, prefix=f"{blocks_name}.{bi}").items()
+            if isinstance(m, nn.Linear)
+        ]
         groups = _input_groups(block, names, x, kwargs)
         stages = [[g] for g in groups] if true_sequential else [groups]
         for si, stage in enumerate(stages):
             accs = _collect_hessians(block, stage, x, kwargs, batch_size, stop_after=si < len(stages) - 1)
             for name in [n for g in stage for n in g]:
                 lin = block.get_submodule(name)
-                res = gptq_quantize_weight(lin.weight, accs[name].H, bits, group_size, act_order, percdamp,
-                                           blocksize, cpu_threads)
+                res = gptq_quantize_weight(
+                    lin.weight, accs[name].H, bits, group_size, act_order, percdamp, blocksize, cpu_threads
+                )
                 with torch.no_grad():
                     diff = lin.weight.float() - res.dequantize()
                     err = float(torch.einsum("oi,ij,oj->", diff, accs[name].H, diff)) / 2.0
                 q = pack_linear_from_codes(lin, [res.codes], res.scale, res.zero, (bits,), group_size)
                 set_submodule(block, name, q)
-                report.append({"block": bi, "linear": name, "out_mse": err / lin.out_features,
-                               "tokens": accs[name].n})
+                report.append({"block": bi, "linear": name, "out_mse": err / lin.out_features, "tokens": accs[name].n})
             del accs
         outs = [run_block(block, x[s : s + batch_size], kwargs) for s in range(0, x.shape[0], batch_size)]
         x = torch.cat(outs)
@@ -332,9 +343,15 @@ def quantize_gptq(
     mark_quantized(model, (blocks_name, blocks), (bits,), group_size, method="gptq", skip=skip)
     model.gptq_report = report
     model.gptq_settings = {
-        "bits": bits, "group_size": group_size, "act_order": act_order, "percdamp": percdamp,
-        "blocksize": blocksize, "true_sequential": true_sequential, "calib_windows": int(calib_ids.shape[0]),
-        "calib_seqlen": int(calib_ids.shape[1]), "seconds": time.perf_counter() - t_start,
+        "bits": bits,
+        "group_size": group_size,
+        "act_order": act_order,
+        "percdamp": percdamp,
+        "blocksize": blocksize,
+        "true_sequential": true_sequential,
+        "calib_windows": int(calib_ids.shape[0]),
+        "calib_seqlen": int(calib_ids.shape[1]),
+        "seconds": time.perf_counter() - t_start,
     }
     return model
 

@@ -36,8 +36,10 @@ from ..quant.primitives import check_group_size
 from .common import mark_quantized, pack_linear_from_codes, quantizable_linears, set_submodule
 
 HQQ_BITS = (1, 2, 3, 4, 5, 6, 8)
-_INSTALL_HINT = ("the HQQ baseline needs the PyPI package `hqq` (tested with 0.2.8.post1): "
-                 "`DISABLE_CUDA=1 pip install hqq` (the variable skips its optional CUDA kernels)")
+_INSTALL_HINT = (
+    "the HQQ baseline needs the PyPI package `hqq` (tested with 0.2.8.post1): "
+    "`DISABLE_CUDA=1 pip install hqq` (the variable skips its optional CUDA kernels)"
+)
 
 
 def hqq_available() -> bool:
@@ -75,8 +77,9 @@ def _check(bits: int, group_size: int, weight_shape: torch.Size) -> None:
         raise ValueError(f"hqq needs a group size that is a multiple of 8, got {group_size}")
     numel = weight_shape[0] * weight_shape[1]
     if numel % group_size:
-        raise ValueError(f"hqq needs group_size {group_size} to divide the weight's {numel} values "
-                         f"(shape {tuple(weight_shape)})")
+        raise ValueError(
+            f"hqq needs group_size {group_size} to divide the weight's {numel} values (shape {tuple(weight_shape)})"
+        )
 
 
 def _hqq_native_bits(nbits: int, n_groups: int, group_size: int, meta_bits: int = 16) -> int:
@@ -91,8 +94,7 @@ def _hqq_native_bits(nbits: int, n_groups: int, group_size: int, meta_bits: int 
 
 
 @torch.no_grad()
-def hqq_quantize_weight(weight: torch.Tensor, bits: int, group_size: int = 128, axis: int = 1,
-                        optimize: bool = True):
+def hqq_quantize_weight(weight: torch.Tensor, bits: int, group_size: int = 128, axis: int = 1, optimize: bool = True):
     """``(codes [n_groups, group_size] float, scale [n_groups, 1], zero [n_groups, 1])`` from hqq (axis 1).
 
     Dequantization is ``(codes - zero) * scale``, reshaped to the weight's shape.
@@ -102,14 +104,27 @@ def hqq_quantize_weight(weight: torch.Tensor, bits: int, group_size: int = 128, 
     params = dict(BaseQuantizeConfig(nbits=bits, group_size=group_size, axis=axis)["weight_quant_params"])
     params["optimize"] = optimize
     params.pop("view_as_float", None)
-    W_q, meta = Quantizer.quantize(weight.detach().float(), bitpack=False, compute_dtype=torch.float32,
-                                   view_as_float=False, device=str(weight.device), **params)
+    W_q, meta = Quantizer.quantize(
+        weight.detach().float(),
+        bitpack=False,
+        compute_dtype=torch.float32,
+        view_as_float=False,
+        device=str(weight.device),
+        **params,
+    )
     return W_q.float(), meta["scale"].float(), meta["zero"].float()
 
 
 @torch.no_grad()
-def hqq_to_mobi(linear: nn.Linear, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
-                group_size: int, row_group: int | None = None):
+def hqq_to_mobi(
+    linear: nn.Linear,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    group_size: int,
+    row_group: int | None = None,
+):
     """Exact per-row re-grouping of an axis-1 HQQ result as a packed one-slice ``MoBiLinear``.
 
     ``row_group`` (default ``gcd(group_size, in)``) must divide both; returns ``(layer, row_group)``.
@@ -145,8 +160,10 @@ def quantize_hqq(
     if axis not in (0, 1):
         raise ValueError(f"axis must be 0 or 1, got {axis}")
     if axis == 0 and not keep_module:
-        raise ValueError("axis=0 groups run along the output dimension, which the MoBiLinear format cannot "
-                         "hold: use keep_module=True")
+        raise ValueError(
+            "axis=0 groups run along the output dimension, which the MoBiLinear format cannot "
+            "hold: use keep_module=True"
+        )
     t0 = time.perf_counter()
     blocks_name, blocks = find_blocks(model)
     todo = [
@@ -167,8 +184,7 @@ def quantize_hqq(
             cfg = BaseQuantizeConfig(nbits=bits, group_size=group_size, axis=axis)
             cfg["weight_quant_params"]["optimize"] = optimize
             dev = lin.weight.device
-            q = HQQLinear(lin, cfg, del_orig=True, compute_dtype=lin.weight.dtype,
-                          device=str(dev))
+            q = HQQLinear(lin, cfg, del_orig=True, compute_dtype=lin.weight.dtype, device=str(dev))
         else:
             codes, scale, zero = hqq_quantize_weight(lin.weight, bits, group_size, axis, optimize)
             q, _ = hqq_to_mobi(lin, codes, scale, zero, bits, group_size, row_group)
@@ -176,10 +192,16 @@ def quantize_hqq(
     if not keep_module:
         mark_quantized(model, (blocks_name, blocks), (bits,), row_group, method="hqq", skip=skip)
     model.hqq_storage_bits = native_bits / max(weights, 1)
-    model.hqq_settings = {"bits": bits, "group_size": group_size, "row_group": None if keep_module else row_group,
-                          "axis": axis, "optimize": optimize,
-                          "keep_module": keep_module, "hqq_version": hqq_version(),
-                          "seconds": time.perf_counter() - t0}
+    model.hqq_settings = {
+        "bits": bits,
+        "group_size": group_size,
+        "row_group": None if keep_module else row_group,
+        "axis": axis,
+        "optimize": optimize,
+        "keep_module": keep_module,
+        "hqq_version": hqq_version(),
+        "seconds": time.perf_counter() - t0,
+    }
     return model
 
 
@@ -190,5 +212,4 @@ def hqq_storage_bits(model: nn.Module) -> float:
     return float(model.hqq_storage_bits)
 
 
-__all__ = ["HQQ_BITS", "hqq_available", "hqq_quantize_weight", "hqq_storage_bits", "hqq_to_mobi",
-           "quantize_hqq"]
+__all__ = ["HQQ_BITS", "hqq_available", "hqq_quantize_weight", "hqq_storage_bits", "hqq_to_mobi", "quantize_hqq"]

@@ -66,8 +66,9 @@ def matryoshka_codes(weight: torch.Tensor, group_size: int = 128, slice_bits: Se
     return (planes, h.squeeze(-1), zero.squeeze(-1), q.to(torch.uint8), s.squeeze(-1), zT.squeeze(-1))
 
 
-def truncated_view(full_code: torch.Tensor, s: torch.Tensor, z: torch.Tensor, total_bits: int, keep_bits: int,
-                   group_size: int) -> torch.Tensor:
+def truncated_view(
+    full_code: torch.Tensor, s: torch.Tensor, z: torch.Tensor, total_bits: int, keep_bits: int, group_size: int
+) -> torch.Tensor:
     """Reference dequantization of the ``keep_bits`` MSB truncation with mid-point correction, ``[out, in]``."""
     m = total_bits - keep_bits
     idx = torch.arange(full_code.shape[1], device=full_code.device) // group_size

@@ -69,8 +69,9 @@ def nll_backward(model: nn.Module, ids: torch.Tensor) -> None:
     """Backward pass of the summed next-token NLL of ``ids`` (the gradients the Fisher hooks read)."""
     with torch.enable_grad():
         logits = model(input_ids=ids, use_cache=False).logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
-                               reduction="sum")
+        loss = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum"
+        )
         loss.backward()
 
 
@@ -157,13 +158,19 @@ def layer_sensitivity(
         params = m.in_features * m.out_features
         for k in range(1, m.num_slices + 1):
             last = k == m.num_slices
-            rows.append({
-                "name": name, "k": k, "bits": m.slicer.bits_at(k), "params": params,
-                "fisher": (0.0 if last else st["fisher"][k - 1]) if need_grad else math.nan,
-                "output_mse": (0.0 if last else st["output_mse"][k - 1] / n)
-                if "output_mse" in metrics else math.nan,
-                "tokens": st["tokens"],
-            })
+            rows.append(
+                {
+                    "name": name,
+                    "k": k,
+                    "bits": m.slicer.bits_at(k),
+                    "params": params,
+                    "fisher": (0.0 if last else st["fisher"][k - 1]) if need_grad else math.nan,
+                    "output_mse": (0.0 if last else st["output_mse"][k - 1] / n)
+                    if "output_mse" in metrics
+                    else math.nan,
+                    "tokens": st["tokens"],
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -195,8 +202,10 @@ def _layers_from(sensitivity, metric: str | None) -> list[_Layer]:
             cost = [0.0] * len(d["bits"]) if metric is None else (d[metric] if metric in d else d["cost"])
             out.append(_Layer(str(name), int(d["params"]), [int(b) for b in d["bits"]], [float(c) for c in cost]))
         return out
-    raise TypeError("sensitivity must be the DataFrame from layer_sensitivity or a dict name -> "
-                    "{'params', 'bits': [b(k)...], 'cost' or <metric>: [c(k)...]}")
+    raise TypeError(
+        "sensitivity must be the DataFrame from layer_sensitivity or a dict name -> "
+        "{'params', 'bits': [b(k)...], 'cost' or <metric>: [c(k)...]}"
+    )
 
 
 def _check_layers(layers: list[_Layer]) -> None:
@@ -297,8 +306,9 @@ def _greedy(layers: list[_Layer], budget_total: float) -> list[int]:
     return ks
 
 
-def allocate_bits(sensitivity, budget: float, metric: str = "fisher", method: str = "auto",
-                  max_dp_states: int = 20_000_000) -> dict[str, int]:
+def allocate_bits(
+    sensitivity, budget: float, metric: str = "fisher", method: str = "auto", max_dp_states: int = 20_000_000
+) -> dict[str, int]:
     """``{linear name: k}`` minimising the summed ``metric`` cost at parameter-weighted bits ``<= budget``.
 
     ``sensitivity``: the DataFrame of :func:`layer_sensitivity`, or ``{name: {"params", "bits", "cost"}}``.
@@ -345,8 +355,10 @@ def apply_allocation(model: nn.Module, alloc: Mapping[str, int]) -> float:
     missing = set(layers) - set(alloc)
     unknown = set(alloc) - set(layers)
     if missing or unknown:
-        raise ValueError(f"allocation does not match the model's linears: missing {sorted(missing)[:5]}, "
-                         f"unknown {sorted(unknown)[:5]}")
+        raise ValueError(
+            f"allocation does not match the model's linears: missing {sorted(missing)[:5]}, "
+            f"unknown {sorted(unknown)[:5]}"
+        )
     for name, m in layers.items():
         m.set_static(int(alloc[name]))
     return allocation_bits(model, alloc)

@@ -22,8 +22,16 @@ import torch.nn.functional as F
 from ..quant.packing import unpack_codes
 
 __all__ = [
-    "BACKENDS", "ROUTER_MAX_TOKENS", "available", "bitplane_linear", "dequantize_reference", "fused_router",
-    "torch_reference", "triton_importable", "use_fused_router", "use_triton",
+    "BACKENDS",
+    "ROUTER_MAX_TOKENS",
+    "available",
+    "bitplane_linear",
+    "dequantize_reference",
+    "fused_router",
+    "torch_reference",
+    "triton_importable",
+    "use_fused_router",
+    "use_triton",
 ]
 
 BACKENDS = ("auto", "torch", "triton")
@@ -82,8 +90,10 @@ def use_triton(x: torch.Tensor, planes: Sequence[torch.Tensor], backend: str = "
         if not available(x.device):
             raise RuntimeError("backend='triton' needs triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
         if needs_grad:
-            raise RuntimeError("backend='triton' runs inference only, but this input requires grad: "
-                               "use backend='auto' (PyTorch path when gradients are needed) or torch.no_grad()")
+            raise RuntimeError(
+                "backend='triton' runs inference only, but this input requires grad: "
+                "use backend='auto' (PyTorch path when gradients are needed) or torch.no_grad()"
+            )
         return True
     return not needs_grad and x.is_cuda and available(x.device)
 
@@ -154,8 +164,9 @@ def torch_reference(
     return y.to(x.dtype).reshape(*x.shape[:-1], n_out)
 
 
-def _torch_linear(x: torch.Tensor, weight: Callable[[int], torch.Tensor], k, bias: torch.Tensor | None,
-                  n_out: int) -> torch.Tensor:
+def _torch_linear(
+    x: torch.Tensor, weight: Callable[[int], torch.Tensor], k, bias: torch.Tensor | None, n_out: int
+) -> torch.Tensor:
     """``x W_k^T + bias`` with dense views ``weight(k)``; per-token ``k`` by grouping tokens of equal ``k``."""
     if isinstance(k, int):
         return F.linear(x, weight(k).to(x.dtype), bias)
@@ -220,8 +231,15 @@ def use_fused_router(x: torch.Tensor, backend: str = "auto") -> bool:
     return x.is_cuda and x.numel() <= ROUTER_MAX_TOKENS * x.shape[-1] and available(x.device)
 
 
-def fused_router(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-                 tau: torch.Tensor, policy: str = "free") -> tuple[torch.Tensor, torch.Tensor]:
+def fused_router(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    tau: torch.Tensor,
+    policy: str = "free",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One launch: slice counts ``k`` and gate values of a ``d -> hidden -> K-1`` router for tokens ``x``,
     against the threshold held in the device tensor ``tau`` (:mod:`.triton_router`)."""
     from .triton_router import fused_router as _fused

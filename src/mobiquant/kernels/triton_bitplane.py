@@ -112,8 +112,9 @@ def _cast(v, DT: tl.constexpr):
 
 
 @triton.jit
-def _load_words(plane_ptr, WS, rows, row_mask, col0, K_IN, B: tl.constexpr, BLOCK_K: tl.constexpr,
-                EVEN_K: tl.constexpr):
+def _load_words(
+    plane_ptr, WS, rows, row_mask, col0, K_IN, B: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr
+):
     """Words ``[BLOCK_N, BLOCK_K // per]`` covering columns ``col0 ..`` (``col0`` a multiple of per);
     rows off in ``row_mask`` (outside the layer, or a plane no token of the tile needs) are not read.
 
@@ -196,8 +197,19 @@ def _expand(words, B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
 
 
 @triton.jit
-def _small_proc(T, x, kvec, words, A, E: tl.constexpr, B: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, DT: tl.constexpr):
+def _small_proc(
+    T,
+    x,
+    kvec,
+    words,
+    A,
+    E: tl.constexpr,
+    B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    MAGIC: tl.constexpr,
+    DT: tl.constexpr,
+):
     """``T += (x * [k > E] * A) @ f^T`` with ``f = 1 + q / 2^B`` (MAGIC) or ``f = q``."""
     if MAGIC:
         if DT == 0:
@@ -217,8 +229,21 @@ def _small_proc(T, x, kvec, words, A, E: tl.constexpr, B: tl.constexpr, BLOCK_N:
 
 
 @triton.jit
-def _small_maybe(T, x, kvec, kmax, words, A, E: tl.constexpr, B: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, DT: tl.constexpr, PER_TOKEN: tl.constexpr):
+def _small_maybe(
+    T,
+    x,
+    kvec,
+    kmax,
+    words,
+    A,
+    E: tl.constexpr,
+    B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    MAGIC: tl.constexpr,
+    DT: tl.constexpr,
+    PER_TOKEN: tl.constexpr,
+):
     if PER_TOKEN:
         if kmax > E:
             T = _small_proc(T, x, kvec, words, A, E, B, BLOCK_N, BLOCK_K, MAGIC, DT)
@@ -228,8 +253,17 @@ def _small_maybe(T, x, kvec, kmax, words, A, E: tl.constexpr, B: tl.constexpr, B
 
 
 @triton.jit
-def _or_plane(fb, words, kk, E: tl.constexpr, B: tl.constexpr, POS: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, PER_TOKEN: tl.constexpr):
+def _or_plane(
+    fb,
+    words,
+    kk,
+    E: tl.constexpr,
+    B: tl.constexpr,
+    POS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PER_TOKEN: tl.constexpr,
+):
     """OR plane ``E``'s codes into the concatenated code at bit ``POS`` (skipped when k <= E)."""
     if PER_TOKEN:
         if kk > E:
@@ -261,10 +295,31 @@ def _select(kv, H0, H1, H2, H3, H4, H5, H6, H7, NS: tl.constexpr):
 
 
 @triton.jit
-def _concat_bits(w0, w1, w2, w3, w4, w5, w6, w7, kk, ONE: tl.constexpr, TOP: tl.constexpr, KMAX: tl.constexpr,
-                 B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
-                 B4: tl.constexpr, B5: tl.constexpr, B6: tl.constexpr, B7: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_TOKEN: tl.constexpr):
+def _concat_bits(
+    w0,
+    w1,
+    w2,
+    w3,
+    w4,
+    w5,
+    w6,
+    w7,
+    kk,
+    ONE: tl.constexpr,
+    TOP: tl.constexpr,
+    KMAX: tl.constexpr,
+    B0: tl.constexpr,
+    B1: tl.constexpr,
+    B2: tl.constexpr,
+    B3: tl.constexpr,
+    B4: tl.constexpr,
+    B5: tl.constexpr,
+    B6: tl.constexpr,
+    B7: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PER_TOKEN: tl.constexpr,
+):
     """Bits of the float ``1 + C_k / 2^(b_1 + .. + b_k)``: each plane's codes go straight to their place
     under the mantissa's top (``TOP`` mantissa bits, ``ONE`` the bits of 1.0): one shift and one mask
     (and one OR) per code and plane, no int->float conversion."""
@@ -295,9 +350,25 @@ def _concat_bits(w0, w1, w2, w3, w4, w5, w6, w7, kk, ONE: tl.constexpr, TOP: tl.
 
 
 @triton.jit
-def _splitk_store(acc, out_ptr, part_ptr, lock_ptr, bias_ptr, offs_m, m_mask, rows, row_mask, N,
-                  stride_om, pid_n, pid_k, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _splitk_store(
+    acc,
+    out_ptr,
+    part_ptr,
+    lock_ptr,
+    bias_ptr,
+    offs_m,
+    m_mask,
+    rows,
+    row_mask,
+    N,
+    stride_om,
+    pid_n,
+    pid_k,
+    HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """Store ``acc`` ``[BLOCK_M, BLOCK_N]`` (+ bias); with split-K, the last split of a tile reduces."""
     out_offs = offs_m[:, None] * stride_om + rows[None, :]
     out_mask = m_mask[:, None] & row_mask[None, :]
@@ -364,11 +435,46 @@ def _bp_small_kernel(
     k_ptr,
     scale_ptr,
     zero_ptr,
-    p0, p1, p2, p3, p4, p5, p6, p7,
-    WS0, WS1, WS2, WS3, WS4, WS5, WS6, WS7,
-    A0, A1, A2, A3, A4, A5, A6, A7,
-    C0, C1, C2, C3, C4, C5, C6, C7,
-    H0, H1, H2, H3, H4, H5, H6, H7,
+    p0,
+    p1,
+    p2,
+    p3,
+    p4,
+    p5,
+    p6,
+    p7,
+    WS0,
+    WS1,
+    WS2,
+    WS3,
+    WS4,
+    WS5,
+    WS6,
+    WS7,
+    A0,
+    A1,
+    A2,
+    A3,
+    A4,
+    A5,
+    A6,
+    A7,
+    C0,
+    C1,
+    C2,
+    C3,
+    C4,
+    C5,
+    C6,
+    C7,
+    H0,
+    H1,
+    H2,
+    H3,
+    H4,
+    H5,
+    H6,
+    H7,
     M,
     N,
     K_IN,
@@ -380,8 +486,14 @@ def _bp_small_kernel(
     GROUP: tl.constexpr,
     NS: tl.constexpr,
     KMAX: tl.constexpr,
-    B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
-    B4: tl.constexpr, B5: tl.constexpr, B6: tl.constexpr, B7: tl.constexpr,
+    B0: tl.constexpr,
+    B1: tl.constexpr,
+    B2: tl.constexpr,
+    B3: tl.constexpr,
+    B4: tl.constexpr,
+    B5: tl.constexpr,
+    B6: tl.constexpr,
+    B7: tl.constexpr,
     EVEN_K: tl.constexpr,
     PER_TOKEN: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -465,8 +577,31 @@ def _bp_small_kernel(
         xs = tl.sum(x, axis=1)  # [BLOCK_M]
         T = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if COMBINED:
-            fb = _concat_bits(w0, w1, w2, w3, w4, w5, w6, w7, kmax, ONE, TOP, KMAX,
-                              B0, B1, B2, B3, B4, B5, B6, B7, BLOCK_N, BLOCK_K, False)
+            fb = _concat_bits(
+                w0,
+                w1,
+                w2,
+                w3,
+                w4,
+                w5,
+                w6,
+                w7,
+                kmax,
+                ONE,
+                TOP,
+                KMAX,
+                B0,
+                B1,
+                B2,
+                B3,
+                B4,
+                B5,
+                B6,
+                B7,
+                BLOCK_N,
+                BLOCK_K,
+                False,
+            )
             f = _bits_to(fb, DT)
             if DT == 2:
                 T = tl.dot(x, tl.trans(f), T, input_precision="ieee")
@@ -490,14 +625,32 @@ def _bp_small_kernel(
             if KMAX > 7:
                 T = _small_maybe(T, x, kvec, kmax, w7, A7, 7, B7, BLOCK_N, BLOCK_K, MAGIC, DT, PER_TOKEN)
             acc += s[None, :] * (T - (xs * pc)[:, None] - xs[:, None] * z[None, :])
-    _splitk_store(acc, out_ptr, part_ptr, lock_ptr, bias_ptr, offs_m, m_mask, rows, row_mask, N,
-                  stride_om, pid_n, pid_k, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
+    _splitk_store(
+        acc,
+        out_ptr,
+        part_ptr,
+        lock_ptr,
+        bias_ptr,
+        offs_m,
+        m_mask,
+        rows,
+        row_mask,
+        N,
+        stride_om,
+        pid_n,
+        pid_k,
+        HAS_BIAS,
+        SPLIT_K,
+        BLOCK_M,
+        BLOCK_N,
+    )
 
 
 # ------------------------------------------------------------------------------------- one-token kernel
 @triton.jit
-def _chunk_scale_zero(scale_ptr, zero_ptr, rows, row_mask, col0, N_GROUPS, GROUP: tl.constexpr,
-                      GPC: tl.constexpr, SUBG: tl.constexpr):
+def _chunk_scale_zero(
+    scale_ptr, zero_ptr, rows, row_mask, col0, N_GROUPS, GROUP: tl.constexpr, GPC: tl.constexpr, SUBG: tl.constexpr
+):
     """Steps and zero points ``[rows, GPC]`` (fp32) of the ``GPC`` groups a one-token chunk at ``col0`` covers."""
     gidx = (col0 + tl.arange(0, GPC) * SUBG) // GROUP
     gptr = rows.to(tl.int64)[:, None] * N_GROUPS + gidx[None, :]
@@ -517,9 +670,30 @@ def _bp_gemv_kernel(
     k_ptr,
     scale_ptr,
     zero_ptr,
-    p0, p1, p2, p3, p4, p5, p6, p7,
-    WS0, WS1, WS2, WS3, WS4, WS5, WS6, WS7,
-    H0, H1, H2, H3, H4, H5, H6, H7,
+    p0,
+    p1,
+    p2,
+    p3,
+    p4,
+    p5,
+    p6,
+    p7,
+    WS0,
+    WS1,
+    WS2,
+    WS3,
+    WS4,
+    WS5,
+    WS6,
+    WS7,
+    H0,
+    H1,
+    H2,
+    H3,
+    H4,
+    H5,
+    H6,
+    H7,
     N,
     K_IN,
     N_GROUPS,
@@ -528,8 +702,14 @@ def _bp_gemv_kernel(
     GROUP: tl.constexpr,
     NS: tl.constexpr,
     KMAX: tl.constexpr,
-    B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
-    B4: tl.constexpr, B5: tl.constexpr, B6: tl.constexpr, B7: tl.constexpr,
+    B0: tl.constexpr,
+    B1: tl.constexpr,
+    B2: tl.constexpr,
+    B3: tl.constexpr,
+    B4: tl.constexpr,
+    B5: tl.constexpr,
+    B6: tl.constexpr,
+    B7: tl.constexpr,
     EVEN_K: tl.constexpr,
     PER_TOKEN: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -587,16 +767,56 @@ def _bp_gemv_kernel(
         s, z = _chunk_scale_zero(scale_ptr, zero_ptr, rows, row_mask, col0, N_GROUPS, GROUP, GPC, SUBG)
         cols = col0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + cols, mask=cols < K_IN, other=0.0).to(tl.float32)
-        fb = _concat_bits(w0, w1, w2, w3, w4, w5, w6, w7, kk, 0x3F800000, 23, KMAX,
-                          B0, B1, B2, B3, B4, B5, B6, B7, BLOCK_N, BLOCK_K, PER_TOKEN)
+        fb = _concat_bits(
+            w0,
+            w1,
+            w2,
+            w3,
+            w4,
+            w5,
+            w6,
+            w7,
+            kk,
+            0x3F800000,
+            23,
+            KMAX,
+            B0,
+            B1,
+            B2,
+            B3,
+            B4,
+            B5,
+            B6,
+            B7,
+            BLOCK_N,
+            BLOCK_K,
+            PER_TOKEN,
+        )
         f = fb.to(tl.float32, bitcast=True)
         T = tl.sum(tl.reshape(f * x[None, :], (BLOCK_N, GPC, SUBG)), axis=2)  # [BLOCK_N, GPC]
         xs = tl.sum(tl.reshape(x, (GPC, SUBG)), axis=1)[None, :]  # [1, GPC]
         acc += s * (TWO_B0 * (T - xs) - xs * (z + h))
     y = tl.reshape(tl.sum(acc, axis=1), (1, BLOCK_N))
     zero_m = tl.zeros((1,), dtype=tl.int32)
-    _splitk_store(y, out_ptr, part_ptr, lock_ptr, bias_ptr, zero_m, zero_m == 0, rows, row_mask, N,
-                  0, pid_n, pid_k, HAS_BIAS, SPLIT_K, 1, BLOCK_N)
+    _splitk_store(
+        y,
+        out_ptr,
+        part_ptr,
+        lock_ptr,
+        bias_ptr,
+        zero_m,
+        zero_m == 0,
+        rows,
+        row_mask,
+        N,
+        0,
+        pid_n,
+        pid_k,
+        HAS_BIAS,
+        SPLIT_K,
+        1,
+        BLOCK_N,
+    )
 
 
 # ------------------------------------------------------------- one-token kernel, equal slice widths
@@ -621,8 +841,23 @@ def _fld(lo, hi, J: tl.constexpr, HALF: tl.constexpr, B: tl.constexpr, SH: tl.co
 
 
 @triton.jit
-def _fa1(acc, xj, l0, h0, l1, h1, l2, h2, l3, h3, J: tl.constexpr, ST: tl.constexpr, HALF: tl.constexpr,
-         B: tl.constexpr, KMAX: tl.constexpr):
+def _fa1(
+    acc,
+    xj,
+    l0,
+    h0,
+    l1,
+    h1,
+    l2,
+    h2,
+    l3,
+    h3,
+    J: tl.constexpr,
+    ST: tl.constexpr,
+    HALF: tl.constexpr,
+    B: tl.constexpr,
+    KMAX: tl.constexpr,
+):
     """``acc += field_J * x'_J``: the concatenated code of code position ``J`` of every word, read as a
     subnormal, times the scaled activation of that column (``xj`` ``[words]``)."""
     fb = _fld(l0, h0, J, HALF, B, (KMAX - 1) * B)
@@ -636,40 +871,115 @@ def _fa1(acc, xj, l0, h0, l1, h1, l2, h2, l3, h3, J: tl.constexpr, ST: tl.conste
 
 
 @triton.jit
-def _fa2(acc, xt, l0, h0, l1, h1, l2, h2, l3, h3, J: tl.constexpr, ST: tl.constexpr, HALF: tl.constexpr,
-         B: tl.constexpr, KMAX: tl.constexpr):
+def _fa2(
+    acc,
+    xt,
+    l0,
+    h0,
+    l1,
+    h1,
+    l2,
+    h2,
+    l3,
+    h3,
+    J: tl.constexpr,
+    ST: tl.constexpr,
+    HALF: tl.constexpr,
+    B: tl.constexpr,
+    KMAX: tl.constexpr,
+):
     xa, xb = tl.split(xt)
     acc = _fa1(acc, xa, l0, h0, l1, h1, l2, h2, l3, h3, J, 2 * ST, HALF, B, KMAX)
     return _fa1(acc, xb, l0, h0, l1, h1, l2, h2, l3, h3, J + ST, 2 * ST, HALF, B, KMAX)
 
 
 @triton.jit
-def _fa4(acc, xt, l0, h0, l1, h1, l2, h2, l3, h3, J: tl.constexpr, ST: tl.constexpr, HALF: tl.constexpr,
-         B: tl.constexpr, KMAX: tl.constexpr):
+def _fa4(
+    acc,
+    xt,
+    l0,
+    h0,
+    l1,
+    h1,
+    l2,
+    h2,
+    l3,
+    h3,
+    J: tl.constexpr,
+    ST: tl.constexpr,
+    HALF: tl.constexpr,
+    B: tl.constexpr,
+    KMAX: tl.constexpr,
+):
     xa, xb = tl.split(xt)
     acc = _fa2(acc, xa, l0, h0, l1, h1, l2, h2, l3, h3, J, 2 * ST, HALF, B, KMAX)
     return _fa2(acc, xb, l0, h0, l1, h1, l2, h2, l3, h3, J + ST, 2 * ST, HALF, B, KMAX)
 
 
 @triton.jit
-def _fa8(acc, xt, l0, h0, l1, h1, l2, h2, l3, h3, J: tl.constexpr, ST: tl.constexpr, HALF: tl.constexpr,
-         B: tl.constexpr, KMAX: tl.constexpr):
+def _fa8(
+    acc,
+    xt,
+    l0,
+    h0,
+    l1,
+    h1,
+    l2,
+    h2,
+    l3,
+    h3,
+    J: tl.constexpr,
+    ST: tl.constexpr,
+    HALF: tl.constexpr,
+    B: tl.constexpr,
+    KMAX: tl.constexpr,
+):
     xa, xb = tl.split(xt)
     acc = _fa4(acc, xa, l0, h0, l1, h1, l2, h2, l3, h3, J, 2 * ST, HALF, B, KMAX)
     return _fa4(acc, xb, l0, h0, l1, h1, l2, h2, l3, h3, J + ST, 2 * ST, HALF, B, KMAX)
 
 
 @triton.jit
-def _fa16(acc, xt, l0, h0, l1, h1, l2, h2, l3, h3, J: tl.constexpr, ST: tl.constexpr, HALF: tl.constexpr,
-          B: tl.constexpr, KMAX: tl.constexpr):
+def _fa16(
+    acc,
+    xt,
+    l0,
+    h0,
+    l1,
+    h1,
+    l2,
+    h2,
+    l3,
+    h3,
+    J: tl.constexpr,
+    ST: tl.constexpr,
+    HALF: tl.constexpr,
+    B: tl.constexpr,
+    KMAX: tl.constexpr,
+):
     xa, xb = tl.split(xt)
     acc = _fa8(acc, xa, l0, h0, l1, h1, l2, h2, l3, h3, J, 2 * ST, HALF, B, KMAX)
     return _fa8(acc, xb, l0, h0, l1, h1, l2, h2, l3, h3, J + ST, 2 * ST, HALF, B, KMAX)
 
 
 @triton.jit
-def _fa32(acc, xt, l0, h0, l1, h1, l2, h2, l3, h3, J: tl.constexpr, ST: tl.constexpr, HALF: tl.constexpr,
-          B: tl.constexpr, KMAX: tl.constexpr):
+def _fa32(
+    acc,
+    xt,
+    l0,
+    h0,
+    l1,
+    h1,
+    l2,
+    h2,
+    l3,
+    h3,
+    J: tl.constexpr,
+    ST: tl.constexpr,
+    HALF: tl.constexpr,
+    B: tl.constexpr,
+    KMAX: tl.constexpr,
+):
     xa, xb = tl.split(xt)
     acc = _fa16(acc, xa, l0, h0, l1, h1, l2, h2, l3, h3, J, 2 * ST, HALF, B, KMAX)
     return _fa16(acc, xb, l0, h0, l1, h1, l2, h2, l3, h3, J + ST, 2 * ST, HALF, B, KMAX)
@@ -707,19 +1017,45 @@ def _fields_dot(acc, xw, w0, w1, w2, w3, B: tl.constexpr, KMAX: tl.constexpr, NW
     elif PER == 8:
         acc = _fa8(acc, tl.reshape(xw, (NW, 2, 2, 2)), l0, h0, l1, h1, l2, h2, l3, h3, 0, 1, HALF, B, KMAX)
     elif PER == 16:
-        acc = _fa16(acc, tl.reshape(xw, (NW, 2, 2, 2, 2)), l0, h0, l1, h1, l2, h2, l3, h3, 0, 1, HALF, B,
-                    KMAX)
+        acc = _fa16(acc, tl.reshape(xw, (NW, 2, 2, 2, 2)), l0, h0, l1, h1, l2, h2, l3, h3, 0, 1, HALF, B, KMAX)
     else:
-        acc = _fa32(acc, tl.reshape(xw, (NW, 2, 2, 2, 2, 2)), l0, h0, l1, h1, l2, h2, l3, h3, 0, 1, HALF, B,
-                    KMAX)
+        acc = _fa32(acc, tl.reshape(xw, (NW, 2, 2, 2, 2, 2)), l0, h0, l1, h1, l2, h2, l3, h3, 0, 1, HALF, B, KMAX)
     return acc
 
 
 @triton.jit
-def _fields_chunks(acc, x_ptr, p0, p1, p2, p3, WS0, WS1, WS2, WS3, scale_ptr, zero_ptr, rows, row_mask, kk, h, mult,
-                   K_IN, N_GROUPS, c_lo, c_hi, xsc, wcol, GROUP: tl.constexpr, KMAX: tl.constexpr,
-                   B: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   GPC: tl.constexpr):
+def _fields_chunks(
+    acc,
+    x_ptr,
+    p0,
+    p1,
+    p2,
+    p3,
+    WS0,
+    WS1,
+    WS2,
+    WS3,
+    scale_ptr,
+    zero_ptr,
+    rows,
+    row_mask,
+    kk,
+    h,
+    mult,
+    K_IN,
+    N_GROUPS,
+    c_lo,
+    c_hi,
+    xsc,
+    wcol,
+    GROUP: tl.constexpr,
+    KMAX: tl.constexpr,
+    B: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GPC: tl.constexpr,
+):
     """The field kernel's chunks ``c_lo..c_hi`` of one program for planes ``1..KMAX``, added to ``acc``."""
     SUBG: tl.constexpr = BLOCK_K // GPC
     PER: tl.constexpr = 32 // B
@@ -759,9 +1095,22 @@ def _bp_gemv_fields_kernel(
     k_ptr,
     scale_ptr,
     zero_ptr,
-    p0, p1, p2, p3,
-    WS0, WS1, WS2, WS3,
-    H0, H1, H2, H3, H4, H5, H6, H7,
+    p0,
+    p1,
+    p2,
+    p3,
+    WS0,
+    WS1,
+    WS2,
+    WS3,
+    H0,
+    H1,
+    H2,
+    H3,
+    H4,
+    H5,
+    H6,
+    H7,
     mult,
     N,
     K_IN,
@@ -813,35 +1162,207 @@ def _bp_gemv_fields_kernel(
         # k read on the device: one body per k, compiled together, the token's own executed (a body for
         # k planes shifts them as if KMAX were k, so its multiplier is mult 2^((KMAX - k) B))
         if kk == 1:
-            acc = _fields_chunks(acc, x_ptr, p0, p1, p2, p3, WS0, WS1, WS2, WS3, scale_ptr, zero_ptr, rows,
-                                 row_mask, kk, h, mult * (1 << ((KMAX - 1) * B)), K_IN, N_GROUPS, c_lo, c_hi,
-                                 xsc, wcol, GROUP, 1, B, EVEN_K, BLOCK_N, BLOCK_K, GPC)
+            acc = _fields_chunks(
+                acc,
+                x_ptr,
+                p0,
+                p1,
+                p2,
+                p3,
+                WS0,
+                WS1,
+                WS2,
+                WS3,
+                scale_ptr,
+                zero_ptr,
+                rows,
+                row_mask,
+                kk,
+                h,
+                mult * (1 << ((KMAX - 1) * B)),
+                K_IN,
+                N_GROUPS,
+                c_lo,
+                c_hi,
+                xsc,
+                wcol,
+                GROUP,
+                1,
+                B,
+                EVEN_K,
+                BLOCK_N,
+                BLOCK_K,
+                GPC,
+            )
         elif kk == 2:
-            acc = _fields_chunks(acc, x_ptr, p0, p1, p2, p3, WS0, WS1, WS2, WS3, scale_ptr, zero_ptr, rows,
-                                 row_mask, kk, h, mult * (1 << ((KMAX - 2) * B)), K_IN, N_GROUPS, c_lo, c_hi,
-                                 xsc, wcol, GROUP, 2, B, EVEN_K, BLOCK_N, BLOCK_K, GPC)
+            acc = _fields_chunks(
+                acc,
+                x_ptr,
+                p0,
+                p1,
+                p2,
+                p3,
+                WS0,
+                WS1,
+                WS2,
+                WS3,
+                scale_ptr,
+                zero_ptr,
+                rows,
+                row_mask,
+                kk,
+                h,
+                mult * (1 << ((KMAX - 2) * B)),
+                K_IN,
+                N_GROUPS,
+                c_lo,
+                c_hi,
+                xsc,
+                wcol,
+                GROUP,
+                2,
+                B,
+                EVEN_K,
+                BLOCK_N,
+                BLOCK_K,
+                GPC,
+            )
         elif kk == 3:
-            acc = _fields_chunks(acc, x_ptr, p0, p1, p2, p3, WS0, WS1, WS2, WS3, scale_ptr, zero_ptr, rows,
-                                 row_mask, kk, h, mult * (1 << ((KMAX - 3) * B)), K_IN, N_GROUPS, c_lo, c_hi,
-                                 xsc, wcol, GROUP, 3, B, EVEN_K, BLOCK_N, BLOCK_K, GPC)
+            acc = _fields_chunks(
+                acc,
+                x_ptr,
+                p0,
+                p1,
+                p2,
+                p3,
+                WS0,
+                WS1,
+                WS2,
+                WS3,
+                scale_ptr,
+                zero_ptr,
+                rows,
+                row_mask,
+                kk,
+                h,
+                mult * (1 << ((KMAX - 3) * B)),
+                K_IN,
+                N_GROUPS,
+                c_lo,
+                c_hi,
+                xsc,
+                wcol,
+                GROUP,
+                3,
+                B,
+                EVEN_K,
+                BLOCK_N,
+                BLOCK_K,
+                GPC,
+            )
         else:
-            acc = _fields_chunks(acc, x_ptr, p0, p1, p2, p3, WS0, WS1, WS2, WS3, scale_ptr, zero_ptr, rows,
-                                 row_mask, kk, h, mult, K_IN, N_GROUPS, c_lo, c_hi, xsc, wcol, GROUP, KMAX, B,
-                                 EVEN_K, BLOCK_N, BLOCK_K, GPC)
+            acc = _fields_chunks(
+                acc,
+                x_ptr,
+                p0,
+                p1,
+                p2,
+                p3,
+                WS0,
+                WS1,
+                WS2,
+                WS3,
+                scale_ptr,
+                zero_ptr,
+                rows,
+                row_mask,
+                kk,
+                h,
+                mult,
+                K_IN,
+                N_GROUPS,
+                c_lo,
+                c_hi,
+                xsc,
+                wcol,
+                GROUP,
+                KMAX,
+                B,
+                EVEN_K,
+                BLOCK_N,
+                BLOCK_K,
+                GPC,
+            )
     else:
-        acc = _fields_chunks(acc, x_ptr, p0, p1, p2, p3, WS0, WS1, WS2, WS3, scale_ptr, zero_ptr, rows, row_mask,
-                             kk, h, mult, K_IN, N_GROUPS, c_lo, c_hi, xsc, wcol, GROUP, KMAX, B, EVEN_K, BLOCK_N,
-                             BLOCK_K, GPC)
+        acc = _fields_chunks(
+            acc,
+            x_ptr,
+            p0,
+            p1,
+            p2,
+            p3,
+            WS0,
+            WS1,
+            WS2,
+            WS3,
+            scale_ptr,
+            zero_ptr,
+            rows,
+            row_mask,
+            kk,
+            h,
+            mult,
+            K_IN,
+            N_GROUPS,
+            c_lo,
+            c_hi,
+            xsc,
+            wcol,
+            GROUP,
+            KMAX,
+            B,
+            EVEN_K,
+            BLOCK_N,
+            BLOCK_K,
+            GPC,
+        )
     y = tl.reshape(tl.sum(acc, axis=1), (1, BLOCK_N))
     zero_m = tl.zeros((1,), dtype=tl.int32)
-    _splitk_store(y, out_ptr, part_ptr, lock_ptr, bias_ptr, zero_m, zero_m == 0, rows, row_mask, N,
-                  0, pid_n, pid_k, HAS_BIAS, SPLIT_K, 1, BLOCK_N)
+    _splitk_store(
+        y,
+        out_ptr,
+        part_ptr,
+        lock_ptr,
+        bias_ptr,
+        zero_m,
+        zero_m == 0,
+        rows,
+        row_mask,
+        N,
+        0,
+        pid_n,
+        pid_k,
+        HAS_BIAS,
+        SPLIT_K,
+        1,
+        BLOCK_N,
+    )
 
 
 # -------------------------------------------------------------------------------- tile (prefill) kernel
 @triton.jit
-def _tile_codes(c, plane_ptr, rows, row_mask, col0, K_IN, B: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, STRUCT: tl.constexpr):
+def _tile_codes(
+    c,
+    plane_ptr,
+    rows,
+    row_mask,
+    col0,
+    K_IN,
+    B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    STRUCT: tl.constexpr,
+):
     return (c << B) | _decode(plane_ptr, rows, row_mask, col0, K_IN, B, BLOCK_N, BLOCK_K, STRUCT)
 
 
@@ -854,7 +1375,14 @@ def _bp_tile_kernel(
     seg_ptr,
     scale_ptr,
     zero_ptr,
-    p0, p1, p2, p3, p4, p5, p6, p7,
+    p0,
+    p1,
+    p2,
+    p3,
+    p4,
+    p5,
+    p6,
+    p7,
     inv_shift,
     half_off,
     M,
@@ -865,10 +1393,22 @@ def _bp_tile_kernel(
     stride_om,
     GROUP: tl.constexpr,
     KSEL: tl.constexpr,
-    B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
-    B4: tl.constexpr, B5: tl.constexpr, B6: tl.constexpr, B7: tl.constexpr,
-    S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
-    S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr,
+    B0: tl.constexpr,
+    B1: tl.constexpr,
+    B2: tl.constexpr,
+    B3: tl.constexpr,
+    B4: tl.constexpr,
+    B5: tl.constexpr,
+    B6: tl.constexpr,
+    B7: tl.constexpr,
+    S0: tl.constexpr,
+    S1: tl.constexpr,
+    S2: tl.constexpr,
+    S3: tl.constexpr,
+    S4: tl.constexpr,
+    S5: tl.constexpr,
+    S6: tl.constexpr,
+    S7: tl.constexpr,
     HAS_PERM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SCALE_VEC: tl.constexpr,
@@ -958,7 +1498,14 @@ def _bp_dequant_kernel(
     w_ptr,
     scale_ptr,
     zero_ptr,
-    p0, p1, p2, p3, p4, p5, p6, p7,
+    p0,
+    p1,
+    p2,
+    p3,
+    p4,
+    p5,
+    p6,
+    p7,
     inv_shift,
     half_off,
     N,
@@ -966,10 +1513,22 @@ def _bp_dequant_kernel(
     N_GROUPS,
     GROUP: tl.constexpr,
     KSEL: tl.constexpr,
-    B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
-    B4: tl.constexpr, B5: tl.constexpr, B6: tl.constexpr, B7: tl.constexpr,
-    S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
-    S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr,
+    B0: tl.constexpr,
+    B1: tl.constexpr,
+    B2: tl.constexpr,
+    B3: tl.constexpr,
+    B4: tl.constexpr,
+    B5: tl.constexpr,
+    B6: tl.constexpr,
+    B7: tl.constexpr,
+    S0: tl.constexpr,
+    S1: tl.constexpr,
+    S2: tl.constexpr,
+    S3: tl.constexpr,
+    S4: tl.constexpr,
+    S5: tl.constexpr,
+    S6: tl.constexpr,
+    S7: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -1103,8 +1662,9 @@ def _fields_ok(slice_bits: Sequence[int], kmax: int) -> bool:
     """The field kernel covers up to four planes ``1..kmax`` of one width ``b`` (power-of-two codes per
     word, at least two) whose concatenated code fits under bit 23 of a half word: ``15 + (kmax-1) b <= 22``."""
     b = slice_bits[0]
-    return (kmax <= 4 and all(bb == b for bb in slice_bits[:kmax]) and b <= 16 and _is_pow2(32 // b)
-            and (kmax - 1) * b <= 7)
+    return (
+        kmax <= 4 and all(bb == b for bb in slice_bits[:kmax]) and b <= 16 and _is_pow2(32 // b) and (kmax - 1) * b <= 7
+    )
 
 
 def _want_fields(cfg: SmallConfig, slice_bits: Sequence[int], kmax: int, device_k: bool = False) -> bool:
@@ -1244,34 +1804,78 @@ def bitplane_linear_small(
     else:
         part = locks = out
     common = dict(
-        GROUP=group_size, NS=NS, KMAX=kmax_c, PER_TOKEN=per_token, HAS_BIAS=bias is not None,
-        SPLIT_K=split, BLOCK_N=block_n, BLOCK_K=bk, EVEN_K=K_IN % bk == 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        GROUP=group_size,
+        NS=NS,
+        KMAX=kmax_c,
+        PER_TOKEN=per_token,
+        HAS_BIAS=bias is not None,
+        SPLIT_K=split,
+        BLOCK_N=block_n,
+        BLOCK_K=bk,
+        EVEN_K=K_IN % bk == 0,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     bits_kw = {f"B{i}": b for i, b in enumerate(_bits_args(slice_bits))}
     H = [(1.0 - 2.0**-sh) / 2 for sh in _shifts(slice_bits)] + [0.0] * (MAX_SLICES - NS)
     ps = _plane_args(planes)
-    head = (x2, out, part, locks, bias if bias is not None else out, k_t, scale, zero, *ps,
-            *[p.stride(0) for p in ps])
+    head = (x2, out, part, locks, bias if bias is not None else out, k_t, scale, zero, *ps, *[p.stride(0) for p in ps])
     if use_dot:
         top = {0: 10, 1: 7, 2: 23}[dt]
         combined = cfg.combine and magic and not per_token and sum(slice_bits[:kmax_c]) <= top
         _bp_small_kernel[(n_tiles, split)](
-            *head, *A, *C, *H, M, N, K_IN, scale.shape[1], k_u, x2.stride(0), out.stride(0), cps,
-            BLOCK_M=block_m, DT=dt, COMBINED=combined, MAGIC=magic, **common, **bits_kw,
+            *head,
+            *A,
+            *C,
+            *H,
+            M,
+            N,
+            K_IN,
+            scale.shape[1],
+            k_u,
+            x2.stride(0),
+            out.stride(0),
+            cps,
+            BLOCK_M=block_m,
+            DT=dt,
+            COMBINED=combined,
+            MAGIC=magic,
+            **common,
+            **bits_kw,
         )
         return out
     gpc = 1 if group_size % bk == 0 else bk // group_size
     if fields:
         b = slice_bits[0]
         _bp_gemv_fields_kernel[(n_tiles, split)](
-            *head[:8], *ps[:4], *head[16:20], *H, 2.0 ** (_FIELD_S - (kmax_c - 1) * b), N, K_IN, scale.shape[1],
-            k_u, cps,
-            GPC=gpc, B=b, XE=276 - _FIELD_S, BRANCH_K=branch_k, **common,
+            *head[:8],
+            *ps[:4],
+            *head[16:20],
+            *H,
+            2.0 ** (_FIELD_S - (kmax_c - 1) * b),
+            N,
+            K_IN,
+            scale.shape[1],
+            k_u,
+            cps,
+            GPC=gpc,
+            B=b,
+            XE=276 - _FIELD_S,
+            BRANCH_K=branch_k,
+            **common,
         )
     else:
         _bp_gemv_kernel[(n_tiles, split)](
-            *head, *H, N, K_IN, scale.shape[1], k_u, cps, GPC=gpc, **common, **bits_kw,
+            *head,
+            *H,
+            N,
+            K_IN,
+            scale.shape[1],
+            k_u,
+            cps,
+            GPC=gpc,
+            **common,
+            **bits_kw,
         )
     return out
 
@@ -1286,17 +1890,37 @@ def _tile_launch(x2, out, planes, scale, zero, slice_bits, group_size, ksel, bia
     struct += [False] * (MAX_SLICES - len(struct))
     grid = (triton.cdiv(M_grid, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
     _bp_tile_kernel[grid](
-        x2, out, bias if bias is not None else out, perm if perm is not None else out,
-        seg if seg is not None else out, scale, zero,
-        *_plane_args(planes), 2.0**-sh, (1.0 - 2.0**-sh) / 2,
-        M_grid, N, K_IN, scale.shape[1], x2.stride(0), out.stride(0),
-        GROUP=group_size, KSEL=ksel,
+        x2,
+        out,
+        bias if bias is not None else out,
+        perm if perm is not None else out,
+        seg if seg is not None else out,
+        scale,
+        zero,
+        *_plane_args(planes),
+        2.0**-sh,
+        (1.0 - 2.0**-sh) / 2,
+        M_grid,
+        N,
+        K_IN,
+        scale.shape[1],
+        x2.stride(0),
+        out.stride(0),
+        GROUP=group_size,
+        KSEL=ksel,
         **{f"B{i}": b for i, b in enumerate(_bits_args(slice_bits))},
         **{f"S{i}": s for i, s in enumerate(struct)},
-        HAS_PERM=perm is not None, HAS_BIAS=bias is not None, SCALE_VEC=group_size % bk == 0,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, GROUP_M=cfg.group_m, DT=_DT_CODES[x2.dtype],
+        HAS_PERM=perm is not None,
+        HAS_BIAS=bias is not None,
+        SCALE_VEC=group_size % bk == 0,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=bk,
+        GROUP_M=cfg.group_m,
+        DT=_DT_CODES[x2.dtype],
         DOT_F32=x2.dtype == torch.bfloat16 and _interpreting(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
 
 
@@ -1439,11 +2063,22 @@ def dequantize(
     struct += [False] * (MAX_SLICES - len(struct))
     grid = (triton.cdiv(N, block_n), triton.cdiv(in_features, block_k))
     _bp_dequant_kernel[grid](
-        out, scale, zero, *_plane_args(planes), 2.0**-sh, (1.0 - 2.0**-sh) / 2,
-        N, in_features, scale.shape[1], GROUP=group_size, KSEL=k,
+        out,
+        scale,
+        zero,
+        *_plane_args(planes),
+        2.0**-sh,
+        (1.0 - 2.0**-sh) / 2,
+        N,
+        in_features,
+        scale.shape[1],
+        GROUP=group_size,
+        KSEL=k,
         **{f"B{i}": b for i, b in enumerate(_bits_args(slice_bits))},
         **{f"S{i}": s for i, s in enumerate(struct)},
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=4,
     )
     return out
 

@@ -31,10 +31,30 @@ def _min_fn(a, b):
 
 
 @triton.jit
-def _router_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, tau_ptr, part_ptr, lock_ptr, k_ptr, v_ptr,
-                   M, D_IN, H, stride_xm,
-                   R: tl.constexpr, RP: tl.constexpr, HB: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
-                   NPROG: tl.constexpr, NPP: tl.constexpr, ADJACENT: tl.constexpr):
+def _router_kernel(
+    x_ptr,
+    w1_ptr,
+    b1_ptr,
+    w2_ptr,
+    b2_ptr,
+    tau_ptr,
+    part_ptr,
+    lock_ptr,
+    k_ptr,
+    v_ptr,
+    M,
+    D_IN,
+    H,
+    stride_xm,
+    R: tl.constexpr,
+    RP: tl.constexpr,
+    HB: tl.constexpr,
+    BM: tl.constexpr,
+    BD: tl.constexpr,
+    NPROG: tl.constexpr,
+    NPP: tl.constexpr,
+    ADJACENT: tl.constexpr,
+):
     pid_h = tl.program_id(0)
     pid_m = tl.program_id(1)
     lm = tl.arange(0, BM)
@@ -46,16 +66,21 @@ def _router_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, tau_ptr, part_ptr, loc
     for d0 in range(0, D_IN, BD):
         cols = d0 + tl.arange(0, BD)
         cmask = cols < D_IN
-        x = tl.load(x_ptr + toks[:, None].to(tl.int64) * stride_xm + cols[None, :],
-                    mask=tmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-        w = tl.load(w1_ptr + hrows[:, None].to(tl.int64) * D_IN + cols[None, :],
-                    mask=hmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        x = tl.load(
+            x_ptr + toks[:, None].to(tl.int64) * stride_xm + cols[None, :],
+            mask=tmask[:, None] & cmask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        w = tl.load(
+            w1_ptr + hrows[:, None].to(tl.int64) * D_IN + cols[None, :], mask=hmask[:, None] & cmask[None, :], other=0.0
+        ).to(tl.float32)
         acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
     h = acc + tl.load(b1_ptr + hrows, mask=hmask, other=0.0).to(tl.float32)[None, :]
     h = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
     r = tl.arange(0, RP)
-    w2 = tl.load(w2_ptr + r[:, None] * H + hrows[None, :], mask=(r[:, None] < R) & hmask[None, :],
-                 other=0.0).to(tl.float32)
+    w2 = tl.load(w2_ptr + r[:, None] * H + hrows[None, :], mask=(r[:, None] < R) & hmask[None, :], other=0.0).to(
+        tl.float32
+    )
     part = tl.sum(h[:, None, :] * w2[None, :, :], axis=2)  # [BM, RP]
     base = pid_m * NPP * BM * RP
     tl.store(part_ptr + base + (pid_h * BM + lm[:, None]) * RP + r[None, :], part)
@@ -135,10 +160,29 @@ def fused_router(
     part = torch.empty(m_blocks * npp * bm * rp, dtype=torch.float32, device=x.device)
     locks = _locks(x.device, m_blocks)
     _router_kernel[(nprog, m_blocks)](
-        x2, w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), tau.reshape(1), part, locks, k, v,
-        M, d, n_hidden, x2.stride(0),
-        R=r_out, RP=rp, HB=hb, BM=bm, BD=bd, NPROG=nprog, NPP=npp,
-        ADJACENT=policy == "adjacent", num_warps=4,
+        x2,
+        w1.contiguous(),
+        b1.contiguous(),
+        w2.contiguous(),
+        b2.contiguous(),
+        tau.reshape(1),
+        part,
+        locks,
+        k,
+        v,
+        M,
+        d,
+        n_hidden,
+        x2.stride(0),
+        R=r_out,
+        RP=rp,
+        HB=hb,
+        BM=bm,
+        BD=bd,
+        NPROG=nprog,
+        NPP=npp,
+        ADJACENT=policy == "adjacent",
+        num_warps=4,
     )
     return k.reshape(lead), v.reshape(*lead, r_out)
 

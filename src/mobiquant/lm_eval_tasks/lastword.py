@@ -55,7 +55,7 @@ def read_text(path: str | os.PathLike | None, key: str) -> str:
     if path is None:
         raise ValueError(
             f"this task is built from a local text file: pass its path as task metadata {key!r} "
-            f"(lm-eval CLI: --metadata '{{\"{key}\": \"../shared/data/wikitext-2-raw/wiki.test.raw\"}}'; "
+            f'(lm-eval CLI: --metadata \'{{"{key}": "../shared/data/wikitext-2-raw/wiki.test.raw"}}\'; '
             "mobiquant task=lm_eval: lm_eval.data.*)"
         )
     path = Path(path)

@@ -46,9 +46,7 @@ def check_slice_bits(slice_bits: Sequence[int]) -> tuple[int, ...]:
     for i, b in enumerate(bits):
         check_bits(b, name=f"slice_bits[{i}]")
     if sum(bits) > 8:
-        raise ValueError(
-            f"slice_bits {list(bits)} sum to {sum(bits)} bits; the concatenated code must fit 8 bits"
-        )
+        raise ValueError(f"slice_bits {list(bits)} sum to {sum(bits)} bits; the concatenated code must fit 8 bits")
     return bits
 
 
@@ -141,9 +139,7 @@ class _SteViews(torch.autograd.Function):
 class ResidualSlicer:
     """Decomposes weights into ``len(slice_bits)`` slices and rebuilds the ``k``-slice views."""
 
-    def __init__(
-        self, slice_bits: Sequence[int] = (2, 2, 2, 2), group_size: int = 128, anchor_bits: int | None = None
-    ):
+    def __init__(self, slice_bits: Sequence[int] = (2, 2, 2, 2), group_size: int = 128, anchor_bits: int | None = None):
         self.slice_bits = check_slice_bits(slice_bits)
         self.group_size = check_group_size(group_size)
         self.anchor_bits = check_anchor_bits(anchor_bits, self.slice_bits)
