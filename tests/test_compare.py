@@ -9,7 +9,7 @@ import pytest
 
 from mobiquant.pipeline import run
 from mobiquant.results import method_summary
-from test_pipeline import smoke_cfg  # tests/ is on sys.path (pytest's default import mode)
+from test_pipeline import SHARED, smoke_cfg  # tests/ is on sys.path (pytest's default import mode)
 
 # The compare preset's method list, on the tiny random LLaMA with smoke-sized data.
 TINY = [
@@ -32,6 +32,8 @@ TINY = [
 def test_compare_smoke_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     pytest.importorskip("hqq")
+    if not SHARED.exists():
+        pytest.skip("../shared/data is not beside the repository (experiment=compare evaluates WikiText-2 from it)")
     run(smoke_cfg(tmp_path, *TINY))
     out = tmp_path / "run"
     df = pd.read_csv(out / "results.csv")
