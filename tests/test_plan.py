@@ -12,23 +12,7 @@ from mobiquant.checkpoint import CONFIG_NAME, TENSORS_NAME
 from mobiquant.patching import budget_plan, fit_budget_thresholds, install_plan, mobi_linears, routers
 from mobiquant.plan import BudgetPlan, stack_plan
 from mobiquant.site_budgets import _mean_nll, build_plan, default_grid
-from test_site_budgets import routed_model  # tests/ is on sys.path (pytest's default import mode)
-
-
-def fp_model():
-    """The FP base that ``routed_model()`` quantizes (same seed and shape)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(cfg).eval().requires_grad_(False)
+from test_site_budgets import fp_model, routed_model  # tests/ is on sys.path (pytest's default import mode)
 
 
 def test_plan_interpolates_and_validates():

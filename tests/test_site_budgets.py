@@ -17,7 +17,8 @@ from mobiquant.site_budgets import (
 )
 
 
-def routed_model(seed: int = 0, policy: str = "adjacent"):
+def fp_model(seed: int = 0):
+    """The tiny FP LLaMA that :func:`routed_model` quantizes (same seed, same weights)."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=128,
@@ -27,8 +28,11 @@ def routed_model(seed: int = 0, policy: str = "adjacent"):
         num_attention_heads=4,
         num_key_value_heads=2,
     )
-    model = LlamaForCausalLM(cfg).eval()
-    model.requires_grad_(False)
+    return LlamaForCausalLM(cfg).eval().requires_grad_(False)
+
+
+def routed_model(seed: int = 0, policy: str = "adjacent"):
+    model = fp_model(seed)
     quantize_model(model, MoBiConfig(group_size=32, router_hidden=8, router_policy=policy))
     freeze(model)
     return model
