@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -12,6 +14,24 @@ from safetensors.torch import load_file
 import mobiquant as mq
 from mobiquant.checkpoint import CONFIG_NAME, FORMAT_VERSION, TENSORS_NAME, sha256_file
 from mobiquant.patching import mobi_linears, routers
+
+
+def canonical_sha256(meta: dict) -> str:
+    """sha256 of the canonical JSON of ``meta`` without ``meta_sha256``, computed as the format defines it."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def rewrite_meta(folder, edit, checksum: bool = True) -> dict:
+    """Apply ``edit(meta)`` to ``folder``'s JSON and write it back, with a recomputed ``meta_sha256`` (an edit
+    made on purpose, to reach the checks after the checksum) unless ``checksum`` is False."""
+    path = folder / CONFIG_NAME
+    meta = json.loads(path.read_text())
+    edit(meta)
+    if checksum:
+        meta["meta_sha256"] = canonical_sha256(meta)
+    path.write_text(json.dumps(meta, indent=2))
+    return meta
 
 
 def logits(model, ids):
@@ -118,9 +138,7 @@ def test_missing_tensor_file_is_detected(saved, make_llama):
 
 def test_wrong_format_version_is_named(saved, make_llama):
     _, folder = saved
-    meta = json.loads((folder / CONFIG_NAME).read_text())
-    meta["format_version"] = FORMAT_VERSION + 1
-    (folder / CONFIG_NAME).write_text(json.dumps(meta))
+    rewrite_meta(folder, lambda meta: meta.update(format_version=FORMAT_VERSION + 1))
     with pytest.raises(mq.CheckpointError, match=f"format version {FORMAT_VERSION + 1}"):
         mq.load_quantized(make_llama(0), folder)
 
@@ -154,3 +172,163 @@ def test_saving_an_unfrozen_model_is_refused(make_llama, tmp_path):
     with pytest.raises(mq.CheckpointError, match="not packed"):
         mq.save_quantized(model, tmp_path / "x")
     assert not (tmp_path / "x" / CONFIG_NAME).exists()
+
+
+# ---------------------------------------------------------------------------- a checkpoint's JSON is checked
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    """One saved checkpoint (paper grid, g=64) per module; tests edit copies of it (:func:`ckpt`)."""
+    from conftest import build_tiny_llama, token_batches
+
+    model = build_tiny_llama(0)
+    mq.quantize_model(model, mq.MoBiConfig(group_size=64))
+    mq.calibrate_thresholds(model, token_batches(2, batch=4, seqlen=32, seed=7))
+    mq.freeze(model)
+    mq.set_budget(model, 4.3)
+    folder = mq.save_quantized(model, tmp_path_factory.mktemp("pristine") / "ckpt", base_model="tiny-random-llama")
+    return model, folder
+
+
+@pytest.fixture
+def ckpt(pristine, tmp_path):
+    model, folder = pristine
+    return model, shutil.copytree(folder, tmp_path / "ckpt")
+
+
+def refused(make_llama, folder, match):
+    """Loading ``folder`` fails with one CheckpointError line matching ``match``, before anything is patched."""
+    model = make_llama(0)
+    with pytest.raises(mq.CheckpointError, match=match) as info:
+        mq.load_quantized(model, folder)
+    assert "\n" not in str(info.value)
+    return model, str(info.value)
+
+
+def test_json_carries_its_own_checksum(ckpt, make_llama, input_ids):
+    model, folder = ckpt
+    meta = json.loads((folder / CONFIG_NAME).read_text())
+    assert meta["meta_sha256"] == canonical_sha256(meta) == mq.checkpoint.meta_digest(meta)
+    assert mq.checkpoint.read_meta(folder) == meta
+    # Checkpoints written before the checksum existed (no key) still load, and give the same logits.
+    rewrite_meta(folder, lambda m: m.pop("meta_sha256"), checksum=False)
+    loaded = mq.load_quantized(make_llama(0), folder)
+    mq.set_budget(loaded, 4.3)
+    assert torch.equal(logits(loaded, input_ids), logits(model, input_ids))
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m["config"].update(group_size=33),
+        lambda m: m["base_model"].update(name_or_path="other"),
+        lambda m: m.update(meta_sha256="0" * 64),
+        lambda m: m.update(meta_sha256=7),
+    ],
+    ids=["config", "base-model", "other-digest", "digest-not-a-string"],
+)
+def test_edited_json_without_a_new_checksum_is_refused(ckpt, make_llama, edit):
+    _, folder = ckpt
+    rewrite_meta(folder, edit, checksum=False)
+    model, _ = refused(make_llama, folder, f"{CONFIG_NAME} was modified after it was written")
+    assert not list(mobi_linears(model))
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../outside/" + TENSORS_NAME, "ABSOLUTE", "sub/" + TENSORS_NAME, "sub\\" + TENSORS_NAME, "..", ".", ""],
+    ids=["dotdot", "absolute", "subfolder", "backslash", "parent", "self", "empty"],
+)
+def test_tensor_file_must_be_a_plain_name_in_the_folder(ckpt, make_llama, name, tmp_path):
+    _, folder = ckpt
+    # A complete, valid tensor file outside the folder: before the check, "../outside/..." loaded it.
+    (tmp_path / "outside").mkdir()
+    shutil.copy(folder / TENSORS_NAME, tmp_path / "outside" / TENSORS_NAME)
+    name = str(tmp_path / "outside" / TENSORS_NAME) if name == "ABSOLUTE" else name
+    rewrite_meta(folder, lambda m: m["tensors"].update(file=name))
+    model, msg = refused(make_llama, folder, "field 'tensors.file' must be a plain file name inside the checkpoint")
+    assert repr(name) in msg and not list(mobi_linears(model))
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda m: m.pop("tensors"), r"required field 'tensors' is missing \(required: \['format', "),
+        (lambda m: m.pop("sites"), r"required field 'sites' is missing"),
+        (lambda m: m["tensors"].pop("sha256"), r"required field 'tensors.sha256' is missing"),
+        (
+            lambda m: m.update(comment="hi"),
+            r"unknown top-level field\(s\) \['comment'\]; allowed: \['format', .*'plan'",
+        ),
+        (lambda m: m.update(config=[2, 2]), r"field 'config' must be object, got list"),
+        (lambda m: m.update(plan="none"), r"field 'plan' must be object, got str"),
+        (lambda m: m["tensors"].update(bytes="123"), r"field 'tensors.bytes' must be integer, got str"),
+        (lambda m: m["tensors"].update(count=True), r"field 'tensors.count' must be integer, got bool"),
+        (lambda m: m["tensors"].update(count=-1), r"field 'tensors.count' must be >= 0"),
+        (lambda m: m["base_model"].update(fingerprint=None), r"field 'base_model.fingerprint' must be string"),
+        (lambda m: m.update(sites=[["q_proj"]]), r"field 'sites' must be an array \(per block\) of arrays"),
+        (
+            lambda m: m.update(compute_dtype="Tensor"),
+            r"field 'compute_dtype' must be one of \['float32', 'float16', 'bfloat16'\], got 'Tensor'",
+        ),
+        (lambda m: m.update(compute_dtype=16), r"field 'compute_dtype' must be string, got int"),
+        (
+            lambda m: m["config"].update(group_sise=32),
+            r"unknown field\(s\) \['group_sise'\] in 'config'; allowed: \['slice_bits', 'group_size', ",
+        ),
+        (lambda m: m["config"].update(word_bits=16), r"field 'config.word_bits' must be one of \[8, 32\], got 16"),
+        (lambda m: m["config"].update(group_size=0), r"field 'config' is invalid: group_size must be a positive"),
+    ],
+    ids=[
+        "no-tensors",
+        "no-sites",
+        "no-tensors-sha256",
+        "unknown-key",
+        "config-type",
+        "plan-type",
+        "bytes-type",
+        "count-bool",
+        "count-negative",
+        "fingerprint-type",
+        "sites-shape",
+        "compute-dtype-name",
+        "compute-dtype-type",
+        "config-unknown-key",
+        "config-word-bits",
+        "config-value",
+    ],
+)
+def test_json_schema_is_checked(ckpt, make_llama, edit, match):
+    _, folder = ckpt
+    rewrite_meta(folder, edit)
+    with pytest.raises(mq.CheckpointError, match=match):
+        mq.checkpoint.read_meta(folder)
+    model, _ = refused(make_llama, folder, match)
+    assert not list(mobi_linears(model))
+
+
+@pytest.mark.parametrize(
+    "config,match",
+    [
+        (  # today: loads and runs with wrong logits
+            {"group_size": 33},
+            r"checkpoint tensor model\.layers\.0\.self_attn\.q_proj\.scale does not fit the config: expected shape "
+            r"\(64, 2\) float16 \(config group_size=33, in_features=64, out_features=64\), stored \(64, 1\) float16",
+        ),
+        (  # today: a shape traceback at the first forward
+            {"slice_bits": [3, 3, 1, 1]},
+            r"checkpoint tensor model\.layers\.0\.self_attn\.q_proj\.plane0 does not fit the config: expected shape "
+            r"\(64, 7\) int32 \(config slice_bits\[0\]=3, word_bits=32, in_features=64, out_features=64\), "
+            r"stored \(64, 4\) int32",
+        ),
+        (
+            {"word_bits": 8},
+            r"q_proj\.plane0 does not fit the config: expected shape \(64, 16\) uint8 \(config slice_bits\[0\]=2, "
+            r"word_bits=8, .*stored \(64, 4\) int32",
+        ),
+    ],
+    ids=["group-size", "slice-bits", "word-bits"],
+)
+def test_config_is_checked_against_the_stored_tensors(ckpt, make_llama, config, match):
+    _, folder = ckpt
+    rewrite_meta(folder, lambda m: m["config"].update(config))
+    refused(make_llama, folder, match)

@@ -12,6 +12,7 @@ from mobiquant.checkpoint import CONFIG_NAME, TENSORS_NAME
 from mobiquant.patching import budget_plan, fit_budget_thresholds, install_plan, mobi_linears, routers
 from mobiquant.plan import BudgetPlan, stack_plan
 from mobiquant.site_budgets import _mean_nll, build_plan, default_grid
+from test_checkpoint import rewrite_meta
 from test_site_budgets import fp_model, routed_model  # tests/ is on sys.path (pytest's default import mode)
 
 
@@ -151,9 +152,7 @@ def test_version_1_checkpoints_still_load_without_a_plan(tmp_path):
     model = routed_model()
     fit_budget_thresholds(model, [torch.randint(0, 128, (2, 16))], default_grid((2, 2, 2, 2), 1.0))
     folder = mq.save_quantized(model, tmp_path / "v1")
-    meta = json.loads((folder / CONFIG_NAME).read_text())
-    meta["format_version"] = 1
-    (folder / CONFIG_NAME).write_text(json.dumps(meta))
+    rewrite_meta(folder, lambda meta: meta.update(format_version=1))
     loaded = mq.load_quantized(fp_model(), folder)
     assert budget_plan(loaded) is None
     mq.set_budget(loaded, 5.0)
@@ -167,9 +166,7 @@ def test_a_plan_without_its_tensors_is_refused(planned, tmp_path):
         folder = mq.save_quantized(model, tmp_path / "ckpt")
     finally:
         install_plan(model, None)
-    meta = json.loads((folder / CONFIG_NAME).read_text())
-    meta["plan"]["reading"] = meta["plan"]["reading"][:-1]
-    (folder / CONFIG_NAME).write_text(json.dumps(meta))
+    rewrite_meta(folder, lambda meta: meta["plan"].update(reading=meta["plan"]["reading"][:-1]))
     with pytest.raises(mq.CheckpointError, match="budget plan is invalid"):
         mq.load_quantized(fp_model(), folder)
     assert (folder / TENSORS_NAME).is_file()

@@ -5,16 +5,20 @@ bit-plane codes (``plane0..planeK-1``), fp16 steps and zero points, and bias; pe
 current threshold and its bits->threshold table; the budget plan, when the model has one (``plan.*``:
 the deployed per-linear thresholds at every grid budget, :mod:`mobiquant.plan`). The JSON names the
 format version, the MoBiQuant config, the router sites, the base model (reference and fingerprint) and
-the tensor file's sha256. Files are written to temporary names and renamed into place, JSON last: a
-folder whose JSON exists is complete.
+the tensor file's sha256, and its own sha256 (``meta_sha256``, over its canonical JSON without that key).
+Loading checks the JSON (checksum, then a schema: keys, types, a plain tensor file name, the compute dtype,
+the config's fields) and, per linear, the stored tensors' shapes against what the config implies. Files
+are written to temporary names and renamed into place, JSON last: a folder whose JSON exists is complete.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -22,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from .fileio import discard, ensure_dir, fsync_dir, sha256_file, stage_bytes, writing
+from .modules import MoBiLinear
 from .patching import MoBiConfig, budget_plan, find_blocks, install_plan, mobi_linears, quantize_model, routers
 from .plan import BudgetPlan
 
@@ -31,6 +36,27 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 CONFIG_NAME = "mobiquant.json"
 TENSORS_NAME = "quantized.safetensors"
+#: The compute dtypes a checkpoint may name (``torch.<name>``).
+COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
+#: Word sizes of the packed bit-planes (:mod:`mobiquant.quant.packing`).
+WORD_BITS = (8, 32)
+#: The top-level keys of ``mobiquant.json`` and their JSON types: required, then optional.
+REQUIRED_KEYS: dict[str, type] = {
+    "format": str,
+    "format_version": int,
+    "config": dict,
+    "sites": list,
+    "compute_dtype": str,
+    "base_model": dict,
+    "tensors": dict,
+}
+OPTIONAL_KEYS: dict[str, type] = {"plan": dict, "extra": dict, "meta_sha256": str}
+_BASE_MODEL_KEYS: dict[str, tuple[type, ...]] = {
+    "name_or_path": (str, type(None)),
+    "architecture": (str,),
+    "fingerprint": (str,),
+}
+_TENSORS_KEYS: dict[str, tuple[type, ...]] = {"file": (str,), "sha256": (str,), "bytes": (int,), "count": (int,)}
 
 
 class CheckpointError(RuntimeError):
@@ -125,6 +151,8 @@ def save_quantized(
         meta["plan"] = plan.meta()
     if extra:
         meta["extra"] = extra
+    meta = json.loads(json.dumps(meta))  # the JSON as it will be read back (tuples as lists, keys as strings)
+    meta["meta_sha256"] = meta_digest(meta)
     tensors_path, meta_path = folder / TENSORS_NAME, folder / CONFIG_NAME
     staged: list[tuple[Path, Path]] = []
     try:
@@ -146,7 +174,98 @@ def save_quantized(
     return folder
 
 
+def meta_digest(meta: dict) -> str:
+    """sha256 of the canonical JSON of ``meta`` without its ``meta_sha256`` key (sorted keys, no spaces)."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _type_name(types: tuple[type, ...]) -> str:
+    names = {str: "string", int: "integer", dict: "object", list: "array", type(None): "null"}
+    return " or ".join(names.get(t, t.__name__) for t in types)
+
+
+def _check_type(where: Path, field: str, value: Any, types: tuple[type, ...]) -> None:
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        raise CheckpointError(
+            f"{where}: field {field!r} must be {_type_name(types)}, got {type(value).__name__} {value!r:.80}"
+        )
+
+
+def _check_fields(where: Path, prefix: str, obj: dict, spec: dict[str, tuple[type, ...]]) -> None:
+    for key, types in spec.items():
+        if key not in obj:
+            raise CheckpointError(f"{where}: required field '{prefix}{key}' is missing (fields: {list(spec)})")
+        _check_type(where, f"{prefix}{key}", obj[key], types)
+
+
+def check_tensor_file_name(where: Path, name: str) -> None:
+    """``tensors.file`` is a plain file name inside the checkpoint folder: never a path that leaves it."""
+    seps = {"/", "\\", os.sep, os.altsep} - {None}
+    if not name or name in (".", "..") or os.path.isabs(name) or any(sep in name for sep in seps) or "\0" in name:
+        raise CheckpointError(
+            f"{where}: field 'tensors.file' must be a plain file name inside the checkpoint folder "
+            f"(no absolute path, '..' or path separator), got {name!r}"
+        )
+
+
+def config_from_meta(meta: dict, where: Path | str = CONFIG_NAME) -> MoBiConfig:
+    """The :class:`MoBiConfig` of a checkpoint's ``config``; unknown keys or invalid values are refused."""
+    allowed = [f.name for f in dataclasses.fields(MoBiConfig)]
+    config = meta["config"]
+    unknown = sorted(set(config) - set(allowed))
+    if unknown:
+        raise CheckpointError(f"{where}: unknown field(s) {unknown} in 'config'; allowed: {allowed}")
+    word_bits = config.get("word_bits", 32)
+    if isinstance(word_bits, bool) or word_bits not in WORD_BITS:
+        raise CheckpointError(f"{where}: field 'config.word_bits' must be one of {list(WORD_BITS)}, got {word_bits!r}")
+    try:
+        # Checkpoints written before gate policies existed used free (nested-minimum) gates.
+        return MoBiConfig(**{"router_policy": "free", **config})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: field 'config' is invalid: {e}") from e
+
+
+def check_meta(meta: dict, where: Path | str = CONFIG_NAME) -> None:
+    """Check the schema of a checkpoint's JSON (format and version already checked): keys and their types,
+    the tensor file name, the compute dtype, the router sites and the config."""
+    where = Path(where)
+    allowed = list(REQUIRED_KEYS) + list(OPTIONAL_KEYS)
+    unknown = sorted(set(meta) - set(allowed))
+    if unknown:
+        raise CheckpointError(f"{where}: unknown top-level field(s) {unknown}; allowed: {allowed}")
+    for key, typ in REQUIRED_KEYS.items():
+        if key not in meta:
+            raise CheckpointError(f"{where}: required field {key!r} is missing (required: {list(REQUIRED_KEYS)})")
+        _check_type(where, key, meta[key], (typ,))
+    for key, typ in OPTIONAL_KEYS.items():
+        if key in meta:
+            _check_type(where, key, meta[key], (typ,))
+    _check_fields(where, "base_model.", meta["base_model"], _BASE_MODEL_KEYS)
+    _check_fields(where, "tensors.", meta["tensors"], _TENSORS_KEYS)
+    check_tensor_file_name(where, meta["tensors"]["file"])
+    for key in ("bytes", "count"):
+        if meta["tensors"][key] < 0:
+            raise CheckpointError(f"{where}: field 'tensors.{key}' must be >= 0, got {meta['tensors'][key]}")
+    if meta["compute_dtype"] not in COMPUTE_DTYPES:
+        raise CheckpointError(
+            f"{where}: field 'compute_dtype' must be one of {list(COMPUTE_DTYPES)}, got {meta['compute_dtype']!r}"
+        )
+    sites = meta["sites"]
+    ok = all(
+        isinstance(block, list)
+        and all(isinstance(group, list) and all(isinstance(n, str) for n in group) for group in block)
+        for block in sites
+    )
+    if not ok:
+        raise CheckpointError(
+            f"{where}: field 'sites' must be an array (per block) of arrays (per router) of linear names (strings)"
+        )
+    config_from_meta(meta, where)
+
+
 def read_meta(folder: str | os.PathLike) -> dict:
+    """The checked JSON of the checkpoint in ``folder`` (format, version, checksum and schema)."""
     folder = Path(folder)
     cfg_path = folder / CONFIG_NAME
     if not folder.is_dir():
@@ -157,14 +276,24 @@ def read_meta(folder: str | os.PathLike) -> dict:
         meta = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); the checkpoint is corrupted") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{cfg_path} must hold a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{cfg_path} is not a mobiquant checkpoint (format={meta.get('format')!r})")
+    if "meta_sha256" in meta:  # checkpoints written before the JSON had its own checksum have none
+        recorded = meta["meta_sha256"]
+        if not isinstance(recorded, str) or recorded != meta_digest(meta):
+            raise CheckpointError(
+                f"{cfg_path}: {CONFIG_NAME} was modified after it was written (its field 'meta_sha256' does not "
+                f"match the sha256 of its canonical JSON)"
+            )
     version = meta.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int) or version not in READABLE_VERSIONS:
         raise CheckpointError(
             f"{cfg_path} has format version {version!r} ({type(version).__name__}); this mobiquant reads the "
             f"integer versions {list(READABLE_VERSIONS)}"
         )
+    check_meta(meta, cfg_path)
     return meta
 
 
@@ -172,7 +301,7 @@ def load_quantized(model: nn.Module, folder: str | os.PathLike, check_base: bool
     """Patch the FP base ``model`` in place with the checkpoint in ``folder``; returns the model."""
     folder = Path(folder)
     meta = read_meta(folder)
-    tfile = folder / meta["tensors"]["file"]
+    tfile = folder / meta["tensors"]["file"]  # a plain file name (read_meta)
     if not tfile.is_file():
         raise CheckpointError(f"checkpoint tensor file {tfile} is missing")
     size = os.path.getsize(tfile)
@@ -194,9 +323,8 @@ def load_quantized(model: nn.Module, folder: str | os.PathLike, check_base: bool
         state = load_file(str(tfile))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"cannot read {tfile}: {e}") from e
-    # Checkpoints written before gate policies existed used free (nested-minimum) gates.
-    cfg = MoBiConfig(**{"router_policy": "free", **meta["config"]})
-    compute_dtype = getattr(torch, meta.get("compute_dtype", "float32"))
+    cfg = config_from_meta(meta, folder / CONFIG_NAME)
+    compute_dtype = getattr(torch, meta["compute_dtype"])  # one of COMPUTE_DTYPES (read_meta)
     try:
         find_blocks(model)
         quantize_model(model, cfg, sites=meta["sites"])
@@ -220,6 +348,8 @@ def load_quantized(model: nn.Module, folder: str | os.PathLike, check_base: bool
             f"checkpoint tensors do not match the model: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
+    for name, m in mobi_linears(model):
+        _check_packed_shapes(m, name, state, cfg)
     with torch.no_grad():
         for name, m in list(mobi_linears(model)) + list(routers(model)):
             _assign(m, name, state)
@@ -232,6 +362,29 @@ def load_quantized(model: nn.Module, folder: str | os.PathLike, check_base: bool
     except ValueError as e:
         raise CheckpointError(f"checkpoint {folder}: {e}") from e
     return model
+
+
+def _check_packed_shapes(m: MoBiLinear, name: str, state: dict[str, torch.Tensor], cfg: MoBiConfig) -> None:
+    """The stored tensors of linear ``name`` have the shapes and dtypes of its freshly built packed buffers.
+
+    The config decides them: plane ``e`` is ``[out_features, ceil(in_features / (word_bits // slice_bits[e]))]``
+    words, the steps and zero points are ``[out_features, ceil(in_features / group_size)]``.
+    """
+    dims = f"in_features={m.in_features}, out_features={m.out_features}"
+    why = {f"plane{e}": f"config slice_bits[{e}]={b}, word_bits={cfg.word_bits}" for e, b in enumerate(m.slice_bits)}
+    why.update(scale=f"config group_size={cfg.group_size}", zero=f"config group_size={cfg.group_size}", bias="")
+    for attr, reason in why.items():
+        key, built = f"{name}.{attr}", getattr(m, attr)
+        if built is None or key not in state:
+            continue
+        t = state[key]
+        if t.shape != built.shape or t.dtype != built.dtype:
+            decided = f"{reason}, {dims}" if reason else dims
+            raise CheckpointError(
+                f"checkpoint tensor {key} does not fit the config: expected shape {tuple(built.shape)} "
+                f"{str(built.dtype).removeprefix('torch.')} ({decided}), stored {tuple(t.shape)} "
+                f"{str(t.dtype).removeprefix('torch.')}"
+            )
 
 
 def _assign(module: nn.Module, name: str, state: dict[str, torch.Tensor]) -> None:
