@@ -40,6 +40,22 @@ def nested_min(scores: torch.Tensor) -> torch.Tensor:
     return torch.cummin(scores, dim=-1).values
 
 
+def _tail(values: torch.Tensor, slice_bits: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gate values ``[N, K-1]`` sorted in decreasing order (float64), the average bits reached once entries
+    ``0..i`` are on (``bits_after[i]``), and each entry's next smaller value (a threshold halfway between
+    the two switches on exactly entries ``0..i``)."""
+    flat = values.detach().reshape(-1, len(slice_bits) - 1)
+    n = flat.shape[0]
+    if n == 0:
+        raise ValueError("cannot calibrate router thresholds from zero tokens")
+    flat = flat.reshape(-1).double()
+    tau_sorted, order = torch.sort(flat, descending=True)
+    weights = torch.tensor(slice_bits[1:], dtype=torch.float64, device=flat.device).expand(n, -1).reshape(-1)
+    bits_after = slice_bits[0] + torch.cumsum(weights[order], 0) / n
+    nxt = torch.cat([tau_sorted[1:], tau_sorted[-1:] - 1.0])
+    return tau_sorted, bits_after, nxt
+
+
 def weighted_tail_table(
     values: torch.Tensor, slice_bits: Sequence[int], points: int = TABLE_POINTS
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,21 +64,10 @@ def weighted_tail_table(
     ``bits(tau) = b_1 + (1/N) sum_{t,j} b_(j+1) [values[t, j] > tau]`` is the average code width per
     weight when the threshold is ``tau``; it is evaluated at ``points`` thresholds spread evenly in bits.
     """
-    values = values.detach().float().reshape(-1, len(slice_bits) - 1)
-    n = values.shape[0]
-    if n == 0:
-        raise ValueError("cannot calibrate router thresholds from zero tokens")
-    weights = torch.tensor(slice_bits[1:], dtype=torch.float64, device=values.device).expand(n, -1).reshape(-1)
-    flat = values.reshape(-1).double()
-    order = torch.argsort(flat, descending=True)
-    tau_sorted = flat[order]
-    # Setting tau just below tau_sorted[i] switches on entries 0..i.
-    bits_after = slice_bits[0] + torch.cumsum(weights[order], 0) / n
+    tau_sorted, bits_after, nxt = _tail(values, slice_bits)
     lo, hi = float(slice_bits[0]), float(sum(slice_bits))
     targets = torch.linspace(lo, hi, points, dtype=torch.float64, device=values.device)
     idx = torch.searchsorted(bits_after, targets, right=False).clamp(max=len(bits_after) - 1)
-    # Threshold halfway between the entry that reaches the target and the next smaller value.
-    nxt = torch.cat([tau_sorted[1:], tau_sorted[-1:] - 1.0])
     taus = (tau_sorted[idx] + nxt[idx]) / 2
     span = float(tau_sorted[0] - tau_sorted[-1]) + 1.0
     taus[0] = tau_sorted[0] + span  # nothing on
@@ -74,20 +79,11 @@ def batch_tau(values: torch.Tensor, slice_bits: Sequence[int], budget: float) ->
     """The threshold (a 0-dim tensor on ``values``' device, no host sync) at which gate values ``[N, K-1]``
     first reach ``budget`` average bits: the entries above it are the highest-valued ones whose summed
     slice bits, per token, reach ``budget - b_1``. Outside ``(b_1, sum b)`` every gate is off or on."""
-    k1 = len(slice_bits) - 1
-    v = values.detach().reshape(-1, k1)
-    n = v.shape[0]
-    if n == 0:
-        raise ValueError("cannot fit a router threshold from zero tokens")
+    tau_sorted, bits_after, nxt = _tail(values, slice_bits)
     lo, hi = float(slice_bits[0]), float(sum(slice_bits))
     target = min(max(float(budget), lo), hi)
-    flat = v.reshape(-1).double()
-    tau_sorted, order = torch.sort(flat, descending=True)
-    weights = torch.tensor(slice_bits[1:], dtype=torch.float64, device=v.device).expand(n, -1).reshape(-1)
-    bits_after = lo + torch.cumsum(weights[order], 0) / n
-    idx = torch.searchsorted(bits_after, torch.tensor([target], dtype=torch.float64, device=v.device))
-    idx = idx.clamp(max=flat.numel() - 1)[0]
-    nxt = torch.cat([tau_sorted[1:], tau_sorted[-1:] - 1.0])
+    idx = torch.searchsorted(bits_after, torch.tensor([target], dtype=torch.float64, device=values.device))
+    idx = idx.clamp(max=len(bits_after) - 1)[0]
     tau = (tau_sorted[idx] + nxt[idx]) / 2
     if target <= lo:
         tau = tau_sorted[0] + 1.0
