@@ -357,26 +357,26 @@ class MoBiQuant(QuantMethod):
         ctx.cache[key] = (model, seconds, ckpt)
         return model, seconds, ckpt, False
 
-    def plan_config(self) -> dict:
-        """What identifies this method's budget plan (compared with a saved plan's settings)."""
+    def plan_config(self, n_windows: int) -> dict:
+        """What identifies this method's budget plan on ``n_windows`` calibration windows: the settings
+        :func:`mobiquant.site_budgets.build_plan` records, window counts resolved as it resolves them."""
+        sw, rw = self.plan_settings["sensitivity_windows"], self.plan_settings["refit_windows"]
+        n_sens = int(n_windows if sw is None else min(sw, n_windows))
         return {
             "per": self.allocation,
             "step": float(self.plan_settings["step"]),
+            "sensitivity_windows": n_sens,
             "refit_thresholds": bool(self.plan_settings["refit_thresholds"]),
+            "refit_windows": n_sens if rw is None else min(int(rw), n_sens),
             "select_windows": int(self.plan_settings["select_windows"]),
         }
 
     def budget_plan(self, ctx: RunContext, model: nn.Module, seconds: float) -> tuple[Any, float, str | None]:
         """This method's plan for the calibrated ``model``: from the run's cache, the loaded checkpoint, or
         built now (then saved with the checkpoint). Returns ``(plan, seconds spent building it, checkpoint)``."""
-        from .site_budgets import build_plan
+        from .site_budgets import plan_budgets
 
-        want = self.plan_config()
-        n = ctx.calib_ids.shape[0]
-        sw = self.plan_settings["sensitivity_windows"]
-        want["sensitivity_windows"] = int(n if sw is None else min(sw, n))
-        rw = self.plan_settings["refit_windows"]
-        want["refit_windows"] = want["sensitivity_windows"] if rw is None else min(int(rw), want["sensitivity_windows"])
+        want = self.plan_config(ctx.calib_ids.shape[0])
         key = ("plan", *self._cache_key(), repr(sorted(want.items())))
         if key in ctx.cache:
             return ctx.cache[key]
@@ -385,9 +385,8 @@ class MoBiQuant(QuantMethod):
             log.info("[%s] budget plan reused from the checkpoint", self.name)
             result = (have, 0.0, None)
         else:
-            install_plan(model, None)
             t0 = time.perf_counter()
-            plan = build_plan(
+            plan = plan_budgets(
                 model,
                 ctx.calib_ids,
                 per=self.allocation,
@@ -399,7 +398,6 @@ class MoBiQuant(QuantMethod):
                 log=log,
             )
             built = time.perf_counter() - t0
-            install_plan(model, plan)
             chosen = sum(r == "uniform" for r in plan.reading)
             log.info(
                 "[%s] budget plan for %d budgets in %.1fs (%d read uniformly)",
