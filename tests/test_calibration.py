@@ -188,3 +188,28 @@ def test_stage1_bits_must_be_a_view():
         CalibConfig(stage1_bits=0)
     with pytest.raises(ValueError, match="'base', 'anchor' or None, got 'top'"):
         CalibConfig(stage1_bits="top")
+
+
+def _clipping_after(**settings) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    model, _ = tiny_llama(num_hidden_layers=1)
+    ids = torch.randint(0, 257, (4, 32), generator=torch.Generator().manual_seed(0))
+    cfg = CalibConfig(batch_size=2, progress_bar=False, threshold_windows=0, **settings)
+    calibrate_model(model, ids, mq.MoBiConfig(group_size=32, router_hidden=8), cfg)
+    state = quantized_state(model)  # frozen: the clipping lives on as each group's step and zero point
+    return [t for key, t in sorted(state.items()) if key.endswith((".scale", ".zero"))]
+
+
+def test_stage2_clipping_rate_zero_keeps_stage1_clipping():
+    """lr_lwc_stage2=0: stage 2 trains the routers only; the clipping is what stage 1 left."""
+    torch.set_num_threads(1)
+    stage1 = _clipping_after(epochs_stage1=2, epochs_stage2=1, lr_lwc_stage2=0.0)
+    frozen = _clipping_after(epochs_stage1=2, epochs_stage2=2, lr_lwc_stage2=0.0)
+    joint = _clipping_after(epochs_stage1=2, epochs_stage2=2)
+    assert stage1 and all(torch.equal(a, b) for a, b in zip(stage1, frozen, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(stage1, joint, strict=True))
+
+
+def test_stage2_clipping_rate_must_not_be_negative():
+    with pytest.raises(ValueError, match="lr_lwc_stage2 must be >= 0"):
+        CalibConfig(lr_lwc_stage2=-1.0)

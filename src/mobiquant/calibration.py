@@ -59,6 +59,9 @@ class CalibConfig:
     batch_size: int = 1
     lr_lwc: float = 5e-3
     lr_router: float = 1e-3
+    # Learning rate of the shared clipping in stage 2. None: ``lr_lwc``; 0 keeps the clipping stage 1 trained
+    # for its view (the base slice by default) and stage 2 trains the routers only.
+    lr_lwc_stage2: float | None = None
     weight_decay: float = 0.0
     budget_loss_weight: float = 0.1
     # Stage-2 reconstruction term: "mse", or "log_mse" (scale-free: a step at a low budget, whose MSE is
@@ -115,6 +118,8 @@ class CalibConfig:
             raise ValueError(f"batch_scope must be 'global' or 'per_device', got {self.batch_scope!r}")
         if self.inputs_on not in ("auto", "device", "cpu"):
             raise ValueError(f"inputs_on must be 'auto', 'device' or 'cpu', got {self.inputs_on!r}")
+        if self.lr_lwc_stage2 is not None and self.lr_lwc_stage2 < 0:
+            raise ValueError(f"lr_lwc_stage2 must be >= 0 or None (= lr_lwc), got {self.lr_lwc_stage2}")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         if self.sync_every < 1:
@@ -363,6 +368,10 @@ class BlockCalibration(L.LightningModule):
     def on_train_epoch_start(self):
         if self.current_epoch == self.cfg.epochs_stage1 and self.has_routing and self.cfg.epochs_stage1 > 0:
             log.debug("block %d: stage 2 (joint slices + routers)", self.block_index)
+        if self.cfg.lr_lwc_stage2 is not None and self._trainer is not None:
+            lr = self.cfg.lr_lwc_stage2 if self.stage == 2 else self.cfg.lr_lwc
+            for opt in self.trainer.optimizers:
+                opt.param_groups[0]["lr"] = lr
 
     def configure_optimizers(self):
         lwc = [p for m in self.linears for p in (m.gamma, m.beta) if p is not None]

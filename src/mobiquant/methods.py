@@ -169,6 +169,9 @@ class QuantMethod(abc.ABC):
 
 #: CalibConfig fields that do not change what a calibration computes (display, where inputs are cached).
 _RUNTIME_ONLY = ("progress_bar", "inputs_on")
+#: CalibConfig fields added after checkpoints were first saved, with the value that means "as before": left
+#: out of the signature at that value, so earlier checkpoints keep matching.
+_ADDED_LATER = {"lr_lwc_stage2": None}
 
 
 def calib_signature(calib: CalibConfig, calib_ids: torch.Tensor | None) -> dict:
@@ -179,7 +182,7 @@ def calib_signature(calib: CalibConfig, calib_ids: torch.Tensor | None) -> dict:
     sig = {
         k: (list(v) if isinstance(v, tuple) else v)
         for k, v in dataclasses.asdict(calib).items()
-        if k not in _RUNTIME_ONLY
+        if k not in _RUNTIME_ONLY and not (k in _ADDED_LATER and v == _ADDED_LATER[k])
     }
     if calib_ids is not None:
         ids = calib_ids.detach().to("cpu", torch.int64).contiguous()
