@@ -196,3 +196,74 @@ def test_pipeline_evaluates_what_a_reloaded_checkpoint_serves(tmp_path, monkeypa
     for row in df[df["method"] == "mobiquant"].itertuples():
         mq.set_budget(model, row.budget)
         assert perplexity(model, windows)["ppl"] == row.ppl, row.budget
+
+
+def _plans_equal(a: BudgetPlan, b: BudgetPlan) -> bool:
+    return (
+        a.budgets == b.budgets
+        and a.linears == b.linears
+        and a.reading == b.reading
+        and torch.equal(a.taus, b.taus)
+        and torch.equal(a.local, b.local)
+    )
+
+
+def test_an_interrupted_plan_resumes_at_the_next_budget(planned, tmp_path, monkeypatch):
+    """Cost curves and finished budgets are saved as they complete; a rerun computes only what is missing
+    and gives the plan of an uninterrupted build. Another key starts over."""
+    import mobiquant.site_budgets as sb
+
+    model, ids, reference = planned
+    settings = dict(per="linear", step=0.5, sensitivity_windows=4, select_windows=4, batch_size=2)
+    state = tmp_path / "plan_state"
+    calls = {"n": 0}
+    real_apply = sb.apply_linear_budgets
+
+    def dying_apply(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # killed while refitting the third budget
+        return real_apply(*args, **kwargs)
+
+    monkeypatch.setattr(sb, "apply_linear_budgets", dying_apply)
+    with pytest.raises(KeyboardInterrupt):
+        build_plan(model, ids, state_dir=state, state_key={"ckpt": "a"}, **settings)
+    assert sorted(p.name for p in state.glob("budget_*.json")) == ["budget_2.0000.json", "budget_2.5000.json"]
+    monkeypatch.setattr(sb, "apply_linear_budgets", real_apply)
+    monkeypatch.setattr(sb, "site_cost_curves", lambda *a, **k: pytest.fail("cost curves measured again"))
+    resumed = build_plan(model, ids, state_dir=state, state_key={"ckpt": "a"}, **settings)
+    assert _plans_equal(resumed, reference)
+    with pytest.raises(pytest.fail.Exception, match="measured again"):  # another checkpoint: nothing reused
+        build_plan(model, ids, state_dir=state, state_key={"ckpt": "b"}, **settings)
+    assert not list(state.glob("budget_*.json"))
+
+
+def test_a_run_killed_while_planning_resumes_its_plan(tmp_path, monkeypatch, caplog):
+    """The pipeline keeps the plan's finished budgets beside the saved checkpoint: a rerun of the same
+    folder reloads the checkpoint, resumes the plan and drops its state once the plan is saved."""
+    import logging
+
+    import mobiquant.site_budgets as sb
+    from mobiquant.pipeline import run
+    from test_pipeline import smoke_cfg
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = smoke_cfg(tmp_path, "baselines=none", "budget.budgets=[3,4]", "plan.step=0.5")
+    real_apply, calls = sb.apply_linear_budgets, {"n": 0}
+
+    def dying_apply(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_apply(*args, **kwargs)
+
+    monkeypatch.setattr(sb, "apply_linear_budgets", dying_apply)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    state = tmp_path / "run" / "calib_state" / "mobiquant-plan"
+    assert len(list(state.glob("budget_*.json"))) == 3
+    monkeypatch.setattr(sb, "apply_linear_budgets", real_apply)
+    with caplog.at_level(logging.INFO):
+        run(cfg)
+    assert "resumed from checkpoint" in caplog.text and caplog.text.count("resumed (") == 3
+    assert not state.exists()

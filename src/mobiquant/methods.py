@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from .calibration import CalibConfig, calibrate_model
-from .checkpoint import CONFIG_NAME, load_quantized, read_meta, save_quantized
+from .checkpoint import CONFIG_NAME, load_quantized, quantized_state, read_meta, save_quantized
 from .dist import is_rank_zero
 from .patching import (
     MoBiConfig,
@@ -172,6 +172,20 @@ _RUNTIME_ONLY = ("progress_bar", "inputs_on")
 #: CalibConfig fields added after checkpoints were first saved, with the value that means "as before": left
 #: out of the signature at that value, so earlier checkpoints keep matching.
 _ADDED_LATER = {"lr_lwc_stage2": None}
+
+
+def checkpoint_digest(model: nn.Module) -> str:
+    """A short digest of what a calibration decided (every linear's step and zero point and every router's
+    weights, not the plan): what identifies a calibrated checkpoint for work derived from it."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key, t in sorted(quantized_state(model).items()):
+        if key.startswith("plan.") or ".plane" in key:
+            continue
+        h.update(key.encode())
+        h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def calib_signature(calib: CalibConfig, calib_ids: torch.Tensor | None) -> dict:
@@ -389,6 +403,7 @@ class MoBiQuant(QuantMethod):
             result = (have, 0.0, None)
         else:
             t0 = time.perf_counter()
+            tag = f"{self.name}-plan"
             plan = plan_budgets(
                 model,
                 ctx.calib_ids,
@@ -399,6 +414,11 @@ class MoBiQuant(QuantMethod):
                 select_windows=want["select_windows"],
                 refit_windows=self.plan_settings["refit_windows"],
                 log=log,
+                state_dir=ctx.state_dir(tag),
+                state_key={
+                    "checkpoint": checkpoint_digest(model),
+                    "calib": calib_signature(self._calib(ctx), ctx.calib_ids),
+                },
             )
             built = time.perf_counter() - t0
             chosen = sum(r == "uniform" for r in plan.reading)
@@ -412,6 +432,8 @@ class MoBiQuant(QuantMethod):
             ckpt = self._save(
                 ctx, model, self.name, calib=self._calib(ctx), extra={"calib_seconds": seconds, "plan_seconds": built}
             )
+            if ckpt is not None:
+                ctx.drop_state(tag)  # the plan is in the checkpoint now
             result = (plan, built, ckpt)
         ctx.cache[key] = result
         return result

@@ -24,14 +24,18 @@ few calibration windows once, then a knapsack per budget.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from .baselines.mixed_layer import _views, allocate_bits, nll_backward, release_hooks
+from .dist import is_rank_zero
 from .patching import mobi_linears, routers
 from .plan import BudgetPlan, stack_plan
 from .router import TokenRouter, interp_tau, weighted_tail_table
@@ -296,6 +300,8 @@ def build_plan(
     refit_windows: int | None = 4,
     batch_size: int = 1,
     log=None,
+    state_dir: str | Path | None = None,
+    state_key: Mapping[str, Any] | None = None,
 ) -> BudgetPlan:
     """The deployed reading of a calibrated, packed checkpoint at every budget of a ``step`` grid.
 
@@ -310,6 +316,10 @@ def build_plan(
 
     Returns a :class:`~mobiquant.plan.BudgetPlan`; install it with ``patching.install_plan`` so that
     ``set_budget`` serves it. Leaves every routed linear on its router's own threshold.
+
+    ``state_dir``: the cost curves and every finished budget are saved there as they complete, so an
+    interrupted build resumes at the next budget; ``state_key`` (what the plan depends on beyond these
+    settings: the checkpoint and the calibration windows) must match for saved work to be reused.
     """
     from .patching import set_budget
 
@@ -332,11 +342,26 @@ def build_plan(
     if refit_windows is not None and refit_windows < 1:
         raise ValueError(f"refit_windows must be >= 1 or None, got {refit_windows}")
     refit_ids = sens if refit_windows is None else sens[:refit_windows]
-    curves = site_cost_curves(model, sens, grid, max_windows=None, batch_size=batch_size, per=per)
+    settings = {
+        "per": per,
+        "step": float(step),
+        "sensitivity_windows": int(n_sens),
+        "refit_thresholds": bool(refit_thresholds),
+        "refit_windows": int(refit_ids.shape[0]),
+        "select_windows": int(select_windows),
+    }
+    state = _PlanState(state_dir, {"settings": settings, "grid": grid, **(state_key or {})}, log)
+    curves = state.curves()
+    if curves is None:
+        curves = site_cost_curves(model, sens, grid, max_windows=None, batch_size=batch_size, per=per)
+        state.save_curves(curves)
     apply = apply_site_budgets if per == "site" else apply_linear_budgets
     lo, hi = grid[0], grid[-1]
     rows = []
     for b in grid:
+        if (row := state.row(b)) is not None:
+            rows.append(row)
+            continue
         alloc = allocate_site_budgets(curves, b)
         apply(model, alloc, calib_ids=refit_ids if refit_thresholds else None, batch_size=batch_size)
         taus = _current_taus(model)
@@ -357,20 +382,67 @@ def build_plan(
                     reading,
                 )
         rows.append((taus, local, reading))
+        state.save_row(b, rows[-1])
     for _, m in mobi_linears(model):
         m.route_tau = None
-    settings = {
-        "per": per,
-        "step": float(step),
-        "sensitivity_windows": int(n_sens),
-        "refit_thresholds": bool(refit_thresholds),
-        "refit_windows": int(refit_ids.shape[0]),
-        "select_windows": int(select_windows),
-    }
     return stack_plan(grid, rows, settings)
 
 
-def plan_budgets(model: nn.Module, calib_ids: torch.Tensor, **settings) -> BudgetPlan:
+class _PlanState:
+    """Finished parts of one plan build (cost curves, then one file per budget), written atomically as they
+    complete and reused only under the same key; no folder: nothing is kept."""
+
+    def __init__(self, folder: str | Path | None, key: Mapping[str, Any], log=None):
+        from .fileio import atomic_write_text, ensure_dir
+
+        self.folder = None if folder is None or not is_rank_zero() else Path(folder)
+        self.log = log
+        self.key = json.loads(json.dumps(key, sort_keys=True, default=str))
+        self._write = atomic_write_text
+        if self.folder is None:
+            return
+        ensure_dir(self.folder)
+        key_file = self.folder / "key.json"
+        old = json.loads(key_file.read_text()) if key_file.is_file() else None
+        if old != self.key:
+            if old is not None and log is not None:
+                log.warning("plan state in %s was made for another checkpoint or settings: starting over", self.folder)
+            for f in self.folder.glob("*.json"):
+                f.unlink(missing_ok=True)
+            atomic_write_text(key_file, json.dumps(self.key, indent=1))
+
+    def curves(self) -> dict[str, dict] | None:
+        f = None if self.folder is None else self.folder / "curves.json"
+        if f is None or not f.is_file():
+            return None
+        if self.log is not None:
+            self.log.info("plan: cost curves resumed from %s", f)
+        return json.loads(f.read_text())
+
+    def save_curves(self, curves: Mapping[str, dict]) -> None:
+        if self.folder is not None:
+            self._write(self.folder / "curves.json", json.dumps(curves, default=float))
+
+    def _row_file(self, b: float) -> Path | None:
+        return None if self.folder is None else self.folder / f"budget_{b:.4f}.json"
+
+    def row(self, b: float) -> tuple[dict[str, float], dict[str, float], str] | None:
+        f = self._row_file(b)
+        if f is None or not f.is_file():
+            return None
+        saved = json.loads(f.read_text())
+        if self.log is not None:
+            self.log.info("plan at %.2f bits: resumed (%s)", b, saved["reading"])
+        return saved["taus"], saved["local"], saved["reading"]
+
+    def save_row(self, b: float, row: tuple[dict[str, float], dict[str, float], str]) -> None:
+        f = self._row_file(b)
+        if f is not None:
+            taus, local, reading = row
+            self._write(f, json.dumps({"taus": taus, "local": local, "reading": reading}))
+
+
+def plan_budgets(model: nn.Module, calib_ids: torch.Tensor, **settings: Any) -> BudgetPlan:
     """Build the budget plan of a calibrated, packed model (:func:`build_plan`, ``settings`` its keywords)
     and install it, so that ``set_budget`` serves it and ``save_quantized`` stores it; returns the plan."""
     from .patching import install_plan
