@@ -39,6 +39,7 @@ PRESETS = {  # preset -> number of jobs its `-m` sweep expands to
     "ablation_seeds": 3,
     "ablation_router_policy": 2,
     "ablation_grid_anchor": 4,
+    "ablation_stage2": 6,
 }
 
 
@@ -85,6 +86,20 @@ def test_ablation_preset_sweeps_its_axis(preset, tmp_path):
     for job in jobs:  # every job of the sweep is a valid configuration (nothing is loaded)
         methods, grid = validate(_task_cfg(_compose([f"experiment={preset}", *job]), tmp_path))
         assert methods[0].budgets(grid), job
+
+
+def test_stage2_preset_changes_one_calibration_lever_per_job(tmp_path):
+    from mobiquant.methods import MoBiQuant
+
+    cfg = _compose(["experiment=ablation_stage2"])
+    jobs = _expand(OmegaConf.to_container(cfg.hydra.sweeper.params))
+    changed = []
+    for job in jobs:
+        methods, _ = validate(_task_cfg(_compose(["experiment=ablation_stage2", *job]), tmp_path))
+        method = methods[0]
+        assert isinstance(method, MoBiQuant) and method.mobi.slice_bits == (3, 1, 1, 1, 1, 1)
+        changed.append(sorted(method.calib_overrides))
+    assert changed == [[], ["lr_lwc"], ["lr_lwc"], ["lr_lwc_stage2"], ["budget_sampling", "budgets"], ["propagate_budget"]]
 
 
 def test_slices_preset_layouts(tmp_path):
