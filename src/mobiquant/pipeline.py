@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig
 
-from .configcheck import ConfigError, check_config, check_schema
+from .configcheck import ConfigError, check_config, check_schema, explicit_overrides
 from .dist import is_rank_zero
 from .fileio import ensure_writable_dir
 from .methods import QuantMethod, RunContext, Variant
@@ -97,6 +97,7 @@ def validate(cfg: DictConfig) -> tuple[list[QuantMethod], list[float]]:
     if seqlen < 2:
         raise ConfigError(f"data.calib.seqlen={seqlen} is too short: at least 2 tokens")
     _pos_int(cfg.eval.seqlen, "eval.seqlen")
+    _pos_int(cfg.eval.get("batch_size", 1), "eval.batch_size")
     if cfg.eval.get("backend", "auto") not in ("auto", "torch", "triton"):
         raise ConfigError(f"eval.backend={cfg.eval.backend!r} is invalid; allowed: auto, torch, triton")
     if cfg.eval.get("max_windows") is not None:
@@ -113,7 +114,7 @@ def validate(cfg: DictConfig) -> tuple[list[QuantMethod], list[float]]:
 
     check_schema(cfg)  # keys and types of calib, quant and the baselines, from the classes they build
     try:
-        instantiate_calib(cfg)
+        calib = instantiate_calib(cfg)
     except InstantiationException as e:
         raise ConfigError(f"calib: {e.__cause__ or e}") from e
     methods = build_methods(cfg)
@@ -123,7 +124,61 @@ def validate(cfg: DictConfig) -> tuple[list[QuantMethod], list[float]]:
             f"quant={main.name}: none of budget.budgets={grid} is achievable by this method "
             f"(e.g. slices {getattr(getattr(main, 'mobi', None), 'slice_bits', '?')})"
         )
+    check_stage1(methods, calib, grid)
+    unserved = unserved_budgets(methods, grid)
+    if unserved and "budget.budgets" in explicit_overrides():
+        i, b = unserved[0]
+        raise ConfigError(
+            f"budget.budgets[{i}]={b:g} is served by no method of this run ({served_ranges(methods, grid)}): "
+            "remove it, or add a method that serves it"
+        )
     return methods, grid
+
+
+def unserved_budgets(methods: list[QuantMethod], grid: list[float]) -> list[tuple[int, float]]:
+    """``(index, budget)`` of the grid budgets that no method evaluates."""
+    served = [float(b) for m in methods for b in m.budgets(grid) if not math.isnan(float(b))]
+    return [(i, b) for i, b in enumerate(grid) if not any(abs(b - s) < 1e-9 for s in served)]
+
+
+def served_ranges(methods: list[QuantMethod], grid: list[float]) -> str:
+    """What each quantizing method evaluates of ``grid``: ``mobiquant 3-8 bits, rtn 2, 3, 4 bits``."""
+    parts = []
+    for m in methods:
+        bs = sorted(float(b) for b in m.budgets(grid) if not math.isnan(float(b)))
+        if bs:
+            mobi = getattr(m, "mobi", None)
+            span = (
+                f"{mobi.min_bits:g}-{mobi.max_bits:g}" if mobi is not None and not getattr(m, "static", False) else None
+            )
+            parts.append(f"{m.name} {span or ', '.join(f'{b:g}' for b in bs)} bits")
+    return "; ".join(parts) or "none"
+
+
+def check_stage1(methods: list[QuantMethod], calib, grid: list[float]) -> None:
+    """``calib.stage1_bits`` (or a method's own ``calib.stage1_bits``) names a view of every slice layout
+    it calibrates."""
+    import dataclasses
+
+    from .calibration import stage1_slices
+
+    for i, m in enumerate(methods):
+        for mobi, overrides in m.calibrations(grid):
+            settings = dataclasses.replace(calib, **overrides) if overrides else calib
+            try:
+                stage1_slices(mobi, settings)
+            except ValueError:
+                views = [sum(mobi.slice_bits[:k]) for k in range(1, len(mobi.slice_bits) + 1)]
+                own = "stage1_bits" in overrides
+                key = (
+                    ("quant" if i == 0 else f"baselines ({m.name})") + ".calib.stage1_bits"
+                    if own
+                    else "calib.stage1_bits"
+                )
+                raise ConfigError(
+                    f"{key}={settings.stage1_bits!r} is not a view of {m.name}'s slices {list(mobi.slice_bits)}: "
+                    f"allowed {views}, 'base' or 'anchor'"
+                ) from None
 
 
 def instantiate_calib(cfg: DictConfig):
@@ -153,6 +208,9 @@ def load_token_ids(spec: DictConfig, tokenizer) -> torch.Tensor:
     if spec.get("paths"):
         kwargs["paths"] = list(spec.paths)
     docs = load_corpus(spec.corpus, split=spec.split, **kwargs)
+    if not any(d.strip() for d in docs):
+        where = f"files {', '.join(map(str, kwargs['paths']))}" if "paths" in kwargs else f"split {spec.split!r}"
+        raise ValueError(f"corpus {spec.corpus} ({where}) holds no text")
     return tokenize_corpus(docs, tokenizer, joiner=corpus_joiner(spec.corpus))
 
 
@@ -218,6 +276,13 @@ def run(cfg: DictConfig) -> float:
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):  # keep the console to our progress
         logging.getLogger(name).setLevel(logging.WARNING)
     methods, grid = validate(cfg)
+    unserved = unserved_budgets(methods, grid)
+    if unserved:  # a preset grid shared by other layouts; a list given on the command line is refused
+        log.warning(
+            "budgets %s of budget.budgets are served by no method of this run (%s): skipped",
+            ", ".join(f"{b:g}" for _, b in unserved),
+            served_ranges(methods, grid),
+        )
     if cfg.trainer.get("float32_matmul_precision"):  # "high": TF32 tensor cores for fp32 matmuls on GPUs
         torch.set_float32_matmul_precision(str(cfg.trainer.float32_matmul_precision))
     out_dir = prepare_run(cfg)
