@@ -190,6 +190,7 @@ def test_enough_text_passes_the_checks(tmp_path):
         (["data.calib.split=test"], "data.calib.split='test' is invalid for corpus wiki_extract"),
         (["data.calib.corpus=text_files"], "data.calib.paths is not set"),
         (["eval.batch_size=0"], "eval.batch_size=0"),
+        (["run.on_mismatch=overwrite"], "run.on_mismatch='overwrite' is invalid; allowed: refuse, new_subrun"),
     ],
 )
 def test_inputs_fail_before_the_model_loads(overrides, fragment, tmp_path, monkeypatch):

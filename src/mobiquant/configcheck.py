@@ -512,10 +512,38 @@ def _keys_at(key: str) -> list[str]:
     return [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
 
 
-def preflight(argv: list[str], conf_dir: str, tasks=None) -> str | None:
+class PlainMessage(str):
+    """A :func:`preflight` answer that is not a configuration error (a run folder in use, or made by
+    another configuration): printed without "invalid configuration"."""
+
+
+def _check_run_folder(cfg: DictConfig, extra_overrides: list[str] | None) -> None:
+    """The run folder Hydra is about to write (``hydra.run.dir``): not in use by another process, and made
+    by this configuration (or, with ``run.on_mismatch=new_subrun``, the sub-run it moves to, added to
+    ``extra_overrides`` as ``hydra.run.dir``), before Hydra writes its own files (``.hydra/``, the log) there."""
+    from .dist import is_rank_zero
+    from .runfolder import probe_lock, resolve_folder
+
+    if not is_rank_zero():  # a DDP rank started by rank 0, which holds the folder: it follows rank 0 there
+        return
+    run_dir = OmegaConf.select(cfg, "hydra.run.dir", default=None, throw_on_resolution_failure=False)
+    if not run_dir or not Path(str(run_dir)).is_dir():
+        return
+    folder = Path(str(run_dir))
+    probe_lock(folder)
+    target = resolve_folder(folder, cfg, str(OmegaConf.select(cfg, "run.on_mismatch", default="refuse")))
+    if target != folder:
+        probe_lock(target)
+        if extra_overrides is not None:
+            extra_overrides.append(f"hydra.run.dir={json.dumps(str(target))}")
+
+
+def preflight(argv: list[str], conf_dir: str, tasks=None, extra_overrides: list[str] | None = None) -> str | None:
     """The first configuration problem of the command line ``argv`` as one line, or None (see the module
     docstring). Help, ``--cfg`` and other informational flags are left to Hydra. In a multirun, the keys
-    that are swept are left to each job's own checks, so one bad value fails its job and not the sweep."""
+    that are swept are left to each job's own checks, so one bad value fails its job and not the sweep.
+    A single ``task=quantize`` run also checks its run folder (:func:`_check_run_folder`); overrides that
+    Hydra must be given in addition are appended to ``extra_overrides``."""
     global _BASE
     from hydra import compose, initialize_config_dir
     from hydra._internal.utils import get_args_parser
@@ -565,6 +593,13 @@ def preflight(argv: list[str], conf_dir: str, tasks=None) -> str | None:
             validate(cfg)  # check_config included
         else:
             check_config(cfg)
+        if not args.multirun and task == "quantize":
+            from .runfolder import RunFolderError
+
+            try:
+                _check_run_folder(cfg, extra_overrides)
+            except RunFolderError as e:
+                return PlainMessage(str(e))
     except ConfigError as e:
         key = re.split(r"[=\s\[:(]", str(e), maxsplit=1)[0]
         if any(key == s or key.startswith(f"{s}.") or key.startswith(f"{s.split('/')[-1]}.") for s in swept):

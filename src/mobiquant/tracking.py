@@ -37,6 +37,7 @@ NAME_SKIP = (
     "torch_threads",
     "save_checkpoints",
     "resume",
+    "run",
     "tags",
     "task_name",
     "hparams_search",
