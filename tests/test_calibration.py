@@ -17,8 +17,8 @@ class Interrupt(Exception):
     pass
 
 
-def _calibrate(state_dir=None, stop_after=None, layers=3, sync_every=1):
-    model, _ = tiny_llama(num_hidden_layers=layers)
+def _calibrate(state_dir=None, stop_after=None, layers=3, sync_every=1, seed=0, reports=None):
+    model, _ = tiny_llama(num_hidden_layers=layers, seed=seed)
     ids = torch.randint(0, 257, (4, 32), generator=torch.Generator().manual_seed(0))
     cfg = CalibConfig(
         epochs_stage1=1,
@@ -31,12 +31,15 @@ def _calibrate(state_dir=None, stop_after=None, layers=3, sync_every=1):
     )
 
     def on_block_end(i, report):
+        if reports is not None:
+            reports.append(report)
         if stop_after is not None and i == stop_after:
             raise Interrupt
 
-    calibrate_model(
+    result = calibrate_model(
         model, ids, mq.MoBiConfig(group_size=32, router_hidden=8), cfg, on_block_end=on_block_end, state_dir=state_dir
     )
+    model.calibration_result = result
     return model
 
 
@@ -74,6 +77,43 @@ def test_state_from_other_settings_is_not_reused(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         calibrate_model(model, ids, mq.MoBiConfig(group_size=32, router_hidden=8), cfg, state_dir=state)
     assert "other settings" in caplog.text
+
+
+def test_state_of_another_base_model_is_not_reused(tmp_path, caplog):
+    """Killed after a block, re-run on the same folder with another base model (``model.tiny.seed=1``): the
+    finished blocks belong to the first model and are calibrated anew, not resumed."""
+    torch.set_num_threads(1)
+    state = tmp_path / "state"
+    with pytest.raises(Interrupt):
+        _calibrate(state, stop_after=0, layers=2, seed=0)
+    assert json.loads((state / "state.json").read_text())["key"]["base_model"]  # keyed by the fingerprint
+    with caplog.at_level("INFO"):
+        other = _calibrate(state, layers=2, seed=1)
+    assert "other settings (base model)" in caplog.text and "resumed" not in caplog.text
+    clean = quantized_state(_calibrate(layers=2, seed=1))
+    resumed = quantized_state(other)
+    for key in clean:
+        assert torch.equal(clean[key], resumed[key]), key
+
+
+def test_resumed_blocks_keep_their_time_and_steps(tmp_path):
+    """A resumed block reports the seconds and steps of the process that calibrated it, and the
+    calibration's time counts every process (``earlier_seconds``: the killed one's, up to its last block)."""
+    torch.set_num_threads(1)
+    state = tmp_path / "state"
+    first: list = []
+    with pytest.raises(Interrupt):
+        _calibrate(state, stop_after=1, reports=first)
+    saved = json.loads((state / "state.json").read_text())
+    assert saved["seconds"] >= first[0].seconds + first[1].seconds > 0
+    again: list = []
+    model = _calibrate(state, reports=again)
+    for a, b in zip(first, again[:2], strict=True):  # the two resumed blocks
+        assert (b.seconds, b.steps, b.final_mse) == (a.seconds, a.steps, a.final_mse) and b.steps > 0
+    assert again[2].steps == first[0].steps and again[2].seconds > 0
+    result = model.calibration_result
+    assert result.earlier_seconds == pytest.approx(saved["seconds"])
+    assert result.seconds > 0 and result.earlier_seconds > 0
 
 
 @pytest.mark.parametrize("sync_every", [1, 3])

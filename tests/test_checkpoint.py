@@ -143,6 +143,24 @@ def test_wrong_format_version_is_named(saved, make_llama):
         mq.load_quantized(make_llama(0), folder)
 
 
+@pytest.mark.parametrize("checksum", [True, False], ids=["rechecksummed", "no-checksum"])
+def test_format_version_given_as_a_string_is_named(saved, make_llama, checksum):
+    """``"format_version": "1"`` (a string) names the field and says to write the integer."""
+    _, folder = saved
+
+    def edit(meta):
+        meta["format_version"] = str(meta["format_version"])
+        if not checksum:
+            meta.pop("meta_sha256")
+
+    rewrite_meta(folder, edit, checksum=checksum)
+    with pytest.raises(mq.CheckpointError) as e:
+        mq.load_quantized(make_llama(0), folder)
+    text = str(e.value)
+    assert f"field 'format_version' is the string '{FORMAT_VERSION}'" in text and "without quotes" in text
+    assert "\n" not in text
+
+
 def test_missing_or_invalid_json_is_detected(saved, make_llama, tmp_path):
     _, folder = saved
     cfg = folder / CONFIG_NAME

@@ -129,3 +129,95 @@ def test_missing_text_file(tmp_path):
     cfg = _compose(["data=offline", extra], tmp_path)
     with pytest.raises(ConfigError, match="does not exist"):
         validate(cfg)
+
+
+# ---------------------------------------------------------------------------- inputs checked before loading
+def _text_corpus(tmp_path, name: str, data: bytes, where: str = "calib") -> list[str]:
+    path = tmp_path / name
+    path.write_bytes(data)
+    if where == "calib":
+        return [
+            "experiment=smoke",
+            "data.calib.corpus=text_files",
+            "data.calib.split=all",
+            f"data.calib.paths=[{path}]",
+        ]
+    return ["experiment=smoke", f"+data.eval.extra={{corpus: text_files, split: all, paths: [{path}]}}"]
+
+
+TEXT = ("Plenty of calibration text, one sentence after another. " * 20 + "\n").encode() * 4
+
+
+@pytest.mark.parametrize(
+    "name,data,where,fragments",
+    [
+        ("empty.txt", b"", "calib", ["data.calib.paths[0]", "empty.txt", "holds no text"]),
+        ("blank.txt", b"  \n\t\n   \n", "eval", ["data.eval.extra.paths[0]", "blank.txt", "holds no text"]),
+        ("latin1.txt", "caf\xe9 au lait\n".encode("latin-1") * 50, "calib", ["latin1.txt", "not UTF-8", "0xe9"]),
+        ("binary.bin", bytes(range(256)) * 8, "eval", ["binary.bin", "not UTF-8", "offset 0"]),
+        ("short.txt", b"a few words\n", "calib", ["short.txt", "has 11 bytes", "data.calib.seqlen=64"]),
+        ("short_eval.txt", b"a few words\n", "eval", ["short_eval.txt", "has 11 bytes", "eval.seqlen=64"]),
+    ],
+)
+def test_text_files_checked_before_loading(tmp_path, name, data, where, fragments):
+    """Empty, whitespace-only, binary or Latin-1 text files and text too short for one window: one line
+    naming the key and the file, before the model or any text is loaded."""
+    cfg = _compose(_text_corpus(tmp_path, name, data, where), tmp_path)
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    text = str(e.value)
+    assert "\n" not in text
+    for fragment in fragments:
+        assert fragment in text, text
+
+
+def test_enough_text_passes_the_checks(tmp_path):
+    cfg = _compose(_text_corpus(tmp_path, "ok.txt", TEXT) + ["data.calib.seqlen=512"], tmp_path)
+    validate(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides,fragment",
+    [
+        (["data.calib.seqlen=10000000"], "data.calib.seqlen=10000000 is too long"),
+        (["eval.seqlen=8192"], "eval.seqlen=8192 is longer than the model reads: at most 4096 tokens"),
+        (["model.dtype=foo"], "model.dtype='foo' is invalid; allowed: float32"),
+        (["model.device=gpu"], "model.device='gpu' is invalid"),
+        (["quant.mobi.slice_bits=[2,2,2,2]", "calib.stage1_bits=5"], "calib.stage1_bits=5 is not a view"),
+        (["calib.stage1_bits=3", "baselines=all"], "calib.stage1_bits=3 is not a view"),
+        (["budget.budgets=[1.5,4]"], "budget.budgets[0]=1.5 is served by no method of this run"),
+        (["data.calib.paths=[x.txt]"], "corpus wiki_extract takes no paths"),
+        (["data.calib.split=test"], "data.calib.split='test' is invalid for corpus wiki_extract"),
+        (["data.calib.corpus=text_files"], "data.calib.paths is not set"),
+        (["eval.batch_size=0"], "eval.batch_size=0"),
+        (["run.on_mismatch=overwrite"], "run.on_mismatch='overwrite' is invalid; allowed: refuse, new_subrun"),
+    ],
+)
+def test_inputs_fail_before_the_model_loads(overrides, fragment, tmp_path, monkeypatch):
+    """Lengths, dtypes, devices, stage-1 views, unreachable budgets and corpus settings: one line naming the
+    key and what is allowed, from the checks that run before any model is loaded."""
+    from mobiquant import pipeline
+
+    monkeypatch.setattr(pipeline, "load_base_model", lambda cfg: pytest.fail("the model was loaded"))
+    cfg = _compose(["experiment=smoke", *overrides], tmp_path)
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_preset_grid_keeps_budgets_other_layouts_serve(tmp_path):
+    """A budget grid from a preset is shared by layouts (each method evaluates what it covers): budgets no
+    method of this run serves are skipped with a warning, not refused; a list given on the command line is
+    taken literally (above)."""
+    from mobiquant.pipeline import unserved_budgets
+
+    cfg = _compose(["experiment=smoke", "baselines=none"], tmp_path)  # [2, 3, 4, 8]; slices [3, 1, ...]
+    methods, grid = validate(cfg)
+    assert unserved_budgets(methods, grid) == [(0, 2.0)]
+
+
+def test_dtype_names_are_the_loaders():
+    from mobiquant.configcheck import DTYPE_NAMES
+    from mobiquant.models import DTYPES
+
+    assert set(DTYPE_NAMES) == set(DTYPES)

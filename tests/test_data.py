@@ -81,6 +81,20 @@ def test_text_files_needs_paths_and_valid_split(tmp_path):
         load_corpus("text_files", paths=[tmp_path / "a.txt"], split="test")
 
 
+def test_text_files_name_the_file_that_is_not_text(tmp_path):
+    """A Latin-1 or binary file, or files with no text: a message naming the file, not a UnicodeDecodeError
+    or "Nothing to tokenize"."""
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt is not UTF-8 text: byte 0xe9") as e:
+        load_corpus("text_files", paths=[latin])
+    assert not isinstance(e.value, UnicodeDecodeError)
+    blank = tmp_path / "blank.txt"
+    blank.write_text("  \n\t\n")
+    with pytest.raises(ValueError, match=r"blank.txt hold no text \(empty or whitespace only\)"):
+        load_corpus("text_files", paths=[blank])
+
+
 def test_paths_rejected_for_other_corpora():
     with pytest.raises(ValueError, match="text_files"):
         load_corpus("wiki_extract", paths=["x.txt"])

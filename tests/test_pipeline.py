@@ -93,33 +93,42 @@ def test_resume_skips_finished_rows(tmp_path, wandb_env):
 
 
 def test_saved_checkpoint_reused_only_with_the_same_calibration(tmp_path, wandb_env, caplog):
-    """A run folder's checkpoint is reused for the same calibration settings and tokens, never for others."""
+    """A checkpoint in a run folder is reused for the same calibration settings and tokens, never for others.
+
+    The same folder refuses another configuration (its identity), so each re-run below gets a new folder
+    holding a copy of the first run's checkpoints: a checkpoint is found by what it is, not by name."""
     import logging
+    import shutil
 
     args = ("logger=none", "baselines=none", "budget.budgets=[4]")
-    run(smoke_cfg(tmp_path, *args))
-    out = tmp_path / "run"
-    meta_file = out / "checkpoints" / "mobiquant" / "mobiquant.json"
-    first = json.loads(meta_file.read_text())["extra"]["calib"]
+    run(smoke_cfg(tmp_path / "first", *args))
+    first_ckpts = tmp_path / "first" / "run" / "checkpoints"
+    first = json.loads((first_ckpts / "mobiquant" / "mobiquant.json").read_text())["extra"]["calib"]
     assert first["lr_lwc"] == 5e-3 and first["calib_tokens"].startswith("[")
+    reruns = iter(range(100))
 
     def rerun(*extra):
-        (out / "results.csv").unlink()  # otherwise the finished row is simply skipped
+        root = tmp_path / f"rerun{next(reruns)}"
+        shutil.copytree(first_ckpts, root / "run" / "checkpoints")
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="mobiquant"):
-            run(smoke_cfg(tmp_path, *args, *extra))
-        return caplog.text
+            run(smoke_cfg(root, *args, *extra))
+        return caplog.text, root / "run"
 
-    assert "resumed from checkpoint" in rerun()
-    text = rerun("calib.lr_lwc=0.02")
+    text, out = rerun()
+    assert "resumed from checkpoint" in text
+    text, out = rerun("calib.lr_lwc=0.02")
     assert "other calibration settings or tokens (lr_lwc)" in text and "resumed from" not in text
+    meta_file = out / "checkpoints" / "mobiquant" / "mobiquant.json"
     assert json.loads(meta_file.read_text())["extra"]["calib"]["lr_lwc"] == 0.02  # the new calibration
-    text = rerun("calib.lr_lwc=0.02", "seed=3")  # other calibration windows
+    text, _ = rerun("seed=3")  # other calibration windows
     assert "calib_tokens" in text and "resumed from" not in text
-    assert "resumed from" not in rerun("calib.lr_lwc=0.02", "seed=3", "resume=false")  # calibrate anew
+    assert "resumed from" not in rerun("resume=false")[0]  # calibrate anew
     # Found by what it is, not by name: the uniform reading of the same settings reuses this checkpoint.
-    text = rerun("calib.lr_lwc=0.02", "seed=3", "quant=mobiquant_uniform")
+    text, out = rerun("quant=mobiquant_uniform")
     assert f"resumed from checkpoint {out / 'checkpoints' / 'mobiquant'}" in text
+    text, _ = rerun("model.tiny.seed=1")  # another base model: its checkpoints are never reused
+    assert "built for another base model" in text and "resumed from" not in text
 
 
 def test_text_files_corpus_from_shared_data(tmp_path, wandb_env):

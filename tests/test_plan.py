@@ -183,7 +183,7 @@ def test_pipeline_evaluates_what_a_reloaded_checkpoint_serves(tmp_path, monkeypa
     from test_pipeline import smoke_cfg
 
     monkeypatch.setenv("WANDB_MODE", "offline")
-    cfg = smoke_cfg(tmp_path, "baselines=none", "budget.budgets=[2,3,3.5,4.25,8]", "plan.step=0.5")
+    cfg = smoke_cfg(tmp_path, "baselines=none", "budget.budgets=[3,3.5,4.25,8]", "plan.step=0.5")
     run(cfg)
     df = pd.read_csv(tmp_path / "run" / "results.csv")
     folder = tmp_path / "run" / "checkpoints" / "mobiquant"

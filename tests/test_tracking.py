@@ -121,3 +121,19 @@ def test_curve_summary():
     assert s["curve/mobiquant/ptb/mean_log_ppl"] == pytest.approx(math.log(50))
     assert "curve/fp/wiki/mean_log_ppl" not in s
     assert math.isnan(curve_summary(df, "gptq", ["wiki"])[OBJECTIVE])
+
+
+def test_checkpoint_artifact_leaves_out_temporaries(tmp_path):
+    """Stray temporaries of our atomic writers (a killed save) never go into the W&B checkpoint artifact."""
+    from mobiquant.fileio import owner_tag
+    from mobiquant.tracking import artifact_files
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for name in ("mobiquant.json", "quantized.safetensors"):
+        (folder / name).write_text("x")
+    (folder / f".quantized.safetensors.{owner_tag()}.abcd1234.tmp").write_text("half")
+    (folder / ".mobiquant.json.k2j4h5l6.tmp").write_text("half")  # the naming before owners were recorded
+    (folder / ".quantized.safetensors.tmp-1@h-abcd1234").mkdir()
+    (folder / ".quantized.safetensors.tmp-1@h-abcd1234" / "x").write_text("x")
+    assert [p.name for p in artifact_files(folder)] == ["mobiquant.json", "quantized.safetensors"]

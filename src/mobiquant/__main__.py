@@ -63,11 +63,13 @@ def resolve_task(name: str):
 
 def _task(cfg) -> float:
     from .pipeline import ConfigError
+    from .runfolder import RunFolderError
 
     try:
         return resolve_task(str(cfg.get("task", "quantize")))(cfg)
     except ConfigError as e:  # a clear one-line message instead of a traceback
-        print(f"mobiquant: invalid configuration: {e}", file=sys.stderr)
+        what = "" if isinstance(e, RunFolderError) else "invalid configuration: "
+        print(f"mobiquant: {what}{e}", file=sys.stderr)
         if _multirun():
             # An exception (not SystemExit) lets Hydra record this job as failed and run the others;
             # the sweep then ends with this error once every job of the batch is done.
@@ -88,11 +90,17 @@ def main() -> None:
     import hydra
 
     register_resolvers()
-    from .configcheck import preflight
+    from .configcheck import PlainMessage, preflight
 
-    error = preflight(sys.argv[1:], CONF_DIR, tasks=TASKS)  # before Hydra makes a run folder
+    extra: list[str] = []
+    error = preflight(sys.argv[1:], CONF_DIR, tasks=TASKS, extra_overrides=extra)  # before Hydra makes a run folder
     if error:
-        sys.exit(f"mobiquant: invalid configuration: {error}")
+        sys.exit(
+            f"mobiquant: {error}" if isinstance(error, PlainMessage) else f"mobiquant: invalid configuration: {error}"
+        )
+    if extra:  # run.on_mismatch=new_subrun: Hydra's own files go into the sub-run too
+        keys = {o.split("=", 1)[0] for o in extra}
+        sys.argv = [a for a in sys.argv if a.split("=", 1)[0] not in keys] + extra
     hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(_task)()
 
 

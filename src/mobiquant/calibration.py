@@ -396,7 +396,9 @@ class BlockReport:
 @dataclass
 class CalibrationResult:
     blocks: list[BlockReport] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # this process
+    # earlier processes of a resumed calibration: the time each had spent when it saved its last block
+    earlier_seconds: float = 0.0
 
     def as_rows(self) -> list[dict]:
         return [vars(b) for b in self.blocks]
@@ -458,9 +460,17 @@ def _propagate(block, q_x, kwargs, cfg: CalibConfig, mobi: MoBiConfig, budget: f
 
 
 class _CalibState:
-    """Finished blocks of one calibration, saved as they complete (``block_XXX.safetensors``)."""
+    """Finished blocks of one calibration, saved as they complete (``block_XXX.safetensors``).
 
-    def __init__(self, folder, mobi: MoBiConfig, cfg: CalibConfig, calib_ids: torch.Tensor):
+    ``state.json`` lists them with their reports (time and steps included) under a key: the MoBiConfig, the
+    calibration settings, the calibration tokens and the base model's fingerprint; a state of another key
+    is started over. ``seconds``: the calibration time of the processes that wrote it, up to their last
+    saved block (what a resumed calibration adds its own time to).
+    """
+
+    def __init__(
+        self, folder, mobi: MoBiConfig, cfg: CalibConfig, calib_ids: torch.Tensor, base_fingerprint: str | None = None
+    ):
         from .fileio import atomic_write_text, ensure_dir
 
         self.folder = ensure_dir(folder)
@@ -471,22 +481,47 @@ class _CalibState:
             "calib": json.loads(json.dumps(settings, default=str)),
             "calib_ids_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
             "calib_ids_shape": list(ids.shape),
+            "base_model": base_fingerprint,
         }
         meta_path = self.folder / "state.json"
         self.reports: dict[int, dict] = {}
+        self.earlier_seconds = 0.0
         if meta_path.exists():
             meta = json.loads(meta_path.read_text())
             if meta.get("key") == self.key:
                 self.reports = {int(k): v for k, v in meta.get("blocks", {}).items()}
+                spent = meta.get("seconds")
+                self.earlier_seconds = float(
+                    spent
+                    if isinstance(spent, (int, float))
+                    else sum(r.get("seconds", 0.0) for r in self.reports.values())
+                )
             else:
-                log.warning("calibration state in %s was made with other settings: starting over", self.folder)
+                old = meta.get("key") if isinstance(meta.get("key"), dict) else {}
+                what = [k.replace("_", " ") for k in self.key if old.get(k) != self.key[k]]
+                log.warning(
+                    "calibration state in %s was made with other settings (%s): starting over",
+                    self.folder,
+                    ", ".join(what) or "unknown",
+                )
                 for f in self.folder.glob("block_*.safetensors"):
                     if is_rank_zero():
                         f.unlink(missing_ok=True)
         self.writer = is_rank_zero()  # under DDP every rank reads the state, rank 0 alone writes it
+        self.t_start = time.perf_counter()
         self._write = lambda: (
             self.writer
-            and atomic_write_text(meta_path, json.dumps({"key": self.key, "blocks": self.reports}, indent=1))
+            and atomic_write_text(
+                meta_path,
+                json.dumps(
+                    {
+                        "key": self.key,
+                        "blocks": self.reports,
+                        "seconds": self.earlier_seconds + time.perf_counter() - self.t_start,
+                    },
+                    indent=1,
+                ),
+            )
         )
         self._write()
 
@@ -497,7 +532,8 @@ class _CalibState:
         return i in self.reports and self._file(i).is_file()
 
     def report(self, i: int) -> BlockReport:
-        return BlockReport(**{**self.reports[i], "seconds": 0.0, "steps": 0})
+        """The saved block's report, with the time and steps of the process that calibrated it."""
+        return BlockReport(**self.reports[i])
 
     def save(self, i: int, block: nn.Module, report: BlockReport) -> None:
         from safetensors.torch import save
@@ -620,7 +656,11 @@ def calibrate_model(
     cfg = cfg or CalibConfig()
     stage1_slices(mobi, cfg)  # a bad stage1_bits fails here, before any work
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    state = _CalibState(state_dir, mobi, cfg, calib_ids) if state_dir is not None else None
+    state = None
+    if state_dir is not None:
+        from .checkpoint import base_fingerprint
+
+        state = _CalibState(state_dir, mobi, cfg, calib_ids, base_fingerprint(model))
     t_start = time.perf_counter()
     sites = _unpatch(model) or discover_sites(model, mobi)
     _, blocks = find_blocks(model)
@@ -651,6 +691,7 @@ def calibrate_model(
             state.load(i, block)
             report = state.report(i)
             log.info("block %d: resumed from %s", i, state.folder)
+            step_offset += report.steps
             fp_x = fp_y
             q_x = _propagate(block, q_x, kwargs, cfg, mobi, prop_budget)
             result.blocks.append(report)
@@ -733,4 +774,5 @@ def calibrate_model(
             "s" if ranks > 1 else "",
         )
     result.seconds = time.perf_counter() - t_start
+    result.earlier_seconds = state.earlier_seconds if state is not None else 0.0
     return result

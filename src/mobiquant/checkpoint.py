@@ -288,6 +288,11 @@ def read_meta(folder: str | os.PathLike) -> dict:
                 f"match the sha256 of its canonical JSON)"
             )
     version = meta.get("format_version")
+    if isinstance(version, str) and version.strip().lstrip("+-").isdigit():
+        raise CheckpointError(
+            f"{cfg_path}: field 'format_version' is the string {version!r}, but must be an integer: write "
+            f"{version.strip()} without quotes (this mobiquant reads versions {list(READABLE_VERSIONS)})"
+        )
     if isinstance(version, bool) or not isinstance(version, int) or version not in READABLE_VERSIONS:
         raise CheckpointError(
             f"{cfg_path} has format version {version!r} ({type(version).__name__}); this mobiquant reads the "

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import json
 import os
 import re
 import typing
@@ -225,10 +226,30 @@ def _looks_local(path: str) -> bool:
     )
 
 
+#: The ``model.dtype`` names a model loads in (the keys of ``mobiquant.models.DTYPES``).
+DTYPE_NAMES = ("float32", "fp32", "float", "float16", "fp16", "half", "bfloat16", "bf16")
+#: ``model.device``: a torch device a model is moved to.
+DEVICE_RE = re.compile(r"^(cpu|cuda|mps|xpu)(:\d+)?$")
+#: No model here reads windows longer than this (tokens): a larger ``seqlen`` is a typo.
+MAX_SEQLEN = 1 << 20
+#: Tokens a tokenizer may add to a text beside its bytes (BOS, EOS, a prefix space): every tokenizer in
+#: use gives at most one token per UTF-8 byte of the text plus these.
+TOKEN_SLACK = 8
+
+
 def check_model(cfg: DictConfig) -> None:
-    """``model.path``: a local folder must exist and hold a Hugging Face config; a hub id is left to loading."""
+    """``model.path``: a local folder must exist and hold a Hugging Face config; a hub id is left to loading.
+    ``model.dtype`` and ``model.device``: names a model can be loaded in and moved to."""
     model = cfg.get("model")
-    if model is None or OmegaConf.is_missing(model, "path"):
+    if model is None:
+        return
+    dtype = model.get("dtype", "float32")
+    if not isinstance(dtype, str) or dtype.lower().removeprefix("torch.") not in DTYPE_NAMES:
+        raise ConfigError(f"model.dtype={dtype!r} is invalid; allowed: {', '.join(DTYPE_NAMES)}")
+    device = model.get("device", "cpu")
+    if not isinstance(device, str) or not DEVICE_RE.match(device):
+        raise ConfigError(f"model.device={device!r} is invalid; allowed: cpu, cuda, cuda:<n>, mps")
+    if OmegaConf.is_missing(model, "path"):
         return
     path = str(model.path)
     if path == "tiny" or not _looks_local(path):
@@ -258,8 +279,83 @@ def path_hint(cfg: DictConfig, path: str) -> str:
     return ""
 
 
+def scan_text_file(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """``(bytes, lines)`` of the non-empty lines of a UTF-8 text file (line ends left out). A file that is
+    not UTF-8 text (a binary or Latin-1 file) raises ``ValueError`` naming the file and the first bad byte."""
+    n_bytes = n_lines = offset = 0
+    with open(path, "rb") as fh:
+        for raw in fh:
+            bad = raw.find(b"\0")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad = e.start if bad < 0 else min(bad, e.start)
+            if bad >= 0:
+                raise ValueError(
+                    f"file {path} is not UTF-8 text: byte 0x{raw[bad]:02x} at offset {offset + bad} (a binary or "
+                    "Latin-1 file?); convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+                )
+            offset += len(raw)
+            if line.strip():
+                n_lines += 1
+                n_bytes += len(line.rstrip("\r\n").encode("utf-8"))
+    return n_bytes, n_lines
+
+
+#: Corpora read from local files (``paths``); the others take no paths.
+FILE_CORPORA = ("text_files",)
+#: Corpora that accept only the splits calib, eval, all (the hub corpora also take their own split names).
+LOCAL_SPLITS = {"wiki_extract": ("calib", "eval", "all"), "text_files": ("calib", "eval", "all")}
+
+
+def _spec_text_bytes(cfg: DictConfig, key: str, spec) -> int | None:
+    """Check a corpus spec's ``paths`` (set exactly for text files, existing, UTF-8, not empty); returns
+    the bytes of text its files hold (None: not a local file corpus)."""
+    corpus = spec.get("corpus")
+    paths = spec.get("paths")
+    split = spec.get("split")
+    if isinstance(corpus, str) and corpus in LOCAL_SPLITS and split is not None and split not in LOCAL_SPLITS[corpus]:
+        raise ConfigError(
+            f"{key}.split={split!r} is invalid for corpus {corpus}; allowed: {', '.join(LOCAL_SPLITS[corpus])}"
+        )
+    if paths is not None and not isinstance(paths, (list, ListConfig)):
+        paths = [paths]
+    if corpus in FILE_CORPORA and not paths:
+        raise ConfigError(
+            f"{key}.paths is not set: corpus {corpus} reads local UTF-8 files ({key}.paths=[<file>, ...])"
+        )
+    if paths and corpus not in FILE_CORPORA:
+        raise ConfigError(
+            f"{key}.paths={list(paths)} is set, but corpus {corpus} takes no paths: use {key}.corpus=text_files "
+            f"for local files, or {key}.paths=null"
+        )
+    total = 0
+    for i, p in enumerate(paths or []):
+        path = Path(str(p)).expanduser()
+        if not path.exists():
+            raise ConfigError(f"{key}.paths[{i}]: file {p} does not exist{path_hint(cfg, str(p))}")
+        if not path.is_file():
+            raise ConfigError(f"{key}.paths[{i}]: {p} is not a file")
+        try:
+            n_bytes, n_lines = scan_text_file(path)
+        except ValueError as e:
+            raise ConfigError(f"{key}.paths[{i}]: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"{key}.paths[{i}]: cannot read {p}: {e.strerror or e}") from None
+        if n_lines == 0:
+            raise ConfigError(f"{key}.paths[{i}]: file {p} holds no text (it is empty or whitespace only)")
+        total += n_bytes + 2 * (n_lines - 1) + (2 if i else 0)  # the documents are joined by a blank line
+    return total if paths else None
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def check_data(cfg: DictConfig) -> None:
-    """Every text file a corpus reads (``data.calib.paths``, ``data.eval.<name>.paths``) exists."""
+    """Every text file a corpus reads (``data.calib.paths``, ``data.eval.<name>.paths``) exists, is UTF-8
+    text and holds enough of it for one window (at most one token per byte); ``paths`` is given exactly
+    for the corpus that reads files."""
     data = cfg.get("data")
     if data is None:
         return
@@ -267,9 +363,20 @@ def check_data(cfg: DictConfig) -> None:
     for key, spec in specs:
         if spec is None:
             continue
-        for i, p in enumerate(spec.get("paths") or []):
-            if not Path(str(p)).exists():
-                raise ConfigError(f"{key}.paths[{i}]: file {p} does not exist{path_hint(cfg, str(p))}")
+        n_bytes = _spec_text_bytes(cfg, key, spec)
+        if n_bytes is None:
+            continue
+        if key == "data.calib":
+            seqlen, seqlen_key, need = _int_or_none(spec.get("seqlen")), "data.calib.seqlen", 1
+        else:
+            seqlen, seqlen_key, need = _int_or_none((cfg.get("eval") or {}).get("seqlen")), "eval.seqlen", 0
+        if seqlen is not None and n_bytes + TOKEN_SLACK < seqlen + need:
+            what = "one calibration window needs seqlen + 1" if need else "one evaluation window needs"
+            raise ConfigError(
+                f"{key}.paths: the text of {', '.join(str(p) for p in spec.paths)} has {n_bytes} bytes, so at most "
+                f"about {n_bytes + TOKEN_SLACK} tokens, but {what} = {seqlen + need} tokens ({seqlen_key}={seqlen}): "
+                f"give more text or a shorter {seqlen_key}"
+            )
     if str(cfg.get("task", "")) == "lm_eval" and cfg.get("lm_eval") is not None:
         from .lm_eval_tasks import LOCAL_TASKS  # the local tasks built from a text file
 
@@ -283,14 +390,84 @@ def check_data(cfg: DictConfig) -> None:
                 )
 
 
+def _config_context(config: dict) -> int | None:
+    for node in (config.get("text_config") or {}, config):
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+            value = node.get(key) if isinstance(node, dict) else None
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def model_context(cfg: DictConfig) -> tuple[int, str] | None:
+    """The longest window ``model.path`` reads and where that number comes from, when it can be told
+    before loading: the tiny model, a local Hugging Face folder, a built-in model already converted."""
+    model = cfg.get("model")
+    if model is None or OmegaConf.is_missing(model, "path"):
+        return None
+    path = str(model.path)
+    if path == "tiny":
+        from .tiny import MAX_POSITIONS
+
+        return MAX_POSITIONS, "the tiny model's max_position_embeddings"
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        try:
+            from .models import KNOWN_MODELS, cache_root
+
+            known = KNOWN_MODELS.get(path)
+            cache = OmegaConf.select(cfg, "paths.cache_dir", default=None, throw_on_resolution_failure=False)
+            folder = cache_root(cache) / "models" / known.folder if known is not None else folder
+        except Exception:  # noqa: BLE001 - no registry here: unknown
+            return None
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        n = _config_context(json.loads(config_file.read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return None
+    return (n, f"max_position_embeddings in {config_file}") if n else None
+
+
+def check_lengths(cfg: DictConfig) -> None:
+    """``data.calib.seqlen`` and ``eval.seqlen`` within the model's context (where it is known before
+    loading) and under :data:`MAX_SEQLEN`."""
+    context = None
+    for key in ("data.calib.seqlen", "eval.seqlen"):
+        seqlen = _int_or_none(OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False))
+        if seqlen is None:
+            continue
+        if seqlen > MAX_SEQLEN:
+            raise ConfigError(f"{key}={seqlen} is too long: at most {MAX_SEQLEN} tokens (and the model's context)")
+        context = context or model_context(cfg)
+        if context is not None and seqlen > context[0]:
+            raise ConfigError(
+                f"{key}={seqlen} is longer than the model reads: at most {context[0]} tokens ({context[1]})"
+            )
+
+
 def check_config(cfg: DictConfig, schema: bool = True) -> None:
-    """Required values, the model path, the data files and (``schema``) the ``_target_`` nodes' keys and
-    types of ``cfg``."""
+    """Required values, the model path, dtype and device, the data files and window lengths, and
+    (``schema``) the ``_target_`` nodes' keys and types of ``cfg``."""
     check_required(cfg)
     check_model(cfg)
     check_data(cfg)
+    check_lengths(cfg)
     if schema:
         check_schema(cfg)
+
+
+def explicit_overrides() -> list[str]:
+    """The keys this job's command line (or sweeper) set, outside Hydra: ``[]``."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return []
+        return [str(o).lstrip("+~").split("=", 1)[0] for o in HydraConfig.get().overrides.task]
+    except Exception:  # noqa: BLE001 - a partial Hydra config
+        return []
 
 
 # ---------------------------------------------------------------------------- the command line
@@ -335,10 +512,38 @@ def _keys_at(key: str) -> list[str]:
     return [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
 
 
-def preflight(argv: list[str], conf_dir: str, tasks=None) -> str | None:
+class PlainMessage(str):
+    """A :func:`preflight` answer that is not a configuration error (a run folder in use, or made by
+    another configuration): printed without "invalid configuration"."""
+
+
+def _check_run_folder(cfg: DictConfig, extra_overrides: list[str] | None) -> None:
+    """The run folder Hydra is about to write (``hydra.run.dir``): not in use by another process, and made
+    by this configuration (or, with ``run.on_mismatch=new_subrun``, the sub-run it moves to, added to
+    ``extra_overrides`` as ``hydra.run.dir``), before Hydra writes its own files (``.hydra/``, the log) there."""
+    from .dist import is_rank_zero
+    from .runfolder import probe_lock, resolve_folder
+
+    if not is_rank_zero():  # a DDP rank started by rank 0, which holds the folder: it follows rank 0 there
+        return
+    run_dir = OmegaConf.select(cfg, "hydra.run.dir", default=None, throw_on_resolution_failure=False)
+    if not run_dir or not Path(str(run_dir)).is_dir():
+        return
+    folder = Path(str(run_dir))
+    probe_lock(folder)
+    target = resolve_folder(folder, cfg, str(OmegaConf.select(cfg, "run.on_mismatch", default="refuse")))
+    if target != folder:
+        probe_lock(target)
+        if extra_overrides is not None:
+            extra_overrides.append(f"hydra.run.dir={json.dumps(str(target))}")
+
+
+def preflight(argv: list[str], conf_dir: str, tasks=None, extra_overrides: list[str] | None = None) -> str | None:
     """The first configuration problem of the command line ``argv`` as one line, or None (see the module
     docstring). Help, ``--cfg`` and other informational flags are left to Hydra. In a multirun, the keys
-    that are swept are left to each job's own checks, so one bad value fails its job and not the sweep."""
+    that are swept are left to each job's own checks, so one bad value fails its job and not the sweep.
+    A single ``task=quantize`` run also checks its run folder (:func:`_check_run_folder`); overrides that
+    Hydra must be given in addition are appended to ``extra_overrides``."""
     global _BASE
     from hydra import compose, initialize_config_dir
     from hydra._internal.utils import get_args_parser
@@ -388,6 +593,13 @@ def preflight(argv: list[str], conf_dir: str, tasks=None) -> str | None:
             validate(cfg)  # check_config included
         else:
             check_config(cfg)
+        if not args.multirun and task == "quantize":
+            from .runfolder import RunFolderError
+
+            try:
+                _check_run_folder(cfg, extra_overrides)
+            except RunFolderError as e:
+                return PlainMessage(str(e))
     except ConfigError as e:
         key = re.split(r"[=\s\[:(]", str(e), maxsplit=1)[0]
         if any(key == s or key.startswith(f"{s}.") or key.startswith(f"{s.split('/')[-1]}.") for s in swept):

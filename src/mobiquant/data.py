@@ -251,8 +251,16 @@ def load_text_files(
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(f"Text file not found: {path}")
-        with open(path, encoding="utf-8") as fh:
-            docs.extend(line.rstrip("\r\n") for line in fh if line.strip())
+        try:
+            with open(path, encoding="utf-8") as fh:
+                docs.extend(line.rstrip("\r\n") for line in fh if line.strip())
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"Text file {path} is not UTF-8 text: byte 0x{e.object[e.start]:02x} cannot be decoded (a binary or "
+                "Latin-1 file?); convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+            ) from None
+    if not docs:
+        raise ValueError(f"Text files {', '.join(map(str, paths))} hold no text (empty or whitespace only)")
     return docs
 
 

@@ -68,6 +68,7 @@ class RunContext:
     base_model_name: str | None = None
     cache: dict = field(default_factory=dict)  # calibrated models shared between methods of one run
     resume: bool = True  # keep per-block calibration state in output_dir/calib_state/<tag> and resume from it
+    base_fingerprint: str | None = None  # checkpoint.base_fingerprint of the base model: others are not reused
 
     def state_dir(self, tag: str) -> Path | None:
         return self.output_dir / "calib_state" / tag if self.resume else None
@@ -110,6 +111,11 @@ class QuantMethod(abc.ABC):
     def run(self, ctx: RunContext, grid: Sequence[float]) -> Iterator[Variant]:
         """Yield one evaluated-ready :class:`Variant` per budget."""
 
+    def calibrations(self, grid: Sequence[float]) -> list[tuple[MoBiConfig, Mapping[str, Any]]]:
+        """The block-wise calibrations :meth:`run` makes: ``(MoBiConfig, calib overrides)`` each, so that
+        the calibration settings can be checked against them before any work."""
+        return []
+
     def _calib(self, ctx: RunContext) -> CalibConfig:
         """The run's calibration settings with this method's ``calib`` overrides applied."""
         return dataclasses.replace(ctx.calib, **self.calib_overrides) if self.calib_overrides else ctx.calib
@@ -132,6 +138,10 @@ class QuantMethod(abc.ABC):
             if not (folder / CONFIG_NAME).is_file():
                 continue
             meta = read_meta(folder)
+            if ctx.base_fingerprint is not None and meta["base_model"]["fingerprint"] != ctx.base_fingerprint:
+                if folder.name == tag:
+                    log.warning("checkpoint %s was built for another base model: not reused", folder)
+                continue
             if meta["config"] != mobi.to_dict():
                 if folder.name == tag:
                     log.warning("checkpoint %s has other settings than this run: not reused", folder)
@@ -257,9 +267,15 @@ class LWC(QuantMethod):
     def budgets(self, grid):
         return [float(b) for b in (self.bits or integer_budgets(grid))]
 
+    def calibrations(self, grid):
+        return [(self._mobi(b), self.calib_overrides) for b in self.budgets(grid)]
+
+    def _mobi(self, b: float) -> MoBiConfig:
+        return MoBiConfig(slice_bits=(int(b),), group_size=self.group_size, lwc_init=self.lwc_init)
+
     def run(self, ctx, grid):
         for b in self.budgets(grid):
-            mobi = MoBiConfig(slice_bits=(int(b),), group_size=self.group_size, lwc_init=self.lwc_init)
+            mobi = self._mobi(b)
             tag = f"{self.name}-w{int(b)}"
             calib = self._calib(ctx)
             saved = self._load_saved(ctx, tag, mobi, calib)
@@ -268,7 +284,7 @@ class LWC(QuantMethod):
             else:
                 model = ctx.fp_model()
                 t0 = time.perf_counter()
-                calibrate_model(
+                result = calibrate_model(
                     model,
                     ctx.calib_ids,
                     mobi,
@@ -277,7 +293,7 @@ class LWC(QuantMethod):
                     on_block_end=_block_cb(ctx, tag),
                     state_dir=ctx.state_dir(tag),
                 )
-                seconds = time.perf_counter() - t0
+                seconds = time.perf_counter() - t0 + result.earlier_seconds  # every process's share
                 ckpt = self._save(ctx, model, tag, extra={"calib_seconds": seconds}, calib=calib)
                 if ckpt is not None:
                     ctx.drop_state(tag)
@@ -343,6 +359,9 @@ class MoBiQuant(QuantMethod):
             return [float(b) for b in sums]
         return [float(b) for b in grid if lo <= b <= hi]
 
+    def calibrations(self, grid):
+        return [(self.mobi, self.calib_overrides)]
+
     def _cache_key(self) -> tuple:
         return ("mobiquant", repr(self.mobi.to_dict()), repr(sorted(self.calib_overrides.items())))
 
@@ -358,7 +377,7 @@ class MoBiQuant(QuantMethod):
             return (*saved, False)
         model = ctx.fp_model()
         t0 = time.perf_counter()
-        calibrate_model(
+        result = calibrate_model(
             model,
             ctx.calib_ids,
             self.mobi,
@@ -367,7 +386,7 @@ class MoBiQuant(QuantMethod):
             on_block_end=_block_cb(ctx, self.name),
             state_dir=ctx.state_dir(self.name),
         )
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0 + result.earlier_seconds  # every process's share
         ckpt = self._save(ctx, model, self.name, extra={"calib_seconds": seconds}, calib=calib)
         if ckpt is not None:
             ctx.drop_state(self.name)
@@ -552,6 +571,9 @@ class MixedLayer(QuantMethod):
 
     def budgets(self, grid):
         return self.source.budgets(grid)  # every grid budget the checkpoint's routers can serve
+
+    def calibrations(self, grid):
+        return self.source.calibrations(grid)
 
     def run(self, ctx, grid):
         from .baselines import allocate_bits, apply_allocation, layer_sensitivity

@@ -37,7 +37,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from .fileio import fsync_dir, fsync_tree, sha256_file, shared_mode
+from .fileio import fsync_dir, fsync_tree, owner_tag, remove_stray_temporaries, sha256_file, shared_mode
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -219,7 +219,7 @@ def convert_gguf(gguf_file: str | os.PathLike[str], out_dir: str | os.PathLike[s
 
     started = time.perf_counter()
     model, tokenizer = _load_gguf(gguf_file)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{owner_tag()}-", dir=out_dir.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -241,7 +241,7 @@ def convert_gguf(gguf_file: str | os.PathLike[str], out_dir: str | os.PathLike[s
         fsync_tree(tmp)
         if out_dir.exists():
             # Move the old folder aside first: a directory can only be renamed over an empty one.
-            stale = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            stale = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-{owner_tag()}-", dir=out_dir.parent))
             os.replace(out_dir, stale / out_dir.name)
             os.replace(tmp, out_dir)
             shutil.rmtree(stale, ignore_errors=True)
@@ -311,6 +311,8 @@ def cached_model_dir(name: str = DEFAULT_MODEL, cache_dir: str | os.PathLike[str
     source = known.source()  # fails early and clearly if the source package is missing
     models_dir.mkdir(parents=True, exist_ok=True)
     with _file_lock(models_dir / f".{known.folder}.lock", LOCK_TIMEOUT_S):
+        # Conversions happen under this lock only: any temporary folder left here is an interrupted one.
+        remove_stray_temporaries(models_dir, locked=True, base=known.folder, recursive=False)
         # Another process may have finished the conversion while this one waited for the lock.
         if _read_marker(target) is None:
             convert_gguf(source, target)

@@ -15,12 +15,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from .configcheck import ConfigError, check_config, check_schema
+from .configcheck import ConfigError, check_config, check_schema, explicit_overrides
 from .dist import is_rank_zero
-from .fileio import ensure_writable_dir
+from .fileio import ensure_writable_dir, remove_stray_temporaries
 from .methods import QuantMethod, RunContext, Variant
 from .patching import achieved_bits, mobi_linears, reset_counts
 from .results import (
@@ -35,6 +36,7 @@ from .results import (
     summary_markdown,
     write_csv,
 )
+from .runfolder import ON_MISMATCH, RunFolder, RunFolderError, open_run_folder
 from .tracking import OBJECTIVE, Tracker, curve_summary, plain_config, wandb_env_default
 
 log = logging.getLogger("mobiquant")
@@ -97,6 +99,10 @@ def validate(cfg: DictConfig) -> tuple[list[QuantMethod], list[float]]:
     if seqlen < 2:
         raise ConfigError(f"data.calib.seqlen={seqlen} is too short: at least 2 tokens")
     _pos_int(cfg.eval.seqlen, "eval.seqlen")
+    _pos_int(cfg.eval.get("batch_size", 1), "eval.batch_size")
+    on_mismatch = OmegaConf.select(cfg, "run.on_mismatch", default="refuse")
+    if on_mismatch not in ON_MISMATCH:
+        raise ConfigError(f"run.on_mismatch={on_mismatch!r} is invalid; allowed: {', '.join(ON_MISMATCH)}")
     if cfg.eval.get("backend", "auto") not in ("auto", "torch", "triton"):
         raise ConfigError(f"eval.backend={cfg.eval.backend!r} is invalid; allowed: auto, torch, triton")
     if cfg.eval.get("max_windows") is not None:
@@ -113,7 +119,7 @@ def validate(cfg: DictConfig) -> tuple[list[QuantMethod], list[float]]:
 
     check_schema(cfg)  # keys and types of calib, quant and the baselines, from the classes they build
     try:
-        instantiate_calib(cfg)
+        calib = instantiate_calib(cfg)
     except InstantiationException as e:
         raise ConfigError(f"calib: {e.__cause__ or e}") from e
     methods = build_methods(cfg)
@@ -123,7 +129,61 @@ def validate(cfg: DictConfig) -> tuple[list[QuantMethod], list[float]]:
             f"quant={main.name}: none of budget.budgets={grid} is achievable by this method "
             f"(e.g. slices {getattr(getattr(main, 'mobi', None), 'slice_bits', '?')})"
         )
+    check_stage1(methods, calib, grid)
+    unserved = unserved_budgets(methods, grid)
+    if unserved and "budget.budgets" in explicit_overrides():
+        i, b = unserved[0]
+        raise ConfigError(
+            f"budget.budgets[{i}]={b:g} is served by no method of this run ({served_ranges(methods, grid)}): "
+            "remove it, or add a method that serves it"
+        )
     return methods, grid
+
+
+def unserved_budgets(methods: list[QuantMethod], grid: list[float]) -> list[tuple[int, float]]:
+    """``(index, budget)`` of the grid budgets that no method evaluates."""
+    served = [float(b) for m in methods for b in m.budgets(grid) if not math.isnan(float(b))]
+    return [(i, b) for i, b in enumerate(grid) if not any(abs(b - s) < 1e-9 for s in served)]
+
+
+def served_ranges(methods: list[QuantMethod], grid: list[float]) -> str:
+    """What each quantizing method evaluates of ``grid``: ``mobiquant 3-8 bits, rtn 2, 3, 4 bits``."""
+    parts = []
+    for m in methods:
+        bs = sorted(float(b) for b in m.budgets(grid) if not math.isnan(float(b)))
+        if bs:
+            mobi = getattr(m, "mobi", None)
+            span = (
+                f"{mobi.min_bits:g}-{mobi.max_bits:g}" if mobi is not None and not getattr(m, "static", False) else None
+            )
+            parts.append(f"{m.name} {span or ', '.join(f'{b:g}' for b in bs)} bits")
+    return "; ".join(parts) or "none"
+
+
+def check_stage1(methods: list[QuantMethod], calib, grid: list[float]) -> None:
+    """``calib.stage1_bits`` (or a method's own ``calib.stage1_bits``) names a view of every slice layout
+    it calibrates."""
+    import dataclasses
+
+    from .calibration import stage1_slices
+
+    for i, m in enumerate(methods):
+        for mobi, overrides in m.calibrations(grid):
+            settings = dataclasses.replace(calib, **overrides) if overrides else calib
+            try:
+                stage1_slices(mobi, settings)
+            except ValueError:
+                views = [sum(mobi.slice_bits[:k]) for k in range(1, len(mobi.slice_bits) + 1)]
+                own = "stage1_bits" in overrides
+                key = (
+                    ("quant" if i == 0 else f"baselines ({m.name})") + ".calib.stage1_bits"
+                    if own
+                    else "calib.stage1_bits"
+                )
+                raise ConfigError(
+                    f"{key}={settings.stage1_bits!r} is not a view of {m.name}'s slices {list(mobi.slice_bits)}: "
+                    f"allowed {views}, 'base' or 'anchor'"
+                ) from None
 
 
 def instantiate_calib(cfg: DictConfig):
@@ -153,18 +213,31 @@ def load_token_ids(spec: DictConfig, tokenizer) -> torch.Tensor:
     if spec.get("paths"):
         kwargs["paths"] = list(spec.paths)
     docs = load_corpus(spec.corpus, split=spec.split, **kwargs)
+    if not any(d.strip() for d in docs):
+        where = f"files {', '.join(map(str, kwargs['paths']))}" if "paths" in kwargs else f"split {spec.split!r}"
+        raise ValueError(f"corpus {spec.corpus} ({where}) holds no text")
     return tokenize_corpus(docs, tokenizer, joiner=corpus_joiner(spec.corpus))
 
 
 def prepare_run(cfg: DictConfig) -> Path:
     """Process settings every task shares (threads, seed, W&B mode, model cache) and the run folder,
-    checked writable so that a read-only folder fails here, before any work."""
+    checked writable so that a read-only folder fails here, before any work; stray temporaries of the
+    cache are removed."""
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg.torch_threads))
     torch.manual_seed(cfg.seed)
     wandb_env_default()
     os.environ["MOBIQUANT_CACHE"] = str(cfg.paths.cache_dir)
-    return ensure_writable_dir(cfg.paths.output_dir)
+    out = ensure_writable_dir(cfg.paths.output_dir)
+    if is_rank_zero():  # temporaries of killed conversions and cache writes (owner gone, or a day old)
+        for p in remove_stray_temporaries(cfg.paths.cache_dir):
+            log.info("removed stray temporary %s", p)
+    return out
+
+
+def calibration_table(rows: list[dict]) -> pd.DataFrame:
+    """``calibration.csv``: one row per method and block."""
+    return concat_rows(rows).dropna(axis=1, how="all")
 
 
 def run_context(
@@ -175,14 +248,26 @@ def run_context(
     tracker: Tracker,
     calib_rows: list[dict] | None = None,
     calib=None,
+    calib_csv: Path | None = None,
+    run_id: str | None = None,
+    base_fingerprint: str | None = None,
 ) -> RunContext:
     """What the methods of a run may use: FP copies of ``base``, the calibration windows, the run folder,
-    and a block callback that logs each finished block (and appends it to ``calib_rows`` when given)."""
+    and a block callback that logs each finished block and puts it into ``calib_rows`` when given (in place
+    of an earlier row of the same method and block), each row with ``run_id``; with ``calib_csv``, the
+    rows are written there (atomically) after every block."""
     n_blocks = _n_blocks(base)
 
     def on_block_end(tag: str, i: int, report) -> None:
         if calib_rows is not None:
-            calib_rows.append({"method": tag, **vars(report)})
+            row = {"method": tag, **vars(report), **({"run_id": run_id} if run_id else {})}
+            same = [k for k, r in enumerate(calib_rows) if r.get("method") == tag and r.get("block") == i]
+            if same:
+                calib_rows[same[0]] = row
+            else:
+                calib_rows.append(row)
+            if calib_csv is not None and is_rank_zero():
+                write_csv(calibration_table(calib_rows), calib_csv)
         log.info("[%s] block %d/%d  mse %.3g  %.1fs", tag, i + 1, n_blocks, report.final_mse, report.seconds)
         tracker.log_block(tag, i, report)
 
@@ -196,6 +281,7 @@ def run_context(
         save_checkpoints=bool(cfg.save_checkpoints),
         base_model_name=str(cfg.model.path),
         resume=bool(cfg.get("resume", True)),
+        base_fingerprint=base_fingerprint,
     )
 
 
@@ -211,6 +297,7 @@ def _row_avg_bits(variant: Variant) -> float:
 def run(cfg: DictConfig) -> float:
     """Run one experiment; returns the mean log-perplexity of ``quant`` over its budgets on the first
     evaluation corpus (``tracking.OBJECTIVE``, what a sweeper minimises)."""
+    from .checkpoint import base_fingerprint
     from .data import calibration_windows, eval_windows
     from .evaluation import perplexity
 
@@ -218,23 +305,42 @@ def run(cfg: DictConfig) -> float:
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):  # keep the console to our progress
         logging.getLogger(name).setLevel(logging.WARNING)
     methods, grid = validate(cfg)
+    unserved = unserved_budgets(methods, grid)
+    if unserved:  # a preset grid shared by other layouts; a list given on the command line is refused
+        log.warning(
+            "budgets %s of budget.budgets are served by no method of this run (%s): skipped",
+            ", ".join(f"{b:g}" for _, b in unserved),
+            served_ranges(methods, grid),
+        )
     if cfg.trainer.get("float32_matmul_precision"):  # "high": TF32 tensor cores for fp32 matmuls on GPUs
         torch.set_float32_matmul_precision(str(cfg.trainer.float32_matmul_precision))
     out_dir = prepare_run(cfg)
-    results_path = out_dir / "results.csv"
-    previous = read_results(results_path) if cfg.get("resume", True) else read_results("/nonexistent")
-    rows: list[dict] = previous.to_dict("records")
-    calib_rows: list[dict] = []
     # Under trainer=ddp every rank runs this function (see mobiquant.dist); rank 0 alone evaluates,
     # writes and logs, the others take part in each block's fit.
     rank0 = is_rank_zero()
-    tracker = Tracker(cfg.get("logger") if rank0 else None, plain_config(cfg))
+    # The folder's lock, its identity (refused before any work if another configuration made it) and
+    # its stray temporaries; on_mismatch=new_subrun moves the run into a sub-run folder.
+    folder = open_run_folder(out_dir, cfg, str(OmegaConf.select(cfg, "run.on_mismatch", default="refuse")), rank0)
+    try:
+        out_dir = _follow(cfg, out_dir, folder)
+        tracker = Tracker(cfg.get("logger") if rank0 else None, plain_config(cfg))
+    except BaseException:
+        folder.release()
+        raise
     failed = True
     try:
         log.info("loading model %s", cfg.model.path)
         base, tokenizer = load_base_model(cfg)
         tok_name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         dtype = str(next(base.parameters()).dtype).removeprefix("torch.")
+        fingerprint = base_fingerprint(base)
+        folder.bind_base_model(fingerprint, str(cfg.model.path))  # another base model: refused here
+        out_dir = _follow(cfg, out_dir, folder)
+        results_path = out_dir / "results.csv"
+        resume = bool(cfg.get("resume", True))
+        rows: list[dict] = _previous_rows(results_path, folder) if resume else []
+        calib_csv = out_dir / "calibration.csv"
+        calib_rows: list[dict] = _previous_rows(calib_csv, folder, check=False) if resume else []
 
         log.info("calibration text: %s (%s) ...", cfg.data.calib.corpus, cfg.data.calib.split)
         t0 = time.perf_counter()
@@ -247,7 +353,17 @@ def run(cfg: DictConfig) -> float:
             eval_sets[name] = eval_windows(ids, cfg.eval.seqlen, cfg.eval.get("max_windows"))
             log.info("eval %s: %d windows of %d tokens", name, eval_sets[name].shape[0], cfg.eval.seqlen)
 
-        ctx = run_context(cfg, base, calib_ids, out_dir, tracker, calib_rows)
+        ctx = run_context(
+            cfg,
+            base,
+            calib_ids,
+            out_dir,
+            tracker,
+            calib_rows,
+            calib_csv=calib_csv,
+            run_id=folder.run_id,
+            base_fingerprint=fingerprint,
+        )
         logged_ckpts: set[str] = set()
         for method in methods:
             budgets = method.budgets(grid)
@@ -286,6 +402,7 @@ def run(cfg: DictConfig) -> float:
                         "eval_seconds": time.perf_counter() - t0,
                         "quant_params": sum(m.in_features * m.out_features for _, m in mobi_linears(variant.model)),
                         "checkpoint": variant.checkpoint,
+                        "run_id": folder.run_id,
                     }
                     reset_counts(variant.model, track=False)
                     rows.append(row)
@@ -310,7 +427,7 @@ def run(cfg: DictConfig) -> float:
         df = concat_rows(rows)
         write_csv(df, results_path)
         if calib_rows:
-            write_csv(concat_rows(calib_rows).dropna(axis=1, how="all"), out_dir / "calibration.csv")
+            write_csv(calibration_table(calib_rows), calib_csv)
         plot = plot_elasticity(df, out_dir / "elasticity.png", title=cfg.model.name)
         md = "\n\n".join(f"### {ds}\n\n{ppl_table(df, ds)}" for ds in eval_sets)
         md += "\n\n### cost of covering the grid\n\n" + summary_markdown(method_summary(df))
@@ -334,7 +451,35 @@ def run(cfg: DictConfig) -> float:
         failed = False
         return summary[OBJECTIVE]
     finally:
-        tracker.finish(failed)
+        try:
+            tracker.finish(failed)
+        finally:
+            folder.release()
+
+
+def _follow(cfg: DictConfig, out_dir: Path, folder: RunFolder) -> Path:
+    """The run's folder after :mod:`mobiquant.runfolder` picked it: a sub-run becomes ``paths.output_dir``
+    (where the loggers write)."""
+    if folder.path != out_dir:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(folder.path)
+    return folder.path
+
+
+def _previous_rows(path: Path, folder: RunFolder, check: bool = True) -> list[dict]:
+    """The rows of ``results.csv`` (or ``calibration.csv``) a resumed run keeps: all of them, which must
+    carry this run's id (``check``: else the folder is refused), or those of this run's id."""
+    df = read_results(path) if check else (pd.read_csv(path) if path.is_file() else pd.DataFrame())
+    if df.empty:
+        return []
+    ids = df["run_id"].astype(str) if "run_id" in df.columns else pd.Series("none", index=df.index)
+    if check and (ids != folder.run_id).any():
+        others = sorted(set(ids) - {folder.run_id})
+        raise RunFolderError(
+            f"run folder {folder.path}: {path.name} holds rows of another run (run_id {', '.join(others)}; this "
+            f"run is {folder.run_id}): move {path.name} away, or choose another folder (hydra.run.dir=<folder>)"
+        )
+    return df[ids == folder.run_id].to_dict("records")
 
 
 def _df(rows):

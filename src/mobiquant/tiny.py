@@ -6,14 +6,22 @@ It needs no download and builds in milliseconds, yet goes through the same code 
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+#: The tiny model's context (``max_position_embeddings``): the configuration checks read it without
+#: importing torch or transformers, which this module imports only when a model or tokenizer is built.
+MAX_POSITIONS = 4096
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
     """256 byte tokens (GPT-2 style byte alphabet) and an end-of-text token; no merges."""
+    import numpy as np
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
     vocab["<|endoftext|>"] = len(vocab)
@@ -50,7 +58,13 @@ def tiny_llama(
     seed: int = 0,
     dtype: str = "float32",
 ):
-    """``(model, tokenizer)``: a random LLaMA over the byte tokenizer's 257 tokens."""
+    """``(model, tokenizer)``: a random LLaMA over the byte tokenizer's 257 tokens. ``dtype``: a name of
+    ``mobiquant.models.DTYPES``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .models import resolve_dtype
+
     tokenizer = byte_tokenizer()
     cfg = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -59,14 +73,15 @@ def tiny_llama(
         num_hidden_layers=num_hidden_layers,
         num_attention_heads=num_attention_heads,
         num_key_value_heads=num_key_value_heads,
-        max_position_embeddings=4096,
+        max_position_embeddings=MAX_POSITIONS,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.eos_token_id,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = LlamaForCausalLM(cfg)
-    model = model.to(getattr(torch, dtype)).eval()
+    torch_dtype: Any = resolve_dtype(dtype)
+    model = model.to(torch_dtype).eval()
     model.requires_grad_(False)
     model.config._name_or_path = f"tiny-llama-h{hidden_size}-l{num_hidden_layers}-seed{seed}"
     return model, tokenizer

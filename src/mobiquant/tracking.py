@@ -37,6 +37,7 @@ NAME_SKIP = (
     "torch_threads",
     "save_checkpoints",
     "resume",
+    "run",
     "tags",
     "task_name",
     "hparams_search",
@@ -151,7 +152,8 @@ class Tracker:
         import wandb
 
         art = wandb.Artifact(name=name, type="quantized-model")
-        art.add_dir(folder)
+        for path in artifact_files(folder):
+            art.add_file(str(path), name=str(path.relative_to(folder)))
         self.wandb_run.log_artifact(art)
 
     def finish(self, failed: bool) -> None:
@@ -165,6 +167,19 @@ class Tracker:
 
             wandb.finish(exit_code=1 if failed else 0)
             self.wandb_run = None
+
+
+def artifact_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """The files of a checkpoint folder that make the artifact: every file below it but the temporaries
+    of our atomic writers (a write in progress, or one left by a killed process) and the folders they make."""
+    from .fileio import is_temporary_name
+
+    folder = Path(folder)
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not is_temporary_name(d))
+        out += [Path(dirpath, f) for f in sorted(filenames) if not is_temporary_name(f)]
+    return out
 
 
 # ---------------------------------------------------------------------------- run identity
