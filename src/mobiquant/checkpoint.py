@@ -251,8 +251,13 @@ def check_meta(meta: dict, where: Path | str = CONFIG_NAME) -> None:
         raise CheckpointError(
             f"{where}: field 'compute_dtype' must be one of {list(COMPUTE_DTYPES)}, got {meta['compute_dtype']!r}"
         )
-    sites = meta["sites"]
-    ok = all(
+    check_sites(meta["sites"], where)
+    config_from_meta(meta, where)
+
+
+def check_sites(sites: Any, where: Path | str = CONFIG_NAME) -> None:
+    """``sites`` is an array (per block) of arrays (per router) of linear names."""
+    ok = isinstance(sites, list) and all(
         isinstance(block, list)
         and all(isinstance(group, list) and all(isinstance(n, str) for n in group) for group in block)
         for block in sites
@@ -261,7 +266,6 @@ def check_meta(meta: dict, where: Path | str = CONFIG_NAME) -> None:
         raise CheckpointError(
             f"{where}: field 'sites' must be an array (per block) of arrays (per router) of linear names (strings)"
         )
-    config_from_meta(meta, where)
 
 
 def read_meta(folder: str | os.PathLike) -> dict:
