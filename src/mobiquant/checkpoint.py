@@ -9,6 +9,9 @@ the tensor file's sha256, and its own sha256 (``meta_sha256``, over its canonica
 Loading checks the JSON (checksum, then a schema: keys, types, a plain tensor file name, the compute dtype,
 the config's fields) and, per linear, the stored tensors' shapes against what the config implies. Files
 are written to temporary names and renamed into place, JSON last: a folder whose JSON exists is complete.
+
+:func:`mobiquant.hf.export_hf` (``python -m mobiquant.hf export``) writes such a folder, with its base
+model, as a Hugging Face folder that ``AutoModelForCausalLM.from_pretrained`` loads (:mod:`mobiquant.hf`).
 """
 
 from __future__ import annotations
