@@ -42,10 +42,18 @@ format: $(STAMP) ## Format the code (ruff format) and apply ruff's safe fixes (r
 run: $(STAMP) ## Calibrate SmolLM2-135M and print the elasticity table (experiment=demo)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(VENV)/bin/mobiquant experiment=demo $(ARGS)
 
+# The run `make notebook` reads: the newest `make run` run directory (outputs/demo/runs/<time>), or NOTEBOOK_RESULTS=DIR
+# (a run, a multirun, or a `mobiquant-report` output folder).
+NOTEBOOK_RESULTS ?= $(patsubst %/results.csv,%,$(lastword $(sort $(wildcard outputs/demo/runs/*/results.csv))))
+
+notebook: $(STAMP) ## Execute notebooks/elasticity.ipynb in place on `make run`'s newest results (offline)
+	@test -n "$(NOTEBOOK_RESULTS)" || { echo "make notebook: no results of \`make run\` in outputs/demo/runs: run \`make run\` first, or set NOTEBOOK_RESULTS=DIR" >&2; exit 1; }
+	MOBIQUANT_REPORT=$(abspath $(NOTEBOOK_RESULTS)) $(VENV)/bin/jupyter execute --inplace notebooks/elasticity.ipynb
+
 compare: $(STAMP) ## Run every baseline beside MoBiQuant (experiment=compare)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(VENV)/bin/mobiquant experiment=compare $(ARGS)
 
 clean: ## Remove run outputs (keeps .venv and the model cache)
 	rm -rf outputs multirun .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help venv test test-fast lint format run compare clean
+.PHONY: help venv test test-fast lint format run notebook compare clean

@@ -21,6 +21,7 @@ GROUPS = [
     "budget",
     "data",
     "trainer",
+    "callbacks",
     "logger",
     "paths",
     "baselines",

@@ -56,6 +56,12 @@ def test_readme_library_block_runs_as_written(tmp_path, monkeypatch):
     mq.set_budget(loaded, 3.25)
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, logits)
+    # and the Hugging Face folder loads the ecosystem's way, serving the budget it was saved with
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, logits)
 
 
 def test_calibrating_a_patched_model_equals_calibrating_the_fp_model():

@@ -294,9 +294,21 @@ def test_report_and_notebook_on_the_local_multirun(local_sweep, tmp_path):
     finally:
         del os.environ["MOBIQUANT_REPORT"]
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "2 jobs" in text and "data.calib.nsamples" in text
+    assert "2 job(s)" in text and "data.calib.nsamples" in text
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 2  # elasticity curves and the Pareto front
+
+
+def test_notebook_is_committed_with_its_outputs():
+    """`make notebook` executed it on `make run`'s results: every code cell ran, none failed, figures included."""
+    import nbformat
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(c.execution_count for c in code) and all(c.outputs for c in code)
+    assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for c in code for o in c.outputs) >= 3
+    assert "outputs/demo/runs/" in "".join(o.get("text", "") for o in code[0].outputs)  # make run's results
 
 
 # ---------------------------------------------------------------------------- W&B sweep definitions

@@ -7,7 +7,10 @@ per-token router picks how many slices each token uses, so the average bit-width
 from __future__ import annotations
 
 import importlib
+import importlib.abc
 import importlib.util
+import sys
+import warnings
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
@@ -18,6 +21,8 @@ _EXPORTS = {
     "CalibConfig": "calibration",
     "calibrate": "calibration",
     "CheckpointError": "checkpoint",
+    "export_hf": "hf",
+    "save_pretrained": "hf",
     "load_quantized": "checkpoint",
     "save_quantized": "checkpoint",
     "MoBiLinear": "modules",
@@ -44,6 +49,8 @@ if TYPE_CHECKING:  # the same names for type checkers, re-exported explicitly (`
     from .checkpoint import CheckpointError as CheckpointError
     from .checkpoint import load_quantized as load_quantized
     from .checkpoint import save_quantized as save_quantized
+    from .hf import export_hf as export_hf
+    from .hf import save_pretrained as save_pretrained
     from .modules import MoBiLinear as MoBiLinear
     from .patching import MoBiConfig as MoBiConfig
     from .patching import achieved_bits as achieved_bits
@@ -72,3 +79,53 @@ def __getattr__(name: str):
 
 def __dir__():
     return sorted([*globals(), *_EXPORTS])
+
+
+# ---------------------------------------------------------------------------- Hugging Face registration
+# `AutoModelForCausalLM.from_pretrained` loads mobiquant folders once the "mobiquant" quantizer is registered
+# with transformers (mobiquant.hf). Importing transformers' quantizers takes seconds, so it is not done here:
+# the registration runs when transformers imports them (or now, if it already has).
+_HF_TRIGGER = "transformers.quantizers.auto"
+
+
+def _register_hf() -> None:
+    if "mobiquant.hf" in sys.modules:  # registered, or registering at the end of its own import
+        return
+    try:
+        importlib.import_module(".hf", __name__)
+    except Exception as e:  # noqa: BLE001 - never break the import of transformers
+        warnings.warn(f"mobiquant: Hugging Face quantizer not registered: {e}", RuntimeWarning, stacklevel=2)
+
+
+class _Loader(importlib.abc.Loader):
+    """The loader of transformers' quantizer registry, followed by mobiquant's registration."""
+
+    def __init__(self, inner: importlib.abc.Loader):
+        self.inner = inner
+
+    def create_module(self, spec):
+        return self.inner.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self.inner.exec_module(module)
+        _register_hf()
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
+class _RegisterWithTransformers(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _HF_TRIGGER:
+            return None
+        sys.meta_path.remove(self)  # once; and find_spec below must not come back here
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _Loader(spec.loader)
+        return spec
+
+
+if _HF_TRIGGER in sys.modules:
+    _register_hf()
+elif not any(isinstance(f, _RegisterWithTransformers) for f in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterWithTransformers())

@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,6 +145,85 @@ def stage1_slices(mobi: MoBiConfig, cfg: CalibConfig) -> int:
         f"calib.stage1_bits={cfg.stage1_bits} is not a view of slices {list(mobi.slice_bits)}: "
         f"allowed {views} (or 'base', 'anchor')"
     )
+
+
+# ---------------------------------------------------------------------------- the per-block Trainer
+#: ``lightning.Trainer`` arguments calibration sets for every block, and what decides each of them instead.
+OWNED_TRAINER_ARGS: dict[str, str] = {
+    "max_epochs": "each block trains calib.epochs_stage1 + calib.epochs_stage2 epochs: set those",
+    "min_epochs": "each block trains calib.epochs_stage1 + calib.epochs_stage2 epochs: set those",
+    "max_steps": "each block trains calib.epochs_stage1 + calib.epochs_stage2 epochs: set those",
+    "min_steps": "each block trains calib.epochs_stage1 + calib.epochs_stage2 epochs: set those",
+    "max_time": "each block trains calib.epochs_stage1 + calib.epochs_stage2 epochs: set those",
+    "logger": "the logger group sets the loggers (logger=wandb, csv or none)",
+    "callbacks": "the callbacks group sets them (callbacks=lr_monitor, or +callbacks.<name>={_target_: ...})",
+    "enable_checkpointing": "it is on when the callbacks include a ModelCheckpoint",
+    "enable_progress_bar": "set calib.progress_bar",
+    "log_every_n_steps": "steps are logged every calib.sync_every steps: set that",
+    "use_distributed_sampler": "each block's windows are split between ranks by Lightning's distributed sampler",
+}
+#: ``lightning.Trainer`` arguments :class:`CalibConfig` carries (``calib.<key>``): a Trainer value must agree.
+CALIB_TRAINER_ARGS = ("accelerator", "devices", "strategy", "precision", "gradient_clip_val")
+#: Calibration's defaults for the other Trainer arguments (a ``trainer`` value replaces them).
+TRAINER_DEFAULTS: dict[str, Any] = {"enable_model_summary": False, "num_sanity_val_steps": 0, "deterministic": False}
+
+TrainerArgs = Mapping[str, Any] | Callable[[], Mapping[str, Any]]
+Callbacks = Sequence[Any] | Callable[[], Sequence[Any]]
+
+
+def check_trainer_args(
+    args: Mapping[str, Any], calib: CalibConfig | Mapping[str, Any], prefix: str = "trainer"
+) -> None:
+    """Refuse Trainer arguments calibration owns, and those that disagree with ``calib`` (one line naming the key)."""
+    for key, value in args.items():
+        if key in OWNED_TRAINER_ARGS:
+            raise ValueError(f"{prefix}.{key} is set by calibration for every block: {OWNED_TRAINER_ARGS[key]}")
+        if key in CALIB_TRAINER_ARGS:
+            own = calib.get(key) if isinstance(calib, Mapping) else getattr(calib, key)
+            if value != own and str(value) != str(own):
+                follows = "" if key == "gradient_clip_val" else f" (by default it follows trainer.{key})"
+                raise ValueError(
+                    f"{prefix}.{key}={value!r} conflicts with calib.{key}={own!r}: calibration uses "
+                    f"calib.{key}{follows}; set them alike"
+                )
+
+
+def _trainer_class(target: Any) -> type[L.Trainer]:
+    if isinstance(target, str):
+        import importlib
+
+        module, _, name = target.rpartition(".")
+        target = getattr(importlib.import_module(module), name)
+    if not (isinstance(target, type) and issubclass(target, L.Trainer)):
+        raise ValueError(f"trainer._target_={target!r} is not lightning.Trainer or a subclass of it")
+    return target
+
+
+def block_trainer(
+    cfg: CalibConfig,
+    epochs: int,
+    loggers: Any = False,
+    callbacks: Sequence[Any] = (),
+    trainer: TrainerArgs | None = None,
+) -> L.Trainer:
+    """The Trainer of one block: ``trainer``'s arguments (any ``lightning.Trainer`` argument but the ones
+    calibration owns, :data:`OWNED_TRAINER_ARGS`), ``cfg``'s, and the per-block ones calibration sets."""
+    extra = dict((trainer() if callable(trainer) else trainer) or {})
+    cls = _trainer_class(extra.pop("_target_", L.Trainer))
+    check_trainer_args(extra, cfg)
+    cbs = list(callbacks)
+    if cfg.progress_bar:  # plain tqdm: no refresh thread, readable in log files
+        cbs.append(L.pytorch.callbacks.TQDMProgressBar(refresh_rate=1))
+    owned = {
+        "max_epochs": epochs,
+        "logger": loggers,
+        "callbacks": cbs,
+        "enable_checkpointing": any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in cbs),
+        "enable_progress_bar": cfg.progress_bar,
+        "log_every_n_steps": cfg.sync_every,
+    }
+    carried = {key: getattr(cfg, key) for key in CALIB_TRAINER_ARGS}  # equal to `extra`'s (checked above)
+    return cls(**{**TRAINER_DEFAULTS, **extra, **carried, **owned})
 
 
 # ---------------------------------------------------------------------------- block inputs
@@ -611,7 +690,8 @@ def calibrate(
     mobi: MoBiConfig | None = None,
     *,
     loggers: Any = False,
-    callbacks: list | None = None,
+    callbacks: Callbacks | None = None,
+    trainer: TrainerArgs | None = None,
     state_dir: str | os.PathLike | None = None,
     **settings: Any,
 ) -> CalibrationResult:
@@ -620,7 +700,9 @@ def calibrate(
     ``calib_ids``: token windows ``[n, T]``. ``mobi``: the slices and routers (default: the config the model
     was patched with, else ``MoBiConfig()``). ``settings``: any ``CalibConfig`` field (``epochs_stage1=2``,
     ``batch_size=4``, ...; the defaults are the paper's protocol); the accelerator follows the model's
-    device unless given. Afterwards ``set_budget`` works at once and ``save_quantized`` writes the checkpoint.
+    device unless given. ``callbacks`` and ``trainer`` (more ``lightning.Trainer`` arguments) reach every
+    block's Trainer (:func:`calibrate_model`). Afterwards ``set_budget`` works at once and
+    ``save_quantized`` writes the checkpoint.
     """
     unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(CalibConfig)})
     if unknown:
@@ -629,7 +711,14 @@ def calibrate(
     if "accelerator" not in settings:
         settings["accelerator"] = "gpu" if next(model.parameters()).device.type == "cuda" else "cpu"
     return calibrate_model(
-        model, calib_ids, mobi, CalibConfig(**settings), loggers=loggers, callbacks=callbacks, state_dir=state_dir
+        model,
+        calib_ids,
+        mobi,
+        CalibConfig(**settings),
+        loggers=loggers,
+        callbacks=callbacks,
+        trainer=trainer,
+        state_dir=state_dir,
     )
 
 
@@ -639,11 +728,19 @@ def calibrate_model(
     mobi: MoBiConfig,
     cfg: CalibConfig | None = None,
     loggers: Any = False,
-    callbacks: list | None = None,
+    callbacks: Callbacks | None = None,
     on_block_end: Callable[[int, BlockReport], None] | None = None,
     state_dir: str | os.PathLike | None = None,
+    trainer: TrainerArgs | None = None,
 ) -> CalibrationResult:
     """Quantize and calibrate ``model`` in place on token windows ``calib_ids`` ``[n, T]``.
+
+    Each block is fitted by its own ``lightning.Trainer`` (:func:`block_trainer`): ``loggers`` and
+    ``callbacks`` (a list shared by every block, or a function returning a fresh one per block) are its
+    loggers and callbacks; ``trainer`` adds any other Trainer argument (a mapping, or a function returning
+    one per block: ``num_nodes``, ``profiler``, ``accumulate_grad_batches``, ...). The arguments calibration
+    owns (:data:`OWNED_TRAINER_ARGS`: the epochs, loggers, callbacks, checkpointing, progress bar, logging
+    interval) are refused, and those :class:`CalibConfig` carries must agree with it.
 
     ``model`` is the FP model, or the same right after ``quantize_model`` (its sites are kept, the FP
     weights restored first). Returns per-block reports; afterwards every block is packed and every router
@@ -655,6 +752,8 @@ def calibrate_model(
     """
     cfg = cfg or CalibConfig()
     stage1_slices(mobi, cfg)  # a bad stage1_bits fails here, before any work
+    if isinstance(trainer, Mapping):
+        check_trainer_args({k: v for k, v in trainer.items() if k != "_target_"}, cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     state = None
     if state_dir is not None:
@@ -701,29 +800,12 @@ def calibrate_model(
         _trainable_only_quant(block)
         module = BlockCalibration(block, kwargs, cfg, mobi, i, step_offset)
         epochs = cfg.epochs_stage1 + (cfg.epochs_stage2 if module.has_routing else 0)
-        cbs = list(callbacks or [])
-        if cfg.progress_bar:  # plain tqdm: no refresh thread, readable in log files
-            cbs.append(L.pytorch.callbacks.TQDMProgressBar(refresh_rate=1))
-        trainer = L.Trainer(
-            max_epochs=epochs,
-            accelerator=cfg.accelerator,
-            devices=cfg.devices,
-            strategy=cfg.strategy,
-            precision=cfg.precision,
-            gradient_clip_val=cfg.gradient_clip_val,
-            logger=loggers,
-            callbacks=cbs,
-            enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in cbs),
-            enable_progress_bar=cfg.progress_bar,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            log_every_n_steps=cfg.sync_every,
-            deterministic=False,
-        )
+        cbs = (callbacks() if callable(callbacks) else callbacks) or []
+        block_tr = block_trainer(cfg, epochs, loggers, cbs, trainer)
         # `batch_size` is the global batch by default: under DDP each rank takes its share of it (at least
         # one window); Lightning's distributed sampler gives each rank its own shard of the windows.
         per_rank = (
-            max(1, cfg.batch_size // max(1, trainer.world_size)) if cfg.batch_scope == "global" else cfg.batch_size
+            max(1, cfg.batch_size // max(1, block_tr.world_size)) if cfg.batch_scope == "global" else cfg.batch_size
         )
         loader = DataLoader(
             TensorDataset(q_x, fp_y),
@@ -732,7 +814,7 @@ def calibrate_model(
             generator=torch.Generator().manual_seed(cfg.seed + i),
         )
         if epochs > 0:
-            trainer.fit(module, loader)
+            block_tr.fit(module, loader)
         block.to(device)
         block.eval()
         for m in _block_mobi(block):
@@ -743,7 +825,7 @@ def calibrate_model(
             r.clear_cache()
         _fit_block_thresholds(block, q_x, kwargs, cfg)
         fp_x = fp_y
-        steps = int(trainer.global_step)
+        steps = int(block_tr.global_step)
         step_offset += steps
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if on_cuda else math.nan
         report = BlockReport(i, module.final_loss, module.final_mse, time.perf_counter() - t0, steps, peak)

@@ -9,6 +9,9 @@ the tensor file's sha256, and its own sha256 (``meta_sha256``, over its canonica
 Loading checks the JSON (checksum, then a schema: keys, types, a plain tensor file name, the compute dtype,
 the config's fields) and, per linear, the stored tensors' shapes against what the config implies. Files
 are written to temporary names and renamed into place, JSON last: a folder whose JSON exists is complete.
+
+:func:`mobiquant.hf.export_hf` (``python -m mobiquant.hf export``) writes such a folder, with its base
+model, as a Hugging Face folder that ``AutoModelForCausalLM.from_pretrained`` loads (:mod:`mobiquant.hf`).
 """
 
 from __future__ import annotations
@@ -251,8 +254,13 @@ def check_meta(meta: dict, where: Path | str = CONFIG_NAME) -> None:
         raise CheckpointError(
             f"{where}: field 'compute_dtype' must be one of {list(COMPUTE_DTYPES)}, got {meta['compute_dtype']!r}"
         )
-    sites = meta["sites"]
-    ok = all(
+    check_sites(meta["sites"], where)
+    config_from_meta(meta, where)
+
+
+def check_sites(sites: Any, where: Path | str = CONFIG_NAME) -> None:
+    """``sites`` is an array (per block) of arrays (per router) of linear names."""
+    ok = isinstance(sites, list) and all(
         isinstance(block, list)
         and all(isinstance(group, list) and all(isinstance(n, str) for n in group) for group in block)
         for block in sites
@@ -261,7 +269,6 @@ def check_meta(meta: dict, where: Path | str = CONFIG_NAME) -> None:
         raise CheckpointError(
             f"{where}: field 'sites' must be an array (per block) of arrays (per router) of linear names (strings)"
         )
-    config_from_meta(meta, where)
 
 
 def read_meta(folder: str | os.PathLike) -> dict:

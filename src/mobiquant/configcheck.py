@@ -35,6 +35,8 @@ class ConfigError(ValueError):
 
 # Nodes built from `_target_` whose keys and types are checked against the class (loggers are Lightning's).
 SCHEMA_NODES = ("calib", "quant", "baselines")
+#: Keys of the `trainer` group that are mobiquant's own settings, not `lightning.Trainer` arguments.
+TRAINER_OWN_KEYS = ("float32_matmul_precision",)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -184,6 +186,68 @@ def check_schema(cfg: DictConfig) -> None:
                 if m:
                     sources[str(k)] = m.group(1)
         check_node(key, plain, _target_of(node), sources)
+
+
+def _resolved(key: str, node) -> dict:
+    try:
+        plain = OmegaConf.to_container(node, resolve=True)
+    except Exception as e:  # noqa: BLE001 - an interpolation that does not resolve
+        raise ConfigError(f"{key}: {e}".splitlines()[0]) from e
+    if not isinstance(plain, dict):
+        raise ConfigError(f"{key} must be a mapping, got {plain!r}")
+    return plain
+
+
+def check_trainer(cfg: DictConfig) -> None:
+    """The `trainer` group: a `lightning.Trainer` (or subclass) whose arguments exist and have the right types,
+    none that calibration owns, and the ones `calib` carries alike in both."""
+    node = cfg.get("trainer")
+    if node is None:
+        return
+    import lightning as L
+
+    from .calibration import check_trainer_args
+
+    plain = _resolved("trainer", node)
+    target = _target_of(node) if "_target_" in node else L.Trainer
+    if not (inspect.isclass(target) and issubclass(target, L.Trainer)):
+        raise ConfigError(f"trainer._target_={node['_target_']} is not lightning.Trainer or a subclass of it")
+    args = {k: v for k, v in plain.items() if k not in TRAINER_OWN_KEYS and not str(k).startswith("_")}
+    calib = _resolved("calib", cfg.calib) if cfg.get("calib") is not None else {}
+    try:
+        check_trainer_args(args, {k: calib[k] for k in calib if not str(k).startswith("_")})
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    check_node("trainer", args, target)
+
+
+def check_callbacks(cfg: DictConfig) -> None:
+    """The `callbacks` group: name -> a `_target_` node building a Lightning callback, with its own arguments."""
+    node = cfg.get("callbacks")
+    if node is None:
+        return
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"callbacks must be a mapping of name -> {{_target_: ...}}, got {node!r}")
+    from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+
+    for name, cb in node.items():
+        key = f"callbacks.{name}"
+        if cb is None:
+            continue
+        if not isinstance(cb, DictConfig) or "_target_" not in cb:
+            raise ConfigError(f"{key} must be a node with a `_target_` (a Lightning callback class), got {cb!r}")
+        try:
+            target = _target_of(cb)
+        except ConfigError as e:
+            raise ConfigError(f"{key}.{e}") from e
+        if not (inspect.isclass(target) and issubclass(target, Callback)):
+            raise ConfigError(f"{key}._target_={cb._target_} is not a Lightning callback (lightning.pytorch.Callback)")
+        check_node(key, _resolved(key, cb), target)
+        if issubclass(target, LearningRateMonitor) and not cfg.get("logger"):
+            raise ConfigError(
+                f"{key} (LearningRateMonitor) logs to the Trainer's logger, and logger=none has none: "
+                "choose logger=wandb or logger=csv"
+            )
 
 
 # ---------------------------------------------------------------------------- values left open, paths
@@ -456,6 +520,8 @@ def check_config(cfg: DictConfig, schema: bool = True) -> None:
     check_lengths(cfg)
     if schema:
         check_schema(cfg)
+        check_trainer(cfg)
+        check_callbacks(cfg)
 
 
 def explicit_overrides() -> list[str]:
@@ -483,6 +549,11 @@ def _composition_message(e: Exception) -> str:
     if m and cause is not None:
         full = m.group(1)
         parent_key, _, leaf = full.rpartition(".")
+        if parent_key == "trainer":
+            from .calibration import OWNED_TRAINER_ARGS
+
+            if leaf in OWNED_TRAINER_ARGS:
+                return f"{full} is set by calibration for every block: {OWNED_TRAINER_ARGS[leaf]}"
         keys = _keys_at(parent_key)
         where = f"`{parent_key}`" if parent_key else "the config"
         value = re.search(r"use \+\S+?=(.*)$", text, flags=re.M)

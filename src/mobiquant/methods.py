@@ -62,7 +62,10 @@ class RunContext:
     output_dir: Path
     calib: CalibConfig
     loggers: Any = False
-    callbacks_factory: Callable[[str], list] | None = None
+    # Every block's Trainer: fresh callbacks (the `callbacks` group) and more Trainer arguments (the `trainer`
+    # group), each a function called per block (mobiquant.calibration.block_trainer).
+    callbacks: Callable[[], list] | None = None
+    trainer: Callable[[], dict] | None = None
     on_block_end: Callable[[str, int, Any], None] | None = None
     save_checkpoints: bool = True
     base_model_name: str | None = None
@@ -290,6 +293,8 @@ class LWC(QuantMethod):
                     mobi,
                     calib,
                     loggers=ctx.loggers,
+                    callbacks=ctx.callbacks,
+                    trainer=ctx.trainer,
                     on_block_end=_block_cb(ctx, tag),
                     state_dir=ctx.state_dir(tag),
                 )
@@ -383,6 +388,8 @@ class MoBiQuant(QuantMethod):
             self.mobi,
             calib,
             loggers=ctx.loggers,
+            callbacks=ctx.callbacks,
+            trainer=ctx.trainer,
             on_block_end=_block_cb(ctx, self.name),
             state_dir=ctx.state_dir(self.name),
         )

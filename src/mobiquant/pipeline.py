@@ -19,7 +19,15 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from .configcheck import ConfigError, check_config, check_schema, explicit_overrides
+from .configcheck import (
+    TRAINER_OWN_KEYS,
+    ConfigError,
+    check_callbacks,
+    check_config,
+    check_schema,
+    check_trainer,
+    explicit_overrides,
+)
 from .dist import is_rank_zero
 from .fileio import ensure_writable_dir, remove_stray_temporaries
 from .methods import QuantMethod, RunContext, Variant
@@ -118,6 +126,8 @@ def validate(cfg: DictConfig) -> tuple[list[QuantMethod], list[float]]:
     from hydra.errors import InstantiationException
 
     check_schema(cfg)  # keys and types of calib, quant and the baselines, from the classes they build
+    check_trainer(cfg)  # lightning.Trainer arguments, none that calibration owns
+    check_callbacks(cfg)
     try:
         calib = instantiate_calib(cfg)
     except InstantiationException as e:
@@ -190,6 +200,32 @@ def instantiate_calib(cfg: DictConfig):
     from hydra.utils import instantiate
 
     return instantiate(cfg.calib, _convert_="all")
+
+
+def trainer_args(cfg: DictConfig) -> dict[str, Any]:
+    """The `trainer` group as `lightning.Trainer` arguments (nested `_target_` nodes built, e.g. a profiler),
+    `_target_` (the Trainer class) included; calibration adds the per-block ones it owns."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    node = cfg.get("trainer")
+    if node is None:
+        return {}
+    plain = OmegaConf.to_container(node, resolve=True)
+    assert isinstance(plain, dict)
+    args = {str(k): v for k, v in plain.items() if k not in TRAINER_OWN_KEYS}
+    target = args.pop("_target_", None)
+    built = dict(instantiate(args, _convert_="all")) if args else {}
+    if target is not None:
+        built["_target_"] = target
+    return built
+
+
+def build_callbacks(cfg: DictConfig) -> list:
+    """The `callbacks` group's callbacks, freshly built (every block's Trainer receives its own)."""
+    from hydra.utils import instantiate
+
+    return [instantiate(node, _convert_="all") for node in (cfg.get("callbacks") or {}).values() if node is not None]
 
 
 # ---------------------------------------------------------------------------- model and data
@@ -277,6 +313,8 @@ def run_context(
         output_dir=out_dir,
         calib=calib if calib is not None else instantiate_calib(cfg),
         loggers=tracker.lightning_loggers,
+        callbacks=lambda: build_callbacks(cfg),
+        trainer=lambda: trainer_args(cfg),
         on_block_end=on_block_end,
         save_checkpoints=bool(cfg.save_checkpoints),
         base_model_name=str(cfg.model.path),

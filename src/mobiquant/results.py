@@ -122,14 +122,20 @@ def plot_elasticity(df: pd.DataFrame, path: str | os.PathLike, title: str = "") 
 
 def readable_log_axis(ax) -> None:
     """Log-scale perplexity with plain tick labels (``20``, ``25``, ``263.5``, never ``2.635x10^2``): a
-    range under 20x gets about six evenly spaced ticks, a wider one 1-2-5 steps per decade."""
+    range under 20x gets up to eight ticks from 1-1.5-2-3-4-5-6-8 per decade (about six evenly spaced ones
+    when fewer than four of those fall in it), a wider one 1-2-5 steps per decade."""
     from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter, NullLocator
 
     ax.set_yscale("log")
     lo, hi = ax.get_ylim()
     if hi / max(lo, 1e-12) < 20:
-        ticks = MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi)
-        ticks = [t for t in ticks if lo <= t <= hi and t > 0]
+        decades = range(math.floor(math.log10(max(lo, 1e-12))), math.ceil(math.log10(max(hi, 1e-12))) + 1)
+        ticks = [m * 10.0**k for k in decades for m in (1, 1.5, 2, 3, 4, 5, 6, 8) if lo <= m * 10.0**k <= hi]
+        if len(ticks) >= 4:
+            ticks = ticks[:: math.ceil(len(ticks) / 8)]
+        else:
+            linear = MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi)
+            ticks = [float(t) for t in linear if lo <= t <= hi and t > 0]
         ax.yaxis.set_major_locator(FixedLocator(ticks))
         ax.yaxis.set_minor_locator(NullLocator())
     else:

@@ -332,7 +332,8 @@ def lwc_checkpoint(
         mobi,
         calib,
         loggers=ctx.loggers,
-        callbacks=[recorder],
+        callbacks=lambda: [recorder, *(ctx.callbacks() if ctx.callbacks is not None else [])],
+        trainer=ctx.trainer,
         on_block_end=on_block,
         state_dir=state,
     )
