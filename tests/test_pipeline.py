@@ -141,7 +141,7 @@ def test_text_files_corpus_from_shared_data(tmp_path, wandb_env):
         "data=wikitext2_local",
         "data.calib.corpus=text_files",
         f"data.calib.paths=[{SHARED}/ptb/ptb.valid.txt]",
-        "budget.budgets=[2,8]",
+        "budget.budgets=[3,8]",
     )
     run(cfg)
     df = pd.read_csv(tmp_path / "run" / "results.csv")
