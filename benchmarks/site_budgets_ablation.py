@@ -30,19 +30,19 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from mobiquant.baselines import allocate_bits, apply_allocation, layer_sensitivity  # noqa: E402
-from mobiquant.checkpoint import load_quantized  # noqa: E402
-from mobiquant.data import calibration_windows, eval_windows, load_text_files, load_wiki_extract, tokenize_corpus  # noqa: E402
-from mobiquant.evaluation import perplexity  # noqa: E402
-from mobiquant.models import load_model  # noqa: E402
-from mobiquant.patching import achieved_bits, reset_counts, routers, set_budget  # noqa: E402
-from mobiquant.site_budgets import (  # noqa: E402
+from mobiquant.elastic.site_budgets import (  # noqa: E402
     allocate_site_budgets,
     apply_linear_budgets,
     apply_site_budgets,
     default_grid,
     site_cost_curves,
 )
+from mobiquant.evaluation import perplexity  # noqa: E402
+from mobiquant.io.checkpoint import load_quantized  # noqa: E402
+from mobiquant.io.data import calibration_windows, eval_windows, load_text_files, load_wiki_extract, tokenize_corpus  # noqa: E402
+from mobiquant.io.models import load_model  # noqa: E402
+from mobiquant.methods.baselines import allocate_bits, apply_allocation, layer_sensitivity  # noqa: E402
+from mobiquant.patching import achieved_bits, reset_counts, routers, set_budget  # noqa: E402
 
 
 def main(argv=None):

@@ -20,10 +20,11 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from mobiquant.data import eval_windows, load_corpus, tokenize_corpus  # noqa: E402
 from mobiquant.evaluation import perplexity  # noqa: E402
-from mobiquant.models import load_model  # noqa: E402
-from mobiquant.patching import MoBiConfig, quantize_model, set_static  # noqa: E402
+from mobiquant.io.data import eval_windows, load_corpus, tokenize_corpus  # noqa: E402
+from mobiquant.io.models import load_model  # noqa: E402
+from mobiquant.patching import quantize_model, set_static  # noqa: E402
+from mobiquant.quant.config import MoBiConfig  # noqa: E402
 from mobiquant.quant.slicer import ResidualSlicer  # noqa: E402
 
 

@@ -9,7 +9,7 @@ import torch
 
 import mobiquant as mq
 from mobiquant.calibration import CalibConfig, calibrate_model
-from mobiquant.checkpoint import quantized_state
+from mobiquant.io.checkpoint import quantized_state
 from mobiquant.tiny import tiny_llama
 
 
@@ -158,8 +158,8 @@ def test_inputs_kept_on_cpu_give_the_same_calibration(device):
     import dataclasses
 
     from mobiquant.calibration import CalibConfig, calibrate_model, inputs_device
-    from mobiquant.checkpoint import quantized_state
-    from mobiquant.patching import MoBiConfig
+    from mobiquant.io.checkpoint import quantized_state
+    from mobiquant.quant.config import MoBiConfig
     from mobiquant.tiny import tiny_llama
 
     cfg = CalibConfig(epochs_stage1=1, epochs_stage2=1, batch_size=2, progress_bar=False, threshold_windows=0)

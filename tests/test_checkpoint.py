@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import mobiquant as mq
-from mobiquant.checkpoint import CONFIG_NAME, FORMAT_VERSION, TENSORS_NAME, sha256_file
+from mobiquant.io.checkpoint import CONFIG_NAME, FORMAT_VERSION, TENSORS_NAME, meta_digest, read_meta, sha256_file
 from mobiquant.patching import mobi_linears, routers
 
 
@@ -226,8 +226,8 @@ def refused(make_llama, folder, match):
 def test_json_carries_its_own_checksum(ckpt, make_llama, input_ids):
     model, folder = ckpt
     meta = json.loads((folder / CONFIG_NAME).read_text())
-    assert meta["meta_sha256"] == canonical_sha256(meta) == mq.checkpoint.meta_digest(meta)
-    assert mq.checkpoint.read_meta(folder) == meta
+    assert meta["meta_sha256"] == canonical_sha256(meta) == meta_digest(meta)
+    assert read_meta(folder) == meta
     # Checkpoints written before the checksum existed (no key) still load, and give the same logits.
     rewrite_meta(folder, lambda m: m.pop("meta_sha256"), checksum=False)
     loaded = mq.load_quantized(make_llama(0), folder)
@@ -320,7 +320,7 @@ def test_json_schema_is_checked(ckpt, make_llama, edit, match):
     _, folder = ckpt
     rewrite_meta(folder, edit)
     with pytest.raises(mq.CheckpointError, match=match):
-        mq.checkpoint.read_meta(folder)
+        read_meta(folder)
     model, _ = refused(make_llama, folder, match)
     assert not list(mobi_linears(model))
 

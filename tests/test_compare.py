@@ -7,8 +7,8 @@ import math
 import pandas as pd
 import pytest
 
-from mobiquant.pipeline import run
-from mobiquant.results import method_summary
+from mobiquant.io.results import method_summary
+from mobiquant.tasks.quantize import run
 from test_pipeline import SHARED, smoke_cfg  # tests/ is on sys.path (pytest's default import mode)
 
 # The compare preset's method list, on the tiny random LLaMA with smoke-sized data.

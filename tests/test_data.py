@@ -1,4 +1,4 @@
-"""Tests of mobiquant.data: corpora, tokenization and windows."""
+"""Tests of mobiquant.io.data: corpora, tokenization and windows."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from mobiquant import data
-from mobiquant.data import (
+from mobiquant.io import data
+from mobiquant.io.data import (
     CORPORA,
     CorpusNotAvailableError,
     calibration_windows,
@@ -253,7 +253,7 @@ def test_wikitext2_token_count_with_smollm2_tokenizer():
     test_file = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} does not exist (the shared evaluation text sits beside the repository)")
-    from mobiquant.models import ModelNotAvailableError, load_model
+    from mobiquant.io.models import ModelNotAvailableError, load_model
 
     try:
         _, tok = load_model()

@@ -1,4 +1,4 @@
-"""``mobiquant.decode``: cached generation equals the eager model, budgets switch per token, bad input fails.
+"""``mobiquant.tasks.decode``: cached generation equals the eager model, budgets switch per token, bad input fails.
 
 The model is the tiny random LLaMA of ``mobiquant.tiny``, quantized (slices 2-2-2-2, g32), its router thresholds
 calibrated on random tokens and packed: every routed forward runs the package's inference dispatch.
@@ -19,8 +19,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 import mobiquant as mq
-from mobiquant import decode
-from mobiquant.decode import BudgetControl, generate
+from mobiquant.tasks import decode
+from mobiquant.tasks.decode import BudgetControl, generate
 from mobiquant.tiny import tiny_llama
 
 
@@ -106,7 +106,7 @@ def test_budget_switch_between_tokens_is_honoured(qmodel, prompt):
 def test_per_linear_thresholds_become_device_tensors(qmodel, prompt, monkeypatch):
     """A budget setter that gives some linears their own thresholds (a per-linear plan): generation honours
     them through 0-dim tensors written per budget, and still equals the eager model at a fixed budget."""
-    from mobiquant.router import interp_tau
+    from mobiquant.nn.router import interp_tau
 
     real = mq.set_budget
     own = [m for _, m in mq.patching.mobi_linears(qmodel)][:5]

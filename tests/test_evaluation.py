@@ -163,8 +163,8 @@ def test_bad_windows(windows, message):
 def test_smollm2_fp_perplexity_on_wikitext2():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} does not exist (the shared evaluation text sits beside the repository)")
-    from mobiquant.data import corpus_joiner, eval_windows, load_corpus, tokenize_corpus
-    from mobiquant.models import ModelNotAvailableError, load_model
+    from mobiquant.io.data import corpus_joiner, eval_windows, load_corpus, tokenize_corpus
+    from mobiquant.io.models import ModelNotAvailableError, load_model
 
     try:
         model, tok = load_model()

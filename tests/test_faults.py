@@ -9,7 +9,7 @@ privileges CI does not have:
   (``os.open`` for writing, ``open`` for writing, ``mkdir``, ``rename``/``replace``, ``unlink``,
   ``rmdir``, ``chmod``) raises the error a read-only folder gives: ``EACCES`` (a folder without write
   permission) or ``EROFS`` (a read-only mount).
-* full disk: :func:`mobiquant.fileio._write_all`, through which every byte of every artifact is
+* full disk: :func:`mobiquant.io.fileio._write_all`, through which every byte of every artifact is
   written, writes part of the data for real and then raises ``ENOSPC``, as ``write`` does when a file
   system fills up; from then on every write fails the same way.
 """
@@ -37,12 +37,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 import mobiquant as mq
-from mobiquant import fileio, pipeline
 from mobiquant.__main__ import CONF_DIR
 from mobiquant.calibration import CalibConfig, calibrate_model
-from mobiquant.checkpoint import CONFIG_NAME, TENSORS_NAME, load_quantized, quantized_state, save_quantized
-from mobiquant.fileio import WriteError
-from mobiquant.results import COLUMNS, read_results, write_csv
+from mobiquant.io import fileio
+from mobiquant.io.checkpoint import CONFIG_NAME, TENSORS_NAME, load_quantized, quantized_state, save_quantized
+from mobiquant.io.fileio import WriteError
+from mobiquant.io.results import COLUMNS, read_results, write_csv
+from mobiquant.tasks import quantize as pipeline
 from mobiquant.tiny import tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]

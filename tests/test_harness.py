@@ -18,9 +18,9 @@ from omegaconf import open_dict
 
 pytest.importorskip("lm_eval")
 
-from mobiquant import harness  # noqa: E402
 from mobiquant.__main__ import CONF_DIR, resolve_task  # noqa: E402
-from mobiquant.pipeline import ConfigError  # noqa: E402
+from mobiquant.tasks import lm_eval as harness  # noqa: E402
+from mobiquant.tasks.quantize import ConfigError  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 WIKI = SHARED / "wikitext-2-raw" / "wiki.test.raw"
@@ -219,7 +219,7 @@ def test_results_are_split_by_requested_task_group_and_tag():
 @pytest.mark.slow
 def test_smollm2_lm_eval_fp_against_rtn(tmp_path):
     """The real SmolLM2-135M through task=lm_eval: FP beats RTN 2-bit by far, RTN 8-bit stays near FP."""
-    from mobiquant.models import ModelNotAvailableError, smollm2_gguf_path
+    from mobiquant.io.models import ModelNotAvailableError, smollm2_gguf_path
 
     try:
         smollm2_gguf_path()

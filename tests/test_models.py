@@ -1,4 +1,4 @@
-"""Tests of mobiquant.models: locating, converting, caching, loading and fingerprinting models."""
+"""Tests of mobiquant.io.models: locating, converting, caching, loading and fingerprinting models."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from mobiquant import models
-from mobiquant.models import (
+from mobiquant.io import models
+from mobiquant.io.models import (
     SOURCE_MARKER,
     ModelNotAvailableError,
     cache_root,

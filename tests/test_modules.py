@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mobiquant.modules import MoBiLinear
-from mobiquant.router import TokenRouter
+from mobiquant.nn.linear import MoBiLinear
+from mobiquant.nn.router import TokenRouter
 
 
 def make_linear(inp: int = 100, out: int = 24, bias: bool = True, seed: int = 0) -> nn.Linear:

@@ -9,7 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from mobiquant.__main__ import CONF_DIR
-from mobiquant.pipeline import instantiate_calib, validate
+from mobiquant.tasks.quantize import instantiate_calib, validate
 
 PRESETS = {
     "paper_llama2_7b": "meta-llama/Llama-2-7b-hf",
@@ -62,7 +62,7 @@ def test_paper_preset_follows_the_protocol(name, hub, tmp_path):
 
 def test_paper_preset_lm_eval_tasks_are_known_to_lm_eval(tmp_path):
     pytest.importorskip("lm_eval")
-    from mobiquant.harness import validate_lm_eval
+    from mobiquant.tasks.lm_eval import validate_lm_eval
 
     plan = validate_lm_eval(preset("paper_llama32_1b", tmp_path, "task=lm_eval"))
     assert plan.tasks == ["piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande"]

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import mobiquant as mq
-from mobiquant.modules import MoBiLinear
+from mobiquant.nn.linear import MoBiLinear
 from mobiquant.patching import (
     ROUTERS_ATTR,
     find_blocks,

@@ -13,8 +13,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 from mobiquant.__main__ import CONF_DIR
-from mobiquant.pipeline import run
-from mobiquant.results import COLUMNS
+from mobiquant.io.results import COLUMNS
+from mobiquant.tasks.quantize import run
 from wandb_offline import read_run
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"

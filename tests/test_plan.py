@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import mobiquant as mq
-from mobiquant.checkpoint import CONFIG_NAME, TENSORS_NAME
+from mobiquant.elastic.plan import BudgetPlan, stack_plan
+from mobiquant.elastic.site_budgets import _mean_nll, build_plan, default_grid
+from mobiquant.io.checkpoint import CONFIG_NAME, TENSORS_NAME
 from mobiquant.patching import budget_plan, fit_budget_thresholds, install_plan, mobi_linears, routers
-from mobiquant.plan import BudgetPlan, stack_plan
-from mobiquant.site_budgets import _mean_nll, build_plan, default_grid
 from test_checkpoint import rewrite_meta
 from test_site_budgets import fp_model, routed_model  # tests/ is on sys.path (pytest's default import mode)
 
@@ -41,7 +41,7 @@ def test_plan_interpolates_and_validates():
 
 
 def test_batch_tau_meets_the_budget_without_leaving_the_device():
-    from mobiquant.router import batch_tau
+    from mobiquant.nn.router import batch_tau
 
     g = torch.Generator().manual_seed(0)
     values = torch.sort(torch.randn(500, 3, generator=g), dim=-1, descending=True).values  # nested, no ties
@@ -177,9 +177,9 @@ def test_pipeline_evaluates_what_a_reloaded_checkpoint_serves(tmp_path, monkeypa
     fractional ones included, is reproduced exactly by load_quantized + set_budget on a fresh base model."""
     import pandas as pd
 
-    from mobiquant.data import eval_windows
     from mobiquant.evaluation import perplexity
-    from mobiquant.pipeline import load_base_model, load_token_ids, run
+    from mobiquant.io.data import eval_windows
+    from mobiquant.tasks.quantize import load_base_model, load_token_ids, run
     from test_pipeline import smoke_cfg
 
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -211,7 +211,7 @@ def _plans_equal(a: BudgetPlan, b: BudgetPlan) -> bool:
 def test_an_interrupted_plan_resumes_at_the_next_budget(planned, tmp_path, monkeypatch):
     """Cost curves and finished budgets are saved as they complete; a rerun computes only what is missing
     and gives the plan of an uninterrupted build. Another key starts over."""
-    import mobiquant.site_budgets as sb
+    import mobiquant.elastic.site_budgets as sb
 
     model, ids, reference = planned
     settings = dict(per="linear", step=0.5, sensitivity_windows=4, select_windows=4, batch_size=2)
@@ -243,8 +243,8 @@ def test_a_run_killed_while_planning_resumes_its_plan(tmp_path, monkeypatch, cap
     folder reloads the checkpoint, resumes the plan and drops its state once the plan is saved."""
     import logging
 
-    import mobiquant.site_budgets as sb
-    from mobiquant.pipeline import run
+    import mobiquant.elastic.site_budgets as sb
+    from mobiquant.tasks.quantize import run
     from test_pipeline import smoke_cfg
 
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from mobiquant import report as rp
+from mobiquant.io.results import COLUMNS, write_csv
 from mobiquant.report import OV, ReportError, collect, load_report, main, pareto_front
-from mobiquant.results import COLUMNS, write_csv
 
 BUDGETS = [2.0, 3.0, 4.0, 8.0]
 
@@ -312,7 +312,7 @@ def test_figures_have_plain_tick_labels(tmp_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mobiquant.results import plot_elasticity, readable_log_axis
+    from mobiquant.io.results import plot_elasticity, readable_log_axis
 
     for lo, hi in ((261.1, 264.8), (12.0, 3000.0)):
         fig, ax = plt.subplots()

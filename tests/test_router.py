@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mobiquant.router import TokenRouter, budget_bits, interp_tau, nested_min, weighted_tail_table
+from mobiquant.nn.router import TokenRouter, budget_bits, interp_tau, nested_min, weighted_tail_table
 
 DIM = 64
 

@@ -12,12 +12,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from mobiquant import pipeline
 from mobiquant.__main__ import CONF_DIR, TASKS
 from mobiquant.configcheck import PlainMessage, preflight
-from mobiquant.fileio import host_tag, owner_tag
-from mobiquant.pipeline import run
-from mobiquant.runfolder import (
+from mobiquant.io.fileio import host_tag, owner_tag
+from mobiquant.io.runfolder import (
     IDENTITY_NAME,
     LOCK_NAME,
     RunFolderError,
@@ -26,6 +24,8 @@ from mobiquant.runfolder import (
     digest,
     open_run_folder,
 )
+from mobiquant.tasks import quantize as pipeline
+from mobiquant.tasks.quantize import run
 from test_pipeline import smoke_cfg
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -192,7 +192,7 @@ def test_cli_refuses_before_hydra_writes_the_folder(tmp_path):
 # ---------------------------------------------------------------------------- lock
 HOLD = """
 import sys, time
-from mobiquant.runfolder import RunLock
+from mobiquant.io.runfolder import RunLock
 from pathlib import Path
 lock = RunLock(Path(sys.argv[1])).acquire()
 print("locked", flush=True)
@@ -288,7 +288,7 @@ def test_stray_temporaries_are_removed_at_start_unless_a_live_process_owns_them(
 
 
 def test_temporary_names_carry_their_owner(tmp_path):
-    from mobiquant.fileio import TEMP_FILE_RE, stage_bytes
+    from mobiquant.io.fileio import TEMP_FILE_RE, stage_bytes
 
     tmp = stage_bytes(tmp_path / "results.csv", b"x")
     m = TEMP_FILE_RE.match(tmp.name)
@@ -331,7 +331,7 @@ def test_calibration_csv_survives_a_failure_during_evaluation(tmp_path, quiet, m
 def test_calib_seconds_sum_over_processes(tmp_path, quiet, monkeypatch):
     """A calibration killed after its first block and resumed: the resumed block keeps its seconds and steps
     in calibration.csv, and calib_seconds counts both processes."""
-    from mobiquant.tracking import Tracker
+    from mobiquant.io.tracking import Tracker
 
     def killed(self, method, block, report):
         raise KeyboardInterrupt

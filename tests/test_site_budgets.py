@@ -7,14 +7,14 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mobiquant import MoBiConfig, achieved_bits, freeze, quantize_model, reset_counts
-from mobiquant.patching import fit_budget_thresholds, mobi_linears, routers, set_budget
-from mobiquant.site_budgets import (
+from mobiquant.elastic.site_budgets import (
     allocate_site_budgets,
     allocated_bits,
     apply_site_budgets,
     default_grid,
     site_cost_curves,
 )
+from mobiquant.patching import fit_budget_thresholds, mobi_linears, routers, set_budget
 
 
 def fp_model(seed: int = 0):
@@ -101,7 +101,7 @@ def test_apply_sets_each_router_at_its_local_budget(model_and_curves, calib_ids)
     apply_site_budgets(model, alloc)
     for name, r in routers(model):
         expect = torch.tensor(r.bits_table.tolist()), torch.tensor(r.tau_table.tolist())
-        from mobiquant.router import interp_tau
+        from mobiquant.nn.router import interp_tau
 
         assert float(r.tau) == pytest.approx(interp_tau(*expect, alloc[name]), rel=1e-6, abs=1e-6)
     reset_counts(model)
@@ -158,7 +158,7 @@ def test_refit_thresholds_at_local_budgets(model_and_curves, calib_ids):
 def test_per_linear_curves_and_thresholds(model_and_curves, calib_ids):
     """per="linear": one curve per linear; each linear reads its own threshold on its router's values, so
     linears sharing a router can sit at different budgets; set_budget puts them back on the router's."""
-    from mobiquant.site_budgets import apply_linear_budgets
+    from mobiquant.elastic.site_budgets import apply_linear_budgets
 
     model, _ = model_and_curves
     grid = default_grid((2, 2, 2, 2), 0.5)
@@ -196,7 +196,7 @@ def test_per_linear_curves_and_thresholds(model_and_curves, calib_ids):
 
 
 def test_per_linear_thresholds_need_packed_linears(calib_ids):
-    from mobiquant.site_budgets import apply_linear_budgets
+    from mobiquant.elastic.site_budgets import apply_linear_budgets
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(

@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from mobiquant.__main__ import CONF_DIR
-from mobiquant.pipeline import validate
+from mobiquant.tasks.quantize import validate
 
 REPO = Path(CONF_DIR).parent
 SWEEPS = REPO / "sweeps"
@@ -89,7 +89,7 @@ def test_ablation_preset_sweeps_its_axis(preset, tmp_path):
 
 
 def test_stage2_preset_changes_one_calibration_lever_per_job(tmp_path):
-    from mobiquant.methods import MoBiQuant
+    from mobiquant.methods.core import MoBiQuant
 
     cfg = _compose(["experiment=ablation_stage2"])
     jobs = _expand(OmegaConf.to_container(cfg.hydra.sweeper.params))
@@ -329,7 +329,7 @@ def _agent_argv(spec: dict) -> list[str]:
 
 @pytest.mark.parametrize("path", sorted(SWEEPS.glob("*.yaml")), ids=lambda p: p.stem)
 def test_wandb_sweep_definition(path, monkeypatch, tmp_path):
-    from mobiquant.tracking import OBJECTIVE
+    from mobiquant.io.tracking import OBJECTIVE
 
     spec = yaml.safe_load(path.read_text())
     assert spec["method"] in ("grid", "random", "bayes") and spec["parameters"]

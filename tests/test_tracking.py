@@ -12,7 +12,7 @@ from hydra.types import RunMode
 from omegaconf import open_dict
 
 from mobiquant.__main__ import CONF_DIR
-from mobiquant.tracking import OBJECTIVE, Tracker, curve_summary, plain_config, run_group, run_name, run_tags
+from mobiquant.io.tracking import OBJECTIVE, Tracker, curve_summary, plain_config, run_group, run_name, run_tags
 from wandb_offline import read_run
 
 SWEEP = ["quant=mobiquant,rtn", "seed=0,1"]  # `mobiquant -m experiment=smoke quant=mobiquant,rtn seed=0,1`
@@ -99,7 +99,7 @@ def test_wandb_run_of_a_multirun_job(tmp_path, wandb_offline):
 
 
 def test_explicit_logger_settings_are_kept(tmp_path, wandb_offline):
-    from mobiquant.tracking import wandb_identity
+    from mobiquant.io.tracking import wandb_identity
 
     cfg = _job_cfg(["experiment=smoke", "logger=wandb", "logger.wandb.name=mine", "logger.wandb.group=g"], tmp_path)
     ident = wandb_identity(cfg.logger.wandb, plain_config(cfg))
@@ -125,8 +125,8 @@ def test_curve_summary():
 
 def test_checkpoint_artifact_leaves_out_temporaries(tmp_path):
     """Stray temporaries of our atomic writers (a killed save) never go into the W&B checkpoint artifact."""
-    from mobiquant.fileio import owner_tag
-    from mobiquant.tracking import artifact_files
+    from mobiquant.io.fileio import owner_tag
+    from mobiquant.io.tracking import artifact_files
 
     folder = tmp_path / "ckpt"
     folder.mkdir()

@@ -20,13 +20,13 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "CalibConfig": "calibration",
     "calibrate": "calibration",
-    "CheckpointError": "checkpoint",
+    "CheckpointError": "io.checkpoint",
+    "load_quantized": "io.checkpoint",
+    "save_quantized": "io.checkpoint",
     "export_hf": "hf",
     "save_pretrained": "hf",
-    "load_quantized": "checkpoint",
-    "save_quantized": "checkpoint",
-    "MoBiLinear": "modules",
-    "MoBiConfig": "patching",
+    "MoBiLinear": "nn.linear",
+    "MoBiConfig": "quant.config",
     "achieved_bits": "patching",
     "calibrate_thresholds": "patching",
     "freeze": "patching",
@@ -34,11 +34,11 @@ _EXPORTS = {
     "reset_counts": "patching",
     "set_budget": "patching",
     "install_plan": "patching",
-    "plan_budgets": "site_budgets",
+    "plan_budgets": "elastic.site_budgets",
     "set_static": "patching",
     "storage_bits": "patching",
     "ResidualSlicer": "quant.slicer",
-    "TokenRouter": "router",
+    "TokenRouter": "nn.router",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -46,13 +46,14 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:  # the same names for type checkers, re-exported explicitly (`name as name`)
     from .calibration import CalibConfig as CalibConfig
     from .calibration import calibrate as calibrate
-    from .checkpoint import CheckpointError as CheckpointError
-    from .checkpoint import load_quantized as load_quantized
-    from .checkpoint import save_quantized as save_quantized
+    from .elastic.site_budgets import plan_budgets as plan_budgets
     from .hf import export_hf as export_hf
     from .hf import save_pretrained as save_pretrained
-    from .modules import MoBiLinear as MoBiLinear
-    from .patching import MoBiConfig as MoBiConfig
+    from .io.checkpoint import CheckpointError as CheckpointError
+    from .io.checkpoint import load_quantized as load_quantized
+    from .io.checkpoint import save_quantized as save_quantized
+    from .nn.linear import MoBiLinear as MoBiLinear
+    from .nn.router import TokenRouter as TokenRouter
     from .patching import achieved_bits as achieved_bits
     from .patching import calibrate_thresholds as calibrate_thresholds
     from .patching import freeze as freeze
@@ -62,9 +63,8 @@ if TYPE_CHECKING:  # the same names for type checkers, re-exported explicitly (`
     from .patching import set_budget as set_budget
     from .patching import set_static as set_static
     from .patching import storage_bits as storage_bits
+    from .quant.config import MoBiConfig as MoBiConfig
     from .quant.slicer import ResidualSlicer as ResidualSlicer
-    from .router import TokenRouter as TokenRouter
-    from .site_budgets import plan_budgets as plan_budgets
 
 
 def __getattr__(name: str):

@@ -17,11 +17,11 @@ CONF_DIR = os.environ.get("MOBIQUANT_CONF", str(Path(__file__).resolve().parents
 # `task=<name>` picks what the app does; every task takes the composed config and returns a float
 # (the value an Optuna sweep optimises). Modules are imported lazily so a typo costs no import time.
 TASKS = {
-    "quantize": "mobiquant.pipeline:run",  # calibrate, evaluate every budget, report (the default)
-    "outliers": "mobiquant.analysis.outliers:run",  # outlier migration: cross-precision ppl, top-p% token overlap
-    "routers": "mobiquant.analysis.routers:run",  # slices used per layer and router site, at each budget
-    "lm_eval": "mobiquant.harness:run",  # lm-evaluation-harness tasks on the quantized model, per budget
-    "decode": "mobiquant.decode:run",  # generation speed (static KV cache, CUDA graph) per budget
+    "quantize": "mobiquant.tasks.quantize:run",  # calibrate, evaluate every budget, report (the default)
+    "outliers": "mobiquant.tasks.analysis.outliers:run",  # outlier migration: cross-precision ppl, top-p% overlap
+    "routers": "mobiquant.tasks.analysis.routers:run",  # slices used per layer and router site, at each budget
+    "lm_eval": "mobiquant.tasks.lm_eval:run",  # lm-evaluation-harness tasks on the quantized model, per budget
+    "decode": "mobiquant.tasks.decode:run",  # generation speed (static KV cache, CUDA graph) per budget
 }
 
 
@@ -53,7 +53,7 @@ def resolve_task(name: str):
     """The callable behind ``task=<name>``; a clear error naming the allowed tasks otherwise."""
     import importlib
 
-    from .pipeline import ConfigError
+    from .tasks.quantize import ConfigError
 
     if name not in TASKS:
         raise ConfigError(f"task={name!r} is unknown; allowed: {', '.join(sorted(TASKS))}")
@@ -62,8 +62,8 @@ def resolve_task(name: str):
 
 
 def _task(cfg) -> float:
-    from .pipeline import ConfigError
-    from .runfolder import RunFolderError
+    from .io.runfolder import RunFolderError
+    from .tasks.quantize import ConfigError
 
     try:
         return resolve_task(str(cfg.get("task", "quantize")))(cfg)

@@ -35,17 +35,17 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from .dist import is_rank_zero, world_size
-from .modules import MoBiLinear
+from .nn.linear import MoBiLinear
+from .nn.router import TokenRouter, budget_bits
 from .patching import (
     ROUTERS_ATTR,
-    MoBiConfig,
     discover_sites,
     find_blocks,
     fit_budget_thresholds,
     quantize_block,
     static_k_for_bits,
 )
-from .router import TokenRouter, budget_bits
+from .quant.config import MoBiConfig
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def stage1_slices(mobi: MoBiConfig, cfg: CalibConfig) -> int:
     k = static_k_for_bits(mobi, float(bits))
     if k is not None:
         return k
-    views = [sum(mobi.slice_bits[:k]) for k in range(1, len(mobi.slice_bits) + 1)]
+    views = list(mobi.view_bits)
     raise ValueError(
         f"calib.stage1_bits={cfg.stage1_bits} is not a view of slices {list(mobi.slice_bits)}: "
         f"allowed {views} (or 'base', 'anchor')"
@@ -550,7 +550,7 @@ class _CalibState:
     def __init__(
         self, folder, mobi: MoBiConfig, cfg: CalibConfig, calib_ids: torch.Tensor, base_fingerprint: str | None = None
     ):
-        from .fileio import atomic_write_text, ensure_dir
+        from .io.fileio import atomic_write_text, ensure_dir
 
         self.folder = ensure_dir(folder)
         ids = calib_ids.detach().cpu().contiguous()
@@ -620,8 +620,8 @@ class _CalibState:
         if not self.writer:
             self.reports[i] = vars(report)
             return
-        from .checkpoint import quantized_state
-        from .fileio import atomic_write_bytes
+        from .io.checkpoint import quantized_state
+        from .io.fileio import atomic_write_bytes
 
         atomic_write_bytes(self._file(i), save(quantized_state(block)))
         self.reports[i] = vars(report)
@@ -630,7 +630,7 @@ class _CalibState:
     def load(self, i: int, block: nn.Module) -> None:
         from safetensors.torch import load_file
 
-        from .checkpoint import _assign
+        from .io.checkpoint import _assign
 
         tensors = load_file(str(self._file(i)))
         dtype = next(iter(_block_mobi(block))).weight.dtype
@@ -757,7 +757,7 @@ def calibrate_model(
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     state = None
     if state_dir is not None:
-        from .checkpoint import base_fingerprint
+        from .io.checkpoint import base_fingerprint
 
         state = _CalibState(state_dir, mobi, cfg, calib_ids, base_fingerprint(model))
     t_start = time.perf_counter()

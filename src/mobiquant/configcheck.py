@@ -290,7 +290,7 @@ def _looks_local(path: str) -> bool:
     )
 
 
-#: The ``model.dtype`` names a model loads in (the keys of ``mobiquant.models.DTYPES``).
+#: The ``model.dtype`` names a model loads in (the keys of ``mobiquant.io.models.DTYPES``).
 DTYPE_NAMES = ("float32", "fp32", "float", "float16", "fp16", "half", "bfloat16", "bf16")
 #: ``model.device``: a torch device a model is moved to.
 DEVICE_RE = re.compile(r"^(cpu|cuda|mps|xpu)(:\d+)?$")
@@ -477,7 +477,7 @@ def model_context(cfg: DictConfig) -> tuple[int, str] | None:
     folder = Path(path).expanduser()
     if not (folder / "config.json").is_file():
         try:
-            from .models import KNOWN_MODELS, cache_root
+            from .io.models import KNOWN_MODELS, cache_root
 
             known = KNOWN_MODELS.get(path)
             cache = OmegaConf.select(cfg, "paths.cache_dir", default=None, throw_on_resolution_failure=False)
@@ -593,7 +593,7 @@ def _check_run_folder(cfg: DictConfig, extra_overrides: list[str] | None) -> Non
     by this configuration (or, with ``run.on_mismatch=new_subrun``, the sub-run it moves to, added to
     ``extra_overrides`` as ``hydra.run.dir``), before Hydra writes its own files (``.hydra/``, the log) there."""
     from .dist import is_rank_zero
-    from .runfolder import probe_lock, resolve_folder
+    from .io.runfolder import probe_lock, resolve_folder
 
     if not is_rank_zero():  # a DDP rank started by rank 0, which holds the folder: it follows rank 0 there
         return
@@ -659,13 +659,13 @@ def preflight(argv: list[str], conf_dir: str, tasks=None, extra_overrides: list[
         if tasks is not None and task not in tasks:
             raise ConfigError(f"task={task} is unknown; allowed: {', '.join(sorted(tasks))}{did_you_mean(task, tasks)}")
         if not args.multirun and task == "quantize":  # the pipeline's own checks (budgets, methods, corpora)
-            from .pipeline import validate
+            from .tasks.quantize import validate
 
             validate(cfg)  # check_config included
         else:
             check_config(cfg)
         if not args.multirun and task == "quantize":
-            from .runfolder import RunFolderError
+            from .io.runfolder import RunFolderError
 
             try:
                 _check_run_folder(cfg, extra_overrides)

@@ -1,6 +1,6 @@
 """Perplexity under the GPTQ/OmniQuant protocol, for any Hugging Face causal language model.
 
-The text is tokenized once and cut into non-overlapping windows (:func:`mobiquant.data.eval_windows`).
+The text is tokenized once and cut into non-overlapping windows (:func:`mobiquant.io.data.eval_windows`).
 Each window is scored on its own, with no context carried over from the previous one: the model sees
 tokens ``0..seqlen-2`` and is scored on predicting tokens ``1..seqlen-1``. The perplexity is
 ``exp(mean token NLL)`` over all scored tokens of all windows. (GPTQ writes this as
@@ -70,7 +70,7 @@ def perplexity(
     Args:
         model: a causal LM called as ``model(input_ids=..., use_cache=False)``, returning ``.logits`` (or
             a tuple whose first item is the logits) of shape ``[batch, seqlen, vocab]``.
-        windows: ``LongTensor[n, seqlen]`` from :func:`mobiquant.data.eval_windows`.
+        windows: ``LongTensor[n, seqlen]`` from :func:`mobiquant.io.data.eval_windows`.
         batch_size: windows per forward pass.
         device: where to run; by default the device of the model's parameters (the model is not moved).
         progress: ``True`` or a description string shows a tqdm progress bar.

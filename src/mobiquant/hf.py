@@ -7,7 +7,7 @@ given, the tokenizer. ``quantization_config`` holds ``quant_method: "mobiquant"`
 :class:`~mobiquant.patching.MoBiConfig`, the router sites, the compute dtype, the budget plan's
 description and the budget served on load. The weights are the model's own state dict: the FP embeddings,
 norms and ``lm_head``, and per MoBiLinear its bit-planes, fp16 steps and zero points (the tensors of
-:mod:`mobiquant.checkpoint`, under their module names), per router its MLP and threshold tables, and the
+:mod:`mobiquant.io.checkpoint`, under their module names), per router its MLP and threshold tables, and the
 budget plan as ``mobiquant_plan_tensors.{budgets,taus,local}``.
 
 ``import mobiquant`` registers the quantization config and the quantizer with transformers (when
@@ -16,7 +16,7 @@ the meta device, lets the quantizer swap its block linears for packed MoBiLinear
 shaped by the config and the weight files' headers, loads the weights, and installs the plan and the
 budget. The model keeps ``mobiquant.set_budget``; ``save_pretrained`` and ``push_to_hub`` write the same
 layout again. :func:`save_pretrained` writes a model quantized in memory, :func:`export_hf` a checkpoint
-folder of :mod:`mobiquant.checkpoint`. ``MOBIQUANT_BUDGET`` overrides the budget served on load (lm-eval:
+folder of :mod:`mobiquant.io.checkpoint`. ``MOBIQUANT_BUDGET`` overrides the budget served on load (lm-eval:
 ``python -m mobiquant.hf lm_eval ...``, see :func:`main`).
 """
 
@@ -42,8 +42,9 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import __version__
-from .checkpoint import COMPUTE_DTYPES, CheckpointError, check_sites, config_from_meta, load_quantized, read_meta
-from .modules import MoBiLinear
+from .elastic.plan import BudgetPlan
+from .io.checkpoint import COMPUTE_DTYPES, CheckpointError, check_sites, config_from_meta, load_quantized, read_meta
+from .nn.linear import MoBiLinear
 from .patching import (
     MoBiConfig,
     budget_plan,
@@ -55,7 +56,6 @@ from .patching import (
     set_static,
     static_k_for_bits,
 )
-from .plan import BudgetPlan
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -467,7 +467,7 @@ def _base_model(name: str, dtype: str) -> tuple[nn.Module, Any]:
         from .tiny import tiny_llama
 
         return tiny_llama(dtype=dtype)
-    from .models import load_model
+    from .io.models import load_model
 
     return load_model(name, dtype=dtype)
 
@@ -483,7 +483,7 @@ def export_hf(
 ) -> Path:
     """Write the checkpoint folder ``checkpoint`` (:func:`mobiquant.save_quantized`) as a transformers folder
     ``out``. ``base_model``: the FP model it was calibrated from, a model or what
-    :func:`mobiquant.models.load_model` loads (default: the name the checkpoint records; its tokenizer is
+    :func:`mobiquant.io.models.load_model` loads (default: the name the checkpoint records; its tokenizer is
     saved too). ``budget``: served on load."""
     meta = read_meta(checkpoint)
     if base_model is None:

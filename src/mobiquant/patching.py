@@ -11,73 +11,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
 from .dist import world_size
-from .modules import MoBiLinear
-from .plan import PLAN_ATTR, BudgetPlan
+from .elastic.plan import PLAN_ATTR, BudgetPlan
+from .nn.linear import MoBiLinear
+from .nn.router import TokenRouter
+from .quant.config import MoBiConfig
 from .quant.packing import packed_width
 from .quant.primitives import num_groups
-from .quant.slicer import check_anchor_bits, check_slice_bits
-from .router import TokenRouter
 
 ROUTERS_ATTR = "mobi_routers"
-
-
-@dataclass
-class MoBiConfig:
-    """Everything that shapes a MoBiQuant model (saved with every checkpoint)."""
-
-    slice_bits: Sequence[int] = (2, 2, 2, 2)
-    group_size: int = 128
-    lwc_init: float | None = 4.0
-    router_hidden: int = 64
-    router_placement: str = "site"  # "site": one router per shared input; "linear": one per linear
-    router_temperature: float = 1.0
-    router_policy: str = "free"  # "free": any number of slices per token; "adjacent": the two views around the budget
-    routers: bool = True  # False: multi-slice weights without routers (static views only, e.g. matryoshka)
-    skip: Sequence[str] = field(default_factory=list)  # regexes on full module names to keep in FP
-    word_bits: int = 32
-    anchor_bits: int | None = None  # None: the base slice's own grid (paper); a view's bits: that view is RTN-exact
-
-    def __post_init__(self):
-        self.slice_bits = tuple(check_slice_bits(self.slice_bits))
-        self.anchor_bits = check_anchor_bits(self.anchor_bits, self.slice_bits)
-        if self.router_placement not in ("site", "linear"):
-            raise ValueError(f"router_placement must be 'site' or 'linear', got {self.router_placement!r}")
-        from .router import POLICIES
-
-        if self.router_policy not in POLICIES:
-            raise ValueError(f"router_policy must be one of {POLICIES}, got {self.router_policy!r}")
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0:
-            raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}")
-        self.skip = list(self.skip)
-
-    @property
-    def min_bits(self) -> int:
-        return self.slice_bits[0]
-
-    @property
-    def max_bits(self) -> int:
-        return sum(self.slice_bits)
-
-    def to_dict(self) -> dict:
-        return {
-            "slice_bits": list(self.slice_bits),
-            "group_size": self.group_size,
-            "lwc_init": self.lwc_init,
-            "router_hidden": self.router_hidden,
-            "router_placement": self.router_placement,
-            "router_temperature": self.router_temperature,
-            "router_policy": self.router_policy,
-            "routers": self.routers,
-            "skip": list(self.skip),
-            "word_bits": self.word_bits,
-            "anchor_bits": self.anchor_bits,
-        }
 
 
 # ---------------------------------------------------------------------------- discovery
@@ -239,7 +185,7 @@ def set_budget(model: nn.Module, avg_bits: float, uniform: bool = False) -> None
     """Elastic inference at ``avg_bits`` average code bits: moves thresholds only, never weights.
 
     With a budget plan installed (:func:`install_plan`; saved checkpoints carry theirs) every routed linear
-    takes its own threshold from the plan, interpolated at ``avg_bits`` (:mod:`mobiquant.plan`). Without one,
+    takes its own threshold from the plan, interpolated at ``avg_bits`` (:mod:`mobiquant.elastic.plan`). Without one,
     or with ``uniform=True``, every router runs at ``avg_bits`` itself (uniform routing, as in the paper).
     """
     cfg: MoBiConfig = model.mobiquant_config
@@ -253,7 +199,7 @@ def set_budget(model: nn.Module, avg_bits: float, uniform: bool = False) -> None
         r.set_budget(avg_bits)
     taus = plan.taus_at(avg_bits) if plan is not None else {}
     for name, m in mobi_linears(model):
-        m.route_tau = taus.get(name)  # None: the router's own threshold (see mobiquant.site_budgets)
+        m.route_tau = taus.get(name)  # None: the router's own threshold (see mobiquant.elastic.site_budgets)
         if m.router is not None:
             m.set_routed()
         else:  # no router (K = 1): the one static view
@@ -288,9 +234,7 @@ def budget_plan(model: nn.Module) -> BudgetPlan | None:
 
 def static_k_for_bits(cfg: MoBiConfig, bits: float) -> int | None:
     """``k`` whose static view has exactly ``bits`` code bits, if any."""
-    total = 0
-    for k, b in enumerate(cfg.slice_bits, start=1):
-        total += b
+    for k, total in enumerate(cfg.view_bits, start=1):
         if abs(total - bits) < 1e-9:
             return k
     return None

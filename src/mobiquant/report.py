@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .results import atomic_write_text, read_results, readable_log_axis, write_csv
+from .io.results import atomic_write_text, read_results, readable_log_axis, write_csv
 
 log = logging.getLogger("mobiquant.report")
 
@@ -141,7 +141,7 @@ def _sweep_group(job: Path, cfg: Any) -> str | None:
 
     raw = OmegaConf.to_container(cfg, resolve=False).get("logger_group")
     hydra_yaml = job / ".hydra" / "hydra.yaml"
-    if raw is None:  # mobiquant.tracking.run_group: the sweep directory of a multirun, else task_name
+    if raw is None:  # mobiquant.io.tracking.run_group: the sweep directory of a multirun, else task_name
         try:
             multirun = "MULTIRUN" in str(OmegaConf.load(hydra_yaml).hydra.mode)
         except Exception:  # noqa: BLE001
@@ -314,7 +314,7 @@ def _add_scores(jobs: pd.DataFrame, df: pd.DataFrame) -> None:
     for ds in dict.fromkeys(df["dataset"]):
         sel = main[main["dataset"] == ds]
         jobs[f"mean_ppl.{ds}"] = jobs["job"].map(sel.groupby("job")["ppl"].mean())
-        # the run's `objective` (mobiquant.tracking.curve_summary), what the sweepers minimise
+        # the run's `objective` (mobiquant.io.tracking.curve_summary), what the sweepers minimise
         jobs[f"mean_log_ppl.{ds}"] = jobs["job"].map(
             sel.assign(lp=np.log(sel["ppl"].astype(float))).groupby("job")["lp"].mean()
         )

@@ -29,7 +29,7 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
-    # Without merges every UTF-8 byte is one token: mobiquant.data.tokenize_corpus maps bytes through this
+    # Without merges every UTF-8 byte is one token: mobiquant.io.data.tokenize_corpus maps bytes through this
     # table (the same ids as the tokenizer, tested) instead of running it over megabytes of text.
     fast.byte_table = np.array([vocab[ch] for ch in _byte_chars()], dtype=np.int64)
     return fast
@@ -59,11 +59,11 @@ def tiny_llama(
     dtype: str = "float32",
 ):
     """``(model, tokenizer)``: a random LLaMA over the byte tokenizer's 257 tokens. ``dtype``: a name of
-    ``mobiquant.models.DTYPES``."""
+    ``mobiquant.io.models.DTYPES``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from .models import resolve_dtype
+    from .io.models import resolve_dtype
 
     tokenizer = byte_tokenizer()
     cfg = LlamaConfig(

@@ -53,8 +53,8 @@ def no_calibration(monkeypatch) -> None:
     def fail(*args, **kwargs):
         raise AssertionError("calibrate_model was called")
 
-    import mobiquant.analysis.outliers as outliers
-    import mobiquant.methods as methods
+    import mobiquant.methods.core as methods
+    import mobiquant.tasks.analysis.outliers as outliers
 
     monkeypatch.setattr(methods, "calibrate_model", fail)
     monkeypatch.setattr(outliers, "calibrate_model", fail)

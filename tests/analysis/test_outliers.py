@@ -14,18 +14,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mobiquant.analysis import outliers
-from mobiquant.analysis.outliers import (
+from mobiquant.evaluation import perplexity
+from mobiquant.io.checkpoint import load_quantized
+from mobiquant.patching import mobi_linears
+from mobiquant.tasks.analysis import outliers
+from mobiquant.tasks.analysis.outliers import (
     CLIPPING_NAME,
     TokenPrecisionSplit,
     requantize_lwc,
     split_nll,
     top_mask,
 )
-from mobiquant.checkpoint import load_quantized
-from mobiquant.evaluation import perplexity
-from mobiquant.patching import mobi_linears
-from mobiquant.pipeline import ConfigError, load_base_model
+from mobiquant.tasks.quantize import ConfigError, load_base_model
 
 FILES = [
     "token_errors.csv",
@@ -254,7 +254,7 @@ def test_missing_clipping_or_other_settings_recalibrate(tmp_path, compose_cfg, m
 def test_interrupted_lwc_calibration_resumes_with_its_clipping(smoke_run, tmp_path, compose_cfg, monkeypatch):
     """Stopped after block 0 of lwc-w3: the re-run reloads block 0 from the calibration state together
     with its learned clipping, and ends with the clipping of an uninterrupted run."""
-    from mobiquant.tracking import Tracker
+    from mobiquant.io.tracking import Tracker
 
     def stop(self, method, block, report):
         if (method, block) == ("lwc-w3", 0):

@@ -8,12 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mobiquant.analysis import routers
-from mobiquant.checkpoint import load_quantized
-from mobiquant.data import eval_windows
 from mobiquant.evaluation import perplexity
+from mobiquant.io.checkpoint import load_quantized
+from mobiquant.io.data import eval_windows
 from mobiquant.patching import achieved_bits, reset_counts, set_budget
-from mobiquant.pipeline import ConfigError, load_base_model, load_token_ids
+from mobiquant.tasks.analysis import routers
+from mobiquant.tasks.quantize import ConfigError, load_base_model, load_token_ids
 
 FILES = [
     "router_sites.csv",

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from mobiquant import load_quantized, save_quantized, storage_bits
-from mobiquant.baselines import gptq_quantize_weight, pack_linear_from_codes, quantize_gptq
-from mobiquant.modules import MoBiLinear
+from mobiquant.methods.baselines import gptq_quantize_weight, pack_linear_from_codes, quantize_gptq
+from mobiquant.nn.linear import MoBiLinear
 from mobiquant.patching import find_blocks, mobi_linears
 from mobiquant.quant.primitives import fake_quant_rtn, lwc_params, to_groups
 

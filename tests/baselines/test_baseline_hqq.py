@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mobiquant.baselines import hqq_available, hqq_storage_bits, quantize_hqq
+from mobiquant.methods.baselines import hqq_available, hqq_storage_bits, quantize_hqq
 from mobiquant.patching import mobi_linears
 
 pytestmark = pytest.mark.skipif(

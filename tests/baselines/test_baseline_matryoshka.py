@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mobiquant import set_static, storage_bits
-from mobiquant.baselines import matryoshka_codes, pack_linear_from_codes, quantize_matryoshka, truncated_view
+from mobiquant.methods.baselines import matryoshka_codes, pack_linear_from_codes, quantize_matryoshka, truncated_view
 from mobiquant.patching import mobi_linears
 from mobiquant.quant.primitives import fake_quant_rtn
 
@@ -74,7 +74,7 @@ def test_narrow_one_signed_groups_stay_exact_and_finite():
 
 
 def test_matryoshka_checkpoint_reloads_without_routers(tmp_path):
-    from mobiquant.checkpoint import load_quantized, save_quantized
+    from mobiquant.io.checkpoint import load_quantized, save_quantized
     from mobiquant.patching import mobi_linears, routers, set_static
     from mobiquant.tiny import tiny_llama
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mobiquant import MoBiConfig, achieved_bits, freeze, quantize_model, reset_counts
-from mobiquant.baselines import (
+from mobiquant.methods.baselines import (
     allocate_bits,
     allocation_bits,
     apply_allocation,

@@ -313,7 +313,7 @@ def test_mobilinear_backend_matches_dequantized(dtype, gen):
 
 
 def test_mobilinear_routed_backend(gen):
-    from mobiquant.router import TokenRouter
+    from mobiquant.nn.router import TokenRouter
 
     m = _frozen_layer(128, 32, 64, gen, bias=False)
     router = TokenRouter(128, m.slice_bits, policy="free").to(DEVICE)

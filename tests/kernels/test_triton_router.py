@@ -1,4 +1,4 @@
-"""The fused router kernel against :class:`~mobiquant.router.TokenRouter`'s PyTorch path.
+"""The fused router kernel against :class:`~mobiquant.nn.router.TokenRouter`'s PyTorch path.
 
 On a machine without CUDA these run in Triton's interpreter (this folder's conftest sets
 ``TRITON_INTERPRET=1``) on small shapes. Thresholds are placed between gate values (never within 1e-4 of
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mobiquant import MoBiLinear, kernels
-from mobiquant.router import TokenRouter
+from mobiquant.nn.router import TokenRouter
 
 pytest.importorskip("triton", reason="triton is not installed: kernel tests skipped")
 

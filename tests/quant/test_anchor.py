@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mobiquant.patching import MoBiConfig
+from mobiquant.quant.config import MoBiConfig
 from mobiquant.quant.primitives import fake_quant_rtn, to_groups
 from mobiquant.quant.slicer import ResidualSlicer
 

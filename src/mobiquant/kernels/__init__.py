@@ -2,7 +2,7 @@
 
 ``bitplane_linear(x, planes, scale, zero, slice_bits, group_size, k, bias=None, backend=...)`` computes
 ``x W_k^T + bias`` reading only the first ``k`` bit-planes (``k`` an int, or a per-token tensor of slice
-counts with ``x.shape[:-1]``). :class:`mobiquant.modules.MoBiLinear` calls it for static and per-token
+counts with ``x.shape[:-1]``). :class:`mobiquant.nn.linear.MoBiLinear` calls it for static and per-token
 ``k``; :func:`use_triton` decides the backend for every caller. The Triton implementation lives in
 :mod:`.triton_bitplane` and is imported lazily: this package imports and runs (through the PyTorch path)
 without Triton or a GPU. :func:`available` says whether the Triton path can run for a device (a CUDA

@@ -1,6 +1,6 @@
 """Triton kernels for MoBiSlice bit-plane weights: read only the first ``k`` planes, rebuild, multiply.
 
-Storage (see :class:`mobiquant.modules.MoBiLinear`): plane ``e`` is int32 ``[out, ceil(in / per_e)]``
+Storage (see :class:`mobiquant.nn.linear.MoBiLinear`): plane ``e`` is int32 ``[out, ceil(in / per_e)]``
 with ``per_e = 32 // b_e`` codes per word, the first code in the least significant bits; ``scale`` and
 ``zero`` are fp16 ``[out, n_groups]``. The ``k``-slice weight is
 ``W_k = (s / 2^B_k) (C_k - 2^B_k z - (2^B_k - 1) / 2)``, ``C_k = sum_e q_e << (b_(e+1) + ... + b_k)``,

@@ -1,6 +1,6 @@
 """Fused token router: ``d -> hidden -> K-1`` MLP, gate values and each token's slice count in one launch.
 
-For tokens ``x [M, d]`` and a router (:class:`mobiquant.router.TokenRouter`) with ``W1 [H, d]``, ``b1``,
+For tokens ``x [M, d]`` and a router (:class:`mobiquant.nn.router.TokenRouter`) with ``W1 [H, d]``, ``b1``,
 ``W2 [K-1, H]``, ``b2``::
 
     s = W2 gelu(W1 x + b1) + b2                      (exact erf GELU, fp32 accumulation)

@@ -36,8 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..modules import MoBiLinear
-from ..patching import mobi_linears
+from ...nn.linear import MoBiLinear
+from ...patching import mobi_linears
 
 METRICS = ("fisher", "output_mse")
 

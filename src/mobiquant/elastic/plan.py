@@ -8,7 +8,7 @@ The plan travels with the checkpoint (``plan.*`` tensors, ``plan`` in the JSON),
 is what a reloaded checkpoint serves, to the bit.
 
 How a plan is built (per-linear budgets from measured cost curves, thresholds refitted at those budgets,
-and at every grid budget the reading with the lower calibration loss) is in :mod:`mobiquant.site_budgets`;
+and at every grid budget the reading with the lower calibration loss) is in :mod:`mobiquant.elastic.site_budgets`;
 this module only holds, interpolates and serialises it, and depends on nothing else in the package.
 """
 

@@ -10,7 +10,7 @@ router still picks WHICH tokens get the extra slices within ``b_s``.
 1. :func:`site_cost_curves` measures, on calibration windows, every site's loss cost as a function of its
    local budget with its own router doing the routing: per token and view ``k``, the empirical-Fisher
    estimate ``0.5 (g_t . dY_t)^2`` with ``dY = X (W_k - W_K)^T`` and ``g_t`` the gradient of the summed
-   token NLL w.r.t. the linear's output (as in :mod:`mobiquant.baselines.mixed_layer`, kept per token and
+   token NLL w.r.t. the linear's output (as in :mod:`mobiquant.methods.baselines.mixed_layer`, kept per token and
    summed over the site's linears); the router's gate values for the same tokens say which view each
    token takes when the threshold is set to meet ``b`` on these tokens. ``C_s(b)`` is the summed cost.
 2. :func:`allocate_site_budgets` picks one point of each site's curve to minimise ``sum_s C_s(b_s)``
@@ -34,11 +34,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .baselines.mixed_layer import _views, allocate_bits, nll_backward, release_hooks
-from .dist import is_rank_zero
-from .patching import mobi_linears, routers
+from ..dist import is_rank_zero
+from ..methods.baselines.mixed_layer import _views, allocate_bits, nll_backward, release_hooks
+from ..nn.router import TokenRouter, interp_tau, weighted_tail_table
+from ..patching import mobi_linears, routers
 from .plan import BudgetPlan, stack_plan
-from .router import TokenRouter, interp_tau, weighted_tail_table
 
 
 def _site_of(model: nn.Module) -> tuple[dict[str, TokenRouter], dict[str, str], dict[str, int]]:
@@ -271,7 +271,7 @@ def apply_linear_budgets(
 
 @torch.no_grad()
 def _mean_nll(model: nn.Module, ids: torch.Tensor, batch_size: int) -> float:
-    from .evaluation import window_nll
+    from ..evaluation import window_nll
 
     device = next(model.parameters()).device
     total = sum(
@@ -314,14 +314,14 @@ def build_plan(
        (the last ``select_windows`` windows when too few are left), and the lower one is kept. Evaluation
        text is never used.
 
-    Returns a :class:`~mobiquant.plan.BudgetPlan`; install it with ``patching.install_plan`` so that
+    Returns a :class:`~mobiquant.elastic.plan.BudgetPlan`; install it with ``patching.install_plan`` so that
     ``set_budget`` serves it. Leaves every routed linear on its router's own threshold.
 
     ``state_dir``: the cost curves and every finished budget are saved there as they complete, so an
     interrupted build resumes at the next budget; ``state_key`` (what the plan depends on beyond these
     settings: the checkpoint and the calibration windows) must match for saved work to be reused.
     """
-    from .patching import set_budget
+    from ..patching import set_budget
 
     if per not in ("site", "linear"):
         raise ValueError(f"per must be 'site' or 'linear', got {per!r}")
@@ -393,7 +393,7 @@ class _PlanState:
     complete and reused only under the same key; no folder: nothing is kept."""
 
     def __init__(self, folder: str | Path | None, key: Mapping[str, Any], log=None):
-        from .fileio import atomic_write_text, ensure_dir
+        from ..io.fileio import atomic_write_text, ensure_dir
 
         self.folder = None if folder is None or not is_rank_zero() else Path(folder)
         self.log = log
@@ -445,7 +445,7 @@ class _PlanState:
 def plan_budgets(model: nn.Module, calib_ids: torch.Tensor, **settings: Any) -> BudgetPlan:
     """Build the budget plan of a calibrated, packed model (:func:`build_plan`, ``settings`` its keywords)
     and install it, so that ``set_budget`` serves it and ``save_quantized`` stores it; returns the plan."""
-    from .patching import install_plan
+    from ..patching import install_plan
 
     install_plan(model, None)
     plan = build_plan(model, calib_ids, **settings)

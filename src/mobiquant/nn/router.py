@@ -181,7 +181,7 @@ class TokenRouter(nn.Module):
     def _hard_values(self, x: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Gate values of ``x``; also the slice counts at the threshold tensor ``tau`` when the fused kernel
         computed them (``None`` otherwise: the caller compares)."""
-        from . import kernels
+        from .. import kernels
 
         if kernels.use_fused_router(x, getattr(self, "backend", "auto")):
             first, last = cast(nn.Linear, self.net[0]), cast(nn.Linear, self.net[2])

@@ -4,14 +4,14 @@
   ``eval``, ``budget``, ``plan``, ``quant`` and ``baselines`` settings, ``seed``, ``group_size`` and
   ``task`` (not where outputs go, loggers, progress bars or other settings that change no number:
   :data:`RUNTIME_KEYS`), and, once the model is loaded, the base model's fingerprint
-  (:func:`mobiquant.checkpoint.base_fingerprint`, the one checkpoints carry). A run in a folder made by
+  (:func:`mobiquant.io.checkpoint.base_fingerprint`, the one checkpoints carry). A run in a folder made by
   another identity is refused before any work, naming the settings that differ; with
   ``run.on_mismatch=new_subrun`` it runs in ``<folder>/subruns/<id>`` instead, a folder of its own. Every
   row of ``results.csv`` and ``calibration.csv`` carries the run id (:attr:`RunFolder.run_id`).
 * **Lock.** ``.mobiquant.lock`` is held (``flock``) while a run writes the folder; a second process gets one
   line naming the holder's pid and host. The kernel drops the lock when its process ends, however it ends;
   a lock file still naming a process that is gone is reported as a stale lock and taken over.
-* **Leftovers.** Temporary files of our own naming (:func:`mobiquant.fileio.stray_temporaries`) are removed
+* **Leftovers.** Temporary files of our own naming (:func:`mobiquant.io.fileio.stray_temporaries`) are removed
   once the lock is held.
 """
 
@@ -30,7 +30,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from .configcheck import ConfigError
+from ..configcheck import ConfigError
 from .fileio import atomic_write_text, ensure_dir, host_tag, pid_alive, remove_stray_temporaries, writing
 
 log = logging.getLogger("mobiquant")

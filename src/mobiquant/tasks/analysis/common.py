@@ -1,7 +1,7 @@
 """What the analysis tasks share: config checks, the run session (model, text, calibration context,
 tracker), per-token forward passes and W&B logging.
 
-A session is the first half of :func:`mobiquant.pipeline.run` (same model loading, calibration windows,
+A session is the first half of :func:`mobiquant.tasks.quantize.run` (same model loading, calibration windows,
 evaluation windows, :class:`~mobiquant.methods.RunContext`, so checkpoints saved by one task are
 reloaded by another in the same run directory); what is measured differs per task.
 """
@@ -22,12 +22,12 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig
 
-from ..methods import MoBiQuant, QuantMethod, RunContext
-from ..patching import find_blocks
-from ..pipeline import ConfigError, load_base_model, load_token_ids, prepare_run, run_context
-from ..results import concat_rows, write_csv
-from ..results import save_figure as save_figure  # re-exported: the analyses import it from here
-from ..tracking import Tracker, plain_config
+from ...io.results import concat_rows, write_csv
+from ...io.results import save_figure as save_figure  # re-exported: the analyses import it from here
+from ...io.tracking import Tracker, plain_config
+from ...methods.core import MoBiQuant, QuantMethod, RunContext
+from ...patching import find_blocks
+from ..quantize import ConfigError, load_base_model, load_token_ids, prepare_run, run_context
 
 log = logging.getLogger("mobiquant")
 
@@ -122,7 +122,7 @@ class Session:
 @contextlib.contextmanager
 def open_session(cfg: DictConfig, dataset: str) -> Iterator[Session]:
     """Load the model and text, build the calibration context; always closes the tracker (W&B run)."""
-    from ..data import calibration_windows, eval_windows
+    from ...io.data import calibration_windows, eval_windows
 
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -19,11 +19,12 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from ..modules import MoBiLinear
-from ..patching import MoBiConfig, block_linears
-from ..quant.packing import pack_codes
-from ..quant.primitives import check_group_size, num_groups
-from ..quant.slicer import check_slice_bits
+from ...nn.linear import MoBiLinear
+from ...patching import block_linears
+from ...quant.config import MoBiConfig
+from ...quant.packing import pack_codes
+from ...quant.primitives import check_group_size, num_groups
+from ...quant.slicer import check_slice_bits
 
 
 def _layer_meta(layer: nn.Module) -> tuple[int, int, torch.Tensor | None, torch.device, torch.dtype]:

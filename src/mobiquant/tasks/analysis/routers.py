@@ -48,12 +48,12 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, ListConfig
 
-from ..evaluation import perplexity
-from ..fileio import atomic_write_text
-from ..modules import MoBiLinear
-from ..patching import achieved_bits, find_blocks, mobi_linears, reset_counts, set_budget
-from ..pipeline import ConfigError, validate
-from ..results import write_csv
+from ...evaluation import perplexity
+from ...io.fileio import atomic_write_text
+from ...io.results import write_csv
+from ...nn.linear import MoBiLinear
+from ...patching import achieved_bits, find_blocks, mobi_linears, reset_counts, set_budget
+from ..quantize import ConfigError, validate
 from .common import (
     analysis_dataset,
     log_to_wandb,
@@ -351,7 +351,7 @@ def run(cfg: DictConfig) -> float:
         write_csv(layers, out / "router_layers.csv")
         write_csv(per_budget, out / "router_budgets.csv")
         mobi = method.mobi
-        widths = [sum(mobi.slice_bits[:k]) for k in range(1, len(mobi.slice_bits) + 1)]
+        widths = list(mobi.view_bits)
         images = {
             "router_bits": plot_bits(layers, out / "router_bits.png"),
             "router_k_shares": plot_shares(layers, out / "router_k_shares.png", widths),

@@ -19,9 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .quant.packing import pack_codes, packed_width, unpack_codes
-from .quant.primitives import from_groups, num_groups
-from .quant.slicer import ResidualSlicer
+from ..quant.packing import pack_codes, packed_width, unpack_codes
+from ..quant.primitives import from_groups, num_groups
+from ..quant.slicer import ResidualSlicer
 from .router import TokenRouter
 
 Mode = Literal["static", "routed"]
@@ -77,7 +77,7 @@ class MoBiLinear(nn.Module):
         # Packed routed inference with this linear's own threshold on its (shared) router's gate values
         # (None: the router's threshold). A float, or a 0-dim tensor on the module's device (a budget change
         # then writes it on the device: a captured CUDA graph reads the new value). Set by
-        # mobiquant.site_budgets for per-linear budgets; cleared by patching.set_budget.
+        # mobiquant.elastic.site_budgets for per-linear budgets; cleared by patching.set_budget.
         # ``route_record_budget``: record this batch's quantile threshold for that budget into
         # ``route_recorded`` (threshold fitting).
         self.route_tau: float | torch.Tensor | None = None
@@ -169,7 +169,7 @@ class MoBiLinear(nn.Module):
         return self._view_cache[k]
 
     def _integer_view(self, k: int) -> torch.Tensor:
-        from .kernels import dequantize_reference
+        from ..kernels import dequantize_reference
 
         planes = [self.plane(e) for e in range(self.num_slices)]
         return dequantize_reference(
@@ -271,7 +271,7 @@ class MoBiLinear(nn.Module):
 
     def _use_triton(self, x: torch.Tensor) -> bool:
         """Whether the packed forward of ``x`` runs in the Triton kernels (:func:`mobiquant.kernels.use_triton`)."""
-        from . import kernels
+        from .. import kernels
 
         return kernels.use_triton(x, [self.plane(0)], getattr(self, "backend", "auto"))
 
@@ -283,7 +283,7 @@ class MoBiLinear(nn.Module):
         return self._router.slice_counts_at(x, self.route_tau, self.route_record_budget, self.route_recorded)
 
     def _forward_packed(self, x: torch.Tensor) -> torch.Tensor:
-        from . import kernels
+        from .. import kernels
 
         n_tokens = x.numel() // x.shape[-1]
         k: int | torch.Tensor

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from .configcheck import (
+from ..configcheck import (
     TRAINER_OWN_KEYS,
     ConfigError,
     check_callbacks,
@@ -28,11 +28,9 @@ from .configcheck import (
     check_trainer,
     explicit_overrides,
 )
-from .dist import is_rank_zero
-from .fileio import ensure_writable_dir, remove_stray_temporaries
-from .methods import QuantMethod, RunContext, Variant
-from .patching import achieved_bits, mobi_linears, reset_counts
-from .results import (
+from ..dist import is_rank_zero
+from ..io.fileio import ensure_writable_dir, remove_stray_temporaries
+from ..io.results import (
     atomic_write_text,
     concat_rows,
     has_row,
@@ -44,8 +42,10 @@ from .results import (
     summary_markdown,
     write_csv,
 )
-from .runfolder import ON_MISMATCH, RunFolder, RunFolderError, open_run_folder
-from .tracking import OBJECTIVE, Tracker, curve_summary, plain_config, wandb_env_default
+from ..io.runfolder import ON_MISMATCH, RunFolder, RunFolderError, open_run_folder
+from ..io.tracking import OBJECTIVE, Tracker, curve_summary, plain_config, wandb_env_default
+from ..methods.core import QuantMethod, RunContext, Variant
+from ..patching import achieved_bits, mobi_linears, reset_counts
 
 log = logging.getLogger("mobiquant")
 
@@ -117,7 +117,7 @@ def validate(cfg: DictConfig) -> tuple[list[QuantMethod], list[float]]:
         _pos_int(cfg.eval.max_windows, "eval.max_windows", "a positive integer or null")
     if not cfg.data.get("eval"):
         raise ConfigError("data.eval is empty: name at least one evaluation corpus")
-    from . import data as data_mod
+    from ..io import data as data_mod
 
     known = getattr(data_mod, "CORPORA", None)
     for key, spec in [("data.calib", cfg.data.calib)] + [(f"data.eval.{k}", v) for k, v in cfg.data.eval.items()]:
@@ -175,7 +175,7 @@ def check_stage1(methods: list[QuantMethod], calib, grid: list[float]) -> None:
     it calibrates."""
     import dataclasses
 
-    from .calibration import stage1_slices
+    from ..calibration import stage1_slices
 
     for i, m in enumerate(methods):
         for mobi, overrides in m.calibrations(grid):
@@ -183,7 +183,7 @@ def check_stage1(methods: list[QuantMethod], calib, grid: list[float]) -> None:
             try:
                 stage1_slices(mobi, settings)
             except ValueError:
-                views = [sum(mobi.slice_bits[:k]) for k in range(1, len(mobi.slice_bits) + 1)]
+                views = list(mobi.view_bits)
                 own = "stage1_bits" in overrides
                 key = (
                     ("quant" if i == 0 else f"baselines ({m.name})") + ".calib.stage1_bits"
@@ -231,11 +231,11 @@ def build_callbacks(cfg: DictConfig) -> list:
 # ---------------------------------------------------------------------------- model and data
 def load_base_model(cfg: DictConfig):
     if cfg.model.path == "tiny":
-        from .tiny import tiny_llama
+        from ..tiny import tiny_llama
 
         return tiny_llama(**cfg.model.get("tiny", {}), dtype=cfg.model.dtype)
-    from .dist import local_device
-    from .models import load_model
+    from ..dist import local_device
+    from ..io.models import load_model
 
     return load_model(
         cfg.model.path, dtype=cfg.model.dtype, device=local_device(str(cfg.model.device)), cache_dir=cfg.paths.cache_dir
@@ -243,7 +243,7 @@ def load_base_model(cfg: DictConfig):
 
 
 def load_token_ids(spec: DictConfig, tokenizer) -> torch.Tensor:
-    from .data import corpus_joiner, load_corpus, tokenize_corpus
+    from ..io.data import corpus_joiner, load_corpus, tokenize_corpus
 
     kwargs = {}
     if spec.get("paths"):
@@ -335,9 +335,9 @@ def _row_avg_bits(variant: Variant) -> float:
 def run(cfg: DictConfig) -> float:
     """Run one experiment; returns the mean log-perplexity of ``quant`` over its budgets on the first
     evaluation corpus (``tracking.OBJECTIVE``, what a sweeper minimises)."""
-    from .checkpoint import base_fingerprint
-    from .data import calibration_windows, eval_windows
-    from .evaluation import perplexity
+    from ..evaluation import perplexity
+    from ..io.checkpoint import base_fingerprint
+    from ..io.data import calibration_windows, eval_windows
 
     t_start = time.perf_counter()
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):  # keep the console to our progress
@@ -496,7 +496,7 @@ def run(cfg: DictConfig) -> float:
 
 
 def _follow(cfg: DictConfig, out_dir: Path, folder: RunFolder) -> Path:
-    """The run's folder after :mod:`mobiquant.runfolder` picked it: a sub-run becomes ``paths.output_dir``
+    """The run's folder after :mod:`mobiquant.io.runfolder` picked it: a sub-run becomes ``paths.output_dir``
     (where the loggers write)."""
     if folder.path != out_dir:
         with open_dict(cfg):
@@ -525,6 +525,6 @@ def _df(rows):
 
 
 def _n_blocks(model) -> int:
-    from .patching import find_blocks
+    from ..patching import find_blocks
 
     return len(find_blocks(model)[1])

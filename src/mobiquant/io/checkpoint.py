@@ -3,7 +3,7 @@
 The tensor file holds what a packed MoBiQuant model adds to its base model: per MoBiLinear the
 bit-plane codes (``plane0..planeK-1``), fp16 steps and zero points, and bias; per router its MLP, its
 current threshold and its bits->threshold table; the budget plan, when the model has one (``plan.*``:
-the deployed per-linear thresholds at every grid budget, :mod:`mobiquant.plan`). The JSON names the
+the deployed per-linear thresholds at every grid budget, :mod:`mobiquant.elastic.plan`). The JSON names the
 format version, the MoBiQuant config, the router sites, the base model (reference and fingerprint) and
 the tensor file's sha256, and its own sha256 (``meta_sha256``, over its canonical JSON without that key).
 Loading checks the JSON (checksum, then a schema: keys, types, a plain tensor file name, the compute dtype,
@@ -28,10 +28,11 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from ..elastic.plan import BudgetPlan
+from ..nn.linear import MoBiLinear
+from ..patching import budget_plan, find_blocks, install_plan, mobi_linears, quantize_model, routers
+from ..quant.config import MoBiConfig
 from .fileio import discard, ensure_dir, fsync_dir, sha256_file, stage_bytes, writing
-from .modules import MoBiLinear
-from .patching import MoBiConfig, budget_plan, find_blocks, install_plan, mobi_linears, quantize_model, routers
-from .plan import BudgetPlan
 
 FORMAT = "mobiquant"
 FORMAT_VERSION = 2

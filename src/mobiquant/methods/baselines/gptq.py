@@ -31,10 +31,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..calibration import capture_block_inputs, run_block
-from ..modules import MoBiLinear
-from ..patching import find_blocks
-from ..quant.primitives import check_bits, check_group_size, lwc_params, num_groups
+from ...calibration import capture_block_inputs, run_block
+from ...nn.linear import MoBiLinear
+from ...patching import find_blocks
+from ...quant.primitives import check_bits, check_group_size, lwc_params, num_groups
 from .common import mark_quantized, pack_linear_from_codes, quantizable_linears, set_submodule
 
 log = logging.getLogger(__name__)

@@ -85,13 +85,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig
 
-from ..calibration import CalibConfig, calibrate_model
-from ..checkpoint import read_meta
-from ..fileio import atomic_write_bytes, atomic_write_text
-from ..methods import LWC, MoBiQuant, RunContext
-from ..modules import MoBiLinear
-from ..patching import (
-    MoBiConfig,
+from ...calibration import CalibConfig, calibrate_model
+from ...io.checkpoint import read_meta
+from ...io.fileio import atomic_write_bytes, atomic_write_text
+from ...io.results import write_csv
+from ...methods.core import LWC, MoBiQuant, RunContext
+from ...nn.linear import MoBiLinear
+from ...patching import (
     achieved_bits,
     find_blocks,
     freeze,
@@ -100,8 +100,8 @@ from ..patching import (
     reset_counts,
     set_budget,
 )
-from ..pipeline import ConfigError, instantiate_calib, validate
-from ..results import write_csv
+from ...quant.config import MoBiConfig
+from ..quantize import ConfigError, instantiate_calib, validate
 from .common import (
     analysis_dataset,
     capture_blocks,

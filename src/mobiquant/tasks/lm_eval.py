@@ -2,7 +2,7 @@
 
 The model under evaluation is the quantized one, at each budget of ``lm_eval.budgets``: either a saved
 checkpoint (``lm_eval.checkpoint``, loaded onto the base model with :func:`load_quantized`) or the
-configured ``quant`` method run as :func:`mobiquant.pipeline.run` runs it (same model, calibration
+configured ``quant`` method run as :func:`mobiquant.tasks.quantize.run` runs it (same model, calibration
 windows, method objects and checkpoints), with the ``baselines`` beside it. Each variant is wrapped in
 lm-eval's ``HFLM`` and evaluated with ``lm_eval.simple_evaluate``; the average bits are measured on the
 tokens lm-eval sent through the model (padding included when ``lm_eval.batch_size`` > 1).
@@ -30,13 +30,14 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, ListConfig
 
-from .checkpoint import CheckpointError, load_quantized, read_meta
-from .configcheck import path_hint
-from .fileio import atomic_write_text
-from .lm_eval_tasks import LOCAL_TASKS, TASKS_DIR
-from .methods import QuantMethod, RunContext, Variant
-from .patching import (
-    MoBiConfig,
+from ..configcheck import path_hint
+from ..io.checkpoint import CheckpointError, load_quantized, read_meta
+from ..io.fileio import atomic_write_text
+from ..io.results import write_csv
+from ..io.tracking import Tracker, plain_config
+from ..lm_eval_tasks import LOCAL_TASKS, TASKS_DIR
+from ..methods.core import QuantMethod, RunContext, Variant
+from ..patching import (
     mobi_linears,
     reset_counts,
     set_budget,
@@ -44,7 +45,8 @@ from .patching import (
     static_k_for_bits,
     storage_bits,
 )
-from .pipeline import (
+from ..quant.config import MoBiConfig
+from .quantize import (
     ConfigError,
     _num,
     _pos_int,
@@ -55,8 +57,6 @@ from .pipeline import (
     run_context,
     validate,
 )
-from .results import write_csv
-from .tracking import Tracker, plain_config
 
 log = logging.getLogger("mobiquant")
 
@@ -207,7 +207,7 @@ def _checkpoint(cfg: DictConfig, budgets: list[float]) -> tuple[Path, MoBiConfig
         allowed = f"{mobi.min_bits} <= bits <= {mobi.max_bits}"
     else:  # static views only: the prefix sums of the slices
         bad = [b for b in budgets if static_k_for_bits(mobi, b) is None]
-        allowed = f"one of {[sum(mobi.slice_bits[:k]) for k in range(1, len(mobi.slice_bits) + 1)]} (no routers)"
+        allowed = f"one of {list(mobi.view_bits)} (no routers)"
     if bad:
         raise ConfigError(
             f"budgets {bad} are outside what checkpoint {folder} serves (slices {list(mobi.slice_bits)}): "
@@ -437,7 +437,7 @@ def run(cfg: DictConfig) -> float:
     first metric (``acc`` where the first task has it) over its budgets on the first task."""
     import lm_eval
 
-    from .data import calibration_windows
+    from ..io.data import calibration_windows
 
     t_start = time.perf_counter()
     for name in ("lightning.pytorch", "lightning.fabric", "lightning", "lm_eval", "lm-eval"):

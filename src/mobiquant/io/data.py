@@ -452,7 +452,7 @@ def load_corpus(
         split: ``calib``, ``eval`` or ``all`` (hub corpora also take their native split names). ``None``
             means each corpus's default: ``all`` for local corpora, ``eval`` for hub corpora.
         paths: files for ``text_files`` (a path or a list of paths).
-        cache_dir: mobiquant cache root (see :func:`mobiquant.models.cache_root`); used by
+        cache_dir: mobiquant cache root (see :func:`mobiquant.io.models.cache_root`); used by
             ``wiki_extract`` for its cleaned text, ignored by the others.
         **kwargs: options of the corpus loader, e.g. ``min_chars``/``eval_fraction``/``with_titles`` for
             ``wiki_extract`` or ``max_docs`` for hub corpora.

@@ -1,6 +1,6 @@
 """Token generation for any patched Hugging Face causal LM: static KV cache, elastic budget per token.
 
-    from mobiquant.decode import generate
+    from mobiquant.tasks.decode import generate
     out = generate(model, "The capital of France is", 32, tokenizer=tok, budget=4.0)      # greedy at 4 bits
     out = generate(model, ids, 64, budget=[2.0] * 32 + [6.0] * 32, temperature=0.8, top_k=50, seed=0)
     out.tokens, out.text, out.tokens_per_s
@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .patching import achieved_bits, mobi_linears, reset_counts, routers, set_budget, set_static, static_k_for_bits
+from ..patching import achieved_bits, mobi_linears, reset_counts, routers, set_budget, set_static, static_k_for_bits
 
 log = logging.getLogger("mobiquant")
 
@@ -109,7 +109,7 @@ class BudgetControl:
                     f"(slices {list(self.cfg.slice_bits)})"
                 )
         elif static_k_for_bits(self.cfg, budget) is None:
-            views = [sum(self.cfg.slice_bits[:k]) for k in range(1, len(self.cfg.slice_bits) + 1)]
+            views = list(self.cfg.view_bits)
             raise ValueError(f"budget {budget:g} is not a static view of this model (no routers): one of {views}")
 
     def _snapshot(self, budget: float) -> dict:
@@ -278,7 +278,7 @@ class _CacheOffsets:
         bad = sorted({v for v in self.values() if v != expected})
         if bad:
             raise RuntimeError(
-                f"mobiquant.decode: the static cache's write offset is {bad} {when}, expected "
+                f"mobiquant.tasks.decode: the static cache's write offset is {bad} {when}, expected "
                 f"{expected} (tokens fed so far): a forward outside the decode steps moved it"
             )
 
@@ -426,7 +426,7 @@ class _Stepper:
         return entry[1].clone(), False
 
     def _give_up(self, why: str) -> None:
-        warnings.warn(f"mobiquant.decode: CUDA graph not used ({why}); decoding eagerly", stacklevel=4)
+        warnings.warn(f"mobiquant.tasks.decode: CUDA graph not used ({why}); decoding eagerly", stacklevel=4)
         self.mode, self.status, self.graphs = "off", why, {}
 
 
@@ -624,7 +624,7 @@ def generate(
 def _decode_settings(cfg) -> dict[str, Any]:
     from omegaconf import ListConfig
 
-    from .pipeline import ConfigError, _pos_int
+    from .quantize import ConfigError, _pos_int
 
     d = cfg.get("decode")
     if d is None:
@@ -668,9 +668,9 @@ def _decode_settings(cfg) -> dict[str, Any]:
 
 
 def _checkpoint_config(folder, budgets: list[float]):
-    from .checkpoint import CheckpointError, read_meta
-    from .patching import MoBiConfig
-    from .pipeline import ConfigError
+    from ..io.checkpoint import CheckpointError, read_meta
+    from ..quant.config import MoBiConfig
+    from .quantize import ConfigError
 
     try:
         meta = read_meta(folder)
@@ -682,7 +682,7 @@ def _checkpoint_config(folder, budgets: list[float]):
         allowed = f"{mobi.min_bits:g} <= bits <= {mobi.max_bits:g}"
     else:
         bad = [b for b in budgets if static_k_for_bits(mobi, b) is None]
-        allowed = f"one of {[sum(mobi.slice_bits[:k]) for k in range(1, len(mobi.slice_bits) + 1)]} (no routers)"
+        allowed = f"one of {list(mobi.view_bits)} (no routers)"
     if bad:
         raise ConfigError(f"decode.budgets {bad} are outside what checkpoint {folder} serves: allowed {allowed}")
     return mobi
@@ -710,11 +710,11 @@ def run(cfg) -> float:
 
     import pandas as pd
 
-    from .checkpoint import CheckpointError, load_quantized
-    from .data import calibration_windows
-    from .pipeline import ConfigError, load_base_model, load_token_ids, prepare_run, run_context, validate
-    from .results import write_csv
-    from .tracking import Tracker, plain_config
+    from ..io.checkpoint import CheckpointError, load_quantized
+    from ..io.data import calibration_windows
+    from ..io.results import write_csv
+    from ..io.tracking import Tracker, plain_config
+    from .quantize import ConfigError, load_base_model, load_token_ids, prepare_run, run_context, validate
 
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -31,8 +31,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from ..patching import find_blocks
-from ..quant.primitives import check_group_size
+from ...patching import find_blocks
+from ...quant.primitives import check_group_size
 from .common import mark_quantized, pack_linear_from_codes, quantizable_linears, set_submodule
 
 HQQ_BITS = (1, 2, 3, 4, 5, 6, 8)

@@ -28,9 +28,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from ..patching import find_blocks
-from ..quant.primitives import GroupQuantParams, check_group_size, from_groups, lwc_params, quantize, to_groups
-from ..quant.slicer import check_slice_bits
+from ...patching import find_blocks
+from ...quant.primitives import GroupQuantParams, check_group_size, from_groups, lwc_params, quantize, to_groups
+from ...quant.slicer import check_slice_bits
 from .common import mark_quantized, pack_linear_from_codes, quantizable_linears, set_submodule
 
 

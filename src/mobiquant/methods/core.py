@@ -34,11 +34,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .calibration import CalibConfig, calibrate_model
-from .checkpoint import CONFIG_NAME, load_quantized, quantized_state, read_meta, save_quantized
-from .dist import is_rank_zero
-from .patching import (
-    MoBiConfig,
+from ..calibration import CalibConfig, calibrate_model
+from ..dist import is_rank_zero
+from ..io.checkpoint import CONFIG_NAME, load_quantized, quantized_state, read_meta, save_quantized
+from ..patching import (
     budget_plan,
     freeze,
     install_plan,
@@ -49,6 +48,7 @@ from .patching import (
     static_k_for_bits,
     storage_bits,
 )
+from ..quant.config import MoBiConfig
 
 log = logging.getLogger(__name__)
 
@@ -318,12 +318,12 @@ class MoBiQuant(QuantMethod):
     """One calibration of the MoBiSlice + router checkpoint; every budget of the grid by thresholds.
 
     ``allocation`` says how a global budget is read: ``uniform`` (every router at the budget, as in the
-    paper) or a budget plan (:mod:`mobiquant.plan`) with a local budget per ``linear`` or per router
+    paper) or a budget plan (:mod:`mobiquant.elastic.plan`) with a local budget per ``linear`` or per router
     ``site`` from measured cost curves, thresholds refitted at those budgets, and at every grid budget the
     reading (allocated or uniform) with the lower held-out calibration loss. The plan is built once after
     calibration, saved in the checkpoint, and served by ``set_budget``: what is evaluated is what a
     reloaded checkpoint runs. ``plan`` holds its settings (``step``, ``sensitivity_windows``,
-    ``refit_thresholds``, ``select_windows``; see :func:`mobiquant.site_budgets.build_plan`).
+    ``refit_thresholds``, ``select_windows``; see :func:`mobiquant.elastic.site_budgets.build_plan`).
     """
 
     name = "mobiquant"
@@ -360,7 +360,7 @@ class MoBiQuant(QuantMethod):
     def budgets(self, grid):
         lo, hi = self.mobi.min_bits, self.mobi.max_bits
         if self.static:
-            sums = [sum(self.mobi.slice_bits[:k]) for k in range(1, len(self.mobi.slice_bits) + 1)]
+            sums = list(self.mobi.view_bits)
             return [float(b) for b in sums]
         return [float(b) for b in grid if lo <= b <= hi]
 
@@ -402,7 +402,7 @@ class MoBiQuant(QuantMethod):
 
     def plan_config(self, n_windows: int) -> dict:
         """What identifies this method's budget plan on ``n_windows`` calibration windows: the settings
-        :func:`mobiquant.site_budgets.build_plan` records, window counts resolved as it resolves them."""
+        :func:`mobiquant.elastic.site_budgets.build_plan` records, window counts resolved as it resolves them."""
         sw, rw = self.plan_settings["sensitivity_windows"], self.plan_settings["refit_windows"]
         n_sens = int(n_windows if sw is None else min(sw, n_windows))
         return {
@@ -417,7 +417,7 @@ class MoBiQuant(QuantMethod):
     def budget_plan(self, ctx: RunContext, model: nn.Module, seconds: float) -> tuple[Any, float, str | None]:
         """This method's plan for the calibrated ``model``: from the run's cache, the loaded checkpoint, or
         built now (then saved with the checkpoint). Returns ``(plan, seconds spent building it, checkpoint)``."""
-        from .site_budgets import plan_budgets
+        from ..elastic.site_budgets import plan_budgets
 
         want = self.plan_config(ctx.calib_ids.shape[0])
         key = ("plan", *self._cache_key(), repr(sorted(want.items())))

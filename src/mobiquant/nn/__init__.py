@@ -1,0 +1,1 @@
+"""The quantized modules: ``MoBiLinear`` (:mod:`.linear`) and the per-token ``TokenRouter`` (:mod:`.router`)."""

@@ -1,0 +1,69 @@
+"""``MoBiConfig``: everything that shapes a MoBiQuant model (saved with every checkpoint)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import accumulate
+
+from .slicer import check_anchor_bits, check_slice_bits
+
+__all__ = ["MoBiConfig"]
+
+
+@dataclass
+class MoBiConfig:
+    """Everything that shapes a MoBiQuant model (saved with every checkpoint)."""
+
+    slice_bits: Sequence[int] = (2, 2, 2, 2)
+    group_size: int = 128
+    lwc_init: float | None = 4.0
+    router_hidden: int = 64
+    router_placement: str = "site"  # "site": one router per shared input; "linear": one per linear
+    router_temperature: float = 1.0
+    router_policy: str = "free"  # "free": any number of slices per token; "adjacent": the two views around the budget
+    routers: bool = True  # False: multi-slice weights without routers (static views only, e.g. matryoshka)
+    skip: Sequence[str] = field(default_factory=list)  # regexes on full module names to keep in FP
+    word_bits: int = 32
+    anchor_bits: int | None = None  # None: the base slice's own grid (paper); a view's bits: that view is RTN-exact
+
+    def __post_init__(self):
+        self.slice_bits = tuple(check_slice_bits(self.slice_bits))
+        self.anchor_bits = check_anchor_bits(self.anchor_bits, self.slice_bits)
+        if self.router_placement not in ("site", "linear"):
+            raise ValueError(f"router_placement must be 'site' or 'linear', got {self.router_placement!r}")
+        from ..nn.router import POLICIES  # the router owns its policies; imported late (nn imports quant)
+
+        if self.router_policy not in POLICIES:
+            raise ValueError(f"router_policy must be one of {POLICIES}, got {self.router_policy!r}")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0:
+            raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}")
+        self.skip = list(self.skip)
+
+    @property
+    def min_bits(self) -> int:
+        return self.slice_bits[0]
+
+    @property
+    def max_bits(self) -> int:
+        return sum(self.slice_bits)
+
+    @property
+    def view_bits(self) -> tuple[int, ...]:
+        """Code bits of the static views ``k = 1..len(slice_bits)``: the prefix sums of ``slice_bits``."""
+        return tuple(accumulate(self.slice_bits))
+
+    def to_dict(self) -> dict:
+        return {
+            "slice_bits": list(self.slice_bits),
+            "group_size": self.group_size,
+            "lwc_init": self.lwc_init,
+            "router_hidden": self.router_hidden,
+            "router_placement": self.router_placement,
+            "router_temperature": self.router_temperature,
+            "router_policy": self.router_policy,
+            "routers": self.routers,
+            "skip": list(self.skip),
+            "word_bits": self.word_bits,
+            "anchor_bits": self.anchor_bits,
+        }

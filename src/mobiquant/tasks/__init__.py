@@ -1,0 +1,1 @@
+"""The ``task=`` entry points: quantize (the default), lm_eval, decode and the analyses (outliers, routers)."""
