@@ -48,9 +48,9 @@ from ..patching import (
 from ..quant.config import MoBiConfig
 from .quantize import (
     ConfigError,
-    _num,
     _pos_int,
     _row_avg_bits,
+    budget_list,
     load_base_model,
     load_token_ids,
     prepare_run,
@@ -105,15 +105,7 @@ def _budgets(cfg: DictConfig) -> list[float]:
     key = "lm_eval.budgets"
     if node is None:
         node, key = cfg.budget.get("budgets"), "budget.budgets"
-    if not isinstance(node, (list, ListConfig)) or len(node) == 0:
-        raise ConfigError(f"{key}={node!r} must be a non-empty list of average bit-widths in [1, 8]")
-    out = []
-    for i, b in enumerate(node):
-        v = _num(b, f"{key}[{i}]")
-        if not 1.0 <= v <= 8.0:
-            raise ConfigError(f"{key}[{i}]={b} is outside the achievable range: allowed 1 <= bits <= 8")
-        out.append(v)
-    return out
+    return budget_list(node, key)
 
 
 def _limit(value: Any) -> int | float | None:

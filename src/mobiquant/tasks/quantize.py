@@ -89,18 +89,23 @@ def build_methods(cfg: DictConfig) -> list[QuantMethod]:
     return methods
 
 
+def budget_list(node: Any, key: str) -> list[float]:
+    """The average bit-widths of config list ``key``: a non-empty list of numbers in [1, 8]."""
+    if not isinstance(node, (list, ListConfig)) or len(node) == 0:
+        raise ConfigError(f"{key}={node!r} must be a non-empty list of average bit-widths in [1, 8]")
+    out = []
+    for i, b in enumerate(node):
+        v = _num(b, f"{key}[{i}]")
+        if not 1.0 <= v <= 8.0:
+            raise ConfigError(f"{key}[{i}]={b} is outside the achievable range: allowed 1 <= bits <= 8")
+        out.append(v)
+    return out
+
+
 def validate(cfg: DictConfig) -> tuple[list[QuantMethod], list[float]]:
     """Check the whole config before any model is loaded; returns the methods and the budget grid."""
     check_config(cfg, schema=False)  # required values, model folder, data files
-    budgets = cfg.budget.get("budgets")
-    if not isinstance(budgets, (list, ListConfig)) or len(budgets) == 0:
-        raise ConfigError(f"budget.budgets={budgets!r} must be a non-empty list of average bit-widths in [1, 8]")
-    grid = []
-    for i, b in enumerate(budgets):
-        v = _num(b, f"budget.budgets[{i}]")
-        if not 1.0 <= v <= 8.0:
-            raise ConfigError(f"budget.budgets[{i}]={b} is outside the achievable range: allowed 1 <= bits <= 8")
-        grid.append(v)
+    grid = budget_list(cfg.budget.get("budgets"), "budget.budgets")
     _pos_int(cfg.group_size, "group_size")
     _pos_int(cfg.data.calib.nsamples, "data.calib.nsamples")
     seqlen = _pos_int(cfg.data.calib.seqlen, "data.calib.seqlen")
