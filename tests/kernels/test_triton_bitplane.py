@@ -453,6 +453,38 @@ def test_mobilinear_backend_matches_dequantized(dtype, gen):
             torch.testing.assert_close(m(x), y, rtol=TOL[dtype] * 5, atol=TOL[dtype] * 5)
 
 
+def test_mobilinear_bitplanes(gen, monkeypatch):
+    """The default layout 3-1-1-1-1-1 in a MoBiLinear with the one-bit plane kernel selected: every view of one
+    token matches the dequantized view; the kernel buffers are built once and dropped when the device changes."""
+    from mobiquant.patching import set_small_config
+
+    calls = []
+    real = tb.bitplane_linear_bits
+    monkeypatch.setattr(tb, "bitplane_linear_bits", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+
+    lin = torch.nn.Linear(192, 40)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(40, 192, generator=gen) * 0.05)
+    m = MoBiLinear.from_linear(lin, group_size=64, slice_bits=DEFAULT_LAYOUT)
+    m.freeze()
+    m = m.to(DEVICE).to(torch.float16)
+    m.backend = "triton"
+    model = torch.nn.Sequential(m)
+    set_small_config(model, BITS)
+    x = randx(1, 192, torch.float16, gen)
+    for k in range(1, 7):
+        m.set_static(k)
+        y = m(x)
+        ref = x.double() @ m.dequantized(k).double().T + m.bias.double()
+        err = ((y.double() - ref).norm() / ref.norm()).item()
+        assert err < TOL[torch.float16], (k, err)
+    assert len(calls) == 6
+    bp = m.bitplane_buffers()
+    assert bp is m.bitplane_buffers() and bp.words.shape[0] == 8
+    m.to(torch.float16)
+    assert m._bitplanes is None
+
+
 def test_mobilinear_routed_backend(gen):
     from mobiquant.router import TokenRouter
 
@@ -591,3 +623,56 @@ def test_gpu_cuda_graph_capture(cfg, gen):
         err = ((yg.double() - ref.double()).norm() / ref.double().norm()).item()
         assert err < TOL[torch.float16]
     assert y.shape == yg.shape
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("bits", [DEFAULT_LAYOUT, (2, 2, 2, 2)], ids=str)
+@pytest.mark.parametrize("n_out,n_in", [(1024, 4096), (4096, 14336), (1000, 1100)], ids=str)
+def test_gpu_bits_kernel(n_out, n_in, bits, dtype, gen):
+    """The one-bit plane kernel at LLaMA-like and ragged shapes, every view, k on the host and on the device, and
+    the default and a swept config."""
+    group = 128
+    planes, scale, zero = make_layer(n_out, n_in, bits, group, gen)
+    x = randx(1, n_in, dtype, gen)
+    packed = tb.pack_bitplanes(planes, scale, zero, bits, group, n_in)
+    cfgs = (BITS, tb.SmallConfig(bitplanes=True, block_n=128, block_k=128, waves=1, num_warps=8))
+    for cfg in cfgs:
+        for k in range(1, len(bits) + 1):
+            check(x, planes, scale, zero, bits, group, k, small_config=cfg, packed=packed)
+            check(
+                x, planes, scale, zero, bits, group, torch.tensor([k], device=DEVICE), small_config=cfg, packed=packed
+            )
+
+
+@gpu
+@needs_cuda
+def test_gpu_bits_kernel_graph_capture(gen):
+    """One captured graph of the one-bit plane kernel with k on the device serves every view (a body per view)."""
+    bits, group = DEFAULT_LAYOUT, 128
+    planes, scale, zero = make_layer(4096, 4096, bits, group, gen)
+    packed = tb.pack_bitplanes(planes, scale, zero, bits, group, 4096)
+    x = randx(1, 4096, torch.float16, gen)
+    k = torch.tensor([2], device=DEVICE)
+
+    def f():
+        return tb.bitplane_linear(x, planes, scale, zero, bits, group, k, small_config=BITS, packed=packed)
+
+    f()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        f()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        yg = f()
+    for kk in (1, 6, 3, 2, 5, 4):
+        x.copy_(randx(1, 4096, torch.float16, gen))
+        k.fill_(kk)
+        g.replay()
+        torch.cuda.synchronize()
+        ref = torch_reference(x, planes, scale, zero, bits, group, kk, compute_dtype=torch.float64)
+        err = ((yg.double() - ref.double()).norm() / ref.double().norm()).item()
+        assert err < TOL[torch.float16], (kk, err)
