@@ -9,6 +9,11 @@ which telescopes into per-plane residuals ``W_k = sum_(e<=k) D_e`` with
 
 Paths (``bitplane_linear(..., path=)``):
 
+* ``bits``, one token, any layout of at most 8 bits in all (the default 3-1-1-1-1-1 included), opt-in with
+  ``SmallConfig(bitplanes=True)``: ``_bp_gemv_bits_kernel`` on buffers built from the planes at load time
+  (:func:`pack_bitplanes`: every slice split into one-bit planes, so view ``k`` is the first ``b_1 + .. + b_k``
+  planes). Code fields read in place as subnormals (one AND and one FMA per code), a stream-K grid whose
+  programs stream whole groups, activations loaded straight in the words' layout. See the section's comment.
 * ``small``, one token, planes ``1..k`` of one width (e.g. 2-2-2-2), ``k <= FIELDS_MAX_K`` by default:
   ``_bp_gemv_fields_kernel`` on CUDA cores. Each code's field is masked out of its word where it lies
   (one AND per code and plane, one shift per word and plane) and read as a subnormal fp32; the
@@ -1740,7 +1745,8 @@ def _pick8(V: tl.constexpr, a1, a2, a3, a4, a5, a6, a7, a8):
         return a8
 
 
-@triton.jit
+# sizes that only bound loops and masks are not specialised (one compiled kernel for every shape and grid size)
+@triton.jit(do_not_specialize=["N", "K_IN", "GPB", "G"])
 def _bp_gemv_bits_kernel(
     x_ptr,
     out_ptr,
