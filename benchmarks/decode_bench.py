@@ -53,7 +53,7 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import kernel_bench as kb  # noqa: E402
-from kernel_bench import GROUP, bench, copy_bandwidth, load_kernels, view_bits  # noqa: E402
+from kernel_bench import GROUP, bench, bits_tag, copy_bandwidth, load_kernels, view_bits  # noqa: E402
 
 D, FF, KV = 4096, 14336, 1024
 HIDDEN = 64
@@ -537,7 +537,7 @@ def bits_sweep(tb, q_layers, xs, cfgs, views, log=print):
         tot = 0.0
         for k in views:
             t, why = time_stack(q_layers, xs, static_k=k, cfg=cfg)
-            tag = f"{cfg.block_n}/{cfg.block_k}/{cfg.num_warps}w/{cfg.waves}"
+            tag = bits_tag(cfg)
             log(f"# bits sweep {tag} k={k} ({view_bits(k)} bits): {t:.1f} us/token {why}")
             res.append((tag, k, t))
             tot += t
@@ -547,8 +547,16 @@ def bits_sweep(tb, q_layers, xs, cfgs, views, log=print):
     return (seen[0][1] if seen else tb.SmallConfig(bitplanes=True)), res
 
 
-#: Configs of the one-bit plane kernel tried on the stack by ``--bits-sweep``: (block_n, block_k, warps, waves).
-STACK_SWEEP = [(256, 64, 4, 2), (256, 64, 4, 1), (256, 64, 4, 4), (128, 64, 4, 2), (256, 128, 8, 2), (512, 64, 4, 2)]
+#: Configs of the one-bit plane kernel tried on the stack by ``--bits-sweep``: (block_n, block_k, warps, waves,
+#: prefetch).
+STACK_SWEEP = [
+    (256, 64, 4, 4, False),
+    (256, 64, 4, 2, False),
+    (256, 64, 4, 1, False),
+    (256, 128, 4, 2, True),
+    (128, 64, 4, 4, False),
+    (512, 64, 4, 2, False),
+]
 
 
 def print_comparison(rows, t16):
@@ -597,7 +605,7 @@ def main(argv=None):
     ap.add_argument(
         "--bits-config",
         default=None,
-        help="its config: BLOCK_N,BLOCK_K,WARPS,WAVES (default: the library's, or --bits-sweep's best)",
+        help="its config: BLOCK_N,BLOCK_K,WARPS,WAVES[,PREFETCH] (default: the library's, or --bits-sweep's best)",
     )
     ap.add_argument(
         "--bits-sweep",
@@ -688,7 +696,8 @@ def main(argv=None):
             bits_cfg = kb.parse_bits_config(tb, args.bits_config)
         elif args.bits_sweep:
             cfgs = [
-                tb.SmallConfig(bitplanes=True, block_n=a, block_k=b, num_warps=c, waves=d) for a, b, c, d in STACK_SWEEP
+                tb.SmallConfig(bitplanes=True, block_n=a, block_k=b, num_warps=c, waves=d, prefetch=e)
+                for a, b, c, d, e in STACK_SWEEP
             ]
             bits_cfg, res = bits_sweep(tb, q_layers, xs, cfgs, sorted({1, min(2, ns)}))
             for tag, k, t in res:
@@ -706,10 +715,7 @@ def main(argv=None):
         else:
             bits_cfg = tb.SmallConfig(bitplanes=True)
         if bits_cfg is not None:
-            print(
-                f"# one-bit plane kernel config: block_n={bits_cfg.block_n} block_k={bits_cfg.block_k} "
-                f"warps={bits_cfg.num_warps} waves={bits_cfg.waves} (None: the library's default)"
-            )
+            print(f"# one-bit plane kernel config: {bits_tag(bits_cfg)} (block_n/block_k/warps/waves; None: default)")
 
     for k in range(1, ns + 1):
         bits = view_bits(k)

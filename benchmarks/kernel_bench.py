@@ -60,22 +60,27 @@ def view_bits(k: int) -> int:
 
 
 def parse_bits_config(tb, text: str):
-    """``BLOCK_N,BLOCK_K,WARPS,WAVES`` -> ``SmallConfig(bitplanes=True, ...)`` (empty fields: the defaults)."""
-    parts = [p.strip() for p in text.split(",")] + [""] * 4
-    bn, bk, nw, wv = (int(p) if p else None for p in parts[:4])
-    return tb.SmallConfig(bitplanes=True, block_n=bn, block_k=bk, num_warps=nw or 4, waves=wv)
+    """``BLOCK_N,BLOCK_K,WARPS,WAVES[,PREFETCH]`` -> ``SmallConfig(bitplanes=True, ...)`` (empty fields: the
+    defaults; PREFETCH 1 or 0)."""
+    parts = [p.strip() for p in text.split(",")] + [""] * 5
+    bn, bk, nw, wv, pf = (int(p) if p else None for p in parts[:5])
+    return tb.SmallConfig(bitplanes=True, block_n=bn, block_k=bk, num_warps=nw or 4, waves=wv, prefetch=bool(pf))
 
 
-#: One-token configs of the one-bit plane kernel swept by ``--sweep``: (block_n, block_k, warps, waves).
+def bits_tag(cfg) -> str:
+    return f"{cfg.block_n}/{cfg.block_k}/{cfg.num_warps}w/{cfg.waves}" + ("/pf" if cfg.prefetch else "")
+
+
+#: One-token configs of the one-bit plane kernel swept by ``--sweep``: (block_n, block_k, warps, waves, prefetch).
 BITS_SWEEP = [
-    (256, 64, 4, 2),
-    (256, 64, 4, 1),
-    (256, 64, 4, 4),
-    (256, 128, 8, 2),
-    (128, 64, 4, 2),
-    (512, 64, 4, 2),
-    (256, 32, 4, 2),
-    (128, 128, 8, 1),
+    (256, 64, 4, 4, False),
+    (256, 64, 4, 2, False),
+    (256, 64, 4, 1, False),
+    (256, 128, 4, 2, True),
+    (256, 128, 8, 2, False),
+    (128, 64, 4, 4, False),
+    (512, 64, 4, 2, False),
+    (128, 128, 4, 2, True),
 ]
 
 
@@ -248,8 +253,8 @@ def sweep(tb, shapes, log, tokens=(1, 16, 2048)):
             out = torch.empty(1, n_out, device="cuda", dtype=torch.float16)
             for k in sorted({1, min(2, ns)}):
                 res = []
-                for bn, bk, nw, wv in BITS_SWEEP:
-                    cfg = tb.SmallConfig(bitplanes=True, block_n=bn, block_k=bk, num_warps=nw, waves=wv)
+                for bn, bk, nw, wv, pf in BITS_SWEEP:
+                    cfg = tb.SmallConfig(bitplanes=True, block_n=bn, block_k=bk, num_warps=nw, waves=wv, prefetch=pf)
                     f = lambda: tb.bitplane_linear(  # noqa: E731
                         x, planes, scale, zero, SLICE_BITS, GROUP, k, out=out, small_config=cfg, packed=packed
                     )
@@ -257,15 +262,12 @@ def sweep(tb, shapes, log, tokens=(1, 16, 2048)):
                     if t is None:
                         continue
                     res.append((t, cfg))
-                    log(f"sweep,{name},1,{k},{t:.2f},bits {bn}/{bk}/{nw}w/{wv}")
+                    log(f"sweep,{name},1,{k},{t:.2f},bits {bits_tag(cfg)}")
                 if res:
                     res.sort(key=lambda r: r[0])
                     best[(name, "bits", k)] = res[0]
                     c = res[0][1]
-                    log(
-                        f"# best {name} bits k={k} ({view_bits(k)} bits): {res[0][0]:.2f} us "
-                        f"block_n={c.block_n} block_k={c.block_k} warps={c.num_warps} waves={c.waves}"
-                    )
+                    log(f"# best {name} bits k={k} ({view_bits(k)} bits): {res[0][0]:.2f} us {bits_tag(c)}")
             packed = None
         planes = scale = zero = None
         torch.cuda.empty_cache()
@@ -427,7 +429,7 @@ def table(tb, shapes, tokens, copy_bw, log, check=True, best=None, bits_cfg=None
                 r = rows[-1]
                 r["config"] = str(kw.get("small_config") or kw.get("tile_config") or "default")
                 if bcfg is not None:
-                    r["bits_config"] = f"{bcfg.block_n}/{bcfg.block_k}/{bcfg.num_warps}w/{bcfg.waves}"
+                    r["bits_config"] = bits_tag(bcfg)
                 log(
                     f"{name:22s} M={m:5d} k={str(k):5s} {t:9.2f} us  fp16 {t16:9.2f} us  x{r['speedup']:.2f}  "
                     f"{r['gbps']:7.0f} GB/s ({r['pct_copy']:5.1f}% copy)  deq+mm {tdq:9.2f} us  err {err:.1e}"
@@ -492,8 +494,8 @@ def main(argv=None):
     ap.add_argument(
         "--bits-config",
         default=None,
-        help="the one-bit plane kernel's config for the table: BLOCK_N,BLOCK_K,WARPS,WAVES (default: the library's, "
-        "or the sweep's best with --use-sweep)",
+        help="the one-bit plane kernel's config for the table: BLOCK_N,BLOCK_K,WARPS,WAVES[,PREFETCH] (default: the "
+        "library's, or the sweep's best with --use-sweep)",
     )
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for CSV files (default $OUT)")
     args = ap.parse_args(argv)

@@ -285,6 +285,7 @@ def test_bits_kernel_layouts(bits, group, n_in, gen):
         tb.SmallConfig(bitplanes=True, block_n=32, block_k=16, split_k=5),  # groups split unevenly
         tb.SmallConfig(bitplanes=True, block_n=128, block_k=64, waves=1, num_warps=2),
         tb.SmallConfig(bitplanes=True, block_n=16, block_k=16, waves=3),  # segments across row blocks
+        tb.SmallConfig(bitplanes=True, block_n=32, block_k=64, waves=1, prefetch=True),  # next group preloaded
     ],
     ids=str,
 )
@@ -296,6 +297,18 @@ def test_bits_kernel_configs(cfg, gen):
         x = randx(1, 384, dtype, gen)
         for k in (1, 2, 6):
             check(x, planes, scale, zero, bits, group, k, bias=bias, small_config=cfg)
+
+
+def test_bits_kernel_fewer_programs_than_row_blocks(gen, monkeypatch):
+    """Stream-K with fewer programs than row blocks: programs end inside row blocks, whose segments meet in the
+    partial slots (13 row blocks of 16 rows, 8 programs)."""
+    monkeypatch.setattr(tb, "_num_sms", lambda device: 8)
+    bits, group = DEFAULT_LAYOUT, 32
+    planes, scale, zero = make_layer(200, 96, bits, group, gen)
+    x = randx(1, 96, torch.float32, gen)
+    cfg = tb.SmallConfig(bitplanes=True, block_n=16, block_k=32, waves=1)
+    for k in (1, 4):
+        check(x, planes, scale, zero, bits, group, k, small_config=cfg)
 
 
 def test_bits_kernel_device_k(gen, monkeypatch):
@@ -340,6 +353,8 @@ def test_bits_kernel_dispatch_and_errors(gen):
         tb.bitplane_linear_bits(x, bp, 1)
     with pytest.raises(ValueError, match="block_k"):
         tb.bitplane_linear_bits(x[:1], bp, 1, config=tb.SmallConfig(bitplanes=True, block_k=48))
+    with pytest.raises(ValueError, match="prefetch"):
+        tb.bitplane_linear_bits(x[:1], bp, 1, config=tb.SmallConfig(bitplanes=True, block_k=32, prefetch=True))
     with pytest.raises(ValueError):
         tb.bitplane_linear_bits(x[:1], bp, 7)
     with pytest.raises(ValueError, match="another layout"):

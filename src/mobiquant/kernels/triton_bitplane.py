@@ -1511,6 +1511,50 @@ def _bits_load(w_ptr, offs, PSTRIDE, E: tl.constexpr, P: tl.constexpr, w_prev, E
 
 
 @triton.jit
+def _bits_load_words(w_ptr, wc, rows2, PSTRIDE, NPAD2, P: tl.constexpr, EVEN_N: tl.constexpr):
+    """The words ``[BN2, NW]`` of planes ``0 .. P-1`` at word columns ``wc`` (planes past ``P``: plane 0 again,
+    unused)."""
+    offs = wc[None, :] * NPAD2 + rows2[:, None]
+    rmask = (rows2 < NPAD2)[:, None]
+    w0 = _bits_load(w_ptr, offs, PSTRIDE, 0, P, 0, EVEN_N, rmask)
+    w1 = _bits_load(w_ptr, offs, PSTRIDE, 1, P, w0, EVEN_N, rmask)
+    w2 = _bits_load(w_ptr, offs, PSTRIDE, 2, P, w0, EVEN_N, rmask)
+    w3 = _bits_load(w_ptr, offs, PSTRIDE, 3, P, w0, EVEN_N, rmask)
+    w4 = _bits_load(w_ptr, offs, PSTRIDE, 4, P, w0, EVEN_N, rmask)
+    w5 = _bits_load(w_ptr, offs, PSTRIDE, 5, P, w0, EVEN_N, rmask)
+    w6 = _bits_load(w_ptr, offs, PSTRIDE, 6, P, w0, EVEN_N, rmask)
+    w7 = _bits_load(w_ptr, offs, PSTRIDE, 7, P, w0, EVEN_N, rmask)
+    return w0, w1, w2, w3, w4, w5, w6, w7
+
+
+@triton.jit
+def _bits_load_sz(sz_ptr, g, rows2, wcol, SZSTRIDE, NPAD2, EVEN_N: tl.constexpr):
+    """Group ``g``'s step and zero point words of the even and odd rows, loaded ``[BN2, NW]`` (the same for every
+    column) so that they come in the words' layout."""
+    sofs = g * NPAD2 + rows2[:, None] + 0 * wcol[None, :]
+    if EVEN_N:
+        sz0 = tl.load(sz_ptr + sofs)
+        sz1 = tl.load(sz_ptr + SZSTRIDE + sofs)
+    else:
+        rmask = (rows2 < NPAD2)[:, None]
+        sz0 = tl.load(sz_ptr + sofs, mask=rmask, other=0)
+        sz1 = tl.load(sz_ptr + SZSTRIDE + sofs, mask=rmask, other=0)
+    return sz0, sz1
+
+
+@triton.jit
+def _bits_apply(acc0, acc1, T0, T1, xs, sz0, sz1, mult, hk):
+    """``acc += s (mult T - sum(x) (z + h_k))`` for the even (0) and odd (1) rows of one group."""
+    s0 = (sz0 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    z0 = (sz0 >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    s1 = (sz1 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    z1 = (sz1 >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    acc0 += s0 * (mult * T0 - xs * (z0 + hk))
+    acc1 += s1 * (mult * T1 - xs * (z1 + hk))
+    return acc0, acc1
+
+
+@triton.jit
 def _bits_groups(
     acc0,
     acc1,
@@ -1534,53 +1578,60 @@ def _bits_groups(
     EVEN_N: tl.constexpr,
     XE: tl.constexpr,
     ASM: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """Groups ``g_lo .. g_hi`` of one row block for a view of ``P`` planes, into ``acc0 / acc1 [BN2, NW]`` (even /
-    odd rows): per row and group ``s (mult sum(x' f) - sum(x) (z + h_k))``, in sub-chunks of ``NW`` words."""
+    odd rows): per row and group ``s (mult sum(x' f) - sum(x) (z + h_k))``, in sub-chunks of ``NW`` words.
+    ``PREFETCH`` (one sub-chunk per group): the next group's words, step and zero point are loaded before this
+    group's codes are reduced (kept in registers across the iteration)."""
     GW: tl.constexpr = GROUP // 16  # word columns per group
-    rmask = (rows2 < NPAD2)[:, None]
-    for g in range(g_lo, g_hi):
-        T0 = tl.zeros(acc0.shape, dtype=tl.float32)
-        T1 = tl.zeros(acc0.shape, dtype=tl.float32)
-        xs = tl.zeros((1, NW), dtype=tl.float32)
-        for sc in tl.static_range(0, GW // NW):  # unrolled: nothing loop-carried, so xs stays in the words' layout
-            wc = g * GW + sc * NW + wcol
-            offs = wc[None, :] * NPAD2 + rows2[:, None]
-            w0 = _bits_load(w_ptr, offs, PSTRIDE, 0, P, 0, EVEN_N, rmask)
-            w1 = _bits_load(w_ptr, offs, PSTRIDE, 1, P, w0, EVEN_N, rmask)
-            w2 = _bits_load(w_ptr, offs, PSTRIDE, 2, P, w0, EVEN_N, rmask)
-            w3 = _bits_load(w_ptr, offs, PSTRIDE, 3, P, w0, EVEN_N, rmask)
-            w4 = _bits_load(w_ptr, offs, PSTRIDE, 4, P, w0, EVEN_N, rmask)
-            w5 = _bits_load(w_ptr, offs, PSTRIDE, 5, P, w0, EVEN_N, rmask)
-            w6 = _bits_load(w_ptr, offs, PSTRIDE, 6, P, w0, EVEN_N, rmask)
-            w7 = _bits_load(w_ptr, offs, PSTRIDE, 7, P, w0, EVEN_N, rmask)
+    if PREFETCH:
+        w0, w1, w2, w3, w4, w5, w6, w7 = _bits_load_words(w_ptr, g_lo * GW + wcol, rows2, PSTRIDE, NPAD2, P, EVEN_N)
+        sz0, sz1 = _bits_load_sz(sz_ptr, g_lo, rows2, wcol, SZSTRIDE, NPAD2, EVEN_N)
+        for g in range(g_lo, g_hi):
+            gn = tl.minimum(g + 1, g_hi - 1)  # the last iteration reloads its own group (in cache)
+            n0, n1, n2, n3, n4, n5, n6, n7 = _bits_load_words(w_ptr, gn * GW + wcol, rows2, PSTRIDE, NPAD2, P, EVEN_N)
+            nz0, nz1 = _bits_load_sz(sz_ptr, gn, rows2, wcol, SZSTRIDE, NPAD2, EVEN_N)
+            T0 = tl.zeros(acc0.shape, dtype=tl.float32)
+            T1 = tl.zeros(acc0.shape, dtype=tl.float32)
+            xs = tl.zeros((1, NW), dtype=tl.float32)
             T0, T1, xs = _bits_fields(
-                T0, T1, xs, x_ptr, wc * 16, K_IN, w0, w1, w2, w3, w4, w5, w6, w7, P, XE, ASM, EVEN_K
+                T0, T1, xs, x_ptr, (g * GW + wcol) * 16, K_IN, w0, w1, w2, w3, w4, w5, w6, w7, P, XE, ASM, EVEN_K
             )
-        # the group's step and zero point of each row, loaded [BN2, NW] (the same for every column) so that they
-        # come in the words' layout
-        sofs = g * NPAD2 + rows2[:, None] + 0 * wcol[None, :]
-        if EVEN_N:
-            sz0 = tl.load(sz_ptr + sofs)
-            sz1 = tl.load(sz_ptr + SZSTRIDE + sofs)
-        else:
-            sz0 = tl.load(sz_ptr + sofs, mask=rmask, other=0)
-            sz1 = tl.load(sz_ptr + SZSTRIDE + sofs, mask=rmask, other=0)
-        s0 = (sz0 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        z0 = (sz0 >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        s1 = (sz1 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        z1 = (sz1 >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        acc0 += s0 * (mult * T0 - xs * (z0 + hk))
-        acc1 += s1 * (mult * T1 - xs * (z1 + hk))
+            acc0, acc1 = _bits_apply(acc0, acc1, T0, T1, xs, sz0, sz1, mult, hk)
+            w0 = n0
+            w1 = n1
+            w2 = n2
+            w3 = n3
+            w4 = n4
+            w5 = n5
+            w6 = n6
+            w7 = n7
+            sz0 = nz0
+            sz1 = nz1
+    else:
+        for g in range(g_lo, g_hi):
+            T0 = tl.zeros(acc0.shape, dtype=tl.float32)
+            T1 = tl.zeros(acc0.shape, dtype=tl.float32)
+            xs = tl.zeros((1, NW), dtype=tl.float32)
+            for sc in tl.static_range(0, GW // NW):  # unrolled: nothing loop-carried, xs stays in the words' layout
+                wc = g * GW + sc * NW + wcol
+                w0, w1, w2, w3, w4, w5, w6, w7 = _bits_load_words(w_ptr, wc, rows2, PSTRIDE, NPAD2, P, EVEN_N)
+                T0, T1, xs = _bits_fields(
+                    T0, T1, xs, x_ptr, wc * 16, K_IN, w0, w1, w2, w3, w4, w5, w6, w7, P, XE, ASM, EVEN_K
+                )
+            sz0, sz1 = _bits_load_sz(sz_ptr, g, rows2, wcol, SZSTRIDE, NPAD2, EVEN_N)
+            acc0, acc1 = _bits_apply(acc0, acc1, T0, T1, xs, sz0, sz1, mult, hk)
     return acc0, acc1
 
 
 @triton.jit
 def _bits_segment_store(
-    acc0, acc1, out_ptr, part_ptr, lock_ptr, bias_ptr, rows2, N, t, slot, nseg, HAS_BIAS: tl.constexpr
+    acc0, acc1, out_ptr, part_ptr, lock_ptr, bias_ptr, rows2, N, NPAD2, t, slot, nseg, HAS_BIAS: tl.constexpr
 ):
     """Row block ``t``'s partial (``acc0 / acc1``: even / odd rows) from one program: stored as is when the block
-    has one segment; else into partial slot ``slot`` (of ``nseg``), and the last segment to arrive sums them."""
+    has one segment; else into partial slot ``slot`` (of ``nseg``; ``[slots, 2, NPAD2]``), and the last segment to
+    arrive sums the slots, eight at a time (one load wave per eight segments, in a fixed order)."""
     y0 = tl.sum(acc0, axis=1)
     y1 = tl.sum(acc1, axis=1)
     r0 = 2 * rows2
@@ -1594,17 +1645,21 @@ def _bits_segment_store(
         tl.store(out_ptr + r0, y0.to(out_ptr.dtype.element_ty), mask=m0)
         tl.store(out_ptr + r1, y1.to(out_ptr.dtype.element_ty), mask=m1)
     else:
-        tl.store(part_ptr + slot * N + r0, y0, mask=m0)
-        tl.store(part_ptr + slot * N + r1, y1, mask=m1)
+        tl.store(part_ptr + (2 * slot) * NPAD2 + rows2, y0, mask=m0)
+        tl.store(part_ptr + (2 * slot + 1) * NPAD2 + rows2, y1, mask=m1)
         tl.debug_barrier()  # every thread's partial is stored before the release below
         ticket = tl.atomic_add(lock_ptr + t, 1, sem="acq_rel")
         tl.debug_barrier()
         if ticket == nseg - 1:
+            RED: tl.constexpr = 8
             tot0 = tl.zeros(y0.shape, dtype=tl.float32)
             tot1 = tl.zeros(y0.shape, dtype=tl.float32)
-            for sk in range(0, nseg):
-                tot0 += tl.load(part_ptr + sk * N + r0, mask=m0, other=0.0, cache_modifier=".cg")
-                tot1 += tl.load(part_ptr + sk * N + r1, mask=m1, other=0.0, cache_modifier=".cg")
+            for s0 in range(0, nseg, RED):
+                sl = s0 + tl.arange(0, RED)
+                sm = (sl < nseg)[:, None]
+                p0 = part_ptr + (2 * sl)[:, None] * NPAD2 + rows2[None, :]
+                tot0 += tl.sum(tl.load(p0, mask=sm & m0[None, :], other=0.0, cache_modifier=".cg"), axis=0)
+                tot1 += tl.sum(tl.load(p0 + NPAD2, mask=sm & m1[None, :], other=0.0, cache_modifier=".cg"), axis=0)
             if HAS_BIAS:
                 tot0 += tl.load(bias_ptr + r0, mask=m0, other=0.0).to(tl.float32)
                 tot1 += tl.load(bias_ptr + r1, mask=m1, other=0.0).to(tl.float32)
@@ -1648,6 +1703,7 @@ def _bits_stream(
     EVEN_N: tl.constexpr,
     XE: tl.constexpr,
     ASM: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """Program ``pid``'s share: the (row block, group) items ``[pid T / G, (pid+1) T / G)`` of the row-block-major
     sequence (``T = blocks x GPB``, ``GPB`` groups per row block), one segment per row block it touches
@@ -1704,6 +1760,7 @@ def _bits_stream(
             EVEN_N,
             XE,
             ASM,
+            PREFETCH,
         )
         # the programs that share row block t: the first holds its group 0, the last its group GPB - 1
         p_first = ((t * GPB + 1) * G - 1) // total
@@ -1717,6 +1774,7 @@ def _bits_stream(
             bias_ptr,
             rows2,
             N,
+            NPAD2,
             t,
             pid - p_first,
             p_last - p_first + 1,
@@ -1797,6 +1855,7 @@ def _bp_gemv_bits_kernel(
     EVEN_N: tl.constexpr,
     XE: tl.constexpr,
     ASM: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """One token from one-bit planes (see above). ``KSEL`` > 0: the view ``k = KSEL`` (known on the host); 0: ``k``
     read on the device, one body per view ``v`` (``P_v`` planes, multiplier ``M_v``, zero-point term ``H_v``)
@@ -1839,6 +1898,7 @@ def _bp_gemv_bits_kernel(
                     EVEN_N,
                     XE,
                     ASM,
+                    PREFETCH,
                 )
     else:
         _bits_stream(
@@ -1875,6 +1935,7 @@ def _bp_gemv_bits_kernel(
             EVEN_N,
             XE,
             ASM,
+            PREFETCH,
         )
 
 
@@ -2112,6 +2173,8 @@ class SmallConfig:
     # programs per row block instead).
     bitplanes: bool = False
     waves: int | None = None
+    prefetch: bool = False  # one-bit plane kernel, block_k = group: next group's words loaded before this one's sum
+    maxnreg: int | None = None  # one-bit plane kernel's register cap (None: BITS_MAXNREG, none with prefetch)
 
 
 @dataclass(frozen=True)
@@ -2545,7 +2608,11 @@ def bitplanes_for(
 #: program (two per word), columns per sub-chunk (16 per word), programs per SM of the stream-K grid.
 BITS_BLOCK_N = 256
 BITS_BLOCK_K = 64
-BITS_WAVES = 2
+BITS_WAVES = 4
+#: Register cap of the one-bit plane kernel: 128 keeps 4 programs of 4 warps on an SM (the stream-K grid of 4
+#: waves all resident); uncapped, an 8-plane body took 140 registers offline (sm_90), a spill of 16 bytes outside
+#: the group loop with the cap.
+BITS_MAXNREG = 128
 
 
 def bitplane_linear_bits(
@@ -2591,6 +2658,8 @@ def bitplane_linear_bits(
         raise ValueError(f"block_k must be 16 x a power of two dividing the group ({bp.group_size}), got {block_k}")
     if block_n < 2 or not _is_pow2(block_n):
         raise ValueError(f"block_n must be a power of two >= 2, got {block_n}")
+    if cfg.prefetch and nw != gw:
+        raise ValueError(f"prefetch needs block_k = the group ({bp.group_size}), got {block_k}")
     bn2 = block_n // 2
     kw, npad2 = bp.words.shape[1], bp.words.shape[2]
     gpb = kw // gw
@@ -2603,14 +2672,18 @@ def bitplane_linear_bits(
     progs = max(1, min(progs, total))
     if out is None:
         out = torch.empty(1, N, dtype=x2.dtype, device=x2.device)
+    # partial slots: a row block is shared by at most ceil(progs / blocks) + 1 programs (also with fewer programs
+    # than row blocks, when a program's range ends inside one)
     max_seg = -(-progs // n_blocks) + 1
-    part = torch.empty(max_seg * N, dtype=torch.float32, device=x2.device) if progs > n_blocks else out
+    part = torch.empty(max_seg * 2 * npad2, dtype=torch.float32, device=x2.device)
     locks = _locks(x2.device, n_blocks)
     pv = bp.planes_of_view
     b0 = bp.slice_bits[0]
     mults = [2.0 ** (_FIELD_S - (p - b0)) for p in pv] + [1.0] * (MAX_SLICES - NS)
     hs = [(1.0 - 2.0 ** -(p - b0)) / 2 for p in pv] + [0.0] * (MAX_SLICES - NS)
     pk = {f"P{i + 1}": p for i, p in enumerate(pv + [1] * (MAX_SLICES - NS))}
+    # the cap, except with prefetch (twice the words in registers: capped, 8 planes spill in the loop)
+    maxnreg = cfg.maxnreg or (None if cfg.prefetch else BITS_MAXNREG)
     _bp_gemv_bits_kernel[(progs,)](
         x2,
         out,
@@ -2639,9 +2712,11 @@ def bitplane_linear_bits(
         EVEN_N=npad2 % bn2 == 0,
         XE=149 - _FIELD_S,
         ASM=not _interpreting(),
+        PREFETCH=bool(cfg.prefetch),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **pk,
+        **({} if _interpreting() or maxnreg is None else {"maxnreg": maxnreg}),
     )
     return out
 
