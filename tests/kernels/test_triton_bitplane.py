@@ -256,11 +256,7 @@ def test_bits_kernel_every_k(n_out, n_in, group, dtype, gen):
     x = randx(1, n_in, dtype, gen)
     for k in range(1, len(bits) + 1):
         check(x, planes, scale, zero, bits, group, k, bias=bias, small_config=BITS)
-    assert not small_supported_default(bits, group)  # the old one-token kernels do not cover this layout
-
-
-def small_supported_default(bits, group):
-    return tb.small_supported(bits, group, None, False)
+    assert not tb.small_supported(bits, group, None, False)  # the old one-token kernels do not cover this layout
 
 
 @pytest.mark.parametrize(

@@ -1493,7 +1493,8 @@ def _bits_fields(
             else:
                 xj = tl.load(x_ptr + colw + j, mask=colw + j < K_IN, other=0.0).to(tl.float32)
             xs += xj[None, :]
-            xq = (xj * (2.0 ** (XE - j)))[None, :]  # x' = x 2^(149 - S - j) (XE = 149 - S)
+            # x' = x 2^(149 - S - j) (XE = 149 - S), the power of two built from its exponent bits
+            xq = (xj * tl.full([1], (XE + 127 - j) << 23, tl.int32).to(tl.float32, bitcast=True))[None, :]
             T0 += (f0 & (FM << j)).to(tl.float32, bitcast=True) * xq
             T1 += (f1 & (FM << j)).to(tl.float32, bitcast=True) * xq
     return T0, T1, xs
