@@ -18,9 +18,20 @@ decoded by ``mobiquant.tasks.decode.generate`` (static KV cache, CUDA-graph deco
 routed budgets, us per decode step from the timed segment of a 64-token generation (capture excluded).
 Attention, norms and RoPE are included, so these rows are slower than the stand-in stack's.
 
+``--slices 3,1,1,1,1,1``: the layout of the quantized stack and of the package rows (default 2-2-2-2; the
+library's default layout is 3-1-1-1-1-1): static views k = 1 .. len(slices) (``sum(slices[:k])`` bits) and
+routed budgets from the base bits to all bits. ``--bits``: every static view and routed budget also with the
+one-bit plane kernel (``SmallConfig(bitplanes=True)``, rows 'bitpl k=..' and 'routed bitpl'; package rows
+'package bitpl ..'); ``--bits-sweep`` first times its configs (``STACK_SWEEP``) on the stack at views 1 and 2
+and keeps the fastest, ``--bits-config`` names one. A comparison table (the library's default path beside the
+one-bit plane kernel, each with its ratio to fp16 cuBLAS) closes the run. One command for an H200, about
+4 minutes (kernel compilation included):
+
+    PYTHONPATH=$PWD/src python3 benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --bits-sweep --no-package
+
 ``--gemlite``: PyPI ``gemlite`` (if importable; otherwise the rows are skipped with a note) at 2, 4 and 8 bits,
 group 128, on the same single-linear shapes (one token) and as the same stand-in stack; the ``x gemlite``
-column compares our static view of the same bits (k = 1, 2, 4) with it. ``--dry-run``: no GPU needed; the
+column compares our static view of the same bits (k = 1, 2, 4 of 2-2-2-2) with it. ``--dry-run``: no GPU needed; the
 package rows on a tiny model on the CPU (eager), to check the code path and the arguments.
 
 Timing: one CUDA graph holds ``STEPS`` decode steps (each a fresh random token through every layer); the
@@ -41,7 +52,8 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernel_bench import GROUP, SLICE_BITS, bench, copy_bandwidth, load_kernels  # noqa: E402
+import kernel_bench as kb  # noqa: E402
+from kernel_bench import GROUP, bench, bits_tag, copy_bandwidth, load_kernels, view_bits  # noqa: E402
 
 D, FF, KV = 4096, 14336, 1024
 HIDDEN = 64
@@ -61,8 +73,8 @@ class Router:
     def __init__(self, d, gen):
         self.w1 = (torch.randn(HIDDEN, d, generator=gen, device="cuda") / math.sqrt(d)).half()
         self.b1 = (torch.randn(HIDDEN, generator=gen, device="cuda") * 0.1).half()
-        self.w2 = (torch.randn(len(SLICE_BITS) - 1, HIDDEN, generator=gen, device="cuda") / 8).half()
-        self.b2 = torch.zeros(len(SLICE_BITS) - 1, device="cuda").half()
+        self.w2 = (torch.randn(len(kb.SLICE_BITS) - 1, HIDDEN, generator=gen, device="cuda") / 8).half()
+        self.b2 = torch.zeros(len(kb.SLICE_BITS) - 1, device="cuda").half()
         self.tau = torch.zeros((), device="cuda")
         self.calib = []
 
@@ -78,10 +90,13 @@ class Router:
         return k
 
     def set_budget(self, bits):
-        """tau such that the calibration tokens' average bits (2 + 2 * #active residuals) equal ``bits``."""
+        """tau such that the calibration tokens' average bits (base + residual width x #active residuals; the mean
+        residual width for layouts of unequal residuals) equal ``bits``."""
         s = torch.cat(self.calib)
         nested = torch.cummin(s, dim=-1).values.flatten().sort(descending=True).values
-        want = (bits - SLICE_BITS[0]) / 2 * s.shape[0]  # number of active residual gates
+        res = kb.SLICE_BITS[1:]
+        width = sum(res) / max(1, len(res))
+        want = (bits - kb.SLICE_BITS[0]) / width * s.shape[0]  # number of active residual gates
         i = int(round(want))
         if i <= 0:
             self.tau.fill_(float(nested[0]) + 1.0)
@@ -98,25 +113,42 @@ class QLinear:
         # random words are random codes (first code in the low bits of each int32 word)
         self.planes = [
             torch.randint(
-                -(2**31), 2**31 - 1, (n_out, n_in // (32 // b)), generator=gen, device="cuda", dtype=torch.int32
+                -(2**31),
+                2**31 - 1,
+                (n_out, math.ceil(n_in / (32 // b))),
+                generator=gen,
+                device="cuda",
+                dtype=torch.int32,
             )
-            for b in SLICE_BITS
+            for b in kb.SLICE_BITS
         ]
         ng = math.ceil(n_in / GROUP)
-        # W spans about 4 steps: std ~ 1 / sqrt(n_in)
-        self.scale = torch.full((n_out, ng), 1.0 / (1.15 * math.sqrt(n_in)), device="cuda").half()
-        # zero 1.5: every k-view of random codes has mean ~0 (with the integer zero 2 of the recorded run
-        # every weight had mean -s/2, which drives the activations of this norm-free stack up layer by
-        # layer; see NOTES.md)
-        self.zero = torch.full((n_out, ng), 1.5, device="cuda").half()
+        # W spans the base grid's 2^b0 steps: std ~ 1 / sqrt(n_in) (b0 = 2: 1 / (1.12 sqrt(n_in)))
+        b0 = kb.SLICE_BITS[0]
+        self.scale = torch.full((n_out, ng), 1.0 / (math.sqrt((4**b0 - 1) / 12) * math.sqrt(n_in)), device="cuda")
+        self.scale = self.scale.half()
+        # zero (2^b0 - 1) / 2 (1.5 for a 2-bit base): every k-view of random codes has mean ~0 (with the
+        # integer zero 2 of the recorded run every weight had mean -s/2, which drives the activations of this
+        # norm-free stack up layer by layer; see NOTES.md)
+        self.zero = torch.full((n_out, ng), (2**b0 - 1) / 2, device="cuda").half()
         self.n_in, self.n_out = n_in, n_out
         self.out = None
+        self.packed = None
 
-    small_config = None  # --fields: each one-token kernel forced in turn (the default picks by k)
+    # --fields: each one-token kernel forced in turn (the default picks by k); --bits: SmallConfig(bitplanes=True)
+    small_config = None
 
     def __call__(self, x, k):
+        cfg = QLinear.small_config
+        kw = {}
+        if cfg is not None and cfg.bitplanes:
+            if self.packed is None:  # the one-bit plane buffers, built once per layer
+                self.packed = self.tb.pack_bitplanes(
+                    self.planes, self.scale, self.zero, kb.SLICE_BITS, GROUP, self.n_in
+                )
+            kw["packed"] = self.packed
         return self.tb.bitplane_linear(
-            x, self.planes, self.scale, self.zero, SLICE_BITS, GROUP, k, small_config=QLinear.small_config
+            x, self.planes, self.scale, self.zero, kb.SLICE_BITS, GROUP, k, small_config=cfg, **kw
         )
 
 
@@ -142,7 +174,7 @@ def q_step(layers, h, static_k=None, collect=False):
                 return static_k
             if collect:
                 L["r_" + name].calib.append(L["r_" + name].scores(x))
-                return len(SLICE_BITS)
+                return len(kb.SLICE_BITS)
             return L["r_" + name](x)
 
         kq = route("qkv", h)
@@ -199,7 +231,7 @@ def package_models(layers, d, ff, kv, heads, vocab, device, dtype, seed=0):
         fp = LlamaForCausalLM(cfg).to(dtype).eval()
     fp.requires_grad_(False)
     q = copy.deepcopy(fp)
-    mq.quantize_model(q, mq.MoBiConfig(slice_bits=SLICE_BITS, group_size=GROUP, router_hidden=HIDDEN))
+    mq.quantize_model(q, mq.MoBiConfig(slice_bits=kb.SLICE_BITS, group_size=GROUP, router_hidden=HIDDEN))
     calib = [torch.randint(0, vocab, (4, 64), device=device, generator=torch.Generator(device).manual_seed(seed + 1))]
     mq.calibrate_thresholds(q, calib)
     mq.freeze(q)
@@ -221,9 +253,11 @@ def linear_bytes(model, bits_per_weight):
     return total
 
 
-def package_rows(fp, q, device, new_tokens, graph, copy_bw):
-    """fp16, static k = 1..4 and routed budgets 2..8 through ``mobiquant.tasks.decode.generate``."""
+def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package", None),)):
+    """fp16, then for each ``(label, small_config)`` of ``kernels`` (``None``: the library's defaults) the static
+    views and the routed budgets (base bits .. all bits) through ``mobiquant.tasks.decode.generate``."""
     import mobiquant as mq
+    from mobiquant.patching import set_small_config
     from mobiquant.tasks.decode import generate
 
     vocab = fp.config.vocab_size
@@ -249,44 +283,49 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw):
         )
     )
     print(f"package fp16: {t16:.1f} us/token (graph: {how})")
-    for k in range(1, len(SLICE_BITS) + 1):
-        mq.set_static(q, k)
-        t, how = timed(q)
-        bits = 2.0 * k
-        rows.append(
-            dict(
-                mode=f"package static k={k}",
-                budget=bits,
-                achieved_bits=bits,
-                us_per_token=t,
-                tok_s=1e6 / t,
-                speedup=t16 / t,
-                pct_copy=100 * linear_bytes(q, bits) / (t * 1e-6) / copy_bw if copy_bw else math.nan,
-                graph=how,
+    ns = len(kb.SLICE_BITS)
+    for label, cfg in kernels:
+        set_small_config(q, cfg)
+        for k in range(1, ns + 1):
+            mq.set_static(q, k)
+            t, how = timed(q)
+            bits = float(view_bits(k))
+            rows.append(
+                dict(
+                    mode=f"{label} static k={k}",
+                    budget=bits,
+                    achieved_bits=bits,
+                    us_per_token=t,
+                    tok_s=1e6 / t,
+                    speedup=t16 / t,
+                    pct_copy=100 * linear_bytes(q, bits) / (t * 1e-6) / copy_bw if copy_bw else math.nan,
+                    graph=how,
+                )
             )
-        )
-        print(f"package static k={k}: {t:.1f} us/token  x{t16 / t:.2f} (graph: {how})")
-    for budget in range(2, 2 * len(SLICE_BITS) + 1):
-        # achieved bits of the decode tokens, counted eagerly (counting synchronises every step)
-        g = generate(q, prompt, min(16, new_tokens), budget=float(budget), cuda_graph="off", track_bits=True)
-        steps = g.achieved_bits[1:] or g.achieved_bits
-        bits = sum(steps) / len(steps)
-        t, how = timed(q, float(budget))
-        rows.append(
-            dict(
-                mode="package routed",
-                budget=float(budget),
-                achieved_bits=bits,
-                us_per_token=t,
-                tok_s=1e6 / t,
-                speedup=t16 / t,
-                pct_copy=100 * linear_bytes(q, bits) / (t * 1e-6) / copy_bw if copy_bw else math.nan,
-                graph=how,
+            print(f"{label} static k={k}: {t:.1f} us/token  x{t16 / t:.2f} (graph: {how})")
+        for budget in range(kb.SLICE_BITS[0], sum(kb.SLICE_BITS) + 1):
+            # achieved bits of the decode tokens, counted eagerly (counting synchronises every step)
+            g = generate(q, prompt, min(16, new_tokens), budget=float(budget), cuda_graph="off", track_bits=True)
+            steps = g.achieved_bits[1:] or g.achieved_bits
+            bits = sum(steps) / len(steps)
+            t, how = timed(q, float(budget))
+            rows.append(
+                dict(
+                    mode=f"{label} routed",
+                    budget=float(budget),
+                    achieved_bits=bits,
+                    us_per_token=t,
+                    tok_s=1e6 / t,
+                    speedup=t16 / t,
+                    pct_copy=100 * linear_bytes(q, bits) / (t * 1e-6) / copy_bw if copy_bw else math.nan,
+                    graph=how,
+                )
             )
-        )
-        print(
-            f"package routed budget {budget}: achieved {bits:.2f} bits, {t:.1f} us/token  x{t16 / t:.2f} (graph: {how})"
-        )
+            print(
+                f"{label} routed budget {budget}: achieved {bits:.2f} bits, {t:.1f} us/token  x{t16 / t:.2f} "
+                f"(graph: {how})"
+            )
+    set_small_config(q, None)
     return rows
 
 
@@ -386,24 +425,33 @@ def gemlite_rows(api, n_layers, xs, t16, copy_bw):
     return rows
 
 
-def our_linear_rows(tb, xs_unused, copy_bw):
-    """Our static views (k = 1, 2, 4) on the same single linears as the gemlite rows, one token."""
+def our_linear_rows(tb, xs_unused, copy_bw, cfg=None, label="static"):
+    """Our static views of gemlite's bits (2, 4, 8; those the layout has) on the same single linears as the
+    gemlite rows, one token, with the launch config ``cfg`` (None: the library's defaults)."""
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(4)
     shapes = layer_shapes()
-    for k in (1, 2, 4):
+    views = {view_bits(k): k for k in range(len(kb.SLICE_BITS), 0, -1)}
+    for bits in GEMLITE_BITS:
+        k = views.get(bits)
+        if k is None:
+            continue
         for name in ("q", "gate", "down", "k"):
             o, i = shapes[name]
             L = QLinear(o, i, tb, gen)
             x = torch.randn(1, i, device="cuda").half()
-            g = graph_of(lambda _: L(x, k), [x] * STEPS)
-            t = bench(g.replay, warmup=20, rep=200) / STEPS
-            nb = o * i * 2 * k / 8 + o * math.ceil(i / GROUP) * 4
+            QLinear.small_config = cfg
+            try:
+                g = graph_of(lambda _: L(x, k), [x] * STEPS)
+                t = bench(g.replay, warmup=20, rep=200) / STEPS
+            finally:
+                QLinear.small_config = None
+            nb = o * i * bits / 8 + o * math.ceil(i / GROUP) * 4
             rows.append(
                 dict(
-                    mode=f"static k={k} {name} {o}x{i}",
-                    budget=2.0 * k,
-                    achieved_bits=2.0 * k,
+                    mode=f"{label} k={k} {name} {o}x{i}",
+                    budget=float(bits),
+                    achieved_bits=float(bits),
                     us_per_token=t,
                     tok_s=1e6 / t,
                     speedup=float("nan"),
@@ -421,7 +469,7 @@ def x_gemlite(rows):
         parts = mode.split(" ", 2)
         if parts[0] == "gemlite":
             what = "stack" if mode.endswith("-bit") else mode.split(" ", 1)[1]
-        elif parts[0] == "static" and parts[1].startswith("k="):
+        elif parts[0] in ("static", "bitpl") and parts[1].startswith("k="):
             what = parts[2] if len(parts) == 3 else "stack"
         else:
             return None
@@ -460,16 +508,111 @@ def dry_run(args):
     return 0
 
 
+def time_stack(q_layers, xs, static_k=None, cfg=None):
+    """us per token of the quantized stack (one CUDA graph of ``STEPS`` steps, median replay) with the launch
+    config ``cfg`` (None: the library's defaults), or NaN and why when the stack cannot be captured."""
+    QLinear.small_config = cfg
+    try:
+        g = graph_of(lambda x: q_step(q_layers, x, static_k=static_k), xs)
+        t = bench(g.replay, warmup=20, rep=200) / STEPS
+        del g
+        return t, ""
+    except Exception as e:  # e.g. a path with a host synchronisation (not capturable)
+        torch.cuda.synchronize()
+        return math.nan, f"{type(e).__name__}: {str(e)[:100]}"
+    finally:
+        QLinear.small_config = None
+
+
+def stack_bytes(shapes, layers, bits):
+    """Bytes of one token through the stack at ``bits`` code bits per weight: codes, fp16 step and zero."""
+    return sum(o * i * bits / 8 + o * math.ceil(i / GROUP) * 4 for o, i in shapes.values()) * layers
+
+
+def bits_sweep(tb, q_layers, xs, cfgs, views, log=print):
+    """The one-bit plane kernel's configs on the stack at static views ``views``: the config with the least
+    summed time, and every ``(config, view, us)``."""
+    res, seen = [], []
+    for cfg in cfgs:
+        tot = 0.0
+        for k in views:
+            t, why = time_stack(q_layers, xs, static_k=k, cfg=cfg)
+            tag = bits_tag(cfg)
+            log(f"# bits sweep {tag} k={k} ({view_bits(k)} bits): {t:.1f} us/token {why}")
+            res.append((tag, k, t))
+            tot += t
+        if tot == tot:
+            seen.append((tot, cfg))
+    seen.sort(key=lambda r: r[0])
+    return (seen[0][1] if seen else tb.SmallConfig(bitplanes=True)), res
+
+
+#: Configs of the one-bit plane kernel tried on the stack by ``--bits-sweep``: (block_n, block_k, warps, waves,
+#: prefetch).
+STACK_SWEEP = [
+    (256, 64, 4, 4, False),
+    (256, 64, 4, 2, False),
+    (256, 64, 4, 1, False),
+    (256, 128, 4, 2, True),
+    (128, 64, 4, 4, False),
+    (512, 64, 4, 2, False),
+]
+
+
+def print_comparison(rows, t16):
+    """Static views and routed budgets: the library's default path beside the one-bit plane kernel."""
+    by = {r["mode"] + f"@{r['budget']}": r for r in rows}
+    print()
+    print(
+        f"# comparison, us/token (x fp16; fp16 cuBLAS {t16:.1f} us/token); "
+        "targets: 4-bit view >= 3.0x, routed 4 >= 2.5x"
+    )
+    print(f"{'row':14s} {'bits':>5s} {'default':>17s} {'one-bit planes':>17s}")
+    for r in rows:
+        if r["mode"].startswith("static k="):
+            k = r["mode"].split("=", 1)[1]
+            other = by.get(f"bitpl k={k}@{r['budget']}")
+            name = f"static k={k}"
+        elif r["mode"] == "routed":
+            other = by.get(f"routed bitpl@{r['budget']}")
+            name = f"routed {r['budget']:.0f}"
+        else:
+            continue
+
+        def cell(x):
+            return f"{x['us_per_token']:8.1f} ({x['speedup']:5.2f}x)" if x is not None else f"{'-':>17s}"
+
+        print(f"{name:14s} {r['achieved_bits']:5.2f} {cell(r):>17s} {cell(other):>17s}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--out", default=os.environ.get("OUT"))
+    ap.add_argument("--slices", default=None, help="slice layout of the quantized stack, e.g. 3,1,1,1,1,1 (2,2,2,2)")
     ap.add_argument(
         "--fields",
         action="store_true",
         help="also time static k with each one-token kernel forced: SmallConfig(fields=True) and "
         "fields=False (the default takes the field kernel for k <= FIELDS_MAX_K)",
     )
+    ap.add_argument(
+        "--bits",
+        action="store_true",
+        help="also time every static view and routed budget with the one-bit plane kernel "
+        "(SmallConfig(bitplanes=True))",
+    )
+    ap.add_argument(
+        "--bits-config",
+        default=None,
+        help="its config: BLOCK_N,BLOCK_K,WARPS,WAVES[,PREFETCH] (default: the library's, or --bits-sweep's best)",
+    )
+    ap.add_argument(
+        "--bits-sweep",
+        action="store_true",
+        help="first try the one-bit plane kernel's configs on the stack (static views 1 and 2) and use the best",
+    )
+    ap.add_argument("--no-routed", action="store_true", help="skip the routed rows")
     ap.add_argument("--no-package", action="store_true", help="skip the rows of the model patched by the package")
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per package row")
     ap.add_argument("--gemlite", action="store_true", help="also time PyPI gemlite at 2/4/8 bits, group 128")
@@ -477,15 +620,18 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.new_tokens < 2:
         ap.error("--new-tokens must be at least 2")
+    if args.slices:
+        kb.set_slices(args.slices.split(","))
     if args.dry_run:
         return dry_run(args)
     if not torch.cuda.is_available():
         ap.error("needs a CUDA device (use --dry-run to check the code path on the CPU)")
     tb = load_kernels()
     Router.fused = staticmethod(load_router_kernel())
+    ns = len(kb.SLICE_BITS)
     dev = (
         f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-        f"{time.strftime('%Y-%m-%d')}"
+        f"{time.strftime('%Y-%m-%d')}; slices {'-'.join(map(str, kb.SLICE_BITS))}, g{GROUP}"
     )
     print(f"# {dev}")
     copy_bw, _ = copy_bandwidth()
@@ -504,7 +650,7 @@ def main(argv=None):
         q_layers.append(L)
     xs = [torch.randn(1, D, generator=gen, device="cuda").half() for _ in range(STEPS)]
 
-    # router calibration on 256 tokens through the full-precision view (k = 4)
+    # router calibration on 256 tokens through the full-precision view (every slice)
     with torch.no_grad():
         calib = torch.randn(256, D, generator=gen, device="cuda").half()
         q_step(q_layers, calib, collect=True)
@@ -528,44 +674,66 @@ def main(argv=None):
     del g
     print(f"fp16: {t:.1f} us/token")
 
-    for k in range(1, len(SLICE_BITS) + 1):
-        g = graph_of(lambda x: q_step(q_layers, x, static_k=k), xs)
-        t = bench(g.replay, warmup=20, rep=200) / STEPS
-        nb = sum(o * i * 2 * k / 8 + o * math.ceil(i / GROUP) * 4 for o, i in shapes.values()) * args.layers
+    def add(mode, bits, t, nb, achieved=None, why=""):
         rows.append(
             dict(
-                mode=f"static k={k}",
-                budget=2.0 * k,
-                achieved_bits=2.0 * k,
+                mode=mode,
+                budget=float(bits),
+                achieved_bits=float(bits if achieved is None else achieved),
                 us_per_token=t,
                 tok_s=1e6 / t,
                 speedup=t16 / t,
                 pct_copy=100 * nb / (t * 1e-6) / copy_bw,
             )
         )
-        del g
-        print(f"static k={k}: {t:.1f} us/token  x{t16 / t:.2f}")
-        for forced in (True, False) if args.fields else ():
-            QLinear.small_config = tb.SmallConfig(fields=forced)
-            g = graph_of(lambda x: q_step(q_layers, x, static_k=k), xs)
-            tc = bench(g.replay, warmup=20, rep=200) / STEPS
-            QLinear.small_config = None
-            name = "fields" if forced else "concat"
-            rows.append(
-                dict(
-                    mode=f"{name} k={k}",
-                    budget=2.0 * k,
-                    achieved_bits=2.0 * k,
-                    us_per_token=tc,
-                    tok_s=1e6 / tc,
-                    speedup=t16 / tc,
-                    pct_copy=100 * nb / (tc * 1e-6) / copy_bw,
-                )
-            )
-            del g
-            print(f"static k={k}, {name} kernel forced: {tc:.1f} us/token  x{t16 / tc:.2f}")
+        print(f"{mode} ({bits} bits): {t:.1f} us/token  x{t16 / t:.2f}" + (f"  [{why}]" if why else ""))
 
-    for budget in range(2, 9):
+    bits_cfg = None
+    if args.bits or args.bits_sweep or args.bits_config:
+        if not tb.bits_supported(kb.SLICE_BITS, GROUP):
+            print(f"# one-bit plane kernel skipped: layout {kb.SLICE_BITS} / group {GROUP} not covered")
+        elif args.bits_config:
+            bits_cfg = kb.parse_bits_config(tb, args.bits_config)
+        elif args.bits_sweep:
+            cfgs = [
+                tb.SmallConfig(bitplanes=True, block_n=a, block_k=b, num_warps=c, waves=d, prefetch=e)
+                for a, b, c, d, e in STACK_SWEEP
+            ]
+            bits_cfg, res = bits_sweep(tb, q_layers, xs, cfgs, sorted({1, min(2, ns)}))
+            for tag, k, t in res:
+                rows.append(
+                    dict(
+                        mode=f"sweep bitpl {tag} k={k}",
+                        budget=float(view_bits(k)),
+                        achieved_bits=float(view_bits(k)),
+                        us_per_token=t,
+                        tok_s=1e6 / t,
+                        speedup=t16 / t,
+                        pct_copy=100 * stack_bytes(shapes, args.layers, view_bits(k)) / (t * 1e-6) / copy_bw,
+                    )
+                )
+        else:
+            bits_cfg = tb.SmallConfig(bitplanes=True)
+        if bits_cfg is not None:
+            print(f"# one-bit plane kernel config: {bits_tag(bits_cfg)} (block_n/block_k/warps/waves; None: default)")
+
+    for k in range(1, ns + 1):
+        bits = view_bits(k)
+        nb = stack_bytes(shapes, args.layers, bits)
+        t, why = time_stack(q_layers, xs, static_k=k)
+        add(f"static k={k}", bits, t, nb, why=why)
+        if bits_cfg is not None:
+            t, why = time_stack(q_layers, xs, static_k=k, cfg=bits_cfg)
+            add(f"bitpl k={k}", bits, t, nb, why=why)
+        for forced in (True, False) if args.fields and tb._fields_ok(kb.SLICE_BITS, min(k, 4)) and k <= 4 else ():
+            tc, why = time_stack(q_layers, xs, static_k=k, cfg=tb.SmallConfig(fields=forced))
+            add(f"{'fields' if forced else 'concat'} k={k}", bits, tc, nb, why=why)
+
+    budgets = [] if args.no_routed else list(range(kb.SLICE_BITS[0], sum(kb.SLICE_BITS) + 1))
+    # with k on the device, layouts without a one-token small kernel take the tile path, whose per-token k is
+    # sorted with a host synchronisation: not capturable in a CUDA graph (not tried)
+    default_capturable = tb.small_supported(kb.SLICE_BITS, GROUP, None, False)
+    for budget in budgets:
         for L in q_layers:
             for r in ("qkv", "o", "gu", "down"):
                 L["r_" + r].set_budget(budget)
@@ -594,41 +762,33 @@ def main(argv=None):
                 h = h2 + L["down"](m, kd)
                 for name, kk in (("q", kq), ("k", kq), ("v", kq), ("o", ko), ("gate", kg), ("up", kg), ("down", kd)):
                     o, i = shapes[name]
-                    tot_bits += 2 * kk * o * i
+                    tot_bits += view_bits(kk) * o * i
                     tot_par += o * i
                     ks[kk] = ks.get(kk, 0) + 1
         achieved = tot_bits / tot_par
         finite = bool(torch.isfinite(h).all())
-        g = graph_of(lambda x: q_step(q_layers, x), xs)
-        t = bench(g.replay, warmup=20, rep=200) / STEPS
         nb = tot_bits / 8 / STEPS + sum(o * math.ceil(i / GROUP) * 4 for o, i in shapes.values()) * args.layers
-        rows.append(
-            dict(
-                mode="routed",
-                budget=float(budget),
-                achieved_bits=achieved,
-                us_per_token=t,
-                tok_s=1e6 / t,
-                speedup=t16 / t,
-                pct_copy=100 * nb / (t * 1e-6) / copy_bw,
-            )
-        )
-        del g
         print(
-            f"routed budget {budget}: achieved {achieved:.2f} bits, {t:.1f} us/token  x{t16 / t:.2f}  "
-            f"k counts {ks}; router kernel vs torch k mismatches: {mismatch}; last activations finite: {finite}"
+            f"# routed budget {budget}: achieved {achieved:.2f} bits, k counts {ks}; router kernel vs torch k "
+            f"mismatches: {mismatch}; last activations finite: {finite}"
         )
+        if default_capturable:
+            t, why = time_stack(q_layers, xs)
+        else:
+            t, why = math.nan, "the default one-token path of this layout sorts tokens by k on the host"
+        add("routed", budget, t, nb, achieved=achieved, why=why)
+        if bits_cfg is not None:
+            t, why = time_stack(q_layers, xs, cfg=bits_cfg)
+            add("routed bitpl", budget, t, nb, achieved=achieved, why=why)
 
-    if args.fields:  # routed stack with the field kernel forced (device-side k: one body per k, branched)
+    if args.fields and tb._fields_ok(kb.SLICE_BITS, min(ns, 4)) and not args.no_routed:
+        # routed stack with the field kernel forced (device-side k: one body per k, branched)
         for budget in (2, 4, 6):
             for L in q_layers:
                 for r in ("qkv", "o", "gu", "down"):
                     L["r_" + r].set_budget(budget)
             for bn in (None, 64):
-                QLinear.small_config = tb.SmallConfig(fields=True, block_n=bn)
-                g = graph_of(lambda x: q_step(q_layers, x), xs)
-                t = bench(g.replay, warmup=20, rep=200) / STEPS
-                QLinear.small_config = None
+                t, why = time_stack(q_layers, xs, cfg=tb.SmallConfig(fields=True, block_n=bn))
                 name = "routed fields" + (f" n{bn}" if bn else "")
                 rows.append(
                     dict(
@@ -641,13 +801,12 @@ def main(argv=None):
                         pct_copy=float("nan"),
                     )
                 )
-                del g
                 print(f"routed budget {budget}, field kernel forced (block_n {bn}): {t:.1f} us/token  x{t16 / t:.2f}")
 
     # router alone: 4 routers per layer, launched alone and inside a graph of a whole token's routers
     r = q_layers[0]["r_qkv"]
     tr = bench(lambda: r(xs[0]), warmup=20, rep=100)
-    print(f"# one router launch (4096 -> 64 -> 3, fused): {tr:.2f} us; {4 * args.layers} per token")
+    print(f"# one router launch (4096 -> 64 -> {ns - 1}, fused): {tr:.2f} us; {4 * args.layers} per token")
     m_in = torch.zeros(1, FF, device="cuda", dtype=xs[0].dtype)
 
     def routers_only(x):
@@ -681,12 +840,15 @@ def main(argv=None):
             try:
                 rows += gemlite_rows(api, args.layers, xs, t16, copy_bw)
                 rows += our_linear_rows(tb, xs, copy_bw)
+                if bits_cfg is not None:
+                    rows += our_linear_rows(tb, xs, copy_bw, cfg=bits_cfg, label="bitpl")
             except Exception as e:  # an API this script does not know: report, keep the other rows
                 print(f"# gemlite rows skipped: {type(e).__name__}: {e}")
 
     if not args.no_package:
         fp, q = package_models(args.layers, D, FF, KV, 32, 1024, "cuda", torch.float16)
-        rows += package_rows(fp, q, "cuda", args.new_tokens, "graph", copy_bw)
+        kernels = [("package", None)] + ([("package bitpl", bits_cfg)] if bits_cfg is not None else [])
+        rows += package_rows(fp, q, "cuda", args.new_tokens, "graph", copy_bw, kernels=kernels)
         del fp, q
 
     x_gemlite(rows)
@@ -695,6 +857,7 @@ def main(argv=None):
         f"# decode at batch 1, {args.layers} LLaMA-3-8B-shaped layers (7 linears each), {dev}; "
         "package rows: x fp16 against 'package fp16'",
     )
+    print_comparison(rows, t16)
     if args.out:
         import csv
 

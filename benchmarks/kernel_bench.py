@@ -6,6 +6,15 @@ Needs only torch and triton (no hydra, omegaconf or wandb). Run from the reposit
     python benchmarks/kernel_bench.py               # the table (defaults of the library)
     python benchmarks/kernel_bench.py --sweep       # first a launch-config sweep for 1/16/2048 tokens
     python benchmarks/kernel_bench.py --quick       # fewer shapes and token counts
+    python benchmarks/kernel_bench.py --graph --tokens 1 --slices 3,1,1,1,1,1 --sweep --use-sweep
+                                                    # the default layout, one token: every view with the
+                                                    # library's default path and the one-bit plane kernel
+
+``--slices`` sets the layout (default 2-2-2-2); the views are ``k = 1 .. len(slices)`` (``sum(slices[:k])``
+bits) and a mixed/device-side ``k``. For one token the table also times the one-bit plane kernel
+(``SmallConfig(bitplanes=True)``, column 'bitpl'; its config from ``--bits-config`` or, with ``--sweep
+--use-sweep``, the sweep's best) and, for layouts of one width, the field kernel; fp16 cuBLAS is timed
+beside every case and each kernel's ratio to it printed.
 
 Every number is the median of ``triton.testing.do_bench`` (L2 flushed before each call) on the same card
 in the same run, together with a device-to-device copy bandwidth measured first. Bytes are the fewest a
@@ -35,8 +44,44 @@ SHAPES = [  # (name, out_features, in_features) of LLaMA-3-8B linears
     ("k/v 4096->1024", 1024, 4096),
 ]
 TOKENS = [1, 4, 16, 128, 2048]
-SLICE_BITS = (2, 2, 2, 2)
+SLICE_BITS: tuple[int, ...] = (2, 2, 2, 2)
 GROUP = 128
+
+
+def set_slices(bits) -> None:
+    """The slice layout of every benchmarked layer (``--slices``), here and in modules that imported it."""
+    global SLICE_BITS
+    SLICE_BITS = tuple(int(b) for b in bits)
+
+
+def view_bits(k: int) -> int:
+    """Code bits of view ``k``: ``b_1 + .. + b_k``."""
+    return sum(SLICE_BITS[:k])
+
+
+def parse_bits_config(tb, text: str):
+    """``BLOCK_N,BLOCK_K,WARPS,WAVES[,PREFETCH]`` -> ``SmallConfig(bitplanes=True, ...)`` (empty fields: the
+    defaults; PREFETCH 1 or 0)."""
+    parts = [p.strip() for p in text.split(",")] + [""] * 5
+    bn, bk, nw, wv, pf = (int(p) if p else None for p in parts[:5])
+    return tb.SmallConfig(bitplanes=True, block_n=bn, block_k=bk, num_warps=nw or 4, waves=wv, prefetch=bool(pf))
+
+
+def bits_tag(cfg) -> str:
+    return f"{cfg.block_n}/{cfg.block_k}/{cfg.num_warps}w/{cfg.waves}" + ("/pf" if cfg.prefetch else "")
+
+
+#: One-token configs of the one-bit plane kernel swept by ``--sweep``: (block_n, block_k, warps, waves, prefetch).
+BITS_SWEEP = [
+    (256, 64, 4, 4, False),
+    (256, 64, 4, 2, False),
+    (256, 64, 4, 1, False),
+    (256, 128, 4, 2, True),
+    (256, 128, 8, 2, False),
+    (128, 64, 4, 4, False),
+    (512, 64, 4, 2, False),
+    (128, 128, 4, 2, True),
+]
 
 
 def load_kernels():
@@ -109,7 +154,9 @@ def make_layer(n_out, n_in, gen_seed=0):
 
 
 def plane_bytes(n_out, n_in, k):
-    return sum(n_out * math.ceil(n_in / (32 // b)) * 4 for b in SLICE_BITS[:k])
+    """Code bytes of view ``k``: ``sum(slices[:k])`` bits per weight (what the one-bit planes hold; the
+    checkpoint's 3-, 5-, 6- and 7-bit planes leave a few top bits of each word unused)."""
+    return n_out * n_in * view_bits(k) / 8
 
 
 def min_bytes(n_out, n_in, m, kmax, act_bytes=2):
@@ -118,11 +165,12 @@ def min_bytes(n_out, n_in, m, kmax, act_bytes=2):
 
 
 def mixed_k(m, gen):
-    """Per-token k for a mixed batch: every k equally likely (average 5 bits); one token: k = 2."""
+    """Per-token k for a mixed batch: every k equally likely; one token: k = 2 (read on the device)."""
+    ns = len(SLICE_BITS)
     if m == 1:
-        return torch.tensor([2], device="cuda")
-    k = torch.randint(1, len(SLICE_BITS) + 1, (m,), generator=gen)
-    k[: min(m, 4)] = torch.arange(1, min(m, 4) + 1)
+        return torch.tensor([min(2, ns)], device="cuda")
+    k = torch.randint(1, ns + 1, (m,), generator=gen)
+    k[: min(m, ns)] = torch.arange(1, min(m, ns) + 1)
     return k.cuda()
 
 
@@ -131,8 +179,20 @@ def rel_err(a, b):
 
 
 # --------------------------------------------------------------------------------------------- sweep
-def sweep(tb, shapes, log):
-    """Launch configurations for 1, 16 and 2048 tokens at k = 1 and 4; returns the best per case."""
+def _time_cfg(tb, f, log, label):
+    try:
+        f()
+        return bench(f)
+    except Exception as exc:  # a config that does not compile or fit
+        log(f"# sweep {label}: {type(exc).__name__}: {str(exc)[:120]}")
+        return None
+
+
+def sweep(tb, shapes, log, tokens=(1, 16, 2048)):
+    """Launch configurations for 1, 16 and 2048 tokens at the first and the last view, and the one-bit plane
+    kernel's configs for one token at views 1 and 2; returns the best per case (``(name, m, k)``, and
+    ``(name, 'bits', k)`` for the one-bit plane kernel)."""
+    ns = len(SLICE_BITS)
     small_cfgs_1 = [
         tb.SmallConfig(block_n=bn, block_k=bk, use_dot=False, num_warps=nw)
         for bn, bk, nw in (
@@ -157,33 +217,29 @@ def sweep(tb, shapes, log):
         tb.TileConfig(128, 128, 64, 8, 4, 4),
         tb.TileConfig(64, 128, 64, 8, 4, 4),
     ]
+    cases = []
+    if 1 in tokens and tb.small_supported(SLICE_BITS, GROUP, None, False):
+        cases.append((1, small_cfgs_1, "small"))
+    if 16 in tokens and tb.small_supported(SLICE_BITS, GROUP, None, True):
+        cases.append((16, small_cfgs_16, "small"))
+    if 2048 in tokens:
+        cases.append((2048, tile_cfgs, "tile"))
+    bits_ok = 1 in tokens and tb.bits_supported(SLICE_BITS, GROUP)
     best = {}
     for name, n_out, n_in in shapes:
         planes, scale, zero = make_layer(n_out, n_in)
-        for m, cfgs, path in ((1, small_cfgs_1, "small"), (16, small_cfgs_16, "small"), (2048, tile_cfgs, "tile")):
+        for m, cfgs, path in cases:
             x = torch.randn(m, n_in, device="cuda", dtype=torch.float16)
             out = torch.empty(m, n_out, device="cuda", dtype=torch.float16)
-            for k in (1, 4):
+            for k in sorted({1, ns}):
                 res = []
                 for cfg in cfgs:
                     kw = {"small_config": cfg} if path == "small" else {"tile_config": cfg}
-                    try:
-                        f = lambda: tb.bitplane_linear(  # noqa: E731
-                            x,
-                            planes,
-                            scale,
-                            zero,
-                            SLICE_BITS,
-                            GROUP,
-                            k,
-                            out=out,
-                            path=path,
-                            **kw,
-                        )
-                        f()
-                        t = bench(f)
-                    except Exception as exc:  # a config that does not compile or fit
-                        log(f"# sweep {name} m={m} k={k} {cfg}: {type(exc).__name__}: {str(exc)[:120]}")
+                    f = lambda: tb.bitplane_linear(  # noqa: E731
+                        x, planes, scale, zero, SLICE_BITS, GROUP, k, out=out, path=path, **kw
+                    )
+                    t = _time_cfg(tb, f, log, f"{name} m={m} k={k} {cfg}")
+                    if t is None:
                         continue
                     res.append((t, cfg))
                     log(f"sweep,{name},{m},{k},{t:.2f},{cfg}")
@@ -191,18 +247,45 @@ def sweep(tb, shapes, log):
                     res.sort(key=lambda r: r[0])
                     best[(name, m, k)] = res[0]
                     log(f"# best {name} m={m} k={k}: {res[0][0]:.2f} us {res[0][1]}")
+        if bits_ok:
+            packed = tb.pack_bitplanes(planes, scale, zero, SLICE_BITS, GROUP, n_in)
+            x = torch.randn(1, n_in, device="cuda", dtype=torch.float16)
+            out = torch.empty(1, n_out, device="cuda", dtype=torch.float16)
+            for k in sorted({1, min(2, ns)}):
+                res = []
+                for bn, bk, nw, wv, pf in BITS_SWEEP:
+                    cfg = tb.SmallConfig(bitplanes=True, block_n=bn, block_k=bk, num_warps=nw, waves=wv, prefetch=pf)
+                    f = lambda: tb.bitplane_linear(  # noqa: E731
+                        x, planes, scale, zero, SLICE_BITS, GROUP, k, out=out, small_config=cfg, packed=packed
+                    )
+                    t = _time_cfg(tb, f, log, f"{name} bits k={k} {cfg}")
+                    if t is None:
+                        continue
+                    res.append((t, cfg))
+                    log(f"sweep,{name},1,{k},{t:.2f},bits {bits_tag(cfg)}")
+                if res:
+                    res.sort(key=lambda r: r[0])
+                    best[(name, "bits", k)] = res[0]
+                    c = res[0][1]
+                    log(f"# best {name} bits k={k} ({view_bits(k)} bits): {res[0][0]:.2f} us {bits_tag(c)}")
+            packed = None
+        planes = scale = zero = None
+        torch.cuda.empty_cache()
     return best
 
 
 # --------------------------------------------------------------------------------------------- table
-def table(tb, shapes, tokens, copy_bw, log, check=True, best=None):
-    """The main table; with ``best`` (from :func:`sweep`) each case uses the swept config nearest it."""
+def table(tb, shapes, tokens, copy_bw, log, check=True, best=None, bits_cfg=None, deq=True):
+    """The main table; with ``best`` (from :func:`sweep`) each case uses the swept config nearest it. For one
+    token the one-bit plane kernel (``bits_cfg``, or the swept best) and the field kernel are timed beside."""
     gen = torch.Generator().manual_seed(0)
+    ns = len(SLICE_BITS)
+    bits_ok = tb.bits_supported(SLICE_BITS, GROUP)
 
     def cfg_kwargs(name, m, k):
         if not best:
             return {}
-        kk = 1 if k in (1, 2) else 4
+        kk = 1 if k == "mixed" or k <= max(1, ns // 2) else ns
         mm = 1 if m == 1 else 16 if m <= 16 else 2048 if m > 256 else None
         hit = best.get((name, mm, kk)) if mm else None
         if hit is None:
@@ -212,9 +295,31 @@ def table(tb, shapes, tokens, copy_bw, log, check=True, best=None):
             return {"small_config": cfg, "path": "small"}
         return {"tile_config": cfg, "path": "tile"}
 
+    def bits_config(name, k):
+        if bits_cfg is not None:
+            return bits_cfg
+        if best:
+            kk = 1 if k == 1 else min(2, ns)
+            hit = best.get((name, "bits", kk))
+            if hit is not None:
+                return hit[1]
+        return tb.SmallConfig(bitplanes=True)
+
+    def reference(x, planes, scale, zero, n_in, k, kmix):
+        if k == "mixed":
+            ref = torch.empty(x.shape[0], scale.shape[0], device="cuda", dtype=torch.float32)
+            for j in kmix.unique().tolist():
+                idx = (kmix == j).nonzero().flatten()
+                wj = tb.dequantize(planes, scale, zero, SLICE_BITS, GROUP, j, n_in, dtype=torch.float32)
+                ref[idx] = x[idx].float() @ wj.t()
+            return ref
+        wj = tb.dequantize(planes, scale, zero, SLICE_BITS, GROUP, k, n_in, dtype=torch.float32)
+        return x.float() @ wj.t()
+
     rows = []
     for name, n_out, n_in in shapes:
         planes, scale, zero = make_layer(n_out, n_in)
+        packed = tb.pack_bitplanes(planes, scale, zero, SLICE_BITS, GROUP, n_in) if bits_ok and 1 in tokens else None
         w16 = (torch.randn(n_out, n_in, device="cuda") / math.sqrt(n_in)).half()
         wbuf = torch.empty(n_out, n_in, device="cuda", dtype=torch.float16)
         for m in tokens:
@@ -239,32 +344,26 @@ def table(tb, shapes, tokens, copy_bw, log, check=True, best=None):
                     deq_mm_us=float("nan"),
                     err=0.0,
                     fields_us=float("nan"),
+                    bits_us=float("nan"),
+                    bits_speedup=float("nan"),
+                    bits_pct_copy=float("nan"),
+                    bits_err=float("nan"),
                     config="cublas",
                 )
             )
             kmix = mixed_k(m, gen)
-            for k in [1, 2, 3, 4, "mixed"]:
+            for k in [*range(1, ns + 1), "mixed"]:
                 kk = kmix if k == "mixed" else k
                 if k == "mixed":
                     kmax = int(kmix.max())
-                    bits = 2.0 * float(kmix.float().mean())
+                    bits = float(sum(view_bits(int(j)) for j in kmix.tolist())) / m
                 else:
-                    kmax, bits = k, 2 * k
+                    kmax, bits = k, float(view_bits(k))
                 kw = cfg_kwargs(name, m, k)
                 f = lambda: tb.bitplane_linear(x, planes, scale, zero, SLICE_BITS, GROUP, kk, out=out, **kw)  # noqa: E731
                 f()
-                err = float("nan")
-                if check:
-                    if k == "mixed":
-                        ref = torch.empty_like(out, dtype=torch.float32)
-                        for j in kmix.unique().tolist():
-                            idx = (kmix == j).nonzero().flatten()
-                            wj = tb.dequantize(planes, scale, zero, SLICE_BITS, GROUP, j, n_in, dtype=torch.float32)
-                            ref[idx] = x[idx].float() @ wj.t()
-                    else:
-                        wj = tb.dequantize(planes, scale, zero, SLICE_BITS, GROUP, k, n_in, dtype=torch.float32)
-                        ref = x.float() @ wj.t()
-                    err = rel_err(f(), ref)
+                ref = reference(x, planes, scale, zero, n_in, k, kmix) if check else None
+                err = rel_err(f(), ref) if check else float("nan")
                 t = bench(f)
                 # dequantize-then-matmul baseline (a Triton dequantize pass + cuBLAS), per k group
                 if k == "mixed":
@@ -280,27 +379,30 @@ def table(tb, shapes, tokens, copy_bw, log, check=True, best=None):
                         tb.dequantize(planes, scale, zero, SLICE_BITS, GROUP, k, n_in, out=wbuf)
                         torch.matmul(x, wbuf.t(), out=out)
 
-                dq()
-                tdq = bench(dq)
-                # one token: the field kernel forced, in the same run (the default takes it only for
-                # k <= FIELDS_MAX_K)
+                tdq = float("nan")
+                if deq:
+                    dq()
+                    tdq = bench(dq)
+                # one token: the field kernel forced (layouts of one width), in the same run
                 t_fields = float("nan")
-                if m == 1 and not kw:
+                if m == 1 and not kw and tb._fields_ok(SLICE_BITS, min(kmax, 4)) and kmax <= 4:
                     cc = tb.SmallConfig(fields=True)
                     fc = lambda: tb.bitplane_linear(  # noqa: E731
-                        x,
-                        planes,
-                        scale,
-                        zero,
-                        SLICE_BITS,
-                        GROUP,
-                        kk,
-                        out=out,
-                        path="small",
-                        small_config=cc,
+                        x, planes, scale, zero, SLICE_BITS, GROUP, kk, out=out, path="small", small_config=cc
                     )
                     fc()
                     t_fields = bench(fc)
+                # one token: the one-bit plane kernel, in the same run
+                t_bits = err_bits = float("nan")
+                bcfg = None
+                if m == 1 and packed is not None:
+                    bcfg = bits_config(name, kmax)
+                    fb = lambda: tb.bitplane_linear(  # noqa: E731
+                        x, planes, scale, zero, SLICE_BITS, GROUP, kk, out=out, small_config=bcfg, packed=packed
+                    )
+                    fb()
+                    err_bits = rel_err(fb(), ref) if check else float("nan")
+                    t_bits = bench(fb)
                 nb = min_bytes(n_out, n_in, m, kmax)
                 rows.append(
                     dict(
@@ -318,27 +420,44 @@ def table(tb, shapes, tokens, copy_bw, log, check=True, best=None):
                         deq_mm_us=tdq,
                         err=err,
                         fields_us=t_fields,
+                        bits_us=t_bits,
+                        bits_speedup=t16 / t_bits,
+                        bits_pct_copy=100 * nb / (t_bits * 1e-6) / copy_bw,
+                        bits_err=err_bits,
                     )
                 )
                 r = rows[-1]
                 r["config"] = str(kw.get("small_config") or kw.get("tile_config") or "default")
+                if bcfg is not None:
+                    r["bits_config"] = bits_tag(bcfg)
                 log(
                     f"{name:22s} M={m:5d} k={str(k):5s} {t:9.2f} us  fp16 {t16:9.2f} us  x{r['speedup']:.2f}  "
                     f"{r['gbps']:7.0f} GB/s ({r['pct_copy']:5.1f}% copy)  deq+mm {tdq:9.2f} us  err {err:.1e}"
                     + (f"  field-kernel {t_fields:8.2f} us" if t_fields == t_fields else "")
+                    + (
+                        f"  one-bit planes {t_bits:8.2f} us x{r['bits_speedup']:.2f} "
+                        f"({r['bits_pct_copy']:5.1f}% copy, err {err_bits:.1e})"
+                        if t_bits == t_bits
+                        else ""
+                    )
                 )
         # drop this shape's tensors (the benchmarked closures share these variables) before the next one
-        planes = scale = zero = w16 = wbuf = None
+        planes = scale = zero = w16 = wbuf = packed = None
         torch.cuda.empty_cache()
     return rows
 
 
 def print_table(rows, copy_bw, dev):
     print()
-    print(f"# {dev}; copy bandwidth {copy_bw / 1e9:.0f} GB/s (read+write); times are medians in us")
+    print(
+        f"# {dev}; slices {'-'.join(map(str, SLICE_BITS))}, g{GROUP}; copy bandwidth {copy_bw / 1e9:.0f} GB/s "
+        "(read+write); times are medians in us; 'triton': the library's default path; 'bitpl': the one-bit plane "
+        "kernel (one token)"
+    )
     hdr = (
         f"{'shape':22s} {'M':>5s} {'k':>5s} {'bits':>4s} {'triton':>9s} {'fp16':>9s} {'x fp16':>6s} "
-        f"{'deq+mm':>9s} {'GB/s':>6s} {'%copy':>5s} {'TFLOP/s':>7s} {'rel.err':>7s}"
+        f"{'deq+mm':>9s} {'GB/s':>6s} {'%copy':>5s} {'TFLOP/s':>7s} {'rel.err':>7s} {'bitpl':>8s} {'x fp16':>6s} "
+        f"{'%copy':>5s}"
     )
     print(hdr)
     for r in rows:
@@ -347,7 +466,8 @@ def print_table(rows, copy_bw, dev):
         print(
             f"{r['shape']:22s} {r['tokens']:5d} {str(r['k']):>5s} {r['bits']:4.1f} {r['us']:9.2f} "
             f"{r['fp16_us']:9.2f} {r['speedup']:6.2f} {r['deq_mm_us']:9.2f} {r['gbps']:6.0f} "
-            f"{r['pct_copy']:5.1f} {r['tflops']:7.1f} {r['err']:7.1e}"
+            f"{r['pct_copy']:5.1f} {r['tflops']:7.1f} {r['err']:7.1e} {r.get('bits_us', math.nan):8.2f} "
+            f"{r.get('bits_speedup', math.nan):6.2f} {r.get('bits_pct_copy', math.nan):5.1f}"
         )
 
 
@@ -368,11 +488,21 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="two shapes, tokens 1/16/2048")
     ap.add_argument("--tokens", default=None, help="comma-separated token counts (default 1,4,16,128,2048)")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness check of each case")
+    ap.add_argument("--no-deq", action="store_true", help="skip the dequantize-then-matmul baseline (saves time)")
     ap.add_argument("--graph", action="store_true", help="time CUDA-graph replays (recommended for <= 16 tokens)")
+    ap.add_argument("--slices", default=None, help="slice layout, e.g. 3,1,1,1,1,1 (default 2,2,2,2)")
+    ap.add_argument(
+        "--bits-config",
+        default=None,
+        help="the one-bit plane kernel's config for the table: BLOCK_N,BLOCK_K,WARPS,WAVES[,PREFETCH] (default: the "
+        "library's, or the sweep's best with --use-sweep)",
+    )
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for CSV files (default $OUT)")
     args = ap.parse_args(argv)
     global GRAPH
     GRAPH = args.graph
+    if args.slices:
+        set_slices(args.slices.split(","))
     if not torch.cuda.is_available():
         print("kernel_bench needs a CUDA device", file=sys.stderr)
         return 2
@@ -401,7 +531,7 @@ def main(argv=None):
     t0 = time.time()
     best = None
     if args.sweep or args.sweep_only:
-        best = sweep(tb, shapes, log)
+        best = sweep(tb, shapes, log, tokens)
         log(f"# sweep took {time.time() - t0:.0f} s")
         if args.out:
             with open(os.path.join(args.out, "kernel_sweep_best.csv"), "w") as fh:
@@ -411,7 +541,18 @@ def main(argv=None):
         if args.sweep_only:
             return 0
     t1 = time.time()
-    rows = table(tb, shapes, tokens, copy_bw, log, check=not args.no_check, best=best if args.use_sweep else None)
+    bits_cfg = parse_bits_config(tb, args.bits_config) if args.bits_config else None
+    rows = table(
+        tb,
+        shapes,
+        tokens,
+        copy_bw,
+        log,
+        check=not args.no_check,
+        best=best if args.use_sweep else None,
+        bits_cfg=bits_cfg,
+        deq=not args.no_deq,
+    )
     log(f"# table took {time.time() - t1:.0f} s")
     if args.out:
         write_csv(rows, os.path.join(args.out, "kernel_bench.csv"))

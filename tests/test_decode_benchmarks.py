@@ -61,3 +61,24 @@ def test_dry_runs(tmp_path, capsys):
     assert decode_bench.main(["--dry-run", "--new-tokens", "3"]) == 0
     out = capsys.readouterr().out
     assert "package routed" in out and "package static k=4" in out
+
+
+def test_layout_option_and_bits_config(monkeypatch, capsys):
+    """--slices sets the benchmarked layout (views of sum(slices[:k]) bits); --bits-config parses into the one-bit
+    plane kernel's SmallConfig; the closing comparison pairs each default row with its one-bit plane row."""
+    import kernel_bench as kb
+    from mobiquant.kernels import triton_bitplane as tb
+
+    monkeypatch.setattr(kb, "SLICE_BITS", kb.SLICE_BITS)
+    kb.set_slices("3,1,1,1,1,1".split(","))
+    assert [kb.view_bits(k) for k in range(1, 7)] == [3, 4, 5, 6, 7, 8]
+    cfg = kb.parse_bits_config(tb, "256,64,,2")
+    assert cfg.bitplanes and (cfg.block_n, cfg.block_k, cfg.num_warps, cfg.waves) == (256, 64, 4, 2)
+    rows = [
+        dict(mode="static k=2", budget=4.0, achieved_bits=4.0, us_per_token=200.0, speedup=2.0),
+        dict(mode="bitpl k=2", budget=4.0, achieved_bits=4.0, us_per_token=100.0, speedup=4.0),
+        dict(mode="routed", budget=4.0, achieved_bits=4.1, us_per_token=float("nan"), speedup=float("nan")),
+    ]
+    decode_bench.print_comparison(rows, 400.0)
+    out = capsys.readouterr().out
+    assert "100.0 ( 4.00x)" in out and "routed 4" in out

@@ -181,6 +181,15 @@ def set_static(model: nn.Module, k: int) -> None:
         m.set_static(k)
 
 
+def set_small_config(model: nn.Module, config) -> None:
+    """Launch configuration of the Triton small-batch kernels for every :class:`MoBiLinear` (a
+    ``mobiquant.kernels.triton_bitplane.SmallConfig``; None: the defaults). ``SmallConfig(bitplanes=True)``
+    runs one-token forwards in the one-bit plane kernel, whose buffers each linear builds on first use."""
+    for _, m in mobi_linears(model):
+        m.small_config = config
+        m._bitplanes = None
+
+
 def set_budget(model: nn.Module, avg_bits: float, uniform: bool = False) -> None:
     """Elastic inference at ``avg_bits`` average code bits: moves thresholds only, never weights.
 

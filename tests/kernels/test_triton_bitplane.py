@@ -205,6 +205,158 @@ def test_one_token_device_k_compiles_every_plane(gen, monkeypatch):
             assert err < TOL[torch.float16], (kk, cfg, err)
 
 
+# ------------------------------------------------------------------------ one token from one-bit planes
+BITS = tb.SmallConfig(bitplanes=True)
+DEFAULT_LAYOUT = (3, 1, 1, 1, 1, 1)
+
+
+def test_pack_bitplanes_layout(gen):
+    """Every slice becomes its bits as one-bit planes, most significant first: the first P_k planes are C_k's bits.
+    Words hold 16 columns of two adjacent rows; the padding (rows, words, groups) is zero."""
+    bits, group, n_out, n_in = DEFAULT_LAYOUT, 32, 5, 40
+    planes, scale, zero = make_layer(n_out, n_in, bits, group, gen)
+    bp = tb.pack_bitplanes(planes, scale, zero, bits, group, n_in)
+    assert bp.planes_of_view == [3, 4, 5, 6, 7, 8]
+    assert bp.words.shape == (8, 4, 64) and bp.sz.shape == (2, 2, 64)  # whole groups, rows to 128
+    w = bp.words.cpu().to(torch.int64) & 0xFFFFFFFF
+    # bit b of word (t, col // 16, row // 2): plane t of (row, col) at b = col % 16 + 16 (row % 2)
+    rows = torch.arange(n_out)[:, None]
+    cols = torch.arange(n_in)[None, :]
+    planes_bits = ((w[:, cols // 16, rows // 2] >> (cols % 16 + 16 * (rows % 2))) & 1).to(torch.int64)
+    from mobiquant.quant.packing import unpack_codes
+
+    c = torch.zeros(n_out, n_in, dtype=torch.int64)  # the full concatenated code, 8 bits
+    for e, b in enumerate(bits):
+        c = (c << b) | unpack_codes(planes[e].cpu(), b, n_in).to(torch.int64)
+    top = torch.zeros_like(c)
+    for t in range(8):  # the first t + 1 planes are the top t + 1 bits of the code
+        top = (top << 1) | planes_bits[t]
+        assert torch.equal(top, c >> (7 - t))
+    assert not w[:, 3:, :].any() and not w[:, :, 3:].any()  # columns 48.. and row pairs 3.. are padding
+    sz = bp.sz.cpu().to(torch.int64) & 0xFFFFFFFF
+    s16 = (sz & 0xFFFF).to(torch.int16).view(torch.float16)
+    z16 = (sz >> 16).to(torch.int16).view(torch.float16)
+    r = torch.arange(n_out)
+    torch.testing.assert_close(s16[r % 2, :, r // 2], scale.cpu())
+    torch.testing.assert_close(z16[r % 2, :, r // 2], zero.cpu())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize(
+    "n_out,n_in,group",
+    [(70, 300, 64), (33, 256, 128), (256, 128, 32)],
+    ids=str,
+)
+def test_bits_kernel_every_k(n_out, n_in, group, dtype, gen):
+    """The one-bit plane kernel on the default layout 3-1-1-1-1-1, every view (3..8 bits), against the
+    reference: ragged K (partial word, partial group), odd rows, a bias, several programs per row block."""
+    bits = DEFAULT_LAYOUT
+    planes, scale, zero = make_layer(n_out, n_in, bits, group, gen)
+    bias = torch.randn(n_out, generator=gen).to(DEVICE)
+    x = randx(1, n_in, dtype, gen)
+    for k in range(1, len(bits) + 1):
+        check(x, planes, scale, zero, bits, group, k, bias=bias, small_config=BITS)
+    assert not tb.small_supported(bits, group, None, False)  # the old one-token kernels do not cover this layout
+
+
+@pytest.mark.parametrize(
+    "bits,group,n_in",
+    [((2, 2, 2, 2), 64, 200), ((4, 2, 2), 32, 96), ((1,) * 8, 64, 160), ((8,), 32, 64), ((3, 3, 2), 64, 130)],
+    ids=str,
+)
+def test_bits_kernel_layouts(bits, group, n_in, gen):
+    """Any layout of at most 8 bits: 2-2-2-2, 4-2-2, eight 1-bit slices, one 8-bit slice, 3-3-2."""
+    planes, scale, zero = make_layer(24, n_in, bits, group, gen)
+    x = randx(1, n_in, torch.float16, gen)
+    for k in range(1, len(bits) + 1):
+        check(x, planes, scale, zero, bits, group, k, path="bits")
+    assert tb.bits_supported(bits, group)
+    assert not tb.bits_supported((4, 4, 2), 64) and not tb.bits_supported((2, 2), 24)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        tb.SmallConfig(bitplanes=True, block_n=64, block_k=32, split_k=1),  # one program per row block
+        tb.SmallConfig(bitplanes=True, block_n=32, block_k=16, split_k=5),  # groups split unevenly
+        tb.SmallConfig(bitplanes=True, block_n=128, block_k=64, waves=1, num_warps=2),
+        tb.SmallConfig(bitplanes=True, block_n=16, block_k=16, waves=3),  # segments across row blocks
+        tb.SmallConfig(bitplanes=True, block_n=32, block_k=64, waves=1, prefetch=True),  # next group preloaded
+    ],
+    ids=str,
+)
+def test_bits_kernel_configs(cfg, gen):
+    bits, group = DEFAULT_LAYOUT, 64
+    planes, scale, zero = make_layer(100, 384, bits, group, gen)
+    bias = torch.randn(100, generator=gen).to(DEVICE)
+    for dtype in (torch.float16, torch.float32):
+        x = randx(1, 384, dtype, gen)
+        for k in (1, 2, 6):
+            check(x, planes, scale, zero, bits, group, k, bias=bias, small_config=cfg)
+
+
+def test_bits_kernel_fewer_programs_than_row_blocks(gen, monkeypatch):
+    """Stream-K with fewer programs than row blocks: programs end inside row blocks, whose segments meet in the
+    partial slots (13 row blocks of 16 rows, 8 programs)."""
+    monkeypatch.setattr(tb, "_num_sms", lambda device: 8)
+    bits, group = DEFAULT_LAYOUT, 32
+    planes, scale, zero = make_layer(200, 96, bits, group, gen)
+    x = randx(1, 96, torch.float32, gen)
+    cfg = tb.SmallConfig(bitplanes=True, block_n=16, block_k=32, waves=1)
+    for k in (1, 4):
+        check(x, planes, scale, zero, bits, group, k, small_config=cfg)
+
+
+def test_bits_kernel_device_k(gen, monkeypatch):
+    """k read on the device: one body per view compiled together; planes past the view hold garbage that must not
+    leak. The packed buffers may be passed in (``packed=``) or built and cached from the planes."""
+    monkeypatch.setattr(tb, "_host_k_range", lambda k_t: None)
+    bits, group = DEFAULT_LAYOUT, 64
+    planes, scale, zero = make_layer(40, 192, bits, group, gen)
+    x = randx(1, 192, torch.float16, gen)
+    for kk in range(1, len(bits) + 1):
+        bad = planes[:kk] + [torch.full_like(p, -1) for p in planes[kk:]]
+        ref = torch_reference(x, planes, scale, zero, bits, group, kk, compute_dtype=torch.float64)
+        packed = tb.pack_bitplanes(bad, scale, zero, bits, group, 192)
+        out = torch.full((1, 40), float("nan"), dtype=x.dtype, device=DEVICE)
+        k = torch.tensor([kk], device=DEVICE)
+        y = tb.bitplane_linear(x, bad, scale, zero, bits, group, k, out=out, small_config=BITS, packed=packed)
+        assert not torch.isnan(out).any()
+        err = ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+        assert err < TOL[torch.float16], (kk, err)
+
+
+@pytest.mark.parametrize("scale_x", [1e-4, 3e3])
+def test_bits_kernel_activation_range(scale_x, gen):
+    bits, group = DEFAULT_LAYOUT, 128
+    planes, scale, zero = make_layer(32, 256, bits, group, gen)
+    for dtype in (torch.float16, torch.bfloat16):
+        x = (randx(1, 256, torch.float32, gen) * scale_x).to(dtype)
+        for k in (1, 6):
+            check(x, planes, scale, zero, bits, group, k, small_config=BITS)
+
+
+def test_bits_kernel_dispatch_and_errors(gen):
+    """Opt-in: 'auto' takes the one-bit plane kernel only for one token with ``SmallConfig(bitplanes=True)``; more
+    tokens and the default config keep the old paths. The cache returns the same buffers for unchanged planes."""
+    bits, group = DEFAULT_LAYOUT, 64
+    planes, scale, zero = make_layer(16, 128, bits, group, gen)
+    bp = tb.bitplanes_for(planes, scale, zero, bits, group, 128)
+    assert tb.bitplanes_for(planes, scale, zero, bits, group, 128) is bp
+    x = randx(3, 128, torch.float32, gen)
+    check(x, planes, scale, zero, bits, group, 2, small_config=BITS)  # 3 tokens: not the one-bit plane kernel
+    with pytest.raises(ValueError, match="one token"):
+        tb.bitplane_linear_bits(x, bp, 1)
+    with pytest.raises(ValueError, match="block_k"):
+        tb.bitplane_linear_bits(x[:1], bp, 1, config=tb.SmallConfig(bitplanes=True, block_k=48))
+    with pytest.raises(ValueError, match="prefetch"):
+        tb.bitplane_linear_bits(x[:1], bp, 1, config=tb.SmallConfig(bitplanes=True, block_k=32, prefetch=True))
+    with pytest.raises(ValueError):
+        tb.bitplane_linear_bits(x[:1], bp, 7)
+    with pytest.raises(ValueError, match="another layout"):
+        tb.bitplane_linear(x[:1], planes, scale, zero, bits, 32, 1, path="bits", packed=bp)
+
+
 # ------------------------------------------------------------------------------ layouts and configs
 @pytest.mark.parametrize(
     "bits,group,n_out,n_in",
@@ -310,6 +462,38 @@ def test_mobilinear_backend_matches_dequantized(dtype, gen):
             assert err < TOL[dtype], (tokens, k, err)
             m.backend = "torch"
             torch.testing.assert_close(m(x), y, rtol=TOL[dtype] * 5, atol=TOL[dtype] * 5)
+
+
+def test_mobilinear_bitplanes(gen, monkeypatch):
+    """The default layout 3-1-1-1-1-1 in a MoBiLinear with the one-bit plane kernel selected: every view of one
+    token matches the dequantized view; the kernel buffers are built once and dropped when the device changes."""
+    from mobiquant.patching import set_small_config
+
+    calls = []
+    real = tb.bitplane_linear_bits
+    monkeypatch.setattr(tb, "bitplane_linear_bits", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+
+    lin = torch.nn.Linear(192, 40)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(40, 192, generator=gen) * 0.05)
+    m = MoBiLinear.from_linear(lin, group_size=64, slice_bits=DEFAULT_LAYOUT)
+    m.freeze()
+    m = m.to(DEVICE).to(torch.float16)
+    m.backend = "triton"
+    model = torch.nn.Sequential(m)
+    set_small_config(model, BITS)
+    x = randx(1, 192, torch.float16, gen)
+    for k in range(1, 7):
+        m.set_static(k)
+        y = m(x)
+        ref = x.double() @ m.dequantized(k).double().T + m.bias.double()
+        err = ((y.double() - ref).norm() / ref.norm()).item()
+        assert err < TOL[torch.float16], (k, err)
+    assert len(calls) == 6
+    bp = m.bitplane_buffers()
+    assert bp is m.bitplane_buffers() and bp.words.shape[0] == 8
+    m.to(torch.float16)
+    assert m._bitplanes is None
 
 
 def test_mobilinear_routed_backend(gen):
@@ -450,3 +634,56 @@ def test_gpu_cuda_graph_capture(cfg, gen):
         err = ((yg.double() - ref.double()).norm() / ref.double().norm()).item()
         assert err < TOL[torch.float16]
     assert y.shape == yg.shape
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("bits", [DEFAULT_LAYOUT, (2, 2, 2, 2)], ids=str)
+@pytest.mark.parametrize("n_out,n_in", [(1024, 4096), (4096, 14336), (1000, 1100)], ids=str)
+def test_gpu_bits_kernel(n_out, n_in, bits, dtype, gen):
+    """The one-bit plane kernel at LLaMA-like and ragged shapes, every view, k on the host and on the device, and
+    the default and a swept config."""
+    group = 128
+    planes, scale, zero = make_layer(n_out, n_in, bits, group, gen)
+    x = randx(1, n_in, dtype, gen)
+    packed = tb.pack_bitplanes(planes, scale, zero, bits, group, n_in)
+    cfgs = (BITS, tb.SmallConfig(bitplanes=True, block_n=128, block_k=128, waves=1, num_warps=8))
+    for cfg in cfgs:
+        for k in range(1, len(bits) + 1):
+            check(x, planes, scale, zero, bits, group, k, small_config=cfg, packed=packed)
+            check(
+                x, planes, scale, zero, bits, group, torch.tensor([k], device=DEVICE), small_config=cfg, packed=packed
+            )
+
+
+@gpu
+@needs_cuda
+def test_gpu_bits_kernel_graph_capture(gen):
+    """One captured graph of the one-bit plane kernel with k on the device serves every view (a body per view)."""
+    bits, group = DEFAULT_LAYOUT, 128
+    planes, scale, zero = make_layer(4096, 4096, bits, group, gen)
+    packed = tb.pack_bitplanes(planes, scale, zero, bits, group, 4096)
+    x = randx(1, 4096, torch.float16, gen)
+    k = torch.tensor([2], device=DEVICE)
+
+    def f():
+        return tb.bitplane_linear(x, planes, scale, zero, bits, group, k, small_config=BITS, packed=packed)
+
+    f()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        f()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        yg = f()
+    for kk in (1, 6, 3, 2, 5, 4):
+        x.copy_(randx(1, 4096, torch.float16, gen))
+        k.fill_(kk)
+        g.replay()
+        torch.cuda.synchronize()
+        ref = torch_reference(x, planes, scale, zero, bits, group, kk, compute_dtype=torch.float64)
+        err = ((yg.double() - ref.double()).norm() / ref.double().norm()).item()
+        assert err < TOL[torch.float16], (kk, err)

@@ -199,7 +199,8 @@ def bitplane_linear(
     ``backend``: see :func:`use_triton`. ``weight``, optional: ``k -> W_k`` (dense ``[out, in]``, e.g. a
     cached view) for the PyTorch path, which otherwise dequantizes the planes on every call
     (:func:`torch_reference`). Extra keyword arguments go to the Triton entry (``out``, ``small_config``,
-    ``tile_config``, ``path``); the PyTorch path honours ``out``."""
+    ``tile_config``, ``path``, ``packed``: e.g. ``small_config=SmallConfig(bitplanes=True)`` runs one token in
+    the one-bit plane kernel); the PyTorch path honours ``out``."""
     if use_triton(x, planes, backend):
         from .triton_bitplane import bitplane_linear as _tri
 

@@ -9,6 +9,11 @@ which telescopes into per-plane residuals ``W_k = sum_(e<=k) D_e`` with
 
 Paths (``bitplane_linear(..., path=)``):
 
+* ``bits``, one token, any layout of at most 8 bits in all (the default 3-1-1-1-1-1 included), opt-in with
+  ``SmallConfig(bitplanes=True)``: ``_bp_gemv_bits_kernel`` on buffers built from the planes at load time
+  (:func:`pack_bitplanes`: every slice split into one-bit planes, so view ``k`` is the first ``b_1 + .. + b_k``
+  planes). Code fields read in place as subnormals (one AND and one FMA per code), a stream-K grid whose
+  programs stream whole groups, activations loaded straight in the words' layout. See the section's comment.
 * ``small``, one token, planes ``1..k`` of one width (e.g. 2-2-2-2), ``k <= FIELDS_MAX_K`` by default:
   ``_bp_gemv_fields_kernel`` on CUDA cores. Each code's field is masked out of its word where it lies
   (one AND per code and plane, one shift per word and plane) and read as a subnormal fp32; the
@@ -1349,6 +1354,592 @@ def _bp_gemv_fields_kernel(
     )
 
 
+# ------------------------------------------------------------------------ one token, one-bit planes
+# Kernel buffers built from the checkpoint's planes (``pack_bitplanes``): every slice of ``b`` bits becomes ``b``
+# one-bit planes, most significant bit first, so that the concatenated code ``C_k`` of view ``k`` is the first
+# ``P_k = b_1 + .. + b_k`` planes whatever the slice widths (3-1-1-1-1-1, 2-2-2-2, 4-2-2, ...). A word holds 16
+# columns of two adjacent rows: bits 0-15 columns ``16 w .. 16 w + 15`` of row ``2 i``, bits 16-31 the same
+# columns of row ``2 i + 1``; plane ``t`` is ``[KW, NPAD / 2]`` (word column major), so a thread loads four row
+# pairs in one 16-byte vector and shares each activation over 8 rows.
+#
+# Per half word (16 codes of one row): plane ``e`` shifted so that bit ``e`` of code ``j`` lands at bit
+# ``j + P-1-e`` makes code ``j``'s concatenated code the field of bits ``j .. j+P-1`` (below bit 23). Fields of
+# codes ``P`` apart do not overlap: for each residue ``r`` (mod ``P``) one word ``F_r`` holds the fields of codes
+# ``r, r+P, ..`` (``P-1`` bit selects of the shifted planes, one LOP3 each), and per code one AND takes its
+# field out of ``F_r``; read as fp32 bits it is the subnormal ``C 2^(j-149)``, so one FMA with the activation
+# scaled by ``2^(149-S-j)`` accumulates ``x C 2^-S``. Per code: one AND, one FMA, ``P (P-1) / 16`` selects and
+# ``P / 16`` shifts; per activation and 8 rows: its load, conversion, scaling and sum. A program streams whole
+# groups (the step and zero point applied once per row and group) of a contiguous range of (row block, group)
+# items (stream-K), one partial per row block it touches.
+@triton.jit
+def _bsel(f, v, M: tl.constexpr, ASM: tl.constexpr):
+    """``(f & ~M) | (v & M)``. ``ASM``: one ``lop3`` (the compiler otherwise emits two: an AND, then an AND-OR)."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "lop3.b32 $0, $1, $2, $3, 0xB8;",  # b ? c : a, with a = f, b = M, c = v
+            "=r,r,r,r",
+            [f, tl.full(f.shape, M, tl.int32), v],
+            dtype=tl.int32,
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        return (f & ~M) | (v & M)
+
+
+@triton.jit
+def _bits_field_word(l0, l1, l2, l3, l4, l5, l6, l7, R: tl.constexpr, P: tl.constexpr, ASM: tl.constexpr):
+    """``F_r``: at bits ``j .. j+P-1`` of every code ``j = R, R+P, ..`` (< 16) the bits of planes ``P-1 .. 0``
+    (``l_e`` holds plane ``e`` shifted to bit ``j + P-1-e``); other bits are left over from the selects."""
+    NC: tl.constexpr = (16 - R + P - 1) // P
+    PAT: tl.constexpr = ((1 << (P * NC)) - 1) // ((1 << P) - 1) << R  # bit R + iP for each code of the residue
+    f = l0
+    if P > 1:
+        f = _bsel(f, l1, PAT << (P - 2), ASM)
+    if P > 2:
+        f = _bsel(f, l2, PAT << (P - 3), ASM)
+    if P > 3:
+        f = _bsel(f, l3, PAT << (P - 4), ASM)
+    if P > 4:
+        f = _bsel(f, l4, PAT << (P - 5), ASM)
+    if P > 5:
+        f = _bsel(f, l5, PAT << (P - 6), ASM)
+    if P > 6:
+        f = _bsel(f, l6, PAT << (P - 7), ASM)
+    if P > 7:
+        f = _bsel(f, l7, PAT << (P - 8), ASM)
+    return f
+
+
+@triton.jit
+def _bits_shift(w, E: tl.constexpr, HI: tl.constexpr, P: tl.constexpr):
+    """Plane ``E`` moved so that bit ``E`` of code ``j`` of the low (or, ``HI``, high) half word sits at bit
+    ``j + P-1-E`` (arithmetic shift: sign bits never reach a field, which ends below bit 16 + P-1)."""
+    if HI:
+        return w >> (17 + E - P)
+    elif E < P - 1:
+        return w << (P - 1 - E)
+    else:
+        return w
+
+
+@triton.jit
+def _bits_fields(
+    T0,
+    T1,
+    xs,
+    x_ptr,
+    colw,
+    K_IN,
+    w0,
+    w1,
+    w2,
+    w3,
+    w4,
+    w5,
+    w6,
+    w7,
+    P: tl.constexpr,
+    XE: tl.constexpr,
+    ASM: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    """One sub-chunk: ``T0 / T1 [BN2, NW] += sum_j field_j x'_j`` over the 16 codes of the low / high half of
+    every word (even / odd rows), ``xs [1, NW] += sum_j x_j``; ``colw [NW]`` the first column of each word."""
+    l0 = _bits_shift(w0, 0, 0, P)
+    h0 = _bits_shift(w0, 0, 1, P)
+    l1 = l0
+    h1 = h0
+    l2 = l0
+    h2 = h0
+    l3 = l0
+    h3 = h0
+    l4 = l0
+    h4 = h0
+    l5 = l0
+    h5 = h0
+    l6 = l0
+    h6 = h0
+    l7 = l0
+    h7 = h0
+    if P > 1:
+        l1 = _bits_shift(w1, 1, 0, P)
+        h1 = _bits_shift(w1, 1, 1, P)
+    if P > 2:
+        l2 = _bits_shift(w2, 2, 0, P)
+        h2 = _bits_shift(w2, 2, 1, P)
+    if P > 3:
+        l3 = _bits_shift(w3, 3, 0, P)
+        h3 = _bits_shift(w3, 3, 1, P)
+    if P > 4:
+        l4 = _bits_shift(w4, 4, 0, P)
+        h4 = _bits_shift(w4, 4, 1, P)
+    if P > 5:
+        l5 = _bits_shift(w5, 5, 0, P)
+        h5 = _bits_shift(w5, 5, 1, P)
+    if P > 6:
+        l6 = _bits_shift(w6, 6, 0, P)
+        h6 = _bits_shift(w6, 6, 1, P)
+    if P > 7:
+        l7 = _bits_shift(w7, 7, 0, P)
+        h7 = _bits_shift(w7, 7, 1, P)
+    FM: tl.constexpr = (1 << P) - 1
+    for r in tl.static_range(P):
+        f0 = _bits_field_word(l0, l1, l2, l3, l4, l5, l6, l7, r, P, ASM)
+        f1 = _bits_field_word(h0, h1, h2, h3, h4, h5, h6, h7, r, P, ASM)
+        for j in tl.static_range(r, 16, P):
+            if EVEN_K:
+                xj = tl.load(x_ptr + colw + j).to(tl.float32)
+            else:
+                xj = tl.load(x_ptr + colw + j, mask=colw + j < K_IN, other=0.0).to(tl.float32)
+            xs += xj[None, :]
+            # x' = x 2^(149 - S - j) (XE = 149 - S), the power of two built from its exponent bits
+            xq = (xj * tl.full([1], (XE + 127 - j) << 23, tl.int32).to(tl.float32, bitcast=True))[None, :]
+            T0 += (f0 & (FM << j)).to(tl.float32, bitcast=True) * xq
+            T1 += (f1 & (FM << j)).to(tl.float32, bitcast=True) * xq
+    return T0, T1, xs
+
+
+@triton.jit
+def _bits_load(w_ptr, offs, PSTRIDE, E: tl.constexpr, P: tl.constexpr, w_prev, EVEN_N: tl.constexpr, rmask):
+    if E < P:
+        if EVEN_N:
+            return tl.load(w_ptr + E * PSTRIDE + offs)
+        else:
+            return tl.load(w_ptr + E * PSTRIDE + offs, mask=rmask, other=0)
+    else:
+        return w_prev
+
+
+@triton.jit
+def _bits_load_words(w_ptr, wc, rows2, PSTRIDE, NPAD2, P: tl.constexpr, EVEN_N: tl.constexpr):
+    """The words ``[BN2, NW]`` of planes ``0 .. P-1`` at word columns ``wc`` (planes past ``P``: plane 0 again,
+    unused)."""
+    offs = wc[None, :] * NPAD2 + rows2[:, None]
+    rmask = (rows2 < NPAD2)[:, None]
+    w0 = _bits_load(w_ptr, offs, PSTRIDE, 0, P, 0, EVEN_N, rmask)
+    w1 = _bits_load(w_ptr, offs, PSTRIDE, 1, P, w0, EVEN_N, rmask)
+    w2 = _bits_load(w_ptr, offs, PSTRIDE, 2, P, w0, EVEN_N, rmask)
+    w3 = _bits_load(w_ptr, offs, PSTRIDE, 3, P, w0, EVEN_N, rmask)
+    w4 = _bits_load(w_ptr, offs, PSTRIDE, 4, P, w0, EVEN_N, rmask)
+    w5 = _bits_load(w_ptr, offs, PSTRIDE, 5, P, w0, EVEN_N, rmask)
+    w6 = _bits_load(w_ptr, offs, PSTRIDE, 6, P, w0, EVEN_N, rmask)
+    w7 = _bits_load(w_ptr, offs, PSTRIDE, 7, P, w0, EVEN_N, rmask)
+    return w0, w1, w2, w3, w4, w5, w6, w7
+
+
+@triton.jit
+def _bits_load_sz(sz_ptr, g, rows2, wcol, SZSTRIDE, NPAD2, EVEN_N: tl.constexpr):
+    """Group ``g``'s step and zero point words of the even and odd rows, loaded ``[BN2, NW]`` (the same for every
+    column) so that they come in the words' layout."""
+    sofs = g * NPAD2 + rows2[:, None] + 0 * wcol[None, :]
+    if EVEN_N:
+        sz0 = tl.load(sz_ptr + sofs)
+        sz1 = tl.load(sz_ptr + SZSTRIDE + sofs)
+    else:
+        rmask = (rows2 < NPAD2)[:, None]
+        sz0 = tl.load(sz_ptr + sofs, mask=rmask, other=0)
+        sz1 = tl.load(sz_ptr + SZSTRIDE + sofs, mask=rmask, other=0)
+    return sz0, sz1
+
+
+@triton.jit
+def _bits_apply(acc0, acc1, T0, T1, xs, sz0, sz1, mult, hk):
+    """``acc += s (mult T - sum(x) (z + h_k))`` for the even (0) and odd (1) rows of one group."""
+    s0 = (sz0 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    z0 = (sz0 >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    s1 = (sz1 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    z1 = (sz1 >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    acc0 += s0 * (mult * T0 - xs * (z0 + hk))
+    acc1 += s1 * (mult * T1 - xs * (z1 + hk))
+    return acc0, acc1
+
+
+@triton.jit
+def _bits_groups(
+    acc0,
+    acc1,
+    x_ptr,
+    w_ptr,
+    sz_ptr,
+    rows2,
+    wcol,
+    PSTRIDE,
+    SZSTRIDE,
+    NPAD2,
+    K_IN,
+    g_lo,
+    g_hi,
+    mult,
+    hk,
+    GROUP: tl.constexpr,
+    P: tl.constexpr,
+    NW: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    XE: tl.constexpr,
+    ASM: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
+    """Groups ``g_lo .. g_hi`` of one row block for a view of ``P`` planes, into ``acc0 / acc1 [BN2, NW]`` (even /
+    odd rows): per row and group ``s (mult sum(x' f) - sum(x) (z + h_k))``, in sub-chunks of ``NW`` words.
+    ``PREFETCH`` (one sub-chunk per group): the next group's words, step and zero point are loaded before this
+    group's codes are reduced (kept in registers across the iteration)."""
+    GW: tl.constexpr = GROUP // 16  # word columns per group
+    if PREFETCH:
+        w0, w1, w2, w3, w4, w5, w6, w7 = _bits_load_words(w_ptr, g_lo * GW + wcol, rows2, PSTRIDE, NPAD2, P, EVEN_N)
+        sz0, sz1 = _bits_load_sz(sz_ptr, g_lo, rows2, wcol, SZSTRIDE, NPAD2, EVEN_N)
+        for g in range(g_lo, g_hi):
+            gn = tl.minimum(g + 1, g_hi - 1)  # the last iteration reloads its own group (in cache)
+            n0, n1, n2, n3, n4, n5, n6, n7 = _bits_load_words(w_ptr, gn * GW + wcol, rows2, PSTRIDE, NPAD2, P, EVEN_N)
+            nz0, nz1 = _bits_load_sz(sz_ptr, gn, rows2, wcol, SZSTRIDE, NPAD2, EVEN_N)
+            T0 = tl.zeros(acc0.shape, dtype=tl.float32)
+            T1 = tl.zeros(acc0.shape, dtype=tl.float32)
+            xs = tl.zeros((1, NW), dtype=tl.float32)
+            T0, T1, xs = _bits_fields(
+                T0, T1, xs, x_ptr, (g * GW + wcol) * 16, K_IN, w0, w1, w2, w3, w4, w5, w6, w7, P, XE, ASM, EVEN_K
+            )
+            acc0, acc1 = _bits_apply(acc0, acc1, T0, T1, xs, sz0, sz1, mult, hk)
+            w0 = n0
+            w1 = n1
+            w2 = n2
+            w3 = n3
+            w4 = n4
+            w5 = n5
+            w6 = n6
+            w7 = n7
+            sz0 = nz0
+            sz1 = nz1
+    else:
+        for g in range(g_lo, g_hi):
+            T0 = tl.zeros(acc0.shape, dtype=tl.float32)
+            T1 = tl.zeros(acc0.shape, dtype=tl.float32)
+            xs = tl.zeros((1, NW), dtype=tl.float32)
+            for sc in tl.static_range(0, GW // NW):  # unrolled: nothing loop-carried, xs stays in the words' layout
+                wc = g * GW + sc * NW + wcol
+                w0, w1, w2, w3, w4, w5, w6, w7 = _bits_load_words(w_ptr, wc, rows2, PSTRIDE, NPAD2, P, EVEN_N)
+                T0, T1, xs = _bits_fields(
+                    T0, T1, xs, x_ptr, wc * 16, K_IN, w0, w1, w2, w3, w4, w5, w6, w7, P, XE, ASM, EVEN_K
+                )
+            sz0, sz1 = _bits_load_sz(sz_ptr, g, rows2, wcol, SZSTRIDE, NPAD2, EVEN_N)
+            acc0, acc1 = _bits_apply(acc0, acc1, T0, T1, xs, sz0, sz1, mult, hk)
+    return acc0, acc1
+
+
+@triton.jit
+def _bits_segment_store(
+    acc0, acc1, out_ptr, part_ptr, lock_ptr, bias_ptr, rows2, N, NPAD2, t, slot, nseg, HAS_BIAS: tl.constexpr
+):
+    """Row block ``t``'s partial (``acc0 / acc1``: even / odd rows) from one program: stored as is when the block
+    has one segment; else into partial slot ``slot`` (of ``nseg``; ``[slots, 2, NPAD2]``), and the last segment to
+    arrive sums the slots, eight at a time (one load wave per eight segments, in a fixed order)."""
+    y0 = tl.sum(acc0, axis=1)
+    y1 = tl.sum(acc1, axis=1)
+    r0 = 2 * rows2
+    r1 = r0 + 1
+    m0 = r0 < N
+    m1 = r1 < N
+    if nseg == 1:
+        if HAS_BIAS:
+            y0 += tl.load(bias_ptr + r0, mask=m0, other=0.0).to(tl.float32)
+            y1 += tl.load(bias_ptr + r1, mask=m1, other=0.0).to(tl.float32)
+        tl.store(out_ptr + r0, y0.to(out_ptr.dtype.element_ty), mask=m0)
+        tl.store(out_ptr + r1, y1.to(out_ptr.dtype.element_ty), mask=m1)
+    else:
+        tl.store(part_ptr + (2 * slot) * NPAD2 + rows2, y0, mask=m0)
+        tl.store(part_ptr + (2 * slot + 1) * NPAD2 + rows2, y1, mask=m1)
+        tl.debug_barrier()  # every thread's partial is stored before the release below
+        ticket = tl.atomic_add(lock_ptr + t, 1, sem="acq_rel")
+        tl.debug_barrier()
+        if ticket == nseg - 1:
+            RED: tl.constexpr = 8
+            tot0 = tl.zeros(y0.shape, dtype=tl.float32)
+            tot1 = tl.zeros(y0.shape, dtype=tl.float32)
+            for s0 in range(0, nseg, RED):
+                sl = s0 + tl.arange(0, RED)
+                sm = (sl < nseg)[:, None]
+                p0 = part_ptr + (2 * sl)[:, None] * NPAD2 + rows2[None, :]
+                tot0 += tl.sum(tl.load(p0, mask=sm & m0[None, :], other=0.0, cache_modifier=".cg"), axis=0)
+                tot1 += tl.sum(tl.load(p0 + NPAD2, mask=sm & m1[None, :], other=0.0, cache_modifier=".cg"), axis=0)
+            if HAS_BIAS:
+                tot0 += tl.load(bias_ptr + r0, mask=m0, other=0.0).to(tl.float32)
+                tot1 += tl.load(bias_ptr + r1, mask=m1, other=0.0).to(tl.float32)
+            tl.store(out_ptr + r0, tot0.to(out_ptr.dtype.element_ty), mask=m0)
+            tl.store(out_ptr + r1, tot1.to(out_ptr.dtype.element_ty), mask=m1)
+            tl.atomic_xchg(lock_ptr + t, 0)  # self-resetting counter
+
+
+@triton.jit
+def _bits_stream(
+    x_ptr,
+    out_ptr,
+    part_ptr,
+    lock_ptr,
+    bias_ptr,
+    w_ptr,
+    sz_ptr,
+    PSTRIDE,
+    SZSTRIDE,
+    NPAD2,
+    N,
+    K_IN,
+    GPB,
+    G,
+    mult,
+    hk,
+    GROUP: tl.constexpr,
+    V: tl.constexpr,
+    P1: tl.constexpr,
+    P2: tl.constexpr,
+    P3: tl.constexpr,
+    P4: tl.constexpr,
+    P5: tl.constexpr,
+    P6: tl.constexpr,
+    P7: tl.constexpr,
+    P8: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BN2: tl.constexpr,
+    NW: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    XE: tl.constexpr,
+    ASM: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
+    """Program ``pid``'s share: the (row block, group) items ``[pid T / G, (pid+1) T / G)`` of the row-block-major
+    sequence (``T = blocks x GPB``, ``GPB`` groups per row block), one segment per row block it touches
+    (stream-K: every program streams the same number of groups, across row blocks)."""
+    if V == 1:
+        P: tl.constexpr = P1
+    elif V == 2:
+        P: tl.constexpr = P2  # type: ignore[no-redef]
+    elif V == 3:
+        P: tl.constexpr = P3  # type: ignore[no-redef]
+    elif V == 4:
+        P: tl.constexpr = P4  # type: ignore[no-redef]
+    elif V == 5:
+        P: tl.constexpr = P5  # type: ignore[no-redef]
+    elif V == 6:
+        P: tl.constexpr = P6  # type: ignore[no-redef]
+    elif V == 7:
+        P: tl.constexpr = P7  # type: ignore[no-redef]
+    else:
+        P: tl.constexpr = P8  # type: ignore[no-redef]
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv((N + 1) // 2, BN2)
+    total = n_blocks * GPB
+    item = (pid * total) // G
+    end = ((pid + 1) * total) // G
+    wcol = tl.arange(0, NW)
+    while item < end:
+        t = item // GPB
+        g_lo = item - t * GPB
+        g_hi = tl.minimum(end - t * GPB, GPB)
+        rows2 = t * BN2 + tl.arange(0, BN2)
+        acc0 = tl.zeros((BN2, NW), dtype=tl.float32)
+        acc1 = tl.zeros((BN2, NW), dtype=tl.float32)
+        acc0, acc1 = _bits_groups(
+            acc0,
+            acc1,
+            x_ptr,
+            w_ptr,
+            sz_ptr,
+            rows2,
+            wcol,
+            PSTRIDE,
+            SZSTRIDE,
+            NPAD2,
+            K_IN,
+            g_lo,
+            g_hi,
+            mult,
+            hk,
+            GROUP,
+            P,
+            NW,
+            EVEN_K,
+            EVEN_N,
+            XE,
+            ASM,
+            PREFETCH,
+        )
+        # the programs that share row block t: the first holds its group 0, the last its group GPB - 1
+        p_first = ((t * GPB + 1) * G - 1) // total
+        p_last = ((t + 1) * GPB * G - 1) // total
+        _bits_segment_store(
+            acc0,
+            acc1,
+            out_ptr,
+            part_ptr,
+            lock_ptr,
+            bias_ptr,
+            rows2,
+            N,
+            NPAD2,
+            t,
+            pid - p_first,
+            p_last - p_first + 1,
+            HAS_BIAS,
+        )
+        item = t * GPB + g_hi
+
+
+@triton.jit
+def _pick8(V: tl.constexpr, a1, a2, a3, a4, a5, a6, a7, a8):
+    if V == 1:
+        return a1
+    elif V == 2:
+        return a2
+    elif V == 3:
+        return a3
+    elif V == 4:
+        return a4
+    elif V == 5:
+        return a5
+    elif V == 6:
+        return a6
+    elif V == 7:
+        return a7
+    else:
+        return a8
+
+
+# sizes that only bound loops and masks are not specialised (one compiled kernel for every shape and grid size)
+@triton.jit(do_not_specialize=["N", "K_IN", "GPB", "G"])
+def _bp_gemv_bits_kernel(
+    x_ptr,
+    out_ptr,
+    part_ptr,
+    lock_ptr,
+    bias_ptr,
+    k_ptr,
+    w_ptr,
+    sz_ptr,
+    PSTRIDE,
+    SZSTRIDE,
+    NPAD2,
+    N,
+    K_IN,
+    GPB,
+    G,
+    M1,
+    M2,
+    M3,
+    M4,
+    M5,
+    M6,
+    M7,
+    M8,
+    H1,
+    H2,
+    H3,
+    H4,
+    H5,
+    H6,
+    H7,
+    H8,
+    GROUP: tl.constexpr,
+    NS: tl.constexpr,
+    KSEL: tl.constexpr,
+    P1: tl.constexpr,
+    P2: tl.constexpr,
+    P3: tl.constexpr,
+    P4: tl.constexpr,
+    P5: tl.constexpr,
+    P6: tl.constexpr,
+    P7: tl.constexpr,
+    P8: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BN2: tl.constexpr,
+    NW: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    XE: tl.constexpr,
+    ASM: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
+    """One token from one-bit planes (see above). ``KSEL`` > 0: the view ``k = KSEL`` (known on the host); 0: ``k``
+    read on the device, one body per view ``v`` (``P_v`` planes, multiplier ``M_v``, zero-point term ``H_v``)
+    compiled together, the token's own executed."""
+    if KSEL == 0:
+        kk = tl.load(k_ptr).to(tl.int32)
+        for v in tl.static_range(1, NS + 1):
+            if kk == v:
+                _bits_stream(
+                    x_ptr,
+                    out_ptr,
+                    part_ptr,
+                    lock_ptr,
+                    bias_ptr,
+                    w_ptr,
+                    sz_ptr,
+                    PSTRIDE,
+                    SZSTRIDE,
+                    NPAD2,
+                    N,
+                    K_IN,
+                    GPB,
+                    G,
+                    _pick8(v, M1, M2, M3, M4, M5, M6, M7, M8),
+                    _pick8(v, H1, H2, H3, H4, H5, H6, H7, H8),
+                    GROUP,
+                    v,
+                    P1,
+                    P2,
+                    P3,
+                    P4,
+                    P5,
+                    P6,
+                    P7,
+                    P8,
+                    HAS_BIAS,
+                    BN2,
+                    NW,
+                    EVEN_K,
+                    EVEN_N,
+                    XE,
+                    ASM,
+                    PREFETCH,
+                )
+    else:
+        _bits_stream(
+            x_ptr,
+            out_ptr,
+            part_ptr,
+            lock_ptr,
+            bias_ptr,
+            w_ptr,
+            sz_ptr,
+            PSTRIDE,
+            SZSTRIDE,
+            NPAD2,
+            N,
+            K_IN,
+            GPB,
+            G,
+            _pick8(KSEL, M1, M2, M3, M4, M5, M6, M7, M8),
+            _pick8(KSEL, H1, H2, H3, H4, H5, H6, H7, H8),
+            GROUP,
+            KSEL,
+            P1,
+            P2,
+            P3,
+            P4,
+            P5,
+            P6,
+            P7,
+            P8,
+            HAS_BIAS,
+            BN2,
+            NW,
+            EVEN_K,
+            EVEN_N,
+            XE,
+            ASM,
+            PREFETCH,
+        )
+
+
 # -------------------------------------------------------------------------------- tile (prefill) kernel
 @triton.jit
 def _tile_codes(
@@ -1577,6 +2168,14 @@ class SmallConfig:
     # most FIELDS_MAX_K planes are read (faster there on an H200, slower at k=4) and when k is read on the
     # device (a body per k; benchmarks/NOTES.md, versions 7 and 9).
     fields: bool | None = None
+    # one token from one-bit planes (_bp_gemv_bits_kernel, any layout of at most 8 bits): opt-in until measured on
+    # a GPU (benchmarks/NOTES.md, version 10). With it: ``block_n`` rows per program and ``block_k`` columns (16 x a
+    # power of two dividing the group) per sub-chunk, ``waves`` programs per SM (stream-K grid; ``split_k``:
+    # programs per row block instead).
+    bitplanes: bool = False
+    waves: int | None = None
+    prefetch: bool = False  # one-bit plane kernel, block_k = group: next group's words loaded before this one's sum
+    maxnreg: int | None = None  # one-bit plane kernel's register cap (None: BITS_MAXNREG, none with prefetch)
 
 
 @dataclass(frozen=True)
@@ -1880,6 +2479,249 @@ def bitplane_linear_small(
     return out
 
 
+# ----------------------------------------------------------------------------- one-bit plane buffers
+@dataclass(frozen=True)
+class BitPlanes:
+    """Kernel buffers of one layer for ``_bp_gemv_bits_kernel``, built from the checkpoint's planes by
+    :func:`pack_bitplanes` (the checkpoint keeps its format).
+
+    ``words`` int32 ``[T, KW, NPAD / 2]``: one-bit plane ``t`` (``T = sum(slice_bits)``, each slice's bits most
+    significant first), word column ``w``, row pair ``i``: bit ``b`` of the word is column ``16 w + b`` of row
+    ``2 i`` (``b < 16``) or column ``16 w + b - 16`` of row ``2 i + 1``. ``KW`` covers whole groups and ``NPAD``
+    rounds the rows up to a multiple of 128; the padding holds zeros. ``sz`` int32 ``[2, groups, NPAD / 2]``: the
+    fp16 step (low half) and zero point (high half) of row ``2 i`` (``sz[0]``) and ``2 i + 1`` (``sz[1]``)."""
+
+    words: torch.Tensor
+    sz: torch.Tensor
+    slice_bits: tuple[int, ...]
+    group_size: int
+    in_features: int
+    out_features: int
+
+    @property
+    def planes_of_view(self) -> list[int]:
+        """``P_k``: the one-bit planes view ``k`` (1-based) reads, for ``k = 1 .. len(slice_bits)``."""
+        out, acc = [], 0
+        for b in self.slice_bits:
+            acc += b
+            out.append(acc)
+        return out
+
+
+BITS_MAX_PLANES = 8
+_BITS_ROW_PAD = 128
+
+
+def bits_supported(slice_bits: Sequence[int], group_size: int) -> bool:
+    """Layouts the one-bit plane kernel covers: at most 8 bits in all (views up to 8-bit codes) and groups of
+    whole 16-column words."""
+    return 1 <= sum(slice_bits) <= BITS_MAX_PLANES and group_size % 16 == 0
+
+
+def _unpack_plane(plane: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """Codes ``[rows, cols]`` (int32) of a plane packed ``32 // bits`` per int32 word, first code lowest."""
+    per = 32 // bits
+    shifts = torch.arange(per, dtype=torch.int32, device=plane.device) * bits
+    codes = (plane.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(plane.shape[0], -1)[:, :cols]
+
+
+def pack_bitplanes(
+    planes: Sequence[torch.Tensor],
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    slice_bits: Sequence[int],
+    group_size: int,
+    in_features: int,
+    row_block: int = 4096,
+) -> BitPlanes:
+    """The one-bit plane buffers (:class:`BitPlanes`) of a layer stored as int32 planes of ``slice_bits``
+    (``32 // b`` codes per word) with fp16 ``scale`` / ``zero`` ``[out, groups]``: the same bytes as the planes
+    (less the unused top bits of 3-, 5-, 6- and 7-bit words), on the planes' device; ``row_block`` rows at a time."""
+    slice_bits = tuple(int(b) for b in slice_bits)
+    if not bits_supported(slice_bits, group_size):
+        raise ValueError(
+            f"one-bit planes need at most {BITS_MAX_PLANES} bits in all and groups of whole 16-column words, "
+            f"got {list(slice_bits)} / group {group_size}"
+        )
+    dev = planes[0].device
+    N, K = scale.shape[0], in_features
+    ng = -(-K // group_size)
+    kw = ng * group_size // 16
+    npad = -(-N // _BITS_ROW_PAD) * _BITS_ROW_PAD
+    words = torch.zeros(sum(slice_bits), kw, npad // 2, dtype=torch.int32, device=dev)
+    shifts = torch.arange(32, dtype=torch.int64, device=dev)
+    row_block -= row_block % 2
+    for r0 in range(0, N, row_block):
+        r1 = min(N, r0 + row_block)
+        rr = r1 - r0 + (r1 - r0) % 2
+        t = 0
+        for plane, b in zip(planes, slice_bits, strict=True):
+            codes = _unpack_plane(plane[r0:r1], b, K)
+            codes = torch.nn.functional.pad(codes, (0, kw * 16 - K, 0, rr - (r1 - r0)))
+            # [row pairs, words, 2 rows, 16 columns]: the word's 32 bits in order
+            codes = codes.reshape(rr // 2, 2, kw, 16).permute(0, 2, 1, 3).reshape(rr // 2, kw, 32)
+            for i in reversed(range(b)):  # most significant bit first
+                w = (((codes >> i) & 1).to(torch.int64) << shifts).sum(-1)
+                w = torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
+                words[t, :, r0 // 2 : r0 // 2 + rr // 2] = w.t()
+                t += 1
+    lo = scale.to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
+    hi = zero.to(torch.float16).view(torch.int16).to(torch.int32) << 16
+    szr = torch.zeros(npad, ng, dtype=torch.int32, device=dev)
+    szr[:N] = lo | hi
+    sz = szr.reshape(npad // 2, 2, ng).permute(1, 2, 0).contiguous()
+    return BitPlanes(words, sz, slice_bits, group_size, K, N)
+
+
+_BITS_CACHE: dict[tuple, tuple[tuple, BitPlanes]] = {}
+_BITS_CACHE_MAX = 64
+
+
+def bitplanes_for(
+    planes: Sequence[torch.Tensor],
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    slice_bits: Sequence[int],
+    group_size: int,
+    in_features: int,
+) -> BitPlanes:
+    """:func:`pack_bitplanes` of these tensors, cached while they live unchanged (an entry holds them, so their
+    storage cannot be reused by other tensors while it is cached). Callers that keep a layer should hold its
+    :class:`BitPlanes` themselves (``bitplane_linear(..., packed=)``); this cache keeps the last 64."""
+    srcs = (*planes, scale, zero)
+    key = (
+        tuple((t.data_ptr(), t._version, tuple(t.shape), str(t.device)) for t in srcs),
+        tuple(slice_bits),
+        group_size,
+    )
+    hit = _BITS_CACHE.get(key)
+    if hit is not None:
+        return hit[1]
+    bp = pack_bitplanes(planes, scale, zero, slice_bits, group_size, in_features)
+    if len(_BITS_CACHE) >= _BITS_CACHE_MAX:
+        _BITS_CACHE.pop(next(iter(_BITS_CACHE)))
+    _BITS_CACHE[key] = (srcs, bp)
+    return bp
+
+
+#: Defaults of the one-bit plane kernel (benchmarks/NOTES.md, version 10; not yet measured on a GPU): rows per
+#: program (two per word), columns per sub-chunk (16 per word), programs per SM of the stream-K grid.
+BITS_BLOCK_N = 256
+BITS_BLOCK_K = 64
+BITS_WAVES = 4
+#: Register cap of the one-bit plane kernel: 128 keeps 4 programs of 4 warps on an SM (the stream-K grid of 4
+#: waves all resident); uncapped, an 8-plane body took 140 registers offline (sm_90), a spill of 16 bytes outside
+#: the group loop with the cap.
+BITS_MAXNREG = 128
+
+
+def bitplane_linear_bits(
+    x2: torch.Tensor,
+    bp: BitPlanes,
+    k,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    config: SmallConfig | None = None,
+) -> torch.Tensor:
+    """One token ``x2 [1, in]`` -> ``[1, out]`` from one-bit plane buffers: ``_bp_gemv_bits_kernel`` on a
+    stream-K grid (``config.waves`` programs per SM, or ``config.split_k`` programs per row block); ``k`` an int
+    or a one-element tensor (on the device: read there, one compiled body per view)."""
+    cfg = config or SmallConfig(bitplanes=True)
+    M, K_IN = x2.shape
+    if M != 1:
+        raise ValueError(f"the one-bit plane kernel takes one token, got {M}")
+    if K_IN != bp.in_features:
+        raise ValueError(f"x has {K_IN} features, the layer {bp.in_features}")
+    N = bp.out_features
+    NS = len(bp.slice_bits)
+    if isinstance(k, int):
+        _check_k(k, NS)
+        ksel, k_t = k, x2
+    else:
+        k_t = k.reshape(-1)
+        if k_t.numel() != 1:
+            raise ValueError(f"k has {k_t.numel()} entries for one token")
+        rng = _host_k_range(k_t)
+        if rng is not None:
+            ksel = rng[0]
+            _check_k(ksel, NS)
+            k_t = x2
+        else:
+            ksel = 0
+            if k_t.dtype not in (torch.int32, torch.int64) or k_t.device != x2.device:
+                k_t = k_t.to(device=x2.device, dtype=torch.int32)
+    block_n = cfg.block_n or BITS_BLOCK_N
+    gw = bp.group_size // 16
+    block_k = cfg.block_k or 16 * _pow2_divisor(gw, BITS_BLOCK_K // 16)
+    nw = block_k // 16
+    if block_k % 16 or not _is_pow2(nw) or gw % nw:
+        raise ValueError(f"block_k must be 16 x a power of two dividing the group ({bp.group_size}), got {block_k}")
+    if block_n < 2 or not _is_pow2(block_n):
+        raise ValueError(f"block_n must be a power of two >= 2, got {block_n}")
+    if cfg.prefetch and nw != gw:
+        raise ValueError(f"prefetch needs block_k = the group ({bp.group_size}), got {block_k}")
+    bn2 = block_n // 2
+    kw, npad2 = bp.words.shape[1], bp.words.shape[2]
+    gpb = kw // gw
+    n_blocks = triton.cdiv(triton.cdiv(N, 2), bn2)
+    total = n_blocks * gpb
+    if cfg.split_k:
+        progs = n_blocks * cfg.split_k
+    else:
+        progs = (cfg.waves or BITS_WAVES) * _num_sms(x2.device)
+    progs = max(1, min(progs, total))
+    if out is None:
+        out = torch.empty(1, N, dtype=x2.dtype, device=x2.device)
+    # partial slots: a row block is shared by at most ceil(progs / blocks) + 1 programs (also with fewer programs
+    # than row blocks, when a program's range ends inside one)
+    max_seg = -(-progs // n_blocks) + 1
+    part = torch.empty(max_seg * 2 * npad2, dtype=torch.float32, device=x2.device)
+    locks = _locks(x2.device, n_blocks)
+    pv = bp.planes_of_view
+    b0 = bp.slice_bits[0]
+    mults = [2.0 ** (_FIELD_S - (p - b0)) for p in pv] + [1.0] * (MAX_SLICES - NS)
+    hs = [(1.0 - 2.0 ** -(p - b0)) / 2 for p in pv] + [0.0] * (MAX_SLICES - NS)
+    pk = {f"P{i + 1}": p for i, p in enumerate(pv + [1] * (MAX_SLICES - NS))}
+    # the cap, except with prefetch (twice the words in registers: capped, 8 planes spill in the loop)
+    maxnreg = cfg.maxnreg or (None if cfg.prefetch else BITS_MAXNREG)
+    _bp_gemv_bits_kernel[(progs,)](
+        x2,
+        out,
+        part,
+        locks,
+        bias if bias is not None else out,
+        k_t,
+        bp.words,
+        bp.sz,
+        bp.words.stride(0),
+        bp.sz.stride(0),
+        npad2,
+        N,
+        K_IN,
+        gpb,
+        progs,
+        *mults,
+        *hs,
+        GROUP=bp.group_size,
+        NS=NS,
+        KSEL=ksel,
+        HAS_BIAS=bias is not None,
+        BN2=bn2,
+        NW=nw,
+        EVEN_K=K_IN == kw * 16,
+        EVEN_N=npad2 % bn2 == 0,
+        XE=149 - _FIELD_S,
+        ASM=not _interpreting(),
+        PREFETCH=bool(cfg.prefetch),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        **pk,
+        **({} if _interpreting() or maxnreg is None else {"maxnreg": maxnreg}),
+    )
+    return out
+
+
 def _tile_launch(x2, out, planes, scale, zero, slice_bits, group_size, ksel, bias, perm, seg, M_grid, cfg):
     M, K_IN = x2.shape
     N = scale.shape[0]
@@ -2096,13 +2938,15 @@ def bitplane_linear(
     small_config: SmallConfig | None = None,
     tile_config: TileConfig | None = None,
     path: str = "auto",
+    packed: BitPlanes | None = None,
 ) -> torch.Tensor:
     """``y = x W_k^T (+ bias)`` reading only the first ``k`` bit-planes; ``k`` int or per-token tensor.
 
-    ``path``: 'auto' (small-batch kernels for <= 16 tokens when the layout allows; on CUDA from
-    ``DEQUANT_MIN_TOKENS`` tokens 'dequant'; else tiles), 'small', 'tile' (fused dequantize-tile-then-dot)
-    or 'dequant' (dequantize W_k, then cuBLAS). ``out``, if given, is a ``[tokens, out_features]`` buffer
-    to write (contiguous rows)."""
+    ``path``: 'auto' (one token with ``small_config.bitplanes``: 'bits'; small-batch kernels for <= 16 tokens
+    when the layout allows; on CUDA from ``DEQUANT_MIN_TOKENS`` tokens 'dequant'; else tiles), 'bits' (one token
+    from one-bit plane buffers: ``packed``, else built from ``planes`` and cached, :func:`bitplanes_for`),
+    'small', 'tile' (fused dequantize-tile-then-dot) or 'dequant' (dequantize W_k, then cuBLAS). ``out``, if
+    given, is a ``[tokens, out_features]`` buffer to write (contiguous rows)."""
     slice_bits = tuple(int(b) for b in slice_bits)
     if not 1 <= len(slice_bits) <= MAX_SLICES or len(planes) != len(slice_bits):
         raise ValueError(f"need one plane per slice (1..{MAX_SLICES}), got {len(planes)} for {slice_bits}")
@@ -2127,32 +2971,45 @@ def bitplane_linear(
     zero = zero.contiguous()
     if path == "auto":
         small_ok = M <= 16 and small_supported(slice_bits, group_size, None, M > 1)
-        if small_ok:
+        if M == 1 and small_config is not None and small_config.bitplanes and bits_supported(slice_bits, group_size):
+            path = "bits"
+        elif small_ok:
             path = "small"
         elif M >= DEQUANT_MIN_TOKENS and x2.is_cuda and tile_config is None:
             path = "dequant"
         else:
             path = "tile"
-    if path == "small":
+    if path == "bits":
+        if packed is None:
+            packed = bitplanes_for(planes, scale, zero, slice_bits, group_size, K_IN)
+        elif packed.slice_bits != slice_bits or packed.group_size != group_size or packed.out_features != N:
+            raise ValueError("packed bit planes of another layout or layer")
+        y = bitplane_linear_bits(x2, packed, k, bias, out, small_config)
+    elif path == "small":
         y = bitplane_linear_small(x2, planes, scale, zero, slice_bits, group_size, k, bias, out, small_config)
     elif path == "tile":
         y = bitplane_linear_tiled(x2, planes, scale, zero, slice_bits, group_size, k, bias, out, tile_config)
     elif path == "dequant":
         y = bitplane_linear_dequant(x2, planes, scale, zero, slice_bits, group_size, k, bias, out)
     else:
-        raise ValueError(f"path must be 'auto', 'small', 'tile' or 'dequant', got {path!r}")
+        raise ValueError(f"path must be 'auto', 'bits', 'small', 'tile' or 'dequant', got {path!r}")
     return y.reshape(*lead, N)
 
 
 __all__ = [
+    "BitPlanes",
     "SmallConfig",
     "TileConfig",
     "DEQUANT_MIN_TOKENS",
     "bitplane_linear",
+    "bitplane_linear_bits",
     "bitplane_linear_dequant",
     "bitplane_linear_small",
     "bitplane_linear_tiled",
     "default_tile_config",
+    "bits_supported",
+    "bitplanes_for",
     "dequantize",
+    "pack_bitplanes",
     "small_supported",
 ]

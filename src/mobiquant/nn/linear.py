@@ -13,7 +13,7 @@ or ``routed`` (the router picks ``k`` per token; during training, straight-throu
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -89,6 +89,11 @@ class MoBiLinear(nn.Module):
         # Packed matmul: 'torch' (dequantize + F.linear), 'triton' (bit-plane kernels), or 'auto' (triton
         # when x is on CUDA and triton imports, else torch).
         self.backend: Literal["auto", "torch", "triton"] = "auto"
+        # Launch configuration of the Triton small-batch kernels (a triton_bitplane.SmallConfig; None: the
+        # defaults). With ``bitplanes=True`` one-token forwards run the one-bit plane kernel, whose buffers
+        # (the planes split into one-bit planes, same bytes) are built on first use and kept beside the planes.
+        self.small_config: Any = None
+        self._bitplanes: Any = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -207,7 +212,7 @@ class MoBiLinear(nn.Module):
         self.register_buffer("weight", None)
         self.gamma = self.beta = None
         self.packed = True
-        self._view_cache.clear()
+        self.clear_cache()
 
     def make_packed_buffers(self, compute_dtype: torch.dtype = torch.float32) -> None:
         """Empty packed buffers of the right shapes, to be filled by ``load_state_dict``."""
@@ -225,13 +230,15 @@ class MoBiLinear(nn.Module):
         self.register_buffer("weight", None)
         self.gamma = self.beta = None
         self.packed = True
-        self._view_cache.clear()
+        self.clear_cache()
 
     def clear_cache(self) -> None:
         self._view_cache.clear()
+        self._bitplanes = None
 
-    def _apply(self, fn, recurse=True):  # .to()/.cuda() invalidate cached dequantized views
+    def _apply(self, fn, recurse=True):  # .to()/.cuda() invalidate cached dequantized views and kernel buffers
         self._view_cache.clear()
+        self._bitplanes = None
         out = super()._apply(fn, recurse)
         if self.packed and getattr(self, "_compute_dtype", None) is not None:
             probe = fn(torch.zeros((), dtype=self._compute_dtype))
@@ -293,6 +300,15 @@ class MoBiLinear(nn.Module):
             k = self._routed_k(x)
         self._count(k, n_tokens)
         planes = [self.plane(e) for e in range(self.num_slices)]
+        extra = {}
+        cfg = getattr(self, "small_config", None)
+        if cfg is not None and self._use_triton(x):
+            extra["small_config"] = cfg
+            if n_tokens == 1 and getattr(cfg, "bitplanes", False):
+                from ..kernels.triton_bitplane import bits_supported
+
+                if bits_supported(self.slice_bits, self.slicer.group_size):
+                    extra["packed"] = self.bitplane_buffers()
         return kernels.bitplane_linear(
             x,
             planes,
@@ -304,4 +320,25 @@ class MoBiLinear(nn.Module):
             self.bias,
             backend=getattr(self, "backend", "auto"),
             weight=self.dequantized,
+            **extra,
         )
+
+    def bitplane_buffers(self) -> Any:
+        """The one-bit plane kernel's buffers of this packed layer (``triton_bitplane.BitPlanes``), built on first
+        use from the planes (the checkpoint keeps its format) and kept until the codes or the device change."""
+        self._require_packed()
+        bp = getattr(self, "_bitplanes", None)
+        if bp is None or bp.words.device != self.scale.device:
+            from ..kernels.triton_bitplane import pack_bitplanes
+
+            with torch.inference_mode(False), torch.no_grad():
+                bp = pack_bitplanes(
+                    [self.plane(e) for e in range(self.num_slices)],
+                    self.scale,
+                    self.zero,
+                    self.slice_bits,
+                    self.slicer.group_size,
+                    self.in_features,
+                )
+            self._bitplanes = bp
+        return bp

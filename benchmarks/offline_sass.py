@@ -1,0 +1,165 @@
+#!/usr/bin/env python
+"""Offline SASS counts of the one-token kernels: compile for sm_90 on a machine without a GPU and count.
+
+The launch is recorded from the library's own host code (the same arguments, constexprs and 16-divisibility a
+real launch on 4096-row LLaMA shapes gets), compiled with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)``
+(Triton's bundled ptxas), disassembled with its bundled ``cuobjdump``; every loop (a backward branch) is
+listed with its instruction count by opcode, and the registers, stack and shared memory of the kernel.
+'per code' divides a loop's count by the codes one thread handles per iteration (the group loop of the
+one-bit plane kernel; the chunk loop of the field kernel). This is the feedback loop of benchmarks/NOTES.md
+(versions 5, 6 and 10) while no GPU is at hand. Uses Triton internals (written against triton 3.9).
+
+    python benchmarks/offline_sass.py --slices 3,1,1,1,1,1 --k 2          # one-bit plane kernel, 4-bit view
+    python benchmarks/offline_sass.py --slices 3,1,1,1,1,1 --device-k     # k read on the device: every body
+    python benchmarks/offline_sass.py --slices 2,2,2,2 --k 1 --fields     # version 6's field kernel
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+from mobiquant.kernels import triton_bitplane as tb  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def record(kernel_name, call):
+    """The (kernel, args, kwargs) of the launch ``call()`` makes of ``tb.<kernel_name>``."""
+    seen = []
+    real = getattr(tb, kernel_name)
+
+    class Rec:
+        def __getitem__(self, grid):
+            return lambda *a, **k: seen.append((real, grid, a, k))
+
+    setattr(tb, kernel_name, Rec())
+    try:
+        call()
+    finally:
+        setattr(tb, kernel_name, real)
+    return seen[-1]
+
+
+def compile_sm90(fn, args, kwargs):
+    backend = make_backend(TARGET)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, spec, opts = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
+
+
+def sass_and_resources(ck):
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(ck.asm["cubin"])
+        path = f.name
+    try:
+        sass = subprocess.run([str(BIN / "cuobjdump"), "-sass", path], capture_output=True, text=True).stdout
+        res = subprocess.run(
+            [str(BIN / "cuobjdump"), "--dump-resource-usage", path], capture_output=True, text=True
+        ).stdout
+    finally:
+        os.unlink(path)
+    return sass, res
+
+
+def report(sass, res, codes_per_iter, label):
+    ins = [(int(m.group(1), 16), m.group(3), m.group(4)) for m in LINE.finditer(sass)]
+    regs = re.search(r"REG:(\d+)", res).group(1)
+    stack = re.search(r"STACK:(\d+)", res).group(1)
+    shared = re.search(r"SHARED:(\d+)", res).group(1)
+    print(f"{label}: {len(ins)} instructions, {regs} registers, stack {stack} B, shared {shared} B")
+    for addr, op, rest in ins:
+        t = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if t is None or int(t.group(1), 16) >= addr:
+            continue
+        lo, hi = int(t.group(1), 16), addr
+        c = collections.Counter()
+        for a, o, _ in ins:
+            if lo <= a <= hi:
+                c[o.split(".")[0]] += 1
+                if o.startswith(("LDG", "LDS", "STS", "BAR", "LDL", "STL")):
+                    c[o] += 1
+        n = sum(v for k, v in c.items() if "." not in k)
+        top = ", ".join(f"{k} {v}" for k, v in c.most_common(14))
+        print(f"  loop {lo:#x}-{hi:#x}: {n} instructions, {n / codes_per_iter:.2f} per code; {top}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--slices", default="3,1,1,1,1,1")
+    ap.add_argument("--k", type=int, default=1, help="the view (ignored with --device-k)")
+    ap.add_argument("--device-k", action="store_true", help="k read on the device (one body per view)")
+    ap.add_argument("--fields", action="store_true", help="version 6's field kernel instead (one slice width)")
+    ap.add_argument("--n", type=int, default=4096, help="rows")
+    ap.add_argument("--in-features", type=int, default=4096)
+    ap.add_argument("--block-n", type=int, default=None)
+    ap.add_argument("--block-k", type=int, default=None)
+    ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--waves", type=int, default=None)
+    ap.add_argument("--prefetch", action="store_true")
+    ap.add_argument("--save", default=None, help="write the SASS, TTGIR and PTX to this path prefix")
+    a = ap.parse_args(argv)
+    bits = tuple(int(b) for b in a.slices.split(","))
+    N, K, group = a.n, a.in_features, 128
+    tb._num_sms = lambda device: 132
+    k = a.k
+    if a.device_k:
+        tb._host_k_range = lambda k_t: None
+        k = torch.tensor([1], dtype=torch.int32)
+    x = torch.zeros(1, K, dtype=torch.float16)
+    if a.fields:
+        planes = [torch.zeros(N, K // (32 // b), dtype=torch.int32) for b in bits]
+        scale = torch.zeros(N, K // group, dtype=torch.float16)
+        cfg = tb.SmallConfig(fields=True, block_n=a.block_n, block_k=a.block_k, num_warps=a.warps)
+        name = "_bp_gemv_fields_kernel"
+        fn, grid, args, kw = record(
+            name, lambda: tb.bitplane_linear(x, planes, scale, scale, bits, group, k, small_config=cfg)
+        )
+        codes = kw["BLOCK_N"] * kw["BLOCK_K"] / (32 * a.warps)
+    else:
+        T = sum(bits)
+        words = torch.zeros(T, K // 16, N // 2, dtype=torch.int32)
+        sz = torch.zeros(2, K // group, N // 2, dtype=torch.int32)
+        bp = tb.BitPlanes(words, sz, bits, group, K, N)
+        cfg = tb.SmallConfig(
+            bitplanes=True,
+            block_n=a.block_n,
+            block_k=a.block_k,
+            num_warps=a.warps,
+            waves=a.waves,
+            prefetch=a.prefetch,
+        )
+        name = "_bp_gemv_bits_kernel"
+        fn, grid, args, kw = record(name, lambda: tb.bitplane_linear_bits(x, bp, k, config=cfg))
+        codes = 2 * kw["BN2"] * group / (32 * a.warps)  # per thread and group
+    ck = compile_sm90(fn, args, kw)
+    sass, res = sass_and_resources(ck)
+    if a.save:
+        Path(a.save + ".sass").write_text(sass)
+        Path(a.save + ".ttgir").write_text(ck.asm["ttgir"])
+        Path(a.save + ".ptx").write_text(ck.asm["ptx"])
+    label = f"{name} slices {a.slices} " + ("k on the device" if a.device_k else f"k={a.k}") + f", grid {grid}"
+    report(sass, res, codes, label)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
