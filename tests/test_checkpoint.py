@@ -196,8 +196,7 @@ def test_saving_an_unfrozen_model_is_refused(make_llama, tmp_path):
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
     """One saved checkpoint (paper grid, g=64) per module; tests edit copies of it (:func:`ckpt`)."""
-    # tests/conftest.py's builders, loaded by path (``import conftest`` may find another folder's in a full run)
-    from test_readme import build_tiny_llama, token_batches
+    from tiny_models import build_tiny_llama, token_batches
 
     model = build_tiny_llama(0)
     mq.quantize_model(model, mq.MoBiConfig(group_size=64))

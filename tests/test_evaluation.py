@@ -9,26 +9,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from mobiquant.evaluation import perplexity, window_nll
+from tiny_models import build_tiny_llama
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 VOCAB = 96
 
 
 def tiny_model(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    return LlamaForCausalLM(config).eval()
+    return build_tiny_llama(seed, vocab_size=VOCAB, intermediate_size=128, max_position_embeddings=128)
 
 
 def random_windows(n: int = 3, seqlen: int = 32, seed: int = 0) -> torch.Tensor:

@@ -17,7 +17,7 @@ import mobiquant as mq
 from mobiquant import hf
 from mobiquant.elastic.plan import stack_plan
 from mobiquant.patching import budget_plan, mobi_linears, routers
-from test_readme import build_tiny_llama, token_batches  # tests/conftest.py's builders, loaded by path
+from tiny_models import build_tiny_llama, token_batches
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from mobiquant.io import models
 from mobiquant.io.models import (
@@ -23,22 +23,15 @@ from mobiquant.io.models import (
     resolve_dtype,
     smollm2_gguf_path,
 )
+from tiny_models import build_tiny_llama
 
 VOCAB = 96
 
 
 def tiny_model(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
+    return build_tiny_llama(
+        seed, vocab_size=VOCAB, intermediate_size=128, num_hidden_layers=layers, max_position_embeddings=128
     )
-    return LlamaForCausalLM(config).eval()
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:

@@ -9,19 +9,7 @@ import pytest
 import torch
 
 import mobiquant as mq
-
-
-def _conftest():
-    """tests/conftest.py by path: ``import conftest`` may find another folder's conftest in a full run."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("mobiquant_tests_conftest", Path(__file__).with_name("conftest.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-build_tiny_llama, token_batches = _conftest().build_tiny_llama, _conftest().token_batches
+from tiny_models import build_tiny_llama, token_batches
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from mobiquant import MoBiConfig, achieved_bits, freeze, quantize_model, reset_counts
 from mobiquant.elastic.site_budgets import (
@@ -15,20 +14,12 @@ from mobiquant.elastic.site_budgets import (
     site_cost_curves,
 )
 from mobiquant.patching import fit_budget_thresholds, mobi_linears, routers, set_budget
+from tiny_models import build_tiny_llama
 
 
 def fp_model(seed: int = 0):
     """The tiny FP LLaMA that :func:`routed_model` quantizes (same seed, same weights)."""
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(cfg).eval().requires_grad_(False)
+    return build_tiny_llama(seed).requires_grad_(False)
 
 
 def routed_model(seed: int = 0, policy: str = "adjacent"):
@@ -124,16 +115,7 @@ def test_bad_input_is_refused(model_and_curves, calib_ids):
     assert default_grid((2, 2, 2, 2), 2.0) == [2.0, 4.0, 6.0, 8.0]
     with pytest.raises(ValueError, match="missing"):
         apply_site_budgets(model, {})
-    plain = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=128,
-            hidden_size=64,
-            intermediate_size=160,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    )
+    plain = build_tiny_llama(0, num_hidden_layers=1)
     with pytest.raises(ValueError, match="no routers"):
         site_cost_curves(plain, calib_ids)
 
@@ -198,17 +180,7 @@ def test_per_linear_curves_and_thresholds(model_and_curves, calib_ids):
 def test_per_linear_thresholds_need_packed_linears(calib_ids):
     from mobiquant.elastic.site_budgets import apply_linear_budgets
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=128,
-            hidden_size=64,
-            intermediate_size=160,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    )
+    model = build_tiny_llama(0, num_hidden_layers=1)
     quantize_model(model, MoBiConfig(group_size=32, router_hidden=8, router_policy="adjacent"))
     for _, r in routers(model):
         r.set_table([2.0, 8.0], [10.0, -10.0])

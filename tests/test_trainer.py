@@ -15,7 +15,7 @@ from mobiquant.calibration import OWNED_TRAINER_ARGS, CalibConfig, block_trainer
 from mobiquant.configcheck import preflight
 from mobiquant.tasks.quantize import build_callbacks, run, trainer_args
 from test_pipeline import smoke_cfg
-from test_readme import build_tiny_llama, token_batches
+from tiny_models import build_tiny_llama, token_batches
 
 
 class Seen(L.Callback):

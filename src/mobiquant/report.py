@@ -36,7 +36,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .io.results import atomic_write_text, read_results, readable_log_axis, write_csv
+from .io.results import atomic_write_text, is_missing, markdown_table, read_results, readable_log_axis, write_csv
+from .io.tracking import wandb_table
 
 log = logging.getLogger("mobiquant.report")
 
@@ -362,7 +363,7 @@ def config_label(row_overrides: dict[str, Any], axes: list[str]) -> str:
 def _with_config(df: pd.DataFrame) -> pd.DataFrame:
     axes = [c.removeprefix(OV) for c in df.columns if c.startswith(OV)]
     cfg = (
-        [config_label({k: r[OV + k] for k in axes if not _isna(r[OV + k])}, axes) for _, r in df.iterrows()]
+        [config_label({k: r[OV + k] for k in axes if not is_missing(r[OV + k])}, axes) for _, r in df.iterrows()]
         if axes
         else [""] * len(df)
     )
@@ -495,24 +496,6 @@ def plot_pareto(df: pd.DataFrame, path: str | os.PathLike, title: str = "") -> P
 
 
 # ---------------------------------------------------------------------------- markdown
-def _md_table(frame: pd.DataFrame) -> str:
-    cols = list(frame.columns)
-    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
-    for row in frame.itertuples(index=False):
-        cells = [
-            f"{v:.3f}" if isinstance(v, float) and not math.isnan(v) else ("" if _isna(v) else str(v)) for v in row
-        ]
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return "\n".join(lines)
-
-
-def _isna(v) -> bool:
-    try:
-        return bool(pd.isna(v))
-    except (TypeError, ValueError):
-        return False
-
-
 def markdown(report: Report) -> str:
     df, jobs = report.df, report.jobs
     ok = jobs[jobs["status"] == "ok"]
@@ -539,7 +522,7 @@ def markdown(report: Report) -> str:
         "",
         f"## Leaderboard (mean ppl of the main method over its budgets; sorted by {first})",
         "",
-        _md_table(board.rename(columns={c: c.removeprefix("mean_ppl.") for c in score_cols})),
+        markdown_table(board.rename(columns={c: c.removeprefix("mean_ppl.") for c in score_cols}), "{:.3f}"),
     ]
     if board["budgets"].nunique() > 1:
         parts += ["", "The jobs cover different budgets: compare means only between rows with the same budgets."]
@@ -551,7 +534,12 @@ def markdown(report: Report) -> str:
         pivot = sub.pivot_table(index="label", columns="b", values="ppl", aggfunc="mean")
         pivot = pivot[sorted(pivot.columns, key=lambda c: float(c.split()[0]))]
         order = [lab for lab in board["label"] if lab in pivot.index]
-        parts += ["", f"## {ds}: ppl of the main method per budget", "", _md_table(pivot.loc[order].reset_index())]
+        parts += [
+            "",
+            f"## {ds}: ppl of the main method per budget",
+            "",
+            markdown_table(pivot.loc[order].reset_index(), "{:.3f}"),
+        ]
         fp = df[(df["dataset"] == ds) & df["budget"].isna()]["ppl"]
         if not fp.empty:
             parts += ["", f"FP reference: {fp.mean():.3f}"]
@@ -560,14 +548,14 @@ def markdown(report: Report) -> str:
                 "",
                 f"## {ds}: mean +- std over seeds (main method of each configuration)",
                 "",
-                _md_table(seed_table(df, ds)),
+                markdown_table(seed_table(df, ds), "{:.3f}"),
             ]
         front = pareto_front(quantized(df[df["dataset"] == ds]))
         parts += [
             "",
             f"### {ds}: Pareto front (all methods and jobs)",
             "",
-            _md_table(front[["label", "method", "budget", "avg_bits", "ppl"]]),
+            markdown_table(front[["label", "method", "budget", "avg_bits", "ppl"]], "{:.3f}"),
         ]
     return "\n".join(parts) + "\n"
 
@@ -647,12 +635,7 @@ def log_to_wandb(
         config={"root": str(report.root), "axes": report.axes, "n_jobs": int(len(report.jobs))},
     )
     try:
-
-        def table(frame: pd.DataFrame):
-            clean = frame.astype({c: "string" for c in frame.columns if frame[c].dtype == object})
-            return wandb.Table(dataframe=clean.astype(object).where(clean.notna(), None))
-
-        payload: dict[str, Any] = {"report/results": table(report.df), "report/jobs": table(report.jobs)}
+        payload: dict[str, Any] = {"report/results": wandb_table(report.df), "report/jobs": wandb_table(report.jobs)}
         for p in paths.values():
             if p.suffix == ".png":
                 payload[f"report/{p.stem}"] = wandb.Image(str(p))

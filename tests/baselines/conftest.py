@@ -4,22 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+
+from tiny_models import build_tiny_llama
 
 
-def small_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    model = LlamaForCausalLM(cfg).eval()
-    model.requires_grad_(False)
-    return model
+def small_llama(seed: int = 0):
+    return build_tiny_llama(seed).requires_grad_(False)
 
 
 @pytest.fixture

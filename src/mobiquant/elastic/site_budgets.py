@@ -35,10 +35,11 @@ import torch
 import torch.nn as nn
 
 from ..dist import is_rank_zero
-from ..methods.baselines.mixed_layer import _views, allocate_bits, nll_backward, release_hooks
 from ..nn.router import TokenRouter, interp_tau, weighted_tail_table
 from ..patching import mobi_linears, routers
 from .plan import BudgetPlan, stack_plan
+from .sensitivity import allocate_bits, nll_backward, release_hooks
+from .sensitivity import weight_views as _views
 
 
 def _site_of(model: nn.Module) -> tuple[dict[str, TokenRouter], dict[str, str], dict[str, int]]:

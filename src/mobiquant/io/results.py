@@ -8,6 +8,7 @@ import os
 from collections.abc import Iterable
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -34,6 +35,27 @@ COLUMNS = [
     "checkpoint",
 ]
 KEY = ["method", "budget", "dataset"]
+
+
+def is_missing(v: Any) -> bool:
+    """``None``, ``NaN`` or ``pd.NA`` (and not an error for lists and other values ``pd.isna`` maps elementwise)."""
+    try:
+        return bool(pd.isna(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def markdown_table(frame: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
+    """``frame`` as a plain Markdown table: a header row, ``|---|`` rules, floats by ``floatfmt``, missing
+    values empty, ``|`` inside a cell escaped."""
+
+    def cell(v: Any) -> str:
+        text = "" if is_missing(v) else floatfmt.format(v) if isinstance(v, float) else str(v)
+        return text.replace("|", "\\|")
+
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|---" * len(frame.columns) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
 
 
 def write_csv(df: pd.DataFrame, path: str | os.PathLike) -> None:
@@ -83,10 +105,7 @@ def ppl_table(df: pd.DataFrame, dataset: str | None = None, mark_best: bool = Tr
                 continue
             best = pivot[c].idxmin()
             out.loc[best, c] = f"**{out.loc[best, c]}**"
-    header = "| method | " + " | ".join(f"{c} bit" if c != "FP" else c for c in cols) + " |"
-    sep = "|---" * (len(cols) + 1) + "|"
-    rows = [f"| {m} | " + " | ".join(out.loc[m, c] for c in cols) + " |" for m in out.index]
-    return "\n".join([header, sep, *rows])
+    return markdown_table(out.rename(columns=lambda c: f"{c} bit" if c != "FP" else c).reset_index())
 
 
 def plot_elasticity(df: pd.DataFrame, path: str | os.PathLike, title: str = "") -> Path:
@@ -195,15 +214,15 @@ def method_summary(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def summary_markdown(summary: pd.DataFrame) -> str:
-    lines = [
-        "| method | budgets | calibrations | calibration time (s) | bytes for every precision (MB) |",
-        "|---|---|---|---|---|",
-    ]
-    for r in summary.itertuples():
-        stored = r.stored_bytes_all_precisions
-        lines.append(
-            f"| {r.method} | {r.budgets} | {r.n_calibrations} | {r.calib_seconds:.0f} | "
-            + ("n/a" if math.isnan(stored) else f"{stored / 1e6:.1f}")
-            + " |"
+    rows = [
+        (
+            r.method,
+            r.budgets,
+            r.n_calibrations,
+            f"{r.calib_seconds:.0f}",
+            "n/a" if math.isnan(r.stored_bytes_all_precisions) else f"{r.stored_bytes_all_precisions / 1e6:.1f}",
         )
-    return "\n".join(lines)
+        for r in summary.itertuples()
+    ]
+    columns = ["method", "budgets", "calibrations", "calibration time (s)", "bytes for every precision (MB)"]
+    return markdown_table(pd.DataFrame(rows, columns=columns))

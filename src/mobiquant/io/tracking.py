@@ -44,6 +44,14 @@ NAME_SKIP = (
 )
 
 
+def wandb_table(df: pd.DataFrame) -> Any:
+    """``df`` as a ``wandb.Table``: text columns as strings, every missing value (NaN, None, NA) as ``None``."""
+    import wandb
+
+    clean = df.astype({c: "string" for c in df.columns if df[c].dtype == object})
+    return wandb.Table(dataframe=clean.astype(object).where(clean.notna(), None))
+
+
 class Tracker:
     def __init__(self, logger_cfg: DictConfig | None, run_config: dict | None = None):
         from hydra.utils import instantiate
@@ -98,9 +106,7 @@ class Tracker:
             return
         import wandb
 
-        clean = df.astype({c: "string" for c in df.columns if df[c].dtype == object}).fillna(pd.NA)
-        table = wandb.Table(dataframe=clean.astype(object).where(clean.notna(), None))
-        payload = {"results": table}
+        payload = {"results": wandb_table(df)}
         for ds in df["dataset"].unique():
             sub = df[(df["dataset"] == ds) & df["budget"].notna()]
             if sub.empty:
@@ -139,10 +145,7 @@ class Tracker:
         """``df`` as the W&B table ``key`` (and ``markdown`` in the run summary under ``<key>_markdown``)."""
         if self.wandb_run is None:
             return
-        import wandb
-
-        clean = df.astype({c: "string" for c in df.columns if df[c].dtype == object}).fillna(pd.NA)
-        self.wandb_run.log({key: wandb.Table(dataframe=clean.astype(object).where(clean.notna(), None))})
+        self.wandb_run.log({key: wandb_table(df)})
         if markdown:
             self.wandb_run.summary[f"{key}_markdown"] = markdown
 

@@ -147,21 +147,10 @@ def torch_reference(
     x2 = x.reshape(-1, in_f).to(cdt)
     b = bias.to(cdt) if bias is not None else None
 
-    def lin(xx, kk):
-        w = dequantize_reference(planes, scale, zero, slice_bits, group_size, kk, in_f).to(cdt)
-        return torch.nn.functional.linear(xx, w, b)
+    def weight(kk: int) -> torch.Tensor:
+        return dequantize_reference(planes, scale, zero, slice_bits, group_size, kk, in_f).to(cdt)
 
-    if isinstance(k, int):
-        y = lin(x2, int(k))
-    else:
-        kf = torch.as_tensor(k).reshape(-1).to(x2.device)
-        if kf.numel() != x2.shape[0]:
-            raise ValueError(f"k has {kf.numel()} entries for {x2.shape[0]} tokens")
-        y = torch.empty(x2.shape[0], n_out, dtype=cdt, device=x2.device)
-        for kk in torch.unique(kf).tolist():
-            idx = (kf == kk).nonzero(as_tuple=True)[0]
-            y[idx] = lin(x2[idx], int(kk))
-    return y.to(x.dtype).reshape(*x.shape[:-1], n_out)
+    return _torch_linear(x2, weight, k, b, n_out).to(x.dtype).reshape(*x.shape[:-1], n_out)
 
 
 def _torch_linear(
@@ -171,7 +160,7 @@ def _torch_linear(
     if isinstance(k, int):
         return F.linear(x, weight(k).to(x.dtype), bias)
     flat_x = x.reshape(-1, x.shape[-1])
-    flat_k = k.reshape(-1)
+    flat_k = torch.as_tensor(k, device=x.device).reshape(-1)
     if flat_k.numel() != flat_x.shape[0]:
         raise ValueError(f"k has {flat_k.numel()} entries for {flat_x.shape[0]} tokens")
     out = torch.empty(flat_x.shape[0], n_out, dtype=x.dtype, device=x.device)

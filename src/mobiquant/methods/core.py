@@ -36,6 +36,7 @@ import torch.nn as nn
 
 from ..calibration import CalibConfig, calibrate_model
 from ..dist import is_rank_zero
+from ..elastic.site_budgets import allocated_bits
 from ..io.checkpoint import CONFIG_NAME, load_quantized, quantized_state, read_meta, save_quantized
 from ..patching import (
     budget_plan,
@@ -481,19 +482,11 @@ class MoBiQuant(QuantMethod):
                 set_budget(model, b)
             extra = {"shared_checkpoint": reused}
             if plan is not None:
+                # the plan names exactly the routed linears (install_plan checks it)
                 local = plan.local_at(b)
-                extra["allocated_bits"] = _param_mean(model, local)
+                params = {n: {"params": m.in_features * m.out_features} for n, m in mobi_linears(model) if n in local}
+                extra["allocated_bits"] = allocated_bits(params, local)
             yield Variant(self.name, b, model, storage_bits(model), seconds + plan_seconds, n_cal, ckpt, extra=extra)
-
-
-def _param_mean(model: nn.Module, values: Mapping[str, float]) -> float:
-    """Parameter-weighted mean of per-linear ``values`` over the linears they name."""
-    num = den = 0.0
-    for name, m in mobi_linears(model):
-        if name in values:
-            n = m.in_features * m.out_features
-            num, den = num + n * values[name], den + n
-    return num / den if den else math.nan
 
 
 class GPTQ(QuantMethod):

@@ -1,0 +1,68 @@
+"""The suite's tiny seeded random decoder-only LMs (LLaMA and OPT) and token batches, importable by name.
+
+The models are small enough that a forward pass takes milliseconds on a laptop CPU, yet they have every
+structural feature the patcher must discover: a ``ModuleList`` of blocks, q/k/v and gate/up linears that
+read one input, ragged groups (intermediate width 160 with ``g = 64``), embeddings and an ``lm_head``.
+Test modules import these builders (``from tiny_models import build_tiny_llama``); ``conftest.py`` wraps them
+in fixtures. transformers is imported inside the builders: it is slow to import and the quantizer tests
+never need it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+VOCAB = 128
+
+
+def tiny_llama_config(**overrides: Any):
+    """The tiny LLaMA's ``LlamaConfig``; ``overrides`` replace any of its fields (or add others)."""
+    from transformers import LlamaConfig
+
+    fields: dict[str, Any] = {
+        "vocab_size": VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 160,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    }
+    return LlamaConfig(**(fields | overrides))
+
+
+def tiny_opt_config():
+    from transformers import OPTConfig
+
+    # A different family on purpose: blocks live in ``model.decoder.layers``, linears have biases and
+    # other names (k/v/q/out_proj, fc1/fc2), and there are learned position embeddings.
+    return OPTConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        ffn_dim=160,
+        word_embed_proj_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+    )
+
+
+def build_tiny_llama(seed: int = 0, **overrides: Any):
+    """A fresh tiny random LLaMA in eval mode (same seed and overrides, same weights); see :func:`tiny_llama_config`."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
+
+
+def build_tiny_opt(seed: int = 0):
+    from transformers import OPTForCausalLM
+
+    torch.manual_seed(seed)
+    return OPTForCausalLM(tiny_opt_config()).eval()
+
+
+def token_batches(n: int, batch: int = 4, seqlen: int = 32, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (batch, seqlen), generator=g) for _ in range(n)]
