@@ -270,3 +270,19 @@ def test_mobiquant_sweep_on_two_fake_gpus_matches_single_runs(tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(sweep / "1" / "results.csv").drop(columns=TIMING), one)
     other = pd.read_csv(sweep / "0" / "results.csv").drop(columns=TIMING)
     assert not other["ppl"].equals(one["ppl"])  # another seed: the comparison can tell jobs apart
+
+
+def test_claim_shares_a_device_between_per_device_processes(monkeypatch, tmp_path):
+    """jobs_per_gpu: every device is taken once before any is shared, and never more than per_device times."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    held = [gpus.claim(["0", "1"], tmp_path, per_device=2, poll_s=0.05, timeout_s=1) for _ in range(4)]
+    assert [h.device for h in held] == ["0", "1", "0", "1"]
+    with pytest.raises(TimeoutError, match="no free GPU"):
+        gpus.claim(["0", "1"], tmp_path, per_device=2, poll_s=0.05, timeout_s=0.2)
+    held[2].release()
+    again = gpus.claim(["0", "1"], tmp_path, per_device=2, poll_s=0.05, timeout_s=1)
+    assert again.device == "0" and again.path == held[2].path
+    for h in [*held, again]:
+        h.release()
+    with pytest.raises(ValueError, match="jobs_per_gpu=0"):
+        gpus.claim(["0"], tmp_path, per_device=0)

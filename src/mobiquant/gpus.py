@@ -152,16 +152,20 @@ def claim(
     note: str = "",
     poll_s: float = 0.2,
     timeout_s: float | None = None,
+    per_device: int = 1,
 ) -> Claim:
     """Take the first free device of ``devices`` (waiting while every one is held) and make it the only one
     this process sees: ``CUDA_VISIBLE_DEVICES`` is set to it. Call it before anything initialises CUDA in
     this process; the lock is held until the returned claim is released or the process ends.
 
     ``note`` is written into the lock file (e.g. the job number). A ``TimeoutError`` after ``timeout_s``
-    seconds of waiting (``None``: wait as long as it takes).
+    seconds of waiting (``None``: wait as long as it takes). ``per_device``: how many processes may hold one
+    device at a time (one lock file per share; free devices are taken before second shares).
     """
     if not devices:
         raise ValueError("no device to claim")
+    if isinstance(per_device, bool) or not isinstance(per_device, int) or per_device < 1:
+        raise ValueError(f"hydra.launcher.jobs_per_gpu={per_device!r}: must be an integer >= 1")
     if _cuda_initialised():
         raise RuntimeError(
             f"CUDA is already initialised in this process: setting {CUDA_ENV} now would not take effect; "
@@ -172,8 +176,8 @@ def claim(
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     waiting = False
     while True:
-        for slot, device in enumerate(devices):
-            path = lock_path(lock_dir, device)
+        for share, (slot, device) in ((j, d) for j in range(per_device) for d in enumerate(devices)):
+            path = lock_path(lock_dir, device if share == 0 else f"{device}.{share}")
             f = _try_lock(path, note)
             if f is not None:
                 os.environ[CUDA_ENV] = device

@@ -99,12 +99,13 @@ def _job(
     devices: list[str],
     lock_dir: str,
     poll_s: float,
+    per_device: int,
     conn: Connection,
 ) -> None:
     """One job, in its own spawned process: claim a GPU, then run the job as Hydra's launchers do."""
     from mobiquant.gpus import CUDA_ENV, claim
 
-    held = claim(devices, lock_dir, note=f"job {idx}", poll_s=poll_s)  # before anything touches CUDA
+    held = claim(devices, lock_dir, note=f"job {idx}", poll_s=poll_s, per_device=per_device)  # before any CUDA
     conn.send(("claimed", held.device, os.getpid(), time.time()))
     hydra_context, config, task_function, singleton_state = pickle.loads(payload)
     setup_globals()
@@ -142,7 +143,12 @@ def _job(
 class GpusLauncher(Launcher):
     """Runs a sweep's jobs on this host's GPUs: one fresh process per job, one job per GPU at a time."""
 
-    def __init__(self, gpus: Any = None, lock_dir: str | None = None, poll_s: float = 0.5) -> None:
+    def __init__(
+        self, gpus: Any = None, lock_dir: str | None = None, poll_s: float = 0.5, jobs_per_gpu: int = 1
+    ) -> None:
+        if isinstance(jobs_per_gpu, bool) or not isinstance(jobs_per_gpu, int) or jobs_per_gpu < 1:
+            raise ValueError(f"hydra.launcher.jobs_per_gpu={jobs_per_gpu!r}: must be an integer >= 1")
+        self.jobs_per_gpu = jobs_per_gpu
         self.gpus = gpus
         self.lock_dir = lock_dir
         self.poll_s = float(poll_s)
@@ -176,7 +182,7 @@ class GpusLauncher(Launcher):
                 csv.writer(f).writerow(LEDGER_FIELDS)
         log.info(
             f"GpusLauncher: {len(job_overrides)} jobs on GPU(s) [{', '.join(devices)}], "
-            f"{min(len(devices), len(job_overrides))} at a time (locks in {lock_dir})"
+            f"{min(len(devices) * self.jobs_per_gpu, len(job_overrides))} at a time (locks in {lock_dir})"
         )
         log.info(f"Launching jobs, sweep output dir : {sweep_dir}")
         for i, overrides in enumerate(job_overrides):
@@ -186,7 +192,7 @@ class GpusLauncher(Launcher):
         payload = _dumps((self.hydra_context, self.config, _importable(self.task_function), state))
         if not job_overrides:
             return []
-        with ThreadPoolExecutor(max_workers=min(len(devices), len(job_overrides))) as pool:
+        with ThreadPoolExecutor(max_workers=min(len(devices) * self.jobs_per_gpu, len(job_overrides))) as pool:
             futures = [
                 pool.submit(self._run, payload, initial_job_idx + i, list(ov), devices, str(lock_dir), ledger)
                 for i, ov in enumerate(job_overrides)
@@ -202,7 +208,7 @@ class GpusLauncher(Launcher):
         # not a daemon: the job may start processes of its own (data loaders, DDP ranks)
         proc = ctx.Process(
             target=_job,
-            args=(payload, idx, overrides, devices, lock_dir, self.poll_s, send),
+            args=(payload, idx, overrides, devices, lock_dir, self.poll_s, self.jobs_per_gpu, send),
             name=f"job-{idx}",
         )
         proc.start()
