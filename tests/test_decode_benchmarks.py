@@ -18,7 +18,7 @@ import e2e_decode  # noqa: E402
 
 
 @pytest.mark.parametrize(
-    "argv", [["--budgets", "1,4"], ["--budgets", "x"], ["--new-tokens", "1"], ["--gguf", "/nonexistent.gguf"]]
+    "argv", [["--budgets", "0.5,4"], ["--budgets", "x"], ["--slices", "3,x"], ["--new-tokens", "1"], ["--gguf", "/nonexistent.gguf"]]
 )
 def test_e2e_decode_rejects_bad_arguments(argv):
     with pytest.raises(SystemExit):
@@ -54,10 +54,13 @@ def test_x_gemlite_pairs_rows_of_the_same_bits_and_shape():
 
 @pytest.mark.slow
 def test_dry_runs(tmp_path, capsys):
-    assert e2e_decode.main(["--dry-run", "--budgets", "2,8", "--out", str(tmp_path)]) == 0
+    assert e2e_decode.main(["--dry-run", "--slices", "2,2,2,2", "--budgets", "2,8", "--out", str(tmp_path)]) == 0
     df = pd.read_csv(tmp_path / "e2e_decode.csv")
     assert df["mode"].tolist() == ["fp16", "mobiquant", "mobiquant"]
     assert df["bits"].iloc[1:].tolist() == [2.0, 8.0] and (df["tokens_per_s"] > 0).all()
+    assert e2e_decode.main(["--dry-run", "--new-tokens", "2", "--out", str(tmp_path)]) == 0  # the default layout
+    df = pd.read_csv(tmp_path / "e2e_decode.csv")
+    assert df["bits"].iloc[1:].tolist() == [3.0, 4.0, 5.0, 6.0, 7.0, 8.0]  # every integer view
     assert decode_bench.main(["--dry-run", "--new-tokens", "3"]) == 0
     out = capsys.readouterr().out
     assert "package routed" in out and "package static k=4" in out
