@@ -18,7 +18,14 @@ import e2e_decode  # noqa: E402
 
 
 @pytest.mark.parametrize(
-    "argv", [["--budgets", "0.5,4"], ["--budgets", "x"], ["--slices", "3,x"], ["--new-tokens", "1"], ["--gguf", "/nonexistent.gguf"]]
+    "argv",
+    [
+        ["--budgets", "0.5,4"],
+        ["--budgets", "x"],
+        ["--slices", "3,x"],
+        ["--new-tokens", "1"],
+        ["--gguf", "/nonexistent.gguf"],
+    ],
 )
 def test_e2e_decode_rejects_bad_arguments(argv):
     with pytest.raises(SystemExit):
