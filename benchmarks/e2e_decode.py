@@ -8,13 +8,13 @@
     python benchmarks/e2e_decode.py --dry-run                         # CPU, tiny random model: the code path
 
 The model is loaded by ``mobiquant.io.models.load_model`` in fp16 on the GPU. The quantized model is a saved
-checkpoint (``--checkpoint``) or, by default, the model patched by ``mobiquant.quantize_model``
-(slices ``--slices``, default the package's 3-1-1-1-1-1, g128), router thresholds fitted on a few
-random-token windows and packed without LWC calibration: decode speed does not depend on the
-calibration, quality does (use a checkpoint for text worth reading). Each row: one warm-up generation
-(kernel compilation, CUDA-graph capture), then the fastest of ``--repeats`` greedy generations of
-``--new-tokens`` tokens after the prompt, timed over the decode steps (prefill and capture excluded). Achieved bits are counted in a separate eager pass.
-Prints a pandas table (tokens/s, us/token, x fp16) and writes ``e2e_decode.csv`` to ``--out`` / ``$OUT``.
+checkpoint (``--checkpoint``) or, by default, the model patched by ``mobiquant.quantize_model`` (slices
+``--slices``, default the package's 3-1-1-1-1-1, g128), router thresholds fitted on a few random-token windows
+and packed without LWC calibration: decode speed does not depend on the calibration, quality does (use a
+checkpoint for text worth reading). Each row: one warm-up generation (kernel compilation, CUDA-graph capture),
+then the fastest of ``--repeats`` greedy generations of ``--new-tokens`` tokens after the prompt, timed over
+the decode steps (prefill and capture excluded). Achieved bits are counted in a separate eager pass. Prints a
+pandas table (tokens/s, us/token, x fp16) and writes ``e2e_decode.csv`` to ``--out`` / ``$OUT``.
 """
 
 from __future__ import annotations
