@@ -25,7 +25,7 @@ from mobiquant.tasks.analysis.outliers import (
     split_nll,
     top_mask,
 )
-from mobiquant.tasks.quantize import ConfigError, load_base_model
+from mobiquant.tasks.session import ConfigError, load_base_model
 
 FILES = [
     "token_errors.csv",
