@@ -92,11 +92,11 @@ def identity_keys(task: str) -> tuple[str, ...]:
     return TASK_IDENTITY_KEYS.get(task, IDENTITY_KEYS)
 
 
-def config_identity(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved settings that decide what a run of ``cfg.task`` computes (:func:`identity_keys` less
-    :data:`RUNTIME_KEYS`), as plain JSON values."""
+def config_identity(cfg: DictConfig, task: str | None = None) -> dict[str, Any]:
+    """The resolved settings that decide what a run of ``task`` (default ``cfg.task``) computes
+    (:func:`identity_keys` less :data:`RUNTIME_KEYS`), as plain JSON values."""
     out: dict[str, Any] = {}
-    for key in identity_keys(str(cfg.get("task", "quantize"))):
+    for key in identity_keys(task or str(cfg.get("task", "quantize"))):
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(cfg, parent) if parent else cfg
         if not isinstance(node, DictConfig) or leaf not in node:

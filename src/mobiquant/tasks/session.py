@@ -48,7 +48,7 @@ from ..configcheck import (
 from ..dist import is_rank_zero
 from ..io.fileio import ensure_writable_dir, remove_stray_temporaries
 from ..io.results import concat_rows, write_csv
-from ..io.runfolder import ON_MISMATCH, RunFolder, open_run_folder
+from ..io.runfolder import ON_MISMATCH, RunFolder, config_identity, open_run_folder
 from ..io.tracking import Tracker, plain_config, wandb_env_default
 from ..methods.core import QuantMethod, RunContext, Variant
 from ..patching import achieved_bits, find_blocks, mobi_linears
@@ -474,16 +474,17 @@ def open_session(
     quiet: tuple[str, ...] = QUIET_LOGGERS,
     quiet_level: int = logging.WARNING,
 ) -> Iterator[Session]:
-    """The session of one run of ``task`` (see the module docstring). ``check(cfg)`` runs before anything
-    is written (its result is :attr:`Session.checked`); a refused run folder raises
-    :class:`~mobiquant.io.runfolder.RunFolderError` before any model is loaded."""
+    """The session of one run of ``task`` (see the module docstring; the run folder's identity is made of
+    ``task``'s settings). ``check(cfg)`` runs before anything is written (its result is
+    :attr:`Session.checked`); a refused run folder raises :class:`~mobiquant.io.runfolder.RunFolderError`
+    before any model is loaded."""
     quiet_loggers(quiet, quiet_level)
     checked = check(cfg)
     out_dir = prepare_run(cfg)
     # Under trainer=ddp every rank runs the task (see mobiquant.dist); rank 0 alone writes and logs.
     rank0 = is_rank_zero()
     on_mismatch = str(OmegaConf.select(cfg, "run.on_mismatch", default="refuse"))
-    folder = open_run_folder(out_dir, cfg, on_mismatch, rank0)
+    folder = open_run_folder(out_dir, config_identity(cfg, task), on_mismatch, rank0)
     try:
         out_dir = follow(cfg, out_dir, folder)
         tracker = Tracker(cfg.get("logger") if rank0 else None, plain_config(cfg))
