@@ -12,7 +12,7 @@ from omegaconf import OmegaConf, open_dict
 
 from mobiquant.__main__ import CONF_DIR
 from mobiquant.methods.core import QuantMethod
-from mobiquant.tasks.quantize import ConfigError, instantiate_calib, validate
+from mobiquant.tasks.session import ConfigError, instantiate_calib, validate
 
 GROUPS = [
     "model",
@@ -197,9 +197,9 @@ def test_enough_text_passes_the_checks(tmp_path):
 def test_inputs_fail_before_the_model_loads(overrides, fragment, tmp_path, monkeypatch):
     """Lengths, dtypes, devices, stage-1 views, unreachable budgets and corpus settings: one line naming the
     key and what is allowed, from the checks that run before any model is loaded."""
-    from mobiquant.tasks import quantize as pipeline
+    from mobiquant.tasks import session
 
-    monkeypatch.setattr(pipeline, "load_base_model", lambda cfg: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(session, "load_base_model", lambda cfg: pytest.fail("the model was loaded"))
     cfg = _compose(["experiment=smoke", *overrides], tmp_path)
     with pytest.raises(ConfigError) as e:
         validate(cfg)
@@ -210,7 +210,7 @@ def test_preset_grid_keeps_budgets_other_layouts_serve(tmp_path):
     """A budget grid from a preset is shared by layouts (each method evaluates what it covers): budgets no
     method of this run serves are skipped with a warning, not refused; a list given on the command line is
     taken literally (above)."""
-    from mobiquant.tasks.quantize import unserved_budgets
+    from mobiquant.tasks.session import unserved_budgets
 
     cfg = _compose(["experiment=smoke", "baselines=none"], tmp_path)  # [2, 3, 4, 8]; slices [3, 1, ...]
     methods, grid = validate(cfg)

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from omegaconf import ListConfig, OmegaConf, open_dict
 
 from mobiquant.__main__ import CONF_DIR
-from mobiquant.tasks.quantize import ConfigError, validate
+from mobiquant.tasks.session import ConfigError, validate
 
 # config key -> the fragment an error about it must contain
 KEYS = {

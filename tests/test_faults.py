@@ -44,6 +44,7 @@ from mobiquant.io.checkpoint import CONFIG_NAME, TENSORS_NAME, load_quantized, q
 from mobiquant.io.fileio import WriteError
 from mobiquant.io.results import COLUMNS, read_results, write_csv
 from mobiquant.tasks import quantize as pipeline
+from mobiquant.tasks import session
 from mobiquant.tiny import tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
@@ -316,7 +317,7 @@ def test_read_only_output_dir_fails_before_work_and_keeps_earlier_files(
     before = snapshot(out)
     assert {"results.csv", f"checkpoints/mobiquant/{TENSORS_NAME}"} <= set(before)
     loaded = []
-    monkeypatch.setattr(pipeline, "load_base_model", lambda cfg: loaded.append(cfg) or pytest.fail("model loaded"))
+    monkeypatch.setattr(session, "load_base_model", lambda cfg: loaded.append(cfg) or pytest.fail("model loaded"))
     cfg = _smoke_cfg(out, cache, "budget.budgets=[2,3,4,6,8]")  # a budget still to evaluate
     make_read_only(monkeypatch, out, code)
     with pytest.raises(WriteError) as e:

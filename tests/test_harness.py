@@ -20,7 +20,8 @@ pytest.importorskip("lm_eval")
 
 from mobiquant.__main__ import CONF_DIR, resolve_task  # noqa: E402
 from mobiquant.tasks import lm_eval as harness  # noqa: E402
-from mobiquant.tasks.quantize import ConfigError  # noqa: E402
+from mobiquant.tasks import session  # noqa: E402
+from mobiquant.tasks.session import ConfigError  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 WIKI = SHARED / "wikitext-2-raw" / "wiki.test.raw"
@@ -156,7 +157,7 @@ def test_bad_inputs_fail_before_any_work(override, fragment, tmp_path, monkeypat
     def no_model(cfg):
         raise AssertionError("the model was loaded before the configuration was checked")
 
-    monkeypatch.setattr(harness, "load_base_model", no_model)
+    monkeypatch.setattr(session, "load_base_model", no_model)
     with pytest.raises(ConfigError) as e:
         harness.run(lm_eval_cfg(tmp_path / "run", override, "logger=none"))
     assert fragment in str(e.value)
@@ -165,7 +166,7 @@ def test_bad_inputs_fail_before_any_work(override, fragment, tmp_path, monkeypat
 
 def test_checkpoint_budget_outside_its_slices(smoke, tmp_path, monkeypatch):
     out, _ = smoke
-    monkeypatch.setattr(harness, "load_base_model", lambda cfg: pytest.fail("model loaded"))
+    monkeypatch.setattr(session, "load_base_model", lambda cfg: pytest.fail("model loaded"))
     cfg = lm_eval_cfg(
         tmp_path / "run", "logger=none", f"lm_eval.checkpoint={out}/checkpoints/mobiquant", "lm_eval.budgets=[1]"
     )

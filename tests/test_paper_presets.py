@@ -9,7 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from mobiquant.__main__ import CONF_DIR
-from mobiquant.tasks.quantize import instantiate_calib, validate
+from mobiquant.tasks.session import instantiate_calib, validate
 
 PRESETS = {
     "paper_llama2_7b": "meta-llama/Llama-2-7b-hf",

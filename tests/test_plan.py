@@ -179,7 +179,8 @@ def test_pipeline_evaluates_what_a_reloaded_checkpoint_serves(tmp_path, monkeypa
 
     from mobiquant.evaluation import perplexity
     from mobiquant.io.data import eval_windows
-    from mobiquant.tasks.quantize import load_base_model, load_token_ids, run
+    from mobiquant.tasks.quantize import run
+    from mobiquant.tasks.session import load_base_model, load_token_ids
     from test_pipeline import smoke_cfg
 
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -25,6 +25,7 @@ from mobiquant.io.runfolder import (
     open_run_folder,
 )
 from mobiquant.tasks import quantize as pipeline
+from mobiquant.tasks import session
 from mobiquant.tasks.quantize import run
 from test_pipeline import smoke_cfg
 
@@ -40,7 +41,7 @@ def quiet(tmp_path, monkeypatch):
 
 def no_model(monkeypatch):
     """From now on, loading the model fails the test: what follows must be refused before any work."""
-    monkeypatch.setattr(pipeline, "load_base_model", lambda cfg: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(session, "load_base_model", lambda cfg: pytest.fail("the model was loaded"))
 
 
 def dead_pid() -> int:
@@ -232,7 +233,7 @@ def test_lock_is_released_after_a_run_and_after_a_failure(tmp_path, quiet, monke
     def boom(cfg):
         raise RuntimeError("loading failed")
 
-    monkeypatch.setattr(pipeline, "load_base_model", boom)
+    monkeypatch.setattr(session, "load_base_model", boom)
     with pytest.raises(RuntimeError, match="loading failed"):
         run(smoke_cfg(tmp_path, *FAST))
     RunLock(out).acquire().release()
@@ -309,6 +310,7 @@ def test_calibration_csv_survives_a_failure_during_evaluation(tmp_path, quiet, m
         real_write(df, path)
 
     monkeypatch.setattr(pipeline, "write_csv", spy)
+    monkeypatch.setattr(session, "write_csv", spy)  # calibration.csv after every block
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt

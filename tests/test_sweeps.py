@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from mobiquant.__main__ import CONF_DIR
-from mobiquant.tasks.quantize import validate
+from mobiquant.tasks.session import validate
 
 REPO = Path(CONF_DIR).parent
 SWEEPS = REPO / "sweeps"

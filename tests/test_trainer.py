@@ -13,7 +13,8 @@ import mobiquant as mq
 from mobiquant.__main__ import CONF_DIR
 from mobiquant.calibration import OWNED_TRAINER_ARGS, CalibConfig, block_trainer
 from mobiquant.configcheck import preflight
-from mobiquant.tasks.quantize import build_callbacks, run, trainer_args
+from mobiquant.tasks.quantize import run
+from mobiquant.tasks.session import build_callbacks, trainer_args
 from test_pipeline import smoke_cfg
 from tiny_models import build_tiny_llama, token_batches
 

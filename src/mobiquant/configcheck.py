@@ -613,7 +613,7 @@ def preflight(argv: list[str], conf_dir: str, tasks=None, extra_overrides: list[
     """The first configuration problem of the command line ``argv`` as one line, or None (see the module
     docstring). Help, ``--cfg`` and other informational flags are left to Hydra. In a multirun, the keys
     that are swept are left to each job's own checks, so one bad value fails its job and not the sweep.
-    A single ``task=quantize`` run also checks its run folder (:func:`_check_run_folder`); overrides that
+    A single run (of any task) also checks its run folder (:func:`_check_run_folder`); overrides that
     Hydra must be given in addition are appended to ``extra_overrides``."""
     global _BASE
     from hydra import compose, initialize_config_dir
@@ -659,12 +659,12 @@ def preflight(argv: list[str], conf_dir: str, tasks=None, extra_overrides: list[
         if tasks is not None and task not in tasks:
             raise ConfigError(f"task={task} is unknown; allowed: {', '.join(sorted(tasks))}{did_you_mean(task, tasks)}")
         if not args.multirun and task == "quantize":  # the pipeline's own checks (budgets, methods, corpora)
-            from .tasks.quantize import validate
+            from .tasks.session import validate
 
             validate(cfg)  # check_config included
         else:
             check_config(cfg)
-        if not args.multirun and task == "quantize":
+        if not args.multirun:  # every task takes its run folder (identity and lock) through the session
             from .io.runfolder import RunFolderError
 
             try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -25,7 +26,7 @@ from mobiquant.tasks.analysis.outliers import (
     split_nll,
     top_mask,
 )
-from mobiquant.tasks.quantize import ConfigError, load_base_model
+from mobiquant.tasks.session import ConfigError, load_base_model
 
 FILES = [
     "token_errors.csv",
@@ -237,11 +238,13 @@ def test_missing_clipping_or_other_settings_recalibrate(tmp_path, compose_cfg, m
     assert (tmp_path / "run" / "checkpoints" / "lwc-w4" / CLIPPING_NAME).is_file()
     m = pd.read_csv(tmp_path / "run" / "ppl_matrix.csv")
     assert set(m["calibrated"]) == {"fp", "lwc-w3", "lwc-w4"}
-    # other LWC calibration settings: both checkpoints are stale
+    # other LWC calibration settings: both checkpoints are stale (in a folder of its own, the checkpoints
+    # copied there: the run folder of the first settings refuses other ones)
     calls.clear()
+    shutil.copytree(tmp_path / "run" / "checkpoints", tmp_path / "other" / "checkpoints")
     outliers.run(
         compose_cfg(
-            tmp_path / "run",
+            tmp_path / "other",
             "experiment=outliers_smoke",
             "analysis.outliers.mobiquant=false",
             "analysis.outliers.lwc_calib.lr_lwc=0.02",

@@ -13,7 +13,7 @@ from mobiquant.io.checkpoint import load_quantized
 from mobiquant.io.data import eval_windows
 from mobiquant.patching import achieved_bits, reset_counts, set_budget
 from mobiquant.tasks.analysis import routers
-from mobiquant.tasks.quantize import ConfigError, load_base_model, load_token_ids
+from mobiquant.tasks.session import ConfigError, load_base_model, load_token_ids
 
 FILES = [
     "router_sites.csv",

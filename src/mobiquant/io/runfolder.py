@@ -1,9 +1,10 @@
 """The run folder knows what made it, lets one process write it at a time, and loses its leftovers.
 
-* **Identity.** ``identity.json`` records what a run computes: the resolved ``model``, ``data``, ``calib``,
-  ``eval``, ``budget``, ``plan``, ``quant`` and ``baselines`` settings, ``seed``, ``group_size`` and
-  ``task`` (not where outputs go, loggers, progress bars or other settings that change no number:
-  :data:`RUNTIME_KEYS`), and, once the model is loaded, the base model's fingerprint
+* **Identity.** ``identity.json`` records what a run computes: the resolved settings its task's numbers
+  depend on (:data:`TASK_IDENTITY_KEYS`; for ``task=quantize`` the ``model``, ``data``, ``calib``, ``eval``,
+  ``budget``, ``plan``, ``quant`` and ``baselines`` settings, ``seed``, ``group_size`` and ``task``; not where
+  outputs go, loggers, progress bars or other settings that change no number: :data:`RUNTIME_KEYS`), and,
+  once the model is loaded, the base model's fingerprint
   (:func:`mobiquant.io.checkpoint.base_fingerprint`, the one checkpoints carry). A run in a folder made by
   another identity is refused before any work, naming the settings that differ; with
   ``run.on_mismatch=new_subrun`` it runs in ``<folder>/subruns/<id>`` instead, a folder of its own. Every
@@ -40,8 +41,18 @@ IDENTITY_FORMAT = "mobiquant-run"
 LOCK_NAME = ".mobiquant.lock"
 SUBRUNS = "subruns"
 ON_MISMATCH = ("refuse", "new_subrun")
-#: The top-level config keys that decide what a run computes.
+#: The top-level config keys that decide what a ``task=quantize`` run computes.
 IDENTITY_KEYS = ("task", "seed", "group_size", "model", "data", "calib", "eval", "budget", "plan", "quant", "baselines")
+#: What every task that may calibrate ``quant`` depends on: the model, the calibration text and settings.
+_CALIBRATION_KEYS = ("task", "seed", "group_size", "model", "data.calib", "calib", "budget", "plan", "quant")
+#: Per task, the (dotted) config keys that decide its numbers; a task not named here: :data:`IDENTITY_KEYS`.
+TASK_IDENTITY_KEYS: dict[str, tuple[str, ...]] = {
+    "quantize": IDENTITY_KEYS,
+    "lm_eval": (*_CALIBRATION_KEYS, "baselines", "lm_eval"),
+    "decode": (*_CALIBRATION_KEYS, "decode"),
+    "outliers": (*_CALIBRATION_KEYS, "data", "eval", "analysis.dataset", "analysis.outliers"),
+    "routers": (*_CALIBRATION_KEYS, "data", "eval", "analysis.dataset", "analysis.routers"),
+}
 #: Keys under :data:`IDENTITY_KEYS` that change no number of a run: display names, progress output, where
 #: tensors are kept or computed, the host-device sync interval, the evaluation batch and kernel backend.
 RUNTIME_KEYS = (
@@ -54,9 +65,17 @@ RUNTIME_KEYS = (
     "eval.batch_size",
     "eval.backend",
 )
-#: Files whose rows belong to one identity: a folder holding one but no ``identity.json`` was made by an
-#: earlier mobiquant, and what made those rows is unknown.
-ROW_FILES = ("results.csv", "calibration.csv")
+#: Files whose rows belong to one identity (those of every task): a folder holding one but no ``identity.json``
+#: was made by an earlier mobiquant, and what made those rows is unknown.
+ROW_FILES = (
+    "results.csv",
+    "calibration.csv",
+    "lm_eval.csv",
+    "decode.csv",
+    "token_errors.csv",
+    "ppl_matrix.csv",
+    "router_budgets.csv",
+)
 #: Folders of a run folder that are not searched for stray temporaries (their own owners clean them).
 NOT_OURS = ("wandb", SUBRUNS)
 #: Folders of a run's work that another identity must not mix with (beside :data:`ROW_FILES`).
@@ -68,16 +87,26 @@ class RunFolderError(ConfigError):
 
 
 # ---------------------------------------------------------------------------- identity
-def config_identity(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved settings that decide what a run computes (:data:`IDENTITY_KEYS` less
-    :data:`RUNTIME_KEYS`), as plain JSON values."""
+def identity_keys(task: str) -> tuple[str, ...]:
+    """The (dotted) config keys that decide the numbers of ``task`` (:data:`TASK_IDENTITY_KEYS`)."""
+    return TASK_IDENTITY_KEYS.get(task, IDENTITY_KEYS)
+
+
+def config_identity(cfg: DictConfig, task: str | None = None) -> dict[str, Any]:
+    """The resolved settings that decide what a run of ``task`` (default ``cfg.task``) computes
+    (:func:`identity_keys` less :data:`RUNTIME_KEYS`), as plain JSON values."""
     out: dict[str, Any] = {}
-    for key in IDENTITY_KEYS:
-        if key not in cfg:
+    for key in identity_keys(task or str(cfg.get("task", "quantize"))):
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if not isinstance(node, DictConfig) or leaf not in node:
             continue
-        node = cfg._get_node(key)
-        value = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else cfg.get(key)
-        out[key] = value
+        child = node._get_node(leaf)
+        value = OmegaConf.to_container(child, resolve=True) if OmegaConf.is_config(child) else node.get(leaf)
+        into = out
+        for part in parent.split(".") if parent else ():
+            into = into.setdefault(part, {})
+        into[leaf] = value
     for dotted in RUNTIME_KEYS:
         parent, _, leaf = dotted.rpartition(".")
         node = out.get(parent)

@@ -624,7 +624,7 @@ def generate(
 def _decode_settings(cfg) -> dict[str, Any]:
     from omegaconf import ListConfig
 
-    from .quantize import ConfigError, _pos_int
+    from .session import ConfigError, pos_int
 
     d = cfg.get("decode")
     if d is None:
@@ -632,7 +632,7 @@ def _decode_settings(cfg) -> dict[str, Any]:
     prompt = d.get("prompt")
     if not isinstance(prompt, str) or not prompt:
         raise ConfigError(f"decode.prompt={prompt!r} must be a non-empty string")
-    n = _pos_int(d.get("max_new_tokens"), "decode.max_new_tokens")
+    n = pos_int(d.get("max_new_tokens"), "decode.max_new_tokens")
     node = d.get("budgets")
     key = "decode.budgets"
     if node is None:
@@ -648,11 +648,11 @@ def _decode_settings(cfg) -> dict[str, Any]:
         raise ConfigError(f"decode.temperature={temperature!r} must be a number >= 0 (0: greedy)")
     top_k = d.get("top_k")
     if top_k is not None:
-        top_k = _pos_int(top_k, "decode.top_k", "null or a positive integer")
+        top_k = pos_int(top_k, "decode.top_k", "null or a positive integer")
     graph = d.get("cuda_graph", "auto")
     if graph not in GRAPH_MODES:
         raise ConfigError(f"decode.cuda_graph={graph!r} is invalid; allowed: {', '.join(GRAPH_MODES)}")
-    repeats = _pos_int(d.get("repeats", 1), "decode.repeats")
+    repeats = pos_int(d.get("repeats", 1), "decode.repeats")
     return dict(
         prompt=prompt,
         max_new_tokens=n,
@@ -670,7 +670,7 @@ def _decode_settings(cfg) -> dict[str, Any]:
 def _checkpoint_config(folder, budgets: list[float]):
     from ..io.checkpoint import CheckpointError, read_meta
     from ..quant.config import MoBiConfig
-    from .quantize import ConfigError
+    from .session import ConfigError
 
     try:
         meta = read_meta(folder)
@@ -711,30 +711,28 @@ def run(cfg) -> float:
     import pandas as pd
 
     from ..io.checkpoint import CheckpointError, load_quantized
-    from ..io.data import calibration_windows
     from ..io.results import write_csv
-    from ..io.tracking import Tracker, plain_config
-    from .quantize import ConfigError, load_base_model, load_token_ids, prepare_run, run_context, validate
+    from .session import ConfigError, open_session, validate
 
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    s = _decode_settings(cfg)
-    methods, _ = validate(cfg)
-    folder = Path(str(s["checkpoint"])) if s["checkpoint"] else None
-    if folder is not None:
-        _checkpoint_config(folder, s["budgets"])
-    else:
+    def check(cfg) -> tuple[dict[str, Any], Any, Path | None]:
+        s = _decode_settings(cfg)
+        methods, _ = validate(cfg)
+        folder = Path(str(s["checkpoint"])) if s["checkpoint"] else None
         main = methods[0]
-        served = main.budgets(s["budgets"])
-        missing = [b for b in s["budgets"] if not any(abs(b - x) < 1e-6 for x in served)]
-        if missing:
-            raise ConfigError(f"decode.budgets {missing} are not served by quant={main.name}")
-    out_dir = prepare_run(cfg)
-    tracker = Tracker(cfg.get("logger"), plain_config(cfg))
-    failed = True
-    rows: list[dict] = []
-    try:
-        base, tokenizer = load_base_model(cfg)
+        if folder is not None:
+            _checkpoint_config(folder, s["budgets"])
+        else:
+            served = main.budgets(s["budgets"])
+            missing = [b for b in s["budgets"] if not any(abs(b - x) < 1e-6 for x in served)]
+            if missing:
+                raise ConfigError(f"decode.budgets {missing} are not served by quant={main.name}")
+        return s, main, folder
+
+    with open_session(cfg, "decode", check=check) as ses:
+        s, main, folder = ses.checked
+        rows: list[dict] = []
+        base, tokenizer = ses.load()
+        out_dir, tracker = ses.out_dir, ses.tracker
         device = next(base.parameters()).device
 
         def variants():
@@ -749,18 +747,13 @@ def run(cfg) -> float:
                 for b in s["budgets"]:
                     yield folder.name, b, model
                 return
-            calib_ids = calibration_windows(
-                load_token_ids(cfg.data.calib, tokenizer), cfg.data.calib.nsamples, cfg.data.calib.seqlen, cfg.seed
-            )
-            ctx = run_context(cfg, base, calib_ids, out_dir, tracker)
-            for v in main.run(ctx, s["budgets"]):
+            for v in main.run(ses.context(), s["budgets"]):
                 if any(abs(v.budget - b) < 1e-6 for b in s["budgets"]):
                     yield v.method, v.budget, v.model
 
         for method, budget, model in variants():
             model.to(device)
-            for _, m in mobi_linears(model):
-                m.backend = cfg.eval.get("backend", "auto")
+            ses.use_backend(model)
             kw = dict(
                 tokenizer=tokenizer,
                 temperature=s["temperature"],
@@ -813,8 +806,5 @@ def run(cfg) -> float:
             b = "FP" if math.isnan(r["budget"]) else f"{r['budget']:g}"
             print(f"[{r['method']} @ {b}] {s['prompt']}{r['text']}\n")
         tracker.log_table("decode", df, show)
-        failed = False
         quant = df[df["method"] != "fp"]["tokens_per_s"]
         return float(quant.mean()) if len(quant) else math.nan
-    finally:
-        tracker.finish(failed)

@@ -34,11 +34,9 @@ from ..configcheck import path_hint
 from ..io.checkpoint import CheckpointError, load_quantized, read_meta
 from ..io.fileio import atomic_write_text
 from ..io.results import write_csv
-from ..io.tracking import Tracker, plain_config
 from ..lm_eval_tasks import LOCAL_TASKS, TASKS_DIR
 from ..methods.core import QuantMethod, RunContext, Variant
 from ..patching import (
-    mobi_linears,
     reset_counts,
     set_budget,
     set_static,
@@ -46,17 +44,7 @@ from ..patching import (
     storage_bits,
 )
 from ..quant.config import MoBiConfig
-from .quantize import (
-    ConfigError,
-    _pos_int,
-    _row_avg_bits,
-    budget_list,
-    load_base_model,
-    load_token_ids,
-    prepare_run,
-    run_context,
-    validate,
-)
+from .session import QUIET_LOGGERS, ConfigError, budget_list, open_session, pos_int, row_avg_bits, use_backend, validate
 
 log = logging.getLogger("mobiquant")
 
@@ -116,7 +104,7 @@ def _limit(value: Any) -> int | float | None:
             f"lm_eval.limit={value!r} is invalid: expected null, a positive integer or a fraction in (0, 1]"
         )
     if isinstance(value, int):
-        return _pos_int(value, "lm_eval.limit", "null, a positive integer or a fraction in (0, 1]")
+        return pos_int(value, "lm_eval.limit", "null, a positive integer or a fraction in (0, 1]")
     if not 0.0 < value <= 1.0:
         raise ConfigError(f"lm_eval.limit={value} is invalid: a float limit is a fraction in (0, 1]")
     return value
@@ -218,12 +206,12 @@ def validate_lm_eval(cfg: DictConfig) -> Plan:
     fewshot = cfg.lm_eval.get("num_fewshot")
     if fewshot is not None and (isinstance(fewshot, bool) or not isinstance(fewshot, int) or fewshot < 0):
         raise ConfigError(f"lm_eval.num_fewshot={fewshot!r} is invalid: expected null or an integer >= 0")
-    _pos_int(cfg.lm_eval.batch_size, "lm_eval.batch_size")
+    pos_int(cfg.lm_eval.batch_size, "lm_eval.batch_size")
     iters = cfg.lm_eval.get("bootstrap_iters", 0)
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
         raise ConfigError(f"lm_eval.bootstrap_iters={iters!r} is invalid: expected an integer >= 0")
     if cfg.lm_eval.get("max_length") is not None:
-        _pos_int(cfg.lm_eval.max_length, "lm_eval.max_length", "null or a positive integer")
+        pos_int(cfg.lm_eval.max_length, "lm_eval.max_length", "null or a positive integer")
     metadata = _local_metadata(cfg, tasks)
     methods, _ = validate(cfg)  # model, data, calibration and every method's settings
     plan_kwargs: dict[str, Any] = {}
@@ -333,8 +321,7 @@ def evaluate_variant(
 
     model = variant.model
     reset_counts(model)
-    for _, m in mobi_linears(model):
-        m.backend = cfg.eval.get("backend", "auto")
+    use_backend(model, cfg.eval.get("backend", "auto"))
     lm = hflm(model, tokenizer, int(cfg.lm_eval.batch_size), cfg.lm_eval.get("max_length"))
     seed = int(cfg.seed)
     results = lm_eval.simple_evaluate(
@@ -350,7 +337,7 @@ def evaluate_variant(
         torch_random_seed=seed,
         fewshot_random_seed=seed,
     )
-    avg_bits = _row_avg_bits(variant)
+    avg_bits = row_avg_bits(variant)
     reset_counts(model, track=False)
     return split_by_request(results, tasks), avg_bits
 
@@ -429,33 +416,24 @@ def run(cfg: DictConfig) -> float:
     first metric (``acc`` where the first task has it) over its budgets on the first task."""
     import lm_eval
 
-    from ..io.data import calibration_windows
-
     t_start = time.perf_counter()
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning", "lm_eval", "lm-eval"):
-        logging.getLogger(name).setLevel(logging.ERROR)
     # Bootstrap stderrs in this process: lm-eval's pool would fork a process holding the model (and CUDA).
     os.environ.setdefault("DISABLE_MULTIPROC", "1")
-    plan = validate_lm_eval(cfg)
-    out_dir = prepare_run(cfg)
-    csv_path = out_dir / CSV_NAME
-    rows = _previous(csv_path, plan) if cfg.get("resume", True) else []
-    done = {_key(r["method"], r["budget"], r["request"]) for r in rows}
-    tracker = Tracker(cfg.get("logger"), plain_config(cfg))
-    failed = True
-    try:
+    quiet = (*QUIET_LOGGERS, "lm_eval", "lm-eval")
+    with open_session(cfg, "lm_eval", check=validate_lm_eval, quiet=quiet, quiet_level=logging.ERROR) as ses:
+        plan: Plan = ses.checked
+        tracker = ses.tracker
         tm = task_manager(plan)
-        log.info("loading model %s", cfg.model.path)
-        base, tokenizer = load_base_model(cfg)
+        base, tokenizer = ses.load()  # another base model than the folder was made with: refused here
+        out_dir = ses.out_dir
+        csv_path = out_dir / CSV_NAME
+        rows = _previous(csv_path, plan) if cfg.get("resume", True) else []
+        done = {_key(r["method"], r["budget"], r["request"]) for r in rows}
         variants: list[Iterator[Variant]] = []
         if plan.checkpoint is not None:
             variants.append(checkpoint_variants(plan, base, copy_base=bool(plan.methods)))
         if plan.methods:
-            calib_ids = calibration_windows(
-                load_token_ids(cfg.data.calib, tokenizer), cfg.data.calib.nsamples, cfg.data.calib.seqlen, cfg.seed
-            )
-            ctx = run_context(cfg, base, calib_ids, out_dir, tracker)
-            variants.append(method_variants(plan, ctx))
+            variants.append(method_variants(plan, ses.context()))
         for stream in variants:
             for variant in stream:
                 todo = [t for t in plan.tasks if _key(variant.method, variant.budget, t) not in done]
@@ -506,11 +484,8 @@ def run(cfg: DictConfig) -> float:
         tracker.log_table("lm_eval", df, md)
         print(f"\nlm-eval ({cfg.model.name}; tasks {', '.join(plan.tasks)}; limit {plan.limit}):\n\n{md}")
         print(f"\nwall time {(time.perf_counter() - t_start) / 60:.1f} min; outputs in {out_dir}")
-        failed = False
         sel = df[(df["method"] == plan.main) & (df["request"] == plan.tasks[0])]
         if sel.empty:
             return math.nan
         metric = "acc" if (sel["metric"] == "acc").any() else sel["metric"].iloc[0]
         return float(sel[sel["metric"] == metric]["value"].mean())
-    finally:
-        tracker.finish(failed)

@@ -1,19 +1,18 @@
-"""What the analysis tasks share: config checks, the run session (model, text, calibration context,
-tracker), per-token forward passes and W&B logging.
+"""What the analysis tasks share: config checks, the analysed text and calibration context of their
+session (:func:`mobiquant.tasks.session.open_session`, as every task), per-token forward passes and W&B
+logging.
 
-A session is the first half of :func:`mobiquant.tasks.quantize.run` (same model loading, calibration windows,
-evaluation windows, :class:`~mobiquant.methods.RunContext`, so checkpoints saved by one task are
-reloaded by another in the same run directory); what is measured differs per task.
+The session loads the model and the calibration windows as :func:`mobiquant.tasks.quantize.run` does (the
+same :class:`~mobiquant.methods.RunContext`, so checkpoints saved by an earlier run of the task in its
+run directory are reloaded); what is measured differs per task.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +21,10 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig
 
-from ...io.results import concat_rows, write_csv
 from ...io.results import save_figure as save_figure  # re-exported: the analyses import it from here
-from ...io.tracking import Tracker, plain_config
+from ...io.tracking import Tracker
 from ...methods.core import MoBiQuant, QuantMethod, RunContext
-from ...patching import find_blocks
-from ..quantize import ConfigError, load_base_model, load_token_ids, prepare_run, run_context
+from ..session import ConfigError, Session
 
 log = logging.getLogger("mobiquant")
 
@@ -94,73 +91,15 @@ def resolve_layers(layers: Sequence[int], n_blocks: int, key: str) -> list[int]:
 
 
 # ---------------------------------------------------------------------------- session
-@dataclass
-class Session:
-    cfg: DictConfig
-    out_dir: Path
-    tracker: Tracker
-    base: nn.Module
-    tokenizer: Any
-    ctx: RunContext
-    dataset: str
-    windows: torch.Tensor  # LongTensor [n, seqlen] of the analysed corpus
-    tokenizer_name: str = ""
-    calib_rows: list[dict] = field(default_factory=list)
-
-    def fp_model(self) -> nn.Module:
-        return copy.deepcopy(self.base)
-
-    @property
-    def n_blocks(self) -> int:
-        return len(find_blocks(self.base)[1])
-
-    @property
-    def blocks_name(self) -> str:
-        return find_blocks(self.base)[0]
-
-
-@contextlib.contextmanager
-def open_session(cfg: DictConfig, dataset: str) -> Iterator[Session]:
-    """Load the model and text, build the calibration context; always closes the tracker (W&B run)."""
-    from ...io.data import calibration_windows, eval_windows
-
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    out_dir = prepare_run(cfg)
-    tracker = Tracker(cfg.get("logger"), plain_config(cfg))
-    failed = True
+def analysis_inputs(ses: Session, dataset: str) -> tuple[torch.Tensor, RunContext, list[dict]]:
+    """The analysed windows of ``data.eval.<dataset>``, the calibration context and its rows (only the
+    calibrations this run does; ``calibration.csv`` is rewritten after each block, and a run that
+    calibrates nothing keeps the earlier file)."""
     calib_rows: list[dict] = []
-    try:
-        log.info("loading model %s", cfg.model.path)
-        base, tokenizer = load_base_model(cfg)
-        log.info("calibration text: %s (%s)", cfg.data.calib.corpus, cfg.data.calib.split)
-        calib_ids = calibration_windows(
-            load_token_ids(cfg.data.calib, tokenizer), cfg.data.calib.nsamples, cfg.data.calib.seqlen, cfg.seed
-        )
-        windows = eval_windows(
-            load_token_ids(cfg.data.eval[dataset], tokenizer), cfg.eval.seqlen, cfg.eval.get("max_windows")
-        )
-        log.info("analysed text %s: %d windows of %d tokens", dataset, windows.shape[0], windows.shape[1])
-
-        ctx = run_context(cfg, base, calib_ids, out_dir, tracker, calib_rows)
-        session = Session(
-            cfg,
-            out_dir,
-            tracker,
-            base,
-            tokenizer,
-            ctx,
-            dataset,
-            windows,
-            getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__,
-            calib_rows,
-        )
-        yield session
-        failed = False
-    finally:
-        if calib_rows:  # only calibrations done by this run; a resumed run keeps the earlier file
-            write_csv(concat_rows(calib_rows).dropna(axis=1, how="all"), out_dir / "calibration.csv")
-        tracker.finish(failed)
+    ctx = ses.context(calib_rows, calib_csv=ses.out_dir / "calibration.csv")
+    windows = ses.eval_windows(dataset)
+    log.info("analysed text %s: %d windows of %d tokens", dataset, windows.shape[0], windows.shape[1])
+    return windows, ctx, calib_rows
 
 
 # ---------------------------------------------------------------------------- forward passes

@@ -101,14 +101,14 @@ from ...patching import (
     set_budget,
 )
 from ...quant.config import MoBiConfig
-from ..quantize import ConfigError, instantiate_calib, validate
+from ..session import ConfigError, instantiate_calib, open_session, validate
 from .common import (
     analysis_dataset,
+    analysis_inputs,
     capture_blocks,
     forward_logits,
     log_to_wandb,
     markdown_table,
-    open_session,
     pyplot,
     resolve_layers,
     routed_mobiquant,
@@ -793,14 +793,18 @@ def summary_markdown(
 def run(cfg: DictConfig) -> float:
     """``task=outliers``; returns the Jaccard overlap (ranking site) of ``lwc-wA@A`` and ``lwc-wA@B``."""
     t_start = time.perf_counter()
-    methods, _ = validate(cfg)
-    single_process(cfg, "outliers")
-    s = outlier_settings(cfg, methods[0])
-    dataset = analysis_dataset(cfg)
-    with open_session(cfg, dataset) as ses:
+
+    def check(cfg: DictConfig) -> tuple[list, OutlierSettings, str]:
+        methods, _ = validate(cfg)
+        single_process(cfg, "outliers")
+        return methods, outlier_settings(cfg, methods[0]), analysis_dataset(cfg)
+
+    with open_session(cfg, "outliers", check=check) as ses:
+        methods, s, dataset = ses.checked
+        windows, ctx, _ = analysis_inputs(ses, dataset)
         layers = resolve_layers(s.layers, ses.n_blocks, "analysis.outliers.layers")
         site = resolve_rank_site(s.rank_by, layers, ses.n_blocks)
-        lwc = {b: lwc_checkpoint(ses.ctx, b, int(cfg.group_size), s.lwc_init, s.lwc_calib) for b in s.bits}
+        lwc = {b: lwc_checkpoint(ctx, b, int(cfg.group_size), s.lwc_init, s.lwc_calib) for b in s.bits}
         variants: list[Variant] = []
         for a, ck in lwc.items():
             for b in s.bits:
@@ -810,7 +814,7 @@ def run(cfg: DictConfig) -> float:
                 )
         if s.mobiquant:
             method: MoBiQuant = methods[0]
-            mobi_model, _, mobi_ckpt, _ = method.calibrated(ses.ctx)
+            mobi_model, _, mobi_ckpt, _ = method.calibrated(ctx)
             for b in s.bits:
                 variants.append(
                     Variant(
@@ -822,11 +826,11 @@ def run(cfg: DictConfig) -> float:
                         checkpoint=mobi_ckpt,
                     )
                 )
-        log.info("[outliers] per-token errors of %d variants on %d windows", len(variants), ses.windows.shape[0])
-        errors, avg_bits = token_errors(ses.base, variants, ses.windows, layers, s.block_error)
+        log.info("[outliers] per-token errors of %d variants on %d windows", len(variants), windows.shape[0])
+        errors, avg_bits = token_errors(ses.base, variants, windows, layers, s.block_error)
         out = ses.out_dir
         write_csv(errors, out / "token_errors.csv")
-        n, T = ses.windows.shape
+        n, T = windows.shape
         meta = {
             "model": cfg.model.name,
             "dataset": dataset,
@@ -841,7 +845,7 @@ def run(cfg: DictConfig) -> float:
         jac = jaccard_table(errors, variants, sites_of(layers), s.top_percent)
         write_csv(jac, out / "jaccard.csv")
         by_name = {v.name: v for v in variants}
-        top = top_token_experiment(by_name, errors, ses.windows, s.bits, s.top_percent, site, int(cfg.seed))
+        top = top_token_experiment(by_name, errors, windows, s.bits, s.top_percent, site, int(cfg.seed))
         write_csv(top, out / "top_tokens.csv")
         a, b = s.bits[0], s.bits[1]
         pairs = [
@@ -856,7 +860,7 @@ def run(cfg: DictConfig) -> float:
                 errors, pairs, site, s.top_percent, s.scatter_points, int(cfg.seed), out / "error_scatter.png"
             ),
         }
-        md = summary_markdown(cfg, s, dataset, ses.windows, matrix, jac, top, site, sites_of(layers), lwc)
+        md = summary_markdown(cfg, s, dataset, windows, matrix, jac, top, site, sites_of(layers), lwc)
         atomic_write_text(out / "outliers.md", md + "\n")
         sel = jac[(jac["site"] == site) & (jac["variant_a"] == f"lwc-w{a}@{a}") & (jac["variant_b"] == f"lwc-w{a}@{b}")]
         metric = float(sel["jaccard"].iloc[0])

@@ -51,14 +51,15 @@ from omegaconf import DictConfig, ListConfig
 from ...evaluation import perplexity
 from ...io.fileio import atomic_write_text
 from ...io.results import write_csv
+from ...methods.core import MoBiQuant
 from ...nn.linear import MoBiLinear
-from ...patching import achieved_bits, find_blocks, mobi_linears, reset_counts, set_budget
-from ..quantize import ConfigError, validate
+from ...patching import achieved_bits, find_blocks, reset_counts, set_budget
+from ..session import ConfigError, open_session, validate
 from .common import (
     analysis_dataset,
+    analysis_inputs,
     log_to_wandb,
     markdown_table,
-    open_session,
     pyplot,
     routed_mobiquant,
     save_figure,
@@ -288,28 +289,31 @@ def summary_markdown(
 def run(cfg: DictConfig) -> float:
     """``task=routers``; returns the mean absolute per-layer deviation over layers and budgets."""
     t_start = time.perf_counter()
-    methods, grid = validate(cfg)
-    single_process(cfg, "routers")
-    method = routed_mobiquant(methods[0], "routers")
-    budgets = router_budgets(cfg, method, grid)
-    dataset = analysis_dataset(cfg)
-    with open_session(cfg, dataset) as ses:
+
+    def check(cfg: DictConfig) -> tuple[MoBiQuant, list[float], str]:
+        methods, grid = validate(cfg)
+        single_process(cfg, "routers")
+        method = routed_mobiquant(methods[0], "routers")
+        return method, router_budgets(cfg, method, grid), analysis_dataset(cfg)
+
+    with open_session(cfg, "routers", check=check) as ses:
+        method, budgets, dataset = ses.checked
+        windows, ctx, calib_rows = analysis_inputs(ses, dataset)
         early = early_count(cfg, ses.n_blocks)
-        model, seconds, ckpt, _ = method.calibrated(ses.ctx)
-        resumed = not ses.calib_rows
+        model, seconds, ckpt, _ = method.calibrated(ctx)
+        resumed = not calib_rows
         ckpt_note = (
             f"reloaded from `{ckpt}`"
             if resumed
             else f"calibrated in {seconds:.0f} s" + (f", saved to `{ckpt}`" if ckpt else "")
         )
-        for _, m in mobi_linears(model):
-            m.backend = cfg.eval.get("backend", "auto")
+        ses.use_backend(model)
         site_rows, layer_rows, budget_rows = [], [], []
         for b in budgets:
             set_budget(model, b)
             reset_counts(model, track=True)
             t0 = time.perf_counter()
-            r = perplexity(model, ses.windows, batch_size=cfg.eval.batch_size)
+            r = perplexity(model, windows, batch_size=cfg.eval.batch_size)
             total = achieved_bits(model)
             s_rows, l_rows = count_rows(model, b)
             reset_counts(model, track=False)
@@ -356,7 +360,7 @@ def run(cfg: DictConfig) -> float:
             "router_bits": plot_bits(layers, out / "router_bits.png"),
             "router_k_shares": plot_shares(layers, out / "router_k_shares.png", widths),
         }
-        md = summary_markdown(cfg, ses.dataset, ses.windows, per_budget, layers, sites, early, ckpt_note)
+        md = summary_markdown(cfg, dataset, windows, per_budget, layers, sites, early, ckpt_note)
         atomic_write_text(out / "routers.md", md + "\n")
         metric = float(layers["abs_deviation"].mean())
         summary = {
