@@ -67,7 +67,7 @@ def test_dry_runs(tmp_path, capsys):
     assert df["bits"].iloc[1:].tolist() == [2.0, 8.0] and (df["tokens_per_s"] > 0).all()
     assert e2e_decode.main(["--dry-run", "--new-tokens", "2", "--out", str(tmp_path)]) == 0  # the default layout
     df = pd.read_csv(tmp_path / "e2e_decode.csv")
-    assert df["bits"].iloc[1:].tolist() == [3.0, 4.0, 5.0, 6.0, 7.0, 8.0]  # every integer view
+    assert df["budget"].iloc[1:].tolist() == [3.0, 4.0, 5.0, 6.0, 7.0, 8.0]  # every integer view
     assert decode_bench.main(["--dry-run", "--new-tokens", "3"]) == 0
     out = capsys.readouterr().out
     assert "package routed" in out and "package static k=4" in out
