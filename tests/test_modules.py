@@ -408,3 +408,28 @@ def test_dispatch_backend_choice_and_errors():
         kernels.bitplane_linear(
             x, planes, m.scale, m.zero, m.slice_bits, 64, torch.tensor([1, 2]), weight=m.dequantized
         )
+
+
+def test_per_token_views_in_the_pytorch_path_give_each_row_its_own_view():
+    """Tokens grouped by k (one host read, one sort) get the rows of x W_k^T for their own k; a batch on one
+    view is the plain matmul, bit for bit; an empty batch is empty."""
+    from mobiquant.kernels import _torch_linear
+
+    g = torch.Generator().manual_seed(0)
+    views = {kk: torch.randn(5, 8, generator=g) for kk in range(1, 5)}
+    bias = torch.randn(5, generator=g)
+    x = torch.randn(3, 7, 8, generator=g)
+    k = torch.randint(1, 5, (3, 7), generator=g)
+    k[0, 0], k[0, 1] = 1, 4
+    y = _torch_linear(x, views.__getitem__, k, bias, 5)
+    expect = torch.stack(
+        [torch.nn.functional.linear(x.reshape(-1, 8)[i], views[int(kk)], bias) for i, kk in enumerate(k.reshape(-1))]
+    )
+    torch.testing.assert_close(y.reshape(-1, 5), expect)
+    same = torch.full((3, 7), 3)
+    assert torch.equal(
+        _torch_linear(x, views.__getitem__, same, bias, 5), torch.nn.functional.linear(x, views[3], bias)
+    )
+    assert _torch_linear(x[:, :0], views.__getitem__, k[:, :0], bias, 5).shape == (3, 0, 5)
+    with pytest.raises(ValueError, match="entries"):
+        _torch_linear(x, views.__getitem__, k[:, :3], bias, 5)

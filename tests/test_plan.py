@@ -268,3 +268,37 @@ def test_a_run_killed_while_planning_resumes_its_plan(tmp_path, monkeypatch, cap
         run(cfg)
     assert "resumed from checkpoint" in caplog.text and caplog.text.count("resumed (") == 3
     assert not state.exists()
+
+
+def test_refitted_thresholds_are_each_linears_mean_batch_quantile():
+    """apply_linear_budgets(..., calib_ids): every linear's threshold is the mean over the windows of the batch
+    quantile (batch_tau) of its router's gate values at its own budget, with every linear routing at its own
+    batch quantile: the ThresholdRecorder reproduces that definition, written out here with hooks, exactly."""
+    from mobiquant.elastic.site_budgets import apply_linear_budgets
+    from mobiquant.nn.router import batch_tau
+
+    model = routed_model()
+    ids = torch.randint(0, 128, (3, 32), generator=torch.Generator().manual_seed(5))
+    fit_budget_thresholds(model, list(ids.split(1)), default_grid((2, 2, 2, 2), 0.5))
+    lin = {n: m for n, m in mobi_linears(model) if m.router is not None}
+    alloc = {n: [2.0, 3.25, 4.5, 5.0, 6.75, 8.0][i % 6] for i, n in enumerate(lin)}
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in lin}
+
+    def own_quantile(mod, args, name):
+        r = mod.router
+        tau = batch_tau(r.gate_values(r.scores(args[0].reshape(-1, args[0].shape[-1]))), r.slice_bits, alloc[name])
+        seen[name].append(tau)
+        mod.route_tau = tau
+
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: own_quantile(mod, a, n)) for n, m in lin.items()]
+    try:
+        with torch.no_grad():
+            for w in ids.split(1):
+                model(input_ids=w)
+    finally:
+        for h in hooks:
+            h.remove()
+    expect = {n: float(torch.stack(t).double().mean()) for n, t in seen.items()}
+    apply_linear_budgets(model, alloc, calib_ids=ids, batch_size=1)
+    assert {n: m.route_tau for n, m in lin.items()} == expect
+    assert all(r.recorder is None for _, r in routers(model))

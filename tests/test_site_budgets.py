@@ -127,7 +127,7 @@ def test_refit_thresholds_at_local_budgets(model_and_curves, calib_ids):
     alloc = allocate_site_budgets(curves, 4.5)
     apply_site_budgets(model, alloc, calib_ids=calib_ids[:2])
     for r in (r for _, r in routers(model)):
-        assert r.record_budget is None and not r.recorded  # recording switched off again
+        assert r.recorder is None  # recording switched off again
     reset_counts(model)
     with torch.no_grad():
         model(input_ids=calib_ids[:2])
@@ -162,7 +162,7 @@ def test_per_linear_curves_and_thresholds(model_and_curves, calib_ids):
     # refitted at the allocation of a budget: achieved bits follow it on the windows it was fitted on
     alloc = allocate_site_budgets(curves, 4.5)
     apply_linear_budgets(model, alloc, calib_ids=calib_ids[:2])
-    assert all(m.route_record_budget is None and not m.route_recorded for m in lin.values())
+    assert all(m.router.recorder is None for m in lin.values())
     reset_counts(model)
     with torch.no_grad():
         model(input_ids=calib_ids[:2])

@@ -18,7 +18,7 @@ import torch.nn as nn
 from .dist import world_size
 from .elastic.plan import PLAN_ATTR, BudgetPlan
 from .nn.linear import MoBiLinear
-from .nn.router import TokenRouter
+from .nn.router import ThresholdRecorder, TokenRouter
 from .quant.config import MoBiConfig
 from .quant.packing import packed_width
 from .quant.primitives import num_groups
@@ -286,6 +286,17 @@ def calibrate_thresholds(model: nn.Module, batches: Iterable[torch.Tensor], max_
         r.fit_thresholds(torch.cat(xs).to(r.tau.device))
 
 
+def _body(model: nn.Module) -> nn.Module:
+    """The part of ``model`` that runs every quantized linear: a Hugging Face LM's base model, without the
+    output head (whose logits threshold fitting never reads), or ``model`` itself."""
+    base = getattr(model, "base_model", None)
+    if isinstance(base, nn.Module) and base is not model:
+        inside = {id(m) for _, m in mobi_linears(base)}
+        if all(id(m) in inside for _, m in mobi_linears(model)):
+            return base
+    return model
+
+
 @torch.no_grad()
 def fit_budget_thresholds(model: nn.Module, batches: Sequence[torch.Tensor], budgets: Sequence[float]) -> None:
     """Budget-conditioned thresholds: for each budget ``B``, run the whole model with EVERY router at
@@ -306,22 +317,18 @@ def fit_budget_thresholds(model: nn.Module, batches: Sequence[torch.Tensor], bud
     device = next(model.parameters()).device
     world = world_size()
     rank = torch.distributed.get_rank() if world > 1 else 0
+    body = _body(model)
     rows: dict[int, list[float]] = {}  # budget index -> one threshold per router
-    try:
-        for j in range(rank, len(budgets), world):
-            for r in rs:
-                r.record_budget, r.recorded = float(budgets[j]), []
-                r.clear_cache()
+    for j in range(rank, len(budgets), world):
+        recorder = ThresholdRecorder({str(i): (r, float(budgets[j])) for i, r in enumerate(rs)})
+        with recorder.attached(rs):
             for ids in batches:
-                model(input_ids=ids.to(device))
-            for r in rs:
-                if not r.recorded:
-                    raise RuntimeError("a router saw no tokens while fitting budget thresholds")
-            rows[j] = [float(torch.stack(r.recorded).double().mean()) for r in rs]
-    finally:
-        for r in rs:
-            r.record_budget, r.recorded = None, []
-            r.clear_cache()
+                body(input_ids=ids.to(device))
+            try:
+                means = recorder.means()
+            except RuntimeError as err:
+                raise RuntimeError("a router saw no tokens while fitting budget thresholds") from err
+        rows[j] = [means[str(i)] for i in range(len(rs))]
     if world > 1:
         gathered: list[dict[int, list[float]] | None] = [None] * world
         torch.distributed.all_gather_object(gathered, rows)

@@ -35,8 +35,8 @@ import torch
 import torch.nn as nn
 
 from ..dist import is_rank_zero
-from ..nn.router import TokenRouter, interp_tau, weighted_tail_table
-from ..patching import mobi_linears, routers
+from ..nn.router import ThresholdRecorder, TokenRouter, interp_tau, weighted_tail_table
+from ..patching import _body, mobi_linears, routers
 from .plan import BudgetPlan, stack_plan
 from .sensitivity import allocate_bits, nll_backward, release_hooks
 from .sensitivity import weight_views as _views
@@ -234,7 +234,7 @@ def apply_site_budgets(
         else:
             m.set_static(m.num_slices)
     if calib_ids is not None:
-        taus = _recorded_thresholds(model, rs, alloc, calib_ids, batch_size, "record_budget", "recorded")
+        taus = _recorded_thresholds(model, rs, alloc, calib_ids, batch_size)
         for name, r in rs.items():
             r.tau.fill_(taus[name])
 
@@ -263,9 +263,7 @@ def apply_linear_budgets(
         m.route_tau = interp_tau(m.router.bits_table, m.router.tau_table, b)
         m.set_routed()
     if calib_ids is not None:
-        taus = _recorded_thresholds(
-            model, layers, alloc, calib_ids, batch_size, "route_record_budget", "route_recorded"
-        )
+        taus = _recorded_thresholds(model, layers, alloc, calib_ids, batch_size)
         for name, m in layers.items():
             m.route_tau = taus[name]
 
@@ -461,36 +459,18 @@ def _recorded_thresholds(
     alloc: Mapping[str, float],
     calib_ids: torch.Tensor,
     batch_size: int,
-    budget_attr: str,
-    list_attr: str,
 ) -> dict[str, float]:
     """Run ``calib_ids`` with every holder (router or linear) recording its batch-quantile threshold for its
-    budget ``alloc[name]`` (``budget_attr`` / ``list_attr``); the mean threshold per holder."""
+    budget ``alloc[name]`` (a :class:`~mobiquant.nn.router.ThresholdRecorder`); the mean threshold per holder."""
     if calib_ids.dim() != 2 or calib_ids.shape[0] == 0:
         raise ValueError(f"calib_ids must be a non-empty [n, T] tensor, got {tuple(calib_ids.shape)}")
     device = next(model.parameters()).device
-    rs = [r for _, r in routers(model)]
-    for name, h in holders.items():
-        setattr(h, budget_attr, float(alloc[name]))
-        setattr(h, list_attr, [])
-    for r in rs:
-        r.clear_cache()
-    try:
+    recorder = ThresholdRecorder({name: (h, float(alloc[name])) for name, h in holders.items()})
+    body = _body(model)
+    with recorder.attached(r for _, r in routers(model)):
         for start in range(0, calib_ids.shape[0], batch_size):
-            model(input_ids=calib_ids[start : start + batch_size].to(device), use_cache=False)
-        taus = {}
-        for name, h in holders.items():
-            rec = getattr(h, list_attr)
-            if not rec:
-                raise RuntimeError(f"{name} saw no tokens while fitting its threshold")
-            taus[name] = float(torch.stack([torch.as_tensor(t) for t in rec]).double().mean())
-    finally:
-        for h in holders.values():
-            setattr(h, budget_attr, None)
-            setattr(h, list_attr, [])
-        for r in rs:
-            r.clear_cache()
-    return taus
+            body(input_ids=calib_ids[start : start + batch_size].to(device), use_cache=False)
+        return recorder.means()
 
 
 __all__ = [

@@ -156,17 +156,31 @@ def torch_reference(
 def _torch_linear(
     x: torch.Tensor, weight: Callable[[int], torch.Tensor], k, bias: torch.Tensor | None, n_out: int
 ) -> torch.Tensor:
-    """``x W_k^T + bias`` with dense views ``weight(k)``; per-token ``k`` by grouping tokens of equal ``k``."""
+    """``x W_k^T + bias`` with dense views ``weight(k)``; per-token ``k`` by grouping tokens of equal ``k``.
+
+    Per-token ``k`` costs one host read (the token count of each ``k``): tokens that all take one view run in
+    one matmul; otherwise they are sorted by ``k`` once, each view multiplies its contiguous run of rows, and
+    one scatter puts the rows back."""
     if isinstance(k, int):
         return F.linear(x, weight(k).to(x.dtype), bias)
     flat_x = x.reshape(-1, x.shape[-1])
     flat_k = torch.as_tensor(k, device=x.device).reshape(-1)
     if flat_k.numel() != flat_x.shape[0]:
         raise ValueError(f"k has {flat_k.numel()} entries for {flat_x.shape[0]} tokens")
+    if flat_k.numel() == 0:
+        return x.new_empty(*x.shape[:-1], n_out)
+    counts = torch.bincount(flat_k).tolist()  # the one host read
+    present = [(kk, n) for kk, n in enumerate(counts) if n]
+    if len(present) == 1:
+        return F.linear(x, weight(present[0][0]).to(x.dtype), bias)
+    order = torch.argsort(flat_k, stable=True)
+    rows = flat_x.index_select(0, order)
+    ys, start = [], 0
+    for kk, n in present:
+        ys.append(F.linear(rows[start : start + n], weight(kk).to(x.dtype), bias))
+        start += n
     out = torch.empty(flat_x.shape[0], n_out, dtype=x.dtype, device=x.device)
-    for kk in torch.unique(flat_k).tolist():
-        idx = (flat_k == kk).nonzero(as_tuple=True)[0]
-        out[idx] = F.linear(flat_x[idx], weight(int(kk)).to(x.dtype), bias)
+    out.index_copy_(0, order, torch.cat(ys))
     return out.reshape(*x.shape[:-1], n_out)
 
 

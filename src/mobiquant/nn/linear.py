@@ -77,12 +77,10 @@ class MoBiLinear(nn.Module):
         # Packed routed inference with this linear's own threshold on its (shared) router's gate values
         # (None: the router's threshold). A float, or a 0-dim tensor on the module's device (a budget change
         # then writes it on the device: a captured CUDA graph reads the new value). Set by
-        # mobiquant.elastic.site_budgets for per-linear budgets; cleared by patching.set_budget.
-        # ``route_record_budget``: record this batch's quantile threshold for that budget into
-        # ``route_recorded`` (threshold fitting).
+        # mobiquant.elastic.site_budgets for per-linear budgets; cleared by patching.set_budget. While a
+        # router.ThresholdRecorder that holds this linear is attached, the batch's quantile threshold for the
+        # linear's budget is used (and recorded) instead.
         self.route_tau: float | torch.Tensor | None = None
-        self.route_record_budget: float | None = None
-        self.route_recorded: list[float] = []
         self.track = False
         self.k_counts = torch.zeros(self.num_slices, dtype=torch.float64)
         self._view_cache: dict[int, torch.Tensor] = {}
@@ -284,10 +282,18 @@ class MoBiLinear(nn.Module):
 
     def _routed_k(self, x: torch.Tensor) -> torch.Tensor:
         """Slices per token: the router's choice, or this linear's own threshold on the router's values."""
-        assert self._router is not None  # routed mode only
-        if self.route_tau is None and self.route_record_budget is None:
-            return self._router.slice_counts(x)
-        return self._router.slice_counts_at(x, self.route_tau, self.route_record_budget, self.route_recorded)
+        router = self._router
+        assert router is not None  # routed mode only
+        rec = router.recorder
+        budget = None if rec is None else rec.budget(self)
+        if budget is not None:  # threshold fitting: this batch's quantile for this linear's budget
+            assert rec is not None
+            tau = router.batch_threshold(x, budget)
+            rec.record(self, tau)
+            return router.slice_counts_at(x, tau)
+        if self.route_tau is None:
+            return router.slice_counts(x)
+        return router.slice_counts_at(x, self.route_tau)
 
     def _forward_packed(self, x: torch.Tensor) -> torch.Tensor:
         from .. import kernels

@@ -26,7 +26,8 @@ achieved on calibration activations (a weighted quantile function of its scores)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import cast
 
 import torch
@@ -79,17 +80,70 @@ def batch_tau(values: torch.Tensor, slice_bits: Sequence[int], budget: float) ->
     """The threshold (a 0-dim tensor on ``values``' device, no host sync) at which gate values ``[N, K-1]``
     first reach ``budget`` average bits: the entries above it are the highest-valued ones whose summed
     slice bits, per token, reach ``budget - b_1``. Outside ``(b_1, sum b)`` every gate is off or on."""
-    tau_sorted, bits_after, nxt = _tail(values, slice_bits)
+    return tail_tau(_tail(values, slice_bits), slice_bits, budget).to(values.dtype)
+
+
+def tail_tau(
+    tail: tuple[torch.Tensor, torch.Tensor, torch.Tensor], slice_bits: Sequence[int], budget: float
+) -> torch.Tensor:
+    """:func:`batch_tau` (in float64) from the sorted tail of the values (``_tail``), which several budgets on
+    the same values share: one sort per batch, one search per budget."""
+    tau_sorted, bits_after, nxt = tail
     lo, hi = float(slice_bits[0]), float(sum(slice_bits))
     target = min(max(float(budget), lo), hi)
-    idx = torch.searchsorted(bits_after, torch.tensor([target], dtype=torch.float64, device=values.device))
-    idx = idx.clamp(max=len(bits_after) - 1)[0]
-    tau = (tau_sorted[idx] + nxt[idx]) / 2
     if target <= lo:
-        tau = tau_sorted[0] + 1.0
-    elif target >= hi:
-        tau = tau_sorted[-1] - 1.0
-    return tau.to(values.dtype)
+        return tau_sorted[0] + 1.0
+    if target >= hi:
+        return tau_sorted[-1] - 1.0
+    idx = torch.searchsorted(bits_after, torch.tensor([target], dtype=torch.float64, device=bits_after.device))
+    idx = idx.clamp(max=len(bits_after) - 1)[0]
+    return (tau_sorted[idx] + nxt[idx]) / 2
+
+
+class ThresholdRecorder:
+    """Budget-conditioned threshold fitting, one object for routers and linears alike.
+
+    ``holders`` maps a name to ``(holder, budget)``: a :class:`TokenRouter` (its own threshold) or a linear
+    routed by one (its own threshold on the router's gate values, ``MoBiLinear.route_tau``). While the
+    recorder is attached (``with recorder.attached(routers):``), every forward routes each holder's tokens at
+    its batch's quantile threshold for its budget (:func:`batch_tau`, no host sync) and keeps that threshold;
+    :meth:`means` is then each holder's mean threshold. Holders that share a router and an input share one
+    sort of its gate values."""
+
+    def __init__(self, holders: Mapping[str, tuple[nn.Module, float]]):
+        self.names = list(holders)
+        self._budget = {id(h): float(b) for h, b in holders.values()}
+        self._taus: dict[int, list[torch.Tensor]] = {id(h): [] for h, _ in holders.values()}
+        self._ids = [id(h) for h, _ in holders.values()]
+
+    def budget(self, holder: nn.Module) -> float | None:
+        """The budget ``holder`` records at, or None when it runs as usual."""
+        return self._budget.get(id(holder))
+
+    def record(self, holder: nn.Module, tau: torch.Tensor) -> None:
+        self._taus[id(holder)].append(tau)
+
+    def means(self) -> dict[str, float]:
+        """Each holder's mean recorded threshold (one host sync for all of them)."""
+        for name, i in zip(self.names, self._ids, strict=True):
+            if not self._taus[i]:
+                raise RuntimeError(f"{name} saw no tokens while fitting its threshold")
+        means = torch.stack([torch.stack([t.double() for t in self._taus[i]]).mean() for i in self._ids])
+        return dict(zip(self.names, means.cpu().tolist(), strict=True))
+
+    @contextmanager
+    def attached(self, routers: Iterable[TokenRouter]) -> Iterator[ThresholdRecorder]:
+        """Attach to ``routers`` (every router of the model) for the ``with`` block; detached afterwards."""
+        rs = list(routers)
+        for r in rs:
+            r.recorder = self
+            r.clear_cache()
+        try:
+            yield self
+        finally:
+            for r in rs:
+                r.recorder = None
+                r.clear_cache()
 
 
 def interp_tau(bits_table: torch.Tensor, tau_table: torch.Tensor, budget: float) -> float:
@@ -144,10 +198,10 @@ class TokenRouter(nn.Module):
         # Training-time budget target (set by the calibration loop each step).
         self._cache: tuple | None = None
         self._values: tuple | None = None  # (input, key, gate values) for slice_counts_at
+        self._tail: tuple | None = None  # (gate values, their sorted tail) for batch_threshold
         self.last_soft: torch.Tensor | None = None
-        # Budget-conditioned threshold fitting (see patching.fit_budget_thresholds).
-        self.record_budget: float | None = None
-        self.recorded: list[torch.Tensor] = []
+        # Budget-conditioned threshold fitting: a ThresholdRecorder while one is attached.
+        self.recorder: ThresholdRecorder | None = None
         # Hard routing (slice_counts, slice_counts_at): 'auto' runs the fused Triton kernel on CUDA for
         # decode-sized batches (mobiquant.kernels.use_fused_router), 'torch' this module's layers, 'triton'
         # the kernel always (also in Triton's CPU interpreter).
@@ -173,11 +227,6 @@ class TokenRouter(nn.Module):
         return torch.sigmoid(scores) + bands
 
     # ---------------- hard routing (inference) ----------------
-    def _batch_tau(self, values: torch.Tensor, budget: float) -> torch.Tensor:
-        """The threshold at which these gate values meet ``budget`` average bits (this batch's quantile), as a
-        0-dim tensor on their device: threshold fitting records one per batch without a host sync."""
-        return batch_tau(values, self.slice_bits, budget)
-
     def _hard_values(self, x: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Gate values of ``x``; also the slice counts at the threshold tensor ``tau`` when the fused kernel
         computed them (``None`` otherwise: the caller compares)."""
@@ -194,14 +243,16 @@ class TokenRouter(nn.Module):
 
     def slice_counts(self, x: torch.Tensor) -> torch.Tensor:
         """Number of slices ``k`` in ``[1, K]`` per token (``long``, shape ``x.shape[:-1]``)."""
-        key = (id(x), self.tau._version, self.record_budget)  # no host sync on CUDA
+        budget = None if self.recorder is None else self.recorder.budget(self)
+        key = (id(x), self.tau._version, budget)  # no host sync on CUDA
         if self._cache is not None and self._cache[0] is x and self._cache[1] == key:
             return self._cache[2]
         with torch.no_grad():
-            if self.record_budget is not None:  # threshold fitting: this batch's quantile for the budget
+            if budget is not None:  # threshold fitting: this batch's quantile for the budget
+                assert self.recorder is not None
                 m = self.gate_values(self.scores(x))
-                tau = self._batch_tau(m, self.record_budget)
-                self.recorded.append(tau)
+                tau = self._threshold_of(m, budget)
+                self.recorder.record(self, tau)
                 k = 1 + (m > tau).sum(-1)
             else:
                 m, k_fused = self._hard_values(x, self.tau)
@@ -210,29 +261,31 @@ class TokenRouter(nn.Module):
         self._cache = (x, key, k)
         return k
 
-    @torch.no_grad()
-    def slice_counts_at(
-        self,
-        x: torch.Tensor,
-        tau: float | torch.Tensor | None,
-        record_budget: float | None = None,
-        recorded: list | None = None,
-    ) -> torch.Tensor:
-        """Slices per token for a caller's own threshold ``tau`` on this router's gate values (the values
-        are computed once per input and shared by every caller). With ``record_budget`` the threshold is
-        this batch's quantile for that budget instead, appended to ``recorded``."""
+    def _gate_values_of(self, x: torch.Tensor) -> torch.Tensor:
+        """Hard gate values of ``x``, computed once per input and shared by every linear of the site."""
         key = self._values_key()
         if self._values is not None and self._values[0] is x and self._values[1] == key:
-            m = self._values[2]
-        else:
-            m, _ = self._hard_values(x, self.tau)
-            self._values = (x, key, m)
-        if record_budget is not None:
-            tau = self._batch_tau(m, record_budget)
-            if recorded is not None:
-                recorded.append(tau)
-        if tau is None:
-            raise ValueError("slice_counts_at needs a threshold or a budget to record")
+            return self._values[2]
+        m, _ = self._hard_values(x, self.tau)
+        self._values = (x, key, m)
+        return m
+
+    def _threshold_of(self, m: torch.Tensor, budget: float) -> torch.Tensor:
+        """:func:`batch_tau` of gate values ``m``, their sort kept for the next budget on the same values."""
+        if self._tail is None or self._tail[0] is not m:
+            self._tail = (m, _tail(m, self.slice_bits))
+        return tail_tau(self._tail[1], self.slice_bits, budget).to(m.dtype)
+
+    @torch.no_grad()
+    def batch_threshold(self, x: torch.Tensor, budget: float) -> torch.Tensor:
+        """The threshold (0-dim, on the device) at which this batch's gate values meet ``budget``."""
+        return self._threshold_of(self._gate_values_of(x), budget)
+
+    @torch.no_grad()
+    def slice_counts_at(self, x: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
+        """Slices per token for a caller's own threshold ``tau`` on this router's gate values (the values
+        are computed once per input and shared by every caller)."""
+        m = self._gate_values_of(x)
         if torch.is_tensor(tau) and tau.device != m.device:
             tau = tau.to(m.device)
         return 1 + (m > tau).sum(-1)
@@ -267,6 +320,7 @@ class TokenRouter(nn.Module):
     def clear_cache(self) -> None:
         self._cache = None
         self._values = None
+        self._tail = None
         self.last_soft = None
 
     # ---------------- elastic thresholds ----------------
