@@ -37,13 +37,14 @@ import torch.nn as nn
 from ..calibration import CalibConfig, calibrate_model
 from ..dist import is_rank_zero
 from ..elastic.site_budgets import allocated_bits
-from ..io.checkpoint import CONFIG_NAME, load_quantized, quantized_state, read_meta, save_quantized
+from ..io.checkpoint import CONFIG_NAME, load_quantized, read_meta, save_quantized
 from ..patching import (
     budget_plan,
     freeze,
     install_plan,
     mobi_linears,
     quantize_model,
+    routers,
     set_budget,
     set_static,
     static_k_for_bits,
@@ -193,9 +194,14 @@ def checkpoint_digest(model: nn.Module) -> str:
     weights, not the plan): what identifies a calibrated checkpoint for work derived from it."""
     import hashlib
 
+    state: dict[str, torch.Tensor | None] = {}  # quantized_state's entries without the bit-planes (not copied)
+    for name, m in mobi_linears(model):
+        state.update({f"{name}.{key}": t for key, t in (("scale", m.scale), ("zero", m.zero), ("bias", m.bias))})
+    for name, r in routers(model):
+        state.update({f"{name}.{key}": t for key, t in r.state_dict().items()})
     h = hashlib.sha256()
-    for key, t in sorted(quantized_state(model).items()):
-        if key.startswith("plan.") or ".plane" in key:
+    for key, t in sorted(state.items()):
+        if t is None:
             continue
         h.update(key.encode())
         h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
