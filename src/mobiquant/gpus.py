@@ -145,6 +145,13 @@ def _try_lock(path: Path, note: str) -> IO[str] | None:
     return f
 
 
+def check_jobs_per_gpu(n: Any) -> int:
+    """``hydra.launcher.jobs_per_gpu``: how many jobs may share one GPU, an integer >= 1."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"hydra.launcher.jobs_per_gpu={n!r}: must be an integer >= 1")
+    return n
+
+
 def claim(
     devices: Sequence[str],
     lock_dir: str | os.PathLike,
@@ -164,8 +171,7 @@ def claim(
     """
     if not devices:
         raise ValueError("no device to claim")
-    if isinstance(per_device, bool) or not isinstance(per_device, int) or per_device < 1:
-        raise ValueError(f"hydra.launcher.jobs_per_gpu={per_device!r}: must be an integer >= 1")
+    check_jobs_per_gpu(per_device)
     if _cuda_initialised():
         raise RuntimeError(
             f"CUDA is already initialised in this process: setting {CUDA_ENV} now would not take effect; "

@@ -146,9 +146,9 @@ class GpusLauncher(Launcher):
     def __init__(
         self, gpus: Any = None, lock_dir: str | None = None, poll_s: float = 0.5, jobs_per_gpu: int = 1
     ) -> None:
-        if isinstance(jobs_per_gpu, bool) or not isinstance(jobs_per_gpu, int) or jobs_per_gpu < 1:
-            raise ValueError(f"hydra.launcher.jobs_per_gpu={jobs_per_gpu!r}: must be an integer >= 1")
-        self.jobs_per_gpu = jobs_per_gpu
+        from mobiquant.gpus import check_jobs_per_gpu
+
+        self.jobs_per_gpu = check_jobs_per_gpu(jobs_per_gpu)
         self.gpus = gpus
         self.lock_dir = lock_dir
         self.poll_s = float(poll_s)
