@@ -270,18 +270,22 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package",
         return g.us_per_token, g.graph
 
     t16, how = timed(fp)
-    rows.append(
-        dict(
-            mode="package fp16",
-            budget=16.0,
-            achieved_bits=16.0,
-            us_per_token=t16,
-            tok_s=1e6 / t16,
-            speedup=1.0,
-            pct_copy=100 * linear_bytes(fp, 16) / (t16 * 1e-6) / copy_bw if copy_bw else math.nan,
+
+    def row(mode, budget, bits, t, how, model=q):
+        """One table row: ``t`` us/token at ``bits`` average bits, against fp16's ``t16``."""
+        pct = 100 * linear_bytes(model, bits) / (t * 1e-6) / copy_bw if copy_bw else math.nan
+        return dict(
+            mode=mode,
+            budget=budget,
+            achieved_bits=bits,
+            us_per_token=t,
+            tok_s=1e6 / t,
+            speedup=t16 / t,
+            pct_copy=pct,
             graph=how,
         )
-    )
+
+    rows.append(row("package fp16", 16.0, 16.0, t16, how, model=fp))
     print(f"package fp16: {t16:.1f} us/token (graph: {how})")
     ns = len(kb.SLICE_BITS)
     for label, cfg in kernels:
@@ -290,18 +294,7 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package",
             mq.set_static(q, k)
             t, how = timed(q)
             bits = float(view_bits(k))
-            rows.append(
-                dict(
-                    mode=f"{label} static k={k}",
-                    budget=bits,
-                    achieved_bits=bits,
-                    us_per_token=t,
-                    tok_s=1e6 / t,
-                    speedup=t16 / t,
-                    pct_copy=100 * linear_bytes(q, bits) / (t * 1e-6) / copy_bw if copy_bw else math.nan,
-                    graph=how,
-                )
-            )
+            rows.append(row(f"{label} static k={k}", bits, bits, t, how))
             print(f"{label} static k={k}: {t:.1f} us/token  x{t16 / t:.2f} (graph: {how})")
         for budget in range(kb.SLICE_BITS[0], sum(kb.SLICE_BITS) + 1):
             # achieved bits of the decode tokens, counted eagerly (counting synchronises every step)
@@ -309,18 +302,7 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package",
             steps = g.achieved_bits[1:] or g.achieved_bits
             bits = sum(steps) / len(steps)
             t, how = timed(q, float(budget))
-            rows.append(
-                dict(
-                    mode=f"{label} routed",
-                    budget=float(budget),
-                    achieved_bits=bits,
-                    us_per_token=t,
-                    tok_s=1e6 / t,
-                    speedup=t16 / t,
-                    pct_copy=100 * linear_bytes(q, bits) / (t * 1e-6) / copy_bw if copy_bw else math.nan,
-                    graph=how,
-                )
-            )
+            rows.append(row(f"{label} routed", float(budget), bits, t, how))
             print(
                 f"{label} routed budget {budget}: achieved {bits:.2f} bits, {t:.1f} us/token  x{t16 / t:.2f} "
                 f"(graph: {how})"
