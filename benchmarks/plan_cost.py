@@ -11,6 +11,12 @@ the plan build the same work as a calibrated checkpoint), then times ``build_pla
 
     PYTHONPATH=src python benchmarks/plan_cost.py --baseline 6ed209e --repeats 3
     PYTHONPATH=src python benchmarks/plan_cost.py --baseline 6ed209e --model smollm2 --seqlen 128
+    PYTHONPATH=src python benchmarks/plan_cost.py --model /root/model/smol.gguf --device cuda --seqlen 2048 \
+        --repeats 1 --profile /tmp/plan_profile.txt   # on a GPU, with a host-side profile of the build
+
+``--model`` also takes a ``.gguf`` file or a transformers folder (SmolLM2-sized group 64 then). On CUDA the
+model runs in float16, as the pipeline evaluates there. ``--profile FILE`` writes cProfile's top functions
+(by own and by cumulative time) of the last build to FILE.
 
 Prints one table: the median time per tree, the ratio, and the largest threshold difference between the
 plans (``0`` and the same readings: the same plan).
@@ -19,8 +25,11 @@ plans (``0`` and the same readings: the same plan).
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import os
+import pstats
 import statistics
 import subprocess
 import sys
@@ -37,6 +46,7 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     from mobiquant import MoBiConfig, freeze, quantize_model
     from mobiquant.elastic.site_budgets import build_plan, default_grid
     from mobiquant.patching import fit_budget_thresholds
@@ -51,23 +61,39 @@ def child(args: argparse.Namespace) -> None:
     else:
         from mobiquant.io.models import load_model
 
-        model, _ = load_model("smollm2-135m")
+        model, _ = load_model("smollm2-135m" if args.model == "smollm2" else args.model)
         model = model.float().eval().requires_grad_(False)
         vocab, group = model.config.vocab_size, 64
     torch.manual_seed(0)
     quantize_model(model, MoBiConfig(slice_bits=LAYOUT, group_size=group, router_hidden=16, router_policy="adjacent"))
     freeze(model)
-    ids = torch.randint(0, vocab, (10, args.seqlen), generator=torch.Generator().manual_seed(3))
+    if device.type == "cuda":
+        model = model.to(device=device, dtype=torch.float16)
+    ids = torch.randint(0, vocab, (10, args.seqlen), generator=torch.Generator().manual_seed(3)).to(device)
     fit_budget_thresholds(model, list(ids[:2].split(1)), default_grid(LAYOUT, 0.5))
+    prof = cProfile.Profile() if args.profile else None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     t0 = time.perf_counter()
+    if prof is not None:
+        prof.enable()
     plan = build_plan(model, ids, per="linear", step=0.25)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
+    if prof is not None:
+        prof.disable()
+        buf = io.StringIO()
+        for key in ("tottime", "cumulative"):
+            pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(40)
+        Path(args.profile).write_text(f"build_plan {seconds:.2f} s on {device}\n" + buf.getvalue())
     torch.save({"seconds": seconds, "state": plan.state(), "meta": plan.meta()}, args.child)
 
 
 def run_tree(src: Path, args: argparse.Namespace, out: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", str(out), "--model", args.model, "--hidden", str(args.hidden)]
     cmd += ["--layers", str(args.layers), "--seqlen", str(args.seqlen), "--threads", str(args.threads)]
+    cmd += ["--device", args.device] + (["--profile", args.profile] if args.profile else [])
     env = {**os.environ, "PYTHONPATH": str(src), "WANDB_MODE": "disabled"}
     subprocess.run(cmd, check=True, env=env)
     import torch
@@ -78,7 +104,9 @@ def run_tree(src: Path, args: argparse.Namespace, out: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--baseline", help="git ref whose src/ is timed against this tree's (none: this tree only)")
-    p.add_argument("--model", choices=("tiny", "smollm2"), default="tiny")
+    p.add_argument("--model", default="tiny", help="tiny, smollm2, or a .gguf file / transformers folder")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (float16 there)")
+    p.add_argument("--profile", help="write cProfile's top functions of the build to this file")
     p.add_argument("--hidden", type=int, default=256, help="tiny model: hidden size (intermediate 2.5x)")
     p.add_argument("--layers", type=int, default=4, help="tiny model: blocks")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
@@ -111,9 +139,9 @@ def main() -> None:
                 print(f"repeat {r + 1}: {name}: {res['seconds']:.2f} s", file=sys.stderr, flush=True)
     first = next(iter(trees))
     ref = plans[first]
-    shape = f"{args.model}" + (f" h{args.hidden} x {args.layers} blocks" if args.model == "tiny" else "")
+    shape = f"{Path(args.model).name}" + (f" h{args.hidden} x {args.layers} blocks" if args.model == "tiny" else "")
     where = f"{shape}, {args.seqlen}-token windows, {args.threads} threads"
-    print(f"\nbuild_plan on the CPU ({where}), median of {args.repeats}")
+    print(f"\nbuild_plan on {args.device} ({where}), median of {args.repeats}")
     print("| tree | seconds (each run) | median | ratio | max abs tau diff | same readings |")
     print("|---|---|---|---|---|---|")
     for name in trees:
