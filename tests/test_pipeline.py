@@ -104,7 +104,7 @@ def test_saved_checkpoint_reused_only_with_the_same_calibration(tmp_path, wandb_
     run(smoke_cfg(tmp_path / "first", *args))
     first_ckpts = tmp_path / "first" / "run" / "checkpoints"
     first = json.loads((first_ckpts / "mobiquant" / "mobiquant.json").read_text())["extra"]["calib"]
-    assert first["lr_lwc"] == 5e-3 and first["calib_tokens"].startswith("[")
+    assert first["lr_lwc"] == 1e-2 and first["calib_tokens"].startswith("[")
     reruns = iter(range(100))
 
     def rerun(*extra):

@@ -93,14 +93,25 @@ def test_stage2_preset_changes_one_calibration_lever_per_job(tmp_path):
 
     cfg = _compose(["experiment=ablation_stage2"])
     jobs = _expand(OmegaConf.to_container(cfg.hydra.sweeper.params))
-    changed = []
+    changed, overrides = [], []
     for job in jobs:
         methods, _ = validate(_task_cfg(_compose(["experiment=ablation_stage2", *job]), tmp_path))
         method = methods[0]
         assert isinstance(method, MoBiQuant) and method.mobi.slice_bits == (3, 1, 1, 1, 1, 1)
         changed.append(sorted(method.calib_overrides))
-    levers = [[], ["lr_lwc"], ["lr_lwc"], ["lr_lwc_stage2"], ["budget_sampling", "budgets"], ["propagate_budget"]]
-    assert changed == levers
+        overrides.append(dict(method.calib_overrides))
+    cyc = ["budget_sampling", "budgets"]
+    levers = [
+        cyc,
+        [*cyc, "lr_lwc"],
+        [*cyc, "lr_lwc"],
+        [*cyc, "lr_lwc_stage2"],
+        ["budget_sampling"],
+        [*cyc, "propagate_budget"],
+    ]
+    assert changed == [sorted(x) for x in levers]
+    shipped = validate(_task_cfg(_compose(["quant=mobiquant"]), tmp_path))[0][0]
+    assert dict(shipped.calib_overrides) == overrides[0]  # the 'default' lever is quant=mobiquant as shipped
 
 
 def test_slices_preset_layouts(tmp_path):

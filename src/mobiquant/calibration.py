@@ -57,7 +57,7 @@ class CalibConfig:
     epochs_stage1: int = 10
     epochs_stage2: int = 10
     batch_size: int = 1
-    lr_lwc: float = 5e-3
+    lr_lwc: float = 1e-2  # measured best for LWC and MoBiQuant (docs/RESULTS.md, "Clipping learning rate")
     lr_router: float = 1e-3
     # Learning rate of the shared clipping in stage 2. None: ``lr_lwc``; 0 keeps the clipping stage 1 trained
     # for its view (the base slice by default) and stage 2 trains the routers only.
