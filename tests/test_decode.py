@@ -131,6 +131,15 @@ def test_per_linear_thresholds_become_device_tensors(qmodel, prompt, monkeypatch
     assert float(own[0].route_tau) == pytest.approx(expect)
     others = [m for _, m in mq.patching.mobi_linears(qmodel) if m not in own]
     assert all(m.route_tau is None for m in others)
+    copies = []
+    real_copy = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda d, s: copies.append(len(d)) or real_copy(d, s))
+    ctl.apply(6.0)  # the budget in force: nothing to write (every decode step sets its budget)
+    assert not copies
+    ctl.apply(3.5)
+    assert len(copies) == 1 and float(own[0].route_tau) == pytest.approx(
+        interp_tau(own[0].router.bits_table, own[0].router.tau_table, 4.5)
+    )
     mq.set_budget(qmodel, 4.0)  # leave the shared model as the library sets it
 
 

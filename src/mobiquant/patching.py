@@ -184,7 +184,8 @@ def set_static(model: nn.Module, k: int) -> None:
 def set_small_config(model: nn.Module, config) -> None:
     """Launch configuration of the Triton small-batch kernels for every :class:`MoBiLinear` (a
     ``mobiquant.kernels.triton_bitplane.SmallConfig``; None: the defaults). ``SmallConfig(bitplanes=True)``
-    runs one-token forwards in the one-bit plane kernel, whose buffers each linear builds on first use."""
+    runs one-token forwards of every layout in the one-bit plane kernel (by default only the layouts the other
+    small-batch kernels do not cover; ``bitplanes=False`` never), whose buffers each linear builds on first use."""
     for _, m in mobi_linears(model):
         m.small_config = config
         m._bitplanes = None

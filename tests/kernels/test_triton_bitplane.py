@@ -336,15 +336,28 @@ def test_bits_kernel_activation_range(scale_x, gen):
             check(x, planes, scale, zero, bits, group, k, small_config=BITS)
 
 
-def test_bits_kernel_dispatch_and_errors(gen):
-    """Opt-in: 'auto' takes the one-bit plane kernel only for one token with ``SmallConfig(bitplanes=True)``; more
-    tokens and the default config keep the old paths. The cache returns the same buffers for unchanged planes."""
+def test_bits_kernel_dispatch_and_errors(gen, monkeypatch):
+    """'auto' takes the one-bit plane kernel for one token of a layout the small-batch kernels do not cover (the
+    default [3, 1, 1, 1, 1, 1]), or of any layout with ``SmallConfig(bitplanes=True)``; never with ``bitplanes=False``
+    or for more tokens. The cache returns the same buffers for unchanged planes."""
+    assert tb.wants_bitplanes(DEFAULT_LAYOUT, 64) and tb.wants_bitplanes(DEFAULT_LAYOUT, 64, tb.SmallConfig())
+    assert not tb.wants_bitplanes(DEFAULT_LAYOUT, 64, tb.SmallConfig(bitplanes=False))
+    assert not tb.wants_bitplanes((2, 2, 2, 2), 64) and tb.wants_bitplanes((2, 2, 2, 2), 64, BITS)
+    assert not tb.wants_bitplanes((3, 3, 3), 64, BITS)  # 9 bits: views beyond 8-bit codes
     bits, group = DEFAULT_LAYOUT, 64
     planes, scale, zero = make_layer(16, 128, bits, group, gen)
     bp = tb.bitplanes_for(planes, scale, zero, bits, group, 128)
     assert tb.bitplanes_for(planes, scale, zero, bits, group, 128) is bp
+    taken = []
+    real = tb.bitplane_linear_bits
+    monkeypatch.setattr(tb, "bitplane_linear_bits", lambda *a, **kw: taken.append(1) or real(*a, **kw))
     x = randx(3, 128, torch.float32, gen)
     check(x, planes, scale, zero, bits, group, 2, small_config=BITS)  # 3 tokens: not the one-bit plane kernel
+    assert not taken
+    check(x[:1], planes, scale, zero, bits, group, 2)  # the default config: one-bit planes for this layout
+    assert len(taken) == 1
+    check(x[:1], planes, scale, zero, bits, group, 2, small_config=tb.SmallConfig(bitplanes=False))
+    assert len(taken) == 1
     with pytest.raises(ValueError, match="one token"):
         tb.bitplane_linear_bits(x, bp, 1)
     with pytest.raises(ValueError, match="block_k"):

@@ -2168,11 +2168,13 @@ class SmallConfig:
     # most FIELDS_MAX_K planes are read (faster there on an H200, slower at k=4) and when k is read on the
     # device (a body per k; benchmarks/NOTES.md, versions 7 and 9).
     fields: bool | None = None
-    # one token from one-bit planes (_bp_gemv_bits_kernel, any layout of at most 8 bits): opt-in until measured on
-    # a GPU (benchmarks/NOTES.md, version 10). With it: ``block_n`` rows per program and ``block_k`` columns (16 x a
-    # power of two dividing the group) per sub-chunk, ``waves`` programs per SM (stream-K grid; ``split_k``:
-    # programs per row block instead).
-    bitplanes: bool = False
+    # one token from one-bit planes (_bp_gemv_bits_kernel, any layout of at most 8 bits). None: for the layouts the
+    # small-batch kernels do not cover (e.g. the default [3, 1, 1, 1, 1, 1], whose 3-bit plane packs 10 codes per
+    # word: measured 26-39x faster than the tile kernel it replaces on an H200, docs/RESULTS.md "Decode");
+    # True: for every layout it covers; False: never. With it: ``block_n`` rows per program and ``block_k``
+    # columns (16 x a power of two dividing the group) per sub-chunk, ``waves`` programs per SM (stream-K grid;
+    # ``split_k``: programs per row block instead).
+    bitplanes: bool | None = None
     waves: int | None = None
     prefetch: bool = False  # one-bit plane kernel, block_k = group: next group's words loaded before this one's sum
     maxnreg: int | None = None  # one-bit plane kernel's register cap (None: BITS_MAXNREG, none with prefetch)
@@ -2518,6 +2520,16 @@ def bits_supported(slice_bits: Sequence[int], group_size: int) -> bool:
     return 1 <= sum(slice_bits) <= BITS_MAX_PLANES and group_size % 16 == 0
 
 
+def wants_bitplanes(slice_bits: Sequence[int], group_size: int, config: SmallConfig | None = None) -> bool:
+    """Whether one token of this layout runs in the one-bit plane kernel: ``config.bitplanes`` True (where
+    :func:`bits_supported`), False (never), or None / no config: where the small-batch kernels have no one-token
+    path for the layout (they would fall to the tile kernel, which also reads ``k`` on the host)."""
+    choice = None if config is None else config.bitplanes
+    if choice is False or not bits_supported(slice_bits, group_size):
+        return False
+    return choice is True or not small_supported(slice_bits, group_size, None, False)
+
+
 def _unpack_plane(plane: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     """Codes ``[rows, cols]`` (int32) of a plane packed ``32 // bits`` per int32 word, first code lowest."""
     per = 32 // bits
@@ -2605,9 +2617,11 @@ def bitplanes_for(
     return bp
 
 
-#: Defaults of the one-bit plane kernel (benchmarks/NOTES.md, version 10; not yet measured on a GPU): rows per
-#: program (two per word), columns per sub-chunk (16 per word), programs per SM of the stream-K grid.
-BITS_BLOCK_N = 256
+#: Defaults of the one-bit plane kernel: rows per program (two per word), columns per sub-chunk (16 per word),
+#: programs per SM of the stream-K grid. 128 / 64 / 4 was the fastest of the seven configs that
+#: ``benchmarks/decode_bench.py --bits-sweep`` timed on an H200 (2026-11-30, slices 3-1-1-1-1-1, 8B-shaped stack:
+#: 387 / 419 us per token at 3 / 4 bits against 512 / 537 for 256 / 64 / 4; docs/RESULTS.md "Decode").
+BITS_BLOCK_N = 128
 BITS_BLOCK_K = 64
 BITS_WAVES = 4
 #: Register cap of the one-bit plane kernel: 128 keeps 4 programs of 4 warps on an SM (the stream-K grid of 4
@@ -2942,7 +2956,7 @@ def bitplane_linear(
 ) -> torch.Tensor:
     """``y = x W_k^T (+ bias)`` reading only the first ``k`` bit-planes; ``k`` int or per-token tensor.
 
-    ``path``: 'auto' (one token with ``small_config.bitplanes``: 'bits'; small-batch kernels for <= 16 tokens
+    ``path``: 'auto' (one token where :func:`wants_bitplanes`: 'bits'; small-batch kernels for <= 16 tokens
     when the layout allows; on CUDA from ``DEQUANT_MIN_TOKENS`` tokens 'dequant'; else tiles), 'bits' (one token
     from one-bit plane buffers: ``packed``, else built from ``planes`` and cached, :func:`bitplanes_for`),
     'small', 'tile' (fused dequantize-tile-then-dot) or 'dequant' (dequantize W_k, then cuBLAS). ``out``, if
@@ -2971,7 +2985,7 @@ def bitplane_linear(
     zero = zero.contiguous()
     if path == "auto":
         small_ok = M <= 16 and small_supported(slice_bits, group_size, None, M > 1)
-        if M == 1 and small_config is not None and small_config.bitplanes and bits_supported(slice_bits, group_size):
+        if M == 1 and wants_bitplanes(slice_bits, group_size, small_config):
             path = "bits"
         elif small_ok:
             path = "small"
@@ -3011,5 +3025,6 @@ __all__ = [
     "bitplanes_for",
     "dequantize",
     "pack_bitplanes",
+    "wants_bitplanes",
     "small_supported",
 ]

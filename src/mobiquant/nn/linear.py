@@ -88,8 +88,9 @@ class MoBiLinear(nn.Module):
         # when x is on CUDA and triton imports, else torch).
         self.backend: Literal["auto", "torch", "triton"] = "auto"
         # Launch configuration of the Triton small-batch kernels (a triton_bitplane.SmallConfig; None: the
-        # defaults). With ``bitplanes=True`` one-token forwards run the one-bit plane kernel, whose buffers
-        # (the planes split into one-bit planes, same bytes) are built on first use and kept beside the planes.
+        # defaults). One-token forwards that run the one-bit plane kernel (``triton_bitplane.wants_bitplanes``: by
+        # default for layouts such as [3, 1, 1, 1, 1, 1]) read buffers (the planes split into one-bit planes, same
+        # bytes) built on first use and kept beside the planes.
         self.small_config: Any = None
         self._bitplanes: Any = None
 
@@ -308,12 +309,13 @@ class MoBiLinear(nn.Module):
         planes = [self.plane(e) for e in range(self.num_slices)]
         extra = {}
         cfg = getattr(self, "small_config", None)
-        if cfg is not None and self._use_triton(x):
-            extra["small_config"] = cfg
-            if n_tokens == 1 and getattr(cfg, "bitplanes", False):
-                from ..kernels.triton_bitplane import bits_supported
+        if self._use_triton(x):
+            if cfg is not None:
+                extra["small_config"] = cfg
+            if n_tokens == 1:
+                from ..kernels.triton_bitplane import wants_bitplanes
 
-                if bits_supported(self.slice_bits, self.slicer.group_size):
+                if wants_bitplanes(self.slice_bits, self.slicer.group_size, cfg):
                     extra["packed"] = self.bitplane_buffers()
         return kernels.bitplane_linear(
             x,

@@ -89,6 +89,7 @@ class BudgetControl:
         self._snaps: dict[float, dict] = {}
         self._holders: dict[int, torch.Tensor] = {}  # linear index -> its route_tau device tensor
         self._structure: tuple | None = None
+        self._applied: float | None = None  # the budget the live tensors hold (a repeat of it is free)
 
     @property
     def quantized(self) -> bool:
@@ -131,6 +132,8 @@ class BudgetControl:
         if budget is None:
             return
         budget = float(budget)
+        if budget == self._applied:  # every decode step sets its budget: a repeat costs no host work
+            return
         self._structure = None
         snap = self._snaps.get(budget)
         if snap is None:
@@ -156,6 +159,7 @@ class BudgetControl:
                 torch._foreach_copy_(dst, src)
         for r in self.routers:
             r._cache = None
+        self._applied = budget
 
     def _router_index(self, m) -> int:
         for j, r in enumerate(self.routers):
