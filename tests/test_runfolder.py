@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from lock_holder import lock_holder
 from mobiquant.__main__ import CONF_DIR, TASKS
 from mobiquant.configcheck import PlainMessage, preflight
 from mobiquant.io.fileio import host_tag, owner_tag
@@ -191,23 +192,10 @@ def test_cli_refuses_before_hydra_writes_the_folder(tmp_path):
 
 
 # ---------------------------------------------------------------------------- lock
-HOLD = """
-import sys, time
-from mobiquant.io.runfolder import RunLock
-from pathlib import Path
-lock = RunLock(Path(sys.argv[1])).acquire()
-print("locked", flush=True)
-time.sleep(120)
-"""
-
-
 def test_second_process_in_the_same_folder_is_refused_naming_the_holder(tmp_path, quiet, monkeypatch):
     out = tmp_path / "run"
     out.mkdir()
-    env = {**os.environ, "PYTHONPATH": SRC}
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], env=env, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_holder(out) as holder:
         no_model(monkeypatch)
         with pytest.raises(RunFolderError) as e:
             run(smoke_cfg(tmp_path, *FAST))
@@ -216,9 +204,6 @@ def test_second_process_in_the_same_folder_is_refused_naming_the_holder(tmp_path
         assert "\n" not in text
         error = preflight(["experiment=smoke", f"hydra.run.dir={out}"], CONF_DIR, tasks=TASKS)  # the CLI
         assert isinstance(error, PlainMessage) and f"is in use by process {holder.pid}" in error
-    finally:
-        holder.kill()
-        holder.wait()
     # The kernel dropped the lock with its process; the entry it left names a process that is gone.
     folder = open_run_folder(out, smoke_cfg(tmp_path, *FAST))
     folder.release()

@@ -4,9 +4,6 @@ lock and identity before any work, and the identity is made of the settings that
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -15,21 +12,14 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
+from lock_holder import lock_holder
 from mobiquant.__main__ import CONF_DIR, TASKS, resolve_task
-from mobiquant.configcheck import PlainMessage, preflight
+from mobiquant.configcheck import ConfigError, PlainMessage, preflight
+from mobiquant.io.checkpoint import CONFIG_NAME, FORMAT, FORMAT_VERSION, TENSORS_NAME
 from mobiquant.io.fileio import host_tag
 from mobiquant.io.runfolder import IDENTITY_NAME, LOCK_NAME, RunFolderError, config_identity, digest
+from mobiquant.quant.config import MoBiConfig
 from mobiquant.tasks import session
-
-SRC = str(Path(__file__).resolve().parents[1] / "src")
-HOLD = """
-import sys, time
-from mobiquant.io.runfolder import RunLock
-from pathlib import Path
-lock = RunLock(Path(sys.argv[1])).acquire()
-print("locked", flush=True)
-time.sleep(120)
-"""
 
 # task -> (experiment, a setting of that task, its value in the experiment, another value, a rows file it writes)
 TASK_CASES = {
@@ -88,10 +78,7 @@ def test_second_process_on_the_folder_of_any_task_is_refused(task, tmp_path, tex
     needs(task)
     out = tmp_path / "run"
     out.mkdir()
-    env = {**os.environ, "PYTHONPATH": SRC}
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], env=env, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_holder(out) as holder:
         no_model(monkeypatch)
         with pytest.raises(RunFolderError) as e:
             resolve_task(task)(task_cfg(tmp_path, task, text_file))
@@ -100,9 +87,6 @@ def test_second_process_on_the_folder_of_any_task_is_refused(task, tmp_path, tex
         argv = [f"experiment={TASK_CASES[task][0]}", f"hydra.run.dir={out}", f"lm_eval.data.wikitext2_path={text_file}"]
         error = preflight(argv, CONF_DIR, tasks=TASKS)
         assert isinstance(error, PlainMessage) and f"is in use by process {holder.pid}" in error
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 @pytest.mark.parametrize("task", list(TASK_CASES))
@@ -169,3 +153,38 @@ def test_decode_records_its_identity_and_refuses_another(tmp_path, text_file, mo
     no_model(monkeypatch)
     with pytest.raises(RunFolderError, match=r"decode.budgets: \[4\] there, \[3\] now"):
         decode(task_cfg(tmp_path, "decode", text_file, "decode.fp=false", "decode.budgets=[3]"))
+
+
+def checkpoint_meta(folder: Path, mobi: MoBiConfig) -> Path:
+    """A checkpoint folder holding only its JSON (what the budget check reads) for the config ``mobi``."""
+    folder.mkdir()
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": mobi.to_dict(),
+        "sites": [],
+        "compute_dtype": "float32",
+        "base_model": {"name_or_path": None, "architecture": "LlamaForCausalLM", "fingerprint": "0" * 64},
+        "tensors": {"file": TENSORS_NAME, "sha256": "0" * 64, "bytes": 0, "count": 0},
+    }
+    (folder / CONFIG_NAME).write_text(json.dumps(meta))
+    return folder
+
+
+def test_checkpoint_serving_names_the_budgets_outside_the_checkpoint_and_what_it_allows(tmp_path):
+    routed = checkpoint_meta(tmp_path / "routed", MoBiConfig(slice_bits=(3, 1, 1, 1, 1, 1)))
+    mobi, is_routed = session.checkpoint_serving(routed, [3.0, 5.5, 8.0], "lm_eval.checkpoint")
+    assert is_routed and mobi.slice_bits == (3, 1, 1, 1, 1, 1)
+    assert session.checkpoint_serving(routed, [8.0 + 1e-7], "lm_eval.checkpoint", tol=1e-6)[1]
+    with pytest.raises(ConfigError) as e:
+        session.checkpoint_serving(routed, [8.0 + 1e-7, 2.0, 4.0], "lm_eval.checkpoint")
+    assert str(e.value) == (
+        f"lm_eval.checkpoint: budgets [8.0000001, 2.0] are outside what checkpoint {routed} serves "
+        "(slices [3, 1, 1, 1, 1, 1]): allowed 3 <= bits <= 8"
+    )
+    static = checkpoint_meta(tmp_path / "static", MoBiConfig(slice_bits=(2, 2, 2), routers=False))
+    assert session.checkpoint_serving(static, [2.0, 6.0], "decode.checkpoint")[1] is False
+    with pytest.raises(ConfigError, match=r"^decode.checkpoint: budgets \[5.0\] .* allowed one of \[2, 4, 6\] \(no r"):
+        session.checkpoint_serving(static, [4.0, 5.0], "decode.checkpoint")
+    with pytest.raises(ConfigError, match=r"^decode.checkpoint: checkpoint folder .* does not exist"):
+        session.checkpoint_serving(tmp_path / "missing", [4.0], "decode.checkpoint")

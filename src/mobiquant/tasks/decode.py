@@ -671,27 +671,6 @@ def _decode_settings(cfg) -> dict[str, Any]:
     )
 
 
-def _checkpoint_config(folder, budgets: list[float]):
-    from ..io.checkpoint import CheckpointError, read_meta
-    from ..quant.config import MoBiConfig
-    from .session import ConfigError
-
-    try:
-        meta = read_meta(folder)
-    except CheckpointError as e:
-        raise ConfigError(f"decode.checkpoint: {e}") from e
-    mobi = MoBiConfig(**{"router_policy": "free", **meta["config"]})
-    if mobi.routers and len(mobi.slice_bits) > 1:
-        bad = [b for b in budgets if not mobi.min_bits <= b <= mobi.max_bits]
-        allowed = f"{mobi.min_bits:g} <= bits <= {mobi.max_bits:g}"
-    else:
-        bad = [b for b in budgets if static_k_for_bits(mobi, b) is None]
-        allowed = f"one of {list(mobi.view_bits)} (no routers)"
-    if bad:
-        raise ConfigError(f"decode.budgets {bad} are outside what checkpoint {folder} serves: allowed {allowed}")
-    return mobi
-
-
 def _bits_on(model: nn.Module, tokens: torch.Tensor) -> float:
     """Achieved average bits of the model's current setting on ``tokens`` (one tracked forward)."""
     if not any(True for _ in mobi_linears(model)):
@@ -716,7 +695,7 @@ def run(cfg) -> float:
 
     from ..io.checkpoint import CheckpointError, load_quantized
     from ..io.results import write_csv
-    from .session import ConfigError, open_session, validate
+    from .session import ConfigError, checkpoint_serving, open_session, validate
 
     def check(cfg) -> tuple[dict[str, Any], Any, Path | None]:
         s = _decode_settings(cfg)
@@ -724,7 +703,7 @@ def run(cfg) -> float:
         folder = Path(str(s["checkpoint"])) if s["checkpoint"] else None
         main = methods[0]
         if folder is not None:
-            _checkpoint_config(folder, s["budgets"])
+            checkpoint_serving(folder, s["budgets"], "decode.checkpoint")
         else:
             served = main.budgets(s["budgets"])
             missing = [b for b in s["budgets"] if not any(abs(b - x) < 1e-6 for x in served)]

@@ -31,7 +31,7 @@ import torch
 from omegaconf import DictConfig, ListConfig
 
 from ..configcheck import path_hint
-from ..io.checkpoint import CheckpointError, load_quantized, read_meta
+from ..io.checkpoint import CheckpointError, load_quantized
 from ..io.fileio import atomic_write_text
 from ..io.results import write_csv
 from ..lm_eval_tasks import LOCAL_TASKS, TASKS_DIR
@@ -44,7 +44,17 @@ from ..patching import (
     storage_bits,
 )
 from ..quant.config import MoBiConfig
-from .session import QUIET_LOGGERS, ConfigError, budget_list, open_session, pos_int, row_avg_bits, use_backend, validate
+from .session import (
+    QUIET_LOGGERS,
+    ConfigError,
+    budget_list,
+    checkpoint_serving,
+    open_session,
+    pos_int,
+    row_avg_bits,
+    use_backend,
+    validate,
+)
 
 log = logging.getLogger("mobiquant")
 
@@ -174,28 +184,6 @@ def task_manager(plan: Plan):
     return _lm_eval_tasks()(include_path=str(TASKS_DIR), include_defaults=plan.registry, metadata=plan.metadata)
 
 
-def _checkpoint(cfg: DictConfig, budgets: list[float]) -> tuple[Path, MoBiConfig, bool]:
-    folder = Path(str(cfg.lm_eval.checkpoint))
-    try:
-        meta = read_meta(folder)
-    except CheckpointError as e:
-        raise ConfigError(f"lm_eval.checkpoint: {e}") from e
-    mobi = MoBiConfig(**{"router_policy": "free", **meta["config"]})
-    routed = mobi.routers and len(mobi.slice_bits) > 1
-    if routed:
-        bad = [b for b in budgets if not mobi.min_bits - _BUDGET_TOL <= b <= mobi.max_bits + _BUDGET_TOL]
-        allowed = f"{mobi.min_bits} <= bits <= {mobi.max_bits}"
-    else:  # static views only: the prefix sums of the slices
-        bad = [b for b in budgets if static_k_for_bits(mobi, b) is None]
-        allowed = f"one of {list(mobi.view_bits)} (no routers)"
-    if bad:
-        raise ConfigError(
-            f"budgets {bad} are outside what checkpoint {folder} serves (slices {list(mobi.slice_bits)}): "
-            f"allowed {allowed}"
-        )
-    return folder, mobi, routed
-
-
 def validate_lm_eval(cfg: DictConfig) -> Plan:
     """Check the ``lm_eval`` block and the rest of the config; no model is loaded, nothing is downloaded."""
     if cfg.get("lm_eval") is None:
@@ -216,7 +204,8 @@ def validate_lm_eval(cfg: DictConfig) -> Plan:
     methods, _ = validate(cfg)  # model, data, calibration and every method's settings
     plan_kwargs: dict[str, Any] = {}
     if cfg.lm_eval.get("checkpoint"):
-        folder, mobi, routed = _checkpoint(cfg, budgets)
+        folder = Path(str(cfg.lm_eval.checkpoint))
+        mobi, routed = checkpoint_serving(folder, budgets, "lm_eval.checkpoint", tol=_BUDGET_TOL)
         # the checkpoint stands in for `quant`; the baselines still run
         plan_kwargs = dict(checkpoint=folder, checkpoint_config=mobi, checkpoint_routed=routed, main=folder.name)
         methods = methods[1:]

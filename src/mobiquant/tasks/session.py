@@ -46,12 +46,14 @@ from ..configcheck import (
     explicit_overrides,
 )
 from ..dist import is_rank_zero
+from ..io.checkpoint import CheckpointError, config_from_meta, read_meta
 from ..io.fileio import ensure_writable_dir, remove_stray_temporaries
 from ..io.results import concat_rows, write_csv
 from ..io.runfolder import ON_MISMATCH, RunFolder, config_identity, open_run_folder
 from ..io.tracking import Tracker, plain_config, wandb_env_default
 from ..methods.core import QuantMethod, RunContext, Variant
-from ..patching import achieved_bits, find_blocks, mobi_linears
+from ..patching import achieved_bits, find_blocks, mobi_linears, static_k_for_bits
+from ..quant.config import MoBiConfig
 
 log = logging.getLogger("mobiquant")
 
@@ -182,6 +184,30 @@ def served_ranges(methods: list[QuantMethod], grid: list[float]) -> str:
             )
             parts.append(f"{m.name} {span or ', '.join(f'{b:g}' for b in bs)} bits")
     return "; ".join(parts) or "none"
+
+
+def checkpoint_serving(folder: Path, budgets: list[float], key: str, tol: float = 0.0) -> tuple[MoBiConfig, bool]:
+    """The config of the checkpoint in ``folder`` (config key ``key``) and whether it is routed (routers over
+    several slices), once it is known to serve every budget of ``budgets``: a routed checkpoint serves
+    ``min_bits - tol <= bits <= max_bits + tol``, any other only its static views (the prefix sums of its
+    slices). An unreadable checkpoint or a budget it does not serve is a :class:`ConfigError`."""
+    try:
+        mobi = config_from_meta(read_meta(folder), folder)
+    except CheckpointError as e:
+        raise ConfigError(f"{key}: {e}") from e
+    routed = mobi.routers and len(mobi.slice_bits) > 1
+    if routed:
+        bad = [b for b in budgets if not mobi.min_bits - tol <= b <= mobi.max_bits + tol]
+        allowed = f"{mobi.min_bits:g} <= bits <= {mobi.max_bits:g}"
+    else:
+        bad = [b for b in budgets if static_k_for_bits(mobi, b) is None]
+        allowed = f"one of {list(mobi.view_bits)} (no routers)"
+    if bad:
+        raise ConfigError(
+            f"{key}: budgets {bad} are outside what checkpoint {folder} serves (slices {list(mobi.slice_bits)}): "
+            f"allowed {allowed}"
+        )
+    return mobi, routed
 
 
 def check_stage1(methods: list[QuantMethod], calib, grid: list[float]) -> None:
