@@ -39,7 +39,7 @@ PRESETS = {  # preset -> number of jobs its `-m` sweep expands to
     "ablation_seeds": 3,
     "ablation_router_policy": 2,
     "ablation_grid_anchor": 4,
-    "ablation_stage2": 6,
+    "ablation_stage2": 8,
 }
 
 
@@ -108,10 +108,13 @@ def test_stage2_preset_changes_one_calibration_lever_per_job(tmp_path):
         [*cyc, "lr_lwc_stage2"],
         ["budget_sampling"],
         [*cyc, "propagate_budget"],
+        [*cyc, "epochs_stage1", "epochs_stage2"],
+        cyc,
     ]
     assert changed == [sorted(x) for x in levers]
     shipped = validate(_task_cfg(_compose(["quant=mobiquant"]), tmp_path))[0][0]
     assert dict(shipped.calib_overrides) == overrides[0]  # the 'default' lever is quant=mobiquant as shipped
+    assert list(overrides[-1]["budgets"]).count(3) == 2  # w3: 3 bits twice per cycle
 
 
 def test_slices_preset_layouts(tmp_path):
