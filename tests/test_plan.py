@@ -67,7 +67,9 @@ def planned():
     model = routed_model()
     ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(3))
     fit_budget_thresholds(model, list(ids.split(2)), default_grid((2, 2, 2, 2), 0.5))
-    plan = build_plan(model, ids, per="linear", step=0.5, sensitivity_windows=4, select_windows=4, batch_size=2)
+    plan = build_plan(
+        model, ids, per="linear", step=0.5, sensitivity_windows=4, select_windows=4, batch_size=2, select_at="all"
+    )
     return model, ids, plan
 
 
@@ -85,6 +87,7 @@ def test_build_plan_covers_every_routed_linear_and_the_whole_range(planned):
         "refit_thresholds": True,
         "refit_windows": 4,
         "select_windows": 4,
+        "select_at": "all",
     }
     # Local budgets of an allocated reading are parameter-weighted at most the budget.
     params = {n: m.in_features * m.out_features for n, m in mobi_linears(model)}
@@ -118,6 +121,23 @@ def test_set_budget_serves_the_plan_and_its_choice_is_the_lower_held_out_loss(pl
             assert abs(mq.achieved_bits(model) - b) < 0.6
     finally:
         install_plan(model, None)
+
+
+def test_plan_scores_uniform_routing_only_at_the_views_by_default(planned, monkeypatch):
+    """select_at='views' (the default) scores the two readings only at budgets equal to a view's bits (there
+    uniform routing is that static view); every other budget keeps the allocated reading unscored."""
+    from mobiquant.elastic import site_budgets
+
+    model, ids, _ = planned
+    scored = []
+    real = site_budgets._mean_nll
+    monkeypatch.setattr(site_budgets, "_mean_nll", lambda m, held, bs: scored.append(1) or real(m, held, bs))
+    plan = build_plan(model, ids, per="linear", step=0.5, sensitivity_windows=4, select_windows=4, batch_size=2)
+    assert plan.settings["select_at"] == "views"
+    assert len(scored) == 2 * 2  # views 4 and 6 of (2, 2, 2, 2) lie strictly inside [2, 8]: two readings each
+    assert all(r == "allocated" for b, r in zip(plan.budgets, plan.reading, strict=True) if b not in (4.0, 6.0))
+    with pytest.raises(ValueError, match="select_at must be one of"):
+        build_plan(model, ids, per="linear", step=0.5, sensitivity_windows=4, select_at="some")
 
 
 def test_install_plan_refuses_a_plan_of_another_model(planned):
@@ -215,7 +235,7 @@ def test_an_interrupted_plan_resumes_at_the_next_budget(planned, tmp_path, monke
     import mobiquant.elastic.site_budgets as sb
 
     model, ids, reference = planned
-    settings = dict(per="linear", step=0.5, sensitivity_windows=4, select_windows=4, batch_size=2)
+    settings = dict(per="linear", step=0.5, sensitivity_windows=4, select_windows=4, batch_size=2, select_at="all")
     state = tmp_path / "plan_state"
     calls = {"n": 0}
     real_apply = sb.apply_linear_budgets

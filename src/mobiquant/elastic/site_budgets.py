@@ -288,6 +288,10 @@ def _current_taus(model: nn.Module) -> dict[str, float]:
     }
 
 
+#: Where a plan build scores uniform routing against the allocated reading (:func:`build_plan`).
+SELECT_AT = ("views", "all")
+
+
 def build_plan(
     model: nn.Module,
     calib_ids: torch.Tensor,
@@ -299,6 +303,7 @@ def build_plan(
     refit_windows: int | None = 4,
     batch_size: int = 1,
     log=None,
+    select_at: str = "views",
     state_dir: str | Path | None = None,
     state_key: Mapping[str, Any] | None = None,
 ) -> BudgetPlan:
@@ -308,10 +313,14 @@ def build_plan(
        (:func:`site_cost_curves`), and at every grid budget the knapsack allocation of local budgets
        (:func:`allocate_site_budgets`) with thresholds refitted at those budgets (:func:`apply_linear_budgets`)
        on the first ``refit_windows`` of them (``None``: all).
-    2. With ``select_windows > 0``: at every grid budget strictly inside the range, the allocated reading
-       and uniform routing are both scored (mean token NLL) on calibration windows held out from step 1
-       (the last ``select_windows`` windows when too few are left), and the lower one is kept. Evaluation
-       text is never used.
+    2. With ``select_windows > 0``: at the grid budgets strictly inside the range that ``select_at`` names
+       (``"views"``: those equal to a view's bits, where uniform routing is that static view; ``"all"``: every
+       one), the allocated reading and uniform routing are both scored (mean token NLL) on calibration
+       windows held out from step 1 (the last ``select_windows`` windows when too few are left), and the
+       lower one is kept; elsewhere the allocated reading. Evaluation text is never used. ``"views"`` is the
+       default because uniform routing never won at a fractional budget in any measured plan (it won once,
+       at the exact 4-bit view of an anchored [2, 2, 2, 2] checkpoint; docs/RESULTS.md, "Budget plans"), and
+       it scores 4 budgets instead of 19 on the default layout.
 
     Returns a :class:`~mobiquant.elastic.plan.BudgetPlan`; install it with ``patching.install_plan`` so that
     ``set_budget`` serves it. Leaves every routed linear on its router's own threshold.
@@ -328,6 +337,8 @@ def build_plan(
         raise ValueError(f"calib_ids must be a non-empty [n, T] tensor, got {tuple(calib_ids.shape)}")
     if select_windows < 0:
         raise ValueError(f"select_windows must be >= 0, got {select_windows}")
+    if select_at not in SELECT_AT:
+        raise ValueError(f"select_at must be one of {SELECT_AT}, got {select_at!r}")
     rs, site_of, _ = _site_of(model)
     if not rs:
         raise ValueError("the model has no routers: a budget plan needs a MoBiQuant checkpoint with routers")
@@ -348,7 +359,9 @@ def build_plan(
         "refit_thresholds": bool(refit_thresholds),
         "refit_windows": int(refit_ids.shape[0]),
         "select_windows": int(select_windows),
+        "select_at": select_at,
     }
+    views = [float(sum(slice_bits[: k + 1])) for k in range(len(slice_bits))]
     state = _PlanState(state_dir, {"settings": settings, "grid": grid, **(state_key or {})}, log)
     curves = state.curves()
     if curves is None:
@@ -366,7 +379,7 @@ def build_plan(
         taus = _current_taus(model)
         local = {n: float(alloc[n] if per == "linear" else alloc[site_of[n]]) for n in taus}
         reading = "allocated"
-        if select_windows and lo < b < hi:
+        if select_windows and lo < b < hi and (select_at == "all" or any(abs(b - v) < 1e-9 for v in views)):
             nll_alloc = _mean_nll(model, held, batch_size)
             set_budget(model, b, uniform=True)
             nll_uniform = _mean_nll(model, held, batch_size)

@@ -330,12 +330,19 @@ class MoBiQuant(QuantMethod):
     reading (allocated or uniform) with the lower held-out calibration loss. The plan is built once after
     calibration, saved in the checkpoint, and served by ``set_budget``: what is evaluated is what a
     reloaded checkpoint runs. ``plan`` holds its settings (``step``, ``sensitivity_windows``,
-    ``refit_thresholds``, ``select_windows``; see :func:`mobiquant.elastic.site_budgets.build_plan`).
+    ``refit_thresholds``, ``select_windows``, ``select_at``; see :func:`mobiquant.elastic.site_budgets.build_plan`).
     """
 
     name = "mobiquant"
     PLAN_DEFAULTS = MappingProxyType(
-        {"step": 0.25, "sensitivity_windows": 8, "refit_thresholds": True, "refit_windows": 4, "select_windows": 2}
+        {
+            "step": 0.25,
+            "sensitivity_windows": 8,
+            "refit_thresholds": True,
+            "refit_windows": 4,
+            "select_windows": 2,
+            "select_at": "views",
+        }
     )
 
     def __init__(
@@ -361,6 +368,10 @@ class MoBiQuant(QuantMethod):
         step = self.plan_settings["step"]
         if isinstance(step, bool) or not isinstance(step, (int, float)) or not step > 0:
             raise ValueError(f"plan.step must be a positive number of bits, got {step!r}")
+        from ..elastic.site_budgets import SELECT_AT
+
+        if self.plan_settings["select_at"] not in SELECT_AT:
+            raise ValueError(f"plan.select_at must be one of {SELECT_AT}, got {self.plan_settings['select_at']!r}")
         if len(self.mobi.slice_bits) < 2 or not self.mobi.routers:
             self.allocation = "uniform"  # one view (or no routers): nothing to allocate
 
@@ -419,6 +430,7 @@ class MoBiQuant(QuantMethod):
             "refit_thresholds": bool(self.plan_settings["refit_thresholds"]),
             "refit_windows": n_sens if rw is None else min(int(rw), n_sens),
             "select_windows": int(self.plan_settings["select_windows"]),
+            "select_at": str(self.plan_settings["select_at"]),
         }
 
     def budget_plan(self, ctx: RunContext, model: nn.Module, seconds: float) -> tuple[Any, float, str | None]:
@@ -445,6 +457,7 @@ class MoBiQuant(QuantMethod):
                 sensitivity_windows=self.plan_settings["sensitivity_windows"],
                 refit_thresholds=want["refit_thresholds"],
                 select_windows=want["select_windows"],
+                select_at=want["select_at"],
                 refit_windows=self.plan_settings["refit_windows"],
                 log=log,
                 state_dir=ctx.state_dir(tag),
@@ -619,6 +632,7 @@ class SiteBudgets(MoBiQuant):
         per: str = "linear",
         select_windows: int = 2,
         refit_windows: int | None = 4,
+        select_at: str = "views",
         static: bool | None = None,
         allocation: str | None = None,
         plan: Mapping[str, Any] | None = None,
@@ -639,6 +653,7 @@ class SiteBudgets(MoBiQuant):
                 "refit_thresholds": refit_thresholds,
                 "select_windows": select_windows,
                 "refit_windows": refit_windows,
+                "select_at": select_at,
             },
         )
 
