@@ -13,6 +13,16 @@
 #   python3 benchmarks/calib_bench.py --model $ROOT/model/smol.gguf \
 #     --calib-text $ROOT/data/wiki_extract_calib.txt --eval-text $ROOT/data/wiki.test.raw ...
 # The calibration text is the offline Wikipedia extract's calibration articles (never WikiText-2).
+#
+# Jobs longer than one call (a call ends after at most 10 minutes; a machine stays warm ~30 s between calls):
+#   bash benchmarks/bare_gpu.sh launch NAME CMD...   # CMD detached (setsid) in its own copy of this repo
+#                                                    #   ($ROOT/repo.NAME),
+#                                                    #   output in $ROOT/logs/NAME.log, then NAME.done
+#   bash benchmarks/bare_gpu.sh poll SECONDS [N]     # wait until N jobs are done (default: all launched) or
+#                                                    #   SECONDS pass; every 15 s copies the log tails and the
+#                                                    #   csv/md/json/txt files under $ROOT/bench and $ROOT/res
+#                                                    #   to $OUT (what a call cut at its limit still returns)
+# Issue `poll` calls back to back: the jobs run on only while the machine is held.
 set -euo pipefail
 cmd=${1:-}
 ROOT=${ROOT:-/root}
@@ -58,8 +68,46 @@ EOF
       echo "model ready: $ROOT/model/smol.gguf"
     fi
     ;;
+  launch)
+    name=${2:?launch NAME CMD...}
+    shift 2
+    mkdir -p "$ROOT/logs" "$ROOT/bench" "$ROOT/res"
+    repo="$ROOT/repo.$name"  # the job's own copy: the next call replaces the working tree, not this
+    rm -rf "$repo" && mkdir -p "$repo"
+    tar -c --exclude=./.venv --exclude=./.git --exclude=./.device --exclude=./outputs . | tar -x -C "$repo"
+    rm -f "$ROOT/logs/$name.done"
+    printf '%q ' "$@" > "$ROOT/logs/$name.cmd"
+    setsid bash -c "cd '$repo' && export PYTHONPATH='$repo/src:$ROOT/pylib' MOBIQUANT_CACHE='$ROOT/mqcache' \
+      WANDB_MODE=offline PYTHONUNBUFFERED=1 && bash '$ROOT/logs/$name.cmd' > '$ROOT/logs/$name.log' 2>&1; \
+      echo \"exit \$?\" >> '$ROOT/logs/$name.log'; touch '$ROOT/logs/$name.done'" < /dev/null > /dev/null 2>&1 &
+    echo "launched $name: $*"
+    ;;
+  poll)
+    limit=${2:-540}
+    out=${OUT:?poll copies results to \$OUT}
+    count() { { ls "$ROOT"/logs/*."$1" 2>/dev/null || true; } | wc -l; }
+    want=${3:-$(count cmd)}
+    t0=$(date +%s)
+    collect() {
+      mkdir -p "$out/logs"
+      for f in "$ROOT"/logs/*.log; do [ -f "$f" ] && tail -c 30000 "$f" > "$out/logs/$(basename "$f")"; done
+      (cd "$ROOT" && find bench res \( -name '*.csv' -o -name '*.md' -o -name '*.json' -o -name '*.txt' \) \
+        -size -4M 2>/dev/null | tar czf "$out/results.tgz" -T - 2>/dev/null) || true
+      nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv > "$out/logs/smi.txt" 2>/dev/null || true
+    }
+    while :; do
+      collect
+      done_n=$(count done)
+      [ "$done_n" -ge "$want" ] && break
+      [ $(( $(date +%s) - t0 )) -ge "$limit" ] && break
+      sleep "${POLL_EVERY:-15}"
+    done
+    collect
+    echo "$done_n of $want jobs done after $(( $(date +%s) - t0 )) s"
+    for f in "$ROOT"/logs/*.log; do [ -f "$f" ] && { echo "== $f"; tail -n 3 "$f"; }; done
+    ;;
   *)
-    sed -n 2,15p "$0"
+    sed -n 2,26p "$0"
     exit 2
     ;;
 esac
