@@ -128,6 +128,28 @@ def test_checkpoint_at_several_budgets_matches_the_in_memory_model(smoke, tmp_pa
     assert bits[0] < bits[1] < bits[2] and abs(bits[1] - 4.0) < 0.5
 
 
+def test_a_transformers_folder_is_evaluated_like_its_checkpoint(smoke, tmp_path):
+    """lm_eval.checkpoint may be the transformers folder `python -m mobiquant.hf export` writes: loaded whole
+    (no base model patched), it scores as the checkpoint it was exported from."""
+    import mobiquant as mq
+
+    out, _ = smoke
+    folder = mq.export_hf(out / "checkpoints" / "mobiquant", tmp_path / "hf")
+    cfg = lm_eval_cfg(
+        tmp_path / "run", "logger=none", "baselines=none", f"lm_eval.checkpoint={folder}", "lm_eval.budgets=[3,8]"
+    )
+    harness.run(cfg)
+    df = pd.read_csv(tmp_path / "run" / harness.CSV_NAME)
+    assert set(df["checkpoint"]) == {str(folder)}
+    first = pd.read_csv(out / harness.CSV_NAME)
+    for b in (3.0, 8.0):
+        assert _rows(df, "hf", b, "perplexity")["value"] == pytest.approx(
+            _rows(first, "mobiquant", b, "perplexity")["value"], rel=1e-6
+        )
+    with pytest.raises(ConfigError, match=r"outside what checkpoint .* serves"):
+        harness.run(lm_eval_cfg(tmp_path / "bad", "logger=none", f"lm_eval.checkpoint={folder}", "lm_eval.budgets=[1]"))
+
+
 def test_rerun_in_the_same_folder_skips_finished_passes(smoke, monkeypatch):
     out, _ = smoke
     before = pd.read_csv(out / harness.CSV_NAME)

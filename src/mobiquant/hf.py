@@ -420,6 +420,34 @@ def register() -> None:
 register()
 
 
+# ---------------------------------------------------------------------------- reading folders
+def folder_config(folder: str | os.PathLike) -> MoBiConfig | None:
+    """The :class:`MoBiConfig` of a transformers folder holding a mobiquant model (``config.json`` with
+    ``quantization_config.quant_method: "mobiquant"``, as :func:`save_pretrained` writes), or None when
+    ``folder`` is not one (e.g. a mobiquant checkpoint folder, read by :func:`~mobiquant.load_quantized`)."""
+    import json
+
+    file = Path(folder) / "config.json"
+    if not file.is_file():
+        return None
+    try:
+        qc = json.loads(file.read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{file}: not a readable transformers config ({e})") from e
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
+        return None
+    return MoBiQuantHfConfig.from_dict(qc).mobi_config
+
+
+def load_folder(folder: str | os.PathLike, like: nn.Module) -> nn.Module:
+    """The model of a mobiquant transformers folder, on the device and in the dtype of the model ``like``."""
+    from transformers import AutoModelForCausalLM
+
+    p = next(like.parameters())
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=p.dtype)
+    return model.to(p.device).eval().requires_grad_(False)
+
+
 # ---------------------------------------------------------------------------- writing folders
 def _pretrained(model: nn.Module) -> PreTrainedModel:
     from transformers import PreTrainedModel

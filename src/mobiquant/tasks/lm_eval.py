@@ -1,7 +1,8 @@
 """``task=lm_eval``: EleutherAI's lm-evaluation-harness on the quantized model, one pass per budget.
 
 The model under evaluation is the quantized one, at each budget of ``lm_eval.budgets``: either a saved
-checkpoint (``lm_eval.checkpoint``, loaded onto the base model with :func:`load_quantized`) or the
+checkpoint (``lm_eval.checkpoint``: a checkpoint folder, loaded onto the base model with :func:`load_quantized`,
+or a transformers folder of :func:`mobiquant.hf.save_pretrained`, loaded whole) or the
 configured ``quant`` method run as :func:`mobiquant.tasks.quantize.run` runs it (same model, calibration
 windows, method objects and checkpoints), with the ``baselines`` beside it. Each variant is wrapped in
 lm-eval's ``HFLM`` and evaluated with ``lm_eval.simple_evaluate``; the average bits are measured on the
@@ -234,10 +235,17 @@ def validate_lm_eval(cfg: DictConfig) -> Plan:
 
 # ---------------------------------------------------------------------------- variants
 def checkpoint_variants(plan: Plan, base: torch.nn.Module, copy_base: bool) -> Iterator[Variant]:
-    """The checkpoint loaded onto the base model, at each budget (thresholds, or static views)."""
-    model = copy.deepcopy(base) if copy_base else base
+    """The checkpoint loaded onto the base model (or, for a transformers folder, loaded whole in the base
+    model's dtype and device), at each budget (thresholds, or static views)."""
+    from .. import hf
+
+    assert plan.checkpoint is not None
     try:
-        load_quantized(model, plan.checkpoint)
+        if hf.folder_config(plan.checkpoint) is not None:
+            model = hf.load_folder(plan.checkpoint, like=base)
+        else:
+            model = copy.deepcopy(base) if copy_base else base
+            load_quantized(model, plan.checkpoint)
     except CheckpointError as e:
         raise ConfigError(f"lm_eval.checkpoint: {e}") from e
     for b in plan.budgets:

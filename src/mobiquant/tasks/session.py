@@ -190,9 +190,13 @@ def checkpoint_serving(folder: Path, budgets: list[float], key: str, tol: float 
     """The config of the checkpoint in ``folder`` (config key ``key``) and whether it is routed (routers over
     several slices), once it is known to serve every budget of ``budgets``: a routed checkpoint serves
     ``min_bits - tol <= bits <= max_bits + tol``, any other only its static views (the prefix sums of its
-    slices). An unreadable checkpoint or a budget it does not serve is a :class:`ConfigError`."""
+    slices). ``folder`` is a mobiquant checkpoint folder or a transformers folder holding a mobiquant model
+    (:func:`mobiquant.hf.save_pretrained`). An unreadable checkpoint or a budget it does not serve is a
+    :class:`ConfigError`."""
+    from .. import hf
+
     try:
-        mobi = config_from_meta(read_meta(folder), folder)
+        mobi = hf.folder_config(folder) or config_from_meta(read_meta(folder), folder)
     except CheckpointError as e:
         raise ConfigError(f"{key}: {e}") from e
     routed = mobi.routers and len(mobi.slice_bits) > 1
