@@ -444,7 +444,7 @@ def load_folder(folder: str | os.PathLike, like: nn.Module) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     p = next(like.parameters())
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=p.dtype)
+    model: nn.Module = AutoModelForCausalLM.from_pretrained(str(folder), dtype=p.dtype)
     return model.to(p.device).eval().requires_grad_(False)
 
 
