@@ -15,8 +15,9 @@ the plan build the same work as a calibrated checkpoint), then times ``build_pla
         --repeats 1 --profile /tmp/plan_profile.txt   # on a GPU, with a host-side profile of the build
 
 ``--model`` also takes a ``.gguf`` file or a transformers folder (SmolLM2-sized group 64 then). On CUDA the
-model runs in float16, as the pipeline evaluates there. ``--profile FILE`` writes cProfile's top functions
-(by own and by cumulative time) of the last build to FILE.
+model stays in float32 with TF32 matmuls, as the calibration pipeline builds its plans there
+(``trainer.float32_matmul_precision: high``). ``--profile FILE`` writes cProfile's top functions (by own and by
+cumulative time) of the last build to FILE.
 
 Prints one table: the median time per tree, the ratio, and the largest threshold difference between the
 plans (``0`` and the same readings: the same plan).
@@ -68,7 +69,8 @@ def child(args: argparse.Namespace) -> None:
     quantize_model(model, MoBiConfig(slice_bits=LAYOUT, group_size=group, router_hidden=16, router_policy="adjacent"))
     freeze(model)
     if device.type == "cuda":
-        model = model.to(device=device, dtype=torch.float16)
+        torch.set_float32_matmul_precision("high")
+        model = model.to(device)
     ids = torch.randint(0, vocab, (10, args.seqlen), generator=torch.Generator().manual_seed(3)).to(device)
     fit_budget_thresholds(model, list(ids[:2].split(1)), default_grid(LAYOUT, 0.5))
     prof = cProfile.Profile() if args.profile else None
@@ -105,7 +107,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--baseline", help="git ref whose src/ is timed against this tree's (none: this tree only)")
     p.add_argument("--model", default="tiny", help="tiny, smollm2, or a .gguf file / transformers folder")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (float16 there)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (float32 with TF32 matmuls there)")
     p.add_argument("--profile", help="write cProfile's top functions of the build to this file")
     p.add_argument("--hidden", type=int, default=256, help="tiny model: hidden size (intermediate 2.5x)")
     p.add_argument("--layers", type=int, default=4, help="tiny model: blocks")
