@@ -477,9 +477,11 @@ def test_mobilinear_backend_matches_dequantized(dtype, gen):
             torch.testing.assert_close(m(x), y, rtol=TOL[dtype] * 5, atol=TOL[dtype] * 5)
 
 
-def test_mobilinear_bitplanes(gen, monkeypatch):
-    """The default layout 3-1-1-1-1-1 in a MoBiLinear with the one-bit plane kernel selected: every view of one
-    token matches the dequantized view; the kernel buffers are built once and dropped when the device changes."""
+@pytest.mark.parametrize("config", [None, BITS], ids=["default", "forced"])
+def test_mobilinear_bitplanes(config, gen, monkeypatch):
+    """The default layout 3-1-1-1-1-1 in a MoBiLinear takes the one-bit plane kernel for one token, by default
+    and when forced: every view of one token matches the dequantized view; the kernel buffers are the layer's
+    own, built once and dropped when the device changes."""
     from mobiquant.patching import set_small_config
 
     calls = []
@@ -494,7 +496,7 @@ def test_mobilinear_bitplanes(gen, monkeypatch):
     m = m.to(DEVICE).to(torch.float16)
     m.backend = "triton"
     model = torch.nn.Sequential(m)
-    set_small_config(model, BITS)
+    set_small_config(model, config)
     x = randx(1, 192, torch.float16, gen)
     for k in range(1, 7):
         m.set_static(k)
@@ -503,6 +505,7 @@ def test_mobilinear_bitplanes(gen, monkeypatch):
         err = ((y.double() - ref).norm() / ref.norm()).item()
         assert err < TOL[torch.float16], (k, err)
     assert len(calls) == 6
+    assert m._bitplanes is not None  # the layer passed its own buffers (not the module-level cache)
     bp = m.bitplane_buffers()
     assert bp is m.bitplane_buffers() and bp.words.shape[0] == 8
     m.to(torch.float16)
