@@ -2170,7 +2170,7 @@ class SmallConfig:
     fields: bool | None = None
     # one token from one-bit planes (_bp_gemv_bits_kernel, any layout of at most 8 bits). None: for the layouts the
     # small-batch kernels do not cover (e.g. the default [3, 1, 1, 1, 1, 1], whose 3-bit plane packs 10 codes per
-    # word: measured 26-39x faster than the tile kernel it replaces on an H200, docs/RESULTS.md "Decode");
+    # word: measured 19-39x faster than the tile kernel it replaces on an H200, docs/RESULTS.md "Decode");
     # True: for every layout it covers; False: never. With it: ``block_n`` rows per program and ``block_k``
     # columns (16 x a power of two dividing the group) per sub-chunk, ``waves`` programs per SM (stream-K grid;
     # ``split_k``: programs per row block instead).
