@@ -23,6 +23,7 @@ import csv
 import importlib
 import io
 import logging
+import math
 import multiprocessing
 import os
 import pickle
@@ -45,6 +46,13 @@ from omegaconf import DictConfig, open_dict
 from omegaconf.basecontainer import BaseContainer
 
 log = logging.getLogger(__name__)
+
+
+def _ms(t: float, rounding) -> str:
+    """``t`` in seconds to the millisecond, rounded outward (start down, end up) so that the recorded interval
+    holds every time the job itself records; ``nan`` stays ``nan``."""
+    return f"{rounding(t * 1000) / 1000:.3f}" if t == t else "nan"
+
 
 LEDGER_FIELDS = ["job", "device", "pid", "start", "end", "seconds", "status", "overrides"]
 
@@ -245,6 +253,7 @@ class GpusLauncher(Launcher):
             log.error(f"#{idx} failed:\n{trace}")
         with self._ledger_lock, open(ledger, "a", newline="") as f:
             csv.writer(f).writerow(
-                [idx, device, pid, f"{start:.3f}", f"{end:.3f}", f"{end - start:.3f}", status, " ".join(overrides)]
+                [idx, device, pid, _ms(start, math.floor), _ms(end, math.ceil), f"{end - start:.3f}", status]
+                + [" ".join(overrides)]
             )
         return ret
