@@ -1,0 +1,139 @@
+"""Perplexity of a saved MoBiQuant checkpoint when each view gets a step and zero point of its own.
+
+The checkpoint's codes stay as they are; per linear, view ``k`` and group, ``W ~ a C_k + b`` is fitted by least
+squares to the FP weight (``C_k``: the view's concatenated integer code), plainly or with each input column
+weighted by its mean squared activation on calibration windows (never the evaluation text), and the model is
+evaluated with those views instead of the shared-step ones, beside the checkpoint as stored, at every static
+view and at the given routed budgets (the checkpoint's own plan and thresholds). This measures what the format change of
+docs/RESULTS.md "Why 3 bits misses" (a per-view step and zero point per group) would give on a real
+checkpoint before building it; the evaluation runs the PyTorch path (dense views), CPU or GPU.
+
+    PYTHONPATH=src python benchmarks/view_refit.py outputs/demo/runs/<time>/checkpoints/mobiquant
+    PYTHONPATH=src python benchmarks/view_refit.py CKPT --windows 2 --budgets 3.5 4.5
+
+Evaluation text: the held-out articles of the offline Wikipedia extract (``data=offline``'s evaluation split,
+the first ``--windows`` windows of 2048 tokens, as ``make run`` evaluates); ``--eval-text FILE`` for another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+
+import pandas as pd
+import torch
+
+
+def refit_views(m, fp_weight: torch.Tensor, col_weight: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+    """``{k: W_k}`` of a packed :class:`MoBiLinear` with a least-squares step and zero point per group and view;
+    ``col_weight`` ``[in]`` weights each input column's error (e.g. its mean squared activation)."""
+    from mobiquant.quant.primitives import from_groups, to_groups
+
+    gs = m.slicer.group_size
+    w = to_groups(fp_weight.double(), gs)
+    d = torch.ones_like(w) if col_weight is None else to_groups(col_weight.double().expand_as(fp_weight), gs)
+    d = d + 1e-12
+    codes = [to_groups(c.to(torch.int64), gs) for c in m.codes()]
+    views = {}
+    c = None
+    for k, b in enumerate(m.slice_bits, start=1):
+        c = codes[0] if c is None else (c << b) + codes[k - 1]
+        cf = c.double()
+        dn = d.sum(-1, keepdim=True)
+        mc, mw = (d * cf).sum(-1, keepdim=True) / dn, (d * w).sum(-1, keepdim=True) / dn
+        var = (d * (cf - mc) ** 2).sum(-1, keepdim=True)
+        cov = (d * (cf - mc) * (w - mw)).sum(-1, keepdim=True)
+        a = torch.where(var > 0, cov / var.clamp_min(1e-30), torch.zeros_like(var))
+        views[k] = from_groups(a * (cf - mc) + mw, m.in_features).to(m.weight_dtype)
+    return views
+
+
+def input_moments(model, windows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean squared input activation per column of every ``nn.Linear`` of the FP ``model`` on ``windows``."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+
+            def hook(_m, inp, _out, name=name):
+                x = inp[0].detach().double().reshape(-1, inp[0].shape[-1])
+                sums[name] = sums.get(name, 0) + (x**2).sum(0)
+                counts[name] = counts.get(name, 0) + x.shape[0]
+
+            hooks.append(mod.register_forward_hook(hook))
+    try:
+        for row in windows:
+            model(input_ids=row.unsqueeze(0), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: sums[n] / counts[n] for n in sums}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint")
+    ap.add_argument("--base", default="smollm2-135m", help="the FP base model (name or folder)")
+    ap.add_argument("--windows", type=int, default=2)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--budgets", type=float, nargs="*", default=[3.5, 4.5, 5.5], help="routed budgets as well")
+    ap.add_argument("--eval-text", default=None)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument(
+        "--act-windows",
+        type=int,
+        default=8,
+        help="calibration windows (512 tokens, the extract's calibration split) for the activation-weighted fit",
+    )
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+    import mobiquant as mq
+    from mobiquant.evaluation import perplexity
+    from mobiquant.io.data import eval_windows, load_wiki_extract, tokenize_corpus
+    from mobiquant.io.models import load_model
+    from mobiquant.patching import mobi_linears
+
+    base, tok = load_model(args.base)
+    docs = open(args.eval_text).read() if args.eval_text else load_wiki_extract("eval")
+    windows = eval_windows(tokenize_corpus(docs, tok), args.seqlen, args.windows)
+    fp = {n: mod.weight.detach().clone() for n, mod in base.named_modules() if isinstance(mod, torch.nn.Linear)}
+    calib = eval_windows(tokenize_corpus(load_wiki_extract("calib"), tok), 512, args.act_windows)
+    moments = input_moments(base, calib)
+    stored = mq.load_quantized(copy.deepcopy(base), args.checkpoint).to(args.device)
+    plain = mq.load_quantized(copy.deepcopy(base), args.checkpoint).to(args.device)
+    weighted = mq.load_quantized(base, args.checkpoint).to(args.device)
+    for name, m in mobi_linears(plain):
+        m._view_cache.update(refit_views(m, fp[name].to(args.device)))
+    for name, m in mobi_linears(weighted):
+        m._view_cache.update(refit_views(m, fp[name].to(args.device), moments[name].to(args.device)))
+    for model in (stored, plain, weighted):
+        for _, m in mobi_linears(model):
+            m.backend = "torch"
+    cfg = stored.mobiquant_config
+    rows = []
+    readings = (
+        ("stored (one step per group)", stored),
+        ("per view, weight least squares", plain),
+        ("per view, activation-weighted", weighted),
+    )
+    for label, model in readings:
+        points = [(f"static {b} bits", b, None) for b in cfg.view_bits]
+        points += [(f"routed {b:g}", b, b) for b in args.budgets]
+        for what, bits, budget in points:
+            if budget is None:
+                mq.set_static(model, list(cfg.view_bits).index(bits) + 1)
+            else:
+                mq.set_budget(model, budget)
+            ppl = perplexity(model, windows, device=args.device)["ppl"]
+            rows.append({"reading": label, "point": what, "ppl": ppl})
+            print(f"{label:30s} {what:16s} {ppl:10.3f}", flush=True)
+    df = pd.DataFrame(rows).pivot(index="reading", columns="point", values="ppl")
+    print(f"\n{args.checkpoint}: perplexity, {windows.shape[0]} windows of {args.seqlen} tokens")
+    print(df.to_markdown(floatfmt=".2f"))
+    assert all(math.isfinite(v) for v in df.to_numpy().ravel())
+
+
+if __name__ == "__main__":
+    main()
