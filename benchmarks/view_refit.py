@@ -25,6 +25,25 @@ import pandas as pd
 import torch
 
 
+def ls_fit(w: torch.Tensor, code: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Per group (last dim): ``a code + b`` closest to ``w`` in the ``d``-weighted least-squares sense."""
+    cf, w, d = code.double(), w.double(), d.double() + 1e-12
+    dn = d.sum(-1, keepdim=True)
+    mc, mw = (d * cf).sum(-1, keepdim=True) / dn, (d * w).sum(-1, keepdim=True) / dn
+    var = (d * (cf - mc) ** 2).sum(-1, keepdim=True)
+    cov = (d * (cf - mc) * (w - mw)).sum(-1, keepdim=True)
+    a = torch.where(var > 0, cov / var.clamp_min(1e-30), torch.zeros_like(var))
+    return a * (cf - mc) + mw
+
+
+def _col_weight(fp_weight: torch.Tensor, col_weight: torch.Tensor | None, gs: int) -> torch.Tensor:
+    from mobiquant.quant.primitives import to_groups
+
+    if col_weight is None:
+        return torch.ones_like(to_groups(fp_weight.double(), gs))
+    return to_groups(col_weight.double().expand_as(fp_weight), gs)
+
+
 def refit_views(m, fp_weight: torch.Tensor, col_weight: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
     """``{k: W_k}`` of a packed :class:`MoBiLinear` with a least-squares step and zero point per group and view;
     ``col_weight`` ``[in]`` weights each input column's error (e.g. its mean squared activation)."""
@@ -32,21 +51,54 @@ def refit_views(m, fp_weight: torch.Tensor, col_weight: torch.Tensor | None = No
 
     gs = m.slicer.group_size
     w = to_groups(fp_weight.double(), gs)
-    d = torch.ones_like(w) if col_weight is None else to_groups(col_weight.double().expand_as(fp_weight), gs)
-    d = d + 1e-12
+    d = _col_weight(fp_weight, col_weight, gs)
     codes = [to_groups(c.to(torch.int64), gs) for c in m.codes()]
     views = {}
     c = None
     for k, b in enumerate(m.slice_bits, start=1):
         c = codes[0] if c is None else (c << b) + codes[k - 1]
-        cf = c.double()
-        dn = d.sum(-1, keepdim=True)
-        mc, mw = (d * cf).sum(-1, keepdim=True) / dn, (d * w).sum(-1, keepdim=True) / dn
-        var = (d * (cf - mc) ** 2).sum(-1, keepdim=True)
-        cov = (d * (cf - mc) * (w - mw)).sum(-1, keepdim=True)
-        a = torch.where(var > 0, cov / var.clamp_min(1e-30), torch.zeros_like(var))
-        views[k] = from_groups(a * (cf - mc) + mw, m.in_features).to(m.weight_dtype)
+        views[k] = from_groups(ls_fit(w, c, d), m.in_features).to(m.weight_dtype)
     return views
+
+
+def refit_shared(
+    m, fp_weight: torch.Tensor, col_weight: torch.Tensor | None, fit_views: list[int]
+) -> dict[int, torch.Tensor]:
+    """``{k: W_k}`` with ONE step ``h`` and zero point ``z`` per group, as the checkpoint format stores them, fitted
+    by weighted least squares jointly over the views ``fit_views`` (1-based): every view is the affine map
+    ``h t_k - h z`` of its known ``t_k = C_k / 2^B_k - (1 - 2^-B_k) / 2``, so one fit serves them all."""
+    from mobiquant.quant.primitives import from_groups, to_groups
+
+    gs = m.slicer.group_size
+    w = to_groups(fp_weight.double(), gs)
+    d = _col_weight(fp_weight, col_weight, gs)
+    codes = [to_groups(c.to(torch.int64), gs) for c in m.codes()]
+    ts, c, shift = {}, None, 0
+    for k, b in enumerate(m.slice_bits, start=1):
+        c = codes[0] if c is None else (c << b) + codes[k - 1]
+        shift = 0 if k == 1 else shift + b
+        ts[k] = c.double() / 2**shift - (1 - 2.0**-shift) / 2
+    t = torch.cat([ts[k] for k in fit_views], -1)
+    fit_w = torch.cat([w] * len(fit_views), -1)
+    fit_d = torch.cat([d] * len(fit_views), -1)
+    dn = fit_d.sum(-1, keepdim=True)
+    mt, mw = (fit_d * t).sum(-1, keepdim=True) / dn, (fit_d * fit_w).sum(-1, keepdim=True) / dn
+    var = (fit_d * (t - mt) ** 2).sum(-1, keepdim=True)
+    a = torch.where(var > 0, (fit_d * (t - mt) * (fit_w - mw)).sum(-1, keepdim=True) / var.clamp_min(1e-30), 0 * var)
+    bias = mw - a * mt
+    return {k: from_groups(a * tk + bias, m.in_features).to(m.weight_dtype) for k, tk in ts.items()}
+
+
+def direct_weight(fp_weight: torch.Tensor, bits: int, gs: int, col_weight: torch.Tensor | None) -> torch.Tensor:
+    """A ``bits``-bit min-max grid of ``fp_weight`` (RTN), read with its own min-max step, or with the
+    ``col_weight``-weighted least-squares step and zero point when given."""
+    from mobiquant.quant.primitives import dequantize, from_groups, lwc_params, quantize, to_groups
+
+    g = to_groups(fp_weight.double(), gs)
+    params = lwc_params(g, bits)
+    codes = quantize(g, params, bits)
+    fit = dequantize(codes, params) if col_weight is None else ls_fit(g, codes, _col_weight(fp_weight, col_weight, gs))
+    return from_groups(fit, fp_weight.shape[1]).to(fp_weight.dtype)
 
 
 def input_moments(model, windows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -81,6 +133,8 @@ def main() -> None:
     ap.add_argument("--budgets", type=float, nargs="*", default=[3.5, 4.5, 5.5], help="routed budgets as well")
     ap.add_argument("--eval-text", default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--shared-views", type=int, nargs="+", default=[3, 4, 5, 6], help="views the shared fit balances")
+    ap.add_argument("--direct-max", type=int, default=6, help="RTN rows (plain and refitted) up to these bits")
     ap.add_argument(
         "--act-windows",
         type=int,
@@ -101,14 +155,19 @@ def main() -> None:
     fp = {n: mod.weight.detach().clone() for n, mod in base.named_modules() if isinstance(mod, torch.nn.Linear)}
     calib = eval_windows(tokenize_corpus(load_wiki_extract("calib"), tok), 512, args.act_windows)
     moments = input_moments(base, calib)
+    fp_model = copy.deepcopy(base)
     stored = mq.load_quantized(copy.deepcopy(base), args.checkpoint).to(args.device)
     plain = mq.load_quantized(copy.deepcopy(base), args.checkpoint).to(args.device)
+    shared = mq.load_quantized(copy.deepcopy(base), args.checkpoint).to(args.device)
     weighted = mq.load_quantized(base, args.checkpoint).to(args.device)
+    fit_views = [list(stored.mobiquant_config.view_bits).index(b) + 1 for b in args.shared_views]
+    for name, m in mobi_linears(shared):
+        m._view_cache.update(refit_shared(m, fp[name].to(args.device), moments[name].to(args.device), fit_views))
     for name, m in mobi_linears(plain):
         m._view_cache.update(refit_views(m, fp[name].to(args.device)))
     for name, m in mobi_linears(weighted):
         m._view_cache.update(refit_views(m, fp[name].to(args.device), moments[name].to(args.device)))
-    for model in (stored, plain, weighted):
+    for model in (stored, plain, weighted, shared):
         for _, m in mobi_linears(model):
             m.backend = "torch"
     cfg = stored.mobiquant_config
@@ -117,6 +176,7 @@ def main() -> None:
         ("stored (one step per group)", stored),
         ("per view, weight least squares", plain),
         ("per view, activation-weighted", weighted),
+        ("one step and zero (format unchanged), activation-weighted", shared),
     )
     for label, model in readings:
         points = [(f"static {b} bits", b, None) for b in cfg.view_bits]
@@ -129,10 +189,25 @@ def main() -> None:
             ppl = perplexity(model, windows, device=args.device)["ppl"]
             rows.append({"reading": label, "point": what, "ppl": ppl})
             print(f"{label:30s} {what:16s} {ppl:10.3f}", flush=True)
+    gs = stored.mobiquant_config.group_size
+    names = [n for n, _ in mobi_linears(stored)]
+    for bits in [b for b in cfg.view_bits if b <= args.direct_max]:
+        for label, cw in ((f"RTN {bits}-bit", False), (f"RTN {bits}-bit, activation-weighted step and zero", True)):
+            model = copy.deepcopy(fp_model)
+            mods = dict(model.named_modules())
+            for n in names:
+                lin = mods[n]
+                lin.weight.copy_(direct_weight(fp[n], bits, gs, moments[n] if cw else None))
+            ppl = perplexity(model.to(args.device), windows, device=args.device)["ppl"]
+            rows.append(
+                {"reading": label.replace(f" {bits}-bit", " b-bit"), "point": f"static {bits} bits", "ppl": ppl}
+            )
+            print(f"{label:30s} {ppl:10.3f}", flush=True)
+            del model
     df = pd.DataFrame(rows).pivot(index="reading", columns="point", values="ppl")
     print(f"\n{args.checkpoint}: perplexity, {windows.shape[0]} windows of {args.seqlen} tokens")
     print(df.to_markdown(floatfmt=".2f"))
-    assert all(math.isfinite(v) for v in df.to_numpy().ravel())
+    assert all(math.isfinite(v) for v in df.to_numpy().ravel() if v == v)
 
 
 if __name__ == "__main__":
