@@ -12,7 +12,11 @@ checkpoint before building it; the evaluation runs the PyTorch path (dense views
     PYTHONPATH=src python benchmarks/view_refit.py CKPT --windows 2 --budgets 3.5 4.5
 
 Evaluation text: the held-out articles of the offline Wikipedia extract (``data=offline``'s evaluation split,
-the first ``--windows`` windows of 2048 tokens, as ``make run`` evaluates); ``--eval-text FILE`` for another.
+the first ``--windows`` windows of 2048 tokens, as ``make run`` evaluates); ``--eval-text FILE`` for another, and
+``--calib-text FILE`` for the activations' calibration text (never the evaluation text). On a GPU machine:
+
+    python3 benchmarks/view_refit.py /root/bench/lr1e2cyc_1gpu/checkpoints/mobiquant --base /root/model/smol.gguf \
+        --eval-text /root/data/wiki.test.raw --windows 40 --calib-text /root/data/wiki_extract_calib.txt
 """
 
 from __future__ import annotations
@@ -131,7 +135,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--budgets", type=float, nargs="*", default=[3.5, 4.5, 5.5], help="routed budgets as well")
-    ap.add_argument("--eval-text", default=None)
+    ap.add_argument("--eval-text", default=None, help="evaluation text file (default: the extract's held-out articles)")
+    ap.add_argument("--calib-text", default=None, help="calibration text file (default: extract's calibration split)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shared-views", type=int, nargs="+", default=[3, 4, 5, 6], help="views the shared fit balances")
     ap.add_argument("--direct-max", type=int, default=6, help="RTN rows (plain and refitted) up to these bits")
@@ -153,7 +158,8 @@ def main() -> None:
     docs = open(args.eval_text).read() if args.eval_text else load_wiki_extract("eval")
     windows = eval_windows(tokenize_corpus(docs, tok), args.seqlen, args.windows)
     fp = {n: mod.weight.detach().clone() for n, mod in base.named_modules() if isinstance(mod, torch.nn.Linear)}
-    calib = eval_windows(tokenize_corpus(load_wiki_extract("calib"), tok), 512, args.act_windows)
+    calib_docs = open(args.calib_text).read() if args.calib_text else load_wiki_extract("calib")
+    calib = eval_windows(tokenize_corpus(calib_docs, tok), 512, args.act_windows)
     moments = input_moments(base, calib)
     fp_model = copy.deepcopy(base)
     stored = mq.load_quantized(copy.deepcopy(base), args.checkpoint).to(args.device)
