@@ -29,15 +29,21 @@ import pandas as pd
 import torch
 
 
+def ls_coeffs(w: torch.Tensor, t: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group (last dim): ``(a, b)`` of the ``d``-weighted least-squares fit ``w ~ a t + b``."""
+    t, w, d = t.double(), w.double(), d.double() + 1e-12
+    dn = d.sum(-1, keepdim=True)
+    mt, mw = (d * t).sum(-1, keepdim=True) / dn, (d * w).sum(-1, keepdim=True) / dn
+    var = (d * (t - mt) ** 2).sum(-1, keepdim=True)
+    cov = (d * (t - mt) * (w - mw)).sum(-1, keepdim=True)
+    a = torch.where(var > 0, cov / var.clamp_min(1e-30), torch.zeros_like(var))
+    return a, mw - a * mt
+
+
 def ls_fit(w: torch.Tensor, code: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """Per group (last dim): ``a code + b`` closest to ``w`` in the ``d``-weighted least-squares sense."""
-    cf, w, d = code.double(), w.double(), d.double() + 1e-12
-    dn = d.sum(-1, keepdim=True)
-    mc, mw = (d * cf).sum(-1, keepdim=True) / dn, (d * w).sum(-1, keepdim=True) / dn
-    var = (d * (cf - mc) ** 2).sum(-1, keepdim=True)
-    cov = (d * (cf - mc) * (w - mw)).sum(-1, keepdim=True)
-    a = torch.where(var > 0, cov / var.clamp_min(1e-30), torch.zeros_like(var))
-    return a * (cf - mc) + mw
+    a, b = ls_coeffs(w, code, d)
+    return a * code.double() + b
 
 
 def _col_weight(fp_weight: torch.Tensor, col_weight: torch.Tensor | None, gs: int) -> torch.Tensor:
@@ -48,21 +54,24 @@ def _col_weight(fp_weight: torch.Tensor, col_weight: torch.Tensor | None, gs: in
     return to_groups(col_weight.double().expand_as(fp_weight), gs)
 
 
+def _grouped(m, fp_weight: torch.Tensor, col_weight: torch.Tensor | None):
+    """``(w, d, C)``: the FP weight, the column weights and every view's concatenated code ``C_k`` (1-based
+    dict), grouped as the layer's groups."""
+    from mobiquant.quant.primitives import to_groups
+
+    gs = m.slicer.group_size
+    codes = [to_groups(c, gs) for c in m.codes()]
+    views = {k: m.slicer.concat_codes(codes, k) for k in range(1, m.num_slices + 1)}
+    return to_groups(fp_weight.double(), gs), _col_weight(fp_weight, col_weight, gs), views
+
+
 def refit_views(m, fp_weight: torch.Tensor, col_weight: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
     """``{k: W_k}`` of a packed :class:`MoBiLinear` with a least-squares step and zero point per group and view;
     ``col_weight`` ``[in]`` weights each input column's error (e.g. its mean squared activation)."""
-    from mobiquant.quant.primitives import from_groups, to_groups
+    from mobiquant.quant.primitives import from_groups
 
-    gs = m.slicer.group_size
-    w = to_groups(fp_weight.double(), gs)
-    d = _col_weight(fp_weight, col_weight, gs)
-    codes = [to_groups(c.to(torch.int64), gs) for c in m.codes()]
-    views = {}
-    c = None
-    for k, b in enumerate(m.slice_bits, start=1):
-        c = codes[0] if c is None else (c << b) + codes[k - 1]
-        views[k] = from_groups(ls_fit(w, c, d), m.in_features).to(m.weight_dtype)
-    return views
+    w, d, codes = _grouped(m, fp_weight, col_weight)
+    return {k: from_groups(ls_fit(w, c, d), m.in_features).to(m.weight_dtype) for k, c in codes.items()}
 
 
 def refit_shared(
@@ -71,25 +80,15 @@ def refit_shared(
     """``{k: W_k}`` with ONE step ``h`` and zero point ``z`` per group, as the checkpoint format stores them, fitted
     by weighted least squares jointly over the views ``fit_views`` (1-based): every view is the affine map
     ``h t_k - h z`` of its known ``t_k = C_k / 2^B_k - (1 - 2^-B_k) / 2``, so one fit serves them all."""
-    from mobiquant.quant.primitives import from_groups, to_groups
+    from mobiquant.quant.primitives import from_groups
 
-    gs = m.slicer.group_size
-    w = to_groups(fp_weight.double(), gs)
-    d = _col_weight(fp_weight, col_weight, gs)
-    codes = [to_groups(c.to(torch.int64), gs) for c in m.codes()]
-    ts, c, shift = {}, None, 0
-    for k, b in enumerate(m.slice_bits, start=1):
-        c = codes[0] if c is None else (c << b) + codes[k - 1]
-        shift = 0 if k == 1 else shift + b
+    w, d, codes = _grouped(m, fp_weight, col_weight)
+    ts = {}
+    for k, c in codes.items():
+        shift = m.slicer.residual_shift(k)
         ts[k] = c.double() / 2**shift - (1 - 2.0**-shift) / 2
-    t = torch.cat([ts[k] for k in fit_views], -1)
-    fit_w = torch.cat([w] * len(fit_views), -1)
-    fit_d = torch.cat([d] * len(fit_views), -1)
-    dn = fit_d.sum(-1, keepdim=True)
-    mt, mw = (fit_d * t).sum(-1, keepdim=True) / dn, (fit_d * fit_w).sum(-1, keepdim=True) / dn
-    var = (fit_d * (t - mt) ** 2).sum(-1, keepdim=True)
-    a = torch.where(var > 0, (fit_d * (t - mt) * (fit_w - mw)).sum(-1, keepdim=True) / var.clamp_min(1e-30), 0 * var)
-    bias = mw - a * mt
+    n = len(fit_views)
+    a, bias = ls_coeffs(torch.cat([w] * n, -1), torch.cat([ts[k] for k in fit_views], -1), torch.cat([d] * n, -1))
     return {k: from_groups(a * tk + bias, m.in_features).to(m.weight_dtype) for k, tk in ts.items()}
 
 
