@@ -317,6 +317,7 @@ class MoBiLinear(nn.Module):
 
                 if wants_bitplanes(self.slice_bits, self.slicer.group_size, cfg):
                     extra["packed"] = self.bitplane_buffers()
+                    extra["path"] = "bits"  # decided here: the kernel entry need not decide again
         return kernels.bitplane_linear(
             x,
             planes,
