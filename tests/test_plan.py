@@ -322,3 +322,48 @@ def test_refitted_thresholds_are_each_linears_mean_batch_quantile():
     apply_linear_budgets(model, alloc, calib_ids=ids, batch_size=1)
     assert {n: m.route_tau for n, m in lin.items()} == expect
     assert all(r.recorder is None for _, r in routers(model))
+
+
+_SPLIT = dict(per="linear", step=0.5, sensitivity_windows=4, select_windows=4, batch_size=2, select_at="all")
+
+
+def _split_plan_model():
+    model = routed_model()
+    ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(3))
+    fit_budget_thresholds(model, list(ids.split(2)), default_grid((2, 2, 2, 2), 0.5))
+    return model, ids
+
+
+def _plan_on_rank(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    import mobiquant.elastic.site_budgets as sb
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model, ids = _split_plan_model()
+        refits = []
+        real_apply = sb.apply_linear_budgets
+        sb.apply_linear_budgets = lambda *a, **k: (refits.append(1), real_apply(*a, **k))[1]
+        state = f"{out_dir}/state" if rank == 0 else None  # as in a run: rank 0 alone keeps the state
+        plan = build_plan(model, ids, state_dir=state, state_key={"ckpt": "a"}, **_SPLIT)
+        torch.save({"plan": (plan.state(), plan.meta()), "refits": len(refits)}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_plan_budgets_split_across_ranks_match_one_process(tmp_path):
+    """Under torch.distributed each rank plans every N-th budget and the rows are exchanged: every rank ends
+    with the plan one process builds alone, and rank 0's saved state holds every budget."""
+    import torch.multiprocessing as tmp
+
+    model, ids = _split_plan_model()
+    alone = build_plan(model, ids, **_SPLIT)
+    tmp.spawn(_plan_on_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    n = len(alone.budgets)
+    for rank, refits in ((0, (n + 1) // 2), (1, n // 2)):
+        saved = torch.load(tmp_path / f"rank{rank}.pt")
+        assert saved["refits"] == refits
+        assert _plans_equal(BudgetPlan.from_state(*saved["plan"]), alone)
+    assert len(list((tmp_path / "state").glob("budget_*.json"))) == n

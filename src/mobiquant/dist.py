@@ -10,6 +10,11 @@ environment variables yet and is rank 0 by default.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def is_rank_zero() -> bool:
@@ -32,3 +37,38 @@ def world_size() -> int:
     import torch.distributed as dist
 
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    """This process's rank in the initialised ``torch.distributed`` group (0 when there is none)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if world_size() > 1 else 0
+
+
+def broadcast_object(obj: T) -> T:
+    """Rank 0's ``obj`` on every rank of the initialised group (``obj`` itself when there is no group)."""
+    import torch.distributed as dist
+
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def share_work(items: Sequence[int], fn: Callable[[int], R]) -> dict[int, R]:
+    """``{i: fn(i)}`` for every ``i`` of ``items``, the work split between the ranks of the initialised group.
+
+    Rank ``r`` of ``N`` computes ``fn`` for ``items[r::N]`` and the results are exchanged, so every rank
+    returns all of them; without a group one process computes them all. ``fn`` must not depend on the
+    order its items are taken in, and every rank must call this with the same ``items``."""
+    import torch.distributed as dist
+
+    world = world_size()
+    mine = {i: fn(i) for i in list(items)[rank() :: world]}
+    if world == 1:
+        return mine
+    gathered: list[dict[int, R] | None] = [None] * world
+    dist.all_gather_object(gathered, mine)
+    return {i: r for part in gathered for i, r in (part or {}).items()}

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from .dist import world_size
+from .dist import share_work
 from .elastic.plan import PLAN_ATTR, BudgetPlan
 from .nn.linear import MoBiLinear
 from .nn.router import ThresholdRecorder, TokenRouter
@@ -316,11 +316,9 @@ def fit_budget_thresholds(model: nn.Module, batches: Sequence[torch.Tensor], bud
         if m.router is not None:
             m.set_routed()
     device = next(model.parameters()).device
-    world = world_size()
-    rank = torch.distributed.get_rank() if world > 1 else 0
     body = _body(model)
-    rows: dict[int, list[float]] = {}  # budget index -> one threshold per router
-    for j in range(rank, len(budgets), world):
+
+    def fit(j: int) -> list[float]:  # one threshold per router at budget j
         recorder = ThresholdRecorder({str(i): (r, float(budgets[j])) for i, r in enumerate(rs)})
         with recorder.attached(rs):
             for ids in batches:
@@ -329,11 +327,9 @@ def fit_budget_thresholds(model: nn.Module, batches: Sequence[torch.Tensor], bud
                 means = recorder.means()
             except RuntimeError as err:
                 raise RuntimeError("a router saw no tokens while fitting budget thresholds") from err
-        rows[j] = [means[str(i)] for i in range(len(rs))]
-    if world > 1:
-        gathered: list[dict[int, list[float]] | None] = [None] * world
-        torch.distributed.all_gather_object(gathered, rows)
-        rows = {j: row for part in gathered for j, row in (part or {}).items()}
+        return [means[str(i)] for i in range(len(rs))]
+
+    rows = share_work(range(len(budgets)), fit)
     for i, r in enumerate(rs):
         r.set_table(budgets, [rows[j][i] for j in range(len(budgets))])
 

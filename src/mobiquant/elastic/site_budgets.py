@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..dist import is_rank_zero
+from ..dist import broadcast_object, is_rank_zero, share_work, world_size
 from ..nn.router import ThresholdRecorder, TokenRouter, interp_tau, weighted_tail_table
 from ..patching import _body, mobi_linears, routers
 from .plan import BudgetPlan, stack_plan
@@ -363,17 +363,15 @@ def build_plan(
     }
     views = [float(sum(slice_bits[: k + 1])) for k in range(len(slice_bits))]
     state = _PlanState(state_dir, {"settings": settings, "grid": grid, **(state_key or {})}, log)
-    curves = state.curves()
+    curves = broadcast_object(state.curves())  # saved on rank 0 alone
     if curves is None:
         curves = site_cost_curves(model, sens, grid, max_windows=None, batch_size=batch_size, per=per)
         state.save_curves(curves)
     apply = apply_site_budgets if per == "site" else apply_linear_budgets
     lo, hi = grid[0], grid[-1]
-    rows = []
-    for b in grid:
-        if (row := state.row(b)) is not None:
-            rows.append(row)
-            continue
+
+    def plan_row(i: int) -> tuple[dict[str, float], dict[str, float], str]:
+        b = grid[i]
         alloc = allocate_site_budgets(curves, b)
         apply(model, alloc, calib_ids=refit_ids if refit_thresholds else None, batch_size=batch_size)
         taus = _current_taus(model)
@@ -393,8 +391,20 @@ def build_plan(
                     nll_uniform,
                     reading,
                 )
-        rows.append((taus, local, reading))
-        state.save_row(b, rows[-1])
+        state.save_row(b, (taus, local, reading))
+        return taus, local, reading
+
+    # Every budget is planned on its own, so under torch.distributed (every rank holding the same model, as
+    # after a DDP calibration) the ranks share the budgets left to do and exchange the rows.
+    done = broadcast_object({i: row for i, b in enumerate(grid) if (row := state.row(b)) is not None})
+    todo = [i for i in range(len(grid)) if i not in done]
+    if log is not None and world_size() > 1:
+        log.info("plan: %d budgets to do, shared between %d ranks", len(todo), world_size())
+    new = share_work(todo, plan_row)
+    for i, row in new.items():
+        state.save_row(grid[i], row)  # the other ranks' rows too (rank 0 writes)
+    done.update(new)
+    rows = [done[i] for i in range(len(grid))]
     for _, m in mobi_linears(model):
         m.route_tau = None
     return stack_plan(grid, rows, settings)
