@@ -32,6 +32,7 @@ __all__ = [
     "triton_importable",
     "use_fused_router",
     "use_triton",
+    "view_pair",
 ]
 
 BACKENDS = ("auto", "torch", "triton")
@@ -102,6 +103,19 @@ def _codes(plane: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     return unpack_codes(plane, bits, cols).to(torch.int64)
 
 
+def view_pair(scale: torch.Tensor, zero: torch.Tensor, k: int, num_slices: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step and zero point ``[out, n_groups]`` that view ``k`` reads: the shared pair (2-D ``scale``/``zero``)
+    or the view's own (3-D, ``[num_slices, out, n_groups]``)."""
+    if scale.dim() == 2 and zero.dim() == 2:
+        return scale, zero
+    if scale.dim() != 3 or zero.shape != scale.shape or scale.shape[0] != num_slices:
+        raise ValueError(
+            f"scale/zero must be [out, groups] or [{num_slices}, out, groups] (one pair per view), "
+            f"got {tuple(scale.shape)} and {tuple(zero.shape)}"
+        )
+    return scale[k - 1], zero[k - 1]
+
+
 def dequantize_reference(
     planes: Sequence[torch.Tensor],
     scale: torch.Tensor,
@@ -112,9 +126,13 @@ def dequantize_reference(
     in_features: int,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """``W_k = (s / 2^B_k) (C_k - 2^B_k z - (2^B_k - 1) / 2)`` ``[out, in]`` in float32, then ``dtype``."""
+    """``W_k = (s / 2^B_k) (C_k - 2^B_k z - (2^B_k - 1) / 2)`` ``[out, in]`` in float32, then ``dtype``.
+
+    ``scale`` and ``zero`` are ``[out, n_groups]`` (one pair for every view) or ``[K, out, n_groups]`` (a pair
+    per view: view ``k`` reads ``scale[k - 1]``, ``zero[k - 1]`` in the same formula)."""
     if not 1 <= k <= len(slice_bits):
         raise ValueError(f"k must be between 1 and {len(slice_bits)}, got {k}")
+    scale, zero = view_pair(scale, zero, k, len(slice_bits))
     c = _codes(planes[0], slice_bits[0], in_features)
     for e in range(1, k):
         c = (c << slice_bits[e]) + _codes(planes[e], slice_bits[e], in_features)
@@ -142,7 +160,7 @@ def torch_reference(
     ``compute_dtype`` (default ``x.dtype``) is the dtype of the dequantized weight and of the matmul;
     pass ``torch.float64`` for a high-precision reference. The result has ``x``'s dtype."""
     in_f = x.shape[-1]
-    n_out = scale.shape[0]
+    n_out = scale.shape[-2]
     cdt = compute_dtype or x.dtype
     x2 = x.reshape(-1, in_f).to(cdt)
     b = bias.to(cdt) if bias is not None else None
@@ -211,7 +229,7 @@ def bitplane_linear(
     if weight is None:
         y = torch_reference(x, planes, scale, zero, slice_bits, group_size, k, bias)
     else:
-        y = _torch_linear(x, weight, k, bias, scale.shape[0])
+        y = _torch_linear(x, weight, k, bias, scale.shape[-2])
     out = kwargs.get("out")
     if out is not None:
         out.copy_(y.reshape(out.shape))
