@@ -31,12 +31,9 @@ import torch
 
 def ls_coeffs(w: torch.Tensor, t: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per group (last dim): ``(a, b)`` of the ``d``-weighted least-squares fit ``w ~ a t + b``."""
-    t, w, d = t.double(), w.double(), d.double() + 1e-12
-    dn = d.sum(-1, keepdim=True)
-    mt, mw = (d * t).sum(-1, keepdim=True) / dn, (d * w).sum(-1, keepdim=True) / dn
-    var = (d * (t - mt) ** 2).sum(-1, keepdim=True)
-    cov = (d * (t - mt) * (w - mw)).sum(-1, keepdim=True)
-    a = torch.where(var > 0, cov / var.clamp_min(1e-30), torch.zeros_like(var))
+    from mobiquant.quant.primitives import weighted_affine_fit
+
+    a, mt, mw = weighted_affine_fit(w, t, d.double() + 1e-12)
     return a, mw - a * mt
 
 

@@ -16,6 +16,7 @@ packed block at ``propagate_budget`` (default: the middle of the range) to becom
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -310,6 +311,39 @@ def run_block_batched(
         outs.append(out.to(x.device))
     y = torch.cat(outs)
     return y.pin_memory() if x.is_pinned() else y
+
+
+class InputMoments:
+    """Mean squared input activation per column of the named linears of a block, over every forward while
+    attached: ``with moments.attached(block): ...`` then ``moments.mean()`` -> ``{name: [in] float64}``."""
+
+    def __init__(self, names: Sequence[str]):
+        self.names = list(names)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def attached(self, block: nn.Module):
+        hooks = []
+        for name in self.names:
+
+            def hook(_mod, args, _out, name=name):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                self.sums[name] = self.sums.get(name, 0) + (x * x).sum(0)
+                self.counts[name] = self.counts.get(name, 0) + x.shape[0]
+
+            hooks.append(block.get_submodule(name).register_forward_hook(hook))
+        try:
+            yield self
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def mean(self) -> dict[str, torch.Tensor]:
+        missing = [n for n in self.names if not self.counts.get(n)]
+        if missing:
+            raise RuntimeError(f"no input reached {missing} while measuring input moments")
+        return {n: self.sums[n] / self.counts[n] for n in self.names}
 
 
 # ---------------------------------------------------------------------------- Lightning module
@@ -783,7 +817,11 @@ def calibrate_model(
         t0 = time.perf_counter()
         if on_cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        fp_y = run_block_batched(block, fp_x, kwargs, cfg.batch_size)  # FP targets before patching
+        # FP targets before patching; with view_steps also each linear's input moments (the FP block's
+        # activations on the calibration windows), which weight the per-view step fit at packing
+        moments = InputMoments([n for group in sites[i] for n in group] if mobi.view_steps else [])
+        with moments.attached(block):
+            fp_y = run_block_batched(block, fp_x, kwargs, cfg.batch_size)
         torch.manual_seed(cfg.seed * 1_000_003 + i)  # router init: the same whether resumed or not
         quantize_block(block, sites[i], mobi)
         if state is not None and state.has(i):
@@ -817,9 +855,11 @@ def calibrate_model(
             block_tr.fit(module, loader)
         block.to(device)
         block.eval()
-        for m in _block_mobi(block):
-            m.target_bits = None
-            m.freeze()
+        col_weight = moments.mean()
+        for name, m in block.named_modules():
+            if isinstance(m, MoBiLinear):
+                m.target_bits = None
+                m.freeze(col_weight.get(name))
         for r in _block_routers(block):
             r.requires_grad_(False)
             r.clear_cache()

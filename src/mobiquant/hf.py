@@ -62,8 +62,8 @@ if TYPE_CHECKING:
 
 QUANT_METHOD = "mobiquant"
 #: Version of this folder layout (``quantization_config.format_version``); this code reads the versions listed.
-HF_FORMAT_VERSION = 1
-READABLE_HF_VERSIONS = (1,)
+HF_FORMAT_VERSION = 2
+READABLE_HF_VERSIONS = (1, 2)  # 2: config.view_steps (a step and zero point per view)
 #: Environment variable that overrides the budget a loaded model serves (average bits).
 BUDGET_ENV = "MOBIQUANT_BUDGET"
 #: The budget plan's tensors, under this module name in the weights (removed from the model once installed).

@@ -121,6 +121,7 @@ def quantize_block(block: nn.Module, block_sites: list[list[str]], cfg: MoBiConf
                 lwc_init=cfg.lwc_init,
                 word_bits=cfg.word_bits,
                 anchor_bits=cfg.anchor_bits,
+                view_steps=cfg.view_steps,
             )
             q.attach_router(router)
             q.site = site_key(group)
@@ -359,12 +360,14 @@ def achieved_bits(model: nn.Module) -> float:
 
 def storage_bits(model: nn.Module) -> float:
     """Stored bits per quantized weight: every packed slice plane (word padding included) plus the
-    fp16 step and fp16 zero point of each group. Routers are reported separately (``router_params``)."""
+    fp16 step and fp16 zero point of each group (of each group and view with ``view_steps``). Routers are
+    reported separately (``router_params``)."""
     bits, weights = 0, 0
     for _, m in mobi_linears(model):
         groups = m.out_features * num_groups(m.in_features, m.slicer.group_size)
         words = sum(packed_width(m.in_features, b, m.word_bits) for b in m.slice_bits)
-        bits += m.out_features * words * m.word_bits + groups * 32
+        pairs = m.num_slices if getattr(m, "view_steps", False) else 1
+        bits += m.out_features * words * m.word_bits + groups * 32 * pairs
         weights += m.in_features * m.out_features
     return bits / weights
 

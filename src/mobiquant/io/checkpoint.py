@@ -35,9 +35,11 @@ from ..quant.config import MoBiConfig
 from .fileio import discard, ensure_dir, fsync_dir, sha256_file, stage_bytes, writing
 
 FORMAT = "mobiquant"
-FORMAT_VERSION = 2
-#: Versions this code reads: 1 (no budget plan), 2 (an optional budget plan: ``plan.*`` tensors, ``plan`` key).
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+#: Versions this code reads: 1 (no budget plan), 2 (an optional budget plan: ``plan.*`` tensors, ``plan`` key),
+#: 3 (``config.view_steps``: with it true, every linear's ``scale``/``zero`` hold a pair per view,
+#: ``[K, out, n_groups]``; absent in versions 1 and 2, read as false).
+READABLE_VERSIONS = (1, 2, 3)
 CONFIG_NAME = "mobiquant.json"
 TENSORS_NAME = "quantized.safetensors"
 #: The compute dtypes a checkpoint may name (``torch.<name>``).

@@ -5,7 +5,9 @@ Two lives:
   parameters ``gamma``/``beta``; slices are recomputed every forward with straight-through rounding, so the
   loss is differentiable in LWC and router parameters.
 * *packed* (after :meth:`freeze`): only bit-plane codes (one packed buffer per slice), the fp16 step and
-  zero point per group. This is the deployable checkpoint; every reported number comes from it.
+  zero point per group (``scale``/``zero`` ``[out, n_groups]``), or with ``view_steps`` one such pair per view
+  (``[K, out, n_groups]``, fitted at packing time). This is the deployable checkpoint; every reported number
+  comes from it.
 
 In either life the forward runs in one of two modes: ``static`` (every token uses ``static_k`` slices)
 or ``routed`` (the router picks ``k`` per token; during training, straight-through nested gates).
@@ -50,6 +52,7 @@ class MoBiLinear(nn.Module):
         device=None,
         dtype=None,
         anchor_bits: int | None = None,
+        view_steps: bool = False,
     ):
         super().__init__()
         self.in_features = in_features
@@ -57,6 +60,7 @@ class MoBiLinear(nn.Module):
         self.slicer = ResidualSlicer(slice_bits, group_size, anchor_bits)
         self.word_bits = word_bits
         self.lwc_init = lwc_init
+        self.view_steps = view_steps
         ng = num_groups(in_features, group_size)
         factory = {"device": device, "dtype": dtype}
         self.register_buffer("weight", torch.empty(out_features, in_features, **factory))
@@ -196,8 +200,12 @@ class MoBiLinear(nn.Module):
             raise RuntimeError("layer is not packed yet: call freeze() after calibration")
 
     @torch.no_grad()
-    def freeze(self) -> None:
-        """Turn the learned LWC into stored codes: bit-planes, fp16 steps and zero points; drop FP weight."""
+    def freeze(self, col_weight: torch.Tensor | None = None) -> None:
+        """Turn the learned LWC into stored codes: bit-planes, fp16 steps and zero points; drop FP weight.
+
+        With ``view_steps`` every view gets its own step and zero point per group, fitted to the FP weight by
+        least squares with each input column's error weighted by ``col_weight`` ``[in]`` (its mean squared
+        input activation on calibration text; None: equal weights)."""
         if self.packed:
             return
         sc = self.slicer.decompose(self.weight.float(), self.gamma, self.beta, scale_dtype=torch.float16)
@@ -205,8 +213,15 @@ class MoBiLinear(nn.Module):
         for e, (c, b) in enumerate(zip(sc.codes, self.slice_bits, strict=True)):
             flat = from_groups(c, self.in_features)
             self.register_buffer(f"plane{e}", pack_codes(flat, b, self.word_bits))
-        self.register_buffer("scale", sc.scale.squeeze(-1).to(torch.float16))
-        self.register_buffer("zero", sc.zero.squeeze(-1).to(torch.float16))
+        if self.view_steps:
+            cw = None if col_weight is None else col_weight.to(self.weight.device)
+            scale, zero = self.slicer.fit_view_pairs(self.weight.float(), sc.codes, sc.scale, cw)
+        else:
+            if col_weight is not None:
+                raise ValueError("col_weight fits a step and zero point per view: this layer has view_steps=False")
+            scale, zero = sc.scale.squeeze(-1), sc.zero.squeeze(-1)
+        self.register_buffer("scale", scale.to(torch.float16).contiguous())
+        self.register_buffer("zero", zero.to(torch.float16).contiguous())
         del self.weight
         self.register_buffer("weight", None)
         self.gamma = self.beta = None
@@ -221,8 +236,9 @@ class MoBiLinear(nn.Module):
             dtype = torch.int32 if self.word_bits == 32 else torch.uint8
             width = packed_width(self.in_features, b, self.word_bits)
             self.register_buffer(f"plane{e}", torch.zeros(self.out_features, width, dtype=dtype, device=dev))
-        self.register_buffer("scale", torch.ones(self.out_features, ng, dtype=torch.float16, device=dev))
-        self.register_buffer("zero", torch.zeros(self.out_features, ng, dtype=torch.float16, device=dev))
+        shape = (self.num_slices, self.out_features, ng) if self.view_steps else (self.out_features, ng)
+        self.register_buffer("scale", torch.ones(shape, dtype=torch.float16, device=dev))
+        self.register_buffer("zero", torch.zeros(shape, dtype=torch.float16, device=dev))
         self._compute_dtype = compute_dtype
         if "weight" in self._buffers:
             del self._buffers["weight"]

@@ -26,6 +26,9 @@ class MoBiConfig:
     skip: Sequence[str] = field(default_factory=list)  # regexes on full module names to keep in FP
     word_bits: int = 32
     anchor_bits: int | None = None  # None: the base slice's own grid (paper); a view's bits: that view is RTN-exact
+    # False: one fp16 step and zero point per group shared by every view (paper); True: each view reads the same
+    # codes with a step and zero point of its own, fitted when the layer is packed (MoBiLinear.freeze)
+    view_steps: bool = False
 
     def __post_init__(self):
         self.slice_bits = tuple(check_slice_bits(self.slice_bits))
@@ -39,6 +42,8 @@ class MoBiConfig:
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0:
             raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}")
         self.skip = list(self.skip)
+        if not isinstance(self.view_steps, bool):
+            raise ValueError(f"view_steps must be true or false, got {self.view_steps!r}")
 
     @property
     def min_bits(self) -> int:
@@ -66,4 +71,5 @@ class MoBiConfig:
             "skip": list(self.skip),
             "word_bits": self.word_bits,
             "anchor_bits": self.anchor_bits,
+            "view_steps": self.view_steps,
         }

@@ -119,6 +119,21 @@ def dequantize(codes: torch.Tensor, params: GroupQuantParams) -> torch.Tensor:
     return params.scale * (codes - params.zero)
 
 
+def weighted_affine_fit(
+    w: torch.Tensor, t: torch.Tensor, d: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per group (last dim), the ``d``-weighted least-squares line ``w ~ a t + c``: returns ``(a, mean_t, mean_w)``
+    (weighted means, so ``c = mean_w - a mean_t``), each ``[..., 1]`` in float64. A group whose ``t`` does not
+    vary, or whose weights are all zero, gets ``a = 0``."""
+    t, w, d = t.double(), w.double(), d.double()
+    dn = d.sum(-1, keepdim=True).clamp_min(1e-300)
+    mt, mw = (d * t).sum(-1, keepdim=True) / dn, (d * w).sum(-1, keepdim=True) / dn
+    var = (d * (t - mt) ** 2).sum(-1, keepdim=True)
+    cov = (d * (t - mt) * (w - mw)).sum(-1, keepdim=True)
+    a = torch.where(var > 0, cov / var.clamp_min(1e-300), torch.zeros_like(var))
+    return a, mt, mw
+
+
 def fake_quant_rtn(weight: torch.Tensor, bits: int, group_size: int = 128) -> torch.Tensor:
     """Round-to-nearest per-group asymmetric quantize-dequantize of ``weight`` (no calibration)."""
     check_bits(bits)

@@ -32,8 +32,10 @@ from .primitives import (
     floor_ste,
     from_groups,
     lwc_params,
+    num_groups,
     quantize,
     to_groups,
+    weighted_affine_fit,
 )
 
 
@@ -251,6 +253,46 @@ class ResidualSlicer:
         for e in range(1, k):
             c = (c << self.slice_bits[e]) + codes[e].to(torch.int32)
         return c
+
+    def fit_view_pairs(
+        self,
+        weight: torch.Tensor,
+        codes: Sequence[torch.Tensor],
+        scale: torch.Tensor,
+        col_weight: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A step and zero point per view and group for the unchanged codes: ``([K, out, n_groups], same)`` fp16.
+
+        View ``k`` reads its code ``C_k`` as ``W_k = s_k (t_k - z_k)`` with ``t_k = C_k / 2^B_k - (1 - 2^-B_k) / 2``
+        (the formula of :meth:`integer_view` with the view's own pair), and ``(s_k, z_k)`` is the least-squares
+        fit of ``weight`` ``[out, in]``, each input column's error weighted by ``col_weight`` ``[in]`` (e.g. its
+        mean squared activation; None: equal weights). The step is rounded to fp16 first and the zero point
+        fitted for the rounded step. Groups where the slope is degenerate (a constant code, a non-positive slope)
+        keep the shared step ``scale`` (``[out, n_groups, 1]``, as :meth:`decompose` returns it) with the zero
+        point fitted for it.
+        ``codes``: the slice codes, grouped ``[out, n_groups, group_size]``."""
+        out_f, in_f = weight.shape
+        gs = self.group_size
+        w = to_groups(weight.double(), gs)
+        cw = torch.ones(in_f, dtype=torch.float64, device=weight.device) if col_weight is None else col_weight
+        if cw.shape != (in_f,) or not bool(torch.isfinite(cw).all()) or bool((cw < 0).any()):
+            raise ValueError(f"col_weight must be [{in_f}] finite and >= 0, got shape {tuple(cw.shape)}")
+        pad = num_groups(in_f, gs) * gs - in_f
+        d = torch.cat([cw.double(), cw.new_zeros(pad, dtype=torch.float64)]).reshape(1, -1, gs)  # padding: no weight
+        d = d.expand_as(w)
+        fp16 = torch.finfo(torch.float16)
+        s_shared = scale.double()
+        scales, zeros = [], []
+        for k in range(1, self.num_slices + 1):
+            shift = self.residual_shift(k)
+            t = self.concat_codes(codes, k).double() / 2**shift - (1 - 2.0**-shift) / 2
+            a, mt, mw = weighted_affine_fit(w, t, d)
+            ok = torch.isfinite(a) & (a >= fp16.tiny)
+            s = torch.where(ok, a, s_shared).clamp(max=fp16.max).half().double()
+            z = (mt - mw / s).clamp(-fp16.max, fp16.max)
+            scales.append(s.squeeze(-1).half())
+            zeros.append(z.squeeze(-1).half())
+        return torch.stack(scales), torch.stack(zeros)
 
     def integer_view(
         self, codes: Sequence[torch.Tensor], scale: torch.Tensor, zero: torch.Tensor, k: int

@@ -1,0 +1,101 @@
+"""A step and zero point per view (``MoBiConfig.view_steps``): fitted at packing, stored, served, reloaded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import mobiquant as mq
+from mobiquant.io.checkpoint import CONFIG_NAME, FORMAT_VERSION
+from mobiquant.nn.linear import MoBiLinear
+from mobiquant.patching import mobi_linears
+from mobiquant.quant.primitives import to_groups
+from tiny_models import build_tiny_llama
+
+LAYOUT = (3, 1, 1, 1, 1, 1)
+
+
+def _layer(view_steps: bool, seed: int = 0, in_f: int = 200, gs: int = 64) -> MoBiLinear:
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(in_f, 24)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(24, in_f, generator=g) * torch.linspace(0.2, 3, in_f))  # uneven columns
+    m = MoBiLinear.from_linear(lin, slice_bits=LAYOUT, group_size=gs, view_steps=view_steps)
+    with torch.no_grad():  # some clipping, as calibration learns: the shared grid then fits low views badly
+        m.gamma.fill_(1.0)
+        m.beta.fill_(1.0)
+    return m
+
+
+def _weighted_err(m: MoBiLinear, w: torch.Tensor, d: torch.Tensor, k: int) -> float:
+    return float((((m.dequantized(k).double() - w) ** 2) * d).sum())
+
+
+def test_each_view_fits_at_least_as_well_as_the_shared_pair():
+    w = _layer(False).weight.double().clone()
+    d = torch.rand(w.shape[1], generator=torch.Generator().manual_seed(1)).double() + 0.1
+    shared, per_view = _layer(False), _layer(True)
+    shared.freeze()
+    per_view.freeze(col_weight=d)
+    assert shared.scale.shape == (24, 4) and per_view.scale.shape == (len(LAYOUT), 24, 4)
+    assert per_view.scale.dtype == per_view.zero.dtype == torch.float16
+    for a, b in zip(shared.codes(), per_view.codes(), strict=True):
+        assert torch.equal(a, b)  # the codes do not change, only how each view reads them
+    errs = [(_weighted_err(shared, w, d, k), _weighted_err(per_view, w, d, k)) for k in range(1, len(LAYOUT) + 1)]
+    for k, (e_shared, e_view) in enumerate(errs, start=1):
+        assert e_view <= e_shared * 1.001, (k, e_shared, e_view)
+    assert errs[0][1] < 0.9 * errs[0][0], errs  # the base view of a clipped grid gains most
+
+
+def test_the_fit_weights_columns_by_their_activations():
+    w = _layer(True).weight.double().clone()
+    heavy = torch.ones(w.shape[1], dtype=torch.float64)
+    heavy[:32] = 100.0  # the first columns matter most
+    plain, weighted = _layer(True), _layer(True)
+    plain.freeze()
+    weighted.freeze(col_weight=heavy)
+    for k in (1, 2):
+        assert _weighted_err(weighted, w, heavy, k) < _weighted_err(plain, w, heavy, k)
+
+
+def test_a_constant_group_keeps_the_shared_pair_and_bad_weights_are_refused():
+    m = _layer(True)
+    with torch.no_grad():
+        m.weight[:, :64] = 0.5  # first group of every row constant: no slope to fit
+    w = m.weight.double().clone()
+    m.freeze()
+    for k in range(1, len(LAYOUT) + 1):
+        assert torch.isfinite(m.scale[k - 1]).all() and torch.isfinite(m.zero[k - 1]).all()
+        torch.testing.assert_close(m.dequantized(k)[:, :64].double(), w[:, :64], atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="col_weight must be"):
+        _layer(True).freeze(col_weight=torch.ones(7))
+    with pytest.raises(ValueError, match="view_steps=False"):
+        _layer(False).freeze(col_weight=torch.ones(200))
+    with pytest.raises(ValueError, match="view_steps must be true or false"):
+        mq.MoBiConfig(view_steps="yes")
+
+
+def test_calibrated_model_with_view_steps_saves_reloads_and_serves(tmp_path):
+    model = build_tiny_llama(0)
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(2))
+    cfg = mq.MoBiConfig(slice_bits=LAYOUT, group_size=32, router_hidden=8, router_policy="adjacent", view_steps=True)
+    mq.calibrate(model, ids, cfg, epochs_stage1=1, epochs_stage2=1, batch_size=2, progress_bar=False)
+    for _, m in mobi_linears(model):
+        assert m.packed and m.scale.shape == (
+            len(LAYOUT),
+            m.out_features,
+            to_groups(torch.zeros(1, m.in_features), 32).shape[1],
+        )
+    mq.save_quantized(model, tmp_path / "ck")
+    meta = json.loads((tmp_path / "ck" / CONFIG_NAME).read_text())
+    assert meta["format_version"] == FORMAT_VERSION == 3 and meta["config"]["view_steps"] is True
+    back = mq.load_quantized(build_tiny_llama(0), tmp_path / "ck")
+    for budget in (3.0, 4.5, 6.0):
+        mq.set_budget(model, budget)
+        mq.set_budget(back, budget)
+        with torch.no_grad():
+            torch.testing.assert_close(back(input_ids=ids).logits, model(input_ids=ids).logits)
+    bits_shared = 8 + 32 / 32  # code planes + one fp16 pair per group of 32
+    assert mq.storage_bits(back) == pytest.approx(bits_shared + 32 / 32 * (len(LAYOUT) - 1), rel=0.05)
