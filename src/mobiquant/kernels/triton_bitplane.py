@@ -509,12 +509,17 @@ def _bp_small_kernel(
     MAGIC: tl.constexpr,
     DT: tl.constexpr,
     COMBINED: tl.constexpr,
+    PER_VIEW: tl.constexpr,
 ):
     """2..16 tokens, tensor cores; ``BLOCK_K`` divides the group size (one scale per row per chunk).
 
     COMBINED (every token the same ``k``): one dot per chunk with the concatenated code as the exact
     float ``1 + C_k / 2^bits``. Otherwise one dot per plane with each token's activations gated by
-    ``k_token > e``, so that a plane is read once for all the tokens that need it."""
+    ``k_token > e``, so that a plane is read once for all the tokens that need it.
+
+    PER_VIEW: ``scale`` / ``zero`` are ``[NS, N, N_GROUPS]`` (a pair per view) and each token's sum takes the
+    pair of its own ``k`` (``[BLOCK_M, BLOCK_N]`` gathered per chunk); otherwise one ``[N, N_GROUPS]`` pair (the
+    host passes view ``k``'s own when every token reads the same ``k``)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -570,8 +575,16 @@ def _bp_small_kernel(
         if KMAX > 7:
             w7 = _load_words(p7, WS7, rows, row_mask & ((rows * 0 + kmax) > 7), col0, K_IN, B7, BLOCK_K, EVEN_K)
         g = col0 // GROUP
-        s = tl.load(scale_ptr + rows.to(tl.int64) * N_GROUPS + g, mask=row_mask, other=0.0).to(tl.float32)
-        z = tl.load(zero_ptr + rows.to(tl.int64) * N_GROUPS + g, mask=row_mask, other=0.0).to(tl.float32)
+        if PER_VIEW:
+            # each token's own view: [BLOCK_M, BLOCK_N] steps and zero points (padding tokens read none)
+            vofs = (tl.maximum(kvec - 1, 0).to(tl.int64) * N * N_GROUPS)[:, None]
+            sz_offs = vofs + (rows.to(tl.int64) * N_GROUPS + g)[None, :]
+            sz_mask = m_mask[:, None] & row_mask[None, :]
+            sv = tl.load(scale_ptr + sz_offs, mask=sz_mask, other=0.0).to(tl.float32)
+            zv = tl.load(zero_ptr + sz_offs, mask=sz_mask, other=0.0).to(tl.float32)
+        else:
+            s = tl.load(scale_ptr + rows.to(tl.int64) * N_GROUPS + g, mask=row_mask, other=0.0).to(tl.float32)
+            z = tl.load(zero_ptr + rows.to(tl.int64) * N_GROUPS + g, mask=row_mask, other=0.0).to(tl.float32)
         cols = col0 + tl.arange(0, BLOCK_K)
         xr = tl.load(
             x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
@@ -612,7 +625,10 @@ def _bp_small_kernel(
                 T = tl.dot(x, tl.trans(f), T, input_precision="ieee")
             else:
                 T = tl.dot(_cast(xr, DT), tl.trans(f), T)
-            acc += s[None, :] * (TWO_B0 * (T - xs[:, None]) - xs[:, None] * (z[None, :] + h[:, None]))
+            if PER_VIEW:
+                acc += sv * (TWO_B0 * (T - xs[:, None]) - xs[:, None] * (zv + h[:, None]))
+            else:
+                acc += s[None, :] * (TWO_B0 * (T - xs[:, None]) - xs[:, None] * (z[None, :] + h[:, None]))
         else:
             T = _small_proc(T, x, kvec, w0, A0, 0, B0, BLOCK_N, BLOCK_K, MAGIC, DT)
             if KMAX > 1:
@@ -629,7 +645,10 @@ def _bp_small_kernel(
                 T = _small_maybe(T, x, kvec, kmax, w6, A6, 6, B6, BLOCK_N, BLOCK_K, MAGIC, DT, PER_TOKEN)
             if KMAX > 7:
                 T = _small_maybe(T, x, kvec, kmax, w7, A7, 7, B7, BLOCK_N, BLOCK_K, MAGIC, DT, PER_TOKEN)
-            acc += s[None, :] * (T - (xs * pc)[:, None] - xs[:, None] * z[None, :])
+            if PER_VIEW:
+                acc += sv * (T - (xs * pc)[:, None] - xs[:, None] * zv)
+            else:
+                acc += s[None, :] * (T - (xs * pc)[:, None] - xs[:, None] * z[None, :])
     _splitk_store(
         acc,
         out_ptr,
@@ -722,12 +741,14 @@ def _bp_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GPC: tl.constexpr,
+    PER_VIEW: tl.constexpr,
 ):
     """One token on CUDA cores. Its ``k`` is one number, so the planes are concatenated into
     ``f = 1 + C_k / 2^bits`` (exact fp32, built by bit placement) and ``sum(x f)`` needs one multiply-add
     per weight whatever ``k``; per group ``y += s (2^b_1 (sum(x f) - sum(x)) - sum(x) (z + h_k))``.
 
-    A chunk of ``BLOCK_K`` columns holds ``GPC`` whole groups (``GPC > 1``) or lies inside one group."""
+    A chunk of ``BLOCK_K`` columns holds ``GPC`` whole groups (``GPC > 1``) or lies inside one group.
+    PER_VIEW: ``scale`` / ``zero`` are ``[NS, N, N_GROUPS]`` and the token reads view ``k``'s pair."""
     SUBG: tl.constexpr = BLOCK_K // GPC
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -739,6 +760,9 @@ def _bp_gemv_kernel(
         kk = tl.max(tl.zeros((1,), dtype=tl.int32) + k_uniform, axis=0)
     h = tl.sum(_select(tl.zeros((1,), dtype=tl.int32) + kk, H0, H1, H2, H3, H4, H5, H6, H7, NS), axis=0)
     TWO_B0: tl.constexpr = 1 << B0
+    if PER_VIEW:  # view k's own step and zero point
+        scale_ptr += (kk - 1).to(tl.int64) * N * N_GROUPS
+        zero_ptr += (kk - 1).to(tl.int64) * N * N_GROUPS
 
     acc = tl.zeros((BLOCK_N, GPC), dtype=tl.float32)
     n_chunks = tl.cdiv(K_IN, BLOCK_K)
@@ -1135,13 +1159,15 @@ def _bp_gemv_fields_kernel(
     BLOCK_K: tl.constexpr,
     GPC: tl.constexpr,
     BRANCH_K: tl.constexpr,
+    PER_VIEW: tl.constexpr,
 ):
     """One token, every slice ``B`` bits: ``sum(x W_k)`` from the code fields read in place (see above).
 
     Per group ``y += s (mult sum(x' f) - sum(x) (z + h_k))`` with ``f`` the subnormal field, ``x'`` the
     scaled activations and ``mult = 2^(S - (KMAX-1) B)``: planes past ``k`` are zero, so the field holds
     ``C_k 2^((KMAX-k) B)`` and ``mult`` is the same for every ``k``. Per code and plane one AND, per code
-    one FMA; the sum over a group is in-thread but for the few lanes that share a group."""
+    one FMA; the sum over a group is in-thread but for the few lanes that share a group. PER_VIEW: ``scale`` /
+    ``zero`` are ``[NS, N, N_GROUPS]`` and the token reads view ``k``'s pair."""
     PER: tl.constexpr = 32 // B
     HALF: tl.constexpr = PER // 2
     NW: tl.constexpr = BLOCK_K // PER
@@ -1154,6 +1180,9 @@ def _bp_gemv_fields_kernel(
     else:
         kk = tl.max(tl.zeros((1,), dtype=tl.int32) + k_uniform, axis=0)
     h = tl.sum(_select(tl.zeros((1,), dtype=tl.int32) + kk, H0, H1, H2, H3, H4, H5, H6, H7, NS), axis=0)
+    if PER_VIEW:  # view k's own step and zero point
+        scale_ptr += (kk - 1).to(tl.int64) * N * N_GROUPS
+        zero_ptr += (kk - 1).to(tl.int64) * N * N_GROUPS
     # x' = x 2^(149 - S - pos): the exponent bits of 2^(149 - S - pos) for each code position (XE = 276 - S)
     jpos = tl.arange(0, PER)
     xsc = ((XE - (jpos % HALF) * B) << 23).to(tl.float32, bitcast=True)
@@ -2308,6 +2337,27 @@ def _host_k_range(k_t: torch.Tensor) -> tuple[int, int] | None:
     return int(k_t.min()), int(k_t.max())
 
 
+def _per_view(scale: torch.Tensor, zero: torch.Tensor, num_slices: int) -> bool:
+    """Whether ``scale`` / ``zero`` hold a pair per view (``[num_slices, out, groups]``) rather than one shared pair
+    (``[out, groups]``); any other shape is an error."""
+    if scale.dim() == 2 and zero.dim() == 2 and zero.shape == scale.shape:
+        return False
+    if scale.dim() == 3 and zero.shape == scale.shape and scale.shape[0] == num_slices:
+        return True
+    raise ValueError(
+        f"scale/zero must be [out, groups] or [{num_slices}, out, groups] (one pair per view, one view per slice), "
+        f"both of one shape; got {tuple(scale.shape)} and {tuple(zero.shape)}"
+    )
+
+
+def _view_pair(scale: torch.Tensor, zero: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``[out, groups]`` pair view ``k`` reads: the shared one, or view ``k``'s own (host slicing, for a ``k``
+    known at launch)."""
+    if scale.dim() == 3:
+        return scale[k - 1], zero[k - 1]
+    return scale, zero
+
+
 def _check_k(k, num_slices: int):
     if isinstance(k, int):
         if not 1 <= k <= num_slices:
@@ -2341,11 +2391,20 @@ def bitplane_linear_small(
     out: torch.Tensor | None = None,
     config: SmallConfig | None = None,
 ) -> torch.Tensor:
-    """``x2`` ``[M <= 16, in]`` -> ``[M, out]``: every plane read once per tile, up to the largest ``k``."""
+    """``x2`` ``[M <= 16, in]`` -> ``[M, out]``: every plane read once per tile, up to the largest ``k``.
+
+    ``scale`` / ``zero``: one pair ``[out, groups]`` or a pair per view ``[len(slice_bits), out, groups]`` (an int
+    ``k`` reads view ``k``'s, sliced here; a per-token ``k`` makes every token read its own view's in the kernel)."""
     cfg = config or SmallConfig()
     M, K_IN = x2.shape
-    N = scale.shape[0]
+    N = scale.shape[-2]
     NS = len(slice_bits)
+    per_view = _per_view(scale, zero, NS)
+    scale, zero = scale.contiguous(), zero.contiguous()
+    if per_view and isinstance(k, int):
+        _check_k(k, NS)
+        scale, zero = _view_pair(scale, zero, k)
+        per_view = False
     if M > 16:
         raise ValueError(f"the small-batch kernels take at most 16 tokens, got {M}")
     use_dot = cfg.use_dot if cfg.use_dot is not None else M > 1
@@ -2376,6 +2435,9 @@ def bitplane_linear_small(
             if lo < 1 or hi > NS:
                 raise ValueError(f"per-token k must be in [1, {NS}], got [{lo}, {hi}]")
             kmax_c = hi
+            if per_view and lo == hi:  # one view for every token, known here: its own pair
+                scale, zero = _view_pair(scale, zero, lo)
+                per_view = False
     device_k = per_token and rng is None
     fields = not use_dot and _want_fields(cfg, slice_bits, kmax_c, device_k)
     branch_k = fields and per_token and kmax_c == 4
@@ -2432,7 +2494,7 @@ def bitplane_linear_small(
             M,
             N,
             K_IN,
-            scale.shape[1],
+            scale.shape[-1],
             k_u,
             x2.stride(0),
             out.stride(0),
@@ -2441,6 +2503,7 @@ def bitplane_linear_small(
             DT=dt,
             COMBINED=combined,
             MAGIC=magic,
+            PER_VIEW=per_view,
             **common,
             **bits_kw,
         )
@@ -2456,13 +2519,14 @@ def bitplane_linear_small(
             2.0 ** (_FIELD_S - (kmax_c - 1) * b),
             N,
             K_IN,
-            scale.shape[1],
+            scale.shape[-1],
             k_u,
             cps,
             GPC=gpc,
             B=b,
             XE=276 - _FIELD_S,
             BRANCH_K=branch_k,
+            PER_VIEW=per_view,
             **common,
         )
     else:
@@ -2471,10 +2535,11 @@ def bitplane_linear_small(
             *H,
             N,
             K_IN,
-            scale.shape[1],
+            scale.shape[-1],
             k_u,
             cps,
             GPC=gpc,
+            PER_VIEW=per_view,
             **common,
             **bits_kw,
         )
@@ -2960,14 +3025,18 @@ def bitplane_linear(
     when the layout allows; on CUDA from ``DEQUANT_MIN_TOKENS`` tokens 'dequant'; else tiles), 'bits' (one token
     from one-bit plane buffers: ``packed``, else built from ``planes`` and cached, :func:`bitplanes_for`),
     'small', 'tile' (fused dequantize-tile-then-dot) or 'dequant' (dequantize W_k, then cuBLAS). ``out``, if
-    given, is a ``[tokens, out_features]`` buffer to write (contiguous rows)."""
+    given, is a ``[tokens, out_features]`` buffer to write (contiguous rows).
+
+    ``scale`` / ``zero``: fp16 ``[out, groups]`` (one pair for every view) or ``[len(slice_bits), out, groups]``
+    (a pair per view: view ``k`` reads ``scale[k - 1]``, ``zero[k - 1]``), every path, every kind of ``k``."""
     slice_bits = tuple(int(b) for b in slice_bits)
     if not 1 <= len(slice_bits) <= MAX_SLICES or len(planes) != len(slice_bits):
         raise ValueError(f"need one plane per slice (1..{MAX_SLICES}), got {len(planes)} for {slice_bits}")
     if x.dtype not in _DT_CODES:
         raise TypeError(f"activations must be fp16, bf16 or fp32, got {x.dtype}")
+    _per_view(scale, zero, len(slice_bits))  # shapes checked here, for every path
     K_IN = x.shape[-1]
-    N = scale.shape[0]
+    N = scale.shape[-2]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K_IN)
     if x2.stride(-1) != 1:
