@@ -2803,6 +2803,7 @@ def bitplane_linear_bits(
 
 def _tile_launch(x2, out, planes, scale, zero, slice_bits, group_size, ksel, bias, perm, seg, M_grid, cfg):
     M, K_IN = x2.shape
+    scale, zero = _view_pair(scale, zero, ksel)  # one view per launch: its own pair where there is one per view
     N = scale.shape[0]
     bk = cfg.block_k
     shifts = _shifts(slice_bits)
@@ -2874,10 +2875,11 @@ def bitplane_linear_dequant(
 ) -> torch.Tensor:
     """Prefill: ``W_k`` by one Triton pass over its planes into a scratch buffer, then ``torch.matmul``
     (cuBLAS on CUDA), once per ``k`` present. A per-token ``k`` tensor costs one host synchronisation
-    (the token count of each ``k``)."""
+    (the token count of each ``k``). ``scale`` / ``zero``: one pair or a pair per view (:func:`dequantize`)."""
     M, K_IN = x2.shape
-    N = scale.shape[0]
+    N = scale.shape[-2]
     NS = len(slice_bits)
+    _per_view(scale, zero, NS)
     if out is None:
         out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
     if M == 0:
@@ -2926,10 +2928,13 @@ def bitplane_linear_tiled(
     out: torch.Tensor | None = None,
     config: TileConfig | None = None,
 ) -> torch.Tensor:
-    """Dequantize-tile-then-``tl.dot``; per-token ``k`` by sorting tokens and one launch per ``k``."""
+    """Dequantize-tile-then-``tl.dot``; per-token ``k`` by sorting tokens and one launch per ``k``. ``scale`` /
+    ``zero``: one pair ``[out, groups]`` or a pair per view ``[len(slice_bits), out, groups]`` (each launch reads
+    its view's)."""
     M, K_IN = x2.shape
-    N = scale.shape[0]
+    N = scale.shape[-2]
     NS = len(slice_bits)
+    _per_view(scale, zero, NS)
     cfg = config or default_tile_config(M)
     if out is None:
         out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
@@ -2974,8 +2979,13 @@ def dequantize(
     block_n: int = 32,
     block_k: int = 128,
 ) -> torch.Tensor:
-    """``W_k`` ``[out, in]`` by one Triton pass over the first ``k`` planes."""
+    """``W_k`` ``[out, in]`` by one Triton pass over the first ``k`` planes. ``scale`` / ``zero``: one pair
+    ``[out, groups]`` or a pair per view ``[len(slice_bits), out, groups]`` (view ``k`` reads ``scale[k - 1]``,
+    ``zero[k - 1]``)."""
     _check_k(k, len(slice_bits))
+    if _per_view(scale, zero, len(slice_bits)):
+        scale, zero = _view_pair(scale, zero, k)
+    scale, zero = scale.contiguous(), zero.contiguous()
     N = scale.shape[0]
     sh = _shifts(slice_bits)[k - 1]
     if out is None:
