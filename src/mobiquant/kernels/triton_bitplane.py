@@ -1886,14 +1886,21 @@ def _bp_gemv_bits_kernel(
     XE: tl.constexpr,
     ASM: tl.constexpr,
     PREFETCH: tl.constexpr,
+    PER_VIEW: tl.constexpr,
 ):
     """One token from one-bit planes (see above). ``KSEL`` > 0: the view ``k = KSEL`` (known on the host); 0: ``k``
     read on the device, one body per view ``v`` (``P_v`` planes, multiplier ``M_v``, zero-point term ``H_v``)
-    compiled together, the token's own executed."""
+    compiled together, the token's own executed. ``PER_VIEW`` (with ``KSEL`` 0): ``sz`` holds a set of step and
+    zero point words per view (``[NS, 2, groups, NPAD / 2]``, contiguous) and view ``v`` reads set ``v - 1``; with
+    ``KSEL`` > 0 the host passes the view's own set."""
     if KSEL == 0:
         kk = tl.load(k_ptr).to(tl.int32)
         for v in tl.static_range(1, NS + 1):
             if kk == v:
+                if PER_VIEW:
+                    sz_v = sz_ptr + (v - 1) * 2 * SZSTRIDE
+                else:
+                    sz_v = sz_ptr
                 _bits_stream(
                     x_ptr,
                     out_ptr,
@@ -1901,7 +1908,7 @@ def _bp_gemv_bits_kernel(
                     lock_ptr,
                     bias_ptr,
                     w_ptr,
-                    sz_ptr,
+                    sz_v,
                     PSTRIDE,
                     SZSTRIDE,
                     NPAD2,
@@ -2556,7 +2563,8 @@ class BitPlanes:
     significant first), word column ``w``, row pair ``i``: bit ``b`` of the word is column ``16 w + b`` of row
     ``2 i`` (``b < 16``) or column ``16 w + b - 16`` of row ``2 i + 1``. ``KW`` covers whole groups and ``NPAD``
     rounds the rows up to a multiple of 128; the padding holds zeros. ``sz`` int32 ``[2, groups, NPAD / 2]``: the
-    fp16 step (low half) and zero point (high half) of row ``2 i`` (``sz[0]``) and ``2 i + 1`` (``sz[1]``)."""
+    fp16 step (low half) and zero point (high half) of row ``2 i`` (``sz[0]``) and ``2 i + 1`` (``sz[1]``); with a
+    pair per view, ``[len(slice_bits), 2, groups, NPAD / 2]``, one such set per view (``sz[k - 1]`` for view ``k``)."""
 
     words: torch.Tensor
     sz: torch.Tensor
@@ -2564,6 +2572,11 @@ class BitPlanes:
     group_size: int
     in_features: int
     out_features: int
+
+    @property
+    def per_view(self) -> bool:
+        """Whether ``sz`` holds a step and zero point set per view (built from ``[K, out, groups]`` pairs)."""
+        return self.sz.dim() == 4
 
     @property
     def planes_of_view(self) -> list[int]:
@@ -2613,16 +2626,19 @@ def pack_bitplanes(
     row_block: int = 4096,
 ) -> BitPlanes:
     """The one-bit plane buffers (:class:`BitPlanes`) of a layer stored as int32 planes of ``slice_bits``
-    (``32 // b`` codes per word) with fp16 ``scale`` / ``zero`` ``[out, groups]``: the same bytes as the planes
-    (less the unused top bits of 3-, 5-, 6- and 7-bit words), on the planes' device; ``row_block`` rows at a time."""
+    (``32 // b`` codes per word) with fp16 ``scale`` / ``zero`` ``[out, groups]`` (or a pair per view,
+    ``[len(slice_bits), out, groups]``: one set of step and zero point words per view): the same bytes as the
+    planes (less the unused top bits of 3-, 5-, 6- and 7-bit words), on the planes' device; ``row_block`` rows at a
+    time."""
     slice_bits = tuple(int(b) for b in slice_bits)
     if not bits_supported(slice_bits, group_size):
         raise ValueError(
             f"one-bit planes need at most {BITS_MAX_PLANES} bits in all and groups of whole 16-column words, "
             f"got {list(slice_bits)} / group {group_size}"
         )
+    per_view = _per_view(scale, zero, len(slice_bits))
     dev = planes[0].device
-    N, K = scale.shape[0], in_features
+    N, K = scale.shape[-2], in_features
     ng = -(-K // group_size)
     kw = ng * group_size // 16
     npad = -(-N // _BITS_ROW_PAD) * _BITS_ROW_PAD
@@ -2643,12 +2659,13 @@ def pack_bitplanes(
                 w = torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
                 words[t, :, r0 // 2 : r0 // 2 + rr // 2] = w.t()
                 t += 1
-    lo = scale.to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
-    hi = zero.to(torch.float16).view(torch.int16).to(torch.int32) << 16
-    szr = torch.zeros(npad, ng, dtype=torch.int32, device=dev)
-    szr[:N] = lo | hi
-    sz = szr.reshape(npad // 2, 2, ng).permute(1, 2, 0).contiguous()
-    return BitPlanes(words, sz, slice_bits, group_size, K, N)
+    lo = scale.to(device=dev, dtype=torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
+    hi = zero.to(device=dev, dtype=torch.float16).view(torch.int16).to(torch.int32) << 16
+    nv = len(slice_bits) if per_view else 1
+    szr = torch.zeros(nv, npad, ng, dtype=torch.int32, device=dev)
+    szr[:, :N] = (lo | hi).reshape(nv, N, ng)
+    sz = szr.reshape(nv, npad // 2, 2, ng).permute(0, 2, 3, 1).contiguous()
+    return BitPlanes(words, sz if per_view else sz[0], slice_bits, group_size, K, N)
 
 
 _BITS_CACHE: dict[tuple, tuple[tuple, BitPlanes]] = {}
@@ -2705,7 +2722,8 @@ def bitplane_linear_bits(
 ) -> torch.Tensor:
     """One token ``x2 [1, in]`` -> ``[1, out]`` from one-bit plane buffers: ``_bp_gemv_bits_kernel`` on a
     stream-K grid (``config.waves`` programs per SM, or ``config.split_k`` programs per row block); ``k`` an int
-    or a one-element tensor (on the device: read there, one compiled body per view)."""
+    or a one-element tensor (on the device: read there, one compiled body per view). Buffers of a pair per view
+    (``bp.per_view``): the view's own step and zero point words (picked here, or by ``k`` in the kernel)."""
     cfg = config or SmallConfig(bitplanes=True)
     M, K_IN = x2.shape
     if M != 1:
@@ -2764,6 +2782,9 @@ def bitplane_linear_bits(
     pk = {f"P{i + 1}": p for i, p in enumerate(pv + [1] * (MAX_SLICES - NS))}
     # the cap, except with prefetch (twice the words in registers: capped, 8 planes spill in the loop)
     maxnreg = cfg.maxnreg or (None if cfg.prefetch else BITS_MAXNREG)
+    # a set of step and zero point words per view: the view's own when k is known here, else all (read on the device)
+    per_view = bp.per_view and ksel == 0
+    sz = bp.sz[ksel - 1] if bp.per_view and ksel > 0 else bp.sz
     _bp_gemv_bits_kernel[(progs,)](
         x2,
         out,
@@ -2772,9 +2793,9 @@ def bitplane_linear_bits(
         bias if bias is not None else out,
         k_t,
         bp.words,
-        bp.sz,
+        sz,
         bp.words.stride(0),
-        bp.sz.stride(0),
+        sz.stride(-3),
         npad2,
         N,
         K_IN,
@@ -2793,6 +2814,7 @@ def bitplane_linear_bits(
         XE=149 - _FIELD_S,
         ASM=not _interpreting(),
         PREFETCH=bool(cfg.prefetch),
+        PER_VIEW=per_view,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **pk,
@@ -3075,7 +3097,12 @@ def bitplane_linear(
     if path == "bits":
         if packed is None:
             packed = bitplanes_for(planes, scale, zero, slice_bits, group_size, K_IN)
-        elif packed.slice_bits != slice_bits or packed.group_size != group_size or packed.out_features != N:
+        elif (
+            packed.slice_bits != slice_bits
+            or packed.group_size != group_size
+            or packed.out_features != N
+            or packed.per_view != (scale.dim() == 3)
+        ):
             raise ValueError("packed bit planes of another layout or layer")
         y = bitplane_linear_bits(x2, packed, k, bias, out, small_config)
     elif path == "small":
