@@ -7,6 +7,16 @@ with ``per_e = 32 // b_e`` codes per word, the first code in the least significa
 which telescopes into per-plane residuals ``W_k = sum_(e<=k) D_e`` with
 ``D_1 = s (q_1 - z)`` and ``D_e = s 2^-B_e (q_e - (2^b_e - 1) / 2)``.
 
+A pair per view: ``scale`` and ``zero`` may instead be ``[K, out, n_groups]`` (``K = len(slice_bits)``), and view
+``k`` reads ``s = scale[k - 1]``, ``z = zero[k - 1]`` in the same formula, i.e. per group
+``W_k = s_k (sum_(e<=k) 2^-B_e (q_e - c_e) - z_k)`` with the per-plane constants ``c_e`` above: the per-plane
+accumulations stay shared, and only the step and zero point applied to a token's sum are those of its own ``k``.
+Where ``k`` is known on the host at launch (an int, the tile and dequantize launches, a per-token ``k`` held on the
+host that is the same for every token) the host passes view ``k``'s ``[out, n_groups]`` pair, so those launches
+compile to the kernels of a shared pair; where it is read on the device (a per-token ``k`` of several tokens, one
+token's ``k`` in a device tensor as in a captured CUDA graph) a ``PER_VIEW`` body offsets or gathers the pair by
+``k`` (the one-bit plane buffers hold one set of step and zero point words per view).
+
 Paths (``bitplane_linear(..., path=)``):
 
 * ``bits``, one token, any layout of at most 8 bits in all (the default 3-1-1-1-1-1 included), opt-in with
