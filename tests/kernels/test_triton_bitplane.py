@@ -47,9 +47,9 @@ def make_layer(n_out, n_in, slice_bits, group, gen, device=DEVICE):
 def check(x, planes, scale, zero, bits, group, k, bias=None, **kw):
     """Run the Triton entry into a NaN-poisoned buffer; compare with a float64 reference."""
     m = x.reshape(-1, x.shape[-1]).shape[0]
-    out = torch.full((m, scale.shape[0]), float("nan"), dtype=x.dtype, device=x.device)
+    out = torch.full((m, scale.shape[-2]), float("nan"), dtype=x.dtype, device=x.device)
     y = tb.bitplane_linear(x, planes, scale, zero, bits, group, k, bias=bias, out=out, **kw)
-    assert y.shape == (*x.shape[:-1], scale.shape[0])
+    assert y.shape == (*x.shape[:-1], scale.shape[-2])
     assert not torch.isnan(out).any(), "some output elements were never written"
     assert torch.isfinite(y).all()
     ref = torch_reference(x, planes, scale, zero, bits, group, k, bias=bias, compute_dtype=torch.float64)
@@ -598,6 +598,231 @@ def test_package_imports_without_triton():
     assert r.stdout.strip().endswith("ok")
 
 
+# ------------------------------------------------------------------------------------ a pair per view
+def per_view_pair(scale, zero, num_slices, gen):
+    """``[K, out, groups]`` steps and zero points, distinct per view: random positive steps around the shared
+    ones and random fractional zero points (not on the 1/8 grid), view 1 the shared pair itself."""
+    k_s = torch.rand(num_slices - 1, *scale.shape, generator=gen) * 1.5 + 0.25
+    k_z = torch.rand(num_slices - 1, *zero.shape, generator=gen) * 2 - 1
+    s = torch.cat([scale.cpu().float()[None], scale.cpu().float()[None] * k_s]).half().to(scale.device)
+    z = torch.cat([zero.cpu().float()[None], zero.cpu().float()[None] + k_z]).half().to(zero.device)
+    return s, z
+
+
+def make_views(n_out, n_in, bits, group, gen):
+    planes, scale, zero = make_layer(n_out, n_in, bits, group, gen)
+    return (planes, *per_view_pair(scale, zero, len(bits), gen))
+
+
+def test_per_view_reference_uses_each_views_pair(gen):
+    """The reference the tests compare with: view k with pairs [K, out, groups] is view k of pair k - 1."""
+    bits, group = (2, 2, 2, 2), 64
+    planes, scale, zero = make_views(8, 128, bits, group, gen)
+    assert not torch.equal(scale[0], scale[1]) and not torch.equal(zero[2], zero[3])
+    for k in range(1, 5):
+        w = dequantize_reference(planes, scale, zero, bits, group, k, 128)
+        torch.testing.assert_close(w, dequantize_reference(planes, scale[k - 1], zero[k - 1], bits, group, k, 128))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize(
+    "path,m,cfg",
+    [
+        ("small", 1, None),  # field kernel up to k = 3, concatenated-code kernel at k = 4
+        ("small", 1, CONCAT),
+        ("small", 5, None),  # tensor cores, one k: one dot on the concatenated code
+        ("small", 5, tb.SmallConfig(combine=False)),  # tensor cores, a dot per plane
+        ("bits", 1, None),
+        ("tile", 3, None),
+        ("dequant", 4, None),
+    ],
+    ids=str,
+)
+def test_per_view_every_k(path, m, cfg, dtype, gen):
+    """A pair per view, every static k, every path: ragged last group, partial last word, rows not a multiple of
+    the block, a bias."""
+    bits, group = (2, 2, 2, 2), 64
+    planes, scale, zero = make_views(48, 200, bits, group, gen)
+    bias = torch.randn(48, generator=gen).to(DEVICE)
+    x = randx(m, 200, dtype, gen)
+    for k in range(1, len(bits) + 1):
+        check(x, planes, scale, zero, bits, group, k, bias=bias, path=path, small_config=cfg)
+
+
+@pytest.mark.parametrize(
+    "path,m,cfg",
+    [
+        ("small", 2, None),
+        ("small", 16, None),
+        ("small", 7, tb.SmallConfig(block_n=16, block_k=32, split_k=3)),
+        ("small", 9, tb.SmallConfig(block_n=32, split_k=1, magic=False)),
+        ("small", 1, None),  # one token's k in a host tensor: read as an int
+        ("tile", 21, None),
+        ("dequant", 10, None),
+    ],
+    ids=str,
+)
+def test_per_view_mixed_k(path, m, cfg, gen):
+    """Per-token k with a pair per view: every token's sum takes its own view's step and zero point (a gather by
+    k in the small-batch kernel; a launch per view in the others); also every token at one k."""
+    bits, group = (2, 2, 2, 2), 64
+    planes, scale, zero = make_views(40, 200, bits, group, gen)
+    bias = torch.randn(40, generator=gen).to(DEVICE)
+    for dtype in (torch.float16, torch.float32):
+        x = randx(m, 200, dtype, gen)
+        k = torch.randint(1, 5, (m,), generator=gen)
+        if m >= 4:
+            k[:4] = torch.tensor([4, 1, 3, 2])[torch.randperm(4, generator=gen)]  # every k present
+        check(x, planes, scale, zero, bits, group, k.to(DEVICE), bias=bias, path=path, small_config=cfg)
+        k_same = torch.full((m,), int(k[0]), dtype=torch.long, device=DEVICE)
+        check(x, planes, scale, zero, bits, group, k_same, path=path, small_config=cfg)
+
+
+@pytest.mark.parametrize(
+    "bits,group,n_out,n_in",
+    [
+        ((3, 1, 1, 1, 1, 1), 64, 33, 200),  # the default layout: one-bit planes for one token, tiles otherwise
+        ((2, 2, 2, 2), 32, 24, 130),
+        ((4, 2, 2), 64, 24, 130),
+        ((2, 2, 2, 2), 100, 24, 230),  # group size with no power-of-two chunk: tile path, scale per column
+    ],
+    ids=str,
+)
+def test_per_view_layouts(bits, group, n_out, n_in, gen):
+    """The 'auto' dispatch with a pair per view on other layouts, one token and a few, static and per-token k."""
+    planes, scale, zero = make_views(n_out, n_in, bits, group, gen)
+    for m in (1, 3):
+        x = randx(m, n_in, torch.float16, gen)
+        for k in range(1, len(bits) + 1):
+            check(x, planes, scale, zero, bits, group, k)
+        kt = torch.randint(1, len(bits) + 1, (m,), generator=gen).to(DEVICE)
+        check(x, planes, scale, zero, bits, group, kt)
+
+
+def test_per_view_device_k(gen, monkeypatch):
+    """k read on the device (as in a captured CUDA graph) with a pair per view: one token in the field kernel, the
+    concatenated-code kernel and the one-bit plane kernel (each reads its view's pair by k), and tokens of mixed k
+    in the small-batch kernel; planes past k hold garbage that must not leak."""
+    monkeypatch.setattr(tb, "_host_k_range", lambda k_t: None)
+    bits, group = (2, 2, 2, 2), 64
+    planes, scale, zero = make_views(40, 320, bits, group, gen)
+    x = randx(1, 320, torch.float16, gen)
+    for kk in range(1, 5):
+        bad = planes[:kk] + [torch.full_like(p, -1) for p in planes[kk:]]
+        ref = torch_reference(x, planes, scale, zero, bits, group, kk, compute_dtype=torch.float64)
+        packed = tb.pack_bitplanes(bad, scale, zero, bits, group, 320)
+        for cfg in (FIELDS, CONCAT, tb.SmallConfig(), BITS):
+            out = torch.full((1, 40), float("nan"), dtype=x.dtype, device=DEVICE)
+            k = torch.tensor([kk], device=DEVICE)  # the entries themselves (bitplane_linear reads a host k as an int)
+            if cfg is BITS:
+                y = tb.bitplane_linear_bits(x, packed, k, out=out, config=cfg)
+            else:
+                y = tb.bitplane_linear_small(x, bad, scale, zero, bits, group, k, out=out, config=cfg)
+            assert not torch.isnan(out).any()
+            err = ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+            assert err < TOL[torch.float16], (kk, cfg, err)
+    xm = randx(6, 320, torch.float16, gen)
+    km = torch.tensor([2, 4, 1, 3, 4, 1], device=DEVICE)
+    check(xm, planes, scale, zero, bits, group, km, path="small")
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        BITS,
+        tb.SmallConfig(bitplanes=True, block_n=32, block_k=16, split_k=5),  # groups split unevenly
+        tb.SmallConfig(bitplanes=True, block_n=16, block_k=16, waves=3),  # segments across row blocks
+        tb.SmallConfig(bitplanes=True, block_n=32, block_k=64, waves=1, prefetch=True),  # next group preloaded
+    ],
+    ids=str,
+)
+def test_per_view_bits_kernel(cfg, gen, monkeypatch):
+    """The one-bit plane kernel on the default layout 3-1-1-1-1-1 with a pair per view: every view with k on the
+    host (the view's own set of step and zero point words) and on the device (the set picked by k in the kernel),
+    ragged K, odd rows, a bias."""
+    bits, group, n_out, n_in = DEFAULT_LAYOUT, 64, 70, 200
+    planes, scale, zero = make_views(n_out, n_in, bits, group, gen)
+    packed = tb.pack_bitplanes(planes, scale, zero, bits, group, n_in)
+    assert packed.per_view and packed.sz.shape == (6, 2, 4, 64)
+    bias = torch.randn(n_out, generator=gen).to(DEVICE)
+    x = randx(1, n_in, torch.float16, gen)
+    ks = range(1, len(bits) + 1) if cfg is BITS else (1, 4, 6)
+    for k in ks:
+        check(x, planes, scale, zero, bits, group, k, bias=bias, small_config=cfg, packed=packed)
+    monkeypatch.setattr(tb, "_host_k_range", lambda k_t: None)
+    for k in ks:  # the entry itself (bitplane_linear reads a host k as an int)
+        kd = torch.tensor([k], device=DEVICE)
+        out = torch.full((1, n_out), float("nan"), dtype=x.dtype, device=DEVICE)
+        y = tb.bitplane_linear_bits(x, packed, kd, bias=bias, out=out, config=cfg)
+        assert not torch.isnan(out).any()
+        ref = torch_reference(x, planes, scale, zero, bits, group, k, bias=bias, compute_dtype=torch.float64)
+        err = ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+        assert err < TOL[torch.float16], (k, err)
+
+
+def test_per_view_pack_bitplanes(gen):
+    """One set of step and zero point words per view, each the set a shared pair of that view's values packs to;
+    the planes' words are those of a shared pair."""
+    bits, group, n_in = DEFAULT_LAYOUT, 32, 40
+    planes, scale, zero = make_views(5, n_in, bits, group, gen)
+    bp = tb.pack_bitplanes(planes, scale, zero, bits, group, n_in)
+    assert bp.sz.shape == (6, 2, 2, 64) and bp.sz.is_contiguous()
+    for v in range(6):
+        one = tb.pack_bitplanes(planes, scale[v], zero[v], bits, group, n_in)
+        assert not one.per_view
+        assert torch.equal(bp.sz[v], one.sz) and torch.equal(bp.words, one.words)
+
+
+def test_per_view_dequantize_kernel(gen):
+    bits, group = (2, 2, 2, 2), 64
+    planes, scale, zero = make_views(40, 200, bits, group, gen)
+    for k in range(1, 5):
+        w = tb.dequantize(planes, scale, zero, bits, group, k, 200, dtype=torch.float32)
+        ref = dequantize_reference(planes, scale, zero, bits, group, k, 200)
+        torch.testing.assert_close(w, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_per_view_package_dispatch(gen):
+    """``mobiquant.kernels.bitplane_linear`` takes a pair per view on both backends."""
+    bits, group = DEFAULT_LAYOUT, 64
+    planes, scale, zero = make_views(16, 128, bits, group, gen)
+    x = randx(3, 128, torch.float32, gen)
+    k = torch.tensor([1, 6, 3], device=DEVICE)
+    y_t = bitplane_linear(x, planes, scale, zero, bits, group, k, backend="triton")
+    y_r = bitplane_linear(x, planes, scale, zero, bits, group, k, backend="torch")
+    torch.testing.assert_close(y_t, y_r, rtol=1e-5, atol=1e-5)
+    y1 = bitplane_linear(x[:1], planes, scale, zero, bits, group, 4, backend="triton")
+    torch.testing.assert_close(y1, bitplane_linear(x[:1], planes, scale, zero, bits, group, 4, backend="torch"))
+
+
+def test_per_view_errors(gen):
+    """Pairs per view must be [len(slice_bits), out, groups], the zero point of the step's shape; packed buffers of
+    a shared pair do not serve pairs per view (nor the other way round)."""
+    bits, group = (2, 2, 2, 2), 64
+    planes, scale, zero = make_views(16, 128, bits, group, gen)
+    x = randx(2, 128, torch.float32, gen)
+    for s, z in (
+        (scale[:3], zero[:3]),  # a pair for 3 of 4 views
+        (scale, zero[0]),  # a step per view, one zero point
+        (scale[0], zero),
+        (scale[None], zero[None]),
+        (scale, zero[:, :, :1]),
+    ):
+        for path in ("auto", "small", "tile", "dequant", "bits"):
+            with pytest.raises(ValueError, match="one pair per view"):
+                tb.bitplane_linear(x[:1], planes, s, z, bits, group, 1, path=path, small_config=BITS)
+        with pytest.raises(ValueError, match="one pair per view"):
+            tb.pack_bitplanes(planes, s, z, bits, group, 128)
+    with pytest.raises(ValueError, match="one pair per view"):
+        tb.dequantize(planes, scale[:2], zero[:2], bits, group, 1, 128)
+    shared = tb.pack_bitplanes(planes, scale[0], zero[0], bits, group, 128)
+    with pytest.raises(ValueError, match="another layout"):
+        tb.bitplane_linear(x[:1], planes, scale, zero, bits, group, 1, path="bits", packed=shared)
+    views = tb.pack_bitplanes(planes, scale, zero, bits, group, 128)
+    with pytest.raises(ValueError, match="another layout"):
+        tb.bitplane_linear(x[:1], planes, scale[0], zero[0], bits, group, 1, path="bits", packed=views)
+
+
 # ------------------------------------------------------------------------------------------ GPU only
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device (and TRITON_INTERPRET unset)")
@@ -697,6 +922,47 @@ def test_gpu_bits_kernel_graph_capture(gen):
         yg = f()
     for kk in (1, 6, 3, 2, 5, 4):
         x.copy_(randx(1, 4096, torch.float16, gen))
+        k.fill_(kk)
+        g.replay()
+        torch.cuda.synchronize()
+        ref = torch_reference(x, planes, scale, zero, bits, group, kk, compute_dtype=torch.float64)
+        err = ((yg.double() - ref.double()).norm() / ref.double().norm()).item()
+        assert err < TOL[torch.float16], (kk, err)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("bits", [DEFAULT_LAYOUT, (2, 2, 2, 2)], ids=str)
+def test_gpu_per_view(bits, gen):
+    """A pair per view at a LLaMA-like shape: every view with k on the host and on the device for one token (one
+    captured graph of the default dispatch serves every view), and mixed per-token k for 4 and 16 tokens."""
+    group, n_out, n_in = 128, 1024, 4096
+    planes, scale, zero = make_views(n_out, n_in, bits, group, gen)
+    packed = tb.pack_bitplanes(planes, scale, zero, bits, group, n_in)
+    x = randx(1, n_in, torch.float16, gen)
+    for k in range(1, len(bits) + 1):
+        check(x, planes, scale, zero, bits, group, k)
+        check(x, planes, scale, zero, bits, group, torch.tensor([k], device=DEVICE))
+        check(x, planes, scale, zero, bits, group, torch.tensor([k], device=DEVICE), small_config=BITS, packed=packed)
+    for m in (4, 16):
+        xm = randx(m, n_in, torch.float16, gen)
+        check(xm, planes, scale, zero, bits, group, torch.randint(1, len(bits) + 1, (m,), generator=gen).to(DEVICE))
+    k = torch.tensor([1], device=DEVICE)
+
+    def f():
+        return tb.bitplane_linear(x, planes, scale, zero, bits, group, k)
+
+    f()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        f()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        yg = f()
+    for kk in reversed(range(1, len(bits) + 1)):
+        x.copy_(randx(1, n_in, torch.float16, gen))
         k.fill_(kk)
         g.replay()
         torch.cuda.synchronize()

@@ -217,6 +217,8 @@ def bitplane_linear(
 ) -> torch.Tensor:
     """``x W_k^T + bias`` from the first ``k`` bit-planes.
 
+    ``scale`` / ``zero``: ``[out, n_groups]`` (one pair for every view) or ``[len(slice_bits), out, n_groups]`` (a
+    pair per view, :func:`dequantize_reference`), on either backend and every Triton path, for any kind of ``k``.
     ``backend``: see :func:`use_triton`. ``weight``, optional: ``k -> W_k`` (dense ``[out, in]``, e.g. a
     cached view) for the PyTorch path, which otherwise dequantizes the planes on every call
     (:func:`torch_reference`). Extra keyword arguments go to the Triton entry (``out``, ``small_config``,

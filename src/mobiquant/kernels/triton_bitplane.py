@@ -7,6 +7,16 @@ with ``per_e = 32 // b_e`` codes per word, the first code in the least significa
 which telescopes into per-plane residuals ``W_k = sum_(e<=k) D_e`` with
 ``D_1 = s (q_1 - z)`` and ``D_e = s 2^-B_e (q_e - (2^b_e - 1) / 2)``.
 
+A pair per view: ``scale`` and ``zero`` may instead be ``[K, out, n_groups]`` (``K = len(slice_bits)``), and view
+``k`` reads ``s = scale[k - 1]``, ``z = zero[k - 1]`` in the same formula, i.e. per group
+``W_k = s_k (sum_(e<=k) 2^-B_e (q_e - c_e) - z_k)`` with the per-plane constants ``c_e`` above: the per-plane
+accumulations stay shared, and only the step and zero point applied to a token's sum are those of its own ``k``.
+Where ``k`` is known on the host at launch (an int, the tile and dequantize launches, a per-token ``k`` held on the
+host that is the same for every token) the host passes view ``k``'s ``[out, n_groups]`` pair, so those launches
+compile to the kernels of a shared pair; where it is read on the device (a per-token ``k`` of several tokens, one
+token's ``k`` in a device tensor as in a captured CUDA graph) a ``PER_VIEW`` body offsets or gathers the pair by
+``k`` (the one-bit plane buffers hold one set of step and zero point words per view).
+
 Paths (``bitplane_linear(..., path=)``):
 
 * ``bits``, one token, any layout of at most 8 bits in all (the default 3-1-1-1-1-1 included), opt-in with
@@ -509,12 +519,17 @@ def _bp_small_kernel(
     MAGIC: tl.constexpr,
     DT: tl.constexpr,
     COMBINED: tl.constexpr,
+    PER_VIEW: tl.constexpr,
 ):
     """2..16 tokens, tensor cores; ``BLOCK_K`` divides the group size (one scale per row per chunk).
 
     COMBINED (every token the same ``k``): one dot per chunk with the concatenated code as the exact
     float ``1 + C_k / 2^bits``. Otherwise one dot per plane with each token's activations gated by
-    ``k_token > e``, so that a plane is read once for all the tokens that need it."""
+    ``k_token > e``, so that a plane is read once for all the tokens that need it.
+
+    PER_VIEW: ``scale`` / ``zero`` are ``[NS, N, N_GROUPS]`` (a pair per view) and each token's sum takes the
+    pair of its own ``k`` (``[BLOCK_M, BLOCK_N]`` gathered per chunk); otherwise one ``[N, N_GROUPS]`` pair (the
+    host passes view ``k``'s own when every token reads the same ``k``)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -570,8 +585,16 @@ def _bp_small_kernel(
         if KMAX > 7:
             w7 = _load_words(p7, WS7, rows, row_mask & ((rows * 0 + kmax) > 7), col0, K_IN, B7, BLOCK_K, EVEN_K)
         g = col0 // GROUP
-        s = tl.load(scale_ptr + rows.to(tl.int64) * N_GROUPS + g, mask=row_mask, other=0.0).to(tl.float32)
-        z = tl.load(zero_ptr + rows.to(tl.int64) * N_GROUPS + g, mask=row_mask, other=0.0).to(tl.float32)
+        if PER_VIEW:
+            # each token's own view: [BLOCK_M, BLOCK_N] steps and zero points (padding tokens read none)
+            vofs = (tl.maximum(kvec - 1, 0).to(tl.int64) * N * N_GROUPS)[:, None]
+            sz_offs = vofs + (rows.to(tl.int64) * N_GROUPS + g)[None, :]
+            sz_mask = m_mask[:, None] & row_mask[None, :]
+            sv = tl.load(scale_ptr + sz_offs, mask=sz_mask, other=0.0).to(tl.float32)
+            zv = tl.load(zero_ptr + sz_offs, mask=sz_mask, other=0.0).to(tl.float32)
+        else:
+            s = tl.load(scale_ptr + rows.to(tl.int64) * N_GROUPS + g, mask=row_mask, other=0.0).to(tl.float32)
+            z = tl.load(zero_ptr + rows.to(tl.int64) * N_GROUPS + g, mask=row_mask, other=0.0).to(tl.float32)
         cols = col0 + tl.arange(0, BLOCK_K)
         xr = tl.load(
             x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
@@ -612,7 +635,10 @@ def _bp_small_kernel(
                 T = tl.dot(x, tl.trans(f), T, input_precision="ieee")
             else:
                 T = tl.dot(_cast(xr, DT), tl.trans(f), T)
-            acc += s[None, :] * (TWO_B0 * (T - xs[:, None]) - xs[:, None] * (z[None, :] + h[:, None]))
+            if PER_VIEW:
+                acc += sv * (TWO_B0 * (T - xs[:, None]) - xs[:, None] * (zv + h[:, None]))
+            else:
+                acc += s[None, :] * (TWO_B0 * (T - xs[:, None]) - xs[:, None] * (z[None, :] + h[:, None]))
         else:
             T = _small_proc(T, x, kvec, w0, A0, 0, B0, BLOCK_N, BLOCK_K, MAGIC, DT)
             if KMAX > 1:
@@ -629,7 +655,10 @@ def _bp_small_kernel(
                 T = _small_maybe(T, x, kvec, kmax, w6, A6, 6, B6, BLOCK_N, BLOCK_K, MAGIC, DT, PER_TOKEN)
             if KMAX > 7:
                 T = _small_maybe(T, x, kvec, kmax, w7, A7, 7, B7, BLOCK_N, BLOCK_K, MAGIC, DT, PER_TOKEN)
-            acc += s[None, :] * (T - (xs * pc)[:, None] - xs[:, None] * z[None, :])
+            if PER_VIEW:
+                acc += sv * (T - (xs * pc)[:, None] - xs[:, None] * zv)
+            else:
+                acc += s[None, :] * (T - (xs * pc)[:, None] - xs[:, None] * z[None, :])
     _splitk_store(
         acc,
         out_ptr,
@@ -722,12 +751,14 @@ def _bp_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GPC: tl.constexpr,
+    PER_VIEW: tl.constexpr,
 ):
     """One token on CUDA cores. Its ``k`` is one number, so the planes are concatenated into
     ``f = 1 + C_k / 2^bits`` (exact fp32, built by bit placement) and ``sum(x f)`` needs one multiply-add
     per weight whatever ``k``; per group ``y += s (2^b_1 (sum(x f) - sum(x)) - sum(x) (z + h_k))``.
 
-    A chunk of ``BLOCK_K`` columns holds ``GPC`` whole groups (``GPC > 1``) or lies inside one group."""
+    A chunk of ``BLOCK_K`` columns holds ``GPC`` whole groups (``GPC > 1``) or lies inside one group.
+    PER_VIEW: ``scale`` / ``zero`` are ``[NS, N, N_GROUPS]`` and the token reads view ``k``'s pair."""
     SUBG: tl.constexpr = BLOCK_K // GPC
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -739,6 +770,9 @@ def _bp_gemv_kernel(
         kk = tl.max(tl.zeros((1,), dtype=tl.int32) + k_uniform, axis=0)
     h = tl.sum(_select(tl.zeros((1,), dtype=tl.int32) + kk, H0, H1, H2, H3, H4, H5, H6, H7, NS), axis=0)
     TWO_B0: tl.constexpr = 1 << B0
+    if PER_VIEW:  # view k's own step and zero point
+        scale_ptr += (kk - 1).to(tl.int64) * N * N_GROUPS
+        zero_ptr += (kk - 1).to(tl.int64) * N * N_GROUPS
 
     acc = tl.zeros((BLOCK_N, GPC), dtype=tl.float32)
     n_chunks = tl.cdiv(K_IN, BLOCK_K)
@@ -1135,13 +1169,15 @@ def _bp_gemv_fields_kernel(
     BLOCK_K: tl.constexpr,
     GPC: tl.constexpr,
     BRANCH_K: tl.constexpr,
+    PER_VIEW: tl.constexpr,
 ):
     """One token, every slice ``B`` bits: ``sum(x W_k)`` from the code fields read in place (see above).
 
     Per group ``y += s (mult sum(x' f) - sum(x) (z + h_k))`` with ``f`` the subnormal field, ``x'`` the
     scaled activations and ``mult = 2^(S - (KMAX-1) B)``: planes past ``k`` are zero, so the field holds
     ``C_k 2^((KMAX-k) B)`` and ``mult`` is the same for every ``k``. Per code and plane one AND, per code
-    one FMA; the sum over a group is in-thread but for the few lanes that share a group."""
+    one FMA; the sum over a group is in-thread but for the few lanes that share a group. PER_VIEW: ``scale`` /
+    ``zero`` are ``[NS, N, N_GROUPS]`` and the token reads view ``k``'s pair."""
     PER: tl.constexpr = 32 // B
     HALF: tl.constexpr = PER // 2
     NW: tl.constexpr = BLOCK_K // PER
@@ -1154,6 +1190,9 @@ def _bp_gemv_fields_kernel(
     else:
         kk = tl.max(tl.zeros((1,), dtype=tl.int32) + k_uniform, axis=0)
     h = tl.sum(_select(tl.zeros((1,), dtype=tl.int32) + kk, H0, H1, H2, H3, H4, H5, H6, H7, NS), axis=0)
+    if PER_VIEW:  # view k's own step and zero point
+        scale_ptr += (kk - 1).to(tl.int64) * N * N_GROUPS
+        zero_ptr += (kk - 1).to(tl.int64) * N * N_GROUPS
     # x' = x 2^(149 - S - pos): the exponent bits of 2^(149 - S - pos) for each code position (XE = 276 - S)
     jpos = tl.arange(0, PER)
     xsc = ((XE - (jpos % HALF) * B) << 23).to(tl.float32, bitcast=True)
@@ -1857,14 +1896,21 @@ def _bp_gemv_bits_kernel(
     XE: tl.constexpr,
     ASM: tl.constexpr,
     PREFETCH: tl.constexpr,
+    PER_VIEW: tl.constexpr,
 ):
     """One token from one-bit planes (see above). ``KSEL`` > 0: the view ``k = KSEL`` (known on the host); 0: ``k``
     read on the device, one body per view ``v`` (``P_v`` planes, multiplier ``M_v``, zero-point term ``H_v``)
-    compiled together, the token's own executed."""
+    compiled together, the token's own executed. ``PER_VIEW`` (with ``KSEL`` 0): ``sz`` holds a set of step and
+    zero point words per view (``[NS, 2, groups, NPAD / 2]``, contiguous) and view ``v`` reads set ``v - 1``; with
+    ``KSEL`` > 0 the host passes the view's own set."""
     if KSEL == 0:
         kk = tl.load(k_ptr).to(tl.int32)
         for v in tl.static_range(1, NS + 1):
             if kk == v:
+                if PER_VIEW:
+                    sz_v = sz_ptr + (v - 1) * 2 * SZSTRIDE
+                else:
+                    sz_v = sz_ptr
                 _bits_stream(
                     x_ptr,
                     out_ptr,
@@ -1872,7 +1918,7 @@ def _bp_gemv_bits_kernel(
                     lock_ptr,
                     bias_ptr,
                     w_ptr,
-                    sz_ptr,
+                    sz_v,
                     PSTRIDE,
                     SZSTRIDE,
                     NPAD2,
@@ -2308,6 +2354,27 @@ def _host_k_range(k_t: torch.Tensor) -> tuple[int, int] | None:
     return int(k_t.min()), int(k_t.max())
 
 
+def _per_view(scale: torch.Tensor, zero: torch.Tensor, num_slices: int) -> bool:
+    """Whether ``scale`` / ``zero`` hold a pair per view (``[num_slices, out, groups]``) rather than one shared pair
+    (``[out, groups]``); any other shape is an error."""
+    if scale.dim() == 2 and zero.dim() == 2 and zero.shape == scale.shape:
+        return False
+    if scale.dim() == 3 and zero.shape == scale.shape and scale.shape[0] == num_slices:
+        return True
+    raise ValueError(
+        f"scale/zero must be [out, groups] or [{num_slices}, out, groups] (one pair per view, one view per slice), "
+        f"both of one shape; got {tuple(scale.shape)} and {tuple(zero.shape)}"
+    )
+
+
+def _view_pair(scale: torch.Tensor, zero: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``[out, groups]`` pair view ``k`` reads: the shared one, or view ``k``'s own (host slicing, for a ``k``
+    known at launch)."""
+    if scale.dim() == 3:
+        return scale[k - 1], zero[k - 1]
+    return scale, zero
+
+
 def _check_k(k, num_slices: int):
     if isinstance(k, int):
         if not 1 <= k <= num_slices:
@@ -2341,11 +2408,20 @@ def bitplane_linear_small(
     out: torch.Tensor | None = None,
     config: SmallConfig | None = None,
 ) -> torch.Tensor:
-    """``x2`` ``[M <= 16, in]`` -> ``[M, out]``: every plane read once per tile, up to the largest ``k``."""
+    """``x2`` ``[M <= 16, in]`` -> ``[M, out]``: every plane read once per tile, up to the largest ``k``.
+
+    ``scale`` / ``zero``: one pair ``[out, groups]`` or a pair per view ``[len(slice_bits), out, groups]`` (an int
+    ``k`` reads view ``k``'s, sliced here; a per-token ``k`` makes every token read its own view's in the kernel)."""
     cfg = config or SmallConfig()
     M, K_IN = x2.shape
-    N = scale.shape[0]
+    N = scale.shape[-2]
     NS = len(slice_bits)
+    per_view = _per_view(scale, zero, NS)
+    scale, zero = scale.contiguous(), zero.contiguous()
+    if per_view and isinstance(k, int):
+        _check_k(k, NS)
+        scale, zero = _view_pair(scale, zero, k)
+        per_view = False
     if M > 16:
         raise ValueError(f"the small-batch kernels take at most 16 tokens, got {M}")
     use_dot = cfg.use_dot if cfg.use_dot is not None else M > 1
@@ -2376,6 +2452,9 @@ def bitplane_linear_small(
             if lo < 1 or hi > NS:
                 raise ValueError(f"per-token k must be in [1, {NS}], got [{lo}, {hi}]")
             kmax_c = hi
+            if per_view and lo == hi:  # one view for every token, known here: its own pair
+                scale, zero = _view_pair(scale, zero, lo)
+                per_view = False
     device_k = per_token and rng is None
     fields = not use_dot and _want_fields(cfg, slice_bits, kmax_c, device_k)
     branch_k = fields and per_token and kmax_c == 4
@@ -2432,7 +2511,7 @@ def bitplane_linear_small(
             M,
             N,
             K_IN,
-            scale.shape[1],
+            scale.shape[-1],
             k_u,
             x2.stride(0),
             out.stride(0),
@@ -2441,6 +2520,7 @@ def bitplane_linear_small(
             DT=dt,
             COMBINED=combined,
             MAGIC=magic,
+            PER_VIEW=per_view,
             **common,
             **bits_kw,
         )
@@ -2456,13 +2536,14 @@ def bitplane_linear_small(
             2.0 ** (_FIELD_S - (kmax_c - 1) * b),
             N,
             K_IN,
-            scale.shape[1],
+            scale.shape[-1],
             k_u,
             cps,
             GPC=gpc,
             B=b,
             XE=276 - _FIELD_S,
             BRANCH_K=branch_k,
+            PER_VIEW=per_view,
             **common,
         )
     else:
@@ -2471,10 +2552,11 @@ def bitplane_linear_small(
             *H,
             N,
             K_IN,
-            scale.shape[1],
+            scale.shape[-1],
             k_u,
             cps,
             GPC=gpc,
+            PER_VIEW=per_view,
             **common,
             **bits_kw,
         )
@@ -2491,7 +2573,8 @@ class BitPlanes:
     significant first), word column ``w``, row pair ``i``: bit ``b`` of the word is column ``16 w + b`` of row
     ``2 i`` (``b < 16``) or column ``16 w + b - 16`` of row ``2 i + 1``. ``KW`` covers whole groups and ``NPAD``
     rounds the rows up to a multiple of 128; the padding holds zeros. ``sz`` int32 ``[2, groups, NPAD / 2]``: the
-    fp16 step (low half) and zero point (high half) of row ``2 i`` (``sz[0]``) and ``2 i + 1`` (``sz[1]``)."""
+    fp16 step (low half) and zero point (high half) of row ``2 i`` (``sz[0]``) and ``2 i + 1`` (``sz[1]``); with a
+    pair per view, ``[len(slice_bits), 2, groups, NPAD / 2]``, one such set per view (``sz[k - 1]`` for view ``k``)."""
 
     words: torch.Tensor
     sz: torch.Tensor
@@ -2499,6 +2582,11 @@ class BitPlanes:
     group_size: int
     in_features: int
     out_features: int
+
+    @property
+    def per_view(self) -> bool:
+        """Whether ``sz`` holds a step and zero point set per view (built from ``[K, out, groups]`` pairs)."""
+        return self.sz.dim() == 4
 
     @property
     def planes_of_view(self) -> list[int]:
@@ -2548,16 +2636,19 @@ def pack_bitplanes(
     row_block: int = 4096,
 ) -> BitPlanes:
     """The one-bit plane buffers (:class:`BitPlanes`) of a layer stored as int32 planes of ``slice_bits``
-    (``32 // b`` codes per word) with fp16 ``scale`` / ``zero`` ``[out, groups]``: the same bytes as the planes
-    (less the unused top bits of 3-, 5-, 6- and 7-bit words), on the planes' device; ``row_block`` rows at a time."""
+    (``32 // b`` codes per word) with fp16 ``scale`` / ``zero`` ``[out, groups]`` (or a pair per view,
+    ``[len(slice_bits), out, groups]``: one set of step and zero point words per view): the same bytes as the
+    planes (less the unused top bits of 3-, 5-, 6- and 7-bit words), on the planes' device; ``row_block`` rows at a
+    time."""
     slice_bits = tuple(int(b) for b in slice_bits)
     if not bits_supported(slice_bits, group_size):
         raise ValueError(
             f"one-bit planes need at most {BITS_MAX_PLANES} bits in all and groups of whole 16-column words, "
             f"got {list(slice_bits)} / group {group_size}"
         )
+    per_view = _per_view(scale, zero, len(slice_bits))
     dev = planes[0].device
-    N, K = scale.shape[0], in_features
+    N, K = scale.shape[-2], in_features
     ng = -(-K // group_size)
     kw = ng * group_size // 16
     npad = -(-N // _BITS_ROW_PAD) * _BITS_ROW_PAD
@@ -2578,12 +2669,13 @@ def pack_bitplanes(
                 w = torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
                 words[t, :, r0 // 2 : r0 // 2 + rr // 2] = w.t()
                 t += 1
-    lo = scale.to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
-    hi = zero.to(torch.float16).view(torch.int16).to(torch.int32) << 16
-    szr = torch.zeros(npad, ng, dtype=torch.int32, device=dev)
-    szr[:N] = lo | hi
-    sz = szr.reshape(npad // 2, 2, ng).permute(1, 2, 0).contiguous()
-    return BitPlanes(words, sz, slice_bits, group_size, K, N)
+    lo = scale.to(device=dev, dtype=torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
+    hi = zero.to(device=dev, dtype=torch.float16).view(torch.int16).to(torch.int32) << 16
+    nv = len(slice_bits) if per_view else 1
+    szr = torch.zeros(nv, npad, ng, dtype=torch.int32, device=dev)
+    szr[:, :N] = (lo | hi).reshape(nv, N, ng)
+    sz = szr.reshape(nv, npad // 2, 2, ng).permute(0, 2, 3, 1).contiguous()
+    return BitPlanes(words, sz if per_view else sz[0], slice_bits, group_size, K, N)
 
 
 _BITS_CACHE: dict[tuple, tuple[tuple, BitPlanes]] = {}
@@ -2640,7 +2732,8 @@ def bitplane_linear_bits(
 ) -> torch.Tensor:
     """One token ``x2 [1, in]`` -> ``[1, out]`` from one-bit plane buffers: ``_bp_gemv_bits_kernel`` on a
     stream-K grid (``config.waves`` programs per SM, or ``config.split_k`` programs per row block); ``k`` an int
-    or a one-element tensor (on the device: read there, one compiled body per view)."""
+    or a one-element tensor (on the device: read there, one compiled body per view). Buffers of a pair per view
+    (``bp.per_view``): the view's own step and zero point words (picked here, or by ``k`` in the kernel)."""
     cfg = config or SmallConfig(bitplanes=True)
     M, K_IN = x2.shape
     if M != 1:
@@ -2699,6 +2792,9 @@ def bitplane_linear_bits(
     pk = {f"P{i + 1}": p for i, p in enumerate(pv + [1] * (MAX_SLICES - NS))}
     # the cap, except with prefetch (twice the words in registers: capped, 8 planes spill in the loop)
     maxnreg = cfg.maxnreg or (None if cfg.prefetch else BITS_MAXNREG)
+    # a set of step and zero point words per view: the view's own when k is known here, else all (read on the device)
+    per_view = bp.per_view and ksel == 0
+    sz = bp.sz[ksel - 1] if bp.per_view and ksel > 0 else bp.sz
     _bp_gemv_bits_kernel[(progs,)](
         x2,
         out,
@@ -2707,9 +2803,9 @@ def bitplane_linear_bits(
         bias if bias is not None else out,
         k_t,
         bp.words,
-        bp.sz,
+        sz,
         bp.words.stride(0),
-        bp.sz.stride(0),
+        sz.stride(-3),
         npad2,
         N,
         K_IN,
@@ -2728,6 +2824,7 @@ def bitplane_linear_bits(
         XE=149 - _FIELD_S,
         ASM=not _interpreting(),
         PREFETCH=bool(cfg.prefetch),
+        PER_VIEW=per_view,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **pk,
@@ -2738,6 +2835,7 @@ def bitplane_linear_bits(
 
 def _tile_launch(x2, out, planes, scale, zero, slice_bits, group_size, ksel, bias, perm, seg, M_grid, cfg):
     M, K_IN = x2.shape
+    scale, zero = _view_pair(scale, zero, ksel)  # one view per launch: its own pair where there is one per view
     N = scale.shape[0]
     bk = cfg.block_k
     shifts = _shifts(slice_bits)
@@ -2809,10 +2907,11 @@ def bitplane_linear_dequant(
 ) -> torch.Tensor:
     """Prefill: ``W_k`` by one Triton pass over its planes into a scratch buffer, then ``torch.matmul``
     (cuBLAS on CUDA), once per ``k`` present. A per-token ``k`` tensor costs one host synchronisation
-    (the token count of each ``k``)."""
+    (the token count of each ``k``). ``scale`` / ``zero``: one pair or a pair per view (:func:`dequantize`)."""
     M, K_IN = x2.shape
-    N = scale.shape[0]
+    N = scale.shape[-2]
     NS = len(slice_bits)
+    _per_view(scale, zero, NS)
     if out is None:
         out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
     if M == 0:
@@ -2861,10 +2960,13 @@ def bitplane_linear_tiled(
     out: torch.Tensor | None = None,
     config: TileConfig | None = None,
 ) -> torch.Tensor:
-    """Dequantize-tile-then-``tl.dot``; per-token ``k`` by sorting tokens and one launch per ``k``."""
+    """Dequantize-tile-then-``tl.dot``; per-token ``k`` by sorting tokens and one launch per ``k``. ``scale`` /
+    ``zero``: one pair ``[out, groups]`` or a pair per view ``[len(slice_bits), out, groups]`` (each launch reads
+    its view's)."""
     M, K_IN = x2.shape
-    N = scale.shape[0]
+    N = scale.shape[-2]
     NS = len(slice_bits)
+    _per_view(scale, zero, NS)
     cfg = config or default_tile_config(M)
     if out is None:
         out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
@@ -2909,8 +3011,13 @@ def dequantize(
     block_n: int = 32,
     block_k: int = 128,
 ) -> torch.Tensor:
-    """``W_k`` ``[out, in]`` by one Triton pass over the first ``k`` planes."""
+    """``W_k`` ``[out, in]`` by one Triton pass over the first ``k`` planes. ``scale`` / ``zero``: one pair
+    ``[out, groups]`` or a pair per view ``[len(slice_bits), out, groups]`` (view ``k`` reads ``scale[k - 1]``,
+    ``zero[k - 1]``)."""
     _check_k(k, len(slice_bits))
+    if _per_view(scale, zero, len(slice_bits)):
+        scale, zero = _view_pair(scale, zero, k)
+    scale, zero = scale.contiguous(), zero.contiguous()
     N = scale.shape[0]
     sh = _shifts(slice_bits)[k - 1]
     if out is None:
@@ -2960,14 +3067,18 @@ def bitplane_linear(
     when the layout allows; on CUDA from ``DEQUANT_MIN_TOKENS`` tokens 'dequant'; else tiles), 'bits' (one token
     from one-bit plane buffers: ``packed``, else built from ``planes`` and cached, :func:`bitplanes_for`),
     'small', 'tile' (fused dequantize-tile-then-dot) or 'dequant' (dequantize W_k, then cuBLAS). ``out``, if
-    given, is a ``[tokens, out_features]`` buffer to write (contiguous rows)."""
+    given, is a ``[tokens, out_features]`` buffer to write (contiguous rows).
+
+    ``scale`` / ``zero``: fp16 ``[out, groups]`` (one pair for every view) or ``[len(slice_bits), out, groups]``
+    (a pair per view: view ``k`` reads ``scale[k - 1]``, ``zero[k - 1]``), every path, every kind of ``k``."""
     slice_bits = tuple(int(b) for b in slice_bits)
     if not 1 <= len(slice_bits) <= MAX_SLICES or len(planes) != len(slice_bits):
         raise ValueError(f"need one plane per slice (1..{MAX_SLICES}), got {len(planes)} for {slice_bits}")
     if x.dtype not in _DT_CODES:
         raise TypeError(f"activations must be fp16, bf16 or fp32, got {x.dtype}")
+    _per_view(scale, zero, len(slice_bits))  # shapes checked here, for every path
     K_IN = x.shape[-1]
-    N = scale.shape[0]
+    N = scale.shape[-2]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K_IN)
     if x2.stride(-1) != 1:
@@ -2996,7 +3107,12 @@ def bitplane_linear(
     if path == "bits":
         if packed is None:
             packed = bitplanes_for(planes, scale, zero, slice_bits, group_size, K_IN)
-        elif packed.slice_bits != slice_bits or packed.group_size != group_size or packed.out_features != N:
+        elif (
+            packed.slice_bits != slice_bits
+            or packed.group_size != group_size
+            or packed.out_features != N
+            or packed.per_view != (scale.dim() == 3)
+        ):
             raise ValueError("packed bit planes of another layout or layer")
         y = bitplane_linear_bits(x2, packed, k, bias, out, small_config)
     elif path == "small":
