@@ -969,3 +969,36 @@ def test_gpu_per_view(bits, gen):
         ref = torch_reference(x, planes, scale, zero, bits, group, kk, compute_dtype=torch.float64)
         err = ((yg.double() - ref.double()).norm() / ref.double().norm()).item()
         assert err < TOL[torch.float16], (kk, err)
+
+
+def test_mobilinear_with_a_pair_per_view_on_the_triton_path(gen):
+    """A layer packed with ``view_steps`` (a step and zero point per view, fitted at packing) serves one token
+    (one-bit plane kernel) and a routed small batch (mixed ``k``) through Triton exactly as its dequantized
+    views do."""
+    from mobiquant.nn.router import TokenRouter
+
+    lin = torch.nn.Linear(192, 40, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(40, 192, generator=gen) * 0.05)
+    m = MoBiLinear.from_linear(lin, group_size=64, slice_bits=DEFAULT_LAYOUT, view_steps=True)
+    m.freeze(col_weight=torch.rand(192, generator=gen) + 0.1)
+    m = m.to(DEVICE)
+    assert m.scale.shape == (6, 40, 3)
+    assert not torch.equal(m.scale[0], m.scale[5])  # the views really read different pairs
+    m.backend = "triton"
+    x1 = randx(1, 192, torch.float32, gen)
+    for k in range(1, 7):
+        m.set_static(k)
+        ref = x1.double() @ m.dequantized(k).double().T
+        err = ((m(x1).double() - ref).norm() / ref.norm()).item()
+        assert err < TOL[torch.float32], (k, err)
+    router = TokenRouter(192, m.slice_bits, policy="free").to(DEVICE)
+    m.attach_router(router)
+    m.set_routed()
+    x = randx(12, 192, torch.float32, gen) * 3
+    router.tau.fill_(float(torch.cummin(router.scores(x), -1).values.median()))
+    assert router.slice_counts(x).unique().numel() > 1  # a mix of views in one batch
+    m.backend = "torch"
+    ref = m(x)
+    m.backend = "triton"
+    torch.testing.assert_close(m(x), ref, rtol=1e-4, atol=1e-4)
