@@ -131,12 +131,19 @@ class QLinear:
         # integer zero 2 of the recorded run every weight had mean -s/2, which drives the activations of this
         # norm-free stack up layer by layer; see NOTES.md)
         self.zero = torch.full((n_out, ng), (2**b0 - 1) / 2, device="cuda").half()
+        if QLinear.view_steps:  # a step and zero point per view ([K, out, groups]; each view's a little different)
+            K = len(kb.SLICE_BITS)
+            jitter = 1 + 0.01 * torch.arange(K, device="cuda", dtype=torch.float32)[:, None, None]
+            self.scale = (self.scale.float()[None] * jitter).half().contiguous()
+            self.zero = self.zero[None].repeat(K, 1, 1).contiguous()
         self.n_in, self.n_out = n_in, n_out
         self.out = None
         self.packed = None
 
     # --fields: each one-token kernel forced in turn (the default picks by k); --bits: SmallConfig(bitplanes=True)
     small_config = None
+    # --view-steps: every layer stores a step and zero point per view (MoBiConfig.view_steps)
+    view_steps = False
 
     def __call__(self, x, k):
         cfg = QLinear.small_config
@@ -594,6 +601,11 @@ def main(argv=None):
         action="store_true",
         help="first try the one-bit plane kernel's configs on the stack (static views 1 and 2) and use the best",
     )
+    ap.add_argument(
+        "--view-steps",
+        action="store_true",
+        help="the quantized stack stores a step and zero point per view (quant.mobi.view_steps), read by each view",
+    )
     ap.add_argument("--no-routed", action="store_true", help="skip the routed rows")
     ap.add_argument("--no-package", action="store_true", help="skip the rows of the model patched by the package")
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per package row")
@@ -604,6 +616,7 @@ def main(argv=None):
         ap.error("--new-tokens must be at least 2")
     if args.slices:
         kb.set_slices(args.slices.split(","))
+    QLinear.view_steps = args.view_steps
     if args.dry_run:
         return dry_run(args)
     if not torch.cuda.is_available():
@@ -614,6 +627,7 @@ def main(argv=None):
     dev = (
         f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
         f"{time.strftime('%Y-%m-%d')}; slices {'-'.join(map(str, kb.SLICE_BITS))}, g{GROUP}"
+        + ("; a step and zero point per view" if args.view_steps else "")
     )
     print(f"# {dev}")
     copy_bw, _ = copy_bandwidth()
