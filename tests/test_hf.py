@@ -27,10 +27,10 @@ def logits(model, ids):
         return model(input_ids=ids).logits
 
 
-def quantized_llama(plan: bool = True):
+def quantized_llama(plan: bool = True, view_steps: bool = False):
     """A tiny random LLaMA, thresholds fitted, packed, with a budget plan (random thresholds: any plan will do)."""
     model = build_tiny_llama(0)
-    mq.quantize_model(model, mq.MoBiConfig(group_size=64, router_hidden=16))
+    mq.quantize_model(model, mq.MoBiConfig(group_size=64, router_hidden=16, view_steps=view_steps))
     mq.calibrate_thresholds(model, token_batches(2, batch=4, seqlen=32, seed=7))
     mq.freeze(model)
     if plan:
@@ -78,6 +78,17 @@ def test_from_pretrained_gives_the_in_memory_model_at_every_budget(saved, ids):
     mq.set_static(model, 2)
     mq.set_static(loaded, 2)
     assert torch.equal(logits(loaded, ids), logits(model, ids))
+
+
+def test_a_pair_per_view_survives_the_folder(tmp_path, ids):
+    model = quantized_llama(view_steps=True)
+    assert all(m.scale.dim() == 3 for _, m in mobi_linears(model))
+    loaded = AutoModelForCausalLM.from_pretrained(mq.save_pretrained(model, tmp_path / "hf", budget=3.5))
+    assert loaded.mobiquant_config.view_steps and all(m.scale.dim() == 3 for _, m in mobi_linears(loaded))
+    for budget in (3.5, 6.5):
+        mq.set_budget(model, budget)
+        mq.set_budget(loaded, budget)
+        assert torch.equal(logits(loaded, ids), logits(model, ids))
 
 
 def test_folder_is_a_transformers_folder(saved):

@@ -10,7 +10,7 @@ import torch
 import mobiquant as mq
 from mobiquant.elastic.plan import BudgetPlan, stack_plan
 from mobiquant.elastic.site_budgets import _mean_nll, build_plan, default_grid
-from mobiquant.io.checkpoint import CONFIG_NAME, TENSORS_NAME
+from mobiquant.io.checkpoint import CONFIG_NAME, FORMAT_VERSION, TENSORS_NAME
 from mobiquant.patching import budget_plan, fit_budget_thresholds, install_plan, mobi_linears, routers
 from test_checkpoint import rewrite_meta
 from test_site_budgets import fp_model, routed_model  # tests/ is on sys.path (pytest's default import mode)
@@ -156,7 +156,7 @@ def test_checkpoint_carries_the_plan_and_reproduces_every_budget(planned, tmp_pa
     try:
         folder = mq.save_quantized(model, tmp_path / "ckpt")
         meta = json.loads((folder / CONFIG_NAME).read_text())
-        assert meta["format_version"] == 2 and meta["plan"]["linears"] == plan.linears
+        assert meta["format_version"] == FORMAT_VERSION and meta["plan"]["linears"] == plan.linears
         loaded = mq.load_quantized(fp_model(), folder)
         assert budget_plan(loaded) is not None and budget_plan(loaded).budgets == plan.budgets
         for b in (2.0, 3.25, 4.0, 5.5, 8.0):
