@@ -77,11 +77,12 @@ def test_a_constant_group_keeps_the_shared_pair_and_bad_weights_are_refused():
         mq.MoBiConfig(view_steps="yes")
 
 
-def test_calibrated_model_with_view_steps_saves_reloads_and_serves(tmp_path):
+@pytest.mark.parametrize("view_fit", ["diag", "block"])
+def test_calibrated_model_with_view_steps_saves_reloads_and_serves(tmp_path, view_fit):
     model = build_tiny_llama(0)
     ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(2))
     cfg = mq.MoBiConfig(slice_bits=LAYOUT, group_size=32, router_hidden=8, router_policy="adjacent", view_steps=True)
-    mq.calibrate(model, ids, cfg, epochs_stage1=1, epochs_stage2=1, batch_size=2, progress_bar=False)
+    mq.calibrate(model, ids, cfg, epochs_stage1=1, epochs_stage2=1, batch_size=2, progress_bar=False, view_fit=view_fit)
     for _, m in mobi_linears(model):
         assert m.packed and m.scale.shape == (
             len(LAYOUT),
@@ -99,3 +100,36 @@ def test_calibrated_model_with_view_steps_saves_reloads_and_serves(tmp_path):
             torch.testing.assert_close(back(input_ids=ids).logits, model(input_ids=ids).logits)
     bits_shared = 8 + 32 / 32  # code planes + one fp16 pair per group of 32
     assert mq.storage_bits(back) == pytest.approx(bits_shared + 32 / 32 * (len(LAYOUT) - 1), rel=0.05)
+
+
+def _block_err(m: MoBiLinear, w: torch.Tensor, H: torch.Tensor, k: int) -> float:
+    e = to_groups(m.dequantized(k).double() - w, 64)  # [out, groups, 64], ragged group zero-padded below
+    pad = H.shape[0] * 64 - w.shape[1]
+    if pad:
+        e[:, -1, -pad:] = 0
+    return float(torch.einsum("rgi,gij,rgj->", e, H, e))
+
+
+def test_the_block_fit_minimises_each_groups_output_error():
+    """With a group's block of the input second moments (``[groups, gs, gs]``) the fit minimises that group's
+    output error; with a diagonal block it is the per-column fit."""
+    g = torch.Generator().manual_seed(5)
+    w = _layer(True).weight.double().clone()
+    x = torch.randn(512, 200, generator=g, dtype=torch.float64) @ torch.randn(
+        200, 200, generator=g, dtype=torch.float64
+    )
+    xg = torch.nn.functional.pad(x, (0, 56)).reshape(512, 4, 64)
+    H = torch.einsum("ngi,ngj->gij", xg, xg) / 512  # correlated inputs
+    d = torch.diagonal(H, dim1=-2, dim2=-1).reshape(-1)[:200].contiguous()
+    diag, block = _layer(True), _layer(True)
+    diag.freeze(col_weight=d)
+    block.freeze(col_weight=H)
+    for k in range(1, len(LAYOUT) + 1):
+        assert _block_err(block, w, H, k) <= _block_err(diag, w, H, k) * 1.001, k
+    as_block, as_diag = _layer(True), _layer(True)
+    as_block.freeze(col_weight=torch.diag_embed(torch.nn.functional.pad(d, (0, 56)).reshape(4, 64)))
+    as_diag.freeze(col_weight=d)
+    torch.testing.assert_close(as_block.scale.float(), as_diag.scale.float(), rtol=2e-3, atol=0)
+    torch.testing.assert_close(as_block.zero.float(), as_diag.zero.float(), rtol=2e-3, atol=2e-3)
+    with pytest.raises(ValueError, match="col_weight must be"):
+        _layer(True).freeze(col_weight=torch.ones(4, 64, 32))

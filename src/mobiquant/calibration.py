@@ -104,6 +104,10 @@ class CalibConfig:
     # lets a GPU run ahead of the host (a non-finite loss then stops the block at the next check, naming the
     # first bad step).
     sync_every: int = 1
+    # With MoBiConfig.view_steps, what the per-view step and zero point fit weighs: "diag" (each input
+    # column's error by its mean squared FP activation) or "block" (each group's error by the group's block of
+    # the FP input second-moment matrix: the group's output error)
+    view_fit: str = "diag"
 
     def __post_init__(self):
         if self.epochs_stage1 < 0 or self.epochs_stage2 < 0 or self.epochs_stage1 + self.epochs_stage2 == 0:
@@ -117,6 +121,8 @@ class CalibConfig:
             raise ValueError(f"budget_sampling must be 'uniform' or 'cycle', got {self.budget_sampling!r}")
         if self.batch_scope not in ("global", "per_device"):
             raise ValueError(f"batch_scope must be 'global' or 'per_device', got {self.batch_scope!r}")
+        if self.view_fit not in ("diag", "block"):
+            raise ValueError(f"view_fit must be 'diag' or 'block', got {self.view_fit!r}")
         if self.inputs_on not in ("auto", "device", "cpu"):
             raise ValueError(f"inputs_on must be 'auto', 'device' or 'cpu', got {self.inputs_on!r}")
         if self.lr_lwc_stage2 is not None and self.lr_lwc_stage2 < 0:
@@ -314,13 +320,24 @@ def run_block_batched(
 
 
 class InputMoments:
-    """Mean squared input activation per column of the named linears of a block, over every forward while
-    attached: ``with moments.attached(block): ...`` then ``moments.mean()`` -> ``{name: [in] float64}``."""
+    """Second moments of the inputs of the named linears of a block, over every forward while attached:
+    ``with moments.attached(block): ...`` then ``moments.mean()`` -> ``{name: tensor}`` (float64): per column
+    (``[in]``, the mean squared activation) or, with ``group_size``, the diagonal blocks of the mean ``x x^T``
+    (``[n_groups, group_size, group_size]``; a ragged last group zero-padded)."""
 
-    def __init__(self, names: Sequence[str]):
+    def __init__(self, names: Sequence[str], group_size: int | None = None):
         self.names = list(names)
+        self.group_size = group_size
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
+
+    def _moment(self, x: torch.Tensor) -> torch.Tensor:
+        if self.group_size is None:
+            return (x.double() ** 2).sum(0)
+        gs = self.group_size
+        pad = (-x.shape[-1]) % gs
+        xg = F.pad(x.float(), (0, pad)).reshape(x.shape[0], -1, gs)
+        return torch.einsum("ngi,ngj->gij", xg, xg).double()
 
     @contextlib.contextmanager
     def attached(self, block: nn.Module):
@@ -328,8 +345,8 @@ class InputMoments:
         for name in self.names:
 
             def hook(_mod, args, _out, name=name):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-                self.sums[name] = self.sums.get(name, 0) + (x * x).sum(0)
+                x = args[0].detach().reshape(-1, args[0].shape[-1])
+                self.sums[name] = self.sums.get(name, 0) + self._moment(x)
                 self.counts[name] = self.counts.get(name, 0) + x.shape[0]
 
             hooks.append(block.get_submodule(name).register_forward_hook(hook))
@@ -819,7 +836,10 @@ def calibrate_model(
             torch.cuda.reset_peak_memory_stats(device)
         # FP targets before patching; with view_steps also each linear's input moments (the FP block's
         # activations on the calibration windows), which weight the per-view step fit at packing
-        moments = InputMoments([n for group in sites[i] for n in group] if mobi.view_steps else [])
+        moments = InputMoments(
+            [n for group in sites[i] for n in group] if mobi.view_steps else [],
+            mobi.group_size if cfg.view_fit == "block" else None,
+        )
         with moments.attached(block):
             fp_y = run_block_batched(block, fp_x, kwargs, cfg.batch_size)
         torch.manual_seed(cfg.seed * 1_000_003 + i)  # router init: the same whether resumed or not

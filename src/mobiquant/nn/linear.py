@@ -205,7 +205,9 @@ class MoBiLinear(nn.Module):
 
         With ``view_steps`` every view gets its own step and zero point per group, fitted to the FP weight by
         least squares with each input column's error weighted by ``col_weight`` ``[in]`` (its mean squared
-        input activation on calibration text; None: equal weights)."""
+        input activation on calibration text; None: equal weights), or each group's error measured by its block
+        of the input second-moment matrix (``col_weight`` ``[n_groups, group_size, group_size]``; see
+        ``ResidualSlicer.fit_view_pairs``)."""
         if self.packed:
             return
         sc = self.slicer.decompose(self.weight.float(), self.gamma, self.beta, scale_dtype=torch.float16)

@@ -265,33 +265,63 @@ class ResidualSlicer:
 
         View ``k`` reads its code ``C_k`` as ``W_k = s_k (t_k - z_k)`` with ``t_k = C_k / 2^B_k - (1 - 2^-B_k) / 2``
         (the formula of :meth:`integer_view` with the view's own pair), and ``(s_k, z_k)`` is the least-squares
-        fit of ``weight`` ``[out, in]``, each input column's error weighted by ``col_weight`` ``[in]`` (e.g. its
-        mean squared activation; None: equal weights). The step is rounded to fp16 first and the zero point
-        fitted for the rounded step. Groups where the slope is degenerate (a constant code, a non-positive slope)
-        keep the shared step ``scale`` (``[out, n_groups, 1]``, as :meth:`decompose` returns it) with the zero
-        point fitted for it.
+        fit of ``weight`` ``[out, in]``: with ``col_weight`` ``[in]`` each input column's error weighted by it
+        (e.g. its mean squared activation; None: equal weights), with ``col_weight`` ``[n_groups, group_size,
+        group_size]`` the error ``e`` of each row and group measured as ``e^T H_g e`` (``H_g``: the group's block of
+        the input second-moment matrix, so the fit minimises the group's output error on those inputs). The step
+        is rounded to fp16 first and the zero point fitted for the rounded step. Groups where the slope is
+        degenerate (a constant code, a non-positive slope) keep the shared step ``scale`` (``[out, n_groups, 1]``,
+        as :meth:`decompose` returns it) with the zero point fitted for it.
         ``codes``: the slice codes, grouped ``[out, n_groups, group_size]``."""
         out_f, in_f = weight.shape
-        gs = self.group_size
+        gs, ng = self.group_size, num_groups(in_f, self.group_size)
         w = to_groups(weight.double(), gs)
-        cw = torch.ones(in_f, dtype=torch.float64, device=weight.device) if col_weight is None else col_weight
-        if cw.shape != (in_f,) or not bool(torch.isfinite(cw).all()) or bool((cw < 0).any()):
-            raise ValueError(f"col_weight must be [{in_f}] finite and >= 0, got shape {tuple(cw.shape)}")
-        pad = num_groups(in_f, gs) * gs - in_f
-        d = torch.cat([cw.double(), cw.new_zeros(pad, dtype=torch.float64)]).reshape(1, -1, gs)  # padding: no weight
-        d = d.expand_as(w)
+        pad = ng * gs - in_f
+        keep = torch.cat([torch.ones(in_f), torch.zeros(pad)]).double().to(weight.device).reshape(ng, gs)
+        if col_weight is None:
+            col_weight = torch.ones(in_f, dtype=torch.float64, device=weight.device)
+        cw = col_weight.double()
+        if cw.shape == (in_f,):
+            d = torch.cat([cw, cw.new_zeros(pad)]).reshape(1, ng, gs)  # padding: no weight
+            H = None
+        elif cw.shape == (ng, gs, gs):
+            H = cw * keep[:, :, None] * keep[:, None, :]
+        else:
+            raise ValueError(f"col_weight must be [{in_f}] or [{ng}, {gs}, {gs}], got shape {tuple(cw.shape)}")
+        if not bool(torch.isfinite(cw).all()) or (H is None and bool((cw < 0).any())):
+            raise ValueError("col_weight must be finite (and >= 0 as per-column weights)")
         fp16 = torch.finfo(torch.float16)
         s_shared = scale.double()
+        ones = torch.ones_like(w)
+        if H is not None:
+            H1 = torch.einsum("rgi,gij->rgj", ones, H)  # H 1 per row and group
+            oHo = (H1 * ones).sum(-1, keepdim=True)
+            oHw = (H1 * w).sum(-1, keepdim=True)
         scales, zeros = [], []
         for k in range(1, self.num_slices + 1):
             shift = self.residual_shift(k)
             t = self.concat_codes(codes, k).double() / 2**shift - (1 - 2.0**-shift) / 2
-            a, mt, mw = weighted_affine_fit(w, t, d)
-            ok = torch.isfinite(a) & (a >= fp16.tiny)
-            s = torch.where(ok, a, s_shared).clamp(max=fp16.max).half().double()
-            z = (mt - mw / s).clamp(-fp16.max, fp16.max)
+            if H is None:
+                a, mt, mw = weighted_affine_fit(w, t, d.expand_as(w))
+                ok = torch.isfinite(a) & (a >= fp16.tiny)
+                s = torch.where(ok, a, s_shared).clamp(max=fp16.max).half().double()
+                z = mt - mw / s
+            else:
+                # e = w - s t + c 1 minimising e^T H e: [tHt, -tH1; 1Ht, -1H1] [s; c] = [tHw; 1Hw]
+                Ht = torch.einsum("rgi,gij->rgj", t, H)
+                tHt, tHw, oHt = (
+                    (Ht * t).sum(-1, keepdim=True),
+                    (Ht * w).sum(-1, keepdim=True),
+                    (H1 * t).sum(-1, keepdim=True),
+                )
+                det = oHt * oHt - tHt * oHo
+                a = torch.where(det.abs() > 1e-30, (oHt * oHw - tHw * oHo) / torch.where(det == 0, 1.0, det), 0.0)
+                ok = torch.isfinite(a) & (a >= fp16.tiny)
+                s = torch.where(ok, a, s_shared).clamp(max=fp16.max).half().double()
+                c = torch.where(oHo > 0, (s * oHt - oHw) / torch.where(oHo > 0, oHo, 1.0), 0.0)  # best c for s
+                z = c / s
             scales.append(s.squeeze(-1).half())
-            zeros.append(z.squeeze(-1).half())
+            zeros.append(z.clamp(-fp16.max, fp16.max).squeeze(-1).half())
         return torch.stack(scales), torch.stack(zeros)
 
     def integer_view(
