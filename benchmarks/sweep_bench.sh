@@ -12,7 +12,8 @@
 #     '~data.eval.wiki_extract' 'data.eval.wikitext2.paths=[/root/data/wiki.test.raw]'
 #
 # Environment: SWEEP (the 4 jobs; default the slice-layout ablation), JOB (what every job runs; default
-# one-GPU jobs of about a minute each on SmolLM2-135M), ORDER (default "2 1": the two-GPU sweep runs first,
+# one-GPU jobs of about two minutes each on SmolLM2-135M on an H200, uniform routing: the budget plan would add
+# about a minute to each job and nothing to what the launcher is measured on), ORDER (default "2 1": the two-GPU sweep runs first,
 # so any first-run cost such as the model conversion or kernel compilation counts against it), OUT, PY.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +23,7 @@ ORDER=${ORDER:-2 1}
 SWEEP=${SWEEP:-experiment=ablation_slices}
 JOB=${JOB:-trainer=gpu model.device=cuda logger=csv calib.progress_bar=false save_checkpoints=false \
 resume=false data.calib.nsamples=32 data.calib.seqlen=2048 calib.batch_size=4 calib.epochs_stage1=2 \
-calib.epochs_stage2=2 eval.max_windows=16}
+calib.epochs_stage2=2 eval.max_windows=16 quant.allocation=uniform}
 mkdir -p "$OUT"
 declare -A WALL
 for g in $ORDER; do
