@@ -104,10 +104,10 @@ class CalibConfig:
     # lets a GPU run ahead of the host (a non-finite loss then stops the block at the next check, naming the
     # first bad step).
     sync_every: int = 1
-    # With MoBiConfig.view_steps, what the per-view step and zero point fit weighs: "diag" (each input
-    # column's error by its mean squared FP activation) or "block" (each group's error by the group's block of
-    # the FP input second-moment matrix: the group's output error)
-    view_fit: str = "diag"
+    # With MoBiConfig.view_steps, what the per-view step and zero point fit weighs: "block" (each group's error
+    # by the group's block of the FP input second-moment matrix: the group's output error; measured better at
+    # every budget, docs/RESULTS.md) or "diag" (each input column's error by its mean squared FP activation)
+    view_fit: str = "block"
 
     def __post_init__(self):
         if self.epochs_stage1 < 0 or self.epochs_stage2 < 0 or self.epochs_stage1 + self.epochs_stage2 == 0:
