@@ -103,25 +103,13 @@ def direct_weight(fp_weight: torch.Tensor, bits: int, gs: int, col_weight: torch
 
 def input_moments(model, windows: torch.Tensor) -> dict[str, torch.Tensor]:
     """Mean squared input activation per column of every ``nn.Linear`` of the FP ``model`` on ``windows``."""
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    hooks = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear):
+    from mobiquant.calibration import InputMoments
 
-            def hook(_m, inp, _out, name=name):
-                x = inp[0].detach().double().reshape(-1, inp[0].shape[-1])
-                sums[name] = sums.get(name, 0) + (x**2).sum(0)
-                counts[name] = counts.get(name, 0) + x.shape[0]
-
-            hooks.append(mod.register_forward_hook(hook))
-    try:
+    moments = InputMoments([n for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)])
+    with moments.attached(model):
         for row in windows:
             model(input_ids=row.unsqueeze(0), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {n: sums[n] / counts[n] for n in sums}
+    return moments.mean()
 
 
 def main() -> None:
