@@ -12,9 +12,11 @@
 #     '~data.eval.wiki_extract' 'data.eval.wikitext2.paths=[/root/data/wiki.test.raw]'
 #
 # Environment: SWEEP (the 4 jobs; default the slice-layout ablation), JOB (what every job runs; default
-# one-GPU jobs of about two minutes each on SmolLM2-135M on an H200, uniform routing: the budget plan would add
-# about a minute to each job and nothing to what the launcher is measured on), ORDER (default "2 1": the two-GPU sweep runs first,
-# so any first-run cost such as the model conversion or kernel compilation counts against it), OUT, PY.
+# one-GPU jobs of about two minutes each on SmolLM2-135M on an H200, uniform routing: the budget plan would
+# add about a minute to each job and nothing to what the launcher is measured on), ORDER (default "2 1":
+# the two-GPU sweep runs first, so any first-run cost such as the model conversion or kernel compilation
+# counts against it; ORDER=1 or ORDER=2 runs one half, and the table is written once both halves are in
+# $OUT), OUT, PY.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -25,7 +27,6 @@ JOB=${JOB:-trainer=gpu model.device=cuda logger=csv calib.progress_bar=false sav
 resume=false data.calib.nsamples=32 data.calib.seqlen=2048 calib.batch_size=4 calib.epochs_stage1=2 \
 calib.epochs_stage2=2 eval.max_windows=16 quant.allocation=uniform}
 mkdir -p "$OUT"
-declare -A WALL
 for g in $ORDER; do
   dir="$OUT/gpus$g"
   rm -rf "$dir"  # a fresh sweep: finished rows left in place would be resumed, not measured
@@ -35,10 +36,13 @@ for g in $ORDER; do
   "$PY" -m mobiquant -m $SWEEP $JOB "$@" hydra/launcher=gpus "hydra.launcher.gpus=$g" \
     "hydra.sweep.dir=$dir" >"$OUT/gpus$g.log" 2>&1 || { tail -40 "$OUT/gpus$g.log"; exit 1; }
   t1=$(date +%s.%N)
-  WALL[$g]=$(awk "BEGIN { print $t1 - $t0 }")
+  awk "BEGIN { print $t1 - $t0 }" >"$OUT/gpus$g.wall.txt"
   grep -E "GpusLauncher|started on|done on|FAILED" "$OUT/gpus$g.log" || true
 done
-"$PY" - "$OUT" "${WALL[1]}" "${WALL[2]}" <<'EOF'
+for g in 1 2; do
+  [ -f "$OUT/gpus$g.wall.txt" ] || { echo "no $g-GPU half in $OUT yet: run it with ORDER=$g"; exit 0; }
+done
+"$PY" - "$OUT" "$(cat "$OUT/gpus1.wall.txt")" "$(cat "$OUT/gpus2.wall.txt")" <<'EOF'
 import sys
 from pathlib import Path
 
