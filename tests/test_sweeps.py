@@ -40,7 +40,7 @@ PRESETS = {  # preset -> number of jobs its `-m` sweep expands to
     "ablation_router_policy": 2,
     "ablation_grid_anchor": 4,
     "ablation_stage2": 8,
-    "ablation_view_steps": 3,
+    "ablation_view_steps": 4,
 }
 
 
@@ -89,14 +89,14 @@ def test_ablation_preset_sweeps_its_axis(preset, tmp_path):
         assert methods[0].budgets(grid), job
 
 
-def test_view_steps_preset_reads_the_codes_three_ways(tmp_path):
+def test_view_steps_preset_reads_the_codes_four_ways(tmp_path):
     cfg = _compose(["experiment=ablation_view_steps"])
     seen = []
     for job in _expand(OmegaConf.to_container(cfg.hydra.sweeper.params)):
         task = _task_cfg(_compose(["experiment=ablation_view_steps", *job]), tmp_path)
         methods, _ = validate(task)
-        seen.append((methods[0].mobi.view_steps, task.calib.view_fit))
-    assert seen == [(False, "block"), (True, "diag"), (True, "block")]
+        seen.append((methods[0].mobi.view_steps, task.calib.view_fit, task.calib.view_select_windows))
+    assert seen == [(False, "block", 0), (True, "diag", 0), (True, "block", 0), (True, "block", 4)]
 
 
 def test_stage2_preset_changes_one_calibration_lever_per_job(tmp_path):

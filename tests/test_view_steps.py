@@ -133,3 +133,118 @@ def test_the_block_fit_minimises_each_groups_output_error():
     torch.testing.assert_close(as_block.zero.float(), as_diag.zero.float(), rtol=2e-3, atol=2e-3)
     with pytest.raises(ValueError, match="col_weight must be"):
         _layer(True).freeze(col_weight=torch.ones(4, 64, 32))
+
+
+def test_use_shared_pair_swaps_one_view_and_back():
+    m = _layer(True)
+    m.freeze(keep_shared=True)
+    fitted = m.scale.clone(), m.zero.clone()
+    shared_scale, shared_zero = m.shared_pair
+    before = m.dequantized(2).clone()
+    m.use_shared_pair(2)
+    assert torch.equal(m.scale[1], shared_scale) and torch.equal(m.zero[1], shared_zero)
+    assert torch.equal(m.scale[0], fitted[0][0]) and torch.equal(m.scale[2:], fitted[0][2:])
+    assert not torch.equal(m.dequantized(2), before)  # the cached view follows the swap
+    m.use_shared_pair(2, shared=False)
+    assert torch.equal(m.scale, fitted[0]) and torch.equal(m.zero, fitted[1])
+    assert torch.equal(m.dequantized(2), before)
+    with pytest.raises(ValueError, match="k must be between 1 and 6"):
+        m.use_shared_pair(7)
+    m.drop_shared_pair()
+    with pytest.raises(RuntimeError, match="freeze\\(keep_shared=True\\)"):
+        m.use_shared_pair(1)
+    plain = _layer(True)
+    plain.freeze()
+    assert plain.shared_pair is None
+
+
+def _packed_block0(seed: int = 0):
+    from mobiquant.calibration import capture_block_inputs, run_block_batched
+    from mobiquant.patching import discover_sites, find_blocks, quantize_block
+
+    model = build_tiny_llama(seed)
+    cfg = mq.MoBiConfig(slice_bits=LAYOUT, group_size=32, router_hidden=8, view_steps=True)
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(3))
+    sites = discover_sites(model, cfg)
+    x, kwargs = capture_block_inputs(model, ids)
+    block = find_blocks(model)[1][0]
+    with torch.no_grad():
+        y = run_block_batched(block, x, kwargs, 4)
+    quantize_block(block, sites[0], cfg)
+    with torch.no_grad():
+        for m in block.modules():
+            if isinstance(m, MoBiLinear):
+                m.gamma.fill_(1.5)  # a clipping, as calibration learns
+                m.beta.fill_(1.5)
+                m.freeze(keep_shared=True)
+    return block, x, y, kwargs
+
+
+def test_each_view_keeps_the_pair_with_the_lower_block_error():
+    from mobiquant.calibration import CalibConfig, _choose_view_pairs, run_block_batched
+
+    block, x, y, kwargs = _packed_block0()
+    linears = [m for m in block.modules() if isinstance(m, MoBiLinear)]
+    with torch.no_grad():  # spoil the fitted pair of view 4: the learned pair must win there
+        for m in linears:
+            m.scale[3] *= 3
+    fitted = {id(m): (m.scale.clone(), m.zero.clone()) for m in linears}
+    shared_pairs = {id(m): m.shared_pair for m in linears}
+
+    def err(k: int, shared: bool) -> float:
+        for m in linears:
+            m.use_shared_pair(k, shared)
+            m.set_static(k)
+        with torch.no_grad():
+            return float(torch.nn.functional.mse_loss(run_block_batched(block, x, kwargs, 4), y))
+
+    expected = [k for k in range(1, len(LAYOUT) + 1) if err(k, True) < err(k, False)]
+    chosen = _choose_view_pairs(block, x, y, kwargs, CalibConfig(batch_size=4))
+    assert chosen == expected and 4 in chosen and len(chosen) < len(LAYOUT)
+    for m in linears:
+        assert m.shared_pair is None and m.static_k == len(LAYOUT)
+        for k in range(1, len(LAYOUT) + 1):
+            want = shared_pairs[id(m)] if k in chosen else (fitted[id(m)][0][k - 1], fitted[id(m)][1][k - 1])
+            assert torch.equal(m.scale[k - 1], want[0]) and torch.equal(m.zero[k - 1], want[1])
+
+
+def test_calibration_chooses_view_pairs_and_zero_windows_keeps_the_fitted_ones(caplog, monkeypatch):
+    import mobiquant.calibration as calibration
+
+    chosen: dict[int, list[int]] = {}
+    choose = calibration._choose_view_pairs
+
+    def recording(block, *args):
+        views = choose(block, *args)
+        chosen.update({id(m): views for m in block.modules() if isinstance(m, MoBiLinear)})
+        return views
+
+    monkeypatch.setattr(calibration, "_choose_view_pairs", recording)
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(2))
+    cfg = mq.MoBiConfig(slice_bits=LAYOUT, group_size=32, router_hidden=8, view_steps=True)
+    scales, views = {}, {}
+    for n in (0, 2):
+        model = build_tiny_llama(0)
+        with caplog.at_level("INFO", logger="mobiquant.calibration"):
+            mq.calibrate(
+                model,
+                ids,
+                cfg,
+                epochs_stage1=1,
+                epochs_stage2=1,
+                batch_size=2,
+                progress_bar=False,
+                view_select_windows=n,
+                threshold_windows=0,
+            )
+        scales[n] = {name: m.scale.clone() for name, m in mobi_linears(model)}
+        views[n] = {name: chosen.get(id(m)) for name, m in mobi_linears(model)}
+        assert all(m.shared_pair is None for _, m in mobi_linears(model))
+    assert all(v is None for v in views[0].values())  # 0 windows: no choice made, the fitted pairs stay
+    assert "views reading the learned pair" in caplog.text
+    for name, fitted in scales[0].items():  # the same training: the pairs differ exactly at the chosen views
+        for k in range(1, len(LAYOUT) + 1):
+            same = torch.equal(scales[2][name][k - 1], fitted[k - 1])
+            assert same == (k not in views[2][name]), (name, k, views[2][name])
+    with pytest.raises(ValueError, match="view_select_windows must be >= 0"):
+        mq.calibrate(build_tiny_llama(0), ids, cfg, view_select_windows=-1)

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from .dist import is_rank_zero, world_size
+from .dist import broadcast_object, is_rank_zero, world_size
 from .nn.linear import MoBiLinear
 from .nn.router import TokenRouter, budget_bits
 from .patching import (
@@ -108,6 +108,11 @@ class CalibConfig:
     # by the group's block of the FP input second-moment matrix: the group's output error; measured better at
     # every budget, docs/RESULTS.md) or "diag" (each input column's error by its mean squared FP activation)
     view_fit: str = "block"
+    # With MoBiConfig.view_steps: per view, the block's output error on this many calibration windows decides
+    # between the fitted pairs and the learned shared pair (for all the block's linears); 0 keeps the fitted
+    # pairs at every view. On long calibrations the learned pair can be the better one at the high views
+    # (docs/RESULTS.md, "Paper protocol with a step and zero point per view").
+    view_select_windows: int = 4
 
     def __post_init__(self):
         if self.epochs_stage1 < 0 or self.epochs_stage2 < 0 or self.epochs_stage1 + self.epochs_stage2 == 0:
@@ -123,6 +128,8 @@ class CalibConfig:
             raise ValueError(f"batch_scope must be 'global' or 'per_device', got {self.batch_scope!r}")
         if self.view_fit not in ("diag", "block"):
             raise ValueError(f"view_fit must be 'diag' or 'block', got {self.view_fit!r}")
+        if self.view_select_windows < 0:
+            raise ValueError(f"view_select_windows must be >= 0 (0: no choice), got {self.view_select_windows}")
         if self.inputs_on not in ("auto", "device", "cpu"):
             raise ValueError(f"inputs_on must be 'auto', 'device' or 'cpu', got {self.inputs_on!r}")
         if self.lr_lwc_stage2 is not None and self.lr_lwc_stage2 < 0:
@@ -577,6 +584,42 @@ def _fit_block_thresholds(block: nn.Module, x: torch.Tensor, kwargs, cfg: CalibC
         r.fit_thresholds(xs)
 
 
+@torch.no_grad()
+def _choose_view_pairs(block: nn.Module, x: torch.Tensor, y: torch.Tensor, kwargs, cfg: CalibConfig) -> list[int]:
+    """Per view ``k``, whichever of the fitted per-view pairs and the learned shared pair gives the lower
+    output MSE of the packed block at static view ``k`` on inputs ``x`` (targets ``y``), for all its linears
+    at once; the views given the shared pair (rank 0's choice under DDP, so the ranks stay identical)."""
+    linears = [m for m in _block_mobi(block) if m.shared_pair is not None]
+    if not linears:
+        return []
+
+    def error(k: int) -> float:
+        for m in linears:
+            m.set_static(min(k, m.num_slices))
+        out = run_block_batched(block, x, kwargs, cfg.batch_size)
+        return float(F.mse_loss(out.float(), y.float()))
+
+    shared = []
+    for k in range(1, max(m.num_slices for m in linears) + 1):
+        fitted = error(k)
+        for m in linears:
+            if k <= m.num_slices:
+                m.use_shared_pair(k)
+        if error(k) < fitted:
+            shared.append(k)
+        for m in linears:
+            if k <= m.num_slices:
+                m.use_shared_pair(k, shared=False)
+    shared = broadcast_object(shared)
+    for m in linears:
+        for k in shared:
+            if k <= m.num_slices:
+                m.use_shared_pair(k)
+        m.drop_shared_pair()
+        m.set_static(m.num_slices)
+    return shared
+
+
 def _propagate(block, q_x, kwargs, cfg: CalibConfig, mobi: MoBiConfig, budget: float) -> torch.Tensor:
     """The next block's inputs: the quantized trajectory through this packed block at ``budget``."""
     for m in _block_mobi(block):
@@ -876,10 +919,15 @@ def calibrate_model(
         block.to(device)
         block.eval()
         col_weight = moments.mean()
+        choose = mobi.view_steps and cfg.view_select_windows > 0
         for name, m in block.named_modules():
             if isinstance(m, MoBiLinear):
                 m.target_bits = None
-                m.freeze(col_weight.get(name))
+                m.freeze(col_weight.get(name), keep_shared=choose)
+        if choose:
+            n = cfg.view_select_windows
+            shared = _choose_view_pairs(block, q_x[:n], fp_y[:n], kwargs, cfg)
+            log.info("block %d: views reading the learned pair: %s", i, shared or "none")
         for r in _block_routers(block):
             r.requires_grad_(False)
             r.clear_cache()

@@ -74,6 +74,9 @@ class MoBiLinear(nn.Module):
         else:
             self.gamma = self.beta = None
         self.packed = False
+        # the learned pair and the fitted per-view pairs, kept while calibration chooses between them per view
+        self.shared_pair: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._fitted_pairs: tuple[torch.Tensor, torch.Tensor] | None = None
         self.mode: Mode = "static"
         self.static_k = self.num_slices
         self.target_bits: float | None = None  # training-time budget for routed fake-quant
@@ -200,14 +203,16 @@ class MoBiLinear(nn.Module):
             raise RuntimeError("layer is not packed yet: call freeze() after calibration")
 
     @torch.no_grad()
-    def freeze(self, col_weight: torch.Tensor | None = None) -> None:
+    def freeze(self, col_weight: torch.Tensor | None = None, keep_shared: bool = False) -> None:
         """Turn the learned LWC into stored codes: bit-planes, fp16 steps and zero points; drop FP weight.
 
         With ``view_steps`` every view gets its own step and zero point per group, fitted to the FP weight by
         least squares with each input column's error weighted by ``col_weight`` ``[in]`` (its mean squared
         input activation on calibration text; None: equal weights), or each group's error measured by its block
         of the input second-moment matrix (``col_weight`` ``[n_groups, group_size, group_size]``; see
-        ``ResidualSlicer.fit_view_pairs``)."""
+        ``ResidualSlicer.fit_view_pairs``). ``keep_shared``: also keep the learned (shared) pair, so that
+        :meth:`use_shared_pair` can put it back for a view (calibration chooses per view by the block's error;
+        :meth:`drop_shared_pair` ends the choice)."""
         if self.packed:
             return
         sc = self.slicer.decompose(self.weight.float(), self.gamma, self.beta, scale_dtype=torch.float16)
@@ -218,6 +223,8 @@ class MoBiLinear(nn.Module):
         if self.view_steps:
             cw = None if col_weight is None else col_weight.to(self.weight.device)
             scale, zero = self.slicer.fit_view_pairs(self.weight.float(), sc.codes, sc.scale, cw)
+            if keep_shared:
+                self.shared_pair = (sc.scale.squeeze(-1).to(torch.float16), sc.zero.squeeze(-1).to(torch.float16))
         else:
             if col_weight is not None:
                 raise ValueError("col_weight fits a step and zero point per view: this layer has view_steps=False")
@@ -229,6 +236,26 @@ class MoBiLinear(nn.Module):
         self.gamma = self.beta = None
         self.packed = True
         self.clear_cache()
+
+    @torch.no_grad()
+    def use_shared_pair(self, k: int, shared: bool = True) -> None:
+        """View ``k`` reads the learned shared step and zero point (``shared``) or its own fitted pair again.
+
+        Only between ``freeze(keep_shared=True)`` and :meth:`drop_shared_pair` of a layer with ``view_steps``."""
+        if self.shared_pair is None:
+            raise RuntimeError("no shared pair kept: freeze(keep_shared=True) a layer with view_steps first")
+        self.slicer._check_k(k)
+        if self._fitted_pairs is None:
+            self._fitted_pairs = (self.scale.clone(), self.zero.clone())
+        src = self.shared_pair if shared else (self._fitted_pairs[0][k - 1], self._fitted_pairs[1][k - 1])
+        self.scale[k - 1].copy_(src[0])
+        self.zero[k - 1].copy_(src[1])
+        self.clear_cache()
+
+    def drop_shared_pair(self) -> None:
+        """End the per-view choice: the pairs stay as chosen, the kept copies go."""
+        self.shared_pair = None
+        self._fitted_pairs = None
 
     def make_packed_buffers(self, compute_dtype: torch.dtype = torch.float32) -> None:
         """Empty packed buffers of the right shapes, to be filled by ``load_state_dict``."""
