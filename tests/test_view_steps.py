@@ -135,24 +135,30 @@ def test_the_block_fit_minimises_each_groups_output_error():
         _layer(True).freeze(col_weight=torch.ones(4, 64, 32))
 
 
-def test_use_shared_pair_swaps_one_view_and_back():
+def test_blend_view_pair_moves_one_view_between_the_two_readings_and_back():
     m = _layer(True)
     m.freeze(keep_shared=True)
     fitted = m.scale.clone(), m.zero.clone()
     shared_scale, shared_zero = m.shared_pair
     before = m.dequantized(2).clone()
-    m.use_shared_pair(2)
+    m.blend_view_pair(2, 0.0)
     assert torch.equal(m.scale[1], shared_scale) and torch.equal(m.zero[1], shared_zero)
     assert torch.equal(m.scale[0], fitted[0][0]) and torch.equal(m.scale[2:], fitted[0][2:])
-    assert not torch.equal(m.dequantized(2), before)  # the cached view follows the swap
-    m.use_shared_pair(2, shared=False)
+    learned = m.dequantized(2).clone()
+    assert not torch.equal(learned, before)  # the cached view follows the pair
+    m.blend_view_pair(2, 0.25)  # the weights move on the line between the two readings (up to fp16 rounding)
+    off_line = (m.dequantized(2) - (0.75 * learned + 0.25 * before)).abs().max()
+    assert off_line < 0.02 * (learned - before).abs().max()
+    m.blend_view_pair(2, 1.0)
     assert torch.equal(m.scale, fitted[0]) and torch.equal(m.zero, fitted[1])
     assert torch.equal(m.dequantized(2), before)
     with pytest.raises(ValueError, match="k must be between 1 and 6"):
-        m.use_shared_pair(7)
+        m.blend_view_pair(7, 1.0)
+    with pytest.raises(ValueError, match="t must be in \\[0, 1\\]"):
+        m.blend_view_pair(1, 1.5)
     m.drop_shared_pair()
     with pytest.raises(RuntimeError, match="freeze\\(keep_shared=True\\)"):
-        m.use_shared_pair(1)
+        m.blend_view_pair(1, 0.0)
     plain = _layer(True)
     plain.freeze()
     assert plain.shared_pair is None
@@ -180,38 +186,57 @@ def _packed_block0(seed: int = 0):
     return block, x, y, kwargs
 
 
-def test_each_view_keeps_the_pair_with_the_lower_block_error():
+def test_each_view_keeps_the_blend_with_the_lowest_block_error():
     from mobiquant.calibration import CalibConfig, _choose_view_pairs, run_block_batched
 
     block, x, y, kwargs = _packed_block0()
     linears = [m for m in block.modules() if isinstance(m, MoBiLinear)]
-    with torch.no_grad():  # spoil the fitted pair of view 4: the learned pair must win there
+    with torch.no_grad():  # spoil the fitted pair of view 4: another blend must win there
         for m in linears:
             m.scale[3] *= 3
     fitted = {id(m): (m.scale.clone(), m.zero.clone()) for m in linears}
-    shared_pairs = {id(m): m.shared_pair for m in linears}
+    mix = (0.0, 0.5, 1.0)
 
-    def err(k: int, shared: bool) -> float:
+    def err(k: int, t: float) -> float:
         for m in linears:
-            m.use_shared_pair(k, shared)
+            m.blend_view_pair(k, t)
             m.set_static(k)
         with torch.no_grad():
-            return float(torch.nn.functional.mse_loss(run_block_batched(block, x, kwargs, 4), y))
+            e = float(torch.nn.functional.mse_loss(run_block_batched(block, x, kwargs, 4), y))
+        for m in linears:
+            m.blend_view_pair(k, 1.0)
+        return e
 
-    expected = [k for k in range(1, len(LAYOUT) + 1) if err(k, True) < err(k, False)]
-    chosen = _choose_view_pairs(block, x, y, kwargs, CalibConfig(batch_size=4))
+    expected = {}
+    for k in range(1, len(LAYOUT) + 1):
+        errs = {t: err(k, t) for t in mix}
+        best = min(errs, key=errs.get)
+        if errs[best] < errs[1.0]:
+            expected[k] = best
+    # what each chosen blend must hold, computed before the choice drops the kept pairs
+    want = {}
+    for m in linears:
+        for k, t in expected.items():
+            m.blend_view_pair(k, t)
+        want[id(m)] = (m.scale.clone(), m.zero.clone())
+        for k in expected:
+            m.blend_view_pair(k, 1.0)
+    chosen = _choose_view_pairs(block, x, y, kwargs, CalibConfig(batch_size=4, view_select_mix=list(mix)))
     assert chosen == expected and 4 in chosen and len(chosen) < len(LAYOUT)
     for m in linears:
         assert m.shared_pair is None and m.static_k == len(LAYOUT)
+        assert torch.equal(m.scale, want[id(m)][0]) and torch.equal(m.zero, want[id(m)][1])
         for k in range(1, len(LAYOUT) + 1):
-            want = shared_pairs[id(m)] if k in chosen else (fitted[id(m)][0][k - 1], fitted[id(m)][1][k - 1])
-            assert torch.equal(m.scale[k - 1], want[0]) and torch.equal(m.zero[k - 1], want[1])
+            if k not in chosen:
+                assert torch.equal(m.scale[k - 1], fitted[id(m)][0][k - 1])
+    with pytest.raises(ValueError, match="view_select_mix must be a non-empty list"):
+        CalibConfig(view_select_mix=[0.0, 2.0])
 
 
 def test_calibration_chooses_view_pairs_and_zero_windows_keeps_the_fitted_ones(caplog, monkeypatch):
     import mobiquant.calibration as calibration
 
-    chosen: dict[int, list[int]] = {}
+    chosen: dict[int, dict[int, float]] = {}
     choose = calibration._choose_view_pairs
 
     def recording(block, *args):
@@ -241,7 +266,7 @@ def test_calibration_chooses_view_pairs_and_zero_windows_keeps_the_fitted_ones(c
         views[n] = {name: chosen.get(id(m)) for name, m in mobi_linears(model)}
         assert all(m.shared_pair is None for _, m in mobi_linears(model))
     assert all(v is None for v in views[0].values())  # 0 windows: no choice made, the fitted pairs stay
-    assert "views reading the learned pair" in caplog.text
+    assert "views not on their fitted pair" in caplog.text
     for name, fitted in scales[0].items():  # the same training: the pairs differ exactly at the chosen views
         for k in range(1, len(LAYOUT) + 1):
             same = torch.equal(scales[2][name][k - 1], fitted[k - 1])

@@ -113,6 +113,8 @@ class CalibConfig:
     # pairs at every view. On long calibrations the learned pair can be the better one at the high views
     # (docs/RESULTS.md, "Paper protocol with a step and zero point per view").
     view_select_windows: int = 4
+    # the blends tried per view (1: the fitted pair, 0: the learned shared pair; MoBiLinear.blend_view_pair)
+    view_select_mix: Sequence[float] = (0.0, 0.5, 1.0)
 
     def __post_init__(self):
         if self.epochs_stage1 < 0 or self.epochs_stage2 < 0 or self.epochs_stage1 + self.epochs_stage2 == 0:
@@ -128,6 +130,11 @@ class CalibConfig:
             raise ValueError(f"batch_scope must be 'global' or 'per_device', got {self.batch_scope!r}")
         if self.view_fit not in ("diag", "block"):
             raise ValueError(f"view_fit must be 'diag' or 'block', got {self.view_fit!r}")
+        if not self.view_select_mix or any(not 0.0 <= float(t) <= 1.0 for t in self.view_select_mix):
+            raise ValueError(
+                f"view_select_mix must be a non-empty list of blends in [0, 1] (1: the fitted pair, 0: the "
+                f"learned shared pair), got {list(self.view_select_mix)}"
+            )
         if self.view_select_windows < 0:
             raise ValueError(f"view_select_windows must be >= 0 (0: no choice), got {self.view_select_windows}")
         if self.inputs_on not in ("auto", "device", "cpu"):
@@ -585,39 +592,46 @@ def _fit_block_thresholds(block: nn.Module, x: torch.Tensor, kwargs, cfg: CalibC
 
 
 @torch.no_grad()
-def _choose_view_pairs(block: nn.Module, x: torch.Tensor, y: torch.Tensor, kwargs, cfg: CalibConfig) -> list[int]:
-    """Per view ``k``, whichever of the fitted per-view pairs and the learned shared pair gives the lower
-    output MSE of the packed block at static view ``k`` on inputs ``x`` (targets ``y``), for all its linears
-    at once; the views given the shared pair (rank 0's choice under DDP, so the ranks stay identical)."""
+def _choose_view_pairs(
+    block: nn.Module, x: torch.Tensor, y: torch.Tensor, kwargs, cfg: CalibConfig
+) -> dict[int, float]:
+    """Per view ``k``, the blend of the fitted per-view pairs and the learned shared pair
+    (``MoBiLinear.blend_view_pair``, ``t`` from ``cfg.view_select_mix``; 1 is the fitted pair) with the lowest
+    output MSE of the packed block at static view ``k`` on inputs ``x`` (targets ``y``), one ``t`` for all its
+    linears; the fitted pair unless another is strictly better. Returns the views not left at the fitted pair,
+    with their ``t`` (rank 0's choice under DDP, so the ranks stay identical)."""
     linears = [m for m in _block_mobi(block) if m.shared_pair is not None]
     if not linears:
-        return []
+        return {}
 
-    def error(k: int) -> float:
+    def error(k: int, t: float) -> float:
         for m in linears:
+            if k <= m.num_slices:
+                m.blend_view_pair(k, t)
             m.set_static(min(k, m.num_slices))
         out = run_block_batched(block, x, kwargs, cfg.batch_size)
         return float(F.mse_loss(out.float(), y.float()))
 
-    shared = []
+    chosen = {}
     for k in range(1, max(m.num_slices for m in linears) + 1):
-        fitted = error(k)
+        best_t, best = 1.0, error(k, 1.0)
+        for t in sorted(set(cfg.view_select_mix) - {1.0}, reverse=True):
+            e = error(k, t)
+            if e < best:
+                best_t, best = t, e
+        if best_t != 1.0:
+            chosen[k] = best_t
         for m in linears:
             if k <= m.num_slices:
-                m.use_shared_pair(k)
-        if error(k) < fitted:
-            shared.append(k)
-        for m in linears:
-            if k <= m.num_slices:
-                m.use_shared_pair(k, shared=False)
-    shared = broadcast_object(shared)
+                m.blend_view_pair(k, 1.0)
+    chosen = broadcast_object(chosen)
     for m in linears:
-        for k in shared:
+        for k, t in chosen.items():
             if k <= m.num_slices:
-                m.use_shared_pair(k)
+                m.blend_view_pair(k, t)
         m.drop_shared_pair()
         m.set_static(m.num_slices)
-    return shared
+    return chosen
 
 
 def _propagate(block, q_x, kwargs, cfg: CalibConfig, mobi: MoBiConfig, budget: float) -> torch.Tensor:
@@ -926,8 +940,8 @@ def calibrate_model(
                 m.freeze(col_weight.get(name), keep_shared=choose)
         if choose:
             n = cfg.view_select_windows
-            shared = _choose_view_pairs(block, q_x[:n], fp_y[:n], kwargs, cfg)
-            log.info("block %d: views reading the learned pair: %s", i, shared or "none")
+            blends = _choose_view_pairs(block, q_x[:n], fp_y[:n], kwargs, cfg)
+            log.info("block %d: views not on their fitted pair (view: share of it): %s", i, blends or "none")
         for r in _block_routers(block):
             r.requires_grad_(False)
             r.clear_cache()

@@ -238,18 +238,31 @@ class MoBiLinear(nn.Module):
         self.clear_cache()
 
     @torch.no_grad()
-    def use_shared_pair(self, k: int, shared: bool = True) -> None:
-        """View ``k`` reads the learned shared step and zero point (``shared``) or its own fitted pair again.
+    def blend_view_pair(self, k: int, t: float) -> None:
+        """View ``k`` reads ``t`` of its fitted step and zero point and ``1 - t`` of the learned shared pair.
 
-        Only between ``freeze(keep_shared=True)`` and :meth:`drop_shared_pair` of a layer with ``view_steps``."""
+        ``t = 1``: the fitted pair (as packed), ``t = 0``: the shared pair, exactly; in between, the step and the
+        offset ``step * zero`` are blended linearly (the view's weights move on the line between the two
+        readings) and rounded to fp16. Only between ``freeze(keep_shared=True)`` and :meth:`drop_shared_pair` of
+        a layer with ``view_steps``."""
         if self.shared_pair is None:
             raise RuntimeError("no shared pair kept: freeze(keep_shared=True) a layer with view_steps first")
         self.slicer._check_k(k)
+        if not 0.0 <= t <= 1.0:
+            raise ValueError(f"t must be in [0, 1] (1: the fitted pair, 0: the shared pair), got {t}")
         if self._fitted_pairs is None:
             self._fitted_pairs = (self.scale.clone(), self.zero.clone())
-        src = self.shared_pair if shared else (self._fitted_pairs[0][k - 1], self._fitted_pairs[1][k - 1])
-        self.scale[k - 1].copy_(src[0])
-        self.zero[k - 1].copy_(src[1])
+        fit_s, fit_z = self._fitted_pairs[0][k - 1], self._fitted_pairs[1][k - 1]
+        sh_s, sh_z = self.shared_pair
+        if t == 1.0 or t == 0.0:
+            scale, zero = (fit_s, fit_z) if t == 1.0 else (sh_s, sh_z)
+        else:
+            s1, s0 = fit_s.float(), sh_s.float()
+            scale = ((1 - t) * s0 + t * s1).half()
+            offset = (1 - t) * s0 * sh_z.float() + t * s1 * fit_z.float()
+            zero = (offset / scale.float()).clamp(-65504, 65504).half()
+        self.scale[k - 1].copy_(scale)
+        self.zero[k - 1].copy_(zero)
         self.clear_cache()
 
     def drop_shared_pair(self) -> None:
