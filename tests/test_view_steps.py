@@ -273,3 +273,57 @@ def test_calibration_chooses_view_pairs_and_zero_windows_keeps_the_fitted_ones(c
             assert same == (k not in views[2][name]), (name, k, views[2][name])
     with pytest.raises(ValueError, match="view_select_windows must be >= 0"):
         mq.calibrate(build_tiny_llama(0), ids, cfg, view_select_windows=-1)
+
+
+def test_fit_view_to_outputs_recovers_a_pair_and_never_raises_the_output_error():
+    m = _layer(True)
+    m.freeze()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(256, m.in_features, generator=g) * torch.linspace(0.5, 2, m.in_features)
+    k = 2
+    start = m.scale[k - 1].clone(), m.zero[k - 1].clone()
+    with torch.no_grad():  # outputs of a known pair for view k
+        m.scale[k - 1].mul_(1.1)
+        m.zero[k - 1].add_(0.3)
+        m.clear_cache()
+        want = m.scale[k - 1].clone(), m.zero[k - 1].clone()
+        y = x @ m.dequantized(k).T
+        m.scale[k - 1].copy_(start[0])
+        m.zero[k - 1].copy_(start[1])
+        m.clear_cache()
+    m.fit_view_to_outputs(k, x, y)
+    torch.testing.assert_close(m.scale[k - 1], want[0], rtol=2e-3, atol=0)
+    torch.testing.assert_close(m.zero[k - 1].float(), want[1].float(), rtol=0, atol=2e-2)
+    # outputs another weight gives on other inputs (the FP layer on FP activations): the refit only helps
+    w_fp = torch.randn(m.out_features, m.in_features, generator=g) * 0.05 + m.dequantized(3)
+    x_fp = x + 0.1 * torch.randn(x.shape, generator=g)
+    y_fp = x_fp @ w_fp.T
+    for view in range(1, len(LAYOUT) + 1):
+        before = float(((x @ m.dequantized(view).T - y_fp) ** 2).sum())
+        m.fit_view_to_outputs(view, x, y_fp)
+        after = float(((x @ m.dequantized(view).T - y_fp) ** 2).sum())
+        assert after <= before
+        assert after < 0.99 * before or view > 3
+    shared = _layer(False)
+    shared.freeze()
+    with pytest.raises(RuntimeError, match="view_steps=False"):
+        shared.fit_view_to_outputs(1, x, y)
+
+
+def test_calibration_fits_views_to_outputs():
+    model = build_tiny_llama(0)
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(2))
+    cfg = mq.MoBiConfig(slice_bits=LAYOUT, group_size=32, router_hidden=8, view_steps=True)
+    kw = dict(epochs_stage1=1, epochs_stage2=1, batch_size=2, progress_bar=False, threshold_windows=0)
+    mq.calibrate(model, ids, cfg, view_fit="output", view_fit_windows=2, **kw)
+    block = build_tiny_llama(0)
+    mq.calibrate(block, ids, cfg, view_fit="block", **kw)
+    diffs = [
+        not torch.equal(a.scale, b.scale)
+        for (_, a), (_, b) in zip(mobi_linears(model), mobi_linears(block), strict=True)
+    ]
+    assert any(diffs)  # the output refit moved pairs
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+    with pytest.raises(ValueError, match="view_fit must be 'diag', 'block' or 'output'"):
+        mq.calibrate(build_tiny_llama(0), ids, cfg, view_fit="outputs")
