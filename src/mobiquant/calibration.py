@@ -108,10 +108,6 @@ class CalibConfig:
     # by the group's block of the FP input second-moment matrix: the group's output error; measured better at
     # every budget, docs/RESULTS.md) or "diag" (each input column's error by its mean squared FP activation)
     view_fit: str = "block"
-    # view_fit="output": after the block fit, each view's pairs are refitted so that each linear, fed what it
-    # receives in the packed block at that view (the quantized-path inputs), reproduces the FP linear's outputs
-    # on the FP activations, on this many calibration windows
-    view_fit_windows: int = 4
     # With MoBiConfig.view_steps: per view, the block's output error on this many calibration windows decides
     # between the fitted pairs and the learned shared pair (for all the block's linears); 0 keeps the fitted
     # pairs at every view. On long calibrations the learned pair can be the better one at the high views
@@ -132,10 +128,8 @@ class CalibConfig:
             raise ValueError(f"budget_sampling must be 'uniform' or 'cycle', got {self.budget_sampling!r}")
         if self.batch_scope not in ("global", "per_device"):
             raise ValueError(f"batch_scope must be 'global' or 'per_device', got {self.batch_scope!r}")
-        if self.view_fit not in ("diag", "block", "output"):
-            raise ValueError(f"view_fit must be 'diag', 'block' or 'output', got {self.view_fit!r}")
-        if self.view_fit_windows < 1:
-            raise ValueError(f"view_fit_windows must be >= 1, got {self.view_fit_windows}")
+        if self.view_fit not in ("diag", "block"):
+            raise ValueError(f"view_fit must be 'diag' or 'block', got {self.view_fit!r}")
         if not self.view_select_mix or any(not 0.0 <= float(t) <= 1.0 for t in self.view_select_mix):
             raise ValueError(
                 f"view_select_mix must be a non-empty list of blends in [0, 1] (1: the fitted pair, 0: the "
@@ -339,33 +333,7 @@ def run_block_batched(
     return y.pin_memory() if x.is_pinned() else y
 
 
-class _LinearHooks:
-    """Forward hooks on the named linears of a block while attached: ``with obj.attached(block): ...``; each
-    forward calls ``_record(name, inputs [tokens, in], outputs [tokens, out])``."""
-
-    names: list[str]
-
-    def _record(self, name: str, x: torch.Tensor, out: torch.Tensor) -> None:
-        raise NotImplementedError
-
-    @contextlib.contextmanager
-    def attached(self, block: nn.Module):
-        hooks = []
-        for name in self.names:
-
-            def hook(_mod, args, out, name=name):
-                x = args[0].detach()
-                self._record(name, x.reshape(-1, x.shape[-1]), out.detach().reshape(-1, out.shape[-1]))
-
-            hooks.append(block.get_submodule(name).register_forward_hook(hook))
-        try:
-            yield self
-        finally:
-            for h in hooks:
-                h.remove()
-
-
-class InputMoments(_LinearHooks):
+class InputMoments:
     """Second moments of the inputs of the named linears of a block, over every forward while attached:
     ``with moments.attached(block): ...`` then ``moments.mean()`` -> ``{name: tensor}`` (float64): per column
     (``[in]``, the mean squared activation) or, with ``group_size``, the diagonal blocks of the mean ``x x^T``
@@ -385,55 +353,28 @@ class InputMoments(_LinearHooks):
         xg = F.pad(x.float(), (0, pad)).reshape(x.shape[0], -1, gs)
         return torch.einsum("ngi,ngj->gij", xg, xg).double()
 
-    def _record(self, name: str, x: torch.Tensor, out: torch.Tensor) -> None:
-        self.sums[name] = self.sums.get(name, 0) + self._moment(x)
-        self.counts[name] = self.counts.get(name, 0) + x.shape[0]
+    @contextlib.contextmanager
+    def attached(self, block: nn.Module):
+        hooks = []
+        for name in self.names:
+
+            def hook(_mod, args, _out, name=name):
+                x = args[0].detach().reshape(-1, args[0].shape[-1])
+                self.sums[name] = self.sums.get(name, 0) + self._moment(x)
+                self.counts[name] = self.counts.get(name, 0) + x.shape[0]
+
+            hooks.append(block.get_submodule(name).register_forward_hook(hook))
+        try:
+            yield self
+        finally:
+            for h in hooks:
+                h.remove()
 
     def mean(self) -> dict[str, torch.Tensor]:
         missing = [n for n in self.names if not self.counts.get(n)]
         if missing:
             raise RuntimeError(f"no input reached {missing} while measuring input moments")
         return {n: self.sums[n] / self.counts[n] for n in self.names}
-
-
-class LinearIO(_LinearHooks):
-    """The inputs (``inputs``) and outputs (``outputs``) of the named linears of a block, flattened to
-    ``[tokens, features]``, over every forward while attached: ``with LinearIO(names).attached(block) as io``."""
-
-    def __init__(self, names: Sequence[str], inputs: bool = True, outputs: bool = False):
-        self.names = list(names)
-        self.keep_inputs, self.outputs = inputs, outputs
-        self.x: dict[str, list[torch.Tensor]] = {n: [] for n in self.names}
-        self.y: dict[str, list[torch.Tensor]] = {n: [] for n in self.names}
-
-    def _record(self, name: str, x: torch.Tensor, out: torch.Tensor) -> None:
-        if self.keep_inputs:
-            self.x[name].append(x)
-        if self.outputs:
-            self.y[name].append(out)
-
-    def inputs(self, name: str) -> torch.Tensor:
-        return torch.cat(self.x[name])
-
-    def targets(self, name: str) -> torch.Tensor:
-        return torch.cat(self.y[name])
-
-
-@torch.no_grad()
-def _fit_views_to_outputs(block: nn.Module, x: torch.Tensor, kwargs, cfg: CalibConfig, fp_io: LinearIO) -> None:
-    """Per view, every linear's pair refitted on what it receives in the packed block at that view (inputs
-    ``x``, the quantized path) against the FP linear's outputs on the FP activations (``fp_io``)."""
-    linears = {name: m for name, m in block.named_modules() if isinstance(m, MoBiLinear) and name in fp_io.y}
-    for k in range(1, max(m.num_slices for m in linears.values()) + 1):
-        for m in linears.values():
-            m.set_static(min(k, m.num_slices))
-        with LinearIO(list(linears)).attached(block) as q_io:
-            run_block_batched(block, x, kwargs, cfg.batch_size)
-        for name, m in linears.items():
-            if k <= m.num_slices:
-                m.fit_view_to_outputs(k, q_io.inputs(name), fp_io.targets(name))
-    for m in linears.values():
-        m.set_static(m.num_slices)
 
 
 # ---------------------------------------------------------------------------- Lightning module
@@ -954,15 +895,10 @@ def calibrate_model(
         # activations on the calibration windows), which weight the per-view step fit at packing
         moments = InputMoments(
             [n for group in sites[i] for n in group] if mobi.view_steps else [],
-            mobi.group_size if cfg.view_fit in ("block", "output") else None,
+            mobi.group_size if cfg.view_fit == "block" else None,
         )
         with moments.attached(block):
             fp_y = run_block_batched(block, fp_x, kwargs, cfg.batch_size)
-        fp_io = None
-        if mobi.view_steps and cfg.view_fit == "output":  # each linear's FP inputs and outputs on a few windows
-            names = [n for group in sites[i] for n in group]
-            with LinearIO(names, inputs=False, outputs=True).attached(block) as fp_io:
-                run_block_batched(block, fp_x[: cfg.view_fit_windows], kwargs, cfg.batch_size)
         torch.manual_seed(cfg.seed * 1_000_003 + i)  # router init: the same whether resumed or not
         quantize_block(block, sites[i], mobi)
         if state is not None and state.has(i):
@@ -1002,8 +938,6 @@ def calibrate_model(
             if isinstance(m, MoBiLinear):
                 m.target_bits = None
                 m.freeze(col_weight.get(name), keep_shared=choose)
-        if fp_io is not None:
-            _fit_views_to_outputs(block, q_x[: cfg.view_fit_windows], kwargs, cfg, fp_io)
         if choose:
             n = cfg.view_select_windows
             blends = _choose_view_pairs(block, q_x[:n], fp_y[:n], kwargs, cfg)

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..quant.packing import pack_codes, packed_width, unpack_codes
-from ..quant.primitives import from_groups, num_groups, to_groups
+from ..quant.primitives import from_groups, num_groups
 from ..quant.slicer import ResidualSlicer
 from .router import TokenRouter
 
@@ -235,26 +235,6 @@ class MoBiLinear(nn.Module):
         self.register_buffer("weight", None)
         self.gamma = self.beta = None
         self.packed = True
-        self.clear_cache()
-
-    @torch.no_grad()
-    def fit_view_to_outputs(self, k: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Refit view ``k``'s step and zero point of a packed ``view_steps`` layer so that its outputs on the
-        inputs ``x`` ``[T, in]`` it receives best match ``y`` ``[T, out]`` (e.g. the FP layer's outputs on
-        the FP activations; the bias is taken off ``y``); see ``ResidualSlicer.fit_view_pair_to_outputs``."""
-        self._require_packed()
-        if not self.view_steps:
-            raise RuntimeError("fit_view_to_outputs refits a pair per view: this layer has view_steps=False")
-        self.slicer._check_k(k)
-        gs = self.slicer.group_size
-        codes = [to_groups(c.float(), gs) for c in self.codes()]
-        target = y if self.bias is None else y - self.bias.to(y.dtype)
-        scale, zero = self.slicer.fit_view_pair_to_outputs(codes, k, x, target, self.scale[k - 1], self.zero[k - 1])
-        self.scale[k - 1].copy_(scale)
-        self.zero[k - 1].copy_(zero)
-        if self._fitted_pairs is not None:  # the refit is the fitted pair that blends start from
-            self._fitted_pairs[0][k - 1].copy_(scale)
-            self._fitted_pairs[1][k - 1].copy_(zero)
         self.clear_cache()
 
     @torch.no_grad()

@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .primitives import (
     GroupQuantParams,
@@ -324,77 +323,6 @@ class ResidualSlicer:
             scales.append(s.squeeze(-1).half())
             zeros.append(z.clamp(-fp16.max, fp16.max).squeeze(-1).half())
         return torch.stack(scales), torch.stack(zeros)
-
-    def fit_view_pair_to_outputs(
-        self,
-        codes: Sequence[torch.Tensor],
-        k: int,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        scale: torch.Tensor,
-        zero: torch.Tensor,
-        ridge: float = 1e-6,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """View ``k``'s step and zero point per row and group (``[out, n_groups]`` fp16) that best reproduce the
-        outputs ``y`` ``[T, out]`` from the inputs ``x`` ``[T, in]`` the view actually receives, all groups of
-        a row fitted jointly (least squares over the tokens: ``y ~ sum_g s_g (t_g . x_g) - s_g z_g (1 . x_g)``).
-
-        ``y`` may come from another weight and other inputs (the FP layer on the FP activations), so the fit
-        also compensates the error that reaches this layer. ``scale``/``zero`` (``[out, n_groups]``): the pair it
-        starts from; a row keeps it where the fit is not better on these tokens (or not finite, or a step not
-        positive). The step is rounded to fp16 before the offsets are refitted for it. ``codes``: the slice
-        codes, grouped ``[out, n_groups, group_size]``."""
-        gs = self.group_size
-        out_f, ng = scale.shape
-        shift = self.residual_shift(k)
-        t = self.concat_codes(codes, k).double() / 2**shift - (1 - 2.0**-shift) / 2  # [out, G, gs]
-        # normal equations summed over token chunks (P: [chunk, out, G] of at most ~2^24 numbers)
-        dd = dict(dtype=torch.float64, device=t.device)
-        PP, PQ = torch.zeros(out_f, ng, ng, **dd), torch.zeros(out_f, ng, ng, **dd)
-        QQ, PY, QY = torch.zeros(ng, ng, **dd), torch.zeros(out_f, ng, **dd), torch.zeros(out_f, ng, **dd)
-        chunk = max(1, (1 << 24) // (out_f * ng))
-        for start in range(0, x.shape[0], chunk):
-            xs = x[start : start + chunk].to(t.device).double()
-            xg = F.pad(xs, (0, ng * gs - xs.shape[-1])).reshape(xs.shape[0], ng, gs)
-            yd = y[start : start + chunk].to(t.device).double()
-            P = torch.einsum("tgi,ogi->tog", xg, t)  # each group's share of the code product
-            Q = xg.sum(-1)  # [chunk, G]
-            PP += torch.einsum("tog,toh->ogh", P, P)
-            PQ += torch.einsum("tog,th->ogh", P, Q)
-            QQ += Q.T @ Q
-            PY += torch.einsum("tog,to->og", P, yd)
-            QY += yd.T @ Q
-        # unknowns per row: [s_1..s_G, c_1..c_G] with c = s z; residual y - P s + Q c
-        A = torch.cat([torch.cat([PP, -PQ], -1), torch.cat([-PQ.transpose(1, 2), QQ.expand(out_f, ng, ng)], -1)], 1)
-        b = torch.cat([PY, -QY], -1)
-        s0, c0 = scale.double(), scale.double() * zero.double()
-        u0 = torch.cat([s0, c0], -1)
-        lam = ridge * torch.diagonal(A, dim1=1, dim2=2).mean(-1).clamp_min(1e-30)[:, None]
-        eye = torch.eye(2 * ng, dtype=A.dtype, device=A.device)
-        u = torch.linalg.solve(A + lam[:, :, None] * eye, (b + lam * u0).unsqueeze(-1)).squeeze(-1)
-        fp16 = torch.finfo(torch.float16)
-        s_new = u[:, :ng].clamp(max=fp16.max).half().double()
-        # offsets for the rounded step: QQ c = PQ^T s - QY
-        rhs = torch.einsum("ogh,og->oh", PQ, s_new) - QY
-        lam_q = ridge * torch.diagonal(QQ).mean().clamp_min(1e-30)
-        c_new = torch.linalg.solve(QQ + lam_q * torch.eye(ng, dtype=QQ.dtype, device=QQ.device), rhs.T).T
-        z_new = (c_new / s_new).clamp(-fp16.max, fp16.max).half().double()
-        u_new = torch.cat([s_new, s_new * z_new], -1)
-
-        def err(v: torch.Tensor) -> torch.Tensor:  # ||y - P s + Q c||^2 - ||y||^2 per row
-            return torch.einsum("oa,oab,ob->o", v, A, v) - 2 * (b * v).sum(-1)
-
-        ok = (
-            torch.isfinite(u_new).all(-1)
-            & (s_new >= fp16.tiny).all(-1)
-            & torch.isfinite(z_new).all(-1)
-            & (err(u_new) < err(u0))
-        )
-        keep = ok[:, None]
-        return (
-            torch.where(keep, s_new, s0).to(torch.float16),
-            torch.where(keep, z_new, zero.double()).to(torch.float16),
-        )
 
     def integer_view(
         self, codes: Sequence[torch.Tensor], scale: torch.Tensor, zero: torch.Tensor, k: int
