@@ -247,11 +247,11 @@ def test_calibration_chooses_view_pairs_and_zero_windows_keeps_the_fitted_ones(c
     monkeypatch.setattr(calibration, "_choose_view_pairs", recording)
     ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(2))
     cfg = mq.MoBiConfig(slice_bits=LAYOUT, group_size=32, router_hidden=8, view_steps=True)
-    scales, views = {}, {}
+    scales, views, reports = {}, {}, {}
     for n in (0, 2):
         model = build_tiny_llama(0)
         with caplog.at_level("INFO", logger="mobiquant.calibration"):
-            mq.calibrate(
+            result = mq.calibrate(
                 model,
                 ids,
                 cfg,
@@ -264,9 +264,14 @@ def test_calibration_chooses_view_pairs_and_zero_windows_keeps_the_fitted_ones(c
             )
         scales[n] = {name: m.scale.clone() for name, m in mobi_linears(model)}
         views[n] = {name: chosen.get(id(m)) for name, m in mobi_linears(model)}
+        reports[n] = [b.view_blends for b in result.blocks]
         assert all(m.shared_pair is None for _, m in mobi_linears(model))
     assert all(v is None for v in views[0].values())  # 0 windows: no choice made, the fitted pairs stay
     assert "views not on their fitted pair" in caplog.text
+    # calibration.csv's view_blends column: each block's choice, "" where none was made or every view kept its pair
+    blends = {int(name.split(".layers.")[1].split(".")[0]): v for name, v in views[2].items()}
+    want = [" ".join(f"{k}:{t:g}" for k, t in sorted(blends[b].items())) for b in range(len(reports[2]))]
+    assert reports[0] == ["", ""] and reports[2] == want and any(want)
     for name, fitted in scales[0].items():  # the same training: the pairs differ exactly at the chosen views
         for k in range(1, len(LAYOUT) + 1):
             same = torch.equal(scales[2][name][k - 1], fitted[k - 1])

@@ -535,6 +535,9 @@ class BlockReport:
     seconds: float
     steps: int
     peak_mem_mb: float = math.nan  # peak accelerator memory allocated during the block (CUDA only)
+    # views not read with their fitted pair after the per-view choice, as "view:share of the fitted pair"
+    # (calib.view_select_*; e.g. "1:0.5 6:0"), "" when every view kept it or no choice was made
+    view_blends: str = ""
 
 
 @dataclass
@@ -938,6 +941,7 @@ def calibrate_model(
             if isinstance(m, MoBiLinear):
                 m.target_bits = None
                 m.freeze(col_weight.get(name), keep_shared=choose)
+        blends: dict[int, float] = {}
         if choose:
             n = cfg.view_select_windows
             blends = _choose_view_pairs(block, q_x[:n], fp_y[:n], kwargs, cfg)
@@ -950,7 +954,15 @@ def calibrate_model(
         steps = int(block_tr.global_step)
         step_offset += steps
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if on_cuda else math.nan
-        report = BlockReport(i, module.final_loss, module.final_mse, time.perf_counter() - t0, steps, peak)
+        report = BlockReport(
+            i,
+            module.final_loss,
+            module.final_mse,
+            time.perf_counter() - t0,
+            steps,
+            peak,
+            " ".join(f"{k}:{t:g}" for k, t in sorted(blends.items())),
+        )
         if state is not None:
             state.save(i, block, report)
         q_x = _propagate(block, q_x, kwargs, cfg, mobi, prop_budget)
