@@ -212,11 +212,11 @@ def test_each_view_keeps_the_blend_with_the_lowest_block_error():
         errs = {t: err(k, t) for t in mix}
         best = min(errs, key=errs.get)
         if errs[best] < errs[1.0]:
-            expected[k] = best
+            expected[k] = (best,)
     # what each chosen blend must hold, computed before the choice drops the kept pairs
     want = {}
     for m in linears:
-        for k, t in expected.items():
+        for k, (t,) in expected.items():
             m.blend_view_pair(k, t)
         want[id(m)] = (m.scale.clone(), m.zero.clone())
         for k in expected:
@@ -236,7 +236,7 @@ def test_each_view_keeps_the_blend_with_the_lowest_block_error():
 def test_calibration_chooses_view_pairs_and_zero_windows_keeps_the_fitted_ones(caplog, monkeypatch):
     import mobiquant.calibration as calibration
 
-    chosen: dict[int, dict[int, float]] = {}
+    chosen: dict[int, dict[int, tuple[float, ...]]] = {}
     choose = calibration._choose_view_pairs
 
     def recording(block, *args):
@@ -270,7 +270,7 @@ def test_calibration_chooses_view_pairs_and_zero_windows_keeps_the_fitted_ones(c
     assert "views not on their fitted pair" in caplog.text
     # calibration.csv's view_blends column: each block's choice, "" where none was made or every view kept its pair
     blends = {int(name.split(".layers.")[1].split(".")[0]): v for name, v in views[2].items()}
-    want = [" ".join(f"{k}:{t:g}" for k, t in sorted(blends[b].items())) for b in range(len(reports[2]))]
+    want = [" ".join(f"{k}:{t:g}" for k, (t,) in sorted(blends[b].items())) for b in range(len(reports[2]))]
     assert reports[0] == ["", ""] and reports[2] == want and any(want)
     for name, fitted in scales[0].items():  # the same training: the pairs differ exactly at the chosen views
         for k in range(1, len(LAYOUT) + 1):
@@ -278,3 +278,34 @@ def test_calibration_chooses_view_pairs_and_zero_windows_keeps_the_fitted_ones(c
             assert same == (k not in views[2][name]), (name, k, views[2][name])
     with pytest.raises(ValueError, match="view_select_windows must be >= 0"):
         mq.calibrate(build_tiny_llama(0), ids, cfg, view_select_windows=-1)
+
+
+def test_choice_per_site_never_raises_the_block_error():
+    from mobiquant.calibration import CalibConfig, _choose_view_pairs, run_block_batched
+
+    block, x, y, kwargs = _packed_block0()
+    sites: dict[int, list[MoBiLinear]] = {}
+    for m in block.modules():
+        if isinstance(m, MoBiLinear):
+            sites.setdefault(id(m.router), []).append(m)
+    groups = list(sites.values())
+    assert len(groups) > 1
+    with torch.no_grad():  # spoil one site's fitted pair at view 3: that site must leave it
+        for m in groups[0]:
+            m.scale[2] *= 3
+
+    def err(k: int) -> float:
+        for g in groups:
+            for m in g:
+                m.set_static(k)
+        with torch.no_grad():
+            return float(torch.nn.functional.mse_loss(run_block_batched(block, x, kwargs, 4), y))
+
+    fitted = [err(k) for k in range(1, len(LAYOUT) + 1)]
+    chosen = _choose_view_pairs(block, x, y, kwargs, CalibConfig(batch_size=4), groups)
+    assert chosen[3][0] != 1.0 and all(len(ts) == len(groups) for ts in chosen.values())
+    for k in range(1, len(LAYOUT) + 1):
+        assert err(k) <= fitted[k - 1] * (1 + 1e-6)
+        assert (k in chosen) == (err(k) < fitted[k - 1])
+    with pytest.raises(ValueError, match="view_select_by must be 'block' or 'site'"):
+        CalibConfig(view_select_by="linear")

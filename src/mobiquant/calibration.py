@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -115,6 +115,8 @@ class CalibConfig:
     view_select_windows: int = 4
     # the blends tried per view (1: the fitted pair, 0: the learned shared pair; MoBiLinear.blend_view_pair)
     view_select_mix: Sequence[float] = (0.0, 0.5, 1.0)
+    # one blend per view for all the block's linears ("block") or for each router site in turn ("site")
+    view_select_by: str = "block"
 
     def __post_init__(self):
         if self.epochs_stage1 < 0 or self.epochs_stage2 < 0 or self.epochs_stage1 + self.epochs_stage2 == 0:
@@ -135,6 +137,8 @@ class CalibConfig:
                 f"view_select_mix must be a non-empty list of blends in [0, 1] (1: the fitted pair, 0: the "
                 f"learned shared pair), got {list(self.view_select_mix)}"
             )
+        if self.view_select_by not in ("block", "site"):
+            raise ValueError(f"view_select_by must be 'block' or 'site', got {self.view_select_by!r}")
         if self.view_select_windows < 0:
             raise ValueError(f"view_select_windows must be >= 0 (0: no choice), got {self.view_select_windows}")
         if self.inputs_on not in ("auto", "device", "cpu"):
@@ -596,42 +600,58 @@ def _fit_block_thresholds(block: nn.Module, x: torch.Tensor, kwargs, cfg: CalibC
 
 @torch.no_grad()
 def _choose_view_pairs(
-    block: nn.Module, x: torch.Tensor, y: torch.Tensor, kwargs, cfg: CalibConfig
-) -> dict[int, float]:
-    """Per view ``k``, the blend of the fitted per-view pairs and the learned shared pair
-    (``MoBiLinear.blend_view_pair``, ``t`` from ``cfg.view_select_mix``; 1 is the fitted pair) with the lowest
-    output MSE of the packed block at static view ``k`` on inputs ``x`` (targets ``y``), one ``t`` for all its
-    linears; the fitted pair unless another is strictly better. Returns the views not left at the fitted pair,
-    with their ``t`` (rank 0's choice under DDP, so the ranks stay identical)."""
-    linears = [m for m in _block_mobi(block) if m.shared_pair is not None]
+    block: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    kwargs,
+    cfg: CalibConfig,
+    groups: Sequence[Sequence[MoBiLinear]] | None = None,
+) -> dict[int, tuple[float, ...]]:
+    """Per view ``k``, a blend of the fitted per-view pairs and the learned shared pair for each group of linears
+    (``MoBiLinear.blend_view_pair``, ``t`` from ``cfg.view_select_mix``; 1 is the fitted pair) that lowers the
+    output MSE of the packed block at static view ``k`` on inputs ``x`` (targets ``y``): the groups in turn,
+    each keeping the best ``t`` given the others (one group, all the block's linears, by default), the fitted
+    pair unless another is strictly better. Returns the views where some group left its fitted pair, with
+    each group's ``t`` (rank 0's choice under DDP, so the ranks stay identical)."""
+    if groups is None:
+        groups = [_block_mobi(block)]
+    groups = [[m for m in g if m.shared_pair is not None] for g in groups]
+    groups = [g for g in groups if g]
+    linears = [m for g in groups for m in g]
     if not linears:
         return {}
 
-    def error(k: int, t: float) -> float:
+    def set_blends(k: int, ts: Sequence[float]) -> None:
+        for g, t in zip(groups, ts, strict=True):
+            for m in g:
+                if k <= m.num_slices:
+                    m.blend_view_pair(k, t)
+
+    def error(k: int, ts: Sequence[float]) -> float:
+        set_blends(k, ts)
         for m in linears:
-            if k <= m.num_slices:
-                m.blend_view_pair(k, t)
             m.set_static(min(k, m.num_slices))
         out = run_block_batched(block, x, kwargs, cfg.batch_size)
         return float(F.mse_loss(out.float(), y.float()))
 
+    tries = sorted(set(cfg.view_select_mix) - {1.0}, reverse=True)
     chosen = {}
     for k in range(1, max(m.num_slices for m in linears) + 1):
-        best_t, best = 1.0, error(k, 1.0)
-        for t in sorted(set(cfg.view_select_mix) - {1.0}, reverse=True):
-            e = error(k, t)
-            if e < best:
-                best_t, best = t, e
-        if best_t != 1.0:
-            chosen[k] = best_t
-        for m in linears:
-            if k <= m.num_slices:
-                m.blend_view_pair(k, 1.0)
+        ts = [1.0] * len(groups)
+        best = error(k, ts)
+        for gi in range(len(groups)):
+            for t in tries:
+                trial = ts[:gi] + [t] + ts[gi + 1 :]
+                e = error(k, trial)
+                if e < best:
+                    best, ts = e, trial
+        if any(t != 1.0 for t in ts):
+            chosen[k] = tuple(ts)
+        set_blends(k, [1.0] * len(groups))
     chosen = broadcast_object(chosen)
+    for k, ts in chosen.items():
+        set_blends(k, ts)
     for m in linears:
-        for k, t in chosen.items():
-            if k <= m.num_slices:
-                m.blend_view_pair(k, t)
         m.drop_shared_pair()
         m.set_static(m.num_slices)
     return chosen
@@ -941,10 +961,13 @@ def calibrate_model(
             if isinstance(m, MoBiLinear):
                 m.target_bits = None
                 m.freeze(col_weight.get(name), keep_shared=choose)
-        blends: dict[int, float] = {}
+        blends: dict[int, tuple[float, ...]] = {}
         if choose:
             n = cfg.view_select_windows
-            blends = _choose_view_pairs(block, q_x[:n], fp_y[:n], kwargs, cfg)
+            groups = None
+            if cfg.view_select_by == "site":
+                groups = [[cast(MoBiLinear, block.get_submodule(name)) for name in site] for site in sites[i]]
+            blends = _choose_view_pairs(block, q_x[:n], fp_y[:n], kwargs, cfg, groups)
             log.info("block %d: views not on their fitted pair (view: share of it): %s", i, blends or "none")
         for r in _block_routers(block):
             r.requires_grad_(False)
@@ -961,7 +984,7 @@ def calibrate_model(
             time.perf_counter() - t0,
             steps,
             peak,
-            " ".join(f"{k}:{t:g}" for k, t in sorted(blends.items())),
+            " ".join(f"{k}:" + "/".join(f"{t:g}" for t in ts) for k, ts in sorted(blends.items())),
         )
         if state is not None:
             state.save(i, block, report)
