@@ -109,9 +109,9 @@ class CalibConfig:
     # every budget, docs/RESULTS.md) or "diag" (each input column's error by its mean squared FP activation)
     view_fit: str = "block"
     # With MoBiConfig.view_steps: per view, the block's output error on this many calibration windows decides
-    # between the fitted pairs and the learned shared pair (for all the block's linears); 0 keeps the fitted
-    # pairs at every view. On long calibrations the learned pair can be the better one at the high views
-    # (docs/RESULTS.md, "Paper protocol with a step and zero point per view").
+    # between the fitted pairs, the learned shared pair and their blends (view_select_mix, view_select_by); 0
+    # keeps the fitted pairs at every view. On long calibrations the learned pair can be the better one at the
+    # high views (docs/RESULTS.md, "Paper protocol with a step and zero point per view").
     view_select_windows: int = 4
     # the blends tried per view (1: the fitted pair, 0: the learned shared pair; MoBiLinear.blend_view_pair)
     view_select_mix: Sequence[float] = (0.0, 0.5, 1.0)

@@ -211,8 +211,8 @@ class MoBiLinear(nn.Module):
         input activation on calibration text; None: equal weights), or each group's error measured by its block
         of the input second-moment matrix (``col_weight`` ``[n_groups, group_size, group_size]``; see
         ``ResidualSlicer.fit_view_pairs``). ``keep_shared``: also keep the learned (shared) pair, so that
-        :meth:`use_shared_pair` can put it back for a view (calibration chooses per view by the block's error;
-        :meth:`drop_shared_pair` ends the choice)."""
+        :meth:`blend_view_pair` can put it back (or part of it) for a view (calibration chooses per view by the
+        block's error; :meth:`drop_shared_pair` ends the choice)."""
         if self.packed:
             return
         sc = self.slicer.decompose(self.weight.float(), self.gamma, self.beta, scale_dtype=torch.float16)
@@ -260,7 +260,8 @@ class MoBiLinear(nn.Module):
             s1, s0 = fit_s.float(), sh_s.float()
             scale = ((1 - t) * s0 + t * s1).half()
             offset = (1 - t) * s0 * sh_z.float() + t * s1 * fit_z.float()
-            zero = (offset / scale.float()).clamp(-65504, 65504).half()
+            limit = torch.finfo(torch.float16).max
+            zero = (offset / scale.float()).clamp(-limit, limit).half()
         self.scale[k - 1].copy_(scale)
         self.zero[k - 1].copy_(zero)
         self.clear_cache()
