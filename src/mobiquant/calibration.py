@@ -540,7 +540,8 @@ class BlockReport:
     steps: int
     peak_mem_mb: float = math.nan  # peak accelerator memory allocated during the block (CUDA only)
     # views not read with their fitted pair after the per-view choice, as "view:share of the fitted pair"
-    # (calib.view_select_*; e.g. "1:0.5 6:0"), "" when every view kept it or no choice was made
+    # (calib.view_select_*; e.g. "1:0.5 6:0"), "" when every view kept it or no choice was made (calibration.csv
+    # leaves the column out when every block has "")
     view_blends: str = ""
 
 
