@@ -85,8 +85,12 @@ class CalibConfig:
     progress_bar: bool = True
     # Budget at which calibration inputs are pushed through a finished block to form the next block's
     # inputs. None: the middle of the slice range (5 bits for [2, 2, 2, 2]); pushing them at the lowest
-    # budgets feeds later blocks near-random inputs on small models.
-    propagate_budget: float | None = None
+    # budgets feeds later blocks near-random inputs on small models. "matched": one input stream per
+    # budget trained (the budgets of budget_sampling=cycle, else every view's bits; and stage 1's view),
+    # each pushed through the finished blocks at its own budget, and every step reads the stream of its
+    # budget: each budget learns to correct the error its own upstream blocks make, as a bit-specific
+    # calibration does (costs one block forward per stream per block and a stream's memory each).
+    propagate_budget: float | str | None = None
     # Final budget-conditioned threshold fit (patching.fit_budget_thresholds): budget grid step and how
     # many calibration windows it runs per budget. 0 windows keeps the per-block tables only.
     threshold_step: float = 0.25
@@ -149,6 +153,9 @@ class CalibConfig:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         if self.sync_every < 1:
             raise ValueError(f"sync_every must be >= 1 (steps between host-device checks), got {self.sync_every}")
+        pb = self.propagate_budget
+        if isinstance(pb, str) and pb != "matched" or not isinstance(pb, (str, type(None))) and not pb > 0:
+            raise ValueError(f"propagate_budget must be a positive budget, 'matched' or None (the middle), got {pb!r}")
         s1 = self.stage1_bits
         if not (s1 is None or (s1 in ("base", "anchor") if isinstance(s1, str) else s1 > 0)):
             raise ValueError(f"stage1_bits must be a positive bit-width, 'base', 'anchor' or None, got {s1!r}")
@@ -401,9 +408,13 @@ class BlockCalibration(L.LightningModule):
         mobi: MoBiConfig,
         block_index: int,
         step_offset: int = 0,
+        streams: Mapping[float, torch.Tensor] | None = None,
     ):
+        """``streams`` (``calib.propagate_budget=matched``): the block's inputs per budget; batches then carry
+        window indices, and each step reads the stream nearest to the budget it trains."""
         super().__init__()
         self.block = block
+        self.streams = dict(streams) if streams else None
         self.block_kwargs = block_kwargs
         self.cfg = cfg
         self.mobi = mobi
@@ -448,6 +459,10 @@ class BlockCalibration(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         target = self._configure_stage()
+        if self.streams is not None:  # x holds window indices: read them from the stream of this step's budget
+            bits = self.mobi.view_bits[self.stage1_k - 1 if self.has_routing else -1] if target is None else target
+            stream = self.streams[nearest_stream(self.streams, bits)]
+            x = stream[x.to(stream.device)].to(y.device, non_blocking=True)
         out = run_block(self.block, x, self.block_kwargs)
         mse = F.mse_loss(out.float(), y.float())
         loss = torch.log(mse + 1e-12) if target is not None and self.cfg.stage2_loss == "log_mse" else mse
@@ -602,7 +617,7 @@ def _fit_block_thresholds(block: nn.Module, x: torch.Tensor, kwargs, cfg: CalibC
 @torch.no_grad()
 def _choose_view_pairs(
     block: nn.Module,
-    x: torch.Tensor,
+    x: torch.Tensor | Mapping[int, torch.Tensor],
     y: torch.Tensor,
     kwargs,
     cfg: CalibConfig,
@@ -610,8 +625,8 @@ def _choose_view_pairs(
 ) -> dict[int, tuple[float, ...]]:
     """Per view ``k``, a blend of the fitted per-view pairs and the learned shared pair for each group of linears
     (``MoBiLinear.blend_view_pair``, ``t`` from ``cfg.view_select_mix``; 1 is the fitted pair) that lowers the
-    output MSE of the packed block at static view ``k`` on inputs ``x`` (targets ``y``): the groups in turn,
-    each keeping the best ``t`` given the others (one group, all the block's linears, by default), the fitted
+    output MSE of the packed block at static view ``k`` on inputs ``x`` (or ``x[k]``; targets ``y``): the groups
+    in turn, each keeping the best ``t`` given the others (one group, all the block's linears, by default), the fitted
     pair unless another is strictly better. Returns the views where some group left its fitted pair, with
     each group's ``t`` (rank 0's choice under DDP, so the ranks stay identical)."""
     if groups is None:
@@ -632,7 +647,7 @@ def _choose_view_pairs(
         set_blends(k, ts)
         for m in linears:
             m.set_static(min(k, m.num_slices))
-        out = run_block_batched(block, x, kwargs, cfg.batch_size)
+        out = run_block_batched(block, x[k] if isinstance(x, Mapping) else x, kwargs, cfg.batch_size)
         return float(F.mse_loss(out.float(), y.float()))
 
     tries = sorted(set(cfg.view_select_mix) - {1.0}, reverse=True)
@@ -656,6 +671,24 @@ def _choose_view_pairs(
         m.drop_shared_pair()
         m.set_static(m.num_slices)
     return chosen
+
+
+def propagation_budgets(mobi: MoBiConfig, cfg: CalibConfig) -> list[float]:
+    """The budgets at which calibration inputs are propagated: one (``calib.propagate_budget``, the middle of
+    the range by default), or for ``"matched"`` every budget stage 2 trains (the cycle's budgets, else every
+    view's bits) and stage 1's view, each clamped to the views' range."""
+    lo, hi = mobi.min_bits, mobi.max_bits
+    pb = cfg.propagate_budget
+    if pb != "matched":
+        return [float(pb) if pb is not None else (lo + hi) / 2]
+    trained = list(cfg.budgets) if cfg.budget_sampling == "cycle" else list(mobi.view_bits)
+    trained.append(mobi.view_bits[stage1_slices(mobi, cfg) - 1])
+    return sorted({float(min(max(b, lo), hi)) for b in trained})
+
+
+def nearest_stream(streams: Mapping[float, Any], bits: float) -> float:
+    """The key of ``streams`` nearest to ``bits`` (the lower one on a tie)."""
+    return min(streams, key=lambda b: (abs(b - bits), b))
 
 
 def _propagate(block, q_x, kwargs, cfg: CalibConfig, mobi: MoBiConfig, budget: float) -> torch.Tensor:
@@ -897,19 +930,23 @@ def calibrate_model(
     _, blocks = find_blocks(model)
     device = next(model.parameters()).device
     hidden = int(getattr(getattr(model, "config", None), "hidden_size", 0) or 0)
+    prop = propagation_budgets(mobi, cfg)
     store = (
-        inputs_device(model, calib_ids.numel(), hidden, next(model.parameters()).dtype, cfg.inputs_on)
+        inputs_device(model, calib_ids.numel(), hidden, next(model.parameters()).dtype, cfg.inputs_on, 2 + len(prop))
         if hidden
         else device
     )
     if store != device:
         log.info("calibration inputs kept in pinned host memory and streamed to %s", device)
     fp_x, kwargs = capture_block_inputs(model, calib_ids, store)
-    q_x = fp_x.clone()
+    # the quantized trajectory: one stream per propagation budget (calib.propagate_budget)
+    streams = {b: fp_x.clone() for b in prop}
+    # thresholds are fitted on the stream nearest to the middle of the range (the default's only stream)
+    main = nearest_stream(streams, (mobi.min_bits + mobi.max_bits) / 2)
+    if len(prop) > 1:
+        log.info("calibration inputs propagated at %s bits, each budget trained on its own", [f"{b:g}" for b in prop])
     result = CalibrationResult()
     step_offset = 0
-    mid = (mobi.min_bits + mobi.max_bits) / 2
-    prop_budget = float(cfg.propagate_budget) if cfg.propagate_budget is not None else mid
     on_cuda = device.type == "cuda"
     for i, block in enumerate(blocks):
         t0 = time.perf_counter()
@@ -931,13 +968,14 @@ def calibrate_model(
             log.info("block %d: resumed from %s", i, state.folder)
             step_offset += report.steps
             fp_x = fp_y
-            q_x = _propagate(block, q_x, kwargs, cfg, mobi, prop_budget)
+            streams = {b: _propagate(block, x, kwargs, cfg, mobi, b) for b, x in streams.items()}
             result.blocks.append(report)
             if on_block_end is not None:
                 on_block_end(i, report)
             continue
         _trainable_only_quant(block)
-        module = BlockCalibration(block, kwargs, cfg, mobi, i, step_offset)
+        matched = len(streams) > 1
+        module = BlockCalibration(block, kwargs, cfg, mobi, i, step_offset, streams if matched else None)
         epochs = cfg.epochs_stage1 + (cfg.epochs_stage2 if module.has_routing else 0)
         cbs = (callbacks() if callable(callbacks) else callbacks) or []
         block_tr = block_trainer(cfg, epochs, loggers, cbs, trainer)
@@ -947,7 +985,7 @@ def calibrate_model(
             max(1, cfg.batch_size // max(1, block_tr.world_size)) if cfg.batch_scope == "global" else cfg.batch_size
         )
         loader = DataLoader(
-            TensorDataset(q_x, fp_y),
+            TensorDataset(torch.arange(len(fp_y)) if matched else streams[main], fp_y),
             batch_size=per_rank,
             shuffle=True,
             generator=torch.Generator().manual_seed(cfg.seed + i),
@@ -968,12 +1006,13 @@ def calibrate_model(
             groups = None
             if cfg.view_select_by == "site":
                 groups = [[cast(MoBiLinear, block.get_submodule(name)) for name in site] for site in sites[i]]
-            blends = _choose_view_pairs(block, q_x[:n], fp_y[:n], kwargs, cfg, groups)
+            views = {k: streams[nearest_stream(streams, bits)][:n] for k, bits in enumerate(mobi.view_bits, 1)}
+            blends = _choose_view_pairs(block, views, fp_y[:n], kwargs, cfg, groups)
             log.info("block %d: views not on their fitted pair (view: share of it): %s", i, blends or "none")
         for r in _block_routers(block):
             r.requires_grad_(False)
             r.clear_cache()
-        _fit_block_thresholds(block, q_x, kwargs, cfg)
+        _fit_block_thresholds(block, streams[main], kwargs, cfg)
         fp_x = fp_y
         steps = int(block_tr.global_step)
         step_offset += steps
@@ -989,7 +1028,7 @@ def calibrate_model(
         )
         if state is not None:
             state.save(i, block, report)
-        q_x = _propagate(block, q_x, kwargs, cfg, mobi, prop_budget)
+        streams = {b: _propagate(block, x, kwargs, cfg, mobi, b) for b, x in streams.items()}
         result.blocks.append(report)
         if on_block_end is not None:
             on_block_end(i, report)

@@ -1,0 +1,118 @@
+"""Budget-matched propagation (``calib.propagate_budget=matched``): one input stream per trained budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mobiquant as mq
+from mobiquant.calibration import (
+    CalibConfig,
+    _propagate,
+    calibrate_model,
+    capture_block_inputs,
+    find_blocks,
+    nearest_stream,
+    propagation_budgets,
+)
+from mobiquant.io.checkpoint import quantized_state
+from mobiquant.tiny import tiny_llama
+
+MOBI = dict(group_size=32, router_hidden=8)
+
+
+def test_propagation_budgets():
+    mobi = mq.MoBiConfig(slice_bits=(3, 1, 1, 1, 1, 1), **MOBI)
+    assert propagation_budgets(mobi, CalibConfig()) == [5.5]  # the middle of 3..8
+    assert propagation_budgets(mobi, CalibConfig(propagate_budget=3)) == [3.0]
+    cycle = CalibConfig(propagate_budget="matched", budget_sampling="cycle", budgets=[4, 3.5, 6, 9, 4])
+    assert propagation_budgets(mobi, cycle) == [3.0, 3.5, 4.0, 6.0, 8.0]  # + stage 1's base, 9 clamped to 8
+    uniform = CalibConfig(propagate_budget="matched", stage1_bits=5)
+    assert propagation_budgets(mobi, uniform) == [3.0, 4.0, 5.0, 6.0, 7.0, 8.0]  # every view's bits
+    assert nearest_stream({3.0: 0, 4.0: 0}, 3.5) == 3.0 and nearest_stream({3.0: 0, 4.0: 0}, 3.6) == 4.0
+
+
+@pytest.mark.parametrize("bad", ["middle", 0, -1.0])
+def test_propagate_budget_must_be_a_budget_or_matched(bad):
+    with pytest.raises(ValueError, match=f"propagate_budget must be a positive budget, 'matched' or None.*{bad!r}"):
+        CalibConfig(propagate_budget=bad)
+
+
+def _matched_cfg(**kw):
+    base = dict(
+        epochs_stage1=1,
+        epochs_stage2=1,
+        batch_size=2,
+        progress_bar=False,
+        threshold_windows=0,
+        propagate_budget="matched",
+        budget_sampling="cycle",
+        budgets=[3.0],
+    )
+    return CalibConfig(**{**base, **kw})
+
+
+def test_each_step_reads_the_stream_of_its_budget():
+    """Slices [2, 2], stage 1 on the base, stage 2 cycling over 3 bits: block 1 trains stage 1 on block 0's
+    outputs at 2 bits and stage 2 on those at 3 bits (recomputed after calibration, rows matched exactly)."""
+    torch.set_num_threads(1)
+    model, _ = tiny_llama(num_hidden_layers=2)
+    ids = torch.randint(0, 257, (4, 32), generator=torch.Generator().manual_seed(0))
+    mobi = mq.MoBiConfig(slice_bits=(2, 2), **MOBI)
+    cfg = _matched_cfg()
+    seen: list[tuple[str, torch.Tensor]] = []
+
+    def hook(block, args, kwargs):
+        if torch.is_grad_enabled():
+            lin = next(m for m in block.modules() if isinstance(m, mq.MoBiLinear))
+            seen.append((lin.mode, (args[0] if args else kwargs["hidden_states"]).detach().clone()))
+
+    _, blocks = find_blocks(model)
+    handle = blocks[1].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        calibrate_model(model, ids, mobi, cfg)
+    finally:
+        handle.remove()
+    fp_x, kwargs = capture_block_inputs(model, ids)
+    want = {b: _propagate(blocks[0], fp_x, kwargs, cfg, mobi, b) for b in (2.0, 3.0)}
+    assert not torch.allclose(want[2.0], want[3.0])
+
+    def stream_of(x):
+        hits = [b for b, s in want.items() if all(any(torch.equal(row, r) for r in s) for row in x)]
+        assert len(hits) == 1, hits
+        return hits[0]
+
+    assert [m for m, _ in seen] == ["static"] * 2 + ["routed"] * 2  # 2 steps per epoch
+    assert [stream_of(x) for _, x in seen] == [2.0, 2.0, 3.0, 3.0]
+
+
+def test_matched_propagation_resumes_bit_identical(tmp_path):
+    torch.set_num_threads(1)
+
+    class Stop(Exception):
+        pass
+
+    def run(state=None, stop=False):
+        model, _ = tiny_llama(num_hidden_layers=3)
+        ids = torch.randint(0, 257, (4, 32), generator=torch.Generator().manual_seed(0))
+
+        def on_block_end(i, report):
+            if stop and i == 1:
+                raise Stop
+
+        cfg = _matched_cfg(budgets=[3.0, 5.0, 6.5])
+        calibrate_model(model, ids, mq.MoBiConfig(**MOBI), cfg, on_block_end=on_block_end, state_dir=state)
+        return quantized_state(model)
+
+    reference = run()
+    with pytest.raises(Stop):
+        run(tmp_path / "state", stop=True)
+    resumed = run(tmp_path / "state")
+    assert reference.keys() == resumed.keys()
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+    # the default (one stream at the middle of the range) is another calibration
+    model, _ = tiny_llama(num_hidden_layers=3)
+    ids = torch.randint(0, 257, (4, 32), generator=torch.Generator().manual_seed(0))
+    calibrate_model(model, ids, mq.MoBiConfig(**MOBI), _matched_cfg(budgets=[3.0, 5.0, 6.5], propagate_budget=None))
+    default = quantized_state(model)
+    assert not all(torch.equal(reference[k], default[k]) for k in reference)
