@@ -39,7 +39,7 @@ PRESETS = {  # preset -> number of jobs its `-m` sweep expands to
     "ablation_seeds": 3,
     "ablation_router_policy": 2,
     "ablation_grid_anchor": 4,
-    "ablation_stage2": 8,
+    "ablation_stage2": 9,
     "ablation_view_steps": 4,
 }
 
@@ -111,20 +111,24 @@ def test_stage2_preset_changes_one_calibration_lever_per_job(tmp_path):
         assert isinstance(method, MoBiQuant) and method.mobi.slice_bits == (3, 1, 1, 1, 1, 1)
         changed.append(sorted(method.calib_overrides))
         overrides.append(dict(method.calib_overrides))
-    cyc = ["budget_sampling", "budgets"]
+    cyc = ["budget_sampling", "budgets", "propagate_budget"]
     levers = [
         cyc,
         [*cyc, "lr_lwc"],
         [*cyc, "lr_lwc"],
         [*cyc, "lr_lwc_stage2"],
-        ["budget_sampling"],
-        [*cyc, "propagate_budget"],
+        ["budget_sampling", "propagate_budget"],
+        cyc,
+        cyc,
         [*cyc, "epochs_stage1", "epochs_stage2"],
         cyc,
     ]
     assert changed == [sorted(x) for x in levers]
+    assert [o["propagate_budget"] for o in overrides] == ["matched"] * 5 + [3.0, None] + ["matched"] * 2
     shipped = validate(_task_cfg(_compose(["quant=mobiquant"]), tmp_path))[0][0]
     assert dict(shipped.calib_overrides) == overrides[0]  # the 'default' lever is quant=mobiquant as shipped
+    paper = validate(_task_cfg(_compose(["quant=mobiquant_paper"]), tmp_path))[0][0]
+    assert paper.calib_overrides["propagate_budget"] is None  # the paper's preset: one stream at the middle
     assert list(overrides[-1]["budgets"]).count(3) == 2  # w3: 3 bits twice per cycle
 
 
