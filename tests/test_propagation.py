@@ -29,6 +29,7 @@ def test_propagation_budgets():
     assert propagation_budgets(mobi, cycle) == [3.0, 3.5, 4.0, 6.0, 8.0]  # + stage 1's base, 9 clamped to 8
     uniform = CalibConfig(propagate_budget="matched", stage1_bits=5)
     assert propagation_budgets(mobi, uniform) == [3.0, 4.0, 5.0, 6.0, 7.0, 8.0]  # every view's bits
+    assert propagation_budgets(mobi, CalibConfig(propagate_budget="matched", epochs_stage2=0)) == [8.0]
     assert nearest_stream({3.0: 0, 4.0: 0}, 3.5) == 3.0 and nearest_stream({3.0: 0, 4.0: 0}, 3.6) == 4.0
 
 

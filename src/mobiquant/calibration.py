@@ -676,11 +676,13 @@ def _choose_view_pairs(
 def propagation_budgets(mobi: MoBiConfig, cfg: CalibConfig) -> list[float]:
     """The budgets at which calibration inputs are propagated: one (``calib.propagate_budget``, the middle of
     the range by default), or for ``"matched"`` every budget stage 2 trains (the cycle's budgets, else every
-    view's bits) and stage 1's view, each clamped to the views' range."""
+    view's bits) and stage 1's view, each clamped to the views' range (the full view alone without stage 2)."""
     lo, hi = mobi.min_bits, mobi.max_bits
     pb = cfg.propagate_budget
     if pb != "matched":
         return [float(pb) if pb is not None else (lo + hi) / 2]
+    if cfg.epochs_stage2 == 0:  # no stage 2: stage 1 trains the full view
+        return [float(hi)]
     trained = list(cfg.budgets) if cfg.budget_sampling == "cycle" else list(mobi.view_bits)
     trained.append(mobi.view_bits[stage1_slices(mobi, cfg) - 1])
     return sorted({float(min(max(b, lo), hi)) for b in trained})
@@ -689,6 +691,13 @@ def propagation_budgets(mobi: MoBiConfig, cfg: CalibConfig) -> list[float]:
 def nearest_stream(streams: Mapping[float, Any], bits: float) -> float:
     """The key of ``streams`` nearest to ``bits`` (the lower one on a tie)."""
     return min(streams, key=lambda b: (abs(b - bits), b))
+
+
+def _propagate_streams(block, streams: dict[float, torch.Tensor], kwargs, cfg: CalibConfig, mobi: MoBiConfig) -> None:
+    """Every stream through this packed block at its own budget, in place (one stream replaced at a time, so
+    at most one extra stream of memory)."""
+    for b in streams:
+        streams[b] = _propagate(block, streams[b], kwargs, cfg, mobi, b)
 
 
 def _propagate(block, q_x, kwargs, cfg: CalibConfig, mobi: MoBiConfig, budget: float) -> torch.Tensor:
@@ -968,7 +977,7 @@ def calibrate_model(
             log.info("block %d: resumed from %s", i, state.folder)
             step_offset += report.steps
             fp_x = fp_y
-            streams = {b: _propagate(block, x, kwargs, cfg, mobi, b) for b, x in streams.items()}
+            _propagate_streams(block, streams, kwargs, cfg, mobi)
             result.blocks.append(report)
             if on_block_end is not None:
                 on_block_end(i, report)
@@ -1028,7 +1037,7 @@ def calibrate_model(
         )
         if state is not None:
             state.save(i, block, report)
-        streams = {b: _propagate(block, x, kwargs, cfg, mobi, b) for b, x in streams.items()}
+        _propagate_streams(block, streams, kwargs, cfg, mobi)
         result.blocks.append(report)
         if on_block_end is not None:
             on_block_end(i, report)
