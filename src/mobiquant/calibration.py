@@ -428,6 +428,8 @@ class BlockCalibration(L.LightningModule):
         self._bad_step: torch.Tensor | None = None  # first step with a non-finite loss (-1: none), on the device
         self.has_routing = bool(self.routers) and cfg.epochs_stage2 > 0
         self.stage1_k = stage1_slices(mobi, cfg)
+        # the bits stage 1 trains at (its view, the full view without routing): the stream a stage-1 step reads
+        self.stage1_view_bits = float(mobi.view_bits[self.stage1_k - 1] if self.has_routing else mobi.max_bits)
 
     # -- stage control
     @property
@@ -460,8 +462,7 @@ class BlockCalibration(L.LightningModule):
         x, y = batch
         target = self._configure_stage()
         if self.streams is not None:  # x holds window indices: read them from the stream of this step's budget
-            bits = self.mobi.view_bits[self.stage1_k - 1 if self.has_routing else -1] if target is None else target
-            stream = self.streams[nearest_stream(self.streams, bits)]
+            stream = self.streams[nearest_stream(self.streams, self.stage1_view_bits if target is None else target)]
             x = stream[x.to(stream.device)].to(y.device, non_blocking=True)
         out = run_block(self.block, x, self.block_kwargs)
         mse = F.mse_loss(out.float(), y.float())
