@@ -117,3 +117,41 @@ def test_matched_propagation_resumes_bit_identical(tmp_path):
     calibrate_model(model, ids, mq.MoBiConfig(**MOBI), _matched_cfg(budgets=[3.0, 5.0, 6.5], propagate_budget=None))
     default = quantized_state(model)
     assert not all(torch.equal(reference[k], default[k]) for k in reference)
+
+
+@pytest.mark.parametrize("propagate", [None, "matched"])
+def test_finished_blocks_release_their_inputs(monkeypatch, propagate):
+    """Only the current block's streams and FP targets stay alive between blocks, even with Python's
+    automatic collection off (a finished block's trainer must not hold its loader's tensors)."""
+    import gc
+    import weakref
+
+    import mobiquant.calibration as calib
+
+    torch.set_num_threads(1)
+    model, _ = tiny_llama(num_hidden_layers=4)
+    outputs: list[weakref.ref] = []
+    run = calib.run_block_batched
+
+    def tracked(*args, **kwargs):
+        out = run(*args, **kwargs)
+        outputs.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(calib, "run_block_batched", tracked)
+    alive: list[int] = []
+    mobi = mq.MoBiConfig(slice_bits=(3, 1, 1, 1, 1, 1), **MOBI)
+    cfg = _matched_cfg(propagate_budget=propagate, budget_sampling="uniform", budgets=None)
+    gc.disable()
+    try:
+        calibrate_model(
+            model,
+            torch.randint(0, 100, (8, 32)),
+            mobi,
+            cfg,
+            on_block_end=lambda i, rep: alive.append(sum(r() is not None for r in outputs)),
+        )
+    finally:
+        gc.enable()
+    streams = len(propagation_budgets(mobi, cfg))
+    assert alive == [streams + 1] * 4  # every stream, and the FP targets that are the next block's FP inputs

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import json
 import logging
@@ -1002,6 +1003,11 @@ def calibrate_model(
         )
         if epochs > 0:
             block_tr.fit(module, loader)
+        steps, final_loss, final_mse = int(block_tr.global_step), module.final_loss, module.final_mse
+        # the Trainer and the module refer to each other: without a collection, each finished block's
+        # trainer keeps its loader's tensors (the block's inputs and FP targets) alive for several blocks
+        del module, block_tr, loader
+        gc.collect()
         block.to(device)
         block.eval()
         col_weight = moments.mean()
@@ -1024,13 +1030,12 @@ def calibrate_model(
             r.clear_cache()
         _fit_block_thresholds(block, streams[main], kwargs, cfg)
         fp_x = fp_y
-        steps = int(block_tr.global_step)
         step_offset += steps
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if on_cuda else math.nan
         report = BlockReport(
             i,
-            module.final_loss,
-            module.final_mse,
+            final_loss,
+            final_mse,
             time.perf_counter() - t0,
             steps,
             peak,
