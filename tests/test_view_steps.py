@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from mobiquant.io.checkpoint import CONFIG_NAME, FORMAT_VERSION
 from mobiquant.nn.linear import MoBiLinear
 from mobiquant.patching import mobi_linears
 from mobiquant.quant.primitives import to_groups
+from mobiquant.tiny import tiny_llama
 from tiny_models import build_tiny_llama
 
 LAYOUT = (3, 1, 1, 1, 1, 1)
@@ -309,3 +312,92 @@ def test_choice_per_site_never_raises_the_block_error():
         assert (k in chosen) == (err(k) < fitted[k - 1])
     with pytest.raises(ValueError, match="view_select_by must be 'block' or 'site'"):
         CalibConfig(view_select_by="linear")
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+    ],
+)
+def test_view_pair_tuning_lowers_each_tuned_views_block_error(device):
+    """``calib.view_tune_epochs``: each tuned view's pairs move and its packed block's output error on the
+    calibration inputs falls; untuned views keep their pairs; the codes stay; the model stays on its device
+    (a Trainer's teardown moves its module to the CPU)."""
+    from mobiquant.calibration import CalibConfig, calibrate_model
+
+    torch.set_num_threads(1)
+    ids = torch.randint(0, 100, (8, 32), generator=torch.Generator().manual_seed(0))
+    mobi = mq.MoBiConfig(slice_bits=(3, 1, 1), group_size=32, router_hidden=8, view_steps=True)
+    base = dict(epochs_stage1=1, epochs_stage2=1, batch_size=2, progress_bar=False, threshold_windows=0)
+
+    def run(**kw):
+        model, _ = tiny_llama(num_hidden_layers=2)
+        model.to(device)
+        calibrate_model(model, ids, mobi, CalibConfig(**base, **kw))
+        assert all(p.device.type == device for p in model.parameters())
+        return {n: (m.scale.cpu(), m.zero.cpu(), [c.cpu() for c in m.codes()]) for n, m in mobi_linears(model)}
+
+    plain = run()
+    logs = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logs.append(record.getMessage())
+    logger = logging.getLogger("mobiquant.calibration")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        tuned = run(view_tune_epochs=3, view_tune_views=[1, 3], lr_view_tune=1e-2)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    for n, (s, z, codes) in tuned.items():
+        s0, z0, codes0 = plain[n]
+        assert all(torch.equal(a, b) for a, b in zip(codes, codes0, strict=True))  # codes fixed
+        assert torch.equal(s[1], s0[1]) and torch.equal(z[1], z0[1])  # view 2 not tuned
+        assert not torch.equal(s[0], s0[0]) and not torch.equal(s[2], s0[2])  # views 1 and 3 tuned
+    reports = [m for m in logs if "view pairs tuned" in m]
+    assert len(reports) == 2  # one per block
+    for msg in reports:
+        pairs = re.findall(r"(\d): '([\d.e+-]+) -> ([\d.e+-]+)'", msg)
+        assert [k for k, _, _ in pairs] == ["1", "3"] and "not kept" not in msg
+        assert all(float(after) < float(before) for _, before, after in pairs), msg  # on all the windows
+
+
+def test_view_pair_tuning_that_raises_the_block_error_is_undone():
+    """A tuning that leaves the block's error on the calibration windows higher (here an absurd learning rate)
+    is not kept: the view reads the pairs it had before."""
+    from mobiquant.calibration import CalibConfig, calibrate_model
+
+    torch.set_num_threads(1)
+    ids = torch.randint(0, 100, (4, 32), generator=torch.Generator().manual_seed(0))
+    mobi = mq.MoBiConfig(slice_bits=(3, 1), group_size=32, router_hidden=8, view_steps=True)
+    base = dict(epochs_stage1=1, epochs_stage2=1, batch_size=2, progress_bar=False, threshold_windows=0)
+    pairs = []
+    for kw in ({}, dict(view_tune_epochs=1, view_tune_views=[1], lr_view_tune=50.0)):
+        model, _ = tiny_llama(num_hidden_layers=1)
+        calibrate_model(model, ids, mobi, CalibConfig(**base, **kw))
+        pairs.append({n: (m.scale.clone(), m.zero.clone()) for n, m in mobi_linears(model)})
+    for n, (s, z) in pairs[1].items():
+        assert torch.equal(s, pairs[0][n][0]) and torch.equal(z, pairs[0][n][1])
+
+
+def test_view_pair_tuning_needs_view_steps_and_real_views():
+    from mobiquant.calibration import CalibConfig, calibrate_model
+
+    model, _ = tiny_llama(num_hidden_layers=1)
+    ids = torch.randint(0, 100, (2, 16))
+    with pytest.raises(ValueError, match="needs quant.mobi.view_steps=true"):
+        calibrate_model(model, ids, mq.MoBiConfig(slice_bits=(3, 1), group_size=32), CalibConfig(view_tune_epochs=1))
+    with pytest.raises(ValueError, match=r"view_tune_views=\[4\]: slices \[3, 1\] have views 1..2"):
+        calibrate_model(
+            model,
+            ids,
+            mq.MoBiConfig(slice_bits=(3, 1), group_size=32, view_steps=True),
+            CalibConfig(view_tune_epochs=1, view_tune_views=[4]),
+        )
+    with pytest.raises(ValueError, match="view_tune_views must be None"):
+        CalibConfig(view_tune_views=[0])
+    with pytest.raises(ValueError, match="view_tune_epochs must be >= 0"):
+        CalibConfig(view_tune_epochs=-1)

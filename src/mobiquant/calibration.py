@@ -122,6 +122,13 @@ class CalibConfig:
     view_select_mix: Sequence[float] = (0.0, 0.5, 1.0)
     # one blend per view for all the block's linears ("block") or for each router site in turn ("site")
     view_select_by: str = "block"
+    # With MoBiConfig.view_steps: after the choice, tune the step and zero point per group of these views
+    # (1-based; None: every view) for view_tune_epochs epochs on the packed block's output MSE at each view
+    # (codes fixed; Adam at lr_view_tune on the log step and the zero point; inputs: the stream nearest to the
+    # view's bits). 0 epochs: no tuning (docs/RESULTS.md, "Tuning each view's pairs on the block output").
+    view_tune_epochs: int = 0
+    view_tune_views: Sequence[int] | None = None
+    lr_view_tune: float = 1e-3
 
     def __post_init__(self):
         if self.epochs_stage1 < 0 or self.epochs_stage2 < 0 or self.epochs_stage1 + self.epochs_stage2 == 0:
@@ -146,6 +153,17 @@ class CalibConfig:
             raise ValueError(f"view_select_by must be 'block' or 'site', got {self.view_select_by!r}")
         if self.view_select_windows < 0:
             raise ValueError(f"view_select_windows must be >= 0 (0: no choice), got {self.view_select_windows}")
+        if self.view_tune_epochs < 0:
+            raise ValueError(f"view_tune_epochs must be >= 0 (0: no tuning), got {self.view_tune_epochs}")
+        if self.view_tune_views is not None and (
+            not self.view_tune_views or any(isinstance(k, bool) or int(k) != k or k < 1 for k in self.view_tune_views)
+        ):
+            raise ValueError(
+                f"view_tune_views must be None (every view) or a non-empty list of views 1..K, "
+                f"got {list(self.view_tune_views)}"
+            )
+        if not self.lr_view_tune > 0:
+            raise ValueError(f"lr_view_tune must be positive, got {self.lr_view_tune}")
         if self.inputs_on not in ("auto", "device", "cpu"):
             raise ValueError(f"inputs_on must be 'auto', 'device' or 'cpu', got {self.inputs_on!r}")
         if self.lr_lwc_stage2 is not None and self.lr_lwc_stage2 < 0:
@@ -160,6 +178,20 @@ class CalibConfig:
         s1 = self.stage1_bits
         if not (s1 is None or (s1 in ("base", "anchor") if isinstance(s1, str) else s1 > 0)):
             raise ValueError(f"stage1_bits must be a positive bit-width, 'base', 'anchor' or None, got {s1!r}")
+
+
+def _callbacks(callbacks: Callbacks | None) -> list[Any]:
+    """A Trainer's callbacks: the shared list, or a fresh one from the function."""
+    return list((callbacks() if callable(callbacks) else callbacks) or [])
+
+
+def tune_view_views(mobi: MoBiConfig, cfg: CalibConfig) -> list[int]:
+    """The views whose pairs calibration tunes (``cfg.view_tune_views``, checked against the slices)."""
+    k_max = len(mobi.slice_bits)
+    views = list(range(1, k_max + 1)) if cfg.view_tune_views is None else sorted({int(k) for k in cfg.view_tune_views})
+    if views[-1] > k_max:
+        raise ValueError(f"calib.view_tune_views={list(views)}: slices {list(mobi.slice_bits)} have views 1..{k_max}")
+    return views
 
 
 def stage1_slices(mobi: MoBiConfig, cfg: CalibConfig) -> int:
@@ -547,6 +579,116 @@ class BlockCalibration(L.LightningModule):
         return torch.optim.AdamW(groups)
 
 
+class ViewPairTuning(L.LightningModule):
+    """Tunes view ``k``'s step and zero point per group of every linear of a packed block (codes fixed) on the
+    block's output MSE at static view ``k``: the output-error counterpart of the least-squares fit at packing,
+    learned per view as ``lwc`` learns its clipping for one bit-width. Parameters: a log-step offset and a
+    zero-point offset per group (both start at 0: the pair as packed or chosen); :meth:`write_pairs` stores the
+    tuned pairs (fp16) in the layers."""
+
+    def __init__(self, block: nn.Module, k: int, block_kwargs: dict[str, Any], cfg: CalibConfig, block_index: int):
+        super().__init__()
+        self.block = block
+        self.k = k
+        self.block_kwargs = block_kwargs
+        self.cfg = cfg
+        self.block_index = block_index
+        self.linears = [m for m in _block_mobi(block) if k <= m.num_slices and m.scale.dim() == 3]
+        self.log_step = nn.ParameterList(
+            [nn.Parameter(torch.zeros(m.scale.shape[1:], device=m.scale.device)) for m in self.linears]
+        )
+        self.d_zero = nn.ParameterList(
+            [nn.Parameter(torch.zeros(m.zero.shape[1:], device=m.zero.device)) for m in self.linears]
+        )
+        self._codes = [m.view_codes(k) for m in self.linears]
+
+    def _pair(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.linears[i]
+        return m.scale[self.k - 1].float() * torch.exp(self.log_step[i]), m.zero[self.k - 1].float() + self.d_zero[i]
+
+    def on_fit_start(self) -> None:
+        for i, m in enumerate(self.linears):
+            m.weight_override = lambda i=i, m=m: m.view_weight(self.k, *self._pair(i), self._codes[i])
+
+    def on_fit_end(self) -> None:
+        for m in self.linears:
+            m.weight_override = None
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        mse = F.mse_loss(run_block(self.block, x, self.block_kwargs).float(), y.float())
+        self.log("calib/view_tune_mse", mse.detach(), on_step=True, on_epoch=False, batch_size=x.shape[0])
+        return mse
+
+    def configure_optimizers(self):
+        return torch.optim.Adam([*self.log_step, *self.d_zero], lr=self.cfg.lr_view_tune)
+
+    @torch.no_grad()
+    def write_pairs(self) -> None:
+        limit = torch.finfo(torch.float16).max
+        for i, m in enumerate(self.linears):
+            scale, zero = self._pair(i)
+            m.scale[self.k - 1].copy_(scale.clamp(-limit, limit).half())
+            m.zero[self.k - 1].copy_(zero.clamp(-limit, limit).half())
+            m.clear_cache()
+
+
+def tune_view_pairs(
+    block: nn.Module,
+    views: Mapping[int, torch.Tensor],
+    y: torch.Tensor,
+    kwargs: dict[str, Any],
+    cfg: CalibConfig,
+    block_index: int,
+    make_trainer: Callable[[int], L.Trainer],
+) -> dict[int, tuple[float, float, bool]]:
+    """:class:`ViewPairTuning` of each view ``k`` of ``views`` (its block inputs; targets ``y``), one Trainer
+    (``make_trainer(epochs)``) each. The block's output MSE at static view ``k`` on all of ``x`` is measured
+    before and after; the tuned pairs are kept only if it fell (rank 0's decision under DDP). Returns
+    ``{k: (MSE before, MSE after, kept)}``."""
+    out = {}
+    device = next(block.parameters()).device
+
+    def view_mse(k: int, x: torch.Tensor) -> float:
+        for m in _block_mobi(block):
+            m.set_static(min(k, m.num_slices))
+        return float(F.mse_loss(run_block_batched(block, x, kwargs, cfg.batch_size).float(), y.float()))
+
+    for k, x in views.items():
+        module = ViewPairTuning(block, k, kwargs, cfg, block_index)
+        if not module.linears:
+            continue
+        before = view_mse(k, x)
+        packed = [(m.scale[k - 1].clone(), m.zero[k - 1].clone()) for m in module.linears]
+        tr = make_trainer(cfg.view_tune_epochs)
+        per_rank = max(1, cfg.batch_size // max(1, tr.world_size)) if cfg.batch_scope == "global" else cfg.batch_size
+        loader = DataLoader(
+            TensorDataset(x, y),
+            batch_size=per_rank,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(cfg.seed * 7919 + 31 * block_index + k),
+        )
+        try:
+            tr.fit(module, loader)
+        finally:
+            for m in module.linears:
+                m.weight_override = None
+        module.to(device)  # the Trainer's teardown leaves the module (and the block) on the CPU
+        module.write_pairs()
+        after = view_mse(k, x)
+        keep = bool(broadcast_object(after < before))
+        if not keep:
+            with torch.no_grad():
+                for m, (scale, zero) in zip(module.linears, packed, strict=True):
+                    m.scale[k - 1].copy_(scale)
+                    m.zero[k - 1].copy_(zero)
+                    m.clear_cache()
+        out[k] = (before, after, keep)
+        del module, tr, loader
+        gc.collect()
+    return out
+
+
 # ---------------------------------------------------------------------------- driver
 @dataclass
 class BlockReport:
@@ -928,6 +1070,13 @@ def calibrate_model(
     """
     cfg = cfg or CalibConfig()
     stage1_slices(mobi, cfg)  # a bad stage1_bits fails here, before any work
+    if cfg.view_tune_epochs > 0:
+        if not mobi.view_steps:
+            raise ValueError(
+                "calib.view_tune_epochs > 0 tunes each view's own step and zero point: it needs "
+                "quant.mobi.view_steps=true (or view_tune_epochs=0)"
+            )
+        tune_view_views(mobi, cfg)  # bad views fail here too
     if isinstance(trainer, Mapping):
         check_trainer_args({k: v for k, v in trainer.items() if k != "_target_"}, cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -988,8 +1137,7 @@ def calibrate_model(
         matched = len(streams) > 1
         module = BlockCalibration(block, kwargs, cfg, mobi, i, step_offset, streams if matched else None)
         epochs = cfg.epochs_stage1 + (cfg.epochs_stage2 if module.has_routing else 0)
-        cbs = (callbacks() if callable(callbacks) else callbacks) or []
-        block_tr = block_trainer(cfg, epochs, loggers, cbs, trainer)
+        block_tr = block_trainer(cfg, epochs, loggers, _callbacks(callbacks), trainer)
         # `batch_size` is the global batch by default: under DDP each rank takes its share of it (at least
         # one window); Lightning's distributed sampler gives each rank its own shard of the windows.
         per_rank = (
@@ -1028,6 +1176,22 @@ def calibrate_model(
         for r in _block_routers(block):
             r.requires_grad_(False)
             r.clear_cache()
+        if mobi.view_steps and cfg.view_tune_epochs > 0:
+            tune = tune_view_views(mobi, cfg)
+            tuned = tune_view_pairs(
+                block,
+                {k: streams[nearest_stream(streams, mobi.view_bits[k - 1])] for k in tune},
+                fp_y,
+                kwargs,
+                cfg,
+                i,
+                lambda epochs: block_trainer(cfg, epochs, loggers, _callbacks(callbacks), trainer),
+            )
+            log.info(
+                "block %d: view pairs tuned (view: block MSE before -> after) %s",
+                i,
+                {k: f"{a:.4g} -> {b:.4g}" + ("" if kept else " (not kept)") for k, (a, b, kept) in tuned.items()},
+            )
         _fit_block_thresholds(block, streams[main], kwargs, cfg)
         fp_x = fp_y
         step_offset += steps

@@ -15,6 +15,7 @@ or ``routed`` (the router picks ``k`` per token; during training, straight-throu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -91,6 +92,9 @@ class MoBiLinear(nn.Module):
         self.track = False
         self.k_counts = torch.zeros(self.num_slices, dtype=torch.float64)
         self._view_cache: dict[int, torch.Tensor] = {}
+        # While set (calibration's per-view pair tuning, calibration.ViewPairTuning), a packed layer computes
+        # ``x W^T + bias`` with ``W = weight_override()``, a differentiable weight, instead of its stored view.
+        self.weight_override: Callable[[], torch.Tensor] | None = None
         # Packed matmul: 'torch' (dequantize + F.linear), 'triton' (bit-plane kernels), or 'auto' (triton
         # when x is on CUDA and triton imports, else torch).
         self.backend: Literal["auto", "torch", "triton"] = "auto"
@@ -178,6 +182,26 @@ class MoBiLinear(nn.Module):
             with torch.inference_mode(False), torch.no_grad():  # a cache usable both in and out of inference
                 self._view_cache[k] = self._integer_view(k)
         return self._view_cache[k]
+
+    def view_codes(self, k: int) -> torch.Tensor:
+        """The integer codes view ``k`` reads, ``C_k`` ``[out, in]`` (int64): the first ``k`` slices' codes
+        concatenated, base first (``kernels.dequantize_reference`` gives the formula of the weight)."""
+        self._require_packed()
+        self.slicer._check_k(k)
+        codes = self.codes()
+        c = codes[0].long()
+        for e in range(1, k):
+            c = (c << self.slice_bits[e]) + codes[e].long()
+        return c
+
+    def view_weight(self, k: int, scale: torch.Tensor, zero: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """``W_k`` ``[out, in]`` (float32) from view ``k``'s ``codes`` (:meth:`view_codes`) read with the step and
+        zero point ``scale``/``zero`` ``[out, n_groups]`` (any float tensors: differentiable in both)."""
+        shift = sum(self.slice_bits[1:k])
+        gs = self.slicer.group_size
+        s = scale.float().repeat_interleave(gs, dim=1)[:, : self.in_features]
+        z = zero.float().repeat_interleave(gs, dim=1)[:, : self.in_features]
+        return (s / 2**shift) * (codes.float() - (2**shift * z + (2**shift - 1) / 2))
 
     def _integer_view(self, k: int) -> torch.Tensor:
         from ..kernels import dequantize_reference
@@ -306,6 +330,8 @@ class MoBiLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_override is not None:
+            return F.linear(x, self.weight_override().to(x.dtype), self.bias)
         if self.packed:
             return self._forward_packed(x)
         return self._forward_fake(x)
