@@ -40,7 +40,7 @@ PRESETS = {  # preset -> number of jobs its `-m` sweep expands to
     "ablation_router_policy": 2,
     "ablation_grid_anchor": 4,
     "ablation_stage2": 9,
-    "ablation_view_steps": 4,
+    "ablation_view_steps": 6,
 }
 
 
@@ -89,14 +89,23 @@ def test_ablation_preset_sweeps_its_axis(preset, tmp_path):
         assert methods[0].budgets(grid), job
 
 
-def test_view_steps_preset_reads_the_codes_four_ways(tmp_path):
+def test_view_steps_preset_reads_the_codes_six_ways(tmp_path):
     cfg = _compose(["experiment=ablation_view_steps"])
     seen = []
     for job in _expand(OmegaConf.to_container(cfg.hydra.sweeper.params)):
         task = _task_cfg(_compose(["experiment=ablation_view_steps", *job]), tmp_path)
         methods, _ = validate(task)
-        seen.append((methods[0].mobi.view_steps, task.calib.view_fit, task.calib.view_select_windows))
-    assert seen == [(False, "block", 0), (True, "diag", 0), (True, "block", 0), (True, "block", 4)]
+        c = task.calib
+        views = None if c.view_tune_views is None else list(c.view_tune_views)
+        seen.append((methods[0].mobi.view_steps, c.view_fit, c.view_select_windows, c.view_tune_epochs, views))
+    assert seen == [
+        (False, "block", 0, 0, None),
+        (True, "diag", 0, 0, None),
+        (True, "block", 0, 0, None),
+        (True, "block", 4, 0, None),
+        (True, "block", 4, 2, [1]),
+        (True, "block", 4, 2, None),
+    ]
 
 
 def test_stage2_preset_changes_one_calibration_lever_per_job(tmp_path):
