@@ -365,6 +365,20 @@ def test_view_pair_tuning_lowers_each_tuned_views_block_error(device):
         assert all(float(after) < float(before) for _, before, after in pairs), msg  # on all the windows
 
 
+def test_view_weight_is_the_stored_view_and_differentiable():
+    """``view_weight`` with a view's stored pair reproduces the packed view; it is differentiable in the pair."""
+    torch.manual_seed(0)
+    lin = MoBiLinear.from_linear(torch.nn.Linear(80, 12), slice_bits=(3, 1, 2), group_size=32, view_steps=True)
+    lin.freeze()
+    for k in (1, 2, 3):
+        w = lin.view_weight(k, lin.scale[k - 1], lin.zero[k - 1], lin.view_codes(k))
+        torch.testing.assert_close(w, lin.dequantized(k).float(), rtol=1e-6, atol=1e-7)
+    s = lin.scale[1].float().requires_grad_()
+    z = lin.zero[1].float().requires_grad_()
+    lin.view_weight(2, s, z, lin.view_codes(2)).square().sum().backward()
+    assert s.grad is not None and z.grad is not None and s.grad.abs().sum() > 0 and z.grad.abs().sum() > 0
+
+
 def test_view_pair_tuning_that_raises_the_block_error_is_undone():
     """A tuning that leaves the block's error on the calibration windows higher (here an absurd learning rate)
     is not kept: the view reads the pairs it had before."""

@@ -600,7 +600,7 @@ class ViewPairTuning(L.LightningModule):
         self.d_zero = nn.ParameterList(
             [nn.Parameter(torch.zeros(m.zero.shape[1:], device=m.zero.device)) for m in self.linears]
         )
-        self._codes = [m.view_codes(k) for m in self.linears]
+        self._codes = [m.view_codes(k).float() for m in self.linears]  # exact: codes are below 2^24
 
     def _pair(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.linears[i]
