@@ -48,6 +48,23 @@ def test_per_device_batch_halves_the_steps(tmp_path):
     assert list(pd.read_csv(tmp_path / "calibration.csv")["steps"]) == [2]
 
 
+def test_ddp_tunes_the_view_pairs_on_both_ranks(tmp_path):
+    """calib.view_tune_epochs under DDP: each view's tuning is a Lightning fit over the ranks' shards, kept or
+    undone by rank 0's decision, and the run completes with one report per block."""
+    _run(
+        tmp_path,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "model.tiny.num_hidden_layers=1",
+        "calib.view_tune_epochs=1",
+        "calib.view_tune_views=[1]",
+    )
+    assert len(pd.read_csv(tmp_path / "calibration.csv")) == 1
+    log = (tmp_path / "mobiquant.log").read_text()
+    assert "block 0: view pairs tuned (view: block MSE before -> after) {1: " in log
+
+
 def test_ddp_splits_each_block_between_two_ranks(runs):
     one, two = runs
     assert (two / "train_ddp_process_1.log").is_file()  # Lightning started a second rank with our overrides
