@@ -95,17 +95,20 @@ def test_view_steps_preset_reads_the_codes_six_ways(tmp_path):
     for job in _expand(OmegaConf.to_container(cfg.hydra.sweeper.params)):
         task = _task_cfg(_compose(["experiment=ablation_view_steps", *job]), tmp_path)
         methods, _ = validate(task)
-        c = task.calib
-        views = None if c.view_tune_views is None else list(c.view_tune_views)
-        seen.append((methods[0].mobi.view_steps, c.view_fit, c.view_select_windows, c.view_tune_epochs, views))
+        c, own = task.calib, methods[0].calib_overrides
+        views = own["view_tune_views"]
+        views = None if views is None else list(views)
+        seen.append((methods[0].mobi.view_steps, c.view_fit, c.view_select_windows, own["view_tune_epochs"], views))
     assert seen == [
         (False, "block", 0, 0, None),
         (True, "diag", 0, 0, None),
         (True, "block", 0, 0, None),
         (True, "block", 4, 0, None),
-        (True, "block", 4, 2, [1]),
-        (True, "block", 4, 2, None),
+        (True, "block", 4, 1, [1]),
+        (True, "block", 4, 1, None),
     ]
+    shipped = validate(_task_cfg(_compose(["quant=mobiquant"]), tmp_path))[0][0]
+    assert shipped.calib_overrides["view_tune_epochs"] == 1 and list(shipped.calib_overrides["view_tune_views"]) == [1]
 
 
 def test_stage2_preset_changes_one_calibration_lever_per_job(tmp_path):
@@ -120,13 +123,14 @@ def test_stage2_preset_changes_one_calibration_lever_per_job(tmp_path):
         assert isinstance(method, MoBiQuant) and method.mobi.slice_bits == (3, 1, 1, 1, 1, 1)
         changed.append(sorted(method.calib_overrides))
         overrides.append(dict(method.calib_overrides))
-    cyc = ["budget_sampling", "budgets", "propagate_budget"]
+    tune = ["view_tune_epochs", "view_tune_views"]
+    cyc = ["budget_sampling", "budgets", "propagate_budget", *tune]
     levers = [
         cyc,
         [*cyc, "lr_lwc"],
         [*cyc, "lr_lwc"],
         [*cyc, "lr_lwc_stage2"],
-        ["budget_sampling", "propagate_budget"],
+        ["budget_sampling", "propagate_budget", *tune],
         cyc,
         cyc,
         [*cyc, "epochs_stage1", "epochs_stage2"],

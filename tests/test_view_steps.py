@@ -397,13 +397,20 @@ def test_view_pair_tuning_that_raises_the_block_error_is_undone():
         assert torch.equal(s, pairs[0][n][0]) and torch.equal(z, pairs[0][n][1])
 
 
-def test_view_pair_tuning_needs_view_steps_and_real_views():
+def test_view_pair_tuning_needs_real_views_and_skips_shared_pairs():
     from mobiquant.calibration import CalibConfig, calibrate_model
 
-    model, _ = tiny_llama(num_hidden_layers=1)
     ids = torch.randint(0, 100, (2, 16))
-    with pytest.raises(ValueError, match="needs quant.mobi.view_steps=true"):
-        calibrate_model(model, ids, mq.MoBiConfig(slice_bits=(3, 1), group_size=32), CalibConfig(view_tune_epochs=1))
+    cfg = dict(epochs_stage1=1, epochs_stage2=1, batch_size=2, progress_bar=False, threshold_windows=0)
+    runs = []
+    for tune in (0, 1):  # one pair per group for every view: nothing to tune, the same calibration
+        model, _ = tiny_llama(num_hidden_layers=1)
+        calibrate_model(
+            model, ids, mq.MoBiConfig(slice_bits=(3, 1), group_size=32), CalibConfig(**cfg, view_tune_epochs=tune)
+        )
+        runs.append({n: (m.scale.clone(), m.zero.clone()) for n, m in mobi_linears(model)})
+    assert all(torch.equal(runs[0][n][0], runs[1][n][0]) for n in runs[0])
+    model, _ = tiny_llama(num_hidden_layers=1)
     with pytest.raises(ValueError, match=r"view_tune_views=\[4\]: slices \[3, 1\] have views 1..2"):
         calibrate_model(
             model,

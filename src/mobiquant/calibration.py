@@ -122,7 +122,7 @@ class CalibConfig:
     view_select_mix: Sequence[float] = (0.0, 0.5, 1.0)
     # one blend per view for all the block's linears ("block") or for each router site in turn ("site")
     view_select_by: str = "block"
-    # With MoBiConfig.view_steps: after the choice, tune the step and zero point per group of these views
+    # With MoBiConfig.view_steps (else ignored): after the choice, tune the step and zero point per group of these views
     # (1-based; None: every view) for view_tune_epochs epochs on the packed block's output MSE at each view
     # (codes fixed; Adam at lr_view_tune on the log step and the zero point; inputs: the stream nearest to the
     # view's bits). 0 epochs: no tuning (docs/RESULTS.md, "Tuning each view's pairs on the block output").
@@ -1071,12 +1071,9 @@ def calibrate_model(
     cfg = cfg or CalibConfig()
     stage1_slices(mobi, cfg)  # a bad stage1_bits fails here, before any work
     if cfg.view_tune_epochs > 0:
+        tune_view_views(mobi, cfg)  # bad views fail here, before any work
         if not mobi.view_steps:
-            raise ValueError(
-                "calib.view_tune_epochs > 0 tunes each view's own step and zero point: it needs "
-                "quant.mobi.view_steps=true (or view_tune_epochs=0)"
-            )
-        tune_view_views(mobi, cfg)  # bad views fail here too
+            log.info("calib.view_tune_epochs: no view has a pair of its own (view_steps=false): nothing to tune")
     if isinstance(trainer, Mapping):
         check_trainer_args({k: v for k, v in trainer.items() if k != "_target_"}, cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
