@@ -119,6 +119,40 @@ def test_matched_propagation_resumes_bit_identical(tmp_path):
     assert not all(torch.equal(reference[k], default[k]) for k in reference)
 
 
+def test_tuned_view_pairs_resume_bit_identical(tmp_path):
+    """With the 3-bit view's pairs tuned (quant=mobiquant's default), an interrupted calibration resumes to
+    the same checkpoint: tuned pairs are saved with their block, later blocks tune on the same inputs."""
+    torch.set_num_threads(1)
+
+    class Stop(Exception):
+        pass
+
+    mobi = mq.MoBiConfig(slice_bits=(3, 1, 1), view_steps=True, **MOBI)
+    cfg = _matched_cfg(budgets=[3.0, 4.0], view_tune_epochs=1, view_tune_views=[1])
+
+    def run(state=None, stop=False):
+        model, _ = tiny_llama(num_hidden_layers=3)
+        ids = torch.randint(0, 257, (4, 32), generator=torch.Generator().manual_seed(0))
+
+        def on_block_end(i, report):
+            if stop and i == 1:
+                raise Stop
+
+        calibrate_model(model, ids, mobi, cfg, on_block_end=on_block_end, state_dir=state)
+        return quantized_state(model)
+
+    reference = run()
+    with pytest.raises(Stop):
+        run(tmp_path / "state", stop=True)
+    resumed = run(tmp_path / "state")
+    assert reference.keys() == resumed.keys()
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+    cfg = _matched_cfg(budgets=[3.0, 4.0])  # without the tuning: other view-1 pairs
+    untuned = run()
+    scales = [k for k in reference if k.endswith(".scale")]
+    assert scales and not all(torch.equal(reference[k][0], untuned[k][0]) for k in scales)
+
+
 @pytest.mark.parametrize("propagate", [None, "matched"])
 def test_finished_blocks_release_their_inputs(monkeypatch, propagate):
     """Only the current block's streams and FP targets stay alive between blocks, even with Python's
