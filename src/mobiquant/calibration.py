@@ -180,6 +180,21 @@ class CalibConfig:
             raise ValueError(f"stage1_bits must be a positive bit-width, 'base', 'anchor' or None, got {s1!r}")
 
 
+def _rank_batch(cfg: CalibConfig, tr: L.Trainer) -> int:
+    """Windows per step on each rank: under DDP with the global batch (the default) each rank takes its share
+    of ``cfg.batch_size`` (at least one window); Lightning's distributed sampler gives each rank its own shard."""
+    return max(1, cfg.batch_size // max(1, tr.world_size)) if cfg.batch_scope == "global" else cfg.batch_size
+
+
+def _static_view_mse(
+    block: nn.Module, linears: Sequence[MoBiLinear], k: int, x: torch.Tensor, y: torch.Tensor, kwargs, batch_size: int
+) -> float:
+    """The packed block's output MSE against ``y`` with ``linears`` at static view ``k`` (their last view if fewer)."""
+    for m in linears:
+        m.set_static(min(k, m.num_slices))
+    return float(F.mse_loss(run_block_batched(block, x, kwargs, batch_size).float(), y.float()))
+
+
 def _callbacks(callbacks: Callbacks | None) -> list[Any]:
     """A Trainer's callbacks: the shared list, or a fresh one from the function."""
     return list((callbacks() if callable(callbacks) else callbacks) or [])
@@ -584,15 +599,14 @@ class ViewPairTuning(L.LightningModule):
     block's output MSE at static view ``k``: the output-error counterpart of the least-squares fit at packing,
     learned per view as ``lwc`` learns its clipping for one bit-width. Parameters: a log-step offset and a
     zero-point offset per group (both start at 0: the pair as packed or chosen); :meth:`write_pairs` stores the
-    tuned pairs (fp16) in the layers."""
+    tuned pairs (fp16) in the layers. Its caller removes the layers' ``weight_override`` after the fit."""
 
-    def __init__(self, block: nn.Module, k: int, block_kwargs: dict[str, Any], cfg: CalibConfig, block_index: int):
+    def __init__(self, block: nn.Module, k: int, block_kwargs: dict[str, Any], cfg: CalibConfig):
         super().__init__()
         self.block = block
         self.k = k
         self.block_kwargs = block_kwargs
         self.cfg = cfg
-        self.block_index = block_index
         self.linears = [m for m in _block_mobi(block) if k <= m.num_slices and m.scale.dim() == 3]
         self.log_step = nn.ParameterList(
             [nn.Parameter(torch.zeros(m.scale.shape[1:], device=m.scale.device)) for m in self.linears]
@@ -609,10 +623,6 @@ class ViewPairTuning(L.LightningModule):
     def on_fit_start(self) -> None:
         for i, m in enumerate(self.linears):
             m.weight_override = lambda i=i, m=m: m.view_weight(self.k, *self._pair(i), self._codes[i])
-
-    def on_fit_end(self) -> None:
-        for m in self.linears:
-            m.weight_override = None
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -648,23 +658,17 @@ def tune_view_pairs(
     ``{k: (MSE before, MSE after, kept)}``."""
     out = {}
     device = next(block.parameters()).device
-
-    def view_mse(k: int, x: torch.Tensor) -> float:
-        for m in _block_mobi(block):
-            m.set_static(min(k, m.num_slices))
-        return float(F.mse_loss(run_block_batched(block, x, kwargs, cfg.batch_size).float(), y.float()))
-
+    all_linears = _block_mobi(block)
     for k, x in views.items():
-        module = ViewPairTuning(block, k, kwargs, cfg, block_index)
+        module = ViewPairTuning(block, k, kwargs, cfg)
         if not module.linears:
             continue
-        before = view_mse(k, x)
+        before = _static_view_mse(block, all_linears, k, x, y, kwargs, cfg.batch_size)
         packed = [(m.scale[k - 1].clone(), m.zero[k - 1].clone()) for m in module.linears]
         tr = make_trainer(cfg.view_tune_epochs)
-        per_rank = max(1, cfg.batch_size // max(1, tr.world_size)) if cfg.batch_scope == "global" else cfg.batch_size
         loader = DataLoader(
             TensorDataset(x, y),
-            batch_size=per_rank,
+            batch_size=_rank_batch(cfg, tr),
             shuffle=True,
             generator=torch.Generator().manual_seed(cfg.seed * 7919 + 31 * block_index + k),
         )
@@ -675,7 +679,7 @@ def tune_view_pairs(
                 m.weight_override = None
         module.to(device)  # the Trainer's teardown leaves the module (and the block) on the CPU
         module.write_pairs()
-        after = view_mse(k, x)
+        after = _static_view_mse(block, all_linears, k, x, y, kwargs, cfg.batch_size)
         keep = bool(broadcast_object(after < before))
         if not keep:
             with torch.no_grad():
@@ -789,10 +793,7 @@ def _choose_view_pairs(
 
     def error(k: int, ts: Sequence[float]) -> float:
         set_blends(k, ts)
-        for m in linears:
-            m.set_static(min(k, m.num_slices))
-        out = run_block_batched(block, x[k] if isinstance(x, Mapping) else x, kwargs, cfg.batch_size)
-        return float(F.mse_loss(out.float(), y.float()))
+        return _static_view_mse(block, linears, k, x[k] if isinstance(x, Mapping) else x, y, kwargs, cfg.batch_size)
 
     tries = sorted(set(cfg.view_select_mix) - {1.0}, reverse=True)
     chosen = {}
@@ -1070,8 +1071,8 @@ def calibrate_model(
     """
     cfg = cfg or CalibConfig()
     stage1_slices(mobi, cfg)  # a bad stage1_bits fails here, before any work
-    if cfg.view_tune_epochs > 0:
-        tune_view_views(mobi, cfg)  # bad views fail here, before any work
+    tune = tune_view_views(mobi, cfg) if cfg.view_tune_epochs > 0 else []  # bad views fail here, before any work
+    if tune:
         if not mobi.view_steps:
             log.info("calib.view_tune_epochs: no view has a pair of its own (view_steps=false): nothing to tune")
     if isinstance(trainer, Mapping):
@@ -1135,14 +1136,9 @@ def calibrate_model(
         module = BlockCalibration(block, kwargs, cfg, mobi, i, step_offset, streams if matched else None)
         epochs = cfg.epochs_stage1 + (cfg.epochs_stage2 if module.has_routing else 0)
         block_tr = block_trainer(cfg, epochs, loggers, _callbacks(callbacks), trainer)
-        # `batch_size` is the global batch by default: under DDP each rank takes its share of it (at least
-        # one window); Lightning's distributed sampler gives each rank its own shard of the windows.
-        per_rank = (
-            max(1, cfg.batch_size // max(1, block_tr.world_size)) if cfg.batch_scope == "global" else cfg.batch_size
-        )
         loader = DataLoader(
             TensorDataset(torch.arange(len(fp_y)) if matched else streams[main], fp_y),
-            batch_size=per_rank,
+            batch_size=_rank_batch(cfg, block_tr),
             shuffle=True,
             generator=torch.Generator().manual_seed(cfg.seed + i),
         )
@@ -1173,8 +1169,7 @@ def calibrate_model(
         for r in _block_routers(block):
             r.requires_grad_(False)
             r.clear_cache()
-        if mobi.view_steps and cfg.view_tune_epochs > 0:
-            tune = tune_view_views(mobi, cfg)
+        if mobi.view_steps and tune:
             tuned = tune_view_pairs(
                 block,
                 {k: streams[nearest_stream(streams, mobi.view_bits[k - 1])] for k in tune},
