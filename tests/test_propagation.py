@@ -87,68 +87,52 @@ def test_each_step_reads_the_stream_of_its_budget():
     assert [stream_of(x) for _, x in seen] == [2.0, 2.0, 3.0, 3.0]
 
 
-def test_matched_propagation_resumes_bit_identical(tmp_path):
-    torch.set_num_threads(1)
+class _Stop(Exception):
+    pass
 
-    class Stop(Exception):
-        pass
 
-    def run(state=None, stop=False):
-        model, _ = tiny_llama(num_hidden_layers=3)
-        ids = torch.randint(0, 257, (4, 32), generator=torch.Generator().manual_seed(0))
-
-        def on_block_end(i, report):
-            if stop and i == 1:
-                raise Stop
-
-        cfg = _matched_cfg(budgets=[3.0, 5.0, 6.5])
-        calibrate_model(model, ids, mq.MoBiConfig(**MOBI), cfg, on_block_end=on_block_end, state_dir=state)
-        return quantized_state(model)
-
-    reference = run()
-    with pytest.raises(Stop):
-        run(tmp_path / "state", stop=True)
-    resumed = run(tmp_path / "state")
-    assert reference.keys() == resumed.keys()
-    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
-    # the default (one stream at the middle of the range) is another calibration
+def _calibrated(mobi, cfg, state=None, stop_after: int | None = None):
+    """The quantized state of a 3-block tiny model calibrated with ``cfg``; ``stop_after``: interrupted after
+    that block (``state``: where finished blocks are saved and resumed from)."""
     model, _ = tiny_llama(num_hidden_layers=3)
     ids = torch.randint(0, 257, (4, 32), generator=torch.Generator().manual_seed(0))
-    calibrate_model(model, ids, mq.MoBiConfig(**MOBI), _matched_cfg(budgets=[3.0, 5.0, 6.5], propagate_budget=None))
-    default = quantized_state(model)
+
+    def on_block_end(i, report):
+        if i == stop_after:
+            raise _Stop
+
+    calibrate_model(model, ids, mobi, cfg, on_block_end=on_block_end, state_dir=state)
+    return quantized_state(model)
+
+
+def _assert_resumes_bit_identical(tmp_path, mobi, cfg):
+    """An uninterrupted calibration, then one interrupted after block 1 and resumed: the same checkpoint.
+    Returns the uninterrupted one."""
+    torch.set_num_threads(1)
+    reference = _calibrated(mobi, cfg)
+    with pytest.raises(_Stop):
+        _calibrated(mobi, cfg, tmp_path / "state", stop_after=1)
+    resumed = _calibrated(mobi, cfg, tmp_path / "state")
+    assert reference.keys() == resumed.keys()
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+    return reference
+
+
+def test_matched_propagation_resumes_bit_identical(tmp_path):
+    mobi = mq.MoBiConfig(**MOBI)
+    reference = _assert_resumes_bit_identical(tmp_path, mobi, _matched_cfg(budgets=[3.0, 5.0, 6.5]))
+    # the default (one stream at the middle of the range) is another calibration
+    default = _calibrated(mobi, _matched_cfg(budgets=[3.0, 5.0, 6.5], propagate_budget=None))
     assert not all(torch.equal(reference[k], default[k]) for k in reference)
 
 
 def test_tuned_view_pairs_resume_bit_identical(tmp_path):
     """With the 3-bit view's pairs tuned (quant=mobiquant's default), an interrupted calibration resumes to
     the same checkpoint: tuned pairs are saved with their block, later blocks tune on the same inputs."""
-    torch.set_num_threads(1)
-
-    class Stop(Exception):
-        pass
-
     mobi = mq.MoBiConfig(slice_bits=(3, 1, 1), view_steps=True, **MOBI)
     cfg = _matched_cfg(budgets=[3.0, 4.0], view_tune_epochs=1, view_tune_views=[1])
-
-    def run(state=None, stop=False):
-        model, _ = tiny_llama(num_hidden_layers=3)
-        ids = torch.randint(0, 257, (4, 32), generator=torch.Generator().manual_seed(0))
-
-        def on_block_end(i, report):
-            if stop and i == 1:
-                raise Stop
-
-        calibrate_model(model, ids, mobi, cfg, on_block_end=on_block_end, state_dir=state)
-        return quantized_state(model)
-
-    reference = run()
-    with pytest.raises(Stop):
-        run(tmp_path / "state", stop=True)
-    resumed = run(tmp_path / "state")
-    assert reference.keys() == resumed.keys()
-    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
-    cfg = _matched_cfg(budgets=[3.0, 4.0])  # without the tuning: other view-1 pairs
-    untuned = run()
+    reference = _assert_resumes_bit_identical(tmp_path, mobi, cfg)
+    untuned = _calibrated(mobi, _matched_cfg(budgets=[3.0, 4.0]))  # without the tuning: other view-1 pairs
     scales = [k for k in reference if k.endswith(".scale")]
     assert scales and not all(torch.equal(reference[k][0], untuned[k][0]) for k in scales)
 
