@@ -12,7 +12,8 @@
 #   export PYTHONPATH=$PWD/src:$ROOT/pylib MOBIQUANT_CACHE=$ROOT/mqcache WANDB_MODE=offline
 #   python3 benchmarks/calib_bench.py --model $ROOT/model/smol.gguf \
 #     --calib-text $ROOT/data/wiki_extract_calib.txt --eval-text $ROOT/data/wiki.test.raw ...
-# The calibration text is the offline Wikipedia extract's calibration articles (never WikiText-2).
+# The calibration text is the offline Wikipedia extract's calibration articles (never WikiText-2); its
+# held-out articles (wiki_extract_eval.txt) are a second evaluation text (--extra-eval extract=...).
 #
 # Jobs longer than one call (a call ends after at most 10 minutes; a machine stays warm ~30 s between calls):
 #   bash benchmarks/bare_gpu.sh launch NAME CMD...   # CMD detached (setsid) in its own copy of this repo
@@ -40,12 +41,13 @@ case "$cmd" in
     echo "$parts" > "$dir/p1/nparts"
     wikitext=${WIKITEXT:-../shared/data/wikitext-2-raw/wiki.test.raw}
     [ -f "$wikitext" ] && cp "$wikitext" "$dir/p1/wiki.test.raw"
-    "$py" - "$dir/p1/wiki_extract_calib.txt" <<'EOF'
+    "$py" - "$dir/p1" <<'EOF'
 import sys
 from mobiquant.io.data import load_wiki_extract
-docs = load_wiki_extract("calib")
-with open(sys.argv[1], "w") as f:
-    f.write("\n".join(d.replace("\n", " ") for d in docs) + "\n")
+for split in ("calib", "eval"):  # calibration articles and the held-out ones, one document per line
+    docs = load_wiki_extract(split)
+    with open(f"{sys.argv[1]}/wiki_extract_{split}.txt", "w") as f:
+        f.write("\n".join(d.replace("\n", " ") for d in docs) + "\n")
 EOF
     "$py" -m pip wheel -q --no-deps -w "$dir/wheels" hydra-core==1.3.8 omegaconf==2.3.1 \
       antlr4-python3-runtime==4.9.3 gguf==0.19.0
