@@ -15,6 +15,11 @@
 # The calibration text is the offline Wikipedia extract's calibration articles (never WikiText-2); its
 # held-out articles (wiki_extract_eval.txt) are a second evaluation text (--extra-eval extract=...).
 #
+# The paper protocol of docs/RESULTS.md on what `install` brought (128 x 2048 calibration tokens of the
+# extract, 10 + 10 epochs, WikiText-2 test 40 windows and the extract's held-out articles, plan with 8 refit
+# and 4 selection windows), results under $ROOT/bench/TAG_1gpu:
+#   bash benchmarks/bare_gpu.sh paper [calib_bench args, e.g. --runs mobiquant:1 --tag T] [-- overrides]
+#
 # Jobs longer than one call (a call ends after at most 10 minutes; a machine stays warm ~30 s between calls):
 #   bash benchmarks/bare_gpu.sh launch NAME CMD...   # CMD detached (setsid) in its own copy of this repo
 #                                                    #   ($ROOT/repo.NAME),
@@ -70,6 +75,16 @@ EOF
       echo "model ready: $ROOT/model/smol.gguf"
     fi
     ;;
+  paper)
+    shift
+    pre=() post=()
+    while [ $# -gt 0 ] && [ "$1" != -- ]; do pre+=("$1"); shift; done
+    [ $# -gt 0 ] && shift
+    post=("$@")
+    python3 benchmarks/calib_bench.py --model "$ROOT/model/smol.gguf" --calib-text "$ROOT/data/wiki_extract_calib.txt" \
+      --eval-text "$ROOT/data/wiki.test.raw" --max-windows 40 --extra-eval "extract=$ROOT/data/wiki_extract_eval.txt" \
+      --out "$ROOT/bench" "${pre[@]}" -- calib.sync_every=50 plan.refit_windows=8 plan.select_windows=4 "${post[@]}"
+    ;;
   launch)
     name=${2:?launch NAME CMD...}
     shift 2
@@ -109,7 +124,7 @@ EOF
     for f in "$ROOT"/logs/*.log; do [ -f "$f" ] && { echo "== $f"; tail -n 3 "$f"; }; done
     ;;
   *)
-    sed -n 2,26p "$0"
+    sed -n 2,31p "$0"
     exit 2
     ;;
 esac
