@@ -40,7 +40,7 @@ PRESETS = {  # preset -> number of jobs its `-m` sweep expands to
     "ablation_router_policy": 2,
     "ablation_grid_anchor": 4,
     "ablation_stage2": 9,
-    "ablation_view_steps": 6,
+    "ablation_view_steps": 7,
 }
 
 
@@ -89,7 +89,7 @@ def test_ablation_preset_sweeps_its_axis(preset, tmp_path):
         assert methods[0].budgets(grid), job
 
 
-def test_view_steps_preset_reads_the_codes_six_ways(tmp_path):
+def test_view_steps_preset_reads_the_codes_seven_ways(tmp_path):
     cfg = _compose(["experiment=ablation_view_steps"])
     seen = []
     for job in _expand(OmegaConf.to_container(cfg.hydra.sweeper.params)):
@@ -105,6 +105,7 @@ def test_view_steps_preset_reads_the_codes_six_ways(tmp_path):
         (True, "block", 0, 0, None),
         (True, "block", 4, 0, None),
         (True, "block", 4, 1, [1]),
+        (True, "block", 4, 1, [1, 3, 4]),
         (True, "block", 4, 1, None),
     ]
     shipped = validate(_task_cfg(_compose(["quant=mobiquant"]), tmp_path))[0][0]
