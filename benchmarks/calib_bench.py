@@ -106,6 +106,9 @@ def summarize(run_dirs: dict[tuple[str, int], Path]) -> tuple[pd.DataFrame, pd.D
                     "calib_seconds": r.calib_seconds,
                     "steps": float(tags["steps"].sum()) if "steps" in tags else float("nan"),
                     "peak_mem_mb_rank0": float(tags["peak_mem_mb"].max()) if "peak_mem_mb" in tags else float("nan"),
+                    # what stays allocated between blocks: the first block's and the largest (growth shows here)
+                    "end_mem_mb_first": float(tags["end_mem_mb"].iloc[0]) if "end_mem_mb" in tags else float("nan"),
+                    "end_mem_mb_max": float(tags["end_mem_mb"].max()) if "end_mem_mb" in tags else float("nan"),
                 }
             )
         for _, r in df.iterrows():

@@ -253,3 +253,29 @@ def test_stage2_clipping_rate_zero_keeps_stage1_clipping():
 def test_stage2_clipping_rate_must_not_be_negative():
     with pytest.raises(ValueError, match="lr_lwc_stage2 must be >= 0"):
         CalibConfig(lr_lwc_stage2=-1.0)
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+    ],
+)
+def test_block_reports_carry_accelerator_memory(device):
+    """Each block's report has its peak accelerator memory and what stays allocated after it (the next
+    block's starting point, where growth from block to block shows); NaN off CUDA."""
+    import math
+
+    torch.set_num_threads(1)
+    model, _ = tiny_llama(num_hidden_layers=2)
+    model.to(device)
+    mobi = mq.MoBiConfig(slice_bits=(2, 2), group_size=32, router_hidden=8)
+    cfg = CalibConfig(epochs_stage1=1, epochs_stage2=1, batch_size=2, progress_bar=False, threshold_windows=0)
+    reports = calibrate_model(model, torch.randint(0, 100, (4, 32)), mobi, cfg).blocks
+    assert len(reports) == 2
+    for r in reports:
+        if device == "cpu":
+            assert math.isnan(r.peak_mem_mb) and math.isnan(r.end_mem_mb)
+        else:
+            assert 0 < r.end_mem_mb <= r.peak_mem_mb

@@ -706,6 +706,8 @@ class BlockReport:
     # (calib.view_select_*; e.g. "1:0.5 6:0"), "" when every view kept it or no choice was made (calibration.csv
     # leaves the column out when every block has "")
     view_blends: str = ""
+    # accelerator memory still allocated when the block is done (CUDA only): what the next block starts from
+    end_mem_mb: float = math.nan
 
 
 @dataclass
@@ -1196,6 +1198,7 @@ def calibrate_model(
             steps,
             peak,
             " ".join(f"{k}:" + "/".join(f"{t:g}" for t in ts) for k, ts in sorted(blends.items())),
+            torch.cuda.memory_allocated(device) / 2**20 if on_cuda else math.nan,
         )
         if state is not None:
             state.save(i, block, report)

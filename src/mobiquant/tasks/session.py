@@ -316,9 +316,9 @@ def prepare_run(cfg: DictConfig) -> Path:
 
 
 def calibration_table(rows: list[dict]) -> pd.DataFrame:
-    """``calibration.csv``: one row per method and block; a column empty in every row (``peak_mem_mb`` off
-    CUDA, ``view_blends`` when no view changed its pair) is left out, so that a re-read table writes the same
-    columns (an empty string reads back as NaN)."""
+    """``calibration.csv``: one row per method and block; a column empty in every row (``peak_mem_mb`` and
+    ``end_mem_mb`` off CUDA, ``view_blends`` when no view changed its pair) is left out, so that a re-read
+    table writes the same columns (an empty string reads back as NaN)."""
     return concat_rows(rows).replace("", float("nan")).dropna(axis=1, how="all")
 
 
