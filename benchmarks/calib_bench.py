@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from mobiquant.io.results import method_summary  # noqa: E402
+from mobiquant.io.results import first_windows_ppl, method_summary  # noqa: E402
 
 
 def job_overrides(args, method: str, gpus: int, baselines: str = "none") -> list[str]:
@@ -88,13 +88,21 @@ def run_job(args, method: str, gpus: int, baselines: str) -> Path:
     return run_dir
 
 
-def summarize(run_dirs: dict[tuple[str, int], Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def summarize(
+    run_dirs: dict[tuple[str, int], Path], first_windows: int | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     cost, ppl = [], []
     for (_method, gpus), d in run_dirs.items():
         res = d / "results.csv"
         if not res.is_file():
             continue
         df = pd.read_csv(res)
+        evals = df
+        if first_windows and (d / "windows.csv").is_file():  # the same evaluations over their first windows
+            sub = first_windows_ppl(pd.read_csv(d / "windows.csv"), first_windows)
+            sub = sub.merge(df[["method", "budget", "dataset", "avg_bits"]], on=["method", "budget", "dataset"])
+            sub["dataset"] = sub["dataset"] + f" (first {first_windows})"
+            evals = pd.concat([df, sub], ignore_index=True)
         cal = pd.read_csv(d / "calibration.csv") if (d / "calibration.csv").is_file() else pd.DataFrame()
         for r in method_summary(df).itertuples():  # lwc: one calibration per bit-width, summed
             tags = cal[cal["method"].astype(str).str.startswith(r.method)] if "method" in cal else cal
@@ -111,7 +119,7 @@ def summarize(run_dirs: dict[tuple[str, int], Path]) -> tuple[pd.DataFrame, pd.D
                     "end_mem_mb_max": float(tags["end_mem_mb"].max()) if "end_mem_mb" in tags else float("nan"),
                 }
             )
-        for _, r in df.iterrows():
+        for _, r in evals.iterrows():
             ppl.append(
                 {
                     "method": r.method,
@@ -164,6 +172,13 @@ def main(argv=None) -> None:
         default="lightning",
         help="how runs on several GPUs start their ranks (torchrun: all at once)",
     )
+    p.add_argument(
+        "--first-windows",
+        type=int,
+        default=0,
+        help="also tabulate each text's perplexity over its first N windows (from windows.csv), e.g. 40 beside "
+        "--max-windows 0 to compare with runs that read only 40",
+    )
     p.add_argument("--timeout", type=int, default=3600)
     p.add_argument("--tag", default="", help="run folder name instead of the method's (e.g. one per layout)")
     p.add_argument("--out", default="calib_bench_runs")
@@ -181,7 +196,7 @@ def main(argv=None) -> None:
     if torch.cuda.device_count() < max(g for _, g, _ in runs):
         p.error(f"asked for {max(g for _, g, _ in runs)} GPUs, {torch.cuda.device_count()} visible")
     dirs = {(m, g): run_job(args, m, g, b) for m, g, b in runs}
-    cost, ppl = summarize(dirs)
+    cost, ppl = summarize(dirs, args.first_windows or None)
     out = Path(args.out)
     card = torch.cuda.get_device_name(0)
     md = [

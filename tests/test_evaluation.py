@@ -47,6 +47,31 @@ def test_perplexity_matches_hand_computed_cross_entropy():
     assert result["dtype"] == "float32"
 
 
+def test_window_nll_gives_the_perplexity_of_any_first_windows():
+    """``window_nll``: each window's summed NLL in window order, whatever the batch size; the perplexity over
+    the first ``n`` of them is that of evaluating only those ``n`` windows."""
+    import pandas as pd
+
+    from mobiquant.io.results import first_windows_ppl, window_rows
+
+    model = tiny_model()
+    windows = random_windows(n=5)
+    full = perplexity(model, windows, batch_size=2)
+    assert len(full["window_nll"]) == 5
+    assert sum(full["window_nll"]) / full["n_tokens"] == pytest.approx(full["nll"], rel=1e-12)
+    assert perplexity(model, windows, batch_size=5)["window_nll"] == pytest.approx(full["window_nll"], rel=1e-6)
+    rows = pd.DataFrame(window_rows("m", 4.0, "text", full["window_nll"], full["seqlen"]))
+    rows = pd.concat([rows, pd.DataFrame(window_rows("fp", float("nan"), "text", full["window_nll"], 32))])
+    first2 = first_windows_ppl(rows, 2)
+    assert list(first2["n_windows"]) == [2, 2] and first2["budget"].isna().tolist() == [False, True]
+    assert first2["ppl"].iloc[0] == pytest.approx(perplexity(model, windows[:2])["ppl"], rel=1e-6)
+    assert first_windows_ppl(rows)["ppl"].iloc[0] == pytest.approx(full["ppl"], rel=1e-12)
+    with pytest.raises(ValueError, match="n must be None or an integer >= 1"):
+        first_windows_ppl(rows, 0)
+    with pytest.raises(ValueError, match=r"columns \['nll_sum'\] are missing"):
+        first_windows_ppl(rows.drop(columns="nll_sum"), 2)
+
+
 def test_perplexity_small_case_by_hand():
     """Two windows of three tokens with a model whose logits are fixed: the NLL is known in closed form."""
 

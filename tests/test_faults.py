@@ -42,7 +42,7 @@ from mobiquant.calibration import CalibConfig, calibrate_model
 from mobiquant.io import fileio
 from mobiquant.io.checkpoint import CONFIG_NAME, TENSORS_NAME, load_quantized, quantized_state, save_quantized
 from mobiquant.io.fileio import WriteError
-from mobiquant.io.results import COLUMNS, read_results, write_csv
+from mobiquant.io.results import COLUMNS, first_windows_ppl, read_results, write_csv
 from mobiquant.tasks import quantize as pipeline
 from mobiquant.tasks import session
 from mobiquant.tiny import tiny_llama
@@ -441,3 +441,10 @@ def test_full_disk_while_writing_results_keeps_finished_rows(cache, tmp_path, mo
     assert len(final) == 4  # fp + mobiquant at 3 budgets
     pd.testing.assert_frame_equal(final.iloc[:2], kept)  # finished rows kept, not recomputed
     assert snapshot(out / "checkpoints") == ckpt  # the checkpoint was reloaded, not rewritten
+    # windows.csv was written before the failed results.csv: the redone evaluation replaced its windows
+    win = pd.read_csv(out / "windows.csv")
+    assert not win.duplicated(["method", "budget", "dataset", "window"]).any()
+    assert len(win) == int(final["n_windows"].sum())
+    per_eval = first_windows_ppl(win).merge(final, on=["method", "budget", "dataset"])
+    assert len(per_eval) == 4
+    assert (per_eval["ppl_x"] - per_eval["ppl_y"]).abs().max() <= 1e-9 * per_eval["ppl_y"].max()

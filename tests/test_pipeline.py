@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 from mobiquant.__main__ import CONF_DIR
-from mobiquant.io.results import COLUMNS
+from mobiquant.io.results import COLUMNS, first_windows_ppl
 from mobiquant.tasks.quantize import run
 from wandb_offline import read_run
 
@@ -56,6 +56,11 @@ def test_smoke_end_to_end_with_wandb_offline(tmp_path, wandb_env):
     assert math.isclose(metric, mobi["ppl"].map(math.log).mean(), rel_tol=1e-9)  # the sweepers' objective
     for name in ("elasticity.png", "results.md", "calibration.csv"):
         assert (out / name).stat().st_size > 0, name
+    win = pd.read_csv(out / "windows.csv")  # every evaluation's windows, the perplexity of each row
+    assert len(win) == 4 * len(df)
+    per_eval = first_windows_ppl(win).merge(df, on=["method", "budget", "dataset"])
+    assert len(per_eval) == len(df)
+    assert (per_eval["ppl_x"] - per_eval["ppl_y"]).abs().max() <= 1e-9 * per_eval["ppl_y"].max()
     ck = out / "checkpoints" / "mobiquant"
     meta = json.loads((ck / "mobiquant.json").read_text())
     assert meta["config"]["slice_bits"] == [3, 1, 1, 1, 1, 1] and meta["plan"]["settings"]["per"] == "linear"

@@ -76,9 +76,10 @@ def perplexity(
         progress: ``True`` or a description string shows a tqdm progress bar.
 
     Returns:
-        ``{"ppl", "nll", "n_tokens", "n_windows", "seqlen", "dtype"}``: ``nll`` is the mean token NLL in
-        nats, ``n_tokens = n_windows * (seqlen - 1)`` the number of scored tokens, ``dtype`` the dtype of
-        the model's parameters.
+        ``{"ppl", "nll", "n_tokens", "n_windows", "seqlen", "dtype", "window_nll"}``: ``nll`` is the mean
+        token NLL in nats, ``n_tokens = n_windows * (seqlen - 1)`` the number of scored tokens, ``dtype`` the
+        dtype of the model's parameters, ``window_nll`` each window's summed NLL (``seqlen - 1`` tokens each,
+        in window order: what a perplexity over a subset of the windows, or a paired comparison, needs).
     """
     if windows.dim() != 2:
         raise ValueError(f"windows must be a 2-D LongTensor [n, seqlen], got shape {tuple(windows.shape)}")
@@ -104,11 +105,14 @@ def perplexity(
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64)
+    per_window: list[float] = []
     try:
         with torch.inference_mode():
             for start in batches:
                 batch = windows[start : start + batch_size].to(device)
-                total += window_nll(model, batch).sum()
+                sums = window_nll(model, batch)
+                total += sums.sum()
+                per_window += sums.tolist()
     finally:
         model.train(was_training)
 
@@ -121,4 +125,5 @@ def perplexity(
         "n_windows": n_windows,
         "seqlen": seqlen,
         "dtype": dtype,
+        "window_nll": per_window,
     }

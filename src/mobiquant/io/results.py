@@ -189,6 +189,34 @@ def concat_rows(rows: Iterable[dict]) -> pd.DataFrame:
     return df.reindex(columns=COLUMNS + [c for c in df.columns if c not in COLUMNS])
 
 
+#: ``windows.csv``: one row per (method, budget, dataset, window), the window's summed NLL and token count.
+WINDOW_COLUMNS = ["method", "budget", "dataset", "window", "nll_sum", "n_tokens"]
+
+
+def window_rows(method: str, budget: float, dataset: str, window_nll: Iterable[float], seqlen: int) -> list[dict]:
+    """The ``windows.csv`` rows of one evaluation (:func:`mobiquant.evaluation.perplexity`'s ``window_nll``)."""
+    return [
+        {"method": method, "budget": budget, "dataset": dataset, "window": i, "nll_sum": v, "n_tokens": seqlen - 1}
+        for i, v in enumerate(window_nll)
+    ]
+
+
+def first_windows_ppl(windows: pd.DataFrame, n: int | None = None) -> pd.DataFrame:
+    """Perplexity of every (method, budget, dataset) of ``windows.csv`` rows over its first ``n`` windows (all
+    when ``None``): columns method, budget, dataset, n_windows, ppl. An evaluation of every window so also gives
+    the numbers of an earlier run that read only the first ``n``."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"n must be None or an integer >= 1, got {n!r}")
+    missing = set(WINDOW_COLUMNS) - set(windows.columns)
+    if missing:
+        raise ValueError(f"not windows.csv rows: columns {sorted(missing)} are missing")
+    keep = windows if n is None else windows[windows["window"] < n]
+    g = keep.groupby(["method", "budget", "dataset"], sort=False, dropna=False)
+    out = g.agg(n_windows=("window", "size"), nll_sum=("nll_sum", "sum"), n_tokens=("n_tokens", "sum")).reset_index()
+    out["ppl"] = (out["nll_sum"] / out["n_tokens"]).map(math.exp)
+    return out[["method", "budget", "dataset", "n_windows", "ppl"]]
+
+
 def method_summary(df: pd.DataFrame) -> pd.DataFrame:
     """Per method: calibration wall time and count to cover its budgets, and the bytes needed to store
     every precision it serves (one shared checkpoint, or one per bit-width)."""

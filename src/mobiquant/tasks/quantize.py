@@ -1,8 +1,10 @@
 """The experiment: load model and text, run every configured method, evaluate every budget, report.
 
 Outputs in the run directory: ``results.csv`` (one row per method x budget x dataset, rewritten
-atomically after each evaluation), ``results.md``, ``elasticity.png``, ``calibration.csv``,
-``checkpoints/<method>/`` and, with the W&B logger, an offline (or online) W&B run.
+atomically after each evaluation), ``windows.csv`` (each evaluation window's summed NLL, likewise:
+perplexities over any first windows, paired comparisons; ``io.results.first_windows_ppl``),
+``results.md``, ``elasticity.png``, ``calibration.csv``, ``checkpoints/<method>/`` and, with the W&B
+logger, an offline (or online) W&B run.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from ..io.results import (
     atomic_write_text,
     concat_rows,
     has_row,
+    is_missing,
     is_non_increasing,
     method_summary,
     plot_elasticity,
     ppl_table,
     read_results,
     summary_markdown,
+    window_rows,
     write_csv,
 )
 from ..io.runfolder import RunFolder, RunFolderError
@@ -68,6 +72,8 @@ def run(cfg: DictConfig) -> float:
         rows: list[dict] = _previous_rows(results_path, folder) if resume else []
         calib_csv = out_dir / "calibration.csv"
         calib_rows: list[dict] = _previous_rows(calib_csv, folder, check=False) if resume else []
+        windows_csv = out_dir / "windows.csv"
+        win_rows: list[dict] = _previous_rows(windows_csv, folder, check=False) if resume else []
 
         ctx = ses.context(calib_rows, calib_csv=calib_csv, run_id=folder.run_id)  # the calibration text
         eval_sets = {}
@@ -115,6 +121,11 @@ def run(cfg: DictConfig) -> float:
                         "run_id": folder.run_id,
                     }
                     reset_counts(variant.model, track=False)
+                    win_rows = [w for w in win_rows if not _same_eval(w, variant.method, variant.budget, ds)] + [
+                        {**w, "run_id": folder.run_id}
+                        for w in window_rows(variant.method, variant.budget, ds, r["window_nll"], r["seqlen"])
+                    ]  # an evaluation cut before its results row is redone: its earlier windows are replaced
+                    write_csv(pd.DataFrame(win_rows), windows_csv)  # before results.csv: a row there has its windows
                     rows.append(row)
                     write_csv(concat_rows(rows), results_path)
                     tracker.log_row(row)
@@ -190,6 +201,12 @@ def _previous_rows(path: Path, folder: RunFolder, check: bool = True) -> list[di
             f"run is {folder.run_id}): move {path.name} away, or choose another folder (hydra.run.dir=<folder>)"
         )
     return df[ids == folder.run_id].to_dict("records")
+
+
+def _same_eval(w: dict, method: str, budget: float, dataset: str) -> bool:
+    b = w["budget"]
+    same_budget = b == budget or (is_missing(b) and math.isnan(budget))
+    return w["method"] == method and w["dataset"] == dataset and bool(same_budget)
 
 
 def _df(rows):
