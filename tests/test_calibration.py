@@ -162,7 +162,14 @@ def test_inputs_kept_on_cpu_give_the_same_calibration(device):
     from mobiquant.quant.config import MoBiConfig
     from mobiquant.tiny import tiny_llama
 
-    cfg = CalibConfig(epochs_stage1=1, epochs_stage2=1, batch_size=2, progress_bar=False, threshold_windows=0)
+    cfg = CalibConfig(
+        epochs_stage1=1,
+        epochs_stage2=1,
+        batch_size=2,
+        progress_bar=False,
+        threshold_windows=0,
+        accelerator="gpu" if device == "cuda" else "cpu",
+    )
     ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
     states = []
     for where in ("device", "cpu"):
@@ -271,7 +278,14 @@ def test_block_reports_carry_accelerator_memory(device):
     model, _ = tiny_llama(num_hidden_layers=2)
     model.to(device)
     mobi = mq.MoBiConfig(slice_bits=(2, 2), group_size=32, router_hidden=8)
-    cfg = CalibConfig(epochs_stage1=1, epochs_stage2=1, batch_size=2, progress_bar=False, threshold_windows=0)
+    cfg = CalibConfig(
+        epochs_stage1=1,
+        epochs_stage2=1,
+        batch_size=2,
+        progress_bar=False,
+        threshold_windows=0,
+        accelerator="gpu" if device == "cuda" else "cpu",
+    )
     reports = calibrate_model(model, torch.randint(0, 100, (4, 32)), mobi, cfg).blocks
     assert len(reports) == 2
     for r in reports:
@@ -279,3 +293,12 @@ def test_block_reports_carry_accelerator_memory(device):
             assert math.isnan(r.peak_mem_mb) and math.isnan(r.end_mem_mb)
         else:
             assert 0 < r.end_mem_mb <= r.peak_mem_mb
+
+
+def test_accelerator_must_be_where_the_model_is():
+    """A block's Trainer moves the block to its accelerator, not its inputs: a mismatch is refused before any
+    work, naming the fix."""
+    model, _ = tiny_llama(num_hidden_layers=1)
+    cfg = CalibConfig(epochs_stage1=1, epochs_stage2=0, progress_bar=False, accelerator="gpu")
+    with pytest.raises(ValueError, match=r"calib.accelerator='gpu' calibrates on cuda, but the model is on cpu: set "):
+        calibrate_model(model, torch.randint(0, 100, (2, 16)), mq.MoBiConfig(group_size=32, router_hidden=8), cfg)

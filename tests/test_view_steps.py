@@ -331,6 +331,7 @@ def test_view_pair_tuning_lowers_each_tuned_views_block_error(device):
     ids = torch.randint(0, 100, (8, 32), generator=torch.Generator().manual_seed(0))
     mobi = mq.MoBiConfig(slice_bits=(3, 1, 1), group_size=32, router_hidden=8, view_steps=True)
     base = dict(epochs_stage1=1, epochs_stage2=1, batch_size=2, progress_bar=False, threshold_windows=0)
+    base["accelerator"] = "gpu" if device == "cuda" else "cpu"
 
     def run(**kw):
         model, _ = tiny_llama(num_hidden_layers=2)

@@ -325,6 +325,21 @@ def inputs_device(
     return device if need < free / 2 else torch.device("cpu")
 
 
+def check_accelerator(device: torch.device, cfg: CalibConfig) -> None:
+    """Each block's Trainer moves the block to ``cfg.accelerator`` while its inputs and position embeddings stay
+    on the model's device: the two must agree (``calibrate`` picks the accelerator from the model's device)."""
+    acc = str(cfg.accelerator).lower()
+    if acc == "auto":
+        acc = "gpu" if torch.cuda.is_available() else "cpu"
+    runs_on = {"cpu": "cpu", "gpu": "cuda", "cuda": "cuda"}.get(acc)
+    if runs_on is not None and runs_on != device.type:
+        fits = "gpu" if device.type == "cuda" else device.type
+        raise ValueError(
+            f"calib.accelerator={cfg.accelerator!r} calibrates on {runs_on}, but the model is on {device}: "
+            f"set accelerator={fits!r} (trainer=gpu on the command line) or move the model"
+        )
+
+
 def _to_store(t: torch.Tensor, store: torch.device) -> torch.Tensor:
     t = t.to(store)
     return t.pin_memory() if store.type == "cpu" and torch.cuda.is_available() else t
@@ -1072,6 +1087,7 @@ def calibrate_model(
     is the same as an uninterrupted run (each block's randomness is seeded by its index).
     """
     cfg = cfg or CalibConfig()
+    check_accelerator(next(model.parameters()).device, cfg)
     stage1_slices(mobi, cfg)  # a bad stage1_bits fails here, before any work
     tune = tune_view_views(mobi, cfg) if cfg.view_tune_epochs > 0 else []  # bad views fail here, before any work
     if tune:
