@@ -20,6 +20,17 @@ if not torch.cuda.is_available():
 torch.set_num_threads(1)
 
 
+@pytest.fixture(
+    params=[
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+    ]
+)
+def calib_device(request) -> str:
+    """A test run on the CPU and, where there is one, on a CUDA device (calibration's Trainer included)."""
+    return request.param
+
+
 @pytest.fixture
 def make_llama():
     """Factory: ``make_llama(seed)`` -> a fresh tiny random LLaMA in eval mode (same seed, same weights)."""

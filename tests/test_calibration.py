@@ -73,7 +73,7 @@ def test_state_from_other_settings_is_not_reused(tmp_path, caplog):
         _calibrate(state, stop_after=0, layers=2)
     model, _ = tiny_llama(num_hidden_layers=2)
     ids = torch.randint(0, 257, (4, 32), generator=torch.Generator().manual_seed(1))  # other text
-    cfg = CalibConfig(epochs_stage1=1, epochs_stage2=1, batch_size=2, progress_bar=False, threshold_windows=0)
+    cfg = _small_cfg("cpu")
     with caplog.at_level("WARNING"):
         calibrate_model(model, ids, mq.MoBiConfig(group_size=32, router_hidden=8), cfg, state_dir=state)
     assert "other settings" in caplog.text
@@ -146,30 +146,17 @@ def test_non_finite_loss_stops_the_block_and_names_it(tmp_path, monkeypatch, syn
     assert sorted(meta["blocks"]) == ["0"]  # block 0's work is kept
 
 
-@pytest.mark.parametrize(
-    "device",
-    [
-        "cpu",
-        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
-    ],
-)
-def test_inputs_kept_on_cpu_give_the_same_calibration(device):
+def test_inputs_kept_on_cpu_give_the_same_calibration(calib_device):
     """inputs_on=cpu (pinned host memory, streamed batch by batch) changes where tensors live, not the result."""
+    device = calib_device
     import dataclasses
 
-    from mobiquant.calibration import CalibConfig, calibrate_model, inputs_device
+    from mobiquant.calibration import calibrate_model, inputs_device
     from mobiquant.io.checkpoint import quantized_state
     from mobiquant.quant.config import MoBiConfig
     from mobiquant.tiny import tiny_llama
 
-    cfg = CalibConfig(
-        epochs_stage1=1,
-        epochs_stage2=1,
-        batch_size=2,
-        progress_bar=False,
-        threshold_windows=0,
-        accelerator="gpu" if device == "cuda" else "cpu",
-    )
+    cfg = _small_cfg(device)
     ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
     states = []
     for where in ("device", "cpu"):
@@ -262,30 +249,17 @@ def test_stage2_clipping_rate_must_not_be_negative():
         CalibConfig(lr_lwc_stage2=-1.0)
 
 
-@pytest.mark.parametrize(
-    "device",
-    [
-        "cpu",
-        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
-    ],
-)
-def test_block_reports_carry_accelerator_memory(device):
+def test_block_reports_carry_accelerator_memory(calib_device):
     """Each block's report has its peak accelerator memory and what stays allocated after it (the next
     block's starting point, where growth from block to block shows); NaN off CUDA."""
+    device = calib_device
     import math
 
     torch.set_num_threads(1)
     model, _ = tiny_llama(num_hidden_layers=2)
     model.to(device)
     mobi = mq.MoBiConfig(slice_bits=(2, 2), group_size=32, router_hidden=8)
-    cfg = CalibConfig(
-        epochs_stage1=1,
-        epochs_stage2=1,
-        batch_size=2,
-        progress_bar=False,
-        threshold_windows=0,
-        accelerator="gpu" if device == "cuda" else "cpu",
-    )
+    cfg = _small_cfg(device)
     reports = calibrate_model(model, torch.randint(0, 100, (4, 32)), mobi, cfg).blocks
     assert len(reports) == 2
     for r in reports:
@@ -302,3 +276,9 @@ def test_accelerator_must_be_where_the_model_is():
     cfg = CalibConfig(epochs_stage1=1, epochs_stage2=0, progress_bar=False, accelerator="gpu")
     with pytest.raises(ValueError, match=r"calib.accelerator='gpu' calibrates on cuda, but the model is on cpu: set "):
         calibrate_model(model, torch.randint(0, 100, (2, 16)), mq.MoBiConfig(group_size=32, router_hidden=8), cfg)
+
+
+def _small_cfg(device: str, **kw) -> CalibConfig:
+    """One epoch per stage in batches of 2, no threshold fit, on ``device``'s accelerator."""
+    base = dict(epochs_stage1=1, epochs_stage2=1, batch_size=2, progress_bar=False, threshold_windows=0)
+    return CalibConfig(**{**base, "accelerator": "gpu" if device == "cuda" else "cpu", **kw})

@@ -314,14 +314,7 @@ def test_choice_per_site_never_raises_the_block_error():
         CalibConfig(view_select_by="linear")
 
 
-@pytest.mark.parametrize(
-    "device",
-    [
-        "cpu",
-        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
-    ],
-)
-def test_view_pair_tuning_lowers_each_tuned_views_block_error(device):
+def test_view_pair_tuning_lowers_each_tuned_views_block_error(calib_device):
     """``calib.view_tune_epochs``: each tuned view's pairs move and its packed block's output error on the
     calibration inputs falls; untuned views keep their pairs; the codes stay; the model stays on its device
     (a Trainer's teardown moves its module to the CPU)."""
@@ -331,6 +324,7 @@ def test_view_pair_tuning_lowers_each_tuned_views_block_error(device):
     ids = torch.randint(0, 100, (8, 32), generator=torch.Generator().manual_seed(0))
     mobi = mq.MoBiConfig(slice_bits=(3, 1, 1), group_size=32, router_hidden=8, view_steps=True)
     base = dict(epochs_stage1=1, epochs_stage2=1, batch_size=2, progress_bar=False, threshold_windows=0)
+    device = calib_device
     base["accelerator"] = "gpu" if device == "cuda" else "cpu"
 
     def run(**kw):
