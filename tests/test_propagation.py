@@ -127,10 +127,11 @@ def test_matched_propagation_resumes_bit_identical(tmp_path):
 
 
 def test_tuned_view_pairs_resume_bit_identical(tmp_path):
-    """With the 3-bit view's pairs tuned (quant=mobiquant's default), an interrupted calibration resumes to
-    the same checkpoint: tuned pairs are saved with their block, later blocks tune on the same inputs."""
+    """With a low and a high view's pairs tuned (as quant=mobiquant tunes views 1, 3 and 4), an interrupted
+    calibration resumes to the same checkpoint: tuned pairs are saved with their block, later blocks tune on
+    the same inputs."""
     mobi = mq.MoBiConfig(slice_bits=(3, 1, 1), view_steps=True, **MOBI)
-    cfg = _matched_cfg(budgets=[3.0, 4.0], view_tune_epochs=1, view_tune_views=[1])
+    cfg = _matched_cfg(budgets=[3.0, 4.0], view_tune_epochs=1, view_tune_views=[1, 3])
     reference = _assert_resumes_bit_identical(tmp_path, mobi, cfg)
     untuned = _calibrated(mobi, _matched_cfg(budgets=[3.0, 4.0]))  # without the tuning: other view-1 pairs
     scales = [k for k in reference if k.endswith(".scale")]

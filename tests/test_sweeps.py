@@ -109,7 +109,8 @@ def test_view_steps_preset_reads_the_codes_seven_ways(tmp_path):
         (True, "block", 4, 1, None),
     ]
     shipped = validate(_task_cfg(_compose(["quant=mobiquant"]), tmp_path))[0][0]
-    assert shipped.calib_overrides["view_tune_epochs"] == 1 and list(shipped.calib_overrides["view_tune_views"]) == [1]
+    own = shipped.calib_overrides
+    assert own["view_tune_epochs"] == 1 and list(own["view_tune_views"]) == [1, 3, 4]
 
 
 def test_stage2_preset_changes_one_calibration_lever_per_job(tmp_path):
