@@ -16,6 +16,7 @@ from mobiquant.calibration import (
     propagation_budgets,
 )
 from mobiquant.io.checkpoint import quantized_state
+from mobiquant.nn.router import TokenRouter
 from mobiquant.tiny import tiny_llama
 
 MOBI = dict(group_size=32, router_hidden=8)
@@ -141,7 +142,8 @@ def test_tuned_view_pairs_resume_bit_identical(tmp_path):
 @pytest.mark.parametrize("propagate", [None, "matched"])
 def test_finished_blocks_release_their_inputs(monkeypatch, propagate):
     """Only the current block's streams and FP targets stay alive between blocks, even with Python's
-    automatic collection off (a finished block's trainer must not hold its loader's tensors)."""
+    automatic collection off (a finished block's trainer must not hold its loader's tensors), and no finished
+    block's router keeps the activations of its last batch."""
     import gc
     import weakref
 
@@ -159,6 +161,14 @@ def test_finished_blocks_release_their_inputs(monkeypatch, propagate):
 
     monkeypatch.setattr(calib, "run_block_batched", tracked)
     alive: list[int] = []
+    kept: list[int] = []
+
+    def held() -> int:  # tensors the (finished blocks') routers keep from their last forward
+        routers = [m for m in model.modules() if isinstance(m, TokenRouter)]
+        assert routers
+        state = [x for r in routers for x in (r._cache, r._values, r._tail, r.last_soft) if x is not None]
+        return sum(isinstance(t, torch.Tensor) for x in state for t in (x if isinstance(x, tuple) else (x,)))
+
     mobi = mq.MoBiConfig(slice_bits=(3, 1, 1, 1, 1, 1), **MOBI)
     cfg = _matched_cfg(propagate_budget=propagate, budget_sampling="uniform", budgets=None)
     gc.disable()
@@ -168,9 +178,10 @@ def test_finished_blocks_release_their_inputs(monkeypatch, propagate):
             torch.randint(0, 100, (8, 32)),
             mobi,
             cfg,
-            on_block_end=lambda i, rep: alive.append(sum(r() is not None for r in outputs)),
+            on_block_end=lambda i, rep: (alive.append(sum(r() is not None for r in outputs)), kept.append(held())),
         )
     finally:
         gc.enable()
     streams = len(propagation_budgets(mobi, cfg))
     assert alive == [streams + 1] * 4  # every stream, and the FP targets that are the next block's FP inputs
+    assert kept == [0] * 4
