@@ -26,6 +26,7 @@ achieved on calibration activations (a weighted quantile function of its scores)
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import cast
@@ -98,6 +99,11 @@ def tail_tau(
     idx = torch.searchsorted(bits_after, torch.tensor([target], dtype=torch.float64, device=bits_after.device))
     idx = idx.clamp(max=len(bits_after) - 1)[0]
     return (tau_sorted[idx] + nxt[idx]) / 2
+
+
+def _hit(entry: tuple | None, x: torch.Tensor, key) -> bool:
+    """Whether a cache entry ``(weakref to input, key, value)`` was made for this very ``x`` and ``key``."""
+    return entry is not None and entry[0]() is x and entry[1] == key
 
 
 class ThresholdRecorder:
@@ -196,8 +202,10 @@ class TokenRouter(nn.Module):
         self.register_buffer("bits_table", torch.empty(0))
         self.register_buffer("tau_table", torch.empty(0))
         # Training-time budget target (set by the calibration loop each step).
-        self._cache: tuple | None = None
-        self._values: tuple | None = None  # (input, key, gate values) for slice_counts_at
+        # Per-input caches shared by the linears of one site within a forward. They refer to their input
+        # weakly, so a finished forward's activations are not kept alive by the router.
+        self._cache: tuple | None = None  # (input ref, key, result)
+        self._values: tuple | None = None  # (input ref, key, gate values) for slice_counts_at
         self._tail: tuple | None = None  # (gate values, their sorted tail) for batch_threshold
         self.last_soft: torch.Tensor | None = None
         # Budget-conditioned threshold fitting: a ThresholdRecorder while one is attached.
@@ -245,8 +253,8 @@ class TokenRouter(nn.Module):
         """Number of slices ``k`` in ``[1, K]`` per token (``long``, shape ``x.shape[:-1]``)."""
         budget = None if self.recorder is None else self.recorder.budget(self)
         key = (id(x), self.tau._version, budget)  # no host sync on CUDA
-        if self._cache is not None and self._cache[0] is x and self._cache[1] == key:
-            return self._cache[2]
+        if _hit(self._cache, x, key):
+            return self._cache[2]  # type: ignore[index]
         with torch.no_grad():
             if budget is not None:  # threshold fitting: this batch's quantile for the budget
                 assert self.recorder is not None
@@ -257,17 +265,17 @@ class TokenRouter(nn.Module):
             else:
                 m, k_fused = self._hard_values(x, self.tau)
                 k = 1 + (m > self.tau).sum(-1) if k_fused is None else k_fused
-                self._values = (x, self._values_key(), m)  # linears with their own thresholds reuse them
-        self._cache = (x, key, k)
+                self._values = (weakref.ref(x), self._values_key(), m)  # linears with own thresholds reuse them
+        self._cache = (weakref.ref(x), key, k)
         return k
 
     def _gate_values_of(self, x: torch.Tensor) -> torch.Tensor:
         """Hard gate values of ``x``, computed once per input and shared by every linear of the site."""
         key = self._values_key()
-        if self._values is not None and self._values[0] is x and self._values[1] == key:
-            return self._values[2]
+        if _hit(self._values, x, key):
+            return self._values[2]  # type: ignore[index]
         m, _ = self._hard_values(x, self.tau)
-        self._values = (x, key, m)
+        self._values = (weakref.ref(x), key, m)
         return m
 
     def _threshold_of(self, m: torch.Tensor, budget: float) -> torch.Tensor:
@@ -300,8 +308,8 @@ class TokenRouter(nn.Module):
         # The cache serves the linears that share this router within one forward. A later step on the same
         # input tensor has updated parameters (new versions) and must not reuse the first step's graph.
         key = ("gates", target_bits, torch.is_grad_enabled(), tuple(p._version for p in self.parameters()))
-        if self._cache is not None and self._cache[0] is x and self._cache[1] == key:
-            return self._cache[2]
+        if _hit(self._cache, x, key):
+            return self._cache[2]  # type: ignore[index]
         s = self.scores(x)
         m_nested = self.gate_values(s)
         if target_bits is not None:
@@ -313,7 +321,7 @@ class TokenRouter(nn.Module):
         hard = (m_nested > tau).to(soft.dtype)
         gates = hard + soft - soft.detach()
         result = (gates, soft)
-        self._cache = (x, key, result)
+        self._cache = (weakref.ref(x), key, result)
         self.last_soft = soft  # read by the calibration loop's budget loss
         return result
 
