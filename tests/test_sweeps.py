@@ -39,7 +39,7 @@ PRESETS = {  # preset -> number of jobs its `-m` sweep expands to
     "ablation_seeds": 3,
     "ablation_router_policy": 2,
     "ablation_grid_anchor": 4,
-    "ablation_stage2": 9,
+    "ablation_stage2": 10,
     "ablation_view_steps": 7,
 }
 
@@ -137,14 +137,16 @@ def test_stage2_preset_changes_one_calibration_lever_per_job(tmp_path):
         cyc,
         [*cyc, "epochs_stage1", "epochs_stage2"],
         cyc,
+        cyc,
     ]
     assert changed == [sorted(x) for x in levers]
-    assert [o["propagate_budget"] for o in overrides] == ["matched"] * 5 + [3.0, None] + ["matched"] * 2
+    assert [o["propagate_budget"] for o in overrides] == ["matched"] * 5 + [3.0, None] + ["matched"] * 3
     shipped = validate(_task_cfg(_compose(["quant=mobiquant"]), tmp_path))[0][0]
     assert dict(shipped.calib_overrides) == overrides[0]  # the 'default' lever is quant=mobiquant as shipped
     paper = validate(_task_cfg(_compose(["quant=mobiquant_paper"]), tmp_path))[0][0]
     assert paper.calib_overrides["propagate_budget"] is None  # the paper's preset: one stream at the middle
-    assert list(overrides[-1]["budgets"]).count(3) == 2  # w3: 3 bits twice per cycle
+    assert list(overrides[-2]["budgets"]).count(3) == 2  # w3: 3 bits twice per cycle
+    assert list(overrides[-1]["budgets"]).count(6) == 2  # w6: 6 bits twice per cycle
 
 
 def test_slices_preset_layouts(tmp_path):
