@@ -325,6 +325,11 @@ def inputs_device(
     return device if need < free / 2 else torch.device("cpu")
 
 
+def accelerator_for(device: torch.device) -> str:
+    """The Lightning accelerator that trains where ``device`` is (``gpu`` for CUDA)."""
+    return "gpu" if device.type == "cuda" else device.type
+
+
 def check_accelerator(device: torch.device, cfg: CalibConfig) -> None:
     """Each block's Trainer moves the block to ``cfg.accelerator`` while its inputs and position embeddings stay
     on the model's device: the two must agree (``calibrate`` picks the accelerator from the model's device)."""
@@ -333,10 +338,9 @@ def check_accelerator(device: torch.device, cfg: CalibConfig) -> None:
         acc = "gpu" if torch.cuda.is_available() else "cpu"
     runs_on = {"cpu": "cpu", "gpu": "cuda", "cuda": "cuda"}.get(acc)
     if runs_on is not None and runs_on != device.type:
-        fits = "gpu" if device.type == "cuda" else device.type
         raise ValueError(
             f"calib.accelerator={cfg.accelerator!r} calibrates on {runs_on}, but the model is on {device}: "
-            f"set accelerator={fits!r} (trainer=gpu on the command line) or move the model"
+            f"set accelerator={accelerator_for(device)!r} (trainer=gpu on the command line) or move the model"
         )
 
 
@@ -1049,7 +1053,7 @@ def calibrate(
         raise TypeError(f"calibrate() got unknown settings {unknown}; allowed: the fields of CalibConfig")
     mobi = mobi or getattr(model, "mobiquant_config", None) or MoBiConfig()
     if "accelerator" not in settings:
-        settings["accelerator"] = "gpu" if next(model.parameters()).device.type == "cuda" else "cpu"
+        settings["accelerator"] = accelerator_for(next(model.parameters()).device)
     return calibrate_model(
         model,
         calib_ids,
