@@ -861,9 +861,8 @@ def nearest_stream(streams: Mapping[float, Any], bits: float) -> float:
 
 def _propagate_streams(block, streams: dict[float, torch.Tensor], kwargs, cfg: CalibConfig, mobi: MoBiConfig) -> None:
     """Every stream through this packed block at its own budget, in place (one stream replaced at a time, so
-    at most one extra stream of memory). The block's routers then drop what they kept of the last batch (its
-    inputs and gate values): a finished block holding them grew the GPU memory by 0.19 GB a block at the
-    paper protocol."""
+    at most one extra stream of memory). The block's routers then drop their per-token results of the last
+    batch (their caches refer to the inputs only weakly), so a finished block keeps nothing of it."""
     for b in streams:
         streams[b] = _propagate(block, streams[b], kwargs, cfg, mobi, b)
     for r in _block_routers(block):
