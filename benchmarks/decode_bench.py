@@ -609,6 +609,9 @@ def main(argv=None):
     ap.add_argument("--no-routed", action="store_true", help="skip the routed rows")
     ap.add_argument("--no-package", action="store_true", help="skip the rows of the model patched by the package")
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per package row")
+    ap.add_argument(
+        "--profile", action="store_true", help="launches and kernel time of an eager package decode step (fp16, 4 bits)"
+    )
     ap.add_argument("--gemlite", action="store_true", help="also time PyPI gemlite at 2/4/8 bits, group 128")
     ap.add_argument("--dry-run", action="store_true", help="no GPU: the package rows on a tiny CPU model")
     args = ap.parse_args(argv)
@@ -845,6 +848,15 @@ def main(argv=None):
         fp, q = package_models(args.layers, D, FF, KV, 32, 1024, "cuda", torch.float16)
         kernels = [("package", None)] + ([("package bitpl", bits_cfg)] if bits_cfg is not None else [])
         rows += package_rows(fp, q, "cuda", args.new_tokens, "graph", copy_bw, kernels=kernels)
+        if args.profile:
+            import mobiquant as mq
+            from e2e_decode import step_profile
+
+            prompt = torch.randint(0, 1024, (1, 16), generator=torch.Generator().manual_seed(7)).cuda()
+            step_profile(fp, None, "cuda", prompt, None, "package fp16")
+            step_profile(q, None, "cuda", prompt, 4.0, "package routed 4")
+            mq.set_static(q, 2)
+            step_profile(q, None, "cuda", prompt, None, "package static k=2")
         del fp, q
 
     x_gemlite(rows)

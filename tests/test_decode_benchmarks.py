@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -63,14 +64,35 @@ def test_x_gemlite_pairs_rows_of_the_same_bits_and_shape():
 def test_dry_runs(tmp_path, capsys):
     assert e2e_decode.main(["--dry-run", "--slices", "2,2,2,2", "--budgets", "2,8", "--out", str(tmp_path)]) == 0
     df = pd.read_csv(tmp_path / "e2e_decode.csv")
-    assert df["mode"].tolist() == ["fp16", "mobiquant", "mobiquant"]
-    assert df["bits"].iloc[1:].tolist() == [2.0, 8.0] and (df["tokens_per_s"] > 0).all()
-    assert e2e_decode.main(["--dry-run", "--new-tokens", "2", "--out", str(tmp_path)]) == 0  # the default layout
+    statics = [f"static k={k}" for k in range(1, 5)]
+    assert df["mode"].tolist() == ["fp16", "mobiquant", "mobiquant", *statics]
+    assert df["bits"].iloc[1:].tolist() == [2.0, 8.0, 2.0, 4.0, 6.0, 8.0] and (df["tokens_per_s"] > 0).all()
+    assert e2e_decode.main(["--dry-run", "--new-tokens", "2", "--profile", "--out", str(tmp_path)]) == 0
     df = pd.read_csv(tmp_path / "e2e_decode.csv")
-    assert df["budget"].iloc[1:].tolist() == [3.0, 4.0, 5.0, 6.0, 7.0, 8.0]  # every integer view
+    assert df["budget"].iloc[1:7].tolist() == [3.0, 4.0, 5.0, 6.0, 7.0, 8.0]  # every integer view
+    out = capsys.readouterr().out
+    assert "launches and kernel time per step" in out and "routed 4" in out and "static k=6" in out
     assert decode_bench.main(["--dry-run", "--new-tokens", "3"]) == 0
     out = capsys.readouterr().out
     assert "package routed" in out and "package static k=4" in out
+
+
+def test_e2e_plan_gives_every_linear_its_own_threshold():
+    """Without a checkpoint, e2e_decode installs a plan of the routers' own thresholds (the decode path of a
+    deployed checkpoint: a threshold tensor per linear), which decides as the routers do."""
+    import mobiquant as mq
+    from mobiquant.tiny import tiny_llama
+
+    q, _ = tiny_llama(dtype="float32")
+    mq.quantize_model(q, mq.MoBiConfig(slice_bits=(2, 2, 2, 2), group_size=32))
+    ids = torch.randint(0, q.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    mq.calibrate_thresholds(q, [ids])
+    mq.freeze(q)
+    e2e_decode.install_router_plan(q)
+    mq.set_budget(q, 6.0)
+    lins = [m for _, m in mq.patching.mobi_linears(q)]
+    assert all(m.route_tau is not None for m in lins)
+    assert all(m.route_tau == pytest.approx(float(m.router.tau)) for m in lins)
 
 
 def test_layout_option_and_bits_config(monkeypatch, capsys):

@@ -326,6 +326,53 @@ def test_bits_kernel_device_k(gen, monkeypatch):
         assert err < TOL[torch.float16], (kk, err)
 
 
+@pytest.mark.parametrize("vdtype", [torch.float32, torch.float16], ids=lambda d: str(d).split(".")[-1])
+def test_bits_kernel_routed_k(vdtype, gen, monkeypatch):
+    """k counted in the kernel from a router's gate values and a threshold (``RoutedK``, the device path): the
+    count torch makes, ties not counted and the threshold compared in the values' dtype; the planes past the view
+    are poisoned, so a wrong count reads garbage."""
+    monkeypatch.setattr(tb, "_host_routed_k", lambda rk: None)
+    bits, group = DEFAULT_LAYOUT, 64
+    planes, scale, zero = make_layer(40, 192, bits, group, gen)
+    x = randx(1, 192, torch.float16, gen)
+    values = torch.tensor([[0.9, 0.7001953125, 0.5, 0.3, 0.1]], dtype=vdtype, device=DEVICE)  # 0.7002 in both
+    tie16 = 0.7001953125 - 1e-4  # below the second value, the same value once rounded to fp16
+    cases = [(1.0, 1), (0.95, 1), (0.8, 2), (0.4, 4), (0.0, 6), (float(values[0, 2]), 3)]
+    cases.append((tie16, 2 if vdtype == torch.float16 else 3))  # fp16 values: a tie, not counted
+    for tau_v, want in cases:
+        rk = tb.RoutedK(values, torch.tensor(tau_v, device=DEVICE))
+        assert int(rk.counts()) == want, (tau_v, vdtype)
+        bad = planes[:want] + [torch.full_like(p, -1) for p in planes[want:]]
+        packed = tb.pack_bitplanes(bad, scale, zero, bits, group, 192)
+        out = torch.full((1, 40), float("nan"), dtype=x.dtype, device=DEVICE)
+        y = tb.bitplane_linear(x, bad, scale, zero, bits, group, rk, out=out, small_config=BITS, packed=packed)
+        ref = torch_reference(x, planes, scale, zero, bits, group, want, compute_dtype=torch.float64)
+        assert not torch.isnan(out).any()
+        err = ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+        assert err < TOL[torch.float16], (tau_v, want, err)
+
+
+def test_routed_k_other_paths_and_errors(gen):
+    """A ``RoutedK`` on a path that does not count in the kernel (several tokens, the PyTorch backend) is counted
+    first; a ``RoutedK`` of the wrong size is refused with what it needs."""
+    bits, group = DEFAULT_LAYOUT, 64
+    planes, scale, zero = make_layer(24, 128, bits, group, gen)
+    x = randx(5, 128, torch.float32, gen)
+    values = torch.sort(torch.rand(5, 5, generator=gen), dim=-1, descending=True).values.to(DEVICE)
+    rk = tb.RoutedK(values, torch.tensor(0.5, device=DEVICE))
+    k = rk.counts()
+    assert k.unique().numel() > 1
+    ref = torch_reference(x, planes, scale, zero, bits, group, k, compute_dtype=torch.float64)
+    for y in (
+        tb.bitplane_linear(x, planes, scale, zero, bits, group, rk),
+        bitplane_linear(x, planes, scale, zero, bits, group, rk, backend="torch"),
+    ):
+        err = ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+        assert err < TOL[torch.float32], err
+    with pytest.raises(ValueError, match="needs 5 gate values and one threshold, got 3"):
+        tb.bitplane_linear(x[:1], planes, scale, zero, bits, group, tb.RoutedK(values[0, :3], rk.tau), path="bits")
+
+
 @pytest.mark.parametrize("scale_x", [1e-4, 3e3])
 def test_bits_kernel_activation_range(scale_x, gen):
     bits, group = DEFAULT_LAYOUT, 128
@@ -529,6 +576,55 @@ def test_mobilinear_routed_backend(gen):
     y = m(x)
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
     assert k.unique().numel() > 1
+
+
+def test_mobilinear_routed_one_token_counts_in_kernel(gen, monkeypatch):
+    """Two linears of one site (a shared router, each its own threshold tensor, as a budget plan deploys them):
+    one token on the one-bit plane kernel gives each linear its own view, and no torch op turns the router's
+    values into counts (the kernel counts them: no launch per linear besides its GEMV)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mobiquant.nn.router import TokenRouter
+
+    monkeypatch.setattr(tb, "_host_routed_k", lambda rk: None)  # count on the "device", also in the interpreter
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    layers = []
+    for n_out in (40, 24):
+        lin = torch.nn.Linear(192, n_out, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(n_out, 192, generator=gen) * 0.05)
+        m = MoBiLinear.from_linear(lin, group_size=64, slice_bits=DEFAULT_LAYOUT)
+        m.freeze()
+        layers.append(m.to(DEVICE))
+    router = TokenRouter(192, DEFAULT_LAYOUT, policy="free").to(DEVICE)
+    x = randx(1, 192, torch.float32, gen) * 3
+    vals = router.gate_values(router.scores(x)).detach()[0]
+    taus = [float(vals[1] + vals[2]) / 2, float(vals[3] + vals[4]) / 2]  # views 3 and 5 of the token
+    for m, tau in zip(layers, taus, strict=True):
+        m.attach_router(router)
+        m.set_routed()
+        m.route_tau = torch.tensor(tau, device=DEVICE)
+    for want, m in zip((3, 5), layers, strict=True):
+        m.backend = "triton"
+        m(x)  # builds the layer's kernel buffers
+        router.clear_cache()
+        with Ops() as ops:
+            y = m(x)
+        assert not {"gt.Tensor", "gt.Scalar", "sum.dim_IntList"} & set(ops.names), ops.names
+        ref = x.double() @ m.dequantized(want).double().T
+        err = ((y.double() - ref).norm() / ref.norm()).item()
+        assert err < TOL[torch.float32], (want, err)
+        m.backend = "torch"
+        torch.testing.assert_close(m(x), y, rtol=1e-4, atol=1e-4)
 
 
 def test_triton_backend_is_inference_only(gen):
@@ -914,9 +1010,30 @@ def test_gpu_bits_kernel_graph_capture(gen):
     _graph_serves_views(f, x, k, (1, 6, 3, 2, 5, 4), planes, scale, zero, bits, group, gen)
 
 
+@gpu
+@needs_cuda
+def test_gpu_bits_kernel_routed_k_graph_capture(gen):
+    """One captured graph of the one-bit plane kernel counting ``k`` from gate values and a threshold tensor
+    (``RoutedK``) serves every view: a budget change writes the threshold, nothing else."""
+    bits, group = DEFAULT_LAYOUT, 128
+    planes, scale, zero = make_layer(4096, 4096, bits, group, gen)
+    packed = tb.pack_bitplanes(planes, scale, zero, bits, group, 4096)
+    x = randx(1, 4096, torch.float16, gen)
+    values = torch.tensor([[0.9, 0.7, 0.5, 0.3, 0.1]], device=DEVICE)
+    tau = torch.zeros((), device=DEVICE)
+    rk = tb.RoutedK(values, tau)
+    taus = {1: 0.95, 2: 0.8, 3: 0.6, 4: 0.4, 5: 0.2, 6: 0.0}
+
+    def f():
+        return tb.bitplane_linear(x, planes, scale, zero, bits, group, rk, small_config=BITS, packed=packed)
+
+    order = (1, 6, 3, 2, 5, 4)
+    _graph_serves_views(f, x, lambda kk: tau.fill_(taus[kk]), order, planes, scale, zero, bits, group, gen)
+
+
 def _graph_serves_views(f, x, k, order, planes, scale, zero, bits, group, gen):
-    """Capture ``f`` (one token ``x``, its ``k`` in the device tensor ``k``) in one CUDA graph, then replay it at
-    every view of ``order`` with fresh activations against the float64 reference."""
+    """Capture ``f`` (one token ``x``, its ``k`` in the device tensor ``k``, or set by calling ``k(view)``) in one
+    CUDA graph, then replay it at every view of ``order`` with fresh activations against the float64 reference."""
     f()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -928,7 +1045,7 @@ def _graph_serves_views(f, x, k, order, planes, scale, zero, bits, group, gen):
         yg = f()
     for kk in order:
         x.copy_(randx(1, x.shape[-1], torch.float16, gen))
-        k.fill_(kk)
+        k(kk) if callable(k) else k.fill_(kk)
         g.replay()
         torch.cuda.synchronize()
         ref = torch_reference(x, planes, scale, zero, bits, group, kk, compute_dtype=torch.float64)

@@ -215,7 +215,8 @@ def bitplane_linear(
     weight: Callable[[int], torch.Tensor] | None = None,
     **kwargs,
 ) -> torch.Tensor:
-    """``x W_k^T + bias`` from the first ``k`` bit-planes.
+    """``x W_k^T + bias`` from the first ``k`` bit-planes (``k``: an int, per-token counts, or a
+    ``triton_bitplane.RoutedK`` of gate values and a threshold).
 
     ``scale`` / ``zero``: ``[out, n_groups]`` (one pair for every view) or ``[len(slice_bits), out, n_groups]`` (a
     pair per view, :func:`dequantize_reference`), on either backend and every Triton path, for any kind of ``k``.
@@ -228,6 +229,8 @@ def bitplane_linear(
         from .triton_bitplane import bitplane_linear as _tri
 
         return _tri(x, planes, scale, zero, slice_bits, group_size, k, bias, **kwargs)
+    if isinstance(k, tuple) and hasattr(k, "counts"):  # triton_bitplane.RoutedK: gate values and a threshold
+        k = k.counts()
     if weight is None:
         y = torch_reference(x, planes, scale, zero, slice_bits, group_size, k, bias)
     else:

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -1852,6 +1853,8 @@ def _bp_gemv_bits_kernel(
     lock_ptr,
     bias_ptr,
     k_ptr,
+    v_ptr,
+    tau_ptr,
     w_ptr,
     sz_ptr,
     PSTRIDE,
@@ -1897,14 +1900,25 @@ def _bp_gemv_bits_kernel(
     ASM: tl.constexpr,
     PREFETCH: tl.constexpr,
     PER_VIEW: tl.constexpr,
+    KVALS: tl.constexpr,
 ):
     """One token from one-bit planes (see above). ``KSEL`` > 0: the view ``k = KSEL`` (known on the host); 0: ``k``
     read on the device, one body per view ``v`` (``P_v`` planes, multiplier ``M_v``, zero-point term ``H_v``)
-    compiled together, the token's own executed. ``PER_VIEW`` (with ``KSEL`` 0): ``sz`` holds a set of step and
+    compiled together, the token's own executed. ``KVALS`` > 0 (with ``KSEL`` 0): ``k`` is not read but counted
+    here from the router's ``KVALS`` gate values at ``v_ptr`` and the threshold at ``tau_ptr`` (:class:`RoutedK`:
+    ``k = 1 + #{e : v_e > tau}``, compared in the values' dtype), so a routed linear needs no launch of its own to
+    turn its router's values into ``k``. ``PER_VIEW`` (with ``KSEL`` 0): ``sz`` holds a set of step and
     zero point words per view (``[NS, 2, groups, NPAD / 2]``, contiguous) and view ``v`` reads set ``v - 1``; with
     ``KSEL`` > 0 the host passes the view's own set."""
     if KSEL == 0:
-        kk = tl.load(k_ptr).to(tl.int32)
+        if KVALS > 0:
+            val = tl.load(v_ptr)
+            tau = tl.load(tau_ptr).to(val.dtype)
+            kk = 1 + (val > tau).to(tl.int32)
+            for r in tl.static_range(1, KVALS):
+                kk += (tl.load(v_ptr + r) > tau).to(tl.int32)
+        else:
+            kk = tl.load(k_ptr).to(tl.int32)
         for v in tl.static_range(1, NS + 1):
             if kk == v:
                 if PER_VIEW:
@@ -2354,6 +2368,14 @@ def _host_k_range(k_t: torch.Tensor) -> tuple[int, int] | None:
     return int(k_t.min()), int(k_t.max())
 
 
+def _host_routed_k(rk: RoutedK) -> int | None:
+    """The one token's ``k`` of a :class:`RoutedK` whose values live on the host (free to count), else None: the
+    kernel then counts on the device."""
+    if rk.values.device.type != "cpu" or rk.tau.device.type != "cpu":
+        return None
+    return int(rk.counts().reshape(()))
+
+
 def _per_view(scale: torch.Tensor, zero: torch.Tensor, num_slices: int) -> bool:
     """Whether ``scale`` / ``zero`` hold a pair per view (``[num_slices, out, groups]``) rather than one shared pair
     (``[out, groups]``); any other shape is an error."""
@@ -2564,6 +2586,20 @@ def bitplane_linear_small(
 
 
 # ----------------------------------------------------------------------------- one-bit plane buffers
+class RoutedK(NamedTuple):
+    """Per-token slice counts held as a router's gate values and a threshold: ``k = 1 + #{e : values[..., e] >
+    tau}``, compared in the values' dtype as torch compares a tensor with a 0-dim one. Passed as ``k``, the one-bit
+    plane kernel counts them itself (a routed linear then costs no launch besides its GEMV, and a captured graph
+    reads the threshold tensor that a budget change writes); every other path counts with :meth:`counts`."""
+
+    values: torch.Tensor  # [..., K - 1] gate values of the tokens, non-increasing along the last axis
+    tau: torch.Tensor  # one element: the threshold
+
+    def counts(self) -> torch.Tensor:
+        """``k`` per token (int64, the values' shape less the last axis)."""
+        return 1 + (self.values > self.tau.reshape(())).sum(-1)
+
+
 @dataclass(frozen=True)
 class BitPlanes:
     """Kernel buffers of one layer for ``_bp_gemv_bits_kernel``, built from the checkpoint's planes by
@@ -2731,8 +2767,9 @@ def bitplane_linear_bits(
     config: SmallConfig | None = None,
 ) -> torch.Tensor:
     """One token ``x2 [1, in]`` -> ``[1, out]`` from one-bit plane buffers: ``_bp_gemv_bits_kernel`` on a
-    stream-K grid (``config.waves`` programs per SM, or ``config.split_k`` programs per row block); ``k`` an int
-    or a one-element tensor (on the device: read there, one compiled body per view). Buffers of a pair per view
+    stream-K grid (``config.waves`` programs per SM, or ``config.split_k`` programs per row block); ``k`` an int,
+    a one-element tensor (on the device: read there, one compiled body per view) or a :class:`RoutedK` of one token
+    (on the device: counted there from the gate values and the threshold). Buffers of a pair per view
     (``bp.per_view``): the view's own step and zero point words (picked here, or by ``k`` in the kernel)."""
     cfg = config or SmallConfig(bitplanes=True)
     M, K_IN = x2.shape
@@ -2742,9 +2779,26 @@ def bitplane_linear_bits(
         raise ValueError(f"x has {K_IN} features, the layer {bp.in_features}")
     N = bp.out_features
     NS = len(bp.slice_bits)
+    v_t, tau_t, kvals = x2, x2, 0
+    if isinstance(k, RoutedK):
+        v_t, tau_t = k.values.reshape(-1), k.tau.reshape(-1)
+        if v_t.numel() != NS - 1 or tau_t.numel() != 1:
+            raise ValueError(
+                f"RoutedK of one token needs {NS - 1} gate values and one threshold, got {v_t.numel()} and "
+                f"{tau_t.numel()}"
+            )
+        if v_t.device != x2.device or tau_t.device != x2.device:
+            raise ValueError(f"RoutedK's values and threshold must be on the activations' device ({x2.device})")
+        host_k = _host_routed_k(k)
+        if host_k is not None:  # on the host: the view is known here
+            k = host_k
+        else:
+            v_t, tau_t, kvals = v_t.contiguous(), tau_t.contiguous(), NS - 1
     if isinstance(k, int):
         _check_k(k, NS)
         ksel, k_t = k, x2
+    elif kvals:
+        ksel, k_t = 0, x2
     else:
         k_t = k.reshape(-1)
         if k_t.numel() != 1:
@@ -2802,6 +2856,8 @@ def bitplane_linear_bits(
         locks,
         bias if bias is not None else out,
         k_t,
+        v_t,
+        tau_t,
         bp.words,
         sz,
         bp.words.stride(0),
@@ -2825,6 +2881,7 @@ def bitplane_linear_bits(
         ASM=not _interpreting(),
         PREFETCH=bool(cfg.prefetch),
         PER_VIEW=per_view,
+        KVALS=kvals,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **pk,
@@ -3061,7 +3118,8 @@ def bitplane_linear(
     path: str = "auto",
     packed: BitPlanes | None = None,
 ) -> torch.Tensor:
-    """``y = x W_k^T (+ bias)`` reading only the first ``k`` bit-planes; ``k`` int or per-token tensor.
+    """``y = x W_k^T (+ bias)`` reading only the first ``k`` bit-planes; ``k`` int, per-token tensor or
+    :class:`RoutedK` (a router's gate values and a threshold: counted in the kernel on the 'bits' path).
 
     ``path``: 'auto' (one token where :func:`wants_bitplanes`: 'bits'; small-batch kernels for <= 16 tokens
     when the layout allows; on CUDA from ``DEQUANT_MIN_TOKENS`` tokens 'dequant'; else tiles), 'bits' (one token
@@ -3084,9 +3142,10 @@ def bitplane_linear(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
-    if not isinstance(k, int):
+    routed = isinstance(k, RoutedK)
+    if not isinstance(k, int) and not routed:
         if not torch.is_tensor(k):
-            raise TypeError("k must be an int or a tensor of per-token slice counts")
+            raise TypeError("k must be an int, a tensor of per-token slice counts or a RoutedK")
         if k.numel() == 1 and k.device.type == "cpu":
             k = int(k.reshape(()))
     if out is not None:
@@ -3104,6 +3163,8 @@ def bitplane_linear(
             path = "dequant"
         else:
             path = "tile"
+    if routed and path != "bits":  # only the one-bit plane kernel counts the gate values itself
+        k = k.counts()
     if path == "bits":
         if packed is None:
             packed = bitplanes_for(planes, scale, zero, slice_bits, group_size, K_IN)
@@ -3128,6 +3189,7 @@ def bitplane_linear(
 
 __all__ = [
     "BitPlanes",
+    "RoutedK",
     "SmallConfig",
     "TileConfig",
     "DEQUANT_MIN_TOKENS",

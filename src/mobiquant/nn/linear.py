@@ -366,8 +366,11 @@ class MoBiLinear(nn.Module):
 
         return kernels.use_triton(x, [self.plane(0)], getattr(self, "backend", "auto"))
 
-    def _routed_k(self, x: torch.Tensor) -> torch.Tensor:
-        """Slices per token: the router's choice, or this linear's own threshold on the router's values."""
+    def _routed_k(self, x: torch.Tensor, in_kernel: bool = False) -> Any:
+        """Slices per token: the router's choice, or this linear's own threshold on the router's values.
+        ``in_kernel``: the kernel can count them itself (the one-bit plane kernel): where the threshold is a
+        tensor, the router's gate values and that threshold (``triton_bitplane.RoutedK``), so that no launch
+        turns the values into counts for this linear."""
         router = self._router
         assert router is not None  # routed mode only
         rec = router.recorder
@@ -377,6 +380,11 @@ class MoBiLinear(nn.Module):
             tau = router.batch_threshold(x, budget)
             rec.record(self, tau)
             return router.slice_counts_at(x, tau)
+        own = router.tau if self.route_tau is None else self.route_tau
+        if in_kernel and torch.is_tensor(own) and own.device == x.device:
+            from ..kernels.triton_bitplane import RoutedK
+
+            return RoutedK(router.gate_values_of(x), own)
         if self.route_tau is None:
             return router.slice_counts(x)
         return router.slice_counts_at(x, self.route_tau)
@@ -385,13 +393,6 @@ class MoBiLinear(nn.Module):
         from .. import kernels
 
         n_tokens = x.numel() // x.shape[-1]
-        k: int | torch.Tensor
-        if self.mode == "static" or self._router is None:
-            k = self.static_k
-        else:
-            k = self._routed_k(x)
-        self._count(k, n_tokens)
-        planes = [self.plane(e) for e in range(self.num_slices)]
         extra = {}
         cfg = getattr(self, "small_config", None)
         if self._use_triton(x):
@@ -403,6 +404,13 @@ class MoBiLinear(nn.Module):
                 if wants_bitplanes(self.slice_bits, self.slicer.group_size, cfg):
                     extra["packed"] = self.bitplane_buffers()
                     extra["path"] = "bits"  # decided here: the kernel entry need not decide again
+        k: Any
+        if self.mode == "static" or self._router is None:
+            k = self.static_k
+        else:  # the one-bit plane kernel counts the slices itself, unless they are counted here (track)
+            k = self._routed_k(x, in_kernel=extra.get("path") == "bits" and not self.track)
+        self._count(k, n_tokens)
+        planes = [self.plane(e) for e in range(self.num_slices)]
         return kernels.bitplane_linear(
             x,
             planes,

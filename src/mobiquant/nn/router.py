@@ -269,7 +269,7 @@ class TokenRouter(nn.Module):
         self._cache = (weakref.ref(x), key, k)
         return k
 
-    def _gate_values_of(self, x: torch.Tensor) -> torch.Tensor:
+    def gate_values_of(self, x: torch.Tensor) -> torch.Tensor:
         """Hard gate values of ``x``, computed once per input and shared by every linear of the site."""
         key = self._values_key()
         if _hit(self._values, x, key):
@@ -287,13 +287,13 @@ class TokenRouter(nn.Module):
     @torch.no_grad()
     def batch_threshold(self, x: torch.Tensor, budget: float) -> torch.Tensor:
         """The threshold (0-dim, on the device) at which this batch's gate values meet ``budget``."""
-        return self._threshold_of(self._gate_values_of(x), budget)
+        return self._threshold_of(self.gate_values_of(x), budget)
 
     @torch.no_grad()
     def slice_counts_at(self, x: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
         """Slices per token for a caller's own threshold ``tau`` on this router's gate values (the values
         are computed once per input and shared by every caller)."""
-        m = self._gate_values_of(x)
+        m = self.gate_values_of(x)
         if torch.is_tensor(tau) and tau.device != m.device:
             tau = tau.to(m.device)
         return 1 + (m > tau).sum(-1)
