@@ -99,6 +99,36 @@ def test_fused_router_hidden_per_program_and_batch_shape():
         torch.testing.assert_close(m, m_ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("x_dtype,r_dtype", [(torch.float16, torch.float32), (torch.float32, torch.float16)])
+def test_fused_router_reads_inputs_of_another_dtype(x_dtype, r_dtype):
+    """Inputs of another dtype than the router's (fp16 activations, fp32 router: the package's decode) are read as
+    they are and rounded to the router's dtype in the kernel, as the module rounds them: the same values, the same
+    counts, and no copy of the inputs (no launch) before the kernel."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    r = make_router(96, (3, 1, 1, 1, 1, 1), 16, "free").to(r_dtype)
+    x = (torch.randn(7, 96, generator=torch.Generator().manual_seed(3)) * 2).to(x_dtype).to(DEVICE)
+    _, m_ref = torch_counts(r, x, 0.0)
+    tau = safe_taus(m_ref, 3)[2]
+    k_ref, _ = torch_counts(r, x, tau)
+    t = torch.tensor(tau, device=DEVICE)
+    w = [p.detach() for p in (r.net[0].weight, r.net[0].bias, r.net[2].weight, r.net[2].bias)]
+    Ops.names = []
+    with Ops():
+        k, m = kernels.fused_router(x, *w, t, "free")
+    assert "_to_copy.default" not in Ops.names, Ops.names  # (the interpreter itself copies buffers: copy_)
+    tol = 1e-5 if r_dtype == torch.float32 else 2e-3  # an fp16 router's own products round
+    torch.testing.assert_close(m, m_ref, rtol=tol, atol=tol)
+    assert torch.equal(k, k_ref)
+
+
 def test_fused_router_errors():
     r = make_router(32, (2, 2), 8, "free")
     x = torch.randn(2, 32).to(DEVICE)

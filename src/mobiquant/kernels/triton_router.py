@@ -70,7 +70,8 @@ def _router_kernel(
             x_ptr + toks[:, None].to(tl.int64) * stride_xm + cols[None, :],
             mask=tmask[:, None] & cmask[None, :],
             other=0.0,
-        ).to(tl.float32)
+        )
+        x = x.to(w1_ptr.dtype.element_ty).to(tl.float32)  # rounded to the router's dtype, as the module does
         w = tl.load(
             w1_ptr + hrows[:, None].to(tl.int64) * D_IN + cols[None, :], mask=hmask[:, None] & cmask[None, :], other=0.0
         ).to(tl.float32)
@@ -139,9 +140,7 @@ def fused_router(
     if tau.numel() != 1 or tau.device != x.device:
         raise ValueError("tau must be a one-element tensor on the inputs' device")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, d)
-    if x2.dtype != w1.dtype:  # as the module does: inputs in the router's dtype
-        x2 = x2.to(w1.dtype)
+    x2 = x.reshape(-1, d)  # read in its own dtype, rounded to the router's in the kernel (no copy, no launch)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
