@@ -62,6 +62,12 @@ def parse_args(argv=None):
         help="launches and kernel time of an eager decode step: fp16, every budget, every static view",
     )
     ap.add_argument(
+        "--bits-configs",
+        default="",
+        help="also time static 4 bits and routed budget 4 with each of these one-bit plane kernel configs, ';'-"
+        "separated BLOCK_N,BLOCK_K,WARPS,WAVES[,PREFETCH[,SPLIT_K]] (e.g. '64,64,4,,0,1' one program per row block)",
+    )
+    ap.add_argument(
         "--no-plan",
         action="store_true",
         help="without --checkpoint: no budget plan (every linear reads its router's threshold; by default each has "
@@ -188,15 +194,35 @@ def run_rows(args, fp, q, tok, device):
 
     layer = next(m for m in q.modules() if isinstance(m, mq.MoBiLinear))
     views = [float(sum(layer.slice_bits[:k])) for k in range(1, layer.num_slices + 1)]
-    cases = [("fp16", fp, None, None)] + [("mobiquant", q, b, None) for b in args.budgets]
+    cases: list[tuple] = [("fp16", fp, None, None)] + [("mobiquant", q, b, None) for b in args.budgets]
     cases += [("static", q, None, k) for k in range(1, len(views) + 1)]
-    for name, model, budget, static_k in cases:
+    configs = [None]
+    if args.bits_configs:
+        import kernel_bench as kb
+        from mobiquant.kernels import triton_bitplane as tb
+
+        configs += [kb.parse_bits_config(tb, c) for c in args.bits_configs.split(";") if c.strip()]
+        cases += [
+            (name, q, b, k, cfg)
+            for cfg in configs[1:]
+            for name, b, k in (("mobiquant", 4.0, None), ("static", None, 2))
+        ]
+    for case in cases:
+        name, model, budget, static_k = case[:4]
+        cfg = case[4] if len(case) > 4 else None
+        if cfg is not None:
+            from mobiquant.patching import set_small_config
+
+            set_small_config(model, cfg)
         if static_k is not None:
             mq.set_static(model, static_k)
         g = time_one(model, budget)
+        if cfg is not None:
+            set_small_config(model, None)
+        tag = "" if cfg is None else f" [{kb.bits_tag(cfg)}]"
         rows.append(
             dict(
-                mode=name if static_k is None else f"static k={static_k}",
+                mode=(name if static_k is None else f"static k={static_k}") + tag,
                 budget=float("nan") if budget is None else budget,
                 bits=views[static_k - 1] if static_k is not None else bits_of(model, budget),
                 tokens_per_s=g.tokens_per_s,

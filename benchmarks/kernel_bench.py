@@ -60,15 +60,22 @@ def view_bits(k: int) -> int:
 
 
 def parse_bits_config(tb, text: str):
-    """``BLOCK_N,BLOCK_K,WARPS,WAVES[,PREFETCH]`` -> ``SmallConfig(bitplanes=True, ...)`` (empty fields: the
-    defaults; PREFETCH 1 or 0)."""
-    parts = [p.strip() for p in text.split(",")] + [""] * 5
-    bn, bk, nw, wv, pf = (int(p) if p else None for p in parts[:5])
-    return tb.SmallConfig(bitplanes=True, block_n=bn, block_k=bk, num_warps=nw or 4, waves=wv, prefetch=bool(pf))
+    """``BLOCK_N,BLOCK_K,WARPS,WAVES[,PREFETCH[,SPLIT_K]]`` -> ``SmallConfig(bitplanes=True, ...)`` (empty fields:
+    the defaults; PREFETCH 1 or 0; SPLIT_K: programs per row block instead of WAVES programs per SM, 1 = one program
+    per row block over all of K, no partial sums)."""
+    parts = [p.strip() for p in text.split(",")] + [""] * 6
+    bn, bk, nw, wv, pf, sk = (int(p) if p else None for p in parts[:6])
+    return tb.SmallConfig(
+        bitplanes=True, block_n=bn, block_k=bk, num_warps=nw or 4, waves=wv, prefetch=bool(pf), split_k=sk
+    )
 
 
 def bits_tag(cfg) -> str:
-    return f"{cfg.block_n}/{cfg.block_k}/{cfg.num_warps}w/{cfg.waves}" + ("/pf" if cfg.prefetch else "")
+    return (
+        f"{cfg.block_n}/{cfg.block_k}/{cfg.num_warps}w/{cfg.waves}"
+        + ("/pf" if cfg.prefetch else "")
+        + (f"/sk{cfg.split_k}" if cfg.split_k else "")
+    )
 
 
 #: One-token configs of the one-bit plane kernel swept by ``--sweep``: (block_n, block_k, warps, waves, prefetch).
