@@ -72,7 +72,8 @@ def test_dry_runs(tmp_path, capsys):
     assert df["budget"].iloc[1:7].tolist() == [3.0, 4.0, 5.0, 6.0, 7.0, 8.0]  # every integer view
     out = capsys.readouterr().out
     assert "launches and kernel time per step" in out and "routed 4" in out and "static k=6" in out
-    argv = ["--dry-run", "--budgets", "4", "--new-tokens", "2", "--bits-configs", "64,64,4,,0,1", "--out", str(tmp_path)]
+    argv = ["--dry-run", "--budgets", "4", "--new-tokens", "2", "--bits-configs", "64,64,4,,0,1"]
+    argv += ["--out", str(tmp_path)]
     assert e2e_decode.main(argv) == 0
     df = pd.read_csv(tmp_path / "e2e_decode.csv")
     assert df["mode"].tolist()[-2:] == ["mobiquant [64/64/4w/None/sk1]", "static k=2 [64/64/4w/None/sk1]"]

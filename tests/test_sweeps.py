@@ -40,7 +40,7 @@ PRESETS = {  # preset -> number of jobs its `-m` sweep expands to
     "ablation_router_policy": 2,
     "ablation_grid_anchor": 4,
     "ablation_stage2": 10,
-    "ablation_view_steps": 7,
+    "ablation_view_steps": 8,
 }
 
 
@@ -89,7 +89,9 @@ def test_ablation_preset_sweeps_its_axis(preset, tmp_path):
         assert methods[0].budgets(grid), job
 
 
-def test_view_steps_preset_reads_the_codes_seven_ways(tmp_path):
+def test_view_steps_preset_reads_the_codes_eight_ways(tmp_path):
+    from mobiquant.calibration import CalibConfig
+
     cfg = _compose(["experiment=ablation_view_steps"])
     seen = []
     for job in _expand(OmegaConf.to_container(cfg.hydra.sweeper.params)):
@@ -98,7 +100,10 @@ def test_view_steps_preset_reads_the_codes_seven_ways(tmp_path):
         c, own = task.calib, methods[0].calib_overrides
         views = own["view_tune_views"]
         views = None if views is None else list(views)
-        seen.append((methods[0].mobi.view_steps, c.view_fit, c.view_select_windows, own["view_tune_epochs"], views))
+        epochs = own["view_tune_epochs"]
+        epochs = epochs if isinstance(epochs, int) else list(epochs)
+        seen.append((methods[0].mobi.view_steps, c.view_fit, c.view_select_windows, epochs, views))
+        CalibConfig(**own)  # the method's calibration settings build (per-view epochs checked there)
     assert seen == [
         (False, "block", 0, 0, None),
         (True, "diag", 0, 0, None),
@@ -106,6 +111,7 @@ def test_view_steps_preset_reads_the_codes_seven_ways(tmp_path):
         (True, "block", 4, 0, None),
         (True, "block", 4, 1, [1]),
         (True, "block", 4, 1, [1, 3, 4]),
+        (True, "block", 4, [1, 2, 2], [1, 3, 4]),
         (True, "block", 4, 1, None),
     ]
     shipped = validate(_task_cfg(_compose(["quant=mobiquant"]), tmp_path))[0][0]

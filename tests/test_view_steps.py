@@ -415,5 +415,37 @@ def test_view_pair_tuning_needs_real_views_and_skips_shared_pairs():
         )
     with pytest.raises(ValueError, match="view_tune_views must be None"):
         CalibConfig(view_tune_views=[0])
-    with pytest.raises(ValueError, match="view_tune_epochs must be >= 0"):
+    with pytest.raises(ValueError, match="view_tune_epochs must be an integer >= 0"):
         CalibConfig(view_tune_epochs=-1)
+    with pytest.raises(ValueError, match=r"needs view_tune_views of the same length .* got \[1\]"):
+        CalibConfig(view_tune_epochs=[1, 2], view_tune_views=[1])
+    with pytest.raises(ValueError, match="or a list of them"):
+        CalibConfig(view_tune_epochs=[1, -2], view_tune_views=[1, 3])
+
+
+def test_view_pair_tuning_epochs_per_view():
+    """``view_tune_epochs`` as a list gives each view of ``view_tune_views`` its own epochs (0 skips it): each
+    view's pairs are those of tuning that view alone for its epochs."""
+    from mobiquant.calibration import CalibConfig, calibrate_model
+
+    torch.set_num_threads(1)
+    ids = torch.randint(0, 100, (4, 32), generator=torch.Generator().manual_seed(0))
+    mobi = mq.MoBiConfig(slice_bits=(3, 1, 1), group_size=32, router_hidden=8, view_steps=True)
+    base = dict(epochs_stage1=1, epochs_stage2=1, batch_size=2, progress_bar=False, threshold_windows=0)
+
+    def run(**kw):
+        model, _ = tiny_llama(num_hidden_layers=1)  # one block: no view's tuning reaches another's inputs
+        calibrate_model(model, ids, mobi, CalibConfig(**base, lr_view_tune=1e-2, **kw))
+        return {n: (m.scale.clone(), m.zero.clone()) for n, m in mobi_linears(model)}
+
+    plain = run()
+    only3 = run(view_tune_epochs=2, view_tune_views=[3])
+    only1 = run(view_tune_epochs=1, view_tune_views=[1])
+    skip1 = run(view_tune_epochs=[0, 2], view_tune_views=[1, 3])
+    both = run(view_tune_epochs=[1, 2], view_tune_views=[1, 3])
+    for n in plain:
+        assert torch.equal(skip1[n][0], only3[n][0]) and torch.equal(skip1[n][1], only3[n][1])
+        for k, ref in ((1, only1), (3, only3)):
+            assert torch.equal(both[n][0][k - 1], ref[n][0][k - 1]) and torch.equal(both[n][1][k - 1], ref[n][1][k - 1])
+        assert torch.equal(both[n][0][1], plain[n][0][1])  # view 2 not tuned
+    assert any(not torch.equal(both[n][0][2], plain[n][0][2]) for n in plain)  # view 3 moved

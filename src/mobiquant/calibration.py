@@ -125,8 +125,9 @@ class CalibConfig:
     # With MoBiConfig.view_steps (else ignored): after the choice, tune the step and zero point per group of these views
     # (1-based; None: every view) for view_tune_epochs epochs on the packed block's output MSE at each view
     # (codes fixed; Adam at lr_view_tune on the log step and the zero point; inputs: the stream nearest to the
-    # view's bits). 0 epochs: no tuning (docs/RESULTS.md, "Tuning each view's pairs on the block output").
-    view_tune_epochs: int = 0
+    # view's bits). 0 epochs: no tuning (docs/RESULTS.md, "Tuning each view's pairs on the block output"). A list:
+    # the epochs of each view of view_tune_views, in its order (e.g. views [1, 3, 4], epochs [1, 2, 2]; 0 skips one).
+    view_tune_epochs: int | Sequence[int] = 0
     view_tune_views: Sequence[int] | None = None
     lr_view_tune: float = 1e-3
 
@@ -153,8 +154,25 @@ class CalibConfig:
             raise ValueError(f"view_select_by must be 'block' or 'site', got {self.view_select_by!r}")
         if self.view_select_windows < 0:
             raise ValueError(f"view_select_windows must be >= 0 (0: no choice), got {self.view_select_windows}")
-        if self.view_tune_epochs < 0:
-            raise ValueError(f"view_tune_epochs must be >= 0 (0: no tuning), got {self.view_tune_epochs}")
+        epochs = self.view_tune_epochs
+        if isinstance(epochs, (int, float)) and not isinstance(epochs, bool):
+            if epochs < 0 or int(epochs) != epochs:
+                raise ValueError(f"view_tune_epochs must be an integer >= 0 (0: no tuning), got {epochs}")
+        elif (
+            isinstance(epochs, (str, bytes))
+            or not isinstance(epochs, Sequence)
+            or not epochs
+            or any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in epochs)
+        ):
+            raise ValueError(
+                f"view_tune_epochs must be an integer >= 0 or a list of them (one per view of view_tune_views), "
+                f"got {epochs!r}"
+            )
+        elif self.view_tune_views is None or len(self.view_tune_views) != len(epochs):
+            raise ValueError(
+                f"view_tune_epochs={list(epochs)} needs view_tune_views of the same length (the views they tune, "
+                f"in order), got {None if self.view_tune_views is None else list(self.view_tune_views)}"
+            )
         if self.view_tune_views is not None and (
             not self.view_tune_views or any(isinstance(k, bool) or int(k) != k or k < 1 for k in self.view_tune_views)
         ):
@@ -201,12 +219,25 @@ def _callbacks(callbacks: Callbacks | None) -> list[Any]:
 
 
 def tune_view_views(mobi: MoBiConfig, cfg: CalibConfig) -> list[int]:
-    """The views whose pairs calibration tunes (``cfg.view_tune_views``, checked against the slices)."""
+    """The views whose pairs calibration tunes (``cfg.view_tune_views``, checked against the slices; those of a
+    positive number of epochs)."""
     k_max = len(mobi.slice_bits)
     views = list(range(1, k_max + 1)) if cfg.view_tune_views is None else sorted({int(k) for k in cfg.view_tune_views})
     if views[-1] > k_max:
         raise ValueError(f"calib.view_tune_views={list(views)}: slices {list(mobi.slice_bits)} have views 1..{k_max}")
-    return views
+    epochs = view_tune_epochs_of(cfg)
+    return [k for k in views if epochs(k) > 0]
+
+
+def view_tune_epochs_of(cfg: CalibConfig) -> Callable[[int], int]:
+    """``view -> epochs`` of :attr:`CalibConfig.view_tune_epochs` (one number for every view, or one per view of
+    ``view_tune_views``)."""
+    epochs = cfg.view_tune_epochs
+    if isinstance(epochs, (int, float)):
+        return lambda k: int(epochs)
+    assert cfg.view_tune_views is not None  # CalibConfig checks the lengths
+    table = {int(k): int(e) for k, e in zip(cfg.view_tune_views, epochs, strict=True)}
+    return lambda k: table.get(k, 0)
 
 
 def stage1_slices(mobi: MoBiConfig, cfg: CalibConfig) -> int:
@@ -684,7 +715,7 @@ def tune_view_pairs(
             continue
         before = _static_view_mse(block, all_linears, k, x, y, kwargs, cfg.batch_size)
         packed = [(m.scale[k - 1].clone(), m.zero[k - 1].clone()) for m in module.linears]
-        tr = make_trainer(cfg.view_tune_epochs)
+        tr = make_trainer(view_tune_epochs_of(cfg)(k))
         loader = DataLoader(
             TensorDataset(x, y),
             batch_size=_rank_batch(cfg, tr),
@@ -1096,7 +1127,7 @@ def calibrate_model(
     cfg = cfg or CalibConfig()
     check_accelerator(next(model.parameters()).device, cfg)
     stage1_slices(mobi, cfg)  # a bad stage1_bits fails here, before any work
-    tune = tune_view_views(mobi, cfg) if cfg.view_tune_epochs > 0 else []  # bad views fail here, before any work
+    tune = tune_view_views(mobi, cfg)  # bad views fail here, before any work
     if tune:
         if not mobi.view_steps:
             log.info("calib.view_tune_epochs: no view has a pair of its own (view_steps=false): nothing to tune")
