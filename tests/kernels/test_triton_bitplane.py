@@ -373,6 +373,69 @@ def test_routed_k_other_paths_and_errors(gen):
         tb.bitplane_linear(x[:1], planes, scale, zero, bits, group, tb.RoutedK(values[0, :3], rk.tau), path="bits")
 
 
+SITE_CONFIGS = [
+    None,  # the default: stream-K over 4 programs per SM, 128 rows
+    tb.SmallConfig(bitplanes=True, block_n=64, block_k=32, split_k=1),  # one program per row block
+    tb.SmallConfig(bitplanes=True, block_n=32, block_k=16, waves=1),  # few programs: ranges cross row blocks
+]
+
+
+@pytest.mark.parametrize("per_view", [False, True], ids=["shared", "per_view"])
+@pytest.mark.parametrize("cfg", SITE_CONFIGS, ids=["default", "split1", "streamk"])
+def test_site_bits_kernel(cfg, per_view, gen, monkeypatch):
+    """Three layers of one input (a site: q, k and v) in one launch of the one-bit plane kernel: every layer's
+    outputs equal its own reference, at one static view for all and with a view each counted on the device from
+    shared gate values and a threshold each (the planes past each layer's view poisoned); a bias on one layer."""
+    monkeypatch.setattr(tb, "_num_sms", lambda device: 3)
+    bits, group, n_in = DEFAULT_LAYOUT, 64, 192
+    layers = [(make_views if per_view else make_layer)(n, n_in, bits, group, gen) for n in (200, 70, 33)]
+    biases = [None, torch.randn(70, generator=gen).to(DEVICE), None]
+    x = randx(1, n_in, torch.float16, gen)
+
+    def refs(views):
+        return [
+            torch_reference(x, p, s_, z, bits, group, k, bias=b, compute_dtype=torch.float64)
+            for (p, s_, z), b, k in zip(layers, biases, views, strict=True)
+        ]
+
+    def check_site(y, views):
+        assert y.shape == (1, 303) and not torch.isnan(y).any()
+        for i, (ref, c, n) in enumerate(zip(refs(views), (0, 200, 270), (200, 70, 33), strict=True)):
+            err = ((y[:, c : c + n].double() - ref.double()).norm() / ref.double().norm()).item()
+            assert err < TOL[torch.float16], (i, views, err)
+
+    site = tb.site_bitplanes([tb.pack_bitplanes(*layer, bits, group, n_in) for layer in layers], biases)
+    assert site.outs == (200, 70, 33) and site.rows2 == (0, 128, 192) and site.cols == (0, 200, 270)
+    for k in (1, 4, 6):
+        out = torch.full((1, 303), float("nan"), dtype=x.dtype, device=DEVICE)
+        check_site(tb.bitplane_site_bits(x, site, [k] * 3, out=out, config=cfg), [k] * 3)
+    monkeypatch.setattr(tb, "_host_routed_k", lambda rk: None)
+    values = torch.tensor([[0.9, 0.7, 0.5, 0.3, 0.1]], device=DEVICE)
+    for views, taus in (((2, 4, 6), (0.8, 0.4, 0.0)), ((5, 1, 3), (0.2, 0.95, 0.6))):
+        poisoned = [(p[:k] + [torch.full_like(q, -1) for q in p[k:]], s_, z) for (p, s_, z), k in zip(layers, views)]
+        site = tb.site_bitplanes([tb.pack_bitplanes(*layer, bits, group, n_in) for layer in poisoned], biases)
+        ks = [tb.RoutedK(values, torch.tensor(t, device=DEVICE)) for t in taus]
+        assert [int(k.counts()) for k in ks] == list(views)
+        out = torch.full((1, 303), float("nan"), dtype=x.dtype, device=DEVICE)
+        check_site(tb.bitplane_site_bits(x, site, ks, out=out, config=cfg), views)
+
+
+def test_site_bits_errors(gen):
+    bits, group = DEFAULT_LAYOUT, 64
+    a = tb.pack_bitplanes(*make_layer(40, 128, bits, group, gen), bits, group, 128)
+    b = tb.pack_bitplanes(*make_layer(40, 192, bits, group, gen), bits, group, 192)
+    with pytest.raises(ValueError, match="one input width, slice layout"):
+        tb.site_bitplanes([a, b])
+    site = tb.site_bitplanes([a, a])
+    x = randx(1, 128, torch.float16, gen)
+    with pytest.raises(ValueError, match="one static view for all its layers"):
+        tb.bitplane_site_bits(x, site, [1, 2])
+    with pytest.raises(ValueError, match="needs one k each"):
+        tb.bitplane_site_bits(x, site, [1])
+    with pytest.raises(ValueError, match="whole blocks of 256 rows"):
+        tb.bitplane_site_bits(x, site, [1, 1], config=tb.SmallConfig(bitplanes=True, block_n=256))
+
+
 @pytest.mark.parametrize("scale_x", [1e-4, 3e3])
 def test_bits_kernel_activation_range(scale_x, gen):
     bits, group = DEFAULT_LAYOUT, 128
@@ -605,15 +668,19 @@ def test_mobilinear_routed_one_token_counts_in_kernel(gen, monkeypatch):
         m = MoBiLinear.from_linear(lin, group_size=64, slice_bits=DEFAULT_LAYOUT)
         m.freeze()
         layers.append(m.to(DEVICE))
-    router = TokenRouter(192, DEFAULT_LAYOUT, policy="free").to(DEVICE)
+    router = TokenRouter(192, DEFAULT_LAYOUT, policy="adjacent").to(DEVICE)  # strictly decreasing gate values
     x = randx(1, 192, torch.float32, gen) * 3
     vals = router.gate_values(router.scores(x)).detach()[0]
-    taus = [float(vals[1] + vals[2]) / 2, float(vals[3] + vals[4]) / 2]  # views 3 and 5 of the token
+    distinct = torch.unique(vals).flip(0)  # descending
+    assert distinct.numel() >= 3, vals
+    taus = [float(distinct[0] + distinct[1]) / 2, float(distinct[-2] + distinct[-1]) / 2]
+    wants = [1 + int((vals > t).sum()) for t in taus]  # two different views of the token
+    assert wants[0] < wants[1]
     for m, tau in zip(layers, taus, strict=True):
         m.attach_router(router)
         m.set_routed()
         m.route_tau = torch.tensor(tau, device=DEVICE)
-    for want, m in zip((3, 5), layers, strict=True):
+    for want, m in zip(wants, layers, strict=True):
         m.backend = "triton"
         m(x)  # builds the layer's kernel buffers
         router.clear_cache()

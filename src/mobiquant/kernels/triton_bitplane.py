@@ -1745,10 +1745,11 @@ def _bits_stream(
     XE: tl.constexpr,
     ASM: tl.constexpr,
     PREFETCH: tl.constexpr,
+    pid,
 ):
-    """Program ``pid``'s share: the (row block, group) items ``[pid T / G, (pid+1) T / G)`` of the row-block-major
-    sequence (``T = blocks x GPB``, ``GPB`` groups per row block), one segment per row block it touches
-    (stream-K: every program streams the same number of groups, across row blocks)."""
+    """Program ``pid``'s share (of ``G`` programs): the (row block, group) items ``[pid T / G, (pid+1) T / G)`` of
+    the row-block-major sequence (``T = blocks x GPB``, ``GPB`` groups per row block), one segment per row block it
+    touches (stream-K: every program streams the same number of groups, across row blocks)."""
     if V == 1:
         P: tl.constexpr = P1
     elif V == 2:
@@ -1765,7 +1766,6 @@ def _bits_stream(
         P: tl.constexpr = P7  # type: ignore[no-redef]
     else:
         P: tl.constexpr = P8  # type: ignore[no-redef]
-    pid = tl.program_id(0)
     n_blocks = tl.cdiv((N + 1) // 2, BN2)
     total = n_blocks * GPB
     item = (pid * total) // G
@@ -1845,7 +1845,7 @@ def _pick8(V: tl.constexpr, a1, a2, a3, a4, a5, a6, a7, a8):
 
 
 # sizes that only bound loops and masks are not specialised (one compiled kernel for every shape and grid size)
-@triton.jit(do_not_specialize=["N", "K_IN", "GPB", "G"])
+@triton.jit(do_not_specialize=["N", "K_IN", "GPB", "G", "N1", "N2", "SP1", "SP2", "SR1", "SR2", "SO1", "SO2"])
 def _bp_gemv_bits_kernel(
     x_ptr,
     out_ptr,
@@ -1855,6 +1855,8 @@ def _bp_gemv_bits_kernel(
     k_ptr,
     v_ptr,
     tau_ptr,
+    tau1_ptr,
+    tau2_ptr,
     w_ptr,
     sz_ptr,
     PSTRIDE,
@@ -1864,6 +1866,14 @@ def _bp_gemv_bits_kernel(
     K_IN,
     GPB,
     G,
+    N1,
+    N2,
+    SP1,
+    SP2,
+    SR1,
+    SR2,
+    SO1,
+    SO2,
     M1,
     M2,
     M3,
@@ -1901,6 +1911,7 @@ def _bp_gemv_bits_kernel(
     PREFETCH: tl.constexpr,
     PER_VIEW: tl.constexpr,
     KVALS: tl.constexpr,
+    NSEG: tl.constexpr,
 ):
     """One token from one-bit planes (see above). ``KSEL`` > 0: the view ``k = KSEL`` (known on the host); 0: ``k``
     read on the device, one body per view ``v`` (``P_v`` planes, multiplier ``M_v``, zero-point term ``H_v``)
@@ -1909,11 +1920,56 @@ def _bp_gemv_bits_kernel(
     ``k = 1 + #{e : v_e > tau}``, compared in the values' dtype), so a routed linear needs no launch of its own to
     turn its router's values into ``k``. ``PER_VIEW`` (with ``KSEL`` 0): ``sz`` holds a set of step and
     zero point words per view (``[NS, 2, groups, NPAD / 2]``, contiguous) and view ``v`` reads set ``v - 1``; with
-    ``KSEL`` > 0 the host passes the view's own set."""
+    ``KSEL`` > 0 the host passes the view's own set.
+
+    ``NSEG`` > 1: the buffers hold ``NSEG`` layers of one input side by side (a site's linears, :class:`SiteBits`):
+    segment ``s`` has ``N_s`` rows (``N``, ``N1``, ``N2``) from row pair ``SR_s`` of the words and step/zero words,
+    writes its outputs from column ``SO_s``, and owns the programs from ``SP_s`` (segment 0 from 0; each streams
+    its own segment's items alone, stream-K within it); with ``KVALS`` its threshold is at ``tau_ptr``,
+    ``tau1_ptr``, ``tau2_ptr``, so each segment takes its own view."""
+    pid = tl.program_id(0)
+    seg = pid * 0
+    n_s = N
+    g_s = G
+    r_s = SR1 * 0
+    o_s = SO1 * 0
+    if NSEG > 1:
+        g_s = tl.minimum(SP1, G)
+        if pid >= SP1:
+            seg = seg + 1
+            n_s = N1
+            pid = pid - SP1
+            g_s = G - SP1
+            r_s = SR1
+            o_s = SO1
+            if NSEG > 2:
+                g_s = SP2 - SP1
+                if pid >= SP2 - SP1:
+                    seg = seg + 1
+                    n_s = N2
+                    pid = pid - (SP2 - SP1)
+                    g_s = G - SP2
+                    r_s = SR2
+                    o_s = SO2
+    # this segment's rows: words, step/zero words and partial slots from row pair r_s (a whole number of row
+    # blocks: the host checks), its row blocks' tickets after those of the segments before it, outputs (and bias)
+    # from column o_s
+    w_s = w_ptr + r_s
+    sz_s = sz_ptr + r_s
+    part_s = part_ptr + r_s
+    lock_s = lock_ptr + r_s // BN2
+    out_s = out_ptr + o_s
+    bias_s = bias_ptr + o_s
     if KSEL == 0:
         if KVALS > 0:
             val = tl.load(v_ptr)
-            tau = tl.load(tau_ptr).to(val.dtype)
+            if NSEG == 1:
+                tau = tl.load(tau_ptr)
+            elif NSEG == 2:
+                tau = tl.where(seg == 0, tl.load(tau_ptr), tl.load(tau1_ptr))
+            else:
+                tau = tl.where(seg == 0, tl.load(tau_ptr), tl.where(seg == 1, tl.load(tau1_ptr), tl.load(tau2_ptr)))
+            tau = tau.to(val.dtype)
             kk = 1 + (val > tau).to(tl.int32)
             for r in tl.static_range(1, KVALS):
                 kk += (tl.load(v_ptr + r) > tau).to(tl.int32)
@@ -1922,24 +1978,24 @@ def _bp_gemv_bits_kernel(
         for v in tl.static_range(1, NS + 1):
             if kk == v:
                 if PER_VIEW:
-                    sz_v = sz_ptr + (v - 1) * 2 * SZSTRIDE
+                    sz_v = sz_s + (v - 1) * 2 * SZSTRIDE
                 else:
-                    sz_v = sz_ptr
+                    sz_v = sz_s
                 _bits_stream(
                     x_ptr,
-                    out_ptr,
-                    part_ptr,
-                    lock_ptr,
-                    bias_ptr,
-                    w_ptr,
+                    out_s,
+                    part_s,
+                    lock_s,
+                    bias_s,
+                    w_s,
                     sz_v,
                     PSTRIDE,
                     SZSTRIDE,
                     NPAD2,
-                    N,
+                    n_s,
                     K_IN,
                     GPB,
-                    G,
+                    g_s,
                     _pick8(v, M1, M2, M3, M4, M5, M6, M7, M8),
                     _pick8(v, H1, H2, H3, H4, H5, H6, H7, H8),
                     GROUP,
@@ -1960,23 +2016,24 @@ def _bp_gemv_bits_kernel(
                     XE,
                     ASM,
                     PREFETCH,
+                    pid,
                 )
     else:
         _bits_stream(
             x_ptr,
-            out_ptr,
-            part_ptr,
-            lock_ptr,
-            bias_ptr,
-            w_ptr,
-            sz_ptr,
+            out_s,
+            part_s,
+            lock_s,
+            bias_s,
+            w_s,
+            sz_s,
             PSTRIDE,
             SZSTRIDE,
             NPAD2,
-            N,
+            n_s,
             K_IN,
             GPB,
-            G,
+            g_s,
             _pick8(KSEL, M1, M2, M3, M4, M5, M6, M7, M8),
             _pick8(KSEL, H1, H2, H3, H4, H5, H6, H7, H8),
             GROUP,
@@ -1997,6 +2054,7 @@ def _bp_gemv_bits_kernel(
             XE,
             ASM,
             PREFETCH,
+            pid,
         )
 
 
@@ -2758,27 +2816,10 @@ BITS_WAVES = 4
 BITS_MAXNREG = 128
 
 
-def bitplane_linear_bits(
-    x2: torch.Tensor,
-    bp: BitPlanes,
-    k,
-    bias: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-    config: SmallConfig | None = None,
-) -> torch.Tensor:
-    """One token ``x2 [1, in]`` -> ``[1, out]`` from one-bit plane buffers: ``_bp_gemv_bits_kernel`` on a
-    stream-K grid (``config.waves`` programs per SM, or ``config.split_k`` programs per row block); ``k`` an int,
-    a one-element tensor (on the device: read there, one compiled body per view) or a :class:`RoutedK` of one token
-    (on the device: counted there from the gate values and the threshold). Buffers of a pair per view
-    (``bp.per_view``): the view's own step and zero point words (picked here, or by ``k`` in the kernel)."""
-    cfg = config or SmallConfig(bitplanes=True)
-    M, K_IN = x2.shape
-    if M != 1:
-        raise ValueError(f"the one-bit plane kernel takes one token, got {M}")
-    if K_IN != bp.in_features:
-        raise ValueError(f"x has {K_IN} features, the layer {bp.in_features}")
-    N = bp.out_features
-    NS = len(bp.slice_bits)
+def _bits_k(k, x2: torch.Tensor, NS: int) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """``(ksel, k tensor, gate values, threshold, KVALS)`` of one token's ``k`` for the one-bit plane kernel: an int
+    (``ksel``), a one-element tensor (read on the device unless it is on the host) or a :class:`RoutedK`
+    (counted in the kernel unless its values are on the host). Unused tensors are ``x2`` (never read)."""
     v_t, tau_t, kvals = x2, x2, 0
     if isinstance(k, RoutedK):
         v_t, tau_t = k.values.reshape(-1), k.tau.reshape(-1)
@@ -2793,25 +2834,149 @@ def bitplane_linear_bits(
         if host_k is not None:  # on the host: the view is known here
             k = host_k
         else:
-            v_t, tau_t, kvals = v_t.contiguous(), tau_t.contiguous(), NS - 1
+            return 0, x2, v_t.contiguous(), tau_t.contiguous(), NS - 1
     if isinstance(k, int):
         _check_k(k, NS)
-        ksel, k_t = k, x2
-    elif kvals:
-        ksel, k_t = 0, x2
+        return k, x2, v_t, tau_t, 0
+    k_t = k.reshape(-1)
+    if k_t.numel() != 1:
+        raise ValueError(f"k has {k_t.numel()} entries for one token")
+    rng = _host_k_range(k_t)
+    if rng is not None:
+        _check_k(rng[0], NS)
+        return rng[0], x2, v_t, tau_t, 0
+    if k_t.dtype not in (torch.int32, torch.int64) or k_t.device != x2.device:
+        k_t = k_t.to(device=x2.device, dtype=torch.int32)
+    return 0, k_t, v_t, tau_t, 0
+
+
+def bitplane_linear_bits(
+    x2: torch.Tensor,
+    bp: BitPlanes,
+    k,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    config: SmallConfig | None = None,
+) -> torch.Tensor:
+    """One token ``x2 [1, in]`` -> ``[1, out]`` from one-bit plane buffers: ``_bp_gemv_bits_kernel`` on a
+    stream-K grid (``config.waves`` programs per SM, or ``config.split_k`` programs per row block); ``k`` an int,
+    a one-element tensor (on the device: read there, one compiled body per view) or a :class:`RoutedK` of one token
+    (on the device: counted there from the gate values and the threshold). Buffers of a pair per view
+    (``bp.per_view``): the view's own step and zero point words (picked here, or by ``k`` in the kernel)."""
+    M, K_IN = x2.shape
+    if M != 1:
+        raise ValueError(f"the one-bit plane kernel takes one token, got {M}")
+    if K_IN != bp.in_features:
+        raise ValueError(f"x has {K_IN} features, the layer {bp.in_features}")
+    ksel, k_t, v_t, tau_t, kvals = _bits_k(k, x2, len(bp.slice_bits))
+    if out is None:
+        out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
+    return _bits_launch(
+        x2, bp, [(bp.out_features, 0, 0)], ksel, k_t, v_t, [tau_t], kvals, bias, out, config or SmallConfig()
+    )
+
+
+@dataclass(frozen=True)
+class SiteBits:
+    """The one-bit plane buffers of up to three layers that read one input (a site's linears: q, k and v; gate
+    and up), side by side for one launch (:func:`bitplane_site_bits`): ``planes.words`` / ``planes.sz`` hold the
+    layers' buffers concatenated along the row pairs (each layer's rows padded to a multiple of 128), layer ``i``
+    from row pair ``rows2[i]``; its outputs are columns ``cols[i] .. cols[i] + outs[i]`` of the launch's output."""
+
+    planes: BitPlanes  # out_features: every layer's rows (sum(outs))
+    outs: tuple[int, ...]
+    rows2: tuple[int, ...]
+    cols: tuple[int, ...]
+    bias: torch.Tensor | None  # [sum(outs)] when some layer has a bias (zeros for those without)
+
+
+BITS_MAX_SITE = 3
+
+
+def site_bitplanes(parts: Sequence[BitPlanes], biases: Sequence[torch.Tensor | None] | None = None) -> SiteBits:
+    """:class:`SiteBits` of the one-bit plane buffers ``parts`` (2 or 3 layers of one input width and layout)."""
+    if not 1 <= len(parts) <= BITS_MAX_SITE:
+        raise ValueError(f"a site launch holds 1 to {BITS_MAX_SITE} layers, got {len(parts)}")
+    p0 = parts[0]
+    for p in parts[1:]:
+        if (p.slice_bits, p.group_size, p.in_features, p.per_view) != (
+            p0.slice_bits,
+            p0.group_size,
+            p0.in_features,
+            p0.per_view,
+        ):
+            raise ValueError("a site launch needs layers of one input width, slice layout, group and pair format")
+    outs = tuple(p.out_features for p in parts)
+    rows2, cols, r, c = [], [], 0, 0
+    for p in parts:
+        rows2.append(r)
+        cols.append(c)
+        r += p.words.shape[2]
+        c += p.out_features
+    words = torch.cat([p.words for p in parts], dim=-1)
+    sz = torch.cat([p.sz for p in parts], dim=-1)
+    bias = None
+    if biases is not None and any(b is not None for b in biases):
+        bias = torch.cat(
+            [
+                (b if b is not None else torch.zeros(n, device=words.device)).to(torch.float32).reshape(-1)
+                for b, n in zip(biases, outs, strict=True)
+            ]
+        )
+    planes = BitPlanes(words, sz, p0.slice_bits, p0.group_size, p0.in_features, sum(outs))
+    return SiteBits(planes, outs, tuple(rows2), tuple(cols), bias)
+
+
+def bitplane_site_bits(
+    x2: torch.Tensor, site: SiteBits, ks: Sequence, out: torch.Tensor | None = None, config: SmallConfig | None = None
+) -> torch.Tensor:
+    """One token ``x2 [1, in]`` through every layer of ``site`` in one launch: ``[1, sum(outs)]``, layer ``i``'s
+    outputs at columns ``site.cols[i]``. ``ks``: each layer's ``k``, either one int for all (the same static view)
+    or a :class:`RoutedK` each, sharing their gate values (one router) with a threshold each."""
+    M, K_IN = x2.shape
+    bp = site.planes
+    if M != 1 or K_IN != bp.in_features:
+        raise ValueError(f"a site launch takes one token of {bp.in_features} features, got {tuple(x2.shape)}")
+    if len(ks) != len(site.outs):
+        raise ValueError(f"a site of {len(site.outs)} layers needs one k each, got {len(ks)}")
+    NS = len(bp.slice_bits)
+    if all(isinstance(k, int) for k in ks):
+        if len(set(ks)) != 1:
+            raise ValueError(f"a site launch serves one static view for all its layers, got {list(ks)}")
+        resolved = [_bits_k(ks[0], x2, NS)]
+    elif all(isinstance(k, RoutedK) for k in ks):
+        if any(k.values is not ks[0].values for k in ks) or len({k.tau.dtype for k in ks}) != 1:
+            raise ValueError("a routed site launch needs one router's gate values and thresholds of one dtype")
+        resolved = [_bits_k(k, x2, NS) for k in ks]
+        if len({r[0] for r in resolved}) != 1:  # gate values on the host: each view known here, and they differ
+            raise ValueError("routed layers whose views are known on the host and differ: launch them one by one")
     else:
-        k_t = k.reshape(-1)
-        if k_t.numel() != 1:
-            raise ValueError(f"k has {k_t.numel()} entries for one token")
-        rng = _host_k_range(k_t)
-        if rng is not None:
-            ksel = rng[0]
-            _check_k(ksel, NS)
-            k_t = x2
-        else:
-            ksel = 0
-            if k_t.dtype not in (torch.int32, torch.int64) or k_t.device != x2.device:
-                k_t = k_t.to(device=x2.device, dtype=torch.int32)
+        raise ValueError("a site launch takes one int k for all its layers or a RoutedK each")
+    ksel, k_t, v_t, _, kvals = resolved[0]
+    taus = [r[3] for r in resolved] if kvals else [x2]
+    if out is None:
+        out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
+    segs = list(zip(site.outs, site.rows2, site.cols, strict=True))
+    return _bits_launch(x2, bp, segs, ksel, k_t, v_t, taus, kvals, site.bias, out, config or SmallConfig())
+
+
+def _bits_launch(
+    x2: torch.Tensor,
+    bp: BitPlanes,
+    segs: list[tuple[int, int, int]],
+    ksel: int,
+    k_t: torch.Tensor,
+    v_t: torch.Tensor,
+    taus: list[torch.Tensor],
+    kvals: int,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    cfg: SmallConfig,
+) -> torch.Tensor:
+    """``_bp_gemv_bits_kernel`` over the segments ``segs`` (``(rows, row-pair offset, output column)`` each) of the
+    buffers ``bp``: the programs of the stream-K grid shared among them by their items."""
+    K_IN = x2.shape[1]
+    NS = len(bp.slice_bits)
     block_n = cfg.block_n or BITS_BLOCK_N
     gw = bp.group_size // 16
     block_k = cfg.block_k or 16 * _pow2_divisor(gw, BITS_BLOCK_K // 16)
@@ -2824,21 +2989,24 @@ def bitplane_linear_bits(
         raise ValueError(f"prefetch needs block_k = the group ({bp.group_size}), got {block_k}")
     bn2 = block_n // 2
     kw, npad2 = bp.words.shape[1], bp.words.shape[2]
+    if len(segs) > 1 and (npad2 % bn2 or any(r2 % bn2 for _, r2, _ in segs)):
+        raise ValueError(f"a site launch needs every layer's rows in whole blocks of {block_n} rows")
     gpb = kw // gw
-    n_blocks = triton.cdiv(triton.cdiv(N, 2), bn2)
-    total = n_blocks * gpb
+    blocks = [triton.cdiv(triton.cdiv(n, 2), bn2) for n, _, _ in segs]
+    items = [b * gpb for b in blocks]
     if cfg.split_k:
-        progs = n_blocks * cfg.split_k
+        progs = sum(blocks) * cfg.split_k
     else:
         progs = (cfg.waves or BITS_WAVES) * _num_sms(x2.device)
-    progs = max(1, min(progs, total))
-    if out is None:
-        out = torch.empty(1, N, dtype=x2.dtype, device=x2.device)
-    # partial slots: a row block is shared by at most ceil(progs / blocks) + 1 programs (also with fewer programs
-    # than row blocks, when a program's range ends inside one)
-    max_seg = -(-progs // n_blocks) + 1
+    # each segment its share of the programs, by its items (at least one, at most one per item)
+    share = [max(1, min(i, round(progs * i / sum(items)))) for i in items]
+    starts = [sum(share[:j]) for j in range(len(share))] + [0] * (BITS_MAX_SITE - len(share))
+    progs = sum(share)
+    # partial slots: a row block is shared by at most ceil(programs / blocks) + 1 programs of its segment (also with
+    # fewer programs than row blocks, when a program's range ends inside one)
+    max_seg = max(-(-g // b) + 1 for g, b in zip(share, blocks, strict=True))
     part = torch.empty(max_seg * 2 * npad2, dtype=torch.float32, device=x2.device)
-    locks = _locks(x2.device, n_blocks)
+    locks = _locks(x2.device, max(r2 // bn2 + b for (_, r2, _), b in zip(segs, blocks, strict=True)))
     pv = bp.planes_of_view
     b0 = bp.slice_bits[0]
     mults = [2.0 ** (_FIELD_S - (p - b0)) for p in pv] + [1.0] * (MAX_SLICES - NS)
@@ -2849,6 +3017,10 @@ def bitplane_linear_bits(
     # a set of step and zero point words per view: the view's own when k is known here, else all (read on the device)
     per_view = bp.per_view and ksel == 0
     sz = bp.sz[ksel - 1] if bp.per_view and ksel > 0 else bp.sz
+    seg_n = [n for n, _, _ in segs] + [0] * (BITS_MAX_SITE - len(segs))
+    seg_r = [r2 for _, r2, _ in segs] + [0] * (BITS_MAX_SITE - len(segs))
+    seg_o = [o for _, _, o in segs] + [0] * (BITS_MAX_SITE - len(segs))
+    taus = taus + [taus[0]] * (BITS_MAX_SITE - len(taus))
     _bp_gemv_bits_kernel[(progs,)](
         x2,
         out,
@@ -2857,16 +3029,24 @@ def bitplane_linear_bits(
         bias if bias is not None else out,
         k_t,
         v_t,
-        tau_t,
+        *taus,
         bp.words,
         sz,
         bp.words.stride(0),
         sz.stride(-3),
         npad2,
-        N,
+        seg_n[0],
         K_IN,
         gpb,
         progs,
+        seg_n[1],
+        seg_n[2],
+        starts[1],
+        starts[2],
+        seg_r[1],
+        seg_r[2],
+        seg_o[1],
+        seg_o[2],
         *mults,
         *hs,
         GROUP=bp.group_size,
@@ -2882,6 +3062,7 @@ def bitplane_linear_bits(
         PREFETCH=bool(cfg.prefetch),
         PER_VIEW=per_view,
         KVALS=kvals,
+        NSEG=len(segs),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **pk,
@@ -3190,11 +3371,13 @@ def bitplane_linear(
 __all__ = [
     "BitPlanes",
     "RoutedK",
+    "SiteBits",
     "SmallConfig",
     "TileConfig",
     "DEQUANT_MIN_TOKENS",
     "bitplane_linear",
     "bitplane_linear_bits",
+    "bitplane_site_bits",
     "bitplane_linear_dequant",
     "bitplane_linear_small",
     "bitplane_linear_tiled",
@@ -3203,6 +3386,7 @@ __all__ = [
     "bitplanes_for",
     "dequantize",
     "pack_bitplanes",
+    "site_bitplanes",
     "wants_bitplanes",
     "small_supported",
 ]
