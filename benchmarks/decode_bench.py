@@ -264,7 +264,7 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package",
     """fp16, then for each ``(label, small_config)`` of ``kernels`` (``None``: the library's defaults) the static
     views and the routed budgets (base bits .. all bits) through ``mobiquant.tasks.decode.generate``."""
     import mobiquant as mq
-    from mobiquant.patching import set_small_config
+    from mobiquant.patching import fuse_sites, set_small_config
     from mobiquant.tasks.decode import generate
 
     vocab = fp.config.vocab_size
@@ -296,7 +296,9 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package",
     print(f"package fp16: {t16:.1f} us/token (graph: {how})")
     ns = len(kb.SLICE_BITS)
     for label, cfg in kernels:
-        set_small_config(q, cfg)
+        sites = cfg == "sites"
+        set_small_config(q, None if sites else cfg)
+        fuse_sites(q, enable=sites)
         for k in range(1, ns + 1):
             mq.set_static(q, k)
             t, how = timed(q)
@@ -315,6 +317,7 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package",
                 f"(graph: {how})"
             )
     set_small_config(q, None)
+    fuse_sites(q, enable=False)
     return rows
 
 
@@ -491,7 +494,8 @@ def dry_run(args):
     _, why = gemlite_module()
     print(f"# dry run on the CPU: gemlite {'importable' if not why else 'not importable (' + why + ')'}")
     fp, q = package_models(layers=1, d=256, ff=512, kv=64, heads=4, vocab=64, device="cpu", dtype=torch.float32)
-    rows = package_rows(fp, q, "cpu", min(args.new_tokens, 6), "off", None)
+    kernels = [("package", None)] + ([("package sites", "sites")] if args.fuse_sites else [])
+    rows = package_rows(fp, q, "cpu", min(args.new_tokens, 6), "off", None, kernels=kernels)
     x_gemlite(rows)
     print_table(rows, "# package rows, tiny model on the CPU (not a measurement of anything but the code path)")
     return 0
@@ -609,6 +613,9 @@ def main(argv=None):
     ap.add_argument("--no-routed", action="store_true", help="skip the routed rows")
     ap.add_argument("--no-package", action="store_true", help="skip the rows of the model patched by the package")
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per package row")
+    ap.add_argument(
+        "--fuse-sites", action="store_true", help="also package rows with one launch per router site (fuse_sites)"
+    )
     ap.add_argument(
         "--profile", action="store_true", help="launches and kernel time of an eager package decode step (fp16, 4 bits)"
     )
@@ -847,6 +854,8 @@ def main(argv=None):
     if not args.no_package:
         fp, q = package_models(args.layers, D, FF, KV, 32, 1024, "cuda", torch.float16)
         kernels = [("package", None)] + ([("package bitpl", bits_cfg)] if bits_cfg is not None else [])
+        if args.fuse_sites:  # the library's default kernels with one launch per router site
+            kernels.append(("package sites", "sites"))
         rows += package_rows(fp, q, "cuda", args.new_tokens, "graph", copy_bw, kernels=kernels)
         if args.profile:
             import mobiquant as mq

@@ -68,6 +68,15 @@ def parse_args(argv=None):
         "separated BLOCK_N,BLOCK_K,WARPS,WAVES[,PREFETCH[,SPLIT_K]] (e.g. '64,64,4,,0,1' one program per row block)",
     )
     ap.add_argument(
+        "--ab",
+        action="store_true",
+        help="also, in the same process, routed budget 4 and static 4 bits with one launch per site "
+        "(patching.fuse_sites), and routed budget 4 with the slices counted by torch ops",
+    )
+    ap.add_argument(
+        "--fuse-sites", action="store_true", help="every quantized row with one launch per site (patching.fuse_sites)"
+    )
+    ap.add_argument(
         "--no-plan",
         action="store_true",
         help="without --checkpoint: no budget plan (every linear reads its router's threshold; by default each has "
@@ -123,6 +132,10 @@ def load(args, device):
         mq.freeze(q)
         if not args.no_plan:
             install_router_plan(q)
+    if args.fuse_sites:
+        from mobiquant.patching import fuse_sites
+
+        fuse_sites(q)
     if args.host_count:  # the path before the one-bit plane kernel counted the slices itself
         real = mq.MoBiLinear._routed_k
         mq.MoBiLinear._routed_k = lambda self, x, in_kernel=False: real(self, x, False)
@@ -194,35 +207,45 @@ def run_rows(args, fp, q, tok, device):
 
     layer = next(m for m in q.modules() if isinstance(m, mq.MoBiLinear))
     views = [float(sum(layer.slice_bits[:k])) for k in range(1, layer.num_slices + 1)]
-    cases: list[tuple] = [("fp16", fp, None, None)] + [("mobiquant", q, b, None) for b in args.budgets]
-    cases += [("static", q, None, k) for k in range(1, len(views) + 1)]
-    configs = [None]
+    base = dict(cfg=None, sites=False, host_count=False)
+    cases = [dict(base, name="fp16", model=fp, budget=None, k=None)]
+    cases += [dict(base, name="mobiquant", model=q, budget=b, k=None) for b in args.budgets]
+    cases += [dict(base, name="static", model=q, budget=None, k=k) for k in range(1, len(views) + 1)]
+    pair = [dict(name="mobiquant", model=q, budget=4.0, k=None), dict(name="static", model=q, budget=None, k=2)]
     if args.bits_configs:
         import kernel_bench as kb
         from mobiquant.kernels import triton_bitplane as tb
 
-        configs += [kb.parse_bits_config(tb, c) for c in args.bits_configs.split(";") if c.strip()]
-        cases += [
-            (name, q, b, k, cfg)
-            for cfg in configs[1:]
-            for name, b, k in (("mobiquant", 4.0, None), ("static", None, 2))
-        ]
-    for case in cases:
-        name, model, budget, static_k = case[:4]
-        cfg = case[4] if len(case) > 4 else None
-        if cfg is not None:
-            from mobiquant.patching import set_small_config
+        for text in (c for c in args.bits_configs.split(";") if c.strip()):
+            cases += [dict(base, **c, cfg=kb.parse_bits_config(tb, text)) for c in pair]
+    if args.ab:  # the same process: one launch per site, and the slices counted by torch ops (the earlier path)
+        cases += [dict(base, **c, sites=True) for c in pair] + [dict(base, **pair[0], host_count=True)]
+    from mobiquant.patching import fuse_sites, set_small_config
 
-            set_small_config(model, cfg)
+    real_routed_k = mq.MoBiLinear._routed_k
+    for c in cases:
+        model, budget, static_k = c["model"], c["budget"], c["k"]
+        if c["cfg"] is not None:
+            set_small_config(model, c["cfg"])
+        if c["sites"]:
+            fuse_sites(model)
+        if c["host_count"]:
+            mq.MoBiLinear._routed_k = lambda self, x, in_kernel=False: real_routed_k(self, x, False)
         if static_k is not None:
             mq.set_static(model, static_k)
-        g = time_one(model, budget)
-        if cfg is not None:
-            set_small_config(model, None)
-        tag = "" if cfg is None else f" [{kb.bits_tag(cfg)}]"
+        try:
+            g = time_one(model, budget)
+        finally:
+            mq.MoBiLinear._routed_k = real_routed_k
+            if c["sites"] and not args.fuse_sites:
+                fuse_sites(model, enable=False)
+            if c["cfg"] is not None:
+                set_small_config(model, None)
+        tag = "" if c["cfg"] is None else f" [{kb.bits_tag(c['cfg'])}]"
+        tag += " [sites]" * c["sites"] + " [host count]" * c["host_count"]
         rows.append(
             dict(
-                mode=(name if static_k is None else f"static k={static_k}") + tag,
+                mode=(c["name"] if static_k is None else f"static k={static_k}") + tag,
                 budget=float("nan") if budget is None else budget,
                 bits=views[static_k - 1] if static_k is not None else bits_of(model, budget),
                 tokens_per_s=g.tokens_per_s,

@@ -535,6 +535,29 @@ def test_gpu_graph_decode_equals_eager_and_switches_without_recapture(dtype, pro
     assert torch.equal(g.tokens, generate(model, prompt, 8, budget=sched, cuda_graph="off").tokens)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_fused_sites_decode_in_one_graph(prompt):
+    """With ``patching.fuse_sites`` (one launch per router site) the captured decode step gives eager decoding's
+    greedy tokens at every budget, and one graph serves a per-token budget list."""
+    from mobiquant.kernels.triton_bitplane import SmallConfig
+    from mobiquant.patching import fuse_sites, set_small_config
+
+    _, q = gpu_models(torch.float16)
+    set_small_config(q, SmallConfig(bitplanes=True))
+    assert fuse_sites(q) > 0
+    lo, hi = q.mobiquant_config.min_bits, q.mobiquant_config.max_bits
+    for b in (lo, (lo + hi) / 2, hi):
+        eager = generate(q, prompt, 12, budget=b, cuda_graph="off")
+        graph = generate(q, prompt, 12, budget=b, cuda_graph="graph")
+        assert graph.graph == "graph" and graph.captures == 1
+        assert torch.equal(graph.tokens, eager.tokens), b
+    sched = [lo, hi, (lo + hi) / 2, hi, lo, lo + 1, hi, lo]
+    g = generate(q, prompt, 8, budget=sched, cuda_graph="graph")
+    assert g.graph == "graph" and g.captures == 1
+    assert torch.equal(g.tokens, generate(q, prompt, 8, budget=sched, cuda_graph="off").tokens)
+
+
 def gpu_models(dtype):
     """The tiny LLaMA unquantized and quantized (routers calibrated, packed), on CUDA in ``dtype``."""
     fp = build_tiny_llama(0).to("cuda", dtype)

@@ -72,14 +72,20 @@ def test_dry_runs(tmp_path, capsys):
     assert df["budget"].iloc[1:7].tolist() == [3.0, 4.0, 5.0, 6.0, 7.0, 8.0]  # every integer view
     out = capsys.readouterr().out
     assert "launches and kernel time per step" in out and "routed 4" in out and "static k=6" in out
-    argv = ["--dry-run", "--budgets", "4", "--new-tokens", "2", "--bits-configs", "64,64,4,,0,1"]
+    argv = ["--dry-run", "--budgets", "4", "--new-tokens", "2", "--bits-configs", "64,64,4,,0,1", "--ab"]
     argv += ["--out", str(tmp_path)]
     assert e2e_decode.main(argv) == 0
     df = pd.read_csv(tmp_path / "e2e_decode.csv")
-    assert df["mode"].tolist()[-2:] == ["mobiquant [64/64/4w/None/sk1]", "static k=2 [64/64/4w/None/sk1]"]
-    assert decode_bench.main(["--dry-run", "--new-tokens", "3"]) == 0
+    assert df["mode"].tolist()[-5:] == [
+        "mobiquant [64/64/4w/None/sk1]",
+        "static k=2 [64/64/4w/None/sk1]",
+        "mobiquant [sites]",
+        "static k=2 [sites]",
+        "mobiquant [host count]",
+    ]
+    assert decode_bench.main(["--dry-run", "--new-tokens", "3", "--fuse-sites"]) == 0
     out = capsys.readouterr().out
-    assert "package routed" in out and "package static k=4" in out
+    assert "package routed" in out and "package static k=4" in out and "package sites routed" in out
 
 
 def test_e2e_plan_gives_every_linear_its_own_threshold():

@@ -192,6 +192,32 @@ def set_small_config(model: nn.Module, config) -> None:
         m._bitplanes = None
 
 
+def fuse_sites(model: nn.Module, enable: bool = True) -> int:
+    """One kernel launch per router site for one-token forwards on the one-bit plane kernel: the linears that share
+    a router and an input width (q, k and v; gate and up; two or three, of one slice layout and group) form a
+    :class:`~mobiquant.nn.site.SiteGroup`, whose first member called with a token runs them all (each its own view)
+    and whose others return their columns (7 launches per LLaMA layer become 4). ``enable=False`` ungroups.
+    Returns the number of groups formed."""
+    from .nn.site import SiteGroup
+
+    by_router: dict[int, list[MoBiLinear]] = {}
+    for _, m in mobi_linears(model):
+        object.__setattr__(m, "_site_group", None)
+        if m.router is not None:
+            by_router.setdefault(id(m.router), []).append(m)
+    groups = 0
+    if not enable:
+        return groups
+    for members in by_router.values():
+        shape = {(m.in_features, m.slice_bits, m.slicer.group_size) for m in members}
+        if 2 <= len(members) <= 3 and len(shape) == 1:
+            group = SiteGroup(members)
+            for m in members:
+                object.__setattr__(m, "_site_group", group)
+            groups += 1
+    return groups
+
+
 def set_budget(model: nn.Module, avg_bits: float, uniform: bool = False) -> None:
     """Elastic inference at ``avg_bits`` average code bits: moves thresholds only, never weights.
 

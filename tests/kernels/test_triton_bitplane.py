@@ -412,7 +412,10 @@ def test_site_bits_kernel(cfg, per_view, gen, monkeypatch):
     monkeypatch.setattr(tb, "_host_routed_k", lambda rk: None)
     values = torch.tensor([[0.9, 0.7, 0.5, 0.3, 0.1]], device=DEVICE)
     for views, taus in (((2, 4, 6), (0.8, 0.4, 0.0)), ((5, 1, 3), (0.2, 0.95, 0.6))):
-        poisoned = [(p[:k] + [torch.full_like(q, -1) for q in p[k:]], s_, z) for (p, s_, z), k in zip(layers, views)]
+        poisoned = [
+            (p[:k] + [torch.full_like(q, -1) for q in p[k:]], s_, z)
+            for (p, s_, z), k in zip(layers, views, strict=True)
+        ]
         site = tb.site_bitplanes([tb.pack_bitplanes(*layer, bits, group, n_in) for layer in poisoned], biases)
         ks = [tb.RoutedK(values, torch.tensor(t, device=DEVICE)) for t in taus]
         assert [int(k.counts()) for k in ks] == list(views)
@@ -692,6 +695,65 @@ def test_mobilinear_routed_one_token_counts_in_kernel(gen, monkeypatch):
         assert err < TOL[torch.float32], (want, err)
         m.backend = "torch"
         torch.testing.assert_close(m(x), y, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_site_one_launch_per_site(gen, monkeypatch):
+    """``patching.fuse_sites``: three linears of one router (q, k, v; each its own threshold tensor) serve one
+    token from one launch, each the output of its own launch; so do static views; members at different static
+    views, or ungrouped, launch one by one."""
+    from mobiquant.nn.router import TokenRouter
+    from mobiquant.patching import fuse_sites
+
+    monkeypatch.setattr(tb, "_host_routed_k", lambda rk: None)
+    launches = []
+    real = tb._bits_launch
+    monkeypatch.setattr(tb, "_bits_launch", lambda *a, **kw: launches.append(len(a[2])) or real(*a, **kw))
+    layers = []
+    for n_out in (40, 24, 24):
+        lin = torch.nn.Linear(192, n_out, bias=n_out == 40)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(n_out, 192, generator=gen) * 0.05)
+        m = MoBiLinear.from_linear(lin, group_size=64, slice_bits=DEFAULT_LAYOUT)
+        m.freeze()
+        m.backend = "triton"
+        layers.append(m.to(DEVICE))
+    model = torch.nn.ModuleList(layers)
+    router = TokenRouter(192, DEFAULT_LAYOUT, policy="adjacent").to(DEVICE)
+    x = randx(1, 192, torch.float32, gen) * 3
+    vals = router.gate_values(router.scores(x)).detach()[0]
+    taus = [float(vals[0] + vals[1]) / 2, float(vals[2] + vals[3]) / 2, -10.0]  # views 2, 4 and 6
+    for m, tau in zip(layers, taus, strict=True):
+        m.attach_router(router)
+        m.set_routed()
+        m.route_tau = torch.tensor(tau, device=DEVICE)
+
+    def forward():
+        launches.clear()
+        router.clear_cache()
+        return [m(x) for m in layers]
+
+    alone = forward()
+    assert launches == [1, 1, 1]
+    assert fuse_sites(model) == 1
+    fused = forward()
+    assert launches == [3]  # one launch, three segments
+    for want, m, a, f in zip((2, 4, 6), layers, alone, fused, strict=True):
+        ref = x.double() @ m.dequantized(want).double().T + (m.bias.double() if m.bias is not None else 0)
+        assert ((f.double() - ref).norm() / ref.norm()).item() < TOL[torch.float32], want
+        torch.testing.assert_close(f, a, rtol=1e-5, atol=1e-5)
+    for m in layers:
+        m.set_static(3)
+    static = forward()
+    assert launches == [3]
+    for m, y in zip(layers, static, strict=True):
+        ref = x.double() @ m.dequantized(3).double().T + (m.bias.double() if m.bias is not None else 0)
+        assert ((y.double() - ref).norm() / ref.norm()).item() < TOL[torch.float32]
+    layers[1].set_static(4)  # different static views: each its own launch
+    forward()
+    assert launches == [1, 1, 1]
+    assert fuse_sites(model, enable=False) == 0
+    forward()
+    assert launches == [1, 1, 1]
 
 
 def test_triton_backend_is_inference_only(gen):

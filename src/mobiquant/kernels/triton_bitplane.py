@@ -2820,7 +2820,7 @@ def _bits_k(k, x2: torch.Tensor, NS: int) -> tuple[int, torch.Tensor, torch.Tens
     """``(ksel, k tensor, gate values, threshold, KVALS)`` of one token's ``k`` for the one-bit plane kernel: an int
     (``ksel``), a one-element tensor (read on the device unless it is on the host) or a :class:`RoutedK`
     (counted in the kernel unless its values are on the host). Unused tensors are ``x2`` (never read)."""
-    v_t, tau_t, kvals = x2, x2, 0
+    v_t, tau_t = x2, x2
     if isinstance(k, RoutedK):
         v_t, tau_t = k.values.reshape(-1), k.tau.reshape(-1)
         if v_t.numel() != NS - 1 or tau_t.numel() != 1:

@@ -404,6 +404,11 @@ class MoBiLinear(nn.Module):
                 if wants_bitplanes(self.slice_bits, self.slicer.group_size, cfg):
                     extra["packed"] = self.bitplane_buffers()
                     extra["path"] = "bits"  # decided here: the kernel entry need not decide again
+        group = getattr(self, "_site_group", None)
+        if group is not None and extra.get("path") == "bits":  # one launch for the site (patching.fuse_sites)
+            y = group.output(self, x, cfg)
+            if y is not None:
+                return y
         k: Any
         if self.mode == "static" or self._router is None:
             k = self.static_k

@@ -1,0 +1,87 @@
+"""``SiteGroup``: the linears of one router site (q, k and v; gate and up) decoded by one kernel launch.
+
+A decode step of a patched LLaMA calls ``q_proj(x)``, ``k_proj(x)`` and ``v_proj(x)`` one after the other on the same
+input ``x``, and the three share a router. With a site group (:func:`mobiquant.patching.fuse_sites`), the first of
+them to be called with a one-token ``x`` on the one-bit plane kernel runs every member in one launch
+(``triton_bitplane.bitplane_site_bits``: each member its own view, from its own threshold on the router's gate
+values) and keeps the output while ``x`` lives; the others return their columns of it. Anything the one launch
+cannot serve (several tokens, slice counting, members at different static views, a threshold held as a float, a
+weight override) falls back to each linear's own launch. A CUDA graph captures the one launch.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+
+class SiteGroup:
+    """Two or three packed :class:`~mobiquant.nn.linear.MoBiLinear` of one input width and slice layout."""
+
+    def __init__(self, members: Sequence[Any]):
+        if not 2 <= len(members) <= 3:
+            raise ValueError(f"a site group holds 2 or 3 linears, got {len(members)}")
+        self.members = list(members)
+        self._site: Any = None
+        self._src: list[Any] = []
+        self._cache: tuple[weakref.ref, tuple, torch.Tensor] | None = None
+
+    def clear(self) -> None:
+        self._cache = None
+
+    def buffers(self) -> Any:
+        """The members' one-bit plane buffers side by side (built again when a member's buffers change)."""
+        from ..kernels.triton_bitplane import site_bitplanes
+
+        parts = [m.bitplane_buffers() for m in self.members]
+        if self._site is None or any(a is not b for a, b in zip(parts, self._src, strict=True)):
+            self._site = site_bitplanes(parts, [m.bias for m in self.members])
+            self._src = parts
+        return self._site
+
+    def _ks(self, x: torch.Tensor) -> list[Any] | None:
+        """Each member's ``k`` for one launch: one static view for all, or a ``RoutedK`` each (None: no launch)."""
+        ks = []
+        for m in self.members:
+            if m.weight_override is not None or m.track or not m.packed:
+                return None
+            if m.mode == "static" or m.router is None:
+                ks.append(m.static_k)
+            else:
+                k = m._routed_k(x, in_kernel=True)
+                if not isinstance(k, tuple):  # a float threshold, or threshold fitting: counted per linear
+                    return None
+                ks.append(k)
+        if all(isinstance(k, int) for k in ks):
+            return ks if len(set(ks)) == 1 else None
+        return ks if not any(isinstance(k, int) for k in ks) else None
+
+    def _key(self) -> tuple:
+        return tuple(
+            (m.mode, m.static_k, id(m.route_tau), getattr(m.route_tau, "_version", None)) for m in self.members
+        )
+
+    def output(self, member: Any, x: torch.Tensor, config: Any) -> torch.Tensor | None:
+        """``member``'s output for the one token ``x`` from the group's one launch, or None (its own launch)."""
+        from ..kernels.triton_bitplane import bitplane_site_bits
+
+        key = self._key()
+        entry = self._cache
+        if entry is not None and entry[0]() is x and entry[1] == key:
+            y = entry[2]
+        else:
+            ks = self._ks(x)
+            if ks is None:
+                return None
+            site = self.buffers()
+            try:
+                y = bitplane_site_bits(x.reshape(1, -1), site, ks, config=config)
+            except ValueError:  # a layout or config the one launch does not cover: each linear its own
+                return None
+            self._cache = (weakref.ref(x), key, y)
+        i = self.members.index(member)
+        c, n = self._site.cols[i], self._site.outs[i]
+        return y[:, c : c + n].reshape(*x.shape[:-1], n)
