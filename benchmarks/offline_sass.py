@@ -12,6 +12,7 @@ one-bit plane kernel; the chunk loop of the field kernel). This is the feedback 
     python benchmarks/offline_sass.py --slices 3,1,1,1,1,1 --k 2          # one-bit plane kernel, 4-bit view
     python benchmarks/offline_sass.py --slices 3,1,1,1,1,1 --device-k     # k read on the device: every body
     python benchmarks/offline_sass.py --slices 2,2,2,2 --k 1 --fields     # version 6's field kernel
+    python benchmarks/offline_sass.py --routed --site 3                   # q, k and v in one launch, k counted
 """
 
 from __future__ import annotations
@@ -115,6 +116,10 @@ def main(argv=None):
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--waves", type=int, default=None)
     ap.add_argument("--prefetch", action="store_true")
+    ap.add_argument(
+        "--routed", action="store_true", help="k counted in the kernel from gate values and a threshold (RoutedK)"
+    )
+    ap.add_argument("--site", type=int, default=1, help="layers of one launch (patching.fuse_sites: 2 or 3)")
     ap.add_argument("--save", default=None, help="write the SASS, TTGIR and PTX to this path prefix")
     a = ap.parse_args(argv)
     bits = tuple(int(b) for b in a.slices.split(","))
@@ -148,7 +153,16 @@ def main(argv=None):
             prefetch=a.prefetch,
         )
         name = "_bp_gemv_bits_kernel"
-        fn, grid, args, kw = record(name, lambda: tb.bitplane_linear_bits(x, bp, k, config=cfg))
+        ks = [k] * a.site
+        if a.routed:
+            tb._host_routed_k = lambda rk: None
+            values = torch.zeros(1, len(bits) - 1)
+            ks = [tb.RoutedK(values, torch.zeros(())) for _ in range(a.site)]
+        if a.site > 1:
+            site = tb.site_bitplanes([bp] * a.site)
+            fn, grid, args, kw = record(name, lambda: tb.bitplane_site_bits(x, site, ks, config=cfg))
+        else:
+            fn, grid, args, kw = record(name, lambda: tb.bitplane_linear_bits(x, bp, ks[0], config=cfg))
         codes = 2 * kw["BN2"] * group / (32 * a.warps)  # per thread and group
     ck = compile_sm90(fn, args, kw)
     sass, res = sass_and_resources(ck)
@@ -156,7 +170,8 @@ def main(argv=None):
         Path(a.save + ".sass").write_text(sass)
         Path(a.save + ".ttgir").write_text(ck.asm["ttgir"])
         Path(a.save + ".ptx").write_text(ck.asm["ptx"])
-    label = f"{name} slices {a.slices} " + ("k on the device" if a.device_k else f"k={a.k}") + f", grid {grid}"
+    how = "k counted from gate values" if a.routed else ("k on the device" if a.device_k else f"k={a.k}")
+    label = f"{name} slices {a.slices} {how}, {a.site} layer(s), grid {grid}"
     report(sass, res, codes, label)
     return 0
 
