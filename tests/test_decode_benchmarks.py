@@ -125,3 +125,22 @@ def test_layout_option_and_bits_config(monkeypatch, capsys):
     decode_bench.print_comparison(rows, 400.0)
     out = capsys.readouterr().out
     assert "100.0 ( 4.00x)" in out and "routed 4" in out
+
+
+@pytest.mark.parametrize("args", [["--k", "2"], ["--device-k"], ["--routed", "--site", "3"]], ids=" ".join)
+def test_one_bit_plane_kernel_compiles_for_sm90(args):
+    """The one-bit plane kernel's launches (a static view, k read on the device, k counted from gate values for
+    three layers in one launch) compile for sm_90 with Triton's bundled ptxas, without a GPU: a kernel that only the
+    interpreter has run cannot reach a GPU broken. No spill (stack 0)."""
+    import os
+    import subprocess
+
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("this triton has no bundled CUDA tools")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "offline_sass.py"
+    run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "_bp_gemv_bits_kernel" in run.stdout and "stack 0 B" in run.stdout, run.stdout
