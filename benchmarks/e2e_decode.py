@@ -107,6 +107,12 @@ def parse_args(argv=None):
     return args
 
 
+def counted_on_host(routed_k):
+    """``MoBiLinear._routed_k`` that never hands the kernel gate values to count: the slices counted by torch ops
+    before each launch (the path before the one-bit plane kernel counted them), for comparison."""
+    return lambda self, x, in_kernel=False: routed_k(self, x, False)
+
+
 def load(args, device):
     """``(fp model, quantized model, tokenizer)``."""
     import mobiquant as mq
@@ -137,8 +143,7 @@ def load(args, device):
 
         fuse_sites(q)
     if args.host_count:  # the path before the one-bit plane kernel counted the slices itself
-        real = mq.MoBiLinear._routed_k
-        mq.MoBiLinear._routed_k = lambda self, x, in_kernel=False: real(self, x, False)
+        mq.MoBiLinear._routed_k = counted_on_host(mq.MoBiLinear._routed_k)
     if args.bitplanes:
         from mobiquant.kernels.triton_bitplane import SmallConfig
         from mobiquant.patching import set_small_config
@@ -230,7 +235,7 @@ def run_rows(args, fp, q, tok, device):
         if c["sites"]:
             fuse_sites(model)
         if c["host_count"]:
-            mq.MoBiLinear._routed_k = lambda self, x, in_kernel=False: real_routed_k(self, x, False)
+            mq.MoBiLinear._routed_k = counted_on_host(real_routed_k)
         if static_k is not None:
             mq.set_static(model, static_k)
         try:

@@ -43,7 +43,10 @@ class SiteGroup:
         return self._site
 
     def _ks(self, x: torch.Tensor) -> list[Any] | None:
-        """Each member's ``k`` for one launch: one static view for all, or a ``RoutedK`` each (None: no launch)."""
+        """Each member's ``k``: its static view, or a ``RoutedK`` (None: a member the one launch cannot serve;
+        ``bitplane_site_bits`` refuses a mix of views it cannot serve in one launch)."""
+        from ..kernels.triton_bitplane import RoutedK
+
         ks = []
         for m in self.members:
             if m.weight_override is not None or m.track or not m.packed:
@@ -52,12 +55,10 @@ class SiteGroup:
                 ks.append(m.static_k)
             else:
                 k = m._routed_k(x, in_kernel=True)
-                if not isinstance(k, tuple):  # a float threshold, or threshold fitting: counted per linear
+                if not isinstance(k, RoutedK):  # a float threshold, or threshold fitting: counted per linear
                     return None
                 ks.append(k)
-        if all(isinstance(k, int) for k in ks):
-            return ks if len(set(ks)) == 1 else None
-        return ks if not any(isinstance(k, int) for k in ks) else None
+        return ks
 
     def _key(self) -> tuple:
         return tuple(
@@ -79,7 +80,7 @@ class SiteGroup:
             site = self.buffers()
             try:
                 y = bitplane_site_bits(x.reshape(1, -1), site, ks, config=config)
-            except ValueError:  # a layout or config the one launch does not cover: each linear its own
+            except ValueError:  # views, a layout or a config the one launch does not cover: each linear its own
                 return None
             self._cache = (weakref.ref(x), key, y)
         i = self.members.index(member)
