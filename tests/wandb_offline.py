@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 BLOCK = 32768
@@ -31,6 +32,8 @@ def records(path: str | Path):
         if kind == 0 and length == 0:
             break
         piece = data[pos + CHUNK : pos + CHUNK + length]
+        if len(piece) < length:  # the writer is still appending this chunk
+            return
         pos += CHUNK + length
         pending = piece if kind in (1, 2) else pending + piece
         if kind in (1, 4):
@@ -40,11 +43,24 @@ def records(path: str | Path):
             pending = b""
 
 
+def finished_records(path: str | Path, timeout: float = 60.0) -> list:
+    """The log's records once it holds the run's ``exit`` record: W&B's writer may still be flushing
+    when ``run.finish()`` returns, and a half-written record is not a corrupt one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        recs = list(records(path))
+        if any(r.WhichOneof("record_type") == "exit" for r in recs):
+            return recs
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} has no exit record after {timeout:.0f} s: the run did not finish")
+        time.sleep(0.2)
+
+
 def read_run(run_dir: str | Path) -> dict:
     """``{"name", "group", "tags", "job_type", "summary": {key: value}}`` of one offline run folder."""
     (log,) = Path(run_dir).glob("run-*.wandb")
     out: dict = {"summary": {}}
-    for rec in records(log):
+    for rec in finished_records(log):
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             r = rec.run
