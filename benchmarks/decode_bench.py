@@ -269,12 +269,17 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package",
 
     vocab = fp.config.vocab_size
     prompt = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(7)).to(device)
-    rows = []
+    rows, splits = [], []
 
     def timed(model, budget=None):
+        from step_timing import step_events
+
         generate(model, prompt, min(8, new_tokens), budget=budget, cuda_graph=graph)  # compile, capture
-        g = generate(model, prompt, new_tokens, budget=budget, cuda_graph=graph)
-        return g.us_per_token, g.graph
+        with step_events() as ev:
+            g = generate(model, prompt, new_tokens, budget=budget, cuda_graph=graph)
+        split = ev.summary()
+        splits.append(split)
+        return g.us_per_token, f"{g.graph}; GPU {split['gpu_us']:.1f} us a step, gaps {split['gap_us']:.1f} us"
 
     t16, how = timed(fp)
 
@@ -289,6 +294,8 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package",
             tok_s=1e6 / t,
             speedup=t16 / t,
             pct_copy=pct,
+            gpu_us=splits[-1]["gpu_us"],
+            gap_us=splits[-1]["gap_us"],
             graph=how,
         )
 
@@ -480,12 +487,14 @@ def print_table(rows, title):
     print(title)
     print(
         f"{'mode':34s} {'budget':>6s} {'bits':>5s} {'us/token':>9s} {'tok/s':>8s} {'x fp16':>6s} {'%copy':>6s} "
-        f"{'x gemlite':>9s}"
+        f"{'x gemlite':>9s} {'GPU us':>7s} {'gap us':>7s}"
     )
+    nan = float("nan")
     for r_ in rows:
         print(
             f"{r_['mode']:34s} {r_['budget']:6.1f} {r_['achieved_bits']:5.2f} {r_['us_per_token']:9.1f} "
-            f"{r_['tok_s']:8.0f} {r_['speedup']:6.2f} {r_['pct_copy']:6.1f} {r_.get('x_gemlite', float('nan')):9.2f}"
+            f"{r_['tok_s']:8.0f} {r_['speedup']:6.2f} {r_['pct_copy']:6.1f} {r_.get('x_gemlite', nan):9.2f} "
+            f"{r_.get('gpu_us', nan):7.1f} {r_.get('gap_us', nan):7.1f}"
         )
 
 

@@ -30,6 +30,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+from step_timing import step_events  # noqa: E402
 
 PROMPT = "The history of the city begins"
 
@@ -40,6 +41,9 @@ def parse_args(argv=None):
     ap.add_argument("--checkpoint", default=None, help="a saved quantized checkpoint folder for this model")
     ap.add_argument(
         "--budgets", default="", help="comma-separated average bits (default: every integer view of the model)"
+    )
+    ap.add_argument(
+        "--views", default="", help="comma-separated static views k to time (default: every view of the model)"
     )
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
@@ -184,14 +188,16 @@ def run_rows(args, fp, q, tok, device):
     rows = []
 
     def time_one(model, budget):
+        """The fastest of ``--repeats`` generations, and its steps' GPU time and gaps (``step_timing``)."""
         kw = dict(tokenizer=tok, budget=budget, cuda_graph=graph)
         generate(model, args.prompt, min(8, args.new_tokens), **kw)  # compile kernels, capture the graph
-        best = None
+        best, split = None, None
         for _ in range(args.repeats):
-            g = generate(model, args.prompt, args.new_tokens, **kw)
+            with step_events() as ev:
+                g = generate(model, args.prompt, args.new_tokens, **kw)
             if best is None or g.us_per_token < best.us_per_token:
-                best = g
-        return best
+                best, split = g, ev.summary()
+        return best, split
 
     def bits_of(model, budget):
         if budget is None:
@@ -215,7 +221,11 @@ def run_rows(args, fp, q, tok, device):
     base = dict(cfg=None, sites=False, host_count=False)
     cases = [dict(base, name="fp16", model=fp, budget=None, k=None)]
     cases += [dict(base, name="mobiquant", model=q, budget=b, k=None) for b in args.budgets]
-    cases += [dict(base, name="static", model=q, budget=None, k=k) for k in range(1, len(views) + 1)]
+    ks = [int(v) for v in args.views.split(",") if v.strip()] or range(1, len(views) + 1)
+    bad = [k for k in ks if not 1 <= k <= len(views)]
+    if bad:
+        raise SystemExit(f"--views {bad}: this model's static views are 1..{len(views)}")
+    cases += [dict(base, name="static", model=q, budget=None, k=k) for k in ks]
     pair = [dict(name="mobiquant", model=q, budget=4.0, k=None), dict(name="static", model=q, budget=None, k=2)]
     if args.bits_configs:
         import kernel_bench as kb
@@ -238,8 +248,9 @@ def run_rows(args, fp, q, tok, device):
             mq.MoBiLinear._routed_k = counted_on_host(real_routed_k)
         if static_k is not None:
             mq.set_static(model, static_k)
+        t_row = time.perf_counter()
         try:
-            g = time_one(model, budget)
+            g, split = time_one(model, budget)
         finally:
             mq.MoBiLinear._routed_k = real_routed_k
             if c["sites"] and not args.fuse_sites:
@@ -255,13 +266,16 @@ def run_rows(args, fp, q, tok, device):
                 bits=views[static_k - 1] if static_k is not None else bits_of(model, budget),
                 tokens_per_s=g.tokens_per_s,
                 us_per_token=g.us_per_token,
+                gpu_us=split["gpu_us"],
+                gap_us=split["gap_us"],
                 prefill_ms=1e3 * g.prefill_s,
                 graph=g.graph,
                 text=g.text[0][:60],
             )
         )
         print(
-            f"{rows[-1]['mode']} {'' if budget is None else budget}: {g.us_per_token:.1f} us/token ({g.graph})",
+            f"{rows[-1]['mode']} {'' if budget is None else budget}: {g.us_per_token:.1f} us/token ({g.graph}; GPU "
+            f"{split['gpu_us']:.1f} us a step, gaps {split['gap_us']:.1f} us; row {time.perf_counter() - t_row:.1f} s)",
             flush=True,
         )
     return rows
