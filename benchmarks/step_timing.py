@@ -35,6 +35,9 @@ class StepEvents:
         return {
             "gpu_us": statistics.median(gpu),
             "gap_us": statistics.median(gaps) if gaps else float("nan"),
+            "gpu_max_us": max(gpu),
+            "gap_max_us": max(gaps) if gaps else float("nan"),
+            "span_us": 1e3 * self.pairs[0][0].elapsed_time(self.pairs[-1][1]) / len(gpu),
             "steps": len(gpu),
         }
 

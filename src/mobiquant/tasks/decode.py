@@ -408,6 +408,12 @@ class _Stepper:
         self.graphs[key] = entry
         return ref
 
+    def will_capture(self, key: tuple) -> bool:
+        """Whether :meth:`step` with ``key`` captures (or compiles) instead of replaying."""
+        if self.mode == "compile":
+            return self._compiled is None
+        return self.mode == "graph" and key not in self.graphs
+
     def step(self, tok: torch.Tensor, pos: int, key: tuple) -> tuple[torch.Tensor, bool]:
         """Logits of position ``pos`` fed ``tok``; the flag says the step was a capture or its check (keep it
         out of the timing)."""
@@ -579,12 +585,14 @@ def generate(
             if done is not None and bool(done.all()):
                 break
             set_step_budget(i)
-            logits, untimed = stepper.step(tok, T + i - 1, control.structure())
-            if untimed:  # a capture and its check: the timed segment ends before it, restarts after
+            key = control.structure()
+            if stepper.will_capture(key):  # the timed segment ends before a capture and its check
                 _sync(device)
                 decode_s += time.perf_counter() - seg_start
                 timed += seg_tokens
                 seg_tokens = 0
+            logits, untimed = stepper.step(tok, T + i - 1, key)
+            if untimed:
                 stepper.offsets.check(T + i, f"after the capture step of position {T + i - 1}")
             record_bits()
             tok = _pick(logits, temperature, top_k, gen)
