@@ -74,11 +74,13 @@ def parse_args(argv=None):
     ap.add_argument(
         "--ab",
         action="store_true",
-        help="also, in the same process, routed budget 4 and static 4 bits with one launch per site "
-        "(patching.fuse_sites), and routed budget 4 with the slices counted by torch ops",
+        help="also, in the same process, routed budget 4 and static 4 bits with one launch per linear (no site "
+        "groups: patching.fuse_sites(enable=False)), and routed budget 4 with the slices counted by torch ops",
     )
     ap.add_argument(
-        "--fuse-sites", action="store_true", help="every quantized row with one launch per site (patching.fuse_sites)"
+        "--per-linear",
+        action="store_true",
+        help="every quantized row with one launch per linear (by default the linears of a router site share one)",
     )
     ap.add_argument(
         "--no-plan",
@@ -142,10 +144,10 @@ def load(args, device):
         mq.freeze(q)
         if not args.no_plan:
             install_router_plan(q)
-    if args.fuse_sites:
+    if args.per_linear:  # mobiquant.freeze and load_quantized group each site's linears
         from mobiquant.patching import fuse_sites
 
-        fuse_sites(q)
+        fuse_sites(q, enable=False)
     if args.host_count:  # the path before the one-bit plane kernel counted the slices itself
         mq.MoBiLinear._routed_k = counted_on_host(mq.MoBiLinear._routed_k)
     if args.bitplanes:
@@ -218,7 +220,7 @@ def run_rows(args, fp, q, tok, device):
 
     layer = next(m for m in q.modules() if isinstance(m, mq.MoBiLinear))
     views = [float(sum(layer.slice_bits[:k])) for k in range(1, layer.num_slices + 1)]
-    base = dict(cfg=None, sites=False, host_count=False)
+    base = dict(cfg=None, per_linear=False, host_count=False)
     cases = [dict(base, name="fp16", model=fp, budget=None, k=None)]
     cases += [dict(base, name="mobiquant", model=q, budget=b, k=None) for b in args.budgets]
     ks = [int(v) for v in args.views.split(",") if v.strip()] or range(1, len(views) + 1)
@@ -234,7 +236,7 @@ def run_rows(args, fp, q, tok, device):
         for text in (c for c in args.bits_configs.split(";") if c.strip()):
             cases += [dict(base, **c, cfg=kb.parse_bits_config(tb, text)) for c in pair]
     if args.ab:  # the same process: one launch per site, and the slices counted by torch ops (the earlier path)
-        cases += [dict(base, **c, sites=True) for c in pair] + [dict(base, **pair[0], host_count=True)]
+        cases += [dict(base, **c, per_linear=True) for c in pair] + [dict(base, **pair[0], host_count=True)]
     from mobiquant.patching import fuse_sites, set_small_config
 
     real_routed_k = mq.MoBiLinear._routed_k
@@ -242,8 +244,8 @@ def run_rows(args, fp, q, tok, device):
         model, budget, static_k = c["model"], c["budget"], c["k"]
         if c["cfg"] is not None:
             set_small_config(model, c["cfg"])
-        if c["sites"]:
-            fuse_sites(model)
+        if c["per_linear"]:
+            fuse_sites(model, enable=False)
         if c["host_count"]:
             mq.MoBiLinear._routed_k = counted_on_host(real_routed_k)
         if static_k is not None:
@@ -253,12 +255,12 @@ def run_rows(args, fp, q, tok, device):
             g, split = time_one(model, budget)
         finally:
             mq.MoBiLinear._routed_k = real_routed_k
-            if c["sites"] and not args.fuse_sites:
-                fuse_sites(model, enable=False)
+            if c["per_linear"] and not args.per_linear:
+                fuse_sites(model)
             if c["cfg"] is not None:
                 set_small_config(model, None)
         tag = "" if c["cfg"] is None else f" [{kb.bits_tag(c['cfg'])}]"
-        tag += " [sites]" * c["sites"] + " [host count]" * c["host_count"]
+        tag += " [per linear]" * c["per_linear"] + " [host count]" * c["host_count"]
         rows.append(
             dict(
                 mode=(c["name"] if static_k is None else f"static k={static_k}") + tag,

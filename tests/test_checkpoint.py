@@ -61,6 +61,15 @@ def test_round_trip_gives_identical_logits_routed_and_static(saved, make_llama, 
     assert len(list(mobi_linears(loaded))) == 14 and len(list(routers(loaded))) == 8
     assert loaded.mobiquant_sites == model.mobiquant_sites
     assert loaded.mobiquant_config.to_dict() == model.mobiquant_config.to_dict()
+    for m in (model, loaded):  # freeze and load both leave one launch per router site (q/k/v, gate/up)
+        groups = {
+            id(g): [n.rsplit(".", 1)[-1] for n, x in mobi_linears(m) if x._site_group is g]
+            for _, lin in mobi_linears(m)
+            if (g := lin._site_group) is not None
+        }
+        assert (
+            sorted(map(tuple, groups.values())) == [("gate_proj", "up_proj")] * 2 + [("q_proj", "k_proj", "v_proj")] * 2
+        )
     # Routed at a fractional budget: the thresholds come back from the checkpoint's tables.
     for budget in (4.3, 2.9):
         mq.set_budget(model, budget)

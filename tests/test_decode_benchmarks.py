@@ -79,8 +79,8 @@ def test_dry_runs(tmp_path, capsys):
     assert df["mode"].tolist()[-5:] == [
         "mobiquant [64/64/4w/None/sk1]",
         "static k=2 [64/64/4w/None/sk1]",
-        "mobiquant [sites]",
-        "static k=2 [sites]",
+        "mobiquant [per linear]",
+        "static k=2 [per linear]",
         "mobiquant [host count]",
     ]
     assert decode_bench.main(["--dry-run", "--new-tokens", "3", "--fuse-sites"]) == 0

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save
 
 from ..elastic.plan import BudgetPlan
 from ..nn.linear import MoBiLinear
-from ..patching import budget_plan, find_blocks, install_plan, mobi_linears, quantize_model, routers
+from ..patching import budget_plan, find_blocks, fuse_sites, install_plan, mobi_linears, quantize_model, routers
 from ..quant.config import MoBiConfig
 from .fileio import discard, ensure_dir, fsync_dir, sha256_file, stage_bytes, writing
 
@@ -376,6 +376,7 @@ def load_quantized(model: nn.Module, folder: str | os.PathLike, check_base: bool
         install_plan(model, plan)
     except ValueError as e:
         raise CheckpointError(f"checkpoint {folder}: {e}") from e
+    fuse_sites(model)  # as mobiquant.freeze leaves a model: one launch per router site
     return model
 
 
