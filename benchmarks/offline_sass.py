@@ -13,6 +13,7 @@ one-bit plane kernel; the chunk loop of the field kernel). This is the feedback 
     python benchmarks/offline_sass.py --slices 3,1,1,1,1,1 --device-k     # k read on the device: every body
     python benchmarks/offline_sass.py --slices 2,2,2,2 --k 1 --fields     # version 6's field kernel
     python benchmarks/offline_sass.py --routed --site 3                   # q, k and v in one launch, k counted
+    python benchmarks/offline_sass.py --routed --site 3 --router-in-launch  # ... and their router in it too
 """
 
 from __future__ import annotations
@@ -120,6 +121,9 @@ def main(argv=None):
         "--routed", action="store_true", help="k counted in the kernel from gate values and a threshold (RoutedK)"
     )
     ap.add_argument("--site", type=int, default=1, help="layers of one launch (patching.fuse_sites: 2 or 3)")
+    ap.add_argument(
+        "--router-in-launch", action="store_true", help="with --routed: the router runs in the launch (64 hidden)"
+    )
     ap.add_argument("--save", default=None, help="write the SASS, TTGIR and PTX to this path prefix")
     a = ap.parse_args(argv)
     bits = tuple(int(b) for b in a.slices.split(","))
@@ -157,7 +161,13 @@ def main(argv=None):
         if a.routed:
             tb._host_routed_k = lambda rk: None
             values = torch.zeros(1, len(bits) - 1)
-            ks = [tb.RoutedK(values, torch.zeros(())) for _ in range(a.site)]
+            router = None
+            if a.router_in_launch:
+                r = len(bits) - 1
+                router = tb.InLaunchRouter(
+                    torch.zeros(64, K), torch.zeros(64), torch.zeros(r, 64), torch.zeros(r), False
+                )
+            ks = [tb.RoutedK(values, torch.zeros(()), router) for _ in range(a.site)]
         if a.site > 1:
             site = tb.site_bitplanes([bp] * a.site)
             fn, grid, args, kw = record(name, lambda: tb.bitplane_site_bits(x, site, ks, config=cfg))
@@ -171,6 +181,7 @@ def main(argv=None):
         Path(a.save + ".ttgir").write_text(ck.asm["ttgir"])
         Path(a.save + ".ptx").write_text(ck.asm["ptx"])
     how = "k counted from gate values" if a.routed else ("k on the device" if a.device_k else f"k={a.k}")
+    how += ", the router in the launch" * a.router_in_launch
     label = f"{name} slices {a.slices} {how}, {a.site} layer(s), grid {grid}"
     report(sass, res, codes, label)
     return 0

@@ -127,7 +127,11 @@ def test_layout_option_and_bits_config(monkeypatch, capsys):
     assert "100.0 ( 4.00x)" in out and "routed 4" in out
 
 
-@pytest.mark.parametrize("args", [["--k", "2"], ["--device-k"], ["--routed", "--site", "3"]], ids=" ".join)
+@pytest.mark.parametrize(
+    "args",
+    [["--k", "2"], ["--device-k"], ["--routed", "--site", "3"], ["--routed", "--site", "3", "--router-in-launch"]],
+    ids=" ".join,
+)
 def test_one_bit_plane_kernel_compiles_for_sm90(args):
     """The one-bit plane kernel's launches (a static view, k read on the device, k counted from gate values for
     three layers in one launch) compile for sm_90 with Triton's bundled ptxas, without a GPU: a kernel that only the

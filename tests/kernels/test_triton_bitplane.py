@@ -423,6 +423,107 @@ def test_site_bits_kernel(cfg, per_view, gen, monkeypatch):
         check_site(tb.bitplane_site_bits(x, site, ks, out=out, config=cfg), views)
 
 
+def _router_of(n_in, policy, gen):
+    from mobiquant.nn.router import TokenRouter
+
+    router = TokenRouter(n_in, DEFAULT_LAYOUT, hidden=24, policy=policy).to(DEVICE)
+    with torch.no_grad():
+        for p in router.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen).to(DEVICE) * 0.3)
+    router.backend = "triton"
+    return router
+
+
+@pytest.mark.parametrize("policy", ["free", "adjacent"])
+def test_bits_kernel_router_in_launch(policy, gen, monkeypatch):
+    """The router in the one-bit plane launch (``RoutedK.router``): its programs write the gate values the fused
+    router kernel computes, bit for bit, and each layer's output is that of a launch handed those values, for one
+    linear and for a site of three with a threshold each; twice in a row (the counters reset themselves)."""
+    from mobiquant.kernels.triton_router import fused_router
+
+    bits, group, n_in = DEFAULT_LAYOUT, 64, 192
+    router = _router_of(n_in, policy, gen)
+    x = randx(1, n_in, torch.float16, gen) * 2
+    buf, inl = router.in_launch(x)
+    assert buf.shape == (1, 5) and buf.dtype == torch.float32
+    _, ref_v = fused_router(x, inl.w1, inl.b1, inl.w2, inl.b2, torch.zeros((), device=DEVICE), policy)
+    vals = ref_v[0].sort(descending=True).values
+    taus = [float(vals[0] + vals[1]) / 2, float(vals[2] + vals[3]) / 2, float(vals[4]) - 1.0]
+    taus = [torch.tensor(t, device=DEVICE) for t in taus]
+    layers = [tb.pack_bitplanes(*make_layer(n, n_in, bits, group, gen), bits, group, n_in) for n in (200, 70, 33)]
+    for _ in range(2):
+        buf.fill_(float("nan"))
+        y = tb.bitplane_linear_bits(x, layers[0], tb.RoutedK(buf, taus[1], inl), config=BITS)
+        assert torch.equal(buf, ref_v), (buf, ref_v)
+        assert torch.equal(y, tb.bitplane_linear_bits(x, layers[0], tb.RoutedK(ref_v, taus[1]), config=BITS))
+        assert not tb._route_sync(x.device).any()
+    site = tb.site_bitplanes(layers)
+    cfg = tb.SmallConfig(bitplanes=True, block_n=32, block_k=16, waves=1)
+    monkeypatch.setattr(tb, "_host_routed_k", lambda rk: None)  # the reference counts on the "device" too
+    for _ in range(2):
+        buf.fill_(float("nan"))
+        y = tb.bitplane_site_bits(x, site, [tb.RoutedK(buf, t, inl) for t in taus], config=cfg)
+        ref = tb.bitplane_site_bits(x, site, [tb.RoutedK(ref_v, t) for t in taus], config=cfg)
+        assert torch.equal(buf, ref_v) and torch.equal(y, ref)
+        assert not tb._route_sync(x.device).any()
+    with pytest.raises(RuntimeError, match="computed by the one-bit plane launch"):
+        tb.RoutedK(buf, taus[0], inl).counts()
+    with pytest.raises(ValueError, match=r"needs W1 \[H, 192\] and W2 \[5, H\]"):
+        tb.bitplane_linear_bits(x, layers[0], tb.RoutedK(buf, taus[0], inl._replace(w2=inl.w2[:4])))
+    with pytest.raises(ValueError, match="one in-launch router or none"):
+        tb.bitplane_site_bits(
+            x, site, [tb.RoutedK(buf, taus[0], inl), tb.RoutedK(buf, taus[1]), tb.RoutedK(buf, taus[2])]
+        )
+
+
+def test_mobilinear_router_in_launch(gen, monkeypatch):
+    """Routed one-token linears whose router takes the fused kernel's path run it inside their own launch: a site
+    of two (``fuse_sites``) and a linear alone take one launch each and no router launch, with the outputs of the
+    router's own launch (``SmallConfig(router_in_launch=False)``) to the bit."""
+    from mobiquant import kernels
+    from mobiquant.patching import fuse_sites
+
+    monkeypatch.setattr(tb, "_host_routed_k", lambda rk: None)
+    routers_run = []
+    real_router = kernels.fused_router
+    monkeypatch.setattr(kernels, "fused_router", lambda *a, **kw: routers_run.append(1) or real_router(*a, **kw))
+    launches = []
+    real = tb._bits_launch
+    monkeypatch.setattr(tb, "_bits_launch", lambda *a, **kw: launches.append(len(a[2])) or real(*a, **kw))
+    layers = []
+    for n_out in (40, 24, 56):
+        lin = torch.nn.Linear(192, n_out, bias=n_out == 40)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(n_out, 192, generator=gen) * 0.05)
+        m = MoBiLinear.from_linear(lin, group_size=64, slice_bits=DEFAULT_LAYOUT)
+        m.freeze()
+        m.backend = "triton"
+        layers.append(m.to(DEVICE))
+    site_router, own_router = _router_of(192, "free", gen), _router_of(192, "adjacent", gen)
+    for m, r, tau in zip(layers, (site_router, site_router, own_router), (0.3, -0.5, 0.9), strict=True):
+        m.attach_router(r)
+        m.set_routed()
+        m.route_tau = torch.tensor(tau, device=DEVICE)
+    assert fuse_sites(torch.nn.ModuleList(layers)) == 1
+    x = randx(1, 192, torch.float32, gen) * 3
+
+    def forward(cfg):
+        for m in layers:
+            m.small_config = cfg
+        for r in (site_router, own_router):
+            r.clear_cache()
+        launches.clear()
+        routers_run.clear()
+        return [m(x).clone() for m in layers]
+
+    inside = forward(None)
+    assert launches == [2, 1] and routers_run == []
+    outside = forward(tb.SmallConfig(router_in_launch=False))
+    assert launches == [2, 1] and len(routers_run) == 2
+    for a, b in zip(inside, outside, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_site_bits_errors(gen):
     bits, group = DEFAULT_LAYOUT, 64
     a = tb.pack_bitplanes(*make_layer(40, 128, bits, group, gen), bits, group, 128)
@@ -1158,6 +1259,52 @@ def test_gpu_bits_kernel_routed_k_graph_capture(gen):
 
     order = (1, 6, 3, 2, 5, 4)
     _graph_serves_views(f, x, lambda kk: tau.fill_(taus[kk]), order, planes, scale, zero, bits, group, gen)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("shape", [(576, (576, 192, 192)), (4096, (4096, 1024, 1024))], ids=["smollm2", "8b"])
+def test_gpu_router_in_launch_graph(shape, gen):
+    """A site of three layers with its router in the launch, captured once in a CUDA graph: every replay with
+    fresh activations and thresholds writes the fused router kernel's gate values and gives the outputs of the
+    launch handed those values, and leaves the counters at zero (no replay waits on a stale flag)."""
+    from mobiquant.kernels.triton_router import fused_router
+
+    n_in, outs = shape
+    bits, group = DEFAULT_LAYOUT, 128
+    router = _router_of(n_in, "free", gen)
+    router.net[0].weight.data /= n_in**0.5
+    site = tb.site_bitplanes(
+        [tb.pack_bitplanes(*make_layer(n, n_in, bits, group, gen), bits, group, n_in) for n in outs]
+    )
+    x = randx(1, n_in, torch.float16, gen)
+    buf, inl = router.in_launch(x)
+    taus = [torch.zeros((), device=DEVICE) for _ in outs]
+    ks = [tb.RoutedK(buf, t, inl) for t in taus]
+
+    def f():
+        return tb.bitplane_site_bits(x, site, ks)
+
+    f()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        f()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        yg = f()
+    for i in range(6):
+        x.copy_(randx(1, n_in, torch.float16, gen))
+        _, ref_v = fused_router(x, inl.w1, inl.b1, inl.w2, inl.b2, taus[0], "free")
+        for j, t in enumerate(taus):
+            t.fill_(float(ref_v[0, (i + 2 * j) % 5]) - 1e-3)  # a view each, moving between replays
+        g.replay()
+        torch.cuda.synchronize()
+        ref = tb.bitplane_site_bits(x, site, [tb.RoutedK(ref_v, t) for t in taus])
+        assert torch.equal(buf, ref_v), i
+        assert torch.equal(yg, ref), i
+        assert not tb._route_sync(x.device).any()
 
 
 def _graph_serves_views(f, x, k, order, planes, scale, zero, bits, group, gen):

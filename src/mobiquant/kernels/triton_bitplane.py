@@ -67,6 +67,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_router import _router_part, _router_values
+
 MAX_SLICES = 8
 _DT_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 
@@ -1859,6 +1861,12 @@ def _bp_gemv_bits_kernel(
     tau2_ptr,
     w_ptr,
     sz_ptr,
+    sync_ptr,
+    rw1_ptr,
+    rb1_ptr,
+    rw2_ptr,
+    rb2_ptr,
+    rpart_ptr,
     PSTRIDE,
     SZSTRIDE,
     NPAD2,
@@ -1912,6 +1920,11 @@ def _bp_gemv_bits_kernel(
     PER_VIEW: tl.constexpr,
     KVALS: tl.constexpr,
     NSEG: tl.constexpr,
+    RH: tl.constexpr,
+    RRP: tl.constexpr,
+    RBD: tl.constexpr,
+    RNPP: tl.constexpr,
+    RADJ: tl.constexpr,
 ):
     """One token from one-bit planes (see above). ``KSEL`` > 0: the view ``k = KSEL`` (known on the host); 0: ``k``
     read on the device, one body per view ``v`` (``P_v`` planes, multiplier ``M_v``, zero-point term ``H_v``)
@@ -1926,136 +1939,175 @@ def _bp_gemv_bits_kernel(
     segment ``s`` has ``N_s`` rows (``N``, ``N1``, ``N2``) from row pair ``SR_s`` of the words and step/zero words,
     writes its outputs from column ``SO_s``, and owns the programs from ``SP_s`` (segment 0 from 0; each streams
     its own segment's items alone, stream-K within it); with ``KVALS`` its threshold is at ``tau_ptr``,
-    ``tau1_ptr``, ``tau2_ptr``, so each segment takes its own view."""
+    ``tau1_ptr``, ``tau2_ptr``, so each segment takes its own view.
+
+    ``RH`` > 0 (with ``KVALS``): the router of the token runs in this launch. Programs ``0 .. RH - 1`` compute one
+    hidden unit each of the router ``rw1 / rb1 / rw2 / rb2`` (``mobiquant.kernels.triton_router``'s arithmetic,
+    so the same values bit for bit), and the last of them to finish writes the gate values to ``v_ptr`` and raises
+    a flag; the other programs (the GEMV's, ``pid - RH``) wait for it before they count ``k``. The router's
+    programs come first in the grid, so they run before any program waits (blocks start in index order); the last
+    program to finish resets the flag and counters at ``sync_ptr`` (self-resetting, like the split-K tickets).
+    """
     pid = tl.program_id(0)
-    seg = pid * 0
-    n_s = N
-    g_s = G
-    r_s = SR1 * 0
-    o_s = SO1 * 0
-    if NSEG > 1:
-        g_s = tl.minimum(SP1, G)
-        if pid >= SP1:
-            seg = seg + 1
-            n_s = N1
-            pid = pid - SP1
-            g_s = G - SP1
-            r_s = SR1
-            o_s = SO1
-            if NSEG > 2:
-                g_s = SP2 - SP1
-                if pid >= SP2 - SP1:
-                    seg = seg + 1
-                    n_s = N2
-                    pid = pid - (SP2 - SP1)
-                    g_s = G - SP2
-                    r_s = SR2
-                    o_s = SO2
-    # this segment's rows: words, step/zero words and partial slots from row pair r_s (a whole number of row
-    # blocks: the host checks), its row blocks' tickets after those of the segments before it, outputs (and bias)
-    # from column o_s
-    w_s = w_ptr + r_s
-    sz_s = sz_ptr + r_s
-    part_s = part_ptr + r_s
-    lock_s = lock_ptr + r_s // BN2
-    out_s = out_ptr + o_s
-    bias_s = bias_ptr + o_s
-    if KSEL == 0:
-        if KVALS > 0:
-            val = tl.load(v_ptr)
-            if NSEG == 1:
-                tau = tl.load(tau_ptr)
-            elif NSEG == 2:
-                tau = tl.where(seg == 0, tl.load(tau_ptr), tl.load(tau1_ptr))
-            else:
-                tau = tl.where(seg == 0, tl.load(tau_ptr), tl.where(seg == 1, tl.load(tau1_ptr), tl.load(tau2_ptr)))
-            tau = tau.to(val.dtype)
-            kk = 1 + (val > tau).to(tl.int32)
-            for r in tl.static_range(1, KVALS):
-                kk += (tl.load(v_ptr + r) > tau).to(tl.int32)
-        else:
-            kk = tl.load(k_ptr).to(tl.int32)
-        for v in tl.static_range(1, NS + 1):
-            if kk == v:
-                if PER_VIEW:
-                    sz_v = sz_s + (v - 1) * 2 * SZSTRIDE
-                else:
-                    sz_v = sz_s
-                _bits_stream(
-                    x_ptr,
-                    out_s,
-                    part_s,
-                    lock_s,
-                    bias_s,
-                    w_s,
-                    sz_v,
-                    PSTRIDE,
-                    SZSTRIDE,
-                    NPAD2,
-                    n_s,
-                    K_IN,
-                    GPB,
-                    g_s,
-                    _pick8(v, M1, M2, M3, M4, M5, M6, M7, M8),
-                    _pick8(v, H1, H2, H3, H4, H5, H6, H7, H8),
-                    GROUP,
-                    v,
-                    P1,
-                    P2,
-                    P3,
-                    P4,
-                    P5,
-                    P6,
-                    P7,
-                    P8,
-                    HAS_BIAS,
-                    BN2,
-                    NW,
-                    EVEN_K,
-                    EVEN_N,
-                    XE,
-                    ASM,
-                    PREFETCH,
-                    pid,
+    if RH > 0:
+        if pid < RH:  # one hidden unit of the router for the token
+            lm = tl.arange(0, 2)
+            rr = tl.arange(0, RRP)
+            part = _router_part(
+                x_ptr, rw1_ptr, rb1_ptr, rw2_ptr, lm, lm < 1, pid, K_IN, RH, K_IN, KVALS, RRP, 1, 2, RBD
+            )
+            tl.store(rpart_ptr + (pid * 2 + lm[:, None]) * RRP + rr[None, :], part)
+            tl.debug_barrier()  # every thread's partial is stored before the release below
+            ticket = tl.atomic_add(sync_ptr, 1, sem="acq_rel")
+            tl.debug_barrier()
+            if ticket == RH - 1:
+                vals = _router_values(rpart_ptr, 0, rb2_ptr, RH, KVALS, RRP, 2, RNPP, RADJ)
+                tl.store(
+                    v_ptr + lm[:, None] * KVALS + rr[None, :], vals, mask=(lm < 1)[:, None] & (rr < KVALS)[None, :]
                 )
-    else:
-        _bits_stream(
-            x_ptr,
-            out_s,
-            part_s,
-            lock_s,
-            bias_s,
-            w_s,
-            sz_s,
-            PSTRIDE,
-            SZSTRIDE,
-            NPAD2,
-            n_s,
-            K_IN,
-            GPB,
-            g_s,
-            _pick8(KSEL, M1, M2, M3, M4, M5, M6, M7, M8),
-            _pick8(KSEL, H1, H2, H3, H4, H5, H6, H7, H8),
-            GROUP,
-            KSEL,
-            P1,
-            P2,
-            P3,
-            P4,
-            P5,
-            P6,
-            P7,
-            P8,
-            HAS_BIAS,
-            BN2,
-            NW,
-            EVEN_K,
-            EVEN_N,
-            XE,
-            ASM,
-            PREFETCH,
-            pid,
-        )
+                tl.debug_barrier()  # the values are stored before the flag
+                tl.atomic_xchg(sync_ptr + 1, 1, sem="release")
+        else:
+            flag = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")
+            while flag == 0:
+                flag = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")
+        pid = pid - RH
+    if pid >= 0:
+        seg = pid * 0
+        n_s = N
+        g_s = G
+        r_s = SR1 * 0
+        o_s = SO1 * 0
+        if NSEG > 1:
+            g_s = tl.minimum(SP1, G)
+            if pid >= SP1:
+                seg = seg + 1
+                n_s = N1
+                pid = pid - SP1
+                g_s = G - SP1
+                r_s = SR1
+                o_s = SO1
+                if NSEG > 2:
+                    g_s = SP2 - SP1
+                    if pid >= SP2 - SP1:
+                        seg = seg + 1
+                        n_s = N2
+                        pid = pid - (SP2 - SP1)
+                        g_s = G - SP2
+                        r_s = SR2
+                        o_s = SO2
+        # this segment's rows: words, step/zero words and partial slots from row pair r_s (a whole number of row
+        # blocks: the host checks), its row blocks' tickets after those of the segments before it, outputs (and bias)
+        # from column o_s
+        w_s = w_ptr + r_s
+        sz_s = sz_ptr + r_s
+        part_s = part_ptr + r_s
+        lock_s = lock_ptr + r_s // BN2
+        out_s = out_ptr + o_s
+        bias_s = bias_ptr + o_s
+        if KSEL == 0:
+            if KVALS > 0:
+                val = tl.load(v_ptr, cache_modifier=".cg")
+                if NSEG == 1:
+                    tau = tl.load(tau_ptr)
+                elif NSEG == 2:
+                    tau = tl.where(seg == 0, tl.load(tau_ptr), tl.load(tau1_ptr))
+                else:
+                    tau = tl.where(seg == 0, tl.load(tau_ptr), tl.where(seg == 1, tl.load(tau1_ptr), tl.load(tau2_ptr)))
+                tau = tau.to(val.dtype)
+                kk = 1 + (val > tau).to(tl.int32)
+                for r in tl.static_range(1, KVALS):
+                    kk += (tl.load(v_ptr + r, cache_modifier=".cg") > tau).to(tl.int32)
+            else:
+                kk = tl.load(k_ptr).to(tl.int32)
+            for v in tl.static_range(1, NS + 1):
+                if kk == v:
+                    if PER_VIEW:
+                        sz_v = sz_s + (v - 1) * 2 * SZSTRIDE
+                    else:
+                        sz_v = sz_s
+                    _bits_stream(
+                        x_ptr,
+                        out_s,
+                        part_s,
+                        lock_s,
+                        bias_s,
+                        w_s,
+                        sz_v,
+                        PSTRIDE,
+                        SZSTRIDE,
+                        NPAD2,
+                        n_s,
+                        K_IN,
+                        GPB,
+                        g_s,
+                        _pick8(v, M1, M2, M3, M4, M5, M6, M7, M8),
+                        _pick8(v, H1, H2, H3, H4, H5, H6, H7, H8),
+                        GROUP,
+                        v,
+                        P1,
+                        P2,
+                        P3,
+                        P4,
+                        P5,
+                        P6,
+                        P7,
+                        P8,
+                        HAS_BIAS,
+                        BN2,
+                        NW,
+                        EVEN_K,
+                        EVEN_N,
+                        XE,
+                        ASM,
+                        PREFETCH,
+                        pid,
+                    )
+        else:
+            _bits_stream(
+                x_ptr,
+                out_s,
+                part_s,
+                lock_s,
+                bias_s,
+                w_s,
+                sz_s,
+                PSTRIDE,
+                SZSTRIDE,
+                NPAD2,
+                n_s,
+                K_IN,
+                GPB,
+                g_s,
+                _pick8(KSEL, M1, M2, M3, M4, M5, M6, M7, M8),
+                _pick8(KSEL, H1, H2, H3, H4, H5, H6, H7, H8),
+                GROUP,
+                KSEL,
+                P1,
+                P2,
+                P3,
+                P4,
+                P5,
+                P6,
+                P7,
+                P8,
+                HAS_BIAS,
+                BN2,
+                NW,
+                EVEN_K,
+                EVEN_N,
+                XE,
+                ASM,
+                PREFETCH,
+                pid,
+            )
+    if RH > 0:  # the last program to finish resets the router's tickets and flag for the next launch
+        tl.debug_barrier()
+        done = tl.atomic_add(sync_ptr + 2, 1, sem="acq_rel")
+        if done == RH + G - 1:
+            tl.atomic_xchg(sync_ptr, 0)
+            tl.atomic_xchg(sync_ptr + 1, 0)
+            tl.atomic_xchg(sync_ptr + 2, 0)
 
 
 # -------------------------------------------------------------------------------- tile (prefill) kernel
@@ -2296,6 +2348,8 @@ class SmallConfig:
     waves: int | None = None
     prefetch: bool = False  # one-bit plane kernel, block_k = group: next group's words loaded before this one's sum
     maxnreg: int | None = None  # one-bit plane kernel's register cap (None: BITS_MAXNREG, none with prefetch)
+    # one token, routed, on the one-bit plane kernel: the router runs in the GEMV's launch (RoutedK.router)
+    router_in_launch: bool = True
 
 
 @dataclass(frozen=True)
@@ -2652,10 +2706,27 @@ class RoutedK(NamedTuple):
 
     values: torch.Tensor  # [..., K - 1] gate values of the tokens, non-increasing along the last axis
     tau: torch.Tensor  # one element: the threshold
+    # the router itself (InLaunchRouter): the one-bit plane launch computes the values into ``values`` first
+    router: InLaunchRouter | None = None
 
     def counts(self) -> torch.Tensor:
         """``k`` per token (int64, the values' shape less the last axis)."""
+        if self.router is not None:
+            raise RuntimeError("this RoutedK's gate values are computed by the one-bit plane launch, not before it")
         return 1 + (self.values > self.tau.reshape(())).sum(-1)
+
+
+class InLaunchRouter(NamedTuple):
+    """A token router (``mobiquant.nn.router.TokenRouter``: ``W2 gelu(W1 x + b1) + b2``, then its policy) that the
+    one-bit plane launch runs in its first programs (one hidden unit each, the fused router kernel's arithmetic),
+    writing the gate values of :class:`RoutedK` ``values``: a routed one-token linear or site then takes one
+    launch in all."""
+
+    w1: torch.Tensor  # [H, in]
+    b1: torch.Tensor  # [H]
+    w2: torch.Tensor  # [K - 1, H]
+    b2: torch.Tensor  # [K - 1]
+    adjacent: bool  # policy 'adjacent' (else 'free')
 
 
 @dataclass(frozen=True)
@@ -2830,6 +2901,9 @@ def _bits_k(k, x2: torch.Tensor, NS: int) -> tuple[int, torch.Tensor, torch.Tens
             )
         if v_t.device != x2.device or tau_t.device != x2.device:
             raise ValueError(f"RoutedK's values and threshold must be on the activations' device ({x2.device})")
+        if k.router is not None:  # computed in the launch: the buffer it writes, counted there
+            _check_router(k.router, k.values, x2.shape[1], NS)
+            return 0, x2, k.values, tau_t.contiguous(), NS - 1
         host_k = _host_routed_k(k)
         if host_k is not None:  # on the host: the view is known here
             k = host_k
@@ -2848,6 +2922,31 @@ def _bits_k(k, x2: torch.Tensor, NS: int) -> tuple[int, torch.Tensor, torch.Tens
     if k_t.dtype not in (torch.int32, torch.int64) or k_t.device != x2.device:
         k_t = k_t.to(device=x2.device, dtype=torch.int32)
     return 0, k_t, v_t, tau_t, 0
+
+
+def _check_router(r: InLaunchRouter, values: torch.Tensor, d: int, NS: int) -> None:
+    n_hidden = r.w1.shape[0]
+    if r.w1.shape != (n_hidden, d) or r.w2.shape != (NS - 1, n_hidden) or r.b1.numel() != n_hidden:
+        raise ValueError(
+            f"an in-launch router for {d} inputs and {NS} slices needs W1 [H, {d}] and W2 [{NS - 1}, H], got "
+            f"{tuple(r.w1.shape)} and {tuple(r.w2.shape)}"
+        )
+    if r.b2.numel() != NS - 1 or values.dtype != torch.float32 or not values.is_contiguous():
+        raise ValueError("an in-launch router needs K - 1 biases and a contiguous fp32 buffer for its gate values")
+    if any(t.device != values.device or not t.is_contiguous() for t in r[:4]):
+        raise ValueError("an in-launch router's weights must be contiguous and on the activations' device")
+
+
+_SYNC: dict[tuple, torch.Tensor] = {}
+
+
+def _route_sync(device: torch.device) -> torch.Tensor:
+    """Four int32 counters of the in-launch router (tickets, flag, finished programs), zero between launches."""
+    key = (device.type, device.index)
+    buf = _SYNC.get(key)
+    if buf is None:
+        buf = _SYNC[key] = torch.zeros(4, dtype=torch.int32, device=device)
+    return buf
 
 
 def bitplane_linear_bits(
@@ -2871,8 +2970,9 @@ def bitplane_linear_bits(
     ksel, k_t, v_t, tau_t, kvals = _bits_k(k, x2, len(bp.slice_bits))
     if out is None:
         out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
+    router = k.router if isinstance(k, RoutedK) else None
     return _bits_launch(
-        x2, bp, [(bp.out_features, 0, 0)], ksel, k_t, v_t, [tau_t], kvals, bias, out, config or SmallConfig()
+        x2, bp, [(bp.out_features, 0, 0)], ksel, k_t, v_t, [tau_t], kvals, bias, out, config or SmallConfig(), router
     )
 
 
@@ -2945,8 +3045,10 @@ def bitplane_site_bits(
             raise ValueError(f"a site launch serves one static view for all its layers, got {list(ks)}")
         resolved = [_bits_k(ks[0], x2, NS)]
     elif all(isinstance(k, RoutedK) for k in ks):
-        if any(k.values is not ks[0].values for k in ks) or len({k.tau.dtype for k in ks}) != 1:
-            raise ValueError("a routed site launch needs one router's gate values and thresholds of one dtype")
+        if any(k.values is not ks[0].values or k.router is not ks[0].router for k in ks):
+            raise ValueError("a routed site launch needs one router's gate values (and one in-launch router or none)")
+        if len({k.tau.dtype for k in ks}) != 1:
+            raise ValueError("a routed site launch needs thresholds of one dtype")
         resolved = [_bits_k(k, x2, NS) for k in ks]
         if len({r[0] for r in resolved}) != 1:  # gate values on the host: each view known here, and they differ
             raise ValueError("routed layers whose views are known on the host and differ: launch them one by one")
@@ -2957,7 +3059,8 @@ def bitplane_site_bits(
     if out is None:
         out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
     segs = list(zip(site.outs, site.rows2, site.cols, strict=True))
-    return _bits_launch(x2, bp, segs, ksel, k_t, v_t, taus, kvals, site.bias, out, config or SmallConfig())
+    router = ks[0].router if isinstance(ks[0], RoutedK) else None
+    return _bits_launch(x2, bp, segs, ksel, k_t, v_t, taus, kvals, site.bias, out, config or SmallConfig(), router)
 
 
 def _bits_launch(
@@ -2972,9 +3075,11 @@ def _bits_launch(
     bias: torch.Tensor | None,
     out: torch.Tensor,
     cfg: SmallConfig,
+    router: InLaunchRouter | None = None,
 ) -> torch.Tensor:
     """``_bp_gemv_bits_kernel`` over the segments ``segs`` (``(rows, row-pair offset, output column)`` each) of the
-    buffers ``bp``: the programs of the stream-K grid shared among them by their items."""
+    buffers ``bp``: the programs of the stream-K grid shared among them by their items; with ``router``, its
+    programs first (they write ``v_t``)."""
     K_IN = x2.shape[1]
     NS = len(bp.slice_bits)
     block_n = cfg.block_n or BITS_BLOCK_N
@@ -3021,7 +3126,18 @@ def _bits_launch(
     seg_r = [r2 for _, r2, _ in segs] + [0] * (BITS_MAX_SITE - len(segs))
     seg_o = [o for _, _, o in segs] + [0] * (BITS_MAX_SITE - len(segs))
     taus = taus + [taus[0]] * (BITS_MAX_SITE - len(taus))
-    _bp_gemv_bits_kernel[(progs,)](
+    if router is not None:
+        from .triton_router import one_token_shapes
+
+        n_hidden = router.w1.shape[0]
+        rs = one_token_shapes(K_IN, n_hidden, NS - 1)
+        rw = dict(RH=n_hidden, RRP=rs["RP"], RBD=rs["BD"], RNPP=rs["NPP"], RADJ=bool(router.adjacent))
+        rargs = [_route_sync(x2.device), *router[:4]]
+        rargs.append(torch.empty(rs["NPP"] * rs["BM"] * rs["RP"], dtype=torch.float32, device=x2.device))
+    else:
+        rw = dict(RH=0, RRP=2, RBD=16, RNPP=2, RADJ=False)
+        rargs = [locks] + [x2] * 5
+    _bp_gemv_bits_kernel[(rw["RH"] + progs,)](
         x2,
         out,
         part,
@@ -3032,6 +3148,7 @@ def _bits_launch(
         *taus,
         bp.words,
         sz,
+        *rargs,
         bp.words.stride(0),
         sz.stride(-3),
         npad2,
@@ -3063,6 +3180,7 @@ def _bits_launch(
         PER_VIEW=per_view,
         KVALS=kvals,
         NSEG=len(segs),
+        **rw,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **pk,
@@ -3371,6 +3489,7 @@ def bitplane_linear(
 __all__ = [
     "BitPlanes",
     "RoutedK",
+    "InLaunchRouter",
     "SiteBits",
     "SmallConfig",
     "TileConfig",

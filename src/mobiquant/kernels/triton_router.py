@@ -31,6 +31,79 @@ def _min_fn(a, b):
 
 
 @triton.jit
+def _router_part(
+    x_ptr,
+    w1_ptr,
+    b1_ptr,
+    w2_ptr,
+    toks,
+    tmask,
+    pid_h,
+    D_IN,
+    H,
+    stride_xm,
+    R: tl.constexpr,
+    RP: tl.constexpr,
+    HB: tl.constexpr,
+    BM: tl.constexpr,
+    BD: tl.constexpr,
+):
+    """Hidden units ``[pid_h HB, (pid_h + 1) HB)`` of tokens ``toks``: their share of the scores, ``[BM, RP]``
+    (``W2[:, units] gelu(W1[units] x + b1[units])``)."""
+    hrows = pid_h * HB + tl.arange(0, HB)
+    hmask = hrows < H
+    acc = tl.zeros((BM, HB), dtype=tl.float32)
+    for d0 in range(0, D_IN, BD):
+        cols = d0 + tl.arange(0, BD)
+        cmask = cols < D_IN
+        x = tl.load(
+            x_ptr + toks[:, None].to(tl.int64) * stride_xm + cols[None, :],
+            mask=tmask[:, None] & cmask[None, :],
+            other=0.0,
+        )
+        x = x.to(w1_ptr.dtype.element_ty).to(tl.float32)  # rounded to the router's dtype, as the module does
+        w = tl.load(
+            w1_ptr + hrows[:, None].to(tl.int64) * D_IN + cols[None, :], mask=hmask[:, None] & cmask[None, :], other=0.0
+        ).to(tl.float32)
+        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+    h = acc + tl.load(b1_ptr + hrows, mask=hmask, other=0.0).to(tl.float32)[None, :]
+    h = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+    r = tl.arange(0, RP)
+    w2 = tl.load(w2_ptr + r[:, None] * H + hrows[None, :], mask=(r[:, None] < R) & hmask[None, :], other=0.0).to(
+        tl.float32
+    )
+    return tl.sum(h[:, None, :] * w2[None, :, :], axis=2)  # [BM, RP]
+
+
+@triton.jit
+def _router_values(
+    part_ptr,
+    base,
+    b2_ptr,
+    NPROG,
+    R: tl.constexpr,
+    RP: tl.constexpr,
+    BM: tl.constexpr,
+    NPP: tl.constexpr,
+    ADJACENT: tl.constexpr,
+):
+    """Gate values ``[BM, RP]`` of a token block from the ``NPROG`` partial scores stored at ``part_ptr + base``
+    (slot ``p`` at ``(p BM + token) RP``), summed in a fixed order: the policy's values (padding past ``R``)."""
+    lm = tl.arange(0, BM)
+    r = tl.arange(0, RP)
+    p = tl.arange(0, NPP)
+    offs = base + (p[:, None, None] * BM + lm[None, :, None]) * RP + r[None, None, :]
+    parts = tl.load(part_ptr + offs, mask=(p < NPROG)[:, None, None], other=0.0, cache_modifier=".cg")
+    s = tl.sum(parts, axis=0) + tl.load(b2_ptr + r, mask=r < R, other=0.0).to(tl.float32)[None, :]
+    if ADJACENT:
+        band = 2.0 * (R - 1 - r).to(tl.float32)
+        v = tl.sigmoid(s) + band[None, :]
+    else:
+        v = tl.associative_scan(s, 1, _min_fn)  # padded slices come after the real ones
+    return v
+
+
+@triton.jit
 def _router_kernel(
     x_ptr,
     w1_ptr,
@@ -60,50 +133,33 @@ def _router_kernel(
     lm = tl.arange(0, BM)
     toks = pid_m * BM + lm
     tmask = toks < M
-    hrows = pid_h * HB + tl.arange(0, HB)
-    hmask = hrows < H
-    acc = tl.zeros((BM, HB), dtype=tl.float32)
-    for d0 in range(0, D_IN, BD):
-        cols = d0 + tl.arange(0, BD)
-        cmask = cols < D_IN
-        x = tl.load(
-            x_ptr + toks[:, None].to(tl.int64) * stride_xm + cols[None, :],
-            mask=tmask[:, None] & cmask[None, :],
-            other=0.0,
-        )
-        x = x.to(w1_ptr.dtype.element_ty).to(tl.float32)  # rounded to the router's dtype, as the module does
-        w = tl.load(
-            w1_ptr + hrows[:, None].to(tl.int64) * D_IN + cols[None, :], mask=hmask[:, None] & cmask[None, :], other=0.0
-        ).to(tl.float32)
-        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
-    h = acc + tl.load(b1_ptr + hrows, mask=hmask, other=0.0).to(tl.float32)[None, :]
-    h = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+    part = _router_part(x_ptr, w1_ptr, b1_ptr, w2_ptr, toks, tmask, pid_h, D_IN, H, stride_xm, R, RP, HB, BM, BD)
     r = tl.arange(0, RP)
-    w2 = tl.load(w2_ptr + r[:, None] * H + hrows[None, :], mask=(r[:, None] < R) & hmask[None, :], other=0.0).to(
-        tl.float32
-    )
-    part = tl.sum(h[:, None, :] * w2[None, :, :], axis=2)  # [BM, RP]
     base = pid_m * NPP * BM * RP
     tl.store(part_ptr + base + (pid_h * BM + lm[:, None]) * RP + r[None, :], part)
     tl.debug_barrier()  # every thread's partial is stored before the release below
     ticket = tl.atomic_add(lock_ptr + pid_m, 1, sem="acq_rel")
     tl.debug_barrier()
     if ticket == NPROG - 1:
-        p = tl.arange(0, NPP)
-        offs = base + (p[:, None, None] * BM + lm[None, :, None]) * RP + r[None, None, :]
-        parts = tl.load(part_ptr + offs, mask=(p < NPROG)[:, None, None], other=0.0, cache_modifier=".cg")
-        s = tl.sum(parts, axis=0) + tl.load(b2_ptr + r, mask=r < R, other=0.0).to(tl.float32)[None, :]
-        if ADJACENT:
-            band = 2.0 * (R - 1 - r).to(tl.float32)
-            v = tl.sigmoid(s) + band[None, :]
-        else:
-            v = tl.associative_scan(s, 1, _min_fn)  # padded slices come after the real ones
+        v = _router_values(part_ptr, base, b2_ptr, NPROG, R, RP, BM, NPP, ADJACENT)
         tau = tl.load(tau_ptr).to(tl.float32)
         on = (v > tau) & (r < R)[None, :]
         k = 1 + tl.sum(on.to(tl.int32), axis=1)
         tl.store(k_ptr + toks, k.to(tl.int64), mask=tmask)
         tl.store(v_ptr + toks[:, None] * R + r[None, :], v, mask=tmask[:, None] & (r < R)[None, :])
         tl.atomic_xchg(lock_ptr + pid_m, 0)  # self-resetting counter
+
+
+def one_token_shapes(d: int, n_hidden: int, r_out: int) -> dict[str, int]:
+    """The fused router's block shapes for one token (shared with the one-bit plane kernel's router programs, so
+    both compute the same gate values bit for bit): one hidden unit per program."""
+    return dict(
+        HB=1,
+        BM=2,
+        BD=max(16, min(1024, triton.next_power_of_2(d))),
+        RP=max(2, triton.next_power_of_2(r_out)),
+        NPP=max(2, triton.next_power_of_2(n_hidden)),
+    )
 
 
 _LOCKS: dict[tuple, torch.Tensor] = {}

@@ -29,7 +29,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -207,6 +207,7 @@ class TokenRouter(nn.Module):
         self._cache: tuple | None = None  # (input ref, key, result)
         self._values: tuple | None = None  # (input ref, key, gate values) for slice_counts_at
         self._tail: tuple | None = None  # (gate values, their sorted tail) for batch_threshold
+        self._launch: tuple | None = None  # (key, gate-value buffer, InLaunchRouter) for in_launch
         self.last_soft: torch.Tensor | None = None
         # Budget-conditioned threshold fitting: a ThresholdRecorder while one is attached.
         self.recorder: ThresholdRecorder | None = None
@@ -277,6 +278,26 @@ class TokenRouter(nn.Module):
         m, _ = self._hard_values(x, self.tau)
         self._values = (weakref.ref(x), key, m)
         return m
+
+    def in_launch(self, x: torch.Tensor) -> tuple[torch.Tensor, Any] | None:
+        """For one token ``x`` whose hard decisions run in the fused kernel: ``(buffer, InLaunchRouter)``, this
+        router for the one-bit plane launch to run itself, writing the gate values into ``buffer`` (``[1, K-1]``
+        fp32, one per router and device, written by every launch that reads it). None for other inputs."""
+        from .. import kernels
+
+        if x.numel() != x.shape[-1] or not kernels.use_fused_router(x, getattr(self, "backend", "auto")):
+            return None
+        from ..kernels.triton_bitplane import InLaunchRouter
+
+        first, last = cast(nn.Linear, self.net[0]), cast(nn.Linear, self.net[2])
+        params = (first.weight, first.bias, last.weight, last.bias)
+        key = (x.device, self.policy, tuple((p.data_ptr(), p._version) for p in params))
+        if self._launch is None or self._launch[0] != key:
+            buf = torch.empty(1, self.num_residuals, dtype=torch.float32, device=x.device)
+            w1, b1, w2, b2 = (p.detach().contiguous() for p in params)
+            r = InLaunchRouter(w1, b1, w2, b2, adjacent=self.policy == "adjacent")
+            self._launch = (key, buf, r)
+        return self._launch[1], self._launch[2]
 
     def _threshold_of(self, m: torch.Tensor, budget: float) -> torch.Tensor:
         """:func:`batch_tau` of gate values ``m``, their sort kept for the next budget on the same values."""

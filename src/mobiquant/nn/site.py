@@ -69,7 +69,7 @@ class SiteGroup:
         """``member``'s output for the one token ``x`` from the group's one launch, or None (its own launch)."""
         from ..kernels.triton_bitplane import bitplane_site_bits
 
-        key = self._key()
+        key = (*self._key(), config)
         entry = self._cache
         if entry is not None and entry[0]() is x and entry[1] == key:
             y = entry[2]
