@@ -26,19 +26,20 @@ SHAPES = {  # in_features, the site's layers' rows
 }
 
 
-def site_of(n_in, outs, bits=(3, 1, 1, 1, 1, 1), group=128, hidden=64, seed=0):
+def site_of(n_in, outs, bits=(3, 1, 1, 1, 1, 1), group=128, hidden=64, seed=0, device="cuda"):
     from mobiquant.kernels import triton_bitplane as tb
     from mobiquant.nn.router import TokenRouter
 
     gen = torch.Generator().manual_seed(seed)
     parts = []
     for n in outs:
-        words = torch.randint(-(2**31), 2**31 - 1, (sum(bits), n_in // 16, n // 2), generator=gen, dtype=torch.int32)
-        sz = torch.randint(0, 0x3C00, (2, n_in // group, n // 2), generator=gen, dtype=torch.int32)
+        npad = -(-n // 128) * 128  # rows padded as pack_bitplanes pads them
+        words = torch.randint(-(2**31), 2**31 - 1, (sum(bits), n_in // 16, npad // 2), generator=gen, dtype=torch.int32)
+        sz = torch.randint(0, 0x3C00, (2, n_in // group, npad // 2), generator=gen, dtype=torch.int32)
         sz = sz | (sz << 16)  # finite positive fp16 steps and zero points below 1
-        parts.append(tb.BitPlanes(words.cuda(), sz.cuda(), bits, group, n_in, n))
+        parts.append(tb.BitPlanes(words.to(device), sz.to(device), bits, group, n_in, n))
     site = tb.site_bitplanes(parts)
-    router = TokenRouter(n_in, bits, hidden=hidden).cuda()
+    router = TokenRouter(n_in, bits, hidden=hidden).to(device)
     return site, router
 
 

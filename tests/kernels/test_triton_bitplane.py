@@ -477,9 +477,9 @@ def test_bits_kernel_router_in_launch(policy, gen, monkeypatch):
 
 
 def test_mobilinear_router_in_launch(gen, monkeypatch):
-    """Routed one-token linears whose router takes the fused kernel's path run it inside their own launch: a site
-    of two (``fuse_sites``) and a linear alone take one launch each and no router launch, with the outputs of the
-    router's own launch (``SmallConfig(router_in_launch=False)``) to the bit."""
+    """With ``SmallConfig(router_in_launch=True)``, routed one-token linears whose router takes the fused kernel's
+    path run it inside their own launch: a site of two (``fuse_sites``) and a linear alone take one launch each and
+    no router launch, with the outputs of the router's own launch (the default) to the bit."""
     from mobiquant import kernels
     from mobiquant.patching import fuse_sites
 
@@ -516,9 +516,9 @@ def test_mobilinear_router_in_launch(gen, monkeypatch):
         routers_run.clear()
         return [m(x).clone() for m in layers]
 
-    inside = forward(None)
+    inside = forward(tb.SmallConfig(router_in_launch=True))
     assert launches == [2, 1] and routers_run == []
-    outside = forward(tb.SmallConfig(router_in_launch=False))
+    outside = forward(None)  # the default, until a GPU run has timed the router in the launch
     assert launches == [2, 1] and len(routers_run) == 2
     for a, b in zip(inside, outside, strict=True):
         assert torch.equal(a, b)

@@ -2348,8 +2348,9 @@ class SmallConfig:
     waves: int | None = None
     prefetch: bool = False  # one-bit plane kernel, block_k = group: next group's words loaded before this one's sum
     maxnreg: int | None = None  # one-bit plane kernel's register cap (None: BITS_MAXNREG, none with prefetch)
-    # one token, routed, on the one-bit plane kernel: the router runs in the GEMV's launch (RoutedK.router)
-    router_in_launch: bool = True
+    # one token, routed, on the one-bit plane kernel: the router runs in the GEMV's launch (RoutedK.router).
+    # Off until a GPU run has checked and timed it (its programs wait on a flag that the router's programs raise).
+    router_in_launch: bool = False
 
 
 @dataclass(frozen=True)

@@ -371,8 +371,8 @@ class MoBiLinear(nn.Module):
         ``in_kernel``: the kernel can count them itself (the one-bit plane kernel): where the threshold is a
         tensor, the router's gate values and that threshold (``triton_bitplane.RoutedK``), so that no launch
         turns the values into counts for this linear; for one token on the fused router's path, the router
-        itself (``TokenRouter.in_launch``), which the one-bit plane launch runs first (no router launch at all;
-        ``SmallConfig(router_in_launch=False)`` keeps the router's own launch)."""
+        itself (``TokenRouter.in_launch``) with ``SmallConfig(router_in_launch=True)``, which the one-bit plane
+        launch runs first (no router launch at all)."""
         router = self._router
         assert router is not None  # routed mode only
         rec = router.recorder
@@ -387,7 +387,7 @@ class MoBiLinear(nn.Module):
             from ..kernels.triton_bitplane import RoutedK
 
             cfg = getattr(self, "small_config", None)
-            launch = router.in_launch(x) if cfg is None or cfg.router_in_launch else None
+            launch = router.in_launch(x) if cfg is not None and cfg.router_in_launch else None
             if launch is not None:  # the router runs in the GEMV's own launch (its site's, with fuse_sites)
                 return RoutedK(launch[0], own, launch[1])
             return RoutedK(router.gate_values_of(x), own)
