@@ -1944,12 +1944,16 @@ def _bp_gemv_bits_kernel(
     ``RH`` > 0 (with ``KVALS``): the router of the token runs in this launch. Programs ``0 .. RH - 1`` compute one
     hidden unit each of the router ``rw1 / rb1 / rw2 / rb2`` (``mobiquant.kernels.triton_router``'s arithmetic,
     so the same values bit for bit), and the last of them to finish writes the gate values to ``v_ptr`` and raises
-    a flag; the other programs (the GEMV's, ``pid - RH``) wait for it before they count ``k``. The router's
-    programs come first in the grid, so they run before any program waits (blocks start in index order); the last
-    program to finish resets the flag and counters at ``sync_ptr`` (self-resetting, like the split-K tickets).
+    a flag; the other programs (the GEMV's, ``pid - RH``) wait for it before they count ``k``. Program ids are
+    taken from a counter in the order the programs start, so the router's are the first to start and every waiting
+    program waits only on running ones; the last program to finish resets the flag and counters at ``sync_ptr``
+    (self-resetting, like the split-K tickets).
     """
     pid = tl.program_id(0)
     if RH > 0:
+        # ids in the order programs start: every program that waits below started after all of the router's, so
+        # those are running and finish whatever the hardware's block order (no wait on a program not yet started)
+        pid = tl.atomic_add(sync_ptr + 3, 1, sem="acq_rel")
         if pid < RH:  # one hidden unit of the router for the token
             lm = tl.arange(0, 2)
             rr = tl.arange(0, RRP)
@@ -2108,6 +2112,7 @@ def _bp_gemv_bits_kernel(
             tl.atomic_xchg(sync_ptr, 0)
             tl.atomic_xchg(sync_ptr + 1, 0)
             tl.atomic_xchg(sync_ptr + 2, 0)
+            tl.atomic_xchg(sync_ptr + 3, 0)
 
 
 # -------------------------------------------------------------------------------- tile (prefill) kernel
@@ -2942,7 +2947,8 @@ _SYNC: dict[tuple, torch.Tensor] = {}
 
 
 def _route_sync(device: torch.device) -> torch.Tensor:
-    """Four int32 counters of the in-launch router (tickets, flag, finished programs), zero between launches."""
+    """Four int32 counters of the in-launch router (router tickets, flag, finished programs, started programs), zero
+    between launches."""
     key = (device.type, device.index)
     buf = _SYNC.get(key)
     if buf is None:
