@@ -423,6 +423,20 @@ def test_site_bits_kernel(cfg, per_view, gen, monkeypatch):
         check_site(tb.bitplane_site_bits(x, site, ks, out=out, config=cfg), views)
 
 
+def _packed_linears(n_outs, gen, n_in=192):
+    """Packed ``MoBiLinear`` of the default layout on the Triton backend, one per output width (a bias on 40)."""
+    layers = []
+    for n_out in n_outs:
+        lin = torch.nn.Linear(n_in, n_out, bias=n_out == 40)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(n_out, n_in, generator=gen) * 0.05)
+        m = MoBiLinear.from_linear(lin, group_size=64, slice_bits=DEFAULT_LAYOUT)
+        m.freeze()
+        m.backend = "triton"
+        layers.append(m.to(DEVICE))
+    return layers
+
+
 def _router_of(n_in, policy, gen):
     from mobiquant.nn.router import TokenRouter
 
@@ -490,15 +504,7 @@ def test_mobilinear_router_in_launch(gen, monkeypatch):
     launches = []
     real = tb._bits_launch
     monkeypatch.setattr(tb, "_bits_launch", lambda *a, **kw: launches.append(len(a[2])) or real(*a, **kw))
-    layers = []
-    for n_out in (40, 24, 56):
-        lin = torch.nn.Linear(192, n_out, bias=n_out == 40)
-        with torch.no_grad():
-            lin.weight.copy_(torch.randn(n_out, 192, generator=gen) * 0.05)
-        m = MoBiLinear.from_linear(lin, group_size=64, slice_bits=DEFAULT_LAYOUT)
-        m.freeze()
-        m.backend = "triton"
-        layers.append(m.to(DEVICE))
+    layers = _packed_linears((40, 24, 56), gen)
     site_router, own_router = _router_of(192, "free", gen), _router_of(192, "adjacent", gen)
     for m, r, tau in zip(layers, (site_router, site_router, own_router), (0.3, -0.5, 0.9), strict=True):
         m.attach_router(r)
@@ -809,15 +815,7 @@ def test_fused_site_one_launch_per_site(gen, monkeypatch):
     launches = []
     real = tb._bits_launch
     monkeypatch.setattr(tb, "_bits_launch", lambda *a, **kw: launches.append(len(a[2])) or real(*a, **kw))
-    layers = []
-    for n_out in (40, 24, 24):
-        lin = torch.nn.Linear(192, n_out, bias=n_out == 40)
-        with torch.no_grad():
-            lin.weight.copy_(torch.randn(n_out, 192, generator=gen) * 0.05)
-        m = MoBiLinear.from_linear(lin, group_size=64, slice_bits=DEFAULT_LAYOUT)
-        m.freeze()
-        m.backend = "triton"
-        layers.append(m.to(DEVICE))
+    layers = _packed_linears((40, 24, 24), gen)
     model = torch.nn.ModuleList(layers)
     router = TokenRouter(192, DEFAULT_LAYOUT, policy="adjacent").to(DEVICE)
     x = randx(1, 192, torch.float32, gen) * 3
@@ -1282,18 +1280,7 @@ def test_gpu_router_in_launch_graph(shape, gen):
     taus = [torch.zeros((), device=DEVICE) for _ in outs]
     ks = [tb.RoutedK(buf, t, inl) for t in taus]
 
-    def f():
-        return tb.bitplane_site_bits(x, site, ks)
-
-    f()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        f()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        yg = f()
+    g, yg = _captured(lambda: tb.bitplane_site_bits(x, site, ks))
     for i in range(6):
         x.copy_(randx(1, n_in, torch.float16, gen))
         _, ref_v = fused_router(x, inl.w1, inl.b1, inl.w2, inl.b2, taus[0], "free")
@@ -1307,9 +1294,8 @@ def test_gpu_router_in_launch_graph(shape, gen):
         assert not tb._route_sync(x.device).any()
 
 
-def _graph_serves_views(f, x, k, order, planes, scale, zero, bits, group, gen):
-    """Capture ``f`` (one token ``x``, its ``k`` in the device tensor ``k``, or set by calling ``k(view)``) in one
-    CUDA graph, then replay it at every view of ``order`` with fresh activations against the float64 reference."""
+def _captured(f):
+    """``(graph, output)``: ``f`` run eagerly, warmed up on a side stream, then captured in one CUDA graph."""
     f()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -1318,7 +1304,14 @@ def _graph_serves_views(f, x, k, order, planes, scale, zero, bits, group, gen):
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        yg = f()
+        y = f()
+    return g, y
+
+
+def _graph_serves_views(f, x, k, order, planes, scale, zero, bits, group, gen):
+    """Capture ``f`` (one token ``x``, its ``k`` in the device tensor ``k``, or set by calling ``k(view)``) in one
+    CUDA graph, then replay it at every view of ``order`` with fresh activations against the float64 reference."""
+    g, yg = _captured(f)
     for kk in order:
         x.copy_(randx(1, x.shape[-1], torch.float16, gen))
         k(kk) if callable(k) else k.fill_(kk)

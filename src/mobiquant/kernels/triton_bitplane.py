@@ -2024,87 +2024,55 @@ def _bp_gemv_bits_kernel(
                     kk += (tl.load(v_ptr + r, cache_modifier=".cg") > tau).to(tl.int32)
             else:
                 kk = tl.load(k_ptr).to(tl.int32)
-            for v in tl.static_range(1, NS + 1):
-                if kk == v:
-                    if PER_VIEW:
-                        sz_v = sz_s + (v - 1) * 2 * SZSTRIDE
-                    else:
-                        sz_v = sz_s
-                    _bits_stream(
-                        x_ptr,
-                        out_s,
-                        part_s,
-                        lock_s,
-                        bias_s,
-                        w_s,
-                        sz_v,
-                        PSTRIDE,
-                        SZSTRIDE,
-                        NPAD2,
-                        n_s,
-                        K_IN,
-                        GPB,
-                        g_s,
-                        _pick8(v, M1, M2, M3, M4, M5, M6, M7, M8),
-                        _pick8(v, H1, H2, H3, H4, H5, H6, H7, H8),
-                        GROUP,
-                        v,
-                        P1,
-                        P2,
-                        P3,
-                        P4,
-                        P5,
-                        P6,
-                        P7,
-                        P8,
-                        HAS_BIAS,
-                        BN2,
-                        NW,
-                        EVEN_K,
-                        EVEN_N,
-                        XE,
-                        ASM,
-                        PREFETCH,
-                        pid,
-                    )
-        else:
-            _bits_stream(
-                x_ptr,
-                out_s,
-                part_s,
-                lock_s,
-                bias_s,
-                w_s,
-                sz_s,
-                PSTRIDE,
-                SZSTRIDE,
-                NPAD2,
-                n_s,
-                K_IN,
-                GPB,
-                g_s,
-                _pick8(KSEL, M1, M2, M3, M4, M5, M6, M7, M8),
-                _pick8(KSEL, H1, H2, H3, H4, H5, H6, H7, H8),
-                GROUP,
-                KSEL,
-                P1,
-                P2,
-                P3,
-                P4,
-                P5,
-                P6,
-                P7,
-                P8,
-                HAS_BIAS,
-                BN2,
-                NW,
-                EVEN_K,
-                EVEN_N,
-                XE,
-                ASM,
-                PREFETCH,
-                pid,
-            )
+            V_LO: tl.constexpr = 1
+            V_HI: tl.constexpr = NS
+        else:  # the view known on the host: its body alone
+            kk = KSEL
+            V_LO: tl.constexpr = KSEL  # type: ignore[no-redef]
+            V_HI: tl.constexpr = KSEL  # type: ignore[no-redef]
+        for v in tl.static_range(V_LO, V_HI + 1):
+            if kk == v:
+                if PER_VIEW:
+                    sz_v = sz_s + (v - 1) * 2 * SZSTRIDE
+                else:
+                    sz_v = sz_s
+                _bits_stream(
+                    x_ptr,
+                    out_s,
+                    part_s,
+                    lock_s,
+                    bias_s,
+                    w_s,
+                    sz_v,
+                    PSTRIDE,
+                    SZSTRIDE,
+                    NPAD2,
+                    n_s,
+                    K_IN,
+                    GPB,
+                    g_s,
+                    _pick8(v, M1, M2, M3, M4, M5, M6, M7, M8),
+                    _pick8(v, H1, H2, H3, H4, H5, H6, H7, H8),
+                    GROUP,
+                    v,
+                    P1,
+                    P2,
+                    P3,
+                    P4,
+                    P5,
+                    P6,
+                    P7,
+                    P8,
+                    HAS_BIAS,
+                    BN2,
+                    NW,
+                    EVEN_K,
+                    EVEN_N,
+                    XE,
+                    ASM,
+                    PREFETCH,
+                    pid,
+                )
     if RH > 0:  # the last program to finish resets the router's tickets and flag for the next launch
         tl.debug_barrier()
         done = tl.atomic_add(sync_ptr + 2, 1, sem="acq_rel")
