@@ -303,8 +303,9 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package",
     print(f"package fp16: {t16:.1f} us/token (graph: {how})")
     ns = len(kb.SLICE_BITS)
     for label, cfg in kernels:
-        sites = cfg == "sites"
-        set_small_config(q, None if sites else cfg)
+        in_launch = getattr(cfg, "router_in_launch", False)  # the router in the site's launch: sites on
+        sites = cfg == "sites" or in_launch
+        set_small_config(q, None if cfg == "sites" else cfg)
         fuse_sites(q, enable=sites)
         for k in range(1, ns + 1):
             mq.set_static(q, k)
@@ -504,6 +505,10 @@ def dry_run(args):
     print(f"# dry run on the CPU: gemlite {'importable' if not why else 'not importable (' + why + ')'}")
     fp, q = package_models(layers=1, d=256, ff=512, kv=64, heads=4, vocab=64, device="cpu", dtype=torch.float32)
     kernels = [("package", None)] + ([("package sites", "sites")] if args.fuse_sites else [])
+    if args.router_in_launch:
+        from mobiquant.kernels.triton_bitplane import SmallConfig
+
+        kernels.append(("package sites+router", SmallConfig(router_in_launch=True)))
     rows = package_rows(fp, q, "cpu", min(args.new_tokens, 6), "off", None, kernels=kernels)
     x_gemlite(rows)
     print_table(rows, "# package rows, tiny model on the CPU (not a measurement of anything but the code path)")
@@ -624,6 +629,11 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per package row")
     ap.add_argument(
         "--fuse-sites", action="store_true", help="also package rows with one launch per router site (fuse_sites)"
+    )
+    ap.add_argument(
+        "--router-in-launch",
+        action="store_true",
+        help="also package rows with one launch per site and its router inside it (SmallConfig(router_in_launch))",
     )
     ap.add_argument(
         "--profile", action="store_true", help="launches and kernel time of an eager package decode step (fp16, 4 bits)"
@@ -865,6 +875,8 @@ def main(argv=None):
         kernels = [("package", None)] + ([("package bitpl", bits_cfg)] if bits_cfg is not None else [])
         if args.fuse_sites:  # the library's default kernels with one launch per router site
             kernels.append(("package sites", "sites"))
+        if args.router_in_launch:  # ... and each router inside its site's launch
+            kernels.append(("package sites+router", tb.SmallConfig(router_in_launch=True)))
         rows += package_rows(fp, q, "cuda", args.new_tokens, "graph", copy_bw, kernels=kernels)
         if args.profile:
             import mobiquant as mq

@@ -75,7 +75,8 @@ def parse_args(argv=None):
         "--ab",
         action="store_true",
         help="also, in the same process, routed budget 4 and static 4 bits with one launch per linear (no site "
-        "groups: patching.fuse_sites(enable=False)), and routed budget 4 with the slices counted by torch ops",
+        "groups: patching.fuse_sites(enable=False)), routed budget 4 with the slices counted by torch ops, and "
+        "routed budget 4 with each router inside its site's launch (SmallConfig(router_in_launch=True))",
     )
     ap.add_argument(
         "--per-linear",
@@ -237,6 +238,9 @@ def run_rows(args, fp, q, tok, device):
             cases += [dict(base, **c, cfg=kb.parse_bits_config(tb, text)) for c in pair]
     if args.ab:  # the same process: one launch per site, and the slices counted by torch ops (the earlier path)
         cases += [dict(base, **c, per_linear=True) for c in pair] + [dict(base, **pair[0], host_count=True)]
+        from mobiquant.kernels.triton_bitplane import SmallConfig
+
+        cases.append(dict(base, **pair[0], cfg=SmallConfig(router_in_launch=True)))  # no router launch
     from mobiquant.patching import fuse_sites, set_small_config
 
     real_routed_k = mq.MoBiLinear._routed_k
@@ -259,7 +263,12 @@ def run_rows(args, fp, q, tok, device):
                 fuse_sites(model)
             if c["cfg"] is not None:
                 set_small_config(model, None)
-        tag = "" if c["cfg"] is None else f" [{kb.bits_tag(c['cfg'])}]"
+        if c["cfg"] is None:
+            tag = ""
+        elif c["cfg"].router_in_launch:
+            tag = " [router in launch]"
+        else:
+            tag = f" [{kb.bits_tag(c['cfg'])}]"
         tag += " [per linear]" * c["per_linear"] + " [host count]" * c["host_count"]
         rows.append(
             dict(

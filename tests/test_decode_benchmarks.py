@@ -76,12 +76,13 @@ def test_dry_runs(tmp_path, capsys):
     argv += ["--out", str(tmp_path)]
     assert e2e_decode.main(argv) == 0
     df = pd.read_csv(tmp_path / "e2e_decode.csv")
-    assert df["mode"].tolist()[-5:] == [
+    assert df["mode"].tolist()[-6:] == [
         "mobiquant [64/64/4w/None/sk1]",
         "static k=2 [64/64/4w/None/sk1]",
         "mobiquant [per linear]",
         "static k=2 [per linear]",
         "mobiquant [host count]",
+        "mobiquant [router in launch]",
     ]
     assert decode_bench.main(["--dry-run", "--new-tokens", "3", "--fuse-sites"]) == 0
     out = capsys.readouterr().out
