@@ -2366,8 +2366,10 @@ def _num_sms(device: torch.device) -> int:
 _LOCKS: dict[tuple, torch.Tensor] = {}
 
 
-def _locks(device: torch.device, n: int) -> torch.Tensor:
-    key = (device.type, device.index)
+def _locks(device: torch.device, n: int, pool: str = "split") -> torch.Tensor:
+    """At least ``n`` int32 counters on ``device``, zero between launches (each kernel resets what it uses); one
+    buffer per ``pool`` (the split-K tickets, the in-launch router's counters), so users of two pools never share."""
+    key = (pool, device.type, device.index)
     buf = _LOCKS.get(key)
     if buf is None or buf.numel() < n:
         buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
@@ -2911,17 +2913,10 @@ def _check_router(r: InLaunchRouter, values: torch.Tensor, d: int, NS: int) -> N
         raise ValueError("an in-launch router's weights must be contiguous and on the activations' device")
 
 
-_SYNC: dict[tuple, torch.Tensor] = {}
-
-
 def _route_sync(device: torch.device) -> torch.Tensor:
-    """Four int32 counters of the in-launch router (router tickets, flag, finished programs, started programs), zero
-    between launches."""
-    key = (device.type, device.index)
-    buf = _SYNC.get(key)
-    if buf is None:
-        buf = _SYNC[key] = torch.zeros(4, dtype=torch.int32, device=device)
-    return buf
+    """The in-launch router's counters (router tickets, flag, finished programs, started programs): its own pool of
+    :func:`_locks`."""
+    return _locks(device, 4, pool="route")
 
 
 def bitplane_linear_bits(
