@@ -2322,7 +2322,8 @@ class SmallConfig:
     prefetch: bool = False  # one-bit plane kernel, block_k = group: next group's words loaded before this one's sum
     maxnreg: int | None = None  # one-bit plane kernel's register cap (None: BITS_MAXNREG, none with prefetch)
     # one token, routed, on the one-bit plane kernel: the router runs in the GEMV's launch (RoutedK.router).
-    # Off until a GPU run has checked and timed it (its programs wait on a flag that the router's programs raise).
+    # Off: correct on the GPU but slower than the router's own launch (0.73-0.86x per site on an H200, docs/RESULTS.md
+    # "The router inside its site's launch"): the GEMV programs wait on a flag that the router's programs raise.
     router_in_launch: bool = False
 
 
