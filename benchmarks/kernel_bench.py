@@ -43,6 +43,14 @@ SHAPES = [  # (name, out_features, in_features) of LLaMA-3-8B linears
     ("down 14336->4096", 4096, 14336),
     ("k/v 4096->1024", 1024, 4096),
 ]
+#: SmolLM2-135M's linears (``--shapes smollm2``): at these sizes a launch costs more than its bytes.
+SMOL_SHAPES = [
+    ("smol q/o 576x576", 576, 576),
+    ("smol k/v 576->192", 192, 576),
+    ("smol gate/up 576->1536", 1536, 576),
+    ("smol down 1536->576", 576, 1536),
+]
+SHAPE_SETS = {"8b": SHAPES, "smollm2": SMOL_SHAPES, "all": SHAPES + SMOL_SHAPES}
 TOKENS = [1, 4, 16, 128, 2048]
 SLICE_BITS: tuple[int, ...] = (2, 2, 2, 2)
 GROUP = 128
@@ -78,16 +86,24 @@ def bits_tag(cfg) -> str:
     )
 
 
-#: One-token configs of the one-bit plane kernel swept by ``--sweep``: (block_n, block_k, warps, waves, prefetch).
+#: One-token configs of the one-bit plane kernel swept by ``--sweep``: (block_n, block_k, warps, waves, prefetch,
+#: split_k). ``split_k`` (programs per row block instead of ``waves`` programs per SM) with small row blocks: one
+#: program per row block over all of K (no partial sums) or a few, for the shapes where latency, not bytes, rules.
 BITS_SWEEP = [
-    (256, 64, 4, 4, False),
-    (256, 64, 4, 2, False),
-    (256, 64, 4, 1, False),
-    (256, 128, 4, 2, True),
-    (256, 128, 8, 2, False),
-    (128, 64, 4, 4, False),
-    (512, 64, 4, 2, False),
-    (128, 128, 4, 2, True),
+    (256, 64, 4, 4, False, None),
+    (256, 64, 4, 2, False, None),
+    (256, 64, 4, 1, False, None),
+    (256, 128, 4, 2, True, None),
+    (256, 128, 8, 2, False, None),
+    (128, 64, 4, 4, False, None),
+    (512, 64, 4, 2, False, None),
+    (128, 128, 4, 2, True, None),
+    (32, 64, 4, None, False, 1),
+    (64, 64, 4, None, False, 1),
+    (32, 64, 4, None, False, 2),
+    (64, 64, 4, None, False, 4),
+    (128, 64, 4, None, False, 4),
+    (128, 64, 4, None, False, 8),
 ]
 
 
@@ -260,8 +276,10 @@ def sweep(tb, shapes, log, tokens=(1, 16, 2048)):
             out = torch.empty(1, n_out, device="cuda", dtype=torch.float16)
             for k in sorted({1, min(2, ns)}):
                 res = []
-                for bn, bk, nw, wv, pf in BITS_SWEEP:
-                    cfg = tb.SmallConfig(bitplanes=True, block_n=bn, block_k=bk, num_warps=nw, waves=wv, prefetch=pf)
+                for bn, bk, nw, wv, pf, sk in BITS_SWEEP:
+                    cfg = tb.SmallConfig(
+                        bitplanes=True, block_n=bn, block_k=bk, num_warps=nw, waves=wv, prefetch=pf, split_k=sk
+                    )
                     f = lambda: tb.bitplane_linear(  # noqa: E731
                         x, planes, scale, zero, SLICE_BITS, GROUP, k, out=out, small_config=cfg, packed=packed
                     )
@@ -504,6 +522,9 @@ def main(argv=None):
         help="the one-bit plane kernel's config for the table: BLOCK_N,BLOCK_K,WARPS,WAVES[,PREFETCH] (default: the "
         "library's, or the sweep's best with --use-sweep)",
     )
+    ap.add_argument(
+        "--shapes", choices=sorted(SHAPE_SETS), default="8b", help="LLaMA-3-8B's linears, SmolLM2's, or both"
+    )
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for CSV files (default $OUT)")
     args = ap.parse_args(argv)
     global GRAPH
@@ -531,7 +552,7 @@ def main(argv=None):
 
     copy_bw, tcopy = copy_bandwidth()
     log(f"# copy bandwidth: {copy_bw / 1e9:.0f} GB/s (1 GiB copied in {tcopy:.0f} us)")
-    shapes = SHAPES[:2] if args.quick else SHAPES
+    shapes = SHAPE_SETS[args.shapes][:2] if args.quick else SHAPE_SETS[args.shapes]
     tokens = [1, 16, 2048] if args.quick else TOKENS
     if args.tokens:
         tokens = [int(t) for t in args.tokens.split(",")]

@@ -17,6 +17,7 @@ from mobiquant.io.data import (
     clean_wiki_markup,
     corpus_joiner,
     eval_windows,
+    held_out_windows,
     load_corpus,
     tokenize_corpus,
     wiki_extract_articles,
@@ -228,6 +229,26 @@ def test_calibration_windows_short_text():
     assert calibration_windows(ids, 3, 99, seed=0).shape == (3, 99)  # exactly seqlen + 1 tokens is enough
     with pytest.raises(ValueError, match=r"has 100 tokens.*at least 101"):
         calibration_windows(ids, 3, 100, seed=0)
+
+
+def test_held_out_windows_share_no_token_with_the_calibration_windows():
+    ids = torch.arange(20000)  # token i is position i: overlaps show as shared values
+    train = calibration_windows(ids, 24, 128, seed=3)
+    held = held_out_windows(ids, 24, 128, seed=3, count=10)
+    assert held.shape == (10, 128)
+    assert torch.equal(held - held[:, :1], torch.arange(128).expand(10, 128))  # contiguous windows
+    assert not set(held.flatten().tolist()) & set(train.flatten().tolist())
+    assert len(set(held[:, 0].tolist())) == 10 and held[:, 0].tolist() == sorted(held[:, 0].tolist())
+    assert torch.equal(held, held_out_windows(ids, 24, 128, seed=3, count=10))  # deterministic
+    assert not torch.equal(held, held_out_windows(ids, 24, 128, seed=4, count=10))  # follows the draw
+    with pytest.raises(ValueError, match=r"holds \d+ windows .* fewer than the 1000"):
+        held_out_windows(ids, 24, 128, seed=3, count=1000)
+    with pytest.raises(ValueError, match="count"):
+        held_out_windows(ids, 24, 128, seed=3, count=0)
+    every = held_out_windows(ids, 24, 128, seed=3, count=1000, allow_fewer=True)  # all there are
+    assert 10 < every.shape[0] < 1000 and not set(every.flatten().tolist()) & set(train.flatten().tolist())
+    with pytest.raises(ValueError, match="holds 0 windows"):  # none at all: an error even so
+        held_out_windows(torch.arange(300), 40, 128, seed=0, count=1, allow_fewer=True)
 
 
 def test_eval_windows_non_overlapping_remainder_dropped():

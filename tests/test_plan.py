@@ -88,6 +88,7 @@ def test_build_plan_covers_every_routed_linear_and_the_whole_range(planned):
         "refit_windows": 4,
         "select_windows": 4,
         "select_at": "all",
+        "windows": "train",
     }
     # Local budgets of an allocated reading are parameter-weighted at most the budget.
     params = {n: m.in_features * m.out_features for n, m in mobi_linears(model)}
@@ -95,6 +96,14 @@ def test_build_plan_covers_every_routed_linear_and_the_whole_range(planned):
         mean = sum(params[n] * float(plan.local[i, j]) for i, n in enumerate(plan.linears)) / sum(params.values())
         assert mean <= b + 1e-9
     assert all(m.route_tau is None for _, m in mobi_linears(model))  # building leaves no threshold behind
+
+
+def test_a_plan_records_where_its_windows_come_from(planned):
+    model, ids, _ = planned
+    kw = dict(per="linear", step=0.5, sensitivity_windows=4, select_windows=0, batch_size=2)
+    assert build_plan(model, ids, windows="held_out", **kw).settings["windows"] == "held_out"
+    with pytest.raises(ValueError, match="windows must be one of"):
+        build_plan(model, ids, windows="eval", **kw)
 
 
 def test_set_budget_serves_the_plan_and_its_choice_is_the_lower_held_out_loss(planned):
@@ -192,9 +201,11 @@ def test_a_plan_without_its_tensors_is_refused(planned, tmp_path):
     assert (folder / TENSORS_NAME).is_file()
 
 
-def test_pipeline_evaluates_what_a_reloaded_checkpoint_serves(tmp_path, monkeypatch):
+@pytest.mark.parametrize("windows", ["train", "held_out"])
+def test_pipeline_evaluates_what_a_reloaded_checkpoint_serves(tmp_path, monkeypatch, windows):
     """`quant=mobiquant` (a per-linear plan by default): the perplexity in results.csv at every budget,
-    fractional ones included, is reproduced exactly by load_quantized + set_budget on a fresh base model."""
+    fractional ones included, is reproduced exactly by load_quantized + set_budget on a fresh base model;
+    a plan built on calibration windows or on unseen windows of the calibration text alike."""
     import pandas as pd
 
     from mobiquant.evaluation import perplexity
@@ -204,12 +215,15 @@ def test_pipeline_evaluates_what_a_reloaded_checkpoint_serves(tmp_path, monkeypa
     from test_pipeline import smoke_cfg
 
     monkeypatch.setenv("WANDB_MODE", "offline")
-    cfg = smoke_cfg(tmp_path, "baselines=none", "budget.budgets=[3,3.5,4.25,8]", "plan.step=0.5")
+    cfg = smoke_cfg(
+        tmp_path, "baselines=none", "budget.budgets=[3,3.5,4.25,8]", "plan.step=0.5", f"plan.windows={windows}"
+    )
     run(cfg)
     df = pd.read_csv(tmp_path / "run" / "results.csv")
     folder = tmp_path / "run" / "checkpoints" / "mobiquant"
     meta = json.loads((folder / CONFIG_NAME).read_text())
     assert meta["plan"]["settings"]["per"] == "linear" and meta["extra"]["plan_seconds"] > 0
+    assert meta["plan"]["settings"]["windows"] == windows
     base, tokenizer = load_base_model(cfg)
     model = mq.load_quantized(base, folder)
     spec = next(iter(cfg.data.eval.values()))

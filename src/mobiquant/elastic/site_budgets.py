@@ -290,6 +290,8 @@ def _current_taus(model: nn.Module) -> dict[str, float]:
 
 #: Where a plan build scores uniform routing against the allocated reading (:func:`build_plan`).
 SELECT_AT = ("views", "all")
+#: Where a plan's windows come from (:func:`build_plan`): the calibration windows, or calibration text they miss.
+PLAN_WINDOWS = ("train", "held_out")
 
 
 def build_plan(
@@ -306,6 +308,7 @@ def build_plan(
     select_at: str = "views",
     state_dir: str | Path | None = None,
     state_key: Mapping[str, Any] | None = None,
+    windows: str = "train",
 ) -> BudgetPlan:
     """The deployed reading of a calibrated, packed checkpoint at every budget of a ``step`` grid.
 
@@ -321,6 +324,11 @@ def build_plan(
        default because uniform routing never won at a fractional budget in any measured plan (it won once,
        at the exact 4-bit view of an anchored [2, 2, 2, 2] checkpoint; docs/RESULTS.md, "Budget plans"), and
        it scores 4 budgets instead of 19 on the default layout.
+
+    ``windows`` says where ``calib_ids`` come from, recorded in the plan's settings: ``"train"``, the windows
+    calibration trained on, or ``"held_out"``, windows of the calibration text it never saw
+    (:func:`mobiquant.io.data.held_out_windows`). A router reads fewer bits, and its cost curves look better,
+    on tokens it was trained on than on the tokens it will serve.
 
     Returns a :class:`~mobiquant.elastic.plan.BudgetPlan`; install it with ``patching.install_plan`` so that
     ``set_budget`` serves it. Leaves every routed linear on its router's own threshold.
@@ -351,6 +359,8 @@ def build_plan(
         held = calib_ids[-select_windows:] if select_windows else held
     if refit_windows is not None and refit_windows < 1:
         raise ValueError(f"refit_windows must be >= 1 or None, got {refit_windows}")
+    if windows not in PLAN_WINDOWS:
+        raise ValueError(f"windows must be one of {PLAN_WINDOWS}, got {windows!r}")
     refit_ids = sens if refit_windows is None else sens[:refit_windows]
     settings = {
         "per": per,
@@ -360,6 +370,7 @@ def build_plan(
         "refit_windows": int(refit_ids.shape[0]),
         "select_windows": int(select_windows),
         "select_at": select_at,
+        "windows": windows,
     }
     views = [float(sum(slice_bits[: k + 1])) for k in range(len(slice_bits))]
     state = _PlanState(state_dir, {"settings": settings, "grid": grid, **(state_key or {})}, log)

@@ -525,10 +525,52 @@ def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int
             f"The calibration text has {n} tokens; windows of seqlen={seqlen} need at least {seqlen + 1}. "
             "Use more text or a shorter seqlen."
         )
-    generator = torch.Generator().manual_seed(int(seed))
-    starts = torch.randint(0, n - seqlen, (nsamples,), generator=generator)
+    starts = _calibration_starts(n, nsamples, seqlen, seed)
     offsets = torch.arange(seqlen)
     return flat[starts[:, None] + offsets[None, :]].contiguous()
+
+
+def _calibration_starts(n: int, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(int(seed))
+    return torch.randint(0, n - seqlen, (nsamples,), generator=generator)
+
+
+def held_out_windows(
+    ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, count: int, allow_fewer: bool = False
+) -> torch.Tensor:
+    """``count`` windows of ``seqlen`` tokens of the same text that share no token with the calibration windows
+    ``calibration_windows(ids, nsamples, seqlen, seed)``: a ``LongTensor[count, seqlen]``.
+
+    The text outside the calibration windows is cut into consecutive windows (each stretch between two
+    calibration windows on its own), and ``count`` of them are taken evenly spread over the text, in order.
+    Deterministic. When the text holds fewer than ``count``: all there are with ``allow_fewer`` (at least one),
+    else ``ValueError`` naming how many there are.
+    """
+    if count < 1:
+        raise ValueError(f"count must be positive, got {count}")
+    flat = _flat_ids(ids)
+    n = flat.numel()
+    if n < seqlen + 1:
+        raise ValueError(f"The calibration text has {n} tokens; windows of seqlen={seqlen} need at least {seqlen + 1}.")
+    covered = torch.zeros(n, dtype=torch.bool)
+    for s in _calibration_starts(n, nsamples, seqlen, seed).tolist():
+        covered[s : s + seqlen] = True
+    starts, run = [], 0
+    for i, c in enumerate(covered.tolist()):
+        run = 0 if c else run + 1
+        if run == seqlen:  # a whole window of untouched tokens ends here
+            starts.append(i - seqlen + 1)
+            run = 0
+    if allow_fewer and starts:
+        count = min(count, len(starts))
+    if len(starts) < count:
+        raise ValueError(
+            f"the calibration text holds {len(starts)} windows of {seqlen} tokens outside its {nsamples} calibration "
+            f"windows, fewer than the {count} asked for: use fewer, shorter, or more text"
+        )
+    pick = torch.linspace(0, len(starts) - 1, count).round().long().tolist()
+    chosen = torch.tensor([starts[i] for i in pick])
+    return flat[chosen[:, None] + torch.arange(seqlen)[None, :]].contiguous()
 
 
 def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:

@@ -74,6 +74,8 @@ class RunContext:
     cache: dict = field(default_factory=dict)  # calibrated models shared between methods of one run
     resume: bool = True  # keep per-block calibration state in output_dir/calib_state/<tag> and resume from it
     base_fingerprint: str | None = None  # checkpoint.base_fingerprint of the base model: others are not reused
+    # ``held_out_ids(n)``: n windows of the calibration text outside ``calib_ids`` (io.data.held_out_windows)
+    held_out_ids: Callable[[int], torch.Tensor] | None = None
 
     def state_dir(self, tag: str) -> Path | None:
         return self.output_dir / "calib_state" / tag if self.resume else None
@@ -342,6 +344,7 @@ class MoBiQuant(QuantMethod):
             "refit_windows": 4,
             "select_windows": 2,
             "select_at": "views",
+            "windows": "train",
         }
     )
 
@@ -368,10 +371,12 @@ class MoBiQuant(QuantMethod):
         step = self.plan_settings["step"]
         if isinstance(step, bool) or not isinstance(step, (int, float)) or not step > 0:
             raise ValueError(f"plan.step must be a positive number of bits, got {step!r}")
-        from ..elastic.site_budgets import SELECT_AT
+        from ..elastic.site_budgets import PLAN_WINDOWS, SELECT_AT
 
         if self.plan_settings["select_at"] not in SELECT_AT:
             raise ValueError(f"plan.select_at must be one of {SELECT_AT}, got {self.plan_settings['select_at']!r}")
+        if self.plan_settings["windows"] not in PLAN_WINDOWS:
+            raise ValueError(f"plan.windows must be one of {PLAN_WINDOWS}, got {self.plan_settings['windows']!r}")
         if len(self.mobi.slice_bits) < 2 or not self.mobi.routers:
             self.allocation = "uniform"  # one view (or no routers): nothing to allocate
 
@@ -431,14 +436,27 @@ class MoBiQuant(QuantMethod):
             "refit_windows": n_sens if rw is None else min(int(rw), n_sens),
             "select_windows": int(self.plan_settings["select_windows"]),
             "select_at": str(self.plan_settings["select_at"]),
+            "windows": str(self.plan_settings["windows"]),
         }
+
+    def plan_windows(self, ctx: RunContext) -> torch.Tensor:
+        """The windows the plan is built on (``plan.windows``): the calibration windows, or as many windows of
+        the calibration text outside them (sensitivity, then selection windows)."""
+        if self.plan_settings["windows"] == "train":
+            return ctx.calib_ids
+        if ctx.held_out_ids is None:
+            raise ValueError("plan.windows=held_out needs the calibration text (a run context with held_out_ids)")
+        sw = self.plan_settings["sensitivity_windows"]
+        n_sens = ctx.calib_ids.shape[0] if sw is None else int(sw)
+        return ctx.held_out_ids(n_sens + int(self.plan_settings["select_windows"]))
 
     def budget_plan(self, ctx: RunContext, model: nn.Module, seconds: float) -> tuple[Any, float, str | None]:
         """This method's plan for the calibrated ``model``: from the run's cache, the loaded checkpoint, or
         built now (then saved with the checkpoint). Returns ``(plan, seconds spent building it, checkpoint)``."""
         from ..elastic.site_budgets import plan_budgets
 
-        want = self.plan_config(ctx.calib_ids.shape[0])
+        ids = self.plan_windows(ctx)
+        want = self.plan_config(ids.shape[0])
         key = ("plan", *self._cache_key(), repr(sorted(want.items())))
         if key in ctx.cache:
             return ctx.cache[key]
@@ -451,7 +469,7 @@ class MoBiQuant(QuantMethod):
             tag = f"{self.name}-plan"
             plan = plan_budgets(
                 model,
-                ctx.calib_ids,
+                ids,
                 per=self.allocation,
                 step=want["step"],
                 sensitivity_windows=self.plan_settings["sensitivity_windows"],
@@ -459,11 +477,12 @@ class MoBiQuant(QuantMethod):
                 select_windows=want["select_windows"],
                 select_at=want["select_at"],
                 refit_windows=self.plan_settings["refit_windows"],
+                windows=want["windows"],
                 log=log,
                 state_dir=ctx.state_dir(tag),
                 state_key={
                     "checkpoint": checkpoint_digest(model),
-                    "calib": calib_signature(self._calib(ctx), ctx.calib_ids),
+                    "calib": calib_signature(self._calib(ctx), ids),
                 },
             )
             built = time.perf_counter() - t0

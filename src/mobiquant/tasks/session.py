@@ -333,6 +333,7 @@ def run_context(
     calib_csv: Path | None = None,
     run_id: str | None = None,
     base_fingerprint: str | None = None,
+    held_out_ids: Callable[[int], torch.Tensor] | None = None,
 ) -> RunContext:
     """What the methods of a run may use: FP copies of ``base``, the calibration windows, the run folder,
     and a block callback that logs each finished block and puts it into ``calib_rows`` when given (in place
@@ -366,6 +367,7 @@ def run_context(
         base_model_name=str(cfg.model.path),
         resume=bool(cfg.get("resume", True)),
         base_fingerprint=base_fingerprint,
+        held_out_ids=held_out_ids,
     )
 
 
@@ -417,6 +419,7 @@ class Session:
     fingerprint: str | None = None  # the base model's (io.checkpoint.base_fingerprint), once loaded
     _model: tuple[nn.Module, Any] | None = field(default=None, repr=False)
     _calib_ids: torch.Tensor | None = field(default=None, repr=False)
+    _calib_tokens: torch.Tensor | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ model and text
     def load(self) -> tuple[nn.Module, Any]:
@@ -470,6 +473,23 @@ class Session:
             self._calib_ids = calib_windows(self.cfg, self.tokenizer)
         return self._calib_ids
 
+    def held_out_ids(self, count: int) -> torch.Tensor:
+        """``count`` windows of the calibration text that share no token with :attr:`calib_ids`
+        (:func:`mobiquant.io.data.held_out_windows`): text the calibrated model has not been fitted on. Fewer
+        (with a warning) when the text holds fewer; an error naming the remedy when it holds none."""
+        from ..io.data import held_out_windows
+
+        c = self.cfg.data.calib
+        if self._calib_tokens is None:
+            self._calib_tokens = load_token_ids(c, self.tokenizer)
+        try:
+            ids = held_out_windows(self._calib_tokens, c.nsamples, c.seqlen, self.cfg.seed, count, allow_fewer=True)
+        except ValueError as e:
+            raise ConfigError(f"{e}; or set plan.windows=train (the plan built on the calibration windows)") from e
+        if ids.shape[0] < count:
+            log.warning("calibration text: %d held-out windows of %d tokens, not %d", ids.shape[0], c.seqlen, count)
+        return ids
+
     def eval_windows(self, name: str) -> torch.Tensor:
         """The evaluation windows of corpus ``data.eval.<name>`` (``eval.seqlen``, ``eval.max_windows``)."""
         from ..io.data import eval_windows
@@ -491,6 +511,7 @@ class Session:
             calib_csv=calib_csv,
             run_id=run_id,
             base_fingerprint=self.fingerprint,
+            held_out_ids=self.held_out_ids,
         )
 
     def use_backend(self, model: nn.Module) -> None:
