@@ -344,7 +344,7 @@ class MoBiQuant(QuantMethod):
             "refit_windows": 4,
             "select_windows": 2,
             "select_at": "views",
-            "windows": "train",
+            "windows": "held_out",
         }
     )
 
