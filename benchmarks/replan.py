@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     from mobiquant.io.data import eval_windows, held_out_windows
     from mobiquant.io.results import atomic_write_text
     from mobiquant.patching import achieved_bits, budget_plan, install_plan, reset_counts, set_budget
-    from mobiquant.tasks.session import calib_windows, load_base_model, load_token_ids, use_backend
+    from mobiquant.tasks.session import calib_tokens, calib_windows, load_base_model, load_token_ids, use_backend
 
     register_resolvers()
     cfg = OmegaConf.load(config)
@@ -131,7 +131,8 @@ def main(argv=None) -> int:
     windows = {
         t: eval_windows(load_token_ids(cfg.data.eval[t], tokenizer), cfg.eval.seqlen, max_windows) for t in texts
     }
-    calib = calib_windows(cfg, tokenizer)
+    tokens = calib_tokens(cfg, tokenizer)
+    calib = calib_windows(cfg, tokens)
     device = next(base.parameters()).device
     for name, settings in variants:
         todo = [(b, t) for b in args.budgets for t in texts if (name, float(b), t) not in have]
@@ -148,7 +149,7 @@ def main(argv=None) -> int:
             if want.get("windows") == "held_out":  # every window of the plan from unseen calibration text
                 c = cfg.data.calib
                 n = (want.get("sensitivity_windows") or c.nsamples) + want.get("select_windows", 0)
-                plan_ids = held_out_windows(load_token_ids(c, tokenizer), c.nsamples, c.seqlen, cfg.seed, int(n))
+                plan_ids = held_out_windows(tokens, c.nsamples, c.seqlen, cfg.seed, int(n))
             plan_budgets(model, plan_ids, batch_size=1, log=log, **want)
         build_s = time.perf_counter() - t0
         plan = budget_plan(model)

@@ -516,21 +516,21 @@ def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int
     overlap). The draw uses its own seeded :class:`torch.Generator`, so it is reproducible and leaves the
     global random state alone.
     """
-    if nsamples < 1 or seqlen < 1:
-        raise ValueError(f"nsamples and seqlen must be positive, got nsamples={nsamples}, seqlen={seqlen}")
     flat = _flat_ids(ids)
-    n = flat.numel()
-    if n < seqlen + 1:
-        raise ValueError(
-            f"The calibration text has {n} tokens; windows of seqlen={seqlen} need at least {seqlen + 1}. "
-            "Use more text or a shorter seqlen."
-        )
-    starts = _calibration_starts(n, nsamples, seqlen, seed)
+    starts = _calibration_starts(flat.numel(), nsamples, seqlen, seed)
     offsets = torch.arange(seqlen)
     return flat[starts[:, None] + offsets[None, :]].contiguous()
 
 
 def _calibration_starts(n: int, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """Where :func:`calibration_windows` draws its windows in a text of ``n`` tokens (checked here)."""
+    if nsamples < 1 or seqlen < 1:
+        raise ValueError(f"nsamples and seqlen must be positive, got nsamples={nsamples}, seqlen={seqlen}")
+    if n < seqlen + 1:
+        raise ValueError(
+            f"The calibration text has {n} tokens; windows of seqlen={seqlen} need at least {seqlen + 1}. "
+            "Use more text or a shorter seqlen."
+        )
     generator = torch.Generator().manual_seed(int(seed))
     return torch.randint(0, n - seqlen, (nsamples,), generator=generator)
 
@@ -550,8 +550,6 @@ def held_out_windows(
         raise ValueError(f"count must be positive, got {count}")
     flat = _flat_ids(ids)
     n = flat.numel()
-    if n < seqlen + 1:
-        raise ValueError(f"The calibration text has {n} tokens; windows of seqlen={seqlen} need at least {seqlen + 1}.")
     covered = torch.zeros(n, dtype=torch.bool)
     for s in _calibration_starts(n, nsamples, seqlen, seed).tolist():
         covered[s : s + seqlen] = True

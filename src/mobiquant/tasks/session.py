@@ -371,14 +371,19 @@ def run_context(
     )
 
 
-def calib_windows(cfg: DictConfig, tokenizer) -> torch.Tensor:
-    """The calibration windows of ``data.calib`` (``nsamples`` x ``seqlen`` tokens, drawn with ``seed``)."""
-    from ..io.data import calibration_windows
-
+def calib_tokens(cfg: DictConfig, tokenizer) -> torch.Tensor:
+    """The token ids of the ``data.calib`` text (its calibration windows: :func:`calib_windows`)."""
     log.info("calibration text: %s (%s) ...", cfg.data.calib.corpus, cfg.data.calib.split)
     t0 = time.perf_counter()
     tokens = load_token_ids(cfg.data.calib, tokenizer)
     log.info("calibration text: %d tokens in %.1fs", tokens.numel(), time.perf_counter() - t0)
+    return tokens
+
+
+def calib_windows(cfg: DictConfig, tokens: torch.Tensor) -> torch.Tensor:
+    """The calibration windows of ``data.calib``: ``nsamples`` x ``seqlen`` tokens of ``tokens`` (``seed``)."""
+    from ..io.data import calibration_windows
+
     return calibration_windows(tokens, cfg.data.calib.nsamples, cfg.data.calib.seqlen, cfg.seed)
 
 
@@ -470,8 +475,15 @@ class Session:
     def calib_ids(self) -> torch.Tensor:
         """The calibration windows of ``data.calib``, built once."""
         if self._calib_ids is None:
-            self._calib_ids = calib_windows(self.cfg, self.tokenizer)
+            self._calib_ids = calib_windows(self.cfg, self.calib_tokens)
         return self._calib_ids
+
+    @property
+    def calib_tokens(self) -> torch.Tensor:
+        """The token ids of the calibration text, tokenized once."""
+        if self._calib_tokens is None:
+            self._calib_tokens = calib_tokens(self.cfg, self.tokenizer)
+        return self._calib_tokens
 
     def held_out_ids(self, count: int) -> torch.Tensor:
         """``count`` windows of the calibration text that share no token with :attr:`calib_ids`
@@ -480,10 +492,8 @@ class Session:
         from ..io.data import held_out_windows
 
         c = self.cfg.data.calib
-        if self._calib_tokens is None:
-            self._calib_tokens = load_token_ids(c, self.tokenizer)
         try:
-            ids = held_out_windows(self._calib_tokens, c.nsamples, c.seqlen, self.cfg.seed, count, allow_fewer=True)
+            ids = held_out_windows(self.calib_tokens, c.nsamples, c.seqlen, self.cfg.seed, count, allow_fewer=True)
         except ValueError as e:
             raise ConfigError(f"{e}; or set plan.windows=train (the plan built on the calibration windows)") from e
         if ids.shape[0] < count:
