@@ -79,6 +79,12 @@ def parse_args(argv=None):
         "routed budget 4 with each router inside its site's launch (SmallConfig(router_in_launch=True))",
     )
     ap.add_argument(
+        "--fuse-norms",
+        action="store_true",
+        help="also, in the same process, fp16, routed budget 4 and static 4 bits with every RMS norm one launch that "
+        "also routes the site it feeds (patching.fuse_norms)",
+    )
+    ap.add_argument(
         "--per-linear",
         action="store_true",
         help="every quantized row with one launch per linear (by default the linears of a router site share one)",
@@ -221,7 +227,7 @@ def run_rows(args, fp, q, tok, device):
 
     layer = next(m for m in q.modules() if isinstance(m, mq.MoBiLinear))
     views = [float(sum(layer.slice_bits[:k])) for k in range(1, layer.num_slices + 1)]
-    base = dict(cfg=None, per_linear=False, host_count=False)
+    base = dict(cfg=None, per_linear=False, host_count=False, fuse_norms=False)
     cases = [dict(base, name="fp16", model=fp, budget=None, k=None)]
     cases += [dict(base, name="mobiquant", model=q, budget=b, k=None) for b in args.budgets]
     ks = [int(v) for v in args.views.split(",") if v.strip()] or range(1, len(views) + 1)
@@ -241,7 +247,10 @@ def run_rows(args, fp, q, tok, device):
         from mobiquant.kernels.triton_bitplane import SmallConfig
 
         cases.append(dict(base, **pair[0], cfg=SmallConfig(router_in_launch=True)))  # no router launch
-    from mobiquant.patching import fuse_sites, set_small_config
+    if args.fuse_norms:  # fp16 with the same norms: what the fused norms give any model, apart from the routers
+        fp_case = dict(name="fp16", model=fp, budget=None, k=None)
+        cases += [dict(base, **c, fuse_norms=True) for c in (fp_case, *pair)]
+    from mobiquant.patching import fuse_norms, fuse_sites, set_small_config
 
     real_routed_k = mq.MoBiLinear._routed_k
     for c in cases:
@@ -252,6 +261,8 @@ def run_rows(args, fp, q, tok, device):
             fuse_sites(model, enable=False)
         if c["host_count"]:
             mq.MoBiLinear._routed_k = counted_on_host(real_routed_k)
+        if c["fuse_norms"]:
+            fuse_norms(model)
         if static_k is not None:
             mq.set_static(model, static_k)
         t_row = time.perf_counter()
@@ -259,6 +270,8 @@ def run_rows(args, fp, q, tok, device):
             g, split = time_one(model, budget)
         finally:
             mq.MoBiLinear._routed_k = real_routed_k
+            if c["fuse_norms"]:
+                fuse_norms(model, enable=False)
             if c["per_linear"] and not args.per_linear:
                 fuse_sites(model)
             if c["cfg"] is not None:
@@ -269,7 +282,9 @@ def run_rows(args, fp, q, tok, device):
             tag = " [router in launch]"
         else:
             tag = f" [{kb.bits_tag(c['cfg'])}]"
-        tag += " [per linear]" * c["per_linear"] + " [host count]" * c["host_count"]
+        tag += (
+            " [per linear]" * c["per_linear"] + " [host count]" * c["host_count"] + " [fused norms]" * c["fuse_norms"]
+        )
         rows.append(
             dict(
                 mode=(c["name"] if static_k is None else f"static k={static_k}") + tag,

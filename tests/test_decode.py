@@ -507,6 +507,7 @@ def test_task_decode_rejects_bad_settings(tmp_path):
         ("decode.cuda_graph=always", "decode.cuda_graph"),
         ("decode.budgets=[]", "decode.budgets"),
         ("decode.prompt=''", "decode.prompt"),
+        ("decode.fuse_norms=maybe", "decode.fuse_norms"),
     ]:
         with pytest.raises(ValueError, match=match):
             decode.run(decode_cfg(tmp_path, override))
@@ -556,6 +557,35 @@ def test_gpu_fused_sites_decode_in_one_graph(prompt):
     g = generate(q, prompt, 8, budget=sched, cuda_graph="graph")
     assert g.graph == "graph" and g.captures == 1
     assert torch.equal(g.tokens, generate(q, prompt, 8, budget=sched, cuda_graph="off").tokens)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_fused_norms_decode_in_one_graph(prompt):
+    """With ``patching.fuse_norms`` (each norm one launch that routes the site it feeds) and one launch per site,
+    the captured decode step gives eager decoding's greedy tokens at every budget, one graph serves a per-token
+    budget list, and the unquantized model decodes as well with its norms fused."""
+    from mobiquant.kernels.triton_bitplane import SmallConfig
+    from mobiquant.patching import fuse_norms, fuse_sites, set_small_config
+
+    fp, q = gpu_models(torch.float16)
+    set_small_config(q, SmallConfig(bitplanes=True))
+    assert fuse_sites(q) > 0
+    n_layers = len(q.model.layers)
+    assert fuse_norms(q) == 2 * n_layers + 1
+    lo, hi = q.mobiquant_config.min_bits, q.mobiquant_config.max_bits
+    for b in (lo, (lo + hi) / 2, hi):
+        eager = generate(q, prompt, 12, budget=b, cuda_graph="off")
+        graph = generate(q, prompt, 12, budget=b, cuda_graph="graph")
+        assert graph.graph == "graph" and graph.captures == 1
+        assert torch.equal(graph.tokens, eager.tokens), b
+    sched = [lo, hi, (lo + hi) / 2, hi, lo, lo + 1, hi, lo]
+    g = generate(q, prompt, 8, budget=sched, cuda_graph="graph")
+    assert g.graph == "graph" and g.captures == 1
+    assert torch.equal(g.tokens, generate(q, prompt, 8, budget=sched, cuda_graph="off").tokens)
+    assert fuse_norms(fp) == 2 * n_layers + 1
+    g = generate(fp, prompt, 12, cuda_graph="graph")
+    assert g.graph == "graph" and torch.equal(g.tokens, generate(fp, prompt, 12, cuda_graph="off").tokens)
 
 
 def gpu_models(dtype):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Sequence
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -217,6 +218,68 @@ def fuse_sites(model: nn.Module, enable: bool = True) -> int:
                 object.__setattr__(m, "_site_group", group)
             groups += 1
     return groups
+
+
+def _rms_eps(mod: nn.Module) -> float | None:
+    """The epsilon of an RMS norm module (a 1-D ``weight``, no bias, ``variance_epsilon`` or ``eps``), else None."""
+    w, eps = getattr(mod, "weight", None), getattr(mod, "variance_epsilon", getattr(mod, "eps", None))
+    if "RMSNorm" not in type(mod).__name__ or not isinstance(w, nn.Parameter) or w.dim() != 1:
+        return None
+    if getattr(mod, "bias", None) is not None or not isinstance(eps, float):
+        return None
+    return eps
+
+
+def fuse_norms(model: nn.Module, enable: bool = True) -> int:
+    """Each RMS norm of ``model`` in one kernel launch at decode time, with the router of the routed linears that
+    read its output (:class:`~mobiquant.nn.norm.FusedRMSNorm`): in a LLaMA layer the input norm's launch also routes
+    q, k and v and the post-attention norm's routes gate and up, so a routed decode step loses two router launches
+    and fourteen elementwise launches per layer. Which norm feeds which linear is found by tracing one short
+    forward (as router sites are), and a norm is taken only where its traced output is exactly what the kernel's
+    arithmetic (``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)``) gives. Works on unquantized models too
+    (the norms alone). ``enable=False`` puts the model's own norms back. Returns the number of norms fused."""
+    from .nn.norm import FusedRMSNorm
+
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, FusedRMSNorm):
+            _set_submodule(model, name, mod.original)
+    if not enable:
+        return 0
+    norms = {name: (mod, eps) for name, mod in model.named_modules() if (eps := _rms_eps(mod)) is not None}
+    linears = [m for _, m in mobi_linears(model) if m.router is not None]
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    inputs: dict[int, torch.Tensor] = {}
+
+    def norm_hook(mod, args, out, name):
+        seen.setdefault(name, (args[0], out))
+
+    def linear_hook(mod, args):
+        inputs.setdefault(id(mod), args[0])
+
+    hooks = [mod.register_forward_hook(partial(norm_hook, name=name)) for name, (mod, _) in norms.items()]
+    hooks += [m.register_forward_pre_hook(linear_hook) for m in linears]
+    vocab = getattr(getattr(model, "config", None), "vocab_size", 2)
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.arange(4, device=device).remainder(vocab).unsqueeze(0))
+    finally:
+        for h in hooks:
+            h.remove()
+    fused = 0
+    for name, (mod, eps) in norms.items():
+        if name not in seen:
+            continue
+        x, out = seen[name]
+        h = x.float()
+        ref = mod.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        if ref.dtype != out.dtype or not torch.equal(ref, out):
+            continue  # another arithmetic (e.g. a (1 + weight) scale): left as it is
+        consumer = next((m for m in linears if inputs.get(id(m)) is out), None)
+        router = None if consumer is None else consumer.router
+        _set_submodule(model, name, FusedRMSNorm(mod, eps, router, consumer))
+        fused += 1
+    return fused
 
 
 def set_budget(model: nn.Module, avg_bits: float, uniform: bool = False) -> None:

@@ -27,9 +27,11 @@ __all__ = [
     "available",
     "bitplane_linear",
     "dequantize_reference",
+    "fused_norm_router",
     "fused_router",
     "torch_reference",
     "triton_importable",
+    "rms_norm",
     "use_fused_router",
     "use_triton",
     "view_pair",
@@ -272,3 +274,28 @@ def fused_router(
     from .triton_router import fused_router as _fused
 
     return _fused(x, w1, b1, w2, b2, tau, policy)
+
+
+def fused_norm_router(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    tau: torch.Tensor,
+    policy: str = "free",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One launch: the RMS norm ``y`` of ``x`` (``LlamaRMSNorm``'s arithmetic) and the slice counts and gate
+    values of a router on ``y`` (:func:`fused_router`'s, exactly): ``(y, k, v)`` (:mod:`.triton_router`)."""
+    from .triton_router import fused_norm_router as _fused
+
+    return _fused(x, norm_weight, eps, w1, b1, w2, b2, tau, policy)
+
+
+def rms_norm(x: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """One launch: the RMS norm of ``x`` with ``LlamaRMSNorm``'s arithmetic (:mod:`.triton_router`)."""
+    from .triton_router import rms_norm as _norm
+
+    return _norm(x, norm_weight, eps)

@@ -31,6 +31,32 @@ def _min_fn(a, b):
 
 
 @triton.jit
+def _rms_scale(x_ptr, toks, tmask, D_IN, stride_xm, eps, BM: tl.constexpr, BD: tl.constexpr):
+    """``1 / sqrt(mean(x^2) + eps)`` of each token's row (fp32), as ``LlamaRMSNorm`` computes it."""
+    acc = tl.zeros((BM,), dtype=tl.float32)
+    for d0 in range(0, D_IN, BD):
+        cols = d0 + tl.arange(0, BD)
+        x = tl.load(
+            x_ptr + toks[:, None].to(tl.int64) * stride_xm + cols[None, :],
+            mask=tmask[:, None] & (cols < D_IN)[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc += tl.sum(x * x, axis=1)
+    return 1.0 / tl.sqrt(acc / D_IN + eps)
+
+
+@triton.jit
+def _normed(x, cols, cmask, rstd, nw_ptr, y_ptr, toks, smask, D_IN):
+    """RMS-normalized rows ``weight * (x rstd).to(x's dtype)`` in ``y``'s dtype (``LlamaRMSNorm``), stored to
+    ``y_ptr`` for the tokens of ``smask``."""
+    xn = (x.to(tl.float32) * rstd[:, None]).to(x.dtype).to(tl.float32)
+    w = tl.load(nw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    y = (w[None, :] * xn).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + toks[:, None].to(tl.int64) * D_IN + cols[None, :], y, mask=smask[:, None] & cmask[None, :])
+    return y
+
+
+@triton.jit
 def _router_part(
     x_ptr,
     w1_ptr,
@@ -50,6 +76,53 @@ def _router_part(
 ):
     """Hidden units ``[pid_h HB, (pid_h + 1) HB)`` of tokens ``toks``: their share of the scores, ``[BM, RP]``
     (``W2[:, units] gelu(W1[units] x + b1[units])``)."""
+    return _router_part_of(
+        x_ptr,
+        w1_ptr,
+        b1_ptr,
+        w2_ptr,
+        toks,
+        tmask,
+        pid_h,
+        D_IN,
+        H,
+        stride_xm,
+        w1_ptr,
+        w1_ptr,
+        1.0,
+        R,
+        RP,
+        HB,
+        BM,
+        BD,
+        False,
+    )
+
+
+@triton.jit
+def _router_part_of(
+    x_ptr,
+    w1_ptr,
+    b1_ptr,
+    w2_ptr,
+    toks,
+    tmask,
+    pid_h,
+    D_IN,
+    H,
+    stride_xm,
+    nw_ptr,
+    y_ptr,
+    rstd,
+    R: tl.constexpr,
+    RP: tl.constexpr,
+    HB: tl.constexpr,
+    BM: tl.constexpr,
+    BD: tl.constexpr,
+    NORM: tl.constexpr,
+):
+    """:func:`_router_part`; with ``NORM`` of the RMS-normalized rows (:func:`_normed`, scale ``rstd``), which the
+    program of the first hidden units stores to ``y_ptr``."""
     hrows = pid_h * HB + tl.arange(0, HB)
     hmask = hrows < H
     acc = tl.zeros((BM, HB), dtype=tl.float32)
@@ -61,6 +134,8 @@ def _router_part(
             mask=tmask[:, None] & cmask[None, :],
             other=0.0,
         )
+        if NORM:
+            x = _normed(x, cols, cmask, rstd, nw_ptr, y_ptr, toks, tmask & (toks * 0 + pid_h == 0), D_IN)
         x = x.to(w1_ptr.dtype.element_ty).to(tl.float32)  # rounded to the router's dtype, as the module does
         w = tl.load(
             w1_ptr + hrows[:, None].to(tl.int64) * D_IN + cols[None, :], mask=hmask[:, None] & cmask[None, :], other=0.0
@@ -115,6 +190,9 @@ def _router_kernel(
     lock_ptr,
     k_ptr,
     v_ptr,
+    nw_ptr,
+    y_ptr,
+    eps,
     M,
     D_IN,
     H,
@@ -127,13 +205,38 @@ def _router_kernel(
     NPROG: tl.constexpr,
     NPP: tl.constexpr,
     ADJACENT: tl.constexpr,
+    NORM: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
     pid_m = tl.program_id(1)
     lm = tl.arange(0, BM)
     toks = pid_m * BM + lm
     tmask = toks < M
-    part = _router_part(x_ptr, w1_ptr, b1_ptr, w2_ptr, toks, tmask, pid_h, D_IN, H, stride_xm, R, RP, HB, BM, BD)
+    if NORM:  # every program normalizes the rows it reads (the same code, the same values); one stores them
+        rstd = _rms_scale(x_ptr, toks, tmask, D_IN, stride_xm, eps, BM, BD)
+    else:
+        rstd = tl.full((BM,), 1.0, tl.float32)
+    part = _router_part_of(
+        x_ptr,
+        w1_ptr,
+        b1_ptr,
+        w2_ptr,
+        toks,
+        tmask,
+        pid_h,
+        D_IN,
+        H,
+        stride_xm,
+        nw_ptr,
+        y_ptr,
+        rstd,
+        R,
+        RP,
+        HB,
+        BM,
+        BD,
+        NORM,
+    )
     r = tl.arange(0, RP)
     base = pid_m * NPP * BM * RP
     tl.store(part_ptr + base + (pid_h * BM + lm[:, None]) * RP + r[None, :], part)
@@ -187,8 +290,42 @@ def fused_router(
     """Slice counts ``k`` (int64, ``x.shape[:-1]``) and gate values (fp32, ``[..., K-1]``) of tokens ``x``.
 
     ``tau`` is a one-element tensor on ``x``'s device, read by the kernel (no host synchronisation)."""
+    k, v, _ = _route(x, (w1, b1, w2, b2), tau, policy, hidden_per_program, None)
+    return k, v
+
+
+def fused_norm_router(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    tau: torch.Tensor,
+    policy: str = "free",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``LlamaRMSNorm`` of ``x`` and the router on its output in one launch: ``(y, k, v)``, ``y = norm_weight *
+    (x / sqrt(mean(x^2) + eps)).to(x.dtype)`` in the dtype of that product, and the slice counts and gate values
+    of :func:`fused_router` on ``y`` (exactly those of ``fused_router(y, ...)``)."""
+    if norm_weight.shape != (x.shape[-1],) or norm_weight.device != x.device:
+        raise ValueError(f"norm weight {tuple(norm_weight.shape)} does not fit inputs of width {x.shape[-1]}")
+    k, v, y = _route(x, (w1, b1, w2, b2), tau, policy, 1, (norm_weight, float(eps)))
+    assert y is not None
+    return y, k, v
+
+
+def _route(
+    x: torch.Tensor,
+    weights: tuple[torch.Tensor, ...],
+    tau: torch.Tensor,
+    policy: str,
+    hidden_per_program: int,
+    norm: tuple[torch.Tensor, float] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     if policy not in ("free", "adjacent"):
         raise ValueError(f"router policy must be 'free' or 'adjacent', got {policy!r}")
+    w1, b1, w2, b2 = weights
     d = x.shape[-1]
     n_hidden, r_out = w1.shape[0], w2.shape[0]
     if w1.shape[1] != d or w2.shape[1] != n_hidden or b1.numel() != n_hidden or b2.numel() != r_out:
@@ -202,44 +339,85 @@ def fused_router(
     M = x2.shape[0]
     k = torch.empty(M, dtype=torch.int64, device=x.device)
     v = torch.empty(M, r_out, dtype=torch.float32, device=x.device)
-    if M == 0:
-        return k.reshape(lead), v.reshape(*lead, r_out)
-    hb = triton.next_power_of_2(max(1, int(hidden_per_program)))
-    nprog = triton.cdiv(n_hidden, hb)
-    npp = max(2, triton.next_power_of_2(nprog))
-    bm = max(2, min(16, triton.next_power_of_2(M)))
-    bd = 1024 if bm <= 2 else (512 if bm <= 4 else 256)
-    bd = max(16, min(bd, triton.next_power_of_2(d)))
-    rp = max(2, triton.next_power_of_2(r_out))
-    m_blocks = triton.cdiv(M, bm)
-    part = torch.empty(m_blocks * npp * bm * rp, dtype=torch.float32, device=x.device)
-    locks = _locks(x.device, m_blocks)
-    _router_kernel[(nprog, m_blocks)](
-        x2,
-        w1.contiguous(),
-        b1.contiguous(),
-        w2.contiguous(),
-        b2.contiguous(),
-        tau.reshape(1),
-        part,
-        locks,
-        k,
-        v,
-        M,
-        d,
-        n_hidden,
-        x2.stride(0),
-        R=r_out,
-        RP=rp,
-        HB=hb,
-        BM=bm,
-        BD=bd,
-        NPROG=nprog,
-        NPP=npp,
-        ADJACENT=policy == "adjacent",
-        num_warps=4,
-    )
-    return k.reshape(lead), v.reshape(*lead, r_out)
+    y = None
+    if norm is not None:
+        y = torch.empty(M, d, dtype=torch.result_type(norm[0], x), device=x.device)
+    if M > 0:
+        hb = triton.next_power_of_2(max(1, int(hidden_per_program)))
+        nprog = triton.cdiv(n_hidden, hb)
+        npp = max(2, triton.next_power_of_2(nprog))
+        bm = max(2, min(16, triton.next_power_of_2(M)))
+        bd = 1024 if bm <= 2 else (512 if bm <= 4 else 256)
+        bd = max(16, min(bd, triton.next_power_of_2(d)))
+        rp = max(2, triton.next_power_of_2(r_out))
+        m_blocks = triton.cdiv(M, bm)
+        part = torch.empty(m_blocks * npp * bm * rp, dtype=torch.float32, device=x.device)
+        locks = _locks(x.device, m_blocks)
+        _router_kernel[(nprog, m_blocks)](
+            x2,
+            w1.contiguous(),
+            b1.contiguous(),
+            w2.contiguous(),
+            b2.contiguous(),
+            tau.reshape(1),
+            part,
+            locks,
+            k,
+            v,
+            w1 if norm is None else norm[0].contiguous(),
+            w1 if y is None else y,
+            0.0 if norm is None else norm[1],
+            M,
+            d,
+            n_hidden,
+            x2.stride(0),
+            R=r_out,
+            RP=rp,
+            HB=hb,
+            BM=bm,
+            BD=bd,
+            NPROG=nprog,
+            NPP=npp,
+            ADJACENT=policy == "adjacent",
+            NORM=norm is not None,
+            num_warps=4,
+        )
+    return k.reshape(lead), v.reshape(*lead, r_out), None if y is None else y.reshape(x.shape)
 
 
-__all__ = ["fused_router"]
+@triton.jit
+def _rms_norm_kernel(x_ptr, nw_ptr, y_ptr, eps, M, D_IN, stride_xm, BM: tl.constexpr, BD: tl.constexpr):
+    toks = tl.program_id(0) * BM + tl.arange(0, BM)
+    tmask = toks < M
+    rstd = _rms_scale(x_ptr, toks, tmask, D_IN, stride_xm, eps, BM, BD)
+    for d0 in range(0, D_IN, BD):
+        cols = d0 + tl.arange(0, BD)
+        cmask = cols < D_IN
+        x = tl.load(
+            x_ptr + toks[:, None].to(tl.int64) * stride_xm + cols[None, :],
+            mask=tmask[:, None] & cmask[None, :],
+            other=0.0,
+        )
+        _normed(x, cols, cmask, rstd, nw_ptr, y_ptr, toks, tmask, D_IN)
+
+
+def rms_norm(x: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``LlamaRMSNorm`` of ``x`` in one launch (the normalization of :func:`fused_norm_router`, without a router)."""
+    d = x.shape[-1]
+    if norm_weight.shape != (d,) or norm_weight.device != x.device:
+        raise ValueError(f"norm weight {tuple(norm_weight.shape)} does not fit inputs of width {d}")
+    x2 = x.reshape(-1, d)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    y = torch.empty(M, d, dtype=torch.result_type(norm_weight, x), device=x.device)
+    if M > 0:
+        bm = max(2, min(16, triton.next_power_of_2(M)))
+        bd = max(16, min(1024 if bm <= 2 else 256, triton.next_power_of_2(d)))
+        _rms_norm_kernel[(triton.cdiv(M, bm),)](
+            x2, norm_weight.contiguous(), y, float(eps), M, d, x2.stride(0), BM=bm, BD=bd, num_warps=4
+        )
+    return y.reshape(x.shape)
+
+
+__all__ = ["fused_norm_router", "fused_router", "rms_norm"]

@@ -270,6 +270,22 @@ class TokenRouter(nn.Module):
         self._cache = (weakref.ref(x), key, k)
         return k
 
+    @torch.no_grad()
+    def normed_input(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """The RMS norm ``y`` of ``x`` (``LlamaRMSNorm``'s arithmetic) and this router's hard decisions on ``y``, in
+        one launch of the fused kernel (:func:`mobiquant.kernels.fused_norm_router`); the decisions are kept as
+        :meth:`slice_counts` and :meth:`gate_values_of` keep their own, so the linears that read ``y`` launch no
+        router. For inputs :func:`mobiquant.kernels.use_fused_router` sends to the kernel."""
+        from .. import kernels
+
+        first, last = cast(nn.Linear, self.net[0]), cast(nn.Linear, self.net[2])
+        y, k, m = kernels.fused_norm_router(
+            x, norm_weight, eps, first.weight, first.bias, last.weight, last.bias, self.tau, self.policy
+        )
+        self._values = (weakref.ref(y), self._values_key(), m)
+        self._cache = (weakref.ref(y), (id(y), self.tau._version, None), k)
+        return y
+
     def gate_values_of(self, x: torch.Tensor) -> torch.Tensor:
         """Hard gate values of ``x``, computed once per input and shared by every linear of the site."""
         key = self._values_key()

@@ -30,7 +30,16 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..patching import achieved_bits, mobi_linears, reset_counts, routers, set_budget, set_static, static_k_for_bits
+from ..patching import (
+    achieved_bits,
+    fuse_norms,
+    mobi_linears,
+    reset_counts,
+    routers,
+    set_budget,
+    set_static,
+    static_k_for_bits,
+)
 
 log = logging.getLogger("mobiquant")
 
@@ -665,6 +674,9 @@ def _decode_settings(cfg) -> dict[str, Any]:
     if graph not in GRAPH_MODES:
         raise ConfigError(f"decode.cuda_graph={graph!r} is invalid; allowed: {', '.join(GRAPH_MODES)}")
     repeats = pos_int(d.get("repeats", 1), "decode.repeats")
+    fuse = d.get("fuse_norms", False)
+    if not isinstance(fuse, bool):
+        raise ConfigError(f"decode.fuse_norms={fuse!r} must be true or false")
     return dict(
         prompt=prompt,
         max_new_tokens=n,
@@ -676,6 +688,7 @@ def _decode_settings(cfg) -> dict[str, Any]:
         repeats=repeats,
         fp=bool(d.get("fp", True)),
         checkpoint=d.get("checkpoint"),
+        fuse_norms=fuse,
     )
 
 
@@ -745,6 +758,7 @@ def run(cfg) -> float:
         for method, budget, model in variants():
             model.to(device)
             ses.use_backend(model)
+            fuse_norms(model, enable=s["fuse_norms"])  # the fp model too: its rows time the same norms
             kw = dict(
                 tokenizer=tokenizer,
                 temperature=s["temperature"],
