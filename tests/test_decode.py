@@ -547,16 +547,7 @@ def test_gpu_fused_sites_decode_in_one_graph(prompt):
     _, q = gpu_models(torch.float16)
     set_small_config(q, SmallConfig(bitplanes=True))
     assert fuse_sites(q) > 0
-    lo, hi = q.mobiquant_config.min_bits, q.mobiquant_config.max_bits
-    for b in (lo, (lo + hi) / 2, hi):
-        eager = generate(q, prompt, 12, budget=b, cuda_graph="off")
-        graph = generate(q, prompt, 12, budget=b, cuda_graph="graph")
-        assert graph.graph == "graph" and graph.captures == 1
-        assert torch.equal(graph.tokens, eager.tokens), b
-    sched = [lo, hi, (lo + hi) / 2, hi, lo, lo + 1, hi, lo]
-    g = generate(q, prompt, 8, budget=sched, cuda_graph="graph")
-    assert g.graph == "graph" and g.captures == 1
-    assert torch.equal(g.tokens, generate(q, prompt, 8, budget=sched, cuda_graph="off").tokens)
+    assert_one_graph_decodes_as_eager(q, prompt)
 
 
 @pytest.mark.gpu
@@ -573,6 +564,15 @@ def test_gpu_fused_norms_decode_in_one_graph(prompt):
     assert fuse_sites(q) > 0
     n_layers = len(q.model.layers)
     assert fuse_norms(q) == 2 * n_layers + 1
+    assert_one_graph_decodes_as_eager(q, prompt)
+    assert fuse_norms(fp) == 2 * n_layers + 1
+    g = generate(fp, prompt, 12, cuda_graph="graph")
+    assert g.graph == "graph" and torch.equal(g.tokens, generate(fp, prompt, 12, cuda_graph="off").tokens)
+
+
+def assert_one_graph_decodes_as_eager(q, prompt):
+    """The captured decode step gives eager decoding's greedy tokens at the lowest, middle and highest budget, and
+    one graph serves a per-token budget list."""
     lo, hi = q.mobiquant_config.min_bits, q.mobiquant_config.max_bits
     for b in (lo, (lo + hi) / 2, hi):
         eager = generate(q, prompt, 12, budget=b, cuda_graph="off")
@@ -583,9 +583,6 @@ def test_gpu_fused_norms_decode_in_one_graph(prompt):
     g = generate(q, prompt, 8, budget=sched, cuda_graph="graph")
     assert g.graph == "graph" and g.captures == 1
     assert torch.equal(g.tokens, generate(q, prompt, 8, budget=sched, cuda_graph="off").tokens)
-    assert fuse_norms(fp) == 2 * n_layers + 1
-    g = generate(fp, prompt, 12, cuda_graph="graph")
-    assert g.graph == "graph" and torch.equal(g.tokens, generate(fp, prompt, 12, cuda_graph="off").tokens)
 
 
 def gpu_models(dtype):

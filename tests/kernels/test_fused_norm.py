@@ -48,7 +48,7 @@ def test_fused_norm_router_is_the_norm_then_the_router(policy, d, tokens, dtype)
     seen = set()
     for tau in (-1e9, 0.0, 0.5, 1e9):
         t = torch.tensor([tau], device=DEVICE)
-        y, k, v = kernels.fused_norm_router(x, w, 1e-5, w1, b1, w2, b2, t, policy)
+        y, k, v = kernels.fused_norm_router(x, w, 1e-5, (w1, b1, w2, b2), t, policy)
         assert y.dtype == dtype and y.shape == x.shape and k.shape == (tokens,) and v.shape == (tokens, 5)
         ref = llama_norm(x, w, 1e-5)
         if dtype == torch.float16:
@@ -66,7 +66,7 @@ def test_fused_norm_rejects_a_weight_of_another_width():
     r = [torch.randn(8, 64, device=DEVICE), torch.zeros(8, device=DEVICE)]
     r += [torch.randn(3, 8, device=DEVICE), torch.zeros(3, device=DEVICE)]
     with pytest.raises(ValueError, match="norm weight"):
-        kernels.fused_norm_router(x, w, 1e-5, *r, torch.zeros(1, device=DEVICE))
+        kernels.fused_norm_router(x, w, 1e-5, r, torch.zeros(1, device=DEVICE), "free")
     with pytest.raises(ValueError, match="norm weight"):
         kernels.rms_norm(x, w, 1e-5)
 

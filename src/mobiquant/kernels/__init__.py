@@ -277,21 +277,14 @@ def fused_router(
 
 
 def fused_norm_router(
-    x: torch.Tensor,
-    norm_weight: torch.Tensor,
-    eps: float,
-    w1: torch.Tensor,
-    b1: torch.Tensor,
-    w2: torch.Tensor,
-    b2: torch.Tensor,
-    tau: torch.Tensor,
-    policy: str = "free",
+    x: torch.Tensor, weight: torch.Tensor, eps: float, router: Sequence[torch.Tensor], tau: torch.Tensor, policy: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One launch: the RMS norm ``y`` of ``x`` (``LlamaRMSNorm``'s arithmetic) and the slice counts and gate
-    values of a router on ``y`` (:func:`fused_router`'s, exactly): ``(y, k, v)`` (:mod:`.triton_router`)."""
+    values on ``y`` of the router ``(w1, b1, w2, b2)`` (:func:`fused_router`'s, exactly): ``(y, k, v)``
+    (:mod:`.triton_router`)."""
     from .triton_router import fused_norm_router as _fused
 
-    return _fused(x, norm_weight, eps, w1, b1, w2, b2, tau, policy)
+    return _fused(x, weight, eps, router, tau, policy)
 
 
 def rms_norm(x: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -1958,8 +1958,9 @@ def _bp_gemv_bits_kernel(
             lm = tl.arange(0, 2)
             rr = tl.arange(0, RRP)
             part = _router_part(
-                x_ptr, rw1_ptr, rb1_ptr, rw2_ptr, lm, lm < 1, pid, K_IN, RH, K_IN, KVALS, RRP, 1, 2, RBD
-            )
+                x_ptr, rw1_ptr, rb1_ptr, rw2_ptr, lm, lm < 1, pid, K_IN, RH, K_IN, rw1_ptr, rw1_ptr, 1.0, KVALS, RRP,
+                1, 2, RBD, False,
+            )  # fmt: skip
             tl.store(rpart_ptr + (pid * 2 + lm[:, None]) * RRP + rr[None, :], part)
             tl.debug_barrier()  # every thread's partial is stored before the release below
             ticket = tl.atomic_add(sync_ptr, 1, sem="acq_rel")

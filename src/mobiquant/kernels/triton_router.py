@@ -20,6 +20,8 @@ launch). Self-contained (torch and triton only), like :mod:`.triton_bitplane`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
@@ -31,16 +33,20 @@ def _min_fn(a, b):
 
 
 @triton.jit
+def _rows(x_ptr, toks, tmask, cols, cmask, stride_xm):
+    """Columns ``cols`` of the rows ``toks`` of ``x`` (zeros outside the masks), in ``x``'s dtype."""
+    return tl.load(
+        x_ptr + toks[:, None].to(tl.int64) * stride_xm + cols[None, :], mask=tmask[:, None] & cmask[None, :], other=0.0
+    )
+
+
+@triton.jit
 def _rms_scale(x_ptr, toks, tmask, D_IN, stride_xm, eps, BM: tl.constexpr, BD: tl.constexpr):
     """``1 / sqrt(mean(x^2) + eps)`` of each token's row (fp32), as ``LlamaRMSNorm`` computes it."""
     acc = tl.zeros((BM,), dtype=tl.float32)
     for d0 in range(0, D_IN, BD):
         cols = d0 + tl.arange(0, BD)
-        x = tl.load(
-            x_ptr + toks[:, None].to(tl.int64) * stride_xm + cols[None, :],
-            mask=tmask[:, None] & (cols < D_IN)[None, :],
-            other=0.0,
-        ).to(tl.float32)
+        x = _rows(x_ptr, toks, tmask, cols, cols < D_IN, stride_xm).to(tl.float32)
         acc += tl.sum(x * x, axis=1)
     return 1.0 / tl.sqrt(acc / D_IN + eps)
 
@@ -68,49 +74,6 @@ def _router_part(
     D_IN,
     H,
     stride_xm,
-    R: tl.constexpr,
-    RP: tl.constexpr,
-    HB: tl.constexpr,
-    BM: tl.constexpr,
-    BD: tl.constexpr,
-):
-    """Hidden units ``[pid_h HB, (pid_h + 1) HB)`` of tokens ``toks``: their share of the scores, ``[BM, RP]``
-    (``W2[:, units] gelu(W1[units] x + b1[units])``)."""
-    return _router_part_of(
-        x_ptr,
-        w1_ptr,
-        b1_ptr,
-        w2_ptr,
-        toks,
-        tmask,
-        pid_h,
-        D_IN,
-        H,
-        stride_xm,
-        w1_ptr,
-        w1_ptr,
-        1.0,
-        R,
-        RP,
-        HB,
-        BM,
-        BD,
-        False,
-    )
-
-
-@triton.jit
-def _router_part_of(
-    x_ptr,
-    w1_ptr,
-    b1_ptr,
-    w2_ptr,
-    toks,
-    tmask,
-    pid_h,
-    D_IN,
-    H,
-    stride_xm,
     nw_ptr,
     y_ptr,
     rstd,
@@ -121,19 +84,16 @@ def _router_part_of(
     BD: tl.constexpr,
     NORM: tl.constexpr,
 ):
-    """:func:`_router_part`; with ``NORM`` of the RMS-normalized rows (:func:`_normed`, scale ``rstd``), which the
-    program of the first hidden units stores to ``y_ptr``."""
+    """Hidden units ``[pid_h HB, (pid_h + 1) HB)`` of tokens ``toks``: their share of the scores, ``[BM, RP]``
+    (``W2[:, units] gelu(W1[units] x + b1[units])``); with ``NORM`` of the RMS-normalized rows (:func:`_normed`,
+    scale ``rstd``), which the program of the first hidden units stores to ``y_ptr`` (without, those three unused)."""
     hrows = pid_h * HB + tl.arange(0, HB)
     hmask = hrows < H
     acc = tl.zeros((BM, HB), dtype=tl.float32)
     for d0 in range(0, D_IN, BD):
         cols = d0 + tl.arange(0, BD)
         cmask = cols < D_IN
-        x = tl.load(
-            x_ptr + toks[:, None].to(tl.int64) * stride_xm + cols[None, :],
-            mask=tmask[:, None] & cmask[None, :],
-            other=0.0,
-        )
+        x = _rows(x_ptr, toks, tmask, cols, cmask, stride_xm)
         if NORM:
             x = _normed(x, cols, cmask, rstd, nw_ptr, y_ptr, toks, tmask & (toks * 0 + pid_h == 0), D_IN)
         x = x.to(w1_ptr.dtype.element_ty).to(tl.float32)  # rounded to the router's dtype, as the module does
@@ -216,27 +176,10 @@ def _router_kernel(
         rstd = _rms_scale(x_ptr, toks, tmask, D_IN, stride_xm, eps, BM, BD)
     else:
         rstd = tl.full((BM,), 1.0, tl.float32)
-    part = _router_part_of(
-        x_ptr,
-        w1_ptr,
-        b1_ptr,
-        w2_ptr,
-        toks,
-        tmask,
-        pid_h,
-        D_IN,
-        H,
-        stride_xm,
-        nw_ptr,
-        y_ptr,
-        rstd,
-        R,
-        RP,
-        HB,
-        BM,
-        BD,
-        NORM,
-    )
+    part = _router_part(
+        x_ptr, w1_ptr, b1_ptr, w2_ptr, toks, tmask, pid_h, D_IN, H, stride_xm, nw_ptr, y_ptr, rstd, R, RP, HB,
+        BM, BD, NORM,
+    )  # fmt: skip
     r = tl.arange(0, RP)
     base = pid_m * NPP * BM * RP
     tl.store(part_ptr + base + (pid_h * BM + lm[:, None]) * RP + r[None, :], part)
@@ -295,22 +238,14 @@ def fused_router(
 
 
 def fused_norm_router(
-    x: torch.Tensor,
-    norm_weight: torch.Tensor,
-    eps: float,
-    w1: torch.Tensor,
-    b1: torch.Tensor,
-    w2: torch.Tensor,
-    b2: torch.Tensor,
-    tau: torch.Tensor,
-    policy: str = "free",
+    x: torch.Tensor, weight: torch.Tensor, eps: float, router: Sequence[torch.Tensor], tau: torch.Tensor, policy: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``LlamaRMSNorm`` of ``x`` and the router on its output in one launch: ``(y, k, v)``, ``y = norm_weight *
-    (x / sqrt(mean(x^2) + eps)).to(x.dtype)`` in the dtype of that product, and the slice counts and gate values
-    of :func:`fused_router` on ``y`` (exactly those of ``fused_router(y, ...)``)."""
-    if norm_weight.shape != (x.shape[-1],) or norm_weight.device != x.device:
-        raise ValueError(f"norm weight {tuple(norm_weight.shape)} does not fit inputs of width {x.shape[-1]}")
-    k, v, y = _route(x, (w1, b1, w2, b2), tau, policy, 1, (norm_weight, float(eps)))
+    """``LlamaRMSNorm`` of ``x`` and the router ``(w1, b1, w2, b2)`` on its output in one launch: ``(y, k, v)``,
+    ``y = weight * (x / sqrt(mean(x^2) + eps)).to(x.dtype)`` in the dtype of that product, and the slice counts
+    and gate values of :func:`fused_router` on ``y`` (exactly those of ``fused_router(y, ...)``)."""
+    if weight.shape != (x.shape[-1],) or weight.device != x.device:
+        raise ValueError(f"norm weight {tuple(weight.shape)} does not fit inputs of width {x.shape[-1]}")
+    k, v, y = _route(x, tuple(router), tau, policy, 1, (weight, float(eps)))
     assert y is not None
     return y, k, v
 
@@ -393,11 +328,7 @@ def _rms_norm_kernel(x_ptr, nw_ptr, y_ptr, eps, M, D_IN, stride_xm, BM: tl.const
     for d0 in range(0, D_IN, BD):
         cols = d0 + tl.arange(0, BD)
         cmask = cols < D_IN
-        x = tl.load(
-            x_ptr + toks[:, None].to(tl.int64) * stride_xm + cols[None, :],
-            mask=tmask[:, None] & cmask[None, :],
-            other=0.0,
-        )
+        x = _rows(x_ptr, toks, tmask, cols, cmask, stride_xm)
         _normed(x, cols, cmask, rstd, nw_ptr, y_ptr, toks, tmask, D_IN)
 
 

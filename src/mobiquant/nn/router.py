@@ -279,9 +279,8 @@ class TokenRouter(nn.Module):
         from .. import kernels
 
         first, last = cast(nn.Linear, self.net[0]), cast(nn.Linear, self.net[2])
-        y, k, m = kernels.fused_norm_router(
-            x, norm_weight, eps, first.weight, first.bias, last.weight, last.bias, self.tau, self.policy
-        )
+        router = (first.weight, first.bias, last.weight, last.bias)
+        y, k, m = kernels.fused_norm_router(x, norm_weight, eps, router, self.tau, self.policy)
         self._values = (weakref.ref(y), self._values_key(), m)
         self._cache = (weakref.ref(y), (id(y), self.tau._version, None), k)
         return y
