@@ -79,10 +79,10 @@ def parse_args(argv=None):
         "routed budget 4 with each router inside its site's launch (SmallConfig(router_in_launch=True))",
     )
     ap.add_argument(
-        "--fuse-norms",
+        "--fuse-inputs",
         action="store_true",
         help="also, in the same process, fp16, routed budget 4 and static 4 bits with every RMS norm one launch that "
-        "also routes the site it feeds (patching.fuse_norms)",
+        "also routes the site it feeds, and every gated MLP product likewise (patching.fuse_inputs)",
     )
     ap.add_argument(
         "--per-linear",
@@ -227,7 +227,7 @@ def run_rows(args, fp, q, tok, device):
 
     layer = next(m for m in q.modules() if isinstance(m, mq.MoBiLinear))
     views = [float(sum(layer.slice_bits[:k])) for k in range(1, layer.num_slices + 1)]
-    base = dict(cfg=None, per_linear=False, host_count=False, fuse_norms=False)
+    base = dict(cfg=None, per_linear=False, host_count=False, fuse_inputs=False)
     cases = [dict(base, name="fp16", model=fp, budget=None, k=None)]
     cases += [dict(base, name="mobiquant", model=q, budget=b, k=None) for b in args.budgets]
     ks = [int(v) for v in args.views.split(",") if v.strip()] or range(1, len(views) + 1)
@@ -247,10 +247,10 @@ def run_rows(args, fp, q, tok, device):
         from mobiquant.kernels.triton_bitplane import SmallConfig
 
         cases.append(dict(base, **pair[0], cfg=SmallConfig(router_in_launch=True)))  # no router launch
-    if args.fuse_norms:  # fp16 with the same norms: what the fused norms give any model, apart from the routers
+    if args.fuse_inputs:  # fp16 with the same kernels: what they give any model, routers apart
         fp_case = dict(name="fp16", model=fp, budget=None, k=None)
-        cases += [dict(base, **c, fuse_norms=True) for c in (fp_case, *pair)]
-    from mobiquant.patching import fuse_norms, fuse_sites, set_small_config
+        cases += [dict(base, **c, fuse_inputs=True) for c in (fp_case, *pair)]
+    from mobiquant.patching import fuse_inputs, fuse_sites, set_small_config
 
     real_routed_k = mq.MoBiLinear._routed_k
     for c in cases:
@@ -261,8 +261,8 @@ def run_rows(args, fp, q, tok, device):
             fuse_sites(model, enable=False)
         if c["host_count"]:
             mq.MoBiLinear._routed_k = counted_on_host(real_routed_k)
-        if c["fuse_norms"]:
-            fuse_norms(model)
+        if c["fuse_inputs"]:
+            fuse_inputs(model)
         if static_k is not None:
             mq.set_static(model, static_k)
         t_row = time.perf_counter()
@@ -270,8 +270,8 @@ def run_rows(args, fp, q, tok, device):
             g, split = time_one(model, budget)
         finally:
             mq.MoBiLinear._routed_k = real_routed_k
-            if c["fuse_norms"]:
-                fuse_norms(model, enable=False)
+            if c["fuse_inputs"]:
+                fuse_inputs(model, enable=False)
             if c["per_linear"] and not args.per_linear:
                 fuse_sites(model)
             if c["cfg"] is not None:
@@ -283,7 +283,7 @@ def run_rows(args, fp, q, tok, device):
         else:
             tag = f" [{kb.bits_tag(c['cfg'])}]"
         tag += (
-            " [per linear]" * c["per_linear"] + " [host count]" * c["host_count"] + " [fused norms]" * c["fuse_norms"]
+            " [per linear]" * c["per_linear"] + " [host count]" * c["host_count"] + " [fused inputs]" * c["fuse_inputs"]
         )
         rows.append(
             dict(

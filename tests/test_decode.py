@@ -507,7 +507,7 @@ def test_task_decode_rejects_bad_settings(tmp_path):
         ("decode.cuda_graph=always", "decode.cuda_graph"),
         ("decode.budgets=[]", "decode.budgets"),
         ("decode.prompt=''", "decode.prompt"),
-        ("decode.fuse_norms=maybe", "decode.fuse_norms"),
+        ("decode.fuse_inputs=maybe", "decode.fuse_inputs"),
     ]:
         with pytest.raises(ValueError, match=match):
             decode.run(decode_cfg(tmp_path, override))
@@ -552,20 +552,20 @@ def test_gpu_fused_sites_decode_in_one_graph(prompt):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_gpu_fused_norms_decode_in_one_graph(prompt):
-    """With ``patching.fuse_norms`` (each norm one launch that routes the site it feeds) and one launch per site,
-    the captured decode step gives eager decoding's greedy tokens at every budget, one graph serves a per-token
-    budget list, and the unquantized model decodes as well with its norms fused."""
+def test_gpu_fused_inputs_decode_in_one_graph(prompt):
+    """With ``patching.fuse_inputs`` (norms and MLP products one launch each, with the router of the site they
+    feed) and one launch per site, the captured decode step gives eager decoding's greedy tokens at every budget,
+    one graph serves a per-token budget list, and the unquantized model decodes as well with its inputs fused."""
     from mobiquant.kernels.triton_bitplane import SmallConfig
-    from mobiquant.patching import fuse_norms, fuse_sites, set_small_config
+    from mobiquant.patching import fuse_inputs, fuse_sites, set_small_config
 
     fp, q = gpu_models(torch.float16)
     set_small_config(q, SmallConfig(bitplanes=True))
     assert fuse_sites(q) > 0
     n_layers = len(q.model.layers)
-    assert fuse_norms(q) == 2 * n_layers + 1
+    assert fuse_inputs(q) == 3 * n_layers + 1  # two norms and the MLP a layer, the final norm
     assert_one_graph_decodes_as_eager(q, prompt)
-    assert fuse_norms(fp) == 2 * n_layers + 1
+    assert fuse_inputs(fp) == 3 * n_layers + 1
     g = generate(fp, prompt, 12, cuda_graph="graph")
     assert g.graph == "graph" and torch.equal(g.tokens, generate(fp, prompt, 12, cuda_graph="off").tokens)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -230,33 +231,45 @@ def _rms_eps(mod: nn.Module) -> float | None:
     return eps
 
 
-def fuse_norms(model: nn.Module, enable: bool = True) -> int:
-    """Each RMS norm of ``model`` in one kernel launch at decode time, with the router of the routed linears that
-    read its output (:class:`~mobiquant.nn.norm.FusedRMSNorm`): in a LLaMA layer the input norm's launch also routes
-    q, k and v and the post-attention norm's routes gate and up, so a routed decode step loses two router launches
-    and fourteen elementwise launches per layer. Which norm feeds which linear is found by tracing one short
-    forward (as router sites are), and a norm is taken only where its traced output is exactly what the kernel's
-    arithmetic (``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)``) gives. Works on unquantized models too
-    (the norms alone). ``enable=False`` puts the model's own norms back. Returns the number of norms fused."""
-    from .nn.norm import FusedRMSNorm
+def _gated_mlp(mod: nn.Module) -> bool:
+    """Whether ``mod`` has the parts of a gated MLP (``gate_proj``, ``up_proj``, ``down_proj``, ``act_fn``)."""
+    from .nn.fused import PARTS
+
+    return all(isinstance(getattr(mod, p, None), nn.Module) for p in PARTS) and callable(getattr(mod, "act_fn", None))
+
+
+def fuse_inputs(model: nn.Module, enable: bool = True) -> int:
+    """The kernels that make a routed site's input run with that site's router, at decode time
+    (:mod:`mobiquant.nn.fused`): each RMS norm is one launch that, in a LLaMA layer, also routes q, k and v (the
+    input norm) or gate and up (the post-attention norm), and each gated MLP's ``silu(gate) * up`` is one launch that
+    also routes ``down_proj``; a routed decode step loses three router launches and fifteen elementwise launches per
+    layer. Which module feeds which linear is found by tracing one short forward (as router sites are), and a module
+    is taken only where its traced output is exactly what the fused arithmetic gives (a norm
+    ``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)``, an MLP ``down(silu(gate(x)) * up(x))``). Works on
+    unquantized models too (the same launches, no routers). ``enable=False`` puts the model's own modules back.
+    Returns the number of modules fused."""
+    import torch.nn.functional as F
+
+    from .nn.fused import FusedGatedMLP, FusedRMSNorm
 
     for name, mod in list(model.named_modules()):
-        if isinstance(mod, FusedRMSNorm):
+        if isinstance(mod, (FusedRMSNorm, FusedGatedMLP)):
             _set_submodule(model, name, mod.original)
     if not enable:
         return 0
-    norms = {name: (mod, eps) for name, mod in model.named_modules() if (eps := _rms_eps(mod)) is not None}
+    norms = {name: eps for name, mod in model.named_modules() if (eps := _rms_eps(mod)) is not None}
+    mlps = {name for name, mod in model.named_modules() if _gated_mlp(mod)}
     linears = [m for _, m in mobi_linears(model) if m.router is not None]
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     inputs: dict[int, torch.Tensor] = {}
 
-    def norm_hook(mod, args, out, name):
+    def module_hook(mod, args, out, name):
         seen.setdefault(name, (args[0], out))
 
     def linear_hook(mod, args):
         inputs.setdefault(id(mod), args[0])
 
-    hooks = [mod.register_forward_hook(partial(norm_hook, name=name)) for name, (mod, _) in norms.items()]
+    hooks = [model.get_submodule(n).register_forward_hook(partial(module_hook, name=n)) for n in (*norms, *mlps)]
     hooks += [m.register_forward_pre_hook(linear_hook) for m in linears]
     vocab = getattr(getattr(model, "config", None), "vocab_size", 2)
     device = next(model.parameters()).device
@@ -267,18 +280,24 @@ def fuse_norms(model: nn.Module, enable: bool = True) -> int:
         for h in hooks:
             h.remove()
     fused = 0
-    for name, (mod, eps) in norms.items():
-        if name not in seen:
-            continue
-        x, out = seen[name]
-        h = x.float()
-        ref = mod.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-        if ref.dtype != out.dtype or not torch.equal(ref, out):
-            continue  # another arithmetic (e.g. a (1 + weight) scale): left as it is
-        consumer = next((m for m in linears if inputs.get(id(m)) is out), None)
-        router = None if consumer is None else consumer.router
-        _set_submodule(model, name, FusedRMSNorm(mod, eps, router, consumer))
-        fused += 1
+    with torch.no_grad():
+        for name in (n for n in (*norms, *mlps) if n in seen):
+            part: Any = model.get_submodule(name)
+            x, out = seen[name]
+            if name in norms:
+                xf = x.float()
+                ref = part.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norms[name])).to(x.dtype)
+            else:
+                ref = part.down_proj(F.silu(part.gate_proj(x)) * part.up_proj(x))
+            if ref.dtype != out.dtype or not torch.equal(ref, out):
+                continue  # another arithmetic (e.g. a (1 + weight) norm, a GELU MLP): left as it is
+            if name in norms:
+                consumer = next((m for m in linears if inputs.get(id(m)) is out), None)
+                router = None if consumer is None else consumer.router
+                _set_submodule(model, name, FusedRMSNorm(part, norms[name], router, consumer))
+            else:
+                _set_submodule(model, name, FusedGatedMLP(part))
+            fused += 1
     return fused
 
 

@@ -27,11 +27,11 @@ __all__ = [
     "available",
     "bitplane_linear",
     "dequantize_reference",
-    "fused_norm_router",
+    "fused_input",
+    "fused_input_router",
     "fused_router",
     "torch_reference",
     "triton_importable",
-    "rms_norm",
     "use_fused_router",
     "use_triton",
     "view_pair",
@@ -276,19 +276,19 @@ def fused_router(
     return _fused(x, w1, b1, w2, b2, tau, policy)
 
 
-def fused_norm_router(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, router: Sequence[torch.Tensor], tau: torch.Tensor, policy: str
+def fused_input_router(
+    x: torch.Tensor, prologue: tuple, router: Sequence[torch.Tensor], tau: torch.Tensor, policy: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One launch: the RMS norm ``y`` of ``x`` (``LlamaRMSNorm``'s arithmetic) and the slice counts and gate
-    values on ``y`` of the router ``(w1, b1, w2, b2)`` (:func:`fused_router`'s, exactly): ``(y, k, v)``
-    (:mod:`.triton_router`)."""
-    from .triton_router import fused_norm_router as _fused
+    """One launch: the rows ``y`` a prologue makes of ``x`` (``("rms_norm", weight, eps)``: ``LlamaRMSNorm``'s
+    arithmetic; ``("silu_mul", up)``: a gated MLP's ``silu(x) * up``) and the slice counts and gate values on ``y``
+    of the router ``(w1, b1, w2, b2)`` (:func:`fused_router`'s, exactly): ``(y, k, v)`` (:mod:`.triton_router`)."""
+    from .triton_router import fused_input_router as _fused
 
-    return _fused(x, weight, eps, router, tau, policy)
+    return _fused(x, prologue, router, tau, policy)
 
 
-def rms_norm(x: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """One launch: the RMS norm of ``x`` with ``LlamaRMSNorm``'s arithmetic (:mod:`.triton_router`)."""
-    from .triton_router import rms_norm as _norm
+def fused_input(x: torch.Tensor, prologue: tuple) -> torch.Tensor:
+    """One launch: the rows a prologue makes of ``x`` (:func:`fused_input_router`'s), without a router."""
+    from .triton_router import fused_input as _input
 
-    return _norm(x, norm_weight, eps)
+    return _input(x, prologue)

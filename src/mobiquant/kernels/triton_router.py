@@ -63,6 +63,29 @@ def _normed(x, cols, cmask, rstd, nw_ptr, y_ptr, toks, smask, D_IN):
 
 
 @triton.jit
+def _silu_mul(x, cols, cmask, u_ptr, stride_xm, y_ptr, toks, tmask, smask, D_IN):
+    """A gated MLP's product ``silu(x).to(x's dtype) * u`` in ``y``'s dtype (``LlamaMLP``: ``act_fn(gate) * up``;
+    ``u`` read with ``x``'s row stride), stored to ``y_ptr`` for the tokens of ``smask``."""
+    g = x.to(tl.float32)
+    a = (g / (1.0 + tl.exp(-g))).to(x.dtype).to(tl.float32)
+    u = _rows(u_ptr, toks, tmask, cols, cmask, stride_xm).to(tl.float32)
+    y = (a * u).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + toks[:, None].to(tl.int64) * D_IN + cols[None, :], y, mask=smask[:, None] & cmask[None, :])
+    return y
+
+
+@triton.jit
+def _prologue(x, cols, cmask, rstd, aux_ptr, y_ptr, toks, tmask, smask, D_IN, stride_xm, PRE: tl.constexpr):
+    """The rows a router reads: ``x`` itself (``PRE`` 0), its RMS norm (1, :func:`_normed`, weight at ``aux_ptr``)
+    or the gated product with ``aux_ptr``'s rows (2, :func:`_silu_mul`); 1 and 2 stored for ``smask``."""
+    if PRE == 1:
+        x = _normed(x, cols, cmask, rstd, aux_ptr, y_ptr, toks, smask, D_IN)
+    elif PRE == 2:
+        x = _silu_mul(x, cols, cmask, aux_ptr, stride_xm, y_ptr, toks, tmask, smask, D_IN)
+    return x
+
+
+@triton.jit
 def _router_part(
     x_ptr,
     w1_ptr,
@@ -74,7 +97,7 @@ def _router_part(
     D_IN,
     H,
     stride_xm,
-    nw_ptr,
+    aux_ptr,
     y_ptr,
     rstd,
     R: tl.constexpr,
@@ -82,20 +105,20 @@ def _router_part(
     HB: tl.constexpr,
     BM: tl.constexpr,
     BD: tl.constexpr,
-    NORM: tl.constexpr,
+    PRE: tl.constexpr,
 ):
     """Hidden units ``[pid_h HB, (pid_h + 1) HB)`` of tokens ``toks``: their share of the scores, ``[BM, RP]``
-    (``W2[:, units] gelu(W1[units] x + b1[units])``); with ``NORM`` of the RMS-normalized rows (:func:`_normed`,
-    scale ``rstd``), which the program of the first hidden units stores to ``y_ptr`` (without, those three unused)."""
+    (``W2[:, units] gelu(W1[units] x + b1[units])``) of the rows :func:`_prologue` makes of ``x`` (RMS scale
+    ``rstd``), which the program of the first hidden units stores to ``y_ptr`` (with ``PRE`` 0: none)."""
     hrows = pid_h * HB + tl.arange(0, HB)
     hmask = hrows < H
     acc = tl.zeros((BM, HB), dtype=tl.float32)
+    smask = tmask & (toks * 0 + pid_h == 0)
     for d0 in range(0, D_IN, BD):
         cols = d0 + tl.arange(0, BD)
         cmask = cols < D_IN
         x = _rows(x_ptr, toks, tmask, cols, cmask, stride_xm)
-        if NORM:
-            x = _normed(x, cols, cmask, rstd, nw_ptr, y_ptr, toks, tmask & (toks * 0 + pid_h == 0), D_IN)
+        x = _prologue(x, cols, cmask, rstd, aux_ptr, y_ptr, toks, tmask, smask, D_IN, stride_xm, PRE)
         x = x.to(w1_ptr.dtype.element_ty).to(tl.float32)  # rounded to the router's dtype, as the module does
         w = tl.load(
             w1_ptr + hrows[:, None].to(tl.int64) * D_IN + cols[None, :], mask=hmask[:, None] & cmask[None, :], other=0.0
@@ -150,7 +173,7 @@ def _router_kernel(
     lock_ptr,
     k_ptr,
     v_ptr,
-    nw_ptr,
+    aux_ptr,
     y_ptr,
     eps,
     M,
@@ -165,20 +188,20 @@ def _router_kernel(
     NPROG: tl.constexpr,
     NPP: tl.constexpr,
     ADJACENT: tl.constexpr,
-    NORM: tl.constexpr,
+    PRE: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
     pid_m = tl.program_id(1)
     lm = tl.arange(0, BM)
     toks = pid_m * BM + lm
     tmask = toks < M
-    if NORM:  # every program normalizes the rows it reads (the same code, the same values); one stores them
+    if PRE == 1:  # every program makes the rows it reads (the same code, the same values); the first stores them
         rstd = _rms_scale(x_ptr, toks, tmask, D_IN, stride_xm, eps, BM, BD)
     else:
         rstd = tl.full((BM,), 1.0, tl.float32)
     part = _router_part(
-        x_ptr, w1_ptr, b1_ptr, w2_ptr, toks, tmask, pid_h, D_IN, H, stride_xm, nw_ptr, y_ptr, rstd, R, RP, HB,
-        BM, BD, NORM,
+        x_ptr, w1_ptr, b1_ptr, w2_ptr, toks, tmask, pid_h, D_IN, H, stride_xm, aux_ptr, y_ptr, rstd, R, RP, HB,
+        BM, BD, PRE,
     )  # fmt: skip
     r = tl.arange(0, RP)
     base = pid_m * NPP * BM * RP
@@ -220,6 +243,12 @@ def _locks(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
+#: What a router can read besides its input itself: the input's RMS norm, ``("rms_norm", weight, eps)``
+#: (``LlamaRMSNorm``), or a gated MLP's product with it as the gate, ``("silu_mul", up)`` (``LlamaMLP``'s
+#: ``act_fn(gate) * up`` with SiLU).
+PROLOGUES = {"rms_norm": 1, "silu_mul": 2}
+
+
 def fused_router(
     x: torch.Tensor,
     w1: torch.Tensor,
@@ -233,50 +262,86 @@ def fused_router(
     """Slice counts ``k`` (int64, ``x.shape[:-1]``) and gate values (fp32, ``[..., K-1]``) of tokens ``x``.
 
     ``tau`` is a one-element tensor on ``x``'s device, read by the kernel (no host synchronisation)."""
-    k, v, _ = _route(x, (w1, b1, w2, b2), tau, policy, hidden_per_program, None)
-    return k, v
+    k, v = _route(_Rows(x, None), (w1, b1, w2, b2), tau, policy, hidden_per_program)
+    return k.reshape(x.shape[:-1]), v.reshape(*x.shape[:-1], -1)
 
 
-def fused_norm_router(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, router: Sequence[torch.Tensor], tau: torch.Tensor, policy: str
+def fused_input_router(
+    x: torch.Tensor, prologue: tuple, router: Sequence[torch.Tensor], tau: torch.Tensor, policy: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``LlamaRMSNorm`` of ``x`` and the router ``(w1, b1, w2, b2)`` on its output in one launch: ``(y, k, v)``,
-    ``y = weight * (x / sqrt(mean(x^2) + eps)).to(x.dtype)`` in the dtype of that product, and the slice counts
-    and gate values of :func:`fused_router` on ``y`` (exactly those of ``fused_router(y, ...)``)."""
-    if weight.shape != (x.shape[-1],) or weight.device != x.device:
-        raise ValueError(f"norm weight {tuple(weight.shape)} does not fit inputs of width {x.shape[-1]}")
-    k, v, y = _route(x, tuple(router), tau, policy, 1, (weight, float(eps)))
-    assert y is not None
-    return y, k, v
+    """The rows ``y`` that ``prologue`` (:data:`PROLOGUES`) makes of ``x`` and the router ``(w1, b1, w2, b2)`` on
+    them, in one launch: ``(y, k, v)``, ``y`` with the arithmetic of the model's own modules (in the dtype of their
+    result), ``k`` and ``v`` exactly those of :func:`fused_router` on ``y``. Every router program makes the rows it
+    reads; the first stores them."""
+    rows = _Rows(x, prologue)
+    k, v = _route(rows, tuple(router), tau, policy, 1)
+    assert rows.y is not None
+    return rows.y.reshape(x.shape), k.reshape(x.shape[:-1]), v.reshape(*x.shape[:-1], -1)
+
+
+def fused_input(x: torch.Tensor, prologue: tuple) -> torch.Tensor:
+    """The rows ``prologue`` makes of ``x`` (:func:`fused_input_router`'s), in one launch and without a router."""
+    rows = _Rows(x, prologue)
+    if rows.M > 0:
+        bm = max(2, min(16, triton.next_power_of_2(rows.M)))
+        bd = max(16, min(1024 if bm <= 2 else 256, triton.next_power_of_2(rows.d)))
+        _input_kernel[(triton.cdiv(rows.M, bm),)](
+            rows.x2, rows.aux, rows.y, rows.eps, rows.M, rows.d, rows.x2.stride(0), BM=bm, BD=bd, PRE=rows.pre,
+            num_warps=4,
+        )  # fmt: skip
+    assert rows.y is not None
+    return rows.y.reshape(x.shape)
+
+
+class _Rows:
+    """A kernel's view of tokens ``x`` ``[..., d]`` as rows ``x2 [M, d]`` (unit column stride), with a prologue's
+    operand ``aux`` (the norm weight, or the up rows with ``x2``'s row stride), epsilon and output rows ``y``."""
+
+    def __init__(self, x: torch.Tensor, prologue: tuple | None):
+        self.d = d = x.shape[-1]
+        x2 = x.reshape(-1, d)  # read in its own dtype (the router rounds to its own; no copy, no launch)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        self.M = x2.shape[0]
+        self.pre, self.aux, self.eps, self.y = 0, x2, 0.0, None
+        if prologue is None:
+            self.x2 = x2
+            return
+        kind = prologue[0] if prologue else None
+        if kind not in PROLOGUES:
+            raise ValueError(f"prologue {kind!r} is not one of {sorted(PROLOGUES)}")
+        self.pre = PROLOGUES[kind]
+        if kind == "rms_norm":
+            _, weight, eps = prologue
+            if weight.shape != (d,) or weight.device != x.device:
+                raise ValueError(f"norm weight {tuple(weight.shape)} does not fit inputs of width {d}")
+            self.aux, self.eps, out_dtype = weight.contiguous(), float(eps), torch.result_type(weight, x)
+        else:
+            (_, up) = prologue
+            if up.shape != x.shape or up.device != x.device:
+                raise ValueError(f"up rows {tuple(up.shape)} do not match the gate's {tuple(x.shape)}")
+            u2 = up.reshape(-1, d)
+            if u2.stride() != x2.stride():  # one row stride for both (columns of one site launch share it)
+                x2, u2 = x2.contiguous(), u2.contiguous()
+            self.aux, out_dtype = u2, torch.result_type(x, up)
+        self.x2 = x2
+        self.y = torch.empty(self.M, d, dtype=out_dtype, device=x.device)
 
 
 def _route(
-    x: torch.Tensor,
-    weights: tuple[torch.Tensor, ...],
-    tau: torch.Tensor,
-    policy: str,
-    hidden_per_program: int,
-    norm: tuple[torch.Tensor, float] | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    rows: _Rows, weights: tuple[torch.Tensor, ...], tau: torch.Tensor, policy: str, hidden_per_program: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     if policy not in ("free", "adjacent"):
         raise ValueError(f"router policy must be 'free' or 'adjacent', got {policy!r}")
     w1, b1, w2, b2 = weights
-    d = x.shape[-1]
+    d, M, x2 = rows.d, rows.M, rows.x2
     n_hidden, r_out = w1.shape[0], w2.shape[0]
     if w1.shape[1] != d or w2.shape[1] != n_hidden or b1.numel() != n_hidden or b2.numel() != r_out:
         raise ValueError(f"router weights {tuple(w1.shape)}, {tuple(w2.shape)} do not fit inputs of width {d}")
-    if tau.numel() != 1 or tau.device != x.device:
+    if tau.numel() != 1 or tau.device != x2.device:
         raise ValueError("tau must be a one-element tensor on the inputs' device")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, d)  # read in its own dtype, rounded to the router's in the kernel (no copy, no launch)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    M = x2.shape[0]
-    k = torch.empty(M, dtype=torch.int64, device=x.device)
-    v = torch.empty(M, r_out, dtype=torch.float32, device=x.device)
-    y = None
-    if norm is not None:
-        y = torch.empty(M, d, dtype=torch.result_type(norm[0], x), device=x.device)
+    k = torch.empty(M, dtype=torch.int64, device=x2.device)
+    v = torch.empty(M, r_out, dtype=torch.float32, device=x2.device)
     if M > 0:
         hb = triton.next_power_of_2(max(1, int(hidden_per_program)))
         nprog = triton.cdiv(n_hidden, hb)
@@ -286,8 +351,8 @@ def _route(
         bd = max(16, min(bd, triton.next_power_of_2(d)))
         rp = max(2, triton.next_power_of_2(r_out))
         m_blocks = triton.cdiv(M, bm)
-        part = torch.empty(m_blocks * npp * bm * rp, dtype=torch.float32, device=x.device)
-        locks = _locks(x.device, m_blocks)
+        part = torch.empty(m_blocks * npp * bm * rp, dtype=torch.float32, device=x2.device)
+        locks = _locks(x2.device, m_blocks)
         _router_kernel[(nprog, m_blocks)](
             x2,
             w1.contiguous(),
@@ -299,9 +364,9 @@ def _route(
             locks,
             k,
             v,
-            w1 if norm is None else norm[0].contiguous(),
-            w1 if y is None else y,
-            0.0 if norm is None else norm[1],
+            rows.aux,
+            x2 if rows.y is None else rows.y,
+            rows.eps,
             M,
             d,
             n_hidden,
@@ -314,41 +379,27 @@ def _route(
             NPROG=nprog,
             NPP=npp,
             ADJACENT=policy == "adjacent",
-            NORM=norm is not None,
+            PRE=rows.pre,
             num_warps=4,
         )
-    return k.reshape(lead), v.reshape(*lead, r_out), None if y is None else y.reshape(x.shape)
+    return k, v  # [M], [M, K-1]
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, nw_ptr, y_ptr, eps, M, D_IN, stride_xm, BM: tl.constexpr, BD: tl.constexpr):
+def _input_kernel(
+    x_ptr, aux_ptr, y_ptr, eps, M, D_IN, stride_xm, BM: tl.constexpr, BD: tl.constexpr, PRE: tl.constexpr
+):
     toks = tl.program_id(0) * BM + tl.arange(0, BM)
     tmask = toks < M
-    rstd = _rms_scale(x_ptr, toks, tmask, D_IN, stride_xm, eps, BM, BD)
+    if PRE == 1:
+        rstd = _rms_scale(x_ptr, toks, tmask, D_IN, stride_xm, eps, BM, BD)
+    else:
+        rstd = tl.full((BM,), 1.0, tl.float32)
     for d0 in range(0, D_IN, BD):
         cols = d0 + tl.arange(0, BD)
         cmask = cols < D_IN
         x = _rows(x_ptr, toks, tmask, cols, cmask, stride_xm)
-        _normed(x, cols, cmask, rstd, nw_ptr, y_ptr, toks, tmask, D_IN)
+        _prologue(x, cols, cmask, rstd, aux_ptr, y_ptr, toks, tmask, tmask, D_IN, stride_xm, PRE)
 
 
-def rms_norm(x: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``LlamaRMSNorm`` of ``x`` in one launch (the normalization of :func:`fused_norm_router`, without a router)."""
-    d = x.shape[-1]
-    if norm_weight.shape != (d,) or norm_weight.device != x.device:
-        raise ValueError(f"norm weight {tuple(norm_weight.shape)} does not fit inputs of width {d}")
-    x2 = x.reshape(-1, d)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    M = x2.shape[0]
-    y = torch.empty(M, d, dtype=torch.result_type(norm_weight, x), device=x.device)
-    if M > 0:
-        bm = max(2, min(16, triton.next_power_of_2(M)))
-        bd = max(16, min(1024 if bm <= 2 else 256, triton.next_power_of_2(d)))
-        _rms_norm_kernel[(triton.cdiv(M, bm),)](
-            x2, norm_weight.contiguous(), y, float(eps), M, d, x2.stride(0), BM=bm, BD=bd, num_warps=4
-        )
-    return y.reshape(x.shape)
-
-
-__all__ = ["fused_norm_router", "fused_router", "rms_norm"]
+__all__ = ["PROLOGUES", "fused_input", "fused_input_router", "fused_router"]

@@ -271,16 +271,17 @@ class TokenRouter(nn.Module):
         return k
 
     @torch.no_grad()
-    def normed_input(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
-        """The RMS norm ``y`` of ``x`` (``LlamaRMSNorm``'s arithmetic) and this router's hard decisions on ``y``, in
-        one launch of the fused kernel (:func:`mobiquant.kernels.fused_norm_router`); the decisions are kept as
+    def routed_input(self, x: torch.Tensor, prologue: tuple) -> torch.Tensor:
+        """The rows ``y`` that ``prologue`` makes of ``x`` (the RMS norm before a site, or a gated MLP's product:
+        :data:`mobiquant.kernels.triton_router.PROLOGUES`) and this router's hard decisions on ``y``, in one launch
+        of the fused kernel (:func:`mobiquant.kernels.fused_input_router`); the decisions are kept as
         :meth:`slice_counts` and :meth:`gate_values_of` keep their own, so the linears that read ``y`` launch no
         router. For inputs :func:`mobiquant.kernels.use_fused_router` sends to the kernel."""
         from .. import kernels
 
         first, last = cast(nn.Linear, self.net[0]), cast(nn.Linear, self.net[2])
         router = (first.weight, first.bias, last.weight, last.bias)
-        y, k, m = kernels.fused_norm_router(x, norm_weight, eps, router, self.tau, self.policy)
+        y, k, m = kernels.fused_input_router(x, prologue, router, self.tau, self.policy)
         self._values = (weakref.ref(y), self._values_key(), m)
         self._cache = (weakref.ref(y), (id(y), self.tau._version, None), k)
         return y

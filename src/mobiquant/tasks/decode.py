@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from ..patching import (
     achieved_bits,
-    fuse_norms,
+    fuse_inputs,
     mobi_linears,
     reset_counts,
     routers,
@@ -674,9 +674,9 @@ def _decode_settings(cfg) -> dict[str, Any]:
     if graph not in GRAPH_MODES:
         raise ConfigError(f"decode.cuda_graph={graph!r} is invalid; allowed: {', '.join(GRAPH_MODES)}")
     repeats = pos_int(d.get("repeats", 1), "decode.repeats")
-    fuse = d.get("fuse_norms", False)
+    fuse = d.get("fuse_inputs", False)
     if not isinstance(fuse, bool):
-        raise ConfigError(f"decode.fuse_norms={fuse!r} must be true or false")
+        raise ConfigError(f"decode.fuse_inputs={fuse!r} must be true or false")
     return dict(
         prompt=prompt,
         max_new_tokens=n,
@@ -688,7 +688,7 @@ def _decode_settings(cfg) -> dict[str, Any]:
         repeats=repeats,
         fp=bool(d.get("fp", True)),
         checkpoint=d.get("checkpoint"),
-        fuse_norms=fuse,
+        fuse_inputs=fuse,
     )
 
 
@@ -758,7 +758,7 @@ def run(cfg) -> float:
         for method, budget, model in variants():
             model.to(device)
             ses.use_backend(model)
-            fuse_norms(model, enable=s["fuse_norms"])  # the fp model too: its rows time the same norms
+            fuse_inputs(model, enable=s["fuse_inputs"])  # the fp model too: its rows time the same kernels
             kw = dict(
                 tokenizer=tokenizer,
                 temperature=s["temperature"],

@@ -1,4 +1,4 @@
-"""The RMS norm fused with its site's router (``kernels.fused_norm_router``, ``patching.fuse_norms``).
+"""A routed site's input made in its router's launch (``kernels.fused_input_router``, ``patching.fuse_inputs``).
 
 On a machine without CUDA these run in Triton's interpreter (this folder's conftest sets ``TRITON_INTERPRET=1``).
 """
@@ -10,11 +10,12 @@ import os
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import mobiquant as mq
 from mobiquant import kernels
-from mobiquant.nn.norm import FusedRMSNorm
-from mobiquant.patching import fuse_norms, routers, set_budget
+from mobiquant.nn.fused import FusedGatedMLP, FusedRMSNorm
+from mobiquant.patching import fuse_inputs, routers, set_budget
 from mobiquant.tiny import tiny_llama
 
 pytest.importorskip("triton", reason="triton is not installed: kernel tests skipped")
@@ -31,48 +32,68 @@ def llama_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+def router_weights(d: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    w1, b1 = torch.randn(12, d, generator=g), torch.randn(12, generator=g)
+    w2, b2 = torch.randn(5, 12, generator=g) * 10, torch.randn(5, generator=g)
+    return tuple(t.to(DEVICE) for t in (w1, b1, w2, b2))
+
+
 @pytest.mark.parametrize("policy", ["free", "adjacent"])
+@pytest.mark.parametrize("kind", ["rms_norm", "silu_mul"])
 @pytest.mark.parametrize(
     "d,tokens,dtype",
     [(64, 1, torch.float32), (100, 5, torch.float32), (72, 19, torch.float32), (96, 1, torch.float16)],
     ids=["d64-t1", "d100-t5", "d72-t19", "d96-t1-fp16"],
 )
-def test_fused_norm_router_is_the_norm_then_the_router(policy, d, tokens, dtype):
-    """``y`` is the model's norm (to fp32 rounding of the mean; fp16 rows equal), and ``k``, ``v`` are exactly
-    what the fused router gives on ``y``: mixed slice counts over tokens, odd widths, several token blocks."""
+def test_fused_input_router_is_the_module_then_the_router(policy, kind, d, tokens, dtype):
+    """``y`` is the model module's arithmetic (the norm to fp32 rounding of its mean, the SiLU product to that of
+    the exponential; fp16 norms equal), and ``k``, ``v`` are exactly what the fused router gives on ``y``: mixed slice
+    counts over tokens, odd widths, several token blocks; the up rows may be another tensor's columns (a site
+    launch's output)."""
     g = torch.Generator().manual_seed(d + tokens)
     x = (torch.randn(tokens, d, generator=g) * 3).to(DEVICE, dtype)
-    w = (torch.rand(d, generator=g) + 0.5).to(DEVICE, dtype)
-    w1, b1 = torch.randn(12, d, generator=g).to(DEVICE), torch.randn(12, generator=g).to(DEVICE)
-    w2, b2 = (torch.randn(5, 12, generator=g) * 10).to(DEVICE), torch.randn(5, generator=g).to(DEVICE)
+    if kind == "rms_norm":
+        w = (torch.rand(d, generator=g) + 0.5).to(DEVICE, dtype)
+        prologue: tuple = ("rms_norm", w, 1e-5)
+        ref = llama_norm(x, w, 1e-5)
+    else:
+        both = (torch.randn(tokens, 2 * d, generator=g) * 2).to(DEVICE, dtype)  # gate and up side by side
+        x, up = both[:, :d], both[:, d:]
+        prologue = ("silu_mul", up)
+        ref = F.silu(x) * up
+    router = router_weights(d, g)
     seen = set()
     for tau in (-1e9, 0.0, 0.5, 1e9):
         t = torch.tensor([tau], device=DEVICE)
-        y, k, v = kernels.fused_norm_router(x, w, 1e-5, (w1, b1, w2, b2), t, policy)
+        y, k, v = kernels.fused_input_router(x, prologue, router, t, policy)
         assert y.dtype == dtype and y.shape == x.shape and k.shape == (tokens,) and v.shape == (tokens, 5)
-        ref = llama_norm(x, w, 1e-5)
-        if dtype == torch.float16:
+        if dtype == torch.float16 and kind == "rms_norm":
             assert torch.equal(y, ref)
-        torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
-        k2, v2 = kernels.fused_router(y, w1, b1, w2, b2, t, policy)
+        torch.testing.assert_close(y, ref, rtol=1e-5 if dtype == torch.float32 else 1e-3, atol=1e-5)
+        k2, v2 = kernels.fused_router(y, *router, t, policy)
         assert torch.equal(k, k2) and torch.equal(v, v2)
-        assert torch.equal(kernels.rms_norm(x, w, 1e-5), y)
+        assert torch.equal(kernels.fused_input(x, prologue), y)
         seen |= set(k.tolist())
     assert {1, 6} <= seen
 
 
-def test_fused_norm_rejects_a_weight_of_another_width():
+def test_fused_input_rejects_operands_that_do_not_fit():
     x, w = torch.randn(1, 64, device=DEVICE), torch.ones(48, device=DEVICE)
-    r = [torch.randn(8, 64, device=DEVICE), torch.zeros(8, device=DEVICE)]
-    r += [torch.randn(3, 8, device=DEVICE), torch.zeros(3, device=DEVICE)]
-    with pytest.raises(ValueError, match="norm weight"):
-        kernels.fused_norm_router(x, w, 1e-5, r, torch.zeros(1, device=DEVICE), "free")
-    with pytest.raises(ValueError, match="norm weight"):
-        kernels.rms_norm(x, w, 1e-5)
+    router = router_weights(64, torch.Generator().manual_seed(0))
+    tau = torch.zeros(1, device=DEVICE)
+    for prologue, match in [
+        (("rms_norm", w, 1e-5), "norm weight"),
+        (("silu_mul", torch.ones(1, 48, device=DEVICE)), "up rows"),
+        (("gelu_mul", x), "prologue 'gelu_mul' is not one of"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            kernels.fused_input_router(x, prologue, router, tau, "free")
+        with pytest.raises(ValueError, match=match):
+            kernels.fused_input(x, prologue)
 
 
 class OffsetRMSNorm(nn.Module):
-    """An RMS norm of another arithmetic (``(1 + weight)``, as Gemma's): ``fuse_norms`` must leave it alone."""
+    """An RMS norm of another arithmetic (``(1 + weight)``, as Gemma's): ``fuse_inputs`` must leave it alone."""
 
     def __init__(self, d: int, eps: float = 1e-6):
         super().__init__()
@@ -94,10 +115,10 @@ def qmodel():
     return model.to(DEVICE).eval()
 
 
-def test_fuse_norms_routes_each_site_in_its_norms_launch(qmodel, monkeypatch):
-    """Each layer's input norm takes the q/k/v router and its post-attention norm the gate/up router (found by
-    tracing); the final norm is fused alone; a norm of another arithmetic is left; state dict keys do not move.
-    A one-token forward then launches only the o and down routers, and its logits are the unfused model's at two
+def test_fuse_inputs_routes_each_site_in_the_launch_that_makes_its_input(qmodel, monkeypatch):
+    """Each layer's input norm takes the q/k/v router, its post-attention norm the gate/up router and its MLP the down
+    router (found by tracing); the final norm is fused alone; a norm of another arithmetic is left; state dict keys
+    do not move. A one-token forward then launches only the o routers, and its logits are the unfused model's at two
     budgets; the greedy tokens of eager decoding are the unfused model's. ``enable=False`` restores the model."""
     from mobiquant.tasks.decode import generate
 
@@ -117,18 +138,18 @@ def test_fuse_norms_routes_each_site_in_its_norms_launch(qmodel, monkeypatch):
     own = layers[1].post_attention_layernorm
     layers[1].post_attention_layernorm = OffsetRMSNorm(own.weight.shape[0]).to(DEVICE)
     try:
-        assert fuse_norms(model) == 2 * len(layers)  # the offset norm left alone
+        assert fuse_inputs(model) == 3 * len(layers)  # the offset norm left alone
         assert isinstance(layers[1].post_attention_layernorm, OffsetRMSNorm)
     finally:
-        fuse_norms(model, enable=False)
+        fuse_inputs(model, enable=False)
         layers[1].post_attention_layernorm = own
-    assert fuse_norms(model) == 2 * len(layers) + 1
+    assert fuse_inputs(model) == 3 * len(layers) + 1
     assert list(model.state_dict()) == keys
-    fused = {n: m for n, m in model.named_modules() if isinstance(m, FusedRMSNorm)}
+    fused = {n: m for n, m in model.named_modules() if isinstance(m, (FusedRMSNorm, FusedGatedMLP))}
     assert fused["model.layers.0.input_layernorm"].router is layers[0].self_attn.q_proj.router
     assert fused["model.layers.0.post_attention_layernorm"].router is layers[0].mlp.gate_proj.router
     assert fused["model.layers.1.input_layernorm"].router is layers[1].self_attn.q_proj.router
-    assert fused["model.norm"].router is None
+    assert isinstance(layers[0].mlp, FusedGatedMLP) and fused["model.norm"].router is None
     for m in fused.values():
         m.backend = "triton"
     launches = []
@@ -139,9 +160,9 @@ def test_fuse_norms_routes_each_site_in_its_norms_launch(qmodel, monkeypatch):
         launches.clear()
         with torch.no_grad():
             out = model(input_ids=x).logits
-        assert len(launches) == 2 * len(layers)  # o and down: their inputs come from no norm
+        assert len(launches) == len(layers)  # o: its input comes from attention
         torch.testing.assert_close(out, logits, rtol=1e-5, atol=1e-5)
     assert torch.equal(generate(model, prompt, 3, budget=4.0, cuda_graph="off").tokens, tokens)
-    assert fuse_norms(model, enable=False) == 0
-    assert not any(isinstance(m, FusedRMSNorm) for m in model.modules())
+    assert fuse_inputs(model, enable=False) == 0
+    assert not any(isinstance(m, (FusedRMSNorm, FusedGatedMLP)) for m in model.modules())
     assert list(model.state_dict()) == keys

@@ -1,0 +1,106 @@
+"""The modules that make a routed site's input, fused with the site's router at decode time.
+
+A decode step of a Hugging Face LLaMA runs ``LlamaRMSNorm`` as eight small kernels (casts, square, mean, add,
+rsqrt, two products) and ``LlamaMLP``'s ``act_fn(gate) * up`` as two, and then, on a routed site, the site's
+router as one more launch that reads those rows again. :func:`mobiquant.patching.fuse_inputs` puts these modules in
+place of each norm and gated MLP whose arithmetic they reproduce: for decode-sized inputs on the GPU (those
+:func:`mobiquant.kernels.use_fused_router` sends to the kernels) one launch makes the rows and, where they feed a
+routed linear, runs that linear's router on them (:meth:`~mobiquant.nn.router.TokenRouter.routed_input`): the
+linears of the site then find their router's decisions made. Other inputs (prefill, training, the CPU) run the
+model's own arithmetic. Parameters and submodules keep their names: state dicts do not change.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import torch
+import torch.nn as nn
+
+from .router import TokenRouter
+
+
+def _fast(x: torch.Tensor, backend: str, params: Any) -> bool:
+    """Whether ``x`` goes to the kernels: decode-sized, on their device, and no gradient asked for."""
+    from .. import kernels
+
+    if not kernels.use_fused_router(x, backend):
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)))
+
+
+def _routes(router: TokenRouter | None, consumer: Any) -> bool:
+    """Whether ``consumer`` (the linear fed by the fused rows) will ask ``router`` for hard decisions on them."""
+    if router is None or consumer is None:
+        return False
+    return consumer.mode == "routed" and router.recorder is None and not consumer.training
+
+
+class FusedRMSNorm(nn.Module):
+    """Stands in for ``norm`` (an RMS norm computing ``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)``)."""
+
+    weight: nn.Parameter
+    original: nn.Module
+    router: TokenRouter | None
+    consumer: Any
+
+    def __init__(self, norm: nn.Module, eps: float, router: TokenRouter | None = None, consumer: Any = None):
+        super().__init__()
+        weight = norm.weight
+        if not isinstance(weight, nn.Parameter):
+            raise TypeError(f"{type(norm).__name__} has no weight parameter to share")
+        self.weight = weight
+        self.variance_epsilon = float(eps)
+        # 'auto': the kernels on CUDA for decode-sized inputs; 'torch' never; 'triton' always (interpreter on CPU)
+        self.backend = "auto"
+        # held outside the module tree: the norm and the router stay where the model registers them
+        object.__setattr__(self, "original", norm)
+        object.__setattr__(self, "router", router)
+        object.__setattr__(self, "consumer", consumer)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, routes={self.router is not None}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .. import kernels
+
+        if not _fast(x, self.backend, (self.weight,)):
+            return self.original(x)
+        prologue = ("rms_norm", self.weight, self.variance_epsilon)
+        if _routes(self.router, self.consumer):
+            assert self.router is not None
+            return self.router.routed_input(x, prologue)
+        return kernels.fused_input(x, prologue)
+
+
+#: The linears of a gated MLP, by their Hugging Face names (LLaMA, Mistral, Qwen2).
+PARTS = ("gate_proj", "up_proj", "down_proj")
+
+
+class FusedGatedMLP(nn.Module):
+    """Stands in for ``mlp`` (``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with SiLU), its linears its own: the
+    product, and the router of ``down_proj`` on it, in one launch."""
+
+    original: nn.Module
+    gate_proj: nn.Module
+    up_proj: nn.Module
+    down_proj: nn.Module
+    act_fn: Any
+
+    def __init__(self, mlp: nn.Module):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = (cast(nn.Module, getattr(mlp, p)) for p in PARTS)
+        self.act_fn = mlp.act_fn
+        self.backend = "auto"
+        object.__setattr__(self, "original", mlp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .. import kernels
+
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if not _fast(gate, self.backend, ()) or up.requires_grad:
+            return self.down_proj(self.act_fn(gate) * up)
+        router = getattr(self.down_proj, "router", None)
+        if router is not None and _routes(router, self.down_proj):
+            return self.down_proj(router.routed_input(gate, ("silu_mul", up)))
+        return self.down_proj(kernels.fused_input(gate, ("silu_mul", up)))
