@@ -349,10 +349,11 @@ def step_profile(model, tok, device, prompt, budget, label, steps=8):
     return dict(mode=label, launches_per_step=n, kernel_us_per_step=total)
 
 
-def profile(fp, q, tok, device, prompt, budgets):
+def profile(fp, q, tok, device, prompt, budgets, fused=False):
     """:func:`step_profile` of fp16, the static views and the routed budgets: a table of launches and kernel
-    time per step."""
+    time per step; with ``fused``, fp16 and the routed budgets again with fused inputs (``patching.fuse_inputs``)."""
     import mobiquant as mq
+    from mobiquant.patching import fuse_inputs
 
     rows = [step_profile(fp, tok, device, prompt, None, "fp16")]
     for b in budgets:
@@ -361,6 +362,14 @@ def profile(fp, q, tok, device, prompt, budgets):
     for k in range(1, layer.num_slices + 1):
         mq.set_static(q, k)
         rows.append(step_profile(q, tok, device, prompt, None, f"static k={k}"))
+    if fused:
+        fuse_inputs(fp), fuse_inputs(q)
+        try:
+            rows.append(step_profile(fp, tok, device, prompt, None, "fp16 [fused inputs]"))
+            for b in budgets:
+                rows.append(step_profile(q, tok, device, prompt, b, f"routed {b:g} [fused inputs]"))
+        finally:
+            fuse_inputs(fp, enable=False), fuse_inputs(q, enable=False)
     return rows
 
 
@@ -391,7 +400,7 @@ def main(argv=None):
     )
     print(df.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     if args.profile:
-        prof = pd.DataFrame(profile(fp, q, tok, device, args.prompt, args.budgets))
+        prof = pd.DataFrame(profile(fp, q, tok, device, args.prompt, args.budgets, fused=args.fuse_inputs))
         print("\n# eager decode steps: launches and kernel time per step (captured steps run the same kernels)")
         print(prof.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
     if args.out:
