@@ -261,10 +261,12 @@ def linear_bytes(model, bits_per_weight):
 
 
 def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package", None),)):
-    """fp16, then for each ``(label, small_config)`` of ``kernels`` (``None``: the library's defaults) the static
-    views and the routed budgets (base bits .. all bits) through ``mobiquant.tasks.decode.generate``."""
+    """fp16, then for each ``(label, small_config)`` of ``kernels`` (``None``: the library's defaults; ``"sites"``:
+    one launch per router site; ``"inputs"``: that and fused inputs, ``patching.fuse_inputs``, with an fp16 row
+    of the same fused kernels) the static views and the routed budgets (base bits .. all bits) through
+    ``mobiquant.tasks.decode.generate``."""
     import mobiquant as mq
-    from mobiquant.patching import fuse_sites, set_small_config
+    from mobiquant.patching import fuse_inputs, fuse_sites, set_small_config
     from mobiquant.tasks.decode import generate
 
     vocab = fp.config.vocab_size
@@ -301,12 +303,19 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package",
 
     rows.append(row("package fp16", 16.0, 16.0, t16, how, model=fp))
     print(f"package fp16: {t16:.1f} us/token (graph: {how})")
+    if any(cfg == "inputs" for _, cfg in kernels):  # fp16 with the same fused norms and MLP products
+        fuse_inputs(fp)
+        t, how = timed(fp)
+        fuse_inputs(fp, enable=False)
+        rows.append(row("package fp16 [fused inputs]", 16.0, 16.0, t, how, model=fp))
+        print(f"package fp16 [fused inputs]: {t:.1f} us/token  x{t16 / t:.2f} (graph: {how})")
     ns = len(kb.SLICE_BITS)
     for label, cfg in kernels:
         in_launch = getattr(cfg, "router_in_launch", False)  # the router in the site's launch: sites on
-        sites = cfg == "sites" or in_launch
-        set_small_config(q, None if cfg == "sites" else cfg)
+        sites = cfg in ("sites", "inputs") or in_launch
+        set_small_config(q, None if cfg in ("sites", "inputs") else cfg)
         fuse_sites(q, enable=sites)
+        fuse_inputs(q, enable=cfg == "inputs")
         for k in range(1, ns + 1):
             mq.set_static(q, k)
             t, how = timed(q)
@@ -326,6 +335,7 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package",
             )
     set_small_config(q, None)
     fuse_sites(q, enable=False)
+    fuse_inputs(q, enable=False)
     return rows
 
 
@@ -505,6 +515,8 @@ def dry_run(args):
     print(f"# dry run on the CPU: gemlite {'importable' if not why else 'not importable (' + why + ')'}")
     fp, q = package_models(layers=1, d=256, ff=512, kv=64, heads=4, vocab=64, device="cpu", dtype=torch.float32)
     kernels = [("package", None)] + ([("package sites", "sites")] if args.fuse_sites else [])
+    if args.fuse_inputs:
+        kernels.append(("package sites+inputs", "inputs"))
     if args.router_in_launch:
         from mobiquant.kernels.triton_bitplane import SmallConfig
 
@@ -629,6 +641,11 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per package row")
     ap.add_argument(
         "--fuse-sites", action="store_true", help="also package rows with one launch per router site (fuse_sites)"
+    )
+    ap.add_argument(
+        "--fuse-inputs",
+        action="store_true",
+        help="also package rows with one launch per site and fused inputs (patching.fuse_inputs), and fp16 with them",
     )
     ap.add_argument(
         "--router-in-launch",
@@ -875,6 +892,8 @@ def main(argv=None):
         kernels = [("package", None)] + ([("package bitpl", bits_cfg)] if bits_cfg is not None else [])
         if args.fuse_sites:  # the library's default kernels with one launch per router site
             kernels.append(("package sites", "sites"))
+        if args.fuse_inputs:  # ... and each norm and MLP product one launch with its site's router
+            kernels.append(("package sites+inputs", "inputs"))
         if args.router_in_launch:  # ... and each router inside its site's launch
             kernels.append(("package sites+router", tb.SmallConfig(router_in_launch=True)))
         rows += package_rows(fp, q, "cuda", args.new_tokens, "graph", copy_bw, kernels=kernels)
