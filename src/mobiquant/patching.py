@@ -71,15 +71,7 @@ def trace_model_sites(model: nn.Module, linear_names_per_block: list[list[str]],
                 seen[bi].setdefault(name, args[0])
 
             hooks.append(modules[name].register_forward_pre_hook(hook))
-    vocab = getattr(getattr(model, "config", None), "vocab_size", 2)
-    device = next(model.parameters()).device
-    ids = torch.arange(seqlen, device=device).remainder(vocab).unsqueeze(0)
-    try:
-        with torch.no_grad():
-            model(input_ids=ids)
-    finally:
-        for h in hooks:
-            h.remove()
+    _traced_forward(model, hooks, seqlen)
     for bi in range(len(blocks)):
         groups: list[list[str]] = []
         tensors: list[torch.Tensor | None] = []
@@ -94,6 +86,19 @@ def trace_model_sites(model: nn.Module, linear_names_per_block: list[list[str]],
                 tensors.append(t)
         result[bi] = groups
     return result
+
+
+def _traced_forward(model: nn.Module, hooks: list, seqlen: int) -> None:
+    """One forward of ``model`` on ``seqlen`` dummy tokens for the tracing ``hooks``, removed afterwards."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", 2)
+    device = next(model.parameters()).device
+    ids = torch.arange(seqlen, device=device).remainder(vocab).unsqueeze(0)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 # ---------------------------------------------------------------------------- patching
@@ -271,14 +276,7 @@ def fuse_inputs(model: nn.Module, enable: bool = True) -> int:
 
     hooks = [model.get_submodule(n).register_forward_hook(partial(module_hook, name=n)) for n in (*norms, *mlps)]
     hooks += [m.register_forward_pre_hook(linear_hook) for m in linears]
-    vocab = getattr(getattr(model, "config", None), "vocab_size", 2)
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            model(input_ids=torch.arange(4, device=device).remainder(vocab).unsqueeze(0))
-    finally:
-        for h in hooks:
-            h.remove()
+    _traced_forward(model, hooks, 4)
     fused = 0
     with torch.no_grad():
         for name in (n for n in (*norms, *mlps) if n in seen):

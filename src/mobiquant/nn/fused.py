@@ -20,20 +20,25 @@ import torch.nn as nn
 from .router import TokenRouter
 
 
-def _fast(x: torch.Tensor, backend: str, params: Any) -> bool:
-    """Whether ``x`` goes to the kernels: decode-sized, on their device, and no gradient asked for."""
+def _fast(x: torch.Tensor, backend: str, operands: Any) -> bool:
+    """Whether ``x`` goes to the kernels: decode-sized, on their device, and no gradient asked for (of ``x`` or the
+    other ``operands``)."""
     from .. import kernels
 
     if not kernels.use_fused_router(x, backend):
         return False
-    return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)))
+    return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in operands)))
 
 
-def _routes(router: TokenRouter | None, consumer: Any) -> bool:
-    """Whether ``consumer`` (the linear fed by the fused rows) will ask ``router`` for hard decisions on them."""
-    if router is None or consumer is None:
-        return False
-    return consumer.mode == "routed" and router.recorder is None and not consumer.training
+def _made(x: torch.Tensor, prologue: tuple, router: TokenRouter | None, consumer: Any) -> torch.Tensor:
+    """The rows ``prologue`` makes of ``x`` in one launch, with ``router``'s decisions on them where ``consumer`` (the
+    linear fed by the rows) will ask for them."""
+    from .. import kernels
+
+    routed = consumer is not None and consumer.mode == "routed" and not consumer.training
+    if router is not None and routed and router.recorder is None:  # not while thresholds are fitted
+        return router.routed_input(x, prologue)
+    return kernels.fused_input(x, prologue)
 
 
 class FusedRMSNorm(nn.Module):
@@ -62,15 +67,9 @@ class FusedRMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, routes={self.router is not None}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .. import kernels
-
         if not _fast(x, self.backend, (self.weight,)):
             return self.original(x)
-        prologue = ("rms_norm", self.weight, self.variance_epsilon)
-        if _routes(self.router, self.consumer):
-            assert self.router is not None
-            return self.router.routed_input(x, prologue)
-        return kernels.fused_input(x, prologue)
+        return _made(x, ("rms_norm", self.weight, self.variance_epsilon), self.router, self.consumer)
 
 
 #: The linears of a gated MLP, by their Hugging Face names (LLaMA, Mistral, Qwen2).
@@ -95,12 +94,8 @@ class FusedGatedMLP(nn.Module):
         object.__setattr__(self, "original", mlp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .. import kernels
-
         gate, up = self.gate_proj(x), self.up_proj(x)
-        if not _fast(gate, self.backend, ()) or up.requires_grad:
+        if not _fast(gate, self.backend, (up,)):
             return self.down_proj(self.act_fn(gate) * up)
         router = getattr(self.down_proj, "router", None)
-        if router is not None and _routes(router, self.down_proj):
-            return self.down_proj(router.routed_input(gate, ("silu_mul", up)))
-        return self.down_proj(kernels.fused_input(gate, ("silu_mul", up)))
+        return self.down_proj(_made(gate, ("silu_mul", up), router, self.down_proj))
