@@ -166,3 +166,25 @@ def test_fuse_inputs_routes_each_site_in_the_launch_that_makes_its_input(qmodel,
     assert fuse_inputs(model, enable=False) == 0
     assert not any(isinstance(m, (FusedRMSNorm, FusedGatedMLP)) for m in model.modules())
     assert list(model.state_dict()) == keys
+
+
+def test_fuse_inputs_on_an_unquantized_model_makes_the_same_logits():
+    """An unquantized model (plain ``nn.Linear`` consumers, no routers) gets the same fused norms and MLP products;
+    its logits and greedy tokens are the unfused model's."""
+    from mobiquant.tasks.decode import generate
+
+    model = tiny_llama(seed=1)[0].to(DEVICE).eval()
+    x = torch.tensor([[5]], device=DEVICE)
+    prompt = torch.randint(0, 257, (10,), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+    tokens = generate(model, prompt, 3, cuda_graph="off").tokens
+    assert fuse_inputs(model) == 3 * len(model.model.layers) + 1
+    fused = [m for m in model.modules() if isinstance(m, (FusedRMSNorm, FusedGatedMLP))]
+    assert all(getattr(m, "router", None) is None for m in fused)
+    for m in fused:
+        m.backend = "triton"
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=x).logits, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(generate(model, prompt, 3, cuda_graph="off").tokens, tokens)
+    fuse_inputs(model, enable=False)

@@ -35,7 +35,8 @@ def _made(x: torch.Tensor, prologue: tuple, router: TokenRouter | None, consumer
     linear fed by the rows) will ask for them."""
     from .. import kernels
 
-    routed = consumer is not None and consumer.mode == "routed" and not consumer.training
+    # an unquantized consumer (nn.Linear) has no mode: the rows alone
+    routed = getattr(consumer, "mode", None) == "routed" and not consumer.training
     if router is not None and routed and router.recorder is None:  # not while thresholds are fitted
         return router.routed_input(x, prologue)
     return kernels.fused_input(x, prologue)
