@@ -919,6 +919,7 @@ def main(argv=None):
         import csv
 
         keys = list(dict.fromkeys(k for r_ in rows for k in r_))
+        os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "decode_bench.csv"), "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=keys)
             w.writeheader()
