@@ -7,11 +7,18 @@ path before the router moved into the launch) or not (the router in the launch).
 time / reps) and the ratio, from one process; the gate values and outputs of the two are checked equal first.
 
     python benchmarks/router_launch_bench.py             # on a CUDA GPU
+    python benchmarks/router_launch_bench.py --sweep     # the router launch alone, over its tilings
+
+``--sweep`` times one router launch per token as ``patching.fuse_inputs`` makes it (``fused_input_router``: the
+RMS norm before q/k/v and gate/up, the MLP product before down; ``fused_router`` alone for o), SmolLM2-135M's and
+LLaMA-3-8B's widths, over hidden units a program x warps, in a CUDA graph of ``--reps``; each row's ratio is
+against the default tiling (one hidden unit a program, 4 warps) timed in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -91,14 +98,70 @@ def one_shape(name, n_in, outs, reps):
     return dict(shape=name, router_launch_us=t_out, router_in_launch_us=t_in, ratio=t_out / t_in, same_output=same)
 
 
+ROUTER_INPUTS = {  # name: (input width, prologue kind or None)
+    "smollm2 qkv/gate-up (rms_norm, 576)": (576, "rms_norm"),
+    "smollm2 down (silu_mul, 1536)": (1536, "silu_mul"),
+    "smollm2 o (576)": (576, None),
+    "8b qkv/gate-up (rms_norm, 4096)": (4096, "rms_norm"),
+    "8b down (silu_mul, 14336)": (14336, "silu_mul"),
+    "8b o (4096)": (4096, None),
+}
+
+
+def sweep_rows(reps, hidden=64, outputs=5, hbs=(1, 2, 4, 8, 16, 64), warps=(1, 2, 4, 8)):
+    """us per router launch for each input of :data:`ROUTER_INPUTS` and tiling, with the ratio to the default."""
+    from mobiquant.kernels.triton_router import fused_input_router, fused_router
+
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for name, (d, kind) in ROUTER_INPUTS.items():
+        x = torch.randn(1, d, generator=gen).to("cuda", torch.float16)
+        w1, b1 = torch.randn(hidden, d, generator=gen) / d**0.5, torch.randn(hidden, generator=gen)
+        w2, b2 = torch.randn(outputs, hidden, generator=gen), torch.randn(outputs, generator=gen)
+        router = tuple(t.to("cuda") for t in (w1, b1, w2, b2))
+        tau = torch.zeros(1, device="cuda")
+        pro: tuple | None = None
+        if kind == "rms_norm":
+            pro = ("rms_norm", torch.rand(d, generator=gen).to("cuda", torch.float16) + 0.5, 1e-5)
+        elif kind == "silu_mul":
+            pro = ("silu_mul", torch.randn(1, d, generator=gen).to("cuda", torch.float16))
+
+        def launch(hb, nw, pro=pro, x=x, router=router, tau=tau):
+            if pro is None:
+                return fused_router(x, *router, tau, "free", hidden_per_program=hb, num_warps=nw)
+            return fused_input_router(x, pro, router, tau, "free", hidden_per_program=hb, num_warps=nw)
+
+        base = time_graph(lambda: launch(1, 4), reps)
+        for hb in hbs:
+            for nw in warps:
+                t = base if (hb, nw) == (1, 4) else time_graph(lambda hb=hb, nw=nw: launch(hb, nw), reps)
+                rows.append(dict(input=name, hidden_per_program=hb, num_warps=nw, us=t, x_default=base / t))
+        best = min((r for r in rows if r["input"] == name), key=lambda r: r["us"])
+        print(f"{name}: default {base:.2f} us, best {best['us']:.2f} us at {best['hidden_per_program']} hidden a "
+              f"program, {best['num_warps']} warps", flush=True)  # fmt: skip
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=64, help="site launches per graph")
+    ap.add_argument("--sweep", action="store_true", help="time the router launch alone over its tilings")
+    ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for router_sweep.csv (with --sweep)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 1
     import pandas as pd
+
+    if args.sweep:
+        df = pd.DataFrame(sweep_rows(args.reps))
+        print(f"\n# one router launch per token (64 hidden, 5 outputs, fp16 inputs), us per launch in a CUDA graph "
+              f"of {args.reps}; {torch.cuda.get_device_name()}")  # fmt: skip
+        print(df.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            df.to_csv(Path(args.out) / "router_sweep.csv", index=False)
+        return 0
 
     rows = []
     for name, (n_in, outs) in SHAPES.items():

@@ -77,6 +77,28 @@ def test_fused_input_router_is_the_module_then_the_router(policy, kind, d, token
     assert {1, 6} <= seen
 
 
+@pytest.mark.parametrize("hb,warps", [(2, 4), (4, 2), (16, 8)])
+def test_fused_input_router_tiling_keeps_rows_and_counts(hb, warps):
+    """Another tiling (several hidden units a program, other warps: what ``router_launch_bench.py --sweep`` times)
+    makes the same rows and counts; gate values agree to the rounding of the second layer's sum."""
+    from mobiquant.kernels.triton_router import fused_input_router
+
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(3, 80, generator=g) * 3).to(DEVICE)
+    prologue = ("rms_norm", (torch.rand(80, generator=g) + 0.5).to(DEVICE), 1e-5)
+    router = router_weights(80, g)
+    t = torch.tensor([0.3], device=DEVICE)
+    y, k, v = fused_input_router(x, prologue, router, t, "free")
+    y2, k2, v2 = fused_input_router(x, prologue, router, t, "free", hidden_per_program=hb, num_warps=warps)
+    assert torch.equal(y, y2)
+    torch.testing.assert_close(v2, v, rtol=1e-5, atol=1e-4)
+    assert torch.equal(k, k2) or bool(((v - t).abs() < 1e-4).any())  # a count moves only with a value at tau
+    with pytest.raises(ValueError, match="num_warps=3"):
+        fused_input_router(x, prologue, router, t, "free", num_warps=3)
+    with pytest.raises(ValueError, match="hidden_per_program=0"):
+        fused_input_router(x, prologue, router, t, "free", hidden_per_program=0)
+
+
 def test_fused_input_rejects_operands_that_do_not_fit():
     x, w = torch.randn(1, 64, device=DEVICE), torch.ones(48, device=DEVICE)
     router = router_weights(64, torch.Generator().manual_seed(0))

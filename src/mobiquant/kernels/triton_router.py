@@ -258,23 +258,33 @@ def fused_router(
     tau: torch.Tensor,
     policy: str = "free",
     hidden_per_program: int = 1,
+    num_warps: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Slice counts ``k`` (int64, ``x.shape[:-1]``) and gate values (fp32, ``[..., K-1]``) of tokens ``x``.
 
-    ``tau`` is a one-element tensor on ``x``'s device, read by the kernel (no host synchronisation)."""
-    k, v = _route(_Rows(x, None), (w1, b1, w2, b2), tau, policy, hidden_per_program)
+    ``tau`` is a one-element tensor on ``x``'s device, read by the kernel (no host synchronisation).
+    ``hidden_per_program`` and ``num_warps``: the launch's tiling (``benchmarks/router_launch_bench.py --sweep``
+    times others); another tiling sums the second layer in another order, so gate values may differ in the last
+    bits."""
+    k, v = _route(_Rows(x, None), (w1, b1, w2, b2), tau, policy, hidden_per_program, num_warps)
     return k.reshape(x.shape[:-1]), v.reshape(*x.shape[:-1], -1)
 
 
 def fused_input_router(
-    x: torch.Tensor, prologue: tuple, router: Sequence[torch.Tensor], tau: torch.Tensor, policy: str
+    x: torch.Tensor,
+    prologue: tuple,
+    router: Sequence[torch.Tensor],
+    tau: torch.Tensor,
+    policy: str,
+    hidden_per_program: int = 1,
+    num_warps: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The rows ``y`` that ``prologue`` (:data:`PROLOGUES`) makes of ``x`` and the router ``(w1, b1, w2, b2)`` on
     them, in one launch: ``(y, k, v)``, ``y`` with the arithmetic of the model's own modules (in the dtype of their
     result), ``k`` and ``v`` exactly those of :func:`fused_router` on ``y``. Every router program makes the rows it
-    reads; the first stores them."""
+    reads; the first stores them. ``hidden_per_program``, ``num_warps``: as :func:`fused_router`'s."""
     rows = _Rows(x, prologue)
-    k, v = _route(rows, tuple(router), tau, policy, 1)
+    k, v = _route(rows, tuple(router), tau, policy, hidden_per_program, num_warps)
     assert rows.y is not None
     return rows.y.reshape(x.shape), k.reshape(x.shape[:-1]), v.reshape(*x.shape[:-1], -1)
 
@@ -329,10 +339,19 @@ class _Rows:
 
 
 def _route(
-    rows: _Rows, weights: tuple[torch.Tensor, ...], tau: torch.Tensor, policy: str, hidden_per_program: int
+    rows: _Rows,
+    weights: tuple[torch.Tensor, ...],
+    tau: torch.Tensor,
+    policy: str,
+    hidden_per_program: int,
+    num_warps: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if policy not in ("free", "adjacent"):
         raise ValueError(f"router policy must be 'free' or 'adjacent', got {policy!r}")
+    if num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"num_warps={num_warps!r} is not one of 1, 2, 4, 8, 16")
+    if int(hidden_per_program) < 1:
+        raise ValueError(f"hidden_per_program={hidden_per_program!r} must be a positive integer")
     w1, b1, w2, b2 = weights
     d, M, x2 = rows.d, rows.M, rows.x2
     n_hidden, r_out = w1.shape[0], w2.shape[0]
@@ -380,7 +399,7 @@ def _route(
             NPP=npp,
             ADJACENT=policy == "adjacent",
             PRE=rows.pre,
-            num_warps=4,
+            num_warps=num_warps,
         )
     return k, v  # [M], [M, K-1]
 
