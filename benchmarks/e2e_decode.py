@@ -69,7 +69,8 @@ def parse_args(argv=None):
         "--bits-configs",
         default="",
         help="also time static 4 bits and routed budget 4 with each of these one-bit plane kernel configs, ';'-"
-        "separated BLOCK_N,BLOCK_K,WARPS,WAVES[,PREFETCH[,SPLIT_K]] (e.g. '64,64,4,,0,1' one program per row block)",
+        "separated BLOCK_N,BLOCK_K,WARPS,WAVES[,PREFETCH[,SPLIT_K[,WHOLE_K]]] (e.g. '64,64,4,,0,1' one program per "
+        "row block, ',,4,,0,,1' a row block over all of K at once); with --fuse-inputs, on the fused inputs too",
     )
     ap.add_argument(
         "--ab",
@@ -241,7 +242,10 @@ def run_rows(args, fp, q, tok, device):
         from mobiquant.kernels import triton_bitplane as tb
 
         for text in (c for c in args.bits_configs.split(";") if c.strip()):
-            cases += [dict(base, **c, cfg=kb.parse_bits_config(tb, text)) for c in pair]
+            cfg = kb.parse_bits_config(tb, text)
+            cases += [dict(base, **c, cfg=cfg) for c in pair]
+            if args.fuse_inputs:
+                cases += [dict(base, **c, cfg=cfg, fuse_inputs=True) for c in pair]
     if args.ab:  # the same process: one launch per site, and the slices counted by torch ops (the earlier path)
         cases += [dict(base, **c, per_linear=True) for c in pair] + [dict(base, **pair[0], host_count=True)]
         from mobiquant.kernels.triton_bitplane import SmallConfig

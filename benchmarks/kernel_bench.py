@@ -68,13 +68,15 @@ def view_bits(k: int) -> int:
 
 
 def parse_bits_config(tb, text: str):
-    """``BLOCK_N,BLOCK_K,WARPS,WAVES[,PREFETCH[,SPLIT_K]]`` -> ``SmallConfig(bitplanes=True, ...)`` (empty fields:
-    the defaults; PREFETCH 1 or 0; SPLIT_K: programs per row block instead of WAVES programs per SM, 1 = one program
-    per row block over all of K, no partial sums)."""
-    parts = [p.strip() for p in text.split(",")] + [""] * 6
-    bn, bk, nw, wv, pf, sk = (int(p) if p else None for p in parts[:6])
+    """``BLOCK_N,BLOCK_K,WARPS,WAVES[,PREFETCH[,SPLIT_K[,WHOLE_K]]]`` -> ``SmallConfig(bitplanes=True, ...)`` (empty
+    fields: the defaults; PREFETCH 1 or 0; SPLIT_K: programs per row block instead of WAVES programs per SM, 1 = one
+    program per row block over all of K, no partial sums; WHOLE_K 1: one program per row block with all of K loaded
+    at once where K allows, 0: never, empty: the library's default)."""
+    parts = [p.strip() for p in text.split(",")] + [""] * 7
+    bn, bk, nw, wv, pf, sk, wk = (int(p) if p else None for p in parts[:7])
+    kw = {} if wk is None else {"whole_k": None if wk else False}
     return tb.SmallConfig(
-        bitplanes=True, block_n=bn, block_k=bk, num_warps=nw or 4, waves=wv, prefetch=bool(pf), split_k=sk
+        bitplanes=True, block_n=bn, block_k=bk, num_warps=nw or 4, waves=wv, prefetch=bool(pf), split_k=sk, **kw
     )
 
 
@@ -83,6 +85,7 @@ def bits_tag(cfg) -> str:
         f"{cfg.block_n}/{cfg.block_k}/{cfg.num_warps}w/{cfg.waves}"
         + ("/pf" if cfg.prefetch else "")
         + (f"/sk{cfg.split_k}" if cfg.split_k else "")
+        + ("/whole" if cfg.whole_k is not False else "")
     )
 
 
@@ -105,6 +108,20 @@ BITS_SWEEP = [
     (128, 64, 4, None, False, 4),
     (128, 64, 4, None, False, 8),
 ]
+
+
+#: ``--bits-sweep-configs`` (``parse_bits_config`` texts, ';'-separated): the configs ``--sweep`` times instead.
+BITS_SWEEP_TEXTS: list[str] = []
+
+
+def bits_sweep_configs(tb) -> list:
+    """The one-bit plane configs of ``--sweep``: ``--bits-sweep-configs`` if given, else ``BITS_SWEEP``."""
+    if BITS_SWEEP_TEXTS:
+        return [parse_bits_config(tb, t) for t in BITS_SWEEP_TEXTS]
+    return [
+        tb.SmallConfig(bitplanes=True, block_n=bn, block_k=bk, num_warps=nw, waves=wv, prefetch=pf, split_k=sk)
+        for bn, bk, nw, wv, pf, sk in BITS_SWEEP
+    ]
 
 
 def load_kernels():
@@ -276,10 +293,9 @@ def sweep(tb, shapes, log, tokens=(1, 16, 2048)):
             out = torch.empty(1, n_out, device="cuda", dtype=torch.float16)
             for k in sorted({1, min(2, ns)}):
                 res = []
-                for bn, bk, nw, wv, pf, sk in BITS_SWEEP:
-                    cfg = tb.SmallConfig(
-                        bitplanes=True, block_n=bn, block_k=bk, num_warps=nw, waves=wv, prefetch=pf, split_k=sk
-                    )
+                for cfg in bits_sweep_configs(tb):
+                    if cfg.whole_k is not False and n_in > tb.BITS_WHOLE_MAX_K:
+                        continue  # the stream-K grid there: timed by the configs without whole_k
                     f = lambda: tb.bitplane_linear(  # noqa: E731
                         x, planes, scale, zero, SLICE_BITS, GROUP, k, out=out, small_config=cfg, packed=packed
                     )
@@ -523,10 +539,18 @@ def main(argv=None):
         "library's, or the sweep's best with --use-sweep)",
     )
     ap.add_argument(
+        "--bits-sweep-configs",
+        default=None,
+        help="';'-separated one-bit plane configs (--bits-config's fields, then ,SPLIT_K,WHOLE_K) that --sweep "
+        "times instead of its own list",
+    )
+    ap.add_argument(
         "--shapes", choices=sorted(SHAPE_SETS), default="8b", help="LLaMA-3-8B's linears, SmolLM2's, or both"
     )
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for CSV files (default $OUT)")
     args = ap.parse_args(argv)
+    if args.bits_sweep_configs:
+        BITS_SWEEP_TEXTS[:] = [c for c in args.bits_sweep_configs.split(";") if c.strip()]
     global GRAPH
     GRAPH = args.graph
     if args.slices:

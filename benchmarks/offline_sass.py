@@ -14,6 +14,7 @@ one-bit plane kernel; the chunk loop of the field kernel). This is the feedback 
     python benchmarks/offline_sass.py --slices 2,2,2,2 --k 1 --fields     # version 6's field kernel
     python benchmarks/offline_sass.py --routed --site 3                   # q, k and v in one launch, k counted
     python benchmarks/offline_sass.py --routed --site 3 --router-in-launch  # ... and their router in it too
+    python benchmarks/offline_sass.py --k 2 --whole-k --in-features 576    # a row block over all of K at once
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ def main(argv=None):
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--waves", type=int, default=None)
     ap.add_argument("--prefetch", action="store_true")
+    ap.add_argument("--whole-k", action="store_true", help="one program per row block over all of K (whole_k)")
     ap.add_argument(
         "--routed", action="store_true", help="k counted in the kernel from gate values and a threshold (RoutedK)"
     )
@@ -155,6 +157,7 @@ def main(argv=None):
             num_warps=a.warps,
             waves=a.waves,
             prefetch=a.prefetch,
+            whole_k=a.whole_k,
         )
         name = "_bp_gemv_bits_kernel"
         ks = [k] * a.site
@@ -173,7 +176,8 @@ def main(argv=None):
             fn, grid, args, kw = record(name, lambda: tb.bitplane_site_bits(x, site, ks, config=cfg))
         else:
             fn, grid, args, kw = record(name, lambda: tb.bitplane_linear_bits(x, bp, ks[0], config=cfg))
-        codes = 2 * kw["BN2"] * group / (32 * a.warps)  # per thread and group
+        # per thread and group (whole_k: per thread and launch, the codes of all of K)
+        codes = 2 * kw["BN2"] * (kw["WKP"] * 16 if a.whole_k else group) / (32 * a.warps)
     ck = compile_sm90(fn, args, kw)
     sass, res = sass_and_resources(ck)
     if a.save:

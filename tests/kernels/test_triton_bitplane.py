@@ -207,6 +207,7 @@ def test_one_token_device_k_compiles_every_plane(gen, monkeypatch):
 
 # ------------------------------------------------------------------------ one token from one-bit planes
 BITS = tb.SmallConfig(bitplanes=True)
+WHOLE = tb.SmallConfig(bitplanes=True, whole_k=True)
 DEFAULT_LAYOUT = (3, 1, 1, 1, 1, 1)
 
 
@@ -282,6 +283,9 @@ def test_bits_kernel_layouts(bits, group, n_in, gen):
         tb.SmallConfig(bitplanes=True, block_n=128, block_k=64, waves=1, num_warps=2),
         tb.SmallConfig(bitplanes=True, block_n=16, block_k=16, waves=3),  # segments across row blocks
         tb.SmallConfig(bitplanes=True, block_n=32, block_k=64, waves=1, prefetch=True),  # next group preloaded
+        tb.SmallConfig(bitplanes=True, whole_k=True),  # a row block over all of K at once: 8 rows, 32 words
+        tb.SmallConfig(bitplanes=True, whole_k=True, block_n=2, num_warps=1),  # one row pair per program
+        tb.SmallConfig(bitplanes=True, whole_k=None, block_n=64, num_warps=8),  # where K allows: here
     ],
     ids=str,
 )
@@ -307,7 +311,8 @@ def test_bits_kernel_fewer_programs_than_row_blocks(gen, monkeypatch):
         check(x, planes, scale, zero, bits, group, k, small_config=cfg)
 
 
-def test_bits_kernel_device_k(gen, monkeypatch):
+@pytest.mark.parametrize("cfg", [BITS, WHOLE], ids=["streamk", "whole_k"])
+def test_bits_kernel_device_k(cfg, gen, monkeypatch):
     """k read on the device: one body per view compiled together; planes past the view hold garbage that must not
     leak. The packed buffers may be passed in (``packed=``) or built and cached from the planes."""
     monkeypatch.setattr(tb, "_host_k_range", lambda k_t: None)
@@ -320,14 +325,15 @@ def test_bits_kernel_device_k(gen, monkeypatch):
         packed = tb.pack_bitplanes(bad, scale, zero, bits, group, 192)
         out = torch.full((1, 40), float("nan"), dtype=x.dtype, device=DEVICE)
         k = torch.tensor([kk], device=DEVICE)
-        y = tb.bitplane_linear(x, bad, scale, zero, bits, group, k, out=out, small_config=BITS, packed=packed)
+        y = tb.bitplane_linear(x, bad, scale, zero, bits, group, k, out=out, small_config=cfg, packed=packed)
         assert not torch.isnan(out).any()
         err = ((y.double() - ref.double()).norm() / ref.double().norm()).item()
         assert err < TOL[torch.float16], (kk, err)
 
 
+@pytest.mark.parametrize("cfg", [BITS, WHOLE], ids=["streamk", "whole_k"])
 @pytest.mark.parametrize("vdtype", [torch.float32, torch.float16], ids=lambda d: str(d).split(".")[-1])
-def test_bits_kernel_routed_k(vdtype, gen, monkeypatch):
+def test_bits_kernel_routed_k(vdtype, cfg, gen, monkeypatch):
     """k counted in the kernel from a router's gate values and a threshold (``RoutedK``, the device path): the
     count torch makes, ties not counted and the threshold compared in the values' dtype; the planes past the view
     are poisoned, so a wrong count reads garbage."""
@@ -345,7 +351,7 @@ def test_bits_kernel_routed_k(vdtype, gen, monkeypatch):
         bad = planes[:want] + [torch.full_like(p, -1) for p in planes[want:]]
         packed = tb.pack_bitplanes(bad, scale, zero, bits, group, 192)
         out = torch.full((1, 40), float("nan"), dtype=x.dtype, device=DEVICE)
-        y = tb.bitplane_linear(x, bad, scale, zero, bits, group, rk, out=out, small_config=BITS, packed=packed)
+        y = tb.bitplane_linear(x, bad, scale, zero, bits, group, rk, out=out, small_config=cfg, packed=packed)
         ref = torch_reference(x, planes, scale, zero, bits, group, want, compute_dtype=torch.float64)
         assert not torch.isnan(out).any()
         err = ((y.double() - ref.double()).norm() / ref.double().norm()).item()
@@ -377,11 +383,12 @@ SITE_CONFIGS = [
     None,  # the default: stream-K over 4 programs per SM, 128 rows
     tb.SmallConfig(bitplanes=True, block_n=64, block_k=32, split_k=1),  # one program per row block
     tb.SmallConfig(bitplanes=True, block_n=32, block_k=16, waves=1),  # few programs: ranges cross row blocks
+    tb.SmallConfig(bitplanes=True, whole_k=True, block_n=16),  # one program per row block of every layer
 ]
 
 
 @pytest.mark.parametrize("per_view", [False, True], ids=["shared", "per_view"])
-@pytest.mark.parametrize("cfg", SITE_CONFIGS, ids=["default", "split1", "streamk"])
+@pytest.mark.parametrize("cfg", SITE_CONFIGS, ids=["default", "split1", "streamk", "whole_k"])
 def test_site_bits_kernel(cfg, per_view, gen, monkeypatch):
     """Three layers of one input (a site: q, k and v) in one launch of the one-bit plane kernel: every layer's
     outputs equal its own reference, at one static view for all and with a view each counted on the device from
@@ -586,6 +593,13 @@ def test_bits_kernel_dispatch_and_errors(gen, monkeypatch):
         tb.bitplane_linear_bits(x[:1], bp, 1, config=tb.SmallConfig(bitplanes=True, block_k=32, prefetch=True))
     with pytest.raises(ValueError):
         tb.bitplane_linear_bits(x[:1], bp, 7)
+    with pytest.raises(ValueError, match="whole_k takes no prefetch, split_k or waves"):
+        tb.bitplane_linear_bits(x[:1], bp, 1, config=tb.SmallConfig(bitplanes=True, whole_k=True, split_k=2))
+    with pytest.raises(ValueError, match=r"whole_k needs block_n a power of two in \[2, 128\], got 256"):
+        tb.bitplane_linear_bits(x[:1], bp, 1, config=tb.SmallConfig(bitplanes=True, whole_k=True, block_n=256))
+    wide = tb.BitPlanes(bp.words.new_zeros(8, 320, 64), bp.sz.new_zeros(2, 80, 64), bits, group, 5120, 16)
+    with pytest.raises(ValueError, match="whole_k needs at most 4096 input features .* got 5120 features"):
+        tb.bitplane_linear_bits(x[:1].new_zeros(1, 5120), wide, 1, config=WHOLE)
     with pytest.raises(ValueError, match="another layout"):
         tb.bitplane_linear(x[:1], planes, scale, zero, bits, 32, 1, path="bits", packed=bp)
 
@@ -1213,7 +1227,11 @@ def test_gpu_bits_kernel(n_out, n_in, bits, dtype, gen):
     planes, scale, zero = make_layer(n_out, n_in, bits, group, gen)
     x = randx(1, n_in, dtype, gen)
     packed = tb.pack_bitplanes(planes, scale, zero, bits, group, n_in)
-    cfgs = (BITS, tb.SmallConfig(bitplanes=True, block_n=128, block_k=128, waves=1, num_warps=8))
+    cfgs = (
+        BITS,
+        tb.SmallConfig(bitplanes=True, block_n=128, block_k=128, waves=1, num_warps=8),
+        tb.SmallConfig(bitplanes=True, whole_k=None, num_warps=8),  # all of K at once where K <= 4096
+    )
     for cfg in cfgs:
         for k in range(1, len(bits) + 1):
             check(x, planes, scale, zero, bits, group, k, small_config=cfg, packed=packed)
@@ -1240,7 +1258,8 @@ def test_gpu_bits_kernel_graph_capture(gen):
 
 @gpu
 @needs_cuda
-def test_gpu_bits_kernel_routed_k_graph_capture(gen):
+@pytest.mark.parametrize("cfg", [BITS, WHOLE], ids=["streamk", "whole_k"])
+def test_gpu_bits_kernel_routed_k_graph_capture(cfg, gen):
     """One captured graph of the one-bit plane kernel counting ``k`` from gate values and a threshold tensor
     (``RoutedK``) serves every view: a budget change writes the threshold, nothing else."""
     bits, group = DEFAULT_LAYOUT, 128
@@ -1253,7 +1272,7 @@ def test_gpu_bits_kernel_routed_k_graph_capture(gen):
     taus = {1: 0.95, 2: 0.8, 3: 0.6, 4: 0.4, 5: 0.2, 6: 0.0}
 
     def f():
-        return tb.bitplane_linear(x, planes, scale, zero, bits, group, rk, small_config=BITS, packed=packed)
+        return tb.bitplane_linear(x, planes, scale, zero, bits, group, rk, small_config=cfg, packed=packed)
 
     order = (1, 6, 3, 2, 5, 4)
     _graph_serves_views(f, x, lambda kk: tau.fill_(taus[kk]), order, planes, scale, zero, bits, group, gen)

@@ -1557,8 +1557,12 @@ def _bits_load(w_ptr, offs, PSTRIDE, E: tl.constexpr, P: tl.constexpr, w_prev, E
 def _bits_load_words(w_ptr, wc, rows2, PSTRIDE, NPAD2, P: tl.constexpr, EVEN_N: tl.constexpr):
     """The words ``[BN2, NW]`` of planes ``0 .. P-1`` at word columns ``wc`` (planes past ``P``: plane 0 again,
     unused)."""
-    offs = wc[None, :] * NPAD2 + rows2[:, None]
-    rmask = (rows2 < NPAD2)[:, None]
+    return _bits_load_at(w_ptr, wc[None, :] * NPAD2 + rows2[:, None], PSTRIDE, P, EVEN_N, (rows2 < NPAD2)[:, None])
+
+
+@triton.jit
+def _bits_load_at(w_ptr, offs, PSTRIDE, P: tl.constexpr, EVEN_N: tl.constexpr, rmask):
+    """The words of planes ``0 .. P-1`` at ``offs`` (masked by ``rmask`` unless ``EVEN_N``)."""
     w0 = _bits_load(w_ptr, offs, PSTRIDE, 0, P, 0, EVEN_N, rmask)
     w1 = _bits_load(w_ptr, offs, PSTRIDE, 1, P, w0, EVEN_N, rmask)
     w2 = _bits_load(w_ptr, offs, PSTRIDE, 2, P, w0, EVEN_N, rmask)
@@ -1730,15 +1734,7 @@ def _bits_stream(
     mult,
     hk,
     GROUP: tl.constexpr,
-    V: tl.constexpr,
-    P1: tl.constexpr,
-    P2: tl.constexpr,
-    P3: tl.constexpr,
-    P4: tl.constexpr,
-    P5: tl.constexpr,
-    P6: tl.constexpr,
-    P7: tl.constexpr,
-    P8: tl.constexpr,
+    P: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BN2: tl.constexpr,
     NW: tl.constexpr,
@@ -1752,22 +1748,6 @@ def _bits_stream(
     """Program ``pid``'s share (of ``G`` programs): the (row block, group) items ``[pid T / G, (pid+1) T / G)`` of
     the row-block-major sequence (``T = blocks x GPB``, ``GPB`` groups per row block), one segment per row block it
     touches (stream-K: every program streams the same number of groups, across row blocks)."""
-    if V == 1:
-        P: tl.constexpr = P1
-    elif V == 2:
-        P: tl.constexpr = P2  # type: ignore[no-redef]
-    elif V == 3:
-        P: tl.constexpr = P3  # type: ignore[no-redef]
-    elif V == 4:
-        P: tl.constexpr = P4  # type: ignore[no-redef]
-    elif V == 5:
-        P: tl.constexpr = P5  # type: ignore[no-redef]
-    elif V == 6:
-        P: tl.constexpr = P6  # type: ignore[no-redef]
-    elif V == 7:
-        P: tl.constexpr = P7  # type: ignore[no-redef]
-    else:
-        P: tl.constexpr = P8  # type: ignore[no-redef]
     n_blocks = tl.cdiv((N + 1) // 2, BN2)
     total = n_blocks * GPB
     item = (pid * total) // G
@@ -1824,6 +1804,59 @@ def _bits_stream(
             HAS_BIAS,
         )
         item = t * GPB + g_hi
+
+
+@triton.jit
+def _bits_whole(
+    x_ptr,
+    out_ptr,
+    bias_ptr,
+    w_ptr,
+    sz_ptr,
+    PSTRIDE,
+    SZSTRIDE,
+    NPAD2,
+    N,
+    K_IN,
+    GPB,
+    mult,
+    hk,
+    GROUP: tl.constexpr,
+    P: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BN2: tl.constexpr,
+    WKP: tl.constexpr,
+    XE: tl.constexpr,
+    ASM: tl.constexpr,
+    t,
+):
+    """Row block ``t`` over all of K in one pass: every word, step and zero point of the block is loaded at once
+    (``[BN2, WKP]`` words per plane, masked past the ``GPB`` groups), so the program waits on memory once; the codes
+    are summed per word as in :func:`_bits_groups`, then per group (``WKP / GW`` groups of ``GW`` words), and the
+    rows are stored with no partial sums. For the small matrices of a decode step, whose time is latency, not
+    bytes (``SmallConfig.whole_k``)."""
+    GW: tl.constexpr = GROUP // 16
+    GP: tl.constexpr = WKP // GW
+    rows2 = t * BN2 + tl.arange(0, BN2)
+    wc = tl.arange(0, WKP)
+    offs = wc[None, :] * NPAD2 + rows2[:, None]
+    w0, w1, w2, w3, w4, w5, w6, w7 = _bits_load_at(w_ptr, offs, PSTRIDE, P, False, (wc < GPB * GW)[None, :])
+    g = tl.arange(0, GP)
+    sofs = g[None, :] * NPAD2 + rows2[:, None]
+    gmask = (g < GPB)[None, :]
+    sz0 = tl.load(sz_ptr + sofs, mask=gmask, other=0)
+    sz1 = tl.load(sz_ptr + SZSTRIDE + sofs, mask=gmask, other=0)
+    T0 = tl.zeros((BN2, WKP), dtype=tl.float32)
+    T1 = tl.zeros((BN2, WKP), dtype=tl.float32)
+    xs = tl.zeros((1, WKP), dtype=tl.float32)
+    T0, T1, xs = _bits_fields(T0, T1, xs, x_ptr, wc * 16, K_IN, w0, w1, w2, w3, w4, w5, w6, w7, P, XE, ASM, False)
+    T0 = tl.sum(tl.reshape(T0, (BN2, GP, GW)), axis=2)
+    T1 = tl.sum(tl.reshape(T1, (BN2, GP, GW)), axis=2)
+    xs = tl.sum(tl.reshape(xs, (1, GP, GW)), axis=2)
+    acc0 = tl.zeros((BN2, GP), dtype=tl.float32)
+    acc1 = tl.zeros((BN2, GP), dtype=tl.float32)
+    acc0, acc1 = _bits_apply(acc0, acc1, T0, T1, xs, sz0, sz1, mult, hk)
+    _bits_segment_store(acc0, acc1, out_ptr, out_ptr, out_ptr, bias_ptr, rows2, N, NPAD2, t, 0, 1, HAS_BIAS)
 
 
 @triton.jit
@@ -1925,6 +1958,7 @@ def _bp_gemv_bits_kernel(
     RBD: tl.constexpr,
     RNPP: tl.constexpr,
     RADJ: tl.constexpr,
+    WKP: tl.constexpr,
 ):
     """One token from one-bit planes (see above). ``KSEL`` > 0: the view ``k = KSEL`` (known on the host); 0: ``k``
     read on the device, one body per view ``v`` (``P_v`` planes, multiplier ``M_v``, zero-point term ``H_v``)
@@ -1940,6 +1974,10 @@ def _bp_gemv_bits_kernel(
     writes its outputs from column ``SO_s``, and owns the programs from ``SP_s`` (segment 0 from 0; each streams
     its own segment's items alone, stream-K within it); with ``KVALS`` its threshold is at ``tau_ptr``,
     ``tau1_ptr``, ``tau2_ptr``, so each segment takes its own view.
+
+    ``WKP`` > 0: no stream-K; program ``pid`` of a segment takes its row block ``pid`` over all of K at once
+    (:func:`_bits_whole`, ``WKP`` word columns, a power of two covering the ``GPB`` groups), so ``G`` and the
+    segments' program starts count row blocks.
 
     ``RH`` > 0 (with ``KVALS``): the router of the token runs in this launch. Programs ``0 .. RH - 1`` compute one
     hidden unit each of the router ``rw1 / rb1 / rw2 / rb2`` (``mobiquant.kernels.triton_router``'s arithmetic,
@@ -2037,43 +2075,34 @@ def _bp_gemv_bits_kernel(
                     sz_v = sz_s + (v - 1) * 2 * SZSTRIDE
                 else:
                     sz_v = sz_s
-                _bits_stream(
-                    x_ptr,
-                    out_s,
-                    part_s,
-                    lock_s,
-                    bias_s,
-                    w_s,
-                    sz_v,
-                    PSTRIDE,
-                    SZSTRIDE,
-                    NPAD2,
-                    n_s,
-                    K_IN,
-                    GPB,
-                    g_s,
-                    _pick8(v, M1, M2, M3, M4, M5, M6, M7, M8),
-                    _pick8(v, H1, H2, H3, H4, H5, H6, H7, H8),
-                    GROUP,
-                    v,
-                    P1,
-                    P2,
-                    P3,
-                    P4,
-                    P5,
-                    P6,
-                    P7,
-                    P8,
-                    HAS_BIAS,
-                    BN2,
-                    NW,
-                    EVEN_K,
-                    EVEN_N,
-                    XE,
-                    ASM,
-                    PREFETCH,
-                    pid,
-                )
+                if v == 1:
+                    P: tl.constexpr = P1
+                elif v == 2:
+                    P: tl.constexpr = P2  # type: ignore[no-redef]
+                elif v == 3:
+                    P: tl.constexpr = P3  # type: ignore[no-redef]
+                elif v == 4:
+                    P: tl.constexpr = P4  # type: ignore[no-redef]
+                elif v == 5:
+                    P: tl.constexpr = P5  # type: ignore[no-redef]
+                elif v == 6:
+                    P: tl.constexpr = P6  # type: ignore[no-redef]
+                elif v == 7:
+                    P: tl.constexpr = P7  # type: ignore[no-redef]
+                else:
+                    P: tl.constexpr = P8  # type: ignore[no-redef]
+                mult = _pick8(v, M1, M2, M3, M4, M5, M6, M7, M8)
+                hk = _pick8(v, H1, H2, H3, H4, H5, H6, H7, H8)
+                if WKP > 0:  # one row block per program, all of K at once
+                    _bits_whole(
+                        x_ptr, out_s, bias_s, w_s, sz_v, PSTRIDE, SZSTRIDE, NPAD2, n_s, K_IN, GPB, mult, hk, GROUP, P,
+                        HAS_BIAS, BN2, WKP, XE, ASM, pid,
+                    )  # fmt: skip
+                else:
+                    _bits_stream(
+                        x_ptr, out_s, part_s, lock_s, bias_s, w_s, sz_v, PSTRIDE, SZSTRIDE, NPAD2, n_s, K_IN, GPB, g_s,
+                        mult, hk, GROUP, P, HAS_BIAS, BN2, NW, EVEN_K, EVEN_N, XE, ASM, PREFETCH, pid,
+                    )  # fmt: skip
     if RH > 0:  # the last program to finish resets the router's tickets and flag for the next launch
         tl.debug_barrier()
         done = tl.atomic_add(sync_ptr + 2, 1, sem="acq_rel")
@@ -2326,6 +2355,10 @@ class SmallConfig:
     # Off: correct on the GPU but slower than the router's own launch (0.73-0.86x per site on an H200, docs/RESULTS.md
     # "The router inside its site's launch"): the GEMV programs wait on a flag that the router's programs raise.
     router_in_launch: bool = False
+    # one-bit plane kernel: one program per row block over all of K at once (no stream-K, no partial sums), for
+    # inputs of at most BITS_WHOLE_MAX_K features and groups of a power of two words. None: where K allows;
+    # ``block_n`` None sizes the row block to about four words per thread and plane.
+    whole_k: bool | None = False
 
 
 @dataclass(frozen=True)
@@ -2902,6 +2935,24 @@ def _bits_k(k, x2: torch.Tensor, NS: int) -> tuple[int, torch.Tensor, torch.Tens
     return 0, k_t, v_t, tau_t, 0
 
 
+#: Inputs up to this many features may take ``SmallConfig.whole_k`` (every word of a row block in registers at once).
+BITS_WHOLE_MAX_K = 4096
+
+
+def _whole_k_words(cfg: SmallConfig, kw: int, gw: int) -> int:
+    """Word columns (a power of two) of ``whole_k`` launches for ``kw`` word columns in groups of ``gw``; 0: the
+    stream-K grid (``whole_k`` False, or None where K or the group does not allow it)."""
+    if cfg.whole_k is False:
+        return 0
+    ok = kw * 16 <= BITS_WHOLE_MAX_K and _is_pow2(gw)
+    if not ok and cfg.whole_k:
+        raise ValueError(
+            f"whole_k needs at most {BITS_WHOLE_MAX_K} input features in groups of a power of two words, got "
+            f"{kw * 16} features in groups of {gw * 16}"
+        )
+    return triton.next_power_of_2(kw) if ok else 0
+
+
 def _check_router(r: InLaunchRouter, values: torch.Tensor, d: int, NS: int) -> None:
     n_hidden = r.w1.shape[0]
     if r.w1.shape != (n_hidden, d) or r.w2.shape != (NS - 1, n_hidden) or r.b1.numel() != n_hidden:
@@ -3064,19 +3115,28 @@ def _bits_launch(
         raise ValueError(f"block_n must be a power of two >= 2, got {block_n}")
     if cfg.prefetch and nw != gw:
         raise ValueError(f"prefetch needs block_k = the group ({bp.group_size}), got {block_k}")
-    bn2 = block_n // 2
     kw, npad2 = bp.words.shape[1], bp.words.shape[2]
+    wkp = _whole_k_words(cfg, kw, gw)
+    if wkp:
+        if cfg.prefetch or cfg.split_k or cfg.waves:
+            raise ValueError("whole_k takes no prefetch, split_k or waves: one program per row block")
+        block_n = cfg.block_n or 2 * max(2, min(_BITS_ROW_PAD // 2, cfg.num_warps * 128 // wkp))
+        if block_n < 2 or not _is_pow2(block_n) or block_n > _BITS_ROW_PAD:
+            raise ValueError(f"whole_k needs block_n a power of two in [2, {_BITS_ROW_PAD}], got {block_n}")
+    bn2 = block_n // 2
     if len(segs) > 1 and (npad2 % bn2 or any(r2 % bn2 for _, r2, _ in segs)):
         raise ValueError(f"a site launch needs every layer's rows in whole blocks of {block_n} rows")
     gpb = kw // gw
     blocks = [triton.cdiv(triton.cdiv(n, 2), bn2) for n, _, _ in segs]
     items = [b * gpb for b in blocks]
-    if cfg.split_k:
+    if wkp:
+        progs = sum(blocks)
+    elif cfg.split_k:
         progs = sum(blocks) * cfg.split_k
     else:
         progs = (cfg.waves or BITS_WAVES) * _num_sms(x2.device)
-    # each segment its share of the programs, by its items (at least one, at most one per item)
-    share = [max(1, min(i, round(progs * i / sum(items)))) for i in items]
+    # each segment its share of the programs, by its items (at least one, at most one per item); whole_k: its blocks
+    share = blocks if wkp else [max(1, min(i, round(progs * i / sum(items)))) for i in items]
     starts = [sum(share[:j]) for j in range(len(share))] + [0] * (BITS_MAX_SITE - len(share))
     progs = sum(share)
     # partial slots: a row block is shared by at most ceil(programs / blocks) + 1 programs of its segment (also with
@@ -3090,7 +3150,7 @@ def _bits_launch(
     hs = [(1.0 - 2.0 ** -(p - b0)) / 2 for p in pv] + [0.0] * (MAX_SLICES - NS)
     pk = {f"P{i + 1}": p for i, p in enumerate(pv + [1] * (MAX_SLICES - NS))}
     # the cap, except with prefetch (twice the words in registers: capped, 8 planes spill in the loop)
-    maxnreg = cfg.maxnreg or (None if cfg.prefetch else BITS_MAXNREG)
+    maxnreg = cfg.maxnreg or (None if cfg.prefetch or wkp else BITS_MAXNREG)
     # a set of step and zero point words per view: the view's own when k is known here, else all (read on the device)
     per_view = bp.per_view and ksel == 0
     sz = bp.sz[ksel - 1] if bp.per_view and ksel > 0 else bp.sz
@@ -3152,6 +3212,7 @@ def _bits_launch(
         PER_VIEW=per_view,
         KVALS=kvals,
         NSEG=len(segs),
+        WKP=wkp,
         **rw,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
