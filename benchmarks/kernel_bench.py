@@ -566,6 +566,8 @@ def main(argv=None):
         f"torch {torch.__version__}, triton {triton.__version__}, {time.strftime('%Y-%m-%d')}"
     )
     print(f"# {dev}")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "kernel_bench.log"), "w") if args.out else None
 
     def log(msg):
