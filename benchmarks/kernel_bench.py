@@ -71,7 +71,8 @@ def parse_bits_config(tb, text: str):
     """``BLOCK_N,BLOCK_K,WARPS,WAVES[,PREFETCH[,SPLIT_K[,WHOLE_K]]]`` -> ``SmallConfig(bitplanes=True, ...)`` (empty
     fields: the defaults; PREFETCH 1 or 0; SPLIT_K: programs per row block instead of WAVES programs per SM, 1 = one
     program per row block over all of K, no partial sums; WHOLE_K 1: one program per row block with all of K loaded
-    at once where K allows, 0: never, empty: the library's default)."""
+    at once where K allows, 0: never (stream-K), empty: the library's default, which is 1 below BITS_WHOLE_MAX_ROWS
+    rows unless WAVES, PREFETCH or SPLIT_K is given)."""
     parts = [p.strip() for p in text.split(",")] + [""] * 7
     bn, bk, nw, wv, pf, sk, wk = (int(p) if p else None for p in parts[:7])
     kw = {} if wk is None else {"whole_k": None if wk else False}
@@ -85,7 +86,7 @@ def bits_tag(cfg) -> str:
         f"{cfg.block_n}/{cfg.block_k}/{cfg.num_warps}w/{cfg.waves}"
         + ("/pf" if cfg.prefetch else "")
         + (f"/sk{cfg.split_k}" if cfg.split_k else "")
-        + ("/whole" if cfg.whole_k is not False else "")
+        + {False: "/streamk", None: "", True: "/whole"}[cfg.whole_k]
     )
 
 

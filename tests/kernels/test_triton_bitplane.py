@@ -206,7 +206,8 @@ def test_one_token_device_k_compiles_every_plane(gen, monkeypatch):
 
 
 # ------------------------------------------------------------------------ one token from one-bit planes
-BITS = tb.SmallConfig(bitplanes=True)
+BITS = tb.SmallConfig(bitplanes=True)  # whole_k where K and the rows allow (every test shape here)
+STREAMK = tb.SmallConfig(bitplanes=True, whole_k=False)
 WHOLE = tb.SmallConfig(bitplanes=True, whole_k=True)
 DEFAULT_LAYOUT = (3, 1, 1, 1, 1, 1)
 
@@ -285,7 +286,8 @@ def test_bits_kernel_layouts(bits, group, n_in, gen):
         tb.SmallConfig(bitplanes=True, block_n=32, block_k=64, waves=1, prefetch=True),  # next group preloaded
         tb.SmallConfig(bitplanes=True, whole_k=True),  # a row block over all of K at once: 8 rows, 32 words
         tb.SmallConfig(bitplanes=True, whole_k=True, block_n=2, num_warps=1),  # one row pair per program
-        tb.SmallConfig(bitplanes=True, whole_k=None, block_n=64, num_warps=8),  # where K allows: here
+        tb.SmallConfig(bitplanes=True, block_n=64, num_warps=8),  # the default whole_k: here
+        tb.SmallConfig(bitplanes=True, block_n=128, block_k=64, whole_k=False),  # stream-K, 4 programs per SM
     ],
     ids=str,
 )
@@ -311,7 +313,7 @@ def test_bits_kernel_fewer_programs_than_row_blocks(gen, monkeypatch):
         check(x, planes, scale, zero, bits, group, k, small_config=cfg)
 
 
-@pytest.mark.parametrize("cfg", [BITS, WHOLE], ids=["streamk", "whole_k"])
+@pytest.mark.parametrize("cfg", [STREAMK, WHOLE], ids=["streamk", "whole_k"])
 def test_bits_kernel_device_k(cfg, gen, monkeypatch):
     """k read on the device: one body per view compiled together; planes past the view hold garbage that must not
     leak. The packed buffers may be passed in (``packed=``) or built and cached from the planes."""
@@ -331,7 +333,7 @@ def test_bits_kernel_device_k(cfg, gen, monkeypatch):
         assert err < TOL[torch.float16], (kk, err)
 
 
-@pytest.mark.parametrize("cfg", [BITS, WHOLE], ids=["streamk", "whole_k"])
+@pytest.mark.parametrize("cfg", [STREAMK, WHOLE], ids=["streamk", "whole_k"])
 @pytest.mark.parametrize("vdtype", [torch.float32, torch.float16], ids=lambda d: str(d).split(".")[-1])
 def test_bits_kernel_routed_k(vdtype, cfg, gen, monkeypatch):
     """k counted in the kernel from a router's gate values and a threshold (``RoutedK``, the device path): the
@@ -380,15 +382,15 @@ def test_routed_k_other_paths_and_errors(gen):
 
 
 SITE_CONFIGS = [
-    None,  # the default: stream-K over 4 programs per SM, 128 rows
+    STREAMK,  # stream-K over 4 programs per SM, 128 rows
     tb.SmallConfig(bitplanes=True, block_n=64, block_k=32, split_k=1),  # one program per row block
     tb.SmallConfig(bitplanes=True, block_n=32, block_k=16, waves=1),  # few programs: ranges cross row blocks
-    tb.SmallConfig(bitplanes=True, whole_k=True, block_n=16),  # one program per row block of every layer
+    None,  # the default: whole_k here, one program per row block of every layer
 ]
 
 
 @pytest.mark.parametrize("per_view", [False, True], ids=["shared", "per_view"])
-@pytest.mark.parametrize("cfg", SITE_CONFIGS, ids=["default", "split1", "streamk", "whole_k"])
+@pytest.mark.parametrize("cfg", SITE_CONFIGS, ids=["streamk", "split1", "streamk_few", "default"])
 def test_site_bits_kernel(cfg, per_view, gen, monkeypatch):
     """Three layers of one input (a site: q, k and v) in one launch of the one-bit plane kernel: every layer's
     outputs equal its own reference, at one static view for all and with a view each counted on the device from
@@ -593,6 +595,10 @@ def test_bits_kernel_dispatch_and_errors(gen, monkeypatch):
         tb.bitplane_linear_bits(x[:1], bp, 1, config=tb.SmallConfig(bitplanes=True, block_k=32, prefetch=True))
     with pytest.raises(ValueError):
         tb.bitplane_linear_bits(x[:1], bp, 7)
+    # whole_k None: K <= 4096 and at most 8192 rows in the launch; True refuses what it cannot hold
+    assert tb._whole_k_words(tb.SmallConfig(), 256, 8, 8192) == 256 and tb._whole_k_words(WHOLE, 36, 4, 9000) == 64
+    assert tb._whole_k_words(tb.SmallConfig(), 256, 8, 8193) == 0 and tb._whole_k_words(STREAMK, 8, 8, 16) == 0
+    assert tb._whole_k_words(tb.SmallConfig(), 896, 8, 4096) == 0 and tb._whole_k_words(tb.SmallConfig(), 6, 6, 8) == 0
     with pytest.raises(ValueError, match="whole_k takes no prefetch, split_k or waves"):
         tb.bitplane_linear_bits(x[:1], bp, 1, config=tb.SmallConfig(bitplanes=True, whole_k=True, split_k=2))
     with pytest.raises(ValueError, match=r"whole_k needs block_n a power of two in \[2, 128\], got 256"):
@@ -1230,7 +1236,7 @@ def test_gpu_bits_kernel(n_out, n_in, bits, dtype, gen):
     cfgs = (
         BITS,
         tb.SmallConfig(bitplanes=True, block_n=128, block_k=128, waves=1, num_warps=8),
-        tb.SmallConfig(bitplanes=True, whole_k=None, num_warps=8),  # all of K at once where K <= 4096
+        STREAMK,  # the default picks whole_k for these rows where K <= 4096
     )
     for cfg in cfgs:
         for k in range(1, len(bits) + 1):
@@ -1258,7 +1264,7 @@ def test_gpu_bits_kernel_graph_capture(gen):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("cfg", [BITS, WHOLE], ids=["streamk", "whole_k"])
+@pytest.mark.parametrize("cfg", [STREAMK, WHOLE], ids=["streamk", "whole_k"])
 def test_gpu_bits_kernel_routed_k_graph_capture(cfg, gen):
     """One captured graph of the one-bit plane kernel counting ``k`` from gate values and a threshold tensor
     (``RoutedK``) serves every view: a budget change writes the threshold, nothing else."""

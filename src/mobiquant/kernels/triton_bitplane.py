@@ -2356,9 +2356,11 @@ class SmallConfig:
     # "The router inside its site's launch"): the GEMV programs wait on a flag that the router's programs raise.
     router_in_launch: bool = False
     # one-bit plane kernel: one program per row block over all of K at once (no stream-K, no partial sums), for
-    # inputs of at most BITS_WHOLE_MAX_K features and groups of a power of two words. None: where K allows;
-    # ``block_n`` None sizes the row block to about four words per thread and plane.
-    whole_k: bool | None = False
+    # inputs of at most BITS_WHOLE_MAX_K features and groups of a power of two words. None: where K allows and the
+    # launch has at most BITS_WHOLE_MAX_ROWS rows, unless a stream-K knob is given (measured on an H200: 1.15-1.5x
+    # faster than stream-K for every SmolLM2 linear and the 8B q/o and k/v, slower for gate/up's 14336 rows;
+    # docs/RESULTS.md "Whole-K"). ``block_n`` None: at least K / 512 warps, about four words per thread and plane.
+    whole_k: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -2937,12 +2939,15 @@ def _bits_k(k, x2: torch.Tensor, NS: int) -> tuple[int, torch.Tensor, torch.Tens
 
 #: Inputs up to this many features may take ``SmallConfig.whole_k`` (every word of a row block in registers at once).
 BITS_WHOLE_MAX_K = 4096
+#: ``whole_k=None`` takes it for launches of at most this many rows (every layer of a site): on an H200 the stream-K
+#: grid is faster from about 8700 rows at 4096 features (2026-12-02, docs/RESULTS.md "Whole-K").
+BITS_WHOLE_MAX_ROWS = 8192
 
 
-def _whole_k_words(cfg: SmallConfig, kw: int, gw: int) -> int:
-    """Word columns (a power of two) of ``whole_k`` launches for ``kw`` word columns in groups of ``gw``; 0: the
-    stream-K grid (``whole_k`` False, or None where K or the group does not allow it)."""
-    if cfg.whole_k is False:
+def _whole_k_words(cfg: SmallConfig, kw: int, gw: int, rows: int) -> int:
+    """Word columns (a power of two) of ``whole_k`` launches for ``kw`` word columns in groups of ``gw`` and ``rows``
+    rows; 0: the stream-K grid (``whole_k`` False, or None where K, the group or the rows do not allow it)."""
+    if cfg.whole_k is False or (cfg.whole_k is None and rows > BITS_WHOLE_MAX_ROWS):
         return 0
     ok = kw * 16 <= BITS_WHOLE_MAX_K and _is_pow2(gw)
     if not ok and cfg.whole_k:
@@ -3116,11 +3121,23 @@ def _bits_launch(
     if cfg.prefetch and nw != gw:
         raise ValueError(f"prefetch needs block_k = the group ({bp.group_size}), got {block_k}")
     kw, npad2 = bp.words.shape[1], bp.words.shape[2]
-    wkp = _whole_k_words(cfg, kw, gw)
+    num_warps = cfg.num_warps
+    # None: stream-K where its knobs are given (block_k, waves, split_k, prefetch, or more rows than a whole-K block
+    # holds), and for a router in the launch (its GPU test compares the outputs bit for bit with a launch handed the
+    # router's values, which the whole-K body has not matched on an H200)
+    stream_knobs = cfg.prefetch or cfg.split_k or cfg.waves
+    if cfg.whole_k is None and (
+        stream_knobs or cfg.block_k or (cfg.block_n or 0) > _BITS_ROW_PAD or router is not None
+    ):
+        wkp = 0
+    else:
+        wkp = _whole_k_words(cfg, kw, gw, sum(n for n, _, _ in segs))
     if wkp:
-        if cfg.prefetch or cfg.split_k or cfg.waves:
+        if stream_knobs:
             raise ValueError("whole_k takes no prefetch, split_k or waves: one program per row block")
-        block_n = cfg.block_n or 2 * max(2, min(_BITS_ROW_PAD // 2, cfg.num_warps * 128 // wkp))
+        if cfg.block_n is None:
+            num_warps = max(num_warps, wkp // 32)
+        block_n = cfg.block_n or 2 * max(2, min(_BITS_ROW_PAD // 2, num_warps * 128 // wkp))
         if block_n < 2 or not _is_pow2(block_n) or block_n > _BITS_ROW_PAD:
             raise ValueError(f"whole_k needs block_n a power of two in [2, {_BITS_ROW_PAD}], got {block_n}")
     bn2 = block_n // 2
@@ -3214,7 +3231,7 @@ def _bits_launch(
         NSEG=len(segs),
         WKP=wkp,
         **rw,
-        num_warps=cfg.num_warps,
+        num_warps=num_warps,
         num_stages=cfg.num_stages,
         **pk,
         **({} if _interpreting() or maxnreg is None else {"maxnreg": maxnreg}),
