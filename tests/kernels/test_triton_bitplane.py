@@ -499,10 +499,11 @@ def test_bits_kernel_router_in_launch(policy, gen, monkeypatch):
         )
 
 
-def test_mobilinear_router_in_launch(gen, monkeypatch):
+@pytest.mark.parametrize("whole_k", [False, True], ids=["streamk", "whole_k"])
+def test_mobilinear_router_in_launch(whole_k, gen, monkeypatch):
     """With ``SmallConfig(router_in_launch=True)``, routed one-token linears whose router takes the fused kernel's
     path run it inside their own launch: a site of two (``fuse_sites``) and a linear alone take one launch each and
-    no router launch, with the outputs of the router's own launch (the default) to the bit."""
+    no router launch, with the outputs of the router's own launch to the bit (on the same GEMV grid)."""
     from mobiquant import kernels
     from mobiquant.patching import fuse_sites
 
@@ -531,9 +532,9 @@ def test_mobilinear_router_in_launch(gen, monkeypatch):
         routers_run.clear()
         return [m(x).clone() for m in layers]
 
-    inside = forward(tb.SmallConfig(router_in_launch=True))
+    inside = forward(tb.SmallConfig(router_in_launch=True, whole_k=whole_k))
     assert launches == [2, 1] and routers_run == []
-    outside = forward(None)  # the default, until a GPU run has timed the router in the launch
+    outside = forward(tb.SmallConfig(whole_k=whole_k))  # the router's own launch, as by default
     assert launches == [2, 1] and len(routers_run) == 2
     for a, b in zip(inside, outside, strict=True):
         assert torch.equal(a, b)

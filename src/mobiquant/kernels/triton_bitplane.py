@@ -2357,7 +2357,7 @@ class SmallConfig:
     router_in_launch: bool = False
     # one-bit plane kernel: one program per row block over all of K at once (no stream-K, no partial sums), for
     # inputs of at most BITS_WHOLE_MAX_K features and groups of a power of two words. None: where K allows and the
-    # launch has at most BITS_WHOLE_MAX_ROWS rows, unless a stream-K knob is given (measured on an H200: 1.15-1.5x
+    # launch has at most BITS_WHOLE_MAX_ROWS rows, unless a stream-K knob is given (measured on an H200: 1.17-1.58x
     # faster than stream-K for every SmolLM2 linear and the 8B q/o and k/v, slower for gate/up's 14336 rows;
     # docs/RESULTS.md "Whole-K"). ``block_n`` None: at least K / 512 warps, about four words per thread and plane.
     whole_k: bool | None = None
