@@ -1806,30 +1806,12 @@ def _bits_stream(
         item = t * GPB + g_hi
 
 
+# fmt: off
 @triton.jit
-def _bits_whole(
-    x_ptr,
-    out_ptr,
-    bias_ptr,
-    w_ptr,
-    sz_ptr,
-    PSTRIDE,
-    SZSTRIDE,
-    NPAD2,
-    N,
-    K_IN,
-    GPB,
-    mult,
-    hk,
-    GROUP: tl.constexpr,
-    P: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BN2: tl.constexpr,
-    WKP: tl.constexpr,
-    XE: tl.constexpr,
-    ASM: tl.constexpr,
-    t,
-):
+def _bits_whole(x_ptr, out_ptr, bias_ptr, w_ptr, sz_ptr, PSTRIDE, SZSTRIDE, NPAD2, N, K_IN, GPB, mult, hk,
+                GROUP: tl.constexpr, P: tl.constexpr, HAS_BIAS: tl.constexpr, BN2: tl.constexpr, WKP: tl.constexpr,
+                XE: tl.constexpr, ASM: tl.constexpr, t):
+    # fmt: on
     """Row block ``t`` over all of K in one pass: every word, step and zero point of the block is loaded at once
     (``[BN2, WKP]`` words per plane, masked past the ``GPB`` groups), so the program waits on memory once; the codes
     are summed per word as in :func:`_bits_groups`, then per group (``WKP / GW`` groups of ``GW`` words), and the
