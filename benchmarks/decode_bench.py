@@ -772,9 +772,12 @@ def main(argv=None):
             add(f"{'fields' if forced else 'concat'} k={k}", bits, tc, nb, why=why)
 
     budgets = [] if args.no_routed else list(range(kb.SLICE_BITS[0], sum(kb.SLICE_BITS) + 1))
-    # with k on the device, layouts without a one-token small kernel take the tile path, whose per-token k is
-    # sorted with a host synchronisation: not capturable in a CUDA graph (not tried)
-    default_capturable = tb.small_supported(kb.SLICE_BITS, GROUP, None, False)
+    # with k on the device, layouts that neither a one-token small kernel nor the one-bit plane kernel takes by
+    # default fall to the tile path, whose per-token k is sorted with a host synchronisation: not capturable in a
+    # CUDA graph (not tried)
+    default_capturable = tb.small_supported(kb.SLICE_BITS, GROUP, None, False) or tb.wants_bitplanes(
+        kb.SLICE_BITS, GROUP
+    )
     for budget in budgets:
         for L in q_layers:
             for r in ("qkv", "o", "gu", "down"):
