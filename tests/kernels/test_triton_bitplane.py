@@ -7,6 +7,7 @@ checks that every element was written. Tests marked ``gpu`` need CUDA and skip c
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -554,6 +555,9 @@ def test_site_bits_errors(gen):
         tb.bitplane_site_bits(x, site, [1])
     with pytest.raises(ValueError, match="whole blocks of 256 rows"):
         tb.bitplane_site_bits(x, site, [1, 1], config=tb.SmallConfig(bitplanes=True, block_n=256))
+    shifted = dataclasses.replace(site, rows2=(0, 32))  # the second layer's rows not from a multiple of 128
+    with pytest.raises(ValueError, match="each layer from a multiple of 128 rows"):
+        tb.bitplane_site_bits(x, shifted, [1, 1], config=tb.SmallConfig(bitplanes=True, block_n=16))
 
 
 @pytest.mark.parametrize("scale_x", [1e-4, 3e3])

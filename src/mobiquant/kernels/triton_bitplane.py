@@ -2023,7 +2023,10 @@ def _bp_gemv_bits_kernel(
                         o_s = SO2
         # this segment's rows: words, step/zero words and partial slots from row pair r_s (a whole number of row
         # blocks: the host checks), its row blocks' tickets after those of the segments before it, outputs (and bias)
-        # from column o_s
+        # from column o_s. Every layer's rows start at a multiple of 128 (site_bitplanes pads them): written so that
+        # the compiler knows it (r_s // 64 * 64; a multiple_of hint on the scalar did not carry), or the words of a
+        # site load 4 bytes at a time instead of 8 or 16 (offline sm_90 SASS: LDG.E against LDG.E.64 / .128)
+        r_s = r_s // 64 * 64
         w_s = w_ptr + r_s
         sz_s = sz_ptr + r_s
         part_s = part_ptr + r_s
@@ -3123,8 +3126,11 @@ def _bits_launch(
         if block_n < 2 or not _is_pow2(block_n) or block_n > _BITS_ROW_PAD:
             raise ValueError(f"whole_k needs block_n a power of two in [2, {_BITS_ROW_PAD}], got {block_n}")
     bn2 = block_n // 2
-    if len(segs) > 1 and (npad2 % bn2 or any(r2 % bn2 for _, r2, _ in segs)):
-        raise ValueError(f"a site launch needs every layer's rows in whole blocks of {block_n} rows")
+    if len(segs) > 1 and (npad2 % bn2 or any(r2 % bn2 or r2 % (_BITS_ROW_PAD // 2) for _, r2, _ in segs)):
+        raise ValueError(
+            f"a site launch needs every layer's rows in whole blocks of {block_n} rows, each layer from a multiple of "
+            f"{_BITS_ROW_PAD} rows (as site_bitplanes pads them)"
+        )
     gpb = kw // gw
     blocks = [triton.cdiv(triton.cdiv(n, 2), bn2) for n, _, _ in segs]
     items = [b * gpb for b in blocks]
