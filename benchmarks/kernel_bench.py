@@ -68,16 +68,26 @@ def view_bits(k: int) -> int:
 
 
 def parse_bits_config(tb, text: str):
-    """``BLOCK_N,BLOCK_K,WARPS,WAVES[,PREFETCH[,SPLIT_K[,WHOLE_K]]]`` -> ``SmallConfig(bitplanes=True, ...)`` (empty
+    """``BLOCK_N,BLOCK_K,WARPS,WAVES[,PREFETCH[,SPLIT_K[,WHOLE_K[,STAGES]]]]`` -> ``SmallConfig(bitplanes=True, ...)``
+    (empty
     fields: the defaults; PREFETCH 1 or 0; SPLIT_K: programs per row block instead of WAVES programs per SM, 1 = one
     program per row block over all of K, no partial sums; WHOLE_K 1: one program per row block with all of K loaded
     at once where K allows, 0: never (stream-K), empty: the library's default, which is 1 below BITS_WHOLE_MAX_ROWS
-    rows unless WAVES, PREFETCH or SPLIT_K is given)."""
-    parts = [p.strip() for p in text.split(",")] + [""] * 7
-    bn, bk, nw, wv, pf, sk, wk = (int(p) if p else None for p in parts[:7])
+    rows unless WAVES, PREFETCH or SPLIT_K is given; STAGES: num_stages of the stream-K group loop, Triton's
+    pipeliner keeping later groups' words in flight)."""
+    parts = [p.strip() for p in text.split(",")] + [""] * 8
+    bn, bk, nw, wv, pf, sk, wk, st = (int(p) if p else None for p in parts[:8])
     kw = {} if wk is None else {"whole_k": None if wk else False}
     return tb.SmallConfig(
-        bitplanes=True, block_n=bn, block_k=bk, num_warps=nw or 4, waves=wv, prefetch=bool(pf), split_k=sk, **kw
+        bitplanes=True,
+        block_n=bn,
+        block_k=bk,
+        num_warps=nw or 4,
+        waves=wv,
+        prefetch=bool(pf),
+        split_k=sk,
+        stages=st,
+        **kw,
     )
 
 
@@ -87,6 +97,7 @@ def bits_tag(cfg) -> str:
         + ("/pf" if cfg.prefetch else "")
         + (f"/sk{cfg.split_k}" if cfg.split_k else "")
         + {False: "/streamk", None: "", True: "/whole"}[cfg.whole_k]
+        + (f"/st{cfg.stages}" if cfg.stages else "")
     )
 
 

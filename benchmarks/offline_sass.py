@@ -15,6 +15,7 @@ one-bit plane kernel; the chunk loop of the field kernel). This is the feedback 
     python benchmarks/offline_sass.py --routed --site 3                   # q, k and v in one launch, k counted
     python benchmarks/offline_sass.py --routed --site 3 --router-in-launch  # ... and their router in it too
     python benchmarks/offline_sass.py --k 2 --whole-k --in-features 576    # a row block over all of K at once
+    python benchmarks/offline_sass.py --k 2 --n 14336 --stages 3           # the group loop pipelined (cp.async)
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ def main(argv=None):
     ap.add_argument("--waves", type=int, default=None)
     ap.add_argument("--prefetch", action="store_true")
     ap.add_argument("--whole-k", action="store_true", help="one program per row block over all of K (whole_k)")
+    ap.add_argument("--stages", type=int, default=None, help="num_stages of the stream-K group loop (stages)")
     ap.add_argument(
         "--routed", action="store_true", help="k counted in the kernel from gate values and a threshold (RoutedK)"
     )
@@ -157,7 +159,8 @@ def main(argv=None):
             num_warps=a.warps,
             waves=a.waves,
             prefetch=a.prefetch,
-            whole_k=a.whole_k,
+            whole_k=a.whole_k or False,
+            stages=a.stages,
         )
         name = "_bp_gemv_bits_kernel"
         ks = [k] * a.site
@@ -188,6 +191,7 @@ def main(argv=None):
     how += ", the router in the launch" * a.router_in_launch
     label = f"{name} slices {a.slices} {how}, {a.site} layer(s), grid {grid}"
     report(sass, res, codes, label)
+    print(f"  shared memory at launch (static + the pipeliner's buffers): {ck.metadata.shared} B")
     return 0
 
 

@@ -289,6 +289,7 @@ def test_bits_kernel_layouts(bits, group, n_in, gen):
         tb.SmallConfig(bitplanes=True, whole_k=True, block_n=2, num_warps=1),  # one row pair per program
         tb.SmallConfig(bitplanes=True, block_n=64, num_warps=8),  # the default whole_k: here
         tb.SmallConfig(bitplanes=True, block_n=128, block_k=64, whole_k=False),  # stream-K, 4 programs per SM
+        tb.SmallConfig(bitplanes=True, block_n=32, block_k=32, waves=1, stages=3),  # the group loop pipelined
     ],
     ids=str,
 )
@@ -1242,6 +1243,7 @@ def test_gpu_bits_kernel(n_out, n_in, bits, dtype, gen):
         BITS,
         tb.SmallConfig(bitplanes=True, block_n=128, block_k=128, waves=1, num_warps=8),
         STREAMK,  # the default picks whole_k for these rows where K <= 4096
+        tb.SmallConfig(bitplanes=True, waves=4, stages=3),  # stream-K, the group loop pipelined
     )
     for cfg in cfgs:
         for k in range(1, len(bits) + 1):

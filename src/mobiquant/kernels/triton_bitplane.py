@@ -1626,11 +1626,13 @@ def _bits_groups(
     XE: tl.constexpr,
     ASM: tl.constexpr,
     PREFETCH: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """Groups ``g_lo .. g_hi`` of one row block for a view of ``P`` planes, into ``acc0 / acc1 [BN2, NW]`` (even /
     odd rows): per row and group ``s (mult sum(x' f) - sum(x) (z + h_k))``, in sub-chunks of ``NW`` words.
     ``PREFETCH`` (one sub-chunk per group): the next group's words, step and zero point are loaded before this
-    group's codes are reduced (kept in registers across the iteration)."""
+    group's codes are reduced (kept in registers across the iteration). Else ``STAGES`` (the group loop's
+    ``num_stages``; 0 or 1: none) lets Triton's loop pipeliner keep the loads of later groups in flight."""
     GW: tl.constexpr = GROUP // 16  # word columns per group
     if PREFETCH:
         w0, w1, w2, w3, w4, w5, w6, w7 = _bits_load_words(w_ptr, g_lo * GW + wcol, rows2, PSTRIDE, NPAD2, P, EVEN_N)
@@ -1657,7 +1659,7 @@ def _bits_groups(
             sz0 = nz0
             sz1 = nz1
     else:
-        for g in range(g_lo, g_hi):
+        for g in tl.range(g_lo, g_hi, num_stages=STAGES if STAGES > 0 else None):
             T0 = tl.zeros(acc0.shape, dtype=tl.float32)
             T1 = tl.zeros(acc0.shape, dtype=tl.float32)
             xs = tl.zeros((1, NW), dtype=tl.float32)
@@ -1743,6 +1745,7 @@ def _bits_stream(
     XE: tl.constexpr,
     ASM: tl.constexpr,
     PREFETCH: tl.constexpr,
+    STAGES: tl.constexpr,
     pid,
 ):
     """Program ``pid``'s share (of ``G`` programs): the (row block, group) items ``[pid T / G, (pid+1) T / G)`` of
@@ -1784,6 +1787,7 @@ def _bits_stream(
             XE,
             ASM,
             PREFETCH,
+            STAGES,
         )
         # the programs that share row block t: the first holds its group 0, the last its group GPB - 1
         p_first = ((t * GPB + 1) * G - 1) // total
@@ -1941,6 +1945,7 @@ def _bp_gemv_bits_kernel(
     RNPP: tl.constexpr,
     RADJ: tl.constexpr,
     WKP: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """One token from one-bit planes (see above). ``KSEL`` > 0: the view ``k = KSEL`` (known on the host); 0: ``k``
     read on the device, one body per view ``v`` (``P_v`` planes, multiplier ``M_v``, zero-point term ``H_v``)
@@ -2086,7 +2091,7 @@ def _bp_gemv_bits_kernel(
                 else:
                     _bits_stream(
                         x_ptr, out_s, part_s, lock_s, bias_s, w_s, sz_v, PSTRIDE, SZSTRIDE, NPAD2, n_s, K_IN, GPB, g_s,
-                        mult, hk, GROUP, P, HAS_BIAS, BN2, NW, EVEN_K, EVEN_N, XE, ASM, PREFETCH, pid,
+                        mult, hk, GROUP, P, HAS_BIAS, BN2, NW, EVEN_K, EVEN_N, XE, ASM, PREFETCH, STAGES, pid,
                     )  # fmt: skip
     if RH > 0:  # the last program to finish resets the router's tickets and flag for the next launch
         tl.debug_barrier()
@@ -2335,6 +2340,9 @@ class SmallConfig:
     bitplanes: bool | None = None
     waves: int | None = None
     prefetch: bool = False  # one-bit plane kernel, block_k = group: next group's words loaded before this one's sum
+    # one-bit plane kernel, stream-K without prefetch: num_stages of the group loop (Triton's pipeliner keeps later
+    # groups' loads in flight through shared memory); None: no pipelining (not yet measured on a GPU)
+    stages: int | None = None
     maxnreg: int | None = None  # one-bit plane kernel's register cap (None: BITS_MAXNREG, none with prefetch)
     # one token, routed, on the one-bit plane kernel: the router runs in the GEMV's launch (RoutedK.router).
     # Off: correct on the GPU but slower than the router's own launch (0.73-0.86x per site on an H200, docs/RESULTS.md
@@ -3214,6 +3222,7 @@ def _bits_launch(
         XE=149 - _FIELD_S,
         ASM=not _interpreting(),
         PREFETCH=bool(cfg.prefetch),
+        STAGES=cfg.stages or 0,
         PER_VIEW=per_view,
         KVALS=kvals,
         NSEG=len(segs),
