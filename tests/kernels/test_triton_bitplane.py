@@ -605,6 +605,9 @@ def test_bits_kernel_dispatch_and_errors(gen, monkeypatch):
     assert tb._whole_k_words(tb.SmallConfig(), 256, 8, 8192) == 256 and tb._whole_k_words(WHOLE, 36, 4, 9000) == 64
     assert tb._whole_k_words(tb.SmallConfig(), 256, 8, 8193) == 0 and tb._whole_k_words(STREAMK, 8, 8, 16) == 0
     assert tb._whole_k_words(tb.SmallConfig(), 896, 8, 4096) == 0 and tb._whole_k_words(tb.SmallConfig(), 6, 6, 8) == 0
+    with pytest.raises(ValueError, match="stages must be a positive number of pipeline stages, without prefetch"):
+        cfg = tb.SmallConfig(bitplanes=True, block_k=64, prefetch=True, stages=2)
+        tb.bitplane_linear_bits(x[:1], bp, 1, config=cfg)
     with pytest.raises(ValueError, match="whole_k takes no prefetch, split_k or waves"):
         tb.bitplane_linear_bits(x[:1], bp, 1, config=tb.SmallConfig(bitplanes=True, whole_k=True, split_k=2))
     with pytest.raises(ValueError, match=r"whole_k needs block_n a power of two in \[2, 128\], got 256"):

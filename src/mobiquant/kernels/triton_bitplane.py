@@ -3113,6 +3113,8 @@ def _bits_launch(
         raise ValueError(f"block_n must be a power of two >= 2, got {block_n}")
     if cfg.prefetch and nw != gw:
         raise ValueError(f"prefetch needs block_k = the group ({bp.group_size}), got {block_k}")
+    if cfg.stages is not None and (int(cfg.stages) < 1 or cfg.prefetch):
+        raise ValueError(f"stages must be a positive number of pipeline stages, without prefetch; got {cfg.stages}")
     kw, npad2 = bp.words.shape[1], bp.words.shape[2]
     num_warps = cfg.num_warps
     # None: stream-K where its knobs are given (block_k, waves, split_k, prefetch, or more rows than a whole-K block
