@@ -608,7 +608,7 @@ def test_bits_kernel_dispatch_and_errors(gen, monkeypatch):
     with pytest.raises(ValueError, match="stages must be a positive number of pipeline stages, without prefetch"):
         cfg = tb.SmallConfig(bitplanes=True, block_k=64, prefetch=True, stages=2)
         tb.bitplane_linear_bits(x[:1], bp, 1, config=cfg)
-    with pytest.raises(ValueError, match="whole_k takes no prefetch, split_k or waves"):
+    with pytest.raises(ValueError, match="whole_k takes no prefetch, split_k, waves or stages"):
         tb.bitplane_linear_bits(x[:1], bp, 1, config=tb.SmallConfig(bitplanes=True, whole_k=True, split_k=2))
     with pytest.raises(ValueError, match=r"whole_k needs block_n a power of two in \[2, 128\], got 256"):
         tb.bitplane_linear_bits(x[:1], bp, 1, config=tb.SmallConfig(bitplanes=True, whole_k=True, block_n=256))

@@ -3117,10 +3117,10 @@ def _bits_launch(
         raise ValueError(f"stages must be a positive number of pipeline stages, without prefetch; got {cfg.stages}")
     kw, npad2 = bp.words.shape[1], bp.words.shape[2]
     num_warps = cfg.num_warps
-    # None: stream-K where its knobs are given (block_k, waves, split_k, prefetch, or more rows than a whole-K block
-    # holds), and for a router in the launch (its GPU test compares the outputs bit for bit with a launch handed the
-    # router's values, which the whole-K body has not matched on an H200)
-    stream_knobs = cfg.prefetch or cfg.split_k or cfg.waves
+    # None: stream-K where its knobs are given (block_k, waves, split_k, prefetch, stages, or more rows than a
+    # whole-K block holds), and for a router in the launch (its GPU test compares the outputs bit for bit with a
+    # launch handed the router's values, which the whole-K body has not matched on an H200)
+    stream_knobs = cfg.prefetch or cfg.split_k or cfg.waves or cfg.stages
     if cfg.whole_k is None and (
         stream_knobs or cfg.block_k or (cfg.block_n or 0) > _BITS_ROW_PAD or router is not None
     ):
@@ -3129,7 +3129,7 @@ def _bits_launch(
         wkp = _whole_k_words(cfg, kw, gw, sum(n for n, _, _ in segs))
     if wkp:
         if stream_knobs:
-            raise ValueError("whole_k takes no prefetch, split_k or waves: one program per row block")
+            raise ValueError("whole_k takes no prefetch, split_k, waves or stages: one program per row block")
         if cfg.block_n is None:
             num_warps = max(num_warps, wkp // 32)
         block_n = cfg.block_n or 2 * max(2, min(_BITS_ROW_PAD // 2, num_warps * 128 // wkp))
