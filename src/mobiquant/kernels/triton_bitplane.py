@@ -2065,22 +2065,11 @@ def _bp_gemv_bits_kernel(
                     sz_v = sz_s + (v - 1) * 2 * SZSTRIDE
                 else:
                     sz_v = sz_s
-                if v == 1:
-                    P: tl.constexpr = P1
-                elif v == 2:
-                    P: tl.constexpr = P2  # type: ignore[no-redef]
-                elif v == 3:
-                    P: tl.constexpr = P3  # type: ignore[no-redef]
-                elif v == 4:
-                    P: tl.constexpr = P4  # type: ignore[no-redef]
-                elif v == 5:
-                    P: tl.constexpr = P5  # type: ignore[no-redef]
-                elif v == 6:
-                    P: tl.constexpr = P6  # type: ignore[no-redef]
-                elif v == 7:
-                    P: tl.constexpr = P7  # type: ignore[no-redef]
-                else:
-                    P: tl.constexpr = P8  # type: ignore[no-redef]
+                # the view's plane count, a compile-time constant: the one term whose view matches
+                P: tl.constexpr = (
+                    P1 * (v == 1) + P2 * (v == 2) + P3 * (v == 3) + P4 * (v == 4)
+                    + P5 * (v == 5) + P6 * (v == 6) + P7 * (v == 7) + P8 * (v == 8)
+                )  # fmt: skip
                 mult = _pick8(v, M1, M2, M3, M4, M5, M6, M7, M8)
                 hk = _pick8(v, H1, H2, H3, H4, H5, H6, H7, H8)
                 if WKP > 0:  # one row block per program, all of K at once
