@@ -285,7 +285,7 @@ def test_bits_kernel_layouts(bits, group, n_in, gen):
         tb.SmallConfig(bitplanes=True, block_n=128, block_k=64, waves=1, num_warps=2),
         tb.SmallConfig(bitplanes=True, block_n=16, block_k=16, waves=3),  # segments across row blocks
         tb.SmallConfig(bitplanes=True, block_n=32, block_k=64, waves=1, prefetch=True),  # next group preloaded
-        tb.SmallConfig(bitplanes=True, whole_k=True),  # a row block over all of K at once: 8 rows, 32 words
+        tb.SmallConfig(bitplanes=True, whole_k=True),  # a row block over all of K at once: 32 rows, 32 words
         tb.SmallConfig(bitplanes=True, whole_k=True, block_n=2, num_warps=1),  # one row pair per program
         tb.SmallConfig(bitplanes=True, block_n=64, num_warps=8),  # the default whole_k: here
         tb.SmallConfig(bitplanes=True, block_n=128, block_k=64, whole_k=False),  # stream-K, 4 programs per SM

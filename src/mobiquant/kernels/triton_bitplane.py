@@ -1579,13 +1579,18 @@ def _bits_load_sz(sz_ptr, g, rows2, wcol, SZSTRIDE, NPAD2, EVEN_N: tl.constexpr)
     """Group ``g``'s step and zero point words of the even and odd rows, loaded ``[BN2, NW]`` (the same for every
     column) so that they come in the words' layout."""
     sofs = g * NPAD2 + rows2[:, None] + 0 * wcol[None, :]
+    return _bits_load_sz_at(sz_ptr, sofs, SZSTRIDE, EVEN_N, (rows2 < NPAD2)[:, None])
+
+
+@triton.jit
+def _bits_load_sz_at(sz_ptr, sofs, SZSTRIDE, EVEN_N: tl.constexpr, mask):
+    """The step and zero point words of the even and odd rows at ``sofs`` (masked by ``mask`` unless ``EVEN_N``)."""
     if EVEN_N:
         sz0 = tl.load(sz_ptr + sofs)
         sz1 = tl.load(sz_ptr + SZSTRIDE + sofs)
     else:
-        rmask = (rows2 < NPAD2)[:, None]
-        sz0 = tl.load(sz_ptr + sofs, mask=rmask, other=0)
-        sz1 = tl.load(sz_ptr + SZSTRIDE + sofs, mask=rmask, other=0)
+        sz0 = tl.load(sz_ptr + sofs, mask=mask, other=0)
+        sz1 = tl.load(sz_ptr + SZSTRIDE + sofs, mask=mask, other=0)
     return sz0, sz1
 
 
@@ -1828,10 +1833,7 @@ def _bits_whole(x_ptr, out_ptr, bias_ptr, w_ptr, sz_ptr, PSTRIDE, SZSTRIDE, NPAD
     offs = wc[None, :] * NPAD2 + rows2[:, None]
     w0, w1, w2, w3, w4, w5, w6, w7 = _bits_load_at(w_ptr, offs, PSTRIDE, P, False, (wc < GPB * GW)[None, :])
     g = tl.arange(0, GP)
-    sofs = g[None, :] * NPAD2 + rows2[:, None]
-    gmask = (g < GPB)[None, :]
-    sz0 = tl.load(sz_ptr + sofs, mask=gmask, other=0)
-    sz1 = tl.load(sz_ptr + SZSTRIDE + sofs, mask=gmask, other=0)
+    sz0, sz1 = _bits_load_sz_at(sz_ptr, g[None, :] * NPAD2 + rows2[:, None], SZSTRIDE, False, (g < GPB)[None, :])
     T0 = tl.zeros((BN2, WKP), dtype=tl.float32)
     T1 = tl.zeros((BN2, WKP), dtype=tl.float32)
     xs = tl.zeros((1, WKP), dtype=tl.float32)
