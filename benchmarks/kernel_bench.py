@@ -68,13 +68,12 @@ def view_bits(k: int) -> int:
 
 
 def parse_bits_config(tb, text: str):
-    """``BLOCK_N,BLOCK_K,WARPS,WAVES[,PREFETCH[,SPLIT_K[,WHOLE_K[,STAGES]]]]`` -> ``SmallConfig(bitplanes=True, ...)``
-    (empty
-    fields: the defaults; PREFETCH 1 or 0; SPLIT_K: programs per row block instead of WAVES programs per SM, 1 = one
-    program per row block over all of K, no partial sums; WHOLE_K 1: one program per row block with all of K loaded
-    at once where K allows, 0: never (stream-K), empty: the library's default, which is 1 below BITS_WHOLE_MAX_ROWS
-    rows unless WAVES, PREFETCH or SPLIT_K is given; STAGES: num_stages of the stream-K group loop, Triton's
-    pipeliner keeping later groups' words in flight)."""
+    """``BLOCK_N,BLOCK_K,WARPS,WAVES[,PREFETCH[,SPLIT_K[,WHOLE_K[,STAGES]]]]`` -> ``SmallConfig(bitplanes=True,
+    ...)`` (empty fields: the defaults; PREFETCH 1 or 0; SPLIT_K: programs per row block instead of WAVES programs
+    per SM, 1 = one program per row block over all of K, no partial sums; WHOLE_K 1 or empty: the library's rule,
+    one program per row block with all of K loaded at once where K <= 4096 and the launch has at most
+    BITS_WHOLE_MAX_ROWS rows, unless BLOCK_K, WAVES, PREFETCH, SPLIT_K or STAGES is given; 0: never (stream-K);
+    STAGES: num_stages of the stream-K group loop, Triton's pipeliner keeping later groups' words in flight)."""
     parts = [p.strip() for p in text.split(",")] + [""] * 8
     bn, bk, nw, wv, pf, sk, wk, st = (int(p) if p else None for p in parts[:8])
     kw = {} if wk is None else {"whole_k": None if wk else False}
@@ -553,7 +552,7 @@ def main(argv=None):
     ap.add_argument(
         "--bits-sweep-configs",
         default=None,
-        help="';'-separated one-bit plane configs (--bits-config's fields, then ,SPLIT_K,WHOLE_K) that --sweep "
+        help="';'-separated one-bit plane configs (--bits-config's fields, then ,SPLIT_K,WHOLE_K,STAGES) that --sweep "
         "times instead of its own list",
     )
     ap.add_argument(

@@ -119,7 +119,12 @@ def main(argv=None):
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--waves", type=int, default=None)
     ap.add_argument("--prefetch", action="store_true")
-    ap.add_argument("--whole-k", action="store_true", help="one program per row block over all of K (whole_k)")
+    ap.add_argument(
+        "--whole-k",
+        action="store_true",
+        help="one program per row block over all of K (whole_k=True); without it the stream-K grid (whole_k=False), "
+        "which the library's default takes only above 4096 inputs or 8192 rows",
+    )
     ap.add_argument("--stages", type=int, default=None, help="num_stages of the stream-K group loop (stages)")
     ap.add_argument(
         "--routed", action="store_true", help="k counted in the kernel from gate values and a threshold (RoutedK)"
@@ -149,8 +154,10 @@ def main(argv=None):
         codes = kw["BLOCK_N"] * kw["BLOCK_K"] / (32 * a.warps)
     else:
         T = sum(bits)
-        words = torch.zeros(T, K // 16, N // 2, dtype=torch.int32)
-        sz = torch.zeros(2, K // group, N // 2, dtype=torch.int32)
+        # padded as pack_bitplanes pads: whole groups of columns, rows to a multiple of 128
+        G, NPAD = -(-K // group), -(-N // 128) * 128
+        words = torch.zeros(T, G * group // 16, NPAD // 2, dtype=torch.int32)
+        sz = torch.zeros(2, G, NPAD // 2, dtype=torch.int32)
         bp = tb.BitPlanes(words, sz, bits, group, K, N)
         cfg = tb.SmallConfig(
             bitplanes=True,
