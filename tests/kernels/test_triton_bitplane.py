@@ -61,8 +61,9 @@ def check(x, planes, scale, zero, bits, group, k, bias=None, **kw):
 
 @pytest.fixture
 def gen():
-    # Fresh inputs for every test (and every run): a seed drawn from the OS, reported on failure.
-    seed = int.from_bytes(os.urandom(4), "little")
+    # Fresh inputs for every test (and every run): a seed drawn from the OS, reported on failure;
+    # MOBIQUANT_TEST_SEED=<seed> replays a reported one.
+    seed = int(os.environ.get("MOBIQUANT_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
     print(f"seed={seed}")
     return torch.Generator().manual_seed(seed)
 
@@ -476,12 +477,15 @@ def test_bits_kernel_router_in_launch(policy, gen, monkeypatch):
     taus = [float(vals[0] + vals[1]) / 2, float(vals[2] + vals[3]) / 2, float(vals[4]) - 1.0]
     taus = [torch.tensor(t, device=DEVICE) for t in taus]
     layers = [tb.pack_bitplanes(*make_layer(n, n_in, bits, group, gen), bits, group, n_in) for n in (200, 70, 33)]
-    for _ in range(2):
-        buf.fill_(float("nan"))
-        y = tb.bitplane_linear_bits(x, layers[0], tb.RoutedK(buf, taus[1], inl), config=BITS)
-        assert torch.equal(buf, ref_v), (buf, ref_v)
-        assert torch.equal(y, tb.bitplane_linear_bits(x, layers[0], tb.RoutedK(ref_v, taus[1]), config=BITS))
-        assert not tb._route_sync(x.device).any()
+    # each grid against itself (their sums differ in order); the default with a router is the stream-K grid
+    for cfg, ref_cfg in ((STREAMK, STREAMK), (WHOLE, WHOLE), (BITS, STREAMK)):
+        for _ in range(2):
+            buf.fill_(float("nan"))
+            y = tb.bitplane_linear_bits(x, layers[0], tb.RoutedK(buf, taus[1], inl), config=cfg)
+            assert torch.equal(buf, ref_v), (buf, ref_v)
+            ref = tb.bitplane_linear_bits(x, layers[0], tb.RoutedK(ref_v, taus[1]), config=ref_cfg)
+            assert torch.equal(y, ref), (cfg, (y - ref).abs().max())
+            assert not tb._route_sync(x.device).any()
     site = tb.site_bitplanes(layers)
     cfg = tb.SmallConfig(bitplanes=True, block_n=32, block_k=16, waves=1)
     monkeypatch.setattr(tb, "_host_routed_k", lambda rk: None)  # the reference counts on the "device" too
@@ -1297,10 +1301,26 @@ def test_gpu_bits_kernel_routed_k_graph_capture(cfg, gen):
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("shape", [(576, (576, 192, 192)), (4096, (4096, 1024, 1024))], ids=["smollm2", "8b"])
-def test_gpu_router_in_launch_graph(shape, gen):
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        STREAMK,  # the grid a router in the launch takes by default
+        pytest.param(
+            WHOLE,
+            marks=pytest.mark.xfail(
+                reason="H200 2026-12-02: [8b] outputs differed in the last bits from the whole-K launch handed the "
+                "same values (values bit-equal); not reproduced in the interpreter, so whole_k stays opt-in here",
+                strict=False,
+            ),
+        ),
+    ],
+    ids=["streamk", "whole_k"],
+)
+def test_gpu_router_in_launch_graph(shape, cfg, gen):
     """A site of three layers with its router in the launch, captured once in a CUDA graph: every replay with
     fresh activations and thresholds writes the fused router kernel's gate values and gives the outputs of the
-    launch handed those values, and leaves the counters at zero (no replay waits on a stale flag)."""
+    launch on the same grid handed those values, and leaves the counters at zero (no replay waits on a stale
+    flag)."""
     from mobiquant.kernels.triton_router import fused_router
 
     n_in, outs = shape
@@ -1315,7 +1335,7 @@ def test_gpu_router_in_launch_graph(shape, gen):
     taus = [torch.zeros((), device=DEVICE) for _ in outs]
     ks = [tb.RoutedK(buf, t, inl) for t in taus]
 
-    g, yg = _captured(lambda: tb.bitplane_site_bits(x, site, ks))
+    g, yg = _captured(lambda: tb.bitplane_site_bits(x, site, ks, config=cfg))
     for i in range(6):
         x.copy_(randx(1, n_in, torch.float16, gen))
         _, ref_v = fused_router(x, inl.w1, inl.b1, inl.w2, inl.b2, taus[0], "free")
@@ -1323,9 +1343,9 @@ def test_gpu_router_in_launch_graph(shape, gen):
             t.fill_(float(ref_v[0, (i + 2 * j) % 5]) - 1e-3)  # a view each, moving between replays
         g.replay()
         torch.cuda.synchronize()
-        ref = tb.bitplane_site_bits(x, site, [tb.RoutedK(ref_v, t) for t in taus])
+        ref = tb.bitplane_site_bits(x, site, [tb.RoutedK(ref_v, t) for t in taus], config=cfg)
         assert torch.equal(buf, ref_v), i
-        assert torch.equal(yg, ref), i
+        assert torch.equal(yg, ref), (i, (yg - ref).abs().max())
         assert not tb._route_sync(x.device).any()
 
 
