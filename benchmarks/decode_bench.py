@@ -624,7 +624,7 @@ def main(argv=None):
     ap.add_argument(
         "--bits-config",
         default=None,
-        help="its config: BLOCK_N,BLOCK_K,WARPS,WAVES[,PREFETCH] (default: the library's, or --bits-sweep's best)",
+        help=f"its config: {kb.BITS_CONFIG_FIELDS} (default: the library's, or --bits-sweep's best)",
     )
     ap.add_argument(
         "--bits-sweep",

@@ -67,15 +67,20 @@ def view_bits(k: int) -> int:
     return sum(SLICE_BITS[:k])
 
 
+#: The fields of a one-bit plane config text (``parse_bits_config``), for the options' help.
+BITS_CONFIG_FIELDS = "BLOCK_N,BLOCK_K,WARPS,WAVES[,PREFETCH[,SPLIT_K[,WHOLE_K[,STAGES[,PDL]]]]]"
+
+
 def parse_bits_config(tb, text: str):
-    """``BLOCK_N,BLOCK_K,WARPS,WAVES[,PREFETCH[,SPLIT_K[,WHOLE_K[,STAGES]]]]`` -> ``SmallConfig(bitplanes=True,
+    """``BLOCK_N,BLOCK_K,WARPS,WAVES[,PREFETCH[,SPLIT_K[,WHOLE_K[,STAGES[,PDL]]]]]`` -> ``SmallConfig(bitplanes=True,
     ...)`` (empty fields: the defaults; PREFETCH 1 or 0; SPLIT_K: programs per row block instead of WAVES programs
     per SM, 1 = one program per row block over all of K, no partial sums; WHOLE_K 1 or empty: the library's rule,
     one program per row block with all of K loaded at once where K <= 4096 and the launch has at most
     BITS_WHOLE_MAX_ROWS rows, unless BLOCK_K, WAVES, PREFETCH, SPLIT_K or STAGES is given; 0: never (stream-K);
-    STAGES: num_stages of the stream-K group loop, Triton's pipeliner keeping later groups' words in flight)."""
-    parts = [p.strip() for p in text.split(",")] + [""] * 8
-    bn, bk, nw, wv, pf, sk, wk, st = (int(p) if p else None for p in parts[:8])
+    STAGES: num_stages of the stream-K group loop, Triton's pipeliner keeping later groups' words in flight; PDL 1:
+    programmatic dependent launch, the weights loaded while the kernel before runs)."""
+    parts = [p.strip() for p in text.split(",")] + [""] * 9
+    bn, bk, nw, wv, pf, sk, wk, st, pdl = (int(p) if p else None for p in parts[:9])
     kw = {} if wk is None else {"whole_k": None if wk else False}
     return tb.SmallConfig(
         bitplanes=True,
@@ -86,6 +91,7 @@ def parse_bits_config(tb, text: str):
         prefetch=bool(pf),
         split_k=sk,
         stages=st,
+        pdl=bool(pdl),
         **kw,
     )
 
@@ -97,6 +103,7 @@ def bits_tag(cfg) -> str:
         + (f"/sk{cfg.split_k}" if cfg.split_k else "")
         + {False: "/streamk", None: "", True: "/whole"}[cfg.whole_k]
         + (f"/st{cfg.stages}" if cfg.stages else "")
+        + ("/pdl" if cfg.pdl else "")
     )
 
 
@@ -546,14 +553,13 @@ def main(argv=None):
     ap.add_argument(
         "--bits-config",
         default=None,
-        help="the one-bit plane kernel's config for the table: BLOCK_N,BLOCK_K,WARPS,WAVES[,PREFETCH] (default: the "
-        "library's, or the sweep's best with --use-sweep)",
+        help=f"the one-bit plane kernel's config for the table: {BITS_CONFIG_FIELDS} (default: the library's, or "
+        "the sweep's best with --use-sweep)",
     )
     ap.add_argument(
         "--bits-sweep-configs",
         default=None,
-        help="';'-separated one-bit plane configs (--bits-config's fields, then ,SPLIT_K,WHOLE_K,STAGES) that --sweep "
-        "times instead of its own list",
+        help=f"';'-separated one-bit plane configs ({BITS_CONFIG_FIELDS}) that --sweep times instead of its own list",
     )
     ap.add_argument(
         "--shapes", choices=sorted(SHAPE_SETS), default="8b", help="LLaMA-3-8B's linears, SmolLM2's, or both"

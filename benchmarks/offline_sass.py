@@ -126,6 +126,7 @@ def main(argv=None):
         "which the library's default takes only above 4096 inputs or 8192 rows",
     )
     ap.add_argument("--stages", type=int, default=None, help="num_stages of the stream-K group loop (stages)")
+    ap.add_argument("--pdl", action="store_true", help="programmatic dependent launch (pdl): where the wait sits")
     ap.add_argument(
         "--routed", action="store_true", help="k counted in the kernel from gate values and a threshold (RoutedK)"
     )
@@ -168,6 +169,7 @@ def main(argv=None):
             prefetch=a.prefetch,
             whole_k=a.whole_k or False,
             stages=a.stages,
+            pdl=a.pdl,
         )
         name = "_bp_gemv_bits_kernel"
         ks = [k] * a.site

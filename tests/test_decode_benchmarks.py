@@ -118,6 +118,11 @@ def test_layout_option_and_bits_config(monkeypatch, capsys):
     assert [kb.view_bits(k) for k in range(1, 7)] == [3, 4, 5, 6, 7, 8]
     cfg = kb.parse_bits_config(tb, "256,64,,2")
     assert cfg.bitplanes and (cfg.block_n, cfg.block_k, cfg.num_warps, cfg.waves) == (256, 64, 4, 2)
+    assert not cfg.pdl and cfg.whole_k is None and kb.bits_tag(cfg) == "256/64/4w/2"
+    cfg = kb.parse_bits_config(tb, ",,8,,0,,1,,1")  # whole-K by the library's rule, programmatic dependent launch
+    assert cfg.pdl and cfg.whole_k is None and cfg.num_warps == 8 and kb.bits_tag(cfg) == "None/None/8w/None/pdl"
+    cfg = kb.parse_bits_config(tb, "128,64,4,4,0,,0,3")
+    assert cfg.whole_k is False and cfg.stages == 3 and not cfg.pdl
     rows = [
         dict(mode="static k=2", budget=4.0, achieved_bits=4.0, us_per_token=200.0, speedup=2.0),
         dict(mode="bitpl k=2", budget=4.0, achieved_bits=4.0, us_per_token=100.0, speedup=4.0),

@@ -211,6 +211,8 @@ def test_one_token_device_k_compiles_every_plane(gen, monkeypatch):
 BITS = tb.SmallConfig(bitplanes=True)  # whole_k where K and the rows allow (every test shape here)
 STREAMK = tb.SmallConfig(bitplanes=True, whole_k=False)
 WHOLE = tb.SmallConfig(bitplanes=True, whole_k=True)
+# programmatic dependent launch: in the interpreter the waits are no-ops, the order of the loads is what runs
+WHOLE_PDL = tb.SmallConfig(bitplanes=True, whole_k=True, pdl=True)
 DEFAULT_LAYOUT = (3, 1, 1, 1, 1, 1)
 
 
@@ -291,6 +293,8 @@ def test_bits_kernel_layouts(bits, group, n_in, gen):
         tb.SmallConfig(bitplanes=True, block_n=64, num_warps=8),  # the default whole_k: here
         tb.SmallConfig(bitplanes=True, block_n=128, block_k=64, whole_k=False),  # stream-K, 4 programs per SM
         tb.SmallConfig(bitplanes=True, block_n=32, block_k=32, waves=1, stages=3),  # the group loop pipelined
+        WHOLE_PDL,  # the weights loaded before the wait on the kernel before
+        tb.SmallConfig(bitplanes=True, block_n=32, block_k=32, waves=1, pdl=True),  # stream-K: waits first
     ],
     ids=str,
 )
@@ -316,7 +320,7 @@ def test_bits_kernel_fewer_programs_than_row_blocks(gen, monkeypatch):
         check(x, planes, scale, zero, bits, group, k, small_config=cfg)
 
 
-@pytest.mark.parametrize("cfg", [STREAMK, WHOLE], ids=["streamk", "whole_k"])
+@pytest.mark.parametrize("cfg", [STREAMK, WHOLE, WHOLE_PDL], ids=["streamk", "whole_k", "whole_k_pdl"])
 def test_bits_kernel_device_k(cfg, gen, monkeypatch):
     """k read on the device: one body per view compiled together; planes past the view hold garbage that must not
     leak. The packed buffers may be passed in (``packed=``) or built and cached from the planes."""
@@ -336,7 +340,7 @@ def test_bits_kernel_device_k(cfg, gen, monkeypatch):
         assert err < TOL[torch.float16], (kk, err)
 
 
-@pytest.mark.parametrize("cfg", [STREAMK, WHOLE], ids=["streamk", "whole_k"])
+@pytest.mark.parametrize("cfg", [STREAMK, WHOLE, WHOLE_PDL], ids=["streamk", "whole_k", "whole_k_pdl"])
 @pytest.mark.parametrize("vdtype", [torch.float32, torch.float16], ids=lambda d: str(d).split(".")[-1])
 def test_bits_kernel_routed_k(vdtype, cfg, gen, monkeypatch):
     """k counted in the kernel from a router's gate values and a threshold (``RoutedK``, the device path): the
@@ -389,11 +393,12 @@ SITE_CONFIGS = [
     tb.SmallConfig(bitplanes=True, block_n=64, block_k=32, split_k=1),  # one program per row block
     tb.SmallConfig(bitplanes=True, block_n=32, block_k=16, waves=1),  # few programs: ranges cross row blocks
     None,  # the default: whole_k here, one program per row block of every layer
+    WHOLE_PDL,  # each layer's base planes loaded before its view is known
 ]
 
 
 @pytest.mark.parametrize("per_view", [False, True], ids=["shared", "per_view"])
-@pytest.mark.parametrize("cfg", SITE_CONFIGS, ids=["streamk", "split1", "streamk_few", "default"])
+@pytest.mark.parametrize("cfg", SITE_CONFIGS, ids=["streamk", "split1", "streamk_few", "default", "whole_k_pdl"])
 def test_site_bits_kernel(cfg, per_view, gen, monkeypatch):
     """Three layers of one input (a site: q, k and v) in one launch of the one-bit plane kernel: every layer's
     outputs equal its own reference, at one static view for all and with a view each counted on the device from
@@ -621,6 +626,32 @@ def test_bits_kernel_dispatch_and_errors(gen, monkeypatch):
         tb.bitplane_linear_bits(x[:1].new_zeros(1, 5120), wide, 1, config=WHOLE)
     with pytest.raises(ValueError, match="another layout"):
         tb.bitplane_linear(x[:1], planes, scale, zero, bits, 32, 1, path="bits", packed=bp)
+
+
+def test_bits_kernel_pdl_changes_no_arithmetic(gen, monkeypatch):
+    """``SmallConfig.pdl`` moves the weight loads before the wait on the kernel before (whole-K: all of a known
+    view's; a view known on the device: the base planes) and changes nothing else: every output is bit-equal to the
+    launch without it, for a static view, ``k`` on the device and a routed site of three on both grids; it needs
+    compute capability 9.0 on a GPU."""
+    monkeypatch.setattr(tb, "_host_k_range", lambda k_t: None)
+    monkeypatch.setattr(tb, "_host_routed_k", lambda rk: None)
+    bits, group, n_in = DEFAULT_LAYOUT, 64, 192
+    layers = [tb.pack_bitplanes(*make_layer(n, n_in, bits, group, gen), bits, group, n_in) for n in (200, 70, 33)]
+    site = tb.site_bitplanes(layers)
+    x = randx(1, n_in, torch.float16, gen)
+    values = torch.tensor([[0.9, 0.7, 0.5, 0.3, 0.1]], device=DEVICE)
+    taus = [torch.tensor(t, device=DEVICE) for t in (0.8, 0.0, 0.4)]  # views 2, 6 and 4
+    for base in (STREAMK, WHOLE):
+        pdl = dataclasses.replace(base, pdl=True)
+        for k in (1, 6, torch.tensor([3], device=DEVICE)):
+            a, b = (tb.bitplane_linear_bits(x, layers[0], k, config=c) for c in (base, pdl))
+            assert torch.equal(a, b), (base, k)
+        a, b = (tb.bitplane_site_bits(x, site, [tb.RoutedK(values, t) for t in taus], config=c) for c in (base, pdl))
+        assert torch.equal(a, b), base
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ValueError, match=r"pdl \(programmatic dependent launch\) needs compute capability 9.0 .* 8.0"):
+        tb._check_pdl(torch.device("cuda", 0))
+    tb._check_pdl(torch.device("cpu"))  # the interpreter: nothing to check
 
 
 # ------------------------------------------------------------------------------ layouts and configs
@@ -1251,6 +1282,7 @@ def test_gpu_bits_kernel(n_out, n_in, bits, dtype, gen):
         tb.SmallConfig(bitplanes=True, block_n=128, block_k=128, waves=1, num_warps=8),
         STREAMK,  # the default picks whole_k for these rows where K <= 4096
         tb.SmallConfig(bitplanes=True, waves=4, stages=3),  # stream-K, the group loop pipelined
+        WHOLE_PDL,  # programmatic dependent launch
     )
     for cfg in cfgs:
         for k in range(1, len(bits) + 1):
@@ -1278,7 +1310,7 @@ def test_gpu_bits_kernel_graph_capture(gen):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("cfg", [STREAMK, WHOLE], ids=["streamk", "whole_k"])
+@pytest.mark.parametrize("cfg", [STREAMK, WHOLE, WHOLE_PDL], ids=["streamk", "whole_k", "whole_k_pdl"])
 def test_gpu_bits_kernel_routed_k_graph_capture(cfg, gen):
     """One captured graph of the one-bit plane kernel counting ``k`` from gate values and a threshold tensor
     (``RoutedK``) serves every view: a budget change writes the threshold, nothing else."""
@@ -1296,6 +1328,40 @@ def test_gpu_bits_kernel_routed_k_graph_capture(cfg, gen):
 
     order = (1, 6, 3, 2, 5, 4)
     _graph_serves_views(f, x, lambda kk: tau.fill_(taus[kk]), order, planes, scale, zero, bits, group, gen)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("n", [576, 4096], ids=["smollm2", "8b"])
+def test_gpu_pdl_chain_graph(n, gen):
+    """Programmatic dependent launch in a captured graph: a chain of launches, each reading the one before's output
+    (static whole-K, routed whole-K whose gate values a torch kernel makes from that output, stream-K, a torch
+    kernel between), starts each launch early, and its outputs are bit-equal to the same chain without it, on
+    every replay with fresh inputs and thresholds (a wait in the wrong place reads a stale activation)."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    bits, group = DEFAULT_LAYOUT, 128
+    layers = [tb.pack_bitplanes(*make_layer(n, n, bits, group, gen), bits, group, n) for _ in range(4)]
+    x = randx(1, n, torch.float16, gen)
+    tau = torch.zeros((), device=DEVICE)
+
+    def chain(pdl):
+        whole, stream = (dataclasses.replace(c, pdl=pdl) for c in (WHOLE, STREAMK))
+        h = tb.bitplane_linear_bits(x, layers[0], 2, config=whole)
+        h = tb.bitplane_linear_bits(h, layers[1], tb.RoutedK(h[:, :5].float().sigmoid(), tau), config=whole)
+        h = tb.bitplane_linear_bits(h, layers[2], 4, config=stream)
+        h = torch.nn.functional.rms_norm(h, (n,))  # a kernel of torch's between
+        return tb.bitplane_linear_bits(h, layers[3], 3, config=whole)
+
+    g, yg = _captured(lambda: chain(True))
+    for i in range(6):
+        x.copy_(randx(1, n, torch.float16, gen))
+        tau.fill_(0.2 * i)
+        g.replay()
+        torch.cuda.synchronize()
+        ref = chain(False)
+        assert torch.equal(yg, ref), (i, (yg - ref).abs().max())
+        assert torch.equal(chain(True), ref), i
 
 
 @gpu

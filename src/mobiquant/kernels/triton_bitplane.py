@@ -81,6 +81,24 @@ def _interpreting() -> bool:
 
 # ----------------------------------------------------------------------------------------------- helpers
 @triton.jit
+def _pdl_wait(ASM: tl.constexpr):
+    """Programmatic dependent launch: wait until the kernel before this one in the stream has finished and its
+    writes are visible (``griddepcontrol.wait``; a no-op in a launch without the attribute, and in the interpreter)."""
+    if ASM:
+        tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _pdl_launch_dependents(ASM: tl.constexpr):
+    """Programmatic dependent launch: let the next kernel in the stream start its programs (they run up to their own
+    :func:`_pdl_wait`) once every program of this one has come here (``griddepcontrol.launch_dependents``)."""
+    if ASM:
+        tl.inline_asm_elementwise(
+            "griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1
+        )
+
+
+@triton.jit
 def _decode(
     plane_ptr,
     rows,
@@ -1554,6 +1572,39 @@ def _bits_load(w_ptr, offs, PSTRIDE, E: tl.constexpr, P: tl.constexpr, w_prev, E
 
 
 @triton.jit
+def _bits_load_or(w_ptr, offs, PSTRIDE, E: tl.constexpr, P0: tl.constexpr, P: tl.constexpr, pre, w_prev,
+                  EVEN_N: tl.constexpr, rmask):  # fmt: skip
+    """Plane ``E``'s words: ``pre`` where ``E < P0`` (loaded before), else as :func:`_bits_load`."""
+    if E < P0:
+        return pre
+    else:
+        return _bits_load(w_ptr, offs, PSTRIDE, E, P, w_prev, EVEN_N, rmask)
+
+
+@triton.jit
+def _bits_load_rest(w_ptr, offs, PSTRIDE, P0: tl.constexpr, P: tl.constexpr, b0, b1, b2, b3, b4, b5, b6, b7,
+                    EVEN_N: tl.constexpr, rmask):  # fmt: skip
+    """The words of planes ``0 .. P-1`` at ``offs`` where planes ``0 .. P0-1`` were loaded before (``b0 ..``)."""
+    w0 = _bits_load_or(w_ptr, offs, PSTRIDE, 0, P0, P, b0, 0, EVEN_N, rmask)
+    w1 = _bits_load_or(w_ptr, offs, PSTRIDE, 1, P0, P, b1, w0, EVEN_N, rmask)
+    w2 = _bits_load_or(w_ptr, offs, PSTRIDE, 2, P0, P, b2, w0, EVEN_N, rmask)
+    w3 = _bits_load_or(w_ptr, offs, PSTRIDE, 3, P0, P, b3, w0, EVEN_N, rmask)
+    w4 = _bits_load_or(w_ptr, offs, PSTRIDE, 4, P0, P, b4, w0, EVEN_N, rmask)
+    w5 = _bits_load_or(w_ptr, offs, PSTRIDE, 5, P0, P, b5, w0, EVEN_N, rmask)
+    w6 = _bits_load_or(w_ptr, offs, PSTRIDE, 6, P0, P, b6, w0, EVEN_N, rmask)
+    w7 = _bits_load_or(w_ptr, offs, PSTRIDE, 7, P0, P, b7, w0, EVEN_N, rmask)
+    return w0, w1, w2, w3, w4, w5, w6, w7
+
+
+@triton.jit
+def _bits_whole_offs(t, BN2: tl.constexpr, WKP: tl.constexpr, NPAD2, GPB, GW: tl.constexpr):
+    """Row block ``t``'s row pairs, word offsets ``[BN2, WKP]`` and word-column mask of :func:`_bits_whole`."""
+    rows2 = t * BN2 + tl.arange(0, BN2)
+    wc = tl.arange(0, WKP)
+    return rows2, wc, wc[None, :] * NPAD2 + rows2[:, None], (wc < GPB * GW)[None, :]
+
+
+@triton.jit
 def _bits_load_words(w_ptr, wc, rows2, PSTRIDE, NPAD2, P: tl.constexpr, EVEN_N: tl.constexpr):
     """The words ``[BN2, NW]`` of planes ``0 .. P-1`` at word columns ``wc`` (planes past ``P``: plane 0 again,
     unused)."""
@@ -1819,21 +1870,26 @@ def _bits_stream(
 @triton.jit
 def _bits_whole(x_ptr, out_ptr, bias_ptr, w_ptr, sz_ptr, PSTRIDE, SZSTRIDE, NPAD2, N, K_IN, GPB, mult, hk,
                 GROUP: tl.constexpr, P: tl.constexpr, HAS_BIAS: tl.constexpr, BN2: tl.constexpr, WKP: tl.constexpr,
-                XE: tl.constexpr, ASM: tl.constexpr, t):
+                XE: tl.constexpr, ASM: tl.constexpr, WAIT: tl.constexpr, PRE: tl.constexpr, b0, b1, b2, b3, b4, b5,
+                b6, b7, t):
     # fmt: on
     """Row block ``t`` over all of K in one pass: every word, step and zero point of the block is loaded at once
     (``[BN2, WKP]`` words per plane, masked past the ``GPB`` groups), so the program waits on memory once; the codes
     are summed per word as in :func:`_bits_groups`, then per group (``WKP / GW`` groups of ``GW`` words), and the
     rows are stored with no partial sums. For the small matrices of a decode step, whose time is latency, not
-    bytes (``SmallConfig.whole_k``)."""
+    bytes (``SmallConfig.whole_k``). ``WAIT``: the words, steps and zero points are loaded before the wait on the
+    kernel before this one (``SmallConfig.pdl``), the activations after it. ``PRE`` > 0: the words of planes
+    ``0 .. PRE-1`` are ``b0 ..`` (loaded by the caller before ``k`` was known)."""
     GW: tl.constexpr = GROUP // 16
     GP: tl.constexpr = WKP // GW
-    rows2 = t * BN2 + tl.arange(0, BN2)
-    wc = tl.arange(0, WKP)
-    offs = wc[None, :] * NPAD2 + rows2[:, None]
-    w0, w1, w2, w3, w4, w5, w6, w7 = _bits_load_at(w_ptr, offs, PSTRIDE, P, False, (wc < GPB * GW)[None, :])
+    rows2, wc, offs, wmask = _bits_whole_offs(t, BN2, WKP, NPAD2, GPB, GW)
+    w0, w1, w2, w3, w4, w5, w6, w7 = _bits_load_rest(
+        w_ptr, offs, PSTRIDE, PRE, P, b0, b1, b2, b3, b4, b5, b6, b7, False, wmask
+    )
     g = tl.arange(0, GP)
     sz0, sz1 = _bits_load_sz_at(sz_ptr, g[None, :] * NPAD2 + rows2[:, None], SZSTRIDE, False, (g < GPB)[None, :])
+    if WAIT:
+        _pdl_wait(ASM)
     T0 = tl.zeros((BN2, WKP), dtype=tl.float32)
     T1 = tl.zeros((BN2, WKP), dtype=tl.float32)
     xs = tl.zeros((1, WKP), dtype=tl.float32)
@@ -1948,6 +2004,7 @@ def _bp_gemv_bits_kernel(
     RADJ: tl.constexpr,
     WKP: tl.constexpr,
     STAGES: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One token from one-bit planes (see above). ``KSEL`` > 0: the view ``k = KSEL`` (known on the host); 0: ``k``
     read on the device, one body per view ``v`` (``P_v`` planes, multiplier ``M_v``, zero-point term ``H_v``)
@@ -1975,8 +2032,23 @@ def _bp_gemv_bits_kernel(
     taken from a counter in the order the programs start, so the router's are the first to start and every waiting
     program waits only on running ones; the last program to finish resets the flag and counters at ``sync_ptr``
     (self-resetting, like the split-K tickets).
+
+    ``PDL``: the launch has the programmatic-dependent-launch attribute (``SmallConfig.pdl``): every program lets
+    the next kernel start, then waits for the kernel before it to finish before reading the activations, gate
+    values, ``k`` or any buffer another launch writes; a whole-K body of a view known on the host loads its weights
+    before that wait.
     """
     pid = tl.program_id(0)
+    # PDL: launched with programmatic dependent launch; the next kernel may start its programs now, and this one
+    # reads nothing another kernel writes before its wait: a whole-K body of a view known here waits after loading
+    # its words, steps and zero points (they overlap the kernel before), every other launch right here
+    WAIT_IN_BODY: tl.constexpr = PDL and WKP > 0 and KSEL > 0
+    # ... and a whole-K launch that learns k on the device loads the base planes (every view's) before its wait
+    PRE_BASE: tl.constexpr = PDL and WKP > 0 and KSEL == 0 and RH == 0
+    if PDL:
+        _pdl_launch_dependents(ASM)
+        if not WAIT_IN_BODY and not PRE_BASE:
+            _pdl_wait(ASM)
     if RH > 0:
         # ids in the order programs start: every program that waits below started after all of the router's, so
         # those are running and finish whatever the hardware's block order (no wait on a program not yet started)
@@ -2040,6 +2112,14 @@ def _bp_gemv_bits_kernel(
         lock_s = lock_ptr + r_s // BN2
         out_s = out_ptr + o_s
         bias_s = bias_ptr + o_s
+        if PRE_BASE:
+            PB: tl.constexpr = P1
+            _, _, offs_b, mask_b = _bits_whole_offs(pid, BN2, WKP, NPAD2, GPB, GROUP // 16)
+            b0, b1, b2, b3, b4, b5, b6, b7 = _bits_load_at(w_s, offs_b, PSTRIDE, P1, False, mask_b)
+            _pdl_wait(ASM)
+        else:
+            PB: tl.constexpr = 0  # type: ignore[no-redef]
+            b0, b1, b2, b3, b4, b5, b6, b7 = 0, 0, 0, 0, 0, 0, 0, 0
         if KSEL == 0:
             if KVALS > 0:
                 val = tl.load(v_ptr, cache_modifier=".cg")
@@ -2077,7 +2157,7 @@ def _bp_gemv_bits_kernel(
                 if WKP > 0:  # one row block per program, all of K at once
                     _bits_whole(
                         x_ptr, out_s, bias_s, w_s, sz_v, PSTRIDE, SZSTRIDE, NPAD2, n_s, K_IN, GPB, mult, hk, GROUP, P,
-                        HAS_BIAS, BN2, WKP, XE, ASM, pid,
+                        HAS_BIAS, BN2, WKP, XE, ASM, WAIT_IN_BODY, PB, b0, b1, b2, b3, b4, b5, b6, b7, pid,
                     )  # fmt: skip
                 else:
                     _bits_stream(
@@ -2345,6 +2425,11 @@ class SmallConfig:
     # faster than stream-K for every SmolLM2 linear and the 8B q/o and k/v, slower for gate/up's 14336 rows;
     # docs/RESULTS.md "Whole-K"). ``block_n`` None: at least K / 512 warps, about four words per thread and plane.
     whole_k: bool | None = None
+    # one-bit plane kernel: launched with programmatic dependent launch (sm_90+): its programs start while the kernel
+    # before is still running and wait for it (griddepcontrol) only before reading what that kernel writes; a
+    # whole-K launch of a view known on the host loads its words, steps and zero points before that wait, so they
+    # stream under the kernel before. Off: not yet measured on a GPU.
+    pdl: bool = False
 
 
 @dataclass(frozen=True)
@@ -3075,6 +3160,13 @@ def bitplane_site_bits(
     return _bits_launch(x2, bp, segs, ksel, k_t, v_t, taus, kvals, site.bias, out, config or SmallConfig(), router)
 
 
+def _check_pdl(device: torch.device) -> None:
+    """``SmallConfig.pdl`` needs ``griddepcontrol`` (compute capability 9.0 or later) where the launch is on a GPU."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
+        cap = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        raise ValueError(f"pdl (programmatic dependent launch) needs compute capability 9.0 or later, got {cap}")
+
+
 def _bits_launch(
     x2: torch.Tensor,
     bp: BitPlanes,
@@ -3106,6 +3198,8 @@ def _bits_launch(
         raise ValueError(f"prefetch needs block_k = the group ({bp.group_size}), got {block_k}")
     if cfg.stages is not None and (int(cfg.stages) < 1 or cfg.prefetch):
         raise ValueError(f"stages must be a positive number of pipeline stages, without prefetch; got {cfg.stages}")
+    if cfg.pdl:
+        _check_pdl(x2.device)
     kw, npad2 = bp.words.shape[1], bp.words.shape[2]
     num_warps = cfg.num_warps
     # None: stream-K where its knobs are given (block_k, waves, split_k, prefetch, stages, or more rows than a
@@ -3216,6 +3310,7 @@ def _bits_launch(
         ASM=not _interpreting(),
         PREFETCH=bool(cfg.prefetch),
         STAGES=cfg.stages or 0,
+        PDL=bool(cfg.pdl),
         PER_VIEW=per_view,
         KVALS=kvals,
         NSEG=len(segs),
@@ -3225,6 +3320,7 @@ def _bits_launch(
         num_stages=cfg.num_stages,
         **pk,
         **({} if _interpreting() or maxnreg is None else {"maxnreg": maxnreg}),
+        **({"launch_pdl": True} if cfg.pdl and not _interpreting() else {}),
     )
     return out
 
