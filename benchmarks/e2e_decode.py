@@ -69,7 +69,7 @@ def parse_args(argv=None):
         "--bits-configs",
         default="",
         help="also time static 4 bits and routed budget 4 with each of these one-bit plane kernel configs, ';'-"
-        "separated BLOCK_N,BLOCK_K,WARPS,WAVES[,PREFETCH[,SPLIT_K[,WHOLE_K[,STAGES[,PDL]]]]] "
+        "separated BLOCK_N,BLOCK_K,WARPS,WAVES[,PREFETCH[,SPLIT_K[,WHOLE_K[,STAGES[,PDL[,L2PF]]]]]] "
         "(benchmarks/kernel_bench.py parse_bits_config; e.g. '64,64,4,,0,1' one program per row block, "
         "',,4,,0,,1' a row block over all of K at once, ',,4,,0,,1,,1' the same with programmatic dependent "
         "launch); with --fuse-inputs, on the fused inputs too",

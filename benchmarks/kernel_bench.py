@@ -68,19 +68,19 @@ def view_bits(k: int) -> int:
 
 
 #: The fields of a one-bit plane config text (``parse_bits_config``), for the options' help.
-BITS_CONFIG_FIELDS = "BLOCK_N,BLOCK_K,WARPS,WAVES[,PREFETCH[,SPLIT_K[,WHOLE_K[,STAGES[,PDL]]]]]"
+BITS_CONFIG_FIELDS = "BLOCK_N,BLOCK_K,WARPS,WAVES[,PREFETCH[,SPLIT_K[,WHOLE_K[,STAGES[,PDL[,L2PF]]]]]]"
 
 
 def parse_bits_config(tb, text: str):
-    """``BLOCK_N,BLOCK_K,WARPS,WAVES[,PREFETCH[,SPLIT_K[,WHOLE_K[,STAGES[,PDL]]]]]`` -> ``SmallConfig(bitplanes=True,
-    ...)`` (empty fields: the defaults; PREFETCH 1 or 0; SPLIT_K: programs per row block instead of WAVES programs
-    per SM, 1 = one program per row block over all of K, no partial sums; WHOLE_K 1 or empty: the library's rule,
-    one program per row block with all of K loaded at once where K <= 4096 and the launch has at most
-    BITS_WHOLE_MAX_ROWS rows, unless BLOCK_K, WAVES, PREFETCH, SPLIT_K or STAGES is given; 0: never (stream-K);
-    STAGES: num_stages of the stream-K group loop, Triton's pipeliner keeping later groups' words in flight; PDL 1:
-    programmatic dependent launch, the weights loaded while the kernel before runs)."""
-    parts = [p.strip() for p in text.split(",")] + [""] * 9
-    bn, bk, nw, wv, pf, sk, wk, st, pdl = (int(p) if p else None for p in parts[:9])
+    """A config text (``BITS_CONFIG_FIELDS``) -> ``SmallConfig(bitplanes=True, ...)``. Empty fields: the defaults;
+    PREFETCH 1 or 0; SPLIT_K: programs per row block instead of WAVES programs per SM, 1 = one program per row block
+    over all of K, no partial sums; WHOLE_K 1 or empty: the library's rule, one program per row block with all of K
+    loaded at once where K <= 4096 and the launch has at most BITS_WHOLE_MAX_ROWS rows, unless BLOCK_K, WAVES,
+    PREFETCH, SPLIT_K, STAGES or L2PF is given; 0: never (stream-K); STAGES: num_stages of the stream-K group loop,
+    Triton's pipeliner keeping later groups' words in flight; PDL 1: programmatic dependent launch, the weights
+    loaded while the kernel before runs; L2PF 1: stream-K, each program's whole range asked of L2 first."""
+    parts = [p.strip() for p in text.split(",")] + [""] * 10
+    bn, bk, nw, wv, pf, sk, wk, st, pdl, l2 = (int(p) if p else None for p in parts[:10])
     kw = {} if wk is None else {"whole_k": None if wk else False}
     return tb.SmallConfig(
         bitplanes=True,
@@ -92,6 +92,7 @@ def parse_bits_config(tb, text: str):
         split_k=sk,
         stages=st,
         pdl=bool(pdl),
+        l2_prefetch=bool(l2),
         **kw,
     )
 
@@ -104,6 +105,7 @@ def bits_tag(cfg) -> str:
         + {False: "/streamk", None: "", True: "/whole"}[cfg.whole_k]
         + (f"/st{cfg.stages}" if cfg.stages else "")
         + ("/pdl" if cfg.pdl else "")
+        + ("/l2pf" if cfg.l2_prefetch else "")
     )
 
 

@@ -127,6 +127,7 @@ def main(argv=None):
     )
     ap.add_argument("--stages", type=int, default=None, help="num_stages of the stream-K group loop (stages)")
     ap.add_argument("--pdl", action="store_true", help="programmatic dependent launch (pdl): where the wait sits")
+    ap.add_argument("--l2-prefetch", action="store_true", help="stream-K: the range asked of L2 first (l2_prefetch)")
     ap.add_argument(
         "--routed", action="store_true", help="k counted in the kernel from gate values and a threshold (RoutedK)"
     )
@@ -170,6 +171,7 @@ def main(argv=None):
             whole_k=a.whole_k or False,
             stages=a.stages,
             pdl=a.pdl,
+            l2_prefetch=a.l2_prefetch,
         )
         name = "_bp_gemv_bits_kernel"
         ks = [k] * a.site

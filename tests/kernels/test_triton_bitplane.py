@@ -295,6 +295,7 @@ def test_bits_kernel_layouts(bits, group, n_in, gen):
         tb.SmallConfig(bitplanes=True, block_n=32, block_k=32, waves=1, stages=3),  # the group loop pipelined
         WHOLE_PDL,  # the weights loaded before the wait on the kernel before
         tb.SmallConfig(bitplanes=True, block_n=32, block_k=32, waves=1, pdl=True),  # stream-K: waits first
+        tb.SmallConfig(bitplanes=True, block_n=256, block_k=64, waves=2, l2_prefetch=True),  # range asked of L2
     ],
     ids=str,
 )
@@ -617,7 +618,7 @@ def test_bits_kernel_dispatch_and_errors(gen, monkeypatch):
     with pytest.raises(ValueError, match="stages must be a positive number of pipeline stages, without prefetch"):
         cfg = tb.SmallConfig(bitplanes=True, block_k=64, prefetch=True, stages=2)
         tb.bitplane_linear_bits(x[:1], bp, 1, config=cfg)
-    with pytest.raises(ValueError, match="whole_k takes no prefetch, split_k, waves or stages"):
+    with pytest.raises(ValueError, match="whole_k takes no prefetch, split_k, waves, stages or l2_prefetch"):
         tb.bitplane_linear_bits(x[:1], bp, 1, config=tb.SmallConfig(bitplanes=True, whole_k=True, split_k=2))
     with pytest.raises(ValueError, match=r"whole_k needs block_n a power of two in \[2, 128\], got 256"):
         tb.bitplane_linear_bits(x[:1], bp, 1, config=tb.SmallConfig(bitplanes=True, whole_k=True, block_n=256))
@@ -630,9 +631,9 @@ def test_bits_kernel_dispatch_and_errors(gen, monkeypatch):
 
 def test_bits_kernel_pdl_changes_no_arithmetic(gen, monkeypatch):
     """``SmallConfig.pdl`` moves the weight loads before the wait on the kernel before (whole-K: all of a known
-    view's; a view known on the device: the base planes) and changes nothing else: every output is bit-equal to the
-    launch without it, for a static view, ``k`` on the device and a routed site of three on both grids; it needs
-    compute capability 9.0 on a GPU."""
+    view's; a view known on the device: the base planes; stream-K with ``l2_prefetch``: its L2 requests) and changes
+    nothing else: every output is bit-equal to the launch without it, for a static view, ``k`` on the device and a
+    routed site of three on both grids; it needs compute capability 9.0 on a GPU."""
     monkeypatch.setattr(tb, "_host_k_range", lambda k_t: None)
     monkeypatch.setattr(tb, "_host_routed_k", lambda rk: None)
     bits, group, n_in = DEFAULT_LAYOUT, 64, 192
@@ -641,7 +642,7 @@ def test_bits_kernel_pdl_changes_no_arithmetic(gen, monkeypatch):
     x = randx(1, n_in, torch.float16, gen)
     values = torch.tensor([[0.9, 0.7, 0.5, 0.3, 0.1]], device=DEVICE)
     taus = [torch.tensor(t, device=DEVICE) for t in (0.8, 0.0, 0.4)]  # views 2, 6 and 4
-    for base in (STREAMK, WHOLE):
+    for base in (STREAMK, WHOLE, dataclasses.replace(STREAMK, l2_prefetch=True)):
         pdl = dataclasses.replace(base, pdl=True)
         for k in (1, 6, torch.tensor([3], device=DEVICE)):
             a, b = (tb.bitplane_linear_bits(x, layers[0], k, config=c) for c in (base, pdl))
@@ -1283,6 +1284,7 @@ def test_gpu_bits_kernel(n_out, n_in, bits, dtype, gen):
         STREAMK,  # the default picks whole_k for these rows where K <= 4096
         tb.SmallConfig(bitplanes=True, waves=4, stages=3),  # stream-K, the group loop pipelined
         WHOLE_PDL,  # programmatic dependent launch
+        tb.SmallConfig(bitplanes=True, waves=4, l2_prefetch=True, pdl=True),  # stream-K, its range asked of L2
     )
     for cfg in cfgs:
         for k in range(1, len(bits) + 1):

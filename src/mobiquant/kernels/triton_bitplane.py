@@ -99,6 +99,15 @@ def _pdl_launch_dependents(ASM: tl.constexpr):
 
 
 @triton.jit
+def _prefetch_l2(ptrs, ASM: tl.constexpr):
+    """Ask L2 for the 128-byte lines at ``ptrs`` (``prefetch.global.L2``: no registers, nothing waits on it)."""
+    if ASM:
+        tl.inline_asm_elementwise(
+            "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
+        )
+
+
+@triton.jit
 def _decode(
     plane_ptr,
     rows,
@@ -1774,6 +1783,28 @@ def _bits_segment_store(
 
 
 @triton.jit
+def _bits_prefetch_items(w_ptr, sz_ptr, item, end, GPB, PSTRIDE, SZSTRIDE, NPAD2, P: tl.constexpr, GW: tl.constexpr,
+                         BN2: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
+    """Every 128-byte line of the words (``P`` planes) and step/zero words of items ``[item, end)`` asked of L2 at
+    once (``SmallConfig.l2_prefetch``), so the program's whole range streams from memory while its group loop
+    runs. A row block's ``BN2`` row pairs of one word column are contiguous: ``ceil(BN2 / 32)`` lines; addresses
+    past the padded rows are clamped (a line asked twice)."""
+    PP: tl.constexpr = 1 if P == 1 else (2 if P == 2 else (4 if P <= 4 else 8))  # P <= 8
+    LN: tl.constexpr = (BN2 + 31) // 32
+    e = tl.arange(0, PP)
+    c = tl.arange(0, GW)
+    ln = tl.arange(0, LN)
+    s2 = tl.arange(0, 2)
+    for it in range(item, end):
+        t = it // GPB
+        g = it - t * GPB
+        r = tl.minimum(t * BN2 + ln * 32, NPAD2 - 1)
+        wo = tl.minimum(e, P - 1)[:, None, None] * PSTRIDE + (g * GW + c)[None, :, None] * NPAD2 + r[None, None, :]
+        _prefetch_l2(w_ptr + wo, ASM)
+        _prefetch_l2(sz_ptr + s2[:, None] * SZSTRIDE + g * NPAD2 + r[None, :], ASM)
+
+
+@triton.jit
 def _bits_stream(
     x_ptr,
     out_ptr,
@@ -1802,15 +1833,23 @@ def _bits_stream(
     ASM: tl.constexpr,
     PREFETCH: tl.constexpr,
     STAGES: tl.constexpr,
+    L2PF: tl.constexpr,
+    WAIT: tl.constexpr,
     pid,
 ):
     """Program ``pid``'s share (of ``G`` programs): the (row block, group) items ``[pid T / G, (pid+1) T / G)`` of
     the row-block-major sequence (``T = blocks x GPB``, ``GPB`` groups per row block), one segment per row block it
-    touches (stream-K: every program streams the same number of groups, across row blocks)."""
+    touches (stream-K: every program streams the same number of groups, across row blocks). ``L2PF``: the whole
+    range asked of L2 first (:func:`_bits_prefetch_items`); ``WAIT``: then the wait on the kernel before
+    (``SmallConfig.pdl``)."""
     n_blocks = tl.cdiv((N + 1) // 2, BN2)
     total = n_blocks * GPB
     item = (pid * total) // G
     end = ((pid + 1) * total) // G
+    if L2PF:
+        _bits_prefetch_items(w_ptr, sz_ptr, item, end, GPB, PSTRIDE, SZSTRIDE, NPAD2, P, GROUP // 16, BN2, ASM)
+    if WAIT:
+        _pdl_wait(ASM)
     wcol = tl.arange(0, NW)
     while item < end:
         t = item // GPB
@@ -2005,6 +2044,7 @@ def _bp_gemv_bits_kernel(
     WKP: tl.constexpr,
     STAGES: tl.constexpr,
     PDL: tl.constexpr,
+    L2PF: tl.constexpr,
 ):
     """One token from one-bit planes (see above). ``KSEL`` > 0: the view ``k = KSEL`` (known on the host); 0: ``k``
     read on the device, one body per view ``v`` (``P_v`` planes, multiplier ``M_v``, zero-point term ``H_v``)
@@ -2040,9 +2080,10 @@ def _bp_gemv_bits_kernel(
     """
     pid = tl.program_id(0)
     # PDL: launched with programmatic dependent launch; the next kernel may start its programs now, and this one
-    # reads nothing another kernel writes before its wait: a whole-K body of a view known here waits after loading
-    # its words, steps and zero points (they overlap the kernel before), every other launch right here
-    WAIT_IN_BODY: tl.constexpr = PDL and WKP > 0 and KSEL > 0
+    # reads nothing another kernel writes before its wait: the body of a view known here waits after loading its
+    # words, steps and zero points (whole-K) or asking L2 for them (stream-K with L2PF), so they overlap the kernel
+    # before; every other launch waits right here
+    WAIT_IN_BODY: tl.constexpr = PDL and KSEL > 0
     # ... and a whole-K launch that learns k on the device loads the base planes (every view's) before its wait
     PRE_BASE: tl.constexpr = PDL and WKP > 0 and KSEL == 0 and RH == 0
     if PDL:
@@ -2162,7 +2203,8 @@ def _bp_gemv_bits_kernel(
                 else:
                     _bits_stream(
                         x_ptr, out_s, part_s, lock_s, bias_s, w_s, sz_v, PSTRIDE, SZSTRIDE, NPAD2, n_s, K_IN, GPB, g_s,
-                        mult, hk, GROUP, P, HAS_BIAS, BN2, NW, EVEN_K, EVEN_N, XE, ASM, PREFETCH, STAGES, pid,
+                        mult, hk, GROUP, P, HAS_BIAS, BN2, NW, EVEN_K, EVEN_N, XE, ASM, PREFETCH, STAGES, L2PF,
+                        WAIT_IN_BODY, pid,
                     )  # fmt: skip
     if RH > 0:  # the last program to finish resets the router's tickets and flag for the next launch
         tl.debug_barrier()
@@ -2430,6 +2472,10 @@ class SmallConfig:
     # whole-K launch of a view known on the host loads its words, steps and zero points before that wait, so they
     # stream under the kernel before. Off: not yet measured on a GPU.
     pdl: bool = False
+    # one-bit plane kernel, stream-K: each program first asks L2 for every line of words and step/zero words of its
+    # whole range of groups (prefetch.global.L2), so they stream from memory at once while the group loop, one
+    # group at a time, finds them in L2 (bytes in flight without shared memory). Off: not yet measured on a GPU.
+    l2_prefetch: bool = False
 
 
 @dataclass(frozen=True)
@@ -3202,10 +3248,10 @@ def _bits_launch(
         _check_pdl(x2.device)
     kw, npad2 = bp.words.shape[1], bp.words.shape[2]
     num_warps = cfg.num_warps
-    # None: stream-K where its knobs are given (block_k, waves, split_k, prefetch, stages, or more rows than a
-    # whole-K block holds), and for a router in the launch (its GPU test compares the outputs bit for bit with a
+    # None: stream-K where its knobs are given (block_k, waves, split_k, prefetch, stages, l2_prefetch, or more rows
+    # than a whole-K block holds), and for a router in the launch (its GPU test compares the outputs bit for bit with a
     # launch handed the router's values, which the whole-K body has not matched on an H200)
-    stream_knobs = cfg.prefetch or cfg.split_k or cfg.waves or cfg.stages
+    stream_knobs = cfg.prefetch or cfg.split_k or cfg.waves or cfg.stages or cfg.l2_prefetch
     if cfg.whole_k is None and (
         stream_knobs or cfg.block_k or (cfg.block_n or 0) > _BITS_ROW_PAD or router is not None
     ):
@@ -3214,7 +3260,9 @@ def _bits_launch(
         wkp = _whole_k_words(cfg, kw, gw, sum(n for n, _, _ in segs))
     if wkp:
         if stream_knobs:
-            raise ValueError("whole_k takes no prefetch, split_k, waves or stages: one program per row block")
+            raise ValueError(
+                "whole_k takes no prefetch, split_k, waves, stages or l2_prefetch: one program per row block"
+            )
         if cfg.block_n is None:
             num_warps = max(num_warps, wkp // 32)
         block_n = cfg.block_n or 2 * max(2, min(_BITS_ROW_PAD // 2, num_warps * 128 // wkp))
@@ -3311,6 +3359,7 @@ def _bits_launch(
         PREFETCH=bool(cfg.prefetch),
         STAGES=cfg.stages or 0,
         PDL=bool(cfg.pdl),
+        L2PF=bool(cfg.l2_prefetch) and not wkp,
         PER_VIEW=per_view,
         KVALS=kvals,
         NSEG=len(segs),
