@@ -76,9 +76,10 @@ def parse_bits_config(tb, text: str):
     PREFETCH 1 or 0; SPLIT_K: programs per row block instead of WAVES programs per SM, 1 = one program per row block
     over all of K, no partial sums; WHOLE_K 1 or empty: the library's rule, one program per row block with all of K
     loaded at once where K <= 4096 and the launch has at most BITS_WHOLE_MAX_ROWS rows, unless BLOCK_K, WAVES,
-    PREFETCH, SPLIT_K, STAGES or L2PF is given; 0: never (stream-K); STAGES: num_stages of the stream-K group loop,
+    PREFETCH, SPLIT_K or STAGES is given; 0: never (stream-K); STAGES: num_stages of the stream-K group loop,
     Triton's pipeliner keeping later groups' words in flight; PDL 1: programmatic dependent launch, the weights
-    loaded while the kernel before runs; L2PF 1: stream-K, each program's whole range asked of L2 first."""
+    loaded while the kernel before runs; L2PF 1: each stream-K program's whole range asked of L2 first (whole-K
+    launches unchanged)."""
     parts = [p.strip() for p in text.split(",")] + [""] * 10
     bn, bk, nw, wv, pf, sk, wk, st, pdl, l2 = (int(p) if p else None for p in parts[:10])
     kw = {} if wk is None else {"whole_k": None if wk else False}

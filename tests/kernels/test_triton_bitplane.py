@@ -296,6 +296,7 @@ def test_bits_kernel_layouts(bits, group, n_in, gen):
         WHOLE_PDL,  # the weights loaded before the wait on the kernel before
         tb.SmallConfig(bitplanes=True, block_n=32, block_k=32, waves=1, pdl=True),  # stream-K: waits first
         tb.SmallConfig(bitplanes=True, block_n=256, block_k=64, waves=2, l2_prefetch=True),  # range asked of L2
+        tb.SmallConfig(bitplanes=True, l2_prefetch=True),  # whole-K here: l2_prefetch only for stream-K launches
     ],
     ids=str,
 )
@@ -618,7 +619,7 @@ def test_bits_kernel_dispatch_and_errors(gen, monkeypatch):
     with pytest.raises(ValueError, match="stages must be a positive number of pipeline stages, without prefetch"):
         cfg = tb.SmallConfig(bitplanes=True, block_k=64, prefetch=True, stages=2)
         tb.bitplane_linear_bits(x[:1], bp, 1, config=cfg)
-    with pytest.raises(ValueError, match="whole_k takes no prefetch, split_k, waves, stages or l2_prefetch"):
+    with pytest.raises(ValueError, match="whole_k takes no prefetch, split_k, waves or stages"):
         tb.bitplane_linear_bits(x[:1], bp, 1, config=tb.SmallConfig(bitplanes=True, whole_k=True, split_k=2))
     with pytest.raises(ValueError, match=r"whole_k needs block_n a power of two in \[2, 128\], got 256"):
         tb.bitplane_linear_bits(x[:1], bp, 1, config=tb.SmallConfig(bitplanes=True, whole_k=True, block_n=256))

@@ -2472,9 +2472,10 @@ class SmallConfig:
     # whole-K launch of a view known on the host loads its words, steps and zero points before that wait, so they
     # stream under the kernel before. Off: not yet measured on a GPU.
     pdl: bool = False
-    # one-bit plane kernel, stream-K: each program first asks L2 for every line of words and step/zero words of its
-    # whole range of groups (prefetch.global.L2), so they stream from memory at once while the group loop, one
-    # group at a time, finds them in L2 (bytes in flight without shared memory). Off: not yet measured on a GPU.
+    # one-bit plane kernel, the launches on the stream-K grid (whole-K ones load everything at once anyway): each
+    # program first asks L2 for every line of words and step/zero words of its whole range of groups
+    # (prefetch.global.L2), so they stream from memory at once while the group loop, one group at a time, finds them
+    # in L2 (bytes in flight without shared memory). Off: not yet measured on a GPU.
     l2_prefetch: bool = False
 
 
@@ -3248,10 +3249,10 @@ def _bits_launch(
         _check_pdl(x2.device)
     kw, npad2 = bp.words.shape[1], bp.words.shape[2]
     num_warps = cfg.num_warps
-    # None: stream-K where its knobs are given (block_k, waves, split_k, prefetch, stages, l2_prefetch, or more rows
-    # than a whole-K block holds), and for a router in the launch (its GPU test compares the outputs bit for bit with a
+    # None: stream-K where its knobs are given (block_k, waves, split_k, prefetch, stages, or more rows than a
+    # whole-K block holds), and for a router in the launch (its GPU test compares the outputs bit for bit with a
     # launch handed the router's values, which the whole-K body has not matched on an H200)
-    stream_knobs = cfg.prefetch or cfg.split_k or cfg.waves or cfg.stages or cfg.l2_prefetch
+    stream_knobs = cfg.prefetch or cfg.split_k or cfg.waves or cfg.stages
     if cfg.whole_k is None and (
         stream_knobs or cfg.block_k or (cfg.block_n or 0) > _BITS_ROW_PAD or router is not None
     ):
@@ -3260,9 +3261,7 @@ def _bits_launch(
         wkp = _whole_k_words(cfg, kw, gw, sum(n for n, _, _ in segs))
     if wkp:
         if stream_knobs:
-            raise ValueError(
-                "whole_k takes no prefetch, split_k, waves, stages or l2_prefetch: one program per row block"
-            )
+            raise ValueError("whole_k takes no prefetch, split_k, waves or stages: one program per row block")
         if cfg.block_n is None:
             num_warps = max(num_warps, wkp // 32)
         block_n = cfg.block_n or 2 * max(2, min(_BITS_ROW_PAD // 2, num_warps * 128 // wkp))
