@@ -85,8 +85,10 @@ class Router:
     fused = None  # the package's kernel, set in main()
 
     def __call__(self, x):
-        # one hidden unit per program: 64 programs share the read of W1; k is written on the device
-        k, _ = Router.fused(x, self.w1, self.b1, self.w2, self.b2, self.tau, "free")
+        # one hidden unit per program: 64 programs share the read of W1; k is written on the device; launched with
+        # programmatic dependent launch where the layers' config asks for it (as set_small_config does in the package)
+        pdl = bool(getattr(QLinear.small_config, "pdl", False))
+        k, _ = Router.fused(x, self.w1, self.b1, self.w2, self.b2, self.tau, "free", pdl=pdl)
         return k
 
     def set_budget(self, bits):

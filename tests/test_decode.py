@@ -570,6 +570,31 @@ def test_gpu_fused_inputs_decode_in_one_graph(prompt):
     assert g.graph == "graph" and torch.equal(g.tokens, generate(fp, prompt, 12, cuda_graph="off").tokens)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+    reason="needs a CUDA device of compute capability 9.0 (programmatic dependent launch)",
+)
+def test_gpu_pdl_decodes_as_without(prompt):
+    """With ``SmallConfig(pdl=True)`` (every one-bit plane launch and router launch with programmatic dependent
+    launch; whole-K, and stream-K asking L2 for its range) the captured decode step gives eager decoding's greedy
+    tokens at every budget, and the tokens of the same model without it."""
+    from mobiquant.kernels.triton_bitplane import SmallConfig
+    from mobiquant.patching import fuse_inputs, fuse_sites, set_small_config
+
+    _, q = gpu_models(torch.float16)
+    assert fuse_sites(q) > 0 and fuse_inputs(q) > 0
+    ref = {}
+    for cfg in (SmallConfig(bitplanes=True), SmallConfig(bitplanes=True, pdl=True, l2_prefetch=True)):
+        set_small_config(q, cfg)
+        if cfg.pdl:
+            assert_one_graph_decodes_as_eager(q, prompt)
+        lo, hi = q.mobiquant_config.min_bits, q.mobiquant_config.max_bits
+        for b in (lo, (lo + hi) / 2, hi):
+            g = generate(q, prompt, 12, budget=b, cuda_graph="graph")
+            assert torch.equal(g.tokens, ref.setdefault(b, g.tokens)), b
+
+
 def assert_one_graph_decodes_as_eager(q, prompt):
     """The captured decode step gives eager decoding's greedy tokens at the lowest, middle and highest budget, and
     one graph serves a per-token budget list."""

@@ -141,6 +141,47 @@ def test_fused_router_errors():
         kernels.fused_router(x, *w, torch.zeros(2, device=DEVICE))
 
 
+@pytest.mark.parametrize("d,tokens,dtype", [(72, 1, torch.float32), (200, 3, torch.float16)], ids=["d72", "d200-fp16"])
+def test_fused_router_pdl_changes_no_arithmetic(d, tokens, dtype):
+    """``pdl=True`` (programmatic dependent launch: the weights asked of L2, then the wait on the kernel before)
+    gives the same counts, gate values and input rows bit for bit, router alone and with the RMS-norm prologue
+    (in the interpreter the wait and the L2 requests are no-ops; what runs is the rest of the kernel)."""
+    r = make_router(d, (3, 1, 1, 1, 1, 1), 24, "adjacent").to(dtype)
+    x = torch.randn(tokens, d, generator=torch.Generator().manual_seed(7)).to(DEVICE, dtype)
+    w = (r.net[0].weight, r.net[0].bias, r.net[2].weight, r.net[2].bias)
+    tau = torch.tensor(0.9, device=DEVICE)
+    a, b = (kernels.fused_router(x, *w, tau, "adjacent", pdl=p) for p in (False, True))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    norm = ("rms_norm", torch.rand(d, generator=torch.Generator().manual_seed(8)).to(DEVICE, dtype), 1e-5)
+    a, b = (kernels.fused_input_router(x, norm, w, tau, "free", pdl=p) for p in (False, True))
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+
+
+def test_set_small_config_launches_the_routers_with_pdl(monkeypatch):
+    """``patching.set_small_config`` with ``pdl`` marks the linears' routers, which then launch their fused kernel
+    with it (and without it again when the config drops it)."""
+    from mobiquant.kernels.triton_bitplane import SmallConfig
+    from mobiquant.patching import set_small_config
+
+    m = MoBiLinear.from_linear(torch.nn.Linear(64, 24), group_size=32)
+    m.freeze()
+    r = make_router(64, m.slice_bits, 8, "free")
+    m = m.to(DEVICE)
+    m.attach_router(r)
+    model = torch.nn.Sequential(m)
+    seen = []
+    real = kernels.fused_router
+    monkeypatch.setattr(kernels, "fused_router", lambda *a, **kw: seen.append(a[7]) or real(*a, **kw))
+    r.backend = "triton"
+    x = torch.randn(1, 64).to(DEVICE)
+    for cfg, want in ((SmallConfig(pdl=True), True), (SmallConfig(), False), (None, False)):
+        set_small_config(model, cfg)
+        assert r.launch_pdl is want
+        r.clear_cache()
+        r.slice_counts(x)
+        assert seen[-1] is want
+
+
 @pytest.mark.parametrize("policy", ["free", "adjacent"])
 def test_router_and_linear_take_the_kernel(policy):
     """``TokenRouter.backend='triton'``: slice_counts and a linear's own threshold (a device tensor) give

@@ -268,23 +268,31 @@ def fused_router(
     b2: torch.Tensor,
     tau: torch.Tensor,
     policy: str = "free",
+    pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One launch: slice counts ``k`` and gate values of a ``d -> hidden -> K-1`` router for tokens ``x``,
-    against the threshold held in the device tensor ``tau`` (:mod:`.triton_router`)."""
+    against the threshold held in the device tensor ``tau`` (:mod:`.triton_router`); ``pdl``: with programmatic
+    dependent launch."""
     from .triton_router import fused_router as _fused
 
-    return _fused(x, w1, b1, w2, b2, tau, policy)
+    return _fused(x, w1, b1, w2, b2, tau, policy, pdl=pdl)
 
 
 def fused_input_router(
-    x: torch.Tensor, prologue: tuple, router: Sequence[torch.Tensor], tau: torch.Tensor, policy: str
+    x: torch.Tensor,
+    prologue: tuple,
+    router: Sequence[torch.Tensor],
+    tau: torch.Tensor,
+    policy: str,
+    pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One launch: the rows ``y`` a prologue makes of ``x`` (``("rms_norm", weight, eps)``: ``LlamaRMSNorm``'s
     arithmetic; ``("silu_mul", up)``: a gated MLP's ``silu(x) * up``) and the slice counts and gate values on ``y``
-    of the router ``(w1, b1, w2, b2)`` (:func:`fused_router`'s, exactly): ``(y, k, v)`` (:mod:`.triton_router`)."""
+    of the router ``(w1, b1, w2, b2)`` (:func:`fused_router`'s, exactly): ``(y, k, v)`` (:mod:`.triton_router`);
+    ``pdl``: with programmatic dependent launch."""
     from .triton_router import fused_input_router as _fused
 
-    return _fused(x, prologue, router, tau, policy)
+    return _fused(x, prologue, router, tau, policy, pdl=pdl)
 
 
 def fused_input(x: torch.Tensor, prologue: tuple) -> torch.Tensor:

@@ -67,46 +67,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_router import _router_part, _router_values
+from .triton_router import (
+    _check_pdl,
+    _interpreting,
+    _pdl_launch_dependents,
+    _pdl_wait,
+    _prefetch_l2,
+    _router_part,
+    _router_values,
+)
 
 MAX_SLICES = 8
 _DT_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 
 
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 # ----------------------------------------------------------------------------------------------- helpers
-@triton.jit
-def _pdl_wait(ASM: tl.constexpr):
-    """Programmatic dependent launch: wait until the kernel before this one in the stream has finished and its
-    writes are visible (``griddepcontrol.wait``; a no-op in a launch without the attribute, and in the interpreter)."""
-    if ASM:
-        tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _pdl_launch_dependents(ASM: tl.constexpr):
-    """Programmatic dependent launch: let the next kernel in the stream start its programs (they run up to their own
-    :func:`_pdl_wait`) once every program of this one has come here (``griddepcontrol.launch_dependents``)."""
-    if ASM:
-        tl.inline_asm_elementwise(
-            "griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1
-        )
-
-
-@triton.jit
-def _prefetch_l2(ptrs, ASM: tl.constexpr):
-    """Ask L2 for the 128-byte lines at ``ptrs`` (``prefetch.global.L2``: no registers, nothing waits on it)."""
-    if ASM:
-        tl.inline_asm_elementwise(
-            "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
-        )
-
-
 @triton.jit
 def _decode(
     plane_ptr,
@@ -3205,13 +3180,6 @@ def bitplane_site_bits(
     segs = list(zip(site.outs, site.rows2, site.cols, strict=True))
     router = ks[0].router if isinstance(ks[0], RoutedK) else None
     return _bits_launch(x2, bp, segs, ksel, k_t, v_t, taus, kvals, site.bias, out, config or SmallConfig(), router)
-
-
-def _check_pdl(device: torch.device) -> None:
-    """``SmallConfig.pdl`` needs ``griddepcontrol`` (compute capability 9.0 or later) where the launch is on a GPU."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
-        cap = ".".join(map(str, torch.cuda.get_device_capability(device)))
-        raise ValueError(f"pdl (programmatic dependent launch) needs compute capability 9.0 or later, got {cap}")
 
 
 def _bits_launch(

@@ -28,6 +28,33 @@ import triton.language as tl
 
 
 @triton.jit
+def _pdl_wait(ASM: tl.constexpr):
+    """Programmatic dependent launch: wait until the kernel before this one in the stream has finished and its
+    writes are visible (``griddepcontrol.wait``; a no-op in a launch without the attribute, and in the interpreter)."""
+    if ASM:
+        tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _pdl_launch_dependents(ASM: tl.constexpr):
+    """Programmatic dependent launch: let the next kernel in the stream start its programs (they run up to their own
+    :func:`_pdl_wait`) once every program of this one has come here (``griddepcontrol.launch_dependents``)."""
+    if ASM:
+        tl.inline_asm_elementwise(
+            "griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1
+        )
+
+
+@triton.jit
+def _prefetch_l2(ptrs, ASM: tl.constexpr):
+    """Ask L2 for the 128-byte lines at ``ptrs`` (``prefetch.global.L2``: no registers, nothing waits on it)."""
+    if ASM:
+        tl.inline_asm_elementwise(
+            "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
+        )
+
+
+@triton.jit
 def _min_fn(a, b):
     return tl.minimum(a, b)
 
@@ -162,6 +189,18 @@ def _router_values(
 
 
 @triton.jit
+def _router_prefetch(w1_ptr, w2_ptr, pid_h, D_IN, H, R: tl.constexpr, RP: tl.constexpr, HB: tl.constexpr,
+                     W1_LINE: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
+    """The 128-byte lines of the first layer's rows of hidden units ``[pid_h HB, (pid_h + 1) HB)`` (``W1_LINE``
+    weights a line) and of the second layer's columns for them, asked of L2 (clamped to the last row / column)."""
+    hrows = tl.minimum(pid_h * HB + tl.arange(0, HB), H - 1).to(tl.int64)
+    lines = tl.arange(0, 128) * W1_LINE
+    for d0 in range(0, D_IN, 128 * W1_LINE):
+        _prefetch_l2(w1_ptr + hrows[:, None] * D_IN + tl.minimum(d0 + lines, D_IN - 1)[None, :], ASM)
+    _prefetch_l2(w2_ptr + tl.minimum(tl.arange(0, RP), R - 1)[:, None] * H + hrows[None, :], ASM)
+
+
+@triton.jit
 def _router_kernel(
     x_ptr,
     w1_ptr,
@@ -189,9 +228,16 @@ def _router_kernel(
     NPP: tl.constexpr,
     ADJACENT: tl.constexpr,
     PRE: tl.constexpr,
+    PDL: tl.constexpr,
+    ASM: tl.constexpr,
+    W1_LINE: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
     pid_m = tl.program_id(1)
+    if PDL:  # launched with programmatic dependent launch: the weights asked of L2 before the wait on the kernel before
+        _pdl_launch_dependents(ASM)
+        _router_prefetch(w1_ptr, w2_ptr, pid_h, D_IN, H, R, RP, HB, W1_LINE, ASM)
+        _pdl_wait(ASM)
     lm = tl.arange(0, BM)
     toks = pid_m * BM + lm
     tmask = toks < M
@@ -217,6 +263,19 @@ def _router_kernel(
         tl.store(k_ptr + toks, k.to(tl.int64), mask=tmask)
         tl.store(v_ptr + toks[:, None] * R + r[None, :], v, mask=tmask[:, None] & (r < R)[None, :])
         tl.atomic_xchg(lock_ptr + pid_m, 0)  # self-resetting counter
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _check_pdl(device: torch.device) -> None:
+    """``SmallConfig.pdl`` needs ``griddepcontrol`` (compute capability 9.0 or later) where the launch is on a GPU."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
+        cap = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        raise ValueError(f"pdl (programmatic dependent launch) needs compute capability 9.0 or later, got {cap}")
 
 
 def one_token_shapes(d: int, n_hidden: int, r_out: int) -> dict[str, int]:
@@ -259,14 +318,16 @@ def fused_router(
     policy: str = "free",
     hidden_per_program: int = 1,
     num_warps: int = 4,
+    pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Slice counts ``k`` (int64, ``x.shape[:-1]``) and gate values (fp32, ``[..., K-1]``) of tokens ``x``.
 
     ``tau`` is a one-element tensor on ``x``'s device, read by the kernel (no host synchronisation).
     ``hidden_per_program`` and ``num_warps``: the launch's tiling (``benchmarks/router_launch_bench.py --sweep``
     times others); another tiling sums the second layer in another order, so gate values may differ in the last
-    bits."""
-    k, v = _route(_Rows(x, None), (w1, b1, w2, b2), tau, policy, hidden_per_program, num_warps)
+    bits. ``pdl``: launched with programmatic dependent launch (compute capability 9.0+): the programs start while
+    the kernel before runs, ask L2 for their weights, and wait for it before reading anything it writes."""
+    k, v = _route(_Rows(x, None), (w1, b1, w2, b2), tau, policy, hidden_per_program, num_warps, pdl)
     return k.reshape(x.shape[:-1]), v.reshape(*x.shape[:-1], -1)
 
 
@@ -278,13 +339,14 @@ def fused_input_router(
     policy: str,
     hidden_per_program: int = 1,
     num_warps: int = 4,
+    pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The rows ``y`` that ``prologue`` (:data:`PROLOGUES`) makes of ``x`` and the router ``(w1, b1, w2, b2)`` on
     them, in one launch: ``(y, k, v)``, ``y`` with the arithmetic of the model's own modules (in the dtype of their
     result), ``k`` and ``v`` exactly those of :func:`fused_router` on ``y``. Every router program makes the rows it
-    reads; the first stores them. ``hidden_per_program``, ``num_warps``: as :func:`fused_router`'s."""
+    reads; the first stores them. ``hidden_per_program``, ``num_warps``, ``pdl``: as :func:`fused_router`'s."""
     rows = _Rows(x, prologue)
-    k, v = _route(rows, tuple(router), tau, policy, hidden_per_program, num_warps)
+    k, v = _route(rows, tuple(router), tau, policy, hidden_per_program, num_warps, pdl)
     assert rows.y is not None
     return rows.y.reshape(x.shape), k.reshape(x.shape[:-1]), v.reshape(*x.shape[:-1], -1)
 
@@ -345,6 +407,7 @@ def _route(
     policy: str,
     hidden_per_program: int,
     num_warps: int,
+    pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if policy not in ("free", "adjacent"):
         raise ValueError(f"router policy must be 'free' or 'adjacent', got {policy!r}")
@@ -359,6 +422,8 @@ def _route(
         raise ValueError(f"router weights {tuple(w1.shape)}, {tuple(w2.shape)} do not fit inputs of width {d}")
     if tau.numel() != 1 or tau.device != x2.device:
         raise ValueError("tau must be a one-element tensor on the inputs' device")
+    if pdl:
+        _check_pdl(x2.device)
     k = torch.empty(M, dtype=torch.int64, device=x2.device)
     v = torch.empty(M, r_out, dtype=torch.float32, device=x2.device)
     if M > 0:
@@ -399,7 +464,11 @@ def _route(
             NPP=npp,
             ADJACENT=policy == "adjacent",
             PRE=rows.pre,
+            PDL=bool(pdl),
+            ASM=not _interpreting(),
+            W1_LINE=128 // w1.element_size(),
             num_warps=num_warps,
+            **({"launch_pdl": True} if pdl and not _interpreting() else {}),
         )
     return k, v  # [M], [M, K-1]
 

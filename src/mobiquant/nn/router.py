@@ -215,6 +215,8 @@ class TokenRouter(nn.Module):
         # decode-sized batches (mobiquant.kernels.use_fused_router), 'torch' this module's layers, 'triton'
         # the kernel always (also in Triton's CPU interpreter).
         self.backend: str = "auto"
+        # The fused kernel launched with programmatic dependent launch (SmallConfig.pdl, set by set_small_config).
+        self.launch_pdl: bool = False
 
     @property
     def num_residuals(self) -> int:
@@ -243,7 +245,8 @@ class TokenRouter(nn.Module):
 
         if kernels.use_fused_router(x, getattr(self, "backend", "auto")):
             first, last = cast(nn.Linear, self.net[0]), cast(nn.Linear, self.net[2])
-            k, m = kernels.fused_router(x, first.weight, first.bias, last.weight, last.bias, tau, self.policy)
+            pdl = getattr(self, "launch_pdl", False)
+            k, m = kernels.fused_router(x, first.weight, first.bias, last.weight, last.bias, tau, self.policy, pdl)
             return m, k
         return self.gate_values(self.scores(x)), None
 
@@ -281,7 +284,8 @@ class TokenRouter(nn.Module):
 
         first, last = cast(nn.Linear, self.net[0]), cast(nn.Linear, self.net[2])
         router = (first.weight, first.bias, last.weight, last.bias)
-        y, k, m = kernels.fused_input_router(x, prologue, router, self.tau, self.policy)
+        pdl = getattr(self, "launch_pdl", False)
+        y, k, m = kernels.fused_input_router(x, prologue, router, self.tau, self.policy, pdl)
         self._values = (weakref.ref(y), self._values_key(), m)
         self._cache = (weakref.ref(y), (id(y), self.tau._version, None), k)
         return y
