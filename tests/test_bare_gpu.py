@@ -41,3 +41,44 @@ def test_poll_needs_out(tmp_path):
     with pytest.raises(subprocess.CalledProcessError) as e:
         _sh("poll", "1", env=env)
     assert "OUT" in e.value.stderr
+
+
+SUITE = ROOT / "benchmarks" / "decode_suite.sh"
+
+
+def test_decode_suite_runs_its_stages_in_order_and_resumes(tmp_path):
+    """benchmarks/decode_suite.sh: each stage's command under its own log; a stage that ended well is skipped on
+    the next start, a failed one runs again; without the model the end-to-end stage is skipped; an unknown stage
+    is refused with the known ones."""
+    calls, fail = tmp_path / "calls", tmp_path / "fail"
+    py = tmp_path / "py"
+    py.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n[ -e {fail} ] && grep -q -- "--bits-config " <<< "$*" '
+                  "&& exit 1\nexit 0\n")  # fmt: skip
+    py.chmod(0o755)
+    env = {**os.environ, "ROOT": str(tmp_path), "PY": str(py)}
+
+    def suite(*stages):
+        return subprocess.run(
+            ["bash", str(SUITE), *stages], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        )
+
+    fail.touch()  # the second stack run fails
+    r = suite()
+    assert r.returncode == 0, r.stderr
+
+    def ran():  # what each call ran (its first word that is not an option), after the version line
+        return [next(w for w in line.split() if not w.startswith("-")) for line in calls.read_text().splitlines()[1:]]
+
+    assert ran() == ["pytest", "benchmarks/kernel_bench.py", "benchmarks/decode_bench.py", "benchmarks/decode_bench.py"]
+    assert "== e2e: no model at" in r.stdout
+    res = tmp_path / "res"
+    assert sorted(p.name for p in res.glob("*.done")) == ["kernels.done", "stack_default.done", "tests.done"]
+    assert "--bits-configs" not in calls.read_text() and "--out " + str(res / "kernels") in calls.read_text()
+    fail.unlink()
+    calls.unlink()
+    r = suite("stack", "kernels")
+    assert r.returncode == 0 and "== stack_default: done before, skipped" in r.stdout
+    assert ran() == ["benchmarks/decode_bench.py"]
+    assert (res / "stack_config.done").exists()
+    r = suite("bench")
+    assert r.returncode == 2 and "unknown stage 'bench' (stages: tests kernels stack e2e)" in r.stderr

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The decode-speed measurements of one GPU session, in order, each stage resumable: a stage that finished
+# (its $RES/STAGE.done exists) is skipped when the suite is started again, so a run cut by a call's limit or
+# a lost machine goes on where it stopped. Output of stage STAGE in $RES/STAGE.txt (and the benchmark's own
+# csv files under $RES/STAGE/), which `bare_gpu.sh poll` copies back.
+#
+#   bash benchmarks/decode_suite.sh [STAGE...]     # default: every stage below, in this order
+#
+# Stages:
+#   tests    GPU tests of the launch modes being measured (programmatic dependent launch, L2 requests, graphs)
+#   kernels  single linears, one token, graph-replayed: stream-K and whole-K with and without pdl / l2_prefetch /
+#            stages ($KERNEL_CONFIGS, benchmarks/kernel_bench.py parse_bits_config texts), 8B and SmolLM2 shapes
+#   stack    the 8B-shaped stack, static views and routed budgets: the library's default, then $STACK_CONFIG
+#   e2e      SmolLM2-135M through the package, routed budget 4 and the static 4-bit view, fused inputs, with
+#            each of $E2E_CONFIGS (needs $GGUF; the first routed row compiles for several minutes)
+#
+# Expects the environment of `bare_gpu.sh install` (PYTHONPATH with src/, benchmarks/ and the wheels).
+set -uo pipefail
+ROOT=${ROOT:-/root}
+RES=${RES:-$ROOT/res}
+GGUF=${GGUF:-$ROOT/model/smol.gguf}
+PY=${PY:-python3}
+# stream-K default; + pdl; + l2_prefetch; + both; stages 3; whole-K; whole-K + pdl
+KERNEL_CONFIGS=${KERNEL_CONFIGS:-"128,64,4,4;128,64,4,4,0,,0,,1;128,64,4,4,0,,0,,,1;128,64,4,4,0,,0,,1,1;128,64,4,4,0,,0,3;,,4,,0,,1;,,4,,0,,1,,1"}
+# the library's grid rule (whole-K up to 8192 rows, stream-K above) with pdl and l2_prefetch
+STACK_CONFIG=${STACK_CONFIG:-",,4,,0,,1,,1,1"}
+E2E_CONFIGS=${E2E_CONFIGS:-",,4,,0,,1;,,4,,0,,1,,1,1"}
+mkdir -p "$RES"
+
+run_stage() {  # NAME LIMIT CMD...: CMD under `timeout LIMIT`, output to $RES/NAME.txt, NAME.done on success
+  local name=$1 limit=$2
+  shift 2
+  if [ -e "$RES/$name.done" ]; then
+    echo "== $name: done before, skipped"
+    return 0
+  fi
+  echo "== $name ($(date -u +%H:%M:%S)): $*"
+  timeout "$limit" "$@" > "$RES/$name.txt" 2>&1
+  local rc=$?
+  tail -40 "$RES/$name.txt"
+  echo "== $name: exit $rc ($(date -u +%H:%M:%S))"
+  [ "$rc" -eq 0 ] && touch "$RES/$name.done"
+  return 0
+}
+
+stage() {
+  case "$1" in
+    tests)
+      run_stage tests 600 "$PY" -m pytest -q -m gpu -p no:cacheprovider \
+        tests/kernels/test_triton_bitplane.py tests/kernels/test_triton_router.py tests/test_decode.py \
+        -k "pdl or routed_k_graph_capture or (test_gpu_bits_kernel and float16)" ;;
+    kernels)
+      run_stage kernels 900 "$PY" benchmarks/kernel_bench.py --graph --tokens 1 --slices 3,1,1,1,1,1 \
+        --shapes all --sweep-only --bits-sweep-configs "$KERNEL_CONFIGS" --out "$RES/kernels" ;;
+    stack)
+      run_stage stack_default 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --bits --no-package \
+        --out "$RES/stack_default"
+      run_stage stack_config 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --bits --no-package \
+        --bits-config "$STACK_CONFIG" --out "$RES/stack_config" ;;
+    e2e)
+      if [ ! -e "$GGUF" ]; then
+        echo "== e2e: no model at $GGUF (bare_gpu.sh install brings it), skipped"
+        return 0
+      fi
+      run_stage e2e 1500 "$PY" benchmarks/e2e_decode.py --gguf "$GGUF" --budgets 4 --views 2 --fuse-inputs \
+        --bits-configs "$E2E_CONFIGS" --out "$RES/e2e" ;;
+    *)
+      echo "unknown stage '$1' (stages: tests kernels stack e2e)" >&2
+      return 2 ;;
+  esac
+}
+
+nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader 2>/dev/null
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+for s in "${@:-tests kernels stack e2e}"; do
+  for t in $s; do
+    stage "$t" || exit $?
+  done
+done
