@@ -508,9 +508,29 @@ def test_task_decode_rejects_bad_settings(tmp_path):
         ("decode.budgets=[]", "decode.budgets"),
         ("decode.prompt=''", "decode.prompt"),
         ("decode.fuse_inputs=maybe", "decode.fuse_inputs"),
+        ("+decode.kernels.turbo=true", r"decode.kernels has unknown fields \['turbo'\]; allowed: block_n,"),
+        ("+decode.kernels.num_warps=0", r"decode.kernels.num_warps=0 must be of type int"),
+        ("+decode.kernels.pdl=yes", r"decode.kernels.pdl='yes' must be of type bool"),
+        ("decode.kernels=3", "decode.kernels=3 must be a mapping of SmallConfig fields"),
     ]:
         with pytest.raises(ValueError, match=match):
             decode.run(decode_cfg(tmp_path, override))
+
+
+def test_task_decode_kernel_settings_reach_the_quantized_model(tmp_path, monkeypatch):
+    """``decode.kernels`` (SmallConfig fields, sweepable) is set on the quantized model's linears and routers for
+    its rows, not on the unquantized model, and written to the results."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    from mobiquant.patching import set_small_config as real
+
+    seen = []
+    monkeypatch.setattr(decode, "set_small_config", lambda model, cfg: seen.append(cfg) or real(model, cfg))
+    cfg = decode_cfg(tmp_path, "+decode.kernels.pdl=true", "+decode.kernels.num_warps=8", "decode.budgets=[3]")
+    decode.run(cfg)
+    assert [(c.pdl, c.num_warps, c.l2_prefetch) for c in seen] == [(True, 8, False)]
+    df = pd.read_csv(tmp_path / "run" / "decode.csv")
+    assert df["method"].tolist() == ["fp", "mobiquant"]
+    assert df["kernels"].fillna("").tolist() == ["", "pdl=True,num_warps=8"]
 
 
 # ------------------------------------------------------------------------------------------ GPU only

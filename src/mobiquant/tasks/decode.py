@@ -37,6 +37,7 @@ from ..patching import (
     reset_counts,
     routers,
     set_budget,
+    set_small_config,
     set_static,
     static_k_for_bits,
 )
@@ -677,6 +678,7 @@ def _decode_settings(cfg) -> dict[str, Any]:
     fuse = d.get("fuse_inputs", True)
     if not isinstance(fuse, bool):
         raise ConfigError(f"decode.fuse_inputs={fuse!r} must be true or false")
+    kernels = _kernel_settings(d.get("kernels"), ConfigError)
     return dict(
         prompt=prompt,
         max_new_tokens=n,
@@ -689,7 +691,38 @@ def _decode_settings(cfg) -> dict[str, Any]:
         fp=bool(d.get("fp", True)),
         checkpoint=d.get("checkpoint"),
         fuse_inputs=fuse,
+        kernels=kernels,
     )
+
+
+def _kernel_settings(node, error: type[Exception]) -> dict[str, Any]:
+    """``decode.kernels``: fields of the one-token kernels' launch configuration
+    (``mobiquant.kernels.triton_bitplane.SmallConfig``, e.g. ``{pdl: true, l2_prefetch: true}``); ``{}`` or null:
+    the library's defaults. Checked here, so a sweep over them fails before any calibration."""
+    import dataclasses
+
+    from omegaconf import DictConfig, OmegaConf
+
+    if node is None or (isinstance(node, (dict, DictConfig)) and not node):
+        return {}
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node)
+    if not isinstance(node, dict):
+        raise error(f"decode.kernels={node!r} must be a mapping of SmallConfig fields (or {{}})")
+    from ..kernels.triton_bitplane import SmallConfig
+
+    fields = {f.name: f for f in dataclasses.fields(SmallConfig)}
+    unknown = sorted(set(node) - set(fields))
+    if unknown:
+        raise error(f"decode.kernels has unknown fields {unknown}; allowed: {', '.join(fields)}")
+    for name, value in node.items():
+        kind = str(fields[name].type)
+        ok = value is None and "None" in kind
+        ok = ok or (isinstance(value, bool) and "bool" in kind)
+        ok = ok or (isinstance(value, int) and not isinstance(value, bool) and "int" in kind and value > 0)
+        if not ok:
+            raise error(f"decode.kernels.{name}={value!r} must be of type {kind} (numbers positive)")
+    return dict(node)
 
 
 def _bits_on(model: nn.Module, tokens: torch.Tensor) -> float:
@@ -760,6 +793,10 @@ def run(cfg) -> float:
             ses.use_backend(model)
             # every row: a method may hand back the same model with other modules in it; a 4-token trace each
             fuse_inputs(model, enable=s["fuse_inputs"])  # the fp model too: its rows time the same kernels
+            if s["kernels"] and method != "fp":
+                from ..kernels.triton_bitplane import SmallConfig
+
+                set_small_config(model, SmallConfig(**s["kernels"]))
             kw = dict(
                 tokenizer=tokenizer,
                 temperature=s["temperature"],
@@ -789,6 +826,7 @@ def run(cfg) -> float:
                     tokens_per_s=best.tokens_per_s,
                     us_per_token=best.us_per_token,
                     graph=best.graph,
+                    kernels=",".join(f"{k}={v}" for k, v in s["kernels"].items()) if method != "fp" else "",
                     device=str(device),
                     text=best.text[0],
                 )
