@@ -2050,8 +2050,10 @@ def _bp_gemv_bits_kernel(
 
     ``PDL``: the launch has the programmatic-dependent-launch attribute (``SmallConfig.pdl``): every program lets
     the next kernel start, then waits for the kernel before it to finish before reading the activations, gate
-    values, ``k`` or any buffer another launch writes; a whole-K body of a view known on the host loads its weights
-    before that wait.
+    values, ``k`` or any buffer another launch writes; before that wait it only reads weights (a whole-K body of a
+    view known on the host all of its words, steps and zero points; a whole-K launch with ``k`` on the device its
+    base planes; a stream-K body of a known view its L2 requests, with ``L2PF``). ``L2PF``: stream-K programs ask L2
+    for their whole range of groups first (``SmallConfig.l2_prefetch``).
     """
     pid = tl.program_id(0)
     # PDL: launched with programmatic dependent launch; the next kernel may start its programs now, and this one
