@@ -54,8 +54,9 @@ for split in ("calib", "eval"):  # calibration articles and the held-out ones, o
     with open(f"{sys.argv[1]}/wiki_extract_{split}.txt", "w") as f:
         f.write("\n".join(d.replace("\n", " ") for d in docs) + "\n")
 EOF
+    # gemlite: the peer kernels of decode_bench.py --gemlite (Triton, pure Python; built from its sdist)
     "$py" -m pip wheel -q --no-deps -w "$dir/wheels" hydra-core==1.3.8 omegaconf==2.3.1 \
-      antlr4-python3-runtime==4.9.3 gguf==0.19.0
+      antlr4-python3-runtime==4.9.3 gguf==0.19.0 gemlite==0.6.0.post2
     du -sh "$dir"/*
     ;;
   install)

@@ -10,7 +10,8 @@
 #   tests    GPU tests of the launch modes being measured (programmatic dependent launch, L2 requests, graphs)
 #   kernels  single linears, one token, graph-replayed: stream-K and whole-K with and without pdl / l2_prefetch /
 #            stages ($KERNEL_CONFIGS, benchmarks/kernel_bench.py parse_bits_config texts), 8B and SmolLM2 shapes
-#   stack    the 8B-shaped stack, static views and routed budgets: the library's default, then $STACK_CONFIG
+#   stack    the 8B-shaped stack, static views and routed budgets: the library's default beside gemlite at 2, 4
+#            and 8 bits (if importable: bare_gpu.sh bundle carries its wheel), then $STACK_CONFIG
 #   e2e      SmolLM2-135M through the package, routed budget 4 and the static 4-bit view, fused inputs, with
 #            each of $E2E_CONFIGS (needs $GGUF; the first routed row compiles for several minutes)
 #
@@ -54,7 +55,7 @@ stage() {
         --shapes all --sweep-only --bits-sweep-configs "$KERNEL_CONFIGS" --out "$RES/kernels" ;;
     stack)
       run_stage stack_default 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --bits --no-package \
-        --out "$RES/stack_default"
+        --gemlite --out "$RES/stack_default"
       run_stage stack_config 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --bits --no-package \
         --bits-config "$STACK_CONFIG" --out "$RES/stack_config" ;;
     e2e)
