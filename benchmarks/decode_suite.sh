@@ -47,7 +47,8 @@ run_stage() {  # NAME LIMIT CMD...: CMD under `timeout LIMIT`, output to $RES/NA
 stage() {
   case "$1" in
     tests)
-      run_stage tests 600 "$PY" -m pytest -q -m gpu -p no:cacheprovider \
+      # every test of these modes, the CPU ones too (on a GPU they run compiled, with the real waits)
+      run_stage tests 600 "$PY" -m pytest -q -p no:cacheprovider \
         tests/kernels/test_triton_bitplane.py tests/kernels/test_triton_router.py tests/test_decode.py \
         -k "pdl or routed_k_graph_capture or (test_gpu_bits_kernel and float16)" ;;
     kernels)
