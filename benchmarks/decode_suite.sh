@@ -10,6 +10,7 @@
 #   tests    GPU tests of the launch modes being measured (programmatic dependent launch, L2 requests, graphs)
 #   kernels  single linears, one token, graph-replayed: stream-K and whole-K with and without pdl / l2_prefetch /
 #            stages ($KERNEL_CONFIGS, benchmarks/kernel_bench.py parse_bits_config texts), 8B and SmolLM2 shapes
+#   routers  a routed site's router launch then site launch, with and without pdl, and the router inside the launch
 #   stack    the 8B-shaped stack, static views and routed budgets: the library's default beside gemlite at 2, 4
 #            and 8 bits (if importable: bare_gpu.sh bundle carries its wheel), then $STACK_CONFIG
 #   e2e      SmolLM2-135M through the package, routed budget 4 and the static 4-bit view, fused inputs, with
@@ -54,6 +55,8 @@ stage() {
     kernels)
       run_stage kernels 900 "$PY" benchmarks/kernel_bench.py --graph --tokens 1 --slices 3,1,1,1,1,1 \
         --shapes all --sweep-only --bits-sweep-configs "$KERNEL_CONFIGS" --out "$RES/kernels" ;;
+    routers)
+      run_stage routers 300 "$PY" benchmarks/router_launch_bench.py ;;
     stack)
       run_stage stack_default 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --bits --no-package \
         --gemlite --out "$RES/stack_default"
@@ -67,14 +70,14 @@ stage() {
       run_stage e2e 1500 "$PY" benchmarks/e2e_decode.py --gguf "$GGUF" --budgets 4 --views 2 --fuse-inputs \
         --bits-configs "$E2E_CONFIGS" --out "$RES/e2e" ;;
     *)
-      echo "unknown stage '$1' (stages: tests kernels stack e2e)" >&2
+      echo "unknown stage '$1' (stages: tests kernels routers stack e2e)" >&2
       return 2 ;;
   esac
 }
 
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader 2>/dev/null
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-for s in "${@:-tests kernels stack e2e}"; do
+for s in "${@:-tests kernels routers stack e2e}"; do
   for t in $s; do
     stage "$t" || exit $?
   done

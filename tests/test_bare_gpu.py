@@ -69,10 +69,21 @@ def test_decode_suite_runs_its_stages_in_order_and_resumes(tmp_path):
     def ran():  # what each call ran (its first word that is not an option), after the version line
         return [next(w for w in line.split() if not w.startswith("-")) for line in calls.read_text().splitlines()[1:]]
 
-    assert ran() == ["pytest", "benchmarks/kernel_bench.py", "benchmarks/decode_bench.py", "benchmarks/decode_bench.py"]
+    assert ran() == [
+        "pytest",
+        "benchmarks/kernel_bench.py",
+        "benchmarks/router_launch_bench.py",
+        "benchmarks/decode_bench.py",
+        "benchmarks/decode_bench.py",
+    ]
     assert "== e2e: no model at" in r.stdout
     res = tmp_path / "res"
-    assert sorted(p.name for p in res.glob("*.done")) == ["kernels.done", "stack_default.done", "tests.done"]
+    assert sorted(p.name for p in res.glob("*.done")) == [
+        "kernels.done",
+        "routers.done",
+        "stack_default.done",
+        "tests.done",
+    ]
     assert "--bits-configs" not in calls.read_text() and "--out " + str(res / "kernels") in calls.read_text()
     fail.unlink()
     calls.unlink()
@@ -81,4 +92,4 @@ def test_decode_suite_runs_its_stages_in_order_and_resumes(tmp_path):
     assert ran() == ["benchmarks/decode_bench.py"]
     assert (res / "stack_config.done").exists()
     r = suite("bench")
-    assert r.returncode == 2 and "unknown stage 'bench' (stages: tests kernels stack e2e)" in r.stderr
+    assert r.returncode == 2 and "unknown stage 'bench' (stages: tests kernels routers stack e2e)" in r.stderr
