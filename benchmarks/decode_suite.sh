@@ -10,13 +10,15 @@
 #   tests    GPU tests of the launch modes being measured (programmatic dependent launch, L2 requests, graphs)
 #   kernels  single linears, one token, graph-replayed: stream-K and whole-K with and without pdl / l2_prefetch /
 #            stages ($KERNEL_CONFIGS, benchmarks/kernel_bench.py parse_bits_config texts), 8B and SmolLM2 shapes
-#   routers  a routed site's router launch then site launch, with and without pdl, and the router inside the launch
 #   stack    the 8B-shaped stack, static views and routed budgets: the library's default beside gemlite at 2, 4
 #            and 8 bits (if importable: bare_gpu.sh bundle carries its wheel), then $STACK_CONFIG
+#   routers  a routed site's router launch then site launch, with and without pdl, and the router inside the launch
 #   e2e      SmolLM2-135M through the package, routed budget 4 and the static 4-bit view, fused inputs, with
 #            each of $E2E_CONFIGS (needs $GGUF; the first routed row compiles for several minutes)
 #
-# Expects the environment of `bare_gpu.sh install` (PYTHONPATH with src/, benchmarks/ and the wheels).
+# Expects what `bare_gpu.sh install` brings (the wheels, the model) and the environment `bare_gpu.sh launch` sets
+# (PYTHONPATH with src/ and the wheels); as a detached job:  bash benchmarks/bare_gpu.sh launch suite bash
+# benchmarks/decode_suite.sh, then `bare_gpu.sh poll` calls back to back.
 set -uo pipefail
 ROOT=${ROOT:-/root}
 RES=${RES:-$ROOT/res}
@@ -51,7 +53,7 @@ stage() {
       # every test of these modes, the CPU ones too (on a GPU they run compiled, with the real waits)
       run_stage tests 600 "$PY" -m pytest -q -p no:cacheprovider \
         tests/kernels/test_triton_bitplane.py tests/kernels/test_triton_router.py tests/test_decode.py \
-        -k "pdl or routed_k_graph_capture or (test_gpu_bits_kernel and float16)" ;;
+        -k "pdl or routed_k_graph_capture" ;;
     kernels)
       run_stage kernels 900 "$PY" benchmarks/kernel_bench.py --graph --tokens 1 --slices 3,1,1,1,1,1 \
         --shapes all --sweep-only --bits-sweep-configs "$KERNEL_CONFIGS" --out "$RES/kernels" ;;
@@ -77,7 +79,7 @@ stage() {
 
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader 2>/dev/null
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-for s in "${@:-tests kernels routers stack e2e}"; do
+for s in "${@:-tests kernels stack routers e2e}"; do
   for t in $s; do
     stage "$t" || exit $?
   done

@@ -72,9 +72,9 @@ def test_decode_suite_runs_its_stages_in_order_and_resumes(tmp_path):
     assert ran() == [
         "pytest",
         "benchmarks/kernel_bench.py",
+        "benchmarks/decode_bench.py",
+        "benchmarks/decode_bench.py",
         "benchmarks/router_launch_bench.py",
-        "benchmarks/decode_bench.py",
-        "benchmarks/decode_bench.py",
     ]
     assert "== e2e: no model at" in r.stdout
     res = tmp_path / "res"
