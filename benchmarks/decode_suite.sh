@@ -9,7 +9,8 @@
 # Stages:
 #   tests    GPU tests of the launch modes being measured (programmatic dependent launch, L2 requests, graphs)
 #   kernels  single linears, one token, graph-replayed: stream-K and whole-K with and without pdl / l2_prefetch /
-#            stages ($KERNEL_CONFIGS, benchmarks/kernel_bench.py parse_bits_config texts), 8B and SmolLM2 shapes
+#            stages ($KERNEL_CONFIGS, benchmarks/kernel_bench.py parse_bits_config texts), 8B and SmolLM2 shapes,
+#            each alone and as 4 launches in a row over 4 layers (where pdl can overlap them)
 #   stack    the 8B-shaped stack, static views and routed budgets: the library's default beside gemlite at 2, 4
 #            and 8 bits (if importable: bare_gpu.sh bundle carries its wheel), then $STACK_CONFIG
 #   routers  a routed site's router launch then site launch, with and without pdl, and the router inside the launch
@@ -56,7 +57,7 @@ stage() {
         -k "pdl or routed_k_graph_capture" ;;
     kernels)
       run_stage kernels 900 "$PY" benchmarks/kernel_bench.py --graph --tokens 1 --slices 3,1,1,1,1,1 \
-        --shapes all --sweep-only --bits-sweep-configs "$KERNEL_CONFIGS" --out "$RES/kernels" ;;
+        --shapes all --sweep-only --chain 4 --bits-sweep-configs "$KERNEL_CONFIGS" --out "$RES/kernels" ;;
     routers)
       run_stage routers 300 "$PY" benchmarks/router_launch_bench.py ;;
     stack)

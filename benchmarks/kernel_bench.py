@@ -163,6 +163,10 @@ def load_kernels():
 
 
 GRAPH = False  # --graph: time CUDA-graph replays (no host launch cost in the numbers)
+#: --chain R: the one-bit plane sweep also times R launches in a row over R layers of the shape (distinct weights, so
+#: together more than L2 holds at the 8B shapes), us per launch: what a launch costs inside a decode step, where it
+#: follows another kernel (programmatic dependent launch overlaps the two); 1: the single launches only.
+CHAIN = 1
 
 
 def bench(fn, warmup=10, rep=40):
@@ -310,13 +314,18 @@ def sweep(tb, shapes, log, tokens=(1, 16, 2048)):
                     log(f"# best {name} m={m} k={k}: {res[0][0]:.2f} us {res[0][1]}")
         if bits_ok:
             packed = tb.pack_bitplanes(planes, scale, zero, SLICE_BITS, GROUP, n_in)
+            # the chain's other layers: packed buffers only (their codes random, as these are)
+            chain = [packed] + [
+                tb.pack_bitplanes(*make_layer(n_out, n_in, gen_seed=i), SLICE_BITS, GROUP, n_in)
+                for i in range(1, CHAIN)
+            ]
             x = torch.randn(1, n_in, device="cuda", dtype=torch.float16)
             out = torch.empty(1, n_out, device="cuda", dtype=torch.float16)
             for k in sorted({1, min(2, ns)}):
                 res = []
                 for cfg in bits_sweep_configs(tb):
-                    if cfg.whole_k is not False and n_in > tb.BITS_WHOLE_MAX_K:
-                        continue  # the stream-K grid there: timed by the configs without whole_k
+                    if cfg.whole_k is True and n_in > tb.BITS_WHOLE_MAX_K:
+                        continue  # whole-K cannot hold these inputs (whole_k None takes the stream-K grid there)
                     f = lambda: tb.bitplane_linear(  # noqa: E731
                         x, planes, scale, zero, SLICE_BITS, GROUP, k, out=out, small_config=cfg, packed=packed
                     )
@@ -325,12 +334,23 @@ def sweep(tb, shapes, log, tokens=(1, 16, 2048)):
                         continue
                     res.append((t, cfg))
                     log(f"sweep,{name},1,{k},{t:.2f},bits {bits_tag(cfg)}")
+                    if CHAIN > 1:
+
+                        def run_chain(cfg=cfg, k=k):
+                            for p in chain:
+                                tb.bitplane_linear(
+                                    x, planes, scale, zero, SLICE_BITS, GROUP, k, out=out, small_config=cfg, packed=p
+                                )
+
+                        tc = _time_cfg(tb, run_chain, log, f"{name} bits k={k} chain {cfg}")
+                        if tc is not None:
+                            log(f"sweep,{name},1,{k},{tc / CHAIN:.2f},bits {bits_tag(cfg)} chain{CHAIN}")
                 if res:
                     res.sort(key=lambda r: r[0])
                     best[(name, "bits", k)] = res[0]
                     c = res[0][1]
                     log(f"# best {name} bits k={k} ({view_bits(k)} bits): {res[0][0]:.2f} us {bits_tag(c)}")
-            packed = None
+            packed = chain = None
         planes = scale = zero = None
         torch.cuda.empty_cache()
     return best
@@ -567,12 +587,20 @@ def main(argv=None):
     ap.add_argument(
         "--shapes", choices=sorted(SHAPE_SETS), default="8b", help="LLaMA-3-8B's linears, SmolLM2's, or both"
     )
+    ap.add_argument(
+        "--chain",
+        type=int,
+        default=1,
+        help="the one-bit plane sweep also times this many launches in a row over as many layers (us per launch)",
+    )
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for CSV files (default $OUT)")
     args = ap.parse_args(argv)
+    if args.chain < 1:
+        ap.error(f"--chain must be a positive number of launches, got {args.chain}")
     if args.bits_sweep_configs:
         BITS_SWEEP_TEXTS[:] = [c for c in args.bits_sweep_configs.split(";") if c.strip()]
-    global GRAPH
-    GRAPH = args.graph
+    global GRAPH, CHAIN
+    GRAPH, CHAIN = args.graph, args.chain
     if args.slices:
         set_slices(args.slices.split(","))
     if not torch.cuda.is_available():

@@ -38,6 +38,15 @@ def test_e2e_decode_arguments():
     assert a.budgets == [2.0, 4.5] and a.new_tokens == 32 and a.graph == "auto"
 
 
+def test_kernel_bench_chain_option(capsys):
+    """``kernel_bench.py --chain R`` (R launches in a row over R layers) takes a positive count, checked first."""
+    import kernel_bench as kb
+
+    with pytest.raises(SystemExit):
+        kb.main(["--chain", "0"])
+    assert "--chain must be a positive number of launches, got 0" in capsys.readouterr().err
+
+
 def test_decode_bench_needs_a_gpu_or_dry_run(monkeypatch):
     monkeypatch.setattr(decode_bench.torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit):
