@@ -25,8 +25,10 @@ ROOT=${ROOT:-/root}
 RES=${RES:-$ROOT/res}
 GGUF=${GGUF:-$ROOT/model/smol.gguf}
 PY=${PY:-python3}
-# stream-K default; + pdl; + l2_prefetch; + both; stages 3; whole-K; whole-K + pdl
-KERNEL_CONFIGS=${KERNEL_CONFIGS:-"128,64,4,4;128,64,4,4,0,,0,,1;128,64,4,4,0,,0,,,1;128,64,4,4,0,,0,,1,1;128,64,4,4,0,,0,3;,,4,,0,,1;,,4,,0,,1,,1"}
+# stream-K default; + pdl; + l2_prefetch; + both; stages 3; whole-K; whole-K + pdl; then bytes in flight by other
+# means with l2_prefetch: whole groups a sub-chunk, and 8 programs of 2 warps an SM
+KERNEL_CONFIGS=${KERNEL_CONFIGS:-"128,64,4,4;128,64,4,4,0,,0,,1;128,64,4,4,0,,0,,,1;128,64,4,4,0,,0,,1,1;\
+128,64,4,4,0,,0,3;,,4,,0,,1;,,4,,0,,1,,1;128,128,4,4,0,,0,,1,1;128,64,2,8,0,,0,,1,1"}
 # the library's grid rule (whole-K up to 8192 rows, stream-K above) with pdl and l2_prefetch
 STACK_CONFIG=${STACK_CONFIG:-",,4,,0,,1,,1,1"}
 E2E_CONFIGS=${E2E_CONFIGS:-",,4,,0,,1;,,4,,0,,1,,1,1"}
