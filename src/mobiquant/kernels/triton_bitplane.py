@@ -3184,6 +3184,40 @@ def bitplane_site_bits(
     return _bits_launch(x2, bp, segs, ksel, k_t, v_t, taus, kvals, site.bias, out, config or SmallConfig(), router)
 
 
+def _bits_grid(cfg: SmallConfig, bp: BitPlanes, rows: int, router: bool) -> tuple[int, int, int, int]:
+    """The grid of a one-bit plane launch of ``rows`` rows (every layer of a site) by ``cfg``: ``(word columns a
+    sub-chunk, rows a program, warps, whole-K word columns)``, the last 0 for the stream-K grid; every knob checked.
+    ``whole_k`` None takes stream-K where a stream-K knob is given (block_k, waves, split_k, prefetch, stages, or
+    more rows than a whole-K block holds) and for a router in the launch (its GPU test compares the outputs bit for
+    bit with a launch handed the router's values, which the whole-K body has not matched on an H200)."""
+    block_n = cfg.block_n or BITS_BLOCK_N
+    gw = bp.group_size // 16
+    block_k = cfg.block_k or 16 * _pow2_divisor(gw, BITS_BLOCK_K // 16)
+    nw = block_k // 16
+    if block_k % 16 or not _is_pow2(nw) or gw % nw:
+        raise ValueError(f"block_k must be 16 x a power of two dividing the group ({bp.group_size}), got {block_k}")
+    if block_n < 2 or not _is_pow2(block_n):
+        raise ValueError(f"block_n must be a power of two >= 2, got {block_n}")
+    if cfg.prefetch and nw != gw:
+        raise ValueError(f"prefetch needs block_k = the group ({bp.group_size}), got {block_k}")
+    if cfg.stages is not None and (int(cfg.stages) < 1 or cfg.prefetch):
+        raise ValueError(f"stages must be a positive number of pipeline stages, without prefetch; got {cfg.stages}")
+    num_warps = cfg.num_warps
+    stream_knobs = cfg.prefetch or cfg.split_k or cfg.waves or cfg.stages
+    if cfg.whole_k is None and (stream_knobs or cfg.block_k or (cfg.block_n or 0) > _BITS_ROW_PAD or router):
+        return nw, block_n, num_warps, 0
+    wkp = _whole_k_words(cfg, bp.words.shape[1], gw, rows)
+    if wkp:
+        if stream_knobs:
+            raise ValueError("whole_k takes no prefetch, split_k, waves or stages: one program per row block")
+        if cfg.block_n is None:
+            num_warps = max(num_warps, wkp // 32)
+        block_n = cfg.block_n or 2 * max(2, min(_BITS_ROW_PAD // 2, num_warps * 128 // wkp))
+        if block_n < 2 or not _is_pow2(block_n) or block_n > _BITS_ROW_PAD:
+            raise ValueError(f"whole_k needs block_n a power of two in [2, {_BITS_ROW_PAD}], got {block_n}")
+    return nw, block_n, num_warps, wkp
+
+
 def _bits_launch(
     x2: torch.Tensor,
     bp: BitPlanes,
@@ -3203,40 +3237,11 @@ def _bits_launch(
     programs first (they write ``v_t``)."""
     K_IN = x2.shape[1]
     NS = len(bp.slice_bits)
-    block_n = cfg.block_n or BITS_BLOCK_N
+    kw, npad2 = bp.words.shape[1], bp.words.shape[2]
     gw = bp.group_size // 16
-    block_k = cfg.block_k or 16 * _pow2_divisor(gw, BITS_BLOCK_K // 16)
-    nw = block_k // 16
-    if block_k % 16 or not _is_pow2(nw) or gw % nw:
-        raise ValueError(f"block_k must be 16 x a power of two dividing the group ({bp.group_size}), got {block_k}")
-    if block_n < 2 or not _is_pow2(block_n):
-        raise ValueError(f"block_n must be a power of two >= 2, got {block_n}")
-    if cfg.prefetch and nw != gw:
-        raise ValueError(f"prefetch needs block_k = the group ({bp.group_size}), got {block_k}")
-    if cfg.stages is not None and (int(cfg.stages) < 1 or cfg.prefetch):
-        raise ValueError(f"stages must be a positive number of pipeline stages, without prefetch; got {cfg.stages}")
+    nw, block_n, num_warps, wkp = _bits_grid(cfg, bp, sum(n for n, _, _ in segs), router is not None)
     if cfg.pdl:
         _check_pdl(x2.device)
-    kw, npad2 = bp.words.shape[1], bp.words.shape[2]
-    num_warps = cfg.num_warps
-    # None: stream-K where its knobs are given (block_k, waves, split_k, prefetch, stages, or more rows than a
-    # whole-K block holds), and for a router in the launch (its GPU test compares the outputs bit for bit with a
-    # launch handed the router's values, which the whole-K body has not matched on an H200)
-    stream_knobs = cfg.prefetch or cfg.split_k or cfg.waves or cfg.stages
-    if cfg.whole_k is None and (
-        stream_knobs or cfg.block_k or (cfg.block_n or 0) > _BITS_ROW_PAD or router is not None
-    ):
-        wkp = 0
-    else:
-        wkp = _whole_k_words(cfg, kw, gw, sum(n for n, _, _ in segs))
-    if wkp:
-        if stream_knobs:
-            raise ValueError("whole_k takes no prefetch, split_k, waves or stages: one program per row block")
-        if cfg.block_n is None:
-            num_warps = max(num_warps, wkp // 32)
-        block_n = cfg.block_n or 2 * max(2, min(_BITS_ROW_PAD // 2, num_warps * 128 // wkp))
-        if block_n < 2 or not _is_pow2(block_n) or block_n > _BITS_ROW_PAD:
-            raise ValueError(f"whole_k needs block_n a power of two in [2, {_BITS_ROW_PAD}], got {block_n}")
     bn2 = block_n // 2
     if len(segs) > 1 and (npad2 % bn2 or any(r2 % bn2 or r2 % (_BITS_ROW_PAD // 2) for _, r2, _ in segs)):
         raise ValueError(
