@@ -27,11 +27,12 @@ GGUF=${GGUF:-$ROOT/model/smol.gguf}
 PY=${PY:-python3}
 # stream-K default; + pdl; + l2_prefetch; + both; stages 3; whole-K; whole-K + pdl; then bytes in flight by other
 # means with l2_prefetch: whole groups a sub-chunk, and 8 programs of 2 warps an SM
-KERNEL_CONFIGS=${KERNEL_CONFIGS:-"128,64,4,4;128,64,4,4,0,,0,,1;128,64,4,4,0,,0,,,1;128,64,4,4,0,,0,,1,1;\
-128,64,4,4,0,,0,3;,,4,,0,,1;,,4,,0,,1,,1;128,128,4,4,0,,0,,1,1;128,64,2,8,0,,0,,1,1"}
-# the library's grid rule (whole-K up to 8192 rows, stream-K above) with pdl and l2_prefetch
-STACK_CONFIG=${STACK_CONFIG:-",,4,,0,,1,,1,1"}
-E2E_CONFIGS=${E2E_CONFIGS:-",,4,,0,,1;,,4,,0,,1,,1,1"}
+KERNEL_CONFIGS=${KERNEL_CONFIGS:-"128,64,4,4,0,,0,,0;128,64,4,4,0,,0,,1;128,64,4,4,0,,0,,0,1;128,64,4,4,0,,0,,1,1;\
+128,64,4,4,0,,0,3,0;,,4,,0,,1,,0;,,4,,0,,1,,1;128,128,4,4,0,,0,,1,1;128,64,2,8,0,,0,,1,1"}
+# the stack again by the library's grid rule (whole-K up to 8192 rows, stream-K above) with pdl, so the one run
+# compares the default (without) and pdl; e2e: the same pair
+STACK_CONFIG=${STACK_CONFIG:-",,4,,0,,1,,1"}
+E2E_CONFIGS=${E2E_CONFIGS:-",,4,,0,,1,,0;,,4,,0,,1,,1"}
 mkdir -p "$RES"
 
 run_stage() {  # NAME LIMIT CMD...: CMD under `timeout LIMIT`, output to $RES/NAME.txt, NAME.done on success

@@ -3,9 +3,10 @@
 
 For each shape (SmolLM2-135M's q/k/v site and gate/up site, LLaMA-3-8B's), one CUDA graph holds ``--reps`` site
 launches in a row, each preceded by its router's launch (``fused_router``, then ``RoutedK`` of its values: the
-path before the router moved into the launch) or not (the router in the launch), and the first again with both
-launches under programmatic dependent launch (``pdl``: each starts while the one before runs). Prints us per site
-(graph replay time / reps) and the ratios, from one process; the outputs of the three are checked equal first.
+path before the router moved into the launch) or not (the router in the launch); the first without programmatic
+dependent launch (``pdl``: a launch starts while the one before runs), again with it on the site's launch alone and
+on both launches. Prints us per site (graph replay time / reps)
+and the ratios against the first, from one process; the outputs are checked equal first.
 
     python benchmarks/router_launch_bench.py             # on a CUDA GPU
     python benchmarks/router_launch_bench.py --sweep     # the router launch alone, over its tilings
@@ -87,23 +88,26 @@ def one_shape(name, n_in, outs, reps):
     taus = [torch.tensor(t, device="cuda") for t in (0.2, -0.1, 0.0)[: len(outs)]]
     zero = torch.zeros((), device="cuda")
 
-    pdl_cfg = tb.SmallConfig(pdl=True)
-
-    def outside(pdl=False):
+    def outside(pdl=False, site_pdl=False):
+        """The router's launch (``pdl``: with programmatic dependent launch), then the site's (``site_pdl``)."""
         _, v = fused_router(x, inl.w1, inl.b1, inl.w2, inl.b2, zero, pdl=pdl)
-        return tb.bitplane_site_bits(x, site, [tb.RoutedK(v, t) for t in taus], config=pdl_cfg if pdl else None)
+        cfg = tb.SmallConfig(pdl=site_pdl)
+        return tb.bitplane_site_bits(x, site, [tb.RoutedK(v, t) for t in taus], config=cfg)
 
     def inside():
         return tb.bitplane_site_bits(x, site, [tb.RoutedK(buf, t, inl) for t in taus])
 
-    same = torch.equal(outside(), inside()) and torch.equal(outside(), outside(True))
+    same = torch.equal(outside(), inside()) and torch.equal(outside(), outside(True, True))
     t_out, t_in = time_graph(outside, reps), time_graph(inside, reps)
-    t_pdl = time_graph(lambda: outside(True), reps)
+    t_site_pdl = time_graph(lambda: outside(site_pdl=True), reps)
+    t_pdl = time_graph(lambda: outside(True, True), reps)
     return dict(
         shape=name,
         router_launch_us=t_out,
         router_in_launch_us=t_in,
         ratio=t_out / t_in,
+        site_pdl_us=t_site_pdl,
+        site_pdl_ratio=t_out / t_site_pdl,
         router_launch_pdl_us=t_pdl,
         pdl_ratio=t_out / t_pdl,
         same_output=same,

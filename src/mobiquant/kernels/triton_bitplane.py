@@ -2447,12 +2447,15 @@ class SmallConfig:
     # one-bit plane kernel: launched with programmatic dependent launch (sm_90+): its programs start while the kernel
     # before is still running and wait for it (griddepcontrol) only before reading what that kernel writes; a
     # whole-K launch of a view known on the host loads its words, steps and zero points before that wait, so they
-    # stream under the kernel before. Off: not yet measured on a GPU.
+    # stream under the kernel before. Off: on an H200 it speeds up only launches of this kernel back to back
+    # (1.4-1.6x per SmolLM2 linear, 0.96-1.2x per 8B one); in the 8B-shaped stack, where torch's kernels and the
+    # routers sit between them, it was 0.98-1.02x (docs/RESULTS.md "Programmatic dependent launch and L2 requests").
     pdl: bool = False
     # one-bit plane kernel, the launches on the stream-K grid (whole-K ones load everything at once anyway): each
     # program first asks L2 for every line of words and step/zero words of its whole range of groups
     # (prefetch.global.L2), so they stream from memory at once while the group loop, one group at a time, finds them
-    # in L2 (bytes in flight without shared memory). Off: not yet measured on a GPU.
+    # in L2 (bytes in flight without shared memory). Off: on an H200 0.82-0.93x alone for the 8B gate/up, down and q/o
+    # (k/v unchanged), 0.87-0.91x for the 8B-shaped stack's static views with pdl (docs/RESULTS.md).
     l2_prefetch: bool = False
 
 
