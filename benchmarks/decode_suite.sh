@@ -7,15 +7,16 @@
 #   bash benchmarks/decode_suite.sh [STAGE...]     # default: every stage below, in this order
 #
 # Stages:
-#   tests    GPU tests of the launch modes being measured (programmatic dependent launch, L2 requests, graphs)
+#   stack    the 8B-shaped stack, static views and routed budgets: the library's default beside gemlite at 2, 4
+#            and 8 bits (if importable: bare_gpu.sh bundle carries its wheel), then $STACK_CONFIG
 #   kernels  single linears, one token, graph-replayed: stream-K and whole-K with and without pdl / l2_prefetch /
 #            stages ($KERNEL_CONFIGS, benchmarks/kernel_bench.py parse_bits_config texts), 8B and SmolLM2 shapes,
 #            each alone and as 4 launches in a row over 4 layers (where pdl can overlap them)
-#   stack    the 8B-shaped stack, static views and routed budgets: the library's default beside gemlite at 2, 4
-#            and 8 bits (if importable: bare_gpu.sh bundle carries its wheel), then $STACK_CONFIG
 #   routers  a routed site's router launch then site launch, with and without pdl, and the router inside the launch
 #   e2e      SmolLM2-135M through the package, routed budget 4 and the static 4-bit view, fused inputs, with
 #            each of $E2E_CONFIGS (needs $GGUF; the first routed row compiles for several minutes)
+#   tests    GPU tests of the launch modes measured (programmatic dependent launch, L2 requests, graphs); last:
+#            they compile every case and took more than one 10-minute call on an H200 (2026-12-03)
 #
 # Expects what `bare_gpu.sh install` brings (the wheels, the model) and the environment `bare_gpu.sh launch` sets
 # (PYTHONPATH with src/ and the wheels); as a detached job:  bash benchmarks/bare_gpu.sh launch suite bash
@@ -83,7 +84,7 @@ stage() {
 
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader 2>/dev/null
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-for s in "${@:-tests kernels stack routers e2e}"; do
+for s in "${@:-stack kernels routers e2e tests}"; do
   for t in $s; do
     stage "$t" || exit $?
   done

@@ -70,11 +70,11 @@ def test_decode_suite_runs_its_stages_in_order_and_resumes(tmp_path):
         return [next(w for w in line.split() if not w.startswith("-")) for line in calls.read_text().splitlines()[1:]]
 
     assert ran() == [
-        "pytest",
+        "benchmarks/decode_bench.py",
+        "benchmarks/decode_bench.py",
         "benchmarks/kernel_bench.py",
-        "benchmarks/decode_bench.py",
-        "benchmarks/decode_bench.py",
         "benchmarks/router_launch_bench.py",
+        "pytest",
     ]
     assert "== e2e: no model at" in r.stdout
     res = tmp_path / "res"
