@@ -29,6 +29,12 @@
 #                                                    #   csv/md/json/txt files under $ROOT/bench and $ROOT/res
 #                                                    #   to $OUT (what a call cut at its limit still returns)
 # Issue `poll` calls back to back: the jobs run on only while the machine is held.
+#
+# Compiled kernels across machines: launched jobs keep Triton's cache in $ROOT/triton_cache; the last collect of a
+# `poll` whose jobs all ended packs it into $OUT/triton_cache.tgz (when under $CACHE_MAX_MB, default 40). Here:
+#   bash benchmarks/bare_gpu.sh keep-cache FILES_AT/triton_cache.tgz   # -> .device/cache/ (git-ignored)
+# and carry .device/cache in a later session's first call: `install .device/cache` unpacks it, so the kernels whose
+# source did not change are not compiled again (the first routed SmolLM2 decode compiled for about 6 minutes).
 set -euo pipefail
 cmd=${1:-}
 ROOT=${ROOT:-/root}
@@ -38,7 +44,7 @@ case "$cmd" in
     parts=${3:-2}
     py=${PY:-.venv/bin/python}
     gguf=$("$py" -c "from mobiquant.io.models import smollm2_gguf_path; print(smollm2_gguf_path())")
-    rm -rf "$dir" && mkdir -p "$dir/wheels" "$dir/p1"
+    rm -rf "$dir"/p[0-9]* "$dir/wheels" && mkdir -p "$dir/wheels" "$dir/p1"  # keeps $dir/cache
     split -n "$parts" -d -a 2 "$gguf" "$dir/part"
     for i in $(seq 1 "$parts"); do
       mkdir -p "$dir/p$i" && mv "$dir/part$(printf %02d $((i - 1)))" "$dir/p$i/"
@@ -65,6 +71,11 @@ EOF
     for src in "$@"; do
       if [ "$(basename "$src")" = wheels ]; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$ROOT/pylib" "$src"/*.whl
+        continue
+      fi
+      if [ -f "$src/triton_cache.tgz" ]; then
+        mkdir -p "$ROOT/triton_cache" && tar xzf "$src/triton_cache.tgz" -C "$ROOT"
+        echo "triton cache: $(find "$ROOT/triton_cache" -type f | wc -l) files"
         continue
       fi
       cp "$src"/part* "$ROOT/model/"
@@ -96,7 +107,7 @@ EOF
     rm -f "$ROOT/logs/$name.done"
     printf '%q ' "$@" > "$ROOT/logs/$name.cmd"
     setsid bash -c "cd '$repo' && export PYTHONPATH='$repo/src:$ROOT/pylib' MOBIQUANT_CACHE='$ROOT/mqcache' \
-      WANDB_MODE=offline PYTHONUNBUFFERED=1 && bash '$ROOT/logs/$name.cmd' > '$ROOT/logs/$name.log' 2>&1; \
+      TRITON_CACHE_DIR='$ROOT/triton_cache' WANDB_MODE=offline PYTHONUNBUFFERED=1 && bash '$ROOT/logs/$name.cmd' > '$ROOT/logs/$name.log' 2>&1; \
       echo \"exit \$?\" >> '$ROOT/logs/$name.log'; touch '$ROOT/logs/$name.done'" < /dev/null > /dev/null 2>&1 &
     echo "launched $name: $*"
     ;;
@@ -121,11 +132,27 @@ EOF
       sleep "${POLL_EVERY:-15}"
     done
     collect
+    if [ "$done_n" -ge "$want" ] && [ -d "$ROOT/triton_cache" ]; then  # every job ended: the cache is complete
+      mb=$(du -sm "$ROOT/triton_cache" | cut -f1)
+      if [ "$mb" -le $((${CACHE_MAX_MB:-40} * 3)) ]; then
+        tar czf "$out/triton_cache.tgz" -C "$ROOT" triton_cache
+        [ "$(du -m "$out/triton_cache.tgz" | cut -f1)" -gt "${CACHE_MAX_MB:-40}" ] && rm "$out/triton_cache.tgz"
+      fi
+      [ -f "$out/triton_cache.tgz" ] && echo "triton cache packed: $out/triton_cache.tgz" \
+        || echo "triton cache of $mb MB not packed (over ${CACHE_MAX_MB:-40} MB packed)"
+    fi
     echo "$done_n of $want jobs done after $(( $(date +%s) - t0 )) s"
     for f in "$ROOT"/logs/*.log; do [ -f "$f" ] && { echo "== $f"; tail -n 3 "$f"; }; done
     ;;
+  keep-cache)
+    src=${2:?keep-cache PATH/triton_cache.tgz (what a poll brought back)}
+    dir=${3:-.device/cache}
+    tar tzf "$src" > /dev/null || { echo "$src is not a tar.gz of a Triton cache" >&2; exit 1; }
+    mkdir -p "$dir" && cp "$src" "$dir/triton_cache.tgz.tmp" && mv "$dir/triton_cache.tgz.tmp" "$dir/triton_cache.tgz"
+    echo "kept $(du -h "$dir/triton_cache.tgz" | cut -f1) in $dir: carry it and run install $dir there"
+    ;;
   *)
-    sed -n 2,31p "$0"
+    sed -n 2,37p "$0"
     exit 2
     ;;
 esac

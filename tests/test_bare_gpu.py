@@ -93,3 +93,25 @@ def test_decode_suite_runs_its_stages_in_order_and_resumes(tmp_path):
     assert (res / "stack_config.done").exists()
     r = suite("bench")
     assert r.returncode == 2 and "unknown stage 'bench' (stages: tests kernels routers stack e2e)" in r.stderr
+
+
+def test_triton_cache_travels_from_one_machine_to_the_next(tmp_path):
+    """A launched job compiles into $ROOT/triton_cache; the poll that sees every job ended packs it into
+    $OUT/triton_cache.tgz; `keep-cache` keeps that here and `install` of the kept folder unpacks it on a fresh
+    machine, file for file. A cut poll (jobs still running) packs nothing; a file that is no tar is refused."""
+    root, out, fresh, keep = tmp_path / "root", tmp_path / "out", tmp_path / "fresh", tmp_path / "keep"
+    out.mkdir()
+    env = {**os.environ, "ROOT": str(root), "OUT": str(out), "POLL_EVERY": "1"}
+    job = 'mkdir -p "$TRITON_CACHE_DIR/ab12" && echo cubin > "$TRITON_CACHE_DIR/ab12/k.cubin"; sleep 3'
+    _sh("launch", "compiler", "bash", "-c", job, env=env)
+    assert "0 of 1 jobs done" in _sh("poll", "0", env=env) and not (out / "triton_cache.tgz").exists()
+    text = _sh("poll", "60", env=env)
+    assert "1 of 1 jobs done" in text and "triton cache packed" in text
+    assert "kept" in _sh("keep-cache", str(out / "triton_cache.tgz"), str(keep), env=env)
+    text = _sh("install", str(keep), env={**env, "ROOT": str(fresh)})
+    assert "triton cache: 1 files" in text
+    assert (fresh / "triton_cache" / "ab12" / "k.cubin").read_text() == "cubin\n"
+    (tmp_path / "bad.tgz").write_text("not a tar")
+    with pytest.raises(subprocess.CalledProcessError) as e:
+        _sh("keep-cache", str(tmp_path / "bad.tgz"), str(keep), env=env)
+    assert "is not a tar.gz of a Triton cache" in e.value.stderr
