@@ -107,7 +107,8 @@ EOF
     rm -f "$ROOT/logs/$name.done"
     printf '%q ' "$@" > "$ROOT/logs/$name.cmd"
     setsid bash -c "cd '$repo' && export PYTHONPATH='$repo/src:$ROOT/pylib' MOBIQUANT_CACHE='$ROOT/mqcache' \
-      TRITON_CACHE_DIR='$ROOT/triton_cache' WANDB_MODE=offline PYTHONUNBUFFERED=1 && bash '$ROOT/logs/$name.cmd' > '$ROOT/logs/$name.log' 2>&1; \
+      TRITON_CACHE_DIR='$ROOT/triton_cache' WANDB_MODE=offline PYTHONUNBUFFERED=1 && \
+      bash '$ROOT/logs/$name.cmd' > '$ROOT/logs/$name.log' 2>&1; \
       echo \"exit \$?\" >> '$ROOT/logs/$name.log'; touch '$ROOT/logs/$name.done'" < /dev/null > /dev/null 2>&1 &
     echo "launched $name: $*"
     ;;
@@ -133,13 +134,13 @@ EOF
     done
     collect
     if [ "$done_n" -ge "$want" ] && [ -d "$ROOT/triton_cache" ]; then  # every job ended: the cache is complete
-      mb=$(du -sm "$ROOT/triton_cache" | cut -f1)
-      if [ "$mb" -le $((${CACHE_MAX_MB:-40} * 3)) ]; then
-        tar czf "$out/triton_cache.tgz" -C "$ROOT" triton_cache
-        [ "$(du -m "$out/triton_cache.tgz" | cut -f1)" -gt "${CACHE_MAX_MB:-40}" ] && rm "$out/triton_cache.tgz"
-      fi
+      max=${CACHE_MAX_MB:-40} mb=$(du -sm "$ROOT/triton_cache" | cut -f1)
+      # packing compresses it about 3x: a larger cache is not packed at all
+      [ "$mb" -le $((max * 3)) ] && tar czf "$out/triton_cache.tgz" -C "$ROOT" triton_cache
+      [ -f "$out/triton_cache.tgz" ] && [ "$(du -m "$out/triton_cache.tgz" | cut -f1)" -gt "$max" ] \
+        && rm "$out/triton_cache.tgz"
       [ -f "$out/triton_cache.tgz" ] && echo "triton cache packed: $out/triton_cache.tgz" \
-        || echo "triton cache of $mb MB not packed (over ${CACHE_MAX_MB:-40} MB packed)"
+        || echo "triton cache of $mb MB not packed (over $max MB packed)"
     fi
     echo "$done_n of $want jobs done after $(( $(date +%s) - t0 )) s"
     for f in "$ROOT"/logs/*.log; do [ -f "$f" ] && { echo "== $f"; tail -n 3 "$f"; }; done

@@ -5,8 +5,8 @@ For each shape (SmolLM2-135M's q/k/v site and gate/up site, LLaMA-3-8B's), one C
 launches in a row, each preceded by its router's launch (``fused_router``, then ``RoutedK`` of its values: the
 path before the router moved into the launch) or not (the router in the launch); the first without programmatic
 dependent launch (``pdl``: a launch starts while the one before runs), again with it on the site's launch alone and
-on both launches. Prints us per site (graph replay time / reps)
-and the ratios against the first, from one process; the outputs are checked equal first.
+on both launches. Prints us per site (graph replay time / reps) and the ratios against the first, from one process;
+the outputs are checked equal first.
 
     python benchmarks/router_launch_bench.py             # on a CUDA GPU
     python benchmarks/router_launch_bench.py --sweep     # the router launch alone, over its tilings
