@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -104,8 +105,11 @@ def main(argv=None):
     ap.add_argument("--views", default="1,2,4,6", help="static views k (planes: 3, 4, 6, 8 of 3-1-1-1-1-1)")
     ap.add_argument("--copies", type=int, default=8)
     ap.add_argument("--reps", type=int, default=32)
-    ap.add_argument("--patterns", default="64,4,4;64,4,8;64,8,4;128,4,4;128,8,4;32,8,4",
-                    help="BN2,NW,waves;...: row pairs a program, word columns a load, programs per SM")
+    ap.add_argument(
+        "--patterns",
+        default="64,4,4;64,4,8;64,8,4;128,4,4;128,8,4;32,8,4",
+        help="BN2,NW,waves;...: row pairs a program, word columns a load, programs per SM",
+    )
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args(argv)
     import pandas as pd
@@ -113,8 +117,10 @@ def main(argv=None):
     dev = torch.device("cuda")
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     bw = copy_bw()
-    print(f"# {torch.cuda.get_device_name()}, {sms} SMs, copy {bw / 1e9:.0f} GB/s, torch {torch.__version__}, "
-          f"triton {triton.__version__}")
+    print(
+        f"# {torch.cuda.get_device_name()}, {sms} SMs, copy {bw / 1e9:.0f} GB/s, torch {torch.__version__}, "
+        f"triton {triton.__version__}"
+    )
     rows = []
     views = [int(v) for v in args.views.split(",")]
     pats = [tuple(int(v) for v in p.split(",")) for p in args.patterns.split(";")]
@@ -129,12 +135,12 @@ def main(argv=None):
         x = torch.randn(1, kin, device=dev, dtype=torch.float16)
         out = torch.empty(1, n, device=dev, dtype=torch.float16)
         w16 = [torch.randn(n, kin, device=dev, dtype=torch.float16) for _ in range(3)]
-        t16 = graph_time([lambda w=w: torch.matmul(x, w.t(), out=out) for w in w16], args.reps)
+        t16 = graph_time([partial(torch.matmul, x, w.t(), out=out) for w in w16], args.reps)
         rows.append(dict(shape=name, mode="fp16 cuBLAS", planes=16, us=t16, bytes=2 * n * kin))
         for k in views:
             p = sum(SLICES[:k])
             nbytes = p * kw * npad2 * 4 + 2 * ng * npad2 * 4
-            t = graph_time([lambda b=b: tb.bitplane_linear_bits(x, b, k, out=out) for b in bps], args.reps)
+            t = graph_time([partial(tb.bitplane_linear_bits, x, b, k, out=out) for b in bps], args.reps)
             rows.append(dict(shape=name, mode="gemv (package)", planes=p, us=t, bytes=nbytes))
             sink = torch.empty(1 << 22, device=dev, dtype=torch.int32)
             for bn2, nw, waves in pats:
@@ -144,16 +150,17 @@ def main(argv=None):
                         continue
                     g_all = waves * sms
 
-                    def launch(w, bn2=bn2, nw=nw, tiled=tiled, g_all=g_all, nb=nb):
-                        _pattern[(g_all,)](w, sink, w.stride(0), npad2, kw, ng, nb * ng, g_all, P=p, BN2=bn2,
-                                           NW=nw, GW=GROUP // 16, TILED=tiled, num_warps=4)  # fmt: skip
-
-                    t = graph_time([lambda w=w: launch(w) for w in words], args.reps)
+                    launch = _pattern[(g_all,)]
+                    t = graph_time(
+                        [partial(launch, w, sink, w.stride(0), npad2, kw, ng, nb * ng, g_all, P=p, BN2=bn2, NW=nw,
+                                 GW=GROUP // 16, TILED=tiled, num_warps=4) for w in words],
+                        args.reps,
+                    )  # fmt: skip
                     mode = f"pat {'tile' if tiled else 'wc'} {2 * bn2}r/{16 * nw}c/{waves}w"
                     rows.append(dict(shape=name, mode=mode, planes=p, us=t, bytes=p * kw * npad2 * 4))
             flat_n = p * kw * npad2
             t = graph_time(
-                [lambda w=w: _flat[(4 * sms,)](w, sink, flat_n, 4 * sms, BLOCK=2048, num_warps=4) for w in words],
+                [partial(_flat[(4 * sms,)], w, sink, flat_n, 4 * sms, BLOCK=2048, num_warps=4) for w in words],
                 args.reps,
             )
             rows.append(dict(shape=name, mode="flat 4w", planes=p, us=t, bytes=flat_n * 4))
