@@ -66,8 +66,9 @@ def _pattern(w_ptr, out_ptr, PSTRIDE, NPAD2, KW, GPB, TOTAL, G, P: tl.constexpr,
 @triton.jit
 def _flat(w_ptr, out_ptr, TOTAL, G, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    lo = ((pid * TOTAL) // G) // BLOCK * BLOCK
-    hi = ((pid + 1) * TOTAL) // G // BLOCK * BLOCK
+    nb = TOTAL // BLOCK
+    lo = (pid * nb) // G * BLOCK
+    hi = ((pid + 1) * nb) // G * BLOCK
     acc = tl.zeros((BLOCK,), dtype=tl.int32)
     for i in range(lo, hi, BLOCK):
         acc ^= tl.load(w_ptr + i + tl.arange(0, BLOCK))
