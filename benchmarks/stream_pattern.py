@@ -12,7 +12,10 @@ and the replay time / reps is one launch's time in a stream of launches:
   and no decode: the words are XOR-ed together. What the layout and grid allow when the arithmetic is free;
 * ``pat tile``: the same items from a tiled layout ``[P, row blocks, KW, BN2]`` (a row block's words of one plane
   contiguous: 2 KB per group and plane at 128 rows, 4 bits) instead of 256-byte runs 28 KB apart;
-* ``flat``: every program XORs a contiguous share of the same bytes (the grid's streaming ceiling).
+* ``flat``: every program XORs a contiguous share of the same bytes (the grid's streaming ceiling);
+* ``proto``: a prototype GEMV, the package's decode with the words by plain loads or by TMA boxes and the group
+  loop pipelined over ``S`` stages (``--protos``); its time includes zeroing the fp32 output (row ``memset y``),
+  ``err`` its largest difference from the package's output over the largest output.
 
 Columns: us per launch, GB/s of weight bytes (planes and one step/zero word per row and group), % of the copy
 bandwidth measured in the same run. Needs only torch and triton and a CUDA GPU:
@@ -33,6 +36,8 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+from mobiquant.kernels import triton_bitplane as tb  # noqa: E402
 
 SHAPES = {"gate/up 4096->14336": (14336, 4096), "down 14336->4096": (4096, 14336), "q/o 4096x4096": (4096, 4096)}
 SLICES = (3, 1, 1, 1, 1, 1)
@@ -75,6 +80,88 @@ def _flat(w_ptr, out_ptr, TOTAL, G, BLOCK: tl.constexpr):
     tl.store(out_ptr + pid * BLOCK + tl.arange(0, BLOCK), acc)
 
 
+# The prototype GEMV: the package's decode (``_bits_fields``, ``_bits_apply``) on a stream-K grid whose words
+# come either by plain loads or by TMA (a host ``TensorDescriptor`` over ``[planes x KW, NPAD / 2]``, one
+# ``[GW, BN2]`` box per plane and group), the group loop handed to Triton's pipeliner with ``STAGES``; each row
+# block's segment added into an fp32 output by atomics (not deterministic: a prototype).
+@triton.jit
+def _proto(x_ptr, y_ptr, w_ptr, wdesc, sz_ptr, SZSTRIDE, PSTRIDE, NPAD2, KW, K_IN, GPB, TOTAL, G, mult, hk,
+           GROUP: tl.constexpr, P: tl.constexpr, BN2: tl.constexpr, XE: tl.constexpr, STAGES: tl.constexpr,
+           TMA: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
+    GW: tl.constexpr = GROUP // 16
+    pid = tl.program_id(0)
+    item = (pid * TOTAL) // G
+    end = ((pid + 1) * TOTAL) // G
+    wcol = tl.arange(0, GW)
+    rp = tl.arange(0, BN2)
+    acc0 = tl.zeros((BN2, GW), dtype=tl.float32)
+    acc1 = tl.zeros((BN2, GW), dtype=tl.float32)
+    for it in tl.range(item, end, num_stages=STAGES):
+        t = it // GPB
+        g = it - t * GPB
+        rows2 = t * BN2 + rp
+        if TMA:
+            w0 = tl.trans(wdesc.load([g * GW, t * BN2]))
+            w1 = w0
+            w2 = w0
+            w3 = w0
+            w4 = w0
+            w5 = w0
+            w6 = w0
+            w7 = w0
+            if P > 1:
+                w1 = tl.trans(wdesc.load([KW + g * GW, t * BN2]))
+            if P > 2:
+                w2 = tl.trans(wdesc.load([2 * KW + g * GW, t * BN2]))
+            if P > 3:
+                w3 = tl.trans(wdesc.load([3 * KW + g * GW, t * BN2]))
+            if P > 4:
+                w4 = tl.trans(wdesc.load([4 * KW + g * GW, t * BN2]))
+            if P > 5:
+                w5 = tl.trans(wdesc.load([5 * KW + g * GW, t * BN2]))
+            if P > 6:
+                w6 = tl.trans(wdesc.load([6 * KW + g * GW, t * BN2]))
+            if P > 7:
+                w7 = tl.trans(wdesc.load([7 * KW + g * GW, t * BN2]))
+        else:
+            w0, w1, w2, w3, w4, w5, w6, w7 = tb._bits_load_words(w_ptr, g * GW + wcol, rows2, PSTRIDE, NPAD2, P,
+                                                                 True)  # fmt: skip
+        T0 = tl.zeros((BN2, GW), dtype=tl.float32)
+        T1 = tl.zeros((BN2, GW), dtype=tl.float32)
+        xs = tl.zeros((1, GW), dtype=tl.float32)
+        T0, T1, xs = tb._bits_fields(T0, T1, xs, x_ptr, (g * GW + wcol) * 16, K_IN, w0, w1, w2, w3, w4, w5, w6,
+                                     w7, P, XE, ASM, True)  # fmt: skip
+        sz0, sz1 = tb._bits_load_sz(sz_ptr, g, rows2, wcol, SZSTRIDE, NPAD2, True)
+        acc0, acc1 = tb._bits_apply(acc0, acc1, T0, T1, xs, sz0, sz1, mult, hk)
+        done = (g == GPB - 1) | (it == end - 1)
+        tl.atomic_add(y_ptr + 2 * rows2, tl.sum(acc0, 1), mask=rp < tl.where(done, BN2, 0), sem="relaxed")
+        tl.atomic_add(y_ptr + 2 * rows2 + 1, tl.sum(acc1, 1), mask=rp < tl.where(done, BN2, 0), sem="relaxed")
+        acc0 = tl.where(done, 0.0, acc0)
+        acc1 = tl.where(done, 0.0, acc1)
+
+
+def proto_launch(kernel, x, y, bp, k, bn2, stages, tma, waves, sms, num_warps=4):
+    """Zero ``y`` (fp32, rows padded) and launch the prototype for view ``k`` of ``bp``."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    p = bp.planes_of_view[k - 1]
+    b0 = bp.slice_bits[0]
+    t_all, kw, npad2 = bp.words.shape
+    gw = bp.group_size // 16
+    w2d = bp.words.view(t_all * kw, npad2)
+    desc = TensorDescriptor(w2d, [t_all * kw, npad2], [npad2, 1], [gw, bn2]) if tma else w2d
+    gpb = kw // gw
+    total = (npad2 // bn2) * gpb
+    g_all = waves * sms
+    y.zero_()
+    kernel[(g_all,)](
+        x, y, bp.words, desc, bp.sz, bp.sz.stride(0), bp.words.stride(0), npad2, kw, bp.in_features, gpb, total,
+        g_all, 2.0 ** (tb._FIELD_S - (p - b0)), (1.0 - 2.0 ** -(p - b0)) / 2, GROUP=bp.group_size, P=p, BN2=bn2,
+        XE=149 - tb._FIELD_S, STAGES=stages, TMA=tma, ASM=not tb._interpreting(), num_warps=num_warps,
+    )  # fmt: skip
+    return y
+
+
 def graph_time(fns, reps):
     """us per call of ``fns[i % len(fns)]`` for i < reps, replayed from one CUDA graph."""
     for f in fns:
@@ -100,16 +187,19 @@ def copy_bw():
 
 
 def main(argv=None):
-    from mobiquant.kernels import triton_bitplane as tb
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--views", default="1,2,4,6", help="static views k (planes: 3, 4, 6, 8 of 3-1-1-1-1-1)")
+    ap.add_argument("--views", default="2,6", help="static views k (planes: 3, 4, 6, 8 of 3-1-1-1-1-1)")
     ap.add_argument("--copies", type=int, default=8)
     ap.add_argument("--reps", type=int, default=32)
     ap.add_argument(
         "--patterns",
-        default="64,4,4;64,4,8;64,8,4;128,4,4;128,8,4;32,8,4",
+        default="64,4,4;64,8,4;128,8,4",
         help="BN2,NW,waves;...: row pairs a program, word columns a load, programs per SM",
+    )
+    ap.add_argument(
+        "--protos",
+        default="64,1,0,4;64,3,0,4;64,2,1,4;64,3,1,4;64,4,1,4;128,3,1,2;32,3,1,8",
+        help="BN2,stages,tma,waves;...: prototype GEMV configs (zero-filled y included in each time)",
     )
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args(argv)
@@ -124,7 +214,8 @@ def main(argv=None):
     )
     rows = []
     views = [int(v) for v in args.views.split(",")]
-    pats = [tuple(int(v) for v in p.split(",")) for p in args.patterns.split(";")]
+    pats = [tuple(int(v) for v in p.split(",")) for p in args.patterns.split(";") if p]
+    protos = [tuple(int(v) for v in p.split(",")) for p in args.protos.split(";") if p]
     for name, (n, kin) in SHAPES.items():
         gen = torch.Generator(device=dev).manual_seed(0)
         kw, ng, npad2 = kin // 16, kin // GROUP, -(-n // 128) * 64
@@ -159,6 +250,18 @@ def main(argv=None):
                     )  # fmt: skip
                     mode = f"pat {'tile' if tiled else 'wc'} {2 * bn2}r/{16 * nw}c/{waves}w"
                     rows.append(dict(shape=name, mode=mode, planes=p, us=t, bytes=p * kw * npad2 * 4))
+            y = torch.empty(npad2 * 2, device=dev, dtype=torch.float32)
+            ref = tb.bitplane_linear_bits(x, bps[0], k).float()[0]
+            t = graph_time([y.zero_], args.reps)
+            rows.append(dict(shape=name, mode="memset y (in proto)", planes=p, us=t, bytes=0))
+            for bn2, stages, tma, waves in protos:
+                proto_launch(_proto, x, y, bps[0], k, bn2, stages, tma, waves, sms)
+                err = float((y[:n] - ref).abs().max() / ref.abs().max())
+                t = graph_time(
+                    [partial(proto_launch, _proto, x, y, b, k, bn2, stages, tma, waves, sms) for b in bps], args.reps
+                )
+                mode = f"proto {'tma' if tma else 'ptr'} S{stages} {2 * bn2}r/{waves}w"
+                rows.append(dict(shape=name, mode=mode, planes=p, us=t, bytes=nbytes, err=err))
             flat_n = p * kw * npad2
             t = graph_time(
                 [partial(_flat[(4 * sms,)], w, sink, flat_n, 4 * sms, BLOCK=2048, num_warps=4) for w in words],
