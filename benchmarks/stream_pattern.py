@@ -15,7 +15,8 @@ and the replay time / reps is one launch's time in a stream of launches:
 * ``flat``: every program XORs a contiguous share of the same bytes (the grid's streaming ceiling);
 * ``proto``: a prototype GEMV, the package's decode with the words by plain loads or by TMA boxes and the group
   loop pipelined over ``S`` stages (``--protos``); its time includes zeroing the fp32 output (row ``memset y``),
-  ``err`` its largest difference from the package's output over the largest output.
+  ``err`` its largest difference from the package's output over the largest output; ``hot`` rows read
+  one item's words over and over (cache hits): the decode's time without the memory stream.
 
 Columns: us per launch, GB/s of weight bytes (planes and one step/zero word per row and group), % of the copy
 bandwidth measured in the same run. Needs only torch and triton and a CUDA GPU:
@@ -87,7 +88,7 @@ def _flat(w_ptr, out_ptr, TOTAL, G, BLOCK: tl.constexpr):
 @triton.jit
 def _proto(x_ptr, y_ptr, w_ptr, wdesc, sz_ptr, SZSTRIDE, PSTRIDE, NPAD2, KW, K_IN, GPB, TOTAL, G, mult, hk,
            GROUP: tl.constexpr, P: tl.constexpr, BN2: tl.constexpr, XE: tl.constexpr, STAGES: tl.constexpr,
-           TMA: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
+           TMA: tl.constexpr, ASM: tl.constexpr, HOT: tl.constexpr):  # fmt: skip
     GW: tl.constexpr = GROUP // 16
     pid = tl.program_id(0)
     item = (pid * TOTAL) // G
@@ -99,6 +100,9 @@ def _proto(x_ptr, y_ptr, w_ptr, wdesc, sz_ptr, SZSTRIDE, PSTRIDE, NPAD2, KW, K_I
     for it in tl.range(item, end, num_stages=STAGES):
         t = it // GPB
         g = it - t * GPB
+        if HOT:  # every item reads the first item's words and steps (cache hits): the decode's time alone
+            t = t * 0
+            g = g * 0
         rows2 = t * BN2 + rp
         if TMA:
             w0 = tl.trans(wdesc.load([g * GW, t * BN2]))
@@ -140,7 +144,7 @@ def _proto(x_ptr, y_ptr, w_ptr, wdesc, sz_ptr, SZSTRIDE, PSTRIDE, NPAD2, KW, K_I
         acc1 = tl.where(done, 0.0, acc1)
 
 
-def proto_launch(kernel, x, y, bp, k, bn2, stages, tma, waves, sms, num_warps=4):
+def proto_launch(kernel, x, y, bp, k, bn2, stages, tma, waves, sms, hot=0, num_warps=4):
     """Zero ``y`` (fp32, rows padded) and launch the prototype for view ``k`` of ``bp``."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -157,7 +161,7 @@ def proto_launch(kernel, x, y, bp, k, bn2, stages, tma, waves, sms, num_warps=4)
     kernel[(g_all,)](
         x, y, bp.words, desc, bp.sz, bp.sz.stride(0), bp.words.stride(0), npad2, kw, bp.in_features, gpb, total,
         g_all, 2.0 ** (tb._FIELD_S - (p - b0)), (1.0 - 2.0 ** -(p - b0)) / 2, GROUP=bp.group_size, P=p, BN2=bn2,
-        XE=149 - tb._FIELD_S, STAGES=stages, TMA=tma, ASM=not tb._interpreting(), num_warps=num_warps,
+        XE=149 - tb._FIELD_S, STAGES=stages, TMA=tma, ASM=not tb._interpreting(), HOT=bool(hot), num_warps=num_warps,
     )  # fmt: skip
     return y
 
@@ -254,13 +258,13 @@ def main(argv=None):
             ref = tb.bitplane_linear_bits(x, bps[0], k).float()[0]
             t = graph_time([y.zero_], args.reps)
             rows.append(dict(shape=name, mode="memset y (in proto)", planes=p, us=t, bytes=0))
-            for bn2, stages, tma, waves in protos:
-                proto_launch(_proto, x, y, bps[0], k, bn2, stages, tma, waves, sms)
+            for bn2, stages, tma, waves, hot, nwarps in protos:
+                cfg = (bn2, stages, tma, waves, sms, hot, nwarps)
+                proto_launch(_proto, x, y, bps[0], k, *cfg)
                 err = float((y[:n] - ref).abs().max() / ref.abs().max())
-                t = graph_time(
-                    [partial(proto_launch, _proto, x, y, b, k, bn2, stages, tma, waves, sms) for b in bps], args.reps
-                )
-                mode = f"proto {'tma' if tma else 'ptr'} S{stages} {2 * bn2}r/{waves}w"
+                t = graph_time([partial(proto_launch, _proto, x, y, b, k, *cfg) for b in bps], args.reps)
+                how = f"{'tma' if tma else 'ptr'} S{stages} {2 * bn2}r/{waves}w/{nwarps}wp"
+                mode = f"proto {how}{' hot' if hot else ''}"
                 rows.append(dict(shape=name, mode=mode, planes=p, us=t, bytes=nbytes, err=err))
             flat_n = p * kw * npad2
             t = graph_time(
