@@ -81,70 +81,113 @@ def _flat(w_ptr, out_ptr, TOTAL, G, BLOCK: tl.constexpr):
     tl.store(out_ptr + pid * BLOCK + tl.arange(0, BLOCK), acc)
 
 
-# The prototype GEMV: the package's decode (``_bits_fields``, ``_bits_apply``) on a stream-K grid whose words
-# come either by plain loads or by TMA (a host ``TensorDescriptor`` over ``[planes x KW, NPAD / 2]``, one
-# ``[GW, BN2]`` box per plane and group), the group loop handed to Triton's pipeliner with ``STAGES``; each row
-# block's segment added into an fp32 output by atomics (not deterministic: a prototype).
+# The prototype GEMV: the package's decode (``_bits_fields``, ``_bits_apply``) on its stream-K grid (a program's
+# items in segments of one row block, one partial per segment), the words by plain loads or by TMA (a host
+# ``TensorDescriptor`` over ``[planes x KW, NPAD / 2]``, one ``[GW, BN2]`` box per plane and group), the group loop
+# handed to Triton's pipeliner with ``STAGES``; ``PFD`` > 0: at each group, the lines of the group ``PFD`` ahead
+# asked of L2 (``PFL`` 1) or L1 (``PFL`` 2); each segment added into an fp32 output by atomics (a prototype).
+@triton.jit
+def _pf_lines(w_ptr, sz_ptr, t, g, PSTRIDE, SZSTRIDE, NPAD2, P: tl.constexpr, GW: tl.constexpr, BN2: tl.constexpr,
+              PFL: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
+    if not ASM:
+        return
+    PP: tl.constexpr = 1 if P == 1 else (2 if P == 2 else (4 if P <= 4 else 8))
+    LN: tl.constexpr = (BN2 + 31) // 32
+    e = tl.minimum(tl.arange(0, PP), P - 1)
+    r = t * BN2 + tl.arange(0, LN) * 32
+    wo = e[:, None, None] * PSTRIDE + (g * GW + tl.arange(0, GW))[None, :, None] * NPAD2 + r[None, None, :]
+    so = tl.arange(0, 2)[:, None] * SZSTRIDE + g * NPAD2 + r[None, :]
+    if PFL == 1:
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [w_ptr + wo], dtype=tl.int32,
+                                  is_pure=False, pack=1)  # fmt: skip
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [sz_ptr + so], dtype=tl.int32,
+                                  is_pure=False, pack=1)  # fmt: skip
+    else:
+        tl.inline_asm_elementwise("prefetch.global.L1 [$1]; mov.u32 $0, 0;", "=r,l", [w_ptr + wo], dtype=tl.int32,
+                                  is_pure=False, pack=1)  # fmt: skip
+        tl.inline_asm_elementwise("prefetch.global.L1 [$1]; mov.u32 $0, 0;", "=r,l", [sz_ptr + so], dtype=tl.int32,
+                                  is_pure=False, pack=1)  # fmt: skip
+
+
+@triton.jit
+def _proto_words(w_ptr, wdesc, g, t, rows2, wcol, PSTRIDE, NPAD2, KW, P: tl.constexpr, GW: tl.constexpr,
+                 BN2: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
+    if TMA:
+        w0 = tl.trans(wdesc.load([g * GW, t * BN2]))
+        w1 = w0
+        w2 = w0
+        w3 = w0
+        w4 = w0
+        w5 = w0
+        w6 = w0
+        w7 = w0
+        if P > 1:
+            w1 = tl.trans(wdesc.load([KW + g * GW, t * BN2]))
+        if P > 2:
+            w2 = tl.trans(wdesc.load([2 * KW + g * GW, t * BN2]))
+        if P > 3:
+            w3 = tl.trans(wdesc.load([3 * KW + g * GW, t * BN2]))
+        if P > 4:
+            w4 = tl.trans(wdesc.load([4 * KW + g * GW, t * BN2]))
+        if P > 5:
+            w5 = tl.trans(wdesc.load([5 * KW + g * GW, t * BN2]))
+        if P > 6:
+            w6 = tl.trans(wdesc.load([6 * KW + g * GW, t * BN2]))
+        if P > 7:
+            w7 = tl.trans(wdesc.load([7 * KW + g * GW, t * BN2]))
+        return w0, w1, w2, w3, w4, w5, w6, w7
+    else:
+        return tb._bits_load_words(w_ptr, g * GW + wcol, rows2, PSTRIDE, NPAD2, P, True)
+
+
 @triton.jit
 def _proto(x_ptr, y_ptr, w_ptr, wdesc, sz_ptr, SZSTRIDE, PSTRIDE, NPAD2, KW, K_IN, GPB, TOTAL, G, mult, hk,
            GROUP: tl.constexpr, P: tl.constexpr, BN2: tl.constexpr, XE: tl.constexpr, STAGES: tl.constexpr,
-           TMA: tl.constexpr, ASM: tl.constexpr, HOT: tl.constexpr):  # fmt: skip
+           TMA: tl.constexpr, ASM: tl.constexpr, HOT: tl.constexpr, PFD: tl.constexpr, PFL: tl.constexpr):  # fmt: skip
     GW: tl.constexpr = GROUP // 16
     pid = tl.program_id(0)
     item = (pid * TOTAL) // G
     end = ((pid + 1) * TOTAL) // G
     wcol = tl.arange(0, GW)
     rp = tl.arange(0, BN2)
-    acc0 = tl.zeros((BN2, GW), dtype=tl.float32)
-    acc1 = tl.zeros((BN2, GW), dtype=tl.float32)
-    for it in tl.range(item, end, num_stages=STAGES):
-        t = it // GPB
-        g = it - t * GPB
-        if HOT:  # every item reads the first item's words and steps (cache hits): the decode's time alone
-            t = t * 0
-            g = g * 0
-        rows2 = t * BN2 + rp
-        if TMA:
-            w0 = tl.trans(wdesc.load([g * GW, t * BN2]))
-            w1 = w0
-            w2 = w0
-            w3 = w0
-            w4 = w0
-            w5 = w0
-            w6 = w0
-            w7 = w0
-            if P > 1:
-                w1 = tl.trans(wdesc.load([KW + g * GW, t * BN2]))
-            if P > 2:
-                w2 = tl.trans(wdesc.load([2 * KW + g * GW, t * BN2]))
-            if P > 3:
-                w3 = tl.trans(wdesc.load([3 * KW + g * GW, t * BN2]))
-            if P > 4:
-                w4 = tl.trans(wdesc.load([4 * KW + g * GW, t * BN2]))
-            if P > 5:
-                w5 = tl.trans(wdesc.load([5 * KW + g * GW, t * BN2]))
-            if P > 6:
-                w6 = tl.trans(wdesc.load([6 * KW + g * GW, t * BN2]))
-            if P > 7:
-                w7 = tl.trans(wdesc.load([7 * KW + g * GW, t * BN2]))
+    while item < end:
+        t = item // GPB
+        g_lo = item - t * GPB
+        g_hi = tl.minimum(end - t * GPB, GPB)
+        if HOT:  # every group reads the first item's words and steps (cache hits): the decode's time alone
+            tl_ = t * 0
         else:
-            w0, w1, w2, w3, w4, w5, w6, w7 = tb._bits_load_words(w_ptr, g * GW + wcol, rows2, PSTRIDE, NPAD2, P,
-                                                                 True)  # fmt: skip
-        T0 = tl.zeros((BN2, GW), dtype=tl.float32)
-        T1 = tl.zeros((BN2, GW), dtype=tl.float32)
-        xs = tl.zeros((1, GW), dtype=tl.float32)
-        T0, T1, xs = tb._bits_fields(T0, T1, xs, x_ptr, (g * GW + wcol) * 16, K_IN, w0, w1, w2, w3, w4, w5, w6,
-                                     w7, P, XE, ASM, True)  # fmt: skip
-        sz0, sz1 = tb._bits_load_sz(sz_ptr, g, rows2, wcol, SZSTRIDE, NPAD2, True)
-        acc0, acc1 = tb._bits_apply(acc0, acc1, T0, T1, xs, sz0, sz1, mult, hk)
-        done = (g == GPB - 1) | (it == end - 1)
-        tl.atomic_add(y_ptr + 2 * rows2, tl.sum(acc0, 1), mask=rp < tl.where(done, BN2, 0), sem="relaxed")
-        tl.atomic_add(y_ptr + 2 * rows2 + 1, tl.sum(acc1, 1), mask=rp < tl.where(done, BN2, 0), sem="relaxed")
-        acc0 = tl.where(done, 0.0, acc0)
-        acc1 = tl.where(done, 0.0, acc1)
+            tl_ = t
+        rows2 = tl_ * BN2 + rp
+        if PFD > 0:
+            for gp in range(g_lo, tl.minimum(g_lo + PFD, g_hi)):
+                _pf_lines(w_ptr, sz_ptr, tl_, gp, PSTRIDE, SZSTRIDE, NPAD2, P, GW, BN2, PFL, ASM)
+        acc0 = tl.zeros((BN2, GW), dtype=tl.float32)
+        acc1 = tl.zeros((BN2, GW), dtype=tl.float32)
+        for g in tl.range(g_lo, g_hi, num_stages=STAGES):
+            if PFD > 0:
+                if g + PFD < g_hi:
+                    _pf_lines(w_ptr, sz_ptr, tl_, g + PFD, PSTRIDE, SZSTRIDE, NPAD2, P, GW, BN2, PFL, ASM)
+            if HOT:  # two groups in turn, so that nothing is hoisted out of the loop
+                gg = g & 1
+            else:
+                gg = g
+            w0, w1, w2, w3, w4, w5, w6, w7 = _proto_words(w_ptr, wdesc, gg, tl_, rows2, wcol, PSTRIDE, NPAD2, KW, P,
+                                                          GW, BN2, TMA)  # fmt: skip
+            T0 = tl.zeros((BN2, GW), dtype=tl.float32)
+            T1 = tl.zeros((BN2, GW), dtype=tl.float32)
+            xs = tl.zeros((1, GW), dtype=tl.float32)
+            T0, T1, xs = tb._bits_fields(T0, T1, xs, x_ptr, (g * GW + wcol) * 16, K_IN, w0, w1, w2, w3, w4, w5, w6,
+                                         w7, P, XE, ASM, True)  # fmt: skip
+            sz0, sz1 = tb._bits_load_sz(sz_ptr, gg, rows2, wcol, SZSTRIDE, NPAD2, True)
+            acc0, acc1 = tb._bits_apply(acc0, acc1, T0, T1, xs, sz0, sz1, mult, hk)
+        rows_o = t * BN2 + rp
+        tl.atomic_add(y_ptr + 2 * rows_o, tl.sum(acc0, 1), sem="relaxed")
+        tl.atomic_add(y_ptr + 2 * rows_o + 1, tl.sum(acc1, 1), sem="relaxed")
+        item = t * GPB + g_hi
 
 
-def proto_launch(kernel, x, y, bp, k, bn2, stages, tma, waves, sms, hot=0, num_warps=4):
+def proto_launch(kernel, x, y, bp, k, bn2, stages, tma, waves, sms, hot=0, num_warps=4, pfd=0, pfl=0):
     """Zero ``y`` (fp32, rows padded) and launch the prototype for view ``k`` of ``bp``."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -161,7 +204,8 @@ def proto_launch(kernel, x, y, bp, k, bn2, stages, tma, waves, sms, hot=0, num_w
     kernel[(g_all,)](
         x, y, bp.words, desc, bp.sz, bp.sz.stride(0), bp.words.stride(0), npad2, kw, bp.in_features, gpb, total,
         g_all, 2.0 ** (tb._FIELD_S - (p - b0)), (1.0 - 2.0 ** -(p - b0)) / 2, GROUP=bp.group_size, P=p, BN2=bn2,
-        XE=149 - tb._FIELD_S, STAGES=stages, TMA=tma, ASM=not tb._interpreting(), HOT=bool(hot), num_warps=num_warps,
+        XE=149 - tb._FIELD_S, STAGES=stages, TMA=tma, ASM=not tb._interpreting(), HOT=bool(hot), PFD=pfd,
+        PFL=pfl, num_warps=num_warps,
     )  # fmt: skip
     return y
 
@@ -258,12 +302,14 @@ def main(argv=None):
             ref = tb.bitplane_linear_bits(x, bps[0], k).float()[0]
             t = graph_time([y.zero_], args.reps)
             rows.append(dict(shape=name, mode="memset y (in proto)", planes=p, us=t, bytes=0))
-            for bn2, stages, tma, waves, hot, nwarps in protos:
-                cfg = (bn2, stages, tma, waves, sms, hot, nwarps)
+            for bn2, stages, tma, waves, hot, nwarps, pfd, pfl in protos:
+                cfg = (bn2, stages, tma, waves, sms, hot, nwarps, pfd, pfl)
                 proto_launch(_proto, x, y, bps[0], k, *cfg)
                 err = float((y[:n] - ref).abs().max() / ref.abs().max())
                 t = graph_time([partial(proto_launch, _proto, x, y, b, k, *cfg) for b in bps], args.reps)
-                how = f"{'tma' if tma else 'ptr'} S{stages} {2 * bn2}r/{waves}w/{nwarps}wp"
+                how = f"{'tma' if tma else 'ptr'} S{stages} {2 * bn2}r/{waves}w/{nwarps}wp" + (
+                    f" pf{pfd}L{2 if pfl == 1 else 1}" if pfd else ""
+                )
                 mode = f"proto {how}{' hot' if hot else ''}"
                 rows.append(dict(shape=name, mode=mode, planes=p, us=t, bytes=nbytes, err=err))
             flat_n = p * kw * npad2
