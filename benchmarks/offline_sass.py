@@ -128,6 +128,7 @@ def main(argv=None):
     ap.add_argument("--stages", type=int, default=None, help="num_stages of the stream-K group loop (stages)")
     ap.add_argument("--pdl", action="store_true", help="programmatic dependent launch (pdl): where the wait sits")
     ap.add_argument("--l2-prefetch", action="store_true", help="stream-K: the range asked of L2 first (l2_prefetch)")
+    ap.add_argument("--ahead", type=int, default=0, help="stream-K: the group this many ahead asked of L2 (ahead)")
     ap.add_argument(
         "--routed", action="store_true", help="k counted in the kernel from gate values and a threshold (RoutedK)"
     )
@@ -172,6 +173,7 @@ def main(argv=None):
             stages=a.stages,
             pdl=a.pdl,
             l2_prefetch=a.l2_prefetch,
+            ahead=a.ahead,
         )
         name = "_bp_gemv_bits_kernel"
         ks = [k] * a.site

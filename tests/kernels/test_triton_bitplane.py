@@ -297,6 +297,8 @@ def test_bits_kernel_layouts(bits, group, n_in, gen):
         tb.SmallConfig(bitplanes=True, block_n=32, block_k=32, waves=1, pdl=True),  # stream-K: waits first
         tb.SmallConfig(bitplanes=True, block_n=256, block_k=64, waves=2, l2_prefetch=True),  # range asked of L2
         tb.SmallConfig(bitplanes=True, l2_prefetch=True),  # whole-K here: l2_prefetch only for stream-K launches
+        tb.SmallConfig(bitplanes=True, block_n=32, block_k=32, waves=1, ahead=2),  # 2 groups ahead asked of L2
+        tb.SmallConfig(bitplanes=True, block_n=256, block_k=64, waves=3, ahead=1),  # rows past the padding
     ],
     ids=str,
 )
@@ -619,7 +621,14 @@ def test_bits_kernel_dispatch_and_errors(gen, monkeypatch):
     with pytest.raises(ValueError, match="stages must be a positive number of pipeline stages, without prefetch"):
         cfg = tb.SmallConfig(bitplanes=True, block_k=64, prefetch=True, stages=2)
         tb.bitplane_linear_bits(x[:1], bp, 1, config=cfg)
-    with pytest.raises(ValueError, match="whole_k takes no prefetch, split_k, waves or stages"):
+    with pytest.raises(ValueError, match="ahead must be a number of groups >= 0, without prefetch; got 1"):
+        cfg = tb.SmallConfig(bitplanes=True, block_k=64, prefetch=True, ahead=1)
+        tb.bitplane_linear_bits(x[:1], bp, 1, config=cfg)
+    with pytest.raises(ValueError, match="ahead must be a number of groups >= 0, without prefetch; got -1"):
+        tb.bitplane_linear_bits(x[:1], bp, 1, config=tb.SmallConfig(bitplanes=True, ahead=-1))
+    with pytest.raises(ValueError, match="whole_k takes no prefetch, split_k, waves, stages or ahead"):
+        tb.bitplane_linear_bits(x[:1], bp, 1, config=tb.SmallConfig(bitplanes=True, whole_k=True, ahead=2))
+    with pytest.raises(ValueError, match="whole_k takes no prefetch, split_k, waves, stages or ahead"):
         tb.bitplane_linear_bits(x[:1], bp, 1, config=tb.SmallConfig(bitplanes=True, whole_k=True, split_k=2))
     with pytest.raises(ValueError, match=r"whole_k needs block_n a power of two in \[2, 128\], got 256"):
         tb.bitplane_linear_bits(x[:1], bp, 1, config=tb.SmallConfig(bitplanes=True, whole_k=True, block_n=256))

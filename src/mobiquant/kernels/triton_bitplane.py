@@ -1667,12 +1667,16 @@ def _bits_groups(
     ASM: tl.constexpr,
     PREFETCH: tl.constexpr,
     STAGES: tl.constexpr,
+    AHEAD: tl.constexpr = 0,
+    r0=0,
 ):
     """Groups ``g_lo .. g_hi`` of one row block for a view of ``P`` planes, into ``acc0 / acc1 [BN2, NW]`` (even /
     odd rows): per row and group ``s (mult sum(x' f) - sum(x) (z + h_k))``, in sub-chunks of ``NW`` words.
     ``PREFETCH`` (one sub-chunk per group): the next group's words, step and zero point are loaded before this
     group's codes are reduced (kept in registers across the iteration). Else ``STAGES`` (the group loop's
-    ``num_stages``; 0 or 1: none) lets Triton's loop pipeliner keep the loads of later groups in flight."""
+    ``num_stages``; 0 or 1: none) lets Triton's loop pipeliner keep the loads of later groups in flight, and
+    ``AHEAD`` > 0 asks L2 at each group for the lines of the group ``AHEAD`` later (the first ``AHEAD`` groups before
+    the loop), row block from row pair ``r0``."""
     GW: tl.constexpr = GROUP // 16  # word columns per group
     if PREFETCH:
         w0, w1, w2, w3, w4, w5, w6, w7 = _bits_load_words(w_ptr, g_lo * GW + wcol, rows2, PSTRIDE, NPAD2, P, EVEN_N)
@@ -1699,7 +1703,15 @@ def _bits_groups(
             sz0 = nz0
             sz1 = nz1
     else:
+        if AHEAD > 0:
+            for ga in range(g_lo, tl.minimum(g_lo + AHEAD, g_hi)):
+                _bits_group_lines(w_ptr, sz_ptr, r0, ga, PSTRIDE, SZSTRIDE, NPAD2, P, GW, rows2.shape[0], ASM)
         for g in tl.range(g_lo, g_hi, num_stages=STAGES if STAGES > 0 else None):
+            if AHEAD > 0:
+                if g + AHEAD < g_hi:
+                    _bits_group_lines(
+                        w_ptr, sz_ptr, r0, g + AHEAD, PSTRIDE, SZSTRIDE, NPAD2, P, GW, rows2.shape[0], ASM
+                    )
             T0 = tl.zeros(acc0.shape, dtype=tl.float32)
             T1 = tl.zeros(acc0.shape, dtype=tl.float32)
             xs = tl.zeros((1, NW), dtype=tl.float32)
@@ -1758,6 +1770,20 @@ def _bits_segment_store(
 
 
 @triton.jit
+def _bits_group_lines(w_ptr, sz_ptr, r0, g, PSTRIDE, SZSTRIDE, NPAD2, P: tl.constexpr, GW: tl.constexpr,
+                      BN2: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
+    """Group ``g``'s 128-byte lines of the words (``P`` planes) and step/zero words of the row block from row pair
+    ``r0`` asked of L2 (``SmallConfig.ahead``); addresses past the padded rows are clamped."""
+    PP: tl.constexpr = 1 if P == 1 else (2 if P == 2 else (4 if P <= 4 else 8))  # P <= 8
+    LN: tl.constexpr = (BN2 + 31) // 32
+    r = tl.minimum(r0 + tl.arange(0, LN) * 32, NPAD2 - 1)
+    e = tl.minimum(tl.arange(0, PP), P - 1)
+    wo = e[:, None, None] * PSTRIDE + (g * GW + tl.arange(0, GW))[None, :, None] * NPAD2 + r[None, None, :]
+    _prefetch_l2(w_ptr + wo, ASM)
+    _prefetch_l2(sz_ptr + tl.arange(0, 2)[:, None] * SZSTRIDE + g * NPAD2 + r[None, :], ASM)
+
+
+@triton.jit
 def _bits_prefetch_items(w_ptr, sz_ptr, item, end, GPB, PSTRIDE, SZSTRIDE, NPAD2, P: tl.constexpr, GW: tl.constexpr,
                          BN2: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
     """Every 128-byte line of the words (``P`` planes) and step/zero words of items ``[item, end)`` asked of L2 at
@@ -1811,6 +1837,7 @@ def _bits_stream(
     L2PF: tl.constexpr,
     WAIT: tl.constexpr,
     pid,
+    AHEAD: tl.constexpr = 0,
 ):
     """Program ``pid``'s share (of ``G`` programs): the (row block, group) items ``[pid T / G, (pid+1) T / G)`` of
     the row-block-major sequence (``T = blocks x GPB``, ``GPB`` groups per row block), one segment per row block it
@@ -1858,6 +1885,8 @@ def _bits_stream(
             ASM,
             PREFETCH,
             STAGES,
+            AHEAD,
+            t * BN2,
         )
         # the programs that share row block t: the first holds its group 0, the last its group GPB - 1
         p_first = ((t * GPB + 1) * G - 1) // total
@@ -2020,6 +2049,7 @@ def _bp_gemv_bits_kernel(
     STAGES: tl.constexpr,
     PDL: tl.constexpr,
     L2PF: tl.constexpr,
+    AHEAD: tl.constexpr = 0,
 ):
     """One token from one-bit planes (see above). ``KSEL`` > 0: the view ``k = KSEL`` (known on the host); 0: ``k``
     read on the device, one body per view ``v`` (``P_v`` planes, multiplier ``M_v``, zero-point term ``H_v``)
@@ -2181,7 +2211,7 @@ def _bp_gemv_bits_kernel(
                     _bits_stream(
                         x_ptr, out_s, part_s, lock_s, bias_s, w_s, sz_v, PSTRIDE, SZSTRIDE, NPAD2, n_s, K_IN, GPB, g_s,
                         mult, hk, GROUP, P, HAS_BIAS, BN2, NW, EVEN_K, EVEN_N, XE, ASM, PREFETCH, STAGES, L2PF,
-                        WAIT_IN_BODY, pid,
+                        WAIT_IN_BODY, pid, AHEAD,
                     )  # fmt: skip
     if RH > 0:  # the last program to finish resets the router's tickets and flag for the next launch
         tl.debug_barrier()
@@ -2458,6 +2488,10 @@ class SmallConfig:
     # in L2 (bytes in flight without shared memory). Off: on an H200 0.82-0.93x alone for the 8B gate/up, down and q/o
     # (k/v unchanged), 0.87-0.91x for the 8B-shaped stack's static views with pdl (docs/RESULTS.md).
     l2_prefetch: bool = False
+    # one-bit plane kernel, stream-K without prefetch: at each group, ask L2 for the lines of the group ``ahead`` groups
+    # later in the same row block (one request a line, a few a thread), so the next groups stream while this one
+    # decodes; 0: none. Not yet measured on a GPU.
+    ahead: int = 0
 
 
 @dataclass(frozen=True)
@@ -3206,14 +3240,16 @@ def _bits_grid(cfg: SmallConfig, bp: BitPlanes, rows: int, router: bool) -> tupl
         raise ValueError(f"prefetch needs block_k = the group ({bp.group_size}), got {block_k}")
     if cfg.stages is not None and (int(cfg.stages) < 1 or cfg.prefetch):
         raise ValueError(f"stages must be a positive number of pipeline stages, without prefetch; got {cfg.stages}")
+    if int(cfg.ahead) < 0 or (cfg.ahead and cfg.prefetch):
+        raise ValueError(f"ahead must be a number of groups >= 0, without prefetch; got {cfg.ahead}")
     num_warps = cfg.num_warps
-    stream_knobs = cfg.prefetch or cfg.split_k or cfg.waves or cfg.stages
+    stream_knobs = cfg.prefetch or cfg.split_k or cfg.waves or cfg.stages or cfg.ahead
     if cfg.whole_k is None and (stream_knobs or cfg.block_k or (cfg.block_n or 0) > _BITS_ROW_PAD or router):
         return nw, block_n, num_warps, 0
     wkp = _whole_k_words(cfg, bp.words.shape[1], gw, rows)
     if wkp:
         if stream_knobs:
-            raise ValueError("whole_k takes no prefetch, split_k, waves or stages: one program per row block")
+            raise ValueError("whole_k takes no prefetch, split_k, waves, stages or ahead: one program per row block")
         if cfg.block_n is None:
             num_warps = max(num_warps, wkp // 32)
         block_n = cfg.block_n or 2 * max(2, min(_BITS_ROW_PAD // 2, num_warps * 128 // wkp))
@@ -3338,6 +3374,7 @@ def _bits_launch(
         STAGES=cfg.stages or 0,
         PDL=bool(cfg.pdl),
         L2PF=bool(cfg.l2_prefetch) and not wkp,
+        AHEAD=0 if wkp or cfg.prefetch else cfg.ahead,
         PER_VIEW=per_view,
         KVALS=kvals,
         NSEG=len(segs),
