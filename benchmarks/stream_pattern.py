@@ -141,7 +141,8 @@ def _proto_words(w_ptr, wdesc, g, t, rows2, wcol, PSTRIDE, NPAD2, KW, P: tl.cons
 
 
 @triton.jit
-def _proto(x_ptr, y_ptr, w_ptr, wdesc, sz_ptr, SZSTRIDE, PSTRIDE, NPAD2, KW, K_IN, GPB, TOTAL, G, mult, hk,
+def _proto(x_ptr, y_ptr, o_ptr, part_ptr, lock_ptr, N, w_ptr, wdesc, sz_ptr, SZSTRIDE, PSTRIDE, NPAD2, KW, K_IN,
+           GPB, TOTAL, G, mult, hk, DET: tl.constexpr,
            GROUP: tl.constexpr, P: tl.constexpr, BN2: tl.constexpr, XE: tl.constexpr, STAGES: tl.constexpr,
            TMA: tl.constexpr, ASM: tl.constexpr, HOT: tl.constexpr, PFD: tl.constexpr, PFL: tl.constexpr):  # fmt: skip
     GW: tl.constexpr = GROUP // 16
@@ -182,13 +183,20 @@ def _proto(x_ptr, y_ptr, w_ptr, wdesc, sz_ptr, SZSTRIDE, PSTRIDE, NPAD2, KW, K_I
             sz0, sz1 = tb._bits_load_sz(sz_ptr, gg, rows2, wcol, SZSTRIDE, NPAD2, True)
             acc0, acc1 = tb._bits_apply(acc0, acc1, T0, T1, xs, sz0, sz1, mult, hk)
         rows_o = t * BN2 + rp
-        tl.atomic_add(y_ptr + 2 * rows_o, tl.sum(acc0, 1), sem="relaxed")
-        tl.atomic_add(y_ptr + 2 * rows_o + 1, tl.sum(acc1, 1), sem="relaxed")
+        if DET:  # the package's store: partial slots, the last segment to arrive sums them in a fixed order
+            p_first = ((t * GPB + 1) * G - 1) // TOTAL
+            p_last = ((t + 1) * GPB * G - 1) // TOTAL
+            tb._bits_segment_store(acc0, acc1, o_ptr, part_ptr, lock_ptr, o_ptr, rows_o, N, NPAD2, t, pid - p_first,
+                                   p_last - p_first + 1, False)  # fmt: skip
+        else:
+            tl.atomic_add(y_ptr + 2 * rows_o, tl.sum(acc0, 1), sem="relaxed")
+            tl.atomic_add(y_ptr + 2 * rows_o + 1, tl.sum(acc1, 1), sem="relaxed")
         item = t * GPB + g_hi
 
 
-def proto_launch(kernel, x, y, bp, k, bn2, stages, tma, waves, sms, hot=0, num_warps=4, pfd=0, pfl=0):
-    """Zero ``y`` (fp32, rows padded) and launch the prototype for view ``k`` of ``bp``."""
+def proto_launch(kernel, x, y, bp, k, bn2, stages, tma, waves, sms, hot=0, num_warps=4, pfd=0, pfl=0, out=None):
+    """Launch the prototype for view ``k`` of ``bp``: into ``y`` (fp32, rows padded, zeroed here) by atomics, or
+    with ``out`` (fp16) the package's deterministic segment store."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     p = bp.planes_of_view[k - 1]
@@ -200,12 +208,19 @@ def proto_launch(kernel, x, y, bp, k, bn2, stages, tma, waves, sms, hot=0, num_w
     gpb = kw // gw
     total = (npad2 // bn2) * gpb
     g_all = waves * sms
-    y.zero_()
+    if out is None:
+        y.zero_()
+        part, locks = y, y
+    else:
+        nblk = npad2 // bn2
+        part = torch.empty((-(-g_all // nblk) + 2) * 2 * npad2, device=x.device, dtype=torch.float32)
+        locks = tb._locks(x.device, nblk)
     kernel[(g_all,)](
-        x, y, bp.words, desc, bp.sz, bp.sz.stride(0), bp.words.stride(0), npad2, kw, bp.in_features, gpb, total,
+        x, y, out if out is not None else y, part, locks, bp.out_features, bp.words, desc, bp.sz, bp.sz.stride(0),
+        bp.words.stride(0), npad2, kw, bp.in_features, gpb, total,
         g_all, 2.0 ** (tb._FIELD_S - (p - b0)), (1.0 - 2.0 ** -(p - b0)) / 2, GROUP=bp.group_size, P=p, BN2=bn2,
-        XE=149 - tb._FIELD_S, STAGES=stages, TMA=tma, ASM=not tb._interpreting(), HOT=bool(hot), PFD=pfd,
-        PFL=pfl, num_warps=num_warps,
+        XE=149 - tb._FIELD_S, DET=out is not None, STAGES=stages, TMA=tma, ASM=not tb._interpreting(),
+        HOT=bool(hot), PFD=pfd, PFL=pfl, num_warps=num_warps,
     )  # fmt: skip
     return y
 
@@ -249,6 +264,7 @@ def main(argv=None):
         default="64,1,0,4;64,3,0,4;64,2,1,4;64,3,1,4;64,4,1,4;128,3,1,2;32,3,1,8",
         help="BN2,stages,tma,waves;...: prototype GEMV configs (zero-filled y included in each time)",
     )
+    ap.add_argument("--package-configs", default="", help="kernel_bench config texts: the package's GEMV with them")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args(argv)
     import pandas as pd
@@ -263,7 +279,10 @@ def main(argv=None):
     rows = []
     views = [int(v) for v in args.views.split(",")]
     pats = [tuple(int(v) for v in p.split(",")) for p in args.patterns.split(";") if p]
-    protos = [tuple(int(v) for v in p.split(",")) for p in args.protos.split(";") if p]
+    protos = [tuple(int(v) for v in (p + ",0").split(",")[:9]) for p in args.protos.split(";") if p]
+    import kernel_bench as kb
+
+    pkg_cfgs = [kb.parse_bits_config(tb, c) for c in args.package_configs.split(";") if c]
     for name, (n, kin) in SHAPES.items():
         gen = torch.Generator(device=dev).manual_seed(0)
         kw, ng, npad2 = kin // 16, kin // GROUP, -(-n // 128) * 64
@@ -282,6 +301,9 @@ def main(argv=None):
             nbytes = p * kw * npad2 * 4 + 2 * ng * npad2 * 4
             t = graph_time([partial(tb.bitplane_linear_bits, x, b, k, out=out) for b in bps], args.reps)
             rows.append(dict(shape=name, mode="gemv (package)", planes=p, us=t, bytes=nbytes))
+            for c in pkg_cfgs:
+                t = graph_time([partial(tb.bitplane_linear_bits, x, b, k, out=out, config=c) for b in bps], args.reps)
+                rows.append(dict(shape=name, mode=f"gemv (package) {kb.bits_tag(c)}", planes=p, us=t, bytes=nbytes))
             sink = torch.empty(1 << 22, device=dev, dtype=torch.int32)
             for bn2, nw, waves in pats:
                 for tiled in (0, 1):
@@ -302,13 +324,16 @@ def main(argv=None):
             ref = tb.bitplane_linear_bits(x, bps[0], k).float()[0]
             t = graph_time([y.zero_], args.reps)
             rows.append(dict(shape=name, mode="memset y (in proto)", planes=p, us=t, bytes=0))
-            for bn2, stages, tma, waves, hot, nwarps, pfd, pfl in protos:
-                cfg = (bn2, stages, tma, waves, sms, hot, nwarps, pfd, pfl)
+            for bn2, stages, tma, waves, hot, nwarps, pfd, pfl, det in protos:
+                cfg = (bn2, stages, tma, waves, sms, hot, nwarps, pfd, pfl, out if det else None)
                 proto_launch(_proto, x, y, bps[0], k, *cfg)
-                err = float((y[:n] - ref).abs().max() / ref.abs().max())
+                got = out[0].float() if det else y[:n]
+                err = float((got - ref).abs().max() / ref.abs().max())
                 t = graph_time([partial(proto_launch, _proto, x, y, b, k, *cfg) for b in bps], args.reps)
-                how = f"{'tma' if tma else 'ptr'} S{stages} {2 * bn2}r/{waves}w/{nwarps}wp" + (
-                    f" pf{pfd}L{2 if pfl == 1 else 1}" if pfd else ""
+                how = (
+                    f"{'tma' if tma else 'ptr'} S{stages} {2 * bn2}r/{waves}w/{nwarps}wp"
+                    + (f" pf{pfd}L{2 if pfl == 1 else 1}" if pfd else "")
+                    + (" det" if det else "")
                 )
                 mode = f"proto {how}{' hot' if hot else ''}"
                 rows.append(dict(shape=name, mode=mode, planes=p, us=t, bytes=nbytes, err=err))
