@@ -68,7 +68,7 @@ def view_bits(k: int) -> int:
 
 
 #: The fields of a one-bit plane config text (``parse_bits_config``), for the options' help.
-BITS_CONFIG_FIELDS = "BLOCK_N,BLOCK_K,WARPS,WAVES[,PREFETCH[,SPLIT_K[,WHOLE_K[,STAGES[,PDL[,L2PF[,AHEAD]]]]]]]"
+BITS_CONFIG_FIELDS = "BLOCK_N,BLOCK_K,WARPS,WAVES[,PREFETCH[,SPLIT_K[,WHOLE_K[,STAGES[,PDL[,L2PF[,AHEAD[,REDUCE]]]]]]]]"
 
 
 def parse_bits_config(tb, text: str):
@@ -79,9 +79,10 @@ def parse_bits_config(tb, text: str):
     PREFETCH, SPLIT_K or STAGES is given; 0: never (stream-K); STAGES: num_stages of the stream-K group loop,
     Triton's pipeliner keeping later groups' words in flight; PDL 1: programmatic dependent launch, the weights
     loaded while the kernel before runs; L2PF 1: each stream-K program's whole range asked of L2 first (whole-K
-    launches unchanged); AHEAD: at each group, the group this many later asked of L2 (stream-K)."""
-    parts = [p.strip() for p in text.split(",")] + [""] * 11
-    bn, bk, nw, wv, pf, sk, wk, st, pdl, l2, ah = (int(p) if p else None for p in parts[:11])
+    launches unchanged); AHEAD: at each group, the group this many later asked of L2 (stream-K); REDUCE 1: shared
+    row blocks summed by a second launch (stream-K, one layer)."""
+    parts = [p.strip() for p in text.split(",")] + [""] * 12
+    bn, bk, nw, wv, pf, sk, wk, st, pdl, l2, ah, red = (int(p) if p else None for p in parts[:12])
     kw = {} if wk is None else {"whole_k": None if wk else False}
     return tb.SmallConfig(
         bitplanes=True,
@@ -95,6 +96,7 @@ def parse_bits_config(tb, text: str):
         pdl=bool(pdl),
         l2_prefetch=bool(l2),
         ahead=ah or 0,
+        reduce_launch=bool(red),
         **kw,
     )
 
@@ -109,6 +111,7 @@ def bits_tag(cfg) -> str:
         + ("/pdl" if cfg.pdl else "")
         + ("/l2pf" if cfg.l2_prefetch else "")
         + (f"/ah{cfg.ahead}" if cfg.ahead else "")
+        + ("/red" if cfg.reduce_launch else "")
     )
 
 

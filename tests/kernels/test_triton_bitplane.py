@@ -312,6 +312,36 @@ def test_bits_kernel_configs(cfg, gen):
             check(x, planes, scale, zero, bits, group, k, bias=bias, small_config=cfg)
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        tb.SmallConfig(bitplanes=True, block_n=16, block_k=16, waves=3),  # segments across row blocks
+        tb.SmallConfig(bitplanes=True, block_n=32, block_k=32, split_k=5),  # groups split unevenly
+        tb.SmallConfig(bitplanes=True, block_n=256, block_k=32, waves=1),  # few segments a row block
+    ],
+    ids=str,
+)
+def test_bits_kernel_reduce_launch_is_bit_equal(cfg, gen, monkeypatch):
+    """``reduce_launch``: the shared row blocks summed by a second launch give the ticket path's outputs bit for bit
+    (static views, ``k`` on the device, a bias, rows not a multiple of the block); a site keeps its tickets."""
+    monkeypatch.setattr(tb, "_host_k_range", lambda k_t: None)
+    bits, group, n_in = DEFAULT_LAYOUT, 32, 160
+    bp = tb.pack_bitplanes(*make_layer(150, n_in, bits, group, gen), bits, group, n_in)
+    bias = torch.randn(150, generator=gen).to(DEVICE).half()
+    red = dataclasses.replace(cfg, reduce_launch=True)
+    x = randx(1, n_in, torch.float16, gen)
+    for k in (1, 3, 6, torch.tensor([2], device=DEVICE)):
+        for b in (None, bias):
+            a, c = (tb.bitplane_linear_bits(x, bp, k, bias=b, config=f) for f in (cfg, red))
+            assert torch.equal(a, c), (k, b is None)
+    ref = tb.bitplane_linear_bits(x.float(), bp, 2, config=cfg)
+    got = tb.bitplane_linear_bits(x.float(), bp, 2, config=red)
+    assert torch.equal(ref, got)
+    site = tb.site_bitplanes([bp, bp])
+    a, c = (tb.bitplane_site_bits(x, site, [2, 2], config=f) for f in (cfg, red))
+    assert torch.equal(a, c)
+
+
 def test_bits_kernel_fewer_programs_than_row_blocks(gen, monkeypatch):
     """Stream-K with fewer programs than row blocks: programs end inside row blocks, whose segments meet in the
     partial slots (13 row blocks of 16 rows, 8 programs)."""

@@ -1727,12 +1727,50 @@ def _bits_groups(
 
 
 @triton.jit
+def _bits_sum_slots(out_ptr, part_ptr, bias_ptr, rows2, N, NPAD2, nseg, HAS_BIAS: tl.constexpr):
+    """Row pairs ``rows2``' outputs: the ``nseg`` partial slots summed eight at a time (one load wave per eight
+    segments, in a fixed order), the bias added, stored in ``out``'s dtype."""
+    r0 = 2 * rows2
+    r1 = r0 + 1
+    m0 = r0 < N
+    m1 = r1 < N
+    RED: tl.constexpr = 8
+    tot0 = tl.zeros(rows2.shape, dtype=tl.float32)
+    tot1 = tl.zeros(rows2.shape, dtype=tl.float32)
+    for s0 in range(0, nseg, RED):
+        sl = s0 + tl.arange(0, RED)
+        sm = (sl < nseg)[:, None]
+        p0 = part_ptr + (2 * sl)[:, None] * NPAD2 + rows2[None, :]
+        tot0 += tl.sum(tl.load(p0, mask=sm & m0[None, :], other=0.0, cache_modifier=".cg"), axis=0)
+        tot1 += tl.sum(tl.load(p0 + NPAD2, mask=sm & m1[None, :], other=0.0, cache_modifier=".cg"), axis=0)
+    if HAS_BIAS:
+        tot0 += tl.load(bias_ptr + r0, mask=m0, other=0.0).to(tl.float32)
+        tot1 += tl.load(bias_ptr + r1, mask=m1, other=0.0).to(tl.float32)
+    tl.store(out_ptr + r0, tot0.to(out_ptr.dtype.element_ty), mask=m0)
+    tl.store(out_ptr + r1, tot1.to(out_ptr.dtype.element_ty), mask=m1)
+
+
+@triton.jit
 def _bits_segment_store(
-    acc0, acc1, out_ptr, part_ptr, lock_ptr, bias_ptr, rows2, N, NPAD2, t, slot, nseg, HAS_BIAS: tl.constexpr
+    acc0,
+    acc1,
+    out_ptr,
+    part_ptr,
+    lock_ptr,
+    bias_ptr,
+    rows2,
+    N,
+    NPAD2,
+    t,
+    slot,
+    nseg,
+    HAS_BIAS: tl.constexpr,
+    TICKET: tl.constexpr = True,
 ):
     """Row block ``t``'s partial (``acc0 / acc1``: even / odd rows) from one program: stored as is when the block
-    has one segment; else into partial slot ``slot`` (of ``nseg``; ``[slots, 2, NPAD2]``), and the last segment to
-    arrive sums the slots, eight at a time (one load wave per eight segments, in a fixed order)."""
+    has one segment; else into partial slot ``slot`` (of ``nseg``; ``[slots, 2, NPAD2]``), and (``TICKET``) the last
+    segment to arrive sums the slots (:func:`_bits_sum_slots`); without ``TICKET`` a second launch sums them
+    (``_bits_reduce_kernel``, ``SmallConfig.reduce_launch``)."""
     y0 = tl.sum(acc0, axis=1)
     y1 = tl.sum(acc1, axis=1)
     r0 = 2 * rows2
@@ -1748,25 +1786,26 @@ def _bits_segment_store(
     else:
         tl.store(part_ptr + (2 * slot) * NPAD2 + rows2, y0, mask=m0)
         tl.store(part_ptr + (2 * slot + 1) * NPAD2 + rows2, y1, mask=m1)
-        tl.debug_barrier()  # every thread's partial is stored before the release below
-        ticket = tl.atomic_add(lock_ptr + t, 1, sem="acq_rel")
-        tl.debug_barrier()
-        if ticket == nseg - 1:
-            RED: tl.constexpr = 8
-            tot0 = tl.zeros(y0.shape, dtype=tl.float32)
-            tot1 = tl.zeros(y0.shape, dtype=tl.float32)
-            for s0 in range(0, nseg, RED):
-                sl = s0 + tl.arange(0, RED)
-                sm = (sl < nseg)[:, None]
-                p0 = part_ptr + (2 * sl)[:, None] * NPAD2 + rows2[None, :]
-                tot0 += tl.sum(tl.load(p0, mask=sm & m0[None, :], other=0.0, cache_modifier=".cg"), axis=0)
-                tot1 += tl.sum(tl.load(p0 + NPAD2, mask=sm & m1[None, :], other=0.0, cache_modifier=".cg"), axis=0)
-            if HAS_BIAS:
-                tot0 += tl.load(bias_ptr + r0, mask=m0, other=0.0).to(tl.float32)
-                tot1 += tl.load(bias_ptr + r1, mask=m1, other=0.0).to(tl.float32)
-            tl.store(out_ptr + r0, tot0.to(out_ptr.dtype.element_ty), mask=m0)
-            tl.store(out_ptr + r1, tot1.to(out_ptr.dtype.element_ty), mask=m1)
-            tl.atomic_xchg(lock_ptr + t, 0)  # self-resetting counter
+        if TICKET:
+            tl.debug_barrier()  # every thread's partial is stored before the release below
+            ticket = tl.atomic_add(lock_ptr + t, 1, sem="acq_rel")
+            tl.debug_barrier()
+            if ticket == nseg - 1:
+                _bits_sum_slots(out_ptr, part_ptr, bias_ptr, rows2, N, NPAD2, nseg, HAS_BIAS)
+                tl.atomic_xchg(lock_ptr + t, 0)  # self-resetting counter
+
+
+@triton.jit
+def _bits_reduce_kernel(out_ptr, part_ptr, bias_ptr, N, NPAD2, GPB, G, HAS_BIAS: tl.constexpr, BN2: tl.constexpr):
+    """``SmallConfig.reduce_launch``: row block ``t``'s partial slots summed after the stream-K launch of ``G``
+    programs (row blocks of one program's segment were stored there already)."""
+    t = tl.program_id(0)
+    total = tl.cdiv((N + 1) // 2, BN2) * GPB
+    p_first = ((t * GPB + 1) * G - 1) // total
+    p_last = ((t + 1) * GPB * G - 1) // total
+    if p_last > p_first:
+        _bits_sum_slots(out_ptr, part_ptr, bias_ptr, t * BN2 + tl.arange(0, BN2), N, NPAD2, p_last - p_first + 1,
+                        HAS_BIAS)  # fmt: skip
 
 
 @triton.jit
@@ -1838,6 +1877,7 @@ def _bits_stream(
     WAIT: tl.constexpr,
     pid,
     AHEAD: tl.constexpr = 0,
+    TICKET: tl.constexpr = True,
 ):
     """Program ``pid``'s share (of ``G`` programs): the (row block, group) items ``[pid T / G, (pid+1) T / G)`` of
     the row-block-major sequence (``T = blocks x GPB``, ``GPB`` groups per row block), one segment per row block it
@@ -1905,6 +1945,7 @@ def _bits_stream(
             pid - p_first,
             p_last - p_first + 1,
             HAS_BIAS,
+            TICKET,
         )
         item = t * GPB + g_hi
 
@@ -2050,6 +2091,7 @@ def _bp_gemv_bits_kernel(
     PDL: tl.constexpr,
     L2PF: tl.constexpr,
     AHEAD: tl.constexpr = 0,
+    TICKET: tl.constexpr = True,
 ):
     """One token from one-bit planes (see above). ``KSEL`` > 0: the view ``k = KSEL`` (known on the host); 0: ``k``
     read on the device, one body per view ``v`` (``P_v`` planes, multiplier ``M_v``, zero-point term ``H_v``)
@@ -2211,7 +2253,7 @@ def _bp_gemv_bits_kernel(
                     _bits_stream(
                         x_ptr, out_s, part_s, lock_s, bias_s, w_s, sz_v, PSTRIDE, SZSTRIDE, NPAD2, n_s, K_IN, GPB, g_s,
                         mult, hk, GROUP, P, HAS_BIAS, BN2, NW, EVEN_K, EVEN_N, XE, ASM, PREFETCH, STAGES, L2PF,
-                        WAIT_IN_BODY, pid, AHEAD,
+                        WAIT_IN_BODY, pid, AHEAD, TICKET,
                     )  # fmt: skip
     if RH > 0:  # the last program to finish resets the router's tickets and flag for the next launch
         tl.debug_barrier()
@@ -2492,6 +2534,10 @@ class SmallConfig:
     # later in the same row block (one request a line, a few a thread), so the next groups stream while this one
     # decodes; 0: none. Not yet measured on a GPU.
     ahead: int = 0
+    # one-bit plane kernel, one layer on the stream-K grid (no router in the launch): the row blocks that several
+    # programs share are summed by a second small launch in a fixed order (the same sums, bit for bit) instead of by
+    # the last of their programs to arrive, which waits on a ticket (an atomic round trip) and then on the slots.
+    reduce_launch: bool = False
 
 
 @dataclass(frozen=True)
@@ -3305,6 +3351,8 @@ def _bits_launch(
     # fewer programs than row blocks, when a program's range ends inside one)
     max_seg = max(-(-g // b) + 1 for g, b in zip(share, blocks, strict=True))
     part = torch.empty(max_seg * 2 * npad2, dtype=torch.float32, device=x2.device)
+    # the partial slots summed by a second launch: one layer on the stream-K grid without a router in the launch
+    reduce_launch = cfg.reduce_launch and not wkp and len(segs) == 1 and router is None
     locks = _locks(x2.device, max(r2 // bn2 + b for (_, r2, _), b in zip(segs, blocks, strict=True)))
     pv = bp.planes_of_view
     b0 = bp.slice_bits[0]
@@ -3375,6 +3423,7 @@ def _bits_launch(
         PDL=bool(cfg.pdl),
         L2PF=bool(cfg.l2_prefetch) and not wkp,
         AHEAD=0 if wkp or cfg.prefetch else cfg.ahead,
+        TICKET=not reduce_launch,
         PER_VIEW=per_view,
         KVALS=kvals,
         NSEG=len(segs),
@@ -3386,6 +3435,11 @@ def _bits_launch(
         **({} if _interpreting() or maxnreg is None else {"maxnreg": maxnreg}),
         **({"launch_pdl": True} if cfg.pdl and not _interpreting() else {}),
     )
+    if reduce_launch:
+        _bits_reduce_kernel[(blocks[0],)](
+            out, part, bias if bias is not None else out, seg_n[0], npad2, gpb, progs, HAS_BIAS=bias is not None,
+            BN2=bn2, num_warps=1 if bn2 <= 64 else 2,
+        )  # fmt: skip
     return out
 
 
