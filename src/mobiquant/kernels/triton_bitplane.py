@@ -2532,12 +2532,15 @@ class SmallConfig:
     l2_prefetch: bool = False
     # one-bit plane kernel, stream-K without prefetch: at each group, ask L2 for the lines of the group ``ahead`` groups
     # later in the same row block (one request a line, a few a thread), so the next groups stream while this one
-    # decodes; 0: none. Not yet measured on a GPU.
+    # decodes; 0: none. Off: on an H200 0.88-1.01x per 8B gate/up and down launch at 1, 2 and 4 groups ahead (the
+    # decode, not the stream, bounds these launches: docs/RESULTS.md "Weight reads against the decode").
     ahead: int = 0
     # one-bit plane kernel, one layer on the stream-K grid (no router in the launch): the row blocks that several
     # programs share are summed by a second small launch in a fixed order (the same sums, bit for bit) instead of by
-    # the last of their programs to arrive, which waits on a ticket (an atomic round trip) and then on the slots.
-    reduce_launch: bool = False
+    # the last of their programs to arrive, which waits on a ticket (an atomic round trip) and then on the slots. On
+    # an H200 1.03-1.13x per 8B gate/up and down launch, 1.02-1.04x on the 8B-shaped stack (docs/RESULTS.md "Weight
+    # reads against the decode"); site launches (several layers) keep the tickets.
+    reduce_launch: bool = True
 
 
 @dataclass(frozen=True)
