@@ -110,32 +110,25 @@ def _pf_lines(w_ptr, sz_ptr, t, g, PSTRIDE, SZSTRIDE, NPAD2, P: tl.constexpr, GW
 
 
 @triton.jit
+def _tma_plane(wdesc, e: tl.constexpr, g, t, KW, P: tl.constexpr, GW: tl.constexpr, BN2: tl.constexpr, prev):
+    """Plane ``e``'s ``[BN2, GW]`` words of group ``g``, row block ``t`` by one TMA box (``prev`` past ``P``)."""
+    if e < P:
+        return tl.trans(wdesc.load([e * KW + g * GW, t * BN2]))
+    else:
+        return prev
+
+
+@triton.jit
 def _proto_words(w_ptr, wdesc, g, t, rows2, wcol, PSTRIDE, NPAD2, KW, P: tl.constexpr, GW: tl.constexpr,
                  BN2: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
     if TMA:
-        w0 = tl.trans(wdesc.load([g * GW, t * BN2]))
-        w1 = w0
-        w2 = w0
-        w3 = w0
-        w4 = w0
-        w5 = w0
-        w6 = w0
-        w7 = w0
-        if P > 1:
-            w1 = tl.trans(wdesc.load([KW + g * GW, t * BN2]))
-        if P > 2:
-            w2 = tl.trans(wdesc.load([2 * KW + g * GW, t * BN2]))
-        if P > 3:
-            w3 = tl.trans(wdesc.load([3 * KW + g * GW, t * BN2]))
-        if P > 4:
-            w4 = tl.trans(wdesc.load([4 * KW + g * GW, t * BN2]))
-        if P > 5:
-            w5 = tl.trans(wdesc.load([5 * KW + g * GW, t * BN2]))
-        if P > 6:
-            w6 = tl.trans(wdesc.load([6 * KW + g * GW, t * BN2]))
-        if P > 7:
-            w7 = tl.trans(wdesc.load([7 * KW + g * GW, t * BN2]))
-        return w0, w1, w2, w3, w4, w5, w6, w7
+        w0 = _tma_plane(wdesc, 0, g, t, KW, P, GW, BN2, 0)
+        return (
+            w0, _tma_plane(wdesc, 1, g, t, KW, P, GW, BN2, w0), _tma_plane(wdesc, 2, g, t, KW, P, GW, BN2, w0),
+            _tma_plane(wdesc, 3, g, t, KW, P, GW, BN2, w0), _tma_plane(wdesc, 4, g, t, KW, P, GW, BN2, w0),
+            _tma_plane(wdesc, 5, g, t, KW, P, GW, BN2, w0), _tma_plane(wdesc, 6, g, t, KW, P, GW, BN2, w0),
+            _tma_plane(wdesc, 7, g, t, KW, P, GW, BN2, w0),
+        )  # fmt: skip
     else:
         return tb._bits_load_words(w_ptr, g * GW + wcol, rows2, PSTRIDE, NPAD2, P, True)
 
@@ -261,8 +254,10 @@ def main(argv=None):
     )
     ap.add_argument(
         "--protos",
-        default="64,1,0,4;64,3,0,4;64,2,1,4;64,3,1,4;64,4,1,4;128,3,1,2;32,3,1,8",
-        help="BN2,stages,tma,waves;...: prototype GEMV configs (zero-filled y included in each time)",
+        default="64,1,0,4,0,4,0,0,0;64,1,0,4,1,4,0,0,0;64,1,0,4,0,4,0,0,1;64,1,0,4,1,4,0,0,1",
+        help="BN2,stages,tma,waves,hot,warps,pf distance,pf level (1 L2, 2 L1),det;...: prototype GEMV configs "
+        "(hot: every program reads the first item's words, the decode's time alone; det: the package's partial-sum "
+        "store, else fp32 atomics into a zeroed output, the zeroing included in the time)",
     )
     ap.add_argument("--package-configs", default="", help="kernel_bench config texts: the package's GEMV with them")
     ap.add_argument("--out", default=os.environ.get("OUT"))

@@ -169,3 +169,38 @@ def test_one_bit_plane_kernel_compiles_for_sm90(args):
     run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "_bp_gemv_bits_kernel" in run.stdout and "stack 0 B" in run.stdout, run.stdout
+
+
+def test_stream_pattern_kernels_on_cpu():
+    """``stream_pattern.py``'s kernels in Triton's interpreter: each load pattern (word-column-major and tiled) and
+    the flat stream read every word exactly once (their XOR is the buffer's), and the prototype GEMV matches the
+    package's one-bit plane kernel: bit for bit with the package's store, to fp16 rounding with atomics or TMA."""
+    import numpy as np
+
+    import stream_pattern as sp
+    from mobiquant.kernels import triton_bitplane as tb
+
+    gen = torch.Generator().manual_seed(0)
+    n, k_in, bits = 256, 512, (3, 1, 1, 1, 1, 1)
+    words = torch.randint(-(2**31), 2**31 - 1, (sum(bits), k_in // 16, n // 2), dtype=torch.int32, generator=gen)
+    everything = np.bitwise_xor.reduce(words[:4].numpy().reshape(-1))
+    sink = torch.zeros(1 << 14, dtype=torch.int32)
+    for tiled in (0, 1):
+        sink.zero_()
+        sp._pattern[(6,)](words, sink, words.stride(0), n // 2, k_in // 16, 4, 8, 6, P=4, BN2=64, NW=4, GW=8,
+                          TILED=tiled)  # fmt: skip
+        assert np.bitwise_xor.reduce(sink.numpy()) == everything, tiled
+    sink.zero_()
+    sp._flat[(4,)](words[:4], sink, words[:4].numel(), 4, BLOCK=256)
+    assert np.bitwise_xor.reduce(sink.numpy()) == everything
+    sz = torch.randint(0, 0x2C00, (2, k_in // 128, n // 2), dtype=torch.int32, generator=gen)
+    bp = tb.BitPlanes(words, sz | (sz << 16), bits, 128, k_in, n)
+    x = torch.randn(1, k_in, generator=gen).half()
+    for k in (1, 6):
+        ref = tb.bitplane_linear_bits(x, bp, k, config=tb.SmallConfig(bitplanes=True, whole_k=False))
+        out, y = torch.empty(1, n).half(), torch.zeros(n)
+        sp.proto_launch(sp._proto, x, y, bp, k, 16, 1, 0, 1, 3, 0, 4, 0, 0, out)
+        assert torch.equal(out, ref), k
+        for tma in (0, 1):
+            sp.proto_launch(sp._proto, x, y, bp, k, 64, 2, tma, 1, 3)
+            assert torch.allclose(y, ref[0].float(), rtol=2e-3, atol=2e-3 * ref.abs().max().item()), (k, tma)
