@@ -1751,22 +1751,8 @@ def _bits_sum_slots(out_ptr, part_ptr, bias_ptr, rows2, N, NPAD2, nseg, HAS_BIAS
 
 
 @triton.jit
-def _bits_segment_store(
-    acc0,
-    acc1,
-    out_ptr,
-    part_ptr,
-    lock_ptr,
-    bias_ptr,
-    rows2,
-    N,
-    NPAD2,
-    t,
-    slot,
-    nseg,
-    HAS_BIAS: tl.constexpr,
-    TICKET: tl.constexpr = True,
-):
+def _bits_segment_store(acc0, acc1, out_ptr, part_ptr, lock_ptr, bias_ptr, rows2, N, NPAD2, t, slot, nseg,
+                        HAS_BIAS: tl.constexpr, TICKET: tl.constexpr = True):  # fmt: skip
     """Row block ``t``'s partial (``acc0 / acc1``: even / odd rows) from one program: stored as is when the block
     has one segment; else into partial slot ``slot`` (of ``nseg``; ``[slots, 2, NPAD2]``), and (``TICKET``) the last
     segment to arrive sums the slots (:func:`_bits_sum_slots`); without ``TICKET`` a second launch sums them
