@@ -15,6 +15,8 @@
 #   routers  a routed site's router launch then site launch, with and without pdl, and the router inside the launch
 #   e2e      SmolLM2-135M through the package, routed budget 4 and the static 4-bit view, fused inputs, with
 #            each of $E2E_CONFIGS (needs $GGUF; the first routed row compiles for several minutes)
+#   pattern  (only when named) benchmarks/stream_pattern.py: the weight reads alone against the decode, the package's
+#            GEMV with $PATTERN_CONFIGS beside the default (docs/RESULTS.md "Weight reads against the decode")
 #   tests    GPU tests of the launch modes measured (programmatic dependent launch, L2 requests, graphs); last:
 #            they compile every case and took more than one 10-minute call on an H200 (2026-12-03)
 #
@@ -34,6 +36,8 @@ KERNEL_CONFIGS=${KERNEL_CONFIGS:-"128,64,4,4,0,,0,,0;128,64,4,4,0,,0,,1;128,64,4
 # compares the default (without) and pdl; e2e: the same pair
 STACK_CONFIG=${STACK_CONFIG:-",,4,,0,,1,,1"}
 E2E_CONFIGS=${E2E_CONFIGS:-",,4,,0,,1,,0;,,4,,0,,1,,1"}
+# the package's one-token GEMV on the stream-K grid with the ticket store, then with the second launch (the default)
+PATTERN_CONFIGS=${PATTERN_CONFIGS:-"128,64,4,4,0,,0,,,,,0;128,64,4,4,0,,0,,,,,1"}
 mkdir -p "$RES"
 
 run_stage() {  # NAME LIMIT CMD...: CMD under `timeout LIMIT`, output to $RES/NAME.txt, NAME.done on success
@@ -76,8 +80,11 @@ stage() {
       fi
       run_stage e2e 1500 "$PY" benchmarks/e2e_decode.py --gguf "$GGUF" --budgets 4 --views 2 --fuse-inputs \
         --bits-configs "$E2E_CONFIGS" --out "$RES/e2e" ;;
+    pattern)
+      run_stage pattern 600 "$PY" benchmarks/stream_pattern.py --views 1,2,6 \
+        --package-configs "$PATTERN_CONFIGS" --out "$RES/pattern" ;;
     *)
-      echo "unknown stage '$1' (stages: tests kernels routers stack e2e)" >&2
+      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern)" >&2
       return 2 ;;
   esac
 }

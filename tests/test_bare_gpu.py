@@ -92,7 +92,10 @@ def test_decode_suite_runs_its_stages_in_order_and_resumes(tmp_path):
     assert ran() == ["benchmarks/decode_bench.py"]
     assert (res / "stack_config.done").exists()
     r = suite("bench")
-    assert r.returncode == 2 and "unknown stage 'bench' (stages: tests kernels routers stack e2e)" in r.stderr
+    assert r.returncode == 2 and "unknown stage 'bench' (stages: tests kernels routers stack e2e pattern)" in r.stderr
+    calls.unlink()
+    r = suite("pattern")
+    assert r.returncode == 0 and ran() == ["benchmarks/stream_pattern.py"] and (res / "pattern.done").exists()
 
 
 def test_triton_cache_travels_from_one_machine_to_the_next(tmp_path):
