@@ -134,10 +134,38 @@ def _proto_words(w_ptr, wdesc, g, t, rows2, wcol, PSTRIDE, NPAD2, KW, P: tl.cons
 
 
 @triton.jit
+def _shifted(w0, w1, w2, w3, w4, w5, w6, w7, P: tl.constexpr, HI: tl.constexpr):
+    """Every plane moved to its field position for the low (or ``HI``) half words (``tb._bits_shift``)."""
+    return (
+        tb._bits_shift(w0, 0, HI, P), tb._bits_shift(w1, 1, HI, P), tb._bits_shift(w2, 2, HI, P),
+        tb._bits_shift(w3, 3, HI, P), tb._bits_shift(w4, 4, HI, P), tb._bits_shift(w5, 5, HI, P),
+        tb._bits_shift(w6, 6, HI, P), tb._bits_shift(w7, 7, HI, P),
+    )  # fmt: skip
+
+
+@triton.jit
+def _fields_pre(T0, T1, xp_ptr, colw, w0, w1, w2, w3, w4, w5, w6, w7, P: tl.constexpr, ASM: tl.constexpr):
+    """``tb._bits_fields`` with the activations prepared once per token (``XPRE``): ``xp`` holds ``x 2^(XE - j)`` in
+    fp32 (``j`` the column's place in its word), so a code costs its AND and FMA and an activation one load."""
+    l0, l1, l2, l3, l4, l5, l6, l7 = _shifted(w0, w1, w2, w3, w4, w5, w6, w7, P, False)
+    h0, h1, h2, h3, h4, h5, h6, h7 = _shifted(w0, w1, w2, w3, w4, w5, w6, w7, P, True)
+    FM: tl.constexpr = (1 << P) - 1
+    for r in tl.static_range(P):
+        f0 = tb._bits_field_word(l0, l1, l2, l3, l4, l5, l6, l7, r, P, ASM)
+        f1 = tb._bits_field_word(h0, h1, h2, h3, h4, h5, h6, h7, r, P, ASM)
+        for j in tl.static_range(r, 16, P):
+            xq = tl.load(xp_ptr + colw + j)[None, :]
+            T0 += (f0 & (FM << j)).to(tl.float32, bitcast=True) * xq
+            T1 += (f1 & (FM << j)).to(tl.float32, bitcast=True) * xq
+    return T0, T1
+
+
+@triton.jit
 def _proto(x_ptr, y_ptr, o_ptr, part_ptr, lock_ptr, N, w_ptr, wdesc, sz_ptr, SZSTRIDE, PSTRIDE, NPAD2, KW, K_IN,
            GPB, TOTAL, G, mult, hk, DET: tl.constexpr,
            GROUP: tl.constexpr, P: tl.constexpr, BN2: tl.constexpr, XE: tl.constexpr, STAGES: tl.constexpr,
-           TMA: tl.constexpr, ASM: tl.constexpr, HOT: tl.constexpr, PFD: tl.constexpr, PFL: tl.constexpr):  # fmt: skip
+           TMA: tl.constexpr, ASM: tl.constexpr, HOT: tl.constexpr, PFD: tl.constexpr, PFL: tl.constexpr,
+           XPRE: tl.constexpr = False, xp_ptr=None, xs_ptr=None):  # fmt: skip
     GW: tl.constexpr = GROUP // 16
     pid = tl.program_id(0)
     item = (pid * TOTAL) // G
@@ -171,8 +199,12 @@ def _proto(x_ptr, y_ptr, o_ptr, part_ptr, lock_ptr, N, w_ptr, wdesc, sz_ptr, SZS
             T0 = tl.zeros((BN2, GW), dtype=tl.float32)
             T1 = tl.zeros((BN2, GW), dtype=tl.float32)
             xs = tl.zeros((1, GW), dtype=tl.float32)
-            T0, T1, xs = tb._bits_fields(T0, T1, xs, x_ptr, (g * GW + wcol) * 16, K_IN, w0, w1, w2, w3, w4, w5, w6,
-                                         w7, P, XE, ASM, True)  # fmt: skip
+            if XPRE:
+                T0, T1 = _fields_pre(T0, T1, xp_ptr, (g * GW + wcol) * 16, w0, w1, w2, w3, w4, w5, w6, w7, P, ASM)
+                xs = tl.zeros((1, GW), dtype=tl.float32) + tl.load(xs_ptr + g) / GW
+            else:
+                T0, T1, xs = tb._bits_fields(T0, T1, xs, x_ptr, (g * GW + wcol) * 16, K_IN, w0, w1, w2, w3, w4, w5,
+                                             w6, w7, P, XE, ASM, True)  # fmt: skip
             sz0, sz1 = tb._bits_load_sz(sz_ptr, gg, rows2, wcol, SZSTRIDE, NPAD2, True)
             acc0, acc1 = tb._bits_apply(acc0, acc1, T0, T1, xs, sz0, sz1, mult, hk)
         rows_o = t * BN2 + rp
@@ -187,7 +219,9 @@ def _proto(x_ptr, y_ptr, o_ptr, part_ptr, lock_ptr, N, w_ptr, wdesc, sz_ptr, SZS
         item = t * GPB + g_hi
 
 
-def proto_launch(kernel, x, y, bp, k, bn2, stages, tma, waves, sms, hot=0, num_warps=4, pfd=0, pfl=0, out=None):
+def proto_launch(
+    kernel, x, y, bp, k, bn2, stages, tma, waves, sms, hot=0, num_warps=4, pfd=0, pfl=0, out=None, xpre=None
+):
     """Launch the prototype for view ``k`` of ``bp``: into ``y`` (fp32, rows padded, zeroed here) by atomics, or
     with ``out`` (fp16) the package's deterministic segment store."""
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -213,9 +247,17 @@ def proto_launch(kernel, x, y, bp, k, bn2, stages, tma, waves, sms, hot=0, num_w
         bp.words.stride(0), npad2, kw, bp.in_features, gpb, total,
         g_all, 2.0 ** (tb._FIELD_S - (p - b0)), (1.0 - 2.0 ** -(p - b0)) / 2, GROUP=bp.group_size, P=p, BN2=bn2,
         XE=149 - tb._FIELD_S, DET=out is not None, STAGES=stages, TMA=tma, ASM=not tb._interpreting(),
-        HOT=bool(hot), PFD=pfd, PFL=pfl, num_warps=num_warps,
+        HOT=bool(hot), PFD=pfd, PFL=pfl, XPRE=xpre is not None, xp_ptr=None if xpre is None else xpre[0],
+        xs_ptr=None if xpre is None else xpre[1], num_warps=num_warps,
     )  # fmt: skip
     return y
+
+
+def prepared_x(x, group):
+    """``XPRE``'s per-token inputs: ``x 2^(149 - S - j)`` in fp32 (``j`` = column mod 16) and each group's sum."""
+    j = torch.arange(x.shape[1], device=x.device) % 16
+    xp = (x[0].float() * torch.exp2((149 - tb._FIELD_S - j).float())).contiguous()
+    return xp, x[0].float().view(-1, group).sum(1).contiguous()
 
 
 def graph_time(fns, reps):
@@ -255,9 +297,10 @@ def main(argv=None):
     ap.add_argument(
         "--protos",
         default="64,1,0,4,0,4,0,0,0;64,1,0,4,1,4,0,0,0;64,1,0,4,0,4,0,0,1;64,1,0,4,1,4,0,0,1",
-        help="BN2,stages,tma,waves,hot,warps,pf distance,pf level (1 L2, 2 L1),det;...: prototype GEMV configs "
+        help="BN2,stages,tma,waves,hot,warps,pf distance,pf level (1 L2, 2 L1),det[,xpre];...: prototype GEMV configs "
         "(hot: every program reads the first item's words, the decode's time alone; det: the package's partial-sum "
-        "store, else fp32 atomics into a zeroed output, the zeroing included in the time)",
+        "store, else fp32 atomics into a zeroed output, the zeroing included in the time; xpre: the activations "
+        "prepared once per token, scaled fp32 and group sums, by the host, not timed)",
     )
     ap.add_argument("--package-configs", default="", help="kernel_bench config texts: the package's GEMV with them")
     ap.add_argument("--out", default=os.environ.get("OUT"))
@@ -274,7 +317,7 @@ def main(argv=None):
     rows = []
     views = [int(v) for v in args.views.split(",")]
     pats = [tuple(int(v) for v in p.split(",")) for p in args.patterns.split(";") if p]
-    protos = [tuple(int(v) for v in (p + ",0").split(",")[:9]) for p in args.protos.split(";") if p]
+    protos = [tuple(int(v) for v in (p + ",0,0").split(",")[:10]) for p in args.protos.split(";") if p]
     import kernel_bench as kb
 
     pkg_cfgs = [kb.parse_bits_config(tb, c) for c in args.package_configs.split(";") if c]
@@ -319,8 +362,9 @@ def main(argv=None):
             ref = tb.bitplane_linear_bits(x, bps[0], k).float()[0]
             t = graph_time([y.zero_], args.reps)
             rows.append(dict(shape=name, mode="memset y (in proto)", planes=p, us=t, bytes=0))
-            for bn2, stages, tma, waves, hot, nwarps, pfd, pfl, det in protos:
-                cfg = (bn2, stages, tma, waves, sms, hot, nwarps, pfd, pfl, out if det else None)
+            xpre = prepared_x(x, GROUP)
+            for bn2, stages, tma, waves, hot, nwarps, pfd, pfl, det, xp in protos:
+                cfg = (bn2, stages, tma, waves, sms, hot, nwarps, pfd, pfl, out if det else None, xpre if xp else None)
                 proto_launch(_proto, x, y, bps[0], k, *cfg)
                 got = out[0].float() if det else y[:n]
                 err = float((got - ref).abs().max() / ref.abs().max())
@@ -329,6 +373,7 @@ def main(argv=None):
                     f"{'tma' if tma else 'ptr'} S{stages} {2 * bn2}r/{waves}w/{nwarps}wp"
                     + (f" pf{pfd}L{2 if pfl == 1 else 1}" if pfd else "")
                     + (" det" if det else "")
+                    + (" xpre" if xp else "")
                 )
                 mode = f"proto {how}{' hot' if hot else ''}"
                 rows.append(dict(shape=name, mode=mode, planes=p, us=t, bytes=nbytes, err=err))

@@ -174,7 +174,8 @@ def test_one_bit_plane_kernel_compiles_for_sm90(args):
 def test_stream_pattern_kernels_on_cpu():
     """``stream_pattern.py``'s kernels in Triton's interpreter: each load pattern (word-column-major and tiled) and
     the flat stream read every word exactly once (their XOR is the buffer's), and the prototype GEMV matches the
-    package's one-bit plane kernel: bit for bit with the package's store, to fp16 rounding with atomics or TMA."""
+    package's one-bit plane kernel: bit for bit with the package's store, to fp16 rounding with atomics, TMA or the
+    activations prepared per token."""
     import numpy as np
 
     import stream_pattern as sp
@@ -201,6 +202,6 @@ def test_stream_pattern_kernels_on_cpu():
         out, y = torch.empty(1, n).half(), torch.zeros(n)
         sp.proto_launch(sp._proto, x, y, bp, k, 16, 1, 0, 1, 3, 0, 4, 0, 0, out)
         assert torch.equal(out, ref), k
-        for tma in (0, 1):
-            sp.proto_launch(sp._proto, x, y, bp, k, 64, 2, tma, 1, 3)
+        for tma, xpre in ((0, None), (1, None), (0, sp.prepared_x(x, 128))):
+            sp.proto_launch(sp._proto, x, y, bp, k, 64, 2, tma, 1, 3, xpre=xpre)
             assert torch.allclose(y, ref[0].float(), rtol=2e-3, atol=2e-3 * ref.abs().max().item()), (k, tma)
