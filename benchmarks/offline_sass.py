@@ -46,19 +46,27 @@ LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;
 
 
 def record(kernel_name, call):
-    """The (kernel, args, kwargs) of the launch ``call()`` makes of ``tb.<kernel_name>``."""
+    """The (kernel, args, kwargs) of the launch ``call()`` makes of ``tb.<kernel_name>``; the small launch that may
+    follow it (``_bits_reduce_kernel``, ``SmallConfig.reduce_launch``) is skipped (its tensors are on the CPU)."""
     seen = []
     real = getattr(tb, kernel_name)
+    reduce = tb._bits_reduce_kernel
 
     class Rec:
         def __getitem__(self, grid):
             return lambda *a, **k: seen.append((real, grid, a, k))
 
+    class Skip:
+        def __getitem__(self, grid):
+            return lambda *a, **k: None
+
     setattr(tb, kernel_name, Rec())
+    tb._bits_reduce_kernel = Skip()
     try:
         call()
     finally:
         setattr(tb, kernel_name, real)
+        tb._bits_reduce_kernel = reduce
     return seen[-1]
 
 
