@@ -1782,13 +1782,18 @@ def _bits_segment_store(acc0, acc1, out_ptr, part_ptr, lock_ptr, bias_ptr, rows2
 
 
 @triton.jit
+def _bits_block_programs(t, GPB, G, total):
+    """The first and last of the ``G`` stream-K programs sharing row block ``t`` (``total`` items of ``GPB`` groups
+    a block): the first holds its group 0, the last its group ``GPB - 1``."""
+    return ((t * GPB + 1) * G - 1) // total, ((t + 1) * GPB * G - 1) // total
+
+
+@triton.jit
 def _bits_reduce_kernel(out_ptr, part_ptr, bias_ptr, N, NPAD2, GPB, G, HAS_BIAS: tl.constexpr, BN2: tl.constexpr):
     """``SmallConfig.reduce_launch``: row block ``t``'s partial slots summed after the stream-K launch of ``G``
     programs (row blocks of one program's segment were stored there already)."""
     t = tl.program_id(0)
-    total = tl.cdiv((N + 1) // 2, BN2) * GPB
-    p_first = ((t * GPB + 1) * G - 1) // total
-    p_last = ((t + 1) * GPB * G - 1) // total
+    p_first, p_last = _bits_block_programs(t, GPB, G, tl.cdiv((N + 1) // 2, BN2) * GPB)
     if p_last > p_first:
         _bits_sum_slots(out_ptr, part_ptr, bias_ptr, t * BN2 + tl.arange(0, BN2), N, NPAD2, p_last - p_first + 1,
                         HAS_BIAS)  # fmt: skip
@@ -1815,19 +1820,9 @@ def _bits_prefetch_items(w_ptr, sz_ptr, item, end, GPB, PSTRIDE, SZSTRIDE, NPAD2
     once (``SmallConfig.l2_prefetch``), so the program's whole range streams from memory while its group loop
     runs. A row block's ``BN2`` row pairs of one word column are contiguous: ``ceil(BN2 / 32)`` lines; addresses
     past the padded rows are clamped (a line asked twice)."""
-    PP: tl.constexpr = 1 if P == 1 else (2 if P == 2 else (4 if P <= 4 else 8))  # P <= 8
-    LN: tl.constexpr = (BN2 + 31) // 32
-    e = tl.arange(0, PP)
-    c = tl.arange(0, GW)
-    ln = tl.arange(0, LN)
-    s2 = tl.arange(0, 2)
     for it in range(item, end):
         t = it // GPB
-        g = it - t * GPB
-        r = tl.minimum(t * BN2 + ln * 32, NPAD2 - 1)
-        wo = tl.minimum(e, P - 1)[:, None, None] * PSTRIDE + (g * GW + c)[None, :, None] * NPAD2 + r[None, None, :]
-        _prefetch_l2(w_ptr + wo, ASM)
-        _prefetch_l2(sz_ptr + s2[:, None] * SZSTRIDE + g * NPAD2 + r[None, :], ASM)
+        _bits_group_lines(w_ptr, sz_ptr, t * BN2, it - t * GPB, PSTRIDE, SZSTRIDE, NPAD2, P, GW, BN2, ASM)
 
 
 @triton.jit
@@ -1914,9 +1909,7 @@ def _bits_stream(
             AHEAD,
             t * BN2,
         )
-        # the programs that share row block t: the first holds its group 0, the last its group GPB - 1
-        p_first = ((t * GPB + 1) * G - 1) // total
-        p_last = ((t + 1) * GPB * G - 1) // total
+        p_first, p_last = _bits_block_programs(t, GPB, G, total)
         _bits_segment_store(
             acc0,
             acc1,
