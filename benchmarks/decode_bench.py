@@ -83,12 +83,13 @@ class Router:
         return h @ self.w2.float().t() + self.b2.float()
 
     fused = None  # the package's kernel, set in main()
+    tiling: dict = {}  # the kernel's tiling (--router-tiling); empty: the package's default_tiling
 
     def __call__(self, x):
         # one hidden unit per program: 64 programs share the read of W1; k is written on the device; launched with
         # programmatic dependent launch where the layers' config asks for it (as set_small_config does in the package)
         pdl = bool(getattr(QLinear.small_config, "pdl", False))
-        k, _ = Router.fused(x, self.w1, self.b1, self.w2, self.b2, self.tau, "free", pdl=pdl)
+        k, _ = Router.fused(x, self.w1, self.b1, self.w2, self.b2, self.tau, "free", pdl=pdl, **Router.tiling)
         return k
 
     def set_budget(self, bits):
@@ -658,12 +659,24 @@ def main(argv=None):
         "--profile", action="store_true", help="launches and kernel time of an eager package decode step (fp16, 4 bits)"
     )
     ap.add_argument("--gemlite", action="store_true", help="also time PyPI gemlite at 2/4/8 bits, group 128")
+    ap.add_argument(
+        "--router-tiling",
+        default=None,
+        help="the stack's router launches with hidden units a program, warps and columns a program, e.g. 1,4,0 "
+        "(whole rows: the tiling before column splits); default the package's default_tiling",
+    )
     ap.add_argument("--dry-run", action="store_true", help="no GPU: the package rows on a tiny CPU model")
     args = ap.parse_args(argv)
     if args.new_tokens < 2:
         ap.error("--new-tokens must be at least 2")
     if args.slices:
         kb.set_slices(args.slices.split(","))
+    if args.router_tiling:
+        try:
+            hb, nw, cols = (int(v) for v in args.router_tiling.split(","))
+        except ValueError:
+            ap.error(f"--router-tiling {args.router_tiling!r}: three integers HB,WARPS,COLS, e.g. 1,4,0")
+        Router.tiling = dict(hidden_per_program=hb, num_warps=nw, cols_per_program=cols)
     QLinear.view_steps = args.view_steps
     if args.dry_run:
         return dry_run(args)

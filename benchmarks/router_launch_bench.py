@@ -80,7 +80,7 @@ def time_graph(f, reps, iters=20):
 def one_shape(name, n_in, outs, reps):
     """The row of one site shape: us per site with the router launched before the site launch, and inside it."""
     from mobiquant.kernels import triton_bitplane as tb
-    from mobiquant.kernels.triton_router import fused_router
+    from mobiquant.kernels.triton_router import IN_LAUNCH_TILING, fused_router
 
     site, router = site_of(n_in, outs)
     x = torch.randn(1, n_in, device="cuda", dtype=torch.float16)
@@ -88,16 +88,20 @@ def one_shape(name, n_in, outs, reps):
     taus = [torch.tensor(t, device="cuda") for t in (0.2, -0.1, 0.0)[: len(outs)]]
     zero = torch.zeros((), device="cuda")
 
-    def outside(pdl=False, site_pdl=False):
-        """The router's launch (``pdl``: with programmatic dependent launch), then the site's (``site_pdl``)."""
-        _, v = fused_router(x, inl.w1, inl.b1, inl.w2, inl.b2, zero, pdl=pdl)
+    def outside(pdl=False, site_pdl=False, tiling=None):
+        """The router's launch (``pdl``: with programmatic dependent launch; ``tiling``: the router's, default its
+        default), then the site's (``site_pdl``)."""
+        _, v = fused_router(x, inl.w1, inl.b1, inl.w2, inl.b2, zero, pdl=pdl, **(tiling or {}))
         cfg = tb.SmallConfig(pdl=site_pdl)
         return tb.bitplane_site_bits(x, site, [tb.RoutedK(v, t) for t in taus], config=cfg)
 
     def inside():
         return tb.bitplane_site_bits(x, site, [tb.RoutedK(buf, t, inl) for t in taus])
 
-    same = torch.equal(outside(), inside()) and torch.equal(outside(), outside(True, True))
+    in_launch = dict(tiling=IN_LAUNCH_TILING)  # the tiling whose values the router in the launch computes
+    same = torch.equal(outside(**in_launch), inside()) and torch.equal(
+        outside(**in_launch), outside(True, True, **in_launch)
+    )
     t_out, t_in = time_graph(outside, reps), time_graph(inside, reps)
     t_site_pdl = time_graph(lambda: outside(site_pdl=True), reps)
     t_pdl = time_graph(lambda: outside(True, True), reps)
@@ -121,16 +125,22 @@ ROUTER_INPUTS = {  # name: (input width, prologue kind or None)
     "8b qkv/gate-up (rms_norm, 4096)": (4096, "rms_norm"),
     "8b down (silu_mul, 14336)": (14336, "silu_mul"),
     "8b o (4096)": (4096, None),
+    "8b down (14336)": (14336, None),  # decode_bench.py's stack: routers on the GEMVs' inputs, no prologue
 }
 
 
-def sweep_rows(reps, hidden=64, outputs=5, hbs=(1, 2, 4, 8, 16, 64), warps=(1, 2, 4, 8)):
-    """us per router launch for each input of :data:`ROUTER_INPUTS` and tiling, with the ratio to the default."""
-    from mobiquant.kernels.triton_router import fused_input_router, fused_router
+def sweep_rows(reps, hidden=64, outputs=5, hbs=(1, 2, 4, 8, 16, 64), warps=(1, 2, 4, 8), cols=(0,), inputs=None):
+    """us per router launch for each input of :data:`ROUTER_INPUTS` (or those named in ``inputs``) and tiling
+    (hidden units a program x warps x columns a program, 0: whole rows), with the ratio to the package's default
+    tiling (``triton_router.default_tiling``) and to whole rows of one hidden unit, 4 warps (``IN_LAUNCH_TILING``);
+    counts checked equal to the default's where no gate value sits within 1e-4 of the threshold."""
+    from mobiquant.kernels.triton_router import IN_LAUNCH_TILING, default_tiling, fused_input_router, fused_router
 
     gen = torch.Generator().manual_seed(0)
     rows = []
     for name, (d, kind) in ROUTER_INPUTS.items():
+        if inputs and name not in inputs:
+            continue
         x = torch.randn(1, d, generator=gen).to("cuda", torch.float16)
         w1, b1 = torch.randn(hidden, d, generator=gen) / d**0.5, torch.randn(hidden, generator=gen)
         w2, b2 = torch.randn(outputs, hidden, generator=gen), torch.randn(outputs, generator=gen)
@@ -142,20 +152,32 @@ def sweep_rows(reps, hidden=64, outputs=5, hbs=(1, 2, 4, 8, 16, 64), warps=(1, 2
         elif kind == "silu_mul":
             pro = ("silu_mul", torch.randn(1, d, generator=gen).to("cuda", torch.float16))
 
-        def launch(hb, nw, pro=pro, x=x, router=router, tau=tau):
+        def launch(tiling, pro=pro, x=x, router=router, tau=tau):
             if pro is None:
-                return fused_router(x, *router, tau, "free", hidden_per_program=hb, num_warps=nw)
-            return fused_input_router(x, pro, router, tau, "free", hidden_per_program=hb, num_warps=nw)
+                return fused_router(x, *router, tau, "free", **tiling)
+            return fused_input_router(x, pro, router, tau, "free", **tiling)[1:]
 
-        base = time_graph(lambda: launch(1, 4), reps)
+        default = default_tiling(d, 1)
+        k_ref, v_ref = launch(default)
+        base = time_graph(lambda default=default: launch(default), reps)
+        one = time_graph(lambda: launch(IN_LAUNCH_TILING), reps)
         for hb in hbs:
             for nw in warps:
-                t = base if (hb, nw) == (1, 4) else time_graph(lambda hb=hb, nw=nw: launch(hb, nw), reps)
-                rows.append(dict(input=name, hidden_per_program=hb, num_warps=nw, us=t, x_default=base / t))
+                for c in cols:
+                    tiling = dict(hidden_per_program=hb, num_warps=nw, cols_per_program=c)
+                    k, v = launch(tiling)
+                    same = torch.equal(k, k_ref) or bool(((v_ref - tau).abs() < 1e-4).any())
+                    t = time_graph(lambda tiling=tiling: launch(tiling), reps)
+                    rows.append(dict(input=name, **tiling, us=t, x_default=base / t, x_whole_rows=one / t, same_k=same))
         best = min((r for r in rows if r["input"] == name), key=lambda r: r["us"])
-        print(f"{name}: default {base:.2f} us, best {best['us']:.2f} us at {best['hidden_per_program']} hidden a "
-              f"program, {best['num_warps']} warps", flush=True)  # fmt: skip
+        print(f"{name}: default {base:.2f} us, whole rows one unit a program {one:.2f} us, best {best['us']:.2f} us "
+              f"at {best['hidden_per_program']} hidden a program, {best['num_warps']} warps, "
+              f"{best['cols_per_program']} columns a program", flush=True)  # fmt: skip
     return rows
+
+
+def _ints(text):
+    return tuple(int(v) for v in text.split(",") if v.strip())
 
 
 def main(argv=None):
@@ -163,6 +185,10 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=64, help="site launches per graph")
     ap.add_argument("--sweep", action="store_true", help="time the router launch alone over its tilings")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for router_sweep.csv (with --sweep)")
+    ap.add_argument("--hbs", type=_ints, default=(1, 2, 4, 8, 16, 64), help="--sweep: hidden units a program")
+    ap.add_argument("--warps", type=_ints, default=(1, 2, 4, 8), help="--sweep: warps a program")
+    ap.add_argument("--cols", type=_ints, default=(0,), help="--sweep: input columns a program (0: whole rows)")
+    ap.add_argument("--inputs", default="", help="--sweep: ';'-separated names of ROUTER_INPUTS (default all)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -170,7 +196,11 @@ def main(argv=None):
     import pandas as pd
 
     if args.sweep:
-        df = pd.DataFrame(sweep_rows(args.reps))
+        names = [n for n in args.inputs.split(";") if n]
+        unknown = sorted(set(names) - set(ROUTER_INPUTS))
+        if unknown:
+            ap.error(f"--inputs {unknown} not among {sorted(ROUTER_INPUTS)}")
+        df = pd.DataFrame(sweep_rows(args.reps, hbs=args.hbs, warps=args.warps, cols=args.cols, inputs=names))
         print(f"\n# one router launch per token (64 hidden, 5 outputs, fp16 inputs), us per launch in a CUDA graph "
               f"of {args.reps}; {torch.cuda.get_device_name()}")  # fmt: skip
         print(df.to_string(index=False, float_format=lambda v: f"{v:.2f}"))

@@ -99,6 +99,30 @@ def test_fused_input_router_tiling_keeps_rows_and_counts(hb, warps):
         fused_input_router(x, prologue, router, t, "free", hidden_per_program=0)
 
 
+@pytest.mark.parametrize("kind", ["rms_norm", "silu_mul"])
+@pytest.mark.parametrize("tokens,cols", [(1, 16), (5, 32)])
+def test_fused_input_router_column_splits_make_the_rows_and_counts(kind, tokens, cols):
+    """Column splits (``cols_per_program``): each split's first hidden block stores its columns of ``y``; ``y`` is
+    the module's arithmetic (the RMS scale summed in other chunks: equal to fp32 rounding), and the counts are
+    those of the whole-row tiling unless a gate value sits at the threshold."""
+    from mobiquant.kernels.triton_router import fused_input_router
+
+    g = torch.Generator().manual_seed(13)
+    d = 88
+    x = (torch.randn(tokens, d, generator=g) * 3).to(DEVICE)
+    if kind == "rms_norm":
+        prologue: tuple = ("rms_norm", (torch.rand(d, generator=g) + 0.5).to(DEVICE), 1e-5)
+    else:
+        prologue = ("silu_mul", (torch.randn(tokens, d, generator=g) * 2).to(DEVICE))
+    router = router_weights(d, g)
+    t = torch.tensor([0.3], device=DEVICE)
+    y, k, v = fused_input_router(x, prologue, router, t, "free")
+    y2, k2, v2 = fused_input_router(x, prologue, router, t, "free", hidden_per_program=4, cols_per_program=cols)
+    torch.testing.assert_close(y2, y, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(v2, v, rtol=1e-5, atol=1e-4)
+    assert torch.equal(k, k2) or bool(((v - t).abs() < 1e-4).any())
+
+
 def test_fused_input_rejects_operands_that_do_not_fit():
     x, w = torch.randn(1, 64, device=DEVICE), torch.ones(48, device=DEVICE)
     router = router_weights(64, torch.Generator().manual_seed(0))

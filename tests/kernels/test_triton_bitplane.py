@@ -505,14 +505,16 @@ def test_bits_kernel_router_in_launch(policy, gen, monkeypatch):
     """The router in the one-bit plane launch (``RoutedK.router``): its programs write the gate values the fused
     router kernel computes, bit for bit, and each layer's output is that of a launch handed those values, for one
     linear and for a site of three with a threshold each; twice in a row (the counters reset themselves)."""
-    from mobiquant.kernels.triton_router import fused_router
+    from mobiquant.kernels.triton_router import IN_LAUNCH_TILING, fused_router
 
     bits, group, n_in = DEFAULT_LAYOUT, 64, 192
     router = _router_of(n_in, policy, gen)
     x = randx(1, n_in, torch.float16, gen) * 2
     buf, inl = router.in_launch(x)
     assert buf.shape == (1, 5) and buf.dtype == torch.float32
-    _, ref_v = fused_router(x, inl.w1, inl.b1, inl.w2, inl.b2, torch.zeros((), device=DEVICE), policy)
+    _, ref_v = fused_router(
+        x, inl.w1, inl.b1, inl.w2, inl.b2, torch.zeros((), device=DEVICE), policy, **IN_LAUNCH_TILING
+    )
     vals = ref_v[0].sort(descending=True).values
     taus = [float(vals[0] + vals[1]) / 2, float(vals[2] + vals[3]) / 2, float(vals[4]) - 1.0]
     taus = [torch.tensor(t, device=DEVICE) for t in taus]
@@ -1430,7 +1432,7 @@ def test_gpu_router_in_launch_graph(shape, cfg, gen):
     fresh activations and thresholds writes the fused router kernel's gate values and gives the outputs of the
     launch on the same grid handed those values, and leaves the counters at zero (no replay waits on a stale
     flag)."""
-    from mobiquant.kernels.triton_router import fused_router
+    from mobiquant.kernels.triton_router import IN_LAUNCH_TILING, fused_router
 
     n_in, outs = shape
     bits, group = DEFAULT_LAYOUT, 128
@@ -1447,7 +1449,7 @@ def test_gpu_router_in_launch_graph(shape, cfg, gen):
     g, yg = _captured(lambda: tb.bitplane_site_bits(x, site, ks, config=cfg))
     for i in range(6):
         x.copy_(randx(1, n_in, torch.float16, gen))
-        _, ref_v = fused_router(x, inl.w1, inl.b1, inl.w2, inl.b2, taus[0], "free")
+        _, ref_v = fused_router(x, inl.w1, inl.b1, inl.w2, inl.b2, taus[0], "free", **IN_LAUNCH_TILING)
         for j, t in enumerate(taus):
             t.fill_(float(ref_v[0, (i + 2 * j) % 5]) - 1e-3)  # a view each, moving between replays
         g.replay()

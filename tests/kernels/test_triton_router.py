@@ -129,6 +129,37 @@ def test_fused_router_reads_inputs_of_another_dtype(x_dtype, r_dtype):
     assert torch.equal(k, k_ref)
 
 
+@pytest.mark.parametrize("policy", ["free", "adjacent"])
+@pytest.mark.parametrize(
+    "d,hidden,tokens,hb,cols",
+    [(100, 24, 5, 1, 16), (100, 24, 19, 8, 32), (64, 16, 1, 16, 16), (72, 12, 3, 4, 64)],
+    ids=["d100-h24-t5-c16", "d100-h24-t19-hb8-c32", "d64-t1-hb16-c16", "d72-h12-t3-hb4-c64"],
+)
+def test_fused_router_column_splits_equal_torch(policy, d, hidden, tokens, hb, cols):
+    """``cols_per_program``: every hidden block's columns split over programs (the last split short when ``d`` is
+    not a multiple), the pre-activations summed by the last program: the same counts as PyTorch at every
+    threshold, gate values to fp32 rounding, several token blocks and hidden blocks, hidden not a power of two."""
+    from mobiquant.kernels.triton_router import fused_router
+
+    r = make_router(d, (3, 1, 1, 1, 1, 1), hidden, policy)
+    x = torch.randn(tokens, d, generator=torch.Generator().manual_seed(5)).to(DEVICE) * 2
+    _, m_ref = torch_counts(r, x, 0.0)
+    w = (r.net[0].weight, r.net[0].bias, r.net[2].weight, r.net[2].bias)
+    seen = set()
+    for tau in safe_taus(m_ref, 3):
+        k_ref, _ = torch_counts(r, x, tau)
+        t = torch.tensor(tau, device=DEVICE)
+        k, m = fused_router(x, *w, t, policy, hidden_per_program=hb, cols_per_program=cols)
+        torch.testing.assert_close(m, m_ref, rtol=1e-5, atol=1e-5)
+        assert torch.equal(k, k_ref), (tau, k.tolist(), k_ref.tolist())
+        seen |= set(k.tolist())
+    assert {1, 6} <= seen
+    for whole in (0, d, 4 * d):  # whole rows: the values of the default tiling, bit for bit
+        a = fused_router(x, *w, t, policy, hidden_per_program=hb)
+        b = fused_router(x, *w, t, policy, hidden_per_program=hb, cols_per_program=whole)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
 def test_fused_router_errors():
     r = make_router(32, (2, 2), 8, "free")
     x = torch.randn(2, 32).to(DEVICE)
@@ -139,6 +170,8 @@ def test_fused_router_errors():
         kernels.fused_router(x[:, :16], *w, torch.zeros((), device=DEVICE))
     with pytest.raises(ValueError, match="one-element"):
         kernels.fused_router(x, *w, torch.zeros(2, device=DEVICE))
+    with pytest.raises(ValueError, match="cols_per_program=-1"):
+        kernels.triton_router.fused_router(x, *w, torch.zeros((), device=DEVICE), cols_per_program=-1)
 
 
 @pytest.mark.parametrize("d,tokens,dtype", [(72, 1, torch.float32), (200, 3, torch.float16)], ids=["d72", "d200-fp16"])

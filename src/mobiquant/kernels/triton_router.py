@@ -133,17 +133,27 @@ def _router_part(
     BM: tl.constexpr,
     BD: tl.constexpr,
     PRE: tl.constexpr,
+    S: tl.constexpr = 1,
+    DS: tl.constexpr = 0,
+    pid_s=0,
 ):
     """Hidden units ``[pid_h HB, (pid_h + 1) HB)`` of tokens ``toks``: their share of the scores, ``[BM, RP]``
     (``W2[:, units] gelu(W1[units] x + b1[units])``) of the rows :func:`_prologue` makes of ``x`` (RMS scale
-    ``rstd``), which the program of the first hidden units stores to ``y_ptr`` (with ``PRE`` 0: none)."""
+    ``rstd``), which the program of the first hidden units stores to ``y_ptr`` (with ``PRE`` 0: none). With
+    ``S`` > 1 column splits: the pre-activations ``[BM, HB]`` of columns ``[pid_s DS, (pid_s + 1) DS)`` alone
+    (the GELU and second layer wait for every split: :func:`_router_split_values`)."""
     hrows = pid_h * HB + tl.arange(0, HB)
     hmask = hrows < H
     acc = tl.zeros((BM, HB), dtype=tl.float32)
     smask = tmask & (toks * 0 + pid_h == 0)
-    for d0 in range(0, D_IN, BD):
+    c_lo = 0
+    c_hi = D_IN
+    if S > 1:
+        c_lo = pid_s * DS
+        c_hi = tl.minimum(c_lo + DS, D_IN)
+    for d0 in range(c_lo, c_hi, BD):
         cols = d0 + tl.arange(0, BD)
-        cmask = cols < D_IN
+        cmask = cols < c_hi
         x = _rows(x_ptr, toks, tmask, cols, cmask, stride_xm)
         x = _prologue(x, cols, cmask, rstd, aux_ptr, y_ptr, toks, tmask, smask, D_IN, stride_xm, PRE)
         x = x.to(w1_ptr.dtype.element_ty).to(tl.float32)  # rounded to the router's dtype, as the module does
@@ -151,6 +161,8 @@ def _router_part(
             w1_ptr + hrows[:, None].to(tl.int64) * D_IN + cols[None, :], mask=hmask[:, None] & cmask[None, :], other=0.0
         ).to(tl.float32)
         acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+    if S > 1:
+        return acc  # [BM, HB]
     h = acc + tl.load(b1_ptr + hrows, mask=hmask, other=0.0).to(tl.float32)[None, :]
     h = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
     r = tl.arange(0, RP)
@@ -180,6 +192,13 @@ def _router_values(
     offs = base + (p[:, None, None] * BM + lm[None, :, None]) * RP + r[None, None, :]
     parts = tl.load(part_ptr + offs, mask=(p < NPROG)[:, None, None], other=0.0, cache_modifier=".cg")
     s = tl.sum(parts, axis=0) + tl.load(b2_ptr + r, mask=r < R, other=0.0).to(tl.float32)[None, :]
+    return _router_policy(s, R, RP, ADJACENT)
+
+
+@triton.jit
+def _router_policy(s, R: tl.constexpr, RP: tl.constexpr, ADJACENT: tl.constexpr):
+    """The policy's gate values ``[BM, RP]`` of scores ``s`` (padding past ``R``)."""
+    r = tl.arange(0, RP)
     if ADJACENT:
         band = 2.0 * (R - 1 - r).to(tl.float32)
         v = tl.sigmoid(s) + band[None, :]
@@ -189,14 +208,51 @@ def _router_values(
 
 
 @triton.jit
+def _router_split_values(
+    part_ptr,
+    base,
+    b1_ptr,
+    w2_ptr,
+    b2_ptr,
+    S,
+    H,
+    R: tl.constexpr,
+    RP: tl.constexpr,
+    BM: tl.constexpr,
+    SP: tl.constexpr,
+    HP: tl.constexpr,
+    ADJACENT: tl.constexpr,
+):
+    """Gate values ``[BM, RP]`` of a token block from the pre-activations of ``S`` column splits stored at
+    ``part_ptr + base`` (split ``p``'s at ``(p BM + token) HP + unit``), summed in a fixed order, then the GELU and
+    the second layer."""
+    lm = tl.arange(0, BM)
+    hu = tl.arange(0, HP)
+    p = tl.arange(0, SP)
+    offs = base + (p[:, None, None] * BM + lm[None, :, None]) * HP + hu[None, None, :]
+    parts = tl.load(part_ptr + offs, mask=(p < S)[:, None, None] & (hu < H)[None, None, :], other=0.0,
+                    cache_modifier=".cg")  # fmt: skip
+    h = tl.sum(parts, axis=0) + tl.load(b1_ptr + hu, mask=hu < H, other=0.0).to(tl.float32)[None, :]
+    h = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+    r = tl.arange(0, RP)
+    w2 = tl.load(w2_ptr + r[:, None] * H + hu[None, :], mask=(r[:, None] < R) & (hu < H)[None, :], other=0.0)
+    s = tl.sum(h[:, None, :] * w2.to(tl.float32)[None, :, :], axis=2)
+    s += tl.load(b2_ptr + r, mask=r < R, other=0.0).to(tl.float32)[None, :]
+    return _router_policy(s, R, RP, ADJACENT)
+
+
+@triton.jit
 def _router_prefetch(w1_ptr, w2_ptr, pid_h, D_IN, H, R: tl.constexpr, RP: tl.constexpr, HB: tl.constexpr,
-                     W1_LINE: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
+                     W1_LINE: tl.constexpr, ASM: tl.constexpr, c_lo=0, c_hi=None):  # fmt: skip
     """The 128-byte lines of the first layer's rows of hidden units ``[pid_h HB, (pid_h + 1) HB)`` (``W1_LINE``
-    weights a line) and of the second layer's columns for them, asked of L2 (clamped to the last row / column)."""
+    weights a line; columns ``c_lo .. c_hi``, default all) and of the second layer's columns for them, asked of L2
+    (clamped to the last row / column)."""
     hrows = tl.minimum(pid_h * HB + tl.arange(0, HB), H - 1).to(tl.int64)
     lines = tl.arange(0, 128) * W1_LINE
-    for d0 in range(0, D_IN, 128 * W1_LINE):
-        _prefetch_l2(w1_ptr + hrows[:, None] * D_IN + tl.minimum(d0 + lines, D_IN - 1)[None, :], ASM)
+    if c_hi is None:
+        c_hi = D_IN
+    for d0 in range(c_lo, c_hi, 128 * W1_LINE):
+        _prefetch_l2(w1_ptr + hrows[:, None] * D_IN + tl.minimum(d0 + lines, c_hi - 1)[None, :], ASM)
     _prefetch_l2(w2_ptr + tl.minimum(tl.arange(0, RP), R - 1)[:, None] * H + hrows[None, :], ASM)
 
 
@@ -231,32 +287,50 @@ def _router_kernel(
     PDL: tl.constexpr,
     ASM: tl.constexpr,
     W1_LINE: tl.constexpr,
+    S: tl.constexpr = 1,
+    DS: tl.constexpr = 0,
+    SP: tl.constexpr = 1,
+    HP: tl.constexpr = 1,
+    BDR: tl.constexpr = 16,
 ):
-    pid_h = tl.program_id(0)
+    pid_s = tl.program_id(0) % S  # S column splits (1: every program reads all of them)
+    pid_h = tl.program_id(0) // S
     pid_m = tl.program_id(1)
     if PDL:  # launched with programmatic dependent launch: the weights asked of L2 before the wait on the kernel before
         _pdl_launch_dependents(ASM)
-        _router_prefetch(w1_ptr, w2_ptr, pid_h, D_IN, H, R, RP, HB, W1_LINE, ASM)
+        if S > 1:
+            _router_prefetch(w1_ptr, w2_ptr, pid_h, D_IN, H, R, RP, HB, W1_LINE, ASM, pid_s * DS,
+                             tl.minimum(pid_s * DS + DS, D_IN))  # fmt: skip
+        else:
+            _router_prefetch(w1_ptr, w2_ptr, pid_h, D_IN, H, R, RP, HB, W1_LINE, ASM)
         _pdl_wait(ASM)
     lm = tl.arange(0, BM)
     toks = pid_m * BM + lm
     tmask = toks < M
     if PRE == 1:  # every program makes the rows it reads (the same code, the same values); the first stores them
-        rstd = _rms_scale(x_ptr, toks, tmask, D_IN, stride_xm, eps, BM, BD)
+        rstd = _rms_scale(x_ptr, toks, tmask, D_IN, stride_xm, eps, BM, BDR)
     else:
         rstd = tl.full((BM,), 1.0, tl.float32)
     part = _router_part(
         x_ptr, w1_ptr, b1_ptr, w2_ptr, toks, tmask, pid_h, D_IN, H, stride_xm, aux_ptr, y_ptr, rstd, R, RP, HB,
-        BM, BD, PRE,
+        BM, BD, PRE, S, DS, pid_s,
     )  # fmt: skip
     r = tl.arange(0, RP)
-    base = pid_m * NPP * BM * RP
-    tl.store(part_ptr + base + (pid_h * BM + lm[:, None]) * RP + r[None, :], part)
+    if S > 1:  # pre-activations [BM, HB] of this split's columns, at (split, token, unit)
+        base = pid_m * SP * BM * HP
+        hu = pid_h * HB + tl.arange(0, HB)
+        tl.store(part_ptr + base + (pid_s * BM + lm[:, None]) * HP + hu[None, :], part, mask=(hu < HP)[None, :])
+    else:
+        base = pid_m * NPP * BM * RP
+        tl.store(part_ptr + base + (pid_h * BM + lm[:, None]) * RP + r[None, :], part)
     tl.debug_barrier()  # every thread's partial is stored before the release below
     ticket = tl.atomic_add(lock_ptr + pid_m, 1, sem="acq_rel")
     tl.debug_barrier()
-    if ticket == NPROG - 1:
-        v = _router_values(part_ptr, base, b2_ptr, NPROG, R, RP, BM, NPP, ADJACENT)
+    if ticket == NPROG * S - 1:
+        if S > 1:
+            v = _router_split_values(part_ptr, base, b1_ptr, w2_ptr, b2_ptr, S, H, R, RP, BM, SP, HP, ADJACENT)
+        else:
+            v = _router_values(part_ptr, base, b2_ptr, NPROG, R, RP, BM, NPP, ADJACENT)
         tau = tl.load(tau_ptr).to(tl.float32)
         on = (v > tau) & (r < R)[None, :]
         k = 1 + tl.sum(on.to(tl.int32), axis=1)
@@ -290,6 +364,26 @@ def one_token_shapes(d: int, n_hidden: int, r_out: int) -> dict[str, int]:
     )
 
 
+#: The tiling whose gate values a router inside the one-bit plane launch (``RoutedK.router``) computes, bit for bit:
+#: one hidden unit a program over whole rows (:func:`one_token_shapes`).
+IN_LAUNCH_TILING = dict(hidden_per_program=1, num_warps=4, cols_per_program=0)
+
+
+def default_tiling(d: int, tokens: int) -> dict[str, int]:
+    """The launch's tiling where the caller names none, for inputs of width ``d`` and ``tokens`` rows."""
+    return dict(IN_LAUNCH_TILING)
+
+
+def _tiling(d: int, tokens: int, hidden_per_program, num_warps, cols_per_program) -> tuple[int, int, int]:
+    """The tiling asked for, each ``None`` filled from :func:`default_tiling`."""
+    t = default_tiling(d, tokens)
+    return (
+        t["hidden_per_program"] if hidden_per_program is None else hidden_per_program,
+        t["num_warps"] if num_warps is None else num_warps,
+        t["cols_per_program"] if cols_per_program is None else cols_per_program,
+    )
+
+
 _LOCKS: dict[tuple, torch.Tensor] = {}
 
 
@@ -316,18 +410,23 @@ def fused_router(
     b2: torch.Tensor,
     tau: torch.Tensor,
     policy: str = "free",
-    hidden_per_program: int = 1,
-    num_warps: int = 4,
+    hidden_per_program: int | None = None,
+    num_warps: int | None = None,
     pdl: bool = False,
+    cols_per_program: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Slice counts ``k`` (int64, ``x.shape[:-1]``) and gate values (fp32, ``[..., K-1]``) of tokens ``x``.
 
     ``tau`` is a one-element tensor on ``x``'s device, read by the kernel (no host synchronisation).
-    ``hidden_per_program`` and ``num_warps``: the launch's tiling (``benchmarks/router_launch_bench.py --sweep``
-    times others); another tiling sums the second layer in another order, so gate values may differ in the last
-    bits. ``pdl``: launched with programmatic dependent launch (compute capability 9.0+): the programs start while
-    the kernel before runs, ask L2 for their weights, and wait for it before reading anything it writes."""
-    k, v = _route(_Rows(x, None), (w1, b1, w2, b2), tau, policy, hidden_per_program, num_warps, pdl)
+    ``hidden_per_program``, ``num_warps`` and ``cols_per_program`` (below): the launch's tiling, each ``None``
+    from :func:`default_tiling` (``benchmarks/router_launch_bench.py --sweep`` times others); another tiling sums
+    in another order, so gate values may differ in the last bits. ``pdl``: launched with programmatic dependent
+    launch (compute capability 9.0+): the programs start while the kernel before runs, ask L2 for their weights,
+    and wait for it before reading anything it writes.
+    ``cols_per_program``: each program reads that many input columns (rounded up to a power of two; the launch
+    runs ``ceil(d / cols)`` column splits of every hidden block and the last program sums their pre-activations);
+    0 or at least ``d``: whole rows, the GELU and second layer in every hidden block's program."""
+    k, v = _route(_Rows(x, None), (w1, b1, w2, b2), tau, policy, hidden_per_program, num_warps, pdl, cols_per_program)
     return k.reshape(x.shape[:-1]), v.reshape(*x.shape[:-1], -1)
 
 
@@ -337,16 +436,18 @@ def fused_input_router(
     router: Sequence[torch.Tensor],
     tau: torch.Tensor,
     policy: str,
-    hidden_per_program: int = 1,
-    num_warps: int = 4,
+    hidden_per_program: int | None = None,
+    num_warps: int | None = None,
     pdl: bool = False,
+    cols_per_program: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The rows ``y`` that ``prologue`` (:data:`PROLOGUES`) makes of ``x`` and the router ``(w1, b1, w2, b2)`` on
     them, in one launch: ``(y, k, v)``, ``y`` with the arithmetic of the model's own modules (in the dtype of their
     result), ``k`` and ``v`` exactly those of :func:`fused_router` on ``y``. Every router program makes the rows it
-    reads; the first stores them. ``hidden_per_program``, ``num_warps``, ``pdl``: as :func:`fused_router`'s."""
+    reads; the first stores them. ``hidden_per_program``, ``num_warps``, ``pdl``, ``cols_per_program``: as
+    :func:`fused_router`'s."""
     rows = _Rows(x, prologue)
-    k, v = _route(rows, tuple(router), tau, policy, hidden_per_program, num_warps, pdl)
+    k, v = _route(rows, tuple(router), tau, policy, hidden_per_program, num_warps, pdl, cols_per_program)
     assert rows.y is not None
     return rows.y.reshape(x.shape), k.reshape(x.shape[:-1]), v.reshape(*x.shape[:-1], -1)
 
@@ -405,16 +506,22 @@ def _route(
     weights: tuple[torch.Tensor, ...],
     tau: torch.Tensor,
     policy: str,
-    hidden_per_program: int,
-    num_warps: int,
+    hidden_per_program: int | None,
+    num_warps: int | None,
     pdl: bool = False,
+    cols_per_program: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    hidden_per_program, num_warps, cols_per_program = _tiling(
+        rows.d, rows.M, hidden_per_program, num_warps, cols_per_program
+    )
     if policy not in ("free", "adjacent"):
         raise ValueError(f"router policy must be 'free' or 'adjacent', got {policy!r}")
     if num_warps not in (1, 2, 4, 8, 16):
         raise ValueError(f"num_warps={num_warps!r} is not one of 1, 2, 4, 8, 16")
     if int(hidden_per_program) < 1:
         raise ValueError(f"hidden_per_program={hidden_per_program!r} must be a positive integer")
+    if int(cols_per_program) < 0:
+        raise ValueError(f"cols_per_program={cols_per_program!r} must be 0 (whole rows) or a positive integer")
     w1, b1, w2, b2 = weights
     d, M, x2 = rows.d, rows.M, rows.x2
     n_hidden, r_out = w1.shape[0], w2.shape[0]
@@ -433,11 +540,22 @@ def _route(
         bm = max(2, min(16, triton.next_power_of_2(M)))
         bd = 1024 if bm <= 2 else (512 if bm <= 4 else 256)
         bd = max(16, min(bd, triton.next_power_of_2(d)))
+        bdr = bd  # the RMS scale's chunk (the sum's order: one split keeps the values of before)
         rp = max(2, triton.next_power_of_2(r_out))
         m_blocks = triton.cdiv(M, bm)
-        part = torch.empty(m_blocks * npp * bm * rp, dtype=torch.float32, device=x2.device)
+        splits, ds, sp, hp = 1, 0, 1, 1
+        if cols_per_program and cols_per_program < d:
+            ds = max(16, triton.next_power_of_2(int(cols_per_program)))
+            splits = triton.cdiv(d, ds)
+            bd = min(bd, ds)
+            bdr = max(16, min(4096 // bm, triton.next_power_of_2(d)))
+            sp = max(2, triton.next_power_of_2(splits))
+            hp = max(2, triton.next_power_of_2(nprog * hb))
+            part = torch.empty(m_blocks * sp * bm * hp, dtype=torch.float32, device=x2.device)
+        else:
+            part = torch.empty(m_blocks * npp * bm * rp, dtype=torch.float32, device=x2.device)
         locks = _locks(x2.device, m_blocks)
-        _router_kernel[(nprog, m_blocks)](
+        _router_kernel[(nprog * splits, m_blocks)](
             x2,
             w1.contiguous(),
             b1.contiguous(),
@@ -467,6 +585,11 @@ def _route(
             PDL=bool(pdl),
             ASM=not _interpreting(),
             W1_LINE=128 // w1.element_size(),
+            S=splits,
+            DS=ds,
+            SP=sp,
+            HP=hp,
+            BDR=bdr,
             num_warps=num_warps,
             **({"launch_pdl": True} if pdl and not _interpreting() else {}),
         )
@@ -490,4 +613,4 @@ def _input_kernel(
         _prologue(x, cols, cmask, rstd, aux_ptr, y_ptr, toks, tmask, tmask, D_IN, stride_xm, PRE)
 
 
-__all__ = ["PROLOGUES", "fused_input", "fused_input_router", "fused_router"]
+__all__ = ["IN_LAUNCH_TILING", "PROLOGUES", "default_tiling", "fused_input", "fused_input_router", "fused_router"]
