@@ -17,6 +17,9 @@
 #            each of $E2E_CONFIGS (needs $GGUF; the first routed row compiles for several minutes)
 #   pattern  (only when named) benchmarks/stream_pattern.py: the weight reads alone against the decode, the package's
 #            GEMV with $PATTERN_CONFIGS beside the default (docs/RESULTS.md "Weight reads against the decode")
+#   tiling   (only when named) the router launch's tilings (router_launch_bench.py --sweep over $ROUTER_SWEEP), then the
+#            stack with the tiling fastest on its router inputs (the sum over the 8B o and down widths) and with
+#            whole rows of one hidden unit a program (the tiling before column splits), after the router tests compiled
 #   tests    GPU tests of the launch modes measured (programmatic dependent launch, L2 requests, graphs); last:
 #            they compile every case and took more than one 10-minute call on an H200 (2026-12-03)
 #
@@ -38,6 +41,9 @@ STACK_CONFIG=${STACK_CONFIG:-",,4,,0,,1,,1"}
 E2E_CONFIGS=${E2E_CONFIGS:-",,4,,0,,1,,0;,,4,,0,,1,,1"}
 # the package's one-token GEMV on the stream-K grid with the ticket store, then with the second launch (the default)
 PATTERN_CONFIGS=${PATTERN_CONFIGS:-"128,64,4,4,0,,0,,,,,0;128,64,4,4,0,,0,,,,,1"}
+# the router sweep of the `tiling` stage: hidden units a program, warps, columns a program (0: whole rows); its inputs
+ROUTER_SWEEP=${ROUTER_SWEEP:-"--hbs 4,16,64 --warps 4,8 --cols 0,128,256,512"}
+ROUTER_INPUTS=${ROUTER_INPUTS:-"8b o (4096);8b down (14336);8b qkv/gate-up (rms_norm, 4096);8b down (silu_mul, 14336)"}
 mkdir -p "$RES"
 
 run_stage() {  # NAME LIMIT CMD...: CMD under `timeout LIMIT`, output to $RES/NAME.txt, NAME.done on success
@@ -80,11 +86,27 @@ stage() {
       fi
       run_stage e2e 1500 "$PY" benchmarks/e2e_decode.py --gguf "$GGUF" --budgets 4 --views 2 --fuse-inputs \
         --bits-configs "$E2E_CONFIGS" --out "$RES/e2e" ;;
+    tiling)
+      run_stage router_tests 300 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_triton_router.py \
+        tests/kernels/test_fused_inputs.py
+      # shellcheck disable=SC2086  # the sweep's arguments split on spaces
+      run_stage router_sweep 420 "$PY" benchmarks/router_launch_bench.py --sweep --out "$RES/router_sweep" \
+        $ROUTER_SWEEP --inputs "$ROUTER_INPUTS"
+      local pick
+      pick=$("$PY" -c "import pandas as pd, sys
+d = pd.read_csv(sys.argv[1]); d = d[d.input.isin(['8b o (4096)', '8b down (14336)'])]
+t = d.groupby(['hidden_per_program', 'num_warps', 'cols_per_program']).us.sum().idxmin()
+print(','.join(str(int(v)) for v in t))" "$RES/router_sweep/router_sweep.csv" 2>/dev/null || echo 1,4,0)
+      echo "== stack router tiling: $pick"
+      run_stage stack_tiling 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --bits --no-package \
+        --router-tiling "$pick" --out "$RES/stack_tiling"
+      run_stage stack_whole_rows 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --bits --no-package \
+        --router-tiling 1,4,0 --out "$RES/stack_whole_rows" ;;
     pattern)
       run_stage pattern 600 "$PY" benchmarks/stream_pattern.py --views 1,2,6 \
         --package-configs "$PATTERN_CONFIGS" --out "$RES/pattern" ;;
     *)
-      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern)" >&2
+      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling)" >&2
       return 2 ;;
   esac
 }
