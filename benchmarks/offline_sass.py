@@ -16,6 +16,7 @@ one-bit plane kernel; the chunk loop of the field kernel). This is the feedback 
     python benchmarks/offline_sass.py --routed --site 3 --router-in-launch  # ... and their router in it too
     python benchmarks/offline_sass.py --k 2 --whole-k --in-features 576    # a row block over all of K at once
     python benchmarks/offline_sass.py --k 2 --n 14336 --stages 3           # the group loop pipelined (cp.async)
+    python benchmarks/offline_sass.py --router rms_norm --router-tiling 16,4,256 --in-features 4096  # router kernel
 """
 
 from __future__ import annotations
@@ -67,6 +68,37 @@ def record(kernel_name, call):
     finally:
         setattr(tb, kernel_name, real)
         tb._bits_reduce_kernel = reduce
+    return seen[-1]
+
+
+def router_launch(prologue, tiling, d, pdl):
+    """The (kernel, grid, args, kwargs) of one token's fused router launch (``triton_router``) with ``prologue``
+    ('none', 'rms_norm', 'silu_mul') and ``tiling`` (hidden units a program, warps, columns a program), width ``d``,
+    64 hidden units, 5 outputs."""
+    from mobiquant.kernels import triton_router as tr
+
+    seen = []
+    real = tr._router_kernel
+
+    class Rec:
+        def __getitem__(self, grid):
+            return lambda *a, **k: seen.append((real, grid, a, k))
+
+    hb, nw, cols = tiling
+    x = torch.zeros(1, d, dtype=torch.float16)
+    router = (torch.zeros(64, d), torch.zeros(64), torch.zeros(5, 64), torch.zeros(5))
+    tau = torch.zeros(1)
+    kw = dict(hidden_per_program=hb, num_warps=nw, cols_per_program=cols, pdl=pdl)
+    tr._router_kernel = Rec()
+    try:
+        if prologue == "none":
+            tr.fused_router(x, *router, tau, "free", **kw)
+        elif prologue == "rms_norm":
+            tr.fused_input_router(x, ("rms_norm", torch.ones(d, dtype=torch.float16), 1e-5), router, tau, "free", **kw)
+        else:
+            tr.fused_input_router(x, ("silu_mul", torch.zeros(1, d, dtype=torch.float16)), router, tau, "free", **kw)
+    finally:
+        tr._router_kernel = real
     return seen[-1]
 
 
@@ -144,8 +176,21 @@ def main(argv=None):
     ap.add_argument(
         "--router-in-launch", action="store_true", help="with --routed: the router runs in the launch (64 hidden)"
     )
+    ap.add_argument(
+        "--router",
+        choices=("none", "rms_norm", "silu_mul"),
+        default=None,
+        help="instead: the fused router kernel for one token with this prologue (width --in-features, 64 hidden)",
+    )
+    ap.add_argument("--router-tiling", default="1,4,0", help="with --router: hidden units a program, warps, columns")
     ap.add_argument("--save", default=None, help="write the SASS, TTGIR and PTX to this path prefix")
     a = ap.parse_args(argv)
+    if a.router:
+        tiling = tuple(int(v) for v in a.router_tiling.split(","))
+        fn, grid, args, kw = router_launch(a.router, tiling, a.in_features, a.pdl)
+        sass, res = sass_and_resources(compile_sm90(fn, args, kw))
+        report(sass, res, 1, f"_router_kernel {a.router} d={a.in_features} tiling {tiling} grid {grid}")
+        return 0
     bits = tuple(int(b) for b in a.slices.split(","))
     N, K, group = a.n, a.in_features, 128
     tb._num_sms = lambda device: 132

@@ -171,6 +171,30 @@ def test_one_bit_plane_kernel_compiles_for_sm90(args):
     assert "_bp_gemv_bits_kernel" in run.stdout and "stack 0 B" in run.stdout, run.stdout
 
 
+@pytest.mark.parametrize(
+    "prologue,tiling,pdl",
+    [("none", "1,4,0", False), ("rms_norm", "16,4,256", True), ("silu_mul", "4,8,128", False)],
+    ids=["whole-rows", "splits-norm-pdl", "splits-product"],
+)
+def test_router_kernel_compiles_for_sm90(prologue, tiling, pdl):
+    """The fused router kernel's launches (whole rows, and column splits with each prologue) compile for sm_90
+    without a GPU, without spills: the interpreter accepts code (an early return of another shape in a constexpr
+    branch) that the compiler rejects."""
+    import os
+    import subprocess
+
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("this triton has no bundled CUDA tools")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "offline_sass.py"
+    args = ["--router", prologue, "--router-tiling", tiling, "--in-features", "4096", *(["--pdl"] if pdl else [])]
+    run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "_router_kernel" in run.stdout and "stack 0 B" in run.stdout, run.stdout
+
+
 def test_stream_pattern_kernels_on_cpu():
     """``stream_pattern.py``'s kernels in Triton's interpreter: each load pattern (word-column-major and tiled) and
     the flat stream read every word exactly once (their XOR is the buffer's), and the prototype GEMV matches the

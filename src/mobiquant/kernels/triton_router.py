@@ -162,14 +162,14 @@ def _router_part(
         ).to(tl.float32)
         acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
     if S > 1:
-        return acc  # [BM, HB]
-    h = acc + tl.load(b1_ptr + hrows, mask=hmask, other=0.0).to(tl.float32)[None, :]
-    h = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
-    r = tl.arange(0, RP)
-    w2 = tl.load(w2_ptr + r[:, None] * H + hrows[None, :], mask=(r[:, None] < R) & hmask[None, :], other=0.0).to(
-        tl.float32
-    )
-    return tl.sum(h[:, None, :] * w2[None, :, :], axis=2)  # [BM, RP]
+        out = acc  # [BM, HB]
+    else:
+        h = acc + tl.load(b1_ptr + hrows, mask=hmask, other=0.0).to(tl.float32)[None, :]
+        h = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+        r = tl.arange(0, RP)
+        w2 = tl.load(w2_ptr + r[:, None] * H + hrows[None, :], mask=(r[:, None] < R) & hmask[None, :], other=0.0)
+        out = tl.sum(h[:, None, :] * w2.to(tl.float32)[None, :, :], axis=2)  # [BM, RP]
+    return out
 
 
 @triton.jit
