@@ -18,8 +18,9 @@
 #   pattern  (only when named) benchmarks/stream_pattern.py: the weight reads alone against the decode, the package's
 #            GEMV with $PATTERN_CONFIGS beside the default (docs/RESULTS.md "Weight reads against the decode")
 #   tiling   (only when named) the router launch's tilings (router_launch_bench.py --sweep over $ROUTER_SWEEP), then the
-#            stack with the tiling fastest on its router inputs (the sum over the 8B o and down widths) and with
-#            whole rows of one hidden unit a program (the tiling before column splits), after the router tests compiled
+#            stack with the tiling fastest on its router inputs (one token, the sum over the 8B o and down widths)
+#            and with whole rows of one hidden unit a program (the tiling before column splits), after the router
+#            tests compiled
 #   tests    GPU tests of the launch modes measured (programmatic dependent launch, L2 requests, graphs); last:
 #            they compile every case and took more than one 10-minute call on an H200 (2026-12-03)
 #
@@ -42,8 +43,9 @@ E2E_CONFIGS=${E2E_CONFIGS:-",,4,,0,,1,,0;,,4,,0,,1,,1"}
 # the package's one-token GEMV on the stream-K grid with the ticket store, then with the second launch (the default)
 PATTERN_CONFIGS=${PATTERN_CONFIGS:-"128,64,4,4,0,,0,,,,,0;128,64,4,4,0,,0,,,,,1"}
 # the router sweep of the `tiling` stage: hidden units a program, warps, columns a program (0: whole rows); its inputs
-ROUTER_SWEEP=${ROUTER_SWEEP:-"--hbs 4,16,64 --warps 4,8 --cols 0,128,256,512"}
-ROUTER_INPUTS=${ROUTER_INPUTS:-"8b o (4096);8b down (14336);8b qkv/gate-up (rms_norm, 4096);8b down (silu_mul, 14336)"}
+# (the first sweep, 2026-12-03: --hbs 4,16,64 --warps 4,8 --cols 0,128,256,512 on the four 8B inputs); empty: all
+ROUTER_SWEEP=${ROUTER_SWEEP:-"--hbs 2,4,8 --warps 2,4 --cols 256,512,1024,2048 --tokens 1,8"}
+ROUTER_INPUTS=${ROUTER_INPUTS:-""}
 mkdir -p "$RES"
 
 run_stage() {  # NAME LIMIT CMD...: CMD under `timeout LIMIT`, output to $RES/NAME.txt, NAME.done on success
@@ -94,7 +96,7 @@ stage() {
         $ROUTER_SWEEP --inputs "$ROUTER_INPUTS"
       local pick
       pick=$("$PY" -c "import pandas as pd, sys
-d = pd.read_csv(sys.argv[1]); d = d[d.input.isin(['8b o (4096)', '8b down (14336)'])]
+d = pd.read_csv(sys.argv[1]); d = d[d.input.isin(['8b o (4096)', '8b down (14336)']) & (d.tokens == 1)]
 t = d.groupby(['hidden_per_program', 'num_warps', 'cols_per_program']).us.sum().idxmin()
 print(','.join(str(int(v)) for v in t))" "$RES/router_sweep/router_sweep.csv" 2>/dev/null || echo 1,4,0)
       echo "== stack router tiling: $pick"

@@ -129,7 +129,9 @@ ROUTER_INPUTS = {  # name: (input width, prologue kind or None)
 }
 
 
-def sweep_rows(reps, hidden=64, outputs=5, hbs=(1, 2, 4, 8, 16, 64), warps=(1, 2, 4, 8), cols=(0,), inputs=None):
+def sweep_rows(
+    reps, hidden=64, outputs=5, hbs=(1, 2, 4, 8, 16, 64), warps=(1, 2, 4, 8), cols=(0,), inputs=None, tokens=1
+):
     """us per router launch for each input of :data:`ROUTER_INPUTS` (or those named in ``inputs``) and tiling
     (hidden units a program x warps x columns a program, 0: whole rows), with the ratio to the package's default
     tiling (``triton_router.default_tiling``) and to whole rows of one hidden unit, 4 warps (``IN_LAUNCH_TILING``);
@@ -141,7 +143,7 @@ def sweep_rows(reps, hidden=64, outputs=5, hbs=(1, 2, 4, 8, 16, 64), warps=(1, 2
     for name, (d, kind) in ROUTER_INPUTS.items():
         if inputs and name not in inputs:
             continue
-        x = torch.randn(1, d, generator=gen).to("cuda", torch.float16)
+        x = torch.randn(tokens, d, generator=gen).to("cuda", torch.float16)
         w1, b1 = torch.randn(hidden, d, generator=gen) / d**0.5, torch.randn(hidden, generator=gen)
         w2, b2 = torch.randn(outputs, hidden, generator=gen), torch.randn(outputs, generator=gen)
         router = tuple(t.to("cuda") for t in (w1, b1, w2, b2))
@@ -150,14 +152,14 @@ def sweep_rows(reps, hidden=64, outputs=5, hbs=(1, 2, 4, 8, 16, 64), warps=(1, 2
         if kind == "rms_norm":
             pro = ("rms_norm", torch.rand(d, generator=gen).to("cuda", torch.float16) + 0.5, 1e-5)
         elif kind == "silu_mul":
-            pro = ("silu_mul", torch.randn(1, d, generator=gen).to("cuda", torch.float16))
+            pro = ("silu_mul", torch.randn(tokens, d, generator=gen).to("cuda", torch.float16))
 
         def launch(tiling, pro=pro, x=x, router=router, tau=tau):
             if pro is None:
                 return fused_router(x, *router, tau, "free", **tiling)
             return fused_input_router(x, pro, router, tau, "free", **tiling)[1:]
 
-        default = default_tiling(d, 1)
+        default = default_tiling(d, tokens)
         k_ref, v_ref = launch(default)
         base = time_graph(lambda default=default: launch(default), reps)
         one = time_graph(lambda: launch(IN_LAUNCH_TILING), reps)
@@ -168,10 +170,13 @@ def sweep_rows(reps, hidden=64, outputs=5, hbs=(1, 2, 4, 8, 16, 64), warps=(1, 2
                     k, v = launch(tiling)
                     same = torch.equal(k, k_ref) or bool(((v_ref - tau).abs() < 1e-4).any())
                     t = time_graph(lambda tiling=tiling: launch(tiling), reps)
-                    rows.append(dict(input=name, **tiling, us=t, x_default=base / t, x_whole_rows=one / t, same_k=same))
+                    rows.append(
+                        dict(input=name, tokens=tokens, **tiling, us=t, x_default=base / t, x_whole_rows=one / t,
+                             same_k=same)
+                    )  # fmt: skip
         best = min((r for r in rows if r["input"] == name), key=lambda r: r["us"])
-        print(f"{name}: default {base:.2f} us, whole rows one unit a program {one:.2f} us, best {best['us']:.2f} us "
-              f"at {best['hidden_per_program']} hidden a program, {best['num_warps']} warps, "
+        print(f"{name}, {tokens} token(s): default {base:.2f} us, whole rows one unit a program {one:.2f} us, "
+              f"best {best['us']:.2f} us at {best['hidden_per_program']} hidden a program, {best['num_warps']} warps, "
               f"{best['cols_per_program']} columns a program", flush=True)  # fmt: skip
     return rows
 
@@ -189,6 +194,7 @@ def main(argv=None):
     ap.add_argument("--warps", type=_ints, default=(1, 2, 4, 8), help="--sweep: warps a program")
     ap.add_argument("--cols", type=_ints, default=(0,), help="--sweep: input columns a program (0: whole rows)")
     ap.add_argument("--inputs", default="", help="--sweep: ';'-separated names of ROUTER_INPUTS (default all)")
+    ap.add_argument("--tokens", type=_ints, default=(1,), help="--sweep: tokens a launch (each count in turn)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -200,8 +206,14 @@ def main(argv=None):
         unknown = sorted(set(names) - set(ROUTER_INPUTS))
         if unknown:
             ap.error(f"--inputs {unknown} not among {sorted(ROUTER_INPUTS)}")
-        df = pd.DataFrame(sweep_rows(args.reps, hbs=args.hbs, warps=args.warps, cols=args.cols, inputs=names))
-        print(f"\n# one router launch per token (64 hidden, 5 outputs, fp16 inputs), us per launch in a CUDA graph "
+        df = pd.DataFrame(
+            [
+                row
+                for t in args.tokens
+                for row in sweep_rows(args.reps, hbs=args.hbs, warps=args.warps, cols=args.cols, inputs=names, tokens=t)
+            ]
+        )
+        print(f"\n# one router launch (64 hidden, 5 outputs, fp16 inputs), us per launch in a CUDA graph "
               f"of {args.reps}; {torch.cuda.get_device_name()}")  # fmt: skip
         print(df.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
         if args.out:

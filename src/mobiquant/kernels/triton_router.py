@@ -369,8 +369,19 @@ def one_token_shapes(d: int, n_hidden: int, r_out: int) -> dict[str, int]:
 IN_LAUNCH_TILING = dict(hidden_per_program=1, num_warps=4, cols_per_program=0)
 
 
+#: Input columns a program above which the default tiling splits the columns (``cols_per_program``), and the
+#: hidden units a program it takes then: the fastest measured (docs/RESULTS.md "Router launches: column splits").
+SPLIT_COLS = 512
+SPLIT_HIDDEN = 4
+
+
 def default_tiling(d: int, tokens: int) -> dict[str, int]:
-    """The launch's tiling where the caller names none, for inputs of width ``d`` and ``tokens`` rows."""
+    """The launch's tiling where the caller names none, for inputs of width ``d`` and ``tokens`` rows: rows wider
+    than :data:`SPLIT_COLS` split into column ranges of that many, :data:`SPLIT_HIDDEN` hidden units a program
+    (on an H200 a LLaMA-3-8B router launch for one token took 4.9-6.1 us so against 6.1-14.4 us over whole rows);
+    narrower rows whole, one hidden unit a program."""
+    if d > SPLIT_COLS:
+        return dict(hidden_per_program=SPLIT_HIDDEN, num_warps=4, cols_per_program=SPLIT_COLS)
     return dict(IN_LAUNCH_TILING)
 
 
