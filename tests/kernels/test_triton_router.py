@@ -160,6 +160,25 @@ def test_fused_router_column_splits_equal_torch(policy, d, hidden, tokens, hb, c
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+def test_default_tiling_splits_wide_rows_and_equals_torch():
+    """The default tiling splits rows wider than its column range (1024 for one token, 512 for more) and keeps
+    narrower rows whole; a default launch on such rows gives PyTorch's counts and gate values."""
+    from mobiquant.kernels.triton_router import IN_LAUNCH_TILING, default_tiling
+
+    assert default_tiling(4096, 1)["cols_per_program"] == 1024 and default_tiling(4096, 8)["cols_per_program"] == 512
+    assert default_tiling(576, 1) == IN_LAUNCH_TILING and default_tiling(576, 4)["cols_per_program"] == 512
+    r = make_router(1100, (3, 1, 1, 1, 1, 1), 8, "free")
+    x = torch.randn(3, 1100, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    _, m_ref = torch_counts(r, x, 0.0)
+    w = (r.net[0].weight, r.net[0].bias, r.net[2].weight, r.net[2].bias)
+    for rows in (x[:1], x):
+        tau = safe_taus(m_ref, 1)[1]
+        k_ref, m_rows = torch_counts(r, rows, tau)
+        k, m = kernels.fused_router(rows, *w, torch.tensor(tau, device=DEVICE), "free")
+        torch.testing.assert_close(m, m_rows, rtol=1e-5, atol=1e-5)
+        assert torch.equal(k, k_ref)
+
+
 def test_fused_router_errors():
     r = make_router(32, (2, 2), 8, "free")
     x = torch.randn(2, 32).to(DEVICE)

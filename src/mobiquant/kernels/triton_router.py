@@ -369,19 +369,22 @@ def one_token_shapes(d: int, n_hidden: int, r_out: int) -> dict[str, int]:
 IN_LAUNCH_TILING = dict(hidden_per_program=1, num_warps=4, cols_per_program=0)
 
 
-#: Input columns a program above which the default tiling splits the columns (``cols_per_program``), and the
-#: hidden units a program it takes then: the fastest measured (docs/RESULTS.md "Router launches: column splits").
+#: Input columns a program of the default tiling for one token (at most two rows: one token block) and for more:
+#: rows wider than that split into ranges of that many columns, :data:`SPLIT_HIDDEN` hidden units a program; the
+#: fastest measured (docs/RESULTS.md "Router launches: column splits").
+SPLIT_COLS_ONE_TOKEN = 1024
 SPLIT_COLS = 512
 SPLIT_HIDDEN = 4
 
 
 def default_tiling(d: int, tokens: int) -> dict[str, int]:
     """The launch's tiling where the caller names none, for inputs of width ``d`` and ``tokens`` rows: rows wider
-    than :data:`SPLIT_COLS` split into column ranges of that many, :data:`SPLIT_HIDDEN` hidden units a program
-    (on an H200 a LLaMA-3-8B router launch for one token took 4.9-6.1 us so against 6.1-14.4 us over whole rows);
-    narrower rows whole, one hidden unit a program."""
-    if d > SPLIT_COLS:
-        return dict(hidden_per_program=SPLIT_HIDDEN, num_warps=4, cols_per_program=SPLIT_COLS)
+    than :data:`SPLIT_COLS_ONE_TOKEN` (one or two tokens) or :data:`SPLIT_COLS` (more) split into column ranges of
+    that many, :data:`SPLIT_HIDDEN` hidden units a program, 4 warps (on an H200 a LLaMA-3-8B router launch for one
+    token took 4.5-5.5 us so against 6.0-14.2 us over whole rows); narrower rows whole, one hidden unit a program."""
+    cols = SPLIT_COLS_ONE_TOKEN if tokens <= 2 else SPLIT_COLS
+    if d > cols:
+        return dict(hidden_per_program=SPLIT_HIDDEN, num_warps=4, cols_per_program=cols)
     return dict(IN_LAUNCH_TILING)
 
 
