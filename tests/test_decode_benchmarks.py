@@ -195,6 +195,24 @@ def test_router_kernel_compiles_for_sm90(prologue, tiling, pdl):
     assert "_router_kernel" in run.stdout and "stack 0 B" in run.stdout, run.stdout
 
 
+def test_mma_proto_compiles_for_sm90():
+    """``mma_proto.py`` (a tensor-core decode counted offline, benchmarks/NOTES.md entry 19) compiles for sm_90 and
+    reports its loop's instructions a code."""
+    import os
+    import subprocess
+
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("this triton has no bundled CUDA tools")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "mma_proto.py"
+    args = ["--block-n", "64", "--word-cols", "4", "--n", "256", "--in-features", "512"]
+    run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "per code" in run.stdout and "LOP3" in run.stdout, run.stdout
+
+
 def test_stream_pattern_kernels_on_cpu():
     """``stream_pattern.py``'s kernels in Triton's interpreter: each load pattern (word-column-major and tiled) and
     the flat stream read every word exactly once (their XOR is the buffer's), and the prototype GEMV matches the
