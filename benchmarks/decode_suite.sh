@@ -9,6 +9,8 @@
 # Stages:
 #   stack    the 8B-shaped stack, static views and routed budgets: the library's default beside gemlite at 2, 4
 #            and 8 bits (if importable: bare_gpu.sh bundle carries its wheel), then $STACK_CONFIG
+#   package  (only when named) the 8B-shaped stack inside a Hugging Face model patched by the package: its decode path
+#            (captured graphs, one launch per router site, fused inputs) against the same model in fp16
 #   kernels  single linears, one token, graph-replayed: stream-K and whole-K with and without pdl / l2_prefetch /
 #            stages ($KERNEL_CONFIGS, benchmarks/kernel_bench.py parse_bits_config texts), 8B and SmolLM2 shapes,
 #            each alone and as 4 launches in a row over 4 layers (where pdl can overlap them)
@@ -88,6 +90,9 @@ stage() {
       fi
       run_stage e2e 1500 "$PY" benchmarks/e2e_decode.py --gguf "$GGUF" --budgets 4 --views 2 --fuse-inputs \
         --bits-configs "$E2E_CONFIGS" --out "$RES/e2e" ;;
+    package)
+      run_stage package 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed --fuse-inputs \
+        --out "$RES/package" ;;
     tiling)
       run_stage router_tests 300 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_triton_router.py \
         tests/kernels/test_fused_inputs.py
@@ -108,7 +113,7 @@ print(','.join(str(int(v)) for v in t))" "$RES/router_sweep/router_sweep.csv" 2>
       run_stage pattern 600 "$PY" benchmarks/stream_pattern.py --views 1,2,6 \
         --package-configs "$PATTERN_CONFIGS" --out "$RES/pattern" ;;
     *)
-      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling)" >&2
+      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package)" >&2
       return 2 ;;
   esac
 }
