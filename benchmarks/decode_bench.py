@@ -176,11 +176,16 @@ def fp16_step(layers, h):
     return h
 
 
-def q_step(layers, h, static_k=None, collect=False):
+def q_step(layers, h, static_k=None, collect=False, run_routers=False):
+    """One token through the quantized stack: each site's ``k`` from its router, or ``static_k`` (an int: known on
+    the host; a device tensor: read by the kernels), with ``run_routers`` the routers launched all the same and
+    their ``k`` dropped (what the routers cost inside the stack)."""
     for L in layers:
 
         def route(name, x):
             if static_k is not None:
+                if run_routers:
+                    L["r_" + name](x)
                 return static_k
             if collect:
                 L["r_" + name].calib.append(L["r_" + name].scores(x))
@@ -530,12 +535,13 @@ def dry_run(args):
     return 0
 
 
-def time_stack(q_layers, xs, static_k=None, cfg=None):
+def time_stack(q_layers, xs, static_k=None, cfg=None, run_routers=False):
     """us per token of the quantized stack (one CUDA graph of ``STEPS`` steps, median replay) with the launch
-    config ``cfg`` (None: the library's defaults), or NaN and why when the stack cannot be captured."""
+    config ``cfg`` (None: the library's defaults), or NaN and why when the stack cannot be captured
+    (``static_k``, ``run_routers``: :func:`q_step`'s)."""
     QLinear.small_config = cfg
     try:
-        g = graph_of(lambda x: q_step(q_layers, x, static_k=static_k), xs)
+        g = graph_of(lambda x: q_step(q_layers, x, static_k=static_k, run_routers=run_routers), xs)
         t = bench(g.replay, warmup=20, rep=200) / STEPS
         del g
         return t, ""
@@ -640,6 +646,12 @@ def main(argv=None):
         help="the quantized stack stores a step and zero point per view (quant.mobi.view_steps), read by each view",
     )
     ap.add_argument("--no-routed", action="store_true", help="skip the routed rows")
+    ap.add_argument(
+        "--routed-parts",
+        action="store_true",
+        help="also each static view with the routers launched (their k dropped) and with k read on the device "
+        "(no routers): what routing adds to a view, part by part",
+    )
     ap.add_argument("--no-package", action="store_true", help="skip the rows of the model patched by the package")
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per package row")
     ap.add_argument(
@@ -785,6 +797,16 @@ def main(argv=None):
         for forced in (True, False) if args.fields and tb._fields_ok(kb.SLICE_BITS, min(k, 4)) and k <= 4 else ():
             tc, why = time_stack(q_layers, xs, static_k=k, cfg=tb.SmallConfig(fields=forced))
             add(f"{'fields' if forced else 'concat'} k={k}", bits, tc, nb, why=why)
+
+    if args.routed_parts:  # where a routed token's time goes beside a static view's, per view
+        for k in range(1, ns + 1):
+            bits = view_bits(k)
+            nb = stack_bytes(shapes, args.layers, bits)
+            t, why = time_stack(q_layers, xs, static_k=k, run_routers=True)
+            add(f"static k={k} + routers", bits, t, nb, why=why)
+            k_dev = torch.full((1,), k, dtype=torch.int64, device="cuda")
+            t, why = time_stack(q_layers, xs, static_k=k_dev)
+            add(f"device k={k}", bits, t, nb, why=why)
 
     budgets = [] if args.no_routed else list(range(kb.SLICE_BITS[0], sum(kb.SLICE_BITS) + 1))
     # with k on the device, layouts that neither a one-token small kernel nor the one-bit plane kernel takes by

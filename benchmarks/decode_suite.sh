@@ -8,7 +8,8 @@
 #
 # Stages:
 #   stack    the 8B-shaped stack, static views and routed budgets: the library's default beside gemlite at 2, 4
-#            and 8 bits (if importable: bare_gpu.sh bundle carries its wheel), then $STACK_CONFIG
+#            and 8 bits (if importable: bare_gpu.sh bundle carries its wheel) and each view with its routers
+#            launched or its k on the device (--routed-parts), then $STACK_CONFIG
 #   package  (only when named) the 8B-shaped stack inside a Hugging Face model patched by the package: its decode path
 #            (captured graphs, one launch per router site, fused inputs) against the same model in fp16
 #   kernels  single linears, one token, graph-replayed: stream-K and whole-K with and without pdl / l2_prefetch /
@@ -80,7 +81,7 @@ stage() {
       run_stage routers 300 "$PY" benchmarks/router_launch_bench.py ;;
     stack)
       run_stage stack_default 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --bits --no-package \
-        --gemlite --out "$RES/stack_default"
+        --gemlite --routed-parts --out "$RES/stack_default"
       run_stage stack_config 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --bits --no-package \
         --bits-config "$STACK_CONFIG" --out "$RES/stack_config" ;;
     e2e)

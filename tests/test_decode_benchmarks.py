@@ -148,6 +148,44 @@ def test_layout_option_and_bits_config(monkeypatch, capsys):
     assert "100.0 ( 4.00x)" in out and "routed 4" in out
 
 
+def test_q_step_routes_static_runs_routers_or_takes_device_k():
+    """``q_step``'s modes for ``--routed-parts``: a static view with the routers launched gets the static ``k`` at
+    every linear and runs every router once; a device ``k`` reaches the linears as that tensor, no router runs; the
+    routed step takes each site's ``k`` from its router."""
+    calls = []
+
+    class Lin:
+        def __init__(self, name):
+            self.name = name
+
+        def __call__(self, x, k):
+            calls.append((self.name, k))
+            return x
+
+    class Rout:
+        def __init__(self, name, k):
+            self.name, self.k = name, k
+
+        def __call__(self, x):
+            calls.append(("r_" + self.name, None))
+            return self.k
+
+    layer = {n: Lin(n) for n in ("q", "k", "v", "o", "gate", "up", "down")}
+    layer.update({"r_" + n: Rout(n, k) for n, k in (("qkv", 3), ("o", 4), ("gu", 5), ("down", 6))})
+    h = torch.ones(1, 4)
+    decode_bench.q_step([layer], h, static_k=2, run_routers=True)
+    assert sorted(c[0] for c in calls if c[0].startswith("r_")) == ["r_down", "r_gu", "r_o", "r_qkv"]
+    assert all(k == 2 for n, k in calls if not n.startswith("r_"))
+    calls.clear()
+    k_dev = torch.full((1,), 2, dtype=torch.int64)
+    decode_bench.q_step([layer], h, static_k=k_dev)
+    assert len(calls) == 7 and all(k is k_dev for _, k in calls)
+    calls.clear()
+    decode_bench.q_step([layer], h)
+    got = {n: k for n, k in calls if not n.startswith("r_")}
+    assert got == {"q": 3, "k": 3, "v": 3, "o": 4, "gate": 5, "up": 5, "down": 6}
+
+
 @pytest.mark.parametrize(
     "args",
     [["--k", "2"], ["--device-k"], ["--routed", "--site", "3"], ["--routed", "--site", "3", "--router-in-launch"]],
