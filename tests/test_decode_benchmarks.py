@@ -251,6 +251,50 @@ def test_mma_proto_compiles_for_sm90():
     assert "per code" in run.stdout and "LOP3" in run.stdout, run.stdout
 
 
+def test_gluon_proto_pack_and_decode_give_the_codes():
+    """``gluon_proto.py``'s fragment-native pack, decoded by the kernel's own bit operations (emulated on int64):
+    every code comes out as ``1024 + C 2^s`` at its logical column, and with ``prepare_x``'s activations and offsets a
+    group's product minus the offset is ``sum C x``."""
+    pytest.importorskip("triton.experimental.gluon", reason="this triton has no Gluon")
+    import gluon_proto as gp
+
+    gen = torch.Generator().manual_seed(0)
+    n, k = 16, 256
+    codes = torch.randint(0, 16, (n, k), generator=gen)
+    a = gp.decode_reference(gp.pack_fragment(codes))
+    s = torch.tensor([j - gp.window_offset(j) for j in range(16)])
+    col_s = torch.empty(128, dtype=torch.long)
+    col_s[gp.logical_columns().flatten()] = s[:, None, None].expand(16, 4, 2).flatten()
+    assert torch.equal(a, 1024 + codes.double() * torch.pow(2.0, col_s.repeat(k // 128).double()))
+    x = torch.randn(k, generator=gen).half()
+    xb, off, xs = gp.prepare_x(x)
+    got = (a.reshape(n, -1, 128) * xb[0].double().reshape(-1, 128)).sum(-1) - off.double()
+    ref = (codes.double().reshape(n, -1, 128) * x.double().reshape(-1, 128)).sum(-1)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-3)
+    torch.testing.assert_close(xs.double(), x.double().reshape(-1, 128).sum(1))
+    with pytest.raises(ValueError, match="4-bit"):
+        gp.pack_fragment(codes[:, :100])
+
+
+def test_gluon_proto_compiles_for_sm90():
+    """``gluon_proto.py``'s kernel compiles for sm_90 offline (its A operand needs no data movement:
+    ``convert_layout(assert_trivial=True)``), no spill, and reports the group loop's instructions a code."""
+    import os
+    import subprocess
+
+    import triton
+
+    pytest.importorskip("triton.experimental.gluon", reason="this triton has no Gluon")
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("this triton has no bundled CUDA tools")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gluon_proto.py"
+    args = ["--block-n", "64", "--n", "256", "--in-features", "512"]
+    run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "per code" in run.stdout and "HMMA" in run.stdout and "stack 0 B" in run.stdout, run.stdout
+
+
 def test_stream_pattern_kernels_on_cpu():
     """``stream_pattern.py``'s kernels in Triton's interpreter: each load pattern (word-column-major and tiled) and
     the flat stream read every word exactly once (their XOR is the buffer's), and the prototype GEMV matches the
