@@ -6,18 +6,22 @@ and Triton's ``tl.dot`` gave no better (4.1-4.3: the operand went through shared
 for ``mma.sync.m16n8k16``'s A fragment and the kernel (Gluon: explicit layouts) takes it straight from registers.
 
 **Pack** (:func:`pack_fragment`; 4 planes, plane 0 the code's most significant bit; groups of 128 columns). Logical
-column ``k`` of a group is ``8 j + 2 q + par``; word ``q`` (0-3) of a row and group holds, in bit ``j + 16 par`` of
-plane ``e``, bit ``3 - e`` of the code at column ``k``. The lane of a quad that owns the fragment pairs of that
-quarter loads that word, so each thread reads only its own codes.
+column ``k`` of a group is ``8 j + 2 q + par``; word ``q`` (0-3) of a row and group holds, in bit
+``(j + 16 par + 3 - e) mod 32`` of plane ``e``, bit ``3 - e`` of the code at column ``k``: each plane rotated by its
+place in the code. The lane of a quad that owns the fragment pairs of quarter ``q`` loads that word, so each thread
+reads only its own codes.
 
-**Decode** (:func:`_pj`, emulated in :func:`decode_reference`): the planes shifted and merged by bit selects into
-field words (each code's 4 bits side by side), in three windows of codes (0-6, 7-13, 14-15: offsets 0, 7, 12) so a
-field ``C 2^s`` (``s = j - offset``) fits a fp16 mantissa; then one LOP3 ``(F & mask) | 0x64006400`` makes two fp16
-values ``1024 + C 2^s``: columns ``k`` and ``k + 1`` of the row, the pair the A fragment holds in one register.
+**Decode** (:func:`_pj`, emulated in :func:`decode_reference`): per residue ``r`` of ``j`` (mod 4) three bit selects
+of the planes make a field word ``F_r`` holding the 4-bit fields of its 8 codes side by side (the planes need no
+shift); rotated right by ``r`` (codes 0-7) or ``r + 8`` (8-15), a code's field sits at bit 0 or 4 of each half,
+inside an fp16 mantissa; one LOP3 ``(F & mask) | 0x64006400`` makes two fp16 values ``1024 + C 2^s`` (``s`` 0 or 4):
+columns ``k`` and ``k + 1`` of the row, the pair the A fragment holds in one register. Per 32 codes: 12 selects, 7
+rotations, 16 pair LOP3s, 4 ``mma.sync`` (8 codes each).
 
-**Activations** (:func:`prepare_x`, once per token): ``x' = x 2^-s`` in logical order (column 0 of an ``[K, 8]`` B:
-up to 8 tokens at no extra cost), and per group ``off = 1024 sum x'`` and ``xs = sum x``. Per group and row the
-kernel adds ``scale (acc - off - zero xs)``: ``W x`` with ``W = scale (C - zero)``.
+**Activations** (:func:`prepare_x`, once per token): ``x' = x 2^-s`` in logical order, group ``g``'s in column
+``g % 8`` of its ``[128, 8]`` B (zeros elsewhere), so eight groups share one accumulator, a column each; per group
+``off = 1024 sum x'`` and ``xs = sum x``. Every eight groups the kernel adds ``scale (acc - off - zero xs)`` per row
+and column (``W x`` with ``W = scale (C - zero)``), and sums the columns at the end.
 
     python benchmarks/gluon_proto.py                 # compile for sm_90 offline, count the group loop
     python benchmarks/gluon_proto.py --check --time  # on a GPU: against PyTorch, then timed beside fp16 cuBLAS
@@ -41,12 +45,18 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 GROUP = 128
 PLANES = 4
-OFFSETS = (0, 7, 12)  # the windows' offsets: codes 0-6, 7-13, 14-15
+BATCH_GROUPS = 8  # groups whose partial sums share one accumulator, one mma column each
 
 
-def window_offset(j: int) -> int:
-    """The offset of code ``j``'s window (its field sits at bits ``j - offset ..``)."""
-    return 0 if j < 7 else (7 if j < 14 else 12)
+def field_shift(j: int) -> int:
+    """The power of two code ``j``'s field carries once rotated into place: 0 for ``j % 8 < 4``, else 4."""
+    return 4 if j % 8 >= 4 else 0
+
+
+def rotation(j: int) -> int:
+    """How far right field word ``F_r`` (``r = j % 4``) is rotated so that code ``j``'s field sits at bit
+    :func:`field_shift` of each half: ``r`` for codes 0-7, ``r + 8`` for codes 8-15."""
+    return j % 4 + (8 if j >= 8 else 0)
 
 
 def logical_columns() -> torch.Tensor:
@@ -57,15 +67,17 @@ def logical_columns() -> torch.Tensor:
 
 def pack_fragment(codes: torch.Tensor) -> torch.Tensor:
     """Words ``[PLANES, K / 32, N]`` (int32) of 4-bit ``codes [N, K]`` (K a multiple of 128): word ``4 g + q`` of
-    group ``g``; bit ``j + 16 par`` of plane ``e`` is bit ``3 - e`` of the code at group column ``8 j + 2 q + par``."""
+    group ``g``; bit ``(j + 16 par + 3 - e) mod 32`` of plane ``e`` is bit ``3 - e`` of the code at group column
+    ``8 j + 2 q + par`` (each plane rotated by its place in the code, so the fields need selects only)."""
     n, k = codes.shape
     if k % GROUP or codes.min() < 0 or codes.max() > 15:
         raise ValueError(f"codes must be 4-bit with a multiple of {GROUP} columns, got {tuple(codes.shape)}")
     cols = logical_columns()  # [16, 4, 2]
     c = codes.reshape(n, k // GROUP, GROUP)[:, :, cols]  # [N, G, 16, 4, 2]
-    pos = (torch.arange(16)[:, None, None] + 16 * torch.arange(2)[None, None, :]).expand(16, 4, 2)
+    base = (torch.arange(16)[:, None, None] + 16 * torch.arange(2)[None, None, :]).expand(16, 4, 2)
     words = []
     for e in range(PLANES):
+        pos = (base + PLANES - 1 - e) % 32
         bits = ((c >> (PLANES - 1 - e)) & 1).to(torch.int64) << pos  # [N, G, 16, 4, 2]
         w = bits.sum(dim=(2, 4))  # [N, G, 4]: each bit set once
         w = torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
@@ -74,39 +86,37 @@ def pack_fragment(codes: torch.Tensor) -> torch.Tensor:
 
 
 def prepare_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For activations ``x [K]``: ``xb [8, K]`` fp16 (row 0 ``x 2^-s`` in logical order, the rest zero), and per
-    group ``off = 1024 sum x 2^-s`` and ``xs = sum x`` (fp32)."""
+    """For activations ``x [K]`` (K a multiple of ``128 x 8``): ``xb [G, 8, 128]`` fp16, group ``g``'s ``x 2^-s``
+    (logical order) in column ``g % 8`` and zeros in the others, and per group ``off = 1024 sum x 2^-s`` and
+    ``xs = sum x`` (fp32)."""
     k = x.numel()
+    g = k // GROUP
+    if k % (GROUP * BATCH_GROUPS):
+        raise ValueError(f"activations must have a multiple of {GROUP * BATCH_GROUPS} columns, got {k}")
     cols = logical_columns()
-    s = torch.tensor([j - window_offset(j) for j in range(16)])[:, None, None].expand(16, 4, 2)
+    sh = torch.tensor([field_shift(j) for j in range(16)])[:, None, None].expand(16, 4, 2)
     scale = torch.empty(GROUP)
-    scale[cols.flatten()] = torch.pow(2.0, -s.flatten().float())
-    xg = x.float().reshape(-1, GROUP)
-    xp = (xg * scale).reshape(k)
-    xb = torch.zeros(8, k, dtype=torch.float16, device=x.device)
-    xb[0] = xp.to(torch.float16)
-    off = 1024.0 * xb[0].float().reshape(-1, GROUP).sum(1)
-    return xb, off, xg.sum(1)
+    scale[cols.flatten()] = torch.pow(2.0, -sh.flatten().float())
+    xg = x.float().reshape(g, GROUP)
+    xp = (xg * scale.to(x.device)).to(torch.float16)
+    xb = torch.zeros(g, BATCH_GROUPS, GROUP, dtype=torch.float16, device=x.device)
+    xb[torch.arange(g), torch.arange(g) % BATCH_GROUPS] = xp
+    return xb, 1024.0 * xp.float().sum(1), xg.sum(1)
 
 
 def _pj_reference(w: list[torch.Tensor], j: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_pj`'s bit operations on int64 words: the low and high 16-bit lanes of code ``j``'s pair."""
-    off = window_offset(j)
-
-    def shift(v, s):
-        return (v << s) & 0xFFFFFFFF if s > 0 else (v >> -s if s < 0 else v)
-
-    lw = [shift(w[e], PLANES - 1 - e - off) for e in range(PLANES)]
-    r = j % 4
+    r, rot = j % 4, rotation(j)
 
     def sel(f, v, m):
         return (f & ~m & 0xFFFFFFFF) | (v & m)
 
-    f = sel(lw[3], lw[2], (0x11111111 << ((r - off + 1) % 4)) & 0xFFFFFFFF)
-    f = sel(f, lw[1], (0x11111111 << ((r - off + 2) % 4)) & 0xFFFFFFFF)
-    f = sel(f, lw[0], (0x11111111 << ((r - off + 3) % 4)) & 0xFFFFFFFF)
-    mask = (15 << (j - off)) | (15 << (16 + j - off))
-    t = (f & mask) | 0x64006400
+    f = sel(w[3], w[2], (0x11111111 << ((r + 1) % 4)) & 0xFFFFFFFF)
+    f = sel(f, w[1], (0x11111111 << ((r + 2) % 4)) & 0xFFFFFFFF)
+    f = sel(f, w[0], (0x11111111 << ((r + 3) % 4)) & 0xFFFFFFFF)
+    f = ((f >> rot) | (f << (32 - rot))) & 0xFFFFFFFF if rot else f
+    sh = field_shift(j)
+    t = (f & ((15 << sh) | (15 << (16 + sh)))) | 0x64006400
     return t & 0xFFFF, t >> 16
 
 
@@ -128,6 +138,7 @@ def decode_reference(words: torch.Tensor) -> torch.Tensor:
 
 @gluon.jit
 def _sel(f, v, M: ttgl.constexpr):
+    """``M ? v : f`` bitwise (one LOP3)."""
     return ttgl.inline_asm_elementwise(
         "lop3.b32 $0, $1, $2, $3, 0xB8;",
         "=r,r,r,r",
@@ -139,7 +150,24 @@ def _sel(f, v, M: ttgl.constexpr):
 
 
 @gluon.jit
+def _rot(f, S: ttgl.constexpr):
+    """``f`` rotated right by ``S`` (one funnel shift)."""
+    if S == 0:
+        return f
+    else:
+        return ttgl.inline_asm_elementwise(
+            "shf.r.wrap.b32 $0, $1, $1, $2;",
+            "=r,r,r",
+            [f, ttgl.full(f.shape, S, ttgl.uint32, f.type.layout)],
+            dtype=ttgl.uint32,
+            is_pure=True,
+            pack=1,
+        )
+
+
+@gluon.jit
 def _pair(g, M: ttgl.constexpr):
+    """``(g & M) | 0x64006400`` (one LOP3) as two fp16: the low and the high half."""
     return ttgl.inline_asm_elementwise(
         "{ .reg .b32 t; lop3.b32 t, $2, $3, 0x64006400, 0xEA; mov.b32 {$0, $1}, t; }",
         "=h,=h,r,r",
@@ -151,27 +179,16 @@ def _pair(g, M: ttgl.constexpr):
 
 
 @gluon.jit
-def _shift(w, S: ttgl.constexpr):
-    if S > 0:
-        return w << S
-    elif S < 0:
-        return w >> (-S)  # unsigned words: a logical shift
-    else:
-        return w
-
-
-@gluon.jit
 def _pj(w0, w1, w2, w3, J: ttgl.constexpr):
-    OFF: ttgl.constexpr = 0 if J < 7 else (7 if J < 14 else 12)
-    l0 = _shift(w0, 3 - OFF)
-    l1 = _shift(w1, 2 - OFF)
-    l2 = _shift(w2, 1 - OFF)
-    l3 = _shift(w3, 0 - OFF)
+    """Code ``J`` of both halves of every word as an fp16 pair ``[BN, 4, 2]``: the field word of ``J``'s residue
+    (three selects of the planes, shared by the residue's codes), rotated (shared by two codes), then one LOP3."""
     r: ttgl.constexpr = J % 4
-    f = _sel(l3, l2, 0x11111111 << ((r - OFF + 1) % 4))
-    f = _sel(f, l1, 0x11111111 << ((r - OFF + 2) % 4))
-    f = _sel(f, l0, 0x11111111 << ((r - OFF + 3) % 4))
-    lo, hi = _pair(f, (15 << (J - OFF)) | (15 << (16 + J - OFF)))
+    f = _sel(w3, w2, 0x11111111 << ((r + 1) % 4))
+    f = _sel(f, w1, 0x11111111 << ((r + 2) % 4))
+    f = _sel(f, w0, 0x11111111 << ((r + 3) % 4))
+    f = _rot(f, r + (8 if J >= 8 else 0))
+    SH: ttgl.constexpr = 4 if J % 8 >= 4 else 0
+    lo, hi = _pair(f, (15 << SH) | (15 << (16 + SH)))
     return ttgl.join(lo, hi)
 
 
@@ -184,10 +201,10 @@ def _tree(w0, w1, w2, w3, J0: ttgl.constexpr, D: ttgl.constexpr):
 
 
 @gluon.jit
-def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, N, PSTRIDE, G, K,
+def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, N, PSTRIDE, G,
                      BN: ttgl.constexpr, RREG: ttgl.constexpr):  # fmt: skip
-    # the words [BN, 4] of one plane and group: lanes 0-1 the quarter, lanes 2-4 rows 1, 2, 4, registers row 8
-    # and the M repeats, warps rows 16, 32: the rows and quarters whose fragments each thread holds
+    # the words [BN, 4] of one plane and group: lanes 0-1 the quarter, lanes 2-4 rows 1, 2, 4, registers row 8 and
+    # the M repeats, warps rows 16, 32: the rows and quarters whose A fragments each thread holds
     LW: ttgl.constexpr = ttgl.DistributedLinearLayout(
         reg_bases=RREG, lane_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]], warp_bases=[[16, 0], [32, 0]],
         block_bases=[], shape=[BN, 4],
@@ -202,37 +219,37 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, N, PS
     nb = ttgl.arange(0, 8, layout=ttgl.SliceLayout(0, BL))
     ro = pid * BN + ttgl.arange(0, BN, layout=ttgl.SliceLayout(1, MMA))
     no = ttgl.arange(0, 8, layout=ttgl.SliceLayout(0, MMA))
-    acc = ttgl.zeros([BN, 8], ttgl.float32, MMA)
-    for g in range(0, G):
-        offs = (g * 4 + qs)[None, :] * N + rows[:, None]
-        w0 = ttgl.load(w_ptr + offs).to(ttgl.uint32, bitcast=True)
-        w1 = ttgl.load(w_ptr + PSTRIDE + offs).to(ttgl.uint32, bitcast=True)
-        w2 = ttgl.load(w_ptr + 2 * PSTRIDE + offs).to(ttgl.uint32, bitcast=True)
-        w3 = ttgl.load(w_ptr + 3 * PSTRIDE + offs).to(ttgl.uint32, bitcast=True)
-        t = _tree(w0, w1, w2, w3, 0, 16)  # [BN, 4 (q), 2 (par), 2, 2, 2, 2 (the bits of j)]
-        a = ttgl.reshape(ttgl.permute(t, [0, 6, 5, 4, 3, 1, 2]), [BN, 128])  # column 8 j + 2 q + par
-        a = ttgl.convert_layout(a, AL, assert_trivial=True)  # registers already in place: no data moves
-        xb = ttgl.load(x_ptr + (g * 128 + kb)[:, None] + nb[None, :] * K)
-        part = mma_v2(a, xb, ttgl.zeros([BN, 8], ttgl.float32, MMA))
-        sc = ttgl.load(s_ptr + g * N + ro).to(ttgl.float32)
-        zp = ttgl.load(z_ptr + g * N + ro).to(ttgl.float32)
-        off = ttgl.load(off_ptr + g * 8 + no)
-        xs = ttgl.load(xs_ptr + g * 8 + no)
-        acc += sc[:, None] * (part - off[None, :] - zp[:, None] * xs[None, :])
-    ttgl.store(out_ptr + ro[:, None] * 8 + no[None, :], acc)
+    total = ttgl.zeros([BN, 8], ttgl.float32, MMA)
+    for g0 in range(0, G, 8):
+        acc = ttgl.zeros([BN, 8], ttgl.float32, MMA)  # column n: group g0 + n's sum of C x'
+        for i in ttgl.static_range(8):
+            offs = ((g0 + i) * 4 + qs)[None, :] * N + rows[:, None]
+            w0 = ttgl.load(w_ptr + offs).to(ttgl.uint32, bitcast=True)
+            w1 = ttgl.load(w_ptr + PSTRIDE + offs).to(ttgl.uint32, bitcast=True)
+            w2 = ttgl.load(w_ptr + 2 * PSTRIDE + offs).to(ttgl.uint32, bitcast=True)
+            w3 = ttgl.load(w_ptr + 3 * PSTRIDE + offs).to(ttgl.uint32, bitcast=True)
+            t = _tree(w0, w1, w2, w3, 0, 16)  # [BN, 4 (q), 2 (par), 2, 2, 2, 2 (the bits of j)]
+            a = ttgl.reshape(ttgl.permute(t, [0, 6, 5, 4, 3, 1, 2]), [BN, 128])  # column 8 j + 2 q + par
+            a = ttgl.convert_layout(a, AL, assert_trivial=True)  # registers already in place: no data moves
+            xb = ttgl.load(x_ptr + (g0 + i) * 1024 + nb[None, :] * 128 + kb[:, None])  # x' in column i only
+            acc = mma_v2(a, xb, acc)
+        sc = ttgl.load(s_ptr + ro[:, None] * G + (g0 + no)[None, :]).to(ttgl.float32)
+        zp = ttgl.load(z_ptr + ro[:, None] * G + (g0 + no)[None, :]).to(ttgl.float32)
+        off = ttgl.load(off_ptr + g0 + no)
+        xs = ttgl.load(xs_ptr + g0 + no)
+        total += sc * (acc - off[None, :] - zp * xs[None, :])
+    ttgl.store(out_ptr + ro, ttgl.sum(total, axis=1))
 
 
 def _launch_args(words, scale, zero, xb, off, xs, out, block_n):
     n = words.shape[2]
-    k = xb.shape[1]
     rreg = [[8, 0]] + [[64 * 2**i, 0] for i in range(int(math.log2(block_n // 64)))]
-    args = (words, scale, zero, xb, off, xs, out, n, words.shape[1] * n, k // GROUP, k)
+    args = (words, scale, zero, xb, off, xs, out, n, words.shape[1] * n, xb.shape[0])
     return args, dict(BN=block_n, RREG=rreg, num_warps=4)
 
 
 def count(n, k, block_n):
     """Compile for sm_90 without a GPU and print the group loop's instructions a code."""
-    kern = frag_gemv_kernel
     from triton.compiler import make_backend
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import create_function_from_signature
@@ -240,12 +257,13 @@ def count(n, k, block_n):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import offline_sass as osx
 
+    kern = frag_gemv_kernel
     g = k // GROUP
     words = torch.zeros(PLANES, g * 4, n, dtype=torch.int32)
-    sc = torch.zeros(g, n, dtype=torch.float16)
-    xb = torch.zeros(8, k, dtype=torch.float16)
-    vec = torch.zeros(g, 8)
-    out = torch.zeros(n, 8)
+    sc = torch.zeros(n, g, dtype=torch.float16)
+    xb = torch.zeros(g, BATCH_GROUPS, GROUP, dtype=torch.float16)
+    vec = torch.zeros(g)
+    out = torch.zeros(n)
     args, kw = _launch_args(words, sc, sc, xb, vec, vec, out, block_n)
     backend = make_backend(osx.TARGET)
     binder = create_function_from_signature(kern.signature, kern.params, backend)
@@ -253,22 +271,19 @@ def count(n, k, block_n):
     options, signature, constexprs, attrs = kern._pack_args(backend, kw, bound, spec, opts)
     ck = triton.compile(GluonASTSource(kern, signature, constexprs, attrs), target=osx.TARGET, options=options.__dict__)
     sass, res = osx.sass_and_resources(ck)
-    codes = block_n * GROUP / 128  # codes a thread decodes a group (4 warps)
+    codes = block_n * GROUP * BATCH_GROUPS / 128  # codes a thread decodes an iteration of the 8-group loop
     osx.report(sass, res, codes, f"frag_gemv_kernel BN={block_n} (triton {triton.__version__})")
 
 
 def frag_gemv(words, scale, zero, x, block_n=128):
     """``W x`` on a GPU for one token ``x [K]`` (``W = scale (C - zero)`` per row and group, ``scale``/``zero``
-    ``[G, N]`` fp16)."""
-    kern = frag_gemv_kernel
+    ``[N, G]`` fp16)."""
     xb, off, xs = prepare_x(x)
     n = words.shape[2]
-    vec = [torch.zeros(off.numel(), 8, device=x.device) for _ in range(2)]
-    vec[0][:, 0], vec[1][:, 0] = off, xs
-    out = torch.empty(n, 8, device=x.device)
-    args, kw = _launch_args(words, scale, zero, xb, vec[0], vec[1], out, block_n)
-    kern[(n // block_n,)](*args, **kw)
-    return out[:, 0]
+    out = torch.empty(n, device=x.device)
+    args, kw = _launch_args(words, scale, zero, xb, off, xs, out, block_n)
+    frag_gemv_kernel[(n // block_n,)](*args, **kw)
+    return out
 
 
 def main(argv=None):
@@ -289,12 +304,12 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(0)
     g = a.in_features // GROUP
     codes = torch.randint(0, 16, (a.n, a.in_features), generator=gen)
-    scale = (torch.rand(g, a.n, generator=gen) * 0.02 + 0.01).half()
-    zero = (torch.rand(g, a.n, generator=gen) * 15).half()
+    scale = (torch.rand(a.n, g, generator=gen) * 0.02 + 0.01).half()
+    zero = (torch.rand(a.n, g, generator=gen) * 15).half()
     x = torch.randn(a.in_features, generator=gen).half()
     words = pack_fragment(codes).cuda()
     sc, zp, xc = scale.cuda(), zero.cuda(), x.cuda()
-    w_ref = (codes.float().reshape(a.n, g, GROUP) - zero.float().t()[:, :, None]) * scale.float().t()[:, :, None]
+    w_ref = (codes.float().reshape(a.n, g, GROUP) - zero.float()[:, :, None]) * scale.float()[:, :, None]
     ref = w_ref.reshape(a.n, -1) @ x.float()
     if a.check:
         y = frag_gemv(words, sc, zp, xc, a.block_n).cpu()

@@ -259,21 +259,24 @@ def test_gluon_proto_pack_and_decode_give_the_codes():
     import gluon_proto as gp
 
     gen = torch.Generator().manual_seed(0)
-    n, k = 16, 256
+    n, k = 16, 1024
     codes = torch.randint(0, 16, (n, k), generator=gen)
     a = gp.decode_reference(gp.pack_fragment(codes))
-    s = torch.tensor([j - gp.window_offset(j) for j in range(16)])
+    s = torch.tensor([gp.field_shift(j) for j in range(16)])
     col_s = torch.empty(128, dtype=torch.long)
     col_s[gp.logical_columns().flatten()] = s[:, None, None].expand(16, 4, 2).flatten()
     assert torch.equal(a, 1024 + codes.double() * torch.pow(2.0, col_s.repeat(k // 128).double()))
     x = torch.randn(k, generator=gen).half()
     xb, off, xs = gp.prepare_x(x)
-    got = (a.reshape(n, -1, 128) * xb[0].double().reshape(-1, 128)).sum(-1) - off.double()
+    xcol = xb[torch.arange(k // 128), torch.arange(k // 128) % 8].double()  # group g's x' sits in column g % 8
+    got = (a.reshape(n, -1, 128) * xcol).sum(-1) - off.double()
     ref = (codes.double().reshape(n, -1, 128) * x.double().reshape(-1, 128)).sum(-1)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-3)
     torch.testing.assert_close(xs.double(), x.double().reshape(-1, 128).sum(1))
     with pytest.raises(ValueError, match="4-bit"):
         gp.pack_fragment(codes[:, :100])
+    with pytest.raises(ValueError, match="multiple of 1024"):
+        gp.prepare_x(x[:256])
 
 
 def test_gluon_proto_compiles_for_sm90():
@@ -289,7 +292,7 @@ def test_gluon_proto_compiles_for_sm90():
         pytest.skip("this triton has no bundled CUDA tools")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "gluon_proto.py"
-    args = ["--block-n", "64", "--n", "256", "--in-features", "512"]
+    args = ["--block-n", "64", "--n", "256", "--in-features", "1024"]
     run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "per code" in run.stdout and "HMMA" in run.stdout and "stack 0 B" in run.stdout, run.stdout
