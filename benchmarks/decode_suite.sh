@@ -10,6 +10,8 @@
 #   stack    the 8B-shaped stack, static views and routed budgets: the library's default beside gemlite at 2, 4
 #            and 8 bits (if importable: bare_gpu.sh bundle carries its wheel) and each view with its routers
 #            launched or its k on the device (--routed-parts), then $STACK_CONFIG
+#   gluon    (only when named) benchmarks/gluon_proto.py --check --time: the fragment-native Gluon GEMV prototype
+#            against PyTorch, then the 8B shapes beside the package's 4-bit view and fp16 cuBLAS
 #   package  (only when named) the 8B-shaped stack inside a Hugging Face model patched by the package: its decode path
 #            (captured graphs, one launch per router site, fused inputs) against the same model in fp16
 #   kernels  single linears, one token, graph-replayed: stream-K and whole-K with and without pdl / l2_prefetch /
@@ -91,6 +93,8 @@ stage() {
       fi
       run_stage e2e 1500 "$PY" benchmarks/e2e_decode.py --gguf "$GGUF" --budgets 4 --views 2 --fuse-inputs \
         --bits-configs "$E2E_CONFIGS" --out "$RES/e2e" ;;
+    gluon)
+      run_stage gluon 300 "$PY" benchmarks/gluon_proto.py --check --time ;;
     package)
       run_stage package 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed --fuse-inputs \
         --out "$RES/package" ;;
@@ -114,7 +118,7 @@ print(','.join(str(int(v)) for v in t))" "$RES/router_sweep/router_sweep.csv" 2>
       run_stage pattern 600 "$PY" benchmarks/stream_pattern.py --views 1,2,6 \
         --package-configs "$PATTERN_CONFIGS" --out "$RES/pattern" ;;
     *)
-      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package)" >&2
+      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package gluon)" >&2
       return 2 ;;
   esac
 }

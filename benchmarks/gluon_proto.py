@@ -24,10 +24,11 @@ rotations, 16 pair LOP3s, 4 ``mma.sync`` (8 codes each).
 and column (``W x`` with ``W = scale (C - zero)``), and sums the columns at the end.
 
     python benchmarks/gluon_proto.py                 # compile for sm_90 offline, count the group loop
-    python benchmarks/gluon_proto.py --check --time  # on a GPU: against PyTorch, then timed beside fp16 cuBLAS
+    python benchmarks/gluon_proto.py --check --time  # on a GPU: against PyTorch, then the 8B shapes timed beside
+                                                     # the package's 4-bit view and fp16 cuBLAS
 
-Written against triton 3.9's Gluon (``DistributedLinearLayout``, ``NVMMADistributedLayout`` with ``instr_shape``);
-other versions' Gluon differ. Not yet run on a GPU.
+Written against Gluon's ``DistributedLinearLayout`` and ``NVMMADistributedLayout``; compiles offline with triton 3.6.0
+(the H200 machine's: 1.90 instructions a code at 128 rows) and 3.9.0 (1.87). Not yet run on a GPU.
 """
 
 from __future__ import annotations
@@ -275,51 +276,112 @@ def count(n, k, block_n):
     osx.report(sass, res, codes, f"frag_gemv_kernel BN={block_n} (triton {triton.__version__})")
 
 
-def frag_gemv(words, scale, zero, x, block_n=128):
+def frag_gemv(words, scale, zero, x, block_n=128, prepared=None, out=None):
     """``W x`` on a GPU for one token ``x [K]`` (``W = scale (C - zero)`` per row and group, ``scale``/``zero``
-    ``[N, G]`` fp16)."""
-    xb, off, xs = prepare_x(x)
+    ``[N, G]`` fp16); ``prepared``: :func:`prepare_x`'s tensors, made once per token (else made here)."""
+    xb, off, xs = prepare_x(x) if prepared is None else prepared
     n = words.shape[2]
-    out = torch.empty(n, device=x.device)
+    out = torch.empty(n, device=words.device) if out is None else out
     args, kw = _launch_args(words, scale, zero, xb, off, xs, out, block_n)
     frag_gemv_kernel[(n // block_n,)](*args, **kw)
     return out
 
 
+#: LLaMA-3-8B's one-token GEMV shapes (rows, inputs)
+SHAPES = {"q/o 4096x4096": (4096, 4096), "gate/up 14336x4096": (14336, 4096), "down 4096x14336": (4096, 14336)}
+
+
+def _random_layer(n, k, gen):
+    g = k // GROUP
+    codes = torch.randint(0, 16, (n, k), generator=gen)
+    scale = (torch.rand(n, g, generator=gen) * 0.02 + 0.01).half()
+    zero = (torch.rand(n, g, generator=gen) * 15).half()
+    return codes, scale, zero
+
+
+def check(block_n):
+    """Each shape (and a small one) against PyTorch in float64: the largest error over the largest output."""
+    gen = torch.Generator().manual_seed(0)
+    for name, (n, k) in {"small 256x1024": (256, 1024), **SHAPES}.items():
+        codes, scale, zero = _random_layer(n, k, gen)
+        x = torch.randn(k, generator=gen).half()
+        w = (codes.double().reshape(n, -1, GROUP) - zero.double()[:, :, None]) * scale.double()[:, :, None]
+        ref = w.reshape(n, k) @ x.double()
+        y = frag_gemv(pack_fragment(codes).cuda(), scale.cuda(), zero.cuda(), x.cuda(), block_n).double().cpu()
+        print(f"check {name}: max |error| / max |ref| = {float((y - ref).abs().max() / ref.abs().max()):.2e}")
+
+
+def time_shapes(block_n, copies, reps):
+    """us per launch in a CUDA graph of ``reps`` launches over ``copies`` weight copies (past L2): this kernel (the
+    activations prepared once, outside), the package's one-bit plane GEMV at its 4-bit view ([3, 1, 1, 1, 1, 1]:
+    4 planes, the same bytes of codes), fp16 cuBLAS; and ``prepare_x`` alone."""
+    from functools import partial
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import stream_pattern as sp
+    from mobiquant.kernels import triton_bitplane as tb
+
+    dev = torch.device("cuda")
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, BN={block_n}")
+    for name, (n, k) in SHAPES.items():
+        gen = torch.Generator(device=dev).manual_seed(0)
+        g = k // GROUP
+        words = [torch.randint(-(2**31), 2**31 - 1, (PLANES, g * 4, n), device=dev, dtype=torch.int32, generator=gen)
+                 for _ in range(copies)]  # fmt: skip
+        scale = (torch.rand(n, g, device=dev, generator=gen) * 0.02 + 0.01).half()
+        zero = (torch.rand(n, g, device=dev, generator=gen) * 15).half()
+        x = torch.randn(k, device=dev, dtype=torch.float16)
+        prepared = prepare_x(x)
+        out = torch.empty(n, device=dev)
+        t_ours = sp.graph_time(
+            [partial(frag_gemv, w, scale, zero, x, block_n, prepared, out) for w in words], reps
+        )  # fmt: skip
+        t_prep = sp.graph_time([partial(prepare_x, x)], reps)
+        slices = (3, 1, 1, 1, 1, 1)
+        npad2 = -(-n // 128) * 64
+        sz = torch.randint(0, 0x2C00, (2, g, npad2), device=dev, dtype=torch.int32, generator=gen)
+        sz = sz | (sz << 16)
+        bps = [tb.BitPlanes(torch.randint(-(2**31), 2**31 - 1, (sum(slices), k // 16, npad2), device=dev,
+                                          dtype=torch.int32, generator=gen), sz, slices, GROUP, k, n)
+               for _ in range(copies)]  # fmt: skip
+        x2 = x[None]
+        o16 = torch.empty(1, n, device=dev, dtype=torch.float16)
+        t_pkg = sp.graph_time([partial(tb.bitplane_linear_bits, x2, b, 2, out=o16) for b in bps], reps)
+        w16 = [torch.randn(n, k, device=dev, dtype=torch.float16, generator=gen) for _ in range(3)]
+        t16 = sp.graph_time([partial(torch.matmul, x2, w.t(), out=o16) for w in w16], reps)
+        nbytes = PLANES * g * 4 * n * 4 + 2 * n * g * 2
+        print(
+            f"{name}: gluon_proto {t_ours:.2f} us ({nbytes / t_ours / 1e3:.0f} GB/s), package 4-bit view {t_pkg:.2f} "
+            f"us, fp16 cuBLAS {t16:.2f} us; x {t16 / t_ours:.2f} fp16, x {t_pkg / t_ours:.2f} package; "
+            f"prepare_x {t_prep:.2f} us (torch ops, once per token)"
+        )
+        del words, bps, w16
+        torch.cuda.empty_cache()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=4096)
-    ap.add_argument("--in-features", type=int, default=4096)
+    ap.add_argument("--n", type=int, default=4096, help="rows (offline count)")
+    ap.add_argument("--in-features", type=int, default=4096, help="inputs (offline count), a multiple of 1024")
     ap.add_argument("--block-n", type=int, default=128, help="rows a program (64, 128 or 256)")
-    ap.add_argument("--check", action="store_true", help="on a GPU: against PyTorch on random codes")
-    ap.add_argument("--time", action="store_true", help="on a GPU: us per launch beside fp16 cuBLAS (CUDA graph)")
+    ap.add_argument("--check", action="store_true", help="on a GPU: against PyTorch on random codes, 8B shapes")
+    ap.add_argument("--time", action="store_true", help="on a GPU: 8B shapes beside the package and fp16 cuBLAS")
+    ap.add_argument("--copies", type=int, default=8, help="--time: weight copies (past L2)")
+    ap.add_argument("--reps", type=int, default=32, help="--time: launches a graph")
     a = ap.parse_args(argv)
     if a.block_n not in (64, 128, 256):
         ap.error("--block-n must be 64, 128 or 256")
     if not (a.check or a.time):
+        if a.in_features % (GROUP * BATCH_GROUPS) or a.n % a.block_n:
+            ap.error("--in-features must be a multiple of 1024 and --n of --block-n")
         count(a.n, a.in_features, a.block_n)
         return 0
     if not torch.cuda.is_available():
         ap.error("--check and --time need a CUDA GPU")
-    gen = torch.Generator().manual_seed(0)
-    g = a.in_features // GROUP
-    codes = torch.randint(0, 16, (a.n, a.in_features), generator=gen)
-    scale = (torch.rand(a.n, g, generator=gen) * 0.02 + 0.01).half()
-    zero = (torch.rand(a.n, g, generator=gen) * 15).half()
-    x = torch.randn(a.in_features, generator=gen).half()
-    words = pack_fragment(codes).cuda()
-    sc, zp, xc = scale.cuda(), zero.cuda(), x.cuda()
-    w_ref = (codes.float().reshape(a.n, g, GROUP) - zero.float()[:, :, None]) * scale.float()[:, :, None]
-    ref = w_ref.reshape(a.n, -1) @ x.float()
     if a.check:
-        y = frag_gemv(words, sc, zp, xc, a.block_n).cpu()
-        err = (y - ref).abs().max().item() / ref.abs().max().item()
-        print(f"max error / max |ref|: {err:.2e}")
+        check(a.block_n)
     if a.time:
-        w16 = w_ref.reshape(a.n, -1).half().cuda()
-        t_ours = triton.testing.do_bench_cudagraph(lambda: frag_gemv(words, sc, zp, xc, a.block_n))
-        t_fp16 = triton.testing.do_bench_cudagraph(lambda: w16 @ xc)
-        print(f"frag_gemv {t_ours * 1e3:.2f} us (prepare_x included), fp16 cuBLAS {t_fp16 * 1e3:.2f} us")
+        time_shapes(a.block_n, a.copies, a.reps)
     return 0
 
 
