@@ -9,7 +9,8 @@ for ``mma.sync.m16n8k16``'s A fragment and the kernel (Gluon: explicit layouts) 
 column ``k`` of a group is ``8 j + 2 q + par``; word ``q`` (0-3) of a row and group holds, in bit
 ``(j + 16 par + 3 - e) mod 32`` of plane ``e``, bit ``3 - e`` of the code at column ``k``: each plane rotated by its
 place in the code. The lane of a quad that owns the fragment pairs of quarter ``q`` loads that word, so each thread
-reads only its own codes.
+reads only its own codes; a thread's four words of a plane and group (rows ``r, r + 8, r + 64, r + 72`` of its
+128-row block) are consecutive (:func:`word_slots`), one 16-byte load.
 
 **Decode** (:func:`_pj`, emulated in :func:`decode_reference`): per residue ``r`` of ``j`` (mod 4) three bit selects
 of the planes make a field word ``F_r`` holding the 4-bit fields of its 8 codes side by side (the planes need no
@@ -28,13 +29,12 @@ and column (``W x`` with ``W = scale (C - zero)``), and sums the columns at the 
                                                      # the package's 4-bit view and fp16 cuBLAS
 
 Written against Gluon's ``DistributedLinearLayout`` and ``NVMMADistributedLayout``; compiles offline with triton 3.6.0
-(the H200 machine's: 1.90 instructions a code at 128 rows) and 3.9.0 (1.87). Not yet run on a GPU.
+(the H200 machine's: 1.54 instructions a code) and 3.9.0 (1.52). Not yet run on a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -47,6 +47,7 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 GROUP = 128
 PLANES = 4
 BATCH_GROUPS = 8  # groups whose partial sums share one accumulator, one mma column each
+BLOCK_N = 128  # rows a program
 
 
 def field_shift(j: int) -> int:
@@ -66,30 +67,56 @@ def logical_columns() -> torch.Tensor:
     return 8 * j + 2 * q + par
 
 
+def word_slots() -> torch.Tensor:
+    """``[128, 4]``: where word ``(row, quarter)`` of a 128-row block sits among the block's 512 words of one plane
+    and group: thread ``t`` (warp ``row >> 4 & 3``, lane ``4 (row & 7) + quarter``) holds rows ``r, r + 8, r + 64,
+    r + 72``, stored as its 4 consecutive words (one 16-byte load)."""
+    r = torch.arange(BLOCK_N)[:, None]
+    q = torch.arange(4)[None, :]
+    return ((r >> 4 & 3) * 32 + (r & 7) * 4 + q) * 4 + ((r >> 3) & 1) + 2 * ((r >> 6) & 1)
+
+
 def pack_fragment(codes: torch.Tensor) -> torch.Tensor:
-    """Words ``[PLANES, K / 32, N]`` (int32) of 4-bit ``codes [N, K]`` (K a multiple of 128): word ``4 g + q`` of
-    group ``g``; bit ``(j + 16 par + 3 - e) mod 32`` of plane ``e`` is bit ``3 - e`` of the code at group column
-    ``8 j + 2 q + par`` (each plane rotated by its place in the code, so the fields need selects only)."""
+    """Words ``[PLANES, G, N / 128, 512]`` (int32) of 4-bit ``codes [N, K]`` (K a multiple of 128, N of 128): for row
+    ``128 b + r``, group ``g``, quarter ``q``, the word at ``[e, g, b, word_slots()[r, q]]``; its bit
+    ``(j + 16 par + 3 - e) mod 32`` is bit ``3 - e`` of the code at group column ``8 j + 2 q + par`` (each plane
+    rotated by its place in the code, so the fields need selects only)."""
     n, k = codes.shape
-    if k % GROUP or codes.min() < 0 or codes.max() > 15:
-        raise ValueError(f"codes must be 4-bit with a multiple of {GROUP} columns, got {tuple(codes.shape)}")
+    if k % GROUP or n % BLOCK_N or codes.min() < 0 or codes.max() > 15:
+        raise ValueError(
+            f"codes must be 4-bit with a multiple of {GROUP} columns and of {BLOCK_N} rows, got {tuple(codes.shape)}"
+        )
+    g, nb = k // GROUP, n // BLOCK_N
     cols = logical_columns()  # [16, 4, 2]
-    c = codes.reshape(n, k // GROUP, GROUP)[:, :, cols]  # [N, G, 16, 4, 2]
+    c = codes.reshape(n, g, GROUP)[:, :, cols]  # [N, G, 16, 4, 2]
     base = (torch.arange(16)[:, None, None] + 16 * torch.arange(2)[None, None, :]).expand(16, 4, 2)
+    slots = word_slots()
     words = []
     for e in range(PLANES):
         pos = (base + PLANES - 1 - e) % 32
         bits = ((c >> (PLANES - 1 - e)) & 1).to(torch.int64) << pos  # [N, G, 16, 4, 2]
         w = bits.sum(dim=(2, 4))  # [N, G, 4]: each bit set once
-        w = torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
-        words.append(w.reshape(n, -1).t())  # [G * 4, N]
+        w = torch.where(w >= 2**31, w - 2**32, w).to(torch.int32).reshape(nb, BLOCK_N, g, 4).permute(2, 0, 1, 3)
+        out = torch.empty(g, nb, BLOCK_N * 4, dtype=torch.int32)
+        out[:, :, slots.flatten()] = w.reshape(g, nb, BLOCK_N * 4)
+        words.append(out)
     return torch.stack(words).contiguous()
 
 
+def b_slots() -> torch.Tensor:
+    """``[128 (k), 8 (n)]``: where ``B[k, n]`` of one group sits among its 1024 halves: lane ``4 n + (k >> 1 & 3)``
+    of every warp holds ``k & 1``, ``k >> 3 & 1``, .. ``k >> 6 & 1`` in its registers, stored as its 32 consecutive
+    halves (four 16-byte loads)."""
+    k = torch.arange(GROUP)[:, None]
+    n = torch.arange(BATCH_GROUPS)[None, :]
+    reg = (k & 1) | ((k >> 3 & 1) << 1) | ((k >> 4 & 1) << 2) | ((k >> 5 & 1) << 3) | ((k >> 6 & 1) << 4)
+    return (n * 4 + (k >> 1 & 3)) * 32 + reg
+
+
 def prepare_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For activations ``x [K]`` (K a multiple of ``128 x 8``): ``xb [G, 8, 128]`` fp16, group ``g``'s ``x 2^-s``
-    (logical order) in column ``g % 8`` and zeros in the others, and per group ``off = 1024 sum x 2^-s`` and
-    ``xs = sum x`` (fp32)."""
+    """For activations ``x [K]`` (K a multiple of ``128 x 8``): ``xb [G, 1024]`` fp16, group ``g``'s B operand
+    (``x 2^-s`` in logical order in column ``g % 8``, zeros in the others) at :func:`b_slots`, and per group
+    ``off = 1024 sum x 2^-s`` and ``xs = sum x`` (fp32)."""
     k = x.numel()
     g = k // GROUP
     if k % (GROUP * BATCH_GROUPS):
@@ -100,9 +127,17 @@ def prepare_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     scale[cols.flatten()] = torch.pow(2.0, -sh.flatten().float())
     xg = x.float().reshape(g, GROUP)
     xp = (xg * scale.to(x.device)).to(torch.float16)
-    xb = torch.zeros(g, BATCH_GROUPS, GROUP, dtype=torch.float16, device=x.device)
-    xb[torch.arange(g), torch.arange(g) % BATCH_GROUPS] = xp
+    xb = torch.zeros(g, BATCH_GROUPS * GROUP, dtype=torch.float16, device=x.device)
+    slots = b_slots().to(x.device)
+    xb[torch.arange(g)[:, None], slots[:, torch.arange(g) % BATCH_GROUPS].t()] = xp
     return xb, 1024.0 * xp.float().sum(1), xg.sum(1)
+
+
+def unpack_x(xb: torch.Tensor) -> torch.Tensor:
+    """:func:`prepare_x`'s ``x 2^-s`` back in logical order, ``[G, 128]`` (group ``g``'s column ``g % 8``)."""
+    g = xb.shape[0]
+    slots = b_slots().to(xb.device)
+    return xb[torch.arange(g)[:, None], slots[:, torch.arange(g) % BATCH_GROUPS].t()]
 
 
 def _pj_reference(w: list[torch.Tensor], j: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,9 +159,11 @@ def _pj_reference(w: list[torch.Tensor], j: int) -> tuple[torch.Tensor, torch.Te
 def decode_reference(words: torch.Tensor) -> torch.Tensor:
     """The A operand the kernel multiplies, ``[N, K]`` (float64, logical column order), from :func:`pack_fragment`'s
     words by :func:`_pj`'s operations: ``1024 + C 2^s`` at column ``8 j + 2 q + par`` of each group."""
-    w = [(words[e].t().to(torch.int64) & 0xFFFFFFFF) for e in range(PLANES)]  # [N, G * 4]
-    n = w[0].shape[0]
-    g = w[0].shape[1] // 4
+    _, g, nb, _ = words.shape
+    n = nb * BLOCK_N
+    slots = word_slots().flatten()
+    w = [(words[e][:, :, slots].reshape(g, n, 4).permute(1, 0, 2).reshape(n, g * 4).to(torch.int64) & 0xFFFFFFFF)
+         for e in range(PLANES)]  # fmt: skip
     a = torch.empty(n, g, GROUP, dtype=torch.float64)
     cols = logical_columns()
     for j in range(16):
@@ -202,6 +239,25 @@ def _tree(w0, w1, w2, w3, J0: ttgl.constexpr, D: ttgl.constexpr):
 
 
 @gluon.jit
+def _words(v, LW: ttgl.constexpr):
+    """A thread's loaded words ``[128 (thread), 4 (register)]`` as ``[128 (row), 4 (quarter)]`` in ``LW``: thread
+    bits are quarter 0-1, rows 1-4 and 16-32 (lanes, warps), registers rows 8 and 64 (a renaming, no data moves)."""
+    t = ttgl.reshape(v, [2, 2, 2, 2, 2, 2, 2, 2, 2])  # t6 t5 t4 t3 t2 t1 t0 g1 g0
+    t = ttgl.permute(t, [7, 0, 1, 8, 2, 3, 4, 5, 6])  # r6=g1 r5=t6 r4=t5 r3=g0 r2=t4 r1=t3 r0=t2 q1=t1 q0=t0
+    w = ttgl.reshape(t, [128, 4])
+    return ttgl.convert_layout(w, LW, assert_trivial=True).to(ttgl.uint32, bitcast=True)
+
+
+@gluon.jit
+def _b_operand(v, BL: ttgl.constexpr):
+    """A lane's loaded halves ``[32 (lane), 32 (register)]`` as ``B [128 (k), 8 (n)]`` in ``BL``: lane bits are
+    ``k`` 2, 4 and ``n`` 1, 2, 4; register bits ``k`` 1, 8, 16, 32, 64 (a renaming, no data moves)."""
+    t = ttgl.reshape(v, [2, 2, 2, 2, 2, 2, 2, 2, 2, 2])  # l4 l3 l2 l1 l0 g4 g3 g2 g1 g0
+    t = ttgl.permute(t, [5, 6, 7, 8, 3, 4, 9, 0, 1, 2])  # k64 k32 k16 k8 k4 k2 k1 n4 n2 n1
+    return ttgl.convert_layout(ttgl.reshape(t, [128, 8]), BL, assert_trivial=True)
+
+
+@gluon.jit
 def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, N, PSTRIDE, G,
                      BN: ttgl.constexpr, RREG: ttgl.constexpr):  # fmt: skip
     # the words [BN, 4] of one plane and group: lanes 0-1 the quarter, lanes 2-4 rows 1, 2, 4, registers row 8 and
@@ -214,25 +270,39 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, N, PS
     AL: ttgl.constexpr = ttgl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     BL: ttgl.constexpr = ttgl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
     pid = ttgl.program_id(0)
-    rows = pid * BN + ttgl.arange(0, BN, layout=ttgl.SliceLayout(1, LW))
-    qs = ttgl.arange(0, 4, layout=ttgl.SliceLayout(0, LW))
-    kb = ttgl.arange(0, 128, layout=ttgl.SliceLayout(1, BL))
-    nb = ttgl.arange(0, 8, layout=ttgl.SliceLayout(0, BL))
+    # B: lane 4 n + (k >> 1 & 3) of every warp loads its 32 consecutive halves (prepare_x's b_slots)
+    XV: ttgl.constexpr = ttgl.DistributedLinearLayout(
+        reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8], [0, 16]], lane_bases=[[1, 0], [2, 0], [4, 0], [8, 0], [16, 0]],
+        warp_bases=[[0, 0], [0, 0]], block_bases=[], shape=[32, 32],
+    )  # fmt: skip
+    xl = ttgl.arange(0, 32, layout=ttgl.SliceLayout(1, XV))
+    xr = ttgl.arange(0, 32, layout=ttgl.SliceLayout(0, XV))
+    xofs = xl[:, None] * 32 + xr[None, :]
     ro = pid * BN + ttgl.arange(0, BN, layout=ttgl.SliceLayout(1, MMA))
     no = ttgl.arange(0, 8, layout=ttgl.SliceLayout(0, MMA))
+    # a thread's 4 words of one plane and group are consecutive (pack_fragment's word_slots): one 16-byte load, then
+    # renamed (reshape, permute: no data moves) into the rows and quarters of LW
+    VL: ttgl.constexpr = ttgl.DistributedLinearLayout(
+        reg_bases=[[0, 1], [0, 2]], lane_bases=[[1, 0], [2, 0], [4, 0], [8, 0], [16, 0]],
+        warp_bases=[[32, 0], [64, 0]], block_bases=[], shape=[128, 4],
+    )  # fmt: skip
+    tid = ttgl.arange(0, 128, layout=ttgl.SliceLayout(1, VL))
+    rg = ttgl.arange(0, 4, layout=ttgl.SliceLayout(0, VL))
+    vofs = pid * 512 + tid[:, None] * 4 + rg[None, :]
+    NB = N // BN
     total = ttgl.zeros([BN, 8], ttgl.float32, MMA)
     for g0 in range(0, G, 8):
         acc = ttgl.zeros([BN, 8], ttgl.float32, MMA)  # column n: group g0 + n's sum of C x'
         for i in ttgl.static_range(8):
-            offs = ((g0 + i) * 4 + qs)[None, :] * N + rows[:, None]
-            w0 = ttgl.load(w_ptr + offs).to(ttgl.uint32, bitcast=True)
-            w1 = ttgl.load(w_ptr + PSTRIDE + offs).to(ttgl.uint32, bitcast=True)
-            w2 = ttgl.load(w_ptr + 2 * PSTRIDE + offs).to(ttgl.uint32, bitcast=True)
-            w3 = ttgl.load(w_ptr + 3 * PSTRIDE + offs).to(ttgl.uint32, bitcast=True)
+            wp = w_ptr + (g0 + i) * NB * 512 + vofs
+            w0 = _words(ttgl.load(wp), LW)
+            w1 = _words(ttgl.load(wp + PSTRIDE), LW)
+            w2 = _words(ttgl.load(wp + 2 * PSTRIDE), LW)
+            w3 = _words(ttgl.load(wp + 3 * PSTRIDE), LW)
             t = _tree(w0, w1, w2, w3, 0, 16)  # [BN, 4 (q), 2 (par), 2, 2, 2, 2 (the bits of j)]
             a = ttgl.reshape(ttgl.permute(t, [0, 6, 5, 4, 3, 1, 2]), [BN, 128])  # column 8 j + 2 q + par
             a = ttgl.convert_layout(a, AL, assert_trivial=True)  # registers already in place: no data moves
-            xb = ttgl.load(x_ptr + (g0 + i) * 1024 + nb[None, :] * 128 + kb[:, None])  # x' in column i only
+            xb = _b_operand(ttgl.load(x_ptr + (g0 + i) * 1024 + xofs), BL)  # x' in column i only
             acc = mma_v2(a, xb, acc)
         sc = ttgl.load(s_ptr + ro[:, None] * G + (g0 + no)[None, :]).to(ttgl.float32)
         zp = ttgl.load(z_ptr + ro[:, None] * G + (g0 + no)[None, :]).to(ttgl.float32)
@@ -242,14 +312,14 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, N, PS
     ttgl.store(out_ptr + ro, ttgl.sum(total, axis=1))
 
 
-def _launch_args(words, scale, zero, xb, off, xs, out, block_n):
-    n = words.shape[2]
-    rreg = [[8, 0]] + [[64 * 2**i, 0] for i in range(int(math.log2(block_n // 64)))]
-    args = (words, scale, zero, xb, off, xs, out, n, words.shape[1] * n, xb.shape[0])
-    return args, dict(BN=block_n, RREG=rreg, num_warps=4)
+def _launch_args(words, scale, zero, xb, off, xs, out):
+    n = words.shape[2] * BLOCK_N
+    rreg = [[8, 0], [64, 0]]  # rows 8 and 64 in registers (BLOCK_N = 128 rows, 4 warps)
+    args = (words, scale, zero, xb, off, xs, out, n, words[0].numel(), xb.shape[0])
+    return args, dict(BN=BLOCK_N, RREG=rreg, num_warps=4)
 
 
-def count(n, k, block_n):
+def count(n, k):
     """Compile for sm_90 without a GPU and print the group loop's instructions a code."""
     from triton.compiler import make_backend
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -260,30 +330,30 @@ def count(n, k, block_n):
 
     kern = frag_gemv_kernel
     g = k // GROUP
-    words = torch.zeros(PLANES, g * 4, n, dtype=torch.int32)
+    words = torch.zeros(PLANES, g, n // BLOCK_N, BLOCK_N * 4, dtype=torch.int32)
     sc = torch.zeros(n, g, dtype=torch.float16)
-    xb = torch.zeros(g, BATCH_GROUPS, GROUP, dtype=torch.float16)
+    xb = torch.zeros(g, BATCH_GROUPS * GROUP, dtype=torch.float16)
     vec = torch.zeros(g)
     out = torch.zeros(n)
-    args, kw = _launch_args(words, sc, sc, xb, vec, vec, out, block_n)
+    args, kw = _launch_args(words, sc, sc, xb, vec, vec, out)
     backend = make_backend(osx.TARGET)
     binder = create_function_from_signature(kern.signature, kern.params, backend)
     bound, spec, opts = binder(*args, **kw)
     options, signature, constexprs, attrs = kern._pack_args(backend, kw, bound, spec, opts)
     ck = triton.compile(GluonASTSource(kern, signature, constexprs, attrs), target=osx.TARGET, options=options.__dict__)
     sass, res = osx.sass_and_resources(ck)
-    codes = block_n * GROUP * BATCH_GROUPS / 128  # codes a thread decodes an iteration of the 8-group loop
-    osx.report(sass, res, codes, f"frag_gemv_kernel BN={block_n} (triton {triton.__version__})")
+    codes = BLOCK_N * GROUP * BATCH_GROUPS / 128  # codes a thread decodes an iteration of the 8-group loop
+    osx.report(sass, res, codes, f"frag_gemv_kernel BN={BLOCK_N} (triton {triton.__version__})")
 
 
-def frag_gemv(words, scale, zero, x, block_n=128, prepared=None, out=None):
+def frag_gemv(words, scale, zero, x, prepared=None, out=None):
     """``W x`` on a GPU for one token ``x [K]`` (``W = scale (C - zero)`` per row and group, ``scale``/``zero``
     ``[N, G]`` fp16); ``prepared``: :func:`prepare_x`'s tensors, made once per token (else made here)."""
     xb, off, xs = prepare_x(x) if prepared is None else prepared
-    n = words.shape[2]
+    n = words.shape[2] * BLOCK_N
     out = torch.empty(n, device=words.device) if out is None else out
-    args, kw = _launch_args(words, scale, zero, xb, off, xs, out, block_n)
-    frag_gemv_kernel[(n // block_n,)](*args, **kw)
+    args, kw = _launch_args(words, scale, zero, xb, off, xs, out)
+    frag_gemv_kernel[(n // BLOCK_N,)](*args, **kw)
     return out
 
 
@@ -299,7 +369,7 @@ def _random_layer(n, k, gen):
     return codes, scale, zero
 
 
-def check(block_n):
+def check():
     """Each shape (and a small one) against PyTorch in float64: the largest error over the largest output."""
     gen = torch.Generator().manual_seed(0)
     for name, (n, k) in {"small 256x1024": (256, 1024), **SHAPES}.items():
@@ -307,11 +377,11 @@ def check(block_n):
         x = torch.randn(k, generator=gen).half()
         w = (codes.double().reshape(n, -1, GROUP) - zero.double()[:, :, None]) * scale.double()[:, :, None]
         ref = w.reshape(n, k) @ x.double()
-        y = frag_gemv(pack_fragment(codes).cuda(), scale.cuda(), zero.cuda(), x.cuda(), block_n).double().cpu()
+        y = frag_gemv(pack_fragment(codes).cuda(), scale.cuda(), zero.cuda(), x.cuda()).double().cpu()
         print(f"check {name}: max |error| / max |ref| = {float((y - ref).abs().max() / ref.abs().max()):.2e}")
 
 
-def time_shapes(block_n, copies, reps):
+def time_shapes(copies, reps):
     """us per launch in a CUDA graph of ``reps`` launches over ``copies`` weight copies (past L2): this kernel (the
     activations prepared once, outside), the package's one-bit plane GEMV at its 4-bit view ([3, 1, 1, 1, 1, 1]:
     4 planes, the same bytes of codes), fp16 cuBLAS; and ``prepare_x`` alone."""
@@ -322,19 +392,19 @@ def time_shapes(block_n, copies, reps):
     from mobiquant.kernels import triton_bitplane as tb
 
     dev = torch.device("cuda")
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, BN={block_n}")
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, BN={BLOCK_N}")
     for name, (n, k) in SHAPES.items():
         gen = torch.Generator(device=dev).manual_seed(0)
         g = k // GROUP
-        words = [torch.randint(-(2**31), 2**31 - 1, (PLANES, g * 4, n), device=dev, dtype=torch.int32, generator=gen)
-                 for _ in range(copies)]  # fmt: skip
+        words = [torch.randint(-(2**31), 2**31 - 1, (PLANES, g, n // BLOCK_N, BLOCK_N * 4), device=dev,
+                               dtype=torch.int32, generator=gen) for _ in range(copies)]  # fmt: skip
         scale = (torch.rand(n, g, device=dev, generator=gen) * 0.02 + 0.01).half()
         zero = (torch.rand(n, g, device=dev, generator=gen) * 15).half()
         x = torch.randn(k, device=dev, dtype=torch.float16)
         prepared = prepare_x(x)
         out = torch.empty(n, device=dev)
         t_ours = sp.graph_time(
-            [partial(frag_gemv, w, scale, zero, x, block_n, prepared, out) for w in words], reps
+            [partial(frag_gemv, w, scale, zero, x, prepared, out) for w in words], reps
         )  # fmt: skip
         t_prep = sp.graph_time([partial(prepare_x, x)], reps)
         slices = (3, 1, 1, 1, 1, 1)
@@ -349,7 +419,7 @@ def time_shapes(block_n, copies, reps):
         t_pkg = sp.graph_time([partial(tb.bitplane_linear_bits, x2, b, 2, out=o16) for b in bps], reps)
         w16 = [torch.randn(n, k, device=dev, dtype=torch.float16, generator=gen) for _ in range(3)]
         t16 = sp.graph_time([partial(torch.matmul, x2, w.t(), out=o16) for w in w16], reps)
-        nbytes = PLANES * g * 4 * n * 4 + 2 * n * g * 2
+        nbytes = words[0].numel() * 4 + 2 * n * g * 2
         print(
             f"{name}: gluon_proto {t_ours:.2f} us ({nbytes / t_ours / 1e3:.0f} GB/s), package 4-bit view {t_pkg:.2f} "
             f"us, fp16 cuBLAS {t16:.2f} us; x {t16 / t_ours:.2f} fp16, x {t_pkg / t_ours:.2f} package; "
@@ -363,25 +433,22 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=4096, help="rows (offline count)")
     ap.add_argument("--in-features", type=int, default=4096, help="inputs (offline count), a multiple of 1024")
-    ap.add_argument("--block-n", type=int, default=128, help="rows a program (64, 128 or 256)")
     ap.add_argument("--check", action="store_true", help="on a GPU: against PyTorch on random codes, 8B shapes")
     ap.add_argument("--time", action="store_true", help="on a GPU: 8B shapes beside the package and fp16 cuBLAS")
     ap.add_argument("--copies", type=int, default=8, help="--time: weight copies (past L2)")
     ap.add_argument("--reps", type=int, default=32, help="--time: launches a graph")
     a = ap.parse_args(argv)
-    if a.block_n not in (64, 128, 256):
-        ap.error("--block-n must be 64, 128 or 256")
     if not (a.check or a.time):
-        if a.in_features % (GROUP * BATCH_GROUPS) or a.n % a.block_n:
-            ap.error("--in-features must be a multiple of 1024 and --n of --block-n")
-        count(a.n, a.in_features, a.block_n)
+        if a.in_features % (GROUP * BATCH_GROUPS) or a.n % BLOCK_N:
+            ap.error(f"--in-features must be a multiple of 1024 and --n of {BLOCK_N}")
+        count(a.n, a.in_features)
         return 0
     if not torch.cuda.is_available():
         ap.error("--check and --time need a CUDA GPU")
     if a.check:
-        check(a.block_n)
+        check()
     if a.time:
-        time_shapes(a.block_n, a.copies, a.reps)
+        time_shapes(a.copies, a.reps)
     return 0
 
 

@@ -259,8 +259,10 @@ def test_gluon_proto_pack_and_decode_give_the_codes():
     import gluon_proto as gp
 
     gen = torch.Generator().manual_seed(0)
-    n, k = 16, 1024
+    n, k = 128, 1024
     codes = torch.randint(0, 16, (n, k), generator=gen)
+    assert sorted(gp.word_slots().flatten().tolist()) == list(range(512))  # every word of a block once
+    assert sorted(gp.b_slots().flatten().tolist()) == list(range(1024))
     a = gp.decode_reference(gp.pack_fragment(codes))
     s = torch.tensor([gp.field_shift(j) for j in range(16)])
     col_s = torch.empty(128, dtype=torch.long)
@@ -268,7 +270,8 @@ def test_gluon_proto_pack_and_decode_give_the_codes():
     assert torch.equal(a, 1024 + codes.double() * torch.pow(2.0, col_s.repeat(k // 128).double()))
     x = torch.randn(k, generator=gen).half()
     xb, off, xs = gp.prepare_x(x)
-    xcol = xb[torch.arange(k // 128), torch.arange(k // 128) % 8].double()  # group g's x' sits in column g % 8
+    xcol = gp.unpack_x(xb).double()  # group g's x' (column g % 8 of its B), in logical order
+    assert int((xb != 0).sum()) == int((xcol != 0).sum())  # the other columns are zeros
     got = (a.reshape(n, -1, 128) * xcol).sum(-1) - off.double()
     ref = (codes.double().reshape(n, -1, 128) * x.double().reshape(-1, 128)).sum(-1)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-3)
@@ -292,7 +295,7 @@ def test_gluon_proto_compiles_for_sm90():
         pytest.skip("this triton has no bundled CUDA tools")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "gluon_proto.py"
-    args = ["--block-n", "64", "--n", "256", "--in-features", "1024"]
+    args = ["--n", "256", "--in-features", "1024"]
     run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "per code" in run.stdout and "HMMA" in run.stdout and "stack 0 B" in run.stdout, run.stdout
