@@ -29,7 +29,8 @@ and column (``W x`` with ``W = scale (C - zero)``), and sums the columns at the 
                                                      # the package's 4-bit view and fp16 cuBLAS
 
 Written against Gluon's ``DistributedLinearLayout`` and ``NVMMADistributedLayout``; compiles offline with triton 3.6.0
-(the H200 machine's: 1.54 instructions a code) and 3.9.0 (1.52). Not yet run on a GPU.
+(the H200 machine's: 1.54 instructions a code) and 3.9.0 (1.52). Not yet run on a GPU: its logical operations are
+checked on the CPU by :func:`emulate_kernel` (PyTorch, line by line), not the compiler's placement of them.
 """
 
 from __future__ import annotations
@@ -172,6 +173,45 @@ def decode_reference(words: torch.Tensor) -> torch.Tensor:
             val = torch.tensor(lane.numpy().astype("uint16").view("float16").astype("float64"))  # [N, G * 4]
             a[:, :, cols[j, :, par]] = val.reshape(n, g, 4)
     return a.reshape(n, g * GROUP)
+
+
+def _tree_reference(w: list[torch.Tensor], j0: int, d: int) -> torch.Tensor:
+    """:func:`_tree` on int64 words ``[128, 4]``: ``join`` is a stack on a new last dimension."""
+    if d == 1:
+        lo, hi = _pj_reference(w, j0)
+        return torch.stack([_halves(lo), _halves(hi)], dim=-1)
+    return torch.stack([_tree_reference(w, j0, d // 2), _tree_reference(w, j0 + d // 2, d // 2)], dim=-1)
+
+
+def _halves(lane: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(lane.numpy().astype("uint16").view("float16").astype("float64"))
+
+
+def emulate_kernel(words, scale, zero, xb, off, xs) -> torch.Tensor:
+    """:func:`frag_gemv_kernel`'s logical operations in PyTorch (float64), line by line: the words' and B's renaming
+    (:func:`_words`, :func:`_b_operand`), the pairs, joins and permute of the A operand, the eight-group accumulator
+    and its epilogue. What it cannot check is the compiler's placement of those logical tensors in registers."""
+    _, g, nb, _ = words.shape
+    total = torch.zeros(nb * BLOCK_N, BATCH_GROUPS, dtype=torch.float64)
+    for b in range(nb):
+        rows = slice(b * BLOCK_N, (b + 1) * BLOCK_N)
+        for g0 in range(0, g, BATCH_GROUPS):
+            acc = torch.zeros(BLOCK_N, BATCH_GROUPS, dtype=torch.float64)
+            for i in range(BATCH_GROUPS):
+                w = []
+                for e in range(PLANES):
+                    v = words[e, g0 + i, b].reshape(128, 4)  # [thread, register], as loaded
+                    t = v.reshape([2] * 9).permute(7, 0, 1, 8, 2, 3, 4, 5, 6).reshape(128, 4)  # _words
+                    w.append(t.to(torch.int64) & 0xFFFFFFFF)
+                t = _tree_reference(w, 0, 16)  # [128, 4, 2, 2, 2, 2, 2]
+                a = t.permute(0, 6, 5, 4, 3, 1, 2).reshape(BLOCK_N, GROUP)
+                v = xb[g0 + i].double().reshape(32, 32)  # [lane, register], as loaded
+                bop = v.reshape([2] * 10).permute(5, 6, 7, 8, 3, 4, 9, 0, 1, 2).reshape(GROUP, BATCH_GROUPS)
+                acc += a @ bop
+            sc = scale[rows, g0 : g0 + BATCH_GROUPS].double()
+            zp = zero[rows, g0 : g0 + BATCH_GROUPS].double()
+            total[rows] += sc * (acc - off[g0 : g0 + BATCH_GROUPS].double() - zp * xs[g0 : g0 + BATCH_GROUPS].double())
+    return total.sum(1)
 
 
 @gluon.jit

@@ -282,6 +282,23 @@ def test_gluon_proto_pack_and_decode_give_the_codes():
         gp.prepare_x(x[:256])
 
 
+def test_gluon_proto_kernel_emulated_gives_w_x():
+    """``gluon_proto.py``'s kernel, its logical operations emulated line by line in PyTorch (the words' and B's
+    renaming from their 16-byte loads, the joins and permute into the A operand, eight groups an accumulator, the
+    scale and zero point): ``W x`` to float64 rounding of the fp16 activations, over two 8-group batches."""
+    pytest.importorskip("triton.experimental.gluon", reason="this triton has no Gluon")
+    import gluon_proto as gp
+
+    gen = torch.Generator().manual_seed(3)
+    n, k = 128, 2048
+    codes, scale, zero = gp._random_layer(n, k, gen)
+    x = torch.randn(k, generator=gen).half()
+    y = gp.emulate_kernel(gp.pack_fragment(codes), scale, zero, *gp.prepare_x(x))
+    w = (codes.double().reshape(n, -1, 128) - zero.double()[:, :, None]) * scale.double()[:, :, None]
+    ref = w.reshape(n, k) @ x.double()
+    assert float((y - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
 def test_gluon_proto_compiles_for_sm90():
     """``gluon_proto.py``'s kernel compiles for sm_90 offline (its A operand needs no data movement:
     ``convert_layout(assert_trivial=True)``), no spill, and reports the group loop's instructions a code."""
