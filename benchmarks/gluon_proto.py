@@ -301,11 +301,11 @@ def _b_operand(v, BL: ttgl.constexpr):
 
 @gluon.jit
 def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, N, PSTRIDE, G,
-                     BN: ttgl.constexpr, RREG: ttgl.constexpr):  # fmt: skip
+                     BN: ttgl.constexpr):  # fmt: skip
     # the words [BN, 4] of one plane and group: lanes 0-1 the quarter, lanes 2-4 rows 1, 2, 4, registers row 8 and
     # the M repeats, warps rows 16, 32: the rows and quarters whose A fragments each thread holds
     LW: ttgl.constexpr = ttgl.DistributedLinearLayout(
-        reg_bases=RREG, lane_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]], warp_bases=[[16, 0], [32, 0]],
+        reg_bases=[[8, 0], [64, 0]], lane_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]], warp_bases=[[16, 0], [32, 0]],
         block_bases=[], shape=[BN, 4],
     )  # fmt: skip
     MMA: ttgl.constexpr = ttgl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8])
@@ -356,9 +356,8 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, N, PS
 
 def _launch_args(words, scale, zero, xb, off, xs, out):
     n = words.shape[2] * BLOCK_N
-    rreg = [[8, 0], [64, 0]]  # rows 8 and 64 in registers (BLOCK_N = 128 rows, 4 warps)
     args = (words, scale, zero, xb, off, xs, out, n, words[0].numel(), xb.shape[0])
-    return args, dict(BN=BLOCK_N, RREG=rreg, num_warps=4)
+    return args, dict(BN=BLOCK_N, num_warps=4)
 
 
 def count(n, k):
