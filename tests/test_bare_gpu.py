@@ -92,10 +92,19 @@ def test_decode_suite_runs_its_stages_in_order_and_resumes(tmp_path):
     assert ran() == ["benchmarks/decode_bench.py"]
     assert (res / "stack_config.done").exists()
     r = suite("bench")
-    assert r.returncode == 2 and "unknown stage 'bench' (stages: tests kernels routers stack e2e pattern)" in r.stderr
+    assert r.returncode == 2 and "unknown stage 'bench' (stages: tests kernels routers stack e2e pattern" in r.stderr
     calls.unlink()
     r = suite("pattern")
     assert r.returncode == 0 and ran() == ["benchmarks/stream_pattern.py"] and (res / "pattern.done").exists()
+    calls.unlink()
+    r = suite("package", "gluon")
+    assert r.returncode == 0 and ran() == ["benchmarks/decode_bench.py", "benchmarks/gluon_proto.py"]
+    assert (res / "package.done").exists() and (res / "gluon.done").exists()
+    calls.unlink()
+    r = suite("tiling")  # router tests, the sweep, the pick (here none: whole rows), the stack with each tiling
+    assert r.returncode == 0 and "== stack router tiling: 1,4,0" in r.stdout, r.stdout
+    assert ran() == ["pytest", "benchmarks/router_launch_bench.py", "import", *["benchmarks/decode_bench.py"] * 2]
+    assert calls.read_text().count("--router-tiling 1,4,0") == 2 and (res / "stack_whole_rows.done").exists()
 
 
 def test_triton_cache_travels_from_one_machine_to_the_next(tmp_path):
