@@ -146,11 +146,7 @@ def _router_part(
     hmask = hrows < H
     acc = tl.zeros((BM, HB), dtype=tl.float32)
     smask = tmask & (toks * 0 + pid_h == 0)
-    c_lo = 0
-    c_hi = D_IN
-    if S > 1:
-        c_lo = pid_s * DS
-        c_hi = tl.minimum(c_lo + DS, D_IN)
+    c_lo, c_hi = _split_cols(pid_s, D_IN, S, DS)
     for d0 in range(c_lo, c_hi, BD):
         cols = d0 + tl.arange(0, BD)
         cmask = cols < c_hi
@@ -164,12 +160,30 @@ def _router_part(
     if S > 1:
         out = acc  # [BM, HB]
     else:
-        h = acc + tl.load(b1_ptr + hrows, mask=hmask, other=0.0).to(tl.float32)[None, :]
-        h = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
-        r = tl.arange(0, RP)
-        w2 = tl.load(w2_ptr + r[:, None] * H + hrows[None, :], mask=(r[:, None] < R) & hmask[None, :], other=0.0)
-        out = tl.sum(h[:, None, :] * w2.to(tl.float32)[None, :, :], axis=2)  # [BM, RP]
+        out = _router_head(acc, hrows, hmask, b1_ptr, w2_ptr, H, R, RP)
     return out
+
+
+@triton.jit
+def _split_cols(pid_s, D_IN, S: tl.constexpr, DS: tl.constexpr):
+    """The input columns ``[c_lo, c_hi)`` column split ``pid_s`` reads (``S`` splits of ``DS``; 1: all of them)."""
+    c_lo = 0
+    c_hi = D_IN
+    if S > 1:
+        c_lo = pid_s * DS
+        c_hi = tl.minimum(c_lo + DS, D_IN)
+    return c_lo, c_hi
+
+
+@triton.jit
+def _router_head(pre, units, umask, b1_ptr, w2_ptr, H, R: tl.constexpr, RP: tl.constexpr):
+    """Scores ``[BM, RP]`` (without ``b2``) of hidden ``units`` from their first-layer sums ``pre [BM, units]``:
+    ``W2[:, units] gelu(pre + b1[units])`` (exact erf GELU, fp32)."""
+    h = pre + tl.load(b1_ptr + units, mask=umask, other=0.0).to(tl.float32)[None, :]
+    h = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+    r = tl.arange(0, RP)
+    w2 = tl.load(w2_ptr + r[:, None] * H + units[None, :], mask=(r[:, None] < R) & umask[None, :], other=0.0)
+    return tl.sum(h[:, None, :] * w2.to(tl.float32)[None, :, :], axis=2)
 
 
 @triton.jit
@@ -232,25 +246,20 @@ def _router_split_values(
     offs = base + (p[:, None, None] * BM + lm[None, :, None]) * HP + hu[None, None, :]
     parts = tl.load(part_ptr + offs, mask=(p < S)[:, None, None] & (hu < H)[None, None, :], other=0.0,
                     cache_modifier=".cg")  # fmt: skip
-    h = tl.sum(parts, axis=0) + tl.load(b1_ptr + hu, mask=hu < H, other=0.0).to(tl.float32)[None, :]
-    h = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+    s = _router_head(tl.sum(parts, axis=0), hu, hu < H, b1_ptr, w2_ptr, H, R, RP)
     r = tl.arange(0, RP)
-    w2 = tl.load(w2_ptr + r[:, None] * H + hu[None, :], mask=(r[:, None] < R) & (hu < H)[None, :], other=0.0)
-    s = tl.sum(h[:, None, :] * w2.to(tl.float32)[None, :, :], axis=2)
     s += tl.load(b2_ptr + r, mask=r < R, other=0.0).to(tl.float32)[None, :]
     return _router_policy(s, R, RP, ADJACENT)
 
 
 @triton.jit
 def _router_prefetch(w1_ptr, w2_ptr, pid_h, D_IN, H, R: tl.constexpr, RP: tl.constexpr, HB: tl.constexpr,
-                     W1_LINE: tl.constexpr, ASM: tl.constexpr, c_lo=0, c_hi=None):  # fmt: skip
+                     W1_LINE: tl.constexpr, ASM: tl.constexpr, c_lo, c_hi):  # fmt: skip
     """The 128-byte lines of the first layer's rows of hidden units ``[pid_h HB, (pid_h + 1) HB)`` (``W1_LINE``
-    weights a line; columns ``c_lo .. c_hi``, default all) and of the second layer's columns for them, asked of L2
-    (clamped to the last row / column)."""
+    weights a line; columns ``c_lo .. c_hi``) and of the second layer's columns for them, asked of L2 (clamped to
+    the last row / column)."""
     hrows = tl.minimum(pid_h * HB + tl.arange(0, HB), H - 1).to(tl.int64)
     lines = tl.arange(0, 128) * W1_LINE
-    if c_hi is None:
-        c_hi = D_IN
     for d0 in range(c_lo, c_hi, 128 * W1_LINE):
         _prefetch_l2(w1_ptr + hrows[:, None] * D_IN + tl.minimum(d0 + lines, c_hi - 1)[None, :], ASM)
     _prefetch_l2(w2_ptr + tl.minimum(tl.arange(0, RP), R - 1)[:, None] * H + hrows[None, :], ASM)
@@ -298,11 +307,8 @@ def _router_kernel(
     pid_m = tl.program_id(1)
     if PDL:  # launched with programmatic dependent launch: the weights asked of L2 before the wait on the kernel before
         _pdl_launch_dependents(ASM)
-        if S > 1:
-            _router_prefetch(w1_ptr, w2_ptr, pid_h, D_IN, H, R, RP, HB, W1_LINE, ASM, pid_s * DS,
-                             tl.minimum(pid_s * DS + DS, D_IN))  # fmt: skip
-        else:
-            _router_prefetch(w1_ptr, w2_ptr, pid_h, D_IN, H, R, RP, HB, W1_LINE, ASM)
+        c_lo, c_hi = _split_cols(pid_s, D_IN, S, DS)
+        _router_prefetch(w1_ptr, w2_ptr, pid_h, D_IN, H, R, RP, HB, W1_LINE, ASM, c_lo, c_hi)
         _pdl_wait(ASM)
     lm = tl.arange(0, BM)
     toks = pid_m * BM + lm
