@@ -362,14 +362,11 @@ def _launch_args(words, scale, zero, xb, off, xs, out):
 
 def count(n, k):
     """Compile for sm_90 without a GPU and print the group loop's instructions a code."""
-    from triton.compiler import make_backend
     from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import create_function_from_signature
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import offline_sass as osx
 
-    kern = frag_gemv_kernel
     g = k // GROUP
     words = torch.zeros(PLANES, g, n // BLOCK_N, BLOCK_N * 4, dtype=torch.int32)
     sc = torch.zeros(n, g, dtype=torch.float16)
@@ -377,11 +374,7 @@ def count(n, k):
     vec = torch.zeros(g)
     out = torch.zeros(n)
     args, kw = _launch_args(words, sc, sc, xb, vec, vec, out)
-    backend = make_backend(osx.TARGET)
-    binder = create_function_from_signature(kern.signature, kern.params, backend)
-    bound, spec, opts = binder(*args, **kw)
-    options, signature, constexprs, attrs = kern._pack_args(backend, kw, bound, spec, opts)
-    ck = triton.compile(GluonASTSource(kern, signature, constexprs, attrs), target=osx.TARGET, options=options.__dict__)
+    ck = osx.compile_sm90(frag_gemv_kernel, args, kw, source=GluonASTSource)
     sass, res = osx.sass_and_resources(ck)
     codes = BLOCK_N * GROUP * BATCH_GROUPS / 128  # codes a thread decodes an iteration of the 8-group loop
     osx.report(sass, res, codes, f"frag_gemv_kernel BN={BLOCK_N} (triton {triton.__version__})")

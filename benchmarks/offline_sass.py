@@ -46,29 +46,33 @@ BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 
 
-def record(kernel_name, call):
-    """The (kernel, args, kwargs) of the launch ``call()`` makes of ``tb.<kernel_name>``; the small launch that may
-    follow it (``_bits_reduce_kernel``, ``SmallConfig.reduce_launch``) is skipped (its tensors are on the CPU)."""
+def _recorded(module, name, call, skip=()):
+    """The (kernel, grid, args, kwargs) of the last launch ``call()`` makes of ``module.<name>``, nothing launched;
+    the launches of ``module.<skip...>`` are dropped."""
     seen = []
-    real = getattr(tb, kernel_name)
-    reduce = tb._bits_reduce_kernel
+    real = {n: getattr(module, n) for n in (name, *skip)}
 
     class Rec:
-        def __getitem__(self, grid):
-            return lambda *a, **k: seen.append((real, grid, a, k))
+        def __init__(self, keep):
+            self.keep = keep
 
-    class Skip:
         def __getitem__(self, grid):
-            return lambda *a, **k: None
+            return lambda *a, **k: seen.append((real[name], grid, a, k)) if self.keep else None
 
-    setattr(tb, kernel_name, Rec())
-    tb._bits_reduce_kernel = Skip()
+    for n in real:
+        setattr(module, n, Rec(n == name))
     try:
         call()
     finally:
-        setattr(tb, kernel_name, real)
-        tb._bits_reduce_kernel = reduce
+        for n, fn in real.items():
+            setattr(module, n, fn)
     return seen[-1]
+
+
+def record(kernel_name, call):
+    """The (kernel, args, kwargs) of the launch ``call()`` makes of ``tb.<kernel_name>``; the small launch that may
+    follow it (``_bits_reduce_kernel``, ``SmallConfig.reduce_launch``) is skipped (its tensors are on the CPU)."""
+    return _recorded(tb, kernel_name, call, skip=("_bits_reduce_kernel",))
 
 
 def router_launch(prologue, tiling, d, pdl):
@@ -77,37 +81,26 @@ def router_launch(prologue, tiling, d, pdl):
     64 hidden units, 5 outputs."""
     from mobiquant.kernels import triton_router as tr
 
-    seen = []
-    real = tr._router_kernel
-
-    class Rec:
-        def __getitem__(self, grid):
-            return lambda *a, **k: seen.append((real, grid, a, k))
-
     hb, nw, cols = tiling
     x = torch.zeros(1, d, dtype=torch.float16)
     router = (torch.zeros(64, d), torch.zeros(64), torch.zeros(5, 64), torch.zeros(5))
     tau = torch.zeros(1)
     kw = dict(hidden_per_program=hb, num_warps=nw, cols_per_program=cols, pdl=pdl)
-    tr._router_kernel = Rec()
-    try:
-        if prologue == "none":
-            tr.fused_router(x, *router, tau, "free", **kw)
-        elif prologue == "rms_norm":
-            tr.fused_input_router(x, ("rms_norm", torch.ones(d, dtype=torch.float16), 1e-5), router, tau, "free", **kw)
-        else:
-            tr.fused_input_router(x, ("silu_mul", torch.zeros(1, d, dtype=torch.float16)), router, tau, "free", **kw)
-    finally:
-        tr._router_kernel = real
-    return seen[-1]
+    if prologue == "none":
+        return _recorded(tr, "_router_kernel", lambda: tr.fused_router(x, *router, tau, "free", **kw))
+    pro = ("rms_norm", torch.ones(d, dtype=torch.float16), 1e-5) if prologue == "rms_norm" else (
+        "silu_mul", torch.zeros(1, d, dtype=torch.float16))  # fmt: skip
+    return _recorded(tr, "_router_kernel", lambda: tr.fused_input_router(x, pro, router, tau, "free", **kw))
 
 
-def compile_sm90(fn, args, kwargs):
+def compile_sm90(fn, args, kwargs, source=ASTSource):
+    """``fn`` compiled for sm_90 as a launch with ``args``, ``kwargs`` would compile it (``source``: the AST source
+    class, e.g. Gluon's ``GluonASTSource``)."""
     backend = make_backend(TARGET)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, spec, opts = binder(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
-    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
+    return triton.compile(source(fn, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
 
 
 def sass_and_resources(ck):
