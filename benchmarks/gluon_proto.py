@@ -300,8 +300,10 @@ def _b_operand(v, BL: ttgl.constexpr):
 
 
 @gluon.jit
-def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, N, PSTRIDE, G,
-                     BN: ttgl.constexpr):  # fmt: skip
+def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, N, PSTRIDE, G, GS,
+                     BN: ttgl.constexpr, SPLIT: ttgl.constexpr):  # fmt: skip
+    # program (pid, split) takes rows pid * BN.. and groups split * GS.. (GS a multiple of 8); with SPLIT the partial
+    # sums are added to a zeroed ``out`` (atomics), else stored
     # the words [BN, 4] of one plane and group: lanes 0-1 the quarter, lanes 2-4 rows 1, 2, 4, registers row 8 and
     # the M repeats, warps rows 16, 32: the rows and quarters whose A fragments each thread holds
     LW: ttgl.constexpr = ttgl.DistributedLinearLayout(
@@ -312,6 +314,7 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, N, PS
     AL: ttgl.constexpr = ttgl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     BL: ttgl.constexpr = ttgl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
     pid = ttgl.program_id(0)
+    g_lo = ttgl.program_id(1) * GS
     # B: lane 4 n + (k >> 1 & 3) of every warp loads its 32 consecutive halves (prepare_x's b_slots)
     XV: ttgl.constexpr = ttgl.DistributedLinearLayout(
         reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8], [0, 16]], lane_bases=[[1, 0], [2, 0], [4, 0], [8, 0], [16, 0]],
@@ -333,7 +336,7 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, N, PS
     vofs = pid * 512 + tid[:, None] * 4 + rg[None, :]
     NB = N // BN
     total = ttgl.zeros([BN, 8], ttgl.float32, MMA)
-    for g0 in range(0, G, 8):
+    for g0 in range(g_lo, g_lo + GS, 8):
         acc = ttgl.zeros([BN, 8], ttgl.float32, MMA)  # column n: group g0 + n's sum of C x'
         for i in ttgl.static_range(8):
             wp = w_ptr + (g0 + i) * NB * 512 + vofs
@@ -351,16 +354,27 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, N, PS
         off = ttgl.load(off_ptr + g0 + no)
         xs = ttgl.load(xs_ptr + g0 + no)
         total += sc * (acc - off[None, :] - zp * xs[None, :])
-    ttgl.store(out_ptr + ro, ttgl.sum(total, axis=1))
+    if SPLIT:
+        ttgl.atomic_add(out_ptr + ro, ttgl.sum(total, axis=1))
+    else:
+        ttgl.store(out_ptr + ro, ttgl.sum(total, axis=1))
 
 
-def _launch_args(words, scale, zero, xb, off, xs, out):
-    n = words.shape[2] * BLOCK_N
-    args = (words, scale, zero, xb, off, xs, out, n, words[0].numel(), xb.shape[0])
-    return args, dict(BN=BLOCK_N, num_warps=4)
+def _launch_args(words, scale, zero, xb, off, xs, out, splits=1):
+    n, g = words.shape[2] * BLOCK_N, xb.shape[0]
+    if g % (splits * BATCH_GROUPS):
+        raise ValueError(f"splits={splits}: the {g} groups must split into multiples of {BATCH_GROUPS}")
+    args = (words, scale, zero, xb, off, xs, out, n, words[0].numel(), g, g // splits)
+    return args, dict(BN=BLOCK_N, SPLIT=splits > 1, num_warps=4)
 
 
-def count(n, k):
+def split_choices(k: int) -> list[int]:
+    """The K splits a layer of ``k`` inputs allows: divisors of its number of 8-group batches, up to 16."""
+    b = k // (GROUP * BATCH_GROUPS)
+    return [s for s in range(1, min(b, 16) + 1) if b % s == 0]
+
+
+def count(n, k, splits=1):
     """Compile for sm_90 without a GPU and print the group loop's instructions a code."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -373,21 +387,24 @@ def count(n, k):
     xb = torch.zeros(g, BATCH_GROUPS * GROUP, dtype=torch.float16)
     vec = torch.zeros(g)
     out = torch.zeros(n)
-    args, kw = _launch_args(words, sc, sc, xb, vec, vec, out)
+    args, kw = _launch_args(words, sc, sc, xb, vec, vec, out, splits)
     ck = osx.compile_sm90(frag_gemv_kernel, args, kw, source=GluonASTSource)
     sass, res = osx.sass_and_resources(ck)
     codes = BLOCK_N * GROUP * BATCH_GROUPS / 128  # codes a thread decodes an iteration of the 8-group loop
     osx.report(sass, res, codes, f"frag_gemv_kernel BN={BLOCK_N} (triton {triton.__version__})")
 
 
-def frag_gemv(words, scale, zero, x, prepared=None, out=None):
+def frag_gemv(words, scale, zero, x, prepared=None, out=None, splits=1):
     """``W x`` on a GPU for one token ``x [K]`` (``W = scale (C - zero)`` per row and group, ``scale``/``zero``
-    ``[N, G]`` fp16); ``prepared``: :func:`prepare_x`'s tensors, made once per token (else made here)."""
+    ``[N, G]`` fp16); ``prepared``: :func:`prepare_x`'s tensors, made once per token (else made here); ``splits``:
+    programs along K per row block (their sums added atomically into ``out``, zeroed here first)."""
     xb, off, xs = prepare_x(x) if prepared is None else prepared
     n = words.shape[2] * BLOCK_N
     out = torch.empty(n, device=words.device) if out is None else out
-    args, kw = _launch_args(words, scale, zero, xb, off, xs, out)
-    frag_gemv_kernel[(n // BLOCK_N,)](*args, **kw)
+    args, kw = _launch_args(words, scale, zero, xb, off, xs, out, splits)
+    if splits > 1:
+        out.zero_()
+    frag_gemv_kernel[(n // BLOCK_N, splits)](*args, **kw)
     return out
 
 
@@ -411,8 +428,11 @@ def check():
         x = torch.randn(k, generator=gen).half()
         w = (codes.double().reshape(n, -1, GROUP) - zero.double()[:, :, None]) * scale.double()[:, :, None]
         ref = w.reshape(n, k) @ x.double()
-        y = frag_gemv(pack_fragment(codes).cuda(), scale.cuda(), zero.cuda(), x.cuda()).double().cpu()
-        print(f"check {name}: max |error| / max |ref| = {float((y - ref).abs().max() / ref.abs().max()):.2e}")
+        words = pack_fragment(codes).cuda()
+        for splits in split_choices(k):
+            y = frag_gemv(words, scale.cuda(), zero.cuda(), x.cuda(), splits=splits).double().cpu()
+            err = float((y - ref).abs().max() / ref.abs().max())
+            print(f"check {name}, {splits} K splits: max |error| / max |ref| = {err:.2e}")
 
 
 def time_shapes(copies, reps):
@@ -437,9 +457,12 @@ def time_shapes(copies, reps):
         x = torch.randn(k, device=dev, dtype=torch.float16)
         prepared = prepare_x(x)
         out = torch.empty(n, device=dev)
-        t_ours = sp.graph_time(
-            [partial(frag_gemv, w, scale, zero, x, prepared, out) for w in words], reps
-        )  # fmt: skip
+        t_split = {
+            s: sp.graph_time([partial(frag_gemv, w, scale, zero, x, prepared, out, s) for w in words], reps)
+            for s in split_choices(k)
+        }  # with splits > 1 each launch's zeroing of out is timed with it
+        best = min(t_split, key=t_split.get)
+        t_ours = t_split[best]
         t_prep = triton.testing.do_bench(lambda x=x: prepare_x(x), return_mode="median") * 1e3  # host copies in it
         slices = (3, 1, 1, 1, 1, 1)
         npad2 = -(-n // 128) * 64
@@ -454,9 +477,11 @@ def time_shapes(copies, reps):
         w16 = [torch.randn(n, k, device=dev, dtype=torch.float16, generator=gen) for _ in range(3)]
         t16 = sp.graph_time([partial(torch.matmul, x2, w.t(), out=o16) for w in w16], reps)
         nbytes = words[0].numel() * 4 + 2 * n * g * 2
+        print(f"{name}: gluon_proto by K splits: " + ", ".join(f"{s}: {t:.2f} us" for s, t in t_split.items()))
         print(
-            f"{name}: gluon_proto {t_ours:.2f} us ({nbytes / t_ours / 1e3:.0f} GB/s), package 4-bit view {t_pkg:.2f} "
-            f"us, fp16 cuBLAS {t16:.2f} us; x {t16 / t_ours:.2f} fp16, x {t_pkg / t_ours:.2f} package; "
+            f"{name}: gluon_proto ({best} splits) {t_ours:.2f} us ({nbytes / t_ours / 1e3:.0f} GB/s), "
+            f"package 4-bit view {t_pkg:.2f} us, fp16 cuBLAS {t16:.2f} us; x {t16 / t_ours:.2f} fp16, "
+            f"x {t_pkg / t_ours:.2f} package; "
             f"prepare_x {t_prep:.2f} us (eager torch ops with host copies, once per token; a kernel's job)"
         )
         del words, bps, w16
@@ -467,6 +492,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=4096, help="rows (offline count)")
     ap.add_argument("--in-features", type=int, default=4096, help="inputs (offline count), a multiple of 1024")
+    ap.add_argument("--splits", type=int, default=1, help="K splits (offline count; >1: the atomic-add epilogue)")
     ap.add_argument("--check", action="store_true", help="on a GPU: against PyTorch on random codes, 8B shapes")
     ap.add_argument("--time", action="store_true", help="on a GPU: 8B shapes beside the package and fp16 cuBLAS")
     ap.add_argument("--copies", type=int, default=8, help="--time: weight copies (past L2)")
@@ -475,7 +501,9 @@ def main(argv=None):
     if not (a.check or a.time):
         if a.in_features % (GROUP * BATCH_GROUPS) or a.n % BLOCK_N:
             ap.error(f"--in-features must be a multiple of 1024 and --n of {BLOCK_N}")
-        count(a.n, a.in_features)
+        if a.splits not in split_choices(a.in_features):
+            ap.error(f"--splits {a.splits}: {a.in_features} inputs allow {split_choices(a.in_features)}")
+        count(a.n, a.in_features, a.splits)
         return 0
     if not torch.cuda.is_available():
         ap.error("--check and --time need a CUDA GPU")

@@ -299,9 +299,11 @@ def test_gluon_proto_kernel_emulated_gives_w_x():
     assert float((y - ref).abs().max() / ref.abs().max()) < 1e-5
 
 
-def test_gluon_proto_compiles_for_sm90():
+@pytest.mark.parametrize("splits", [1, 2])
+def test_gluon_proto_compiles_for_sm90(splits):
     """``gluon_proto.py``'s kernel compiles for sm_90 offline (its A operand needs no data movement:
-    ``convert_layout(assert_trivial=True)``), no spill, and reports the group loop's instructions a code."""
+    ``convert_layout(assert_trivial=True)``), no spill, and reports the group loop's instructions a code; with K
+    splits (the atomic-add epilogue) too."""
     import os
     import subprocess
 
@@ -312,7 +314,7 @@ def test_gluon_proto_compiles_for_sm90():
         pytest.skip("this triton has no bundled CUDA tools")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "gluon_proto.py"
-    args = ["--n", "256", "--in-features", "1024"]
+    args = ["--n", "256", "--in-features", "2048", "--splits", str(splits)]
     run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "per code" in run.stdout and "HMMA" in run.stdout and "stack 0 B" in run.stdout, run.stdout
