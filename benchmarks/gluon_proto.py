@@ -19,14 +19,21 @@ inside an fp16 mantissa; one LOP3 ``(F & mask) | 0x64006400`` makes two fp16 val
 columns ``k`` and ``k + 1`` of the row, the pair the A fragment holds in one register. Per 32 codes: 12 selects, 7
 rotations, 16 pair LOP3s, 4 ``mma.sync`` (8 codes each).
 
-**Activations** (:func:`prepare_x`, once per token): ``x' = x 2^-s`` in logical order, group ``g``'s in column
-``g % 8`` of its ``[128, 8]`` B (zeros elsewhere), so eight groups share one accumulator, a column each; per group
-``off = 1024 sum x'`` and ``xs = sum x``. Every eight groups the kernel adds ``scale (acc - off - zero xs)`` per row
-and column (``W x`` with ``W = scale (C - zero)``), and sums the columns at the end.
+**Views** (:func:`field_planes`): a pack of up to 8 planes serves the view of its first ``p``: planes 0-3 are one
+field, 4-7 another (each plane rotated by its place in its field), a field with planes absent decodes them as zeros
+(a select fewer, a narrower pair mask), each field has its own accumulator, and the view's code is
+``F0 2^(p - 4) + F1 2^(p - 8)``, applied in the epilogue.
+
+**Activations** (:func:`prepare_x`, once per token; :class:`PreparedX` as one Triton launch): ``x' = x 2^-s`` in
+logical order, group ``g``'s in column ``g % 8`` of its ``[128, 8]`` B (zeros elsewhere), so eight groups share one
+accumulator, a column each; per group ``off = 1024 sum x'`` and ``xs = sum x``. Every eight groups the kernel adds
+``scale (acc - off - zero xs)`` per row and column (``W x`` with ``W = scale (C - zero)``), and sums the columns at
+the end.
 
     python benchmarks/gluon_proto.py                 # compile for sm_90 offline, count the group loop
-    python benchmarks/gluon_proto.py --check --time  # on a GPU: against PyTorch, then the 8B shapes timed beside
-                                                     # the package's 4-bit view and fp16 cuBLAS
+    python benchmarks/gluon_proto.py --check --time  # on a GPU: every view against PyTorch, then the 8B shapes
+                                                     # at 3, 4, 6, 8 planes timed beside the package's same
+                                                     # views and fp16 cuBLAS
 
 Written against Gluon's ``DistributedLinearLayout`` and ``NVMMADistributedLayout``; compiles offline with triton 3.6.0
 (the H200 machine's: 1.54 instructions a code) and 3.9.0 (1.52). Not yet run on a GPU: its logical operations are
@@ -78,15 +85,19 @@ def word_slots() -> torch.Tensor:
     return ((r >> 4 & 3) * 32 + (r & 7) * 4 + q) * 4 + ((r >> 3) & 1) + 2 * ((r >> 6) & 1)
 
 
-def pack_fragment(codes: torch.Tensor) -> torch.Tensor:
-    """Words ``[PLANES, G, N / 128, 512]`` (int32) of 4-bit ``codes [N, K]`` (K a multiple of 128, N of 128): for row
-    ``128 b + r``, group ``g``, quarter ``q``, the word at ``[e, g, b, word_slots()[r, q]]``; its bit
-    ``(j + 16 par + 3 - e) mod 32`` is bit ``3 - e`` of the code at group column ``8 j + 2 q + par`` (each plane
-    rotated by its place in the code, so the fields need selects only)."""
+def pack_fragment(codes: torch.Tensor, planes: int = PLANES) -> torch.Tensor:
+    """Words ``[planes, G, N / 128, 512]`` (int32) of ``planes``-bit ``codes [N, K]`` (K a multiple of 128, N of
+    128; plane 0 the most significant bit, planes 1-8): for row ``128 b + r``, group ``g``, quarter ``q``, the word at
+    ``[e, g, b, word_slots()[r, q]]``; its bit ``(j + 16 par + 3 - e % 4) mod 32`` is plane ``e``'s bit of the code at
+    group column ``8 j + 2 q + par`` (each plane rotated by its place in its field of four planes, so the fields need
+    selects only). A view of the first ``p`` planes reads the first ``p`` of these."""
     n, k = codes.shape
-    if k % GROUP or n % BLOCK_N or codes.min() < 0 or codes.max() > 15:
+    if not 1 <= planes <= 8:
+        raise ValueError(f"planes must be 1-8, got {planes}")
+    if k % GROUP or n % BLOCK_N or codes.min() < 0 or codes.max() >= 2**planes:
         raise ValueError(
-            f"codes must be 4-bit with a multiple of {GROUP} columns and of {BLOCK_N} rows, got {tuple(codes.shape)}"
+            f"codes must be {planes}-bit with a multiple of {GROUP} columns and of {BLOCK_N} rows, "
+            f"got {tuple(codes.shape)} in [{int(codes.min())}, {int(codes.max())}]"
         )
     g, nb = k // GROUP, n // BLOCK_N
     cols = logical_columns()  # [16, 4, 2]
@@ -94,15 +105,24 @@ def pack_fragment(codes: torch.Tensor) -> torch.Tensor:
     base = (torch.arange(16)[:, None, None] + 16 * torch.arange(2)[None, None, :]).expand(16, 4, 2)
     slots = word_slots()
     words = []
-    for e in range(PLANES):
-        pos = (base + PLANES - 1 - e) % 32
-        bits = ((c >> (PLANES - 1 - e)) & 1).to(torch.int64) << pos  # [N, G, 16, 4, 2]
+    for e in range(planes):
+        pos = (base + 3 - e % 4) % 32
+        bits = ((c >> (planes - 1 - e)) & 1).to(torch.int64) << pos  # [N, G, 16, 4, 2]
         w = bits.sum(dim=(2, 4))  # [N, G, 4]: each bit set once
         w = torch.where(w >= 2**31, w - 2**32, w).to(torch.int32).reshape(nb, BLOCK_N, g, 4).permute(2, 0, 1, 3)
         out = torch.empty(g, nb, BLOCK_N * 4, dtype=torch.int32)
         out[:, :, slots.flatten()] = w.reshape(g, nb, BLOCK_N * 4)
         words.append(out)
     return torch.stack(words).contiguous()
+
+
+def field_planes(p: int) -> list[tuple[int, int, float]]:
+    """The fields of a view of ``p`` planes: ``(first plane, planes, weight)``, the view's code being the sum of
+    each field's 4-bit value (absent low planes zero) times its weight: ``F0 2^(p - 4) + F1 2^(p - 8)``."""
+    out = [(0, min(p, 4), 2.0 ** (p - 4))]
+    if p > 4:
+        out.append((4, p - 4, 2.0 ** (p - 8)))
+    return out
 
 
 def b_slots() -> torch.Tensor:
@@ -179,76 +199,81 @@ def unpack_x(xb: torch.Tensor) -> torch.Tensor:
     return xb[gi[:, None], slots[:, gi % BATCH_GROUPS].t()]
 
 
-def _pj_reference(w: list[torch.Tensor], j: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_pj`'s bit operations on int64 words: the low and high 16-bit lanes of code ``j``'s pair."""
+def _pj_reference(w: list[torch.Tensor], nf: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_pj`'s bit operations on int64 words (a field's ``nf`` planes, most significant first): the low and
+    high 16-bit lanes of code ``j``'s pair."""
     r, rot = j % 4, rotation(j)
 
     def sel(f, v, m):
         return (f & ~m & 0xFFFFFFFF) | (v & m)
 
-    f = sel(w[3], w[2], (0x11111111 << ((r + 1) % 4)) & 0xFFFFFFFF)
-    f = sel(f, w[1], (0x11111111 << ((r + 2) % 4)) & 0xFFFFFFFF)
-    f = sel(f, w[0], (0x11111111 << ((r + 3) % 4)) & 0xFFFFFFFF)
+    f = w[nf - 1]
+    for e in range(nf - 2, -1, -1):
+        f = sel(f, w[e], (0x11111111 << ((r + 3 - e) % 4)) & 0xFFFFFFFF)
     f = ((f >> rot) | (f << (32 - rot))) & 0xFFFFFFFF if rot else f
-    sh = field_shift(j)
-    t = (f & ((15 << sh) | (15 << (16 + sh)))) | 0x64006400
+    sh, fm = field_shift(j), (15 >> (4 - nf)) << (4 - nf)
+    t = (f & ((fm << sh) | (fm << (16 + sh)))) | 0x64006400
     return t & 0xFFFF, t >> 16
 
 
-def decode_reference(words: torch.Tensor) -> torch.Tensor:
-    """The A operand the kernel multiplies, ``[N, K]`` (float64, logical column order), from :func:`pack_fragment`'s
-    words by :func:`_pj`'s operations: ``1024 + C 2^s`` at column ``8 j + 2 q + par`` of each group."""
+def decode_reference(words: torch.Tensor, e0: int = 0, nf: int = PLANES) -> torch.Tensor:
+    """The A operand the kernel multiplies for the field of planes ``e0 .. e0 + nf - 1``, ``[N, K]`` (float64, logical
+    column order), from :func:`pack_fragment`'s words by :func:`_pj`'s operations: ``1024 + F 2^s`` at column
+    ``8 j + 2 q + par`` of each group (``F`` the field's 4-bit value, absent planes zero)."""
     _, g, nb, _ = words.shape
     n = nb * BLOCK_N
     slots = word_slots().flatten()
     w = [(words[e][:, :, slots].reshape(g, n, 4).permute(1, 0, 2).reshape(n, g * 4).to(torch.int64) & 0xFFFFFFFF)
-         for e in range(PLANES)]  # fmt: skip
+         for e in range(e0, e0 + nf)]  # fmt: skip
     a = torch.empty(n, g, GROUP, dtype=torch.float64)
     cols = logical_columns()
     for j in range(16):
-        lo, hi = _pj_reference(w, j)
+        lo, hi = _pj_reference(w, nf, j)
         for par, lane in ((0, lo), (1, hi)):
-            val = torch.tensor(lane.numpy().astype("uint16").view("float16").astype("float64"))  # [N, G * 4]
-            a[:, :, cols[j, :, par]] = val.reshape(n, g, 4)
+            a[:, :, cols[j, :, par]] = _halves(lane).reshape(n, g, 4)
     return a.reshape(n, g * GROUP)
 
 
-def _tree_reference(w: list[torch.Tensor], j0: int, d: int) -> torch.Tensor:
+def _tree_reference(w: list[torch.Tensor], nf: int, j0: int, d: int) -> torch.Tensor:
     """:func:`_tree` on int64 words ``[128, 4]``: ``join`` is a stack on a new last dimension."""
     if d == 1:
-        lo, hi = _pj_reference(w, j0)
+        lo, hi = _pj_reference(w, nf, j0)
         return torch.stack([_halves(lo), _halves(hi)], dim=-1)
-    return torch.stack([_tree_reference(w, j0, d // 2), _tree_reference(w, j0 + d // 2, d // 2)], dim=-1)
+    return torch.stack([_tree_reference(w, nf, j0, d // 2), _tree_reference(w, nf, j0 + d // 2, d // 2)], dim=-1)
 
 
 def _halves(lane: torch.Tensor) -> torch.Tensor:
     return torch.tensor(lane.numpy().astype("uint16").view("float16").astype("float64"))
 
 
-def emulate_kernel(words, scale, zero, xb, off, xs) -> torch.Tensor:
-    """:func:`frag_gemv_kernel`'s logical operations in PyTorch (float64), line by line: the words' and B's renaming
-    (:func:`_words`, :func:`_b_operand`), the pairs, joins and permute of the A operand, the eight-group accumulator
-    and its epilogue. What it cannot check is the compiler's placement of those logical tensors in registers."""
+def emulate_kernel(words, scale, zero, xb, off, xs, planes: int = PLANES) -> torch.Tensor:
+    """:func:`frag_gemv_kernel`'s logical operations in PyTorch (float64), line by line, for the view of the first
+    ``planes`` planes: the words' and B's renaming (:func:`_words`, :func:`_b_operand`), each field's pairs, joins
+    and permute into its A operand, an accumulator a field over eight groups, and the epilogue. What it cannot check
+    is the compiler's placement of those logical tensors in registers."""
     _, g, nb, _ = words.shape
     total = torch.zeros(nb * BLOCK_N, BATCH_GROUPS, dtype=torch.float64)
+    fields = field_planes(planes)
     for b in range(nb):
         rows = slice(b * BLOCK_N, (b + 1) * BLOCK_N)
         for g0 in range(0, g, BATCH_GROUPS):
-            acc = torch.zeros(BLOCK_N, BATCH_GROUPS, dtype=torch.float64)
+            acc = [torch.zeros(BLOCK_N, BATCH_GROUPS, dtype=torch.float64) for _ in fields]
             for i in range(BATCH_GROUPS):
-                w = []
-                for e in range(PLANES):
-                    v = words[e, g0 + i, b].reshape(128, 4)  # [thread, register], as loaded
-                    t = v.reshape([2] * 9).permute(7, 0, 1, 8, 2, 3, 4, 5, 6).reshape(128, 4)  # _words
-                    w.append(t.to(torch.int64) & 0xFFFFFFFF)
-                t = _tree_reference(w, 0, 16)  # [128, 4, 2, 2, 2, 2, 2]
-                a = t.permute(0, 6, 5, 4, 3, 1, 2).reshape(BLOCK_N, GROUP)
                 v = xb[g0 + i].double().reshape(32, 32)  # [lane, register], as loaded
                 bop = v.reshape([2] * 10).permute(5, 6, 7, 8, 3, 4, 9, 0, 1, 2).reshape(GROUP, BATCH_GROUPS)
-                acc += a @ bop
+                for f, (e0, nf, _) in enumerate(fields):
+                    w = []
+                    for e in range(e0, e0 + nf):
+                        v = words[e, g0 + i, b].reshape(128, 4)  # [thread, register], as loaded
+                        t = v.reshape([2] * 9).permute(7, 0, 1, 8, 2, 3, 4, 5, 6).reshape(128, 4)  # _words
+                        w.append(t.to(torch.int64) & 0xFFFFFFFF)
+                    t = _tree_reference(w, nf, 0, 16)  # [128, 4, 2, 2, 2, 2, 2]
+                    acc[f] += t.permute(0, 6, 5, 4, 3, 1, 2).reshape(BLOCK_N, GROUP) @ bop
+            off_g = off[g0 : g0 + BATCH_GROUPS].double()
+            c = sum((a - off_g) * wt for a, (_, _, wt) in zip(acc, fields, strict=True))
             sc = scale[rows, g0 : g0 + BATCH_GROUPS].double()
             zp = zero[rows, g0 : g0 + BATCH_GROUPS].double()
-            total[rows] += sc * (acc - off[g0 : g0 + BATCH_GROUPS].double() - zp * xs[g0 : g0 + BATCH_GROUPS].double())
+            total[rows] += sc * (c - zp * xs[g0 : g0 + BATCH_GROUPS].double())
     return total.sum(1)
 
 
@@ -295,25 +320,56 @@ def _pair(g, M: ttgl.constexpr):
 
 
 @gluon.jit
-def _pj(w0, w1, w2, w3, J: ttgl.constexpr):
-    """Code ``J`` of both halves of every word as an fp16 pair ``[BN, 4, 2]``: the field word of ``J``'s residue
-    (three selects of the planes, shared by the residue's codes), rotated (shared by two codes), then one LOP3."""
+def _pj(w0, w1, w2, w3, NF: ttgl.constexpr, J: ttgl.constexpr):
+    """Code ``J`` of both halves of every word as an fp16 pair ``[BN, 4, 2]`` of a field of ``NF`` planes (``w0`` its
+    most significant; planes past ``NF`` absent, their words unused): the field word of ``J``'s residue (a select a
+    plane past the first, shared by the residue's codes), rotated (shared by two codes), then one LOP3 that keeps
+    the present planes' bits."""
     r: ttgl.constexpr = J % 4
-    f = _sel(w3, w2, 0x11111111 << ((r + 1) % 4))
-    f = _sel(f, w1, 0x11111111 << ((r + 2) % 4))
-    f = _sel(f, w0, 0x11111111 << ((r + 3) % 4))
+    if NF == 4:
+        f = _sel(w3, w2, 0x11111111 << ((r + 1) % 4))
+    elif NF == 3:
+        f = w2
+    if NF >= 3:
+        f = _sel(f, w1, 0x11111111 << ((r + 2) % 4))
+    elif NF == 2:
+        f = w1
+    if NF >= 2:
+        f = _sel(f, w0, 0x11111111 << ((r + 3) % 4))
+    else:
+        f = w0
     f = _rot(f, r + (8 if J >= 8 else 0))
     SH: ttgl.constexpr = 4 if J % 8 >= 4 else 0
-    lo, hi = _pair(f, (15 << SH) | (15 << (16 + SH)))
+    FM: ttgl.constexpr = (15 >> (4 - NF)) << (4 - NF)  # the field bits of the present planes
+    lo, hi = _pair(f, (FM << SH) | (FM << (16 + SH)))
     return ttgl.join(lo, hi)
 
 
 @gluon.jit
-def _tree(w0, w1, w2, w3, J0: ttgl.constexpr, D: ttgl.constexpr):
+def _tree(w0, w1, w2, w3, NF: ttgl.constexpr, J0: ttgl.constexpr, D: ttgl.constexpr):
     if D == 1:
-        return _pj(w0, w1, w2, w3, J0)
+        return _pj(w0, w1, w2, w3, NF, J0)
     else:
-        return ttgl.join(_tree(w0, w1, w2, w3, J0, D // 2), _tree(w0, w1, w2, w3, J0 + D // 2, D // 2))
+        return ttgl.join(_tree(w0, w1, w2, w3, NF, J0, D // 2), _tree(w0, w1, w2, w3, NF, J0 + D // 2, D // 2))
+
+
+@gluon.jit
+def _field_operand(wp, PSTRIDE, E0: ttgl.constexpr, NF: ttgl.constexpr, LW: ttgl.constexpr, AL: ttgl.constexpr):
+    """The A operand ``[BN, 128]`` of the field of planes ``E0 .. E0 + NF - 1`` (``NF`` 1-4) of one group: its
+    planes' 16-byte loads at ``wp`` (plane stride ``PSTRIDE``), pairs, joins, and a permute into logical columns."""
+    w0 = _words(ttgl.load(wp + E0 * PSTRIDE), LW)
+    w1 = w0
+    w2 = w0
+    w3 = w0
+    if NF >= 2:
+        w1 = _words(ttgl.load(wp + (E0 + 1) * PSTRIDE), LW)
+    if NF >= 3:
+        w2 = _words(ttgl.load(wp + (E0 + 2) * PSTRIDE), LW)
+    if NF >= 4:
+        w3 = _words(ttgl.load(wp + (E0 + 3) * PSTRIDE), LW)
+    t = _tree(w0, w1, w2, w3, NF, 0, 16)  # [BN, 4 (q), 2 (par), 2, 2, 2, 2 (the bits of j)]
+    a = ttgl.reshape(ttgl.permute(t, [0, 6, 5, 4, 3, 1, 2]), [t.shape[0], 128])  # column 8 j + 2 q + par
+    return ttgl.convert_layout(a, AL, assert_trivial=True)  # registers already in place: no data moves
 
 
 @gluon.jit
@@ -337,7 +393,10 @@ def _b_operand(v, BL: ttgl.constexpr):
 
 @gluon.jit
 def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, N, PSTRIDE, G, GS,
-                     BN: ttgl.constexpr, SPLIT: ttgl.constexpr):  # fmt: skip
+                     P: ttgl.constexpr, W0: ttgl.constexpr, W1: ttgl.constexpr, BN: ttgl.constexpr,
+                     SPLIT: ttgl.constexpr):  # fmt: skip
+    # a view of the first P planes (1-8): field 0 planes 0-3 (those below P), field 1 planes 4 .. P - 1, each its own
+    # accumulator; code = F0 W0 + F1 W1 with F the fields' 4-bit values (absent planes zero; field_planes)
     # program (pid, split) takes rows pid * BN.. and groups split * GS.. (GS a multiple of 8); with SPLIT the partial
     # sums are added to a zeroed ``out`` (atomics), else stored
     # the words [BN, 4] of one plane and group: lanes 0-1 the quarter, lanes 2-4 rows 1, 2, 4, registers row 8 and
@@ -373,35 +432,38 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, N, PS
     NB = N // BN
     total = ttgl.zeros([BN, 8], ttgl.float32, MMA)
     for g0 in range(g_lo, g_lo + GS, 8):
-        acc = ttgl.zeros([BN, 8], ttgl.float32, MMA)  # column n: group g0 + n's sum of C x'
+        acc = ttgl.zeros([BN, 8], ttgl.float32, MMA)  # column n: group g0 + n's sum of F0 x'
+        acc1 = ttgl.zeros([BN, 8], ttgl.float32, MMA)  # and of F1 x' (P > 4)
         for i in ttgl.static_range(8):
             wp = w_ptr + (g0 + i) * NB * 512 + vofs
-            w0 = _words(ttgl.load(wp), LW)
-            w1 = _words(ttgl.load(wp + PSTRIDE), LW)
-            w2 = _words(ttgl.load(wp + 2 * PSTRIDE), LW)
-            w3 = _words(ttgl.load(wp + 3 * PSTRIDE), LW)
-            t = _tree(w0, w1, w2, w3, 0, 16)  # [BN, 4 (q), 2 (par), 2, 2, 2, 2 (the bits of j)]
-            a = ttgl.reshape(ttgl.permute(t, [0, 6, 5, 4, 3, 1, 2]), [BN, 128])  # column 8 j + 2 q + par
-            a = ttgl.convert_layout(a, AL, assert_trivial=True)  # registers already in place: no data moves
             xb = _b_operand(ttgl.load(x_ptr + (g0 + i) * 1024 + xofs), BL)  # x' in column i only
-            acc = mma_v2(a, xb, acc)
+            acc = mma_v2(_field_operand(wp, PSTRIDE, 0, min(P, 4), LW, AL), xb, acc)
+            if P > 4:
+                acc1 = mma_v2(_field_operand(wp, PSTRIDE, 4, P - 4, LW, AL), xb, acc1)
         sc = ttgl.load(s_ptr + ro[:, None] * G + (g0 + no)[None, :]).to(ttgl.float32)
         zp = ttgl.load(z_ptr + ro[:, None] * G + (g0 + no)[None, :]).to(ttgl.float32)
-        off = ttgl.load(off_ptr + g0 + no)
+        off = ttgl.load(off_ptr + g0 + no)[None, :]
         xs = ttgl.load(xs_ptr + g0 + no)
-        total += sc * (acc - off[None, :] - zp * xs[None, :])
+        c = (acc - off) * W0
+        if P > 4:
+            c += (acc1 - off) * W1
+        total += sc * (c - zp * xs[None, :])
     if SPLIT:
         ttgl.atomic_add(out_ptr + ro, ttgl.sum(total, axis=1))
     else:
         ttgl.store(out_ptr + ro, ttgl.sum(total, axis=1))
 
 
-def _launch_args(words, scale, zero, xb, off, xs, out, splits=1):
+def _launch_args(words, scale, zero, xb, off, xs, out, splits=1, planes=None):
     n, g = words.shape[2] * BLOCK_N, xb.shape[0]
+    planes = words.shape[0] if planes is None else planes
     if g % (splits * BATCH_GROUPS):
         raise ValueError(f"splits={splits}: the {g} groups must split into multiples of {BATCH_GROUPS}")
+    if not 1 <= planes <= words.shape[0]:
+        raise ValueError(f"a view of {planes} planes: the pack holds {words.shape[0]}")
+    wts = [wt for _, _, wt in field_planes(planes)] + [0.0]
     args = (words, scale, zero, xb, off, xs, out, n, words[0].numel(), g, g // splits)
-    return args, dict(BN=BLOCK_N, SPLIT=splits > 1, num_warps=4)
+    return args, dict(P=planes, W0=wts[0], W1=wts[1], BN=BLOCK_N, SPLIT=splits > 1, num_warps=4)
 
 
 def split_choices(k: int) -> list[int]:
@@ -410,7 +472,7 @@ def split_choices(k: int) -> list[int]:
     return [s for s in range(1, min(b, 16) + 1) if b % s == 0]
 
 
-def count(n, k, splits=1):
+def count(n, k, splits=1, planes=PLANES):
     """Compile for sm_90 without a GPU and print the group loop's instructions a code."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -418,7 +480,7 @@ def count(n, k, splits=1):
     import offline_sass as osx
 
     g = k // GROUP
-    words = torch.zeros(PLANES, g, n // BLOCK_N, BLOCK_N * 4, dtype=torch.int32)
+    words = torch.zeros(planes, g, n // BLOCK_N, BLOCK_N * 4, dtype=torch.int32)
     sc = torch.zeros(n, g, dtype=torch.float16)
     xb = torch.zeros(g, BATCH_GROUPS * GROUP, dtype=torch.float16)
     vec = torch.zeros(g)
@@ -427,17 +489,18 @@ def count(n, k, splits=1):
     ck = osx.compile_sm90(frag_gemv_kernel, args, kw, source=GluonASTSource)
     sass, res = osx.sass_and_resources(ck)
     codes = BLOCK_N * GROUP * BATCH_GROUPS / 128  # codes a thread decodes an iteration of the 8-group loop
-    osx.report(sass, res, codes, f"frag_gemv_kernel BN={BLOCK_N} (triton {triton.__version__})")
+    osx.report(sass, res, codes, f"frag_gemv_kernel {planes} planes, BN={BLOCK_N} (triton {triton.__version__})")
 
 
-def frag_gemv(words, scale, zero, x, prepared=None, out=None, splits=1):
+def frag_gemv(words, scale, zero, x, prepared=None, out=None, splits=1, planes=None):
     """``W x`` on a GPU for one token ``x [K]`` (``W = scale (C - zero)`` per row and group, ``scale``/``zero``
-    ``[N, G]`` fp16); ``prepared``: :func:`prepare_x`'s tensors, made once per token (else made here); ``splits``:
-    programs along K per row block (their sums added atomically into ``out``, zeroed here first)."""
+    ``[N, G]`` fp16, ``C`` the code of the first ``planes`` planes, default all); ``prepared``: :func:`prepare_x`'s
+    tensors, made once per token (else made here); ``splits``: programs along K per row block (their sums added
+    atomically into ``out``, zeroed here first)."""
     xb, off, xs = prepare_x(x) if prepared is None else prepared
     n = words.shape[2] * BLOCK_N
     out = torch.empty(n, device=words.device) if out is None else out
-    args, kw = _launch_args(words, scale, zero, xb, off, xs, out, splits)
+    args, kw = _launch_args(words, scale, zero, xb, off, xs, out, splits, planes)
     if splits > 1:
         out.zero_()
     frag_gemv_kernel[(n // BLOCK_N, splits)](*args, **kw)
@@ -448,34 +511,44 @@ def frag_gemv(words, scale, zero, x, prepared=None, out=None, splits=1):
 SHAPES = {"q/o 4096x4096": (4096, 4096), "gate/up 14336x4096": (14336, 4096), "down 4096x14336": (4096, 14336)}
 
 
-def _random_layer(n, k, gen):
+#: the views timed and checked on the 8B shapes: the package's default layout [3, 1, 1, 1, 1, 1] at k = 1, 2, 4, 6
+VIEWS = (3, 4, 6, 8)
+
+
+def _random_layer(n, k, gen, planes=PLANES):
     g = k // GROUP
-    codes = torch.randint(0, 16, (n, k), generator=gen)
+    codes = torch.randint(0, 2**planes, (n, k), generator=gen)
     scale = (torch.rand(n, g, generator=gen) * 0.02 + 0.01).half()
-    zero = (torch.rand(n, g, generator=gen) * 15).half()
+    zero = (torch.rand(n, g, generator=gen) * (2**planes - 1)).half()
     return codes, scale, zero
 
 
 def check():
-    """Each shape (and a small one) against PyTorch in float64: the largest error over the largest output."""
+    """Each shape (and a small one) against PyTorch in float64, every view of an 8-plane pack (the first ``p``
+    planes, their own step and zero point) at every K split: the largest error over the largest output."""
     gen = torch.Generator().manual_seed(0)
     for name, (n, k) in {"small 256x1024": (256, 1024), **SHAPES}.items():
-        codes, scale, zero = _random_layer(n, k, gen)
+        codes, _, _ = _random_layer(n, k, gen, 8)
         x = torch.randn(k, generator=gen).half()
-        w = (codes.double().reshape(n, -1, GROUP) - zero.double()[:, :, None]) * scale.double()[:, :, None]
-        ref = w.reshape(n, k) @ x.double()
-        words = pack_fragment(codes).cuda()
-        for splits in split_choices(k):
-            y = frag_gemv(words, scale.cuda(), zero.cuda(), x.cuda(), splits=splits).double().cpu()
-            err = float((y - ref).abs().max() / ref.abs().max())
-            print(f"check {name}, {splits} K splits: max |error| / max |ref| = {err:.2e}")
+        words = pack_fragment(codes, 8).cuda()
+        for p in range(1, 9) if n == 256 else VIEWS:
+            _, scale, zero = _random_layer(n, k, gen, p)
+            c = (codes >> (8 - p)).double().reshape(n, -1, GROUP)
+            ref = ((c - zero.double()[:, :, None]) * scale.double()[:, :, None]).reshape(n, k) @ x.double()
+            for splits in split_choices(k):
+                y = frag_gemv(words, scale.cuda(), zero.cuda(), x.cuda(), splits=splits, planes=p).double().cpu()
+                err = float((y - ref).abs().max() / ref.abs().max())
+                print(f"check {name}, {p} planes, {splits} K splits: max |error| / max |ref| = {err:.2e}")
 
 
 def time_shapes(copies, reps):
-    """us per launch in a CUDA graph of ``reps`` launches over ``copies`` weight copies (past L2): this kernel (the
-    activations prepared once, outside), the package's one-bit plane GEMV at its 4-bit view ([3, 1, 1, 1, 1, 1]:
-    4 planes, the same bytes of codes), fp16 cuBLAS; and ``prepare_x`` alone."""
+    """us per launch in a CUDA graph of ``reps`` launches over ``copies`` weight copies (past L2): this kernel at
+    each view of an 8-plane pack (the activations prepared once, outside; its fastest K split), the package's one-bit
+    plane GEMV at the same view of [3, 1, 1, 1, 1, 1] (the same planes), fp16 cuBLAS; and the activations'
+    preparation alone (one launch)."""
     from functools import partial
+
+    import pandas as pd
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import stream_pattern as sp
@@ -483,52 +556,56 @@ def time_shapes(copies, reps):
 
     dev = torch.device("cuda")
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, BN={BLOCK_N}")
+    bw = sp.copy_bw()
+    print(f"# copy bandwidth {bw / 1e9:.0f} GB/s")
+    rows = []
     for name, (n, k) in SHAPES.items():
         gen = torch.Generator(device=dev).manual_seed(0)
         g = k // GROUP
-        words = [torch.randint(-(2**31), 2**31 - 1, (PLANES, g, n // BLOCK_N, BLOCK_N * 4), device=dev,
+        words = [torch.randint(-(2**31), 2**31 - 1, (8, g, n // BLOCK_N, BLOCK_N * 4), device=dev,
                                dtype=torch.int32, generator=gen) for _ in range(copies)]  # fmt: skip
         scale = (torch.rand(n, g, device=dev, generator=gen) * 0.02 + 0.01).half()
         zero = (torch.rand(n, g, device=dev, generator=gen) * 15).half()
         x = torch.randn(k, device=dev, dtype=torch.float16)
-        prepared = PreparedX(k, dev)(x)
-        out = torch.empty(n, device=dev)
-        t_split = {
-            s: sp.graph_time([partial(frag_gemv, w, scale, zero, x, prepared, out, s) for w in words], reps)
-            for s in split_choices(k)
-        }  # with splits > 1 each launch's zeroing of out is timed with it
-        best = min(t_split, key=t_split.get)
-        t_ours = t_split[best]
         prep = PreparedX(k, dev)
+        prepared = prep(x)
         t_prep = sp.graph_time([partial(prep, x)], reps)
+        out = torch.empty(n, device=dev)
         slices = (3, 1, 1, 1, 1, 1)
         npad2 = -(-n // 128) * 64
-        sz = torch.randint(0, 0x2C00, (2, g, npad2), device=dev, dtype=torch.int32, generator=gen)
+        sz = torch.randint(0, 0x2C00, (len(slices), 2, g, npad2), device=dev, dtype=torch.int32, generator=gen)
         sz = sz | (sz << 16)
         bps = [tb.BitPlanes(torch.randint(-(2**31), 2**31 - 1, (sum(slices), k // 16, npad2), device=dev,
                                           dtype=torch.int32, generator=gen), sz, slices, GROUP, k, n)
                for _ in range(copies)]  # fmt: skip
         x2 = x[None]
         o16 = torch.empty(1, n, device=dev, dtype=torch.float16)
-        t_pkg = sp.graph_time([partial(tb.bitplane_linear_bits, x2, b, 2, out=o16) for b in bps], reps)
         w16 = [torch.randn(n, k, device=dev, dtype=torch.float16, generator=gen) for _ in range(3)]
         t16 = sp.graph_time([partial(torch.matmul, x2, w.t(), out=o16) for w in w16], reps)
-        nbytes = words[0].numel() * 4 + 2 * n * g * 2
-        print(f"{name}: gluon_proto by K splits: " + ", ".join(f"{s}: {t:.2f} us" for s, t in t_split.items()))
-        print(
-            f"{name}: gluon_proto ({best} splits) {t_ours:.2f} us ({nbytes / t_ours / 1e3:.0f} GB/s), "
-            f"package 4-bit view {t_pkg:.2f} us, fp16 cuBLAS {t16:.2f} us; x {t16 / t_ours:.2f} fp16, "
-            f"x {t_pkg / t_ours:.2f} package; "
-            f"activations prepared (one Triton launch, once per token) {t_prep:.2f} us"
-        )
+        for p in VIEWS:
+            t_split = {
+                s: sp.graph_time([partial(frag_gemv, w, scale, zero, x, prepared, out, s, p) for w in words], reps)
+                for s in split_choices(k)
+            }  # with splits > 1 each launch's zeroing of out is timed with it
+            best = min(t_split, key=t_split.get)
+            t_pkg = sp.graph_time([partial(tb.bitplane_linear_bits, x2, b, p - 2, out=o16) for b in bps], reps)
+            nbytes = n * k * p / 8 + 2 * n * g * 2
+            rows.append(dict(shape=name, bits=p, gluon_us=t_split[best], splits=best, package_us=t_pkg, fp16_us=t16,
+                             x_fp16=t16 / t_split[best], x_package=t_pkg / t_split[best],
+                             pct_copy=100 * nbytes / (t_split[best] * 1e-6) / bw, prepare_us=t_prep,
+                             by_split=" ".join(f"{s}:{t:.1f}" for s, t in t_split.items())))  # fmt: skip
         del words, bps, w16
         torch.cuda.empty_cache()
+    df = pd.DataFrame(rows)
+    print(df.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    return df
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=4096, help="rows (offline count)")
     ap.add_argument("--in-features", type=int, default=4096, help="inputs (offline count), a multiple of 1024")
+    ap.add_argument("--planes", type=int, default=PLANES, choices=range(1, 9), help="planes of the view (count)")
     ap.add_argument("--splits", type=int, default=1, help="K splits (offline count; >1: the atomic-add epilogue)")
     ap.add_argument("--check", action="store_true", help="on a GPU: against PyTorch on random codes, 8B shapes")
     ap.add_argument("--time", action="store_true", help="on a GPU: 8B shapes beside the package and fp16 cuBLAS")
@@ -540,7 +617,7 @@ def main(argv=None):
             ap.error(f"--in-features must be a multiple of 1024 and --n of {BLOCK_N}")
         if a.splits not in split_choices(a.in_features):
             ap.error(f"--splits {a.splits}: {a.in_features} inputs allow {split_choices(a.in_features)}")
-        count(a.n, a.in_features, a.splits)
+        count(a.n, a.in_features, a.splits, a.planes)
         return 0
     if not torch.cuda.is_available():
         ap.error("--check and --time need a CUDA GPU")

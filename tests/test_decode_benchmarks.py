@@ -278,8 +278,28 @@ def test_gluon_proto_pack_and_decode_give_the_codes():
     torch.testing.assert_close(xs.double(), x.double().reshape(-1, 128).sum(1))
     with pytest.raises(ValueError, match="4-bit"):
         gp.pack_fragment(codes[:, :100])
+    with pytest.raises(ValueError, match="3-bit"):
+        gp.pack_fragment(codes, 3)  # codes up to 15 do not fit 3 planes
     with pytest.raises(ValueError, match="multiple of 1024"):
         gp.prepare_x(x[:256])
+
+
+@pytest.mark.parametrize("planes", [1, 2, 3, 5, 8])
+def test_gluon_proto_fields_give_each_view_its_code(planes):
+    """An 8-plane fragment pack read as the view of its first ``planes`` planes: each field's decode (planes 0-3 and
+    4-7, absent planes zero) weighted by ``field_planes`` sums to the view's code, the top ``planes`` bits."""
+    pytest.importorskip("triton.experimental.gluon", reason="this triton has no Gluon")
+    import gluon_proto as gp
+
+    gen = torch.Generator().manual_seed(planes)
+    codes = torch.randint(0, 256, (128, 256), generator=gen)
+    words = gp.pack_fragment(codes, 8)
+    s = torch.tensor([gp.field_shift(j) for j in range(16)])
+    col_s = torch.empty(128, dtype=torch.long)
+    col_s[gp.logical_columns().flatten()] = s[:, None, None].expand(16, 4, 2).flatten()
+    pw = torch.pow(2.0, col_s.repeat(2).double())
+    got = sum(wt * (gp.decode_reference(words, e0, nf) - 1024) / pw for e0, nf, wt in gp.field_planes(planes))
+    assert torch.equal(got, (codes >> (8 - planes)).double())
 
 
 def test_gluon_proto_prepared_x_kernel_matches_prepare_x():
@@ -304,22 +324,26 @@ def test_gluon_proto_prepared_x_kernel_matches_prepare_x():
 def test_gluon_proto_kernel_emulated_gives_w_x():
     """``gluon_proto.py``'s kernel, its logical operations emulated line by line in PyTorch (the words' and B's
     renaming from their 16-byte loads, the joins and permute into the A operand, eight groups an accumulator, the
-    scale and zero point): ``W x`` to float64 rounding of the fp16 activations, over two 8-group batches."""
+    scale and zero point): ``W x`` to float64 rounding of the fp16 activations, over two 8-group batches, for views
+    of 3, 4 and 6 planes of one 8-plane pack (one field, one field with a plane absent, two fields)."""
     pytest.importorskip("triton.experimental.gluon", reason="this triton has no Gluon")
     import gluon_proto as gp
 
     gen = torch.Generator().manual_seed(3)
     n, k = 128, 2048
-    codes, scale, zero = gp._random_layer(n, k, gen)
+    codes, _, _ = gp._random_layer(n, k, gen, 8)
     x = torch.randn(k, generator=gen).half()
-    y = gp.emulate_kernel(gp.pack_fragment(codes), scale, zero, *gp.prepare_x(x))
-    w = (codes.double().reshape(n, -1, 128) - zero.double()[:, :, None]) * scale.double()[:, :, None]
-    ref = w.reshape(n, k) @ x.double()
-    assert float((y - ref).abs().max() / ref.abs().max()) < 1e-5
+    words, prepared = gp.pack_fragment(codes, 8), gp.prepare_x(x)
+    for planes in (3, 4, 6):  # views of one 8-plane pack, each its own step and zero point
+        _, scale, zero = gp._random_layer(n, k, gen, planes)
+        y = gp.emulate_kernel(words, scale, zero, *prepared, planes=planes)
+        c = (codes >> (8 - planes)).double().reshape(n, -1, 128)
+        ref = ((c - zero.double()[:, :, None]) * scale.double()[:, :, None]).reshape(n, k) @ x.double()
+        assert float((y - ref).abs().max() / ref.abs().max()) < 1e-5, planes
 
 
-@pytest.mark.parametrize("splits", [1, 2])
-def test_gluon_proto_compiles_for_sm90(splits):
+@pytest.mark.parametrize(("planes", "splits"), [(4, 1), (6, 2)])
+def test_gluon_proto_compiles_for_sm90(planes, splits):
     """``gluon_proto.py``'s kernel compiles for sm_90 offline (its A operand needs no data movement:
     ``convert_layout(assert_trivial=True)``), no spill, and reports the group loop's instructions a code; with K
     splits (the atomic-add epilogue) too."""
@@ -333,7 +357,7 @@ def test_gluon_proto_compiles_for_sm90(splits):
         pytest.skip("this triton has no bundled CUDA tools")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "gluon_proto.py"
-    args = ["--n", "256", "--in-features", "2048", "--splits", str(splits)]
+    args = ["--n", "256", "--in-features", "2048", "--splits", str(splits), "--planes", str(planes)]
     run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "per code" in run.stdout and "HMMA" in run.stdout and "stack 0 B" in run.stdout, run.stdout
