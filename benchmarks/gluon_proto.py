@@ -373,6 +373,21 @@ def _field_operand(wp, PSTRIDE, E0: ttgl.constexpr, NF: ttgl.constexpr, LW: ttgl
 
 
 @gluon.jit
+def _field_operand_dyn(wp, PSTRIDE, E0: ttgl.constexpr, p, LW: ttgl.constexpr, AL: ttgl.constexpr):
+    """:func:`_field_operand` of the field at planes ``E0 .. E0 + 3`` for a view of ``p`` planes known only on the
+    device: planes at or past ``p`` are not loaded (predicated off) and decode as zeros; the same selects and masks
+    as a whole field."""
+    pv = ttgl.full(wp.shape, p, ttgl.int32, wp.type.layout)
+    w0 = _words(ttgl.load(wp + E0 * PSTRIDE), LW)
+    w1 = _words(ttgl.load(wp + (E0 + 1) * PSTRIDE, mask=pv > E0 + 1, other=0), LW)
+    w2 = _words(ttgl.load(wp + (E0 + 2) * PSTRIDE, mask=pv > E0 + 2, other=0), LW)
+    w3 = _words(ttgl.load(wp + (E0 + 3) * PSTRIDE, mask=pv > E0 + 3, other=0), LW)
+    t = _tree(w0, w1, w2, w3, 4, 0, 16)
+    a = ttgl.reshape(ttgl.permute(t, [0, 6, 5, 4, 3, 1, 2]), [t.shape[0], 128])
+    return ttgl.convert_layout(a, AL, assert_trivial=True)
+
+
+@gluon.jit
 def _words(v, LW: ttgl.constexpr):
     """A thread's loaded words ``[128 (thread), 4 (register)]`` as ``[128 (row), 4 (quarter)]`` in ``LW``: thread
     bits are quarter 0-1, rows 1-4 and 16-32 (lanes, warps), registers rows 8 and 64 (a renaming, no data moves)."""
@@ -392,11 +407,14 @@ def _b_operand(v, BL: ttgl.constexpr):
 
 
 @gluon.jit
-def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, N, PSTRIDE, G, GS,
+def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, p_ptr, N, PSTRIDE, VSTRIDE, G, GS,
                      P: ttgl.constexpr, W0: ttgl.constexpr, W1: ttgl.constexpr, BN: ttgl.constexpr,
                      SPLIT: ttgl.constexpr):  # fmt: skip
     # a view of the first P planes (1-8): field 0 planes 0-3 (those below P), field 1 planes 4 .. P - 1, each its own
-    # accumulator; code = F0 W0 + F1 W1 with F the fields' 4-bit values (absent planes zero; field_planes)
+    # accumulator; code = F0 W0 + F1 W1 with F the fields' 4-bit values (absent planes zero; field_planes).
+    # P = 0: the view's planes p read on the device at p_ptr (a routed token's view; a captured graph serves every
+    # budget), its step and zero point at view p - 1 of [views, N, G] (VSTRIDE apart); absent planes' loads are
+    # predicated off and decode as zeros, field 1 is skipped below 5 planes
     # program (pid, split) takes rows pid * BN.. and groups split * GS.. (GS a multiple of 8); with SPLIT the partial
     # sums are added to a zeroed ``out`` (atomics), else stored
     # the words [BN, 4] of one plane and group: lanes 0-1 the quarter, lanes 2-4 rows 1, 2, 4, registers row 8 and
@@ -430,6 +448,11 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, N, PS
     rg = ttgl.arange(0, 4, layout=ttgl.SliceLayout(0, VL))
     vofs = pid * 512 + tid[:, None] * 4 + rg[None, :]
     NB = N // BN
+    if P == 0:
+        p = ttgl.load(p_ptr)
+        s_ptr += (p - 1) * VSTRIDE
+        z_ptr += (p - 1) * VSTRIDE
+        w0 = (1 << (p + 4)).to(ttgl.float32) * (1.0 / 256.0)  # 2^(p - 4)
     total = ttgl.zeros([BN, 8], ttgl.float32, MMA)
     for g0 in range(g_lo, g_lo + GS, 8):
         acc = ttgl.zeros([BN, 8], ttgl.float32, MMA)  # column n: group g0 + n's sum of F0 x'
@@ -437,16 +460,26 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, N, PS
         for i in ttgl.static_range(8):
             wp = w_ptr + (g0 + i) * NB * 512 + vofs
             xb = _b_operand(ttgl.load(x_ptr + (g0 + i) * 1024 + xofs), BL)  # x' in column i only
-            acc = mma_v2(_field_operand(wp, PSTRIDE, 0, min(P, 4), LW, AL), xb, acc)
-            if P > 4:
-                acc1 = mma_v2(_field_operand(wp, PSTRIDE, 4, P - 4, LW, AL), xb, acc1)
+            if P == 0:
+                acc = mma_v2(_field_operand_dyn(wp, PSTRIDE, 0, p, LW, AL), xb, acc)
+                if p > 4:
+                    acc1 = mma_v2(_field_operand_dyn(wp, PSTRIDE, 4, p, LW, AL), xb, acc1)
+            else:
+                acc = mma_v2(_field_operand(wp, PSTRIDE, 0, min(P, 4), LW, AL), xb, acc)
+                if P > 4:
+                    acc1 = mma_v2(_field_operand(wp, PSTRIDE, 4, P - 4, LW, AL), xb, acc1)
         sc = ttgl.load(s_ptr + ro[:, None] * G + (g0 + no)[None, :]).to(ttgl.float32)
         zp = ttgl.load(z_ptr + ro[:, None] * G + (g0 + no)[None, :]).to(ttgl.float32)
         off = ttgl.load(off_ptr + g0 + no)[None, :]
         xs = ttgl.load(xs_ptr + g0 + no)
-        c = (acc - off) * W0
-        if P > 4:
-            c += (acc1 - off) * W1
+        if P == 0:
+            c = (acc - off) * w0
+            if p > 4:
+                c += (acc1 - off) * (w0 * (1.0 / 16.0))
+        else:
+            c = (acc - off) * W0
+            if P > 4:
+                c += (acc1 - off) * W1
         total += sc * (c - zp * xs[None, :])
     if SPLIT:
         ttgl.atomic_add(out_ptr + ro, ttgl.sum(total, axis=1))
@@ -455,15 +488,24 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, N, PS
 
 
 def _launch_args(words, scale, zero, xb, off, xs, out, splits=1, planes=None):
+    """``planes``: an int (the view, compiled in), None (every plane of the pack) or an int32 device tensor of one
+    element (the view read by the kernel; ``scale``/``zero`` then ``[planes of the pack, N, G]``, view ``p`` at
+    ``p - 1``)."""
     n, g = words.shape[2] * BLOCK_N, xb.shape[0]
     planes = words.shape[0] if planes is None else planes
     if g % (splits * BATCH_GROUPS):
         raise ValueError(f"splits={splits}: the {g} groups must split into multiples of {BATCH_GROUPS}")
-    if not 1 <= planes <= words.shape[0]:
-        raise ValueError(f"a view of {planes} planes: the pack holds {words.shape[0]}")
-    wts = [wt for _, _, wt in field_planes(planes)] + [0.0]
-    args = (words, scale, zero, xb, off, xs, out, n, words[0].numel(), g, g // splits)
-    return args, dict(P=planes, W0=wts[0], W1=wts[1], BN=BLOCK_N, SPLIT=splits > 1, num_warps=4)
+    if isinstance(planes, torch.Tensor):
+        if scale.dim() != 3 or scale.shape[0] != words.shape[0]:
+            raise ValueError(f"planes on the device: scale and zero must be [{words.shape[0]}, N, G] (one per view)")
+        p_ptr, pc, wts, vstride = planes, 0, [0.0, 0.0], scale[0].numel()
+    else:
+        if not 1 <= planes <= words.shape[0]:
+            raise ValueError(f"a view of {planes} planes: the pack holds {words.shape[0]}")
+        p_ptr, pc, vstride = out, planes, 0
+        wts = [wt for _, _, wt in field_planes(planes)] + [0.0]
+    args = (words, scale, zero, xb, off, xs, out, p_ptr, n, words[0].numel(), vstride, g, g // splits)
+    return args, dict(P=pc, W0=wts[0], W1=wts[1], BN=BLOCK_N, SPLIT=splits > 1, num_warps=4)
 
 
 def split_choices(k: int) -> list[int]:
@@ -480,16 +522,18 @@ def count(n, k, splits=1, planes=PLANES):
     import offline_sass as osx
 
     g = k // GROUP
-    words = torch.zeros(planes, g, n // BLOCK_N, BLOCK_N * 4, dtype=torch.int32)
-    sc = torch.zeros(n, g, dtype=torch.float16)
+    words = torch.zeros(planes or 8, g, n // BLOCK_N, BLOCK_N * 4, dtype=torch.int32)
+    sc = torch.zeros(*([8] if planes == 0 else []), n, g, dtype=torch.float16)
     xb = torch.zeros(g, BATCH_GROUPS * GROUP, dtype=torch.float16)
     vec = torch.zeros(g)
     out = torch.zeros(n)
-    args, kw = _launch_args(words, sc, sc, xb, vec, vec, out, splits)
+    view = torch.zeros(1, dtype=torch.int32) if planes == 0 else planes
+    args, kw = _launch_args(words, sc, sc, xb, vec, vec, out, splits, view)
     ck = osx.compile_sm90(frag_gemv_kernel, args, kw, source=GluonASTSource)
     sass, res = osx.sass_and_resources(ck)
     codes = BLOCK_N * GROUP * BATCH_GROUPS / 128  # codes a thread decodes an iteration of the 8-group loop
-    osx.report(sass, res, codes, f"frag_gemv_kernel {planes} planes, BN={BLOCK_N} (triton {triton.__version__})")
+    what = f"{planes} planes" if planes else "planes read on the device"
+    osx.report(sass, res, codes, f"frag_gemv_kernel, {what}, BN={BLOCK_N} (triton {triton.__version__})")
 
 
 def frag_gemv(words, scale, zero, x, prepared=None, out=None, splits=1, planes=None):
@@ -531,21 +575,28 @@ def check():
         codes, _, _ = _random_layer(n, k, gen, 8)
         x = torch.randn(k, generator=gen).half()
         words = pack_fragment(codes, 8).cuda()
+        views = [_random_layer(n, k, gen, p)[1:] for p in range(1, 9)]  # a step and zero point per view
+        scales = torch.stack([v[0] for v in views]).cuda()
+        zeros = torch.stack([v[1] for v in views]).cuda()
         for p in range(1, 9) if n == 256 else VIEWS:
-            _, scale, zero = _random_layer(n, k, gen, p)
+            scale, zero = views[p - 1]
             c = (codes >> (8 - p)).double().reshape(n, -1, GROUP)
             ref = ((c - zero.double()[:, :, None]) * scale.double()[:, :, None]).reshape(n, k) @ x.double()
+            on_device = torch.tensor([p], dtype=torch.int32, device="cuda")
             for splits in split_choices(k):
-                y = frag_gemv(words, scale.cuda(), zero.cuda(), x.cuda(), splits=splits, planes=p).double().cpu()
-                err = float((y - ref).abs().max() / ref.abs().max())
-                print(f"check {name}, {p} planes, {splits} K splits: max |error| / max |ref| = {err:.2e}")
+                for planes, sc, zp, how in ((p, scales[p - 1], zeros[p - 1], "compiled in"),
+                                            (on_device, scales, zeros, "on the device")):  # fmt: skip
+                    y = frag_gemv(words, sc, zp, x.cuda(), splits=splits, planes=planes).double().cpu()
+                    err = float((y - ref).abs().max() / ref.abs().max())
+                    print(f"check {name}, {p} planes {how}, {splits} K splits: max |error| / max |ref| = {err:.2e}")
 
 
 def time_shapes(copies, reps):
     """us per launch in a CUDA graph of ``reps`` launches over ``copies`` weight copies (past L2): this kernel at
     each view of an 8-plane pack (the activations prepared once, outside; its fastest K split), the package's one-bit
     plane GEMV at the same view of [3, 1, 1, 1, 1, 1] (the same planes), fp16 cuBLAS; and the activations'
-    preparation alone (one launch)."""
+    preparation alone (one launch). ``on_device_us``: the same view read by the kernel on the device (a routed
+    token's path), at the compiled view's fastest split."""
     from functools import partial
 
     import pandas as pd
@@ -564,8 +615,8 @@ def time_shapes(copies, reps):
         g = k // GROUP
         words = [torch.randint(-(2**31), 2**31 - 1, (8, g, n // BLOCK_N, BLOCK_N * 4), device=dev,
                                dtype=torch.int32, generator=gen) for _ in range(copies)]  # fmt: skip
-        scale = (torch.rand(n, g, device=dev, generator=gen) * 0.02 + 0.01).half()
-        zero = (torch.rand(n, g, device=dev, generator=gen) * 15).half()
+        scales = (torch.rand(8, n, g, device=dev, generator=gen) * 0.02 + 0.01).half()
+        zeros = (torch.rand(8, n, g, device=dev, generator=gen) * 15).half()
         x = torch.randn(k, device=dev, dtype=torch.float16)
         prep = PreparedX(k, dev)
         prepared = prep(x)
@@ -583,14 +634,20 @@ def time_shapes(copies, reps):
         w16 = [torch.randn(n, k, device=dev, dtype=torch.float16, generator=gen) for _ in range(3)]
         t16 = sp.graph_time([partial(torch.matmul, x2, w.t(), out=o16) for w in w16], reps)
         for p in VIEWS:
+            sc, zp = scales[p - 1], zeros[p - 1]
             t_split = {
-                s: sp.graph_time([partial(frag_gemv, w, scale, zero, x, prepared, out, s, p) for w in words], reps)
+                s: sp.graph_time([partial(frag_gemv, w, sc, zp, x, prepared, out, s, p) for w in words], reps)
                 for s in split_choices(k)
             }  # with splits > 1 each launch's zeroing of out is timed with it
             best = min(t_split, key=t_split.get)
+            on_device = torch.tensor([p], dtype=torch.int32, device=dev)
+            t_dev = sp.graph_time(
+                [partial(frag_gemv, w, scales, zeros, x, prepared, out, best, on_device) for w in words], reps
+            )  # fmt: skip
             t_pkg = sp.graph_time([partial(tb.bitplane_linear_bits, x2, b, p - 2, out=o16) for b in bps], reps)
             nbytes = n * k * p / 8 + 2 * n * g * 2
-            rows.append(dict(shape=name, bits=p, gluon_us=t_split[best], splits=best, package_us=t_pkg, fp16_us=t16,
+            rows.append(dict(shape=name, bits=p, gluon_us=t_split[best], splits=best, on_device_us=t_dev,
+                             package_us=t_pkg, fp16_us=t16,
                              x_fp16=t16 / t_split[best], x_package=t_pkg / t_split[best],
                              pct_copy=100 * nbytes / (t_split[best] * 1e-6) / bw, prepare_us=t_prep,
                              by_split=" ".join(f"{s}:{t:.1f}" for s, t in t_split.items())))  # fmt: skip
@@ -605,7 +662,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=4096, help="rows (offline count)")
     ap.add_argument("--in-features", type=int, default=4096, help="inputs (offline count), a multiple of 1024")
-    ap.add_argument("--planes", type=int, default=PLANES, choices=range(1, 9), help="planes of the view (count)")
+    ap.add_argument("--planes", type=int, default=PLANES, choices=range(9),
+                    help="planes of the view (count); 0: read on the device, 8 planes packed")  # fmt: skip
     ap.add_argument("--splits", type=int, default=1, help="K splits (offline count; >1: the atomic-add epilogue)")
     ap.add_argument("--check", action="store_true", help="on a GPU: against PyTorch on random codes, 8B shapes")
     ap.add_argument("--time", action="store_true", help="on a GPU: 8B shapes beside the package and fp16 cuBLAS")

@@ -300,6 +300,11 @@ def test_gluon_proto_fields_give_each_view_its_code(planes):
     pw = torch.pow(2.0, col_s.repeat(2).double())
     got = sum(wt * (gp.decode_reference(words, e0, nf) - 1024) / pw for e0, nf, wt in gp.field_planes(planes))
     assert torch.equal(got, (codes >> (8 - planes)).double())
+    # the view read on the device: whole fields decoded, the absent planes' loads predicated off (zeros)
+    absent = words.clone()
+    absent[planes:] = 0
+    for e0, nf, _ in gp.field_planes(planes):
+        assert torch.equal(gp.decode_reference(absent, e0, 4), gp.decode_reference(words, e0, nf))
 
 
 def test_gluon_proto_prepared_x_kernel_matches_prepare_x():
@@ -342,11 +347,11 @@ def test_gluon_proto_kernel_emulated_gives_w_x():
         assert float((y - ref).abs().max() / ref.abs().max()) < 1e-5, planes
 
 
-@pytest.mark.parametrize(("planes", "splits"), [(4, 1), (6, 2)])
+@pytest.mark.parametrize(("planes", "splits"), [(4, 1), (6, 2), (0, 1)])
 def test_gluon_proto_compiles_for_sm90(planes, splits):
     """``gluon_proto.py``'s kernel compiles for sm_90 offline (its A operand needs no data movement:
     ``convert_layout(assert_trivial=True)``), no spill, and reports the group loop's instructions a code; with K
-    splits (the atomic-add epilogue) too."""
+    splits (the atomic-add epilogue) and with the view read on the device (``--planes 0``) too."""
     import os
     import subprocess
 
