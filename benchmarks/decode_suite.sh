@@ -94,7 +94,7 @@ stage() {
       run_stage e2e 1500 "$PY" benchmarks/e2e_decode.py --gguf "$GGUF" --budgets 4 --views 2 --fuse-inputs \
         --bits-configs "$E2E_CONFIGS" --out "$RES/e2e" ;;
     gluon)
-      run_stage gluon 300 "$PY" benchmarks/gluon_proto.py --check --time ;;
+      run_stage gluon 600 "$PY" benchmarks/gluon_proto.py --check --time ;;
     package)
       run_stage package 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed --fuse-inputs \
         --out "$RES/package" ;;

@@ -354,37 +354,51 @@ def _tree(w0, w1, w2, w3, NF: ttgl.constexpr, J0: ttgl.constexpr, D: ttgl.conste
 
 
 @gluon.jit
-def _field_operand(wp, PSTRIDE, E0: ttgl.constexpr, NF: ttgl.constexpr, LW: ttgl.constexpr, AL: ttgl.constexpr):
-    """The A operand ``[BN, 128]`` of the field of planes ``E0 .. E0 + NF - 1`` (``NF`` 1-4) of one group: its
-    planes' 16-byte loads at ``wp`` (plane stride ``PSTRIDE``), pairs, joins, and a permute into logical columns."""
-    w0 = _words(ttgl.load(wp + E0 * PSTRIDE), LW)
-    w1 = w0
-    w2 = w0
-    w3 = w0
-    if NF >= 2:
-        w1 = _words(ttgl.load(wp + (E0 + 1) * PSTRIDE), LW)
-    if NF >= 3:
-        w2 = _words(ttgl.load(wp + (E0 + 2) * PSTRIDE), LW)
-    if NF >= 4:
-        w3 = _words(ttgl.load(wp + (E0 + 3) * PSTRIDE), LW)
-    t = _tree(w0, w1, w2, w3, NF, 0, 16)  # [BN, 4 (q), 2 (par), 2, 2, 2, 2 (the bits of j)]
+def _load_field(wp, PSTRIDE, E0: ttgl.constexpr, NF: ttgl.constexpr, p, DYN: ttgl.constexpr):
+    """The raw words (the 16-byte loads' layout) of the field at planes ``E0 ..``: ``NF`` planes (1-4, the rest
+    repeat the first, unused) or, with ``DYN``, four planes of which those at or past the device's view ``p`` are
+    predicated off (zeros)."""
+    if DYN:
+        pv = ttgl.full(wp.shape, p, ttgl.int32, wp.type.layout)
+        w0 = ttgl.load(wp + E0 * PSTRIDE, mask=pv > E0, other=0)
+        w1 = ttgl.load(wp + (E0 + 1) * PSTRIDE, mask=pv > E0 + 1, other=0)
+        w2 = ttgl.load(wp + (E0 + 2) * PSTRIDE, mask=pv > E0 + 2, other=0)
+        w3 = ttgl.load(wp + (E0 + 3) * PSTRIDE, mask=pv > E0 + 3, other=0)
+    else:
+        w0 = ttgl.load(wp + E0 * PSTRIDE)
+        w1 = w0
+        w2 = w0
+        w3 = w0
+        if NF >= 2:
+            w1 = ttgl.load(wp + (E0 + 1) * PSTRIDE)
+        if NF >= 3:
+            w2 = ttgl.load(wp + (E0 + 2) * PSTRIDE)
+        if NF >= 4:
+            w3 = ttgl.load(wp + (E0 + 3) * PSTRIDE)
+    return w0, w1, w2, w3
+
+
+@gluon.jit
+def _field_operand(ws, NF: ttgl.constexpr, LW: ttgl.constexpr, AL: ttgl.constexpr):
+    """The A operand ``[BN, 128]`` of one group's field from its raw words ``ws`` (:func:`_load_field`; ``NF``
+    planes present, 4 for a view read on the device, whose absent planes are zeros): renamed into ``LW``, pairs,
+    joins, and a permute into logical columns."""
+    t = _tree(_words(ws[0], LW), _words(ws[1], LW), _words(ws[2], LW), _words(ws[3], LW), NF, 0, 16)
     a = ttgl.reshape(ttgl.permute(t, [0, 6, 5, 4, 3, 1, 2]), [t.shape[0], 128])  # column 8 j + 2 q + par
     return ttgl.convert_layout(a, AL, assert_trivial=True)  # registers already in place: no data moves
 
 
 @gluon.jit
-def _field_operand_dyn(wp, PSTRIDE, E0: ttgl.constexpr, p, LW: ttgl.constexpr, AL: ttgl.constexpr):
-    """:func:`_field_operand` of the field at planes ``E0 .. E0 + 3`` for a view of ``p`` planes known only on the
-    device: planes at or past ``p`` are not loaded (predicated off) and decode as zeros; the same selects and masks
-    as a whole field."""
-    pv = ttgl.full(wp.shape, p, ttgl.int32, wp.type.layout)
-    w0 = _words(ttgl.load(wp + E0 * PSTRIDE), LW)
-    w1 = _words(ttgl.load(wp + (E0 + 1) * PSTRIDE, mask=pv > E0 + 1, other=0), LW)
-    w2 = _words(ttgl.load(wp + (E0 + 2) * PSTRIDE, mask=pv > E0 + 2, other=0), LW)
-    w3 = _words(ttgl.load(wp + (E0 + 3) * PSTRIDE, mask=pv > E0 + 3, other=0), LW)
-    t = _tree(w0, w1, w2, w3, 4, 0, 16)
-    a = ttgl.reshape(ttgl.permute(t, [0, 6, 5, 4, 3, 1, 2]), [t.shape[0], 128])
-    return ttgl.convert_layout(a, AL, assert_trivial=True)
+def _load_group(w_ptr, x_ptr, vofs, xofs, g, NB, PSTRIDE, P: ttgl.constexpr, p):
+    """Group ``g``'s raw words (field 0, field 1 when the view may reach it) and its B operand's halves."""
+    wp = w_ptr + g * NB * 512 + vofs
+    xv = ttgl.load(x_ptr + g * 1024 + xofs)
+    f0 = _load_field(wp, PSTRIDE, 0, min(P, 4) if P > 0 else 4, p, P == 0)
+    if P == 0 or P > 4:
+        f1 = _load_field(wp, PSTRIDE, 4, P - 4 if P > 0 else 4, p, P == 0)
+    else:
+        f1 = f0
+    return f0, f1, xv
 
 
 @gluon.jit
@@ -409,14 +423,16 @@ def _b_operand(v, BL: ttgl.constexpr):
 @gluon.jit
 def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, p_ptr, N, PSTRIDE, VSTRIDE, G, GS,
                      P: ttgl.constexpr, W0: ttgl.constexpr, W1: ttgl.constexpr, BN: ttgl.constexpr,
-                     SPLIT: ttgl.constexpr):  # fmt: skip
+                     SPLIT: ttgl.constexpr, BATCH: ttgl.constexpr, PREFETCH: ttgl.constexpr):  # fmt: skip
+    # BATCH groups (8, 4, 2 or 1) share an accumulator, group g in its column g % 8; PREFETCH: the next group's
+    # words and activations are loaded before this one's decode (in flight under it)
     # a view of the first P planes (1-8): field 0 planes 0-3 (those below P), field 1 planes 4 .. P - 1, each its own
     # accumulator; code = F0 W0 + F1 W1 with F the fields' 4-bit values (absent planes zero; field_planes).
     # P = 0: the view's planes p read on the device at p_ptr (a routed token's view; a captured graph serves every
     # budget), its step and zero point at view p - 1 of [views, N, G] (VSTRIDE apart); absent planes' loads are
     # predicated off and decode as zeros, field 1 is skipped below 5 planes
-    # program (pid, split) takes rows pid * BN.. and groups split * GS.. (GS a multiple of 8); with SPLIT the partial
-    # sums are added to a zeroed ``out`` (atomics), else stored
+    # program (pid, split) takes rows pid * BN.. and groups split * GS.. (GS a multiple of BATCH); with SPLIT the
+    # partial sums are added to a zeroed ``out`` (atomics), else stored
     # the words [BN, 4] of one plane and group: lanes 0-1 the quarter, lanes 2-4 rows 1, 2, 4, registers row 8 and
     # the M repeats, warps rows 16, 32: the rows and quarters whose A fragments each thread holds
     LW: ttgl.constexpr = ttgl.DistributedLinearLayout(
@@ -454,24 +470,42 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, p_ptr
         z_ptr += (p - 1) * VSTRIDE
         w0 = (1 << (p + 4)).to(ttgl.float32) * (1.0 / 256.0)  # 2^(p - 4)
     total = ttgl.zeros([BN, 8], ttgl.float32, MMA)
-    for g0 in range(g_lo, g_lo + GS, 8):
-        acc = ttgl.zeros([BN, 8], ttgl.float32, MMA)  # column n: group g0 + n's sum of F0 x'
+    if P != 0:
+        p = P
+    g_last = g_lo + GS - 1
+    if PREFETCH:
+        nxt = _load_group(w_ptr, x_ptr, vofs, xofs, g_lo, NB, PSTRIDE, P, p)
+    for g0 in range(g_lo, g_lo + GS, BATCH):
+        acc = ttgl.zeros([BN, 8], ttgl.float32, MMA)  # column n: group g0 - g0 % 8 + n's sum of F0 x'
         acc1 = ttgl.zeros([BN, 8], ttgl.float32, MMA)  # and of F1 x' (P > 4)
-        for i in ttgl.static_range(8):
-            wp = w_ptr + (g0 + i) * NB * 512 + vofs
-            xb = _b_operand(ttgl.load(x_ptr + (g0 + i) * 1024 + xofs), BL)  # x' in column i only
-            if P == 0:
-                acc = mma_v2(_field_operand_dyn(wp, PSTRIDE, 0, p, LW, AL), xb, acc)
-                if p > 4:
-                    acc1 = mma_v2(_field_operand_dyn(wp, PSTRIDE, 4, p, LW, AL), xb, acc1)
+        for i in ttgl.static_range(BATCH):
+            if PREFETCH:
+                cur = nxt
+                nxt = _load_group(w_ptr, x_ptr, vofs, xofs, ttgl.minimum(g0 + i + 1, g_last), NB, PSTRIDE, P, p)
             else:
-                acc = mma_v2(_field_operand(wp, PSTRIDE, 0, min(P, 4), LW, AL), xb, acc)
+                cur = _load_group(w_ptr, x_ptr, vofs, xofs, g0 + i, NB, PSTRIDE, P, p)
+            xb = _b_operand(cur[2], BL)  # x' in column (g0 + i) % 8 only
+            if P == 0:
+                acc = mma_v2(_field_operand(cur[0], 4, LW, AL), xb, acc)
+                if p > 4:
+                    acc1 = mma_v2(_field_operand(cur[1], 4, LW, AL), xb, acc1)
+            else:
+                acc = mma_v2(_field_operand(cur[0], min(P, 4), LW, AL), xb, acc)
                 if P > 4:
-                    acc1 = mma_v2(_field_operand(wp, PSTRIDE, 4, P - 4, LW, AL), xb, acc1)
-        sc = ttgl.load(s_ptr + ro[:, None] * G + (g0 + no)[None, :]).to(ttgl.float32)
-        zp = ttgl.load(z_ptr + ro[:, None] * G + (g0 + no)[None, :]).to(ttgl.float32)
-        off = ttgl.load(off_ptr + g0 + no)[None, :]
-        xs = ttgl.load(xs_ptr + g0 + no)
+                    acc1 = mma_v2(_field_operand(cur[1], P - 4, LW, AL), xb, acc1)
+        c0 = g0 - g0 % 8
+        gcol = c0 + no
+        if BATCH == 8:
+            sc = ttgl.load(s_ptr + ro[:, None] * G + gcol[None, :]).to(ttgl.float32)
+            zp = ttgl.load(z_ptr + ro[:, None] * G + gcol[None, :]).to(ttgl.float32)
+            off = ttgl.load(off_ptr + gcol)[None, :]
+            xs = ttgl.load(xs_ptr + gcol)
+        else:  # the columns of this batch's groups only (the others' steps read as zeros)
+            cm = (gcol >= g0) & (gcol < g0 + BATCH)
+            sc = ttgl.load(s_ptr + ro[:, None] * G + gcol[None, :], mask=cm[None, :], other=0.0).to(ttgl.float32)
+            zp = ttgl.load(z_ptr + ro[:, None] * G + gcol[None, :], mask=cm[None, :], other=0.0).to(ttgl.float32)
+            off = ttgl.load(off_ptr + gcol, mask=cm, other=0.0)[None, :]
+            xs = ttgl.load(xs_ptr + gcol, mask=cm, other=0.0)
         if P == 0:
             c = (acc - off) * w0
             if p > 4:
@@ -487,14 +521,15 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, p_ptr
         ttgl.store(out_ptr + ro, ttgl.sum(total, axis=1))
 
 
-def _launch_args(words, scale, zero, xb, off, xs, out, splits=1, planes=None):
+def _launch_args(words, scale, zero, xb, off, xs, out, splits=1, planes=None, batch=BATCH_GROUPS, prefetch=False):
     """``planes``: an int (the view, compiled in), None (every plane of the pack) or an int32 device tensor of one
     element (the view read by the kernel; ``scale``/``zero`` then ``[planes of the pack, N, G]``, view ``p`` at
     ``p - 1``)."""
     n, g = words.shape[2] * BLOCK_N, xb.shape[0]
     planes = words.shape[0] if planes is None else planes
-    if g % (splits * BATCH_GROUPS):
-        raise ValueError(f"splits={splits}: the {g} groups must split into multiples of {BATCH_GROUPS}")
+    if batch not in (1, 2, 4, 8) or g % (splits * batch):
+        raise ValueError(f"splits={splits}, batch={batch}: the {g} groups must split into multiples of the batch "
+                         "(1, 2, 4 or 8 groups)")  # fmt: skip
     if isinstance(planes, torch.Tensor):
         if scale.dim() != 3 or scale.shape[0] != words.shape[0]:
             raise ValueError(f"planes on the device: scale and zero must be [{words.shape[0]}, N, G] (one per view)")
@@ -505,16 +540,18 @@ def _launch_args(words, scale, zero, xb, off, xs, out, splits=1, planes=None):
         p_ptr, pc, vstride = out, planes, 0
         wts = [wt for _, _, wt in field_planes(planes)] + [0.0]
     args = (words, scale, zero, xb, off, xs, out, p_ptr, n, words[0].numel(), vstride, g, g // splits)
-    return args, dict(P=pc, W0=wts[0], W1=wts[1], BN=BLOCK_N, SPLIT=splits > 1, num_warps=4)
+    return args, dict(P=pc, W0=wts[0], W1=wts[1], BN=BLOCK_N, SPLIT=splits > 1, BATCH=batch, PREFETCH=prefetch,
+                      num_warps=4)  # fmt: skip
 
 
-def split_choices(k: int) -> list[int]:
-    """The K splits a layer of ``k`` inputs allows: divisors of its number of 8-group batches, up to 16."""
-    b = k // (GROUP * BATCH_GROUPS)
-    return [s for s in range(1, min(b, 16) + 1) if b % s == 0]
+def split_choices(k: int, batch: int = BATCH_GROUPS, most: int = 16) -> list[int]:
+    """The K splits a layer of ``k`` inputs allows: divisors of its number of ``batch``-group batches, up to
+    ``most``."""
+    b = k // (GROUP * batch)
+    return [s for s in range(1, min(b, most) + 1) if b % s == 0]
 
 
-def count(n, k, splits=1, planes=PLANES):
+def count(n, k, splits=1, planes=PLANES, batch=BATCH_GROUPS, prefetch=False):
     """Compile for sm_90 without a GPU and print the group loop's instructions a code."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -528,15 +565,17 @@ def count(n, k, splits=1, planes=PLANES):
     vec = torch.zeros(g)
     out = torch.zeros(n)
     view = torch.zeros(1, dtype=torch.int32) if planes == 0 else planes
-    args, kw = _launch_args(words, sc, sc, xb, vec, vec, out, splits, view)
+    args, kw = _launch_args(words, sc, sc, xb, vec, vec, out, splits, view, batch, prefetch)
     ck = osx.compile_sm90(frag_gemv_kernel, args, kw, source=GluonASTSource)
     sass, res = osx.sass_and_resources(ck)
-    codes = BLOCK_N * GROUP * BATCH_GROUPS / 128  # codes a thread decodes an iteration of the 8-group loop
-    what = f"{planes} planes" if planes else "planes read on the device"
+    codes = BLOCK_N * GROUP * batch / 128  # codes a thread decodes an iteration of the batch loop
+    what = (f"{planes} planes" if planes else "planes read on the device") + f", batch {batch}"
+    what += ", prefetch" if prefetch else ""
     osx.report(sass, res, codes, f"frag_gemv_kernel, {what}, BN={BLOCK_N} (triton {triton.__version__})")
 
 
-def frag_gemv(words, scale, zero, x, prepared=None, out=None, splits=1, planes=None):
+def frag_gemv(words, scale, zero, x, prepared=None, out=None, splits=1, planes=None, batch=BATCH_GROUPS,
+              prefetch=False):  # fmt: skip
     """``W x`` on a GPU for one token ``x [K]`` (``W = scale (C - zero)`` per row and group, ``scale``/``zero``
     ``[N, G]`` fp16, ``C`` the code of the first ``planes`` planes, default all); ``prepared``: :func:`prepare_x`'s
     tensors, made once per token (else made here); ``splits``: programs along K per row block (their sums added
@@ -544,7 +583,7 @@ def frag_gemv(words, scale, zero, x, prepared=None, out=None, splits=1, planes=N
     xb, off, xs = prepare_x(x) if prepared is None else prepared
     n = words.shape[2] * BLOCK_N
     out = torch.empty(n, device=words.device) if out is None else out
-    args, kw = _launch_args(words, scale, zero, xb, off, xs, out, splits, planes)
+    args, kw = _launch_args(words, scale, zero, xb, off, xs, out, splits, planes, batch, prefetch)
     if splits > 1:
         out.zero_()
     frag_gemv_kernel[(n // BLOCK_N, splits)](*args, **kw)
@@ -557,6 +596,8 @@ SHAPES = {"q/o 4096x4096": (4096, 4096), "gate/up 14336x4096": (14336, 4096), "d
 
 #: the views timed and checked on the 8B shapes: the package's default layout [3, 1, 1, 1, 1, 1] at k = 1, 2, 4, 6
 VIEWS = (3, 4, 6, 8)
+#: (groups an accumulator, prefetch) timed at every K split that gives 64 to 4096 programs (and checked)
+CONFIGS = ((8, False), (8, True), (4, True), (2, True), (1, True))
 
 
 def _random_layer(n, k, gen, planes=PLANES):
@@ -583,20 +624,25 @@ def check():
             c = (codes >> (8 - p)).double().reshape(n, -1, GROUP)
             ref = ((c - zero.double()[:, :, None]) * scale.double()[:, :, None]).reshape(n, k) @ x.double()
             on_device = torch.tensor([p], dtype=torch.int32, device="cuda")
-            for splits in split_choices(k):
-                for planes, sc, zp, how in ((p, scales[p - 1], zeros[p - 1], "compiled in"),
-                                            (on_device, scales, zeros, "on the device")):  # fmt: skip
-                    y = frag_gemv(words, sc, zp, x.cuda(), splits=splits, planes=planes).double().cpu()
-                    err = float((y - ref).abs().max() / ref.abs().max())
-                    print(f"check {name}, {p} planes {how}, {splits} K splits: max |error| / max |ref| = {err:.2e}")
+            every = (k == 1024 or name.startswith("q/o")) and p in VIEWS
+            for batch, prefetch in CONFIGS if every else CONFIGS[:1]:
+                for splits in split_choices(k, batch, 32):
+                    for planes, sc, zp, how in ((p, scales[p - 1], zeros[p - 1], "compiled in"),
+                                                (on_device, scales, zeros, "on the device")):  # fmt: skip
+                        y = frag_gemv(words, sc, zp, x.cuda(), None, None, splits, planes, batch, prefetch)
+                        err = float((y.double().cpu() - ref).abs().max() / ref.abs().max())
+                        print(
+                            f"check {name}, {p} planes {how}, batch {batch}, prefetch {int(prefetch)}, {splits} K "
+                            f"splits: max |error| / max |ref| = {err:.2e}"
+                        )
 
 
 def time_shapes(copies, reps):
     """us per launch in a CUDA graph of ``reps`` launches over ``copies`` weight copies (past L2): this kernel at
     each view of an 8-plane pack (the activations prepared once, outside; its fastest K split), the package's one-bit
     plane GEMV at the same view of [3, 1, 1, 1, 1, 1] (the same planes), fp16 cuBLAS; and the activations'
-    preparation alone (one launch). ``on_device_us``: the same view read by the kernel on the device (a routed
-    token's path), at the compiled view's fastest split."""
+    preparation alone (one launch). ``config``: the fastest (batch, prefetch, K splits) of :data:`CONFIGS`;
+    ``on_device_us``: the same view read by the kernel on the device (a routed token's path) at that config."""
     from functools import partial
 
     import pandas as pd
@@ -635,22 +681,29 @@ def time_shapes(copies, reps):
         t16 = sp.graph_time([partial(torch.matmul, x2, w.t(), out=o16) for w in w16], reps)
         for p in VIEWS:
             sc, zp = scales[p - 1], zeros[p - 1]
-            t_split = {
-                s: sp.graph_time([partial(frag_gemv, w, sc, zp, x, prepared, out, s, p) for w in words], reps)
-                for s in split_choices(k)
-            }  # with splits > 1 each launch's zeroing of out is timed with it
+            t_split = {}  # (batch, prefetch, splits) -> us; with splits > 1 each launch's zeroing of out timed with it
+            for batch, pf in CONFIGS:
+                for s in split_choices(k, batch, 64):
+                    if 64 <= s * n // BLOCK_N <= 4096:
+                        fns = [partial(frag_gemv, w, sc, zp, x, prepared, out, s, p, batch, pf) for w in words]
+                        t_split[batch, pf, s] = sp.graph_time(fns, reps)
             best = min(t_split, key=t_split.get)
             on_device = torch.tensor([p], dtype=torch.int32, device=dev)
             t_dev = sp.graph_time(
-                [partial(frag_gemv, w, scales, zeros, x, prepared, out, best, on_device) for w in words], reps
+                [partial(frag_gemv, w, scales, zeros, x, prepared, out, best[2], on_device, best[0], best[1])
+                 for w in words], reps
             )  # fmt: skip
             t_pkg = sp.graph_time([partial(tb.bitplane_linear_bits, x2, b, p - 2, out=o16) for b in bps], reps)
             nbytes = n * k * p / 8 + 2 * n * g * 2
-            rows.append(dict(shape=name, bits=p, gluon_us=t_split[best], splits=best, on_device_us=t_dev,
+            by_cfg = {}
+            for (b_, pf, s_), t in t_split.items():
+                by_cfg.setdefault(f"b{b_}{'p' if pf else ''}", []).append(f"{s_}:{t:.1f}")
+            print(f"{name} {p} planes, us by batch (p: prefetch) and splits: "
+                  + "; ".join(f"{c} " + " ".join(v) for c, v in by_cfg.items()), flush=True)  # fmt: skip
+            rows.append(dict(shape=name, bits=p, gluon_us=t_split[best], config=best, on_device_us=t_dev,
                              package_us=t_pkg, fp16_us=t16,
                              x_fp16=t16 / t_split[best], x_package=t_pkg / t_split[best],
-                             pct_copy=100 * nbytes / (t_split[best] * 1e-6) / bw, prepare_us=t_prep,
-                             by_split=" ".join(f"{s}:{t:.1f}" for s, t in t_split.items())))  # fmt: skip
+                             pct_copy=100 * nbytes / (t_split[best] * 1e-6) / bw, prepare_us=t_prep))  # fmt: skip
         del words, bps, w16
         torch.cuda.empty_cache()
     df = pd.DataFrame(rows)
@@ -664,6 +717,8 @@ def main(argv=None):
     ap.add_argument("--in-features", type=int, default=4096, help="inputs (offline count), a multiple of 1024")
     ap.add_argument("--planes", type=int, default=PLANES, choices=range(9),
                     help="planes of the view (count); 0: read on the device, 8 planes packed")  # fmt: skip
+    ap.add_argument("--batch", type=int, default=BATCH_GROUPS, choices=(1, 2, 4, 8), help="groups an accumulator")
+    ap.add_argument("--prefetch", action="store_true", help="the next group's loads before this one's decode")
     ap.add_argument("--splits", type=int, default=1, help="K splits (offline count; >1: the atomic-add epilogue)")
     ap.add_argument("--check", action="store_true", help="on a GPU: against PyTorch on random codes, 8B shapes")
     ap.add_argument("--time", action="store_true", help="on a GPU: 8B shapes beside the package and fp16 cuBLAS")
@@ -673,9 +728,9 @@ def main(argv=None):
     if not (a.check or a.time):
         if a.in_features % (GROUP * BATCH_GROUPS) or a.n % BLOCK_N:
             ap.error(f"--in-features must be a multiple of 1024 and --n of {BLOCK_N}")
-        if a.splits not in split_choices(a.in_features):
-            ap.error(f"--splits {a.splits}: {a.in_features} inputs allow {split_choices(a.in_features)}")
-        count(a.n, a.in_features, a.splits, a.planes)
+        if a.splits not in split_choices(a.in_features, a.batch, a.in_features):
+            ap.error(f"--splits {a.splits}: {a.in_features} inputs allow {split_choices(a.in_features, a.batch)}")
+        count(a.n, a.in_features, a.splits, a.planes, a.batch, a.prefetch)
         return 0
     if not torch.cuda.is_available():
         ap.error("--check and --time need a CUDA GPU")
