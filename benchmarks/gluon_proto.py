@@ -421,57 +421,16 @@ def _b_operand(v, BL: ttgl.constexpr):
 
 
 @gluon.jit
-def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, p_ptr, N, PSTRIDE, VSTRIDE, G, GS,
-                     P: ttgl.constexpr, W0: ttgl.constexpr, W1: ttgl.constexpr, BN: ttgl.constexpr,
-                     SPLIT: ttgl.constexpr, BATCH: ttgl.constexpr, PREFETCH: ttgl.constexpr):  # fmt: skip
-    # BATCH groups (8, 4, 2 or 1) share an accumulator, group g in its column g % 8; PREFETCH: the next group's
-    # words and activations are loaded before this one's decode (in flight under it)
-    # a view of the first P planes (1-8): field 0 planes 0-3 (those below P), field 1 planes 4 .. P - 1, each its own
-    # accumulator; code = F0 W0 + F1 W1 with F the fields' 4-bit values (absent planes zero; field_planes).
-    # P = 0: the view's planes p read on the device at p_ptr (a routed token's view; a captured graph serves every
-    # budget), its step and zero point at view p - 1 of [views, N, G] (VSTRIDE apart); absent planes' loads are
-    # predicated off and decode as zeros, field 1 is skipped below 5 planes
-    # program (pid, split) takes rows pid * BN.. and groups split * GS.. (GS a multiple of BATCH); with SPLIT the
-    # partial sums are added to a zeroed ``out`` (atomics), else stored
-    # the words [BN, 4] of one plane and group: lanes 0-1 the quarter, lanes 2-4 rows 1, 2, 4, registers row 8 and
-    # the M repeats, warps rows 16, 32: the rows and quarters whose A fragments each thread holds
-    LW: ttgl.constexpr = ttgl.DistributedLinearLayout(
-        reg_bases=[[8, 0], [64, 0]], lane_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]], warp_bases=[[16, 0], [32, 0]],
-        block_bases=[], shape=[BN, 4],
-    )  # fmt: skip
-    MMA: ttgl.constexpr = ttgl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8])
-    AL: ttgl.constexpr = ttgl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
-    BL: ttgl.constexpr = ttgl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
-    pid = ttgl.program_id(0)
-    g_lo = ttgl.program_id(1) * GS
-    # B: lane 4 n + (k >> 1 & 3) of every warp loads its 32 consecutive halves (prepare_x's b_slots)
-    XV: ttgl.constexpr = ttgl.DistributedLinearLayout(
-        reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8], [0, 16]], lane_bases=[[1, 0], [2, 0], [4, 0], [8, 0], [16, 0]],
-        warp_bases=[[0, 0], [0, 0]], block_bases=[], shape=[32, 32],
-    )  # fmt: skip
-    xl = ttgl.arange(0, 32, layout=ttgl.SliceLayout(1, XV))
-    xr = ttgl.arange(0, 32, layout=ttgl.SliceLayout(0, XV))
-    xofs = xl[:, None] * 32 + xr[None, :]
-    ro = pid * BN + ttgl.arange(0, BN, layout=ttgl.SliceLayout(1, MMA))
-    no = ttgl.arange(0, 8, layout=ttgl.SliceLayout(0, MMA))
-    # a thread's 4 words of one plane and group are consecutive (pack_fragment's word_slots): one 16-byte load, then
-    # renamed (reshape, permute: no data moves) into the rows and quarters of LW
-    VL: ttgl.constexpr = ttgl.DistributedLinearLayout(
-        reg_bases=[[0, 1], [0, 2]], lane_bases=[[1, 0], [2, 0], [4, 0], [8, 0], [16, 0]],
-        warp_bases=[[32, 0], [64, 0]], block_bases=[], shape=[128, 4],
-    )  # fmt: skip
-    tid = ttgl.arange(0, 128, layout=ttgl.SliceLayout(1, VL))
-    rg = ttgl.arange(0, 4, layout=ttgl.SliceLayout(0, VL))
-    vofs = pid * 512 + tid[:, None] * 4 + rg[None, :]
-    NB = N // BN
+def _view_total(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, vofs, xofs, ro, no, NB, PSTRIDE, G, g_lo, GS, p,
+                P: ttgl.constexpr, W0: ttgl.constexpr, W1: ttgl.constexpr, BN: ttgl.constexpr, BATCH: ttgl.constexpr,
+                PREFETCH: ttgl.constexpr, LW: ttgl.constexpr, AL: ttgl.constexpr, BL: ttgl.constexpr,
+                MMA: ttgl.constexpr):  # fmt: skip
+    """A program's ``[BN, 8]`` sums over groups ``g_lo .. g_lo + GS`` (their columns summed by the caller) of the
+    view of ``P`` planes (compiled in) or, ``P == 0``, of ``p`` read on the device (whole fields, absent planes
+    predicated off)."""
     if P == 0:
-        p = ttgl.load(p_ptr)
-        s_ptr += (p - 1) * VSTRIDE
-        z_ptr += (p - 1) * VSTRIDE
         w0 = (1 << (p + 4)).to(ttgl.float32) * (1.0 / 256.0)  # 2^(p - 4)
     total = ttgl.zeros([BN, 8], ttgl.float32, MMA)
-    if P != 0:
-        p = P
     g_last = g_lo + GS - 1
     if PREFETCH:
         nxt = _load_group(w_ptr, x_ptr, vofs, xofs, g_lo, NB, PSTRIDE, P, p)
@@ -515,33 +474,108 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, p_ptr
             if P > 4:
                 c += (acc1 - off) * W1
         total += sc * (c - zp * xs[None, :])
+    return total
+
+
+@gluon.jit
+def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, p_ptr, N, PSTRIDE, VSTRIDE, G, GS,
+                     P: ttgl.constexpr, W0: ttgl.constexpr, W1: ttgl.constexpr, BN: ttgl.constexpr,
+                     SPLIT: ttgl.constexpr, BATCH: ttgl.constexpr, PREFETCH: ttgl.constexpr,
+                     PMIN: ttgl.constexpr):  # fmt: skip
+    # BATCH groups (8, 4, 2 or 1) share an accumulator, group g in its column g % 8; PREFETCH: the next group's
+    # words and activations are loaded before this one's decode (in flight under it)
+    # a view of the first P planes (1-8): field 0 planes 0-3 (those below P), field 1 planes 4 .. P - 1, each its own
+    # accumulator; code = F0 W0 + F1 W1 with F the fields' 4-bit values (absent planes zero; field_planes).
+    # P = 0: the view's planes p read on the device at p_ptr (a routed token's view; a captured graph serves every
+    # budget), its step and zero point at view p - 1 of [views, N, G] (VSTRIDE apart); absent planes' loads are
+    # predicated off and decode as zeros, field 1 is skipped below 5 planes
+    # program (pid, split) takes rows pid * BN.. and groups split * GS.. (GS a multiple of BATCH); with SPLIT the
+    # partial sums are added to a zeroed ``out`` (atomics), else stored
+    # the words [BN, 4] of one plane and group: lanes 0-1 the quarter, lanes 2-4 rows 1, 2, 4, registers row 8 and
+    # the M repeats, warps rows 16, 32: the rows and quarters whose A fragments each thread holds
+    LW: ttgl.constexpr = ttgl.DistributedLinearLayout(
+        reg_bases=[[8, 0], [64, 0]], lane_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]], warp_bases=[[16, 0], [32, 0]],
+        block_bases=[], shape=[BN, 4],
+    )  # fmt: skip
+    MMA: ttgl.constexpr = ttgl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8])
+    AL: ttgl.constexpr = ttgl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    BL: ttgl.constexpr = ttgl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+    pid = ttgl.program_id(0)
+    g_lo = ttgl.program_id(1) * GS
+    # B: lane 4 n + (k >> 1 & 3) of every warp loads its 32 consecutive halves (prepare_x's b_slots)
+    XV: ttgl.constexpr = ttgl.DistributedLinearLayout(
+        reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8], [0, 16]], lane_bases=[[1, 0], [2, 0], [4, 0], [8, 0], [16, 0]],
+        warp_bases=[[0, 0], [0, 0]], block_bases=[], shape=[32, 32],
+    )  # fmt: skip
+    xl = ttgl.arange(0, 32, layout=ttgl.SliceLayout(1, XV))
+    xr = ttgl.arange(0, 32, layout=ttgl.SliceLayout(0, XV))
+    xofs = xl[:, None] * 32 + xr[None, :]
+    ro = pid * BN + ttgl.arange(0, BN, layout=ttgl.SliceLayout(1, MMA))
+    no = ttgl.arange(0, 8, layout=ttgl.SliceLayout(0, MMA))
+    # a thread's 4 words of one plane and group are consecutive (pack_fragment's word_slots): one 16-byte load, then
+    # renamed (reshape, permute: no data moves) into the rows and quarters of LW
+    VL: ttgl.constexpr = ttgl.DistributedLinearLayout(
+        reg_bases=[[0, 1], [0, 2]], lane_bases=[[1, 0], [2, 0], [4, 0], [8, 0], [16, 0]],
+        warp_bases=[[32, 0], [64, 0]], block_bases=[], shape=[128, 4],
+    )  # fmt: skip
+    tid = ttgl.arange(0, 128, layout=ttgl.SliceLayout(1, VL))
+    rg = ttgl.arange(0, 4, layout=ttgl.SliceLayout(0, VL))
+    vofs = pid * 512 + tid[:, None] * 4 + rg[None, :]
+    NB = N // BN
+    if P == -1:  # the view read on the device, one compiled body per view from PMIN planes up
+        p = ttgl.load(p_ptr)
+        s_ptr += (p - 1) * VSTRIDE
+        z_ptr += (p - 1) * VSTRIDE
+        total = ttgl.zeros([BN, 8], ttgl.float32, MMA)
+        for q in ttgl.static_range(PMIN, 9):
+            if p == q:
+                total = _view_total(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, vofs, xofs, ro, no, NB, PSTRIDE, G,
+                                    g_lo, GS, q, q, (1 << (q + 4)) / 256, (1 << (q + 4)) / 4096, BN, BATCH, PREFETCH,
+                                    LW, AL, BL, MMA)  # fmt: skip
+    else:
+        if P == 0:
+            p = ttgl.load(p_ptr)
+            s_ptr += (p - 1) * VSTRIDE
+            z_ptr += (p - 1) * VSTRIDE
+        else:
+            p = P
+        total = _view_total(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, vofs, xofs, ro, no, NB, PSTRIDE, G, g_lo, GS,
+                            p, P, W0, W1, BN, BATCH, PREFETCH, LW, AL, BL, MMA)  # fmt: skip
     if SPLIT:
         ttgl.atomic_add(out_ptr + ro, ttgl.sum(total, axis=1))
     else:
         ttgl.store(out_ptr + ro, ttgl.sum(total, axis=1))
 
 
-def _launch_args(words, scale, zero, xb, off, xs, out, splits=1, planes=None, batch=BATCH_GROUPS, prefetch=False):
+def _launch_args(words, scale, zero, xb, off, xs, out, splits=1, planes=None, batch=BATCH_GROUPS, prefetch=False,
+                 dispatch=None):  # fmt: skip
     """``planes``: an int (the view, compiled in), None (every plane of the pack) or an int32 device tensor of one
     element (the view read by the kernel; ``scale``/``zero`` then ``[planes of the pack, N, G]``, view ``p`` at
-    ``p - 1``)."""
+    ``p - 1``). ``dispatch``, with a device view: None decodes whole fields with the absent planes predicated off;
+    an int ``PMIN`` branches to a compiled body per view of ``PMIN`` to 8 planes."""
     n, g = words.shape[2] * BLOCK_N, xb.shape[0]
     planes = words.shape[0] if planes is None else planes
     if batch not in (1, 2, 4, 8) or g % (splits * batch):
-        raise ValueError(f"splits={splits}, batch={batch}: the {g} groups must split into multiples of the batch "
-                         "(1, 2, 4 or 8 groups)")  # fmt: skip
+        raise ValueError(
+            f"splits={splits}, batch={batch}: the {g} groups must split into multiples of the batch (1, 2, 4 or 8)"
+        )
+    pmin = 1
     if isinstance(planes, torch.Tensor):
         if scale.dim() != 3 or scale.shape[0] != words.shape[0]:
             raise ValueError(f"planes on the device: scale and zero must be [{words.shape[0]}, N, G] (one per view)")
         p_ptr, pc, wts, vstride = planes, 0, [0.0, 0.0], scale[0].numel()
+        if dispatch is not None:
+            if words.shape[0] != 8 or not 1 <= dispatch <= 8:
+                raise ValueError(f"dispatch from {dispatch} planes needs an 8-plane pack and 1 <= PMIN <= 8")
+            pc, pmin = -1, dispatch
     else:
         if not 1 <= planes <= words.shape[0]:
             raise ValueError(f"a view of {planes} planes: the pack holds {words.shape[0]}")
         p_ptr, pc, vstride = out, planes, 0
         wts = [wt for _, _, wt in field_planes(planes)] + [0.0]
     args = (words, scale, zero, xb, off, xs, out, p_ptr, n, words[0].numel(), vstride, g, g // splits)
-    return args, dict(P=pc, W0=wts[0], W1=wts[1], BN=BLOCK_N, SPLIT=splits > 1, BATCH=batch, PREFETCH=prefetch,
-                      num_warps=4)  # fmt: skip
+    kw = dict(P=pc, W0=wts[0], W1=wts[1], BN=BLOCK_N, SPLIT=splits > 1, BATCH=batch, PREFETCH=prefetch, PMIN=pmin)
+    return args, dict(kw, num_warps=4)
 
 
 def split_choices(k: int, batch: int = BATCH_GROUPS, most: int = 16) -> list[int]:
@@ -551,7 +585,7 @@ def split_choices(k: int, batch: int = BATCH_GROUPS, most: int = 16) -> list[int
     return [s for s in range(1, min(b, most) + 1) if b % s == 0]
 
 
-def count(n, k, splits=1, planes=PLANES, batch=BATCH_GROUPS, prefetch=False):
+def count(n, k, splits=1, planes=PLANES, batch=BATCH_GROUPS, prefetch=False, dispatch=None):
     """Compile for sm_90 without a GPU and print the group loop's instructions a code."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -565,17 +599,18 @@ def count(n, k, splits=1, planes=PLANES, batch=BATCH_GROUPS, prefetch=False):
     vec = torch.zeros(g)
     out = torch.zeros(n)
     view = torch.zeros(1, dtype=torch.int32) if planes == 0 else planes
-    args, kw = _launch_args(words, sc, sc, xb, vec, vec, out, splits, view, batch, prefetch)
+    args, kw = _launch_args(words, sc, sc, xb, vec, vec, out, splits, view, batch, prefetch, dispatch)
     ck = osx.compile_sm90(frag_gemv_kernel, args, kw, source=GluonASTSource)
     sass, res = osx.sass_and_resources(ck)
     codes = BLOCK_N * GROUP * batch / 128  # codes a thread decodes an iteration of the batch loop
     what = (f"{planes} planes" if planes else "planes read on the device") + f", batch {batch}"
     what += ", prefetch" if prefetch else ""
+    what += f", a body per view from {dispatch} planes" if dispatch else ""
     osx.report(sass, res, codes, f"frag_gemv_kernel, {what}, BN={BLOCK_N} (triton {triton.__version__})")
 
 
 def frag_gemv(words, scale, zero, x, prepared=None, out=None, splits=1, planes=None, batch=BATCH_GROUPS,
-              prefetch=False):  # fmt: skip
+              prefetch=False, dispatch=None, maxnreg=None):  # fmt: skip
     """``W x`` on a GPU for one token ``x [K]`` (``W = scale (C - zero)`` per row and group, ``scale``/``zero``
     ``[N, G]`` fp16, ``C`` the code of the first ``planes`` planes, default all); ``prepared``: :func:`prepare_x`'s
     tensors, made once per token (else made here); ``splits``: programs along K per row block (their sums added
@@ -583,7 +618,9 @@ def frag_gemv(words, scale, zero, x, prepared=None, out=None, splits=1, planes=N
     xb, off, xs = prepare_x(x) if prepared is None else prepared
     n = words.shape[2] * BLOCK_N
     out = torch.empty(n, device=words.device) if out is None else out
-    args, kw = _launch_args(words, scale, zero, xb, off, xs, out, splits, planes, batch, prefetch)
+    args, kw = _launch_args(words, scale, zero, xb, off, xs, out, splits, planes, batch, prefetch, dispatch)
+    if maxnreg:
+        kw["maxnreg"] = maxnreg
     if splits > 1:
         out.zero_()
     frag_gemv_kernel[(n // BLOCK_N, splits)](*args, **kw)
@@ -598,6 +635,18 @@ SHAPES = {"q/o 4096x4096": (4096, 4096), "gate/up 14336x4096": (14336, 4096), "d
 VIEWS = (3, 4, 6, 8)
 #: (groups an accumulator, prefetch) timed at every K split that gives 64 to 4096 programs (and checked)
 CONFIGS = ((8, False), (8, True), (4, True), (2, True), (1, True))
+#: the fastest of those on an H200 (2026-12-03, docs/RESULTS.md): (shape, planes) -> (batch, prefetch, K splits);
+#: ``--time`` without ``--sweep`` times these only
+BEST = {
+    **{("q/o 4096x4096", p): (1, True, 32) for p in (3, 4)},
+    **{("q/o 4096x4096", p): (2, True, 8) for p in (6, 8)},
+    **{("gate/up 14336x4096", p): (8, True, 4) for p in (3, 4)},
+    ("gate/up 14336x4096", 6): (8, False, 2),
+    ("gate/up 14336x4096", 8): (8, False, 4),
+    **{("down 4096x14336", p): (8, True, 14) for p in (3, 4)},
+    ("down 4096x14336", 6): (2, True, 8),
+    ("down 4096x14336", 8): (8, False, 14),
+}
 
 
 def _random_layer(n, k, gen, planes=PLANES):
@@ -627,9 +676,12 @@ def check():
             every = (k == 1024 or name.startswith("q/o")) and p in VIEWS
             for batch, prefetch in CONFIGS if every else CONFIGS[:1]:
                 for splits in split_choices(k, batch, 32):
-                    for planes, sc, zp, how in ((p, scales[p - 1], zeros[p - 1], "compiled in"),
-                                                (on_device, scales, zeros, "on the device")):  # fmt: skip
-                        y = frag_gemv(words, sc, zp, x.cuda(), None, None, splits, planes, batch, prefetch)
+                    modes = [(p, scales[p - 1], zeros[p - 1], None, "compiled in"),
+                             (on_device, scales, zeros, None, "on the device")]  # fmt: skip
+                    if p >= 3 and (batch, prefetch) == CONFIGS[1]:
+                        modes.append((on_device, scales, zeros, 3, "on the device, a body per view"))
+                    for planes, sc, zp, dispatch, how in modes:
+                        y = frag_gemv(words, sc, zp, x.cuda(), None, None, splits, planes, batch, prefetch, dispatch)
                         err = float((y.double().cpu() - ref).abs().max() / ref.abs().max())
                         print(
                             f"check {name}, {p} planes {how}, batch {batch}, prefetch {int(prefetch)}, {splits} K "
@@ -637,12 +689,15 @@ def check():
                         )
 
 
-def time_shapes(copies, reps):
+def time_shapes(copies, reps, sweep=False):
     """us per launch in a CUDA graph of ``reps`` launches over ``copies`` weight copies (past L2): this kernel at
     each view of an 8-plane pack (the activations prepared once, outside; its fastest K split), the package's one-bit
     plane GEMV at the same view of [3, 1, 1, 1, 1, 1] (the same planes), fp16 cuBLAS; and the activations'
-    preparation alone (one launch). ``config``: the fastest (batch, prefetch, K splits) of :data:`CONFIGS`;
-    ``on_device_us``: the same view read by the kernel on the device (a routed token's path) at that config."""
+    preparation alone (one launch). ``config``: the fastest (batch, prefetch, K splits) of :data:`CONFIGS`
+    (``sweep``) or :data:`BEST`'s. The same view read by the kernel on the device (a routed token's path) at that
+    config: ``on_device_us`` whole fields with absent planes predicated off, ``dispatch_us`` a compiled body per view
+    of 3-8 planes, ``dispatch128_us`` the same capped at 128 registers. ``pct_copy``: of the copy bandwidth of
+    ``kernel_bench.copy_bandwidth`` (decode_bench's), measured in the same run."""
     from functools import partial
 
     import pandas as pd
@@ -653,8 +708,10 @@ def time_shapes(copies, reps):
 
     dev = torch.device("cuda")
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, BN={BLOCK_N}")
-    bw = sp.copy_bw()
-    print(f"# copy bandwidth {bw / 1e9:.0f} GB/s")
+    from kernel_bench import copy_bandwidth
+
+    bw, _ = copy_bandwidth()
+    print(f"# copy bandwidth {bw / 1e9:.0f} GB/s (kernel_bench.copy_bandwidth; in a graph: {sp.copy_bw() / 1e9:.0f})")
     rows = []
     for name, (n, k) in SHAPES.items():
         gen = torch.Generator(device=dev).manual_seed(0)
@@ -682,17 +739,19 @@ def time_shapes(copies, reps):
         for p in VIEWS:
             sc, zp = scales[p - 1], zeros[p - 1]
             t_split = {}  # (batch, prefetch, splits) -> us; with splits > 1 each launch's zeroing of out timed with it
-            for batch, pf in CONFIGS:
-                for s in split_choices(k, batch, 64):
+            for batch, pf in CONFIGS if sweep else [BEST[name, p][:2]]:
+                for s in split_choices(k, batch, 64) if sweep else [BEST[name, p][2]]:
                     if 64 <= s * n // BLOCK_N <= 4096:
                         fns = [partial(frag_gemv, w, sc, zp, x, prepared, out, s, p, batch, pf) for w in words]
                         t_split[batch, pf, s] = sp.graph_time(fns, reps)
             best = min(t_split, key=t_split.get)
             on_device = torch.tensor([p], dtype=torch.int32, device=dev)
-            t_dev = sp.graph_time(
-                [partial(frag_gemv, w, scales, zeros, x, prepared, out, best[2], on_device, best[0], best[1])
-                 for w in words], reps
-            )  # fmt: skip
+            t_dev = {}
+            for mode, extra in (("on_device_us", {}), ("dispatch_us", dict(dispatch=3)),
+                                ("dispatch128_us", dict(dispatch=3, maxnreg=128))):  # fmt: skip
+                fns = [partial(frag_gemv, w, scales, zeros, x, prepared, out, best[2], on_device, best[0], best[1],
+                               **extra) for w in words]  # fmt: skip
+                t_dev[mode] = sp.graph_time(fns, reps)
             t_pkg = sp.graph_time([partial(tb.bitplane_linear_bits, x2, b, p - 2, out=o16) for b in bps], reps)
             nbytes = n * k * p / 8 + 2 * n * g * 2
             by_cfg = {}
@@ -700,7 +759,7 @@ def time_shapes(copies, reps):
                 by_cfg.setdefault(f"b{b_}{'p' if pf else ''}", []).append(f"{s_}:{t:.1f}")
             print(f"{name} {p} planes, us by batch (p: prefetch) and splits: "
                   + "; ".join(f"{c} " + " ".join(v) for c, v in by_cfg.items()), flush=True)  # fmt: skip
-            rows.append(dict(shape=name, bits=p, gluon_us=t_split[best], config=best, on_device_us=t_dev,
+            rows.append(dict(shape=name, bits=p, gluon_us=t_split[best], config=best, **t_dev,
                              package_us=t_pkg, fp16_us=t16,
                              x_fp16=t16 / t_split[best], x_package=t_pkg / t_split[best],
                              pct_copy=100 * nbytes / (t_split[best] * 1e-6) / bw, prepare_us=t_prep))  # fmt: skip
@@ -718,10 +777,12 @@ def main(argv=None):
     ap.add_argument("--planes", type=int, default=PLANES, choices=range(9),
                     help="planes of the view (count); 0: read on the device, 8 planes packed")  # fmt: skip
     ap.add_argument("--batch", type=int, default=BATCH_GROUPS, choices=(1, 2, 4, 8), help="groups an accumulator")
+    ap.add_argument("--dispatch", type=int, default=None, help="--planes 0: a compiled body per view from this many")
     ap.add_argument("--prefetch", action="store_true", help="the next group's loads before this one's decode")
     ap.add_argument("--splits", type=int, default=1, help="K splits (offline count; >1: the atomic-add epilogue)")
     ap.add_argument("--check", action="store_true", help="on a GPU: against PyTorch on random codes, 8B shapes")
     ap.add_argument("--time", action="store_true", help="on a GPU: 8B shapes beside the package and fp16 cuBLAS")
+    ap.add_argument("--sweep", action="store_true", help="--time: every config of CONFIGS (else BEST's)")
     ap.add_argument("--copies", type=int, default=8, help="--time: weight copies (past L2)")
     ap.add_argument("--reps", type=int, default=32, help="--time: launches a graph")
     a = ap.parse_args(argv)
@@ -730,14 +791,14 @@ def main(argv=None):
             ap.error(f"--in-features must be a multiple of 1024 and --n of {BLOCK_N}")
         if a.splits not in split_choices(a.in_features, a.batch, a.in_features):
             ap.error(f"--splits {a.splits}: {a.in_features} inputs allow {split_choices(a.in_features, a.batch)}")
-        count(a.n, a.in_features, a.splits, a.planes, a.batch, a.prefetch)
+        count(a.n, a.in_features, a.splits, a.planes, a.batch, a.prefetch, a.dispatch)
         return 0
     if not torch.cuda.is_available():
         ap.error("--check and --time need a CUDA GPU")
     if a.check:
         check()
     if a.time:
-        time_shapes(a.copies, a.reps)
+        time_shapes(a.copies, a.reps, a.sweep)
     return 0
 
 
