@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as ttgl
-from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 GROUP = 128
 PLANES = 4
@@ -421,24 +421,65 @@ def _b_operand(v, BL: ttgl.constexpr):
 
 
 @gluon.jit
+def _stage_issue(smem, w_ptr, vofs, g, slot, NB, PSTRIDE, NPL: ttgl.constexpr, SSTRIDE: ttgl.constexpr):
+    """``cp.async`` of group ``g``'s first ``NPL`` planes (each thread its own 16 bytes a plane) into ring slot
+    ``slot`` (``SSTRIDE`` planes a slot), then one commit group."""
+    wp = w_ptr + g * NB * 512 + vofs
+    for e in ttgl.static_range(NPL):
+        async_copy.async_copy_global_to_shared(smem.index(slot * SSTRIDE + e), wp + e * PSTRIDE)
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _stage_field(smem, slot, E0: ttgl.constexpr, NF: ttgl.constexpr, SSTRIDE: ttgl.constexpr, VL: ttgl.constexpr):
+    """:func:`_load_field`'s raw words of a field, read back from ring slot ``slot`` (each thread its own)."""
+    w0 = smem.index(slot * SSTRIDE + E0).load(VL)
+    w1 = w0
+    w2 = w0
+    w3 = w0
+    if NF >= 2:
+        w1 = smem.index(slot * SSTRIDE + E0 + 1).load(VL)
+    if NF >= 3:
+        w2 = smem.index(slot * SSTRIDE + E0 + 2).load(VL)
+    if NF >= 4:
+        w3 = smem.index(slot * SSTRIDE + E0 + 3).load(VL)
+    return w0, w1, w2, w3
+
+
+@gluon.jit
 def _view_total(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, vofs, xofs, ro, no, NB, PSTRIDE, G, g_lo, GS, p,
                 P: ttgl.constexpr, W0: ttgl.constexpr, W1: ttgl.constexpr, BN: ttgl.constexpr, BATCH: ttgl.constexpr,
                 PREFETCH: ttgl.constexpr, LW: ttgl.constexpr, AL: ttgl.constexpr, BL: ttgl.constexpr,
-                MMA: ttgl.constexpr):  # fmt: skip
+                MMA: ttgl.constexpr, smem, STAGES: ttgl.constexpr, SSTRIDE: ttgl.constexpr,
+                VL: ttgl.constexpr):  # fmt: skip
     """A program's ``[BN, 8]`` sums over groups ``g_lo .. g_lo + GS`` (their columns summed by the caller) of the
     view of ``P`` planes (compiled in) or, ``P == 0``, of ``p`` read on the device (whole fields, absent planes
-    predicated off)."""
+    predicated off). ``STAGES`` > 0 (``P`` > 0): the words stream through a ring of that many groups in shared
+    memory (``cp.async``, ``STAGES - 1`` groups in flight ahead of the decode) instead of registers."""
     if P == 0:
         w0 = (1 << (p + 4)).to(ttgl.float32) * (1.0 / 256.0)  # 2^(p - 4)
     total = ttgl.zeros([BN, 8], ttgl.float32, MMA)
     g_last = g_lo + GS - 1
-    if PREFETCH:
+    if STAGES > 0:
+        for s in ttgl.static_range(STAGES - 1):
+            _stage_issue(smem, w_ptr, vofs, ttgl.minimum(g_lo + s, g_last), s, NB, PSTRIDE, P, SSTRIDE)
+    elif PREFETCH:
         nxt = _load_group(w_ptr, x_ptr, vofs, xofs, g_lo, NB, PSTRIDE, P, p)
     for g0 in range(g_lo, g_lo + GS, BATCH):
         acc = ttgl.zeros([BN, 8], ttgl.float32, MMA)  # column n: group g0 - g0 % 8 + n's sum of F0 x'
         acc1 = ttgl.zeros([BN, 8], ttgl.float32, MMA)  # and of F1 x' (P > 4)
         for i in ttgl.static_range(BATCH):
-            if PREFETCH:
+            if STAGES > 0:
+                j = g0 + i - g_lo
+                _stage_issue(smem, w_ptr, vofs, ttgl.minimum(g0 + i + STAGES - 1, g_last), (j + STAGES - 1) % STAGES,
+                             NB, PSTRIDE, P, SSTRIDE)  # fmt: skip
+                async_copy.wait_group(STAGES - 1)  # group g0 + i's copies have landed
+                f0 = _stage_field(smem, j % STAGES, 0, min(P, 4), SSTRIDE, VL)
+                f1 = f0
+                if P > 4:
+                    f1 = _stage_field(smem, j % STAGES, 4, P - 4, SSTRIDE, VL)
+                cur = (f0, f1, ttgl.load(x_ptr + (g0 + i) * 1024 + xofs))
+            elif PREFETCH:
                 cur = nxt
                 nxt = _load_group(w_ptr, x_ptr, vofs, xofs, ttgl.minimum(g0 + i + 1, g_last), NB, PSTRIDE, P, p)
             else:
@@ -481,7 +522,7 @@ def _view_total(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, vofs, xofs, ro, no,
 def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, p_ptr, N, PSTRIDE, VSTRIDE, G, GS,
                      P: ttgl.constexpr, W0: ttgl.constexpr, W1: ttgl.constexpr, BN: ttgl.constexpr,
                      SPLIT: ttgl.constexpr, BATCH: ttgl.constexpr, PREFETCH: ttgl.constexpr,
-                     PMIN: ttgl.constexpr):  # fmt: skip
+                     PMIN: ttgl.constexpr, STAGES: ttgl.constexpr):  # fmt: skip
     # BATCH groups (8, 4, 2 or 1) share an accumulator, group g in its column g % 8; PREFETCH: the next group's
     # words and activations are loaded before this one's decode (in flight under it)
     # a view of the first P planes (1-8): field 0 planes 0-3 (those below P), field 1 planes 4 .. P - 1, each its own
@@ -522,6 +563,12 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, p_ptr
     rg = ttgl.arange(0, 4, layout=ttgl.SliceLayout(0, VL))
     vofs = pid * 512 + tid[:, None] * 4 + rg[None, :]
     NB = N // BN
+    SSTRIDE: ttgl.constexpr = P if P > 0 else 8
+    SL: ttgl.constexpr = ttgl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
+    if STAGES > 0:
+        smem = ttgl.allocate_shared_memory(ttgl.int32, [STAGES * SSTRIDE, BN, 4], SL)  # the words' ring
+    else:
+        smem = 0
     if P == -1:  # the view read on the device, one compiled body per view from PMIN planes up
         p = ttgl.load(p_ptr)
         s_ptr += (p - 1) * VSTRIDE
@@ -531,7 +578,7 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, p_ptr
             if p == q:
                 total = _view_total(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, vofs, xofs, ro, no, NB, PSTRIDE, G,
                                     g_lo, GS, q, q, (1 << (q + 4)) / 256, (1 << (q + 4)) / 4096, BN, BATCH, PREFETCH,
-                                    LW, AL, BL, MMA)  # fmt: skip
+                                    LW, AL, BL, MMA, smem, STAGES, SSTRIDE, VL)  # fmt: skip
     else:
         if P == 0:
             p = ttgl.load(p_ptr)
@@ -540,7 +587,8 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, p_ptr
         else:
             p = P
         total = _view_total(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, vofs, xofs, ro, no, NB, PSTRIDE, G, g_lo, GS,
-                            p, P, W0, W1, BN, BATCH, PREFETCH, LW, AL, BL, MMA)  # fmt: skip
+                            p, P, W0, W1, BN, BATCH, PREFETCH, LW, AL, BL, MMA, smem, STAGES, SSTRIDE,
+                            VL)  # fmt: skip
     if SPLIT:
         ttgl.atomic_add(out_ptr + ro, ttgl.sum(total, axis=1))
     else:
@@ -548,11 +596,12 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, p_ptr
 
 
 def _launch_args(words, scale, zero, xb, off, xs, out, splits=1, planes=None, batch=BATCH_GROUPS, prefetch=False,
-                 dispatch=None):  # fmt: skip
+                 dispatch=None, stages=0):  # fmt: skip
     """``planes``: an int (the view, compiled in), None (every plane of the pack) or an int32 device tensor of one
     element (the view read by the kernel; ``scale``/``zero`` then ``[planes of the pack, N, G]``, view ``p`` at
     ``p - 1``). ``dispatch``, with a device view: None decodes whole fields with the absent planes predicated off;
-    an int ``PMIN`` branches to a compiled body per view of ``PMIN`` to 8 planes."""
+    an int ``PMIN`` branches to a compiled body per view of ``PMIN`` to 8 planes. ``stages`` > 1: the words
+    through a ring of that many groups in shared memory (not with whole fields on the device)."""
     n, g = words.shape[2] * BLOCK_N, xb.shape[0]
     planes = words.shape[0] if planes is None else planes
     if batch not in (1, 2, 4, 8) or g % (splits * batch):
@@ -574,7 +623,10 @@ def _launch_args(words, scale, zero, xb, off, xs, out, splits=1, planes=None, ba
         p_ptr, pc, vstride = out, planes, 0
         wts = [wt for _, _, wt in field_planes(planes)] + [0.0]
     args = (words, scale, zero, xb, off, xs, out, p_ptr, n, words[0].numel(), vstride, g, g // splits)
+    if stages and (pc == 0 or stages < 2):
+        raise ValueError(f"stages={stages}: a ring of at least 2 groups, for a view compiled in or dispatched")
     kw = dict(P=pc, W0=wts[0], W1=wts[1], BN=BLOCK_N, SPLIT=splits > 1, BATCH=batch, PREFETCH=prefetch, PMIN=pmin)
+    kw["STAGES"] = stages
     return args, dict(kw, num_warps=4)
 
 
@@ -585,7 +637,7 @@ def split_choices(k: int, batch: int = BATCH_GROUPS, most: int = 16) -> list[int
     return [s for s in range(1, min(b, most) + 1) if b % s == 0]
 
 
-def count(n, k, splits=1, planes=PLANES, batch=BATCH_GROUPS, prefetch=False, dispatch=None):
+def count(n, k, splits=1, planes=PLANES, batch=BATCH_GROUPS, prefetch=False, dispatch=None, stages=0):
     """Compile for sm_90 without a GPU and print the group loop's instructions a code."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -599,18 +651,19 @@ def count(n, k, splits=1, planes=PLANES, batch=BATCH_GROUPS, prefetch=False, dis
     vec = torch.zeros(g)
     out = torch.zeros(n)
     view = torch.zeros(1, dtype=torch.int32) if planes == 0 else planes
-    args, kw = _launch_args(words, sc, sc, xb, vec, vec, out, splits, view, batch, prefetch, dispatch)
+    args, kw = _launch_args(words, sc, sc, xb, vec, vec, out, splits, view, batch, prefetch, dispatch, stages)
     ck = osx.compile_sm90(frag_gemv_kernel, args, kw, source=GluonASTSource)
     sass, res = osx.sass_and_resources(ck)
     codes = BLOCK_N * GROUP * batch / 128  # codes a thread decodes an iteration of the batch loop
     what = (f"{planes} planes" if planes else "planes read on the device") + f", batch {batch}"
     what += ", prefetch" if prefetch else ""
     what += f", a body per view from {dispatch} planes" if dispatch else ""
+    what += f", a ring of {stages} groups" if stages else ""
     osx.report(sass, res, codes, f"frag_gemv_kernel, {what}, BN={BLOCK_N} (triton {triton.__version__})")
 
 
 def frag_gemv(words, scale, zero, x, prepared=None, out=None, splits=1, planes=None, batch=BATCH_GROUPS,
-              prefetch=False, dispatch=None, maxnreg=None):  # fmt: skip
+              prefetch=False, dispatch=None, maxnreg=None, stages=0):  # fmt: skip
     """``W x`` on a GPU for one token ``x [K]`` (``W = scale (C - zero)`` per row and group, ``scale``/``zero``
     ``[N, G]`` fp16, ``C`` the code of the first ``planes`` planes, default all); ``prepared``: :func:`prepare_x`'s
     tensors, made once per token (else made here); ``splits``: programs along K per row block (their sums added
@@ -618,7 +671,7 @@ def frag_gemv(words, scale, zero, x, prepared=None, out=None, splits=1, planes=N
     xb, off, xs = prepare_x(x) if prepared is None else prepared
     n = words.shape[2] * BLOCK_N
     out = torch.empty(n, device=words.device) if out is None else out
-    args, kw = _launch_args(words, scale, zero, xb, off, xs, out, splits, planes, batch, prefetch, dispatch)
+    args, kw = _launch_args(words, scale, zero, xb, off, xs, out, splits, planes, batch, prefetch, dispatch, stages)
     if maxnreg:
         kw["maxnreg"] = maxnreg
     if splits > 1:
@@ -635,6 +688,8 @@ SHAPES = {"q/o 4096x4096": (4096, 4096), "gate/up 14336x4096": (14336, 4096), "d
 VIEWS = (3, 4, 6, 8)
 #: (groups an accumulator, prefetch) timed at every K split that gives 64 to 4096 programs (and checked)
 CONFIGS = ((8, False), (8, True), (4, True), (2, True), (1, True))
+#: rings of groups in shared memory (cp.async) timed beside the best config
+RINGS = (3, 4)
 #: the fastest of those on an H200 (2026-12-03, docs/RESULTS.md): (shape, planes) -> (batch, prefetch, K splits);
 #: ``--time`` without ``--sweep`` times these only
 BEST = {
@@ -678,10 +733,16 @@ def check():
                 for splits in split_choices(k, batch, 32):
                     modes = [(p, scales[p - 1], zeros[p - 1], None, "compiled in"),
                              (on_device, scales, zeros, None, "on the device")]  # fmt: skip
+                    modes = [(*m, 0) for m in modes]
                     if p >= 3 and (batch, prefetch) == CONFIGS[1]:
-                        modes.append((on_device, scales, zeros, 3, "on the device, a body per view"))
-                    for planes, sc, zp, dispatch, how in modes:
-                        y = frag_gemv(words, sc, zp, x.cuda(), None, None, splits, planes, batch, prefetch, dispatch)
+                        modes.append((on_device, scales, zeros, 3, "on the device, a body per view", 0))
+                    if (batch, prefetch) == CONFIGS[0]:
+                        modes.append((p, scales[p - 1], zeros[p - 1], None, "compiled in, a ring of 3", 3))
+                        if p >= 3:
+                            modes.append((on_device, scales, zeros, 3, "on the device, a body per view, ring 3", 3))
+                    for planes, sc, zp, dispatch, how, stages in modes:
+                        y = frag_gemv(words, sc, zp, x.cuda(), None, None, splits, planes, batch, prefetch, dispatch,
+                                      None, stages)  # fmt: skip
                         err = float((y.double().cpu() - ref).abs().max() / ref.abs().max())
                         print(
                             f"check {name}, {p} planes {how}, batch {batch}, prefetch {int(prefetch)}, {splits} K "
@@ -696,8 +757,9 @@ def time_shapes(copies, reps, sweep=False):
     preparation alone (one launch). ``config``: the fastest (batch, prefetch, K splits) of :data:`CONFIGS`
     (``sweep``) or :data:`BEST`'s. The same view read by the kernel on the device (a routed token's path) at that
     config: ``on_device_us`` whole fields with absent planes predicated off, ``dispatch_us`` a compiled body per view
-    of 3-8 planes, ``dispatch128_us`` the same capped at 128 registers. ``pct_copy``: of the copy bandwidth of
-    ``kernel_bench.copy_bandwidth`` (decode_bench's), measured in the same run."""
+    of 3-8 planes, ``dispatch128_us`` the same capped at 128 registers; ``ringS_us``: the view compiled in with its
+    words through a ring of ``S`` groups in shared memory (``cp.async``) at the best batch and split. ``pct_copy``:
+    of the copy bandwidth of ``kernel_bench.copy_bandwidth`` (decode_bench's), measured in the same run."""
     from functools import partial
 
     import pandas as pd
@@ -752,6 +814,10 @@ def time_shapes(copies, reps, sweep=False):
                 fns = [partial(frag_gemv, w, scales, zeros, x, prepared, out, best[2], on_device, best[0], best[1],
                                **extra) for w in words]  # fmt: skip
                 t_dev[mode] = sp.graph_time(fns, reps)
+            for st in RINGS:  # the words through shared memory instead of the prefetch, at the best batch and split
+                fns = [partial(frag_gemv, w, sc, zp, x, prepared, out, best[2], p, best[0], False, stages=st)
+                       for w in words]  # fmt: skip
+                t_dev[f"ring{st}_us"] = sp.graph_time(fns, reps)
             t_pkg = sp.graph_time([partial(tb.bitplane_linear_bits, x2, b, p - 2, out=o16) for b in bps], reps)
             nbytes = n * k * p / 8 + 2 * n * g * 2
             by_cfg = {}
@@ -778,6 +844,7 @@ def main(argv=None):
                     help="planes of the view (count); 0: read on the device, 8 planes packed")  # fmt: skip
     ap.add_argument("--batch", type=int, default=BATCH_GROUPS, choices=(1, 2, 4, 8), help="groups an accumulator")
     ap.add_argument("--dispatch", type=int, default=None, help="--planes 0: a compiled body per view from this many")
+    ap.add_argument("--stages", type=int, default=0, help="a ring of this many groups in shared memory (cp.async)")
     ap.add_argument("--prefetch", action="store_true", help="the next group's loads before this one's decode")
     ap.add_argument("--splits", type=int, default=1, help="K splits (offline count; >1: the atomic-add epilogue)")
     ap.add_argument("--check", action="store_true", help="on a GPU: against PyTorch on random codes, 8B shapes")
@@ -791,7 +858,7 @@ def main(argv=None):
             ap.error(f"--in-features must be a multiple of 1024 and --n of {BLOCK_N}")
         if a.splits not in split_choices(a.in_features, a.batch, a.in_features):
             ap.error(f"--splits {a.splits}: {a.in_features} inputs allow {split_choices(a.in_features, a.batch)}")
-        count(a.n, a.in_features, a.splits, a.planes, a.batch, a.prefetch, a.dispatch)
+        count(a.n, a.in_features, a.splits, a.planes, a.batch, a.prefetch, a.dispatch, a.stages)
         return 0
     if not torch.cuda.is_available():
         ap.error("--check and --time need a CUDA GPU")
