@@ -12,6 +12,8 @@
 #            launched or its k on the device (--routed-parts), then $STACK_CONFIG
 #   gluon    (only when named) benchmarks/gluon_proto.py --check --time: the fragment-native Gluon GEMV prototype
 #            against PyTorch, then the 8B shapes beside the package's 4-bit view and fp16 cuBLAS
+#   fragment (only when named) the stack with the fragment-native Gluon kernel (SmallConfig.fragment) beside the
+#            default, in one run ($FRAGMENT_CONFIG)
 #   package  (only when named) the 8B-shaped stack inside a Hugging Face model patched by the package: its decode path
 #            (captured graphs, one launch per router site, fused inputs) against the same model in fp16
 #   kernels  single linears, one token, graph-replayed: stream-K and whole-K with and without pdl / l2_prefetch /
@@ -45,6 +47,8 @@ KERNEL_CONFIGS=${KERNEL_CONFIGS:-"128,64,4,4,0,,0,,0;128,64,4,4,0,,0,,1;128,64,4
 # compares the default (without) and pdl; e2e: the same pair
 STACK_CONFIG=${STACK_CONFIG:-",,4,,0,,1,,1"}
 E2E_CONFIGS=${E2E_CONFIGS:-",,4,,0,,1,,0;,,4,,0,,1,,1"}
+# the library's grid rule with reduce_launch and the fragment-native Gluon kernel (fragment stage)
+FRAGMENT_CONFIG=${FRAGMENT_CONFIG:-",,4,,0,,1,,0,0,0,1,1"}
 # the package's one-token GEMV on the stream-K grid with the ticket store, then with the second launch (the default)
 PATTERN_CONFIGS=${PATTERN_CONFIGS:-"128,64,4,4,0,,0,,,,,0;128,64,4,4,0,,0,,,,,1"}
 # the router sweep of the `tiling` stage: hidden units a program, warps, columns a program (0: whole rows); its inputs
@@ -95,6 +99,11 @@ stage() {
         --bits-configs "$E2E_CONFIGS" --out "$RES/e2e" ;;
     gluon)
       run_stage gluon 600 "$PY" benchmarks/gluon_proto.py --check --time ;;
+    fragment)
+      # the stack with SmallConfig(fragment=True) (the Gluon kernel where it serves, reduce_launch kept), beside
+      # the default in the same run
+      run_stage stack_fragment 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --bits --no-package \
+        --bits-config "$FRAGMENT_CONFIG" --out "$RES/stack_fragment" ;;
     package)
       run_stage package 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed --fuse-inputs \
         --out "$RES/package" ;;
@@ -119,7 +128,7 @@ print(','.join(str(int(v)) for v in t))" "$RES/router_sweep/router_sweep.csv" 2>
       run_stage pattern 600 "$PY" benchmarks/stream_pattern.py --views 1,2,6 \
         --package-configs "$PATTERN_CONFIGS" --out "$RES/pattern" ;;
     *)
-      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package gluon)" >&2
+      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package gluon fragment)" >&2
       return 2 ;;
   esac
 }

@@ -68,7 +68,9 @@ def view_bits(k: int) -> int:
 
 
 #: The fields of a one-bit plane config text (``parse_bits_config``), for the options' help.
-BITS_CONFIG_FIELDS = "BLOCK_N,BLOCK_K,WARPS,WAVES[,PREFETCH[,SPLIT_K[,WHOLE_K[,STAGES[,PDL[,L2PF[,AHEAD[,REDUCE]]]]]]]]"
+BITS_CONFIG_FIELDS = (
+    "BLOCK_N,BLOCK_K,WARPS,WAVES[,PREFETCH[,SPLIT_K[,WHOLE_K[,STAGES[,PDL[,L2PF[,AHEAD[,REDUCE[,FRAG]]]]]]]]]"
+)
 
 
 def parse_bits_config(tb, text: str):
@@ -80,9 +82,10 @@ def parse_bits_config(tb, text: str):
     Triton's pipeliner keeping later groups' words in flight; PDL 1: programmatic dependent launch, the weights
     loaded while the kernel before runs; L2PF 1: each stream-K program's whole range asked of L2 first (whole-K
     launches unchanged); AHEAD: at each group, the group this many later asked of L2 (stream-K); REDUCE 1: shared
-    row blocks summed by a second launch (stream-K, one layer)."""
-    parts = [p.strip() for p in text.split(",")] + [""] * 12
-    bn, bk, nw, wv, pf, sk, wk, st, pdl, l2, ah, red = (int(p) if p else None for p in parts[:12])
+    row blocks summed by a second launch (stream-K, one layer); FRAG 1: the fragment-native Gluon kernel where it
+    serves (``SmallConfig.fragment``)."""
+    parts = [p.strip() for p in text.split(",")] + [""] * 13
+    bn, bk, nw, wv, pf, sk, wk, st, pdl, l2, ah, red, frag = (int(p) if p else None for p in parts[:13])
     kw = {} if wk is None else {"whole_k": None if wk else False}
     return tb.SmallConfig(
         bitplanes=True,
@@ -97,6 +100,7 @@ def parse_bits_config(tb, text: str):
         l2_prefetch=bool(l2),
         ahead=ah or 0,
         reduce_launch=bool(red),
+        fragment=bool(frag),
         **kw,
     )
 
@@ -112,6 +116,7 @@ def bits_tag(cfg) -> str:
         + ("/l2pf" if cfg.l2_prefetch else "")
         + (f"/ah{cfg.ahead}" if cfg.ahead else "")
         + ("/red" if cfg.reduce_launch else "")
+        + ("/frag" if cfg.fragment else "")
     )
 
 

@@ -347,11 +347,16 @@ def test_gluon_proto_kernel_emulated_gives_w_x():
         assert float((y - ref).abs().max() / ref.abs().max()) < 1e-5, planes
 
 
-@pytest.mark.parametrize(("planes", "splits"), [(4, 1), (6, 2), (0, 1)])
-def test_gluon_proto_compiles_for_sm90(planes, splits):
+@pytest.mark.parametrize(
+    ("planes", "splits", "more"),
+    [(4, 1, []), (6, 2, []), (0, 1, []), (4, 1, ["--package", "--prefetch"]), (0, 1, ["--package", "--dispatch", "3"])],
+    ids=["4", "6_split", "device", "package_4", "package_dispatch"],
+)
+def test_gluon_proto_compiles_for_sm90(planes, splits, more):
     """``gluon_proto.py``'s kernel compiles for sm_90 offline (its A operand needs no data movement:
-    ``convert_layout(assert_trivial=True)``), no spill, and reports the group loop's instructions a code; with K
-    splits (the atomic-add epilogue) and with the view read on the device (``--planes 0``) too."""
+    ``convert_layout(assert_trivial=True)``), no spill inside its group loop, and reports the loop's instructions a
+    code; with K splits (the atomic-add epilogue), the view read on the device (``--planes 0``) and as the package
+    launches it (``mobiquant.kernels.gluon_fragment``: fp16 output and bias, a body per device view) too."""
     import os
     import subprocess
 
@@ -362,10 +367,12 @@ def test_gluon_proto_compiles_for_sm90(planes, splits):
         pytest.skip("this triton has no bundled CUDA tools")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "gluon_proto.py"
-    args = ["--n", "256", "--in-features", "2048", "--splits", str(splits), "--planes", str(planes)]
+    args = ["--n", "256", "--in-features", "2048", "--splits", str(splits), "--planes", str(planes), *more]
     run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "per code" in run.stdout and "HMMA" in run.stdout and "stack 0 B" in run.stdout, run.stdout
+    loops = [line for line in run.stdout.splitlines() if "per code" in line]
+    assert loops and all("HMMA" in line for line in loops), run.stdout
+    assert not any(op in line for line in loops for op in ("LDL", "STL")), run.stdout  # no spill inside the loop
 
 
 def test_stream_pattern_kernels_on_cpu():

@@ -2520,6 +2520,14 @@ class SmallConfig:
     # an H200 1.03-1.13x per 8B gate/up and down launch, 1.02-1.04x on the 8B-shaped stack (docs/RESULTS.md "Weight
     # reads against the decode"); site launches (several layers) keep the tickets.
     reduce_launch: bool = True
+    # one token, fp16, on a GPU with mma.sync: the fragment-native Gluon kernel (``gluon_fragment``: two codes decoded
+    # per LOP3 into the tensor cores' A fragment) instead of the one-bit plane kernel, for layouts of groups of 128 and
+    # inputs a multiple of 1024, static views, views read on the device and routed ones counted before the launch (no
+    # router in the launch); a site launch takes it for one static view of layers whose rows are whole 128-row blocks.
+    # Off until measured in the stack: alone on an H200 it was 1.13-1.29x the one-bit plane kernel on the 8B gate/up
+    # and down at 3, 4 and 8 planes, 0.85-1.2x on the q/o, 0.88-0.95x at 6 planes (docs/RESULTS.md "The
+    # fragment-native Gluon GEMV on the H200").
+    fragment: bool = False
 
 
 @dataclass(frozen=True)
@@ -3136,6 +3144,20 @@ def _route_sync(device: torch.device) -> torch.Tensor:
     return _locks(device, 4, pool="route")
 
 
+def _fragment_ok(bp: BitPlanes, x2: torch.Tensor) -> bool:
+    """Whether ``SmallConfig.fragment`` can serve this one-token launch (else the one-bit plane kernel does)."""
+    if x2.dtype != torch.float16 or not x2.is_cuda or _interpreting():
+        return False
+    from .gluon_fragment import fragment_device_ok, fragment_supported
+
+    return fragment_supported(bp.slice_bits, bp.group_size, bp.in_features) and fragment_device_ok(x2.device)
+
+
+def router_of(ks: Sequence) -> InLaunchRouter | None:
+    """The in-launch router of a site's ``k``s (None: none, or static views)."""
+    return ks[0].router if isinstance(ks[0], RoutedK) else None
+
+
 def bitplane_linear_bits(
     x2: torch.Tensor,
     bp: BitPlanes,
@@ -3155,9 +3177,15 @@ def bitplane_linear_bits(
     if K_IN != bp.in_features:
         raise ValueError(f"x has {K_IN} features, the layer {bp.in_features}")
     ksel, k_t, v_t, tau_t, kvals = _bits_k(k, x2, len(bp.slice_bits))
+    router = k.router if isinstance(k, RoutedK) else None
+    cfg = config or SmallConfig()
+    if cfg.fragment and router is None and _fragment_ok(bp, x2):
+        from .gluon_fragment import fragment_linear, fragment_of
+
+        kf = ksel if ksel else k_t if not kvals else 1 + (v_t > tau_t.reshape(()).to(v_t.dtype)).sum().to(torch.int32)
+        return fragment_linear(x2, fragment_of(bp), kf, bias, out)
     if out is None:
         out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
-    router = k.router if isinstance(k, RoutedK) else None
     return _bits_launch(
         x2, bp, [(bp.out_features, 0, 0)], ksel, k_t, v_t, [tau_t], kvals, bias, out, config or SmallConfig(), router
     )
@@ -3242,12 +3270,17 @@ def bitplane_site_bits(
     else:
         raise ValueError("a site launch takes one int k for all its layers or a RoutedK each")
     ksel, k_t, v_t, _, kvals = resolved[0]
+    cfg = config or SmallConfig()
+    whole = all(n % 128 == 0 for n in site.outs)  # the pack's rows are then the output columns
+    if cfg.fragment and ksel and whole and _fragment_ok(bp, x2):
+        from .gluon_fragment import fragment_linear, fragment_of  # one static view: the layers as one
+
+        return fragment_linear(x2, fragment_of(bp), ksel, site.bias, out)
     taus = [r[3] for r in resolved] if kvals else [x2]
     if out is None:
         out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
     segs = list(zip(site.outs, site.rows2, site.cols, strict=True))
-    router = ks[0].router if isinstance(ks[0], RoutedK) else None
-    return _bits_launch(x2, bp, segs, ksel, k_t, v_t, taus, kvals, site.bias, out, config or SmallConfig(), router)
+    return _bits_launch(x2, bp, segs, ksel, k_t, v_t, taus, kvals, site.bias, out, cfg, router_of(ks))
 
 
 def _bits_grid(cfg: SmallConfig, bp: BitPlanes, rows: int, router: bool) -> tuple[int, int, int, int]:

@@ -1,0 +1,761 @@
+"""A fragment-native one-token GEMV over bit planes (Gluon, ``mma.sync``): two codes decoded per LOP3 straight into
+the tensor cores' A fragment.
+
+**Pack** (:func:`pack_fragment`, groups of 128 columns, up to 8 planes, plane 0 the code's most significant bit).
+Logical column ``k`` of a group is ``8 j + 2 q + par``; word ``q`` (0-3) of a row, group and plane ``e`` holds, in
+bit ``(j + 16 par + 3 - e % 4) mod 32``, plane ``e``'s bit of the code at column ``k``: each plane rotated by its
+place in its field of four planes. The lane of a quad that owns the fragment pairs of quarter ``q`` loads that word,
+so each thread reads only its own codes; a thread's four words of a plane and group (rows ``r, r + 8, r + 64,
+r + 72`` of its 128-row block) are consecutive (:func:`word_slots`), one 16-byte load.
+
+**Decode** (``_pj``): per residue ``r`` of ``j`` (mod 4) a bit select per plane past the first makes a field word
+holding the 4-bit fields of its 8 codes side by side; rotated right by ``r`` (codes 0-7) or ``r + 8`` (8-15), a
+code's field sits at bit 0 or 4 of each half, inside an fp16 mantissa; one LOP3 ``(F & mask) | 0x64006400`` makes
+two fp16 values ``1024 + F 2^s`` (``s`` 0 or 4): columns ``k`` and ``k + 1`` of the row, the pair the A fragment
+holds in one register.
+
+**Views** (:func:`field_planes`): the view of the first ``p`` planes is two fields, planes 0-3 and 4-7 (absent planes
+zero, decoded with a select fewer and a narrower pair mask), each its own accumulator; its code is
+``F0 2^(p - 4) + F1 2^(p - 8)``.
+
+**Activations** (:func:`prepare_x`; :class:`PreparedX` as one Triton launch, once per token): ``x' = x 2^-s`` in
+logical order, group ``g``'s in column ``g % 8`` of its ``[128, 8]`` B (zeros elsewhere), so eight groups share one
+accumulator, a column each; per group ``off = 1024 sum x'`` and ``xs = sum x``. Every batch of groups the kernel adds
+``scale mult (acc - off - (zero zm + h) xs)`` per row and column (``W x`` with
+``W = scale mult (C - zero zm - h)``: ``mult = 1``, ``zm = 1``, ``h = 0`` for ``W = scale (C - zero)``, and the
+package's ``W_k = (s / 2^B) (C_k - 2^B z - (2^B - 1) / 2)`` with ``mult = 2^-B``, ``zm = 2^B``, ``h = (2^B - 1) / 2``),
+and sums the columns at the end.
+
+Measured on an H200 (docs/RESULTS.md "The fragment-native Gluon GEMV on the H200"): correct at every view, K split
+and config; 1.13-1.29x the one-bit plane kernel on the 8B gate/up and down at 3, 4 and 8 planes, latency-bound.
+Needs Gluon (``triton.experimental.gluon``) and a GPU with ``mma.sync`` (sm_80+); the Triton activation kernel also
+runs in Triton's interpreter. ``benchmarks/gluon_proto.py`` holds its CPU emulation, offline counts and timings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from triton.experimental import gluon
+from triton.experimental.gluon import language as ttgl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+
+GROUP = 128
+PLANES = 4
+BATCH_GROUPS = 8  # groups whose partial sums share one accumulator, one mma column each
+BLOCK_N = 128  # rows a program
+
+
+def field_shift(j: int) -> int:
+    """The power of two code ``j``'s field carries once rotated into place: 0 for ``j % 8 < 4``, else 4."""
+    return 4 if j % 8 >= 4 else 0
+
+
+def rotation(j: int) -> int:
+    """How far right field word ``F_r`` (``r = j % 4``) is rotated so that code ``j``'s field sits at bit
+    :func:`field_shift` of each half: ``r`` for codes 0-7, ``r + 8`` for codes 8-15."""
+    return j % 4 + (8 if j >= 8 else 0)
+
+
+def logical_columns() -> torch.Tensor:
+    """``[16, 4, 2]``: the group column of code ``j`` of quarter ``q``'s word, half ``par`` (``8 j + 2 q + par``)."""
+    j, q, par = torch.meshgrid(torch.arange(16), torch.arange(4), torch.arange(2), indexing="ij")
+    return 8 * j + 2 * q + par
+
+
+def word_slots() -> torch.Tensor:
+    """``[128, 4]``: where word ``(row, quarter)`` of a 128-row block sits among the block's 512 words of one plane
+    and group: thread ``t`` (warp ``row >> 4 & 3``, lane ``4 (row & 7) + quarter``) holds rows ``r, r + 8, r + 64,
+    r + 72``, stored as its 4 consecutive words (one 16-byte load)."""
+    r = torch.arange(BLOCK_N)[:, None]
+    q = torch.arange(4)[None, :]
+    return ((r >> 4 & 3) * 32 + (r & 7) * 4 + q) * 4 + ((r >> 3) & 1) + 2 * ((r >> 6) & 1)
+
+
+def pack_fragment(codes: torch.Tensor, planes: int = PLANES) -> torch.Tensor:
+    """Words ``[planes, G, N / 128, 512]`` (int32) of ``planes``-bit ``codes [N, K]`` (K a multiple of 128, N of
+    128; plane 0 the most significant bit, planes 1-8): for row ``128 b + r``, group ``g``, quarter ``q``, the word at
+    ``[e, g, b, word_slots()[r, q]]``; its bit ``(j + 16 par + 3 - e % 4) mod 32`` is plane ``e``'s bit of the code at
+    group column ``8 j + 2 q + par`` (each plane rotated by its place in its field of four planes, so the fields need
+    selects only). A view of the first ``p`` planes reads the first ``p`` of these."""
+    n, k = codes.shape
+    if not 1 <= planes <= 8:
+        raise ValueError(f"planes must be 1-8, got {planes}")
+    if k % GROUP or n % BLOCK_N or codes.min() < 0 or codes.max() >= 2**planes:
+        raise ValueError(
+            f"codes must be {planes}-bit with a multiple of {GROUP} columns and of {BLOCK_N} rows, "
+            f"got {tuple(codes.shape)} in [{int(codes.min())}, {int(codes.max())}]"
+        )
+    g, nb = k // GROUP, n // BLOCK_N
+    cols = logical_columns()  # [16, 4, 2]
+    c = codes.reshape(n, g, GROUP)[:, :, cols]  # [N, G, 16, 4, 2]
+    base = (torch.arange(16)[:, None, None] + 16 * torch.arange(2)[None, None, :]).expand(16, 4, 2)
+    slots = word_slots()
+    words = []
+    for e in range(planes):
+        pos = (base + 3 - e % 4) % 32
+        bits = ((c >> (planes - 1 - e)) & 1).to(torch.int64) << pos  # [N, G, 16, 4, 2]
+        w = bits.sum(dim=(2, 4))  # [N, G, 4]: each bit set once
+        w = torch.where(w >= 2**31, w - 2**32, w).to(torch.int32).reshape(nb, BLOCK_N, g, 4).permute(2, 0, 1, 3)
+        out = torch.empty(g, nb, BLOCK_N * 4, dtype=torch.int32)
+        out[:, :, slots.flatten()] = w.reshape(g, nb, BLOCK_N * 4)
+        words.append(out)
+    return torch.stack(words).contiguous()
+
+
+def field_planes(p: int) -> list[tuple[int, int, float]]:
+    """The fields of a view of ``p`` planes: ``(first plane, planes, weight)``, the view's code being the sum of
+    each field's 4-bit value (absent low planes zero) times its weight: ``F0 2^(p - 4) + F1 2^(p - 8)``."""
+    out = [(0, min(p, 4), 2.0 ** (p - 4))]
+    if p > 4:
+        out.append((4, p - 4, 2.0 ** (p - 8)))
+    return out
+
+
+def b_slots() -> torch.Tensor:
+    """``[128 (k), 8 (n)]``: where ``B[k, n]`` of one group sits among its 1024 halves: lane ``4 n + (k >> 1 & 3)``
+    of every warp holds ``k & 1``, ``k >> 3 & 1``, .. ``k >> 6 & 1`` in its registers, stored as its 32 consecutive
+    halves (four 16-byte loads)."""
+    k = torch.arange(GROUP)[:, None]
+    n = torch.arange(BATCH_GROUPS)[None, :]
+    reg = (k & 1) | ((k >> 3 & 1) << 1) | ((k >> 4 & 1) << 2) | ((k >> 5 & 1) << 3) | ((k >> 6 & 1) << 4)
+    return (n * 4 + (k >> 1 & 3)) * 32 + reg
+
+
+def prepare_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For activations ``x [K]`` (K a multiple of ``128 x 8``): ``xb [G, 1024]`` fp16, group ``g``'s B operand
+    (``x 2^-s`` in logical order in column ``g % 8``, zeros in the others) at :func:`b_slots`, and per group
+    ``off = 1024 sum x 2^-s`` and ``xs = sum x`` (fp32)."""
+    k = x.numel()
+    g = k // GROUP
+    if k % (GROUP * BATCH_GROUPS):
+        raise ValueError(f"activations must have a multiple of {GROUP * BATCH_GROUPS} columns, got {k}")
+    cols = logical_columns()
+    sh = torch.tensor([field_shift(j) for j in range(16)])[:, None, None].expand(16, 4, 2)
+    scale = torch.empty(GROUP)
+    scale[cols.flatten()] = torch.pow(2.0, -sh.flatten().float())
+    xg = x.float().reshape(g, GROUP)
+    xp = (xg * scale.to(x.device)).to(torch.float16)
+    xb = torch.zeros(g, BATCH_GROUPS * GROUP, dtype=torch.float16, device=x.device)
+    slots = b_slots().to(x.device)
+    gi = torch.arange(g, device=x.device)
+    xb[gi[:, None], slots[:, gi % BATCH_GROUPS].t()] = xp
+    return xb, 1024.0 * xp.float().sum(1), xg.sum(1)
+
+
+@triton.jit
+def _prepare_x_kernel(x_ptr, slot_ptr, xb_ptr, off_ptr, xs_ptr):
+    # one program a group: x' = x 2^-s (s = 4 at group columns with bit 5 set: codes j % 8 >= 4) into its B
+    # column's slots; the other columns of xb stay the zeros they were made with
+    g = tl.program_id(0)
+    k = tl.arange(0, 128)
+    x = tl.load(x_ptr + g * 128 + k).to(tl.float32)
+    xp = tl.where((k >> 5) & 1 == 1, x * 0.0625, x).to(tl.float16)
+    slot = tl.load(slot_ptr + k * 8 + g % 8)
+    tl.store(xb_ptr + g * 1024 + slot, xp)
+    tl.store(off_ptr + g, 1024.0 * tl.sum(xp.to(tl.float32), axis=0))
+    tl.store(xs_ptr + g, tl.sum(x, axis=0))
+
+
+class PreparedX:
+    """:func:`prepare_x` as one Triton launch into buffers made once (what the kernel before the GEMV would write:
+    its epilogue could store the same slots), for activations of ``k`` inputs on ``device``."""
+
+    def __init__(self, k: int, device):
+        if k % (GROUP * BATCH_GROUPS):
+            raise ValueError(f"activations must have a multiple of {GROUP * BATCH_GROUPS} columns, got {k}")
+        g = k // GROUP
+        self.slots = b_slots().to(device=device, dtype=torch.int32).contiguous()
+        self.xb = torch.zeros(g, BATCH_GROUPS * GROUP, dtype=torch.float16, device=device)
+        self.off = torch.empty(g, device=device)
+        self.xs = torch.empty(g, device=device)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        g = self.xb.shape[0]
+        if x.numel() != g * GROUP:
+            raise ValueError(f"these buffers take {g * GROUP} activations, got {x.numel()}")
+        _prepare_x_kernel[(g,)](x, self.slots, self.xb, self.off, self.xs)
+        return self.xb, self.off, self.xs
+
+
+def unpack_x(xb: torch.Tensor) -> torch.Tensor:
+    """:func:`prepare_x`'s ``x 2^-s`` back in logical order, ``[G, 128]`` (group ``g``'s column ``g % 8``)."""
+    g = xb.shape[0]
+    slots = b_slots().to(xb.device)
+    gi = torch.arange(g, device=xb.device)
+    return xb[gi[:, None], slots[:, gi % BATCH_GROUPS].t()]
+
+
+@gluon.jit
+def _sel(f, v, M: ttgl.constexpr):
+    """``M ? v : f`` bitwise (one LOP3)."""
+    return ttgl.inline_asm_elementwise(
+        "lop3.b32 $0, $1, $2, $3, 0xB8;",
+        "=r,r,r,r",
+        [f, ttgl.full(f.shape, M, ttgl.uint32, f.type.layout), v],
+        dtype=ttgl.uint32,
+        is_pure=True,
+        pack=1,
+    )
+
+
+@gluon.jit
+def _rot(f, S: ttgl.constexpr):
+    """``f`` rotated right by ``S`` (one funnel shift)."""
+    if S == 0:
+        return f
+    else:
+        return ttgl.inline_asm_elementwise(
+            "shf.r.wrap.b32 $0, $1, $1, $2;",
+            "=r,r,r",
+            [f, ttgl.full(f.shape, S, ttgl.uint32, f.type.layout)],
+            dtype=ttgl.uint32,
+            is_pure=True,
+            pack=1,
+        )
+
+
+@gluon.jit
+def _pair(g, M: ttgl.constexpr):
+    """``(g & M) | 0x64006400`` (one LOP3) as two fp16: the low and the high half."""
+    return ttgl.inline_asm_elementwise(
+        "{ .reg .b32 t; lop3.b32 t, $2, $3, 0x64006400, 0xEA; mov.b32 {$0, $1}, t; }",
+        "=h,=h,r,r",
+        [g, ttgl.full(g.shape, M, ttgl.uint32, g.type.layout)],
+        dtype=(ttgl.float16, ttgl.float16),
+        is_pure=True,
+        pack=1,
+    )
+
+
+@gluon.jit
+def _pj(w0, w1, w2, w3, NF: ttgl.constexpr, J: ttgl.constexpr):
+    """Code ``J`` of both halves of every word as an fp16 pair ``[BN, 4, 2]`` of a field of ``NF`` planes (``w0`` its
+    most significant; planes past ``NF`` absent, their words unused): the field word of ``J``'s residue (a select a
+    plane past the first, shared by the residue's codes), rotated (shared by two codes), then one LOP3 that keeps
+    the present planes' bits."""
+    r: ttgl.constexpr = J % 4
+    if NF == 4:
+        f = _sel(w3, w2, 0x11111111 << ((r + 1) % 4))
+    elif NF == 3:
+        f = w2
+    if NF >= 3:
+        f = _sel(f, w1, 0x11111111 << ((r + 2) % 4))
+    elif NF == 2:
+        f = w1
+    if NF >= 2:
+        f = _sel(f, w0, 0x11111111 << ((r + 3) % 4))
+    else:
+        f = w0
+    f = _rot(f, r + (8 if J >= 8 else 0))
+    SH: ttgl.constexpr = 4 if J % 8 >= 4 else 0
+    FM: ttgl.constexpr = (15 >> (4 - NF)) << (4 - NF)  # the field bits of the present planes
+    lo, hi = _pair(f, (FM << SH) | (FM << (16 + SH)))
+    return ttgl.join(lo, hi)
+
+
+@gluon.jit
+def _tree(w0, w1, w2, w3, NF: ttgl.constexpr, J0: ttgl.constexpr, D: ttgl.constexpr):
+    if D == 1:
+        return _pj(w0, w1, w2, w3, NF, J0)
+    else:
+        return ttgl.join(_tree(w0, w1, w2, w3, NF, J0, D // 2), _tree(w0, w1, w2, w3, NF, J0 + D // 2, D // 2))
+
+
+@gluon.jit
+def _load_field(wp, PSTRIDE, E0: ttgl.constexpr, NF: ttgl.constexpr, p, DYN: ttgl.constexpr):
+    """The raw words (the 16-byte loads' layout) of the field at planes ``E0 ..``: ``NF`` planes (1-4, the rest
+    repeat the first, unused) or, with ``DYN``, four planes of which those at or past the device's view ``p`` are
+    predicated off (zeros)."""
+    if DYN:
+        pv = ttgl.full(wp.shape, p, ttgl.int32, wp.type.layout)
+        w0 = ttgl.load(wp + E0 * PSTRIDE, mask=pv > E0, other=0)
+        w1 = ttgl.load(wp + (E0 + 1) * PSTRIDE, mask=pv > E0 + 1, other=0)
+        w2 = ttgl.load(wp + (E0 + 2) * PSTRIDE, mask=pv > E0 + 2, other=0)
+        w3 = ttgl.load(wp + (E0 + 3) * PSTRIDE, mask=pv > E0 + 3, other=0)
+    else:
+        w0 = ttgl.load(wp + E0 * PSTRIDE)
+        w1 = w0
+        w2 = w0
+        w3 = w0
+        if NF >= 2:
+            w1 = ttgl.load(wp + (E0 + 1) * PSTRIDE)
+        if NF >= 3:
+            w2 = ttgl.load(wp + (E0 + 2) * PSTRIDE)
+        if NF >= 4:
+            w3 = ttgl.load(wp + (E0 + 3) * PSTRIDE)
+    return w0, w1, w2, w3
+
+
+@gluon.jit
+def _field_operand(ws, NF: ttgl.constexpr, LW: ttgl.constexpr, AL: ttgl.constexpr):
+    """The A operand ``[BN, 128]`` of one group's field from its raw words ``ws`` (:func:`_load_field`; ``NF``
+    planes present, 4 for a view read on the device, whose absent planes are zeros): renamed into ``LW``, pairs,
+    joins, and a permute into logical columns."""
+    t = _tree(_words(ws[0], LW), _words(ws[1], LW), _words(ws[2], LW), _words(ws[3], LW), NF, 0, 16)
+    a = ttgl.reshape(ttgl.permute(t, [0, 6, 5, 4, 3, 1, 2]), [t.shape[0], 128])  # column 8 j + 2 q + par
+    return ttgl.convert_layout(a, AL, assert_trivial=True)  # registers already in place: no data moves
+
+
+@gluon.jit
+def _load_group(w_ptr, x_ptr, vofs, xofs, g, NB, PSTRIDE, P: ttgl.constexpr, p):
+    """Group ``g``'s raw words (field 0, field 1 when the view may reach it) and its B operand's halves."""
+    wp = w_ptr + g * NB * 512 + vofs
+    xv = ttgl.load(x_ptr + g * 1024 + xofs)
+    f0 = _load_field(wp, PSTRIDE, 0, min(P, 4) if P > 0 else 4, p, P == 0)
+    if P == 0 or P > 4:
+        f1 = _load_field(wp, PSTRIDE, 4, P - 4 if P > 0 else 4, p, P == 0)
+    else:
+        f1 = f0
+    return f0, f1, xv
+
+
+@gluon.jit
+def _words(v, LW: ttgl.constexpr):
+    """A thread's loaded words ``[128 (thread), 4 (register)]`` as ``[128 (row), 4 (quarter)]`` in ``LW``: thread
+    bits are quarter 0-1, rows 1-4 and 16-32 (lanes, warps), registers rows 8 and 64 (a renaming, no data moves)."""
+    t = ttgl.reshape(v, [2, 2, 2, 2, 2, 2, 2, 2, 2])  # t6 t5 t4 t3 t2 t1 t0 g1 g0
+    t = ttgl.permute(t, [7, 0, 1, 8, 2, 3, 4, 5, 6])  # r6=g1 r5=t6 r4=t5 r3=g0 r2=t4 r1=t3 r0=t2 q1=t1 q0=t0
+    w = ttgl.reshape(t, [128, 4])
+    return ttgl.convert_layout(w, LW, assert_trivial=True).to(ttgl.uint32, bitcast=True)
+
+
+@gluon.jit
+def _b_operand(v, BL: ttgl.constexpr):
+    """A lane's loaded halves ``[32 (lane), 32 (register)]`` as ``B [128 (k), 8 (n)]`` in ``BL``: lane bits are
+    ``k`` 2, 4 and ``n`` 1, 2, 4; register bits ``k`` 1, 8, 16, 32, 64 (a renaming, no data moves)."""
+    t = ttgl.reshape(v, [2, 2, 2, 2, 2, 2, 2, 2, 2, 2])  # l4 l3 l2 l1 l0 g4 g3 g2 g1 g0
+    t = ttgl.permute(t, [5, 6, 7, 8, 3, 4, 9, 0, 1, 2])  # k64 k32 k16 k8 k4 k2 k1 n4 n2 n1
+    return ttgl.convert_layout(ttgl.reshape(t, [128, 8]), BL, assert_trivial=True)
+
+
+@gluon.jit
+def _stage_issue(smem, w_ptr, vofs, g, slot, NB, PSTRIDE, NPL: ttgl.constexpr, SSTRIDE: ttgl.constexpr):
+    """``cp.async`` of group ``g``'s first ``NPL`` planes (each thread its own 16 bytes a plane) into ring slot
+    ``slot`` (``SSTRIDE`` planes a slot), then one commit group."""
+    wp = w_ptr + g * NB * 512 + vofs
+    for e in ttgl.static_range(NPL):
+        async_copy.async_copy_global_to_shared(smem.index(slot * SSTRIDE + e), wp + e * PSTRIDE)
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _stage_field(smem, slot, E0: ttgl.constexpr, NF: ttgl.constexpr, SSTRIDE: ttgl.constexpr, VL: ttgl.constexpr):
+    """:func:`_load_field`'s raw words of a field, read back from ring slot ``slot`` (each thread its own)."""
+    w0 = smem.index(slot * SSTRIDE + E0).load(VL)
+    w1 = w0
+    w2 = w0
+    w3 = w0
+    if NF >= 2:
+        w1 = smem.index(slot * SSTRIDE + E0 + 1).load(VL)
+    if NF >= 3:
+        w2 = smem.index(slot * SSTRIDE + E0 + 2).load(VL)
+    if NF >= 4:
+        w3 = smem.index(slot * SSTRIDE + E0 + 3).load(VL)
+    return w0, w1, w2, w3
+
+
+@gluon.jit
+def _view_total(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, vofs, xofs, ro, no, NB, PSTRIDE, G, g_lo, GS, p, mult,
+                zm, hk, P: ttgl.constexpr, W0: ttgl.constexpr, W1: ttgl.constexpr, BN: ttgl.constexpr,
+                BATCH: ttgl.constexpr, PREFETCH: ttgl.constexpr, LW: ttgl.constexpr, AL: ttgl.constexpr,
+                BL: ttgl.constexpr, MMA: ttgl.constexpr, smem, STAGES: ttgl.constexpr, SSTRIDE: ttgl.constexpr,
+                VL: ttgl.constexpr):  # fmt: skip
+    """A program's ``[BN, 8]`` sums over groups ``g_lo .. g_lo + GS`` (their columns summed by the caller) of the
+    view of ``P`` planes (compiled in) or, ``P == 0``, of ``p`` read on the device (whole fields, absent planes
+    predicated off). ``STAGES`` > 0 (``P`` > 0): the words stream through a ring of that many groups in shared
+    memory (``cp.async``, ``STAGES - 1`` groups in flight ahead of the decode) instead of registers."""
+    if P == 0:
+        w0 = (1 << (p + 4)).to(ttgl.float32) * (1.0 / 256.0)  # 2^(p - 4)
+    total = ttgl.zeros([BN, 8], ttgl.float32, MMA)
+    g_last = g_lo + GS - 1
+    if STAGES > 0:
+        for s in ttgl.static_range(STAGES - 1):
+            _stage_issue(smem, w_ptr, vofs, ttgl.minimum(g_lo + s, g_last), s, NB, PSTRIDE, P, SSTRIDE)
+    elif PREFETCH:
+        nxt = _load_group(w_ptr, x_ptr, vofs, xofs, g_lo, NB, PSTRIDE, P, p)
+    for g0 in range(g_lo, g_lo + GS, BATCH):
+        acc = ttgl.zeros([BN, 8], ttgl.float32, MMA)  # column n: group g0 - g0 % 8 + n's sum of F0 x'
+        acc1 = ttgl.zeros([BN, 8], ttgl.float32, MMA)  # and of F1 x' (P > 4)
+        for i in ttgl.static_range(BATCH):
+            if STAGES > 0:
+                j = g0 + i - g_lo
+                _stage_issue(smem, w_ptr, vofs, ttgl.minimum(g0 + i + STAGES - 1, g_last), (j + STAGES - 1) % STAGES,
+                             NB, PSTRIDE, P, SSTRIDE)  # fmt: skip
+                async_copy.wait_group(STAGES - 1)  # group g0 + i's copies have landed
+                f0 = _stage_field(smem, j % STAGES, 0, min(P, 4), SSTRIDE, VL)
+                f1 = f0
+                if P > 4:
+                    f1 = _stage_field(smem, j % STAGES, 4, P - 4, SSTRIDE, VL)
+                cur = (f0, f1, ttgl.load(x_ptr + (g0 + i) * 1024 + xofs))
+            elif PREFETCH:
+                cur = nxt
+                nxt = _load_group(w_ptr, x_ptr, vofs, xofs, ttgl.minimum(g0 + i + 1, g_last), NB, PSTRIDE, P, p)
+            else:
+                cur = _load_group(w_ptr, x_ptr, vofs, xofs, g0 + i, NB, PSTRIDE, P, p)
+            xb = _b_operand(cur[2], BL)  # x' in column (g0 + i) % 8 only
+            if P == 0:
+                acc = mma_v2(_field_operand(cur[0], 4, LW, AL), xb, acc)
+                if p > 4:
+                    acc1 = mma_v2(_field_operand(cur[1], 4, LW, AL), xb, acc1)
+            else:
+                acc = mma_v2(_field_operand(cur[0], min(P, 4), LW, AL), xb, acc)
+                if P > 4:
+                    acc1 = mma_v2(_field_operand(cur[1], P - 4, LW, AL), xb, acc1)
+        c0 = g0 - g0 % 8
+        gcol = c0 + no
+        if BATCH == 8:
+            sc = ttgl.load(s_ptr + ro[:, None] * G + gcol[None, :]).to(ttgl.float32)
+            zp = ttgl.load(z_ptr + ro[:, None] * G + gcol[None, :]).to(ttgl.float32)
+            off = ttgl.load(off_ptr + gcol)[None, :]
+            xs = ttgl.load(xs_ptr + gcol)
+        else:  # the columns of this batch's groups only (the others' steps read as zeros)
+            cm = (gcol >= g0) & (gcol < g0 + BATCH)
+            sc = ttgl.load(s_ptr + ro[:, None] * G + gcol[None, :], mask=cm[None, :], other=0.0).to(ttgl.float32)
+            zp = ttgl.load(z_ptr + ro[:, None] * G + gcol[None, :], mask=cm[None, :], other=0.0).to(ttgl.float32)
+            off = ttgl.load(off_ptr + gcol, mask=cm, other=0.0)[None, :]
+            xs = ttgl.load(xs_ptr + gcol, mask=cm, other=0.0)
+        if P == 0:
+            c = (acc - off) * w0
+            if p > 4:
+                c += (acc1 - off) * (w0 * (1.0 / 16.0))
+        else:
+            c = (acc - off) * W0
+            if P > 4:
+                c += (acc1 - off) * W1
+        total += (sc * mult) * (c - (zp * zm + hk) * xs[None, :])
+    return total
+
+
+@gluon.jit
+def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, p_ptr, N, N_OUT, PSTRIDE, VSTRIDE, G, GS,
+                     P: ttgl.constexpr, W0: ttgl.constexpr, W1: ttgl.constexpr, BN: ttgl.constexpr,
+                     SPLIT: ttgl.constexpr, BATCH: ttgl.constexpr, PREFETCH: ttgl.constexpr,
+                     PMIN: ttgl.constexpr, PMAX: ttgl.constexpr, STAGES: ttgl.constexpr, PKG: ttgl.constexpr,
+                     B0: ttgl.constexpr, MULT: ttgl.constexpr, ZM: ttgl.constexpr, HK: ttgl.constexpr,
+                     OUT_MODE: ttgl.constexpr, bias_ptr, HAS_BIAS: ttgl.constexpr):  # fmt: skip
+    # the step applied as scale mult (C - zero zm - hk): MULT, ZM, HK for a view compiled in; with PKG the package's
+    # W_k = (s / 2^B) (C_k - 2^B z - (2^B - 1) / 2), B = p - B0, for views read on the device (else 1, 1, 0).
+    # OUT_MODE 0: fp32 out (atomics with SPLIT); 1: out in its own dtype (no split), + bias
+    # BATCH groups (8, 4, 2 or 1) share an accumulator, group g in its column g % 8; PREFETCH: the next group's
+    # words and activations are loaded before this one's decode (in flight under it)
+    # a view of the first P planes (1-8): field 0 planes 0-3 (those below P), field 1 planes 4 .. P - 1, each its own
+    # accumulator; code = F0 W0 + F1 W1 with F the fields' 4-bit values (absent planes zero; field_planes).
+    # P = 0: the view's planes p read on the device at p_ptr (a routed token's view; a captured graph serves every
+    # budget), its step and zero point at view p - 1 of [views, N, G] (VSTRIDE apart); absent planes' loads are
+    # predicated off and decode as zeros, field 1 is skipped below 5 planes
+    # program (pid, split) takes rows pid * BN.. and groups split * GS.. (GS a multiple of BATCH); with SPLIT the
+    # partial sums are added to a zeroed ``out`` (atomics), else stored
+    # the words [BN, 4] of one plane and group: lanes 0-1 the quarter, lanes 2-4 rows 1, 2, 4, registers row 8 and
+    # the M repeats, warps rows 16, 32: the rows and quarters whose A fragments each thread holds
+    LW: ttgl.constexpr = ttgl.DistributedLinearLayout(
+        reg_bases=[[8, 0], [64, 0]], lane_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]], warp_bases=[[16, 0], [32, 0]],
+        block_bases=[], shape=[BN, 4],
+    )  # fmt: skip
+    MMA: ttgl.constexpr = ttgl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8])
+    AL: ttgl.constexpr = ttgl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    BL: ttgl.constexpr = ttgl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+    pid = ttgl.program_id(0)
+    g_lo = ttgl.program_id(1) * GS
+    # B: lane 4 n + (k >> 1 & 3) of every warp loads its 32 consecutive halves (prepare_x's b_slots)
+    XV: ttgl.constexpr = ttgl.DistributedLinearLayout(
+        reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8], [0, 16]], lane_bases=[[1, 0], [2, 0], [4, 0], [8, 0], [16, 0]],
+        warp_bases=[[0, 0], [0, 0]], block_bases=[], shape=[32, 32],
+    )  # fmt: skip
+    xl = ttgl.arange(0, 32, layout=ttgl.SliceLayout(1, XV))
+    xr = ttgl.arange(0, 32, layout=ttgl.SliceLayout(0, XV))
+    xofs = xl[:, None] * 32 + xr[None, :]
+    ro = pid * BN + ttgl.arange(0, BN, layout=ttgl.SliceLayout(1, MMA))
+    no = ttgl.arange(0, 8, layout=ttgl.SliceLayout(0, MMA))
+    # a thread's 4 words of one plane and group are consecutive (pack_fragment's word_slots): one 16-byte load, then
+    # renamed (reshape, permute: no data moves) into the rows and quarters of LW
+    VL: ttgl.constexpr = ttgl.DistributedLinearLayout(
+        reg_bases=[[0, 1], [0, 2]], lane_bases=[[1, 0], [2, 0], [4, 0], [8, 0], [16, 0]],
+        warp_bases=[[32, 0], [64, 0]], block_bases=[], shape=[128, 4],
+    )  # fmt: skip
+    tid = ttgl.arange(0, 128, layout=ttgl.SliceLayout(1, VL))
+    rg = ttgl.arange(0, 4, layout=ttgl.SliceLayout(0, VL))
+    vofs = pid * 512 + tid[:, None] * 4 + rg[None, :]
+    NB = N // BN
+    SSTRIDE: ttgl.constexpr = P if P > 0 else PMAX
+    SL: ttgl.constexpr = ttgl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
+    if STAGES > 0:
+        smem = ttgl.allocate_shared_memory(ttgl.int32, [STAGES * SSTRIDE, BN, 4], SL)  # the words' ring
+    else:
+        smem = 0
+    if P == -1:  # the view read on the device, one compiled body per view from PMIN planes up
+        p = ttgl.load(p_ptr)
+        s_ptr += (p - 1) * VSTRIDE
+        z_ptr += (p - 1) * VSTRIDE
+        total = ttgl.zeros([BN, 8], ttgl.float32, MMA)
+        for q in ttgl.static_range(PMIN, PMAX + 1):
+            if p == q:
+                SHQ: ttgl.constexpr = q - B0 if PKG else 0
+                total = _view_total(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, vofs, xofs, ro, no, NB, PSTRIDE, G,
+                                    g_lo, GS, q, 1.0 / (1 << SHQ), 1.0 * (1 << SHQ), ((1 << SHQ) - 1) / 2, q,
+                                    (1 << (q + 4)) / 256, (1 << (q + 4)) / 4096, BN, BATCH, PREFETCH, LW, AL, BL, MMA,
+                                    smem, STAGES, SSTRIDE, VL)  # fmt: skip
+    else:
+        if P == 0:
+            p = ttgl.load(p_ptr)
+            s_ptr += (p - 1) * VSTRIDE
+            z_ptr += (p - 1) * VSTRIDE
+            zmr = 1.0
+            if PKG:
+                zmr = (1 << (p - B0)).to(ttgl.float32)
+            multr = 1.0 / zmr
+            hkr = (zmr - 1.0) * 0.5
+        else:
+            p = P
+            multr = MULT
+            zmr = ZM
+            hkr = HK
+        total = _view_total(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, vofs, xofs, ro, no, NB, PSTRIDE, G, g_lo, GS,
+                            p, multr, zmr, hkr, P, W0, W1, BN, BATCH, PREFETCH, LW, AL, BL, MMA, smem, STAGES, SSTRIDE,
+                            VL)  # fmt: skip
+    y = ttgl.sum(total, axis=1)
+    if OUT_MODE == 1:
+        if HAS_BIAS:
+            y += ttgl.load(bias_ptr + ro, mask=ro < N_OUT, other=0.0).to(ttgl.float32)
+        ttgl.store(out_ptr + ro, y.to(out_ptr.dtype.element_ty), mask=ro < N_OUT)
+    elif SPLIT:
+        ttgl.atomic_add(out_ptr + ro, y, mask=ro < N_OUT)
+    else:
+        ttgl.store(out_ptr + ro, y, mask=ro < N_OUT)
+
+
+def _launch_args(words, scale, zero, xb, off, xs, out, splits=1, planes=None, batch=BATCH_GROUPS, prefetch=False,
+                 dispatch=None, stages=0, b0=None, n_out=None, bias=None, out_mode=0):  # fmt: skip
+    """``planes``: an int (the view, compiled in), None (every plane of the pack) or an int32 device tensor of one
+    element (the view read by the kernel; ``scale``/``zero`` then ``[planes of the pack, N, G]``, view ``p`` at
+    ``p - 1``). ``dispatch``, with a device view: None decodes whole fields with the absent planes predicated off;
+    an int ``PMIN`` branches to a compiled body per view of ``PMIN`` planes to the pack's. ``stages`` > 1: the words
+    through a ring of that many groups in shared memory (not with whole fields on the device). ``b0``: the step
+    applied as the package's (view ``p``'s code ``B = p - b0`` bits finer than the base slice of ``b0`` bits); else
+    ``W = scale (C - zero)``. ``n_out``: rows written (default all); ``out_mode`` 1: ``out`` in its own dtype plus
+    ``bias`` (one split only), else fp32 (atomics over splits into a zeroed ``out``)."""
+    n, g = words.shape[2] * BLOCK_N, xb.shape[0]
+    planes = words.shape[0] if planes is None else planes
+    if batch not in (1, 2, 4, 8) or g % (splits * batch):
+        raise ValueError(
+            f"splits={splits}, batch={batch}: the {g} groups must split into multiples of the batch (1, 2, 4 or 8)"
+        )
+    pmin = 1
+    if isinstance(planes, torch.Tensor):
+        if scale.dim() != 3 or scale.shape[0] != words.shape[0]:
+            raise ValueError(f"planes on the device: scale and zero must be [{words.shape[0]}, N, G] (one per view)")
+        p_ptr, pc, wts, vstride = planes, 0, [0.0, 0.0], scale[0].numel()
+        if dispatch is not None:
+            if not 1 <= dispatch <= words.shape[0]:
+                raise ValueError(f"dispatch from {dispatch} planes: the pack holds {words.shape[0]}")
+            pc, pmin = -1, dispatch
+    else:
+        if not 1 <= planes <= words.shape[0]:
+            raise ValueError(f"a view of {planes} planes: the pack holds {words.shape[0]}")
+        p_ptr, pc, vstride = out, planes, 0
+        wts = [wt for _, _, wt in field_planes(planes)] + [0.0]
+    n_out = n if n_out is None else n_out
+    args = (words, scale, zero, xb, off, xs, out, p_ptr, n, n_out, words[0].numel(), vstride, g, g // splits)
+    if stages and (pc == 0 or stages < 2):
+        raise ValueError(f"stages={stages}: a ring of at least 2 groups, for a view compiled in or dispatched")
+    if out_mode == 1 and splits > 1:
+        raise ValueError("out in its own dtype takes one split (splits sum in fp32)")
+    sh = planes - b0 if b0 is not None and pc > 0 else 0
+    if sh < 0:
+        raise ValueError(f"a view of {planes} planes is coarser than the base slice of {b0} bits")
+    kw = dict(P=pc, W0=wts[0], W1=wts[1], BN=BLOCK_N, SPLIT=splits > 1, BATCH=batch, PREFETCH=prefetch, PMIN=pmin,
+              PMAX=words.shape[0])  # fmt: skip
+    kw.update(STAGES=stages, PKG=b0 is not None, B0=b0 or 0, MULT=2.0**-sh, ZM=2.0**sh, HK=(2.0**sh - 1) / 2)
+    kw.update(OUT_MODE=out_mode, bias_ptr=out if bias is None else bias, HAS_BIAS=bias is not None)
+    return args, dict(kw, num_warps=4)
+
+
+def split_choices(k: int, batch: int = BATCH_GROUPS, most: int = 16) -> list[int]:
+    """The K splits a layer of ``k`` inputs allows: divisors of its number of ``batch``-group batches, up to
+    ``most``."""
+    b = k // (GROUP * batch)
+    return [s for s in range(1, min(b, most) + 1) if b % s == 0]
+
+
+def frag_gemv(words, scale, zero, x, prepared=None, out=None, splits=1, planes=None, batch=BATCH_GROUPS,
+              prefetch=False, dispatch=None, maxnreg=None, stages=0):  # fmt: skip
+    """``W x`` on a GPU for one token ``x [K]`` (``W = scale (C - zero)`` per row and group, ``scale``/``zero``
+    ``[N, G]`` fp16, ``C`` the code of the first ``planes`` planes, default all); ``prepared``: :func:`prepare_x`'s
+    tensors, made once per token (else made here); ``splits``: programs along K per row block (their sums added
+    atomically into ``out``, zeroed here first)."""
+    xb, off, xs = prepare_x(x) if prepared is None else prepared
+    n = words.shape[2] * BLOCK_N
+    out = torch.empty(n, device=words.device) if out is None else out
+    args, kw = _launch_args(words, scale, zero, xb, off, xs, out, splits, planes, batch, prefetch, dispatch, stages)
+    if maxnreg:
+        kw["maxnreg"] = maxnreg
+    if splits > 1:
+        out.zero_()
+    frag_gemv_kernel[(n // BLOCK_N, splits)](*args, **kw)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the package's path
+#: Rows a launch aims to keep busy per row block and split: about four programs an SM on an H200 (132 SMs), the
+#: configs measured fastest there (docs/RESULTS.md "The fragment-native Gluon GEMV on the H200").
+TARGET_PROGRAMS = 448
+_FRAG_CACHE: dict[int, tuple[torch.Tensor, FragPlanes]] = {}
+_FRAG_CACHE_MAX = 256
+
+
+def fragment_supported(slice_bits, group_size: int, in_features: int) -> bool:
+    """Layouts the fragment kernel serves: at most 8 planes in all, groups of 128, inputs a multiple of 1024 (its
+    batches of eight groups)."""
+    return sum(slice_bits) <= 8 and group_size == GROUP and in_features % (GROUP * BATCH_GROUPS) == 0
+
+
+def fragment_device_ok(device: torch.device) -> bool:
+    """A CUDA device with ``mma.sync`` (compute capability 8.0 or newer)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+@dataclass(frozen=True)
+class FragPlanes:
+    """One layer's fragment pack (:func:`fragment_of`): ``words`` ``[T, G, NPAD / 128, 512]`` int32 (every plane of
+    the checkpoint's slices, most significant first), ``scale`` / ``zero`` fp16 ``[T, NPAD, G]``: the step and zero
+    point of the view of ``p`` planes at ``p - 1`` (each view's own, or the shared pair at every view; zeros where
+    no view ends), rows padded to a multiple of 128 with zeros."""
+
+    words: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    slice_bits: tuple[int, ...]
+    in_features: int
+    out_features: int
+
+    @property
+    def planes_of_view(self) -> list[int]:
+        out, acc = [], 0
+        for b in self.slice_bits:
+            acc += b
+            out.append(acc)
+        return out
+
+
+def codes_of_bitplanes(words: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """The ``T``-bit codes ``[r1 - r0, KW * 16]`` (int64) of rows ``r0 .. r1`` (even, within the padding) of one-bit
+    plane buffers ``words [T, KW, NPAD / 2]`` (``triton_bitplane.BitPlanes``: bit ``b`` of a word is column
+    ``16 w + b`` of row ``2 i``, ``b < 16``, else column ``16 w + b - 16`` of row ``2 i + 1``)."""
+    t, kw, _ = words.shape
+    w = words[:, :, r0 // 2 : r1 // 2].to(torch.int64) & 0xFFFFFFFF
+    bits = (w[..., None] >> torch.arange(32, device=words.device)) & 1  # [T, KW, pairs, 32]
+    bits = bits.reshape(t, kw, -1, 2, 16).permute(0, 2, 3, 1, 4).reshape(t, r1 - r0, kw * 16)
+    shifts = torch.arange(t - 1, -1, -1, device=words.device)
+    return (bits << shifts[:, None, None]).sum(0)
+
+
+def fragment_of(bp, row_block: int = 1024) -> FragPlanes:
+    """The fragment pack of one-bit plane buffers ``bp`` (``triton_bitplane.BitPlanes``), built on their device
+    ``row_block`` rows at a time and cached while ``bp.words`` lives (the last 256)."""
+    hit = _FRAG_CACHE.get(id(bp.words))
+    if hit is not None and hit[0] is bp.words:
+        return hit[1]
+    if not fragment_supported(bp.slice_bits, bp.group_size, bp.in_features):
+        raise ValueError(
+            f"the fragment kernel takes at most 8 planes, groups of {GROUP} and inputs a multiple of "
+            f"{GROUP * BATCH_GROUPS}: got {list(bp.slice_bits)}, group {bp.group_size}, {bp.in_features} inputs"
+        )
+    t, _, npad2 = bp.words.shape
+    npad = 2 * npad2
+    parts = []
+    for r0 in range(0, npad, row_block):
+        r1 = min(npad, r0 + row_block)
+        codes = codes_of_bitplanes(bp.words, r0, r1)[:, : bp.in_features]
+        parts.append(pack_fragment(codes, t))
+    words = torch.cat(parts, dim=2).contiguous()
+    sz = bp.sz if bp.per_view else bp.sz[None]  # [V, 2, G, NPAD / 2]: row 2 i in [:, 0], 2 i + 1 in [:, 1]
+    sz = sz.permute(0, 3, 1, 2).reshape(sz.shape[0], npad, sz.shape[2])  # [V, NPAD, G]
+    pv = torch.tensor([p - 1 for p in bp.planes_of_view], device=sz.device)
+    pairs = sz if bp.per_view else sz.expand(len(pv), -1, -1)
+    scale = torch.zeros(t, npad, sz.shape[2], dtype=torch.float16, device=sz.device)
+    zero = torch.zeros_like(scale)
+    scale[pv] = (pairs & 0xFFFF).to(torch.int16).view(torch.float16)
+    zero[pv] = (pairs >> 16).to(torch.int16).view(torch.float16)
+    fp = FragPlanes(words, scale, zero, tuple(bp.slice_bits), bp.in_features, bp.out_features)
+    if len(_FRAG_CACHE) >= _FRAG_CACHE_MAX:
+        _FRAG_CACHE.pop(next(iter(_FRAG_CACHE)))
+    _FRAG_CACHE[id(bp.words)] = (bp.words, fp)
+    return fp
+
+
+def launch_config(n_blocks: int, groups: int, planes: int) -> tuple[int, bool, int]:
+    """``(batch, prefetch, splits)`` for ``n_blocks`` row blocks of ``groups`` groups: the largest batch whose splits
+    come nearest :data:`TARGET_PROGRAMS` programs; the one-group prefetch for views of at most 4 planes (both as
+    measured fastest on an H200)."""
+    best = None
+    for batch in (8, 4, 2, 1):
+        for s in split_choices(groups * GROUP, batch, groups):
+            gap = abs(n_blocks * s - TARGET_PROGRAMS)
+            if best is None or gap < best[0]:
+                best = (gap, batch, s)
+    assert best is not None
+    return best[1], planes <= 4, best[2]
+
+
+_PREPARED: dict[tuple, PreparedX] = {}
+_TABLES: dict[tuple, torch.Tensor] = {}
+
+
+def _view_table(fp: FragPlanes, device: torch.device) -> torch.Tensor:
+    """``[0, P_1, .., P_K]`` int32 on ``device``: the planes of view ``k`` at ``k`` (made once per layout)."""
+    key = (fp.slice_bits, device)
+    t = _TABLES.get(key)
+    if t is None:
+        t = _TABLES[key] = torch.tensor([0, *fp.planes_of_view], dtype=torch.int32, device=device)
+    return t
+
+
+def fragment_linear(x2: torch.Tensor, fp: FragPlanes, k, bias=None, out=None) -> torch.Tensor:
+    """One token ``x2 [1, in]`` (fp16) -> ``[1, out]`` from a fragment pack: view ``k`` (an int, or a one-element
+    int tensor on the device: a compiled body per view, picked there) with the package's step and zero point
+    (``W_k = (s / 2^B) (C_k - 2^B z - (2^B - 1) / 2)``). One launch prepares the activations (buffers kept per
+    device and width), one computes; with K splits the rows sum in fp32 (atomics) and are cast after."""
+    M, K_IN = x2.shape
+    if M != 1 or K_IN != fp.in_features or x2.dtype != torch.float16:
+        raise ValueError(f"the fragment kernel takes one fp16 token of {fp.in_features} features, got {x2.dtype} "
+                         f"{tuple(x2.shape)}")  # fmt: skip
+    ns = len(fp.slice_bits)
+    key = (x2.device, K_IN)
+    prep = _PREPARED.get(key)
+    if prep is None:
+        prep = _PREPARED[key] = PreparedX(K_IN, x2.device)
+    xb, off, xs = prep(x2.reshape(-1))
+    n_out = fp.out_features
+    if out is None:
+        out = torch.empty(1, n_out, dtype=x2.dtype, device=x2.device)
+    nb, g = fp.words.shape[2], K_IN // GROUP
+    b0 = fp.slice_bits[0]
+    planes: int | torch.Tensor
+    dispatch: int | None
+    if isinstance(k, int):
+        if not 1 <= k <= ns:
+            raise ValueError(f"k must be between 1 and {ns}, got {k}")
+        planes = fp.planes_of_view[k - 1]
+        sc, zp = fp.scale[planes - 1], fp.zero[planes - 1]
+        dispatch = None
+    else:  # the view on the device: its planes from a table of the views (one gather), a body per view there
+        table = _view_table(fp, x2.device)
+        planes = table[k.reshape(-1).to(torch.int64)]
+        sc, zp = fp.scale, fp.zero
+        dispatch = b0
+    batch, prefetch, splits = launch_config(nb, g, planes if isinstance(planes, int) else 8)
+    if splits == 1:
+        args, kw = _launch_args(fp.words, sc, zp, xb, off, xs, out.view(-1), 1, planes, batch, prefetch, dispatch,
+                                0, b0, n_out, bias, 1)  # fmt: skip
+        frag_gemv_kernel[(nb, 1)](*args, **kw)
+        return out
+    acc = torch.zeros(n_out, dtype=torch.float32, device=x2.device)
+    args, kw = _launch_args(fp.words, sc, zp, xb, off, xs, acc, splits, planes, batch, prefetch, dispatch, 0, b0,
+                            n_out)  # fmt: skip
+    frag_gemv_kernel[(nb, splits)](*args, **kw)
+    y = acc if bias is None else acc + bias.to(torch.float32)
+    out.view(-1).copy_(y)
+    return out

@@ -1,0 +1,171 @@
+"""The fragment-native Gluon GEMV in the package (``mobiquant.kernels.gluon_fragment``, ``SmallConfig(fragment=True)``).
+
+On the CPU: the pack built from the one-bit plane buffers is the pack of the checkpoint's codes, its step and zero
+point sit at each view's plane count, the activations' Triton kernel matches its PyTorch twin (interpreter), and the
+kernel's logical operations (``benchmarks/gluon_proto.py``'s line-by-line emulation) with the constants the launch
+passes reproduce the package's ``torch_reference`` at every view. On a GPU (skipped without one): the kernel itself
+through ``bitplane_linear`` against the float64 reference, static views, views read on the device, routed ones and
+a site launch. Gluon has no CPU interpreter, hence the emulation.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mobiquant.kernels import torch_reference
+from mobiquant.quant.packing import pack_codes
+
+pytest.importorskip("triton.experimental.gluon", reason="this triton has no Gluon")
+from mobiquant.kernels import gluon_fragment as gf  # noqa: E402
+from mobiquant.kernels import triton_bitplane as tb  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import gluon_proto as gp  # noqa: E402
+
+GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+SLICES = (3, 1, 1, 1, 1, 1)
+
+
+@pytest.fixture
+def gen():
+    seed = int(os.environ.get("MOBIQUANT_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
+    print(f"seed={seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+def make_layer(n_out, n_in, gen, per_view=True, device="cpu"):
+    """Planes of the default layout, a step and zero point per view (or one pair), fp16."""
+    planes = [pack_codes(torch.randint(0, 2**b, (n_out, n_in), generator=gen), b).to(device) for b in SLICES]
+    ng = n_in // 128
+    lead = (len(SLICES),) if per_view else ()
+    scale = (torch.rand(*lead, n_out, ng, generator=gen) * 0.02 + 0.002).half().to(device)
+    zero = (torch.randint(0, 8 * 2 ** SLICES[0], (*lead, n_out, ng), generator=gen) / 8 - 0.375).half().to(device)
+    return planes, scale, zero
+
+
+def full_codes(planes, n_in):
+    """The 8-bit code of every weight: each slice's codes, most significant slice first."""
+    from mobiquant.kernels import _codes
+
+    c = torch.zeros(planes[0].shape[0], n_in, dtype=torch.int64)
+    for p, b in zip(planes, SLICES, strict=True):
+        c = (c << b) + _codes(p.cpu(), b, n_in)
+    return c
+
+
+@pytest.mark.parametrize("per_view", [True, False], ids=["per_view", "shared"])
+def test_fragment_of_packs_the_checkpoint_codes(per_view, gen):
+    n_out, n_in = 200, 1024  # rows padded to 256
+    planes, scale, zero = make_layer(n_out, n_in, gen, per_view)
+    bp = tb.pack_bitplanes(planes, scale, zero, SLICES, 128, n_in)
+    fp = gf.fragment_of(bp)
+    assert fp is gf.fragment_of(bp)  # cached while the buffers live
+    codes = torch.nn.functional.pad(full_codes(planes, n_in), (0, 0, 0, 256 - n_out))
+    assert torch.equal(fp.words, gf.pack_fragment(codes, 8))
+    assert fp.scale.shape == (8, 256, n_in // 128)
+    for k, p in enumerate(fp.planes_of_view, start=1):
+        want_s = scale[k - 1] if per_view else scale
+        want_z = zero[k - 1] if per_view else zero
+        assert torch.equal(fp.scale[p - 1, :n_out], want_s) and torch.equal(fp.zero[p - 1, :n_out], want_z)
+    assert not fp.scale[:2].any()  # no view ends at 1 or 2 planes
+    with pytest.raises(ValueError, match="groups of 128"):
+        gf.fragment_of(tb.pack_bitplanes(planes, scale[..., :4], zero[..., :4], SLICES, 256, n_in))
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 6])
+def test_kernel_with_the_launch_constants_is_the_package_view(k, gen):
+    """The emulated kernel (fields, accumulators, epilogue) with ``scale mult`` and ``zero zm + hk`` as
+    ``_launch_args`` passes them for view ``k`` equals ``torch_reference`` (float64) of the same layer."""
+    n_out, n_in = 128, 2048
+    planes, scale, zero = make_layer(n_out, n_in, gen)
+    fp = gf.fragment_of(tb.pack_bitplanes(planes, scale, zero, SLICES, 128, n_in))
+    x = torch.randn(1, n_in, generator=gen).half()
+    p = fp.planes_of_view[k - 1]
+    sc, zp = fp.scale[p - 1], fp.zero[p - 1]
+    out = torch.empty(n_out)
+    _, kw = gf._launch_args(fp.words, sc, zp, *gf.prepare_x(x[0]), out, planes=p, b0=SLICES[0])
+    assert (kw["MULT"], kw["ZM"], kw["HK"]) == (2.0 ** -(p - 3), 2.0 ** (p - 3), (2.0 ** (p - 3) - 1) / 2)
+    y = gp.emulate_kernel(
+        fp.words, sc.double() * kw["MULT"], zp.double() * kw["ZM"] + kw["HK"], *gf.prepare_x(x[0]), planes=p
+    )
+    ref = torch_reference(x.double(), planes, scale.double(), zero.double(), SLICES, 128, k)[0]
+    assert float((y - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+def test_launch_config_follows_the_measured_configs():
+    """The 8B shapes get the configs measured fastest on an H200 (or, for the q/o, the nearest with batches of two
+    groups): gate/up 112 row blocks x 4 splits of 8-group batches, down 32 x 14, q/o 32 x 16 of 2-group batches."""
+    assert gf.launch_config(112, 32, 4) == (8, True, 4)
+    assert gf.launch_config(32, 112, 4) == (8, True, 14)
+    assert gf.launch_config(32, 32, 4) == (2, True, 16)
+    assert gf.launch_config(112, 32, 8)[1] is False  # no prefetch past 4 planes
+
+
+def test_prepared_x_kernel_matches_prepare_x(gen):
+    prep = gf.PreparedX(1024, "cpu")
+    x = torch.randn(1024, generator=gen).half()
+    xb, off, xs = prep(x)
+    rb, roff, rxs = gf.prepare_x(x)
+    assert torch.equal(xb, rb)
+    torch.testing.assert_close(off, roff, rtol=1e-6, atol=1e-3)
+    torch.testing.assert_close(xs, rxs, rtol=1e-6, atol=1e-5)
+
+
+def test_fragment_config_needs_a_gpu_and_fp16():
+    """Where the fragment kernel cannot run (CPU, the interpreter, other dtypes) the one-bit plane kernel serves."""
+    bp = tb.BitPlanes(torch.zeros(8, 64, 64, dtype=torch.int32), torch.zeros(2, 8, 64, dtype=torch.int32), SLICES,
+                      128, 1024, 128)  # fmt: skip
+    assert not tb._fragment_ok(bp, torch.zeros(1, 1024, dtype=torch.float16))
+    assert not tb._fragment_ok(bp, torch.zeros(1, 1024, dtype=torch.float32))
+    assert not gf.fragment_supported(SLICES, 64, 1024) and not gf.fragment_supported(SLICES, 128, 576)
+    assert gf.fragment_supported(SLICES, 128, 14336)
+
+
+# ------------------------------------------------------------------------------------------------------- GPU
+needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA device (Gluon kernels do not run in the interpreter)")
+
+
+def _check(y, x, planes, scale, zero, k, bias=None):
+    ref = torch_reference(x, planes, scale, zero, SLICES, 128, k, bias=bias, compute_dtype=torch.float64)
+    err = ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+    assert err < 2e-3, f"relative error {err:.2e} at k={k}"
+
+
+@needs_gpu
+@pytest.mark.parametrize("n_out,n_in", [(256, 1024), (4096, 4096), (1024, 14336), (200, 2048)])
+@pytest.mark.parametrize("per_view", [True, False], ids=["per_view", "shared"])
+def test_gpu_static_and_device_views(n_out, n_in, per_view, gen):
+    planes, scale, zero = make_layer(n_out, n_in, gen, per_view, "cuda")
+    bias = torch.randn(n_out, generator=gen).half().cuda()
+    x = torch.randn(1, n_in, generator=gen).half().cuda()
+    cfg = tb.SmallConfig(fragment=True)
+    for k in range(1, len(SLICES) + 1):
+        y = tb.bitplane_linear(x, planes, scale, zero, SLICES, 128, k, bias=bias, path="bits", small_config=cfg)
+        _check(y, x, planes, scale, zero, k, bias)
+        kd = torch.tensor([k], dtype=torch.int32, device="cuda")
+        y = tb.bitplane_linear(x, planes, scale, zero, SLICES, 128, kd, bias=bias, path="bits", small_config=cfg)
+        _check(y, x, planes, scale, zero, k, bias)
+
+
+@needs_gpu
+def test_gpu_routed_and_site(gen):
+    n_in = 4096
+    layers = [make_layer(n, n_in, gen, True, "cuda") for n in (1024, 512, 512)]
+    x = torch.randn(1, n_in, generator=gen).half().cuda()
+    cfg = tb.SmallConfig(fragment=True)
+    values = torch.sort(torch.rand(len(SLICES) - 1, generator=gen), descending=True).values.cuda()
+    tau = torch.tensor([0.5], device="cuda")
+    k_ref = int(1 + (values > 0.5).sum())
+    planes, scale, zero = layers[0]
+    y = tb.bitplane_linear(x, planes, scale, zero, SLICES, 128, tb.RoutedK(values, tau), path="bits", small_config=cfg)
+    _check(y, x, planes, scale, zero, k_ref)
+    parts = [tb.pack_bitplanes(p, s, z, SLICES, 128, n_in) for p, s, z in layers]
+    site = tb.site_bitplanes(parts)
+    y = tb.bitplane_site_bits(x, site, [3, 3, 3], config=cfg)
+    for (p, s, z), c, n in zip(layers, site.cols, site.outs, strict=True):
+        _check(y[:, c : c + n], x, p, s, z, 3)
