@@ -307,25 +307,6 @@ def test_gluon_proto_fields_give_each_view_its_code(planes):
         assert torch.equal(gp.decode_reference(absent, e0, 4), gp.decode_reference(words, e0, nf))
 
 
-def test_gluon_proto_prepared_x_kernel_matches_prepare_x():
-    """``gluon_proto.PreparedX`` (one Triton launch, Triton's interpreter here) writes ``prepare_x``'s B operands,
-    offsets and sums, and keeps its buffers: a second token leaves no trace of the first."""
-    pytest.importorskip("triton.experimental.gluon", reason="this triton has no Gluon")
-    import gluon_proto as gp
-
-    gen = torch.Generator().manual_seed(1)
-    prep = gp.PreparedX(2048, "cpu")
-    for _ in range(2):
-        x = torch.randn(2048, generator=gen).half()
-        xb, off, xs = prep(x)
-        rb, roff, rxs = gp.prepare_x(x)
-        assert torch.equal(xb, rb)
-        torch.testing.assert_close(off, roff, rtol=1e-6, atol=1e-3)
-        torch.testing.assert_close(xs, rxs, rtol=1e-6, atol=1e-5)
-    with pytest.raises(ValueError, match="2048 activations"):
-        prep(x[:1024])
-
-
 def test_gluon_proto_kernel_emulated_gives_w_x():
     """``gluon_proto.py``'s kernel, its logical operations emulated line by line in PyTorch (the words' and B's
     renaming from their 16-byte loads, the joins and permute into the A operand, eight groups an accumulator, the

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import gluon_proto as gp  # noqa: E402
 
 GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+DEVICE = "cuda" if GPU else "cpu"
 SLICES = (3, 1, 1, 1, 1, 1)
 
 
@@ -107,13 +108,18 @@ def test_launch_config_follows_the_measured_configs():
 
 
 def test_prepared_x_kernel_matches_prepare_x(gen):
-    prep = gf.PreparedX(1024, "cpu")
-    x = torch.randn(1024, generator=gen).half()
-    xb, off, xs = prep(x)
-    rb, roff, rxs = gf.prepare_x(x)
-    assert torch.equal(xb, rb)
-    torch.testing.assert_close(off, roff, rtol=1e-6, atol=1e-3)
-    torch.testing.assert_close(xs, rxs, rtol=1e-6, atol=1e-5)
+    """``PreparedX`` (one Triton launch, Triton's interpreter on the CPU) writes ``prepare_x``'s B operands, offsets
+    and sums, and keeps its buffers: a second token leaves no trace of the first."""
+    prep = gf.PreparedX(2048, DEVICE)
+    for _ in range(2):
+        x = torch.randn(2048, generator=gen).half().to(DEVICE)
+        xb, off, xs = prep(x)
+        rb, roff, rxs = gf.prepare_x(x)
+        assert torch.equal(xb, rb)
+        torch.testing.assert_close(off, roff, rtol=1e-6, atol=1e-3)
+        torch.testing.assert_close(xs, rxs, rtol=1e-6, atol=1e-5)
+    with pytest.raises(ValueError, match="2048 activations"):
+        prep(x[:1024])
 
 
 def test_fragment_config_needs_a_gpu_and_fp16():

@@ -43,6 +43,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as ttgl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
+from .triton_bitplane import planes_of_views
+
 GROUP = 128
 PLANES = 4
 BATCH_GROUPS = 8  # groups whose partial sums share one accumulator, one mma column each
@@ -633,11 +635,8 @@ class FragPlanes:
 
     @property
     def planes_of_view(self) -> list[int]:
-        out, acc = [], 0
-        for b in self.slice_bits:
-            acc += b
-            out.append(acc)
-        return out
+        """The planes each view reads (view ``k`` at ``k - 1``)."""
+        return planes_of_views(self.slice_bits)
 
 
 def codes_of_bitplanes(words: torch.Tensor, r0: int, r1: int) -> torch.Tensor:

@@ -59,6 +59,7 @@ Self-contained (torch and triton only) so that benchmarks can load it without th
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -2936,11 +2937,12 @@ class BitPlanes:
     @property
     def planes_of_view(self) -> list[int]:
         """``P_k``: the one-bit planes view ``k`` (1-based) reads, for ``k = 1 .. len(slice_bits)``."""
-        out, acc = [], 0
-        for b in self.slice_bits:
-            acc += b
-            out.append(acc)
-        return out
+        return planes_of_views(self.slice_bits)
+
+
+def planes_of_views(slice_bits: Sequence[int]) -> list[int]:
+    """The planes each view reads: the running sums of ``slice_bits``."""
+    return list(itertools.accumulate(slice_bits))
 
 
 BITS_MAX_PLANES = 8
