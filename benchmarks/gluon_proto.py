@@ -140,7 +140,8 @@ def emulate_kernel(words, scale, zero, xb, off, xs, planes: int = PLANES) -> tor
 
 def count(n, k, splits=1, planes=PLANES, batch=BATCH_GROUPS, prefetch=False, dispatch=None, stages=0, package=False):
     """Compile for sm_90 without a GPU and print the group loop's instructions a code; ``package``: as the package
-    launches it (its step formula for a base slice of 3 bits, fp16 output plus a bias; one split)."""
+    launches it (its step formula for a base slice of 3 bits, fp16 output plus a bias; over splits, the ticket
+    epilogue)."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -154,6 +155,8 @@ def count(n, k, splits=1, planes=PLANES, batch=BATCH_GROUPS, prefetch=False, dis
     out = torch.zeros(n)
     view = torch.zeros(1, dtype=torch.int32) if planes == 0 else planes
     extra = dict(b0=3, n_out=n, bias=out.half(), out_mode=1) if package else {}
+    if package and splits > 1:  # the ticket epilogue: the last split of a row block sums the slots
+        extra.update(out_mode=2, part=torch.zeros(splits, n), locks=torch.zeros(n // BLOCK_N, dtype=torch.int32))
     out = out.half() if package else out
     args, kw = _launch_args(words, sc, sc, xb, vec, vec, out, splits, view, batch, prefetch, dispatch, stages, **extra)
     ck = osx.compile_sm90(frag_gemv_kernel, args, kw, source=GluonASTSource)

@@ -330,8 +330,14 @@ def test_gluon_proto_kernel_emulated_gives_w_x():
 
 @pytest.mark.parametrize(
     ("planes", "splits", "more"),
-    [(4, 1, []), (6, 2, []), (0, 1, []), (4, 1, ["--package", "--prefetch"]), (0, 1, ["--package", "--dispatch", "3"])],
-    ids=["4", "6_split", "device", "package_4", "package_dispatch"],
+    [
+        (4, 1, []),
+        (6, 2, []),
+        (0, 1, []),
+        (4, 1, ["--package", "--prefetch"]),
+        (0, 2, ["--package", "--dispatch", "3"]),
+    ],
+    ids=["4", "6_split", "device", "package_4", "package_dispatch_split"],
 )
 def test_gluon_proto_compiles_for_sm90(planes, splits, more):
     """``gluon_proto.py``'s kernel compiles for sm_90 offline (its A operand needs no data movement:

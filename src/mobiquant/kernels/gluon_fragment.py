@@ -45,6 +45,9 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from .triton_bitplane import planes_of_views
 
+#: a barrier of the CTA's threads: ``thread_barrier`` in triton 3.6, ``barrier`` since
+_cta_barrier = getattr(ttgl, "thread_barrier", None) or ttgl.barrier
+
 GROUP = 128
 PLANES = 4
 BATCH_GROUPS = 8  # groups whose partial sums share one accumulator, one mma column each
@@ -438,10 +441,13 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, p_ptr
                      SPLIT: ttgl.constexpr, BATCH: ttgl.constexpr, PREFETCH: ttgl.constexpr,
                      PMIN: ttgl.constexpr, PMAX: ttgl.constexpr, STAGES: ttgl.constexpr, PKG: ttgl.constexpr,
                      B0: ttgl.constexpr, MULT: ttgl.constexpr, ZM: ttgl.constexpr, HK: ttgl.constexpr,
-                     OUT_MODE: ttgl.constexpr, bias_ptr, HAS_BIAS: ttgl.constexpr):  # fmt: skip
+                     OUT_MODE: ttgl.constexpr, bias_ptr, HAS_BIAS: ttgl.constexpr, part_ptr,
+                     lock_ptr):  # fmt: skip
     # the step applied as scale mult (C - zero zm - hk): MULT, ZM, HK for a view compiled in; with PKG the package's
     # W_k = (s / 2^B) (C_k - 2^B z - (2^B - 1) / 2), B = p - B0, for views read on the device (else 1, 1, 0).
-    # OUT_MODE 0: fp32 out (atomics with SPLIT); 1: out in its own dtype (no split), + bias
+    # OUT_MODE 0: fp32 out (atomics with SPLIT); 1: out in its own dtype (no split), + bias; 2 (SPLIT): each split's
+    # rows into its fp32 slot of part_ptr, and the last split of a row block to arrive (a self-resetting ticket at
+    # lock_ptr + pid) sums the slots in a fixed order, adds the bias and stores in out's dtype: one launch
     # BATCH groups (8, 4, 2 or 1) share an accumulator, group g in its column g % 8; PREFETCH: the next group's
     # words and activations are loaded before this one's decode (in flight under it)
     # a view of the first P planes (1-8): field 0 planes 0-3 (those below P), field 1 planes 4 .. P - 1, each its own
@@ -519,7 +525,21 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, p_ptr
                             p, multr, zmr, hkr, P, W0, W1, BN, BATCH, PREFETCH, LW, AL, BL, MMA, smem, STAGES, SSTRIDE,
                             VL)  # fmt: skip
     y = ttgl.sum(total, axis=1)
-    if OUT_MODE == 1:
+    if OUT_MODE == 2:
+        ns = ttgl.num_programs(1)
+        ttgl.store(part_ptr + ttgl.program_id(1) * N + ro, y)
+        _cta_barrier()  # every thread's slot stored before the release below
+        ticket = ttgl.atomic_add(lock_ptr + pid, 1, sem="acq_rel")
+        _cta_barrier()
+        if ticket == ns - 1:
+            y = ttgl.load(part_ptr + ro, cache_modifier=".cg")
+            for s in range(1, ns):
+                y += ttgl.load(part_ptr + s * N + ro, cache_modifier=".cg")
+            if HAS_BIAS:
+                y += ttgl.load(bias_ptr + ro, mask=ro < N_OUT, other=0.0).to(ttgl.float32)
+            ttgl.store(out_ptr + ro, y.to(out_ptr.dtype.element_ty), mask=ro < N_OUT)
+            ttgl.atomic_xchg(lock_ptr + pid, 0)  # self-resetting
+    elif OUT_MODE == 1:
         if HAS_BIAS:
             y += ttgl.load(bias_ptr + ro, mask=ro < N_OUT, other=0.0).to(ttgl.float32)
         ttgl.store(out_ptr + ro, y.to(out_ptr.dtype.element_ty), mask=ro < N_OUT)
@@ -530,7 +550,8 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, p_ptr
 
 
 def _launch_args(words, scale, zero, xb, off, xs, out, splits=1, planes=None, batch=BATCH_GROUPS, prefetch=False,
-                 dispatch=None, stages=0, b0=None, n_out=None, bias=None, out_mode=0):  # fmt: skip
+                 dispatch=None, stages=0, b0=None, n_out=None, bias=None, out_mode=0, part=None,
+                 locks=None):  # fmt: skip
     """``planes``: an int (the view, compiled in), None (every plane of the pack) or an int32 device tensor of one
     element (the view read by the kernel; ``scale``/``zero`` then ``[planes of the pack, N, G]``, view ``p`` at
     ``p - 1``). ``dispatch``, with a device view: None decodes whole fields with the absent planes predicated off;
@@ -538,7 +559,9 @@ def _launch_args(words, scale, zero, xb, off, xs, out, splits=1, planes=None, ba
     through a ring of that many groups in shared memory (not with whole fields on the device). ``b0``: the step
     applied as the package's (view ``p``'s code ``B = p - b0`` bits finer than the base slice of ``b0`` bits); else
     ``W = scale (C - zero)``. ``n_out``: rows written (default all); ``out_mode`` 1: ``out`` in its own dtype plus
-    ``bias`` (one split only), else fp32 (atomics over splits into a zeroed ``out``)."""
+    ``bias`` (one split only); 2: the same over splits, summed by the last split of each row block (``part``: fp32
+    ``[splits, N]``, ``locks``: int32 zeros, one a row block); else fp32 (atomics over splits into a zeroed
+    ``out``)."""
     n, g = words.shape[2] * BLOCK_N, xb.shape[0]
     planes = words.shape[0] if planes is None else planes
     if batch not in (1, 2, 4, 8) or g % (splits * batch):
@@ -563,8 +586,8 @@ def _launch_args(words, scale, zero, xb, off, xs, out, splits=1, planes=None, ba
     args = (words, scale, zero, xb, off, xs, out, p_ptr, n, n_out, words[0].numel(), vstride, g, g // splits)
     if stages and (pc == 0 or stages < 2):
         raise ValueError(f"stages={stages}: a ring of at least 2 groups, for a view compiled in or dispatched")
-    if out_mode == 1 and splits > 1:
-        raise ValueError("out in its own dtype takes one split (splits sum in fp32)")
+    if (out_mode == 1 and splits > 1) or (out_mode == 2 and (splits < 2 or part is None or locks is None)):
+        raise ValueError("out_mode 1 takes one split; 2 takes several, a part buffer and tickets")
     sh = planes - b0 if b0 is not None and pc > 0 else 0
     if sh < 0:
         raise ValueError(f"a view of {planes} planes is coarser than the base slice of {b0} bits")
@@ -572,6 +595,7 @@ def _launch_args(words, scale, zero, xb, off, xs, out, splits=1, planes=None, ba
               PMAX=words.shape[0])  # fmt: skip
     kw.update(STAGES=stages, PKG=b0 is not None, B0=b0 or 0, MULT=2.0**-sh, ZM=2.0**sh, HK=(2.0**sh - 1) / 2)
     kw.update(OUT_MODE=out_mode, bias_ptr=out if bias is None else bias, HAS_BIAS=bias is not None)
+    kw.update(part_ptr=out if part is None else part, lock_ptr=out if locks is None else locks)
     return args, dict(kw, num_warps=4)
 
 
@@ -716,7 +740,7 @@ def fragment_linear(x2: torch.Tensor, fp: FragPlanes, k, bias=None, out=None) ->
     """One token ``x2 [1, in]`` (fp16) -> ``[1, out]`` from a fragment pack: view ``k`` (an int, or a one-element
     int tensor on the device: a compiled body per view, picked there) with the package's step and zero point
     (``W_k = (s / 2^B) (C_k - 2^B z - (2^B - 1) / 2)``). One launch prepares the activations (buffers kept per
-    device and width), one computes; with K splits the rows sum in fp32 (atomics) and are cast after."""
+    device and width), one computes (with K splits the last split of each row block sums them, in a fixed order)."""
     M, K_IN = x2.shape
     if M != 1 or K_IN != fp.in_features or x2.dtype != torch.float16:
         raise ValueError(f"the fragment kernel takes one fp16 token of {fp.in_features} features, got {x2.dtype} "
@@ -746,15 +770,12 @@ def fragment_linear(x2: torch.Tensor, fp: FragPlanes, k, bias=None, out=None) ->
         sc, zp = fp.scale, fp.zero
         dispatch = b0
     batch, prefetch, splits = launch_config(nb, g, planes if isinstance(planes, int) else 8)
-    if splits == 1:
-        args, kw = _launch_args(fp.words, sc, zp, xb, off, xs, out.view(-1), 1, planes, batch, prefetch, dispatch,
-                                0, b0, n_out, bias, 1)  # fmt: skip
-        frag_gemv_kernel[(nb, 1)](*args, **kw)
-        return out
-    acc = torch.zeros(n_out, dtype=torch.float32, device=x2.device)
-    args, kw = _launch_args(fp.words, sc, zp, xb, off, xs, acc, splits, planes, batch, prefetch, dispatch, 0, b0,
-                            n_out)  # fmt: skip
+    extra: dict = {}
+    if splits > 1:  # the last split of each row block sums the others' slots: one launch in all
+        from .triton_bitplane import _locks
+
+        extra = dict(part=torch.empty(splits, nb * BLOCK_N, device=x2.device), locks=_locks(x2.device, nb, "frag"))
+    args, kw = _launch_args(fp.words, sc, zp, xb, off, xs, out.view(-1), splits, planes, batch, prefetch, dispatch,
+                            0, b0, n_out, bias, 2 if splits > 1 else 1, **extra)  # fmt: skip
     frag_gemv_kernel[(nb, splits)](*args, **kw)
-    y = acc if bias is None else acc + bias.to(torch.float32)
-    out.view(-1).copy_(y)
     return out
