@@ -358,7 +358,7 @@ def test_gluon_proto_compiles_for_sm90(planes, splits, more):
     run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     loops = [line for line in run.stdout.splitlines() if "per code" in line]
-    assert loops and all("HMMA" in line for line in loops), run.stdout
+    assert any("HMMA" in line for line in loops), run.stdout  # the group loops (the ticket's sum has none)
     assert not any(op in line for line in loops for op in ("LDL", "STL")), run.stdout  # no spill inside the loop
 
 
