@@ -138,10 +138,12 @@ def emulate_kernel(words, scale, zero, xb, off, xs, planes: int = PLANES) -> tor
     return total.sum(1)
 
 
-def count(n, k, splits=1, planes=PLANES, batch=BATCH_GROUPS, prefetch=False, dispatch=None, stages=0, package=False):
+def count(n, k, splits=1, planes=PLANES, batch=BATCH_GROUPS, prefetch=False, dispatch=None, stages=0, package=False,
+          routed=False):  # fmt: skip
     """Compile for sm_90 without a GPU and print the group loop's instructions a code; ``package``: as the package
     launches it (its step formula for a base slice of 3 bits, fp16 output plus a bias; over splits, the ticket
-    epilogue)."""
+    epilogue; ``routed``, with a dispatched device view: the kernel counts the view from 5 gate values and a
+    threshold, as for the default layout)."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -155,6 +157,8 @@ def count(n, k, splits=1, planes=PLANES, batch=BATCH_GROUPS, prefetch=False, dis
     out = torch.zeros(n)
     view = torch.zeros(1, dtype=torch.int32) if planes == 0 else planes
     extra = dict(b0=3, n_out=n, bias=out.half(), out_mode=1) if package else {}
+    if routed:
+        extra.update(views=[3, 4, 5, 6, 7, 8], routed=(torch.zeros(5), torch.zeros(1)))
     if package and splits > 1:  # the ticket epilogue: the last split of a row block sums the slots
         extra.update(out_mode=2, part=torch.zeros(splits, n), locks=torch.zeros(n // BLOCK_N, dtype=torch.int32))
     out = out.half() if package else out
@@ -167,6 +171,7 @@ def count(n, k, splits=1, planes=PLANES, batch=BATCH_GROUPS, prefetch=False, dis
     what += f", a body per view from {dispatch} planes" if dispatch else ""
     what += f", a ring of {stages} groups" if stages else ""
     what += ", the package's launch" if package else ""
+    what += ", the view counted from gate values" if routed else ""
     osx.report(sass, res, codes, f"frag_gemv_kernel, {what}, BN={BLOCK_N} (triton {triton.__version__})")
 
 
@@ -337,6 +342,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=BATCH_GROUPS, choices=(1, 2, 4, 8), help="groups an accumulator")
     ap.add_argument("--dispatch", type=int, default=None, help="--planes 0: a compiled body per view from this many")
     ap.add_argument("--stages", type=int, default=0, help="a ring of this many groups in shared memory (cp.async)")
+    ap.add_argument("--routed", action="store_true", help="--dispatch: the view counted from gate values in the kernel")
     ap.add_argument("--package", action="store_true", help="count as the package launches it (fp16 out, bias)")
     ap.add_argument("--prefetch", action="store_true", help="the next group's loads before this one's decode")
     ap.add_argument("--splits", type=int, default=1, help="K splits (offline count; >1: the atomic-add epilogue)")
@@ -351,7 +357,7 @@ def main(argv=None):
             ap.error(f"--in-features must be a multiple of 1024 and --n of {BLOCK_N}")
         if a.splits not in split_choices(a.in_features, a.batch, a.in_features):
             ap.error(f"--splits {a.splits}: {a.in_features} inputs allow {split_choices(a.in_features, a.batch)}")
-        count(a.n, a.in_features, a.splits, a.planes, a.batch, a.prefetch, a.dispatch, a.stages, a.package)
+        count(a.n, a.in_features, a.splits, a.planes, a.batch, a.prefetch, a.dispatch, a.stages, a.package, a.routed)
         return 0
     if not torch.cuda.is_available():
         ap.error("--check and --time need a CUDA GPU")

@@ -336,8 +336,9 @@ def test_gluon_proto_kernel_emulated_gives_w_x():
         (0, 1, []),
         (4, 1, ["--package", "--prefetch"]),
         (0, 2, ["--package", "--dispatch", "3"]),
+        (0, 1, ["--package", "--dispatch", "3", "--routed"]),
     ],
-    ids=["4", "6_split", "device", "package_4", "package_dispatch_split"],
+    ids=["4", "6_split", "device", "package_4", "package_dispatch_split", "package_routed"],
 )
 def test_gluon_proto_compiles_for_sm90(planes, splits, more):
     """``gluon_proto.py``'s kernel compiles for sm_90 offline (its A operand needs no data movement:

@@ -441,8 +441,11 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, p_ptr
                      SPLIT: ttgl.constexpr, BATCH: ttgl.constexpr, PREFETCH: ttgl.constexpr,
                      PMIN: ttgl.constexpr, PMAX: ttgl.constexpr, STAGES: ttgl.constexpr, PKG: ttgl.constexpr,
                      B0: ttgl.constexpr, MULT: ttgl.constexpr, ZM: ttgl.constexpr, HK: ttgl.constexpr,
-                     OUT_MODE: ttgl.constexpr, bias_ptr, HAS_BIAS: ttgl.constexpr, part_ptr,
-                     lock_ptr):  # fmt: skip
+                     OUT_MODE: ttgl.constexpr, bias_ptr, HAS_BIAS: ttgl.constexpr, part_ptr, lock_ptr,
+                     v_ptr, tau_ptr, KMODE: ttgl.constexpr, KV: ttgl.constexpr,
+                     VIEWS: ttgl.constexpr):  # fmt: skip
+    # KMODE (P == -1): 0 p_ptr holds the view's planes; 1 its k (1-based); 2 k = 1 + #(v_ptr[e] > tau) over KV gate
+    # values, in the values' dtype. VIEWS: view k's planes minus one in bits 3 (k - 1) .. 3 (k - 1) + 2
     # the step applied as scale mult (C - zero zm - hk): MULT, ZM, HK for a view compiled in; with PKG the package's
     # W_k = (s / 2^B) (C_k - 2^B z - (2^B - 1) / 2), B = p - B0, for views read on the device (else 1, 1, 0).
     # OUT_MODE 0: fp32 out (atomics with SPLIT); 1: out in its own dtype (no split), + bias; 2 (SPLIT): each split's
@@ -495,7 +498,17 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, p_ptr
     else:
         smem = 0
     if P == -1:  # the view read on the device, one compiled body per view from PMIN planes up
-        p = ttgl.load(p_ptr)
+        if KMODE == 0:  # p_ptr holds the view's planes
+            p = ttgl.load(p_ptr)
+        else:  # the view k: read (KMODE 1) or counted from the router's gate values (2); its planes from VIEWS
+            if KMODE == 1:
+                kk = ttgl.load(p_ptr)
+            else:
+                t = ttgl.load(tau_ptr).to(v_ptr.dtype.element_ty)
+                kk = 1
+                for e in ttgl.static_range(KV):
+                    kk += (ttgl.load(v_ptr + e) > t).to(ttgl.int32)
+            p = ((VIEWS >> (3 * (kk - 1))) & 7) + 1
         s_ptr += (p - 1) * VSTRIDE
         z_ptr += (p - 1) * VSTRIDE
         total = ttgl.zeros([BN, 8], ttgl.float32, MMA)
@@ -551,7 +564,7 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, p_ptr
 
 def _launch_args(words, scale, zero, xb, off, xs, out, splits=1, planes=None, batch=BATCH_GROUPS, prefetch=False,
                  dispatch=None, stages=0, b0=None, n_out=None, bias=None, out_mode=0, part=None,
-                 locks=None):  # fmt: skip
+                 locks=None, views=None, routed=None):  # fmt: skip
     """``planes``: an int (the view, compiled in), None (every plane of the pack) or an int32 device tensor of one
     element (the view read by the kernel; ``scale``/``zero`` then ``[planes of the pack, N, G]``, view ``p`` at
     ``p - 1``). ``dispatch``, with a device view: None decodes whole fields with the absent planes predicated off;
@@ -561,7 +574,8 @@ def _launch_args(words, scale, zero, xb, off, xs, out, splits=1, planes=None, ba
     ``W = scale (C - zero)``. ``n_out``: rows written (default all); ``out_mode`` 1: ``out`` in its own dtype plus
     ``bias`` (one split only); 2: the same over splits, summed by the last split of each row block (``part``: fp32
     ``[splits, N]``, ``locks``: int32 zeros, one a row block); else fp32 (atomics over splits into a zeroed
-    ``out``)."""
+    ``out``). ``views`` (each view's planes), with a dispatched device view: ``planes`` holds the view ``k``, or with
+    ``routed = (gate values, threshold)`` the kernel counts ``k`` itself (``planes`` then unused)."""
     n, g = words.shape[2] * BLOCK_N, xb.shape[0]
     planes = words.shape[0] if planes is None else planes
     if batch not in (1, 2, 4, 8) or g % (splits * batch):
@@ -596,6 +610,15 @@ def _launch_args(words, scale, zero, xb, off, xs, out, splits=1, planes=None, ba
     kw.update(STAGES=stages, PKG=b0 is not None, B0=b0 or 0, MULT=2.0**-sh, ZM=2.0**sh, HK=(2.0**sh - 1) / 2)
     kw.update(OUT_MODE=out_mode, bias_ptr=out if bias is None else bias, HAS_BIAS=bias is not None)
     kw.update(part_ptr=out if part is None else part, lock_ptr=out if locks is None else locks)
+    kmode, kv, code = 0, 0, 0
+    if views is not None:
+        if pc != -1 or len(views) > 8:
+            raise ValueError("views (a device k) need a dispatched device view and at most 8 views")
+        code = sum((v - 1) << (3 * i) for i, v in enumerate(views))
+        kmode = 1 if routed is None else 2
+        kv = 0 if routed is None else routed[0].numel()
+    vals, tau = routed if routed is not None else (out, out)
+    kw.update(v_ptr=vals, tau_ptr=tau, KMODE=kmode, KV=kv, VIEWS=code)
     return args, dict(kw, num_warps=4)
 
 
@@ -724,21 +747,12 @@ def launch_config(n_blocks: int, groups: int, planes: int) -> tuple[int, bool, i
 
 
 _PREPARED: dict[tuple, PreparedX] = {}
-_TABLES: dict[tuple, torch.Tensor] = {}
 
 
-def _view_table(fp: FragPlanes, device: torch.device) -> torch.Tensor:
-    """``[0, P_1, .., P_K]`` int32 on ``device``: the planes of view ``k`` at ``k`` (made once per layout)."""
-    key = (fp.slice_bits, device)
-    t = _TABLES.get(key)
-    if t is None:
-        t = _TABLES[key] = torch.tensor([0, *fp.planes_of_view], dtype=torch.int32, device=device)
-    return t
-
-
-def fragment_linear(x2: torch.Tensor, fp: FragPlanes, k, bias=None, out=None) -> torch.Tensor:
-    """One token ``x2 [1, in]`` (fp16) -> ``[1, out]`` from a fragment pack: view ``k`` (an int, or a one-element
-    int tensor on the device: a compiled body per view, picked there) with the package's step and zero point
+def fragment_linear(x2: torch.Tensor, fp: FragPlanes, k, bias=None, out=None, routed=None) -> torch.Tensor:
+    """One token ``x2 [1, in]`` (fp16) -> ``[1, out]`` from a fragment pack: view ``k`` (an int, a one-element int
+    tensor on the device, or None with ``routed = (gate values, threshold)`` on the device, counted by the kernel:
+    a compiled body per view, picked there) with the package's step and zero point
     (``W_k = (s / 2^B) (C_k - 2^B z - (2^B - 1) / 2)``). One launch prepares the activations (buffers kept per
     device and width), one computes (with K splits the last split of each row block sums them, in a fixed order)."""
     M, K_IN = x2.shape
@@ -758,15 +772,16 @@ def fragment_linear(x2: torch.Tensor, fp: FragPlanes, k, bias=None, out=None) ->
     b0 = fp.slice_bits[0]
     planes: int | torch.Tensor
     dispatch: int | None
+    if routed is None and not isinstance(k, int) and not torch.is_tensor(k):
+        raise TypeError("k must be an int or a one-element tensor, or None with routed=(gate values, threshold)")
     if isinstance(k, int):
         if not 1 <= k <= ns:
             raise ValueError(f"k must be between 1 and {ns}, got {k}")
         planes = fp.planes_of_view[k - 1]
         sc, zp = fp.scale[planes - 1], fp.zero[planes - 1]
         dispatch = None
-    else:  # the view on the device: its planes from a table of the views (one gather), a body per view there
-        table = _view_table(fp, x2.device)
-        planes = table[k.reshape(-1).to(torch.int64)]
+    else:  # the view on the device, read or counted by the kernel: a body per view there
+        planes = k.reshape(-1) if torch.is_tensor(k) else x2
         sc, zp = fp.scale, fp.zero
         dispatch = b0
     batch, prefetch, splits = launch_config(nb, g, planes if isinstance(planes, int) else 8)
@@ -775,6 +790,8 @@ def fragment_linear(x2: torch.Tensor, fp: FragPlanes, k, bias=None, out=None) ->
         from .triton_bitplane import _locks
 
         extra = dict(part=torch.empty(splits, nb * BLOCK_N, device=x2.device), locks=_locks(x2.device, nb, "frag"))
+    if dispatch is not None:
+        extra.update(views=fp.planes_of_view, routed=routed)
     args, kw = _launch_args(fp.words, sc, zp, xb, off, xs, out.view(-1), splits, planes, batch, prefetch, dispatch,
                             0, b0, n_out, bias, 2 if splits > 1 else 1, **extra)  # fmt: skip
     frag_gemv_kernel[(nb, splits)](*args, **kw)

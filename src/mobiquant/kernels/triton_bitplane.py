@@ -3184,8 +3184,9 @@ def bitplane_linear_bits(
     if cfg.fragment and router is None and _fragment_ok(bp, x2):
         from .gluon_fragment import fragment_linear, fragment_of
 
-        kf = ksel if ksel else k_t if not kvals else 1 + (v_t > tau_t.reshape(()).to(v_t.dtype)).sum().to(torch.int32)
-        return fragment_linear(x2, fragment_of(bp), kf, bias, out)
+        if kvals:  # the router's gate values: counted by the kernel
+            return fragment_linear(x2, fragment_of(bp), None, bias, out, routed=(v_t, tau_t))
+        return fragment_linear(x2, fragment_of(bp), ksel or k_t, bias, out)
     if out is None:
         out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
     return _bits_launch(
