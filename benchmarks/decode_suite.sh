@@ -12,8 +12,8 @@
 #            launched or its k on the device (--routed-parts), then $STACK_CONFIG
 #   gluon    (only when named) benchmarks/gluon_proto.py --check --time: the fragment-native Gluon GEMV prototype
 #            against PyTorch, then the 8B shapes beside the package's 4-bit view and fp16 cuBLAS
-#   fragment (only when named) the stack with the fragment-native Gluon kernel (SmallConfig.fragment) beside the
-#            default, in one run ($FRAGMENT_CONFIG)
+#   fragment (only when named) its GPU tests, then the stack with the fragment-native Gluon kernel
+#            (SmallConfig.fragment) beside the default, in one run ($FRAGMENT_CONFIG)
 #   package  (only when named) the 8B-shaped stack inside a Hugging Face model patched by the package: its decode path
 #            (captured graphs, one launch per router site, fused inputs) against the same model in fp16
 #   kernels  single linears, one token, graph-replayed: stream-K and whole-K with and without pdl / l2_prefetch /
@@ -100,8 +100,9 @@ stage() {
     gluon)
       run_stage gluon 600 "$PY" benchmarks/gluon_proto.py --check --time ;;
     fragment)
-      # the stack with SmallConfig(fragment=True) (the Gluon kernel where it serves, reduce_launch kept), beside
-      # the default in the same run
+      # the package path's GPU tests, then the stack with SmallConfig(fragment=True) (the Gluon kernel where it
+      # serves, reduce_launch kept), beside the default in the same run
+      run_stage fragment_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gluon_fragment.py
       run_stage stack_fragment 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --bits --no-package \
         --bits-config "$FRAGMENT_CONFIG" --out "$RES/stack_fragment" ;;
     package)
