@@ -3150,7 +3150,10 @@ def _fragment_ok(bp: BitPlanes, x2: torch.Tensor) -> bool:
     """Whether ``SmallConfig.fragment`` can serve this one-token launch (else the one-bit plane kernel does)."""
     if x2.dtype != torch.float16 or not x2.is_cuda or _interpreting():
         return False
-    from .gluon_fragment import fragment_device_ok, fragment_supported
+    try:
+        from .gluon_fragment import fragment_device_ok, fragment_supported
+    except ImportError:  # a triton without Gluon
+        return False
 
     return fragment_supported(bp.slice_bits, bp.group_size, bp.in_features) and fragment_device_ok(x2.device)
 
