@@ -3158,8 +3158,8 @@ def _fragment_ok(bp: BitPlanes, x2: torch.Tensor) -> bool:
     return fragment_supported(bp.slice_bits, bp.group_size, bp.in_features) and fragment_device_ok(x2.device)
 
 
-def router_of(ks: Sequence) -> InLaunchRouter | None:
-    """The in-launch router of a site's ``k``s (None: none, or static views)."""
+def _router_of(ks: Sequence) -> InLaunchRouter | None:
+    """The in-launch router of a launch's ``k``s (None: none, or static views)."""
     return ks[0].router if isinstance(ks[0], RoutedK) else None
 
 
@@ -3182,7 +3182,7 @@ def bitplane_linear_bits(
     if K_IN != bp.in_features:
         raise ValueError(f"x has {K_IN} features, the layer {bp.in_features}")
     ksel, k_t, v_t, tau_t, kvals = _bits_k(k, x2, len(bp.slice_bits))
-    router = k.router if isinstance(k, RoutedK) else None
+    router = _router_of([k])
     cfg = config or SmallConfig()
     if cfg.fragment and router is None and _fragment_ok(bp, x2):
         from .gluon_fragment import fragment_linear, fragment_of
@@ -3192,9 +3192,7 @@ def bitplane_linear_bits(
         return fragment_linear(x2, fragment_of(bp), ksel or k_t, bias, out)
     if out is None:
         out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
-    return _bits_launch(
-        x2, bp, [(bp.out_features, 0, 0)], ksel, k_t, v_t, [tau_t], kvals, bias, out, config or SmallConfig(), router
-    )
+    return _bits_launch(x2, bp, [(bp.out_features, 0, 0)], ksel, k_t, v_t, [tau_t], kvals, bias, out, cfg, router)
 
 
 @dataclass(frozen=True)
@@ -3286,7 +3284,7 @@ def bitplane_site_bits(
     if out is None:
         out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
     segs = list(zip(site.outs, site.rows2, site.cols, strict=True))
-    return _bits_launch(x2, bp, segs, ksel, k_t, v_t, taus, kvals, site.bias, out, cfg, router_of(ks))
+    return _bits_launch(x2, bp, segs, ksel, k_t, v_t, taus, kvals, site.bias, out, cfg, _router_of(ks))
 
 
 def _bits_grid(cfg: SmallConfig, bp: BitPlanes, rows: int, router: bool) -> tuple[int, int, int, int]:
