@@ -49,6 +49,8 @@ STACK_CONFIG=${STACK_CONFIG:-",,4,,0,,1,,1"}
 E2E_CONFIGS=${E2E_CONFIGS:-",,4,,0,,1,,0;,,4,,0,,1,,1"}
 # the library's grid rule with reduce_launch and the fragment-native Gluon kernel (fragment stage)
 FRAGMENT_CONFIG=${FRAGMENT_CONFIG:-",,4,,0,,1,,0,0,0,1,1"}
+# gluon_proto.py's arguments (gluon stage): checked against PyTorch, then BEST's configs timed
+GLUON_ARGS=${GLUON_ARGS:-"--check --time"}
 # the package's one-token GEMV on the stream-K grid with the ticket store, then with the second launch (the default)
 PATTERN_CONFIGS=${PATTERN_CONFIGS:-"128,64,4,4,0,,0,,,,,0;128,64,4,4,0,,0,,,,,1"}
 # the router sweep of the `tiling` stage: hidden units a program, warps, columns a program (0: whole rows); its inputs
@@ -98,7 +100,8 @@ stage() {
       run_stage e2e 1500 "$PY" benchmarks/e2e_decode.py --gguf "$GGUF" --budgets 4 --views 2 --fuse-inputs \
         --bits-configs "$E2E_CONFIGS" --out "$RES/e2e" ;;
     gluon)
-      run_stage gluon 600 "$PY" benchmarks/gluon_proto.py --check --time ;;
+      # shellcheck disable=SC2086  # the arguments split on spaces
+      run_stage gluon 600 "$PY" benchmarks/gluon_proto.py $GLUON_ARGS ;;
     fragment)
       # the package path's GPU tests, then the stack with SmallConfig(fragment=True) (the Gluon kernel where it
       # serves, reduce_launch kept), beside the default in the same run

@@ -167,7 +167,7 @@ def count(n, k, splits=1, planes=PLANES, batch=BATCH_GROUPS, prefetch=False, dis
     sass, res = osx.sass_and_resources(ck)
     codes = BLOCK_N * GROUP * batch / 128  # codes a thread decodes an iteration of the batch loop
     what = (f"{planes} planes" if planes else "planes read on the device") + f", batch {batch}"
-    what += ", prefetch" if prefetch else ""
+    what += f", {int(prefetch)} group(s) prefetched" if prefetch else ""
     what += f", a body per view from {dispatch} planes" if dispatch else ""
     what += f", a ring of {stages} groups" if stages else ""
     what += ", the package's launch" if package else ""
@@ -181,8 +181,8 @@ SHAPES = {"q/o 4096x4096": (4096, 4096), "gate/up 14336x4096": (14336, 4096), "d
 
 #: the views timed and checked on the 8B shapes: the package's default layout [3, 1, 1, 1, 1, 1] at k = 1, 2, 4, 6
 VIEWS = (3, 4, 6, 8)
-#: (groups an accumulator, prefetch) timed at every K split that gives 64 to 4096 programs (and checked)
-CONFIGS = ((8, False), (8, True), (4, True), (2, True), (1, True))
+#: (groups an accumulator, groups prefetched) timed at every K split that gives 64 to 4096 programs (and checked)
+CONFIGS = ((8, 0), (8, 1), (4, 1), (2, 1), (1, 1), (8, 2), (2, 2))
 #: rings of groups in shared memory (cp.async) timed beside the best config
 RINGS = (3, 4)
 #: the fastest of those on an H200 (2026-12-03, docs/RESULTS.md): (shape, planes) -> (batch, prefetch, K splits);
@@ -245,12 +245,12 @@ def check():
                         )
 
 
-def time_shapes(copies, reps, sweep=False):
+def time_shapes(copies, reps, sweep=False, deep=False):
     """us per launch in a CUDA graph of ``reps`` launches over ``copies`` weight copies (past L2): this kernel at
     each view of an 8-plane pack (the activations prepared once, outside; its fastest K split), the package's one-bit
     plane GEMV at the same view of [3, 1, 1, 1, 1, 1] (the same planes), fp16 cuBLAS; and the activations'
     preparation alone (one launch). ``config``: the fastest (batch, prefetch, K splits) of :data:`CONFIGS`
-    (``sweep``) or :data:`BEST`'s. The same view read by the kernel on the device (a routed token's path) at that
+    (``sweep``) or :data:`BEST`'s (``deep``: and BEST's batch with two groups prefetched). The same view read by the kernel on the device (a routed token's path) at that
     config: ``on_device_us`` whole fields with absent planes predicated off, ``dispatch_us`` a compiled body per view
     of 3-8 planes, ``dispatch128_us`` the same capped at 128 registers; ``ringS_us``: the view compiled in with its
     words through a ring of ``S`` groups in shared memory (``cp.async``) at the best batch and split. ``pct_copy``:
@@ -301,6 +301,11 @@ def time_shapes(copies, reps, sweep=False):
                     if 64 <= s * n // BLOCK_N <= 4096:
                         fns = [partial(frag_gemv, w, sc, zp, x, prepared, out, s, p, batch, pf) for w in words]
                         t_split[batch, pf, s] = sp.graph_time(fns, reps)
+            if deep and not sweep:  # two groups in flight: the best's batch at its split and at half of it
+                b_, _, s_ = BEST[name, p]
+                for s in {s_, max(1, s_ // 2)} & set(split_choices(k, b_, 64)):
+                    fns = [partial(frag_gemv, w, sc, zp, x, prepared, out, s, p, b_, 2) for w in words]
+                    t_split[b_, 2, s] = sp.graph_time(fns, reps)
             best = min(t_split, key=t_split.get)
             on_device = torch.tensor([p], dtype=torch.int32, device=dev)
             t_dev = {}
@@ -317,8 +322,8 @@ def time_shapes(copies, reps, sweep=False):
             nbytes = n * k * p / 8 + 2 * n * g * 2
             by_cfg = {}
             for (b_, pf, s_), t in t_split.items():
-                by_cfg.setdefault(f"b{b_}{'p' if pf else ''}", []).append(f"{s_}:{t:.1f}")
-            print(f"{name} {p} planes, us by batch (p: prefetch) and splits: "
+                by_cfg.setdefault(f"b{b_}{'p' * int(pf)}", []).append(f"{s_}:{t:.1f}")
+            print(f"{name} {p} planes, us by batch (p: a group prefetched) and splits: "
                   + "; ".join(f"{c} " + " ".join(v) for c, v in by_cfg.items()), flush=True)  # fmt: skip
             rows.append(dict(shape=name, bits=p, gluon_us=t_split[best], config=best, **t_dev,
                              package_us=t_pkg, fp16_us=t16,
@@ -344,11 +349,13 @@ def main(argv=None):
     ap.add_argument("--stages", type=int, default=0, help="a ring of this many groups in shared memory (cp.async)")
     ap.add_argument("--routed", action="store_true", help="--dispatch: the view counted from gate values in the kernel")
     ap.add_argument("--package", action="store_true", help="count as the package launches it (fp16 out, bias)")
-    ap.add_argument("--prefetch", action="store_true", help="the next group's loads before this one's decode")
+    ap.add_argument("--prefetch", type=int, nargs="?", const=1, default=0, choices=(0, 1, 2),
+                    help="groups whose loads are issued before this one's decode (bare: 1)")  # fmt: skip
     ap.add_argument("--splits", type=int, default=1, help="K splits (offline count; >1: the atomic-add epilogue)")
     ap.add_argument("--check", action="store_true", help="on a GPU: against PyTorch on random codes, 8B shapes")
     ap.add_argument("--time", action="store_true", help="on a GPU: 8B shapes beside the package and fp16 cuBLAS")
     ap.add_argument("--sweep", action="store_true", help="--time: every config of CONFIGS (else BEST's)")
+    ap.add_argument("--deep", action="store_true", help="--time: also BEST's batch with two groups prefetched")
     ap.add_argument("--copies", type=int, default=8, help="--time: weight copies (past L2)")
     ap.add_argument("--reps", type=int, default=32, help="--time: launches a graph")
     a = ap.parse_args(argv)
@@ -364,7 +371,7 @@ def main(argv=None):
     if a.check:
         check()
     if a.time:
-        time_shapes(a.copies, a.reps, a.sweep)
+        time_shapes(a.copies, a.reps, a.sweep, a.deep)
     return 0
 
 

@@ -95,17 +95,18 @@ def pack_fragment(codes: torch.Tensor, planes: int = PLANES) -> torch.Tensor:
             f"got {tuple(codes.shape)} in [{int(codes.min())}, {int(codes.max())}]"
         )
     g, nb = k // GROUP, n // BLOCK_N
-    cols = logical_columns()  # [16, 4, 2]
+    dev = codes.device
+    cols = logical_columns().to(dev)  # [16, 4, 2]
     c = codes.reshape(n, g, GROUP)[:, :, cols]  # [N, G, 16, 4, 2]
-    base = (torch.arange(16)[:, None, None] + 16 * torch.arange(2)[None, None, :]).expand(16, 4, 2)
-    slots = word_slots()
+    base = (torch.arange(16)[:, None, None] + 16 * torch.arange(2)[None, None, :]).expand(16, 4, 2).to(dev)
+    slots = word_slots().to(dev)
     words = []
     for e in range(planes):
         pos = (base + 3 - e % 4) % 32
         bits = ((c >> (planes - 1 - e)) & 1).to(torch.int64) << pos  # [N, G, 16, 4, 2]
         w = bits.sum(dim=(2, 4))  # [N, G, 4]: each bit set once
         w = torch.where(w >= 2**31, w - 2**32, w).to(torch.int32).reshape(nb, BLOCK_N, g, 4).permute(2, 0, 1, 3)
-        out = torch.empty(g, nb, BLOCK_N * 4, dtype=torch.int32)
+        out = torch.empty(g, nb, BLOCK_N * 4, dtype=torch.int32, device=dev)
         out[:, :, slots.flatten()] = w.reshape(g, nb, BLOCK_N * 4)
         words.append(out)
     return torch.stack(words).contiguous()
@@ -382,6 +383,8 @@ def _view_total(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, vofs, xofs, ro, no,
             _stage_issue(smem, w_ptr, vofs, ttgl.minimum(g_lo + s, g_last), s, NB, PSTRIDE, P, SSTRIDE)
     elif PREFETCH:
         nxt = _load_group(w_ptr, x_ptr, vofs, xofs, g_lo, NB, PSTRIDE, P, p)
+        if PREFETCH >= 2:
+            nxt2 = _load_group(w_ptr, x_ptr, vofs, xofs, ttgl.minimum(g_lo + 1, g_last), NB, PSTRIDE, P, p)
     for g0 in range(g_lo, g_lo + GS, BATCH):
         acc = ttgl.zeros([BN, 8], ttgl.float32, MMA)  # column n: group g0 - g0 % 8 + n's sum of F0 x'
         acc1 = ttgl.zeros([BN, 8], ttgl.float32, MMA)  # and of F1 x' (P > 4)
@@ -396,6 +399,10 @@ def _view_total(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, vofs, xofs, ro, no,
                 if P > 4:
                     f1 = _stage_field(smem, j % STAGES, 4, P - 4, SSTRIDE, VL)
                 cur = (f0, f1, ttgl.load(x_ptr + (g0 + i) * 1024 + xofs))
+            elif PREFETCH >= 2:  # two groups in flight under this one's decode
+                cur = nxt
+                nxt = nxt2
+                nxt2 = _load_group(w_ptr, x_ptr, vofs, xofs, ttgl.minimum(g0 + i + 2, g_last), NB, PSTRIDE, P, p)
             elif PREFETCH:
                 cur = nxt
                 nxt = _load_group(w_ptr, x_ptr, vofs, xofs, ttgl.minimum(g0 + i + 1, g_last), NB, PSTRIDE, P, p)
@@ -451,8 +458,8 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, p_ptr
     # OUT_MODE 0: fp32 out (atomics with SPLIT); 1: out in its own dtype (no split), + bias; 2 (SPLIT): each split's
     # rows into its fp32 slot of part_ptr, and the last split of a row block to arrive (a self-resetting ticket at
     # lock_ptr + pid) sums the slots in a fixed order, adds the bias and stores in out's dtype: one launch
-    # BATCH groups (8, 4, 2 or 1) share an accumulator, group g in its column g % 8; PREFETCH: the next group's
-    # words and activations are loaded before this one's decode (in flight under it)
+    # BATCH groups (8, 4, 2 or 1) share an accumulator, group g in its column g % 8; PREFETCH 1 (or 2): the next
+    # group's (next two groups') words and activations are loaded before this one's decode (in flight under it)
     # a view of the first P planes (1-8): field 0 planes 0-3 (those below P), field 1 planes 4 .. P - 1, each its own
     # accumulator; code = F0 W0 + F1 W1 with F the fields' 4-bit values (absent planes zero; field_planes).
     # P = 0: the view's planes p read on the device at p_ptr (a routed token's view; a captured graph serves every
@@ -605,7 +612,7 @@ def _launch_args(words, scale, zero, xb, off, xs, out, splits=1, planes=None, ba
     sh = planes - b0 if b0 is not None and pc > 0 else 0
     if sh < 0:
         raise ValueError(f"a view of {planes} planes is coarser than the base slice of {b0} bits")
-    kw = dict(P=pc, W0=wts[0], W1=wts[1], BN=BLOCK_N, SPLIT=splits > 1, BATCH=batch, PREFETCH=prefetch, PMIN=pmin,
+    kw = dict(P=pc, W0=wts[0], W1=wts[1], BN=BLOCK_N, SPLIT=splits > 1, BATCH=batch, PREFETCH=int(prefetch), PMIN=pmin,
               PMAX=words.shape[0])  # fmt: skip
     kw.update(STAGES=stages, PKG=b0 is not None, B0=b0 or 0, MULT=2.0**-sh, ZM=2.0**sh, HK=(2.0**sh - 1) / 2)
     kw.update(OUT_MODE=out_mode, bias_ptr=out if bias is None else bias, HAS_BIAS=bias is not None)
