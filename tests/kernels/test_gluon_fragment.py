@@ -101,10 +101,10 @@ def test_kernel_with_the_launch_constants_is_the_package_view(k, gen):
 def test_launch_config_follows_the_measured_configs():
     """The 8B shapes get the configs measured fastest on an H200 (or, for the q/o, the nearest with batches of two
     groups): gate/up 112 row blocks x 4 splits of 8-group batches, down 32 x 14, q/o 32 x 16 of 2-group batches."""
-    assert gf.launch_config(112, 32, 4) == (8, True, 4)
-    assert gf.launch_config(32, 112, 4) == (8, True, 14)
-    assert gf.launch_config(32, 32, 4) == (2, True, 16)
-    assert gf.launch_config(112, 32, 8)[1] is False  # no prefetch past 4 planes
+    assert gf.launch_config(112, 32, 4) == (8, 1, 4)
+    assert gf.launch_config(32, 112, 4) == (8, 1, 14)
+    assert gf.launch_config(32, 32, 4) == (2, 1, 16)
+    assert [gf.launch_config(112, 32, p)[1] for p in (0, 3, 5, 6, 7, 8)] == [1, 1, 2, 2, 0, 0]
 
 
 def test_prepared_x_kernel_matches_prepare_x(gen):

@@ -658,6 +658,9 @@ def frag_gemv(words, scale, zero, x, prepared=None, out=None, splits=1, planes=N
 #: Rows a launch aims to keep busy per row block and split: about four programs an SM on an H200 (132 SMs), the
 #: configs measured fastest there (docs/RESULTS.md "The fragment-native Gluon GEMV on the H200").
 TARGET_PROGRAMS = 448
+#: Weights (rows x inputs) from which a view read on the device compiles with at most 128 registers: measured 1.3x
+#: faster on the 8B gate/up and down, slower on the 4096 x 4096 q/o (docs/RESULTS.md)
+BIG_LAUNCH = 1 << 25
 _FRAG_CACHE: dict[int, tuple[torch.Tensor, FragPlanes]] = {}
 _FRAG_CACHE_MAX = 256
 
@@ -739,10 +742,11 @@ def fragment_of(bp, row_block: int = 1024) -> FragPlanes:
     return fp
 
 
-def launch_config(n_blocks: int, groups: int, planes: int) -> tuple[int, bool, int]:
-    """``(batch, prefetch, splits)`` for ``n_blocks`` row blocks of ``groups`` groups: the largest batch whose splits
-    come nearest :data:`TARGET_PROGRAMS` programs; the one-group prefetch for views of at most 4 planes (both as
-    measured fastest on an H200)."""
+def launch_config(n_blocks: int, groups: int, planes: int) -> tuple[int, int, int]:
+    """``(batch, groups prefetched, splits)`` for ``n_blocks`` row blocks of ``groups`` groups: the largest batch
+    whose splits come nearest :data:`TARGET_PROGRAMS` programs; one group prefetched for views of at most 4 planes,
+    two for 5-6, none above (as measured fastest on an H200, docs/RESULTS.md). ``planes`` 0: a view read on the
+    device, one group prefetched (views of 3-4 planes carry a routed budget of 4)."""
     best = None
     for batch in (8, 4, 2, 1):
         for s in split_choices(groups * GROUP, batch, groups):
@@ -750,7 +754,7 @@ def launch_config(n_blocks: int, groups: int, planes: int) -> tuple[int, bool, i
             if best is None or gap < best[0]:
                 best = (gap, batch, s)
     assert best is not None
-    return best[1], planes <= 4, best[2]
+    return best[1], 1 if planes <= 4 else 2 if planes <= 6 else 0, best[2]
 
 
 _PREPARED: dict[tuple, PreparedX] = {}
@@ -791,7 +795,7 @@ def fragment_linear(x2: torch.Tensor, fp: FragPlanes, k, bias=None, out=None, ro
         planes = k.reshape(-1) if torch.is_tensor(k) else x2
         sc, zp = fp.scale, fp.zero
         dispatch = b0
-    batch, prefetch, splits = launch_config(nb, g, planes if isinstance(planes, int) else 8)
+    batch, prefetch, splits = launch_config(nb, g, planes if isinstance(planes, int) else 0)
     extra: dict = {}
     if splits > 1:  # the last split of each row block sums the others' slots: one launch in all
         from .triton_bitplane import _locks
@@ -801,5 +805,7 @@ def fragment_linear(x2: torch.Tensor, fp: FragPlanes, k, bias=None, out=None, ro
         extra.update(views=fp.planes_of_view, routed=routed)
     args, kw = _launch_args(fp.words, sc, zp, xb, off, xs, out.view(-1), splits, planes, batch, prefetch, dispatch,
                             0, b0, n_out, bias, 2 if splits > 1 else 1, **extra)  # fmt: skip
+    if dispatch is not None and n_out * K_IN >= BIG_LAUNCH:  # a body per view: capped registers measured faster
+        kw["maxnreg"] = 128
     frag_gemv_kernel[(nb, splits)](*args, **kw)
     return out
