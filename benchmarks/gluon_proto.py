@@ -30,9 +30,9 @@ from mobiquant.kernels.gluon_fragment import (
     BLOCK_N,
     GROUP,
     PLANES,
-    PreparedX,
     _launch_args,
     b_slots,
+    column_of_k,
     field_planes,
     field_shift,
     frag_gemv,
@@ -47,8 +47,8 @@ from mobiquant.kernels.gluon_fragment import (
 )
 
 __all__ = [  # re-exported for the CPU tests and the timing helpers below
-    "PreparedX",
     "b_slots",
+    "column_of_k",
     "field_planes",
     "field_shift",
     "logical_columns",
@@ -78,9 +78,9 @@ def _pj_reference(w: list[torch.Tensor], nf: int, j: int) -> tuple[torch.Tensor,
 
 
 def decode_reference(words: torch.Tensor, e0: int = 0, nf: int = PLANES) -> torch.Tensor:
-    """The A operand the kernel multiplies for the field of planes ``e0 .. e0 + nf - 1``, ``[N, K]`` (float64, logical
-    column order), from :func:`pack_fragment`'s words by :func:`_pj`'s operations: ``1024 + F 2^s`` at column
-    ``8 j + 2 q + par`` of each group (``F`` the field's 4-bit value, absent planes zero)."""
+    """The A operand the kernel multiplies for the field of planes ``e0 .. e0 + nf - 1``, ``[N, K]`` (float64, the
+    weights' column order), from :func:`pack_fragment`'s words by :func:`_pj`'s operations: ``1024 + F 2^s`` at
+    column ``column_of_k(8 j + 2 q + par)`` of each group (``F`` the field's 4-bit value, absent planes zero)."""
     _, g, nb, _ = words.shape
     n = nb * BLOCK_N
     slots = word_slots().flatten()
@@ -107,11 +107,29 @@ def _halves(lane: torch.Tensor) -> torch.Tensor:
     return torch.tensor(lane.numpy().astype("uint16").view("float16").astype("float64"))
 
 
-def emulate_kernel(words, scale, zero, xb, off, xs, planes: int = PLANES) -> torch.Tensor:
+def kernel_b_loads(x: torch.Tensor, g: int) -> torch.Tensor:
+    """Group ``g``'s B halves ``[32 (lane), 32 (register)]`` as :func:`_load_group` loads them from the token ``x``
+    (fp16): lane ``l`` of column ``l >> 2`` = ``g % 8`` its activations ``32 (l & 3) + register``, times ``2^-4`` in
+    registers 8-15 and 24-31; the other lanes zeros."""
+    lane, reg = torch.arange(32)[:, None], torch.arange(32)[None, :]
+    v = x[g * GROUP + (lane & 3) * 32 + reg] * torch.where(reg & 8 > 0, 0.0625, 1.0).half()
+    return torch.where(lane >> 2 == g % 8, v, torch.zeros((), dtype=v.dtype))
+
+
+def kernel_group_sums(x: torch.Tensor, g0: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_group_sums` of groups ``g0 .. g0 + 7``: ``off = 1024 sum x 2^-s`` (``s`` 4 at columns ``c & 8``)
+    and ``xs = sum x``, from the token ``x`` read as ``[128 (column), 8 (group)]``."""
+    xt = x[g0 * GROUP : (g0 + BATCH_GROUPS) * GROUP].reshape(BATCH_GROUPS, GROUP).t()
+    xp = torch.where((torch.arange(GROUP)[:, None] >> 3 & 1) == 1, xt * 0.0625, xt)
+    return 1024.0 * xp.double().sum(0), xt.double().sum(0)
+
+
+def emulate_kernel(words, scale, zero, x, planes: int = PLANES) -> torch.Tensor:
     """:func:`frag_gemv_kernel`'s logical operations in PyTorch (float64), line by line, for the view of the first
-    ``planes`` planes: the words' and B's renaming (:func:`_words`, :func:`_b_operand`), each field's pairs, joins
-    and permute into its A operand, an accumulator a field over eight groups, and the epilogue. What it cannot check
-    is the compiler's placement of those logical tensors in registers."""
+    ``planes`` planes of one fp16 token ``x``: the B halves each lane loads from ``x`` (:func:`kernel_b_loads`), the
+    words' and B's renaming (:func:`_words`, :func:`_b_operand`), each field's pairs, joins and permute into its A
+    operand, an accumulator a field over eight groups, the groups' sums (:func:`kernel_group_sums`) and the epilogue.
+    What it cannot check is the compiler's placement of those logical tensors in registers."""
     _, g, nb, _ = words.shape
     total = torch.zeros(nb * BLOCK_N, BATCH_GROUPS, dtype=torch.float64)
     fields = field_planes(planes)
@@ -120,7 +138,7 @@ def emulate_kernel(words, scale, zero, xb, off, xs, planes: int = PLANES) -> tor
         for g0 in range(0, g, BATCH_GROUPS):
             acc = [torch.zeros(BLOCK_N, BATCH_GROUPS, dtype=torch.float64) for _ in fields]
             for i in range(BATCH_GROUPS):
-                v = xb[g0 + i].double().reshape(32, 32)  # [lane, register], as loaded
+                v = kernel_b_loads(x, g0 + i).double()  # [lane, register], as loaded
                 bop = v.reshape([2] * 10).permute(5, 6, 7, 8, 3, 4, 9, 0, 1, 2).reshape(GROUP, BATCH_GROUPS)
                 for f, (e0, nf, _) in enumerate(fields):
                     w = []
@@ -130,11 +148,11 @@ def emulate_kernel(words, scale, zero, xb, off, xs, planes: int = PLANES) -> tor
                         w.append(t.to(torch.int64) & 0xFFFFFFFF)
                     t = _tree_reference(w, nf, 0, 16)  # [128, 4, 2, 2, 2, 2, 2]
                     acc[f] += t.permute(0, 6, 5, 4, 3, 1, 2).reshape(BLOCK_N, GROUP) @ bop
-            off_g = off[g0 : g0 + BATCH_GROUPS].double()
+            off_g, xs_g = kernel_group_sums(x, g0)
             c = sum((a - off_g) * wt for a, (_, _, wt) in zip(acc, fields, strict=True))
             sc = scale[rows, g0 : g0 + BATCH_GROUPS].double()
             zp = zero[rows, g0 : g0 + BATCH_GROUPS].double()
-            total[rows] += sc * (c - zp * xs[g0 : g0 + BATCH_GROUPS].double())
+            total[rows] += sc * (c - zp * xs_g)
     return total.sum(1)
 
 
@@ -152,8 +170,7 @@ def count(n, k, splits=1, planes=PLANES, batch=BATCH_GROUPS, prefetch=False, dis
     g = k // GROUP
     words = torch.zeros(planes or 8, g, n // BLOCK_N, BLOCK_N * 4, dtype=torch.int32)
     sc = torch.zeros(*([8] if planes == 0 else []), n, g, dtype=torch.float16)
-    xb = torch.zeros(g, BATCH_GROUPS * GROUP, dtype=torch.float16)
-    vec = torch.zeros(g)
+    x = torch.zeros(k, dtype=torch.float16)
     out = torch.zeros(n)
     view = torch.zeros(1, dtype=torch.int32) if planes == 0 else planes
     extra = dict(b0=3, n_out=n, bias=out.half(), out_mode=1) if package else {}
@@ -162,7 +179,7 @@ def count(n, k, splits=1, planes=PLANES, batch=BATCH_GROUPS, prefetch=False, dis
     if package and splits > 1:  # the ticket epilogue: the last split of a row block sums the slots
         extra.update(out_mode=2, part=torch.zeros(splits, n), locks=torch.zeros(n // BLOCK_N, dtype=torch.int32))
     out = out.half() if package else out
-    args, kw = _launch_args(words, sc, sc, xb, vec, vec, out, splits, view, batch, prefetch, dispatch, stages, **extra)
+    args, kw = _launch_args(words, sc, sc, x, out, splits, view, batch, prefetch, dispatch, stages, **extra)
     ck = osx.compile_sm90(frag_gemv_kernel, args, kw, source=GluonASTSource)
     sass, res = osx.sass_and_resources(ck)
     codes = BLOCK_N * GROUP * batch / 128  # codes a thread decodes an iteration of the batch loop
@@ -236,7 +253,7 @@ def check():
                         if p >= 3:
                             modes.append((on_device, scales, zeros, 3, "on the device, a body per view, ring 3", 3))
                     for planes, sc, zp, dispatch, how, stages in modes:
-                        y = frag_gemv(words, sc, zp, x.cuda(), None, None, splits, planes, batch, prefetch, dispatch,
+                        y = frag_gemv(words, sc, zp, x.cuda(), None, splits, planes, batch, prefetch, dispatch,
                                       None, stages)  # fmt: skip
                         err = float((y.double().cpu() - ref).abs().max() / ref.abs().max())
                         print(
@@ -247,14 +264,14 @@ def check():
 
 def time_shapes(copies, reps, sweep=False, deep=False):
     """us per launch in a CUDA graph of ``reps`` launches over ``copies`` weight copies (past L2): this kernel at
-    each view of an 8-plane pack (the activations prepared once, outside; its fastest K split), the package's one-bit
-    plane GEMV at the same view of [3, 1, 1, 1, 1, 1] (the same planes), fp16 cuBLAS; and the activations'
-    preparation alone (one launch). ``config``: the fastest (batch, prefetch, K splits) of :data:`CONFIGS`
-    (``sweep``) or :data:`BEST`'s (``deep``: and BEST's batch with two groups prefetched). The same view read by the kernel on the device (a routed token's path) at that
-    config: ``on_device_us`` whole fields with absent planes predicated off, ``dispatch_us`` a compiled body per view
-    of 3-8 planes, ``dispatch128_us`` the same capped at 128 registers; ``ringS_us``: the view compiled in with its
-    words through a ring of ``S`` groups in shared memory (``cp.async``) at the best batch and split. ``pct_copy``:
-    of the copy bandwidth of ``kernel_bench.copy_bandwidth`` (decode_bench's), measured in the same run."""
+    each view of an 8-plane pack (its fastest K split), the package's one-bit plane GEMV at the same view of
+    [3, 1, 1, 1, 1, 1] (the same planes), fp16 cuBLAS. ``config``: the fastest (batch, groups prefetched, K splits)
+    of :data:`CONFIGS` (``sweep``) or :data:`BEST`'s (``deep``: and BEST's batch with two groups prefetched). The
+    same view read by the kernel on the device (a routed token's path) at that config: ``on_device_us`` whole
+    fields with absent planes predicated off, ``dispatch_us`` a compiled body per view of 3-8 planes,
+    ``dispatch128_us`` the same capped at 128 registers; ``ringS_us``: the view compiled in with its words through
+    a ring of ``S`` groups in shared memory (``cp.async``) at the best batch and split. ``pct_copy``: of the copy
+    bandwidth of ``kernel_bench.copy_bandwidth`` (decode_bench's), measured in the same run."""
     from functools import partial
 
     import pandas as pd
@@ -278,9 +295,6 @@ def time_shapes(copies, reps, sweep=False, deep=False):
         scales = (torch.rand(8, n, g, device=dev, generator=gen) * 0.02 + 0.01).half()
         zeros = (torch.rand(8, n, g, device=dev, generator=gen) * 15).half()
         x = torch.randn(k, device=dev, dtype=torch.float16)
-        prep = PreparedX(k, dev)
-        prepared = prep(x)
-        t_prep = sp.graph_time([partial(prep, x)], reps)
         out = torch.empty(n, device=dev)
         slices = (3, 1, 1, 1, 1, 1)
         npad2 = -(-n // 128) * 64
@@ -299,23 +313,23 @@ def time_shapes(copies, reps, sweep=False, deep=False):
             for batch, pf in CONFIGS if sweep else [BEST[name, p][:2]]:
                 for s in split_choices(k, batch, 64) if sweep else [BEST[name, p][2]]:
                     if 64 <= s * n // BLOCK_N <= 4096:
-                        fns = [partial(frag_gemv, w, sc, zp, x, prepared, out, s, p, batch, pf) for w in words]
+                        fns = [partial(frag_gemv, w, sc, zp, x, out, s, p, batch, pf) for w in words]
                         t_split[batch, pf, s] = sp.graph_time(fns, reps)
             if deep and not sweep:  # two groups in flight: the best's batch at its split and at half of it
                 b_, _, s_ = BEST[name, p]
                 for s in {s_, max(1, s_ // 2)} & set(split_choices(k, b_, 64)):
-                    fns = [partial(frag_gemv, w, sc, zp, x, prepared, out, s, p, b_, 2) for w in words]
+                    fns = [partial(frag_gemv, w, sc, zp, x, out, s, p, b_, 2) for w in words]
                     t_split[b_, 2, s] = sp.graph_time(fns, reps)
             best = min(t_split, key=t_split.get)
             on_device = torch.tensor([p], dtype=torch.int32, device=dev)
             t_dev = {}
             for mode, extra in (("on_device_us", {}), ("dispatch_us", dict(dispatch=3)),
                                 ("dispatch128_us", dict(dispatch=3, maxnreg=128))):  # fmt: skip
-                fns = [partial(frag_gemv, w, scales, zeros, x, prepared, out, best[2], on_device, best[0], best[1],
+                fns = [partial(frag_gemv, w, scales, zeros, x, out, best[2], on_device, best[0], best[1],
                                **extra) for w in words]  # fmt: skip
                 t_dev[mode] = sp.graph_time(fns, reps)
             for st in RINGS:  # the words through shared memory instead of the prefetch, at the best batch and split
-                fns = [partial(frag_gemv, w, sc, zp, x, prepared, out, best[2], p, best[0], False, stages=st)
+                fns = [partial(frag_gemv, w, sc, zp, x, out, best[2], p, best[0], False, stages=st)
                        for w in words]  # fmt: skip
                 t_dev[f"ring{st}_us"] = sp.graph_time(fns, reps)
             t_pkg = sp.graph_time([partial(tb.bitplane_linear_bits, x2, b, p - 2, out=o16) for b in bps], reps)
@@ -328,7 +342,7 @@ def time_shapes(copies, reps, sweep=False, deep=False):
             rows.append(dict(shape=name, bits=p, gluon_us=t_split[best], config=best, **t_dev,
                              package_us=t_pkg, fp16_us=t16,
                              x_fp16=t16 / t_split[best], x_package=t_pkg / t_split[best],
-                             pct_copy=100 * nbytes / (t_split[best] * 1e-6) / bw, prepare_us=t_prep))  # fmt: skip
+                             pct_copy=100 * nbytes / (t_split[best] * 1e-6) / bw))  # fmt: skip
             cells = [f"{c}={v:.2f}" if isinstance(v, float) else f"{c}={v}" for c, v in rows[-1].items()]
             print("row " + " ".join(cells), flush=True)
         del words, bps, w16

@@ -319,10 +319,10 @@ def test_gluon_proto_kernel_emulated_gives_w_x():
     n, k = 128, 2048
     codes, _, _ = gp._random_layer(n, k, gen, 8)
     x = torch.randn(k, generator=gen).half()
-    words, prepared = gp.pack_fragment(codes, 8), gp.prepare_x(x)
+    words = gp.pack_fragment(codes, 8)
     for planes in (3, 4, 6):  # views of one 8-plane pack, each its own step and zero point
         _, scale, zero = gp._random_layer(n, k, gen, planes)
-        y = gp.emulate_kernel(words, scale, zero, *prepared, planes=planes)
+        y = gp.emulate_kernel(words, scale, zero, x, planes=planes)
         c = (codes >> (8 - planes)).double().reshape(n, -1, 128)
         ref = ((c - zero.double()[:, :, None]) * scale.double()[:, :, None]).reshape(n, k) @ x.double()
         assert float((y - ref).abs().max() / ref.abs().max()) < 1e-5, planes

@@ -1,7 +1,7 @@
 """The fragment-native Gluon GEMV in the package (``mobiquant.kernels.gluon_fragment``, ``SmallConfig(fragment=True)``).
 
 On the CPU: the pack built from the one-bit plane buffers is the pack of the checkpoint's codes, its step and zero
-point sit at each view's plane count, the activations' Triton kernel matches its PyTorch twin (interpreter), and the
+point sit at each view's plane count, the B operand the kernel loads from the token is ``prepare_x``'s, and the
 kernel's logical operations (``benchmarks/gluon_proto.py``'s line-by-line emulation) with the constants the launch
 passes reproduce the package's ``torch_reference`` at every view. On a GPU (skipped without one): the kernel itself
 through ``bitplane_linear`` against the float64 reference, static views, views read on the device, routed ones and
@@ -89,11 +89,9 @@ def test_kernel_with_the_launch_constants_is_the_package_view(k, gen):
     p = fp.planes_of_view[k - 1]
     sc, zp = fp.scale[p - 1], fp.zero[p - 1]
     out = torch.empty(n_out)
-    _, kw = gf._launch_args(fp.words, sc, zp, *gf.prepare_x(x[0]), out, planes=p, b0=SLICES[0])
+    _, kw = gf._launch_args(fp.words, sc, zp, x[0], out, planes=p, b0=SLICES[0])
     assert (kw["MULT"], kw["ZM"], kw["HK"]) == (2.0 ** -(p - 3), 2.0 ** (p - 3), (2.0 ** (p - 3) - 1) / 2)
-    y = gp.emulate_kernel(
-        fp.words, sc.double() * kw["MULT"], zp.double() * kw["ZM"] + kw["HK"], *gf.prepare_x(x[0]), planes=p
-    )
+    y = gp.emulate_kernel(fp.words, sc.double() * kw["MULT"], zp.double() * kw["ZM"] + kw["HK"], x[0], planes=p)
     ref = torch_reference(x.double(), planes, scale.double(), zero.double(), SLICES, 128, k)[0]
     assert float((y - ref).abs().max() / ref.abs().max()) < 1e-5
 
@@ -107,19 +105,19 @@ def test_launch_config_follows_the_measured_configs():
     assert [gf.launch_config(112, 32, p)[1] for p in (0, 3, 5, 6, 7, 8)] == [1, 1, 2, 2, 0, 0]
 
 
-def test_prepared_x_kernel_matches_prepare_x(gen):
-    """``PreparedX`` (one Triton launch, Triton's interpreter on the CPU) writes ``prepare_x``'s B operands, offsets
-    and sums, and keeps its buffers: a second token leaves no trace of the first."""
-    prep = gf.PreparedX(2048, DEVICE)
-    for _ in range(2):
-        x = torch.randn(2048, generator=gen).half().to(DEVICE)
-        xb, off, xs = prep(x)
-        rb, roff, rxs = gf.prepare_x(x)
-        assert torch.equal(xb, rb)
-        torch.testing.assert_close(off, roff, rtol=1e-6, atol=1e-3)
-        torch.testing.assert_close(xs, rxs, rtol=1e-6, atol=1e-5)
-    with pytest.raises(ValueError, match="2048 activations"):
-        prep(x[:1024])
+def test_kernel_builds_prepare_x_from_the_token(gen):
+    """The B halves each lane loads straight from the token (``gluon_proto.kernel_b_loads``: its 32 consecutive
+    activations, scaled) are ``prepare_x``'s B operand at ``b_slots``, the columns the pack assigns to the mma's
+    ``k`` (``column_of_k``, a permutation); the in-kernel group sums are its offsets and sums."""
+    assert sorted(gf.column_of_k(torch.arange(128)).tolist()) == list(range(128))
+    x = torch.randn(2048, generator=gen).half()
+    xb, off, xs = gf.prepare_x(x)
+    for g in range(16):
+        assert torch.equal(gp.kernel_b_loads(x, g), xb[g].reshape(32, 32))
+    for g0 in (0, 8):
+        koff, kxs = gp.kernel_group_sums(x, g0)
+        torch.testing.assert_close(koff, off[g0 : g0 + 8].double(), rtol=1e-6, atol=1e-3)
+        torch.testing.assert_close(kxs, xs[g0 : g0 + 8].double(), rtol=1e-6, atol=1e-4)
 
 
 def test_fragment_config_needs_a_gpu_and_fp16():

@@ -2,8 +2,9 @@
 the tensor cores' A fragment.
 
 **Pack** (:func:`pack_fragment`, groups of 128 columns, up to 8 planes, plane 0 the code's most significant bit).
-Logical column ``k`` of a group is ``8 j + 2 q + par``; word ``q`` (0-3) of a row, group and plane ``e`` holds, in
-bit ``(j + 16 par + 3 - e % 4) mod 32``, plane ``e``'s bit of the code at column ``k``: each plane rotated by its
+The mma's reduction index ``k = 8 j + 2 q + par`` carries group column ``column_of_k(k)``; word ``q`` (0-3) of a
+row, group and plane ``e`` holds, in bit ``(j + 16 par + 3 - e % 4) mod 32``, plane ``e``'s bit of that column's
+code: each plane rotated by its
 place in its field of four planes. The lane of a quad that owns the fragment pairs of quarter ``q`` loads that word,
 so each thread reads only its own codes; a thread's four words of a plane and group (rows ``r, r + 8, r + 64,
 r + 72`` of its 128-row block) are consecutive (:func:`word_slots`), one 16-byte load.
@@ -18,9 +19,11 @@ holds in one register.
 zero, decoded with a select fewer and a narrower pair mask), each its own accumulator; its code is
 ``F0 2^(p - 4) + F1 2^(p - 8)``.
 
-**Activations** (:func:`prepare_x`; :class:`PreparedX` as one Triton launch, once per token): ``x' = x 2^-s`` in
-logical order, group ``g``'s in column ``g % 8`` of its ``[128, 8]`` B (zeros elsewhere), so eight groups share one
-accumulator, a column each; per group ``off = 1024 sum x'`` and ``xs = sum x``. Every batch of groups the kernel adds
+**Activations**, read by the kernel from the token itself (:func:`prepare_x` is their tensor form, for the CPU
+emulation): ``x' = x 2^-s``, group ``g``'s in column ``g % 8`` of its ``[128, 8]`` B (zeros elsewhere), so eight
+groups share one accumulator, a column each. The pack orders a group's columns (:func:`column_of_k`) so that each
+lane's 32 halves of B are 32 consecutive activations; per batch of groups the kernel sums ``off = 1024 sum x'`` and
+``xs = sum x`` within each warp, into the accumulator's columns. Every batch of groups the kernel adds
 ``scale mult (acc - off - (zero zm + h) xs)`` per row and column (``W x`` with
 ``W = scale mult (C - zero zm - h)``: ``mult = 1``, ``zm = 1``, ``h = 0`` for ``W = scale (C - zero)``, and the
 package's ``W_k = (s / 2^B) (C_k - 2^B z - (2^B - 1) / 2)`` with ``mult = 2^-B``, ``zm = 2^B``, ``h = (2^B - 1) / 2``),
@@ -28,8 +31,8 @@ and sums the columns at the end.
 
 Measured on an H200 (docs/RESULTS.md "The fragment-native Gluon GEMV on the H200"): correct at every view, K split
 and config; 1.13-1.29x the one-bit plane kernel on the 8B gate/up and down at 3, 4 and 8 planes, latency-bound.
-Needs Gluon (``triton.experimental.gluon``) and a GPU with ``mma.sync`` (sm_80+); the Triton activation kernel also
-runs in Triton's interpreter. ``benchmarks/gluon_proto.py`` holds its CPU emulation, offline counts and timings.
+Needs Gluon (``triton.experimental.gluon``) and a GPU with ``mma.sync`` (sm_80+). ``benchmarks/gluon_proto.py``
+holds its CPU emulation, offline counts and timings.
 """
 
 from __future__ import annotations
@@ -37,8 +40,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as ttgl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
@@ -65,10 +66,18 @@ def rotation(j: int) -> int:
     return j % 4 + (8 if j >= 8 else 0)
 
 
+def column_of_k(k: torch.Tensor) -> torch.Tensor:
+    """The group column whose product the mma's reduction index ``k`` (0-127) carries: ``k``'s bits 1, 8, 16, 32, 64
+    become the column's bits 1-16 and its bits 2, 4 the column's 32, 64, so the 32 halves one lane holds of the B
+    operand (:func:`b_slots`) are 32 consecutive activations, loaded by the kernel straight from ``x``."""
+    return (k & 1) | (k >> 3 & 1) << 1 | (k >> 4 & 1) << 2 | (k >> 5 & 1) << 3 | (k >> 6 & 1) << 4 | (k >> 1 & 3) << 5
+
+
 def logical_columns() -> torch.Tensor:
-    """``[16, 4, 2]``: the group column of code ``j`` of quarter ``q``'s word, half ``par`` (``8 j + 2 q + par``)."""
+    """``[16, 4, 2]``: the group column of code ``j`` of quarter ``q``'s word, half ``par``: the column the mma's
+    ``k = 8 j + 2 q + par`` carries (:func:`column_of_k`)."""
     j, q, par = torch.meshgrid(torch.arange(16), torch.arange(4), torch.arange(2), indexing="ij")
-    return 8 * j + 2 * q + par
+    return column_of_k(8 * j + 2 * q + par)
 
 
 def word_slots() -> torch.Tensor:
@@ -122,18 +131,19 @@ def field_planes(p: int) -> list[tuple[int, int, float]]:
 
 
 def b_slots() -> torch.Tensor:
-    """``[128 (k), 8 (n)]``: where ``B[k, n]`` of one group sits among its 1024 halves: lane ``4 n + (k >> 1 & 3)``
-    of every warp holds ``k & 1``, ``k >> 3 & 1``, .. ``k >> 6 & 1`` in its registers, stored as its 32 consecutive
-    halves (four 16-byte loads)."""
-    k = torch.arange(GROUP)[:, None]
+    """``[128 (group column), 8 (n)]``: where column ``c``'s activation sits among the 1024 halves of one group's
+    ``[128, 8]`` B, as ``32 lane + register``: the mma's ``k`` whose column is ``c`` (:func:`column_of_k`) is held by
+    lane ``4 n + (k >> 1 & 3)`` of every warp, in register ``k & 1 | (k >> 3 & 1) << 1 | .. | (k >> 6 & 1) << 4``,
+    so lane ``4 n + c // 32`` holds columns ``32 (c // 32) ..`` in registers ``c % 32``: one 64-byte run of ``x``."""
+    c = torch.arange(GROUP)[:, None]
     n = torch.arange(BATCH_GROUPS)[None, :]
-    reg = (k & 1) | ((k >> 3 & 1) << 1) | ((k >> 4 & 1) << 2) | ((k >> 5 & 1) << 3) | ((k >> 6 & 1) << 4)
-    return (n * 4 + (k >> 1 & 3)) * 32 + reg
+    return (n * 4 + (c >> 5)) * 32 + (c & 31)
 
 
 def prepare_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For activations ``x [K]`` (K a multiple of ``128 x 8``): ``xb [G, 1024]`` fp16, group ``g``'s B operand
-    (``x 2^-s`` in logical order in column ``g % 8``, zeros in the others) at :func:`b_slots`, and per group
+    """What the kernel builds from activations ``x [K]`` (K a multiple of ``128 x 8``), as tensors (the CPU
+    emulation's input): ``xb [G, 1024]`` fp16, group ``g``'s B operand (``x 2^-s``, ``s`` 4 at the columns ``c``
+    with ``c & 8``, in column ``g % 8``, zeros in the others) at :func:`b_slots`, and per group
     ``off = 1024 sum x 2^-s`` and ``xs = sum x`` (fp32)."""
     k = x.numel()
     g = k // GROUP
@@ -150,41 +160,6 @@ def prepare_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     gi = torch.arange(g, device=x.device)
     xb[gi[:, None], slots[:, gi % BATCH_GROUPS].t()] = xp
     return xb, 1024.0 * xp.float().sum(1), xg.sum(1)
-
-
-@triton.jit
-def _prepare_x_kernel(x_ptr, slot_ptr, xb_ptr, off_ptr, xs_ptr):
-    # one program a group: x' = x 2^-s (s = 4 at group columns with bit 5 set: codes j % 8 >= 4) into its B
-    # column's slots; the other columns of xb stay the zeros they were made with
-    g = tl.program_id(0)
-    k = tl.arange(0, 128)
-    x = tl.load(x_ptr + g * 128 + k).to(tl.float32)
-    xp = tl.where((k >> 5) & 1 == 1, x * 0.0625, x).to(tl.float16)
-    slot = tl.load(slot_ptr + k * 8 + g % 8)
-    tl.store(xb_ptr + g * 1024 + slot, xp)
-    tl.store(off_ptr + g, 1024.0 * tl.sum(xp.to(tl.float32), axis=0))
-    tl.store(xs_ptr + g, tl.sum(x, axis=0))
-
-
-class PreparedX:
-    """:func:`prepare_x` as one Triton launch into buffers made once (what the kernel before the GEMV would write:
-    its epilogue could store the same slots), for activations of ``k`` inputs on ``device``."""
-
-    def __init__(self, k: int, device):
-        if k % (GROUP * BATCH_GROUPS):
-            raise ValueError(f"activations must have a multiple of {GROUP * BATCH_GROUPS} columns, got {k}")
-        g = k // GROUP
-        self.slots = b_slots().to(device=device, dtype=torch.int32).contiguous()
-        self.xb = torch.zeros(g, BATCH_GROUPS * GROUP, dtype=torch.float16, device=device)
-        self.off = torch.empty(g, device=device)
-        self.xs = torch.empty(g, device=device)
-
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        g = self.xb.shape[0]
-        if x.numel() != g * GROUP:
-            raise ValueError(f"these buffers take {g * GROUP} activations, got {x.numel()}")
-        _prepare_x_kernel[(g,)](x, self.slots, self.xb, self.off, self.xs)
-        return self.xb, self.off, self.xs
 
 
 def unpack_x(xb: torch.Tensor) -> torch.Tensor:
@@ -300,17 +275,19 @@ def _load_field(wp, PSTRIDE, E0: ttgl.constexpr, NF: ttgl.constexpr, p, DYN: ttg
 def _field_operand(ws, NF: ttgl.constexpr, LW: ttgl.constexpr, AL: ttgl.constexpr):
     """The A operand ``[BN, 128]`` of one group's field from its raw words ``ws`` (:func:`_load_field`; ``NF``
     planes present, 4 for a view read on the device, whose absent planes are zeros): renamed into ``LW``, pairs,
-    joins, and a permute into logical columns."""
+    joins, and a permute into the mma's ``k`` order."""
     t = _tree(_words(ws[0], LW), _words(ws[1], LW), _words(ws[2], LW), _words(ws[3], LW), NF, 0, 16)
     a = ttgl.reshape(ttgl.permute(t, [0, 6, 5, 4, 3, 1, 2]), [t.shape[0], 128])  # column 8 j + 2 q + par
     return ttgl.convert_layout(a, AL, assert_trivial=True)  # registers already in place: no data moves
 
 
 @gluon.jit
-def _load_group(w_ptr, x_ptr, vofs, xofs, g, NB, PSTRIDE, P: ttgl.constexpr, p):
-    """Group ``g``'s raw words (field 0, field 1 when the view may reach it) and its B operand's halves."""
+def _load_group(w_ptr, x_ptr, vofs, xofs, xn, xsc, g, NB, PSTRIDE, P: ttgl.constexpr, p):
+    """Group ``g``'s raw words (field 0, field 1 when the view may reach it) and its B operand's halves: the lanes of
+    column ``g % 8`` (``xn``) load their 32 consecutive activations (``xofs``) times ``2^-s`` (``xsc``), the others
+    zeros (:func:`b_slots`)."""
     wp = w_ptr + g * NB * 512 + vofs
-    xv = ttgl.load(x_ptr + g * 1024 + xofs)
+    xv = ttgl.load(x_ptr + g * 128 + xofs, mask=xn == g % 8, other=0.0) * xsc
     f0 = _load_field(wp, PSTRIDE, 0, min(P, 4) if P > 0 else 4, p, P == 0)
     if P == 0 or P > 4:
         f1 = _load_field(wp, PSTRIDE, 4, P - 4 if P > 0 else 4, p, P == 0)
@@ -365,11 +342,32 @@ def _stage_field(smem, slot, E0: ttgl.constexpr, NF: ttgl.constexpr, SSTRIDE: tt
 
 
 @gluon.jit
-def _view_total(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, vofs, xofs, ro, no, NB, PSTRIDE, G, g_lo, GS, p, mult,
+def _group_sums(x_ptr, c0, g0, BATCH: ttgl.constexpr, XL: ttgl.constexpr, MMA: ttgl.constexpr):
+    """Per column ``n`` of the batch's accumulator (group ``c0 + n``, zeros outside ``g0 .. g0 + BATCH``):
+    ``off = 1024 sum x 2^-s`` and ``xs = sum x`` over the group, read from ``x`` as ``[128, 8]`` in ``XL`` (the
+    columns where the accumulator's are, each warp whole): the sums stay inside a warp and land in its columns."""
+    kk = ttgl.arange(0, 128, layout=ttgl.SliceLayout(1, XL))
+    nn = ttgl.arange(0, 8, layout=ttgl.SliceLayout(0, XL))
+    gc = c0 + nn
+    ptr = x_ptr + gc[None, :] * 128 + kk[:, None]
+    if BATCH == 8:
+        xt = ttgl.load(ptr)
+    else:
+        gm = ttgl.full([128, 8], 0, ttgl.int32, XL) + gc[None, :]
+        xt = ttgl.load(ptr, mask=(gm >= g0) & (gm < g0 + BATCH), other=0.0)
+    xp = ttgl.where(((kk >> 3) & 1)[:, None] == 1, xt * 0.0625, xt)
+    off = ttgl.sum(xp.to(ttgl.float32), axis=0) * 1024.0
+    xs = ttgl.sum(xt.to(ttgl.float32), axis=0)
+    sl: ttgl.constexpr = ttgl.SliceLayout(0, MMA)
+    return ttgl.convert_layout(off, sl, assert_trivial=True), ttgl.convert_layout(xs, sl, assert_trivial=True)
+
+
+@gluon.jit
+def _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PSTRIDE, G, g_lo, GS, p, mult,
                 zm, hk, P: ttgl.constexpr, W0: ttgl.constexpr, W1: ttgl.constexpr, BN: ttgl.constexpr,
                 BATCH: ttgl.constexpr, PREFETCH: ttgl.constexpr, LW: ttgl.constexpr, AL: ttgl.constexpr,
                 BL: ttgl.constexpr, MMA: ttgl.constexpr, smem, STAGES: ttgl.constexpr, SSTRIDE: ttgl.constexpr,
-                VL: ttgl.constexpr):  # fmt: skip
+                VL: ttgl.constexpr, XL: ttgl.constexpr):  # fmt: skip
     """A program's ``[BN, 8]`` sums over groups ``g_lo .. g_lo + GS`` (their columns summed by the caller) of the
     view of ``P`` planes (compiled in) or, ``P == 0``, of ``p`` read on the device (whole fields, absent planes
     predicated off). ``STAGES`` > 0 (``P`` > 0): the words stream through a ring of that many groups in shared
@@ -382,9 +380,9 @@ def _view_total(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, vofs, xofs, ro, no,
         for s in ttgl.static_range(STAGES - 1):
             _stage_issue(smem, w_ptr, vofs, ttgl.minimum(g_lo + s, g_last), s, NB, PSTRIDE, P, SSTRIDE)
     elif PREFETCH:
-        nxt = _load_group(w_ptr, x_ptr, vofs, xofs, g_lo, NB, PSTRIDE, P, p)
+        nxt = _load_group(w_ptr, x_ptr, vofs, xofs, xn, xsc, g_lo, NB, PSTRIDE, P, p)
         if PREFETCH >= 2:
-            nxt2 = _load_group(w_ptr, x_ptr, vofs, xofs, ttgl.minimum(g_lo + 1, g_last), NB, PSTRIDE, P, p)
+            nxt2 = _load_group(w_ptr, x_ptr, vofs, xofs, xn, xsc, ttgl.minimum(g_lo + 1, g_last), NB, PSTRIDE, P, p)
     for g0 in range(g_lo, g_lo + GS, BATCH):
         acc = ttgl.zeros([BN, 8], ttgl.float32, MMA)  # column n: group g0 - g0 % 8 + n's sum of F0 x'
         acc1 = ttgl.zeros([BN, 8], ttgl.float32, MMA)  # and of F1 x' (P > 4)
@@ -398,16 +396,19 @@ def _view_total(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, vofs, xofs, ro, no,
                 f1 = f0
                 if P > 4:
                     f1 = _stage_field(smem, j % STAGES, 4, P - 4, SSTRIDE, VL)
-                cur = (f0, f1, ttgl.load(x_ptr + (g0 + i) * 1024 + xofs))
+                gi = g0 + i
+                cur = (f0, f1, ttgl.load(x_ptr + gi * 128 + xofs, mask=xn == gi % 8, other=0.0) * xsc)
             elif PREFETCH >= 2:  # two groups in flight under this one's decode
                 cur = nxt
                 nxt = nxt2
-                nxt2 = _load_group(w_ptr, x_ptr, vofs, xofs, ttgl.minimum(g0 + i + 2, g_last), NB, PSTRIDE, P, p)
+                g2 = ttgl.minimum(g0 + i + 2, g_last)
+                nxt2 = _load_group(w_ptr, x_ptr, vofs, xofs, xn, xsc, g2, NB, PSTRIDE, P, p)
             elif PREFETCH:
                 cur = nxt
-                nxt = _load_group(w_ptr, x_ptr, vofs, xofs, ttgl.minimum(g0 + i + 1, g_last), NB, PSTRIDE, P, p)
+                g1 = ttgl.minimum(g0 + i + 1, g_last)
+                nxt = _load_group(w_ptr, x_ptr, vofs, xofs, xn, xsc, g1, NB, PSTRIDE, P, p)
             else:
-                cur = _load_group(w_ptr, x_ptr, vofs, xofs, g0 + i, NB, PSTRIDE, P, p)
+                cur = _load_group(w_ptr, x_ptr, vofs, xofs, xn, xsc, g0 + i, NB, PSTRIDE, P, p)
             xb = _b_operand(cur[2], BL)  # x' in column (g0 + i) % 8 only
             if P == 0:
                 acc = mma_v2(_field_operand(cur[0], 4, LW, AL), xb, acc)
@@ -422,14 +423,12 @@ def _view_total(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, vofs, xofs, ro, no,
         if BATCH == 8:
             sc = ttgl.load(s_ptr + ro[:, None] * G + gcol[None, :]).to(ttgl.float32)
             zp = ttgl.load(z_ptr + ro[:, None] * G + gcol[None, :]).to(ttgl.float32)
-            off = ttgl.load(off_ptr + gcol)[None, :]
-            xs = ttgl.load(xs_ptr + gcol)
         else:  # the columns of this batch's groups only (the others' steps read as zeros)
             cm = (gcol >= g0) & (gcol < g0 + BATCH)
             sc = ttgl.load(s_ptr + ro[:, None] * G + gcol[None, :], mask=cm[None, :], other=0.0).to(ttgl.float32)
             zp = ttgl.load(z_ptr + ro[:, None] * G + gcol[None, :], mask=cm[None, :], other=0.0).to(ttgl.float32)
-            off = ttgl.load(off_ptr + gcol, mask=cm, other=0.0)[None, :]
-            xs = ttgl.load(xs_ptr + gcol, mask=cm, other=0.0)
+        off, xs = _group_sums(x_ptr, c0, g0, BATCH, XL, MMA)
+        off = off[None, :]
         if P == 0:
             c = (acc - off) * w0
             if p > 4:
@@ -443,7 +442,7 @@ def _view_total(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, vofs, xofs, ro, no,
 
 
 @gluon.jit
-def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, p_ptr, N, N_OUT, PSTRIDE, VSTRIDE, G, GS,
+def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRIDE, VSTRIDE, G, GS,
                      P: ttgl.constexpr, W0: ttgl.constexpr, W1: ttgl.constexpr, BN: ttgl.constexpr,
                      SPLIT: ttgl.constexpr, BATCH: ttgl.constexpr, PREFETCH: ttgl.constexpr,
                      PMIN: ttgl.constexpr, PMAX: ttgl.constexpr, STAGES: ttgl.constexpr, PKG: ttgl.constexpr,
@@ -478,14 +477,23 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, p_ptr
     BL: ttgl.constexpr = ttgl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
     pid = ttgl.program_id(0)
     g_lo = ttgl.program_id(1) * GS
-    # B: lane 4 n + (k >> 1 & 3) of every warp loads its 32 consecutive halves (prepare_x's b_slots)
+    # B: lane 4 n + q of every warp loads its 32 consecutive activations 32 q .. 32 q + 31 of column n's group
+    # (b_slots: the pack's columns follow column_of_k), times 2^-4 at the columns with bit 8 set
     XV: ttgl.constexpr = ttgl.DistributedLinearLayout(
         reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8], [0, 16]], lane_bases=[[1, 0], [2, 0], [4, 0], [8, 0], [16, 0]],
         warp_bases=[[0, 0], [0, 0]], block_bases=[], shape=[32, 32],
     )  # fmt: skip
     xl = ttgl.arange(0, 32, layout=ttgl.SliceLayout(1, XV))
     xr = ttgl.arange(0, 32, layout=ttgl.SliceLayout(0, XV))
-    xofs = xl[:, None] * 32 + xr[None, :]
+    xofs = (xl[:, None] & 3) * 32 + xr[None, :]
+    xn = (xl[:, None] >> 2) + 0 * xr[None, :]
+    xsc = ttgl.where(((xr >> 3) & 1)[None, :] == 1, 0.0625, 1.0).to(ttgl.float16)
+    # a batch's activations as [128 (column), 8 (group)] for its sums: registers columns 1-8 and group 1, lanes
+    # groups 2, 4 (as the accumulator's columns) and columns 16-64, every warp the whole
+    XL: ttgl.constexpr = ttgl.DistributedLinearLayout(
+        reg_bases=[[1, 0], [2, 0], [4, 0], [8, 0], [0, 1]], lane_bases=[[0, 2], [0, 4], [16, 0], [32, 0], [64, 0]],
+        warp_bases=[[0, 0], [0, 0]], block_bases=[], shape=[128, 8],
+    )  # fmt: skip
     ro = pid * BN + ttgl.arange(0, BN, layout=ttgl.SliceLayout(1, MMA))
     no = ttgl.arange(0, 8, layout=ttgl.SliceLayout(0, MMA))
     # a thread's 4 words of one plane and group are consecutive (pack_fragment's word_slots): one 16-byte load, then
@@ -522,10 +530,10 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, p_ptr
         for q in ttgl.static_range(PMIN, PMAX + 1):
             if p == q:
                 SHQ: ttgl.constexpr = q - B0 if PKG else 0
-                total = _view_total(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, vofs, xofs, ro, no, NB, PSTRIDE, G,
+                total = _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PSTRIDE, G,
                                     g_lo, GS, q, 1.0 / (1 << SHQ), 1.0 * (1 << SHQ), ((1 << SHQ) - 1) / 2, q,
                                     (1 << (q + 4)) / 256, (1 << (q + 4)) / 4096, BN, BATCH, PREFETCH, LW, AL, BL, MMA,
-                                    smem, STAGES, SSTRIDE, VL)  # fmt: skip
+                                    smem, STAGES, SSTRIDE, VL, XL)  # fmt: skip
     else:
         if P == 0:
             p = ttgl.load(p_ptr)
@@ -541,9 +549,9 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, p_ptr
             multr = MULT
             zmr = ZM
             hkr = HK
-        total = _view_total(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, vofs, xofs, ro, no, NB, PSTRIDE, G, g_lo, GS,
+        total = _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PSTRIDE, G, g_lo, GS,
                             p, multr, zmr, hkr, P, W0, W1, BN, BATCH, PREFETCH, LW, AL, BL, MMA, smem, STAGES, SSTRIDE,
-                            VL)  # fmt: skip
+                            VL, XL)  # fmt: skip
     y = ttgl.sum(total, axis=1)
     if OUT_MODE == 2:
         ns = ttgl.num_programs(1)
@@ -569,7 +577,7 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, off_ptr, xs_ptr, out_ptr, p_ptr
         ttgl.store(out_ptr + ro, y, mask=ro < N_OUT)
 
 
-def _launch_args(words, scale, zero, xb, off, xs, out, splits=1, planes=None, batch=BATCH_GROUPS, prefetch=False,
+def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_GROUPS, prefetch=False,
                  dispatch=None, stages=0, b0=None, n_out=None, bias=None, out_mode=0, part=None,
                  locks=None, views=None, routed=None):  # fmt: skip
     """``planes``: an int (the view, compiled in), None (every plane of the pack) or an int32 device tensor of one
@@ -583,7 +591,10 @@ def _launch_args(words, scale, zero, xb, off, xs, out, splits=1, planes=None, ba
     ``[splits, N]``, ``locks``: int32 zeros, one a row block); else fp32 (atomics over splits into a zeroed
     ``out``). ``views`` (each view's planes), with a dispatched device view: ``planes`` holds the view ``k``, or with
     ``routed = (gate values, threshold)`` the kernel counts ``k`` itself (``planes`` then unused)."""
-    n, g = words.shape[2] * BLOCK_N, xb.shape[0]
+    n, g = words.shape[2] * BLOCK_N, x.numel() // GROUP
+    if x.dtype != torch.float16 or not x.is_contiguous() or g * GROUP != x.numel() or g != words.shape[1]:
+        raise ValueError(f"x must be {words.shape[1] * GROUP} contiguous fp16 activations, got {x.dtype} "
+                         f"{tuple(x.shape)}")  # fmt: skip
     planes = words.shape[0] if planes is None else planes
     if batch not in (1, 2, 4, 8) or g % (splits * batch):
         raise ValueError(
@@ -604,7 +615,7 @@ def _launch_args(words, scale, zero, xb, off, xs, out, splits=1, planes=None, ba
         p_ptr, pc, vstride = out, planes, 0
         wts = [wt for _, _, wt in field_planes(planes)] + [0.0]
     n_out = n if n_out is None else n_out
-    args = (words, scale, zero, xb, off, xs, out, p_ptr, n, n_out, words[0].numel(), vstride, g, g // splits)
+    args = (words, scale, zero, x, out, p_ptr, n, n_out, words[0].numel(), vstride, g, g // splits)
     if stages and (pc == 0 or stages < 2):
         raise ValueError(f"stages={stages}: a ring of at least 2 groups, for a view compiled in or dispatched")
     if (out_mode == 1 and splits > 1) or (out_mode == 2 and (splits < 2 or part is None or locks is None)):
@@ -636,16 +647,15 @@ def split_choices(k: int, batch: int = BATCH_GROUPS, most: int = 16) -> list[int
     return [s for s in range(1, min(b, most) + 1) if b % s == 0]
 
 
-def frag_gemv(words, scale, zero, x, prepared=None, out=None, splits=1, planes=None, batch=BATCH_GROUPS,
+def frag_gemv(words, scale, zero, x, out=None, splits=1, planes=None, batch=BATCH_GROUPS,
               prefetch=False, dispatch=None, maxnreg=None, stages=0):  # fmt: skip
     """``W x`` on a GPU for one token ``x [K]`` (``W = scale (C - zero)`` per row and group, ``scale``/``zero``
     ``[N, G]`` fp16, ``C`` the code of the first ``planes`` planes, default all); ``prepared``: :func:`prepare_x`'s
     tensors, made once per token (else made here); ``splits``: programs along K per row block (their sums added
     atomically into ``out``, zeroed here first)."""
-    xb, off, xs = prepare_x(x) if prepared is None else prepared
     n = words.shape[2] * BLOCK_N
     out = torch.empty(n, device=words.device) if out is None else out
-    args, kw = _launch_args(words, scale, zero, xb, off, xs, out, splits, planes, batch, prefetch, dispatch, stages)
+    args, kw = _launch_args(words, scale, zero, x, out, splits, planes, batch, prefetch, dispatch, stages)
     if maxnreg:
         kw["maxnreg"] = maxnreg
     if splits > 1:
@@ -757,25 +767,17 @@ def launch_config(n_blocks: int, groups: int, planes: int) -> tuple[int, int, in
     return best[1], 1 if planes <= 4 else 2 if planes <= 6 else 0, best[2]
 
 
-_PREPARED: dict[tuple, PreparedX] = {}
-
-
 def fragment_linear(x2: torch.Tensor, fp: FragPlanes, k, bias=None, out=None, routed=None) -> torch.Tensor:
     """One token ``x2 [1, in]`` (fp16) -> ``[1, out]`` from a fragment pack: view ``k`` (an int, a one-element int
     tensor on the device, or None with ``routed = (gate values, threshold)`` on the device, counted by the kernel:
     a compiled body per view, picked there) with the package's step and zero point
-    (``W_k = (s / 2^B) (C_k - 2^B z - (2^B - 1) / 2)``). One launch prepares the activations (buffers kept per
-    device and width), one computes (with K splits the last split of each row block sums them, in a fixed order)."""
+    (``W_k = (s / 2^B) (C_k - 2^B z - (2^B - 1) / 2)``). One launch: the kernel builds its B operand and the groups'
+    sums from the token itself; with K splits the last split of each row block sums them, in a fixed order."""
     M, K_IN = x2.shape
     if M != 1 or K_IN != fp.in_features or x2.dtype != torch.float16:
         raise ValueError(f"the fragment kernel takes one fp16 token of {fp.in_features} features, got {x2.dtype} "
                          f"{tuple(x2.shape)}")  # fmt: skip
     ns = len(fp.slice_bits)
-    key = (x2.device, K_IN)
-    prep = _PREPARED.get(key)
-    if prep is None:
-        prep = _PREPARED[key] = PreparedX(K_IN, x2.device)
-    xb, off, xs = prep(x2.reshape(-1))
     n_out = fp.out_features
     if out is None:
         out = torch.empty(1, n_out, dtype=x2.dtype, device=x2.device)
@@ -803,7 +805,7 @@ def fragment_linear(x2: torch.Tensor, fp: FragPlanes, k, bias=None, out=None, ro
         extra = dict(part=torch.empty(splits, nb * BLOCK_N, device=x2.device), locks=_locks(x2.device, nb, "frag"))
     if dispatch is not None:
         extra.update(views=fp.planes_of_view, routed=routed)
-    args, kw = _launch_args(fp.words, sc, zp, xb, off, xs, out.view(-1), splits, planes, batch, prefetch, dispatch,
+    args, kw = _launch_args(fp.words, sc, zp, x2.reshape(-1), out.view(-1), splits, planes, batch, prefetch, dispatch,
                             0, b0, n_out, bias, 2 if splits > 1 else 1, **extra)  # fmt: skip
     if dispatch is not None and n_out * K_IN >= BIG_LAUNCH:  # a body per view: capped registers measured faster
         kw["maxnreg"] = 128
