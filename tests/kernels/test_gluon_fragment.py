@@ -130,6 +130,17 @@ def test_fragment_config_needs_a_gpu_and_fp16():
     assert gf.fragment_supported(SLICES, 128, 14336)
 
 
+def test_fragment_default_follows_the_stack():
+    """``SmallConfig()`` takes the fragment kernel for the static views the 8B-shaped stack measured faster with it
+    (3-4 and 7-8 planes of the default layout), not for 5-6 planes nor views on the device; True and False force."""
+    bp = tb.BitPlanes(torch.zeros(8, 64, 64, dtype=torch.int32), torch.zeros(2, 8, 64, dtype=torch.int32), SLICES,
+                      128, 1024, 128)  # fmt: skip
+    auto, on, off = tb.SmallConfig(), tb.SmallConfig(fragment=True), tb.SmallConfig(fragment=False)
+    assert [tb._fragment_wanted(auto, bp, k) for k in (1, 2, 3, 4, 5, 6, None)] == [1, 1, 0, 0, 1, 1, 0]
+    assert all(tb._fragment_wanted(on, bp, k) for k in (3, None))
+    assert not any(tb._fragment_wanted(off, bp, k) for k in (1, 6))
+
+
 # ------------------------------------------------------------------------------------------------------- GPU
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA device (Gluon kernels do not run in the interpreter)")
 

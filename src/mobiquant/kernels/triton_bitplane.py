@@ -2525,10 +2525,11 @@ class SmallConfig:
     # per LOP3 into the tensor cores' A fragment) instead of the one-bit plane kernel, for layouts of groups of 128 and
     # inputs a multiple of 1024, static views, views read on the device and routed ones counted before the launch (no
     # router in the launch); a site launch takes it for one static view of layers whose rows are whole 128-row blocks.
-    # Off until measured in the stack: alone on an H200 it was 1.13-1.29x the one-bit plane kernel on the 8B gate/up
-    # and down at 3, 4 and 8 planes, 0.85-1.2x on the q/o, 0.88-0.95x at 6 planes (docs/RESULTS.md "The
-    # fragment-native Gluon GEMV on the H200").
-    fragment: bool = False
+    # True: wherever it serves; False: never; None (default): as measured on the 8B-shaped stack on an H200, static
+    # views of 3-4 and 7-8 planes (1.76x fp16 against 1.61x at 4 bits, 1.14x against 1.01x at 8), not views of 5-6
+    # planes nor views read or counted on the device (routed budget 4: 492 against 470 us a token; docs/RESULTS.md
+    # "The fragment-native Gluon GEMV on the H200").
+    fragment: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -3146,6 +3147,13 @@ def _route_sync(device: torch.device) -> torch.Tensor:
     return _locks(device, 4, pool="route")
 
 
+def _fragment_wanted(cfg: SmallConfig, bp: BitPlanes, ksel: int | None) -> bool:
+    """Whether ``cfg.fragment`` asks for the fragment kernel for view ``ksel`` (None: a view on the device)."""
+    if cfg.fragment is not None:
+        return cfg.fragment
+    return ksel is not None and ksel > 0 and planes_of_views(bp.slice_bits)[ksel - 1] not in (5, 6)
+
+
 def _fragment_ok(bp: BitPlanes, x2: torch.Tensor) -> bool:
     """Whether ``SmallConfig.fragment`` can serve this one-token launch (else the one-bit plane kernel does)."""
     if x2.dtype != torch.float16 or not x2.is_cuda or _interpreting():
@@ -3184,7 +3192,7 @@ def bitplane_linear_bits(
     ksel, k_t, v_t, tau_t, kvals = _bits_k(k, x2, len(bp.slice_bits))
     router = _router_of([k])
     cfg = config or SmallConfig()
-    if cfg.fragment and router is None and _fragment_ok(bp, x2):
+    if router is None and _fragment_wanted(cfg, bp, ksel) and _fragment_ok(bp, x2):
         from .gluon_fragment import fragment_linear, fragment_of
 
         if kvals:  # the router's gate values: counted by the kernel
@@ -3276,7 +3284,7 @@ def bitplane_site_bits(
     ksel, k_t, v_t, _, kvals = resolved[0]
     cfg = config or SmallConfig()
     whole = all(n % 128 == 0 for n in site.outs)  # the pack's rows are then the output columns
-    if cfg.fragment and ksel and whole and _fragment_ok(bp, x2):
+    if ksel and whole and _fragment_wanted(cfg, bp, ksel) and _fragment_ok(bp, x2):
         from .gluon_fragment import fragment_linear, fragment_of  # one static view: the layers as one
 
         return fragment_linear(x2, fragment_of(bp), ksel, site.bias, out)
