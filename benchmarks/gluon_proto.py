@@ -28,6 +28,7 @@ import triton
 from mobiquant.kernels.gluon_fragment import (
     BATCH_GROUPS,
     BLOCK_N,
+    BULK_SMEM_MAX,
     GROUP,
     PLANES,
     _launch_args,
@@ -186,7 +187,7 @@ def count(n, k, splits=1, planes=PLANES, batch=BATCH_GROUPS, prefetch=False, dis
     what = (f"{planes} planes" if planes else "planes read on the device") + f", batch {batch}"
     what += f", {int(prefetch)} group(s) prefetched" if prefetch else ""
     what += f", a body per view from {dispatch} planes" if dispatch else ""
-    what += f", a ring of {stages} groups" if stages else ""
+    what += f", a ring of {stages} groups" if stages > 0 else ", one TMA load a program" if stages else ""
     what += ", the package's launch" if package else ""
     what += ", the view counted from gate values" if routed else ""
     osx.report(sass, res, codes, f"frag_gemv_kernel, {what}, BN={BLOCK_N} (triton {triton.__version__})")
@@ -250,6 +251,8 @@ def check():
                         modes.append((on_device, scales, zeros, 3, "on the device, a body per view", 0))
                     if (batch, prefetch) == CONFIGS[0]:
                         modes.append((p, scales[p - 1], zeros[p - 1], None, "compiled in, a ring of 3", 3))
+                        if p * (k // GROUP // splits) * 2048 <= BULK_SMEM_MAX:
+                            modes.append((p, scales[p - 1], zeros[p - 1], None, "compiled in, one TMA load", -1))
                         if p >= 3:
                             modes.append((on_device, scales, zeros, 3, "on the device, a body per view, ring 3", 3))
                     for planes, sc, zp, dispatch, how, stages in modes:
@@ -270,8 +273,10 @@ def time_shapes(copies, reps, sweep=False, deep=False):
     same view read by the kernel on the device (a routed token's path) at that config: ``on_device_us`` whole
     fields with absent planes predicated off, ``dispatch_us`` a compiled body per view of 3-8 planes,
     ``dispatch128_us`` the same capped at 128 registers; ``ringS_us``: the view compiled in with its words through
-    a ring of ``S`` groups in shared memory (``cp.async``) at the best batch and split. ``pct_copy``: of the copy
-    bandwidth of ``kernel_bench.copy_bandwidth`` (decode_bench's), measured in the same run."""
+    a ring of ``S`` groups in shared memory (``cp.async``) at the best batch and split; ``tma_sS_us``: every word of
+    a program by one TMA load (waited for once), at the best batch and ``S`` splits (the best's and twice it).
+    ``pct_copy``: of the copy bandwidth of ``kernel_bench.copy_bandwidth`` (decode_bench's), measured in the same
+    run."""
     from functools import partial
 
     import pandas as pd
@@ -328,6 +333,10 @@ def time_shapes(copies, reps, sweep=False, deep=False):
                 fns = [partial(frag_gemv, w, scales, zeros, x, out, best[2], on_device, best[0], best[1],
                                **extra) for w in words]  # fmt: skip
                 t_dev[mode] = sp.graph_time(fns, reps)
+            for s in (best[2], 2 * best[2]):  # every word of a program by one TMA load, at the best batch
+                if s in split_choices(k, best[0], 64) and p * (g // s) * 2048 <= BULK_SMEM_MAX:
+                    fns = [partial(frag_gemv, w, sc, zp, x, out, s, p, best[0], False, stages=-1) for w in words]
+                    t_dev[f"tma_s{s}_us"] = sp.graph_time(fns, reps)
             for st in RINGS:  # the words through shared memory instead of the prefetch, at the best batch and split
                 fns = [partial(frag_gemv, w, sc, zp, x, out, best[2], p, best[0], False, stages=st)
                        for w in words]  # fmt: skip
@@ -360,7 +369,9 @@ def main(argv=None):
                     help="planes of the view (count); 0: read on the device, 8 planes packed")  # fmt: skip
     ap.add_argument("--batch", type=int, default=BATCH_GROUPS, choices=(1, 2, 4, 8), help="groups an accumulator")
     ap.add_argument("--dispatch", type=int, default=None, help="--planes 0: a compiled body per view from this many")
-    ap.add_argument("--stages", type=int, default=0, help="a ring of this many groups in shared memory (cp.async)")
+    ap.add_argument("--stages", type=int, default=0,
+                    help="a ring of this many groups in shared memory (cp.async); -1: a program's words by one "
+                    "TMA load")  # fmt: skip
     ap.add_argument("--routed", action="store_true", help="--dispatch: the view counted from gate values in the kernel")
     ap.add_argument("--package", action="store_true", help="count as the package launches it (fp16 out, bias)")
     ap.add_argument("--prefetch", type=int, nargs="?", const=1, default=0, choices=(0, 1, 2),

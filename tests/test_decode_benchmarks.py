@@ -340,14 +340,16 @@ def test_gluon_proto_kernel_emulated_gives_w_x():
         (4, 1, ["--package", "--prefetch"]),
         (0, 2, ["--package", "--dispatch", "3"]),
         (0, 1, ["--package", "--dispatch", "3", "--routed"]),
+        (4, 2, ["--package", "--stages", "-1"]),
     ],
-    ids=["4", "6_split", "device", "package_4", "package_dispatch_split", "package_routed"],
+    ids=["4", "6_split", "device", "package_4", "package_dispatch_split", "package_routed", "package_tma"],
 )
 def test_gluon_proto_compiles_for_sm90(planes, splits, more):
     """``gluon_proto.py``'s kernel compiles for sm_90 offline (its A operand needs no data movement:
     ``convert_layout(assert_trivial=True)``), no spill inside its group loop, and reports the loop's instructions a
     code; with K splits (the atomic-add epilogue), the view read on the device (``--planes 0``) and as the package
-    launches it (``mobiquant.kernels.gluon_fragment``: fp16 output and bias, a body per device view) too."""
+    launches it (``mobiquant.kernels.gluon_fragment``: fp16 output and bias, a body per device view; a program's
+    words by one TMA load, ``--stages -1``) too."""
     import os
     import subprocess
 

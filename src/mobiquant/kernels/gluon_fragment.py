@@ -43,11 +43,16 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as ttgl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
 from .triton_bitplane import planes_of_views
 
 #: a barrier of the CTA's threads: ``thread_barrier`` in triton 3.6, ``barrier`` since
 _cta_barrier = getattr(ttgl, "thread_barrier", None) or ttgl.barrier
+#: a TMA load into shared memory: ``async_copy_global_to_shared`` in triton 3.6, ``async_load`` since
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+#: shared memory views re-read under another shape: ``_reinterpret`` in triton 3.6, ``reinterpret`` since
+_REINTERPRET_PUBLIC = hasattr(ttgl.shared_memory_descriptor, "reinterpret")
 
 GROUP = 128
 PLANES = 4
@@ -363,15 +368,53 @@ def _group_sums(x_ptr, c0, g0, BATCH: ttgl.constexpr, XL: ttgl.constexpr, MMA: t
 
 
 @gluon.jit
+def _bulk_load(desc, pid, g_lo, P: ttgl.constexpr, GSC: ttgl.constexpr, PUBLIC: ttgl.constexpr):
+    """Every word a program reads, planes ``0 .. P`` of its ``GSC`` groups, by one TMA load into shared memory
+    (``desc``: the pack as ``[planes, G, NB * 2, 256]``), waited for on one mbarrier; returned as ``[P * GSC, 128, 4]``
+    (plane ``e`` of the program's group ``j`` at ``e * GSC + j``; a thread's 4 words consecutive, as in registers)."""
+    SL4: ttgl.constexpr = ttgl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=4)
+    buf = ttgl.allocate_shared_memory(ttgl.int32, [P, GSC, 2, 256], SL4)
+    bar = ttgl.allocate_shared_memory(ttgl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(bar, count=1)
+    fence_async_shared()
+    mbarrier.expect(bar, P * GSC * 2048)
+    _tma_load(desc, [0, g_lo, pid * 2, 0], bar, buf)
+    mbarrier.wait(bar, 0)
+    RL: ttgl.constexpr = ttgl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
+    if PUBLIC:
+        flat = buf.reinterpret(ttgl.int32, [P * GSC, 128, 4], RL)
+    else:
+        flat = buf._reinterpret(ttgl.int32, [P * GSC, 128, 4], RL)
+    return flat
+
+
+@gluon.jit
+def _bulk_field(flat, j, E0: ttgl.constexpr, NF: ttgl.constexpr, GSC: ttgl.constexpr, VL: ttgl.constexpr):
+    """:func:`_load_field`'s raw words of a field of the program's group ``j``, read from :func:`_bulk_load`'s."""
+    w0 = flat.index(E0 * GSC + j).load(VL)
+    w1 = w0
+    w2 = w0
+    w3 = w0
+    if NF >= 2:
+        w1 = flat.index((E0 + 1) * GSC + j).load(VL)
+    if NF >= 3:
+        w2 = flat.index((E0 + 2) * GSC + j).load(VL)
+    if NF >= 4:
+        w3 = flat.index((E0 + 3) * GSC + j).load(VL)
+    return w0, w1, w2, w3
+
+
+@gluon.jit
 def _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PSTRIDE, G, g_lo, GS, p, mult,
                 zm, hk, P: ttgl.constexpr, W0: ttgl.constexpr, W1: ttgl.constexpr, BN: ttgl.constexpr,
                 BATCH: ttgl.constexpr, PREFETCH: ttgl.constexpr, LW: ttgl.constexpr, AL: ttgl.constexpr,
                 BL: ttgl.constexpr, MMA: ttgl.constexpr, smem, STAGES: ttgl.constexpr, SSTRIDE: ttgl.constexpr,
-                VL: ttgl.constexpr, XL: ttgl.constexpr):  # fmt: skip
+                VL: ttgl.constexpr, XL: ttgl.constexpr, GSC: ttgl.constexpr):  # fmt: skip
     """A program's ``[BN, 8]`` sums over groups ``g_lo .. g_lo + GS`` (their columns summed by the caller) of the
     view of ``P`` planes (compiled in) or, ``P == 0``, of ``p`` read on the device (whole fields, absent planes
     predicated off). ``STAGES`` > 0 (``P`` > 0): the words stream through a ring of that many groups in shared
-    memory (``cp.async``, ``STAGES - 1`` groups in flight ahead of the decode) instead of registers."""
+    memory (``cp.async``, ``STAGES - 1`` groups in flight ahead of the decode) instead of registers; -1: all ``GSC``
+    groups' words are in ``smem`` already (:func:`_bulk_load`), the activations one group ahead in registers."""
     if P == 0:
         w0 = (1 << (p + 4)).to(ttgl.float32) * (1.0 / 256.0)  # 2^(p - 4)
     total = ttgl.zeros([BN, 8], ttgl.float32, MMA)
@@ -379,6 +422,8 @@ def _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PST
     if STAGES > 0:
         for s in ttgl.static_range(STAGES - 1):
             _stage_issue(smem, w_ptr, vofs, ttgl.minimum(g_lo + s, g_last), s, NB, PSTRIDE, P, SSTRIDE)
+    elif STAGES < 0:
+        xnx = ttgl.load(x_ptr + g_lo * 128 + xofs, mask=xn == g_lo % 8, other=0.0) * xsc
     elif PREFETCH:
         nxt = _load_group(w_ptr, x_ptr, vofs, xofs, xn, xsc, g_lo, NB, PSTRIDE, P, p)
         if PREFETCH >= 2:
@@ -398,6 +443,15 @@ def _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PST
                     f1 = _stage_field(smem, j % STAGES, 4, P - 4, SSTRIDE, VL)
                 gi = g0 + i
                 cur = (f0, f1, ttgl.load(x_ptr + gi * 128 + xofs, mask=xn == gi % 8, other=0.0) * xsc)
+            elif STAGES < 0:
+                j = g0 + i - g_lo
+                f0 = _bulk_field(smem, j, 0, min(P, 4), GSC, VL)
+                f1 = f0
+                if P > 4:
+                    f1 = _bulk_field(smem, j, 4, P - 4, GSC, VL)
+                cur = (f0, f1, xnx)
+                g1 = ttgl.minimum(g0 + i + 1, g_last)
+                xnx = ttgl.load(x_ptr + g1 * 128 + xofs, mask=xn == g1 % 8, other=0.0) * xsc
             elif PREFETCH >= 2:  # two groups in flight under this one's decode
                 cur = nxt
                 nxt = nxt2
@@ -449,7 +503,8 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
                      B0: ttgl.constexpr, MULT: ttgl.constexpr, ZM: ttgl.constexpr, HK: ttgl.constexpr,
                      OUT_MODE: ttgl.constexpr, bias_ptr, HAS_BIAS: ttgl.constexpr, part_ptr, lock_ptr,
                      v_ptr, tau_ptr, KMODE: ttgl.constexpr, KV: ttgl.constexpr,
-                     VIEWS: ttgl.constexpr):  # fmt: skip
+                     VIEWS: ttgl.constexpr, w_desc, BULK_GS: ttgl.constexpr,
+                     PUBLIC: ttgl.constexpr):  # fmt: skip
     # KMODE (P == -1): 0 p_ptr holds the view's planes; 1 its k (1-based); 2 k = 1 + #(v_ptr[e] > tau) over KV gate
     # values, in the values' dtype. VIEWS: view k's planes minus one in bits 3 (k - 1) .. 3 (k - 1) + 2
     # the step applied as scale mult (C - zero zm - hk): MULT, ZM, HK for a view compiled in; with PKG the package's
@@ -510,6 +565,8 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
     SL: ttgl.constexpr = ttgl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
     if STAGES > 0:
         smem = ttgl.allocate_shared_memory(ttgl.int32, [STAGES * SSTRIDE, BN, 4], SL)  # the words' ring
+    elif STAGES < 0:  # every word of the program by one TMA load (a view compiled in)
+        smem = _bulk_load(w_desc, pid, g_lo, P, BULK_GS, PUBLIC)
     else:
         smem = 0
     if P == -1:  # the view read on the device, one compiled body per view from PMIN planes up
@@ -533,7 +590,7 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
                 total = _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PSTRIDE, G,
                                     g_lo, GS, q, 1.0 / (1 << SHQ), 1.0 * (1 << SHQ), ((1 << SHQ) - 1) / 2, q,
                                     (1 << (q + 4)) / 256, (1 << (q + 4)) / 4096, BN, BATCH, PREFETCH, LW, AL, BL, MMA,
-                                    smem, STAGES, SSTRIDE, VL, XL)  # fmt: skip
+                                    smem, STAGES, SSTRIDE, VL, XL, BULK_GS)  # fmt: skip
     else:
         if P == 0:
             p = ttgl.load(p_ptr)
@@ -551,7 +608,7 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
             hkr = HK
         total = _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PSTRIDE, G, g_lo, GS,
                             p, multr, zmr, hkr, P, W0, W1, BN, BATCH, PREFETCH, LW, AL, BL, MMA, smem, STAGES, SSTRIDE,
-                            VL, XL)  # fmt: skip
+                            VL, XL, BULK_GS)  # fmt: skip
     y = ttgl.sum(total, axis=1)
     if OUT_MODE == 2:
         ns = ttgl.num_programs(1)
@@ -584,7 +641,8 @@ def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_
     element (the view read by the kernel; ``scale``/``zero`` then ``[planes of the pack, N, G]``, view ``p`` at
     ``p - 1``). ``dispatch``, with a device view: None decodes whole fields with the absent planes predicated off;
     an int ``PMIN`` branches to a compiled body per view of ``PMIN`` planes to the pack's. ``stages`` > 1: the words
-    through a ring of that many groups in shared memory (not with whole fields on the device). ``b0``: the step
+    through a ring of that many groups in shared memory (not with whole fields on the device); -1: all of a
+    program's words by one TMA load into shared memory, waited for once (a view compiled in; sm_90+). ``b0``: the step
     applied as the package's (view ``p``'s code ``B = p - b0`` bits finer than the base slice of ``b0`` bits); else
     ``W = scale (C - zero)``. ``n_out``: rows written (default all); ``out_mode`` 1: ``out`` in its own dtype plus
     ``bias`` (one split only); 2: the same over splits, summed by the last split of each row block (``part``: fp32
@@ -616,8 +674,20 @@ def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_
         wts = [wt for _, _, wt in field_planes(planes)] + [0.0]
     n_out = n if n_out is None else n_out
     args = (words, scale, zero, x, out, p_ptr, n, n_out, words[0].numel(), vstride, g, g // splits)
-    if stages and (pc == 0 or stages < 2):
-        raise ValueError(f"stages={stages}: a ring of at least 2 groups, for a view compiled in or dispatched")
+    if stages and (pc == 0 or stages < -1 or stages == 1 or (stages < 0 and pc < 0)):
+        raise ValueError(f"stages={stages}: a ring of at least 2 groups, for a view compiled in or dispatched, or -1 "
+                         "(every group of a program by one TMA load) for a view compiled in")  # fmt: skip
+    desc, bulk = words, 0
+    if stages < 0:
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+        bulk = g // splits
+        if pc * bulk * 2048 > BULK_SMEM_MAX:
+            raise ValueError(f"stages=-1: {pc} planes x {bulk} groups a program need {pc * bulk * 2} KiB of shared "
+                             f"memory, at most {BULK_SMEM_MAX // 1024} KiB: take more K splits")  # fmt: skip
+        w4 = words.view(words.shape[0], g, words.shape[2] * 2, 256)
+        lay = ttgl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=4)
+        desc = TensorDescriptor(w4, list(w4.shape), list(w4.stride()), [pc, bulk, 2, 256], lay)
     if (out_mode == 1 and splits > 1) or (out_mode == 2 and (splits < 2 or part is None or locks is None)):
         raise ValueError("out_mode 1 takes one split; 2 takes several, a part buffer and tickets")
     sh = planes - b0 if b0 is not None and pc > 0 else 0
@@ -627,6 +697,7 @@ def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_
               PMAX=words.shape[0])  # fmt: skip
     kw.update(STAGES=stages, PKG=b0 is not None, B0=b0 or 0, MULT=2.0**-sh, ZM=2.0**sh, HK=(2.0**sh - 1) / 2)
     kw.update(OUT_MODE=out_mode, bias_ptr=out if bias is None else bias, HAS_BIAS=bias is not None)
+    kw.update(w_desc=desc, BULK_GS=bulk, PUBLIC=_REINTERPRET_PUBLIC)
     kw.update(part_ptr=out if part is None else part, lock_ptr=out if locks is None else locks)
     kmode, kv, code = 0, 0, 0
     if views is not None:
@@ -671,6 +742,8 @@ TARGET_PROGRAMS = 448
 #: Weights (rows x inputs) from which a view read on the device compiles with at most 128 registers: measured 1.3x
 #: faster on the 8B gate/up and down, slower on the 4096 x 4096 q/o (docs/RESULTS.md)
 BIG_LAUNCH = 1 << 25
+#: shared memory a program may fill with one TMA load (``stages=-1``), of the H200's 227 KiB
+BULK_SMEM_MAX = 200 * 1024
 _FRAG_CACHE: dict[int, tuple[torch.Tensor, FragPlanes]] = {}
 _FRAG_CACHE_MAX = 256
 
