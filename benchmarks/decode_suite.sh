@@ -12,8 +12,9 @@
 #            launched or its k on the device (--routed-parts), then $STACK_CONFIG
 #   gluon    (only when named) benchmarks/gluon_proto.py --check --time: the fragment-native Gluon GEMV prototype
 #            against PyTorch, then the 8B shapes beside the package's 4-bit view and fp16 cuBLAS
-#   fragment (only when named) its GPU tests, then the stack with the fragment-native Gluon kernel
-#            (SmallConfig.fragment) beside the default, in one run ($FRAGMENT_CONFIG)
+#   fragment (only when named) its GPU tests, then the stack with the fragment-native Gluon kernel wherever it
+#            serves ($FRAGMENT_CONFIG) beside the default (the library's rule), then the rule with routed views
+#            of the large launches on it too ($FRAGDEV_CONFIG)
 #   package  (only when named) the 8B-shaped stack inside a Hugging Face model patched by the package: its decode path
 #            (captured graphs, one launch per router site, fused inputs) against the same model in fp16
 #   kernels  single linears, one token, graph-replayed: stream-K and whole-K with and without pdl / l2_prefetch /
@@ -49,6 +50,8 @@ STACK_CONFIG=${STACK_CONFIG:-",,4,,0,,1,,1"}
 E2E_CONFIGS=${E2E_CONFIGS:-",,4,,0,,1,,0;,,4,,0,,1,,1"}
 # the library's grid rule with reduce_launch and the fragment-native Gluon kernel (fragment stage)
 FRAGMENT_CONFIG=${FRAGMENT_CONFIG:-",,4,,0,,1,,0,0,0,1,1"}
+# the library's rule (static views of 3-4 and 7-8 planes) plus routed views of the launches from 2^25 weights up
+FRAGDEV_CONFIG=${FRAGDEV_CONFIG:-",,4,,0,,1,,0,0,0,1,2"}
 # gluon_proto.py's arguments (gluon stage): checked against PyTorch, then BEST's configs timed
 GLUON_ARGS=${GLUON_ARGS:-"--check --time"}
 # the package's one-token GEMV on the stream-K grid with the ticket store, then with the second launch (the default)
@@ -107,7 +110,9 @@ stage() {
       # serves, reduce_launch kept), beside the default in the same run
       run_stage fragment_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gluon_fragment.py
       run_stage stack_fragment 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --bits --no-package \
-        --bits-config "$FRAGMENT_CONFIG" --out "$RES/stack_fragment" ;;
+        --bits-config "$FRAGMENT_CONFIG" --out "$RES/stack_fragment"
+      run_stage stack_fragdev 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --bits --no-package \
+        --bits-config "$FRAGDEV_CONFIG" --out "$RES/stack_fragdev" ;;
     package)
       run_stage package 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed --fuse-inputs \
         --out "$RES/package" ;;

@@ -139,6 +139,9 @@ def test_fragment_default_follows_the_stack():
     assert [tb._fragment_wanted(auto, bp, k) for k in (1, 2, 3, 4, 5, 6, None)] == [1, 1, 0, 0, 1, 1, 0]
     assert all(tb._fragment_wanted(on, bp, k) for k in (3, None))
     assert not any(tb._fragment_wanted(off, bp, k) for k in (1, 6))
+    big = tb.SmallConfig(fragment_device_from=1 << 17)  # device views of launches from 2^17 weights (this 128 x 1024)
+    assert tb._fragment_wanted(big, bp, None) and not tb._fragment_wanted(tb.SmallConfig(fragment_device_from=1 << 18),
+                                                                           bp, None)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------- GPU

@@ -2530,6 +2530,11 @@ class SmallConfig:
     # planes nor views read or counted on the device (routed budget 4: 492 against 470 us a token; docs/RESULTS.md
     # "The fragment-native Gluon GEMV on the H200").
     fragment: bool | None = None
+    # with fragment None: views read or counted on the device (routed budgets) also take the fragment kernel in
+    # launches of at least this many weights (rows x inputs; 2^25 covers the 8B gate/up and down, not the q/o, where
+    # a device view measured 16.6 us at 4 planes on the 8B gate/up against 18.2 for the one-bit plane kernel's static
+    # view); None: never (not yet measured in the stack)
+    fragment_device_from: int | None = None
 
 
 @dataclass(frozen=True)
@@ -3151,7 +3156,10 @@ def _fragment_wanted(cfg: SmallConfig, bp: BitPlanes, ksel: int | None) -> bool:
     """Whether ``cfg.fragment`` asks for the fragment kernel for view ``ksel`` (None: a view on the device)."""
     if cfg.fragment is not None:
         return cfg.fragment
-    return ksel is not None and ksel > 0 and planes_of_views(bp.slice_bits)[ksel - 1] not in (5, 6)
+    if not ksel:
+        big = cfg.fragment_device_from
+        return big is not None and bp.out_features * bp.in_features >= big
+    return planes_of_views(bp.slice_bits)[ksel - 1] not in (5, 6)
 
 
 def _fragment_ok(bp: BitPlanes, x2: torch.Tensor) -> bool:
