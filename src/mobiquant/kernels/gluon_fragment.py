@@ -331,18 +331,19 @@ def _stage_issue(smem, w_ptr, vofs, g, slot, NB, PSTRIDE, NPL: ttgl.constexpr, S
 
 
 @gluon.jit
-def _stage_field(smem, slot, E0: ttgl.constexpr, NF: ttgl.constexpr, SSTRIDE: ttgl.constexpr, VL: ttgl.constexpr):
-    """:func:`_load_field`'s raw words of a field, read back from ring slot ``slot`` (each thread its own)."""
-    w0 = smem.index(slot * SSTRIDE + E0).load(VL)
+def _smem_field(smem, base, stride, E0: ttgl.constexpr, NF: ttgl.constexpr, VL: ttgl.constexpr):
+    """:func:`_load_field`'s raw words of a field read back from shared memory (each thread its own): plane ``e`` at
+    ``smem.index(base + e stride)``: a ring slot's planes (``stride`` 1), or a group's in :func:`_bulk_load`'s."""
+    w0 = smem.index(base + E0 * stride).load(VL)
     w1 = w0
     w2 = w0
     w3 = w0
     if NF >= 2:
-        w1 = smem.index(slot * SSTRIDE + E0 + 1).load(VL)
+        w1 = smem.index(base + (E0 + 1) * stride).load(VL)
     if NF >= 3:
-        w2 = smem.index(slot * SSTRIDE + E0 + 2).load(VL)
+        w2 = smem.index(base + (E0 + 2) * stride).load(VL)
     if NF >= 4:
-        w3 = smem.index(slot * SSTRIDE + E0 + 3).load(VL)
+        w3 = smem.index(base + (E0 + 3) * stride).load(VL)
     return w0, w1, w2, w3
 
 
@@ -389,22 +390,6 @@ def _bulk_load(desc, pid, g_lo, P: ttgl.constexpr, GSC: ttgl.constexpr, PUBLIC: 
 
 
 @gluon.jit
-def _bulk_field(flat, j, E0: ttgl.constexpr, NF: ttgl.constexpr, GSC: ttgl.constexpr, VL: ttgl.constexpr):
-    """:func:`_load_field`'s raw words of a field of the program's group ``j``, read from :func:`_bulk_load`'s."""
-    w0 = flat.index(E0 * GSC + j).load(VL)
-    w1 = w0
-    w2 = w0
-    w3 = w0
-    if NF >= 2:
-        w1 = flat.index((E0 + 1) * GSC + j).load(VL)
-    if NF >= 3:
-        w2 = flat.index((E0 + 2) * GSC + j).load(VL)
-    if NF >= 4:
-        w3 = flat.index((E0 + 3) * GSC + j).load(VL)
-    return w0, w1, w2, w3
-
-
-@gluon.jit
 def _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PSTRIDE, G, g_lo, GS, p, mult,
                 zm, hk, P: ttgl.constexpr, W0: ttgl.constexpr, W1: ttgl.constexpr, BN: ttgl.constexpr,
                 BATCH: ttgl.constexpr, PREFETCH: ttgl.constexpr, LW: ttgl.constexpr, AL: ttgl.constexpr,
@@ -437,18 +422,18 @@ def _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PST
                 _stage_issue(smem, w_ptr, vofs, ttgl.minimum(g0 + i + STAGES - 1, g_last), (j + STAGES - 1) % STAGES,
                              NB, PSTRIDE, P, SSTRIDE)  # fmt: skip
                 async_copy.wait_group(STAGES - 1)  # group g0 + i's copies have landed
-                f0 = _stage_field(smem, j % STAGES, 0, min(P, 4), SSTRIDE, VL)
+                f0 = _smem_field(smem, (j % STAGES) * SSTRIDE, 1, 0, min(P, 4), VL)
                 f1 = f0
                 if P > 4:
-                    f1 = _stage_field(smem, j % STAGES, 4, P - 4, SSTRIDE, VL)
+                    f1 = _smem_field(smem, (j % STAGES) * SSTRIDE, 1, 4, P - 4, VL)
                 gi = g0 + i
                 cur = (f0, f1, ttgl.load(x_ptr + gi * 128 + xofs, mask=xn == gi % 8, other=0.0) * xsc)
             elif STAGES < 0:
                 j = g0 + i - g_lo
-                f0 = _bulk_field(smem, j, 0, min(P, 4), GSC, VL)
+                f0 = _smem_field(smem, j, GSC, 0, min(P, 4), VL)
                 f1 = f0
                 if P > 4:
-                    f1 = _bulk_field(smem, j, 4, P - 4, GSC, VL)
+                    f1 = _smem_field(smem, j, GSC, 4, P - 4, VL)
                 cur = (f0, f1, xnx)
                 g1 = ttgl.minimum(g0 + i + 1, g_last)
                 xnx = ttgl.load(x_ptr + g1 * 128 + xofs, mask=xn == g1 % 8, other=0.0) * xsc
