@@ -142,6 +142,7 @@ def test_fragment_default_follows_the_stack():
     big = tb.SmallConfig(fragment_device_from=1 << 17)  # device views of launches from 2^17 weights (this 128 x 1024)
     assert tb._fragment_wanted(big, bp, None) and not tb._fragment_wanted(tb.SmallConfig(fragment_device_from=1 << 18),
                                                                            bp, None)  # fmt: skip
+    assert not tb._fragment_wanted(tb.SmallConfig(fragment_static_from=1 << 18), bp, 2)  # static, below the floor
 
 
 # ------------------------------------------------------------------------------------------------------- GPU

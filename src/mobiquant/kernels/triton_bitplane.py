@@ -2535,6 +2535,10 @@ class SmallConfig:
     # a device view measured 16.6 us at 4 planes on the 8B gate/up against 18.2 for the one-bit plane kernel's static
     # view); None: never (not yet measured in the stack)
     fragment_device_from: int | None = None
+    # with fragment None: the rule's static views take the fragment kernel only in launches of at least this many
+    # weights (0: all; alone, the 4096 x 4096 q/o at 3-4 planes ran 10.0-10.4 us on it against 7.6-9.3 on the one-bit
+    # plane kernel; not yet measured in the stack)
+    fragment_static_from: int = 0
 
 
 @dataclass(frozen=True)
@@ -3159,7 +3163,8 @@ def _fragment_wanted(cfg: SmallConfig, bp: BitPlanes, ksel: int | None) -> bool:
     if not ksel:
         big = cfg.fragment_device_from
         return big is not None and bp.out_features * bp.in_features >= big
-    return planes_of_views(bp.slice_bits)[ksel - 1] not in (5, 6)
+    big = bp.out_features * bp.in_features >= cfg.fragment_static_from
+    return big and planes_of_views(bp.slice_bits)[ksel - 1] not in (5, 6)
 
 
 def _fragment_ok(bp: BitPlanes, x2: torch.Tensor) -> bool:
