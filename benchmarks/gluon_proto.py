@@ -269,7 +269,8 @@ def time_shapes(copies, reps, sweep=False, deep=False):
     """us per launch in a CUDA graph of ``reps`` launches over ``copies`` weight copies (past L2): this kernel at
     each view of an 8-plane pack (its fastest K split), the package's one-bit plane GEMV at the same view of
     [3, 1, 1, 1, 1, 1] (the same planes), fp16 cuBLAS. ``config``: the fastest (batch, groups prefetched, K splits)
-    of :data:`CONFIGS` (``sweep``) or :data:`BEST`'s (``deep``: and BEST's batch with two groups prefetched). The
+    of :data:`CONFIGS` (``sweep``) or :data:`BEST`'s at its split and twice it (``deep``: and BEST's batch with two
+    groups prefetched). The
     same view read by the kernel on the device (a routed token's path) at that config: ``on_device_us`` whole
     fields with absent planes predicated off, ``dispatch_us`` a compiled body per view of 3-8 planes,
     ``dispatch128_us`` the same capped at 128 registers; ``ringS_us``: the view compiled in with its words through
@@ -316,8 +317,10 @@ def time_shapes(copies, reps, sweep=False, deep=False):
             sc, zp = scales[p - 1], zeros[p - 1]
             t_split = {}  # (batch, prefetch, splits) -> us; with splits > 1 each launch's zeroing of out timed with it
             for batch, pf in CONFIGS if sweep else [BEST[name, p][:2]]:
-                for s in split_choices(k, batch, 64) if sweep else [BEST[name, p][2]]:
-                    if 64 <= s * n // BLOCK_N <= 4096:
+                # without sweep: BEST's split and twice it (the kernel's registers, so its programs an SM, changed
+                # since BEST was measured)
+                for s in split_choices(k, batch, 64) if sweep else [BEST[name, p][2], 2 * BEST[name, p][2]]:
+                    if s in split_choices(k, batch, 64) and 64 <= s * n // BLOCK_N <= 4096:
                         fns = [partial(frag_gemv, w, sc, zp, x, out, s, p, batch, pf) for w in words]
                         t_split[batch, pf, s] = sp.graph_time(fns, reps)
             if deep and not sweep:  # two groups in flight: the best's batch at its split and at half of it
