@@ -11,7 +11,8 @@
 #            and 8 bits (if importable: bare_gpu.sh bundle carries its wheel) and each view with its routers
 #            launched or its k on the device (--routed-parts), then $STACK_CONFIG
 #   gluon    (only when named) benchmarks/gluon_proto.py --check --time: the fragment-native Gluon GEMV prototype
-#            against PyTorch, then the 8B shapes beside the package's 4-bit view and fp16 cuBLAS
+#            against PyTorch, then the 8B shapes beside the package's 4-bit view and fp16 cuBLAS; then --tma (one
+#            TMA load a program, checked and timed in its own process)
 #   fragment (only when named) its GPU tests, then the stack with the fragment-native Gluon kernel wherever it
 #            serves ($FRAGMENT_CONFIG) beside the default (the library's rule), then the rule with routed views
 #            of the large launches on it too ($FRAGDEV_CONFIG), then both only on the large launches
@@ -107,7 +108,9 @@ stage() {
         --bits-configs "$E2E_CONFIGS" --out "$RES/e2e" ;;
     gluon)
       # shellcheck disable=SC2086  # the arguments split on spaces
-      run_stage gluon 600 "$PY" benchmarks/gluon_proto.py $GLUON_ARGS ;;
+      run_stage gluon 600 "$PY" benchmarks/gluon_proto.py $GLUON_ARGS
+      # one TMA load a program (stages=-1): checked and timed in its own process
+      run_stage gluon_tma 420 "$PY" benchmarks/gluon_proto.py --tma ;;
     fragment)
       # the package path's GPU tests, then the stack with SmallConfig(fragment=True) (the Gluon kernel where it
       # serves, reduce_launch kept), beside the default in the same run

@@ -251,8 +251,6 @@ def check():
                         modes.append((on_device, scales, zeros, 3, "on the device, a body per view", 0))
                     if (batch, prefetch) == CONFIGS[0]:
                         modes.append((p, scales[p - 1], zeros[p - 1], None, "compiled in, a ring of 3", 3))
-                        if p * (k // GROUP // splits) * 2048 <= BULK_SMEM_MAX:
-                            modes.append((p, scales[p - 1], zeros[p - 1], None, "compiled in, one TMA load", -1))
                         if p >= 3:
                             modes.append((on_device, scales, zeros, 3, "on the device, a body per view, ring 3", 3))
                     for planes, sc, zp, dispatch, how, stages in modes:
@@ -274,8 +272,7 @@ def time_shapes(copies, reps, sweep=False, deep=False):
     same view read by the kernel on the device (a routed token's path) at that config: ``on_device_us`` whole
     fields with absent planes predicated off, ``dispatch_us`` a compiled body per view of 3-8 planes,
     ``dispatch128_us`` the same capped at 128 registers; ``ringS_us``: the view compiled in with its words through
-    a ring of ``S`` groups in shared memory (``cp.async``) at the best batch and split; ``tma_sS_us``: every word of
-    a program by one TMA load (waited for once), at the best batch and ``S`` splits (the best's and twice it).
+    a ring of ``S`` groups in shared memory (``cp.async``) at the best batch and split.
     ``pct_copy``: of the copy bandwidth of ``kernel_bench.copy_bandwidth`` (decode_bench's), measured in the same
     run."""
     from functools import partial
@@ -336,10 +333,6 @@ def time_shapes(copies, reps, sweep=False, deep=False):
                 fns = [partial(frag_gemv, w, scales, zeros, x, out, best[2], on_device, best[0], best[1],
                                **extra) for w in words]  # fmt: skip
                 t_dev[mode] = sp.graph_time(fns, reps)
-            for s in (best[2], 2 * best[2]):  # every word of a program by one TMA load, at the best batch
-                if s in split_choices(k, best[0], 64) and p * (g // s) * 2048 <= BULK_SMEM_MAX:
-                    fns = [partial(frag_gemv, w, sc, zp, x, out, s, p, best[0], False, stages=-1) for w in words]
-                    t_dev[f"tma_s{s}_us"] = sp.graph_time(fns, reps)
             for st in RINGS:  # the words through shared memory instead of the prefetch, at the best batch and split
                 fns = [partial(frag_gemv, w, sc, zp, x, out, best[2], p, best[0], False, stages=st)
                        for w in words]  # fmt: skip
@@ -364,6 +357,52 @@ def time_shapes(copies, reps, sweep=False, deep=False):
     return df
 
 
+def tma_run(copies, reps):
+    """Every word of a program by one TMA load (``stages=-1``), alone in its own process (a fault cannot take the
+    other measurements with it): checked against PyTorch in float64 on each shape at BEST's batch, every split that
+    fits shared memory; then timed there beside the register path at BEST's config, over ``copies`` weight copies."""
+    from functools import partial
+
+    import pandas as pd
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import stream_pattern as sp
+
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for name, (n, k) in SHAPES.items():
+        g = k // GROUP
+        codes, _, _ = _random_layer(n, k, gen, 8)
+        x = torch.randn(k, generator=gen).half()
+        words = [pack_fragment(codes, 8).cuda()] + [
+            torch.randint(-(2**31), 2**31 - 1, (8, g, n // BLOCK_N, BLOCK_N * 4), dtype=torch.int32, device="cuda")
+            for _ in range(copies - 1)
+        ]
+        for p in VIEWS:
+            _, scale, zero = _random_layer(n, k, gen, p)
+            c = (codes >> (8 - p)).double().reshape(n, -1, GROUP)
+            ref = ((c - zero.double()[:, :, None]) * scale.double()[:, :, None]).reshape(n, k) @ x.double()
+            sc, zp, xc, out = scale.cuda(), zero.cuda(), x.cuda(), torch.empty(n, device="cuda")
+            batch, pf, s0 = BEST[name, p]
+            base = sp.graph_time([partial(frag_gemv, w, sc, zp, xc, out, s0, p, batch, pf) for w in words], reps)
+            for s in split_choices(k, batch, 64):
+                if p * (g // s) * 2048 > BULK_SMEM_MAX or not 64 <= s * n // BLOCK_N <= 4096:
+                    continue
+                y = frag_gemv(words[0], sc, zp, xc, None, s, p, batch, 0, stages=-1)
+                err = float((y.double().cpu() - ref).abs().max() / ref.abs().max())
+                t = sp.graph_time([partial(frag_gemv, w, sc, zp, xc, out, s, p, batch, 0, stages=-1) for w in words],
+                                  reps)  # fmt: skip
+                rows.append(dict(shape=name, bits=p, batch=batch, splits=s, tma_us=t, best_us=base, err=err,
+                                 x_best=base / t))  # fmt: skip
+                print("row " + " ".join(f"{c}={v:.3g}" if isinstance(v, float) else f"{c}={v}"
+                                        for c, v in rows[-1].items()), flush=True)  # fmt: skip
+        del words
+        torch.cuda.empty_cache()
+    df = pd.DataFrame(rows)
+    print(df.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    return df
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=4096, help="rows (offline count)")
@@ -384,10 +423,11 @@ def main(argv=None):
     ap.add_argument("--time", action="store_true", help="on a GPU: 8B shapes beside the package and fp16 cuBLAS")
     ap.add_argument("--sweep", action="store_true", help="--time: every config of CONFIGS (else BEST's)")
     ap.add_argument("--deep", action="store_true", help="--time: also BEST's batch with two groups prefetched")
+    ap.add_argument("--tma", action="store_true", help="on a GPU: one TMA load a program, checked and timed alone")
     ap.add_argument("--copies", type=int, default=8, help="--time: weight copies (past L2)")
     ap.add_argument("--reps", type=int, default=32, help="--time: launches a graph")
     a = ap.parse_args(argv)
-    if not (a.check or a.time):
+    if not (a.check or a.time or a.tma):
         if a.in_features % (GROUP * BATCH_GROUPS) or a.n % BLOCK_N:
             ap.error(f"--in-features must be a multiple of 1024 and --n of {BLOCK_N}")
         if a.splits not in split_choices(a.in_features, a.batch, a.in_features):
@@ -395,11 +435,13 @@ def main(argv=None):
         count(a.n, a.in_features, a.splits, a.planes, a.batch, a.prefetch, a.dispatch, a.stages, a.package, a.routed)
         return 0
     if not torch.cuda.is_available():
-        ap.error("--check and --time need a CUDA GPU")
+        ap.error("--check, --time and --tma need a CUDA GPU")
     if a.check:
         check()
     if a.time:
         time_shapes(a.copies, a.reps, a.sweep, a.deep)
+    if a.tma:
+        tma_run(a.copies, a.reps)
     return 0
 
 
