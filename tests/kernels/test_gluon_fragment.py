@@ -130,6 +130,24 @@ def test_fragment_config_needs_a_gpu_and_fp16():
     assert gf.fragment_supported(SLICES, 128, 14336)
 
 
+def test_one_tma_load_a_program_launch_args():
+    """``stages=-1``: one TMA descriptor over the pack as ``[planes, G, NB * 2, 256]`` whose box is a program's words
+    (the view's planes of its groups, its row block); refused for a view on the device or past shared memory."""
+    words = torch.zeros(8, 32, 4, 512, dtype=torch.int32)  # 8 planes, 32 groups (4096 inputs), 4 row blocks
+    sc = torch.zeros(512, 32, dtype=torch.float16)
+    x, out = torch.zeros(4096, dtype=torch.float16), torch.zeros(512)
+    _, kw = gf._launch_args(words, sc, sc, x, out, splits=4, planes=4, stages=-1)
+    assert kw["BULK_GS"] == 8 and kw["STAGES"] == -1
+    assert list(kw["w_desc"].shape) == [8, 32, 8, 256] and list(kw["w_desc"].block_shape) == [4, 8, 2, 256]
+    with pytest.raises(ValueError, match="more K splits"):
+        gf._launch_args(words, sc, sc, x, out, splits=1, planes=8, stages=-1)  # 8 planes x 32 groups: 512 KiB
+    with pytest.raises(ValueError, match="compiled in"):
+        gf._launch_args(words, sc[None].expand(8, -1, -1), sc[None].expand(8, -1, -1), x, out, splits=4,
+                        planes=torch.ones(1, dtype=torch.int32), dispatch=3, stages=-1)  # fmt: skip
+    with pytest.raises(ValueError, match="fp16 activations"):
+        gf._launch_args(words, sc, sc, x.float(), out, planes=4)
+
+
 def test_fragment_default_follows_the_stack():
     """``SmallConfig()`` takes the fragment kernel for the static views the 8B-shaped stack measured faster with it
     (3-4 and 7-8 planes of the default layout), not for 5-6 planes nor views on the device; True and False force."""
