@@ -139,6 +139,15 @@ def test_one_tma_load_a_program_launch_args():
     _, kw = gf._launch_args(words, sc, sc, x, out, splits=4, planes=4, stages=-1)
     assert kw["BULK_GS"] == 8 and kw["STAGES"] == -1
     assert list(kw["w_desc"].shape) == [8, 32, 8, 256] and list(kw["w_desc"].block_shape) == [4, 8, 2, 256]
+    # the box a program (row block 3, split 2) loads, read back as _bulk_load's [P * GSC, 128, 4]: plane e of its
+    # group j at e * GSC + j holds that plane's and group's words of the row block, a thread's 4 consecutive
+    words = torch.randint(-(2**31), 2**31 - 1, (8, 32, 4, 512), dtype=torch.int32)
+    w4 = words.view(8, 32, 8, 256)
+    box = w4[0:4, 16:24, 6:8, :].contiguous()  # coords [0, g_lo = 2 * 8, pid * 2, 0], box [4, 8, 2, 256]
+    flat = box.view(4 * 8, 128, 4)
+    for e in range(4):
+        for j in range(8):
+            assert torch.equal(flat[e * 8 + j], words[e, 16 + j, 3].view(128, 4))
     with pytest.raises(ValueError, match="more K splits"):
         gf._launch_args(words, sc, sc, x, out, splits=1, planes=8, stages=-1)  # 8 planes x 32 groups: 512 KiB
     with pytest.raises(ValueError, match="compiled in"):
