@@ -97,9 +97,10 @@ def test_decode_suite_runs_its_stages_in_order_and_resumes(tmp_path):
     r = suite("pattern")
     assert r.returncode == 0 and ran() == ["benchmarks/stream_pattern.py"] and (res / "pattern.done").exists()
     calls.unlink()
-    r = suite("package", "gluon")
-    assert r.returncode == 0 and ran() == ["benchmarks/decode_bench.py", "benchmarks/gluon_proto.py"]
-    assert (res / "package.done").exists() and (res / "gluon.done").exists()
+    r = suite("package", "gluon")  # gluon: checks and timings, then the TMA mode in its own process
+    assert r.returncode == 0 and ran() == ["benchmarks/decode_bench.py", *["benchmarks/gluon_proto.py"] * 2]
+    assert all((res / f"{name}.done").exists() for name in ("package", "gluon", "gluon_tma"))
+    assert "gluon_proto.py --check --time" in calls.read_text() and "gluon_proto.py --tma" in calls.read_text()
     calls.unlink()
     r = suite("tiling")  # router tests, the sweep, the pick (here none: whole rows), the stack with each tiling
     assert r.returncode == 0 and "== stack router tiling: 1,4,0" in r.stdout, r.stdout
