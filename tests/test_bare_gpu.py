@@ -102,6 +102,10 @@ def test_decode_suite_runs_its_stages_in_order_and_resumes(tmp_path):
     assert all((res / f"{name}.done").exists() for name in ("package", "gluon", "gluon_tma"))
     assert "gluon_proto.py --check --time" in calls.read_text() and "gluon_proto.py --tma" in calls.read_text()
     calls.unlink()
+    r = suite("fragment")  # its GPU tests, then the stack with each placement of the fragment kernel
+    assert r.returncode == 0 and ran() == ["pytest", *["benchmarks/decode_bench.py"] * 3], r.stdout
+    assert all(f",,4,,0,,1,,0,0,0,1,{f} " in calls.read_text() for f in (1, 2, 3))
+    calls.unlink()
     r = suite("tiling")  # router tests, the sweep, the pick (here none: whole rows), the stack with each tiling
     assert r.returncode == 0 and "== stack router tiling: 1,4,0" in r.stdout, r.stdout
     assert ran() == ["pytest", "benchmarks/router_launch_bench.py", "import", *["benchmarks/decode_bench.py"] * 2]
