@@ -225,6 +225,18 @@ def _random_layer(n, k, gen, planes=PLANES):
     return codes, scale, zero
 
 
+def _view_reference(codes, scale, zero, x, p):
+    """``W x`` in float64 for the view of the first ``p`` planes of 8-bit ``codes``, ``W = scale (C - zero)``."""
+    n, k = codes.shape
+    c = (codes >> (8 - p)).double().reshape(n, -1, GROUP)
+    return ((c - zero.double()[:, :, None]) * scale.double()[:, :, None]).reshape(n, k) @ x.double()
+
+
+def _rel_error(y, ref):
+    """The largest error of ``y`` over the largest output of ``ref``."""
+    return float((y.double().cpu() - ref).abs().max() / ref.abs().max())
+
+
 def check():
     """Each shape (and a small one) against PyTorch in float64, every view of an 8-plane pack (the first ``p``
     planes, their own step and zero point) at every K split: the largest error over the largest output."""
@@ -238,8 +250,7 @@ def check():
         zeros = torch.stack([v[1] for v in views]).cuda()
         for p in range(1, 9) if n == 256 else VIEWS:
             scale, zero = views[p - 1]
-            c = (codes >> (8 - p)).double().reshape(n, -1, GROUP)
-            ref = ((c - zero.double()[:, :, None]) * scale.double()[:, :, None]).reshape(n, k) @ x.double()
+            ref = _view_reference(codes, scale, zero, x, p)
             on_device = torch.tensor([p], dtype=torch.int32, device="cuda")
             every = k == 1024 and p in VIEWS
             for batch, prefetch in CONFIGS if every else CONFIGS[:1]:
@@ -256,7 +267,7 @@ def check():
                     for planes, sc, zp, dispatch, how, stages in modes:
                         y = frag_gemv(words, sc, zp, x.cuda(), None, splits, planes, batch, prefetch, dispatch,
                                       None, stages)  # fmt: skip
-                        err = float((y.double().cpu() - ref).abs().max() / ref.abs().max())
+                        err = _rel_error(y, ref)
                         print(
                             f"check {name}, {p} planes {how}, batch {batch}, prefetch {int(prefetch)}, {splits} K "
                             f"splits: max |error| / max |ref| = {err:.2e}"
@@ -380,8 +391,7 @@ def tma_run(copies, reps):
         ]
         for p in VIEWS:
             _, scale, zero = _random_layer(n, k, gen, p)
-            c = (codes >> (8 - p)).double().reshape(n, -1, GROUP)
-            ref = ((c - zero.double()[:, :, None]) * scale.double()[:, :, None]).reshape(n, k) @ x.double()
+            ref = _view_reference(codes, scale, zero, x, p)
             sc, zp, xc, out = scale.cuda(), zero.cuda(), x.cuda(), torch.empty(n, device="cuda")
             batch, pf, s0 = BEST[name, p]
             base = sp.graph_time([partial(frag_gemv, w, sc, zp, xc, out, s0, p, batch, pf) for w in words], reps)
@@ -389,7 +399,7 @@ def tma_run(copies, reps):
                 if p * (g // s) * 2048 > BULK_SMEM_MAX or not 64 <= s * n // BLOCK_N <= 4096:
                     continue
                 y = frag_gemv(words[0], sc, zp, xc, None, s, p, batch, 0, stages=-1)
-                err = float((y.double().cpu() - ref).abs().max() / ref.abs().max())
+                err = _rel_error(y, ref)
                 t = sp.graph_time([partial(frag_gemv, w, sc, zp, xc, out, s, p, batch, 0, stages=-1) for w in words],
                                   reps)  # fmt: skip
                 rows.append(dict(shape=name, bits=p, batch=batch, splits=s, tma_us=t, best_us=base, err=err,

@@ -168,7 +168,8 @@ def prepare_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 
 def unpack_x(xb: torch.Tensor) -> torch.Tensor:
-    """:func:`prepare_x`'s ``x 2^-s`` back in logical order, ``[G, 128]`` (group ``g``'s column ``g % 8``)."""
+    """:func:`prepare_x`'s ``x 2^-s`` back in the group's column order, ``[G, 128]`` (group ``g``'s column
+    ``g % 8``)."""
     g = xb.shape[0]
     slots = b_slots().to(xb.device)
     gi = torch.arange(g, device=xb.device)
@@ -287,12 +288,18 @@ def _field_operand(ws, NF: ttgl.constexpr, LW: ttgl.constexpr, AL: ttgl.constexp
 
 
 @gluon.jit
+def _x_halves(x_ptr, g, xofs, xn, xsc):
+    """Group ``g``'s B operand halves: the lanes of column ``g % 8`` (``xn``) load their 32 consecutive activations
+    (``xofs``) times ``2^-s`` (``xsc``), the others zeros (:func:`b_slots`)."""
+    return ttgl.load(x_ptr + g * 128 + xofs, mask=xn == g % 8, other=0.0) * xsc
+
+
+@gluon.jit
 def _load_group(w_ptr, x_ptr, vofs, xofs, xn, xsc, g, NB, PSTRIDE, P: ttgl.constexpr, p):
-    """Group ``g``'s raw words (field 0, field 1 when the view may reach it) and its B operand's halves: the lanes of
-    column ``g % 8`` (``xn``) load their 32 consecutive activations (``xofs``) times ``2^-s`` (``xsc``), the others
-    zeros (:func:`b_slots`)."""
+    """Group ``g``'s raw words (field 0, field 1 when the view may reach it) and its B operand's halves
+    (:func:`_x_halves`)."""
     wp = w_ptr + g * NB * 512 + vofs
-    xv = ttgl.load(x_ptr + g * 128 + xofs, mask=xn == g % 8, other=0.0) * xsc
+    xv = _x_halves(x_ptr, g, xofs, xn, xsc)
     f0 = _load_field(wp, PSTRIDE, 0, min(P, 4) if P > 0 else 4, p, P == 0)
     if P == 0 or P > 4:
         f1 = _load_field(wp, PSTRIDE, 4, P - 4 if P > 0 else 4, p, P == 0)
@@ -408,7 +415,7 @@ def _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PST
         for s in ttgl.static_range(STAGES - 1):
             _stage_issue(smem, w_ptr, vofs, ttgl.minimum(g_lo + s, g_last), s, NB, PSTRIDE, P, SSTRIDE)
     elif STAGES < 0:
-        xnx = ttgl.load(x_ptr + g_lo * 128 + xofs, mask=xn == g_lo % 8, other=0.0) * xsc
+        xnx = _x_halves(x_ptr, g_lo, xofs, xn, xsc)
     elif PREFETCH:
         nxt = _load_group(w_ptr, x_ptr, vofs, xofs, xn, xsc, g_lo, NB, PSTRIDE, P, p)
         if PREFETCH >= 2:
@@ -426,8 +433,7 @@ def _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PST
                 f1 = f0
                 if P > 4:
                     f1 = _smem_field(smem, (j % STAGES) * SSTRIDE, 1, 4, P - 4, VL)
-                gi = g0 + i
-                cur = (f0, f1, ttgl.load(x_ptr + gi * 128 + xofs, mask=xn == gi % 8, other=0.0) * xsc)
+                cur = (f0, f1, _x_halves(x_ptr, g0 + i, xofs, xn, xsc))
             elif STAGES < 0:
                 j = g0 + i - g_lo
                 f0 = _smem_field(smem, j, GSC, 0, min(P, 4), VL)
@@ -435,8 +441,7 @@ def _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PST
                 if P > 4:
                     f1 = _smem_field(smem, j, GSC, 4, P - 4, VL)
                 cur = (f0, f1, xnx)
-                g1 = ttgl.minimum(g0 + i + 1, g_last)
-                xnx = ttgl.load(x_ptr + g1 * 128 + xofs, mask=xn == g1 % 8, other=0.0) * xsc
+                xnx = _x_halves(x_ptr, ttgl.minimum(g0 + i + 1, g_last), xofs, xn, xsc)
             elif PREFETCH >= 2:  # two groups in flight under this one's decode
                 cur = nxt
                 nxt = nxt2
@@ -706,9 +711,8 @@ def split_choices(k: int, batch: int = BATCH_GROUPS, most: int = 16) -> list[int
 def frag_gemv(words, scale, zero, x, out=None, splits=1, planes=None, batch=BATCH_GROUPS,
               prefetch=False, dispatch=None, maxnreg=None, stages=0):  # fmt: skip
     """``W x`` on a GPU for one token ``x [K]`` (``W = scale (C - zero)`` per row and group, ``scale``/``zero``
-    ``[N, G]`` fp16, ``C`` the code of the first ``planes`` planes, default all); ``prepared``: :func:`prepare_x`'s
-    tensors, made once per token (else made here); ``splits``: programs along K per row block (their sums added
-    atomically into ``out``, zeroed here first)."""
+    ``[N, G]`` fp16, ``C`` the code of the first ``planes`` planes, default all; ``x`` fp16, read by the kernel);
+    ``splits``: programs along K per row block (their sums added atomically into ``out``, zeroed here first)."""
     n = words.shape[2] * BLOCK_N
     out = torch.empty(n, device=words.device) if out is None else out
     args, kw = _launch_args(words, scale, zero, x, out, splits, planes, batch, prefetch, dispatch, stages)
