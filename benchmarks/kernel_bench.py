@@ -84,8 +84,8 @@ def parse_bits_config(tb, text: str):
     launches unchanged); AHEAD: at each group, the group this many later asked of L2 (stream-K); REDUCE 1: shared
     row blocks summed by a second launch (stream-K, one layer); FRAG 1: the fragment-native Gluon kernel where it
     serves, 0: never, empty: the library's rule (``SmallConfig.fragment``), 2: that rule and views on the device in
-    launches of at least 2^25 weights (``fragment_device_from``), 3: both only in launches of at least 2^25 weights
-    (``fragment_static_from`` too)."""
+    launches of at least 2^25 weights (``fragment_device_from``), 3: the rule with static views of up to 4 planes in
+    every launch (``fragment_static_from`` 0)."""
     parts = [p.strip() for p in text.split(",")] + [""] * 13
     bn, bk, nw, wv, pf, sk, wk, st, pdl, l2, ah, red, frag = (int(p) if p else None for p in parts[:13])
     kw = {} if wk is None else {"whole_k": None if wk else False}
@@ -103,8 +103,8 @@ def parse_bits_config(tb, text: str):
         ahead=ah or 0,
         reduce_launch=bool(red),
         fragment=None if frag in (None, 2, 3) else bool(frag),
-        fragment_device_from=1 << 25 if frag in (2, 3) else None,
-        fragment_static_from=1 << 25 if frag == 3 else 0,
+        fragment_device_from=1 << 25 if frag == 2 else None,
+        **({"fragment_static_from": 0} if frag == 3 else {}),
         **kw,
     )
 
@@ -122,7 +122,7 @@ def bits_tag(cfg) -> str:
         + ("/red" if cfg.reduce_launch else "")
         + {True: "/frag", False: "/nofrag", None: ""}[cfg.fragment]
         + ("/fragdev" if cfg.fragment_device_from else "")
-        + ("/fragbig" if cfg.fragment_static_from else "")
+        + ("" if cfg.fragment_static_from else "/fragsmall")
     )
 
 

@@ -142,8 +142,9 @@ def test_layout_option_and_bits_config(monkeypatch, capsys):
     frag = [kb.parse_bits_config(tb, f",,4,,0,,1,,0,0,0,1,{f}") for f in (0, 1, 2)]
     assert [c.fragment for c in frag] == [False, True, None] and kb.bits_tag(frag[1]).endswith("/red/frag")
     assert frag[2].fragment_device_from == 1 << 25 and kb.bits_tag(frag[2]).endswith("/red/fragdev")
-    big = kb.parse_bits_config(tb, ",,4,,0,,1,,0,0,0,1,3")
-    assert big.fragment_static_from == big.fragment_device_from == 1 << 25 and kb.bits_tag(big).endswith("/fragbig")
+    small = kb.parse_bits_config(tb, ",,4,,0,,1,,0,0,0,1,3")
+    assert small.fragment_static_from == 0 and small.fragment_device_from is None
+    assert kb.bits_tag(small).endswith("/red/fragsmall") and frag[2].fragment_static_from == 1 << 25
     rows = [
         dict(mode="static k=2", budget=4.0, achieved_bits=4.0, us_per_token=200.0, speedup=2.0),
         dict(mode="bitpl k=2", budget=4.0, achieved_bits=4.0, us_per_token=100.0, speedup=4.0),

@@ -10,6 +10,7 @@ a site launch. Gluon has no CPU interpreter, hence the emulation.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -159,17 +160,21 @@ def test_one_tma_load_a_program_launch_args():
 
 def test_fragment_default_follows_the_stack():
     """``SmallConfig()`` takes the fragment kernel for the static views the 8B-shaped stack measured faster with it
-    (3-4 and 7-8 planes of the default layout), not for 5-6 planes nor views on the device; True and False force."""
+    (7-8 planes of the default layout; 3-4 planes in launches of at least 2^25 weights), not for 5-6 planes nor views
+    on the device; True and False force."""
     bp = tb.BitPlanes(torch.zeros(8, 64, 64, dtype=torch.int32), torch.zeros(2, 8, 64, dtype=torch.int32), SLICES,
                       128, 1024, 128)  # fmt: skip
     auto, on, off = tb.SmallConfig(), tb.SmallConfig(fragment=True), tb.SmallConfig(fragment=False)
-    assert [tb._fragment_wanted(auto, bp, k) for k in (1, 2, 3, 4, 5, 6, None)] == [1, 1, 0, 0, 1, 1, 0]
+    assert [tb._fragment_wanted(auto, bp, k) for k in (1, 2, 3, 4, 5, 6, None)] == [0, 0, 0, 0, 1, 1, 0]
+    big = dataclasses.replace(bp, out_features=1 << 15)  # 2^15 x 2^10 = 2^25 weights: 3-4 planes too
+    assert [tb._fragment_wanted(auto, big, k) for k in (1, 2, 3, 4, 5, 6, None)] == [1, 1, 0, 0, 1, 1, 0]
+    small = tb.SmallConfig(fragment_static_from=0)  # 3-4 planes in every launch
+    assert [tb._fragment_wanted(small, bp, k) for k in (1, 2, 3, 4, 5, 6)] == [1, 1, 0, 0, 1, 1]
     assert all(tb._fragment_wanted(on, bp, k) for k in (3, None))
-    assert not any(tb._fragment_wanted(off, bp, k) for k in (1, 6))
-    big = tb.SmallConfig(fragment_device_from=1 << 17)  # device views of launches from 2^17 weights (this 128 x 1024)
-    assert tb._fragment_wanted(big, bp, None) and not tb._fragment_wanted(tb.SmallConfig(fragment_device_from=1 << 18),
+    assert not any(tb._fragment_wanted(off, big, k) for k in (1, 6))
+    dev = tb.SmallConfig(fragment_device_from=1 << 17)  # device views of launches from 2^17 weights (this 128 x 1024)
+    assert tb._fragment_wanted(dev, bp, None) and not tb._fragment_wanted(tb.SmallConfig(fragment_device_from=1 << 18),
                                                                            bp, None)  # fmt: skip
-    assert not tb._fragment_wanted(tb.SmallConfig(fragment_static_from=1 << 18), bp, 2)  # static, below the floor
 
 
 # ------------------------------------------------------------------------------------------------------- GPU

@@ -2526,19 +2526,20 @@ class SmallConfig:
     # inputs a multiple of 1024, static views, views read on the device and routed ones counted before the launch (no
     # router in the launch); a site launch takes it for one static view of layers whose rows are whole 128-row blocks.
     # True: wherever it serves; False: never; None (default): as measured on the 8B-shaped stack on an H200, static
-    # views of 3-4 and 7-8 planes (1.76x fp16 against 1.61x at 4 bits, 1.14x against 1.01x at 8), not views of 5-6
-    # planes nor views read or counted on the device (routed budget 4: 492 against 470 us a token; docs/RESULTS.md
+    # views of 7-8 planes in every launch (1.13x fp16 against 1.01x at 8 bits) and of up to 4 planes in the launches
+    # of at least ``fragment_static_from`` weights (2.03x against 1.86x at 3 bits, 1.82x against 1.75x at 4), not
+    # views of 5-6 planes nor views read or counted on the device (routed budgets 4-8: even to 0.91x; docs/RESULTS.md
     # "The fragment-native Gluon GEMV on the H200").
     fragment: bool | None = None
     # with fragment None: views read or counted on the device (routed budgets) also take the fragment kernel in
-    # launches of at least this many weights (rows x inputs; 2^25 covers the 8B gate/up and down, not the q/o, where
-    # a device view measured 16.6 us at 4 planes on the 8B gate/up against 18.2 for the one-bit plane kernel's static
-    # view); None: never (not yet measured in the stack)
+    # launches of at least this many weights (rows x inputs; 2^25 covers the 8B gate/up and down, not the q/o); None:
+    # never (the stack with 2^25: routed budget 3 1.45x fp16 against 1.34x, budget 4 1.20x against 1.21x, budgets 5-8
+    # 0.91-0.96x of the one-bit plane kernel's)
     fragment_device_from: int | None = None
-    # with fragment None: the rule's static views take the fragment kernel only in launches of at least this many
-    # weights (0: all; alone, the 4096 x 4096 q/o at 3-4 planes ran 10.0-10.4 us on it against 7.6-9.3 on the one-bit
-    # plane kernel; not yet measured in the stack)
-    fragment_static_from: int = 0
+    # with fragment None: the rule's static views of up to 4 planes take the fragment kernel only in launches of at
+    # least this many weights (0: all; the default 2^25 keeps the 8B q/o and q/k/v site on the one-bit plane kernel,
+    # faster there at 3-4 planes: 4-bit stack 314.8 us a token against 328.8 with them on the fragment kernel)
+    fragment_static_from: int = 1 << 25
 
 
 @dataclass(frozen=True)
@@ -3163,8 +3164,10 @@ def _fragment_wanted(cfg: SmallConfig, bp: BitPlanes, ksel: int | None) -> bool:
     if not ksel:
         big = cfg.fragment_device_from
         return big is not None and bp.out_features * bp.in_features >= big
-    big = bp.out_features * bp.in_features >= cfg.fragment_static_from
-    return big and planes_of_views(bp.slice_bits)[ksel - 1] not in (5, 6)
+    planes = planes_of_views(bp.slice_bits)[ksel - 1]
+    if planes <= 4:
+        return bp.out_features * bp.in_features >= cfg.fragment_static_from
+    return planes > 6
 
 
 def _fragment_ok(bp: BitPlanes, x2: torch.Tensor) -> bool:
