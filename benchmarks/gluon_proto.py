@@ -33,6 +33,7 @@ from mobiquant.kernels.gluon_fragment import (
     PLANES,
     _launch_args,
     b_slots,
+    bulk_pp,
     column_of_k,
     field_planes,
     field_shift,
@@ -191,6 +192,7 @@ def count(n, k, splits=1, planes=PLANES, batch=BATCH_GROUPS, prefetch=False, dis
     what += ", the package's launch" if package else ""
     what += ", the view counted from gate values" if routed else ""
     osx.report(sass, res, codes, f"frag_gemv_kernel, {what}, BN={BLOCK_N} (triton {triton.__version__})")
+    print(f"  shared memory at launch: {ck.metadata.shared} B")
 
 
 #: LLaMA-3-8B's one-token GEMV shapes (rows, inputs)
@@ -368,10 +370,11 @@ def time_shapes(copies, reps, sweep=False, deep=False):
     return df
 
 
-def tma_run(copies, reps):
+def tma_run(copies, reps, shapes=None, views=VIEWS):
     """Every word of a program by one TMA load (``stages=-1``), alone in its own process (a fault cannot take the
     other measurements with it): checked against PyTorch in float64 on each shape at BEST's batch, every split that
-    fits shared memory; then timed there beside the register path at BEST's config, over ``copies`` weight copies."""
+    fits shared memory; then timed there beside the register path at BEST's config, over ``copies`` weight copies.
+    ``shapes``: the names of SHAPES that start with one of these (None: all); ``views``: the planes."""
     from functools import partial
 
     import pandas as pd
@@ -382,6 +385,8 @@ def tma_run(copies, reps):
     gen = torch.Generator().manual_seed(0)
     rows = []
     for name, (n, k) in SHAPES.items():
+        if shapes and not name.startswith(tuple(shapes)):
+            continue
         g = k // GROUP
         codes, _, _ = _random_layer(n, k, gen, 8)
         x = torch.randn(k, generator=gen).half()
@@ -389,14 +394,15 @@ def tma_run(copies, reps):
             torch.randint(-(2**31), 2**31 - 1, (8, g, n // BLOCK_N, BLOCK_N * 4), dtype=torch.int32, device="cuda")
             for _ in range(copies - 1)
         ]
-        for p in VIEWS:
+        for p in views:
             _, scale, zero = _random_layer(n, k, gen, p)
             ref = _view_reference(codes, scale, zero, x, p)
             sc, zp, xc, out = scale.cuda(), zero.cuda(), x.cuda(), torch.empty(n, device="cuda")
             batch, pf, s0 = BEST[name, p]
             base = sp.graph_time([partial(frag_gemv, w, sc, zp, xc, out, s0, p, batch, pf) for w in words], reps)
             for s in split_choices(k, batch, 64):
-                if p * (g // s) * 2048 > BULK_SMEM_MAX or not 64 <= s * n // BLOCK_N <= 4096:
+                gs = g // s  # groups a program: a power of 2 (a TMA box's side)
+                if gs & (gs - 1) or bulk_pp(p) * gs * 2048 > BULK_SMEM_MAX or not 64 <= s * n // BLOCK_N <= 4096:
                     continue
                 y = frag_gemv(words[0], sc, zp, xc, None, s, p, batch, 0, stages=-1)
                 err = _rel_error(y, ref)
@@ -434,6 +440,8 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="--time: every config of CONFIGS (else BEST's)")
     ap.add_argument("--deep", action="store_true", help="--time: also BEST's batch with two groups prefetched")
     ap.add_argument("--tma", action="store_true", help="on a GPU: one TMA load a program, checked and timed alone")
+    ap.add_argument("--shapes", default="", help="--tma: the shapes whose names start so, by commas (empty: all)")
+    ap.add_argument("--views", default=",".join(map(str, VIEWS)), help="--tma: the views' planes, by commas")
     ap.add_argument("--copies", type=int, default=8, help="--time: weight copies (past L2)")
     ap.add_argument("--reps", type=int, default=32, help="--time: launches a graph")
     a = ap.parse_args(argv)
@@ -451,7 +459,7 @@ def main(argv=None):
     if a.time:
         time_shapes(a.copies, a.reps, a.sweep, a.deep)
     if a.tma:
-        tma_run(a.copies, a.reps)
+        tma_run(a.copies, a.reps, [v for v in a.shapes.split(",") if v], [int(v) for v in a.views.split(",")])
     return 0
 
 

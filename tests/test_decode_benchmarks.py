@@ -344,7 +344,7 @@ def test_gluon_proto_kernel_emulated_gives_w_x():
         (4, 1, ["--package", "--prefetch"]),
         (0, 2, ["--package", "--dispatch", "3"]),
         (0, 1, ["--package", "--dispatch", "3", "--routed"]),
-        (4, 2, ["--package", "--stages", "-1"]),
+        (3, 2, ["--package", "--stages", "-1"]),
     ],
     ids=["4", "6_split", "device", "package_4", "package_dispatch_split", "package_routed", "package_tma"],
 )

@@ -132,23 +132,30 @@ def test_fragment_config_needs_a_gpu_and_fp16():
 
 
 def test_one_tma_load_a_program_launch_args():
-    """``stages=-1``: one TMA descriptor over the pack as ``[planes, G, NB * 2, 256]`` whose box is a program's words
-    (the view's planes of its groups, its row block); refused for a view on the device or past shared memory."""
+    """``stages=-1``: one TMA descriptor over the pack as ``[planes, G, NB * 2, 256]`` whose box is one plane of a
+    program's words (its groups, its row block: one load a plane, any plane count); refused for a view on the device,
+    past shared memory or for groups a program that are not a power of 2 (a box's side)."""
     words = torch.zeros(8, 32, 4, 512, dtype=torch.int32)  # 8 planes, 32 groups (4096 inputs), 4 row blocks
     sc = torch.zeros(512, 32, dtype=torch.float16)
     x, out = torch.zeros(4096, dtype=torch.float16), torch.zeros(512)
     _, kw = gf._launch_args(words, sc, sc, x, out, splits=4, planes=4, stages=-1)
     assert kw["BULK_GS"] == 8 and kw["STAGES"] == -1
-    assert list(kw["w_desc"].shape) == [8, 32, 8, 256] and list(kw["w_desc"].block_shape) == [4, 8, 2, 256]
-    # the box a program (row block 3, split 2) loads, read back as _bulk_load's [P * GSC, 128, 4]: plane e of its
+    assert list(kw["w_desc"].shape) == [8, 32, 8, 256] and list(kw["w_desc"].block_shape) == [1, 8, 2, 256]
+    _, kw = gf._launch_args(words, sc, sc, x, out, splits=2, planes=3, stages=-1)  # 3 planes: three loads of a box
+    assert kw["P"] == 3 and list(kw["w_desc"].block_shape) == [1, 16, 2, 256]
+    # the boxes a program (row block 3, split 2) loads, read back as _bulk_load's [P * GSC, 128, 4]: plane e of its
     # group j at e * GSC + j holds that plane's and group's words of the row block, a thread's 4 consecutive
     words = torch.randint(-(2**31), 2**31 - 1, (8, 32, 4, 512), dtype=torch.int32)
     w4 = words.view(8, 32, 8, 256)
-    box = w4[0:4, 16:24, 6:8, :].contiguous()  # coords [0, g_lo = 2 * 8, pid * 2, 0], box [4, 8, 2, 256]
-    flat = box.view(4 * 8, 128, 4)
+    boxes = [w4[e : e + 1, 16:24, 6:8, :] for e in range(4)]  # coords [e, g_lo = 2 * 8, pid * 2, 0], box [1, 8, 2, 256]
+    flat = torch.cat(boxes).contiguous().view(4 * 8, 128, 4)  # buf [P, GSC, 2, 256], plane e's box at buf.slice(e, 1)
     for e in range(4):
         for j in range(8):
             assert torch.equal(flat[e * 8 + j], words[e, 16 + j, 3].view(128, 4))
+    w48, x48 = torch.zeros(8, 48, 4, 512, dtype=torch.int32), torch.zeros(6144, dtype=torch.float16)
+    with pytest.raises(ValueError, match="24 a program"):  # 48 groups in 2 splits
+        gf._launch_args(w48, torch.zeros(512, 48, dtype=torch.float16), torch.zeros(512, 48, dtype=torch.float16), x48,
+                        out, splits=2, planes=4, stages=-1)  # fmt: skip
     with pytest.raises(ValueError, match="more K splits"):
         gf._launch_args(words, sc, sc, x, out, splits=1, planes=8, stages=-1)  # 8 planes x 32 groups: 512 KiB
     with pytest.raises(ValueError, match="compiled in"):

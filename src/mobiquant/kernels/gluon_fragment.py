@@ -376,23 +376,26 @@ def _group_sums(x_ptr, c0, g0, BATCH: ttgl.constexpr, XL: ttgl.constexpr, MMA: t
 
 
 @gluon.jit
-def _bulk_load(desc, pid, g_lo, P: ttgl.constexpr, GSC: ttgl.constexpr, PUBLIC: ttgl.constexpr):
-    """Every word a program reads, planes ``0 .. P`` of its ``GSC`` groups, by one TMA load into shared memory
-    (``desc``: the pack as ``[planes, G, NB * 2, 256]``), waited for on one mbarrier; returned as ``[P * GSC, 128, 4]``
-    (plane ``e`` of the program's group ``j`` at ``e * GSC + j``; a thread's 4 words consecutive, as in registers)."""
+def _bulk_load(desc, pid, g_lo, P: ttgl.constexpr, PP: ttgl.constexpr, GSC: ttgl.constexpr, PUBLIC: ttgl.constexpr):
+    """Every word a program reads, planes ``0 .. P`` of its ``GSC`` groups, by one TMA load a plane into shared memory
+    (``desc``: the pack as ``[planes, G, NB * 2, 256]``, a box of one plane: a box's sides are powers of 2, as are a
+    buffer's, hence ``PP``, the power of 2 from ``P`` up), all waited for on one mbarrier; returned as
+    ``[PP * GSC, 128, 4]`` (plane ``e`` of the program's group ``j`` at ``e * GSC + j``; a thread's 4 words
+    consecutive, as in registers)."""
     SL4: ttgl.constexpr = ttgl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=4)
-    buf = ttgl.allocate_shared_memory(ttgl.int32, [P, GSC, 2, 256], SL4)
+    buf = ttgl.allocate_shared_memory(ttgl.int32, [PP, GSC, 2, 256], SL4)
     bar = ttgl.allocate_shared_memory(ttgl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(bar, count=1)
     fence_async_shared()
     mbarrier.expect(bar, P * GSC * 2048)
-    _tma_load(desc, [0, g_lo, pid * 2, 0], bar, buf)
+    for e in ttgl.static_range(P):
+        _tma_load(desc, [e, g_lo, pid * 2, 0], bar, buf.slice(e, 1))
     mbarrier.wait(bar, 0)
     RL: ttgl.constexpr = ttgl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
     if PUBLIC:
-        flat = buf.reinterpret(ttgl.int32, [P * GSC, 128, 4], RL)
+        flat = buf.reinterpret(ttgl.int32, [PP * GSC, 128, 4], RL)
     else:
-        flat = buf._reinterpret(ttgl.int32, [P * GSC, 128, 4], RL)
+        flat = buf._reinterpret(ttgl.int32, [PP * GSC, 128, 4], RL)
     return flat
 
 
@@ -493,7 +496,7 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
                      B0: ttgl.constexpr, MULT: ttgl.constexpr, ZM: ttgl.constexpr, HK: ttgl.constexpr,
                      OUT_MODE: ttgl.constexpr, bias_ptr, HAS_BIAS: ttgl.constexpr, part_ptr, lock_ptr,
                      v_ptr, tau_ptr, KMODE: ttgl.constexpr, KV: ttgl.constexpr,
-                     VIEWS: ttgl.constexpr, w_desc, BULK_GS: ttgl.constexpr,
+                     VIEWS: ttgl.constexpr, w_desc, BULK_GS: ttgl.constexpr, BULK_PP: ttgl.constexpr,
                      PUBLIC: ttgl.constexpr):  # fmt: skip
     # KMODE (P == -1): 0 p_ptr holds the view's planes; 1 its k (1-based); 2 k = 1 + #(v_ptr[e] > tau) over KV gate
     # values, in the values' dtype. VIEWS: view k's planes minus one in bits 3 (k - 1) .. 3 (k - 1) + 2
@@ -556,7 +559,7 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
     if STAGES > 0:
         smem = ttgl.allocate_shared_memory(ttgl.int32, [STAGES * SSTRIDE, BN, 4], SL)  # the words' ring
     elif STAGES < 0:  # every word of the program by one TMA load (a view compiled in)
-        smem = _bulk_load(w_desc, pid, g_lo, P, BULK_GS, PUBLIC)
+        smem = _bulk_load(w_desc, pid, g_lo, P, BULK_PP, BULK_GS, PUBLIC)
     else:
         smem = 0
     if P == -1:  # the view read on the device, one compiled body per view from PMIN planes up
@@ -672,12 +675,16 @@ def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
         bulk = g // splits
-        if pc * bulk * 2048 > BULK_SMEM_MAX:
-            raise ValueError(f"stages=-1: {pc} planes x {bulk} groups a program need {pc * bulk * 2} KiB of shared "
-                             f"memory, at most {BULK_SMEM_MAX // 1024} KiB: take more K splits")  # fmt: skip
+        if bulk & (bulk - 1):
+            raise ValueError(f"stages=-1: {g} groups in {splits} K splits make {bulk} a program; a TMA box's sides are "
+                             "powers of 2: take splits that leave 2^n groups a program")  # fmt: skip
+        if bulk_pp(pc) * bulk * 2048 > BULK_SMEM_MAX:
+            kib, most = bulk_pp(pc) * bulk * 2, BULK_SMEM_MAX // 1024
+            raise ValueError(f"stages=-1: {pc} planes (a buffer of {bulk_pp(pc)}) x {bulk} groups a program need "
+                             f"{kib} KiB of shared memory, at most {most} KiB: take more K splits")  # fmt: skip
         w4 = words.view(words.shape[0], g, words.shape[2] * 2, 256)
         lay = ttgl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=4)
-        desc = TensorDescriptor(w4, list(w4.shape), list(w4.stride()), [pc, bulk, 2, 256], lay)
+        desc = TensorDescriptor(w4, list(w4.shape), list(w4.stride()), [1, bulk, 2, 256], lay)
     if (out_mode == 1 and splits > 1) or (out_mode == 2 and (splits < 2 or part is None or locks is None)):
         raise ValueError("out_mode 1 takes one split; 2 takes several, a part buffer and tickets")
     sh = planes - b0 if b0 is not None and pc > 0 else 0
@@ -687,7 +694,7 @@ def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_
               PMAX=words.shape[0])  # fmt: skip
     kw.update(STAGES=stages, PKG=b0 is not None, B0=b0 or 0, MULT=2.0**-sh, ZM=2.0**sh, HK=(2.0**sh - 1) / 2)
     kw.update(OUT_MODE=out_mode, bias_ptr=out if bias is None else bias, HAS_BIAS=bias is not None)
-    kw.update(w_desc=desc, BULK_GS=bulk, PUBLIC=_REINTERPRET_PUBLIC)
+    kw.update(w_desc=desc, BULK_GS=bulk, BULK_PP=bulk_pp(max(pc, 1)), PUBLIC=_REINTERPRET_PUBLIC)
     kw.update(part_ptr=out if part is None else part, lock_ptr=out if locks is None else locks)
     kmode, kv, code = 0, 0, 0
     if views is not None:
@@ -735,6 +742,12 @@ BIG_LAUNCH = 1 << 25
 BULK_SMEM_MAX = 200 * 1024
 _FRAG_CACHE: dict[int, tuple[torch.Tensor, FragPlanes]] = {}
 _FRAG_CACHE_MAX = 256
+
+
+def bulk_pp(planes: int) -> int:
+    """The planes of ``stages=-1``'s shared buffer for a view of ``planes``: the power of 2 from ``planes`` up (a
+    buffer's sides are powers of 2; the planes past the view's stay unwritten)."""
+    return 1 << (planes - 1).bit_length()
 
 
 def fragment_supported(slice_bits, group_size: int, in_features: int) -> bool:
