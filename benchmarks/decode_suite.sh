@@ -14,9 +14,9 @@
 #            against PyTorch, then the 8B shapes beside the package's 4-bit view and fp16 cuBLAS; then --tma (one
 #            TMA load a program, checked and timed in its own process)
 #   fragment (only when named) its GPU tests, then the stack with the fragment-native Gluon kernel wherever it
-#            serves ($FRAGMENT_CONFIG) beside the default (the library's rule), then the rule with routed views
-#            of the large launches on it too ($FRAGDEV_CONFIG), then the rule with static views of up to 4 planes
-#            on every launch ($FRAGSMALL_CONFIG)
+#            serves ($FRAGMENT_CONFIG) beside the default (the library's rule), then the rule with static views
+#            of 7-8 planes on the large launches capped at 128 registers ($FRAGCAP7_CONFIG), then 5-8 planes so
+#            ($FRAGCAP5_CONFIG)
 #   package  (only when named) the 8B-shaped stack inside a Hugging Face model patched by the package: its decode path
 #            (captured graphs, one launch per router site, fused inputs) against the same model in fp16
 #   kernels  single linears, one token, graph-replayed: stream-K and whole-K with and without pdl / l2_prefetch /
@@ -52,11 +52,11 @@ STACK_CONFIG=${STACK_CONFIG:-",,4,,0,,1,,1"}
 E2E_CONFIGS=${E2E_CONFIGS:-",,4,,0,,1,,0;,,4,,0,,1,,1"}
 # the library's grid rule with reduce_launch and the fragment-native Gluon kernel (fragment stage)
 FRAGMENT_CONFIG=${FRAGMENT_CONFIG:-",,4,,0,,1,,0,0,0,1,1"}
-# the library's rule (static views of 7-8 planes, of 3-4 in launches from 2^25 weights up) plus routed views of the
-# launches from 2^25 weights up
-FRAGDEV_CONFIG=${FRAGDEV_CONFIG:-",,4,,0,,1,,0,0,0,1,2"}
-# the rule with static views of 3-4 planes on every launch (the q/o and q/k/v sites too)
-FRAGSMALL_CONFIG=${FRAGSMALL_CONFIG:-",,4,,0,,1,,0,0,0,1,3"}
+# the library's rule (static views of 7-8 planes, of 3-4 in launches from 2^25 weights up), the 7-8 plane views of
+# those launches capped at 128 registers (SmallConfig.fragment_cap 7)
+FRAGCAP7_CONFIG=${FRAGCAP7_CONFIG:-",,4,,0,,1,,0,0,0,1,,7"}
+# the same from 5 planes: the 5-6 plane views of the large launches on the fragment kernel too, capped
+FRAGCAP5_CONFIG=${FRAGCAP5_CONFIG:-",,4,,0,,1,,0,0,0,1,,5"}
 # gluon_proto.py's arguments (gluon stage): checked against PyTorch, then BEST's configs timed
 GLUON_ARGS=${GLUON_ARGS:-"--check --time"}
 # the package's one-token GEMV on the stream-K grid with the ticket store, then with the second launch (the default)
@@ -118,10 +118,10 @@ stage() {
       run_stage fragment_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gluon_fragment.py
       run_stage stack_fragment 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --bits --no-package \
         --bits-config "$FRAGMENT_CONFIG" --out "$RES/stack_fragment"
-      run_stage stack_fragdev 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --bits --no-package \
-        --bits-config "$FRAGDEV_CONFIG" --out "$RES/stack_fragdev"
-      run_stage stack_fragsmall 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --bits --no-package \
-        --bits-config "$FRAGSMALL_CONFIG" --out "$RES/stack_fragsmall" ;;
+      run_stage stack_fragcap7 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --bits --no-package \
+        --bits-config "$FRAGCAP7_CONFIG" --out "$RES/stack_fragcap7"
+      run_stage stack_fragcap5 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --bits --no-package \
+        --bits-config "$FRAGCAP5_CONFIG" --out "$RES/stack_fragcap5" ;;
     package)
       run_stage package 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed --fuse-inputs \
         --out "$RES/package" ;;

@@ -159,7 +159,7 @@ def emulate_kernel(words, scale, zero, x, planes: int = PLANES) -> torch.Tensor:
 
 
 def count(n, k, splits=1, planes=PLANES, batch=BATCH_GROUPS, prefetch=False, dispatch=None, stages=0, package=False,
-          routed=False):  # fmt: skip
+          routed=False, maxnreg=None):  # fmt: skip
     """Compile for sm_90 without a GPU and print the group loop's instructions a code; ``package``: as the package
     launches it (its step formula for a base slice of 3 bits, fp16 output plus a bias; over splits, the ticket
     epilogue; ``routed``, with a dispatched device view: the kernel counts the view from 5 gate values and a
@@ -182,6 +182,8 @@ def count(n, k, splits=1, planes=PLANES, batch=BATCH_GROUPS, prefetch=False, dis
         extra.update(out_mode=2, part=torch.zeros(splits, n), locks=torch.zeros(n // BLOCK_N, dtype=torch.int32))
     out = out.half() if package else out
     args, kw = _launch_args(words, sc, sc, x, out, splits, view, batch, prefetch, dispatch, stages, **extra)
+    if maxnreg:
+        kw["maxnreg"] = maxnreg
     ck = osx.compile_sm90(frag_gemv_kernel, args, kw, source=GluonASTSource)
     sass, res = osx.sass_and_resources(ck)
     codes = BLOCK_N * GROUP * batch / 128  # codes a thread decodes an iteration of the batch loop
@@ -191,6 +193,7 @@ def count(n, k, splits=1, planes=PLANES, batch=BATCH_GROUPS, prefetch=False, dis
     what += f", a ring of {stages} groups" if stages > 0 else ", one TMA load a program" if stages else ""
     what += ", the package's launch" if package else ""
     what += ", the view counted from gate values" if routed else ""
+    what += f", at most {maxnreg} registers" if maxnreg else ""
     osx.report(sass, res, codes, f"frag_gemv_kernel, {what}, BN={BLOCK_N} (triton {triton.__version__})")
     print(f"  shared memory at launch: {ck.metadata.shared} B")
 
@@ -284,7 +287,8 @@ def time_shapes(copies, reps, sweep=False, deep=False):
     groups prefetched). The
     same view read by the kernel on the device (a routed token's path) at that config: ``on_device_us`` whole
     fields with absent planes predicated off, ``dispatch_us`` a compiled body per view of 3-8 planes,
-    ``dispatch128_us`` the same capped at 128 registers; ``ringS_us``: the view compiled in with its words through
+    ``dispatch128_us`` the same capped at 128 registers; ``capped128_us`` the view compiled in, capped so (one group
+    prefetched at most); ``ringS_us``: the view compiled in with its words through
     a ring of ``S`` groups in shared memory (``cp.async``) at the best batch and split.
     ``pct_copy``: of the copy bandwidth of ``kernel_bench.copy_bandwidth`` (decode_bench's), measured in the same
     run."""
@@ -346,6 +350,10 @@ def time_shapes(copies, reps, sweep=False, deep=False):
                 fns = [partial(frag_gemv, w, scales, zeros, x, out, best[2], on_device, best[0], best[1],
                                **extra) for w in words]  # fmt: skip
                 t_dev[mode] = sp.graph_time(fns, reps)
+            # the view compiled in at the best config, capped at 128 registers (SmallConfig.fragment_cap's launch)
+            fns = [partial(frag_gemv, w, sc, zp, x, out, best[2], p, best[0], min(int(best[1]), 1), maxnreg=128)
+                   for w in words]  # fmt: skip
+            t_dev["capped128_us"] = sp.graph_time(fns, reps)
             for st in RINGS:  # the words through shared memory instead of the prefetch, at the best batch and split
                 fns = [partial(frag_gemv, w, sc, zp, x, out, best[2], p, best[0], False, stages=st)
                        for w in words]  # fmt: skip
@@ -434,6 +442,7 @@ def main(argv=None):
     ap.add_argument("--package", action="store_true", help="count as the package launches it (fp16 out, bias)")
     ap.add_argument("--prefetch", type=int, nargs="?", const=1, default=0, choices=(0, 1, 2),
                     help="groups whose loads are issued before this one's decode (bare: 1)")  # fmt: skip
+    ap.add_argument("--maxnreg", type=int, default=None, help="offline count: registers a thread at most")
     ap.add_argument("--splits", type=int, default=1, help="K splits (offline count; >1: the atomic-add epilogue)")
     ap.add_argument("--check", action="store_true", help="on a GPU: against PyTorch on random codes, 8B shapes")
     ap.add_argument("--time", action="store_true", help="on a GPU: 8B shapes beside the package and fp16 cuBLAS")
@@ -450,7 +459,19 @@ def main(argv=None):
             ap.error(f"--in-features must be a multiple of 1024 and --n of {BLOCK_N}")
         if a.splits not in split_choices(a.in_features, a.batch, a.in_features):
             ap.error(f"--splits {a.splits}: {a.in_features} inputs allow {split_choices(a.in_features, a.batch)}")
-        count(a.n, a.in_features, a.splits, a.planes, a.batch, a.prefetch, a.dispatch, a.stages, a.package, a.routed)
+        count(
+            a.n,
+            a.in_features,
+            a.splits,
+            a.planes,
+            a.batch,
+            a.prefetch,
+            a.dispatch,
+            a.stages,
+            a.package,
+            a.routed,
+            a.maxnreg,
+        )
         return 0
     if not torch.cuda.is_available():
         ap.error("--check, --time and --tma need a CUDA GPU")

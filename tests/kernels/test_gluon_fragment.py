@@ -179,6 +179,12 @@ def test_fragment_default_follows_the_stack():
     assert [tb._fragment_wanted(small, bp, k) for k in (1, 2, 3, 4, 5, 6)] == [1, 1, 0, 0, 1, 1]
     assert all(tb._fragment_wanted(on, bp, k) for k in (3, None))
     assert not any(tb._fragment_wanted(off, big, k) for k in (1, 6))
+    cap = tb.SmallConfig(fragment_cap=5)  # 5-6 planes too, on the large launches only
+    assert [tb._fragment_wanted(cap, big, k) for k in (1, 2, 3, 4, 5, 6)] == [1, 1, 1, 1, 1, 1]
+    assert [tb._fragment_wanted(cap, bp, k) for k in (3, 4)] == [0, 0]
+    assert gf.register_capped(1 << 25, 0, 0) and not gf.register_capped((1 << 25) - 1, 0, 0)  # device views
+    assert gf.register_capped(1 << 25, 7, 5) and not gf.register_capped(1 << 25, 4, 5)  # static views from cap
+    assert not gf.register_capped(1 << 26, 8, 0)  # no cap asked
     dev = tb.SmallConfig(fragment_device_from=1 << 17)  # device views of launches from 2^17 weights (this 128 x 1024)
     assert tb._fragment_wanted(dev, bp, None) and not tb._fragment_wanted(tb.SmallConfig(fragment_device_from=1 << 18),
                                                                            bp, None)  # fmt: skip

@@ -45,7 +45,7 @@ from triton.experimental.gluon import language as ttgl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
-from .triton_bitplane import planes_of_views
+from .triton_bitplane import BIG_FRAGMENT_LAUNCH, planes_of_views
 
 #: a barrier of the CTA's threads: ``thread_barrier`` in triton 3.6, ``barrier`` since
 _cta_barrier = getattr(ttgl, "thread_barrier", None) or ttgl.barrier
@@ -737,7 +737,7 @@ def frag_gemv(words, scale, zero, x, out=None, splits=1, planes=None, batch=BATC
 TARGET_PROGRAMS = 448
 #: Weights (rows x inputs) from which a view read on the device compiles with at most 128 registers: measured 1.3x
 #: faster on the 8B gate/up and down, slower on the 4096 x 4096 q/o (docs/RESULTS.md)
-BIG_LAUNCH = 1 << 25
+BIG_LAUNCH = BIG_FRAGMENT_LAUNCH
 #: shared memory a program may fill with one TMA load (``stages=-1``), of the H200's 227 KiB
 BULK_SMEM_MAX = 200 * 1024
 _FRAG_CACHE: dict[int, tuple[torch.Tensor, FragPlanes]] = {}
@@ -842,12 +842,23 @@ def launch_config(n_blocks: int, groups: int, planes: int) -> tuple[int, int, in
     return best[1], 1 if planes <= 4 else 2 if planes <= 6 else 0, best[2]
 
 
-def fragment_linear(x2: torch.Tensor, fp: FragPlanes, k, bias=None, out=None, routed=None) -> torch.Tensor:
+def register_capped(weights: int, planes: int, cap: int) -> bool:
+    """Whether a launch of ``weights`` (rows x inputs) compiles with at most 128 registers: from :data:`BIG_LAUNCH`
+    weights up, a view on the device (``planes`` 0, a body per view) or a static view of at least ``cap`` planes
+    (``cap`` 0: none)."""
+    return weights >= BIG_LAUNCH and (planes == 0 or 0 < cap <= planes)
+
+
+def fragment_linear(
+    x2: torch.Tensor, fp: FragPlanes, k, bias=None, out=None, routed=None, cap: int = 0
+) -> torch.Tensor:
     """One token ``x2 [1, in]`` (fp16) -> ``[1, out]`` from a fragment pack: view ``k`` (an int, a one-element int
     tensor on the device, or None with ``routed = (gate values, threshold)`` on the device, counted by the kernel:
     a compiled body per view, picked there) with the package's step and zero point
     (``W_k = (s / 2^B) (C_k - 2^B z - (2^B - 1) / 2)``). One launch: the kernel builds its B operand and the groups'
-    sums from the token itself; with K splits the last split of each row block sums them, in a fixed order."""
+    sums from the token itself; with K splits the last split of each row block sums them, in a fixed order.
+    ``cap``: a static view of at least this many planes (0: none) in a launch of at least :data:`BIG_LAUNCH` weights
+    runs capped at 128 registers, one group prefetched at most (no spill in its group loop, counted offline)."""
     M, K_IN = x2.shape
     if M != 1 or K_IN != fp.in_features or x2.dtype != torch.float16:
         raise ValueError(f"the fragment kernel takes one fp16 token of {fp.in_features} features, got {x2.dtype} "
@@ -873,6 +884,9 @@ def fragment_linear(x2: torch.Tensor, fp: FragPlanes, k, bias=None, out=None, ro
         sc, zp = fp.scale, fp.zero
         dispatch = b0
     batch, prefetch, splits = launch_config(nb, g, planes if isinstance(planes, int) else 0)
+    capped = register_capped(n_out * K_IN, planes if isinstance(planes, int) else 0, cap)
+    if capped and dispatch is None:
+        prefetch = min(prefetch, 1)  # two groups prefetched spill at 6 planes under the cap
     extra: dict = {}
     if splits > 1:  # the last split of each row block sums the others' slots: one launch in all
         from .triton_bitplane import _locks
@@ -882,7 +896,7 @@ def fragment_linear(x2: torch.Tensor, fp: FragPlanes, k, bias=None, out=None, ro
         extra.update(views=fp.planes_of_view, routed=routed)
     args, kw = _launch_args(fp.words, sc, zp, x2.reshape(-1), out.view(-1), splits, planes, batch, prefetch, dispatch,
                             0, b0, n_out, bias, 2 if splits > 1 else 1, **extra)  # fmt: skip
-    if dispatch is not None and n_out * K_IN >= BIG_LAUNCH:  # a body per view: capped registers measured faster
+    if capped:  # a body per view: capped registers measured faster
         kw["maxnreg"] = 128
     frag_gemv_kernel[(nb, splits)](*args, **kw)
     return out

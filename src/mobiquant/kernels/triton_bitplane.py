@@ -2540,6 +2540,12 @@ class SmallConfig:
     # least this many weights (0: all; the default 2^25 keeps the 8B q/o and q/k/v site on the one-bit plane kernel,
     # faster there at 3-4 planes: 4-bit stack 314.8 us a token against 328.8 with them on the fragment kernel)
     fragment_static_from: int = 1 << 25
+    # static views of at least this many planes in launches of at least 2^25 weights: the fragment kernel (with
+    # fragment None, 5-6 planes too) capped at 128 registers, one group prefetched at most; 0: none. Counted offline
+    # (sm_90): 128 registers without a spill in the group loop at 5-8 planes (8 planes: 148 uncapped, 3 programs an
+    # SM instead of 4); a view on the device capped so ran 25.2 us on the 8B gate/up at 8 planes against 30.2 for the
+    # static view uncapped (docs/RESULTS.md "The fragment-native Gluon GEMV on the H200"); not yet run as a static view
+    fragment_cap: int = 0
 
 
 @dataclass(frozen=True)
@@ -3157,6 +3163,11 @@ def _route_sync(device: torch.device) -> torch.Tensor:
     return _locks(device, 4, pool="route")
 
 
+#: the launches (rows x inputs) where ``SmallConfig.fragment_cap`` applies and a view on the device on the fragment
+#: kernel is capped at 128 registers (``gluon_fragment.BIG_LAUNCH``)
+BIG_FRAGMENT_LAUNCH = 1 << 25
+
+
 def _fragment_wanted(cfg: SmallConfig, bp: BitPlanes, ksel: int | None) -> bool:
     """Whether ``cfg.fragment`` asks for the fragment kernel for view ``ksel`` (None: a view on the device)."""
     if cfg.fragment is not None:
@@ -3165,9 +3176,10 @@ def _fragment_wanted(cfg: SmallConfig, bp: BitPlanes, ksel: int | None) -> bool:
         big = cfg.fragment_device_from
         return big is not None and bp.out_features * bp.in_features >= big
     planes = planes_of_views(bp.slice_bits)[ksel - 1]
+    size = bp.out_features * bp.in_features
     if planes <= 4:
-        return bp.out_features * bp.in_features >= cfg.fragment_static_from
-    return planes > 6
+        return size >= cfg.fragment_static_from
+    return planes > 6 or (0 < cfg.fragment_cap <= planes and size >= BIG_FRAGMENT_LAUNCH)
 
 
 def _fragment_ok(bp: BitPlanes, x2: torch.Tensor) -> bool:
@@ -3213,7 +3225,7 @@ def bitplane_linear_bits(
 
         if kvals:  # the router's gate values: counted by the kernel
             return fragment_linear(x2, fragment_of(bp), None, bias, out, routed=(v_t, tau_t))
-        return fragment_linear(x2, fragment_of(bp), ksel or k_t, bias, out)
+        return fragment_linear(x2, fragment_of(bp), ksel or k_t, bias, out, cap=cfg.fragment_cap)
     if out is None:
         out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
     return _bits_launch(x2, bp, [(bp.out_features, 0, 0)], ksel, k_t, v_t, [tau_t], kvals, bias, out, cfg, router)
@@ -3303,7 +3315,7 @@ def bitplane_site_bits(
     if ksel and whole and _fragment_wanted(cfg, bp, ksel) and _fragment_ok(bp, x2):
         from .gluon_fragment import fragment_linear, fragment_of  # one static view: the layers as one
 
-        return fragment_linear(x2, fragment_of(bp), ksel, site.bias, out)
+        return fragment_linear(x2, fragment_of(bp), ksel, site.bias, out, cap=cfg.fragment_cap)
     taus = [r[3] for r in resolved] if kvals else [x2]
     if out is None:
         out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
