@@ -281,8 +281,10 @@ def check():
 
 def time_shapes(copies, reps, sweep=False, deep=False):
     """us per launch in a CUDA graph of ``reps`` launches over ``copies`` weight copies (past L2): this kernel at
-    each view of an 8-plane pack (its fastest K split), the package's one-bit plane GEMV at the same view of
-    [3, 1, 1, 1, 1, 1] (the same planes), fp16 cuBLAS. ``config``: the fastest (batch, groups prefetched, K splits)
+    each view of an 8-plane pack (its fastest K split; over splits, each launch's zeroing of the fp32 output timed
+    with it), the package's GEMV at the same view of [3, 1, 1, 1, 1, 1] (the same planes; ``SmallConfig()``'s path:
+    the fragment kernel where its rule takes it, at ``launch_config``'s config, one launch, else the one-bit plane
+    kernel), fp16 cuBLAS. ``config``: the fastest (batch, groups prefetched, K splits)
     of :data:`CONFIGS` (``sweep``) or :data:`BEST`'s at its split and twice it (``deep``: and BEST's batch with two
     groups prefetched). The
     same view read by the kernel on the device (a routed token's path) at that config: ``on_device_us`` whole
