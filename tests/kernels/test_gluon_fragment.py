@@ -233,3 +233,16 @@ def test_gpu_routed_and_site(gen):
     y = tb.bitplane_site_bits(x, site, [3, 3, 3], config=cfg)
     for (p, s, z), c, n in zip(layers, site.cols, site.outs, strict=True):
         _check(y[:, c : c + n], x, p, s, z, 3)
+
+
+@needs_gpu
+def test_gpu_capped_static_views(gen):
+    """``fragment_cap``: on a launch of 2^25 weights the static views of 5-8 planes run on the fragment kernel at
+    most 128 registers (6 planes with one group prefetched instead of two), as exact as uncapped."""
+    n_out, n_in = 8192, 4096
+    planes, scale, zero = make_layer(n_out, n_in, gen, True, "cuda")
+    x = torch.randn(1, n_in, generator=gen).half().cuda()
+    cfg = tb.SmallConfig(fragment_cap=5)
+    for k in range(3, len(SLICES) + 1):  # 5-8 planes
+        y = tb.bitplane_linear(x, planes, scale, zero, SLICES, 128, k, path="bits", small_config=cfg)
+        _check(y, x, planes, scale, zero, k)
