@@ -28,12 +28,11 @@ import triton
 from mobiquant.kernels.gluon_fragment import (
     BATCH_GROUPS,
     BLOCK_N,
-    BULK_SMEM_MAX,
     GROUP,
     PLANES,
     _launch_args,
     b_slots,
-    bulk_pp,
+    bulk_problem,
     column_of_k,
     field_planes,
     field_shift,
@@ -411,8 +410,7 @@ def tma_run(copies, reps, shapes=None, views=VIEWS):
             batch, pf, s0 = BEST[name, p]
             base = sp.graph_time([partial(frag_gemv, w, sc, zp, xc, out, s0, p, batch, pf) for w in words], reps)
             for s in split_choices(k, batch, 64):
-                gs = g // s  # groups a program: a power of 2 (a TMA box's side)
-                if gs & (gs - 1) or bulk_pp(p) * gs * 2048 > BULK_SMEM_MAX or not 64 <= s * n // BLOCK_N <= 4096:
+                if bulk_problem(p, g, s) or not 64 <= s * n // BLOCK_N <= 4096:
                     continue
                 y = frag_gemv(words[0], sc, zp, xc, None, s, p, batch, 0, stages=-1)
                 err = _rel_error(y, ref)
@@ -461,19 +459,8 @@ def main(argv=None):
             ap.error(f"--in-features must be a multiple of 1024 and --n of {BLOCK_N}")
         if a.splits not in split_choices(a.in_features, a.batch, a.in_features):
             ap.error(f"--splits {a.splits}: {a.in_features} inputs allow {split_choices(a.in_features, a.batch)}")
-        count(
-            a.n,
-            a.in_features,
-            a.splits,
-            a.planes,
-            a.batch,
-            a.prefetch,
-            a.dispatch,
-            a.stages,
-            a.package,
-            a.routed,
-            a.maxnreg,
-        )
+        count(a.n, a.in_features, a.splits, a.planes, a.batch, a.prefetch, a.dispatch, a.stages, a.package, a.routed,
+              a.maxnreg)  # fmt: skip
         return 0
     if not torch.cuda.is_available():
         ap.error("--check, --time and --tma need a CUDA GPU")

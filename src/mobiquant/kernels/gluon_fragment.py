@@ -45,7 +45,7 @@ from triton.experimental.gluon import language as ttgl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
-from .triton_bitplane import BIG_FRAGMENT_LAUNCH, planes_of_views
+from .triton_bitplane import BIG_FRAGMENT_LAUNCH, planes_of_views, register_capped
 
 #: a barrier of the CTA's threads: ``thread_barrier`` in triton 3.6, ``barrier`` since
 _cta_barrier = getattr(ttgl, "thread_barrier", None) or ttgl.barrier
@@ -675,13 +675,9 @@ def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
         bulk = g // splits
-        if bulk & (bulk - 1):
-            raise ValueError(f"stages=-1: {g} groups in {splits} K splits make {bulk} a program; a TMA box's sides are "
-                             "powers of 2: take splits that leave 2^n groups a program")  # fmt: skip
-        if bulk_pp(pc) * bulk * 2048 > BULK_SMEM_MAX:
-            kib, most = bulk_pp(pc) * bulk * 2, BULK_SMEM_MAX // 1024
-            raise ValueError(f"stages=-1: {pc} planes (a buffer of {bulk_pp(pc)}) x {bulk} groups a program need "
-                             f"{kib} KiB of shared memory, at most {most} KiB: take more K splits")  # fmt: skip
+        problem = bulk_problem(pc, g, splits)
+        if problem:
+            raise ValueError(f"stages=-1: {problem}")
         w4 = words.view(words.shape[0], g, words.shape[2] * 2, 256)
         lay = ttgl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=4)
         desc = TensorDescriptor(w4, list(w4.shape), list(w4.stride()), [1, bulk, 2, 256], lay)
@@ -748,6 +744,20 @@ def bulk_pp(planes: int) -> int:
     """The planes of ``stages=-1``'s shared buffer for a view of ``planes``: the power of 2 from ``planes`` up (a
     buffer's sides are powers of 2; the planes past the view's stay unwritten)."""
     return 1 << (planes - 1).bit_length()
+
+
+def bulk_problem(planes: int, groups: int, splits: int) -> str | None:
+    """Why ``stages=-1`` cannot serve a view of ``planes`` over ``groups`` groups in ``splits`` K splits (None: it
+    can): a TMA box's sides are powers of 2, and a program's words must fit :data:`BULK_SMEM_MAX`."""
+    bulk = groups // splits
+    if bulk & (bulk - 1):
+        return (f"{groups} groups in {splits} K splits make {bulk} a program; a TMA box's sides are powers of 2: take "
+                "splits that leave 2^n groups a program")  # fmt: skip
+    if bulk_pp(planes) * bulk * 2048 > BULK_SMEM_MAX:
+        return (f"{planes} planes (a buffer of {bulk_pp(planes)}) x {bulk} groups a program need "
+                f"{bulk_pp(planes) * bulk * 2} KiB of shared memory, at most {BULK_SMEM_MAX // 1024} KiB: take more K "
+                "splits")  # fmt: skip
+    return None
 
 
 def fragment_supported(slice_bits, group_size: int, in_features: int) -> bool:
@@ -842,13 +852,6 @@ def launch_config(n_blocks: int, groups: int, planes: int) -> tuple[int, int, in
     return best[1], 1 if planes <= 4 else 2 if planes <= 6 else 0, best[2]
 
 
-def register_capped(weights: int, planes: int, cap: int) -> bool:
-    """Whether a launch of ``weights`` (rows x inputs) compiles with at most 128 registers: from :data:`BIG_LAUNCH`
-    weights up, a view on the device (``planes`` 0, a body per view) or a static view of at least ``cap`` planes
-    (``cap`` 0: none)."""
-    return weights >= BIG_LAUNCH and (planes == 0 or 0 < cap <= planes)
-
-
 def fragment_linear(
     x2: torch.Tensor, fp: FragPlanes, k, bias=None, out=None, routed=None, cap: int = 0
 ) -> torch.Tensor:
@@ -896,7 +899,7 @@ def fragment_linear(
         extra.update(views=fp.planes_of_view, routed=routed)
     args, kw = _launch_args(fp.words, sc, zp, x2.reshape(-1), out.view(-1), splits, planes, batch, prefetch, dispatch,
                             0, b0, n_out, bias, 2 if splits > 1 else 1, **extra)  # fmt: skip
-    if capped:  # a body per view: capped registers measured faster
+    if capped:  # a device view's bodies measured faster so; static views from ``cap`` planes asked to be
         kw["maxnreg"] = 128
     frag_gemv_kernel[(nb, splits)](*args, **kw)
     return out

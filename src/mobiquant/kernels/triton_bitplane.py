@@ -3168,6 +3168,13 @@ def _route_sync(device: torch.device) -> torch.Tensor:
 BIG_FRAGMENT_LAUNCH = 1 << 25
 
 
+def register_capped(weights: int, planes: int, cap: int) -> bool:
+    """Whether a fragment-kernel launch of ``weights`` (rows x inputs) compiles with at most 128 registers: from
+    :data:`BIG_FRAGMENT_LAUNCH` weights up, a view on the device (``planes`` 0, a body per view) or a static view of at
+    least ``cap`` planes (``cap`` 0: none)."""
+    return weights >= BIG_FRAGMENT_LAUNCH and (planes == 0 or 0 < cap <= planes)
+
+
 def _fragment_wanted(cfg: SmallConfig, bp: BitPlanes, ksel: int | None) -> bool:
     """Whether ``cfg.fragment`` asks for the fragment kernel for view ``ksel`` (None: a view on the device)."""
     if cfg.fragment is not None:
@@ -3179,7 +3186,7 @@ def _fragment_wanted(cfg: SmallConfig, bp: BitPlanes, ksel: int | None) -> bool:
     size = bp.out_features * bp.in_features
     if planes <= 4:
         return size >= cfg.fragment_static_from
-    return planes > 6 or (0 < cfg.fragment_cap <= planes and size >= BIG_FRAGMENT_LAUNCH)
+    return planes > 6 or register_capped(size, planes, cfg.fragment_cap)
 
 
 def _fragment_ok(bp: BitPlanes, x2: torch.Tensor) -> bool:
