@@ -52,11 +52,10 @@ STACK_CONFIG=${STACK_CONFIG:-",,4,,0,,1,,1"}
 E2E_CONFIGS=${E2E_CONFIGS:-",,4,,0,,1,,0;,,4,,0,,1,,1"}
 # the library's grid rule with reduce_launch and the fragment-native Gluon kernel (fragment stage)
 FRAGMENT_CONFIG=${FRAGMENT_CONFIG:-",,4,,0,,1,,0,0,0,1,1"}
-# the library's rule (static views of 7-8 planes, of 3-4 in launches from 2^25 weights up), the 7-8 plane views of
-# those launches capped at 128 registers (SmallConfig.fragment_cap 7)
+# the library's rule without the register cap (SmallConfig.fragment_cap 0: 5-6 planes on the one-bit plane kernel,
+# 7-8 on the fragment kernel uncapped), and with the cap from 7 planes only
+FRAGCAP0_CONFIG=${FRAGCAP0_CONFIG:-",,4,,0,,1,,0,0,0,1,,0"}
 FRAGCAP7_CONFIG=${FRAGCAP7_CONFIG:-",,4,,0,,1,,0,0,0,1,,7"}
-# the same from 5 planes: the 5-6 plane views of the large launches on the fragment kernel too, capped
-FRAGCAP5_CONFIG=${FRAGCAP5_CONFIG:-",,4,,0,,1,,0,0,0,1,,5"}
 # gluon_proto.py's arguments (gluon stage): checked against PyTorch, then BEST's configs timed
 GLUON_ARGS=${GLUON_ARGS:-"--check --time"}
 # the package's one-token GEMV on the stream-K grid with the ticket store, then with the second launch (the default)
@@ -120,8 +119,8 @@ stage() {
         --bits-config "$FRAGMENT_CONFIG" --out "$RES/stack_fragment"
       run_stage stack_fragcap7 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --bits --no-package \
         --bits-config "$FRAGCAP7_CONFIG" --out "$RES/stack_fragcap7"
-      run_stage stack_fragcap5 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --bits --no-package \
-        --bits-config "$FRAGCAP5_CONFIG" --out "$RES/stack_fragcap5" ;;
+      run_stage stack_fragcap0 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --bits --no-package \
+        --bits-config "$FRAGCAP0_CONFIG" --out "$RES/stack_fragcap0" ;;
     package)
       run_stage package 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed --fuse-inputs \
         --out "$RES/package" ;;

@@ -86,7 +86,7 @@ def parse_bits_config(tb, text: str):
     serves, 0: never, empty: the library's rule (``SmallConfig.fragment``), 2: that rule and views on the device in
     launches of at least 2^25 weights (``fragment_device_from``), 3: the rule with static views of up to 4 planes in
     every launch (``fragment_static_from`` 0); CAP: static views of at least this many planes on the large launches
-    take the fragment kernel capped at 128 registers (``fragment_cap``)."""
+    take the fragment kernel capped at 128 registers (``fragment_cap``; empty: the library's 5, 0: none)."""
     parts = [p.strip() for p in text.split(",")] + [""] * 14
     bn, bk, nw, wv, pf, sk, wk, st, pdl, l2, ah, red, frag, cap = (int(p) if p else None for p in parts[:14])
     kw = {} if wk is None else {"whole_k": None if wk else False}
@@ -106,7 +106,7 @@ def parse_bits_config(tb, text: str):
         fragment=None if frag in (None, 2, 3) else bool(frag),
         fragment_device_from=1 << 25 if frag == 2 else None,
         **({"fragment_static_from": 0} if frag == 3 else {}),
-        fragment_cap=cap or 0,
+        **({} if cap is None else {"fragment_cap": cap}),
         **kw,
     )
 
@@ -125,7 +125,7 @@ def bits_tag(cfg) -> str:
         + {True: "/frag", False: "/nofrag", None: ""}[cfg.fragment]
         + ("/fragdev" if cfg.fragment_device_from else "")
         + ("" if cfg.fragment_static_from else "/fragsmall")
-        + (f"/cap{cfg.fragment_cap}" if cfg.fragment_cap else "")
+        + (f"/cap{cfg.fragment_cap}" if cfg.fragment_cap != type(cfg)().fragment_cap else "")
     )
 
 

@@ -145,8 +145,10 @@ def test_layout_option_and_bits_config(monkeypatch, capsys):
     small = kb.parse_bits_config(tb, ",,4,,0,,1,,0,0,0,1,3")
     assert small.fragment_static_from == 0 and small.fragment_device_from is None
     assert kb.bits_tag(small).endswith("/red/fragsmall") and frag[2].fragment_static_from == 1 << 25
-    cap = kb.parse_bits_config(tb, ",,4,,0,,1,,0,0,0,1,,5")
-    assert cap.fragment is None and cap.fragment_cap == 5 and kb.bits_tag(cap).endswith("/red/cap5")
+    cap = kb.parse_bits_config(tb, ",,4,,0,,1,,0,0,0,1,,7")
+    assert cap.fragment is None and cap.fragment_cap == 7 and kb.bits_tag(cap).endswith("/red/cap7")
+    assert kb.parse_bits_config(tb, ",,4,,0,,1,,0,0,0,1").fragment_cap == 5  # empty: the library's default
+    assert kb.bits_tag(kb.parse_bits_config(tb, ",,4,,0,,1,,0,0,0,1,,0")).endswith("/red/cap0")
     rows = [
         dict(mode="static k=2", budget=4.0, achieved_bits=4.0, us_per_token=200.0, speedup=2.0),
         dict(mode="bitpl k=2", budget=4.0, achieved_bits=4.0, us_per_token=100.0, speedup=4.0),

@@ -167,21 +167,21 @@ def test_one_tma_load_a_program_launch_args():
 
 def test_fragment_default_follows_the_stack():
     """``SmallConfig()`` takes the fragment kernel for the static views the 8B-shaped stack measured faster with it
-    (7-8 planes of the default layout; 3-4 planes in launches of at least 2^25 weights), not for 5-6 planes nor views
-    on the device; True and False force."""
+    (7-8 planes of the default layout; 3-8 planes in launches of at least 2^25 weights, 5-8 of them capped at 128
+    registers), not for 5-6 planes of smaller launches nor views on the device; True and False force."""
     bp = tb.BitPlanes(torch.zeros(8, 64, 64, dtype=torch.int32), torch.zeros(2, 8, 64, dtype=torch.int32), SLICES,
                       128, 1024, 128)  # fmt: skip
     auto, on, off = tb.SmallConfig(), tb.SmallConfig(fragment=True), tb.SmallConfig(fragment=False)
     assert [tb._fragment_wanted(auto, bp, k) for k in (1, 2, 3, 4, 5, 6, None)] == [0, 0, 0, 0, 1, 1, 0]
     big = dataclasses.replace(bp, out_features=1 << 15)  # 2^15 x 2^10 = 2^25 weights: 3-4 planes too
-    assert [tb._fragment_wanted(auto, big, k) for k in (1, 2, 3, 4, 5, 6, None)] == [1, 1, 0, 0, 1, 1, 0]
+    assert [tb._fragment_wanted(auto, big, k) for k in (1, 2, 3, 4, 5, 6, None)] == [1, 1, 1, 1, 1, 1, 0]
     small = tb.SmallConfig(fragment_static_from=0)  # 3-4 planes in every launch
     assert [tb._fragment_wanted(small, bp, k) for k in (1, 2, 3, 4, 5, 6)] == [1, 1, 0, 0, 1, 1]
     assert all(tb._fragment_wanted(on, bp, k) for k in (3, None))
     assert not any(tb._fragment_wanted(off, big, k) for k in (1, 6))
-    cap = tb.SmallConfig(fragment_cap=5)  # 5-6 planes too, on the large launches only
-    assert [tb._fragment_wanted(cap, big, k) for k in (1, 2, 3, 4, 5, 6)] == [1, 1, 1, 1, 1, 1]
-    assert [tb._fragment_wanted(cap, bp, k) for k in (3, 4)] == [0, 0]
+    nocap = tb.SmallConfig(fragment_cap=0)  # no cap: 5-6 planes back on the one-bit plane kernel everywhere
+    assert [tb._fragment_wanted(nocap, big, k) for k in (1, 2, 3, 4, 5, 6)] == [1, 1, 0, 0, 1, 1]
+    assert [tb._fragment_wanted(auto, bp, k) for k in (3, 4)] == [0, 0]
     assert gf.register_capped(1 << 25, 0, 0) and not gf.register_capped((1 << 25) - 1, 0, 0)  # device views
     assert gf.register_capped(1 << 25, 7, 5) and not gf.register_capped(1 << 25, 4, 5)  # static views from cap
     assert not gf.register_capped(1 << 26, 8, 0)  # no cap asked

@@ -2527,9 +2527,9 @@ class SmallConfig:
     # router in the launch); a site launch takes it for one static view of layers whose rows are whole 128-row blocks.
     # True: wherever it serves; False: never; None (default): as measured on the 8B-shaped stack on an H200, static
     # views of 7-8 planes in every launch (1.13x fp16 against 1.01x at 8 bits) and of up to 4 planes in the launches
-    # of at least ``fragment_static_from`` weights (2.03x against 1.86x at 3 bits, 1.82x against 1.75x at 4), not
-    # views of 5-6 planes nor views read or counted on the device (routed budgets 4-8: even to 0.91x; docs/RESULTS.md
-    # "The fragment-native Gluon GEMV on the H200").
+    # of at least ``fragment_static_from`` weights (2.03x against 1.86x at 3 bits, 1.82x against 1.75x at 4), of 5-6
+    # planes in the launches ``fragment_cap`` names (capped), not views read or counted on the device (routed budgets
+    # 4-8: even to 0.91x; docs/RESULTS.md "The fragment-native Gluon GEMV on the H200").
     fragment: bool | None = None
     # with fragment None: views read or counted on the device (routed budgets) also take the fragment kernel in
     # launches of at least this many weights (rows x inputs; 2^25 covers the 8B gate/up and down, not the q/o); None:
@@ -2541,11 +2541,11 @@ class SmallConfig:
     # faster there at 3-4 planes: 4-bit stack 314.8 us a token against 328.8 with them on the fragment kernel)
     fragment_static_from: int = 1 << 25
     # static views of at least this many planes in launches of at least 2^25 weights: the fragment kernel (with
-    # fragment None, 5-6 planes too) capped at 128 registers, one group prefetched at most; 0: none. Counted offline
-    # (sm_90): 128 registers without a spill in the group loop at 5-8 planes (8 planes: 148 uncapped, 3 programs an
-    # SM instead of 4); a view on the device capped so ran 25.2 us on the 8B gate/up at 8 planes against 30.2 for the
-    # static view uncapped (docs/RESULTS.md "The fragment-native Gluon GEMV on the H200"); not yet run as a static view
-    fragment_cap: int = 0
+    # fragment None, 5-6 planes too) capped at 128 registers, one group prefetched at most; 0: none. Measured on the
+    # 8B-shaped stack on an H200 (docs/RESULTS.md "The fragment-native Gluon GEMV on the H200"): static 5 / 6 / 7 / 8
+    # bits 387.5 / 415.6 / 441.2 / 470.7 us a token with 5 against 413.9 / 453.6 / 486.4 / 510.0 with 0 (1.48x against
+    # 1.38x fp16 at 5 bits, 1.22x against 1.12x at 8); 7 gains the same at 7-8 bits only; 3-4 planes unchanged
+    fragment_cap: int = 5
 
 
 @dataclass(frozen=True)
