@@ -313,7 +313,7 @@ def run_rows(args, fp, q, tok, device):
     return rows
 
 
-def step_profile(model, tok, device, prompt, budget, label, steps=8):
+def step_profile(model, tok, device, prompt, budget, label, steps=8, top=12):
     """Kernels of one eager decode step and their GPU time (the difference of a ``steps + 2``- and a 2-token
     generation, so prefill and set-up cancel), the top kernels by GPU time; on the CPU, aten calls per step.
 
@@ -350,7 +350,7 @@ def step_profile(model, tok, device, prompt, budget, label, steps=8):
     n, total = sum(count.values()), sum(time_us.values())
     what = "kernels" if device == "cuda" else "top-level aten calls"
     print(f"\n# {label}: {n:.0f} {what} per eager decode step, {total:.1f} us of them per step")
-    for name, t in sorted(time_us.items(), key=lambda kv: -kv[1])[:12]:
+    for name, t in sorted(time_us.items(), key=lambda kv: -kv[1])[:top]:
         print(f"#   {t:8.1f} us  {count[name]:6.1f} x  {name[:110]}")
     return dict(mode=label, launches_per_step=n, kernel_us_per_step=total)
 
