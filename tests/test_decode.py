@@ -533,6 +533,23 @@ def test_task_decode_kernel_settings_reach_the_quantized_model(tmp_path, monkeyp
     assert df["kernels"].fillna("").tolist() == ["", "pdl=True,num_warps=8"]
 
 
+@pytest.mark.slow
+def test_compiled_step_decodes_as_eager_with_the_package_opaque(qmodel, prompt):
+    """``cuda_graph='compile'`` (on the CPU compiled, not captured): the step's code between the package's modules
+    compiled by Inductor gives eager decoding's greedy tokens at each budget, the model in fp32 and in its quantized
+    form; the package's modules run as they are (opaque to Dynamo: their launches are not traced)."""
+    import torch._dynamo
+
+    fp = build_tiny_llama(0)
+    assert generate(fp, prompt, 6, cuda_graph="compile").tokens.tolist() == generate(fp, prompt, 6).tokens.tolist()
+    for b in (2.0, 5.0):
+        g = generate(qmodel, prompt, 6, budget=b, cuda_graph="compile")
+        assert g.graph == "compile" and g.timed_tokens == 4  # the compiling step left out of the timing
+        assert g.tokens[0].tolist() == eager_greedy(qmodel, prompt, 6, b)
+    explained = torch._dynamo.explain(qmodel.model.layers[0].mlp.down_proj.forward)(torch.zeros(1, 1, 160))
+    assert explained.graph_count == 0  # MoBiLinear.forward is skipped by Dynamo, not traced
+
+
 # ------------------------------------------------------------------------------------------ GPU only
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -591,6 +608,21 @@ def test_gpu_fused_inputs_decode_in_one_graph(prompt):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_compiled_step_decodes_in_one_graph(prompt):
+    """``cuda_graph='compile'`` on CUDA: the step's code between the package's kernels compiled by Inductor and the
+    whole step captured as one graph gives eager decoding's greedy tokens at every budget, with fused inputs and
+    one launch per site, and one graph serves a per-token budget list; fp16 too."""
+    from mobiquant.patching import fuse_inputs, fuse_sites
+
+    fp, q = gpu_models(torch.float16)
+    assert fuse_sites(q) > 0 and fuse_inputs(q) > 0
+    assert_one_graph_decodes_as_eager(q, prompt, mode="compile")
+    g = generate(fp, prompt, 12, cuda_graph="compile")
+    assert g.graph == "compile" and torch.equal(g.tokens, generate(fp, prompt, 12, cuda_graph="off").tokens)
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
     reason="needs a CUDA device of compute capability 9.0 (programmatic dependent launch)",
@@ -615,18 +647,18 @@ def test_gpu_pdl_decodes_as_without(prompt):
             assert torch.equal(g.tokens, ref.setdefault(b, g.tokens)), b
 
 
-def assert_one_graph_decodes_as_eager(q, prompt):
-    """The captured decode step gives eager decoding's greedy tokens at the lowest, middle and highest budget, and
-    one graph serves a per-token budget list."""
+def assert_one_graph_decodes_as_eager(q, prompt, mode="graph"):
+    """The captured decode step (``mode`` 'graph' or 'compile') gives eager decoding's greedy tokens at the lowest,
+    middle and highest budget, and one graph serves a per-token budget list."""
     lo, hi = q.mobiquant_config.min_bits, q.mobiquant_config.max_bits
     for b in (lo, (lo + hi) / 2, hi):
         eager = generate(q, prompt, 12, budget=b, cuda_graph="off")
-        graph = generate(q, prompt, 12, budget=b, cuda_graph="graph")
-        assert graph.graph == "graph" and graph.captures == 1
+        graph = generate(q, prompt, 12, budget=b, cuda_graph=mode)
+        assert graph.graph == mode and graph.captures == 1
         assert torch.equal(graph.tokens, eager.tokens), b
     sched = [lo, hi, (lo + hi) / 2, hi, lo, lo + 1, hi, lo]
-    g = generate(q, prompt, 8, budget=sched, cuda_graph="graph")
-    assert g.graph == "graph" and g.captures == 1
+    g = generate(q, prompt, 8, budget=sched, cuda_graph=mode)
+    assert g.graph == mode and g.captures == 1
     assert torch.equal(g.tokens, generate(q, prompt, 8, budget=sched, cuda_graph="off").tokens)
 
 

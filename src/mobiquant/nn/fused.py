@@ -30,6 +30,7 @@ def _fast(x: torch.Tensor, backend: str, operands: Any) -> bool:
     return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in operands)))
 
 
+@torch.compiler.disable  # a Triton launch: opaque to torch.compile, like MoBiLinear.forward
 def _made(x: torch.Tensor, prologue: tuple, router: TokenRouter | None, consumer: Any) -> torch.Tensor:
     """The rows ``prologue`` makes of ``x`` in one launch, with ``router``'s decisions on them where ``consumer`` (the
     linear fed by the rows) will ask for them."""

@@ -337,8 +337,24 @@ def _replay_mismatch(got: torch.Tensor, ref: torch.Tensor) -> str | None:
     return None
 
 
+def _compiled_step(step, model: nn.Module):
+    """``step`` compiled by ``torch.compile`` (Inductor, no CUDA graphs of its own): the code between the package's
+    kernels (norms, rotary embedding, the cache update, attention, residual sums) fused into few kernels; the
+    package's modules stay opaque (``torch.compiler.disable`` on them: Inductor cannot take their Triton launches).
+    A frame compiles once per layer where Dynamo specialises on the layer's index: the recompile limit is raised to
+    the model's layers."""
+    import torch._dynamo
+
+    layers = int(getattr(getattr(model, "config", None), "num_hidden_layers", 0) or 0)
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, name, max(getattr(cfg, name), 2 * layers + 8))
+    return torch.compile(step, dynamic=False)
+
+
 class _Stepper:
-    """One decode position: eager, a captured CUDA graph, or ``torch.compile(mode='reduce-overhead')``."""
+    """One decode position: eager, a captured CUDA graph, or that graph of a step compiled by ``torch.compile``
+    between the package's kernels (``compile``; on the CPU compiled, not captured)."""
 
     def __init__(
         self, model, cache, cache_kw: str, device: torch.device, batch: int, mode: str, cache_len: int | None = None
@@ -351,11 +367,19 @@ class _Stepper:
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.captures = 0
         self.status = mode
-        self._compiled = None
+        self._forward = self._model_step
+        if mode == "compile":
+            self._forward = _compiled_step(self._model_step, model)
+        self._compiled_once = False
 
-    def _eager(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def _model_step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=ids, **{self.cache_kw: self.cache}, cache_position=pos, use_cache=True)
         return out.logits[:, -1]
+
+    def _eager(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One forward of the step: the model's own, or with ``compile`` the one whose code between the package's
+        kernels Inductor compiled (the graph captures and checks this one)."""
+        return self._forward(ids, pos)
 
     def eager(self, tok: torch.Tensor, pos: int) -> torch.Tensor:
         self.ids.copy_(tok.view(-1, 1))
@@ -420,9 +444,9 @@ class _Stepper:
 
     def will_capture(self, key: tuple) -> bool:
         """Whether :meth:`step` with ``key`` captures (or compiles) instead of replaying."""
-        if self.mode == "compile":
-            return self._compiled is None
-        return self.mode == "graph" and key not in self.graphs
+        if self.mode == "compile" and self.device.type != "cuda":
+            return not self._compiled_once
+        return self.mode in ("graph", "compile") and key not in self.graphs
 
     def step(self, tok: torch.Tensor, pos: int, key: tuple) -> tuple[torch.Tensor, bool]:
         """Logits of position ``pos`` fed ``tok``; the flag says the step was a capture or its check (keep it
@@ -433,12 +457,9 @@ class _Stepper:
             return self.eager(tok, pos), False
         self.ids.copy_(tok.view(-1, 1))
         self.pos.fill_(pos)
-        if self.mode == "compile":
-            if self._compiled is None:
-                self._compiled = torch.compile(self._eager, mode="reduce-overhead", fullgraph=False)
-                self.captures += 1
-                return self._compiled(self.ids, self.pos).clone(), True
-            return self._compiled(self.ids, self.pos).clone(), False
+        if self.mode == "compile" and self.device.type != "cuda":  # compiled, no graph to capture
+            first, self._compiled_once = not self._compiled_once, True
+            return self._eager(self.ids, self.pos).clone(), first
         entry = self.graphs.get(key)
         if entry is None:
             return self._first_step(pos, key), True
@@ -448,6 +469,7 @@ class _Stepper:
     def _give_up(self, why: str) -> None:
         warnings.warn(f"mobiquant.tasks.decode: CUDA graph not used ({why}); decoding eagerly", stacklevel=4)
         self.mode, self.status, self.graphs = "off", why, {}
+        self._forward = self._model_step  # the model's own forward from here on
 
 
 # ------------------------------------------------------------------------------------------ generate
@@ -479,7 +501,7 @@ def _graph_mode(cuda_graph: str | bool, device: torch.device, track_bits: bool, 
     if mode == "auto":
         mode = "graph" if device.type == "cuda" else "off"
     if mode != "off":
-        if device.type != "cuda":
+        if device.type != "cuda" and mode != "compile":  # compile on the CPU: compiled, not captured
             raise ValueError(f"cuda_graph={mode!r} needs the model on a CUDA device (it is on {device})")
         if track_bits or any(m.track for m in linears):
             raise ValueError(
@@ -513,8 +535,9 @@ def generate(
     keep), or ``None`` (the model as it is set). ``temperature`` 0: greedy; otherwise sampling, from the
     ``top_k`` most likely tokens when given, with a generator seeded by ``seed``. ``cache_len``: positions
     of the static cache (default prompt + new tokens - 1: the last token is never fed back). ``cuda_graph``:
-    'auto' (a captured decode step on CUDA, eager elsewhere), 'graph', 'compile'
-    (``torch.compile(mode='reduce-overhead')``) or 'off'; a capture that fails, or whose first replay does not
+    'auto' (a captured decode step on CUDA, eager elsewhere), 'graph', 'compile' (the step's code between the
+    package's kernels compiled by ``torch.compile``, then captured as one graph; on the CPU compiled only) or 'off';
+    a capture that fails, or whose first replay does not
     match an eager forward, falls back to eager decoding with a warning that says why.
     ``eos_token_id``: stop once every row has produced it (one host synchronisation per token).
     ``track_bits``: the achieved average bits of every new token (eager only)."""
