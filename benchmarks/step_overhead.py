@@ -6,7 +6,7 @@ package (one launch per site, fused inputs: ``task=decode``'s defaults): the ker
 ``mobiquant.tasks.decode.generate`` with the step captured as one CUDA graph (``cuda_graph='graph'``) and with its
 code between the package's kernels compiled by Inductor before the capture (``'compile'``), in the same run.
 
-    python3 benchmarks/step_overhead.py [--layers 4] [--new-tokens 64] [--top 25]
+    python3 benchmarks/step_overhead.py [--layers 4] [--new-tokens 64] [--top 25] [--views 1 2 6] [--budgets 3 4]
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ def main(argv=None) -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--top", type=int, default=25, help="kernels listed, by GPU time")
+    ap.add_argument("--views", type=int, nargs="*", default=[1, 2, 6], help="static views timed (k)")
+    ap.add_argument("--budgets", type=float, nargs="*", default=[3.0, 4.0], help="routed budgets timed")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("step_overhead.py needs a CUDA device")
@@ -61,10 +63,10 @@ def main(argv=None) -> None:
     timed(fp, "fp16")
     fuse_inputs(fp)
     timed(fp, "fp16 [fused inputs]")
-    for k in (1, 2, 6):
+    for k in args.views:
         mq.set_static(q, k)
         timed(q, f"static k={k} [sites+inputs]")
-    for b in (3.0, 4.0):
+    for b in args.budgets:
         timed(q, f"routed {b:g} [sites+inputs]", budget=b)
 
 
