@@ -6,7 +6,11 @@ package (one launch per site, fused inputs: ``task=decode``'s defaults): the ker
 ``mobiquant.tasks.decode.generate`` with the step captured as one CUDA graph (``cuda_graph='graph'``) and with its
 code between the package's kernels compiled by Inductor before the capture (``'compile'``), in the same run.
 
-    python3 benchmarks/step_overhead.py [--layers 4] [--new-tokens 64] [--top 25] [--views 1 2 6] [--budgets 3 4]
+    python3 benchmarks/step_overhead.py [--layers 4] [--new-tokens 64] [--top 25] [--slices 3,1,1,1,1,1]
+        [--views 1 2 6] [--budgets 3 4]
+
+The quantized rows run with fused inputs and again without them (Inductor then fuses the norms itself; the routers
+of the routed rows launch on their own).
 """
 
 from __future__ import annotations
@@ -25,13 +29,17 @@ def main(argv=None) -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--top", type=int, default=25, help="kernels listed, by GPU time")
+    ap.add_argument("--slices", default="3,1,1,1,1,1", help="slice layout of the quantized model (default layout)")
     ap.add_argument("--views", type=int, nargs="*", default=[1, 2, 6], help="static views timed (k)")
     ap.add_argument("--budgets", type=float, nargs="*", default=[3.0, 4.0], help="routed budgets timed")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("step_overhead.py needs a CUDA device")
 
+    import kernel_bench as kb
     from decode_bench import FF, KV, D, load_kernels, package_models
+
+    kb.set_slices(args.slices.split(","))
 
     load_kernels()  # puts src/ on the path
     import e2e_decode
@@ -63,11 +71,14 @@ def main(argv=None) -> None:
     timed(fp, "fp16")
     fuse_inputs(fp)
     timed(fp, "fp16 [fused inputs]")
-    for k in args.views:
-        mq.set_static(q, k)
-        timed(q, f"static k={k} [sites+inputs]")
-    for b in args.budgets:
-        timed(q, f"routed {b:g} [sites+inputs]", budget=b)
+    for fused in (True, False):
+        fuse_inputs(q, enable=fused)
+        tag = "sites+inputs" if fused else "sites"
+        for k in args.views:
+            mq.set_static(q, k)
+            timed(q, f"static k={k} [{tag}]")
+        for b in args.budgets:
+            timed(q, f"routed {b:g} [{tag}]", budget=b)
 
 
 if __name__ == "__main__":

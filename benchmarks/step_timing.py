@@ -52,7 +52,7 @@ def step_events():
     real = decode._Stepper.step
 
     def step(self, tok, pos, key):
-        if self.mode != "graph" or key not in self.graphs or not torch.cuda.is_available():
+        if self.mode not in ("graph", "compile") or key not in self.graphs or not torch.cuda.is_available():
             return real(self, tok, pos, key)
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
