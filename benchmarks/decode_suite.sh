@@ -15,8 +15,11 @@
 #            TMA load a program, checked and timed in its own process)
 #   fragment (only when named) its GPU tests, then the stack with the fragment-native Gluon kernel wherever it
 #            serves ($FRAGMENT_CONFIG) beside the default (the library's rule), then the rule with static views
-#            of 7-8 planes on the large launches capped at 128 registers ($FRAGCAP7_CONFIG), then 5-8 planes so
-#            ($FRAGCAP5_CONFIG)
+#            of 7-8 planes on the large launches capped at 128 registers ($FRAGCAP7_CONFIG), then the rule without
+#            the cap ($FRAGCAP0_CONFIG; the default caps 5-8 planes)
+#   compile  (only when named) decode's cuda_graph='compile' (the step's glue compiled by Inductor, then captured): its
+#            GPU tests with the graph ones, then benchmarks/step_overhead.py (an eager step's kernels; graph against
+#            compile for fp16 and the default layout's views and budgets)
 #   package  (only when named) the 8B-shaped stack inside a Hugging Face model patched by the package: its decode path
 #            (captured graphs, one launch per router site, fused inputs) against the same model in fp16
 #   kernels  single linears, one token, graph-replayed: stream-K and whole-K with and without pdl / l2_prefetch /
@@ -121,6 +124,11 @@ stage() {
         --bits-config "$FRAGCAP7_CONFIG" --out "$RES/stack_fragcap7"
       run_stage stack_fragcap0 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --bits --no-package \
         --bits-config "$FRAGCAP0_CONFIG" --out "$RES/stack_fragcap0" ;;
+    compile)
+      # the compiled step (decode's cuda_graph='compile'): its GPU tests, then graph against compile on the package's
+      # 8B-shaped model (fp16, the default layout's static views and routed budgets, with and without fused inputs)
+      run_stage compile_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/test_decode.py -k "compiled or graph"
+      run_stage step_overhead 900 "$PY" benchmarks/step_overhead.py --views 1 2 6 --budgets 3 4 ;;
     package)
       run_stage package 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed --fuse-inputs \
         --out "$RES/package" ;;
@@ -145,7 +153,7 @@ print(','.join(str(int(v)) for v in t))" "$RES/router_sweep/router_sweep.csv" 2>
       run_stage pattern 600 "$PY" benchmarks/stream_pattern.py --views 1,2,6 \
         --package-configs "$PATTERN_CONFIGS" --out "$RES/pattern" ;;
     *)
-      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package gluon fragment)" >&2
+      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package gluon fragment compile)" >&2
       return 2 ;;
   esac
 }
