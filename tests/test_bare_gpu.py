@@ -104,7 +104,11 @@ def test_decode_suite_runs_its_stages_in_order_and_resumes(tmp_path):
     calls.unlink()
     r = suite("fragment")  # its GPU tests, then the stack with each placement of the fragment kernel
     assert r.returncode == 0 and ran() == ["pytest", *["benchmarks/decode_bench.py"] * 3], r.stdout
-    assert all(f",,4,,0,,1,,0,0,0,1,{f} " in calls.read_text() for f in ("1", ",7", ",5"))
+    assert all(f",,4,,0,,1,,0,0,0,1,{f} " in calls.read_text() for f in ("1", ",7", ",0"))
+    calls.unlink()
+    r = suite("compile")  # the compiled step's GPU tests, then graph against compile on the package's model
+    assert r.returncode == 0 and ran() == ["pytest", "benchmarks/step_overhead.py"], r.stdout
+    assert (res / "step_overhead.done").exists() and "-k compiled or graph" in calls.read_text()
     calls.unlink()
     r = suite("tiling")  # router tests, the sweep, the pick (here none: whole rows), the stack with each tiling
     assert r.returncode == 0 and "== stack router tiling: 1,4,0" in r.stdout, r.stdout
