@@ -661,7 +661,7 @@ def main(argv=None):
         action="store_true",
         help="the quantized stack stores a step and zero point per view (quant.mobi.view_steps), read by each view",
     )
-    ap.add_argument("--no-routed", action="store_true", help="skip the routed rows")
+    ap.add_argument("--no-routed", action="store_true", help="skip the stack's routed rows (package rows keep theirs)")
     ap.add_argument(
         "--routed-parts",
         action="store_true",
