@@ -234,3 +234,46 @@ def test_fuse_inputs_on_an_unquantized_model_makes_the_same_logits():
         torch.testing.assert_close(model(input_ids=x).logits, ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(generate(model, prompt, 3, cuda_graph="off").tokens, tokens)
     fuse_inputs(model, enable=False)
+
+
+@pytest.mark.slow
+def test_compiled_decode_fuses_only_the_inputs_a_router_decides_on(qmodel, monkeypatch):
+    """Under ``cuda_graph='compile'`` the fused launches stay where they run a router (routed budgets) and give way to
+    Inductor's own norm and product elsewhere (static views); the greedy tokens are eager decoding's either way."""
+    from mobiquant.tasks.decode import generate
+
+    model = qmodel
+    prompt = torch.randint(0, 257, (10,), generator=torch.Generator().manual_seed(7))
+    calls = {"rows": 0, "routed": 0}
+    real_rows, real_routed = kernels.fused_input, kernels.fused_input_router
+
+    def counted(name, real):
+        def call(*a, **k):
+            calls[name] += 1
+            return real(*a, **k)
+
+        return call
+
+    monkeypatch.setattr(kernels, "fused_input", counted("rows", real_rows))
+    monkeypatch.setattr(kernels, "fused_input_router", counted("routed", real_routed))
+    assert fuse_inputs(model) > 0
+    try:
+        for m in model.modules():
+            if isinstance(m, (FusedRMSNorm, FusedGatedMLP)) or hasattr(m, "routed_input"):
+                m.backend = "triton"
+        eager = generate(model, prompt, 4, budget=4.0, cuda_graph="off").tokens
+        assert calls["routed"] > 0
+        calls.update(rows=0, routed=0)
+        assert torch.equal(generate(model, prompt, 4, budget=4.0, cuda_graph="compile").tokens, eager)
+        assert calls["routed"] > 0  # the routed sites keep their launch
+        mq.set_static(model, 2)
+        calls.update(rows=0, routed=0)
+        eager = generate(model, prompt, 4, cuda_graph="off").tokens
+        per_forward = calls["rows"] // 4  # the prefill and 3 steps: a static view's inputs are fused launches too
+        assert per_forward == 3 * len(model.model.layers) + 1 and calls["routed"] == 0
+        calls.update(rows=0, routed=0)
+        assert torch.equal(generate(model, prompt, 4, cuda_graph="compile").tokens, eager)
+        assert calls == {"rows": per_forward, "routed": 0}  # the eager prefill's only: the compiled steps make none
+    finally:
+        fuse_inputs(model, enable=False)
+        set_budget(model, 4.0)  # routed again, as the other tests leave it

@@ -30,16 +30,29 @@ def _fast(x: torch.Tensor, backend: str, operands: Any) -> bool:
     return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in operands)))
 
 
+def _routes(router: TokenRouter | None, consumer: Any) -> bool:
+    """Whether ``router`` decides for ``consumer`` (the linear fed by the rows) in the launch that makes them: a routed
+    linear, not training, thresholds not being fitted. An unquantized consumer (nn.Linear) has no mode."""
+    routed = getattr(consumer, "mode", None) == "routed" and not consumer.training
+    return router is not None and routed and router.recorder is None
+
+
+def _compiled_away(router: TokenRouter | None, consumer: Any) -> bool:
+    """Under ``torch.compile`` (decode's ``cuda_graph='compile'``) the rows of a consumer no router decides for are
+    left to Inductor, which fuses the norm or product with the code around it: a fused launch there breaks the
+    compiled graph for nothing (an H200, the 8B-shaped package model in fp16: 752.6 us a token with fused inputs
+    against 678.7 without; docs/RESULTS.md "The fragment-native Gluon GEMV on the H200", seventh-session part)."""
+    return torch.compiler.is_compiling() and not _routes(router, consumer)
+
+
 @torch.compiler.disable  # a Triton launch: opaque to torch.compile, like MoBiLinear.forward
 def _made(x: torch.Tensor, prologue: tuple, router: TokenRouter | None, consumer: Any) -> torch.Tensor:
     """The rows ``prologue`` makes of ``x`` in one launch, with ``router``'s decisions on them where ``consumer`` (the
     linear fed by the rows) will ask for them."""
     from .. import kernels
 
-    # an unquantized consumer (nn.Linear) has no mode: the rows alone
-    routed = getattr(consumer, "mode", None) == "routed" and not consumer.training
-    if router is not None and routed and router.recorder is None:  # not while thresholds are fitted
-        return router.routed_input(x, prologue)
+    if _routes(router, consumer):
+        return router.routed_input(x, prologue)  # type: ignore[union-attr]
     return kernels.fused_input(x, prologue)
 
 
@@ -69,7 +82,7 @@ class FusedRMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, routes={self.router is not None}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _fast(x, self.backend, (self.weight,)):
+        if not _fast(x, self.backend, (self.weight,)) or _compiled_away(self.router, self.consumer):
             return self.original(x)
         return _made(x, ("rms_norm", self.weight, self.variance_epsilon), self.router, self.consumer)
 
@@ -97,7 +110,7 @@ class FusedGatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)
-        if not _fast(gate, self.backend, (up,)):
-            return self.down_proj(self.act_fn(gate) * up)
         router = getattr(self.down_proj, "router", None)
+        if not _fast(gate, self.backend, (up,)) or _compiled_away(router, self.down_proj):
+            return self.down_proj(self.act_fn(gate) * up)
         return self.down_proj(_made(gate, ("silu_mul", up), router, self.down_proj))
