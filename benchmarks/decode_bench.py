@@ -268,6 +268,19 @@ def linear_bytes(model, bits_per_weight):
     return total
 
 
+def timed_generate(model, prompt, new_tokens, graph, budget=None):
+    """``(Generation, step split)``: a warm-up generation of ``min(8, new_tokens)`` (captures, compiles), then the timed
+    one of ``new_tokens`` with ``cuda_graph=graph``, each replayed step split into GPU time and gap
+    (``step_timing``)."""
+    from mobiquant.tasks.decode import generate
+    from step_timing import step_events
+
+    generate(model, prompt, min(8, new_tokens), budget=budget, cuda_graph=graph)
+    with step_events() as ev:
+        g = generate(model, prompt, new_tokens, budget=budget, cuda_graph=graph)
+    return g, ev.summary()
+
+
 def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package", None),)):
     """fp16, then for each ``(label, small_config)`` of ``kernels`` (``None``: the library's defaults; ``"sites"``:
     one launch per router site; ``"inputs"``: that and fused inputs, ``patching.fuse_inputs``, with an fp16 row
@@ -282,18 +295,13 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package",
     rows, splits = [], []
 
     def timed(model, budget=None):
-        from step_timing import step_events
-
-        generate(model, prompt, min(8, new_tokens), budget=budget, cuda_graph=graph)  # compile, capture
-        with step_events() as ev:
-            g = generate(model, prompt, new_tokens, budget=budget, cuda_graph=graph)
-        split = ev.summary()
+        g, split = timed_generate(model, prompt, new_tokens, graph, budget)
         splits.append(split)
         return g.us_per_token, f"{g.graph}; GPU {split['gpu_us']:.1f} us a step, gaps {split['gap_us']:.1f} us"
 
     def attempt(model, budget=None):
-        """:func:`timed`, or ``(None, why)`` printed when the quantized model fails in this graph mode (torch.compile
-        of the package's kernel launches is not supported everywhere: the row is left out, the others run)."""
+        """:func:`timed`, or ``(None, why)`` printed when the quantized model fails in a graph mode other than
+        'graph' (the row is left out, the others run)."""
         if graph == "graph":
             return timed(model, budget)
         try:
@@ -674,8 +682,9 @@ def main(argv=None):
         "--package-graph",
         default="graph",
         choices=("graph", "compile"),
-        help="the package rows' decode step: one captured CUDA graph (the default of task=decode) or "
-        "torch.compile(mode='reduce-overhead'), fp16 included (rows that fail to compile are left out)",
+        help="the package rows' decode step: one captured CUDA graph (the default of task=decode) or that graph of "
+        "the step compiled between the package's kernels (cuda_graph='compile'), fp16 included (quantized rows that "
+        "fail in it are left out)",
     )
     ap.add_argument(
         "--fuse-sites", action="store_true", help="also package rows with one launch per router site (fuse_sites)"

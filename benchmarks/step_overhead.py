@@ -37,7 +37,7 @@ def main(argv=None) -> None:
         raise SystemExit("step_overhead.py needs a CUDA device")
 
     import kernel_bench as kb
-    from decode_bench import FF, KV, D, load_kernels, package_models
+    from decode_bench import FF, KV, D, load_kernels, package_models, timed_generate
 
     kb.set_slices(args.slices.split(","))
 
@@ -45,8 +45,6 @@ def main(argv=None) -> None:
     import e2e_decode
     import mobiquant as mq
     from mobiquant.patching import fuse_inputs, fuse_sites
-    from mobiquant.tasks.decode import generate
-    from step_timing import step_events
 
     fp, q = package_models(args.layers, D, FF, KV, 32, 1024, "cuda", torch.float16)
     prompt = torch.randint(0, 1024, (1, 16), generator=torch.Generator().manual_seed(7)).cuda()
@@ -59,10 +57,7 @@ def main(argv=None) -> None:
     def timed(model, label, budget=None):
         for mode in ("graph", "compile"):
             try:
-                generate(model, prompt, 8, budget=budget, cuda_graph=mode)  # capture, compile
-                with step_events() as ev:
-                    g = generate(model, prompt, args.new_tokens, budget=budget, cuda_graph=mode)
-                s = ev.summary()
+                g, s = timed_generate(model, prompt, args.new_tokens, mode, budget)
                 gpu = f"GPU {s['gpu_us']:.1f} us a step; {g.graph}"
                 print(f"{label} cuda_graph={mode}: {g.us_per_token:.1f} us/token ({gpu})")
             except Exception as e:  # report, keep the other rows

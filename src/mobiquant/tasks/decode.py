@@ -442,9 +442,14 @@ class _Stepper:
         self.graphs[key] = entry
         return ref
 
+    @property
+    def _compiled_only(self) -> bool:
+        """``compile`` off CUDA: the compiled step runs each time, no graph is captured."""
+        return self.mode == "compile" and self.device.type != "cuda"
+
     def will_capture(self, key: tuple) -> bool:
         """Whether :meth:`step` with ``key`` captures (or compiles) instead of replaying."""
-        if self.mode == "compile" and self.device.type != "cuda":
+        if self._compiled_only:
             return not self._compiled_once
         return self.mode in ("graph", "compile") and key not in self.graphs
 
@@ -457,7 +462,7 @@ class _Stepper:
             return self.eager(tok, pos), False
         self.ids.copy_(tok.view(-1, 1))
         self.pos.fill_(pos)
-        if self.mode == "compile" and self.device.type != "cuda":  # compiled, no graph to capture
+        if self._compiled_only:
             first, self._compiled_once = not self._compiled_once, True
             return self._eager(self.ids, self.pos).clone(), first
         entry = self.graphs.get(key)
