@@ -689,7 +689,7 @@ def test_gpu_benchmark_calls_keep_the_graph_and_the_cache_positions(dtype, promp
     for model, budget in ((fp, None), (q, 4.0), (q, 2.0), (q, 8.0)):
         for n, cache_len in BENCH_CALLS:
             g = generate(model, prompt, n, budget=budget, cache_len=cache_len, cuda_graph="graph")
-            assert g.graph == "graph" and g.captures == 1, g.graph
+            assert g.graph == "graph" and g.captures == 1, (model is fp, budget, n, cache_len, g.graph)
             ref = generate(model, prompt, n, budget=budget, cache_len=cache_len, cuda_graph="off")
             assert torch.equal(g.tokens, ref.tokens), (budget, n, cache_len)
     torch.cuda.synchronize()

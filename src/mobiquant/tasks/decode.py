@@ -18,6 +18,7 @@ budget of ``decode.budgets`` (and the unquantized model) and writes ``decode.csv
 
 from __future__ import annotations
 
+import gc
 import inspect
 import logging
 import math
@@ -404,8 +405,16 @@ class _Stepper:
             self._warm_up(saved)
         torch.cuda.current_stream(self.device).wait_stream(s)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):  # recorded, not run: the offsets do not move
-            logits = self._eager(self.ids, self.pos)
+        # no automatic garbage collection while recording: a collection that frees an earlier graph (its
+        # destructor calls the CUDA runtime) would invalidate the capture; torch.cuda.graph collects on entry
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(g):  # recorded, not run: the offsets do not move
+                logits = self._eager(self.ids, self.pos)
+        finally:
+            if collecting:
+                gc.enable()
         for r in (r for _, r in routers(self.model)):
             r.clear_cache()
         self.captures += 1
@@ -470,6 +479,13 @@ class _Stepper:
             return self._first_step(pos, key), True
         entry[0].replay()
         return entry[1].clone(), False
+
+    def close(self) -> None:
+        """Free the captured graphs now, at a point where no capture is under way (left to the cyclic garbage
+        collector, a graph could be freed during a later capture and break it)."""
+        if self.graphs:
+            _sync(self.device)
+            self.graphs = {}
 
     def _give_up(self, why: str) -> None:
         warnings.warn(f"mobiquant.tasks.decode: CUDA graph not used ({why}); decoding eagerly", stacklevel=4)
@@ -602,6 +618,7 @@ def generate(
 
     was_training = model.training
     model.eval()
+    stepper: _Stepper | None = None
     try:
         _sync(device)
         t0 = time.perf_counter()
@@ -652,6 +669,8 @@ def generate(
         model.train(was_training)
         for r in control.routers:
             r.clear_cache()
+        if stepper is not None:
+            stepper.close()
     tokens = out[:, :n].cpu()
     text = None
     if tokenizer is not None:
