@@ -680,11 +680,11 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per package row")
     ap.add_argument(
         "--package-graph",
-        default="graph",
+        default="compile",
         choices=("graph", "compile"),
-        help="the package rows' decode step: one captured CUDA graph (the default of task=decode) or that graph of "
-        "the step compiled between the package's kernels (cuda_graph='compile'), fp16 included (quantized rows that "
-        "fail in it are left out)",
+        help="the package rows' decode step, fp16 included: the step compiled between the package's kernels, then "
+        "captured (cuda_graph='compile', what 'auto' picks on CUDA; quantized rows that fail in it are left out), or "
+        "the model's own step captured as one CUDA graph (cuda_graph='graph')",
     )
     ap.add_argument(
         "--fuse-sites", action="store_true", help="also package rows with one launch per router site (fuse_sites)"

@@ -52,7 +52,8 @@ def parse_args(argv=None):
         "--graph",
         default="auto",
         choices=["auto", "graph", "compile", "off"],
-        help="decode step: CUDA graph (auto on CUDA), torch.compile reduce-overhead, or eager",
+        help="decode step (generate's cuda_graph): auto (compile on CUDA), the model's own step captured as one "
+        "CUDA graph, the step compiled between the package's kernels then captured, or eager",
     )
     ap.add_argument("--slices", default="3,1,1,1,1,1", help="slice layout without --checkpoint, e.g. 2,2,2,2")
     ap.add_argument(

@@ -316,6 +316,57 @@ def test_a_rejected_check_decodes_as_if_none_was_made(qmodel, prompt16, cpu_grap
         assert torch.equal(g.tokens, generate(qmodel, prompt16, n, budget=3.0, cuda_graph="off").tokens)
 
 
+@pytest.mark.parametrize("failure", ["compile raises", "compiled replay rejected"])
+def test_auto_falls_back_from_the_compiled_step_to_the_model_own(qmodel, prompt16, cpu_graph, monkeypatch, failure):
+    """'auto' captures the compiled step (the CUDA default); when compiling raises, or the compiled graph's replay
+    is rejected, it warns and captures the model's own step instead: its graph kept, the tokens eager decoding's
+    up to the last position of the cache. 'compile' named explicitly decodes eagerly instead."""
+    cpu_graph()
+    real_mode = decode._graph_mode
+    monkeypatch.setattr(
+        decode, "_graph_mode", lambda g, device, *a: "compile" if g in ("auto", "compile") else real_mode(g, device, *a)
+    )
+    monkeypatch.setattr(decode._Stepper, "_compiled_only", property(lambda self: False))
+    rejected = []
+    if failure == "compile raises":
+
+        def compiled(step, model):
+            def fail(ids, pos):
+                raise RuntimeError("BackendCompilerFailed: no compiler for the test")
+
+            return fail
+
+        reason = "capture failed: RuntimeError: BackendCompilerFailed"
+    else:
+
+        def compiled(step, model):
+            return step  # the model's own step, its first check rejected
+
+        real_check = decode._replay_mismatch
+
+        def check(got, ref):
+            if rejected:
+                return real_check(got, ref)
+            rejected.append(True)
+            return "rejected for the test"
+
+        monkeypatch.setattr(decode, "_replay_mismatch", check)
+        reason = "rejected for the test"
+    monkeypatch.setattr(decode, "_compiled_step", compiled)
+    for n, cache_len in [(8, None), (8, 16 + 8)]:
+        rejected.clear()
+        ref = generate(qmodel, prompt16, n, budget=4.0, cache_len=cache_len, cuda_graph="off")
+        with pytest.warns(UserWarning, match="compiled decode step not used") as rec:
+            g = generate(qmodel, prompt16, n, budget=4.0, cache_len=cache_len)
+        assert reason in str(rec[0].message)
+        captures = 1 if failure == "compile raises" else 2  # the rejected one was captured
+        assert g.graph == "graph" and g.captures == captures and torch.equal(g.tokens, ref.tokens), (n, cache_len)
+    if failure == "compile raises":
+        with pytest.warns(UserWarning, match="CUDA graph not used"):
+            g = generate(qmodel, prompt16, 8, budget=4.0, cuda_graph="compile")
+        assert g.graph.startswith(reason) and torch.equal(g.tokens, ref.tokens)
+
+
 @pytest.mark.parametrize("failure", list(FAILURES) + ["accepted"])
 def test_the_cache_after_a_capture_attempt_is_that_of_an_eager_step(prompt16, cpu_graph, failure):
     """Step by step, every layer's keys, values and write offset equal those of eager decoding, bit for bit,

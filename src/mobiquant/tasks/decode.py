@@ -358,9 +358,18 @@ class _Stepper:
     between the package's kernels (``compile``; on the CPU compiled, not captured)."""
 
     def __init__(
-        self, model, cache, cache_kw: str, device: torch.device, batch: int, mode: str, cache_len: int | None = None
+        self,
+        model,
+        cache,
+        cache_kw: str,
+        device: torch.device,
+        batch: int,
+        mode: str,
+        cache_len: int | None = None,
+        fallback: str | None = None,
     ):
         self.model, self.cache, self.cache_kw, self.device, self.mode = model, cache, cache_kw, device, mode
+        self.fallback = fallback  # the mode to capture with when a compiled capture fails ('auto' on CUDA)
         self.cache_len = cache_len
         self.offsets = _CacheOffsets(cache)
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
@@ -436,16 +445,22 @@ class _Stepper:
         except Exception as e:  # a forward that synchronises with the host cannot be captured
             _sync(self.device)
             self.offsets.restore(saved)
-            self._give_up(
+            why = (
                 f"capture failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
                 if str(e).strip()
                 else f"capture failed: {type(e).__name__}"
             )
+            if self._fall_back(why):
+                return self._first_step(pos, key)
+            self._give_up(why)
             return self._eager(self.ids, self.pos)
         self.offsets.restore(saved)
         ref = self._eager(self.ids, self.pos)
         why = _replay_mismatch(got, ref)
         if why is not None:
+            if self._fall_back(why):
+                self.offsets.restore(saved)  # the retry writes this step's slot again
+                return self._first_step(pos, key)
             self._give_up(why)
             return ref
         self.graphs[key] = entry
@@ -487,6 +502,20 @@ class _Stepper:
             _sync(self.device)
             self.graphs = {}
 
+    def _fall_back(self, why: str) -> bool:
+        """After a failed compiled capture, switch to the fallback mode (the model's own step captured) if there
+        is one; the caller then tries again."""
+        if self.mode != "compile" or self.fallback is None:
+            return False
+        warnings.warn(
+            f"mobiquant.tasks.decode: compiled decode step not used ({why}); capturing the model's own step "
+            f"({self.fallback!r})",
+            stacklevel=5,
+        )
+        self.mode, self.status, self.fallback, self.graphs = self.fallback, self.fallback, None, {}
+        self._forward = self._model_step
+        return True
+
     def _give_up(self, why: str) -> None:
         warnings.warn(f"mobiquant.tasks.decode: CUDA graph not used ({why}); decoding eagerly", stacklevel=4)
         self.mode, self.status, self.graphs = "off", why, {}
@@ -519,8 +548,8 @@ def _graph_mode(cuda_graph: str | bool, device: torch.device, track_bits: bool, 
     mode = {True: "graph", False: "off"}.get(cuda_graph, cuda_graph) if isinstance(cuda_graph, bool) else cuda_graph
     if mode not in GRAPH_MODES:
         raise ValueError(f"cuda_graph must be one of {GRAPH_MODES}, got {cuda_graph!r}")
-    if mode == "auto":
-        mode = "graph" if device.type == "cuda" else "off"
+    if mode == "auto":  # the fastest measured on CUDA (docs/RESULTS.md "The compiled decode step")
+        mode = "compile" if device.type == "cuda" else "off"
     if mode != "off":
         if device.type != "cuda" and mode != "compile":  # compile on the CPU: compiled, not captured
             raise ValueError(f"cuda_graph={mode!r} needs the model on a CUDA device (it is on {device})")
@@ -556,10 +585,12 @@ def generate(
     keep), or ``None`` (the model as it is set). ``temperature`` 0: greedy; otherwise sampling, from the
     ``top_k`` most likely tokens when given, with a generator seeded by ``seed``. ``cache_len``: positions
     of the static cache (default prompt + new tokens - 1: the last token is never fed back). ``cuda_graph``:
-    'auto' (a captured decode step on CUDA, eager elsewhere), 'graph', 'compile' (the step's code between the
-    package's kernels compiled by ``torch.compile``, then captured as one graph; on the CPU compiled only) or 'off';
-    a capture that fails, or whose first replay does not
-    match an eager forward, falls back to eager decoding with a warning that says why.
+    'auto' ('compile' on CUDA, falling back to 'graph' if the compiled capture fails; eager elsewhere), 'graph' (the
+    model's own step captured as one CUDA graph), 'compile' (the step's code between the package's kernels compiled
+    by ``torch.compile``, then captured as one graph; on the CPU compiled only) or 'off'. A capture that fails, or
+    whose first replay does not match an eager forward, falls back to eager decoding with a warning that says why.
+    The first step of a new model (or shape) under 'compile' takes long: Inductor compiles every layer (about a
+    minute for SmolLM2-135M on an H200); later generations reuse it.
     ``eos_token_id``: stop once every row has produced it (one host synchronisation per token).
     ``track_bits``: the achieved average bits of every new token (eager only)."""
     from transformers import StaticCache
@@ -633,7 +664,8 @@ def generate(
         done = (tok == eos_token_id) if eos_token_id is not None else None
         _sync(device)
         prefill_s = time.perf_counter() - t0
-        stepper = _Stepper(model, cache, cache_kw, device, batch, mode, cache_len)
+        fallback = "graph" if cuda_graph == "auto" and mode == "compile" else None
+        stepper = _Stepper(model, cache, cache_kw, device, batch, mode, cache_len, fallback)
         decode_s, timed, n = 0.0, 0, 1
         seg_start, seg_tokens = time.perf_counter(), 0
         for i in range(1, max_new_tokens):
