@@ -314,9 +314,11 @@ def run_rows(args, fp, q, tok, device):
     return rows
 
 
-def step_profile(model, tok, device, prompt, budget, label, steps=8, top=12):
+def step_profile(model, tok, device, prompt, budget, label, steps=8, top=12, cuda_graph="off"):
     """Kernels of one eager decode step and their GPU time (the difference of a ``steps + 2``- and a 2-token
     generation, so prefill and set-up cancel), the top kernels by GPU time; on the CPU, aten calls per step.
+    ``cuda_graph`` 'compile' or 'graph': the kernels of the captured step's replays instead (each generation's
+    capture and its warm-up forwards cancel in the difference as the prefill does).
 
     A captured step runs these same kernels: its wall time per token minus the GPU time here is what launches
     and gaps cost (a launch-bound step), the GPU time what the kernels themselves take."""
@@ -331,9 +333,9 @@ def step_profile(model, tok, device, prompt, budget, label, steps=8, top=12):
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
 
     def run(n):
-        generate(model, prompt, n, tokenizer=tok, budget=budget, cuda_graph="off")  # warm
+        generate(model, prompt, n, tokenizer=tok, budget=budget, cuda_graph=cuda_graph)  # warm
         with torch_profile(activities=acts) as prof:
-            generate(model, prompt, n, tokenizer=tok, budget=budget, cuda_graph="off")
+            generate(model, prompt, n, tokenizer=tok, budget=budget, cuda_graph=cuda_graph)
         if device == "cuda":
             ev = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
         else:
@@ -350,7 +352,8 @@ def step_profile(model, tok, device, prompt, budget, label, steps=8, top=12):
     time_us = {k: (t1[k] - t2.get(k, 0)) / steps for k in t1}
     n, total = sum(count.values()), sum(time_us.values())
     what = "kernels" if device == "cuda" else "top-level aten calls"
-    print(f"\n# {label}: {n:.0f} {what} per eager decode step, {total:.1f} us of them per step")
+    step = "eager decode step" if cuda_graph == "off" else f"decode step ({cuda_graph})"
+    print(f"\n# {label}: {n:.0f} {what} per {step}, {total:.1f} us of them per step")
     for name, t in sorted(time_us.items(), key=lambda kv: -kv[1])[:top]:
         print(f"#   {t:8.1f} us  {count[name]:6.1f} x  {name[:110]}")
     return dict(mode=label, launches_per_step=n, kernel_us_per_step=total)

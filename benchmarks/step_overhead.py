@@ -7,7 +7,7 @@ package (one launch per site, fused inputs: ``task=decode``'s defaults): the ker
 code between the package's kernels compiled by Inductor before the capture (``'compile'``), in the same run.
 
     python3 benchmarks/step_overhead.py [--layers 4] [--new-tokens 64] [--top 25] [--slices 3,1,1,1,1,1]
-        [--views 1 2 6] [--budgets 3 4]
+        [--views 1 2 6] [--budgets 3 4] [--census {off,compile,graph}] [--census-only]
 
 The quantized rows run with fused inputs and again without them (Inductor then fuses the norms itself; the routers
 of the routed rows launch on their own).
@@ -32,6 +32,14 @@ def main(argv=None) -> None:
     ap.add_argument("--slices", default="3,1,1,1,1,1", help="slice layout of the quantized model (default layout)")
     ap.add_argument("--views", type=int, nargs="*", default=[1, 2, 6], help="static views timed (k)")
     ap.add_argument("--budgets", type=float, nargs="*", default=[3.0, 4.0], help="routed budgets timed")
+    ap.add_argument(
+        "--census",
+        default="off",
+        choices=("off", "compile", "graph"),
+        help="the kernel census's step: eager (off) or the captured step's replays; with a captured one the routed "
+        "budget 4 step too",
+    )
+    ap.add_argument("--census-only", action="store_true", help="the kernel census alone, no timed rows")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("step_overhead.py needs a CUDA device")
@@ -49,10 +57,15 @@ def main(argv=None) -> None:
     fp, q = package_models(args.layers, D, FF, KV, 32, 1024, "cuda", torch.float16)
     prompt = torch.randint(0, 1024, (1, 16), generator=torch.Generator().manual_seed(7)).cuda()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; {args.layers} 8B-shaped layers, fp16")
-    e2e_decode.step_profile(fp, None, "cuda", prompt, None, "fp16 eager step", top=args.top)
+    census = dict(top=args.top, cuda_graph=args.census)
+    e2e_decode.step_profile(fp, None, "cuda", prompt, None, "fp16", **census)
     fuse_sites(q), fuse_inputs(q)  # the package's decode defaults (task=decode)
     mq.set_static(q, 2)
-    e2e_decode.step_profile(q, None, "cuda", prompt, None, "static 4-bit view eager step, fused inputs", top=args.top)
+    e2e_decode.step_profile(q, None, "cuda", prompt, None, "static 4-bit view, fused inputs", **census)
+    if args.census != "off":
+        e2e_decode.step_profile(q, None, "cuda", prompt, 4.0, "routed budget 4, fused inputs", **census)
+    if args.census_only:
+        return
 
     def timed(model, label, budget=None):
         for mode in ("graph", "compile"):
