@@ -274,6 +274,15 @@ def test_compiled_decode_fuses_only_the_inputs_a_router_decides_on(qmodel, monke
         calls.update(rows=0, routed=0)
         assert torch.equal(generate(model, prompt, 4, cuda_graph="compile").tokens, eager)
         assert calls == {"rows": per_forward, "routed": 0}  # the eager prefill's only: the compiled steps make none
+        # back to a routed budget on the same model: the steps compiled for the static view are not reused, the
+        # routed sites' launches are back in the compiled steps (as many as eager decoding makes); the final norm,
+        # which feeds no router, is fused in the eager prefill only
+        calls.update(rows=0, routed=0)
+        eager = generate(model, prompt, 4, budget=4.0, cuda_graph="off").tokens
+        eager_calls = dict(calls)
+        calls.update(rows=0, routed=0)
+        assert torch.equal(generate(model, prompt, 4, budget=4.0, cuda_graph="compile").tokens, eager)
+        assert calls == {"rows": eager_calls["rows"] // 4, "routed": eager_calls["routed"]}, (calls, eager_calls)
     finally:
         fuse_inputs(model, enable=False)
         set_budget(model, 4.0)  # routed again, as the other tests leave it
