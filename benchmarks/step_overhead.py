@@ -6,7 +6,7 @@ package (one launch per site, fused inputs: ``task=decode``'s defaults): the ker
 ``mobiquant.tasks.decode.generate`` with the step captured as one CUDA graph (``cuda_graph='graph'``) and with its
 code between the package's kernels compiled by Inductor before the capture (``'compile'``), in the same run.
 
-    python3 benchmarks/step_overhead.py [--layers 4] [--new-tokens 64] [--top 25] [--slices 3,1,1,1,1,1]
+    python3 benchmarks/step_overhead.py [--layers 4] [--smol] [--new-tokens 64] [--top 25] [--slices 3,1,1,1,1,1]
         [--views 1 2 6] [--budgets 3 4] [--census {off,compile,graph}] [--census-only]
 
 The quantized rows run with fused inputs and again without them (Inductor then fuses the norms itself; the routers
@@ -26,7 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=None, help="layers (default: 4 of the 8B shapes, 30 with --smol)")
+    ap.add_argument(
+        "--smol",
+        action="store_true",
+        help="SmolLM2-135M's shapes (576 wide, MLP 1536, 9 heads, 3 KV heads, vocabulary 49152), random weights",
+    )
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--top", type=int, default=25, help="kernels listed, by GPU time")
     ap.add_argument("--slices", default="3,1,1,1,1,1", help="slice layout of the quantized model (default layout)")
@@ -54,16 +59,20 @@ def main(argv=None) -> None:
     import mobiquant as mq
     from mobiquant.patching import fuse_inputs, fuse_sites
 
-    fp, q = package_models(args.layers, D, FF, KV, 32, 1024, "cuda", torch.float16)
-    prompt = torch.randint(0, 1024, (1, 16), generator=torch.Generator().manual_seed(7)).cuda()
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; {args.layers} 8B-shaped layers, fp16")
+    d, ff, kv, heads, vocab, what = (
+        (576, 1536, 192, 9, 49152, "SmolLM2-shaped") if args.smol else (D, FF, KV, 32, 1024, "8B-shaped")
+    )
+    layers = args.layers or (30 if args.smol else 4)
+    fp, q = package_models(layers, d, ff, kv, heads, vocab, "cuda", torch.float16)
+    prompt = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(7)).cuda()
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; {layers} {what} layers, fp16", flush=True)
     census = dict(top=args.top, cuda_graph=args.census)
     e2e_decode.step_profile(fp, None, "cuda", prompt, None, "fp16", **census)
     fuse_sites(q), fuse_inputs(q)  # the package's decode defaults (task=decode)
-    mq.set_static(q, 2)
-    e2e_decode.step_profile(q, None, "cuda", prompt, None, "static 4-bit view, fused inputs", **census)
     if args.census != "off":
         e2e_decode.step_profile(q, None, "cuda", prompt, 4.0, "routed budget 4, fused inputs", **census)
+    mq.set_static(q, 2)
+    e2e_decode.step_profile(q, None, "cuda", prompt, None, "static 4-bit view, fused inputs", **census)
     if args.census_only:
         return
 
