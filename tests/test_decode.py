@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import types
 import warnings
 from pathlib import Path
 
@@ -314,6 +315,23 @@ def test_a_rejected_check_decodes_as_if_none_was_made(qmodel, prompt16, cpu_grap
             g = generate(qmodel, prompt16, n, budget=3.0, cuda_graph="graph")
         assert g.graph == "rejected for the test"
         assert torch.equal(g.tokens, generate(qmodel, prompt16, n, budget=3.0, cuda_graph="off").tokens)
+
+
+def test_auto_picks_the_compiled_step_on_cuda_and_eager_when_slices_are_counted():
+    """The choice of ``cuda_graph='auto'`` (no GPU needed): the compiled step on CUDA, eager on the CPU and wherever
+    slices are counted (a host synchronisation every step); a named graph mode with counting is refused."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert decode._graph_mode("auto", cuda, False, []) == "compile"
+    assert decode._graph_mode("auto", cpu, False, []) == "off"
+    assert decode._graph_mode("auto", cuda, True, []) == "off"
+    counting = types.SimpleNamespace(track=True)
+    assert decode._graph_mode("auto", cuda, False, [counting]) == "off"
+    assert decode._graph_mode(True, cuda, False, []) == "graph"
+    for mode in ("graph", "compile"):
+        with pytest.raises(ValueError, match="use cuda_graph='off'"):
+            decode._graph_mode(mode, cuda, True, [])
+    with pytest.raises(ValueError, match="cuda_graph must be one of"):
+        decode._graph_mode("fast", cuda, False, [])
 
 
 @pytest.mark.parametrize("failure", ["compile raises", "compiled replay rejected"])

@@ -548,12 +548,13 @@ def _graph_mode(cuda_graph: str | bool, device: torch.device, track_bits: bool, 
     mode = {True: "graph", False: "off"}.get(cuda_graph, cuda_graph) if isinstance(cuda_graph, bool) else cuda_graph
     if mode not in GRAPH_MODES:
         raise ValueError(f"cuda_graph must be one of {GRAPH_MODES}, got {cuda_graph!r}")
+    counting = track_bits or any(m.track for m in linears)
     if mode == "auto":  # the fastest measured on CUDA (docs/RESULTS.md "The compiled decode step")
-        mode = "compile" if device.type == "cuda" else "off"
+        mode = "compile" if device.type == "cuda" and not counting else "off"
     if mode != "off":
         if device.type != "cuda" and mode != "compile":  # compile on the CPU: compiled, not captured
             raise ValueError(f"cuda_graph={mode!r} needs the model on a CUDA device (it is on {device})")
-        if track_bits or any(m.track for m in linears):
+        if counting:
             raise ValueError(
                 "slice counting (track_bits, MoBiLinear.track) synchronises with the host every "
                 "step: use cuda_graph='off' with it"
@@ -585,7 +586,8 @@ def generate(
     keep), or ``None`` (the model as it is set). ``temperature`` 0: greedy; otherwise sampling, from the
     ``top_k`` most likely tokens when given, with a generator seeded by ``seed``. ``cache_len``: positions
     of the static cache (default prompt + new tokens - 1: the last token is never fed back). ``cuda_graph``:
-    'auto' ('compile' on CUDA, falling back to 'graph' if the compiled capture fails; eager elsewhere), 'graph' (the
+    'auto' ('compile' on CUDA, falling back to 'graph' if the compiled capture fails; eager elsewhere and when
+    slices are counted), 'graph' (the
     model's own step captured as one CUDA graph), 'compile' (the step's code between the package's kernels compiled
     by ``torch.compile``, then captured as one graph; on the CPU compiled only) or 'off'. A capture that fails, or
     whose first replay does not match an eager forward, falls back to eager decoding with a warning that says why.
