@@ -20,6 +20,9 @@
 #   compile  (only when named) decode's cuda_graph='compile' (the step's glue compiled by Inductor, then captured): its
 #            GPU tests with the graph ones, then benchmarks/step_overhead.py (an eager step's kernels; graph against
 #            compile for fp16 and the default layout's views and budgets)
+#   solo     (only when named) the router tests compiled, then one router launch for one token on SmolLM2's inputs:
+#            one program holding every hidden unit (no partial sums, no ticket; 4, 8 and 16 warps) against the
+#            default tiling there (whole rows, one hidden unit a program), in one sweep
 #   package  (only when named) the 8B-shaped stack inside a Hugging Face model patched by the package: its decode path
 #            (captured graphs, one launch per router site, fused inputs) against the same model in fp16
 #   kernels  single linears, one token, graph-replayed: stream-K and whole-K with and without pdl / l2_prefetch /
@@ -129,6 +132,12 @@ stage() {
       # 8B-shaped model (fp16, the default layout's static views and routed budgets, with and without fused inputs)
       run_stage compile_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/test_decode.py -k "compiled or graph"
       run_stage step_overhead 900 "$PY" benchmarks/step_overhead.py --views 1 2 6 --budgets 3 4 ;;
+    solo)
+      run_stage router_tests 300 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_triton_router.py \
+        tests/kernels/test_fused_inputs.py
+      run_stage router_solo 420 "$PY" benchmarks/router_launch_bench.py --sweep --out "$RES/router_solo" \
+        --hbs 1,64 --warps 4,8,16 --cols 0 --tokens 1 \
+        --inputs "smollm2 qkv/gate-up (rms_norm, 576);smollm2 down (silu_mul, 1536);smollm2 o (576)" ;;
     package)
       run_stage package 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed --fuse-inputs \
         --out "$RES/package" ;;
@@ -153,7 +162,7 @@ print(','.join(str(int(v)) for v in t))" "$RES/router_sweep/router_sweep.csv" 2>
       run_stage pattern 600 "$PY" benchmarks/stream_pattern.py --views 1,2,6 \
         --package-configs "$PATTERN_CONFIGS" --out "$RES/pattern" ;;
     *)
-      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package gluon fragment compile)" >&2
+      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package gluon fragment compile solo)" >&2
       return 2 ;;
   esac
 }

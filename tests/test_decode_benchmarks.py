@@ -222,11 +222,17 @@ def test_one_bit_plane_kernel_compiles_for_sm90(args):
 
 @pytest.mark.parametrize(
     "prologue,tiling,pdl",
-    [("none", "1,4,0", False), ("rms_norm", "16,4,256", True), ("silu_mul", "4,8,128", False)],
-    ids=["whole-rows", "splits-norm-pdl", "splits-product"],
+    [
+        ("none", "1,4,0", False),
+        ("rms_norm", "16,4,256", True),
+        ("silu_mul", "4,8,128", False),
+        ("silu_mul", "64,8,0", True),
+    ],
+    ids=["whole-rows", "splits-norm-pdl", "splits-product", "one-program-product-pdl"],
 )
 def test_router_kernel_compiles_for_sm90(prologue, tiling, pdl):
-    """The fused router kernel's launches (whole rows, and column splits with each prologue) compile for sm_90
+    """The fused router kernel's launches (whole rows, column splits with each prologue, and one program holding
+    every hidden unit) compile for sm_90
     without a GPU, without spills: the interpreter accepts code (an early return of another shape in a constexpr
     branch) that the compiler rejects."""
     import os

@@ -123,6 +123,28 @@ def test_fused_input_router_column_splits_make_the_rows_and_counts(kind, tokens,
     assert torch.equal(k, k2) or bool(((v - t).abs() < 1e-4).any())
 
 
+@pytest.mark.parametrize("kind", ["rms_norm", "silu_mul"])
+@pytest.mark.parametrize("tokens,d", [(1, 88), (5, 300), (19, 72)])
+def test_fused_input_router_in_one_program_makes_the_rows_and_counts(kind, tokens, d):
+    """One program a token block holding every hidden unit (no partial sums, no ticket): it stores every row itself,
+    bit for bit the default tiling's, and its counts are the default's unless a gate value sits at the threshold."""
+    from mobiquant.kernels.triton_router import fused_input_router
+
+    g = torch.Generator().manual_seed(17)
+    x = (torch.randn(tokens, d, generator=g) * 3).to(DEVICE)
+    if kind == "rms_norm":
+        prologue: tuple = ("rms_norm", (torch.rand(d, generator=g) + 0.5).to(DEVICE), 1e-5)
+    else:
+        prologue = ("silu_mul", (torch.randn(tokens, d, generator=g) * 2).to(DEVICE))
+    router = router_weights(d, g)
+    t = torch.tensor([0.3], device=DEVICE)
+    y, k, v = fused_input_router(x, prologue, router, t, "free")
+    y2, k2, v2 = fused_input_router(x, prologue, router, t, "free", hidden_per_program=router[0].shape[0])
+    assert torch.equal(y, y2)
+    torch.testing.assert_close(v2, v, rtol=1e-5, atol=1e-4)
+    assert torch.equal(k, k2) or bool(((v - t).abs() < 1e-4).any())
+
+
 def test_fused_input_rejects_operands_that_do_not_fit():
     x, w = torch.randn(1, 64, device=DEVICE), torch.ones(48, device=DEVICE)
     router = router_weights(64, torch.Generator().manual_seed(0))

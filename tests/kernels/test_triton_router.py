@@ -160,6 +160,32 @@ def test_fused_router_column_splits_equal_torch(policy, d, hidden, tokens, hb, c
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+@pytest.mark.parametrize("policy", ["free", "adjacent"])
+@pytest.mark.parametrize(
+    "d,hidden,tokens", [(64, 16, 1), (300, 24, 5), (72, 12, 19)], ids=["d64-h16-t1", "d300-h24-t5", "d72-h12-t19"]
+)
+def test_fused_router_in_one_program_equals_torch(policy, d, hidden, tokens):
+    """``hidden_per_program`` at least the router's hidden units over whole rows: one program a token block computes
+    every score, with no partial sums and no ticket (chunks unrolled, the last one short, hidden not a power of
+    two, several token blocks): PyTorch's counts at every threshold, gate values to fp32 rounding."""
+    from mobiquant.kernels.triton_router import fused_router
+
+    r = make_router(d, (3, 1, 1, 1, 1, 1), hidden, policy)
+    x = torch.randn(tokens, d, generator=torch.Generator().manual_seed(6)).to(DEVICE) * 2
+    _, m_ref = torch_counts(r, x, 0.0)
+    w = (r.net[0].weight, r.net[0].bias, r.net[2].weight, r.net[2].bias)
+    seen = set()
+    for tau in safe_taus(m_ref, 3):
+        k_ref, _ = torch_counts(r, x, tau)
+        t = torch.tensor(tau, device=DEVICE)
+        for hb in (hidden, 64):
+            k, m = fused_router(x, *w, t, policy, hidden_per_program=hb, cols_per_program=0)
+            torch.testing.assert_close(m, m_ref, rtol=1e-5, atol=1e-5)
+            assert torch.equal(k, k_ref), (hb, tau, k.tolist(), k_ref.tolist())
+        seen |= set(k.tolist())
+    assert {1, 6} <= seen
+
+
 def test_default_tiling_splits_wide_rows_and_equals_torch():
     """The default tiling splits rows wider than its column range (1024 for one token, 512 for more) and keeps
     narrower rows whole; a default launch on such rows gives PyTorch's counts and gate values."""

@@ -165,6 +165,47 @@ def _router_part(
 
 
 @triton.jit
+def _router_solo(
+    x_ptr,
+    w1_ptr,
+    b1_ptr,
+    w2_ptr,
+    toks,
+    tmask,
+    D_IN,
+    H,
+    stride_xm,
+    aux_ptr,
+    y_ptr,
+    rstd,
+    R: tl.constexpr,
+    RP: tl.constexpr,
+    HB: tl.constexpr,
+    BM: tl.constexpr,
+    BD: tl.constexpr,
+    PRE: tl.constexpr,
+    UNROLL: tl.constexpr,
+):
+    """Scores ``[BM, RP]`` (without ``b2``) of every hidden unit (``HB`` >= ``H``) of tokens ``toks``, in one program:
+    chunks of ``BD`` columns, ``UNROLL`` of them unrolled so their weight loads are in flight together; the rows
+    :func:`_prologue` makes are stored by this program. No partial sums leave it (no ticket)."""
+    hrows = tl.arange(0, HB)
+    hmask = hrows < H
+    acc = tl.zeros((BM, HB, BD), dtype=tl.float32)  # summed over the columns once, after the loop (no shuffles in it)
+    for d0 in tl.range(0, D_IN, BD, loop_unroll_factor=UNROLL):
+        cols = d0 + tl.arange(0, BD)
+        cmask = cols < D_IN
+        x = _rows(x_ptr, toks, tmask, cols, cmask, stride_xm)
+        x = _prologue(x, cols, cmask, rstd, aux_ptr, y_ptr, toks, tmask, tmask, D_IN, stride_xm, PRE)
+        x = x.to(w1_ptr.dtype.element_ty).to(tl.float32)  # rounded to the router's dtype, as the module does
+        w = tl.load(
+            w1_ptr + hrows[:, None].to(tl.int64) * D_IN + cols[None, :], mask=hmask[:, None] & cmask[None, :], other=0.0
+        ).to(tl.float32)
+        acc += x[:, None, :] * w[None, :, :]
+    return _router_head(tl.sum(acc, axis=2), hrows, hmask, b1_ptr, w2_ptr, H, R, RP)
+
+
+@triton.jit
 def _split_cols(pid_s, D_IN, S: tl.constexpr, DS: tl.constexpr):
     """The input columns ``[c_lo, c_hi)`` column split ``pid_s`` reads (``S`` splits of ``DS``; 1: all of them)."""
     c_lo = 0
@@ -301,6 +342,8 @@ def _router_kernel(
     SP: tl.constexpr = 1,
     HP: tl.constexpr = 1,
     BDR: tl.constexpr = 16,
+    SOLO: tl.constexpr = False,
+    UNROLL: tl.constexpr = 1,
 ):
     pid_s = tl.program_id(0) % S  # S column splits (1: every program reads all of them)
     pid_h = tl.program_id(0) // S
@@ -317,32 +360,47 @@ def _router_kernel(
         rstd = _rms_scale(x_ptr, toks, tmask, D_IN, stride_xm, eps, BM, BDR)
     else:
         rstd = tl.full((BM,), 1.0, tl.float32)
-    part = _router_part(
-        x_ptr, w1_ptr, b1_ptr, w2_ptr, toks, tmask, pid_h, D_IN, H, stride_xm, aux_ptr, y_ptr, rstd, R, RP, HB,
-        BM, BD, PRE, S, DS, pid_s,
-    )  # fmt: skip
     r = tl.arange(0, RP)
-    if S > 1:  # pre-activations [BM, HB] of this split's columns, at (split, token, unit)
-        base = pid_m * SP * BM * HP
-        hu = pid_h * HB + tl.arange(0, HB)
-        tl.store(part_ptr + base + (pid_s * BM + lm[:, None]) * HP + hu[None, :], part, mask=(hu < HP)[None, :])
+    if SOLO:  # one program a token block holds every hidden unit: the values straight from its scores
+        s = _router_solo(
+            x_ptr, w1_ptr, b1_ptr, w2_ptr, toks, tmask, D_IN, H, stride_xm, aux_ptr, y_ptr, rstd, R, RP, HB, BM, BD,
+            PRE, UNROLL,
+        )  # fmt: skip
+        s += tl.load(b2_ptr + r, mask=r < R, other=0.0).to(tl.float32)[None, :]
+        _router_emit(_router_policy(s, R, RP, ADJACENT), tau_ptr, k_ptr, v_ptr, toks, tmask, R, RP)
     else:
-        base = pid_m * NPP * BM * RP
-        tl.store(part_ptr + base + (pid_h * BM + lm[:, None]) * RP + r[None, :], part)
-    tl.debug_barrier()  # every thread's partial is stored before the release below
-    ticket = tl.atomic_add(lock_ptr + pid_m, 1, sem="acq_rel")
-    tl.debug_barrier()
-    if ticket == NPROG * S - 1:
-        if S > 1:
-            v = _router_split_values(part_ptr, base, b1_ptr, w2_ptr, b2_ptr, S, H, R, RP, BM, SP, HP, ADJACENT)
+        part = _router_part(
+            x_ptr, w1_ptr, b1_ptr, w2_ptr, toks, tmask, pid_h, D_IN, H, stride_xm, aux_ptr, y_ptr, rstd, R, RP, HB,
+            BM, BD, PRE, S, DS, pid_s,
+        )  # fmt: skip
+        if S > 1:  # pre-activations [BM, HB] of this split's columns, at (split, token, unit)
+            base = pid_m * SP * BM * HP
+            hu = pid_h * HB + tl.arange(0, HB)
+            tl.store(part_ptr + base + (pid_s * BM + lm[:, None]) * HP + hu[None, :], part, mask=(hu < HP)[None, :])
         else:
-            v = _router_values(part_ptr, base, b2_ptr, NPROG, R, RP, BM, NPP, ADJACENT)
-        tau = tl.load(tau_ptr).to(tl.float32)
-        on = (v > tau) & (r < R)[None, :]
-        k = 1 + tl.sum(on.to(tl.int32), axis=1)
-        tl.store(k_ptr + toks, k.to(tl.int64), mask=tmask)
-        tl.store(v_ptr + toks[:, None] * R + r[None, :], v, mask=tmask[:, None] & (r < R)[None, :])
-        tl.atomic_xchg(lock_ptr + pid_m, 0)  # self-resetting counter
+            base = pid_m * NPP * BM * RP
+            tl.store(part_ptr + base + (pid_h * BM + lm[:, None]) * RP + r[None, :], part)
+        tl.debug_barrier()  # every thread's partial is stored before the release below
+        ticket = tl.atomic_add(lock_ptr + pid_m, 1, sem="acq_rel")
+        tl.debug_barrier()
+        if ticket == NPROG * S - 1:
+            if S > 1:
+                v = _router_split_values(part_ptr, base, b1_ptr, w2_ptr, b2_ptr, S, H, R, RP, BM, SP, HP, ADJACENT)
+            else:
+                v = _router_values(part_ptr, base, b2_ptr, NPROG, R, RP, BM, NPP, ADJACENT)
+            _router_emit(v, tau_ptr, k_ptr, v_ptr, toks, tmask, R, RP)
+            tl.atomic_xchg(lock_ptr + pid_m, 0)  # self-resetting counter
+
+
+@triton.jit
+def _router_emit(v, tau_ptr, k_ptr, v_ptr, toks, tmask, R: tl.constexpr, RP: tl.constexpr):
+    """Store the gate values ``v [BM, RP]`` of tokens ``toks`` and their slice counts ``1 + #{v > tau}``."""
+    r = tl.arange(0, RP)
+    tau = tl.load(tau_ptr).to(tl.float32)
+    on = (v > tau) & (r < R)[None, :]
+    k = 1 + tl.sum(on.to(tl.int32), axis=1)
+    tl.store(k_ptr + toks, k.to(tl.int64), mask=tmask)
+    tl.store(v_ptr + toks[:, None] * R + r[None, :], v, mask=tmask[:, None] & (r < R)[None, :])
 
 
 def _interpreting() -> bool:
@@ -403,6 +461,13 @@ def _tiling(d: int, tokens: int, hidden_per_program, num_warps, cols_per_program
         t["cols_per_program"] if cols_per_program is None else cols_per_program,
     )
 
+
+#: A tiling of one program a token block (``hidden_per_program`` >= the router's hidden units, whole rows) computes
+#: every score in that program, with no partial sums and no ticket: chunks of at most ``SOLO_TILE / (tokens x
+#: units)`` columns, :data:`SOLO_UNROLL` of them unrolled (their weight loads in flight together). Built for narrow
+#: routers (SmolLM2's 576 x 64: 74 KB of weights); not yet timed on a GPU, so no default tiling picks it.
+SOLO_TILE = 8192
+SOLO_UNROLL = 4
 
 _LOCKS: dict[tuple, torch.Tensor] = {}
 
@@ -574,6 +639,11 @@ def _route(
             part = torch.empty(m_blocks * sp * bm * hp, dtype=torch.float32, device=x2.device)
         else:
             part = torch.empty(m_blocks * npp * bm * rp, dtype=torch.float32, device=x2.device)
+        solo = nprog * splits == 1  # every hidden unit in one program a token block: no ticket, no partial sums
+        unroll = 1
+        if solo:  # chunks small enough for [tokens, units, columns] in registers, a few in flight at once
+            bd = max(16, min(bd, SOLO_TILE // (bm * hb)))
+            unroll = max(1, min(SOLO_UNROLL, triton.cdiv(d, bd)))
         locks = _locks(x2.device, m_blocks)
         _router_kernel[(nprog * splits, m_blocks)](
             x2,
@@ -610,6 +680,8 @@ def _route(
             SP=sp,
             HP=hp,
             BDR=bdr,
+            SOLO=solo,
+            UNROLL=unroll,
             num_warps=num_warps,
             **({"launch_pdl": True} if pdl and not _interpreting() else {}),
         )
