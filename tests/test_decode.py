@@ -63,6 +63,35 @@ def eager_greedy(model, prompt, n, budget=None):
     return out
 
 
+def test_budgets_whose_thresholds_decide_every_token_decode_as_static_views(prompt, cpu_graph):
+    """Adjacent routers: where a budget's thresholds lie between two slices' bands (here 3, 4 and 8 bits) every token
+    gets the same slices, so decoding runs those linears as static views (no router work); where a threshold lies
+    in a band (4.5 bits) they stay routed. Greedy tokens are the routed eager model's either way, and one generation
+    whose budget moves between such budgets captures one graph per set of static and routed linears."""
+    from mobiquant.patching import mobi_linears
+
+    model = build_tiny_llama(0)
+    mq.quantize_model(model, mq.MoBiConfig(group_size=32, slice_bits=(3, 1, 1, 1, 1, 1), router_policy="adjacent"))
+    mq.calibrate_thresholds(model, token_batches(4, batch=4, seqlen=32, seed=100))
+    mq.freeze(model)
+    linears = [m for _, m in mobi_linears(model) if m.router is not None]
+    for budget, constant in ((3.0, True), (4.0, True), (4.5, False), (8.0, True)):
+        ref = eager_greedy(model, prompt, 6, budget)
+        fixed = [m.router.constant_k(float(m.router.tau)) for m in linears]
+        assert all(k is not None for k in fixed) == constant and any(k is not None for k in fixed) == constant
+        g = generate(model, prompt, 6, budget=budget)
+        assert g.tokens[0].tolist() == ref, budget
+        assert [m.mode == "static" for m in linears] == [constant] * len(linears), budget
+        if constant:
+            assert [m.static_k for m in linears] == fixed
+            assert fixed[0] == mq.patching.static_k_for_bits(model.mobiquant_config, budget)
+    cpu_graph()  # the graph path on the CPU: a budget list over both kinds
+    sched = [4.0, 4.5, 4.0, 4.5, 3.0, 4.5]
+    g = generate(model, prompt, 6, budget=sched, cuda_graph="graph")
+    assert g.graph == "graph" and g.captures == 3  # 4.5 routed, 4.0 and 3.0 two static structures
+    assert torch.equal(g.tokens, generate(model, prompt, 6, budget=sched, cuda_graph="off").tokens)
+
+
 @pytest.mark.parametrize("budget", [2.0, 3.3, 5.0, 8.0])
 def test_greedy_equals_the_eager_model_at_a_budget(qmodel, prompt, budget):
     g = generate(qmodel, prompt, 12, budget=budget)

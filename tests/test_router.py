@@ -234,3 +234,22 @@ def test_caches_serve_one_input_without_keeping_it_alive():
     assert ref() is None
     with torch.no_grad():
         assert r.gates(site_activations(32, seed=1), target_bits=5.0) is not gates  # a new input: computed afresh
+
+
+def test_constant_k_is_the_count_a_threshold_fixes_for_every_token():
+    """``constant_k``: adjacent policy, 5 residual slices (bands 8, 6, 4, 2, 0): a threshold between bands fixes every
+    gate (the count of bands above it, plus the base), one inside a band's [band, band + 1) does not; it matches the
+    counts of random scores, extreme ones included. Free policy: only an infinite threshold fixes the count."""
+    r = TokenRouter(16, (3, 1, 1, 1, 1, 1), hidden=8, policy="adjacent")
+    cases = {9.0: 1, 17.5: 1, 7.5: 2, 7.0: 2, 5.2: 3, 3.99: 4, 1.5: 5, -0.01: 6, -9.0: 6}
+    for tau, k in cases.items():
+        assert r.constant_k(tau) == k, tau
+    for tau in (8.0, 8.5, 6.0, 6.999, 4.3, 2.0, 0.0, 0.5):
+        assert r.constant_k(tau) is None, tau
+    scores = torch.cat([torch.randn(256, 5) * 4, torch.full((1, 5), 100.0), torch.full((1, 5), -100.0)])
+    values = r.gate_values(scores)
+    for tau, k in cases.items():
+        assert torch.equal(1 + (values > tau).sum(-1), torch.full((258,), k)), tau
+    free = TokenRouter(16, (3, 1, 1, 1, 1, 1), hidden=8, policy="free")
+    assert free.constant_k(float("inf")) == 1 and free.constant_k(float("-inf")) == 6
+    assert free.constant_k(7.5) is None

@@ -237,6 +237,22 @@ class TokenRouter(nn.Module):
         bands = 2.0 * torch.arange(self.num_residuals - 1, -1, -1, dtype=scores.dtype, device=scores.device)
         return torch.sigmoid(scores) + bands
 
+    def constant_k(self, tau: float) -> int | None:
+        """The slice count every token gets at threshold ``tau`` whatever its scores, or None if the scores decide.
+        With the adjacent policy slice ``e``'s values lie in ``[band_e, band_e + 1]`` (a sigmoid, which may round to
+        0 or 1, plus its band): a threshold below the band turns the slice on for every token, one at or above the
+        band's top turns it off, one in ``[band_e, band_e + 1)`` leaves it to the scores. With the free policy the
+        values are unbounded and only an infinite threshold decides."""
+        if self.policy == "free":
+            return 1 if tau == float("inf") else (len(self.slice_bits) if tau == float("-inf") else None)
+        k = 1
+        for e in range(self.num_residuals):
+            band = 2.0 * (self.num_residuals - 1 - e)
+            if band <= tau < band + 1:
+                return None
+            k += int(band > tau)
+        return k
+
     # ---------------- hard routing (inference) ----------------
     def _hard_values(self, x: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Gate values of ``x``; also the slice counts at the threshold tensor ``tau`` when the fused kernel

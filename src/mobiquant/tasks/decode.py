@@ -84,6 +84,11 @@ class Generation:
 class BudgetControl:
     """Switches a model between budgets by writing thresholds on the device.
 
+    A routed linear whose threshold at a budget decides for every token whatever its scores
+    (:meth:`TokenRouter.constant_k`: with the adjacent policy, a threshold between two slices' bands) decodes that
+    budget as the static view it amounts to: the same slices for every token, without the router's launch and on the
+    static views' kernels. Such budgets change which linears are routed, so a graph is captured per such structure.
+
     The first time a budget is asked for, :func:`mobiquant.patching.set_budget` (or ``set_static`` for a
     model without routers) sets it the library's way; the resulting state (every router's ``tau``, every
     linear's mode, static ``k`` and own threshold ``route_tau``) is kept as a snapshot. Later switches
@@ -136,7 +141,12 @@ class BudgetControl:
             if t is not None:
                 dev = m.router.tau.device if m.router is not None else torch.device("cpu")
                 t = torch.as_tensor(t).detach().to(device=dev, dtype=torch.float32).clone()
-            lin.append((m.mode, m.static_k, t))
+            mode, k = m.mode, m.static_k
+            if mode == "routed" and m.router is not None:  # a threshold that decides for every token: its view
+                fixed = m.router.constant_k(float(t if t is not None else m.router.tau))
+                if fixed is not None:
+                    mode, k = "static", fixed
+            lin.append((mode, k, t))
         return {"taus": taus, "linears": lin}
 
     def apply(self, budget: float | None) -> None:
