@@ -222,7 +222,7 @@ def graph_of(step_fn, xs):
 
 
 # ------------------------------------------------------------------------------------- package rows
-def package_models(layers, d, ff, kv, heads, vocab, device, dtype, seed=0):
+def package_models(layers, d, ff, kv, heads, vocab, device, dtype, seed=0, policy="free"):
     """``(fp, quantized)``: a random LLaMA of these shapes, and a copy patched, calibrated and packed by the
     package."""
     import copy
@@ -246,7 +246,8 @@ def package_models(layers, d, ff, kv, heads, vocab, device, dtype, seed=0):
         fp = LlamaForCausalLM(cfg).to(dtype).eval()
     fp.requires_grad_(False)
     q = copy.deepcopy(fp)
-    mq.quantize_model(q, mq.MoBiConfig(slice_bits=kb.SLICE_BITS, group_size=GROUP, router_hidden=HIDDEN))
+    mcfg = mq.MoBiConfig(slice_bits=kb.SLICE_BITS, group_size=GROUP, router_hidden=HIDDEN, router_policy=policy)
+    mq.quantize_model(q, mcfg)
     calib = [torch.randint(0, vocab, (4, 64), device=device, generator=torch.Generator(device).manual_seed(seed + 1))]
     mq.calibrate_thresholds(q, calib)
     mq.freeze(q)

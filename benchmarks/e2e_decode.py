@@ -57,6 +57,14 @@ def parse_args(argv=None):
     )
     ap.add_argument("--slices", default="3,1,1,1,1,1", help="slice layout without --checkpoint, e.g. 2,2,2,2")
     ap.add_argument(
+        "--policy",
+        default="free",
+        choices=["free", "adjacent"],
+        help="router gate policy without --checkpoint: free (MoBiConfig's default, the rows of earlier sessions) or "
+        "adjacent (quant=mobiquant's; where a budget's threshold lies between two bands the decode path runs the "
+        "linear as a static view)",
+    )
+    ap.add_argument(
         "--bitplanes",
         action="store_true",
         help="one-token forwards in the one-bit plane kernel (SmallConfig(bitplanes=True)) instead of the default",
@@ -148,7 +156,7 @@ def load(args, device):
         load_quantized(q, args.checkpoint)
     else:
         group = 32 if args.dry_run else 128
-        mq.quantize_model(q, mq.MoBiConfig(slice_bits=args.slices, group_size=group))
+        mq.quantize_model(q, mq.MoBiConfig(slice_bits=args.slices, group_size=group, router_policy=args.policy))
         gen = torch.Generator().manual_seed(0)
         windows = [torch.randint(0, fp.config.vocab_size, (4, 128), generator=gen).to(device) for _ in range(2)]
         mq.calibrate_thresholds(q, windows)

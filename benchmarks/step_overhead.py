@@ -45,6 +45,13 @@ def main(argv=None) -> None:
         "budget 4 step too",
     )
     ap.add_argument("--census-only", action="store_true", help="the kernel census alone, no timed rows")
+    ap.add_argument(
+        "--policy",
+        default="free",
+        choices=("free", "adjacent"),
+        help="the routers' gate policy (adjacent: quant=mobiquant's; budgets whose thresholds lie between bands run "
+        "static views)",
+    )
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("step_overhead.py needs a CUDA device")
@@ -63,7 +70,7 @@ def main(argv=None) -> None:
         (576, 1536, 192, 9, 49152, "SmolLM2-shaped") if args.smol else (D, FF, KV, 32, 1024, "8B-shaped")
     )
     layers = args.layers or (30 if args.smol else 4)
-    fp, q = package_models(layers, d, ff, kv, heads, vocab, "cuda", torch.float16)
+    fp, q = package_models(layers, d, ff, kv, heads, vocab, "cuda", torch.float16, policy=args.policy)
     prompt = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(7)).cuda()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; {layers} {what} layers, fp16", flush=True)
     census = dict(top=args.top, cuda_graph=args.census)
