@@ -416,3 +416,26 @@ def test_stream_pattern_kernels_on_cpu():
         for tma, xpre in ((0, None), (1, None), (0, sp.prepared_x(x, 128))):
             sp.proto_launch(sp._proto, x, y, bp, k, 64, 2, tma, 1, 3, xpre=xpre)
             assert torch.allclose(y, ref[0].float(), rtol=2e-3, atol=2e-3 * ref.abs().max().item()), (k, tma)
+
+
+def test_static_share_counts_the_linears_a_threshold_fixes():
+    """``static_share.share_rows`` on a tiny model with adjacent routers: at 3, 4 and 8 bits every routed linear's
+    threshold lies between bands (decoded as that static view, its whole weight share), at 4.5 inside one (none)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import mobiquant as mq
+    import static_share
+    from tiny_models import build_tiny_llama, token_batches
+
+    model = build_tiny_llama(0)
+    mq.quantize_model(model, mq.MoBiConfig(group_size=32, slice_bits=(3, 1, 1, 1, 1, 1), router_policy="adjacent"))
+    mq.calibrate_thresholds(model, token_batches(4, batch=4, seqlen=32, seed=100))
+    mq.freeze(model)
+    rows = {r["budget"]: r for r in static_share.share_rows(model, [3.0, 4.0, 4.5, 8.0])}
+    n = rows[3.0]["routed_linears"]
+    assert n > 0 and all(
+        rows[b]["static_by_threshold"] == n and rows[b]["weight_share"] == 1.0 for b in (3.0, 4.0, 8.0)
+    )
+    assert (rows[3.0]["views"], rows[4.0]["views"], rows[8.0]["views"]) == ("1", "2", "6")
+    assert rows[4.5]["static_by_threshold"] == 0 and rows[4.5]["weight_share"] == 0.0
+    with pytest.raises(ValueError, match="outside this model's range"):
+        static_share.share_rows(model, [9.0])
