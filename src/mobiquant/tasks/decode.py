@@ -84,10 +84,12 @@ class Generation:
 class BudgetControl:
     """Switches a model between budgets by writing thresholds on the device.
 
-    A routed linear whose threshold at a budget decides for every token whatever its scores
-    (:meth:`TokenRouter.constant_k`: with the adjacent policy, a threshold between two slices' bands) decodes that
-    budget as the static view it amounts to: the same slices for every token, without the router's launch and on the
-    static views' kernels. Such budgets change which linears are routed, so a graph is captured per such structure.
+    Where every linear of a router has a threshold that decides for every token whatever its scores, the same view
+    for all (:meth:`TokenRouter.constant_k`: with the adjacent policy, thresholds between two slices' bands), they
+    decode that budget as the static view: the same slices for every token, without the router's work and on the
+    static views' kernels. Linears of one router fixed at different views (q, k and v at 3, 4 and 4 bits), or beside
+    a routed one, stay routed: one router and one site launch serve them, where static views would take a launch each.
+    Such budgets change which linears are routed, so a graph is captured per such structure.
 
     The first time a budget is asked for, :func:`mobiquant.patching.set_budget` (or ``set_static`` for a
     model without routers) sets it the library's way; the resulting state (every router's ``tau``, every
@@ -136,17 +138,20 @@ class BudgetControl:
             set_static(self.model, static_k_for_bits(self.cfg, budget))
         taus = [r.tau.detach().clone() for r in self.routers]
         lin = []
+        fixed: dict[int, list[int | None]] = {}  # router -> the view its linears' thresholds fix (None: routed)
         for m in self.linears:
             t = m.route_tau
             if t is not None:
                 dev = m.router.tau.device if m.router is not None else torch.device("cpu")
                 t = torch.as_tensor(t).detach().to(device=dev, dtype=torch.float32).clone()
-            mode, k = m.mode, m.static_k
-            if mode == "routed" and m.router is not None:  # a threshold that decides for every token: its view
-                fixed = m.router.constant_k(float(t if t is not None else m.router.tau))
-                if fixed is not None:
-                    mode, k = "static", fixed
-            lin.append((mode, k, t))
+            if m.mode == "routed" and m.router is not None:
+                k_fixed = m.router.constant_k(float(t if t is not None else m.router.tau))
+                fixed.setdefault(id(m.router), []).append(k_fixed)
+            lin.append((m.mode, m.static_k, t))
+        for i, m in enumerate(self.linears):  # a router's linears all fixed at one view: that static view
+            views = fixed.get(id(m.router), [None]) if m.mode == "routed" else [None]
+            if views[0] is not None and views.count(views[0]) == len(views):
+                lin[i] = ("static", views[0], lin[i][2])
         return {"taus": taus, "linears": lin}
 
     def apply(self, budget: float | None) -> None:
