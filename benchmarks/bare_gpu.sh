@@ -20,6 +20,10 @@
 # and 4 selection windows), results under $ROOT/bench/TAG_1gpu:
 #   bash benchmarks/bare_gpu.sh paper [calib_bench args, e.g. --runs mobiquant:1 --tag T] [-- overrides]
 #
+# A saved checkpoint (e.g. a `make run` one, for `e2e_decode.py --checkpoint`) in parts of one transfer each:
+#   bash benchmarks/bare_gpu.sh bundle-ckpt outputs/demo/runs/<time>/checkpoints/mobiquant [DIR] [PARTS]  # -> DIR/k1..
+#   bash benchmarks/bare_gpu.sh install DIR/kI     # there, one call a part; the last unpacks it under $ROOT/ckpt/
+#
 # Jobs longer than one call (a call ends after at most 10 minutes; a machine stays warm ~30 s between calls):
 #   bash benchmarks/bare_gpu.sh launch NAME CMD...   # CMD detached (setsid) in its own copy of this repo
 #                                                    #   ($ROOT/repo.NAME),
@@ -65,12 +69,33 @@ EOF
       antlr4-python3-runtime==4.9.3 gguf==0.19.0 gemlite==0.6.0.post2
     du -sh "$dir"/*
     ;;
+  bundle-ckpt)
+    src=${2:?bundle-ckpt CHECKPOINT_DIR [DIR] [PARTS]}
+    dir=${3:-.device}
+    parts=${4:-3}
+    [ -f "$src/mobiquant.json" ] || { echo "bundle-ckpt: $src is not a saved checkpoint folder" >&2; exit 2; }
+    rm -rf "$dir"/k[0-9]* && mkdir -p "$dir"
+    tar -c -C "$(dirname "$src")" "$(basename "$src")" > "$dir/ckpt.tar"
+    split -n "$parts" -d -a 2 "$dir/ckpt.tar" "$dir/ckpart" && rm "$dir/ckpt.tar"
+    for i in $(seq 1 "$parts"); do
+      mkdir -p "$dir/k$i" && mv "$dir/ckpart$(printf %02d $((i - 1)))" "$dir/k$i/" && echo "$parts" > "$dir/k$i/cknparts"
+    done
+    du -sh "$dir"/k*
+    ;;
   install)
     shift
     mkdir -p "$ROOT/model" "$ROOT/data" "$ROOT/pylib"
     for src in "$@"; do
       if [ "$(basename "$src")" = wheels ]; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$ROOT/pylib" "$src"/*.whl
+        continue
+      fi
+      if [ -f "$src/cknparts" ]; then  # a part of a checkpoint (bundle-ckpt): unpacked once every part is there
+        mkdir -p "$ROOT/ckparts" && cp "$src"/ckpart* "$src/cknparts" "$ROOT/ckparts/"
+        if [ "$(ls "$ROOT"/ckparts/ckpart* | wc -l)" -eq "$(cat "$ROOT/ckparts/cknparts")" ]; then
+          mkdir -p "$ROOT/ckpt" && cat "$ROOT"/ckparts/ckpart* | tar -x -C "$ROOT/ckpt" && rm -r "$ROOT/ckparts"
+          echo "checkpoint ready: $(ls -d "$ROOT"/ckpt/*)"
+        fi
         continue
       fi
       if [ -f "$src/triton_cache.tgz" ]; then

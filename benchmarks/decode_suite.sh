@@ -20,6 +20,9 @@
 #   compile  (only when named) decode's cuda_graph='compile' (the step's glue compiled by Inductor, then captured): its
 #            GPU tests with the graph ones, then benchmarks/step_overhead.py (an eager step's kernels; graph against
 #            compile for fp16 and the default layout's views and budgets)
+#   ckpt     (only when named) SmolLM2-135M from a saved checkpoint of the default configuration ($CKPT, brought by
+#            bare_gpu.sh bundle-ckpt / install: adjacent routers, the budget plan; most linears then decode as static
+#            views, benchmarks/static_share.py) at budgets 3.5-5 and the static 4-bit view, fused inputs, compiled step
 #   solo     (only when named) the router tests compiled, then one router launch for one token on SmolLM2's inputs:
 #            one program holding every hidden unit (no partial sums, no ticket; 4, 8 and 16 warps) against the
 #            default tiling there (whole rows, one hidden unit a program), in one sweep
@@ -47,6 +50,7 @@ set -uo pipefail
 ROOT=${ROOT:-/root}
 RES=${RES:-$ROOT/res}
 GGUF=${GGUF:-$ROOT/model/smol.gguf}
+CKPT=${CKPT:-$ROOT/ckpt/mobiquant}
 PY=${PY:-python3}
 # stream-K default; + pdl; + l2_prefetch; + both; stages 3; whole-K; whole-K + pdl; then bytes in flight by other
 # means with l2_prefetch: whole groups a sub-chunk, and 8 programs of 2 warps an SM
@@ -132,6 +136,13 @@ stage() {
       # 8B-shaped model (fp16, the default layout's static views and routed budgets, with and without fused inputs)
       run_stage compile_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/test_decode.py -k "compiled or graph"
       run_stage step_overhead 900 "$PY" benchmarks/step_overhead.py --views 1 2 6 --budgets 3 4 ;;
+    ckpt)
+      if [ ! -e "$GGUF" ] || [ ! -f "$CKPT/mobiquant.json" ]; then
+        echo "== ckpt: needs the model at $GGUF and a checkpoint at $CKPT (bare_gpu.sh install), skipped"
+        return 0
+      fi
+      run_stage e2e_ckpt 1500 "$PY" benchmarks/e2e_decode.py --gguf "$GGUF" --checkpoint "$CKPT" \
+        --budgets 3.5,4,4.5,5 --views 2 --fuse-inputs --out "$RES/e2e_ckpt" ;;
     solo)
       run_stage router_tests 300 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_triton_router.py \
         tests/kernels/test_fused_inputs.py
@@ -162,7 +173,7 @@ print(','.join(str(int(v)) for v in t))" "$RES/router_sweep/router_sweep.csv" 2>
       run_stage pattern 600 "$PY" benchmarks/stream_pattern.py --views 1,2,6 \
         --package-configs "$PATTERN_CONFIGS" --out "$RES/pattern" ;;
     *)
-      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package gluon fragment compile solo)" >&2
+      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package gluon fragment compile solo ckpt)" >&2
       return 2 ;;
   esac
 }

@@ -136,3 +136,26 @@ def test_triton_cache_travels_from_one_machine_to_the_next(tmp_path):
     with pytest.raises(subprocess.CalledProcessError) as e:
         _sh("keep-cache", str(tmp_path / "bad.tgz"), str(keep), env=env)
     assert "is not a tar.gz of a Triton cache" in e.value.stderr
+
+
+def test_a_checkpoint_travels_in_parts_and_is_unpacked_once_all_are_there(tmp_path):
+    """`bundle-ckpt` splits a saved checkpoint folder into parts of one transfer each; `install` of each part copies
+    it, and the last one unpacks the folder, byte for byte, under $ROOT/ckpt; a folder without mobiquant.json is
+    refused."""
+    ckpt = tmp_path / "run" / "mobiquant"
+    ckpt.mkdir(parents=True)
+    (ckpt / "mobiquant.json").write_text('{"format": 1}')
+    payload = os.urandom(300_000)
+    (ckpt / "quantized.safetensors").write_bytes(payload)
+    bundle, root = tmp_path / "bundle", tmp_path / "root"
+    env = {**os.environ, "ROOT": str(root)}
+    _sh("bundle-ckpt", str(ckpt), str(bundle), "3", env=env)
+    parts = sorted(p.name for p in bundle.iterdir())
+    assert parts == ["k1", "k2", "k3"]
+    assert "checkpoint ready" not in _sh("install", str(bundle / "k2"), env=env)
+    assert "checkpoint ready" not in _sh("install", str(bundle / "k1"), env=env)
+    assert f"checkpoint ready: {root / 'ckpt' / 'mobiquant'}" in _sh("install", str(bundle / "k3"), env=env)
+    assert (root / "ckpt" / "mobiquant" / "quantized.safetensors").read_bytes() == payload
+    assert (root / "ckpt" / "mobiquant" / "mobiquant.json").read_text() == '{"format": 1}'
+    with pytest.raises(subprocess.CalledProcessError):
+        _sh("bundle-ckpt", str(tmp_path / "run"), str(bundle), env=env)
