@@ -193,6 +193,36 @@ def test_different_base_model_is_refused(saved, make_llama):
     assert not list(mobi_linears(other))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_base_model_in_another_dtype_loads(saved, make_llama, input_ids, dtype):
+    """A checkpoint saved from the fp32 model loads into the same model built in fp16 or bf16 (the decode task's
+    ``model.dtype``): the record's embedding sample matches up to that dtype's rounding, and the logits are the
+    fp32 reload's to that dtype's precision; another model in that dtype is still refused. A record from before
+    the sample (fingerprint only) is refused with how to load it."""
+    model, folder = saved
+    loaded = mq.load_quantized(make_llama(0).to(dtype), folder)
+    reference = mq.load_quantized(make_llama(0), folder)
+    for m in (loaded, reference):
+        mq.set_budget(m, 4.3)
+    got, want = logits(loaded, input_ids).float(), logits(reference, input_ids)
+    tol = 2e-3 if dtype == torch.float16 else 2e-2  # measured 5e-4 and 4.4e-3 on logits up to 0.6
+    torch.testing.assert_close(got, want, atol=tol, rtol=0)
+    with pytest.raises(mq.CheckpointError, match="different one$"):
+        mq.load_quantized(make_llama(1).to(dtype), folder)
+    meta = rewrite_meta(folder, lambda m: [m["base_model"].pop(k) for k in ("embedding_sample", "architecture_sha256")])
+    assert "embedding_sample" not in meta["base_model"]
+    with pytest.raises(mq.CheckpointError, match="calibrated in, float32, then cast it"):
+        mq.load_quantized(make_llama(0).to(dtype), folder)
+    mq.load_quantized(make_llama(0), folder)  # the exact fingerprint still serves the model as it was saved
+
+
+def test_a_malformed_embedding_sample_is_named(saved, make_llama):
+    _, folder = saved
+    rewrite_meta(folder, lambda m: m["base_model"].update(embedding_sample=["a"]))
+    with pytest.raises(mq.CheckpointError, match="'base_model.embedding_sample' must be a list of numbers"):
+        mq.load_quantized(make_llama(0), folder)
+
+
 def test_saving_an_unfrozen_model_is_refused(make_llama, tmp_path):
     model = make_llama(0)
     mq.quantize_model(model, mq.MoBiConfig(group_size=64))

@@ -69,19 +69,60 @@ class CheckpointError(RuntimeError):
     """A quantized checkpoint is missing, truncated, corrupted or does not fit the base model."""
 
 
-def base_fingerprint(model: nn.Module) -> str:
-    """sha256 of the base model's architecture and input embedding (never quantized)."""
+def _architecture_hash(model: nn.Module) -> Any:
     h = hashlib.sha256()
     cfg = getattr(model, "config", None)
     h.update(type(model).__name__.encode())
     if cfg is not None:
         for key in ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size"):
             h.update(f"{key}={getattr(cfg, key, None)};".encode())
+    return h
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """sha256 of the base model's architecture and input embedding (never quantized), bit for bit."""
+    h = _architecture_hash(model)
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is not None:
         w = emb.weight.detach().float().reshape(-1)[: 1 << 20].cpu().contiguous()
         h.update(w.numpy().tobytes())
     return h.hexdigest()
+
+
+#: Embedding values a checkpoint records of its base model (evenly strided), and how far a model loaded in another
+#: dtype may round them: bf16 rounds to 2^-9 of a value, fp16 to 2^-12 (and below its normal range to 2^-25
+#: absolute); another model's embedding differs by about its size.
+BASE_SAMPLE = 512
+BASE_SAMPLE_RTOL = 2.0**-7
+
+
+def base_sample(model: nn.Module) -> dict[str, Any]:
+    """The base model's architecture (sha256) and :data:`BASE_SAMPLE` values of its input embedding (fp32): what
+    tells the same model apart from another in any floating dtype, where :func:`base_fingerprint` is exact."""
+    out: dict[str, Any] = {"architecture_sha256": _architecture_hash(model).hexdigest(), "embedding_sample": []}
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None:
+        w = emb.weight.detach().reshape(-1)
+        idx = torch.linspace(0, w.numel() - 1, min(BASE_SAMPLE, w.numel())).round().long().to(w.device)
+        out["embedding_sample"] = w[idx].float().cpu().tolist()
+    return out
+
+
+def same_base(model: nn.Module, base: dict) -> bool:
+    """Whether ``model`` is the base model a checkpoint's ``base_model`` record describes: its exact fingerprint,
+    or (a record with a sample) the same architecture and embedding values equal up to a dtype's rounding."""
+    if base_fingerprint(model) == base["fingerprint"]:
+        return True
+    if "embedding_sample" not in base or "architecture_sha256" not in base:
+        return False
+    mine = base_sample(model)
+    if mine["architecture_sha256"] != base["architecture_sha256"]:
+        return False
+    a = torch.tensor(mine["embedding_sample"], dtype=torch.float64)
+    b = torch.tensor(base["embedding_sample"], dtype=torch.float64)
+    if a.shape != b.shape:
+        return False
+    return bool(((a - b).abs() <= BASE_SAMPLE_RTOL * torch.maximum(a.abs(), b.abs()) + 2.0**-24).all())
 
 
 def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -145,6 +186,7 @@ def save_quantized(
             "name_or_path": base_model or getattr(getattr(model, "config", None), "_name_or_path", None),
             "architecture": type(model).__name__,
             "fingerprint": base_fingerprint(model),
+            **base_sample(model),
         },
         "tensors": {
             "file": TENSORS_NAME,
@@ -248,6 +290,14 @@ def check_meta(meta: dict, where: Path | str = CONFIG_NAME) -> None:
         if key in meta:
             _check_type(where, key, meta[key], (typ,))
     _check_fields(where, "base_model.", meta["base_model"], _BASE_MODEL_KEYS)
+    base = meta["base_model"]
+    if "architecture_sha256" in base:
+        _check_type(where, "base_model.architecture_sha256", base["architecture_sha256"], (str,))
+    if "embedding_sample" in base and not (
+        isinstance(base["embedding_sample"], list)
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in base["embedding_sample"])
+    ):
+        raise CheckpointError(f"{where}: field 'base_model.embedding_sample' must be a list of numbers")
     _check_fields(where, "tensors.", meta["tensors"], _TENSORS_KEYS)
     check_tensor_file_name(where, meta["tensors"]["file"])
     for key in ("bytes", "count"):
@@ -327,13 +377,18 @@ def load_quantized(model: nn.Module, folder: str | os.PathLike, check_base: bool
     digest = sha256_file(tfile)
     if digest != meta["tensors"]["sha256"]:
         raise CheckpointError(f"{tfile} is corrupted: sha256 {digest} does not match the recorded one")
-    if check_base:
-        want = meta["base_model"]["fingerprint"]
-        if base_fingerprint(model) != want:
-            raise CheckpointError(
-                f"checkpoint {folder} was built for base model {meta['base_model']['name_or_path']!r} "
-                f"({meta['base_model']['architecture']}); the model given to load it into is a different one"
-            )
+    if check_base and not same_base(model, meta["base_model"]):
+        base = meta["base_model"]
+        hint = (
+            ""
+            if "embedding_sample" in base
+            else " (this checkpoint records its base model bit for bit: load that model in the dtype it was calibrated "
+            f"in, {meta['compute_dtype']}, then cast it)"
+        )
+        raise CheckpointError(
+            f"checkpoint {folder} was built for base model {base['name_or_path']!r} ({base['architecture']}); "
+            f"the model given to load it into is a different one{hint}"
+        )
     try:
         state = load_file(str(tfile))
     except (SafetensorError, OSError) as e:
