@@ -389,3 +389,22 @@ def test_config_is_checked_against_the_stored_tensors(ckpt, make_llama, config, 
     _, folder = ckpt
     rewrite_meta(folder, lambda m: m["config"].update(config))
     refused(make_llama, folder, match)
+
+
+def test_the_embedding_sample_reaches_the_last_value_of_a_large_table():
+    """``base_sample`` strides over the whole embedding with integer arithmetic: at more than 2^24 values (a float
+    index would round past the end) it takes 512 values, the first and the last included."""
+    from mobiquant.io.checkpoint import base_sample
+
+    class Embedded(torch.nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.emb = torch.nn.Embedding(n, 1, _weight=torch.arange(n, dtype=torch.float32)[:, None])
+
+        def get_input_embeddings(self):
+            return self.emb
+
+    n = (1 << 24) + 3
+    sample = base_sample(Embedded(n))["embedding_sample"]
+    assert len(sample) == 512 and sample[0] == 0.0 and sample[-1] == float(n - 1)
+    assert base_sample(Embedded(3))["embedding_sample"] == [0.0, 1.0, 2.0]

@@ -103,7 +103,9 @@ def base_sample(model: nn.Module) -> dict[str, Any]:
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is not None:
         w = emb.weight.detach().reshape(-1)
-        idx = torch.linspace(0, w.numel() - 1, min(BASE_SAMPLE, w.numel())).round().long().to(w.device)
+        n = min(BASE_SAMPLE, w.numel())
+        idx = (torch.arange(n, dtype=torch.int64) * (w.numel() - 1)) // max(n - 1, 1)  # exact at any size
+        idx = idx.to(w.device)
         out["embedding_sample"] = w[idx].float().cpu().tolist()
     return out
 
