@@ -99,6 +99,17 @@ def test_fused_input_router_tiling_keeps_rows_and_counts(hb, warps):
         fused_input_router(x, prologue, router, t, "free", hidden_per_program=0)
 
 
+def prologue_case(kind: str, tokens: int, d: int, seed: int) -> tuple:
+    """``(x, prologue, router weights, tau)``: random rows, an RMS norm or a gated product over them, a router."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(tokens, d, generator=g) * 3).to(DEVICE)
+    if kind == "rms_norm":
+        prologue: tuple = ("rms_norm", (torch.rand(d, generator=g) + 0.5).to(DEVICE), 1e-5)
+    else:
+        prologue = ("silu_mul", (torch.randn(tokens, d, generator=g) * 2).to(DEVICE))
+    return x, prologue, router_weights(d, g), torch.tensor([0.3], device=DEVICE)
+
+
 @pytest.mark.parametrize("kind", ["rms_norm", "silu_mul"])
 @pytest.mark.parametrize("tokens,cols", [(1, 16), (5, 32)])
 def test_fused_input_router_column_splits_make_the_rows_and_counts(kind, tokens, cols):
@@ -107,15 +118,7 @@ def test_fused_input_router_column_splits_make_the_rows_and_counts(kind, tokens,
     those of the whole-row tiling unless a gate value sits at the threshold."""
     from mobiquant.kernels.triton_router import fused_input_router
 
-    g = torch.Generator().manual_seed(13)
-    d = 88
-    x = (torch.randn(tokens, d, generator=g) * 3).to(DEVICE)
-    if kind == "rms_norm":
-        prologue: tuple = ("rms_norm", (torch.rand(d, generator=g) + 0.5).to(DEVICE), 1e-5)
-    else:
-        prologue = ("silu_mul", (torch.randn(tokens, d, generator=g) * 2).to(DEVICE))
-    router = router_weights(d, g)
-    t = torch.tensor([0.3], device=DEVICE)
+    x, prologue, router, t = prologue_case(kind, tokens, 88, 13)
     y, k, v = fused_input_router(x, prologue, router, t, "free")
     y2, k2, v2 = fused_input_router(x, prologue, router, t, "free", hidden_per_program=4, cols_per_program=cols)
     torch.testing.assert_close(y2, y, rtol=1e-6, atol=1e-6)
@@ -130,14 +133,7 @@ def test_fused_input_router_in_one_program_makes_the_rows_and_counts(kind, token
     bit for bit the default tiling's, and its counts are the default's unless a gate value sits at the threshold."""
     from mobiquant.kernels.triton_router import fused_input_router
 
-    g = torch.Generator().manual_seed(17)
-    x = (torch.randn(tokens, d, generator=g) * 3).to(DEVICE)
-    if kind == "rms_norm":
-        prologue: tuple = ("rms_norm", (torch.rand(d, generator=g) + 0.5).to(DEVICE), 1e-5)
-    else:
-        prologue = ("silu_mul", (torch.randn(tokens, d, generator=g) * 2).to(DEVICE))
-    router = router_weights(d, g)
-    t = torch.tensor([0.3], device=DEVICE)
+    x, prologue, router, t = prologue_case(kind, tokens, d, 17)
     y, k, v = fused_input_router(x, prologue, router, t, "free")
     y2, k2, v2 = fused_input_router(x, prologue, router, t, "free", hidden_per_program=router[0].shape[0])
     assert torch.equal(y, y2)

@@ -129,6 +129,26 @@ def test_fused_router_reads_inputs_of_another_dtype(x_dtype, r_dtype):
     assert torch.equal(k, k_ref)
 
 
+def tilings_equal_torch(r: TokenRouter, x: torch.Tensor, policy: str, tilings) -> torch.Tensor:
+    """At spread thresholds, every ``(hidden_per_program, cols_per_program)`` tiling gives PyTorch's counts, gate
+    values to fp32 rounding; every count from 1 to 6 seen. Returns the last threshold (a device tensor)."""
+    from mobiquant.kernels.triton_router import fused_router
+
+    _, m_ref = torch_counts(r, x, 0.0)
+    w = (r.net[0].weight, r.net[0].bias, r.net[2].weight, r.net[2].bias)
+    seen = set()
+    for tau in safe_taus(m_ref, 3):
+        k_ref, _ = torch_counts(r, x, tau)
+        t = torch.tensor(tau, device=DEVICE)
+        for hb, cols in tilings:
+            k, m = fused_router(x, *w, t, policy, hidden_per_program=hb, cols_per_program=cols)
+            torch.testing.assert_close(m, m_ref, rtol=1e-5, atol=1e-5)
+            assert torch.equal(k, k_ref), (hb, cols, tau, k.tolist(), k_ref.tolist())
+            seen |= set(k.tolist())
+    assert {1, 6} <= seen
+    return t
+
+
 @pytest.mark.parametrize("policy", ["free", "adjacent"])
 @pytest.mark.parametrize(
     "d,hidden,tokens,hb,cols",
@@ -143,17 +163,8 @@ def test_fused_router_column_splits_equal_torch(policy, d, hidden, tokens, hb, c
 
     r = make_router(d, (3, 1, 1, 1, 1, 1), hidden, policy)
     x = torch.randn(tokens, d, generator=torch.Generator().manual_seed(5)).to(DEVICE) * 2
-    _, m_ref = torch_counts(r, x, 0.0)
     w = (r.net[0].weight, r.net[0].bias, r.net[2].weight, r.net[2].bias)
-    seen = set()
-    for tau in safe_taus(m_ref, 3):
-        k_ref, _ = torch_counts(r, x, tau)
-        t = torch.tensor(tau, device=DEVICE)
-        k, m = fused_router(x, *w, t, policy, hidden_per_program=hb, cols_per_program=cols)
-        torch.testing.assert_close(m, m_ref, rtol=1e-5, atol=1e-5)
-        assert torch.equal(k, k_ref), (tau, k.tolist(), k_ref.tolist())
-        seen |= set(k.tolist())
-    assert {1, 6} <= seen
+    t = tilings_equal_torch(r, x, policy, [(hb, cols)])
     for whole in (0, d, 4 * d):  # whole rows: the values of the default tiling, bit for bit
         a = fused_router(x, *w, t, policy, hidden_per_program=hb)
         b = fused_router(x, *w, t, policy, hidden_per_program=hb, cols_per_program=whole)
@@ -168,22 +179,9 @@ def test_fused_router_in_one_program_equals_torch(policy, d, hidden, tokens):
     """``hidden_per_program`` at least the router's hidden units over whole rows: one program a token block computes
     every score, with no partial sums and no ticket (chunks unrolled, the last one short, hidden not a power of
     two, several token blocks): PyTorch's counts at every threshold, gate values to fp32 rounding."""
-    from mobiquant.kernels.triton_router import fused_router
-
     r = make_router(d, (3, 1, 1, 1, 1, 1), hidden, policy)
     x = torch.randn(tokens, d, generator=torch.Generator().manual_seed(6)).to(DEVICE) * 2
-    _, m_ref = torch_counts(r, x, 0.0)
-    w = (r.net[0].weight, r.net[0].bias, r.net[2].weight, r.net[2].bias)
-    seen = set()
-    for tau in safe_taus(m_ref, 3):
-        k_ref, _ = torch_counts(r, x, tau)
-        t = torch.tensor(tau, device=DEVICE)
-        for hb in (hidden, 64):
-            k, m = fused_router(x, *w, t, policy, hidden_per_program=hb, cols_per_program=0)
-            torch.testing.assert_close(m, m_ref, rtol=1e-5, atol=1e-5)
-            assert torch.equal(k, k_ref), (hb, tau, k.tolist(), k_ref.tolist())
-        seen |= set(k.tolist())
-    assert {1, 6} <= seen
+    tilings_equal_torch(r, x, policy, [(hidden, 0), (64, 0)])
 
 
 def test_default_tiling_splits_wide_rows_and_equals_torch():

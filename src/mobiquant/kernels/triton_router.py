@@ -113,6 +113,24 @@ def _prologue(x, cols, cmask, rstd, aux_ptr, y_ptr, toks, tmask, smask, D_IN, st
 
 
 @triton.jit
+def _router_chunk(
+    x_ptr, w1_ptr, toks, tmask, hrows, hmask, d0, c_hi, D_IN, stride_xm, aux_ptr, y_ptr, rstd, smask,
+    BD: tl.constexpr, PRE: tl.constexpr,
+):  # fmt: skip
+    """Columns ``[d0, d0 + BD)`` (below ``c_hi``) of the rows :func:`_prologue` makes (stored for ``smask``), rounded to
+    the router's dtype as the module does, ``[BM, BD]``, and of the first layer's rows ``hrows``, ``[HB, BD]``: fp32."""
+    cols = d0 + tl.arange(0, BD)
+    cmask = cols < c_hi
+    x = _rows(x_ptr, toks, tmask, cols, cmask, stride_xm)
+    x = _prologue(x, cols, cmask, rstd, aux_ptr, y_ptr, toks, tmask, smask, D_IN, stride_xm, PRE)
+    x = x.to(w1_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(
+        w1_ptr + hrows[:, None].to(tl.int64) * D_IN + cols[None, :], mask=hmask[:, None] & cmask[None, :], other=0.0
+    ).to(tl.float32)
+    return x, w
+
+
+@triton.jit
 def _router_part(
     x_ptr,
     w1_ptr,
@@ -136,73 +154,42 @@ def _router_part(
     S: tl.constexpr = 1,
     DS: tl.constexpr = 0,
     pid_s=0,
+    SOLO: tl.constexpr = False,
+    UNROLL: tl.constexpr = 1,
 ):
     """Hidden units ``[pid_h HB, (pid_h + 1) HB)`` of tokens ``toks``: their share of the scores, ``[BM, RP]``
     (``W2[:, units] gelu(W1[units] x + b1[units])``) of the rows :func:`_prologue` makes of ``x`` (RMS scale
     ``rstd``), which the program of the first hidden units stores to ``y_ptr`` (with ``PRE`` 0: none). With
     ``S`` > 1 column splits: the pre-activations ``[BM, HB]`` of columns ``[pid_s DS, (pid_s + 1) DS)`` alone
-    (the GELU and second layer wait for every split: :func:`_router_split_values`)."""
+    (the GELU and second layer wait for every split: :func:`_router_split_values`). ``SOLO`` (one program holds
+    every hidden unit): the products accumulate per column lane over ``UNROLL`` chunks unrolled at a time (their
+    weight loads in flight together) and are summed over the columns once, after the loop (no shuffles in it)."""
     hrows = pid_h * HB + tl.arange(0, HB)
     hmask = hrows < H
-    acc = tl.zeros((BM, HB), dtype=tl.float32)
     smask = tmask & (toks * 0 + pid_h == 0)
     c_lo, c_hi = _split_cols(pid_s, D_IN, S, DS)
-    for d0 in range(c_lo, c_hi, BD):
-        cols = d0 + tl.arange(0, BD)
-        cmask = cols < c_hi
-        x = _rows(x_ptr, toks, tmask, cols, cmask, stride_xm)
-        x = _prologue(x, cols, cmask, rstd, aux_ptr, y_ptr, toks, tmask, smask, D_IN, stride_xm, PRE)
-        x = x.to(w1_ptr.dtype.element_ty).to(tl.float32)  # rounded to the router's dtype, as the module does
-        w = tl.load(
-            w1_ptr + hrows[:, None].to(tl.int64) * D_IN + cols[None, :], mask=hmask[:, None] & cmask[None, :], other=0.0
-        ).to(tl.float32)
-        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+    if SOLO:
+        lanes = tl.zeros((BM, HB, BD), dtype=tl.float32)
+        for d0 in tl.range(c_lo, c_hi, BD, loop_unroll_factor=UNROLL):
+            x, w = _router_chunk(
+                x_ptr, w1_ptr, toks, tmask, hrows, hmask, d0, c_hi, D_IN, stride_xm, aux_ptr, y_ptr, rstd, smask, BD,
+                PRE,
+            )  # fmt: skip
+            lanes += x[:, None, :] * w[None, :, :]
+        acc = tl.sum(lanes, axis=2)
+    else:
+        acc = tl.zeros((BM, HB), dtype=tl.float32)
+        for d0 in range(c_lo, c_hi, BD):
+            x, w = _router_chunk(
+                x_ptr, w1_ptr, toks, tmask, hrows, hmask, d0, c_hi, D_IN, stride_xm, aux_ptr, y_ptr, rstd, smask, BD,
+                PRE,
+            )  # fmt: skip
+            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
     if S > 1:
         out = acc  # [BM, HB]
     else:
         out = _router_head(acc, hrows, hmask, b1_ptr, w2_ptr, H, R, RP)
     return out
-
-
-@triton.jit
-def _router_solo(
-    x_ptr,
-    w1_ptr,
-    b1_ptr,
-    w2_ptr,
-    toks,
-    tmask,
-    D_IN,
-    H,
-    stride_xm,
-    aux_ptr,
-    y_ptr,
-    rstd,
-    R: tl.constexpr,
-    RP: tl.constexpr,
-    HB: tl.constexpr,
-    BM: tl.constexpr,
-    BD: tl.constexpr,
-    PRE: tl.constexpr,
-    UNROLL: tl.constexpr,
-):
-    """Scores ``[BM, RP]`` (without ``b2``) of every hidden unit (``HB`` >= ``H``) of tokens ``toks``, in one program:
-    chunks of ``BD`` columns, ``UNROLL`` of them unrolled so their weight loads are in flight together; the rows
-    :func:`_prologue` makes are stored by this program. No partial sums leave it (no ticket)."""
-    hrows = tl.arange(0, HB)
-    hmask = hrows < H
-    acc = tl.zeros((BM, HB, BD), dtype=tl.float32)  # summed over the columns once, after the loop (no shuffles in it)
-    for d0 in tl.range(0, D_IN, BD, loop_unroll_factor=UNROLL):
-        cols = d0 + tl.arange(0, BD)
-        cmask = cols < D_IN
-        x = _rows(x_ptr, toks, tmask, cols, cmask, stride_xm)
-        x = _prologue(x, cols, cmask, rstd, aux_ptr, y_ptr, toks, tmask, tmask, D_IN, stride_xm, PRE)
-        x = x.to(w1_ptr.dtype.element_ty).to(tl.float32)  # rounded to the router's dtype, as the module does
-        w = tl.load(
-            w1_ptr + hrows[:, None].to(tl.int64) * D_IN + cols[None, :], mask=hmask[:, None] & cmask[None, :], other=0.0
-        ).to(tl.float32)
-        acc += x[:, None, :] * w[None, :, :]
-    return _router_head(tl.sum(acc, axis=2), hrows, hmask, b1_ptr, w2_ptr, H, R, RP)
 
 
 @triton.jit
@@ -362,9 +349,9 @@ def _router_kernel(
         rstd = tl.full((BM,), 1.0, tl.float32)
     r = tl.arange(0, RP)
     if SOLO:  # one program a token block holds every hidden unit: the values straight from its scores
-        s = _router_solo(
-            x_ptr, w1_ptr, b1_ptr, w2_ptr, toks, tmask, D_IN, H, stride_xm, aux_ptr, y_ptr, rstd, R, RP, HB, BM, BD,
-            PRE, UNROLL,
+        s = _router_part(
+            x_ptr, w1_ptr, b1_ptr, w2_ptr, toks, tmask, pid_h, D_IN, H, stride_xm, aux_ptr, y_ptr, rstd, R, RP, HB,
+            BM, BD, PRE, 1, 0, 0, True, UNROLL,
         )  # fmt: skip
         s += tl.load(b2_ptr + r, mask=r < R, other=0.0).to(tl.float32)[None, :]
         _router_emit(_router_policy(s, R, RP, ADJACENT), tau_ptr, k_ptr, v_ptr, toks, tmask, R, RP)
