@@ -23,6 +23,8 @@
 #   ckpt     (only when named) SmolLM2-135M from a saved checkpoint of the default configuration ($CKPT, brought by
 #            bare_gpu.sh bundle-ckpt / install: adjacent routers, the budget plan; most linears then decode as static
 #            views, benchmarks/static_share.py) at budgets 3.5-5 and the static 4-bit view, fused inputs, compiled step
+#   adjacent (only when named) benchmarks/step_overhead.py on the 8B-shaped model with the adjacent gate policy (the
+#            default configuration's): fp16, the static 4-bit view, routed budgets 3, 4 and 4.5
 #   solo     (only when named) the router tests compiled, then one router launch for one token on SmolLM2's inputs:
 #            one program holding every hidden unit (no partial sums, no ticket; 4, 8 and 16 warps) against the
 #            default tiling there (whole rows, one hidden unit a program), in one sweep
@@ -143,6 +145,10 @@ stage() {
       fi
       run_stage e2e_ckpt 1500 "$PY" benchmarks/e2e_decode.py --gguf "$GGUF" --checkpoint "$CKPT" \
         --budgets 3.5,4,4.5,5 --views 2 --fuse-inputs --out "$RES/e2e_ckpt" ;;
+    adjacent)
+      # the 8B-shaped model with quant=mobiquant's gate policy: budgets whose thresholds lie between bands run as
+      # static views (no router launch), the fractional one keeps its routers; fp16 and the static 4-bit view beside
+      run_stage step_adjacent 900 "$PY" benchmarks/step_overhead.py --views 2 --budgets 3 4 4.5 --policy adjacent ;;
     solo)
       run_stage router_tests 300 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_triton_router.py \
         tests/kernels/test_fused_inputs.py
@@ -173,7 +179,7 @@ print(','.join(str(int(v)) for v in t))" "$RES/router_sweep/router_sweep.csv" 2>
       run_stage pattern 600 "$PY" benchmarks/stream_pattern.py --views 1,2,6 \
         --package-configs "$PATTERN_CONFIGS" --out "$RES/pattern" ;;
     *)
-      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package gluon fragment compile solo ckpt)" >&2
+      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package gluon fragment compile solo ckpt adjacent)" >&2
       return 2 ;;
   esac
 }

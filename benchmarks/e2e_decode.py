@@ -75,6 +75,13 @@ def parse_args(argv=None):
         help="launches and kernel time of an eager decode step: fp16, every budget, every static view",
     )
     ap.add_argument(
+        "--census",
+        default="off",
+        choices=["off", "compile", "graph"],
+        help="with --profile: the kernels of the captured step's replays (compile: the CUDA default) instead of an "
+        "eager step's, for fp16, the routed budgets and the static views of --views only",
+    )
+    ap.add_argument(
         "--bits-configs",
         default="",
         help="also time static 4 bits and routed budget 4 with each of these one-bit plane kernel configs, ';'-"
@@ -367,25 +374,27 @@ def step_profile(model, tok, device, prompt, budget, label, steps=8, top=12, cud
     return dict(mode=label, launches_per_step=n, kernel_us_per_step=total)
 
 
-def profile(fp, q, tok, device, prompt, budgets, fused=False):
-    """:func:`step_profile` of fp16, the static views and the routed budgets: a table of launches and kernel
-    time per step; with ``fused``, fp16 and the routed budgets again with fused inputs (``patching.fuse_inputs``)."""
+def profile(fp, q, tok, device, prompt, budgets, fused=False, views=None, cuda_graph="off"):
+    """:func:`step_profile` of fp16, the static views (``views``, default every one) and the routed budgets: a
+    table of launches and kernel time per step; with ``fused``, fp16 and the routed budgets again with fused inputs
+    (``patching.fuse_inputs``). ``cuda_graph``: the step profiled (:func:`step_profile`)."""
     import mobiquant as mq
     from mobiquant.patching import fuse_inputs
 
-    rows = [step_profile(fp, tok, device, prompt, None, "fp16")]
+    graph = dict(cuda_graph=cuda_graph)
+    rows = [step_profile(fp, tok, device, prompt, None, "fp16", **graph)]
     for b in budgets:
-        rows.append(step_profile(q, tok, device, prompt, b, f"routed {b:g}"))
+        rows.append(step_profile(q, tok, device, prompt, b, f"routed {b:g}", **graph))
     layer = next(m for m in q.modules() if isinstance(m, mq.MoBiLinear))
-    for k in range(1, layer.num_slices + 1):
+    for k in views or range(1, layer.num_slices + 1):
         mq.set_static(q, k)
-        rows.append(step_profile(q, tok, device, prompt, None, f"static k={k}"))
+        rows.append(step_profile(q, tok, device, prompt, None, f"static k={k}", **graph))
     if fused:
         fuse_inputs(fp), fuse_inputs(q)
         try:
-            rows.append(step_profile(fp, tok, device, prompt, None, "fp16 [fused inputs]"))
+            rows.append(step_profile(fp, tok, device, prompt, None, "fp16 [fused inputs]", **graph))
             for b in budgets:
-                rows.append(step_profile(q, tok, device, prompt, b, f"routed {b:g} [fused inputs]"))
+                rows.append(step_profile(q, tok, device, prompt, b, f"routed {b:g} [fused inputs]", **graph))
         finally:
             fuse_inputs(fp, enable=False), fuse_inputs(q, enable=False)
     return rows
@@ -418,8 +427,11 @@ def main(argv=None):
     )
     print(df.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     if args.profile:
-        prof = pd.DataFrame(profile(fp, q, tok, device, args.prompt, args.budgets, fused=args.fuse_inputs))
-        print("\n# eager decode steps: launches and kernel time per step (captured steps run the same kernels)")
+        views = [int(v) for v in args.views.split(",") if v.strip()] if args.census != "off" else None
+        rows = profile(fp, q, tok, device, args.prompt, args.budgets, args.fuse_inputs, views, args.census)
+        prof = pd.DataFrame(rows)
+        step = "eager decode steps" if args.census == "off" else f"decode steps ({args.census}, the replays' kernels)"
+        print(f"\n# {step}: launches and kernel time per step (captured steps run the same kernels)")
         print(prof.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
