@@ -1,7 +1,8 @@
 """How much of a checkpoint's routing the decode path skips: per budget, the routed linears decoded as static views
 (``mobiquant.tasks.decode.BudgetControl``: every linear of their router with a threshold that gives every token the
-same view; with the adjacent policy, thresholds between two slices' bands), their share of the routed weights, and
-the routers still run (CPU, no timing).
+same view; with the adjacent policy, thresholds between two slices' bands), their share of the routed weights, the
+routers whose linears are all fixed but at different views (routed linears, constant gate values, no router run:
+``TokenRouter.fixed``), and the routers still run (CPU, no timing).
 
     python benchmarks/static_share.py --checkpoint outputs/demo/runs/<time>/checkpoints/mobiquant \\
         [--gguf smol.gguf] [--budgets 3,3.5,4,4.5,5,5.5,6,7,8] [--out DIR]
@@ -39,7 +40,8 @@ def share_rows(model, budgets) -> list[dict]:
                 routed_linears=len(routed),
                 static_by_threshold=len(static),
                 routers=len({id(m.router) for m in routed}),
-                routers_launched=len({id(m.router) for m in routed if m.mode == "routed"}),
+                routers_fixed=len({id(m.router) for m in routed if m.mode == "routed" and m.router.fixed}),
+                routers_launched=len({id(m.router) for m in routed if m.mode == "routed" and not m.router.fixed}),
                 weight_share=sum(m.in_features * m.out_features for m in static) / total if total else float("nan"),
                 views=",".join(str(k) for k in views),
             )

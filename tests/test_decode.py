@@ -92,34 +92,35 @@ def test_budgets_whose_thresholds_decide_every_token_decode_as_static_views(prom
     assert torch.equal(g.tokens, generate(model, prompt, 6, budget=sched, cuda_graph="off").tokens)
 
 
-def test_linears_of_one_router_fixed_at_different_views_stay_routed(prompt):
+def test_linears_of_one_router_fixed_at_different_views_stay_routed(prompt, monkeypatch):
     """A plan whose thresholds fix every linear of a budget, but one router's linears at different views (one of
-    q/k/v a view above the others): that router's linears stay routed (one router, one site launch; each still gets
-    its fixed view), every other router's linears decode as static views; the tokens are the routed eager model's."""
-    from mobiquant.elastic.plan import BudgetPlan
-    from mobiquant.patching import install_plan, mobi_linears
+    q/k/v a view above the others): that router's linears stay routed (one site launch; each still gets its fixed
+    view) but the router itself never runs (``TokenRouter.fixed``: constant gate values), every other router's
+    linears decode as static views; the tokens are the routed eager model's. ``set_budget`` lets the router run
+    again."""
+    from tiny_models import mixed_view_model
 
-    model = build_tiny_llama(0)
-    mq.quantize_model(model, mq.MoBiConfig(group_size=32, slice_bits=(3, 1, 1, 1, 1, 1), router_policy="adjacent"))
-    mq.calibrate_thresholds(model, token_batches(4, batch=4, seqlen=32, seed=100))
-    mq.freeze(model)
-    named = [(n, m) for n, m in mobi_linears(model) if m.router is not None]
-    router = next(m.router for _, m in named if sum(o.router is m.router for _, o in named) > 1)
-    gap = {router.constant_k(2.0 * j + 1.5): 2.0 * j + 1.5 for j in range(-1, 5)}  # view k -> a threshold fixing it
-    views = [3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
-    taus = torch.tensor([[gap[k] for k in range(1, 7)] for _ in named])
-    odd = next(i for i, (_, m) in enumerate(named) if m.router is router)
-    taus[odd, 1] = gap[3]  # at 4 bits this linear is fixed at view 3, its router's others at view 2
-    local = torch.tensor(views).expand(len(named), -1)
-    plan = BudgetPlan(budgets=views, linears=[n for n, _ in named], taus=taus, local=local, reading=["uniform"] * 6)
-    install_plan(model, plan)
+    model, named, router, odd = mixed_view_model(0)
     ref = eager_greedy(model, prompt, 6, 4.0)
+    assert not router.fixed
+    scored = []
+    real_scores = type(router).scores
+    monkeypatch.setattr(type(router), "scores", lambda self, x: scored.append(x.shape) or real_scores(self, x))
     g = generate(model, prompt, 6, budget=4.0)
     assert g.tokens[0].tolist() == ref
+    assert scored == [] and not router.fixed  # prefill and steps: no router ran; the generation's end clears it
     for _, m in named:
         assert (m.mode, m.static_k if m.mode == "static" else None) == (
             ("routed", None) if m.router is router else ("static", 2)
         )
+    x = torch.randn(3, router.net[0].in_features)
+    k_odd = named[odd][1]
+    router.fixed = True  # as decode sets it at 4 bits: constant values giving each threshold its view
+    assert router.slice_counts_at(x, k_odd.route_tau).tolist() == [3, 3, 3] and scored == []
+    mq.set_budget(model, 4.0)
+    assert not router.fixed
+    router.slice_counts_at(x, k_odd.route_tau)
+    assert scored == [x.shape]  # thresholds set the library's way: the router runs again
 
 
 @pytest.mark.parametrize("budget", [2.0, 3.3, 5.0, 8.0])

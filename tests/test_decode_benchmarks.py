@@ -424,7 +424,7 @@ def test_static_share_counts_the_linears_a_threshold_fixes():
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import mobiquant as mq
     import static_share
-    from tiny_models import build_tiny_llama, token_batches
+    from tiny_models import build_tiny_llama, mixed_view_model, token_batches
 
     model = build_tiny_llama(0)
     mq.quantize_model(model, mq.MoBiConfig(group_size=32, slice_bits=(3, 1, 1, 1, 1, 1), router_policy="adjacent"))
@@ -437,5 +437,14 @@ def test_static_share_counts_the_linears_a_threshold_fixes():
     )
     assert (rows[3.0]["views"], rows[4.0]["views"], rows[8.0]["views"]) == ("1", "2", "6")
     assert rows[4.5]["static_by_threshold"] == 0 and rows[4.5]["weight_share"] == 0.0
+    assert rows[4.0]["routers_fixed"] == rows[4.0]["routers_launched"] == 0
+    assert rows[4.5]["routers_fixed"] == 0 and rows[4.5]["routers_launched"] == rows[4.5]["routers"]
     with pytest.raises(ValueError, match="outside this model's range"):
         static_share.share_rows(model, [9.0])
+    # one router's linears fixed at different views: routed, its router fixed (no launch), every other static
+    mixed, named, router, _ = mixed_view_model(0)
+    row = static_share.share_rows(mixed, [4.0])[0]
+    routers = len({id(m.router) for _, m in named})
+    members = sum(m.router is router for _, m in named)
+    assert (row["routers"], row["routers_fixed"], row["routers_launched"]) == (routers, 1, 0)
+    assert row["static_by_threshold"] == len(named) - members

@@ -66,3 +66,32 @@ def build_tiny_opt(seed: int = 0):
 def token_batches(n: int, batch: int = 4, seqlen: int = 32, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, VOCAB, (batch, seqlen), generator=g) for _ in range(n)]
+
+
+def mixed_view_model(seed: int = 0):
+    """``task=decode``'s tiny LLaMA (257 byte tokens) quantized with adjacent routers and a budget plan whose
+    thresholds fix every routed linear's view at every budget (view ``k`` at ``2 + k`` bits), except that at 4
+    bits one linear of a router serving several sits a view above the others (view 3, its router's others view
+    2). Returns ``(model, named, router, odd)``: the routed ``(name, linear)`` pairs, that router, and the odd
+    linear's index in ``named``."""
+    import mobiquant as mq
+    from mobiquant.elastic.plan import BudgetPlan
+    from mobiquant.patching import install_plan, mobi_linears
+    from mobiquant.tiny import tiny_llama
+
+    model = tiny_llama(seed=seed)[0]  # task=decode's tiny model: 257 byte tokens
+    mq.quantize_model(model, mq.MoBiConfig(group_size=32, slice_bits=(3, 1, 1, 1, 1, 1), router_policy="adjacent"))
+    g = torch.Generator().manual_seed(100)
+    mq.calibrate_thresholds(model, [torch.randint(0, 257, (4, 32), generator=g) for _ in range(4)])
+    mq.freeze(model)
+    named = [(n, m) for n, m in mobi_linears(model) if m.router is not None]
+    router = next(m.router for _, m in named if sum(o.router is m.router for _, o in named) > 1)
+    gap = {router.constant_k(2.0 * j + 1.5): 2.0 * j + 1.5 for j in range(-1, 5)}  # view k -> a threshold fixing it
+    views = [3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+    taus = torch.tensor([[gap[k] for k in range(1, 7)] for _ in named])
+    odd = next(i for i, (_, m) in enumerate(named) if m.router is router)
+    taus[odd, 1] = gap[3]
+    local = torch.tensor(views).expand(len(named), -1)
+    plan = BudgetPlan(budgets=views, linears=[n for n, _ in named], taus=taus, local=local, reading=["uniform"] * 6)
+    install_plan(model, plan)
+    return model, named, router, odd

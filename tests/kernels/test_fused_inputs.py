@@ -307,3 +307,46 @@ def test_compiled_decode_fuses_only_the_inputs_a_router_decides_on(qmodel, monke
     finally:
         fuse_inputs(model, enable=False)
         set_budget(model, 4.0)  # routed again, as the other tests leave it
+
+
+def test_a_router_whose_linears_are_all_fixed_runs_in_no_launch(monkeypatch):
+    """Decoding at a budget whose plan fixes every linear's view, one router's linears at different views: with fused
+    inputs no launch runs a router (the fixed router's norm or product is a rows-only launch, its linears read constant
+    gate values), and the greedy tokens are those of the model routing for real at that budget."""
+    from mobiquant.tasks.decode import generate
+    from tiny_models import mixed_view_model
+
+    model, named, router, odd = mixed_view_model(0)
+    model = model.to(DEVICE)
+    prompt = torch.randint(0, 257, (10,), generator=torch.Generator().manual_seed(7))
+    set_budget(model, 4.0)
+    ids = prompt[None].to(DEVICE)
+    with torch.no_grad():
+        for _ in range(4):  # full-sequence forwards: every router runs
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    ref = ids[:, len(prompt) :].cpu()
+    calls = {"rows": 0, "routed": 0, "router": 0}
+    for name, attr in (("rows", "fused_input"), ("routed", "fused_input_router"), ("router", "fused_router")):
+        real = getattr(kernels, attr)
+        monkeypatch.setattr(
+            kernels, attr, lambda *a, _n=name, _r=real, **k: calls.__setitem__(_n, calls[_n] + 1) or _r(*a, **k)
+        )
+    real_values = type(router).fixed_values
+    monkeypatch.setattr(
+        type(router),
+        "fixed_values",
+        lambda self, x: calls.__setitem__("fixed", calls["fixed"] + 1) or real_values(self, x),
+    )
+    calls["fixed"] = 0
+    assert fuse_inputs(model) > 0
+    try:
+        for m in model.modules():
+            if isinstance(m, (FusedRMSNorm, FusedGatedMLP, mq.MoBiLinear)) or hasattr(m, "routed_input"):
+                m.backend = "triton"  # the linears too: one-token steps on the one-bit plane kernel, k from the values
+        g = generate(model, prompt, 4, budget=4.0, cuda_graph="off")
+        assert torch.equal(g.tokens, ref)
+        assert calls["rows"] > 0 and calls["routed"] == 0 and calls["router"] == 0, calls
+        assert calls["fixed"] == 4, calls  # the fixed router's site: prefill and 3 steps read the constant values
+        assert named[odd][1].mode == "routed"
+    finally:
+        fuse_inputs(model, enable=False)

@@ -32,9 +32,10 @@ def _fast(x: torch.Tensor, backend: str, operands: Any) -> bool:
 
 def _routes(router: TokenRouter | None, consumer: Any) -> bool:
     """Whether ``router`` decides for ``consumer`` (the linear fed by the rows) in the launch that makes them: a routed
-    linear, not training, thresholds not being fitted. An unquantized consumer (nn.Linear) has no mode."""
+    linear, not training, thresholds not being fitted, views not all fixed by their thresholds (``router.fixed``: the
+    decisions are then a constant buffer). An unquantized consumer (nn.Linear) has no mode."""
     routed = getattr(consumer, "mode", None) == "routed" and not consumer.training
-    return router is not None and routed and router.recorder is None
+    return router is not None and routed and router.recorder is None and not router.fixed
 
 
 def _compiled_away(router: TokenRouter | None, consumer: Any) -> bool:

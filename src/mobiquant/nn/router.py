@@ -172,6 +172,8 @@ class TokenRouter(nn.Module):
     tau: torch.Tensor
     bits_table: torch.Tensor
     tau_table: torch.Tensor
+    _fixed: bool = False  # see ``fixed`` (a class default for routers pickled before it existed)
+    _fixed_buf: tuple | None = None
 
     def __init__(
         self,
@@ -217,6 +219,23 @@ class TokenRouter(nn.Module):
         self.backend: str = "auto"
         # The fused kernel launched with programmatic dependent launch (SmallConfig.pdl, set by set_small_config).
         self.launch_pdl: bool = False
+        # Set by decode (mobiquant.tasks.decode.BudgetControl) at a budget where the threshold of every linear this
+        # router serves fixes that linear's view whatever the scores (constant_k), the views not all alike: the
+        # hard gate values are then a constant buffer (:meth:`fixed_values`) and no router runs. set_budget and
+        # clear_cache reset it.
+        self._fixed = False
+        self._fixed_buf: tuple | None = None  # (key, buffer) of fixed_values
+
+    @property
+    def fixed(self) -> bool:
+        return self._fixed
+
+    @fixed.setter
+    def fixed(self, value: bool) -> None:
+        if bool(value) != self._fixed:  # decisions kept for an input were made the other way
+            self._cache = None
+            self._values = None
+        self._fixed = bool(value)
 
     @property
     def num_residuals(self) -> int:
@@ -236,6 +255,19 @@ class TokenRouter(nn.Module):
             return nested_min(scores)
         bands = 2.0 * torch.arange(self.num_residuals - 1, -1, -1, dtype=scores.dtype, device=scores.device)
         return torch.sigmoid(scores) + bands
+
+    def fixed_values(self, x: torch.Tensor) -> torch.Tensor:
+        """Gate values, ``[..., K-1]`` fp32 for the tokens of ``x``, that give every threshold :meth:`constant_k`
+        fixes its view: each slice's band midpoint (adjacent policy). One buffer per shape and device, made once (by a
+        decode's eager warm-up, before any capture) and only ever read."""
+        if self.policy != "adjacent":
+            raise RuntimeError("only the adjacent policy's gate values lie in bands a threshold can fix")
+        shape = (*x.shape[:-1], self.num_residuals)
+        key = (shape, x.device)
+        if self._fixed_buf is None or self._fixed_buf[0] != key:
+            bands = 2.0 * torch.arange(self.num_residuals - 1, -1, -1, dtype=torch.float32) + 0.5
+            self._fixed_buf = (key, bands.to(x.device).expand(shape).contiguous())
+        return self._fixed_buf[1]
 
     def constant_k(self, tau: float) -> int | None:
         """The slice count every token gets at threshold ``tau`` whatever its scores, or None if the scores decide.
@@ -259,6 +291,8 @@ class TokenRouter(nn.Module):
         computed them (``None`` otherwise: the caller compares)."""
         from .. import kernels
 
+        if self.fixed and self.recorder is None:  # every linear's view fixed by its threshold: no router runs
+            return self.fixed_values(x), None
         if kernels.use_fused_router(x, getattr(self, "backend", "auto")):
             first, last = cast(nn.Linear, self.net[0]), cast(nn.Linear, self.net[2])
             pdl = getattr(self, "launch_pdl", False)
@@ -321,7 +355,7 @@ class TokenRouter(nn.Module):
         fp32, one per router and device, written by every launch that reads it). None for other inputs."""
         from .. import kernels
 
-        if x.numel() != x.shape[-1] or not kernels.use_fused_router(x, getattr(self, "backend", "auto")):
+        if self.fixed or x.numel() != x.shape[-1] or not kernels.use_fused_router(x, getattr(self, "backend", "auto")):
             return None
         from ..kernels.triton_bitplane import InLaunchRouter
 
@@ -383,6 +417,7 @@ class TokenRouter(nn.Module):
         return result
 
     def clear_cache(self) -> None:
+        self._fixed = False
         self._cache = None
         self._values = None
         self._tail = None
@@ -416,6 +451,7 @@ class TokenRouter(nn.Module):
             raise RuntimeError("router thresholds are not calibrated: call calibrate_thresholds(model, inputs) first")
         self.tau.fill_(interp_tau(self.bits_table, self.tau_table, avg_bits))
         self._cache = None
+        self.fixed = False
 
 
 def budget_bits(soft_gates: torch.Tensor, slice_bits: Sequence[int]) -> torch.Tensor:

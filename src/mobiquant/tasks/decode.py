@@ -87,9 +87,11 @@ class BudgetControl:
     Where every linear of a router has a threshold that decides for every token whatever its scores, the same view
     for all (:meth:`TokenRouter.constant_k`: with the adjacent policy, thresholds between two slices' bands), they
     decode that budget as the static view: the same slices for every token, without the router's work and on the
-    static views' kernels. Linears of one router fixed at different views (q, k and v at 3, 4 and 4 bits), or beside
-    a routed one, stay routed: one router and one site launch serve them, where static views would take a launch each.
-    Such budgets change which linears are routed, so a graph is captured per such structure.
+    static views' kernels. Linears of one router fixed at different views (q, k and v at 3, 4 and 4 bits) stay
+    routed, one site launch for them where static views would take a launch each, but their router does not run
+    (``TokenRouter.fixed``: constant gate values that give each threshold its fixed view). Beside a linear whose
+    threshold leaves the choice to the scores, they stay routed with the router. Such budgets change which
+    linears are routed and which routers run, so a graph is captured per such structure.
 
     The first time a budget is asked for, :func:`mobiquant.patching.set_budget` (or ``set_static`` for a
     model without routers) sets it the library's way; the resulting state (every router's ``tau``, every
@@ -152,7 +154,9 @@ class BudgetControl:
             views = fixed.get(id(m.router), [None]) if m.mode == "routed" else [None]
             if views[0] is not None and views.count(views[0]) == len(views):
                 lin[i] = ("static", views[0], lin[i][2])
-        return {"taus": taus, "linears": lin}
+        # fixed at different views: the router's decisions are constants (adjacent policy: band midpoints)
+        held = [r.policy == "adjacent" and None not in fixed.get(id(r), [None]) for r in self.routers]
+        return {"taus": taus, "linears": lin, "fixed": held}
 
     def apply(self, budget: float | None) -> None:
         if budget is None:
@@ -183,8 +187,9 @@ class BudgetControl:
         if dst:
             with torch.no_grad():
                 torch._foreach_copy_(dst, src)
-        for r in self.routers:
+        for r, held in zip(self.routers, snap["fixed"], strict=True):
             r._cache = None
+            r.fixed = held
         self._applied = budget
 
     def _router_index(self, m) -> int:
@@ -199,7 +204,7 @@ class BudgetControl:
         if self._structure is None:
             self._structure = tuple(
                 (m.mode, m.static_k if m.mode == "static" else 0, m.route_tau is not None) for m in self.linears
-            )
+            ) + tuple(r.fixed for r in self.routers)
         return self._structure
 
 
