@@ -22,7 +22,8 @@
 #            compile for fp16 and the default layout's views and budgets)
 #   ckpt     (only when named) SmolLM2-135M from a saved checkpoint of the default configuration ($CKPT, brought by
 #            bare_gpu.sh bundle-ckpt / install: adjacent routers, the budget plan; most linears then decode as static
-#            views, benchmarks/static_share.py) at budgets 3.5-5 and the static 4-bit view, fused inputs, compiled step
+#            views, benchmarks/static_share.py) at budgets 3.5-5 and the static 4-bit view, fused inputs, compiled step;
+#            then budget 4 with the compiled step's kernel census (e2e_decode.py --profile --census compile)
 #   adjacent (only when named) benchmarks/step_overhead.py on the 8B-shaped model with the adjacent gate policy (the
 #            default configuration's): fp16, the static 4-bit view, routed budgets 3, 4 and 4.5
 #   solo     (only when named) the router tests compiled, then one router launch for one token on SmolLM2's inputs:
@@ -144,7 +145,10 @@ stage() {
         return 0
       fi
       run_stage e2e_ckpt 1500 "$PY" benchmarks/e2e_decode.py --gguf "$GGUF" --checkpoint "$CKPT" \
-        --budgets 3.5,4,4.5,5 --views 2 --fuse-inputs --out "$RES/e2e_ckpt" ;;
+        --budgets 3.5,4,4.5,5 --views 2 --fuse-inputs --out "$RES/e2e_ckpt"
+      # budget 4 again with the compiled step's kernel census (fp16, routed 4, the static 4-bit view)
+      run_stage e2e_ckpt_census 900 "$PY" benchmarks/e2e_decode.py --gguf "$GGUF" --checkpoint "$CKPT" \
+        --budgets 4 --views 2 --fuse-inputs --repeats 2 --profile --census compile --out "$RES/e2e_ckpt_census" ;;
     adjacent)
       # the 8B-shaped model with quant=mobiquant's gate policy: budgets whose thresholds lie between bands run as
       # static views (no router launch), the fractional one keeps its routers; fp16 and the static 4-bit view beside
