@@ -173,7 +173,7 @@ class TokenRouter(nn.Module):
     bits_table: torch.Tensor
     tau_table: torch.Tensor
     _fixed: bool = False  # see ``fixed`` (a class default for routers pickled before it existed)
-    _fixed_buf: tuple | None = None
+    _fixed_buf: dict | None = None
 
     def __init__(
         self,
@@ -224,7 +224,7 @@ class TokenRouter(nn.Module):
         # hard gate values are then a constant buffer (:meth:`fixed_values`) and no router runs. set_budget and
         # clear_cache reset it.
         self._fixed = False
-        self._fixed_buf: tuple | None = None  # (key, buffer) of fixed_values
+        self._fixed_buf: dict | None = None  # (shape, device) -> buffer of fixed_values
 
     @property
     def fixed(self) -> bool:
@@ -258,16 +258,20 @@ class TokenRouter(nn.Module):
 
     def fixed_values(self, x: torch.Tensor) -> torch.Tensor:
         """Gate values, ``[..., K-1]`` fp32 for the tokens of ``x``, that give every threshold :meth:`constant_k`
-        fixes its view: each slice's band midpoint (adjacent policy). One buffer per shape and device, made once (by a
-        decode's eager warm-up, before any capture) and only ever read."""
+        fixes its view: each slice's band midpoint (adjacent policy). For decode-sized inputs one buffer per shape and
+        device, made once (by a decode's eager warm-up, before any capture), kept and only ever read."""
         if self.policy != "adjacent":
             raise RuntimeError("only the adjacent policy's gate values lie in bands a threshold can fix")
         shape = (*x.shape[:-1], self.num_residuals)
         key = (shape, x.device)
-        if self._fixed_buf is None or self._fixed_buf[0] != key:
+        kept = self._fixed_buf if self._fixed_buf is not None else {}
+        buf = kept.get(key)
+        if buf is None:
             bands = 2.0 * torch.arange(self.num_residuals - 1, -1, -1, dtype=torch.float32) + 0.5
-            self._fixed_buf = (key, bands.to(x.device).expand(shape).contiguous())
-        return self._fixed_buf[1]
+            buf = bands.to(x.device).expand(shape).contiguous()
+            if x.numel() // x.shape[-1] <= 64:  # decode-sized: kept for good (a captured graph reads it); a
+                self._fixed_buf = {**kept, key: buf}  # prefill's is made again each time
+        return buf
 
     def constant_k(self, tau: float) -> int | None:
         """The slice count every token gets at threshold ``tau`` whatever its scores, or None if the scores decide.
