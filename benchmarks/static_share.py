@@ -34,14 +34,15 @@ def share_rows(model, budgets) -> list[dict]:
         control.apply(b)
         static = [m for m in routed if m.mode == "static"]
         views = sorted({m.static_k for m in static})
+        how = control.routing()
         rows.append(
             dict(
                 budget=b,
-                routed_linears=len(routed),
-                static_by_threshold=len(static),
-                routers=len({id(m.router) for m in routed}),
-                routers_fixed=len({id(m.router) for m in routed if m.mode == "routed" and m.router.fixed}),
-                routers_launched=len({id(m.router) for m in routed if m.mode == "routed" and not m.router.fixed}),
+                routed_linears=how["routed_linears"],
+                static_by_threshold=how["static_linears"],
+                routers=how["routers"],
+                routers_fixed=how["routers_fixed"],
+                routers_launched=how["routers_run"],
                 weight_share=sum(m.in_features * m.out_features for m in static) / total if total else float("nan"),
                 views=",".join(str(k) for k in views),
             )

@@ -109,6 +109,16 @@ def test_linears_of_one_router_fixed_at_different_views_stay_routed(prompt, monk
     g = generate(model, prompt, 6, budget=4.0)
     assert g.tokens[0].tolist() == ref
     assert scored == [] and not router.fixed  # prefill and steps: no router ran; the generation's end clears it
+    members = sum(m.router is router for _, m in named)
+    assert g.extra["routing"] == {
+        4.0: dict(
+            routed_linears=len(named),
+            static_linears=len(named) - members,
+            routers=len({id(m.router) for _, m in named}),
+            routers_fixed=1,
+            routers_run=0,
+        )
+    }
     for _, m in named:
         assert (m.mode, m.static_k if m.mode == "static" else None) == (
             ("routed", None) if m.router is router else ("static", 2)
@@ -609,6 +619,9 @@ def test_task_decode_writes_tokens_per_second_per_budget(tmp_path, monkeypatch):
     assert df["avg_bits"].iloc[1] == pytest.approx(3.0) and 3.0 < df["avg_bits"].iloc[2] < 8.0
     assert df["x_fp"].iloc[0] == pytest.approx(1.0) and df["text"].map(lambda t: isinstance(t, str)).all()
     assert math.isclose(metric, df["tokens_per_s"].iloc[1:].mean(), rel_tol=1e-9)
+    # how each budget decoded: at 3 bits (every token the base) nothing routes, at 4.5 routers run
+    assert df["routers_run"].isna().iloc[0] and df["routers_run"].iloc[1] == 0 and df["routers_run"].iloc[2] > 0
+    assert df["static_linears"].iloc[1] > 0
 
 
 def test_task_decode_from_a_saved_checkpoint(tmp_path, monkeypatch):

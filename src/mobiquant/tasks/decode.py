@@ -63,7 +63,7 @@ class Generation:
     achieved_bits: list[float] | None = None  # per new token, when track_bits
     graph: str = "off"  # 'off', 'graph', 'compile', or why the graph was not used
     captures: int = 0
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # "routing": budget -> BudgetControl.routing() (models with routers)
 
     @property
     def new_tokens(self) -> int:
@@ -191,6 +191,18 @@ class BudgetControl:
             r._cache = None
             r.fixed = held
         self._applied = budget
+
+    def routing(self) -> dict[str, int]:
+        """How the budget applied last decodes: routed linears (those with a router), those decoded as static views,
+        routers, those fixed (their linears routed at views their thresholds fix; no launch), and those that run."""
+        routed = [m for m in self.linears if m.router is not None]
+        return dict(
+            routed_linears=len(routed),
+            static_linears=sum(m.mode == "static" for m in routed),
+            routers=len(self.routers),
+            routers_fixed=len({id(m.router) for m in routed if m.mode == "routed" and m.router.fixed}),
+            routers_run=len({id(m.router) for m in routed if m.mode == "routed" and not m.router.fixed}),
+        )
 
     def _router_index(self, m) -> int:
         for j, r in enumerate(self.routers):
@@ -654,6 +666,7 @@ def generate(
     cache = StaticCache(config=model.config, max_cache_len=cache_len)
     out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
     used: list[float | None] = []
+    routing: dict[float, dict[str, int]] = {}  # budget -> BudgetControl.routing() there
     bits: list[float] | None = [] if track_bits else None
     current: float | None = None
 
@@ -664,6 +677,8 @@ def generate(
             control.check(b)
             control.apply(b)
             current = float(b)
+            if control.routers and current not in routing:
+                routing[current] = control.routing()
         used.append(current)
         if track_bits:
             reset_counts(model)
@@ -744,6 +759,7 @@ def generate(
         achieved_bits=bits,
         graph=stepper.status,
         captures=stepper.captures,
+        extra={"routing": routing} if routing else {},
     )
 
 
@@ -931,6 +947,8 @@ def run(cfg) -> float:
                     tokens_per_s=best.tokens_per_s,
                     us_per_token=best.us_per_token,
                     graph=best.graph,
+                    routers_run=best.extra.get("routing", {}).get(b, {}).get("routers_run", math.nan),
+                    static_linears=best.extra.get("routing", {}).get(b, {}).get("static_linears", math.nan),
                     kernels=",".join(f"{k}={v}" for k, v in s["kernels"].items()) if method != "fp" else "",
                     device=str(device),
                     text=best.text[0],
