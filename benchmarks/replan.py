@@ -40,6 +40,7 @@ PLAN_KEYS = (
     "select_windows",
     "select_at",
     "windows",
+    "local_step",
 )
 log = logging.getLogger("replan")
 

@@ -89,6 +89,7 @@ def test_build_plan_covers_every_routed_linear_and_the_whole_range(planned):
         "select_windows": 4,
         "select_at": "all",
         "windows": "train",
+        "local_step": None,
     }
     # Local budgets of an allocated reading are parameter-weighted at most the budget.
     params = {n: m.in_features * m.out_features for n, m in mobi_linears(model)}
@@ -96,6 +97,37 @@ def test_build_plan_covers_every_routed_linear_and_the_whole_range(planned):
         mean = sum(params[n] * float(plan.local[i, j]) for i, n in enumerate(plan.linears)) / sum(params.values())
         assert mean <= b + 1e-9
     assert all(m.route_tau is None for _, m in mobi_linears(model))  # building leaves no threshold behind
+
+
+def test_a_plan_of_whole_views_runs_no_router_at_its_budgets():
+    """``local_step=1.0``: every linear's local budget is a view's bits at every grid budget (half-bit steps here),
+    each refitted threshold fixes that view (adjacent routers), and decoding at a grid budget runs no router; the
+    parameter-weighted mean still meets the budget."""
+    from mobiquant.patching import install_plan
+    from mobiquant.tasks.decode import BudgetControl
+    from mobiquant.tiny import tiny_llama
+
+    model = tiny_llama(seed=0)[0]
+    mq.quantize_model(model, mq.MoBiConfig(group_size=32, slice_bits=(3, 1, 1, 1, 1, 1), router_policy="adjacent"))
+    g = torch.Generator().manual_seed(100)
+    mq.calibrate_thresholds(model, [torch.randint(0, 257, (4, 32), generator=g) for _ in range(2)])
+    mq.freeze(model)
+    ids = torch.randint(0, 257, (4, 32), generator=torch.Generator().manual_seed(5))
+    plan = build_plan(model, ids, per="linear", step=0.5, local_step=1.0, sensitivity_windows=4, select_windows=0)
+    assert plan.settings["local_step"] == 1.0 and plan.budgets == default_grid((3, 1, 1, 1, 1, 1), 0.5)
+    views = {3.0, 4.0, 5.0, 6.0, 7.0, 8.0}
+    assert {float(v) for v in plan.local.flatten()} <= views
+    assert len({float(v) for v in plan.local[:, plan.budgets.index(4.5)]}) > 1  # 4.5 bits: a mix of whole views
+    install_plan(model, plan)
+    params = {n: m.in_features * m.out_features for n, m in mobi_linears(model) if m.router is not None}
+    control = BudgetControl(model)
+    for j, b in enumerate(plan.budgets):
+        mean = sum(params[n] * float(plan.local[i, j]) for i, n in enumerate(plan.linears)) / sum(params.values())
+        assert mean <= b + 1e-9
+        control.apply(b)
+        assert control.routing()["routers_run"] == 0, b
+    with pytest.raises(ValueError, match="must be positive and divide"):
+        build_plan(model, ids, per="linear", step=0.5, local_step=0.75, sensitivity_windows=4, select_windows=0)
 
 
 def test_a_plan_records_where_its_windows_come_from(planned):

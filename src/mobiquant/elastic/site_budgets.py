@@ -309,6 +309,7 @@ def build_plan(
     state_dir: str | Path | None = None,
     state_key: Mapping[str, Any] | None = None,
     windows: str = "train",
+    local_step: float | None = None,
 ) -> BudgetPlan:
     """The deployed reading of a calibrated, packed checkpoint at every budget of a ``step`` grid.
 
@@ -324,6 +325,11 @@ def build_plan(
        default because uniform routing never won at a fractional budget in any measured plan (it won once,
        at the exact 4-bit view of an anchored [2, 2, 2, 2] checkpoint; docs/RESULTS.md, "Budget plans"), and
        it scores 4 budgets instead of 19 on the default layout.
+
+    ``local_step``: the grid of the local budgets the knapsack chooses from (default ``step``). At 1.0 (whole
+    views only) every linear of a grid budget reads one view for every token: its threshold fixes the view, and
+    decoding runs no router there (a static per-linear mix of views; between grid budgets the interpolated
+    thresholds route).
 
     ``windows`` says where ``calib_ids`` come from, recorded in the plan's settings: ``"train"``, the windows
     calibration trained on, or ``"held_out"``, windows of the calibration text it never saw
@@ -352,6 +358,7 @@ def build_plan(
         raise ValueError("the model has no routers: a budget plan needs a MoBiQuant checkpoint with routers")
     slice_bits = next(iter(rs.values())).slice_bits
     grid = default_grid(slice_bits, step)
+    local_grid = grid if local_step is None else default_grid(slice_bits, local_step)
     n_sens = calib_ids.shape[0] if sensitivity_windows is None else min(sensitivity_windows, calib_ids.shape[0])
     sens = calib_ids[:n_sens]
     held = calib_ids[n_sens : n_sens + select_windows]
@@ -371,12 +378,13 @@ def build_plan(
         "select_windows": int(select_windows),
         "select_at": select_at,
         "windows": windows,
+        "local_step": None if local_step is None else float(local_step),
     }
     views = [float(sum(slice_bits[: k + 1])) for k in range(len(slice_bits))]
     state = _PlanState(state_dir, {"settings": settings, "grid": grid, **(state_key or {})}, log)
     curves = broadcast_object(state.curves())  # saved on rank 0 alone
     if curves is None:
-        curves = site_cost_curves(model, sens, grid, max_windows=None, batch_size=batch_size, per=per)
+        curves = site_cost_curves(model, sens, local_grid, max_windows=None, batch_size=batch_size, per=per)
         state.save_curves(curves)
     apply = apply_site_budgets if per == "site" else apply_linear_budgets
     lo, hi = grid[0], grid[-1]

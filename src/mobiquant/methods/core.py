@@ -331,7 +331,7 @@ class MoBiQuant(QuantMethod):
     ``site`` from measured cost curves, thresholds refitted at those budgets, and at every grid budget the
     reading (allocated or uniform) with the lower held-out calibration loss. The plan is built once after
     calibration, saved in the checkpoint, and served by ``set_budget``: what is evaluated is what a
-    reloaded checkpoint runs. ``plan`` holds its settings (``step``, ``sensitivity_windows``,
+    reloaded checkpoint runs. ``plan`` holds its settings (``step``, ``local_step``, ``sensitivity_windows``,
     ``refit_thresholds``, ``select_windows``, ``select_at``; see :func:`mobiquant.elastic.site_budgets.build_plan`).
     """
 
@@ -345,6 +345,7 @@ class MoBiQuant(QuantMethod):
             "select_windows": 2,
             "select_at": "views",
             "windows": "held_out",
+            "local_step": None,
         }
     )
 
@@ -371,6 +372,9 @@ class MoBiQuant(QuantMethod):
         step = self.plan_settings["step"]
         if isinstance(step, bool) or not isinstance(step, (int, float)) or not step > 0:
             raise ValueError(f"plan.step must be a positive number of bits, got {step!r}")
+        local = self.plan_settings["local_step"]
+        if local is not None and (isinstance(local, bool) or not isinstance(local, (int, float)) or not local > 0):
+            raise ValueError(f"plan.local_step must be null (plan.step) or a positive number of bits, got {local!r}")
         from ..elastic.site_budgets import PLAN_WINDOWS, SELECT_AT
 
         if self.plan_settings["select_at"] not in SELECT_AT:
@@ -437,6 +441,7 @@ class MoBiQuant(QuantMethod):
             "select_windows": int(self.plan_settings["select_windows"]),
             "select_at": str(self.plan_settings["select_at"]),
             "windows": str(self.plan_settings["windows"]),
+            "local_step": None if self.plan_settings["local_step"] is None else float(self.plan_settings["local_step"]),
         }
 
     def plan_windows(self, ctx: RunContext) -> torch.Tensor:
@@ -478,6 +483,7 @@ class MoBiQuant(QuantMethod):
                 select_at=want["select_at"],
                 refit_windows=self.plan_settings["refit_windows"],
                 windows=want["windows"],
+                local_step=want["local_step"],
                 log=log,
                 state_dir=ctx.state_dir(tag),
                 state_key={
