@@ -249,7 +249,7 @@ def run_rows(args, fp, q, tok, device):
     base = dict(cfg=None, per_linear=False, host_count=False, fuse_inputs=False)
     cases = [dict(base, name="fp16", model=fp, budget=None, k=None)]
     cases += [dict(base, name="mobiquant", model=q, budget=b, k=None) for b in args.budgets]
-    ks = [int(v) for v in args.views.split(",") if v.strip()] or range(1, len(views) + 1)
+    ks = view_list(args) or range(1, len(views) + 1)
     bad = [k for k in ks if not 1 <= k <= len(views)]
     if bad:
         raise SystemExit(f"--views {bad}: this model's static views are 1..{len(views)}")
@@ -327,6 +327,11 @@ def run_rows(args, fp, q, tok, device):
             flush=True,
         )
     return rows
+
+
+def view_list(args) -> list[int]:
+    """The static views ``--views`` names (empty: none named)."""
+    return [int(v) for v in args.views.split(",") if v.strip()]
 
 
 def step_profile(model, tok, device, prompt, budget, label, steps=8, top=12, cuda_graph="off"):
@@ -427,7 +432,7 @@ def main(argv=None):
     )
     print(df.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     if args.profile:
-        views = [int(v) for v in args.views.split(",") if v.strip()] if args.census != "off" else None
+        views = view_list(args) if args.census != "off" else None
         rows = profile(fp, q, tok, device, args.prompt, args.budgets, args.fuse_inputs, views, args.census)
         prof = pd.DataFrame(rows)
         step = "eager decode steps" if args.census == "off" else f"decode steps ({args.census}, the replays' kernels)"

@@ -224,7 +224,7 @@ class TokenRouter(nn.Module):
         # hard gate values are then a constant buffer (:meth:`fixed_values`) and no router runs. set_budget and
         # clear_cache reset it.
         self._fixed = False
-        self._fixed_buf: dict | None = None  # (shape, device) -> buffer of fixed_values
+        self._fixed_buf = None  # (shape, device) -> buffer of fixed_values
 
     @property
     def fixed(self) -> bool:
@@ -253,8 +253,12 @@ class TokenRouter(nn.Module):
         non-increasing along the slice axis, so gates are nested under either policy."""
         if self.policy == "free":
             return nested_min(scores)
-        bands = 2.0 * torch.arange(self.num_residuals - 1, -1, -1, dtype=scores.dtype, device=scores.device)
-        return torch.sigmoid(scores) + bands
+        return torch.sigmoid(scores) + self._bands(scores.dtype, scores.device)
+
+    def _bands(self, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
+        """The adjacent policy's band of each residual slice, ``[K-1]``: slice ``e``'s values lie in
+        ``[band_e, band_e + 1]`` (bands 2 apart, the deepest slice's at 0)."""
+        return 2.0 * torch.arange(self.num_residuals - 1, -1, -1, dtype=dtype, device=device)
 
     def fixed_values(self, x: torch.Tensor) -> torch.Tensor:
         """Gate values, ``[..., K-1]`` fp32 for the tokens of ``x``, that give every threshold :meth:`constant_k`
@@ -267,8 +271,7 @@ class TokenRouter(nn.Module):
         kept = self._fixed_buf if self._fixed_buf is not None else {}
         buf = kept.get(key)
         if buf is None:
-            bands = 2.0 * torch.arange(self.num_residuals - 1, -1, -1, dtype=torch.float32) + 0.5
-            buf = bands.to(x.device).expand(shape).contiguous()
+            buf = (self._bands(torch.float32, x.device) + 0.5).expand(shape).contiguous()
             if x.numel() // x.shape[-1] <= 64:  # decode-sized: kept for good (a captured graph reads it); a
                 self._fixed_buf = {**kept, key: buf}  # prefill's is made again each time
         return buf

@@ -934,6 +934,7 @@ def run(cfg) -> float:
                     best = g
             full = torch.cat([tokenizer(s["prompt"], return_tensors="pt").input_ids, best.tokens], 1)
             bits = _bits_on(model, full)
+            how = best.extra.get("routing", {}).get(b, {})  # BudgetControl.routing() at this budget
             rows.append(
                 dict(
                     model=cfg.model.name,
@@ -947,8 +948,8 @@ def run(cfg) -> float:
                     tokens_per_s=best.tokens_per_s,
                     us_per_token=best.us_per_token,
                     graph=best.graph,
-                    routers_run=best.extra.get("routing", {}).get(b, {}).get("routers_run", math.nan),
-                    static_linears=best.extra.get("routing", {}).get(b, {}).get("static_linears", math.nan),
+                    routers_run=how.get("routers_run", math.nan),
+                    static_linears=how.get("static_linears", math.nan),
                     kernels=",".join(f"{k}={v}" for k, v in s["kernels"].items()) if method != "fp" else "",
                     device=str(device),
                     text=best.text[0],
