@@ -92,12 +92,13 @@ def test_budgets_whose_thresholds_decide_every_token_decode_as_static_views(prom
     assert torch.equal(g.tokens, generate(model, prompt, 6, budget=sched, cuda_graph="off").tokens)
 
 
-def test_linears_of_one_router_fixed_at_different_views_stay_routed(prompt, monkeypatch):
+@pytest.mark.parametrize("graph", ["off", "graph"])
+def test_linears_of_one_router_fixed_at_different_views_stay_routed(prompt, monkeypatch, cpu_graph, graph):
     """A plan whose thresholds fix every linear of a budget, but one router's linears at different views (one of
     q/k/v a view above the others): that router's linears stay routed (one site launch; each still gets its fixed
     view) but the router itself never runs (``TokenRouter.fixed``: constant gate values), every other router's
-    linears decode as static views; the tokens are the routed eager model's. ``set_budget`` lets the router run
-    again."""
+    linears decode as static views; the tokens are the routed eager model's, also through a graph capture (which
+    clears the routers' decisions, not their being fixed). ``set_budget`` lets the router run again."""
     from tiny_models import mixed_view_model
 
     model, named, router, odd = mixed_view_model(0)
@@ -106,8 +107,9 @@ def test_linears_of_one_router_fixed_at_different_views_stay_routed(prompt, monk
     scored = []
     real_scores = type(router).scores
     monkeypatch.setattr(type(router), "scores", lambda self, x: scored.append(x.shape) or real_scores(self, x))
-    g = generate(model, prompt, 6, budget=4.0)
-    assert g.tokens[0].tolist() == ref
+    cpu_graph()
+    g = generate(model, prompt, 6, budget=4.0, cuda_graph=graph)
+    assert g.tokens[0].tolist() == ref and g.graph == graph
     assert scored == [] and not router.fixed  # prefill and steps: no router ran; the generation's end clears it
     members = sum(m.router is router for _, m in named)
     assert g.extra["routing"] == {
@@ -311,10 +313,12 @@ def simulated_capture(fail: str | None = None, fault=None):
     def capture(self, saved):
         if fail == "before warm-up":
             raise RuntimeError("CUDA error: out of memory")
+        self.clear_routers()
         self._warm_up(saved)
         if fail == "after warm-up":
             raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
         out = torch.full((self.ids.shape[0], self.model.config.vocab_size), math.nan)
+        self.clear_routers()
         self.captures += 1
         return ReplayOnCPU(self, out, fault), out
 

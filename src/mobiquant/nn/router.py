@@ -221,8 +221,9 @@ class TokenRouter(nn.Module):
         self.launch_pdl: bool = False
         # Set by decode (mobiquant.tasks.decode.BudgetControl) at a budget where the threshold of every linear this
         # router serves fixes that linear's view whatever the scores (constant_k), the views not all alike: the
-        # hard gate values are then a constant buffer (:meth:`fixed_values`) and no router runs. set_budget and
-        # clear_cache reset it.
+        # hard gate values are then a constant buffer (:meth:`fixed_values`) and no router runs. set_budget resets it,
+        # and decode at its end; clear_cache (decisions kept for an input) leaves it: a graph capture clears the caches
+        # of a step whose routers are fixed.
         self._fixed = False
         self._fixed_buf = None  # (shape, device) -> buffer of fixed_values
 
@@ -424,7 +425,6 @@ class TokenRouter(nn.Module):
         return result
 
     def clear_cache(self) -> None:
-        self._fixed = False
         self._cache = None
         self._values = None
         self._tail = None

@@ -432,6 +432,11 @@ class _Stepper:
         self.pos.fill_(pos)
         return self._eager(self.ids, self.pos)
 
+    def clear_routers(self) -> None:
+        """Around a capture: no router decision kept from another input (a router fixed by the budget stays fixed)."""
+        for r in (r for _, r in routers(self.model)):
+            r.clear_cache()
+
     def _warm_up(self, saved, runs: int = 2) -> None:
         """Forwards of the step before its capture (kernels compile, allocations settle). Each starts from the
         cache offsets ``saved`` and so writes the step's own slot; the offsets are back at ``saved`` after."""
@@ -442,8 +447,7 @@ class _Stepper:
 
     def _capture(self, saved) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up on a side stream, then capture; the cache offsets are at ``saved`` when it returns."""
-        for r in (r for _, r in routers(self.model)):
-            r.clear_cache()
+        self.clear_routers()
         s = torch.cuda.Stream(self.device)
         s.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(s):
@@ -460,8 +464,7 @@ class _Stepper:
         finally:
             if collecting:
                 gc.enable()
-        for r in (r for _, r in routers(self.model)):
-            r.clear_cache()
+        self.clear_routers()
         self.captures += 1
         return g, logits
 
@@ -740,8 +743,9 @@ def generate(
         stepper.offsets.check(T + n - 1, f"after {n} new tokens of a {T}-token prompt")
     finally:
         model.train(was_training)
-        for r in control.routers:
+        for r in control.routers:  # the model as generate found it: every router runs at the budget it holds
             r.clear_cache()
+            r.fixed = False
         if stepper is not None:
             stepper.close()
     tokens = out[:, :n].cpu()
