@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 
@@ -253,3 +255,39 @@ def test_constant_k_is_the_count_a_threshold_fixes_for_every_token():
     free = TokenRouter(16, (3, 1, 1, 1, 1, 1), hidden=8, policy="free")
     assert free.constant_k(float("inf")) == 1 and free.constant_k(float("-inf")) == 6
     assert free.constant_k(7.5) is None
+
+
+def test_budget_switches_read_the_table_on_the_host_until_it_changes(monkeypatch):
+    """``set_budget`` interpolates a host copy of the (bits, tau) table, read from the device once and again only after
+    the table changed (``load_state_dict``, ``fit_thresholds``, ``set_table``); the threshold it wrote is known on the
+    host (``tau_value``) until something else writes ``tau``. Its values equal ``interp_tau`` on the live tables."""
+    r = make_router()
+    r.fit_thresholds(site_activations(3000, seed=12))
+    budgets = (2, 3.7, 5.25, 8)
+    want = {b: float(torch.tensor(interp_tau(r.bits_table, r.tau_table, b), dtype=r.tau.dtype)) for b in budgets}
+    reads = []
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: reads.append(self.shape) or real_cpu(self, *a, **k))
+    r.set_budget(3.7)
+    assert len(reads) == 1  # the first switch reads both tables in one transfer
+    for b, tau in want.items():
+        r.set_budget(b)
+        assert float(r.tau) == r.tau_value() == tau
+    assert len(reads) == 1  # the later switches read nothing
+    reads.clear()
+    r.set_budget(4.5)
+    assert reads == []
+    other = make_router(seed=99)
+    other.fit_thresholds(site_activations(3000, seed=15))
+    r.load_state_dict(other.state_dict())  # new tables written in place: read again
+    r.set_budget(4.5)
+    assert len(reads) == 1 and float(r.tau) == pytest.approx(interp_tau(other.bits_table, other.tau_table, 4.5))
+    r.set_table([2.0, 8.0], [1.0, -1.0])  # new table tensors: read again
+    r.set_budget(5.0)
+    assert float(r.tau) == pytest.approx(0.0, abs=1e-7)
+    with torch.no_grad():
+        r.tau.fill_(0.25)  # written by something other than set_budget: tau_value reads it
+    assert r.tau_value() == 0.25
+    r.set_budget(5.0)
+    again = pickle.loads(pickle.dumps(r))  # the host copies hold weak references: not pickled, rebuilt
+    assert again.tau_value() == r.tau_value() and again.host_table() == r.host_table()

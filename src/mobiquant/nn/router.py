@@ -26,6 +26,7 @@ achieved on calibration activations (a weighted quantile function of its scores)
 
 from __future__ import annotations
 
+import bisect
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -154,12 +155,16 @@ class ThresholdRecorder:
 
 def interp_tau(bits_table: torch.Tensor, tau_table: torch.Tensor, budget: float) -> float:
     """Linear interpolation of ``tau`` for ``budget`` in a (bits, tau) table sorted by bits."""
-    b = bits_table.detach().double().cpu()
-    t = tau_table.detach().double().cpu()
-    budget = min(max(float(budget), float(b[0])), float(b[-1]))
-    i = int(torch.searchsorted(b, torch.tensor([budget], dtype=torch.float64)).clamp(1, len(b) - 1))
-    w = (budget - float(b[i - 1])) / max(float(b[i] - b[i - 1]), 1e-12)
-    return float(t[i - 1] + w * (t[i] - t[i - 1]))
+    bits, taus = (t.detach().double().cpu().tolist() for t in (bits_table, tau_table))
+    return interp_values(bits, taus, budget)
+
+
+def interp_values(bits: Sequence[float], taus: Sequence[float], budget: float) -> float:
+    """:func:`interp_tau` on host lists: clamped to the table's range, linear between its neighbours."""
+    budget = min(max(float(budget), bits[0]), bits[-1])
+    i = min(max(bisect.bisect_left(bits, budget), 1), len(bits) - 1)
+    w = (budget - bits[i - 1]) / max(bits[i] - bits[i - 1], 1e-12)
+    return taus[i - 1] + w * (taus[i] - taus[i - 1])
 
 
 POLICIES = ("free", "adjacent")
@@ -174,6 +179,7 @@ class TokenRouter(nn.Module):
     tau_table: torch.Tensor
     _fixed: bool = False  # see ``fixed`` (a class default for routers pickled before it existed)
     _fixed_buf: dict | None = None
+    _host: dict | None = None  # host copies of the table and the threshold, see :meth:`host_table`
 
     def __init__(
         self,
@@ -450,13 +456,55 @@ class TokenRouter(nn.Module):
         self.tau_table = t.to(self.tau.device)
         self._cache = None
 
+    def __getstate__(self) -> dict:
+        """Pickled without its host copies and per-input caches (they hold weak references; both are rebuilt)."""
+        state = dict(self.__dict__)
+        state.update(_host=None, _cache=None, _values=None, _tail=None, _launch=None, last_soft=None)
+        return state
+
+    @staticmethod
+    def _stamp(*tensors: torch.Tensor) -> tuple:
+        """What identifies tensors' contents without reading them: each tensor (weakly: an id could be reused by a new
+        tensor) and its in-place write count."""
+        return tuple((weakref.ref(t), t._version) for t in tensors)
+
+    @staticmethod
+    def _current(stamp: tuple, *tensors: torch.Tensor) -> bool:
+        if len(stamp) != len(tensors):
+            return False
+        return all(ref() is t and v == t._version for (ref, v), t in zip(stamp, tensors, strict=True))
+
+    def host_table(self) -> tuple[list[float], list[float]]:
+        """The (bits, tau) table on the host, read from the device only when the table changed since the last read
+        (a new tensor, or an in-place write: ``load_state_dict``, :meth:`fit_thresholds`): switching budgets then
+        costs no device synchronisation."""
+        host = self._host if self._host is not None else {}
+        kept = host.get("table")
+        if kept is None or not self._current(kept[0], self.bits_table, self.tau_table):
+            b, t = torch.stack([self.bits_table, self.tau_table]).detach().double().cpu().tolist()
+            kept = (self._stamp(self.bits_table, self.tau_table), (b, t))
+            self._host = {**host, "table": kept}
+        return kept[1]
+
+    def tau_value(self) -> float:
+        """``float(self.tau)``, without a device synchronisation when :meth:`set_budget` wrote it last."""
+        kept = (self._host or {}).get("tau")
+        if kept is not None and self._current(kept[0], self.tau):
+            return kept[1]
+        value = float(self.tau)
+        self._host = {**(self._host or {}), "tau": (self._stamp(self.tau), value)}
+        return value
+
     def set_budget(self, avg_bits: float) -> None:
         lo, hi = self.slice_bits[0], sum(self.slice_bits)
         if not lo <= avg_bits <= hi:
             raise ValueError(f"budget {avg_bits} bits is outside this router's range [{lo}, {hi}]")
         if not self.calibrated:
             raise RuntimeError("router thresholds are not calibrated: call calibrate_thresholds(model, inputs) first")
-        self.tau.fill_(interp_tau(self.bits_table, self.tau_table, avg_bits))
+        value = interp_values(*self.host_table(), avg_bits)
+        self.tau.fill_(value)
+        held = float(torch.tensor(value, dtype=self.tau.dtype))  # what tau holds: rounded to its dtype
+        self._host = {**(self._host or {}), "tau": (self._stamp(self.tau), held)}
         self._cache = None
         self.fixed = False
 

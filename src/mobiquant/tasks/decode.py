@@ -143,12 +143,13 @@ class BudgetControl:
         fixed: dict[int, list[int | None]] = {}  # router -> the view its linears' thresholds fix (None: routed)
         for m in self.linears:
             t = m.route_tau
+            if m.mode == "routed" and m.router is not None:  # read on the host before it moves (no device sync)
+                own = t if t is None or isinstance(t, float) else float(t)
+                k_fixed = m.router.constant_k(own if own is not None else m.router.tau_value())
+                fixed.setdefault(id(m.router), []).append(k_fixed)
             if t is not None:
                 dev = m.router.tau.device if m.router is not None else torch.device("cpu")
                 t = torch.as_tensor(t).detach().to(device=dev, dtype=torch.float32).clone()
-            if m.mode == "routed" and m.router is not None:
-                k_fixed = m.router.constant_k(float(t if t is not None else m.router.tau))
-                fixed.setdefault(id(m.router), []).append(k_fixed)
             lin.append((m.mode, m.static_k, t))
         for i, m in enumerate(self.linears):  # a router's linears all fixed at one view: that static view
             views = fixed.get(id(m.router), [None]) if m.mode == "routed" else [None]
