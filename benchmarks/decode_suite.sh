@@ -24,6 +24,9 @@
 #            bare_gpu.sh bundle-ckpt / install: adjacent routers, the budget plan; most linears then decode as static
 #            views, benchmarks/static_share.py) at budgets 3.5-5 and the static 4-bit view, fused inputs, compiled step;
 #            then budget 4 with the compiled step's kernel census (e2e_decode.py --profile --census compile)
+#   prefill  (only when named) where SmolLM2's time to first token goes, from the checkpoint at $CKPT: fp16, routed budget 4
+#            and the static 4-bit view, one profiled prefill each (e2e_decode.py --prefill-profile; routed prefill took
+#            166-340 ms against fp16's 28-104 on 2026-12-04)
 #   adjacent (only when named) benchmarks/step_overhead.py on the 8B-shaped model with the adjacent gate policy (the
 #            default configuration's): fp16, the static 4-bit view, routed budgets 3, 4 and 4.5
 #   solo     (only when named) the router tests compiled, then one router launch for one token on SmolLM2's inputs:
@@ -149,6 +152,13 @@ stage() {
       # budget 4 again with the compiled step's kernel census (fp16, routed 4, the static 4-bit view)
       run_stage e2e_ckpt_census 900 "$PY" benchmarks/e2e_decode.py --gguf "$GGUF" --checkpoint "$CKPT" \
         --budgets 4 --views 2 --fuse-inputs --repeats 2 --profile --census compile --out "$RES/e2e_ckpt_census" ;;
+    prefill)
+      if [ ! -e "$GGUF" ] || [ ! -f "$CKPT/mobiquant.json" ]; then
+        echo "== prefill: needs the model at $GGUF and a checkpoint at $CKPT (bare_gpu.sh install), skipped"
+        return 0
+      fi
+      run_stage prefill 600 "$PY" benchmarks/e2e_decode.py --gguf "$GGUF" --checkpoint "$CKPT" --budgets 4 --views 2 \
+        --new-tokens 8 --repeats 1 --prefill-profile --out "$RES/prefill" ;;
     adjacent)
       # the 8B-shaped model with quant=mobiquant's gate policy: budgets whose thresholds lie between bands run as
       # static views (no router launch), the fractional one keeps its routers; fp16 and the static 4-bit view beside
@@ -183,7 +193,7 @@ print(','.join(str(int(v)) for v in t))" "$RES/router_sweep/router_sweep.csv" 2>
       run_stage pattern 600 "$PY" benchmarks/stream_pattern.py --views 1,2,6 \
         --package-configs "$PATTERN_CONFIGS" --out "$RES/pattern" ;;
     *)
-      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package gluon fragment compile solo ckpt adjacent)" >&2
+      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package gluon fragment compile solo ckpt prefill adjacent)" >&2
       return 2 ;;
   esac
 }

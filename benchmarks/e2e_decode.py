@@ -75,6 +75,13 @@ def parse_args(argv=None):
         help="launches and kernel time of an eager decode step: fp16, every budget, every static view",
     )
     ap.add_argument(
+        "--prefill-profile",
+        action="store_true",
+        help="where the prefill's time goes (time to first token): for fp16, each budget and each static view of "
+        "--views, one profiled prefill after a warm one: its wall time, kernels and their GPU time, and the host "
+        "calls that took the most time (device synchronisations, launches)",
+    )
+    ap.add_argument(
         "--census",
         default="off",
         choices=["off", "compile", "graph"],
@@ -379,6 +386,55 @@ def step_profile(model, tok, device, prompt, budget, label, steps=8, top=12, cud
     return dict(mode=label, launches_per_step=n, kernel_us_per_step=total)
 
 
+def prefill_profile(model, tok, device, prompt, budget, label, top=8):
+    """One profiled ``generate(..., 1)`` (the prompt's forward and the first token, as ``Generation.prefill_s`` times
+    it) after a warm one: its wall time, its kernels' count and GPU time, and the host calls with the most self time
+    (on CUDA: ``cudaStreamSynchronize``, ``cudaLaunchKernel``, ``aten::_local_scalar_dense`` say whether the host
+    waited on the device or launched too much)."""
+    from collections import Counter
+
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from mobiquant.tasks.decode import generate
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    generate(model, prompt, 1, tokenizer=tok, budget=budget)  # warm: kernels compiled, buffers made
+    with torch_profile(activities=acts) as prof:
+        g = generate(model, prompt, 1, tokenizer=tok, budget=budget)
+    events = list(prof.events())
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    host_us, host_n = Counter(), Counter()
+    for e in events:
+        if e.device_type == DeviceType.CPU:
+            host_us[e.name] += e.self_cpu_time_total
+            host_n[e.name] += 1
+    gpu_us = sum(e.time_range.elapsed_us() for e in kernels)
+    outside = 1e3 * g.prefill_s - sum(host_us.values()) / 1e3  # Python between the ops (the generation's own work)
+    print(
+        f"\n# prefill {label}: {1e3 * g.prefill_s:.1f} ms wall, {len(kernels)} kernels, {gpu_us / 1e3:.2f} ms of them; "
+        f"{outside:.1f} ms of host time outside any profiled call"
+    )
+    for name, t in host_us.most_common(top):
+        print(f"#   {t / 1e3:8.2f} ms host  {host_n[name]:6d} x  {name[:100]}")
+    return dict(
+        mode=label, prefill_ms=1e3 * g.prefill_s, kernels=len(kernels), kernel_ms=gpu_us / 1e3, outside_ms=outside
+    )
+
+
+def prefill_profiles(fp, q, tok, device, prompt, budgets, views):
+    """:func:`prefill_profile` of fp16, the routed budgets and the static views ``views``: one row each."""
+    import mobiquant as mq
+
+    rows = [prefill_profile(fp, tok, device, prompt, None, "fp16")]
+    rows += [prefill_profile(q, tok, device, prompt, b, f"routed {b:g}") for b in budgets]
+    for k in views:
+        mq.set_static(q, k)
+        rows.append(prefill_profile(q, tok, device, prompt, None, f"static k={k}"))
+    return rows
+
+
 def profile(fp, q, tok, device, prompt, budgets, fused=False, views=None, cuda_graph="off"):
     """:func:`step_profile` of fp16, the static views (``views``, default every one) and the routed budgets: a
     table of launches and kernel time per step; with ``fused``, fp16 and the routed budgets again with fused inputs
@@ -438,9 +494,15 @@ def main(argv=None):
         step = "eager decode steps" if args.census == "off" else f"decode steps ({args.census}, the replays' kernels)"
         print(f"\n# {step}: launches and kernel time per step (captured steps run the same kernels)")
         print(prof.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
+    if args.prefill_profile:
+        pre = pd.DataFrame(prefill_profiles(fp, q, tok, device, args.prompt, args.budgets, view_list(args)))
+        print("\n# prefill (time to first token): wall time, kernels and their GPU time")
+        print(pre.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         df.to_csv(Path(args.out) / "e2e_decode.csv", index=False)
+        if args.prefill_profile:
+            pre.to_csv(Path(args.out) / "e2e_prefill.csv", index=False)
     return 0
 
 

@@ -110,6 +110,17 @@ def test_decode_suite_runs_its_stages_in_order_and_resumes(tmp_path):
     assert r.returncode == 0 and ran() == ["pytest", "benchmarks/step_overhead.py"], r.stdout
     assert (res / "step_overhead.done").exists() and "-k compiled or graph" in calls.read_text()
     calls.unlink()
+    r = suite("prefill")  # needs the model and a checkpoint: skipped without them
+    assert r.returncode == 0 and "== prefill: needs the model at" in r.stdout and ran() == []
+    calls.unlink()
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "smol.gguf").touch()
+    (tmp_path / "ckpt" / "mobiquant").mkdir(parents=True)
+    (tmp_path / "ckpt" / "mobiquant" / "mobiquant.json").write_text("{}")
+    r = suite("prefill")
+    assert r.returncode == 0 and ran() == ["benchmarks/e2e_decode.py"] and "--prefill-profile" in calls.read_text()
+    assert (res / "prefill.done").exists()
+    calls.unlink()
     r = suite("tiling")  # router tests, the sweep, the pick (here none: whole rows), the stack with each tiling
     assert r.returncode == 0 and "== stack router tiling: 1,4,0" in r.stdout, r.stdout
     assert ran() == ["pytest", "benchmarks/router_launch_bench.py", "import", *["benchmarks/decode_bench.py"] * 2]

@@ -81,6 +81,12 @@ def test_dry_runs(tmp_path, capsys):
     assert df["budget"].iloc[1:7].tolist() == [3.0, 4.0, 5.0, 6.0, 7.0, 8.0]  # every integer view
     out = capsys.readouterr().out
     assert "launches and kernel time per step" in out and "routed 4" in out and "static k=6" in out
+    argv = ["--dry-run", "--budgets", "4", "--views", "2", "--new-tokens", "2", "--prefill-profile"]
+    assert e2e_decode.main([*argv, "--out", str(tmp_path)]) == 0
+    pre = pd.read_csv(tmp_path / "e2e_prefill.csv")
+    assert pre["mode"].tolist() == ["fp16", "routed 4", "static k=2"]
+    assert (pre["prefill_ms"] > 0).all() and (pre["kernels"] == 0).all()  # the CPU runs no device kernel
+    assert "# prefill routed 4:" in capsys.readouterr().out
     argv = ["--dry-run", "--budgets", "4", "--new-tokens", "2", "--bits-configs", "64,64,4,,0,1", "--ab"]
     argv += ["--out", str(tmp_path)]
     assert e2e_decode.main(argv) == 0
