@@ -179,7 +179,8 @@ class TokenRouter(nn.Module):
     tau_table: torch.Tensor
     _fixed: bool = False  # see ``fixed`` (a class default for routers pickled before it existed)
     _fixed_buf: dict | None = None
-    _host: dict | None = None  # host copies of the table and the threshold, see :meth:`host_table`
+    _host_table: tuple | None = None  # (stamp, (bits, taus)): the table on the host, see :meth:`host_table`
+    _host_tau: tuple | None = None  # (stamp, value): the threshold on the host, see :meth:`tau_value`
 
     def __init__(
         self,
@@ -459,7 +460,8 @@ class TokenRouter(nn.Module):
     def __getstate__(self) -> dict:
         """Pickled without its host copies and per-input caches (they hold weak references; both are rebuilt)."""
         state = dict(self.__dict__)
-        state.update(_host=None, _cache=None, _values=None, _tail=None, _launch=None, last_soft=None)
+        state.update(_host_table=None, _host_tau=None, _cache=None, _values=None, _tail=None, _launch=None)
+        state.update(last_soft=None)
         return state
 
     @staticmethod
@@ -478,22 +480,18 @@ class TokenRouter(nn.Module):
         """The (bits, tau) table on the host, read from the device only when the table changed since the last read
         (a new tensor, or an in-place write: ``load_state_dict``, :meth:`fit_thresholds`): switching budgets then
         costs no device synchronisation."""
-        host = self._host if self._host is not None else {}
-        kept = host.get("table")
+        kept = self._host_table
         if kept is None or not self._current(kept[0], self.bits_table, self.tau_table):
             b, t = torch.stack([self.bits_table, self.tau_table]).detach().double().cpu().tolist()
-            kept = (self._stamp(self.bits_table, self.tau_table), (b, t))
-            self._host = {**host, "table": kept}
+            kept = self._host_table = (self._stamp(self.bits_table, self.tau_table), (b, t))
         return kept[1]
 
     def tau_value(self) -> float:
         """``float(self.tau)``, without a device synchronisation when :meth:`set_budget` wrote it last."""
-        kept = (self._host or {}).get("tau")
-        if kept is not None and self._current(kept[0], self.tau):
-            return kept[1]
-        value = float(self.tau)
-        self._host = {**(self._host or {}), "tau": (self._stamp(self.tau), value)}
-        return value
+        kept = self._host_tau
+        if kept is None or not self._current(kept[0], self.tau):
+            kept = self._host_tau = (self._stamp(self.tau), float(self.tau))
+        return kept[1]
 
     def set_budget(self, avg_bits: float) -> None:
         lo, hi = self.slice_bits[0], sum(self.slice_bits)
@@ -504,7 +502,7 @@ class TokenRouter(nn.Module):
         value = interp_values(*self.host_table(), avg_bits)
         self.tau.fill_(value)
         held = float(torch.tensor(value, dtype=self.tau.dtype))  # what tau holds: rounded to its dtype
-        self._host = {**(self._host or {}), "tau": (self._stamp(self.tau), held)}
+        self._host_tau = (self._stamp(self.tau), held)
         self._cache = None
         self.fixed = False
 

@@ -144,8 +144,7 @@ class BudgetControl:
         for m in self.linears:
             t = m.route_tau
             if m.mode == "routed" and m.router is not None:  # read on the host before it moves (no device sync)
-                own = t if t is None or isinstance(t, float) else float(t)
-                k_fixed = m.router.constant_k(own if own is not None else m.router.tau_value())
+                k_fixed = m.router.constant_k(m.router.tau_value() if t is None else float(t))
                 fixed.setdefault(id(m.router), []).append(k_fixed)
             if t is not None:
                 dev = m.router.tau.device if m.router is not None else torch.device("cpu")
