@@ -6,6 +6,7 @@ calibrated on random tokens and packed: every routed forward runs the package's 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import types
@@ -104,13 +105,30 @@ def test_linears_of_one_router_fixed_at_different_views_stay_routed(prompt, monk
     model, named, router, odd = mixed_view_model(0)
     ref = eager_greedy(model, prompt, 6, 4.0)
     assert not router.fixed
-    scored = []
+    scored, ks = [], []
     real_scores = type(router).scores
     monkeypatch.setattr(type(router), "scores", lambda self, x: scored.append(x.shape) or real_scores(self, x))
+    real_k = mq.MoBiLinear._routed_k
+
+    def routed_k(self, x, in_kernel=False):
+        k = real_k(self, x, in_kernel)
+        ks.append((self, x.numel() // x.shape[-1], mq.kernels.capturing(x), k))
+        return k
+
+    monkeypatch.setattr(mq.MoBiLinear, "_routed_k", routed_k)
     cpu_graph()
     g = generate(model, prompt, 6, budget=4.0, cuda_graph=graph)
     assert g.tokens[0].tolist() == ref and g.graph == graph
     assert scored == [] and not router.fixed  # prefill and steps: no router ran; the generation's end clears it
+    # uncaptured forwards take each member's fixed view from the host (the prompt: one launch of that view); a
+    # captured step reads the thresholds on the device (one graph serves every budget of the same structure)
+    fixed_view = {id(m): 3 if i == odd else 2 for i, (_, m) in enumerate(named) if m.router is router}
+    prefill = [(m, k) for m, n, cap, k in ks if n == len(prompt)]
+    assert sorted(id(m) for m, _ in prefill) == sorted(fixed_view)
+    assert all(isinstance(k, int) and k == fixed_view[id(m)] for m, k in prefill)
+    in_graph = [k for _, n, cap, k in ks if cap]
+    assert (graph == "graph") == bool(in_graph) and not any(isinstance(k, int) for k in in_graph)
+    assert all(m.fixed_k is None for _, m in named)  # released with the routers at the generation's end
     members = sum(m.router is router for _, m in named)
     assert g.extra["routing"] == {
         4.0: dict(
@@ -216,6 +234,26 @@ def test_per_linear_thresholds_become_device_tensors(qmodel, prompt, monkeypatch
     mq.set_budget(qmodel, 4.0)  # leave the shared model as the library sets it
 
 
+def test_a_later_generation_reuses_the_budget_snapshots(qmodel, prompt, monkeypatch):
+    """A budget's first use on a model makes its snapshot (``set_budget``'s work, the host cost of a first token); a
+    later generation reuses it, and still runs at its budget when the thresholds were set another way in between; a
+    router table written since makes new snapshots."""
+    calls = []
+    real = decode.set_budget
+    monkeypatch.setattr(decode, "set_budget", lambda m, b: calls.append(b) or real(m, b))
+    a = generate(qmodel, prompt, 6, budget=3.5)
+    assert calls == [3.5]
+    mq.set_budget(qmodel, 6.0)  # the library's own call, not decode's: thresholds of another budget meanwhile
+    b = generate(qmodel, prompt, 6, budget=3.5)
+    assert calls == [3.5] and torch.equal(a.tokens, b.tokens)
+    assert b.tokens[0].tolist() == eager_greedy(qmodel, prompt, 6, 3.5)
+    router = next(r for _, r in mq.patching.routers(qmodel))
+    with torch.no_grad():
+        router.tau_table.add_(0.0)  # an in-place write: the table may have changed
+    generate(qmodel, prompt, 2, budget=3.5)
+    assert calls == [3.5, 3.5]
+
+
 def test_sampling_is_seeded_and_top_k_one_is_greedy(qmodel, prompt):
     a = generate(qmodel, prompt, 10, budget=4.0, temperature=1.0, top_k=20, seed=3)
     b = generate(qmodel, prompt, 10, budget=4.0, temperature=1.0, top_k=20, seed=3)
@@ -292,6 +330,17 @@ def test_static_only_model_decodes_static_views(prompt):
 # advances it; a capture attempt runs forwards that are not decode steps (warm-ups, the first replay, its eager
 # check). On the CPU a stand-in for the CUDA graph runs the same sequence, so a capture attempt that moves the
 # cache shows here as it did on the GPU (``index_copy_(): index out of bounds`` after the fallback).
+@contextlib.contextmanager
+def recorded_in_capture():
+    """A captured graph replays what its forward did while the stream was capturing: ``kernels.capturing`` true."""
+    real = mq.kernels.capturing
+    mq.kernels.capturing = lambda x: True
+    try:
+        yield
+    finally:
+        mq.kernels.capturing = real
+
+
 class ReplayOnCPU:
     """A captured step on the CPU: like a CUDA graph, ``replay`` runs the recorded forward from the stepper's
     static inputs (token, position, the cache's offset tensors) into a static output; ``fault`` changes it."""
@@ -300,7 +349,8 @@ class ReplayOnCPU:
         self.stepper, self.out, self.fault = stepper, out, fault
 
     def replay(self):
-        logits = self.stepper._eager(self.stepper.ids, self.stepper.pos)
+        with recorded_in_capture():
+            logits = self.stepper._eager(self.stepper.ids, self.stepper.pos)
         if self.fault == "raise":  # after the forward wrote the cache
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         self.out.copy_(self.fault(logits) if callable(self.fault) else logits)

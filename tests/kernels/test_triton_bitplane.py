@@ -1312,6 +1312,41 @@ def test_gpu_cuda_graph_capture(cfg, gen):
 
 @gpu
 @needs_cuda
+def test_gpu_tiles_with_a_device_k(gen, monkeypatch):
+    """The tile path (a layout the small kernels do not cover, a few tokens) with a per-token k on the device: an
+    uncaptured call reads which k are present and launches only those; a captured one reads nothing and launches
+    every view, so one graph serves every mix of k."""
+    bits, group = DEFAULT_LAYOUT, 128
+    planes, scale, zero = make_layer(1024, 1024, bits, group, gen)
+    x = randx(6, 1024, torch.float16, gen)
+    k = torch.tensor([2, 2, 5, 2, 5, 2], device=DEVICE)
+    launched = []
+    real = tb._tile_launch
+    monkeypatch.setattr(tb, "_tile_launch", lambda *a, **kw: launched.append(a[7]) or real(*a, **kw))
+    y = tb.bitplane_linear(x, planes, scale, zero, bits, group, k, path="tile")
+    assert launched == [2, 5]
+    ref = torch_reference(x, planes, scale, zero, bits, group, k, compute_dtype=torch.float64)
+    assert ((y.double() - ref.double()).norm() / ref.double().norm()).item() < TOL[torch.float16]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        tb.bitplane_linear(x, planes, scale, zero, bits, group, k, path="tile")
+    torch.cuda.current_stream().wait_stream(s)
+    launched.clear()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        yg = tb.bitplane_linear(x, planes, scale, zero, bits, group, k, path="tile")
+    assert launched == list(range(1, len(bits) + 1))
+    for mix in ([1, 6, 3, 3, 4, 2], [4] * 6):
+        k.copy_(torch.tensor(mix, device=DEVICE))
+        g.replay()
+        torch.cuda.synchronize()
+        ref = torch_reference(x, planes, scale, zero, bits, group, k.cpu(), compute_dtype=torch.float64)
+        assert ((yg.double() - ref.double()).norm() / ref.double().norm()).item() < TOL[torch.float16]
+
+
+@gpu
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("bits", [DEFAULT_LAYOUT, (2, 2, 2, 2)], ids=str)
 @pytest.mark.parametrize("n_out,n_in", [(1024, 4096), (4096, 14336), (1000, 1100)], ids=str)

@@ -26,6 +26,7 @@ __all__ = [
     "ROUTER_MAX_TOKENS",
     "available",
     "bitplane_linear",
+    "capturing",
     "dequantize_reference",
     "fused_input",
     "fused_input_router",
@@ -99,6 +100,12 @@ def use_triton(x: torch.Tensor, planes: Sequence[torch.Tensor], backend: str = "
             )
         return True
     return not needs_grad and x.is_cuda and available(x.device)
+
+
+def capturing(x: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the current stream of ``x``'s device: no host read of the device
+    then (it would end the capture). False off CUDA."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _codes(plane: torch.Tensor, bits: int, cols: int) -> torch.Tensor:

@@ -68,6 +68,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import capturing
 from .triton_router import (
     _check_pdl,
     _interpreting,
@@ -3652,11 +3653,12 @@ def bitplane_linear_tiled(
     if kf.numel() != M:
         raise ValueError(f"k has {kf.numel()} entries for {M} tokens")
     present: Sequence[int] = range(1, NS + 1)
-    if kf.device.type == "cpu":  # counts are free on the host: launch only the k values present
-        counts = torch.bincount(kf.long(), minlength=NS + 1)
-        if int(kf.min()) < 1 or int(kf.max()) > NS:
+    if kf.device.type == "cpu" or not capturing(x2):  # launch only the k values present: free on the host, one
+        # read of the device otherwise (a prompt's forward: the host, not the device, bounds it; a launch costs more)
+        counts = torch.bincount(kf.long().clamp(0, NS + 1), minlength=NS + 2).tolist()
+        if counts[0] or counts[NS + 1]:
             raise ValueError(f"per-token k must be in [1, {NS}]")
-        present = [j for j in range(1, NS + 1) if int(counts[j])]
+        present = [j for j in range(1, NS + 1) if counts[j]]
         if len(present) == 1:
             j = present[0]
             _tile_launch(x2, out, planes, scale, zero, slice_bits, group_size, j, bias, None, None, M, cfg)

@@ -89,6 +89,10 @@ class MoBiLinear(nn.Module):
         # router.ThresholdRecorder that holds this linear is attached, the batch's quantile threshold for the
         # linear's budget is used (and recorded) instead.
         self.route_tau: float | torch.Tensor | None = None
+        # The view this linear's threshold fixes while its router is fixed (``TokenRouter.fixed``), known on the host:
+        # set with it by decode (``tasks.decode.BudgetControl``), read only while the router is fixed. An uncaptured
+        # forward of several tokens (a prompt) then runs that view in one launch, not a routed launch per view.
+        self.fixed_k: int | None = None
         self.track = False
         self.k_counts = torch.zeros(self.num_slices, dtype=torch.float64)
         self._view_cache: dict[int, torch.Tensor] = {}
@@ -376,6 +380,8 @@ class MoBiLinear(nn.Module):
         turns the values into counts for this linear; for one token on the fused router's path, the router
         itself (``TokenRouter.in_launch``) with ``SmallConfig(router_in_launch=True)``, which the one-bit plane
         launch runs first (no router launch at all)."""
+        from .. import kernels
+
         router = self._router
         assert router is not None  # routed mode only
         rec = router.recorder
@@ -385,6 +391,8 @@ class MoBiLinear(nn.Module):
             tau = router.batch_threshold(x, budget)
             rec.record(self, tau)
             return router.slice_counts_at(x, tau)
+        if router.fixed and rec is None and self.fixed_k is not None and not kernels.capturing(x):
+            return self.fixed_k  # every token's view, known on the host (a captured graph reads the thresholds)
         own = router.tau if self.route_tau is None else self.route_tau
         if in_kernel and torch.is_tensor(own) and own.device == x.device:
             from ..kernels.triton_bitplane import RoutedK

@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from ..patching import (
     achieved_bits,
+    budget_plan,
     fuse_inputs,
     mobi_linears,
     reset_counts,
@@ -81,6 +82,9 @@ class Generation:
 
 
 # ------------------------------------------------------------------------------------------ budgets
+_CONTROL_ATTR = "_mobiquant_budget_control"  # BudgetControl.of keeps the model's control here
+
+
 class BudgetControl:
     """Switches a model between budgets by writing thresholds on the device.
 
@@ -110,6 +114,33 @@ class BudgetControl:
         self._holders: dict[int, torch.Tensor] = {}  # linear index -> its route_tau device tensor
         self._structure: tuple | None = None
         self._applied: float | None = None  # the budget the live tensors hold (a repeat of it is free)
+        self._basis = self._snapshot_basis()
+
+    def _snapshot_basis(self) -> tuple:
+        """What the snapshots are made of: the model's configuration and budget plan (objects), each router's table
+        (its host copy, a new object whenever the table changes) and gate policy."""
+        return (
+            self.cfg,
+            budget_plan(self.model),
+            [r.host_table() for r in self.routers],
+            [r.policy for r in self.routers],
+        )
+
+    @classmethod
+    def of(cls, model: nn.Module) -> BudgetControl:
+        """The model's control, kept between generations while what its snapshots are made of is unchanged (the
+        configuration, the plan and every router's table: a budget's first use then costs no host work in a later
+        generation); otherwise a new one. Either way every budget is applied again at its next use: thresholds and
+        modes may have been set another way in between (``set_budget``, ``set_static``)."""
+        kept = model.__dict__.get(_CONTROL_ATTR)
+        if kept is not None and kept.model is model and getattr(model, "mobiquant_config", None) is kept.cfg:
+            now, then = kept._snapshot_basis(), kept._basis
+            same = now[0] is then[0] and now[1] is then[1] and now[3] == then[3] and len(now[2]) == len(then[2])
+            if same and all(a is b for a, b in zip(now[2], then[2], strict=True)):
+                kept._applied, kept._structure = None, None
+                return kept
+        control = model.__dict__[_CONTROL_ATTR] = cls(model)
+        return control
 
     @property
     def quantized(self) -> bool:
@@ -143,17 +174,18 @@ class BudgetControl:
         fixed: dict[int, list[int | None]] = {}  # router -> the view its linears' thresholds fix (None: routed)
         for m in self.linears:
             t = m.route_tau
+            k_fixed = None
             if m.mode == "routed" and m.router is not None:  # read on the host before it moves (no device sync)
                 k_fixed = m.router.constant_k(m.router.tau_value() if t is None else float(t))
                 fixed.setdefault(id(m.router), []).append(k_fixed)
             if t is not None:
                 dev = m.router.tau.device if m.router is not None else torch.device("cpu")
                 t = torch.as_tensor(t).detach().to(device=dev, dtype=torch.float32).clone()
-            lin.append((m.mode, m.static_k, t))
+            lin.append((m.mode, m.static_k, t, k_fixed))
         for i, m in enumerate(self.linears):  # a router's linears all fixed at one view: that static view
             views = fixed.get(id(m.router), [None]) if m.mode == "routed" else [None]
             if views[0] is not None and views.count(views[0]) == len(views):
-                lin[i] = ("static", views[0], lin[i][2])
+                lin[i] = ("static", views[0], lin[i][2], None)
         # fixed at different views: the router's decisions are constants (adjacent policy: band midpoints)
         held = [r.policy == "adjacent" and None not in fixed.get(id(r), [None]) for r in self.routers]
         return {"taus": taus, "linears": lin, "fixed": held}
@@ -172,8 +204,8 @@ class BudgetControl:
         if self.routers:
             dst += [r.tau for r in self.routers]
             src += snap["taus"]
-        for i, (m, (mode, k, own)) in enumerate(zip(self.linears, snap["linears"], strict=False)):
-            m.mode, m.static_k = mode, k
+        for i, (m, (mode, k, own, k_fixed)) in enumerate(zip(self.linears, snap["linears"], strict=False)):
+            m.mode, m.static_k, m.fixed_k = mode, k, k_fixed  # fixed_k: read only while the router is fixed
             holder = self._holders.get(i)
             if own is None and holder is None:
                 m.route_tau = None
@@ -655,7 +687,7 @@ def generate(
             f"prompt of {T} tokens + {max_new_tokens} new tokens needs {need} cache positions, "
             f"the cache holds {cache_len}"
         )
-    control = BudgetControl(model)
+    control = BudgetControl.of(model)
     budget_at = _budget_fn(budget, max_new_tokens)
     if not callable(budget) and budget is not None:  # every budget checked before any work
         for i in range(max_new_tokens):
@@ -692,7 +724,8 @@ def generate(
             reset_counts(model, track=False)
 
     was_training = model.training
-    model.eval()
+    if any(m.training for m in model.modules()):  # eval() walks every module (thousands): only when needed
+        model.eval()
     stepper: _Stepper | None = None
     try:
         _sync(device)
@@ -742,7 +775,10 @@ def generate(
         timed += seg_tokens
         stepper.offsets.check(T + n - 1, f"after {n} new tokens of a {T}-token prompt")
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train(True)
+        for m in control.linears:
+            m.fixed_k = None
         for r in control.routers:  # the model as generate found it: every router runs at the budget it holds
             r.clear_cache()
             r.fixed = False
