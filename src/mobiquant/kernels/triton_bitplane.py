@@ -3663,10 +3663,11 @@ def bitplane_linear_tiled(
             j = present[0]
             _tile_launch(x2, out, planes, scale, zero, slice_bits, group_size, j, bias, None, None, M, cfg)
             return out
-    kd = kf.to(device=x2.device)
+    kd = kf.to(device=x2.device).long().clamp(1, NS)
     perm = torch.argsort(kd, stable=True).to(torch.int32)
-    seg = torch.zeros(NS + 1, dtype=torch.int32, device=x2.device)
-    seg[1:] = torch.cumsum(torch.bincount(kd.long().clamp(1, NS), minlength=NS + 1)[1:], 0).to(torch.int32)
+    # seg[j]: the tokens with k <= j. Not a bincount: on CUDA it reads its output size from the device, which a
+    # graph capture cannot do
+    seg = (kd.reshape(-1, 1) <= torch.arange(NS + 1, device=x2.device)).sum(0).to(torch.int32)
     for j in present:
         _tile_launch(x2, out, planes, scale, zero, slice_bits, group_size, j, bias, perm, seg, M, cfg)
     return out
