@@ -27,6 +27,10 @@
 #   prefill  (only when named) where SmolLM2's time to first token goes, from the checkpoint at $CKPT: fp16, routed budget 4
 #            and the static 4-bit view, one profiled prefill each (e2e_decode.py --prefill-profile; routed prefill took
 #            166-340 ms against fp16's 28-104 on 2026-12-04)
+#   prompt   (only when named) the kernels of a few-token prompt's forward on the default layout (3,1,1,1,1,1: no small-
+#            batch kernel, the tile path): the tile kernel against dequantize-then-cuBLAS and fp16 cuBLAS at 2-256 tokens,
+#            SmolLM2 and 8B shapes, graph-replayed (kernel_bench.py); first the tile path's GPU tests (a device k,
+#            captured). On 2026-12-04 the tile kernel took 12 ms for SmolLM2's 210 linears at 6 tokens, cuBLAS 2.7
 #   adjacent (only when named) benchmarks/step_overhead.py on the 8B-shaped model with the adjacent gate policy (the
 #            default configuration's): fp16, the static 4-bit view, routed budgets 3, 4 and 4.5
 #   solo     (only when named) the router tests compiled, then one router launch for one token on SmolLM2's inputs:
@@ -159,6 +163,11 @@ stage() {
       fi
       run_stage prefill 600 "$PY" benchmarks/e2e_decode.py --gguf "$GGUF" --checkpoint "$CKPT" --budgets 4 --views 2 \
         --new-tokens 8 --repeats 1 --prefill-profile --out "$RES/prefill" ;;
+    prompt)
+      run_stage prompt_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_triton_bitplane.py \
+        -k "device_k or tile"
+      run_stage prompt 900 "$PY" benchmarks/kernel_bench.py --slices 3,1,1,1,1,1 --shapes all --tokens 2,6,16,64,256 \
+        --graph --out "$RES/prompt" ;;
     adjacent)
       # the 8B-shaped model with quant=mobiquant's gate policy: budgets whose thresholds lie between bands run as
       # static views (no router launch), the fractional one keeps its routers; fp16 and the static 4-bit view beside
@@ -193,7 +202,7 @@ print(','.join(str(int(v)) for v in t))" "$RES/router_sweep/router_sweep.csv" 2>
       run_stage pattern 600 "$PY" benchmarks/stream_pattern.py --views 1,2,6 \
         --package-configs "$PATTERN_CONFIGS" --out "$RES/pattern" ;;
     *)
-      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package gluon fragment compile solo ckpt prefill adjacent)" >&2
+      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package gluon fragment compile solo ckpt prefill prompt adjacent)" >&2
       return 2 ;;
   esac
 }

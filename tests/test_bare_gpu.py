@@ -121,6 +121,10 @@ def test_decode_suite_runs_its_stages_in_order_and_resumes(tmp_path):
     assert r.returncode == 0 and ran() == ["benchmarks/e2e_decode.py"] and "--prefill-profile" in calls.read_text()
     assert (res / "prefill.done").exists()
     calls.unlink()
+    r = suite("prompt")  # the tile path's GPU tests, then a few-token prompt's kernels on the default layout
+    assert r.returncode == 0 and ran() == ["pytest", "benchmarks/kernel_bench.py"], r.stdout
+    assert "--slices 3,1,1,1,1,1" in calls.read_text() and (res / "prompt.done").exists()
+    calls.unlink()
     r = suite("tiling")  # router tests, the sweep, the pick (here none: whole rows), the stack with each tiling
     assert r.returncode == 0 and "== stack router tiling: 1,4,0" in r.stdout, r.stdout
     assert ran() == ["pytest", "benchmarks/router_launch_bench.py", "import", *["benchmarks/decode_bench.py"] * 2]
