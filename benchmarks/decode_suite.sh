@@ -27,10 +27,12 @@
 #   prefill  (only when named) where SmolLM2's time to first token goes, from the checkpoint at $CKPT: fp16, routed budget 4
 #            and the static 4-bit view, one profiled prefill each (e2e_decode.py --prefill-profile; routed prefill took
 #            166-340 ms against fp16's 28-104 on 2026-12-04)
-#   prompt   (only when named) the kernels of a few-token prompt's forward on the default layout (3,1,1,1,1,1: no small-
-#            batch kernel, the tile path): the tile kernel against dequantize-then-cuBLAS and fp16 cuBLAS at 2-256 tokens,
-#            SmolLM2 and 8B shapes, graph-replayed (kernel_bench.py); first the tile path's GPU tests (a device k,
-#            captured). On 2026-12-04 the tile kernel took 12 ms for SmolLM2's 210 linears at 6 tokens, cuBLAS 2.7
+#   prompt   (only when named) the kernels of a few-token prompt's forward (and of batched decode) on the default layout
+#            (3,1,1,1,1,1): the entry's choice (2-16 tokens: the small-batch kernel, its 3-bit base gathered; more: the
+#            tile kernel) against dequantize-then-cuBLAS and fp16 cuBLAS at 2-256 tokens, then the tile kernel alone at
+#            2-16 tokens (what served them before), SmolLM2 and 8B shapes, graph-replayed (kernel_bench.py); first the
+#            GPU tests of those paths. On 2026-12-04 the tile kernel took 12 ms for SmolLM2's 210 linears at 6 tokens,
+#            cuBLAS 2.7
 #   adjacent (only when named) benchmarks/step_overhead.py on the 8B-shaped model with the adjacent gate policy (the
 #            default configuration's): fp16, the static 4-bit view, routed budgets 3, 4 and 4.5
 #   solo     (only when named) the router tests compiled, then one router launch for one token on SmolLM2's inputs:
@@ -165,9 +167,11 @@ stage() {
         --new-tokens 8 --repeats 1 --prefill-profile --out "$RES/prefill" ;;
     prompt)
       run_stage prompt_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_triton_bitplane.py \
-        -k "device_k or tile"
+        -k "device_k or tile or default_layout"
       run_stage prompt 900 "$PY" benchmarks/kernel_bench.py --slices 3,1,1,1,1,1 --shapes all --tokens 2,6,16,64,256 \
-        --graph --out "$RES/prompt" ;;
+        --graph --out "$RES/prompt"
+      run_stage prompt_tile 900 "$PY" benchmarks/kernel_bench.py --slices 3,1,1,1,1,1 --shapes all --tokens 2,6,16 \
+        --graph --path tile --no-deq --out "$RES/prompt_tile" ;;
     adjacent)
       # the 8B-shaped model with quant=mobiquant's gate policy: budgets whose thresholds lie between bands run as
       # static views (no router launch), the fractional one keeps its routers; fp16 and the static 4-bit view beside

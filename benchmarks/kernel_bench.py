@@ -376,14 +376,17 @@ def sweep(tb, shapes, log, tokens=(1, 16, 2048)):
 
 
 # --------------------------------------------------------------------------------------------- table
-def table(tb, shapes, tokens, copy_bw, log, check=True, best=None, bits_cfg=None, deq=True):
+def table(tb, shapes, tokens, copy_bw, log, check=True, best=None, bits_cfg=None, deq=True, path="auto"):
     """The main table; with ``best`` (from :func:`sweep`) each case uses the swept config nearest it. For one
-    token the one-bit plane kernel (``bits_cfg``, or the swept best) and the field kernel are timed beside."""
+    token the one-bit plane kernel (``bits_cfg``, or the swept best) and the field kernel are timed beside.
+    ``path``: the entry's route for every case ('auto': its own choice)."""
     gen = torch.Generator().manual_seed(0)
     ns = len(SLICE_BITS)
     bits_ok = tb.bits_supported(SLICE_BITS, GROUP)
 
     def cfg_kwargs(name, m, k):
+        if path != "auto":
+            return {"path": path}
         if not best:
             return {}
         kk = 1 if k == "mixed" or k <= max(1, ns // 2) else ns
@@ -593,6 +596,12 @@ def main(argv=None):
     ap.add_argument("--graph", action="store_true", help="time CUDA-graph replays (recommended for <= 16 tokens)")
     ap.add_argument("--slices", default=None, help="slice layout, e.g. 3,1,1,1,1,1 (default 2,2,2,2)")
     ap.add_argument(
+        "--path",
+        choices=["auto", "small", "tile", "dequant"],
+        default="auto",
+        help="the route the table times (default: the entry's own choice per case)",
+    )
+    ap.add_argument(
         "--bits-config",
         default=None,
         help=f"the one-bit plane kernel's config for the table: {BITS_CONFIG_FIELDS} (default: the library's, or "
@@ -673,6 +682,7 @@ def main(argv=None):
         best=best if args.use_sweep else None,
         bits_cfg=bits_cfg,
         deq=not args.no_deq,
+        path=args.path,
     )
     log(f"# table took {time.time() - t1:.0f} s")
     if args.out:

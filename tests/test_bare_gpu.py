@@ -122,7 +122,8 @@ def test_decode_suite_runs_its_stages_in_order_and_resumes(tmp_path):
     assert (res / "prefill.done").exists()
     calls.unlink()
     r = suite("prompt")  # the tile path's GPU tests, then a few-token prompt's kernels on the default layout
-    assert r.returncode == 0 and ran() == ["pytest", "benchmarks/kernel_bench.py"], r.stdout
+    assert r.returncode == 0 and ran() == ["pytest", *["benchmarks/kernel_bench.py"] * 2], r.stdout
+    assert "--path tile" in calls.read_text() and (res / "prompt_tile.done").exists()
     assert "--slices 3,1,1,1,1,1" in calls.read_text() and (res / "prompt.done").exists()
     calls.unlink()
     r = suite("tiling")  # router tests, the sweep, the pick (here none: whole rows), the stack with each tiling

@@ -116,6 +116,42 @@ def test_small_batch_reads_only_needed_planes(gen):
     torch.testing.assert_close(y1, ref[:1])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("pairs", ["shared", "per_view"])
+@pytest.mark.parametrize("k_on", ["host", "device"])
+def test_small_batch_on_the_default_layout(dtype, pairs, k_on, gen, monkeypatch):
+    """2-16 tokens of the default layout (a 3-bit base: 10 codes a word, no chunk of whole words in a group) in the
+    small-batch kernel, whose base plane gathers each column's word: every view, mixed per-token k read on the host
+    or on the device (as in a captured graph), one pair or a pair per view, a bias, ragged K (a partial last group
+    and word) and odd rows; planes past the largest k hold garbage that must not leak. The 'auto' dispatch takes it
+    for a few tokens, the one-bit plane kernel for one."""
+    if k_on == "device":
+        monkeypatch.setattr(tb, "_host_k_range", lambda k_t: None)
+    bits, group, n_out, n_in = DEFAULT_LAYOUT, 64, 70, 200
+    assert tb.small_supported(bits, group, None, True) and not tb.small_supported(bits, group, None, False)
+    make = make_views if pairs == "per_view" else make_layer
+    planes, scale, zero = make(n_out, n_in, bits, group, gen)
+    bias = torch.randn(n_out, generator=gen).to(DEVICE)
+    for m in (3, 16):
+        x = randx(m, n_in, dtype, gen)
+        for k in (1, 4, 6):
+            check(x, planes, scale, zero, bits, group, k, bias=bias, path="small")
+        kt = torch.randint(1, len(bits) + 1, (m,), generator=gen)
+        kt[:2] = torch.tensor([1, len(bits)])
+        check(x, planes, scale, zero, bits, group, kt.to(DEVICE), bias=bias, path="small")
+        low = torch.randint(1, 3, (m,), generator=gen).to(DEVICE)  # k <= 2: planes 3-6 unread
+        bad = planes[:2] + [torch.full_like(p, -1) for p in planes[2:]]
+        y = tb.bitplane_linear(x, bad, scale, zero, bits, group, low, path="small")
+        ref = torch_reference(x, planes, scale, zero, bits, group, low, compute_dtype=torch.float64)
+        assert ((y.double() - ref.double()).norm() / ref.double().norm()).item() < TOL[dtype]
+    launched = []
+    real = tb.bitplane_linear_small
+    monkeypatch.setattr(tb, "bitplane_linear_small", lambda *a, **kw: launched.append(a[0].shape[0]) or real(*a, **kw))
+    check(randx(5, n_in, dtype, gen), planes, scale, zero, bits, group, 3)
+    check(randx(1, n_in, dtype, gen), planes, scale, zero, bits, group, 3)
+    assert launched == [5]
+
+
 # ----------------------------------------------------------------- one token: field kernel vs concat
 FIELDS = tb.SmallConfig(fields=True)
 CONCAT = tb.SmallConfig(fields=False)

@@ -142,8 +142,20 @@ def _load_words(
 
     ``WS`` is the plane's row stride in words, passed from the host so that Triton specialises it (a
     multiple of 16 makes every row start 16-byte aligned: 16-byte vector loads). ``EVEN_K``: ``BLOCK_K``
-    divides ``K_IN``, no column mask (a mask that varies along the row would split the vectors)."""
+    divides ``K_IN``, no column mask (a mask that varies along the row would split the vectors).
+
+    A width whose codes per word are no power of two (3, 5 or 6 bits: 10, 6 or 5 codes and unused top bits) has
+    no chunk of whole words inside a power-of-two group: each column gathers its word and the codes
+    ``[BLOCK_N, BLOCK_K]`` come back already shifted down and masked (:func:`_expand_at` then only places them)."""
     PER: tl.constexpr = 32 // B
+    if (PER & (PER - 1)) != 0:
+        cols = col0 + tl.arange(0, BLOCK_K)
+        words = tl.load(
+            plane_ptr + rows[:, None].to(tl.int64) * WS + (cols // PER)[None, :],
+            mask=row_mask[:, None] & (cols[None, :] < K_IN),
+            other=0,
+        )
+        return (words >> ((cols % PER) * B)[None, :]) & ((1 << B) - 1)
     NW: tl.constexpr = BLOCK_K // PER
     w_idx = col0 // PER + tl.arange(0, NW)
     ptrs = plane_ptr + rows[:, None].to(tl.int64) * WS + w_idx[None, :]
@@ -198,6 +210,8 @@ def _expand_at(words, B: tl.constexpr, POS: tl.constexpr, BLOCK_N: tl.constexpr,
     word across lanes and copy every word to each of them through shared memory.)"""
     PER: tl.constexpr = 32 // B
     MASK: tl.constexpr = (1 << B) - 1
+    if (PER & (PER - 1)) != 0:  # codes gathered one per column by _load_words
+        return words << POS
     if PER == 1:
         codes = _ex1(words, 0, B, MASK, POS)
     elif PER == 2:
@@ -2658,13 +2672,16 @@ def _fields_block_k(group_size: int, bk: int) -> int:
 def small_supported(
     slice_bits: Sequence[int], group_size: int, block_k: int | None = None, use_dot: bool = True
 ) -> bool:
-    """Layouts the small-batch kernels cover: power-of-two codes per word, chunks of whole words that
-    lie in one group (tensor cores) or hold whole power-of-two groups (one token)."""
+    """Layouts the small-batch kernels cover: chunks that lie in one group (tensor cores) or hold whole power-of-two
+    groups (one token), of whole words where a plane has a power-of-two number of codes per word. On tensor cores a
+    plane of another width (the default layout's 3-bit base: 10 codes a word) gathers each column's word
+    (:func:`_load_words`); the one-token kernels take power-of-two widths only."""
     pers = [32 // b for b in slice_bits]
-    if not all(_is_pow2(p) for p in pers):
+    whole = [p for p in pers if _is_pow2(p)]
+    if len(whole) < len(pers) and not use_dot:
         return False
     bk = _small_block_k(group_size, use_dot, block_k)
-    if not _is_pow2(bk) or bk % max(pers) != 0:
+    if not _is_pow2(bk) or (whole and bk % max(whole) != 0):
         return False
     if use_dot:
         return bk >= 16 and group_size % bk == 0
