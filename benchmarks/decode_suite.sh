@@ -26,7 +26,8 @@
 #            then budget 4 with the compiled step's kernel census (e2e_decode.py --profile --census compile)
 #   prefill  (only when named) where SmolLM2's time to first token goes, from the checkpoint at $CKPT: fp16, routed budget 4
 #            and the static 4-bit view, one profiled prefill each (e2e_decode.py --prefill-profile; routed prefill took
-#            166-340 ms against fp16's 28-104 on 2026-12-04)
+#            166-340 ms against fp16's 28-104 on 2026-12-04, 69-87 after its mend), for the 6-token prompt and for a
+#            512-token one (the extract's held-out text, when bare_gpu.sh install brought it)
 #   prompt   (only when named) the kernels of a few-token prompt's forward (and of batched decode) on the default layout
 #            (3,1,1,1,1,1): the entry's choice (2-16 tokens: the small-batch kernel, its 3-bit base gathered; more: the
 #            tile kernel) against dequantize-then-cuBLAS and fp16 cuBLAS at 2-256 tokens, then the tile kernel alone at
@@ -164,7 +165,12 @@ stage() {
         return 0
       fi
       run_stage prefill 600 "$PY" benchmarks/e2e_decode.py --gguf "$GGUF" --checkpoint "$CKPT" --budgets 4 --views 2 \
-        --new-tokens 8 --repeats 1 --prefill-profile --out "$RES/prefill" ;;
+        --new-tokens 8 --repeats 1 --prefill-profile --out "$RES/prefill"
+      if [ -f "$ROOT/data/wiki_extract_eval.txt" ]; then  # a long prompt: the many-token kernels (bare_gpu.sh install)
+        run_stage prefill_long 600 "$PY" benchmarks/e2e_decode.py --gguf "$GGUF" --checkpoint "$CKPT" --budgets 4 \
+          --views 2 --new-tokens 8 --repeats 1 --prefill-profile --prompt-file "$ROOT/data/wiki_extract_eval.txt" \
+          --prompt-tokens 512 --out "$RES/prefill_long"
+      fi ;;
     prompt)
       run_stage prompt_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_triton_bitplane.py \
         -k "device_k or tile or default_layout"

@@ -49,6 +49,13 @@ def parse_args(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument(
+        "--prompt-file",
+        default=None,
+        help="the prompt: the first --prompt-tokens tokens of this text file instead of --prompt (a long prompt's "
+        "forward runs the few- and many-token kernels)",
+    )
+    ap.add_argument("--prompt-tokens", type=int, default=256, help="tokens of --prompt-file's text (default 256)")
+    ap.add_argument(
         "--graph",
         default="auto",
         choices=["auto", "graph", "compile", "off"],
@@ -189,6 +196,17 @@ def load(args, device):
 
         set_small_config(q, SmallConfig(bitplanes=True))
     return fp.to(device), q.to(device), tok
+
+
+def prompt_from_file(tok, path, n_tokens: int):
+    """The first ``n_tokens`` token ids of the text in ``path`` (``[1, n]``: generate takes ids as they are)."""
+    if n_tokens < 1:
+        raise ValueError(f"--prompt-tokens must be at least 1, got {n_tokens}")
+    text = Path(path).read_text(encoding="utf-8")
+    ids = tok(text[: 16 * n_tokens], return_tensors="pt").input_ids[:, :n_tokens]
+    if ids.shape[1] < n_tokens:
+        raise ValueError(f"{path} holds {ids.shape[1]} tokens, fewer than --prompt-tokens {n_tokens}")
+    return ids
 
 
 def install_router_plan(q):
@@ -472,6 +490,9 @@ def main(argv=None):
         args.new_tokens, args.repeats = min(args.new_tokens, 6), 1
     t0 = time.perf_counter()
     fp, q, tok = load(args, device)
+    if args.prompt_file:
+        args.prompt = prompt_from_file(tok, args.prompt_file, args.prompt_tokens)
+        print(f"# prompt: the first {args.prompt_tokens} tokens of {args.prompt_file}", flush=True)
     if not args.budgets:  # every integer view of the quantized model
         import mobiquant as mq
 

@@ -38,6 +38,21 @@ def test_e2e_decode_arguments():
     assert a.budgets == [2.0, 4.5] and a.new_tokens == 32 and a.graph == "auto"
 
 
+def test_e2e_decode_prompt_from_a_file(tmp_path):
+    """``--prompt-file`` / ``--prompt-tokens``: the file's first tokens as ids, or a clear error."""
+    from mobiquant.tiny import tiny_llama
+
+    _, tok = tiny_llama(dtype="float32")
+    text = tmp_path / "t.txt"
+    text.write_text("The tower is 324 metres tall, about the same height as an 81-storey building. " * 20)
+    ids = e2e_decode.prompt_from_file(tok, text, 40)
+    assert ids.shape == (1, 40) and ids[0].tolist() == tok(text.read_text()).input_ids[:40]
+    with pytest.raises(ValueError, match="fewer than --prompt-tokens 100000"):
+        e2e_decode.prompt_from_file(tok, text, 100000)
+    with pytest.raises(ValueError, match="at least 1"):
+        e2e_decode.prompt_from_file(tok, text, 0)
+
+
 def test_kernel_bench_chain_option(capsys):
     """``kernel_bench.py --chain R`` (R launches in a row over R layers) takes a positive count, checked first."""
     import kernel_bench as kb
