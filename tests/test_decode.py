@@ -208,6 +208,7 @@ def test_per_linear_thresholds_become_device_tensors(qmodel, prompt, monkeypatch
             m.route_tau = interp_tau(m.router.bits_table, m.router.tau_table, min(b + 1.0, 8.0))
 
     monkeypatch.setattr(decode, "set_budget", plan)
+    BudgetControl.forget(qmodel)  # snapshots made by the library's set_budget in earlier tests
     g = generate(qmodel, prompt, 8, budget=3.5)
     plan(qmodel, 3.5)
     ref = eager_greedy(qmodel, prompt, 8)
@@ -232,12 +233,14 @@ def test_per_linear_thresholds_become_device_tensors(qmodel, prompt, monkeypatch
         interp_tau(own[0].router.bits_table, own[0].router.tau_table, 4.5)
     )
     mq.set_budget(qmodel, 4.0)  # leave the shared model as the library sets it
+    BudgetControl.forget(qmodel)  # and no snapshot made by the patched set_budget
 
 
 def test_a_later_generation_reuses_the_budget_snapshots(qmodel, prompt, monkeypatch):
     """A budget's first use on a model makes its snapshot (``set_budget``'s work, the host cost of a first token); a
     later generation reuses it, and still runs at its budget when the thresholds were set another way in between; a
     router table written since makes new snapshots."""
+    BudgetControl.forget(qmodel)  # the shared model: no snapshot kept by an earlier test
     calls = []
     real = decode.set_budget
     monkeypatch.setattr(decode, "set_budget", lambda m, b: calls.append(b) or real(m, b))

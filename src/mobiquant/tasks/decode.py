@@ -142,6 +142,12 @@ class BudgetControl:
         control = model.__dict__[_CONTROL_ATTR] = cls(model)
         return control
 
+    @staticmethod
+    def forget(model: nn.Module) -> None:
+        """Drop the control :meth:`of` keeps with ``model``: the next generation snapshots every budget anew (after a
+        change the snapshots cannot see, e.g. a linear or router replaced under the same configuration)."""
+        model.__dict__.pop(_CONTROL_ATTR, None)
+
     @property
     def quantized(self) -> bool:
         return bool(self.linears)
