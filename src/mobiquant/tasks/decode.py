@@ -118,12 +118,13 @@ class BudgetControl:
 
     def _snapshot_basis(self) -> tuple:
         """What the snapshots are made of: the model's configuration and budget plan (objects), each router's table
-        (its host copy, a new object whenever the table changes) and gate policy."""
+        (its host copy, a new object whenever the table changes), gate policy and device (the snapshots' thresholds
+        live on it)."""
         return (
             self.cfg,
             budget_plan(self.model),
             [r.host_table() for r in self.routers],
-            [r.policy for r in self.routers],
+            [(r.policy, r.tau.device) for r in self.routers],
         )
 
     @classmethod
