@@ -256,8 +256,13 @@ def test_a_later_generation_reuses_the_budget_snapshots(qmodel, prompt, monkeypa
     generate(qmodel, prompt, 2, budget=3.5)
     assert calls == [3.5, 3.5]
     kept = BudgetControl.of(qmodel)
-    monkeypatch.setattr(router, "tau", torch.zeros((), device="meta"))  # as if moved to another device
-    assert BudgetControl.of(qmodel) is not kept  # its thresholds' tensors live where the model no longer is
+    tau = router.tau
+    router.tau = torch.zeros((), device="meta")  # as if moved to another device
+    try:
+        assert BudgetControl.of(qmodel) is not kept  # its thresholds' tensors live where the model no longer is
+    finally:
+        router.tau = tau
+        BudgetControl.forget(qmodel)
 
 
 def test_sampling_is_seeded_and_top_k_one_is_greedy(qmodel, prompt):
