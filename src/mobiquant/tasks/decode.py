@@ -120,12 +120,8 @@ class BudgetControl:
         """What the snapshots are made of: the model's configuration and budget plan (objects), each router's table
         (its host copy, a new object whenever the table changes), gate policy and device (the snapshots' thresholds
         live on it)."""
-        return (
-            self.cfg,
-            budget_plan(self.model),
-            [r.host_table() for r in self.routers],
-            [(r.policy, r.tau.device) for r in self.routers],
-        )
+        objects = (getattr(self.model, "mobiquant_config", None), budget_plan(self.model))
+        return (*objects, *(r.host_table() for r in self.routers)), [(r.policy, r.tau.device) for r in self.routers]
 
     @classmethod
     def of(cls, model: nn.Module) -> BudgetControl:
@@ -134,10 +130,9 @@ class BudgetControl:
         generation); otherwise a new one. Either way every budget is applied again at its next use: thresholds and
         modes may have been set another way in between (``set_budget``, ``set_static``)."""
         kept = model.__dict__.get(_CONTROL_ATTR)
-        if kept is not None and kept.model is model and getattr(model, "mobiquant_config", None) is kept.cfg:
-            now, then = kept._snapshot_basis(), kept._basis
-            same = now[0] is then[0] and now[1] is then[1] and now[3] == then[3] and len(now[2]) == len(then[2])
-            if same and all(a is b for a, b in zip(now[2], then[2], strict=True)):
+        if kept is not None and kept.model is model:
+            (objects, values), (was_objects, was_values) = kept._snapshot_basis(), kept._basis
+            if values == was_values and all(a is b for a, b in zip(objects, was_objects, strict=True)):
                 kept._applied, kept._structure = None, None
                 return kept
         control = model.__dict__[_CONTROL_ATTR] = cls(model)
