@@ -189,7 +189,8 @@ def count(n, k, splits=1, planes=PLANES, batch=BATCH_GROUPS, prefetch=False, dis
     what = (f"{planes} planes" if planes else "planes read on the device") + f", batch {batch}"
     what += f", {int(prefetch)} group(s) prefetched" if prefetch else ""
     what += f", a body per view from {dispatch} planes" if dispatch else ""
-    what += f", a ring of {stages} groups" if stages > 0 else ", one TMA load a program" if stages else ""
+    tma = {-1: ", one TMA load a program", -2: ", a TMA load and a barrier a group"}
+    what += f", a ring of {stages} groups" if stages > 0 else tma.get(stages, "")
     what += ", the package's launch" if package else ""
     what += ", the view counted from gate values" if routed else ""
     what += f", at most {maxnreg} registers" if maxnreg else ""
@@ -379,11 +380,13 @@ def time_shapes(copies, reps, sweep=False, deep=False):
     return df
 
 
-def tma_run(copies, reps, shapes=None, views=VIEWS):
-    """Every word of a program by one TMA load (``stages=-1``), alone in its own process (a fault cannot take the
-    other measurements with it): checked against PyTorch in float64 on each shape at BEST's batch, every split that
-    fits shared memory; then timed there beside the register path at BEST's config, over ``copies`` weight copies.
-    ``shapes``: the names of SHAPES that start with one of these (None: all); ``views``: the planes."""
+def tma_run(copies, reps, shapes=None, views=VIEWS, stages=(-1, -2)):
+    """Every word of a program by TMA loads issued at once, alone in its own process (a fault cannot take the other
+    measurements with it): ``stages`` -1 (one load a plane, one barrier) and -2 (a load and a barrier a group, the
+    decode of the first groups under the later ones' stream), each checked against PyTorch in float64 on each shape
+    at BEST's batch, every split that fits shared memory, then timed there beside the register path at BEST's config,
+    over ``copies`` weight copies. ``shapes``: the names of SHAPES that start with one of these (None: all);
+    ``views``: the planes."""
     from functools import partial
 
     import pandas as pd
@@ -412,14 +415,16 @@ def tma_run(copies, reps, shapes=None, views=VIEWS):
             for s in split_choices(k, batch, 64):
                 if bulk_problem(p, g, s) or not 64 <= s * n // BLOCK_N <= 4096:
                     continue
-                y = frag_gemv(words[0], sc, zp, xc, None, s, p, batch, 0, stages=-1)
-                err = _rel_error(y, ref)
-                t = sp.graph_time([partial(frag_gemv, w, sc, zp, xc, out, s, p, batch, 0, stages=-1) for w in words],
-                                  reps)  # fmt: skip
-                rows.append(dict(shape=name, bits=p, batch=batch, splits=s, tma_us=t, best_us=base, err=err,
-                                 x_best=base / t))  # fmt: skip
-                print("row " + " ".join(f"{c}={v:.3g}" if isinstance(v, float) else f"{c}={v}"
-                                        for c, v in rows[-1].items()), flush=True)  # fmt: skip
+                for st in stages:
+                    y = frag_gemv(words[0], sc, zp, xc, None, s, p, batch, 0, stages=st)
+                    err = _rel_error(y, ref)
+                    t = sp.graph_time(
+                        [partial(frag_gemv, w, sc, zp, xc, out, s, p, batch, 0, stages=st) for w in words], reps
+                    )
+                    rows.append(dict(shape=name, bits=p, batch=batch, splits=s, stages=st, tma_us=t, best_us=base,
+                                     err=err, x_best=base / t))  # fmt: skip
+                    print("row " + " ".join(f"{c}={v:.3g}" if isinstance(v, float) else f"{c}={v}"
+                                            for c, v in rows[-1].items()), flush=True)  # fmt: skip
         del words
         torch.cuda.empty_cache()
     df = pd.DataFrame(rows)
@@ -437,7 +442,7 @@ def main(argv=None):
     ap.add_argument("--dispatch", type=int, default=None, help="--planes 0: a compiled body per view from this many")
     ap.add_argument("--stages", type=int, default=0,
                     help="a ring of this many groups in shared memory (cp.async); -1: a program's words by one "
-                    "TMA load")  # fmt: skip
+                    "TMA load; -2: a TMA load and a barrier a group")  # fmt: skip
     ap.add_argument("--routed", action="store_true", help="--dispatch: the view counted from gate values in the kernel")
     ap.add_argument("--package", action="store_true", help="count as the package launches it (fp16 out, bias)")
     ap.add_argument("--prefetch", type=int, nargs="?", const=1, default=0, choices=(0, 1, 2),
@@ -448,7 +453,9 @@ def main(argv=None):
     ap.add_argument("--time", action="store_true", help="on a GPU: 8B shapes beside the package and fp16 cuBLAS")
     ap.add_argument("--sweep", action="store_true", help="--time: every config of CONFIGS (else BEST's)")
     ap.add_argument("--deep", action="store_true", help="--time: also BEST's batch with two groups prefetched")
-    ap.add_argument("--tma", action="store_true", help="on a GPU: one TMA load a program, checked and timed alone")
+    ap.add_argument("--tma", action="store_true",
+                    help="on a GPU: a program's words by TMA (stages -1 and -2), checked and timed alone")  # fmt: skip
+    ap.add_argument("--tma-stages", default="-1,-2", help="--tma: the TMA modes, by commas")
     ap.add_argument("--shapes", default="", help="--tma: the shapes whose names start so, by commas (empty: all)")
     ap.add_argument("--views", default=",".join(map(str, VIEWS)), help="--tma: the views' planes, by commas")
     ap.add_argument("--copies", type=int, default=8, help="--time: weight copies (past L2)")
@@ -469,7 +476,8 @@ def main(argv=None):
     if a.time:
         time_shapes(a.copies, a.reps, a.sweep, a.deep)
     if a.tma:
-        tma_run(a.copies, a.reps, [v for v in a.shapes.split(",") if v], [int(v) for v in a.views.split(",")])
+        tma_run(a.copies, a.reps, [v for v in a.shapes.split(",") if v], [int(v) for v in a.views.split(",")],
+                [int(v) for v in a.tma_stages.split(",") if v])  # fmt: skip
     return 0
 
 

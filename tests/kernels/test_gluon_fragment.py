@@ -133,8 +133,9 @@ def test_fragment_config_needs_a_gpu_and_fp16():
 
 def test_one_tma_load_a_program_launch_args():
     """``stages=-1``: one TMA descriptor over the pack as ``[planes, G, NB * 2, 256]`` whose box is one plane of a
-    program's words (its groups, its row block: one load a plane, any plane count); refused for a view on the device,
-    past shared memory or for groups a program that are not a power of 2 (a box's side)."""
+    program's words (its groups, its row block: one load a plane, any plane count); ``stages=-2``: a box of one
+    group, the same words in the same places; refused for a view on the device, past shared memory or for groups a
+    program that are not a power of 2 (a box's side)."""
     words = torch.zeros(8, 32, 4, 512, dtype=torch.int32)  # 8 planes, 32 groups (4096 inputs), 4 row blocks
     sc = torch.zeros(512, 32, dtype=torch.float16)
     x, out = torch.zeros(4096, dtype=torch.float16), torch.zeros(512)
@@ -152,6 +153,17 @@ def test_one_tma_load_a_program_launch_args():
     for e in range(4):
         for j in range(8):
             assert torch.equal(flat[e * 8 + j], words[e, 16 + j, 3].view(128, 4))
+    # stages=-2: the same buffer, filled by one load a plane and group (box [1, 1, 2, 256] at [e, g_lo + j, pid * 2, 0]
+    # into buf.slice(e, 1).slice(j, 1, dim=1)), each group on a barrier of its own
+    _, kw = gf._launch_args(words, sc, sc, x, out, splits=4, planes=4, stages=-2)
+    assert kw["BULK_GS"] == 8 and kw["STAGES"] == -2 and list(kw["w_desc"].block_shape) == [1, 1, 2, 256]
+    buf = torch.zeros(4, 8, 2, 256, dtype=torch.int32)
+    for e in range(4):
+        for j in range(8):
+            buf[e : e + 1, j : j + 1] = w4[e : e + 1, 16 + j : 17 + j, 6:8, :]
+    assert torch.equal(buf.view(4 * 8, 128, 4), flat)
+    with pytest.raises(ValueError, match="stages=-3"):
+        gf._launch_args(words, sc, sc, x, out, splits=4, planes=4, stages=-3)
     w48, x48 = torch.zeros(8, 48, 4, 512, dtype=torch.int32), torch.zeros(6144, dtype=torch.float16)
     with pytest.raises(ValueError, match="24 a program"):  # 48 groups in 2 splits
         gf._launch_args(w48, torch.zeros(512, 48, dtype=torch.float16), torch.zeros(512, 48, dtype=torch.float16), x48,
@@ -163,6 +175,26 @@ def test_one_tma_load_a_program_launch_args():
                         planes=torch.ones(1, dtype=torch.int32), dispatch=3, stages=-1)  # fmt: skip
     with pytest.raises(ValueError, match="fp16 activations"):
         gf._launch_args(words, sc, sc, x.float(), out, planes=4)
+
+
+def test_tma_modes_compile_for_sm90_offline():
+    """Both TMA modes compile for sm_90 without a GPU (Triton's bundled ptxas): the program's words in 64 KiB of shared
+    memory (4 planes x 8 groups x 2 KiB); ``-2`` waits on 8 barriers (one a group) where ``-1`` waits on one."""
+    osx = pytest.importorskip("offline_sass", reason="Triton's offline compile machinery")
+    if not (osx.BIN / "cuobjdump").exists():
+        pytest.skip("this triton ships no cuobjdump")
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    words = torch.zeros(4, 32, 112, 512, dtype=torch.int32)  # 14336 x 4096, the 8B gate/up
+    sc, x, out = torch.zeros(14336, 32, dtype=torch.float16), torch.zeros(4096, dtype=torch.float16), torch.zeros(14336)
+    waits = {}
+    for stages in (-1, -2):
+        args, kw = gf._launch_args(words, sc, sc, x, out, splits=4, planes=4, stages=stages)
+        ck = osx.compile_sm90(gf.frag_gemv_kernel, args, kw, source=GluonASTSource)
+        assert ck.metadata.shared >= 4 * 8 * 2048
+        sass, _ = osx.sass_and_resources(ck)
+        waits[stages] = sass.count("SYNCS.PHASECHK")  # a barrier's wait: a test, then a retry loop
+    assert waits[-1] > 0 and waits[-2] == 8 * waits[-1], waits
 
 
 def test_fragment_default_follows_the_stack():

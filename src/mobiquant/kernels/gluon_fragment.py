@@ -376,27 +376,42 @@ def _group_sums(x_ptr, c0, g0, BATCH: ttgl.constexpr, XL: ttgl.constexpr, MMA: t
 
 
 @gluon.jit
-def _bulk_load(desc, pid, g_lo, P: ttgl.constexpr, PP: ttgl.constexpr, GSC: ttgl.constexpr, PUBLIC: ttgl.constexpr):
-    """Every word a program reads, planes ``0 .. P`` of its ``GSC`` groups, by one TMA load a plane into shared memory
-    (``desc``: the pack as ``[planes, G, NB * 2, 256]``, a box of one plane: a box's sides are powers of 2, as are a
-    buffer's, hence ``PP``, the power of 2 from ``P`` up), all waited for on one mbarrier; returned as
-    ``[PP * GSC, 128, 4]`` (plane ``e`` of the program's group ``j`` at ``e * GSC + j``; a thread's 4 words
-    consecutive, as in registers)."""
+def _bulk_load(desc, pid, g_lo, P: ttgl.constexpr, PP: ttgl.constexpr, GSC: ttgl.constexpr, PUBLIC: ttgl.constexpr,
+               PER_GROUP: ttgl.constexpr):  # fmt: skip
+    """Every word a program reads, planes ``0 .. P`` of its ``GSC`` groups, by TMA loads into shared memory
+    (``desc``: the pack as ``[planes, G, NB * 2, 256]``; a box's sides are powers of 2, as are a buffer's, hence
+    ``PP``, the power of 2 from ``P`` up). Without ``PER_GROUP``: one load a plane (a box of all ``GSC`` groups), all
+    waited for here on one mbarrier. With it: one load a plane and group (a box of one group), each group's planes on
+    an mbarrier of its own, waited for by the decode just before it reads that group (:func:`_view_total`), so the
+    decode of the first groups runs while the later ones stream in. Returns the words as ``[PP * GSC, 128, 4]``
+    (plane ``e`` of the program's group ``j`` at ``e * GSC + j``; a thread's 4 words consecutive, as in registers) and
+    the barriers (``[GSC, 1]``; with one barrier, already waited for)."""
     SL4: ttgl.constexpr = ttgl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=4)
     buf = ttgl.allocate_shared_memory(ttgl.int32, [PP, GSC, 2, 256], SL4)
-    bar = ttgl.allocate_shared_memory(ttgl.int64, [1], mbarrier.MBarrierLayout())
-    mbarrier.init(bar, count=1)
-    fence_async_shared()
-    mbarrier.expect(bar, P * GSC * 2048)
-    for e in ttgl.static_range(P):
-        _tma_load(desc, [e, g_lo, pid * 2, 0], bar, buf.slice(e, 1))
-    mbarrier.wait(bar, 0)
+    if PER_GROUP:
+        bars = ttgl.allocate_shared_memory(ttgl.int64, [GSC, 1], mbarrier.MBarrierLayout())
+        for j in ttgl.static_range(GSC):
+            mbarrier.init(bars.index(j), count=1)
+        fence_async_shared()
+        for j in ttgl.static_range(GSC):
+            mbarrier.expect(bars.index(j), P * 2048)
+            for e in ttgl.static_range(P):
+                _tma_load(desc, [e, g_lo + j, pid * 2, 0], bars.index(j), buf.slice(e, 1).slice(j, 1, dim=1))
+    else:
+        bars = ttgl.allocate_shared_memory(ttgl.int64, [1, 1], mbarrier.MBarrierLayout())
+        bar = bars.index(0)
+        mbarrier.init(bar, count=1)
+        fence_async_shared()
+        mbarrier.expect(bar, P * GSC * 2048)
+        for e in ttgl.static_range(P):
+            _tma_load(desc, [e, g_lo, pid * 2, 0], bar, buf.slice(e, 1))
+        mbarrier.wait(bar, 0)
     RL: ttgl.constexpr = ttgl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
     if PUBLIC:
         flat = buf.reinterpret(ttgl.int32, [PP * GSC, 128, 4], RL)
     else:
         flat = buf._reinterpret(ttgl.int32, [PP * GSC, 128, 4], RL)
-    return flat
+    return flat, bars
 
 
 @gluon.jit
@@ -404,12 +419,13 @@ def _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PST
                 zm, hk, P: ttgl.constexpr, W0: ttgl.constexpr, W1: ttgl.constexpr, BN: ttgl.constexpr,
                 BATCH: ttgl.constexpr, PREFETCH: ttgl.constexpr, LW: ttgl.constexpr, AL: ttgl.constexpr,
                 BL: ttgl.constexpr, MMA: ttgl.constexpr, smem, STAGES: ttgl.constexpr, SSTRIDE: ttgl.constexpr,
-                VL: ttgl.constexpr, XL: ttgl.constexpr, GSC: ttgl.constexpr):  # fmt: skip
+                VL: ttgl.constexpr, XL: ttgl.constexpr, GSC: ttgl.constexpr, bars):  # fmt: skip
     """A program's ``[BN, 8]`` sums over groups ``g_lo .. g_lo + GS`` (their columns summed by the caller) of the
     view of ``P`` planes (compiled in) or, ``P == 0``, of ``p`` read on the device (whole fields, absent planes
     predicated off). ``STAGES`` > 0 (``P`` > 0): the words stream through a ring of that many groups in shared
     memory (``cp.async``, ``STAGES - 1`` groups in flight ahead of the decode) instead of registers; -1: all ``GSC``
-    groups' words are in ``smem`` already (:func:`_bulk_load`), the activations one group ahead in registers."""
+    groups' words are in ``smem`` already (:func:`_bulk_load`), the activations one group ahead in registers; -2: as
+    -1, but each group is waited for on its own barrier of ``bars`` just before its decode."""
     if P == 0:
         w0 = (1 << (p + 4)).to(ttgl.float32) * (1.0 / 256.0)  # 2^(p - 4)
     total = ttgl.zeros([BN, 8], ttgl.float32, MMA)
@@ -439,6 +455,8 @@ def _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PST
                 cur = (f0, f1, _x_halves(x_ptr, g0 + i, xofs, xn, xsc))
             elif STAGES < 0:
                 j = g0 + i - g_lo
+                if STAGES == -2:  # this group's planes have landed
+                    mbarrier.wait(bars.index(j), 0)
                 f0 = _smem_field(smem, j, GSC, 0, min(P, 4), VL)
                 f1 = f0
                 if P > 4:
@@ -558,10 +576,12 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
     SL: ttgl.constexpr = ttgl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
     if STAGES > 0:
         smem = ttgl.allocate_shared_memory(ttgl.int32, [STAGES * SSTRIDE, BN, 4], SL)  # the words' ring
-    elif STAGES < 0:  # every word of the program by one TMA load (a view compiled in)
-        smem = _bulk_load(w_desc, pid, g_lo, P, BULK_PP, BULK_GS, PUBLIC)
+    elif STAGES < 0:  # every word of the program by TMA loads issued at once (a view compiled in)
+        smem, bars = _bulk_load(w_desc, pid, g_lo, P, BULK_PP, BULK_GS, PUBLIC, STAGES == -2)
     else:
         smem = 0
+    if STAGES >= 0:
+        bars = 0
     if P == -1:  # the view read on the device, one compiled body per view from PMIN planes up
         if KMODE == 0:  # p_ptr holds the view's planes
             p = ttgl.load(p_ptr)
@@ -583,7 +603,7 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
                 total = _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PSTRIDE, G,
                                     g_lo, GS, q, 1.0 / (1 << SHQ), 1.0 * (1 << SHQ), ((1 << SHQ) - 1) / 2, q,
                                     (1 << (q + 4)) / 256, (1 << (q + 4)) / 4096, BN, BATCH, PREFETCH, LW, AL, BL, MMA,
-                                    smem, STAGES, SSTRIDE, VL, XL, BULK_GS)  # fmt: skip
+                                    smem, STAGES, SSTRIDE, VL, XL, BULK_GS, bars)  # fmt: skip
     else:
         if P == 0:
             p = ttgl.load(p_ptr)
@@ -601,7 +621,7 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
             hkr = HK
         total = _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PSTRIDE, G, g_lo, GS,
                             p, multr, zmr, hkr, P, W0, W1, BN, BATCH, PREFETCH, LW, AL, BL, MMA, smem, STAGES, SSTRIDE,
-                            VL, XL, BULK_GS)  # fmt: skip
+                            VL, XL, BULK_GS, bars)  # fmt: skip
     y = ttgl.sum(total, axis=1)
     if OUT_MODE == 2:
         ns = ttgl.num_programs(1)
@@ -667,9 +687,10 @@ def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_
         wts = [wt for _, _, wt in field_planes(planes)] + [0.0]
     n_out = n if n_out is None else n_out
     args = (words, scale, zero, x, out, p_ptr, n, n_out, words[0].numel(), vstride, g, g // splits)
-    if stages and (pc == 0 or stages < -1 or stages == 1 or (stages < 0 and pc < 0)):
+    if stages and (pc == 0 or stages < -2 or stages == 1 or (stages < 0 and pc < 0)):
         raise ValueError(f"stages={stages}: a ring of at least 2 groups, for a view compiled in or dispatched, or -1 "
-                         "(every group of a program by one TMA load) for a view compiled in")  # fmt: skip
+                         "(every group of a program by one TMA load) or -2 (a load and a barrier a group) for a "
+                         "view compiled in")  # fmt: skip
     desc, bulk = words, 0
     if stages < 0:
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -677,10 +698,11 @@ def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_
         bulk = g // splits
         problem = bulk_problem(pc, g, splits)
         if problem:
-            raise ValueError(f"stages=-1: {problem}")
+            raise ValueError(f"stages={stages}: {problem}")
         w4 = words.view(words.shape[0], g, words.shape[2] * 2, 256)
         lay = ttgl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=4)
-        desc = TensorDescriptor(w4, list(w4.shape), list(w4.stride()), [1, bulk, 2, 256], lay)
+        box = [1, bulk if stages == -1 else 1, 2, 256]  # -2: one group a load
+        desc = TensorDescriptor(w4, list(w4.shape), list(w4.stride()), box, lay)
     if (out_mode == 1 and splits > 1) or (out_mode == 2 and (splits < 2 or part is None or locks is None)):
         raise ValueError("out_mode 1 takes one split; 2 takes several, a part buffer and tickets")
     sh = planes - b0 if b0 is not None and pc > 0 else 0
