@@ -17,6 +17,9 @@
 #            serves ($FRAGMENT_CONFIG) beside the default (the library's rule), then the rule with static views
 #            of 7-8 planes on the large launches capped at 128 registers ($FRAGCAP7_CONFIG), then the rule without
 #            the cap ($FRAGCAP0_CONFIG; the default caps 5-8 planes)
+#   tma      (only when named) the fragment kernel's static views with their words by TMA: the GPU tests of both
+#            modes, gluon_proto.py --tma (each mode against the register path on the 8B shapes, one kernel), then the
+#            stack with SmallConfig(fragment_tma=-2), then (=-1), each beside the default ($TMA2_CONFIG, $TMA1_CONFIG)
 #   compile  (only when named) decode's cuda_graph='compile' (the step's glue compiled by Inductor, then captured): its
 #            GPU tests with the graph ones, then benchmarks/step_overhead.py (an eager step's kernels; graph against
 #            compile for fp16 and the default layout's views and budgets)
@@ -79,6 +82,9 @@ FRAGMENT_CONFIG=${FRAGMENT_CONFIG:-",,4,,0,,1,,0,0,0,1,1"}
 # 7-8 on the fragment kernel uncapped), and with the cap from 7 planes only
 FRAGCAP0_CONFIG=${FRAGCAP0_CONFIG:-",,4,,0,,1,,0,0,0,1,,0"}
 FRAGCAP7_CONFIG=${FRAGCAP7_CONFIG:-",,4,,0,,1,,0,0,0,1,,7"}
+# the library's rule (fragment kernel where it serves) with static views' words by TMA: a barrier a group, one a plane
+TMA2_CONFIG=${TMA2_CONFIG:-",,4,,0,,1,,0,0,0,1,,,-2"}
+TMA1_CONFIG=${TMA1_CONFIG:-",,4,,0,,1,,0,0,0,1,,,-1"}
 # gluon_proto.py's arguments (gluon stage): checked against PyTorch, then BEST's configs timed
 GLUON_ARGS=${GLUON_ARGS:-"--check --time"}
 # the package's one-token GEMV on the stream-K grid with the ticket store, then with the second launch (the default)
@@ -144,6 +150,13 @@ stage() {
         --bits-config "$FRAGCAP7_CONFIG" --out "$RES/stack_fragcap7"
       run_stage stack_fragcap0 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --bits --no-package \
         --bits-config "$FRAGCAP0_CONFIG" --out "$RES/stack_fragcap0" ;;
+    tma)
+      run_stage tma_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gluon_fragment.py -k "tma"
+      run_stage tma_kernel 420 "$PY" benchmarks/gluon_proto.py --tma
+      run_stage stack_tma2 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --bits --no-package \
+        --bits-config "$TMA2_CONFIG" --out "$RES/stack_tma2"
+      run_stage stack_tma1 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --bits --no-package \
+        --bits-config "$TMA1_CONFIG" --out "$RES/stack_tma1" ;;
     compile)
       # the compiled step (decode's cuda_graph='compile'): its GPU tests, then graph against compile on the package's
       # 8B-shaped model (fp16, the default layout's static views and routed budgets, with and without fused inputs)
@@ -212,7 +225,7 @@ print(','.join(str(int(v)) for v in t))" "$RES/router_sweep/router_sweep.csv" 2>
       run_stage pattern 600 "$PY" benchmarks/stream_pattern.py --views 1,2,6 \
         --package-configs "$PATTERN_CONFIGS" --out "$RES/pattern" ;;
     *)
-      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package gluon fragment compile solo ckpt prefill prompt adjacent)" >&2
+      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package gluon fragment tma compile solo ckpt prefill prompt adjacent)" >&2
       return 2 ;;
   esac
 }

@@ -69,7 +69,8 @@ def view_bits(k: int) -> int:
 
 #: The fields of a one-bit plane config text (``parse_bits_config``), for the options' help.
 BITS_CONFIG_FIELDS = (
-    "BLOCK_N,BLOCK_K,WARPS,WAVES[,PREFETCH[,SPLIT_K[,WHOLE_K[,STAGES[,PDL[,L2PF[,AHEAD[,REDUCE[,FRAG[,CAP]]]]]]]]]]"
+    "BLOCK_N,BLOCK_K,WARPS,WAVES[,PREFETCH[,SPLIT_K[,WHOLE_K[,STAGES[,PDL[,L2PF[,AHEAD[,REDUCE[,FRAG[,CAP"
+    "[,TMA]]]]]]]]]]]"
 )
 
 
@@ -86,9 +87,10 @@ def parse_bits_config(tb, text: str):
     serves, 0: never, empty: the library's rule (``SmallConfig.fragment``), 2: that rule and views on the device in
     launches of at least 2^25 weights (``fragment_device_from``), 3: the rule with static views of up to 4 planes in
     every launch (``fragment_static_from`` 0); CAP: static views of at least this many planes on the large launches
-    take the fragment kernel capped at 128 registers (``fragment_cap``; empty: the library's 5, 0: none)."""
-    parts = [p.strip() for p in text.split(",")] + [""] * 14
-    bn, bk, nw, wv, pf, sk, wk, st, pdl, l2, ah, red, frag, cap = (int(p) if p else None for p in parts[:14])
+    take the fragment kernel capped at 128 registers (``fragment_cap``; empty: the library's 5, 0: none); TMA -1 or
+    -2: the fragment kernel's static views read their words by TMA (``fragment_tma``; empty or 0: registers)."""
+    parts = [p.strip() for p in text.split(",")] + [""] * 15
+    bn, bk, nw, wv, pf, sk, wk, st, pdl, l2, ah, red, frag, cap, tma = (int(p) if p else None for p in parts[:15])
     kw = {} if wk is None else {"whole_k": None if wk else False}
     return tb.SmallConfig(
         bitplanes=True,
@@ -107,6 +109,7 @@ def parse_bits_config(tb, text: str):
         fragment_device_from=1 << 25 if frag == 2 else None,
         **({"fragment_static_from": 0} if frag == 3 else {}),
         **({} if cap is None else {"fragment_cap": cap}),
+        fragment_tma=tma or 0,
         **kw,
     )
 
@@ -126,6 +129,7 @@ def bits_tag(cfg) -> str:
         + ("/fragdev" if cfg.fragment_device_from else "")
         + ("" if cfg.fragment_static_from else "/fragsmall")
         + (f"/cap{cfg.fragment_cap}" if cfg.fragment_cap != type(cfg)().fragment_cap else "")
+        + (f"/tma{-cfg.fragment_tma}" if cfg.fragment_tma else "")
     )
 
 

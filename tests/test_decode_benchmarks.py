@@ -170,6 +170,9 @@ def test_layout_option_and_bits_config(monkeypatch, capsys):
     assert cap.fragment is None and cap.fragment_cap == 7 and kb.bits_tag(cap).endswith("/red/cap7")
     assert kb.parse_bits_config(tb, ",,4,,0,,1,,0,0,0,1").fragment_cap == 5  # empty: the library's default
     assert kb.bits_tag(kb.parse_bits_config(tb, ",,4,,0,,1,,0,0,0,1,,0")).endswith("/red/cap0")
+    tma = kb.parse_bits_config(tb, ",,4,,0,,1,,0,0,0,1,,,-2")  # the fragment kernel's static views by TMA
+    assert tma.fragment_tma == -2 and tma.fragment_cap == 5 and kb.bits_tag(tma).endswith("/red/tma2")
+    assert kb.parse_bits_config(tb, ",,4,,0,,1,,0,0,0,1").fragment_tma == 0
     rows = [
         dict(mode="static k=2", budget=4.0, achieved_bits=4.0, us_per_token=200.0, speedup=2.0),
         dict(mode="bitpl k=2", budget=4.0, achieved_bits=4.0, us_per_token=100.0, speedup=4.0),

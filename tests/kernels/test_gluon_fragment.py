@@ -197,6 +197,27 @@ def test_tma_modes_compile_for_sm90_offline():
     assert waits[-1] > 0 and waits[-2] == 8 * waits[-1], waits
 
 
+def test_tma_config_picks_splits_that_fit():
+    """The package's TMA launches (``SmallConfig.fragment_tma``): the K split nearest 448 programs among those leaving
+    a power of 2 of groups a program in at most 64 KiB of shared memory (three programs an SM)."""
+    assert gf.tma_config(224, 32, 4) == (8, 4)  # the 8B gate/up site: 8 groups a program, 64 KiB (16: 128 KiB)
+    assert gf.tma_config(112, 32, 4) == (8, 4)  # the 8B gate/up: 448 programs
+    assert gf.tma_config(32, 112, 4) == (8, 14)  # the 8B down: 8 groups a program
+    assert gf.tma_config(32, 32, 4) == (2, 16)  # the 8B q/o: 2 groups a program, 512 programs
+    assert gf.tma_config(112, 32, 8) == (4, 8)  # 8 planes: 4 groups a program, 64 KiB
+    assert gf.tma_config(112, 32, 3) == (8, 4)  # 3 planes fill a buffer of 4
+    assert gf.tma_config(4, 3, 4) == (1, 3)  # 3 groups: one a program is the only power of 2
+    # every choice is one _launch_args accepts
+    words = torch.zeros(4, 32, 32, 512, dtype=torch.int32)
+    sc, x, out = torch.zeros(4096, 32, dtype=torch.float16), torch.zeros(4096, dtype=torch.float16), torch.zeros(4096)
+    batch, splits = gf.tma_config(32, 32, 4)
+    for stages in (-1, -2):
+        _, kw = gf._launch_args(words, sc, sc, x, out, splits, 4, batch, False, None, stages)
+        assert kw["BULK_GS"] == 32 // splits and kw["STAGES"] == stages
+    with pytest.raises(ValueError, match="fragment_tma must be"):
+        tb.SmallConfig(fragment_tma=1)
+
+
 def test_fragment_default_follows_the_stack():
     """``SmallConfig()`` takes the fragment kernel for the static views the 8B-shaped stack measured faster with it
     (7-8 planes of the default layout; 3-8 planes in launches of at least 2^25 weights, 5-8 of them capped at 128
@@ -265,6 +286,26 @@ def test_gpu_routed_and_site(gen):
     y = tb.bitplane_site_bits(x, site, [3, 3, 3], config=cfg)
     for (p, s, z), c, n in zip(layers, site.cols, site.outs, strict=True):
         _check(y[:, c : c + n], x, p, s, z, 3)
+
+
+@needs_gpu
+@pytest.mark.parametrize("tma", [-1, -2])
+def test_gpu_static_views_by_tma(tma, gen):
+    """``SmallConfig(fragment_tma=...)``: static views whose words come by TMA, as exact as through registers, on a
+    one-layer launch (K split by ``tma_config``) and on a site launch of three layers."""
+    cfg = tb.SmallConfig(fragment=True, fragment_tma=tma)
+    n_in = 4096
+    planes, scale, zero = make_layer(1024, n_in, gen, True, "cuda")
+    bias = torch.randn(1024, generator=gen).half().cuda()
+    x = torch.randn(1, n_in, generator=gen).half().cuda()
+    for k in range(1, len(SLICES) + 1):
+        y = tb.bitplane_linear(x, planes, scale, zero, SLICES, 128, k, bias=bias, path="bits", small_config=cfg)
+        _check(y, x, planes, scale, zero, k, bias)
+    layers = [make_layer(n, n_in, gen, True, "cuda") for n in (1024, 512, 512)]
+    site = tb.site_bitplanes([tb.pack_bitplanes(p, s, z, SLICES, 128, n_in) for p, s, z in layers])
+    y = tb.bitplane_site_bits(x, site, [2, 2, 2], config=cfg)
+    for (p, s, z), c, n in zip(layers, site.cols, site.outs, strict=True):
+        _check(y[:, c : c + n], x, p, s, z, 2)
 
 
 @needs_gpu

@@ -874,8 +874,29 @@ def launch_config(n_blocks: int, groups: int, planes: int) -> tuple[int, int, in
     return best[1], 1 if planes <= 4 else 2 if planes <= 6 else 0, best[2]
 
 
+#: shared memory a program of the package's TMA launches fills at most: three programs an SM on an H200 (227 KiB),
+#: so that the decode of one hides the others' latencies (one program of 128 KiB would leave 4 warps an SM)
+TMA_SMEM_PER_PROGRAM = 64 * 1024
+
+
+def tma_config(n_blocks: int, groups: int, planes: int) -> tuple[int, int] | None:
+    """``(batch, splits)`` for a static view of ``planes`` whose words come by TMA (``stages`` -1 or -2): the K split
+    whose programs come nearest :data:`TARGET_PROGRAMS` among those that leave a power of 2 of groups a program within
+    :data:`TMA_SMEM_PER_PROGRAM` (and :func:`bulk_problem`), a batch of up to 8 of them an accumulator; None where no
+    split does (one group a program always fits: 16 KiB at 8 planes), and the register path serves. Chosen, not
+    measured: ``gluon_proto.py --tma`` times every split."""
+    best = None
+    for s in split_choices(groups * GROUP, 1, groups):
+        if bulk_problem(planes, groups, s) or bulk_pp(planes) * (groups // s) * 2048 > TMA_SMEM_PER_PROGRAM:
+            continue
+        gap = abs(n_blocks * s - TARGET_PROGRAMS)
+        if best is None or gap < best[0]:
+            best = (gap, min(BATCH_GROUPS, groups // s), s)
+    return None if best is None else (best[1], best[2])
+
+
 def fragment_linear(
-    x2: torch.Tensor, fp: FragPlanes, k, bias=None, out=None, routed=None, cap: int = 0
+    x2: torch.Tensor, fp: FragPlanes, k, bias=None, out=None, routed=None, cap: int = 0, tma: int = 0
 ) -> torch.Tensor:
     """One token ``x2 [1, in]`` (fp16) -> ``[1, out]`` from a fragment pack: view ``k`` (an int, a one-element int
     tensor on the device, or None with ``routed = (gate values, threshold)`` on the device, counted by the kernel:
@@ -883,7 +904,9 @@ def fragment_linear(
     (``W_k = (s / 2^B) (C_k - 2^B z - (2^B - 1) / 2)``). One launch: the kernel builds its B operand and the groups'
     sums from the token itself; with K splits the last split of each row block sums them, in a fixed order.
     ``cap``: a static view of at least this many planes (0: none) in a launch of at least :data:`BIG_LAUNCH` weights
-    runs capped at 128 registers, one group prefetched at most (no spill in its group loop, counted offline)."""
+    runs capped at 128 registers, one group prefetched at most (no spill in its group loop, counted offline).
+    ``tma`` -1 or -2: a static view's words come by TMA into shared memory (``stages``; the K split of
+    :func:`tma_config`), where a split allows it; 0: through registers."""
     M, K_IN = x2.shape
     if M != 1 or K_IN != fp.in_features or x2.dtype != torch.float16:
         raise ValueError(f"the fragment kernel takes one fp16 token of {fp.in_features} features, got {x2.dtype} "
@@ -908,10 +931,16 @@ def fragment_linear(
         planes = k.reshape(-1) if torch.is_tensor(k) else x2
         sc, zp = fp.scale, fp.zero
         dispatch = b0
+    if tma not in (0, -1, -2):
+        raise ValueError(f"tma must be 0 (registers), -1 or -2 (TMA loads: a plane, a plane and group), got {tma}")
     batch, prefetch, splits = launch_config(nb, g, planes if isinstance(planes, int) else 0)
     capped = register_capped(n_out * K_IN, planes if isinstance(planes, int) else 0, cap)
     if capped and dispatch is None:
         prefetch = min(prefetch, 1)  # two groups prefetched spill at 6 planes under the cap
+    stages = 0
+    bulk = tma_config(nb, g, planes) if tma and isinstance(planes, int) else None
+    if bulk is not None:
+        (batch, splits), prefetch, stages = bulk, 0, tma
     extra: dict = {}
     if splits > 1:  # the last split of each row block sums the others' slots: one launch in all
         from .triton_bitplane import _locks
@@ -920,7 +949,7 @@ def fragment_linear(
     if dispatch is not None:
         extra.update(views=fp.planes_of_view, routed=routed)
     args, kw = _launch_args(fp.words, sc, zp, x2.reshape(-1), out.view(-1), splits, planes, batch, prefetch, dispatch,
-                            0, b0, n_out, bias, 2 if splits > 1 else 1, **extra)  # fmt: skip
+                            stages, b0, n_out, bias, 2 if splits > 1 else 1, **extra)  # fmt: skip
     if capped:  # a device view's bodies measured faster so; static views from ``cap`` planes asked to be
         kw["maxnreg"] = 128
     frag_gemv_kernel[(nb, splits)](*args, **kw)

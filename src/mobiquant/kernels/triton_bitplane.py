@@ -2561,6 +2561,19 @@ class SmallConfig:
     # bits 387.5 / 415.6 / 441.2 / 470.7 us a token with 5 against 413.9 / 453.6 / 486.4 / 510.0 with 0 (1.48x against
     # 1.38x fp16 at 5 bits, 1.22x against 1.12x at 8); 7 gains the same at 7-8 bits only; 3-4 planes unchanged
     fragment_cap: int = 5
+    # static views on the fragment kernel: a program's words come by TMA into shared memory instead of registers,
+    # where a K split leaves a power of 2 of groups a program within shared memory (gluon_fragment.tma_config): -1, one
+    # load a plane waited for at once; -2, a load and a barrier a group, each group's decode under the later groups'
+    # stream; 0 (default): registers. Built for the latency-bound large launches (45-47% of copy at 4 planes),
+    # checked offline (sm_90 compile), not yet measured on a GPU.
+    fragment_tma: int = 0
+
+    def __post_init__(self) -> None:
+        if self.fragment_tma not in (0, -1, -2):
+            raise ValueError(
+                f"fragment_tma must be 0 (words through registers), -1 (a TMA load a plane) or -2 (a TMA load and a "
+                f"barrier a group), got {self.fragment_tma!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -3250,7 +3263,7 @@ def bitplane_linear_bits(
 
         if kvals:  # the router's gate values: counted by the kernel
             return fragment_linear(x2, fragment_of(bp), None, bias, out, routed=(v_t, tau_t))
-        return fragment_linear(x2, fragment_of(bp), ksel or k_t, bias, out, cap=cfg.fragment_cap)
+        return fragment_linear(x2, fragment_of(bp), ksel or k_t, bias, out, cap=cfg.fragment_cap, tma=cfg.fragment_tma)
     if out is None:
         out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
     return _bits_launch(x2, bp, [(bp.out_features, 0, 0)], ksel, k_t, v_t, [tau_t], kvals, bias, out, cfg, router)
@@ -3340,7 +3353,7 @@ def bitplane_site_bits(
     if ksel and whole and _fragment_wanted(cfg, bp, ksel) and _fragment_ok(bp, x2):
         from .gluon_fragment import fragment_linear, fragment_of  # one static view: the layers as one
 
-        return fragment_linear(x2, fragment_of(bp), ksel, site.bias, out, cap=cfg.fragment_cap)
+        return fragment_linear(x2, fragment_of(bp), ksel, site.bias, out, cap=cfg.fragment_cap, tma=cfg.fragment_tma)
     taus = [r[3] for r in resolved] if kvals else [x2]
     if out is None:
         out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
