@@ -356,7 +356,8 @@ def test_packed_forward_goes_through_the_kernel_dispatch(monkeypatch):
         y_static = m(x)
         m.set_routed()
         y_routed = m(x)
-    assert [c[0] for c in calls[:1]] == [3] and calls[0][1] == "auto" and calls[0][2] == m.dequantized
+    assert [c[0] for c in calls[:1]] == [3] and calls[0][1] == "auto"
+    assert calls[0][2](3) is m.dequantized(3)  # the cached view, in the input's dtype (here the compute dtype)
     k = calls[1][0]
     assert torch.is_tensor(k) and k.shape == (40,) and k.unique().numel() > 1
     torch.testing.assert_close(y_static, F.linear(x, m.dequantized(3), m.bias))
@@ -433,3 +434,15 @@ def test_per_token_views_in_the_pytorch_path_give_each_row_its_own_view():
     assert _torch_linear(x[:, :0], views.__getitem__, k[:, :0], bias, 5).shape == (3, 0, 5)
     with pytest.raises(ValueError, match="entries"):
         _torch_linear(x, views.__getitem__, k[:, :3], bias, 5)
+
+
+def test_dense_view_in_another_dtype_is_cast_once():
+    """A bf16 model over a checkpoint that dequantizes in fp32: the dense path's view is cast once and kept."""
+    m = make_mobi(router=False)
+    m.freeze()
+    w = m.dense_view(2, torch.bfloat16)
+    assert w.dtype == torch.bfloat16 and m.dense_view(2, torch.bfloat16) is w
+    torch.testing.assert_close(w, m.dequantized(2).to(torch.bfloat16))
+    assert m.dense_view(2, m.dequantized(2).dtype) is m.dequantized(2)
+    m.clear_cache()
+    assert m.dense_view(2, torch.bfloat16) is not w

@@ -181,15 +181,28 @@ def torch_reference(
 
 
 def _torch_linear(
-    x: torch.Tensor, weight: Callable[[int], torch.Tensor], k, bias: torch.Tensor | None, n_out: int
+    x: torch.Tensor,
+    weight: Callable[[int], torch.Tensor],
+    k,
+    bias: torch.Tensor | None,
+    n_out: int,
+    matmul: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``x W_k^T + bias`` with dense views ``weight(k)``; per-token ``k`` by grouping tokens of equal ``k``.
+    """``x W_k^T + bias`` with dense views ``weight(k)``, or ``matmul(rows [M, in], k)`` giving ``rows W_k^T`` (e.g.
+    :class:`.cpu_int4.Int4Views`); per-token ``k`` by grouping tokens of equal ``k``.
 
     Per-token ``k`` costs one host read (the token count of each ``k``): tokens that all take one view run in
     one matmul; otherwise they are sorted by ``k`` once, each view multiplies its contiguous run of rows, and
     one scatter puts the rows back."""
+
+    def linear(rows: torch.Tensor, kk: int) -> torch.Tensor:
+        if matmul is None:
+            return F.linear(rows, weight(kk).to(rows.dtype), bias)
+        y = matmul(rows.reshape(-1, rows.shape[-1]), kk).reshape(*rows.shape[:-1], n_out)
+        return y if bias is None else y + bias.to(y.dtype)
+
     if isinstance(k, int):
-        return F.linear(x, weight(k).to(x.dtype), bias)
+        return linear(x, k)
     flat_x = x.reshape(-1, x.shape[-1])
     flat_k = torch.as_tensor(k, device=x.device).reshape(-1)
     if flat_k.numel() != flat_x.shape[0]:
@@ -199,12 +212,12 @@ def _torch_linear(
     counts = torch.bincount(flat_k).tolist()  # the one host read
     present = [(kk, n) for kk, n in enumerate(counts) if n]
     if len(present) == 1:
-        return F.linear(x, weight(present[0][0]).to(x.dtype), bias)
+        return linear(x, present[0][0])
     order = torch.argsort(flat_k, stable=True)
     rows = flat_x.index_select(0, order)
     ys, start = [], 0
     for kk, n in present:
-        ys.append(F.linear(rows[start : start + n], weight(kk).to(x.dtype), bias))
+        ys.append(linear(rows[start : start + n], kk))
         start += n
     out = torch.empty(flat_x.shape[0], n_out, dtype=x.dtype, device=x.device)
     out.index_copy_(0, order, torch.cat(ys))
@@ -222,6 +235,7 @@ def bitplane_linear(
     bias: torch.Tensor | None = None,
     backend: str = "auto",
     weight: Callable[[int], torch.Tensor] | None = None,
+    matmul: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
     **kwargs,
 ) -> torch.Tensor:
     """``x W_k^T + bias`` from the first ``k`` bit-planes (``k``: an int, per-token counts, or a
@@ -231,19 +245,24 @@ def bitplane_linear(
     pair per view, :func:`dequantize_reference`), on either backend and every Triton path, for any kind of ``k``.
     ``backend``: see :func:`use_triton`. ``weight``, optional: ``k -> W_k`` (dense ``[out, in]``, e.g. a
     cached view) for the PyTorch path, which otherwise dequantizes the planes on every call
-    (:func:`torch_reference`). Extra keyword arguments go to the Triton entry (``out``, ``small_config``,
-    ``tile_config``, ``path``, ``packed``: e.g. ``small_config=SmallConfig(bitplanes=True)`` runs one token in
-    the one-bit plane kernel); the PyTorch path honours ``out``."""
+    (:func:`torch_reference`); ``matmul``, optional: ``(rows [M, in], k) -> rows W_k^T`` for that path instead of a
+    dense view (``MoBiLinear`` passes :class:`.cpu_int4.Int4Views`' for bf16 on the CPU). Extra keyword arguments go
+    to the Triton entry (``out``, ``small_config``, ``tile_config``, ``path``, ``packed``: e.g.
+    ``small_config=SmallConfig(bitplanes=True)`` runs one token in the one-bit plane kernel); the PyTorch path
+    honours ``out``."""
     if use_triton(x, planes, backend):
         from .triton_bitplane import bitplane_linear as _tri
 
         return _tri(x, planes, scale, zero, slice_bits, group_size, k, bias, **kwargs)
     if isinstance(k, tuple) and hasattr(k, "counts"):  # triton_bitplane.RoutedK: gate values and a threshold
         k = k.counts()
-    if weight is None:
+    if weight is None and matmul is None:
         y = torch_reference(x, planes, scale, zero, slice_bits, group_size, k, bias)
     else:
-        y = _torch_linear(x, weight, k, bias, scale.shape[-2])
+        dense = weight or (
+            lambda kk: dequantize_reference(planes, scale, zero, slice_bits, group_size, kk, x.shape[-1])
+        )
+        y = _torch_linear(x, dense, k, bias, scale.shape[-2], matmul)
     out = kwargs.get("out")
     if out is not None:
         out.copy_(y.reshape(out.shape))

@@ -95,7 +95,7 @@ class MoBiLinear(nn.Module):
         self.fixed_k: int | None = None
         self.track = False
         self.k_counts = torch.zeros(self.num_slices, dtype=torch.float64)
-        self._view_cache: dict[int, torch.Tensor] = {}
+        self._view_cache: dict[Any, torch.Tensor] = {}  # view k (compute dtype), or (k, dtype) (dense_view)
         # While set (calibration's per-view pair tuning, calibration.ViewPairTuning), a packed layer computes
         # ``x W^T + bias`` with ``W = weight_override()``, a differentiable weight, instead of its stored view.
         self.weight_override: Callable[[], torch.Tensor] | None = None
@@ -108,6 +108,7 @@ class MoBiLinear(nn.Module):
         # bytes) built on first use and kept beside the planes.
         self.small_config: Any = None
         self._bitplanes: Any = None
+        self._int4: Any = None  # kernels.cpu_int4.Int4Views, built on first use
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -172,7 +173,7 @@ class MoBiLinear(nn.Module):
         )
 
     def plane(self, e: int) -> torch.Tensor:
-        return getattr(self, f"plane{e}")
+        return self._buffers[f"plane{e}"]  # type: ignore[return-value]  # a packed layer's buffer (no __getattr__)
 
     def codes(self) -> list[torch.Tensor]:
         """Unpacked slice codes ``[out, in]`` (uint8) of a packed layer."""
@@ -186,6 +187,18 @@ class MoBiLinear(nn.Module):
             with torch.inference_mode(False), torch.no_grad():  # a cache usable both in and out of inference
                 self._view_cache[k] = self._integer_view(k)
         return self._view_cache[k]
+
+    def dense_view(self, k: int, dtype: torch.dtype) -> torch.Tensor:
+        """:meth:`dequantized` view ``k`` in ``dtype`` (a bf16 model over a checkpoint that dequantizes in fp32), cast
+        once and cached beside it rather than on every forward."""
+        w = self.dequantized(k)
+        if w.dtype == dtype:
+            return w
+        key = (k, dtype)
+        if key not in self._view_cache:
+            with torch.inference_mode(False), torch.no_grad():
+                self._view_cache[key] = w.to(dtype)
+        return self._view_cache[key]
 
     def view_codes(self, k: int) -> torch.Tensor:
         """The integer codes view ``k`` reads, ``C_k`` ``[out, in]`` (int64): the first ``k`` slices' codes
@@ -321,10 +334,12 @@ class MoBiLinear(nn.Module):
     def clear_cache(self) -> None:
         self._view_cache.clear()
         self._bitplanes = None
+        self._int4 = None
 
     def _apply(self, fn, recurse=True):  # .to()/.cuda() invalidate cached dequantized views and kernel buffers
         self._view_cache.clear()
         self._bitplanes = None
+        self._int4 = None
         out = super()._apply(fn, recurse)
         if self.packed and getattr(self, "_compute_dtype", None) is not None:
             probe = fn(torch.zeros((), dtype=self._compute_dtype))
@@ -412,7 +427,8 @@ class MoBiLinear(nn.Module):
         n_tokens = x.numel() // x.shape[-1]
         extra = {}
         cfg = getattr(self, "small_config", None)
-        if self._use_triton(x):
+        backend = getattr(self, "backend", "auto")
+        if (x.is_cuda or backend != "auto") and self._use_triton(x):  # 'auto' takes Triton on CUDA only
             if cfg is not None:
                 extra["small_config"] = cfg
             if n_tokens == 1:
@@ -433,19 +449,47 @@ class MoBiLinear(nn.Module):
             k = self._routed_k(x, in_kernel=extra.get("path") == "bits" and not self.track)
         self._count(k, n_tokens)
         planes = [self.plane(e) for e in range(self.num_slices)]
+        matmul = None
+        if not extra and backend == "auto" and x.dtype == torch.bfloat16:  # on the CPU: int4 matmuls of the views
+            from ..kernels import cpu_int4
+
+            bits = sum(self.slice_bits[:k]) if isinstance(k, int) else sum(self.slice_bits)
+            if cpu_int4.usable(x, self.out_features, self.in_features, self.slicer.group_size, bits):
+                matmul = self.int4_views().matmul
+        buffers = self._buffers
         return kernels.bitplane_linear(
             x,
             planes,
-            self.scale,
-            self.zero,
+            buffers["scale"],  # type: ignore[arg-type]
+            buffers["zero"],  # type: ignore[arg-type]
             self.slice_bits,
             self.slicer.group_size,
             k,
-            self.bias,
-            backend=getattr(self, "backend", "auto"),
-            weight=self.dequantized,
+            buffers.get("bias"),
+            backend=backend,
+            weight=lambda kk: self.dense_view(kk, x.dtype),
+            matmul=matmul,
             **extra,
         )
+
+    def int4_views(self) -> Any:
+        """The views of this packed layer as int4 packs for the CPU (``kernels.cpu_int4.Int4Views``), built view by
+        view on first use and kept until the codes, steps or device change."""
+        self._require_packed()
+        views = getattr(self, "_int4", None)
+        if views is None:
+            from ..kernels.cpu_int4 import Int4Views
+
+            views = Int4Views(
+                lambda: self.view_codes(self.num_slices),
+                self.scale,
+                self.zero,
+                self.slice_bits,
+                self.slicer.group_size,
+                self.in_features,
+            )
+            self._int4 = views
+        return views
 
     def bitplane_buffers(self) -> Any:
         """The one-bit plane kernel's buffers of this packed layer (``triton_bitplane.BitPlanes``), built on first

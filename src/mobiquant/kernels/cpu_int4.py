@@ -1,0 +1,143 @@
+"""Packed views on the CPU through ATen's weight-only int4 matmul (``_weight_int4pack_mm_for_cpu``): decode that
+reads 4 or 8 bits a weight instead of a dense bf16 view's 16.
+
+The op multiplies bf16 activations by 4-bit codes ``q`` read as ``(q - 8) scale + zero`` per group of ``g`` inputs
+(``g`` 32-256) and output row. A view of the package reads ``W_k = a C_k + b`` per row and group (``a = s / 2^B``,
+``b = -a (2^B z + (2^B - 1) / 2)``, :func:`mobiquant.kernels.dequantize_reference`), so:
+
+* a view of at most 4 bits is one int4 matmul of its codes;
+* a view of 5-8 bits is two: its top 4 bits ``H = C_k >> r`` and the ``r = bits - 4`` bits below them ``L``
+  (``C_k = 2^r H + L``), read with steps ``2^r a`` and ``a``, the offset ``b`` with ``H``.
+
+A code ``c`` of ``w`` bits is packed as ``c + 8 - 2^(w - 1)``, centred on the op's 8, so that the op's ``zero``
+(``offset + 2^(w - 1) scale``) stays near the group's centre, where bf16 holds it finely.
+
+The codes are windows of the layer's full code (views are its prefixes), so the top-4-bit window is one pack shared
+by every view of 4 bits or more. Packs are built on a view's first use and kept by the layer
+(:class:`Int4Views`). Measured on this project's 2-core CPU (docs/RESULTS.md "Decode on the CPU").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+#: the int4 op's group sizes, largest first
+_OP_GROUPS = (256, 128, 64, 32)
+
+
+_AVAILABLE: bool | None = None
+
+
+def available() -> bool:
+    """Whether this torch has the CPU int4 weight-only matmul (checked once)."""
+    global _AVAILABLE
+    if _AVAILABLE is None:
+        ops = torch.ops.aten
+        _AVAILABLE = hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")
+    return _AVAILABLE
+
+
+def op_group(in_features: int, group_size: int) -> int | None:
+    """The op's group: the largest of 256, 128, 64, 32 dividing both the inputs and the layer's group size (each of
+    the layer's groups is then whole sub-groups of the op's); None when none does."""
+    for g in _OP_GROUPS:
+        if in_features % g == 0 and group_size % g == 0:
+            return g
+    return None
+
+
+def usable(x: torch.Tensor, out_features: int, in_features: int, group_size: int, view_bits: int) -> bool:
+    """Whether ``x W^T`` of a view of ``view_bits`` bits can take the int4 op: a bf16 input on the CPU that needs no
+    gradient, rows a multiple of 16, inputs and group size sharing a group of 32-256, a view of at most 8 bits."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.bfloat16
+        and not (torch.is_grad_enabled() and x.requires_grad)
+        and out_features % 16 == 0
+        and view_bits <= 8
+        and op_group(in_features, group_size) is not None
+        and available()
+    )
+
+
+class Int4Views:
+    """One packed layer's views as int4 packs (built on first use, kept): ``matmul(x2, k)`` = ``x2 W_k^T``.
+
+    ``codes``: a callable giving the layer's full code ``[out, in]`` (every slice, base first: ``view_codes`` of the
+    last view), read when a pack is built; ``scale``/``zero``: the layer's step and zero point (shared ``[out, G]``
+    or per view ``[views, out, G]``)."""
+
+    def __init__(
+        self,
+        codes,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        slice_bits: Sequence[int],
+        group_size: int,
+        in_features: int,
+    ):
+        self._codes_fn = codes
+        self.scale, self.zero = scale, zero
+        self.slice_bits = tuple(int(b) for b in slice_bits)
+        self.total = sum(self.slice_bits)
+        self.group_size, self.in_features = group_size, in_features
+        g = op_group(in_features, group_size)
+        if g is None:
+            raise ValueError(f"no int4 group of 32-256 divides {in_features} inputs and groups of {group_size}")
+        self.g = g
+        self._packs: dict[tuple[int, int], torch.Tensor] = {}  # code window (top bit, width) -> int4 pack
+        self._parts: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # view -> (pack, scales and zeros)
+
+    def view_bits(self, k: int) -> int:
+        return sum(self.slice_bits[:k])
+
+    def _pack(self, start: int, width: int) -> torch.Tensor:
+        """The int4 pack of bits ``start .. start + width`` (from the top) of the full code."""
+        key = (start, width)
+        if key not in self._packs:  # the full code is read again for each pack (a few a layer), not kept
+            c = (self._codes_fn().to(torch.int64) >> (self.total - start - width)) & ((1 << width) - 1)
+            c = c + 8 - (1 << (width - 1))  # centred on the op's 8: its zeros stay small, exact in bf16
+            self._packs[key] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(c.to(torch.int32).contiguous(), 1)
+        return self._packs[key]
+
+    def _sz(self, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """``[in / g, out, 2]`` bf16 of per-group ``scale``/``zero`` ``[out, G]`` (each group repeated over its
+        sub-groups of the op)."""
+        rep = self.group_size // self.g
+        n_sub = self.in_features // self.g
+        s = scale.repeat_interleave(rep, dim=1)[:, :n_sub]
+        z = zero.repeat_interleave(rep, dim=1)[:, :n_sub]
+        return torch.stack([s.t(), z.t()], -1).to(torch.bfloat16).contiguous()
+
+    def parts(self, k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """View ``k``'s int4 matmuls: ``[(pack, scales and zeros)]``, one for at most 4 bits, two above."""
+        if k not in self._parts:
+            from . import view_pair
+
+            bits = self.view_bits(k)
+            if bits > 8:
+                raise ValueError(f"view {k} reads {bits} bits: the int4 path serves views of at most 8")
+            s, z = view_pair(self.scale, self.zero, k, len(self.slice_bits))
+            shift = sum(self.slice_bits[1:k])
+            a = s.double() / 2**shift
+            b = -a * (2**shift * z.double() + (2**shift - 1) / 2)
+            if bits <= 4:  # a code c of w bits is packed as c + 8 - 2^(w - 1): c scale + off = (q - 8) scale + zero
+                parts = [(self._pack(0, bits), self._sz(a, b + 2 ** (bits - 1) * a))]
+            else:
+                r = bits - 4
+                hi = a * 2**r
+                lo = (self._pack(4, r), self._sz(a, 2 ** (r - 1) * a))
+                parts = [(self._pack(0, 4), self._sz(hi, b + 8 * hi)), lo]
+            self._parts[k] = parts
+        return self._parts[k]
+
+    def matmul(self, x2: torch.Tensor, k: int) -> torch.Tensor:
+        """``x2 W_k^T`` for bf16 rows ``x2 [M, in]``."""
+        y = None
+        for pack, sz in self.parts(k):
+            part = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, pack, self.g, sz)
+            y = part if y is None else y + part
+        assert y is not None
+        return y

@@ -1,0 +1,113 @@
+"""Packed views on the CPU through ATen's int4 matmul (``mobiquant.kernels.cpu_int4``): every view of every layout
+equals the dense view it replaces (to bf16's rounding), a packed layer in bf16 on the CPU takes it by itself (static
+views, per-token views, a bias), and everything it cannot serve keeps the dense path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mobiquant.kernels import cpu_int4
+from mobiquant.nn.linear import MoBiLinear
+
+pytestmark = pytest.mark.skipif(not cpu_int4.available(), reason="this torch has no CPU int4 matmul")
+
+
+def packed_layer(n_in, n_out, slice_bits, view_steps, bias=True, seed=0, group_size=128):
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(n_in, n_out, bias=bias)
+    m = MoBiLinear.from_linear(lin, slice_bits=slice_bits, group_size=group_size, view_steps=view_steps)
+    m.freeze()
+    return m.to(torch.bfloat16)
+
+
+def rel_err(y, ref):
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize(
+    "n_in,n_out,slice_bits,view_steps",
+    [
+        (576, 192, (3, 1, 1, 1, 1, 1), True),  # SmolLM2's k/v: 576 inputs, groups of 128 read as 64s
+        (1536, 576, (2, 2, 2, 2), False),  # a 2-bit base, one pair for every view
+        (320, 64, (3, 1, 1, 1, 1, 1), False),  # a last group of 64
+        (256, 48, (4, 4), True),  # a 4-bit view and an 8-bit one
+    ],
+)
+def test_every_view_matches_the_dense_view(n_in, n_out, slice_bits, view_steps):
+    m = packed_layer(n_in, n_out, slice_bits, view_steps)
+    views = m.int4_views()
+    x = torch.randn(5, n_in).bfloat16()
+    with torch.no_grad():
+        for k in range(1, len(slice_bits) + 1):
+            ref = x.double() @ m.dequantized(k).double().t()
+            y = views.matmul(x, k)
+            assert y.shape == (5, n_out) and y.dtype == torch.bfloat16
+            assert rel_err(y, ref) < 6e-3, (k, rel_err(y, ref))
+            assert len(views.parts(k)) == (1 if sum(slice_bits[:k]) <= 4 else 2)
+    # the top-4-bit window is one pack, shared by every view of 4 bits or more
+    wide = [k for k in range(1, len(slice_bits) + 1) if sum(slice_bits[:k]) >= 4]
+    assert len({id(views.parts(k)[0][0]) for k in wide}) == 1
+
+
+def test_a_packed_layer_in_bf16_takes_it_static_and_per_token():
+    m = packed_layer(576, 1536, (3, 1, 1, 1, 1, 1), True)
+    x = torch.randn(2, 3, 576).bfloat16()
+    with torch.no_grad():
+        for k in (1, 2, 6):
+            m.set_static(k)
+            y = m(x)
+            assert m._int4 is not None and k in m._int4._parts  # the int4 path served it
+            ref = x.double() @ m.dequantized(k).double().t() + m.bias.double()
+            assert rel_err(y, ref) < 6e-3
+        # per-token views (a router's choice): each token's rows by its own view, as the dense path groups them
+        from mobiquant import kernels
+
+        ks = torch.tensor([[1, 6, 2], [2, 2, 4]])
+        planes = [m.plane(e) for e in range(m.num_slices)]
+        args = (x, planes, m.scale, m.zero, m.slice_bits, 128, ks, m.bias)
+        y = kernels.bitplane_linear(*args, weight=m.dequantized, matmul=m.int4_views().matmul)
+        yd = kernels.bitplane_linear(*args, weight=m.dequantized)
+        for t in range(3):
+            ref = x[:, t].double() @ m.dequantized(int(ks[0, t])).double().t() + m.bias.double()
+            assert rel_err(y[0, t], ref[0]) < 6e-3
+        assert rel_err(y, yd.double()) < 6e-3
+
+
+def test_what_it_cannot_serve_keeps_the_dense_path():
+    x = torch.randn(1, 576).bfloat16()
+    assert cpu_int4.usable(x, 192, 576, 128, 8)
+    assert not cpu_int4.usable(x.float(), 192, 576, 128, 8)  # fp32: the op's fp32 kernel is slower than dense
+    assert not cpu_int4.usable(x, 200, 576, 128, 8)  # rows not a multiple of 16
+    assert not cpu_int4.usable(x, 192, 576, 128, 9)  # a view of more than 8 bits
+    assert not cpu_int4.usable(torch.randn(1, 100).bfloat16(), 192, 100, 100, 4)  # no group of 32-256 divides
+    assert not cpu_int4.usable(x.requires_grad_(), 192, 576, 128, 8)  # gradients
+    assert cpu_int4.op_group(576, 128) == 64 and cpu_int4.op_group(4096, 128) == 128 and cpu_int4.op_group(96, 32) == 32
+    m = packed_layer(576, 200, (3, 1, 1, 1, 1, 1), True)
+    m.set_static(2)
+    with torch.no_grad():
+        y = m(torch.randn(1, 576).bfloat16())
+    assert m._int4 is None and y.shape == (1, 200)  # the dense view served
+    m = packed_layer(576, 192, (3, 1, 1, 1, 1, 1), True)
+    m.backend = "torch"  # the dense reference, asked for
+    with torch.no_grad():
+        m(torch.randn(1, 576).bfloat16())
+    assert m._int4 is None
+
+
+def test_packs_follow_the_steps_and_the_device():
+    """A change of the steps (the per-view pair blended, as calibration does) or a move drops the packs."""
+    m = packed_layer(576, 192, (3, 1, 1, 1, 1, 1), True)
+    m.set_static(2)
+    x = torch.randn(1, 576).bfloat16()
+    with torch.no_grad():
+        m(x)
+        assert m._int4 is not None
+        m.scale.mul_(2)
+        m.clear_cache()
+        assert m._int4 is None
+        y = m(x)
+        ref = x.double() @ m.dequantized(2).double().t() + m.bias.double()
+        assert rel_err(y, ref) < 6e-3
+    m.to(torch.float32)
+    assert m._int4 is None
