@@ -702,6 +702,15 @@ def test_task_decode_from_a_saved_checkpoint(tmp_path, monkeypatch):
     decode.run(cfg)
     df = pd.read_csv(tmp_path / "run" / "decode.csv")
     assert df["method"].tolist() == ["ckpt"] and df["budget"].tolist() == [3.0]
+    # with the fp row first (the default) the checkpoint's model is still all quantized: the fp row's fused inputs
+    # once put the base model's own MLP linears back into it (its MLPs then decoded in full precision)
+    cfg = decode_cfg(tmp_path / "with_fp", f"decode.checkpoint={tmp_path / 'ckpt'}", "decode.budgets=[3]")
+    assert cfg.decode.fp and cfg.decode.fuse_inputs
+    decode.run(cfg)
+    with_fp = pd.read_csv(tmp_path / "with_fp" / "run" / "decode.csv")
+    assert with_fp["method"].tolist() == ["fp", "ckpt"]
+    assert with_fp["routers_run"].iloc[1] == df["routers_run"].iloc[0] == 8  # both MLP routers of a layer too
+    assert with_fp["avg_bits"].iloc[1] == pytest.approx(df["avg_bits"].iloc[0])
     cfg = decode_cfg(tmp_path, f"decode.checkpoint={tmp_path / 'ckpt'}", "decode.budgets=[9]")
     with pytest.raises(ValueError, match=r"outside what checkpoint .* serves"):
         decode.run(cfg)

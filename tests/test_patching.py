@@ -393,3 +393,22 @@ def test_budget_thresholds_split_across_ranks_match_one_process(tmp_path):
         assert split.keys() == alone.keys() and len(alone) > 0
         for name in alone:
             torch.testing.assert_close(split[name], alone[name], rtol=1e-6, atol=1e-7)
+
+
+def test_fused_inputs_keep_the_linears_quantized_since(tiny_llama):
+    """A model whose inputs were fused before it was quantized (the FP model's decode row, then a copy of it loaded
+    with a checkpoint): fusing again, or undoing it, keeps the MLPs' quantized linears, not the FP ones the fused
+    modules were made from."""
+    from mobiquant.patching import fuse_inputs
+
+    assert fuse_inputs(tiny_llama) > 0
+    q = copy.deepcopy(tiny_llama)
+    mq.quantize_model(q, mq.MoBiConfig(group_size=64))
+    assert len(list(mobi_linears(q))) == 14
+    assert fuse_inputs(q) > 0
+    assert len(list(mobi_linears(q))) == 14
+    fuse_inputs(q, enable=False)
+    mlp = q.model.layers[0].mlp
+    assert type(mlp).__name__ == "LlamaMLP" and all(
+        isinstance(getattr(mlp, p), MoBiLinear) for p in ("gate_proj", "up_proj", "down_proj")
+    )

@@ -258,10 +258,13 @@ def fuse_inputs(model: nn.Module, enable: bool = True) -> int:
     Returns the number of modules fused."""
     import torch.nn.functional as F
 
-    from .nn.fused import FusedGatedMLP, FusedRMSNorm
+    from .nn.fused import PARTS, FusedGatedMLP, FusedRMSNorm
 
     for name, mod in list(model.named_modules()):
         if isinstance(mod, (FusedRMSNorm, FusedGatedMLP)):
+            if isinstance(mod, FusedGatedMLP):  # its linears as they are now (quantized since it was made, say)
+                for attr in PARTS:
+                    setattr(mod.original, attr, getattr(mod, attr))
             _set_submodule(model, name, mod.original)
     if not enable:
         return 0
