@@ -472,3 +472,25 @@ def test_static_share_counts_the_linears_a_threshold_fixes():
     members = sum(m.router is router for _, m in named)
     assert (row["routers"], row["routers_fixed"], row["routers_launched"]) == (routers, 1, 0)
     assert row["static_by_threshold"] == len(named) - members
+
+
+def test_cpu_decode_dry_run(tmp_path):
+    """``cpu_decode.py --dry-run``: the FP rows, then each budget and view on the int4 path and the dense one, in a
+    table with each row against the bf16 and fp32 FP model."""
+    import cpu_decode
+
+    assert cpu_decode.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    df = pd.read_csv(tmp_path / "cpu_decode.csv")
+    assert df["row"].tolist() == [
+        "fp bf16",
+        "fp fp32",
+        "budget 3 [int4]",
+        "budget 3 [dense]",
+        "budget 4 [int4]",
+        "budget 4 [dense]",
+        "static 3 bits (k=1) [int4]",
+        "static 3 bits (k=1) [dense]",
+    ]
+    assert df["x_bf16"].iloc[0] == 1.0 and df["x_fp32"].iloc[1] == 1.0 and (df["us_per_token"] > 0).all()
+    with pytest.raises(SystemExit):
+        cpu_decode.main(["--dry-run", "--budgets", "x"])
