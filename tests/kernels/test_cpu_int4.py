@@ -111,3 +111,14 @@ def test_packs_follow_the_steps_and_the_device():
         assert rel_err(y, ref) < 6e-3
     m.to(torch.float32)
     assert m._int4 is None
+
+
+def test_packs_made_in_inference_mode_serve_outside_it():
+    m = packed_layer(576, 192, (3, 1, 1, 1, 1, 1), True)
+    m.set_static(3)
+    x = torch.randn(1, 576).bfloat16()
+    with torch.inference_mode():
+        y0 = m(x)
+    assert not any(t.is_inference() for pack, sz in m.int4_views().parts(3) for t in (pack, sz))
+    with torch.no_grad():
+        assert torch.equal(m(x), y0)

@@ -114,24 +114,25 @@ class Int4Views:
     def parts(self, k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """View ``k``'s int4 matmuls: ``[(pack, scales and zeros)]``, one for at most 4 bits, two above."""
         if k not in self._parts:
-            from . import view_pair
-
-            bits = self.view_bits(k)
-            if bits > 8:
-                raise ValueError(f"view {k} reads {bits} bits: the int4 path serves views of at most 8")
-            s, z = view_pair(self.scale, self.zero, k, len(self.slice_bits))
-            shift = sum(self.slice_bits[1:k])
-            a = s.double() / 2**shift
-            b = -a * (2**shift * z.double() + (2**shift - 1) / 2)
-            if bits <= 4:  # a code c of w bits is packed as c + 8 - 2^(w - 1): c scale + off = (q - 8) scale + zero
-                parts = [(self._pack(0, bits), self._sz(a, b + 2 ** (bits - 1) * a))]
-            else:
-                r = bits - 4
-                hi = a * 2**r
-                lo = (self._pack(4, r), self._sz(a, 2 ** (r - 1) * a))
-                parts = [(self._pack(0, 4), self._sz(hi, b + 8 * hi)), lo]
-            self._parts[k] = parts
+            with torch.inference_mode(False), torch.no_grad():  # kept: usable in and out of inference mode
+                self._parts[k] = self._build(k)
         return self._parts[k]
+
+    def _build(self, k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        from . import view_pair
+
+        bits = self.view_bits(k)
+        if bits > 8:
+            raise ValueError(f"view {k} reads {bits} bits: the int4 path serves views of at most 8")
+        s, z = view_pair(self.scale, self.zero, k, len(self.slice_bits))
+        shift = sum(self.slice_bits[1:k])
+        a = s.double() / 2**shift
+        b = -a * (2**shift * z.double() + (2**shift - 1) / 2)
+        if bits <= 4:  # a code c of w bits is packed as c + 8 - 2^(w - 1): c scale + off = (q - 8) scale + zero
+            return [(self._pack(0, bits), self._sz(a, b + 2 ** (bits - 1) * a))]
+        r = bits - 4
+        hi = a * 2**r
+        return [(self._pack(0, 4), self._sz(hi, b + 8 * hi)), (self._pack(4, r), self._sz(a, 2 ** (r - 1) * a))]
 
     def matmul(self, x2: torch.Tensor, k: int) -> torch.Tensor:
         """``x2 W_k^T`` for bf16 rows ``x2 [M, in]``."""
