@@ -934,6 +934,13 @@ def run(cfg) -> float:
         base, tokenizer = ses.load()
         out_dir, tracker = ses.out_dir, ses.tracker
         device = next(base.parameters()).device
+        dtype = next(base.parameters()).dtype
+        if device.type == "cpu" and dtype != torch.bfloat16:
+            log.info(
+                "decode on the CPU in %s: packed views run as dense matmuls; in bf16 (model.dtype=bfloat16) they run "
+                "as int4 matmuls, 1.6-1.9x the FP model on 2 cores (docs/RESULTS.md 'Decode on the CPU')",
+                str(dtype).removeprefix("torch."),
+            )
 
         def variants():
             if s["fp"]:
