@@ -25,6 +25,11 @@ import torch
 
 #: the int4 op's group sizes, largest first
 _OP_GROUPS = (256, 128, 64, 32)
+#: Tokens a forward may hold to take the int4 matmuls: decode and small batches. Above it the dense view's GEMM
+#: is as fast or faster: on this project's 2-core CPU, SmolLM2's shapes (576 x 1536, 1536 x 576, 192 x 576), the dense
+#: bf16 matmul took 1.5-3.7x the int4 op's time at 1-4 tokens, 0.8-2.4x at 6-12, 0.4-0.6x at 64-2048 (a prefill, an
+#: evaluation window)
+MAX_TOKENS = 4
 
 
 _AVAILABLE: bool | None = None
@@ -49,10 +54,12 @@ def op_group(in_features: int, group_size: int) -> int | None:
 
 
 def usable(x: torch.Tensor, out_features: int, in_features: int, group_size: int, view_bits: int) -> bool:
-    """Whether ``x W^T`` of a view of ``view_bits`` bits can take the int4 op: a bf16 input on the CPU that needs no
-    gradient, rows a multiple of 16, inputs and group size sharing a group of 32-256, a view of at most 8 bits."""
+    """Whether ``x W^T`` of a view of ``view_bits`` bits can take the int4 op: a bf16 input on the CPU of at most
+    :data:`MAX_TOKENS` tokens that needs no gradient, rows a multiple of 16, inputs and group size sharing a group of
+    32-256, a view of at most 8 bits."""
     return (
-        x.device.type == "cpu"
+        x.numel() <= MAX_TOKENS * x.shape[-1]
+        and x.device.type == "cpu"
         and x.dtype == torch.bfloat16
         and not (torch.is_grad_enabled() and x.requires_grad)
         and out_features % 16 == 0

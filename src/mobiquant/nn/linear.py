@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels import cpu_int4
 from ..quant.packing import pack_codes, packed_width, unpack_codes
 from ..quant.primitives import from_groups, num_groups
 from ..quant.slicer import ResidualSlicer
@@ -473,13 +474,16 @@ class MoBiLinear(nn.Module):
         shape, group, widest view) is kept after the first call."""
         ok = self.__dict__.get("_int4_ok")
         if ok is None:
-            from ..kernels import cpu_int4
-
             probe = torch.empty(0, self.in_features, dtype=torch.bfloat16)
             ok = self._int4_ok = cpu_int4.usable(
                 probe, self.out_features, self.in_features, self.slicer.group_size, sum(self.slice_bits)
             )
-        return ok and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled())
+        return (
+            ok
+            and x.numel() <= cpu_int4.MAX_TOKENS * x.shape[-1]
+            and x.device.type == "cpu"
+            and not (x.requires_grad and torch.is_grad_enabled())
+        )
 
     def int4_views(self) -> Any:
         """The views of this packed layer as int4 packs for the CPU (``kernels.cpu_int4.Int4Views``), built view by

@@ -938,7 +938,7 @@ def run(cfg) -> float:
         if device.type == "cpu" and dtype != torch.bfloat16:
             log.info(
                 "decode on the CPU in %s: packed views run as dense matmuls; in bf16 (model.dtype=bfloat16) they run "
-                "as int4 matmuls, 1.6-1.9x the FP model on 2 cores (docs/RESULTS.md 'Decode on the CPU')",
+                "as int4 matmuls, 1.6-1.9x the FP model at 3-4 bits on 2 cores (docs/RESULTS.md 'Decode on the CPU')",
                 str(dtype).removeprefix("torch."),
             )
 
