@@ -21,6 +21,12 @@ def packed_layer(n_in, n_out, slice_bits, view_steps, bias=True, seed=0, group_s
     return m.to(torch.bfloat16)
 
 
+def dense_ref(m, x, k, bias=True):
+    """``x W_k^T (+ bias)`` in float64 from the layer's dense view ``k``."""
+    ref = x.double() @ m.dequantized(k).double().t()
+    return ref + m.bias.double() if bias else ref
+
+
 def rel_err(y, ref):
     return ((y.double() - ref).norm() / ref.norm()).item()
 
@@ -40,7 +46,7 @@ def test_every_view_matches_the_dense_view(n_in, n_out, slice_bits, view_steps):
     x = torch.randn(5, n_in).bfloat16()
     with torch.no_grad():
         for k in range(1, len(slice_bits) + 1):
-            ref = x.double() @ m.dequantized(k).double().t()
+            ref = dense_ref(m, x, k, bias=False)
             y = views.matmul(x, k)
             assert y.shape == (5, n_out) and y.dtype == torch.bfloat16
             assert rel_err(y, ref) < 6e-3, (k, rel_err(y, ref))
@@ -58,7 +64,7 @@ def test_a_packed_layer_in_bf16_takes_it_static_and_per_token():
             m.set_static(k)
             y = m(x)
             assert m._int4 is not None and k in m._int4._parts  # the int4 path served it
-            ref = x.double() @ m.dequantized(k).double().t() + m.bias.double()
+            ref = dense_ref(m, x, k)
             assert rel_err(y, ref) < 6e-3
         # per-token views (a router's choice): each token's rows by its own view, as the dense path groups them
         from mobiquant import kernels
@@ -69,7 +75,7 @@ def test_a_packed_layer_in_bf16_takes_it_static_and_per_token():
         y = kernels.bitplane_linear(*args, weight=m.dequantized, matmul=m.int4_views().matmul)
         yd = kernels.bitplane_linear(*args, weight=m.dequantized)
         for t in range(2):
-            ref = x[0, t].double() @ m.dequantized(int(ks[0, t])).double().t() + m.bias.double()
+            ref = dense_ref(m, x[0, t], int(ks[0, t]))
             assert rel_err(y[0, t], ref) < 6e-3
         assert rel_err(y, yd.double()) < 6e-3
 
@@ -113,7 +119,7 @@ def test_packs_follow_the_steps_and_the_device():
         m.clear_cache()
         assert m._int4 is None
         y = m(x)
-        ref = x.double() @ m.dequantized(2).double().t() + m.bias.double()
+        ref = dense_ref(m, x, 2)
         assert rel_err(y, ref) < 6e-3
     m.to(torch.float32)
     assert m._int4 is None

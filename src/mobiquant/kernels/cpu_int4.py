@@ -53,20 +53,27 @@ def op_group(in_features: int, group_size: int) -> int | None:
     return None
 
 
+def layer_fits(out_features: int, in_features: int, group_size: int, view_bits: int) -> bool:
+    """The layer's part of :func:`usable` (fixed for a layer, so a layer keeps it): rows a multiple of 16, inputs
+    and group size sharing a group of 32-256, a view of at most 8 bits, and the op present."""
+    return out_features % 16 == 0 and view_bits <= 8 and op_group(in_features, group_size) is not None and available()
+
+
+def input_fits(x: torch.Tensor) -> bool:
+    """The input's part of :func:`usable`: bf16 on the CPU, at most :data:`MAX_TOKENS` tokens, no gradient asked."""
+    return (
+        x.dtype == torch.bfloat16
+        and x.numel() <= MAX_TOKENS * x.shape[-1]
+        and x.device.type == "cpu"
+        and not (torch.is_grad_enabled() and x.requires_grad)
+    )
+
+
 def usable(x: torch.Tensor, out_features: int, in_features: int, group_size: int, view_bits: int) -> bool:
     """Whether ``x W^T`` of a view of ``view_bits`` bits can take the int4 op: a bf16 input on the CPU of at most
     :data:`MAX_TOKENS` tokens that needs no gradient, rows a multiple of 16, inputs and group size sharing a group of
     32-256, a view of at most 8 bits."""
-    return (
-        x.numel() <= MAX_TOKENS * x.shape[-1]
-        and x.device.type == "cpu"
-        and x.dtype == torch.bfloat16
-        and not (torch.is_grad_enabled() and x.requires_grad)
-        and out_features % 16 == 0
-        and view_bits <= 8
-        and op_group(in_features, group_size) is not None
-        and available()
-    )
+    return input_fits(x) and layer_fits(out_features, in_features, group_size, view_bits)
 
 
 class Int4Views:

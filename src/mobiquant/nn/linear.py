@@ -451,7 +451,7 @@ class MoBiLinear(nn.Module):
         self._count(k, n_tokens)
         planes = [self.plane(e) for e in range(self.num_slices)]
         matmul = None
-        if not extra and backend == "auto" and x.dtype == torch.bfloat16 and self._int4_serves(x, k):
+        if not extra and backend == "auto" and self._int4_serves(x):
             matmul = self.int4_views().matmul  # on the CPU: int4 matmuls of the views
         buffers = self._buffers
         return kernels.bitplane_linear(
@@ -469,21 +469,15 @@ class MoBiLinear(nn.Module):
             **extra,
         )
 
-    def _int4_serves(self, x: torch.Tensor, k: Any) -> bool:
-        """Whether the int4 matmuls (``kernels.cpu_int4``) serve ``x`` at ``k``; the layer's part of the answer (its
+    def _int4_serves(self, x: torch.Tensor) -> bool:
+        """Whether the int4 matmuls (``kernels.cpu_int4.usable``) serve ``x``; the layer's part of the answer (its
         shape, group, widest view) is kept after the first call."""
         ok = self.__dict__.get("_int4_ok")
         if ok is None:
-            probe = torch.empty(0, self.in_features, dtype=torch.bfloat16)
-            ok = self._int4_ok = cpu_int4.usable(
-                probe, self.out_features, self.in_features, self.slicer.group_size, sum(self.slice_bits)
+            ok = self._int4_ok = cpu_int4.layer_fits(
+                self.out_features, self.in_features, self.slicer.group_size, sum(self.slice_bits)
             )
-        return (
-            ok
-            and x.numel() <= cpu_int4.MAX_TOKENS * x.shape[-1]
-            and x.device.type == "cpu"
-            and not (x.requires_grad and torch.is_grad_enabled())
-        )
+        return ok and cpu_int4.input_fits(x)
 
     def int4_views(self) -> Any:
         """The views of this packed layer as int4 packs for the CPU (``kernels.cpu_int4.Int4Views``), built view by
