@@ -16,6 +16,7 @@ one-bit plane kernel; the chunk loop of the field kernel). This is the feedback 
     python benchmarks/offline_sass.py --routed --site 3 --router-in-launch  # ... and their router in it too
     python benchmarks/offline_sass.py --k 2 --whole-k --in-features 576    # a row block over all of K at once
     python benchmarks/offline_sass.py --k 2 --n 14336 --stages 3           # the group loop pipelined (cp.async)
+    python benchmarks/offline_sass.py --tokens 6 --device-k                # the small-batch kernel, 6 tokens
     python benchmarks/offline_sass.py --router rms_norm --router-tiling 16,4,256 --in-features 4096  # router kernel
 """
 
@@ -40,6 +41,7 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 from mobiquant.kernels import triton_bitplane as tb  # noqa: E402
+from mobiquant.quant.packing import pack_codes  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -145,6 +147,9 @@ def main(argv=None):
     ap.add_argument("--k", type=int, default=1, help="the view (ignored with --device-k)")
     ap.add_argument("--device-k", action="store_true", help="k read on the device (one body per view)")
     ap.add_argument("--fields", action="store_true", help="version 6's field kernel instead (one slice width)")
+    ap.add_argument(
+        "--tokens", type=int, default=1, help="2-16: the small-batch kernel (path 'small') for this many tokens instead"
+    )
     ap.add_argument("--n", type=int, default=4096, help="rows")
     ap.add_argument("--in-features", type=int, default=4096)
     ap.add_argument("--block-n", type=int, default=None)
@@ -191,8 +196,18 @@ def main(argv=None):
     if a.device_k:
         tb._host_k_range = lambda k_t: None
         k = torch.tensor([1], dtype=torch.int32)
-    x = torch.zeros(1, K, dtype=torch.float16)
-    if a.fields:
+    x = torch.zeros(max(a.tokens, 1), K, dtype=torch.float16)
+    if a.tokens > 1:
+        if a.device_k:
+            k = torch.ones(a.tokens, dtype=torch.int32)
+        planes = [pack_codes(torch.zeros(N, K, dtype=torch.int32), b) for b in bits]
+        scale = torch.zeros(N, -(-K // group), dtype=torch.float16)
+        name = "_bp_small_kernel"
+        fn, grid, args, kw = record(
+            name, lambda: tb.bitplane_linear(x, planes, scale, scale, bits, group, k, path="small")
+        )
+        codes = kw["BLOCK_N"] * kw["BLOCK_K"] / (32 * kw["num_warps"])  # a thread's codes a chunk, every token
+    elif a.fields:
         planes = [torch.zeros(N, K // (32 // b), dtype=torch.int32) for b in bits]
         scale = torch.zeros(N, K // group, dtype=torch.float16)
         cfg = tb.SmallConfig(fields=True, block_n=a.block_n, block_k=a.block_k, num_warps=a.warps)
@@ -248,7 +263,7 @@ def main(argv=None):
         Path(a.save + ".ptx").write_text(ck.asm["ptx"])
     how = "k counted from gate values" if a.routed else ("k on the device" if a.device_k else f"k={a.k}")
     how += ", the router in the launch" * a.router_in_launch
-    label = f"{name} slices {a.slices} {how}, {a.site} layer(s), grid {grid}"
+    label = f"{name} slices {a.slices} {how}, {a.site} layer(s), {a.tokens} token(s), grid {grid}"
     report(sass, res, codes, label)
     print(f"  shared memory at launch (static + the pipeliner's buffers): {ck.metadata.shared} B")
     return 0

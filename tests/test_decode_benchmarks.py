@@ -244,6 +244,28 @@ def test_one_bit_plane_kernel_compiles_for_sm90(args):
     assert "_bp_gemv_bits_kernel" in run.stdout and "stack 0 B" in run.stdout, run.stdout
 
 
+@pytest.mark.parametrize("args", [["--tokens", "6", "--device-k"], ["--tokens", "16", "--k", "3"]], ids=" ".join)
+def test_small_batch_kernel_compiles_for_sm90(args):
+    """The small-batch kernel (2-16 tokens) on the default layout compiles for sm_90 without a GPU: its 3-bit base
+    plane gathers one word a column, and the power-of-two branch after it (a ``tl.arange`` of 6 words there) must not
+    be built; the interpreter never builds it and took this kernel to a GPU broken once (2026-12-05)."""
+    import os
+    import subprocess
+
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("this triton has no bundled CUDA tools")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "offline_sass.py"
+    shape = ["--slices", "3,1,1,1,1,1", "--n", "576", "--in-features", "576"]
+    run = subprocess.run(
+        [sys.executable, str(script), *shape, *args], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "_bp_small_kernel" in run.stdout and "HMMA" in run.stdout, run.stdout
+
+
 @pytest.mark.parametrize(
     "prologue,tiling,pdl",
     [

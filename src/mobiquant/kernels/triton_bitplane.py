@@ -156,13 +156,14 @@ def _load_words(
             other=0,
         )
         return (words >> ((cols % PER) * B)[None, :]) & ((1 << B) - 1)
-    NW: tl.constexpr = BLOCK_K // PER
-    w_idx = col0 // PER + tl.arange(0, NW)
-    ptrs = plane_ptr + rows[:, None].to(tl.int64) * WS + w_idx[None, :]
-    if EVEN_K:
-        return tl.load(ptrs, mask=row_mask[:, None], other=0)
-    n_words = (K_IN + PER - 1) // PER
-    return tl.load(ptrs, mask=row_mask[:, None] & (w_idx[None, :] < n_words), other=0)
+    else:  # an else, not code after the return: the compiler builds both (tl.arange wants a power of two)
+        NW: tl.constexpr = BLOCK_K // PER
+        w_idx = col0 // PER + tl.arange(0, NW)
+        ptrs = plane_ptr + rows[:, None].to(tl.int64) * WS + w_idx[None, :]
+        if EVEN_K:
+            return tl.load(ptrs, mask=row_mask[:, None], other=0)
+        n_words = (K_IN + PER - 1) // PER
+        return tl.load(ptrs, mask=row_mask[:, None] & (w_idx[None, :] < n_words), other=0)
 
 
 @triton.jit
@@ -212,19 +213,20 @@ def _expand_at(words, B: tl.constexpr, POS: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK: tl.constexpr = (1 << B) - 1
     if (PER & (PER - 1)) != 0:  # codes gathered one per column by _load_words
         return words << POS
-    if PER == 1:
-        codes = _ex1(words, 0, B, MASK, POS)
-    elif PER == 2:
-        codes = _ex2(words, 0, B, MASK, POS)
-    elif PER == 4:
-        codes = _ex4(words, 0, B, MASK, POS)
-    elif PER == 8:
-        codes = _ex8(words, 0, B, MASK, POS)
-    elif PER == 16:
-        codes = _ex16(words, 0, B, MASK, POS)
-    else:
-        codes = _ex32(words, 0, B, MASK, POS)
-    return tl.reshape(codes, (BLOCK_N, BLOCK_K))
+    else:  # (as in _load_words: code after a constexpr branch's return is built too)
+        if PER == 1:
+            codes = _ex1(words, 0, B, MASK, POS)
+        elif PER == 2:
+            codes = _ex2(words, 0, B, MASK, POS)
+        elif PER == 4:
+            codes = _ex4(words, 0, B, MASK, POS)
+        elif PER == 8:
+            codes = _ex8(words, 0, B, MASK, POS)
+        elif PER == 16:
+            codes = _ex16(words, 0, B, MASK, POS)
+        else:
+            codes = _ex32(words, 0, B, MASK, POS)
+        return tl.reshape(codes, (BLOCK_N, BLOCK_K))
 
 
 @triton.jit
