@@ -612,15 +612,18 @@ STACK_SWEEP = [
 ]
 
 
-def print_comparison(rows, t16):
-    """Static views and routed budgets: the library's default path beside the one-bit plane kernel."""
+def print_comparison(rows, t16, config=None):
+    """Static views and routed budgets: the library's default path beside the 'bitpl' rows: the one-bit plane kernel,
+    or ``config`` (a ``--bits-config`` text) when one was named."""
     by = {r["mode"] + f"@{r['budget']}": r for r in rows}
     print()
     print(
         f"# comparison, us/token (x fp16; fp16 cuBLAS {t16:.1f} us/token); "
         "targets: 4-bit view >= 3.0x, routed 4 >= 2.5x"
     )
-    print(f"{'row':14s} {'bits':>5s} {'default':>17s} {'one-bit planes':>17s}")
+    if config:
+        print(f"# right column: --bits-config {config}")
+    print(f"{'row':14s} {'bits':>5s} {'default':>17s} {'config' if config else 'one-bit planes':>17s}")
     for r in rows:
         if r["mode"].startswith("static k="):
             k = r["mode"].split("=", 1)[1]
@@ -817,7 +820,7 @@ def main(argv=None):
         else:
             bits_cfg = tb.SmallConfig(bitplanes=True)
         if bits_cfg is not None:
-            print(f"# one-bit plane kernel config: {bits_tag(bits_cfg)} (block_n/block_k/warps/waves; None: default)")
+            print(f"# 'bitpl' rows' config: {bits_tag(bits_cfg)} (block_n/block_k/warps/waves; None: default)")
 
     for k in range(1, ns + 1):
         bits = view_bits(k)
@@ -987,7 +990,7 @@ def main(argv=None):
         f"# decode at batch 1, {args.layers} LLaMA-3-8B-shaped layers (7 linears each), {dev}; "
         "package rows: x fp16 against 'package fp16'",
     )
-    print_comparison(rows, t16)
+    print_comparison(rows, t16, args.bits_config)
     if args.out:
         import csv
 

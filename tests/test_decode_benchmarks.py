@@ -180,7 +180,10 @@ def test_layout_option_and_bits_config(monkeypatch, capsys):
     ]
     decode_bench.print_comparison(rows, 400.0)
     out = capsys.readouterr().out
-    assert "100.0 ( 4.00x)" in out and "routed 4" in out
+    assert "100.0 ( 4.00x)" in out and "routed 4" in out and "one-bit planes" in out
+    decode_bench.print_comparison(rows, 400.0, ",,4,,0,,1,,0,0,0,1,,,-2")  # a named config heads its own column
+    out = capsys.readouterr().out
+    assert "--bits-config ,,4,,0,,1,,0,0,0,1,,,-2" in out and "one-bit planes" not in out
 
 
 def test_q_step_routes_static_runs_routers_or_takes_device_k():
