@@ -37,6 +37,8 @@
 #            2-16 tokens (what served them before), SmolLM2 and 8B shapes, graph-replayed (kernel_bench.py); first the
 #            GPU tests of those paths. On 2026-12-04 the tile kernel took 12 ms for SmolLM2's 210 linears at 6 tokens,
 #            cuBLAS 2.7
+#   int4mm   (only when named) torch's CUDA int4 weight-only matmul (tinygemm) beside fp16 cuBLAS and the package's 3-
+#            and 4-bit views, 1-16 tokens, 8B and SmolLM2 shapes (benchmarks/int4mm_bench.py)
 #   adjacent (only when named) benchmarks/step_overhead.py on the 8B-shaped model with the adjacent gate policy (the
 #            default configuration's): fp16, the static 4-bit view, routed budgets 3, 4 and 4.5
 #   solo     (only when named) the router tests compiled, then one router launch for one token on SmolLM2's inputs:
@@ -191,6 +193,8 @@ stage() {
         --graph --out "$RES/prompt"
       run_stage prompt_tile 900 "$PY" benchmarks/kernel_bench.py --slices 3,1,1,1,1,1 --shapes all --tokens 2,6,16 \
         --graph --path tile --no-deq --out "$RES/prompt_tile" ;;
+    int4mm)
+      run_stage int4mm 420 "$PY" benchmarks/int4mm_bench.py --out "$RES/int4mm" ;;
     adjacent)
       # the 8B-shaped model with quant=mobiquant's gate policy: budgets whose thresholds lie between bands run as
       # static views (no router launch), the fractional one keeps its routers; fp16 and the static 4-bit view beside
@@ -225,7 +229,7 @@ print(','.join(str(int(v)) for v in t))" "$RES/router_sweep/router_sweep.csv" 2>
       run_stage pattern 600 "$PY" benchmarks/stream_pattern.py --views 1,2,6 \
         --package-configs "$PATTERN_CONFIGS" --out "$RES/pattern" ;;
     *)
-      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package gluon fragment tma compile solo ckpt prefill prompt adjacent)" >&2
+      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
       return 2 ;;
   esac
 }
