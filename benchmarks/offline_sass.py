@@ -150,6 +150,7 @@ def main(argv=None):
     ap.add_argument(
         "--tokens", type=int, default=1, help="2-16: the small-batch kernel (path 'small') for this many tokens instead"
     )
+    ap.add_argument("--path", choices=("small", "tile"), default="small", help="with --tokens: the kernel")
     ap.add_argument("--n", type=int, default=4096, help="rows")
     ap.add_argument("--in-features", type=int, default=4096)
     ap.add_argument("--block-n", type=int, default=None)
@@ -202,9 +203,9 @@ def main(argv=None):
             k = torch.ones(a.tokens, dtype=torch.int32)
         planes = [pack_codes(torch.zeros(N, K, dtype=torch.int32), b) for b in bits]
         scale = torch.zeros(N, -(-K // group), dtype=torch.float16)
-        name = "_bp_small_kernel"
+        name = "_bp_small_kernel" if a.path == "small" else "_bp_tile_kernel"
         fn, grid, args, kw = record(
-            name, lambda: tb.bitplane_linear(x, planes, scale, scale, bits, group, k, path="small")
+            name, lambda: tb.bitplane_linear(x, planes, scale, scale, bits, group, k, path=a.path)
         )
         codes = kw["BLOCK_N"] * kw["BLOCK_K"] / (32 * kw["num_warps"])  # a thread's codes a chunk, every token
     elif a.fields:
