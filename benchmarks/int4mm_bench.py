@@ -81,14 +81,15 @@ def main(argv=None):
     for name, n_out, n_in in kb.SHAPE_SETS[a.shapes]:
         planes, scale, zero = kb.make_layer(n_out, n_in)
         w16 = (torch.randn(n_out, n_in, device="cuda") / math.sqrt(n_in)).half()
-        q, sz, wq = tinygemm_layer(n_out, n_in, kb.GROUP, gen)
+        g = next(g for g in (kb.GROUP, 64, 32) if n_in % g == 0)  # the op's groups must tile K (576: 64)
+        q, sz, wq = tinygemm_layer(n_out, n_in, g, gen)
         tiles = next(t for t in (8, 4, 2) if t <= a.inner_k_tiles and n_in % (16 * t) == 0)
         pack = None
         xc = torch.randn(4, n_in, device="cuda", dtype=torch.bfloat16)
         for packer in (tinygemm_pack, tinygemm_pack_low):
             try:
                 p, o = packer(q, tiles)
-                err = kb.rel_err(torch.ops.aten._weight_int4pack_mm(xc, p, kb.GROUP, sz), xc.float() @ wq.float().t())
+                err = kb.rel_err(torch.ops.aten._weight_int4pack_mm(xc, p, g, sz), xc.float() @ wq.float().t())
             except RuntimeError as exc:  # the op refused this shape or format
                 print(f"# {name}: {packer.__name__} failed: {str(exc).splitlines()[0]}")
                 continue
@@ -115,9 +116,14 @@ def main(argv=None):
                 row[f"ours{bits}_x_fp16"] = t16 / t
                 row[f"ours{bits}_pct_copy"] = 100 * nb / (t * 1e-6) / copy_bw
             if pack is not None:
-                tt = kb.bench(lambda xb=xb, p=pack, sz=sz: torch.ops.aten._weight_int4pack_mm(xb, p, kb.GROUP, sz))
-                nb4 = n_out * n_in / 2 + n_out * (n_in // kb.GROUP) * 4 + m * (n_in + n_out) * 2
-                row.update(int4mm_us=tt, int4mm_x_fp16=t16 / tt, int4mm_pct_copy=100 * nb4 / (tt * 1e-6) / copy_bw)
+                tt = kb.bench(lambda xb=xb, p=pack, sz=sz, g=g: torch.ops.aten._weight_int4pack_mm(xb, p, g, sz))
+                nb4 = n_out * n_in / 2 + n_out * (n_in // g) * 4 + m * (n_in + n_out) * 2
+                row.update(
+                    int4mm_group=g,
+                    int4mm_us=tt,
+                    int4mm_x_fp16=t16 / tt,
+                    int4mm_pct_copy=100 * nb4 / (tt * 1e-6) / copy_bw,
+                )
                 for k in views:
                     row[f"ours{kb.view_bits(k)}_x_int4mm"] = tt / row[f"ours{kb.view_bits(k)}_us"]
             rows.append(row)

@@ -147,9 +147,38 @@ def test_small_batch_on_the_default_layout(dtype, pairs, k_on, gen, monkeypatch)
     launched = []
     real = tb.bitplane_linear_small
     monkeypatch.setattr(tb, "bitplane_linear_small", lambda *a, **kw: launched.append(a[0].shape[0]) or real(*a, **kw))
-    check(randx(5, n_in, dtype, gen), planes, scale, zero, bits, group, 3)
+    check(randx(5, n_in, dtype, gen), planes, scale, zero, bits, group, torch.tensor([3, 1, 6, 3, 2]).to(DEVICE))
     check(randx(1, n_in, dtype, gen), planes, scale, zero, bits, group, 3)
     assert launched == [5]
+
+
+def test_auto_path_rule(gen, monkeypatch):
+    """'auto' on the default layout: one token the one-bit plane kernel; on CUDA one view of 2+ tokens and per-token
+    views of DEQUANT_MIN_TOKENS+ tokens dequantize then call cuBLAS (measured faster there on an H200), per-token views
+    of 2-16 tokens take the small-batch kernel; off CUDA no dequantize pass: the small-batch kernel up to 16 tokens,
+    tiles beyond. Every choice's output is checked against the reference."""
+    bits, group, n_out, n_in = DEFAULT_LAYOUT, 128, 64, 256
+    planes, scale, zero = make_layer(n_out, n_in, bits, group, gen)
+    taken = []
+    for name in ("bitplane_linear_bits", "bitplane_linear_small", "bitplane_linear_tiled", "bitplane_linear_dequant"):
+        real = getattr(tb, name)
+        monkeypatch.setattr(
+            tb, name, lambda *a, _n=name, _f=real, **kw: taken.append(_n.split("_")[-1]) or _f(*a, **kw)
+        )
+    big = tb.DEQUANT_MIN_TOKENS
+    cases = [(1, 3), (5, 3), (5, "mixed"), (big, 3), (big, "mixed")]
+    for m, k in cases:
+        kk = torch.randint(1, len(bits) + 1, (m,), generator=gen).to(DEVICE) if k == "mixed" else k
+        check(randx(m, n_in, torch.float16, gen), planes, scale, zero, bits, group, kk)
+    cuda = DEVICE == "cuda"
+    want = [
+        "bits",
+        "dequant" if cuda else "small",
+        "small",
+        "dequant" if cuda else "tiled",
+        "dequant" if cuda else "tiled",
+    ]
+    assert taken == want
 
 
 # ----------------------------------------------------------------- one token: field kernel vs concat
@@ -805,11 +834,17 @@ def test_tile_configs(gen):
     check(x, planes, scale, zero, bits, group, kt, path="tile")
 
 
-def test_dequantize_kernel(gen):
-    bits, group = (2, 2, 2, 2), 64
+@pytest.mark.parametrize(
+    "bits,group,block_k",
+    [((2, 2, 2, 2), 64, 128), (DEFAULT_LAYOUT, 128, 128), (DEFAULT_LAYOUT, 128, 64), (DEFAULT_LAYOUT, 64, 128)],
+    ids=["gathered-steps", "row-steps", "row-steps-half-group", "default-gathered"],
+)
+def test_dequantize_kernel(bits, group, block_k, gen):
+    """Every view of the dequantize pass, with a block of columns inside one group (one step a row, broadcast) and
+    across groups (a step an element); ragged K (a partial last group and word)."""
     planes, scale, zero = make_layer(40, 200, bits, group, gen)
-    for k in range(1, 5):
-        w = tb.dequantize(planes, scale, zero, bits, group, k, 200, dtype=torch.float32)
+    for k in range(1, len(bits) + 1):
+        w = tb.dequantize(planes, scale, zero, bits, group, k, 200, dtype=torch.float32, block_k=block_k)
         ref = dequantize_reference(planes, scale, zero, bits, group, k, 200)
         torch.testing.assert_close(w, ref, rtol=1e-6, atol=1e-6)
 

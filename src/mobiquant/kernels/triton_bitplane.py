@@ -48,8 +48,9 @@ Paths (``bitplane_linear(..., path=)``):
   through the permutation and scatters rows back in place; programs past the segment's end exit at once.
   No host synchronisation. Also the path for layouts the small kernels do not cover (codes per word not a
   power of two, group sizes without a power-of-two chunk).
-* ``dequant``: ``W_k`` by one Triton pass into a scratch buffer, then cuBLAS; 'auto' on CUDA from
-  ``DEQUANT_MIN_TOKENS`` tokens (faster than ``tile`` at prefill sizes in our H100 measurements).
+* ``dequant``: ``W_k`` by one Triton pass into a scratch buffer, then cuBLAS; 'auto' on CUDA for one view from 2
+  tokens, for per-token views from ``DEQUANT_MIN_TOKENS`` (measured faster than ``small`` and ``tile`` there on an
+  H200).
 
 Codes are split out of their words by a tree of ``tl.join`` (``_expand_at``), which keeps all codes of a
 word in the thread that loaded it.
@@ -2444,8 +2445,11 @@ def _bp_dequant_kernel(
     S7: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ROW_SCALE: tl.constexpr,
 ):
-    """``W_k`` ``[N, K_IN]`` written in ``w_ptr``'s dtype (the dequantize-then-matmul baseline)."""
+    """``W_k`` ``[N, K_IN]`` written in ``w_ptr``'s dtype (the dequantize-then-matmul path). ``ROW_SCALE``: a block's
+    columns lie in one group (``BLOCK_K`` divides ``GROUP``), so its steps and zero points are one per row, loaded
+    once and broadcast (else one gathered load per element)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col0 = tl.program_id(1) * BLOCK_K
     row_mask = rows < N
@@ -2466,9 +2470,14 @@ def _bp_dequant_kernel(
     if KSEL > 7:
         c = _tile_codes(c, p7, rows, row_mask, col0, K_IN, B7, BLOCK_N, BLOCK_K, S7)
     mask = row_mask[:, None] & (cols[None, :] < K_IN)
-    gidx = rows.to(tl.int64)[:, None] * N_GROUPS + (cols // GROUP)[None, :]
-    s = tl.load(scale_ptr + gidx, mask=mask, other=0.0).to(tl.float32)
-    z = tl.load(zero_ptr + gidx, mask=mask, other=0.0).to(tl.float32)
+    if ROW_SCALE:
+        ridx = rows.to(tl.int64) * N_GROUPS + col0 // GROUP
+        s = tl.load(scale_ptr + ridx, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+        z = tl.load(zero_ptr + ridx, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+    else:
+        gidx = rows.to(tl.int64)[:, None] * N_GROUPS + (cols // GROUP)[None, :]
+        s = tl.load(scale_ptr + gidx, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(zero_ptr + gidx, mask=mask, other=0.0).to(tl.float32)
     w = s * (c.to(tl.float32) * inv_shift - z - half_off)
     tl.store(w_ptr + rows.to(tl.int64)[:, None] * K_IN + cols[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
 
@@ -3594,9 +3603,15 @@ def default_tile_config(M: int) -> TileConfig:
     return TileConfig(block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=4)
 
 
-#: From this many tokens on CUDA, 'auto' dequantizes W_k once and calls cuBLAS (measured faster than the
-#: fused tile kernel at 2048 tokens for every shape and k on an H100; benchmarks/NOTES.md).
-DEQUANT_MIN_TOKENS = 1024
+#: From this many tokens on CUDA, 'auto' dequantizes W_k once per view present and calls cuBLAS even with a per-token
+#: ``k`` (one host read of the device: the token count of each view; not while a CUDA graph is captured). Below it a
+#: per-token ``k`` takes the small-batch kernel, which is faster there than a dequantize pass per view. A single view
+#: (an int ``k``) is dequantized from 2 tokens. Measured on an H200 on the default layout (3, 1, 1, 1, 1, 1), LLaMA-3-8B
+#: and SmolLM2 shapes (docs/RESULTS.md "Prompts on the GPU"): at 2-16 tokens and one view, dequantize-then-cuBLAS
+#: 10-14 us a SmolLM2 linear against the small-batch kernel's 24-32 (8B: 0.55-0.74x its time); with mixed views the
+#: small-batch kernel 32-38 us against 25-101; at 64 and 256 tokens dequantize-then-cuBLAS 0.06-0.50x the tile
+#: kernel's time for every shape and view, mixed ones included (H100, 2026-11-28: 0.43-0.89x at 2048 tokens).
+DEQUANT_MIN_TOKENS = 17
 
 
 def bitplane_linear_dequant(
@@ -3748,6 +3763,7 @@ def dequantize(
         **{f"S{i}": s for i, s in enumerate(struct)},
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        ROW_SCALE=group_size % block_k == 0,
         num_warps=4,
     )
     return out
@@ -3771,8 +3787,9 @@ def bitplane_linear(
     """``y = x W_k^T (+ bias)`` reading only the first ``k`` bit-planes; ``k`` int, per-token tensor or
     :class:`RoutedK` (a router's gate values and a threshold: counted in the kernel on the 'bits' path).
 
-    ``path``: 'auto' (one token where :func:`wants_bitplanes`: 'bits'; small-batch kernels for <= 16 tokens
-    when the layout allows; on CUDA from ``DEQUANT_MIN_TOKENS`` tokens 'dequant'; else tiles), 'bits' (one token
+    ``path``: 'auto' (one token where :func:`wants_bitplanes`: 'bits'; on CUDA 'dequant' for one view from 2
+    tokens and for per-token views from ``DEQUANT_MIN_TOKENS``; small-batch kernels for other <= 16 tokens when the
+    layout allows; else tiles), 'bits' (one token
     from one-bit plane buffers: ``packed``, else built from ``planes`` and cached, :func:`bitplanes_for`),
     'small', 'tile' (fused dequantize-tile-then-dot) or 'dequant' (dequantize W_k, then cuBLAS). ``out``, if
     given, is a ``[tokens, out_features]`` buffer to write (contiguous rows).
@@ -3805,12 +3822,16 @@ def bitplane_linear(
     zero = zero.contiguous()
     if path == "auto":
         small_ok = M <= 16 and small_supported(slice_bits, group_size, None, M > 1)
+        # cuBLAS on a dequantized view: one view from 2 tokens, mixed ones from DEQUANT_MIN_TOKENS (a host read of
+        # which views are present, so not while a graph is captured); measured, see DEQUANT_MIN_TOKENS
+        deq_ok = x2.is_cuda and tile_config is None
+        deq_ok = deq_ok and (isinstance(k, int) or (M >= DEQUANT_MIN_TOKENS and not capturing(x2)))
         if M == 1 and wants_bitplanes(slice_bits, group_size, small_config):
             path = "bits"
+        elif deq_ok and M >= 2:
+            path = "dequant"
         elif small_ok:
             path = "small"
-        elif M >= DEQUANT_MIN_TOKENS and x2.is_cuda and tile_config is None:
-            path = "dequant"
         else:
             path = "tile"
     if routed and path != "bits":  # only the one-bit plane kernel counts the gate values itself
