@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """SmolLM2-135M decoding on the CPU through ``mobiquant.tasks.decode.generate``, bf16: the package's int4 path
-(``kernels.cpu_int4``, what a packed layer takes for bf16 on the CPU) against the dense views it replaces
+(``kernels.int4``, what a packed layer takes for bf16 on the CPU) against the dense views it replaces
 (``backend='torch'``) and the FP model in bf16 and fp32, in one process.
 
     python benchmarks/cpu_decode.py --checkpoint outputs/demo/runs/<time>/checkpoints/mobiquant

@@ -38,7 +38,9 @@
 #            GPU tests of those paths. On 2026-12-04 the tile kernel took 12 ms for SmolLM2's 210 linears at 6 tokens,
 #            cuBLAS 2.7
 #   int4mm   (only when named) torch's CUDA int4 weight-only matmul (tinygemm) beside fp16 cuBLAS and the package's 3-
-#            and 4-bit views, 1-16 tokens, 8B and SmolLM2 shapes (benchmarks/int4mm_bench.py)
+#            and 4-bit views, 1-16 tokens, 8B and SmolLM2 shapes (benchmarks/int4mm_bench.py); its GPU tests through
+#            the package (SmallConfig.int4_tokens); then, with the model and checkpoint, SmolLM2's 6-token prefill
+#            with and without it (e2e_decode.py --prefill-profile --int4-tokens 16)
 #   adjacent (only when named) benchmarks/step_overhead.py on the 8B-shaped model with the adjacent gate policy (the
 #            default configuration's): fp16, the static 4-bit view, routed budgets 3, 4 and 4.5
 #   solo     (only when named) the router tests compiled, then one router launch for one token on SmolLM2's inputs:
@@ -194,7 +196,12 @@ stage() {
       run_stage prompt_tile 900 "$PY" benchmarks/kernel_bench.py --slices 3,1,1,1,1,1 --shapes all --tokens 2,6,16 \
         --graph --path tile --no-deq --out "$RES/prompt_tile" ;;
     int4mm)
-      run_stage int4mm 420 "$PY" benchmarks/int4mm_bench.py --out "$RES/int4mm" ;;
+      run_stage int4mm 420 "$PY" benchmarks/int4mm_bench.py --out "$RES/int4mm"
+      run_stage int4_tests 300 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_int4.py
+      if [ -e "$GGUF" ] && [ -f "$CKPT/mobiquant.json" ]; then
+        run_stage int4_prefill 600 "$PY" benchmarks/e2e_decode.py --gguf "$GGUF" --checkpoint "$CKPT" --budgets 4 \
+          --views 2 --new-tokens 8 --repeats 1 --prefill-profile --int4-tokens 16 --out "$RES/int4_prefill"
+      fi ;;
     adjacent)
       # the 8B-shaped model with quant=mobiquant's gate policy: budgets whose thresholds lie between bands run as
       # static views (no router launch), the fractional one keeps its routers; fp16 and the static 4-bit view beside

@@ -82,6 +82,13 @@ def parse_args(argv=None):
         help="launches and kernel time of an eager decode step: fp16, every budget, every static view",
     )
     ap.add_argument(
+        "--int4-tokens",
+        type=int,
+        default=0,
+        help="with --prefill-profile: the budgets and views again with SmallConfig(int4_tokens=N), a prompt of 2-N "
+        "tokens through torch's CUDA int4 matmul (0: not)",
+    )
+    ap.add_argument(
         "--prefill-profile",
         action="store_true",
         help="where the prefill's time goes (time to first token): for fp16, each budget and each static view of "
@@ -441,15 +448,24 @@ def prefill_profile(model, tok, device, prompt, budget, label, top=8):
     )
 
 
-def prefill_profiles(fp, q, tok, device, prompt, budgets, views):
-    """:func:`prefill_profile` of fp16, the routed budgets and the static views ``views``: one row each."""
+def prefill_profiles(fp, q, tok, device, prompt, budgets, views, int4_tokens=0):
+    """:func:`prefill_profile` of fp16, the routed budgets and the static views ``views``: one row each; with
+    ``int4_tokens`` the budgets and views again with ``SmallConfig(int4_tokens=...)`` (torch's int4 matmul for prompts
+    of 2 to that many tokens), rows tagged ' int4'."""
     import mobiquant as mq
+    from mobiquant.kernels.triton_bitplane import SmallConfig
+    from mobiquant.patching import set_small_config
 
     rows = [prefill_profile(fp, tok, device, prompt, None, "fp16")]
-    rows += [prefill_profile(q, tok, device, prompt, b, f"routed {b:g}") for b in budgets]
-    for k in views:
-        mq.set_static(q, k)
-        rows.append(prefill_profile(q, tok, device, prompt, None, f"static k={k}"))
+    for cfg, tag in [(None, "")] + ([(SmallConfig(int4_tokens=int4_tokens), " int4")] if int4_tokens else []):
+        if cfg is not None:
+            set_small_config(q, cfg)
+        rows += [prefill_profile(q, tok, device, prompt, b, f"routed {b:g}{tag}") for b in budgets]
+        for k in views:
+            mq.set_static(q, k)
+            rows.append(prefill_profile(q, tok, device, prompt, None, f"static k={k}{tag}"))
+        if cfg is not None:
+            set_small_config(q, None)
     return rows
 
 
@@ -516,7 +532,9 @@ def main(argv=None):
         print(f"\n# {step}: launches and kernel time per step (captured steps run the same kernels)")
         print(prof.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
     if args.prefill_profile:
-        pre = pd.DataFrame(prefill_profiles(fp, q, tok, device, args.prompt, args.budgets, view_list(args)))
+        pre = pd.DataFrame(
+            prefill_profiles(fp, q, tok, device, args.prompt, args.budgets, view_list(args), args.int4_tokens)
+        )
         print("\n# prefill (time to first token): wall time, kernels and their GPU time")
         print(pre.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     if args.out:

@@ -3,7 +3,7 @@
 beside fp16 cuBLAS and the package's default path at its 3- and 4-bit views, one linear at a time.
 
 The question it answers: would a static view of at most 4 bits decode faster through that op (its codes repacked
-once, as ``mobiquant.kernels.cpu_int4`` does on the CPU) than through the package's own kernels? The op takes bf16
+once, as ``mobiquant.kernels.int4`` does on the CPU) than through the package's own kernels? The op takes bf16
 activations and reads 4 bits a weight with a bf16 step and zero a group (group 128 here, as the package's layers);
 its 3-bit view would read 4 bits too. Shapes: LLaMA-3-8B's linears and SmolLM2-135M's (``kernel_bench.py``'s sets),
 1-16 tokens, CUDA-graph replays (``kernel_bench.bench``), L2 flushed before each call; the copy bandwidth measured

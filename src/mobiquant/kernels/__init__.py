@@ -189,7 +189,7 @@ def _torch_linear(
     matmul: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``x W_k^T + bias`` with dense views ``weight(k)``, or ``matmul(rows [M, in], k)`` giving ``rows W_k^T`` (e.g.
-    :class:`.cpu_int4.Int4Views`); per-token ``k`` by grouping tokens of equal ``k``.
+    :class:`.int4.Int4Views`); per-token ``k`` by grouping tokens of equal ``k``.
 
     Per-token ``k`` costs one host read (the token count of each ``k``): tokens that all take one view run in
     one matmul; otherwise they are sorted by ``k`` once, each view multiplies its contiguous run of rows, and
@@ -246,7 +246,7 @@ def bitplane_linear(
     ``backend``: see :func:`use_triton`. ``weight``, optional: ``k -> W_k`` (dense ``[out, in]``, e.g. a
     cached view) for the PyTorch path, which otherwise dequantizes the planes on every call
     (:func:`torch_reference`); ``matmul``, optional: ``(rows [M, in], k) -> rows W_k^T`` for that path instead of a
-    dense view (``MoBiLinear`` passes :class:`.cpu_int4.Int4Views`' for bf16 on the CPU). Extra keyword arguments go
+    dense view (``MoBiLinear`` passes :class:`.int4.Int4Views`' for bf16 on the CPU). Extra keyword arguments go
     to the Triton entry (``out``, ``small_config``, ``tile_config``, ``path``, ``packed``: e.g.
     ``small_config=SmallConfig(bitplanes=True)`` runs one token in the one-bit plane kernel); the PyTorch path
     honours ``out``."""

@@ -2575,15 +2575,25 @@ class SmallConfig:
     # static views on the fragment kernel: a program's words come by TMA into shared memory instead of registers,
     # where a K split leaves a power of 2 of groups a program within shared memory (gluon_fragment.tma_config): -1, one
     # load a plane waited for at once; -2, a load and a barrier a group, each group's decode under the later groups'
-    # stream; 0 (default): registers. Built for the latency-bound large launches (45-47% of copy at 4 planes),
-    # checked offline (sm_90 compile), not yet measured on a GPU.
+    # stream; 0 (default): registers. Measured on an H200 (docs/RESULTS.md "TMA loads for the fragment kernel"): both
+    # modes slower than registers, the 8B stack's static views by 9-19%.
     fragment_tma: int = 0
+    # a packed layer's CUDA forward of 2 to this many tokens (at most 16, not while a graph is captured) multiplies
+    # through torch's int4 matmul (``aten._weight_int4pack_mm``, bf16; ``mobiquant.kernels.int4``: one matmul a view
+    # of <= 4 bits, two above) instead of this module's kernels; 0 (default): off. On the 8B shapes on an H200 the op
+    # took 11-73 us at 2-16 tokens against 98-395 for dequantize-then-cuBLAS (docs/RESULTS.md "Prompts on the GPU");
+    # not yet measured through the package.
+    int4_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.fragment_tma not in (0, -1, -2):
             raise ValueError(
                 f"fragment_tma must be 0 (words through registers), -1 (a TMA load a plane) or -2 (a TMA load and a "
                 f"barrier a group), got {self.fragment_tma!r}"
+            )
+        if not 0 <= self.int4_tokens <= 16 or self.int4_tokens == 1:
+            raise ValueError(
+                f"int4_tokens must be 0 (off) or 2-16 (the most tokens a forward), got {self.int4_tokens!r}"
             )
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import cpu_int4
+from ..kernels import int4
 from ..quant.packing import pack_codes, packed_width, unpack_codes
 from ..quant.primitives import from_groups, num_groups
 from ..quant.slicer import ResidualSlicer
@@ -109,7 +109,7 @@ class MoBiLinear(nn.Module):
         # bytes) built on first use and kept beside the planes.
         self.small_config: Any = None
         self._bitplanes: Any = None
-        self._int4: Any = None  # kernels.cpu_int4.Int4Views, built on first use
+        self._int4: Any = None  # kernels.int4.Int4Views, built on first use
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -429,7 +429,10 @@ class MoBiLinear(nn.Module):
         extra = {}
         cfg = getattr(self, "small_config", None)
         backend = getattr(self, "backend", "auto")
-        if (x.is_cuda or backend != "auto") and self._use_triton(x):  # 'auto' takes Triton on CUDA only
+        int4_mm = backend == "auto" and self._int4_serves(x, cfg)
+        if int4_mm and x.is_cuda:  # a few tokens on CUDA through torch's int4 matmul (SmallConfig.int4_tokens)
+            backend = "torch"
+        elif (x.is_cuda or backend != "auto") and self._use_triton(x):  # 'auto' takes Triton on CUDA only
             if cfg is not None:
                 extra["small_config"] = cfg
             if n_tokens == 1:
@@ -451,8 +454,8 @@ class MoBiLinear(nn.Module):
         self._count(k, n_tokens)
         planes = [self.plane(e) for e in range(self.num_slices)]
         matmul = None
-        if not extra and backend == "auto" and self._int4_serves(x):
-            matmul = self.int4_views().matmul  # on the CPU: int4 matmuls of the views
+        if int4_mm and not extra:
+            matmul = self.int4_views().matmul  # int4 matmuls of the views (kernels.int4)
         buffers = self._buffers
         return kernels.bitplane_linear(
             x,
@@ -469,23 +472,30 @@ class MoBiLinear(nn.Module):
             **extra,
         )
 
-    def _int4_serves(self, x: torch.Tensor) -> bool:
-        """Whether the int4 matmuls (``kernels.cpu_int4.usable``) serve ``x``; the layer's part of the answer (its
-        shape, group, widest view) is kept after the first call."""
-        ok = self.__dict__.get("_int4_ok")
-        if ok is None:
-            ok = self._int4_ok = cpu_int4.layer_fits(
-                self.out_features, self.in_features, self.slicer.group_size, sum(self.slice_bits)
+    def _int4_serves(self, x: torch.Tensor, cfg: Any = None) -> bool:
+        """Whether the int4 matmuls (``kernels.int4``) serve ``x``: bf16 decode on the CPU; on CUDA 2 to
+        ``cfg.int4_tokens`` tokens (``SmallConfig``; off by default). The layer's part of the answer (its shape,
+        group, widest view) is kept per device type after the first call."""
+        cuda_tokens = getattr(cfg, "int4_tokens", 0) if x.is_cuda else 0
+        if x.is_cuda and not cuda_tokens:
+            return False
+        dev = x.device.type
+        fits = self.__dict__.setdefault("_int4_ok", {})
+        if dev not in fits:
+            fits[dev] = int4.layer_fits(
+                self.out_features, self.in_features, self.slicer.group_size, sum(self.slice_bits), dev
             )
-        return ok and cpu_int4.input_fits(x)
+        if not fits[dev]:
+            return False
+        return int4.cuda_input_fits(x, cuda_tokens) if x.is_cuda else int4.input_fits(x)
 
     def int4_views(self) -> Any:
-        """The views of this packed layer as int4 packs for the CPU (``kernels.cpu_int4.Int4Views``), built view by
-        view on first use and kept until the codes, steps or device change."""
+        """The views of this packed layer as int4 packs (``kernels.int4.Int4Views``, for the layer's device), built
+        view by view on first use and kept until the codes, steps or device change."""
         self._require_packed()
         views = getattr(self, "_int4", None)
         if views is None:
-            from ..kernels.cpu_int4 import Int4Views
+            from ..kernels.int4 import Int4Views
 
             views = Int4Views(
                 lambda: self.view_codes(self.num_slices),

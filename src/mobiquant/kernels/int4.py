@@ -1,9 +1,11 @@
-"""Packed views on the CPU through ATen's weight-only int4 matmul (``_weight_int4pack_mm_for_cpu``): decode that
-reads 4 or 8 bits a weight instead of a dense bf16 view's 16.
+"""Packed views through ATen's weight-only int4 matmuls: decode that reads 4 or 8 bits a weight instead of a dense
+16-bit view's.
 
-The op multiplies bf16 activations by 4-bit codes ``q`` read as ``(q - 8) scale + zero`` per group of ``g`` inputs
-(``g`` 32-256) and output row. A view of the package reads ``W_k = a C_k + b`` per row and group (``a = s / 2^B``,
-``b = -a (2^B z + (2^B - 1) / 2)``, :func:`mobiquant.kernels.dequantize_reference`), so:
+On the CPU ``_weight_int4pack_mm_for_cpu`` serves bf16 decode (at most :data:`MAX_TOKENS` tokens); on CUDA
+``_weight_int4pack_mm`` (the tinygemm kernels) serves forwards of 2 to ``SmallConfig.int4_tokens`` tokens (off by
+default), its activations cast to bf16 and back. Both read 4-bit codes ``q`` as ``(q - 8) scale + zero`` per group of
+``g`` inputs (``g`` 32-256) and output row. A view of the package reads ``W_k = a C_k + b`` per row and group
+(``a = s / 2^B``, ``b = -a (2^B z + (2^B - 1) / 2)``, :func:`mobiquant.kernels.dequantize_reference`), so:
 
 * a view of at most 4 bits is one int4 matmul of its codes;
 * a view of 5-8 bits is two: its top 4 bits ``H = C_k >> r`` and the ``r = bits - 4`` bits below them ``L``
@@ -14,7 +16,8 @@ A code ``c`` of ``w`` bits is packed as ``c + 8 - 2^(w - 1)``, centred on the op
 
 The codes are windows of the layer's full code (views are its prefixes), so the top-4-bit window is one pack shared
 by every view of 4 bits or more. Packs are built on a view's first use and kept by the layer
-(:class:`Int4Views`). Measured on this project's 2-core CPU (docs/RESULTS.md "Decode on the CPU").
+(:class:`Int4Views`). Measured on this project's 2-core CPU (docs/RESULTS.md "Decode on the CPU") and, the CUDA op
+alone on the 8B shapes, on an H200 (docs/RESULTS.md "Prompts on the GPU").
 """
 
 from __future__ import annotations
@@ -35,11 +38,14 @@ MAX_TOKENS = 4
 _AVAILABLE: bool | None = None
 
 
-def available() -> bool:
-    """Whether this torch has the CPU int4 weight-only matmul (checked once)."""
+def available(device_type: str = "cpu") -> bool:
+    """Whether this torch has the int4 weight-only matmul for ``device_type`` ('cpu', checked once; 'cuda': the op
+    and a CUDA device)."""
     global _AVAILABLE
+    ops = torch.ops.aten
+    if device_type == "cuda":
+        return hasattr(ops, "_weight_int4pack_mm") and torch.cuda.is_available()
     if _AVAILABLE is None:
-        ops = torch.ops.aten
         _AVAILABLE = hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")
     return _AVAILABLE
 
@@ -53,10 +59,28 @@ def op_group(in_features: int, group_size: int) -> int | None:
     return None
 
 
-def layer_fits(out_features: int, in_features: int, group_size: int, view_bits: int) -> bool:
+def layer_fits(out_features: int, in_features: int, group_size: int, view_bits: int, device_type: str = "cpu") -> bool:
     """The layer's part of :func:`usable` (fixed for a layer, so a layer keeps it): rows a multiple of 16, inputs
-    and group size sharing a group of 32-256, a view of at most 8 bits, and the op present."""
-    return out_features % 16 == 0 and view_bits <= 8 and op_group(in_features, group_size) is not None and available()
+    and group size sharing a group of 32-256 (on CUDA the op's K tiles then fit too: a multiple of 32), a view of at
+    most 8 bits, and the op present for ``device_type``."""
+    fits = out_features % 16 == 0 and view_bits <= 8 and op_group(in_features, group_size) is not None
+    return fits and available(device_type)
+
+
+def cuda_input_fits(x: torch.Tensor, max_tokens: int) -> bool:
+    """The input's part on CUDA: fp16 or bf16 on a CUDA device, 2 to ``max_tokens`` tokens (a layer's
+    ``SmallConfig.int4_tokens``; one token stays on the package's kernels, faster there), no gradient asked, no graph
+    being captured (a pack built under capture would live in the graph's memory)."""
+    from . import capturing
+
+    n = x.numel() // max(x.shape[-1], 1)
+    return (
+        x.is_cuda
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and 2 <= n <= max_tokens
+        and not (torch.is_grad_enabled() and x.requires_grad)
+        and not capturing(x)
+    )
 
 
 def input_fits(x: torch.Tensor) -> bool:
@@ -112,8 +136,13 @@ class Int4Views:
         key = (start, width)
         if key not in self._packs:  # the full code is read again for each pack (a few a layer), not kept
             c = (self._codes_fn().to(torch.int64) >> (self.total - start - width)) & ((1 << width) - 1)
-            c = c + 8 - (1 << (width - 1))  # centred on the op's 8: its zeros stay small, exact in bf16
-            self._packs[key] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(c.to(torch.int32).contiguous(), 1)
+            c = (c + 8 - (1 << (width - 1))).to(torch.int32)  # centred on the op's 8: its zeros stay small
+            if c.is_cuda:  # two codes a byte, the even column in the high nibble; K tiles of 16 x inner_k_tiles
+                inner = next(t for t in (8, 4, 2) if self.in_features % (16 * t) == 0)
+                pairs = ((c[:, ::2] << 4) | c[:, 1::2]).to(torch.uint8).contiguous()
+                self._packs[key] = torch.ops.aten._convert_weight_to_int4pack(pairs, inner)
+            else:
+                self._packs[key] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(c.contiguous(), 1)
         return self._packs[key]
 
     def _sz(self, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -149,8 +178,16 @@ class Int4Views:
         return [(self._pack(0, 4), self._sz(hi, b + 8 * hi)), (self._pack(4, r), self._sz(a, 2 ** (r - 1) * a))]
 
     def matmul(self, x2: torch.Tensor, k: int) -> torch.Tensor:
-        """``x2 W_k^T`` for bf16 rows ``x2 [M, in]``."""
+        """``x2 W_k^T`` for rows ``x2 [M, in]``: bf16 on the CPU; on CUDA fp16 or bf16 (multiplied in bf16, returned
+        in ``x2``'s dtype)."""
         y = None
+        if x2.is_cuda:
+            xb = x2.to(torch.bfloat16)
+            for pack, sz in self.parts(k):
+                part = torch.ops.aten._weight_int4pack_mm(xb, pack, self.g, sz)
+                y = part if y is None else y + part
+            assert y is not None
+            return y.to(x2.dtype)
         for pack, sz in self.parts(k):
             part = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, pack, self.g, sz)
             y = part if y is None else y + part
