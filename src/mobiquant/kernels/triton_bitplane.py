@@ -2581,7 +2581,7 @@ class SmallConfig:
     # a packed layer's CUDA forward of 2 to this many tokens (at most 16, not while a graph is captured) multiplies
     # through torch's int4 matmul (``aten._weight_int4pack_mm``, bf16; ``mobiquant.kernels.int4``: one matmul a view
     # of <= 4 bits, two above) instead of this module's kernels; 0 (default): off. On the 8B shapes on an H200 the op
-    # took 11-73 us at 2-16 tokens against 98-395 for dequantize-then-cuBLAS (docs/RESULTS.md "Prompts on the GPU");
+    # took 9.5-73 us at 2-16 tokens against 34-395 for dequantize-then-cuBLAS (docs/RESULTS.md "Prompts on the GPU");
     # not yet measured through the package.
     int4_tokens: int = 0
 
