@@ -9,7 +9,7 @@ its 3-bit view would read 4 bits too. Shapes: LLaMA-3-8B's linears and SmolLM2-1
 1-16 tokens, CUDA-graph replays (``kernel_bench.bench``), L2 flushed before each call; the copy bandwidth measured
 first in the same run. Each op's output is checked against its own dense weight (relative error printed).
 
-    PYTHONPATH=src python benchmarks/int4mm_bench.py [--tokens 1,2,6,16] [--shapes all] [--inner-k-tiles 8]
+    PYTHONPATH=src python benchmarks/int4mm_bench.py [--tokens 1,2,6,16] [--shapes all]
 """
 
 from __future__ import annotations
@@ -27,22 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernel_bench as kb  # noqa: E402
 
 
-def tinygemm_pack(q: torch.Tensor, inner_k_tiles: int) -> tuple[torch.Tensor, str]:
-    """The op's pack of codes ``q`` ``[N, K]`` (0-15, int32, CUDA) and the nibble order that round-trips: the op's
-    input format changed across torch versions (uint8 pairs since 2.5), so both orders are tried and the one whose
-    matmul matches the dense weight is kept by the caller (returned with its name)."""
-    hi_first = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)
-    return torch.ops.aten._convert_weight_to_int4pack(hi_first.contiguous(), inner_k_tiles), "even-high"
-
-
-def tinygemm_pack_low(q: torch.Tensor, inner_k_tiles: int) -> tuple[torch.Tensor, str]:
-    lo_first = ((q[:, 1::2] << 4) | q[:, ::2]).to(torch.uint8)
-    return torch.ops.aten._convert_weight_to_int4pack(lo_first.contiguous(), inner_k_tiles), "even-low"
-
-
 def tinygemm_layer(n_out, n_in, group, gen):
-    """Random 4-bit codes with a step and zero a group; the op's pack, ``[K / g, N, 2]`` scales and zeros, and the
-    dense bf16 weight ``(q - 8) s + z`` they stand for."""
+    """Random 4-bit codes with a step and zero a group: the codes, ``[K / g, N, 2]`` scales and zeros, and the dense
+    bf16 weight ``(q - 8) s + z`` they stand for."""
     q = torch.randint(0, 16, (n_out, n_in), device="cuda", dtype=torch.int32, generator=gen)
     ng = n_in // group
     s = torch.rand(n_out, ng, device="cuda", generator=gen) * 0.01 + 0.002
@@ -56,7 +43,6 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", default="1,2,6,16")
     ap.add_argument("--shapes", default="all", choices=sorted(kb.SHAPE_SETS))
-    ap.add_argument("--inner-k-tiles", type=int, default=8, choices=(2, 4, 8), help="the most (fewer where K needs it)")
     ap.add_argument("--slices", default="3,1,1,1,1,1", help="the package's layout (its views of 3 and 4 bits timed)")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for int4mm_bench.csv")
     a = ap.parse_args(argv)
@@ -68,7 +54,9 @@ def main(argv=None):
 
     kb.GRAPH = True
     kb.set_slices(tuple(int(b) for b in a.slices.split(",")))
-    tb = kb.load_kernels()
+    tb = kb.load_kernels()  # puts src/ on the path
+    from mobiquant.kernels import int4
+
     views = [k for k in range(1, len(kb.SLICE_BITS) + 1) if kb.view_bits(k) <= 4]
     print(
         f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
@@ -83,20 +71,13 @@ def main(argv=None):
         w16 = (torch.randn(n_out, n_in, device="cuda") / math.sqrt(n_in)).half()
         g = next(g for g in (kb.GROUP, 64, 32) if n_in % g == 0)  # the op's groups must tile K (576: 64)
         q, sz, wq = tinygemm_layer(n_out, n_in, g, gen)
-        tiles = next(t for t in (8, 4, 2) if t <= a.inner_k_tiles and n_in % (16 * t) == 0)
-        pack = None
+        pack = int4.pack(q)  # the package's own pack (kernels/int4.py), checked against the dense weight here
         xc = torch.randn(4, n_in, device="cuda", dtype=torch.bfloat16)
-        for packer in (tinygemm_pack, tinygemm_pack_low):
-            try:
-                p, o = packer(q, tiles)
-                err = kb.rel_err(torch.ops.aten._weight_int4pack_mm(xc, p, g, sz), xc.float() @ wq.float().t())
-            except RuntimeError as exc:  # the op refused this shape or format
-                print(f"# {name}: {packer.__name__} failed: {str(exc).splitlines()[0]}")
-                continue
-            print(f"# {name}: nibble order {o}, inner_k_tiles {tiles}: rel. error {err:.1e}")
-            if err < 2e-2:
-                pack = p
-                break
+        err = kb.rel_err(torch.ops.aten._weight_int4pack_mm(xc, pack, g, sz), xc.float() @ wq.float().t())
+        print(f"# {name}: group {g}, rel. error {err:.1e}")
+        if err >= 2e-2:  # the op reads the pack otherwise than kernels/int4.py writes it: no timing of it
+            print(f"# {name}: the op's pack format differs from kernels/int4.pack on this torch: rows without it")
+            pack = None
         for m in [int(t) for t in a.tokens.split(",")]:
             x = torch.randn(m, n_in, device="cuda", dtype=torch.float16)
             xb = x.to(torch.bfloat16)

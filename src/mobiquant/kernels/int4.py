@@ -100,6 +100,17 @@ def usable(x: torch.Tensor, out_features: int, in_features: int, group_size: int
     return input_fits(x) and layer_fits(out_features, in_features, group_size, view_bits)
 
 
+def pack(codes: torch.Tensor) -> torch.Tensor:
+    """The op's pack of 4-bit codes ``[out, in]`` (int32, 0-15) on their device: on CUDA two codes a byte, the even
+    column in the high nibble (checked against the dense weight on an H200, ``benchmarks/int4mm_bench.py``), K in tiles
+    of 16 x the most of 8, 4, 2 inner tiles that divide it."""
+    if codes.is_cuda:
+        inner = next(t for t in (8, 4, 2) if codes.shape[1] % (16 * t) == 0)
+        pairs = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8).contiguous()
+        return torch.ops.aten._convert_weight_to_int4pack(pairs, inner)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+
+
 class Int4Views:
     """One packed layer's views as int4 packs (built on first use, kept): ``matmul(x2, k)`` = ``x2 W_k^T``.
 
@@ -137,12 +148,7 @@ class Int4Views:
         if key not in self._packs:  # the full code is read again for each pack (a few a layer), not kept
             c = (self._codes_fn().to(torch.int64) >> (self.total - start - width)) & ((1 << width) - 1)
             c = (c + 8 - (1 << (width - 1))).to(torch.int32)  # centred on the op's 8: its zeros stay small
-            if c.is_cuda:  # two codes a byte, the even column in the high nibble; K tiles of 16 x inner_k_tiles
-                inner = next(t for t in (8, 4, 2) if self.in_features % (16 * t) == 0)
-                pairs = ((c[:, ::2] << 4) | c[:, 1::2]).to(torch.uint8).contiguous()
-                self._packs[key] = torch.ops.aten._convert_weight_to_int4pack(pairs, inner)
-            else:
-                self._packs[key] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(c.contiguous(), 1)
+            self._packs[key] = pack(c)
         return self._packs[key]
 
     def _sz(self, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -180,16 +186,12 @@ class Int4Views:
     def matmul(self, x2: torch.Tensor, k: int) -> torch.Tensor:
         """``x2 W_k^T`` for rows ``x2 [M, in]``: bf16 on the CPU; on CUDA fp16 or bf16 (multiplied in bf16, returned
         in ``x2``'s dtype)."""
+        aten = torch.ops.aten
+        op = aten._weight_int4pack_mm if x2.is_cuda else aten._weight_int4pack_mm_for_cpu
+        xb = x2.to(torch.bfloat16)
         y = None
-        if x2.is_cuda:
-            xb = x2.to(torch.bfloat16)
-            for pack, sz in self.parts(k):
-                part = torch.ops.aten._weight_int4pack_mm(xb, pack, self.g, sz)
-                y = part if y is None else y + part
-            assert y is not None
-            return y.to(x2.dtype)
-        for pack, sz in self.parts(k):
-            part = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, pack, self.g, sz)
+        for p, sz in self.parts(k):
+            part = op(xb, p, self.g, sz)
             y = part if y is None else y + part
         assert y is not None
-        return y
+        return y.to(x2.dtype)

@@ -3618,9 +3618,9 @@ def default_tile_config(M: int) -> TileConfig:
 #: per-token ``k`` takes the small-batch kernel, which is faster there than a dequantize pass per view. A single view
 #: (an int ``k``) is dequantized from 2 tokens. Measured on an H200 on the default layout (3, 1, 1, 1, 1, 1), LLaMA-3-8B
 #: and SmolLM2 shapes (docs/RESULTS.md "Prompts on the GPU"): at 2-16 tokens and one view, dequantize-then-cuBLAS
-#: 10-14 us a SmolLM2 linear against the small-batch kernel's 24-32 (8B: 0.55-0.74x its time); with mixed views the
-#: small-batch kernel 32-38 us against 25-101; at 64 and 256 tokens dequantize-then-cuBLAS 0.06-0.50x the tile
-#: kernel's time for every shape and view, mixed ones included (H100, 2026-11-28: 0.43-0.89x at 2048 tokens).
+#: 10-15 us a SmolLM2 linear against the small-batch kernel's 24-32 (8B: 0.44-0.89x its time); with mixed views the
+#: small-batch kernel 32-38 us against 25-101; at 64 and 256 tokens dequantize-then-cuBLAS 0.06-0.52x the tile
+#: kernel's time for every shape and view, 0.08-0.73x with mixed views (H100, 2026-11-28: 0.43-0.89x at 2048 tokens).
 DEQUANT_MIN_TOKENS = 17
 
 

@@ -454,7 +454,7 @@ class MoBiLinear(nn.Module):
         self._count(k, n_tokens)
         planes = [self.plane(e) for e in range(self.num_slices)]
         matmul = None
-        if int4_mm and not extra:
+        if int4_mm:  # (then no Triton entry was chosen above)
             matmul = self.int4_views().matmul  # int4 matmuls of the views (kernels.int4)
         buffers = self._buffers
         return kernels.bitplane_linear(
