@@ -30,17 +30,23 @@
 #   prefill  (only when named) where SmolLM2's time to first token goes, from the checkpoint at $CKPT: fp16, routed budget 4
 #            and the static 4-bit view, one profiled prefill each (e2e_decode.py --prefill-profile; routed prefill took
 #            166-340 ms against fp16's 28-104 on 2026-12-04, 69-87 after its mend), for the 6-token prompt and for a
-#            512-token one (the extract's held-out text, when bare_gpu.sh install brought it)
+#            512-token one (the extract's held-out text, when bare_gpu.sh install brought it), that one also with the
+#            dequantize pass reading the one-bit plane buffers (--dequant-from-bits)
 #   prompt   (only when named) the kernels of a few-token prompt's forward (and of batched decode) on the default layout
 #            (3,1,1,1,1,1): the entry's choice (2-16 tokens: the small-batch kernel, its 3-bit base gathered; more: the
 #            tile kernel) against dequantize-then-cuBLAS and fp16 cuBLAS at 2-256 tokens, then the tile kernel alone at
 #            2-16 tokens (what served them before), SmolLM2 and 8B shapes, graph-replayed (kernel_bench.py); first the
 #            GPU tests of those paths. On 2026-12-04 the tile kernel took 12 ms for SmolLM2's 210 linears at 6 tokens,
 #            cuBLAS 2.7
+#   dequant  (only when named) the dequantize pass of a prompt's forward (a view written in fp16 for cuBLAS): from the
+#            planes (dequantize) and from the one-bit plane buffers (dequantize_bits), a few block shapes, views of
+#            3, 4, 6 and 8 bits, as % of copy bandwidth; then each with its matmul at 16, 64 and 256 tokens beside fp16
+#            and torch's int4 matmul (benchmarks/dequant_bench.py); first their GPU tests
 #   int4mm   (only when named) torch's CUDA int4 weight-only matmul (tinygemm) beside fp16 cuBLAS and the package's 3-
 #            and 4-bit views, 1-16 tokens, 8B and SmolLM2 shapes (benchmarks/int4mm_bench.py); its GPU tests through
 #            the package (SmallConfig.int4_tokens); then, with the model and checkpoint, SmolLM2's 6-token prefill
-#            with and without it (e2e_decode.py --prefill-profile --int4-tokens 16)
+#            with and without it, and with the dequantize pass from the one-bit plane buffers (e2e_decode.py
+#            --prefill-profile --int4-tokens 16 --dequant-from-bits)
 #   adjacent (only when named) benchmarks/step_overhead.py on the 8B-shaped model with the adjacent gate policy (the
 #            default configuration's): fp16, the static 4-bit view, routed budgets 3, 4 and 4.5
 #   solo     (only when named) the router tests compiled, then one router launch for one token on SmolLM2's inputs:
@@ -186,7 +192,7 @@ stage() {
       if [ -f "$ROOT/data/wiki_extract_eval.txt" ]; then  # a long prompt: the many-token kernels (bare_gpu.sh install)
         run_stage prefill_long 600 "$PY" benchmarks/e2e_decode.py --gguf "$GGUF" --checkpoint "$CKPT" --budgets 4 \
           --views 2 --new-tokens 8 --repeats 1 --prefill-profile --prompt-file "$ROOT/data/wiki_extract_eval.txt" \
-          --prompt-tokens 512 --out "$RES/prefill_long"
+          --prompt-tokens 512 --dequant-from-bits --out "$RES/prefill_long"
       fi ;;
     prompt)
       run_stage prompt_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_triton_bitplane.py \
@@ -195,12 +201,18 @@ stage() {
         --graph --out "$RES/prompt"
       run_stage prompt_tile 900 "$PY" benchmarks/kernel_bench.py --slices 3,1,1,1,1,1 --shapes all --tokens 2,6,16 \
         --graph --path tile --no-deq --out "$RES/prompt_tile" ;;
+    dequant)
+      run_stage dequant_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_triton_bitplane.py \
+        -k "dequantize or dequant_path or prompt_dequantizes"
+      run_stage dequant 600 "$PY" benchmarks/dequant_bench.py --views 1,2,4,6 --plane-configs "32,128,4;64,128,4;32,128,8" \
+        --bits-configs "32,8,4;16,8,4;64,8,8;32,4,4" --out "$RES/dequant" ;;
     int4mm)
       run_stage int4mm 420 "$PY" benchmarks/int4mm_bench.py --out "$RES/int4mm"
       run_stage int4_tests 300 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_int4.py
       if [ -e "$GGUF" ] && [ -f "$CKPT/mobiquant.json" ]; then
         run_stage int4_prefill 600 "$PY" benchmarks/e2e_decode.py --gguf "$GGUF" --checkpoint "$CKPT" --budgets 4 \
-          --views 2 --new-tokens 8 --repeats 1 --prefill-profile --int4-tokens 16 --out "$RES/int4_prefill"
+          --views 2 --new-tokens 8 --repeats 1 --prefill-profile --int4-tokens 16 --dequant-from-bits \
+          --out "$RES/int4_prefill"
       fi ;;
     adjacent)
       # the 8B-shaped model with quant=mobiquant's gate policy: budgets whose thresholds lie between bands run as

@@ -89,6 +89,12 @@ def parse_args(argv=None):
         "tokens through torch's CUDA int4 matmul (0: not)",
     )
     ap.add_argument(
+        "--dequant-from-bits",
+        action="store_true",
+        help="with --prefill-profile: the budgets and views again with the dequantize pass reading the one-bit plane "
+        "buffers (triton_bitplane.DEQUANT_FROM_BITS)",
+    )
+    ap.add_argument(
         "--prefill-profile",
         action="store_true",
         help="where the prefill's time goes (time to first token): for fp16, each budget and each static view of "
@@ -448,24 +454,35 @@ def prefill_profile(model, tok, device, prompt, budget, label, top=8):
     )
 
 
-def prefill_profiles(fp, q, tok, device, prompt, budgets, views, int4_tokens=0):
+def prefill_profiles(fp, q, tok, device, prompt, budgets, views, int4_tokens=0, from_bits=False):
     """:func:`prefill_profile` of fp16, the routed budgets and the static views ``views``: one row each; with
     ``int4_tokens`` the budgets and views again with ``SmallConfig(int4_tokens=...)`` (torch's int4 matmul for prompts
-    of 2 to that many tokens), rows tagged ' int4'."""
+    of 2 to that many tokens), rows tagged ' int4'; with ``from_bits`` again with the dequantize pass reading the
+    one-bit plane buffers (``triton_bitplane.DEQUANT_FROM_BITS``), rows tagged ' bits'."""
     import mobiquant as mq
-    from mobiquant.kernels.triton_bitplane import SmallConfig
+    from mobiquant.kernels import triton_bitplane as tb
     from mobiquant.patching import set_small_config
 
+    default_bits = tb.DEQUANT_FROM_BITS
+    variants = [("", None, default_bits)]
+    if int4_tokens:
+        variants.append((" int4", tb.SmallConfig(int4_tokens=int4_tokens), default_bits))
+    if from_bits:
+        variants.append((" bits", None, True))
     rows = [prefill_profile(fp, tok, device, prompt, None, "fp16")]
-    for cfg, tag in [(None, "")] + ([(SmallConfig(int4_tokens=int4_tokens), " int4")] if int4_tokens else []):
+    for tag, cfg, bits in variants:
         if cfg is not None:
             set_small_config(q, cfg)
-        rows += [prefill_profile(q, tok, device, prompt, b, f"routed {b:g}{tag}") for b in budgets]
-        for k in views:
-            mq.set_static(q, k)
-            rows.append(prefill_profile(q, tok, device, prompt, None, f"static k={k}{tag}"))
-        if cfg is not None:
-            set_small_config(q, None)
+        tb.DEQUANT_FROM_BITS = bits
+        try:
+            rows += [prefill_profile(q, tok, device, prompt, b, f"routed {b:g}{tag}") for b in budgets]
+            for k in views:
+                mq.set_static(q, k)
+                rows.append(prefill_profile(q, tok, device, prompt, None, f"static k={k}{tag}"))
+        finally:
+            if cfg is not None:
+                set_small_config(q, None)
+            tb.DEQUANT_FROM_BITS = default_bits
     return rows
 
 
@@ -533,7 +550,9 @@ def main(argv=None):
         print(prof.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
     if args.prefill_profile:
         pre = pd.DataFrame(
-            prefill_profiles(fp, q, tok, device, args.prompt, args.budgets, view_list(args), args.int4_tokens)
+            prefill_profiles(
+                fp, q, tok, device, args.prompt, args.budgets, view_list(args), args.int4_tokens, args.dequant_from_bits
+            )
         )
         print("\n# prefill (time to first token): wall time, kernels and their GPU time")
         print(pre.to_string(index=False, float_format=lambda v: f"{v:.2f}"))

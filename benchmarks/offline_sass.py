@@ -18,6 +18,7 @@ one-bit plane kernel; the chunk loop of the field kernel). This is the feedback 
     python benchmarks/offline_sass.py --k 2 --n 14336 --stages 3           # the group loop pipelined (cp.async)
     python benchmarks/offline_sass.py --tokens 6 --device-k                # the small-batch kernel, 6 tokens
     python benchmarks/offline_sass.py --router rms_norm --router-tiling 16,4,256 --in-features 4096  # router kernel
+    python benchmarks/offline_sass.py --dequant bits --k 6                 # a prompt's dequantize pass (or planes)
 """
 
 from __future__ import annotations
@@ -125,6 +126,7 @@ def report(sass, res, codes_per_iter, label):
     stack = re.search(r"STACK:(\d+)", res).group(1)
     shared = re.search(r"SHARED:(\d+)", res).group(1)
     print(f"{label}: {len(ins)} instructions, {regs} registers, stack {stack} B, shared {shared} B")
+    loops = 0
     for addr, op, rest in ins:
         t = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
         if t is None or int(t.group(1), 16) >= addr:
@@ -139,6 +141,11 @@ def report(sass, res, codes_per_iter, label):
         n = sum(v for k, v in c.items() if "." not in k)
         top = ", ".join(f"{k} {v}" for k, v in c.most_common(14))
         print(f"  loop {lo:#x}-{hi:#x}: {n} instructions, {n / codes_per_iter:.2f} per code; {top}")
+        loops += 1
+    if not loops:  # straight-line code (the dequantize passes): the whole kernel, per code of a thread
+        c = collections.Counter(o.split(".")[0] for _, o, _ in ins)
+        top = ", ".join(f"{k} {v}" for k, v in c.most_common(14))
+        print(f"  no loop: {len(ins) / codes_per_iter:.2f} instructions per code; {top}")
 
 
 def main(argv=None):
@@ -182,6 +189,12 @@ def main(argv=None):
         help="instead: the fused router kernel for one token with this prologue (width --in-features, 64 hidden)",
     )
     ap.add_argument("--router-tiling", default="1,4,0", help="with --router: hidden units a program, warps, columns")
+    ap.add_argument(
+        "--dequant",
+        choices=("planes", "bits"),
+        default=None,
+        help="the dequantize pass of view --k: from the planes (dequantize) or one-bit planes (dequantize_bits)",
+    )
     ap.add_argument("--save", default=None, help="write the SASS, TTGIR and PTX to this path prefix")
     a = ap.parse_args(argv)
     if a.router:
@@ -198,7 +211,20 @@ def main(argv=None):
         tb._host_k_range = lambda k_t: None
         k = torch.tensor([1], dtype=torch.int32)
     x = torch.zeros(max(a.tokens, 1), K, dtype=torch.float16)
-    if a.tokens > 1:
+    if a.dequant == "planes":
+        planes = [pack_codes(torch.zeros(N, K, dtype=torch.int32), b) for b in bits]
+        scale = torch.zeros(N, -(-K // group), dtype=torch.float16)
+        name = "_bp_dequant_kernel"
+        fn, grid, args, kw = record(name, lambda: tb.dequantize(planes, scale, scale, bits, group, k, K))
+        codes = kw["BLOCK_N"] * kw["BLOCK_K"] / (32 * 4)  # a thread's weights
+    elif a.dequant == "bits":
+        G, NPAD = -(-K // group), -(-N // 128) * 128
+        words = torch.zeros(sum(bits), G * group // 16, NPAD // 2, dtype=torch.int32)
+        bp = tb.BitPlanes(words, torch.zeros(2, G, NPAD // 2, dtype=torch.int32), bits, group, K, N)
+        name = "_bits_dequant_kernel"
+        fn, grid, args, kw = record(name, lambda: tb.dequantize_bits(bp, k, num_warps=a.warps))
+        codes = 32 * kw["BR"] * kw["BW"] / (32 * a.warps)
+    elif a.tokens > 1:
         if a.device_k:
             k = torch.ones(a.tokens, dtype=torch.int32)
         planes = [pack_codes(torch.zeros(N, K, dtype=torch.int32), b) for b in bits]

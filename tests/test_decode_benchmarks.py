@@ -271,6 +271,25 @@ def test_small_batch_kernel_compiles_for_sm90(args):
     assert "_bp_small_kernel" in run.stdout and "HMMA" in run.stdout, run.stdout
 
 
+@pytest.mark.parametrize("source", ["planes", "bits"])
+def test_dequantize_passes_compile_for_sm90(source):
+    """Both dequantize passes of a prompt's forward compile for sm_90 without a GPU, at the widest view of the
+    default layout (the interpreter builds no kernel, so it cannot catch a kernel that does not compile)."""
+    import os
+    import subprocess
+
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("this triton has no bundled CUDA tools")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "offline_sass.py"
+    args = ["--dequant", source, "--k", "6", "--n", "576", "--in-features", "1536"]
+    run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "dequant_kernel" in run.stdout and "stack 0 B" in run.stdout and "no loop" in run.stdout, run.stdout
+
+
 @pytest.mark.parametrize(
     "prologue,tiling,pdl",
     [

@@ -849,6 +849,58 @@ def test_dequantize_kernel(bits, group, block_k, gen):
         torch.testing.assert_close(w, ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "bits,group,n_out,n_in,per_view,blocks",
+    [
+        (DEFAULT_LAYOUT, 128, 70, 300, False, (32, 8, 4)),
+        (DEFAULT_LAYOUT, 64, 130, 192, True, (16, 4, 4)),
+        ((2, 2, 2, 2), 128, 40, 256, False, (64, 16, 8)),
+        ((4, 4), 32, 34, 96, True, (8, 2, 2)),
+    ],
+    ids=["default-ragged", "default-per-view", "two-bit-slices", "two-slices-small-groups"],
+)
+def test_dequantize_bits_kernel(bits, group, n_out, n_in, per_view, blocks, gen):
+    """The dequantize pass over one-bit plane buffers writes the views' weights (float rounding apart), every view, with
+    ragged rows (odd, not a multiple of the block) and columns (a partial last group), a pair per view or one."""
+    planes, scale, zero = (make_views if per_view else make_layer)(n_out, n_in, bits, group, gen)
+    bp = tb.pack_bitplanes(planes, scale, zero, bits, group, n_in)
+    br, bw, nw = blocks
+    for k in range(1, len(bits) + 1):
+        ref = dequantize_reference(planes, scale, zero, bits, group, k, n_in)
+        out = torch.full((n_out, n_in), float("nan"), device=DEVICE)
+        w = tb.dequantize_bits(bp, k, out=out, block_r=br, block_w=bw, num_warps=nw)
+        assert w is out
+        torch.testing.assert_close(w, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_dequantize_bits_rejects_bad_blocks(gen):
+    planes, scale, zero = make_layer(8, 128, DEFAULT_LAYOUT, 128, gen)
+    bp = tb.pack_bitplanes(planes, scale, zero, DEFAULT_LAYOUT, 128, 128)
+    with pytest.raises(ValueError, match="block_r: a power of two up to 64"):
+        tb.dequantize_bits(bp, 1, block_r=128)
+    with pytest.raises(ValueError, match="block_w: a power of two"):
+        tb.dequantize_bits(bp, 1, block_w=3)
+    with pytest.raises(ValueError, match="k must be between 1 and 6"):
+        tb.dequantize_bits(bp, 7)
+    with pytest.raises(ValueError, match="out must be a contiguous tensor of shape"):
+        tb.dequantize_bits(bp, 1, out=torch.empty(8, 64, device=DEVICE))
+
+
+def test_dequant_path_reads_packed_buffers(gen):
+    """The 'dequant' path with ``packed`` reads the one-bit plane buffers (one view and mixed views) and gives the
+    planes' result; buffers of another layer are refused."""
+    bits, group = DEFAULT_LAYOUT, 64
+    planes, scale, zero = make_layer(48, 192, bits, group, gen)
+    bp = tb.pack_bitplanes(planes, scale, zero, bits, group, 192)
+    x = randx(5, 192, torch.float32, gen)
+    for k in (3, torch.tensor([1, 6, 2, 2, 5], device=DEVICE)):
+        y = tb.bitplane_linear(x, planes, scale, zero, bits, group, k, path="dequant", packed=bp)
+        torch.testing.assert_close(y, tb.bitplane_linear(x, planes, scale, zero, bits, group, k, path="dequant"))
+    other = tb.pack_bitplanes(*make_layer(32, 192, bits, group, gen), bits, group, 192)
+    with pytest.raises(ValueError, match="another layout or layer"):
+        tb.bitplane_linear(x, planes, scale, zero, bits, group, 3, path="dequant", packed=other)
+
+
 # ------------------------------------------------------------------------------------ MoBiLinear hook
 def _frozen_layer(n_in, n_out, group, gen, bias=True):
     lin = torch.nn.Linear(n_in, n_out, bias=bias)
@@ -875,6 +927,29 @@ def test_mobilinear_backend_matches_dequantized(dtype, gen):
             assert err < TOL[dtype], (tokens, k, err)
             m.backend = "torch"
             torch.testing.assert_close(m(x), y, rtol=TOL[dtype] * 5, atol=TOL[dtype] * 5)
+
+
+@pytest.mark.parametrize("from_bits", [False, True])
+def test_mobilinear_prompt_dequantizes_from_its_buffers(from_bits, gen, monkeypatch):
+    """With ``DEQUANT_FROM_BITS`` a packed layer hands its one-bit plane buffers to a prompt's forward (the dequantize
+    pass reads them), else not; the output is the dequantized view's either way."""
+    seen = []
+    real = tb.bitplane_linear
+    monkeypatch.setattr(tb, "bitplane_linear", lambda *a, **kw: seen.append(kw.get("packed")) or real(*a, **kw))
+    monkeypatch.setattr(tb, "DEQUANT_FROM_BITS", from_bits)
+    lin = torch.nn.Linear(192, 40, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(40, 192, generator=gen) * 0.05)
+    m = MoBiLinear.from_linear(lin, group_size=64, slice_bits=DEFAULT_LAYOUT)
+    m.freeze()
+    m = m.to(DEVICE)
+    m.backend = "triton"
+    m.set_static(3)
+    x = randx(7, 192, torch.float32, gen)
+    y = m(x)
+    assert (seen[-1] is m.bitplane_buffers()) if from_bits else seen[-1] is None
+    ref = x.double() @ m.dequantized(3).double().T
+    assert ((y.double() - ref).norm() / ref.norm()).item() < TOL[torch.float32]
 
 
 @pytest.mark.parametrize("config", [None, BITS], ids=["default", "forced"])

@@ -2482,6 +2482,63 @@ def _bp_dequant_kernel(
     tl.store(w_ptr + rows.to(tl.int64)[:, None] * K_IN + cols[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _bits_dequant_kernel(
+    w_ptr,
+    words_ptr,
+    sz_ptr,
+    inv_shift,
+    half_off,
+    N,
+    K_IN,
+    NPAD2,
+    KW,
+    N_GROUPS,
+    P: tl.constexpr,
+    GW: tl.constexpr,
+    BR: tl.constexpr,
+    BW: tl.constexpr,
+):
+    """``W_k`` ``[N, K_IN]`` from one-bit plane buffers (:class:`BitPlanes`): its first ``P`` planes. A program
+    takes ``BR`` row pairs and ``BW`` word columns (``2 BR`` rows, ``16 BW`` columns): every plane word it loads is
+    read once, whole (coalesced along the row pairs), and gives 32 codes. The codes are a 5-D
+    ``[word, row pair, row, half, column]`` tensor: a word shifted once a half-word's eight columns (``u``), then
+    each column's bit taken at a constant shift and placed at its plane's bit by one AND-OR (the eight consecutive
+    columns of the last axis are one 16-byte store). The step and zero point are those of the word's group (``GW``
+    words a group)."""
+    i = tl.program_id(0) * BR + tl.arange(0, BR)  # row pairs (NPAD2 is a multiple of 64: no mask)
+    wc = tl.program_id(1) * BW + tl.arange(0, BW)  # word columns
+    wmask = wc < KW
+    offs = wc[:, None] * NPAD2 + i[None, :]  # [BW, BR]
+    r = tl.arange(0, 2)
+    h = tl.arange(0, 2)
+    jl = tl.arange(0, 8)[None, None, None, None, :]
+    first = (r[:, None] * 16 + h[None, :] * 8)[None, None, :, :]  # the first bit of each eight in a word
+    c = tl.zeros([BW, BR, 2, 2, 8], dtype=tl.int32)
+    plane = KW * NPAD2
+    for t in tl.static_range(P):  # most significant plane first
+        wd = tl.load(words_ptr + t * plane + offs, mask=wmask[:, None], other=0)
+        u = (wd[:, :, None, None] >> first)[:, :, :, :, None]
+        c |= ((u >> jl) & 1) << (P - 1 - t)
+    g = wc // GW
+    szv = tl.load(
+        sz_ptr + (r[None, None, :] * N_GROUPS + g[:, None, None]) * NPAD2 + i[None, :, None],
+        mask=wmask[:, None, None],
+        other=0,
+    )  # [BW, BR, 2]
+    s = (szv & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    z = (szv >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    a = (s * inv_shift)[:, :, :, None, None]
+    b = (-s * (z + half_off))[:, :, :, None, None]
+    # the code as an exact float without a conversion: its bits under 2^23's exponent, minus 2^23
+    cf = (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    w = cf * a + b
+    rows = 2 * i[None, :, None, None, None] + r[None, None, :, None, None]
+    cols = 16 * wc[:, None, None, None, None] + 8 * h[None, None, None, :, None] + jl
+    mask = (rows < N) & (cols < K_IN)
+    tl.store(w_ptr + rows.to(tl.int64) * K_IN + cols, w.to(w_ptr.dtype.element_ty), mask=mask)
+
+
 # ------------------------------------------------------------------------------------------- host side
 @dataclass(frozen=True)
 class SmallConfig:
@@ -3622,6 +3679,10 @@ def default_tile_config(M: int) -> TileConfig:
 #: small-batch kernel 32-38 us against 25-101; at 64 and 256 tokens dequantize-then-cuBLAS 0.06-0.52x the tile
 #: kernel's time for every shape and view, 0.08-0.73x with mixed views (H100, 2026-11-28: 0.43-0.89x at 2048 tokens).
 DEQUANT_MIN_TOKENS = 17
+#: Whether a packed layer's dequantize pass reads its one-bit plane buffers (:func:`dequantize_bits`: whole words,
+#: coalesced) instead of its planes (:func:`dequantize`, whose 3-bit base gathers each code's word). Measured by
+#: ``benchmarks/dequant_bench.py`` (docs/RESULTS.md "Prompts on the GPU").
+DEQUANT_FROM_BITS = False
 
 
 def bitplane_linear_dequant(
@@ -3634,10 +3695,12 @@ def bitplane_linear_dequant(
     k,
     bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    packed: BitPlanes | None = None,
 ) -> torch.Tensor:
     """Prefill: ``W_k`` by one Triton pass over its planes into a scratch buffer, then ``torch.matmul``
     (cuBLAS on CUDA), once per ``k`` present. A per-token ``k`` tensor costs one host synchronisation
-    (the token count of each ``k``). ``scale`` / ``zero``: one pair or a pair per view (:func:`dequantize`)."""
+    (the token count of each ``k``). ``scale`` / ``zero``: one pair or a pair per view (:func:`dequantize`).
+    ``packed``: the layer's one-bit plane buffers, read instead of the planes (:func:`dequantize_bits`)."""
     M, K_IN = x2.shape
     N = scale.shape[-2]
     NS = len(slice_bits)
@@ -3650,7 +3713,10 @@ def bitplane_linear_dequant(
     b = None if bias is None else bias.to(x2.dtype)
 
     def run(kk, xs, dst):
-        dequantize(planes, scale, zero, slice_bits, group_size, kk, K_IN, dtype=x2.dtype, out=wbuf)
+        if packed is not None:
+            dequantize_bits(packed, kk, out=wbuf)
+        else:
+            dequantize(planes, scale, zero, slice_bits, group_size, kk, K_IN, dtype=x2.dtype, out=wbuf)
         if b is None:
             torch.matmul(xs, wbuf.t(), out=dst)
         else:
@@ -3742,6 +3808,7 @@ def dequantize(
     out: torch.Tensor | None = None,
     block_n: int = 32,
     block_k: int = 128,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """``W_k`` ``[out, in]`` by one Triton pass over the first ``k`` planes. ``scale`` / ``zero``: one pair
     ``[out, groups]`` or a pair per view ``[len(slice_bits), out, groups]`` (view ``k`` reads ``scale[k - 1]``,
@@ -3774,9 +3841,63 @@ def dequantize(
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         ROW_SCALE=group_size % block_k == 0,
-        num_warps=4,
+        num_warps=num_warps,
     )
     return out
+
+
+def dequantize_bits(
+    packed: BitPlanes,
+    k: int,
+    dtype: torch.dtype = torch.float16,
+    out: torch.Tensor | None = None,
+    block_r: int = 32,
+    block_w: int = 8,
+    num_warps: int = 4,
+) -> torch.Tensor:
+    """``W_k`` ``[out, in]`` by one Triton pass over the first planes of view ``k`` of one-bit plane buffers
+    (:class:`BitPlanes`): the same weights as :func:`dequantize` of the planes they were built from. ``block_r``
+    row pairs (a power of two dividing 64) and ``block_w`` 16-column words (a power of two) a program."""
+    _check_k(k, len(packed.slice_bits))
+    if block_r & (block_r - 1) or not 1 <= block_r <= 64 or block_w & (block_w - 1) or block_w < 1:
+        raise ValueError(f"block_r: a power of two up to 64, block_w: a power of two; got {block_r}, {block_w}")
+    N, K = packed.out_features, packed.in_features
+    if out is None:
+        out = torch.empty(N, K, dtype=dtype, device=packed.words.device)
+    if out.shape != (N, K) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous tensor of shape {(N, K)}, got {tuple(out.shape)}")
+    sh = _shifts(packed.slice_bits)[k - 1]
+    sz = packed.sz[k - 1] if packed.per_view else packed.sz
+    _, KW, NPAD2 = packed.words.shape
+    grid = (NPAD2 // block_r, triton.cdiv(KW, block_w))
+    _bits_dequant_kernel[grid](
+        out,
+        packed.words,
+        sz,
+        2.0**-sh,
+        (1.0 - 2.0**-sh) / 2,
+        N,
+        K,
+        NPAD2,
+        KW,
+        sz.shape[1],
+        P=planes_of_views(packed.slice_bits)[k - 1],
+        GW=packed.group_size // 16,
+        BR=block_r,
+        BW=block_w,
+        num_warps=num_warps,
+    )
+    return out
+
+
+def _check_packed(packed: BitPlanes, slice_bits: tuple, group_size: int, N: int, scale: torch.Tensor) -> None:
+    if (
+        packed.slice_bits != slice_bits
+        or packed.group_size != group_size
+        or packed.out_features != N
+        or packed.per_view != (scale.dim() == 3)
+    ):
+        raise ValueError("packed bit planes of another layout or layer")
 
 
 def bitplane_linear(
@@ -3801,8 +3922,9 @@ def bitplane_linear(
     tokens and for per-token views from ``DEQUANT_MIN_TOKENS``; small-batch kernels for other <= 16 tokens when the
     layout allows; else tiles), 'bits' (one token
     from one-bit plane buffers: ``packed``, else built from ``planes`` and cached, :func:`bitplanes_for`),
-    'small', 'tile' (fused dequantize-tile-then-dot) or 'dequant' (dequantize W_k, then cuBLAS). ``out``, if
-    given, is a ``[tokens, out_features]`` buffer to write (contiguous rows).
+    'small', 'tile' (fused dequantize-tile-then-dot) or 'dequant' (dequantize W_k, then cuBLAS; from ``packed``
+    when given, :func:`dequantize_bits`). ``out``, if given, is a ``[tokens, out_features]`` buffer to write
+    (contiguous rows).
 
     ``scale`` / ``zero``: fp16 ``[out, groups]`` (one pair for every view) or ``[len(slice_bits), out, groups]``
     (a pair per view: view ``k`` reads ``scale[k - 1]``, ``zero[k - 1]``), every path, every kind of ``k``."""
@@ -3849,20 +3971,17 @@ def bitplane_linear(
     if path == "bits":
         if packed is None:
             packed = bitplanes_for(planes, scale, zero, slice_bits, group_size, K_IN)
-        elif (
-            packed.slice_bits != slice_bits
-            or packed.group_size != group_size
-            or packed.out_features != N
-            or packed.per_view != (scale.dim() == 3)
-        ):
-            raise ValueError("packed bit planes of another layout or layer")
+        else:
+            _check_packed(packed, slice_bits, group_size, N, scale)
         y = bitplane_linear_bits(x2, packed, k, bias, out, small_config)
     elif path == "small":
         y = bitplane_linear_small(x2, planes, scale, zero, slice_bits, group_size, k, bias, out, small_config)
     elif path == "tile":
         y = bitplane_linear_tiled(x2, planes, scale, zero, slice_bits, group_size, k, bias, out, tile_config)
     elif path == "dequant":
-        y = bitplane_linear_dequant(x2, planes, scale, zero, slice_bits, group_size, k, bias, out)
+        if packed is not None:
+            _check_packed(packed, slice_bits, group_size, N, scale)
+        y = bitplane_linear_dequant(x2, planes, scale, zero, slice_bits, group_size, k, bias, out, packed)
     else:
         raise ValueError(f"path must be 'auto', 'bits', 'small', 'tile' or 'dequant', got {path!r}")
     return y.reshape(*lead, N)
@@ -3876,6 +3995,7 @@ __all__ = [
     "SmallConfig",
     "TileConfig",
     "DEQUANT_MIN_TOKENS",
+    "DEQUANT_FROM_BITS",
     "bitplane_linear",
     "bitplane_linear_bits",
     "bitplane_site_bits",
@@ -3886,6 +4006,7 @@ __all__ = [
     "bits_supported",
     "bitplanes_for",
     "dequantize",
+    "dequantize_bits",
     "pack_bitplanes",
     "site_bitplanes",
     "wants_bitplanes",

@@ -435,12 +435,14 @@ class MoBiLinear(nn.Module):
         elif (x.is_cuda or backend != "auto") and self._use_triton(x):  # 'auto' takes Triton on CUDA only
             if cfg is not None:
                 extra["small_config"] = cfg
-            if n_tokens == 1:
-                from ..kernels.triton_bitplane import wants_bitplanes
+            from ..kernels import triton_bitplane as tbp
 
-                if wants_bitplanes(self.slice_bits, self.slicer.group_size, cfg):
+            if n_tokens == 1:
+                if tbp.wants_bitplanes(self.slice_bits, self.slicer.group_size, cfg):
                     extra["packed"] = self.bitplane_buffers()
                     extra["path"] = "bits"  # decided here: the kernel entry need not decide again
+            elif tbp.DEQUANT_FROM_BITS and tbp.bits_supported(self.slice_bits, self.slicer.group_size):
+                extra["packed"] = self.bitplane_buffers()  # read by the dequantize pass of a prompt
         group = getattr(self, "_site_group", None)
         if group is not None and extra.get("path") == "bits":  # one launch for the site (patching.fuse_sites)
             y = group.output(self, x, cfg)
