@@ -7,6 +7,7 @@
     python benchmarks/cpu_decode.py                      # no checkpoint: the default layout, thresholds on random
                                                          # tokens (speed does not depend on calibration)
     python benchmarks/cpu_decode.py --dry-run            # tiny random model, the code path
+    python benchmarks/cpu_decode.py --checkpoint ... --modes off,compile   # eager and compiled steps, one process
 
 Rows: the FP model (bf16, fp32), then per budget and per static view the int4 path and the dense one. Each row: a
 warm-up generation, then the fastest of ``--repeats`` greedy generations of ``--new-tokens`` tokens (eager; the
@@ -40,14 +41,23 @@ def parse_args(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense rows (backend='torch')")
+    ap.add_argument(
+        "--modes",
+        default="off",
+        help="comma-separated decode steps: 'off' (eager) and/or 'compile' (the step compiled by torch.compile, the "
+        "int4 views traced into it); every row in each",
+    )
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--dry-run", action="store_true", help="tiny random model, few tokens: the code path")
     args = ap.parse_args(argv)
     try:
         args.budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
         args.views = [int(k) for k in args.views.split(",") if k.strip()]
+        args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     except ValueError:
         ap.error("--budgets takes comma-separated numbers and --views comma-separated integers")
+    if not args.modes or set(args.modes) - {"off", "compile"}:
+        ap.error("--modes takes 'off' and/or 'compile'")
     if args.new_tokens < 2 or args.repeats < 1:
         ap.error("--new-tokens must be >= 2 and --repeats >= 1")
     if args.checkpoint is not None and not Path(args.checkpoint).is_dir():
@@ -81,11 +91,11 @@ def load(args):
     return fp, copy.deepcopy(fp).float(), q, tok
 
 
-def time_one(model, tok, args, budget):
+def time_one(model, tok, args, budget, mode="off"):
     from mobiquant.tasks.decode import generate
 
-    kw = dict(tokenizer=tok, budget=budget, cuda_graph="off")
-    generate(model, PROMPT, min(4, args.new_tokens), **kw)  # warm: int4 packs built, allocations settle
+    kw = dict(tokenizer=tok, budget=budget, cuda_graph=mode)
+    generate(model, PROMPT, min(4, args.new_tokens), **kw)  # warm: int4 packs built, the step compiled
     best = None
     for _ in range(args.repeats):
         g = generate(model, PROMPT, args.new_tokens, **kw)
@@ -109,17 +119,20 @@ def run_rows(args, fp, fp32, q, tok) -> list[dict]:
     for k in args.views:
         cases += [(f"static {view_bits[k - 1]} bits (k={k})", q, None, k, p) for p in paths]
     rows = []
-    for name, model, budget, k, path in cases:
-        if path is not None:
-            for _, m in mobi_linears(model):
-                m.backend = path
-        if k is not None:
-            mq.set_static(model, k)
-        t = time.perf_counter()
-        g = time_one(model, tok, args, budget)
-        label = name if path is None else f"{name} [{'int4' if path == 'auto' else 'dense'}]"
-        rows.append(dict(row=label, us_per_token=g.us_per_token, tokens_per_s=g.tokens_per_s, text=g.text[0][:48]))
-        print(f"{label}: {g.us_per_token:.0f} us/token (row {time.perf_counter() - t:.1f} s)", flush=True)
+    for mode in args.modes:
+        for name, model, budget, k, path in cases:
+            if path is not None:
+                for _, m in mobi_linears(model):
+                    m.backend = path
+            if k is not None:
+                mq.set_static(model, k)
+            t = time.perf_counter()
+            g = time_one(model, tok, args, budget, mode)
+            label = name if path is None else f"{name} [{'int4' if path == 'auto' else 'dense'}]"
+            label += " compiled" * (mode == "compile")
+            row = dict(row=label, mode=mode, us_per_token=g.us_per_token, tokens_per_s=g.tokens_per_s)
+            rows.append(dict(row, text=g.text[0][:48]))
+            print(f"{label}: {g.us_per_token:.0f} us/token (row {time.perf_counter() - t:.1f} s)", flush=True)
     for _, m in mobi_linears(q):
         m.backend = "auto"
     return rows
@@ -137,8 +150,11 @@ def main(argv=None) -> int:
     fp, fp32, q, tok = load(args)
     with torch.inference_mode():
         df = pd.DataFrame(run_rows(args, fp, fp32, q, tok))
-    for ref, col in (("fp bf16", "x_bf16"), ("fp fp32", "x_fp32")):
-        df[col] = float(df.loc[df["row"] == ref, "us_per_token"].iloc[0]) / df["us_per_token"]
+    for ref, col in (("fp bf16", "x_bf16"), ("fp fp32", "x_fp32")):  # against the first mode's FP rows
+        df[col] = float(df.loc[df["row"].str.startswith(ref), "us_per_token"].iloc[0]) / df["us_per_token"]
+    if len(args.modes) > 1:  # and against the FP bf16 model decoded the same way
+        fp_us = df[df["row"].str.startswith("fp bf16")].set_index("mode")["us_per_token"]
+        df["x_bf16_same_mode"] = df["mode"].map(fp_us) / df["us_per_token"]
     print(
         f"\n# SmolLM2-135M decode on the CPU ({torch.get_num_threads()} threads), batch 1, {args.new_tokens} new "
         f"tokens, best of {args.repeats}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"

@@ -760,10 +760,40 @@ def test_compiled_step_decodes_as_eager_with_the_package_opaque(qmodel, prompt):
     assert generate(fp, prompt, 6, cuda_graph="compile").tokens.tolist() == generate(fp, prompt, 6).tokens.tolist()
     for b in (2.0, 5.0):
         g = generate(qmodel, prompt, 6, budget=b, cuda_graph="compile")
-        assert g.graph == "compile" and g.timed_tokens == 4  # the compiling step left out of the timing
+        # left out of the timing: the state's first step (eager, before any compile) and the compiling one
+        assert g.graph == "compile" and g.timed_tokens == 3
         assert g.tokens[0].tolist() == eager_greedy(qmodel, prompt, 6, b)
     explained = torch._dynamo.explain(qmodel.model.layers[0].mlp.down_proj.forward)(torch.zeros(1, 1, 160))
-    assert explained.graph_count == 0  # MoBiLinear.forward is skipped by Dynamo, not traced
+    assert explained.graph_count == 0  # an fp32 MoBiLinear forward is not traced: it runs opaque
+
+
+@pytest.mark.slow
+def test_compiled_cpu_step_traces_the_int4_views(prompt, monkeypatch):
+    """On the CPU, ``cuda_graph='compile'`` of a bf16 model at a static view: the state's first step runs eagerly (it
+    builds the int4 packs), and from the compiled step on no MoBiLinear runs opaque: the int4 matmuls are traced into
+    the step's graph. The tokens are those of eager decoding's step by step (same cache, same kernels)."""
+    from mobiquant.kernels import int4
+    from mobiquant.nn.linear import MoBiLinear
+
+    if not int4.available():
+        pytest.skip("this torch has no CPU int4 matmul")
+    model = build_tiny_llama(0)
+    mq.quantize_model(model, mq.MoBiConfig(group_size=32, slice_bits=(3, 1, 1, 1, 1, 1)))
+    mq.freeze(model)
+    model = model.to(torch.bfloat16)
+    mq.set_static(model, 2)
+    n_linears = sum(isinstance(m, MoBiLinear) for m in model.modules())
+    calls = []
+    real = MoBiLinear._forward_opaque
+    monkeypatch.setattr(
+        MoBiLinear, "_forward_opaque", torch.compiler.disable(lambda self, x: calls.append(1) or real(self, x))
+    )
+    g = generate(model, prompt, 6, cuda_graph="compile")
+    assert g.graph == "compile" and g.timed_tokens == 3
+    assert len(calls) == 2 * n_linears  # the prompt's forward and the first step's; none once compiled
+    calls.clear()
+    assert g.tokens.tolist() == generate(model, prompt, 6, cuda_graph="off").tokens.tolist()
+    assert len(calls) == 6 * n_linears  # eager: every forward opaque
 
 
 # ------------------------------------------------------------------------------------------ GPU only

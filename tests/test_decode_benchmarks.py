@@ -540,3 +540,20 @@ def test_cpu_decode_dry_run(tmp_path):
     assert df["x_bf16"].iloc[0] == 1.0 and df["x_fp32"].iloc[1] == 1.0 and (df["us_per_token"] > 0).all()
     with pytest.raises(SystemExit):
         cpu_decode.main(["--dry-run", "--budgets", "x"])
+
+
+@pytest.mark.slow
+def test_cpu_decode_dry_run_compiled(tmp_path):
+    """``cpu_decode.py --modes off,compile``: every row eager, then with the compiled step, each against the FP bf16
+    model decoded the same way too; an unknown mode is refused."""
+    import cpu_decode
+
+    argv = ["--dry-run", "--no-dense", "--modes", "off,compile", "--budgets", "3", "--out", str(tmp_path)]
+    assert cpu_decode.main(argv) == 0
+    df = pd.read_csv(tmp_path / "cpu_decode.csv")
+    rows = ["fp bf16", "fp fp32", "budget 3 [int4]", "static 3 bits (k=1) [int4]"]
+    assert df["row"].tolist() == rows + [r + " compiled" for r in rows]
+    assert df["mode"].tolist() == ["off"] * 4 + ["compile"] * 4
+    assert df["x_bf16_same_mode"].iloc[0] == 1.0 and df["x_bf16_same_mode"].iloc[4] == 1.0
+    with pytest.raises(SystemExit):
+        cpu_decode.main(["--dry-run", "--modes", "graph"])

@@ -208,3 +208,31 @@ def test_cuda_int4_serves_a_few_tokens(dtype):
         )
         for t in range(5):
             assert rel_err(y[t], dense_ref(m, x[t], int(ks[t]))) < 8e-3
+
+
+def test_a_host_known_view_traces_into_a_compiled_graph():
+    """Under ``torch.compile`` a packed bf16 layer on the CPU whose view is known on the host (static, or fixed by a
+    budget) and whose packs exist is traced with the code around it (no graph break: ``fullgraph=True``), and gives
+    the eager forward's output; before its packs exist, on another backend, or counting slices, it is not."""
+    import torch._dynamo
+
+    m = packed_layer(576, 192, (3, 1, 1, 1, 1, 1), True)
+    m.set_static(2)
+    x = torch.randn(1, 3, 576).bfloat16()
+    with torch.no_grad():
+        assert m._traced_int4(x) is None  # no packs yet: a trace could not build them
+        y = m(x)  # eager: builds view 2's packs
+        torch.testing.assert_close(m._traced_int4(x), y, rtol=0, atol=0)
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda t: torch.nn.functional.silu(m(t)) * 2, fullgraph=True, dynamic=False)
+        got = compiled(x)
+        torch.testing.assert_close(got, torch.nn.functional.silu(y) * 2, rtol=2e-2, atol=2e-2)
+        assert m._traced_int4(torch.randn(1, 5, 576).bfloat16()) is None  # more tokens than the int4 path takes
+        assert m._traced_int4(x.float()) is None  # fp32 keeps the dense views
+        m.backend = "torch"
+        assert m._traced_int4(x) is None
+        m.backend, m.track = "auto", True
+        assert m._traced_int4(x) is None
+        m.track = False
+        m.set_static(3)
+        assert m._traced_int4(x) is None  # view 3's packs are not built yet

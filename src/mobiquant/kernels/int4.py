@@ -160,6 +160,10 @@ class Int4Views:
         z = zero.repeat_interleave(rep, dim=1)[:, :n_sub]
         return torch.stack([s.t(), z.t()], -1).to(torch.bfloat16).contiguous()
 
+    def built(self, k: int) -> bool:
+        """Whether view ``k``'s packs exist (a traced forward reads them; it cannot build them)."""
+        return k in self._parts
+
     def parts(self, k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """View ``k``'s int4 matmuls: ``[(pack, scales and zeros)]``, one for at most 4 bits, two above."""
         if k not in self._parts:

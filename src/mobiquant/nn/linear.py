@@ -349,10 +349,36 @@ class MoBiLinear(nn.Module):
         return out
 
     # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # decode's cuda_graph='compile': a CPU int4 view is traced with the rest
+            y = self._traced_int4(x)
+            if y is not None:
+                return y
+        return self._forward_opaque(x)
+
+    def _traced_int4(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Under ``torch.compile``, the forward that Inductor can take into the step's graph: a packed layer's bf16
+        decode on the CPU through int4 matmuls whose packs exist (built by an eager forward before), at a view known
+        on the host (a static view, or the view a budget fixed), nothing counted. None otherwise (the forward then
+        stays opaque). Dynamo guards on the view: a budget that changes it compiles the step again."""
+        if x.is_cuda or not self.packed or self.weight_override is not None or self.track:
+            return None
+        if getattr(self, "backend", "auto") != "auto" or not int4.input_fits(x):
+            return None
+        k = self.static_k if self.mode == "static" or self._router is None else self._fixed_view()
+        if k is None:
+            return None
+        views = self._int4
+        if views is None or not views.built(k):
+            return None
+        y = views.matmul(x.reshape(-1, x.shape[-1]), k).reshape(*x.shape[:-1], self.out_features)
+        bias = self._buffers.get("bias")
+        return y if bias is None else y + bias.to(y.dtype)
+
     # opaque to torch.compile: Inductor cannot take the Triton launches (decode's cuda_graph='compile' compiles the
     # code between these calls and captures them in its graph)
     @torch.compiler.disable
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_opaque(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_override is not None:
             return F.linear(x, self.weight_override().to(x.dtype), self.bias)
         if self.packed:
@@ -407,7 +433,7 @@ class MoBiLinear(nn.Module):
             tau = router.batch_threshold(x, budget)
             rec.record(self, tau)
             return router.slice_counts_at(x, tau)
-        if router.fixed and rec is None and self.fixed_k is not None and not kernels.capturing(x):
+        if self._fixed_view() is not None and not kernels.capturing(x):
             return self.fixed_k  # every token's view, known on the host (a captured graph reads the thresholds)
         own = router.tau if self.route_tau is None else self.route_tau
         if in_kernel and torch.is_tensor(own) and own.device == x.device:
@@ -421,6 +447,14 @@ class MoBiLinear(nn.Module):
         if self.route_tau is None:
             return router.slice_counts(x)
         return router.slice_counts_at(x, self.route_tau)
+
+    def _fixed_view(self) -> int | None:
+        """The view every token takes when the budget fixed this routed layer's router (its thresholds lie between
+        bands), not fitting thresholds; else None (the tokens decide)."""
+        router = self._router
+        if router is not None and router.fixed and router.recorder is None:
+            return self.fixed_k
+        return None
 
     def _forward_packed(self, x: torch.Tensor) -> torch.Tensor:
         from .. import kernels

@@ -450,7 +450,8 @@ class _Stepper:
         self._forward = self._model_step
         if mode == "compile":
             self._forward = _compiled_step(self._model_step, model)
-        self._compiled_once = False
+        self._compiled: set[tuple] = set()  # compiled-only (CPU): the states whose compiled step has run
+        self._warmed: set[tuple] = set()  # ... and those whose step ran eagerly first
 
     def _model_step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=ids, **{self.cache_kw: self.cache}, cache_position=pos, use_cache=True)
@@ -545,9 +546,10 @@ class _Stepper:
         return self.mode == "compile" and self.device.type != "cuda"
 
     def will_capture(self, key: tuple) -> bool:
-        """Whether :meth:`step` with ``key`` captures (or compiles) instead of replaying."""
+        """Whether :meth:`step` with ``key`` captures (or compiles, or runs the eager step before a compile) instead
+        of replaying."""
         if self._compiled_only:
-            return not self._compiled_once
+            return key not in self._compiled
         return self.mode in ("graph", "compile") and key not in self.graphs
 
     def step(self, tok: torch.Tensor, pos: int, key: tuple) -> tuple[torch.Tensor, bool]:
@@ -560,7 +562,11 @@ class _Stepper:
         self.ids.copy_(tok.view(-1, 1))
         self.pos.fill_(pos)
         if self._compiled_only:
-            first, self._compiled_once = not self._compiled_once, True
+            if key not in self._warmed:  # a new state: its first step eager, which builds what the traced forward
+                self._warmed.add(key)  # reads and cannot build (MoBiLinear's int4 packs of the views now served)
+                return self._model_step(self.ids, self.pos).clone(), True
+            first = key not in self._compiled
+            self._compiled.add(key)
             return self._eager(self.ids, self.pos).clone(), first
         entry = self.graphs.get(key)
         if entry is None:
