@@ -768,31 +768,42 @@ def test_compiled_step_decodes_as_eager_with_the_package_opaque(qmodel, prompt):
 
 
 @pytest.mark.slow
-def test_compiled_cpu_step_traces_the_int4_views(prompt, monkeypatch):
-    """On the CPU, ``cuda_graph='compile'`` of a bf16 model at a static view: the state's first step runs eagerly (it
-    builds the int4 packs), and from the compiled step on no MoBiLinear runs opaque: the int4 matmuls are traced into
-    the step's graph. The tokens are those of eager decoding's step by step (same cache, same kernels)."""
+@pytest.mark.parametrize("budget", [None, 4.5], ids=["static-view", "tokens-decide"])
+def test_compiled_cpu_step_traces_the_int4_views(prompt, monkeypatch, budget):
+    """On the CPU, ``cuda_graph='compile'`` of a bf16 model, at a static view or at a budget where adjacent routers'
+    tokens choose between two views: the state's first step runs eagerly (it builds the int4 packs), and from the
+    compiled step on no MoBiLinear runs opaque: the int4 matmuls (both views and the router where tokens decide) are
+    traced into the step's graph. The tokens are those of eager decoding's step by step."""
     from mobiquant.kernels import int4
     from mobiquant.nn.linear import MoBiLinear
+    from mobiquant.tasks.decode import BudgetControl
 
     if not int4.available():
         pytest.skip("this torch has no CPU int4 matmul")
     model = build_tiny_llama(0)
-    mq.quantize_model(model, mq.MoBiConfig(group_size=32, slice_bits=(3, 1, 1, 1, 1, 1)))
+    cfg = mq.MoBiConfig(group_size=32, slice_bits=(3, 1, 1, 1, 1, 1), router_policy="adjacent")
+    mq.quantize_model(model, cfg)
+    mq.calibrate_thresholds(model, token_batches(4, batch=4, seqlen=32, seed=100))
     mq.freeze(model)
     model = model.to(torch.bfloat16)
-    mq.set_static(model, 2)
+    if budget is None:
+        mq.set_static(model, 2)
+    else:
+        control = BudgetControl.of(model)
+        control.apply(budget)
+        assert any(m.pair_k is not None for m in control.linears)  # some tokens decide
+        control._applied = None
     n_linears = sum(isinstance(m, MoBiLinear) for m in model.modules())
     calls = []
     real = MoBiLinear._forward_opaque
     monkeypatch.setattr(
         MoBiLinear, "_forward_opaque", torch.compiler.disable(lambda self, x: calls.append(1) or real(self, x))
     )
-    g = generate(model, prompt, 6, cuda_graph="compile")
+    g = generate(model, prompt, 6, budget=budget, cuda_graph="compile")
     assert g.graph == "compile" and g.timed_tokens == 3
     assert len(calls) == 2 * n_linears  # the prompt's forward and the first step's; none once compiled
     calls.clear()
-    assert g.tokens.tolist() == generate(model, prompt, 6, cuda_graph="off").tokens.tolist()
+    assert g.tokens.tolist() == generate(model, prompt, 6, budget=budget, cuda_graph="off").tokens.tolist()
     assert len(calls) == 6 * n_linears  # eager: every forward opaque
 
 

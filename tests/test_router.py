@@ -257,6 +257,22 @@ def test_constant_k_is_the_count_a_threshold_fixes_for_every_token():
     assert free.constant_k(7.5) is None
 
 
+def test_adjacent_view_is_the_lower_of_the_two_views_tokens_choose():
+    """``adjacent_view``: a threshold inside a band lets each token take one of two views, ``j`` or ``j + 1``, and a
+    token takes ``j + 1`` iff its value for residual slice ``j - 1`` exceeds the threshold (what a compiled decode
+    step computes); a threshold between bands, or the free policy, gives None."""
+    r = TokenRouter(16, (3, 1, 1, 1, 1, 1), hidden=8, policy="adjacent")
+    scores = torch.cat([torch.randn(256, 5) * 4, torch.full((1, 5), 100.0), torch.full((1, 5), -100.0)])
+    values = r.gate_values(scores)
+    for tau, j in {8.0: 1, 8.5: 1, 6.999: 2, 4.3: 3, 2.0: 4, 0.5: 5}.items():
+        assert r.adjacent_view(tau) == j and r.constant_k(tau) is None, tau
+        k = 1 + (values > tau).sum(-1)
+        assert torch.equal(k, j + (values[:, j - 1] > tau).long()), tau
+    for tau in (9.0, 7.5, 3.99, -0.01):
+        assert r.adjacent_view(tau) is None, tau
+    assert TokenRouter(16, (3, 1, 1, 1, 1, 1), hidden=8, policy="free").adjacent_view(4.3) is None
+
+
 def test_budget_switches_read_the_table_on_the_host_until_it_changes(monkeypatch):
     """``set_budget`` interpolates a host copy of the (bits, tau) table, read from the device once and again only after
     the table changed (``load_state_dict``, ``fit_thresholds``, ``set_table``); the threshold it wrote is known on the

@@ -94,6 +94,7 @@ class MoBiLinear(nn.Module):
         # set with it by decode (``tasks.decode.BudgetControl``), read only while the router is fixed. An uncaptured
         # forward of several tokens (a prompt) then runs that view in one launch, not a routed launch per view.
         self.fixed_k: int | None = None
+        self.pair_k: int | None = None  # set with fixed_k: the lower of the two views the tokens choose from
         self.track = False
         self.k_counts = torch.zeros(self.num_slices, dtype=torch.float64)
         self._view_cache: dict[Any, torch.Tensor] = {}  # view k (compute dtype), or (k, dtype) (dense_view)
@@ -366,14 +367,32 @@ class MoBiLinear(nn.Module):
         if getattr(self, "backend", "auto") != "auto" or not int4.input_fits(x):
             return None
         k = self.static_k if self.mode == "static" or self._router is None else self._fixed_view()
-        if k is None:
-            return None
         views = self._int4
-        if views is None or not views.built(k):
-            return None
-        y = views.matmul(x.reshape(-1, x.shape[-1]), k).reshape(*x.shape[:-1], self.out_features)
+        x2 = x.reshape(-1, x.shape[-1])
+        if k is not None:
+            if views is None or not views.built(k):
+                return None
+            y = views.matmul(x2, k)
+        else:  # tokens decide between two adjacent views: both computed, each token's taken
+            j, router = self._token_pair(), self._router
+            if j is None or views is None or not (views.built(j) and views.built(j + 1)):
+                return None
+            assert router is not None
+            tau = router.tau if self.route_tau is None else self.route_tau
+            up = router.gate_values(router.scores(x2))[:, j - 1] > tau
+            y = torch.where(up[:, None], views.matmul(x2, j + 1), views.matmul(x2, j))
+        y = y.reshape(*x.shape[:-1], self.out_features)
         bias = self._buffers.get("bias")
         return y if bias is None else y + bias.to(y.dtype)
+
+    def _token_pair(self) -> int | None:
+        """``j`` when this routed layer's tokens choose between views ``j`` and ``j + 1`` (the adjacent policy with
+        its threshold inside a band, set with the budget: ``pair_k``), its router not fitting thresholds or fixed;
+        else None."""
+        router = self._router
+        if self.mode != "routed" or router is None or router.fixed or router.recorder is not None:
+            return None
+        return self.pair_k
 
     # opaque to torch.compile: Inductor cannot take the Triton launches (decode's cuda_graph='compile' compiles the
     # code between these calls and captures them in its graph)
@@ -491,7 +510,11 @@ class MoBiLinear(nn.Module):
         planes = [self.plane(e) for e in range(self.num_slices)]
         matmul = None
         if int4_mm:  # (then no Triton entry was chosen above)
-            matmul = self.int4_views().matmul  # int4 matmuls of the views (kernels.int4)
+            views = self.int4_views()
+            matmul = views.matmul  # int4 matmuls of the views (kernels.int4)
+            j = self._token_pair()
+            if j is not None and not x.is_cuda:  # both views' packs, for a compiled step to trace (_traced_int4)
+                views.parts(j), views.parts(j + 1)
         buffers = self._buffers
         return kernels.bitplane_linear(
             x,

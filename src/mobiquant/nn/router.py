@@ -300,6 +300,18 @@ class TokenRouter(nn.Module):
             k += int(band > tau)
         return k
 
+    def adjacent_view(self, tau: float) -> int | None:
+        """With the adjacent policy and ``tau`` inside a slice's band (the scores decide, :meth:`constant_k` None):
+        the lower of the two views every token then takes, ``j`` (a token takes ``j + 1`` iff its value for
+        residual slice ``j - 1`` exceeds ``tau``); None otherwise."""
+        if self.policy != "adjacent":
+            return None
+        for e in range(self.num_residuals):
+            band = 2.0 * (self.num_residuals - 1 - e)
+            if band <= tau < band + 1:
+                return 1 + e
+        return None
+
     # ---------------- hard routing (inference) ----------------
     def _hard_values(self, x: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Gate values of ``x``; also the slice counts at the threshold tensor ``tau`` when the fused kernel

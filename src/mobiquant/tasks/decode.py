@@ -176,18 +176,20 @@ class BudgetControl:
         fixed: dict[int, list[int | None]] = {}  # router -> the view its linears' thresholds fix (None: routed)
         for m in self.linears:
             t = m.route_tau
-            k_fixed = None
+            k_fixed = pair = None
             if m.mode == "routed" and m.router is not None:  # read on the host before it moves (no device sync)
-                k_fixed = m.router.constant_k(m.router.tau_value() if t is None else float(t))
+                tau = m.router.tau_value() if t is None else float(t)
+                k_fixed = m.router.constant_k(tau)
+                pair = m.router.adjacent_view(tau) if k_fixed is None else None
                 fixed.setdefault(id(m.router), []).append(k_fixed)
             if t is not None:
                 dev = m.router.tau.device if m.router is not None else torch.device("cpu")
                 t = torch.as_tensor(t).detach().to(device=dev, dtype=torch.float32).clone()
-            lin.append((m.mode, m.static_k, t, k_fixed))
+            lin.append((m.mode, m.static_k, t, k_fixed, pair))
         for i, m in enumerate(self.linears):  # a router's linears all fixed at one view: that static view
             views = fixed.get(id(m.router), [None]) if m.mode == "routed" else [None]
             if views[0] is not None and views.count(views[0]) == len(views):
-                lin[i] = ("static", views[0], lin[i][2], None)
+                lin[i] = ("static", views[0], lin[i][2], None, None)
         # fixed at different views: the router's decisions are constants (adjacent policy: band midpoints)
         held = [r.policy == "adjacent" and None not in fixed.get(id(r), [None]) for r in self.routers]
         return {"taus": taus, "linears": lin, "fixed": held}
@@ -206,8 +208,9 @@ class BudgetControl:
         if self.routers:
             dst += [r.tau for r in self.routers]
             src += snap["taus"]
-        for i, (m, (mode, k, own, k_fixed)) in enumerate(zip(self.linears, snap["linears"], strict=False)):
+        for i, (m, (mode, k, own, k_fixed, pair)) in enumerate(zip(self.linears, snap["linears"], strict=False)):
             m.mode, m.static_k, m.fixed_k = mode, k, k_fixed  # fixed_k: read only while the router is fixed
+            m.pair_k = pair  # the lower of the two views the tokens choose from (adjacent policy), or None
             holder = self._holders.get(i)
             if own is None and holder is None:
                 m.route_tau = None
@@ -786,7 +789,7 @@ def generate(
         if was_training:
             model.train(True)
         for m in control.linears:
-            m.fixed_k = None
+            m.fixed_k = m.pair_k = None
         for r in control.routers:  # the model as generate found it: every router runs at the budget it holds
             r.clear_cache()
             r.fixed = False
