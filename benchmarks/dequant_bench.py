@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -47,15 +46,12 @@ def main(argv=None):
     ap.add_argument("--bits-configs", default=None, help="row_pairs,words,warps;... of dequantize_bits")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for dequant_bench.csv / dequant_mm.csv")
     a = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("dequant_bench: needs a CUDA GPU", file=sys.stderr)
+    setup = kb.gpu_bench_setup("dequant_bench", a.slices)
+    if setup is None:
         return 2
+    tb, copy_bw = setup
     import pandas as pd
-    import triton
 
-    kb.GRAPH = True
-    kb.set_slices(tuple(int(b) for b in a.slices.split(",")))
-    tb = kb.load_kernels()
     from mobiquant.kernels import int4
 
     bits = kb.SLICE_BITS
@@ -63,12 +59,6 @@ def main(argv=None):
     pcfgs = parse_configs(a.plane_configs, PLANE_CONFIGS)
     bcfgs = parse_configs(a.bits_configs, BITS_CONFIGS)
     tokens = [int(t) for t in a.tokens.split(",") if t]
-    print(
-        f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-        f"{time.strftime('%Y-%m-%d')}; slices {a.slices}, group {kb.GROUP}"
-    )
-    copy_bw, _ = kb.copy_bandwidth()
-    print(f"# copy bandwidth {copy_bw / 1e9:.0f} GB/s")
     rows, mm_rows = [], []
     for name, n_out, n_in in kb.SHAPE_SETS[a.shapes]:
         planes, scale, zero = kb.make_layer(n_out, n_in)

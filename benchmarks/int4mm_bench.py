@@ -18,7 +18,6 @@ import argparse
 import math
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -46,24 +45,15 @@ def main(argv=None):
     ap.add_argument("--slices", default="3,1,1,1,1,1", help="the package's layout (its views of 3 and 4 bits timed)")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for int4mm_bench.csv")
     a = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("int4mm_bench: needs a CUDA GPU", file=sys.stderr)
+    setup = kb.gpu_bench_setup("int4mm_bench", a.slices)
+    if setup is None:
         return 2
+    tb, copy_bw = setup
     import pandas as pd
-    import triton
 
-    kb.GRAPH = True
-    kb.set_slices(tuple(int(b) for b in a.slices.split(",")))
-    tb = kb.load_kernels()  # puts src/ on the path
     from mobiquant.kernels import int4
 
     views = [k for k in range(1, len(kb.SLICE_BITS) + 1) if kb.view_bits(k) <= 4]
-    print(
-        f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-        f"{time.strftime('%Y-%m-%d')}; slices {a.slices}, group {kb.GROUP}"
-    )
-    copy_bw, _ = kb.copy_bandwidth()
-    print(f"# copy bandwidth {copy_bw / 1e9:.0f} GB/s")
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     for name, n_out, n_in in kb.SHAPE_SETS[a.shapes]:

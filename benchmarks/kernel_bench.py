@@ -221,6 +221,28 @@ def bench(fn, warmup=10, rep=40):
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median") * 1e3  # us
 
 
+def gpu_bench_setup(script: str, slices: str):
+    """The start of a one-GPU benchmark script: ``(kernels module, copy bandwidth in B/s)`` with graph-replayed
+    timing (``GRAPH``) and the slice layout ``slices`` ('3,1,1,1,1,1') set, after a line naming the card, versions,
+    date and layout and one giving the copy bandwidth measured now; None (after saying so) without a CUDA GPU."""
+    if not torch.cuda.is_available():
+        print(f"{script}: needs a CUDA GPU", file=sys.stderr)
+        return None
+    import triton
+
+    global GRAPH
+    GRAPH = True
+    set_slices(tuple(int(b) for b in slices.split(",")))
+    tb = load_kernels()
+    print(
+        f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+        f"{time.strftime('%Y-%m-%d')}; slices {slices}, group {GROUP}"
+    )
+    copy_bw, _ = copy_bandwidth()
+    print(f"# copy bandwidth {copy_bw / 1e9:.0f} GB/s")
+    return tb, copy_bw
+
+
 def copy_bandwidth(nbytes=1 << 30):
     a = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)

@@ -557,3 +557,12 @@ def test_cpu_decode_dry_run_compiled(tmp_path):
     assert df["x_bf16_same_mode"].iloc[0] == 1.0 and df["x_bf16_same_mode"].iloc[4] == 1.0
     with pytest.raises(SystemExit):
         cpu_decode.main(["--dry-run", "--modes", "graph"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU these run the whole benchmark")
+@pytest.mark.parametrize("script", ["int4mm_bench", "dequant_bench"])
+def test_gpu_benchmarks_say_they_need_a_gpu(script, capsys):
+    import importlib
+
+    assert importlib.import_module(script).main([]) == 2
+    assert f"{script}: needs a CUDA GPU" in capsys.readouterr().err

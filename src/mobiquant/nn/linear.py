@@ -90,9 +90,10 @@ class MoBiLinear(nn.Module):
         # router.ThresholdRecorder that holds this linear is attached, the batch's quantile threshold for the
         # linear's budget is used (and recorded) instead.
         self.route_tau: float | torch.Tensor | None = None
-        # The view this linear's threshold fixes while its router is fixed (``TokenRouter.fixed``), known on the host:
-        # set with it by decode (``tasks.decode.BudgetControl``), read only while the router is fixed. An uncaptured
-        # forward of several tokens (a prompt) then runs that view in one launch, not a routed launch per view.
+        # The view this linear's threshold fixes at the budget decode applied (``tasks.decode.BudgetControl``), known
+        # on the host. While its router is fixed (``TokenRouter.fixed``) an uncaptured forward of several tokens (a
+        # prompt) runs that view in one launch, not a routed launch per view; a compiled CPU step traces it as a static
+        # view whether or not the router is fixed (``_traced_int4``).
         self.fixed_k: int | None = None
         self.pair_k: int | None = None  # set with fixed_k: the lower of the two views the tokens choose from
         self.track = False
@@ -366,7 +367,7 @@ class MoBiLinear(nn.Module):
             return None
         if getattr(self, "backend", "auto") != "auto" or not int4.input_fits(x):
             return None
-        k = self.static_k if self.mode == "static" or self._router is None else self._fixed_view()
+        k = self.static_k if self.mode == "static" or self._router is None else self._host_view()
         views = self._int4
         x2 = x.reshape(-1, x.shape[-1])
         if k is not None:
@@ -384,6 +385,15 @@ class MoBiLinear(nn.Module):
         y = y.reshape(*x.shape[:-1], self.out_features)
         bias = self._buffers.get("bias")
         return y if bias is None else y + bias.to(y.dtype)
+
+    def _host_view(self) -> int | None:
+        """The view this routed layer's own threshold gives every token at the budget applied (``fixed_k``, set by
+        decode with it), whether or not its router is fixed (the router's other linears may leave it to the tokens);
+        None while thresholds are fitted or where the tokens decide."""
+        router = self._router
+        if router is None or router.recorder is not None:
+            return None
+        return self.fixed_k
 
     def _token_pair(self) -> int | None:
         """``j`` when this routed layer's tokens choose between views ``j`` and ``j + 1`` (the adjacent policy with

@@ -209,7 +209,7 @@ class BudgetControl:
             dst += [r.tau for r in self.routers]
             src += snap["taus"]
         for i, (m, (mode, k, own, k_fixed, pair)) in enumerate(zip(self.linears, snap["linears"], strict=False)):
-            m.mode, m.static_k, m.fixed_k = mode, k, k_fixed  # fixed_k: read only while the router is fixed
+            m.mode, m.static_k, m.fixed_k = mode, k, k_fixed  # fixed_k: the view this linear's threshold fixes
             m.pair_k = pair  # the lower of the two views the tokens choose from (adjacent policy), or None
             holder = self._holders.get(i)
             if own is None and holder is None:
