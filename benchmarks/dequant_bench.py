@@ -46,10 +46,7 @@ def main(argv=None):
     ap.add_argument("--bits-configs", default=None, help="row_pairs,words,warps;... of dequantize_bits")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for dequant_bench.csv / dequant_mm.csv")
     a = ap.parse_args(argv)
-    setup = kb.gpu_bench_setup("dequant_bench", a.slices)
-    if setup is None:
-        return 2
-    tb, copy_bw = setup
+    tb, copy_bw = kb.gpu_bench_setup("dequant_bench", a.slices)
     import pandas as pd
 
     from mobiquant.kernels import int4

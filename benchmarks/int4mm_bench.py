@@ -45,10 +45,7 @@ def main(argv=None):
     ap.add_argument("--slices", default="3,1,1,1,1,1", help="the package's layout (its views of 3 and 4 bits timed)")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for int4mm_bench.csv")
     a = ap.parse_args(argv)
-    setup = kb.gpu_bench_setup("int4mm_bench", a.slices)
-    if setup is None:
-        return 2
-    tb, copy_bw = setup
+    tb, copy_bw = kb.gpu_bench_setup("int4mm_bench", a.slices)
     import pandas as pd
 
     from mobiquant.kernels import int4

@@ -224,10 +224,10 @@ def bench(fn, warmup=10, rep=40):
 def gpu_bench_setup(script: str, slices: str):
     """The start of a one-GPU benchmark script: ``(kernels module, copy bandwidth in B/s)`` with graph-replayed
     timing (``GRAPH``) and the slice layout ``slices`` ('3,1,1,1,1,1') set, after a line naming the card, versions,
-    date and layout and one giving the copy bandwidth measured now; None (after saying so) without a CUDA GPU."""
+    date and layout and one giving the copy bandwidth measured now. Without a CUDA GPU it says so and exits (2)."""
     if not torch.cuda.is_available():
         print(f"{script}: needs a CUDA GPU", file=sys.stderr)
-        return None
+        raise SystemExit(2)
     import triton
 
     global GRAPH
