@@ -481,9 +481,7 @@ class MoBiLinear(nn.Module):
         """The view every token takes when the budget fixed this routed layer's router (its thresholds lie between
         bands), not fitting thresholds; else None (the tokens decide)."""
         router = self._router
-        if router is not None and router.fixed and router.recorder is None:
-            return self.fixed_k
-        return None
+        return self._host_view() if router is not None and router.fixed else None
 
     def _forward_packed(self, x: torch.Tensor) -> torch.Tensor:
         from .. import kernels

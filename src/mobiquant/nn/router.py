@@ -292,13 +292,9 @@ class TokenRouter(nn.Module):
         values are unbounded and only an infinite threshold decides."""
         if self.policy == "free":
             return 1 if tau == float("inf") else (len(self.slice_bits) if tau == float("-inf") else None)
-        k = 1
-        for e in range(self.num_residuals):
-            band = 2.0 * (self.num_residuals - 1 - e)
-            if band <= tau < band + 1:
-                return None
-            k += int(band > tau)
-        return k
+        if self._band_of(tau) is not None:
+            return None
+        return 1 + sum(band > tau for band in self._band_floors())
 
     def adjacent_view(self, tau: float) -> int | None:
         """With the adjacent policy and ``tau`` inside a slice's band (the scores decide, :meth:`constant_k` None):
@@ -306,11 +302,16 @@ class TokenRouter(nn.Module):
         residual slice ``j - 1`` exceeds ``tau``); None otherwise."""
         if self.policy != "adjacent":
             return None
-        for e in range(self.num_residuals):
-            band = 2.0 * (self.num_residuals - 1 - e)
-            if band <= tau < band + 1:
-                return 1 + e
-        return None
+        e = self._band_of(tau)
+        return None if e is None else 1 + e
+
+    def _band_floors(self) -> list[float]:
+        """The adjacent policy's band of each residual slice on the host (:meth:`_bands`)."""
+        return [2.0 * (self.num_residuals - 1 - e) for e in range(self.num_residuals)]
+
+    def _band_of(self, tau: float) -> int | None:
+        """The residual slice whose band ``[band_e, band_e + 1)`` holds ``tau`` (adjacent policy), or None."""
+        return next((e for e, band in enumerate(self._band_floors()) if band <= tau < band + 1), None)
 
     # ---------------- hard routing (inference) ----------------
     def _hard_values(self, x: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
