@@ -46,7 +46,7 @@
 #            and 4-bit views, 1-16 tokens, 8B and SmolLM2 shapes (benchmarks/int4mm_bench.py); its GPU tests through
 #            the package (SmallConfig.int4_tokens); then, with the model and checkpoint, SmolLM2's 6-token prefill
 #            with and without it, and with the dequantize pass from the one-bit plane buffers (e2e_decode.py
-#            --prefill-profile --int4-tokens 16 --dequant-from-bits)
+#            --prefill-profile --int4-tokens 0 --dequant-from-bits)
 #   adjacent (only when named) benchmarks/step_overhead.py on the 8B-shaped model with the adjacent gate policy (the
 #            default configuration's): fp16, the static 4-bit view, routed budgets 3, 4 and 4.5
 #   solo     (only when named) the router tests compiled, then one router launch for one token on SmolLM2's inputs:
@@ -211,7 +211,7 @@ stage() {
       run_stage int4_tests 300 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_int4.py
       if [ -e "$GGUF" ] && [ -f "$CKPT/mobiquant.json" ]; then
         run_stage int4_prefill 600 "$PY" benchmarks/e2e_decode.py --gguf "$GGUF" --checkpoint "$CKPT" --budgets 4 \
-          --views 2 --new-tokens 8 --repeats 1 --prefill-profile --int4-tokens 16 --dequant-from-bits \
+          --views 2 --new-tokens 8 --repeats 1 --prefill-profile --int4-tokens 0 --dequant-from-bits \
           --out "$RES/int4_prefill"
       fi ;;
     adjacent)

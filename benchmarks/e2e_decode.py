@@ -84,15 +84,16 @@ def parse_args(argv=None):
     ap.add_argument(
         "--int4-tokens",
         type=int,
-        default=0,
-        help="with --prefill-profile: the budgets and views again with SmallConfig(int4_tokens=N), a prompt of 2-N "
-        "tokens through torch's CUDA int4 matmul (0: not)",
+        default=None,
+        help="with --prefill-profile: the budgets and views again with SmallConfig(int4_tokens=N): a prompt of 2-N "
+        "tokens through torch's CUDA int4 matmul, or with 0 never (the library's default is 16)",
     )
     ap.add_argument(
         "--dequant-from-bits",
         action="store_true",
         help="with --prefill-profile: the budgets and views again with the dequantize pass reading the one-bit plane "
-        "buffers (triton_bitplane.DEQUANT_FROM_BITS)",
+        "buffers in every layer (triton_bitplane.DEQUANT_FROM_BITS = True; the default reads them in layers of at "
+        "least 2^22 weights, none of SmolLM2's)",
     )
     ap.add_argument(
         "--prefill-profile",
@@ -454,19 +455,19 @@ def prefill_profile(model, tok, device, prompt, budget, label, top=8):
     )
 
 
-def prefill_profiles(fp, q, tok, device, prompt, budgets, views, int4_tokens=0, from_bits=False):
+def prefill_profiles(fp, q, tok, device, prompt, budgets, views, int4_tokens=None, from_bits=False):
     """:func:`prefill_profile` of fp16, the routed budgets and the static views ``views``: one row each; with
-    ``int4_tokens`` the budgets and views again with ``SmallConfig(int4_tokens=...)`` (torch's int4 matmul for prompts
-    of 2 to that many tokens), rows tagged ' int4'; with ``from_bits`` again with the dequantize pass reading the
-    one-bit plane buffers (``triton_bitplane.DEQUANT_FROM_BITS``), rows tagged ' bits'."""
+    ``int4_tokens`` N the budgets and views again with ``SmallConfig(int4_tokens=N)`` (torch's int4 matmul for prompts
+    of 2 to N tokens; 0: never), rows tagged ' int4xN'; with ``from_bits`` again with the dequantize pass reading the
+    one-bit plane buffers in every layer (``triton_bitplane.DEQUANT_FROM_BITS = True``), rows tagged ' bits'."""
     import mobiquant as mq
     from mobiquant.kernels import triton_bitplane as tb
     from mobiquant.patching import set_small_config
 
     default_bits = tb.DEQUANT_FROM_BITS
     variants = [("", None, default_bits)]
-    if int4_tokens:
-        variants.append((" int4", tb.SmallConfig(int4_tokens=int4_tokens), default_bits))
+    if int4_tokens is not None:
+        variants.append((f" int4x{int4_tokens}", tb.SmallConfig(int4_tokens=int4_tokens), default_bits))
     if from_bits:
         variants.append((" bits", None, True))
     rows = [prefill_profile(fp, tok, device, prompt, None, "fp16")]

@@ -89,7 +89,8 @@ def parse_bits_config(tb, text: str):
     every launch (``fragment_static_from`` 0); CAP: static views of at least this many planes on the large launches
     take the fragment kernel capped at 128 registers (``fragment_cap``; empty: the library's 5, 0: none); TMA -1 or
     -2: the fragment kernel's static views read their words by TMA (``fragment_tma``; empty or 0: registers); INT4
-    2-16: a packed layer's forwards of 2 to that many tokens through torch's CUDA int4 matmul (``int4_tokens``)."""
+    2-16: a packed layer's forwards of 2 to that many tokens through torch's CUDA int4 matmul (``int4_tokens``; 0:
+    never; empty: the library's 16)."""
     parts = [p.strip() for p in text.split(",")] + [""] * 16
     bn, bk, nw, wv, pf, sk, wk, st, pdl, l2, ah, red, frag, cap, tma, i4 = (int(p) if p else None for p in parts[:16])
     kw = {} if wk is None else {"whole_k": None if wk else False}
@@ -111,7 +112,7 @@ def parse_bits_config(tb, text: str):
         **({"fragment_static_from": 0} if frag == 3 else {}),
         **({} if cap is None else {"fragment_cap": cap}),
         fragment_tma=tma or 0,
-        int4_tokens=i4 or 0,
+        **({} if i4 is None else {"int4_tokens": i4}),
         **kw,
     )
 
@@ -132,7 +133,7 @@ def bits_tag(cfg) -> str:
         + ("" if cfg.fragment_static_from else "/fragsmall")
         + (f"/cap{cfg.fragment_cap}" if cfg.fragment_cap != type(cfg)().fragment_cap else "")
         + (f"/tma{-cfg.fragment_tma}" if cfg.fragment_tma else "")
-        + (f"/int4x{cfg.int4_tokens}" if cfg.int4_tokens else "")
+        + (f"/int4x{cfg.int4_tokens}" if cfg.int4_tokens != type(cfg)().int4_tokens else "")
     )
 
 

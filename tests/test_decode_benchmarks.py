@@ -173,8 +173,12 @@ def test_layout_option_and_bits_config(monkeypatch, capsys):
     tma = kb.parse_bits_config(tb, ",,4,,0,,1,,0,0,0,1,,,-2")  # the fragment kernel's static views by TMA
     assert tma.fragment_tma == -2 and tma.fragment_cap == 5 and kb.bits_tag(tma).endswith("/red/tma2")
     assert kb.parse_bits_config(tb, ",,4,,0,,1,,0,0,0,1").fragment_tma == 0
-    i4 = kb.parse_bits_config(tb, ",,4,,0,,1,,0,0,0,1,,,,16")  # a few tokens through torch's int4 matmul
-    assert i4.int4_tokens == 16 and kb.bits_tag(i4).endswith("/int4x16")
+    i4 = kb.parse_bits_config(tb, ",,4,,0,,1,,0,0,0,1,,,,8")  # up to 8 tokens through torch's int4 matmul
+    assert i4.int4_tokens == 8 and kb.bits_tag(i4).endswith("/int4x8")
+    off = kb.parse_bits_config(tb, ",,4,,0,,1,,0,0,0,1,,,,0")  # never
+    assert off.int4_tokens == 0 and kb.bits_tag(off).endswith("/int4x0")
+    lib = kb.parse_bits_config(tb, ",,4,,0,,1,,0,0,0,1")  # empty: the library's default, untagged
+    assert lib.int4_tokens == tb.SmallConfig().int4_tokens == 16 and kb.bits_tag(lib).endswith("/red")
     rows = [
         dict(mode="static k=2", budget=4.0, achieved_bits=4.0, us_per_token=200.0, speedup=2.0),
         dict(mode="bitpl k=2", budget=4.0, achieved_bits=4.0, us_per_token=100.0, speedup=4.0),

@@ -163,13 +163,18 @@ cuda = pytest.mark.skipif(not int4.available("cuda"), reason="needs a CUDA devic
 def test_cuda_int4_serves_a_few_tokens(dtype):
     """On CUDA with ``int4_tokens=16``: 2, 6 and 16 tokens of every view (one matmul up to 4 bits, two above) and
     per-token views match the dense view to bf16's rounding; one token, 17 tokens and a captured graph stay on the
-    package's kernels (the packs untouched); off by default."""
+    package's kernels (the packs untouched); on by default (16 tokens), off with ``int4_tokens=0``."""
     from mobiquant.kernels.triton_bitplane import SmallConfig
 
     m = packed_layer(576, 1536, (3, 1, 1, 1, 1, 1), True).to("cuda", dtype)
     with torch.no_grad():
+        m.small_config = SmallConfig(int4_tokens=0)
         m(torch.randn(6, 576, device="cuda", dtype=dtype))
-        assert m._int4 is None  # off by default
+        assert m._int4 is None  # off
+        m.small_config = None
+        m(torch.randn(6, 576, device="cuda", dtype=dtype))
+        assert m._int4 is not None  # on by default
+        m.clear_cache()
         m.small_config = SmallConfig(int4_tokens=16)
         for n in (2, 6, 16):
             x = torch.randn(n, 576, device="cuda", dtype=dtype)

@@ -929,14 +929,22 @@ def test_mobilinear_backend_matches_dequantized(dtype, gen):
             torch.testing.assert_close(m(x), y, rtol=TOL[dtype] * 5, atol=TOL[dtype] * 5)
 
 
-@pytest.mark.parametrize("from_bits", [False, True])
-def test_mobilinear_prompt_dequantizes_from_its_buffers(from_bits, gen, monkeypatch):
-    """With ``DEQUANT_FROM_BITS`` a packed layer hands its one-bit plane buffers to a prompt's forward (the dequantize
-    pass reads them), else not; the output is the dequantized view's either way."""
+@pytest.mark.parametrize(
+    "from_bits, min_weights, reads_bits",
+    [(False, 0, False), (True, 1 << 30, True), (None, 40 * 192, True), (None, 40 * 192 + 1, False)],
+    ids=["never", "always", "by-size-large", "by-size-small"],
+)
+def test_mobilinear_prompt_dequantizes_from_its_buffers(from_bits, min_weights, reads_bits, gen, monkeypatch):
+    """``DEQUANT_FROM_BITS`` True: a packed layer hands its one-bit plane buffers to a prompt's forward (the
+    dequantize pass reads them); False: never; None (default): from ``DEQUANT_BITS_MIN_WEIGHTS`` weights. The
+    output is the dequantized view's either way."""
     seen = []
     real = tb.bitplane_linear
     monkeypatch.setattr(tb, "bitplane_linear", lambda *a, **kw: seen.append(kw.get("packed")) or real(*a, **kw))
     monkeypatch.setattr(tb, "DEQUANT_FROM_BITS", from_bits)
+    monkeypatch.setattr(tb, "DEQUANT_BITS_MIN_WEIGHTS", min_weights)
+    assert tb.dequant_from_bits(DEFAULT_LAYOUT, 64, 40, 192) is reads_bits
+    assert not tb.dequant_from_bits((3, 1, 1, 1, 1, 1), 8, 40, 192)  # groups of half a word: no buffers
     lin = torch.nn.Linear(192, 40, bias=False)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(40, 192, generator=gen) * 0.05)
@@ -947,7 +955,7 @@ def test_mobilinear_prompt_dequantizes_from_its_buffers(from_bits, gen, monkeypa
     m.set_static(3)
     x = randx(7, 192, torch.float32, gen)
     y = m(x)
-    assert (seen[-1] is m.bitplane_buffers()) if from_bits else seen[-1] is None
+    assert (seen[-1] is m.bitplane_buffers()) if reads_bits else seen[-1] is None
     ref = x.double() @ m.dequantized(3).double().T
     assert ((y.double() - ref).norm() / ref.norm()).item() < TOL[torch.float32]
 

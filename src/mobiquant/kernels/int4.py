@@ -2,10 +2,11 @@
 16-bit view's.
 
 On the CPU ``_weight_int4pack_mm_for_cpu`` serves bf16 decode (at most :data:`MAX_TOKENS` tokens); on CUDA
-``_weight_int4pack_mm`` (the tinygemm kernels) serves forwards of 2 to ``SmallConfig.int4_tokens`` tokens (off by
-default), its activations cast to bf16 and back. Both read 4-bit codes ``q`` as ``(q - 8) scale + zero`` per group of
-``g`` inputs (``g`` 32-256) and output row. A view of the package reads ``W_k = a C_k + b`` per row and group
-(``a = s / 2^B``, ``b = -a (2^B z + (2^B - 1) / 2)``, :func:`mobiquant.kernels.dequantize_reference`), so:
+``_weight_int4pack_mm`` (the tinygemm kernels) serves forwards of 2 to ``SmallConfig.int4_tokens`` tokens (default
+:data:`CUDA_TOKENS`; 0 turns it off), its activations cast to bf16 and back. Both read 4-bit codes ``q`` as
+``(q - 8) scale + zero`` per group of ``g`` inputs (``g`` 32-256) and output row. A view of the package reads
+``W_k = a C_k + b`` per row and group (``a = s / 2^B``, ``b = -a (2^B z + (2^B - 1) / 2)``,
+:func:`mobiquant.kernels.dequantize_reference`), so:
 
 * a view of at most 4 bits is one int4 matmul of its codes;
 * a view of 5-8 bits is two: its top 4 bits ``H = C_k >> r`` and the ``r = bits - 4`` bits below them ``L``
@@ -16,8 +17,9 @@ A code ``c`` of ``w`` bits is packed as ``c + 8 - 2^(w - 1)``, centred on the op
 
 The codes are windows of the layer's full code (views are its prefixes), so the top-4-bit window is one pack shared
 by every view of 4 bits or more. Packs are built on a view's first use and kept by the layer
-(:class:`Int4Views`). Measured on this project's 2-core CPU (docs/RESULTS.md "Decode on the CPU") and, the CUDA op
-alone on the 8B shapes, on an H200 (docs/RESULTS.md "Prompts on the GPU").
+(:class:`Int4Views`). Measured on this project's 2-core CPU (docs/RESULTS.md "Decode on the CPU"), the CUDA op alone
+on the 8B shapes on an H200 (docs/RESULTS.md "Prompts on the GPU") and beside the package's own path on an H100
+(docs/RESULTS.md "Prompts, the stack and SmolLM2 on an H100").
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ _OP_GROUPS = (256, 128, 64, 32)
 #: bf16 matmul took 1.5-3.7x the int4 op's time at 1-4 tokens, 0.8-2.4x at 6-12, 0.4-0.6x at 64-2048 (a prefill, an
 #: evaluation window)
 MAX_TOKENS = 4
+#: On CUDA, the default of ``SmallConfig.int4_tokens`` (also for a layer with no ``small_config``): forwards of 2 to
+#: this many tokens take the op. On an H100 (docs/RESULTS.md "Prompts, the stack and SmolLM2 on an H100") it took
+#: 0.16-0.75x the time of the package's own path at 2-16 tokens on the 8B and SmolLM2 shapes; at 64 tokens
+#: dequantize-then-cuBLAS was faster.
+CUDA_TOKENS = 16
 
 
 _AVAILABLE: bool | None = None

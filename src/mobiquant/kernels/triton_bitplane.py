@@ -69,7 +69,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import capturing
+from . import capturing, int4
 from .triton_router import (
     _check_pdl,
     _interpreting,
@@ -2637,10 +2637,12 @@ class SmallConfig:
     fragment_tma: int = 0
     # a packed layer's CUDA forward of 2 to this many tokens (at most 16, not while a graph is captured) multiplies
     # through torch's int4 matmul (``aten._weight_int4pack_mm``, bf16; ``mobiquant.kernels.int4``: one matmul a view
-    # of <= 4 bits, two above) instead of this module's kernels; 0 (default): off. On the 8B shapes on an H200 the op
-    # took 9.5-73 us at 2-16 tokens against 34-395 for dequantize-then-cuBLAS (docs/RESULTS.md "Prompts on the GPU");
-    # not yet measured through the package.
-    int4_tokens: int = 0
+    # of <= 4 bits, two above) instead of this module's kernels; 0: off. Default 16 (``int4.CUDA_TOKENS``), as
+    # measured on an H100 (docs/RESULTS.md "Prompts, the stack and SmolLM2 on an H100"): at 2-16 tokens the op took
+    # 0.16-0.75x the time of the package's own path (dequantize-then-cuBLAS) on the 8B and SmolLM2 shapes at the 3-
+    # and 4-bit views, and SmolLM2's 6-token prefill at the static 4-bit view went from 107.7 to 55.7 ms. Its packs
+    # are built on a view's first use and kept (0.5 bytes a weight a pack; views of 5-8 bits add a second one).
+    int4_tokens: int = int4.CUDA_TOKENS
 
     def __post_init__(self) -> None:
         if self.fragment_tma not in (0, -1, -2):
@@ -3680,9 +3682,24 @@ def default_tile_config(M: int) -> TileConfig:
 #: kernel's time for every shape and view, 0.08-0.73x with mixed views (H100, 2026-11-28: 0.43-0.89x at 2048 tokens).
 DEQUANT_MIN_TOKENS = 17
 #: Whether a packed layer's dequantize pass reads its one-bit plane buffers (:func:`dequantize_bits`: whole words,
-#: coalesced) instead of its planes (:func:`dequantize`, whose 3-bit base gathers each code's word). Measured by
-#: ``benchmarks/dequant_bench.py`` (docs/RESULTS.md "Prompts on the GPU").
-DEQUANT_FROM_BITS = False
+#: coalesced) instead of its planes (:func:`dequantize`, whose 3-bit base gathers each code's word): True always,
+#: False never, None (default) in layers of at least :data:`DEQUANT_BITS_MIN_WEIGHTS` weights
+#: (:func:`dequant_from_bits`). Measured by ``benchmarks/dequant_bench.py`` on an H100 (docs/RESULTS.md "Prompts, the
+#: stack and SmolLM2 on an H100"): on the 8B shapes the buffers' pass was 0-21% faster at views of 3-6 bits (gate/up
+#: and down at 57-67% of copy bandwidth with blocks of 32 row pairs x 4 words) and within 3% at 8 bits; on
+#: SmolLM2's shapes (at most 0.9M weights, launch-bound) the planes' pass was mostly the faster, by 0.3-1.5 us.
+DEQUANT_FROM_BITS: bool | None = None
+#: From this many weights (rows x inputs) a layer's dequantize pass reads the one-bit plane buffers when
+#: ``DEQUANT_FROM_BITS`` is None: the 8B k/v (4M) and every larger shape, none of SmolLM2's.
+DEQUANT_BITS_MIN_WEIGHTS = 1 << 22
+
+
+def dequant_from_bits(slice_bits: Sequence[int], group_size: int, out_features: int, in_features: int) -> bool:
+    """Whether a prompt's dequantize pass of this layer reads its one-bit plane buffers (:data:`DEQUANT_FROM_BITS`):
+    only for layouts the buffers cover (:func:`bits_supported`)."""
+    if DEQUANT_FROM_BITS is False or not bits_supported(slice_bits, group_size):
+        return False
+    return DEQUANT_FROM_BITS is True or out_features * in_features >= DEQUANT_BITS_MIN_WEIGHTS
 
 
 def bitplane_linear_dequant(
@@ -3852,12 +3869,14 @@ def dequantize_bits(
     dtype: torch.dtype = torch.float16,
     out: torch.Tensor | None = None,
     block_r: int = 32,
-    block_w: int = 8,
+    block_w: int = 4,
     num_warps: int = 4,
 ) -> torch.Tensor:
     """``W_k`` ``[out, in]`` by one Triton pass over the first planes of view ``k`` of one-bit plane buffers
     (:class:`BitPlanes`): the same weights as :func:`dequantize` of the planes they were built from. ``block_r``
-    row pairs (a power of two dividing 64) and ``block_w`` 16-column words (a power of two) a program."""
+    row pairs (a power of two dividing 64) and ``block_w`` 16-column words (a power of two) a program. The default
+    32 x 4 (4 warps) was the fastest of the shapes tried across views on the 8B shapes (H100, 2026-12-05:
+    57-67% of copy bandwidth; 32 x 8 56-65%)."""
     _check_k(k, len(packed.slice_bits))
     if block_r & (block_r - 1) or not 1 <= block_r <= 64 or block_w & (block_w - 1) or block_w < 1:
         raise ValueError(f"block_r: a power of two up to 64, block_w: a power of two; got {block_r}, {block_w}")
@@ -3995,6 +4014,7 @@ __all__ = [
     "SmallConfig",
     "TileConfig",
     "DEQUANT_MIN_TOKENS",
+    "DEQUANT_BITS_MIN_WEIGHTS",
     "DEQUANT_FROM_BITS",
     "bitplane_linear",
     "bitplane_linear_bits",
@@ -4005,6 +4025,7 @@ __all__ = [
     "default_tile_config",
     "bits_supported",
     "bitplanes_for",
+    "dequant_from_bits",
     "dequantize",
     "dequantize_bits",
     "pack_bitplanes",

@@ -502,7 +502,7 @@ class MoBiLinear(nn.Module):
                 if tbp.wants_bitplanes(self.slice_bits, self.slicer.group_size, cfg):
                     extra["packed"] = self.bitplane_buffers()
                     extra["path"] = "bits"  # decided here: the kernel entry need not decide again
-            elif tbp.DEQUANT_FROM_BITS and tbp.bits_supported(self.slice_bits, self.slicer.group_size):
+            elif tbp.dequant_from_bits(self.slice_bits, self.slicer.group_size, self.out_features, self.in_features):
                 extra["packed"] = self.bitplane_buffers()  # read by the dequantize pass of a prompt
         group = getattr(self, "_site_group", None)
         if group is not None and extra.get("path") == "bits":  # one launch for the site (patching.fuse_sites)
@@ -541,9 +541,12 @@ class MoBiLinear(nn.Module):
 
     def _int4_serves(self, x: torch.Tensor, cfg: Any = None) -> bool:
         """Whether the int4 matmuls (``kernels.int4``) serve ``x``: bf16 decode on the CPU; on CUDA 2 to
-        ``cfg.int4_tokens`` tokens (``SmallConfig``; off by default). The layer's part of the answer (its shape,
-        group, widest view) is kept per device type after the first call."""
-        cuda_tokens = getattr(cfg, "int4_tokens", 0) if x.is_cuda else 0
+        ``cfg.int4_tokens`` tokens (``SmallConfig``; without one, ``int4.CUDA_TOKENS``). The layer's part of the
+        answer (its shape, group, widest view) is kept per device type after the first call."""
+        if not x.is_cuda:
+            cuda_tokens = 0
+        else:
+            cuda_tokens = int4.CUDA_TOKENS if cfg is None else getattr(cfg, "int4_tokens", 0)
         if x.is_cuda and not cuda_tokens:
             return False
         dev = x.device.type
