@@ -209,16 +209,20 @@ class BudgetControl:
             dst += [r.tau for r in self.routers]
             src += snap["taus"]
         for i, (m, (mode, k, own, k_fixed, pair)) in enumerate(zip(self.linears, snap["linears"], strict=False)):
-            m.mode, m.static_k, m.fixed_k = mode, k, k_fixed  # fixed_k: the view this linear's threshold fixes
-            m.pair_k = pair  # the lower of the two views the tokens choose from (adjacent policy), or None
+            # plain attributes, written to the instance dict: nn.Module.__setattr__ (its checks for parameters,
+            # buffers and modules) cost about as much as the rest of a budget's application, paid again at each
+            # generation's first step, inside its time to first token
+            d = m.__dict__
+            d["mode"], d["static_k"], d["fixed_k"] = mode, k, k_fixed  # fixed_k: the view this linear's threshold fixes
+            d["pair_k"] = pair  # the lower of the two views the tokens choose from (adjacent policy), or None
             holder = self._holders.get(i)
             if own is None and holder is None:
-                m.route_tau = None
+                d["route_tau"] = None
                 continue
             if holder is None:
                 dev = m.router.tau.device if m.router is not None else own.device
                 holder = self._holders[i] = torch.zeros((), dtype=torch.float32, device=dev)
-            m.route_tau = holder
+            d["route_tau"] = holder
             dst.append(holder)
             src.append(own if own is not None else snap["taus"][self._router_index(m)])
         if dst:
