@@ -163,7 +163,8 @@ cuda = pytest.mark.skipif(not int4.available("cuda"), reason="needs a CUDA devic
 def test_cuda_int4_serves_a_few_tokens(dtype):
     """On CUDA with ``int4_tokens=16``: 2, 6 and 16 tokens of every view (one matmul up to 4 bits, two above) and
     per-token views match the dense view to bf16's rounding; one token, 17 tokens and a captured graph stay on the
-    package's kernels (the packs untouched); on by default (16 tokens), off with ``int4_tokens=0``."""
+    package's kernels (the packs untouched) unless the captured view's packs exist, which the graph then replays;
+    on by default (16 tokens), off with ``int4_tokens=0``."""
     from mobiquant.kernels.triton_bitplane import SmallConfig
 
     m = packed_layer(576, 1536, (3, 1, 1, 1, 1, 1), True).to("cuda", dtype)
@@ -198,10 +199,33 @@ def test_cuda_int4_serves_a_few_tokens(dtype):
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             yg = m(x)
-        assert m._int4 is None  # captured: the package's kernels
+        assert m._int4 is None  # captured without packs: the package's kernels (a capture builds none)
         g.replay()
         torch.cuda.synchronize()
         assert rel_err(yg, dense_ref(m, x, 2)) < 8e-3
+        # packs built by an eager forward: a capture replays them (batched decode of a static view)
+        calls = []
+        real = m._int4_serves
+        m._int4_serves = lambda *a, **kw: calls.append(real(*a, **kw)) or calls[-1]
+        ye = m(x)
+        assert calls[-1] and m._int4.built(2)
+        g2 = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g2):
+            yg2 = m(x)
+        assert calls[-1]  # the int4 op inside the graph
+        g2.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(yg2, ye, rtol=0, atol=0)
+        m.set_static(3)  # a view without packs: not under capture (its kernels warmed with the int4 path off)
+        m.small_config = SmallConfig(int4_tokens=0)
+        with torch.cuda.stream(s):
+            m(x)
+        torch.cuda.current_stream().wait_stream(s)
+        m.small_config = SmallConfig(int4_tokens=16)
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            m(x)
+        assert not calls[-1] and not m._int4.built(3)
+        del m._int4_serves
         # per-token views through the package's dispatch, as a router's choice reaches it
         from mobiquant import kernels
 

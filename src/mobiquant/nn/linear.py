@@ -541,8 +541,10 @@ class MoBiLinear(nn.Module):
 
     def _int4_serves(self, x: torch.Tensor, cfg: Any = None) -> bool:
         """Whether the int4 matmuls (``kernels.int4``) serve ``x``: bf16 decode on the CPU; on CUDA 2 to
-        ``cfg.int4_tokens`` tokens (``SmallConfig``; without one, ``int4.CUDA_TOKENS``). The layer's part of the
-        answer (its shape, group, widest view) is kept per device type after the first call."""
+        ``cfg.int4_tokens`` tokens (``SmallConfig``; without one, ``int4.CUDA_TOKENS``), and while a CUDA graph is
+        captured (batched decode) only a static view whose packs an earlier forward built (the graph replays them;
+        it cannot build one, nor read per-token views on the host). The layer's part of the answer (its shape,
+        group, widest view) is kept per device type after the first call."""
         if not x.is_cuda:
             cuda_tokens = 0
         else:
@@ -557,7 +559,17 @@ class MoBiLinear(nn.Module):
             )
         if not fits[dev]:
             return False
-        return int4.cuda_input_fits(x, cuda_tokens) if x.is_cuda else int4.input_fits(x)
+        if not x.is_cuda:
+            return int4.input_fits(x)
+        if not int4.cuda_input_fits(x, cuda_tokens, during_capture=True):
+            return False
+        from .. import kernels
+
+        if kernels.capturing(x):
+            views = self._int4
+            static = self.mode == "static" or self._router is None
+            return static and views is not None and views.built(self.static_k)
+        return True
 
     def int4_views(self) -> Any:
         """The views of this packed layer as int4 packs (``kernels.int4.Int4Views``, for the layer's device), built
