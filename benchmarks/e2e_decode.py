@@ -418,11 +418,35 @@ def step_profile(model, tok, device, prompt, budget, label, steps=8, top=12, cud
     return dict(mode=label, launches_per_step=n, kernel_us_per_step=total)
 
 
+#: Where a prefill's Python time goes (:func:`python_host_ms`): the first of these path parts a function's file
+#: holds names its area; anything else is 'other'.
+HOST_AREAS = ("mobiquant", "triton", "transformers", "torch")
+
+
+def python_host_ms(stats) -> tuple[dict[str, float], list[tuple[float, int, str]]]:
+    """Self time of the functions a ``cProfile`` run recorded: ms by area (:data:`HOST_AREAS`, 'other', and
+    'builtin' for C functions such as torch's ops), and ``(ms, calls, function)`` of each, most first."""
+    areas = dict.fromkeys((*HOST_AREAS, "builtin", "other"), 0.0)
+    funcs = []
+    for (file, line, name), (_, calls, tottime, _, _) in stats.stats.items():
+        ms = 1e3 * tottime
+        parts = file.replace("\\", "/").split("/")
+        area = "builtin" if file == "~" else next((a for a in HOST_AREAS if a in parts), "other")
+        areas[area] += ms
+        where = name if file == "~" else f"{os.path.basename(file)}:{line}({name})"
+        funcs.append((ms, calls, f"{area} {where}"))
+    return areas, sorted(funcs, reverse=True)
+
+
 def prefill_profile(model, tok, device, prompt, budget, label, top=8):
     """One profiled ``generate(..., 1)`` (the prompt's forward and the first token, as ``Generation.prefill_s`` times
     it) after a warm one: its wall time, its kernels' count and GPU time, and the host calls with the most self time
     (on CUDA: ``cudaStreamSynchronize``, ``cudaLaunchKernel``, ``aten::_local_scalar_dense`` say whether the host
-    waited on the device or launched too much)."""
+    waited on the device or launched too much); then one more under ``cProfile``: its Python functions' self time by
+    area (``py_<area>_ms``: the package, Triton's launcher, transformers, torch's Python, C builtins such as the ops)
+    and the functions with the most."""
+    import cProfile
+    import pstats
     from collections import Counter
 
     from torch.autograd import DeviceType
@@ -450,9 +474,19 @@ def prefill_profile(model, tok, device, prompt, budget, label, top=8):
     )
     for name, t in host_us.most_common(top):
         print(f"#   {t / 1e3:8.2f} ms host  {host_n[name]:6d} x  {name[:100]}")
-    return dict(
+    with cProfile.Profile() as py:  # the Python between the ops, which the profiler above cannot name
+        gp = generate(model, prompt, 1, tokenizer=tok, budget=budget)
+    areas, funcs = python_host_ms(pstats.Stats(py))
+    print(
+        f"# the same prefill under cProfile: {1e3 * gp.prefill_s:.1f} ms wall; self time by area: "
+        + ", ".join(f"{a} {ms:.1f} ms" for a, ms in areas.items())
+    )
+    for ms, calls, where in funcs[:top]:
+        print(f"#   {ms:8.2f} ms self {calls:6d} x  {where[:100]}")
+    row = dict(
         mode=label, prefill_ms=1e3 * g.prefill_s, kernels=len(kernels), kernel_ms=gpu_us / 1e3, outside_ms=outside
     )
+    return row | {f"py_{a}_ms": ms for a, ms in areas.items()}
 
 
 def prefill_profiles(fp, q, tok, device, prompt, budgets, views, int4_tokens=None, from_bits=False):

@@ -101,7 +101,9 @@ def test_dry_runs(tmp_path, capsys):
     pre = pd.read_csv(tmp_path / "e2e_prefill.csv")
     assert pre["mode"].tolist() == ["fp16", "routed 4", "static k=2"]
     assert (pre["prefill_ms"] > 0).all() and (pre["kernels"] == 0).all()  # the CPU runs no device kernel
-    assert "# prefill routed 4:" in capsys.readouterr().out
+    assert (pre["py_mobiquant_ms"] > 0).all() and (pre["py_builtin_ms"] > 0).all()  # Python's self time by area
+    out = capsys.readouterr().out
+    assert "# prefill routed 4:" in out and "under cProfile" in out and "mobiquant linear.py:" in out
     argv = ["--dry-run", "--budgets", "4", "--new-tokens", "2", "--bits-configs", "64,64,4,,0,1", "--ab"]
     argv += ["--out", str(tmp_path)]
     assert e2e_decode.main(argv) == 0
