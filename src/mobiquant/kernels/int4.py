@@ -74,20 +74,17 @@ def layer_fits(out_features: int, in_features: int, group_size: int, view_bits: 
     return fits and available(device_type)
 
 
-def cuda_input_fits(x: torch.Tensor, max_tokens: int, during_capture: bool = False) -> bool:
+def cuda_input_fits(x: torch.Tensor, max_tokens: int) -> bool:
     """The input's part on CUDA: fp16 or bf16 on a CUDA device, 2 to ``max_tokens`` tokens (a layer's
-    ``SmallConfig.int4_tokens``; one token stays on the package's kernels, faster there), no gradient asked, and no
-    graph being captured unless ``during_capture`` (the caller then replays only packs built before the capture: a
-    pack built under capture would live in the graph's memory)."""
-    from . import capturing
-
+    ``SmallConfig.int4_tokens``; one token stays on the package's kernels, faster there), no gradient asked. Under a
+    graph capture the caller decides (``MoBiLinear._int4_serves``: only packs built before the capture, since a pack
+    built under it would live in the graph's memory)."""
     n = x.numel() // max(x.shape[-1], 1)
     return (
         x.is_cuda
         and x.dtype in (torch.float16, torch.bfloat16)
         and 2 <= n <= max_tokens
         and not (torch.is_grad_enabled() and x.requires_grad)
-        and (during_capture or not capturing(x))
     )
 
 

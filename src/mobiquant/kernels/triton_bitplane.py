@@ -2635,9 +2635,10 @@ class SmallConfig:
     # stream; 0 (default): registers. Measured on an H200 (docs/RESULTS.md "TMA loads for the fragment kernel"): both
     # modes slower than registers, the 8B stack's static views by 9-19%.
     fragment_tma: int = 0
-    # a packed layer's CUDA forward of 2 to this many tokens (at most 16, not while a graph is captured) multiplies
-    # through torch's int4 matmul (``aten._weight_int4pack_mm``, bf16; ``mobiquant.kernels.int4``: one matmul a view
-    # of <= 4 bits, two above) instead of this module's kernels; 0: off. Default 16 (``int4.CUDA_TOKENS``), as
+    # a packed layer's CUDA forward of 2 to this many tokens (at most 16; under a graph capture only a static view
+    # whose packs were built before, ``MoBiLinear._int4_serves``) multiplies through torch's int4 matmul
+    # (``aten._weight_int4pack_mm``, bf16; ``mobiquant.kernels.int4``: one matmul a view of <= 4 bits, two above)
+    # instead of this module's kernels; 0: off. Default 16 (``int4.CUDA_TOKENS``), as
     # measured on an H100 (docs/RESULTS.md "Prompts, the stack and SmolLM2 on an H100"): at 2-16 tokens the op took
     # 0.16-0.75x the time of the package's own path (dequantize-then-cuBLAS) on the 8B and SmolLM2 shapes at the 3-
     # and 4-bit views, and SmolLM2's 6-token prefill at the static 4-bit view went from 107.7 to 55.7 ms. Its packs

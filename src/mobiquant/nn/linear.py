@@ -545,12 +545,10 @@ class MoBiLinear(nn.Module):
         captured (batched decode) only a static view whose packs an earlier forward built (the graph replays them;
         it cannot build one, nor read per-token views on the host). The layer's part of the answer (its shape,
         group, widest view) is kept per device type after the first call."""
-        if not x.is_cuda:
-            cuda_tokens = 0
-        else:
+        if x.is_cuda:
             cuda_tokens = int4.CUDA_TOKENS if cfg is None else getattr(cfg, "int4_tokens", 0)
-        if x.is_cuda and not cuda_tokens:
-            return False
+            if not cuda_tokens:
+                return False
         dev = x.device.type
         fits = self.__dict__.setdefault("_int4_ok", {})
         if dev not in fits:
@@ -561,7 +559,7 @@ class MoBiLinear(nn.Module):
             return False
         if not x.is_cuda:
             return int4.input_fits(x)
-        if not int4.cuda_input_fits(x, cuda_tokens, during_capture=True):
+        if not int4.cuda_input_fits(x, cuda_tokens):
             return False
         from .. import kernels
 
