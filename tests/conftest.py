@@ -8,12 +8,15 @@ import os
 import pytest
 import torch
 
+from interpreter_speed import install as install_interpreter_speed
 from tiny_models import build_tiny_llama, build_tiny_opt, token_batches
 
 # Triton reads TRITON_INTERPRET when a kernel is defined, and any test that runs a packed MoBiLinear may
 # import the kernel module first: without a GPU, every test session uses Triton's CPU interpreter.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    install_interpreter_speed()
 
 # Every tensor in this suite is tiny: intra-op threads only add synchronisation, which costs far more than
 # it saves (and much more when other jobs share the cores). One thread keeps the suite fast and steady.

@@ -116,9 +116,17 @@ def test_small_batch_reads_only_needed_planes(gen):
     torch.testing.assert_close(y1, ref[:1])
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("pairs", ["shared", "per_view"])
-@pytest.mark.parametrize("k_on", ["host", "device"])
+# Every (pairs, k_on) combination once, and every dtype: pairwise cover of the 12 combinations.
+@pytest.mark.parametrize(
+    "dtype,pairs,k_on",
+    [
+        (torch.float16, "shared", "host"),
+        (torch.bfloat16, "per_view", "host"),
+        (torch.float32, "shared", "device"),
+        (torch.float16, "per_view", "device"),
+    ],
+    ids=lambda v: str(v).split(".")[-1],
+)
 def test_small_batch_on_the_default_layout(dtype, pairs, k_on, gen, monkeypatch):
     """2-16 tokens of the default layout (a 3-bit base: 10 codes a word, no chunk of whole words in a group) in the
     small-batch kernel, whose base plane gathers each column's word: every view, mixed per-token k read on the host
@@ -368,13 +376,13 @@ def test_bits_kernel_layouts(bits, group, n_in, gen):
     ids=str,
 )
 def test_bits_kernel_configs(cfg, gen):
+    """Each launch configuration at the largest view in half precision and a low one in float32 (every view and
+    dtype of the default configuration: ``test_bits_kernel_every_k``)."""
     bits, group = DEFAULT_LAYOUT, 64
     planes, scale, zero = make_layer(100, 384, bits, group, gen)
     bias = torch.randn(100, generator=gen).to(DEVICE)
-    for dtype in (torch.float16, torch.float32):
-        x = randx(1, 384, dtype, gen)
-        for k in (1, 2, 6):
-            check(x, planes, scale, zero, bits, group, k, bias=bias, small_config=cfg)
+    for dtype, k in ((torch.float16, 6), (torch.float32, 2)):
+        check(randx(1, 384, dtype, gen), planes, scale, zero, bits, group, k, bias=bias, small_config=cfg)
 
 
 @pytest.mark.parametrize(
@@ -396,10 +404,10 @@ def test_bits_kernel_reduce_launch_is_bit_equal(cfg, gen, monkeypatch):
     cfg = dataclasses.replace(cfg, reduce_launch=False)  # the ticket path
     red = dataclasses.replace(cfg, reduce_launch=True)  # the default
     x = randx(1, n_in, torch.float16, gen)
-    for k in (1, 3, 6, torch.tensor([2], device=DEVICE)):
-        for b in (None, bias):
-            a, c = (tb.bitplane_linear_bits(x, bp, k, bias=b, config=f) for f in (cfg, red))
-            assert torch.equal(a, c), (k, b is None)
+    kd2, kd4 = (torch.tensor([k], device=DEVICE) for k in (2, 4))
+    for k, b in ((1, None), (6, bias), (kd2, bias), (kd4, None)):
+        a, c = (tb.bitplane_linear_bits(x, bp, k, bias=b, config=f) for f in (cfg, red))
+        assert torch.equal(a, c), (k, b is None)
     ref = tb.bitplane_linear_bits(x.float(), bp, 2, config=cfg)
     got = tb.bitplane_linear_bits(x.float(), bp, 2, config=red)
     assert torch.equal(ref, got)
@@ -492,14 +500,21 @@ def test_routed_k_other_paths_and_errors(gen):
 SITE_CONFIGS = [
     STREAMK,  # stream-K over 4 programs per SM, 128 rows
     tb.SmallConfig(bitplanes=True, block_n=64, block_k=32, split_k=1),  # one program per row block
-    tb.SmallConfig(bitplanes=True, block_n=32, block_k=16, waves=1),  # few programs: ranges cross row blocks
+    tb.SmallConfig(bitplanes=True, block_n=32, block_k=32, waves=1),  # few programs: ranges cross row blocks
     None,  # the default: whole_k here, one program per row block of every layer
     WHOLE_PDL,  # each layer's base planes loaded before its view is known
 ]
 
 
-@pytest.mark.parametrize("per_view", [False, True], ids=["shared", "per_view"])
-@pytest.mark.parametrize("cfg", SITE_CONFIGS, ids=["streamk", "split1", "streamk_few", "default", "whole_k_pdl"])
+# Every configuration with one pair for all views; a pair per view on a stream-K and a whole-K configuration.
+SITE_CASES = [(cfg, False) for cfg in SITE_CONFIGS] + [(STREAMK, True), (WHOLE_PDL, True)]
+
+
+@pytest.mark.parametrize(
+    "cfg,per_view",
+    SITE_CASES,
+    ids=["streamk", "split1", "streamk_few", "default", "whole_k_pdl", "streamk-per_view", "whole_k_pdl-per_view"],
+)
 def test_site_bits_kernel(cfg, per_view, gen, monkeypatch):
     """Three layers of one input (a site: q, k and v) in one launch of the one-bit plane kernel: every layer's
     outputs equal its own reference, at one static view for all and with a view each counted on the device from
@@ -524,7 +539,7 @@ def test_site_bits_kernel(cfg, per_view, gen, monkeypatch):
 
     site = tb.site_bitplanes([tb.pack_bitplanes(*layer, bits, group, n_in) for layer in layers], biases)
     assert site.outs == (200, 70, 33) and site.rows2 == (0, 128, 192) and site.cols == (0, 200, 270)
-    for k in (1, 4, 6):
+    for k in (1, 6):  # the views between: the routed cases below
         out = torch.full((1, 303), float("nan"), dtype=x.dtype, device=DEVICE)
         check_site(tb.bitplane_site_bits(x, site, [k] * 3, out=out, config=cfg), [k] * 3)
     monkeypatch.setattr(tb, "_host_routed_k", lambda rk: None)
@@ -587,7 +602,7 @@ def test_bits_kernel_router_in_launch(policy, gen, monkeypatch):
     layers = [tb.pack_bitplanes(*make_layer(n, n_in, bits, group, gen), bits, group, n_in) for n in (200, 70, 33)]
     # each grid against itself (their sums differ in order); the default with a router is the stream-K grid
     for cfg, ref_cfg in ((STREAMK, STREAMK), (WHOLE, WHOLE), (BITS, STREAMK)):
-        for _ in range(2):
+        for _ in range(2 if cfg is STREAMK else 1):  # twice: stream-K's counters reset themselves
             buf.fill_(float("nan"))
             y = tb.bitplane_linear_bits(x, layers[0], tb.RoutedK(buf, taus[1], inl), config=cfg)
             assert torch.equal(buf, ref_v), (buf, ref_v)
@@ -595,7 +610,7 @@ def test_bits_kernel_router_in_launch(policy, gen, monkeypatch):
             assert torch.equal(y, ref), (cfg, (y - ref).abs().max())
             assert not tb._route_sync(x.device).any()
     site = tb.site_bitplanes(layers)
-    cfg = tb.SmallConfig(bitplanes=True, block_n=32, block_k=16, waves=1)
+    cfg = tb.SmallConfig(bitplanes=True, block_n=32, block_k=32, waves=1)
     monkeypatch.setattr(tb, "_host_routed_k", lambda rk: None)  # the reference counts on the "device" too
     for _ in range(2):
         buf.fill_(float("nan"))
@@ -753,7 +768,7 @@ def test_bits_kernel_pdl_changes_no_arithmetic(gen, monkeypatch):
     taus = [torch.tensor(t, device=DEVICE) for t in (0.8, 0.0, 0.4)]  # views 2, 6 and 4
     for base in (STREAMK, WHOLE, dataclasses.replace(STREAMK, l2_prefetch=True)):
         pdl = dataclasses.replace(base, pdl=True)
-        for k in (1, 6, torch.tensor([3], device=DEVICE)):
+        for k in (6, torch.tensor([3], device=DEVICE)):
             a, b = (tb.bitplane_linear_bits(x, layers[0], k, config=c) for c in (base, pdl))
             assert torch.equal(a, b), (base, k)
         a, b = (tb.bitplane_site_bits(x, site, [tb.RoutedK(values, t) for t in taus], config=c) for c in (base, pdl))
@@ -1333,11 +1348,13 @@ def test_per_view_bits_kernel(cfg, gen, monkeypatch):
     assert packed.per_view and packed.sz.shape == (6, 2, 4, 64)
     bias = torch.randn(n_out, generator=gen).to(DEVICE)
     x = randx(1, n_in, torch.float16, gen)
-    ks = range(1, len(bits) + 1) if cfg is BITS else (1, 4, 6)
-    for k in ks:
+    # every view on the default configuration; the smallest, the largest on the host and a middle one on the device
+    # for the others
+    every = range(1, len(bits) + 1)
+    for k in every if cfg is BITS else (1, 6):
         check(x, planes, scale, zero, bits, group, k, bias=bias, small_config=cfg, packed=packed)
     monkeypatch.setattr(tb, "_host_k_range", lambda k_t: None)
-    for k in ks:  # the entry itself (bitplane_linear reads a host k as an int)
+    for k in every if cfg is BITS else (4,):  # the entry itself (bitplane_linear reads a host k as an int)
         kd = torch.tensor([k], device=DEVICE)
         out = torch.full((1, n_out), float("nan"), dtype=x.dtype, device=DEVICE)
         y = tb.bitplane_linear_bits(x, packed, kd, bias=bias, out=out, config=cfg)
