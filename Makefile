@@ -8,6 +8,9 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 ARGS ?=
+# `make test` runs the suite in this many processes (pytest-xdist; `logical` = one per CPU), each test file whole
+# in one of them (its module fixtures built once); PYTEST_WORKERS=0 runs it in this process.
+PYTEST_WORKERS ?= logical
 
 .DEFAULT_GOAL := help
 
@@ -25,10 +28,10 @@ $(STAMP): pyproject.toml Makefile
 venv: $(STAMP) ## Create .venv and install mobiquant with its test and corpus extras
 
 test: $(STAMP) ## Run the test suite (slow tests on the real model included)
-	WANDB_MODE=offline $(PY) -m pytest tests -q $(ARGS)
+	WANDB_MODE=offline $(PY) -m pytest tests -q -n $(PYTEST_WORKERS) --dist loadfile $(ARGS)
 
 test-fast: $(STAMP) ## Run the tests that need no real model (skips `slow`)
-	WANDB_MODE=offline $(PY) -m pytest tests -q -m "not slow" $(ARGS)
+	WANDB_MODE=offline $(PY) -m pytest tests -q -m "not slow" -n $(PYTEST_WORKERS) --dist loadfile $(ARGS)
 
 lint: $(STAMP) ## Lint and format-check src/, tests/ and benchmarks/ (ruff) and type-check src/ (mypy)
 	$(PY) -m ruff check

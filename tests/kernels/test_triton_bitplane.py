@@ -388,7 +388,7 @@ def test_bits_kernel_configs(cfg, gen):
 @pytest.mark.parametrize(
     "cfg",
     [
-        tb.SmallConfig(bitplanes=True, block_n=16, block_k=16, waves=3),  # segments across row blocks
+        tb.SmallConfig(bitplanes=True, block_n=16, block_k=32, waves=3),  # segments across row blocks
         tb.SmallConfig(bitplanes=True, block_n=32, block_k=32, split_k=5),  # groups split unevenly
         tb.SmallConfig(bitplanes=True, block_n=256, block_k=32, waves=1),  # few segments a row block
     ],
