@@ -556,6 +556,28 @@ def test_site_bits_kernel(cfg, per_view, gen, monkeypatch):
         check_site(tb.bitplane_site_bits(x, site, ks, out=out, config=cfg), views)
 
 
+def test_site_bits_device_k(gen, monkeypatch):
+    """A site launch with one ``k`` tensor for all its layers (a router's output: one view, read on the device, as
+    the bare 8B stack's routed sites take it) equals the launch at the same static view; two tensors are refused."""
+    monkeypatch.setattr(tb, "_num_sms", lambda device: 3)
+    bits, group, n_in = DEFAULT_LAYOUT, 64, 192
+    layers = [make_layer(n, n_in, bits, group, gen) for n in (130, 40)]
+    site = tb.site_bitplanes([tb.pack_bitplanes(*layer, bits, group, n_in) for layer in layers])
+    x = randx(1, n_in, torch.float16, gen)
+    cfg = tb.SmallConfig(bitplanes=True)
+    monkeypatch.setattr(tb, "_host_k_range", lambda k_t: None)  # as on a GPU: the view unknown on the host
+    k_t = torch.tensor([3], device=DEVICE)
+    y = tb.bitplane_site_bits(x, site, [k_t, k_t], config=cfg)
+    for (p, s_, z), c, n in zip(layers, (0, 130), (130, 40), strict=True):
+        ref = torch_reference(x, p, s_, z, bits, group, 3, compute_dtype=torch.float64)
+        err = ((y[:, c : c + n].double() - ref.double()).norm() / ref.double().norm()).item()
+        assert err < TOL[torch.float16], err
+    with pytest.raises(ValueError, match="one k tensor for all its layers"):
+        tb.bitplane_site_bits(x, site, [k_t, k_t.clone()], config=cfg)
+    with pytest.raises(ValueError, match="one int or one k tensor for all its layers"):
+        tb.bitplane_site_bits(x, site, [3, k_t], config=cfg)
+
+
 def _packed_linears(n_outs, gen, n_in=192):
     """Packed ``MoBiLinear`` of the default layout on the Triton backend, one per output width (a bias on 40)."""
     layers = []

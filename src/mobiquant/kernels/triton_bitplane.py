@@ -3406,7 +3406,8 @@ def bitplane_site_bits(
 ) -> torch.Tensor:
     """One token ``x2 [1, in]`` through every layer of ``site`` in one launch: ``[1, sum(outs)]``, layer ``i``'s
     outputs at columns ``site.cols[i]``. ``ks``: each layer's ``k``, either one int for all (the same static view)
-    or a :class:`RoutedK` each, sharing their gate values (one router) with a threshold each."""
+    or a :class:`RoutedK` each, sharing their gate values (one router) with a threshold each, or one one-element
+    tensor for all (the same view, read on the device unless it is on the host)."""
     M, K_IN = x2.shape
     bp = site.planes
     if M != 1 or K_IN != bp.in_features:
@@ -3418,6 +3419,10 @@ def bitplane_site_bits(
         if len(set(ks)) != 1:
             raise ValueError(f"a site launch serves one static view for all its layers, got {list(ks)}")
         resolved = [_bits_k(ks[0], x2, NS)]
+    elif all(isinstance(k, torch.Tensor) for k in ks):
+        if any(k is not ks[0] for k in ks):
+            raise ValueError("a site launch with k on the device needs one k tensor for all its layers")
+        resolved = [_bits_k(ks[0], x2, NS)]
     elif all(isinstance(k, RoutedK) for k in ks):
         if any(k.values is not ks[0].values or k.router is not ks[0].router for k in ks):
             raise ValueError("a routed site launch needs one router's gate values (and one in-launch router or none)")
@@ -3427,7 +3432,7 @@ def bitplane_site_bits(
         if len({r[0] for r in resolved}) != 1:  # gate values on the host: each view known here, and they differ
             raise ValueError("routed layers whose views are known on the host and differ: launch them one by one")
     else:
-        raise ValueError("a site launch takes one int k for all its layers or a RoutedK each")
+        raise ValueError("a site launch takes one int or one k tensor for all its layers, or a RoutedK each")
     ksel, k_t, v_t, _, kvals = resolved[0]
     cfg = config or SmallConfig()
     whole = all(n % 128 == 0 for n in site.outs)  # the pack's rows are then the output columns
