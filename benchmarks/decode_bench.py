@@ -148,15 +148,17 @@ class QLinear:
     # --view-steps: every layer stores a step and zero point per view (MoBiConfig.view_steps)
     view_steps = False
 
+    def bits(self):
+        """The one-bit plane buffers, built once per layer."""
+        if self.packed is None:
+            self.packed = self.tb.pack_bitplanes(self.planes, self.scale, self.zero, kb.SLICE_BITS, GROUP, self.n_in)
+        return self.packed
+
     def __call__(self, x, k):
         cfg = QLinear.small_config
         kw = {}
         if cfg is not None and cfg.bitplanes:
-            if self.packed is None:  # the one-bit plane buffers, built once per layer
-                self.packed = self.tb.pack_bitplanes(
-                    self.planes, self.scale, self.zero, kb.SLICE_BITS, GROUP, self.n_in
-                )
-            kw["packed"] = self.packed
+            kw["packed"] = self.bits()
         return self.tb.bitplane_linear(
             x, self.planes, self.scale, self.zero, kb.SLICE_BITS, GROUP, k, small_config=cfg, **kw
         )
@@ -200,6 +202,54 @@ def q_step(layers, h, static_k=None, collect=False, run_routers=False):
         kg = route("gu", h2)
         m = F.silu(L["gate"](h2, kg)) * L["up"](h2, kg)
         h = h2 + L["down"](m, route("down", m))
+    return h
+
+
+SITES = (("s_qkv", ("q", "k", "v")), ("s_gu", ("gate", "up")))
+
+
+def fp16_sites(layers):
+    """Each layer's q/k/v and gate/up weights concatenated: one cuBLAS GEMV a site."""
+    for L in layers:
+        for site, names in SITES:
+            L[site] = torch.cat([L[n] for n in names])
+
+
+def fp16_step_sites(layers, h):
+    """fp16 as fused as cuBLAS allows: one GEMV a site (q/k/v; gate/up), the residual adds in cuBLAS's epilogue
+    (``addmm``, beta 1); the gated product its own kernel."""
+    for L in layers:
+        a = F.linear(h, L["s_qkv"])[:, :D]
+        h2 = torch.addmm(h, a, L["o"].t())
+        gu = F.linear(h2, L["s_gu"])
+        h = torch.addmm(h2, F.silu(gu[:, :FF]) * gu[:, FF:], L["down"].t())
+    return h
+
+
+def q_sites(tb, layers):
+    """Each quantized layer's q/k/v and gate/up one-bit plane buffers side by side (the package's site launches)."""
+    for L in layers:
+        for site, names in SITES:
+            L[site] = tb.site_bitplanes([L[n].bits() for n in names])
+
+
+def q_step_sites(tb, layers, h, static_k=None):
+    """One token through the quantized stack as the package's decode path launches it: one launch a site (q/k/v;
+    gate/up: ``bitplane_site_bits``), the residual adds in the o and down launches' epilogue (the residual is the
+    launch's bias at one token); each site's ``k`` from its router, or ``static_k`` (an int)."""
+    cfg = QLinear.small_config
+    for L in layers:
+
+        def route(name, x):
+            return static_k if static_k is not None else L["r_" + name](x)
+
+        kq = route("qkv", h)
+        a = tb.bitplane_site_bits(h, L["s_qkv"], [kq] * 3, config=cfg)[:, :D]
+        h2 = tb.bitplane_linear_bits(a, L["o"].bits(), route("o", a), bias=h.reshape(-1), config=cfg)
+        kg = route("gu", h2)
+        gu = tb.bitplane_site_bits(h2, L["s_gu"], [kg] * 2, config=cfg)
+        m = F.silu(gu[:, :FF]) * gu[:, FF:]
+        h = tb.bitplane_linear_bits(m, L["down"].bits(), route("down", m), bias=h2.reshape(-1), config=cfg)
     return h
 
 
@@ -560,13 +610,17 @@ def dry_run(args):
     return 0
 
 
-def time_stack(q_layers, xs, static_k=None, cfg=None, run_routers=False):
+def time_stack(q_layers, xs, static_k=None, cfg=None, run_routers=False, step=None):
     """us per token of the quantized stack (one CUDA graph of ``STEPS`` steps, median replay) with the launch
     config ``cfg`` (None: the library's defaults), or NaN and why when the stack cannot be captured
-    (``static_k``, ``run_routers``: :func:`q_step`'s)."""
+    (``static_k``, ``run_routers``: :func:`q_step`'s; ``step``: another step function of ``(layers, x, static_k)``,
+    e.g. the site launches')."""
     QLinear.small_config = cfg
     try:
-        g = graph_of(lambda x: q_step(q_layers, x, static_k=static_k, run_routers=run_routers), xs)
+        if step is not None:
+            g = graph_of(lambda x: step(q_layers, x, static_k=static_k), xs)
+        else:
+            g = graph_of(lambda x: q_step(q_layers, x, static_k=static_k, run_routers=run_routers), xs)
         t = bench(g.replay, warmup=20, rep=200) / STEPS
         del g
         return t, ""
@@ -641,6 +695,31 @@ def print_comparison(rows, t16, config=None):
         print(f"{name:14s} {r['achieved_bits']:5.2f} {cell(r):>17s} {cell(other):>17s}")
 
 
+def print_sites(rows, t16, t16s):
+    """Static views and routed budgets launched per linear and as the package launches them (one launch a site, the
+    residual adds in the epilogue), against fp16 per linear and fp16 with one GEMV a site."""
+    by = {r["mode"] + f"@{r['budget']}": r for r in rows}
+    print()
+    print(f"# sites, us/token (x fp16 per linear {t16:.1f} / x fp16 one GEMV a site {t16s:.1f})")
+    print(f"{'row':12s} {'bits':>5s} {'per linear':>24s} {'sites':>24s}")
+
+    def cell(x):
+        if x is None:
+            return f"{'-':>24s}"
+        t = x["us_per_token"]
+        return f"{t:8.1f} ({t16 / t:5.2f}x / {t16s / t:5.2f}x)"
+
+    for r in rows:
+        if r["mode"].startswith("sites k="):
+            k = r["mode"].split("=", 1)[1]
+            name, other = f"static k={k}", by.get(f"static k={k}@{r['budget']}")
+        elif r["mode"] == "routed sites":
+            name, other = f"routed {r['budget']:.0f}", by.get(f"routed@{r['budget']}")
+        else:
+            continue
+        print(f"{name:12s} {r['achieved_bits']:5.2f} {cell(other)} {cell(r)}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
@@ -679,6 +758,13 @@ def main(argv=None):
         action="store_true",
         help="also each static view with the routers launched (their k dropped) and with k read on the device "
         "(no routers): what routing adds to a view, part by part",
+    )
+    ap.add_argument(
+        "--sites",
+        action="store_true",
+        help="also the stack as the package's decode path launches it: one launch a site (q/k/v; gate/up), the "
+        "residual adds in the o and down launches (static views and routed budgets), beside fp16 with one cuBLAS "
+        "GEMV a site and the residual adds in cuBLAS (addmm)",
     )
     ap.add_argument("--no-package", action="store_true", help="skip the rows of the model patched by the package")
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per package row")
@@ -834,6 +920,26 @@ def main(argv=None):
             tc, why = time_stack(q_layers, xs, static_k=k, cfg=tb.SmallConfig(fields=forced))
             add(f"{'fields' if forced else 'concat'} k={k}", bits, tc, nb, why=why)
 
+    t16s = None
+    if args.sites:
+        fp16_sites(fp_layers)
+        q_sites(tb, q_layers)
+        g = graph_of(lambda x: fp16_step_sites(fp_layers, x), xs)
+        t16s = bench(g.replay, warmup=20, rep=200) / STEPS
+        del g
+        add("fp16 sites", 16, t16s, fp16_bytes)
+        print(f"# fp16 one GEMV a site, residual in cuBLAS: {t16s:.1f} us/token ({t16 / t16s:.2f}x per linear)")
+        site_step = lambda ls, x, static_k=None: q_step_sites(tb, ls, x, static_k=static_k)  # noqa: E731
+        with torch.no_grad():  # the same arithmetic as the per-linear stack, launched otherwise
+            for k in sorted({1, min(2, ns), ns}):
+                a, b = (f(q_layers, xs[0], static_k=k).float() for f in (q_step, site_step))
+                rel = float((a - b).norm() / a.norm())
+                print(f"# sites k={k}: relative difference to the per-linear stack {rel:.2e}")
+        for k in range(1, ns + 1):
+            bits = view_bits(k)
+            t, why = time_stack(q_layers, xs, static_k=k, step=site_step)
+            add(f"sites k={k}", bits, t, stack_bytes(shapes, args.layers, bits), why=why)
+
     if args.routed_parts:  # where a routed token's time goes beside a static view's, per view
         for k in range(1, ns + 1):
             bits = view_bits(k)
@@ -895,6 +1001,9 @@ def main(argv=None):
         else:
             t, why = math.nan, "the default one-token path of this layout sorts tokens by k on the host"
         add("routed", budget, t, nb, achieved=achieved, why=why)
+        if args.sites:
+            t, why = time_stack(q_layers, xs, step=site_step)
+            add("routed sites", budget, t, nb, achieved=achieved, why=why)
         if bits_cfg is not None:
             t, why = time_stack(q_layers, xs, cfg=bits_cfg)
             add("routed bitpl", budget, t, nb, achieved=achieved, why=why)
@@ -991,6 +1100,8 @@ def main(argv=None):
         "package rows: x fp16 against 'package fp16'",
     )
     print_comparison(rows, t16, args.bits_config)
+    if t16s is not None:
+        print_sites(rows, t16, t16s)
     if args.out:
         import csv
 
