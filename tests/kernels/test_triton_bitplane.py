@@ -394,9 +394,12 @@ def test_bits_kernel_configs(cfg, gen):
     ],
     ids=str,
 )
-def test_bits_kernel_reduce_launch_is_bit_equal(cfg, gen, monkeypatch):
-    """``reduce_launch``: the shared row blocks summed by a second launch give the ticket path's outputs bit for bit
-    (static views, ``k`` on the device, a bias, rows not a multiple of the block); a site keeps its tickets."""
+def test_bits_kernel_reduce_launch_matches_the_ticket_path(cfg, gen, monkeypatch):
+    """``reduce_launch``: the shared row blocks summed by a second launch give the ticket path's outputs (static views,
+    ``k`` on the device, a bias, rows not a multiple of the block; a site keeps its tickets). Both sum the same
+    partials in the same order, but on a GPU the two compiled variants may contract the float32 arithmetic
+    differently (an H100, 2026-12-05: float32 outputs differed in the last bits), so the outputs agree to one unit
+    in the last place of their dtype, not bit for bit (the interpreter gives equal bits)."""
     monkeypatch.setattr(tb, "_host_k_range", lambda k_t: None)
     bits, group, n_in = DEFAULT_LAYOUT, 32, 160
     bp = tb.pack_bitplanes(*make_layer(150, n_in, bits, group, gen), bits, group, n_in)
@@ -404,16 +407,21 @@ def test_bits_kernel_reduce_launch_is_bit_equal(cfg, gen, monkeypatch):
     cfg = dataclasses.replace(cfg, reduce_launch=False)  # the ticket path
     red = dataclasses.replace(cfg, reduce_launch=True)  # the default
     x = randx(1, n_in, torch.float16, gen)
+
+    def same(a, c, what):
+        eps = torch.finfo(a.dtype).eps
+        torch.testing.assert_close(c, a, rtol=eps, atol=eps * float(a.abs().max()), msg=lambda m: f"{what}: {m}")
+
     kd2, kd4 = (torch.tensor([k], device=DEVICE) for k in (2, 4))
     for k, b in ((1, None), (6, bias), (kd2, bias), (kd4, None)):
         a, c = (tb.bitplane_linear_bits(x, bp, k, bias=b, config=f) for f in (cfg, red))
-        assert torch.equal(a, c), (k, b is None)
+        same(a, c, (k, b is None))
     ref = tb.bitplane_linear_bits(x.float(), bp, 2, config=cfg)
     got = tb.bitplane_linear_bits(x.float(), bp, 2, config=red)
-    assert torch.equal(ref, got)
+    same(ref, got, "float32")
     site = tb.site_bitplanes([bp, bp])
     a, c = (tb.bitplane_site_bits(x, site, [2, 2], config=f) for f in (cfg, red))
-    assert torch.equal(a, c)
+    same(a, c, "site")
 
 
 def test_bits_kernel_fewer_programs_than_row_blocks(gen, monkeypatch):
