@@ -766,6 +766,12 @@ def main(argv=None):
         "residual adds in the o and down launches (static views and routed budgets), beside fp16 with one cuBLAS "
         "GEMV a site and the residual adds in cuBLAS (addmm)",
     )
+    ap.add_argument(
+        "--sites-configs",
+        default="",
+        help="with --sites: also the site stack's static views of 3, 4 and 8 bits with each of these launch configs "
+        f"(';'-separated {kb.BITS_CONFIG_FIELDS} texts, e.g. ',,,,,,0' stream-K, ',,,,,,,,1' pdl)",
+    )
     ap.add_argument("--no-package", action="store_true", help="skip the rows of the model patched by the package")
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per package row")
     ap.add_argument(
@@ -939,6 +945,12 @@ def main(argv=None):
             bits = view_bits(k)
             t, why = time_stack(q_layers, xs, static_k=k, step=site_step)
             add(f"sites k={k}", bits, t, stack_bytes(shapes, args.layers, bits), why=why)
+        for text in filter(None, (c.strip() for c in args.sites_configs.split(";"))):
+            cfg = kb.parse_bits_config(tb, text)
+            for k in sorted({1, min(2, ns), ns}):
+                bits = view_bits(k)
+                t, why = time_stack(q_layers, xs, static_k=k, cfg=cfg, step=site_step)
+                add(f"sites [{text}] k={k}", bits, t, stack_bytes(shapes, args.layers, bits), why=why)
 
     if args.routed_parts:  # where a routed token's time goes beside a static view's, per view
         for k in range(1, ns + 1):

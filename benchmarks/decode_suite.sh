@@ -99,6 +99,9 @@ FRAGCAP7_CONFIG=${FRAGCAP7_CONFIG:-",,4,,0,,1,,0,0,0,1,,7"}
 # the library's rule (fragment kernel where it serves) with static views' words by TMA: a barrier a group, one a plane
 TMA2_CONFIG=${TMA2_CONFIG:-",,4,,0,,1,,0,0,0,1,,,-2"}
 TMA1_CONFIG=${TMA1_CONFIG:-",,4,,0,,1,,0,0,0,1,,,-1"}
+# the site stack's launch configs beside the default (sites stage): stream-K, pdl, both, the fragment kernel for every
+# static view of up to 4 planes
+SITES_CONFIGS=${SITES_CONFIGS:-",,,,,,0;,,,,,,,,1;,,,,,,0,,1;,,,,,,,,,,,,3"}
 # gluon_proto.py's arguments (gluon stage): checked against PyTorch, then BEST's configs timed
 GLUON_ARGS=${GLUON_ARGS:-"--check --time"}
 # the package's one-token GEMV on the stream-K grid with the ticket store, then with the second launch (the default)
@@ -230,9 +233,9 @@ stage() {
         --inputs "smollm2 qkv/gate-up (rms_norm, 576);smollm2 down (silu_mul, 1536);smollm2 o (576)" ;;
     sites)
       run_stage sites_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_int4.py \
-        tests/kernels/test_triton_bitplane.py -k "int4 or site_bits"
+        tests/kernels/test_triton_bitplane.py -k "test_int4 or site_bits or reduce_launch_matches"
       run_stage sites 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-package --sites \
-        --out "$RES/sites" ;;
+        --sites-configs "$SITES_CONFIGS" --out "$RES/sites" ;;
     package)
       run_stage package 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed --fuse-inputs \
         --out "$RES/package" ;;
