@@ -92,6 +92,14 @@ class Router:
         k, _ = Router.fused(x, self.w1, self.b1, self.w2, self.b2, self.tau, "free", pdl=pdl, **Router.tiling)
         return k
 
+    def routed_k(self, tb):
+        """This router as a ``RoutedK`` whose gate values the one-bit plane launch computes itself (the package's
+        ``SmallConfig.router_in_launch``): no router launch of its own. One values buffer per router."""
+        if getattr(self, "_inl", None) is None:
+            buf = torch.empty(1, len(kb.SLICE_BITS) - 1, dtype=torch.float32, device=self.w1.device)
+            self._inl = (buf, tb.InLaunchRouter(self.w1, self.b1, self.w2, self.b2, adjacent=False))
+        return tb.RoutedK(self._inl[0], self.tau, self._inl[1])
+
     def set_budget(self, bits):
         """tau such that the calibration tokens' average bits (base + residual width x #active residuals; the mean
         residual width for layouts of unequal residuals) equal ``bits``."""
@@ -233,15 +241,18 @@ def q_sites(tb, layers):
             L[site] = tb.site_bitplanes([L[n].bits() for n in names])
 
 
-def q_step_sites(tb, layers, h, static_k=None):
+def q_step_sites(tb, layers, h, static_k=None, in_launch=False):
     """One token through the quantized stack as the package's decode path launches it: one launch a site (q/k/v;
     gate/up: ``bitplane_site_bits``), the residual adds in the o and down launches' epilogue (the residual is the
-    launch's bias at one token); each site's ``k`` from its router, or ``static_k`` (an int)."""
+    launch's bias at one token); each site's ``k`` from its router (``in_launch``: the router run by the site's own
+    launch), or ``static_k`` (an int)."""
     cfg = QLinear.small_config
     for L in layers:
 
         def route(name, x):
-            return static_k if static_k is not None else L["r_" + name](x)
+            if static_k is not None:
+                return static_k
+            return L["r_" + name].routed_k(tb) if in_launch else L["r_" + name](x)
 
         kq = route("qkv", h)
         a = tb.bitplane_site_bits(h, L["s_qkv"], [kq] * 3, config=cfg)[:, :D]
@@ -701,7 +712,7 @@ def print_sites(rows, t16, t16s):
     by = {r["mode"] + f"@{r['budget']}": r for r in rows}
     print()
     print(f"# sites, us/token (x fp16 per linear {t16:.1f} / x fp16 one GEMV a site {t16s:.1f})")
-    print(f"{'row':12s} {'bits':>5s} {'per linear':>24s} {'sites':>24s}")
+    print(f"{'row':16s} {'bits':>5s} {'per linear':>24s} {'sites':>24s}")
 
     def cell(x):
         if x is None:
@@ -713,11 +724,13 @@ def print_sites(rows, t16, t16s):
         if r["mode"].startswith("sites k="):
             k = r["mode"].split("=", 1)[1]
             name, other = f"static k={k}", by.get(f"static k={k}@{r['budget']}")
-        elif r["mode"] == "routed sites":
+        elif r["mode"] in ("routed sites", "routed sites+router"):
             name, other = f"routed {r['budget']:.0f}", by.get(f"routed@{r['budget']}")
+            if r["mode"].endswith("router"):
+                name += " +router"
         else:
             continue
-        print(f"{name:12s} {r['achieved_bits']:5.2f} {cell(other)} {cell(r)}")
+        print(f"{name:16s} {r['achieved_bits']:5.2f} {cell(other)} {cell(r)}")
 
 
 def main(argv=None):
@@ -1016,6 +1029,13 @@ def main(argv=None):
         if args.sites:
             t, why = time_stack(q_layers, xs, step=site_step)
             add("routed sites", budget, t, nb, achieved=achieved, why=why)
+            with torch.no_grad():  # the router inside each launch: the same views, the same outputs
+                a, b = (q_step_sites(tb, q_layers, xs[0], in_launch=inl).float() for inl in (False, True))
+            print(f"# routed budget {budget}, sites: router in the launch against its own launch, relative "
+                  f"difference {float((a - b).norm() / a.norm()):.2e}")  # fmt: skip
+            inl_step = lambda ls, x, static_k=None: q_step_sites(tb, ls, x, in_launch=True)  # noqa: E731
+            t, why = time_stack(q_layers, xs, step=inl_step)
+            add("routed sites+router", budget, t, nb, achieved=achieved, why=why)
         if bits_cfg is not None:
             t, why = time_stack(q_layers, xs, cfg=bits_cfg)
             add("routed bitpl", budget, t, nb, achieved=achieved, why=why)
