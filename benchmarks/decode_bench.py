@@ -241,13 +241,45 @@ def q_sites(tb, layers):
             L[site] = tb.site_bitplanes([L[n].bits() for n in names])
 
 
-def q_step_sites(tb, layers, h, static_k=None, in_launch=False):
+def view_buffers(tb, bp, k, x, cfg):
+    """The two largest buffers the launch of static view ``k`` of one-bit plane buffers ``bp`` reads: its planes'
+    words and its step/zero words (the fragment kernel's pack where that kernel serves the launch: its words and the
+    view's steps; its zero points, 1/4 of the steps' bytes, are left out)."""
+    p = tb.planes_of_views(bp.slice_bits)[k - 1]
+    if tb._fragment_wanted(cfg or tb.SmallConfig(), bp, k) and tb._fragment_ok(bp, x):
+        from mobiquant.kernels.gluon_fragment import fragment_of
+
+        fp = fragment_of(bp)
+        return fp.words[:p], fp.scale[p - 1]
+    return bp.words[:p], (bp.sz[k - 1] if bp.per_view else bp.sz)
+
+
+#: --sites-prefetch plans: which later launch's weights L2 is asked for, and before which launch.
+PREFETCH_PLANS = {
+    "o": "before the q/k/v site, the o launch's",
+    "o+qkv": "before the q/k/v site, the o launch's; before down, the next layer's q/k/v site's",
+}
+
+
+def q_step_sites(tb, layers, h, static_k=None, in_launch=False, prefetch=None):
     """One token through the quantized stack as the package's decode path launches it: one launch a site (q/k/v;
     gate/up: ``bitplane_site_bits``), the residual adds in the o and down launches' epilogue (the residual is the
     launch's bias at one token); each site's ``k`` from its router (``in_launch``: the router run by the site's own
-    launch), or ``static_k`` (an int)."""
+    launch), or ``static_k`` (an int). ``prefetch``: ``(mode, plan)``, a static view's later weights asked of L2 by
+    ``mobiquant.kernels.l2_prefetch.prefetch_l2`` (mode 'line' or 'bulk') as ``PREFETCH_PLANS[plan]`` says."""
     cfg = QLinear.small_config
-    for L in layers:
+    if prefetch is not None:
+        from mobiquant.kernels.l2_prefetch import prefetch_l2
+
+        if static_k is None:
+            raise ValueError("the prefetch plans ask for a static view's buffers")
+
+        def ask(bp, x):
+            prefetch_l2(*view_buffers(tb, bp, static_k, x, cfg), mode=prefetch[0])
+
+    for i, L in enumerate(layers):
+        if prefetch is not None:
+            ask(L["o"].bits(), h)
 
         def route(name, x):
             if static_k is not None:
@@ -260,6 +292,8 @@ def q_step_sites(tb, layers, h, static_k=None, in_launch=False):
         kg = route("gu", h2)
         gu = tb.bitplane_site_bits(h2, L["s_gu"], [kg] * 2, config=cfg)
         m = F.silu(gu[:, :FF]) * gu[:, FF:]
+        if prefetch is not None and prefetch[1] == "o+qkv":
+            ask(layers[(i + 1) % len(layers)]["s_qkv"].planes, h2)
         h = tb.bitplane_linear_bits(m, L["down"].bits(), route("down", m), bias=h2.reshape(-1), config=cfg)
     return h
 
@@ -785,6 +819,14 @@ def main(argv=None):
         help="with --sites: also the site stack's static views of 3, 4 and 8 bits with each of these launch configs "
         f"(';'-separated {kb.BITS_CONFIG_FIELDS} texts, e.g. ',,,,,,0' stream-K, ',,,,,,,,1' pdl)",
     )
+    ap.add_argument(
+        "--sites-prefetch",
+        action="store_true",
+        help="with --sites: also the site stack's static views of 3, 4 and 8 bits with a later launch's weights asked "
+        "of L2 while the launches before it run (mobiquant.kernels.l2_prefetch; modes line and bulk, plans "
+        + "; ".join(f"{k}: {v}" for k, v in PREFETCH_PLANS.items())
+        + ")",
+    )
     ap.add_argument("--no-package", action="store_true", help="skip the rows of the model patched by the package")
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per package row")
     ap.add_argument(
@@ -958,6 +1000,14 @@ def main(argv=None):
             bits = view_bits(k)
             t, why = time_stack(q_layers, xs, static_k=k, step=site_step)
             add(f"sites k={k}", bits, t, stack_bytes(shapes, args.layers, bits), why=why)
+        for mode, plan in ((m, p) for m in ("line", "bulk") for p in PREFETCH_PLANS) if args.sites_prefetch else ():
+            pf_step = lambda ls, x, static_k=None, pf=(mode, plan): q_step_sites(  # noqa: E731
+                tb, ls, x, static_k=static_k, prefetch=pf
+            )
+            for k in sorted({1, min(2, ns), ns}):
+                bits = view_bits(k)
+                t, why = time_stack(q_layers, xs, static_k=k, step=pf_step)
+                add(f"sites pf {mode} {plan} k={k}", bits, t, stack_bytes(shapes, args.layers, bits), why=why)
         for text in filter(None, (c.strip() for c in args.sites_configs.split(";"))):
             cfg = kb.parse_bits_config(tb, text)
             for k in sorted({1, min(2, ns), ns}):

@@ -55,8 +55,10 @@
 #   sites    (only when named) the 8B-shaped stack with its linears launched as the package's decode path launches
 #            them (decode_bench.py --sites: one launch a site, q/k/v and gate/up; the residual adds in the o and down
 #            launches) beside the per-linear stack, fp16 per linear and fp16 with one cuBLAS GEMV a site and its
-#            residual adds in cuBLAS (addmm); the site stack under $SITES_CONFIGS; routed sites with the router in the
-#            launch; then the GPU tests of the site launches, the reduce launch and the router in the launch
+#            residual adds in cuBLAS (addmm); the site stack with a later launch's weights asked of L2 during the
+#            latency-bound launches (--sites-prefetch); under $SITES_CONFIGS; routed sites with the router in the
+#            launch; then the GPU tests of the site launches, the reduce launch, the router in the launch and the L2
+#            requests
 #   package  (only when named) the 8B-shaped stack inside a Hugging Face model patched by the package: its decode path
 #            (captured graphs, one launch per router site, fused inputs) against the same model in fp16
 #   kernels  single linears, one token, graph-replayed: stream-K and whole-K with and without pdl / l2_prefetch /
@@ -233,11 +235,11 @@ stage() {
         --hbs 1,64 --warps 4,8,16 --cols 0 --tokens 1 \
         --inputs "smollm2 qkv/gate-up (rms_norm, 576);smollm2 down (silu_mul, 1536);smollm2 o (576)" ;;
     sites)
-      run_stage sites 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-package --sites \
+      run_stage sites 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-package --sites --sites-prefetch \
         --sites-configs "$SITES_CONFIGS" --out "$RES/sites"
       # after the timings: compiling these took 5-7 minutes on an H100 (2026-12-05)
       run_stage sites_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_triton_bitplane.py \
-        -k "site_bits or reduce_launch_matches or router_in_launch" ;;
+        tests/kernels/test_l2_prefetch.py -k "site_bits or reduce_launch_matches or router_in_launch or l2_prefetch" ;;
     package)
       run_stage package 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed --fuse-inputs \
         --out "$RES/package" ;;
