@@ -765,6 +765,13 @@ def print_sites(rows, t16, t16s):
         else:
             continue
         print(f"{name:16s} {r['achieved_bits']:5.2f} {cell(other)} {cell(r)}")
+    variants = [r for r in rows if r["mode"].startswith(("sites pf ", "sites ["))]
+    if variants:
+        print("# site stack variants: us/token (x the default site stack at the same view / x fp16 per linear)")
+    for r in variants:
+        base = by.get(f"sites k={r['mode'].rsplit('k=', 1)[1]}@{r['budget']}")
+        rel = base["us_per_token"] / r["us_per_token"] if base is not None else float("nan")
+        print(f"{r['mode']:40s} {r['us_per_token']:8.1f} ({rel:5.2f}x / {t16 / r['us_per_token']:5.2f}x)")
 
 
 def main(argv=None):
