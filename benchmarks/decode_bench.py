@@ -1086,10 +1086,12 @@ def main(argv=None):
         if args.sites:
             t, why = time_stack(q_layers, xs, step=site_step)
             add("routed sites", budget, t, nb, achieved=achieved, why=why)
-            with torch.no_grad():  # the router inside each launch: the same views, the same outputs
+            with torch.no_grad():  # the same views, the same outputs: per linear, sites, the router in the launch
+                ref = q_step(q_layers, xs[0]).float()
                 a, b = (q_step_sites(tb, q_layers, xs[0], in_launch=inl).float() for inl in (False, True))
-            print(f"# routed budget {budget}, sites: router in the launch against its own launch, relative "
-                  f"difference {float((a - b).norm() / a.norm()):.2e}")  # fmt: skip
+            print(f"# routed budget {budget}: relative difference of the site stack to the per-linear one "
+                  f"{float((a - ref).norm() / ref.norm()):.2e}; router in the launch against its own launch "
+                  f"{float((a - b).norm() / a.norm()):.2e}")  # fmt: skip
             inl_step = lambda ls, x, static_k=None: q_step_sites(tb, ls, x, in_launch=True)  # noqa: E731
             t, why = time_stack(q_layers, xs, step=inl_step)
             add("routed sites+router", budget, t, nb, achieved=achieved, why=why)
