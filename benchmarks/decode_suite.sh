@@ -103,8 +103,9 @@ FRAGCAP7_CONFIG=${FRAGCAP7_CONFIG:-",,4,,0,,1,,0,0,0,1,,7"}
 TMA2_CONFIG=${TMA2_CONFIG:-",,4,,0,,1,,0,0,0,1,,,-2"}
 TMA1_CONFIG=${TMA1_CONFIG:-",,4,,0,,1,,0,0,0,1,,,-1"}
 # the site stack's launch configs beside the default (sites stage): stream-K, pdl, both, the fragment kernel for every
-# static view of up to 4 planes
-SITES_CONFIGS=${SITES_CONFIGS:-",,,,,,0;,,,,,,,,1;,,,,,,0,,1;,,,,,,,,,,,,3"}
+# static view of up to 4 planes, the fragment kernel wherever it serves (the site stack's 7- and 8-bit views, all on the
+# fragment kernel, gained 97-100 us over per-linear launches where the others gained 33-57: are 5-6 planes faster there?)
+SITES_CONFIGS=${SITES_CONFIGS:-",,,,,,0;,,,,,,,,1;,,,,,,0,,1;,,,,,,,,,,,,3;,,,,,,,,,,,,1"}
 # gluon_proto.py's arguments (gluon stage): checked against PyTorch, then BEST's configs timed
 GLUON_ARGS=${GLUON_ARGS:-"--check --time"}
 # the package's one-token GEMV on the stream-K grid with the ticket store, then with the second launch (the default)
