@@ -823,7 +823,7 @@ def main(argv=None):
     ap.add_argument(
         "--sites-configs",
         default="",
-        help="with --sites: also the site stack's static views of 3, 4 and 8 bits with each of these launch configs "
+        help="with --sites: also the site stack's static views with each of these launch configs "
         f"(';'-separated {kb.BITS_CONFIG_FIELDS} texts, e.g. ',,,,,,0' stream-K, ',,,,,,,,1' pdl)",
     )
     ap.add_argument(
@@ -1017,7 +1017,7 @@ def main(argv=None):
                 add(f"sites pf {mode} {plan} k={k}", bits, t, stack_bytes(shapes, args.layers, bits), why=why)
         for text in filter(None, (c.strip() for c in args.sites_configs.split(";"))):
             cfg = kb.parse_bits_config(tb, text)
-            for k in sorted({1, min(2, ns), ns}):
+            for k in range(1, ns + 1):
                 bits = view_bits(k)
                 t, why = time_stack(q_layers, xs, static_k=k, cfg=cfg, step=site_step)
                 add(f"sites [{text}] k={k}", bits, t, stack_bytes(shapes, args.layers, bits), why=why)
