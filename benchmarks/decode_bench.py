@@ -258,6 +258,7 @@ def view_buffers(tb, bp, k, x, cfg):
 PREFETCH_PLANS = {
     "o": "before the q/k/v site, the o launch's",
     "o+qkv": "before the q/k/v site, the o launch's; before down, the next layer's q/k/v site's",
+    "self": "before the q/k/v site, its own words and the o launch's words (one launch for both)",
 }
 
 
@@ -278,7 +279,10 @@ def q_step_sites(tb, layers, h, static_k=None, in_launch=False, prefetch=None):
             prefetch_l2(*view_buffers(tb, bp, static_k, x, cfg), mode=prefetch[0])
 
     for i, L in enumerate(layers):
-        if prefetch is not None:
+        if prefetch is not None and prefetch[1] == "self":
+            words = (view_buffers(tb, bp, static_k, h, cfg)[0] for bp in (L["s_qkv"].planes, L["o"].bits()))
+            prefetch_l2(*words, mode=prefetch[0])
+        elif prefetch is not None:
             ask(L["o"].bits(), h)
 
         def route(name, x):
