@@ -56,6 +56,8 @@ import kernel_bench as kb  # noqa: E402
 from kernel_bench import GROUP, bench, bits_tag, copy_bandwidth, load_kernels, view_bits  # noqa: E402
 
 D, FF, KV = 4096, 14336, 1024
+#: Where the stacks' layers and routers are made (the tests make small ones on the CPU, in Triton's interpreter).
+DEVICE = "cuda"
 HIDDEN = 64
 STEPS = 8
 
@@ -71,11 +73,11 @@ def load_router_kernel():
 
 class Router:
     def __init__(self, d, gen):
-        self.w1 = (torch.randn(HIDDEN, d, generator=gen, device="cuda") / math.sqrt(d)).half()
-        self.b1 = (torch.randn(HIDDEN, generator=gen, device="cuda") * 0.1).half()
-        self.w2 = (torch.randn(len(kb.SLICE_BITS) - 1, HIDDEN, generator=gen, device="cuda") / 8).half()
-        self.b2 = torch.zeros(len(kb.SLICE_BITS) - 1, device="cuda").half()
-        self.tau = torch.zeros((), device="cuda")
+        self.w1 = (torch.randn(HIDDEN, d, generator=gen, device=DEVICE) / math.sqrt(d)).half()
+        self.b1 = (torch.randn(HIDDEN, generator=gen, device=DEVICE) * 0.1).half()
+        self.w2 = (torch.randn(len(kb.SLICE_BITS) - 1, HIDDEN, generator=gen, device=DEVICE) / 8).half()
+        self.b2 = torch.zeros(len(kb.SLICE_BITS) - 1, device=DEVICE).half()
+        self.tau = torch.zeros((), device=DEVICE)
         self.calib = []
 
     def scores(self, x):  # torch reference, [T, 3]
@@ -128,7 +130,7 @@ class QLinear:
                 2**31 - 1,
                 (n_out, math.ceil(n_in / (32 // b))),
                 generator=gen,
-                device="cuda",
+                device=DEVICE,
                 dtype=torch.int32,
             )
             for b in kb.SLICE_BITS
@@ -136,15 +138,15 @@ class QLinear:
         ng = math.ceil(n_in / GROUP)
         # W spans the base grid's 2^b0 steps: std ~ 1 / sqrt(n_in) (b0 = 2: 1 / (1.12 sqrt(n_in)))
         b0 = kb.SLICE_BITS[0]
-        self.scale = torch.full((n_out, ng), 1.0 / (math.sqrt((4**b0 - 1) / 12) * math.sqrt(n_in)), device="cuda")
+        self.scale = torch.full((n_out, ng), 1.0 / (math.sqrt((4**b0 - 1) / 12) * math.sqrt(n_in)), device=DEVICE)
         self.scale = self.scale.half()
         # zero (2^b0 - 1) / 2 (1.5 for a 2-bit base): every k-view of random codes has mean ~0 (with the
         # integer zero 2 of the recorded run every weight had mean -s/2, which drives the activations of this
         # norm-free stack up layer by layer; see NOTES.md)
-        self.zero = torch.full((n_out, ng), (2**b0 - 1) / 2, device="cuda").half()
+        self.zero = torch.full((n_out, ng), (2**b0 - 1) / 2, device=DEVICE).half()
         if QLinear.view_steps:  # a step and zero point per view ([K, out, groups]; each view's a little different)
             K = len(kb.SLICE_BITS)
-            jitter = 1 + 0.01 * torch.arange(K, device="cuda", dtype=torch.float32)[:, None, None]
+            jitter = 1 + 0.01 * torch.arange(K, device=DEVICE, dtype=torch.float32)[:, None, None]
             self.scale = (self.scale.float()[None] * jitter).half().contiguous()
             self.zero = self.zero[None].repeat(K, 1, 1).contiguous()
         self.n_in, self.n_out = n_in, n_out

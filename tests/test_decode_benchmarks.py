@@ -574,3 +574,57 @@ def test_gpu_benchmarks_say_they_need_a_gpu(script, capsys):
         importlib.import_module(script).main([])
     assert exit_.value.code == 2
     assert f"{script}: needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_site_stack_computes_the_per_linear_stack(monkeypatch, capsys):
+    """``decode_bench.py --sites`` on a small stack on the CPU (Triton's interpreter): the site launches with the
+    residual in the o and down launches give the per-linear stack's outputs at static views, with every prefetch plan
+    (requests only: nothing changes) and at a routed budget, the router inside the launches too; the site table
+    prints each row beside its per-linear one."""
+    db = decode_bench
+    monkeypatch.setattr(db, "DEVICE", "cpu")
+    monkeypatch.setattr(db, "D", 256)
+    monkeypatch.setattr(db, "FF", 384)
+    monkeypatch.setattr(db, "KV", 128)
+    monkeypatch.setattr(db.kb, "SLICE_BITS", (3, 1, 1, 1, 1, 1))
+    monkeypatch.setattr(db.Router, "fused", staticmethod(db.load_router_kernel()))
+    tb = db.load_kernels()
+    gen = torch.Generator().manual_seed(0)
+    layer = {n: db.QLinear(o, i, tb, gen) for n, (o, i) in db.layer_shapes().items()}
+    for r, d in (("qkv", 256), ("o", 256), ("gu", 256), ("down", 384)):
+        layer["r_" + r] = db.Router(d, gen)
+    layers = [layer]
+    db.q_sites(tb, layers)
+    x = torch.randn(1, 256, generator=gen).half()
+
+    def close(a, b):
+        return float((a.float() - b.float()).norm() / a.float().norm()) < 5e-3  # one fp16 rounding apart
+
+    with torch.no_grad():
+        for k in (1, 2):
+            site = db.q_step_sites(tb, layers, x, static_k=k)
+            assert close(db.q_step(layers, x, static_k=k), site), k
+            for plan in db.PREFETCH_PLANS:
+                assert torch.equal(db.q_step_sites(tb, layers, x, static_k=k, prefetch=("bulk", plan)), site)
+        db.q_step(layers, torch.randn(32, 256, generator=gen).half(), collect=True)
+        for r in ("qkv", "o", "gu", "down"):
+            layer["r_" + r].set_budget(4)
+        routed = db.q_step_sites(tb, layers, x)
+        assert close(db.q_step(layers, x), routed)
+        assert torch.equal(db.q_step_sites(tb, layers, x, in_launch=True), routed)
+    with pytest.raises(ValueError, match="static view's buffers"):
+        db.q_step_sites(tb, layers, x, prefetch=("line", "o"))
+    rows = [
+        dict(mode="static k=2", budget=4.0, achieved_bits=4.0, us_per_token=300.0),
+        dict(mode="sites k=2", budget=4.0, achieved_bits=4.0, us_per_token=250.0),
+        dict(mode="routed", budget=4.0, achieved_bits=3.9, us_per_token=500.0),
+        dict(mode="routed sites+router", budget=4.0, achieved_bits=3.9, us_per_token=400.0),
+        dict(mode="sites pf bulk o k=2", budget=4.0, achieved_bits=4.0, us_per_token=200.0),
+    ]
+    capsys.readouterr()
+    db.print_sites(rows, 750.0, 700.0)
+    out = capsys.readouterr().out.splitlines()
+    static = next(line for line in out if line.startswith("static k=2"))
+    assert "300.0 ( 2.50x /  2.33x)" in static and "250.0 ( 3.00x /  2.80x)" in static
+    assert any(line.startswith("routed 4 +router") and "500.0" in line and "400.0" in line for line in out)
+    assert any(line.startswith("sites pf bulk o k=2") and "( 1.25x /  3.75x)" in line for line in out)
