@@ -236,12 +236,12 @@ stage() {
         --hbs 1,64 --warps 4,8,16 --cols 0 --tokens 1 \
         --inputs "smollm2 qkv/gate-up (rms_norm, 576);smollm2 down (silu_mul, 1536);smollm2 o (576)" ;;
     sites)
-      run_stage sites 1200 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-package --sites \
-        --sites-configs "$SITES_CONFIGS" --out "$RES/sites"
       # its own process (inline PTX of L2 requests, never run on a GPU before: a fault there ends only this one),
-      # the default site stack again beside it
+      # the default site stack beside it; first: the shortest
       run_stage sites_prefetch 600 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-package --no-routed \
         --sites --sites-prefetch --out "$RES/sites_prefetch"
+      run_stage sites 1200 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-package --sites \
+        --sites-configs "$SITES_CONFIGS" --out "$RES/sites"
       # after the timings: compiling these took 5-7 minutes on an H100 (2026-12-05)
       run_stage sites_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_triton_bitplane.py \
         tests/kernels/test_l2_prefetch.py -k "site_bits or reduce_launch_matches or router_in_launch or l2_prefetch" ;;
