@@ -248,7 +248,7 @@ def view_buffers(tb, bp, k, x, cfg):
     words and its step/zero words (the fragment kernel's pack where that kernel serves the launch: its words and the
     view's steps; its zero points, 1/4 of the steps' bytes, are left out)."""
     p = tb.planes_of_views(bp.slice_bits)[k - 1]
-    if tb._fragment_wanted(cfg or tb.SmallConfig(), bp, k) and tb._fragment_ok(bp, x):
+    if tb.fragment_serves(cfg, bp, k, x):  # the package's own choice of kernel for this launch
         from mobiquant.kernels.gluon_fragment import fragment_of
 
         fp = fragment_of(bp)

@@ -28,7 +28,9 @@ BLOCK = 512
 
 @triton.jit
 def _request(base_ptr, offs, size, BULK: tl.constexpr, ASM: tl.constexpr):
-    """Ask L2 for the bytes at ``base_ptr + offs`` (a line, or ``size`` bytes in bulk); nothing waits on it."""
+    """Ask L2 for the bytes at ``base_ptr + offs`` (a line, or ``size`` bytes in bulk); nothing waits on it. The line
+    request is ``triton_router._prefetch_l2``'s with the ``evict_last`` priority: these lines must outlive the
+    launches streaming past them before their reader comes."""
     if ASM:
         if BULK:
             tl.inline_asm_elementwise(

@@ -3313,6 +3313,12 @@ def _fragment_ok(bp: BitPlanes, x2: torch.Tensor) -> bool:
     return fragment_supported(bp.slice_bits, bp.group_size, bp.in_features) and fragment_device_ok(x2.device)
 
 
+def fragment_serves(cfg: SmallConfig | None, bp: BitPlanes, ksel: int | None, x2: torch.Tensor) -> bool:
+    """Whether a one-token launch of view ``ksel`` (None or 0: a view on the device) of ``bp`` with config ``cfg``
+    (None: the defaults) goes to the fragment kernel: asked for by the config and servable here."""
+    return _fragment_wanted(cfg or SmallConfig(), bp, ksel) and _fragment_ok(bp, x2)
+
+
 def _router_of(ks: Sequence) -> InLaunchRouter | None:
     """The in-launch router of a launch's ``k``s (None: none, or static views)."""
     return ks[0].router if isinstance(ks[0], RoutedK) else None
@@ -3339,7 +3345,7 @@ def bitplane_linear_bits(
     ksel, k_t, v_t, tau_t, kvals = _bits_k(k, x2, len(bp.slice_bits))
     router = _router_of([k])
     cfg = config or SmallConfig()
-    if router is None and _fragment_wanted(cfg, bp, ksel) and _fragment_ok(bp, x2):
+    if router is None and fragment_serves(cfg, bp, ksel, x2):
         from .gluon_fragment import fragment_linear, fragment_of
 
         if kvals:  # the router's gate values: counted by the kernel
@@ -3436,7 +3442,7 @@ def bitplane_site_bits(
     ksel, k_t, v_t, _, kvals = resolved[0]
     cfg = config or SmallConfig()
     whole = all(n % 128 == 0 for n in site.outs)  # the pack's rows are then the output columns
-    if ksel and whole and _fragment_wanted(cfg, bp, ksel) and _fragment_ok(bp, x2):
+    if ksel and whole and fragment_serves(cfg, bp, ksel, x2):
         from .gluon_fragment import fragment_linear, fragment_of  # one static view: the layers as one
 
         return fragment_linear(x2, fragment_of(bp), ksel, site.bias, out, cap=cfg.fragment_cap, tma=cfg.fragment_tma)
