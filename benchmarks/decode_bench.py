@@ -264,12 +264,14 @@ PREFETCH_PLANS = {
 }
 
 
-def q_step_sites(tb, layers, h, static_k=None, in_launch=False, prefetch=None):
+def q_step_sites(tb, layers, h, static_k=None, in_launch=False, prefetch=None, sublayer=False):
     """One token through the quantized stack as the package's decode path launches it: one launch a site (q/k/v;
     gate/up: ``bitplane_site_bits``), the residual adds in the o and down launches' epilogue (the residual is the
     launch's bias at one token); each site's ``k`` from its router (``in_launch``: the router run by the site's own
     launch), or ``static_k`` (an int). ``prefetch``: ``(mode, plan)``, a static view's later weights asked of L2 by
-    ``mobiquant.kernels.l2_prefetch.prefetch_l2`` (mode 'line' or 'bulk') as ``PREFETCH_PLANS[plan]`` says."""
+    ``mobiquant.kernels.l2_prefetch.prefetch_l2`` (mode 'line' or 'bulk') as ``PREFETCH_PLANS[plan]`` says.
+    ``sublayer``: router placement 'sublayer' (``MoBiConfig.router_placement``): o takes the q/k/v router's ``k`` and
+    down the gate/up router's, two router launches a layer instead of four."""
     cfg = QLinear.small_config
     if prefetch is not None:
         from mobiquant.kernels.l2_prefetch import prefetch_l2
@@ -294,13 +296,15 @@ def q_step_sites(tb, layers, h, static_k=None, in_launch=False, prefetch=None):
 
         kq = route("qkv", h)
         a = tb.bitplane_site_bits(h, L["s_qkv"], [kq] * 3, config=cfg)[:, :D]
-        h2 = tb.bitplane_linear_bits(a, L["o"].bits(), route("o", a), bias=h.reshape(-1), config=cfg)
+        ko = kq if sublayer else route("o", a)
+        h2 = tb.bitplane_linear_bits(a, L["o"].bits(), ko, bias=h.reshape(-1), config=cfg)
         kg = route("gu", h2)
         gu = tb.bitplane_site_bits(h2, L["s_gu"], [kg] * 2, config=cfg)
         m = F.silu(gu[:, :FF]) * gu[:, FF:]
         if prefetch is not None and prefetch[1] == "o+qkv":
             ask(layers[(i + 1) % len(layers)]["s_qkv"].planes, h2)
-        h = tb.bitplane_linear_bits(m, L["down"].bits(), route("down", m), bias=h2.reshape(-1), config=cfg)
+        kd = kg if sublayer else route("down", m)
+        h = tb.bitplane_linear_bits(m, L["down"].bits(), kd, bias=h2.reshape(-1), config=cfg)
     return h
 
 
@@ -764,10 +768,9 @@ def print_sites(rows, t16, t16s):
         if r["mode"].startswith("sites k="):
             k = r["mode"].split("=", 1)[1]
             name, other = f"static k={k}", by.get(f"static k={k}@{r['budget']}")
-        elif r["mode"] in ("routed sites", "routed sites+router"):
+        elif r["mode"] in ("routed sites", "routed sites+router", "routed sites sublayer"):
             name, other = f"routed {r['budget']:.0f}", by.get(f"routed@{r['budget']}")
-            if r["mode"].endswith("router"):
-                name += " +router"
+            name += {"routed sites+router": " +router", "routed sites sublayer": " sublayer"}.get(r["mode"], "")
         else:
             continue
         print(f"{name:16s} {r['achieved_bits']:5.2f} {cell(other)} {cell(r)}")
@@ -1050,7 +1053,7 @@ def main(argv=None):
             for r in ("qkv", "o", "gu", "down"):
                 L["r_" + r].set_budget(budget)
         # achieved bits on the timed tokens (parameter-weighted over linears), measured outside the graph
-        tot_bits = tot_par = 0.0
+        tot_bits = tot_par = sub_bits = 0.0  # sub_bits: o and down at the q/k/v and gate/up views ('sublayer')
         ks = {}
         mismatch = 0
 
@@ -1075,6 +1078,7 @@ def main(argv=None):
                 for name, kk in (("q", kq), ("k", kq), ("v", kq), ("o", ko), ("gate", kg), ("up", kg), ("down", kd)):
                     o, i = shapes[name]
                     tot_bits += view_bits(kk) * o * i
+                    sub_bits += view_bits({"o": kq, "down": kg}.get(name, kk)) * o * i
                     tot_par += o * i
                     ks[kk] = ks.get(kk, 0) + 1
         achieved = tot_bits / tot_par
@@ -1101,6 +1105,12 @@ def main(argv=None):
             inl_step = lambda ls, x, static_k=None: q_step_sites(tb, ls, x, in_launch=True)  # noqa: E731
             t, why = time_stack(q_layers, xs, step=inl_step)
             add("routed sites+router", budget, t, nb, achieved=achieved, why=why)
+            # placement 'sublayer': o and down on the decisions of q/k/v's and gate/up's routers (8 router launches a
+            # token, not 16); its bits differ from the row's above (the tokens' views at o and down are others')
+            sub_step = lambda ls, x, static_k=None: q_step_sites(tb, ls, x, sublayer=True)  # noqa: E731
+            t, why = time_stack(q_layers, xs, step=sub_step)
+            nb_sub = nb + (sub_bits - tot_bits) / 8 / STEPS
+            add("routed sites sublayer", budget, t, nb_sub, achieved=sub_bits / tot_par, why=why)
         if bits_cfg is not None:
             t, why = time_stack(q_layers, xs, cfg=bits_cfg)
             add("routed bitpl", budget, t, nb, achieved=achieved, why=why)

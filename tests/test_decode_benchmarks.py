@@ -612,6 +612,16 @@ def test_site_stack_computes_the_per_linear_stack(monkeypatch, capsys):
         routed = db.q_step_sites(tb, layers, x)
         assert close(db.q_step(layers, x), routed)
         assert torch.equal(db.q_step_sites(tb, layers, x, in_launch=True), routed)
+        sub = db.q_step_sites(tb, layers, x, sublayer=True)  # o and down on the q/k/v and gate/up routers' k
+        own = {r: layer["r_" + r] for r in ("qkv", "o", "gu", "down")}
+        seen: dict = {}
+        layer["r_qkv"] = lambda inp: seen.setdefault("q", own["qkv"](inp))
+        layer["r_gu"] = lambda inp: seen.setdefault("g", own["gu"](inp))
+        layer["r_o"], layer["r_down"] = (lambda inp: seen["q"]), (lambda inp: seen["g"])
+        try:
+            assert torch.equal(db.q_step_sites(tb, layers, x), sub)
+        finally:
+            layer.update({"r_" + r: v for r, v in own.items()})
     with pytest.raises(ValueError, match="static view's buffers"):
         db.q_step_sites(tb, layers, x, prefetch=("line", "o"))
     rows = [
@@ -619,6 +629,7 @@ def test_site_stack_computes_the_per_linear_stack(monkeypatch, capsys):
         dict(mode="sites k=2", budget=4.0, achieved_bits=4.0, us_per_token=250.0),
         dict(mode="routed", budget=4.0, achieved_bits=3.9, us_per_token=500.0),
         dict(mode="routed sites+router", budget=4.0, achieved_bits=3.9, us_per_token=400.0),
+        dict(mode="routed sites sublayer", budget=4.0, achieved_bits=3.8, us_per_token=375.0),
         dict(mode="sites pf bulk o k=2", budget=4.0, achieved_bits=4.0, us_per_token=200.0),
     ]
     capsys.readouterr()
@@ -627,4 +638,5 @@ def test_site_stack_computes_the_per_linear_stack(monkeypatch, capsys):
     static = next(line for line in out if line.startswith("static k=2"))
     assert "300.0 ( 2.50x /  2.33x)" in static and "250.0 ( 3.00x /  2.80x)" in static
     assert any(line.startswith("routed 4 +router") and "500.0" in line and "400.0" in line for line in out)
+    assert any(line.startswith("routed 4 sublayer") and " 3.80 " in line and "375.0 ( 2.00x" in line for line in out)
     assert any(line.startswith("sites pf bulk o k=2") and "( 1.25x /  3.75x)" in line for line in out)

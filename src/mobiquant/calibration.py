@@ -45,6 +45,7 @@ from .patching import (
     find_blocks,
     fit_budget_thresholds,
     quantize_block,
+    router_homes,
     static_k_for_bits,
 )
 from .quant.config import MoBiConfig
@@ -794,13 +795,15 @@ def _fit_block_thresholds(block: nn.Module, x: torch.Tensor, kwargs, cfg: CalibC
         r = m.router
         if r is None:
             continue
+        m.set_static(m.num_slices)
+        if not m.router_home:  # a borrower's input is not the router's
+            continue
 
         def hook(mod, args, r=r):
             if not acts[id(r)] or acts[id(r)][-1] is not args[0]:
                 acts[id(r)].append(args[0])
 
         hooks.append(m.register_forward_pre_hook(hook))
-        m.set_static(m.num_slices)
     try:
         run_block_batched(block, x, kwargs, cfg.batch_size)
     finally:
@@ -1141,6 +1144,7 @@ def calibrate_model(
         state = _CalibState(state_dir, mobi, cfg, calib_ids, base_fingerprint(model))
     t_start = time.perf_counter()
     sites = _unpatch(model) or discover_sites(model, mobi)
+    homes = router_homes(model, sites, mobi)  # placement 'sublayer': the linears that borrow their router's decisions
     _, blocks = find_blocks(model)
     device = next(model.parameters()).device
     hidden = int(getattr(getattr(model, "config", None), "hidden_size", 0) or 0)
@@ -1175,7 +1179,7 @@ def calibrate_model(
         with moments.attached(block):
             fp_y = run_block_batched(block, fp_x, kwargs, cfg.batch_size)
         torch.manual_seed(cfg.seed * 1_000_003 + i)  # router init: the same whether resumed or not
-        quantize_block(block, sites[i], mobi)
+        quantize_block(block, sites[i], mobi, None if homes is None else homes[i])
         if state is not None and state.has(i):
             state.load(i, block)
             report = state.report(i)

@@ -108,10 +108,14 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def quantize_block(block: nn.Module, block_sites: list[list[str]], cfg: MoBiConfig) -> nn.Module:
-    """Replace the linears named in ``block_sites`` by fake-quant ``MoBiLinear``s, one router per site."""
+def quantize_block(
+    block: nn.Module, block_sites: list[list[str]], cfg: MoBiConfig, homes: list[list[bool]] | None = None
+) -> nn.Module:
+    """Replace the linears named in ``block_sites`` by fake-quant ``MoBiLinear``s, one router per site.
+    ``homes`` (per site, per linear): False where the linear borrows the router's decisions on the input of the
+    site's first linear (placement 'sublayer'); None: every linear reads the router's input."""
     routers_ = nn.ModuleDict()
-    for group in block_sites:
+    for gi, group in enumerate(block_sites):
         first = block.get_submodule(group[0])
         router = None
         if len(cfg.slice_bits) > 1 and cfg.routers:
@@ -132,6 +136,9 @@ def quantize_block(block: nn.Module, block_sites: list[list[str]], cfg: MoBiConf
             )
             q.attach_router(router)
             q.site = site_key(group)
+            q.router_home = True if homes is None else bool(homes[gi][group.index(name)])
+            if router is not None and not q.router_home:
+                router.has_borrowers = True
             _set_submodule(block, name, q)
     setattr(block, ROUTERS_ATTR, routers_)
     return block
@@ -147,7 +154,31 @@ def discover_sites(model: nn.Module, cfg: MoBiConfig) -> list[list[list[str]]]:
         raise ValueError("every linear of the model was skipped: nothing to quantize (check `skip`)")
     if cfg.router_placement == "linear" or len(cfg.slice_bits) == 1:
         return [[[n] for n in names] for names in names_per_block]
-    return trace_model_sites(model, names_per_block)
+    traced = trace_model_sites(model, names_per_block)
+    if cfg.router_placement == "sublayer":
+        return [[[n for site in group for n in site] for group in block] for block in sublayer_pairs(traced)]
+    return traced
+
+
+def sublayer_pairs(traced: list[list[list[str]]]) -> list[list[list[list[str]]]]:
+    """Per block, the input sites that share a router under placement 'sublayer': in a block of four input sites in
+    forward order (attention input, attention output, MLP input, MLP output: LLaMA's q/k/v, o, gate/up, down) the
+    first and second, and the third and fourth (sites in the order the block registers its linears, which is
+    LLaMA's forward order); any other block keeps one router per site."""
+    return [[b[0:2], b[2:4]] if len(b) == 4 else [[site] for site in b] for b in traced]
+
+
+def router_homes(model: nn.Module, sites: list[list[list[str]]], cfg: MoBiConfig) -> list[list[list[bool]]] | None:
+    """Per block, per router site, per linear: whether the linear reads the router's own input (the input of the
+    site's first linear, found by tracing ``model`` before it is quantized); None unless placement 'sublayer'."""
+    if cfg.router_placement != "sublayer" or len(cfg.slice_bits) == 1:
+        return None
+    traced = trace_model_sites(model, [[n for group in block for n in group] for block in sites])
+    homes = []
+    for block, inputs in zip(sites, traced, strict=True):
+        site_of = {n: i for i, site in enumerate(inputs) for n in site}
+        homes.append([[site_of[n] == site_of[group[0]] for n in group] for group in block])
+    return homes
 
 
 def quantize_model(
@@ -163,8 +194,9 @@ def quantize_model(
     _, blocks = find_blocks(model)
     if sites is None:
         sites = discover_sites(model, cfg)
+    homes = router_homes(model, sites, cfg)
     for bi, block in enumerate(blocks):
-        quantize_block(block, sites[bi], cfg)
+        quantize_block(block, sites[bi], cfg, None if homes is None else homes[bi])
     model.mobiquant_config = cfg
     model.mobiquant_sites = sites
     return model
@@ -214,7 +246,7 @@ def fuse_sites(model: nn.Module, enable: bool = True) -> int:
     by_router: dict[int, list[MoBiLinear]] = {}
     for _, m in mobi_linears(model):
         object.__setattr__(m, "_site_group", None)
-        if m.router is not None:
+        if m.router is not None and m.router_home:  # a borrower reads another input: its own launch
             by_router.setdefault(id(m.router), []).append(m)
     groups = 0
     if not enable:
@@ -372,7 +404,7 @@ def calibrate_thresholds(model: nn.Module, batches: Iterable[torch.Tensor], max_
     hooks = []
     for _name, lin in mobi_linears(model):
         r = lin.router
-        if r is None:
+        if r is None or not lin.router_home:  # a borrower's input is not the router's
             continue
         rid = str(id(r))
         if rid in acts:

@@ -355,3 +355,38 @@ def test_a_router_whose_linears_are_all_fixed_runs_in_no_launch(monkeypatch, cap
         assert named[odd][1].mode == "routed"
     finally:
         fuse_inputs(model, enable=False)
+
+
+def test_sublayer_routers_run_only_in_the_norm_launches(monkeypatch):
+    """Router placement 'sublayer': with fused inputs, each layer's two routers run in the launches of its two norms
+    and o and down read the decisions made there: a one-token forward launches no router of its own, and its logits
+    are the unfused model's at two budgets."""
+    model = tiny_llama(seed=0)[0]
+    mq.quantize_model(model, mq.MoBiConfig(group_size=32, router_hidden=8, router_placement="sublayer"))
+    g = torch.Generator().manual_seed(100)
+    mq.calibrate_thresholds(model, [torch.randint(0, 257, (4, 32), generator=g) for _ in range(2)])
+    mq.freeze(model)
+    model = model.to(DEVICE).eval()
+    for _, r in routers(model):
+        r.backend = "triton"
+    x = torch.tensor([[5]], device=DEVICE)
+    refs = {}
+    for b in (3.5, 5.5):
+        set_budget(model, b)
+        with torch.no_grad():
+            refs[b] = model(input_ids=x).logits
+    layers = model.model.layers
+    assert fuse_inputs(model) == 3 * len(layers) + 1
+    fused = {n: m for n, m in model.named_modules() if isinstance(m, (FusedRMSNorm, FusedGatedMLP))}
+    for m in fused.values():
+        m.backend = "triton"
+    launches = []
+    real = kernels.fused_router
+    monkeypatch.setattr(kernels, "fused_router", lambda *a, **k: (launches.append(1), real(*a, **k))[1])
+    for b, logits in refs.items():
+        set_budget(model, b)
+        launches.clear()
+        with torch.no_grad():
+            out = model(input_ids=x).logits
+        assert launches == []  # o and down borrow; q/k/v and gate/up were routed by their norms' launches
+        torch.testing.assert_close(out, logits, rtol=1e-5, atol=1e-5)

@@ -35,7 +35,8 @@ def _routes(router: TokenRouter | None, consumer: Any) -> bool:
     linear, not training, thresholds not being fitted, views not all fixed by their thresholds (``router.fixed``: the
     decisions are then a constant buffer). An unquantized consumer (nn.Linear) has no mode."""
     routed = getattr(consumer, "mode", None) == "routed" and not consumer.training
-    return router is not None and routed and router.recorder is None and not router.fixed
+    own = getattr(consumer, "router_home", True)  # a borrower's router decides on another input (placement 'sublayer')
+    return router is not None and routed and own and router.recorder is None and not router.fixed
 
 
 def _compiled_away(router: TokenRouter | None, consumer: Any) -> bool:

@@ -98,6 +98,9 @@ class MoBiLinear(nn.Module):
         self.pair_k: int | None = None  # set with fixed_k: the lower of the two views the tokens choose from
         self.track = False
         self.k_counts = torch.zeros(self.num_slices, dtype=torch.float64)
+        # False: this linear borrows its router's decisions on another input, that of the router's home linears
+        # (router placement 'sublayer': o takes the decisions made on q/k/v's input, down those on gate/up's)
+        self.router_home = True
         self._view_cache: dict[Any, torch.Tensor] = {}  # view k (compute dtype), or (k, dtype) (dense_view)
         # While set (calibration's per-view pair tuning, calibration.ViewPairTuning), a packed layer computes
         # ``x W^T + bias`` with ``W = weight_override()``, a differentiable weight, instead of its stored view.
@@ -352,6 +355,9 @@ class MoBiLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        router = self._router
+        if router is not None and router.has_borrowers:  # the borrowers' input, recorded as the home linears run:
+            return self._forward_opaque(x)  # kept out of a compiled trace, which would not record it
         if torch.compiler.is_compiling():  # decode's cuda_graph='compile': a CPU int4 view is traced with the rest
             y = self._traced_int4(x)
             if y is not None:
@@ -380,7 +386,7 @@ class MoBiLinear(nn.Module):
                 return None
             assert router is not None
             tau = router.tau if self.route_tau is None else self.route_tau
-            up = router.gate_values(router.scores(x2))[:, j - 1] > tau
+            up = router.gate_values(router.scores(x2))[:, j - 1] > tau  # (a router with borrowers: never traced)
             y = torch.where(up[:, None], views.matmul(x2, j + 1), views.matmul(x2, j))
         y = y.reshape(*x.shape[:-1], self.out_features)
         bias = self._buffers.get("bias")
@@ -408,6 +414,9 @@ class MoBiLinear(nn.Module):
     # code between these calls and captures them in its graph)
     @torch.compiler.disable
     def _forward_opaque(self, x: torch.Tensor) -> torch.Tensor:
+        router = self._router
+        if router is not None and router.has_borrowers and self.router_home:
+            router.see_home(x)
         if self.weight_override is not None:
             return F.linear(x, self.weight_override().to(x.dtype), self.bias)
         if self.packed:
@@ -429,7 +438,7 @@ class MoBiLinear(nn.Module):
             self._count(self.static_k, n_tokens)
             return F.linear(x, w.to(x.dtype), self.bias)
         views = self.fake_views()
-        gates, _ = self._router.gates(x, self.target_bits)
+        gates, _ = self._router.gates(self._router_input(x), self.target_bits)
         y = F.linear(x, views[0].to(x.dtype), self.bias)
         for e in range(1, self.num_slices):
             delta = (views[e] - views[e - 1]).to(x.dtype)
@@ -455,6 +464,7 @@ class MoBiLinear(nn.Module):
 
         router = self._router
         assert router is not None  # routed mode only
+        x = self._router_input(x)  # the router decides on its own input (a borrower's differs: 'sublayer')
         rec = router.recorder
         budget = None if rec is None else rec.budget(self)
         if budget is not None:  # threshold fitting: this batch's quantile for this linear's budget
@@ -469,13 +479,21 @@ class MoBiLinear(nn.Module):
             from ..kernels.triton_bitplane import RoutedK
 
             cfg = getattr(self, "small_config", None)
-            launch = router.in_launch(x) if cfg is not None and cfg.router_in_launch else None
+            in_launch = cfg is not None and cfg.router_in_launch and self.router_home  # a borrower's GEMV reads
+            launch = router.in_launch(x) if in_launch else None  # another input than the router's
             if launch is not None:  # the router runs in the GEMV's own launch (its site's, with fuse_sites)
                 return RoutedK(launch[0], own, launch[1])
             return RoutedK(router.gate_values_of(x), own)
         if self.route_tau is None:
             return router.slice_counts(x)
         return router.slice_counts_at(x, self.route_tau)
+
+    def _router_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input this linear's router decides on: ``x``, or for a borrower (``router_home`` False) the input its
+        router's home linears last saw (:meth:`TokenRouter.home_input`, which checks that it holds ``x``'s tokens)."""
+        if self.router_home or self._router is None:
+            return x
+        return self._router.home_input(x)
 
     def _fixed_view(self) -> int | None:
         """The view every token takes when the budget fixed this routed layer's router (its thresholds lie between

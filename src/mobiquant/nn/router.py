@@ -179,6 +179,8 @@ class TokenRouter(nn.Module):
     tau_table: torch.Tensor
     _fixed: bool = False  # see ``fixed`` (a class default for routers pickled before it existed)
     _fixed_buf: dict | None = None
+    has_borrowers: bool = False  # see __init__ (class defaults for routers pickled before placement 'sublayer')
+    _home: weakref.ref | None = None
     _host_table: tuple | None = None  # (stamp, (bits, taus)): the table on the host, see :meth:`host_table`
     _host_tau: tuple | None = None  # (stamp, value): the threshold on the host, see :meth:`tau_value`
 
@@ -233,6 +235,31 @@ class TokenRouter(nn.Module):
         # of a step whose routers are fixed.
         self._fixed = False
         self._fixed_buf = None  # (shape, device) -> buffer of fixed_values
+        # Placement 'sublayer' (MoBiConfig.router_placement): linears of a later input (o after q/k/v, down after
+        # gate/up) take this router's decisions on the input of its home linears, which record it as they run
+        # (:meth:`see_home`; held weakly: the sublayer's forward keeps it alive while its later linears run).
+        self.has_borrowers = False
+        self._home: weakref.ref | None = None
+
+    def see_home(self, x: torch.Tensor) -> None:
+        """Record ``x``, the input of a linear that reads this router's own input (placement 'sublayer')."""
+        self._home = weakref.ref(x)
+
+    def home_input(self, like: torch.Tensor) -> torch.Tensor:
+        """The input this router decides on, for a linear that borrows its decisions: the last input its home
+        linears saw, which must still be alive and hold the same tokens as ``like`` (the borrower's input)."""
+        home = None if self._home is None else self._home()
+        if home is None:
+            raise RuntimeError(
+                "a linear that borrows its router's decisions (router placement 'sublayer') ran before the linears "
+                "that read the router's input, or after that input was freed: run the sublayer's forward in order"
+            )
+        if home.shape[:-1] != like.shape[:-1]:
+            raise RuntimeError(
+                f"the router's input holds tokens of shape {tuple(home.shape[:-1])}, the borrowing linear's input "
+                f"{tuple(like.shape[:-1])}: its home linears last ran on another batch"
+            )
+        return home
 
     @property
     def fixed(self) -> bool:
@@ -474,7 +501,7 @@ class TokenRouter(nn.Module):
         """Pickled without its host copies and per-input caches (they hold weak references; both are rebuilt)."""
         state = dict(self.__dict__)
         state.update(_host_table=None, _host_tau=None, _cache=None, _values=None, _tail=None, _launch=None)
-        state.update(last_soft=None)
+        state.update(last_soft=None, _home=None)
         return state
 
     @staticmethod

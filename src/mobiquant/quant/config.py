@@ -11,6 +11,10 @@ from .slicer import check_anchor_bits, check_slice_bits
 __all__ = ["MoBiConfig"]
 
 
+#: Where routers sit (:attr:`MoBiConfig.router_placement`).
+PLACEMENTS = ("site", "linear", "sublayer")
+
+
 @dataclass
 class MoBiConfig:
     """Everything that shapes a MoBiQuant model (saved with every checkpoint)."""
@@ -19,7 +23,9 @@ class MoBiConfig:
     group_size: int = 128
     lwc_init: float | None = 4.0
     router_hidden: int = 64
-    router_placement: str = "site"  # "site": one router per shared input; "linear": one per linear
+    # "site": one router per shared input; "linear": one per linear; "sublayer": one per sublayer (attention, MLP):
+    # the router of its first input (q/k/v's; gate/up's) also decides for the sublayer's later linear (o; down)
+    router_placement: str = "site"
     router_temperature: float = 1.0
     router_policy: str = "free"  # "free": any number of slices per token; "adjacent": the two views around the budget
     routers: bool = True  # False: multi-slice weights without routers (static views only, e.g. matryoshka)
@@ -33,8 +39,8 @@ class MoBiConfig:
     def __post_init__(self):
         self.slice_bits = tuple(check_slice_bits(self.slice_bits))
         self.anchor_bits = check_anchor_bits(self.anchor_bits, self.slice_bits)
-        if self.router_placement not in ("site", "linear"):
-            raise ValueError(f"router_placement must be 'site' or 'linear', got {self.router_placement!r}")
+        if self.router_placement not in PLACEMENTS:
+            raise ValueError(f"router_placement must be one of {PLACEMENTS}, got {self.router_placement!r}")
         from ..nn.router import POLICIES  # the router owns its policies; imported late (nn imports quant)
 
         if self.router_policy not in POLICIES:
