@@ -57,8 +57,9 @@
 #            launches) beside the per-linear stack, fp16 per linear and fp16 with one cuBLAS GEMV a site and its
 #            residual adds in cuBLAS (addmm); the site stack with a later launch's weights asked of L2 during the
 #            latency-bound launches (--sites-prefetch); under $SITES_CONFIGS; routed sites with the router in the
-#            launch; then the GPU tests of the site launches, the reduce launch, the router in the launch and the L2
-#            requests
+#            launch, and with router placement 'sublayer' (o and down on the q/k/v and gate/up routers' k: 8 router
+#            launches a token instead of 16); then the GPU tests of the site launches, the reduce launch, the router
+#            in the launch and the L2 requests
 #   package  (only when named) the 8B-shaped stack inside a Hugging Face model patched by the package: its decode path
 #            (captured graphs, one launch per router site, fused inputs) against the same model in fp16
 #   kernels  single linears, one token, graph-replayed: stream-K and whole-K with and without pdl / l2_prefetch /

@@ -8,6 +8,9 @@ input. Checked on the tiny random LLaMA: the structure (and its round trip throu
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import pytest
 import torch
 
@@ -47,17 +50,18 @@ def test_two_routers_a_block_and_which_linears_borrow():
         assert attn.q_proj.router.has_borrowers and mlp.gate_proj.router.has_borrowers
 
 
-def record_k(model):
-    """Each routed linear's slice counts in the next forward, by name."""
+def forward_k(model, ids) -> dict[str, torch.Tensor]:
+    """Each routed linear's slice counts in a forward of ``ids``, by name."""
     seen: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name, m in mobi_linears(model):
 
-        def hook(mod, args, out, name=name):
-            seen[name] = mod._routed_k(args[0]).clone()
+    def hook(mod, args, out, name):
+        seen[name] = mod._routed_k(args[0]).clone()
 
-        hooks.append(m.register_forward_hook(hook))
-    return seen, hooks
+    with contextlib.ExitStack() as handles, torch.no_grad():
+        for name, m in mobi_linears(model):
+            handles.enter_context(m.register_forward_hook(functools.partial(hook, name=name)))
+        model(input_ids=ids)
+    return seen
 
 
 @pytest.mark.parametrize("policy", ["free", "adjacent"])
@@ -68,13 +72,7 @@ def test_a_borrower_takes_its_home_decisions_at_every_budget(policy):
     ids = batches(1, seed=7, batch=2, seqlen=12)[0]
     for budget in (3.0, 4.5, 6.0):
         mq.set_budget(model, budget)
-        seen, hooks = record_k(model)
-        try:
-            with torch.no_grad():
-                model(input_ids=ids)
-        finally:
-            for h in hooks:
-                h.remove()
+        seen = forward_k(model, ids)
         for i in range(2):
             p = f"model.layers.{i}."
             assert torch.equal(seen[p + "self_attn.o_proj"], seen[p + "self_attn.q_proj"])
