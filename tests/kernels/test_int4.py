@@ -265,3 +265,45 @@ def test_a_host_known_view_traces_into_a_compiled_graph():
         m.track = False
         m.set_static(3)
         assert m._traced_int4(x) is None  # view 3's packs are not built yet
+
+
+def test_tokens_between_two_views_take_both_without_a_host_read(monkeypatch):
+    """A prompt of a few tokens whose views lie between ``j`` and ``j + 1`` (the adjacent policy, its threshold in a
+    band: ``MoBiLinear.pair_k``, set by decode's budget) runs both views on every row and takes each token's: the
+    grouped path's outputs, and no host read of the token counts (``torch.bincount``, the grouping's read)."""
+    from mobiquant import kernels
+
+    m = packed_layer(576, 192, (3, 1, 1, 1, 1, 1), True)
+    x = torch.randn(4, 576).bfloat16()
+    planes = [m.plane(e) for e in range(m.num_slices)]
+    args = (x, planes, m.scale, m.zero, m.slice_bits, 128, torch.tensor([2, 3, 3, 2]), m.bias)
+    with torch.no_grad():
+        grouped = kernels.bitplane_linear(*args, weight=m.dequantized, matmul=m.int4_views().matmul)
+        monkeypatch.setattr(torch, "bincount", lambda *a, **k: pytest.fail("the pair path read the counts"))
+        both = kernels.bitplane_linear(*args, weight=m.dequantized, matmul=m.int4_views().matmul, pair=2)
+    assert rel_err(both, grouped.double()) < 1e-3  # the same views (the int4 op's row blocking may round apart)
+
+
+def test_a_prompt_of_an_adjacent_budget_decodes_as_grouped(monkeypatch):
+    """Through a patched model at a budget where the tokens choose between two views (decode's ``BudgetControl``
+    sets each linear's pair): the logits of a 4-token prompt in bf16 equal those of the grouped path."""
+    import mobiquant as mq
+    from mobiquant.tasks.decode import BudgetControl
+    from mobiquant.tiny import tiny_llama
+
+    model = tiny_llama(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)[0]
+    mq.quantize_model(model, mq.MoBiConfig(slice_bits=(3, 1, 1, 1, 1, 1), group_size=128, router_policy="adjacent"))
+    g = torch.Generator().manual_seed(100)
+    mq.calibrate_thresholds(model, [torch.randint(0, 257, (4, 32), generator=g) for _ in range(2)])
+    mq.freeze(model)
+    model = model.to(torch.bfloat16)
+    BudgetControl.of(model).apply(4.5)
+    lins = [m for m in model.modules() if isinstance(m, MoBiLinear)]
+    assert any(m.pair_k is not None for m in lins)
+    ids = torch.randint(0, 257, (1, 4), generator=g)
+    with torch.no_grad():
+        pairs = model(input_ids=ids).logits
+        for m in lins:
+            m.pair_k = None
+        grouped = model(input_ids=ids).logits
+    assert rel_err(pairs, grouped.double()) < 1e-3

@@ -187,13 +187,16 @@ def _torch_linear(
     bias: torch.Tensor | None,
     n_out: int,
     matmul: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+    pair: int | None = None,
 ) -> torch.Tensor:
     """``x W_k^T + bias`` with dense views ``weight(k)``, or ``matmul(rows [M, in], k)`` giving ``rows W_k^T`` (e.g.
     :class:`.int4.Int4Views`); per-token ``k`` by grouping tokens of equal ``k``.
 
     Per-token ``k`` costs one host read (the token count of each ``k``): tokens that all take one view run in
     one matmul; otherwise they are sorted by ``k`` once, each view multiplies its contiguous run of rows, and
-    one scatter puts the rows back."""
+    one scatter puts the rows back. ``pair`` ``j`` (with ``matmul``: a few tokens): every ``k`` is ``j`` or
+    ``j + 1`` (the adjacent policy's threshold inside a band), so both views multiply every row and each token
+    takes its own: no host read."""
 
     def linear(rows: torch.Tensor, kk: int) -> torch.Tensor:
         if matmul is None:
@@ -209,6 +212,10 @@ def _torch_linear(
         raise ValueError(f"k has {flat_k.numel()} entries for {flat_x.shape[0]} tokens")
     if flat_k.numel() == 0:
         return x.new_empty(*x.shape[:-1], n_out)
+    if pair is not None and matmul is not None:
+        up = (flat_k > pair)[:, None]
+        y = torch.where(up, linear(flat_x, pair + 1), linear(flat_x, pair))
+        return y.reshape(*x.shape[:-1], n_out)
     counts = torch.bincount(flat_k).tolist()  # the one host read
     present = [(kk, n) for kk, n in enumerate(counts) if n]
     if len(present) == 1:
@@ -236,6 +243,7 @@ def bitplane_linear(
     backend: str = "auto",
     weight: Callable[[int], torch.Tensor] | None = None,
     matmul: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+    pair: int | None = None,
     **kwargs,
 ) -> torch.Tensor:
     """``x W_k^T + bias`` from the first ``k`` bit-planes (``k``: an int, per-token counts, or a
@@ -246,8 +254,9 @@ def bitplane_linear(
     ``backend``: see :func:`use_triton`. ``weight``, optional: ``k -> W_k`` (dense ``[out, in]``, e.g. a
     cached view) for the PyTorch path, which otherwise dequantizes the planes on every call
     (:func:`torch_reference`); ``matmul``, optional: ``(rows [M, in], k) -> rows W_k^T`` for that path instead of a
-    dense view (``MoBiLinear`` passes :class:`.int4.Int4Views`' for bf16 on the CPU). Extra keyword arguments go
-    to the Triton entry (``out``, ``small_config``, ``tile_config``, ``path``, ``packed``: e.g.
+    dense view (``MoBiLinear`` passes :class:`.int4.Int4Views`' for bf16 on the CPU); ``pair`` with it: every
+    per-token ``k`` is ``pair`` or ``pair + 1``, both views taken, no host read (:func:`_torch_linear`). Extra
+    keyword arguments go to the Triton entry (``out``, ``small_config``, ``tile_config``, ``path``, ``packed``: e.g.
     ``small_config=SmallConfig(bitplanes=True)`` runs one token in the one-bit plane kernel); the PyTorch path
     honours ``out``."""
     if use_triton(x, planes, backend):
@@ -262,7 +271,7 @@ def bitplane_linear(
         dense = weight or (
             lambda kk: dequantize_reference(planes, scale, zero, slice_bits, group_size, kk, x.shape[-1])
         )
-        y = _torch_linear(x, dense, k, bias, scale.shape[-2], matmul)
+        y = _torch_linear(x, dense, k, bias, scale.shape[-2], matmul, pair)
     out = kwargs.get("out")
     if out is not None:
         out.copy_(y.reshape(out.shape))

@@ -534,13 +534,15 @@ class MoBiLinear(nn.Module):
             k = self._routed_k(x, in_kernel=extra.get("path") == "bits" and not self.track)
         self._count(k, n_tokens)
         planes = [self.plane(e) for e in range(self.num_slices)]
-        matmul = None
+        matmul = pair = None
         if int4_mm:  # (then no Triton entry was chosen above)
             views = self.int4_views()
             matmul = views.matmul  # int4 matmuls of the views (kernels.int4)
             j = self._token_pair()
             if j is not None and not x.is_cuda:  # both views' packs, for a compiled step to trace (_traced_int4)
                 views.parts(j), views.parts(j + 1)
+            if j is not None and not isinstance(k, int):  # a prompt's tokens between two views: both, no host read
+                pair = j
         buffers = self._buffers
         return kernels.bitplane_linear(
             x,
@@ -554,6 +556,7 @@ class MoBiLinear(nn.Module):
             backend=backend,
             weight=lambda kk: self.dense_view(kk, x.dtype),
             matmul=matmul,
+            pair=pair,
             **extra,
         )
 
