@@ -327,9 +327,9 @@ def graph_of(step_fn, xs):
 
 
 # ------------------------------------------------------------------------------------- package rows
-def package_models(layers, d, ff, kv, heads, vocab, device, dtype, seed=0, policy="free"):
+def package_models(layers, d, ff, kv, heads, vocab, device, dtype, seed=0, policy="free", placement="site"):
     """``(fp, quantized)``: a random LLaMA of these shapes, and a copy patched, calibrated and packed by the
-    package."""
+    package (router ``policy`` and ``placement``: ``MoBiConfig.router_policy`` / ``router_placement``)."""
     import copy
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -351,7 +351,8 @@ def package_models(layers, d, ff, kv, heads, vocab, device, dtype, seed=0, polic
         fp = LlamaForCausalLM(cfg).to(dtype).eval()
     fp.requires_grad_(False)
     q = copy.deepcopy(fp)
-    mcfg = mq.MoBiConfig(slice_bits=kb.SLICE_BITS, group_size=GROUP, router_hidden=HIDDEN, router_policy=policy)
+    routing = dict(router_hidden=HIDDEN, router_policy=policy, router_placement=placement)
+    mcfg = mq.MoBiConfig(slice_bits=kb.SLICE_BITS, group_size=GROUP, **routing)
     mq.quantize_model(q, mcfg)
     calib = [torch.randint(0, vocab, (4, 64), device=device, generator=torch.Generator(device).manual_seed(seed + 1))]
     mq.calibrate_thresholds(q, calib)
@@ -387,10 +388,10 @@ def timed_generate(model, prompt, new_tokens, graph, budget=None):
     return g, ev.summary()
 
 
-def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package", None),)):
+def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package", None),), budgets=None):
     """fp16, then for each ``(label, small_config)`` of ``kernels`` (``None``: the library's defaults; ``"sites"``:
     one launch per router site; ``"inputs"``: that and fused inputs, ``patching.fuse_inputs``, with an fp16 row
-    of the same fused kernels) the static views and the routed budgets (base bits .. all bits) through
+    of the same fused kernels) the static views and the routed ``budgets`` (default: base bits .. all bits) through
     ``mobiquant.tasks.decode.generate``."""
     import mobiquant as mq
     from mobiquant.patching import fuse_inputs, fuse_sites, set_small_config
@@ -458,7 +459,7 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package",
             bits = float(view_bits(k))
             rows.append(row(f"{label} static k={k}", bits, bits, t, how))
             print(f"{label} static k={k}: {t:.1f} us/token  x{t16 / t:.2f} (graph: {how})")
-        for budget in range(kb.SLICE_BITS[0], sum(kb.SLICE_BITS) + 1):
+        for budget in budgets or range(kb.SLICE_BITS[0], sum(kb.SLICE_BITS) + 1):
             # achieved bits of the decode tokens, counted eagerly (counting synchronises every step)
             g = generate(q, prompt, min(16, new_tokens), budget=float(budget), cuda_graph="off", track_bits=True)
             steps = g.achieved_bits[1:] or g.achieved_bits
@@ -468,7 +469,7 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package",
                 continue
             rows.append(row(f"{label} routed", float(budget), bits, t, how))
             print(
-                f"{label} routed budget {budget}: achieved {bits:.2f} bits, {t:.1f} us/token  x{t16 / t:.2f} "
+                f"{label} routed budget {budget:g}: achieved {bits:.2f} bits, {t:.1f} us/token  x{t16 / t:.2f} "
                 f"(graph: {how})"
             )
     set_small_config(q, None)
@@ -647,11 +648,23 @@ def print_table(rows, title):
         )
 
 
+def package_routers(args) -> dict:
+    """The package model's router settings from ``--package-policy`` and ``--package-placement``."""
+    return dict(policy=args.package_policy, placement=args.package_placement)
+
+
+def package_budgets(args) -> list[float] | None:
+    """``--package-budgets`` as numbers (None: every integer budget)."""
+    return [float(b) for b in args.package_budgets.split(",")] if args.package_budgets else None
+
+
 def dry_run(args):
     """No GPU: the package rows on a tiny model on the CPU (eager decoding), gemlite's import status."""
     _, why = gemlite_module()
     print(f"# dry run on the CPU: gemlite {'importable' if not why else 'not importable (' + why + ')'}")
-    fp, q = package_models(layers=1, d=256, ff=512, kv=64, heads=4, vocab=64, device="cpu", dtype=torch.float32)
+    fp, q = package_models(
+        layers=1, d=256, ff=512, kv=64, heads=4, vocab=64, device="cpu", dtype=torch.float32, **package_routers(args)
+    )
     kernels = [("package", None)] + ([("package sites", "sites")] if args.fuse_sites else [])
     if args.fuse_inputs:
         kernels.append(("package sites+inputs", "inputs"))
@@ -659,7 +672,8 @@ def dry_run(args):
         from mobiquant.kernels.triton_bitplane import SmallConfig
 
         kernels.append(("package sites+router", SmallConfig(router_in_launch=True)))
-    rows = package_rows(fp, q, "cpu", min(args.new_tokens, 6), "off", None, kernels=kernels)
+    budgets = package_budgets(args)
+    rows = package_rows(fp, q, "cpu", min(args.new_tokens, 6), "off", None, kernels=kernels, budgets=budgets)
     x_gemlite(rows)
     print_table(rows, "# package rows, tiny model on the CPU (not a measurement of anything but the code path)")
     return 0
@@ -844,6 +858,22 @@ def main(argv=None):
         + ")",
     )
     ap.add_argument("--no-package", action="store_true", help="skip the rows of the model patched by the package")
+    ap.add_argument(
+        "--package-policy",
+        default="free",
+        choices=("free", "adjacent"),
+        help="the package model's router gate policy (free: the rows of earlier sessions; adjacent: the default "
+        "configuration's, where integer budgets decode as static views: pair it with fractional --package-budgets)",
+    )
+    ap.add_argument(
+        "--package-placement",
+        default="site",
+        choices=("site", "linear", "sublayer"),
+        help="the package model's router placement (sublayer: o and down take q/k/v's and gate/up's decisions)",
+    )
+    ap.add_argument(
+        "--package-budgets", default="", help="comma-separated routed budgets of the package rows (default: integers)"
+    )
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per package row")
     ap.add_argument(
         "--package-graph",
@@ -1180,7 +1210,7 @@ def main(argv=None):
                 print(f"# gemlite rows skipped: {type(e).__name__}: {e}")
 
     if not args.no_package:
-        fp, q = package_models(args.layers, D, FF, KV, 32, 1024, "cuda", torch.float16)
+        fp, q = package_models(args.layers, D, FF, KV, 32, 1024, "cuda", torch.float16, **package_routers(args))
         kernels = [("package", None)] + ([("package bitpl", bits_cfg)] if bits_cfg is not None else [])
         if args.fuse_sites:  # the library's default kernels with one launch per router site
             kernels.append(("package sites", "sites"))
@@ -1188,7 +1218,9 @@ def main(argv=None):
             kernels.append(("package sites+inputs", "inputs"))
         if args.router_in_launch:  # ... and each router inside its site's launch
             kernels.append(("package sites+router", tb.SmallConfig(router_in_launch=True)))
-        rows += package_rows(fp, q, "cuda", args.new_tokens, args.package_graph, copy_bw, kernels=kernels)
+        rows += package_rows(
+            fp, q, "cuda", args.new_tokens, args.package_graph, copy_bw, kernels=kernels, budgets=package_budgets(args)
+        )
         if args.profile:
             import mobiquant as mq
             from e2e_decode import step_profile

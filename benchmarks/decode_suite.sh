@@ -62,6 +62,9 @@
 #            in the launch and the L2 requests
 #   package  (only when named) the 8B-shaped stack inside a Hugging Face model patched by the package: its decode path
 #            (captured graphs, one launch per router site, fused inputs) against the same model in fp16
+#   placement (only when named) the package rows with the default configuration's adjacent routers at budgets where
+#            tokens decide (3.5, 4.5, 5.5), router placement site, then sublayer (o and down on q/k/v's and gate/up's
+#            decisions: with fused inputs no router launch of its own), each against fp16 with the same fused inputs
 #   kernels  single linears, one token, graph-replayed: stream-K and whole-K with and without pdl / l2_prefetch /
 #            stages ($KERNEL_CONFIGS, benchmarks/kernel_bench.py parse_bits_config texts), 8B and SmolLM2 shapes,
 #            each alone and as 4 launches in a row over 4 layers (where pdl can overlap them)
@@ -249,6 +252,13 @@ stage() {
     package)
       run_stage package 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed --fuse-inputs \
         --out "$RES/package" ;;
+    placement)
+      local where
+      for where in site sublayer; do
+        run_stage "placement_$where" 600 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed \
+          --fuse-inputs --package-policy adjacent --package-placement "$where" --package-budgets 3.5,4.5,5.5 \
+          --out "$RES/placement_$where"
+      done ;;
     tiling)
       run_stage router_tests 300 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_triton_router.py \
         tests/kernels/test_fused_inputs.py
@@ -270,7 +280,7 @@ print(','.join(str(int(v)) for v in t))" "$RES/router_sweep/router_sweep.csv" 2>
       run_stage pattern 600 "$PY" benchmarks/stream_pattern.py --views 1,2,6 \
         --package-configs "$PATTERN_CONFIGS" --out "$RES/pattern" ;;
     *)
-      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
+      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
       return 2 ;;
   esac
 }

@@ -102,6 +102,13 @@ def test_decode_suite_runs_its_stages_in_order_and_resumes(tmp_path):
     assert all((res / f"{name}.done").exists() for name in ("package", "gluon", "gluon_tma"))
     assert "gluon_proto.py --check --time" in calls.read_text() and "gluon_proto.py --tma" in calls.read_text()
     calls.unlink()
+    r = suite("placement")  # the package rows with site routers, then sublayer ones
+    assert r.returncode == 0 and ran() == ["benchmarks/decode_bench.py"] * 2, r.stdout
+    assert all(
+        f"--package-placement {w} --package-budgets 3.5,4.5,5.5" in calls.read_text() for w in ("site", "sublayer")
+    )
+    assert all((res / f"placement_{w}.done").exists() for w in ("site", "sublayer"))
+    calls.unlink()
     r = suite("fragment")  # its GPU tests, then the stack with each placement of the fragment kernel
     assert r.returncode == 0 and ran() == ["pytest", *["benchmarks/decode_bench.py"] * 3], r.stdout
     assert all(f",,4,,0,,1,,0,0,0,1,{f} " in calls.read_text() for f in ("1", ",7", ",0"))
