@@ -157,6 +157,8 @@ class QLinear:
     small_config = None
     # --view-steps: every layer stores a step and zero point per view (MoBiConfig.view_steps)
     view_steps = False
+    # --device-k: the views a k read on the device may be (with SmallConfig(span_bodies=True))
+    span = None
 
     def bits(self):
         """The one-bit plane buffers, built once per layer."""
@@ -169,6 +171,8 @@ class QLinear:
         kw = {}
         if cfg is not None and cfg.bitplanes:
             kw["packed"] = self.bits()
+        if QLinear.span is not None:
+            kw["span"] = QLinear.span
         return self.tb.bitplane_linear(
             x, self.planes, self.scale, self.zero, kb.SLICE_BITS, GROUP, k, small_config=cfg, **kw
         )
@@ -391,7 +395,8 @@ def timed_generate(model, prompt, new_tokens, graph, budget=None):
 def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package", None),), budgets=None):
     """fp16, then for each ``(label, small_config)`` of ``kernels`` (``None``: the library's defaults; ``"sites"``:
     one launch per router site; ``"inputs"``: that and fused inputs, ``patching.fuse_inputs``, with an fp16 row
-    of the same fused kernels) the static views and the routed ``budgets`` (default: base bits .. all bits) through
+    of the same fused kernels; a pair ``(mode, small_config)``: that fusion with that config, routed budgets only)
+    the static views and the routed ``budgets`` (default: base bits .. all bits) through
     ``mobiquant.tasks.decode.generate``."""
     import mobiquant as mq
     from mobiquant.patching import fuse_inputs, fuse_sites, set_small_config
@@ -438,7 +443,14 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package",
 
     rows.append(row("package fp16", 16.0, 16.0, t16, how, model=fp))
     print(f"package fp16: {t16:.1f} us/token (graph: {how})")
-    if any(cfg == "inputs" for _, cfg in kernels):  # fp16 with the same fused norms and MLP products
+
+    def kind(cfg):
+        """``(fusion mode or None, SmallConfig or None)`` of a ``kernels`` entry."""
+        if isinstance(cfg, tuple):
+            return cfg
+        return (cfg, None) if isinstance(cfg, str) else (None, cfg)
+
+    if any(kind(cfg)[0] == "inputs" for _, cfg in kernels):  # fp16 with the same fused norms and MLP products
         fuse_inputs(fp)
         t, how = timed(fp)
         fuse_inputs(fp, enable=False)
@@ -446,12 +458,14 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package",
         print(f"package fp16 [fused inputs]: {t:.1f} us/token  x{t16 / t:.2f} (graph: {how})")
     ns = len(kb.SLICE_BITS)
     for label, cfg in kernels:
-        in_launch = getattr(cfg, "router_in_launch", False)  # the router in the site's launch: sites on
-        sites = cfg in ("sites", "inputs") or in_launch
-        set_small_config(q, None if cfg in ("sites", "inputs") else cfg)
+        mode, small = kind(cfg)
+        in_launch = getattr(small, "router_in_launch", False)  # the router in the site's launch: sites on
+        sites = mode in ("sites", "inputs") or in_launch
+        set_small_config(q, small)
         fuse_sites(q, enable=sites)
-        fuse_inputs(q, enable=cfg == "inputs")
-        for k in range(1, ns + 1):
+        fuse_inputs(q, enable=mode == "inputs")
+        # a (mode, config) entry: its routed budgets only (a config for views learnt on the device)
+        for k in range(1, ns + 1) if not isinstance(cfg, tuple) else ():
             mq.set_static(q, k)
             t, how = attempt(q)
             if t is None:
@@ -658,6 +672,22 @@ def package_budgets(args) -> list[float] | None:
     return [float(b) for b in args.package_budgets.split(",")] if args.package_budgets else None
 
 
+def package_kernels(args, bits_cfg=None) -> list:
+    """The package rows' ``(label, kernels)`` entries (:func:`package_rows`) the options ask for."""
+    from mobiquant.kernels.triton_bitplane import SmallConfig
+
+    kernels = [("package", None)] + ([("package bitpl", bits_cfg)] if bits_cfg is not None else [])
+    if args.fuse_sites:  # the library's default kernels with one launch per router site
+        kernels.append(("package sites", "sites"))
+    if args.fuse_inputs:  # ... and each norm and MLP product one launch with its site's router
+        kernels.append(("package sites+inputs", "inputs"))
+    if args.router_in_launch:  # ... and each router inside its site's launch
+        kernels.append(("package sites+router", SmallConfig(router_in_launch=True)))
+    if args.package_span:  # ... fused inputs, the two views of a pair alone, preloaded (routed budgets)
+        kernels.append(("package sites+inputs span", ("inputs", SmallConfig(preload=True, span_bodies=True))))
+    return kernels
+
+
 def dry_run(args):
     """No GPU: the package rows on a tiny model on the CPU (eager decoding), gemlite's import status."""
     _, why = gemlite_module()
@@ -665,15 +695,10 @@ def dry_run(args):
     fp, q = package_models(
         layers=1, d=256, ff=512, kv=64, heads=4, vocab=64, device="cpu", dtype=torch.float32, **package_routers(args)
     )
-    kernels = [("package", None)] + ([("package sites", "sites")] if args.fuse_sites else [])
-    if args.fuse_inputs:
-        kernels.append(("package sites+inputs", "inputs"))
-    if args.router_in_launch:
-        from mobiquant.kernels.triton_bitplane import SmallConfig
-
-        kernels.append(("package sites+router", SmallConfig(router_in_launch=True)))
     budgets = package_budgets(args)
-    rows = package_rows(fp, q, "cpu", min(args.new_tokens, 6), "off", None, kernels=kernels, budgets=budgets)
+    rows = package_rows(
+        fp, q, "cpu", min(args.new_tokens, 6), "off", None, kernels=package_kernels(args), budgets=budgets
+    )
     x_gemlite(rows)
     print_table(rows, "# package rows, tiny model on the CPU (not a measurement of anything but the code path)")
     return 0
@@ -874,6 +899,18 @@ def main(argv=None):
     ap.add_argument(
         "--package-budgets", default="", help="comma-separated routed budgets of the package rows (default: integers)"
     )
+    ap.add_argument(
+        "--package-span",
+        action="store_true",
+        help="also the package's routed budgets with fused inputs, each adjacent pair's two views alone in the "
+        "one-bit plane kernel and their shared planes loaded before k (SmallConfig(span_bodies=True, preload=True))",
+    )
+    ap.add_argument(
+        "--device-k",
+        action="store_true",
+        help="also each static view with k read on the device: every body, then the planes every body reads loaded "
+        "before k (SmallConfig.preload), then only the view and the next one compiled (span_bodies) and preloaded",
+    )
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per package row")
     ap.add_argument(
         "--package-graph",
@@ -1071,6 +1108,22 @@ def main(argv=None):
             t, why = time_stack(q_layers, xs, static_k=k_dev)
             add(f"device k={k}", bits, t, nb, why=why)
 
+    if args.device_k:  # what reading k on the device costs a view, and what preloading and a span take back
+        for k in range(1, ns + 1):
+            bits = view_bits(k)
+            nb = stack_bytes(shapes, args.layers, bits)
+            k_dev = torch.full((1,), k, dtype=torch.int64, device="cuda")
+            span = (k, k + 1) if k < ns else (k - 1, k)
+            for label, cfg, sp in (
+                ("device k", None, None),
+                ("device k preload", tb.SmallConfig(preload=True), None),
+                ("device k span", tb.SmallConfig(preload=True, span_bodies=True), span),
+            ):
+                QLinear.span = sp
+                t, why = time_stack(q_layers, xs, static_k=k_dev, cfg=cfg)
+                QLinear.span = None
+                add(f"{label} k={k}", bits, t, nb, why=why)
+
     budgets = [] if args.no_routed else list(range(kb.SLICE_BITS[0], sum(kb.SLICE_BITS) + 1))
     # with k on the device, layouts that neither a one-token small kernel nor the one-bit plane kernel takes by
     # default fall to the tile path, whose per-token k is sorted with a host synchronisation: not capturable in a
@@ -1211,15 +1264,15 @@ def main(argv=None):
 
     if not args.no_package:
         fp, q = package_models(args.layers, D, FF, KV, 32, 1024, "cuda", torch.float16, **package_routers(args))
-        kernels = [("package", None)] + ([("package bitpl", bits_cfg)] if bits_cfg is not None else [])
-        if args.fuse_sites:  # the library's default kernels with one launch per router site
-            kernels.append(("package sites", "sites"))
-        if args.fuse_inputs:  # ... and each norm and MLP product one launch with its site's router
-            kernels.append(("package sites+inputs", "inputs"))
-        if args.router_in_launch:  # ... and each router inside its site's launch
-            kernels.append(("package sites+router", tb.SmallConfig(router_in_launch=True)))
         rows += package_rows(
-            fp, q, "cuda", args.new_tokens, args.package_graph, copy_bw, kernels=kernels, budgets=package_budgets(args)
+            fp,
+            q,
+            "cuda",
+            args.new_tokens,
+            args.package_graph,
+            copy_bw,
+            kernels=package_kernels(args, bits_cfg),
+            budgets=package_budgets(args),
         )
         if args.profile:
             import mobiquant as mq

@@ -63,8 +63,12 @@
 #   package  (only when named) the 8B-shaped stack inside a Hugging Face model patched by the package: its decode path
 #            (captured graphs, one launch per router site, fused inputs) against the same model in fp16
 #   placement (only when named) the package rows with the default configuration's adjacent routers at budgets where
-#            tokens decide (3.5, 4.5, 5.5), router placement site, then sublayer (o and down on q/k/v's and gate/up's
-#            decisions: with fused inputs no router launch of its own), each against fp16 with the same fused inputs
+#            tokens decide (3.5, 4.5, 5.5), router placement site (also with each pair's two views alone and their
+#            shared planes preloaded: --package-span), then sublayer (o and down on q/k/v's and gate/up's decisions:
+#            with fused inputs no router launch of its own), each against fp16 with the same fused inputs
+#   span     (only when named) the stack's static views beside each view with k read on the device: every body
+#            compiled, the planes every body reads loaded before k (SmallConfig.preload), and the view's span of two
+#            views alone (span_bodies) preloaded; then the tests of spans and preloading, compiled
 #   kernels  single linears, one token, graph-replayed: stream-K and whole-K with and without pdl / l2_prefetch /
 #            stages ($KERNEL_CONFIGS, benchmarks/kernel_bench.py parse_bits_config texts), 8B and SmolLM2 shapes,
 #            each alone and as 4 launches in a row over 4 layers (where pdl can overlap them)
@@ -253,12 +257,20 @@ stage() {
       run_stage package 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed --fuse-inputs \
         --out "$RES/package" ;;
     placement)
-      local where
-      for where in site sublayer; do
-        run_stage "placement_$where" 600 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed \
-          --fuse-inputs --package-policy adjacent --package-placement "$where" --package-budgets 3.5,4.5,5.5 \
-          --out "$RES/placement_$where"
-      done ;;
+      # site routers also with each pair's two views alone and preloaded (--package-span)
+      run_stage placement_site 600 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed \
+        --fuse-inputs --package-policy adjacent --package-placement site --package-budgets 3.5,4.5,5.5 \
+        --package-span --out "$RES/placement_site"
+      run_stage placement_sublayer 600 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed \
+        --fuse-inputs --package-policy adjacent --package-placement sublayer --package-budgets 3.5,4.5,5.5 \
+        --out "$RES/placement_sublayer" ;;
+    span)
+      # k read on the device against the static views: every body, preloaded, a span of two views (the stack);
+      # then their tests compiled
+      run_stage span_stack 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-package --no-routed \
+        --device-k --out "$RES/span_stack"
+      run_stage span_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_triton_bitplane.py \
+        -k "bits_kernel_span or site_bits_span or two_bodies" ;;
     tiling)
       run_stage router_tests 300 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_triton_router.py \
         tests/kernels/test_fused_inputs.py
@@ -280,7 +292,7 @@ print(','.join(str(int(v)) for v in t))" "$RES/router_sweep/router_sweep.csv" 2>
       run_stage pattern 600 "$PY" benchmarks/stream_pattern.py --views 1,2,6 \
         --package-configs "$PATTERN_CONFIGS" --out "$RES/pattern" ;;
     *)
-      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
+      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
       return 2 ;;
   esac
 }

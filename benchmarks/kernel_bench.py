@@ -70,7 +70,7 @@ def view_bits(k: int) -> int:
 #: The fields of a one-bit plane config text (``parse_bits_config``), for the options' help.
 BITS_CONFIG_FIELDS = (
     "BLOCK_N,BLOCK_K,WARPS,WAVES[,PREFETCH[,SPLIT_K[,WHOLE_K[,STAGES[,PDL[,L2PF[,AHEAD[,REDUCE[,FRAG[,CAP"
-    "[,TMA[,INT4]]]]]]]]]]]]"
+    "[,TMA[,INT4[,PRELOAD[,SPAN]]]]]]]]]]]]]]"
 )
 
 
@@ -90,9 +90,13 @@ def parse_bits_config(tb, text: str):
     take the fragment kernel capped at 128 registers (``fragment_cap``; empty: the library's 5, 0: none); TMA -1 or
     -2: the fragment kernel's static views read their words by TMA (``fragment_tma``; empty or 0: registers); INT4
     2-16: a packed layer's forwards of 2 to that many tokens through torch's CUDA int4 matmul (``int4_tokens``; 0:
-    never; empty: the library's 16)."""
-    parts = [p.strip() for p in text.split(",")] + [""] * 16
-    bn, bk, nw, wv, pf, sk, wk, st, pdl, l2, ah, red, frag, cap, tma, i4 = (int(p) if p else None for p in parts[:16])
+    never; empty: the library's 16); PRELOAD 1: a whole-K launch that learns its view on the device loads the planes
+    every body reads before reading ``k`` (``preload``); SPAN 1: a routed layer whose tokens choose between two
+    adjacent views compiles those two bodies alone (``span_bodies``)."""
+    parts = [p.strip() for p in text.split(",")] + [""] * 18
+    bn, bk, nw, wv, pf, sk, wk, st, pdl, l2, ah, red, frag, cap, tma, i4, pre, span = (
+        int(p) if p else None for p in parts[:18]
+    )
     kw = {} if wk is None else {"whole_k": None if wk else False}
     return tb.SmallConfig(
         bitplanes=True,
@@ -113,6 +117,8 @@ def parse_bits_config(tb, text: str):
         **({} if cap is None else {"fragment_cap": cap}),
         fragment_tma=tma or 0,
         **({} if i4 is None else {"int4_tokens": i4}),
+        preload=bool(pre),
+        span_bodies=bool(span),
         **kw,
     )
 
@@ -134,6 +140,8 @@ def bits_tag(cfg) -> str:
         + (f"/cap{cfg.fragment_cap}" if cfg.fragment_cap != type(cfg)().fragment_cap else "")
         + (f"/tma{-cfg.fragment_tma}" if cfg.fragment_tma else "")
         + (f"/int4x{cfg.int4_tokens}" if cfg.int4_tokens != type(cfg)().int4_tokens else "")
+        + ("/pre" if cfg.preload else "")
+        + ("/span" if cfg.span_bodies else "")
     )
 
 

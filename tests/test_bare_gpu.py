@@ -108,6 +108,11 @@ def test_decode_suite_runs_its_stages_in_order_and_resumes(tmp_path):
         f"--package-placement {w} --package-budgets 3.5,4.5,5.5" in calls.read_text() for w in ("site", "sublayer")
     )
     assert all((res / f"placement_{w}.done").exists() for w in ("site", "sublayer"))
+    assert calls.read_text().count("--package-span") == 1  # the site routers' run also with spans
+    calls.unlink()
+    r = suite("span")  # the stack's views with k on the device, then the tests of spans compiled
+    assert r.returncode == 0 and ran() == ["benchmarks/decode_bench.py", "pytest"], r.stdout
+    assert "--device-k" in calls.read_text() and (res / "span_stack.done").exists()
     calls.unlink()
     r = suite("fragment")  # its GPU tests, then the stack with each placement of the fragment kernel
     assert r.returncode == 0 and ran() == ["pytest", *["benchmarks/decode_bench.py"] * 3], r.stdout

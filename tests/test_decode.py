@@ -767,6 +767,27 @@ def test_compiled_step_decodes_as_eager_with_the_package_opaque(qmodel, prompt):
     assert explained.graph_count == 0  # an fp32 MoBiLinear forward is not traced: it runs opaque
 
 
+def test_captured_step_depends_on_pairs_only_with_span_bodies():
+    """A captured step's structure (what a graph replay cannot change) holds each routed linear's pair of views only
+    where the one-bit plane kernel compiles that pair alone (``SmallConfig.span_bodies``): without it one graph
+    serves budgets whose pairs differ."""
+    pytest.importorskip("triton")
+    from mobiquant.kernels.triton_bitplane import SmallConfig
+
+    model = build_tiny_llama(0)
+    mq.quantize_model(model, mq.MoBiConfig(group_size=32, slice_bits=(3, 1, 1, 1, 1, 1), router_policy="adjacent"))
+    mq.calibrate_thresholds(model, token_batches(2, batch=4, seqlen=32, seed=100))
+    mq.freeze(model)
+    control = BudgetControl.of(model)
+    control.apply(4.5)
+    pairs = [m.pair_k if m.mode == "routed" else None for m in control.linears]
+    assert any(p is not None for p in pairs)
+    assert [s[3] for s in control.structure()[: len(pairs)]] == [None] * len(pairs)
+    mq.patching.set_small_config(model, SmallConfig(span_bodies=True))
+    control._structure = None
+    assert [s[3] for s in control.structure()[: len(pairs)]] == pairs
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("budget", [None, 4.5], ids=["static-view", "tokens-decide"])
 def test_compiled_cpu_step_traces_the_int4_views(prompt, monkeypatch, budget):

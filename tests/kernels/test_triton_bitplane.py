@@ -483,6 +483,66 @@ def test_bits_kernel_routed_k(vdtype, cfg, gen, monkeypatch):
         assert err < TOL[torch.float16], (tau_v, want, err)
 
 
+WHOLE_PRELOAD = tb.SmallConfig(bitplanes=True, whole_k=True, preload=True)
+
+
+@pytest.mark.parametrize(
+    "cfg", [STREAMK, WHOLE, WHOLE_PRELOAD, WHOLE_PDL], ids=["streamk", "whole_k", "whole_k_preload", "whole_k_pdl"]
+)
+def test_bits_kernel_span(cfg, gen, monkeypatch):
+    """A ``k`` read on the device with a span of views known on the host (``span=(j, j + 1)``: only those bodies
+    compiled; with ``preload`` or ``pdl`` the planes of view ``j`` loaded before ``k`` is read): both views of every
+    span equal the reference, the planes past the view poisoned; a ``k`` outside the span is clamped into it; without
+    a span, preloading serves every view."""
+    monkeypatch.setattr(tb, "_host_k_range", lambda k_t: None)
+    bits, group = DEFAULT_LAYOUT, 64
+    planes, scale, zero = make_layer(40, 192, bits, group, gen)
+    x = randx(1, 192, torch.float16, gen)
+
+    def run(kk, span, upto):
+        bad = planes[:upto] + [torch.full_like(p, -1) for p in planes[upto:]]
+        packed = tb.pack_bitplanes(bad, scale, zero, bits, group, 192)
+        out = torch.full((1, 40), float("nan"), dtype=x.dtype, device=DEVICE)
+        k = torch.tensor([kk], device=DEVICE)  # (the entry would take a one-element k on the CPU as an int)
+        y = tb.bitplane_linear_bits(x, packed, k, out=out, config=cfg, span=span)
+        assert not torch.isnan(out).any()
+        ref = torch_reference(x, planes, scale, zero, bits, group, upto, compute_dtype=torch.float64)
+        return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+
+    for j in range(1, len(bits)):
+        for kk in (j, j + 1):
+            assert run(kk, (j, j + 1), kk) < TOL[torch.float16], (j, kk)
+    assert run(1, (3, 4), 3) < TOL[torch.float16]  # clamped up to the span
+    assert run(6, (2, 3), 3) < TOL[torch.float16]  # and down
+    assert run(4, (4, 4), 4) < TOL[torch.float16]  # a span of one view
+    for kk in (1, 6):  # no span: every body
+        assert run(kk, None, kk) < TOL[torch.float16], kk
+    bp = tb.pack_bitplanes(planes, scale, zero, bits, group, 192)
+    for bad_span in ((0, 2), (3, 2), (5, 7)):
+        with pytest.raises(ValueError, match="span must be"):
+            tb.bitplane_linear_bits(x, bp, torch.tensor([2], device=DEVICE), config=cfg, span=bad_span)
+
+
+def test_site_bits_span(gen, monkeypatch):
+    """A routed site launch whose layers' thresholds each lie between two views, with their span: each layer its own
+    view, as without the span."""
+    monkeypatch.setattr(tb, "_host_routed_k", lambda rk: None)
+    monkeypatch.setattr(tb, "_num_sms", lambda device: 3)
+    bits, group, n_in = DEFAULT_LAYOUT, 64, 192
+    layers = [make_layer(n, n_in, bits, group, gen) for n in (130, 40)]
+    site = tb.site_bitplanes([tb.pack_bitplanes(*layer, bits, group, n_in) for layer in layers])
+    x = randx(1, n_in, torch.float16, gen)
+    values = torch.tensor([[0.9, 0.7, 0.5, 0.3, 0.1]], device=DEVICE)
+    ks = [tb.RoutedK(values, torch.tensor(t, device=DEVICE)) for t in (0.6, 0.4)]  # views 3 and 4
+    for cfg in (tb.SmallConfig(bitplanes=True), WHOLE_PRELOAD):
+        y = tb.bitplane_site_bits(x, site, ks, config=cfg, span=(2, 4))
+        for (p, s_, z), c, n, want in zip(layers, (0, 130), (130, 40), (3, 4), strict=True):
+            ref = torch_reference(x, p, s_, z, bits, group, want, compute_dtype=torch.float64)
+            err = ((y[:, c : c + n].double() - ref.double()).norm() / ref.double().norm()).item()
+            assert err < TOL[torch.float16], (want, err)
+        torch.testing.assert_close(y, tb.bitplane_site_bits(x, site, ks, config=cfg), rtol=0, atol=0)
+
+
 def test_routed_k_other_paths_and_errors(gen):
     """A ``RoutedK`` on a path that does not count in the kernel (several tokens, the PyTorch backend) is counted
     first; a ``RoutedK`` of the wrong size is refused with what it needs."""
@@ -1161,6 +1221,57 @@ def test_fused_site_one_launch_per_site(gen, monkeypatch):
     assert fuse_sites(model, enable=False) == 0
     forward()
     assert launches == [1, 1, 1]
+
+
+def test_adjacent_pairs_compile_two_bodies(gen, monkeypatch):
+    """Linears whose tokens choose between two adjacent views (thresholds inside the adjacent policy's bands, each
+    linear's ``pair_k`` as decode sets it) with ``SmallConfig(span_bodies=True)``: one token's launches get the
+    span of their pairs (one linear: its pair; a fused site: the pairs' union) and give the outputs of the launches
+    without it; without the knob no span is passed."""
+    from mobiquant.nn.router import TokenRouter
+    from mobiquant.patching import fuse_sites
+
+    monkeypatch.setattr(tb, "_host_routed_k", lambda rk: None)
+    spans = []
+    real = tb._bits_launch
+    monkeypatch.setattr(tb, "_bits_launch", lambda *a: spans.append(a[12] if len(a) > 12 else None) or real(*a))
+    layers = _packed_linears((40, 24, 24), gen)
+    router = TokenRouter(192, DEFAULT_LAYOUT, policy="adjacent").to(DEVICE)
+    x = randx(1, 192, torch.float32, gen) * 3
+    vals = router.gate_values(router.scores(x)).detach()[0]
+    # inside the bands of residual slices 1, 2 and 2: pairs (2, 3), (3, 4), (3, 4); the first two below the token's
+    # value (the upper view), the last above it (the lower)
+    floors = router._band_floors()
+    taus = [max(floors[1], float(vals[1]) - 0.01), max(floors[2], float(vals[2]) - 0.01)]
+    taus.append(min(floors[2] + 0.99, float(vals[2]) + 0.01))
+    for m, tau in zip(layers, taus, strict=True):
+        m.attach_router(router)
+        m.set_routed()
+        m.route_tau = torch.tensor(tau, device=DEVICE)
+        m.pair_k = router.adjacent_view(tau)
+    assert [m.pair_k for m in layers] == [2, 3, 3]
+
+    def forward(span_bodies):
+        for m in layers:
+            m.small_config = tb.SmallConfig(bitplanes=True, span_bodies=span_bodies)
+        spans.clear()
+        router.clear_cache()
+        return [m(x) for m in layers]
+
+    for fused in (False, True):
+        if fused:
+            assert fuse_sites(torch.nn.ModuleList(layers)) == 1
+        plain = forward(False)
+        assert spans == ([None] if fused else [None] * 3)
+        two = forward(True)
+        assert spans == ([(2, 4)] if fused else [(2, 3), (3, 4), (3, 4)])
+        for a, b in zip(plain, two, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    wants = [1 + int((vals > t).sum()) for t in taus]
+    assert wants == [3, 4, 3]
+    for want, m, y in zip(wants, layers, two, strict=True):
+        ref = x.double() @ m.dequantized(want).double().T + (m.bias.double() if m.bias is not None else 0)
+        assert ((y.double() - ref).norm() / ref.norm()).item() < TOL[torch.float32], want
 
 
 def test_triton_backend_is_inference_only(gen):

@@ -31,6 +31,7 @@ __all__ = [
     "fused_input",
     "fused_input_router",
     "fused_router",
+    "spans",
     "torch_reference",
     "triton_importable",
     "use_fused_router",
@@ -61,6 +62,16 @@ def triton_importable() -> bool:
             except Exception:  # a broken install counts as absent
                 _TRITON_OK = False
     return _TRITON_OK
+
+
+def spans(config=None) -> bool:
+    """Whether the one-bit plane kernel compiles a routed layer's two adjacent views alone (``triton_bitplane.
+    SmallConfig.span_bodies``; ``config`` None: the default); False without Triton."""
+    if config is None and not triton_importable():
+        return False
+    from .triton_bitplane import spans as _spans
+
+    return _spans(config)
 
 
 def interpreting() -> bool:
@@ -254,15 +265,18 @@ def bitplane_linear(
     ``backend``: see :func:`use_triton`. ``weight``, optional: ``k -> W_k`` (dense ``[out, in]``, e.g. a
     cached view) for the PyTorch path, which otherwise dequantizes the planes on every call
     (:func:`torch_reference`); ``matmul``, optional: ``(rows [M, in], k) -> rows W_k^T`` for that path instead of a
-    dense view (``MoBiLinear`` passes :class:`.int4.Int4Views`' for bf16 on the CPU); ``pair`` with it: every
-    per-token ``k`` is ``pair`` or ``pair + 1``, both views taken, no host read (:func:`_torch_linear`). Extra
+    dense view (``MoBiLinear`` passes :class:`.int4.Int4Views`' for bf16 on the CPU); ``pair``: every per-token
+    ``k`` is ``pair`` or ``pair + 1`` (with ``matmul``: both views taken, no host read, :func:`_torch_linear`; on
+    Triton's one-bit plane path: only those two views' bodies compiled, ``triton_bitplane.bitplane_linear_bits``'s
+    ``span``). Extra
     keyword arguments go to the Triton entry (``out``, ``small_config``, ``tile_config``, ``path``, ``packed``: e.g.
     ``small_config=SmallConfig(bitplanes=True)`` runs one token in the one-bit plane kernel); the PyTorch path
     honours ``out``."""
     if use_triton(x, planes, backend):
         from .triton_bitplane import bitplane_linear as _tri
 
-        return _tri(x, planes, scale, zero, slice_bits, group_size, k, bias, **kwargs)
+        span = None if pair is None or isinstance(k, int) else (pair, pair + 1)
+        return _tri(x, planes, scale, zero, slice_bits, group_size, k, bias, span=span, **kwargs)
     if isinstance(k, tuple) and hasattr(k, "counts"):  # triton_bitplane.RoutedK: gate values and a threshold
         k = k.counts()
     if weight is None and matmul is None:

@@ -2090,6 +2090,9 @@ def _bp_gemv_bits_kernel(
     L2PF: tl.constexpr,
     AHEAD: tl.constexpr = 0,
     TICKET: tl.constexpr = True,
+    KLO: tl.constexpr = 0,
+    KHI: tl.constexpr = 0,
+    PRELOAD: tl.constexpr = False,
 ):
     """One token from one-bit planes (see above). ``KSEL`` > 0: the view ``k = KSEL`` (known on the host); 0: ``k``
     read on the device, one body per view ``v`` (``P_v`` planes, multiplier ``M_v``, zero-point term ``H_v``)
@@ -2118,6 +2121,13 @@ def _bp_gemv_bits_kernel(
     program waits only on running ones; the last program to finish resets the flag and counters at ``sync_ptr``
     (self-resetting, like the split-K tickets).
 
+    ``KLO``, ``KHI`` > 0 (with ``KSEL`` 0): the token's view lies in ``KLO .. KHI`` (known on the host, e.g. the two
+    views of an adjacent-policy threshold): only those views' bodies are compiled, and ``k`` is clamped into them.
+
+    ``PRELOAD`` (``SmallConfig.preload``) or ``PDL``: a whole-K launch that learns ``k`` on the device (no router in
+    the launch) loads the planes that every compiled body reads before it reads ``k``, so their loads overlap that
+    read (with ``PDL``, the kernel before as well).
+
     ``PDL``: the launch has the programmatic-dependent-launch attribute (``SmallConfig.pdl``): every program lets
     the next kernel start, then waits for the kernel before it to finish before reading the activations, gate
     values, ``k`` or any buffer another launch writes; before that wait it only reads weights (a whole-K body of a
@@ -2131,8 +2141,12 @@ def _bp_gemv_bits_kernel(
     # words, steps and zero points (whole-K) or asking L2 for them (stream-K with L2PF), so they overlap the kernel
     # before; every other launch waits right here
     WAIT_IN_BODY: tl.constexpr = PDL and KSEL > 0
-    # ... and a whole-K launch that learns k on the device loads the base planes (every view's) before its wait
-    PRE_BASE: tl.constexpr = PDL and WKP > 0 and KSEL == 0 and RH == 0
+    # the views compiled in when k is learnt on the device: all, or the span the host knows
+    V_LO: tl.constexpr = KLO + (KLO == 0)
+    V_HI: tl.constexpr = KHI + NS * (KHI == 0)
+    # a whole-K launch that learns k on the device loads the planes every compiled body reads (those of view V_LO)
+    # before it reads k (PRELOAD), and with PDL before its wait: the loads overlap the read (and the kernel before)
+    PRE_BASE: tl.constexpr = WKP > 0 and KSEL == 0 and RH == 0 and (PDL or PRELOAD)
     if PDL:
         _pdl_launch_dependents(ASM)
         if not WAIT_IN_BODY and not PRE_BASE:
@@ -2201,10 +2215,14 @@ def _bp_gemv_bits_kernel(
         out_s = out_ptr + o_s
         bias_s = bias_ptr + o_s
         if PRE_BASE:
-            PB: tl.constexpr = P1
+            PB: tl.constexpr = (
+                P1 * (V_LO == 1) + P2 * (V_LO == 2) + P3 * (V_LO == 3) + P4 * (V_LO == 4)
+                + P5 * (V_LO == 5) + P6 * (V_LO == 6) + P7 * (V_LO == 7) + P8 * (V_LO == 8)
+            )  # fmt: skip
             _, _, offs_b, mask_b = _bits_whole_offs(pid, BN2, WKP, NPAD2, GPB, GROUP // 16)
-            b0, b1, b2, b3, b4, b5, b6, b7 = _bits_load_at(w_s, offs_b, PSTRIDE, P1, False, mask_b)
-            _pdl_wait(ASM)
+            b0, b1, b2, b3, b4, b5, b6, b7 = _bits_load_at(w_s, offs_b, PSTRIDE, PB, False, mask_b)
+            if PDL:
+                _pdl_wait(ASM)
         else:
             PB: tl.constexpr = 0  # type: ignore[no-redef]
             b0, b1, b2, b3, b4, b5, b6, b7 = 0, 0, 0, 0, 0, 0, 0, 0
@@ -2223,13 +2241,15 @@ def _bp_gemv_bits_kernel(
                     kk += (tl.load(v_ptr + r, cache_modifier=".cg") > tau).to(tl.int32)
             else:
                 kk = tl.load(k_ptr).to(tl.int32)
-            V_LO: tl.constexpr = 1
-            V_HI: tl.constexpr = NS
+            if KLO > 0:  # a span known on the host: its views alone
+                kk = tl.minimum(tl.maximum(kk, V_LO), V_HI)
+            B_LO: tl.constexpr = V_LO
+            B_HI: tl.constexpr = V_HI
         else:  # the view known on the host: its body alone
             kk = KSEL
-            V_LO: tl.constexpr = KSEL  # type: ignore[no-redef]
-            V_HI: tl.constexpr = KSEL  # type: ignore[no-redef]
-        for v in tl.static_range(V_LO, V_HI + 1):
+            B_LO: tl.constexpr = KSEL  # type: ignore[no-redef]
+            B_HI: tl.constexpr = KSEL  # type: ignore[no-redef]
+        for v in tl.static_range(B_LO, B_HI + 1):
             if kk == v:
                 if PER_VIEW:
                     sz_v = sz_s + (v - 1) * 2 * SZSTRIDE
@@ -2644,6 +2664,17 @@ class SmallConfig:
     # and 4-bit views, and SmolLM2's 6-token prefill at the static 4-bit view went from 107.7 to 55.7 ms. Its packs
     # are built on a view's first use and kept (0.5 bytes a weight a pack; views of 5-8 bits add a second one).
     int4_tokens: int = int4.CUDA_TOKENS
+    # one-bit plane kernel, a whole-K launch that learns its view on the device (no router in the launch): the planes
+    # every compiled body reads are loaded before ``k`` is read, so the two reads overlap (otherwise every program
+    # waits a memory round trip for ``k`` before its first weight load; with ``pdl`` they are loaded so anyway).
+    # Off until timed on a GPU: the 8B-shaped stack's views with ``k`` read on the device took 1.07-1.16x the static
+    # views' time on an H100 (2026-12-05, docs/RESULTS.md "Prompts, the stack and SmolLM2 on an H100")
+    preload: bool = False
+    # one token, a packed layer whose tokens choose between two adjacent views ``j`` and ``j + 1`` (the adjacent
+    # policy, ``MoBiLinear.pair_k``): its one-bit plane launch compiles only those two views' bodies (``span``),
+    # not one per view of the layout. Off until timed on a GPU; a captured step then depends on each linear's pair
+    # (``BudgetControl.structure``)
+    span_bodies: bool = False
 
     def __post_init__(self) -> None:
         if self.fragment_tma not in (0, -1, -2):
@@ -2655,6 +2686,9 @@ class SmallConfig:
             raise ValueError(
                 f"int4_tokens must be 0 (off) or 2-16 (the most tokens a forward), got {self.int4_tokens!r}"
             )
+
+
+_DEFAULT_SMALL = SmallConfig()
 
 
 @dataclass(frozen=True)
@@ -3331,17 +3365,21 @@ def bitplane_linear_bits(
     bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config: SmallConfig | None = None,
+    span: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """One token ``x2 [1, in]`` -> ``[1, out]`` from one-bit plane buffers: ``_bp_gemv_bits_kernel`` on a
     stream-K grid (``config.waves`` programs per SM, or ``config.split_k`` programs per row block); ``k`` an int,
     a one-element tensor (on the device: read there, one compiled body per view) or a :class:`RoutedK` of one token
     (on the device: counted there from the gate values and the threshold). Buffers of a pair per view
-    (``bp.per_view``): the view's own step and zero point words (picked here, or by ``k`` in the kernel)."""
+    (``bp.per_view``): the view's own step and zero point words (picked here, or by ``k`` in the kernel).
+    ``span = (lo, hi)``: the views a ``k`` learnt on the device may be, known here (e.g. ``(j, j + 1)``, the two views
+    of an adjacent-policy threshold): only their bodies are compiled and ``k`` is clamped into them."""
     M, K_IN = x2.shape
     if M != 1:
         raise ValueError(f"the one-bit plane kernel takes one token, got {M}")
     if K_IN != bp.in_features:
         raise ValueError(f"x has {K_IN} features, the layer {bp.in_features}")
+    _check_span(span, len(bp.slice_bits))
     ksel, k_t, v_t, tau_t, kvals = _bits_k(k, x2, len(bp.slice_bits))
     router = _router_of([k])
     cfg = config or SmallConfig()
@@ -3353,7 +3391,22 @@ def bitplane_linear_bits(
         return fragment_linear(x2, fragment_of(bp), ksel or k_t, bias, out, cap=cfg.fragment_cap, tma=cfg.fragment_tma)
     if out is None:
         out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
-    return _bits_launch(x2, bp, [(bp.out_features, 0, 0)], ksel, k_t, v_t, [tau_t], kvals, bias, out, cfg, router)
+    return _bits_launch(
+        x2, bp, [(bp.out_features, 0, 0)], ksel, k_t, v_t, [tau_t], kvals, bias, out, cfg, router, span
+    )
+
+
+def spans(config: SmallConfig | None) -> bool:
+    """Whether the package's one-token launches take a routed layer's span of views (``SmallConfig.span_bodies``;
+    ``config`` None: the default)."""
+    return (config or _DEFAULT_SMALL).span_bodies
+
+
+def _check_span(span: tuple[int, int] | None, NS: int) -> None:
+    if span is None:
+        return
+    if len(span) != 2 or not 1 <= span[0] <= span[1] <= NS:
+        raise ValueError(f"span must be (lo, hi) with 1 <= lo <= hi <= {NS} (the views k may take), got {span!r}")
 
 
 @dataclass(frozen=True)
@@ -3408,12 +3461,18 @@ def site_bitplanes(parts: Sequence[BitPlanes], biases: Sequence[torch.Tensor | N
 
 
 def bitplane_site_bits(
-    x2: torch.Tensor, site: SiteBits, ks: Sequence, out: torch.Tensor | None = None, config: SmallConfig | None = None
+    x2: torch.Tensor,
+    site: SiteBits,
+    ks: Sequence,
+    out: torch.Tensor | None = None,
+    config: SmallConfig | None = None,
+    span: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """One token ``x2 [1, in]`` through every layer of ``site`` in one launch: ``[1, sum(outs)]``, layer ``i``'s
     outputs at columns ``site.cols[i]``. ``ks``: each layer's ``k``, either one int for all (the same static view)
     or a :class:`RoutedK` each, sharing their gate values (one router) with a threshold each, or one one-element
-    tensor for all (the same view, read on the device unless it is on the host)."""
+    tensor for all (the same view, read on the device unless it is on the host). ``span``: the views every layer's
+    ``k`` learnt on the device lies in (:func:`bitplane_linear_bits`)."""
     M, K_IN = x2.shape
     bp = site.planes
     if M != 1 or K_IN != bp.in_features:
@@ -3421,6 +3480,7 @@ def bitplane_site_bits(
     if len(ks) != len(site.outs):
         raise ValueError(f"a site of {len(site.outs)} layers needs one k each, got {len(ks)}")
     NS = len(bp.slice_bits)
+    _check_span(span, NS)
     if all(isinstance(k, int) for k in ks):
         if len(set(ks)) != 1:
             raise ValueError(f"a site launch serves one static view for all its layers, got {list(ks)}")
@@ -3450,7 +3510,7 @@ def bitplane_site_bits(
     if out is None:
         out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
     segs = list(zip(site.outs, site.rows2, site.cols, strict=True))
-    return _bits_launch(x2, bp, segs, ksel, k_t, v_t, taus, kvals, site.bias, out, cfg, _router_of(ks))
+    return _bits_launch(x2, bp, segs, ksel, k_t, v_t, taus, kvals, site.bias, out, cfg, _router_of(ks), span)
 
 
 def _bits_grid(cfg: SmallConfig, bp: BitPlanes, rows: int, router: bool) -> tuple[int, int, int, int]:
@@ -3502,10 +3562,12 @@ def _bits_launch(
     out: torch.Tensor,
     cfg: SmallConfig,
     router: InLaunchRouter | None = None,
+    span: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """``_bp_gemv_bits_kernel`` over the segments ``segs`` (``(rows, row-pair offset, output column)`` each) of the
     buffers ``bp``: the programs of the stream-K grid shared among them by their items; with ``router``, its
-    programs first (they write ``v_t``)."""
+    programs first (they write ``v_t``); ``span``, with a view learnt on the device: the views it may be (only their
+    bodies compiled)."""
     K_IN = x2.shape[1]
     NS = len(bp.slice_bits)
     kw, npad2 = bp.words.shape[1], bp.words.shape[2]
@@ -3596,6 +3658,9 @@ def _bits_launch(
         GROUP=bp.group_size,
         NS=NS,
         KSEL=ksel,
+        KLO=span[0] if span and not ksel else 0,
+        KHI=span[1] if span and not ksel else 0,
+        PRELOAD=bool(cfg.preload),
         HAS_BIAS=bias is not None,
         BN2=bn2,
         NW=nw,
@@ -3945,9 +4010,12 @@ def bitplane_linear(
     tile_config: TileConfig | None = None,
     path: str = "auto",
     packed: BitPlanes | None = None,
+    span: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """``y = x W_k^T (+ bias)`` reading only the first ``k`` bit-planes; ``k`` int, per-token tensor or
-    :class:`RoutedK` (a router's gate values and a threshold: counted in the kernel on the 'bits' path).
+    :class:`RoutedK` (a router's gate values and a threshold: counted in the kernel on the 'bits' path). ``span``:
+    the views a per-token ``k`` lies in, known on the host (the 'bits' path compiles only those views' bodies,
+    :func:`bitplane_linear_bits`; the other paths ignore it).
 
     ``path``: 'auto' (one token where :func:`wants_bitplanes`: 'bits'; on CUDA 'dequant' for one view from 2
     tokens and for per-token views from ``DEQUANT_MIN_TOKENS``; small-batch kernels for other <= 16 tokens when the
@@ -4004,7 +4072,7 @@ def bitplane_linear(
             packed = bitplanes_for(planes, scale, zero, slice_bits, group_size, K_IN)
         else:
             _check_packed(packed, slice_bits, group_size, N, scale)
-        y = bitplane_linear_bits(x2, packed, k, bias, out, small_config)
+        y = bitplane_linear_bits(x2, packed, k, bias, out, small_config, span if spans(small_config) else None)
     elif path == "small":
         y = bitplane_linear_small(x2, planes, scale, zero, slice_bits, group_size, k, bias, out, small_config)
     elif path == "tile":

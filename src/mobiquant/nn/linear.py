@@ -534,15 +534,16 @@ class MoBiLinear(nn.Module):
             k = self._routed_k(x, in_kernel=extra.get("path") == "bits" and not self.track)
         self._count(k, n_tokens)
         planes = [self.plane(e) for e in range(self.num_slices)]
-        matmul = pair = None
+        matmul = None
+        # tokens between two adjacent views: the int4 matmuls take both (no host read), the one-bit plane kernel
+        # compiles those two views' bodies alone (SmallConfig.span_bodies)
+        pair = None if isinstance(k, int) else self._token_pair()
         if int4_mm:  # (then no Triton entry was chosen above)
             views = self.int4_views()
             matmul = views.matmul  # int4 matmuls of the views (kernels.int4)
             j = self._token_pair()
             if j is not None and not x.is_cuda:  # both views' packs, for a compiled step to trace (_traced_int4)
                 views.parts(j), views.parts(j + 1)
-            if j is not None and not isinstance(k, int):  # a prompt's tokens between two views: both, no host read
-                pair = j
         buffers = self._buffers
         return kernels.bitplane_linear(
             x,

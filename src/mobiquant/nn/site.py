@@ -62,8 +62,22 @@ class SiteGroup:
 
     def _key(self) -> tuple:
         return tuple(
-            (m.mode, m.static_k, id(m.route_tau), getattr(m.route_tau, "_version", None)) for m in self.members
+            (m.mode, m.static_k, id(m.route_tau), getattr(m.route_tau, "_version", None), m.pair_k)
+            for m in self.members
         )
+
+    def _span(self, ks: list[Any], config: Any) -> tuple[int, int] | None:
+        """The views the routed members' tokens lie in when each member's tokens choose between two adjacent views
+        (``MoBiLinear._token_pair``) and the config asks for spans (``SmallConfig.span_bodies``); else None."""
+        from ..kernels.triton_bitplane import spans
+
+        if isinstance(ks[0], int) or not spans(config):
+            return None
+        pairs = [m._token_pair() for m in self.members]
+        known = [j for j in pairs if j is not None]
+        if len(known) != len(pairs):
+            return None
+        return min(known), max(known) + 1
 
     def output(self, member: Any, x: torch.Tensor, config: Any) -> torch.Tensor | None:
         """``member``'s output for the one token ``x`` from the group's one launch, or None (its own launch)."""
@@ -79,7 +93,7 @@ class SiteGroup:
                 return None
             site = self.buffers()
             try:
-                y = bitplane_site_bits(x.reshape(1, -1), site, ks, config=config)
+                y = bitplane_site_bits(x.reshape(1, -1), site, ks, config=config, span=self._span(ks, config))
             except ValueError:  # views, a layout or a config the one launch does not cover: each linear its own
                 return None
             self._cache = (weakref.ref(x), key, y)

@@ -252,11 +252,20 @@ class BudgetControl:
         raise RuntimeError("a routed linear's router is not part of the model")
 
     def structure(self) -> tuple:
-        """What a captured graph depends on beyond device tensors: modes, static k, own thresholds (computed
-        again only after a budget change: the per-token host work of a graph replay stays small)."""
+        """What a captured graph depends on beyond device tensors: modes, static k, own thresholds, and where the
+        one-bit plane kernel compiles a routed linear's two views alone (``SmallConfig.span_bodies``) its pair
+        (computed again only after a budget change: the per-token host work of a graph replay stays small)."""
         if self._structure is None:
+            from ..kernels import spans
+
             self._structure = tuple(
-                (m.mode, m.static_k if m.mode == "static" else 0, m.route_tau is not None) for m in self.linears
+                (
+                    m.mode,
+                    m.static_k if m.mode == "static" else 0,
+                    m.route_tau is not None,
+                    m.pair_k if m.mode == "routed" and spans(getattr(m, "small_config", None)) else None,
+                )
+                for m in self.linears
             ) + tuple(r.fixed for r in self.routers)
         return self._structure
 
