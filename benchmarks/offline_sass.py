@@ -11,6 +11,7 @@ one-bit plane kernel; the chunk loop of the field kernel). This is the feedback 
 
     python benchmarks/offline_sass.py --slices 3,1,1,1,1,1 --k 2          # one-bit plane kernel, 4-bit view
     python benchmarks/offline_sass.py --slices 3,1,1,1,1,1 --device-k     # k read on the device: every body
+    python benchmarks/offline_sass.py --device-k --span 2,3 --whole-k --preload  # two views' bodies, preloaded
     python benchmarks/offline_sass.py --slices 2,2,2,2 --k 1 --fields     # version 6's field kernel
     python benchmarks/offline_sass.py --routed --site 3                   # q, k and v in one launch, k counted
     python benchmarks/offline_sass.py --routed --site 3 --router-in-launch  # ... and their router in it too
@@ -179,6 +180,10 @@ def main(argv=None):
         "--routed", action="store_true", help="k counted in the kernel from gate values and a threshold (RoutedK)"
     )
     ap.add_argument("--site", type=int, default=1, help="layers of one launch (patching.fuse_sites: 2 or 3)")
+    ap.add_argument("--span", default=None, help="with --device-k or --routed: the views k may be, e.g. 2,3 (span)")
+    ap.add_argument(
+        "--preload", action="store_true", help="whole-K, k on the device: the planes every body reads loaded first"
+    )
     ap.add_argument(
         "--router-in-launch", action="store_true", help="with --routed: the router runs in the launch (64 hidden)"
     )
@@ -262,7 +267,9 @@ def main(argv=None):
             pdl=a.pdl,
             l2_prefetch=a.l2_prefetch,
             ahead=a.ahead,
+            preload=a.preload,
         )
+        span = None if a.span is None else tuple(int(v) for v in a.span.split(","))
         name = "_bp_gemv_bits_kernel"
         ks = [k] * a.site
         if a.routed:
@@ -277,9 +284,9 @@ def main(argv=None):
             ks = [tb.RoutedK(values, torch.zeros(()), router) for _ in range(a.site)]
         if a.site > 1:
             site = tb.site_bitplanes([bp] * a.site)
-            fn, grid, args, kw = record(name, lambda: tb.bitplane_site_bits(x, site, ks, config=cfg))
+            fn, grid, args, kw = record(name, lambda: tb.bitplane_site_bits(x, site, ks, config=cfg, span=span))
         else:
-            fn, grid, args, kw = record(name, lambda: tb.bitplane_linear_bits(x, bp, ks[0], config=cfg))
+            fn, grid, args, kw = record(name, lambda: tb.bitplane_linear_bits(x, bp, ks[0], config=cfg, span=span))
         # per thread and group (whole_k: per thread and launch, the codes of all of K)
         codes = 2 * kw["BN2"] * (kw["WKP"] * 16 if a.whole_k else group) / (32 * a.warps)
     ck = compile_sm90(fn, args, kw)
@@ -290,6 +297,7 @@ def main(argv=None):
         Path(a.save + ".ptx").write_text(ck.asm["ptx"])
     how = "k counted from gate values" if a.routed else ("k on the device" if a.device_k else f"k={a.k}")
     how += ", the router in the launch" * a.router_in_launch
+    how += f", views {a.span}" * (a.span is not None) + ", preloaded" * a.preload
     label = f"{name} slices {a.slices} {how}, {a.site} layer(s), {a.tokens} token(s), grid {grid}"
     report(sass, res, codes, label)
     print(f"  shared memory at launch (static + the pipeliner's buffers): {ck.metadata.shared} B")
