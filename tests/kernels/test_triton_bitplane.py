@@ -454,6 +454,11 @@ def test_bits_kernel_device_k(cfg, gen, monkeypatch):
         assert not torch.isnan(out).any()
         err = ((y.double() - ref.double()).norm() / ref.double().norm()).item()
         assert err < TOL[torch.float16], (kk, err)
+        # the entry takes a one-element k on the CPU as an int (the interpreter's case): the kernel's own entry
+        # reads it on the "device", every body compiled
+        y_dev = tb.bitplane_linear_bits(x, packed, k, config=cfg)
+        err = ((y_dev.double() - ref.double()).norm() / ref.double().norm()).item()
+        assert err < TOL[torch.float16], (kk, err)
 
 
 @pytest.mark.parametrize("cfg", [STREAMK, WHOLE, WHOLE_PDL], ids=["streamk", "whole_k", "whole_k_pdl"])
