@@ -909,7 +909,8 @@ def main(argv=None):
         "--device-k",
         action="store_true",
         help="also each static view with k read on the device: every body, then the planes every body reads loaded "
-        "before k (SmallConfig.preload), then only the view and the next one compiled (span_bodies) and preloaded",
+        "before k (SmallConfig.preload), then only the view and the next one compiled (span_bodies) and preloaded, "
+        "then so with the large launches on the fragment kernel (fragment_device_from 2^25)",
     )
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per package row")
     ap.add_argument(
@@ -1118,6 +1119,12 @@ def main(argv=None):
                 ("device k", None, None),
                 ("device k preload", tb.SmallConfig(preload=True), None),
                 ("device k span", tb.SmallConfig(preload=True, span_bodies=True), span),
+                # ... and the large launches' views on the device on the fragment kernel, its bodies of the span alone
+                (
+                    "device k span frag",
+                    tb.SmallConfig(preload=True, span_bodies=True, fragment_device_from=1 << 25),
+                    span,
+                ),
             ):
                 QLinear.span = sp
                 t, why = time_stack(q_layers, xs, static_k=k_dev, cfg=cfg)

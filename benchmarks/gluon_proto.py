@@ -158,7 +158,7 @@ def emulate_kernel(words, scale, zero, x, planes: int = PLANES) -> torch.Tensor:
 
 
 def count(n, k, splits=1, planes=PLANES, batch=BATCH_GROUPS, prefetch=False, dispatch=None, stages=0, package=False,
-          routed=False, maxnreg=None):  # fmt: skip
+          routed=False, maxnreg=None, dispatch_to=None):  # fmt: skip
     """Compile for sm_90 without a GPU and print the group loop's instructions a code; ``package``: as the package
     launches it (its step formula for a base slice of 3 bits, fp16 output plus a bias; over splits, the ticket
     epilogue; ``routed``, with a dispatched device view: the kernel counts the view from 5 gate values and a
@@ -177,6 +177,8 @@ def count(n, k, splits=1, planes=PLANES, batch=BATCH_GROUPS, prefetch=False, dis
     extra = dict(b0=3, n_out=n, bias=out.half(), out_mode=1) if package else {}
     if routed:
         extra.update(views=[3, 4, 5, 6, 7, 8], routed=(torch.zeros(5), torch.zeros(1)))
+    if dispatch_to is not None:
+        extra.update(dispatch_to=dispatch_to)
     if package and splits > 1:  # the ticket epilogue: the last split of a row block sums the slots
         extra.update(out_mode=2, part=torch.zeros(splits, n), locks=torch.zeros(n // BLOCK_N, dtype=torch.int32))
     out = out.half() if package else out
@@ -189,6 +191,7 @@ def count(n, k, splits=1, planes=PLANES, batch=BATCH_GROUPS, prefetch=False, dis
     what = (f"{planes} planes" if planes else "planes read on the device") + f", batch {batch}"
     what += f", {int(prefetch)} group(s) prefetched" if prefetch else ""
     what += f", a body per view from {dispatch} planes" if dispatch else ""
+    what += f" to {dispatch_to}" if dispatch_to else ""
     tma = {-1: ", one TMA load a program", -2: ", a TMA load and a barrier a group"}
     what += f", a ring of {stages} groups" if stages > 0 else tma.get(stages, "")
     what += ", the package's launch" if package else ""
@@ -444,6 +447,7 @@ def main(argv=None):
                     help="a ring of this many groups in shared memory (cp.async); -1: a program's words by one "
                     "TMA load; -2: a TMA load and a barrier a group")  # fmt: skip
     ap.add_argument("--routed", action="store_true", help="--dispatch: the view counted from gate values in the kernel")
+    ap.add_argument("--dispatch-to", type=int, default=None, help="--dispatch: bodies up to this many planes (a span)")
     ap.add_argument("--package", action="store_true", help="count as the package launches it (fp16 out, bias)")
     ap.add_argument("--prefetch", type=int, nargs="?", const=1, default=0, choices=(0, 1, 2),
                     help="groups whose loads are issued before this one's decode (bare: 1)")  # fmt: skip
@@ -467,7 +471,7 @@ def main(argv=None):
         if a.splits not in split_choices(a.in_features, a.batch, a.in_features):
             ap.error(f"--splits {a.splits}: {a.in_features} inputs allow {split_choices(a.in_features, a.batch)}")
         count(a.n, a.in_features, a.splits, a.planes, a.batch, a.prefetch, a.dispatch, a.stages, a.package, a.routed,
-              a.maxnreg)  # fmt: skip
+              a.maxnreg, a.dispatch_to)  # fmt: skip
         return 0
     if not torch.cuda.is_available():
         ap.error("--check, --time and --tma need a CUDA GPU")

@@ -594,6 +594,7 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
                 for e in ttgl.static_range(KV):
                     kk += (ttgl.load(v_ptr + e) > t).to(ttgl.int32)
             p = ((VIEWS >> (3 * (kk - 1))) & 7) + 1
+        p = ttgl.minimum(ttgl.maximum(p, PMIN), PMAX)  # a span of views known on the host: its bodies alone
         s_ptr += (p - 1) * VSTRIDE
         z_ptr += (p - 1) * VSTRIDE
         total = ttgl.zeros([BN, 8], ttgl.float32, MMA)
@@ -649,11 +650,12 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
 
 def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_GROUPS, prefetch=False,
                  dispatch=None, stages=0, b0=None, n_out=None, bias=None, out_mode=0, part=None,
-                 locks=None, views=None, routed=None):  # fmt: skip
+                 locks=None, views=None, routed=None, dispatch_to=None):  # fmt: skip
     """``planes``: an int (the view, compiled in), None (every plane of the pack) or an int32 device tensor of one
     element (the view read by the kernel; ``scale``/``zero`` then ``[planes of the pack, N, G]``, view ``p`` at
     ``p - 1``). ``dispatch``, with a device view: None decodes whole fields with the absent planes predicated off;
-    an int ``PMIN`` branches to a compiled body per view of ``PMIN`` planes to the pack's. ``stages`` > 1: the words
+    an int ``PMIN`` branches to a compiled body per view of ``PMIN`` planes to the pack's (to ``dispatch_to`` planes
+    when given: views past it are clamped to it, as views below ``PMIN`` to ``PMIN``). ``stages`` > 1: the words
     through a ring of that many groups in shared memory (not with whole fields on the device); -1: all of a
     program's words by one TMA load into shared memory, waited for once (a view compiled in; sm_90+). ``b0``: the step
     applied as the package's (view ``p``'s code ``B = p - b0`` bits finer than the base slice of ``b0`` bits); else
@@ -671,7 +673,7 @@ def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_
         raise ValueError(
             f"splits={splits}, batch={batch}: the {g} groups must split into multiples of the batch (1, 2, 4 or 8)"
         )
-    pmin = 1
+    pmin, pmax = 1, words.shape[0]
     if isinstance(planes, torch.Tensor):
         if scale.dim() != 3 or scale.shape[0] != words.shape[0]:
             raise ValueError(f"planes on the device: scale and zero must be [{words.shape[0]}, N, G] (one per view)")
@@ -680,6 +682,12 @@ def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_
             if not 1 <= dispatch <= words.shape[0]:
                 raise ValueError(f"dispatch from {dispatch} planes: the pack holds {words.shape[0]}")
             pc, pmin = -1, dispatch
+            if dispatch_to is not None:
+                if not dispatch <= dispatch_to <= words.shape[0]:
+                    raise ValueError(
+                        f"dispatch to {dispatch_to} planes: from {dispatch}, the pack holds {words.shape[0]}"
+                    )
+                pmax = dispatch_to
     else:
         if not 1 <= planes <= words.shape[0]:
             raise ValueError(f"a view of {planes} planes: the pack holds {words.shape[0]}")
@@ -709,7 +717,7 @@ def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_
     if sh < 0:
         raise ValueError(f"a view of {planes} planes is coarser than the base slice of {b0} bits")
     kw = dict(P=pc, W0=wts[0], W1=wts[1], BN=BLOCK_N, SPLIT=splits > 1, BATCH=batch, PREFETCH=int(prefetch), PMIN=pmin,
-              PMAX=words.shape[0])  # fmt: skip
+              PMAX=pmax)  # fmt: skip
     kw.update(STAGES=stages, PKG=b0 is not None, B0=b0 or 0, MULT=2.0**-sh, ZM=2.0**sh, HK=(2.0**sh - 1) / 2)
     kw.update(OUT_MODE=out_mode, bias_ptr=out if bias is None else bias, HAS_BIAS=bias is not None)
     kw.update(w_desc=desc, BULK_GS=bulk, BULK_PP=bulk_pp(max(pc, 1)), PUBLIC=_REINTERPRET_PUBLIC)
@@ -896,7 +904,7 @@ def tma_config(n_blocks: int, groups: int, planes: int) -> tuple[int, int] | Non
 
 
 def fragment_linear(
-    x2: torch.Tensor, fp: FragPlanes, k, bias=None, out=None, routed=None, cap: int = 0, tma: int = 0
+    x2: torch.Tensor, fp: FragPlanes, k, bias=None, out=None, routed=None, cap: int = 0, tma: int = 0, span=None
 ) -> torch.Tensor:
     """One token ``x2 [1, in]`` (fp16) -> ``[1, out]`` from a fragment pack: view ``k`` (an int, a one-element int
     tensor on the device, or None with ``routed = (gate values, threshold)`` on the device, counted by the kernel:
@@ -906,7 +914,8 @@ def fragment_linear(
     ``cap``: a static view of at least this many planes (0: none) in a launch of at least :data:`BIG_LAUNCH` weights
     runs capped at 128 registers, one group prefetched at most (no spill in its group loop, counted offline).
     ``tma`` -1 or -2: a static view's words come by TMA into shared memory (``stages``; the K split of
-    :func:`tma_config`), where a split allows it; 0: through registers."""
+    :func:`tma_config`), where a split allows it; 0: through registers. ``span = (lo, hi)``, with a view on the
+    device: the views it may be (their bodies alone compiled; others clamped into them)."""
     M, K_IN = x2.shape
     if M != 1 or K_IN != fp.in_features or x2.dtype != torch.float16:
         raise ValueError(f"the fragment kernel takes one fp16 token of {fp.in_features} features, got {x2.dtype} "
@@ -927,10 +936,10 @@ def fragment_linear(
         planes = fp.planes_of_view[k - 1]
         sc, zp = fp.scale[planes - 1], fp.zero[planes - 1]
         dispatch = None
-    else:  # the view on the device, read or counted by the kernel: a body per view there
+    else:  # the view on the device, read or counted by the kernel: a body per view there (of the span's views)
         planes = k.reshape(-1) if torch.is_tensor(k) else x2
         sc, zp = fp.scale, fp.zero
-        dispatch = b0
+        dispatch = b0 if span is None else fp.planes_of_view[span[0] - 1]
     if tma not in (0, -1, -2):
         raise ValueError(f"tma must be 0 (registers), -1 or -2 (TMA loads: a plane, a plane and group), got {tma}")
     batch, prefetch, splits = launch_config(nb, g, planes if isinstance(planes, int) else 0)
@@ -948,6 +957,8 @@ def fragment_linear(
         extra = dict(part=torch.empty(splits, nb * BLOCK_N, device=x2.device), locks=_locks(x2.device, nb, "frag"))
     if dispatch is not None:
         extra.update(views=fp.planes_of_view, routed=routed)
+        if span is not None:
+            extra.update(dispatch_to=fp.planes_of_view[span[1] - 1])
     args, kw = _launch_args(fp.words, sc, zp, x2.reshape(-1), out.view(-1), splits, planes, batch, prefetch, dispatch,
                             stages, b0, n_out, bias, 2 if splits > 1 else 1, **extra)  # fmt: skip
     if capped:  # a device view's bodies measured faster so; static views from ``cap`` planes asked to be

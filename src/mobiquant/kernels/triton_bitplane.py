@@ -3387,8 +3387,10 @@ def bitplane_linear_bits(
         from .gluon_fragment import fragment_linear, fragment_of
 
         if kvals:  # the router's gate values: counted by the kernel
-            return fragment_linear(x2, fragment_of(bp), None, bias, out, routed=(v_t, tau_t))
-        return fragment_linear(x2, fragment_of(bp), ksel or k_t, bias, out, cap=cfg.fragment_cap, tma=cfg.fragment_tma)
+            return fragment_linear(x2, fragment_of(bp), None, bias, out, routed=(v_t, tau_t), span=span)
+        return fragment_linear(
+            x2, fragment_of(bp), ksel or k_t, bias, out, cap=cfg.fragment_cap, tma=cfg.fragment_tma, span=span
+        )
     if out is None:
         out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
     return _bits_launch(
