@@ -270,7 +270,7 @@ stage() {
       run_stage span_stack 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-package --no-routed \
         --device-k --out "$RES/span_stack"
       run_stage span_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_triton_bitplane.py \
-        -k "bits_kernel_span or site_bits_span or two_bodies" ;;
+        tests/kernels/test_gluon_fragment.py -k "bits_kernel_span or site_bits_span or two_bodies or in_a_span" ;;
     tiling)
       run_stage router_tests 300 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_triton_router.py \
         tests/kernels/test_fused_inputs.py

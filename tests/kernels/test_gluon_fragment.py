@@ -310,6 +310,26 @@ def test_gpu_routed_and_site(gen):
 
 
 @needs_gpu
+def test_gpu_device_views_in_a_span(gen):
+    """A view read or counted on the device with a span of two views (``span``): those two bodies alone, each
+    view of the span exact, a view outside it clamped into it."""
+    n_in = 4096
+    planes, scale, zero = make_layer(1024, n_in, gen, True, "cuda")
+    x = torch.randn(1, n_in, generator=gen).half().cuda()
+    bp = tb.pack_bitplanes(planes, scale, zero, SLICES, 128, n_in)
+    cfg = tb.SmallConfig(fragment=True)
+    for lo in range(1, len(SLICES)):
+        for k in (lo, lo + 1):
+            kd = torch.tensor([k], dtype=torch.int32, device="cuda")
+            _check(tb.bitplane_linear_bits(x, bp, kd, config=cfg, span=(lo, lo + 1)), x, planes, scale, zero, k)
+    kd = torch.tensor([1], dtype=torch.int32, device="cuda")
+    _check(tb.bitplane_linear_bits(x, bp, kd, config=cfg, span=(3, 4)), x, planes, scale, zero, 3)
+    values = torch.tensor([0.9, 0.7, 0.5, 0.3, 0.1], device="cuda")
+    rk = tb.RoutedK(values, torch.tensor([0.6], device="cuda"))  # view 3
+    _check(tb.bitplane_linear_bits(x, bp, rk, config=cfg, span=(2, 3)), x, planes, scale, zero, 3)
+
+
+@needs_gpu
 @pytest.mark.parametrize("tma", [-1, -2])
 def test_gpu_static_views_by_tma(tma, gen):
     """``SmallConfig(fragment_tma=...)``: static views whose words come by TMA, as exact as through registers, on a
