@@ -292,8 +292,16 @@ class TokenRouter(nn.Module):
 
     def _bands(self, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
         """The adjacent policy's band of each residual slice, ``[K-1]``: slice ``e``'s values lie in
-        ``[band_e, band_e + 1]`` (bands 2 apart, the deepest slice's at 0)."""
-        return 2.0 * torch.arange(self.num_residuals - 1, -1, -1, dtype=dtype, device=device)
+        ``[band_e, band_e + 1]`` (bands 2 apart, the deepest slice's at 0). Made once per dtype and device and kept
+        (only ever read; not while Dynamo traces), instead of an arange and a product at every routed forward."""
+        key = (dtype, device)
+        kept = self.__dict__.get("_band_kept") or {}
+        bands = kept.get(key)
+        if bands is None:
+            bands = 2.0 * torch.arange(self.num_residuals - 1, -1, -1, dtype=dtype, device=device)
+            if not torch.compiler.is_compiling():
+                self.__dict__["_band_kept"] = {**kept, key: bands}
+        return bands
 
     def fixed_values(self, x: torch.Tensor) -> torch.Tensor:
         """Gate values, ``[..., K-1]`` fp32 for the tokens of ``x``, that give every threshold :meth:`constant_k`
@@ -378,8 +386,10 @@ class TokenRouter(nn.Module):
             else:
                 m, k_fused = self._hard_values(x, self.tau)
                 k = 1 + (m > self.tau).sum(-1) if k_fused is None else k_fused
-                self._values = (weakref.ref(x), self._values_key(), m)  # linears with own thresholds reuse them
-        self._cache = (weakref.ref(x), key, k)
+                # linears with own thresholds reuse them (plain attributes, written to the instance dict:
+                # nn.Module.__setattr__'s checks cost more than the rest of a hit, once per router a forward)
+                self.__dict__["_values"] = (weakref.ref(x), self._values_key(), m)
+        self.__dict__["_cache"] = (weakref.ref(x), key, k)
         return k
 
     @torch.no_grad()
@@ -395,8 +405,8 @@ class TokenRouter(nn.Module):
         router = (first.weight, first.bias, last.weight, last.bias)
         pdl = getattr(self, "launch_pdl", False)
         y, k, m = kernels.fused_input_router(x, prologue, router, self.tau, self.policy, pdl)
-        self._values = (weakref.ref(y), self._values_key(), m)
-        self._cache = (weakref.ref(y), (id(y), self.tau._version, None), k)
+        self.__dict__["_values"] = (weakref.ref(y), self._values_key(), m)
+        self.__dict__["_cache"] = (weakref.ref(y), (id(y), self.tau._version, None), k)
         return y
 
     def gate_values_of(self, x: torch.Tensor) -> torch.Tensor:
@@ -405,7 +415,7 @@ class TokenRouter(nn.Module):
         if _hit(self._values, x, key):
             return self._values[2]  # type: ignore[index]
         m, _ = self._hard_values(x, self.tau)
-        self._values = (weakref.ref(x), key, m)
+        self.__dict__["_values"] = (weakref.ref(x), key, m)
         return m
 
     def in_launch(self, x: torch.Tensor) -> tuple[torch.Tensor, Any] | None:
@@ -457,7 +467,7 @@ class TokenRouter(nn.Module):
         """
         # The cache serves the linears that share this router within one forward. A later step on the same
         # input tensor has updated parameters (new versions) and must not reuse the first step's graph.
-        key = ("gates", target_bits, torch.is_grad_enabled(), tuple(p._version for p in self.parameters()))
+        key = ("gates", target_bits, torch.is_grad_enabled(), self._values_key()[1:])
         if _hit(self._cache, x, key):
             return self._cache[2]  # type: ignore[index]
         s = self.scores(x)
