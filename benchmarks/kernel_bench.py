@@ -86,13 +86,14 @@ def parse_bits_config(tb, text: str):
     row blocks summed by a second launch (stream-K, one layer); FRAG 1: the fragment-native Gluon kernel where it
     serves, 0: never, empty: the library's rule (``SmallConfig.fragment``), 2: that rule and views on the device in
     launches of at least 2^25 weights (``fragment_device_from``), 3: the rule with static views of up to 4 planes in
-    every launch (``fragment_static_from`` 0); CAP: static views of at least this many planes on the large launches
-    take the fragment kernel capped at 128 registers (``fragment_cap``; empty: the library's 5, 0: none); TMA -1 or
-    -2: the fragment kernel's static views read their words by TMA (``fragment_tma``; empty or 0: registers); INT4
-    2-16: a packed layer's forwards of 2 to that many tokens through torch's CUDA int4 matmul (``int4_tokens``; 0:
-    never; empty: the library's 16); PRELOAD 1: a whole-K launch that learns its view on the device loads the planes
-    every body reads before reading ``k`` (``preload``); SPAN 1: a routed layer whose tokens choose between two
-    adjacent views compiles those two bodies alone (``span_bodies``)."""
+    every launch (``fragment_static_from`` 0, the default since 2026-12-06), 4: the rule with them only in launches
+    of at least 2^25 weights (``fragment_static_from`` 2^25, the default before); CAP: static views of at least this
+    many planes on the large launches take the fragment kernel capped at 128 registers (``fragment_cap``; empty: the
+    library's 5, 0: none); TMA -1 or -2: the fragment kernel's static views read their words by TMA
+    (``fragment_tma``; empty or 0: registers); INT4 2-16: a packed layer's forwards of 2 to that many tokens through
+    torch's CUDA int4 matmul (``int4_tokens``; 0: never; empty: the library's 16); PRELOAD 1: a whole-K launch that
+    learns its view on the device loads the planes every body reads before reading ``k`` (``preload``); SPAN 1: a
+    routed layer whose tokens choose between two adjacent views compiles those two bodies alone (``span_bodies``)."""
     parts = [p.strip() for p in text.split(",")] + [""] * 18
     bn, bk, nw, wv, pf, sk, wk, st, pdl, l2, ah, red, frag, cap, tma, i4, pre, span = (
         int(p) if p else None for p in parts[:18]
@@ -111,9 +112,9 @@ def parse_bits_config(tb, text: str):
         l2_prefetch=bool(l2),
         ahead=ah or 0,
         reduce_launch=bool(red),
-        fragment=None if frag in (None, 2, 3) else bool(frag),
+        fragment=None if frag in (None, 2, 3, 4) else bool(frag),
         fragment_device_from=1 << 25 if frag == 2 else None,
-        **({"fragment_static_from": 0} if frag == 3 else {}),
+        **({"fragment_static_from": {3: 0, 4: 1 << 25}[frag]} if frag in (3, 4) else {}),
         **({} if cap is None else {"fragment_cap": cap}),
         fragment_tma=tma or 0,
         **({} if i4 is None else {"int4_tokens": i4}),
@@ -136,7 +137,11 @@ def bits_tag(cfg) -> str:
         + ("/red" if cfg.reduce_launch else "")
         + {True: "/frag", False: "/nofrag", None: ""}[cfg.fragment]
         + ("/fragdev" if cfg.fragment_device_from else "")
-        + ("" if cfg.fragment_static_from else "/fragsmall")
+        + (
+            ""
+            if cfg.fragment_static_from == type(cfg)().fragment_static_from
+            else f"/fragfrom{cfg.fragment_static_from}"
+        )
         + (f"/cap{cfg.fragment_cap}" if cfg.fragment_cap != type(cfg)().fragment_cap else "")
         + (f"/tma{-cfg.fragment_tma}" if cfg.fragment_tma else "")
         + (f"/int4x{cfg.int4_tokens}" if cfg.int4_tokens != type(cfg)().int4_tokens else "")

@@ -172,9 +172,11 @@ def test_layout_option_and_bits_config(monkeypatch, capsys):
     frag = [kb.parse_bits_config(tb, f",,4,,0,,1,,0,0,0,1,{f}") for f in (0, 1, 2)]
     assert [c.fragment for c in frag] == [False, True, None] and kb.bits_tag(frag[1]).endswith("/red/frag")
     assert frag[2].fragment_device_from == 1 << 25 and kb.bits_tag(frag[2]).endswith("/red/fragdev")
-    small = kb.parse_bits_config(tb, ",,4,,0,,1,,0,0,0,1,3")
-    assert small.fragment_static_from == 0 and small.fragment_device_from is None
-    assert kb.bits_tag(small).endswith("/red/fragsmall") and frag[2].fragment_static_from == 1 << 25
+    small = kb.parse_bits_config(tb, ",,4,,0,,1,,0,0,0,1,3")  # 3-4 planes in every launch: the default since
+    assert small.fragment_static_from == 0 and small.fragment_device_from is None  # 2026-12-06
+    assert kb.bits_tag(small).endswith("/red") and frag[2].fragment_static_from == 0
+    large = kb.parse_bits_config(tb, ",,4,,0,,1,,0,0,0,1,4")  # ... only in launches of 2^25 weights: the rule before
+    assert large.fragment_static_from == 1 << 25 and kb.bits_tag(large).endswith("/red/fragfrom33554432")
     cap = kb.parse_bits_config(tb, ",,4,,0,,1,,0,0,0,1,,7")
     assert cap.fragment is None and cap.fragment_cap == 7 and kb.bits_tag(cap).endswith("/red/cap7")
     assert kb.parse_bits_config(tb, ",,4,,0,,1,,0,0,0,1").fragment_cap == 5  # empty: the library's default

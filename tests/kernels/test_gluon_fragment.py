@@ -240,22 +240,24 @@ def test_tma_config_picks_splits_that_fit():
 
 
 def test_fragment_default_follows_the_stack():
-    """``SmallConfig()`` takes the fragment kernel for the static views the 8B-shaped stack measured faster with it
-    (7-8 planes of the default layout; 3-8 planes in launches of at least 2^25 weights, 5-8 of them capped at 128
-    registers), not for 5-6 planes of smaller launches nor views on the device; True and False force."""
+    """``SmallConfig()`` takes the fragment kernel for the static views the 8B-shaped site stack measured faster
+    with it (3-4 and 7-8 planes of the default layout in every launch; 5-6 planes in launches of at least 2^25
+    weights, capped at 128 registers), not for 5-6 planes of smaller launches nor views on the device; True and
+    False force; ``fragment_static_from`` 2^25 keeps 3-4 planes of smaller launches off it (the rule before)."""
     bp = tb.BitPlanes(torch.zeros(8, 64, 64, dtype=torch.int32), torch.zeros(2, 8, 64, dtype=torch.int32), SLICES,
                       128, 1024, 128)  # fmt: skip
     auto, on, off = tb.SmallConfig(), tb.SmallConfig(fragment=True), tb.SmallConfig(fragment=False)
-    assert [tb._fragment_wanted(auto, bp, k) for k in (1, 2, 3, 4, 5, 6, None)] == [0, 0, 0, 0, 1, 1, 0]
-    big = dataclasses.replace(bp, out_features=1 << 15)  # 2^15 x 2^10 = 2^25 weights: 3-4 planes too
+    assert [tb._fragment_wanted(auto, bp, k) for k in (1, 2, 3, 4, 5, 6, None)] == [1, 1, 0, 0, 1, 1, 0]
+    big = dataclasses.replace(bp, out_features=1 << 15)  # 2^15 x 2^10 = 2^25 weights: 5-6 planes too
     assert [tb._fragment_wanted(auto, big, k) for k in (1, 2, 3, 4, 5, 6, None)] == [1, 1, 1, 1, 1, 1, 0]
-    small = tb.SmallConfig(fragment_static_from=0)  # 3-4 planes in every launch
-    assert [tb._fragment_wanted(small, bp, k) for k in (1, 2, 3, 4, 5, 6)] == [1, 1, 0, 0, 1, 1]
+    large = tb.SmallConfig(fragment_static_from=1 << 25)  # 3-4 planes only in launches of 2^25 weights
+    assert [tb._fragment_wanted(large, bp, k) for k in (1, 2, 3, 4, 5, 6)] == [0, 0, 0, 0, 1, 1]
+    assert [tb._fragment_wanted(large, big, k) for k in (1, 2)] == [1, 1]
     assert all(tb._fragment_wanted(on, bp, k) for k in (3, None))
     assert not any(tb._fragment_wanted(off, big, k) for k in (1, 6))
     nocap = tb.SmallConfig(fragment_cap=0)  # no cap: 5-6 planes back on the one-bit plane kernel everywhere
     assert [tb._fragment_wanted(nocap, big, k) for k in (1, 2, 3, 4, 5, 6)] == [1, 1, 0, 0, 1, 1]
-    assert [tb._fragment_wanted(auto, bp, k) for k in (3, 4)] == [0, 0]
+    assert [tb._fragment_wanted(auto, bp, k) for k in (3, 4)] == [0, 0]  # 5-6 planes of a small launch: not
     assert gf.register_capped(1 << 25, 0, 0) and not gf.register_capped((1 << 25) - 1, 0, 0)  # device views
     assert gf.register_capped(1 << 25, 7, 5) and not gf.register_capped(1 << 25, 4, 5)  # static views from cap
     assert not gf.register_capped(1 << 26, 8, 0)  # no cap asked

@@ -2630,7 +2630,8 @@ class SmallConfig:
     # router in the launch); a site launch takes it for one static view of layers whose rows are whole 128-row blocks.
     # True: wherever it serves; False: never; None (default): as measured on the 8B-shaped stack on an H200, static
     # views of 7-8 planes in every launch (1.13x fp16 against 1.01x at 8 bits) and of up to 4 planes in the launches
-    # of at least ``fragment_static_from`` weights (2.03x against 1.86x at 3 bits, 1.82x against 1.75x at 4), of 5-6
+    # of at least ``fragment_static_from`` weights (all, by default; 2.03x against 1.86x at 3 bits, 1.82x against
+    # 1.75x at 4 on the large launches), of 5-6
     # planes in the launches ``fragment_cap`` names (capped), not views read or counted on the device (routed budgets
     # 4-8: even to 0.91x; docs/RESULTS.md "The fragment-native Gluon GEMV on the H200").
     fragment: bool | None = None
@@ -2640,9 +2641,12 @@ class SmallConfig:
     # 0.91-0.96x of the one-bit plane kernel's)
     fragment_device_from: int | None = None
     # with fragment None: the rule's static views of up to 4 planes take the fragment kernel only in launches of at
-    # least this many weights (0: all; the default 2^25 keeps the 8B q/o and q/k/v site on the one-bit plane kernel,
-    # faster there at 3-4 planes: 4-bit stack 314.8 us a token against 328.8 with them on the fragment kernel)
-    fragment_static_from: int = 1 << 25
+    # least this many weights (0, the default: every launch). Measured on the 8B-shaped stack launched as the package
+    # launches it (one launch a site) on an H100 (2026-12-06, docs/RESULTS.md "Spans, placements and the small
+    # launches on an H100"): 0 took the static 3 / 4-bit views from 250.7 / 283.6 us a token to 239.3 / 269.0 (2.63x
+    # -> 2.77x fp16 at 4 bits), the q/k/v site and o launch then on the fragment kernel; 2^25, the earlier default,
+    # had been faster per linear on an H200 (4-bit stack 314.8 us against 328.8, the q/o and k/v launched alone)
+    fragment_static_from: int = 0
     # static views of at least this many planes in launches of at least 2^25 weights: the fragment kernel (with
     # fragment None, 5-6 planes too) capped at 128 registers, one group prefetched at most; 0: none. Measured on the
     # 8B-shaped stack on an H200 (docs/RESULTS.md "The fragment-native Gluon GEMV on the H200"): static 5 / 6 / 7 / 8
