@@ -537,11 +537,11 @@ class MoBiLinear(nn.Module):
         matmul = None
         # tokens between two adjacent views: the int4 matmuls take both (no host read), the one-bit plane kernel
         # compiles those two views' bodies alone (SmallConfig.span_bodies)
-        pair = None if isinstance(k, int) else self._token_pair()
+        j = self._token_pair()
+        pair = None if isinstance(k, int) else j
         if int4_mm:  # (then no Triton entry was chosen above)
             views = self.int4_views()
             matmul = views.matmul  # int4 matmuls of the views (kernels.int4)
-            j = self._token_pair()
             if j is not None and not x.is_cuda:  # both views' packs, for a compiled step to trace (_traced_int4)
                 views.parts(j), views.parts(j + 1)
         buffers = self._buffers
