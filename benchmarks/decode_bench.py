@@ -395,7 +395,8 @@ def timed_generate(model, prompt, new_tokens, graph, budget=None):
 def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package", None),), budgets=None):
     """fp16, then for each ``(label, small_config)`` of ``kernels`` (``None``: the library's defaults; ``"sites"``:
     one launch per router site; ``"inputs"``: that and fused inputs, ``patching.fuse_inputs``, with an fp16 row
-    of the same fused kernels; a pair ``(mode, small_config)``: that fusion with that config, routed budgets only)
+    of the same fused kernels; a pair ``(mode, small_config)``: that fusion with that config, routed budgets only;
+    a triple ``(mode, small_config, True)``: the static views too)
     the static views and the routed ``budgets`` (default: base bits .. all bits) through
     ``mobiquant.tasks.decode.generate``."""
     import mobiquant as mq
@@ -447,7 +448,7 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package",
     def kind(cfg):
         """``(fusion mode or None, SmallConfig or None)`` of a ``kernels`` entry."""
         if isinstance(cfg, tuple):
-            return cfg
+            return cfg[:2]
         return (cfg, None) if isinstance(cfg, str) else (None, cfg)
 
     if any(kind(cfg)[0] == "inputs" for _, cfg in kernels):  # fp16 with the same fused norms and MLP products
@@ -465,7 +466,7 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package",
         fuse_sites(q, enable=sites)
         fuse_inputs(q, enable=mode == "inputs")
         # a (mode, config) entry: its routed budgets only (a config for views learnt on the device)
-        for k in range(1, ns + 1) if not isinstance(cfg, tuple) else ():
+        for k in range(1, ns + 1) if not isinstance(cfg, tuple) or cfg[2:] == (True,) else ():
             mq.set_static(q, k)
             t, how = attempt(q)
             if t is None:
@@ -687,6 +688,11 @@ def package_kernels(args, bits_cfg=None) -> list:
         # kernel (the stack's 'device k span frag' rows, 2026-12-06: 3-7 bits 3-10% faster than 'device k')
         cfg = SmallConfig(span_bodies=True, fragment_device_from=1 << 25)
         kernels.append(("package sites+inputs span", ("inputs", cfg)))
+    if args.package_pdl:  # ... fused inputs, every kernel launch of a linear with programmatic dependent launch
+        kernels.append(("package sites+inputs pdl", ("inputs", SmallConfig(pdl=True), True)))
+        if args.package_span:
+            cfg = SmallConfig(span_bodies=True, fragment_device_from=1 << 25, pdl=True)
+            kernels.append(("package sites+inputs span pdl", ("inputs", cfg)))
     return kernels
 
 
@@ -907,6 +913,12 @@ def main(argv=None):
         help="also the package's routed budgets with fused inputs, each adjacent pair's two views alone compiled, on "
         "the fragment kernel in the launches of at least 2^25 weights (SmallConfig(span_bodies=True, "
         "fragment_device_from=2**25)); rows of 2026-12-06 with preload=True instead of the fragment kernel",
+    )
+    ap.add_argument(
+        "--package-pdl",
+        action="store_true",
+        help="also the package's rows with fused inputs with programmatic dependent launch (SmallConfig(pdl=True): "
+        "the linears' and routers' kernels, the fragment kernel's since 2026-12-06), and with --package-span so",
     )
     ap.add_argument(
         "--device-k",

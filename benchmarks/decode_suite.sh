@@ -66,6 +66,11 @@
 #            tokens decide (3.5, 4.5, 5.5), router placement site (also with each pair's two views alone and their
 #            shared planes preloaded: --package-span), then sublayer (o and down on q/k/v's and gate/up's decisions:
 #            with fused inputs no router launch of its own), each against fp16 with the same fused inputs
+#   pdl      (only when named) programmatic dependent launch with the fragment kernel's launches too (they took no
+#            attribute before 2026-12-06): the site stack's static views with pdl, with the fragment kernel wherever it
+#            serves, with both ($PDL_SITES_CONFIGS); then the package rows with fused inputs, sublayer routers at budgets
+#            3.5, 4.5 and 5.5: the default, pdl (static views too), the span of each pair on the fragment kernel for the
+#            large launches, and both (--package-pdl --package-span)
 #   span     (only when named) the stack's static views beside each view with k read on the device: every body
 #            compiled, the planes every body reads loaded before k (SmallConfig.preload), and the view's span of two
 #            views alone (span_bodies) preloaded; then the tests of spans and preloading, compiled
@@ -114,6 +119,8 @@ TMA1_CONFIG=${TMA1_CONFIG:-",,4,,0,,1,,0,0,0,1,,,-1"}
 # static view of up to 4 planes, the fragment kernel wherever it serves (the site stack's 7- and 8-bit views, all on the
 # fragment kernel, gained 97-100 us over per-linear launches where the others gained 33-57: are 5-6 planes faster there?)
 SITES_CONFIGS=${SITES_CONFIGS:-",,,,,,0;,,,,,,,,1;,,,,,,0,,1;,,,,,,,,,,,,3;,,,,,,,,,,,,1"}
+# the pdl stage's site stack configs: pdl; the fragment kernel wherever it serves; both
+PDL_SITES_CONFIGS=${PDL_SITES_CONFIGS:-",,,,,,,,1;,,,,,,,,,,,,1;,,,,,,,,1,,,,1"}
 # gluon_proto.py's arguments (gluon stage): checked against PyTorch, then BEST's configs timed
 GLUON_ARGS=${GLUON_ARGS:-"--check --time"}
 # the package's one-token GEMV on the stream-K grid with the ticket store, then with the second launch (the default)
@@ -264,6 +271,13 @@ stage() {
       run_stage placement_sublayer 600 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed \
         --fuse-inputs --package-policy adjacent --package-placement sublayer --package-budgets 3.5,4.5,5.5 \
         --out "$RES/placement_sublayer" ;;
+    pdl)
+      run_stage pdl_sites 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-package --no-routed --sites \
+        --sites-configs "$PDL_SITES_CONFIGS" --out "$RES/pdl_sites"
+      run_stage pdl_package 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed --fuse-inputs \
+        --package-policy adjacent --package-placement sublayer --package-budgets 3.5,4.5,5.5 --package-pdl \
+        --package-span --out "$RES/pdl_package"
+      run_stage pdl_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gluon_fragment.py -k pdl ;;
     span)
       # k read on the device against the static views: every body, preloaded, a span of two views (the stack);
       # then their tests compiled
@@ -292,7 +306,7 @@ print(','.join(str(int(v)) for v in t))" "$RES/router_sweep/router_sweep.csv" 2>
       run_stage pattern 600 "$PY" benchmarks/stream_pattern.py --views 1,2,6 \
         --package-configs "$PATTERN_CONFIGS" --out "$RES/pattern" ;;
     *)
-      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
+      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement pdl span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
       return 2 ;;
   esac
 }

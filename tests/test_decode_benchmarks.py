@@ -120,12 +120,15 @@ def test_dry_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "package routed" in out and "package static k=4" in out and "package sites routed" in out
     argv = ["--dry-run", "--new-tokens", "3", "--fuse-inputs", "--package-policy", "adjacent"]
-    argv += ["--package-placement", "sublayer", "--package-budgets", "4.5", "--package-span"]
+    argv += ["--package-placement", "sublayer", "--package-budgets", "4.5", "--package-span", "--package-pdl"]
     assert decode_bench.main(argv) == 0
     out = capsys.readouterr().out
     assert "package sites+inputs routed budget 4.5" in out and "routed budget 5" not in out
     # the span entry: its routed budgets only, no static views
     assert "package sites+inputs span routed budget 4.5" in out and "span static" not in out
+    # programmatic dependent launch: fused inputs, and with the span
+    assert "package sites+inputs pdl routed budget 4.5" in out and "sites+inputs pdl static k=2" in out
+    assert "package sites+inputs span pdl routed budget 4.5" in out
 
 
 def test_e2e_plan_gives_every_linear_its_own_threshold():

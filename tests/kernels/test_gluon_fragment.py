@@ -218,6 +218,59 @@ def test_tma_modes_compile_for_sm90_offline():
     assert waits[-1] > 0 and waits[-2] == 8 * waits[-1], waits  # a barrier's wait: a test, then a retry loop
 
 
+_OFFLINE_PDL = """
+import re, sys, torch
+sys.path.insert(0, sys.argv[1])
+import offline_sass as osx
+from triton.experimental.gluon._runtime import GluonASTSource
+from mobiquant.kernels import gluon_fragment as gf
+words = torch.zeros(4, 32, 112, 512, dtype=torch.int32)  # 14336 x 4096, the 8B gate/up
+sc, x, out = torch.zeros(14336, 32, dtype=torch.float16), torch.zeros(4096, dtype=torch.float16), torch.zeros(14336)
+dev = dict(planes=torch.ones(1, dtype=torch.int32), dispatch=3)
+for name, kw in (("static", dict(planes=4, prefetch=True)), ("tma", dict(planes=4, stages=-1)), ("device", dev)):
+    s3 = sc[None].expand(4, -1, -1) if name == "device" else sc
+    args, kw = gf._launch_args(words, s3, s3, x, out, splits=4, pdl=True, **kw)
+    kw.pop("launch_pdl")
+    sass, _ = osx.sass_and_resources(osx.compile_sm90(gf.frag_gemv_kernel, args, kw, source=GluonASTSource))
+    ops = [m.group(3) for m in osx.LINE.finditer(sass)]
+    wait = ops.index("ACQBULK")
+    print("RESULT", name, ops.index("PREEXIT") < wait, ops[:wait].count("LDG.E.128"), ops.count("ACQBULK"))
+"""
+
+
+def test_pdl_launch_args():
+    """``pdl``: the kernel's ``PDL`` constexpr and the launch attribute; neither without it."""
+    words = torch.zeros(4, 32, 4, 512, dtype=torch.int32)
+    sc, x, out = torch.zeros(512, 32, dtype=torch.float16), torch.zeros(4096, dtype=torch.float16), torch.zeros(512)
+    _, kw = gf._launch_args(words, sc, sc, x, out, planes=4, pdl=True)
+    assert kw["PDL"] is True and kw["launch_pdl"] is True
+    _, kw = gf._launch_args(words, sc, sc, x, out, planes=4)
+    assert kw["PDL"] is False and "launch_pdl" not in kw
+
+
+def test_pdl_waits_after_the_first_weights_offline():
+    """Compiled for sm_90 without a GPU: with ``pdl`` every program lets the next kernel start
+    (``griddepcontrol.launch_dependents``, SASS ``PREEXIT``) and waits for the kernel before (``griddepcontrol.wait``,
+    ``ACQBULK``) once; a static view's first group of words (4 planes: four 16-byte loads) is asked for before that
+    wait, and the TMA mode's too (issued as bulk copies, no LDG); a view on the device (``k`` maybe written by the
+    kernel before) waits before any load."""
+    import subprocess
+
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("this triton ships no cuobjdump")
+    bench = str(Path(__file__).resolve().parents[2] / "benchmarks")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run(
+        [sys.executable, "-c", _OFFLINE_PDL, bench], capture_output=True, text=True, env=env, timeout=900
+    )
+    got = {ln.split()[1]: ln.split()[2:] for ln in r.stdout.splitlines() if ln.startswith("RESULT")}
+    assert set(got) == {"static", "tma", "device"}, r.stderr[-2000:]
+    assert got["static"] == ["True", "4", "1"]
+    assert got["tma"] == ["True", "0", "1"] and got["device"] == ["True", "0", "1"]
+
+
 def test_tma_config_picks_splits_that_fit():
     """The package's TMA launches (``SmallConfig.fragment_tma``): the K split nearest 448 programs among those leaving
     a power of 2 of groups a program in at most 64 KiB of shared memory (three programs an SM)."""
@@ -349,6 +402,38 @@ def test_gpu_static_views_by_tma(tma, gen):
     y = tb.bitplane_site_bits(x, site, [2, 2, 2], config=cfg)
     for (p, s, z), c, n in zip(layers, site.cols, site.outs, strict=True):
         _check(y[:, c : c + n], x, p, s, z, 2)
+
+
+@needs_gpu
+def test_gpu_pdl_launches_in_a_chain(gen):
+    """``SmallConfig(pdl=True)`` on the fragment kernel: launches in a row where each reads the one before's output
+    (static views, a view read on the device written by the kernel before, a site) are as exact as without."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    n = 4096
+    layers = [make_layer(n, n, gen, True, "cuda") for _ in range(3)]
+    cfg = tb.SmallConfig(fragment=True, pdl=True)
+    x = (torch.randn(1, n, generator=gen) * 0.05).half().cuda()  # two layers' outputs stay well inside fp16
+    for k in range(1, len(SLICES) + 1):
+        ys, h = [], x
+        for p, s, z in layers[:2]:  # the second launch reads the first one's output, nothing between them
+            h = tb.bitplane_linear(h, p, s, z, SLICES, 128, k, path="bits", small_config=cfg)
+            ys.append(h)
+        torch.cuda.synchronize()
+        h = x
+        for (p, s, z), y in zip(layers, ys, strict=False):
+            _check(y, h, p, s, z, k)
+            h = y
+    kd = torch.zeros(1, dtype=torch.int32, device="cuda")
+    p, s, z = layers[0]
+    for k in range(1, len(SLICES) + 1):
+        kd.fill_(k)  # written by a kernel just before the launch that reads it
+        y = tb.bitplane_linear(x, p, s, z, SLICES, 128, kd, path="bits", small_config=cfg)
+        _check(y, x, p, s, z, k)
+    site = tb.site_bitplanes([tb.pack_bitplanes(p, s, z, SLICES, 128, n) for p, s, z in layers])
+    y = tb.bitplane_site_bits(x, site, [2, 2, 2], config=cfg)
+    for (p, s, z), c, m in zip(layers, site.cols, site.outs, strict=True):
+        _check(y[:, c : c + m], x, p, s, z, 2)
 
 
 @needs_gpu

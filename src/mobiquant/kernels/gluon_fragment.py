@@ -177,6 +177,19 @@ def unpack_x(xb: torch.Tensor) -> torch.Tensor:
 
 
 @gluon.jit
+def _griddep(WAIT: ttgl.constexpr):
+    """Programmatic dependent launch (``SmallConfig.pdl``): ``WAIT`` until the kernel before this one has finished and
+    its writes are visible (``griddepcontrol.wait``), else let the next kernel start its programs once every program
+    of this one has come here (``griddepcontrol.launch_dependents``); a no-op in a launch without the attribute."""
+    if WAIT:
+        ttgl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=ttgl.int32, is_pure=False, pack=1)
+    else:
+        ttgl.inline_asm_elementwise(
+            "griddepcontrol.launch_dependents; // $0", "=r", [], dtype=ttgl.int32, is_pure=False, pack=1
+        )
+
+
+@gluon.jit
 def _sel(f, v, M: ttgl.constexpr):
     """``M ? v : f`` bitwise (one LOP3)."""
     return ttgl.inline_asm_elementwise(
@@ -295,16 +308,21 @@ def _x_halves(x_ptr, g, xofs, xn, xsc):
 
 
 @gluon.jit
-def _load_group(w_ptr, x_ptr, vofs, xofs, xn, xsc, g, NB, PSTRIDE, P: ttgl.constexpr, p):
+def _load_group(w_ptr, x_ptr, vofs, xofs, xn, xsc, g, NB, PSTRIDE, P: ttgl.constexpr, p, WAIT: ttgl.constexpr):
     """Group ``g``'s raw words (field 0, field 1 when the view may reach it) and its B operand's halves
-    (:func:`_x_halves`)."""
+    (:func:`_x_halves`); ``WAIT``: the words asked for first, then the kernel before awaited (:func:`_griddep`),
+    then the activations."""
     wp = w_ptr + g * NB * 512 + vofs
-    xv = _x_halves(x_ptr, g, xofs, xn, xsc)
+    if not WAIT:
+        xv = _x_halves(x_ptr, g, xofs, xn, xsc)
     f0 = _load_field(wp, PSTRIDE, 0, min(P, 4) if P > 0 else 4, p, P == 0)
     if P == 0 or P > 4:
         f1 = _load_field(wp, PSTRIDE, 4, P - 4 if P > 0 else 4, p, P == 0)
     else:
         f1 = f0
+    if WAIT:
+        _griddep(True)
+        xv = _x_halves(x_ptr, g, xofs, xn, xsc)
     return f0, f1, xv
 
 
@@ -419,13 +437,15 @@ def _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PST
                 zm, hk, P: ttgl.constexpr, W0: ttgl.constexpr, W1: ttgl.constexpr, BN: ttgl.constexpr,
                 BATCH: ttgl.constexpr, PREFETCH: ttgl.constexpr, LW: ttgl.constexpr, AL: ttgl.constexpr,
                 BL: ttgl.constexpr, MMA: ttgl.constexpr, smem, STAGES: ttgl.constexpr, SSTRIDE: ttgl.constexpr,
-                VL: ttgl.constexpr, XL: ttgl.constexpr, GSC: ttgl.constexpr, bars):  # fmt: skip
+                VL: ttgl.constexpr, XL: ttgl.constexpr, GSC: ttgl.constexpr, bars, WAIT: ttgl.constexpr):  # fmt: skip
     """A program's ``[BN, 8]`` sums over groups ``g_lo .. g_lo + GS`` (their columns summed by the caller) of the
     view of ``P`` planes (compiled in) or, ``P == 0``, of ``p`` read on the device (whole fields, absent planes
     predicated off). ``STAGES`` > 0 (``P`` > 0): the words stream through a ring of that many groups in shared
     memory (``cp.async``, ``STAGES - 1`` groups in flight ahead of the decode) instead of registers; -1: all ``GSC``
     groups' words are in ``smem`` already (:func:`_bulk_load`), the activations one group ahead in registers; -2: as
-    -1, but each group is waited for on its own barrier of ``bars`` just before its decode."""
+    -1, but each group is waited for on its own barrier of ``bars`` just before its decode. ``WAIT``
+    (``SmallConfig.pdl``): the kernel before is awaited after the first words are asked for, before any activation
+    is read."""
     if P == 0:
         w0 = (1 << (p + 4)).to(ttgl.float32) * (1.0 / 256.0)  # 2^(p - 4)
     total = ttgl.zeros([BN, 8], ttgl.float32, MMA)
@@ -433,12 +453,19 @@ def _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PST
     if STAGES > 0:
         for s in ttgl.static_range(STAGES - 1):
             _stage_issue(smem, w_ptr, vofs, ttgl.minimum(g_lo + s, g_last), s, NB, PSTRIDE, P, SSTRIDE)
+        if WAIT:
+            _griddep(True)
     elif STAGES < 0:
+        if WAIT:
+            _griddep(True)
         xnx = _x_halves(x_ptr, g_lo, xofs, xn, xsc)
     elif PREFETCH:
-        nxt = _load_group(w_ptr, x_ptr, vofs, xofs, xn, xsc, g_lo, NB, PSTRIDE, P, p)
+        nxt = _load_group(w_ptr, x_ptr, vofs, xofs, xn, xsc, g_lo, NB, PSTRIDE, P, p, WAIT)
         if PREFETCH >= 2:
-            nxt2 = _load_group(w_ptr, x_ptr, vofs, xofs, xn, xsc, ttgl.minimum(g_lo + 1, g_last), NB, PSTRIDE, P, p)
+            g1 = ttgl.minimum(g_lo + 1, g_last)
+            nxt2 = _load_group(w_ptr, x_ptr, vofs, xofs, xn, xsc, g1, NB, PSTRIDE, P, p, False)
+    elif WAIT:
+        _griddep(True)
     for g0 in range(g_lo, g_lo + GS, BATCH):
         acc = ttgl.zeros([BN, 8], ttgl.float32, MMA)  # column n: group g0 - g0 % 8 + n's sum of F0 x'
         acc1 = ttgl.zeros([BN, 8], ttgl.float32, MMA)  # and of F1 x' (P > 4)
@@ -467,13 +494,13 @@ def _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PST
                 cur = nxt
                 nxt = nxt2
                 g2 = ttgl.minimum(g0 + i + 2, g_last)
-                nxt2 = _load_group(w_ptr, x_ptr, vofs, xofs, xn, xsc, g2, NB, PSTRIDE, P, p)
+                nxt2 = _load_group(w_ptr, x_ptr, vofs, xofs, xn, xsc, g2, NB, PSTRIDE, P, p, False)
             elif PREFETCH:
                 cur = nxt
                 g1 = ttgl.minimum(g0 + i + 1, g_last)
-                nxt = _load_group(w_ptr, x_ptr, vofs, xofs, xn, xsc, g1, NB, PSTRIDE, P, p)
+                nxt = _load_group(w_ptr, x_ptr, vofs, xofs, xn, xsc, g1, NB, PSTRIDE, P, p, False)
             else:
-                cur = _load_group(w_ptr, x_ptr, vofs, xofs, xn, xsc, g0 + i, NB, PSTRIDE, P, p)
+                cur = _load_group(w_ptr, x_ptr, vofs, xofs, xn, xsc, g0 + i, NB, PSTRIDE, P, p, False)
             xb = _b_operand(cur[2], BL)  # x' in column (g0 + i) % 8 only
             if P == 0:
                 acc = mma_v2(_field_operand(cur[0], 4, LW, AL), xb, acc)
@@ -515,7 +542,10 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
                      OUT_MODE: ttgl.constexpr, bias_ptr, HAS_BIAS: ttgl.constexpr, part_ptr, lock_ptr,
                      v_ptr, tau_ptr, KMODE: ttgl.constexpr, KV: ttgl.constexpr,
                      VIEWS: ttgl.constexpr, w_desc, BULK_GS: ttgl.constexpr, BULK_PP: ttgl.constexpr,
-                     PUBLIC: ttgl.constexpr):  # fmt: skip
+                     PUBLIC: ttgl.constexpr, PDL: ttgl.constexpr):  # fmt: skip
+    # PDL: launched with programmatic dependent launch (SmallConfig.pdl): the next kernel may start its programs now;
+    # a view on the device awaits the kernel before at once (it may have written k), a view compiled in once its
+    # first words are asked for (_view_total), before any activation is read
     # KMODE (P == -1): 0 p_ptr holds the view's planes; 1 its k (1-based); 2 k = 1 + #(v_ptr[e] > tau) over KV gate
     # values, in the values' dtype. VIEWS: view k's planes minus one in bits 3 (k - 1) .. 3 (k - 1) + 2
     # the step applied as scale mult (C - zero zm - hk): MULT, ZM, HK for a view compiled in; with PKG the package's
@@ -582,6 +612,10 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
         smem = 0
     if STAGES >= 0:
         bars = 0
+    if PDL:
+        _griddep(False)
+        if P <= 0:
+            _griddep(True)
     if P == -1:  # the view read on the device, one compiled body per view from PMIN planes up
         if KMODE == 0:  # p_ptr holds the view's planes
             p = ttgl.load(p_ptr)
@@ -604,7 +638,7 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
                 total = _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PSTRIDE, G,
                                     g_lo, GS, q, 1.0 / (1 << SHQ), 1.0 * (1 << SHQ), ((1 << SHQ) - 1) / 2, q,
                                     (1 << (q + 4)) / 256, (1 << (q + 4)) / 4096, BN, BATCH, PREFETCH, LW, AL, BL, MMA,
-                                    smem, STAGES, SSTRIDE, VL, XL, BULK_GS, bars)  # fmt: skip
+                                    smem, STAGES, SSTRIDE, VL, XL, BULK_GS, bars, False)  # fmt: skip
     else:
         if P == 0:
             p = ttgl.load(p_ptr)
@@ -622,7 +656,7 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
             hkr = HK
         total = _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PSTRIDE, G, g_lo, GS,
                             p, multr, zmr, hkr, P, W0, W1, BN, BATCH, PREFETCH, LW, AL, BL, MMA, smem, STAGES, SSTRIDE,
-                            VL, XL, BULK_GS, bars)  # fmt: skip
+                            VL, XL, BULK_GS, bars, PDL and P > 0)  # fmt: skip
     y = ttgl.sum(total, axis=1)
     if OUT_MODE == 2:
         ns = ttgl.num_programs(1)
@@ -650,7 +684,7 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
 
 def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_GROUPS, prefetch=False,
                  dispatch=None, stages=0, b0=None, n_out=None, bias=None, out_mode=0, part=None,
-                 locks=None, views=None, routed=None, dispatch_to=None):  # fmt: skip
+                 locks=None, views=None, routed=None, dispatch_to=None, pdl=False):  # fmt: skip
     """``planes``: an int (the view, compiled in), None (every plane of the pack) or an int32 device tensor of one
     element (the view read by the kernel; ``scale``/``zero`` then ``[planes of the pack, N, G]``, view ``p`` at
     ``p - 1``). ``dispatch``, with a device view: None decodes whole fields with the absent planes predicated off;
@@ -663,7 +697,8 @@ def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_
     ``bias`` (one split only); 2: the same over splits, summed by the last split of each row block (``part``: fp32
     ``[splits, N]``, ``locks``: int32 zeros, one a row block); else fp32 (atomics over splits into a zeroed
     ``out``). ``views`` (each view's planes), with a dispatched device view: ``planes`` holds the view ``k``, or with
-    ``routed = (gate values, threshold)`` the kernel counts ``k`` itself (``planes`` then unused)."""
+    ``routed = (gate values, threshold)`` the kernel counts ``k`` itself (``planes`` then unused). ``pdl``: launched
+    with programmatic dependent launch (``SmallConfig.pdl``; the launch attribute among the returned keywords)."""
     n, g = words.shape[2] * BLOCK_N, x.numel() // GROUP
     if x.dtype != torch.float16 or not x.is_contiguous() or g * GROUP != x.numel() or g != words.shape[1]:
         raise ValueError(f"x must be {words.shape[1] * GROUP} contiguous fp16 activations, got {x.dtype} "
@@ -730,8 +765,8 @@ def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_
         kmode = 1 if routed is None else 2
         kv = 0 if routed is None else routed[0].numel()
     vals, tau = routed if routed is not None else (out, out)
-    kw.update(v_ptr=vals, tau_ptr=tau, KMODE=kmode, KV=kv, VIEWS=code)
-    return args, dict(kw, num_warps=4)
+    kw.update(v_ptr=vals, tau_ptr=tau, KMODE=kmode, KV=kv, VIEWS=code, PDL=bool(pdl))
+    return args, dict(kw, num_warps=4, **({"launch_pdl": True} if pdl else {}))
 
 
 def split_choices(k: int, batch: int = BATCH_GROUPS, most: int = 16) -> list[int]:
@@ -904,7 +939,16 @@ def tma_config(n_blocks: int, groups: int, planes: int) -> tuple[int, int] | Non
 
 
 def fragment_linear(
-    x2: torch.Tensor, fp: FragPlanes, k, bias=None, out=None, routed=None, cap: int = 0, tma: int = 0, span=None
+    x2: torch.Tensor,
+    fp: FragPlanes,
+    k,
+    bias=None,
+    out=None,
+    routed=None,
+    cap: int = 0,
+    tma: int = 0,
+    span=None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """One token ``x2 [1, in]`` (fp16) -> ``[1, out]`` from a fragment pack: view ``k`` (an int, a one-element int
     tensor on the device, or None with ``routed = (gate values, threshold)`` on the device, counted by the kernel:
@@ -915,7 +959,8 @@ def fragment_linear(
     runs capped at 128 registers, one group prefetched at most (no spill in its group loop, counted offline).
     ``tma`` -1 or -2: a static view's words come by TMA into shared memory (``stages``; the K split of
     :func:`tma_config`), where a split allows it; 0: through registers. ``span = (lo, hi)``, with a view on the
-    device: the views it may be (their bodies alone compiled; others clamped into them)."""
+    device: the views it may be (their bodies alone compiled; others clamped into them). ``pdl``: launched with
+    programmatic dependent launch (the weights' first loads overlap the kernel before)."""
     M, K_IN = x2.shape
     if M != 1 or K_IN != fp.in_features or x2.dtype != torch.float16:
         raise ValueError(f"the fragment kernel takes one fp16 token of {fp.in_features} features, got {x2.dtype} "
@@ -955,6 +1000,11 @@ def fragment_linear(
         from .triton_bitplane import _locks
 
         extra = dict(part=torch.empty(splits, nb * BLOCK_N, device=x2.device), locks=_locks(x2.device, nb, "frag"))
+    if pdl:
+        from .triton_router import _check_pdl
+
+        _check_pdl(x2.device)
+        extra.update(pdl=True)
     if dispatch is not None:
         extra.update(views=fp.planes_of_view, routed=routed)
         if span is not None:

@@ -2600,10 +2600,11 @@ class SmallConfig:
     # faster than stream-K for every SmolLM2 linear and the 8B q/o and k/v, slower for gate/up's 14336 rows;
     # docs/RESULTS.md "Whole-K"). ``block_n`` None: at least K / 512 warps, about four words per thread and plane.
     whole_k: bool | None = None
-    # one-bit plane kernel: launched with programmatic dependent launch (sm_90+): its programs start while the kernel
-    # before is still running and wait for it (griddepcontrol) only before reading what that kernel writes; a
-    # whole-K launch of a view known on the host loads its words, steps and zero points before that wait, so they
-    # stream under the kernel before. Off: on an H200 it speeds up only launches of this kernel back to back
+    # one-bit plane and fragment kernels: launched with programmatic dependent launch (sm_90+): their programs start
+    # while the kernel before is still running and wait for it (griddepcontrol) only before reading what that kernel
+    # writes; a whole-K launch of a view known on the host loads its words, steps and zero points before that wait, so
+    # they stream under the kernel before (the fragment kernel: a static view's first group of words; since
+    # 2026-12-06, untimed there). Off: on an H200 it speeds up only launches of this kernel back to back
     # (1.4-1.6x per SmolLM2 linear, 0.96-1.2x per 8B one); in the 8B-shaped stack, where torch's kernels and the
     # routers sit between them, it was 0.98-1.02x (docs/RESULTS.md "Programmatic dependent launch and L2 requests").
     pdl: bool = False
@@ -3391,9 +3392,10 @@ def bitplane_linear_bits(
         from .gluon_fragment import fragment_linear, fragment_of
 
         if kvals:  # the router's gate values: counted by the kernel
-            return fragment_linear(x2, fragment_of(bp), None, bias, out, routed=(v_t, tau_t), span=span)
+            return fragment_linear(x2, fragment_of(bp), None, bias, out, routed=(v_t, tau_t), span=span, pdl=cfg.pdl)
         return fragment_linear(
-            x2, fragment_of(bp), ksel or k_t, bias, out, cap=cfg.fragment_cap, tma=cfg.fragment_tma, span=span
+            x2, fragment_of(bp), ksel or k_t, bias, out, cap=cfg.fragment_cap, tma=cfg.fragment_tma, span=span,
+            pdl=cfg.pdl,
         )
     if out is None:
         out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
@@ -3511,7 +3513,9 @@ def bitplane_site_bits(
     if ksel and whole and fragment_serves(cfg, bp, ksel, x2):
         from .gluon_fragment import fragment_linear, fragment_of  # one static view: the layers as one
 
-        return fragment_linear(x2, fragment_of(bp), ksel, site.bias, out, cap=cfg.fragment_cap, tma=cfg.fragment_tma)
+        return fragment_linear(
+            x2, fragment_of(bp), ksel, site.bias, out, cap=cfg.fragment_cap, tma=cfg.fragment_tma, pdl=cfg.pdl
+        )
     taus = [r[3] for r in resolved] if kvals else [x2]
     if out is None:
         out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
