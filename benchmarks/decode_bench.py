@@ -677,7 +677,8 @@ def package_kernels(args, bits_cfg=None) -> list:
     """The package rows' ``(label, kernels)`` entries (:func:`package_rows`) the options ask for."""
     from mobiquant.kernels.triton_bitplane import SmallConfig
 
-    kernels = [("package", None)] + ([("package bitpl", bits_cfg)] if bits_cfg is not None else [])
+    kernels = [] if args.package_fused_only else [("package", None)]
+    kernels += [("package bitpl", bits_cfg)] if bits_cfg is not None else []
     if args.fuse_sites:  # the library's default kernels with one launch per router site
         kernels.append(("package sites", "sites"))
     if args.fuse_inputs:  # ... and each norm and MLP product one launch with its site's router
@@ -688,6 +689,8 @@ def package_kernels(args, bits_cfg=None) -> list:
         # kernel (the stack's 'device k span frag' rows, 2026-12-06: 3-7 bits 3-10% faster than 'device k')
         cfg = SmallConfig(span_bodies=True, fragment_device_from=1 << 25)
         kernels.append(("package sites+inputs span", ("inputs", cfg)))
+    if args.package_no_span:  # ... fused inputs, every view's body compiled (the default before 2026-12-06)
+        kernels.append(("package sites+inputs no span", ("inputs", SmallConfig(span_bodies=False))))
     if args.package_pdl:  # ... fused inputs, every kernel launch of a linear with programmatic dependent launch
         kernels.append(("package sites+inputs pdl", ("inputs", SmallConfig(pdl=True), True)))
         if args.package_span:
@@ -913,6 +916,17 @@ def main(argv=None):
         help="also the package's routed budgets with fused inputs, each adjacent pair's two views alone compiled, on "
         "the fragment kernel in the launches of at least 2^25 weights (SmallConfig(span_bodies=True, "
         "fragment_device_from=2**25)); rows of 2026-12-06 with preload=True instead of the fragment kernel",
+    )
+    ap.add_argument(
+        "--package-no-span",
+        action="store_true",
+        help="also the package's routed budgets with fused inputs and every view's body compiled "
+        "(SmallConfig(span_bodies=False), the default before 2026-12-06)",
+    )
+    ap.add_argument(
+        "--package-fused-only",
+        action="store_true",
+        help="leave out the package rows without fused sites (one launch a linear)",
     )
     ap.add_argument(
         "--package-pdl",

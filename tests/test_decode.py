@@ -769,8 +769,8 @@ def test_compiled_step_decodes_as_eager_with_the_package_opaque(qmodel, prompt):
 
 def test_captured_step_depends_on_pairs_only_with_span_bodies():
     """A captured step's structure (what a graph replay cannot change) holds each routed linear's pair of views only
-    where the one-bit plane kernel compiles that pair alone (``SmallConfig.span_bodies``): without it one graph
-    serves budgets whose pairs differ."""
+    where the one-bit plane kernel compiles that pair alone (``SmallConfig.span_bodies``, the default): without it
+    one graph serves budgets whose pairs differ."""
     pytest.importorskip("triton")
     from mobiquant.kernels.triton_bitplane import SmallConfig
 
@@ -782,10 +782,10 @@ def test_captured_step_depends_on_pairs_only_with_span_bodies():
     control.apply(4.5)
     pairs = [m.pair_k if m.mode == "routed" else None for m in control.linears]
     assert any(p is not None for p in pairs)
-    assert [s[3] for s in control.structure()[: len(pairs)]] == [None] * len(pairs)
-    mq.patching.set_small_config(model, SmallConfig(span_bodies=True))
-    control._structure = None
     assert [s[3] for s in control.structure()[: len(pairs)]] == pairs
+    mq.patching.set_small_config(model, SmallConfig(span_bodies=False))
+    control._structure = None
+    assert [s[3] for s in control.structure()[: len(pairs)]] == [None] * len(pairs)
 
 
 @pytest.mark.slow

@@ -319,6 +319,22 @@ def test_fragment_default_follows_the_stack():
                                                                            bp, None)  # fmt: skip
 
 
+def test_fragment_for_spans_of_a_large_launch():
+    """``fragment_span_planes`` (5 by default): a view learnt on the device within a known span whose larger view has
+    at most 5 planes (3-4 or 4-5 of the default layout) takes the fragment kernel in a launch of at least 2^25 weights;
+    a 5-6 plane span, a smaller launch, no span, or ``fragment_span_planes=0`` keep the one-bit plane kernel."""
+    bp = tb.BitPlanes(torch.zeros(8, 64, 64, dtype=torch.int32), torch.zeros(2, 8, 64, dtype=torch.int32), SLICES,
+                      128, 1024, 128)  # fmt: skip
+    big = dataclasses.replace(bp, out_features=1 << 15)  # 2^25 weights
+    auto = tb.SmallConfig()
+    assert auto.span_bodies and auto.fragment_span_planes == 5
+    assert [tb._fragment_wanted(auto, big, None, (lo, lo + 1)) for lo in range(1, 6)] == [1, 1, 0, 0, 0]
+    assert not tb._fragment_wanted(auto, big, None) and not tb._fragment_wanted(auto, bp, None, (1, 2))
+    assert not tb._fragment_wanted(tb.SmallConfig(fragment_span_planes=0), big, None, (1, 2))
+    assert tb._fragment_wanted(tb.SmallConfig(fragment_span_planes=8), big, None, (5, 6))
+    assert tb._fragment_wanted(auto, big, 3, (1, 2))  # a static view: the static rule (5 planes, capped)
+
+
 # ------------------------------------------------------------------------------------------------------- GPU
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA device (Gluon kernels do not run in the interpreter)")
 

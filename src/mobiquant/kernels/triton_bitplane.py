@@ -2677,9 +2677,17 @@ class SmallConfig:
     preload: bool = False
     # one token, a packed layer whose tokens choose between two adjacent views ``j`` and ``j + 1`` (the adjacent
     # policy, ``MoBiLinear.pair_k``): its one-bit plane launch compiles only those two views' bodies (``span``),
-    # not one per view of the layout. Off until timed on a GPU; a captured step then depends on each linear's pair
-    # (``BudgetControl.structure``)
-    span_bodies: bool = False
+    # not one per view of the layout; a captured step then depends on each linear's pair (``BudgetControl.structure``).
+    # On (the default since 2026-12-06) with ``fragment_span_planes`` 5: measured on an H100 on the 8B-shaped model
+    # patched by the package (sublayer routers, fused inputs, compiled step; docs/RESULTS.md "The fragment kernel's
+    # programmatic dependent launch, and spans in the package"): routed budgets 3.5 / 4.5 499.9 / 553.2 us a token
+    # against 529.0 / 567.4 without spans; at 5.5, with a 5-6 plane span on the fragment kernel, 620.8 against 601.1
+    span_bodies: bool = True
+    # a view learnt on the device within a span (``span_bodies``) whose larger view has at most this many planes, in a
+    # launch of at least 2^25 weights (:data:`BIG_FRAGMENT_LAUNCH`): the fragment kernel, the span's bodies alone; 0:
+    # none (the one-bit plane kernel). 5: spans of 3-4 and 4-5 planes there (measured faster, see ``span_bodies``), 5-6
+    # on the one-bit plane kernel (measured slower on the fragment kernel)
+    fragment_span_planes: int = 5
 
     def __post_init__(self) -> None:
         if self.fragment_tma not in (0, -1, -2):
@@ -3326,15 +3334,21 @@ def register_capped(weights: int, planes: int, cap: int) -> bool:
     return weights >= BIG_FRAGMENT_LAUNCH and (planes == 0 or 0 < cap <= planes)
 
 
-def _fragment_wanted(cfg: SmallConfig, bp: BitPlanes, ksel: int | None) -> bool:
-    """Whether ``cfg.fragment`` asks for the fragment kernel for view ``ksel`` (None: a view on the device)."""
+def _fragment_wanted(
+    cfg: SmallConfig, bp: BitPlanes, ksel: int | None, span: tuple[int, int] | None = None
+) -> bool:
+    """Whether ``cfg.fragment`` asks for the fragment kernel for view ``ksel`` (None: a view on the device, ``span``
+    the views it may be when known)."""
     if cfg.fragment is not None:
         return cfg.fragment
+    size = bp.out_features * bp.in_features
     if not ksel:
         big = cfg.fragment_device_from
-        return big is not None and bp.out_features * bp.in_features >= big
+        if big is not None and size >= big:
+            return True
+        top = cfg.fragment_span_planes
+        return bool(span) and size >= BIG_FRAGMENT_LAUNCH and planes_of_views(bp.slice_bits)[span[1] - 1] <= top
     planes = planes_of_views(bp.slice_bits)[ksel - 1]
-    size = bp.out_features * bp.in_features
     if planes <= 4:
         return size >= cfg.fragment_static_from
     return planes > 6 or register_capped(size, planes, cfg.fragment_cap)
@@ -3352,10 +3366,13 @@ def _fragment_ok(bp: BitPlanes, x2: torch.Tensor) -> bool:
     return fragment_supported(bp.slice_bits, bp.group_size, bp.in_features) and fragment_device_ok(x2.device)
 
 
-def fragment_serves(cfg: SmallConfig | None, bp: BitPlanes, ksel: int | None, x2: torch.Tensor) -> bool:
-    """Whether a one-token launch of view ``ksel`` (None or 0: a view on the device) of ``bp`` with config ``cfg``
-    (None: the defaults) goes to the fragment kernel: asked for by the config and servable here."""
-    return _fragment_wanted(cfg or SmallConfig(), bp, ksel) and _fragment_ok(bp, x2)
+def fragment_serves(
+    cfg: SmallConfig | None, bp: BitPlanes, ksel: int | None, x2: torch.Tensor, span: tuple[int, int] | None = None
+) -> bool:
+    """Whether a one-token launch of view ``ksel`` (None or 0: a view on the device, within ``span`` when known) of
+    ``bp`` with config ``cfg`` (None: the defaults) goes to the fragment kernel: asked for by the config and servable
+    here."""
+    return _fragment_wanted(cfg or SmallConfig(), bp, ksel, span) and _fragment_ok(bp, x2)
 
 
 def _router_of(ks: Sequence) -> InLaunchRouter | None:
@@ -3388,7 +3405,7 @@ def bitplane_linear_bits(
     ksel, k_t, v_t, tau_t, kvals = _bits_k(k, x2, len(bp.slice_bits))
     router = _router_of([k])
     cfg = config or SmallConfig()
-    if router is None and fragment_serves(cfg, bp, ksel, x2):
+    if router is None and fragment_serves(cfg, bp, ksel, x2, span):
         from .gluon_fragment import fragment_linear, fragment_of
 
         if kvals:  # the router's gate values: counted by the kernel
