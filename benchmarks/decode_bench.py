@@ -689,6 +689,8 @@ def package_kernels(args, bits_cfg=None) -> list:
         # kernel (the stack's 'device k span frag' rows, 2026-12-06: 3-7 bits 3-10% faster than 'device k')
         cfg = SmallConfig(span_bodies=True, fragment_device_from=1 << 25)
         kernels.append(("package sites+inputs span", ("inputs", cfg)))
+    if args.package_site_spans:  # ... fused inputs, the routed site launches' spans on the fragment kernel too
+        kernels.append(("package sites+inputs site spans", ("inputs", SmallConfig(fragment_site_spans=True))))
     if args.package_no_span:  # ... fused inputs, every view's body compiled (the default before 2026-12-06)
         kernels.append(("package sites+inputs no span", ("inputs", SmallConfig(span_bodies=False))))
     if args.package_pdl:  # ... fused inputs, every kernel launch of a linear with programmatic dependent launch
@@ -922,6 +924,12 @@ def main(argv=None):
         action="store_true",
         help="also the package's routed budgets with fused inputs and every view's body compiled "
         "(SmallConfig(span_bodies=False), the default before 2026-12-06)",
+    )
+    ap.add_argument(
+        "--package-site-spans",
+        action="store_true",
+        help="also the package's routed budgets with fused inputs and the site launches' views on the device on the "
+        "fragment kernel by the span rule (SmallConfig(fragment_site_spans=True))",
     )
     ap.add_argument(
         "--package-fused-only",

@@ -227,8 +227,11 @@ from mobiquant.kernels import gluon_fragment as gf
 words = torch.zeros(4, 32, 112, 512, dtype=torch.int32)  # 14336 x 4096, the 8B gate/up
 sc, x, out = torch.zeros(14336, 32, dtype=torch.float16), torch.zeros(4096, dtype=torch.float16), torch.zeros(14336)
 dev = dict(planes=torch.ones(1, dtype=torch.int32), dispatch=3)
-for name, kw in (("static", dict(planes=4, prefetch=True)), ("tma", dict(planes=4, stages=-1)), ("device", dev)):
-    s3 = sc[None].expand(4, -1, -1) if name == "device" else sc
+taus = [torch.zeros(1, dtype=torch.float16) for _ in range(3)]
+site = dict(dev, views=[3, 4], routed=(torch.zeros(1, dtype=torch.float16), taus), seg_starts=(48, 80))
+cases = (("static", dict(planes=4, prefetch=True)), ("tma", dict(planes=4, stages=-1)), ("device", dev), ("site", site))
+for name, kw in cases:
+    s3 = sc if name in ("static", "tma") else sc[None].expand(4, -1, -1)
     args, kw = gf._launch_args(words, s3, s3, x, out, splits=4, pdl=True, **kw)
     kw.pop("launch_pdl")
     sass, _ = osx.sass_and_resources(osx.compile_sm90(gf.frag_gemv_kernel, args, kw, source=GluonASTSource))
@@ -253,7 +256,7 @@ def test_pdl_waits_after_the_first_weights_offline():
     (``griddepcontrol.launch_dependents``, SASS ``PREEXIT``) and waits for the kernel before (``griddepcontrol.wait``,
     ``ACQBULK``) once; a static view's first group of words (4 planes: four 16-byte loads) is asked for before that
     wait, and the TMA mode's too (issued as bulk copies, no LDG); a view on the device (``k`` maybe written by the
-    kernel before) waits before any load."""
+    kernel before) waits before any load, as does a routed site launch (a threshold a layer: it compiles)."""
     import subprocess
 
     import triton
@@ -266,9 +269,81 @@ def test_pdl_waits_after_the_first_weights_offline():
         [sys.executable, "-c", _OFFLINE_PDL, bench], capture_output=True, text=True, env=env, timeout=900
     )
     got = {ln.split()[1]: ln.split()[2:] for ln in r.stdout.splitlines() if ln.startswith("RESULT")}
-    assert set(got) == {"static", "tma", "device"}, r.stderr[-2000:]
+    assert set(got) == {"static", "tma", "device", "site"}, r.stderr[-2000:]
     assert got["static"] == ["True", "4", "1"]
     assert got["tma"] == ["True", "0", "1"] and got["device"] == ["True", "0", "1"]
+    assert got["site"] == ["True", "0", "1"]  # a routed site: its thresholds are read after the wait too
+
+
+def test_site_thresholds_launch_args():
+    """A routed site on the fragment kernel: one threshold a layer, the later layers' first row blocks (``SB1``,
+    ``SB2``), ``NSEG`` layers; unused slots repeat the first threshold; refused: a threshold count that is not the
+    layer count, more than 3 layers, row blocks out of order or outside the launch, several thresholds unrouted."""
+    words = torch.zeros(6, 32, 10, 512, dtype=torch.int32)  # 10 row blocks
+    sc, x, out = (
+        torch.zeros(6, 1280, 32, dtype=torch.float16),
+        torch.zeros(4096, dtype=torch.float16),
+        torch.zeros(1280),
+    )
+    vals, t = torch.zeros(5), [torch.zeros(1) + i for i in range(3)]
+    planes = torch.ones(1, dtype=torch.int32)
+    common = dict(planes=planes, dispatch=3, views=[3, 4, 5, 6, 7, 8])
+    _, kw = gf._launch_args(words, sc, sc, x, out, **common, routed=(vals, t), seg_starts=(4, 6))
+    assert (kw["NSEG"], kw["SB1"], kw["SB2"], kw["KMODE"], kw["KV"]) == (3, 4, 6, 2, 5)
+    assert [kw["tau_ptr"], kw["tau1_ptr"], kw["tau2_ptr"]] == t
+    _, kw = gf._launch_args(words, sc, sc, x, out, **common, routed=(vals, t[:2]), seg_starts=(4,))
+    assert (kw["NSEG"], kw["SB1"]) == (2, 4) and kw["tau2_ptr"] is t[0]
+    _, kw = gf._launch_args(words, sc, sc, x, out, **common, routed=(vals, t[0]))
+    assert kw["NSEG"] == 1 and kw["tau1_ptr"] is t[0]
+    for taus, starts, match in (
+        (t, (4,), "3 thresholds for 2 layers"),
+        (t, (6, 4), "increasing"),
+        (t[:2], (10,), "inside"),
+        (t[:2], (0,), "inside"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            gf._launch_args(words, sc, sc, x, out, **common, routed=(vals, taus), seg_starts=starts)
+    with pytest.raises(ValueError, match="at most 3 layers"):
+        gf._launch_args(words, sc, sc, x, out, **common, routed=(vals, [*t, t[0]]), seg_starts=(2, 4, 6))
+
+
+def test_routed_site_takes_the_fragment_kernel_when_asked(monkeypatch):
+    """``SmallConfig(fragment_site_spans=True)``: a routed site launch (one router's gate values, a threshold a layer)
+    of at least 2^25 weights within a span of at most ``fragment_span_planes`` planes goes to the fragment kernel as
+    one pack, each layer's threshold with its first row block; a span of 5-6 planes, or the option off (the default),
+    keeps the one-bit plane kernel. (Which kernel serves, decided on the CPU with the GPU checks stubbed.)"""
+    seen = []
+    monkeypatch.setattr(tb, "_fragment_ok", lambda bp, x2: True)
+    monkeypatch.setattr(gf, "fragment_of", lambda bp: bp)
+    monkeypatch.setattr(gf, "fragment_linear", lambda *a, **kw: seen.append((a, kw)) or "fragment")
+    monkeypatch.setattr(tb, "_bits_launch", lambda *a, **kw: "bits")
+    parts = [
+        tb.BitPlanes(
+            torch.zeros(8, 32, n // 2, dtype=torch.int32),
+            torch.zeros(2, 32, n // 2, dtype=torch.int32),
+            SLICES,
+            128,
+            4096,
+            n,
+        )  # fmt: skip
+        for n in (8192, 4096)
+    ]
+    site = tb.site_bitplanes(parts)  # 12288 x 4096 = 3 x 2^24 weights
+    x = torch.zeros(1, 4096, dtype=torch.float16)
+    vals = torch.zeros(5, dtype=torch.float16)
+    ks = [tb.RoutedK(vals, torch.zeros(1, dtype=torch.float16) + i) for i in range(2)]
+    on = tb.SmallConfig(fragment_site_spans=True)
+    monkeypatch.setattr(tb, "_host_routed_k", lambda k: None)
+    assert tb.bitplane_site_bits(x, site, ks, config=on, span=(1, 2)) == "fragment"
+    (args, kw) = seen[-1]
+    assert args[2] is None and kw["seg_starts"] == (64,) and kw["span"] == (1, 2)
+    assert [t.item() for t in kw["routed"][1]] == [0, 1] and kw["routed"][0] is not None
+    assert tb.bitplane_site_bits(x, site, ks, config=on, span=(3, 4)) == "bits"  # 5-6 planes
+    assert tb.bitplane_site_bits(x, site, ks, span=(1, 2)) == "bits"  # off by default
+    k_t = torch.full((1,), 2, dtype=torch.int32)
+    monkeypatch.setattr(tb, "_host_k_range", lambda k: None)
+    assert tb.bitplane_site_bits(x, site, [k_t, k_t], config=on, span=(1, 2)) == "fragment"
+    assert torch.equal(seen[-1][0][2], k_t) and "routed" not in seen[-1][1]
 
 
 def test_tma_config_picks_splits_that_fit():
@@ -378,6 +453,30 @@ def test_gpu_routed_and_site(gen):
     y = tb.bitplane_site_bits(x, site, [3, 3, 3], config=cfg)
     for (p, s, z), c, n in zip(layers, site.cols, site.outs, strict=True):
         _check(y[:, c : c + n], x, p, s, z, 3)
+
+
+@needs_gpu
+def test_gpu_routed_site_spans(gen):
+    """``SmallConfig(fragment_site_spans=True)``: a routed site of three layers (one router's gate values, a
+    threshold each, so each layer its own view) on the fragment kernel, within spans of 3-4 and 4-5 planes; and one
+    ``k`` tensor for the whole site; each layer's columns against its own view's reference."""
+    n_in = 4096
+    layers = [make_layer(n, n_in, gen, True, "cuda") for n in (8192, 2048, 2048)]  # 2^25 weights in all
+    x = torch.randn(1, n_in, generator=gen).half().cuda()
+    site = tb.site_bitplanes([tb.pack_bitplanes(p, s, z, SLICES, 128, n_in) for p, s, z in layers])
+    cfg = tb.SmallConfig(fragment_site_spans=True)
+    values = torch.tensor([0.9, 0.7, 0.5, 0.3, 0.1], device="cuda", dtype=torch.float16)
+    for lo, taus in ((1, (0.8, 0.95, 0.8)), (2, (0.6, 0.8, 0.6))):  # views lo + 1, lo, lo + 1
+        ks = [tb.RoutedK(values, torch.tensor([t], device="cuda", dtype=torch.float16)) for t in taus]
+        want = [1 + int((values > t).sum()) for t in taus]
+        assert sorted(set(want)) == [lo, lo + 1]
+        y = tb.bitplane_site_bits(x, site, ks, config=cfg, span=(lo, lo + 1))
+        for (p, s, z), c, n, k in zip(layers, site.cols, site.outs, want, strict=True):
+            _check(y[:, c : c + n], x, p, s, z, k)
+    kd = torch.tensor([2], dtype=torch.int32, device="cuda")
+    y = tb.bitplane_site_bits(x, site, [kd, kd, kd], config=cfg, span=(1, 2))
+    for (p, s, z), c, n in zip(layers, site.cols, site.outs, strict=True):
+        _check(y[:, c : c + n], x, p, s, z, 2)
 
 
 @needs_gpu

@@ -540,13 +540,15 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
                      PMIN: ttgl.constexpr, PMAX: ttgl.constexpr, STAGES: ttgl.constexpr, PKG: ttgl.constexpr,
                      B0: ttgl.constexpr, MULT: ttgl.constexpr, ZM: ttgl.constexpr, HK: ttgl.constexpr,
                      OUT_MODE: ttgl.constexpr, bias_ptr, HAS_BIAS: ttgl.constexpr, part_ptr, lock_ptr,
-                     v_ptr, tau_ptr, KMODE: ttgl.constexpr, KV: ttgl.constexpr,
+                     v_ptr, tau_ptr, tau1_ptr, tau2_ptr, SB1, SB2, NSEG: ttgl.constexpr, KMODE: ttgl.constexpr,
+                     KV: ttgl.constexpr,
                      VIEWS: ttgl.constexpr, w_desc, BULK_GS: ttgl.constexpr, BULK_PP: ttgl.constexpr,
                      PUBLIC: ttgl.constexpr, PDL: ttgl.constexpr):  # fmt: skip
     # PDL: launched with programmatic dependent launch (SmallConfig.pdl): the next kernel may start its programs now;
     # a view on the device awaits the kernel before at once (it may have written k), a view compiled in once its
     # first words are asked for (_view_total), before any activation is read
     # KMODE (P == -1): 0 p_ptr holds the view's planes; 1 its k (1-based); 2 k = 1 + #(v_ptr[e] > tau) over KV gate
+    # values, tau at tau_ptr, or with NSEG layers of a site (2-3) at tau1_ptr from row block SB1 on, tau2_ptr from SB2
     # values, in the values' dtype. VIEWS: view k's planes minus one in bits 3 (k - 1) .. 3 (k - 1) + 2
     # the step applied as scale mult (C - zero zm - hk): MULT, ZM, HK for a view compiled in; with PKG the package's
     # W_k = (s / 2^B) (C_k - 2^B z - (2^B - 1) / 2), B = p - B0, for views read on the device (else 1, 1, 0).
@@ -623,7 +625,12 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
             if KMODE == 1:
                 kk = ttgl.load(p_ptr)
             else:
-                t = ttgl.load(tau_ptr).to(v_ptr.dtype.element_ty)
+                t = ttgl.load(tau_ptr)
+                if NSEG > 1:  # a site's layers: each its own threshold on the one router's gate values
+                    t = ttgl.where(pid >= SB1, ttgl.load(tau1_ptr), t)
+                if NSEG > 2:
+                    t = ttgl.where(pid >= SB2, ttgl.load(tau2_ptr), t)
+                t = t.to(v_ptr.dtype.element_ty)
                 kk = 1
                 for e in ttgl.static_range(KV):
                     kk += (ttgl.load(v_ptr + e) > t).to(ttgl.int32)
@@ -684,7 +691,7 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
 
 def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_GROUPS, prefetch=False,
                  dispatch=None, stages=0, b0=None, n_out=None, bias=None, out_mode=0, part=None,
-                 locks=None, views=None, routed=None, dispatch_to=None, pdl=False):  # fmt: skip
+                 locks=None, views=None, routed=None, dispatch_to=None, pdl=False, seg_starts=()):  # fmt: skip
     """``planes``: an int (the view, compiled in), None (every plane of the pack) or an int32 device tensor of one
     element (the view read by the kernel; ``scale``/``zero`` then ``[planes of the pack, N, G]``, view ``p`` at
     ``p - 1``). ``dispatch``, with a device view: None decodes whole fields with the absent planes predicated off;
@@ -697,7 +704,9 @@ def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_
     ``bias`` (one split only); 2: the same over splits, summed by the last split of each row block (``part``: fp32
     ``[splits, N]``, ``locks``: int32 zeros, one a row block); else fp32 (atomics over splits into a zeroed
     ``out``). ``views`` (each view's planes), with a dispatched device view: ``planes`` holds the view ``k``, or with
-    ``routed = (gate values, threshold)`` the kernel counts ``k`` itself (``planes`` then unused). ``pdl``: launched
+    ``routed = (gate values, threshold)`` the kernel counts ``k`` itself (``planes`` then unused); the threshold a
+    tensor, or one a layer of a site whose later layers start at the row blocks ``seg_starts`` (at most 3 layers).
+    ``pdl``: launched
     with programmatic dependent launch (``SmallConfig.pdl``; the launch attribute among the returned keywords)."""
     n, g = words.shape[2] * BLOCK_N, x.numel() // GROUP
     if x.dtype != torch.float16 or not x.is_contiguous() or g * GROUP != x.numel() or g != words.shape[1]:
@@ -765,7 +774,18 @@ def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_
         kmode = 1 if routed is None else 2
         kv = 0 if routed is None else routed[0].numel()
     vals, tau = routed if routed is not None else (out, out)
-    kw.update(v_ptr=vals, tau_ptr=tau, KMODE=kmode, KV=kv, VIEWS=code, PDL=bool(pdl))
+    taus = list(tau) if isinstance(tau, (list, tuple)) else [tau]
+    if len(taus) != len(seg_starts) + 1 or len(taus) > 3 or (len(taus) > 1 and routed is None):
+        raise ValueError(
+            f"{len(taus)} thresholds for {len(seg_starts) + 1} layers: a routed launch takes one threshold a layer, "
+            "at most 3 layers"
+        )
+    if list(seg_starts) != sorted(seg_starts) or any(not 0 < b < n // BLOCK_N for b in seg_starts):
+        raise ValueError(f"seg_starts {list(seg_starts)}: increasing row blocks inside the launch's {n // BLOCK_N}")
+    starts = [*seg_starts, 0, 0][:2]
+    taus = [*taus, taus[0], taus[0]][:3]
+    kw.update(v_ptr=vals, tau_ptr=taus[0], tau1_ptr=taus[1], tau2_ptr=taus[2], SB1=starts[0], SB2=starts[1])
+    kw.update(NSEG=len(seg_starts) + 1, KMODE=kmode, KV=kv, VIEWS=code, PDL=bool(pdl))
     return args, dict(kw, num_warps=4, **({"launch_pdl": True} if pdl else {}))
 
 
@@ -949,6 +969,7 @@ def fragment_linear(
     tma: int = 0,
     span=None,
     pdl: bool = False,
+    seg_starts=(),
 ) -> torch.Tensor:
     """One token ``x2 [1, in]`` (fp16) -> ``[1, out]`` from a fragment pack: view ``k`` (an int, a one-element int
     tensor on the device, or None with ``routed = (gate values, threshold)`` on the device, counted by the kernel:
@@ -960,7 +981,9 @@ def fragment_linear(
     ``tma`` -1 or -2: a static view's words come by TMA into shared memory (``stages``; the K split of
     :func:`tma_config`), where a split allows it; 0: through registers. ``span = (lo, hi)``, with a view on the
     device: the views it may be (their bodies alone compiled; others clamped into them). ``pdl``: launched with
-    programmatic dependent launch (the weights' first loads overlap the kernel before)."""
+    programmatic dependent launch (the weights' first loads overlap the kernel before). ``seg_starts``, with
+    ``routed``: the pack is a site's layers, each later one from that row block on, and the threshold is a list of
+    one a layer (their one router's gate values counted against each)."""
     M, K_IN = x2.shape
     if M != 1 or K_IN != fp.in_features or x2.dtype != torch.float16:
         raise ValueError(f"the fragment kernel takes one fp16 token of {fp.in_features} features, got {x2.dtype} "
@@ -1006,7 +1029,7 @@ def fragment_linear(
         _check_pdl(x2.device)
         extra.update(pdl=True)
     if dispatch is not None:
-        extra.update(views=fp.planes_of_view, routed=routed)
+        extra.update(views=fp.planes_of_view, routed=routed, seg_starts=tuple(seg_starts))
         if span is not None:
             extra.update(dispatch_to=fp.planes_of_view[span[1] - 1])
     args, kw = _launch_args(fp.words, sc, zp, x2.reshape(-1), out.view(-1), splits, planes, batch, prefetch, dispatch,

@@ -2688,6 +2688,10 @@ class SmallConfig:
     # none (the one-bit plane kernel). 5: spans of 3-4 and 4-5 planes there (measured faster, see ``span_bodies``), 5-6
     # on the one-bit plane kernel (measured slower on the fragment kernel)
     fragment_span_planes: int = 5
+    # ``fragment_span_planes`` for site launches too (q/k/v, gate/up: one router's gate values, a threshold a layer,
+    # counted by the fragment kernel per row block; or one ``k`` tensor for all), the size rule on the whole site.
+    # Off until timed on a GPU (built 2026-12-06; those launches' views on the device run on the one-bit plane kernel)
+    fragment_site_spans: bool = False
 
     def __post_init__(self) -> None:
         if self.fragment_tma not in (0, -1, -2):
@@ -3346,8 +3350,9 @@ def _fragment_wanted(
         big = cfg.fragment_device_from
         if big is not None and size >= big:
             return True
-        top = cfg.fragment_span_planes
-        return bool(span) and size >= BIG_FRAGMENT_LAUNCH and planes_of_views(bp.slice_bits)[span[1] - 1] <= top
+        if span is None or size < BIG_FRAGMENT_LAUNCH:
+            return False
+        return planes_of_views(bp.slice_bits)[span[1] - 1] <= cfg.fragment_span_planes
     planes = planes_of_views(bp.slice_bits)[ksel - 1]
     if planes <= 4:
         return size >= cfg.fragment_static_from
@@ -3534,10 +3539,21 @@ def bitplane_site_bits(
             x2, fragment_of(bp), ksel, site.bias, out, cap=cfg.fragment_cap, tma=cfg.fragment_tma, pdl=cfg.pdl
         )
     taus = [r[3] for r in resolved] if kvals else [x2]
+    router = _router_of(ks)
+    device_view = not ksel and router is None and len(site.outs) <= 3
+    if device_view and whole and cfg.fragment_site_spans and fragment_serves(cfg, bp, None, x2, span):
+        from .gluon_fragment import BLOCK_N, fragment_linear, fragment_of  # the layers as one, k per row block
+
+        starts = tuple(c // BLOCK_N for c in site.cols[1:])
+        if kvals:
+            routed = (v_t, taus if len(taus) > 1 else taus[0])
+            return fragment_linear(x2, fragment_of(bp), None, site.bias, out, routed=routed, span=span, pdl=cfg.pdl,
+                                   seg_starts=starts)  # fmt: skip
+        return fragment_linear(x2, fragment_of(bp), k_t, site.bias, out, span=span, pdl=cfg.pdl)
     if out is None:
         out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
     segs = list(zip(site.outs, site.rows2, site.cols, strict=True))
-    return _bits_launch(x2, bp, segs, ksel, k_t, v_t, taus, kvals, site.bias, out, cfg, _router_of(ks), span)
+    return _bits_launch(x2, bp, segs, ksel, k_t, v_t, taus, kvals, site.bias, out, cfg, router, span)
 
 
 def _bits_grid(cfg: SmallConfig, bp: BitPlanes, rows: int, router: bool) -> tuple[int, int, int, int]:
