@@ -691,6 +691,9 @@ def package_kernels(args, bits_cfg=None) -> list:
         kernels.append(("package sites+inputs span", ("inputs", cfg)))
     if args.package_site_spans:  # ... fused inputs, the routed site launches' spans on the fragment kernel too
         kernels.append(("package sites+inputs site spans", ("inputs", SmallConfig(fragment_site_spans=True))))
+        # ... and every launch's views on the device there, whatever its size or span (fragment_device_from 0)
+        cfg = SmallConfig(fragment_site_spans=True, fragment_device_from=0)
+        kernels.append(("package sites+inputs all spans frag", ("inputs", cfg)))
     if args.package_no_span:  # ... fused inputs, every view's body compiled (the default before 2026-12-06)
         kernels.append(("package sites+inputs no span", ("inputs", SmallConfig(span_bodies=False))))
     if args.package_pdl:  # ... fused inputs, every kernel launch of a linear with programmatic dependent launch
@@ -929,7 +932,8 @@ def main(argv=None):
         "--package-site-spans",
         action="store_true",
         help="also the package's routed budgets with fused inputs and the site launches' views on the device on the "
-        "fragment kernel by the span rule (SmallConfig(fragment_site_spans=True))",
+        "fragment kernel by the span rule (SmallConfig(fragment_site_spans=True)), then every launch's views on the "
+        "device on the fragment kernel (and fragment_device_from=0)",
     )
     ap.add_argument(
         "--package-fused-only",

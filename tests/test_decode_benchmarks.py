@@ -124,6 +124,7 @@ def test_dry_runs(tmp_path, capsys):
     assert decode_bench.main([*argv, "--package-no-span", "--package-fused-only", "--package-site-spans"]) == 0
     out = capsys.readouterr().out
     assert "package sites+inputs site spans routed budget 4.5" in out
+    assert "package sites+inputs all spans frag routed budget 4.5" in out
     assert "package sites+inputs no span routed budget 4.5" in out and "no span static" not in out
     assert "package routed" not in out and "package static" not in out  # no per-linear rows
     assert decode_bench.main(argv) == 0
