@@ -229,15 +229,17 @@ sc, x, out = torch.zeros(14336, 32, dtype=torch.float16), torch.zeros(4096, dtyp
 dev = dict(planes=torch.ones(1, dtype=torch.int32), dispatch=3)
 taus = [torch.zeros(1, dtype=torch.float16) for _ in range(3)]
 site = dict(dev, views=[3, 4], routed=(torch.zeros(1, dtype=torch.float16), taus), seg_starts=(48, 80))
-cases = (("static", dict(planes=4, prefetch=True)), ("tma", dict(planes=4, stages=-1)), ("device", dev), ("site", site))
+cases = (("static", dict(planes=4, prefetch=True)), ("tma", dict(planes=4, stages=-1)), ("device", dev), ("site", site),
+         ("ring", dict(planes=4, stages=3)))
 for name, kw in cases:
-    s3 = sc if name in ("static", "tma") else sc[None].expand(4, -1, -1)
+    s3 = sc if name in ("static", "tma", "ring") else sc[None].expand(4, -1, -1)
     args, kw = gf._launch_args(words, s3, s3, x, out, splits=4, pdl=True, **kw)
     kw.pop("launch_pdl")
     sass, _ = osx.sass_and_resources(osx.compile_sm90(gf.frag_gemv_kernel, args, kw, source=GluonASTSource))
     ops = [m.group(3) for m in osx.LINE.finditer(sass)]
     wait = ops.index("ACQBULK")
-    print("RESULT", name, ops.index("PREEXIT") < wait, ops[:wait].count("LDG.E.128"), ops.count("ACQBULK"))
+    cp = sum(o.startswith("LDGSTS") for o in ops[:wait])
+    print("RESULT", name, ops.index("PREEXIT") < wait, ops[:wait].count("LDG.E.128"), ops.count("ACQBULK"), cp)
 """
 
 
@@ -256,7 +258,8 @@ def test_pdl_waits_after_the_first_weights_offline():
     (``griddepcontrol.launch_dependents``, SASS ``PREEXIT``) and waits for the kernel before (``griddepcontrol.wait``,
     ``ACQBULK``) once; a static view's first group of words (4 planes: four 16-byte loads) is asked for before that
     wait, and the TMA mode's too (issued as bulk copies, no LDG); a view on the device (``k`` maybe written by the
-    kernel before) waits before any load, as does a routed site launch (a threshold a layer: it compiles)."""
+    kernel before) waits before any load, as does a routed site launch (a threshold a layer: it compiles); the
+    shared-memory ring (``stages=3``) issues its first two groups' copies (``cp.async``) before the wait."""
     import subprocess
 
     import triton
@@ -269,10 +272,11 @@ def test_pdl_waits_after_the_first_weights_offline():
         [sys.executable, "-c", _OFFLINE_PDL, bench], capture_output=True, text=True, env=env, timeout=900
     )
     got = {ln.split()[1]: ln.split()[2:] for ln in r.stdout.splitlines() if ln.startswith("RESULT")}
-    assert set(got) == {"static", "tma", "device", "site"}, r.stderr[-2000:]
-    assert got["static"] == ["True", "4", "1"]
-    assert got["tma"] == ["True", "0", "1"] and got["device"] == ["True", "0", "1"]
-    assert got["site"] == ["True", "0", "1"]  # a routed site: its thresholds are read after the wait too
+    assert set(got) == {"static", "tma", "device", "site", "ring"}, r.stderr[-2000:]
+    assert got["static"] == ["True", "4", "1", "0"]
+    assert got["tma"] == ["True", "0", "1", "0"] and got["device"] == ["True", "0", "1", "0"]
+    assert got["site"] == ["True", "0", "1", "0"]  # a routed site: its thresholds are read after the wait too
+    assert got["ring"] == ["True", "0", "1", "8"]  # the ring's first two groups (4 planes each) by cp.async
 
 
 def test_site_thresholds_launch_args():

@@ -51,6 +51,9 @@ from .triton_bitplane import BIG_FRAGMENT_LAUNCH, planes_of_views, register_capp
 _cta_barrier = getattr(ttgl, "thread_barrier", None) or ttgl.barrier
 #: a TMA load into shared memory: ``async_copy_global_to_shared`` in triton 3.6, ``async_load`` since
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+#: a cp.async copy of each thread's own bytes into shared memory: ``async_copy_global_to_shared`` in triton 3.6,
+#: ``async_load`` since (the old name raises)
+_cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 #: shared memory views re-read under another shape: ``_reinterpret`` in triton 3.6, ``reinterpret`` since
 _REINTERPRET_PUBLIC = hasattr(ttgl.shared_memory_descriptor, "reinterpret")
 
@@ -351,7 +354,7 @@ def _stage_issue(smem, w_ptr, vofs, g, slot, NB, PSTRIDE, NPL: ttgl.constexpr, S
     ``slot`` (``SSTRIDE`` planes a slot), then one commit group."""
     wp = w_ptr + g * NB * 512 + vofs
     for e in ttgl.static_range(NPL):
-        async_copy.async_copy_global_to_shared(smem.index(slot * SSTRIDE + e), wp + e * PSTRIDE)
+        _cp_async(smem.index(slot * SSTRIDE + e), wp + e * PSTRIDE)
     async_copy.commit_group()
 
 
