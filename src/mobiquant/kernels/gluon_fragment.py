@@ -551,8 +551,8 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
     # a view on the device awaits the kernel before at once (it may have written k), a view compiled in once its
     # first words are asked for (_view_total), before any activation is read
     # KMODE (P == -1): 0 p_ptr holds the view's planes; 1 its k (1-based); 2 k = 1 + #(v_ptr[e] > tau) over KV gate
-    # values, tau at tau_ptr, or with NSEG layers of a site (2-3) at tau1_ptr from row block SB1 on, tau2_ptr from SB2
-    # values, in the values' dtype. VIEWS: view k's planes minus one in bits 3 (k - 1) .. 3 (k - 1) + 2
+    # values, in the values' dtype, tau at tau_ptr (with NSEG layers of a site, 2-3: at tau1_ptr from row block SB1
+    # on, at tau2_ptr from SB2 on). VIEWS: view k's planes minus one in bits 3 (k - 1) .. 3 (k - 1) + 2
     # the step applied as scale mult (C - zero zm - hk): MULT, ZM, HK for a view compiled in; with PKG the package's
     # W_k = (s / 2^B) (C_k - 2^B z - (2^B - 1) / 2), B = p - B0, for views read on the device (else 1, 1, 0).
     # OUT_MODE 0: fp32 out (atomics with SPLIT); 1: out in its own dtype (no split), + bias; 2 (SPLIT): each split's
@@ -709,8 +709,8 @@ def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_
     ``out``). ``views`` (each view's planes), with a dispatched device view: ``planes`` holds the view ``k``, or with
     ``routed = (gate values, threshold)`` the kernel counts ``k`` itself (``planes`` then unused); the threshold a
     tensor, or one a layer of a site whose later layers start at the row blocks ``seg_starts`` (at most 3 layers).
-    ``pdl``: launched
-    with programmatic dependent launch (``SmallConfig.pdl``; the launch attribute among the returned keywords)."""
+    ``pdl``: launched with programmatic dependent launch (``SmallConfig.pdl``; the launch attribute among the
+    returned keywords)."""
     n, g = words.shape[2] * BLOCK_N, x.numel() // GROUP
     if x.dtype != torch.float16 or not x.is_contiguous() or g * GROUP != x.numel() or g != words.shape[1]:
         raise ValueError(f"x must be {words.shape[1] * GROUP} contiguous fp16 activations, got {x.dtype} "

@@ -2603,8 +2603,10 @@ class SmallConfig:
     # one-bit plane and fragment kernels: launched with programmatic dependent launch (sm_90+): their programs start
     # while the kernel before is still running and wait for it (griddepcontrol) only before reading what that kernel
     # writes; a whole-K launch of a view known on the host loads its words, steps and zero points before that wait, so
-    # they stream under the kernel before (the fragment kernel: a static view's first group of words; since
-    # 2026-12-06, untimed there). Off: on an H200 it speeds up only launches of this kernel back to back
+    # they stream under the kernel before (the fragment kernel, since 2026-12-06: a static view's first group of words;
+    # on an H100 the site stack's 3-6 bit views 1-6% faster, 7-8 bits 5-6% slower, the package's static views 2-3%
+    # slower, docs/RESULTS.md "The fragment kernel's programmatic dependent launch, and spans in the package"). Off: on
+    # an H200 it speeds up only launches of the one-bit plane kernel back to back
     # (1.4-1.6x per SmolLM2 linear, 0.96-1.2x per 8B one); in the 8B-shaped stack, where torch's kernels and the
     # routers sit between them, it was 0.98-1.02x (docs/RESULTS.md "Programmatic dependent launch and L2 requests").
     pdl: bool = False
