@@ -32,6 +32,8 @@
 #                                                    #   SECONDS pass; every 15 s copies the log tails and the
 #                                                    #   csv/md/json/txt files under $ROOT/bench and $ROOT/res
 #                                                    #   to $OUT (what a call cut at its limit still returns)
+#   bash benchmarks/bare_gpu.sh launch B bash benchmarks/bare_gpu.sh after A CMD...  # B's CMD once job A is done
+#                                                    #   (e.g. the paper protocol queued behind a timing suite)
 # Issue `poll` calls back to back: the jobs run on only while the machine is held.
 #
 # Compiled kernels across machines: launched jobs keep Triton's cache in $ROOT/triton_cache; the last collect of a
@@ -136,6 +138,14 @@ EOF
       bash '$ROOT/logs/$name.cmd' > '$ROOT/logs/$name.log' 2>&1; \
       echo \"exit \$?\" >> '$ROOT/logs/$name.log'; touch '$ROOT/logs/$name.done'" < /dev/null > /dev/null 2>&1 &
     echo "launched $name: $*"
+    ;;
+  after)
+    # inside a launched job: wait until job NAME is done, then run CMD (two jobs queued on one GPU, not sharing it)
+    name=${2:?after NAME CMD...}
+    shift 2
+    while [ ! -e "$ROOT/logs/$name.done" ]; do sleep "${POLL_EVERY:-5}"; done
+    echo "after $name: $*"
+    "$@"
     ;;
   poll)
     limit=${2:-540}

@@ -36,6 +36,21 @@ def test_launch_runs_detached_jobs_and_poll_returns_their_logs_and_results(tmp_p
         assert tar.getnames() == ["res/r.csv"]
 
 
+def test_a_job_queued_after_another_starts_when_it_is_done(tmp_path):
+    """`launch B bash benchmarks/bare_gpu.sh after A CMD`: B's command waits for job A's end (so two jobs do not share
+    a GPU), then runs; both logs come back."""
+    root, out = tmp_path / "root", tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "ROOT": str(root), "OUT": str(out), "POLL_EVERY": "1"}
+    stamp = root / "order.txt"
+    _sh("launch", "first", "bash", "-c", f"sleep 3; echo first >> {stamp}", env=env)
+    _sh("launch", "second", "bash", "benchmarks/bare_gpu.sh", "after", "first", "bash", "-c", f"echo second >> {stamp}",
+        env=env)  # fmt: skip
+    assert "2 of 2 jobs done" in _sh("poll", "60", env=env)
+    assert stamp.read_text().split() == ["first", "second"]
+    assert "after first:" in (out / "logs" / "second.log").read_text()
+
+
 def test_poll_needs_out(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "OUT"} | {"ROOT": str(tmp_path)}
     with pytest.raises(subprocess.CalledProcessError) as e:
