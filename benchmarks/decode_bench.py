@@ -42,6 +42,7 @@ way in the same run. Needs only torch and triton. Writes ``decode_bench.csv`` to
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -687,8 +688,8 @@ def package_kernels(args, bits_cfg=None) -> list:
         kernels.append(("package sites+router", SmallConfig(router_in_launch=True)))
     if args.package_span:  # ... fused inputs, the two views of a pair alone, the large launches' on the fragment
         # kernel (the stack's 'device k span frag' rows, 2026-12-06: 3-7 bits 3-10% faster than 'device k')
-        cfg = SmallConfig(span_bodies=True, fragment_device_from=1 << 25)
-        kernels.append(("package sites+inputs span", ("inputs", cfg)))
+        span_cfg = SmallConfig(span_bodies=True, fragment_device_from=1 << 25)
+        kernels.append(("package sites+inputs span", ("inputs", span_cfg)))
     if args.package_site_spans:  # ... fused inputs, the routed site launches' spans on the fragment kernel too
         kernels.append(("package sites+inputs site spans", ("inputs", SmallConfig(fragment_site_spans=True))))
         # ... and every launch's views on the device there, whatever its size or span (fragment_device_from 0)
@@ -699,8 +700,7 @@ def package_kernels(args, bits_cfg=None) -> list:
     if args.package_pdl:  # ... fused inputs, every kernel launch of a linear with programmatic dependent launch
         kernels.append(("package sites+inputs pdl", ("inputs", SmallConfig(pdl=True), True)))
         if args.package_span:
-            cfg = SmallConfig(span_bodies=True, fragment_device_from=1 << 25, pdl=True)
-            kernels.append(("package sites+inputs span pdl", ("inputs", cfg)))
+            kernels.append(("package sites+inputs span pdl", ("inputs", dataclasses.replace(span_cfg, pdl=True))))
     return kernels
 
 

@@ -3548,9 +3548,8 @@ def bitplane_site_bits(
 
         starts = tuple(c // BLOCK_N for c in site.cols[1:])
         if kvals:
-            routed = (v_t, taus if len(taus) > 1 else taus[0])
-            return fragment_linear(x2, fragment_of(bp), None, site.bias, out, routed=routed, span=span, pdl=cfg.pdl,
-                                   seg_starts=starts)  # fmt: skip
+            return fragment_linear(x2, fragment_of(bp), None, site.bias, out, routed=(v_t, taus), span=span,
+                                   pdl=cfg.pdl, seg_starts=starts)  # fmt: skip
         return fragment_linear(x2, fragment_of(bp), k_t, site.bias, out, span=span, pdl=cfg.pdl)
     if out is None:
         out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
