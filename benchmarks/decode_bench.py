@@ -690,11 +690,12 @@ def package_kernels(args, bits_cfg=None) -> list:
         # kernel (the stack's 'device k span frag' rows, 2026-12-06: 3-7 bits 3-10% faster than 'device k')
         span_cfg = SmallConfig(span_bodies=True, fragment_device_from=1 << 25)
         kernels.append(("package sites+inputs span", ("inputs", span_cfg)))
-    if args.package_site_spans:  # ... fused inputs, the routed site launches' spans on the fragment kernel too
-        kernels.append(("package sites+inputs site spans", ("inputs", SmallConfig(fragment_site_spans=True))))
-        # ... and every launch's views on the device there, whatever its size or span (fragment_device_from 0)
-        cfg = SmallConfig(fragment_site_spans=True, fragment_device_from=0)
-        kernels.append(("package sites+inputs all spans frag", ("inputs", cfg)))
+    if args.package_span_rules:  # ... fused inputs, the span rules before the default of 2026-12-06 (later)
+        # the rule of 2026-12-06: spans of 3-4 and 4-5 planes in the launches from 2^25 weights, no site launch
+        before = dict(fragment_site_spans=False, fragment_span_planes=5, fragment_span_from=1 << 25)
+        kernels.append(("package sites+inputs span rule before", ("inputs", SmallConfig(**before))))
+        # every launch's spans of 3-4 and 4-5 planes, site launches too; 5-6 on the one-bit plane kernel
+        kernels.append(("package sites+inputs spans to 5 planes", ("inputs", SmallConfig(fragment_span_planes=5))))
     if args.package_no_span:  # ... fused inputs, every view's body compiled (the default before 2026-12-06)
         kernels.append(("package sites+inputs no span", ("inputs", SmallConfig(span_bodies=False))))
     if args.package_pdl:  # ... fused inputs, every kernel launch of a linear with programmatic dependent launch
@@ -929,11 +930,11 @@ def main(argv=None):
         "(SmallConfig(span_bodies=False), the default before 2026-12-06)",
     )
     ap.add_argument(
-        "--package-site-spans",
+        "--package-span-rules",
         action="store_true",
-        help="also the package's routed budgets with fused inputs and the site launches' views on the device on the "
-        "fragment kernel by the span rule (SmallConfig(fragment_site_spans=True)), then every launch's views on the "
-        "device on the fragment kernel (and fragment_device_from=0)",
+        help="also the package's routed budgets with fused inputs and the span rules beside the default (every span "
+        "of at most 6 planes on the fragment kernel, site launches too): the rule before (3-4 and 4-5 plane spans of "
+        "the launches from 2^25 weights, no site launch), and every launch's spans of at most 5 planes",
     )
     ap.add_argument(
         "--package-fused-only",

@@ -74,8 +74,10 @@
 #   spandef  (only when named) the package rows with fused inputs, sublayer routers at budgets 3.5, 4.5 and 5.5: the
 #            default (spans, those of at most 5 planes on the fragment kernel in the large launches) beside every view's
 #            body compiled (--package-no-span); the per-linear rows left out
-#   sitespan (only when named) the GPU tests of the fragment kernel's routed sites, then the package rows of spandef
-#            with the routed site launches (gate/up) on the fragment kernel by the span rule too (--package-site-spans)
+#   spanrule (only when named) the GPU tests of the fragment kernel's routed sites and spans, then the package rows of
+#            spandef with the default span rule (every span of at most 6 planes on the fragment kernel, site launches
+#            too) beside the rule before it and every launch's spans of at most 5 planes (--package-span-rules; the
+#            stage 'sitespan' of 2026-12-06 timed --package-site-spans, whose rows are now the default and the first)
 #   span     (only when named) the stack's static views beside each view with k read on the device: every body
 #            compiled, the planes every body reads loaded before k (SmallConfig.preload), and the view's span of two
 #            views alone (span_bodies) preloaded; then the tests of spans and preloading, compiled
@@ -287,12 +289,12 @@ stage() {
       run_stage spandef 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed --fuse-inputs \
         --package-policy adjacent --package-placement sublayer --package-budgets 3.5,4.5,5.5 --package-no-span \
         --package-fused-only --out "$RES/spandef" ;;
-    sitespan)
-      run_stage sitespan_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gluon_fragment.py \
-        -k "routed_site or pdl"
-      run_stage sitespan 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed --fuse-inputs \
-        --package-policy adjacent --package-placement sublayer --package-budgets 3.5,4.5,5.5 --package-site-spans \
-        --package-fused-only --out "$RES/sitespan" ;;
+    spanrule)
+      run_stage spanrule_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gluon_fragment.py \
+        -k "routed_site or span"
+      run_stage spanrule 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed --fuse-inputs \
+        --package-policy adjacent --package-placement sublayer --package-budgets 3.5,4.5,5.5 --package-span-rules \
+        --package-fused-only --out "$RES/spanrule" ;;
     span)
       # k read on the device against the static views: every body, preloaded, a span of two views (the stack);
       # then their tests compiled
@@ -321,7 +323,7 @@ print(','.join(str(int(v)) for v in t))" "$RES/router_sweep/router_sweep.csv" 2>
       run_stage pattern 600 "$PY" benchmarks/stream_pattern.py --views 1,2,6 \
         --package-configs "$PATTERN_CONFIGS" --out "$RES/pattern" ;;
     *)
-      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement pdl spandef sitespan span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
+      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement pdl spandef spanrule span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
       return 2 ;;
   esac
 }

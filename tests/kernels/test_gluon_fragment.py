@@ -312,10 +312,10 @@ def test_site_thresholds_launch_args():
 
 
 def test_routed_site_takes_the_fragment_kernel_when_asked(monkeypatch):
-    """``SmallConfig(fragment_site_spans=True)``: a routed site launch (one router's gate values, a threshold a layer)
-    of at least 2^25 weights within a span of at most ``fragment_span_planes`` planes goes to the fragment kernel as
-    one pack, each layer's threshold with its first row block; a span of 5-6 planes, or the option off (the default),
-    keeps the one-bit plane kernel. (Which kernel serves, decided on the CPU with the GPU checks stubbed.)"""
+    """``SmallConfig.fragment_site_spans`` (on by default): a routed site launch (one router's gate values, a threshold
+    a layer) within a span of at most ``fragment_span_planes`` planes goes to the fragment kernel as one pack, each
+    layer's threshold with its first row block; a span of more planes, or the option off, keeps the one-bit plane
+    kernel. (Which kernel serves, decided on the CPU with the GPU checks stubbed.)"""
     seen = []
     monkeypatch.setattr(tb, "_fragment_ok", lambda bp, x2: True)
     monkeypatch.setattr(gf, "fragment_of", lambda bp: bp)
@@ -336,14 +336,16 @@ def test_routed_site_takes_the_fragment_kernel_when_asked(monkeypatch):
     x = torch.zeros(1, 4096, dtype=torch.float16)
     vals = torch.zeros(5, dtype=torch.float16)
     ks = [tb.RoutedK(vals, torch.zeros(1, dtype=torch.float16) + i) for i in range(2)]
-    on = tb.SmallConfig(fragment_site_spans=True)
+    on = tb.SmallConfig()
     monkeypatch.setattr(tb, "_host_routed_k", lambda k: None)
     assert tb.bitplane_site_bits(x, site, ks, config=on, span=(1, 2)) == "fragment"
     (args, kw) = seen[-1]
     assert args[2] is None and kw["seg_starts"] == (64,) and kw["span"] == (1, 2)
     assert [t.item() for t in kw["routed"][1]] == [0, 1] and kw["routed"][0] is not None
-    assert tb.bitplane_site_bits(x, site, ks, config=on, span=(3, 4)) == "bits"  # 5-6 planes
-    assert tb.bitplane_site_bits(x, site, ks, span=(1, 2)) == "bits"  # off by default
+    assert tb.bitplane_site_bits(x, site, ks, span=(3, 4)) == "fragment"  # 5-6 planes; config None: the defaults
+    assert tb.bitplane_site_bits(x, site, ks, config=on, span=(4, 5)) == "bits"  # 6-7 planes
+    off = tb.SmallConfig(fragment_site_spans=False)
+    assert tb.bitplane_site_bits(x, site, ks, config=off, span=(1, 2)) == "bits"
     k_t = torch.full((1,), 2, dtype=torch.int32)
     monkeypatch.setattr(tb, "_host_k_range", lambda k: None)
     assert tb.bitplane_site_bits(x, site, [k_t, k_t], config=on, span=(1, 2)) == "fragment"
@@ -398,17 +400,22 @@ def test_fragment_default_follows_the_stack():
                                                                            bp, None)  # fmt: skip
 
 
-def test_fragment_for_spans_of_a_large_launch():
-    """``fragment_span_planes`` (5 by default): a view learnt on the device within a known span whose larger view has
-    at most 5 planes (3-4 or 4-5 of the default layout) takes the fragment kernel in a launch of at least 2^25 weights;
-    a 5-6 plane span, a smaller launch, no span, or ``fragment_span_planes=0`` keep the one-bit plane kernel."""
+def test_fragment_for_spans():
+    """``fragment_span_planes`` (6 by default, every launch: ``fragment_span_from`` 0): a view learnt on the device
+    within a known span whose larger view has at most 6 planes (3-4, 4-5 or 5-6 of the default layout) takes the
+    fragment kernel; a 6-7 or 7-8 plane span, no span, ``fragment_span_planes=0``, or a launch under
+    ``fragment_span_from`` weights (2^25: the rule before) keep the one-bit plane kernel."""
     bp = tb.BitPlanes(torch.zeros(8, 64, 64, dtype=torch.int32), torch.zeros(2, 8, 64, dtype=torch.int32), SLICES,
                       128, 1024, 128)  # fmt: skip
     big = dataclasses.replace(bp, out_features=1 << 15)  # 2^25 weights
     auto = tb.SmallConfig()
-    assert auto.span_bodies and auto.fragment_span_planes == 5
-    assert [tb._fragment_wanted(auto, big, None, (lo, lo + 1)) for lo in range(1, 6)] == [1, 1, 0, 0, 0]
-    assert not tb._fragment_wanted(auto, big, None) and not tb._fragment_wanted(auto, bp, None, (1, 2))
+    assert auto.span_bodies and auto.fragment_span_planes == 6 and auto.fragment_span_from == 0
+    for layer in (bp, big):
+        assert [tb._fragment_wanted(auto, layer, None, (lo, lo + 1)) for lo in range(1, 6)] == [1, 1, 1, 0, 0]
+    assert not tb._fragment_wanted(auto, big, None)  # no span: views on the device stay on the one-bit plane kernel
+    before = tb.SmallConfig(fragment_span_planes=5, fragment_span_from=tb.BIG_FRAGMENT_LAUNCH)
+    assert [tb._fragment_wanted(before, big, None, (lo, lo + 1)) for lo in range(1, 6)] == [1, 1, 0, 0, 0]
+    assert not tb._fragment_wanted(before, bp, None, (1, 2))  # under 2^25 weights
     assert not tb._fragment_wanted(tb.SmallConfig(fragment_span_planes=0), big, None, (1, 2))
     assert tb._fragment_wanted(tb.SmallConfig(fragment_span_planes=8), big, None, (5, 6))
     assert tb._fragment_wanted(auto, big, 3, (1, 2))  # a static view: the static rule (5 planes, capped)
@@ -461,16 +468,16 @@ def test_gpu_routed_and_site(gen):
 
 @needs_gpu
 def test_gpu_routed_site_spans(gen):
-    """``SmallConfig(fragment_site_spans=True)``: a routed site of three layers (one router's gate values, a
-    threshold each, so each layer its own view) on the fragment kernel, within spans of 3-4 and 4-5 planes; and one
-    ``k`` tensor for the whole site; each layer's columns against its own view's reference."""
+    """``SmallConfig.fragment_site_spans`` (the default): a routed site of three layers (one router's gate values, a
+    threshold each, so each layer its own view) on the fragment kernel, within spans of 3-4, 4-5 and 5-6 planes; and
+    one ``k`` tensor for the whole site; each layer's columns against its own view's reference."""
     n_in = 4096
     layers = [make_layer(n, n_in, gen, True, "cuda") for n in (8192, 2048, 2048)]  # 2^25 weights in all
     x = torch.randn(1, n_in, generator=gen).half().cuda()
     site = tb.site_bitplanes([tb.pack_bitplanes(p, s, z, SLICES, 128, n_in) for p, s, z in layers])
-    cfg = tb.SmallConfig(fragment_site_spans=True)
+    cfg = tb.SmallConfig()
     values = torch.tensor([0.9, 0.7, 0.5, 0.3, 0.1], device="cuda", dtype=torch.float16)
-    for lo, taus in ((1, (0.8, 0.95, 0.8)), (2, (0.6, 0.8, 0.6))):  # views lo + 1, lo, lo + 1
+    for lo, taus in ((1, (0.8, 0.95, 0.8)), (2, (0.6, 0.8, 0.6)), (3, (0.4, 0.6, 0.4))):  # views lo + 1, lo, lo + 1
         ks = [tb.RoutedK(values, torch.tensor([t], device="cuda", dtype=torch.float16)) for t in taus]
         want = [1 + int((values > t).sum()) for t in taus]
         assert sorted(set(want)) == [lo, lo + 1]

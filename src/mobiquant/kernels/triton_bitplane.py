@@ -2680,20 +2680,29 @@ class SmallConfig:
     # one token, a packed layer whose tokens choose between two adjacent views ``j`` and ``j + 1`` (the adjacent
     # policy, ``MoBiLinear.pair_k``): its one-bit plane launch compiles only those two views' bodies (``span``),
     # not one per view of the layout; a captured step then depends on each linear's pair (``BudgetControl.structure``).
-    # On (the default since 2026-12-06) with ``fragment_span_planes`` 5: measured on an H100 on the 8B-shaped model
+    # On (the default since 2026-12-06) with the span rule of then (``fragment_span_planes`` 5 in the launches from
+    # 2^25 weights, no site launch): measured on an H100 on the 8B-shaped model
     # patched by the package (sublayer routers, fused inputs, compiled step; docs/RESULTS.md "The fragment kernel's
     # programmatic dependent launch, and spans in the package"): routed budgets 3.5 / 4.5 499.9 / 553.2 us a token
     # against 529.0 / 567.4 without spans; at 5.5, with a 5-6 plane span on the fragment kernel, 620.8 against 601.1
     span_bodies: bool = True
     # a view learnt on the device within a span (``span_bodies``) whose larger view has at most this many planes, in a
-    # launch of at least 2^25 weights (:data:`BIG_FRAGMENT_LAUNCH`): the fragment kernel, the span's bodies alone; 0:
-    # none (the one-bit plane kernel). 5: spans of 3-4 and 4-5 planes there (measured faster, see ``span_bodies``), 5-6
-    # on the one-bit plane kernel (measured slower on the fragment kernel)
-    fragment_span_planes: int = 5
+    # launch of at least ``fragment_span_from`` weights: the fragment kernel, the span's bodies alone; 0: none (the
+    # one-bit plane kernel). Default 6 with ``fragment_span_from`` 0 and ``fragment_site_spans`` on (since 2026-12-06,
+    # later): measured on an H100 on the 8B-shaped model patched by the package (sublayer routers, fused inputs,
+    # compiled step; docs/RESULTS.md "Routed sites on the fragment kernel"), every span on the fragment kernel took
+    # the routed 3.5 / 4.5 / 5.5-bit budgets to 430.4 / 491.3 / 580.9 us a token against 502.3 / 551.1 / 604.5 with
+    # the rule before (3-4 and 4-5 plane spans of the launches from 2^25 weights, gate/up's site on the one-bit plane
+    # kernel): 14.3 / 10.8 / 3.9% faster. Spans reaching 7-8 planes were not measured and stay on the one-bit plane
+    # kernel
+    fragment_span_planes: int = 6
+    # the launches whose spans ``fragment_span_planes`` moves: those of at least this many weights (2^25,
+    # :data:`BIG_FRAGMENT_LAUNCH`, the rule before: the 8B gate/up and down, not q/k/v or o); 0 (default): all
+    fragment_span_from: int = 0
     # ``fragment_span_planes`` for site launches too (q/k/v, gate/up: one router's gate values, a threshold a layer,
-    # counted by the fragment kernel per row block; or one ``k`` tensor for all), the size rule on the whole site.
-    # Off until timed on a GPU (built 2026-12-06; those launches' views on the device run on the one-bit plane kernel)
-    fragment_site_spans: bool = False
+    # counted by the fragment kernel per row block; or one ``k`` tensor for all), the size rule on the whole site. On
+    # (see ``fragment_span_planes``); off: those launches' views on the device run on the one-bit plane kernel
+    fragment_site_spans: bool = True
 
     def __post_init__(self) -> None:
         if self.fragment_tma not in (0, -1, -2):
@@ -3352,7 +3361,7 @@ def _fragment_wanted(
         big = cfg.fragment_device_from
         if big is not None and size >= big:
             return True
-        if span is None or size < BIG_FRAGMENT_LAUNCH:
+        if span is None or size < cfg.fragment_span_from:
             return False
         return planes_of_views(bp.slice_bits)[span[1] - 1] <= cfg.fragment_span_planes
     planes = planes_of_views(bp.slice_bits)[ksel - 1]
