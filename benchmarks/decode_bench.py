@@ -696,6 +696,8 @@ def package_kernels(args, bits_cfg=None) -> list:
         kernels.append(("package sites+inputs span rule before", ("inputs", SmallConfig(**before))))
         # every launch's spans of 3-4 and 4-5 planes, site launches too; 5-6 on the one-bit plane kernel
         kernels.append(("package sites+inputs spans to 5 planes", ("inputs", SmallConfig(fragment_span_planes=5))))
+    if args.package_span_uncap:  # ... fused inputs, the large launches' spans of 4-5 and 5-6 planes uncapped
+        kernels.append(("package sites+inputs span uncap", ("inputs", SmallConfig(fragment_span_uncap=5))))
     if args.package_no_span:  # ... fused inputs, every view's body compiled (the default before 2026-12-06)
         kernels.append(("package sites+inputs no span", ("inputs", SmallConfig(span_bodies=False))))
     if args.package_pdl:  # ... fused inputs, every kernel launch of a linear with programmatic dependent launch
@@ -935,6 +937,12 @@ def main(argv=None):
         help="also the package's routed budgets with fused inputs and the span rules beside the default (every span "
         "of at most 6 planes on the fragment kernel, site launches too): the rule before (3-4 and 4-5 plane spans of "
         "the launches from 2^25 weights, no site launch), and every launch's spans of at most 5 planes",
+    )
+    ap.add_argument(
+        "--package-span-uncap",
+        action="store_true",
+        help="also the package's routed budgets with fused inputs and the views on the device of spans reaching 5 "
+        "planes free of the 128-register cap of the large launches (SmallConfig(fragment_span_uncap=5))",
     )
     ap.add_argument(
         "--package-fused-only",

@@ -421,6 +421,41 @@ def test_fragment_for_spans():
     assert tb._fragment_wanted(auto, big, 3, (1, 2))  # a static view: the static rule (5 planes, capped)
 
 
+def test_span_uncap_lifts_the_register_cap(monkeypatch):
+    """``fragment_linear(span_uncap=)`` (``SmallConfig.fragment_span_uncap``): a view on the device in a launch of
+    2^25 weights runs capped at 128 registers, unless its span reaches ``span_uncap`` planes; a static view's cap and
+    a smaller launch are untouched. (The launch keywords, recorded on the CPU.)"""
+    launched = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launched.append(kw)
+
+    monkeypatch.setattr(gf, "frag_gemv_kernel", Kernel())
+
+    def pack(n, k_in):
+        g = k_in // 128
+        words = torch.zeros(8, g, n // 128, 512, dtype=torch.int32)
+        pair = torch.zeros(8, n, g, dtype=torch.float16)
+        return gf.FragPlanes(words, pair, pair, SLICES, k_in, n)
+
+    big, small = pack(8192, 4096), pack(4096, 4096)  # 2^25 and 2^24 weights
+    kd = torch.full((1,), 2, dtype=torch.int32)
+
+    def maxnreg(fp, k, **kw):
+        gf.fragment_linear(torch.zeros(1, fp.in_features, dtype=torch.float16), fp, k, **kw)
+        return launched[-1].get("maxnreg")
+
+    assert maxnreg(big, kd, span=(2, 3)) == 128  # capped by default
+    assert maxnreg(big, kd, span=(2, 3), span_uncap=5) is None  # a 4-5 plane span
+    assert maxnreg(big, kd, span=(1, 2), span_uncap=5) == 128  # 3-4 planes: under 5
+    assert maxnreg(big, kd, span_uncap=5) == 128  # no span: every body, capped
+    assert maxnreg(small, kd, span=(2, 3)) is None  # under 2^25 weights: never capped
+    assert maxnreg(big, 6, cap=5, span_uncap=5) == 128  # a static view of 8 planes: its own cap
+    with pytest.raises(ValueError, match="fragment_span_uncap must be an int >= 0"):
+        tb.SmallConfig(fragment_span_uncap=-1)
+
+
 # ------------------------------------------------------------------------------------------------------- GPU
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA device (Gluon kernels do not run in the interpreter)")
 

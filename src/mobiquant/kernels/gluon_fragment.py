@@ -973,6 +973,7 @@ def fragment_linear(
     span=None,
     pdl: bool = False,
     seg_starts=(),
+    span_uncap: int = 0,
 ) -> torch.Tensor:
     """One token ``x2 [1, in]`` (fp16) -> ``[1, out]`` from a fragment pack: view ``k`` (an int, a one-element int
     tensor on the device, or None with ``routed = (gate values, threshold)`` on the device, counted by the kernel:
@@ -986,7 +987,9 @@ def fragment_linear(
     device: the views it may be (their bodies alone compiled; others clamped into them). ``pdl``: launched with
     programmatic dependent launch (the weights' first loads overlap the kernel before). ``seg_starts``, with
     ``routed``: the pack is a site's layers, each later one from that row block on, and the threshold is a list of
-    one a layer (their one router's gate values counted against each)."""
+    one a layer (their one router's gate values counted against each). A view on the device runs capped at 128
+    registers in a launch of at least :data:`BIG_LAUNCH` weights, unless its ``span`` reaches ``span_uncap`` planes
+    or more (0: never uncapped)."""
     M, K_IN = x2.shape
     if M != 1 or K_IN != fp.in_features or x2.dtype != torch.float16:
         raise ValueError(f"the fragment kernel takes one fp16 token of {fp.in_features} features, got {x2.dtype} "
@@ -1015,6 +1018,8 @@ def fragment_linear(
         raise ValueError(f"tma must be 0 (registers), -1 or -2 (TMA loads: a plane, a plane and group), got {tma}")
     batch, prefetch, splits = launch_config(nb, g, planes if isinstance(planes, int) else 0)
     capped = register_capped(n_out * K_IN, planes if isinstance(planes, int) else 0, cap)
+    if capped and dispatch is not None and span is not None and 0 < span_uncap <= fp.planes_of_view[span[1] - 1]:
+        capped = False  # the span's bodies in their own registers (no stack; counted offline, NOTES 30)
     if capped and dispatch is None:
         prefetch = min(prefetch, 1)  # two groups prefetched spill at 6 planes under the cap
     stages = 0

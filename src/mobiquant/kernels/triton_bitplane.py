@@ -2703,6 +2703,11 @@ class SmallConfig:
     # counted by the fragment kernel per row block; or one ``k`` tensor for all), the size rule on the whole site. On
     # (see ``fragment_span_planes``); off: those launches' views on the device run on the one-bit plane kernel
     fragment_site_spans: bool = True
+    # a view learnt on the device within a span reaching at least this many planes runs on the fragment kernel without
+    # the 128-register cap of the launches from 2^25 weights; 0 (default): capped. Counted offline for sm_90
+    # (benchmarks/NOTES.md entry 30): capped, the 8B gate/up site's and down's 4-5 and 5-6 plane spans spill 16-48
+    # bytes of stack; uncapped they take 135-148 registers and none. Off until timed on a GPU
+    fragment_span_uncap: int = 0
 
     def __post_init__(self) -> None:
         if self.fragment_tma not in (0, -1, -2):
@@ -2710,6 +2715,9 @@ class SmallConfig:
                 f"fragment_tma must be 0 (words through registers), -1 (a TMA load a plane) or -2 (a TMA load and a "
                 f"barrier a group), got {self.fragment_tma!r}"
             )
+        for name in ("fragment_span_planes", "fragment_span_from", "fragment_span_uncap"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be an int >= 0 (0: off), got {getattr(self, name)!r}")
         if not 0 <= self.int4_tokens <= 16 or self.int4_tokens == 1:
             raise ValueError(
                 f"int4_tokens must be 0 (off) or 2-16 (the most tokens a forward), got {self.int4_tokens!r}"
@@ -3425,10 +3433,11 @@ def bitplane_linear_bits(
         from .gluon_fragment import fragment_linear, fragment_of
 
         if kvals:  # the router's gate values: counted by the kernel
-            return fragment_linear(x2, fragment_of(bp), None, bias, out, routed=(v_t, tau_t), span=span, pdl=cfg.pdl)
+            return fragment_linear(x2, fragment_of(bp), None, bias, out, routed=(v_t, tau_t), span=span, pdl=cfg.pdl,
+                                   span_uncap=cfg.fragment_span_uncap)  # fmt: skip
         return fragment_linear(
             x2, fragment_of(bp), ksel or k_t, bias, out, cap=cfg.fragment_cap, tma=cfg.fragment_tma, span=span,
-            pdl=cfg.pdl,
+            pdl=cfg.pdl, span_uncap=cfg.fragment_span_uncap,
         )
     if out is None:
         out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
@@ -3558,8 +3567,9 @@ def bitplane_site_bits(
         starts = tuple(c // BLOCK_N for c in site.cols[1:])
         if kvals:
             return fragment_linear(x2, fragment_of(bp), None, site.bias, out, routed=(v_t, taus), span=span,
-                                   pdl=cfg.pdl, seg_starts=starts)  # fmt: skip
-        return fragment_linear(x2, fragment_of(bp), k_t, site.bias, out, span=span, pdl=cfg.pdl)
+                                   pdl=cfg.pdl, seg_starts=starts, span_uncap=cfg.fragment_span_uncap)  # fmt: skip
+        return fragment_linear(x2, fragment_of(bp), k_t, site.bias, out, span=span, pdl=cfg.pdl,
+                               span_uncap=cfg.fragment_span_uncap)  # fmt: skip
     if out is None:
         out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
     segs = list(zip(site.outs, site.rows2, site.cols, strict=True))
