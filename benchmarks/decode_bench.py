@@ -698,6 +698,10 @@ def package_kernels(args, bits_cfg=None) -> list:
         kernels.append(("package sites+inputs spans to 5 planes", ("inputs", SmallConfig(fragment_span_planes=5))))
     if args.package_span_uncap:  # ... fused inputs, the large launches' spans of 4-5 and 5-6 planes uncapped
         kernels.append(("package sites+inputs span uncap", ("inputs", SmallConfig(fragment_span_uncap=5))))
+    if args.package_early_l2:  # ... fused inputs, the first group of a span's common planes asked of L2 before k
+        kernels.append(("package sites+inputs early l2", ("inputs", SmallConfig(fragment_early_l2=1))))
+        cfg = SmallConfig(fragment_early_l2=1, fragment_span_uncap=5)  # ... and the spans of 5+ planes uncapped
+        kernels.append(("package sites+inputs early l2 uncap", ("inputs", cfg)))
     if args.package_no_span:  # ... fused inputs, every view's body compiled (the default before 2026-12-06)
         kernels.append(("package sites+inputs no span", ("inputs", SmallConfig(span_bodies=False))))
     if args.package_pdl:  # ... fused inputs, every kernel launch of a linear with programmatic dependent launch
@@ -943,6 +947,13 @@ def main(argv=None):
         action="store_true",
         help="also the package's routed budgets with fused inputs and the views on the device of spans reaching 5 "
         "planes free of the 128-register cap of the large launches (SmallConfig(fragment_span_uncap=5))",
+    )
+    ap.add_argument(
+        "--package-early-l2",
+        action="store_true",
+        help="also the package's routed budgets with fused inputs and each view on the device asking L2 for its first "
+        "group of the span's common planes before it reads k (SmallConfig(fragment_early_l2=1)), then that with "
+        "--package-span-uncap's config too",
     )
     ap.add_argument(
         "--package-fused-only",

@@ -78,10 +78,12 @@
 #            spandef with the default span rule (every span of at most 6 planes on the fragment kernel, site launches
 #            too) beside the rule before it and every launch's spans of at most 5 planes (--package-span-rules; the
 #            stage 'sitespan' of 2026-12-06 timed --package-site-spans, whose rows are now the default and the first)
-#   uncap    (only when named) the package rows of spanrule with the large launches' views on the device of spans
-#            reaching 5 planes free of the 128-register cap (--package-span-uncap; capped, they spill 16-48 bytes,
-#            benchmarks/NOTES.md entry 30), with router placement sublayer, then the same with the default placement
-#            (site: the default configuration's routed speed under the span rule of 2026-12-06, third run)
+#   spancost (only when named) what a view on the device still costs over a static one, the package rows of spanrule
+#            beside: the large launches' spans reaching 5 planes free of the 128-register cap (--package-span-uncap;
+#            capped, they spill 16-48 bytes, benchmarks/NOTES.md entry 30), the first group of a span's common planes
+#            asked of L2 before k is read (--package-early-l2, entry 31), and both; router placement sublayer; then
+#            the default rows with the default placement (site: the default configuration's routed speed under the
+#            span rule of 2026-12-06, third run); first the GPU tests of routed sites and spans
 #   span     (only when named) the stack's static views beside each view with k read on the device: every body
 #            compiled, the planes every body reads loaded before k (SmallConfig.preload), and the view's span of two
 #            views alone (span_bodies) preloaded; then the tests of spans and preloading, compiled
@@ -299,15 +301,15 @@ stage() {
       run_stage spanrule 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed --fuse-inputs \
         --package-policy adjacent --package-placement sublayer --package-budgets 3.5,4.5,5.5 --package-span-rules \
         --package-fused-only --out "$RES/spanrule" ;;
-    uncap)
-      run_stage uncap_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gluon_fragment.py \
-        -k "routed_site or span or uncap"
-      run_stage uncap 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed --fuse-inputs \
+    spancost)
+      run_stage spancost_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gluon_fragment.py \
+        -k "routed_site or span or uncap or early"
+      run_stage spancost 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed --fuse-inputs \
         --package-policy adjacent --package-placement sublayer --package-budgets 3.5,4.5,5.5 --package-span-uncap \
-        --package-fused-only --out "$RES/uncap"
-      run_stage uncap_site 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed --fuse-inputs \
-        --package-policy adjacent --package-placement site --package-budgets 3.5,4.5,5.5 --package-span-uncap \
-        --package-fused-only --out "$RES/uncap_site" ;;
+        --package-early-l2 --package-fused-only --out "$RES/spancost"
+      run_stage spancost_site 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed --fuse-inputs \
+        --package-policy adjacent --package-placement site --package-budgets 3.5,4.5,5.5 --package-fused-only \
+        --out "$RES/spancost_site" ;;
     span)
       # k read on the device against the static views: every body, preloaded, a span of two views (the stack);
       # then their tests compiled
@@ -336,7 +338,7 @@ print(','.join(str(int(v)) for v in t))" "$RES/router_sweep/router_sweep.csv" 2>
       run_stage pattern 600 "$PY" benchmarks/stream_pattern.py --views 1,2,6 \
         --package-configs "$PATTERN_CONFIGS" --out "$RES/pattern" ;;
     *)
-      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement pdl spandef spanrule uncap span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
+      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement pdl spandef spanrule spancost span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
       return 2 ;;
   esac
 }

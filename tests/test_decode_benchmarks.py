@@ -122,11 +122,13 @@ def test_dry_runs(tmp_path, capsys):
     argv = ["--dry-run", "--new-tokens", "3", "--fuse-inputs", "--package-policy", "adjacent"]
     argv += ["--package-placement", "sublayer", "--package-budgets", "4.5", "--package-span", "--package-pdl"]
     assert decode_bench.main([*argv, "--package-no-span", "--package-fused-only", "--package-span-rules",
-                               "--package-span-uncap"]) == 0  # fmt: skip
+                               "--package-span-uncap", "--package-early-l2"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "package sites+inputs span rule before routed budget 4.5" in out
     assert "package sites+inputs spans to 5 planes routed budget 4.5" in out
     assert "package sites+inputs span uncap routed budget 4.5" in out
+    assert "package sites+inputs early l2 routed budget 4.5" in out
+    assert "package sites+inputs early l2 uncap routed budget 4.5" in out
     assert "package sites+inputs no span routed budget 4.5" in out and "no span static" not in out
     assert "package routed" not in out and "package static" not in out  # no per-linear rows
     assert decode_bench.main(argv) == 0

@@ -230,7 +230,7 @@ dev = dict(planes=torch.ones(1, dtype=torch.int32), dispatch=3)
 taus = [torch.zeros(1, dtype=torch.float16) for _ in range(3)]
 site = dict(dev, views=[3, 4], routed=(torch.zeros(1, dtype=torch.float16), taus), seg_starts=(48, 80))
 cases = (("static", dict(planes=4, prefetch=True)), ("tma", dict(planes=4, stages=-1)), ("device", dev), ("site", site),
-         ("ring", dict(planes=4, stages=3)))
+         ("ring", dict(planes=4, stages=3)), ("early", dict(site, early=1)))
 for name, kw in cases:
     s3 = sc if name in ("static", "tma", "ring") else sc[None].expand(4, -1, -1)
     args, kw = gf._launch_args(words, s3, s3, x, out, splits=4, pdl=True, **kw)
@@ -239,7 +239,8 @@ for name, kw in cases:
     ops = [m.group(3) for m in osx.LINE.finditer(sass)]
     wait = ops.index("ACQBULK")
     cp = sum(o.startswith("LDGSTS") for o in ops[:wait])
-    print("RESULT", name, ops.index("PREEXIT") < wait, ops[:wait].count("LDG.E.128"), ops.count("ACQBULK"), cp)
+    l2 = ops[:wait].count("CCTL.E.PF2")
+    print("RESULT", name, ops.index("PREEXIT") < wait, ops[:wait].count("LDG.E.128"), ops.count("ACQBULK"), cp, l2)
 """
 
 
@@ -259,7 +260,9 @@ def test_pdl_waits_after_the_first_weights_offline():
     ``ACQBULK``) once; a static view's first group of words (4 planes: four 16-byte loads) is asked for before that
     wait, and the TMA mode's too (issued as bulk copies, no LDG); a view on the device (``k`` maybe written by the
     kernel before) waits before any load, as does a routed site launch (a threshold a layer: it compiles); the
-    shared-memory ring (``stages=3``) issues its first two groups' copies (``cp.async``) before the wait."""
+    shared-memory ring (``stages=3``) issues its first two groups' copies (``cp.async``) before the wait; with
+    ``early=1`` a routed site asks L2 for its first group of the planes every body reads (``prefetch.global.L2``, SASS
+    ``CCTL.E.PF2``) before the wait."""
     import subprocess
 
     import triton
@@ -272,11 +275,31 @@ def test_pdl_waits_after_the_first_weights_offline():
         [sys.executable, "-c", _OFFLINE_PDL, bench], capture_output=True, text=True, env=env, timeout=900
     )
     got = {ln.split()[1]: ln.split()[2:] for ln in r.stdout.splitlines() if ln.startswith("RESULT")}
-    assert set(got) == {"static", "tma", "device", "site", "ring"}, r.stderr[-2000:]
-    assert got["static"] == ["True", "4", "1", "0"]
-    assert got["tma"] == ["True", "0", "1", "0"] and got["device"] == ["True", "0", "1", "0"]
-    assert got["site"] == ["True", "0", "1", "0"]  # a routed site: its thresholds are read after the wait too
-    assert got["ring"] == ["True", "0", "1", "8"]  # the ring's first two groups (4 planes each) by cp.async
+    assert set(got) == {"static", "tma", "device", "site", "ring", "early"}, r.stderr[-2000:]
+    assert got["static"] == ["True", "4", "1", "0", "0"]
+    assert got["tma"] == ["True", "0", "1", "0", "0"] and got["device"] == ["True", "0", "1", "0", "0"]
+    assert got["site"] == ["True", "0", "1", "0", "0"]  # a routed site: its thresholds are read after the wait too
+    assert got["ring"] == ["True", "0", "1", "8", "0"]  # the ring's first two groups (4 planes each) by cp.async
+    # fragment_early_l2: the first group of the 3 planes every body reads asked of L2 before the wait, no load
+    assert got["early"] == ["True", "0", "1", "0", "3"]
+
+
+def test_early_l2_launch_args():
+    """``early``: the ``EARLY`` constexpr of a dispatched device view, at most the program's groups; refused for a
+    static view; 0 by default. ``SmallConfig.fragment_early_l2`` reaches ``fragment_linear``'s ``early_l2``."""
+    words = torch.zeros(4, 32, 4, 512, dtype=torch.int32)
+    sc, x, out = torch.zeros(512, 32, dtype=torch.float16), torch.zeros(4096, dtype=torch.float16), torch.zeros(512)
+    s3 = sc[None].expand(4, -1, -1)
+    dev = dict(planes=torch.ones(1, dtype=torch.int32), dispatch=3)
+    assert gf._launch_args(words, s3, s3, x, out, **dev)[1]["EARLY"] == 0
+    assert gf._launch_args(words, s3, s3, x, out, **dev, early=2)[1]["EARLY"] == 2
+    many = gf._launch_args(words, s3, s3, x, out, splits=16, batch=2, **dev, early=4)
+    assert many[1]["EARLY"] == 2  # 2 groups a program
+    with pytest.raises(ValueError, match="dispatched device view only"):
+        gf._launch_args(words, sc, sc, x, out, planes=4, early=1)
+    assert tb.SmallConfig().fragment_early_l2 == 0
+    with pytest.raises(ValueError, match="fragment_early_l2 must be an int >= 0"):
+        tb.SmallConfig(fragment_early_l2=-1)
 
 
 def test_site_thresholds_launch_args():
@@ -505,7 +528,8 @@ def test_gpu_routed_and_site(gen):
 def test_gpu_routed_site_spans(gen):
     """``SmallConfig.fragment_site_spans`` (the default): a routed site of three layers (one router's gate values, a
     threshold each, so each layer its own view) on the fragment kernel, within spans of 3-4, 4-5 and 5-6 planes; and
-    one ``k`` tensor for the whole site; each layer's columns against its own view's reference."""
+    one ``k`` tensor for the whole site; each layer's columns against its own view's reference; with
+    ``fragment_early_l2`` or ``fragment_span_uncap`` the same output."""
     n_in = 4096
     layers = [make_layer(n, n_in, gen, True, "cuda") for n in (8192, 2048, 2048)]  # 2^25 weights in all
     x = torch.randn(1, n_in, generator=gen).half().cuda()
@@ -523,6 +547,11 @@ def test_gpu_routed_site_spans(gen):
     y = tb.bitplane_site_bits(x, site, [kd, kd, kd], config=cfg, span=(1, 2))
     for (p, s, z), c, n in zip(layers, site.cols, site.outs, strict=True):
         _check(y[:, c : c + n], x, p, s, z, 2)
+    for extra in (dict(fragment_early_l2=2), dict(fragment_span_uncap=5)):  # the same results
+        ks = [tb.RoutedK(values, torch.tensor([t], device="cuda", dtype=torch.float16)) for t in (0.6, 0.8, 0.6)]
+        y2 = tb.bitplane_site_bits(x, site, ks, config=tb.SmallConfig(**extra), span=(2, 3))
+        y1 = tb.bitplane_site_bits(x, site, ks, config=cfg, span=(2, 3))
+        assert torch.equal(y1, y2), extra
 
 
 @needs_gpu

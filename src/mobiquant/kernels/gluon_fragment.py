@@ -193,6 +193,14 @@ def _griddep(WAIT: ttgl.constexpr):
 
 
 @gluon.jit
+def _ask_l2(ptrs):
+    """Ask L2 for the lines at ``ptrs`` (``prefetch.global.L2``: no register written, nothing waits on it)."""
+    ttgl.inline_asm_elementwise(
+        "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=ttgl.int32, is_pure=False, pack=1
+    )
+
+
+@gluon.jit
 def _sel(f, v, M: ttgl.constexpr):
     """``M ? v : f`` bitwise (one LOP3)."""
     return ttgl.inline_asm_elementwise(
@@ -546,10 +554,12 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
                      v_ptr, tau_ptr, tau1_ptr, tau2_ptr, SB1, SB2, NSEG: ttgl.constexpr, KMODE: ttgl.constexpr,
                      KV: ttgl.constexpr,
                      VIEWS: ttgl.constexpr, w_desc, BULK_GS: ttgl.constexpr, BULK_PP: ttgl.constexpr,
-                     PUBLIC: ttgl.constexpr, PDL: ttgl.constexpr):  # fmt: skip
+                     PUBLIC: ttgl.constexpr, PDL: ttgl.constexpr, EARLY: ttgl.constexpr):  # fmt: skip
     # PDL: launched with programmatic dependent launch (SmallConfig.pdl): the next kernel may start its programs now;
     # a view on the device awaits the kernel before at once (it may have written k), a view compiled in once its
     # first words are asked for (_view_total), before any activation is read
+    # EARLY (P == -1): the program's first EARLY groups of the PMIN planes every body reads are asked of L2 before
+    # the view is read or counted, and before the wait of PDL (the weights' first loads then wait on L2, not memory)
     # KMODE (P == -1): 0 p_ptr holds the view's planes; 1 its k (1-based); 2 k = 1 + #(v_ptr[e] > tau) over KV gate
     # values, in the values' dtype, tau at tau_ptr (with NSEG layers of a site, 2-3: at tau1_ptr from row block SB1
     # on, at tau2_ptr from SB2 on). VIEWS: view k's planes minus one in bits 3 (k - 1) .. 3 (k - 1) + 2
@@ -617,6 +627,10 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
         smem = 0
     if STAGES >= 0:
         bars = 0
+    if P == -1 and EARLY > 0:  # a thread's 16 bytes of each plane (a warp: four 128-byte lines), before any wait
+        wl = w_ptr + pid * 512 + ttgl.arange(0, 128, layout=ttgl.SliceLayout(1, VL)) * 4
+        for e in ttgl.static_range(EARLY * PMIN):
+            _ask_l2(wl + (g_lo + e // PMIN) * NB * 512 + (e % PMIN) * PSTRIDE)
     if PDL:
         _griddep(False)
         if P <= 0:
@@ -694,7 +708,8 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
 
 def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_GROUPS, prefetch=False,
                  dispatch=None, stages=0, b0=None, n_out=None, bias=None, out_mode=0, part=None,
-                 locks=None, views=None, routed=None, dispatch_to=None, pdl=False, seg_starts=()):  # fmt: skip
+                 locks=None, views=None, routed=None, dispatch_to=None, pdl=False, seg_starts=(),
+                 early=0):  # fmt: skip
     """``planes``: an int (the view, compiled in), None (every plane of the pack) or an int32 device tensor of one
     element (the view read by the kernel; ``scale``/``zero`` then ``[planes of the pack, N, G]``, view ``p`` at
     ``p - 1``). ``dispatch``, with a device view: None decodes whole fields with the absent planes predicated off;
@@ -710,7 +725,8 @@ def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_
     ``routed = (gate values, threshold)`` the kernel counts ``k`` itself (``planes`` then unused); the threshold a
     tensor, or one a layer of a site whose later layers start at the row blocks ``seg_starts`` (at most 3 layers).
     ``pdl``: launched with programmatic dependent launch (``SmallConfig.pdl``; the launch attribute among the
-    returned keywords)."""
+    returned keywords). ``early``, with a dispatched device view: the program's first ``early`` groups (at most its
+    groups) of the planes every body reads asked of L2 before the view is read (``SmallConfig.fragment_early_l2``)."""
     n, g = words.shape[2] * BLOCK_N, x.numel() // GROUP
     if x.dtype != torch.float16 or not x.is_contiguous() or g * GROUP != x.numel() or g != words.shape[1]:
         raise ValueError(f"x must be {words.shape[1] * GROUP} contiguous fp16 activations, got {x.dtype} "
@@ -788,7 +804,9 @@ def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_
     starts = [*seg_starts, 0, 0][:2]
     taus = [*taus, taus[0], taus[0]][:3]
     kw.update(v_ptr=vals, tau_ptr=taus[0], tau1_ptr=taus[1], tau2_ptr=taus[2], SB1=starts[0], SB2=starts[1])
-    kw.update(NSEG=len(seg_starts) + 1, KMODE=kmode, KV=kv, VIEWS=code, PDL=bool(pdl))
+    if early and (pc != -1 or early < 0):
+        raise ValueError(f"early={early}: groups asked of L2 ahead of the view, for a dispatched device view only")
+    kw.update(NSEG=len(seg_starts) + 1, KMODE=kmode, KV=kv, VIEWS=code, PDL=bool(pdl), EARLY=min(early, g // splits))
     return args, dict(kw, num_warps=4, **({"launch_pdl": True} if pdl else {}))
 
 
@@ -974,6 +992,7 @@ def fragment_linear(
     pdl: bool = False,
     seg_starts=(),
     span_uncap: int = 0,
+    early_l2: int = 0,
 ) -> torch.Tensor:
     """One token ``x2 [1, in]`` (fp16) -> ``[1, out]`` from a fragment pack: view ``k`` (an int, a one-element int
     tensor on the device, or None with ``routed = (gate values, threshold)`` on the device, counted by the kernel:
@@ -989,7 +1008,8 @@ def fragment_linear(
     ``routed``: the pack is a site's layers, each later one from that row block on, and the threshold is a list of
     one a layer (their one router's gate values counted against each). A view on the device runs capped at 128
     registers in a launch of at least :data:`BIG_LAUNCH` weights, unless its ``span`` reaches ``span_uncap`` planes
-    or more (0: never uncapped)."""
+    or more (0: never uncapped). ``early_l2``, with a view on the device: its first ``early_l2`` groups of the planes
+    every compiled body reads asked of L2 before the view is read or counted (0: none)."""
     M, K_IN = x2.shape
     if M != 1 or K_IN != fp.in_features or x2.dtype != torch.float16:
         raise ValueError(f"the fragment kernel takes one fp16 token of {fp.in_features} features, got {x2.dtype} "
@@ -1037,7 +1057,7 @@ def fragment_linear(
         _check_pdl(x2.device)
         extra.update(pdl=True)
     if dispatch is not None:
-        extra.update(views=fp.planes_of_view, routed=routed, seg_starts=tuple(seg_starts))
+        extra.update(views=fp.planes_of_view, routed=routed, seg_starts=tuple(seg_starts), early=early_l2)
         if span is not None:
             extra.update(dispatch_to=fp.planes_of_view[span[1] - 1])
     args, kw = _launch_args(fp.words, sc, zp, x2.reshape(-1), out.view(-1), splits, planes, batch, prefetch, dispatch,

@@ -2708,6 +2708,11 @@ class SmallConfig:
     # (benchmarks/NOTES.md entry 30): capped, the 8B gate/up site's and down's 4-5 and 5-6 plane spans spill 16-48
     # bytes of stack; uncapped they take 135-148 registers and none. Off until timed on a GPU
     fragment_span_uncap: int = 0
+    # a view learnt on the device on the fragment kernel: the program's first this many groups of the planes every
+    # compiled body reads (the span's smaller view's) asked of L2 before the view is read or counted, so the first
+    # weight loads wait on L2 rather than memory (the static views' loads need no read before them); 0 (default): off
+    # until timed on a GPU (benchmarks/NOTES.md entry 31)
+    fragment_early_l2: int = 0
 
     def __post_init__(self) -> None:
         if self.fragment_tma not in (0, -1, -2):
@@ -2715,7 +2720,7 @@ class SmallConfig:
                 f"fragment_tma must be 0 (words through registers), -1 (a TMA load a plane) or -2 (a TMA load and a "
                 f"barrier a group), got {self.fragment_tma!r}"
             )
-        for name in ("fragment_span_planes", "fragment_span_from", "fragment_span_uncap"):
+        for name in ("fragment_span_planes", "fragment_span_from", "fragment_span_uncap", "fragment_early_l2"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an int >= 0 (0: off), got {getattr(self, name)!r}")
         if not 0 <= self.int4_tokens <= 16 or self.int4_tokens == 1:
@@ -3434,10 +3439,10 @@ def bitplane_linear_bits(
 
         if kvals:  # the router's gate values: counted by the kernel
             return fragment_linear(x2, fragment_of(bp), None, bias, out, routed=(v_t, tau_t), span=span, pdl=cfg.pdl,
-                                   span_uncap=cfg.fragment_span_uncap)  # fmt: skip
+                                   span_uncap=cfg.fragment_span_uncap, early_l2=cfg.fragment_early_l2)  # fmt: skip
         return fragment_linear(
             x2, fragment_of(bp), ksel or k_t, bias, out, cap=cfg.fragment_cap, tma=cfg.fragment_tma, span=span,
-            pdl=cfg.pdl, span_uncap=cfg.fragment_span_uncap,
+            pdl=cfg.pdl, span_uncap=cfg.fragment_span_uncap, early_l2=cfg.fragment_early_l2,
         )
     if out is None:
         out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
@@ -3567,9 +3572,10 @@ def bitplane_site_bits(
         starts = tuple(c // BLOCK_N for c in site.cols[1:])
         if kvals:
             return fragment_linear(x2, fragment_of(bp), None, site.bias, out, routed=(v_t, taus), span=span,
-                                   pdl=cfg.pdl, seg_starts=starts, span_uncap=cfg.fragment_span_uncap)  # fmt: skip
+                                   pdl=cfg.pdl, seg_starts=starts, span_uncap=cfg.fragment_span_uncap,
+                                   early_l2=cfg.fragment_early_l2)  # fmt: skip
         return fragment_linear(x2, fragment_of(bp), k_t, site.bias, out, span=span, pdl=cfg.pdl,
-                               span_uncap=cfg.fragment_span_uncap)  # fmt: skip
+                               span_uncap=cfg.fragment_span_uncap, early_l2=cfg.fragment_early_l2)  # fmt: skip
     if out is None:
         out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
     segs = list(zip(site.outs, site.rows2, site.cols, strict=True))
