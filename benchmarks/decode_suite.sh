@@ -160,6 +160,14 @@ run_stage() {  # NAME LIMIT CMD...: CMD under `timeout LIMIT`, output to $RES/NA
   return 0
 }
 
+package_stage() {  # NAME PLACEMENT ARGS...: the package rows with fused inputs and the adjacent routers at budgets 3.5,
+  # 4.5 and 5.5 (where the tokens decide) with router placement PLACEMENT, decode_bench.py's ARGS added
+  local name=$1 placement=$2
+  shift 2
+  run_stage "$name" 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed --fuse-inputs \
+    --package-policy adjacent --package-placement "$placement" --package-budgets 3.5,4.5,5.5 "$@" --out "$RES/$name"
+}
+
 stage() {
   case "$1" in
     tests)
@@ -287,29 +295,19 @@ stage() {
     pdl)
       run_stage pdl_sites 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-package --no-routed --sites \
         --sites-configs "$PDL_SITES_CONFIGS" --out "$RES/pdl_sites"
-      run_stage pdl_package 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed --fuse-inputs \
-        --package-policy adjacent --package-placement sublayer --package-budgets 3.5,4.5,5.5 --package-pdl \
-        --package-span --out "$RES/pdl_package"
+      package_stage pdl_package sublayer --package-pdl --package-span
       run_stage pdl_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gluon_fragment.py -k pdl ;;
     spandef)
-      run_stage spandef 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed --fuse-inputs \
-        --package-policy adjacent --package-placement sublayer --package-budgets 3.5,4.5,5.5 --package-no-span \
-        --package-fused-only --out "$RES/spandef" ;;
+      package_stage spandef sublayer --package-no-span --package-fused-only ;;
     spanrule)
       run_stage spanrule_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gluon_fragment.py \
         -k "routed_site or span"
-      run_stage spanrule 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed --fuse-inputs \
-        --package-policy adjacent --package-placement sublayer --package-budgets 3.5,4.5,5.5 --package-span-rules \
-        --package-fused-only --out "$RES/spanrule" ;;
+      package_stage spanrule sublayer --package-span-rules --package-fused-only ;;
     spancost)
       run_stage spancost_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gluon_fragment.py \
         -k "routed_site or span or uncap or early"
-      run_stage spancost 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed --fuse-inputs \
-        --package-policy adjacent --package-placement sublayer --package-budgets 3.5,4.5,5.5 --package-span-uncap \
-        --package-early-l2 --package-fused-only --out "$RES/spancost"
-      run_stage spancost_site 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed --fuse-inputs \
-        --package-policy adjacent --package-placement site --package-budgets 3.5,4.5,5.5 --package-fused-only \
-        --out "$RES/spancost_site" ;;
+      package_stage spancost sublayer --package-span-uncap --package-early-l2 --package-fused-only
+      package_stage spancost_site site --package-fused-only ;;
     span)
       # k read on the device against the static views: every body, preloaded, a span of two views (the stack);
       # then their tests compiled
