@@ -177,19 +177,26 @@ def test_one_tma_load_a_program_launch_args():
         gf._launch_args(words, sc, sc, x.float(), out, planes=4)
 
 
-_OFFLINE = """
-import sys, torch
+# the offline scripts' start: the 8B gate/up's 4-plane pack and its launch buffers (argv[1]: benchmarks/)
+_OFFLINE_PRELUDE = """
+import re, sys, torch
 sys.path.insert(0, sys.argv[1])
 import offline_sass as osx
 from triton.experimental.gluon._runtime import GluonASTSource
 from mobiquant.kernels import gluon_fragment as gf
 words = torch.zeros(4, 32, 112, 512, dtype=torch.int32)  # 14336 x 4096, the 8B gate/up
 sc, x, out = torch.zeros(14336, 32, dtype=torch.float16), torch.zeros(4096, dtype=torch.float16), torch.zeros(14336)
+"""
+
+_OFFLINE = (
+    _OFFLINE_PRELUDE
+    + """
 args, kw = gf._launch_args(words, sc, sc, x, out, splits=4, planes=4, stages=int(sys.argv[2]))
 ck = osx.compile_sm90(gf.frag_gemv_kernel, args, kw, source=GluonASTSource)
 sass, _ = osx.sass_and_resources(ck)
 print("RESULT", ck.metadata.shared, sass.count("SYNCS.PHASECHK"))
 """
+)
 
 
 def test_tma_modes_compile_for_sm90_offline():
@@ -218,14 +225,9 @@ def test_tma_modes_compile_for_sm90_offline():
     assert waits[-1] > 0 and waits[-2] == 8 * waits[-1], waits  # a barrier's wait: a test, then a retry loop
 
 
-_OFFLINE_PDL = """
-import re, sys, torch
-sys.path.insert(0, sys.argv[1])
-import offline_sass as osx
-from triton.experimental.gluon._runtime import GluonASTSource
-from mobiquant.kernels import gluon_fragment as gf
-words = torch.zeros(4, 32, 112, 512, dtype=torch.int32)  # 14336 x 4096, the 8B gate/up
-sc, x, out = torch.zeros(14336, 32, dtype=torch.float16), torch.zeros(4096, dtype=torch.float16), torch.zeros(14336)
+_OFFLINE_PDL = (
+    _OFFLINE_PRELUDE
+    + """
 dev = dict(planes=torch.ones(1, dtype=torch.int32), dispatch=3)
 taus = [torch.zeros(1, dtype=torch.float16) for _ in range(3)]
 site = dict(dev, views=[3, 4], routed=(torch.zeros(1, dtype=torch.float16), taus), seg_starts=(48, 80))
@@ -242,6 +244,7 @@ for name, kw in cases:
     l2 = ops[:wait].count("CCTL.E.PF2")
     print("RESULT", name, ops.index("PREEXIT") < wait, ops[:wait].count("LDG.E.128"), ops.count("ACQBULK"), cp, l2)
 """
+)
 
 
 def test_pdl_launch_args():
