@@ -916,8 +916,9 @@ def main(argv=None):
     ap.add_argument(
         "--package-placement",
         default="site",
-        choices=("site", "linear", "sublayer"),
-        help="the package model's router placement (sublayer: o and down take q/k/v's and gate/up's decisions)",
+        choices=("site", "linear", "sublayer", "attention"),
+        help="the package model's router placement (sublayer: o and down take q/k/v's and gate/up's decisions; "
+        "attention: o alone takes q/k/v's)",
     )
     ap.add_argument(
         "--package-budgets", default="", help="comma-separated routed budgets of the package rows (default: integers)"

@@ -83,7 +83,8 @@
 #            capped, they spill 16-48 bytes, benchmarks/NOTES.md entry 30), the first group of a span's common planes
 #            asked of L2 before k is read (--package-early-l2, entry 31), and both; router placement sublayer; then
 #            the default rows with the default placement (site: the default configuration's routed speed under the
-#            span rule of 2026-12-06, third run); first the GPU tests of routed sites and spans
+#            span rule of 2026-12-06, third run), then with placement attention (o on q/k/v's router, no router launch
+#            of its own); first the GPU tests of routed sites and spans
 #   span     (only when named) the stack's static views beside each view with k read on the device: every body
 #            compiled, the planes every body reads loaded before k (SmallConfig.preload), and the view's span of two
 #            views alone (span_bodies) preloaded; then the tests of spans and preloading, compiled
@@ -307,7 +308,8 @@ stage() {
       run_stage spancost_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gluon_fragment.py \
         -k "routed_site or span or uncap or early"
       package_stage spancost sublayer --package-span-uncap --package-early-l2 --package-fused-only
-      package_stage spancost_site site --package-fused-only ;;
+      package_stage spancost_site site --package-fused-only
+      package_stage spancost_attention attention --package-fused-only ;;
     span)
       # k read on the device against the static views: every body, preloaded, a span of two views (the stack);
       # then their tests compiled

@@ -1,9 +1,10 @@
-"""Router placement 'sublayer': the router of a sublayer's input also decides for its later linear.
+"""Router placements 'sublayer' and 'attention': the router of a sublayer's input also decides for its later linear.
 
 In a LLaMA block the attention's router (q/k/v's input) decides for ``o_proj`` and the MLP's (gate/up's input) for
 ``down_proj``: two routers a block instead of four, the later linears taking the decisions made on the sublayer's
 input. Checked on the tiny random LLaMA: the structure (and its round trip through a checkpoint), the decisions
-(a borrower's equal its home's at every budget), calibration end to end, and the error of a borrower run alone.
+(a borrower's equal its home's at every budget), calibration end to end, and the error of a borrower run alone;
+'attention' does so for the attention sublayer only (o), the MLP's two inputs keeping a router each.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ def batches(n: int, seed: int, batch: int = 4, seqlen: int = 32) -> list[torch.T
     return [torch.randint(0, 257, (batch, seqlen), generator=g) for _ in range(n)]
 
 
-def sublayer_model(policy: str = "adjacent", seed: int = 0):
+def sublayer_model(policy: str = "adjacent", seed: int = 0, placement: str = "sublayer"):
     model = tiny_llama(seed=seed)[0]
-    cfg = mq.MoBiConfig(group_size=32, router_placement="sublayer", router_policy=policy)
+    cfg = mq.MoBiConfig(group_size=32, router_placement=placement, router_policy=policy)
     mq.quantize_model(model, cfg)
     return model
 
@@ -48,6 +49,26 @@ def test_two_routers_a_block_and_which_linears_borrow():
         assert homes == [True, True, True, False]
         assert [m.router_home for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)] == [True, True, False]
         assert attn.q_proj.router.has_borrowers and mlp.gate_proj.router.has_borrowers
+
+
+def test_attention_placement_borrows_for_o_only():
+    """Placement 'attention': o on q/k/v's router, the MLP's gate/up and down a router each (three a block)."""
+    model = sublayer_model(placement="attention")
+    assert model.mobiquant_sites == [[ATTN, MLP[:2], MLP[2:]]] * 2
+    assert len(list(routers(model))) == 6
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        assert attn.q_proj.router is attn.o_proj.router and not attn.o_proj.router_home
+        assert mlp.gate_proj.router is not mlp.down_proj.router
+        assert [m.router_home for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)] == [True, True, True]
+        assert attn.q_proj.router.has_borrowers and not mlp.gate_proj.router.has_borrowers
+    mq.calibrate_thresholds(model, batches(2, seed=100))
+    mq.freeze(model)
+    mq.set_budget(model, 4.5)
+    seen = forward_k(model, batches(1, seed=7, batch=2, seqlen=12)[0])
+    for i in range(2):
+        p = f"model.layers.{i}."
+        assert torch.equal(seen[p + "self_attn.o_proj"], seen[p + "self_attn.q_proj"])
 
 
 def forward_k(model, ids) -> dict[str, torch.Tensor]:
@@ -115,8 +136,9 @@ def test_a_borrower_run_alone_is_a_clear_error():
         o(torch.randn(1, 3, o.in_features))
 
 
-def test_calibration_and_a_checkpoint_round_trip(tmp_path):
-    model = sublayer_model()
+@pytest.mark.parametrize("placement", ["sublayer", "attention"])
+def test_calibration_and_a_checkpoint_round_trip(tmp_path, placement):
+    model = sublayer_model(placement=placement)
     ids = batches(1, seed=0, batch=4, seqlen=32)[0]
     cfg = CalibConfig(epochs_stage1=1, epochs_stage2=1, batch_size=2, progress_bar=False, threshold_windows=2,
                       threshold_step=1.0)  # fmt: skip
@@ -151,3 +173,4 @@ def test_other_blocks_keep_a_router_a_site():
 
     traced = [[["a", "b"], ["c"]], [["q"], ["o"], ["g"], ["d"]]]
     assert sublayer_pairs(traced) == [[[["a", "b"]], [["c"]]], [[["q"], ["o"]], [["g"], ["d"]]]]
+    assert sublayer_pairs(traced, mlp=False) == [[[["a", "b"]], [["c"]]], [[["q"], ["o"]], [["g"]], [["d"]]]]

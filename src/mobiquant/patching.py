@@ -113,7 +113,7 @@ def quantize_block(
 ) -> nn.Module:
     """Replace the linears named in ``block_sites`` by fake-quant ``MoBiLinear``s, one router per site.
     ``homes`` (per site, per linear): False where the linear borrows the router's decisions on the input of the
-    site's first linear (placement 'sublayer'); None: every linear reads the router's input."""
+    site's first linear (placements 'sublayer', 'attention'); None: every linear reads the router's input."""
     routers_ = nn.ModuleDict()
     for gi, group in enumerate(block_sites):
         first = block.get_submodule(group[0])
@@ -155,23 +155,33 @@ def discover_sites(model: nn.Module, cfg: MoBiConfig) -> list[list[list[str]]]:
     if cfg.router_placement == "linear" or len(cfg.slice_bits) == 1:
         return [[[n] for n in names] for names in names_per_block]
     traced = trace_model_sites(model, names_per_block)
-    if cfg.router_placement == "sublayer":
-        return [[[n for site in group for n in site] for group in block] for block in sublayer_pairs(traced)]
+    if cfg.router_placement in BORROWING:
+        pairs = sublayer_pairs(traced, mlp=cfg.router_placement == "sublayer")
+        return [[[n for site in group for n in site] for group in block] for block in pairs]
     return traced
 
 
-def sublayer_pairs(traced: list[list[list[str]]]) -> list[list[list[list[str]]]]:
+#: Router placements where a later linear borrows the decisions of its sublayer's first router.
+BORROWING = ("sublayer", "attention")
+
+
+def sublayer_pairs(traced: list[list[list[str]]], mlp: bool = True) -> list[list[list[list[str]]]]:
     """Per block, the input sites that share a router under placement 'sublayer': in a block of four input sites in
     forward order (attention input, attention output, MLP input, MLP output: LLaMA's q/k/v, o, gate/up, down) the
     first and second, and the third and fourth (sites in the order the block registers its linears, which is
-    LLaMA's forward order); any other block keeps one router per site."""
-    return [[b[0:2], b[2:4]] if len(b) == 4 else [[site] for site in b] for b in traced]
+    LLaMA's forward order); any other block keeps one router per site. ``mlp`` False (placement 'attention'): the
+    first and second only, the MLP's two sites a router each."""
+    return [
+        ([b[0:2], b[2:4]] if mlp else [b[0:2], [b[2]], [b[3]]]) if len(b) == 4 else [[site] for site in b]
+        for b in traced
+    ]
 
 
 def router_homes(model: nn.Module, sites: list[list[list[str]]], cfg: MoBiConfig) -> list[list[list[bool]]] | None:
     """Per block, per router site, per linear: whether the linear reads the router's own input (the input of the
-    site's first linear, found by tracing ``model`` before it is quantized); None unless placement 'sublayer'."""
-    if cfg.router_placement != "sublayer" or len(cfg.slice_bits) == 1:
+    site's first linear, found by tracing ``model`` before it is quantized); None unless placement 'sublayer' or
+    'attention'."""
+    if cfg.router_placement not in BORROWING or len(cfg.slice_bits) == 1:
         return None
     traced = trace_model_sites(model, [[n for group in block for n in group] for block in sites])
     homes = []

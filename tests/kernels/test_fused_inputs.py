@@ -369,6 +369,28 @@ def test_sublayer_routers_run_only_in_the_norm_launches(monkeypatch):
     assert router_launches_fused(model, x, refs, monkeypatch) == [0, 0]
 
 
+def test_attention_placement_launches_no_router_for_o(monkeypatch):
+    """Router placement 'attention': o reads the decisions of q/k/v's router (run in the input norm's launch); gate/up's
+    router runs in the MLP norm's launch and down's in the MLP product's: a one-token forward launches no router of
+    its own, and its logits are the unfused model's at two budgets."""
+    model = tiny_llama(seed=0)[0]
+    mq.quantize_model(model, mq.MoBiConfig(group_size=32, router_hidden=8, router_placement="attention"))
+    g = torch.Generator().manual_seed(100)
+    mq.calibrate_thresholds(model, [torch.randint(0, 257, (4, 32), generator=g) for _ in range(2)])
+    mq.freeze(model)
+    model = model.to(DEVICE).eval()
+    for _, r in routers(model):
+        r.backend = "triton"
+    x = torch.tensor([[5]], device=DEVICE)
+    refs = {}
+    for b in (3.5, 5.5):
+        set_budget(model, b)
+        with torch.no_grad():
+            refs[b] = model(input_ids=x).logits
+    assert fuse_inputs(model) == 3 * len(model.model.layers) + 1
+    assert router_launches_fused(model, x, refs, monkeypatch) == [0, 0]
+
+
 def router_launches_fused(model, x, refs, monkeypatch) -> list[int]:
     """With the model's fused modules on the kernels: the router launches of a forward of ``x`` at each budget of
     ``refs`` (budget -> the logits it must give, checked)."""

@@ -12,7 +12,7 @@ __all__ = ["MoBiConfig"]
 
 
 #: Where routers sit (:attr:`MoBiConfig.router_placement`).
-PLACEMENTS = ("site", "linear", "sublayer")
+PLACEMENTS = ("site", "linear", "sublayer", "attention")
 
 
 @dataclass
@@ -24,7 +24,8 @@ class MoBiConfig:
     lwc_init: float | None = 4.0
     router_hidden: int = 64
     # "site": one router per shared input; "linear": one per linear; "sublayer": one per sublayer (attention, MLP):
-    # the router of its first input (q/k/v's; gate/up's) also decides for the sublayer's later linear (o; down)
+    # the router of its first input (q/k/v's; gate/up's) also decides for the sublayer's later linear (o; down);
+    # "attention": so for the attention sublayer only (o on q/k/v's router), the MLP's inputs a router each
     router_placement: str = "site"
     router_temperature: float = 1.0
     router_policy: str = "free"  # "free": any number of slices per token; "adjacent": the two views around the budget
