@@ -84,7 +84,8 @@
 #            asked of L2 before k is read (--package-early-l2, entry 31), and both; router placement sublayer; then
 #            the default rows with the default placement (site: the default configuration's routed speed under the
 #            span rule of 2026-12-06, third run), then with placement attention (o on q/k/v's router, no router launch
-#            of its own); first the GPU tests of routed sites and spans
+#            of its own); then the compiled step's kernel census at routed 3.5 and 4.5 bits beside the static 4-bit
+#            view's (step_overhead.py; sublayer routers); first the GPU tests of routed sites and spans
 #   span     (only when named) the stack's static views beside each view with k read on the device: every body
 #            compiled, the planes every body reads loaded before k (SmallConfig.preload), and the view's span of two
 #            views alone (span_bodies) preloaded; then the tests of spans and preloading, compiled
@@ -309,7 +310,10 @@ stage() {
         -k "routed_site or span or uncap or early"
       package_stage spancost sublayer --package-span-uncap --package-early-l2 --package-fused-only
       package_stage spancost_site site --package-fused-only
-      package_stage spancost_attention attention --package-fused-only ;;
+      package_stage spancost_attention attention --package-fused-only
+      # where the routed step's time goes beside the static view's: the compiled step's kernels (sublayer routers)
+      run_stage spancost_census 600 "$PY" benchmarks/step_overhead.py --policy adjacent --placement sublayer \
+        --census compile --census-only --census-budgets 3.5 4.5 ;;
     span)
       # k read on the device against the static views: every body, preloaded, a span of two views (the stack);
       # then their tests compiled

@@ -7,7 +7,8 @@ package (one launch per site, fused inputs: ``task=decode``'s defaults): the ker
 code between the package's kernels compiled by Inductor before the capture (``'compile'``), in the same run.
 
     python3 benchmarks/step_overhead.py [--layers 4] [--smol] [--new-tokens 64] [--top 25] [--slices 3,1,1,1,1,1]
-        [--views 1 2 6] [--budgets 3 4] [--census {off,compile,graph}] [--census-only]
+        [--views 1 2 6] [--budgets 3 4] [--census {off,compile,graph}] [--census-only] [--census-budgets 4]
+        [--policy {free,adjacent}] [--placement {site,linear,sublayer,attention}]
 
 The quantized rows run with fused inputs and again without them (Inductor then fuses the norms itself; the routers
 of the routed rows launch on their own).
@@ -42,9 +43,22 @@ def main(argv=None) -> None:
         default="off",
         choices=("off", "compile", "graph"),
         help="the kernel census's step: eager (off) or the captured step's replays; with a captured one the routed "
-        "budget 4 step too",
+        "steps of --census-budgets too",
     )
     ap.add_argument("--census-only", action="store_true", help="the kernel census alone, no timed rows")
+    ap.add_argument(
+        "--census-budgets",
+        type=float,
+        nargs="*",
+        default=[4.0],
+        help="routed budgets of the census with a captured step (3.5 4.5: where the adjacent policy's tokens decide)",
+    )
+    ap.add_argument(
+        "--placement",
+        default="site",
+        choices=("site", "linear", "sublayer", "attention"),
+        help="the routers' placement (MoBiConfig.router_placement)",
+    )
     ap.add_argument(
         "--policy",
         default="free",
@@ -70,14 +84,15 @@ def main(argv=None) -> None:
         (576, 1536, 192, 9, 49152, "SmolLM2-shaped") if args.smol else (D, FF, KV, 32, 1024, "8B-shaped")
     )
     layers = args.layers or (30 if args.smol else 4)
-    fp, q = package_models(layers, d, ff, kv, heads, vocab, "cuda", torch.float16, policy=args.policy)
+    fp, q = package_models(layers, d, ff, kv, heads, vocab, "cuda", torch.float16, policy=args.policy,
+                           placement=args.placement)  # fmt: skip
     prompt = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(7)).cuda()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; {layers} {what} layers, fp16", flush=True)
     census = dict(top=args.top, cuda_graph=args.census)
     e2e_decode.step_profile(fp, None, "cuda", prompt, None, "fp16", **census)
     fuse_sites(q), fuse_inputs(q)  # the package's decode defaults (task=decode)
-    if args.census != "off":
-        e2e_decode.step_profile(q, None, "cuda", prompt, 4.0, "routed budget 4, fused inputs", **census)
+    for b in args.census_budgets if args.census != "off" else ():
+        e2e_decode.step_profile(q, None, "cuda", prompt, b, f"routed budget {b:g}, fused inputs", **census)
     mq.set_static(q, 2)
     e2e_decode.step_profile(q, None, "cuda", prompt, None, "static 4-bit view, fused inputs", **census)
     if args.census_only:
