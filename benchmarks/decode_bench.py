@@ -702,6 +702,10 @@ def package_kernels(args, bits_cfg=None) -> list:
         kernels.append(("package sites+inputs early l2", ("inputs", SmallConfig(fragment_early_l2=1))))
         cfg = SmallConfig(fragment_early_l2=1, fragment_span_uncap=5)  # ... and the spans of 5+ planes uncapped
         kernels.append(("package sites+inputs early l2 uncap", ("inputs", cfg)))
+        # ... two groups asked of L2 and programmatic dependent launch: the requests then go out while the norm and
+        # router launch before runs (routed views only: pdl lost on the static views inside the package)
+        cfg = SmallConfig(fragment_early_l2=2, pdl=True)
+        kernels.append(("package sites+inputs early l2 pdl", ("inputs", cfg)))
     if args.package_no_span:  # ... fused inputs, every view's body compiled (the default before 2026-12-06)
         kernels.append(("package sites+inputs no span", ("inputs", SmallConfig(span_bodies=False))))
     if args.package_pdl:  # ... fused inputs, every kernel launch of a linear with programmatic dependent launch
@@ -954,7 +958,7 @@ def main(argv=None):
         action="store_true",
         help="also the package's routed budgets with fused inputs and each view on the device asking L2 for its first "
         "group of the span's common planes before it reads k (SmallConfig(fragment_early_l2=1)), then that with "
-        "--package-span-uncap's config too",
+        "--package-span-uncap's config too, then two groups asked so with programmatic dependent launch (pdl)",
     )
     ap.add_argument(
         "--package-fused-only",

@@ -129,6 +129,7 @@ def test_dry_runs(tmp_path, capsys):
     assert "package sites+inputs span uncap routed budget 4.5" in out
     assert "package sites+inputs early l2 routed budget 4.5" in out
     assert "package sites+inputs early l2 uncap routed budget 4.5" in out
+    assert "package sites+inputs early l2 pdl routed budget 4.5" in out
     assert "package sites+inputs no span routed budget 4.5" in out and "no span static" not in out
     assert "package routed" not in out and "package static" not in out  # no per-linear rows
     assert decode_bench.main(argv) == 0
