@@ -346,35 +346,14 @@ def test_a_router_whose_linears_are_all_fixed_runs_in_no_launch(monkeypatch, cap
         fuse_inputs(model, enable=False)
 
 
-def test_sublayer_routers_run_only_in_the_norm_launches(monkeypatch):
-    """Router placement 'sublayer': with fused inputs, each layer's two routers run in the launches of its two norms
-    and o and down read the decisions made there: a one-token forward launches no router of its own, and its logits
-    are the unfused model's at two budgets."""
+@pytest.mark.parametrize("placement", ["sublayer", "attention"])
+def test_borrowing_placements_launch_no_router(monkeypatch, placement):
+    """Router placements 'sublayer' and 'attention': with fused inputs the routers of q/k/v and gate/up run in the
+    launches of the norms before them, down's own router ('attention') in the MLP product's, and o (and down under
+    'sublayer') read the decisions made there: a one-token forward launches no router of its own, and its logits are
+    the unfused model's at two budgets."""
     model = tiny_llama(seed=0)[0]
-    mq.quantize_model(model, mq.MoBiConfig(group_size=32, router_hidden=8, router_placement="sublayer"))
-    g = torch.Generator().manual_seed(100)
-    mq.calibrate_thresholds(model, [torch.randint(0, 257, (4, 32), generator=g) for _ in range(2)])
-    mq.freeze(model)
-    model = model.to(DEVICE).eval()
-    for _, r in routers(model):
-        r.backend = "triton"
-    x = torch.tensor([[5]], device=DEVICE)
-    refs = {}
-    for b in (3.5, 5.5):
-        set_budget(model, b)
-        with torch.no_grad():
-            refs[b] = model(input_ids=x).logits
-    assert fuse_inputs(model) == 3 * len(model.model.layers) + 1
-    # o and down borrow; q/k/v and gate/up were routed by their norms' launches
-    assert router_launches_fused(model, x, refs, monkeypatch) == [0, 0]
-
-
-def test_attention_placement_launches_no_router_for_o(monkeypatch):
-    """Router placement 'attention': o reads the decisions of q/k/v's router (run in the input norm's launch); gate/up's
-    router runs in the MLP norm's launch and down's in the MLP product's: a one-token forward launches no router of
-    its own, and its logits are the unfused model's at two budgets."""
-    model = tiny_llama(seed=0)[0]
-    mq.quantize_model(model, mq.MoBiConfig(group_size=32, router_hidden=8, router_placement="attention"))
+    mq.quantize_model(model, mq.MoBiConfig(group_size=32, router_hidden=8, router_placement=placement))
     g = torch.Generator().manual_seed(100)
     mq.calibrate_thresholds(model, [torch.randint(0, 257, (4, 32), generator=g) for _ in range(2)])
     mq.freeze(model)
