@@ -332,6 +332,11 @@ def graph_of(step_fn, xs):
 
 
 # ------------------------------------------------------------------------------------- package rows
+#: The router placements of the package rows (``MoBiConfig.router_placement``'s, named here: the benchmarks parse
+#: their arguments before the package is imported).
+PLACEMENTS = ("site", "linear", "sublayer", "attention")
+
+
 def package_models(layers, d, ff, kv, heads, vocab, device, dtype, seed=0, policy="free", placement="site"):
     """``(fp, quantized)``: a random LLaMA of these shapes, and a copy patched, calibrated and packed by the
     package (router ``policy`` and ``placement``: ``MoBiConfig.router_policy`` / ``router_placement``)."""
@@ -920,7 +925,7 @@ def main(argv=None):
     ap.add_argument(
         "--package-placement",
         default="site",
-        choices=("site", "linear", "sublayer", "attention"),
+        choices=PLACEMENTS,
         help="the package model's router placement (sublayer: o and down take q/k/v's and gate/up's decisions; "
         "attention: o alone takes q/k/v's)",
     )

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_bench import PLACEMENTS  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -56,7 +57,7 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--placement",
         default="site",
-        choices=("site", "linear", "sublayer", "attention"),
+        choices=PLACEMENTS,
         help="the routers' placement (MoBiConfig.router_placement)",
     )
     ap.add_argument(

@@ -62,6 +62,12 @@ def test_kernel_bench_chain_option(capsys):
     assert "--chain must be a positive number of launches, got 0" in capsys.readouterr().err
 
 
+def test_benchmark_placements_are_the_package_ones():
+    from mobiquant.quant.config import PLACEMENTS
+
+    assert decode_bench.PLACEMENTS == PLACEMENTS
+
+
 def test_decode_bench_needs_a_gpu_or_dry_run(monkeypatch):
     monkeypatch.setattr(decode_bench.torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit):

@@ -21,7 +21,7 @@ from .dist import share_work
 from .elastic.plan import PLAN_ATTR, BudgetPlan
 from .nn.linear import MoBiLinear
 from .nn.router import ThresholdRecorder, TokenRouter
-from .quant.config import MoBiConfig
+from .quant.config import BORROWING, MoBiConfig
 from .quant.packing import packed_width
 from .quant.primitives import num_groups
 
@@ -159,10 +159,6 @@ def discover_sites(model: nn.Module, cfg: MoBiConfig) -> list[list[list[str]]]:
         pairs = sublayer_pairs(traced, mlp=cfg.router_placement == "sublayer")
         return [[[n for site in group for n in site] for group in block] for block in pairs]
     return traced
-
-
-#: Router placements where a later linear borrows the decisions of its sublayer's first router.
-BORROWING = ("sublayer", "attention")
 
 
 def sublayer_pairs(traced: list[list[list[str]]], mlp: bool = True) -> list[list[list[list[str]]]]:

@@ -3383,6 +3383,11 @@ def _fragment_wanted(
     return planes > 6 or register_capped(size, planes, cfg.fragment_cap)
 
 
+def _fragment_options(cfg: SmallConfig) -> dict:
+    """``fragment_linear``'s keywords from ``cfg`` for a launch whose view may be learnt on the device."""
+    return dict(pdl=cfg.pdl, span_uncap=cfg.fragment_span_uncap, early_l2=cfg.fragment_early_l2)
+
+
 def _fragment_ok(bp: BitPlanes, x2: torch.Tensor) -> bool:
     """Whether ``SmallConfig.fragment`` can serve this one-token launch (else the one-bit plane kernel does)."""
     if x2.dtype != torch.float16 or not x2.is_cuda or _interpreting():
@@ -3438,11 +3443,11 @@ def bitplane_linear_bits(
         from .gluon_fragment import fragment_linear, fragment_of
 
         if kvals:  # the router's gate values: counted by the kernel
-            return fragment_linear(x2, fragment_of(bp), None, bias, out, routed=(v_t, tau_t), span=span, pdl=cfg.pdl,
-                                   span_uncap=cfg.fragment_span_uncap, early_l2=cfg.fragment_early_l2)  # fmt: skip
+            return fragment_linear(x2, fragment_of(bp), None, bias, out, routed=(v_t, tau_t), span=span,
+                                   **_fragment_options(cfg))  # fmt: skip
         return fragment_linear(
             x2, fragment_of(bp), ksel or k_t, bias, out, cap=cfg.fragment_cap, tma=cfg.fragment_tma, span=span,
-            pdl=cfg.pdl, span_uncap=cfg.fragment_span_uncap, early_l2=cfg.fragment_early_l2,
+            **_fragment_options(cfg),
         )
     if out is None:
         out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
@@ -3572,10 +3577,8 @@ def bitplane_site_bits(
         starts = tuple(c // BLOCK_N for c in site.cols[1:])
         if kvals:
             return fragment_linear(x2, fragment_of(bp), None, site.bias, out, routed=(v_t, taus), span=span,
-                                   pdl=cfg.pdl, seg_starts=starts, span_uncap=cfg.fragment_span_uncap,
-                                   early_l2=cfg.fragment_early_l2)  # fmt: skip
-        return fragment_linear(x2, fragment_of(bp), k_t, site.bias, out, span=span, pdl=cfg.pdl,
-                               span_uncap=cfg.fragment_span_uncap, early_l2=cfg.fragment_early_l2)  # fmt: skip
+                                   seg_starts=starts, **_fragment_options(cfg))  # fmt: skip
+        return fragment_linear(x2, fragment_of(bp), k_t, site.bias, out, span=span, **_fragment_options(cfg))
     if out is None:
         out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
     segs = list(zip(site.outs, site.rows2, site.cols, strict=True))

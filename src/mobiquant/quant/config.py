@@ -13,6 +13,8 @@ __all__ = ["MoBiConfig"]
 
 #: Where routers sit (:attr:`MoBiConfig.router_placement`).
 PLACEMENTS = ("site", "linear", "sublayer", "attention")
+#: The placements where a later linear borrows the decisions of its sublayer's first router.
+BORROWING = ("sublayer", "attention")
 
 
 @dataclass
