@@ -703,12 +703,12 @@ def package_kernels(args, bits_cfg=None) -> list:
         kernels.append(("package sites+inputs spans to 5 planes", ("inputs", SmallConfig(fragment_span_planes=5))))
     if args.package_span_uncap:  # ... fused inputs, the large launches' spans of 4-5 and 5-6 planes uncapped
         kernels.append(("package sites+inputs span uncap", ("inputs", SmallConfig(fragment_span_uncap=5))))
-    if args.package_early_l2:  # ... fused inputs, the first group of a span's common planes asked of L2 before k
-        kernels.append(("package sites+inputs early l2", ("inputs", SmallConfig(fragment_early_l2=1))))
-        cfg = SmallConfig(fragment_early_l2=1, fragment_span_uncap=5)  # ... and the spans of 5+ planes uncapped
-        kernels.append(("package sites+inputs early l2 uncap", ("inputs", cfg)))
-        # ... two groups asked of L2 and programmatic dependent launch: the requests then go out while the norm and
-        # router launch before runs (routed views only: pdl lost on the static views inside the package)
+    if args.package_early_l2:  # ... fused inputs, no group of a span's common planes asked of L2 before k (the
+        # default asks for one since 2026-12-06, fourth run), then two groups, then two with pdl: the requests then go
+        # out while the norm and router launch before runs (routed views only: pdl lost on the static views inside
+        # the package)
+        kernels.append(("package sites+inputs no early l2", ("inputs", SmallConfig(fragment_early_l2=0))))
+        kernels.append(("package sites+inputs early l2 2", ("inputs", SmallConfig(fragment_early_l2=2))))
         cfg = SmallConfig(fragment_early_l2=2, pdl=True)
         kernels.append(("package sites+inputs early l2 pdl", ("inputs", cfg)))
     if args.package_no_span:  # ... fused inputs, every view's body compiled (the default before 2026-12-06)
@@ -961,9 +961,9 @@ def main(argv=None):
     ap.add_argument(
         "--package-early-l2",
         action="store_true",
-        help="also the package's routed budgets with fused inputs and each view on the device asking L2 for its first "
-        "group of the span's common planes before it reads k (SmallConfig(fragment_early_l2=1)), then that with "
-        "--package-span-uncap's config too, then two groups asked so with programmatic dependent launch (pdl)",
+        help="also the package's routed budgets with fused inputs and each view on the device asking L2 for none "
+        "of its span's common planes before it reads k (SmallConfig(fragment_early_l2=0); the default asks for one "
+        "group), then for two groups, then two with programmatic dependent launch (pdl)",
     )
     ap.add_argument(
         "--package-fused-only",

@@ -81,7 +81,8 @@
 #   spancost (only when named) what a view on the device still costs over a static one, the package rows of spanrule
 #            beside: the large launches' spans reaching 5 planes free of the 128-register cap (--package-span-uncap;
 #            capped, they spill 16-48 bytes, benchmarks/NOTES.md entry 30), the first group of a span's common planes
-#            asked of L2 before k is read (--package-early-l2, entry 31), and both; router placement sublayer; then
+#            asked of L2 before k is read (entry 31; the default since its run of 2026-12-06, fourth: --package-early-l2
+#            now times none, two groups, two with pdl); router placement sublayer; then
 #            the default rows with the default placement (site: the default configuration's routed speed under the
 #            span rule of 2026-12-06, third run), then with placement attention (o on q/k/v's router, no router launch
 #            of its own); then the compiled step's kernel census at routed 3.5 and 4.5 bits beside the static 4-bit

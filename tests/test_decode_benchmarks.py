@@ -133,8 +133,8 @@ def test_dry_runs(tmp_path, capsys):
     assert "package sites+inputs span rule before routed budget 4.5" in out
     assert "package sites+inputs spans to 5 planes routed budget 4.5" in out
     assert "package sites+inputs span uncap routed budget 4.5" in out
-    assert "package sites+inputs early l2 routed budget 4.5" in out
-    assert "package sites+inputs early l2 uncap routed budget 4.5" in out
+    assert "package sites+inputs no early l2 routed budget 4.5" in out
+    assert "package sites+inputs early l2 2 routed budget 4.5" in out
     assert "package sites+inputs early l2 pdl routed budget 4.5" in out
     assert "package sites+inputs no span routed budget 4.5" in out and "no span static" not in out
     assert "package routed" not in out and "package static" not in out  # no per-linear rows

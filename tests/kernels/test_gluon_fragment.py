@@ -289,7 +289,8 @@ def test_pdl_waits_after_the_first_weights_offline():
 
 def test_early_l2_launch_args():
     """``early``: the ``EARLY`` constexpr of a dispatched device view, at most the program's groups; refused for a
-    static view; 0 by default. ``SmallConfig.fragment_early_l2`` reaches ``fragment_linear``'s ``early_l2``."""
+    static view; 0 when not asked for. ``SmallConfig.fragment_early_l2`` (1 by default, as measured) reaches
+    ``fragment_linear``'s ``early_l2``."""
     words = torch.zeros(4, 32, 4, 512, dtype=torch.int32)
     sc, x, out = torch.zeros(512, 32, dtype=torch.float16), torch.zeros(4096, dtype=torch.float16), torch.zeros(512)
     s3 = sc[None].expand(4, -1, -1)
@@ -300,7 +301,7 @@ def test_early_l2_launch_args():
     assert many[1]["EARLY"] == 2  # 2 groups a program
     with pytest.raises(ValueError, match="dispatched device view only"):
         gf._launch_args(words, sc, sc, x, out, planes=4, early=1)
-    assert tb.SmallConfig().fragment_early_l2 == 0
+    assert tb.SmallConfig().fragment_early_l2 == 1
     with pytest.raises(ValueError, match="fragment_early_l2 must be an int >= 0"):
         tb.SmallConfig(fragment_early_l2=-1)
 

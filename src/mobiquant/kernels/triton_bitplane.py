@@ -2706,13 +2706,18 @@ class SmallConfig:
     # a view learnt on the device within a span reaching at least this many planes runs on the fragment kernel without
     # the 128-register cap of the launches from 2^25 weights; 0 (default): capped. Counted offline for sm_90
     # (benchmarks/NOTES.md entry 30): capped, the 8B gate/up site's and down's 4-5 and 5-6 plane spans spill 16-48
-    # bytes of stack; uncapped they take 135-148 registers and none. Off until timed on a GPU
+    # bytes of stack; uncapped they take 135-148 registers and none. Measured slower on an H100 (docs/RESULTS.md
+    # "What a view on the device still costs"): 5 took the routed 4.5 / 5.5-bit budgets from 495.9 / 584.2 us a
+    # token to 558.2 / 645.3 (fewer programs an SM cost more than the spill), so it stays 0
     fragment_span_uncap: int = 0
     # a view learnt on the device on the fragment kernel: the program's first this many groups of the planes every
     # compiled body reads (the span's smaller view's) asked of L2 before the view is read or counted, so the first
-    # weight loads wait on L2 rather than memory (the static views' loads need no read before them); 0 (default): off
-    # until timed on a GPU (benchmarks/NOTES.md entry 31)
-    fragment_early_l2: int = 0
+    # weight loads wait on L2 rather than memory (the static views' loads need no read before them); 0: off. Default
+    # 1 since 2026-12-06 (fourth run): measured on an H100 on the 8B-shaped model patched by the package (sublayer
+    # routers, fused inputs, compiled step; docs/RESULTS.md "What a view on the device still costs") the routed 3.5 /
+    # 4.5 / 5.5-bit budgets took 434.0 / 485.2 / 585.6 us a token against 445.7 / 495.9 / 584.2 without (2.6 / 2.2%
+    # faster, level at 5.5); 2 groups with ``pdl`` 434.1 / 489.6 / 581.5
+    fragment_early_l2: int = 1
 
     def __post_init__(self) -> None:
         if self.fragment_tma not in (0, -1, -2):
