@@ -334,7 +334,7 @@ def graph_of(step_fn, xs):
 # ------------------------------------------------------------------------------------- package rows
 #: The router placements of the package rows (``MoBiConfig.router_placement``'s, named here: the benchmarks parse
 #: their arguments before the package is imported).
-PLACEMENTS = ("site", "linear", "sublayer", "attention")
+PLACEMENTS = ("site", "linear", "sublayer", "attention", "block")
 
 
 def package_models(layers, d, ff, kv, heads, vocab, device, dtype, seed=0, policy="free", placement="site"):

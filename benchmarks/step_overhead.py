@@ -8,7 +8,7 @@ code between the package's kernels compiled by Inductor before the capture (``'c
 
     python3 benchmarks/step_overhead.py [--layers 4] [--smol] [--new-tokens 64] [--top 25] [--slices 3,1,1,1,1,1]
         [--views 1 2 6] [--budgets 3 4] [--census {off,compile,graph}] [--census-only] [--census-budgets 4]
-        [--policy {free,adjacent}] [--placement {site,linear,sublayer,attention}]
+        [--policy {free,adjacent}] [--placement {site,linear,sublayer,attention,block}]
 
 The quantized rows run with fused inputs and again without them (Inductor then fuses the norms itself; the routers
 of the routed rows launch on their own).

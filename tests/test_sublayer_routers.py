@@ -1,10 +1,12 @@
-"""Router placements 'sublayer' and 'attention': the router of a sublayer's input also decides for its later linear.
+"""Router placements 'sublayer', 'attention' and 'block': the router of a sublayer's input also decides for its later
+linears.
 
 In a LLaMA block the attention's router (q/k/v's input) decides for ``o_proj`` and the MLP's (gate/up's input) for
 ``down_proj``: two routers a block instead of four, the later linears taking the decisions made on the sublayer's
 input. Checked on the tiny random LLaMA: the structure (and its round trip through a checkpoint), the decisions
 (a borrower's equal its home's at every budget), calibration end to end, and the error of a borrower run alone;
-'attention' does so for the attention sublayer only (o), the MLP's two inputs keeping a router each.
+'attention' does so for the attention sublayer only (o), the MLP's two inputs keeping a router each; 'block' for the
+whole block on q/k/v's router.
 """
 
 from __future__ import annotations
@@ -136,7 +138,43 @@ def test_a_borrower_run_alone_is_a_clear_error():
         o(torch.randn(1, 3, o.in_features))
 
 
-@pytest.mark.parametrize("placement", ["sublayer", "attention"])
+def test_block_placement_one_router_a_block():
+    """Placement 'block': every later linear of a block (o, gate/up, down) on q/k/v's router, one a block; its MLP
+    borrowers run after the attention, so the router holds its home input (no longer held by the block's forward),
+    and each borrower's decisions are those of its threshold on the scores of that input."""
+    model = sublayer_model(placement="block")
+    assert model.mobiquant_sites == [[ATTN + MLP]] * 2
+    assert len(list(routers(model))) == 2
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        router = attn.q_proj.router
+        assert all(m.router is router for m in (attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        homes = [m.router_home for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)]
+        assert homes == [True, True, True, False]
+        assert [m.router_home for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)] == [False, False, False]
+        assert router.has_borrowers and router.hold_home
+    mq.calibrate_thresholds(model, batches(1, seed=100))
+    mq.freeze(model)
+    mq.set_budget(model, 4.5)
+    seen: dict = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: seen.setdefault(n, a[0]))
+             for n, m in mobi_linears(model)]  # fmt: skip
+    held = batches(1, seed=9, batch=2, seqlen=16)[0]
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=held).logits).all()
+    for h in hooks:
+        h.remove()
+    layer = model.model.layers[0]
+    router = layer.self_attn.q_proj.router
+    home = seen["model.layers.0.self_attn.q_proj"]
+    assert router.home_input(home) is home  # held past the block's forward
+    gate = layer.mlp.gate_proj
+    tau = router.tau if gate.route_tau is None else gate.route_tau
+    with torch.no_grad():
+        assert torch.equal(gate._routed_k(seen["model.layers.0.mlp.gate_proj"]), router.slice_counts_at(home, tau))
+
+
+@pytest.mark.parametrize("placement", ["sublayer", "attention", "block"])
 def test_calibration_and_a_checkpoint_round_trip(tmp_path, placement):
     model = sublayer_model(placement=placement)
     ids = batches(1, seed=0, batch=4, seqlen=32)[0]
@@ -173,4 +211,7 @@ def test_other_blocks_keep_a_router_a_site():
 
     traced = [[["a", "b"], ["c"]], [["q"], ["o"], ["g"], ["d"]]]
     assert sublayer_pairs(traced) == [[[["a", "b"]], [["c"]]], [[["q"], ["o"]], [["g"], ["d"]]]]
-    assert sublayer_pairs(traced, mlp=False) == [[[["a", "b"]], [["c"]]], [[["q"], ["o"]], [["g"]], [["d"]]]]
+    assert sublayer_pairs(traced, "attention") == [[[["a", "b"]], [["c"]]], [[["q"], ["o"]], [["g"]], [["d"]]]]
+    assert sublayer_pairs(traced, "block") == [[[["a", "b"]], [["c"]]], [[["q"], ["o"], ["g"], ["d"]]]]
+    with pytest.raises(ValueError, match="borrows no router"):
+        sublayer_pairs(traced, "site")

@@ -32,7 +32,7 @@ TINY = [
 ]
 PRESETS = {  # preset -> number of jobs its `-m` sweep expands to
     "ablation_slices": 4,
-    "ablation_router": 16,
+    "ablation_router": 20,
     "ablation_budget_loss": 5,
     "ablation_calib_samples": 4,
     "ablation_group_size": 2,

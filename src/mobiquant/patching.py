@@ -113,7 +113,7 @@ def quantize_block(
 ) -> nn.Module:
     """Replace the linears named in ``block_sites`` by fake-quant ``MoBiLinear``s, one router per site.
     ``homes`` (per site, per linear): False where the linear borrows the router's decisions on the input of the
-    site's first linear (placements 'sublayer', 'attention'); None: every linear reads the router's input."""
+    site's first linear (placements 'sublayer', 'attention', 'block'); None: every linear reads the router's input."""
     routers_ = nn.ModuleDict()
     for gi, group in enumerate(block_sites):
         first = block.get_submodule(group[0])
@@ -139,6 +139,7 @@ def quantize_block(
             q.router_home = True if homes is None else bool(homes[gi][group.index(name)])
             if router is not None and not q.router_home:
                 router.has_borrowers = True
+                router.hold_home = cfg.router_placement == "block"  # its MLP borrowers run after the attention
             _set_submodule(block, name, q)
     setattr(block, ROUTERS_ATTR, routers_)
     return block
@@ -156,27 +157,29 @@ def discover_sites(model: nn.Module, cfg: MoBiConfig) -> list[list[list[str]]]:
         return [[[n] for n in names] for names in names_per_block]
     traced = trace_model_sites(model, names_per_block)
     if cfg.router_placement in BORROWING:
-        pairs = sublayer_pairs(traced, mlp=cfg.router_placement == "sublayer")
+        pairs = sublayer_pairs(traced, cfg.router_placement)
         return [[[n for site in group for n in site] for group in block] for block in pairs]
     return traced
 
 
-def sublayer_pairs(traced: list[list[list[str]]], mlp: bool = True) -> list[list[list[list[str]]]]:
-    """Per block, the input sites that share a router under placement 'sublayer': in a block of four input sites in
-    forward order (attention input, attention output, MLP input, MLP output: LLaMA's q/k/v, o, gate/up, down) the
-    first and second, and the third and fourth (sites in the order the block registers its linears, which is
-    LLaMA's forward order); any other block keeps one router per site. ``mlp`` False (placement 'attention'): the
-    first and second only, the MLP's two sites a router each."""
-    return [
-        ([b[0:2], b[2:4]] if mlp else [b[0:2], [b[2]], [b[3]]]) if len(b) == 4 else [[site] for site in b]
-        for b in traced
-    ]
+def sublayer_pairs(traced: list[list[list[str]]], placement: str = "sublayer") -> list[list[list[list[str]]]]:
+    """Per block, the input sites that share a router under a borrowing ``placement`` (:data:`BORROWING`): in a
+    block of four input sites in forward order (attention input, attention output, MLP input, MLP output: LLaMA's
+    q/k/v, o, gate/up, down; sites in the order the block registers its linears, which is LLaMA's forward order)
+    'sublayer' pairs the first and second, and the third and fourth; 'attention' the first and second only, the
+    MLP's two sites a router each; 'block' all four on the first's router. Any other block keeps one router per
+    site."""
+    if placement not in BORROWING:
+        raise ValueError(f"placement {placement!r} borrows no router: one of {BORROWING}")
+    groups = {"sublayer": lambda b: [b[0:2], b[2:4]], "attention": lambda b: [b[0:2], [b[2]], [b[3]]],
+              "block": lambda b: [b[0:4]]}[placement]  # fmt: skip
+    return [groups(b) if len(b) == 4 else [[site] for site in b] for b in traced]
 
 
 def router_homes(model: nn.Module, sites: list[list[list[str]]], cfg: MoBiConfig) -> list[list[list[bool]]] | None:
     """Per block, per router site, per linear: whether the linear reads the router's own input (the input of the
-    site's first linear, found by tracing ``model`` before it is quantized); None unless placement 'sublayer' or
-    'attention'."""
+    site's first linear, found by tracing ``model`` before it is quantized); None unless a borrowing placement
+    (:data:`BORROWING`)."""
     if cfg.router_placement not in BORROWING or len(cfg.slice_bits) == 1:
         return None
     traced = trace_model_sites(model, [[n for group in block for n in group] for block in sites])

@@ -346,12 +346,12 @@ def test_a_router_whose_linears_are_all_fixed_runs_in_no_launch(monkeypatch, cap
         fuse_inputs(model, enable=False)
 
 
-@pytest.mark.parametrize("placement", ["sublayer", "attention"])
+@pytest.mark.parametrize("placement", ["sublayer", "attention", "block"])
 def test_borrowing_placements_launch_no_router(monkeypatch, placement):
-    """Router placements 'sublayer' and 'attention': with fused inputs the routers of q/k/v and gate/up run in the
-    launches of the norms before them, down's own router ('attention') in the MLP product's, and o (and down under
-    'sublayer') read the decisions made there: a one-token forward launches no router of its own, and its logits are
-    the unfused model's at two budgets."""
+    """Router placements 'sublayer', 'attention' and 'block': with fused inputs the routers of q/k/v and gate/up (not
+    under 'block') run in the launches of the norms before them, down's own router ('attention') in the MLP
+    product's, and o (and down under 'sublayer'; o, gate/up and down under 'block') read the decisions made there:
+    a one-token forward launches no router of its own, and its logits are the unfused model's at two budgets."""
     model = tiny_llama(seed=0)[0]
     mq.quantize_model(model, mq.MoBiConfig(group_size=32, router_hidden=8, router_placement=placement))
     g = torch.Generator().manual_seed(100)

@@ -181,6 +181,8 @@ class TokenRouter(nn.Module):
     _fixed_buf: dict | None = None
     has_borrowers: bool = False  # see __init__ (class defaults for routers pickled before placement 'sublayer')
     _home: weakref.ref | None = None
+    hold_home: bool = False  # see __init__ (placement 'block')
+    _held: torch.Tensor | None = None
     _host_table: tuple | None = None  # (stamp, (bits, taus)): the table on the host, see :meth:`host_table`
     _host_tau: tuple | None = None  # (stamp, value): the threshold on the host, see :meth:`tau_value`
 
@@ -238,12 +240,20 @@ class TokenRouter(nn.Module):
         # Placement 'sublayer' (MoBiConfig.router_placement): linears of a later input (o after q/k/v, down after
         # gate/up) take this router's decisions on the input of its home linears, which record it as they run
         # (:meth:`see_home`; held weakly: the sublayer's forward keeps it alive while its later linears run).
+        # ``hold_home`` (placement 'block': the MLP's linears borrow the decisions made on the attention's input, which
+        # the block's forward no longer holds by then): the last home input is also held, until the next replaces it
+        # (its autograd history is the norm that made it, nothing of the block after it).
         self.has_borrowers = False
         self._home: weakref.ref | None = None
+        self.hold_home = False
+        self._held: torch.Tensor | None = None
 
     def see_home(self, x: torch.Tensor) -> None:
-        """Record ``x``, the input of a linear that reads this router's own input (placement 'sublayer')."""
+        """Record ``x``, the input of a linear that reads this router's own input (placements 'sublayer',
+        'attention', 'block'; held with ``hold_home``)."""
         self._home = weakref.ref(x)
+        if self.hold_home:
+            self._held = x
 
     def home_input(self, like: torch.Tensor) -> torch.Tensor:
         """The input this router decides on, for a linear that borrows its decisions: the last input its home
@@ -251,8 +261,9 @@ class TokenRouter(nn.Module):
         home = None if self._home is None else self._home()
         if home is None:
             raise RuntimeError(
-                "a linear that borrows its router's decisions (router placement 'sublayer') ran before the linears "
-                "that read the router's input, or after that input was freed: run the sublayer's forward in order"
+                "a linear that borrows its router's decisions (router placement 'sublayer', 'attention' or 'block') "
+                "ran before the linears that read the router's input, or after that input was freed: run the "
+                "sublayer's (the block's, for 'block') forward in order"
             )
         if home.shape[:-1] != like.shape[:-1]:
             raise RuntimeError(
@@ -515,7 +526,7 @@ class TokenRouter(nn.Module):
         """Pickled without its host copies and per-input caches (they hold weak references; both are rebuilt)."""
         state = dict(self.__dict__)
         state.update(_host_table=None, _host_tau=None, _cache=None, _values=None, _tail=None, _launch=None)
-        state.update(last_soft=None, _home=None)
+        state.update(last_soft=None, _home=None, _held=None)
         return state
 
     @staticmethod

@@ -12,9 +12,9 @@ __all__ = ["MoBiConfig"]
 
 
 #: Where routers sit (:attr:`MoBiConfig.router_placement`).
-PLACEMENTS = ("site", "linear", "sublayer", "attention")
+PLACEMENTS = ("site", "linear", "sublayer", "attention", "block")
 #: The placements where a later linear borrows the decisions of its sublayer's first router.
-BORROWING = ("sublayer", "attention")
+BORROWING = ("sublayer", "attention", "block")
 
 
 @dataclass
@@ -27,7 +27,8 @@ class MoBiConfig:
     router_hidden: int = 64
     # "site": one router per shared input; "linear": one per linear; "sublayer": one per sublayer (attention, MLP):
     # the router of its first input (q/k/v's; gate/up's) also decides for the sublayer's later linear (o; down);
-    # "attention": so for the attention sublayer only (o on q/k/v's router), the MLP's inputs a router each
+    # "attention": so for the attention sublayer only (o on q/k/v's router), the MLP's inputs a router each;
+    # "block": one router a block, q/k/v's, whose decisions on the block's input every later linear takes
     router_placement: str = "site"
     router_temperature: float = 1.0
     router_policy: str = "free"  # "free": any number of slices per token; "adjacent": the two views around the budget
