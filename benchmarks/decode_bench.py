@@ -711,6 +711,14 @@ def package_kernels(args, bits_cfg=None) -> list:
         kernels.append(("package sites+inputs early l2 2", ("inputs", SmallConfig(fragment_early_l2=2))))
         cfg = SmallConfig(fragment_early_l2=2, pdl=True)
         kernels.append(("package sites+inputs early l2 pdl", ("inputs", cfg)))
+    if args.package_fragment_loads:  # ... fused inputs, how the fragment kernel's programs keep bytes in flight: the
+        # static views of 5-6 planes of the small launches (q/k/v, o) on it too (fragment=True: every launch it
+        # serves), L2 asked for the group 2 or 4 ahead at each group, no group prefetched into registers, and both
+        loads = (("frag everywhere", dict(fragment=True)), ("ahead 2", dict(fragment_ahead=2)),
+                 ("ahead 4", dict(fragment_ahead=4)), ("prefetch 0", dict(fragment_prefetch=0)),
+                 ("prefetch 0 ahead 2", dict(fragment_prefetch=0, fragment_ahead=2)))  # fmt: skip
+        for name, kw in loads:
+            kernels.append((f"package sites+inputs {name}", ("inputs", SmallConfig(**kw), True)))  # static too
     if args.package_no_span:  # ... fused inputs, every view's body compiled (the default before 2026-12-06)
         kernels.append(("package sites+inputs no span", ("inputs", SmallConfig(span_bodies=False))))
     if args.package_pdl:  # ... fused inputs, every kernel launch of a linear with programmatic dependent launch
@@ -964,6 +972,14 @@ def main(argv=None):
         help="also the package's routed budgets with fused inputs and each view on the device asking L2 for none "
         "of its span's common planes before it reads k (SmallConfig(fragment_early_l2=0); the default asks for one "
         "group), then for two groups, then two with programmatic dependent launch (pdl)",
+    )
+    ap.add_argument(
+        "--package-fragment-loads",
+        action="store_true",
+        help="also the package's static views and routed budgets with fused inputs and the fragment kernel's loads "
+        "otherwise: the 5-6 plane static views of the small launches on it too (SmallConfig(fragment=True)), L2 "
+        "asked for the group 2 or 4 ahead at each group (fragment_ahead), no group prefetched into registers "
+        "(fragment_prefetch=0), and both",
     )
     ap.add_argument(
         "--package-fused-only",

@@ -87,6 +87,11 @@
 #            span rule of 2026-12-06, third run), then with placement attention (o on q/k/v's router, no router launch
 #            of its own); then the compiled step's kernel census at routed 3.5 and 4.5 bits beside the static 4-bit
 #            view's (step_overhead.py; sublayer routers); first the GPU tests of routed sites and spans
+#   loads    (only when named) how the fragment kernel keeps bytes in flight (benchmarks/NOTES.md entry 32): the GPU
+#            tests of its loads, then the package's static views and routed budgets (sublayer routers) with the 5-6
+#            plane static views of the small launches on it too, L2 asked for the group 2 / 4 ahead, no group
+#            prefetched into registers, and both (--package-fragment-loads); then the default rows with router
+#            placement block (one router a layer) and its compiled step's census at routed 3.5 / 4.5 bits
 #   span     (only when named) the stack's static views beside each view with k read on the device: every body
 #            compiled, the planes every body reads loaded before k (SmallConfig.preload), and the view's span of two
 #            views alone (span_bodies) preloaded; then the tests of spans and preloading, compiled
@@ -314,6 +319,13 @@ stage() {
       package_stage spancost_attention attention --package-fused-only
       # where the routed step's time goes beside the static view's: the compiled step's kernels (sublayer routers)
       run_stage spancost_census 600 "$PY" benchmarks/step_overhead.py --policy adjacent --placement sublayer \
+        --census compile --census-only --census-budgets 3.5 4.5 ;;
+    loads)
+      run_stage loads_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gluon_fragment.py \
+        -k "loads or routed_site"
+      package_stage loads sublayer --package-fragment-loads --package-fused-only
+      package_stage loads_block block --package-fused-only
+      run_stage loads_census 600 "$PY" benchmarks/step_overhead.py --policy adjacent --placement block \
         --census compile --census-only --census-budgets 3.5 4.5 ;;
     span)
       # k read on the device against the static views: every body, preloaded, a span of two views (the stack);

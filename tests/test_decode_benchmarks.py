@@ -127,8 +127,8 @@ def test_dry_runs(tmp_path, capsys):
     assert "package routed" in out and "package static k=4" in out and "package sites routed" in out
     argv = ["--dry-run", "--new-tokens", "3", "--fuse-inputs", "--package-policy", "adjacent"]
     argv += ["--package-placement", "sublayer", "--package-budgets", "4.5", "--package-span", "--package-pdl"]
-    assert decode_bench.main([*argv, "--package-no-span", "--package-fused-only", "--package-span-rules",
-                               "--package-span-uncap", "--package-early-l2"]) == 0  # fmt: skip
+    more = ["--package-span-uncap", "--package-early-l2", "--package-fragment-loads"]
+    assert decode_bench.main([*argv, "--package-no-span", "--package-fused-only", "--package-span-rules", *more]) == 0
     out = capsys.readouterr().out
     assert "package sites+inputs span rule before routed budget 4.5" in out
     assert "package sites+inputs spans to 5 planes routed budget 4.5" in out
@@ -136,6 +136,8 @@ def test_dry_runs(tmp_path, capsys):
     assert "package sites+inputs no early l2 routed budget 4.5" in out
     assert "package sites+inputs early l2 2 routed budget 4.5" in out
     assert "package sites+inputs early l2 pdl routed budget 4.5" in out
+    for name in ("frag everywhere", "ahead 2", "ahead 4", "prefetch 0", "prefetch 0 ahead 2"):
+        assert f"package sites+inputs {name} routed budget 4.5" in out and f"{name} static k=4" in out
     assert "package sites+inputs no span routed budget 4.5" in out and "no span static" not in out
     assert "package routed" not in out and "package static" not in out  # no per-linear rows
     assert decode_bench.main(argv) == 0

@@ -232,7 +232,8 @@ dev = dict(planes=torch.ones(1, dtype=torch.int32), dispatch=3)
 taus = [torch.zeros(1, dtype=torch.float16) for _ in range(3)]
 site = dict(dev, views=[3, 4], routed=(torch.zeros(1, dtype=torch.float16), taus), seg_starts=(48, 80))
 cases = (("static", dict(planes=4, prefetch=True)), ("tma", dict(planes=4, stages=-1)), ("device", dev), ("site", site),
-         ("ring", dict(planes=4, stages=3)), ("early", dict(site, early=1)))
+         ("ring", dict(planes=4, stages=3)), ("early", dict(site, early=1)),
+         ("ahead", dict(planes=4, prefetch=True, ahead=2)))
 for name, kw in cases:
     s3 = sc if name in ("static", "tma", "ring") else sc[None].expand(4, -1, -1)
     args, kw = gf._launch_args(words, s3, s3, x, out, splits=4, pdl=True, **kw)
@@ -242,7 +243,8 @@ for name, kw in cases:
     wait = ops.index("ACQBULK")
     cp = sum(o.startswith("LDGSTS") for o in ops[:wait])
     l2 = ops[:wait].count("CCTL.E.PF2")
-    print("RESULT", name, ops.index("PREEXIT") < wait, ops[:wait].count("LDG.E.128"), ops.count("ACQBULK"), cp, l2)
+    print("RESULT", name, ops.index("PREEXIT") < wait, ops[:wait].count("LDG.E.128"), ops.count("ACQBULK"), cp, l2,
+          ops.count("CCTL.E.PF2"))
 """
 )
 
@@ -265,7 +267,8 @@ def test_pdl_waits_after_the_first_weights_offline():
     kernel before) waits before any load, as does a routed site launch (a threshold a layer: it compiles); the
     shared-memory ring (``stages=3``) issues its first two groups' copies (``cp.async``) before the wait; with
     ``early=1`` a routed site asks L2 for its first group of the planes every body reads (``prefetch.global.L2``, SASS
-    ``CCTL.E.PF2``) before the wait."""
+    ``CCTL.E.PF2``) before the wait; with ``ahead=2`` a static view asks L2 for a later group's 4 planes at each group
+    of its loop, none before the wait."""
     import subprocess
 
     import triton
@@ -278,13 +281,15 @@ def test_pdl_waits_after_the_first_weights_offline():
         [sys.executable, "-c", _OFFLINE_PDL, bench], capture_output=True, text=True, env=env, timeout=900
     )
     got = {ln.split()[1]: ln.split()[2:] for ln in r.stdout.splitlines() if ln.startswith("RESULT")}
-    assert set(got) == {"static", "tma", "device", "site", "ring", "early"}, r.stderr[-2000:]
-    assert got["static"] == ["True", "4", "1", "0", "0"]
-    assert got["tma"] == ["True", "0", "1", "0", "0"] and got["device"] == ["True", "0", "1", "0", "0"]
-    assert got["site"] == ["True", "0", "1", "0", "0"]  # a routed site: its thresholds are read after the wait too
-    assert got["ring"] == ["True", "0", "1", "8", "0"]  # the ring's first two groups (4 planes each) by cp.async
+    assert set(got) == {"static", "tma", "device", "site", "ring", "early", "ahead"}, r.stderr[-2000:]
+    assert got["static"] == ["True", "4", "1", "0", "0", "0"]
+    assert got["tma"] == ["True", "0", "1", "0", "0", "0"] and got["device"] == ["True", "0", "1", "0", "0", "0"]
+    assert got["site"] == ["True", "0", "1", "0", "0", "0"]  # a routed site: its thresholds are read after the wait
+    assert got["ring"] == ["True", "0", "1", "8", "0", "0"]  # the ring's first two groups (4 planes each) by cp.async
     # fragment_early_l2: the first group of the 3 planes every body reads asked of L2 before the wait, no load
-    assert got["early"] == ["True", "0", "1", "0", "3"]
+    assert got["early"] == ["True", "0", "1", "0", "3", "3"]
+    # fragment_ahead 2: 4 planes asked of L2 at each of a batch's 8 groups (a static view: none before the wait)
+    assert got["ahead"] == ["True", "4", "1", "0", "0", "32"]
 
 
 def test_early_l2_launch_args():
@@ -304,6 +309,35 @@ def test_early_l2_launch_args():
     assert tb.SmallConfig().fragment_early_l2 == 1
     with pytest.raises(ValueError, match="fragment_early_l2 must be an int >= 0"):
         tb.SmallConfig(fragment_early_l2=-1)
+
+
+def test_fragment_loads_launch_args():
+    """``ahead``: the ``AHEAD`` constexpr of a view compiled in or a dispatched device view, less than the program's
+    groups; refused with shared-memory loads or whole fields on the device. ``SmallConfig.fragment_ahead`` and
+    ``fragment_prefetch`` (off by default) reach ``fragment_linear``, whose ``prefetch`` overrides the launch's."""
+    words = torch.zeros(4, 32, 4, 512, dtype=torch.int32)
+    sc, x, out = torch.zeros(512, 32, dtype=torch.float16), torch.zeros(4096, dtype=torch.float16), torch.zeros(512)
+    s3 = sc[None].expand(4, -1, -1)
+    assert gf._launch_args(words, sc, sc, x, out, planes=4)[1]["AHEAD"] == 0
+    assert gf._launch_args(words, sc, sc, x, out, planes=4, ahead=2)[1]["AHEAD"] == 2
+    assert gf._launch_args(words, sc, sc, x, out, planes=4, splits=16, batch=2, ahead=4)[1]["AHEAD"] == 1
+    dev = dict(planes=torch.ones(1, dtype=torch.int32), dispatch=3)
+    assert gf._launch_args(words, s3, s3, x, out, **dev, ahead=2)[1]["AHEAD"] == 2
+    with pytest.raises(ValueError, match="words through registers"):
+        gf._launch_args(words, sc, sc, x, out, planes=4, stages=3, ahead=2)
+    with pytest.raises(ValueError, match="words through registers"):
+        gf._launch_args(words, s3, s3, x, out, planes=torch.ones(1, dtype=torch.int32), ahead=2)
+    cfg = tb.SmallConfig()
+    assert (cfg.fragment_ahead, cfg.fragment_prefetch) == (0, None)
+    opts = tb._fragment_options(tb.SmallConfig(fragment_ahead=2, fragment_prefetch=0))
+    assert (opts["ahead"], opts["prefetch"]) == (2, 0)
+    with pytest.raises(ValueError, match="fragment_ahead must be an int >= 0"):
+        tb.SmallConfig(fragment_ahead=-1)
+    with pytest.raises(ValueError, match="fragment_prefetch must be None"):
+        tb.SmallConfig(fragment_prefetch=3)
+    fp = gf.FragPlanes(words, s3, s3, (3, 1), 4096, 512)
+    with pytest.raises(ValueError, match="prefetch must be 0, 1 or 2"):
+        gf.fragment_linear(x[None], fp, 1, prefetch=3)
 
 
 def test_site_thresholds_launch_args():
@@ -551,11 +585,36 @@ def test_gpu_routed_site_spans(gen):
     y = tb.bitplane_site_bits(x, site, [kd, kd, kd], config=cfg, span=(1, 2))
     for (p, s, z), c, n in zip(layers, site.cols, site.outs, strict=True):
         _check(y[:, c : c + n], x, p, s, z, 2)
-    for extra in (dict(fragment_early_l2=2), dict(fragment_span_uncap=5)):  # the same results
+    loads = (dict(fragment_ahead=2), dict(fragment_prefetch=0), dict(fragment_prefetch=0, fragment_ahead=4))
+    for extra in (dict(fragment_early_l2=2), dict(fragment_span_uncap=5), *loads):  # the same results
         ks = [tb.RoutedK(values, torch.tensor([t], device="cuda", dtype=torch.float16)) for t in (0.6, 0.8, 0.6)]
         y2 = tb.bitplane_site_bits(x, site, ks, config=tb.SmallConfig(**extra), span=(2, 3))
         y1 = tb.bitplane_site_bits(x, site, ks, config=cfg, span=(2, 3))
         assert torch.equal(y1, y2), extra
+
+
+@needs_gpu
+@pytest.mark.parametrize("loads", [dict(fragment_ahead=2), dict(fragment_prefetch=0), dict(fragment_prefetch=2)])
+def test_gpu_fragment_loads(loads, gen):
+    """``SmallConfig.fragment_ahead`` / ``fragment_prefetch``: every static view of a one-layer launch (one large
+    enough for the register cap from 5 planes) and of a site launch exact, and a view on the device in a span."""
+    cfg = tb.SmallConfig(fragment=True, **loads)
+    n_in = 4096
+    planes, scale, zero = make_layer(8192, n_in, gen, True, "cuda")  # 2^25 weights: capped from 5 planes
+    x = torch.randn(1, n_in, generator=gen).half().cuda()
+    for k in range(1, len(SLICES) + 1):
+        y = tb.bitplane_linear(x, planes, scale, zero, SLICES, 128, k, path="bits", small_config=cfg)
+        _check(y, x, planes, scale, zero, k)
+    bp = tb.pack_bitplanes(planes, scale, zero, SLICES, 128, n_in)
+    for lo in (1, 3):
+        kd = torch.tensor([lo + 1], dtype=torch.int32, device="cuda")
+        _check(tb.bitplane_linear_bits(x, bp, kd, config=cfg, span=(lo, lo + 1)), x, planes, scale, zero, lo + 1)
+    layers = [make_layer(n, n_in, gen, True, "cuda") for n in (1024, 512, 512)]
+    site = tb.site_bitplanes([tb.pack_bitplanes(p, s, z, SLICES, 128, n_in) for p, s, z in layers])
+    for k in (2, 4):
+        y = tb.bitplane_site_bits(x, site, [k, k, k], config=cfg)
+        for (p, s, z), c, n in zip(layers, site.cols, site.outs, strict=True):
+            _check(y[:, c : c + n], x, p, s, z, k)
 
 
 @needs_gpu

@@ -448,7 +448,8 @@ def _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PST
                 zm, hk, P: ttgl.constexpr, W0: ttgl.constexpr, W1: ttgl.constexpr, BN: ttgl.constexpr,
                 BATCH: ttgl.constexpr, PREFETCH: ttgl.constexpr, LW: ttgl.constexpr, AL: ttgl.constexpr,
                 BL: ttgl.constexpr, MMA: ttgl.constexpr, smem, STAGES: ttgl.constexpr, SSTRIDE: ttgl.constexpr,
-                VL: ttgl.constexpr, XL: ttgl.constexpr, GSC: ttgl.constexpr, bars, WAIT: ttgl.constexpr):  # fmt: skip
+                VL: ttgl.constexpr, XL: ttgl.constexpr, GSC: ttgl.constexpr, bars, WAIT: ttgl.constexpr, lofs,
+                AHEAD: ttgl.constexpr):  # fmt: skip
     """A program's ``[BN, 8]`` sums over groups ``g_lo .. g_lo + GS`` (their columns summed by the caller) of the
     view of ``P`` planes (compiled in) or, ``P == 0``, of ``p`` read on the device (whole fields, absent planes
     predicated off). ``STAGES`` > 0 (``P`` > 0): the words stream through a ring of that many groups in shared
@@ -456,7 +457,9 @@ def _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PST
     groups' words are in ``smem`` already (:func:`_bulk_load`), the activations one group ahead in registers; -2: as
     -1, but each group is waited for on its own barrier of ``bars`` just before its decode. ``WAIT``
     (``SmallConfig.pdl``): the kernel before is awaited after the first words are asked for, before any activation
-    is read."""
+    is read. ``AHEAD`` > 0 (``P`` > 0, words through registers): at each group, the ``P`` planes of the group ``AHEAD``
+    later (the last one past the end) asked of L2 (each thread its own 16 bytes a plane, ``lofs``), so later groups
+    stream while this one decodes without registers held for them."""
     if P == 0:
         w0 = (1 << (p + 4)).to(ttgl.float32) * (1.0 / 256.0)  # 2^(p - 4)
     total = ttgl.zeros([BN, 8], ttgl.float32, MMA)
@@ -481,6 +484,10 @@ def _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PST
         acc = ttgl.zeros([BN, 8], ttgl.float32, MMA)  # column n: group g0 - g0 % 8 + n's sum of F0 x'
         acc1 = ttgl.zeros([BN, 8], ttgl.float32, MMA)  # and of F1 x' (P > 4)
         for i in ttgl.static_range(BATCH):
+            if AHEAD > 0 and P > 0 and STAGES == 0:
+                wa = w_ptr + ttgl.minimum(g0 + i + AHEAD, g_last) * NB * 512 + lofs
+                for e in ttgl.static_range(P):
+                    _ask_l2(wa + e * PSTRIDE)
             if STAGES > 0:
                 j = g0 + i - g_lo
                 _stage_issue(smem, w_ptr, vofs, ttgl.minimum(g0 + i + STAGES - 1, g_last), (j + STAGES - 1) % STAGES,
@@ -554,12 +561,14 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
                      v_ptr, tau_ptr, tau1_ptr, tau2_ptr, SB1, SB2, NSEG: ttgl.constexpr, KMODE: ttgl.constexpr,
                      KV: ttgl.constexpr,
                      VIEWS: ttgl.constexpr, w_desc, BULK_GS: ttgl.constexpr, BULK_PP: ttgl.constexpr,
-                     PUBLIC: ttgl.constexpr, PDL: ttgl.constexpr, EARLY: ttgl.constexpr):  # fmt: skip
+                     PUBLIC: ttgl.constexpr, PDL: ttgl.constexpr, EARLY: ttgl.constexpr,
+                     AHEAD: ttgl.constexpr):  # fmt: skip
     # PDL: launched with programmatic dependent launch (SmallConfig.pdl): the next kernel may start its programs now;
     # a view on the device awaits the kernel before at once (it may have written k), a view compiled in once its
     # first words are asked for (_view_total), before any activation is read
     # EARLY (P == -1): the program's first EARLY groups of the PMIN planes every body reads are asked of L2 before
     # the view is read or counted, and before the wait of PDL (the weights' first loads then wait on L2, not memory)
+    # AHEAD: at each group, the planes of the group AHEAD later asked of L2 (views compiled in, span bodies included)
     # KMODE (P == -1): 0 p_ptr holds the view's planes; 1 its k (1-based); 2 k = 1 + #(v_ptr[e] > tau) over KV gate
     # values, in the values' dtype, tau at tau_ptr (with NSEG layers of a site, 2-3: at tau1_ptr from row block SB1
     # on, at tau2_ptr from SB2 on). VIEWS: view k's planes minus one in bits 3 (k - 1) .. 3 (k - 1) + 2
@@ -627,8 +636,9 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
         smem = 0
     if STAGES >= 0:
         bars = 0
+    lofs = pid * 512 + ttgl.arange(0, 128, layout=ttgl.SliceLayout(1, VL)) * 4  # a thread's first word of a plane
     if P == -1 and EARLY > 0:  # a thread's 16 bytes of each plane (a warp: four 128-byte lines), before any wait
-        wl = w_ptr + pid * 512 + ttgl.arange(0, 128, layout=ttgl.SliceLayout(1, VL)) * 4
+        wl = w_ptr + lofs
         for e in ttgl.static_range(EARLY * PMIN):
             _ask_l2(wl + (g_lo + e // PMIN) * NB * 512 + (e % PMIN) * PSTRIDE)
     if PDL:
@@ -662,7 +672,7 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
                 total = _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PSTRIDE, G,
                                     g_lo, GS, q, 1.0 / (1 << SHQ), 1.0 * (1 << SHQ), ((1 << SHQ) - 1) / 2, q,
                                     (1 << (q + 4)) / 256, (1 << (q + 4)) / 4096, BN, BATCH, PREFETCH, LW, AL, BL, MMA,
-                                    smem, STAGES, SSTRIDE, VL, XL, BULK_GS, bars, False)  # fmt: skip
+                                    smem, STAGES, SSTRIDE, VL, XL, BULK_GS, bars, False, lofs, AHEAD)  # fmt: skip
     else:
         if P == 0:
             p = ttgl.load(p_ptr)
@@ -680,7 +690,7 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
             hkr = HK
         total = _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PSTRIDE, G, g_lo, GS,
                             p, multr, zmr, hkr, P, W0, W1, BN, BATCH, PREFETCH, LW, AL, BL, MMA, smem, STAGES, SSTRIDE,
-                            VL, XL, BULK_GS, bars, PDL and P > 0)  # fmt: skip
+                            VL, XL, BULK_GS, bars, PDL and P > 0, lofs, AHEAD)  # fmt: skip
     y = ttgl.sum(total, axis=1)
     if OUT_MODE == 2:
         ns = ttgl.num_programs(1)
@@ -709,7 +719,7 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
 def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_GROUPS, prefetch=False,
                  dispatch=None, stages=0, b0=None, n_out=None, bias=None, out_mode=0, part=None,
                  locks=None, views=None, routed=None, dispatch_to=None, pdl=False, seg_starts=(),
-                 early=0):  # fmt: skip
+                 early=0, ahead=0):  # fmt: skip
     """``planes``: an int (the view, compiled in), None (every plane of the pack) or an int32 device tensor of one
     element (the view read by the kernel; ``scale``/``zero`` then ``[planes of the pack, N, G]``, view ``p`` at
     ``p - 1``). ``dispatch``, with a device view: None decodes whole fields with the absent planes predicated off;
@@ -726,7 +736,9 @@ def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_
     tensor, or one a layer of a site whose later layers start at the row blocks ``seg_starts`` (at most 3 layers).
     ``pdl``: launched with programmatic dependent launch (``SmallConfig.pdl``; the launch attribute among the
     returned keywords). ``early``, with a dispatched device view: the program's first ``early`` groups (at most its
-    groups) of the planes every body reads asked of L2 before the view is read (``SmallConfig.fragment_early_l2``)."""
+    groups) of the planes every body reads asked of L2 before the view is read (``SmallConfig.fragment_early_l2``).
+    ``ahead``: at each group the planes of the group that many later asked of L2 (``SmallConfig.fragment_ahead``; a
+    view compiled in or a dispatched device view's bodies, words through registers)."""
     n, g = words.shape[2] * BLOCK_N, x.numel() // GROUP
     if x.dtype != torch.float16 or not x.is_contiguous() or g * GROUP != x.numel() or g != words.shape[1]:
         raise ValueError(f"x must be {words.shape[1] * GROUP} contiguous fp16 activations, got {x.dtype} "
@@ -807,6 +819,10 @@ def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_
     if early and (pc != -1 or early < 0):
         raise ValueError(f"early={early}: groups asked of L2 ahead of the view, for a dispatched device view only")
     kw.update(NSEG=len(seg_starts) + 1, KMODE=kmode, KV=kv, VIEWS=code, PDL=bool(pdl), EARLY=min(early, g // splits))
+    if ahead and (ahead < 0 or stages or pc == 0):
+        raise ValueError(f"ahead={ahead}: groups asked of L2 ahead of the decode, for words through registers "
+                         "(stages 0) of a view compiled in or dispatched")  # fmt: skip
+    kw.update(AHEAD=min(ahead, g // splits - 1) if ahead else 0)
     return args, dict(kw, num_warps=4, **({"launch_pdl": True} if pdl else {}))
 
 
@@ -993,6 +1009,8 @@ def fragment_linear(
     seg_starts=(),
     span_uncap: int = 0,
     early_l2: int = 0,
+    prefetch: int | None = None,
+    ahead: int = 0,
 ) -> torch.Tensor:
     """One token ``x2 [1, in]`` (fp16) -> ``[1, out]`` from a fragment pack: view ``k`` (an int, a one-element int
     tensor on the device, or None with ``routed = (gate values, threshold)`` on the device, counted by the kernel:
@@ -1009,7 +1027,9 @@ def fragment_linear(
     one a layer (their one router's gate values counted against each). A view on the device runs capped at 128
     registers in a launch of at least :data:`BIG_LAUNCH` weights, unless its ``span`` reaches ``span_uncap`` planes
     or more (0: never uncapped). ``early_l2``, with a view on the device: its first ``early_l2`` groups of the planes
-    every compiled body reads asked of L2 before the view is read or counted (0: none)."""
+    every compiled body reads asked of L2 before the view is read or counted (0: none). ``prefetch``: groups whose
+    words a program loads into registers ahead of the decode (0-2; None: :func:`launch_config`'s; a capped static view
+    at most 1). ``ahead``: at each group the planes of the group that many later asked of L2 (0: none)."""
     M, K_IN = x2.shape
     if M != 1 or K_IN != fp.in_features or x2.dtype != torch.float16:
         raise ValueError(f"the fragment kernel takes one fp16 token of {fp.in_features} features, got {x2.dtype} "
@@ -1036,7 +1056,10 @@ def fragment_linear(
         dispatch = b0 if span is None else fp.planes_of_view[span[0] - 1]
     if tma not in (0, -1, -2):
         raise ValueError(f"tma must be 0 (registers), -1 or -2 (TMA loads: a plane, a plane and group), got {tma}")
-    batch, prefetch, splits = launch_config(nb, g, planes if isinstance(planes, int) else 0)
+    if prefetch is not None and prefetch not in (0, 1, 2):
+        raise ValueError(f"prefetch must be 0, 1 or 2 groups (or None: the launch's own), got {prefetch}")
+    batch, pf, splits = launch_config(nb, g, planes if isinstance(planes, int) else 0)
+    prefetch = pf if prefetch is None else prefetch
     capped = register_capped(n_out * K_IN, planes if isinstance(planes, int) else 0, cap)
     if capped and dispatch is not None and span is not None and 0 < span_uncap <= fp.planes_of_view[span[1] - 1]:
         capped = False  # the span's bodies in their own registers (no stack; counted offline, NOTES 30)
@@ -1045,7 +1068,7 @@ def fragment_linear(
     stages = 0
     bulk = tma_config(nb, g, planes) if tma and isinstance(planes, int) else None
     if bulk is not None:
-        (batch, splits), prefetch, stages = bulk, 0, tma
+        (batch, splits), prefetch, stages, ahead = bulk, 0, tma, 0
     extra: dict = {}
     if splits > 1:  # the last split of each row block sums the others' slots: one launch in all
         from .triton_bitplane import _locks
@@ -1061,7 +1084,7 @@ def fragment_linear(
         if span is not None:
             extra.update(dispatch_to=fp.planes_of_view[span[1] - 1])
     args, kw = _launch_args(fp.words, sc, zp, x2.reshape(-1), out.view(-1), splits, planes, batch, prefetch, dispatch,
-                            stages, b0, n_out, bias, 2 if splits > 1 else 1, **extra)  # fmt: skip
+                            stages, b0, n_out, bias, 2 if splits > 1 else 1, ahead=ahead, **extra)  # fmt: skip
     if capped:  # a device view's bodies measured faster so; static views from ``cap`` planes asked to be
         kw["maxnreg"] = 128
     frag_gemv_kernel[(nb, splits)](*args, **kw)

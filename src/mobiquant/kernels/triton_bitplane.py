@@ -2718,6 +2718,16 @@ class SmallConfig:
     # 4.5 / 5.5-bit budgets took 434.0 / 485.2 / 585.6 us a token against 445.7 / 495.9 / 584.2 without (2.6 / 2.2%
     # faster, level at 5.5); 2 groups with ``pdl`` 434.1 / 489.6 / 581.5
     fragment_early_l2: int = 1
+    # the fragment kernel, words through registers: at each group a program asks L2 for the planes of the group this
+    # many later, so the later groups stream while this one decodes, no register held for them (views compiled in
+    # and the bodies of a view on the device; 0: none). The static views of 5-6 planes, prefetching one group at most
+    # under the 128-register cap, cost 2x the bandwidth's share of their planes on an H100 (docs/RESULTS.md "What a
+    # view on the device still costs"). Off until timed on a GPU (benchmarks/NOTES.md entry 32)
+    fragment_ahead: int = 0
+    # the fragment kernel: groups whose words a program loads into registers before the decode of the one before
+    # (0, 1 or 2; a capped static view at most 1); None (default): ``gluon_fragment.launch_config``'s (1 for views
+    # of at most 4 planes and views on the device, 2 for 5-6, 0 above, as measured on an H200). Off until timed
+    fragment_prefetch: int | None = None
 
     def __post_init__(self) -> None:
         if self.fragment_tma not in (0, -1, -2):
@@ -2725,9 +2735,14 @@ class SmallConfig:
                 f"fragment_tma must be 0 (words through registers), -1 (a TMA load a plane) or -2 (a TMA load and a "
                 f"barrier a group), got {self.fragment_tma!r}"
             )
-        for name in ("fragment_span_planes", "fragment_span_from", "fragment_span_uncap", "fragment_early_l2"):
+        for name in ("fragment_span_planes", "fragment_span_from", "fragment_span_uncap", "fragment_early_l2",
+                     "fragment_ahead"):  # fmt: skip
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an int >= 0 (0: off), got {getattr(self, name)!r}")
+        if self.fragment_prefetch not in (None, 0, 1, 2):
+            raise ValueError(
+                f"fragment_prefetch must be None (the launch's own), 0, 1 or 2 groups, got {self.fragment_prefetch!r}"
+            )
         if not 0 <= self.int4_tokens <= 16 or self.int4_tokens == 1:
             raise ValueError(
                 f"int4_tokens must be 0 (off) or 2-16 (the most tokens a forward), got {self.int4_tokens!r}"
@@ -3389,8 +3404,9 @@ def _fragment_wanted(
 
 
 def _fragment_options(cfg: SmallConfig) -> dict:
-    """``fragment_linear``'s keywords from ``cfg`` for a launch whose view may be learnt on the device."""
-    return dict(pdl=cfg.pdl, span_uncap=cfg.fragment_span_uncap, early_l2=cfg.fragment_early_l2)
+    """``fragment_linear``'s keywords from ``cfg`` (those of a view on the device ignored by a static view's launch)."""
+    return dict(pdl=cfg.pdl, span_uncap=cfg.fragment_span_uncap, early_l2=cfg.fragment_early_l2,
+                prefetch=cfg.fragment_prefetch, ahead=cfg.fragment_ahead)  # fmt: skip
 
 
 def _fragment_ok(bp: BitPlanes, x2: torch.Tensor) -> bool:
@@ -3571,7 +3587,8 @@ def bitplane_site_bits(
         from .gluon_fragment import fragment_linear, fragment_of  # one static view: the layers as one
 
         return fragment_linear(
-            x2, fragment_of(bp), ksel, site.bias, out, cap=cfg.fragment_cap, tma=cfg.fragment_tma, pdl=cfg.pdl
+            x2, fragment_of(bp), ksel, site.bias, out, cap=cfg.fragment_cap, tma=cfg.fragment_tma,
+            **_fragment_options(cfg),
         )
     taus = [r[3] for r in resolved] if kvals else [x2]
     router = _router_of(ks)
