@@ -175,7 +175,7 @@ def test_model_without_linears_raises():
         ({"slice_bits": (2.5, 2)}, "slice_bits"),
         ({"group_size": 0}, "group_size"),
         ({"group_size": -1}, "group_size"),
-        ({"router_placement": "block"}, "router_placement"),
+        ({"router_placement": "head"}, "router_placement"),
     ],
 )
 def test_invalid_config_raises(kw, match):
