@@ -155,6 +155,10 @@ def test_block_placement_one_router_a_block():
         assert router.has_borrowers and router.hold_home
     mq.calibrate_thresholds(model, batches(1, seed=100))
     mq.freeze(model)
+    assert fuse_sites(model) == 4  # q/k/v, and gate/up on the input they share though they borrow; o and down alone
+    for layer in model.model.layers:
+        assert layer.mlp.gate_proj._site_group is layer.mlp.up_proj._site_group is not None
+        assert layer.self_attn.o_proj._site_group is None and layer.mlp.down_proj._site_group is None
     mq.set_budget(model, 4.5)
     seen: dict = {}
     hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: seen.setdefault(n, a[0]))

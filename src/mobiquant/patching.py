@@ -109,11 +109,12 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def quantize_block(
-    block: nn.Module, block_sites: list[list[str]], cfg: MoBiConfig, homes: list[list[bool]] | None = None
+    block: nn.Module, block_sites: list[list[str]], cfg: MoBiConfig, homes: list[list[int]] | None = None
 ) -> nn.Module:
     """Replace the linears named in ``block_sites`` by fake-quant ``MoBiLinear``s, one router per site.
-    ``homes`` (per site, per linear): False where the linear borrows the router's decisions on the input of the
-    site's first linear (placements 'sublayer', 'attention', 'block'); None: every linear reads the router's input."""
+    ``homes`` (per site, per linear, :func:`router_homes`): the input each linear reads; one other than the site's
+    first linear's borrows the router's decisions on that input (placements 'sublayer', 'attention', 'block');
+    None: every linear reads the router's input."""
     routers_ = nn.ModuleDict()
     for gi, group in enumerate(block_sites):
         first = block.get_submodule(group[0])
@@ -136,7 +137,8 @@ def quantize_block(
             )
             q.attach_router(router)
             q.site = site_key(group)
-            q.router_home = True if homes is None else bool(homes[gi][group.index(name)])
+            q.router_home = True if homes is None else homes[gi][group.index(name)] == homes[gi][0]
+            q.input_site = None if homes is None or q.router_home else homes[gi][group.index(name)]
             if router is not None and not q.router_home:
                 router.has_borrowers = True
                 router.hold_home = cfg.router_placement == "block"  # its MLP borrowers run after the attention
@@ -176,17 +178,17 @@ def sublayer_pairs(traced: list[list[list[str]]], placement: str = "sublayer") -
     return [groups(b) if len(b) == 4 else [[site] for site in b] for b in traced]
 
 
-def router_homes(model: nn.Module, sites: list[list[list[str]]], cfg: MoBiConfig) -> list[list[list[bool]]] | None:
-    """Per block, per router site, per linear: whether the linear reads the router's own input (the input of the
-    site's first linear, found by tracing ``model`` before it is quantized); None unless a borrowing placement
-    (:data:`BORROWING`)."""
+def router_homes(model: nn.Module, sites: list[list[list[str]]], cfg: MoBiConfig) -> list[list[list[int]]] | None:
+    """Per block, per router site, per linear: the input the linear reads, as the index of its input site in the
+    block (found by tracing ``model`` before it is quantized); a linear reads the router's own input where its index
+    is the site's first linear's. None unless a borrowing placement (:data:`BORROWING`)."""
     if cfg.router_placement not in BORROWING or len(cfg.slice_bits) == 1:
         return None
     traced = trace_model_sites(model, [[n for group in block for n in group] for block in sites])
     homes = []
     for block, inputs in zip(sites, traced, strict=True):
         site_of = {n: i for i, site in enumerate(inputs) for n in site}
-        homes.append([[site_of[n] == site_of[group[0]] for n in group] for group in block])
+        homes.append([[site_of[n] for n in group] for group in block])
     return homes
 
 
@@ -245,18 +247,20 @@ def set_small_config(model: nn.Module, config) -> None:
 
 def fuse_sites(model: nn.Module, enable: bool = True) -> int:
     """One kernel launch per router site for one-token forwards on the one-bit plane kernel: the linears that share
-    a router and an input width (q, k and v; gate and up; two or three, of one slice layout and group) form a
+    a router, an input and its width (q, k and v; gate and up, under placement 'block' too, where they borrow q/k/v's
+    router; two or three, of one slice layout and group) form a
     :class:`~mobiquant.nn.site.SiteGroup`, whose first member called with a token runs them all (each its own view)
     and whose others return their columns (7 launches per LLaMA layer become 4). ``enable=False`` ungroups.
     :func:`freeze` and ``load_quantized`` call it: a packed model decodes this way by default.
     Returns the number of groups formed."""
     from .nn.site import SiteGroup
 
-    by_router: dict[int, list[MoBiLinear]] = {}
+    by_router: dict[tuple, list[MoBiLinear]] = {}
     for _, m in mobi_linears(model):
         object.__setattr__(m, "_site_group", None)
-        if m.router is not None and m.router_home:  # a borrower reads another input: its own launch
-            by_router.setdefault(id(m.router), []).append(m)
+        if m.router is not None:  # borrowers by the input they read (gate and up under 'block'), others by router
+            key = (id(m.router), None if m.router_home else getattr(m, "input_site", None))
+            by_router.setdefault(key, []).append(m)
     groups = 0
     if not enable:
         return groups

@@ -370,6 +370,38 @@ def test_borrowing_placements_launch_no_router(monkeypatch, placement):
     assert router_launches_fused(model, x, refs, monkeypatch) == [0, 0]
 
 
+def test_block_borrowers_share_a_site_launch(monkeypatch):
+    """Router placement 'block': gate and up borrow q/k/v's router yet read one input, so they form a site group; a
+    one-token forward on the kernels launches one site a layer for q/k/v and one for gate/up, and its logits are
+    those of each linear launched alone."""
+    from mobiquant.kernels import triton_bitplane as tb
+    from mobiquant.patching import fuse_sites, mobi_linears
+
+    model = tiny_llama(seed=0)[0]
+    cfg = mq.MoBiConfig(slice_bits=(3, 1, 1, 1, 1, 1), group_size=32, router_hidden=8, router_placement="block")
+    mq.quantize_model(model, cfg)  # the default layout: one token on the one-bit plane kernel, sites in one launch
+    g = torch.Generator().manual_seed(100)
+    mq.calibrate_thresholds(model, [torch.randint(0, 257, (4, 32), generator=g) for _ in range(2)])
+    mq.freeze(model)
+    model = model.to(DEVICE).eval()
+    for _, m in (*routers(model), *mobi_linears(model)):
+        m.backend = "triton"
+    set_budget(model, 4.5)
+    x = torch.tensor([[5]], device=DEVICE)
+    sites = []
+    real = tb.bitplane_site_bits
+    monkeypatch.setattr(tb, "bitplane_site_bits", lambda *a, **k: sites.append(len(a[1].outs)) or real(*a, **k))
+    with torch.no_grad():
+        grouped = model(input_ids=x).logits
+    assert sites == [3, 2] * len(model.model.layers)  # q/k/v, then gate/up, each layer
+    assert fuse_sites(model, enable=False) == 0
+    sites.clear()
+    with torch.no_grad():
+        alone = model(input_ids=x).logits
+    assert sites == []
+    torch.testing.assert_close(grouped, alone, rtol=1e-4, atol=1e-4)
+
+
 def router_launches_fused(model, x, refs, monkeypatch) -> list[int]:
     """With the model's fused modules on the kernels: the router launches of a forward of ``x`` at each budget of
     ``refs`` (budget -> the logits it must give, checked)."""

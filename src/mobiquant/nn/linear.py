@@ -101,6 +101,8 @@ class MoBiLinear(nn.Module):
         # False: this linear borrows its router's decisions on another input, that of the router's home linears
         # (router placement 'sublayer': o takes the decisions made on q/k/v's input, down those on gate/up's)
         self.router_home = True
+        # a borrower's input site in its block (patching.router_homes): borrowers of one input share a site launch
+        self.input_site: int | None = None
         self._view_cache: dict[Any, torch.Tensor] = {}  # view k (compute dtype), or (k, dtype) (dense_view)
         # While set (calibration's per-view pair tuning, calibration.ViewPairTuning), a packed layer computes
         # ``x W^T + bias`` with ``W = weight_override()``, a differentiable weight, instead of its stored view.
