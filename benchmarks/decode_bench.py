@@ -719,6 +719,8 @@ def package_kernels(args, bits_cfg=None) -> list:
                  ("prefetch 0 ahead 2", dict(fragment_prefetch=0, fragment_ahead=2)))  # fmt: skip
         for name, kw in loads:
             kernels.append((f"package sites+inputs {name}", ("inputs", SmallConfig(**kw), True)))  # static too
+    if args.package_router_l2:  # ... fused inputs, the routers' launches asking L2 for their weights first
+        kernels.append(("package sites+inputs router early l2", ("inputs", SmallConfig(router_early_l2=True))))
     if args.package_no_span:  # ... fused inputs, every view's body compiled (the default before 2026-12-06)
         kernels.append(("package sites+inputs no span", ("inputs", SmallConfig(span_bodies=False))))
     if args.package_pdl:  # ... fused inputs, every kernel launch of a linear with programmatic dependent launch
@@ -980,6 +982,12 @@ def main(argv=None):
         "otherwise: the 5-6 plane static views of the small launches on it too (SmallConfig(fragment=True)), L2 "
         "asked for the group 2 or 4 ahead at each group (fragment_ahead), no group prefetched into registers "
         "(fragment_prefetch=0), and both",
+    )
+    ap.add_argument(
+        "--package-router-l2",
+        action="store_true",
+        help="also the package's routed budgets with fused inputs and the routers' launches asking L2 for their "
+        "weights before they read their inputs (SmallConfig(router_early_l2=True))",
     )
     ap.add_argument(
         "--package-fused-only",

@@ -90,7 +90,8 @@
 #   loads    (only when named) how the fragment kernel keeps bytes in flight (benchmarks/NOTES.md entry 32): the GPU
 #            tests of its loads, then the package's static views and routed budgets (sublayer routers) with the 5-6
 #            plane static views of the small launches on it too, L2 asked for the group 2 / 4 ahead, no group
-#            prefetched into registers, and both (--package-fragment-loads); then the default rows with router
+#            prefetched into registers, and both (--package-fragment-loads), and the routers' launches asking L2 for
+#            their weights first (--package-router-l2); then the default rows with router
 #            placement block (one router a layer) and its compiled step's census at routed 3.5 / 4.5 bits
 #   span     (only when named) the stack's static views beside each view with k read on the device: every body
 #            compiled, the planes every body reads loaded before k (SmallConfig.preload), and the view's span of two
@@ -322,8 +323,8 @@ stage() {
         --census compile --census-only --census-budgets 3.5 4.5 ;;
     loads)
       run_stage loads_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gluon_fragment.py \
-        -k "loads or routed_site"
-      package_stage loads sublayer --package-fragment-loads --package-fused-only
+        tests/kernels/test_triton_router.py -k "loads or routed_site or pdl_changes"
+      package_stage loads sublayer --package-fragment-loads --package-router-l2 --package-fused-only
       package_stage loads_block block --package-fused-only
       run_stage loads_census 600 "$PY" benchmarks/step_overhead.py --policy adjacent --placement block \
         --census compile --census-only --census-budgets 3.5 4.5 ;;

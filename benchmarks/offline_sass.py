@@ -79,7 +79,7 @@ def record(kernel_name, call):
     return _recorded(tb, kernel_name, call, skip=("_bits_reduce_kernel",))
 
 
-def router_launch(prologue, tiling, d, pdl):
+def router_launch(prologue, tiling, d, pdl, early_l2=False):
     """The (kernel, grid, args, kwargs) of one token's fused router launch (``triton_router``) with ``prologue``
     ('none', 'rms_norm', 'silu_mul') and ``tiling`` (hidden units a program, warps, columns a program), width ``d``,
     64 hidden units, 5 outputs."""
@@ -89,7 +89,7 @@ def router_launch(prologue, tiling, d, pdl):
     x = torch.zeros(1, d, dtype=torch.float16)
     router = (torch.zeros(64, d), torch.zeros(64), torch.zeros(5, 64), torch.zeros(5))
     tau = torch.zeros(1)
-    kw = dict(hidden_per_program=hb, num_warps=nw, cols_per_program=cols, pdl=pdl)
+    kw = dict(hidden_per_program=hb, num_warps=nw, cols_per_program=cols, pdl=pdl, early_l2=early_l2)
     if prologue == "none":
         return _recorded(tr, "_router_kernel", lambda: tr.fused_router(x, *router, tau, "free", **kw))
     pro = ("rms_norm", torch.ones(d, dtype=torch.float16), 1e-5) if prologue == "rms_norm" else (

@@ -127,7 +127,7 @@ def test_dry_runs(tmp_path, capsys):
     assert "package routed" in out and "package static k=4" in out and "package sites routed" in out
     argv = ["--dry-run", "--new-tokens", "3", "--fuse-inputs", "--package-policy", "adjacent"]
     argv += ["--package-placement", "sublayer", "--package-budgets", "4.5", "--package-span", "--package-pdl"]
-    more = ["--package-span-uncap", "--package-early-l2", "--package-fragment-loads"]
+    more = ["--package-span-uncap", "--package-early-l2", "--package-fragment-loads", "--package-router-l2"]
     assert decode_bench.main([*argv, "--package-no-span", "--package-fused-only", "--package-span-rules", *more]) == 0
     out = capsys.readouterr().out
     assert "package sites+inputs span rule before routed budget 4.5" in out
@@ -136,6 +136,7 @@ def test_dry_runs(tmp_path, capsys):
     assert "package sites+inputs no early l2 routed budget 4.5" in out
     assert "package sites+inputs early l2 2 routed budget 4.5" in out
     assert "package sites+inputs early l2 pdl routed budget 4.5" in out
+    assert "package sites+inputs router early l2 routed budget 4.5" in out
     for name in ("frag everywhere", "ahead 2", "ahead 4", "prefetch 0", "prefetch 0 ahead 2"):
         assert f"package sites+inputs {name} routed budget 4.5" in out and f"{name} static k=4" in out
     assert "package sites+inputs no span routed budget 4.5" in out and "no span static" not in out

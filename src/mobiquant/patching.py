@@ -237,12 +237,14 @@ def set_small_config(model: nn.Module, config) -> None:
     ``mobiquant.kernels.triton_bitplane.SmallConfig``; None: the defaults). ``SmallConfig(bitplanes=True)``
     runs one-token forwards of every layout in the one-bit plane kernel (by default only the layouts the other
     small-batch kernels do not cover; ``bitplanes=False`` never), whose buffers each linear builds on first use.
-    With ``pdl`` the linears' routers launch their fused kernel with programmatic dependent launch too."""
+    With ``pdl`` the linears' routers launch their fused kernel with programmatic dependent launch too, with
+    ``router_early_l2`` asking L2 for their weights first."""
     for _, m in mobi_linears(model):
         m.small_config = config
         m._bitplanes = None
         if m.router is not None:
             m.router.launch_pdl = bool(getattr(config, "pdl", False))
+            m.router.launch_early_l2 = bool(getattr(config, "router_early_l2", False))
 
 
 def fuse_sites(model: nn.Module, enable: bool = True) -> int:

@@ -219,23 +219,58 @@ def test_fused_router_errors():
 
 @pytest.mark.parametrize("d,tokens,dtype", [(72, 1, torch.float32), (200, 3, torch.float16)], ids=["d72", "d200-fp16"])
 def test_fused_router_pdl_changes_no_arithmetic(d, tokens, dtype):
-    """``pdl=True`` (programmatic dependent launch: the weights asked of L2, then the wait on the kernel before)
-    gives the same counts, gate values and input rows bit for bit, router alone and with the RMS-norm prologue
-    (in the interpreter the wait and the L2 requests are no-ops; what runs is the rest of the kernel)."""
+    """``pdl=True`` (programmatic dependent launch: the weights asked of L2, then the wait on the kernel before) and
+    ``early_l2=True`` (the weights asked of L2 first, no wait) give the same counts, gate values and input rows bit
+    for bit, router alone and with the RMS-norm prologue (in the interpreter the wait and the L2 requests are
+    no-ops; what runs is the rest of the kernel)."""
     r = make_router(d, (3, 1, 1, 1, 1, 1), 24, "adjacent").to(dtype)
     x = torch.randn(tokens, d, generator=torch.Generator().manual_seed(7)).to(DEVICE, dtype)
     w = (r.net[0].weight, r.net[0].bias, r.net[2].weight, r.net[2].bias)
     tau = torch.tensor(0.9, device=DEVICE)
-    a, b = (kernels.fused_router(x, *w, tau, "adjacent", pdl=p) for p in (False, True))
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    modes = (dict(), dict(pdl=True), dict(early_l2=True))
+    a, *others = (kernels.fused_router(x, *w, tau, "adjacent", **m) for m in modes)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for b in others)
     norm = ("rms_norm", torch.rand(d, generator=torch.Generator().manual_seed(8)).to(DEVICE, dtype), 1e-5)
-    a, b = (kernels.fused_input_router(x, norm, w, tau, "free", pdl=p) for p in (False, True))
-    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+    a, *others = (kernels.fused_input_router(x, norm, w, tau, "free", **m) for m in modes)
+    assert all(torch.equal(u, v) for b in others for u, v in zip(a, b, strict=True))
+
+
+_OFFLINE_EARLY = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import offline_sass as osx
+for early in (False, True):
+    fn, grid, args, kw = osx.router_launch("rms_norm", (4, 4, 1024), 4096, False, early)
+    ops = [m.group(3) for m in osx.LINE.finditer(osx.sass_and_resources(osx.compile_sm90(fn, args, kw))[0])]
+    pf = [i for i, o in enumerate(ops) if o == "CCTL.E.PF2"]
+    print("RESULT", early, len(pf), bool(pf) and pf[0] < next(i for i, o in enumerate(ops) if o.startswith("LDG")))
+"""
+
+
+def test_router_early_l2_asks_before_it_loads_offline():
+    """Compiled for sm_90 without a GPU (the 8B router's launch with the RMS-norm prologue, the default tiling):
+    with ``early_l2`` every program asks L2 for its weights (``prefetch.global.L2``, SASS ``CCTL.E.PF2``) before its
+    first load; without it, no request."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("this triton ships no cuobjdump")
+    bench = str(Path(__file__).resolve().parents[2] / "benchmarks")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _OFFLINE_EARLY, bench], capture_output=True, text=True, env=env,
+                       timeout=600)  # fmt: skip
+    got = {ln.split()[1]: ln.split()[2:] for ln in r.stdout.splitlines() if ln.startswith("RESULT")}
+    assert got.get("False") == ["0", "False"], r.stderr[-2000:]
+    assert got["True"][1] == "True" and int(got["True"][0]) > 0
 
 
 def test_set_small_config_launches_the_routers_with_pdl(monkeypatch):
-    """``patching.set_small_config`` with ``pdl`` marks the linears' routers, which then launch their fused kernel
-    with it (and without it again when the config drops it)."""
+    """``patching.set_small_config`` with ``pdl`` (or ``router_early_l2``) marks the linears' routers, which then
+    launch their fused kernel with it (and without it again when the config drops it)."""
     from mobiquant.kernels.triton_bitplane import SmallConfig
     from mobiquant.patching import set_small_config
 
@@ -247,15 +282,17 @@ def test_set_small_config_launches_the_routers_with_pdl(monkeypatch):
     model = torch.nn.Sequential(m)
     seen = []
     real = kernels.fused_router
-    monkeypatch.setattr(kernels, "fused_router", lambda *a, **kw: seen.append(a[7]) or real(*a, **kw))
+    monkeypatch.setattr(kernels, "fused_router", lambda *a, **kw: seen.append((a[7], kw["early_l2"])) or real(*a, **kw))
     r.backend = "triton"
     x = torch.randn(1, 64).to(DEVICE)
-    for cfg, want in ((SmallConfig(pdl=True), True), (SmallConfig(), False), (None, False)):
+    cases = ((SmallConfig(pdl=True), (True, False)), (SmallConfig(router_early_l2=True), (False, True)),
+             (SmallConfig(), (False, False)), (None, (False, False)))  # fmt: skip
+    for cfg, want in cases:
         set_small_config(model, cfg)
-        assert r.launch_pdl is want
+        assert (r.launch_pdl, r.launch_early_l2) == want
         r.clear_cache()
         r.slice_counts(x)
-        assert seen[-1] is want
+        assert seen[-1] == want
 
 
 @pytest.mark.parametrize("policy", ["free", "adjacent"])

@@ -318,13 +318,14 @@ def fused_router(
     tau: torch.Tensor,
     policy: str = "free",
     pdl: bool = False,
+    early_l2: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One launch: slice counts ``k`` and gate values of a ``d -> hidden -> K-1`` router for tokens ``x``,
     against the threshold held in the device tensor ``tau`` (:mod:`.triton_router`); ``pdl``: with programmatic
-    dependent launch."""
+    dependent launch; ``early_l2``: the router's weights asked of L2 before its inputs are read."""
     from .triton_router import fused_router as _fused
 
-    return _fused(x, w1, b1, w2, b2, tau, policy, pdl=pdl)
+    return _fused(x, w1, b1, w2, b2, tau, policy, pdl=pdl, early_l2=early_l2)
 
 
 def fused_input_router(
@@ -334,14 +335,15 @@ def fused_input_router(
     tau: torch.Tensor,
     policy: str,
     pdl: bool = False,
+    early_l2: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One launch: the rows ``y`` a prologue makes of ``x`` (``("rms_norm", weight, eps)``: ``LlamaRMSNorm``'s
     arithmetic; ``("silu_mul", up)``: a gated MLP's ``silu(x) * up``) and the slice counts and gate values on ``y``
     of the router ``(w1, b1, w2, b2)`` (:func:`fused_router`'s, exactly): ``(y, k, v)`` (:mod:`.triton_router`);
-    ``pdl``: with programmatic dependent launch."""
+    ``pdl``: with programmatic dependent launch; ``early_l2``: as :func:`fused_router`'s."""
     from .triton_router import fused_input_router as _fused
 
-    return _fused(x, prologue, router, tau, policy, pdl=pdl)
+    return _fused(x, prologue, router, tau, policy, pdl=pdl, early_l2=early_l2)
 
 
 def fused_input(x: torch.Tensor, prologue: tuple) -> torch.Tensor:

@@ -2728,6 +2728,11 @@ class SmallConfig:
     # (0, 1 or 2; a capped static view at most 1); None (default): ``gluon_fragment.launch_config``'s (1 for views
     # of at most 4 planes and views on the device, 2 for 5-6, 0 above, as measured on an H200). Off until timed
     fragment_prefetch: int | None = None
+    # the routers' fused launches (norm or gated product, router, ``k``): each program asks L2 for its share of the
+    # router's weights before it reads the inputs, so their memory latency runs under the inputs' reads and the RMS
+    # scale (with ``pdl`` they are asked for so anyway, before the wait). On an H100 a router launch took 6.3 us
+    # against a plain norm's 1.8 (docs/RESULTS.md "What a view on the device still costs"). Off until timed
+    router_early_l2: bool = False
 
     def __post_init__(self) -> None:
         if self.fragment_tma not in (0, -1, -2):

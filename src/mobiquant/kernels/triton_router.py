@@ -331,14 +331,18 @@ def _router_kernel(
     BDR: tl.constexpr = 16,
     SOLO: tl.constexpr = False,
     UNROLL: tl.constexpr = 1,
+    EARLY: tl.constexpr = False,
 ):
     pid_s = tl.program_id(0) % S  # S column splits (1: every program reads all of them)
     pid_h = tl.program_id(0) // S
     pid_m = tl.program_id(1)
-    if PDL:  # launched with programmatic dependent launch: the weights asked of L2 before the wait on the kernel before
+    if PDL:
         _pdl_launch_dependents(ASM)
+    if PDL or EARLY:  # the weights asked of L2 before the inputs are read (with PDL: before the wait on the kernel
+        # before); EARLY without PDL: their memory latency under the reads of the inputs and the RMS scale
         c_lo, c_hi = _split_cols(pid_s, D_IN, S, DS)
         _router_prefetch(w1_ptr, w2_ptr, pid_h, D_IN, H, R, RP, HB, W1_LINE, ASM, c_lo, c_hi)
+    if PDL:
         _pdl_wait(ASM)
     lm = tl.arange(0, BM)
     toks = pid_m * BM + lm
@@ -486,6 +490,7 @@ def fused_router(
     num_warps: int | None = None,
     pdl: bool = False,
     cols_per_program: int | None = None,
+    early_l2: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Slice counts ``k`` (int64, ``x.shape[:-1]``) and gate values (fp32, ``[..., K-1]``) of tokens ``x``.
 
@@ -497,8 +502,10 @@ def fused_router(
     and wait for it before reading anything it writes.
     ``cols_per_program``: each program reads that many input columns (rounded up to a power of two; the launch
     runs ``ceil(d / cols)`` column splits of every hidden block and the last program sums their pre-activations);
-    0 or at least ``d``: whole rows, the GELU and second layer in every hidden block's program."""
-    k, v = _route(_Rows(x, None), (w1, b1, w2, b2), tau, policy, hidden_per_program, num_warps, pdl, cols_per_program)
+    0 or at least ``d``: whole rows, the GELU and second layer in every hidden block's program. ``early_l2``: each
+    program asks L2 for its weights first, before it reads the inputs (as ``pdl`` does before its wait)."""
+    k, v = _route(_Rows(x, None), (w1, b1, w2, b2), tau, policy, hidden_per_program, num_warps, pdl, cols_per_program,
+                  early_l2)  # fmt: skip
     return k.reshape(x.shape[:-1]), v.reshape(*x.shape[:-1], -1)
 
 
@@ -512,14 +519,15 @@ def fused_input_router(
     num_warps: int | None = None,
     pdl: bool = False,
     cols_per_program: int | None = None,
+    early_l2: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The rows ``y`` that ``prologue`` (:data:`PROLOGUES`) makes of ``x`` and the router ``(w1, b1, w2, b2)`` on
     them, in one launch: ``(y, k, v)``, ``y`` with the arithmetic of the model's own modules (in the dtype of their
     result), ``k`` and ``v`` exactly those of :func:`fused_router` on ``y``. Every router program makes the rows it
-    reads; the first stores them. ``hidden_per_program``, ``num_warps``, ``pdl``, ``cols_per_program``: as
-    :func:`fused_router`'s."""
+    reads; the first stores them. ``hidden_per_program``, ``num_warps``, ``pdl``, ``cols_per_program``,
+    ``early_l2``: as :func:`fused_router`'s."""
     rows = _Rows(x, prologue)
-    k, v = _route(rows, tuple(router), tau, policy, hidden_per_program, num_warps, pdl, cols_per_program)
+    k, v = _route(rows, tuple(router), tau, policy, hidden_per_program, num_warps, pdl, cols_per_program, early_l2)
     assert rows.y is not None
     return rows.y.reshape(x.shape), k.reshape(x.shape[:-1]), v.reshape(*x.shape[:-1], -1)
 
@@ -582,6 +590,7 @@ def _route(
     num_warps: int | None,
     pdl: bool = False,
     cols_per_program: int | None = None,
+    early_l2: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     hidden_per_program, num_warps, cols_per_program = _tiling(
         rows.d, rows.M, hidden_per_program, num_warps, cols_per_program
@@ -669,6 +678,7 @@ def _route(
             BDR=bdr,
             SOLO=solo,
             UNROLL=unroll,
+            EARLY=bool(early_l2),
             num_warps=num_warps,
             **({"launch_pdl": True} if pdl and not _interpreting() else {}),
         )

@@ -230,6 +230,8 @@ class TokenRouter(nn.Module):
         self.backend: str = "auto"
         # The fused kernel launched with programmatic dependent launch (SmallConfig.pdl, set by set_small_config).
         self.launch_pdl: bool = False
+        # Set with it (SmallConfig.router_early_l2): the fused kernel asks L2 for the weights before it reads inputs
+        self.launch_early_l2: bool = False
         # Set by decode (mobiquant.tasks.decode.BudgetControl) at a budget where the threshold of every linear this
         # router serves fixes that linear's view whatever the scores (constant_k), the views not all alike: the
         # hard gate values are then a constant buffer (:meth:`fixed_values`) and no router runs. set_budget resets it,
@@ -369,8 +371,10 @@ class TokenRouter(nn.Module):
             return self.fixed_values(x), None
         if kernels.use_fused_router(x, getattr(self, "backend", "auto")):
             first, last = cast(nn.Linear, self.net[0]), cast(nn.Linear, self.net[2])
-            pdl = getattr(self, "launch_pdl", False)
-            k, m = kernels.fused_router(x, first.weight, first.bias, last.weight, last.bias, tau, self.policy, pdl)
+            pdl, early = getattr(self, "launch_pdl", False), getattr(self, "launch_early_l2", False)
+            k, m = kernels.fused_router(
+                x, first.weight, first.bias, last.weight, last.bias, tau, self.policy, pdl, early_l2=early
+            )
             return m, k
         return self.gate_values(self.scores(x)), None
 
@@ -414,8 +418,8 @@ class TokenRouter(nn.Module):
 
         first, last = cast(nn.Linear, self.net[0]), cast(nn.Linear, self.net[2])
         router = (first.weight, first.bias, last.weight, last.bias)
-        pdl = getattr(self, "launch_pdl", False)
-        y, k, m = kernels.fused_input_router(x, prologue, router, self.tau, self.policy, pdl)
+        pdl, early = getattr(self, "launch_pdl", False), getattr(self, "launch_early_l2", False)
+        y, k, m = kernels.fused_input_router(x, prologue, router, self.tau, self.policy, pdl, early_l2=early)
         self.__dict__["_values"] = (weakref.ref(y), self._values_key(), m)
         self.__dict__["_cache"] = (weakref.ref(y), (id(y), self.tau._version, None), k)
         return y
