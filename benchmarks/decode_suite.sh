@@ -92,7 +92,8 @@
 #            plane static views of the small launches on it too, L2 asked for the group 2 / 4 ahead, no group
 #            prefetched into registers, and both (--package-fragment-loads), and the routers' launches asking L2 for
 #            their weights first (--package-router-l2); then the default rows with router
-#            placement block (one router a layer) and its compiled step's census at routed 3.5 / 4.5 bits
+#            placement block (one router a layer) and its compiled step's census at routed 3.5 / 4.5 bits, then the
+#            default placement site's at 3.5
 #   span     (only when named) the stack's static views beside each view with k read on the device: every body
 #            compiled, the planes every body reads loaded before k (SmallConfig.preload), and the view's span of two
 #            views alone (span_bodies) preloaded; then the tests of spans and preloading, compiled
@@ -327,7 +328,10 @@ stage() {
       package_stage loads sublayer --package-fragment-loads --package-router-l2 --package-fused-only
       package_stage loads_block block --package-fused-only
       run_stage loads_census 600 "$PY" benchmarks/step_overhead.py --policy adjacent --placement block \
-        --census compile --census-only --census-budgets 3.5 4.5 ;;
+        --census compile --census-only --census-budgets 3.5 4.5
+      # the default placement's step: where its routed budgets' 23-27% over the static views go
+      run_stage loads_census_site 600 "$PY" benchmarks/step_overhead.py --policy adjacent --placement site \
+        --census compile --census-only --census-budgets 3.5 ;;
     span)
       # k read on the device against the static views: every body, preloaded, a span of two views (the stack);
       # then their tests compiled
