@@ -373,6 +373,30 @@ def view_list(args) -> list[int]:
     return [int(v) for v in args.views.split(",") if v.strip()]
 
 
+#: What a decode step's GPU kernels do, by the first of these name parts a kernel's name holds (else 'other'):
+#: the GEMVs (ours, cuBLAS's), the routers' launches (norm or product included), inputs made without a router, the
+#: attention, norms, elementwise code compiled by Inductor, copies.
+KERNEL_KINDS = (
+    ("gemv", ("frag_gemv", "_bits_kernel", "bitplane", "gemv", "gemm", "nvjet", "splitKreduce", "cutlass")),
+    ("router", ("_router_kernel",)),
+    ("input", ("_input_kernel",)),
+    ("attention", ("sdpa", "flash", "attention")),
+    ("norm", ("rsqrt",)),
+    ("elementwise", ("triton_poi", "elementwise", "reduce_kernel", "index")),
+    ("copy", ("Memcpy", "Memset")),
+)
+
+
+def kernel_kinds(count: dict, time_us: dict) -> dict[str, tuple[float, float]]:
+    """Kernels per step and their us per step by :data:`KERNEL_KINDS` (names in ``count`` / ``time_us``)."""
+    kinds: dict[str, tuple[float, float]] = {}
+    for name, t in time_us.items():
+        kind = next((k for k, parts in KERNEL_KINDS if any(p in name for p in parts)), "other")
+        n0, t0 = kinds.get(kind, (0.0, 0.0))
+        kinds[kind] = (n0 + count.get(name, 0.0), t0 + t)
+    return kinds
+
+
 def step_profile(model, tok, device, prompt, budget, label, steps=8, top=12, cuda_graph="off"):
     """Kernels of one eager decode step and their GPU time (the difference of a ``steps + 2``- and a 2-token
     generation, so prefill and set-up cancel), the top kernels by GPU time; on the CPU, aten calls per step.
@@ -413,6 +437,9 @@ def step_profile(model, tok, device, prompt, budget, label, steps=8, top=12, cud
     what = "kernels" if device == "cuda" else "top-level aten calls"
     step = "eager decode step" if cuda_graph == "off" else f"decode step ({cuda_graph})"
     print(f"\n# {label}: {n:.0f} {what} per {step}, {total:.1f} us of them per step")
+    if device == "cuda":
+        kinds = sorted(kernel_kinds(count, time_us).items(), key=lambda kv: -kv[1][1])
+        print("# by kind: " + ", ".join(f"{k} {t:.1f} us ({c:.0f})" for k, (c, t) in kinds))
     for name, t in sorted(time_us.items(), key=lambda kv: -kv[1])[:top]:
         print(f"#   {t:8.1f} us  {count[name]:6.1f} x  {name[:110]}")
     return dict(mode=label, launches_per_step=n, kernel_us_per_step=total)

@@ -18,6 +18,20 @@ import decode_bench  # noqa: E402
 import e2e_decode  # noqa: E402
 
 
+def test_kernel_kinds_of_a_census():
+    """A decode step's kernels summed by kind (names as an H100's compiled step gave them): the GEMVs, the routers'
+    launches, norms, attention, Inductor's elementwise code, copies; anything else 'other'."""
+    count = {"frag_gemv_kernel": 16.0, "_router_kernel": 8.0, "triton_red_fused_add_mean_mul_pow_rsqrt_0": 1.0,
+             "cudnn_generated_fort_native_sdpa_sm80_flash_fprop": 4.0, "triton_poi_fused_add_0": 8.0,
+             "nvjet_sm90_hsh_64x8_64x16_4x1_v_bz_splitK_TNT": 1.0, "Memcpy DtoD (Device -> Device)": 3.0,
+             "some_new_kernel": 2.0}  # fmt: skip
+    time_us = dict(zip(count, (233.0, 50.2, 1.9, 14.2, 9.9, 5.7, 3.4, 1.0), strict=True))
+    kinds = e2e_decode.kernel_kinds(count, time_us)
+    assert kinds["gemv"] == (17.0, 233.0 + 5.7) and kinds["router"] == (8.0, 50.2)
+    assert kinds["norm"] == (1.0, 1.9) and kinds["attention"] == (4.0, 14.2)
+    assert kinds["elementwise"] == (8.0, 9.9) and kinds["copy"] == (3.0, 3.4) and kinds["other"] == (2.0, 1.0)
+
+
 @pytest.mark.parametrize(
     "argv",
     [
