@@ -937,7 +937,7 @@ def main(argv=None):
         default="site",
         choices=PLACEMENTS,
         help="the package model's router placement (sublayer: o and down take q/k/v's and gate/up's decisions; "
-        "attention: o alone takes q/k/v's)",
+        "attention: o alone takes q/k/v's; block: every later linear takes q/k/v's)",
     )
     ap.add_argument(
         "--package-budgets", default="", help="comma-separated routed budgets of the package rows (default: integers)"

@@ -282,7 +282,8 @@ def test_set_small_config_launches_the_routers_with_pdl(monkeypatch):
     model = torch.nn.Sequential(m)
     seen = []
     real = kernels.fused_router
-    monkeypatch.setattr(kernels, "fused_router", lambda *a, **kw: seen.append((a[7], kw["early_l2"])) or real(*a, **kw))
+    spy = lambda *a, **kw: seen.append((kw["pdl"], kw["early_l2"])) or real(*a, **kw)  # noqa: E731
+    monkeypatch.setattr(kernels, "fused_router", spy)
     r.backend = "triton"
     x = torch.randn(1, 64).to(DEVICE)
     cases = ((SmallConfig(pdl=True), (True, False)), (SmallConfig(router_early_l2=True), (False, True)),

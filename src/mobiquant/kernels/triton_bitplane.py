@@ -3409,9 +3409,10 @@ def _fragment_wanted(
 
 
 def _fragment_options(cfg: SmallConfig) -> dict:
-    """``fragment_linear``'s keywords from ``cfg`` (those of a view on the device ignored by a static view's launch)."""
-    return dict(pdl=cfg.pdl, span_uncap=cfg.fragment_span_uncap, early_l2=cfg.fragment_early_l2,
-                prefetch=cfg.fragment_prefetch, ahead=cfg.fragment_ahead)  # fmt: skip
+    """``fragment_linear``'s keywords from ``cfg`` (each launch uses those of its kind: ``cap`` and ``tma`` static
+    views', ``span_uncap`` and ``early_l2`` views' on the device)."""
+    return dict(cap=cfg.fragment_cap, tma=cfg.fragment_tma, pdl=cfg.pdl, span_uncap=cfg.fragment_span_uncap,
+                early_l2=cfg.fragment_early_l2, prefetch=cfg.fragment_prefetch, ahead=cfg.fragment_ahead)  # fmt: skip
 
 
 def _fragment_ok(bp: BitPlanes, x2: torch.Tensor) -> bool:
@@ -3471,10 +3472,7 @@ def bitplane_linear_bits(
         if kvals:  # the router's gate values: counted by the kernel
             return fragment_linear(x2, fragment_of(bp), None, bias, out, routed=(v_t, tau_t), span=span,
                                    **_fragment_options(cfg))  # fmt: skip
-        return fragment_linear(
-            x2, fragment_of(bp), ksel or k_t, bias, out, cap=cfg.fragment_cap, tma=cfg.fragment_tma, span=span,
-            **_fragment_options(cfg),
-        )
+        return fragment_linear(x2, fragment_of(bp), ksel or k_t, bias, out, span=span, **_fragment_options(cfg))
     if out is None:
         out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
     return _bits_launch(
@@ -3591,10 +3589,7 @@ def bitplane_site_bits(
     if ksel and whole and fragment_serves(cfg, bp, ksel, x2):
         from .gluon_fragment import fragment_linear, fragment_of  # one static view: the layers as one
 
-        return fragment_linear(
-            x2, fragment_of(bp), ksel, site.bias, out, cap=cfg.fragment_cap, tma=cfg.fragment_tma,
-            **_fragment_options(cfg),
-        )
+        return fragment_linear(x2, fragment_of(bp), ksel, site.bias, out, **_fragment_options(cfg))
     taus = [r[3] for r in resolved] if kvals else [x2]
     router = _router_of(ks)
     device_view = not ksel and router is None and len(site.outs) <= 3

@@ -371,12 +371,14 @@ class TokenRouter(nn.Module):
             return self.fixed_values(x), None
         if kernels.use_fused_router(x, getattr(self, "backend", "auto")):
             first, last = cast(nn.Linear, self.net[0]), cast(nn.Linear, self.net[2])
-            pdl, early = getattr(self, "launch_pdl", False), getattr(self, "launch_early_l2", False)
-            k, m = kernels.fused_router(
-                x, first.weight, first.bias, last.weight, last.bias, tau, self.policy, pdl, early_l2=early
-            )
+            w = (first.weight, first.bias, last.weight, last.bias)
+            k, m = kernels.fused_router(x, *w, tau, self.policy, **self._launch_options())
             return m, k
         return self.gate_values(self.scores(x)), None
+
+    def _launch_options(self) -> dict:
+        """The fused kernel's launch keywords (``set_small_config`` sets them; getattr: routers pickled before)."""
+        return dict(pdl=getattr(self, "launch_pdl", False), early_l2=getattr(self, "launch_early_l2", False))
 
     def _values_key(self) -> tuple:
         """The versions of the router's parameters (its two linears' weights and biases, read from the modules'
@@ -418,8 +420,7 @@ class TokenRouter(nn.Module):
 
         first, last = cast(nn.Linear, self.net[0]), cast(nn.Linear, self.net[2])
         router = (first.weight, first.bias, last.weight, last.bias)
-        pdl, early = getattr(self, "launch_pdl", False), getattr(self, "launch_early_l2", False)
-        y, k, m = kernels.fused_input_router(x, prologue, router, self.tau, self.policy, pdl, early_l2=early)
+        y, k, m = kernels.fused_input_router(x, prologue, router, self.tau, self.policy, **self._launch_options())
         self.__dict__["_values"] = (weakref.ref(y), self._values_key(), m)
         self.__dict__["_cache"] = (weakref.ref(y), (id(y), self.tau._version, None), k)
         return y
