@@ -92,8 +92,9 @@
 #            plane static views of the small launches on it too, L2 asked for the group 2 / 4 ahead, no group
 #            prefetched into registers, and both (--package-fragment-loads), and the routers' launches asking L2 for
 #            their weights first (--package-router-l2); then the default rows with router
-#            placement block (one router a layer) and its compiled step's census at routed 3.5 / 4.5 bits, then the
-#            default placement site's at 3.5
+#            placement block (stage block), then the default placement site's census at 3.5
+#   block    (only when named; in loads) the default rows with router placement block (one router a layer) and its
+#            compiled step's census at routed 3.5 / 4.5 bits
 #   span     (only when named) the stack's static views beside each view with k read on the device: every body
 #            compiled, the planes every body reads loaded before k (SmallConfig.preload), and the view's span of two
 #            views alone (span_bodies) preloaded; then the tests of spans and preloading, compiled
@@ -326,12 +327,14 @@ stage() {
       run_stage loads_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gluon_fragment.py \
         tests/kernels/test_triton_router.py -k "loads or routed_site or pdl_changes"
       package_stage loads sublayer --package-fragment-loads --package-router-l2 --package-fused-only
-      package_stage loads_block block --package-fused-only
-      run_stage loads_census 600 "$PY" benchmarks/step_overhead.py --policy adjacent --placement block \
-        --census compile --census-only --census-budgets 3.5 4.5
+      stage block
       # the default placement's step: where its routed budgets' 23-27% over the static views go
       run_stage loads_census_site 600 "$PY" benchmarks/step_overhead.py --policy adjacent --placement site \
         --census compile --census-only --census-budgets 3.5 ;;
+    block)
+      package_stage loads_block block --package-fused-only
+      run_stage loads_census 600 "$PY" benchmarks/step_overhead.py --policy adjacent --placement block \
+        --census compile --census-only --census-budgets 3.5 4.5 ;;
     span)
       # k read on the device against the static views: every body, preloaded, a span of two views (the stack);
       # then their tests compiled
@@ -360,7 +363,7 @@ print(','.join(str(int(v)) for v in t))" "$RES/router_sweep/router_sweep.csv" 2>
       run_stage pattern 600 "$PY" benchmarks/stream_pattern.py --views 1,2,6 \
         --package-configs "$PATTERN_CONFIGS" --out "$RES/pattern" ;;
     *)
-      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement pdl spandef spanrule spancost span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
+      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement pdl spandef spanrule spancost loads block span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
       return 2 ;;
   esac
 }
