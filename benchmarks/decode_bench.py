@@ -398,13 +398,26 @@ def timed_generate(model, prompt, new_tokens, graph, budget=None):
     return g, ev.summary()
 
 
-def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package", None),), budgets=None):
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> ``(I, N)``, shard ``I`` (0-based) of ``N``; a clear error otherwise."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--warm-shard {text!r}: expected I/N, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--warm-shard {text!r}: I must be in 0..N-1")
+    return i, n
+
+
+def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package", None),), budgets=None, warm=None):
     """fp16, then for each ``(label, small_config)`` of ``kernels`` (``None``: the library's defaults; ``"sites"``:
     one launch per router site; ``"inputs"``: that and fused inputs, ``patching.fuse_inputs``, with an fp16 row
     of the same fused kernels; a pair ``(mode, small_config)``: that fusion with that config, routed budgets only;
     a triple ``(mode, small_config, True)``: the static views too)
     the static views and the routed ``budgets`` (default: base bits .. all bits) through
-    ``mobiquant.tasks.decode.generate``."""
+    ``mobiquant.tasks.decode.generate``. ``warm = (i, n)``: nothing timed, no row returned; the entries ``j`` of
+    ``kernels`` with ``j % n == i`` (and fp16 in shard 0) each decode a few tokens in every row's mode, so that their
+    kernels are compiled into the on-disk caches (Triton's, Inductor's) that the timing run then finds."""
     import mobiquant as mq
     from mobiquant.patching import fuse_inputs, fuse_sites, set_small_config
     from mobiquant.tasks.decode import generate
@@ -414,6 +427,11 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package",
     rows, splits = [], []
 
     def timed(model, budget=None):
+        if warm is not None:  # compile and capture only
+            generate(model, prompt, min(4, new_tokens), budget=budget, cuda_graph=graph)
+            print(f"# warmed: budget {budget}", flush=True)
+            splits.append(dict(gpu_us=math.nan, gap_us=math.nan))
+            return math.nan, "warm"
         g, split = timed_generate(model, prompt, new_tokens, graph, budget)
         splits.append(split)
         return g.us_per_token, f"{g.graph}; GPU {split['gpu_us']:.1f} us a step, gaps {split['gap_us']:.1f} us"
@@ -430,7 +448,13 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package",
             print(f"# package row (budget {budget}) left out with cuda_graph={graph!r}: {why}")
             return None, why
 
-    t16, how = timed(fp)
+    if warm is not None:
+        kernels = [kc for j, kc in enumerate(kernels) if j % warm[1] == warm[0]]
+    if warm is None or warm[0] == 0:
+        t16, how = timed(fp)
+    else:
+        t16, how = math.nan, "warm"
+        splits.append(dict(gpu_us=math.nan, gap_us=math.nan))
 
     def row(mode, budget, bits, t, how, model=q):
         """One table row: ``t`` us/token at ``bits`` average bits, against fp16's ``t16``."""
@@ -449,7 +473,9 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package",
         )
 
     rows.append(row("package fp16", 16.0, 16.0, t16, how, model=fp))
-    print(f"package fp16: {t16:.1f} us/token (graph: {how})")
+    fp16_here = warm is None or warm[0] == 0  # a warm shard other than the first leaves fp16 out
+    if fp16_here:
+        print(f"package fp16: {t16:.1f} us/token (graph: {how})")
 
     def kind(cfg):
         """``(fusion mode or None, SmallConfig or None)`` of a ``kernels`` entry."""
@@ -457,7 +483,7 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package",
             return cfg[:2]
         return (cfg, None) if isinstance(cfg, str) else (None, cfg)
 
-    if any(kind(cfg)[0] == "inputs" for _, cfg in kernels):  # fp16 with the same fused norms and MLP products
+    if fp16_here and any(kind(cfg)[0] == "inputs" for _, cfg in kernels):  # fp16, the same fused norms and products
         fuse_inputs(fp)
         t, how = timed(fp)
         fuse_inputs(fp, enable=False)
@@ -496,7 +522,7 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package",
     set_small_config(q, None)
     fuse_sites(q, enable=False)
     fuse_inputs(q, enable=False)
-    return rows
+    return rows if warm is None else []
 
 
 # ------------------------------------------------------------------------------------------ gemlite
@@ -738,8 +764,9 @@ def dry_run(args):
         layers=1, d=256, ff=512, kv=64, heads=4, vocab=64, device="cpu", dtype=torch.float32, **package_routers(args)
     )
     budgets = package_budgets(args)
+    warm = parse_shard(args.warm_shard) if args.warm_shard else None
     rows = package_rows(
-        fp, q, "cpu", min(args.new_tokens, 6), "off", None, kernels=package_kernels(args), budgets=budgets
+        fp, q, "cpu", min(args.new_tokens, 6), "off", None, kernels=package_kernels(args), budgets=budgets, warm=warm
     )
     x_gemlite(rows)
     print_table(rows, "# package rows, tiny model on the CPU (not a measurement of anything but the code path)")
@@ -1040,7 +1067,20 @@ def main(argv=None):
         "(whole rows: the tiling before column splits); default the package's default_tiling",
     )
     ap.add_argument("--dry-run", action="store_true", help="no GPU: the package rows on a tiny CPU model")
+    ap.add_argument(
+        "--warm-shard",
+        default="",
+        metavar="I/N",
+        help="time nothing: shard I of N of the package rows' configs (fp16 with shard 0) decode a few tokens each, "
+        "compiling their kernels into the on-disk caches; N such processes side by side before the timing run "
+        "(benchmarks/decode_suite.sh WARM_SHARDS) take a stage's compiles off its timed run",
+    )
     args = ap.parse_args(argv)
+    if args.warm_shard:
+        try:
+            parse_shard(args.warm_shard)
+        except ValueError as e:
+            ap.error(str(e))
     if args.new_tokens < 2:
         ap.error("--new-tokens must be at least 2")
     if args.slices:
@@ -1056,6 +1096,11 @@ def main(argv=None):
         return dry_run(args)
     if not torch.cuda.is_available():
         ap.error("needs a CUDA device (use --dry-run to check the code path on the CPU)")
+    if args.warm_shard:  # the package rows' compiles alone
+        fp, q = package_models(args.layers, D, FF, KV, 32, 1024, "cuda", torch.float16, **package_routers(args))
+        package_rows(fp, q, "cuda", args.new_tokens, args.package_graph, None, kernels=package_kernels(args),
+                     budgets=package_budgets(args), warm=parse_shard(args.warm_shard))  # fmt: skip
+        return 0
     tb = load_kernels()
     Router.fused = staticmethod(load_router_kernel())
     ns = len(kb.SLICE_BITS)

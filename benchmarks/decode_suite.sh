@@ -153,6 +153,9 @@ PATTERN_CONFIGS=${PATTERN_CONFIGS:-"128,64,4,4,0,,0,,,,,0;128,64,4,4,0,,0,,,,,1"
 # (the first sweep, 2026-12-03: --hbs 4,16,64 --warps 4,8 --cols 0,128,256,512 on the four 8B inputs); empty: all
 ROUTER_SWEEP=${ROUTER_SWEEP:-"--hbs 2,4,8 --warps 2,4 --cols 256,512,1024,2048 --tokens 1,8"}
 ROUTER_INPUTS=${ROUTER_INPUTS:-""}
+# processes that compile a package stage's kernels side by side before its timed run (0: none; the first stage of
+# 2026-12-06's fourth run, 5 new configs, took 10.6 minutes, nearly all of it compiling, the next ones 45 s)
+WARM_SHARDS=${WARM_SHARDS:-6}
 mkdir -p "$RES"
 
 run_stage() {  # NAME LIMIT CMD...: CMD under `timeout LIMIT`, output to $RES/NAME.txt, NAME.done on success
@@ -171,12 +174,28 @@ run_stage() {  # NAME LIMIT CMD...: CMD under `timeout LIMIT`, output to $RES/NA
   return 0
 }
 
+warm_shards() {  # NAME CMD...: unless NAME is done, CMD --warm-shard I/$WARM_SHARDS for each I side by side (their
+  # output in $RES/NAME.warmI.txt), waited for: the timed run after them finds its kernels compiled
+  local name=$1 n=$WARM_SHARDS i
+  shift
+  [ "$n" -gt 0 ] && [ ! -e "$RES/$name.done" ] || return 0
+  echo "== $name: compiling in $n warm shards ($(date -u +%H:%M:%S))"
+  for ((i = 0; i < n; i++)); do
+    timeout 900 "$@" --warm-shard "$i/$n" > "$RES/$name.warm$i.txt" 2>&1 &
+  done
+  wait
+  echo "== $name: warm shards ended ($(date -u +%H:%M:%S))"
+}
+
 package_stage() {  # NAME PLACEMENT ARGS...: the package rows with fused inputs and the adjacent routers at budgets 3.5,
-  # 4.5 and 5.5 (where the tokens decide) with router placement PLACEMENT, decode_bench.py's ARGS added
+  # 4.5 and 5.5 (where the tokens decide) with router placement PLACEMENT, decode_bench.py's ARGS added; their
+  # compiles first in $WARM_SHARDS processes side by side
   local name=$1 placement=$2
   shift 2
-  run_stage "$name" 900 "$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed --fuse-inputs \
-    --package-policy adjacent --package-placement "$placement" --package-budgets 3.5,4.5,5.5 "$@" --out "$RES/$name"
+  local cmd=("$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed --fuse-inputs \
+    --package-policy adjacent --package-placement "$placement" --package-budgets 3.5,4.5,5.5 "$@")
+  warm_shards "$name" "${cmd[@]}"
+  run_stage "$name" 900 "${cmd[@]}" --out "$RES/$name"
 }
 
 stage() {

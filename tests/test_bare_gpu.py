@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def test_decode_suite_runs_its_stages_in_order_and_resumes(tmp_path):
     py.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n[ -e {fail} ] && grep -q -- "--bits-config " <<< "$*" '
                   "&& exit 1\nexit 0\n")  # fmt: skip
     py.chmod(0o755)
-    env = {**os.environ, "ROOT": str(tmp_path), "PY": str(py)}
+    env = {**os.environ, "ROOT": str(tmp_path), "PY": str(py), "WARM_SHARDS": "0"}
 
     def suite(*stages):
         return subprocess.run(
@@ -157,6 +158,46 @@ def test_decode_suite_runs_its_stages_in_order_and_resumes(tmp_path):
     assert r.returncode == 0 and "== stack router tiling: 1,4,0" in r.stdout, r.stdout
     assert ran() == ["pytest", "benchmarks/router_launch_bench.py", "import", *["benchmarks/decode_bench.py"] * 2]
     assert calls.read_text().count("--router-tiling 1,4,0") == 2 and (res / "stack_whole_rows.done").exists()
+
+
+def test_package_stages_compile_in_warm_shards_first(tmp_path):
+    """benchmarks/decode_suite.sh: a package stage first runs its command once a shard (``--warm-shard I/N``, side by
+    side), then the timed run with ``--out``; a stage done before runs neither."""
+    calls = tmp_path / "calls"
+    py = tmp_path / "py"
+    py.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\nexit 0\n')
+    py.chmod(0o755)
+    env = {**os.environ, "ROOT": str(tmp_path), "PY": str(py), "WARM_SHARDS": "3"}
+    r = subprocess.run(["bash", str(SUITE), "block"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = calls.read_text().splitlines()[1:]  # after the version line
+    bench = [line for line in lines if "decode_bench.py" in line]
+    assert len(bench) == 4 and all("--package-placement block" in line for line in bench)
+    assert sorted(line.split("--warm-shard ")[1] for line in bench[:3]) == ["0/3", "1/3", "2/3"]
+    assert "--warm-shard" not in bench[3] and bench[3].endswith("--out " + str(tmp_path / "res" / "loads_block"))
+    assert "loads_block: compiling in 3 warm shards" in r.stdout
+    assert all((tmp_path / "res" / f"loads_block.warm{i}.txt").exists() for i in range(3))
+    calls.unlink()
+    r = subprocess.run(["bash", str(SUITE), "block"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "decode_bench.py" not in calls.read_text()
+
+
+def test_decode_bench_warm_shards_split_the_configs(capsys):
+    """``decode_bench.py --warm-shard I/N`` (the dry run on the CPU): shard I decodes in the configs ``j`` with ``j % N
+    == I`` only, times nothing and returns no row; a malformed shard is refused."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import decode_bench
+
+    args = ("--dry-run --slices 3,1,1,1,1,1 --no-routed --fuse-inputs --package-policy adjacent --package-budgets 3.5 "
+            "--package-fused-only --package-fragment-loads --new-tokens 2").split()  # fmt: skip
+    assert decode_bench.main([*args, "--warm-shard", "1/3"]) == 0
+    out = capsys.readouterr().out
+    labels = {line.split(" static k=")[0] for line in out.splitlines() if " static k=" in line}
+    assert labels == {"package sites+inputs frag everywhere", "package sites+inputs prefetch 0"}
+    assert "package fp16:" not in out and out.count("# warmed:") == 2 * 7
+    for bad in ("3/3", "a/b", "1"):
+        with pytest.raises(SystemExit):
+            decode_bench.main([*args, "--warm-shard", bad])
 
 
 def test_triton_cache_travels_from_one_machine_to_the_next(tmp_path):
