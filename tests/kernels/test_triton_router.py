@@ -203,6 +203,39 @@ def test_default_tiling_splits_wide_rows_and_equals_torch():
         assert torch.equal(k, k_ref)
 
 
+@pytest.mark.parametrize("policy", ["free", "adjacent"])
+@pytest.mark.parametrize("d,hidden,tokens,cols", [(100, 24, 1, 32), (100, 24, 5, 16), (72, 12, 19, 64)],
+                         ids=["d100-h24-t1-c32", "d100-h24-t5-c16", "d72-h12-t19-c64"])  # fmt: skip
+def test_router_partials_finish_as_the_tail_does(policy, d, hidden, tokens, cols):
+    """``router_partials``: the launch without its tail stores each column split's pre-activations; summed,
+    finished by ``RouterPartials.values`` (b1, GELU, the second layer, the policy), they give the fused router's gate
+    values to fp32 rounding and PyTorch's counts at every threshold; the normed rows equal fused_input_router's."""
+    from mobiquant.kernels.triton_router import fused_input_router, fused_router, router_partials
+
+    r = make_router(d, (3, 1, 1, 1, 1, 1), hidden, policy)
+    x = torch.randn(tokens, d, generator=torch.Generator().manual_seed(11)).to(DEVICE) * 2
+    w = (r.net[0].weight, r.net[0].bias, r.net[2].weight, r.net[2].bias)
+    tiling = dict(hidden_per_program=4, cols_per_program=cols)
+    none, p = router_partials(x, w, policy, **tiling)
+    assert none is None and p.tokens == tokens and p.splits == -(-d // cols) > 1
+    _, m_kernel = fused_router(x, *w, torch.zeros((), device=DEVICE), policy, **tiling)
+    torch.testing.assert_close(p.values(), m_kernel, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(p.pre_activations(), r.net[0](x).float() - r.net[0].bias.float(), rtol=1e-4,
+                                   atol=1e-4)  # fmt: skip
+    for tau in safe_taus(m_kernel):
+        k_ref, _ = torch_counts(r, x, tau)
+        assert torch.equal(1 + (p.values() > tau).sum(-1), k_ref)
+    norm = torch.rand(d, generator=torch.Generator().manual_seed(12)).to(DEVICE) + 0.5
+    y, p2 = router_partials(x, w, policy, prologue=("rms_norm", norm, 1e-5), **tiling)
+    y_ref, _, m_ref = fused_input_router(x, ("rms_norm", norm, 1e-5), w, torch.zeros((), device=DEVICE), policy,
+                                         **tiling)  # fmt: skip
+    assert y is not None and torch.equal(y, y_ref)
+    torch.testing.assert_close(p2.values(), m_ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="column splits"):
+        router_partials(x, w, policy, hidden_per_program=4, cols_per_program=0)
+
+
 def test_fused_router_errors():
     r = make_router(32, (2, 2), 8, "free")
     x = torch.randn(2, 32).to(DEVICE)

@@ -20,6 +20,7 @@ launch). Self-contained (torch and triton only), like :mod:`.triton_bitplane`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -332,6 +333,7 @@ def _router_kernel(
     SOLO: tl.constexpr = False,
     UNROLL: tl.constexpr = 1,
     EARLY: tl.constexpr = False,
+    TAIL: tl.constexpr = True,
 ):
     pid_s = tl.program_id(0) % S  # S column splits (1: every program reads all of them)
     pid_h = tl.program_id(0) // S
@@ -371,16 +373,27 @@ def _router_kernel(
         else:
             base = pid_m * NPP * BM * RP
             tl.store(part_ptr + base + (pid_h * BM + lm[:, None]) * RP + r[None, :], part)
-        tl.debug_barrier()  # every thread's partial is stored before the release below
-        ticket = tl.atomic_add(lock_ptr + pid_m, 1, sem="acq_rel")
-        tl.debug_barrier()
-        if ticket == NPROG * S - 1:
-            if S > 1:
-                v = _router_split_values(part_ptr, base, b1_ptr, w2_ptr, b2_ptr, S, H, R, RP, BM, SP, HP, ADJACENT)
-            else:
-                v = _router_values(part_ptr, base, b2_ptr, NPROG, R, RP, BM, NPP, ADJACENT)
-            _router_emit(v, tau_ptr, k_ptr, v_ptr, toks, tmask, R, RP)
-            tl.atomic_xchg(lock_ptr + pid_m, 0)  # self-resetting counter
+        if TAIL:  # else the partials are the launch's result (router_partials): its readers finish the router
+            _router_tail(part_ptr, lock_ptr, base, pid_m, b1_ptr, w2_ptr, b2_ptr, tau_ptr, k_ptr, v_ptr, toks, tmask,
+                         S, H, R, RP, BM, SP, HP, NPROG, NPP, ADJACENT)  # fmt: skip
+
+
+@triton.jit
+def _router_tail(part_ptr, lock_ptr, base, pid_m, b1_ptr, w2_ptr, b2_ptr, tau_ptr, k_ptr, v_ptr, toks, tmask, S, H,
+                 R: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, SP: tl.constexpr, HP: tl.constexpr,
+                 NPROG: tl.constexpr, NPP: tl.constexpr, ADJACENT: tl.constexpr):  # fmt: skip
+    """The last program of a token block to take its ticket sums the block's partials (stored at ``part_ptr + base``),
+    finishes the router and stores ``k`` and the gate values; it resets the ticket."""
+    tl.debug_barrier()  # every thread's partial is stored before the release below
+    ticket = tl.atomic_add(lock_ptr + pid_m, 1, sem="acq_rel")
+    tl.debug_barrier()
+    if ticket == NPROG * S - 1:
+        if S > 1:
+            v = _router_split_values(part_ptr, base, b1_ptr, w2_ptr, b2_ptr, S, H, R, RP, BM, SP, HP, ADJACENT)
+        else:
+            v = _router_values(part_ptr, base, b2_ptr, NPROG, R, RP, BM, NPP, ADJACENT)
+        _router_emit(v, tau_ptr, k_ptr, v_ptr, toks, tmask, R, RP)
+        tl.atomic_xchg(lock_ptr + pid_m, 0)  # self-resetting counter
 
 
 @triton.jit
@@ -581,6 +594,69 @@ class _Rows:
         self.y = torch.empty(self.M, d, dtype=out_dtype, device=x.device)
 
 
+@dataclasses.dataclass(frozen=True)
+class RouterPartials:
+    """A router launch's result without its tail (:func:`router_partials`): each column split's pre-activations of
+    the hidden units, for their readers to finish the router (sum the splits, add ``b1``, GELU, the second layer,
+    the policy) and count ``k`` against their own thresholds. Token ``t``'s split ``s`` holds unit ``u`` at
+    ``part[(t // bm) * block + (s * bm + t % bm) * hp + u]`` (``block = sp * bm * hp``)."""
+
+    part: torch.Tensor  # fp32, flat
+    tokens: int
+    splits: int
+    sp: int  # split slots a token block (a power of 2, at least ``splits``)
+    bm: int  # tokens a block
+    hp: int  # unit slots a split (a power of 2, at least the hidden units)
+    b1: torch.Tensor
+    w2: torch.Tensor
+    b2: torch.Tensor
+    adjacent: bool  # policy 'adjacent' (else 'free')
+
+    def pre_activations(self) -> torch.Tensor:
+        """``W1 x`` of every token, ``[tokens, hidden]`` fp32: the splits summed in their order."""
+        blocks = self.part.numel() // (self.sp * self.bm * self.hp)
+        parts = self.part.view(blocks, self.sp, self.bm, self.hp)[:, : self.splits, :, : self.b1.numel()]
+        pre = parts[:, 0]
+        for s in range(1, self.splits):
+            pre = pre + parts[:, s]
+        return pre.reshape(blocks * self.bm, -1)[: self.tokens]
+
+    def values(self) -> torch.Tensor:
+        """The gate values ``[tokens, K-1]`` fp32, as the router's tail computes them (in another order: they may
+        differ from the fused kernel's in the last bits)."""
+        h = self.pre_activations() + self.b1.float()
+        h = 0.5 * h * (1.0 + torch.erf(h * 0.7071067811865476))
+        s = h @ self.w2.float().t() + self.b2.float()
+        if self.adjacent:
+            r = s.shape[-1]
+            band = 2.0 * torch.arange(r - 1, -1, -1, dtype=s.dtype, device=s.device)
+            return torch.sigmoid(s) + band
+        return torch.cummin(s, dim=-1).values
+
+
+def router_partials(
+    x: torch.Tensor,
+    router: Sequence[torch.Tensor],
+    policy: str,
+    prologue: tuple | None = None,
+    hidden_per_program: int | None = None,
+    num_warps: int | None = None,
+    pdl: bool = False,
+    cols_per_program: int | None = None,
+    early_l2: bool = False,
+) -> tuple[torch.Tensor | None, RouterPartials]:
+    """The router ``(w1, b1, w2, b2)`` on tokens ``x`` (the rows ``prologue`` makes of them, as
+    :func:`fused_input_router`'s, returned first; else None) without its tail: no ticket, no last program; the launch
+    ends once every program has stored its column split's pre-activations. For rows split into columns (the default
+    tiling for inputs wider than :data:`SPLIT_COLS_ONE_TOKEN`, or ``cols_per_program`` below their width)."""
+    rows = _Rows(x, prologue)
+    unread = router[0].reshape(-1)[:1]  # the threshold: not read without the tail
+    part = _route(rows, tuple(router), unread, policy, hidden_per_program, num_warps, pdl, cols_per_program, early_l2,
+                  tail=False)  # fmt: skip
+    assert isinstance(part, RouterPartials)
+    return (None if rows.y is None else rows.y.reshape(x.shape)), part
+
+
 def _route(
     rows: _Rows,
     weights: tuple[torch.Tensor, ...],
@@ -591,7 +667,8 @@ def _route(
     pdl: bool = False,
     cols_per_program: int | None = None,
     early_l2: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    tail: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor] | RouterPartials:
     hidden_per_program, num_warps, cols_per_program = _tiling(
         rows.d, rows.M, hidden_per_program, num_warps, cols_per_program
     )
@@ -635,6 +712,10 @@ def _route(
             part = torch.empty(m_blocks * sp * bm * hp, dtype=torch.float32, device=x2.device)
         else:
             part = torch.empty(m_blocks * npp * bm * rp, dtype=torch.float32, device=x2.device)
+        if not tail and splits < 2:
+            raise ValueError(f"router partials are column splits' pre-activations: rows of {d} inputs split into none "
+                             f"with cols_per_program={cols_per_program} (the default splits rows wider than "
+                             f"{SPLIT_COLS_ONE_TOKEN})")  # fmt: skip
         solo = nprog * splits == 1  # every hidden unit in one program a token block: no ticket, no partial sums
         unroll = 1
         if solo:  # chunks small enough for [tokens, units, columns] in registers, a few in flight at once
@@ -679,9 +760,14 @@ def _route(
             SOLO=solo,
             UNROLL=unroll,
             EARLY=bool(early_l2),
+            TAIL=tail,
             num_warps=num_warps,
             **({"launch_pdl": True} if pdl and not _interpreting() else {}),
         )
+        if not tail:
+            return RouterPartials(part, M, splits, sp, bm, hp, b1, w2, b2, policy == "adjacent")
+    elif not tail:
+        raise ValueError("router partials need at least one token")
     return k, v  # [M], [M, K-1]
 
 
@@ -702,4 +788,13 @@ def _input_kernel(
         _prologue(x, cols, cmask, rstd, aux_ptr, y_ptr, toks, tmask, tmask, D_IN, stride_xm, PRE)
 
 
-__all__ = ["IN_LAUNCH_TILING", "PROLOGUES", "default_tiling", "fused_input", "fused_input_router", "fused_router"]
+__all__ = [
+    "IN_LAUNCH_TILING",
+    "PROLOGUES",
+    "RouterPartials",
+    "default_tiling",
+    "fused_input",
+    "fused_input_router",
+    "fused_router",
+    "router_partials",
+]
