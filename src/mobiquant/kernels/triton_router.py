@@ -517,8 +517,8 @@ def fused_router(
     runs ``ceil(d / cols)`` column splits of every hidden block and the last program sums their pre-activations);
     0 or at least ``d``: whole rows, the GELU and second layer in every hidden block's program. ``early_l2``: each
     program asks L2 for its weights first, before it reads the inputs (as ``pdl`` does before its wait)."""
-    k, v = _route(_Rows(x, None), (w1, b1, w2, b2), tau, policy, hidden_per_program, num_warps, pdl, cols_per_program,
-                  early_l2)  # fmt: skip
+    k, v = _counted(_route(_Rows(x, None), (w1, b1, w2, b2), tau, policy, hidden_per_program, num_warps, pdl,
+                           cols_per_program, early_l2))  # fmt: skip
     return k.reshape(x.shape[:-1]), v.reshape(*x.shape[:-1], -1)
 
 
@@ -540,7 +540,8 @@ def fused_input_router(
     reads; the first stores them. ``hidden_per_program``, ``num_warps``, ``pdl``, ``cols_per_program``,
     ``early_l2``: as :func:`fused_router`'s."""
     rows = _Rows(x, prologue)
-    k, v = _route(rows, tuple(router), tau, policy, hidden_per_program, num_warps, pdl, cols_per_program, early_l2)
+    k, v = _counted(_route(rows, tuple(router), tau, policy, hidden_per_program, num_warps, pdl, cols_per_program,
+                           early_l2))  # fmt: skip
     assert rows.y is not None
     return rows.y.reshape(x.shape), k.reshape(x.shape[:-1]), v.reshape(*x.shape[:-1], -1)
 
@@ -632,6 +633,12 @@ class RouterPartials:
             band = 2.0 * torch.arange(r - 1, -1, -1, dtype=s.dtype, device=s.device)
             return torch.sigmoid(s) + band
         return torch.cummin(s, dim=-1).values
+
+
+def _counted(result: tuple[torch.Tensor, torch.Tensor] | RouterPartials) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(k, v)`` of a launch with its tail."""
+    assert not isinstance(result, RouterPartials)
+    return result
 
 
 def router_partials(
