@@ -249,6 +249,66 @@ for name, kw in cases:
 )
 
 
+_OFFLINE_PARTIALS = (
+    _OFFLINE_PRELUDE
+    + """
+from mobiquant.kernels.triton_router import RouterPartials
+s3 = sc[None].expand(4, -1, -1)
+taus = [torch.zeros(1, dtype=torch.float32) for _ in range(3)]
+dev = dict(planes=torch.ones(1, dtype=torch.int32), dispatch=3, views=[3, 4], seg_starts=(48, 80), early=1)
+for name, adj in (("values", None), ("adjacent", True), ("free", False)):
+    vals = torch.zeros(1, 5) if adj is None else RouterPartials(
+        torch.zeros(4 * 2 * 64), 1, 4, 4, 2, 64, torch.zeros(64), torch.zeros(5, 64), torch.zeros(5), adj)
+    args, kw = gf._launch_args(words, s3, s3, x, out, splits=4, routed=(vals, taus), **dev)
+    sass, res = osx.sass_and_resources(osx.compile_sm90(gf.frag_gemv_kernel, args, kw, source=GluonASTSource))
+    ops = [m.group(3) for m in osx.LINE.finditer(sass)]
+    print("RESULT", name, kw["KMODE"], re.search(r"STACK:(\\d+)", res).group(1), ops.count("MUFU.EX2"))
+"""
+)
+
+
+def test_router_partials_finished_in_the_launch_offline():
+    """Compiled for sm_90 without a GPU: a routed site launch (the 8B gate/up, a span of 3-4 planes, a threshold a
+    layer) that finishes its router from the router launch's partials (``KMODE`` 3: the splits' pre-activations
+    summed, GELU, the second layer, the policy) compiles without spilling under the 128-register cap, one exponential
+    a slice for the adjacent policy's sigmoid (plus the GELU's), none of them where the gate values come made."""
+    import subprocess
+
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("this triton ships no cuobjdump")
+    bench = str(Path(__file__).resolve().parents[2] / "benchmarks")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run(
+        [sys.executable, "-c", _OFFLINE_PARTIALS, bench], capture_output=True, text=True, env=env, timeout=900
+    )
+    got = {ln.split()[1]: ln.split()[2:] for ln in r.stdout.splitlines() if ln.startswith("RESULT")}
+    assert set(got) == {"values", "adjacent", "free"}, r.stderr[-2000:]
+    assert got["values"] == ["2", "0", "0"]
+    assert got["adjacent"][:2] == ["3", "0"] and got["free"][:2] == ["3", "0"]
+    assert int(got["adjacent"][2]) == int(got["free"][2]) + 5 >= 6
+
+
+def test_router_partials_launch_args():
+    """``routed = (RouterPartials, threshold)``: ``KMODE`` 3 with the router's second layer and the partials' layout;
+    partials of more than one token refused."""
+    from mobiquant.kernels.triton_router import RouterPartials
+
+    words = torch.zeros(4, 32, 4, 512, dtype=torch.int32)
+    sc, x, out = torch.zeros(4, 512, 32, dtype=torch.float16), torch.zeros(4096, dtype=torch.float16), torch.zeros(512)
+    b1, w2, b2 = torch.zeros(48), torch.zeros(5, 48), torch.zeros(5)
+    p = RouterPartials(torch.zeros(4 * 2 * 64), 1, 3, 4, 2, 64, b1, w2, b2, True)
+    common = dict(planes=torch.ones(1, dtype=torch.int32), dispatch=3, views=[3, 4])
+    args, kw = gf._launch_args(words, sc, sc, x, out, **common, routed=(p, torch.zeros(1)))
+    assert kw["KMODE"] == 3 and kw["KV"] == 5 and kw["v_ptr"] is p.part and kw["r_w2_ptr"] is w2
+    assert (kw["RS"], kw["RBLK"], kw["RH"], kw["RHP"], kw["RADJ"]) == (3, 2 * 64, 48, 64, True)
+    _, kw = gf._launch_args(words, sc, sc, x, out, **common, routed=(torch.zeros(1, 5), torch.zeros(1)))
+    assert kw["KMODE"] == 2 and kw["RS"] == 1
+    with pytest.raises(ValueError, match="one"):
+        gf._launch_args(words, sc, sc, x, out, **common, routed=(dataclasses.replace(p, tokens=2), torch.zeros(1)))
+
+
 def test_pdl_launch_args():
     """``pdl``: the kernel's ``PDL`` constexpr and the launch attribute; neither without it."""
     words = torch.zeros(4, 32, 4, 512, dtype=torch.int32)
@@ -615,6 +675,44 @@ def test_gpu_fragment_loads(loads, gen):
         y = tb.bitplane_site_bits(x, site, [k, k, k], config=cfg)
         for (p, s, z), c, n in zip(layers, site.cols, site.outs, strict=True):
             _check(y[:, c : c + n], x, p, s, z, k)
+
+
+@needs_gpu
+@pytest.mark.parametrize("policy", ["adjacent", "free"])
+def test_gpu_router_partials_finished_in_the_launch(policy, gen):
+    """A routed launch that finishes its router from a router launch without its tail (``router_partials``) reads
+    the views the router's own gate values give, at thresholds between them: equal outputs, one layer and a site of
+    three layers with a threshold each."""
+    from mobiquant.kernels.triton_router import router_partials
+
+    n_in, hidden, r = 4096, 64, len(SLICES) - 1
+    # scores about 4 apart (b2) with a token's part on top: the free policy's running minimum then falls at each slice
+    w = (torch.randn(hidden, n_in, generator=gen) / 64, torch.randn(hidden, generator=gen),
+         torch.randn(r, hidden, generator=gen) / 10, torch.arange(r, 0, -1, dtype=torch.float32) * 4)  # fmt: skip
+    w = tuple(t.cuda() for t in w)
+    x = torch.randn(1, n_in, generator=gen).half().cuda()
+    _, p = router_partials(x, w, policy)
+    v = p.values()
+    vs = v[0].sort(descending=True).values
+    assert bool((vs[:-1] - vs[1:] > 1e-3).all()), vs
+    taus = [float(vs[i] + vs[i + 1]) / 2 for i in range(r - 1)]  # k = 2 .. K-1
+    planes, scale, zero = make_layer(1024, n_in, gen, True, "cuda")
+    fp = gf.fragment_of(tb.pack_bitplanes(planes, scale, zero, SLICES, 128, n_in))
+    for t in taus:
+        tau = torch.tensor([t], device="cuda")
+        k = int(1 + (v > tau).sum())
+        span = (max(1, k - 1), k) if k > 1 else (1, 2)
+        a = gf.fragment_linear(x, fp, None, routed=(p, tau), span=span, early_l2=1)
+        b = gf.fragment_linear(x, fp, None, routed=(v, tau), span=span, early_l2=1)
+        assert torch.equal(a, b), (t, k)
+    layers = [make_layer(n, n_in, gen, True, "cuda") for n in (1024, 512, 512)]
+    site = tb.site_bitplanes([tb.pack_bitplanes(pl, s, z, SLICES, 128, n_in) for pl, s, z in layers])
+    fs = gf.fragment_of(site.planes)
+    starts = tuple(c // gf.BLOCK_N for c in site.cols[1:])
+    three = [torch.tensor([t], device="cuda") for t in taus[:3]]
+    a = gf.fragment_linear(x, fs, None, routed=(p, three), seg_starts=starts, span=(2, 4))
+    b = gf.fragment_linear(x, fs, None, routed=(v, three), seg_starts=starts, span=(2, 4))
+    assert torch.equal(a, b)
 
 
 @needs_gpu

@@ -46,6 +46,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
 from .triton_bitplane import BIG_FRAGMENT_LAUNCH, planes_of_views, register_capped
+from .triton_router import RouterPartials
 
 #: a barrier of the CTA's threads: ``thread_barrier`` in triton 3.6, ``barrier`` since
 _cta_barrier = getattr(ttgl, "thread_barrier", None) or ttgl.barrier
@@ -198,6 +199,37 @@ def _ask_l2(ptrs):
     ttgl.inline_asm_elementwise(
         "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=ttgl.int32, is_pure=False, pack=1
     )
+
+
+@gluon.jit
+def _router_count(part_ptr, b1_ptr, w2_ptr, b2_ptr, t, RS: ttgl.constexpr, RBLK: ttgl.constexpr, RH: ttgl.constexpr,
+                  RHP: ttgl.constexpr, R: ttgl.constexpr, ADJ: ttgl.constexpr):  # fmt: skip
+    """``k = 1 + #{e : v_e > t}`` of one token from a router launch without its tail (``triton_router.RouterPartials``):
+    the ``RS`` column splits' pre-activations (``RBLK`` apart) summed in their order, ``b1``, the exact GELU, the
+    second layer's ``R`` rows and the policy (``ADJ``: sigmoid plus slice ``e``'s band; else a running minimum), in
+    fp32, every thread of the program the same."""
+    HL: ttgl.constexpr = ttgl.BlockedLayout(size_per_thread=[1], threads_per_warp=[32], warps_per_cta=[4], order=[0])
+    u = ttgl.arange(0, RHP, layout=HL)
+    um = u < RH
+    pre = ttgl.load(part_ptr + u, mask=um, other=0.0)
+    for sp in ttgl.static_range(1, RS):
+        pre += ttgl.load(part_ptr + sp * RBLK + u, mask=um, other=0.0)
+    h = pre + ttgl.load(b1_ptr + u, mask=um, other=0.0).to(ttgl.float32)
+    h = 0.5 * h * (1.0 + ttgl.erf(h * 0.7071067811865476))
+    kk = 1
+    prev = 0.0
+    for e in ttgl.static_range(R):
+        w = ttgl.load(w2_ptr + e * RH + u, mask=um, other=0.0).to(ttgl.float32)
+        se = ttgl.sum(h * w, axis=0) + ttgl.load(b2_ptr + e).to(ttgl.float32)
+        if ADJ:
+            ve = 1.0 / (1.0 + ttgl.exp(-se)) + 2.0 * (R - 1 - e)
+        elif e == 0:
+            ve = se
+        else:
+            ve = ttgl.minimum(prev, se)
+        prev = ve
+        kk += (ve > t).to(ttgl.int32)
+    return kk
 
 
 @gluon.jit
@@ -562,7 +594,8 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
                      KV: ttgl.constexpr,
                      VIEWS: ttgl.constexpr, w_desc, BULK_GS: ttgl.constexpr, BULK_PP: ttgl.constexpr,
                      PUBLIC: ttgl.constexpr, PDL: ttgl.constexpr, EARLY: ttgl.constexpr,
-                     AHEAD: ttgl.constexpr):  # fmt: skip
+                     AHEAD: ttgl.constexpr, r_b1_ptr, r_w2_ptr, r_b2_ptr, RS: ttgl.constexpr, RBLK: ttgl.constexpr,
+                     RH: ttgl.constexpr, RHP: ttgl.constexpr, RADJ: ttgl.constexpr):  # fmt: skip
     # PDL: launched with programmatic dependent launch (SmallConfig.pdl): the next kernel may start its programs now;
     # a view on the device awaits the kernel before at once (it may have written k), a view compiled in once its
     # first words are asked for (_view_total), before any activation is read
@@ -571,7 +604,9 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
     # AHEAD: at each group, the planes of the group AHEAD later asked of L2 (views compiled in, span bodies included)
     # KMODE (P == -1): 0 p_ptr holds the view's planes; 1 its k (1-based); 2 k = 1 + #(v_ptr[e] > tau) over KV gate
     # values, in the values' dtype, tau at tau_ptr (with NSEG layers of a site, 2-3: at tau1_ptr from row block SB1
-    # on, at tau2_ptr from SB2 on). VIEWS: view k's planes minus one in bits 3 (k - 1) .. 3 (k - 1) + 2
+    # on, at tau2_ptr from SB2 on); 3: the same count with the gate values finished here from a router launch without
+    # its tail (v_ptr: RS splits' pre-activations RBLK apart, RH units; r_b1/r_w2/r_b2 and RADJ: _router_count), in
+    # fp32. VIEWS: view k's planes minus one in bits 3 (k - 1) .. 3 (k - 1) + 2
     # the step applied as scale mult (C - zero zm - hk): MULT, ZM, HK for a view compiled in; with PKG the package's
     # W_k = (s / 2^B) (C_k - 2^B z - (2^B - 1) / 2), B = p - B0, for views read on the device (else 1, 1, 0).
     # OUT_MODE 0: fp32 out (atomics with SPLIT); 1: out in its own dtype (no split), + bias; 2 (SPLIT): each split's
@@ -657,10 +692,14 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
                     t = ttgl.where(pid >= SB1, ttgl.load(tau1_ptr), t)
                 if NSEG > 2:
                     t = ttgl.where(pid >= SB2, ttgl.load(tau2_ptr), t)
-                t = t.to(v_ptr.dtype.element_ty)
-                kk = 1
-                for e in ttgl.static_range(KV):
-                    kk += (ttgl.load(v_ptr + e) > t).to(ttgl.int32)
+                if KMODE == 3:
+                    kk = _router_count(v_ptr, r_b1_ptr, r_w2_ptr, r_b2_ptr, t.to(ttgl.float32), RS, RBLK, RH, RHP,
+                                       KV, RADJ)  # fmt: skip
+                else:
+                    t = t.to(v_ptr.dtype.element_ty)
+                    kk = 1
+                    for e in ttgl.static_range(KV):
+                        kk += (ttgl.load(v_ptr + e) > t).to(ttgl.int32)
             p = ((VIEWS >> (3 * (kk - 1))) & 7) + 1
         p = ttgl.minimum(ttgl.maximum(p, PMIN), PMAX)  # a span of views known on the host: its bodies alone
         s_ptr += (p - 1) * VSTRIDE
@@ -802,9 +841,17 @@ def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_
         if pc != -1 or len(views) > 8:
             raise ValueError("views (a device k) need a dispatched device view and at most 8 views")
         code = sum((v - 1) << (3 * i) for i, v in enumerate(views))
-        kmode = 1 if routed is None else 2
-        kv = 0 if routed is None else routed[0].numel()
+        kmode = 1 if routed is None else 3 if isinstance(routed[0], RouterPartials) else 2
+        kv = 0 if routed is None else routed[0].w2.shape[0] if kmode == 3 else routed[0].numel()
     vals, tau = routed if routed is not None else (out, out)
+    rkw = dict(r_b1_ptr=out, r_w2_ptr=out, r_b2_ptr=out, RS=1, RBLK=0, RH=1, RHP=2, RADJ=False)
+    if isinstance(vals, RouterPartials):  # the gate values finished in every program from the router's partials
+        if vals.tokens != 1:
+            raise ValueError(f"router partials of {vals.tokens} tokens: a fragment launch takes one")
+        rkw.update(r_b1_ptr=vals.b1, r_w2_ptr=vals.w2, r_b2_ptr=vals.b2, RS=vals.splits, RBLK=vals.bm * vals.hp,
+                   RH=vals.b1.numel(), RHP=vals.hp, RADJ=vals.adjacent)  # fmt: skip
+        vals = vals.part
+    kw.update(rkw)
     taus = list(tau) if isinstance(tau, (list, tuple)) else [tau]
     if len(taus) != len(seg_starts) + 1 or len(taus) > 3 or (len(taus) > 1 and routed is None):
         raise ValueError(
