@@ -747,6 +747,8 @@ def package_kernels(args, bits_cfg=None) -> list:
             kernels.append((f"package sites+inputs {name}", ("inputs", SmallConfig(**kw), True)))  # static too
     if args.package_router_l2:  # ... fused inputs, the routers' launches asking L2 for their weights first
         kernels.append(("package sites+inputs router early l2", ("inputs", SmallConfig(router_early_l2=True))))
+    if args.package_router_partials:  # ... fused inputs, each router launch without its tail, finished by the GEMVs
+        kernels.append(("package sites+inputs router partials", ("inputs", SmallConfig(router_partials=True))))
     if args.package_no_span:  # ... fused inputs, every view's body compiled (the default before 2026-12-06)
         kernels.append(("package sites+inputs no span", ("inputs", SmallConfig(span_bodies=False))))
     if args.package_pdl:  # ... fused inputs, every kernel launch of a linear with programmatic dependent launch
@@ -1015,6 +1017,12 @@ def main(argv=None):
         action="store_true",
         help="also the package's routed budgets with fused inputs and the routers' launches asking L2 for their "
         "weights before they read their inputs (SmallConfig(router_early_l2=True))",
+    )
+    ap.add_argument(
+        "--package-router-partials",
+        action="store_true",
+        help="also the package's routed budgets with fused inputs and each router launch without its tail, the GEMVs "
+        "on the fragment kernel finishing the router from its partial sums (SmallConfig(router_partials=True))",
     )
     ap.add_argument(
         "--package-fused-only",

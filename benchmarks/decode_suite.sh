@@ -91,10 +91,11 @@
 #            tests of its loads, then the package's static views and routed budgets (sublayer routers) with the 5-6
 #            plane static views of the small launches on it too, L2 asked for the group 2 / 4 ahead, no group
 #            prefetched into registers, and both (--package-fragment-loads), and the routers' launches asking L2 for
-#            their weights first (--package-router-l2); then the default rows with router
+#            their weights first (--package-router-l2), and the routers' launches without their tail, the GEMVs
+#            finishing them (--package-router-partials, NOTES entry 33); then the default rows with router
 #            placement block (stage block), then the default placement site's census at 3.5
-#   block    (only when named; in loads) the default rows with router placement block (one router a layer) and its
-#            compiled step's census at routed 3.5 / 4.5 bits
+#   block    (only when named; in loads) the default rows with router placement block (one router a layer), with
+#            and without the routers' tails, and its compiled step's census at routed 3.5 / 4.5 bits
 #   span     (only when named) the stack's static views beside each view with k read on the device: every body
 #            compiled, the planes every body reads loaded before k (SmallConfig.preload), and the view's span of two
 #            views alone (span_bodies) preloaded; then the tests of spans and preloading, compiled
@@ -345,13 +346,14 @@ stage() {
     loads)
       run_stage loads_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gluon_fragment.py \
         tests/kernels/test_triton_router.py -k "loads or routed_site or pdl_changes"
-      package_stage loads sublayer --package-fragment-loads --package-router-l2 --package-fused-only
+      package_stage loads sublayer --package-fragment-loads --package-router-l2 --package-router-partials \
+        --package-fused-only
       stage block
       # the default placement's step: where its routed budgets' 23-27% over the static views go
       run_stage loads_census_site 600 "$PY" benchmarks/step_overhead.py --policy adjacent --placement site \
         --census compile --census-only --census-budgets 3.5 ;;
     block)
-      package_stage loads_block block --package-fused-only
+      package_stage loads_block block --package-router-partials --package-fused-only
       run_stage loads_census 600 "$PY" benchmarks/step_overhead.py --policy adjacent --placement block \
         --census compile --census-only --census-budgets 3.5 4.5 ;;
     span)

@@ -402,6 +402,72 @@ def test_block_borrowers_share_a_site_launch(monkeypatch):
     torch.testing.assert_close(grouped, alone, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("placement", ["site", "sublayer"])
+def test_router_partials_launch_no_tail_and_keep_the_logits(monkeypatch, placement):
+    """``SmallConfig.router_partials``: every router of a one-token forward (inputs wider than one program's columns;
+    here the column range is narrowed to 16 so that the tiny model's rows split) launches without its tail, in the
+    launch that makes its input where fused inputs put it there (o's under 'site': alone); no launch with a tail runs,
+    each linear gets the partials (``RoutedK``), the one-bit plane kernel finishes them by torch operations; the
+    logits are those of the routers launched whole at two budgets. Off, nothing changes."""
+    from mobiquant.kernels import triton_bitplane as tb
+    from mobiquant.kernels import triton_router as tr
+    from mobiquant.kernels.triton_router import RouterPartials
+    from mobiquant.patching import mobi_linears, set_small_config
+
+    model = tiny_llama(seed=0)[0]
+    cfg = mq.MoBiConfig(slice_bits=(3, 1, 1, 1, 1, 1), group_size=32, router_hidden=8, router_placement=placement)
+    mq.quantize_model(model, cfg)
+    g = torch.Generator().manual_seed(100)
+    mq.calibrate_thresholds(model, [torch.randint(0, 257, (4, 32), generator=g) for _ in range(2)])
+    mq.freeze(model)
+    model = model.to(DEVICE).eval()
+    for _, m in (*routers(model), *mobi_linears(model)):
+        m.backend = "triton"
+    fuse_inputs(model)
+    for m in model.modules():
+        if isinstance(m, (FusedRMSNorm, FusedGatedMLP)):
+            m.backend = "triton"
+    monkeypatch.setattr(tr, "SPLIT_COLS_ONE_TOKEN", 16)
+    x = torch.tensor([[5]], device=DEVICE)
+    refs = {}
+    for b in (3.5, 5.5):
+        set_budget(model, b)
+        with torch.no_grad():
+            refs[b] = model(input_ids=x).logits
+    launches = {"whole": 0, "partials": 0}
+    for name, key in (("fused_router", "whole"), ("fused_input_router", "whole"), ("router_partials", "partials")):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _r=real, _k=key, **kw: (launches.__setitem__(_k, launches[_k] + 1),
+                                                                             _r(*a, **kw))[1])  # fmt: skip
+    got = []
+    real_bits = tb.bitplane_linear_bits
+    monkeypatch.setattr(tb, "bitplane_linear_bits", lambda *a, **k: got.append(type(a[2])) or real_bits(*a, **k))
+    real_site = tb.bitplane_site_bits
+    monkeypatch.setattr(tb, "bitplane_site_bits", lambda *a, **k: got.append(type(a[2][0])) or real_site(*a, **k))
+    set_small_config(model, tb.SmallConfig(router_partials=True))
+    per_layer = {"site": 4, "sublayer": 2}[placement]
+    for b, logits in refs.items():
+        set_budget(model, b)
+        launches.update(whole=0, partials=0)
+        got.clear()
+        with torch.no_grad():
+            out = model(input_ids=x).logits
+        assert launches == {"whole": 0, "partials": per_layer * len(model.model.layers)}
+        assert got and set(got) == {tb.RoutedK}
+        torch.testing.assert_close(out, logits, rtol=1e-4, atol=1e-4)
+    ks = []
+    real_k = tb._bits_k
+    monkeypatch.setattr(tb, "_bits_k", lambda k, *a: ks.append(k) or real_k(k, *a))
+    with torch.no_grad():
+        model(input_ids=x)
+    assert ks and all(isinstance(k.values, RouterPartials) for k in ks)
+    set_small_config(model, None)
+    launches.update(whole=0, partials=0)
+    with torch.no_grad():
+        model(input_ids=x)
+    assert launches["partials"] == 0 and launches["whole"] == per_layer * len(model.model.layers)
+
+
 def router_launches_fused(model, x, refs, monkeypatch) -> list[int]:
     """With the model's fused modules on the kernels: the router launches of a forward of ``x`` at each budget of
     ``refs`` (budget -> the logits it must give, checked)."""

@@ -31,6 +31,7 @@ __all__ = [
     "fused_input",
     "fused_input_router",
     "fused_router",
+    "router_partials",
     "spans",
     "torch_reference",
     "triton_importable",
@@ -344,6 +345,22 @@ def fused_input_router(
     from .triton_router import fused_input_router as _fused
 
     return _fused(x, prologue, router, tau, policy, pdl=pdl, early_l2=early_l2)
+
+
+def router_partials(
+    x: torch.Tensor,
+    router: Sequence[torch.Tensor],
+    policy: str,
+    prologue: tuple | None = None,
+    pdl: bool = False,
+    early_l2: bool = False,
+):
+    """One launch of the router ``(w1, b1, w2, b2)`` on ``x`` (the rows ``prologue`` makes of it, as
+    :func:`fused_input_router`'s) without its tail: ``(y or None, RouterPartials)``, the column splits'
+    pre-activations for the GEMVs to finish (:mod:`.triton_router`, ``SmallConfig.router_partials``)."""
+    from .triton_router import router_partials as _partials
+
+    return _partials(x, router, policy, prologue=prologue, pdl=pdl, early_l2=early_l2)
 
 
 def fused_input(x: torch.Tensor, prologue: tuple) -> torch.Tensor:

@@ -71,6 +71,7 @@ import triton.language as tl
 
 from . import capturing, int4
 from .triton_router import (
+    RouterPartials,
     _check_pdl,
     _interpreting,
     _pdl_launch_dependents,
@@ -2733,6 +2734,13 @@ class SmallConfig:
     # scale (with ``pdl`` they are asked for so anyway, before the wait). On an H100 a router launch took 6.3 us
     # against a plain norm's 1.8 (docs/RESULTS.md "What a view on the device still costs"). Off until timed
     router_early_l2: bool = False
+    # A one-token router launch without its tail (benchmarks/NOTES.md entry 33): its programs store their column
+    # split's pre-activations and the launch ends (no ticket, no last program summing them); each routed GEMV on the
+    # fragment kernel finishes the router itself in every program (its prologue: the partials, b1, GELU, W2, the
+    # policy) before it counts k; a reader elsewhere (the one-bit plane kernel, PyTorch) finishes it with a few torch
+    # operations. For routers over inputs wider than the router's column range (triton_router.SPLIT_COLS_ONE_TOKEN).
+    # Off until timed
+    router_partials: bool = False
 
     def __post_init__(self) -> None:
         if self.fragment_tma not in (0, -1, -2):
@@ -2893,7 +2901,7 @@ def _host_k_range(k_t: torch.Tensor) -> tuple[int, int] | None:
 def _host_routed_k(rk: RoutedK) -> int | None:
     """The one token's ``k`` of a :class:`RoutedK` whose values live on the host (free to count), else None: the
     kernel then counts on the device."""
-    if rk.values.device.type != "cpu" or rk.tau.device.type != "cpu":
+    if isinstance(rk.values, RouterPartials) or rk.values.device.type != "cpu" or rk.tau.device.type != "cpu":
         return None
     return int(rk.counts().reshape(()))
 
@@ -3114,16 +3122,23 @@ class RoutedK(NamedTuple):
     plane kernel counts them itself (a routed linear then costs no launch besides its GEMV, and a captured graph
     reads the threshold tensor that a budget change writes); every other path counts with :meth:`counts`."""
 
-    values: torch.Tensor  # [..., K - 1] gate values of the tokens, non-increasing along the last axis
+    # [..., K - 1] gate values of the tokens, non-increasing along the last axis; or one token's router launch
+    # without its tail (SmallConfig.router_partials), which the fragment kernel finishes itself (elsewhere: made())
+    values: torch.Tensor | RouterPartials
     tau: torch.Tensor  # one element: the threshold
     # the router itself (InLaunchRouter): the one-bit plane launch computes the values into ``values`` first
     router: InLaunchRouter | None = None
+
+    def gate_values(self) -> torch.Tensor:
+        """The gate values (finished here, by a few torch operations, from router partials)."""
+        v = self.values
+        return v.values() if isinstance(v, RouterPartials) else v
 
     def counts(self) -> torch.Tensor:
         """``k`` per token (int64, the values' shape less the last axis)."""
         if self.router is not None:
             raise RuntimeError("this RoutedK's gate values are computed by the one-bit plane launch, not before it")
-        return 1 + (self.values > self.tau.reshape(())).sum(-1)
+        return 1 + (self.gate_values() > self.tau.reshape(())).sum(-1)
 
 
 class InLaunchRouter(NamedTuple):
@@ -3298,12 +3313,27 @@ BITS_WAVES = 4
 BITS_MAXNREG = 128
 
 
-def _bits_k(k, x2: torch.Tensor, NS: int) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def _made_values(v_t):
+    """Gate values as a flat tensor: router partials (``SmallConfig.router_partials``) finished here, by a few torch
+    operations, for a launch that does not finish them itself."""
+    return v_t.values().reshape(-1).contiguous() if isinstance(v_t, RouterPartials) else v_t
+
+
+def _bits_k(k, x2: torch.Tensor, NS: int) -> tuple[int, torch.Tensor, torch.Tensor | RouterPartials, torch.Tensor, int]:
     """``(ksel, k tensor, gate values, threshold, KVALS)`` of one token's ``k`` for the one-bit plane kernel: an int
     (``ksel``), a one-element tensor (read on the device unless it is on the host) or a :class:`RoutedK`
     (counted in the kernel unless its values are on the host). Unused tensors are ``x2`` (never read)."""
     v_t, tau_t = x2, x2
+    if isinstance(k, RoutedK) and isinstance(k.values, RouterPartials):  # finished by the fragment kernel
+        p, tau_t = k.values, k.tau.reshape(-1)
+        if p.tokens != 1 or p.w2.shape[0] != NS - 1 or tau_t.numel() != 1:
+            raise ValueError(f"router partials of one token need {NS - 1} outputs and one threshold, got {p.tokens} "
+                             f"tokens, {p.w2.shape[0]} outputs and {tau_t.numel()} thresholds")  # fmt: skip
+        if p.part.device != x2.device or tau_t.device != x2.device:
+            raise ValueError(f"RoutedK's partials and threshold must be on the activations' device ({x2.device})")
+        return 0, x2, p, tau_t.contiguous(), NS - 1
     if isinstance(k, RoutedK):
+        assert isinstance(k.values, torch.Tensor)
         v_t, tau_t = k.values.reshape(-1), k.tau.reshape(-1)
         if v_t.numel() != NS - 1 or tau_t.numel() != 1:
             raise ValueError(
@@ -3469,10 +3499,11 @@ def bitplane_linear_bits(
     if router is None and fragment_serves(cfg, bp, ksel, x2, span):
         from .gluon_fragment import fragment_linear, fragment_of
 
-        if kvals:  # the router's gate values: counted by the kernel
+        if kvals:  # the router's gate values (or its partials, finished there): counted by the kernel
             return fragment_linear(x2, fragment_of(bp), None, bias, out, routed=(v_t, tau_t), span=span,
                                    **_fragment_options(cfg))  # fmt: skip
         return fragment_linear(x2, fragment_of(bp), ksel or k_t, bias, out, span=span, **_fragment_options(cfg))
+    v_t = _made_values(v_t)
     if out is None:
         out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
     return _bits_launch(
@@ -3597,10 +3628,11 @@ def bitplane_site_bits(
         from .gluon_fragment import BLOCK_N, fragment_linear, fragment_of  # the layers as one, k per row block
 
         starts = tuple(c // BLOCK_N for c in site.cols[1:])
-        if kvals:
+        if kvals:  # the router's gate values (or its partials, finished there): counted by the kernel
             return fragment_linear(x2, fragment_of(bp), None, site.bias, out, routed=(v_t, taus), span=span,
                                    seg_starts=starts, **_fragment_options(cfg))  # fmt: skip
         return fragment_linear(x2, fragment_of(bp), k_t, site.bias, out, span=span, **_fragment_options(cfg))
+    v_t = _made_values(v_t)  # the launches below read made gate values
     if out is None:
         out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
     segs = list(zip(site.outs, site.rows2, site.cols, strict=True))

@@ -485,7 +485,8 @@ class MoBiLinear(nn.Module):
             launch = router.in_launch(x) if in_launch else None  # another input than the router's
             if launch is not None:  # the router runs in the GEMV's own launch (its site's, with fuse_sites)
                 return RoutedK(launch[0], own, launch[1])
-            return RoutedK(router.gate_values_of(x), own)
+            partials = router.partials_of(x)  # SmallConfig.router_partials: the GEMV finishes the router
+            return RoutedK(router.gate_values_of(x) if partials is None else partials, own)
         if self.route_tau is None:
             return router.slice_counts(x)
         return router.slice_counts_at(x, self.route_tau)

@@ -232,6 +232,8 @@ class TokenRouter(nn.Module):
         self.launch_pdl: bool = False
         # Set with it (SmallConfig.router_early_l2): the fused kernel asks L2 for the weights before it reads inputs
         self.launch_early_l2: bool = False
+        # Set with it (SmallConfig.router_partials): one token's launch ends without its tail (partials_of)
+        self.launch_partials: bool = False
         # Set by decode (mobiquant.tasks.decode.BudgetControl) at a budget where the threshold of every linear this
         # router serves fixes that linear's view whatever the scores (constant_k), the views not all alike: the
         # hard gate values are then a constant buffer (:meth:`fixed_values`) and no router runs. set_budget resets it,
@@ -283,6 +285,7 @@ class TokenRouter(nn.Module):
         if bool(value) != self._fixed:  # decisions kept for an input were made the other way
             self._cache = None
             self._values = None
+            self.__dict__["_partials"] = None
         self._fixed = bool(value)
 
     @property
@@ -401,13 +404,51 @@ class TokenRouter(nn.Module):
                 self.recorder.record(self, tau)
                 k = 1 + (m > tau).sum(-1)
             else:
-                m, k_fused = self._hard_values(x, self.tau)
+                held = self._held_partials(x)  # a launch without its tail on x: finished here
+                m, k_fused = (held.values(), None) if held is not None else self._hard_values(x, self.tau)
                 k = 1 + (m > self.tau).sum(-1) if k_fused is None else k_fused
                 # linears with own thresholds reuse them (plain attributes, written to the instance dict:
                 # nn.Module.__setattr__'s checks cost more than the rest of a hit, once per router a forward)
                 self.__dict__["_values"] = (weakref.ref(x), self._values_key(), m)
         self.__dict__["_cache"] = (weakref.ref(x), key, k)
         return k
+
+    def _partials_ok(self, x: torch.Tensor) -> bool:
+        """Whether this router's decisions on ``x`` may be a launch without its tail (:meth:`partials_of`):
+        ``SmallConfig.router_partials`` set, one token on the fused kernel's path, no threshold fitting, views not
+        fixed, and inputs wider than one program's columns (the launch then splits them)."""
+        from .. import kernels
+        from ..kernels.triton_router import SPLIT_COLS_ONE_TOKEN
+
+        if not getattr(self, "launch_partials", False) or self.fixed or self.recorder is not None:
+            return False
+        return x.numel() == x.shape[-1] > SPLIT_COLS_ONE_TOKEN and kernels.use_fused_router(
+            x, getattr(self, "backend", "auto")
+        )
+
+    def _held_partials(self, x: torch.Tensor):
+        """The router partials kept for this very ``x`` (:meth:`partials_of`, :meth:`routed_input`), or None."""
+        entry = self.__dict__.get("_partials")
+        return entry[2] if entry is not None and _hit(entry, x, self._values_key()) else None
+
+    @torch.no_grad()
+    def partials_of(self, x: torch.Tensor):
+        """For one token ``x`` with ``SmallConfig.router_partials``: this router's launch on ``x`` without its tail
+        (``mobiquant.kernels.triton_router.RouterPartials``), launched once per input and kept, for the GEMVs on the
+        fragment kernel to finish (``RoutedK``); None where the option is off or does not apply (:meth:`_partials_ok`):
+        the caller then asks for gate values."""
+        held = self._held_partials(x)
+        if held is not None or not self._partials_ok(x):
+            return held
+        from .. import kernels
+
+        _, p = kernels.router_partials(x, self._weights(), self.policy, **self._launch_options())
+        self.__dict__["_partials"] = (weakref.ref(x), self._values_key(), p)
+        return p
+
+    def _weights(self) -> tuple[torch.Tensor, ...]:
+        first, last = cast(nn.Linear, self.net[0]), cast(nn.Linear, self.net[2])
+        return first.weight, first.bias, last.weight, last.bias
 
     @torch.no_grad()
     def routed_input(self, x: torch.Tensor, prologue: tuple) -> torch.Tensor:
@@ -418,8 +459,12 @@ class TokenRouter(nn.Module):
         router. For inputs :func:`mobiquant.kernels.use_fused_router` sends to the kernel."""
         from .. import kernels
 
-        first, last = cast(nn.Linear, self.net[0]), cast(nn.Linear, self.net[2])
-        router = (first.weight, first.bias, last.weight, last.bias)
+        router = self._weights()
+        if self._partials_ok(x):  # the launch without its tail: its readers finish the router (partials_of)
+            y, p = kernels.router_partials(x, router, self.policy, prologue=prologue, **self._launch_options())
+            assert y is not None
+            self.__dict__["_partials"] = (weakref.ref(y), self._values_key(), p)
+            return y
         y, k, m = kernels.fused_input_router(x, prologue, router, self.tau, self.policy, **self._launch_options())
         self.__dict__["_values"] = (weakref.ref(y), self._values_key(), m)
         self.__dict__["_cache"] = (weakref.ref(y), (id(y), self.tau._version, None), k)
@@ -430,7 +475,8 @@ class TokenRouter(nn.Module):
         key = self._values_key()
         if _hit(self._values, x, key):
             return self._values[2]  # type: ignore[index]
-        m, _ = self._hard_values(x, self.tau)
+        held = self._held_partials(x)  # a launch without its tail on x: finished here (a few torch operations)
+        m = held.values() if held is not None else self._hard_values(x, self.tau)[0]
         self.__dict__["_values"] = (weakref.ref(x), key, m)
         return m
 
@@ -504,6 +550,7 @@ class TokenRouter(nn.Module):
     def clear_cache(self) -> None:
         self._cache = None
         self._values = None
+        self.__dict__["_partials"] = None
         self._tail = None
         self.last_soft = None
 
@@ -530,7 +577,8 @@ class TokenRouter(nn.Module):
     def __getstate__(self) -> dict:
         """Pickled without its host copies and per-input caches (they hold weak references; both are rebuilt)."""
         state = dict(self.__dict__)
-        state.update(_host_table=None, _host_tau=None, _cache=None, _values=None, _tail=None, _launch=None)
+        state.update(_host_table=None, _host_tau=None, _cache=None, _values=None, _tail=None, _launch=None,
+                     _partials=None)  # fmt: skip
         state.update(last_soft=None, _home=None, _held=None)
         return state
 
