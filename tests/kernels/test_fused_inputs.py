@@ -435,10 +435,16 @@ def test_router_partials_launch_no_tail_and_keep_the_logits(monkeypatch, placeme
         with torch.no_grad():
             refs[b] = model(input_ids=x).logits
     launches = {"whole": 0, "partials": 0}
+
+    def counted(real, key):
+        def launch(*a, **kw):
+            launches[key] += 1
+            return real(*a, **kw)
+
+        return launch
+
     for name, key in (("fused_router", "whole"), ("fused_input_router", "whole"), ("router_partials", "partials")):
-        real = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, _r=real, _k=key, **kw: (launches.__setitem__(_k, launches[_k] + 1),
-                                                                             _r(*a, **kw))[1])  # fmt: skip
+        monkeypatch.setattr(kernels, name, counted(getattr(kernels, name), key))
     got = []
     real_bits = tb.bitplane_linear_bits
     monkeypatch.setattr(tb, "bitplane_linear_bits", lambda *a, **k: got.append(type(a[2])) or real_bits(*a, **k))
