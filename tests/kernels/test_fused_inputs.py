@@ -361,11 +361,7 @@ def test_borrowing_placements_launch_no_router(monkeypatch, placement):
     for _, r in routers(model):
         r.backend = "triton"
     x = torch.tensor([[5]], device=DEVICE)
-    refs = {}
-    for b in (3.5, 5.5):
-        set_budget(model, b)
-        with torch.no_grad():
-            refs[b] = model(input_ids=x).logits
+    refs = logits_at(model, x, (3.5, 5.5))
     assert fuse_inputs(model) == 3 * len(model.model.layers) + 1
     assert router_launches_fused(model, x, refs, monkeypatch) == [0, 0]
 
@@ -375,17 +371,9 @@ def test_block_borrowers_share_a_site_launch(monkeypatch):
     one-token forward on the kernels launches one site a layer for q/k/v and one for gate/up, and its logits are
     those of each linear launched alone."""
     from mobiquant.kernels import triton_bitplane as tb
-    from mobiquant.patching import fuse_sites, mobi_linears
+    from mobiquant.patching import fuse_sites
 
-    model = tiny_llama(seed=0)[0]
-    cfg = mq.MoBiConfig(slice_bits=(3, 1, 1, 1, 1, 1), group_size=32, router_hidden=8, router_placement="block")
-    mq.quantize_model(model, cfg)  # the default layout: one token on the one-bit plane kernel, sites in one launch
-    g = torch.Generator().manual_seed(100)
-    mq.calibrate_thresholds(model, [torch.randint(0, 257, (4, 32), generator=g) for _ in range(2)])
-    mq.freeze(model)
-    model = model.to(DEVICE).eval()
-    for _, m in (*routers(model), *mobi_linears(model)):
-        m.backend = "triton"
+    model = default_layout_model("block")  # one token on the one-bit plane kernel, sites in one launch
     set_budget(model, 4.5)
     x = torch.tensor([[5]], device=DEVICE)
     sites = []
@@ -412,28 +400,16 @@ def test_router_partials_launch_no_tail_and_keep_the_logits(monkeypatch, placeme
     from mobiquant.kernels import triton_bitplane as tb
     from mobiquant.kernels import triton_router as tr
     from mobiquant.kernels.triton_router import RouterPartials
-    from mobiquant.patching import mobi_linears, set_small_config
+    from mobiquant.patching import set_small_config
 
-    model = tiny_llama(seed=0)[0]
-    cfg = mq.MoBiConfig(slice_bits=(3, 1, 1, 1, 1, 1), group_size=32, router_hidden=8, router_placement=placement)
-    mq.quantize_model(model, cfg)
-    g = torch.Generator().manual_seed(100)
-    mq.calibrate_thresholds(model, [torch.randint(0, 257, (4, 32), generator=g) for _ in range(2)])
-    mq.freeze(model)
-    model = model.to(DEVICE).eval()
-    for _, m in (*routers(model), *mobi_linears(model)):
-        m.backend = "triton"
+    model = default_layout_model(placement)
     fuse_inputs(model)
     for m in model.modules():
         if isinstance(m, (FusedRMSNorm, FusedGatedMLP)):
             m.backend = "triton"
     monkeypatch.setattr(tr, "SPLIT_COLS_ONE_TOKEN", 16)
     x = torch.tensor([[5]], device=DEVICE)
-    refs = {}
-    for b in (3.5, 5.5):
-        set_budget(model, b)
-        with torch.no_grad():
-            refs[b] = model(input_ids=x).logits
+    refs = logits_at(model, x, (3.5, 5.5))
     launches = {"whole": 0, "partials": 0}
 
     def counted(real, key):
@@ -472,6 +448,33 @@ def test_router_partials_launch_no_tail_and_keep_the_logits(monkeypatch, placeme
     with torch.no_grad():
         model(input_ids=x)
     assert launches["partials"] == 0 and launches["whole"] == per_layer * len(model.model.layers)
+
+
+def default_layout_model(placement: str) -> nn.Module:
+    """The tiny LLaMA quantized in the default layout [3, 1, 1, 1, 1, 1] with routers at ``placement``, thresholds
+    calibrated, frozen, on ``DEVICE`` in eval mode, its routers and linears on the kernels (``backend`` 'triton')."""
+    from mobiquant.patching import mobi_linears
+
+    model = tiny_llama(seed=0)[0]
+    cfg = mq.MoBiConfig(slice_bits=(3, 1, 1, 1, 1, 1), group_size=32, router_hidden=8, router_placement=placement)
+    mq.quantize_model(model, cfg)
+    g = torch.Generator().manual_seed(100)
+    mq.calibrate_thresholds(model, [torch.randint(0, 257, (4, 32), generator=g) for _ in range(2)])
+    mq.freeze(model)
+    model = model.to(DEVICE).eval()
+    for _, m in (*routers(model), *mobi_linears(model)):
+        m.backend = "triton"
+    return model
+
+
+def logits_at(model, x, budgets) -> dict[float, torch.Tensor]:
+    """The logits of a forward of ``x`` at each budget."""
+    refs = {}
+    for b in budgets:
+        set_budget(model, b)
+        with torch.no_grad():
+            refs[b] = model(input_ids=x).logits
+    return refs
 
 
 def router_launches_fused(model, x, refs, monkeypatch) -> list[int]:

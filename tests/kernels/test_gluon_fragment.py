@@ -249,6 +249,25 @@ for name, kw in cases:
 )
 
 
+def run_offline(script: str) -> dict[str, list[str]]:
+    """Run an offline compile ``script`` (sm_90, Triton's bundled ptxas and cuobjdump) in a process of its own (the
+    compile needs TRITON_INTERPRET unset, which the kernels tested after it need set): its ``RESULT name ...`` lines,
+    by name. Skips where this triton ships no cuobjdump."""
+    import subprocess
+
+    import triton
+
+    # offline_sass is not imported here: it drops TRITON_INTERPRET from the environment on import
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("this triton ships no cuobjdump")
+    bench = str(Path(__file__).resolve().parents[2] / "benchmarks")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", script, bench], capture_output=True, text=True, env=env, timeout=900)
+    got = {ln.split()[1]: ln.split()[2:] for ln in r.stdout.splitlines() if ln.startswith("RESULT")}
+    assert got, r.stderr[-2000:]
+    return got
+
+
 _OFFLINE_PARTIALS = (
     _OFFLINE_PRELUDE
     + """
@@ -272,19 +291,8 @@ def test_router_partials_finished_in_the_launch_offline():
     layer) that finishes its router from the router launch's partials (``KMODE`` 3: the splits' pre-activations
     summed, GELU, the second layer, the policy) compiles without spilling under the 128-register cap, one exponential
     a slice for the adjacent policy's sigmoid (plus the GELU's), none of them where the gate values come made."""
-    import subprocess
-
-    import triton
-
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
-        pytest.skip("this triton ships no cuobjdump")
-    bench = str(Path(__file__).resolve().parents[2] / "benchmarks")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run(
-        [sys.executable, "-c", _OFFLINE_PARTIALS, bench], capture_output=True, text=True, env=env, timeout=900
-    )
-    got = {ln.split()[1]: ln.split()[2:] for ln in r.stdout.splitlines() if ln.startswith("RESULT")}
-    assert set(got) == {"values", "adjacent", "free"}, r.stderr[-2000:]
+    got = run_offline(_OFFLINE_PARTIALS)
+    assert set(got) == {"values", "adjacent", "free"}, got
     assert got["values"] == ["2", "0", "0"]
     assert got["adjacent"][:2] == ["3", "0"] and got["free"][:2] == ["3", "0"]
     assert int(got["adjacent"][2]) == int(got["free"][2]) + 5 >= 6
@@ -329,19 +337,8 @@ def test_pdl_waits_after_the_first_weights_offline():
     ``early=1`` a routed site asks L2 for its first group of the planes every body reads (``prefetch.global.L2``, SASS
     ``CCTL.E.PF2``) before the wait; with ``ahead=2`` a static view asks L2 for a later group's 4 planes at each group
     of its loop, none before the wait."""
-    import subprocess
-
-    import triton
-
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
-        pytest.skip("this triton ships no cuobjdump")
-    bench = str(Path(__file__).resolve().parents[2] / "benchmarks")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run(
-        [sys.executable, "-c", _OFFLINE_PDL, bench], capture_output=True, text=True, env=env, timeout=900
-    )
-    got = {ln.split()[1]: ln.split()[2:] for ln in r.stdout.splitlines() if ln.startswith("RESULT")}
-    assert set(got) == {"static", "tma", "device", "site", "ring", "early", "ahead"}, r.stderr[-2000:]
+    got = run_offline(_OFFLINE_PDL)
+    assert set(got) == {"static", "tma", "device", "site", "ring", "early", "ahead"}, got
     assert got["static"] == ["True", "4", "1", "0", "0", "0"]
     assert got["tma"] == ["True", "0", "1", "0", "0", "0"] and got["device"] == ["True", "0", "1", "0", "0", "0"]
     assert got["site"] == ["True", "0", "1", "0", "0", "0"]  # a routed site: its thresholds are read after the wait
