@@ -437,6 +437,8 @@ class TokenRouter(nn.Module):
         (``mobiquant.kernels.triton_router.RouterPartials``), launched once per input and kept, for the GEMVs on the
         fragment kernel to finish (``RoutedK``); None where the option is off or does not apply (:meth:`_partials_ok`):
         the caller then asks for gate values."""
+        if not getattr(self, "launch_partials", False):  # off: gate values (gate_values_of finishes partials held)
+            return None
         held = self._held_partials(x)
         if held is not None or not self._partials_ok(x):
             return held
