@@ -345,7 +345,8 @@ stage() {
         --census compile --census-only --census-budgets 3.5 4.5 ;;
     loads)
       run_stage loads_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gluon_fragment.py \
-        tests/kernels/test_triton_router.py -k "loads or routed_site or pdl_changes"
+        tests/kernels/test_triton_router.py tests/kernels/test_fused_inputs.py \
+        -k "loads or routed_site or pdl_changes or partials"
       package_stage loads sublayer --package-fragment-loads --package-router-l2 --package-router-partials \
         --package-fused-only
       stage block
