@@ -450,6 +450,50 @@ def test_router_partials_launch_no_tail_and_keep_the_logits(monkeypatch, placeme
     assert launches["partials"] == 0 and launches["whole"] == per_layer * len(model.model.layers)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device (the fragment kernel is Gluon; 2048-wide rows)")
+@pytest.mark.parametrize("placement", ["site", "sublayer"])
+def test_gpu_router_partials_keep_the_logits(monkeypatch, placement):
+    """On the GPU, rows wide enough to split (2048) and linears on the fragment kernel: with
+    ``SmallConfig.router_partials`` no router launch keeps its tail, the fragment launches finish the routers, and a
+    one-token forward's logits are those of the routers launched whole at 3.5 and 4.5 bits; greedy decoding through
+    the compiled step gives the same tokens."""
+    from mobiquant.kernels import triton_bitplane as tb
+    from mobiquant.patching import set_small_config
+    from mobiquant.tasks.decode import generate
+
+    model = tiny_llama(hidden_size=2048, intermediate_size=4096, num_hidden_layers=1, num_attention_heads=16,
+                       num_key_value_heads=4, seed=3)[0]  # fmt: skip
+    cfg = mq.MoBiConfig(slice_bits=(3, 1, 1, 1, 1, 1), group_size=128, router_placement=placement)
+    mq.quantize_model(model, cfg)
+    g = torch.Generator().manual_seed(100)
+    mq.calibrate_thresholds(model, [torch.randint(0, 257, (4, 32), generator=g) for _ in range(2)])
+    mq.freeze(model)
+    model = model.to(DEVICE, torch.float16).eval()
+    fuse_inputs(model)
+    x = torch.tensor([[5]], device=DEVICE)
+    refs = logits_at(model, x, (3.5, 4.5))
+    prompt = torch.randint(0, 257, (6,), generator=torch.Generator().manual_seed(7))
+    tokens = generate(model, prompt, 4, budget=4.5).tokens
+    launches = {"whole": 0, "partials": 0}
+
+    def counted(real, key):
+        def launch(*a, **kw):
+            launches[key] += 1
+            return real(*a, **kw)
+
+        return launch
+
+    set_small_config(model, tb.SmallConfig(router_partials=True))
+    for name, key in (("fused_router", "whole"), ("fused_input_router", "whole"), ("router_partials", "partials")):
+        monkeypatch.setattr(kernels, name, counted(getattr(kernels, name), key))
+    got = logits_at(model, x, (3.5, 4.5))
+    assert launches["whole"] == 0 and launches["partials"] > 0, launches
+    for b in refs:
+        torch.testing.assert_close(got[b], refs[b], rtol=2e-3, atol=2e-3)
+    assert torch.equal(generate(model, prompt, 4, budget=4.5).tokens, tokens)
+
+
 def default_layout_model(placement: str) -> nn.Module:
     """The tiny LLaMA quantized in the default layout [3, 1, 1, 1, 1, 1] with routers at ``placement``, thresholds
     calibrated, frozen, on ``DEVICE`` in eval mode, its routers and linears on the kernels (``backend`` 'triton')."""
