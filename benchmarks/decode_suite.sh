@@ -181,8 +181,9 @@ warm_shards() {  # NAME CMD...: unless NAME is done, CMD --warm-shard I/$WARM_SH
   shift
   [ "$n" -gt 0 ] && [ ! -e "$RES/$name.done" ] || return 0
   echo "== $name: compiling in $n warm shards ($(date -u +%H:%M:%S))"
-  for ((i = 0; i < n; i++)); do
-    timeout 900 "$@" --warm-shard "$i/$n" > "$RES/$name.warm$i.txt" 2>&1 &
+  for ((i = 0; i < n; i++)); do  # few Inductor compile workers each: the shards are the parallelism
+    TORCHINDUCTOR_COMPILE_THREADS=${WARM_COMPILE_THREADS:-2} timeout 900 "$@" --warm-shard "$i/$n" \
+      > "$RES/$name.warm$i.txt" 2>&1 &
   done
   wait
   echo "== $name: warm shards ended ($(date -u +%H:%M:%S))"
