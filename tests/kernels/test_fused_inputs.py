@@ -410,17 +410,7 @@ def test_router_partials_launch_no_tail_and_keep_the_logits(monkeypatch, placeme
     monkeypatch.setattr(tr, "SPLIT_COLS_ONE_TOKEN", 16)
     x = torch.tensor([[5]], device=DEVICE)
     refs = logits_at(model, x, (3.5, 5.5))
-    launches = {"whole": 0, "partials": 0}
-
-    def counted(real, key):
-        def launch(*a, **kw):
-            launches[key] += 1
-            return real(*a, **kw)
-
-        return launch
-
-    for name, key in (("fused_router", "whole"), ("fused_input_router", "whole"), ("router_partials", "partials")):
-        monkeypatch.setattr(kernels, name, counted(getattr(kernels, name), key))
+    launches = count_router_launches(monkeypatch)
     got = []
     real_bits = tb.bitplane_linear_bits
     monkeypatch.setattr(tb, "bitplane_linear_bits", lambda *a, **k: got.append(type(a[2])) or real_bits(*a, **k))
@@ -475,6 +465,18 @@ def test_gpu_router_partials_keep_the_logits(monkeypatch, placement):
     refs = logits_at(model, x, (3.5, 4.5))
     prompt = torch.randint(0, 257, (6,), generator=torch.Generator().manual_seed(7))
     tokens = generate(model, prompt, 4, budget=4.5).tokens
+    set_small_config(model, tb.SmallConfig(router_partials=True))
+    launches = count_router_launches(monkeypatch)
+    got = logits_at(model, x, (3.5, 4.5))
+    assert launches["whole"] == 0 and launches["partials"] > 0, launches
+    for b in refs:
+        torch.testing.assert_close(got[b], refs[b], rtol=2e-3, atol=2e-3)
+    assert torch.equal(generate(model, prompt, 4, budget=4.5).tokens, tokens)
+
+
+def count_router_launches(monkeypatch) -> dict[str, int]:
+    """Counts, from now on, the router launches with their tail (``whole``: ``kernels.fused_router`` and
+    ``fused_input_router``) and without (``partials``: ``kernels.router_partials``)."""
     launches = {"whole": 0, "partials": 0}
 
     def counted(real, key):
@@ -484,14 +486,9 @@ def test_gpu_router_partials_keep_the_logits(monkeypatch, placement):
 
         return launch
 
-    set_small_config(model, tb.SmallConfig(router_partials=True))
     for name, key in (("fused_router", "whole"), ("fused_input_router", "whole"), ("router_partials", "partials")):
         monkeypatch.setattr(kernels, name, counted(getattr(kernels, name), key))
-    got = logits_at(model, x, (3.5, 4.5))
-    assert launches["whole"] == 0 and launches["partials"] > 0, launches
-    for b in refs:
-        torch.testing.assert_close(got[b], refs[b], rtol=2e-3, atol=2e-3)
-    assert torch.equal(generate(model, prompt, 4, budget=4.5).tokens, tokens)
+    return launches
 
 
 def default_layout_model(placement: str) -> nn.Module:
