@@ -696,8 +696,11 @@ def _route(
         raise ValueError("tau must be a one-element tensor on the inputs' device")
     if pdl:
         _check_pdl(x2.device)
-    k = torch.empty(M, dtype=torch.int64, device=x2.device)
-    v = torch.empty(M, r_out, dtype=torch.float32, device=x2.device)
+    if tail:  # without the tail the launch writes neither (their pointers then go unread)
+        k = torch.empty(M, dtype=torch.int64, device=x2.device)
+        v = torch.empty(M, r_out, dtype=torch.float32, device=x2.device)
+    else:
+        k = v = x2
     if M > 0:
         hb = triton.next_power_of_2(max(1, int(hidden_per_program)))
         nprog = triton.cdiv(n_hidden, hb)

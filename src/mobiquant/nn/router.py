@@ -373,9 +373,7 @@ class TokenRouter(nn.Module):
         if self.fixed and self.recorder is None:  # every linear's view fixed by its threshold: no router runs
             return self.fixed_values(x), None
         if kernels.use_fused_router(x, getattr(self, "backend", "auto")):
-            first, last = cast(nn.Linear, self.net[0]), cast(nn.Linear, self.net[2])
-            w = (first.weight, first.bias, last.weight, last.bias)
-            k, m = kernels.fused_router(x, *w, tau, self.policy, **self._launch_options())
+            k, m = kernels.fused_router(x, *self._weights(), tau, self.policy, **self._launch_options())
             return m, k
         return self.gate_values(self.scores(x)), None
 
@@ -448,7 +446,8 @@ class TokenRouter(nn.Module):
         self.__dict__["_partials"] = (weakref.ref(x), self._values_key(), p)
         return p
 
-    def _weights(self) -> tuple[torch.Tensor, ...]:
+    def _weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(w1, b1, w2, b2)``: the two layers' weights and biases, as the fused kernels take them."""
         first, last = cast(nn.Linear, self.net[0]), cast(nn.Linear, self.net[2])
         return first.weight, first.bias, last.weight, last.bias
 
@@ -492,8 +491,7 @@ class TokenRouter(nn.Module):
             return None
         from ..kernels.triton_bitplane import InLaunchRouter
 
-        first, last = cast(nn.Linear, self.net[0]), cast(nn.Linear, self.net[2])
-        params = (first.weight, first.bias, last.weight, last.bias)
+        params = self._weights()
         key = (x.device, self.policy, tuple((p.data_ptr(), p._version) for p in params))
         if self._launch is None or self._launch[0] != key:
             buf = torch.empty(1, self.num_residuals, dtype=torch.float32, device=x.device)
