@@ -413,13 +413,14 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package",
     """fp16, then for each ``(label, small_config)`` of ``kernels`` (``None``: the library's defaults; ``"sites"``:
     one launch per router site; ``"inputs"``: that and fused inputs, ``patching.fuse_inputs``, with an fp16 row
     of the same fused kernels; a pair ``(mode, small_config)``: that fusion with that config, routed budgets only;
-    a triple ``(mode, small_config, True)``: the static views too)
+    a triple ``(mode, small_config, True)``: the static views too; mode ``"lean"``: fused inputs and
+    ``patching.lean_attention``, with an fp16 row of that attention)
     the static views and the routed ``budgets`` (default: base bits .. all bits) through
     ``mobiquant.tasks.decode.generate``. ``warm = (i, n)``: nothing timed, no row returned; the entries ``j`` of
     ``kernels`` with ``j % n == i`` (and fp16 in shard 0) each decode a few tokens in every row's mode, so that their
     kernels are compiled into the on-disk caches (Triton's, Inductor's) that the timing run then finds."""
     import mobiquant as mq
-    from mobiquant.patching import fuse_inputs, fuse_sites, set_small_config
+    from mobiquant.patching import fuse_inputs, fuse_sites, lean_attention, set_small_config
     from mobiquant.tasks.decode import generate
 
     vocab = fp.config.vocab_size
@@ -489,14 +490,21 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package",
         fuse_inputs(fp, enable=False)
         rows.append(row("package fp16 [fused inputs]", 16.0, 16.0, t, how, model=fp))
         print(f"package fp16 [fused inputs]: {t:.1f} us/token  x{t16 / t:.2f} (graph: {how})")
+    if fp16_here and any(kind(cfg)[0] == "lean" for _, cfg in kernels):  # fp16 with the same attention launch
+        lean_attention(fp)
+        t, how = timed(fp)
+        lean_attention(fp, enable=False)
+        rows.append(row("package fp16 [lean attention]", 16.0, 16.0, t, how, model=fp))
+        print(f"package fp16 [lean attention]: {t:.1f} us/token  x{t16 / t:.2f} (graph: {how})")
     ns = len(kb.SLICE_BITS)
     for label, cfg in kernels:
         mode, small = kind(cfg)
         in_launch = getattr(small, "router_in_launch", False)  # the router in the site's launch: sites on
-        sites = mode in ("sites", "inputs") or in_launch
+        sites = mode in ("sites", "inputs", "lean") or in_launch
         set_small_config(q, small)
         fuse_sites(q, enable=sites)
-        fuse_inputs(q, enable=mode == "inputs")
+        fuse_inputs(q, enable=mode in ("inputs", "lean"))
+        lean_attention(q, enable=mode == "lean")
         # a (mode, config) entry: its routed budgets only (a config for views learnt on the device)
         for k in range(1, ns + 1) if not isinstance(cfg, tuple) or cfg[2:] == (True,) else ():
             mq.set_static(q, k)
@@ -522,6 +530,7 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package",
     set_small_config(q, None)
     fuse_sites(q, enable=False)
     fuse_inputs(q, enable=False)
+    lean_attention(q, enable=False)
     return rows if warm is None else []
 
 
@@ -749,6 +758,8 @@ def package_kernels(args, bits_cfg=None) -> list:
         kernels.append(("package sites+inputs router early l2", ("inputs", SmallConfig(router_early_l2=True))))
     if args.package_router_partials:  # ... fused inputs, each router launch without its tail, finished by the GEMVs
         kernels.append(("package sites+inputs router partials", ("inputs", SmallConfig(router_partials=True))))
+    if args.package_lean_attention:  # ... fused inputs, each layer's rotary, cache write and attention one launch
+        kernels.append(("package sites+inputs lean attention", ("lean", None, True)))  # static views too
     if args.package_no_span:  # ... fused inputs, every view's body compiled (the default before 2026-12-06)
         kernels.append(("package sites+inputs no span", ("inputs", SmallConfig(span_bodies=False))))
     if args.package_pdl:  # ... fused inputs, every kernel launch of a linear with programmatic dependent launch
@@ -1023,6 +1034,12 @@ def main(argv=None):
         action="store_true",
         help="also the package's routed budgets with fused inputs and each router launch without its tail, the GEMVs "
         "on the fragment kernel finishing the router from its partial sums (SmallConfig(router_partials=True))",
+    )
+    ap.add_argument(
+        "--package-lean-attention",
+        action="store_true",
+        help="also the package's static views and routed budgets with fused inputs and each layer's rotary embedding, "
+        "cache write and attention in one launch (patching.lean_attention), and fp16 with that attention",
     )
     ap.add_argument(
         "--package-fused-only",

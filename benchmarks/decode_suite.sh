@@ -94,6 +94,10 @@
 #            their weights first (--package-router-l2), and the routers' launches without their tail, the GEMVs
 #            finishing them (--package-router-partials, NOTES entry 33); then the default rows with router
 #            placement block (stage block), then the default placement site's census at 3.5
+#   lean     (only when named) each layer's rotary embedding, cache write and attention in one launch
+#            (patching.lean_attention): its GPU tests, then the package rows (sublayer routers) with it and with the
+#            routers' tails in the GEMVs (NOTES entry 33) beside the default rows and fp16 with and without it, then
+#            SmolLM2-135M end to end with it (needs $GGUF)
 #   block    (only when named; in loads) the default rows with router placement block (one router a layer), with
 #            and without the routers' tails, and its compiled step's census at routed 3.5 / 4.5 bits
 #   span     (only when named) the stack's static views beside each view with k read on the device: every body
@@ -354,6 +358,13 @@ stage() {
       # the default placement's step: where its routed budgets' 23-27% over the static views go
       run_stage loads_census_site 600 "$PY" benchmarks/step_overhead.py --policy adjacent --placement site \
         --census compile --census-only --census-budgets 3.5 ;;
+    lean)
+      run_stage lean_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_triton_attention.py
+      package_stage lean sublayer --package-lean-attention --package-router-partials --package-fused-only
+      if [ -e "$GGUF" ]; then
+        run_stage lean_e2e 900 "$PY" benchmarks/e2e_decode.py --gguf "$GGUF" --budgets 4 --views 2 --fuse-inputs \
+          --lean-attention --out "$RES/lean_e2e"
+      fi ;;
     block)
       package_stage loads_block block --package-router-partials --package-fused-only
       run_stage loads_census 600 "$PY" benchmarks/step_overhead.py --policy adjacent --placement block \
@@ -386,7 +397,7 @@ print(','.join(str(int(v)) for v in t))" "$RES/router_sweep/router_sweep.csv" 2>
       run_stage pattern 600 "$PY" benchmarks/stream_pattern.py --views 1,2,6 \
         --package-configs "$PATTERN_CONFIGS" --out "$RES/pattern" ;;
     *)
-      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement pdl spandef spanrule spancost loads block span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
+      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement pdl spandef spanrule spancost loads lean block span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
       return 2 ;;
   esac
 }

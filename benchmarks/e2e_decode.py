@@ -132,6 +132,12 @@ def parse_args(argv=None):
         "also routes the site it feeds, and every gated MLP product likewise (patching.fuse_inputs)",
     )
     ap.add_argument(
+        "--lean-attention",
+        action="store_true",
+        help="also, in the same process, fp16, routed budget 4 and static 4 bits with fused inputs and each layer's "
+        "rotary embedding, cache write and attention in one launch (patching.lean_attention)",
+    )
+    ap.add_argument(
         "--per-linear",
         action="store_true",
         help="every quantized row with one launch per linear (by default the linears of a router site share one)",
@@ -285,7 +291,7 @@ def run_rows(args, fp, q, tok, device):
 
     layer = next(m for m in q.modules() if isinstance(m, mq.MoBiLinear))
     views = [float(sum(layer.slice_bits[:k])) for k in range(1, layer.num_slices + 1)]
-    base = dict(cfg=None, per_linear=False, host_count=False, fuse_inputs=False)
+    base = dict(cfg=None, per_linear=False, host_count=False, fuse_inputs=False, lean=False)
     cases = [dict(base, name="fp16", model=fp, budget=None, k=None)]
     cases += [dict(base, name="mobiquant", model=q, budget=b, k=None) for b in args.budgets]
     ks = view_list(args) or range(1, len(views) + 1)
@@ -311,7 +317,10 @@ def run_rows(args, fp, q, tok, device):
     if args.fuse_inputs:  # fp16 with the same kernels: what they give any model, routers apart
         fp_case = dict(name="fp16", model=fp, budget=None, k=None)
         cases += [dict(base, **c, fuse_inputs=True) for c in (fp_case, *pair)]
-    from mobiquant.patching import fuse_inputs, fuse_sites, set_small_config
+    if args.lean_attention:  # ... and each layer's rotary, cache write and attention in one launch
+        fp_case = dict(name="fp16", model=fp, budget=None, k=None)
+        cases += [dict(base, **c, fuse_inputs=True, lean=True) for c in (fp_case, *pair)]
+    from mobiquant.patching import fuse_inputs, fuse_sites, lean_attention, set_small_config
 
     real_routed_k = mq.MoBiLinear._routed_k
     for c in cases:
@@ -324,6 +333,8 @@ def run_rows(args, fp, q, tok, device):
             mq.MoBiLinear._routed_k = counted_on_host(real_routed_k)
         if c["fuse_inputs"]:
             fuse_inputs(model)
+        if c["lean"]:
+            lean_attention(model)
         if static_k is not None:
             mq.set_static(model, static_k)
         t_row = time.perf_counter()
@@ -333,6 +344,8 @@ def run_rows(args, fp, q, tok, device):
             mq.MoBiLinear._routed_k = real_routed_k
             if c["fuse_inputs"]:
                 fuse_inputs(model, enable=False)
+            if c["lean"]:
+                lean_attention(model, enable=False)
             if c["per_linear"] and not args.per_linear:
                 fuse_sites(model)
             if c["cfg"] is not None:
@@ -344,7 +357,10 @@ def run_rows(args, fp, q, tok, device):
         else:
             tag = f" [{kb.bits_tag(c['cfg'])}]"
         tag += (
-            " [per linear]" * c["per_linear"] + " [host count]" * c["host_count"] + " [fused inputs]" * c["fuse_inputs"]
+            " [per linear]" * c["per_linear"]
+            + " [host count]" * c["host_count"]
+            + " [fused inputs]" * c["fuse_inputs"]
+            + " [lean attention]" * c["lean"]
         )
         rows.append(
             dict(

@@ -1,0 +1,208 @@
+"""One launch for a decode step's attention: rotary embedding, cache write and attention over the static cache.
+
+A Hugging Face LLaMA decode step runs its attention as several small launches a layer: the rotary embedding of
+``q`` and ``k`` (casts, halves, products), the two writes of ``k`` and ``v`` into the static cache (``index_copy_``),
+the key/value heads expanded to the query heads (grouped-query attention) and the attention itself. For one token
+each is a launch of a microsecond or two. :func:`decode_attention` does all of it in one launch:
+
+    q', k' = rope(q), rope(k)            (LLaMA's rotate-half form, from the model's ``cos`` and ``sin``)
+    keys[:, :, pos], values[:, :, pos] = k', v
+    out = softmax(scale * q' . keys[:, :, :pos + 1]) values[:, :, :pos + 1]     (each query head on its key head)
+
+``pos`` is read on the device from the cache layer's write offset (transformers' ``StaticLayer.cumulative_length``),
+and the last program to finish advances it by one (a ticket, self-resetting): a captured CUDA graph serves every
+position, as the cache's own ``update`` does. Grid: one program per (row, query head); the programs of a key head's
+query heads read its keys from L2 after the first. The current token's key and value enter the softmax from
+registers (rounded to the cache's dtype as the cache holds them), so no program reads a slot another writes in the
+same launch. An optional boolean mask ``[B, 1, 1, L]`` (sdpa's; True = attend) is honoured; positions past ``pos``
+are never read. Self-contained (torch and triton only), like :mod:`.triton_bitplane`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+#: Cache positions a program reads per step of its loop.
+BLOCK_N = 32
+
+
+@triton.jit
+def _rope_halves(x_ptr, c_ptr, s_ptr, HALF: tl.constexpr):
+    """The two halves of ``x * cos + rotate_half(x) * sin`` (fp32) for one head of ``HALF * 2`` values."""
+    d = tl.arange(0, HALF)
+    x1 = tl.load(x_ptr + d).to(tl.float32)
+    x2 = tl.load(x_ptr + HALF + d).to(tl.float32)
+    c1 = tl.load(c_ptr + d).to(tl.float32)
+    c2 = tl.load(c_ptr + HALF + d).to(tl.float32)
+    s1 = tl.load(s_ptr + d).to(tl.float32)
+    s2 = tl.load(s_ptr + HALF + d).to(tl.float32)
+    return x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
+
+
+@triton.jit
+def _decode_attention_kernel(
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr,  # q [B, H*D], k / v [B, KVH*D], cos / sin [B, D] (this step's)
+    keys_ptr, values_ptr,  # the cache layer's [B, KVH, L, D] tensors (contiguous)
+    off_ptr, ticket_ptr, mask_ptr, out_ptr,  # offset (0-dim int), ticket (int32), mask [B, L] (int8), out [B, H*D]
+    L, scale, cos_b,  # cos_b: cos / sin row stride (0: one row for the batch)
+    H: tl.constexpr, KVH: tl.constexpr, HALF: tl.constexpr, BN: tl.constexpr, HAS_MASK: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
+    kh = h // (H // KVH)
+    D: tl.constexpr = 2 * HALF
+    pos = tl.load(off_ptr).to(tl.int64)
+    cs = b * cos_b
+    q1, q2 = _rope_halves(q_ptr + b * H * D + h * D, cos_ptr + cs, sin_ptr + cs, HALF)
+    q1 = q1 * scale
+    q2 = q2 * scale
+    k1, k2 = _rope_halves(k_ptr + b * KVH * D + kh * D, cos_ptr + cs, sin_ptr + cs, HALF)
+    d = tl.arange(0, HALF)
+    vrow = v_ptr + b * KVH * D + kh * D
+    v1 = tl.load(vrow + d)
+    v2 = tl.load(vrow + HALF + d)
+    head = (b * KVH + kh) * L * D  # this key head's slots
+    k1 = k1.to(keys_ptr.dtype.element_ty)  # as the cache holds them
+    k2 = k2.to(keys_ptr.dtype.element_ty)
+    if h % (H // KVH) == 0:  # one writer per key head
+        slot = head + pos * D
+        tl.store(keys_ptr + slot + d, k1)
+        tl.store(keys_ptr + slot + HALF + d, k2)
+        tl.store(values_ptr + slot + d, v1)
+        tl.store(values_ptr + slot + HALF + d, v2)
+    # the current token first: the running max, sum and weighted values start from it
+    m_i = tl.sum(q1 * k1.to(tl.float32), 0) + tl.sum(q2 * k2.to(tl.float32), 0)
+    self_ok = pos >= 0
+    if HAS_MASK:
+        self_ok = tl.load(mask_ptr + b * L + pos) != 0
+    m_i = tl.where(self_ok, m_i, -1.0e30)
+    l_i = tl.where(self_ok, 1.0, 0.0)
+    acc1 = v1.to(tl.float32) * l_i
+    acc2 = v2.to(tl.float32) * l_i
+    n = tl.arange(0, BN)
+    for start in range(0, pos, BN):
+        offs = start + n
+        ok = offs < pos
+        if HAS_MASK:
+            ok = ok & (tl.load(mask_ptr + b * L + offs, mask=ok, other=0) != 0)
+        rows = head + offs[:, None] * D
+        kb1 = tl.load(keys_ptr + rows + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        kb2 = tl.load(keys_ptr + rows + HALF + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        s = tl.sum(kb1 * q1[None, :], 1) + tl.sum(kb2 * q2[None, :], 1)
+        s = tl.where(ok, s, -1.0e30)
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.where(ok, tl.exp(s - m_new), 0.0)
+        vb1 = tl.load(values_ptr + rows + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        vb2 = tl.load(values_ptr + rows + HALF + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        acc1 = acc1 * alpha + tl.sum(p[:, None] * vb1, 0)
+        acc2 = acc2 * alpha + tl.sum(p[:, None] * vb2, 0)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        m_i = m_new
+    inv = tl.where(l_i > 0, 1.0 / tl.maximum(l_i, 1.0e-30), 0.0)  # a row with nothing to attend to reads zeros
+    o = out_ptr + b * H * D + h * D
+    tl.store(o + d, (acc1 * inv).to(out_ptr.dtype.element_ty))
+    tl.store(o + HALF + d, (acc2 * inv).to(out_ptr.dtype.element_ty))
+    # the last program advances the write offset (every program has read it by then) and resets the ticket
+    t = tl.atomic_add(ticket_ptr, 1)
+    if t == tl.num_programs(0) - 1:
+        tl.store(off_ptr, (pos + 1).to(off_ptr.dtype.element_ty))
+        tl.store(ticket_ptr, 0)
+
+
+def supported(head_dim: int, num_heads: int, num_kv_heads: int) -> str | None:
+    """Why :func:`decode_attention` cannot serve these heads, or None."""
+    if head_dim < 4 or head_dim & (head_dim - 1):
+        return f"head_dim must be a power of two >= 4, got {head_dim}"
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        return f"the query heads ({num_heads}) must be a multiple of the key/value heads ({num_kv_heads})"
+    return None
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    offset: torch.Tensor,
+    ticket: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One decode step's attention for one layer (module docstring): ``q [B, H*D]``, ``k`` / ``v [B, KVH*D]``
+    (this token's projections, before the rotary embedding), ``cos`` / ``sin [B, D]`` (or ``[1, D]`` for every
+    row), the cache layer's ``keys`` / ``values [B, KVH, L, D]`` (written at ``offset``, which is then advanced by
+    one), ``ticket`` an int32 device scalar left at 0, ``mask`` None or bool ``[B, 1, 1, L]``. Returns
+    ``[B, H*D]`` in ``q``'s dtype."""
+    B, kvh, L, D = keys.shape
+    H = q.shape[-1] // D
+    why = supported(D, H, kvh)
+    if why is not None:
+        raise ValueError(f"decode_attention: {why}")
+    if q.shape != (B, H * D) or k.shape != (B, kvh * D) or v.shape != (B, kvh * D):
+        raise ValueError(
+            f"decode_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match the cache "
+            f"{tuple(keys.shape)} (expected [B, H*D] and [B, KVH*D] with B={B}, KVH={kvh}, D={D})"
+        )
+    if values.shape != keys.shape or not (keys.is_contiguous() and values.is_contiguous()):
+        raise ValueError("decode_attention: keys and values must be contiguous tensors of one shape [B, KVH, L, D]")
+    if cos.shape[-1] != D or cos.numel() not in (D, B * D) or sin.shape != cos.shape:
+        raise ValueError(
+            f"decode_attention: cos / sin must hold [B, D] = [{B}, {D}] or [1, D] values, got {tuple(cos.shape)}"
+        )
+    rows = cos.numel() // D
+    m = None
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.numel() != B * L:
+            raise ValueError(f"decode_attention: mask must be bool [B, 1, 1, L] = [{B}, 1, 1, {L}], got {mask.dtype} "
+                             f"{tuple(mask.shape)}")  # fmt: skip
+        m = mask.reshape(B, L).contiguous().view(torch.int8)  # an expanded mask: one row per batch row
+    out = torch.empty_like(q)
+    _decode_attention_kernel[(B * H,)](
+        q.contiguous(), k.contiguous(), v.contiguous(), cos.reshape(rows, D).contiguous(),
+        sin.reshape(rows, D).contiguous(), keys, values, offset, ticket, m if m is not None else q, out,
+        L, float(scale), 0 if rows == 1 else D, H=H, KVH=kvh, HALF=D // 2, BN=BLOCK_N, HAS_MASK=m is not None,
+    )  # fmt: skip
+    return out
+
+
+def reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    offset: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`decode_attention` in PyTorch (writes the cache and advances ``offset`` the same way)."""
+    B, kvh, L, D = keys.shape
+    H = q.shape[-1] // D
+
+    def rope(x: torch.Tensor) -> torch.Tensor:
+        c, s = cos.reshape(-1, 1, D).float(), sin.reshape(-1, 1, D).float()
+        x = x.float()
+        half = torch.cat((-x[..., D // 2 :], x[..., : D // 2]), -1)
+        return x * c + half * s
+
+    pos = int(offset)
+    qr = rope(q.reshape(B, H, D))
+    keys[:, :, pos] = rope(k.reshape(B, kvh, D)).to(keys.dtype)
+    values[:, :, pos] = v.reshape(B, kvh, D).to(values.dtype)
+    kk = keys[:, :, : pos + 1].float().repeat_interleave(H // kvh, 1)
+    vv = values[:, :, : pos + 1].float().repeat_interleave(H // kvh, 1)
+    s = torch.einsum("bhd,bhld->bhl", qr * scale, kk)
+    if mask is not None:
+        s = s.masked_fill(~mask.reshape(B, 1, L)[..., : pos + 1], float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    offset.add_(1)
+    return torch.einsum("bhl,bhld->bhd", p, vv).reshape(B, H * D).to(q.dtype)

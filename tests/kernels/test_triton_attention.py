@@ -1,0 +1,174 @@
+"""The one-launch decode attention (rotary embedding, cache write, attention; ``kernels.triton_attention``) and the
+lean attention forward that calls it (``patching.lean_attention``): in Triton's interpreter on the CPU, on the GPU
+where there is one."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mobiquant.kernels import available
+from mobiquant.kernels import triton_attention as ta
+from mobiquant.patching import lean_attention
+from mobiquant.tasks.decode import generate
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tiny_models import build_tiny_llama, build_tiny_opt  # noqa: E402
+
+needs_triton = pytest.mark.skipif(not available(), reason="needs Triton (CUDA, or TRITON_INTERPRET=1 on the CPU)")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _step(B, H, KVH, D, L, pos, masked, dtype=torch.float16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).to(DEV, dtype)
+
+    ang = torch.randn(B, D // 2, generator=g)
+    cos = torch.cat([ang.cos()] * 2, -1).to(DEV, dtype)
+    sin = torch.cat([ang.sin()] * 2, -1).to(DEV, dtype)
+    mask = (torch.rand(B, 1, 1, L, generator=g) > 0.3).to(DEV) if masked else None
+    return dict(q=r(B, H * D), k=r(B, KVH * D), v=r(B, KVH * D), cos=cos, sin=sin, keys=r(B, KVH, L, D),
+                values=r(B, KVH, L, D), offset=torch.tensor(pos, device=DEV), mask=mask)  # fmt: skip
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "B,H,KVH,D,L,pos,masked",
+    [
+        (1, 4, 2, 16, 40, 0, False),  # the first position: the token attends to itself alone
+        (1, 4, 2, 16, 40, 33, False),  # past one block of positions
+        (1, 4, 4, 8, 20, 19, False),  # no grouping, the last slot
+        (2, 6, 3, 8, 70, 65, True),  # two rows, a mask
+        (1, 9, 3, 64, 100, 37, True),  # SmolLM2's heads
+    ],
+)
+def test_decode_attention_matches_the_reference(B, H, KVH, D, L, pos, masked):
+    """Output, the written cache slot and the advanced offset equal the PyTorch reference; the ticket is left at 0."""
+    a = _step(B, H, KVH, D, L, pos, masked)
+    b = {n: (t.clone() if torch.is_tensor(t) else t) for n, t in a.items()}
+    ticket = torch.zeros((), dtype=torch.int32, device=DEV)
+    got = ta.decode_attention(**a, ticket=ticket, scale=D**-0.5)
+    ref = ta.reference(**b, scale=D**-0.5)
+    torch.testing.assert_close(got.float(), ref.float(), atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(a["keys"], b["keys"], atol=1e-3, rtol=0)
+    assert torch.equal(a["values"], b["values"])
+    assert int(a["offset"]) == int(b["offset"]) == pos + 1
+    assert int(ticket) == 0
+
+
+@needs_triton
+def test_decode_attention_steps_through_the_cache():
+    """Positions 0..n-1 one launch after another against one reference cache (each step reads the slots the
+    earlier ones wrote); a masked-out row reads zeros."""
+    B, H, KVH, D, L = 1, 4, 2, 16, 12
+    a = _step(B, H, KVH, D, L, 0, False, dtype=torch.float32)
+    keys, values = torch.zeros_like(a["keys"]), torch.zeros_like(a["values"])
+    rk, rv = keys.clone(), values.clone()
+    off, roff = a["offset"].clone(), a["offset"].clone()
+    ticket = torch.zeros((), dtype=torch.int32, device=DEV)
+    for i in range(L):
+        s = _step(B, H, KVH, D, L, 0, False, dtype=torch.float32, seed=i + 1)
+        args = dict(q=s["q"], k=s["k"], v=s["v"], cos=s["cos"], sin=s["sin"])
+        got = ta.decode_attention(**args, keys=keys, values=values, offset=off, ticket=ticket, scale=0.25)
+        ref = ta.reference(**args, keys=rk, values=rv, offset=roff, scale=0.25)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert int(off) == L
+    none = torch.zeros(B, 1, 1, L, dtype=torch.bool, device=DEV)
+    off.zero_()
+    out = ta.decode_attention(**args, keys=keys, values=values, offset=off, ticket=ticket, scale=0.25, mask=none)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+@needs_triton
+def test_decode_attention_refuses_what_it_cannot_serve():
+    a = _step(1, 4, 2, 16, 8, 0, False)
+    t = torch.zeros((), dtype=torch.int32, device=DEV)
+    with pytest.raises(ValueError, match=r"k \(1, 16\).*expected \[B, H\*D\]"):
+        ta.decode_attention(**dict(a, k=a["k"][:, :16]), ticket=t, scale=1.0)
+    with pytest.raises(ValueError, match="mask must be bool"):
+        ta.decode_attention(**dict(a, mask=torch.ones(1, 1, 1, 8, device=DEV)), ticket=t, scale=1.0)
+    with pytest.raises(ValueError, match="cos / sin must hold"):
+        ta.decode_attention(**dict(a, cos=a["cos"][:, :8], sin=a["sin"][:, :8]), ticket=t, scale=1.0)
+    assert "power of two" in ta.supported(48, 4, 2)
+    assert "multiple" in ta.supported(16, 6, 4)
+    assert ta.supported(64, 9, 3) is None
+
+
+def _launches(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = ta.decode_attention
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(ta, "decode_attention", counted)
+    return calls
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_lean_attention_decodes_as_the_model_does(monkeypatch, dtype):
+    """A tiny LLaMA with the lean forward: the same greedy tokens as its own forward, and each decode step one
+    attention launch a layer (the prompt's prefill none); ``enable=False`` puts the model's own class back."""
+    model = build_tiny_llama().to(DEV, dtype)
+    prompt = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(1))
+    ref = generate(model, prompt, 10, cuda_graph="off")
+    own = type(model.model.layers[0].self_attn)
+    keys = set(model.state_dict())
+    assert lean_attention(model) == model.config.num_hidden_layers
+    assert set(model.state_dict()) == keys  # the ticket is not saved
+    calls = _launches(monkeypatch)
+    got = generate(model, prompt, 10, cuda_graph="off")
+    assert torch.equal(got.tokens, ref.tokens)
+    assert len(calls) == 9 * model.config.num_hidden_layers
+    assert lean_attention(model, enable=False) == 0
+    assert type(model.model.layers[0].self_attn) is own
+
+
+@needs_triton
+def test_lean_attention_keeps_the_logits_step_by_step():
+    """Logits of every decode step against the model's own attention over the same static cache."""
+    from transformers import StaticCache
+
+    model = build_tiny_llama(num_attention_heads=4, num_key_value_heads=1).to(DEV)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3)).to(DEV)
+    outs = []
+    for lean in (False, True):
+        lean_attention(model, enable=lean)
+        cache = StaticCache(config=model.config, max_cache_len=12)
+        with torch.no_grad():
+            model(input_ids=ids[:, :5], past_key_values=cache, use_cache=True)
+            outs.append([model(input_ids=ids[:, i : i + 1], past_key_values=cache, use_cache=True).logits
+                         for i in range(5, 9)])  # fmt: skip
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+def test_lean_attention_leaves_other_models_alone():
+    """Attention classes it does not reproduce (OPT's) are untouched."""
+    model = build_tiny_opt()
+    assert lean_attention(model) == 0
+    from mobiquant.nn.attention import lean_reason
+
+    assert "not one of" in lean_reason(model.model.decoder.layers[0].self_attn)
+
+
+@needs_gpu
+def test_gpu_lean_attention_in_the_compiled_step():
+    """fp16 on the GPU, the compiled and captured step (the decode default): the lean model's greedy tokens are the
+    model's own, and its step launches the attention kernel."""
+    model = build_tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=2).cuda().half()
+    prompt = torch.randint(0, model.config.vocab_size, (1, 11), generator=torch.Generator().manual_seed(5))
+    ref = generate(model, prompt, 24, cuda_graph="compile")
+    assert lean_attention(model) == model.config.num_hidden_layers
+    got = generate(model, prompt, 24, cuda_graph="compile")
+    lean_attention(model, enable=False)
+    assert got.graph == ref.graph
+    assert torch.equal(got.tokens, ref.tokens)
