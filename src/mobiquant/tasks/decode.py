@@ -35,6 +35,7 @@ from ..patching import (
     achieved_bits,
     budget_plan,
     fuse_inputs,
+    lean_attention,
     mobi_linears,
     reset_counts,
     routers,
@@ -863,6 +864,9 @@ def _decode_settings(cfg) -> dict[str, Any]:
     fuse = d.get("fuse_inputs", True)
     if not isinstance(fuse, bool):
         raise ConfigError(f"decode.fuse_inputs={fuse!r} must be true or false")
+    lean = d.get("lean_attention", False)
+    if not isinstance(lean, bool):
+        raise ConfigError(f"decode.lean_attention={lean!r} must be true or false")
     kernels = _kernel_settings(d.get("kernels"), ConfigError)
     return dict(
         prompt=prompt,
@@ -876,6 +880,7 @@ def _decode_settings(cfg) -> dict[str, Any]:
         fp=bool(d.get("fp", True)),
         checkpoint=d.get("checkpoint"),
         fuse_inputs=fuse,
+        lean_attention=lean,
         kernels=kernels,
     )
 
@@ -985,6 +990,7 @@ def run(cfg) -> float:
             ses.use_backend(model)
             # every row: a method may hand back the same model with other modules in it; a 4-token trace each
             fuse_inputs(model, enable=s["fuse_inputs"])  # the fp model too: its rows time the same kernels
+            lean_attention(model, enable=s["lean_attention"])
             if s["kernels"] and method != "fp":
                 from ..kernels.triton_bitplane import SmallConfig
 
