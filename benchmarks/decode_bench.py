@@ -413,14 +413,14 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package",
     """fp16, then for each ``(label, small_config)`` of ``kernels`` (``None``: the library's defaults; ``"sites"``:
     one launch per router site; ``"inputs"``: that and fused inputs, ``patching.fuse_inputs``, with an fp16 row
     of the same fused kernels; a pair ``(mode, small_config)``: that fusion with that config, routed budgets only;
-    a triple ``(mode, small_config, True)``: the static views too; mode ``"lean"``: fused inputs and
-    ``patching.lean_attention``, with an fp16 row of that attention)
+    a triple ``(mode, small_config, True)``: the static views too; modes ``"lean attention"`` / ``"lean step"``:
+    fused inputs and ``patching.lean_step`` without / with its residual adds, each with an fp16 row of the same)
     the static views and the routed ``budgets`` (default: base bits .. all bits) through
     ``mobiquant.tasks.decode.generate``. ``warm = (i, n)``: nothing timed, no row returned; the entries ``j`` of
     ``kernels`` with ``j % n == i`` (and fp16 in shard 0) each decode a few tokens in every row's mode, so that their
     kernels are compiled into the on-disk caches (Triton's, Inductor's) that the timing run then finds."""
     import mobiquant as mq
-    from mobiquant.patching import fuse_inputs, fuse_sites, lean_attention, set_small_config
+    from mobiquant.patching import fuse_inputs, fuse_sites, lean_step, set_small_config
     from mobiquant.tasks.decode import generate
 
     vocab = fp.config.vocab_size
@@ -490,21 +490,23 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package",
         fuse_inputs(fp, enable=False)
         rows.append(row("package fp16 [fused inputs]", 16.0, 16.0, t, how, model=fp))
         print(f"package fp16 [fused inputs]: {t:.1f} us/token  x{t16 / t:.2f} (graph: {how})")
-    if fp16_here and any(kind(cfg)[0] == "lean" for _, cfg in kernels):  # fp16 with the same attention launch
-        lean_attention(fp)
-        t, how = timed(fp)
-        lean_attention(fp, enable=False)
-        rows.append(row("package fp16 [lean attention]", 16.0, 16.0, t, how, model=fp))
-        print(f"package fp16 [lean attention]: {t:.1f} us/token  x{t16 / t:.2f} (graph: {how})")
+    for lean, adds in (("lean attention", False), ("lean step", True)):  # fp16 with the same launches
+        if fp16_here and any(kind(cfg)[0] == lean for _, cfg in kernels):
+            lean_step(fp, adds=adds)
+            t, how = timed(fp)
+            lean_step(fp, enable=False)
+            rows.append(row(f"package fp16 [{lean}]", 16.0, 16.0, t, how, model=fp))
+            print(f"package fp16 [{lean}]: {t:.1f} us/token  x{t16 / t:.2f} (graph: {how})")
     ns = len(kb.SLICE_BITS)
     for label, cfg in kernels:
         mode, small = kind(cfg)
         in_launch = getattr(small, "router_in_launch", False)  # the router in the site's launch: sites on
-        sites = mode in ("sites", "inputs", "lean") or in_launch
+        lean = mode in ("lean attention", "lean step")
+        sites = mode in ("sites", "inputs") or lean or in_launch
         set_small_config(q, small)
         fuse_sites(q, enable=sites)
-        fuse_inputs(q, enable=mode in ("inputs", "lean"))
-        lean_attention(q, enable=mode == "lean")
+        fuse_inputs(q, enable=mode == "inputs" or lean)
+        lean_step(q, enable=lean, adds=mode == "lean step")
         # a (mode, config) entry: its routed budgets only (a config for views learnt on the device)
         for k in range(1, ns + 1) if not isinstance(cfg, tuple) or cfg[2:] == (True,) else ():
             mq.set_static(q, k)
@@ -530,7 +532,7 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package",
     set_small_config(q, None)
     fuse_sites(q, enable=False)
     fuse_inputs(q, enable=False)
-    lean_attention(q, enable=False)
+    lean_step(q, enable=False)
     return rows if warm is None else []
 
 
@@ -758,8 +760,10 @@ def package_kernels(args, bits_cfg=None) -> list:
         kernels.append(("package sites+inputs router early l2", ("inputs", SmallConfig(router_early_l2=True))))
     if args.package_router_partials:  # ... fused inputs, each router launch without its tail, finished by the GEMVs
         kernels.append(("package sites+inputs router partials", ("inputs", SmallConfig(router_partials=True))))
-    if args.package_lean_attention:  # ... fused inputs, each layer's rotary, cache write and attention one launch
-        kernels.append(("package sites+inputs lean attention", ("lean", None, True)))  # static views too
+    if args.package_lean_step:  # ... fused inputs, each layer's rotary, cache write and attention one launch, then
+        # also the residual adds in the o and down launches (static views too)
+        kernels.append(("package sites+inputs lean attention", ("lean attention", None, True)))
+        kernels.append(("package sites+inputs lean step", ("lean step", None, True)))
     if args.package_no_span:  # ... fused inputs, every view's body compiled (the default before 2026-12-06)
         kernels.append(("package sites+inputs no span", ("inputs", SmallConfig(span_bodies=False))))
     if args.package_pdl:  # ... fused inputs, every kernel launch of a linear with programmatic dependent launch
@@ -1036,10 +1040,11 @@ def main(argv=None):
         "on the fragment kernel finishing the router from its partial sums (SmallConfig(router_partials=True))",
     )
     ap.add_argument(
-        "--package-lean-attention",
+        "--package-lean-step",
         action="store_true",
         help="also the package's static views and routed budgets with fused inputs and each layer's rotary embedding, "
-        "cache write and attention in one launch (patching.lean_attention), and fp16 with that attention",
+        "cache write and attention in one launch (patching.lean_step(adds=False)), then also the residual adds in "
+        "the o and down launches (lean_step), and fp16 with each",
     )
     ap.add_argument(
         "--package-fused-only",

@@ -94,10 +94,10 @@
 #            their weights first (--package-router-l2), and the routers' launches without their tail, the GEMVs
 #            finishing them (--package-router-partials, NOTES entry 33); then the default rows with router
 #            placement block (stage block), then the default placement site's census at 3.5
-#   lean     (only when named) each layer's rotary embedding, cache write and attention in one launch
-#            (patching.lean_attention): its GPU tests, then the package rows (sublayer routers) with it and with the
-#            routers' tails in the GEMVs (NOTES entry 33) beside the default rows and fp16 with and without it, then
-#            SmolLM2-135M end to end with it (needs $GGUF)
+#   lean     (only when named) the lean decode step (patching.lean_step): each layer's rotary embedding, cache write
+#            and attention in one launch, then also its residual adds in the o and down launches: its GPU tests, then
+#            the package rows (sublayer routers) with each, and with the routers' tails in the GEMVs (NOTES entry
+#            33), beside fp16 with each, then SmolLM2-135M end to end with it (needs $GGUF)
 #   block    (only when named; in loads) the default rows with router placement block (one router a layer), with
 #            and without the routers' tails, and its compiled step's census at routed 3.5 / 4.5 bits
 #   span     (only when named) the stack's static views beside each view with k read on the device: every body
@@ -360,10 +360,10 @@ stage() {
         --census compile --census-only --census-budgets 3.5 ;;
     lean)
       run_stage lean_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_triton_attention.py
-      package_stage lean sublayer --package-lean-attention --package-router-partials --package-fused-only
+      package_stage lean sublayer --package-lean-step --package-router-partials --package-fused-only
       if [ -e "$GGUF" ]; then
         run_stage lean_e2e 900 "$PY" benchmarks/e2e_decode.py --gguf "$GGUF" --budgets 4 --views 2 --fuse-inputs \
-          --lean-attention --out "$RES/lean_e2e"
+          --lean-step --out "$RES/lean_e2e"
       fi ;;
     block)
       package_stage loads_block block --package-router-partials --package-fused-only

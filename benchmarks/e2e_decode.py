@@ -132,10 +132,11 @@ def parse_args(argv=None):
         "also routes the site it feeds, and every gated MLP product likewise (patching.fuse_inputs)",
     )
     ap.add_argument(
-        "--lean-attention",
+        "--lean-step",
         action="store_true",
         help="also, in the same process, fp16, routed budget 4 and static 4 bits with fused inputs and each layer's "
-        "rotary embedding, cache write and attention in one launch (patching.lean_attention)",
+        "rotary embedding, cache write and attention in one launch and the residual adds in the o and down launches "
+        "(patching.lean_step)",
     )
     ap.add_argument(
         "--per-linear",
@@ -317,10 +318,10 @@ def run_rows(args, fp, q, tok, device):
     if args.fuse_inputs:  # fp16 with the same kernels: what they give any model, routers apart
         fp_case = dict(name="fp16", model=fp, budget=None, k=None)
         cases += [dict(base, **c, fuse_inputs=True) for c in (fp_case, *pair)]
-    if args.lean_attention:  # ... and each layer's rotary, cache write and attention in one launch
+    if args.lean_step:  # ... and each layer's attention in one launch, its residual adds in o and down
         fp_case = dict(name="fp16", model=fp, budget=None, k=None)
         cases += [dict(base, **c, fuse_inputs=True, lean=True) for c in (fp_case, *pair)]
-    from mobiquant.patching import fuse_inputs, fuse_sites, lean_attention, set_small_config
+    from mobiquant.patching import fuse_inputs, fuse_sites, lean_step, set_small_config
 
     real_routed_k = mq.MoBiLinear._routed_k
     for c in cases:
@@ -334,7 +335,7 @@ def run_rows(args, fp, q, tok, device):
         if c["fuse_inputs"]:
             fuse_inputs(model)
         if c["lean"]:
-            lean_attention(model)
+            lean_step(model)
         if static_k is not None:
             mq.set_static(model, static_k)
         t_row = time.perf_counter()
@@ -345,7 +346,7 @@ def run_rows(args, fp, q, tok, device):
             if c["fuse_inputs"]:
                 fuse_inputs(model, enable=False)
             if c["lean"]:
-                lean_attention(model, enable=False)
+                lean_step(model, enable=False)
             if c["per_linear"] and not args.per_linear:
                 fuse_sites(model)
             if c["cfg"] is not None:
@@ -360,7 +361,7 @@ def run_rows(args, fp, q, tok, device):
             " [per linear]" * c["per_linear"]
             + " [host count]" * c["host_count"]
             + " [fused inputs]" * c["fuse_inputs"]
-            + " [lean attention]" * c["lean"]
+            + " [lean step]" * c["lean"]
         )
         rows.append(
             dict(

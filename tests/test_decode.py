@@ -724,7 +724,7 @@ def test_task_decode_rejects_bad_settings(tmp_path):
         ("decode.budgets=[]", "decode.budgets"),
         ("decode.prompt=''", "decode.prompt"),
         ("decode.fuse_inputs=maybe", "decode.fuse_inputs"),
-        ("decode.lean_attention=1", "decode.lean_attention=1 must be true or false"),
+        ("decode.lean_step=1", "decode.lean_step=1 must be true or false"),
         ("+decode.kernels.turbo=true", r"decode.kernels has unknown fields \['turbo'\]; allowed: block_n,"),
         ("+decode.kernels.num_warps=0", r"decode.kernels.num_warps=0 must be of type int"),
         ("+decode.kernels.pdl=yes", r"decode.kernels.pdl='yes' must be of type bool"),
@@ -746,8 +746,8 @@ def test_task_decode_kernel_settings_reach_the_quantized_model(tmp_path, monkeyp
     decode.run(cfg)
     assert [(c.pdl, c.num_warps, c.l2_prefetch) for c in seen] == [(True, 8, False)]
     leans = []
-    monkeypatch.setattr(decode, "lean_attention", lambda model, enable=True: leans.append(enable))
-    decode.run(decode_cfg(tmp_path / "lean", "decode.lean_attention=true", "decode.budgets=[3]"))
+    monkeypatch.setattr(decode, "lean_step", lambda model, enable=True: leans.append(enable))
+    decode.run(decode_cfg(tmp_path / "lean", "decode.lean_step=true", "decode.budgets=[3]"))
     assert leans == [True, True]  # the fp row and the quantized one
     df = pd.read_csv(tmp_path / "run" / "decode.csv")
     assert df["method"].tolist() == ["fp", "mobiquant"]

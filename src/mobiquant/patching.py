@@ -354,25 +354,29 @@ def fuse_inputs(model: nn.Module, enable: bool = True) -> int:
     return fused
 
 
-def lean_attention(model: nn.Module, enable: bool = True) -> int:
-    """A one-token decode step's attention in one launch besides its projections (:mod:`mobiquant.nn.attention`):
-    every attention module of a supported class (LLaMA, Mistral, Qwen2 without sliding windows) takes
-    :class:`~mobiquant.nn.attention.LeanAttention`'s forward, which against a transformers static cache runs the
-    rotary embedding, the cache write and the attention as one launch (the model's own step: six or more a layer).
-    Works on unquantized models too. Parameters, names and state dicts do not change. ``enable=False`` puts the
-    model's own forward back. Returns the number of modules that take the lean forward."""
-    from .nn.attention import LeanAttention, base_type, lean_reason, lean_type
+def lean_step(model: nn.Module, enable: bool = True, adds: bool = True) -> int:
+    """A one-token decode step of LLaMA-family layers in fewer launches (:mod:`mobiquant.nn.lean`): every attention
+    module of a supported class (LLaMA, Mistral, Qwen2 without sliding windows) runs the rotary embedding, the
+    cache write and the attention over a transformers static cache as one launch (the model's own step: six or
+    more a layer), and every supported decoder layer adds its residuals in the ``o_proj`` and ``down_proj``
+    launches (``adds=False``: the attention alone). Works on unquantized models too. Parameters, names and state
+    dicts do not change. ``enable=False`` puts the model's own forwards back. Returns the number of attention
+    modules that take the lean step."""
+    from .nn.lean import LeanAttention, LeanDecoderLayer, base_type, layer_reason, lean_reason, lean_type
 
     done = 0
     for mod in model.modules():
-        if isinstance(mod, LeanAttention):
+        if isinstance(mod, (LeanAttention, LeanDecoderLayer)):
             mod.__class__ = base_type(type(mod))
-        if not enable or lean_reason(mod) is not None:
+        if not enable:
             continue
-        dev = next((p.device for p in mod.parameters()), torch.device("cpu"))
-        mod.__class__ = lean_type(type(mod))
-        mod.register_buffer("lean_ticket", torch.zeros((), dtype=torch.int32, device=dev), persistent=False)
-        done += 1
+        if lean_reason(mod) is None:
+            dev = next((p.device for p in mod.parameters()), torch.device("cpu"))
+            mod.__class__ = lean_type(type(mod), LeanAttention)
+            mod.register_buffer("lean_ticket", torch.zeros((), dtype=torch.int32, device=dev), persistent=False)
+            done += 1
+        elif adds and layer_reason(mod) is None:
+            mod.__class__ = lean_type(type(mod), LeanDecoderLayer)
     return done
 
 

@@ -89,6 +89,22 @@ class FusedRMSNorm(nn.Module):
         return _made(x, ("rms_norm", self.weight, self.variance_epsilon), self.router, self.consumer)
 
 
+def linear_add(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """``residual + linear(x)`` (``linear(x)`` when ``residual`` is None) in as few launches as the linear allows: a
+    :class:`~mobiquant.nn.linear.MoBiLinear` adds it in its kernel's epilogue (one token), a plain ``nn.Linear``
+    without bias through one ``addmm`` (cuBLAS's epilogue), anything else by an addition."""
+    from .linear import MoBiLinear
+
+    if residual is None:
+        return linear(x)
+    if isinstance(linear, MoBiLinear):
+        return linear(x, residual=residual)
+    if type(linear) is nn.Linear and linear.bias is None and residual.shape[-1] == linear.out_features:
+        y = torch.addmm(residual.reshape(-1, linear.out_features), x.reshape(-1, x.shape[-1]), linear.weight.t())
+        return y.reshape(residual.shape)
+    return residual + linear(x)
+
+
 #: The linears of a gated MLP, by their Hugging Face names (LLaMA, Mistral, Qwen2).
 PARTS = ("gate_proj", "up_proj", "down_proj")
 
@@ -110,9 +126,10 @@ class FusedGatedMLP(nn.Module):
         self.backend = "auto"
         object.__setattr__(self, "original", mlp)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The MLP's output, plus ``residual`` when given (:func:`linear_add`: in the down launch's epilogue)."""
         gate, up = self.gate_proj(x), self.up_proj(x)
         router = getattr(self.down_proj, "router", None)
         if not _fast(gate, self.backend, (up,)) or _compiled_away(router, self.down_proj):
-            return self.down_proj(self.act_fn(gate) * up)
-        return self.down_proj(_made(gate, ("silu_mul", up), router, self.down_proj))
+            return linear_add(self.down_proj, self.act_fn(gate) * up, residual)
+        return linear_add(self.down_proj, _made(gate, ("silu_mul", up), router, self.down_proj), residual)

@@ -356,15 +356,17 @@ class MoBiLinear(nn.Module):
         return out
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``x W^T + bias``, plus ``residual`` (of the output's shape) when given: for one token on the one-bit
+        plane and fragment kernels added in the launch's epilogue (as the bias is), else by one addition."""
         router = self._router
         if router is not None and router.has_borrowers:  # the borrowers' input, recorded as the home linears run:
-            return self._forward_opaque(x)  # kept out of a compiled trace, which would not record it
+            return self._forward_opaque(x, residual)  # kept out of a compiled trace, which would not record it
         if torch.compiler.is_compiling():  # decode's cuda_graph='compile': a CPU int4 view is traced with the rest
             y = self._traced_int4(x)
             if y is not None:
-                return y
-        return self._forward_opaque(x)
+                return y if residual is None else y + residual
+        return self._forward_opaque(x, residual)
 
     def _traced_int4(self, x: torch.Tensor) -> torch.Tensor | None:
         """Under ``torch.compile``, the forward that Inductor can take into the step's graph: a packed layer's bf16
@@ -415,15 +417,17 @@ class MoBiLinear(nn.Module):
     # opaque to torch.compile: Inductor cannot take the Triton launches (decode's cuda_graph='compile' compiles the
     # code between these calls and captures them in its graph)
     @torch.compiler.disable
-    def _forward_opaque(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_opaque(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         router = self._router
         if router is not None and router.has_borrowers and self.router_home:
             router.see_home(x)
         if self.weight_override is not None:
-            return F.linear(x, self.weight_override().to(x.dtype), self.bias)
-        if self.packed:
-            return self._forward_packed(x)
-        return self._forward_fake(x)
+            y = F.linear(x, self.weight_override().to(x.dtype), self.bias)
+        elif self.packed:
+            return self._forward_packed(x, residual)
+        else:
+            y = self._forward_fake(x)
+        return y if residual is None else y + residual
 
     def _count(self, k: torch.Tensor | int, n_tokens: int) -> None:
         if not self.track:
@@ -504,10 +508,11 @@ class MoBiLinear(nn.Module):
         router = self._router
         return self._host_view() if router is not None and router.fixed else None
 
-    def _forward_packed(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_packed(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         from .. import kernels
 
         n_tokens = x.numel() // x.shape[-1]
+        bias = self._buffers.get("bias")
         extra = {}
         cfg = getattr(self, "small_config", None)
         backend = getattr(self, "backend", "auto")
@@ -529,7 +534,12 @@ class MoBiLinear(nn.Module):
         if group is not None and extra.get("path") == "bits":  # one launch for the site (patching.fuse_sites)
             y = group.output(self, x, cfg)
             if y is not None:
-                return y
+                return y if residual is None else y + residual
+        # one token's residual is the launch's bias: added in the kernel's epilogue
+        in_epilogue = residual is not None and bias is None and extra.get("path") == "bits"
+        if in_epilogue:
+            assert residual is not None
+            bias = residual.reshape(-1)
         k: Any
         if self.mode == "static" or self._router is None:
             k = self.static_k
@@ -548,7 +558,7 @@ class MoBiLinear(nn.Module):
             if j is not None and not x.is_cuda:  # both views' packs, for a compiled step to trace (_traced_int4)
                 views.parts(j), views.parts(j + 1)
         buffers = self._buffers
-        return kernels.bitplane_linear(
+        y = kernels.bitplane_linear(
             x,
             planes,
             buffers["scale"],  # type: ignore[arg-type]
@@ -556,13 +566,14 @@ class MoBiLinear(nn.Module):
             self.slice_bits,
             self.slicer.group_size,
             k,
-            buffers.get("bias"),
+            bias,
             backend=backend,
             weight=lambda kk: self.dense_view(kk, x.dtype),
             matmul=matmul,
             pair=pair,
             **extra,
         )
+        return y if residual is None or in_epilogue else y + residual
 
     def _int4_serves(self, x: torch.Tensor, cfg: Any = None) -> bool:
         """Whether the int4 matmuls (``kernels.int4``) serve ``x``: bf16 decode on the CPU; on CUDA 2 to

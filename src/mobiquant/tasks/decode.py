@@ -35,7 +35,7 @@ from ..patching import (
     achieved_bits,
     budget_plan,
     fuse_inputs,
-    lean_attention,
+    lean_step,
     mobi_linears,
     reset_counts,
     routers,
@@ -864,9 +864,9 @@ def _decode_settings(cfg) -> dict[str, Any]:
     fuse = d.get("fuse_inputs", True)
     if not isinstance(fuse, bool):
         raise ConfigError(f"decode.fuse_inputs={fuse!r} must be true or false")
-    lean = d.get("lean_attention", False)
+    lean = d.get("lean_step", False)
     if not isinstance(lean, bool):
-        raise ConfigError(f"decode.lean_attention={lean!r} must be true or false")
+        raise ConfigError(f"decode.lean_step={lean!r} must be true or false")
     kernels = _kernel_settings(d.get("kernels"), ConfigError)
     return dict(
         prompt=prompt,
@@ -880,7 +880,7 @@ def _decode_settings(cfg) -> dict[str, Any]:
         fp=bool(d.get("fp", True)),
         checkpoint=d.get("checkpoint"),
         fuse_inputs=fuse,
-        lean_attention=lean,
+        lean_step=lean,
         kernels=kernels,
     )
 
@@ -990,7 +990,7 @@ def run(cfg) -> float:
             ses.use_backend(model)
             # every row: a method may hand back the same model with other modules in it; a 4-token trace each
             fuse_inputs(model, enable=s["fuse_inputs"])  # the fp model too: its rows time the same kernels
-            lean_attention(model, enable=s["lean_attention"])
+            lean_step(model, enable=s["lean_step"])
             if s["kernels"] and method != "fp":
                 from ..kernels.triton_bitplane import SmallConfig
 

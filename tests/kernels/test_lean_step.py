@@ -1,6 +1,6 @@
-"""The one-launch decode attention (rotary embedding, cache write, attention; ``kernels.triton_attention``) and the
-lean attention forward that calls it (``patching.lean_attention``): in Triton's interpreter on the CPU, on the GPU
-where there is one."""
+"""The lean decode step (``patching.lean_step``): the one-launch decode attention (rotary embedding, cache write,
+attention; ``kernels.triton_attention``) and the residual adds in the o and down launches: in Triton's interpreter
+on the CPU, on the GPU where there is one."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from mobiquant.kernels import available
 from mobiquant.kernels import triton_attention as ta
-from mobiquant.patching import lean_attention
+from mobiquant.patching import lean_step
 from mobiquant.tasks.decode import generate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -113,27 +113,29 @@ def _launches(monkeypatch) -> list[int]:
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_lean_attention_decodes_as_the_model_does(monkeypatch, dtype):
-    """A tiny LLaMA with the lean forward: the same greedy tokens as its own forward, and each decode step one
-    attention launch a layer (the prompt's prefill none); ``enable=False`` puts the model's own class back."""
+@pytest.mark.parametrize("dtype,adds", [(torch.float32, True), (torch.float16, True), (torch.float32, False)])
+def test_lean_step_decodes_as_the_model_does(monkeypatch, dtype, adds):
+    """A tiny LLaMA with the lean step (with and without its residual adds): the same greedy tokens as its own
+    forward, and each decode step one attention launch a layer (the prompt's prefill none); ``enable=False`` puts
+    the model's own classes back."""
     model = build_tiny_llama().to(DEV, dtype)
     prompt = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(1))
     ref = generate(model, prompt, 10, cuda_graph="off")
-    own = type(model.model.layers[0].self_attn)
+    own, own_layer = type(model.model.layers[0].self_attn), type(model.model.layers[0])
     keys = set(model.state_dict())
-    assert lean_attention(model) == model.config.num_hidden_layers
+    assert lean_step(model, adds=adds) == model.config.num_hidden_layers
+    assert (type(model.model.layers[0]) is not own_layer) == adds
     assert set(model.state_dict()) == keys  # the ticket is not saved
     calls = _launches(monkeypatch)
     got = generate(model, prompt, 10, cuda_graph="off")
     assert torch.equal(got.tokens, ref.tokens)
     assert len(calls) == 9 * model.config.num_hidden_layers
-    assert lean_attention(model, enable=False) == 0
-    assert type(model.model.layers[0].self_attn) is own
+    assert lean_step(model, enable=False) == 0
+    assert type(model.model.layers[0].self_attn) is own and type(model.model.layers[0]) is own_layer
 
 
 @needs_triton
-def test_lean_attention_keeps_the_logits_step_by_step():
+def test_lean_step_keeps_the_logits_step_by_step():
     """Logits of every decode step against the model's own attention over the same static cache."""
     from transformers import StaticCache
 
@@ -141,7 +143,7 @@ def test_lean_attention_keeps_the_logits_step_by_step():
     ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3)).to(DEV)
     outs = []
     for lean in (False, True):
-        lean_attention(model, enable=lean)
+        lean_step(model, enable=lean)
         cache = StaticCache(config=model.config, max_cache_len=12)
         with torch.no_grad():
             model(input_ids=ids[:, :5], past_key_values=cache, use_cache=True)
@@ -151,24 +153,68 @@ def test_lean_attention_keeps_the_logits_step_by_step():
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
 
 
-def test_lean_attention_leaves_other_models_alone():
+@needs_triton
+def test_lean_step_adds_the_residuals_in_the_packed_launches(monkeypatch):
+    """A packed tiny LLaMA (fused sites and inputs) decodes one token per step on the one-bit plane kernel: with the
+    lean step its o and down launches take the residual as their bias (no addition after them) and its logits stay
+    those of its own forward, static and routed."""
+    from test_fused_inputs import default_layout_model  # the tiny LLaMA, default layout, calibrated routers
+    from transformers import StaticCache
+
+    import mobiquant as mq
+    from mobiquant import kernels
+    from mobiquant.patching import fuse_inputs
+
+    q = default_layout_model("site")
+    fuse_inputs(q)
+    ids = torch.randint(0, q.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(2)).to(q.device)
+    biased: list[int] = []
+    real = kernels.bitplane_linear
+
+    def spy(*a, **k):
+        bias = a[7] if len(a) > 7 else k.get("bias")
+        biased.append(bias is not None)
+        return real(*a, **k)
+
+    for k in (2, None):  # a static view, then routers where the tokens decide
+        if k is None:
+            mq.set_budget(q, 4.5)
+        else:
+            mq.set_static(q, k)
+        outs = []
+        for lean in (False, True):
+            lean_step(q, enable=lean)
+            cache = StaticCache(config=q.config, max_cache_len=10)
+            with torch.no_grad():
+                q(input_ids=ids[:, :6], past_key_values=cache, use_cache=True)
+                biased.clear()
+                monkeypatch.setattr(kernels, "bitplane_linear", spy)
+                outs.append(q(input_ids=ids[:, 6:7], past_key_values=cache, use_cache=True).logits)
+                monkeypatch.setattr(kernels, "bitplane_linear", real)
+        lean_step(q, enable=False)
+        torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
+        # o and down of every layer (q/k/v and gate/up: one site launch each, without a residual)
+        assert biased == [lean] * 2 * q.config.num_hidden_layers
+
+
+def test_lean_step_leaves_other_models_alone():
     """Attention classes it does not reproduce (OPT's) are untouched."""
     model = build_tiny_opt()
-    assert lean_attention(model) == 0
-    from mobiquant.nn.attention import lean_reason
+    assert lean_step(model) == 0
+    from mobiquant.nn.lean import lean_reason
 
     assert "not one of" in lean_reason(model.model.decoder.layers[0].self_attn)
 
 
 @needs_gpu
-def test_gpu_lean_attention_in_the_compiled_step():
+def test_gpu_lean_step_in_the_compiled_step():
     """fp16 on the GPU, the compiled and captured step (the decode default): the lean model's greedy tokens are the
     model's own, and its step launches the attention kernel."""
     model = build_tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=2).cuda().half()
     prompt = torch.randint(0, model.config.vocab_size, (1, 11), generator=torch.Generator().manual_seed(5))
     ref = generate(model, prompt, 24, cuda_graph="compile")
-    assert lean_attention(model) == model.config.num_hidden_layers
+    assert lean_step(model) == model.config.num_hidden_layers
     got = generate(model, prompt, 24, cuda_graph="compile")
-    lean_attention(model, enable=False)
+    lean_step(model, enable=False)
     assert got.graph == ref.graph
     assert torch.equal(got.tokens, ref.tokens)

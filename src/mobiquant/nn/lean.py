@@ -1,13 +1,18 @@
-"""A LLaMA-family attention whose one-token decode step is one launch besides its projections.
+"""A LLaMA-family decoder layer whose one-token decode step takes few launches besides its linears.
 
-:func:`mobiquant.patching.lean_attention` gives each supported attention module of a Hugging Face model
-(:data:`LEAN_CLASSES`) this class's forward, keeping the module's parameters, names and state dict. For one token
-against a transformers static cache on a device the kernels serve, the step runs ``q_proj``, ``k_proj`` and
-``v_proj`` (the package's linears or the model's own), then one launch of
-:func:`mobiquant.kernels.triton_attention.decode_attention` (rotary embedding, the cache write, the attention over
-the cache, the cache's write offset advanced), then ``o_proj``: the model's own step spends six or more small
-launches a layer between ``v_proj`` and ``o_proj``. Anything else (a prompt's prefill, training, a dynamic cache,
-sliding-window layers, a float mask, the CPU without Triton's interpreter) runs the model's own forward.
+:func:`mobiquant.patching.lean_step` gives each supported attention module (:data:`LEAN_CLASSES`) and decoder
+layer (:data:`LEAN_LAYERS`) of a Hugging Face model the forwards below, keeping parameters, names and state dicts.
+For one token against a transformers static cache on a device the kernels serve:
+
+* the attention runs ``q_proj``, ``k_proj`` and ``v_proj`` (the package's linears or the model's own), then one
+  launch of :func:`mobiquant.kernels.triton_attention.decode_attention` (rotary embedding, the cache write, the
+  attention over the cache, the cache's write offset advanced), then ``o_proj``: the model's own step spends six
+  or more small launches a layer between ``v_proj`` and ``o_proj``;
+* the layer's two residual additions go into the ``o_proj`` and ``down_proj`` launches
+  (:func:`mobiquant.nn.fused.linear_add`: the epilogue of the package's kernels, cuBLAS's ``addmm`` for fp16).
+
+Anything else (a prompt's prefill, training, a dynamic cache, sliding-window layers, a float mask, the CPU without
+Triton's interpreter) runs the model's own forwards.
 """
 
 from __future__ import annotations
@@ -15,6 +20,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from .fused import PARTS, FusedGatedMLP, linear_add
+
+#: The decoder layers whose forward is the pre-norm pattern :class:`LeanDecoderLayer` reproduces
+#: (``h = x + attn(norm1(x)); out = h + mlp(norm2(h))``).
+LEAN_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
 
 #: The attention classes whose arithmetic :func:`~mobiquant.kernels.triton_attention.decode_attention` reproduces
 #: (rotate-half rotary embedding, grouped-query attention, ``module.scaling``, no per-head norms or soft-capping).
@@ -95,28 +106,61 @@ class LeanAttention:
         return layer
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """The model's attention output, plus ``residual`` (a keyword, :class:`LeanDecoderLayer`'s) when given."""
+        residual = kwargs.pop("residual", None)
         layer = None if args else self._lean_layer(hidden_states, kwargs)
         if layer is None:
-            return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
+            out, weights = super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
+            return (out if residual is None else residual + out), weights
         B = hidden_states.shape[0]
         q = self.q_proj(hidden_states).reshape(B, -1)  # type: ignore[attr-defined]
         k = self.k_proj(hidden_states).reshape(B, -1)  # type: ignore[attr-defined]
         v = self.v_proj(hidden_states).reshape(B, -1)  # type: ignore[attr-defined]
         cos, sin = kwargs["position_embeddings"]
-        out = _attend(self, q, k, v, cos, sin, layer, kwargs.get("attention_mask"))
-        return self.o_proj(out.reshape(B, 1, -1)), None  # type: ignore[attr-defined]
+        out = _attend(self, q, k, v, cos, sin, layer, kwargs.get("attention_mask")).reshape(B, 1, -1)
+        return linear_add(self.o_proj, out, residual), None  # type: ignore[attr-defined]
+
+
+class LeanDecoderLayer:
+    """The forward placed before a supported decoder layer's class (module docstring): where its attention takes
+    the lean step, the residual additions ride in the ``o_proj`` and ``down_proj`` launches."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        attn: Any = self.self_attn  # type: ignore[attr-defined]
+        if args or not isinstance(attn, LeanAttention) or attn._lean_layer(hidden_states, kwargs) is None:
+            return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
+        x = self.input_layernorm(hidden_states)  # type: ignore[attr-defined]
+        module: Any = attn  # an nn.Module of a lean class
+        h, _ = module(x, residual=hidden_states, **kwargs)
+        x = self.post_attention_layernorm(h)  # type: ignore[attr-defined]
+        mlp: Any = self.mlp  # type: ignore[attr-defined]
+        if isinstance(mlp, FusedGatedMLP):
+            return mlp(x, residual=h)
+        if all(hasattr(mlp, p) for p in PARTS) and callable(getattr(mlp, "act_fn", None)):
+            return linear_add(mlp.down_proj, mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x), h)
+        return h + mlp(x)
+
+
+def layer_reason(module: torch.nn.Module) -> str | None:
+    """Why the decoder layer ``module`` cannot take the lean forward, or None."""
+    if not any(c.__name__ in LEAN_LAYERS for c in type(module).__mro__):
+        return f"{type(module).__name__} is not one of {', '.join(LEAN_LAYERS)}"
+    for a in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm"):
+        if not hasattr(module, a):
+            return f"{type(module).__name__} has no attribute {a!r}"
+    return None
 
 
 _LEAN_TYPES: dict[type, type] = {}
 
 
-def lean_type(cls: type) -> type:
-    """The class with :class:`LeanAttention`'s forward before ``cls``'s (one per class; the same name)."""
+def lean_type(cls: type, mixin: type) -> type:
+    """The class with ``mixin``'s forward before ``cls``'s (one per class; the same name)."""
     if cls not in _LEAN_TYPES:
-        _LEAN_TYPES[cls] = type(cls.__name__, (LeanAttention, cls), {"__module__": cls.__module__})
+        _LEAN_TYPES[cls] = type(cls.__name__, (mixin, cls), {"__module__": cls.__module__})
     return _LEAN_TYPES[cls]
 
 
 def base_type(cls: type) -> type:
     """The model's own class of a lean one (``cls`` itself otherwise)."""
-    return cls.__mro__[2] if issubclass(cls, LeanAttention) else cls
+    return cls.__mro__[2] if issubclass(cls, (LeanAttention, LeanDecoderLayer)) else cls
