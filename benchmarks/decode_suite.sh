@@ -97,7 +97,8 @@
 #   lean     (only when named) the lean decode step (patching.lean_step): each layer's rotary embedding, cache write
 #            and attention in one launch, then also its residual adds in the o and down launches: its GPU tests, then
 #            the package rows (sublayer routers) with each, and with the routers' tails in the GEMVs (NOTES entry
-#            33), beside fp16 with each, then SmolLM2-135M end to end with it (needs $GGUF)
+#            33), beside fp16 with each, then the compiled step's kernel census with it, then SmolLM2-135M end to
+#            end with it (needs $GGUF)
 #   block    (only when named; in loads) the default rows with router placement block (one router a layer), with
 #            and without the routers' tails, and its compiled step's census at routed 3.5 / 4.5 bits
 #   span     (only when named) the stack's static views beside each view with k read on the device: every body
@@ -361,6 +362,8 @@ stage() {
     lean)
       run_stage lean_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_triton_attention.py
       package_stage lean sublayer --package-lean-step --package-router-partials --package-fused-only
+      run_stage lean_census 600 "$PY" benchmarks/step_overhead.py --policy adjacent --placement sublayer \
+        --census compile --census-only --census-budgets 3.5 --lean-step
       if [ -e "$GGUF" ]; then
         run_stage lean_e2e 900 "$PY" benchmarks/e2e_decode.py --gguf "$GGUF" --budgets 4 --views 2 --fuse-inputs \
           --lean-step --out "$RES/lean_e2e"

@@ -67,6 +67,12 @@ def main(argv=None) -> None:
         help="the routers' gate policy (adjacent: quant=mobiquant's; budgets whose thresholds lie between bands run "
         "static views)",
     )
+    ap.add_argument(
+        "--lean-step",
+        action="store_true",
+        help="the census's fp16 and quantized steps with the lean step (patching.lean_step: each layer's attention "
+        "in one launch, its residual adds in the o and down launches)",
+    )
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("step_overhead.py needs a CUDA device")
@@ -79,7 +85,7 @@ def main(argv=None) -> None:
     load_kernels()  # puts src/ on the path
     import e2e_decode
     import mobiquant as mq
-    from mobiquant.patching import fuse_inputs, fuse_sites
+    from mobiquant.patching import fuse_inputs, fuse_sites, lean_step
 
     d, ff, kv, heads, vocab, what = (
         (576, 1536, 192, 9, 49152, "SmolLM2-shaped") if args.smol else (D, FF, KV, 32, 1024, "8B-shaped")
@@ -90,12 +96,17 @@ def main(argv=None) -> None:
     prompt = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(7)).cuda()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; {layers} {what} layers, fp16", flush=True)
     census = dict(top=args.top, cuda_graph=args.census)
-    e2e_decode.step_profile(fp, None, "cuda", prompt, None, "fp16", **census)
+    lean = " [lean step]" if args.lean_step else ""
+    lean_step(fp, enable=args.lean_step)
+    e2e_decode.step_profile(fp, None, "cuda", prompt, None, "fp16" + lean, **census)
+    lean_step(fp, enable=False)
     fuse_sites(q), fuse_inputs(q)  # the package's decode defaults (task=decode)
+    lean_step(q, enable=args.lean_step)
     for b in args.census_budgets if args.census != "off" else ():
-        e2e_decode.step_profile(q, None, "cuda", prompt, b, f"routed budget {b:g}, fused inputs", **census)
+        e2e_decode.step_profile(q, None, "cuda", prompt, b, f"routed budget {b:g}, fused inputs{lean}", **census)
     mq.set_static(q, 2)
-    e2e_decode.step_profile(q, None, "cuda", prompt, None, "static 4-bit view, fused inputs", **census)
+    e2e_decode.step_profile(q, None, "cuda", prompt, None, f"static 4-bit view, fused inputs{lean}", **census)
+    lean_step(q, enable=False)
     if args.census_only:
         return
 
