@@ -4,6 +4,7 @@ on the CPU, on the GPU where there is one."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def test_decode_attention_matches_the_reference(B, H, KVH, D, L, pos, masked):
     b = {n: (t.clone() if torch.is_tensor(t) else t) for n, t in a.items()}
     ticket = torch.zeros((), dtype=torch.int32, device=DEV)
     got = ta.decode_attention(**a, ticket=ticket, scale=D**-0.5)
-    ref = ta.reference(**b, scale=D**-0.5)
+    ref = ta.decode_attention(**b, ticket=None, scale=D**-0.5, backend="torch")
     torch.testing.assert_close(got.float(), ref.float(), atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(a["keys"], b["keys"], atol=1e-3, rtol=0)
     assert torch.equal(a["values"], b["values"])
@@ -76,7 +77,7 @@ def test_decode_attention_steps_through_the_cache():
         s = _step(B, H, KVH, D, L, 0, False, dtype=torch.float32, seed=i + 1)
         args = dict(q=s["q"], k=s["k"], v=s["v"], cos=s["cos"], sin=s["sin"])
         got = ta.decode_attention(**args, keys=keys, values=values, offset=off, ticket=ticket, scale=0.25)
-        ref = ta.reference(**args, keys=rk, values=rv, offset=roff, scale=0.25)
+        ref = ta.decode_attention(**args, keys=rk, values=rv, offset=roff, ticket=None, scale=0.25, backend="torch")
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     assert int(off) == L
     none = torch.zeros(B, 1, 1, L, dtype=torch.bool, device=DEV)
@@ -134,21 +135,28 @@ def test_lean_step_decodes_as_the_model_does(monkeypatch, dtype, adds):
     assert type(model.model.layers[0].self_attn) is own and type(model.model.layers[0]) is own_layer
 
 
+def _cached_logits(model, ids, prefill: int, max_len: int, spy=None) -> list[torch.Tensor]:
+    """The logits of each one-token step after a ``prefill``-token prompt through a static cache (``spy``: a
+    context entered around the steps, not the prefill)."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
+    with torch.no_grad():
+        model(input_ids=ids[:, :prefill], past_key_values=cache, use_cache=True)
+        with spy() if spy is not None else contextlib.nullcontext():
+            return [model(input_ids=ids[:, i : i + 1], past_key_values=cache, use_cache=True).logits
+                    for i in range(prefill, ids.shape[1])]  # fmt: skip
+
+
 @needs_triton
 def test_lean_step_keeps_the_logits_step_by_step():
     """Logits of every decode step against the model's own attention over the same static cache."""
-    from transformers import StaticCache
-
     model = build_tiny_llama(num_attention_heads=4, num_key_value_heads=1).to(DEV)
     ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3)).to(DEV)
     outs = []
     for lean in (False, True):
         lean_step(model, enable=lean)
-        cache = StaticCache(config=model.config, max_cache_len=12)
-        with torch.no_grad():
-            model(input_ids=ids[:, :5], past_key_values=cache, use_cache=True)
-            outs.append([model(input_ids=ids[:, i : i + 1], past_key_values=cache, use_cache=True).logits
-                         for i in range(5, 9)])  # fmt: skip
+        outs.append(_cached_logits(model, ids, 5, 12))
     for a, b in zip(*outs, strict=True):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
 
@@ -159,7 +167,6 @@ def test_lean_step_adds_the_residuals_in_the_packed_launches(monkeypatch):
     lean step its o and down launches take the residual as their bias (no addition after them) and its logits stay
     those of its own forward, static and routed."""
     from test_fused_inputs import default_layout_model  # the tiny LLaMA, default layout, calibrated routers
-    from transformers import StaticCache
 
     import mobiquant as mq
     from mobiquant import kernels
@@ -167,7 +174,7 @@ def test_lean_step_adds_the_residuals_in_the_packed_launches(monkeypatch):
 
     q = default_layout_model("site")
     fuse_inputs(q)
-    ids = torch.randint(0, q.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(2)).to(q.device)
+    ids = torch.randint(0, q.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(2)).to(q.device)
     biased: list[int] = []
     real = kernels.bitplane_linear
 
@@ -175,6 +182,13 @@ def test_lean_step_adds_the_residuals_in_the_packed_launches(monkeypatch):
         bias = a[7] if len(a) > 7 else k.get("bias")
         biased.append(bias is not None)
         return real(*a, **k)
+
+    @contextlib.contextmanager
+    def spied():
+        biased.clear()
+        monkeypatch.setattr(kernels, "bitplane_linear", spy)
+        yield
+        monkeypatch.setattr(kernels, "bitplane_linear", real)
 
     for k in (2, None):  # a static view, then routers where the tokens decide
         if k is None:
@@ -184,17 +198,11 @@ def test_lean_step_adds_the_residuals_in_the_packed_launches(monkeypatch):
         outs = []
         for lean in (False, True):
             lean_step(q, enable=lean)
-            cache = StaticCache(config=q.config, max_cache_len=10)
-            with torch.no_grad():
-                q(input_ids=ids[:, :6], past_key_values=cache, use_cache=True)
-                biased.clear()
-                monkeypatch.setattr(kernels, "bitplane_linear", spy)
-                outs.append(q(input_ids=ids[:, 6:7], past_key_values=cache, use_cache=True).logits)
-                monkeypatch.setattr(kernels, "bitplane_linear", real)
+            outs.append(_cached_logits(q, ids, 6, 10, spied)[0])
         lean_step(q, enable=False)
         torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
         # o and down of every layer (q/k/v and gate/up: one site launch each, without a residual)
-        assert biased == [lean] * 2 * q.config.num_hidden_layers
+        assert biased == [True] * 2 * q.config.num_hidden_layers
 
 
 def test_lean_step_leaves_other_models_alone():

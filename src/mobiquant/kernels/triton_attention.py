@@ -131,15 +131,16 @@ def decode_attention(
     keys: torch.Tensor,
     values: torch.Tensor,
     offset: torch.Tensor,
-    ticket: torch.Tensor,
+    ticket: torch.Tensor | None,
     scale: float,
     mask: torch.Tensor | None = None,
+    backend: str = "triton",
 ) -> torch.Tensor:
     """One decode step's attention for one layer (module docstring): ``q [B, H*D]``, ``k`` / ``v [B, KVH*D]``
     (this token's projections, before the rotary embedding), ``cos`` / ``sin [B, D]`` (or ``[1, D]`` for every
     row), the cache layer's ``keys`` / ``values [B, KVH, L, D]`` (written at ``offset``, which is then advanced by
     one), ``ticket`` an int32 device scalar left at 0, ``mask`` None or bool ``[B, 1, 1, L]``. Returns
-    ``[B, H*D]`` in ``q``'s dtype."""
+    ``[B, H*D]`` in ``q``'s dtype. ``backend='torch'``: the same in PyTorch (the tests' reference)."""
     B, kvh, L, D = keys.shape
     H = q.shape[-1] // D
     why = supported(D, H, kvh)
@@ -163,6 +164,10 @@ def decode_attention(
             raise ValueError(f"decode_attention: mask must be bool [B, 1, 1, L] = [{B}, 1, 1, {L}], got {mask.dtype} "
                              f"{tuple(mask.shape)}")  # fmt: skip
         m = mask.reshape(B, L).contiguous().view(torch.int8)  # an expanded mask: one row per batch row
+    if backend == "torch":
+        return _torch_attention(q, k, v, cos, sin, keys, values, offset, scale, mask)
+    if backend != "triton" or ticket is None:
+        raise ValueError(f"decode_attention: backend must be 'triton' (with a ticket) or 'torch', got {backend!r}")
     out = torch.empty_like(q)
     _decode_attention_kernel[(B * H,)](
         q.contiguous(), k.contiguous(), v.contiguous(), cos.reshape(rows, D).contiguous(),
@@ -172,18 +177,7 @@ def decode_attention(
     return out
 
 
-def reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    offset: torch.Tensor,
-    scale: float,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+def _torch_attention(q, k, v, cos, sin, keys, values, offset, scale, mask) -> torch.Tensor:
     """:func:`decode_attention` in PyTorch (writes the cache and advances ``offset`` the same way)."""
     B, kvh, L, D = keys.shape
     H = q.shape[-1] // D
