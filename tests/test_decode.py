@@ -823,7 +823,9 @@ def test_compiled_cpu_step_traces_the_int4_views(prompt, monkeypatch, budget):
     calls = []
     real = MoBiLinear._forward_opaque
     monkeypatch.setattr(
-        MoBiLinear, "_forward_opaque", torch.compiler.disable(lambda self, x: calls.append(1) or real(self, x))
+        MoBiLinear,
+        "_forward_opaque",
+        torch.compiler.disable(lambda self, x, residual=None: calls.append(1) or real(self, x, residual)),
     )
     g = generate(model, prompt, 6, budget=budget, cuda_graph="compile")
     assert g.graph == "compile" and g.timed_tokens == 3
