@@ -747,8 +747,8 @@ def test_task_decode_kernel_settings_reach_the_quantized_model(tmp_path, monkeyp
     assert [(c.pdl, c.num_warps, c.l2_prefetch) for c in seen] == [(True, 8, False)]
     leans = []
     monkeypatch.setattr(decode, "lean_step", lambda model, enable=True: leans.append(enable))
-    decode.run(decode_cfg(tmp_path / "lean", "decode.lean_step=true", "decode.budgets=[3]"))
-    assert leans == [True, True]  # the fp row and the quantized one
+    decode.run(decode_cfg(tmp_path / "lean", "decode.lean_step=false", "decode.budgets=[3]"))
+    assert leans == [False, False]  # the fp row and the quantized one (true by default)
     df = pd.read_csv(tmp_path / "run" / "decode.csv")
     assert df["method"].tolist() == ["fp", "mobiquant"]
     assert df["kernels"].fillna("").tolist() == ["", "pdl=True,num_warps=8"]

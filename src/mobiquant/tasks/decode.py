@@ -864,7 +864,7 @@ def _decode_settings(cfg) -> dict[str, Any]:
     fuse = d.get("fuse_inputs", True)
     if not isinstance(fuse, bool):
         raise ConfigError(f"decode.fuse_inputs={fuse!r} must be true or false")
-    lean = d.get("lean_step", False)
+    lean = d.get("lean_step", True)
     if not isinstance(lean, bool):
         raise ConfigError(f"decode.lean_step={lean!r} must be true or false")
     kernels = _kernel_settings(d.get("kernels"), ConfigError)
