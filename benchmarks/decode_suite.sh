@@ -360,7 +360,7 @@ stage() {
       run_stage loads_census_site 600 "$PY" benchmarks/step_overhead.py --policy adjacent --placement site \
         --census compile --census-only --census-budgets 3.5 ;;
     lean)
-      run_stage lean_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_triton_attention.py
+      run_stage lean_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_lean_step.py
       package_stage lean sublayer --package-lean-step --package-router-partials --package-fused-only
       run_stage lean_census 600 "$PY" benchmarks/step_overhead.py --policy adjacent --placement sublayer \
         --census compile --census-only --census-budgets 3.5 --lean-step
