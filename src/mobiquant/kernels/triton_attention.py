@@ -24,8 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-#: Cache positions a program reads per step of its loop.
+#: Cache positions a program reads per step of its loop, and its warps.
 BLOCK_N = 32
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -135,12 +136,15 @@ def decode_attention(
     scale: float,
     mask: torch.Tensor | None = None,
     backend: str = "triton",
+    block_n: int = BLOCK_N,
+    num_warps: int = NUM_WARPS,
 ) -> torch.Tensor:
     """One decode step's attention for one layer (module docstring): ``q [B, H*D]``, ``k`` / ``v [B, KVH*D]``
     (this token's projections, before the rotary embedding), ``cos`` / ``sin [B, D]`` (or ``[1, D]`` for every
     row), the cache layer's ``keys`` / ``values [B, KVH, L, D]`` (written at ``offset``, which is then advanced by
     one), ``ticket`` an int32 device scalar left at 0, ``mask`` None or bool ``[B, 1, 1, L]``. Returns
-    ``[B, H*D]`` in ``q``'s dtype. ``backend='torch'``: the same in PyTorch (the tests' reference)."""
+    ``[B, H*D]`` in ``q``'s dtype. ``backend='torch'``: the same in PyTorch (the tests' reference). ``block_n``
+    positions a program reads per step, ``num_warps`` its warps (``benchmarks/attention_bench.py`` times them)."""
     B, kvh, L, D = keys.shape
     H = q.shape[-1] // D
     why = supported(D, H, kvh)
@@ -172,7 +176,8 @@ def decode_attention(
     _decode_attention_kernel[(B * H,)](
         q.contiguous(), k.contiguous(), v.contiguous(), cos.reshape(rows, D).contiguous(),
         sin.reshape(rows, D).contiguous(), keys, values, offset, ticket, m if m is not None else q, out,
-        L, float(scale), 0 if rows == 1 else D, H=H, KVH=kvh, HALF=D // 2, BN=BLOCK_N, HAS_MASK=m is not None,
+        L, float(scale), 0 if rows == 1 else D, H=H, KVH=kvh, HALF=D // 2, BN=block_n, HAS_MASK=m is not None,
+        num_warps=num_warps,
     )  # fmt: skip
     return out
 
