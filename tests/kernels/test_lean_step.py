@@ -205,6 +205,22 @@ def test_lean_step_adds_the_residuals_in_the_packed_launches(monkeypatch):
         assert biased == [True] * 2 * q.config.num_hidden_layers
 
 
+@needs_triton
+def test_lean_step_leaves_long_caches_to_the_model(monkeypatch):
+    """A static cache longer than LEAN_MAX_POSITIONS takes the model's own attention (no split over positions)."""
+    from mobiquant.nn import lean
+
+    model = build_tiny_llama().to(DEV)
+    lean_step(model)
+    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(4)).to(DEV)
+    calls = _launches(monkeypatch)
+    monkeypatch.setattr(lean, "LEAN_MAX_POSITIONS", 8)
+    _cached_logits(model, ids, 4, 9)
+    assert not calls
+    _cached_logits(model, ids, 4, 8)
+    assert len(calls) == 2 * model.config.num_hidden_layers
+
+
 def test_lean_step_leaves_other_models_alone():
     """Attention classes it does not reproduce (OPT's) are untouched."""
     model = build_tiny_opt()

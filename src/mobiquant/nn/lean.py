@@ -27,6 +27,11 @@ from .fused import PARTS, FusedGatedMLP, linear_add
 #: (``h = x + attn(norm1(x)); out = h + mlp(norm2(h))``).
 LEAN_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
 
+#: The longest static cache the lean attention serves: its launch runs a program per query head over the cached
+#: positions in turn (no split over positions), timed at 80-150 positions (docs/RESULTS.md "A lean decode step");
+#: a longer cache takes the model's own attention, whose kernels split long contexts.
+LEAN_MAX_POSITIONS = 512
+
 #: The attention classes whose arithmetic :func:`~mobiquant.kernels.triton_attention.decode_attention` reproduces
 #: (rotate-half rotary embedding, grouped-query attention, ``module.scaling``, no per-head norms or soft-capping).
 LEAN_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
@@ -99,7 +104,7 @@ class LeanAttention:
             return None
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         layer = _static_layer(cache, self.layer_idx)  # type: ignore[attr-defined]
-        if layer is None or layer.keys.shape[0] != x.shape[0]:
+        if layer is None or layer.keys.shape[0] != x.shape[0] or layer.keys.shape[2] > LEAN_MAX_POSITIONS:
             return None
         if mask is not None and mask.numel() != x.shape[0] * layer.keys.shape[2]:
             return None
