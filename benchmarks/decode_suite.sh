@@ -99,6 +99,9 @@
 #            the package rows (sublayer routers) with each, and with the routers' tails in the GEMVs (NOTES entry
 #            33), beside fp16 with each, then the compiled step's kernel census with it, then SmolLM2-135M end to
 #            end with it (needs $GGUF)
+#   attn     (only when named) benchmarks/attention_bench.py (the lean step's attention launch, positions a step x
+#            warps, against the model's own rotary, cache writes and sdpa), then the package rows with the lean step
+#            and the default router placement site
 #   block    (only when named; in loads) the default rows with router placement block (one router a layer), with
 #            and without the routers' tails, and its compiled step's census at routed 3.5 / 4.5 bits
 #   span     (only when named) the stack's static views beside each view with k read on the device: every body
@@ -368,6 +371,11 @@ stage() {
         run_stage lean_e2e 900 "$PY" benchmarks/e2e_decode.py --gguf "$GGUF" --budgets 4 --views 2 --fuse-inputs \
           --lean-step --out "$RES/lean_e2e"
       fi ;;
+    attn)
+      # the lean step's attention launch over positions a step x warps against the model's own arithmetic, then the
+      # default placement's package rows with the lean step
+      run_stage attn_bench 600 "$PY" benchmarks/attention_bench.py
+      package_stage lean_site site --package-lean-step --package-fused-only ;;
     block)
       package_stage loads_block block --package-router-partials --package-fused-only
       run_stage loads_census 600 "$PY" benchmarks/step_overhead.py --policy adjacent --placement block \
@@ -400,7 +408,7 @@ print(','.join(str(int(v)) for v in t))" "$RES/router_sweep/router_sweep.csv" 2>
       run_stage pattern 600 "$PY" benchmarks/stream_pattern.py --views 1,2,6 \
         --package-configs "$PATTERN_CONFIGS" --out "$RES/pattern" ;;
     *)
-      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement pdl spandef spanrule spancost loads lean block span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
+      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement pdl spandef spanrule spancost loads lean attn block span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
       return 2 ;;
   esac
 }
