@@ -103,7 +103,7 @@
 #            warps, against the model's own rotary, cache writes and sdpa), then the package rows with the lean step
 #            and the default router placement site
 #   block    (only when named; in loads) the default rows with router placement block (one router a layer), with
-#            and without the routers' tails, and its compiled step's census at routed 3.5 / 4.5 bits
+#            and without the lean step, and its compiled step's census at routed 3.5 / 4.5 bits with it
 #   span     (only when named) the stack's static views beside each view with k read on the device: every body
 #            compiled, the planes every body reads loaded before k (SmallConfig.preload), and the view's span of two
 #            views alone (span_bodies) preloaded; then the tests of spans and preloading, compiled
@@ -377,9 +377,9 @@ stage() {
       run_stage attn_bench 600 "$PY" benchmarks/attention_bench.py
       package_stage lean_site site --package-lean-step --package-fused-only ;;
     block)
-      package_stage loads_block block --package-router-partials --package-fused-only
+      package_stage loads_block block --package-lean-step --package-fused-only
       run_stage loads_census 600 "$PY" benchmarks/step_overhead.py --policy adjacent --placement block \
-        --census compile --census-only --census-budgets 3.5 4.5 ;;
+        --census compile --census-only --census-budgets 3.5 4.5 --lean-step ;;
     span)
       # k read on the device against the static views: every body, preloaded, a span of two views (the stack);
       # then their tests compiled
