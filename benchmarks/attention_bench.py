@@ -3,7 +3,8 @@
 
 For LLaMA-3-8B's heads (32 query heads, 8 key/value heads, head_dim 128) and SmolLM2-135M's (9, 3, 64), one token
 at ``--positions`` cached positions: ``kernels.triton_attention.decode_attention`` (rotary embedding, cache write,
-attention, the write offset advanced: one launch) over positions per step x warps, against what a Hugging Face
+attention, the write offset advanced: one launch) over positions per step x warps, and with the positions split
+over programs (``--split-positions``, a second launch combining them), against what a Hugging Face
 LLaMA step runs for the same work (the rotary embedding of q and k, two ``index_copy_`` into the static cache,
 ``scaled_dot_product_attention`` with grouped heads over the whole cache and its mask), compiled by
 ``torch.compile``. Each row: a CUDA graph of ``--reps`` layers' launches, each on its own cache, replayed; us per
@@ -112,6 +113,14 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=32, help="layers (launches) in a graph")
     ap.add_argument("--blocks", type=int, nargs="*", default=[16, 32, 64, 128], help="positions a program step")
     ap.add_argument("--warps", type=int, nargs="*", default=[1, 2, 4, 8])
+    ap.add_argument(
+        "--split-positions",
+        type=int,
+        nargs="*",
+        default=[64, 128, 256],
+        help="also the default block and warps with the positions split over programs of this many (where the cache "
+        "holds more), a second launch combining them",
+    )
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("attention_bench.py needs a CUDA device")
@@ -146,6 +155,14 @@ def main(argv=None) -> None:
                     t = timed(lean, ls, pos)
                     rows.append(dict(heads=name, positions=pos, kernel=f"lean BN={bn} warps={w}", us=t,
                                      x_model=base / t, err=err))  # fmt: skip
+            for split in (sp for sp in args.split_positions if sp < cache_len):
+
+                def lean_split(L, split=split, ticket=ticket, scale=scale):
+                    return ta.decode_attention(**L, ticket=ticket, scale=scale, split_positions=split)
+
+                t = timed(lean_split, ls, pos)
+                rows.append(dict(heads=name, positions=pos, kernel=f"lean split {split}", us=t, x_model=base / t,
+                                 err=err))  # fmt: skip
             print(pd.DataFrame([r for r in rows if r["heads"] == name and r["positions"] == pos]).to_string(
                 index=False, float_format=lambda v: f"{v:.3g}"), flush=True)  # fmt: skip
 

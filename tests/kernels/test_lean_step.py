@@ -49,12 +49,15 @@ def _step(B, H, KVH, D, L, pos, masked, dtype=torch.float16, seed=0):
         (1, 9, 3, 64, 100, 37, True),  # SmolLM2's heads
     ],
 )
-def test_decode_attention_matches_the_reference(B, H, KVH, D, L, pos, masked):
-    """Output, the written cache slot and the advanced offset equal the PyTorch reference; the ticket is left at 0."""
+@pytest.mark.parametrize("split", [None, 16])
+def test_decode_attention_matches_the_reference(B, H, KVH, D, L, pos, masked, split):
+    """Output, the written cache slot and the advanced offset equal the PyTorch reference; the ticket is left at 0.
+    With ``split``, the positions split over programs of 16 each and a second launch combining them."""
     a = _step(B, H, KVH, D, L, pos, masked)
     b = {n: (t.clone() if torch.is_tensor(t) else t) for n, t in a.items()}
     ticket = torch.zeros((), dtype=torch.int32, device=DEV)
-    got = ta.decode_attention(**a, ticket=ticket, scale=D**-0.5)
+    kw = {} if split is None else dict(split_positions=split, block_n=8)
+    got = ta.decode_attention(**a, ticket=ticket, scale=D**-0.5, **kw)
     ref = ta.decode_attention(**b, ticket=None, scale=D**-0.5, backend="torch")
     torch.testing.assert_close(got.float(), ref.float(), atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(a["keys"], b["keys"], atol=1e-3, rtol=0)
@@ -76,7 +79,8 @@ def test_decode_attention_steps_through_the_cache():
     for i in range(L):
         s = _step(B, H, KVH, D, L, 0, False, dtype=torch.float32, seed=i + 1)
         args = dict(q=s["q"], k=s["k"], v=s["v"], cos=s["cos"], sin=s["sin"])
-        got = ta.decode_attention(**args, keys=keys, values=values, offset=off, ticket=ticket, scale=0.25)
+        got = ta.decode_attention(**args, keys=keys, values=values, offset=off, ticket=ticket, scale=0.25,
+                                  split_positions=4, block_n=2)  # three splits, some empty  # fmt: skip
         ref = ta.decode_attention(**args, keys=rk, values=rv, offset=roff, ticket=None, scale=0.25, backend="torch")
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     assert int(off) == L

@@ -15,7 +15,10 @@ position, as the cache's own ``update`` does. Grid: one program per (row, query 
 query heads read its keys from L2 after the first. The current token's key and value enter the softmax from
 registers (rounded to the cache's dtype as the cache holds them), so no program reads a slot another writes in the
 same launch. An optional boolean mask ``[B, 1, 1, L]`` (sdpa's; True = attend) is honoured; positions past ``pos``
-are never read. Self-contained (torch and triton only), like :mod:`.triton_bitplane`.
+are never read. A cache of more than ``split_positions`` positions is split over programs on a second grid axis,
+each storing its partial softmax (running max, sum, weighted values), and a second launch combines them and
+advances the offset (flash-decoding's split; not used by the lean step yet, see :data:`SPLIT_POSITIONS`).
+Self-contained (torch and triton only), like :mod:`.triton_bitplane`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ import triton.language as tl
 #: Cache positions a program reads per step of its loop, and its warps.
 BLOCK_N = 32
 NUM_WARPS = 4
+#: A cache of more positions than this is split over programs (a second launch combines them). The lean step serves
+#: caches of at most ``mobiquant.nn.lean.LEAN_MAX_POSITIONS`` (512) positions, so its launches never split: splits
+#: are timed by ``benchmarks/attention_bench.py`` before they serve a model.
+SPLIT_POSITIONS = 512
 
 
 @triton.jit
@@ -47,10 +54,13 @@ def _decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr,  # q [B, H*D], k / v [B, KVH*D], cos / sin [B, D] (this step's)
     keys_ptr, values_ptr,  # the cache layer's [B, KVH, L, D] tensors (contiguous)
     off_ptr, ticket_ptr, mask_ptr, out_ptr,  # offset (0-dim int), ticket (int32), mask [B, L] (int8), out [B, H*D]
+    part_ptr,  # SPLIT: each (row, head, split)'s running max, sum and weighted values [B*H*S, 2 + D] (fp32)
     L, scale, cos_b,  # cos_b: cos / sin row stride (0: one row for the batch)
     H: tl.constexpr, KVH: tl.constexpr, HALF: tl.constexpr, BN: tl.constexpr, HAS_MASK: tl.constexpr,
+    SPLIT: tl.constexpr, CHUNK: tl.constexpr,  # SPLIT: grid axis 1 splits the positions, CHUNK each
 ):  # fmt: skip
     pid = tl.program_id(0)
+    sp = tl.program_id(1)
     b = pid // H
     h = pid % H
     kh = h // (H // KVH)
@@ -68,7 +78,7 @@ def _decode_attention_kernel(
     head = (b * KVH + kh) * L * D  # this key head's slots
     k1 = k1.to(keys_ptr.dtype.element_ty)  # as the cache holds them
     k2 = k2.to(keys_ptr.dtype.element_ty)
-    if h % (H // KVH) == 0:  # one writer per key head
+    if (h % (H // KVH) == 0) & (sp == 0):  # one writer per key head
         slot = head + pos * D
         tl.store(keys_ptr + slot + d, k1)
         tl.store(keys_ptr + slot + HALF + d, k2)
@@ -76,17 +86,21 @@ def _decode_attention_kernel(
         tl.store(values_ptr + slot + HALF + d, v2)
     # the current token first: the running max, sum and weighted values start from it
     m_i = tl.sum(q1 * k1.to(tl.float32), 0) + tl.sum(q2 * k2.to(tl.float32), 0)
-    self_ok = pos >= 0
+    self_ok = sp == 0  # the first split holds the current token
     if HAS_MASK:
-        self_ok = tl.load(mask_ptr + b * L + pos) != 0
+        self_ok = self_ok & (tl.load(mask_ptr + b * L + pos) != 0)
     m_i = tl.where(self_ok, m_i, -1.0e30)
     l_i = tl.where(self_ok, 1.0, 0.0)
     acc1 = v1.to(tl.float32) * l_i
     acc2 = v2.to(tl.float32) * l_i
     n = tl.arange(0, BN)
-    for start in range(0, pos, BN):
+    lo = sp * CHUNK  # this program's cached positions: [lo, hi) (without SPLIT, sp is 0 and hi is pos)
+    hi = pos
+    if SPLIT:
+        hi = tl.minimum(pos, lo + CHUNK)
+    for start in range(lo, hi, BN):
         offs = start + n
-        ok = offs < pos
+        ok = offs < hi
         if HAS_MASK:
             ok = ok & (tl.load(mask_ptr + b * L + offs, mask=ok, other=0) != 0)
         rows = head + offs[:, None] * D
@@ -103,15 +117,52 @@ def _decode_attention_kernel(
         acc2 = acc2 * alpha + tl.sum(p[:, None] * vb2, 0)
         l_i = l_i * alpha + tl.sum(p, 0)
         m_i = m_new
-    inv = tl.where(l_i > 0, 1.0 / tl.maximum(l_i, 1.0e-30), 0.0)  # a row with nothing to attend to reads zeros
-    o = out_ptr + b * H * D + h * D
-    tl.store(o + d, (acc1 * inv).to(out_ptr.dtype.element_ty))
-    tl.store(o + HALF + d, (acc2 * inv).to(out_ptr.dtype.element_ty))
-    # the last program advances the write offset (every program has read it by then) and resets the ticket
+    if SPLIT:  # the combine launch finishes the softmax and advances the offset
+        part = part_ptr + (pid * tl.num_programs(1) + sp) * (2 + D)
+        tl.store(part, m_i)
+        tl.store(part + 1, l_i)
+        tl.store(part + 2 + d, acc1)
+        tl.store(part + 2 + HALF + d, acc2)
+    else:
+        _finish(out_ptr + b * H * D + h * D, acc1, acc2, l_i, d, HALF)
+        _advance(off_ptr, ticket_ptr, pos)
+
+
+@triton.jit
+def _finish(o, acc1, acc2, l_i, d, HALF: tl.constexpr):
+    """Store ``acc / l`` (a row with nothing to attend to reads zeros)."""
+    inv = tl.where(l_i > 0, 1.0 / tl.maximum(l_i, 1.0e-30), 0.0)
+    tl.store(o + d, (acc1 * inv).to(o.dtype.element_ty))
+    tl.store(o + HALF + d, (acc2 * inv).to(o.dtype.element_ty))
+
+
+@triton.jit
+def _advance(off_ptr, ticket_ptr, pos):
+    """The last program of the launch advances the write offset (every program has read it by then) and resets the
+    ticket."""
     t = tl.atomic_add(ticket_ptr, 1)
     if t == tl.num_programs(0) - 1:
         tl.store(off_ptr, (pos + 1).to(off_ptr.dtype.element_ty))
         tl.store(ticket_ptr, 0)
+
+
+@triton.jit
+def _combine_kernel(part_ptr, out_ptr, off_ptr, ticket_ptr, S, HALF: tl.constexpr, SP: tl.constexpr):
+    """The splits of one (row, query head) into its output: the softmax's running maxima rescaled to their largest."""
+    pid = tl.program_id(0)
+    D: tl.constexpr = 2 * HALF
+    pos = tl.load(off_ptr).to(tl.int64)
+    j = tl.arange(0, SP)
+    d = tl.arange(0, HALF)
+    rows = part_ptr + (pid * S + j) * (2 + D)
+    m = tl.load(rows, mask=j < S, other=-1.0e30)
+    scale = tl.where(j < S, tl.exp(m - tl.max(m, 0)), 0.0)  # empty splits hold -1e30 and 0: weight 0
+    l_i = tl.sum(scale * tl.load(rows + 1, mask=j < S, other=0.0), 0)
+    part = rows[:, None] + 2 + d[None, :]
+    acc1 = tl.sum(scale[:, None] * tl.load(part, mask=(j < S)[:, None], other=0.0), 0)
+    acc2 = tl.sum(scale[:, None] * tl.load(part + HALF, mask=(j < S)[:, None], other=0.0), 0)
+    _finish(out_ptr + pid * D, acc1, acc2, l_i, d, HALF)
+    _advance(off_ptr, ticket_ptr, pos)
 
 
 def supported(head_dim: int, num_heads: int, num_kv_heads: int) -> str | None:
@@ -138,13 +189,16 @@ def decode_attention(
     backend: str = "triton",
     block_n: int = BLOCK_N,
     num_warps: int = NUM_WARPS,
+    split_positions: int = SPLIT_POSITIONS,
 ) -> torch.Tensor:
     """One decode step's attention for one layer (module docstring): ``q [B, H*D]``, ``k`` / ``v [B, KVH*D]``
     (this token's projections, before the rotary embedding), ``cos`` / ``sin [B, D]`` (or ``[1, D]`` for every
     row), the cache layer's ``keys`` / ``values [B, KVH, L, D]`` (written at ``offset``, which is then advanced by
     one), ``ticket`` an int32 device scalar left at 0, ``mask`` None or bool ``[B, 1, 1, L]``. Returns
     ``[B, H*D]`` in ``q``'s dtype. ``backend='torch'``: the same in PyTorch (the tests' reference). ``block_n``
-    positions a program reads per step, ``num_warps`` its warps (``benchmarks/attention_bench.py`` times them)."""
+    positions a program reads per step, ``num_warps`` its warps; a cache of more than ``split_positions`` positions
+    is split over programs of that many positions each, their partial softmaxes combined by a second launch
+    (``benchmarks/attention_bench.py`` times them)."""
     B, kvh, L, D = keys.shape
     H = q.shape[-1] // D
     why = supported(D, H, kvh)
@@ -173,12 +227,17 @@ def decode_attention(
     if backend != "triton" or ticket is None:
         raise ValueError(f"decode_attention: backend must be 'triton' (with a ticket) or 'torch', got {backend!r}")
     out = torch.empty_like(q)
-    _decode_attention_kernel[(B * H,)](
+    chunk = -(-split_positions // block_n) * block_n  # whole steps of the loop
+    splits = -(-L // chunk) if L > chunk else 1
+    part = torch.empty(B * H * splits, 2 + D, dtype=torch.float32, device=q.device) if splits > 1 else out
+    _decode_attention_kernel[(B * H, splits)](
         q.contiguous(), k.contiguous(), v.contiguous(), cos.reshape(rows, D).contiguous(),
-        sin.reshape(rows, D).contiguous(), keys, values, offset, ticket, m if m is not None else q, out,
+        sin.reshape(rows, D).contiguous(), keys, values, offset, ticket, m if m is not None else q, out, part,
         L, float(scale), 0 if rows == 1 else D, H=H, KVH=kvh, HALF=D // 2, BN=block_n, HAS_MASK=m is not None,
-        num_warps=num_warps,
+        SPLIT=splits > 1, CHUNK=chunk, num_warps=num_warps,
     )  # fmt: skip
+    if splits > 1:
+        _combine_kernel[(B * H,)](part, out, offset, ticket, splits, HALF=D // 2, SP=triton.next_power_of_2(splits))
     return out
 
 
