@@ -362,6 +362,7 @@ def lean_step(model: nn.Module, enable: bool = True, adds: bool = True) -> int:
     launches (``adds=False``: the attention alone). Works on unquantized models too. Parameters, names and state
     dicts do not change. ``enable=False`` puts the model's own forwards back. Returns the number of attention
     modules that take the lean step."""
+    from . import kernels
     from .nn.lean import LeanAttention, LeanDecoderLayer, base_type, layer_reason, lean_reason, lean_type
 
     done = 0
@@ -374,6 +375,7 @@ def lean_step(model: nn.Module, enable: bool = True, adds: bool = True) -> int:
             dev = next((p.device for p in mod.parameters()), torch.device("cpu"))
             mod.__class__ = lean_type(type(mod), LeanAttention)
             mod.register_buffer("lean_ticket", torch.zeros((), dtype=torch.int32, device=dev), persistent=False)
+            mod.lean_interpret = kernels.interpreting()
             done += 1
         elif adds and layer_reason(mod) is None:
             mod.__class__ = lean_type(type(mod), LeanDecoderLayer)

@@ -153,6 +153,21 @@ def _cached_logits(model, ids, prefill: int, max_len: int, spy=None) -> list[tor
 
 
 @needs_triton
+def test_lean_step_in_the_compiled_step(monkeypatch):
+    """``cuda_graph='compile'`` (on the CPU compiled, not captured; in the interpreter the lean launches run there
+    too, outside the compiled code): the lean model's greedy tokens are the model's own."""
+    model = build_tiny_llama().to(DEV)
+    prompt = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(6))
+    ref = generate(model, prompt, 6, cuda_graph="compile")
+    lean_step(model)
+    calls = _launches(monkeypatch)
+    got = generate(model, prompt, 6, cuda_graph="compile")
+    lean_step(model, enable=False)
+    assert torch.equal(got.tokens, ref.tokens)
+    assert len(calls) >= 5 * model.config.num_hidden_layers
+
+
+@needs_triton
 def test_lean_step_keeps_the_logits_step_by_step():
     """Logits of every decode step against the model's own attention over the same static cache."""
     model = build_tiny_llama(num_attention_heads=4, num_key_value_heads=1).to(DEV)

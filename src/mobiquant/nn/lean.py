@@ -85,9 +85,11 @@ def _attend(module: Any, q, k, v, cos, sin, layer: Any, mask) -> torch.Tensor:
 
 class LeanAttention:
     """The forward placed before a supported attention class (module docstring); :attr:`lean_ticket` is the
-    launch's ticket (an int32 device scalar, not in the state dict)."""
+    launch's ticket (an int32 device scalar, not in the state dict), :attr:`lean_interpret` whether Triton's CPU
+    interpreter was asked for when it was patched (CPU tensors then take the lean step too)."""
 
     lean_ticket: torch.Tensor
+    lean_interpret: bool
 
     def _lean_layer(self, x: torch.Tensor, kwargs: dict) -> Any:
         """The static cache layer for a lean step on ``x``, or None (the model's own forward)."""
@@ -97,8 +99,8 @@ class LeanAttention:
             return None
         if torch.is_grad_enabled() and x.requires_grad:
             return None
-        if not (kernels.available(x.device) and (x.is_cuda or kernels.interpreting())):
-            return None
+        if not (x.is_cuda or getattr(self, "lean_interpret", False)) or not kernels.available(x.device):
+            return None  # (the interpreter's setting read at patch time: no environment read in a compiled step)
         mask = kwargs.get("attention_mask")
         if mask is not None and (mask.dtype != torch.bool or mask.shape[-2] != 1):
             return None
