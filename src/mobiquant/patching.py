@@ -288,13 +288,6 @@ def _rms_eps(mod: nn.Module) -> float | None:
     return eps
 
 
-def _gated_mlp(mod: nn.Module) -> bool:
-    """Whether ``mod`` has the parts of a gated MLP (``gate_proj``, ``up_proj``, ``down_proj``, ``act_fn``)."""
-    from .nn.fused import PARTS
-
-    return all(isinstance(getattr(mod, p, None), nn.Module) for p in PARTS) and callable(getattr(mod, "act_fn", None))
-
-
 def fuse_inputs(model: nn.Module, enable: bool = True) -> int:
     """The kernels that make a routed site's input run with that site's router, at decode time
     (:mod:`mobiquant.nn.fused`): each RMS norm is one launch that, in a LLaMA layer, also routes q, k and v (the
@@ -307,7 +300,7 @@ def fuse_inputs(model: nn.Module, enable: bool = True) -> int:
     Returns the number of modules fused."""
     import torch.nn.functional as F
 
-    from .nn.fused import PARTS, FusedGatedMLP, FusedRMSNorm
+    from .nn.fused import PARTS, FusedGatedMLP, FusedRMSNorm, gated_mlp
 
     for name, mod in list(model.named_modules()):
         if isinstance(mod, (FusedRMSNorm, FusedGatedMLP)):
@@ -318,7 +311,7 @@ def fuse_inputs(model: nn.Module, enable: bool = True) -> int:
     if not enable:
         return 0
     norms = {name: eps for name, mod in model.named_modules() if (eps := _rms_eps(mod)) is not None}
-    mlps = {name for name, mod in model.named_modules() if _gated_mlp(mod)}
+    mlps = {name for name, mod in model.named_modules() if gated_mlp(mod)}
     linears = [m for _, m in mobi_linears(model) if m.router is not None]
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     inputs: dict[int, torch.Tensor] = {}

@@ -109,6 +109,11 @@ def linear_add(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor | None
 PARTS = ("gate_proj", "up_proj", "down_proj")
 
 
+def gated_mlp(mod: nn.Module) -> bool:
+    """Whether ``mod`` has the parts of a gated MLP (``gate_proj``, ``up_proj``, ``down_proj``, ``act_fn``)."""
+    return all(isinstance(getattr(mod, p, None), nn.Module) for p in PARTS) and callable(getattr(mod, "act_fn", None))
+
+
 class FusedGatedMLP(nn.Module):
     """Stands in for ``mlp`` (``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with SiLU), its linears its own: the
     product, and the router of ``down_proj`` on it, in one launch."""

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .fused import PARTS, FusedGatedMLP, linear_add
+from .fused import FusedGatedMLP, gated_mlp, linear_add
 
 #: The decoder layers whose forward is the pre-norm pattern :class:`LeanDecoderLayer` reproduces
 #: (``h = x + attn(norm1(x)); out = h + mlp(norm2(h))``).
@@ -52,16 +52,24 @@ def _static_layer(cache: Any, idx: int) -> Any:
     return layer
 
 
+def _shape_reason(module: torch.nn.Module, classes: tuple[str, ...], attrs: tuple[str, ...]) -> str | None:
+    """Why ``module`` is not of one of ``classes`` (by name, its own or a base's) with every attribute of ``attrs``."""
+    name = next((c.__name__ for c in type(module).__mro__ if c.__name__ in classes), None)
+    if name is None:
+        return f"{type(module).__name__} is not one of {', '.join(classes)}"
+    missing = next((a for a in attrs if not hasattr(module, a)), None)
+    return None if missing is None else f"{name} has no attribute {missing!r}"
+
+
 def lean_reason(module: torch.nn.Module) -> str | None:
     """Why ``module`` cannot take the lean forward, or None."""
     from ..kernels.triton_attention import supported
 
-    name = next((c.__name__ for c in type(module).__mro__ if c.__name__ in LEAN_CLASSES), None)
-    if name is None:
-        return f"{type(module).__name__} is not one of {', '.join(LEAN_CLASSES)}"
-    for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "layer_idx", "scaling", "num_key_value_groups"):
-        if not hasattr(module, a):
-            return f"{name} has no attribute {a!r}"
+    attrs = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "layer_idx", "scaling", "num_key_value_groups")
+    why = _shape_reason(module, LEAN_CLASSES, attrs)
+    if why is not None:
+        return why
+    name = type(module).__name__
     if getattr(module, "sliding_window", None):
         return f"{name} layer {module.layer_idx} attends over a sliding window"
     cfg = getattr(module, "config", None)
@@ -76,11 +84,8 @@ def lean_reason(module: torch.nn.Module) -> str | None:
 def _attend(module: Any, q, k, v, cos, sin, layer: Any, mask) -> torch.Tensor:
     from ..kernels.triton_attention import decode_attention
 
-    ticket = module.lean_ticket
-    if ticket.device != q.device:
-        module.lean_ticket = ticket = torch.zeros((), dtype=torch.int32, device=q.device)
-    return decode_attention(q, k, v, cos, sin, layer.keys, layer.values, layer.cumulative_length, ticket,
-                            module.scaling, mask)  # fmt: skip
+    return decode_attention(q, k, v, cos, sin, layer.keys, layer.values, layer.cumulative_length,
+                            module.lean_ticket, module.scaling, mask)  # fmt: skip
 
 
 class LeanAttention:
@@ -113,9 +118,12 @@ class LeanAttention:
         return layer
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        """The model's attention output, plus ``residual`` (a keyword, :class:`LeanDecoderLayer`'s) when given."""
+        """The model's attention output, plus ``residual`` (a keyword, :class:`LeanDecoderLayer`'s) when given;
+        ``lean_layer``: the cache layer the decoder layer already found for this input (not looked up again)."""
         residual = kwargs.pop("residual", None)
-        layer = None if args else self._lean_layer(hidden_states, kwargs)
+        layer = kwargs.pop("lean_layer", None)
+        if layer is None and not args:
+            layer = self._lean_layer(hidden_states, kwargs)
         if layer is None:
             out, weights = super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
             return (out if residual is None else residual + out), weights
@@ -134,28 +142,24 @@ class LeanDecoderLayer:
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         attn: Any = self.self_attn  # type: ignore[attr-defined]
-        if args or not isinstance(attn, LeanAttention) or attn._lean_layer(hidden_states, kwargs) is None:
+        layer = None if args or not isinstance(attn, LeanAttention) else attn._lean_layer(hidden_states, kwargs)
+        if layer is None:
             return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
         x = self.input_layernorm(hidden_states)  # type: ignore[attr-defined]
         module: Any = attn  # an nn.Module of a lean class
-        h, _ = module(x, residual=hidden_states, **kwargs)
+        h, _ = module(x, residual=hidden_states, lean_layer=layer, **kwargs)
         x = self.post_attention_layernorm(h)  # type: ignore[attr-defined]
         mlp: Any = self.mlp  # type: ignore[attr-defined]
         if isinstance(mlp, FusedGatedMLP):
             return mlp(x, residual=h)
-        if all(hasattr(mlp, p) for p in PARTS) and callable(getattr(mlp, "act_fn", None)):
+        if gated_mlp(mlp):
             return linear_add(mlp.down_proj, mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x), h)
         return h + mlp(x)
 
 
 def layer_reason(module: torch.nn.Module) -> str | None:
     """Why the decoder layer ``module`` cannot take the lean forward, or None."""
-    if not any(c.__name__ in LEAN_LAYERS for c in type(module).__mro__):
-        return f"{type(module).__name__} is not one of {', '.join(LEAN_LAYERS)}"
-    for a in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm"):
-        if not hasattr(module, a):
-            return f"{type(module).__name__} has no attribute {a!r}"
-    return None
+    return _shape_reason(module, LEAN_LAYERS, ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm"))
 
 
 _LEAN_TYPES: dict[type, type] = {}
