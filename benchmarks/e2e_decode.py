@@ -315,11 +315,10 @@ def run_rows(args, fp, q, tok, device):
         from mobiquant.kernels.triton_bitplane import SmallConfig
 
         cases.append(dict(base, **pair[0], cfg=SmallConfig(router_in_launch=True)))  # no router launch
+    fp_case = dict(name="fp16", model=fp, budget=None, k=None)
     if args.fuse_inputs:  # fp16 with the same kernels: what they give any model, routers apart
-        fp_case = dict(name="fp16", model=fp, budget=None, k=None)
         cases += [dict(base, **c, fuse_inputs=True) for c in (fp_case, *pair)]
     if args.lean_step:  # ... and each layer's attention in one launch, its residual adds in o and down
-        fp_case = dict(name="fp16", model=fp, budget=None, k=None)
         cases += [dict(base, **c, fuse_inputs=True, lean=True) for c in (fp_case, *pair)]
     from mobiquant.patching import fuse_inputs, fuse_sites, lean_step, set_small_config
 
