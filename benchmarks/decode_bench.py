@@ -473,10 +473,15 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package",
             graph=how,
         )
 
+    def say(text):
+        """A row's line, printed when timed (a warm shard times nothing: its rows would read nan)."""
+        if warm is None:
+            print(text)
+
     rows.append(row("package fp16", 16.0, 16.0, t16, how, model=fp))
     fp16_here = warm is None or warm[0] == 0  # a warm shard other than the first leaves fp16 out
     if fp16_here:
-        print(f"package fp16: {t16:.1f} us/token (graph: {how})")
+        say(f"package fp16: {t16:.1f} us/token (graph: {how})")
 
     def kind(cfg):
         """``(fusion mode or None, SmallConfig or None)`` of a ``kernels`` entry."""
@@ -489,14 +494,14 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package",
         t, how = timed(fp)
         fuse_inputs(fp, enable=False)
         rows.append(row("package fp16 [fused inputs]", 16.0, 16.0, t, how, model=fp))
-        print(f"package fp16 [fused inputs]: {t:.1f} us/token  x{t16 / t:.2f} (graph: {how})")
+        say(f"package fp16 [fused inputs]: {t:.1f} us/token  x{t16 / t:.2f} (graph: {how})")
     for lean, adds in (("lean attention", False), ("lean step", True)):  # fp16 with the same launches
         if fp16_here and any(kind(cfg)[0] == lean for _, cfg in kernels):
             lean_step(fp, adds=adds)
             t, how = timed(fp)
             lean_step(fp, enable=False)
             rows.append(row(f"package fp16 [{lean}]", 16.0, 16.0, t, how, model=fp))
-            print(f"package fp16 [{lean}]: {t:.1f} us/token  x{t16 / t:.2f} (graph: {how})")
+            say(f"package fp16 [{lean}]: {t:.1f} us/token  x{t16 / t:.2f} (graph: {how})")
     ns = len(kb.SLICE_BITS)
     for label, cfg in kernels:
         mode, small = kind(cfg)
@@ -507,6 +512,8 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package",
         fuse_sites(q, enable=sites)
         fuse_inputs(q, enable=mode == "inputs" or lean)
         lean_step(q, enable=lean, adds=mode == "lean step")
+        if warm is not None:
+            print(f"# warming: {label}", flush=True)
         # a (mode, config) entry: its routed budgets only (a config for views learnt on the device)
         for k in range(1, ns + 1) if not isinstance(cfg, tuple) or cfg[2:] == (True,) else ():
             mq.set_static(q, k)
@@ -515,7 +522,7 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package",
                 continue
             bits = float(view_bits(k))
             rows.append(row(f"{label} static k={k}", bits, bits, t, how))
-            print(f"{label} static k={k}: {t:.1f} us/token  x{t16 / t:.2f} (graph: {how})")
+            say(f"{label} static k={k}: {t:.1f} us/token  x{t16 / t:.2f} (graph: {how})")
         for budget in budgets or range(kb.SLICE_BITS[0], sum(kb.SLICE_BITS) + 1):
             # achieved bits of the decode tokens, counted eagerly (counting synchronises every step)
             g = generate(q, prompt, min(16, new_tokens), budget=float(budget), cuda_graph="off", track_bits=True)
@@ -525,7 +532,7 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package",
             if t is None:
                 continue
             rows.append(row(f"{label} routed", float(budget), bits, t, how))
-            print(
+            say(
                 f"{label} routed budget {budget:g}: achieved {bits:.2f} bits, {t:.1f} us/token  x{t16 / t:.2f} "
                 f"(graph: {how})"
             )

@@ -192,9 +192,10 @@ def test_decode_bench_warm_shards_split_the_configs(capsys):
             "--package-fused-only --package-fragment-loads --new-tokens 2").split()  # fmt: skip
     assert decode_bench.main([*args, "--warm-shard", "1/3"]) == 0
     out = capsys.readouterr().out
-    labels = {line.split(" static k=")[0] for line in out.splitlines() if " static k=" in line}
+    labels = {line.removeprefix("# warming: ") for line in out.splitlines() if line.startswith("# warming: ")}
     assert labels == {"package sites+inputs frag everywhere", "package sites+inputs prefetch 0"}
     assert "package fp16:" not in out and out.count("# warmed:") == 2 * 7
+    assert "nan us/token" not in out  # nothing timed: no row line
     for bad in ("3/3", "a/b", "1"):
         with pytest.raises(SystemExit):
             decode_bench.main([*args, "--warm-shard", bad])
