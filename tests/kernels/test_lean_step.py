@@ -13,6 +13,7 @@ import torch
 
 from mobiquant.kernels import available
 from mobiquant.kernels import triton_attention as ta
+from mobiquant.nn.fused import linear_add
 from mobiquant.patching import lean_step
 from mobiquant.tasks.decode import generate
 
@@ -261,3 +262,29 @@ def test_gpu_lean_step_in_the_compiled_step():
     lean_step(model, enable=False)
     assert got.graph == ref.graph
     assert torch.equal(got.tokens, ref.tokens)
+
+
+def test_linear_add_takes_addmm_eager_and_an_addition_compiled(monkeypatch):
+    """An fp16 ``nn.Linear``'s residual: one ``addmm`` eager; under ``torch.compile`` a plain addition in the traced
+    graph (Inductor fuses it with the next norm; ``addmm`` would copy the residual into its output first)."""
+    lin = torch.nn.Linear(8, 6, bias=False)
+    x, r = torch.randn(1, 1, 8), torch.randn(1, 1, 6)
+    ref = r + lin(x)
+    calls = []
+    addmm = torch.addmm
+    monkeypatch.setattr(torch, "addmm", lambda *a, **k: calls.append(1) or addmm(*a, **k))
+    torch.testing.assert_close(linear_add(lin, x, r), ref)
+    assert len(calls) == 1
+    monkeypatch.setattr(torch, "addmm", addmm)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(lambda a, b: linear_add(lin, a, b), backend=record)(x, r)
+    torch.testing.assert_close(out, ref)
+    targets = [n.target for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert targets and torch.addmm not in targets
+    assert any(getattr(t, "__name__", "") in ("add", "iadd") for t in targets), targets

@@ -92,16 +92,21 @@ class FusedRMSNorm(nn.Module):
 def linear_add(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
     """``residual + linear(x)`` (``linear(x)`` when ``residual`` is None) in as few launches as the linear allows: a
     :class:`~mobiquant.nn.linear.MoBiLinear` adds it in its kernel's epilogue (one token), a plain ``nn.Linear``
-    without bias through one ``addmm`` (cuBLAS's epilogue), anything else by an addition."""
+    without bias through one ``addmm`` (cuBLAS's epilogue) when eager, anything else, and anything under
+    ``torch.compile``, by an addition: Inductor fuses it with the next norm (the model's own step does so), where
+    ``addmm`` first copies the residual into its output (8 more copies a step of the 8B-shaped fp16 model on an H100,
+    docs/RESULTS.md "A lean decode step")."""
     from .linear import MoBiLinear
 
     if residual is None:
         return linear(x)
     if isinstance(linear, MoBiLinear):
         return linear(x, residual=residual)
-    if type(linear) is nn.Linear and linear.bias is None and residual.shape[-1] == linear.out_features:
-        y = torch.addmm(residual.reshape(-1, linear.out_features), x.reshape(-1, x.shape[-1]), linear.weight.t())
-        return y.reshape(residual.shape)
+    if isinstance(linear, nn.Linear) and type(linear) is nn.Linear and not torch.compiler.is_compiling():
+        n = linear.out_features
+        if linear.bias is None and residual.shape[-1] == n:
+            y = torch.addmm(residual.reshape(-1, n), x.reshape(-1, x.shape[-1]), linear.weight.t())
+            return y.reshape(residual.shape)
     return residual + linear(x)
 
 

@@ -9,7 +9,8 @@ For one token against a transformers static cache on a device the kernels serve:
   attention over the cache, the cache's write offset advanced), then ``o_proj``: the model's own step spends six
   or more small launches a layer between ``v_proj`` and ``o_proj``;
 * the layer's two residual additions go into the ``o_proj`` and ``down_proj`` launches
-  (:func:`mobiquant.nn.fused.linear_add`: the epilogue of the package's kernels, cuBLAS's ``addmm`` for fp16).
+  (:func:`mobiquant.nn.fused.linear_add`: the epilogue of the package's kernels; for fp16 cuBLAS's ``addmm``
+  eager, under ``torch.compile`` an addition Inductor fuses with the next norm).
 
 Anything else (a prompt's prefill, training, a dynamic cache, sliding-window layers, a float mask, the CPU without
 Triton's interpreter) runs the model's own forwards.
