@@ -288,3 +288,19 @@ def test_linear_add_takes_addmm_eager_and_an_addition_compiled(monkeypatch):
     targets = [n.target for g in graphs for n in g.graph.nodes if n.op == "call_function"]
     assert targets and torch.addmm not in targets
     assert any(getattr(t, "__name__", "") in ("add", "iadd") for t in targets), targets
+
+
+def test_attention_bench_baseline_is_the_same_arithmetic():
+    """``benchmarks/attention_bench.py``'s baseline (the model's rotary embedding, ``index_copy_`` and sdpa) computes
+    what ``decode_attention`` computes (its PyTorch reference): its rows compare like with like."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import attention_bench as ab
+
+    for heads, kv, dim in ab.HEADS.values():
+        (L,) = ab.layers(1, heads, kv, dim, cache_len=40, pos=17, device="cpu", dtype=torch.float32)
+        ref_in = {n: t.clone() for n, t in L.items()}
+        ref = ta.decode_attention(**ref_in, ticket=None, scale=dim**-0.5, backend="torch")
+        got = ab.model_step(L, heads, kv, dim)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        assert int(L["offset"]) == int(ref_in["offset"]) == 18
+        torch.testing.assert_close(L["keys"], ref_in["keys"])
