@@ -304,3 +304,58 @@ def test_attention_bench_baseline_is_the_same_arithmetic():
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
         assert int(L["offset"]) == int(ref_in["offset"]) == 18
         torch.testing.assert_close(L["keys"], ref_in["keys"])
+
+
+@needs_triton
+def test_lean_norms_ride_in_the_site_launches(monkeypatch):
+    """``lean_step(norms=True)``: a packed tiny LLaMA (fused sites and inputs) at a static view makes each layer's
+    two RMS norms in its q/k/v and gate/up site launches (the norm modules are not called at decode, each site
+    launch is handed its norm) and keeps its logits; where its routers decide (a routed budget), the norms stay as
+    they were (the router launch makes the rows it reads)."""
+    from test_fused_inputs import default_layout_model  # the tiny LLaMA, default layout, calibrated routers
+
+    import mobiquant as mq
+    from mobiquant.kernels import triton_bitplane as tb
+    from mobiquant.patching import fuse_inputs
+
+    q = default_layout_model("site")
+    fuse_inputs(q)
+    ids = torch.randint(0, q.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(4)).to(q.device)
+    n_layers = q.config.num_hidden_layers
+    normed: list[bool] = []
+    norm_calls: list[str] = []
+    real = tb.bitplane_site_bits
+
+    def site_spy(*a, **k):
+        normed.append(k.get("norm") is not None)
+        return real(*a, **k)
+
+    @contextlib.contextmanager
+    def spied():
+        normed.clear()
+        norm_calls.clear()
+        hooks = [getattr(layer, n).register_forward_hook(lambda *_, n=n: norm_calls.append(n))
+                 for layer in q.model.layers for n in ("input_layernorm", "post_attention_layernorm")]  # fmt: skip
+        monkeypatch.setattr(tb, "bitplane_site_bits", site_spy)
+        yield
+        monkeypatch.setattr(tb, "bitplane_site_bits", real)
+        for h in hooks:
+            h.remove()
+
+    steps = 3
+    for k in (2, None):  # a static view, then routers where the tokens decide
+        if k is None:
+            mq.set_budget(q, 4.5)
+        else:
+            mq.set_static(q, k)
+        outs = []
+        for norms in (False, True):
+            lean_step(q, norms=norms)
+            outs.append(_cached_logits(q, ids, 3, 10, spied)[0])
+            counts = (sum(normed), len(normed), len(norm_calls))
+        lean_step(q, enable=False)
+        torch.testing.assert_close(outs[1], outs[0], atol=2e-3, rtol=2e-3)
+        if k is None:
+            assert counts[0] == 0 and counts[2] == 2 * n_layers * steps, counts
+        else:  # every site launch made its norm; no norm module ran
+            assert counts == (2 * n_layers * steps, 2 * n_layers * steps, 0), counts

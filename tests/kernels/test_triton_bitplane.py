@@ -629,6 +629,49 @@ def test_site_bits_kernel(cfg, per_view, gen, monkeypatch):
         check_site(tb.bitplane_site_bits(x, site, ks, out=out, config=cfg), views)
 
 
+def _rms(x, weight, eps):
+    """The model's RMS norm (LLaMA's arithmetic: fp32 mean of squares, the row rounded to its dtype, times weight)."""
+    h = x.float()
+    h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return weight * h
+
+
+@pytest.mark.parametrize("n_in", [192, 576])
+def test_norm_in_the_launch(n_in, gen, monkeypatch):
+    """``norm=(weight, eps)``: the launch takes the norm's input and makes its output itself (whole-K programs, each
+    reading the whole row), for one layer and for a site of three, at a static view and a view read on the device:
+    the outputs equal the launch fed the model's norm output; what it cannot serve is refused with the reason."""
+    monkeypatch.setattr(tb, "_num_sms", lambda device: 3)
+    bits, group = DEFAULT_LAYOUT, 64
+    layers = [make_layer(n, n_in, bits, group, gen) for n in (200, 70, 33)]
+    bps = [tb.pack_bitplanes(*layer, bits, group, n_in) for layer in layers]
+    site = tb.site_bitplanes(bps, [None, torch.randn(70, generator=gen).to(DEVICE), None])
+    x = (randx(1, n_in, torch.float16, gen) * 3).half()
+    weight = (torch.rand(n_in, generator=gen) * 2 + 0.1).half().to(DEVICE)
+    eps = 1e-5
+    xn = _rms(x, weight, eps)
+    whole = tb.SmallConfig(whole_k=True)
+    assert tb.norm_in_launch(x, bps[0], 200, whole)
+    assert not tb.norm_in_launch(x, bps[0], 200, tb.SmallConfig(whole_k=False))
+    monkeypatch.setattr(tb, "_host_k_range", lambda k_t: None)  # as on a GPU: a k tensor's view unknown here
+    for k in (1, 4, torch.tensor([2], device=DEVICE)):
+        ref = tb.bitplane_linear_bits(xn, bps[0], k, config=whole)
+        got = tb.bitplane_linear_bits(x, bps[0], k, config=whole, norm=(weight, eps))
+        err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
+        assert err < TOL[torch.float16], (k, err)
+        ks = [k] * 3
+        ref = tb.bitplane_site_bits(xn, site, ks, config=whole)
+        got = tb.bitplane_site_bits(x, site, ks, config=whole, norm=(weight, eps))
+        err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
+        assert err < TOL[torch.float16], (k, err)
+    with pytest.raises(ValueError, match="needs whole-K programs"):
+        tb.bitplane_linear_bits(x, bps[0], 2, config=tb.SmallConfig(whole_k=False), norm=(weight, eps))
+    with pytest.raises(ValueError, match="the norm's weight has shape"):
+        tb.bitplane_linear_bits(x, bps[0], 2, config=whole, norm=(weight[:-1], eps))
+    with pytest.raises(ValueError, match="eps must be positive"):
+        tb.bitplane_linear_bits(x, bps[0], 2, config=whole, norm=(weight, 0.0))
+
+
 def test_site_bits_device_k(gen, monkeypatch):
     """A site launch with one ``k`` tensor for all its layers (a router's output: one view, read on the device, as
     the bare 8B stack's routed sites take it) equals the launch at the same static view; two tensors are refused."""

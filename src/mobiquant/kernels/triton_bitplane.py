@@ -1492,7 +1492,9 @@ def _bits_fields(
     T0,
     T1,
     xs,
+    ss,
     x_ptr,
+    nw_ptr,
     colw,
     K_IN,
     w0,
@@ -1507,9 +1509,12 @@ def _bits_fields(
     XE: tl.constexpr,
     ASM: tl.constexpr,
     EVEN_K: tl.constexpr,
+    NORM: tl.constexpr,
 ):
     """One sub-chunk: ``T0 / T1 [BN2, NW] += sum_j field_j x'_j`` over the 16 codes of the low / high half of
-    every word (even / odd rows), ``xs [1, NW] += sum_j x_j``; ``colw [NW]`` the first column of each word."""
+    every word (even / odd rows), ``xs [1, NW] += sum_j x_j``; ``colw [NW]`` the first column of each word.
+    ``NORM``: ``ss [1, NW] += sum_j x_j^2`` and ``x_j`` taken times the norm weight ``nw_ptr[j]`` (an RMS norm in
+    the launch: its scale, one number a token, is applied to the sums by the caller)."""
     l0 = _bits_shift(w0, 0, 0, P)
     h0 = _bits_shift(w0, 0, 1, P)
     l1 = l0
@@ -1556,12 +1561,18 @@ def _bits_fields(
                 xj = tl.load(x_ptr + colw + j).to(tl.float32)
             else:
                 xj = tl.load(x_ptr + colw + j, mask=colw + j < K_IN, other=0.0).to(tl.float32)
+            if NORM:
+                ss += (xj * xj)[None, :]
+                if EVEN_K:
+                    xj = xj * tl.load(nw_ptr + colw + j).to(tl.float32)
+                else:
+                    xj = xj * tl.load(nw_ptr + colw + j, mask=colw + j < K_IN, other=0.0).to(tl.float32)
             xs += xj[None, :]
             # x' = x 2^(149 - S - j) (XE = 149 - S), the power of two built from its exponent bits
             xq = (xj * tl.full([1], (XE + 127 - j) << 23, tl.int32).to(tl.float32, bitcast=True))[None, :]
             T0 += (f0 & (FM << j)).to(tl.float32, bitcast=True) * xq
             T1 += (f1 & (FM << j)).to(tl.float32, bitcast=True) * xq
-    return T0, T1, xs
+    return T0, T1, xs, ss
 
 
 @triton.jit
@@ -1708,9 +1719,10 @@ def _bits_groups(
             T0 = tl.zeros(acc0.shape, dtype=tl.float32)
             T1 = tl.zeros(acc0.shape, dtype=tl.float32)
             xs = tl.zeros((1, NW), dtype=tl.float32)
-            T0, T1, xs = _bits_fields(
-                T0, T1, xs, x_ptr, (g * GW + wcol) * 16, K_IN, w0, w1, w2, w3, w4, w5, w6, w7, P, XE, ASM, EVEN_K
-            )
+            T0, T1, xs, _ = _bits_fields(
+                T0, T1, xs, xs, x_ptr, x_ptr, (g * GW + wcol) * 16, K_IN, w0, w1, w2, w3, w4, w5, w6, w7, P, XE, ASM,
+                EVEN_K, False,
+            )  # fmt: skip
             acc0, acc1 = _bits_apply(acc0, acc1, T0, T1, xs, sz0, sz1, mult, hk)
             w0 = n0
             w1 = n1
@@ -1738,9 +1750,10 @@ def _bits_groups(
             for sc in tl.static_range(0, GW // NW):  # unrolled: nothing loop-carried, xs stays in the words' layout
                 wc = g * GW + sc * NW + wcol
                 w0, w1, w2, w3, w4, w5, w6, w7 = _bits_load_words(w_ptr, wc, rows2, PSTRIDE, NPAD2, P, EVEN_N)
-                T0, T1, xs = _bits_fields(
-                    T0, T1, xs, x_ptr, wc * 16, K_IN, w0, w1, w2, w3, w4, w5, w6, w7, P, XE, ASM, EVEN_K
-                )
+                T0, T1, xs, _ = _bits_fields(
+                    T0, T1, xs, xs, x_ptr, x_ptr, wc * 16, K_IN, w0, w1, w2, w3, w4, w5, w6, w7, P, XE, ASM, EVEN_K,
+                    False,
+                )  # fmt: skip
             sz0, sz1 = _bits_load_sz(sz_ptr, g, rows2, wcol, SZSTRIDE, NPAD2, EVEN_N)
             acc0, acc1 = _bits_apply(acc0, acc1, T0, T1, xs, sz0, sz1, mult, hk)
     return acc0, acc1
@@ -1954,7 +1967,7 @@ def _bits_stream(
 def _bits_whole(x_ptr, out_ptr, bias_ptr, w_ptr, sz_ptr, PSTRIDE, SZSTRIDE, NPAD2, N, K_IN, GPB, mult, hk,
                 GROUP: tl.constexpr, P: tl.constexpr, HAS_BIAS: tl.constexpr, BN2: tl.constexpr, WKP: tl.constexpr,
                 XE: tl.constexpr, ASM: tl.constexpr, WAIT: tl.constexpr, PRE: tl.constexpr, b0, b1, b2, b3, b4, b5,
-                b6, b7, t):
+                b6, b7, t, nw_ptr, eps, NORM: tl.constexpr):
     # fmt: on
     """Row block ``t`` over all of K in one pass: every word, step and zero point of the block is loaded at once
     (``[BN2, WKP]`` words per plane, masked past the ``GPB`` groups), so the program waits on memory once; the codes
@@ -1962,7 +1975,10 @@ def _bits_whole(x_ptr, out_ptr, bias_ptr, w_ptr, sz_ptr, PSTRIDE, SZSTRIDE, NPAD
     rows are stored with no partial sums. For the small matrices of a decode step, whose time is latency, not
     bytes (``SmallConfig.whole_k``). ``WAIT``: the words, steps and zero points are loaded before the wait on the
     kernel before this one (``SmallConfig.pdl``), the activations after it. ``PRE`` > 0: the words of planes
-    ``0 .. PRE-1`` are ``b0 ..`` (loaded by the caller before ``k`` was known)."""
+    ``0 .. PRE-1`` are ``b0 ..`` (loaded by the caller before ``k`` was known). ``NORM``: ``x`` is the RMS norm's
+    input, not its output: the program, which reads the whole row, multiplies it by the norm's weight ``nw_ptr`` as
+    it loads it, sums its squares, and scales the row block's sums by ``rsqrt(mean(x^2) + eps)`` before the bias
+    (no launch for the norm)."""
     GW: tl.constexpr = GROUP // 16
     GP: tl.constexpr = WKP // GW
     rows2, wc, offs, wmask = _bits_whole_offs(t, BN2, WKP, NPAD2, GPB, GW)
@@ -1976,13 +1992,20 @@ def _bits_whole(x_ptr, out_ptr, bias_ptr, w_ptr, sz_ptr, PSTRIDE, SZSTRIDE, NPAD
     T0 = tl.zeros((BN2, WKP), dtype=tl.float32)
     T1 = tl.zeros((BN2, WKP), dtype=tl.float32)
     xs = tl.zeros((1, WKP), dtype=tl.float32)
-    T0, T1, xs = _bits_fields(T0, T1, xs, x_ptr, wc * 16, K_IN, w0, w1, w2, w3, w4, w5, w6, w7, P, XE, ASM, False)
+    ss = tl.zeros((1, WKP), dtype=tl.float32)
+    T0, T1, xs, ss = _bits_fields(
+        T0, T1, xs, ss, x_ptr, nw_ptr, wc * 16, K_IN, w0, w1, w2, w3, w4, w5, w6, w7, P, XE, ASM, False, NORM
+    )
     T0 = tl.sum(tl.reshape(T0, (BN2, GP, GW)), axis=2)
     T1 = tl.sum(tl.reshape(T1, (BN2, GP, GW)), axis=2)
     xs = tl.sum(tl.reshape(xs, (1, GP, GW)), axis=2)
     acc0 = tl.zeros((BN2, GP), dtype=tl.float32)
     acc1 = tl.zeros((BN2, GP), dtype=tl.float32)
     acc0, acc1 = _bits_apply(acc0, acc1, T0, T1, xs, sz0, sz1, mult, hk)
+    if NORM:  # the RMS norm's scale of the token (mean over its K_IN inputs, in fp32 as the model's norm)
+        inv = tl.math.rsqrt(tl.sum(ss) / K_IN + eps)
+        acc0 = acc0 * inv
+        acc1 = acc1 * inv
     _bits_segment_store(acc0, acc1, out_ptr, out_ptr, out_ptr, bias_ptr, rows2, N, NPAD2, t, 0, 1, HAS_BIAS)
 
 
@@ -2058,6 +2081,8 @@ def _bp_gemv_bits_kernel(
     H6,
     H7,
     H8,
+    nw_ptr,
+    eps,
     GROUP: tl.constexpr,
     NS: tl.constexpr,
     KSEL: tl.constexpr,
@@ -2094,6 +2119,7 @@ def _bp_gemv_bits_kernel(
     KLO: tl.constexpr = 0,
     KHI: tl.constexpr = 0,
     PRELOAD: tl.constexpr = False,
+    NORM: tl.constexpr = False,
 ):
     """One token from one-bit planes (see above). ``KSEL`` > 0: the view ``k = KSEL`` (known on the host); 0: ``k``
     read on the device, one body per view ``v`` (``P_v`` planes, multiplier ``M_v``, zero-point term ``H_v``)
@@ -2128,6 +2154,9 @@ def _bp_gemv_bits_kernel(
     ``PRELOAD`` (``SmallConfig.preload``) or ``PDL``: a whole-K launch that learns ``k`` on the device (no router in
     the launch) loads the planes that every compiled body reads before it reads ``k``, so their loads overlap that
     read (with ``PDL``, the kernel before as well).
+
+    ``NORM`` (whole-K only, no router in the launch): ``x`` is an RMS norm's input, its weight at ``nw_ptr`` and
+    epsilon ``eps``; every program makes the norm of the row it reads (:func:`_bits_whole`).
 
     ``PDL``: the launch has the programmatic-dependent-launch attribute (``SmallConfig.pdl``): every program lets
     the next kernel start, then waits for the kernel before it to finish before reading the activations, gate
@@ -2266,7 +2295,8 @@ def _bp_gemv_bits_kernel(
                 if WKP > 0:  # one row block per program, all of K at once
                     _bits_whole(
                         x_ptr, out_s, bias_s, w_s, sz_v, PSTRIDE, SZSTRIDE, NPAD2, n_s, K_IN, GPB, mult, hk, GROUP, P,
-                        HAS_BIAS, BN2, WKP, XE, ASM, WAIT_IN_BODY, PB, b0, b1, b2, b3, b4, b5, b6, b7, pid,
+                        HAS_BIAS, BN2, WKP, XE, ASM, WAIT_IN_BODY, PB, b0, b1, b2, b3, b4, b5, b6, b7, pid, nw_ptr,
+                        eps, NORM,
                     )  # fmt: skip
                 else:
                     _bits_stream(
@@ -3479,6 +3509,7 @@ def bitplane_linear_bits(
     out: torch.Tensor | None = None,
     config: SmallConfig | None = None,
     span: tuple[int, int] | None = None,
+    norm: tuple[torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """One token ``x2 [1, in]`` -> ``[1, out]`` from one-bit plane buffers: ``_bp_gemv_bits_kernel`` on a
     stream-K grid (``config.waves`` programs per SM, or ``config.split_k`` programs per row block); ``k`` an int,
@@ -3486,7 +3517,9 @@ def bitplane_linear_bits(
     (on the device: counted there from the gate values and the threshold). Buffers of a pair per view
     (``bp.per_view``): the view's own step and zero point words (picked here, or by ``k`` in the kernel).
     ``span = (lo, hi)``: the views a ``k`` learnt on the device may be, known here (e.g. ``(j, j + 1)``, the two views
-    of an adjacent-policy threshold): only their bodies are compiled and ``k`` is clamped into them."""
+    of an adjacent-policy threshold): only their bodies are compiled and ``k`` is clamped into them. ``norm =
+    (weight, eps)``: ``x2`` is an RMS norm's input, made into its output by the launch's whole-K programs
+    (:func:`norm_in_launch`; the fragment kernel is then not used)."""
     M, K_IN = x2.shape
     if M != 1:
         raise ValueError(f"the one-bit plane kernel takes one token, got {M}")
@@ -3496,7 +3529,7 @@ def bitplane_linear_bits(
     ksel, k_t, v_t, tau_t, kvals = _bits_k(k, x2, len(bp.slice_bits))
     router = _router_of([k])
     cfg = config or SmallConfig()
-    if router is None and fragment_serves(cfg, bp, ksel, x2, span):
+    if router is None and norm is None and fragment_serves(cfg, bp, ksel, x2, span):
         from .gluon_fragment import fragment_linear, fragment_of
 
         if kvals:  # the router's gate values (or its partials, finished there): counted by the kernel
@@ -3507,7 +3540,7 @@ def bitplane_linear_bits(
     if out is None:
         out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
     return _bits_launch(
-        x2, bp, [(bp.out_features, 0, 0)], ksel, k_t, v_t, [tau_t], kvals, bias, out, cfg, router, span
+        x2, bp, [(bp.out_features, 0, 0)], ksel, k_t, v_t, [tau_t], kvals, bias, out, cfg, router, span, norm
     )
 
 
@@ -3582,12 +3615,13 @@ def bitplane_site_bits(
     out: torch.Tensor | None = None,
     config: SmallConfig | None = None,
     span: tuple[int, int] | None = None,
+    norm: tuple[torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """One token ``x2 [1, in]`` through every layer of ``site`` in one launch: ``[1, sum(outs)]``, layer ``i``'s
     outputs at columns ``site.cols[i]``. ``ks``: each layer's ``k``, either one int for all (the same static view)
     or a :class:`RoutedK` each, sharing their gate values (one router) with a threshold each, or one one-element
     tensor for all (the same view, read on the device unless it is on the host). ``span``: the views every layer's
-    ``k`` learnt on the device lies in (:func:`bitplane_linear_bits`)."""
+    ``k`` learnt on the device lies in; ``norm``: ``x2`` an RMS norm's input (both :func:`bitplane_linear_bits`)."""
     M, K_IN = x2.shape
     bp = site.planes
     if M != 1 or K_IN != bp.in_features:
@@ -3617,14 +3651,14 @@ def bitplane_site_bits(
     ksel, k_t, v_t, _, kvals = resolved[0]
     cfg = config or SmallConfig()
     whole = all(n % 128 == 0 for n in site.outs)  # the pack's rows are then the output columns
-    if ksel and whole and fragment_serves(cfg, bp, ksel, x2):
+    if ksel and whole and norm is None and fragment_serves(cfg, bp, ksel, x2):
         from .gluon_fragment import fragment_linear, fragment_of  # one static view: the layers as one
 
         return fragment_linear(x2, fragment_of(bp), ksel, site.bias, out, **_fragment_options(cfg))
     taus = [r[3] for r in resolved] if kvals else [x2]
     router = _router_of(ks)
     device_view = not ksel and router is None and len(site.outs) <= 3
-    if device_view and whole and cfg.fragment_site_spans and fragment_serves(cfg, bp, None, x2, span):
+    if device_view and whole and norm is None and cfg.fragment_site_spans and fragment_serves(cfg, bp, None, x2, span):
         from .gluon_fragment import BLOCK_N, fragment_linear, fragment_of  # the layers as one, k per row block
 
         starts = tuple(c // BLOCK_N for c in site.cols[1:])
@@ -3636,7 +3670,7 @@ def bitplane_site_bits(
     if out is None:
         out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
     segs = list(zip(site.outs, site.rows2, site.cols, strict=True))
-    return _bits_launch(x2, bp, segs, ksel, k_t, v_t, taus, kvals, site.bias, out, cfg, router, span)
+    return _bits_launch(x2, bp, segs, ksel, k_t, v_t, taus, kvals, site.bias, out, cfg, router, span, norm)
 
 
 def _bits_grid(cfg: SmallConfig, bp: BitPlanes, rows: int, router: bool) -> tuple[int, int, int, int]:
@@ -3675,6 +3709,44 @@ def _bits_grid(cfg: SmallConfig, bp: BitPlanes, rows: int, router: bool) -> tupl
     return nw, block_n, num_warps, wkp
 
 
+def _norm_reason(norm: tuple[torch.Tensor, float], k_in: int, wkp: int, router: InLaunchRouter | None) -> str | None:
+    """Why a one-bit plane launch cannot make the RMS norm ``norm = (weight, eps)`` of its input, or None."""
+    weight, eps = norm
+    if weight.dim() != 1 or weight.numel() != k_in:
+        return f"the norm's weight has shape {tuple(weight.shape)}, the input {k_in} features"
+    if not weight.is_contiguous():
+        return "the norm's weight is not contiguous"
+    if not float(eps) > 0:
+        return f"eps must be positive, got {eps}"
+    if not wkp:
+        return "it needs whole-K programs (each reads the whole row), and this launch streams K over programs"
+    if router is not None:
+        return "a router in the same launch reads the norm's output"
+    return None
+
+
+def norm_in_launch(x2: torch.Tensor, bp: BitPlanes, rows: int, config: SmallConfig | None = None) -> bool:
+    """Whether a one-token launch of ``rows`` rows (a layer, or a site's layers) on ``bp`` by ``config`` runs whole-K
+    programs on the one-bit plane kernel, so it can make an RMS norm of its input itself (``norm=`` of
+    :func:`bitplane_linear_bits` and :func:`bitplane_site_bits` for a static view the fragment kernel does not
+    serve)."""
+    cfg = config or SmallConfig()
+    try:
+        return bool(_bits_grid(cfg, bp, rows, False)[3])
+    except ValueError:
+        return False
+
+
+def site_takes_norm(x2: torch.Tensor, site: SiteBits, k: int, config: SmallConfig | None = None) -> bool:
+    """Whether :func:`bitplane_site_bits` of one token at the static view ``k`` for all of ``site``'s layers makes an
+    RMS norm of its input itself (``norm=``): a launch the fragment kernel would not serve (it takes no norm, and
+    is faster where it serves) on whole-K programs."""
+    whole = all(n % 128 == 0 for n in site.outs)
+    if whole and fragment_serves(config, site.planes, k, x2):
+        return False
+    return norm_in_launch(x2, site.planes, sum(site.outs), config)
+
+
 def _bits_launch(
     x2: torch.Tensor,
     bp: BitPlanes,
@@ -3689,16 +3761,21 @@ def _bits_launch(
     cfg: SmallConfig,
     router: InLaunchRouter | None = None,
     span: tuple[int, int] | None = None,
+    norm: tuple[torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """``_bp_gemv_bits_kernel`` over the segments ``segs`` (``(rows, row-pair offset, output column)`` each) of the
     buffers ``bp``: the programs of the stream-K grid shared among them by their items; with ``router``, its
     programs first (they write ``v_t``); ``span``, with a view learnt on the device: the views it may be (only their
-    bodies compiled)."""
+    bodies compiled); ``norm``: ``(weight, eps)`` of an RMS norm whose input ``x2`` is (:func:`norm_in_launch`)."""
     K_IN = x2.shape[1]
     NS = len(bp.slice_bits)
     kw, npad2 = bp.words.shape[1], bp.words.shape[2]
     gw = bp.group_size // 16
     nw, block_n, num_warps, wkp = _bits_grid(cfg, bp, sum(n for n, _, _ in segs), router is not None)
+    if norm is not None:
+        why = _norm_reason(norm, K_IN, wkp, router)
+        if why:
+            raise ValueError(f"an RMS norm in the launch: {why}")
     if cfg.pdl:
         _check_pdl(x2.device)
     bn2 = block_n // 2
@@ -3781,6 +3858,8 @@ def _bits_launch(
         seg_o[2],
         *mults,
         *hs,
+        norm[0] if norm is not None else x2,
+        float(norm[1]) if norm is not None else 0.0,
         GROUP=bp.group_size,
         NS=NS,
         KSEL=ksel,
@@ -3804,6 +3883,7 @@ def _bits_launch(
         KVALS=kvals,
         NSEG=len(segs),
         WKP=wkp,
+        NORM=norm is not None,
         **rw,
         num_warps=num_warps,
         num_stages=cfg.num_stages,

@@ -89,6 +89,33 @@ class FusedRMSNorm(nn.Module):
         return _made(x, ("rms_norm", self.weight, self.variance_epsilon), self.router, self.consumer)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LLaMA's RMS norm (``LlamaRMSNorm``'s arithmetic: the mean of squares in fp32, the row rounded to ``x``'s
+    dtype, then times ``weight``)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+#: The RMS norms whose forward is :func:`rms_norm` (by class name): the model's own, or ours in their place.
+RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "FusedRMSNorm")
+
+
+def norm_spec(norm: nn.Module, consumer: Any) -> tuple[torch.Tensor, float] | None:
+    """``(weight, eps)`` of ``norm`` when it is an RMS norm of :data:`RMS_NORMS` whose output ``consumer`` (the
+    linear it feeds) may make in its own launch: not a fused norm whose launch runs the consumer's router on the rows
+    it makes (the router needs them). None otherwise."""
+    if type(norm).__name__ not in RMS_NORMS:
+        return None
+    weight = getattr(norm, "weight", None)
+    eps = getattr(norm, "variance_epsilon", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or eps is None:
+        return None
+    if isinstance(norm, FusedRMSNorm) and _routes(norm.router, consumer):
+        return None
+    return weight, float(eps)
+
+
 def linear_add(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
     """``residual + linear(x)`` (``linear(x)`` when ``residual`` is None) in as few launches as the linear allows: a
     :class:`~mobiquant.nn.linear.MoBiLinear` adds it in its kernel's epilogue (one token), a plain ``nn.Linear``
@@ -108,6 +135,24 @@ def linear_add(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor | None
             y = torch.addmm(residual.reshape(-1, n), x.reshape(-1, x.shape[-1]), linear.weight.t())
             return y.reshape(residual.shape)
     return residual + linear(x)
+
+
+def normed_outputs(linears: tuple[nn.Module, ...], x: torch.Tensor, norm: tuple[torch.Tensor, float] | None) -> list:
+    """Each linear's output on ``rms_norm(x, *norm)`` (on ``x`` when ``norm`` is None): a packed linear is handed
+    ``x`` and the norm, to make in its site's launch (:class:`~mobiquant.nn.linear.MoBiLinear`), the others the
+    norm's output, made once."""
+    from .linear import MoBiLinear
+
+    if norm is None:
+        return [lin(x) for lin in linears]
+    made: list[torch.Tensor] = []
+
+    def normed() -> torch.Tensor:
+        if not made:
+            made.append(rms_norm(x, *norm))
+        return made[0]
+
+    return [lin(x, norm=norm) if isinstance(lin, MoBiLinear) else lin(normed()) for lin in linears]
 
 
 #: The linears of a gated MLP, by their Hugging Face names (LLaMA, Mistral, Qwen2).
@@ -136,9 +181,12 @@ class FusedGatedMLP(nn.Module):
         self.backend = "auto"
         object.__setattr__(self, "original", mlp)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """The MLP's output, plus ``residual`` when given (:func:`linear_add`: in the down launch's epilogue)."""
-        gate, up = self.gate_proj(x), self.up_proj(x)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None
+    ) -> torch.Tensor:
+        """The MLP's output, plus ``residual`` when given (:func:`linear_add`: in the down launch's epilogue);
+        ``norm``: ``x`` is an RMS norm's input (:func:`normed_outputs`)."""
+        gate, up = normed_outputs((self.gate_proj, self.up_proj), x, norm)
         router = getattr(self.down_proj, "router", None)
         if not _fast(gate, self.backend, (up,)) or _compiled_away(router, self.down_proj):
             return linear_add(self.down_proj, self.act_fn(gate) * up, residual)

@@ -26,6 +26,7 @@ from ..kernels import int4
 from ..quant.packing import pack_codes, packed_width, unpack_codes
 from ..quant.primitives import from_groups, num_groups
 from ..quant.slicer import ResidualSlicer
+from .fused import rms_norm
 from .router import TokenRouter
 
 Mode = Literal["static", "routed"]
@@ -356,17 +357,22 @@ class MoBiLinear(nn.Module):
         return out
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None
+    ) -> torch.Tensor:
         """``x W^T + bias``, plus ``residual`` (of the output's shape) when given: for one token on the one-bit
-        plane and fragment kernels added in the launch's epilogue (as the bias is), else by one addition."""
+        plane and fragment kernels added in the launch's epilogue (as the bias is), else by one addition.
+        ``norm = (weight, eps)``: ``x`` is the input of an RMS norm (LLaMA's arithmetic, :func:`rms_norm`) whose
+        output this linear takes: made in the launch of this linear's site group where it can
+        (:meth:`~mobiquant.nn.site.SiteGroup.takes_norm`), else here first."""
         router = self._router
         if router is not None and router.has_borrowers:  # the borrowers' input, recorded as the home linears run:
-            return self._forward_opaque(x, residual)  # kept out of a compiled trace, which would not record it
+            return self._forward_opaque(x, residual, norm)  # kept out of a compiled trace, which would not record it
         if torch.compiler.is_compiling():  # decode's cuda_graph='compile': a CPU int4 view is traced with the rest
-            y = self._traced_int4(x)
+            y = self._traced_int4(x if norm is None else rms_norm(x, *norm))
             if y is not None:
                 return y if residual is None else y + residual
-        return self._forward_opaque(x, residual)
+        return self._forward_opaque(x, residual, norm)
 
     def _traced_int4(self, x: torch.Tensor) -> torch.Tensor | None:
         """Under ``torch.compile``, the forward that Inductor can take into the step's graph: a packed layer's bf16
@@ -417,14 +423,18 @@ class MoBiLinear(nn.Module):
     # opaque to torch.compile: Inductor cannot take the Triton launches (decode's cuda_graph='compile' compiles the
     # code between these calls and captures them in its graph)
     @torch.compiler.disable
-    def _forward_opaque(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def _forward_opaque(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None
+    ) -> torch.Tensor:
+        if norm is not None and not (self.packed and self.weight_override is None):
+            x, norm = rms_norm(x, *norm), None
         router = self._router
         if router is not None and router.has_borrowers and self.router_home:
-            router.see_home(x)
+            router.see_home(x if norm is None else rms_norm(x, *norm))
         if self.weight_override is not None:
             y = F.linear(x, self.weight_override().to(x.dtype), self.bias)
         elif self.packed:
-            return self._forward_packed(x, residual)
+            return self._forward_packed(x, residual, norm)
         else:
             y = self._forward_fake(x)
         return y if residual is None else y + residual
@@ -508,7 +518,9 @@ class MoBiLinear(nn.Module):
         router = self._router
         return self._host_view() if router is not None and router.fixed else None
 
-    def _forward_packed(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def _forward_packed(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None
+    ) -> torch.Tensor:
         from .. import kernels
 
         n_tokens = x.numel() // x.shape[-1]
@@ -532,9 +544,11 @@ class MoBiLinear(nn.Module):
                 extra["packed"] = self.bitplane_buffers()  # read by the dequantize pass of a prompt
         group = getattr(self, "_site_group", None)
         if group is not None and extra.get("path") == "bits":  # one launch for the site (patching.fuse_sites)
-            y = group.output(self, x, cfg)
+            y = group.output(self, x, cfg, norm)
             if y is not None:
                 return y if residual is None else y + residual
+        if norm is not None:  # no launch makes the norm: made here
+            x = rms_norm(x, *norm)
         # one token's residual is the launch's bias: added in the kernel's epilogue
         in_epilogue = residual is not None and bias is None and extra.get("path") == "bits"
         if in_epilogue:
