@@ -102,9 +102,9 @@
 #   attn     (only when named) benchmarks/attention_bench.py (the lean step's attention launch, positions a step x
 #            warps, against the model's own rotary, cache writes and sdpa), then the package rows with the lean step
 #            and the default router placement site
-#   norms    (only when named) the RMS norms made in the q/k/v and gate/up site launches (patching.lean_step(norms=True),
-#            benchmarks/NOTES.md entry 37): their GPU tests, then SmolLM2-135M end to end with the lean step, with and
-#            without the norms in the launches (needs $GGUF)
+#   prologues (only when named) the RMS norms and gated products made in the launches they feed
+#            (patching.lean_step(prologues=True), benchmarks/NOTES.md entry 37): their GPU tests, then SmolLM2-135M end
+#            to end with the lean step, with and without them (needs $GGUF)
 #   block    (only when named; in loads) the default rows with router placement block (one router a layer), with
 #            and without the lean step, and its compiled step's census at routed 3.5 / 4.5 bits with it
 #   span     (only when named) the stack's static views beside each view with k read on the device: every body
@@ -379,12 +379,12 @@ stage() {
       # default placement's package rows with the lean step
       run_stage attn_bench 600 "$PY" benchmarks/attention_bench.py
       package_stage lean_site site --package-lean-step --package-fused-only ;;
-    norms)
-      run_stage norms_tests 600 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_triton_bitplane.py \
-        tests/kernels/test_lean_step.py -k "norm_in_the_launch or lean_norms"
+    prologues)
+      run_stage prologue_tests 600 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_triton_bitplane.py \
+        tests/kernels/test_lean_step.py -k "prologue"
       if [ -e "$GGUF" ]; then
-        run_stage norms_e2e 900 "$PY" benchmarks/e2e_decode.py --gguf "$GGUF" --budgets 4 --views 2 --fuse-inputs \
-          --lean-step --lean-norms --out "$RES/norms_e2e"
+        run_stage prologue_e2e 900 "$PY" benchmarks/e2e_decode.py --gguf "$GGUF" --budgets 4 --views 2 \
+          --lean-step --lean-prologues --out "$RES/prologue_e2e"
       fi ;;
     block)
       package_stage loads_block block --package-lean-step --package-fused-only
@@ -418,7 +418,7 @@ print(','.join(str(int(v)) for v in t))" "$RES/router_sweep/router_sweep.csv" 2>
       run_stage pattern 600 "$PY" benchmarks/stream_pattern.py --views 1,2,6 \
         --package-configs "$PATTERN_CONFIGS" --out "$RES/pattern" ;;
     *)
-      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement pdl spandef spanrule spancost loads lean attn norms block span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
+      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement pdl spandef spanrule spancost loads lean attn prologues block span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
       return 2 ;;
   esac
 }

@@ -139,10 +139,10 @@ def parse_args(argv=None):
         "(patching.lean_step)",
     )
     ap.add_argument(
-        "--lean-norms",
+        "--lean-prologues",
         action="store_true",
-        help="also, in the same process, routed budget 4 and static 4 bits with the lean step and the RMS norms made "
-        "in the q/k/v and gate/up launches where those can (patching.lean_step(norms=True))",
+        help="also, in the same process, routed budget 4 and static 4 bits with the lean step and the RMS norms and "
+        "gated products made in the launches they feed where those can (patching.lean_step(prologues=True))",
     )
     ap.add_argument(
         "--per-linear",
@@ -298,7 +298,7 @@ def run_rows(args, fp, q, tok, device):
 
     layer = next(m for m in q.modules() if isinstance(m, mq.MoBiLinear))
     views = [float(sum(layer.slice_bits[:k])) for k in range(1, layer.num_slices + 1)]
-    base = dict(cfg=None, per_linear=False, host_count=False, fuse_inputs=False, lean=False, norms=False)
+    base = dict(cfg=None, per_linear=False, host_count=False, fuse_inputs=False, lean=False, prologues=False)
     cases = [dict(base, name="fp16", model=fp, budget=None, k=None)]
     cases += [dict(base, name="mobiquant", model=q, budget=b, k=None) for b in args.budgets]
     ks = view_list(args) or range(1, len(views) + 1)
@@ -326,8 +326,8 @@ def run_rows(args, fp, q, tok, device):
         cases += [dict(base, **c, fuse_inputs=True) for c in (fp_case, *pair)]
     if args.lean_step:  # ... and each layer's attention in one launch, its residual adds in o and down
         cases += [dict(base, **c, fuse_inputs=True, lean=True) for c in (fp_case, *pair)]
-    if args.lean_norms:  # ... and the norms in the site launches (the quantized rows: fp16 has no site launches)
-        cases += [dict(base, **c, fuse_inputs=True, lean=True, norms=True) for c in pair]
+    if args.lean_prologues:  # ... and norms and products in the launches they feed (the quantized rows only)
+        cases += [dict(base, **c, fuse_inputs=True, lean=True, prologues=True) for c in pair]
     from mobiquant.patching import fuse_inputs, fuse_sites, lean_step, set_small_config
 
     real_routed_k = mq.MoBiLinear._routed_k
@@ -342,7 +342,7 @@ def run_rows(args, fp, q, tok, device):
         if c["fuse_inputs"]:
             fuse_inputs(model)
         if c["lean"]:
-            lean_step(model, norms=c["norms"])
+            lean_step(model, prologues=c["prologues"])
         if static_k is not None:
             mq.set_static(model, static_k)
         t_row = time.perf_counter()
@@ -368,8 +368,8 @@ def run_rows(args, fp, q, tok, device):
             " [per linear]" * c["per_linear"]
             + " [host count]" * c["host_count"]
             + " [fused inputs]" * c["fuse_inputs"]
-            + " [lean step]" * (c["lean"] and not c["norms"])
-            + " [lean norms]" * c["norms"]
+            + " [lean step]" * (c["lean"] and not c["prologues"])
+            + " [lean prologues]" * c["prologues"]
         )
         rows.append(
             dict(

@@ -725,7 +725,7 @@ def test_task_decode_rejects_bad_settings(tmp_path):
         ("decode.prompt=''", "decode.prompt"),
         ("decode.fuse_inputs=maybe", "decode.fuse_inputs"),
         ("decode.lean_step=1", "decode.lean_step=1 must be true or false"),
-        ("decode.lean_norms=2", "decode.lean_norms=2 must be true or false"),
+        ("decode.lean_prologues=2", "decode.lean_prologues=2 must be true or false"),
         ("+decode.kernels.turbo=true", r"decode.kernels has unknown fields \['turbo'\]; allowed: block_n,"),
         ("+decode.kernels.num_warps=0", r"decode.kernels.num_warps=0 must be of type int"),
         ("+decode.kernels.pdl=yes", r"decode.kernels.pdl='yes' must be of type bool"),
@@ -733,8 +733,8 @@ def test_task_decode_rejects_bad_settings(tmp_path):
     ]:
         with pytest.raises(ValueError, match=match):
             decode.run(decode_cfg(tmp_path, override))
-    with pytest.raises(ValueError, match="decode.lean_norms=true needs decode.lean_step=true"):
-        decode.run(decode_cfg(tmp_path, "decode.lean_step=false", "decode.lean_norms=true"))
+    with pytest.raises(ValueError, match="decode.lean_prologues=true needs decode.lean_step=true"):
+        decode.run(decode_cfg(tmp_path, "decode.lean_step=false", "decode.lean_prologues=true"))
 
 
 def test_task_decode_kernel_settings_reach_the_quantized_model(tmp_path, monkeypatch):
@@ -749,11 +749,13 @@ def test_task_decode_kernel_settings_reach_the_quantized_model(tmp_path, monkeyp
     decode.run(cfg)
     assert [(c.pdl, c.num_warps, c.l2_prefetch) for c in seen] == [(True, 8, False)]
     leans = []
-    monkeypatch.setattr(decode, "lean_step", lambda model, enable=True, norms=False: leans.append((enable, norms)))
+    monkeypatch.setattr(
+        decode, "lean_step", lambda model, enable=True, prologues=False: leans.append((enable, prologues))
+    )
     decode.run(decode_cfg(tmp_path / "lean", "decode.lean_step=false", "decode.budgets=[3]"))
     assert leans == [(False, False)] * 2  # the fp row and the quantized one (true by default)
     leans.clear()
-    decode.run(decode_cfg(tmp_path / "norms", "decode.lean_norms=true", "decode.budgets=[3]"))
+    decode.run(decode_cfg(tmp_path / "prologues", "decode.lean_prologues=true", "decode.budgets=[3]"))
     assert leans == [(True, True)] * 2
     df = pd.read_csv(tmp_path / "run" / "decode.csv")
     assert df["method"].tolist() == ["fp", "mobiquant"]

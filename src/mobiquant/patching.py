@@ -347,14 +347,15 @@ def fuse_inputs(model: nn.Module, enable: bool = True) -> int:
     return fused
 
 
-def lean_step(model: nn.Module, enable: bool = True, adds: bool = True, norms: bool = False) -> int:
+def lean_step(model: nn.Module, enable: bool = True, adds: bool = True, prologues: bool = False) -> int:
     """A one-token decode step of LLaMA-family layers in fewer launches (:mod:`mobiquant.nn.lean`): every attention
     module of a supported class (LLaMA, Mistral, Qwen2 without sliding windows) runs the rotary embedding, the
     cache write and the attention over a transformers static cache as one launch (the model's own step: six or
     more a layer), and every supported decoder layer adds its residuals in the ``o_proj`` and ``down_proj``
-    launches (``adds=False``: the attention alone). ``norms`` (with ``adds``): where a layer's q/k/v or gate/up
-    site launch runs static views on the one-bit plane kernel's whole-K programs, that launch makes the RMS norm
-    before it from its input (no launch for the norm; off by default until timed, ``benchmarks/NOTES.md`` entry 37).
+    launches (``adds=False``: the attention alone). ``prologues`` (with ``adds``): where a layer's q/k/v or gate/up
+    site launch, or its down launch, runs a static view on the one-bit plane kernel's whole-K programs, that launch
+    makes its input itself, the RMS norm or the gated product before it (no launch for them; off by default until
+    timed, ``benchmarks/NOTES.md`` entry 37).
     Works on unquantized models too. Parameters, names and state dicts do not change. ``enable=False`` puts the
     model's own forwards back. Returns the number of attention modules that take the lean step."""
     from . import kernels
@@ -374,7 +375,7 @@ def lean_step(model: nn.Module, enable: bool = True, adds: bool = True, norms: b
             done += 1
         elif adds and layer_reason(mod) is None:
             mod.__class__ = lean_type(type(mod), LeanDecoderLayer)
-            mod.lean_norms = bool(norms)
+            mod.lean_prologues = bool(prologues)
     return done
 
 

@@ -307,11 +307,11 @@ def test_attention_bench_baseline_is_the_same_arithmetic():
 
 
 @needs_triton
-def test_lean_norms_ride_in_the_site_launches(monkeypatch):
-    """``lean_step(norms=True)``: a packed tiny LLaMA (fused sites and inputs) at a static view makes each layer's
-    two RMS norms in its q/k/v and gate/up site launches (the norm modules are not called at decode, each site
-    launch is handed its norm) and keeps its logits; where its routers decide (a routed budget), the norms stay as
-    they were (the router launch makes the rows it reads)."""
+def test_lean_prologues_ride_in_the_launches(monkeypatch):
+    """``lean_step(prologues=True)``: a packed tiny LLaMA (fused sites and inputs) at a static view makes each
+    layer's two RMS norms in its q/k/v and gate/up site launches and its gated product in its down launch (no norm
+    module or activation called at decode, each launch handed its prologue) and keeps its logits; where its routers
+    decide (a routed budget) the norms and products stay as they were (the router launches make what they read)."""
     from test_fused_inputs import default_layout_model  # the tiny LLaMA, default layout, calibrated routers
 
     import mobiquant as mq
@@ -322,23 +322,28 @@ def test_lean_norms_ride_in_the_site_launches(monkeypatch):
     fuse_inputs(q)
     ids = torch.randint(0, q.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(4)).to(q.device)
     n_layers = q.config.num_hidden_layers
-    normed: list[bool] = []
-    norm_calls: list[str] = []
-    real = tb.bitplane_site_bits
+    seen: list[str] = []
+    real_site, real_one = tb.bitplane_site_bits, tb.bitplane_linear
 
     def site_spy(*a, **k):
-        normed.append(k.get("norm") is not None)
-        return real(*a, **k)
+        seen.append("site " + (k["prologue"][0] if k.get("prologue") else "-"))
+        return real_site(*a, **k)
+
+    def one_spy(*a, **k):
+        seen.append("one " + (k["prologue"][0] if k.get("prologue") else "-"))
+        return real_one(*a, **k)
 
     @contextlib.contextmanager
     def spied():
-        normed.clear()
-        norm_calls.clear()
-        hooks = [getattr(layer, n).register_forward_hook(lambda *_, n=n: norm_calls.append(n))
-                 for layer in q.model.layers for n in ("input_layernorm", "post_attention_layernorm")]  # fmt: skip
+        seen.clear()
+        names = ("input_layernorm", "post_attention_layernorm", "mlp.act_fn")
+        hooks = [layer.get_submodule(n).register_forward_hook(lambda *_, n=n: seen.append(n))
+                 for layer in q.model.layers for n in names]  # fmt: skip
         monkeypatch.setattr(tb, "bitplane_site_bits", site_spy)
+        monkeypatch.setattr(tb, "bitplane_linear", one_spy)
         yield
-        monkeypatch.setattr(tb, "bitplane_site_bits", real)
+        monkeypatch.setattr(tb, "bitplane_site_bits", real_site)
+        monkeypatch.setattr(tb, "bitplane_linear", real_one)
         for h in hooks:
             h.remove()
 
@@ -349,13 +354,16 @@ def test_lean_norms_ride_in_the_site_launches(monkeypatch):
         else:
             mq.set_static(q, k)
         outs = []
-        for norms in (False, True):
-            lean_step(q, norms=norms)
+        for prologues in (False, True):
+            lean_step(q, prologues=prologues)
             outs.append(_cached_logits(q, ids, 3, 10, spied)[0])
-            counts = (sum(normed), len(normed), len(norm_calls))
         lean_step(q, enable=False)
         torch.testing.assert_close(outs[1], outs[0], atol=2e-3, rtol=2e-3)
-        if k is None:
-            assert counts[0] == 0 and counts[2] == 2 * n_layers * steps, counts
-        else:  # every site launch made its norm; no norm module ran
-            assert counts == (2 * n_layers * steps, 2 * n_layers * steps, 0), counts
+        counts = {n: seen.count(n) for n in set(seen)}
+        if k is None:  # nothing made in a launch; the norms ran as modules
+            assert not any(n.endswith(("rms_norm", "silu_mul")) for n in seen), counts
+            assert counts["input_layernorm"] == counts["post_attention_layernorm"] == n_layers * steps, counts
+        else:  # every norm and product made in the launch it feeds; no module made them
+            each = n_layers * steps
+            assert counts.get("site rms_norm") == 2 * each and counts.get("one silu_mul") == each, counts
+            assert not {"input_layernorm", "post_attention_layernorm", "mlp.act_fn"} & set(seen), counts

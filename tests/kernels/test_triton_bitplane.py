@@ -637,10 +637,11 @@ def _rms(x, weight, eps):
 
 
 @pytest.mark.parametrize("n_in", [192, 576])
-def test_norm_in_the_launch(n_in, gen, monkeypatch):
-    """``norm=(weight, eps)``: the launch takes the norm's input and makes its output itself (whole-K programs, each
-    reading the whole row), for one layer and for a site of three, at a static view and a view read on the device:
-    the outputs equal the launch fed the model's norm output; what it cannot serve is refused with the reason."""
+def test_prologues_in_the_launch(n_in, gen, monkeypatch):
+    """``prologue``: the launch takes what makes its input and makes it itself (whole-K programs, each reading the
+    whole row): an RMS norm for one layer and for a site of three, a gated product for one layer, at a static view
+    and a view read on the device; the outputs equal the launch fed the model's own arithmetic's output; what it
+    cannot serve is refused with the reason."""
     monkeypatch.setattr(tb, "_num_sms", lambda device: 3)
     bits, group = DEFAULT_LAYOUT, 64
     layers = [make_layer(n, n_in, bits, group, gen) for n in (200, 70, 33)]
@@ -648,28 +649,35 @@ def test_norm_in_the_launch(n_in, gen, monkeypatch):
     site = tb.site_bitplanes(bps, [None, torch.randn(70, generator=gen).to(DEVICE), None])
     x = (randx(1, n_in, torch.float16, gen) * 3).half()
     weight = (torch.rand(n_in, generator=gen) * 2 + 0.1).half().to(DEVICE)
-    eps = 1e-5
-    xn = _rms(x, weight, eps)
+    up = randx(1, n_in, torch.float16, gen)
+    rms, silu = ("rms_norm", weight, 1e-5), ("silu_mul", up)
     whole = tb.SmallConfig(whole_k=True)
-    assert tb.norm_in_launch(x, bps[0], 200, whole)
-    assert not tb.norm_in_launch(x, bps[0], 200, tb.SmallConfig(whole_k=False))
+    assert tb.prologue_in_launch(x, bps[0], 200, whole)
+    assert not tb.prologue_in_launch(x, bps[0], 200, tb.SmallConfig(whole_k=False))
+    assert tb.takes_prologue(x, bps[0], 2, (200,), whole) and tb.takes_prologue(x, site.planes, 2, site.outs, whole)
+
+    def close(got, ref, what):
+        err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
+        assert err < TOL[torch.float16], (what, err)
+
     monkeypatch.setattr(tb, "_host_k_range", lambda k_t: None)  # as on a GPU: a k tensor's view unknown here
     for k in (1, 4, torch.tensor([2], device=DEVICE)):
-        ref = tb.bitplane_linear_bits(xn, bps[0], k, config=whole)
-        got = tb.bitplane_linear_bits(x, bps[0], k, config=whole, norm=(weight, eps))
-        err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
-        assert err < TOL[torch.float16], (k, err)
-        ks = [k] * 3
-        ref = tb.bitplane_site_bits(xn, site, ks, config=whole)
-        got = tb.bitplane_site_bits(x, site, ks, config=whole, norm=(weight, eps))
-        err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
-        assert err < TOL[torch.float16], (k, err)
+        for pro in (rms, silu):
+            made = _rms(x, weight, 1e-5) if pro is rms else torch.nn.functional.silu(x) * up
+            ref = tb.bitplane_linear_bits(made, bps[0], k, config=whole)
+            close(tb.bitplane_linear_bits(x, bps[0], k, config=whole, prologue=pro), ref, (k, pro[0]))
+        ref = tb.bitplane_site_bits(_rms(x, weight, 1e-5), site, [k] * 3, config=whole)
+        close(tb.bitplane_site_bits(x, site, [k] * 3, config=whole, prologue=rms), ref, (k, "site"))
     with pytest.raises(ValueError, match="needs whole-K programs"):
-        tb.bitplane_linear_bits(x, bps[0], 2, config=tb.SmallConfig(whole_k=False), norm=(weight, eps))
-    with pytest.raises(ValueError, match="the norm's weight has shape"):
-        tb.bitplane_linear_bits(x, bps[0], 2, config=whole, norm=(weight[:-1], eps))
+        tb.bitplane_linear_bits(x, bps[0], 2, config=tb.SmallConfig(whole_k=False), prologue=rms)
+    with pytest.raises(ValueError, match=r"its weight must be \["):
+        tb.bitplane_linear_bits(x, bps[0], 2, config=whole, prologue=("rms_norm", weight[:-1], 1e-5))
     with pytest.raises(ValueError, match="eps must be positive"):
-        tb.bitplane_linear_bits(x, bps[0], 2, config=whole, norm=(weight, 0.0))
+        tb.bitplane_linear_bits(x, bps[0], 2, config=whole, prologue=("rms_norm", weight, 0.0))
+    with pytest.raises(ValueError, match="up must be"):
+        tb.bitplane_linear_bits(x, bps[0], 2, config=whole, prologue=("silu_mul", up[:, :-1]))
+    with pytest.raises(ValueError, match="prologue must be"):
+        tb.bitplane_linear_bits(x, bps[0], 2, config=whole, prologue=("gelu", up))
 
 
 def test_site_bits_device_k(gen, monkeypatch):

@@ -1494,7 +1494,7 @@ def _bits_fields(
     xs,
     ss,
     x_ptr,
-    nw_ptr,
+    pro_ptr,
     colw,
     K_IN,
     w0,
@@ -1509,12 +1509,13 @@ def _bits_fields(
     XE: tl.constexpr,
     ASM: tl.constexpr,
     EVEN_K: tl.constexpr,
-    NORM: tl.constexpr,
+    PRO: tl.constexpr,
 ):
     """One sub-chunk: ``T0 / T1 [BN2, NW] += sum_j field_j x'_j`` over the 16 codes of the low / high half of
     every word (even / odd rows), ``xs [1, NW] += sum_j x_j``; ``colw [NW]`` the first column of each word.
-    ``NORM``: ``ss [1, NW] += sum_j x_j^2`` and ``x_j`` taken times the norm weight ``nw_ptr[j]`` (an RMS norm in
-    the launch: its scale, one number a token, is applied to the sums by the caller)."""
+    ``PRO`` 1 (an RMS norm in the launch): ``ss [1, NW] += sum_j x_j^2`` and ``x_j`` taken times the norm's weight
+    ``pro_ptr[j]`` (its scale, one number a token, is applied to the sums by the caller); 2 (a gated product):
+    ``x_j`` taken as ``silu(x_j) * pro_ptr[j]`` (``x`` the gate, ``pro_ptr`` the up projection)."""
     l0 = _bits_shift(w0, 0, 0, P)
     h0 = _bits_shift(w0, 0, 1, P)
     l1 = l0
@@ -1561,12 +1562,16 @@ def _bits_fields(
                 xj = tl.load(x_ptr + colw + j).to(tl.float32)
             else:
                 xj = tl.load(x_ptr + colw + j, mask=colw + j < K_IN, other=0.0).to(tl.float32)
-            if NORM:
-                ss += (xj * xj)[None, :]
+            if PRO > 0:
                 if EVEN_K:
-                    xj = xj * tl.load(nw_ptr + colw + j).to(tl.float32)
+                    pj = tl.load(pro_ptr + colw + j).to(tl.float32)
                 else:
-                    xj = xj * tl.load(nw_ptr + colw + j, mask=colw + j < K_IN, other=0.0).to(tl.float32)
+                    pj = tl.load(pro_ptr + colw + j, mask=colw + j < K_IN, other=0.0).to(tl.float32)
+                if PRO == 1:
+                    ss += (xj * xj)[None, :]
+                    xj = xj * pj
+                else:
+                    xj = xj / (1.0 + tl.exp(-xj)) * pj
             xs += xj[None, :]
             # x' = x 2^(149 - S - j) (XE = 149 - S), the power of two built from its exponent bits
             xq = (xj * tl.full([1], (XE + 127 - j) << 23, tl.int32).to(tl.float32, bitcast=True))[None, :]
@@ -1967,7 +1972,7 @@ def _bits_stream(
 def _bits_whole(x_ptr, out_ptr, bias_ptr, w_ptr, sz_ptr, PSTRIDE, SZSTRIDE, NPAD2, N, K_IN, GPB, mult, hk,
                 GROUP: tl.constexpr, P: tl.constexpr, HAS_BIAS: tl.constexpr, BN2: tl.constexpr, WKP: tl.constexpr,
                 XE: tl.constexpr, ASM: tl.constexpr, WAIT: tl.constexpr, PRE: tl.constexpr, b0, b1, b2, b3, b4, b5,
-                b6, b7, t, nw_ptr, eps, NORM: tl.constexpr):
+                b6, b7, t, pro_ptr, eps, PRO: tl.constexpr):
     # fmt: on
     """Row block ``t`` over all of K in one pass: every word, step and zero point of the block is loaded at once
     (``[BN2, WKP]`` words per plane, masked past the ``GPB`` groups), so the program waits on memory once; the codes
@@ -1975,10 +1980,11 @@ def _bits_whole(x_ptr, out_ptr, bias_ptr, w_ptr, sz_ptr, PSTRIDE, SZSTRIDE, NPAD
     rows are stored with no partial sums. For the small matrices of a decode step, whose time is latency, not
     bytes (``SmallConfig.whole_k``). ``WAIT``: the words, steps and zero points are loaded before the wait on the
     kernel before this one (``SmallConfig.pdl``), the activations after it. ``PRE`` > 0: the words of planes
-    ``0 .. PRE-1`` are ``b0 ..`` (loaded by the caller before ``k`` was known). ``NORM``: ``x`` is the RMS norm's
-    input, not its output: the program, which reads the whole row, multiplies it by the norm's weight ``nw_ptr`` as
+    ``0 .. PRE-1`` are ``b0 ..`` (loaded by the caller before ``k`` was known). ``PRO`` 1: ``x`` is an RMS norm's
+    input, not its output: the program, which reads the whole row, multiplies it by the norm's weight ``pro_ptr`` as
     it loads it, sums its squares, and scales the row block's sums by ``rsqrt(mean(x^2) + eps)`` before the bias
-    (no launch for the norm)."""
+    (no launch for the norm); 2: ``x`` is a gated MLP's gate, ``pro_ptr`` its up projection, and the program reads
+    ``silu(gate) * up`` (no launch for the product)."""
     GW: tl.constexpr = GROUP // 16
     GP: tl.constexpr = WKP // GW
     rows2, wc, offs, wmask = _bits_whole_offs(t, BN2, WKP, NPAD2, GPB, GW)
@@ -1994,7 +2000,7 @@ def _bits_whole(x_ptr, out_ptr, bias_ptr, w_ptr, sz_ptr, PSTRIDE, SZSTRIDE, NPAD
     xs = tl.zeros((1, WKP), dtype=tl.float32)
     ss = tl.zeros((1, WKP), dtype=tl.float32)
     T0, T1, xs, ss = _bits_fields(
-        T0, T1, xs, ss, x_ptr, nw_ptr, wc * 16, K_IN, w0, w1, w2, w3, w4, w5, w6, w7, P, XE, ASM, False, NORM
+        T0, T1, xs, ss, x_ptr, pro_ptr, wc * 16, K_IN, w0, w1, w2, w3, w4, w5, w6, w7, P, XE, ASM, False, PRO
     )
     T0 = tl.sum(tl.reshape(T0, (BN2, GP, GW)), axis=2)
     T1 = tl.sum(tl.reshape(T1, (BN2, GP, GW)), axis=2)
@@ -2002,7 +2008,7 @@ def _bits_whole(x_ptr, out_ptr, bias_ptr, w_ptr, sz_ptr, PSTRIDE, SZSTRIDE, NPAD
     acc0 = tl.zeros((BN2, GP), dtype=tl.float32)
     acc1 = tl.zeros((BN2, GP), dtype=tl.float32)
     acc0, acc1 = _bits_apply(acc0, acc1, T0, T1, xs, sz0, sz1, mult, hk)
-    if NORM:  # the RMS norm's scale of the token (mean over its K_IN inputs, in fp32 as the model's norm)
+    if PRO == 1:  # the RMS norm's scale of the token (mean over its K_IN inputs, in fp32 as the model's norm)
         inv = tl.math.rsqrt(tl.sum(ss) / K_IN + eps)
         acc0 = acc0 * inv
         acc1 = acc1 * inv
@@ -2081,7 +2087,7 @@ def _bp_gemv_bits_kernel(
     H6,
     H7,
     H8,
-    nw_ptr,
+    pro_ptr,
     eps,
     GROUP: tl.constexpr,
     NS: tl.constexpr,
@@ -2119,7 +2125,7 @@ def _bp_gemv_bits_kernel(
     KLO: tl.constexpr = 0,
     KHI: tl.constexpr = 0,
     PRELOAD: tl.constexpr = False,
-    NORM: tl.constexpr = False,
+    PRO: tl.constexpr = 0,
 ):
     """One token from one-bit planes (see above). ``KSEL`` > 0: the view ``k = KSEL`` (known on the host); 0: ``k``
     read on the device, one body per view ``v`` (``P_v`` planes, multiplier ``M_v``, zero-point term ``H_v``)
@@ -2155,8 +2161,9 @@ def _bp_gemv_bits_kernel(
     the launch) loads the planes that every compiled body reads before it reads ``k``, so their loads overlap that
     read (with ``PDL``, the kernel before as well).
 
-    ``NORM`` (whole-K only, no router in the launch): ``x`` is an RMS norm's input, its weight at ``nw_ptr`` and
-    epsilon ``eps``; every program makes the norm of the row it reads (:func:`_bits_whole`).
+    ``PRO`` (whole-K only, no router in the launch): 1, ``x`` is an RMS norm's input, its weight at ``pro_ptr`` and
+    epsilon ``eps``; 2, ``x`` is a gated MLP's gate and ``pro_ptr`` its up projection: every program makes the norm
+    or the product of the row it reads (:func:`_bits_whole`).
 
     ``PDL``: the launch has the programmatic-dependent-launch attribute (``SmallConfig.pdl``): every program lets
     the next kernel start, then waits for the kernel before it to finish before reading the activations, gate
@@ -2295,8 +2302,8 @@ def _bp_gemv_bits_kernel(
                 if WKP > 0:  # one row block per program, all of K at once
                     _bits_whole(
                         x_ptr, out_s, bias_s, w_s, sz_v, PSTRIDE, SZSTRIDE, NPAD2, n_s, K_IN, GPB, mult, hk, GROUP, P,
-                        HAS_BIAS, BN2, WKP, XE, ASM, WAIT_IN_BODY, PB, b0, b1, b2, b3, b4, b5, b6, b7, pid, nw_ptr,
-                        eps, NORM,
+                        HAS_BIAS, BN2, WKP, XE, ASM, WAIT_IN_BODY, PB, b0, b1, b2, b3, b4, b5, b6, b7, pid, pro_ptr,
+                        eps, PRO,
                     )  # fmt: skip
                 else:
                     _bits_stream(
@@ -3509,7 +3516,7 @@ def bitplane_linear_bits(
     out: torch.Tensor | None = None,
     config: SmallConfig | None = None,
     span: tuple[int, int] | None = None,
-    norm: tuple[torch.Tensor, float] | None = None,
+    prologue: tuple | None = None,
 ) -> torch.Tensor:
     """One token ``x2 [1, in]`` -> ``[1, out]`` from one-bit plane buffers: ``_bp_gemv_bits_kernel`` on a
     stream-K grid (``config.waves`` programs per SM, or ``config.split_k`` programs per row block); ``k`` an int,
@@ -3517,9 +3524,10 @@ def bitplane_linear_bits(
     (on the device: counted there from the gate values and the threshold). Buffers of a pair per view
     (``bp.per_view``): the view's own step and zero point words (picked here, or by ``k`` in the kernel).
     ``span = (lo, hi)``: the views a ``k`` learnt on the device may be, known here (e.g. ``(j, j + 1)``, the two views
-    of an adjacent-policy threshold): only their bodies are compiled and ``k`` is clamped into them. ``norm =
-    (weight, eps)``: ``x2`` is an RMS norm's input, made into its output by the launch's whole-K programs
-    (:func:`norm_in_launch`; the fragment kernel is then not used)."""
+    of an adjacent-policy threshold): only their bodies are compiled and ``k`` is clamped into them. ``prologue``:
+    ``x2`` is the input of what makes the layer's input, made by the launch's whole-K programs as they read it:
+    ``("rms_norm", weight, eps)`` (LLaMA's RMS norm) or ``("silu_mul", up)`` (a gated MLP's product, ``x2`` the
+    gate); :func:`takes_prologue` says where (the fragment kernel is then not used)."""
     M, K_IN = x2.shape
     if M != 1:
         raise ValueError(f"the one-bit plane kernel takes one token, got {M}")
@@ -3529,7 +3537,7 @@ def bitplane_linear_bits(
     ksel, k_t, v_t, tau_t, kvals = _bits_k(k, x2, len(bp.slice_bits))
     router = _router_of([k])
     cfg = config or SmallConfig()
-    if router is None and norm is None and fragment_serves(cfg, bp, ksel, x2, span):
+    if router is None and prologue is None and fragment_serves(cfg, bp, ksel, x2, span):
         from .gluon_fragment import fragment_linear, fragment_of
 
         if kvals:  # the router's gate values (or its partials, finished there): counted by the kernel
@@ -3540,7 +3548,7 @@ def bitplane_linear_bits(
     if out is None:
         out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
     return _bits_launch(
-        x2, bp, [(bp.out_features, 0, 0)], ksel, k_t, v_t, [tau_t], kvals, bias, out, cfg, router, span, norm
+        x2, bp, [(bp.out_features, 0, 0)], ksel, k_t, v_t, [tau_t], kvals, bias, out, cfg, router, span, prologue
     )
 
 
@@ -3615,13 +3623,14 @@ def bitplane_site_bits(
     out: torch.Tensor | None = None,
     config: SmallConfig | None = None,
     span: tuple[int, int] | None = None,
-    norm: tuple[torch.Tensor, float] | None = None,
+    prologue: tuple | None = None,
 ) -> torch.Tensor:
     """One token ``x2 [1, in]`` through every layer of ``site`` in one launch: ``[1, sum(outs)]``, layer ``i``'s
     outputs at columns ``site.cols[i]``. ``ks``: each layer's ``k``, either one int for all (the same static view)
     or a :class:`RoutedK` each, sharing their gate values (one router) with a threshold each, or one one-element
     tensor for all (the same view, read on the device unless it is on the host). ``span``: the views every layer's
-    ``k`` learnt on the device lies in; ``norm``: ``x2`` an RMS norm's input (both :func:`bitplane_linear_bits`)."""
+    ``k`` learnt on the device lies in; ``prologue``: what makes the layers' input from ``x2`` (both
+    :func:`bitplane_linear_bits`)."""
     M, K_IN = x2.shape
     bp = site.planes
     if M != 1 or K_IN != bp.in_features:
@@ -3651,14 +3660,15 @@ def bitplane_site_bits(
     ksel, k_t, v_t, _, kvals = resolved[0]
     cfg = config or SmallConfig()
     whole = all(n % 128 == 0 for n in site.outs)  # the pack's rows are then the output columns
-    if ksel and whole and norm is None and fragment_serves(cfg, bp, ksel, x2):
+    if ksel and whole and prologue is None and fragment_serves(cfg, bp, ksel, x2):
         from .gluon_fragment import fragment_linear, fragment_of  # one static view: the layers as one
 
         return fragment_linear(x2, fragment_of(bp), ksel, site.bias, out, **_fragment_options(cfg))
     taus = [r[3] for r in resolved] if kvals else [x2]
     router = _router_of(ks)
     device_view = not ksel and router is None and len(site.outs) <= 3
-    if device_view and whole and norm is None and cfg.fragment_site_spans and fragment_serves(cfg, bp, None, x2, span):
+    frag_span = cfg.fragment_site_spans and fragment_serves(cfg, bp, None, x2, span)
+    if device_view and whole and prologue is None and frag_span:
         from .gluon_fragment import BLOCK_N, fragment_linear, fragment_of  # the layers as one, k per row block
 
         starts = tuple(c // BLOCK_N for c in site.cols[1:])
@@ -3670,7 +3680,7 @@ def bitplane_site_bits(
     if out is None:
         out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
     segs = list(zip(site.outs, site.rows2, site.cols, strict=True))
-    return _bits_launch(x2, bp, segs, ksel, k_t, v_t, taus, kvals, site.bias, out, cfg, router, span, norm)
+    return _bits_launch(x2, bp, segs, ksel, k_t, v_t, taus, kvals, site.bias, out, cfg, router, span, prologue)
 
 
 def _bits_grid(cfg: SmallConfig, bp: BitPlanes, rows: int, router: bool) -> tuple[int, int, int, int]:
@@ -3709,27 +3719,28 @@ def _bits_grid(cfg: SmallConfig, bp: BitPlanes, rows: int, router: bool) -> tupl
     return nw, block_n, num_warps, wkp
 
 
-def _norm_reason(norm: tuple[torch.Tensor, float], k_in: int, wkp: int, router: InLaunchRouter | None) -> str | None:
-    """Why a one-bit plane launch cannot make the RMS norm ``norm = (weight, eps)`` of its input, or None."""
-    weight, eps = norm
-    if weight.dim() != 1 or weight.numel() != k_in:
-        return f"the norm's weight has shape {tuple(weight.shape)}, the input {k_in} features"
-    if not weight.is_contiguous():
-        return "the norm's weight is not contiguous"
-    if not float(eps) > 0:
-        return f"eps must be positive, got {eps}"
-    if not wkp:
-        return "it needs whole-K programs (each reads the whole row), and this launch streams K over programs"
-    if router is not None:
-        return "a router in the same launch reads the norm's output"
-    return None
+def _prologue_args(prologue: tuple, x2: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    """The kernel's ``pro_ptr``, ``eps`` and ``PRO`` for ``prologue`` (:func:`bitplane_linear_bits`), checked."""
+    k_in = x2.shape[1]
+    if prologue[0] == "rms_norm" and len(prologue) == 3:
+        _, weight, eps = prologue
+        if not (torch.is_tensor(weight) and weight.dim() == 1 and weight.numel() == k_in):
+            raise ValueError(f"an RMS norm in the launch: its weight must be [{k_in}], got {tuple(weight.shape)}")
+        if not float(eps) > 0:
+            raise ValueError(f"an RMS norm in the launch: eps must be positive, got {eps}")
+        return weight.contiguous(), float(eps), 1
+    if prologue[0] == "silu_mul" and len(prologue) == 2:
+        up = prologue[1]
+        if not (torch.is_tensor(up) and up.numel() == k_in and up.dtype == x2.dtype):
+            raise ValueError(f"a gated product in the launch: up must be {k_in} values of {x2.dtype}")
+        return up.reshape(k_in).contiguous(), 0.0, 2
+    raise ValueError(f"prologue must be ('rms_norm', weight, eps) or ('silu_mul', up), got {prologue[0]!r}")
 
 
-def norm_in_launch(x2: torch.Tensor, bp: BitPlanes, rows: int, config: SmallConfig | None = None) -> bool:
+def prologue_in_launch(x2: torch.Tensor, bp: BitPlanes, rows: int, config: SmallConfig | None = None) -> bool:
     """Whether a one-token launch of ``rows`` rows (a layer, or a site's layers) on ``bp`` by ``config`` runs whole-K
-    programs on the one-bit plane kernel, so it can make an RMS norm of its input itself (``norm=`` of
-    :func:`bitplane_linear_bits` and :func:`bitplane_site_bits` for a static view the fragment kernel does not
-    serve)."""
+    programs on the one-bit plane kernel, each reading the whole row, so it can make its input itself
+    (``prologue=`` of :func:`bitplane_linear_bits` and :func:`bitplane_site_bits`)."""
     cfg = config or SmallConfig()
     try:
         return bool(_bits_grid(cfg, bp, rows, False)[3])
@@ -3737,14 +3748,17 @@ def norm_in_launch(x2: torch.Tensor, bp: BitPlanes, rows: int, config: SmallConf
         return False
 
 
-def site_takes_norm(x2: torch.Tensor, site: SiteBits, k: int, config: SmallConfig | None = None) -> bool:
-    """Whether :func:`bitplane_site_bits` of one token at the static view ``k`` for all of ``site``'s layers makes an
-    RMS norm of its input itself (``norm=``): a launch the fragment kernel would not serve (it takes no norm, and
-    is faster where it serves) on whole-K programs."""
-    whole = all(n % 128 == 0 for n in site.outs)
-    if whole and fragment_serves(config, site.planes, k, x2):
+def takes_prologue(
+    x2: torch.Tensor, bp: BitPlanes, k: int, outs: Sequence[int], config: SmallConfig | None = None
+) -> bool:
+    """Whether the one-token launch at the static view ``k`` of ``bp``, a layer (``outs``: its rows) or a site's
+    layers (each one's rows), makes its input from a ``prologue`` itself: a launch the fragment kernel would not
+    serve (it takes none, and is faster where it serves; a site only whole blocks of 128 rows a layer) on
+    whole-K programs."""
+    frag = len(outs) == 1 or all(n % 128 == 0 for n in outs)
+    if frag and fragment_serves(config, bp, k, x2):
         return False
-    return norm_in_launch(x2, site.planes, sum(site.outs), config)
+    return prologue_in_launch(x2, bp, sum(outs), config)
 
 
 def _bits_launch(
@@ -3761,21 +3775,24 @@ def _bits_launch(
     cfg: SmallConfig,
     router: InLaunchRouter | None = None,
     span: tuple[int, int] | None = None,
-    norm: tuple[torch.Tensor, float] | None = None,
+    prologue: tuple | None = None,
 ) -> torch.Tensor:
     """``_bp_gemv_bits_kernel`` over the segments ``segs`` (``(rows, row-pair offset, output column)`` each) of the
     buffers ``bp``: the programs of the stream-K grid shared among them by their items; with ``router``, its
     programs first (they write ``v_t``); ``span``, with a view learnt on the device: the views it may be (only their
-    bodies compiled); ``norm``: ``(weight, eps)`` of an RMS norm whose input ``x2`` is (:func:`norm_in_launch`)."""
+    bodies compiled); ``prologue``: what makes the layers' input from ``x2`` (:func:`bitplane_linear_bits`)."""
     K_IN = x2.shape[1]
     NS = len(bp.slice_bits)
     kw, npad2 = bp.words.shape[1], bp.words.shape[2]
     gw = bp.group_size // 16
     nw, block_n, num_warps, wkp = _bits_grid(cfg, bp, sum(n for n, _, _ in segs), router is not None)
-    if norm is not None:
-        why = _norm_reason(norm, K_IN, wkp, router)
-        if why:
-            raise ValueError(f"an RMS norm in the launch: {why}")
+    pro = (x2, 0.0, 0) if prologue is None else _prologue_args(prologue, x2)
+    if prologue is not None and not wkp:
+        raise ValueError(
+            f"a {prologue[0]} in the launch needs whole-K programs (each reads the whole row); this launch streams K"
+        )
+    if prologue is not None and router is not None:
+        raise ValueError(f"a {prologue[0]} in the launch: a router in the same launch reads its output")
     if cfg.pdl:
         _check_pdl(x2.device)
     bn2 = block_n // 2
@@ -3858,8 +3875,8 @@ def _bits_launch(
         seg_o[2],
         *mults,
         *hs,
-        norm[0] if norm is not None else x2,
-        float(norm[1]) if norm is not None else 0.0,
+        pro[0],
+        pro[1],
         GROUP=bp.group_size,
         NS=NS,
         KSEL=ksel,
@@ -3883,7 +3900,7 @@ def _bits_launch(
         KVALS=kvals,
         NSEG=len(segs),
         WKP=wkp,
-        NORM=norm is not None,
+        PRO=pro[2],
         **rw,
         num_warps=num_warps,
         num_stages=cfg.num_stages,
@@ -4217,6 +4234,7 @@ def bitplane_linear(
     path: str = "auto",
     packed: BitPlanes | None = None,
     span: tuple[int, int] | None = None,
+    prologue: tuple | None = None,
 ) -> torch.Tensor:
     """``y = x W_k^T (+ bias)`` reading only the first ``k`` bit-planes; ``k`` int, per-token tensor or
     :class:`RoutedK` (a router's gate values and a threshold: counted in the kernel on the 'bits' path). ``span``:
@@ -4232,7 +4250,9 @@ def bitplane_linear(
     (contiguous rows).
 
     ``scale`` / ``zero``: fp16 ``[out, groups]`` (one pair for every view) or ``[len(slice_bits), out, groups]``
-    (a pair per view: view ``k`` reads ``scale[k - 1]``, ``zero[k - 1]``), every path, every kind of ``k``."""
+    (a pair per view: view ``k`` reads ``scale[k - 1]``, ``zero[k - 1]``), every path, every kind of ``k``.
+    ``prologue`` (the 'bits' path only): ``x`` is the input of what makes the layer's input
+    (:func:`bitplane_linear_bits`)."""
     slice_bits = tuple(int(b) for b in slice_bits)
     if not 1 <= len(slice_bits) <= MAX_SLICES or len(planes) != len(slice_bits):
         raise ValueError(f"need one plane per slice (1..{MAX_SLICES}), got {len(planes)} for {slice_bits}")
@@ -4273,12 +4293,16 @@ def bitplane_linear(
             path = "tile"
     if routed and path != "bits":  # only the one-bit plane kernel counts the gate values itself
         k = k.counts()
+    if prologue is not None and path != "bits":
+        raise ValueError(f"a {prologue[0]} in the launch needs the 'bits' path (one token), got path {path!r}")
     if path == "bits":
         if packed is None:
             packed = bitplanes_for(planes, scale, zero, slice_bits, group_size, K_IN)
         else:
             _check_packed(packed, slice_bits, group_size, N, scale)
-        y = bitplane_linear_bits(x2, packed, k, bias, out, small_config, span if spans(small_config) else None)
+        y = bitplane_linear_bits(
+            x2, packed, k, bias, out, small_config, span if spans(small_config) else None, prologue
+        )
     elif path == "small":
         y = bitplane_linear_small(x2, planes, scale, zero, slice_bits, group_size, k, bias, out, small_config)
     elif path == "tile":

@@ -16,6 +16,7 @@ from typing import Any, cast
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .router import TokenRouter
 
@@ -101,10 +102,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "FusedRMSNorm")
 
 
-def norm_spec(norm: nn.Module, consumer: Any) -> tuple[torch.Tensor, float] | None:
-    """``(weight, eps)`` of ``norm`` when it is an RMS norm of :data:`RMS_NORMS` whose output ``consumer`` (the
-    linear it feeds) may make in its own launch: not a fused norm whose launch runs the consumer's router on the rows
-    it makes (the router needs them). None otherwise."""
+def made_input(x: torch.Tensor, prologue: tuple) -> torch.Tensor:
+    """What ``prologue`` makes of ``x``: ``("rms_norm", weight, eps)``, :func:`rms_norm`; ``("silu_mul", up)``,
+    a gated MLP's ``silu(x) * up`` (``x`` the gate)."""
+    if prologue[0] == "rms_norm":
+        return rms_norm(x, prologue[1], prologue[2])
+    if prologue[0] == "silu_mul":
+        return F.silu(x) * prologue[1]
+    raise ValueError(f"prologue must be ('rms_norm', weight, eps) or ('silu_mul', up), got {prologue[0]!r}")
+
+
+def norm_prologue(norm: nn.Module, consumer: Any) -> tuple | None:
+    """``("rms_norm", weight, eps)`` of ``norm`` when it is an RMS norm of :data:`RMS_NORMS` whose output
+    ``consumer`` (the linear it feeds) may make in its own launch: not a fused norm whose launch runs the consumer's
+    router on the rows it makes (the router needs them). None otherwise."""
     if type(norm).__name__ not in RMS_NORMS:
         return None
     weight = getattr(norm, "weight", None)
@@ -113,7 +124,7 @@ def norm_spec(norm: nn.Module, consumer: Any) -> tuple[torch.Tensor, float] | No
         return None
     if isinstance(norm, FusedRMSNorm) and _routes(norm.router, consumer):
         return None
-    return weight, float(eps)
+    return "rms_norm", weight, float(eps)
 
 
 def linear_add(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
@@ -137,22 +148,22 @@ def linear_add(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor | None
     return residual + linear(x)
 
 
-def normed_outputs(linears: tuple[nn.Module, ...], x: torch.Tensor, norm: tuple[torch.Tensor, float] | None) -> list:
-    """Each linear's output on ``rms_norm(x, *norm)`` (on ``x`` when ``norm`` is None): a packed linear is handed
-    ``x`` and the norm, to make in its site's launch (:class:`~mobiquant.nn.linear.MoBiLinear`), the others the
-    norm's output, made once."""
+def prologue_outputs(linears: tuple[nn.Module, ...], x: torch.Tensor, prologue: tuple | None) -> list:
+    """Each linear's output on ``made_input(x, prologue)`` (on ``x`` when ``prologue`` is None): a packed linear is
+    handed ``x`` and the prologue, to make in its (site's) launch (:class:`~mobiquant.nn.linear.MoBiLinear`), the
+    others the prologue's output, made once."""
     from .linear import MoBiLinear
 
-    if norm is None:
+    if prologue is None:
         return [lin(x) for lin in linears]
     made: list[torch.Tensor] = []
 
-    def normed() -> torch.Tensor:
+    def input_() -> torch.Tensor:
         if not made:
-            made.append(rms_norm(x, *norm))
+            made.append(made_input(x, prologue))
         return made[0]
 
-    return [lin(x, norm=norm) if isinstance(lin, MoBiLinear) else lin(normed()) for lin in linears]
+    return [lin(x, prologue=prologue) if isinstance(lin, MoBiLinear) else lin(input_()) for lin in linears]
 
 
 #: The linears of a gated MLP, by their Hugging Face names (LLaMA, Mistral, Qwen2).
@@ -181,12 +192,15 @@ class FusedGatedMLP(nn.Module):
         self.backend = "auto"
         object.__setattr__(self, "original", mlp)
 
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, prologue: Any = None) -> torch.Tensor:
         """The MLP's output, plus ``residual`` when given (:func:`linear_add`: in the down launch's epilogue);
-        ``norm``: ``x`` is an RMS norm's input (:func:`normed_outputs`)."""
-        gate, up = normed_outputs((self.gate_proj, self.up_proj), x, norm)
+        ``prologue``: what makes the MLP's input from ``x`` (:func:`prologue_outputs`)."""
+        gate, up = prologue_outputs((self.gate_proj, self.up_proj), x, prologue)
+        return self.down_of(gate, up, residual)
+
+    def down_of(self, gate: torch.Tensor, up: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``down_proj(act_fn(gate) * up)`` (+ ``residual``): the product, and the down router on it, in one launch
+        where the kernels serve it."""
         router = getattr(self.down_proj, "router", None)
         if not _fast(gate, self.backend, (up,)) or _compiled_away(router, self.down_proj):
             return linear_add(self.down_proj, self.act_fn(gate) * up, residual)

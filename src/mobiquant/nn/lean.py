@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .fused import FusedGatedMLP, gated_mlp, linear_add, norm_spec, normed_outputs, rms_norm
+from .fused import FusedGatedMLP, gated_mlp, linear_add, made_input, norm_prologue, prologue_outputs
 
 #: The decoder layers whose forward is the pre-norm pattern :class:`LeanDecoderLayer` reproduces
 #: (``h = x + attn(norm1(x)); out = h + mlp(norm2(h))``).
@@ -123,17 +123,17 @@ class LeanAttention:
         ``lean_layer``: the cache layer the decoder layer already found for this input (not looked up again)."""
         residual = kwargs.pop("residual", None)
         layer = kwargs.pop("lean_layer", None)
-        norm = kwargs.pop("lean_norm", None)  # hidden_states is this RMS norm's input (LeanDecoderLayer)
+        prologue = kwargs.pop("lean_prologue", None)  # hidden_states is this norm's input (LeanDecoderLayer)
         if layer is None and not args:
             layer = self._lean_layer(hidden_states, kwargs)
         if layer is None:
-            if norm is not None:
-                hidden_states = rms_norm(hidden_states, *norm)
+            if prologue is not None:
+                hidden_states = made_input(hidden_states, prologue)
             out, weights = super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
             return (out if residual is None else residual + out), weights
         B = hidden_states.shape[0]
         projs = (self.q_proj, self.k_proj, self.v_proj)  # type: ignore[attr-defined]
-        q, k, v = (y.reshape(B, -1) for y in normed_outputs(projs, hidden_states, norm))
+        q, k, v = (y.reshape(B, -1) for y in prologue_outputs(projs, hidden_states, prologue))
         cos, sin = kwargs["position_embeddings"]
         out = _attend(self, q, k, v, cos, sin, layer, kwargs.get("attention_mask")).reshape(B, 1, -1)
         return linear_add(self.o_proj, out, residual), None  # type: ignore[attr-defined]
@@ -142,10 +142,10 @@ class LeanAttention:
 class LeanDecoderLayer:
     """The forward placed before a supported decoder layer's class (module docstring): where its attention takes
     the lean step, the residual additions ride in the ``o_proj`` and ``down_proj`` launches; with
-    :attr:`lean_norms` the RMS norms ride in the q/k/v and gate/up launches where those can make them
-    (:func:`_norm_in_launch`)."""
+    :attr:`lean_prologues` the RMS norms ride in the q/k/v and gate/up launches and the gated product in the down
+    launch where those can make them (:func:`_prologue_for`)."""
 
-    lean_norms: bool
+    lean_prologues: bool
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         attn: Any = self.self_attn  # type: ignore[attr-defined]
@@ -153,45 +153,53 @@ class LeanDecoderLayer:
         if layer is None:
             return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
         module: Any = attn  # an nn.Module of a lean class
-        norms = getattr(self, "lean_norms", False)
+        lean = getattr(self, "lean_prologues", False)
         norm = None
-        if norms:
-            norm = _norm_in_launch(self.input_layernorm, module.q_proj, hidden_states)  # type: ignore[attr-defined]
+        if lean:
+            norm = _prologue_for(self.input_layernorm, module.q_proj, hidden_states)  # type: ignore[attr-defined]
         if norm is None:
             x = self.input_layernorm(hidden_states)  # type: ignore[attr-defined]
             h, _ = module(x, residual=hidden_states, lean_layer=layer, **kwargs)
         else:  # the norm made in the q/k/v launch
-            h, _ = module(hidden_states, residual=hidden_states, lean_layer=layer, lean_norm=norm, **kwargs)
+            h, _ = module(hidden_states, residual=hidden_states, lean_layer=layer, lean_prologue=norm, **kwargs)
         mlp: Any = self.mlp  # type: ignore[attr-defined]
-        if norms and (isinstance(mlp, FusedGatedMLP) or gated_mlp(mlp)):
-            norm = _norm_in_launch(self.post_attention_layernorm, mlp.gate_proj, h)  # type: ignore[attr-defined]
-        else:
-            norm = None
+        if not (isinstance(mlp, FusedGatedMLP) or gated_mlp(mlp)):
+            return h + mlp(self.post_attention_layernorm(h))  # type: ignore[attr-defined]
+        norm = _prologue_for(self.post_attention_layernorm, mlp.gate_proj, h) if lean else None  # type: ignore[attr-defined]
         x = h if norm is not None else self.post_attention_layernorm(h)  # type: ignore[attr-defined]
+        gate, up = prologue_outputs((mlp.gate_proj, mlp.up_proj), x, norm)
+        if lean and _silu(mlp.act_fn) and _takes(mlp.down_proj, gate):  # the product made in the down launch
+            return mlp.down_proj(gate, residual=h, prologue=("silu_mul", up))
         if isinstance(mlp, FusedGatedMLP):
-            return mlp(x, residual=h, norm=norm)
-        if gated_mlp(mlp):
-            gate, up = normed_outputs((mlp.gate_proj, mlp.up_proj), x, norm)
-            return linear_add(mlp.down_proj, mlp.act_fn(gate) * up, h)
-        return h + mlp(x)
+            return mlp.down_of(gate, up, residual=h)
+        return linear_add(mlp.down_proj, mlp.act_fn(gate) * up, h)
 
 
-@torch.compiler.disable  # reads the site's views and kernel choice, as the linears' own launches do
-def _norm_decision(group: Any, x: torch.Tensor, config: Any) -> bool:
-    return bool(group.takes_norm(x, config))
+@torch.compiler.disable  # reads the views and kernel choice, as the linears' own launches do
+def _takes(linear: Any, x: torch.Tensor) -> bool:
+    """Whether ``linear`` (a packed linear, alone or in a site group) makes its input from a prologue on ``x`` in its
+    launch (``MoBiLinear.takes_prologue``, ``SiteGroup.takes_prologue``)."""
+    from .linear import MoBiLinear
 
-
-def _norm_in_launch(norm: torch.nn.Module, linear: Any, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
-    """``(weight, eps)`` of the RMS norm ``norm`` when the launch of ``linear``'s site group (q/k/v, gate/up) can make
-    it from ``x`` itself (:meth:`~mobiquant.nn.site.SiteGroup.takes_norm`: every member a static view on the one-bit
-    plane kernel's whole-K programs), so no launch of its own makes the norm; else None."""
+    if not isinstance(linear, MoBiLinear):
+        return False
     group = getattr(linear, "_site_group", None)
-    if group is None:
-        return None
-    spec = norm_spec(norm, linear)
-    if spec is None or not _norm_decision(group, x, getattr(linear, "small_config", None)):
-        return None
-    return spec
+    if group is not None:
+        return bool(group.takes_prologue(x, getattr(linear, "small_config", None)))
+    return linear.takes_prologue(x)
+
+
+def _silu(act: Any) -> bool:
+    """Whether ``act`` is SiLU (the product the kernels make is ``silu(gate) * up``)."""
+    return type(act).__name__ in ("SiLU", "SiLUActivation")
+
+
+def _prologue_for(norm: torch.nn.Module, linear: Any, x: torch.Tensor) -> tuple | None:
+    """``("rms_norm", weight, eps)`` of ``norm`` when ``linear``'s launch (its site group's: q/k/v, gate/up) can make
+    the norm from ``x`` itself (:func:`_takes`: static views on the one-bit plane kernel's whole-K programs), so no
+    launch of its own makes it; else None."""
+    spec = norm_prologue(norm, linear)
+    return spec if spec is not None and _takes(linear, x) else None
 
 
 def layer_reason(module: torch.nn.Module) -> str | None:

@@ -26,7 +26,7 @@ from ..kernels import int4
 from ..quant.packing import pack_codes, packed_width, unpack_codes
 from ..quant.primitives import from_groups, num_groups
 from ..quant.slicer import ResidualSlicer
-from .fused import rms_norm
+from .fused import made_input
 from .router import TokenRouter
 
 Mode = Literal["static", "routed"]
@@ -357,22 +357,42 @@ class MoBiLinear(nn.Module):
         return out
 
     # ------------------------------------------------------------------ forward
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, prologue: Any = None) -> torch.Tensor:
         """``x W^T + bias``, plus ``residual`` (of the output's shape) when given: for one token on the one-bit
         plane and fragment kernels added in the launch's epilogue (as the bias is), else by one addition.
-        ``norm = (weight, eps)``: ``x`` is the input of an RMS norm (LLaMA's arithmetic, :func:`rms_norm`) whose
-        output this linear takes: made in the launch of this linear's site group where it can
-        (:meth:`~mobiquant.nn.site.SiteGroup.takes_norm`), else here first."""
+        ``prologue``: ``x`` is the input of what makes this linear's input (:func:`~mobiquant.nn.fused.made_input`:
+        ``("rms_norm", weight, eps)``, LLaMA's RMS norm, or ``("silu_mul", up)``, a gated MLP's product of the gate
+        ``x``): made in this linear's launch (or its site group's) where that launch can (:meth:`takes_prologue`),
+        else here first."""
         router = self._router
         if router is not None and router.has_borrowers:  # the borrowers' input, recorded as the home linears run:
-            return self._forward_opaque(x, residual, norm)  # kept out of a compiled trace, which would not record it
+            return self._forward_opaque(x, residual, prologue)  # kept out of a compiled trace: it would not record
         if torch.compiler.is_compiling():  # decode's cuda_graph='compile': a CPU int4 view is traced with the rest
-            y = self._traced_int4(x if norm is None else rms_norm(x, *norm))
+            y = self._traced_int4(x if prologue is None else made_input(x, prologue))
             if y is not None:
                 return y if residual is None else y + residual
-        return self._forward_opaque(x, residual, norm)
+        return self._forward_opaque(x, residual, prologue)
+
+    def takes_prologue(self, x: torch.Tensor, alone: bool = True) -> bool:
+        """Whether this linear's one-token launch for ``x`` makes its input from a ``prologue`` itself
+        (:meth:`forward`): a packed static view on the one-bit plane kernel's whole-K programs, where the fragment
+        kernel does not serve it (``triton_bitplane.takes_prologue``); ``alone=False``: this linear's part of its
+        site group's answer (:meth:`~mobiquant.nn.site.SiteGroup.takes_prologue`)."""
+        if x.numel() != x.shape[-1] or not self.packed or self.weight_override is not None or self.track:
+            return False
+        if self.mode != "static" and self._router is not None:
+            return False  # a routed linear's router makes (or reads) the prologue's output
+        if not (x.is_cuda or getattr(self, "backend", "auto") != "auto") or not self._use_triton(x):
+            return False
+        from ..kernels import triton_bitplane as tbp
+
+        cfg = getattr(self, "small_config", None)
+        if not tbp.wants_bitplanes(self.slice_bits, self.slicer.group_size, cfg):
+            return False
+        if not alone:
+            return True
+        x2 = x.reshape(1, -1)
+        return tbp.takes_prologue(x2, self.bitplane_buffers(), self.static_k, (self.out_features,), cfg)
 
     def _traced_int4(self, x: torch.Tensor) -> torch.Tensor | None:
         """Under ``torch.compile``, the forward that Inductor can take into the step's graph: a packed layer's bf16
@@ -424,17 +444,17 @@ class MoBiLinear(nn.Module):
     # code between these calls and captures them in its graph)
     @torch.compiler.disable
     def _forward_opaque(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, prologue: Any = None
     ) -> torch.Tensor:
-        if norm is not None and not (self.packed and self.weight_override is None):
-            x, norm = rms_norm(x, *norm), None
+        if prologue is not None and not (self.packed and self.weight_override is None):
+            x, prologue = made_input(x, prologue), None
         router = self._router
         if router is not None and router.has_borrowers and self.router_home:
-            router.see_home(x if norm is None else rms_norm(x, *norm))
+            router.see_home(x if prologue is None else made_input(x, prologue))
         if self.weight_override is not None:
             y = F.linear(x, self.weight_override().to(x.dtype), self.bias)
         elif self.packed:
-            return self._forward_packed(x, residual, norm)
+            return self._forward_packed(x, residual, prologue)
         else:
             y = self._forward_fake(x)
         return y if residual is None else y + residual
@@ -519,7 +539,7 @@ class MoBiLinear(nn.Module):
         return self._host_view() if router is not None and router.fixed else None
 
     def _forward_packed(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, prologue: Any = None
     ) -> torch.Tensor:
         from .. import kernels
 
@@ -544,11 +564,14 @@ class MoBiLinear(nn.Module):
                 extra["packed"] = self.bitplane_buffers()  # read by the dequantize pass of a prompt
         group = getattr(self, "_site_group", None)
         if group is not None and extra.get("path") == "bits":  # one launch for the site (patching.fuse_sites)
-            y = group.output(self, x, cfg, norm)
+            y = group.output(self, x, cfg, prologue)
             if y is not None:
                 return y if residual is None else y + residual
-        if norm is not None:  # no launch makes the norm: made here
-            x = rms_norm(x, *norm)
+        if prologue is not None:
+            if group is None and extra.get("path") == "bits" and self.takes_prologue(x):
+                extra["prologue"] = prologue  # made in this linear's launch
+            else:  # no launch makes it: made here
+                x = made_input(x, prologue)
         # one token's residual is the launch's bias: added in the kernel's epilogue
         in_epilogue = residual is not None and bias is None and extra.get("path") == "bits"
         if in_epilogue:

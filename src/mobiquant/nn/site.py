@@ -79,30 +79,27 @@ class SiteGroup:
             return None
         return min(known), max(known) + 1
 
-    def takes_norm(self, x: torch.Tensor, config: Any) -> bool:
-        """Whether the group's one launch for the one token ``x`` can make an RMS norm of ``x`` itself
-        (:meth:`output` with ``norm``): every member a static view, the same, on a launch of the one-bit plane
-        kernel's whole-K programs (``triton_bitplane.site_takes_norm``)."""
-        from ..kernels.triton_bitplane import site_takes_norm, wants_bitplanes
+    def takes_prologue(self, x: torch.Tensor, config: Any) -> bool:
+        """Whether the group's one launch for the one token ``x`` can make its input from ``x`` itself
+        (:meth:`output` with a ``prologue``, e.g. the RMS norm before q/k/v): every member at the same static view
+        (``MoBiLinear.takes_prologue``) on a launch of the one-bit plane kernel's whole-K programs."""
+        from ..kernels.triton_bitplane import takes_prologue
 
-        first = self.members[0]
-        if x.numel() != x.shape[-1] or not first._use_triton(x):
+        if not all(m.takes_prologue(x, alone=False) for m in self.members):
             return False
-        if not wants_bitplanes(first.slice_bits, first.slicer.group_size, config):
-            return False
-        if any(m.mode != "static" and m.router is not None for m in self.members):
-            return False  # a routed member's router makes (or reads) the norm's output
         ks = self._ks(x)
         if ks is None or len(set(ks)) != 1:
             return False
-        return site_takes_norm(x.reshape(1, -1), self.buffers(), ks[0], config)
+        site = self.buffers()
+        return takes_prologue(x.reshape(1, -1), site.planes, ks[0], site.outs, config)
 
-    def output(self, member: Any, x: torch.Tensor, config: Any, norm: Any = None) -> torch.Tensor | None:
+    def output(self, member: Any, x: torch.Tensor, config: Any, prologue: Any = None) -> torch.Tensor | None:
         """``member``'s output for the one token ``x`` from the group's one launch, or None (its own launch);
-        ``norm``: ``(weight, eps)`` of an RMS norm whose input ``x`` is, made in the launch (:meth:`takes_norm`)."""
+        ``prologue``: what makes the members' input from ``x``, made in the launch (:meth:`takes_prologue`)."""
         from ..kernels.triton_bitplane import bitplane_site_bits
 
-        key = (*self._key(), config, None if norm is None else (id(norm[0]), float(norm[1])))
+        made = None if prologue is None else tuple(id(p) if torch.is_tensor(p) else p for p in prologue)
+        key = (*self._key(), config, made)
         entry = self._cache
         if entry is not None and entry[0]() is x and entry[1] == key:
             y = entry[2]
@@ -113,7 +110,7 @@ class SiteGroup:
             site = self.buffers()
             try:
                 y = bitplane_site_bits(
-                    x.reshape(1, -1), site, ks, config=config, span=self._span(ks, config), norm=norm
+                    x.reshape(1, -1), site, ks, config=config, span=self._span(ks, config), prologue=prologue
                 )
             except ValueError:  # views, a layout or a config the one launch does not cover: each linear its own
                 return None

@@ -867,11 +867,11 @@ def _decode_settings(cfg) -> dict[str, Any]:
     lean = d.get("lean_step", True)
     if not isinstance(lean, bool):
         raise ConfigError(f"decode.lean_step={lean!r} must be true or false")
-    norms = d.get("lean_norms", False)
-    if not isinstance(norms, bool):
-        raise ConfigError(f"decode.lean_norms={norms!r} must be true or false")
-    if norms and not lean:
-        raise ConfigError("decode.lean_norms=true needs decode.lean_step=true (the lean layer hands the norms over)")
+    prologues = d.get("lean_prologues", False)
+    if not isinstance(prologues, bool):
+        raise ConfigError(f"decode.lean_prologues={prologues!r} must be true or false")
+    if prologues and not lean:
+        raise ConfigError("decode.lean_prologues=true needs decode.lean_step=true (the lean layer hands them over)")
     kernels = _kernel_settings(d.get("kernels"), ConfigError)
     return dict(
         prompt=prompt,
@@ -886,7 +886,7 @@ def _decode_settings(cfg) -> dict[str, Any]:
         checkpoint=d.get("checkpoint"),
         fuse_inputs=fuse,
         lean_step=lean,
-        lean_norms=norms,
+        lean_prologues=prologues,
         kernels=kernels,
     )
 
@@ -996,7 +996,7 @@ def run(cfg) -> float:
             ses.use_backend(model)
             # every row: a method may hand back the same model with other modules in it; a 4-token trace each
             fuse_inputs(model, enable=s["fuse_inputs"])  # the fp model too: its rows time the same kernels
-            lean_step(model, enable=s["lean_step"], norms=s["lean_norms"])
+            lean_step(model, enable=s["lean_step"], prologues=s["lean_prologues"])
             if s["kernels"] and method != "fp":
                 from ..kernels.triton_bitplane import SmallConfig
 
