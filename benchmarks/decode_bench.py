@@ -413,7 +413,8 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package",
     """fp16, then for each ``(label, small_config)`` of ``kernels`` (``None``: the library's defaults; ``"sites"``:
     one launch per router site; ``"inputs"``: that and fused inputs, ``patching.fuse_inputs``, with an fp16 row
     of the same fused kernels; a pair ``(mode, small_config)``: that fusion with that config, routed budgets only;
-    a triple ``(mode, small_config, True)``: the static views too; modes ``"lean attention"`` / ``"lean step"``:
+    a triple ``(mode, small_config, True)``: the static views too; modes ``"lean attention"`` / ``"lean step"`` /
+    ``"lean prologues"`` (with the norms and gated products made in the launches they feed, no fp16 row of its own):
     fused inputs and ``patching.lean_step`` without / with its residual adds, each with an fp16 row of the same)
     the static views and the routed ``budgets`` (default: base bits .. all bits) through
     ``mobiquant.tasks.decode.generate``. ``warm = (i, n)``: nothing timed, no row returned; the entries ``j`` of
@@ -506,12 +507,12 @@ def package_rows(fp, q, device, new_tokens, graph, copy_bw, kernels=(("package",
     for label, cfg in kernels:
         mode, small = kind(cfg)
         in_launch = getattr(small, "router_in_launch", False)  # the router in the site's launch: sites on
-        lean = mode in ("lean attention", "lean step")
+        lean = mode in ("lean attention", "lean step", "lean prologues")
         sites = mode in ("sites", "inputs") or lean or in_launch
         set_small_config(q, small)
         fuse_sites(q, enable=sites)
         fuse_inputs(q, enable=mode == "inputs" or lean)
-        lean_step(q, enable=lean, adds=mode == "lean step")
+        lean_step(q, enable=lean, adds=mode != "lean attention", prologues=mode == "lean prologues")
         if warm is not None:
             print(f"# warming: {label}", flush=True)
         # a (mode, config) entry: its routed budgets only (a config for views learnt on the device)
@@ -771,6 +772,8 @@ def package_kernels(args, bits_cfg=None) -> list:
         # also the residual adds in the o and down launches (static views too)
         kernels.append(("package sites+inputs lean attention", ("lean attention", None, True)))
         kernels.append(("package sites+inputs lean step", ("lean step", None, True)))
+    if args.package_lean_prologues:  # ... and the norms and gated products in the launches they feed
+        kernels.append(("package sites+inputs lean prologues", ("lean prologues", None, True)))
     if args.package_no_span:  # ... fused inputs, every view's body compiled (the default before 2026-12-06)
         kernels.append(("package sites+inputs no span", ("inputs", SmallConfig(span_bodies=False))))
     if args.package_pdl:  # ... fused inputs, every kernel launch of a linear with programmatic dependent launch
@@ -1052,6 +1055,12 @@ def main(argv=None):
         help="also the package's static views and routed budgets with fused inputs and each layer's rotary embedding, "
         "cache write and attention in one launch (patching.lean_step(adds=False)), then also the residual adds in "
         "the o and down launches (lean_step), and fp16 with each",
+    )
+    ap.add_argument(
+        "--package-lean-prologues",
+        action="store_true",
+        help="also the package's static views and routed budgets with the lean step and the RMS norms and gated "
+        "products made in the launches they feed (patching.lean_step(prologues=True))",
     )
     ap.add_argument(
         "--package-fused-only",

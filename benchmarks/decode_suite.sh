@@ -103,8 +103,9 @@
 #            warps, against the model's own rotary, cache writes and sdpa), then the package rows with the lean step
 #            and the default router placement site
 #   prologues (only when named) the RMS norms and gated products made in the launches they feed
-#            (patching.lean_step(prologues=True), benchmarks/NOTES.md entry 37): their GPU tests, then SmolLM2-135M end
-#            to end with the lean step, with and without them (needs $GGUF)
+#            (patching.lean_step(prologues=True), benchmarks/NOTES.md entry 37): their GPU tests, then the package rows
+#            with the lean step with and without them (default placement site), then SmolLM2-135M end to end with the
+#            lean step, with and without them (needs $GGUF)
 #   block    (only when named; in loads) the default rows with router placement block (one router a layer), with
 #            and without the lean step, and its compiled step's census at routed 3.5 / 4.5 bits with it
 #   span     (only when named) the stack's static views beside each view with k read on the device: every body
@@ -381,7 +382,8 @@ stage() {
       package_stage lean_site site --package-lean-step --package-fused-only ;;
     prologues)
       run_stage prologue_tests 600 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_triton_bitplane.py \
-        tests/kernels/test_lean_step.py -k "prologue"
+        tests/kernels/test_lean_step.py tests/kernels/test_gluon_fragment.py -k "prologue"
+      package_stage prologue_pkg site --package-lean-step --package-lean-prologues --package-fused-only
       if [ -e "$GGUF" ]; then
         run_stage prologue_e2e 900 "$PY" benchmarks/e2e_decode.py --gguf "$GGUF" --budgets 4 --views 2 \
           --lean-step --lean-prologues --out "$RES/prologue_e2e"

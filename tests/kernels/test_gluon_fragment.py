@@ -298,6 +298,54 @@ def test_router_partials_finished_in_the_launch_offline():
     assert int(got["adjacent"][2]) == int(got["free"][2]) + 5 >= 6
 
 
+_OFFLINE_PROLOGUE = (
+    _OFFLINE_PRELUDE
+    + """
+w = torch.zeros(4096, dtype=torch.float16)
+for name, pro in (("none", None), ("rms_norm", ("rms_norm", w, 1e-5)), ("silu_mul", ("silu_mul", w))):
+    for splits in (1, 4):
+        args, kw = gf._launch_args(words, sc, sc, x, out, splits=splits, planes=4, prefetch=True, prologue=pro)
+        sass, res = osx.sass_and_resources(osx.compile_sm90(gf.frag_gemv_kernel, args, kw, source=GluonASTSource))
+        ops = [m.group(3) for m in osx.LINE.finditer(sass)]
+        print("RESULT", f"{name}/{splits}", kw["PRO"], re.search(r"STACK:(\\d+)", res).group(1),
+              ops.count("MUFU.RSQ"), ops.count("MUFU.EX2"))
+"""
+)
+
+
+def test_prologues_compile_for_sm90_offline():
+    """Compiled for sm_90 without a GPU: the 8B gate/up's static 4-plane view with a prologue (``PRO`` 1, the RMS norm
+    before it: one reciprocal square root a program; 2, a gated product: exponentials for the SiLU), one split and
+    four, without spilling; none of it without a prologue. (Run on a GPU: ``test_gpu_prologues``.)"""
+    got = run_offline(_OFFLINE_PROLOGUE)
+    for splits in (1, 4):
+        none, rms, silu = (got[f"{n}/{splits}"] for n in ("none", "rms_norm", "silu_mul"))
+        assert [none[0], rms[0], silu[0]] == ["0", "1", "2"], got
+        assert none[1] == rms[1] == silu[1] == "0", got  # no stack: nothing spilled
+        assert none[2] == "0" and int(rms[2]) >= 1 and silu[2] == "0", got
+        assert none[3] == rms[3] == "0" and int(silu[3]) >= 1, got
+
+
+def test_prologue_launch_args():
+    """``_launch_args(prologue=...)``: the kernel's operand, epsilon and mode; what it cannot serve refused with the
+    reason."""
+    words = torch.zeros(4, 32, 8, 512, dtype=torch.int32)
+    sc, x, out = torch.zeros(1024, 32, dtype=torch.float16), torch.zeros(4096, dtype=torch.float16), torch.zeros(1024)
+    w = torch.rand(4096).half()
+    _, kw = gf._launch_args(words, sc, sc, x, out, planes=4)
+    assert kw["PRO"] == 0 and kw["pro_ptr"] is x
+    _, kw = gf._launch_args(words, sc, sc, x, out, planes=4, prologue=("rms_norm", w, 1e-6))
+    assert kw["PRO"] == 1 and kw["pro_ptr"] is w and kw["eps"] == 1e-6
+    _, kw = gf._launch_args(words, sc, sc, x, out, planes=4, prologue=("silu_mul", w[None]))
+    assert kw["PRO"] == 2 and kw["pro_ptr"].data_ptr() == w.data_ptr()
+    with pytest.raises(ValueError, match="operand must be 4096 fp16 values"):
+        gf._launch_args(words, sc, sc, x, out, planes=4, prologue=("rms_norm", w.float(), 1e-6))
+    with pytest.raises(ValueError, match="prologue must be"):
+        gf._launch_args(words, sc, sc, x, out, planes=4, prologue=("rms_norm", w, 0.0))
+    with pytest.raises(ValueError, match="before the wait"):
+        gf._launch_args(words, sc, sc, x, out, planes=4, pdl=True, prologue=("silu_mul", w))
+
+
 def test_router_partials_launch_args():
     """``routed = (RouterPartials, threshold)``: ``KMODE`` 3 with the router's second layer and the partials' layout;
     partials of more than one token refused."""
@@ -598,6 +646,34 @@ def test_gpu_static_and_device_views(n_out, n_in, per_view, gen):
         kd = torch.tensor([k], dtype=torch.int32, device="cuda")
         y = tb.bitplane_linear(x, planes, scale, zero, SLICES, 128, kd, bias=bias, path="bits", small_config=cfg)
         _check(y, x, planes, scale, zero, k, bias)
+
+
+@needs_gpu
+@pytest.mark.parametrize("n_out,n_in", [(4096, 4096), (1024, 14336)])
+def test_gpu_prologues(n_out, n_in, gen):
+    """The fragment kernel with a prologue (the RMS norm before the layer, the gated product) at every static view
+    equals the launch fed the model's own norm or product (LLaMA's rounding), one layer and a site of two."""
+    from mobiquant.nn.fused import made_input
+
+    planes, scale, zero = make_layer(n_out, n_in, gen, True, "cuda")
+    x = (torch.randn(1, n_in, generator=gen) * 4).half().cuda()
+    w = (torch.rand(n_in, generator=gen) * 2 + 0.1).half().cuda()
+    up = torch.randn(1, n_in, generator=gen).half().cuda()
+    cfg = tb.SmallConfig(fragment=True)
+    for pro in (("rms_norm", w, 1e-5), ("silu_mul", up)):
+        made = made_input(x, pro)
+        for k in range(1, len(SLICES) + 1):
+            kw = dict(path="bits", small_config=cfg)
+            y = tb.bitplane_linear(x, planes, scale, zero, SLICES, 128, k, prologue=pro, **kw)
+            ref = tb.bitplane_linear(made, planes, scale, zero, SLICES, 128, k, **kw)
+            err = ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+            assert err < 2e-3, (pro[0], k, err)
+    bps = [tb.pack_bitplanes(planes, scale, zero, SLICES, 128, n_in)] * 2
+    site = tb.site_bitplanes(bps)
+    pro = ("rms_norm", w, 1e-5)
+    y = tb.bitplane_site_bits(x, site, [2, 2], config=cfg, prologue=pro)
+    ref = tb.bitplane_site_bits(made_input(x, pro), site, [2, 2], config=cfg)
+    assert ((y.double() - ref.double()).norm() / ref.double().norm()).item() < 2e-3
 
 
 @needs_gpu

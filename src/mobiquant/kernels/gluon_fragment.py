@@ -344,20 +344,40 @@ def _field_operand(ws, NF: ttgl.constexpr, LW: ttgl.constexpr, AL: ttgl.constexp
 
 
 @gluon.jit
-def _x_halves(x_ptr, g, xofs, xn, xsc):
+def _x_halves(x_ptr, g, xofs, xn, xsc, pro_ptr, s_pro, PRO: ttgl.constexpr):
     """Group ``g``'s B operand halves: the lanes of column ``g % 8`` (``xn``) load their 32 consecutive activations
-    (``xofs``) times ``2^-s`` (``xsc``), the others zeros (:func:`b_slots`)."""
-    return ttgl.load(x_ptr + g * 128 + xofs, mask=xn == g % 8, other=0.0) * xsc
+    (``xofs``) times ``2^-s`` (``xsc``), the others zeros (:func:`b_slots`); ``PRO``: made from ``x`` as they are
+    loaded (:func:`_made`)."""
+    m = xn == g % 8
+    v = ttgl.load(x_ptr + g * 128 + xofs, mask=m, other=0.0)
+    if PRO > 0:
+        v = _made(v, ttgl.load(pro_ptr + g * 128 + xofs, mask=m, other=0.0), s_pro, PRO)
+    return v * xsc
 
 
 @gluon.jit
-def _load_group(w_ptr, x_ptr, vofs, xofs, xn, xsc, g, NB, PSTRIDE, P: ttgl.constexpr, p, WAIT: ttgl.constexpr):
+def _made(v, q, s_pro, PRO: ttgl.constexpr):
+    """What a prologue makes of the fp16 activations ``v`` with its operand ``q`` (fp16, ``v``'s layout), rounded as
+    the model's own modules round: ``PRO`` 1, an RMS norm (``q`` its weight, ``s_pro`` the row's
+    ``rsqrt(mean(x^2) + eps)``): ``q * fp16(v s)``; 2, a gated product (``v`` the gate, ``q`` the up projection):
+    ``fp16(silu(v)) * q``."""
+    vf = v.to(ttgl.float32)
+    if PRO == 1:
+        out = (vf * s_pro).to(ttgl.float16) * q
+    else:
+        out = (vf / (1.0 + ttgl.exp(-vf))).to(ttgl.float16) * q
+    return out
+
+
+@gluon.jit
+def _load_group(w_ptr, x_ptr, vofs, xofs, xn, xsc, g, NB, PSTRIDE, P: ttgl.constexpr, p, WAIT: ttgl.constexpr,
+                pro_ptr, s_pro, PRO: ttgl.constexpr):  # fmt: skip
     """Group ``g``'s raw words (field 0, field 1 when the view may reach it) and its B operand's halves
     (:func:`_x_halves`); ``WAIT``: the words asked for first, then the kernel before awaited (:func:`_griddep`),
     then the activations."""
     wp = w_ptr + g * NB * 512 + vofs
     if not WAIT:
-        xv = _x_halves(x_ptr, g, xofs, xn, xsc)
+        xv = _x_halves(x_ptr, g, xofs, xn, xsc, pro_ptr, s_pro, PRO)
     f0 = _load_field(wp, PSTRIDE, 0, min(P, 4) if P > 0 else 4, p, P == 0)
     if P == 0 or P > 4:
         f1 = _load_field(wp, PSTRIDE, 4, P - 4 if P > 0 else 4, p, P == 0)
@@ -365,7 +385,7 @@ def _load_group(w_ptr, x_ptr, vofs, xofs, xn, xsc, g, NB, PSTRIDE, P: ttgl.const
         f1 = f0
     if WAIT:
         _griddep(True)
-        xv = _x_halves(x_ptr, g, xofs, xn, xsc)
+        xv = _x_halves(x_ptr, g, xofs, xn, xsc, pro_ptr, s_pro, PRO)
     return f0, f1, xv
 
 
@@ -416,7 +436,8 @@ def _smem_field(smem, base, stride, E0: ttgl.constexpr, NF: ttgl.constexpr, VL: 
 
 
 @gluon.jit
-def _group_sums(x_ptr, c0, g0, BATCH: ttgl.constexpr, XL: ttgl.constexpr, MMA: ttgl.constexpr):
+def _group_sums(x_ptr, c0, g0, BATCH: ttgl.constexpr, XL: ttgl.constexpr, MMA: ttgl.constexpr, pro_ptr, s_pro,
+                PRO: ttgl.constexpr):  # fmt: skip
     """Per column ``n`` of the batch's accumulator (group ``c0 + n``, zeros outside ``g0 .. g0 + BATCH``):
     ``off = 1024 sum x 2^-s`` and ``xs = sum x`` over the group, read from ``x`` as ``[128, 8]`` in ``XL`` (the
     columns where the accumulator's are, each warp whole): the sums stay inside a warp and land in its columns."""
@@ -426,9 +447,14 @@ def _group_sums(x_ptr, c0, g0, BATCH: ttgl.constexpr, XL: ttgl.constexpr, MMA: t
     ptr = x_ptr + gc[None, :] * 128 + kk[:, None]
     if BATCH == 8:
         xt = ttgl.load(ptr)
+        if PRO > 0:
+            xt = _made(xt, ttgl.load(pro_ptr + gc[None, :] * 128 + kk[:, None]), s_pro, PRO)
     else:
         gm = ttgl.full([128, 8], 0, ttgl.int32, XL) + gc[None, :]
-        xt = ttgl.load(ptr, mask=(gm >= g0) & (gm < g0 + BATCH), other=0.0)
+        gmask = (gm >= g0) & (gm < g0 + BATCH)
+        xt = ttgl.load(ptr, mask=gmask, other=0.0)
+        if PRO > 0:
+            xt = _made(xt, ttgl.load(pro_ptr + gc[None, :] * 128 + kk[:, None], mask=gmask, other=0.0), s_pro, PRO)
     xp = ttgl.where(((kk >> 3) & 1)[:, None] == 1, xt * 0.0625, xt)
     off = ttgl.sum(xp.to(ttgl.float32), axis=0) * 1024.0
     xs = ttgl.sum(xt.to(ttgl.float32), axis=0)
@@ -481,7 +507,7 @@ def _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PST
                 BATCH: ttgl.constexpr, PREFETCH: ttgl.constexpr, LW: ttgl.constexpr, AL: ttgl.constexpr,
                 BL: ttgl.constexpr, MMA: ttgl.constexpr, smem, STAGES: ttgl.constexpr, SSTRIDE: ttgl.constexpr,
                 VL: ttgl.constexpr, XL: ttgl.constexpr, GSC: ttgl.constexpr, bars, WAIT: ttgl.constexpr, lofs,
-                AHEAD: ttgl.constexpr):  # fmt: skip
+                AHEAD: ttgl.constexpr, pro_ptr, s_pro, PRO: ttgl.constexpr):  # fmt: skip
     """A program's ``[BN, 8]`` sums over groups ``g_lo .. g_lo + GS`` (their columns summed by the caller) of the
     view of ``P`` planes (compiled in) or, ``P == 0``, of ``p`` read on the device (whole fields, absent planes
     predicated off). ``STAGES`` > 0 (``P`` > 0): the words stream through a ring of that many groups in shared
@@ -504,12 +530,12 @@ def _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PST
     elif STAGES < 0:
         if WAIT:
             _griddep(True)
-        xnx = _x_halves(x_ptr, g_lo, xofs, xn, xsc)
+        xnx = _x_halves(x_ptr, g_lo, xofs, xn, xsc, pro_ptr, s_pro, PRO)
     elif PREFETCH:
-        nxt = _load_group(w_ptr, x_ptr, vofs, xofs, xn, xsc, g_lo, NB, PSTRIDE, P, p, WAIT)
+        nxt = _load_group(w_ptr, x_ptr, vofs, xofs, xn, xsc, g_lo, NB, PSTRIDE, P, p, WAIT, pro_ptr, s_pro, PRO)
         if PREFETCH >= 2:
             g1 = ttgl.minimum(g_lo + 1, g_last)
-            nxt2 = _load_group(w_ptr, x_ptr, vofs, xofs, xn, xsc, g1, NB, PSTRIDE, P, p, False)
+            nxt2 = _load_group(w_ptr, x_ptr, vofs, xofs, xn, xsc, g1, NB, PSTRIDE, P, p, False, pro_ptr, s_pro, PRO)
     elif WAIT:
         _griddep(True)
     for g0 in range(g_lo, g_lo + GS, BATCH):
@@ -529,7 +555,7 @@ def _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PST
                 f1 = f0
                 if P > 4:
                     f1 = _smem_field(smem, (j % STAGES) * SSTRIDE, 1, 4, P - 4, VL)
-                cur = (f0, f1, _x_halves(x_ptr, g0 + i, xofs, xn, xsc))
+                cur = (f0, f1, _x_halves(x_ptr, g0 + i, xofs, xn, xsc, pro_ptr, s_pro, PRO))
             elif STAGES < 0:
                 j = g0 + i - g_lo
                 if STAGES == -2:  # this group's planes have landed
@@ -539,18 +565,20 @@ def _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PST
                 if P > 4:
                     f1 = _smem_field(smem, j, GSC, 4, P - 4, VL)
                 cur = (f0, f1, xnx)
-                xnx = _x_halves(x_ptr, ttgl.minimum(g0 + i + 1, g_last), xofs, xn, xsc)
+                xnx = _x_halves(x_ptr, ttgl.minimum(g0 + i + 1, g_last), xofs, xn, xsc, pro_ptr, s_pro, PRO)
             elif PREFETCH >= 2:  # two groups in flight under this one's decode
                 cur = nxt
                 nxt = nxt2
                 g2 = ttgl.minimum(g0 + i + 2, g_last)
-                nxt2 = _load_group(w_ptr, x_ptr, vofs, xofs, xn, xsc, g2, NB, PSTRIDE, P, p, False)
+                nxt2 = _load_group(w_ptr, x_ptr, vofs, xofs, xn, xsc, g2, NB, PSTRIDE, P, p, False, pro_ptr, s_pro, PRO)
             elif PREFETCH:
                 cur = nxt
                 g1 = ttgl.minimum(g0 + i + 1, g_last)
-                nxt = _load_group(w_ptr, x_ptr, vofs, xofs, xn, xsc, g1, NB, PSTRIDE, P, p, False)
+                nxt = _load_group(w_ptr, x_ptr, vofs, xofs, xn, xsc, g1, NB, PSTRIDE, P, p, False, pro_ptr, s_pro, PRO)
             else:
-                cur = _load_group(w_ptr, x_ptr, vofs, xofs, xn, xsc, g0 + i, NB, PSTRIDE, P, p, False)
+                cur = _load_group(
+                    w_ptr, x_ptr, vofs, xofs, xn, xsc, g0 + i, NB, PSTRIDE, P, p, False, pro_ptr, s_pro, PRO
+                )
             xb = _b_operand(cur[2], BL)  # x' in column (g0 + i) % 8 only
             if P == 0:
                 acc = mma_v2(_field_operand(cur[0], 4, LW, AL), xb, acc)
@@ -569,7 +597,7 @@ def _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PST
             cm = (gcol >= g0) & (gcol < g0 + BATCH)
             sc = ttgl.load(s_ptr + ro[:, None] * G + gcol[None, :], mask=cm[None, :], other=0.0).to(ttgl.float32)
             zp = ttgl.load(z_ptr + ro[:, None] * G + gcol[None, :], mask=cm[None, :], other=0.0).to(ttgl.float32)
-        off, xs = _group_sums(x_ptr, c0, g0, BATCH, XL, MMA)
+        off, xs = _group_sums(x_ptr, c0, g0, BATCH, XL, MMA, pro_ptr, s_pro, PRO)
         off = off[None, :]
         if P == 0:
             c = (acc - off) * w0
@@ -595,10 +623,14 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
                      VIEWS: ttgl.constexpr, w_desc, BULK_GS: ttgl.constexpr, BULK_PP: ttgl.constexpr,
                      PUBLIC: ttgl.constexpr, PDL: ttgl.constexpr, EARLY: ttgl.constexpr,
                      AHEAD: ttgl.constexpr, r_b1_ptr, r_w2_ptr, r_b2_ptr, RS: ttgl.constexpr, RBLK: ttgl.constexpr,
-                     RH: ttgl.constexpr, RHP: ttgl.constexpr, RADJ: ttgl.constexpr):  # fmt: skip
+                     RH: ttgl.constexpr, RHP: ttgl.constexpr, RADJ: ttgl.constexpr, pro_ptr, eps,
+                     PRO: ttgl.constexpr):  # fmt: skip
     # PDL: launched with programmatic dependent launch (SmallConfig.pdl): the next kernel may start its programs now;
     # a view on the device awaits the kernel before at once (it may have written k), a view compiled in once its
     # first words are asked for (_view_total), before any activation is read
+    # PRO (a prologue, not with PDL): x is the input of what makes the layer's input, made as the activations are
+    # loaded (_made): 1, an RMS norm (its weight at pro_ptr; every program first sums the squares of the whole row,
+    # 8-28 KiB from L2, after its first weights are asked for); 2, a gated product (x the gate, pro_ptr the up)
     # EARLY (P == -1): the program's first EARLY groups of the PMIN planes every body reads are asked of L2 before
     # the view is read or counted, and before the wait of PDL (the weights' first loads then wait on L2, not memory)
     # AHEAD: at each group, the planes of the group AHEAD later asked of L2 (views compiled in, span bodies included)
@@ -680,6 +712,16 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
         _griddep(False)
         if P <= 0:
             _griddep(True)
+    s_pro = 1.0
+    if PRO == 1:  # the RMS norm's scale of the row: rsqrt(mean(x^2) + eps), in fp32 as the model's norm
+        KL: ttgl.constexpr = ttgl.BlockedLayout(size_per_thread=[8], threads_per_warp=[32], warps_per_cta=[4],
+                                                order=[0])  # fmt: skip
+        ko = ttgl.arange(0, 1024, layout=KL)
+        sq = ttgl.zeros([1024], ttgl.float32, KL)
+        for c in range(0, G * 128, 1024):
+            xk = ttgl.load(x_ptr + c + ko).to(ttgl.float32)
+            sq += xk * xk
+        s_pro = ttgl.rsqrt(ttgl.sum(sq, axis=0) / (G * 128) + eps)
     if P == -1:  # the view read on the device, one compiled body per view from PMIN planes up
         if KMODE == 0:  # p_ptr holds the view's planes
             p = ttgl.load(p_ptr)
@@ -711,7 +753,8 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
                 total = _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PSTRIDE, G,
                                     g_lo, GS, q, 1.0 / (1 << SHQ), 1.0 * (1 << SHQ), ((1 << SHQ) - 1) / 2, q,
                                     (1 << (q + 4)) / 256, (1 << (q + 4)) / 4096, BN, BATCH, PREFETCH, LW, AL, BL, MMA,
-                                    smem, STAGES, SSTRIDE, VL, XL, BULK_GS, bars, False, lofs, AHEAD)  # fmt: skip
+                                    smem, STAGES, SSTRIDE, VL, XL, BULK_GS, bars, False, lofs, AHEAD, pro_ptr, s_pro,
+                                    PRO)  # fmt: skip
     else:
         if P == 0:
             p = ttgl.load(p_ptr)
@@ -729,7 +772,7 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
             hkr = HK
         total = _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PSTRIDE, G, g_lo, GS,
                             p, multr, zmr, hkr, P, W0, W1, BN, BATCH, PREFETCH, LW, AL, BL, MMA, smem, STAGES, SSTRIDE,
-                            VL, XL, BULK_GS, bars, PDL and P > 0, lofs, AHEAD)  # fmt: skip
+                            VL, XL, BULK_GS, bars, PDL and P > 0, lofs, AHEAD, pro_ptr, s_pro, PRO)  # fmt: skip
     y = ttgl.sum(total, axis=1)
     if OUT_MODE == 2:
         ns = ttgl.num_programs(1)
@@ -758,7 +801,7 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
 def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_GROUPS, prefetch=False,
                  dispatch=None, stages=0, b0=None, n_out=None, bias=None, out_mode=0, part=None,
                  locks=None, views=None, routed=None, dispatch_to=None, pdl=False, seg_starts=(),
-                 early=0, ahead=0):  # fmt: skip
+                 early=0, ahead=0, prologue=None):  # fmt: skip
     """``planes``: an int (the view, compiled in), None (every plane of the pack) or an int32 device tensor of one
     element (the view read by the kernel; ``scale``/``zero`` then ``[planes of the pack, N, G]``, view ``p`` at
     ``p - 1``). ``dispatch``, with a device view: None decodes whole fields with the absent planes predicated off;
@@ -777,7 +820,9 @@ def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_
     returned keywords). ``early``, with a dispatched device view: the program's first ``early`` groups (at most its
     groups) of the planes every body reads asked of L2 before the view is read (``SmallConfig.fragment_early_l2``).
     ``ahead``: at each group the planes of the group that many later asked of L2 (``SmallConfig.fragment_ahead``; a
-    view compiled in or a dispatched device view's bodies, words through registers)."""
+    view compiled in or a dispatched device view's bodies, words through registers). ``prologue``: ``x`` is the
+    input of what makes the layer's input, made by the kernel as it loads it: ``("rms_norm", weight, eps)`` or
+    ``("silu_mul", up)`` (``triton_bitplane.bitplane_linear_bits``); not with ``pdl``."""
     n, g = words.shape[2] * BLOCK_N, x.numel() // GROUP
     if x.dtype != torch.float16 or not x.is_contiguous() or g * GROUP != x.numel() or g != words.shape[1]:
         raise ValueError(f"x must be {words.shape[1] * GROUP} contiguous fp16 activations, got {x.dtype} "
@@ -870,7 +915,24 @@ def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_
         raise ValueError(f"ahead={ahead}: groups asked of L2 ahead of the decode, for words through registers "
                          "(stages 0) of a view compiled in or dispatched")  # fmt: skip
     kw.update(AHEAD=min(ahead, g // splits - 1) if ahead else 0)
+    kw.update(_prologue_kw(prologue, x, pdl))
     return args, dict(kw, num_warps=4, **({"launch_pdl": True} if pdl else {}))
+
+
+def _prologue_kw(prologue, x: torch.Tensor, pdl: bool) -> dict:
+    """The kernel's ``pro_ptr``, ``eps`` and ``PRO`` for ``prologue`` (:func:`_launch_args`), checked."""
+    if prologue is None:
+        return dict(pro_ptr=x, eps=0.0, PRO=0)
+    if pdl:
+        raise ValueError("a prologue reads the activations before the wait that programmatic dependent launch needs")
+    kind, operand = prologue[0], prologue[1]
+    if not (torch.is_tensor(operand) and operand.dtype == torch.float16 and operand.numel() == x.numel()):
+        raise ValueError(f"a {kind} in the fragment launch: its operand must be {x.numel()} fp16 values")
+    if kind == "rms_norm" and len(prologue) == 3 and float(prologue[2]) > 0:
+        return dict(pro_ptr=operand.contiguous(), eps=float(prologue[2]), PRO=1)
+    if kind == "silu_mul" and len(prologue) == 2:
+        return dict(pro_ptr=operand.reshape(-1).contiguous(), eps=0.0, PRO=2)
+    raise ValueError(f"prologue must be ('rms_norm', weight, eps > 0) or ('silu_mul', up), got {kind!r}")
 
 
 def split_choices(k: int, batch: int = BATCH_GROUPS, most: int = 16) -> list[int]:
@@ -1058,6 +1120,7 @@ def fragment_linear(
     early_l2: int = 0,
     prefetch: int | None = None,
     ahead: int = 0,
+    prologue=None,
 ) -> torch.Tensor:
     """One token ``x2 [1, in]`` (fp16) -> ``[1, out]`` from a fragment pack: view ``k`` (an int, a one-element int
     tensor on the device, or None with ``routed = (gate values, threshold)`` on the device, counted by the kernel:
@@ -1076,7 +1139,8 @@ def fragment_linear(
     or more (0: never uncapped). ``early_l2``, with a view on the device: its first ``early_l2`` groups of the planes
     every compiled body reads asked of L2 before the view is read or counted (0: none). ``prefetch``: groups whose
     words a program loads into registers ahead of the decode (0-2; None: :func:`launch_config`'s; a capped static view
-    at most 1). ``ahead``: at each group the planes of the group that many later asked of L2 (0: none)."""
+    at most 1). ``ahead``: at each group the planes of the group that many later asked of L2 (0: none).
+    ``prologue``: ``x2`` is the input of what makes the layer's input, made as it is loaded (:func:`_launch_args`)."""
     M, K_IN = x2.shape
     if M != 1 or K_IN != fp.in_features or x2.dtype != torch.float16:
         raise ValueError(f"the fragment kernel takes one fp16 token of {fp.in_features} features, got {x2.dtype} "
@@ -1126,6 +1190,8 @@ def fragment_linear(
 
         _check_pdl(x2.device)
         extra.update(pdl=True)
+    if prologue is not None:
+        extra.update(prologue=prologue)
     if dispatch is not None:
         extra.update(views=fp.planes_of_view, routed=routed, seg_starts=tuple(seg_starts), early=early_l2)
         if span is not None:

@@ -3475,10 +3475,12 @@ def _fragment_wanted(
     return planes > 6 or register_capped(size, planes, cfg.fragment_cap)
 
 
-def _fragment_options(cfg: SmallConfig) -> dict:
+def _fragment_options(cfg: SmallConfig, prologue: tuple | None = None) -> dict:
     """``fragment_linear``'s keywords from ``cfg`` (each launch uses those of its kind: ``cap`` and ``tma`` static
-    views', ``span_uncap`` and ``early_l2`` views' on the device)."""
-    return dict(cap=cfg.fragment_cap, tma=cfg.fragment_tma, pdl=cfg.pdl, span_uncap=cfg.fragment_span_uncap,
+    views', ``span_uncap`` and ``early_l2`` views' on the device); a launch with a ``prologue`` without ``pdl`` (it
+    reads the activations first)."""
+    pdl = cfg.pdl and prologue is None
+    return dict(cap=cfg.fragment_cap, tma=cfg.fragment_tma, pdl=pdl, span_uncap=cfg.fragment_span_uncap,
                 early_l2=cfg.fragment_early_l2, prefetch=cfg.fragment_prefetch, ahead=cfg.fragment_ahead)  # fmt: skip
 
 
@@ -3537,13 +3539,14 @@ def bitplane_linear_bits(
     ksel, k_t, v_t, tau_t, kvals = _bits_k(k, x2, len(bp.slice_bits))
     router = _router_of([k])
     cfg = config or SmallConfig()
-    if router is None and prologue is None and fragment_serves(cfg, bp, ksel, x2, span):
+    if router is None and (prologue is None or ksel) and fragment_serves(cfg, bp, ksel, x2, span):
         from .gluon_fragment import fragment_linear, fragment_of
 
         if kvals:  # the router's gate values (or its partials, finished there): counted by the kernel
             return fragment_linear(x2, fragment_of(bp), None, bias, out, routed=(v_t, tau_t), span=span,
                                    **_fragment_options(cfg))  # fmt: skip
-        return fragment_linear(x2, fragment_of(bp), ksel or k_t, bias, out, span=span, **_fragment_options(cfg))
+        return fragment_linear(x2, fragment_of(bp), ksel or k_t, bias, out, span=span, prologue=prologue,
+                               **_fragment_options(cfg, prologue))  # fmt: skip
     v_t = _made_values(v_t)
     if out is None:
         out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
@@ -3660,10 +3663,11 @@ def bitplane_site_bits(
     ksel, k_t, v_t, _, kvals = resolved[0]
     cfg = config or SmallConfig()
     whole = all(n % 128 == 0 for n in site.outs)  # the pack's rows are then the output columns
-    if ksel and whole and prologue is None and fragment_serves(cfg, bp, ksel, x2):
+    if ksel and whole and fragment_serves(cfg, bp, ksel, x2):
         from .gluon_fragment import fragment_linear, fragment_of  # one static view: the layers as one
 
-        return fragment_linear(x2, fragment_of(bp), ksel, site.bias, out, **_fragment_options(cfg))
+        return fragment_linear(x2, fragment_of(bp), ksel, site.bias, out, prologue=prologue,
+                               **_fragment_options(cfg, prologue))  # fmt: skip
     taus = [r[3] for r in resolved] if kvals else [x2]
     router = _router_of(ks)
     device_view = not ksel and router is None and len(site.outs) <= 3
@@ -3752,12 +3756,12 @@ def takes_prologue(
     x2: torch.Tensor, bp: BitPlanes, k: int, outs: Sequence[int], config: SmallConfig | None = None
 ) -> bool:
     """Whether the one-token launch at the static view ``k`` of ``bp``, a layer (``outs``: its rows) or a site's
-    layers (each one's rows), makes its input from a ``prologue`` itself: a launch the fragment kernel would not
-    serve (it takes none, and is faster where it serves; a site only whole blocks of 128 rows a layer) on
-    whole-K programs."""
+    layers (each one's rows), makes its input from a ``prologue`` itself: on the fragment kernel where it serves the
+    launch (a site only with whole blocks of 128 rows a layer; fp16), else on the one-bit plane kernel's whole-K
+    programs."""
     frag = len(outs) == 1 or all(n % 128 == 0 for n in outs)
     if frag and fragment_serves(config, bp, k, x2):
-        return False
+        return x2.dtype == torch.float16
     return prologue_in_launch(x2, bp, sum(outs), config)
 
 
