@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
@@ -368,7 +369,8 @@ def lean_step(model: nn.Module, enable: bool = True, adds: bool = True, prologue
         if not enable:
             continue
         if lean_reason(mod) is None:
-            dev = next((p.device for p in mod.parameters()), torch.device("cpu"))
+            # a packed model's linears hold buffers, not parameters: the device of either
+            dev = next((t.device for t in itertools.chain(mod.parameters(), mod.buffers())), torch.device("cpu"))
             mod.__class__ = lean_type(type(mod), LeanAttention)
             mod.register_buffer("lean_ticket", torch.zeros((), dtype=torch.int32, device=dev), persistent=False)
             mod.lean_interpret = kernels.interpreting()

@@ -367,3 +367,16 @@ def test_lean_prologues_ride_in_the_launches(monkeypatch):
             each = n_layers * steps
             assert counts.get("site rms_norm") == 2 * each and counts.get("one silu_mul") == each, counts
             assert not {"input_layernorm", "post_attention_layernorm", "mlp.act_fn"} & set(seen), counts
+
+
+def test_lean_ticket_follows_a_packed_model():
+    """A packed model's attention holds buffers, not parameters: its launch ticket is made on their device (on a
+    GPU a ticket left on the CPU fails the launch), here the meta device standing in for one."""
+    from test_fused_inputs import default_layout_model
+
+    q = default_layout_model("site").to("meta")
+    attn = q.model.layers[0].self_attn
+    assert next(attn.parameters(), None) is None  # what the ticket's device cannot be read from
+    assert lean_step(q) == q.config.num_hidden_layers
+    assert attn.lean_ticket.device.type == "meta"
+    lean_step(q, enable=False)
