@@ -181,6 +181,24 @@ def test_lean_step_keeps_the_logits_step_by_step():
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
 
 
+def _logits_each_way(q, k, ids, prefill, spied, ways) -> list[torch.Tensor]:
+    """The packed model ``q``'s step-by-step logits (:func:`_cached_logits`, ``spied``) at the static view ``k`` (None:
+    budget 4.5, where its routers decide), once with ``lean_step(q, **way)`` for each of ``ways``; the model's own
+    forwards put back after."""
+    import mobiquant as mq
+
+    if k is None:
+        mq.set_budget(q, 4.5)
+    else:
+        mq.set_static(q, k)
+    outs = []
+    for way in ways:
+        lean_step(q, **way)
+        outs.append(_cached_logits(q, ids, prefill, 10, spied)[0])
+    lean_step(q, enable=False)
+    return outs
+
+
 @needs_triton
 def test_lean_step_adds_the_residuals_in_the_packed_launches(monkeypatch):
     """A packed tiny LLaMA (fused sites and inputs) decodes one token per step on the one-bit plane kernel: with the
@@ -188,7 +206,6 @@ def test_lean_step_adds_the_residuals_in_the_packed_launches(monkeypatch):
     those of its own forward, static and routed."""
     from test_fused_inputs import default_layout_model  # the tiny LLaMA, default layout, calibrated routers
 
-    import mobiquant as mq
     from mobiquant import kernels
     from mobiquant.patching import fuse_inputs
 
@@ -211,15 +228,7 @@ def test_lean_step_adds_the_residuals_in_the_packed_launches(monkeypatch):
         monkeypatch.setattr(kernels, "bitplane_linear", real)
 
     for k in (2, None):  # a static view, then routers where the tokens decide
-        if k is None:
-            mq.set_budget(q, 4.5)
-        else:
-            mq.set_static(q, k)
-        outs = []
-        for lean in (False, True):
-            lean_step(q, enable=lean)
-            outs.append(_cached_logits(q, ids, 6, 10, spied)[0])
-        lean_step(q, enable=False)
+        outs = _logits_each_way(q, k, ids, 6, spied, [dict(enable=False), dict(enable=True)])
         torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
         # o and down of every layer (q/k/v and gate/up: one site launch each, without a residual)
         assert biased == [True] * 2 * q.config.num_hidden_layers
@@ -314,7 +323,6 @@ def test_lean_prologues_ride_in_the_launches(monkeypatch):
     decide (a routed budget) the norms and products stay as they were (the router launches make what they read)."""
     from test_fused_inputs import default_layout_model  # the tiny LLaMA, default layout, calibrated routers
 
-    import mobiquant as mq
     from mobiquant.kernels import triton_bitplane as tb
     from mobiquant.patching import fuse_inputs
 
@@ -349,15 +357,7 @@ def test_lean_prologues_ride_in_the_launches(monkeypatch):
 
     steps = 3
     for k in (2, None):  # a static view, then routers where the tokens decide
-        if k is None:
-            mq.set_budget(q, 4.5)
-        else:
-            mq.set_static(q, k)
-        outs = []
-        for prologues in (False, True):
-            lean_step(q, prologues=prologues)
-            outs.append(_cached_logits(q, ids, 3, 10, spied)[0])
-        lean_step(q, enable=False)
+        outs = _logits_each_way(q, k, ids, 3, spied, [dict(prologues=False), dict(prologues=True)])
         torch.testing.assert_close(outs[1], outs[0], atol=2e-3, rtol=2e-3)
         counts = {n: seen.count(n) for n in set(seen)}
         if k is None:  # nothing made in a launch; the norms ran as modules
