@@ -380,3 +380,35 @@ def test_lean_ticket_follows_a_packed_model():
     assert lean_step(q) == q.config.num_hidden_layers
     assert attn.lean_ticket.device.type == "meta"
     lean_step(q, enable=False)
+
+
+@needs_triton
+def test_lean_prologues_in_the_compiled_step(monkeypatch):
+    """``cuda_graph='compile'`` (on the CPU compiled, not captured; the launches in the interpreter outside the
+    compiled code): a packed tiny LLaMA at a static view with the prologues in its launches gives the greedy tokens
+    of the lean step without them, its site launches handed their norms (the per-launch decision runs outside the
+    compiled graph)."""
+    from test_fused_inputs import default_layout_model
+
+    import mobiquant as mq
+    from mobiquant.kernels import triton_bitplane as tb
+    from mobiquant.patching import fuse_inputs
+
+    q = default_layout_model("site")
+    fuse_inputs(q)
+    mq.set_static(q, 2)
+    prompt = torch.randint(0, q.config.vocab_size, (1, 4), generator=torch.Generator().manual_seed(8))
+    real = tb.bitplane_site_bits
+    handed: list[bool] = []
+    monkeypatch.setattr(
+        tb, "bitplane_site_bits", lambda *a, **k: handed.append(k.get("prologue") is not None) or real(*a, **k)
+    )
+    tokens, made = [], []
+    for prologues in (False, True):
+        handed.clear()
+        lean_step(q, prologues=prologues)
+        tokens.append(generate(q, prompt, 4, cuda_graph="compile").tokens)
+        made.append(sum(handed))
+    lean_step(q, enable=False)
+    assert torch.equal(tokens[1], tokens[0])
+    assert made[0] == 0 and made[1] > 0, made  # the decode steps' site launches made their norms
