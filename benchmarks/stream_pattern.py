@@ -203,8 +203,8 @@ def _proto(x_ptr, y_ptr, o_ptr, part_ptr, lock_ptr, N, w_ptr, wdesc, sz_ptr, SZS
                 T0, T1 = _fields_pre(T0, T1, xp_ptr, (g * GW + wcol) * 16, w0, w1, w2, w3, w4, w5, w6, w7, P, ASM)
                 xs = tl.zeros((1, GW), dtype=tl.float32) + tl.load(xs_ptr + g) / GW
             else:
-                T0, T1, xs = tb._bits_fields(T0, T1, xs, x_ptr, (g * GW + wcol) * 16, K_IN, w0, w1, w2, w3, w4, w5,
-                                             w6, w7, P, XE, ASM, True)  # fmt: skip
+                T0, T1, xs, _ = tb._bits_fields(T0, T1, xs, xs, x_ptr, x_ptr, (g * GW + wcol) * 16, K_IN, w0, w1,
+                                                w2, w3, w4, w5, w6, w7, P, XE, ASM, True, 0)  # fmt: skip
             sz0, sz1 = tb._bits_load_sz(sz_ptr, gg, rows2, wcol, SZSTRIDE, NPAD2, True)
             acc0, acc1 = tb._bits_apply(acc0, acc1, T0, T1, xs, sz0, sz1, mult, hk)
         rows_o = t * BN2 + rp

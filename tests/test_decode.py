@@ -833,7 +833,9 @@ def test_compiled_cpu_step_traces_the_int4_views(prompt, monkeypatch, budget):
     monkeypatch.setattr(
         MoBiLinear,
         "_forward_opaque",
-        torch.compiler.disable(lambda self, x, residual=None: calls.append(1) or real(self, x, residual)),
+        torch.compiler.disable(
+            lambda self, x, residual=None, prologue=None: calls.append(1) or real(self, x, residual, prologue)
+        ),
     )
     g = generate(model, prompt, 6, budget=budget, cuda_graph="compile")
     assert g.graph == "compile" and g.timed_tokens == 3
