@@ -17,6 +17,7 @@ import torch
 
 from mobiquant import MoBiLinear
 from mobiquant.kernels import available, bitplane_linear, dequantize_reference, torch_reference
+from mobiquant.nn.fused import rms_norm
 from mobiquant.quant.packing import pack_codes
 
 triton = pytest.importorskip(
@@ -629,13 +630,6 @@ def test_site_bits_kernel(cfg, per_view, gen, monkeypatch):
         check_site(tb.bitplane_site_bits(x, site, ks, out=out, config=cfg), views)
 
 
-def _rms(x, weight, eps):
-    """The model's RMS norm (LLaMA's arithmetic: fp32 mean of squares, the row rounded to its dtype, times weight)."""
-    h = x.float()
-    h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    return weight * h
-
-
 @pytest.mark.parametrize("n_in", [192, 576])
 def test_prologues_in_the_launch(n_in, gen, monkeypatch):
     """``prologue``: the launch takes what makes its input and makes it itself (whole-K programs, each reading the
@@ -663,10 +657,10 @@ def test_prologues_in_the_launch(n_in, gen, monkeypatch):
     monkeypatch.setattr(tb, "_host_k_range", lambda k_t: None)  # as on a GPU: a k tensor's view unknown here
     for k in (1, 4, torch.tensor([2], device=DEVICE)):
         for pro in (rms, silu):
-            made = _rms(x, weight, 1e-5) if pro is rms else torch.nn.functional.silu(x) * up
+            made = rms_norm(x, weight, 1e-5) if pro is rms else torch.nn.functional.silu(x) * up
             ref = tb.bitplane_linear_bits(made, bps[0], k, config=whole)
             close(tb.bitplane_linear_bits(x, bps[0], k, config=whole, prologue=pro), ref, (k, pro[0]))
-        ref = tb.bitplane_site_bits(_rms(x, weight, 1e-5), site, [k] * 3, config=whole)
+        ref = tb.bitplane_site_bits(rms_norm(x, weight, 1e-5), site, [k] * 3, config=whole)
         close(tb.bitplane_site_bits(x, site, [k] * 3, config=whole, prologue=rms), ref, (k, "site"))
     with pytest.raises(ValueError, match="needs whole-K programs"):
         tb.bitplane_linear_bits(x, bps[0], 2, config=tb.SmallConfig(whole_k=False), prologue=rms)

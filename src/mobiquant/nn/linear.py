@@ -446,11 +446,12 @@ class MoBiLinear(nn.Module):
     def _forward_opaque(
         self, x: torch.Tensor, residual: torch.Tensor | None = None, prologue: Any = None
     ) -> torch.Tensor:
-        if prologue is not None and not (self.packed and self.weight_override is None):
-            x, prologue = made_input(x, prologue), None
         router = self._router
-        if router is not None and router.has_borrowers and self.router_home:
-            router.see_home(x if prologue is None else made_input(x, prologue))
+        home = router is not None and router.has_borrowers and self.router_home
+        if prologue is not None and (home or not self.packed or self.weight_override is not None):
+            x, prologue = made_input(x, prologue), None  # the input made here, once: no launch makes it
+        if home:
+            router.see_home(x)  # type: ignore[union-attr]
         if self.weight_override is not None:
             y = F.linear(x, self.weight_override().to(x.dtype), self.bias)
         elif self.packed:
