@@ -147,8 +147,8 @@ def test_fused_input_rejects_operands_that_do_not_fit():
     router = router_weights(64, torch.Generator().manual_seed(0))
     tau = torch.zeros(1, device=DEVICE)
     for prologue, match in [
-        (("rms_norm", w, 1e-5), "norm weight"),
-        (("silu_mul", torch.ones(1, 48, device=DEVICE)), "up rows"),
+        (("rms_norm", w, 1e-5), r"norm weight must be \[64\]"),
+        (("silu_mul", torch.ones(1, 48, device=DEVICE)), r"up rows must match the gate's \(1, 64\)"),
         (("gelu_mul", x), "prologue 'gelu_mul' is not one of"),
     ]:
         with pytest.raises(ValueError, match=match):

@@ -335,13 +335,17 @@ def test_prologue_launch_args():
     _, kw = gf._launch_args(words, sc, sc, x, out, planes=4)
     assert kw["PRO"] == 0 and kw["pro_ptr"] is x
     _, kw = gf._launch_args(words, sc, sc, x, out, planes=4, prologue=("rms_norm", w, 1e-6))
-    assert kw["PRO"] == 1 and kw["pro_ptr"] is w and kw["eps"] == 1e-6
+    assert kw["PRO"] == 1 and kw["pro_ptr"].data_ptr() == w.data_ptr() and kw["eps"] == 1e-6
     _, kw = gf._launch_args(words, sc, sc, x, out, planes=4, prologue=("silu_mul", w[None]))
     assert kw["PRO"] == 2 and kw["pro_ptr"].data_ptr() == w.data_ptr()
-    with pytest.raises(ValueError, match="operand must be 4096 fp16 values"):
+    with pytest.raises(ValueError, match="operand must be fp16, got torch.float32"):
         gf._launch_args(words, sc, sc, x, out, planes=4, prologue=("rms_norm", w.float(), 1e-6))
-    with pytest.raises(ValueError, match="prologue must be"):
+    with pytest.raises(ValueError, match="eps must be positive"):
         gf._launch_args(words, sc, sc, x, out, planes=4, prologue=("rms_norm", w, 0.0))
+    with pytest.raises(ValueError, match=r"norm weight must be \[4096\]"):
+        gf._launch_args(words, sc, sc, x, out, planes=4, prologue=("rms_norm", w[:-1], 1e-6))
+    with pytest.raises(ValueError, match="prologue must be"):
+        gf._launch_args(words, sc, sc, x, out, planes=4, prologue=("silu_mul", w, 1e-6))
     with pytest.raises(ValueError, match="before the wait"):
         gf._launch_args(words, sc, sc, x, out, planes=4, pdl=True, prologue=("silu_mul", w))
 

@@ -664,11 +664,11 @@ def test_prologues_in_the_launch(n_in, gen, monkeypatch):
         close(tb.bitplane_site_bits(x, site, [k] * 3, config=whole, prologue=rms), ref, (k, "site"))
     with pytest.raises(ValueError, match="needs whole-K programs"):
         tb.bitplane_linear_bits(x, bps[0], 2, config=tb.SmallConfig(whole_k=False), prologue=rms)
-    with pytest.raises(ValueError, match=r"its weight must be \["):
+    with pytest.raises(ValueError, match=rf"its norm weight must be \[{n_in}\]"):
         tb.bitplane_linear_bits(x, bps[0], 2, config=whole, prologue=("rms_norm", weight[:-1], 1e-5))
     with pytest.raises(ValueError, match="eps must be positive"):
         tb.bitplane_linear_bits(x, bps[0], 2, config=whole, prologue=("rms_norm", weight, 0.0))
-    with pytest.raises(ValueError, match="up must be"):
+    with pytest.raises(ValueError, match="up rows must match"):
         tb.bitplane_linear_bits(x, bps[0], 2, config=whole, prologue=("silu_mul", up[:, :-1]))
     with pytest.raises(ValueError, match="prologue must be"):
         tb.bitplane_linear_bits(x, bps[0], 2, config=whole, prologue=("gelu", up))

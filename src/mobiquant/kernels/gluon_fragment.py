@@ -46,7 +46,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
 from .triton_bitplane import BIG_FRAGMENT_LAUNCH, planes_of_views, register_capped
-from .triton_router import RouterPartials
+from .triton_router import RouterPartials, prologue_operand
 
 #: a barrier of the CTA's threads: ``thread_barrier`` in triton 3.6, ``barrier`` since
 _cta_barrier = getattr(ttgl, "thread_barrier", None) or ttgl.barrier
@@ -920,19 +920,16 @@ def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_
 
 
 def _prologue_kw(prologue, x: torch.Tensor, pdl: bool) -> dict:
-    """The kernel's ``pro_ptr``, ``eps`` and ``PRO`` for ``prologue`` (:func:`_launch_args`), checked."""
+    """The kernel's ``pro_ptr``, ``eps`` and ``PRO`` for ``prologue`` (:func:`_launch_args`), checked
+    (:func:`~mobiquant.kernels.triton_router.prologue_operand`; the operand also fp16)."""
     if prologue is None:
         return dict(pro_ptr=x, eps=0.0, PRO=0)
     if pdl:
         raise ValueError("a prologue reads the activations before the wait that programmatic dependent launch needs")
-    kind, operand = prologue[0], prologue[1]
-    if not (torch.is_tensor(operand) and operand.dtype == torch.float16 and operand.numel() == x.numel()):
-        raise ValueError(f"a {kind} in the fragment launch: its operand must be {x.numel()} fp16 values")
-    if kind == "rms_norm" and len(prologue) == 3 and float(prologue[2]) > 0:
-        return dict(pro_ptr=operand.contiguous(), eps=float(prologue[2]), PRO=1)
-    if kind == "silu_mul" and len(prologue) == 2:
-        return dict(pro_ptr=operand.reshape(-1).contiguous(), eps=0.0, PRO=2)
-    raise ValueError(f"prologue must be ('rms_norm', weight, eps > 0) or ('silu_mul', up), got {kind!r}")
+    operand, eps, code = prologue_operand(prologue, x)
+    if operand.dtype != torch.float16:
+        raise ValueError(f"a {prologue[0]} in the fragment launch: its operand must be fp16, got {operand.dtype}")
+    return dict(pro_ptr=operand.reshape(-1).contiguous(), eps=eps, PRO=code)
 
 
 def split_choices(k: int, batch: int = BATCH_GROUPS, most: int = 16) -> list[int]:

@@ -71,6 +71,7 @@ import triton.language as tl
 
 from . import capturing, int4
 from .triton_router import (
+    PROLOGUES,
     RouterPartials,
     _check_pdl,
     _interpreting,
@@ -79,6 +80,7 @@ from .triton_router import (
     _prefetch_l2,
     _router_part,
     _router_values,
+    prologue_operand,
 )
 
 MAX_SLICES = 8
@@ -3724,21 +3726,12 @@ def _bits_grid(cfg: SmallConfig, bp: BitPlanes, rows: int, router: bool) -> tupl
 
 
 def _prologue_args(prologue: tuple, x2: torch.Tensor) -> tuple[torch.Tensor, float, int]:
-    """The kernel's ``pro_ptr``, ``eps`` and ``PRO`` for ``prologue`` (:func:`bitplane_linear_bits`), checked."""
-    k_in = x2.shape[1]
-    if prologue[0] == "rms_norm" and len(prologue) == 3:
-        _, weight, eps = prologue
-        if not (torch.is_tensor(weight) and weight.dim() == 1 and weight.numel() == k_in):
-            raise ValueError(f"an RMS norm in the launch: its weight must be [{k_in}], got {tuple(weight.shape)}")
-        if not float(eps) > 0:
-            raise ValueError(f"an RMS norm in the launch: eps must be positive, got {eps}")
-        return weight.contiguous(), float(eps), 1
-    if prologue[0] == "silu_mul" and len(prologue) == 2:
-        up = prologue[1]
-        if not (torch.is_tensor(up) and up.numel() == k_in and up.dtype == x2.dtype):
-            raise ValueError(f"a gated product in the launch: up must be {k_in} values of {x2.dtype}")
-        return up.reshape(k_in).contiguous(), 0.0, 2
-    raise ValueError(f"prologue must be ('rms_norm', weight, eps) or ('silu_mul', up), got {prologue[0]!r}")
+    """The kernel's ``pro_ptr``, ``eps`` and ``PRO`` for ``prologue`` (:func:`bitplane_linear_bits`), checked
+    (:func:`~mobiquant.kernels.triton_router.prologue_operand`; the up rows also in the token's dtype)."""
+    operand, eps, code = prologue_operand(prologue, x2)
+    if code == PROLOGUES["silu_mul"] and operand.dtype != x2.dtype:
+        raise ValueError(f"a gated product in the launch: its up rows must be {x2.dtype}, got {operand.dtype}")
+    return operand.reshape(-1 if code == PROLOGUES["silu_mul"] else x2.shape[1]).contiguous(), eps, code
 
 
 def prologue_in_launch(x2: torch.Tensor, bp: BitPlanes, rows: int, config: SmallConfig | None = None) -> bool:

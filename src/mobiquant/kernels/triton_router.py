@@ -491,6 +491,36 @@ def _locks(device: torch.device, n: int) -> torch.Tensor:
 PROLOGUES = {"rms_norm": 1, "silu_mul": 2}
 
 
+def prologue_operand(prologue: tuple, x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    """The operand (the norm's weight ``[d]``, or the up rows as given), epsilon and code (:data:`PROLOGUES`) that
+    a launch reading tokens ``x`` ``[..., d]`` needs to make its input by ``prologue`` itself, checked: what does
+    not fit is refused with what was wrong and what is allowed. Every kernel with a prologue asks this."""
+    d = x.shape[-1]
+    kind = prologue[0] if isinstance(prologue, tuple) and prologue else None
+    if kind not in PROLOGUES or len(prologue) != (3 if kind == "rms_norm" else 2):
+        raise ValueError(
+            f"prologue {kind!r} is not one of {sorted(PROLOGUES)}: a prologue must be ('rms_norm', weight, eps > 0) "
+            "or ('silu_mul', up)"
+        )
+    if kind == "rms_norm":
+        _, weight, eps = prologue
+        if not (torch.is_tensor(weight) and weight.shape == (d,) and weight.device == x.device):
+            got = f"{tuple(weight.shape)} on {weight.device}" if torch.is_tensor(weight) else type(weight).__name__
+            raise ValueError(f"an RMS norm in the launch: its norm weight must be [{d}] on {x.device}, got {got}")
+        if not float(eps) > 0:
+            raise ValueError(f"an RMS norm in the launch: eps must be positive, got {eps}")
+        return weight.contiguous(), float(eps), PROLOGUES[kind]
+    up = prologue[1]
+    if not (torch.is_tensor(up) and up.numel() == x.numel() and up.shape[-1:] == x.shape[-1:]
+            and up.device == x.device):  # fmt: skip
+        got = f"{tuple(up.shape)} on {up.device}" if torch.is_tensor(up) else type(up).__name__
+        raise ValueError(
+            f"a gated product in the launch: its up rows must match the gate's {tuple(x.shape)} on {x.device}, "
+            f"got {got}"
+        )
+    return up, 0.0, PROLOGUES[kind]
+
+
 def fused_router(
     x: torch.Tensor,
     w1: torch.Tensor,
@@ -574,23 +604,14 @@ class _Rows:
         if prologue is None:
             self.x2 = x2
             return
-        kind = prologue[0] if prologue else None
-        if kind not in PROLOGUES:
-            raise ValueError(f"prologue {kind!r} is not one of {sorted(PROLOGUES)}")
-        self.pre = PROLOGUES[kind]
-        if kind == "rms_norm":
-            _, weight, eps = prologue
-            if weight.shape != (d,) or weight.device != x.device:
-                raise ValueError(f"norm weight {tuple(weight.shape)} does not fit inputs of width {d}")
-            self.aux, self.eps, out_dtype = weight.contiguous(), float(eps), torch.result_type(weight, x)
+        operand, self.eps, self.pre = prologue_operand(prologue, x)
+        if self.pre == PROLOGUES["rms_norm"]:
+            self.aux, out_dtype = operand, torch.result_type(operand, x)
         else:
-            (_, up) = prologue
-            if up.shape != x.shape or up.device != x.device:
-                raise ValueError(f"up rows {tuple(up.shape)} do not match the gate's {tuple(x.shape)}")
-            u2 = up.reshape(-1, d)
+            u2 = operand.reshape(-1, d)
             if u2.stride() != x2.stride():  # one row stride for both (columns of one site launch share it)
                 x2, u2 = x2.contiguous(), u2.contiguous()
-            self.aux, out_dtype = u2, torch.result_type(x, up)
+            self.aux, out_dtype = u2, torch.result_type(x, operand)
         self.x2 = x2
         self.y = torch.empty(self.M, d, dtype=out_dtype, device=x.device)
 
@@ -801,6 +822,7 @@ def _input_kernel(
 __all__ = [
     "IN_LAUNCH_TILING",
     "PROLOGUES",
+    "prologue_operand",
     "RouterPartials",
     "default_tiling",
     "fused_input",
