@@ -385,7 +385,7 @@ stage() {
       # shellcheck disable=SC2086
       run_stage prologue_tests 600 "$PY" -m pytest -q -p no:cacheprovider ${PROLOGUE_TESTS:-tests/kernels/test_triton_bitplane.py \
         tests/kernels/test_lean_step.py tests/kernels/test_gluon_fragment.py} -k "prologue"
-      package_stage prologue_pkg site --package-lean-step --package-lean-prologues --package-fused-only
+      package_stage prologue_pkg site --package-lean-step --package-lean-prologues --package-fused-only ${PROLOGUE_PDL:+--package-pdl}
       if [ -e "$GGUF" ]; then
         run_stage prologue_e2e 900 "$PY" benchmarks/e2e_decode.py --gguf "$GGUF" --budgets 4 --views 2 \
           --lean-step --lean-prologues --out "$RES/prologue_e2e"

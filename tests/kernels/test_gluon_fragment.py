@@ -303,12 +303,19 @@ _OFFLINE_PROLOGUE = (
     + """
 w = torch.zeros(4096, dtype=torch.float16)
 for name, pro in (("none", None), ("rms_norm", ("rms_norm", w, 1e-5)), ("silu_mul", ("silu_mul", w))):
-    for splits in (1, 4):
-        args, kw = gf._launch_args(words, sc, sc, x, out, splits=splits, planes=4, prefetch=True, prologue=pro)
-        sass, res = osx.sass_and_resources(osx.compile_sm90(gf.frag_gemv_kernel, args, kw, source=GluonASTSource))
+    for splits, pdl in ((1, False), (4, False), (1, True)):
+        args, kw = gf._launch_args(words, sc, sc, x, out, splits=splits, planes=4, prefetch=True, prologue=pro,
+                                   pdl=pdl)
+        ck = osx.compile_sm90(gf.frag_gemv_kernel, args, kw, source=GluonASTSource)
+        sass, res = osx.sass_and_resources(ck)
         ops = [m.group(3) for m in osx.LINE.finditer(sass)]
-        print("RESULT", f"{name}/{splits}", kw["PRO"], re.search(r"STACK:(\\d+)", res).group(1),
-              ops.count("MUFU.RSQ"), ops.count("MUFU.EX2"))
+        ptx = ck.asm["ptx"]
+        # with pdl: where the one wait sits among the loads (the words asked of L2 or loaded before it)
+        wait = ptx.find("griddepcontrol.wait")
+        before = ptx[:wait] if wait >= 0 else ""
+        print("RESULT", f"{name}/{splits}{'/pdl' * pdl}", kw["PRO"], re.search(r"STACK:(\\d+)", res).group(1),
+              ops.count("MUFU.RSQ"), ops.count("MUFU.EX2"), ptx.count("griddepcontrol.wait"),
+              before.count("prefetch.global.L2") + before.count("ld.global"))
 """
 )
 
@@ -316,14 +323,20 @@ for name, pro in (("none", None), ("rms_norm", ("rms_norm", w, 1e-5)), ("silu_mu
 def test_prologues_compile_for_sm90_offline():
     """Compiled for sm_90 without a GPU: the 8B gate/up's static 4-plane view with a prologue (``PRO`` 1, the RMS norm
     before it: one reciprocal square root a program; 2, a gated product: exponentials for the SiLU), one split and
-    four, without spilling; none of it without a prologue. (Run on a GPU: ``test_gpu_prologues``.)"""
+    four, and with programmatic dependent launch, without spilling; none of it without a prologue. With ``pdl`` one
+    wait each, after the program's first weights are asked for (loaded, or asked of L2 before the norm's pass reads
+    the row); without it no wait. (Run on a GPU: ``test_gpu_prologues``.)"""
     got = run_offline(_OFFLINE_PROLOGUE)
-    for splits in (1, 4):
-        none, rms, silu = (got[f"{n}/{splits}"] for n in ("none", "rms_norm", "silu_mul"))
+    for tag in ("1", "4", "1/pdl"):
+        none, rms, silu = (got[f"{n}/{tag}"] for n in ("none", "rms_norm", "silu_mul"))
         assert [none[0], rms[0], silu[0]] == ["0", "1", "2"], got
         assert none[1] == rms[1] == silu[1] == "0", got  # no stack: nothing spilled
         assert none[2] == "0" and int(rms[2]) >= 1 and silu[2] == "0", got
         assert none[3] == rms[3] == "0" and int(silu[3]) >= 1, got
+        waits = [int(r[4]) for r in (none, rms, silu)]
+        assert waits == ([1, 1, 1] if tag.endswith("pdl") else [0, 0, 0]), got
+        if tag.endswith("pdl"):
+            assert all(int(r[5]) >= 4 for r in (none, rms, silu)), got  # the 4 planes' words before the wait
 
 
 def test_prologue_launch_args():
@@ -346,8 +359,8 @@ def test_prologue_launch_args():
         gf._launch_args(words, sc, sc, x, out, planes=4, prologue=("rms_norm", w[:-1], 1e-6))
     with pytest.raises(ValueError, match="prologue must be"):
         gf._launch_args(words, sc, sc, x, out, planes=4, prologue=("silu_mul", w, 1e-6))
-    with pytest.raises(ValueError, match="before the wait"):
-        gf._launch_args(words, sc, sc, x, out, planes=4, pdl=True, prologue=("silu_mul", w))
+    _, kw = gf._launch_args(words, sc, sc, x, out, planes=4, pdl=True, prologue=("silu_mul", w))
+    assert kw["PRO"] == 2 and kw["PDL"] and kw["launch_pdl"]  # the activations are read after the wait
 
 
 def test_router_partials_launch_args():
@@ -656,7 +669,8 @@ def test_gpu_static_and_device_views(n_out, n_in, per_view, gen):
 @pytest.mark.parametrize("n_out,n_in", [(4096, 4096), (1024, 14336)])
 def test_gpu_prologues(n_out, n_in, gen):
     """The fragment kernel with a prologue (the RMS norm before the layer, the gated product) at every static view
-    equals the launch fed the model's own norm or product (LLaMA's rounding), one layer and a site of two."""
+    equals the launch fed the model's own norm or product (LLaMA's rounding), one layer and a site of two; so too
+    launched with programmatic dependent launch (the activations read after its wait)."""
     from mobiquant.nn.fused import made_input
 
     planes, scale, zero = make_layer(n_out, n_in, gen, True, "cuda")
@@ -667,11 +681,12 @@ def test_gpu_prologues(n_out, n_in, gen):
     for pro in (("rms_norm", w, 1e-5), ("silu_mul", up)):
         made = made_input(x, pro)
         for k in range(1, len(SLICES) + 1):
-            kw = dict(path="bits", small_config=cfg)
-            y = tb.bitplane_linear(x, planes, scale, zero, SLICES, 128, k, prologue=pro, **kw)
-            ref = tb.bitplane_linear(made, planes, scale, zero, SLICES, 128, k, **kw)
-            err = ((y.double() - ref.double()).norm() / ref.double().norm()).item()
-            assert err < 2e-3, (pro[0], k, err)
+            ref = tb.bitplane_linear(made, planes, scale, zero, SLICES, 128, k, path="bits", small_config=cfg)
+            for c in (cfg, tb.SmallConfig(fragment=True, pdl=True)):
+                y = tb.bitplane_linear(x, planes, scale, zero, SLICES, 128, k, prologue=pro, path="bits",
+                                       small_config=c)  # fmt: skip
+                err = ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+                assert err < 2e-3, (pro[0], k, c.pdl, err)
     bps = [tb.pack_bitplanes(planes, scale, zero, SLICES, 128, n_in)] * 2
     site = tb.site_bitplanes(bps)
     pro = ("rms_norm", w, 1e-5)

@@ -627,8 +627,9 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
                      PRO: ttgl.constexpr):  # fmt: skip
     # PDL: launched with programmatic dependent launch (SmallConfig.pdl): the next kernel may start its programs now;
     # a view on the device awaits the kernel before at once (it may have written k), a view compiled in once its
-    # first words are asked for (_view_total), before any activation is read
-    # PRO (a prologue, not with PDL): x is the input of what makes the layer's input, made as the activations are
+    # first words are asked for (_view_total), before any activation is read; with an RMS norm in the launch, once
+    # its first group's words are asked of L2 (the norm's pass reads the row first)
+    # PRO (a prologue): x is the input of what makes the layer's input, made as the activations are
     # loaded (_made): 1, an RMS norm (its weight at pro_ptr; every program first sums the squares of the whole row,
     # 8-28 KiB from L2, after its first weights are asked for); 2, a gated product (x the gate, pro_ptr the up)
     # EARLY (P == -1): the program's first EARLY groups of the PMIN planes every body reads are asked of L2 before
@@ -710,7 +711,10 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
             _ask_l2(wl + (g_lo + e // PMIN) * NB * 512 + (e % PMIN) * PSTRIDE)
     if PDL:
         _griddep(False)
-        if P <= 0:
+        if PRO == 1 and P > 0:  # the norm's pass below reads x: the first group's words asked of L2 before the wait
+            for e in ttgl.static_range(P):
+                _ask_l2(w_ptr + g_lo * NB * 512 + lofs + e * PSTRIDE)
+        if P <= 0 or PRO == 1:
             _griddep(True)
     s_pro = 1.0
     if PRO == 1:  # the RMS norm's scale of the row: rsqrt(mean(x^2) + eps), in fp32 as the model's norm
@@ -772,7 +776,8 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
             hkr = HK
         total = _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PSTRIDE, G, g_lo, GS,
                             p, multr, zmr, hkr, P, W0, W1, BN, BATCH, PREFETCH, LW, AL, BL, MMA, smem, STAGES, SSTRIDE,
-                            VL, XL, BULK_GS, bars, PDL and P > 0, lofs, AHEAD, pro_ptr, s_pro, PRO)  # fmt: skip
+                            VL, XL, BULK_GS, bars, PDL and P > 0 and PRO != 1, lofs, AHEAD, pro_ptr, s_pro,
+                            PRO)  # fmt: skip
     y = ttgl.sum(total, axis=1)
     if OUT_MODE == 2:
         ns = ttgl.num_programs(1)
@@ -822,7 +827,7 @@ def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_
     ``ahead``: at each group the planes of the group that many later asked of L2 (``SmallConfig.fragment_ahead``; a
     view compiled in or a dispatched device view's bodies, words through registers). ``prologue``: ``x`` is the
     input of what makes the layer's input, made by the kernel as it loads it: ``("rms_norm", weight, eps)`` or
-    ``("silu_mul", up)`` (``triton_bitplane.bitplane_linear_bits``); not with ``pdl``."""
+    ``("silu_mul", up)`` (``triton_bitplane.bitplane_linear_bits``)."""
     n, g = words.shape[2] * BLOCK_N, x.numel() // GROUP
     if x.dtype != torch.float16 or not x.is_contiguous() or g * GROUP != x.numel() or g != words.shape[1]:
         raise ValueError(f"x must be {words.shape[1] * GROUP} contiguous fp16 activations, got {x.dtype} "
@@ -915,17 +920,15 @@ def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_
         raise ValueError(f"ahead={ahead}: groups asked of L2 ahead of the decode, for words through registers "
                          "(stages 0) of a view compiled in or dispatched")  # fmt: skip
     kw.update(AHEAD=min(ahead, g // splits - 1) if ahead else 0)
-    kw.update(_prologue_kw(prologue, x, pdl))
+    kw.update(_prologue_kw(prologue, x))
     return args, dict(kw, num_warps=4, **({"launch_pdl": True} if pdl else {}))
 
 
-def _prologue_kw(prologue, x: torch.Tensor, pdl: bool) -> dict:
+def _prologue_kw(prologue, x: torch.Tensor) -> dict:
     """The kernel's ``pro_ptr``, ``eps`` and ``PRO`` for ``prologue`` (:func:`_launch_args`), checked
     (:func:`~mobiquant.kernels.triton_router.prologue_operand`; the operand also fp16)."""
     if prologue is None:
         return dict(pro_ptr=x, eps=0.0, PRO=0)
-    if pdl:
-        raise ValueError("a prologue reads the activations before the wait that programmatic dependent launch needs")
     operand, eps, code = prologue_operand(prologue, x)
     if operand.dtype != torch.float16:
         raise ValueError(f"a {prologue[0]} in the fragment launch: its operand must be fp16, got {operand.dtype}")

@@ -3477,12 +3477,10 @@ def _fragment_wanted(
     return planes > 6 or register_capped(size, planes, cfg.fragment_cap)
 
 
-def _fragment_options(cfg: SmallConfig, prologue: tuple | None = None) -> dict:
+def _fragment_options(cfg: SmallConfig) -> dict:
     """``fragment_linear``'s keywords from ``cfg`` (each launch uses those of its kind: ``cap`` and ``tma`` static
-    views', ``span_uncap`` and ``early_l2`` views' on the device); a launch with a ``prologue`` without ``pdl`` (it
-    reads the activations first)."""
-    pdl = cfg.pdl and prologue is None
-    return dict(cap=cfg.fragment_cap, tma=cfg.fragment_tma, pdl=pdl, span_uncap=cfg.fragment_span_uncap,
+    views', ``span_uncap`` and ``early_l2`` views' on the device)."""
+    return dict(cap=cfg.fragment_cap, tma=cfg.fragment_tma, pdl=cfg.pdl, span_uncap=cfg.fragment_span_uncap,
                 early_l2=cfg.fragment_early_l2, prefetch=cfg.fragment_prefetch, ahead=cfg.fragment_ahead)  # fmt: skip
 
 
@@ -3548,7 +3546,7 @@ def bitplane_linear_bits(
             return fragment_linear(x2, fragment_of(bp), None, bias, out, routed=(v_t, tau_t), span=span,
                                    **_fragment_options(cfg))  # fmt: skip
         return fragment_linear(x2, fragment_of(bp), ksel or k_t, bias, out, span=span, prologue=prologue,
-                               **_fragment_options(cfg, prologue))  # fmt: skip
+                               **_fragment_options(cfg))  # fmt: skip
     v_t = _made_values(v_t)
     if out is None:
         out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
@@ -3669,7 +3667,7 @@ def bitplane_site_bits(
         from .gluon_fragment import fragment_linear, fragment_of  # one static view: the layers as one
 
         return fragment_linear(x2, fragment_of(bp), ksel, site.bias, out, prologue=prologue,
-                               **_fragment_options(cfg, prologue))  # fmt: skip
+                               **_fragment_options(cfg))  # fmt: skip
     taus = [r[3] for r in resolved] if kvals else [x2]
     router = _router_of(ks)
     device_view = not ksel and router is None and len(site.outs) <= 3
