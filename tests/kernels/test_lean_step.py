@@ -50,14 +50,19 @@ def _step(B, H, KVH, D, L, pos, masked, dtype=torch.float16, seed=0):
         (1, 9, 3, 64, 100, 37, True),  # SmolLM2's heads
     ],
 )
-@pytest.mark.parametrize("split", [None, 16])
-def test_decode_attention_matches_the_reference(B, H, KVH, D, L, pos, masked, split):
+@pytest.mark.parametrize("split,pdl", [(None, False), (16, False), (None, True), (16, True)])
+def test_decode_attention_matches_the_reference(B, H, KVH, D, L, pos, masked, split, pdl):
     """Output, the written cache slot and the advanced offset equal the PyTorch reference; the ticket is left at 0.
-    With ``split``, the positions split over programs of 16 each and a second launch combining them."""
+    With ``split``, the positions split over programs of 16 each and a second launch combining them; with ``pdl``
+    launched with programmatic dependent launch (on a GPU of compute capability 9.0+; elsewhere the same code
+    without the instructions)."""
+    if pdl and DEV == "cuda" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0+")
     a = _step(B, H, KVH, D, L, pos, masked)
     b = {n: (t.clone() if torch.is_tensor(t) else t) for n, t in a.items()}
     ticket = torch.zeros((), dtype=torch.int32, device=DEV)
     kw = {} if split is None else dict(split_positions=split, block_n=8)
+    kw.update(pdl=pdl)
     got = ta.decode_attention(**a, ticket=ticket, scale=D**-0.5, **kw)
     ref = ta.decode_attention(**b, ticket=None, scale=D**-0.5, backend="torch")
     torch.testing.assert_close(got.float(), ref.float(), atol=2e-3, rtol=2e-3)
@@ -412,3 +417,34 @@ def test_lean_prologues_in_the_compiled_step(monkeypatch):
     lean_step(q, enable=False)
     assert torch.equal(tokens[1], tokens[0])
     assert made[0] == 0 and made[1] > 0, made  # the decode steps' site launches made their norms
+
+
+@needs_triton
+@needs_gpu
+def test_gpu_lean_prologues_with_pdl():
+    """The compiled and captured step of a packed tiny LLaMA at a static view, the prologues in its launches, with
+    every launch of the layers' chain under programmatic dependent launch (``SmallConfig(pdl=True)``: the linears'
+    kernels and, through the o projection's config, the attention's) gives the greedy tokens of the same step
+    without it."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0+")
+    from test_fused_inputs import default_layout_model
+
+    import mobiquant as mq
+    from mobiquant.kernels.triton_bitplane import SmallConfig
+    from mobiquant.patching import fuse_inputs, set_small_config
+
+    q = default_layout_model("site")
+    fuse_inputs(q)
+    mq.set_static(q, 2)
+    prompt = torch.randint(0, q.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(9))
+    tokens = []
+    for pdl in (False, True):
+        set_small_config(q, SmallConfig(pdl=True) if pdl else None)
+        lean_step(q, prologues=True)
+        g = generate(q, prompt, 8, cuda_graph="compile")
+        lean_step(q, enable=False)
+        assert g.graph == "compile", g.graph
+        tokens.append(g.tokens)
+    set_small_config(q, None)
+    assert torch.equal(tokens[1], tokens[0])

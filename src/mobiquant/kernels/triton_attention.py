@@ -18,7 +18,9 @@ same launch. An optional boolean mask ``[B, 1, 1, L]`` (sdpa's; True = attend) i
 are never read. A cache of more than ``split_positions`` positions is split over programs on a second grid axis,
 each storing its partial softmax (running max, sum, weighted values), and a second launch combines them and
 advances the offset (flash-decoding's split; not used by the lean step yet, see :data:`SPLIT_POSITIONS`).
-Self-contained (torch and triton only), like :mod:`.triton_bitplane`.
+With ``pdl`` the launch has the programmatic-dependent-launch attribute: its programs let the next kernel start
+(the o projection's launch then loads its weights while the attention runs), then wait for the kernel before
+them before reading anything. Torch and triton only, with the router module's ``griddepcontrol`` helpers.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .triton_router import _check_pdl, _interpreting, _pdl_launch_dependents, _pdl_wait
 
 #: Cache positions a program reads per step of its loop, and its warps.
 BLOCK_N = 32
@@ -58,7 +62,11 @@ def _decode_attention_kernel(
     L, scale, cos_b,  # cos_b: cos / sin row stride (0: one row for the batch)
     H: tl.constexpr, KVH: tl.constexpr, HALF: tl.constexpr, BN: tl.constexpr, HAS_MASK: tl.constexpr,
     SPLIT: tl.constexpr, CHUNK: tl.constexpr,  # SPLIT: grid axis 1 splits the positions, CHUNK each
+    PDL: tl.constexpr = False, ASM: tl.constexpr = False,  # programmatic dependent launch (ASM: on a GPU)
 ):  # fmt: skip
+    if PDL:  # the next kernel may start now; nothing is read before the kernel before has finished
+        _pdl_launch_dependents(ASM)
+        _pdl_wait(ASM)
     pid = tl.program_id(0)
     sp = tl.program_id(1)
     b = pid // H
@@ -190,6 +198,7 @@ def decode_attention(
     block_n: int = BLOCK_N,
     num_warps: int = NUM_WARPS,
     split_positions: int = SPLIT_POSITIONS,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """One decode step's attention for one layer (module docstring): ``q [B, H*D]``, ``k`` / ``v [B, KVH*D]``
     (this token's projections, before the rotary embedding), ``cos`` / ``sin [B, D]`` (or ``[1, D]`` for every
@@ -198,7 +207,8 @@ def decode_attention(
     ``[B, H*D]`` in ``q``'s dtype. ``backend='torch'``: the same in PyTorch (the tests' reference). ``block_n``
     positions a program reads per step, ``num_warps`` its warps; a cache of more than ``split_positions`` positions
     is split over programs of that many positions each, their partial softmaxes combined by a second launch
-    (``benchmarks/attention_bench.py`` times them)."""
+    (``benchmarks/attention_bench.py`` times them). ``pdl``: launched with programmatic dependent launch (compute
+    capability 9.0+; module docstring)."""
     B, kvh, L, D = keys.shape
     H = q.shape[-1] // D
     why = supported(D, H, kvh)
@@ -226,6 +236,9 @@ def decode_attention(
         return _torch_attention(q, k, v, cos, sin, keys, values, offset, scale, mask)
     if backend != "triton" or ticket is None:
         raise ValueError(f"decode_attention: backend must be 'triton' (with a ticket) or 'torch', got {backend!r}")
+    if pdl:
+        _check_pdl(q.device)
+    asm = not _interpreting()
     out = torch.empty_like(q)
     chunk = -(-split_positions // block_n) * block_n  # whole steps of the loop
     splits = -(-L // chunk) if L > chunk else 1
@@ -234,7 +247,8 @@ def decode_attention(
         q.contiguous(), k.contiguous(), v.contiguous(), cos.reshape(rows, D).contiguous(),
         sin.reshape(rows, D).contiguous(), keys, values, offset, ticket, m if m is not None else q, out, part,
         L, float(scale), 0 if rows == 1 else D, H=H, KVH=kvh, HALF=D // 2, BN=block_n, HAS_MASK=m is not None,
-        SPLIT=splits > 1, CHUNK=chunk, num_warps=num_warps,
+        SPLIT=splits > 1, CHUNK=chunk, PDL=pdl, ASM=asm and pdl, num_warps=num_warps,
+        **({"launch_pdl": True} if pdl and asm else {}),
     )  # fmt: skip
     if splits > 1:
         _combine_kernel[(B * H,)](part, out, offset, ticket, splits, HALF=D // 2, SP=triton.next_power_of_2(splits))

@@ -85,8 +85,11 @@ def lean_reason(module: torch.nn.Module) -> str | None:
 def _attend(module: Any, q, k, v, cos, sin, layer: Any, mask) -> torch.Tensor:
     from ..kernels.triton_attention import decode_attention
 
+    # with programmatic dependent launch where the o projection's launch has it (SmallConfig.pdl): it then loads
+    # its weights while the attention runs
+    pdl = bool(getattr(getattr(module.o_proj, "small_config", None), "pdl", False)) and q.is_cuda
     return decode_attention(q, k, v, cos, sin, layer.keys, layer.values, layer.cumulative_length,
-                            module.lean_ticket, module.scaling, mask)  # fmt: skip
+                            module.lean_ticket, module.scaling, mask, pdl=pdl)  # fmt: skip
 
 
 class LeanAttention:
