@@ -388,7 +388,7 @@ stage() {
       package_stage prologue_pkg site --package-lean-step --package-lean-prologues --package-fused-only ${PROLOGUE_PDL:+--package-pdl}
       if [ -e "$GGUF" ]; then
         run_stage prologue_e2e 900 "$PY" benchmarks/e2e_decode.py --gguf "$GGUF" --budgets 4 --views 2 \
-          --lean-step --lean-prologues --out "$RES/prologue_e2e"
+          --lean-step --lean-prologues ${PROLOGUE_PDL:+--lean-pdl} --out "$RES/prologue_e2e"
       fi ;;
     block)
       package_stage loads_block block --package-lean-step --package-fused-only

@@ -145,6 +145,12 @@ def parse_args(argv=None):
         "gated products made in the launches they feed where those can (patching.lean_step(prologues=True))",
     )
     ap.add_argument(
+        "--lean-pdl",
+        action="store_true",
+        help="with --lean-prologues, also those rows with every launch of the layers' chain under programmatic "
+        "dependent launch (SmallConfig(pdl=True); the attention's launch too)",
+    )
+    ap.add_argument(
         "--per-linear",
         action="store_true",
         help="every quantized row with one launch per linear (by default the linears of a router site share one)",
@@ -328,6 +334,11 @@ def run_rows(args, fp, q, tok, device):
         cases += [dict(base, **c, fuse_inputs=True, lean=True) for c in (fp_case, *pair)]
     if args.lean_prologues:  # ... and norms and products in the launches they feed (the quantized rows only)
         cases += [dict(base, **c, fuse_inputs=True, lean=True, prologues=True) for c in pair]
+        if args.lean_pdl:
+            from mobiquant.kernels.triton_bitplane import SmallConfig
+
+            pdl = SmallConfig(pdl=True)
+            cases += [dict(base, **c, cfg=pdl, fuse_inputs=True, lean=True, prologues=True) for c in pair]
     from mobiquant.patching import fuse_inputs, fuse_sites, lean_step, set_small_config
 
     real_routed_k = mq.MoBiLinear._routed_k
@@ -360,6 +371,8 @@ def run_rows(args, fp, q, tok, device):
                 set_small_config(model, None)
         if c["cfg"] is None:
             tag = ""
+        elif c["cfg"].pdl and not args.bits_configs:
+            tag = " [pdl]"
         elif c["cfg"].router_in_launch:
             tag = " [router in launch]"
         else:
