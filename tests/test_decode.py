@@ -733,8 +733,6 @@ def test_task_decode_rejects_bad_settings(tmp_path):
     ]:
         with pytest.raises(ValueError, match=match):
             decode.run(decode_cfg(tmp_path, override))
-    with pytest.raises(ValueError, match="decode.lean_prologues=true needs decode.lean_step=true"):
-        decode.run(decode_cfg(tmp_path, "decode.lean_step=false", "decode.lean_prologues=true"))
 
 
 def test_task_decode_kernel_settings_reach_the_quantized_model(tmp_path, monkeypatch):
@@ -755,8 +753,11 @@ def test_task_decode_kernel_settings_reach_the_quantized_model(tmp_path, monkeyp
     decode.run(decode_cfg(tmp_path / "lean", "decode.lean_step=false", "decode.budgets=[3]"))
     assert leans == [(False, False)] * 2  # the fp row and the quantized one (true by default)
     leans.clear()
-    decode.run(decode_cfg(tmp_path / "prologues", "decode.lean_prologues=true", "decode.budgets=[3]"))
-    assert leans == [(True, True)] * 2
+    decode.run(decode_cfg(tmp_path / "prologues", "decode.budgets=[3]"))
+    assert leans == [(True, True)] * 2  # on by default with the lean step
+    leans.clear()
+    decode.run(decode_cfg(tmp_path / "no_prologues", "decode.lean_prologues=false", "decode.budgets=[3]"))
+    assert leans == [(True, False)] * 2
     df = pd.read_csv(tmp_path / "run" / "decode.csv")
     assert df["method"].tolist() == ["fp", "mobiquant"]
     assert df["kernels"].fillna("").tolist() == ["", "pdl=True,num_warps=8"]

@@ -649,6 +649,10 @@ def test_prologues_in_the_launch(n_in, gen, monkeypatch):
     assert tb.prologue_in_launch(x, bps[0], 200, whole)
     assert not tb.prologue_in_launch(x, bps[0], 200, tb.SmallConfig(whole_k=False))
     assert tb.takes_prologue(x, bps[0], 2, (200,), whole) and tb.takes_prologue(x, site.planes, 2, site.outs, whole)
+    with monkeypatch.context() as m:  # a launch the fragment kernel serves: only with fragment_prologues
+        m.setattr(tb, "fragment_serves", lambda *a, **k: True)
+        assert not tb.takes_prologue(x, bps[0], 2, (200,), whole) and not tb.takes_prologue(x, bps[0], 2, (200,))
+        assert tb.takes_prologue(x, bps[0], 2, (200,), tb.SmallConfig(fragment_prologues=True))
 
     def close(got, ref, what):
         err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()

@@ -2780,6 +2780,12 @@ class SmallConfig:
     # operations. For routers over inputs wider than the router's column range (triton_router.SPLIT_COLS_ONE_TOKEN).
     # Off until timed
     router_partials: bool = False
+    # The lean step's prologues (an RMS norm or gated product made in the launch that reads it) on the fragment
+    # kernel too. Off: measured on an H100 (docs/RESULTS.md "Norms and gated products in the launches they feed") the
+    # 8B static 4-bit step took 452.1 us with them against 361.1 without (its registers 100-115 -> 136-168 a thread,
+    # its instructions 1.6-3x); the one-bit plane kernel's whole-K programs keep theirs (SmolLM2's static 4-bit step
+    # 890.1 -> 789.2 us)
+    fragment_prologues: bool = False
 
     def __post_init__(self) -> None:
         if self.fragment_tma not in (0, -1, -2):
@@ -3748,11 +3754,11 @@ def takes_prologue(
 ) -> bool:
     """Whether the one-token launch at the static view ``k`` of ``bp``, a layer (``outs``: its rows) or a site's
     layers (each one's rows), makes its input from a ``prologue`` itself: on the fragment kernel where it serves the
-    launch (a site only with whole blocks of 128 rows a layer; fp16), else on the one-bit plane kernel's whole-K
-    programs."""
+    launch (a site only with whole blocks of 128 rows a layer; fp16) only with ``SmallConfig.fragment_prologues``
+    (measured slower), else on the one-bit plane kernel's whole-K programs."""
     frag = len(outs) == 1 or all(n % 128 == 0 for n in outs)
     if frag and fragment_serves(config, bp, k, x2):
-        return x2.dtype == torch.float16
+        return bool(config is not None and config.fragment_prologues) and x2.dtype == torch.float16
     return prologue_in_launch(x2, bp, sum(outs), config)
 
 

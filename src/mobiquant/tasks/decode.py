@@ -867,11 +867,10 @@ def _decode_settings(cfg) -> dict[str, Any]:
     lean = d.get("lean_step", True)
     if not isinstance(lean, bool):
         raise ConfigError(f"decode.lean_step={lean!r} must be true or false")
-    prologues = d.get("lean_prologues", False)
+    prologues = d.get("lean_prologues", True)
     if not isinstance(prologues, bool):
         raise ConfigError(f"decode.lean_prologues={prologues!r} must be true or false")
-    if prologues and not lean:
-        raise ConfigError("decode.lean_prologues=true needs decode.lean_step=true (the lean layer hands them over)")
+    prologues = prologues and lean  # the lean layer hands them over: nothing to make without it
     kernels = _kernel_settings(d.get("kernels"), ConfigError)
     return dict(
         prompt=prompt,
