@@ -780,7 +780,9 @@ def package_kernels(args, bits_cfg=None) -> list:
         kernels.append(("package sites+inputs pdl", ("inputs", SmallConfig(pdl=True), True)))
         if args.package_span:
             kernels.append(("package sites+inputs span pdl", ("inputs", dataclasses.replace(span_cfg, pdl=True))))
-        if args.package_lean_prologues:  # the lean step's chain of launches, each started under the one before
+        if args.package_lean_step:  # the lean step's chain of launches, each started under the one before
+            kernels.append(("package sites+inputs lean step pdl", ("lean step", SmallConfig(pdl=True), True)))
+        if args.package_lean_prologues:  # ... and with the norms and products in the launches
             kernels.append(("package sites+inputs lean prologues pdl", ("lean prologues", SmallConfig(pdl=True), True)))
     return kernels
 
@@ -1073,8 +1075,8 @@ def main(argv=None):
         "--package-pdl",
         action="store_true",
         help="also the package's rows with fused inputs with programmatic dependent launch (SmallConfig(pdl=True): "
-        "the linears' and routers' kernels, the fragment kernel's since 2026-12-06), and with --package-span and "
-        "--package-lean-prologues so",
+        "the linears' and routers' kernels, the fragment kernel's since 2026-12-06), and with --package-span, "
+        "--package-lean-step and --package-lean-prologues so (the lean step's attention launch too)",
     )
     ap.add_argument(
         "--device-k",

@@ -105,7 +105,8 @@
 #   prologues (only when named) the RMS norms and gated products made in the launches they feed
 #            (patching.lean_step(prologues=True), benchmarks/NOTES.md entry 37): their GPU tests, then the package rows
 #            with the lean step with and without them (default placement site), then SmolLM2-135M end to end with the
-#            lean step, with and without them (needs $GGUF)
+#            lean step, with and without them (needs $GGUF). PROLOGUE_TESTS: the test files (default all three);
+#            PROLOGUE_PDL=1: also every such row with programmatic dependent launch (the lean step's attention too)
 #   block    (only when named; in loads) the default rows with router placement block (one router a layer), with
 #            and without the lean step, and its compiled step's census at routed 3.5 / 4.5 bits with it
 #   span     (only when named) the stack's static views beside each view with k read on the device: every body
