@@ -3735,7 +3735,7 @@ def _prologue_args(prologue: tuple, x2: torch.Tensor) -> tuple[torch.Tensor, flo
     operand, eps, code = prologue_operand(prologue, x2)
     if code == PROLOGUES["silu_mul"] and operand.dtype != x2.dtype:
         raise ValueError(f"a gated product in the launch: its up rows must be {x2.dtype}, got {operand.dtype}")
-    return operand.reshape(-1 if code == PROLOGUES["silu_mul"] else x2.shape[1]).contiguous(), eps, code
+    return operand.reshape(-1).contiguous(), eps, code  # the weight [K_IN], or the token's K_IN up values
 
 
 def prologue_in_launch(x2: torch.Tensor, bp: BitPlanes, rows: int, config: SmallConfig | None = None) -> bool:
