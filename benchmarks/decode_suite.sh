@@ -109,6 +109,7 @@
 #            PROLOGUE_PDL=1: also every such row with programmatic dependent launch (the lean step's attention too)
 #   block    (only when named; in loads) the default rows with router placement block (one router a layer), with
 #            and without the lean step, and its compiled step's census at routed 3.5 / 4.5 bits with it
+#            (BLOCK_CENSUS=0: without the census)
 #   span     (only when named) the stack's static views beside each view with k read on the device: every body
 #            compiled, the planes every body reads loaded before k (SmallConfig.preload), and the view's span of two
 #            views alone (span_bodies) preloaded; then the tests of spans and preloading, compiled
@@ -393,7 +394,7 @@ stage() {
       fi ;;
     block)
       package_stage loads_block block --package-lean-step --package-fused-only
-      run_stage loads_census 600 "$PY" benchmarks/step_overhead.py --policy adjacent --placement block \
+      [ "${BLOCK_CENSUS:-1}" = 0 ] || run_stage loads_census 600 "$PY" benchmarks/step_overhead.py --policy adjacent --placement block \
         --census compile --census-only --census-budgets 3.5 4.5 --lean-step ;;
     span)
       # k read on the device against the static views: every body, preloaded, a span of two views (the stack);
