@@ -774,6 +774,9 @@ def package_kernels(args, bits_cfg=None) -> list:
         kernels.append(("package sites+inputs lean step", ("lean step", None, True)))
     if args.package_lean_prologues:  # ... and the norms and gated products in the launches they feed
         kernels.append(("package sites+inputs lean prologues", ("lean prologues", None, True)))
+    if args.package_epilogues:  # ... and the post-attention norm made by the o launch, the product by gate/up
+        cfg = SmallConfig(fragment_epilogues=True)
+        kernels.append(("package sites+inputs lean epilogues", ("lean prologues", cfg, True)))
     if args.package_no_span:  # ... fused inputs, every view's body compiled (the default before 2026-12-06)
         kernels.append(("package sites+inputs no span", ("inputs", SmallConfig(span_bodies=False))))
     if args.package_pdl:  # ... fused inputs, every kernel launch of a linear with programmatic dependent launch
@@ -1065,6 +1068,13 @@ def main(argv=None):
         action="store_true",
         help="also the package's static views and routed budgets with the lean step and the RMS norms and gated "
         "products made in the launches they feed (patching.lean_step(prologues=True))",
+    )
+    ap.add_argument(
+        "--package-epilogues",
+        action="store_true",
+        help="also the package's static views and routed budgets with the lean step, its prologues, and the "
+        "fragment kernel's epilogues (SmallConfig(fragment_epilogues=True): the post-attention RMS norm's parts made "
+        "by the o launch, the gated product by the gate/up launch; mobiquant.kernels.epilogue)",
     )
     ap.add_argument(
         "--package-fused-only",

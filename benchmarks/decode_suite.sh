@@ -107,6 +107,9 @@
 #            with the lean step with and without them (default placement site), then SmolLM2-135M end to end with the
 #            lean step, with and without them (needs $GGUF). PROLOGUE_TESTS: the test files (default all three);
 #            PROLOGUE_PDL=1: also every such row with programmatic dependent launch (the lean step's attention too)
+#   epilogues (only when named) the post-attention RMS norm's parts made by the o launch and the gated product by
+#            the gate/up launch (SmallConfig.fragment_epilogues, benchmarks/NOTES.md entry 40): their GPU tests, then
+#            the package rows with the lean step, its prologues, and the epilogues too (default placement site)
 #   block    (only when named; in loads) the default rows with router placement block (one router a layer), with
 #            and without the lean step, and its compiled step's census at routed 3.5 / 4.5 bits with it
 #            (BLOCK_CENSUS=0: without the census)
@@ -396,6 +399,12 @@ stage() {
       package_stage loads_block block --package-lean-step --package-fused-only
       [ "${BLOCK_CENSUS:-1}" = 0 ] || run_stage loads_census 600 "$PY" benchmarks/step_overhead.py --policy adjacent --placement block \
         --census compile --census-only --census-budgets 3.5 4.5 --lean-step ;;
+    epilogues)
+      # the norm and product made by the launch before (mobiquant.kernels.epilogue): GPU tests, then the package rows
+      run_stage epilogue_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gluon_fragment.py \
+        tests/kernels/test_lean_step.py -k epilogue
+      package_stage loads_epi site --package-lean-step --package-lean-prologues --package-epilogues \
+        --package-fused-only ;;
     span)
       # k read on the device against the static views: every body, preloaded, a span of two views (the stack);
       # then their tests compiled

@@ -363,6 +363,79 @@ def test_prologue_launch_args():
     assert kw["PRO"] == 2 and kw["PDL"] and kw["launch_pdl"]  # the activations are read after the wait
 
 
+def test_epilogue_launch_args():
+    """``_launch_args(epilogue=...)`` and the prologue ``("rms_scale", sums, eps)``: the kernel's ``EPI`` and its
+    buffers, ``PRO`` 3 with the sums' count; what it cannot serve refused with the reason."""
+    from mobiquant.kernels.epilogue import NextInput
+
+    words = torch.zeros(4, 32, 8, 512, dtype=torch.int32)  # 1024 rows (8 blocks) x 4096
+    sc, x = torch.zeros(1024, 32, dtype=torch.float16), torch.zeros(4096, dtype=torch.float16)
+    out = torch.zeros(1024, dtype=torch.float16)
+    like = torch.zeros(1, 1024, dtype=torch.float16)
+    norm = NextInput.rms_norm(torch.ones(1024), 1e-5, like)
+    _, kw = gf._launch_args(words, sc, sc, x, out, planes=4, out_mode=1, epilogue=norm)
+    assert kw["EPI"] == 1 and kw["ep_out_ptr"] is norm.out and kw["ep_sq_ptr"] is norm.sums
+    assert norm.sums.numel() == 8 and kw["ep_w_ptr"].dtype == torch.float16
+    prod = NextInput.silu_mul(like, 512)
+    _, kw = gf._launch_args(words, sc, sc, x, out, planes=4, out_mode=1, epilogue=prod)
+    assert kw["EPI"] == 2 and kw["ep_out_ptr"] is prod.out and kw["ep_w_ptr"].dtype == torch.int32
+    _, kw = gf._launch_args(words, sc, sc, x, out, planes=4, out_mode=1)
+    assert kw["EPI"] == 0 and kw["NSQ"] == 1
+    sums = torch.zeros(32)
+    _, kw = gf._launch_args(words, sc, sc, x, out, planes=4, prologue=("rms_scale", sums, 1e-5))
+    assert kw["PRO"] == 3 and kw["pro_ptr"] is sums and (kw["NSQ"], kw["NSQP"]) == (32, 128)
+    _, kw = gf._launch_args(words, sc, sc, x, out, planes=4, prologue=("rms_scale", torch.zeros(200), 1e-5))
+    assert (kw["NSQ"], kw["NSQP"]) == (200, 256)
+    with pytest.raises(ValueError, match="sums must be contiguous fp32"):
+        gf._launch_args(words, sc, sc, x, out, planes=4, prologue=("rms_scale", sums.half(), 1e-5))
+    with pytest.raises(ValueError, match="eps must be positive"):
+        gf._launch_args(words, sc, sc, x, out, planes=4, prologue=("rms_scale", sums, 0.0))
+    with pytest.raises(ValueError, match="outputs in fp16"):
+        gf._launch_args(words, sc, sc, x, out.float(), planes=4, epilogue=norm)  # fp32 atomics: no writer a block
+    with pytest.raises(ValueError, match="must be 1000 fp16 values"):
+        gf._launch_args(words, sc, sc, x, out, planes=4, out_mode=1, n_out=1000, epilogue=norm)
+    with pytest.raises(ValueError, match="gate and up of whole blocks"):
+        gf._launch_args(words, sc, sc, x, out, planes=4, out_mode=1, epilogue=NextInput.silu_mul(like, 500))
+    with pytest.raises(ValueError, match="NextInput"):
+        gf._launch_args(words, sc, sc, x, out, planes=4, out_mode=1, epilogue=("silu_mul",))
+
+
+_OFFLINE_EPILOGUE = (
+    _OFFLINE_PRELUDE
+    + """
+from mobiquant.kernels.epilogue import NextInput
+like = torch.zeros(1, 14336, dtype=torch.float16)
+cases = (("none", {}), ("norm", dict(epilogue=NextInput.rms_norm(torch.ones(14336), 1e-5, like))),
+         ("product", dict(epilogue=NextInput.silu_mul(like, 7168))),
+         ("scale", dict(prologue=("rms_scale", torch.zeros(32), 1e-5))))
+for name, extra in cases:
+    o16 = torch.zeros(14336, dtype=torch.float16)
+    args, kw = gf._launch_args(words, sc, sc, x, o16, splits=4, planes=4, prefetch=True, out_mode=2,
+                               part=torch.zeros(4, 14336), locks=torch.zeros(112, dtype=torch.int32), **extra)
+    sass, res = osx.sass_and_resources(osx.compile_sm90(gf.frag_gemv_kernel, args, kw, source=GluonASTSource))
+    ops = [m.group(3) for m in osx.LINE.finditer(sass)]
+    print("RESULT", name, kw["EPI"], kw["PRO"], re.search(r"STACK:(\\d+)", res).group(1),
+          sum(o.startswith(("ATOM", "RED")) for o in ops), ops.count("MUFU.RSQ"), ops.count("MUFU.EX2"))
+"""
+)
+
+
+def test_epilogues_compile_for_sm90_offline():
+    """Compiled for sm_90 without a GPU: the 8B gate/up's static 4-plane view over 4 K splits (the last split of a
+    row block writes its outputs) with each epilogue and the norm made by the launch before, without spilling: the
+    norm's parts add no atomic, the product one ticket a row-block pair (and its reset) and the SiLU's
+    exponential, the scaled launch one reciprocal square root; none of it without them. (Run on a GPU:
+    ``test_gpu_epilogues``.)"""
+    got = run_offline(_OFFLINE_EPILOGUE)
+    none, norm, prod, scale = (got[n] for n in ("none", "norm", "product", "scale"))
+    assert [r[:2] for r in (none, norm, prod, scale)] == [["0", "0"], ["1", "0"], ["2", "0"], ["0", "3"]], got
+    assert all(r[2] == "0" for r in (none, norm, prod, scale)), got  # no stack: nothing spilled
+    atoms = int(none[3])
+    assert int(norm[3]) == atoms and int(prod[3]) == atoms + 2 and int(scale[3]) == atoms, got
+    assert none[4] == norm[4] == prod[4] == "0" and scale[4] == "1", got
+    assert none[5] == norm[5] == scale[5] == "0" and int(prod[5]) >= 1, got
+
+
 def test_router_partials_launch_args():
     """``routed = (RouterPartials, threshold)``: ``KMODE`` 3 with the router's second layer and the partials' layout;
     partials of more than one token refused."""
@@ -693,6 +766,55 @@ def test_gpu_prologues(n_out, n_in, gen):
     y = tb.bitplane_site_bits(x, site, [2, 2], config=cfg, prologue=pro)
     ref = tb.bitplane_site_bits(made_input(x, pro), site, [2, 2], config=cfg)
     assert ((y.double() - ref.double()).norm() / ref.double().norm()).item() < 2e-3
+
+
+@needs_gpu
+@pytest.mark.parametrize("n_in", [4096, 14336])
+def test_gpu_epilogues(n_in, gen):
+    """On the GPU, every static view, one split and several: a launch that makes the next RMS norm's parts
+    (``EPI`` 1) fills them as :meth:`NextInput.make` does from its outputs (the residual added), and the launch fed
+    them (``("rms_scale", sums, eps)``) equals the launch fed the model's own norm; a gate/up site that makes the
+    product (``EPI`` 2) fills it as ``make`` does, its outputs unchanged; twice in a row (the pair tickets reset)."""
+    from mobiquant.kernels.epilogue import NextInput
+    from mobiquant.nn.fused import made_input
+
+    n_out = 4096
+    planes, scale, zero = make_layer(n_out, n_in, gen, True, "cuda")
+    nxt = make_layer(1024, n_out, gen, True, "cuda")  # the launch after, reading the norm
+    x = torch.randn(1, n_in, generator=gen).half().cuda()
+    res = (torch.randn(1, n_out, generator=gen) * 4).half().cuda()
+    w = (torch.rand(n_out, generator=gen) * 2 + 0.1).half().cuda()
+    for cfg in (tb.SmallConfig(fragment=True), tb.SmallConfig(fragment=True, pdl=True)):
+        for k in range(1, len(SLICES) + 1):
+            ref = tb.bitplane_linear(x, planes, scale, zero, SLICES, 128, k, bias=res.reshape(-1), path="bits",
+                                     small_config=cfg)  # fmt: skip
+            ni = NextInput.rms_norm(w, 1e-5, ref)
+            y = tb.bitplane_linear(x, planes, scale, zero, SLICES, 128, k, bias=res.reshape(-1), path="bits",
+                                   small_config=cfg, epilogue=ni)  # fmt: skip
+            assert ni.made and torch.equal(y, ref), k
+            want = NextInput.rms_norm(w, 1e-5, ref)
+            want.make(y)
+            torch.testing.assert_close(ni.out, want.out, rtol=0, atol=0)
+            torch.testing.assert_close(ni.sums, want.sums, rtol=1e-5, atol=1e-3)
+            p2, s2, z2 = nxt
+            got = tb.bitplane_linear(ni.out, p2, s2, z2, SLICES, 128, 2, path="bits", small_config=cfg,
+                                     prologue=ni.prologue())  # fmt: skip
+            ref2 = tb.bitplane_linear(made_input(y, ("rms_norm", w, 1e-5)), p2, s2, z2, SLICES, 128, 2, path="bits",
+                                      small_config=cfg)  # fmt: skip
+            err = ((got.double() - ref2.double()).norm() / ref2.double().norm()).item()
+            assert err < 2e-3, (k, cfg.pdl, err)
+    up = make_layer(n_out, n_in, gen, True, "cuda")
+    site = tb.site_bitplanes([tb.pack_bitplanes(*layer, SLICES, 128, n_in) for layer in ((planes, scale, zero), up)])
+    cfg = tb.SmallConfig(fragment=True)
+    for k in (1, 3, len(SLICES)):
+        ref = tb.bitplane_site_bits(x, site, [k, k], config=cfg)
+        for _ in range(2):
+            prod = NextInput.silu_mul(x, n_out)
+            y = tb.bitplane_site_bits(x, site, [k, k], config=cfg, epilogue=prod)
+            assert prod.made and torch.equal(y, ref), k
+            want = NextInput.silu_mul(x, n_out)
+            want.make(y)
+            torch.testing.assert_close(prod.out, want.out, rtol=0, atol=0)
 
 
 @needs_gpu

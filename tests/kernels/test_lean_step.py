@@ -448,3 +448,94 @@ def test_gpu_lean_prologues_with_pdl():
         tokens.append(g.tokens)
     set_small_config(q, None)
     assert torch.equal(tokens[1], tokens[0])
+
+
+@needs_triton
+def test_lean_epilogues_hand_the_norm_and_product_over(monkeypatch):
+    """Where the linears' launches can make the next launch's input (``SmallConfig.fragment_epilogues`` on the
+    fragment kernel; here every launch is asked to, and on the CPU each request is filled in PyTorch after the launch
+    that could not): the lean layer of a packed tiny LLaMA at a static view hands its o launch the post-attention
+    norm (the gate/up launch reads ``outputs * weight`` and scales) and its gate/up site the gated product (the down
+    launch reads it), calls neither module, and keeps its logits."""
+    from test_fused_inputs import default_layout_model
+
+    from mobiquant.kernels.epilogue import NextInput
+    from mobiquant.nn import lean
+    from mobiquant.patching import fuse_inputs
+
+    q = default_layout_model("site")
+    fuse_inputs(q)
+    ids = torch.randint(0, q.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(5)).to(q.device)
+    made: list[str] = []
+    real_make, real_takes = NextInput.make, lean._takes
+
+    def make(self, y):
+        made.append(self.kind)
+        real_make(self, y)
+
+    @contextlib.contextmanager
+    def spied():
+        made.clear()
+        names = ("post_attention_layernorm", "mlp.act_fn")
+        hooks = [layer.get_submodule(n).register_forward_hook(lambda *_, n=n: made.append(n))
+                 for layer in q.model.layers for n in names]  # fmt: skip
+        yield
+        for h in hooks:
+            h.remove()
+
+    monkeypatch.setattr(NextInput, "make", make)
+    outs = _logits_each_way(q, 2, ids, 3, spied, [dict(prologues=True)])
+    assert "rms_norm" not in made and "silu_mul" not in made  # not asked for: the CPU's launches cannot
+    monkeypatch.setattr(lean, "_makes", lambda *a: True)
+    monkeypatch.setattr(lean, "_takes", lambda lin, x, kind="rms_norm": kind == "rms_scale" or real_takes(lin, x, kind))
+    outs += _logits_each_way(q, 2, ids, 3, spied, [dict(prologues=True)])
+    torch.testing.assert_close(outs[1], outs[0], atol=2e-3, rtol=2e-3)
+    steps = 3 * q.config.num_hidden_layers
+    assert made.count("rms_norm") == steps and made.count("silu_mul") == steps, made
+    assert "post_attention_layernorm" not in made and "mlp.act_fn" not in made, made
+
+
+@needs_triton
+@needs_gpu
+def test_gpu_lean_epilogues():
+    """On the GPU, a packed LLaMA whose linears the fragment kernel serves (widths of 1024 and 2048, groups of 128) at
+    a static view: with ``SmallConfig(fragment_epilogues=True)`` the o launches make the post-attention norms' parts
+    and the gate/up launches the products (each request filled by its launch), and the compiled, captured step gives
+    logits of the step without them, step by step."""
+    import mobiquant as mq
+    from mobiquant.kernels import gluon_fragment as gf
+    from mobiquant.kernels.triton_bitplane import SmallConfig
+    from mobiquant.patching import fuse_inputs, set_small_config
+
+    model = build_tiny_llama(hidden_size=1024, intermediate_size=2048, num_attention_heads=8, num_key_value_heads=4,
+                             num_hidden_layers=2)  # fmt: skip
+    mq.quantize_model(model, mq.MoBiConfig(slice_bits=(3, 1, 1, 1, 1, 1), group_size=128))
+    mq.freeze(model)
+    q = model.half().cuda().eval()
+    fuse_inputs(q)
+    mq.set_static(q, 2)
+    ids = torch.randint(0, q.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(6)).cuda()
+    kinds: list[str] = []
+    real = gf.fragment_linear
+
+    def spy(*a, **k):
+        if k.get("epilogue") is not None:
+            kinds.append(k["epilogue"].kind)
+        return real(*a, **k)
+
+    outs = []
+    for epi in (False, True):
+        set_small_config(q, SmallConfig(fragment_epilogues=epi))
+        lean_step(q, prologues=True)
+        kinds.clear()
+        gf.fragment_linear = spy
+        try:
+            outs.append(torch.cat(_cached_logits(q, ids, 3, 10)))
+        finally:
+            gf.fragment_linear = real
+        lean_step(q, enable=False)
+        assert (len(kinds) > 0) == epi, kinds
+        if epi:
+            assert kinds.count("rms_norm") == kinds.count("silu_mul") > 0, kinds
+    set_small_config(q, None)
+    torch.testing.assert_close(outs[1], outs[0], atol=3e-2, rtol=3e-2)

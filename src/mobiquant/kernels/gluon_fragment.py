@@ -45,6 +45,7 @@ from triton.experimental.gluon import language as ttgl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
+from .epilogue import KINDS, NextInput
 from .triton_bitplane import BIG_FRAGMENT_LAUNCH, planes_of_views, register_capped
 from .triton_router import RouterPartials, prologue_operand
 
@@ -350,7 +351,7 @@ def _x_halves(x_ptr, g, xofs, xn, xsc, pro_ptr, s_pro, PRO: ttgl.constexpr):
     loaded (:func:`_made`)."""
     m = xn == g % 8
     v = ttgl.load(x_ptr + g * 128 + xofs, mask=m, other=0.0)
-    if PRO > 0:
+    if PRO == 1 or PRO == 2:
         v = _made(v, ttgl.load(pro_ptr + g * 128 + xofs, mask=m, other=0.0), s_pro, PRO)
     return v * xsc
 
@@ -447,13 +448,13 @@ def _group_sums(x_ptr, c0, g0, BATCH: ttgl.constexpr, XL: ttgl.constexpr, MMA: t
     ptr = x_ptr + gc[None, :] * 128 + kk[:, None]
     if BATCH == 8:
         xt = ttgl.load(ptr)
-        if PRO > 0:
+        if PRO == 1 or PRO == 2:
             xt = _made(xt, ttgl.load(pro_ptr + gc[None, :] * 128 + kk[:, None]), s_pro, PRO)
     else:
         gm = ttgl.full([128, 8], 0, ttgl.int32, XL) + gc[None, :]
         gmask = (gm >= g0) & (gm < g0 + BATCH)
         xt = ttgl.load(ptr, mask=gmask, other=0.0)
-        if PRO > 0:
+        if PRO == 1 or PRO == 2:
             xt = _made(xt, ttgl.load(pro_ptr + gc[None, :] * 128 + kk[:, None], mask=gmask, other=0.0), s_pro, PRO)
     xp = ttgl.where(((kk >> 3) & 1)[:, None] == 1, xt * 0.0625, xt)
     off = ttgl.sum(xp.to(ttgl.float32), axis=0) * 1024.0
@@ -612,6 +613,34 @@ def _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PST
 
 
 @gluon.jit
+def _epilogue(yo, out_ptr, ro, pid, N, N_OUT, ep_w_ptr, ep_out_ptr, ep_sq_ptr, BN: ttgl.constexpr,
+              EPI: ttgl.constexpr):  # fmt: skip
+    """What the program that wrote row block ``pid``'s outputs ``yo`` (``out_ptr + ro``) makes of them for the next
+    launch (the kernel's ``EPI``): 1, the next RMS norm's parts; 2, a gated MLP's product, by the later program of
+    each gate / up pair of row blocks."""
+    m = ro < N_OUT
+    if EPI == 1:
+        w = ttgl.load(ep_w_ptr + ro, mask=m, other=0.0)
+        ttgl.store(ep_out_ptr + ro, yo * w, mask=m)
+        hf = yo.to(ttgl.float32)
+        ttgl.store(ep_sq_ptr + pid, ttgl.sum(ttgl.where(m, hf * hf, 0.0), axis=0))
+    else:
+        half = N // (2 * BN)
+        pair = pid % half
+        _cta_barrier()  # every thread's outputs stored before the release below
+        t = ttgl.atomic_add(ep_w_ptr + pair, 1, sem="acq_rel")
+        _cta_barrier()
+        if t == 1:  # the later of the two: the other's outputs are stored
+            other = ttgl.load(out_ptr + (ro + BN * half) % (2 * BN * half), cache_modifier=".cg")
+            first = pid < half
+            gate = ttgl.where(first, yo, other).to(ttgl.float32)
+            up = ttgl.where(first, other, yo)
+            act = (gate / (1.0 + ttgl.exp(-gate))).to(up.dtype)
+            ttgl.store(ep_out_ptr + pair * BN + ro % BN, act * up)
+            ttgl.atomic_xchg(ep_w_ptr + pair, 0)  # self-resetting
+
+
+@gluon.jit
 def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRIDE, VSTRIDE, G, GS,
                      P: ttgl.constexpr, W0: ttgl.constexpr, W1: ttgl.constexpr, BN: ttgl.constexpr,
                      SPLIT: ttgl.constexpr, BATCH: ttgl.constexpr, PREFETCH: ttgl.constexpr,
@@ -624,7 +653,8 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
                      PUBLIC: ttgl.constexpr, PDL: ttgl.constexpr, EARLY: ttgl.constexpr,
                      AHEAD: ttgl.constexpr, r_b1_ptr, r_w2_ptr, r_b2_ptr, RS: ttgl.constexpr, RBLK: ttgl.constexpr,
                      RH: ttgl.constexpr, RHP: ttgl.constexpr, RADJ: ttgl.constexpr, pro_ptr, eps,
-                     PRO: ttgl.constexpr):  # fmt: skip
+                     PRO: ttgl.constexpr, NSQ, NSQP: ttgl.constexpr, ep_w_ptr, ep_out_ptr, ep_sq_ptr,
+                     EPI: ttgl.constexpr):  # fmt: skip
     # PDL: launched with programmatic dependent launch (SmallConfig.pdl): the next kernel may start its programs now;
     # a view on the device awaits the kernel before at once (it may have written k), a view compiled in once its
     # first words are asked for (_view_total), before any activation is read; with an RMS norm in the launch, once
@@ -632,6 +662,14 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
     # PRO (a prologue): x is the input of what makes the layer's input, made as the activations are
     # loaded (_made): 1, an RMS norm (its weight at pro_ptr; every program first sums the squares of the whole row,
     # 8-28 KiB from L2, after its first weights are asked for); 2, a gated product (x the gate, pro_ptr the up)
+    # PRO 3 (an RMS norm made by the launch before, EPI 1): x is the norm's input times its weight, pro_ptr the NSQ
+    # (NSQP: the power of 2 from NSQ and 128 up) partial sums of the input's squares; the outputs are scaled by
+    # rsqrt(sum / K + eps) (the loop reads x as it is)
+    # EPI (with OUT_MODE 1 or 2, in the program that writes a row block's outputs): 1, the next RMS norm's parts
+    # (its weight at ep_w_ptr): out * weight (fp16) at ep_out_ptr and the block's sum of out's squares at
+    # ep_sq_ptr + pid (a PRO 3 launch reads them); 2, a gated MLP's product: the pack's first half of rows the gate,
+    # its second the up; the later of each pair of row blocks pid, pid + NB / 2 (a self-resetting ticket at
+    # ep_w_ptr + pid % (NB / 2)) writes fp16(silu(gate)) * up for its BN rows at ep_out_ptr
     # EARLY (P == -1): the program's first EARLY groups of the PMIN planes every body reads are asked of L2 before
     # the view is read or counted, and before the wait of PDL (the weights' first loads then wait on L2, not memory)
     # AHEAD: at each group, the planes of the group AHEAD later asked of L2 (views compiled in, span bodies included)
@@ -714,9 +752,15 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
         if PRO == 1 and P > 0:  # the norm's pass below reads x: the first group's words asked of L2 before the wait
             for e in ttgl.static_range(P):
                 _ask_l2(w_ptr + g_lo * NB * 512 + lofs + e * PSTRIDE)
-        if P <= 0 or PRO == 1:
+        if P <= 0 or PRO == 1 or PRO == 3:
             _griddep(True)
     s_pro = 1.0
+    if PRO == 3:  # the norm's scale from the partial sums the launch before stored (they arrive under the weights)
+        QL: ttgl.constexpr = ttgl.BlockedLayout(size_per_thread=[1], threads_per_warp=[32], warps_per_cta=[4],
+                                                order=[0])  # fmt: skip
+        qo = ttgl.arange(0, NSQP, layout=QL)
+        sqs = ttgl.load(pro_ptr + qo, mask=qo < NSQ, other=0.0)
+        s_pro = ttgl.rsqrt(ttgl.sum(sqs, axis=0) / (G * 128) + eps)
     if PRO == 1:  # the RMS norm's scale of the row: rsqrt(mean(x^2) + eps), in fp32 as the model's norm
         KL: ttgl.constexpr = ttgl.BlockedLayout(size_per_thread=[8], threads_per_warp=[32], warps_per_cta=[4],
                                                 order=[0])  # fmt: skip
@@ -779,6 +823,8 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
                             VL, XL, BULK_GS, bars, PDL and P > 0 and PRO != 1, lofs, AHEAD, pro_ptr, s_pro,
                             PRO)  # fmt: skip
     y = ttgl.sum(total, axis=1)
+    if PRO == 3:
+        y = y * s_pro
     if OUT_MODE == 2:
         ns = ttgl.num_programs(1)
         ttgl.store(part_ptr + ttgl.program_id(1) * N + ro, y)
@@ -791,12 +837,18 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
                 y += ttgl.load(part_ptr + s * N + ro, cache_modifier=".cg")
             if HAS_BIAS:
                 y += ttgl.load(bias_ptr + ro, mask=ro < N_OUT, other=0.0).to(ttgl.float32)
-            ttgl.store(out_ptr + ro, y.to(out_ptr.dtype.element_ty), mask=ro < N_OUT)
+            yo = y.to(out_ptr.dtype.element_ty)
+            ttgl.store(out_ptr + ro, yo, mask=ro < N_OUT)
             ttgl.atomic_xchg(lock_ptr + pid, 0)  # self-resetting
+            if EPI > 0:
+                _epilogue(yo, out_ptr, ro, pid, N, N_OUT, ep_w_ptr, ep_out_ptr, ep_sq_ptr, BN, EPI)
     elif OUT_MODE == 1:
         if HAS_BIAS:
             y += ttgl.load(bias_ptr + ro, mask=ro < N_OUT, other=0.0).to(ttgl.float32)
-        ttgl.store(out_ptr + ro, y.to(out_ptr.dtype.element_ty), mask=ro < N_OUT)
+        yo = y.to(out_ptr.dtype.element_ty)
+        ttgl.store(out_ptr + ro, yo, mask=ro < N_OUT)
+        if EPI > 0:
+            _epilogue(yo, out_ptr, ro, pid, N, N_OUT, ep_w_ptr, ep_out_ptr, ep_sq_ptr, BN, EPI)
     elif SPLIT:
         ttgl.atomic_add(out_ptr + ro, y, mask=ro < N_OUT)
     else:
@@ -806,7 +858,7 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
 def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_GROUPS, prefetch=False,
                  dispatch=None, stages=0, b0=None, n_out=None, bias=None, out_mode=0, part=None,
                  locks=None, views=None, routed=None, dispatch_to=None, pdl=False, seg_starts=(),
-                 early=0, ahead=0, prologue=None):  # fmt: skip
+                 early=0, ahead=0, prologue=None, epilogue=None):  # fmt: skip
     """``planes``: an int (the view, compiled in), None (every plane of the pack) or an int32 device tensor of one
     element (the view read by the kernel; ``scale``/``zero`` then ``[planes of the pack, N, G]``, view ``p`` at
     ``p - 1``). ``dispatch``, with a device view: None decodes whole fields with the absent planes predicated off;
@@ -827,7 +879,10 @@ def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_
     ``ahead``: at each group the planes of the group that many later asked of L2 (``SmallConfig.fragment_ahead``; a
     view compiled in or a dispatched device view's bodies, words through registers). ``prologue``: ``x`` is the
     input of what makes the layer's input, made by the kernel as it loads it: ``("rms_norm", weight, eps)`` or
-    ``("silu_mul", up)`` (``triton_bitplane.bitplane_linear_bits``)."""
+    ``("silu_mul", up)`` (``triton_bitplane.bitplane_linear_bits``), or ``("rms_scale", sums, eps)``: a norm made
+    by the launch before (``x`` its input times its weight; the outputs scaled). ``epilogue``: a
+    :class:`~mobiquant.kernels.epilogue.NextInput` the programs that write the outputs fill for the next launch
+    (out_mode 1 or 2, fp16)."""
     n, g = words.shape[2] * BLOCK_N, x.numel() // GROUP
     if x.dtype != torch.float16 or not x.is_contiguous() or g * GROUP != x.numel() or g != words.shape[1]:
         raise ValueError(f"x must be {words.shape[1] * GROUP} contiguous fp16 activations, got {x.dtype} "
@@ -921,18 +976,66 @@ def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_
                          "(stages 0) of a view compiled in or dispatched")  # fmt: skip
     kw.update(AHEAD=min(ahead, g // splits - 1) if ahead else 0)
     kw.update(_prologue_kw(prologue, x))
+    kw.update(_epilogue_kw(epilogue, out, n, n_out, out_mode))
     return args, dict(kw, num_warps=4, **({"launch_pdl": True} if pdl else {}))
 
 
 def _prologue_kw(prologue, x: torch.Tensor) -> dict:
-    """The kernel's ``pro_ptr``, ``eps`` and ``PRO`` for ``prologue`` (:func:`_launch_args`), checked
-    (:func:`~mobiquant.kernels.triton_router.prologue_operand`; the operand also fp16)."""
+    """The kernel's ``pro_ptr``, ``eps``, ``PRO``, ``NSQ`` and ``NSQP`` for ``prologue`` (:func:`_launch_args`),
+    checked (:func:`~mobiquant.kernels.triton_router.prologue_operand`; the operand also fp16), or
+    ``("rms_scale", sums, eps)``: a norm made by the launch before (:class:`~mobiquant.kernels.epilogue.NextInput`)."""
     if prologue is None:
-        return dict(pro_ptr=x, eps=0.0, PRO=0)
+        return dict(pro_ptr=x, eps=0.0, PRO=0, NSQ=1, NSQP=128)
+    if isinstance(prologue, tuple) and prologue and prologue[0] == "rms_scale":
+        sums, eps = prologue[1], prologue[2] if len(prologue) == 3 else None
+        if not (torch.is_tensor(sums) and sums.dim() == 1 and sums.dtype == torch.float32 and sums.is_contiguous()
+                and sums.device == x.device) or eps is None:  # fmt: skip
+            got = f"{sums.dtype} {tuple(sums.shape)} on {sums.device}" if torch.is_tensor(sums) else type(sums).__name__
+            raise ValueError(f"('rms_scale', sums, eps): sums must be contiguous fp32 [blocks] on {x.device}, "
+                             f"got {got}")  # fmt: skip
+        if not float(eps) > 0:
+            raise ValueError(f"('rms_scale', sums, eps): eps must be positive, got {eps}")
+        n = sums.numel()
+        return dict(pro_ptr=sums, eps=float(eps), PRO=3, NSQ=n, NSQP=max(128, 1 << (n - 1).bit_length()))
     operand, eps, code = prologue_operand(prologue, x)
     if operand.dtype != torch.float16:
         raise ValueError(f"a {prologue[0]} in the fragment launch: its operand must be fp16, got {operand.dtype}")
-    return dict(pro_ptr=operand.reshape(-1).contiguous(), eps=eps, PRO=code)
+    return dict(pro_ptr=operand.reshape(-1).contiguous(), eps=eps, PRO=code, NSQ=1, NSQP=128)
+
+
+def _epilogue_kw(epilogue, out: torch.Tensor, n: int, n_out: int, out_mode: int) -> dict:
+    """The kernel's ``ep_w_ptr``, ``ep_out_ptr``, ``ep_sq_ptr`` and ``EPI`` for ``epilogue`` (a
+    :class:`~mobiquant.kernels.epilogue.NextInput` or None; :func:`_launch_args`), checked against the launch's
+    ``n`` rows (``n_out`` written) into ``out``."""
+    if epilogue is None:
+        return dict(ep_w_ptr=out, ep_out_ptr=out, ep_sq_ptr=out, EPI=0)
+    if not isinstance(epilogue, NextInput) or epilogue.kind not in KINDS:
+        raise ValueError(f"epilogue must be a NextInput of kind {' or '.join(KINDS)}, got {epilogue!r}")
+    if out_mode not in (1, 2) or out.dtype != torch.float16:
+        raise ValueError("an epilogue needs the outputs in fp16 (out_mode 1 or 2), written by one program a row block")
+    made = epilogue.out
+    if epilogue.kind == "rms_norm":
+        sums, weight = epilogue.sums, epilogue.weight
+        blocks = n // BLOCK_N
+        if (
+            weight is None
+            or sums is None
+            or made.numel() != n_out
+            or weight.numel() != n_out
+            or sums.numel() < blocks
+            or made.dtype != out.dtype
+            or weight.dtype != out.dtype
+        ):
+            raise ValueError(f"a norm made in the epilogue: its input and weight must be {n_out} fp16 values and "
+                             f"its sums at least {blocks} (one a block of {BLOCK_N} rows)")  # fmt: skip
+        return dict(ep_w_ptr=weight, ep_out_ptr=made, ep_sq_ptr=sums, EPI=1)
+    if n_out != n or n % (2 * BLOCK_N) or made.numel() != n // 2 or made.dtype != out.dtype:
+        raise ValueError(f"a product made in the epilogue: the launch's {n_out} rows must be gate and up of whole "
+                         f"blocks of {BLOCK_N} each, the product {n // 2} fp16 values; got {made.numel()} "
+                         f"{made.dtype}")  # fmt: skip
+    from .triton_bitplane import _locks
+
+    return dict(ep_w_ptr=_locks(out.device, n // (2 * BLOCK_N), "pair"), ep_out_ptr=made, ep_sq_ptr=out, EPI=2)
 
 
 def split_choices(k: int, batch: int = BATCH_GROUPS, most: int = 16) -> list[int]:
@@ -1121,6 +1224,7 @@ def fragment_linear(
     prefetch: int | None = None,
     ahead: int = 0,
     prologue=None,
+    epilogue: NextInput | None = None,
 ) -> torch.Tensor:
     """One token ``x2 [1, in]`` (fp16) -> ``[1, out]`` from a fragment pack: view ``k`` (an int, a one-element int
     tensor on the device, or None with ``routed = (gate values, threshold)`` on the device, counted by the kernel:
@@ -1140,7 +1244,8 @@ def fragment_linear(
     every compiled body reads asked of L2 before the view is read or counted (0: none). ``prefetch``: groups whose
     words a program loads into registers ahead of the decode (0-2; None: :func:`launch_config`'s; a capped static view
     at most 1). ``ahead``: at each group the planes of the group that many later asked of L2 (0: none).
-    ``prologue``: ``x2`` is the input of what makes the layer's input, made as it is loaded (:func:`_launch_args`)."""
+    ``prologue``: ``x2`` is the input of what makes the layer's input, made as it is loaded (:func:`_launch_args`);
+    ``epilogue``: what the launch makes of its outputs for the next one (:mod:`~mobiquant.kernels.epilogue`)."""
     M, K_IN = x2.shape
     if M != 1 or K_IN != fp.in_features or x2.dtype != torch.float16:
         raise ValueError(f"the fragment kernel takes one fp16 token of {fp.in_features} features, got {x2.dtype} "
@@ -1192,6 +1297,8 @@ def fragment_linear(
         extra.update(pdl=True)
     if prologue is not None:
         extra.update(prologue=prologue)
+    if epilogue is not None:
+        extra.update(epilogue=epilogue)
     if dispatch is not None:
         extra.update(views=fp.planes_of_view, routed=routed, seg_starts=tuple(seg_starts), early=early_l2)
         if span is not None:
@@ -1201,4 +1308,6 @@ def fragment_linear(
     if capped:  # a device view's bodies measured faster so; static views from ``cap`` planes asked to be
         kw["maxnreg"] = 128
     frag_gemv_kernel[(nb, splits)](*args, **kw)
+    if epilogue is not None:
+        epilogue.made = True
     return out

@@ -63,7 +63,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -2786,6 +2786,11 @@ class SmallConfig:
     # its instructions 1.6-3x); the one-bit plane kernel's whole-K programs keep theirs (SmolLM2's static 4-bit step
     # 890.1 -> 789.2 us)
     fragment_prologues: bool = False
+    # What a fragment launch makes of its outputs for the next launch, so that no launch of its own makes it
+    # (kernels.epilogue, benchmarks/NOTES.md entry 39): the o launch the post-attention RMS norm's parts (its outputs
+    # times the norm's weight, each row block's sum of squares; the gate/up launch scales its outputs), the gate/up
+    # site launch the gated product. Off until timed
+    fragment_epilogues: bool = False
 
     def __post_init__(self) -> None:
         if self.fragment_tma not in (0, -1, -2):
@@ -3525,6 +3530,7 @@ def bitplane_linear_bits(
     config: SmallConfig | None = None,
     span: tuple[int, int] | None = None,
     prologue: tuple | None = None,
+    epilogue: Any = None,
 ) -> torch.Tensor:
     """One token ``x2 [1, in]`` -> ``[1, out]`` from one-bit plane buffers: ``_bp_gemv_bits_kernel`` on a
     stream-K grid (``config.waves`` programs per SM, or ``config.split_k`` programs per row block); ``k`` an int,
@@ -3535,7 +3541,9 @@ def bitplane_linear_bits(
     of an adjacent-policy threshold): only their bodies are compiled and ``k`` is clamped into them. ``prologue``:
     ``x2`` is the input of what makes the layer's input, made by the launch's whole-K programs as they read it:
     ``("rms_norm", weight, eps)`` (LLaMA's RMS norm) or ``("silu_mul", up)`` (a gated MLP's product, ``x2`` the
-    gate); :func:`takes_prologue` says where (the fragment kernel is then not used)."""
+    gate); :func:`takes_prologue` says where (the fragment kernel is then not used); ``("rms_scale", sums, eps)``, a
+    norm made by the launch before, and ``epilogue`` (a :class:`~mobiquant.kernels.epilogue.NextInput`), what this
+    launch makes of its outputs for the next: the fragment kernel's static views only (:func:`takes_epilogue`)."""
     M, K_IN = x2.shape
     if M != 1:
         raise ValueError(f"the one-bit plane kernel takes one token, got {M}")
@@ -3545,20 +3553,32 @@ def bitplane_linear_bits(
     ksel, k_t, v_t, tau_t, kvals = _bits_k(k, x2, len(bp.slice_bits))
     router = _router_of([k])
     cfg = config or SmallConfig()
-    if router is None and (prologue is None or ksel) and fragment_serves(cfg, bp, ksel, x2, span):
+    frag = fragment_serves(cfg, bp, ksel, x2, span)
+    _check_made_by_fragment(prologue, epilogue, frag and bool(ksel) and router is None)
+    if router is None and (prologue is None or ksel) and frag:
         from .gluon_fragment import fragment_linear, fragment_of
 
         if kvals:  # the router's gate values (or its partials, finished there): counted by the kernel
             return fragment_linear(x2, fragment_of(bp), None, bias, out, routed=(v_t, tau_t), span=span,
                                    **_fragment_options(cfg))  # fmt: skip
         return fragment_linear(x2, fragment_of(bp), ksel or k_t, bias, out, span=span, prologue=prologue,
-                               **_fragment_options(cfg))  # fmt: skip
+                               epilogue=epilogue, **_fragment_options(cfg))  # fmt: skip
     v_t = _made_values(v_t)
     if out is None:
         out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
     return _bits_launch(
         x2, bp, [(bp.out_features, 0, 0)], ksel, k_t, v_t, [tau_t], kvals, bias, out, cfg, router, span, prologue
     )
+
+
+def _check_made_by_fragment(prologue: tuple | None, epilogue: Any, static_fragment: bool) -> None:
+    """Refuses a norm made by the launch before (prologue ``rms_scale``) or an ``epilogue`` for a launch that is not a
+    static view on the fragment kernel (the only one that takes them: :func:`takes_epilogue`)."""
+    if static_fragment:
+        return
+    if epilogue is not None or (prologue is not None and prologue[0] == "rms_scale"):
+        what = "an epilogue" if epilogue is not None else "a norm made by the launch before ('rms_scale')"
+        raise ValueError(f"{what} needs a static view on the fragment kernel (fp16, CUDA, SmallConfig.fragment)")
 
 
 def spans(config: SmallConfig | None) -> bool:
@@ -3633,13 +3653,14 @@ def bitplane_site_bits(
     config: SmallConfig | None = None,
     span: tuple[int, int] | None = None,
     prologue: tuple | None = None,
+    epilogue: Any = None,
 ) -> torch.Tensor:
     """One token ``x2 [1, in]`` through every layer of ``site`` in one launch: ``[1, sum(outs)]``, layer ``i``'s
     outputs at columns ``site.cols[i]``. ``ks``: each layer's ``k``, either one int for all (the same static view)
     or a :class:`RoutedK` each, sharing their gate values (one router) with a threshold each, or one one-element
     tensor for all (the same view, read on the device unless it is on the host). ``span``: the views every layer's
     ``k`` learnt on the device lies in; ``prologue``: what makes the layers' input from ``x2`` (both
-    :func:`bitplane_linear_bits`)."""
+    :func:`bitplane_linear_bits`), as ``epilogue`` (a gated MLP's product: the site's gate then up)."""
     M, K_IN = x2.shape
     bp = site.planes
     if M != 1 or K_IN != bp.in_features:
@@ -3669,10 +3690,12 @@ def bitplane_site_bits(
     ksel, k_t, v_t, _, kvals = resolved[0]
     cfg = config or SmallConfig()
     whole = all(n % 128 == 0 for n in site.outs)  # the pack's rows are then the output columns
-    if ksel and whole and fragment_serves(cfg, bp, ksel, x2):
+    static_frag = bool(ksel) and whole and fragment_serves(cfg, bp, ksel, x2)
+    _check_made_by_fragment(prologue, epilogue, static_frag)
+    if static_frag:
         from .gluon_fragment import fragment_linear, fragment_of  # one static view: the layers as one
 
-        return fragment_linear(x2, fragment_of(bp), ksel, site.bias, out, prologue=prologue,
+        return fragment_linear(x2, fragment_of(bp), ksel, site.bias, out, prologue=prologue, epilogue=epilogue,
                                **_fragment_options(cfg))  # fmt: skip
     taus = [r[3] for r in resolved] if kvals else [x2]
     router = _router_of(ks)
@@ -3750,16 +3773,41 @@ def prologue_in_launch(x2: torch.Tensor, bp: BitPlanes, rows: int, config: Small
 
 
 def takes_prologue(
-    x2: torch.Tensor, bp: BitPlanes, k: int, outs: Sequence[int], config: SmallConfig | None = None
+    x2: torch.Tensor,
+    bp: BitPlanes,
+    k: int,
+    outs: Sequence[int],
+    config: SmallConfig | None = None,
+    kind: str = "rms_norm",
 ) -> bool:
     """Whether the one-token launch at the static view ``k`` of ``bp``, a layer (``outs``: its rows) or a site's
-    layers (each one's rows), makes its input from a ``prologue`` itself: on the fragment kernel where it serves the
-    launch (a site only with whole blocks of 128 rows a layer; fp16) only with ``SmallConfig.fragment_prologues``
-    (measured slower), else on the one-bit plane kernel's whole-K programs."""
-    frag = len(outs) == 1 or all(n % 128 == 0 for n in outs)
-    if frag and fragment_serves(config, bp, k, x2):
+    layers (each one's rows), makes its input from a prologue of ``kind`` itself: on the fragment kernel where it
+    serves the launch (a site only with whole blocks of 128 rows a layer; fp16) only with
+    ``SmallConfig.fragment_prologues`` (measured slower), else on the one-bit plane kernel's whole-K programs;
+    ``"rms_scale"`` (a norm made by the launch before, :func:`takes_epilogue`) on the fragment kernel only, with
+    ``SmallConfig.fragment_epilogues``."""
+    frag = (len(outs) == 1 or all(n % 128 == 0 for n in outs)) and fragment_serves(config, bp, k, x2)
+    if kind == "rms_scale":
+        return frag and bool(config is not None and config.fragment_epilogues)
+    if frag:
         return bool(config is not None and config.fragment_prologues) and x2.dtype == torch.float16
     return prologue_in_launch(x2, bp, sum(outs), config)
+
+
+def takes_epilogue(
+    x2: torch.Tensor, bp: BitPlanes, k: int, outs: Sequence[int], config: SmallConfig | None, kind: str
+) -> bool:
+    """Whether the one-token launch at the static view ``k`` of ``bp`` (a layer, or a site's layers: ``outs``) makes
+    the next launch's input of ``kind`` from its outputs (:mod:`~mobiquant.kernels.epilogue`): a fragment launch
+    (fp16) with ``SmallConfig.fragment_epilogues``; ``"silu_mul"`` only from a site of two layers of whole blocks of
+    128 rows, the gate's and the up's of one width."""
+    if config is None or not config.fragment_epilogues or not isinstance(k, int):
+        return False
+    if kind == "silu_mul" and not (len(outs) == 2 and outs[0] == outs[1] and outs[0] % 128 == 0):
+        return False
+    if len(outs) > 1 and any(n % 128 for n in outs):
+        return False
+    return fragment_serves(config, bp, k, x2)
 
 
 def _bits_launch(
@@ -4236,6 +4284,7 @@ def bitplane_linear(
     packed: BitPlanes | None = None,
     span: tuple[int, int] | None = None,
     prologue: tuple | None = None,
+    epilogue: Any = None,
 ) -> torch.Tensor:
     """``y = x W_k^T (+ bias)`` reading only the first ``k`` bit-planes; ``k`` int, per-token tensor or
     :class:`RoutedK` (a router's gate values and a threshold: counted in the kernel on the 'bits' path). ``span``:
@@ -4294,15 +4343,16 @@ def bitplane_linear(
             path = "tile"
     if routed and path != "bits":  # only the one-bit plane kernel counts the gate values itself
         k = k.counts()
-    if prologue is not None and path != "bits":
-        raise ValueError(f"a {prologue[0]} in the launch needs the 'bits' path (one token), got path {path!r}")
+    if (prologue is not None or epilogue is not None) and path != "bits":
+        what = f"a {prologue[0]}" if prologue is not None else "an epilogue"
+        raise ValueError(f"{what} in the launch needs the 'bits' path (one token), got path {path!r}")
     if path == "bits":
         if packed is None:
             packed = bitplanes_for(planes, scale, zero, slice_bits, group_size, K_IN)
         else:
             _check_packed(packed, slice_bits, group_size, N, scale)
         y = bitplane_linear_bits(
-            x2, packed, k, bias, out, small_config, span if spans(small_config) else None, prologue
+            x2, packed, k, bias, out, small_config, span if spans(small_config) else None, prologue, epilogue
         )
     elif path == "small":
         y = bitplane_linear_small(x2, planes, scale, zero, slice_bits, group_size, k, bias, out, small_config)

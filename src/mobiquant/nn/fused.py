@@ -104,12 +104,19 @@ RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "FusedRMSNorm")
 
 def made_input(x: torch.Tensor, prologue: tuple) -> torch.Tensor:
     """What ``prologue`` makes of ``x``: ``("rms_norm", weight, eps)``, :func:`rms_norm`; ``("silu_mul", up)``,
-    a gated MLP's ``silu(x) * up`` (``x`` the gate)."""
+    a gated MLP's ``silu(x) * up`` (``x`` the gate); ``("rms_scale", sums, eps)``, a norm whose parts the launch
+    before made (``x`` its input times its weight, :mod:`mobiquant.kernels.epilogue`)."""
     if prologue[0] == "rms_norm":
         return rms_norm(x, prologue[1], prologue[2])
     if prologue[0] == "silu_mul":
         return F.silu(x) * prologue[1]
-    raise ValueError(f"prologue must be ('rms_norm', weight, eps) or ('silu_mul', up), got {prologue[0]!r}")
+    if prologue[0] == "rms_scale":
+        from ..kernels.epilogue import rms_scaled
+
+        return rms_scaled(x, prologue[1], prologue[2])
+    raise ValueError(
+        f"prologue must be ('rms_norm', weight, eps), ('silu_mul', up) or ('rms_scale', sums, eps), got {prologue[0]!r}"
+    )
 
 
 def norm_prologue(norm: nn.Module, consumer: Any) -> tuple | None:
@@ -127,19 +134,24 @@ def norm_prologue(norm: nn.Module, consumer: Any) -> tuple | None:
     return "rms_norm", weight, float(eps)
 
 
-def linear_add(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+def linear_add(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, epilogue: Any = None) -> torch.Tensor:
     """``residual + linear(x)`` (``linear(x)`` when ``residual`` is None) in as few launches as the linear allows: a
     :class:`~mobiquant.nn.linear.MoBiLinear` adds it in its kernel's epilogue (one token), a plain ``nn.Linear``
     without bias through one ``addmm`` (cuBLAS's epilogue) when eager, anything else, and anything under
     ``torch.compile``, by an addition: Inductor fuses it with the next norm (the model's own step does so), where
     ``addmm`` first copies the residual into its output (8 more copies a step of the 8B-shaped fp16 model on an H100,
-    docs/RESULTS.md "A lean decode step")."""
+    docs/RESULTS.md "A lean decode step"). ``epilogue``: a :class:`~mobiquant.kernels.epilogue.NextInput` filled from
+    the sum (in the launch where a :class:`~mobiquant.nn.linear.MoBiLinear` can, else after)."""
     from .linear import MoBiLinear
 
+    if isinstance(linear, MoBiLinear):
+        return linear(x, residual=residual, epilogue=epilogue)
+    if epilogue is not None:
+        y = linear_add(linear, x, residual)
+        epilogue.make(y)
+        return y
     if residual is None:
         return linear(x)
-    if isinstance(linear, MoBiLinear):
-        return linear(x, residual=residual)
     if isinstance(linear, nn.Linear) and type(linear) is nn.Linear and not torch.compiler.is_compiling():
         n = linear.out_features
         if linear.bias is None and residual.shape[-1] == n:
@@ -148,12 +160,25 @@ def linear_add(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor | None
     return residual + linear(x)
 
 
-def prologue_outputs(linears: tuple[nn.Module, ...], x: torch.Tensor, prologue: tuple | None) -> list:
+def prologue_outputs(
+    linears: tuple[nn.Module, ...], x: torch.Tensor, prologue: tuple | None, epilogue: Any = None
+) -> list:
     """Each linear's output on ``made_input(x, prologue)`` (on ``x`` when ``prologue`` is None): a packed linear is
     handed ``x`` and the prologue, to make in its (site's) launch (:class:`~mobiquant.nn.linear.MoBiLinear`), the
-    others the prologue's output, made once."""
+    others the prologue's output, made once. ``epilogue``: a :class:`~mobiquant.kernels.epilogue.NextInput` of the
+    linears' outputs side by side (e.g. gate and up: their product), handed to the first where it is packed (its site
+    group's launch fills it), else made here from the outputs."""
     from .linear import MoBiLinear
 
+    if epilogue is not None:
+        first = linears[0]
+        if isinstance(first, MoBiLinear) and getattr(first, "_site_group", None) is not None:
+            outs = [first(x, prologue=prologue, epilogue=epilogue)] + prologue_outputs(linears[1:], x, prologue)
+        else:
+            outs = prologue_outputs(linears, x, prologue)
+        if not epilogue.made:  # no launch made it: made here
+            epilogue.make(torch.cat([o.reshape(-1) for o in outs]))
+        return outs
     if prologue is None:
         return [lin(x) for lin in linears]
     made: list[torch.Tensor] = []

@@ -125,6 +125,7 @@ class LeanAttention:
         """The model's attention output, plus ``residual`` (a keyword, :class:`LeanDecoderLayer`'s) when given;
         ``lean_layer``: the cache layer the decoder layer already found for this input (not looked up again)."""
         residual = kwargs.pop("residual", None)
+        nxt = kwargs.pop("lean_next", None)  # a NextInput the o launch fills (LeanDecoderLayer)
         layer = kwargs.pop("lean_layer", None)
         prologue = kwargs.pop("lean_prologue", None)  # hidden_states is this norm's input (LeanDecoderLayer)
         if layer is None and not args:
@@ -133,20 +134,25 @@ class LeanAttention:
             if prologue is not None:
                 hidden_states = made_input(hidden_states, prologue)
             out, weights = super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
-            return (out if residual is None else residual + out), weights
+            out = out if residual is None else residual + out
+            if nxt is not None:
+                nxt.make(out)
+            return out, weights
         B = hidden_states.shape[0]
         projs = (self.q_proj, self.k_proj, self.v_proj)  # type: ignore[attr-defined]
         q, k, v = (y.reshape(B, -1) for y in prologue_outputs(projs, hidden_states, prologue))
         cos, sin = kwargs["position_embeddings"]
         out = _attend(self, q, k, v, cos, sin, layer, kwargs.get("attention_mask")).reshape(B, 1, -1)
-        return linear_add(self.o_proj, out, residual), None  # type: ignore[attr-defined]
+        return linear_add(self.o_proj, out, residual, nxt), None  # type: ignore[attr-defined]
 
 
 class LeanDecoderLayer:
     """The forward placed before a supported decoder layer's class (module docstring): where its attention takes
     the lean step, the residual additions ride in the ``o_proj`` and ``down_proj`` launches; with
     :attr:`lean_prologues` the RMS norms ride in the q/k/v and gate/up launches and the gated product in the down
-    launch where those can make them (:func:`_prologue_for`)."""
+    launch where those can make them (:func:`_prologue_for`), and where the linears' kernels make them in the launch
+    before instead (``SmallConfig.fragment_epilogues``: :mod:`mobiquant.kernels.epilogue`), the post-attention norm
+    rides in the o launch and the product in the gate/up launch (:func:`_post_norm_by_o`, :func:`_product_by`)."""
 
     lean_prologues: bool
 
@@ -160,17 +166,26 @@ class LeanDecoderLayer:
         norm = None
         if lean:
             norm = _prologue_for(self.input_layernorm, module.q_proj, hidden_states)  # type: ignore[attr-defined]
+        mlp: Any = self.mlp  # type: ignore[attr-defined]
+        gated = isinstance(mlp, FusedGatedMLP) or gated_mlp(mlp)
+        post = _post_norm_by_o(self, module, mlp, hidden_states) if lean and gated else None
         if norm is None:
             x = self.input_layernorm(hidden_states)  # type: ignore[attr-defined]
-            h, _ = module(x, residual=hidden_states, lean_layer=layer, **kwargs)
+            h, _ = module(x, residual=hidden_states, lean_layer=layer, lean_next=post, **kwargs)
         else:  # the norm made in the q/k/v launch
-            h, _ = module(hidden_states, residual=hidden_states, lean_layer=layer, lean_prologue=norm, **kwargs)
-        mlp: Any = self.mlp  # type: ignore[attr-defined]
-        if not (isinstance(mlp, FusedGatedMLP) or gated_mlp(mlp)):
+            h, _ = module(hidden_states, residual=hidden_states, lean_layer=layer, lean_prologue=norm, lean_next=post,
+                          **kwargs)  # fmt: skip
+        if not gated:
             return h + mlp(self.post_attention_layernorm(h))  # type: ignore[attr-defined]
-        norm = _prologue_for(self.post_attention_layernorm, mlp.gate_proj, h) if lean else None  # type: ignore[attr-defined]
-        x = h if norm is not None else self.post_attention_layernorm(h)  # type: ignore[attr-defined]
-        gate, up = prologue_outputs((mlp.gate_proj, mlp.up_proj), x, norm)
+        if post is not None:  # the o launch made the norm's parts: gate/up scale their outputs
+            x, norm = post.out.view_as(h), post.prologue()
+        else:
+            norm = _prologue_for(self.post_attention_layernorm, mlp.gate_proj, h) if lean else None  # type: ignore[attr-defined]
+            x = h if norm is not None else self.post_attention_layernorm(h)  # type: ignore[attr-defined]
+        product = _product_by(mlp, h) if lean else None
+        gate, up = prologue_outputs((mlp.gate_proj, mlp.up_proj), x, norm, product)
+        if product is not None:  # made by the gate/up launch
+            return linear_add(mlp.down_proj, product.out, h)
         if lean and _silu(mlp.act_fn) and _takes(mlp.down_proj, gate):  # the product made in the down launch
             return mlp.down_proj(gate, residual=h, prologue=("silu_mul", up))
         if isinstance(mlp, FusedGatedMLP):
@@ -179,17 +194,62 @@ class LeanDecoderLayer:
 
 
 @torch.compiler.disable  # reads the views and kernel choice, as the linears' own launches do
-def _takes(linear: Any, x: torch.Tensor) -> bool:
-    """Whether ``linear`` (a packed linear, alone or in a site group) makes its input from a prologue on ``x`` in its
-    launch (``MoBiLinear.takes_prologue``, ``SiteGroup.takes_prologue``)."""
+def _takes(linear: Any, x: torch.Tensor, kind: str = "rms_norm") -> bool:
+    """Whether ``linear`` (a packed linear, alone or in a site group) makes its input from a prologue of ``kind`` on
+    ``x`` in its launch (``MoBiLinear.takes_prologue``, ``SiteGroup.takes_prologue``)."""
     from .linear import MoBiLinear
 
     if not isinstance(linear, MoBiLinear):
         return False
     group = getattr(linear, "_site_group", None)
     if group is not None:
-        return bool(group.takes_prologue(x, getattr(linear, "small_config", None)))
-    return linear.takes_prologue(x)
+        return bool(group.takes_prologue(x, getattr(linear, "small_config", None), kind))
+    return linear.takes_prologue(x, kind=kind)
+
+
+@torch.compiler.disable  # reads the views and kernel choice, as the linears' own launches do
+def _makes(linear: Any, x: torch.Tensor, kind: str) -> bool:
+    """Whether ``linear``'s launch on the one token ``x`` (alone, or its site group's whole launch) fills a
+    :class:`~mobiquant.kernels.epilogue.NextInput` of ``kind`` itself (``MoBiLinear.takes_epilogue``,
+    ``SiteGroup.takes_epilogue``)."""
+    from .linear import MoBiLinear
+
+    if not isinstance(linear, MoBiLinear):
+        return False
+    group = getattr(linear, "_site_group", None)
+    if group is not None:
+        return bool(group.takes_epilogue(x, getattr(linear, "small_config", None), kind))
+    return linear.takes_epilogue(x, kind)
+
+
+@torch.compiler.disable  # its request's buffers made outside a compiled trace, as the launches' are
+def _post_norm_by_o(layer: Any, attn: Any, mlp: Any, x: torch.Tensor) -> Any:
+    """A :class:`~mobiquant.kernels.epilogue.NextInput` of ``layer``'s post-attention RMS norm for its o launch to
+    fill where that launch can and the gate/up launch can take it (``("rms_scale", ...)``); else None. ``x``, the
+    layer's input, stands for the o launch's input and outputs (one token of the model's width)."""
+    from ..kernels.epilogue import NextInput
+
+    spec = norm_prologue(layer.post_attention_layernorm, mlp.gate_proj)
+    if spec is None or attn.o_proj.in_features != x.shape[-1]:
+        return None
+    if not (_makes(attn.o_proj, x, "rms_norm") and _takes(mlp.gate_proj, x, "rms_scale")):
+        return None
+    return NextInput.rms_norm(spec[1], spec[2], x)
+
+
+@torch.compiler.disable  # its request's buffers made outside a compiled trace, as the launches' are
+def _product_by(mlp: Any, x: torch.Tensor) -> Any:
+    """A :class:`~mobiquant.kernels.epilogue.NextInput` of the gated product for the gate/up site launch to fill
+    (a site group of exactly gate then up, SiLU, a launch that can: :func:`_makes`); else None. ``x``: one token of
+    the MLP's input width."""
+    from ..kernels.epilogue import NextInput
+
+    group = getattr(mlp.gate_proj, "_site_group", None)
+    if group is None or group.members != [mlp.gate_proj, mlp.up_proj] or not _silu(mlp.act_fn):
+        return None
+    if not _makes(mlp.gate_proj, x, "silu_mul"):
+        return None
+    return NextInput.silu_mul(x, mlp.gate_proj.out_features)
 
 
 def _silu(act: Any) -> bool:

@@ -357,27 +357,61 @@ class MoBiLinear(nn.Module):
         return out
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, prologue: Any = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, prologue: Any = None, epilogue: Any = None
+    ) -> torch.Tensor:
         """``x W^T + bias``, plus ``residual`` (of the output's shape) when given: for one token on the one-bit
         plane and fragment kernels added in the launch's epilogue (as the bias is), else by one addition.
         ``prologue``: ``x`` is the input of what makes this linear's input (:func:`~mobiquant.nn.fused.made_input`:
         ``("rms_norm", weight, eps)``, LLaMA's RMS norm, or ``("silu_mul", up)``, a gated MLP's product of the gate
         ``x``): made in this linear's launch (or its site group's) where that launch can (:meth:`takes_prologue`),
-        else here first."""
+        else here first. ``epilogue``: a :class:`~mobiquant.kernels.epilogue.NextInput` filled from the outputs (the
+        residual added) for the next launch, by this launch where it can (:meth:`takes_epilogue`), else here after."""
         router = self._router
         if router is not None and router.has_borrowers:  # the borrowers' input, recorded as the home linears run:
-            return self._forward_opaque(x, residual, prologue)  # kept out of a compiled trace: it would not record
+            return self._forward_opaque(x, residual, prologue, epilogue)  # kept out of a compiled trace
         if torch.compiler.is_compiling():  # decode's cuda_graph='compile': a CPU int4 view is traced with the rest
             y = self._traced_int4(x if prologue is None else made_input(x, prologue))
             if y is not None:
-                return y if residual is None else y + residual
-        return self._forward_opaque(x, residual, prologue)
+                y = y if residual is None else y + residual
+                if epilogue is not None:
+                    epilogue.make(y)
+                return y
+        return self._forward_opaque(x, residual, prologue, epilogue)
 
-    def takes_prologue(self, x: torch.Tensor, alone: bool = True) -> bool:
-        """Whether this linear's one-token launch for ``x`` makes its input from a ``prologue`` itself
+    def takes_prologue(self, x: torch.Tensor, alone: bool = True, kind: str = "rms_norm") -> bool:
+        """Whether this linear's one-token launch for ``x`` makes its input from a prologue of ``kind`` itself
         (:meth:`forward`): a packed static view on the one-bit plane kernel's whole-K programs, where the fragment
-        kernel does not serve it (``triton_bitplane.takes_prologue``); ``alone=False``: this linear's part of its
-        site group's answer (:meth:`~mobiquant.nn.site.SiteGroup.takes_prologue`)."""
+        kernel does not serve it, or a norm made by the launch before (``"rms_scale"``) on the fragment kernel
+        (``triton_bitplane.takes_prologue``); ``alone=False``: this linear's part of its site group's answer
+        (:meth:`~mobiquant.nn.site.SiteGroup.takes_prologue`)."""
+        if not self._static_launch(x):
+            return False
+        from ..kernels import triton_bitplane as tbp
+
+        cfg = getattr(self, "small_config", None)
+        if not alone:
+            return True
+        x2 = x.reshape(1, -1)
+        return tbp.takes_prologue(x2, self.bitplane_buffers(), self.static_k, (self.out_features,), cfg, kind)
+
+    def takes_epilogue(self, x: torch.Tensor, kind: str, alone: bool = True) -> bool:
+        """Whether this linear's one-token launch for ``x`` fills a :class:`~mobiquant.kernels.epilogue.NextInput`
+        of ``kind`` itself (``triton_bitplane.takes_epilogue``: a static view on the fragment kernel); ``alone=False``:
+        this linear's part of its site group's answer (:meth:`~mobiquant.nn.site.SiteGroup.takes_epilogue`)."""
+        if not self._static_launch(x):
+            return False
+        from ..kernels import triton_bitplane as tbp
+
+        if not alone:
+            return True
+        cfg = getattr(self, "small_config", None)
+        x2 = x.reshape(1, -1)
+        return tbp.takes_epilogue(x2, self.bitplane_buffers(), self.static_k, (self.out_features,), cfg, kind)
+
+    def _static_launch(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is one token this packed linear decodes at a static view on the one-bit plane buffers'
+        kernels (the launches that may take a prologue or an epilogue)."""
         if x.numel() != x.shape[-1] or not self.packed or self.weight_override is not None or self.track:
             return False
         if self.mode != "static" and self._router is not None:
@@ -387,12 +421,7 @@ class MoBiLinear(nn.Module):
         from ..kernels import triton_bitplane as tbp
 
         cfg = getattr(self, "small_config", None)
-        if not tbp.wants_bitplanes(self.slice_bits, self.slicer.group_size, cfg):
-            return False
-        if not alone:
-            return True
-        x2 = x.reshape(1, -1)
-        return tbp.takes_prologue(x2, self.bitplane_buffers(), self.static_k, (self.out_features,), cfg)
+        return bool(tbp.wants_bitplanes(self.slice_bits, self.slicer.group_size, cfg))
 
     def _traced_int4(self, x: torch.Tensor) -> torch.Tensor | None:
         """Under ``torch.compile``, the forward that Inductor can take into the step's graph: a packed layer's bf16
@@ -444,7 +473,7 @@ class MoBiLinear(nn.Module):
     # code between these calls and captures them in its graph)
     @torch.compiler.disable
     def _forward_opaque(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None, prologue: Any = None
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, prologue: Any = None, epilogue: Any = None
     ) -> torch.Tensor:
         router = self._router
         home = router is not None and router.has_borrowers and self.router_home
@@ -455,10 +484,13 @@ class MoBiLinear(nn.Module):
         if self.weight_override is not None:
             y = F.linear(x, self.weight_override().to(x.dtype), self.bias)
         elif self.packed:
-            return self._forward_packed(x, residual, prologue)
+            return self._forward_packed(x, residual, prologue, epilogue)
         else:
             y = self._forward_fake(x)
-        return y if residual is None else y + residual
+        y = y if residual is None else y + residual
+        if epilogue is not None:  # no launch of ours made it: made here
+            epilogue.make(y)
+        return y
 
     def _count(self, k: torch.Tensor | int, n_tokens: int) -> None:
         if not self.track:
@@ -540,7 +572,7 @@ class MoBiLinear(nn.Module):
         return self._host_view() if router is not None and router.fixed else None
 
     def _forward_packed(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None, prologue: Any = None
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, prologue: Any = None, epilogue: Any = None
     ) -> torch.Tensor:
         from .. import kernels
 
@@ -565,16 +597,25 @@ class MoBiLinear(nn.Module):
                 extra["packed"] = self.bitplane_buffers()  # read by the dequantize pass of a prompt
         group = getattr(self, "_site_group", None)
         if group is not None and extra.get("path") == "bits":  # one launch for the site (patching.fuse_sites)
-            y = group.output(self, x, cfg, prologue)
+            y = group.output(self, x, cfg, prologue, epilogue)  # (the group fills an epilogue itself)
             if y is not None:
                 return y if residual is None else y + residual
         if prologue is not None:
-            if group is None and extra.get("path") == "bits" and self.takes_prologue(x):
+            if group is None and extra.get("path") == "bits" and self.takes_prologue(x, kind=prologue[0]):
                 extra["prologue"] = prologue  # made in this linear's launch
             else:  # no launch makes it: made here
                 x = made_input(x, prologue)
         # one token's residual is the launch's bias: added in the kernel's epilogue
         in_epilogue = residual is not None and bias is None and extra.get("path") == "bits"
+        epi_in_launch = (
+            epilogue is not None
+            and group is None
+            and extra.get("path") == "bits"
+            and (residual is None or in_epilogue)
+            and self.takes_epilogue(x, epilogue.kind)
+        )
+        if epi_in_launch:
+            extra["epilogue"] = epilogue  # filled by this linear's launch
         if in_epilogue:
             assert residual is not None
             bias = residual.reshape(-1)
@@ -611,7 +652,10 @@ class MoBiLinear(nn.Module):
             pair=pair,
             **extra,
         )
-        return y if residual is None or in_epilogue else y + residual
+        y = y if residual is None or in_epilogue else y + residual
+        if epilogue is not None and not epilogue.made and group is None:  # no launch made it: made here (a site
+            epilogue.make(y)  # member's is its caller's to make, from every member's outputs)
+        return y
 
     def _int4_serves(self, x: torch.Tensor, cfg: Any = None) -> bool:
         """Whether the int4 matmuls (``kernels.int4``) serve ``x``: bf16 decode on the CPU; on CUDA 2 to

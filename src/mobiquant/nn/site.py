@@ -79,10 +79,10 @@ class SiteGroup:
             return None
         return min(known), max(known) + 1
 
-    def takes_prologue(self, x: torch.Tensor, config: Any) -> bool:
-        """Whether the group's one launch for the one token ``x`` can make its input from ``x`` itself
-        (:meth:`output` with a ``prologue``, e.g. the RMS norm before q/k/v): every member at the same static view
-        (``MoBiLinear.takes_prologue``) on a launch of the one-bit plane kernel's whole-K programs."""
+    def takes_prologue(self, x: torch.Tensor, config: Any, kind: str = "rms_norm") -> bool:
+        """Whether the group's one launch for the one token ``x`` can make its input from ``x`` itself by a prologue
+        of ``kind`` (:meth:`output` with a ``prologue``, e.g. the RMS norm before q/k/v): every member at the same
+        static view (``MoBiLinear.takes_prologue``) on a launch that takes it (``triton_bitplane.takes_prologue``)."""
         from ..kernels.triton_bitplane import takes_prologue
 
         if not all(m.takes_prologue(x, alone=False) for m in self.members):
@@ -91,29 +91,57 @@ class SiteGroup:
         if ks is None or len(set(ks)) != 1:
             return False
         site = self.buffers()
-        return takes_prologue(x.reshape(1, -1), site.planes, ks[0], site.outs, config)
+        return takes_prologue(x.reshape(1, -1), site.planes, ks[0], site.outs, config, kind)
 
-    def output(self, member: Any, x: torch.Tensor, config: Any, prologue: Any = None) -> torch.Tensor | None:
+    def takes_epilogue(self, x: torch.Tensor, config: Any, kind: str) -> bool:
+        """Whether the group's one launch for the one token ``x`` fills a
+        :class:`~mobiquant.kernels.epilogue.NextInput` of ``kind`` (e.g. gate and up: their product) itself: every
+        member at the same static view on a launch that makes it (``triton_bitplane.takes_epilogue``)."""
+        from ..kernels.triton_bitplane import takes_epilogue
+
+        if not all(m.takes_epilogue(x, kind, alone=False) for m in self.members):
+            return False
+        ks = self._ks(x)
+        if ks is None or len(set(ks)) != 1:
+            return False
+        site = self.buffers()
+        return takes_epilogue(x.reshape(1, -1), site.planes, ks[0], site.outs, config, kind)
+
+    def output(
+        self, member: Any, x: torch.Tensor, config: Any, prologue: Any = None, epilogue: Any = None
+    ) -> torch.Tensor | None:
         """``member``'s output for the one token ``x`` from the group's one launch, or None (its own launch);
-        ``prologue``: what makes the members' input from ``x``, made in the launch (:meth:`takes_prologue`)."""
+        ``prologue``: what makes the members' input from ``x``, made in the launch (:meth:`takes_prologue`);
+        ``epilogue``: a :class:`~mobiquant.kernels.epilogue.NextInput` filled from the group's outputs (the members'
+        side by side), by the launch where it can (:meth:`takes_epilogue`), else here (a launch is then made
+        even where one made the outputs before)."""
         from ..kernels.triton_bitplane import bitplane_site_bits
 
         made = None if prologue is None else tuple(id(p) if torch.is_tensor(p) else p for p in prologue)
         key = (*self._key(), config, made)
         entry = self._cache
-        if entry is not None and entry[0]() is x and entry[1] == key:
+        if epilogue is None and entry is not None and entry[0]() is x and entry[1] == key:
             y = entry[2]
         else:
             ks = self._ks(x)
             if ks is None:
                 return None
             site = self.buffers()
+            in_launch = epilogue is not None and self.takes_epilogue(x, config, epilogue.kind)
             try:
                 y = bitplane_site_bits(
-                    x.reshape(1, -1), site, ks, config=config, span=self._span(ks, config), prologue=prologue
+                    x.reshape(1, -1),
+                    site,
+                    ks,
+                    config=config,
+                    span=self._span(ks, config),
+                    prologue=prologue,
+                    epilogue=epilogue if in_launch else None,
                 )
             except ValueError:  # views, a layout or a config the one launch does not cover: each linear its own
                 return None
+            if epilogue is not None and not in_launch:
+                epilogue.make(y)
             self._cache = (weakref.ref(x), key, y)
         i = self.members.index(member)
         c, n = self._site.cols[i], self._site.outs[i]
