@@ -366,6 +366,8 @@ def lean_step(model: nn.Module, enable: bool = True, adds: bool = True, prologue
     for mod in model.modules():
         if isinstance(mod, (LeanAttention, LeanDecoderLayer)):
             mod.__class__ = base_type(type(mod))
+            for key in ("lean_next_layer", "_lean_handed"):
+                mod.__dict__.pop(key, None)
         if not enable:
             continue
         if lean_reason(mod) is None:
@@ -378,6 +380,13 @@ def lean_step(model: nn.Module, enable: bool = True, adds: bool = True, prologue
         elif adds and layer_reason(mod) is None:
             mod.__class__ = lean_type(type(mod), LeanDecoderLayer)
             mod.lean_prologues = bool(prologues)
+    for mod in model.modules():  # each lean layer's next in its stack (its down launch may make that one's norm)
+        if isinstance(mod, nn.ModuleList):
+            items = list(mod)
+            for i, a in enumerate(items):
+                b = items[i + 1] if i + 1 < len(items) else None
+                if isinstance(a, LeanDecoderLayer):  # held outside the module tree: not a submodule of a
+                    object.__setattr__(a, "lean_next_layer", b if isinstance(b, LeanDecoderLayer) else None)
     return done
 
 

@@ -456,7 +456,8 @@ def test_lean_epilogues_hand_the_norm_and_product_over(monkeypatch):
     fragment kernel; here every launch is asked to, and on the CPU each request is filled in PyTorch after the launch
     that could not): the lean layer of a packed tiny LLaMA at a static view hands its o launch the post-attention
     norm (the gate/up launch reads ``outputs * weight`` and scales) and its gate/up site the gated product (the down
-    launch reads it), calls neither module, and keeps its logits."""
+    launch reads it), and its down launch the next layer's input norm (which every layer but the first takes), calls
+    neither the post-attention norm nor the activation, and keeps its logits."""
     from test_fused_inputs import default_layout_model
 
     from mobiquant.kernels.epilogue import NextInput
@@ -476,7 +477,7 @@ def test_lean_epilogues_hand_the_norm_and_product_over(monkeypatch):
     @contextlib.contextmanager
     def spied():
         made.clear()
-        names = ("post_attention_layernorm", "mlp.act_fn")
+        names = ("input_layernorm", "post_attention_layernorm", "mlp.act_fn")
         hooks = [layer.get_submodule(n).register_forward_hook(lambda *_, n=n: made.append(n))
                  for layer in q.model.layers for n in names]  # fmt: skip
         yield
@@ -486,13 +487,23 @@ def test_lean_epilogues_hand_the_norm_and_product_over(monkeypatch):
     monkeypatch.setattr(NextInput, "make", make)
     outs = _logits_each_way(q, 2, ids, 3, spied, [dict(prologues=True)])
     assert "rms_norm" not in made and "silu_mul" not in made  # not asked for: the CPU's launches cannot
+    real_handed, handed = lean._handed, []
+
+    def took(layer, x):  # each layer's input norm: made by the layer before's down launch, or not
+        got = real_handed(layer, x)
+        handed.append(got is not None)
+        return got
+
+    monkeypatch.setattr(lean, "_handed", took)
     monkeypatch.setattr(lean, "_makes", lambda *a: True)
     monkeypatch.setattr(lean, "_takes", lambda lin, x, kind="rms_norm": kind == "rms_scale" or real_takes(lin, x, kind))
     outs += _logits_each_way(q, 2, ids, 3, spied, [dict(prologues=True)])
     torch.testing.assert_close(outs[1], outs[0], atol=2e-3, rtol=2e-3)
-    steps = 3 * q.config.num_hidden_layers
-    assert made.count("rms_norm") == steps and made.count("silu_mul") == steps, made
+    n, tokens = q.config.num_hidden_layers, 3
+    assert n > 1 and made.count("silu_mul") == n * tokens, made
+    assert made.count("rms_norm") == (2 * n - 1) * tokens, made  # each o launch's, each down launch's but the last
     assert "post_attention_layernorm" not in made and "mlp.act_fn" not in made, made
+    assert handed == [False, True] * tokens if n == 2 else handed.count(True) == (n - 1) * tokens, handed
 
 
 @needs_triton

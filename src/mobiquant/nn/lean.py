@@ -18,6 +18,7 @@ Triton's interpreter) runs the model's own forwards.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -163,8 +164,11 @@ class LeanDecoderLayer:
             return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
         module: Any = attn  # an nn.Module of a lean class
         lean = getattr(self, "lean_prologues", False)
+        handed = _handed(self, hidden_states) if lean else None  # the layer before's down launch made our norm's parts
         norm = None
-        if lean:
+        if handed is not None:
+            norm = handed.prologue()
+        elif lean:
             norm = _prologue_for(self.input_layernorm, module.q_proj, hidden_states)  # type: ignore[attr-defined]
         mlp: Any = self.mlp  # type: ignore[attr-defined]
         gated = isinstance(mlp, FusedGatedMLP) or gated_mlp(mlp)
@@ -172,8 +176,9 @@ class LeanDecoderLayer:
         if norm is None:
             x = self.input_layernorm(hidden_states)  # type: ignore[attr-defined]
             h, _ = module(x, residual=hidden_states, lean_layer=layer, lean_next=post, **kwargs)
-        else:  # the norm made in the q/k/v launch
-            h, _ = module(hidden_states, residual=hidden_states, lean_layer=layer, lean_prologue=norm, lean_next=post,
+        else:  # the norm made in the q/k/v launch (from the input, or from the parts the launch before made)
+            x = hidden_states if handed is None else handed.out.view_as(hidden_states)
+            h, _ = module(x, residual=hidden_states, lean_layer=layer, lean_prologue=norm, lean_next=post,
                           **kwargs)  # fmt: skip
         if not gated:
             return h + mlp(self.post_attention_layernorm(h))  # type: ignore[attr-defined]
@@ -185,7 +190,11 @@ class LeanDecoderLayer:
         product = _product_by(mlp, h) if lean else None
         gate, up = prologue_outputs((mlp.gate_proj, mlp.up_proj), x, norm, product)
         if product is not None:  # made by the gate/up launch
-            return linear_add(mlp.down_proj, product.out, h)
+            nxt = _next_norm_by_down(self, mlp, h)
+            out = linear_add(mlp.down_proj, product.out, h, nxt)
+            if nxt is not None:
+                _hand(self.lean_next_layer, out, nxt)  # type: ignore[attr-defined]
+            return out
         if lean and _silu(mlp.act_fn) and _takes(mlp.down_proj, gate):  # the product made in the down launch
             return mlp.down_proj(gate, residual=h, prologue=("silu_mul", up))
         if isinstance(mlp, FusedGatedMLP):
@@ -235,6 +244,37 @@ def _post_norm_by_o(layer: Any, attn: Any, mlp: Any, x: torch.Tensor) -> Any:
     if not (_makes(attn.o_proj, x, "rms_norm") and _takes(mlp.gate_proj, x, "rms_scale")):
         return None
     return NextInput.rms_norm(spec[1], spec[2], x)
+
+
+@torch.compiler.disable  # its request's buffers made outside a compiled trace, as the launches' are
+def _next_norm_by_down(layer: Any, mlp: Any, h: torch.Tensor) -> Any:
+    """A :class:`~mobiquant.kernels.epilogue.NextInput` of the next decoder layer's input RMS norm for ``layer``'s
+    down launch to fill, where that launch can and the next layer's q/k/v launch can take it; else None (the last
+    layer: the model's final norm stays its own launch). ``h``: one token of the model's width."""
+    from ..kernels.epilogue import NextInput
+
+    nxt = getattr(layer, "lean_next_layer", None)
+    if nxt is None or not getattr(nxt, "lean_prologues", False):
+        return None
+    q_proj = getattr(getattr(nxt, "self_attn", None), "q_proj", None)
+    spec = norm_prologue(nxt.input_layernorm, q_proj)
+    if spec is None or not (_makes(mlp.down_proj, h, "rms_norm") and _takes(q_proj, h, "rms_scale")):
+        return None
+    return NextInput.rms_norm(spec[1], spec[2], h)
+
+
+@torch.compiler.disable  # host state beside the step's tensors, as a site group's cache
+def _hand(layer: Any, out: torch.Tensor, made: Any) -> None:
+    """Hands ``layer`` (the next decoder layer) the parts of its input norm ``made`` from ``out`` (its input)."""
+    layer._lean_handed = (weakref.ref(out), made)
+
+
+@torch.compiler.disable  # host state beside the step's tensors, as a site group's cache
+def _handed(layer: Any, x: torch.Tensor) -> Any:
+    """The :class:`~mobiquant.kernels.epilogue.NextInput` the layer before handed ``layer`` for its input ``x``
+    (:func:`_hand`), once; None where there is none for this very tensor."""
+    entry = layer.__dict__.pop("_lean_handed", None)
+    return entry[1] if entry is not None and entry[0]() is x and entry[1].made else None
 
 
 @torch.compiler.disable  # its request's buffers made outside a compiled trace, as the launches' are
