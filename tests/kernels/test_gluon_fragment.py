@@ -814,7 +814,7 @@ def test_gpu_epilogues(n_in, gen):
             assert prod.made and torch.equal(y, ref), k
             want = NextInput.silu_mul(x, n_out)
             want.make(y)
-            torch.testing.assert_close(prod.out, want.out, rtol=0, atol=0)
+            torch.testing.assert_close(prod.out, want.out, rtol=2e-3, atol=1e-3)  # exp's last bits: an fp16 ulp
 
 
 @needs_gpu

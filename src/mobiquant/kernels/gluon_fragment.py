@@ -820,7 +820,7 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
             hkr = HK
         total = _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PSTRIDE, G, g_lo, GS,
                             p, multr, zmr, hkr, P, W0, W1, BN, BATCH, PREFETCH, LW, AL, BL, MMA, smem, STAGES, SSTRIDE,
-                            VL, XL, BULK_GS, bars, PDL and P > 0 and PRO != 1, lofs, AHEAD, pro_ptr, s_pro,
+                            VL, XL, BULK_GS, bars, PDL and P > 0 and PRO != 1 and PRO != 3, lofs, AHEAD, pro_ptr, s_pro,
                             PRO)  # fmt: skip
     y = ttgl.sum(total, axis=1)
     if PRO == 3:
