@@ -320,6 +320,19 @@ def test_attention_bench_baseline_is_the_same_arithmetic():
         torch.testing.assert_close(L["keys"], ref_in["keys"])
 
 
+@contextlib.contextmanager
+def _norm_calls(model, seen: list):
+    """Appends to ``seen`` the name of each of the decoder layers' norms and activation as it is called."""
+    names = ("input_layernorm", "post_attention_layernorm", "mlp.act_fn")
+    hooks = [layer.get_submodule(n).register_forward_hook(lambda *_, n=n: seen.append(n))
+             for layer in model.model.layers for n in names]  # fmt: skip
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 @needs_triton
 def test_lean_prologues_ride_in_the_launches(monkeypatch):
     """``lean_step(prologues=True)``: a packed tiny LLaMA (fused sites and inputs) at a static view makes each
@@ -349,16 +362,12 @@ def test_lean_prologues_ride_in_the_launches(monkeypatch):
     @contextlib.contextmanager
     def spied():
         seen.clear()
-        names = ("input_layernorm", "post_attention_layernorm", "mlp.act_fn")
-        hooks = [layer.get_submodule(n).register_forward_hook(lambda *_, n=n: seen.append(n))
-                 for layer in q.model.layers for n in names]  # fmt: skip
-        monkeypatch.setattr(tb, "bitplane_site_bits", site_spy)
-        monkeypatch.setattr(tb, "bitplane_linear", one_spy)
-        yield
-        monkeypatch.setattr(tb, "bitplane_site_bits", real_site)
-        monkeypatch.setattr(tb, "bitplane_linear", real_one)
-        for h in hooks:
-            h.remove()
+        with _norm_calls(q, seen):
+            monkeypatch.setattr(tb, "bitplane_site_bits", site_spy)
+            monkeypatch.setattr(tb, "bitplane_linear", one_spy)
+            yield
+            monkeypatch.setattr(tb, "bitplane_site_bits", real_site)
+            monkeypatch.setattr(tb, "bitplane_linear", real_one)
 
     steps = 3
     for k in (2, None):  # a static view, then routers where the tokens decide
@@ -477,12 +486,8 @@ def test_lean_epilogues_hand_the_norm_and_product_over(monkeypatch):
     @contextlib.contextmanager
     def spied():
         made.clear()
-        names = ("input_layernorm", "post_attention_layernorm", "mlp.act_fn")
-        hooks = [layer.get_submodule(n).register_forward_hook(lambda *_, n=n: made.append(n))
-                 for layer in q.model.layers for n in names]  # fmt: skip
-        yield
-        for h in hooks:
-            h.remove()
+        with _norm_calls(q, made):
+            yield
 
     monkeypatch.setattr(NextInput, "make", make)
     outs = _logits_each_way(q, 2, ids, 3, spied, [dict(prologues=True)])

@@ -87,11 +87,9 @@ class SiteGroup:
 
         if not all(m.takes_prologue(x, alone=False) for m in self.members):
             return False
-        ks = self._ks(x)
-        if ks is None or len(set(ks)) != 1:
-            return False
-        site = self.buffers()
-        return takes_prologue(x.reshape(1, -1), site.planes, ks[0], site.outs, config, kind)
+        return self._one_static_launch(
+            x, lambda x2, site, k: takes_prologue(x2, site.planes, k, site.outs, config, kind)
+        )
 
     def takes_epilogue(self, x: torch.Tensor, config: Any, kind: str) -> bool:
         """Whether the group's one launch for the one token ``x`` fills a
@@ -101,11 +99,16 @@ class SiteGroup:
 
         if not all(m.takes_epilogue(x, kind, alone=False) for m in self.members):
             return False
+        return self._one_static_launch(
+            x, lambda x2, site, k: takes_epilogue(x2, site.planes, k, site.outs, config, kind)
+        )
+
+    def _one_static_launch(self, x: torch.Tensor, ask: Any) -> bool:
+        """``ask(x2, site buffers, k)`` where every member is at the one static view ``k``; else False."""
         ks = self._ks(x)
         if ks is None or len(set(ks)) != 1:
             return False
-        site = self.buffers()
-        return takes_epilogue(x.reshape(1, -1), site.planes, ks[0], site.outs, config, kind)
+        return bool(ask(x.reshape(1, -1), self.buffers(), ks[0]))
 
     def output(
         self, member: Any, x: torch.Tensor, config: Any, prologue: Any = None, epilogue: Any = None
