@@ -109,7 +109,8 @@
 #            PROLOGUE_PDL=1: also every such row with programmatic dependent launch (the lean step's attention too)
 #   epilogues (only when named) the post-attention RMS norm's parts made by the o launch and the gated product by
 #            the gate/up launch (SmallConfig.fragment_epilogues, benchmarks/NOTES.md entry 40): their GPU tests, then
-#            the package rows with the lean step, its prologues, and the epilogues too (default placement site)
+#            the package rows with the lean step, its prologues, and the epilogues too (default placement site);
+#            EPILOGUE_TESTS=0: without the tests; EPILOGUE_PDL=1: also the lean rows with programmatic dependent launch
 #   block    (only when named; in loads) the default rows with router placement block (one router a layer), with
 #            and without the lean step, and its compiled step's census at routed 3.5 / 4.5 bits with it
 #            (BLOCK_CENSUS=0: without the census)
@@ -401,10 +402,10 @@ stage() {
         --census compile --census-only --census-budgets 3.5 4.5 --lean-step ;;
     epilogues)
       # the norm and product made by the launch before (mobiquant.kernels.epilogue): GPU tests, then the package rows
-      run_stage epilogue_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gluon_fragment.py \
-        tests/kernels/test_lean_step.py -k epilogue
+      [ "${EPILOGUE_TESTS:-1}" = 0 ] || run_stage epilogue_tests 420 "$PY" -m pytest -q -p no:cacheprovider \
+        tests/kernels/test_gluon_fragment.py tests/kernels/test_lean_step.py -k epilogue
       package_stage loads_epi site --package-lean-step --package-lean-prologues --package-epilogues \
-        --package-fused-only ;;
+        --package-fused-only ${EPILOGUE_PDL:+--package-pdl} ;;
     span)
       # k read on the device against the static views: every body, preloaded, a span of two views (the stack);
       # then their tests compiled

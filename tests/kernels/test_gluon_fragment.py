@@ -400,6 +400,22 @@ def test_epilogue_launch_args():
         gf._launch_args(words, sc, sc, x, out, planes=4, out_mode=1, epilogue=("silu_mul",))
 
 
+def test_epilogues_on_the_views_measured_faster():
+    """``SmallConfig.fragment_epilogues``: by default (None) the static views of at most 4 or at least 7 planes make
+    the next launch's input in their launches (the views measured faster so), True every view, False none; a launch
+    the fragment kernel does not serve (here: the CPU) never."""
+    planes, scale, zero = make_layer(256, 1024, torch.Generator().manual_seed(0), True, "cpu")
+    bp = tb.pack_bitplanes(planes, scale, zero, SLICES, 128, 1024)
+    views = tb.planes_of_views(bp.slice_bits)
+    assert [tb.epilogues_on(None, bp, k) for k in range(1, 7)] == [p <= 4 or p >= 7 for p in views]
+    assert [p for p in views if not tb.epilogues_on(None, bp, views.index(p) + 1)] == [5, 6]
+    on, off = tb.SmallConfig(fragment_epilogues=True), tb.SmallConfig(fragment_epilogues=False)
+    assert all(tb.epilogues_on(on, bp, k) and not tb.epilogues_on(off, bp, k) for k in range(1, 7))
+    x = torch.zeros(1, 1024, dtype=torch.float16)
+    assert not tb.takes_epilogue(x, bp, 2, (256,), on, "rms_norm")
+    assert not tb.takes_prologue(x, bp, 2, (256,), on, "rms_scale")
+
+
 _OFFLINE_EPILOGUE = (
     _OFFLINE_PRELUDE
     + """

@@ -2787,10 +2787,14 @@ class SmallConfig:
     # 890.1 -> 789.2 us)
     fragment_prologues: bool = False
     # What a fragment launch makes of its outputs for the next launch, so that no launch of its own makes it
-    # (kernels.epilogue, benchmarks/NOTES.md entry 39): the o launch the post-attention RMS norm's parts (its outputs
+    # (kernels.epilogue, benchmarks/NOTES.md entry 40): the o launch the post-attention RMS norm's parts (its outputs
     # times the norm's weight, each row block's sum of squares; the gate/up launch scales its outputs), the gate/up
-    # site launch the gated product. Off until timed
-    fragment_epilogues: bool = False
+    # site launch the gated product, the down launch the next layer's input norm's parts. None (the default): static
+    # views of at most 4 or at least 7 planes, as measured on an H100 (docs/RESULTS.md "Norms and products made by
+    # the launch before"): the 8B static 3 / 4 / 7 / 8-bit lean steps 2-4% faster, 5 bits 1.4-1.8% slower and 6 bits
+    # level (where only the product is made so, in the register-capped gate/up launch); True: every static view;
+    # False: none
+    fragment_epilogues: bool | None = None
 
     def __post_init__(self) -> None:
         if self.fragment_tma not in (0, -1, -2):
@@ -3788,10 +3792,20 @@ def takes_prologue(
     ``SmallConfig.fragment_epilogues``."""
     frag = (len(outs) == 1 or all(n % 128 == 0 for n in outs)) and fragment_serves(config, bp, k, x2)
     if kind == "rms_scale":
-        return frag and bool(config is not None and config.fragment_epilogues)
+        return frag and epilogues_on(config, bp, k)
     if frag:
         return bool(config is not None and config.fragment_prologues) and x2.dtype == torch.float16
     return prologue_in_launch(x2, bp, sum(outs), config)
+
+
+def epilogues_on(config: SmallConfig | None, bp: BitPlanes, k: int) -> bool:
+    """Whether ``config`` (None: the defaults) asks the launches of the static view ``k`` of ``bp`` to make the next
+    launch's input (``SmallConfig.fragment_epilogues``; None: views of at most 4 or at least 7 planes)."""
+    want = (config or _DEFAULT_SMALL).fragment_epilogues
+    if want is None:
+        planes = planes_of_views(bp.slice_bits)[k - 1]
+        return planes <= 4 or planes >= 7
+    return bool(want)
 
 
 def takes_epilogue(
@@ -3799,9 +3813,9 @@ def takes_epilogue(
 ) -> bool:
     """Whether the one-token launch at the static view ``k`` of ``bp`` (a layer, or a site's layers: ``outs``) makes
     the next launch's input of ``kind`` from its outputs (:mod:`~mobiquant.kernels.epilogue`): a fragment launch
-    (fp16) with ``SmallConfig.fragment_epilogues``; ``"silu_mul"`` only from a site of two layers of whole blocks of
-    128 rows, the gate's and the up's of one width."""
-    if config is None or not config.fragment_epilogues or not isinstance(k, int):
+    (fp16) where ``SmallConfig.fragment_epilogues`` asks for them (:func:`epilogues_on`); ``"silu_mul"`` only from a
+    site of two layers of whole blocks of 128 rows, the gate's and the up's of one width."""
+    if not isinstance(k, int) or not epilogues_on(config, bp, k):
         return False
     if kind == "silu_mul" and not (len(outs) == 2 and outs[0] == outs[1] and outs[0] % 128 == 0):
         return False
