@@ -653,6 +653,13 @@ def test_prologues_in_the_launch(n_in, gen, monkeypatch):
         m.setattr(tb, "fragment_serves", lambda *a, **k: True)
         assert not tb.takes_prologue(x, bps[0], 2, (200,), whole) and not tb.takes_prologue(x, bps[0], 2, (200,))
         assert tb.takes_prologue(x, bps[0], 2, (200,), tb.SmallConfig(fragment_prologues=True))
+    narrow = tb.SmallConfig(whole_k=True, prologue_max_in=n_in - 1)  # wider inputs keep their norm launch
+    assert not tb.takes_prologue(x, bps[0], 2, (200,), narrow) and not tb.takes_prologue(
+        x, site.planes, 2, site.outs, narrow
+    )
+    assert tb.takes_prologue(x, bps[0], 2, (200,), dataclasses.replace(narrow, prologue_max_in=n_in))
+    with pytest.raises(ValueError, match="prologue_max_in must be an int >= 0"):
+        tb.SmallConfig(prologue_max_in=-1)
 
     def close(got, ref, what):
         err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()

@@ -2786,6 +2786,11 @@ class SmallConfig:
     # its instructions 1.6-3x); the one-bit plane kernel's whole-K programs keep theirs (SmolLM2's static 4-bit step
     # 890.1 -> 789.2 us)
     fragment_prologues: bool = False
+    # The widest input whose one-bit plane launches make their own prologue (takes_prologue): measured faster on
+    # SmolLM2's 576-wide rows (its static 4-bit step 11% shorter), slower on the 8B-shaped q/k/v launch's 4096-wide
+    # rows at 5-6 planes (the static 5 / 6-bit lean steps 4-7 us longer, two runs on an H100, docs/RESULTS.md "Norms
+    # and products made by the launch before"); wider launches keep their norm launch (0: none)
+    prologue_max_in: int = 2048
     # What a fragment launch makes of its outputs for the next launch, so that no launch of its own makes it
     # (kernels.epilogue, benchmarks/NOTES.md entry 40): the o launch the post-attention RMS norm's parts (its outputs
     # times the norm's weight, each row block's sum of squares; the gate/up launch scales its outputs), the gate/up
@@ -2803,7 +2808,7 @@ class SmallConfig:
                 f"barrier a group), got {self.fragment_tma!r}"
             )
         for name in ("fragment_span_planes", "fragment_span_from", "fragment_span_uncap", "fragment_early_l2",
-                     "fragment_ahead"):  # fmt: skip
+                     "fragment_ahead", "prologue_max_in"):  # fmt: skip
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an int >= 0 (0: off), got {getattr(self, name)!r}")
         if self.fragment_prefetch not in (None, 0, 1, 2):
@@ -3787,7 +3792,8 @@ def takes_prologue(
     """Whether the one-token launch at the static view ``k`` of ``bp``, a layer (``outs``: its rows) or a site's
     layers (each one's rows), makes its input from a prologue of ``kind`` itself: on the fragment kernel where it
     serves the launch (a site only with whole blocks of 128 rows a layer; fp16) only with
-    ``SmallConfig.fragment_prologues`` (measured slower), else on the one-bit plane kernel's whole-K programs;
+    ``SmallConfig.fragment_prologues`` (measured slower), else on the one-bit plane kernel's whole-K programs of
+    inputs up to ``SmallConfig.prologue_max_in`` wide;
     ``"rms_scale"`` (a norm made by the launch before, :func:`takes_epilogue`) on the fragment kernel only, with
     ``SmallConfig.fragment_epilogues``."""
     frag = (len(outs) == 1 or all(n % 128 == 0 for n in outs)) and fragment_serves(config, bp, k, x2)
@@ -3795,6 +3801,8 @@ def takes_prologue(
         return frag and epilogues_on(config, bp, k)
     if frag:
         return bool(config is not None and config.fragment_prologues) and x2.dtype == torch.float16
+    if bp.in_features > (config or _DEFAULT_SMALL).prologue_max_in:
+        return False
     return prologue_in_launch(x2, bp, sum(outs), config)
 
 
