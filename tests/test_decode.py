@@ -835,7 +835,9 @@ def test_compiled_cpu_step_traces_the_int4_views(prompt, monkeypatch, budget):
         MoBiLinear,
         "_forward_opaque",
         torch.compiler.disable(
-            lambda self, x, residual=None, prologue=None: calls.append(1) or real(self, x, residual, prologue)
+            lambda self, x, residual=None, prologue=None, epilogue=None: (
+                calls.append(1) or real(self, x, residual, prologue, epilogue)
+            )
         ),
     )
     g = generate(model, prompt, 6, budget=budget, cuda_graph="compile")
