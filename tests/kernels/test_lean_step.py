@@ -555,3 +555,47 @@ def test_gpu_lean_epilogues():
             assert kinds.count("silu_mul") == 2 * 3 and kinds.count("rms_norm") == (2 * 2 - 1) * 3, kinds
     set_small_config(q, None)
     torch.testing.assert_close(outs[1], outs[0], atol=3e-2, rtol=3e-2)
+
+
+@needs_triton
+def test_lean_epilogues_in_the_compiled_step(monkeypatch):
+    """``cuda_graph='compile'`` (on the CPU compiled, not captured): with every launch asked to make the next one's
+    input (filled in PyTorch here, as in :func:`test_lean_epilogues_hand_the_norm_and_product_over`) the second
+    layer still finds the norm the first layer's down launch made for it (the handover by the output tensor's
+    identity holds across the compiled code between two layers), and the greedy tokens are those of the compiled lean
+    step without the requests."""
+    from test_fused_inputs import default_layout_model
+
+    import mobiquant as mq
+    from mobiquant.nn import lean
+    from mobiquant.patching import fuse_inputs
+
+    q = default_layout_model("site")
+    fuse_inputs(q)
+    mq.set_static(q, 2)
+    prompt = torch.randint(0, q.config.vocab_size, (1, 4), generator=torch.Generator().manual_seed(8))
+    real_handed, real_takes, handed = lean._handed, lean._takes, []
+
+    def took(layer, x):
+        got = real_handed(layer, x)
+        handed.append(got is not None)
+        return got
+
+    tokens = []
+    for epi in (False, True):
+        if epi:
+            monkeypatch.setattr(lean, "_handed", torch.compiler.disable(took))
+            monkeypatch.setattr(lean, "_makes", torch.compiler.disable(lambda *a: True))
+            monkeypatch.setattr(
+                lean,
+                "_takes",
+                torch.compiler.disable(lambda lin, x, kind="rms_norm": kind == "rms_scale" or real_takes(lin, x, kind)),
+            )
+        torch.compiler.reset()
+        lean_step(q, prologues=True)
+        g = generate(q, prompt, 4, cuda_graph="compile")
+        lean_step(q, enable=False)
+        assert g.graph == "compile", g.graph
+        tokens.append(g.tokens)
+    assert torch.equal(tokens[1], tokens[0])
+    assert True in handed and handed.count(True) == handed.count(False), handed  # the second layer's, each step
