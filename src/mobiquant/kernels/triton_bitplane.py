@@ -3796,7 +3796,7 @@ def takes_prologue(
     inputs up to ``SmallConfig.prologue_max_in`` wide;
     ``"rms_scale"`` (a norm made by the launch before, :func:`takes_epilogue`) on the fragment kernel only, with
     ``SmallConfig.fragment_epilogues``."""
-    frag = (len(outs) == 1 or all(n % 128 == 0 for n in outs)) and fragment_serves(config, bp, k, x2)
+    frag = _fragment_launch(config, bp, k, x2, outs)
     if kind == "rms_scale":
         return frag and epilogues_on(config, bp, k)
     if frag:
@@ -3825,11 +3825,15 @@ def takes_epilogue(
     site of two layers of whole blocks of 128 rows, the gate's and the up's of one width."""
     if not isinstance(k, int) or not epilogues_on(config, bp, k):
         return False
-    if kind == "silu_mul" and not (len(outs) == 2 and outs[0] == outs[1] and outs[0] % 128 == 0):
+    if kind == "silu_mul" and not (len(outs) == 2 and outs[0] == outs[1]):
         return False
-    if len(outs) > 1 and any(n % 128 for n in outs):
-        return False
-    return fragment_serves(config, bp, k, x2)
+    return _fragment_launch(config, bp, k, x2, outs)
+
+
+def _fragment_launch(config: SmallConfig | None, bp: BitPlanes, k: int, x2: torch.Tensor, outs: Sequence[int]) -> bool:
+    """Whether the fragment kernel serves the one-token launch of view ``k`` of ``bp``, a layer or a site's layers
+    (``outs``: a site's only as whole blocks of 128 rows a layer)."""
+    return (len(outs) == 1 or all(n % 128 == 0 for n in outs)) and fragment_serves(config, bp, k, x2)
 
 
 def _bits_launch(

@@ -234,33 +234,35 @@ def _makes(linear: Any, x: torch.Tensor, kind: str) -> bool:
 @torch.compiler.disable  # its request's buffers made outside a compiled trace, as the launches' are
 def _post_norm_by_o(layer: Any, attn: Any, mlp: Any, x: torch.Tensor) -> Any:
     """A :class:`~mobiquant.kernels.epilogue.NextInput` of ``layer``'s post-attention RMS norm for its o launch to
-    fill where that launch can and the gate/up launch can take it (``("rms_scale", ...)``); else None. ``x``, the
-    layer's input, stands for the o launch's input and outputs (one token of the model's width)."""
-    from ..kernels.epilogue import NextInput
-
-    spec = norm_prologue(layer.post_attention_layernorm, mlp.gate_proj)
-    if spec is None or attn.o_proj.in_features != x.shape[-1]:
+    fill (:func:`_norm_request`); else None. ``x``, the layer's input, stands for the o launch's input and outputs
+    (one token of the model's width)."""
+    if attn.o_proj.in_features != x.shape[-1]:
         return None
-    if not (_makes(attn.o_proj, x, "rms_norm") and _takes(mlp.gate_proj, x, "rms_scale")):
-        return None
-    return NextInput.rms_norm(spec[1], spec[2], x)
+    return _norm_request(attn.o_proj, layer.post_attention_layernorm, mlp.gate_proj, x)
 
 
 @torch.compiler.disable  # its request's buffers made outside a compiled trace, as the launches' are
 def _next_norm_by_down(layer: Any, mlp: Any, h: torch.Tensor) -> Any:
     """A :class:`~mobiquant.kernels.epilogue.NextInput` of the next decoder layer's input RMS norm for ``layer``'s
-    down launch to fill, where that launch can and the next layer's q/k/v launch can take it; else None (the last
-    layer: the model's final norm stays its own launch). ``h``: one token of the model's width."""
-    from ..kernels.epilogue import NextInput
-
+    down launch to fill (:func:`_norm_request`); else None (the last layer: the model's final norm stays its own
+    launch). ``h``: one token of the model's width."""
     nxt = getattr(layer, "lean_next_layer", None)
     if nxt is None or not getattr(nxt, "lean_prologues", False):
         return None
     q_proj = getattr(getattr(nxt, "self_attn", None), "q_proj", None)
-    spec = norm_prologue(nxt.input_layernorm, q_proj)
-    if spec is None or not (_makes(mlp.down_proj, h, "rms_norm") and _takes(q_proj, h, "rms_scale")):
+    return _norm_request(mlp.down_proj, nxt.input_layernorm, q_proj, h)
+
+
+def _norm_request(producer: Any, norm: Any, consumer: Any, x: torch.Tensor) -> Any:
+    """A :class:`~mobiquant.kernels.epilogue.NextInput` of the RMS norm ``norm`` for ``producer``'s launch to fill,
+    where that launch can and ``consumer``'s launch can take it (``("rms_scale", ...)``); else None. ``x``: one token
+    shaped as the producer's outputs."""
+    from ..kernels.epilogue import NextInput
+
+    spec = norm_prologue(norm, consumer)
+    if spec is None or not (_makes(producer, x, "rms_norm") and _takes(consumer, x, "rms_scale")):
         return None
-    return NextInput.rms_norm(spec[1], spec[2], h)
+    return NextInput.rms_norm(spec[1], spec[2], x)
 
 
 @torch.compiler.disable  # host state beside the step's tensors, as a site group's cache
