@@ -91,7 +91,7 @@ class Router:
     def __call__(self, x):
         # one hidden unit per program: 64 programs share the read of W1; k is written on the device; launched with
         # programmatic dependent launch where the layers' config asks for it (as set_small_config does in the package)
-        pdl = bool(getattr(QLinear.small_config, "pdl", False))
+        pdl = getattr(QLinear.small_config, "pdl", False) is True
         k, _ = Router.fused(x, self.w1, self.b1, self.w2, self.b2, self.tau, "free", pdl=pdl, **Router.tiling)
         return k
 
@@ -777,6 +777,13 @@ def package_kernels(args, bits_cfg=None) -> list:
     if args.package_epilogues:  # ... and the post-attention norm made by the o launch, the product by gate/up
         cfg = SmallConfig(fragment_epilogues=True)
         kernels.append(("package sites+inputs lean epilogues", ("lean prologues", cfg, True)))
+    if args.package_pdl_static:  # ... the lean step with programmatic dependent launch for static views' launches
+        # only (SmallConfig(pdl="static"): router launches and views on the device without it)
+        static_pdl = SmallConfig(pdl="static")
+        if args.package_lean_step:
+            kernels.append(("package sites+inputs lean step pdl static", ("lean step", static_pdl, True)))
+        if args.package_lean_prologues:
+            kernels.append(("package sites+inputs lean prologues pdl static", ("lean prologues", static_pdl, True)))
     if args.package_no_span:  # ... fused inputs, every view's body compiled (the default before 2026-12-06)
         kernels.append(("package sites+inputs no span", ("inputs", SmallConfig(span_bodies=False))))
     if args.package_pdl:  # ... fused inputs, every kernel launch of a linear with programmatic dependent launch
@@ -1087,6 +1094,12 @@ def main(argv=None):
         help="also the package's rows with fused inputs with programmatic dependent launch (SmallConfig(pdl=True): "
         "the linears' and routers' kernels, the fragment kernel's since 2026-12-06), and with --package-span, "
         "--package-lean-step and --package-lean-prologues so (the lean step's attention launch too)",
+    )
+    ap.add_argument(
+        "--package-pdl-static",
+        action="store_true",
+        help="also the rows of --package-lean-step and --package-lean-prologues with programmatic dependent launch "
+        "for the launches of static views only (SmallConfig(pdl='static'): routers and views on the device without)",
     )
     ap.add_argument(
         "--device-k",

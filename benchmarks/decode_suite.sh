@@ -111,6 +111,9 @@
 #            the gate/up launch (SmallConfig.fragment_epilogues, benchmarks/NOTES.md entry 40): their GPU tests, then
 #            the package rows with the lean step, its prologues, and the epilogues too (default placement site);
 #            EPILOGUE_TESTS=0: without the tests; EPILOGUE_PDL=1: also the lean rows with programmatic dependent launch
+#   pdlstatic (only when named) the package rows with the lean step and its prologues (the default epilogues) with
+#            programmatic dependent launch for static views' launches only (SmallConfig(pdl="static")), router
+#            placement site, then block
 #   block    (only when named; in loads) the default rows with router placement block (one router a layer), with
 #            and without the lean step, and its compiled step's census at routed 3.5 / 4.5 bits with it
 #            (BLOCK_CENSUS=0: without the census)
@@ -406,6 +409,13 @@ stage() {
         tests/kernels/test_gluon_fragment.py tests/kernels/test_lean_step.py -k epilogue
       package_stage loads_epi site --package-lean-step --package-lean-prologues --package-epilogues \
         --package-fused-only ${EPILOGUE_PDL:+--package-pdl} ;;
+    pdlstatic)
+      # programmatic dependent launch for the static views' launches only (SmallConfig(pdl="static")) over the lean
+      # step with its prologues and the default epilogues; site placement (the default), then block
+      package_stage pdlstatic_site site --package-lean-step --package-lean-prologues --package-pdl-static \
+        --package-fused-only
+      package_stage pdlstatic_block block --package-lean-step --package-lean-prologues --package-pdl-static \
+        --package-fused-only ;;
     span)
       # k read on the device against the static views: every body, preloaded, a span of two views (the stack);
       # then their tests compiled
@@ -434,7 +444,7 @@ print(','.join(str(int(v)) for v in t))" "$RES/router_sweep/router_sweep.csv" 2>
       run_stage pattern 600 "$PY" benchmarks/stream_pattern.py --views 1,2,6 \
         --package-configs "$PATTERN_CONFIGS" --out "$RES/pattern" ;;
     *)
-      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement pdl spandef spanrule spancost loads lean attn prologues block span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
+      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement pdl spandef spanrule spancost loads lean attn prologues block pdlstatic epilogues span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
       return 2 ;;
   esac
 }

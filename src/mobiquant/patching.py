@@ -238,14 +238,15 @@ def set_small_config(model: nn.Module, config) -> None:
     ``mobiquant.kernels.triton_bitplane.SmallConfig``; None: the defaults). ``SmallConfig(bitplanes=True)``
     runs one-token forwards of every layout in the one-bit plane kernel (by default only the layouts the other
     small-batch kernels do not cover; ``bitplanes=False`` never), whose buffers each linear builds on first use.
-    With ``pdl`` the linears' routers launch their fused kernel with programmatic dependent launch too, with
+    With ``pdl=True`` the linears' routers launch their fused kernel with programmatic dependent launch too (not
+    with ``pdl="static"``: static views' launches only), with
     ``router_early_l2`` asking L2 for their weights first, with ``router_partials`` without its tail (one token:
     the GEMVs finish the router)."""
     for _, m in mobi_linears(model):
         m.small_config = config
         m._bitplanes = None
         if m.router is not None:
-            m.router.launch_pdl = bool(getattr(config, "pdl", False))
+            m.router.launch_pdl = getattr(config, "pdl", False) is True
             m.router.launch_early_l2 = bool(getattr(config, "router_early_l2", False))
             m.router.launch_partials = bool(getattr(config, "router_partials", False))
 

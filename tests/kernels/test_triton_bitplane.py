@@ -930,6 +930,38 @@ def test_bits_kernel_pdl_changes_no_arithmetic(gen, monkeypatch):
     tb._check_pdl(torch.device("cpu"))  # the interpreter: nothing to check
 
 
+def test_pdl_static_marks_only_the_static_views_launches(gen, monkeypatch):
+    """``SmallConfig(pdl="static")``: a static view's launch has programmatic dependent launch (its check runs), a
+    view on the device's and a routed site's do not (``pdl=True``: all three); the outputs are those without it."""
+    monkeypatch.setattr(tb, "_host_k_range", lambda k_t: None)
+    monkeypatch.setattr(tb, "_host_routed_k", lambda rk: None)
+    checked = []
+    monkeypatch.setattr(tb, "_check_pdl", lambda device: checked.append(device))
+    bits, group, n_in = DEFAULT_LAYOUT, 64, 192
+    layers = [tb.pack_bitplanes(*make_layer(n, n_in, bits, group, gen), bits, group, n_in) for n in (200, 70)]
+    site = tb.site_bitplanes(layers)
+    x = randx(1, n_in, torch.float16, gen)
+    values = torch.tensor([[0.9, 0.7, 0.5, 0.3, 0.1]], device=DEVICE)
+    taus = [torch.tensor(t, device=DEVICE) for t in (0.8, 0.4)]
+    launches = {
+        "static": lambda c: tb.bitplane_linear_bits(x, layers[0], 6, config=c),
+        "device": lambda c: tb.bitplane_linear_bits(x, layers[0], torch.tensor([3], device=DEVICE), config=c),
+        "routed": lambda c: tb.bitplane_site_bits(x, site, [tb.RoutedK(values, t) for t in taus], config=c),
+    }
+    for pdl, want in (("static", {"static"}), (True, {"static", "device", "routed"}), (False, set())):
+        cfg = dataclasses.replace(WHOLE, pdl=pdl)
+        marked = set()
+        for name, launch in launches.items():
+            n = len(checked)
+            assert torch.equal(launch(cfg), launch(WHOLE)), (pdl, name)
+            if len(checked) > n:
+                marked.add(name)
+        assert marked == want, pdl
+    assert tb.launch_pdl(None, True) is False and tb.launch_pdl(tb.SmallConfig(pdl="static"), False) is False
+    with pytest.raises(ValueError, match=r"pdl must be False, True or 'static' .* got 'yes'"):
+        tb.SmallConfig(pdl="yes")
+
+
 # ------------------------------------------------------------------------------ layouts and configs
 @pytest.mark.parametrize(
     "bits,group,n_out,n_in",

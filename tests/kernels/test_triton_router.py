@@ -319,8 +319,13 @@ def test_set_small_config_launches_the_routers_with_pdl(monkeypatch):
     monkeypatch.setattr(kernels, "fused_router", spy)
     r.backend = "triton"
     x = torch.randn(1, 64).to(DEVICE)
-    cases = ((SmallConfig(pdl=True), (True, False)), (SmallConfig(router_early_l2=True), (False, True)),
-             (SmallConfig(), (False, False)), (None, (False, False)))  # fmt: skip
+    cases = (
+        (SmallConfig(pdl=True), (True, False)),
+        (SmallConfig(router_early_l2=True), (False, True)),
+        (SmallConfig(), (False, False)),
+        (None, (False, False)),
+        (SmallConfig(pdl="static"), (False, False)),
+    )  # "static": views known on the host only
     for cfg, want in cases:
         set_small_config(model, cfg)
         assert (r.launch_pdl, r.launch_early_l2) == want
@@ -401,3 +406,31 @@ def test_gpu_router_graph_serves_every_threshold(policy):
         assert int(k) == 1 + int((m > t).sum())
         vals = r.gate_values(r.scores(x)).float()
         torch.testing.assert_close(m, vals, rtol=2e-2, atol=2e-2)
+
+
+def test_lean_attention_takes_pdl_with_a_static_o_launch():
+    """The lean step's attention launch has programmatic dependent launch where the o projection's launch has it:
+    always with ``pdl=True``; with ``pdl="static"`` only while the o projection decodes a static view (routed: its
+    launch does not wait in the chain, so neither does the attention's)."""
+    from mobiquant.kernels.triton_bitplane import SmallConfig
+    from mobiquant.nn.lean import _o_launch_pdl
+
+    m = MoBiLinear.from_linear(torch.nn.Linear(64, 24), group_size=32)
+    m.freeze()
+    for cfg, want in (
+        (None, False),
+        (SmallConfig(), False),
+        (SmallConfig(pdl=True), True),
+        (SmallConfig(pdl="static"), True),
+    ):  # no router: a static view
+        m.small_config = cfg
+        assert _o_launch_pdl(m) is want, cfg
+    m.attach_router(make_router(64, m.slice_bits, 8, "free"))
+    m.set_routed()
+    m.small_config = SmallConfig(pdl="static")
+    assert _o_launch_pdl(m) is False
+    m.set_static(2)
+    assert _o_launch_pdl(m) is True
+    m.set_routed()
+    m.small_config = SmallConfig(pdl=True)
+    assert _o_launch_pdl(m) is True

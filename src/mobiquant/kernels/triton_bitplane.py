@@ -2649,7 +2649,9 @@ class SmallConfig:
     # an H200 it speeds up only launches of the one-bit plane kernel back to back
     # (1.4-1.6x per SmolLM2 linear, 0.96-1.2x per 8B one); in the 8B-shaped stack, where torch's kernels and the
     # routers sit between them, it was 0.98-1.02x (docs/RESULTS.md "Programmatic dependent launch and L2 requests").
-    pdl: bool = False
+    # "static": only the launches of static views (k known on the host, no router in or before them; the attention
+    # before a static o projection in the lean step); router launches and views on the device without it.
+    pdl: bool | str = False
     # one-bit plane kernel, the launches on the stream-K grid (whole-K ones load everything at once anyway): each
     # program first asks L2 for every line of words and step/zero words of its whole range of groups
     # (prefetch.global.L2), so they stream from memory at once while the group loop, one group at a time, finds them
@@ -2815,6 +2817,8 @@ class SmallConfig:
             raise ValueError(
                 f"fragment_prefetch must be None (the launch's own), 0, 1 or 2 groups, got {self.fragment_prefetch!r}"
             )
+        if self.pdl not in (False, True, "static"):
+            raise ValueError(f"pdl must be False, True or 'static' (static views' launches only), got {self.pdl!r}")
         if not 0 <= self.int4_tokens <= 16 or self.int4_tokens == 1:
             raise ValueError(
                 f"int4_tokens must be 0 (off) or 2-16 (the most tokens a forward), got {self.int4_tokens!r}"
@@ -3497,10 +3501,18 @@ def _fragment_wanted(
     return planes > 6 or register_capped(size, planes, cfg.fragment_cap)
 
 
-def _fragment_options(cfg: SmallConfig) -> dict:
+def launch_pdl(cfg: SmallConfig | None, static: bool) -> bool:
+    """Whether a launch has programmatic dependent launch under ``cfg.pdl``: True every launch, ``"static"`` those of
+    static views (``static``: the view known on the host, no router in the launch)."""
+    pdl = False if cfg is None else cfg.pdl
+    return pdl is True or (pdl == "static" and static)
+
+
+def _fragment_options(cfg: SmallConfig, static: bool = False) -> dict:
     """``fragment_linear``'s keywords from ``cfg`` (each launch uses those of its kind: ``cap`` and ``tma`` static
-    views', ``span_uncap`` and ``early_l2`` views' on the device)."""
-    return dict(cap=cfg.fragment_cap, tma=cfg.fragment_tma, pdl=cfg.pdl, span_uncap=cfg.fragment_span_uncap,
+    views', ``span_uncap`` and ``early_l2`` views' on the device; ``pdl`` as :func:`launch_pdl` says)."""
+    pdl = launch_pdl(cfg, static)
+    return dict(cap=cfg.fragment_cap, tma=cfg.fragment_tma, pdl=pdl, span_uncap=cfg.fragment_span_uncap,
                 early_l2=cfg.fragment_early_l2, prefetch=cfg.fragment_prefetch, ahead=cfg.fragment_ahead)  # fmt: skip
 
 
@@ -3571,7 +3583,7 @@ def bitplane_linear_bits(
             return fragment_linear(x2, fragment_of(bp), None, bias, out, routed=(v_t, tau_t), span=span,
                                    **_fragment_options(cfg))  # fmt: skip
         return fragment_linear(x2, fragment_of(bp), ksel or k_t, bias, out, span=span, prologue=prologue,
-                               epilogue=epilogue, **_fragment_options(cfg))  # fmt: skip
+                               epilogue=epilogue, **_fragment_options(cfg, bool(ksel)))  # fmt: skip
     v_t = _made_values(v_t)
     if out is None:
         out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
@@ -3705,7 +3717,7 @@ def bitplane_site_bits(
         from .gluon_fragment import fragment_linear, fragment_of  # one static view: the layers as one
 
         return fragment_linear(x2, fragment_of(bp), ksel, site.bias, out, prologue=prologue, epilogue=epilogue,
-                               **_fragment_options(cfg))  # fmt: skip
+                               **_fragment_options(cfg, True))  # fmt: skip
     taus = [r[3] for r in resolved] if kvals else [x2]
     router = _router_of(ks)
     device_view = not ksel and router is None and len(site.outs) <= 3
@@ -3868,7 +3880,8 @@ def _bits_launch(
         )
     if prologue is not None and router is not None:
         raise ValueError(f"a {prologue[0]} in the launch: a router in the same launch reads its output")
-    if cfg.pdl:
+    pdl = launch_pdl(cfg, bool(ksel) and router is None and not kvals)
+    if pdl:
         _check_pdl(x2.device)
     bn2 = block_n // 2
     if len(segs) > 1 and (npad2 % bn2 or any(r2 % bn2 or r2 % (_BITS_ROW_PAD // 2) for _, r2, _ in segs)):
@@ -3967,7 +3980,7 @@ def _bits_launch(
         ASM=not _interpreting(),
         PREFETCH=bool(cfg.prefetch),
         STAGES=cfg.stages or 0,
-        PDL=bool(cfg.pdl),
+        PDL=pdl,
         L2PF=bool(cfg.l2_prefetch) and not wkp,
         AHEAD=0 if wkp or cfg.prefetch else cfg.ahead,
         TICKET=not reduce_launch,
@@ -3981,7 +3994,7 @@ def _bits_launch(
         num_stages=cfg.num_stages,
         **pk,
         **({} if _interpreting() or maxnreg is None else {"maxnreg": maxnreg}),
-        **({"launch_pdl": True} if cfg.pdl and not _interpreting() else {}),
+        **({"launch_pdl": True} if pdl and not _interpreting() else {}),
     )
     if reduce_launch:
         _bits_reduce_kernel[(blocks[0],)](

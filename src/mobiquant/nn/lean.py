@@ -82,13 +82,22 @@ def lean_reason(module: torch.nn.Module) -> str | None:
     return supported(int(m.head_dim), int(heads), int(heads) // int(m.num_key_value_groups))
 
 
+def _o_launch_pdl(o_proj: Any) -> bool:
+    """Whether the o projection's one-token launch has programmatic dependent launch (``launch_pdl``; with
+    ``SmallConfig.pdl="static"`` where it decodes a static view: no router of its own or borrowed deciding)."""
+    from ..kernels.triton_bitplane import launch_pdl
+
+    static = getattr(o_proj, "mode", "static") == "static" or getattr(o_proj, "_router", None) is None
+    return launch_pdl(getattr(o_proj, "small_config", None), static)
+
+
 @torch.compiler.disable  # a Triton launch: opaque to torch.compile, like MoBiLinear.forward
 def _attend(module: Any, q, k, v, cos, sin, layer: Any, mask) -> torch.Tensor:
     from ..kernels.triton_attention import decode_attention
 
-    # with programmatic dependent launch where the o projection's launch has it (SmallConfig.pdl): it then loads
-    # its weights while the attention runs
-    pdl = bool(getattr(getattr(module.o_proj, "small_config", None), "pdl", False)) and q.is_cuda
+    # with programmatic dependent launch where the o projection's launch has it (SmallConfig.pdl; "static": where
+    # it decodes a static view): it then loads its weights while the attention runs
+    pdl = q.is_cuda and _o_launch_pdl(module.o_proj)
     return decode_attention(q, k, v, cos, sin, layer.keys, layer.values, layer.cumulative_length,
                             module.lean_ticket, module.scaling, mask, pdl=pdl)  # fmt: skip
 

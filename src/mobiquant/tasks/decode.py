@@ -892,7 +892,7 @@ def _decode_settings(cfg) -> dict[str, Any]:
 
 def _kernel_settings(node, error: type[Exception]) -> dict[str, Any]:
     """``decode.kernels``: fields of the one-token kernels' launch configuration
-    (``mobiquant.kernels.triton_bitplane.SmallConfig``, e.g. ``{pdl: true, l2_prefetch: true}``); ``{}`` or null:
+    (``mobiquant.kernels.triton_bitplane.SmallConfig``, e.g. ``{pdl: static, l2_prefetch: true}``); ``{}`` or null:
     the library's defaults. Checked here, so a sweep over them fails before any calibration."""
     import dataclasses
 
@@ -915,8 +915,13 @@ def _kernel_settings(node, error: type[Exception]) -> dict[str, Any]:
         ok = value is None and "None" in kind
         ok = ok or (isinstance(value, bool) and "bool" in kind)
         ok = ok or (isinstance(value, int) and not isinstance(value, bool) and "int" in kind and value > 0)
+        ok = ok or (isinstance(value, str) and "str" in kind)
         if not ok:
             raise error(f"decode.kernels.{name}={value!r} must be of type {kind} (numbers positive)")
+    try:
+        SmallConfig(**node)  # the values' own checks (e.g. pdl: true, false or 'static')
+    except ValueError as e:
+        raise error(f"decode.kernels: {e}") from None
     return dict(node)
 
 
