@@ -777,6 +777,10 @@ def package_kernels(args, bits_cfg=None) -> list:
     if args.package_epilogues:  # ... and the post-attention norm made by the o launch, the product by gate/up
         cfg = SmallConfig(fragment_epilogues=True)
         kernels.append(("package sites+inputs lean epilogues", ("lean prologues", cfg, True)))
+    if args.package_epilogue_kinds:  # ... each kind of epilogue alone at every static view (NOTES 41 (b))
+        for kind in ("rms_norm", "silu_mul"):
+            cfg = SmallConfig(fragment_epilogues=kind)
+            kernels.append((f"package sites+inputs lean epilogues {kind}", ("lean prologues", cfg, True)))
     if args.package_pdl_static:  # ... the lean step with programmatic dependent launch for static views' launches
         # only (SmallConfig(pdl="static"): router launches and views on the device without it)
         static_pdl = SmallConfig(pdl="static")
@@ -1094,6 +1098,12 @@ def main(argv=None):
         help="also the package's rows with fused inputs with programmatic dependent launch (SmallConfig(pdl=True): "
         "the linears' and routers' kernels, the fragment kernel's since 2026-12-06), and with --package-span, "
         "--package-lean-step and --package-lean-prologues so (the lean step's attention launch too)",
+    )
+    ap.add_argument(
+        "--package-epilogue-kinds",
+        action="store_true",
+        help="also the lean rows with one kind of epilogue alone at every static view (SmallConfig(fragment_epilogues="
+        "'rms_norm'): the norms' parts made by the o and down launches; 'silu_mul': the products by gate/up)",
     )
     ap.add_argument(
         "--package-pdl-static",

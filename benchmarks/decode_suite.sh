@@ -111,6 +111,8 @@
 #            the gate/up launch (SmallConfig.fragment_epilogues, benchmarks/NOTES.md entry 40): their GPU tests, then
 #            the package rows with the lean step, its prologues, and the epilogues too (default placement site);
 #            EPILOGUE_TESTS=0: without the tests; EPILOGUE_PDL=1: also the lean rows with programmatic dependent launch
+#   epikinds (only when named) the package rows with the lean step and its prologues: the default epilogues, every
+#            kind at every static view, each kind alone at every static view (benchmarks/NOTES.md entry 41 (b))
 #   pdlstatic (only when named) the package rows with the lean step and its prologues (the default epilogues) with
 #            programmatic dependent launch for static views' launches only (SmallConfig(pdl="static")), router
 #            placement site, then block
@@ -409,6 +411,11 @@ stage() {
         tests/kernels/test_gluon_fragment.py tests/kernels/test_lean_step.py -k epilogue
       package_stage loads_epi site --package-lean-step --package-lean-prologues --package-epilogues \
         --package-fused-only ${EPILOGUE_PDL:+--package-pdl} ;;
+    epikinds)
+      # each kind of epilogue alone at every static view beside the default rule and every kind (NOTES 41 (b): what
+      # costs the 5-bit view), the lean step with its prologues, site placement
+      package_stage epikinds site --package-lean-step --package-lean-prologues --package-epilogues \
+        --package-epilogue-kinds --package-fused-only ;;
     pdlstatic)
       # programmatic dependent launch for the static views' launches only (SmallConfig(pdl="static")) over the lean
       # step with its prologues and the default epilogues; site placement (the default), then block
@@ -444,7 +451,7 @@ print(','.join(str(int(v)) for v in t))" "$RES/router_sweep/router_sweep.csv" 2>
       run_stage pattern 600 "$PY" benchmarks/stream_pattern.py --views 1,2,6 \
         --package-configs "$PATTERN_CONFIGS" --out "$RES/pattern" ;;
     *)
-      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement pdl spandef spanrule spancost loads lean attn prologues block pdlstatic epilogues span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
+      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement pdl spandef spanrule spancost loads lean attn prologues block pdlstatic epikinds epilogues span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
       return 2 ;;
   esac
 }

@@ -411,6 +411,12 @@ def test_epilogues_on_the_views_measured_faster():
     assert [p for p in views if not tb.epilogues_on(None, bp, views.index(p) + 1)] == [5, 6]
     on, off = tb.SmallConfig(fragment_epilogues=True), tb.SmallConfig(fragment_epilogues=False)
     assert all(tb.epilogues_on(on, bp, k) and not tb.epilogues_on(off, bp, k) for k in range(1, 7))
+    for kind, other in (("rms_norm", "silu_mul"), ("silu_mul", "rms_norm")):  # one kind alone, at every view
+        alone = tb.SmallConfig(fragment_epilogues=kind)
+        assert all(tb.epilogues_on(alone, bp, k, kind) for k in range(1, 7))
+        assert not any(tb.epilogues_on(alone, bp, k, other) for k in range(1, 7))
+    with pytest.raises(ValueError, match=r"fragment_epilogues must be None .* got 'gelu'"):
+        tb.SmallConfig(fragment_epilogues="gelu")
     x = torch.zeros(1, 1024, dtype=torch.float16)
     assert not tb.takes_epilogue(x, bp, 2, (256,), on, "rms_norm")
     assert not tb.takes_prologue(x, bp, 2, (256,), on, "rms_scale")

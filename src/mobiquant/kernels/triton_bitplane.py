@@ -2800,8 +2800,8 @@ class SmallConfig:
     # views of at most 4 or at least 7 planes, as measured on an H100 (docs/RESULTS.md "Norms and products made by
     # the launch before"): the 8B static 3 / 4 / 7 / 8-bit lean steps 2-4% faster, 5 bits 1.4-1.8% slower and 6 bits
     # level (where only the product is made so, in the register-capped gate/up launch); True: every static view;
-    # False: none
-    fragment_epilogues: bool | None = None
+    # False: none; "rms_norm" or "silu_mul": that kind alone, at every static view (to time each kind apart)
+    fragment_epilogues: bool | str | None = None
 
     def __post_init__(self) -> None:
         if self.fragment_tma not in (0, -1, -2):
@@ -2816,6 +2816,11 @@ class SmallConfig:
         if self.fragment_prefetch not in (None, 0, 1, 2):
             raise ValueError(
                 f"fragment_prefetch must be None (the launch's own), 0, 1 or 2 groups, got {self.fragment_prefetch!r}"
+            )
+        if self.fragment_epilogues not in (None, False, True, "rms_norm", "silu_mul"):
+            raise ValueError(
+                "fragment_epilogues must be None (the measured rule), True, False, 'rms_norm' or 'silu_mul' (that "
+                f"kind alone), got {self.fragment_epilogues!r}"
             )
         if self.pdl not in (False, True, "static"):
             raise ValueError(f"pdl must be False, True or 'static' (static views' launches only), got {self.pdl!r}")
@@ -3810,7 +3815,7 @@ def takes_prologue(
     ``SmallConfig.fragment_epilogues``."""
     frag = _fragment_launch(config, bp, k, x2, outs)
     if kind == "rms_scale":
-        return frag and epilogues_on(config, bp, k)
+        return frag and epilogues_on(config, bp, k, "rms_norm")  # the norm's parts made by the launch before
     if frag:
         return bool(config is not None and config.fragment_prologues) and x2.dtype == torch.float16
     if bp.in_features > (config or _DEFAULT_SMALL).prologue_max_in:
@@ -3818,13 +3823,16 @@ def takes_prologue(
     return prologue_in_launch(x2, bp, sum(outs), config)
 
 
-def epilogues_on(config: SmallConfig | None, bp: BitPlanes, k: int) -> bool:
+def epilogues_on(config: SmallConfig | None, bp: BitPlanes, k: int, kind: str = "rms_norm") -> bool:
     """Whether ``config`` (None: the defaults) asks the launches of the static view ``k`` of ``bp`` to make the next
-    launch's input (``SmallConfig.fragment_epilogues``; None: views of at most 4 or at least 7 planes)."""
+    launch's input of ``kind`` (``SmallConfig.fragment_epilogues``; None: views of at most 4 or at least 7 planes; a
+    kind's name: that kind alone)."""
     want = (config or _DEFAULT_SMALL).fragment_epilogues
     if want is None:
         planes = planes_of_views(bp.slice_bits)[k - 1]
         return planes <= 4 or planes >= 7
+    if isinstance(want, str):
+        return want == kind
     return bool(want)
 
 
@@ -3835,7 +3843,7 @@ def takes_epilogue(
     the next launch's input of ``kind`` from its outputs (:mod:`~mobiquant.kernels.epilogue`): a fragment launch
     (fp16) where ``SmallConfig.fragment_epilogues`` asks for them (:func:`epilogues_on`); ``"silu_mul"`` only from a
     site of two layers of whole blocks of 128 rows, the gate's and the up's of one width."""
-    if not isinstance(k, int) or not epilogues_on(config, bp, k):
+    if not isinstance(k, int) or not epilogues_on(config, bp, k, kind):
         return False
     if kind == "silu_mul" and not (len(outs) == 2 and outs[0] == outs[1]):
         return False
