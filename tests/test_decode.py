@@ -736,6 +736,17 @@ def test_task_decode_rejects_bad_settings(tmp_path):
             decode.run(decode_cfg(tmp_path, override))
 
 
+def test_task_decode_kernel_settings_take_strings_smallconfig_accepts():
+    """``decode.kernels`` takes a string field where ``SmallConfig`` does (``pdl: static``) and checks its value
+    there: a clear error names what is allowed."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.create({"pdl": "static", "fragment_epilogues": "silu_mul"})
+    assert decode._kernel_settings(node, ValueError) == {"pdl": "static", "fragment_epilogues": "silu_mul"}
+    with pytest.raises(ValueError, match=r"decode.kernels: fragment_epilogues must be None .* got 'gelu'"):
+        decode._kernel_settings(OmegaConf.create({"fragment_epilogues": "gelu"}), ValueError)
+
+
 def test_task_decode_kernel_settings_reach_the_quantized_model(tmp_path, monkeypatch):
     """``decode.kernels`` (SmallConfig fields, sweepable) is set on the quantized model's linears and routers for
     its rows, not on the unquantized model, and written to the results."""
