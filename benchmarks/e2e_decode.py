@@ -372,7 +372,7 @@ def run_rows(args, fp, q, tok, device):
         if c["cfg"] is None:
             tag = ""
         elif c["cfg"].pdl and not args.bits_configs:
-            tag = " [pdl]"
+            tag = " [pdl]" if c["cfg"].pdl is True else f" [pdl {c['cfg'].pdl}]"
         elif c["cfg"].router_in_launch:
             tag = " [router in launch]"
         else:

@@ -131,7 +131,7 @@ def bits_tag(cfg) -> str:
         + (f"/sk{cfg.split_k}" if cfg.split_k else "")
         + {False: "/streamk", None: "", True: "/whole"}[cfg.whole_k]
         + (f"/st{cfg.stages}" if cfg.stages else "")
-        + ("/pdl" if cfg.pdl else "")
+        + ("/pdl" if cfg.pdl is True else f"/pdl-{cfg.pdl}" if cfg.pdl else "")
         + ("/l2pf" if cfg.l2_prefetch else "")
         + (f"/ah{cfg.ahead}" if cfg.ahead else "")
         + ("/red" if cfg.reduce_launch else "")

@@ -3,6 +3,7 @@ path of the GPU tables on a tiny CPU model (slow: tens of seconds on a shared CP
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -209,6 +210,7 @@ def test_layout_option_and_bits_config(monkeypatch, capsys):
     assert cfg.whole_k is False and cfg.stages == 3 and not cfg.pdl and not cfg.l2_prefetch
     cfg = kb.parse_bits_config(tb, "128,64,4,4,0,,0,,1,1")
     assert cfg.pdl and cfg.l2_prefetch and kb.bits_tag(cfg) == "128/64/4w/4/streamk/pdl/l2pf"
+    assert kb.bits_tag(dataclasses.replace(cfg, pdl="static")) == "128/64/4w/4/streamk/pdl-static/l2pf"
     cfg = kb.parse_bits_config(tb, "128,64,4,4,0,,0,,,,2")
     assert cfg.ahead == 2 and not cfg.l2_prefetch and kb.bits_tag(cfg) == "128/64/4w/4/streamk/ah2"
     cfg = kb.parse_bits_config(tb, ",,4,,0,,1,,,,,1")
