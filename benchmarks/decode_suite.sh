@@ -418,11 +418,14 @@ stage() {
         --package-epilogue-kinds --package-fused-only ;;
     pdlstatic)
       # programmatic dependent launch for the static views' launches only (SmallConfig(pdl="static")) over the lean
-      # step with its prologues and the default epilogues; site placement (the default), then block
+      # step with its prologues and the default epilogues; site placement (the default), then block; then the GPU
+      # test of the lean chain with pdl (static views, and a routed budget with pdl="static")
       package_stage pdlstatic_site site --package-lean-step --package-lean-prologues --package-pdl-static \
         --package-fused-only
       package_stage pdlstatic_block block --package-lean-step --package-lean-prologues --package-pdl-static \
-        --package-fused-only ;;
+        --package-fused-only
+      run_stage pdlstatic_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_lean_step.py \
+        -k lean_prologues_with_pdl ;;
     span)
       # k read on the device against the static views: every body, preloaded, a span of two views (the stack);
       # then their tests compiled

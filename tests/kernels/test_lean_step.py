@@ -433,8 +433,9 @@ def test_lean_prologues_in_the_compiled_step(monkeypatch):
 def test_gpu_lean_prologues_with_pdl():
     """The compiled and captured step of a packed tiny LLaMA at a static view, the prologues in its launches, with
     every launch of the layers' chain under programmatic dependent launch (``SmallConfig(pdl=True)``: the linears'
-    kernels and, through the o projection's config, the attention's) gives the greedy tokens of the same step
-    without it."""
+    kernels and, through the o projection's config, the attention's), or its static views' launches alone
+    (``pdl="static"``), gives the greedy tokens of the same step without it; so does a routed budget with
+    ``pdl="static"`` (its routers and views on the device without the attribute, any static launch with it)."""
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("programmatic dependent launch needs compute capability 9.0+")
     from test_fused_inputs import default_layout_model
@@ -447,16 +448,20 @@ def test_gpu_lean_prologues_with_pdl():
     fuse_inputs(q)
     mq.set_static(q, 2)
     prompt = torch.randint(0, q.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(9))
-    tokens = []
-    for pdl in (False, True):
-        set_small_config(q, SmallConfig(pdl=True) if pdl else None)
+
+    def greedy(pdl):
+        set_small_config(q, None if pdl is None else SmallConfig(pdl=pdl))
         lean_step(q, prologues=True)
         g = generate(q, prompt, 8, cuda_graph="compile")
         lean_step(q, enable=False)
         assert g.graph == "compile", g.graph
-        tokens.append(g.tokens)
+        return g.tokens
+
+    ref = greedy(None)
+    assert torch.equal(greedy(True), ref) and torch.equal(greedy("static"), ref)
+    mq.set_budget(q, 4.5)  # the tokens choose their views on the device
+    assert torch.equal(greedy("static"), greedy(None))
     set_small_config(q, None)
-    assert torch.equal(tokens[1], tokens[0])
 
 
 @needs_triton
