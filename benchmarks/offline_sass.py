@@ -121,7 +121,9 @@ def sass_and_resources(ck):
     return sass, res
 
 
-def report(sass, res, codes_per_iter, label):
+def report(sass, res, codes_per_iter, label) -> list[int]:
+    """Prints the kernel's resources and each loop's instructions by opcode; returns the loops' sizes."""
+    sizes: list[int] = []
     ins = [(int(m.group(1), 16), m.group(3), m.group(4)) for m in LINE.finditer(sass)]
     regs = re.search(r"REG:(\d+)", res).group(1)
     stack = re.search(r"STACK:(\d+)", res).group(1)
@@ -142,11 +144,39 @@ def report(sass, res, codes_per_iter, label):
         n = sum(v for k, v in c.items() if "." not in k)
         top = ", ".join(f"{k} {v}" for k, v in c.most_common(14))
         print(f"  loop {lo:#x}-{hi:#x}: {n} instructions, {n / codes_per_iter:.2f} per code; {top}")
+        sizes.append(n)
         loops += 1
     if not loops:  # straight-line code (the dequantize passes): the whole kernel, per code of a thread
         c = collections.Counter(o.split(".")[0] for _, o, _ in ins)
         top = ", ".join(f"{k} {v}" for k, v in c.most_common(14))
         print(f"  no loop: {len(ins) / codes_per_iter:.2f} instructions per code; {top}")
+    return sizes
+
+
+def fragment_report(a) -> int:
+    """The fragment kernel's loop at the static view ``a.k`` of ``a.slices`` for an ``a.n x a.in_features`` layer, and
+    what its instructions cost the launch if the H100's schedulers issued nothing else: one warp instruction a clock
+    on each of 132 x 4 schedulers at 1.98 GHz, beside the layer's bytes (the view's bits plus its step and zero point,
+    4 bytes a group of 128) at 3000 GB/s of copy (an estimate: it leaves out latency and the loop's stalls)."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from mobiquant.kernels import gluon_fragment as gf
+
+    planes = tb.planes_of_views(tuple(int(b) for b in a.slices.split(",")))[a.k - 1]
+    N, K = a.n, a.in_features
+    words = torch.zeros(planes, K // gf.GROUP, -(-N // gf.BLOCK_N), gf.BLOCK_N * gf.GROUP // 32, dtype=torch.int32)
+    sc = torch.zeros(N, K // gf.GROUP, dtype=torch.float16)
+    x, out = torch.zeros(K, dtype=torch.float16), torch.zeros(N)
+    args, kw = gf._launch_args(words, sc, sc, x, out, splits=a.fragment, planes=planes)
+    sass, res = sass_and_resources(compile_sm90(gf.frag_gemv_kernel, args, kw, source=GluonASTSource))
+    per_warp = gf.BLOCK_N * gf.BATCH_GROUPS * gf.GROUP // 4  # a warp's weights an iteration (4 warps a program)
+    sizes = report(sass, res, per_warp / 32, f"frag_gemv_kernel {planes} planes, {N} x {K}, {a.fragment} splits")
+    per_weight = max(sizes) / per_warp  # warp instructions a weight, in the loop alone
+    issue_us = N * K * per_weight / (132 * 4 * 1.98e9) * 1e6
+    copy_us = N * K * (planes + 32 / gf.GROUP) / 8 / 3000e9 * 1e6
+    print(f"  estimate: {per_weight:.4f} warp instructions a weight; issue {issue_us:.2f} us against {copy_us:.2f} us "
+          f"of copy for the layer's bytes ({issue_us / copy_us:.0%})")  # fmt: skip
+    return 0
 
 
 def main(argv=None):
@@ -200,8 +230,18 @@ def main(argv=None):
         default=None,
         help="the dequantize pass of view --k: from the planes (dequantize) or one-bit planes (dequantize_bits)",
     )
+    ap.add_argument(
+        "--fragment",
+        type=int,
+        default=None,
+        metavar="SPLITS",
+        help="instead: the fragment-native Gluon kernel (gluon_fragment.frag_gemv_kernel) at the static view --k, "
+        "--n rows, --in-features inputs, K split in this many programs a row block; with an issue estimate",
+    )
     ap.add_argument("--save", default=None, help="write the SASS, TTGIR and PTX to this path prefix")
     a = ap.parse_args(argv)
+    if a.fragment is not None:
+        return fragment_report(a)
     if a.router:
         tiling = tuple(int(v) for v in a.router_tiling.split(","))
         fn, grid, args, kw = router_launch(a.router, tiling, a.in_features, a.pdl)

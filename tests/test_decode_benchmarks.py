@@ -4,6 +4,7 @@ path of the GPU tables on a tiny CPU model (slow: tens of seconds on a shared CP
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from pathlib import Path
 
@@ -288,6 +289,23 @@ def test_q_step_routes_static_runs_routers_or_takes_device_k():
     assert got == {"q": 3, "k": 3, "v": 3, "o": 4, "gate": 5, "up": 5, "down": 6}
 
 
+def _compiled_offline(script: str, args: list[str]) -> str:
+    """Runs ``benchmarks/<script>`` (an offline sm_90 compile with Triton's bundled tools; TRITON_INTERPRET unset, in
+    a process of its own) and returns its output; skips where this triton ships no cuobjdump."""
+    import os
+    import subprocess
+
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("this triton has no bundled CUDA tools")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    path = BENCH / script
+    run = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout
+
+
 @pytest.mark.parametrize(
     "args",
     [["--k", "2"], ["--device-k"], ["--routed", "--site", "3"], ["--routed", "--site", "3", "--router-in-launch"]],
@@ -297,18 +315,8 @@ def test_one_bit_plane_kernel_compiles_for_sm90(args):
     """The one-bit plane kernel's launches (a static view, k read on the device, k counted from gate values for
     three layers in one launch) compile for sm_90 with Triton's bundled ptxas, without a GPU: a kernel that only the
     interpreter has run cannot reach a GPU broken. No spill (stack 0)."""
-    import os
-    import subprocess
-
-    import triton
-
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
-        pytest.skip("this triton has no bundled CUDA tools")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "offline_sass.py"
-    run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "_bp_gemv_bits_kernel" in run.stdout and "stack 0 B" in run.stdout, run.stdout
+    out = _compiled_offline("offline_sass.py", args)
+    assert "_bp_gemv_bits_kernel" in out and "stack 0 B" in out, out
 
 
 @pytest.mark.parametrize("args", [["--tokens", "6", "--device-k"], ["--tokens", "16", "--k", "3"]], ids=" ".join)
@@ -316,40 +324,17 @@ def test_small_batch_kernel_compiles_for_sm90(args):
     """The small-batch kernel (2-16 tokens) on the default layout compiles for sm_90 without a GPU: its 3-bit base
     plane gathers one word a column, and the power-of-two branch after it (a ``tl.arange`` of 6 words there) must not
     be built; the interpreter never builds it and took this kernel to a GPU broken once (2026-12-05)."""
-    import os
-    import subprocess
-
-    import triton
-
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
-        pytest.skip("this triton has no bundled CUDA tools")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "offline_sass.py"
     shape = ["--slices", "3,1,1,1,1,1", "--n", "576", "--in-features", "576"]
-    run = subprocess.run(
-        [sys.executable, str(script), *shape, *args], capture_output=True, text=True, env=env, timeout=600
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "_bp_small_kernel" in run.stdout and "HMMA" in run.stdout, run.stdout
+    out = _compiled_offline("offline_sass.py", [*shape, *args])
+    assert "_bp_small_kernel" in out and "HMMA" in out, out
 
 
 @pytest.mark.parametrize("source", ["planes", "bits"])
 def test_dequantize_passes_compile_for_sm90(source):
     """Both dequantize passes of a prompt's forward compile for sm_90 without a GPU, at the widest view of the
     default layout (the interpreter builds no kernel, so it cannot catch a kernel that does not compile)."""
-    import os
-    import subprocess
-
-    import triton
-
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
-        pytest.skip("this triton has no bundled CUDA tools")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "offline_sass.py"
-    args = ["--dequant", source, "--k", "6", "--n", "576", "--in-features", "1536"]
-    run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "dequant_kernel" in run.stdout and "stack 0 B" in run.stdout and "no loop" in run.stdout, run.stdout
+    out = _compiled_offline("offline_sass.py", ["--dequant", source, "--k", "6", "--n", "576", "--in-features", "1536"])
+    assert "dequant_kernel" in out and "stack 0 B" in out and "no loop" in out, out
 
 
 @pytest.mark.parametrize(
@@ -367,37 +352,28 @@ def test_router_kernel_compiles_for_sm90(prologue, tiling, pdl):
     every hidden unit) compile for sm_90
     without a GPU, without spills: the interpreter accepts code (an early return of another shape in a constexpr
     branch) that the compiler rejects."""
-    import os
-    import subprocess
-
-    import triton
-
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
-        pytest.skip("this triton has no bundled CUDA tools")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "offline_sass.py"
     args = ["--router", prologue, "--router-tiling", tiling, "--in-features", "4096", *(["--pdl"] if pdl else [])]
-    run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "_router_kernel" in run.stdout and "stack 0 B" in run.stdout, run.stdout
+    out = _compiled_offline("offline_sass.py", args)
+    assert "_router_kernel" in out and "stack 0 B" in out, out
 
 
 def test_mma_proto_compiles_for_sm90():
     """``mma_proto.py`` (a tensor-core decode counted offline, benchmarks/NOTES.md entry 19) compiles for sm_90 and
     reports its loop's instructions a code."""
-    import os
-    import subprocess
+    out = _compiled_offline(
+        "mma_proto.py", ["--block-n", "64", "--word-cols", "4", "--n", "256", "--in-features", "512"]
+    )
+    assert "per code" in out and "LOP3" in out, out
 
-    import triton
 
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
-        pytest.skip("this triton has no bundled CUDA tools")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "mma_proto.py"
-    args = ["--block-n", "64", "--word-cols", "4", "--n", "256", "--in-features", "512"]
-    run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "per code" in run.stdout and "LOP3" in run.stdout, run.stdout
+def test_fragment_kernel_instruction_estimate_offline():
+    """``offline_sass.py --fragment`` compiles the fragment kernel's static 4-bit view for sm_90 without a GPU and
+    estimates what its loop's instructions cost against the layer's bytes at copy bandwidth (a share below one: on
+    the 8B gate/up shapes the loop issues for about a third of the copy time, benchmarks/NOTES.md entry 43)."""
+    out = _compiled_offline("offline_sass.py", ["--fragment", "4", "--k", "2", "--n", "1024", "--in-features", "4096"])
+    assert "frag_gemv_kernel 4 planes" in out and "stack 0 B" in out and "HMMA" in out, out
+    share = re.search(r"issue ([0-9.]+) us against ([0-9.]+) us of copy", out)
+    assert share is not None and 0 < float(share.group(1)) < float(share.group(2)), out
 
 
 def test_gluon_proto_pack_and_decode_give_the_codes():
