@@ -91,7 +91,9 @@ class Router:
     def __call__(self, x):
         # one hidden unit per program: 64 programs share the read of W1; k is written on the device; launched with
         # programmatic dependent launch where the layers' config asks for it (as set_small_config does in the package)
-        pdl = getattr(QLinear.small_config, "pdl", False) is True
+        from mobiquant.kernels.triton_bitplane import launch_pdl  # loaded by then (load_kernels)
+
+        pdl = launch_pdl(QLinear.small_config, static=False)
         k, _ = Router.fused(x, self.w1, self.b1, self.w2, self.b2, self.tau, "free", pdl=pdl, **Router.tiling)
         return k
 

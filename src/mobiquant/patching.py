@@ -242,11 +242,13 @@ def set_small_config(model: nn.Module, config) -> None:
     with ``pdl="static"``: static views' launches only), with
     ``router_early_l2`` asking L2 for their weights first, with ``router_partials`` without its tail (one token:
     the GEMVs finish the router)."""
+    from .kernels.triton_bitplane import launch_pdl
+
     for _, m in mobi_linears(model):
         m.small_config = config
         m._bitplanes = None
         if m.router is not None:
-            m.router.launch_pdl = getattr(config, "pdl", False) is True
+            m.router.launch_pdl = launch_pdl(config, static=False)  # a router launch is never a static view's
             m.router.launch_early_l2 = bool(getattr(config, "router_early_l2", False))
             m.router.launch_partials = bool(getattr(config, "router_partials", False))
 

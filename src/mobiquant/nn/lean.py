@@ -87,8 +87,7 @@ def _o_launch_pdl(o_proj: Any) -> bool:
     ``SmallConfig.pdl="static"`` where it decodes a static view: no router of its own or borrowed deciding)."""
     from ..kernels.triton_bitplane import launch_pdl
 
-    static = getattr(o_proj, "mode", "static") == "static" or getattr(o_proj, "_router", None) is None
-    return launch_pdl(getattr(o_proj, "small_config", None), static)
+    return launch_pdl(getattr(o_proj, "small_config", None), getattr(o_proj, "decodes_static", True))
 
 
 @torch.compiler.disable  # a Triton launch: opaque to torch.compile, like MoBiLinear.forward

@@ -162,6 +162,11 @@ class MoBiLinear(nn.Module):
         )
 
     # ------------------------------------------------------------------ mode control
+    @property
+    def decodes_static(self) -> bool:
+        """Whether every token takes the static view ``static_k`` (static mode, or no router to decide)."""
+        return self.mode == "static" or self._router is None
+
     def set_static(self, k: int) -> None:
         self.slicer._check_k(k)
         self.mode, self.static_k = "static", k
@@ -414,7 +419,7 @@ class MoBiLinear(nn.Module):
         kernels (the launches that may take a prologue or an epilogue)."""
         if x.numel() != x.shape[-1] or not self.packed or self.weight_override is not None or self.track:
             return False
-        if self.mode != "static" and self._router is not None:
+        if not self.decodes_static:
             return False  # a routed linear's router makes (or reads) the prologue's output
         if not (x.is_cuda or getattr(self, "backend", "auto") != "auto") or not self._use_triton(x):
             return False
@@ -432,7 +437,7 @@ class MoBiLinear(nn.Module):
             return None
         if getattr(self, "backend", "auto") != "auto" or not int4.input_fits(x):
             return None
-        k = self.static_k if self.mode == "static" or self._router is None else self._host_view()
+        k = self.static_k if self.decodes_static else self._host_view()
         views = self._int4
         x2 = x.reshape(-1, x.shape[-1])
         if k is not None:
@@ -502,7 +507,7 @@ class MoBiLinear(nn.Module):
 
     def _forward_fake(self, x: torch.Tensor) -> torch.Tensor:
         n_tokens = x.numel() // x.shape[-1]
-        if self.mode == "static" or self._router is None:
+        if self.decodes_static:
             w = self.fake_views(upto=self.static_k)[-1]
             self._count(self.static_k, n_tokens)
             return F.linear(x, w.to(x.dtype), self.bias)
@@ -620,7 +625,7 @@ class MoBiLinear(nn.Module):
             assert residual is not None
             bias = residual.reshape(-1)
         k: Any
-        if self.mode == "static" or self._router is None:
+        if self.decodes_static:
             k = self.static_k
         else:  # the one-bit plane kernel counts the slices itself, unless they are counted here (track)
             k = self._routed_k(x, in_kernel=extra.get("path") == "bits" and not self.track)
@@ -683,8 +688,7 @@ class MoBiLinear(nn.Module):
 
         if kernels.capturing(x):
             views = self._int4
-            static = self.mode == "static" or self._router is None
-            return static and views is not None and views.built(self.static_k)
+            return self.decodes_static and views is not None and views.built(self.static_k)
         return True
 
     def int4_views(self) -> Any:
