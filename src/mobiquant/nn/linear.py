@@ -507,7 +507,7 @@ class MoBiLinear(nn.Module):
 
     def _forward_fake(self, x: torch.Tensor) -> torch.Tensor:
         n_tokens = x.numel() // x.shape[-1]
-        if self.decodes_static:
+        if self.mode == "static" or self._router is None:  # decodes_static, spelled out for the type checker
             w = self.fake_views(upto=self.static_k)[-1]
             self._count(self.static_k, n_tokens)
             return F.linear(x, w.to(x.dtype), self.bias)
