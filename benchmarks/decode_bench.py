@@ -784,12 +784,23 @@ def package_kernels(args, bits_cfg=None) -> list:
             cfg = SmallConfig(fragment_epilogues=kind)
             kernels.append((f"package sites+inputs lean epilogues {kind}", ("lean prologues", cfg, True)))
     if args.package_pdl_static:  # ... the lean step with programmatic dependent launch for static views' launches
-        # only (SmallConfig(pdl="static"): router launches and views on the device without it)
+        # only (SmallConfig(pdl="static"): router launches and views on the device without it), and without any (the
+        # default since 2026-12-07 gives it to static views of at most 4 planes)
         static_pdl = SmallConfig(pdl="static")
         if args.package_lean_step:
             kernels.append(("package sites+inputs lean step pdl static", ("lean step", static_pdl, True)))
         if args.package_lean_prologues:
             kernels.append(("package sites+inputs lean prologues pdl static", ("lean prologues", static_pdl, True)))
+            cfg = SmallConfig(pdl=False)
+            kernels.append(("package sites+inputs lean prologues pdl off", ("lean prologues", cfg, True)))
+    if args.package_routed_epilogues:  # ... the lean step with its prologues, the views read on the device making
+        # the next launch's input too (SmallConfig(fragment_routed_epilogues=True): the o launch the post-attention
+        # norm's parts where gate/up borrow their decisions, gate/up the product; NOTES 45), then with pdl too
+        cfg = SmallConfig(fragment_routed_epilogues=True)
+        kernels.append(("package sites+inputs lean routed epilogues", ("lean prologues", cfg, True)))
+        if args.package_pdl:
+            cfg = SmallConfig(fragment_routed_epilogues=True, pdl=True)
+            kernels.append(("package sites+inputs lean routed epilogues pdl", ("lean prologues", cfg, True)))
     if args.package_no_span:  # ... fused inputs, every view's body compiled (the default before 2026-12-06)
         kernels.append(("package sites+inputs no span", ("inputs", SmallConfig(span_bodies=False))))
     if args.package_pdl:  # ... fused inputs, every kernel launch of a linear with programmatic dependent launch
@@ -1106,6 +1117,12 @@ def main(argv=None):
         action="store_true",
         help="also the lean rows with one kind of epilogue alone at every static view (SmallConfig(fragment_epilogues="
         "'rms_norm'): the norms' parts made by the o and down launches; 'silu_mul': the products by gate/up)",
+    )
+    ap.add_argument(
+        "--package-routed-epilogues",
+        action="store_true",
+        help="also the lean rows (with prologues) whose views read on the device make the next launch's input "
+        "(SmallConfig(fragment_routed_epilogues=True); with --package-pdl also with pdl)",
     )
     ap.add_argument(
         "--package-pdl-static",

@@ -114,8 +114,12 @@
 #   epikinds (only when named) the package rows with the lean step and its prologues: the default epilogues, every
 #            kind at every static view, each kind alone at every static view (benchmarks/NOTES.md entry 41 (b))
 #   pdlstatic (only when named) the package rows with the lean step and its prologues (the default epilogues) with
-#            programmatic dependent launch for static views' launches only (SmallConfig(pdl="static")), router
+#            programmatic dependent launch for static views' launches only (SmallConfig(pdl="static")) and without
+#            any (pdl=False; the default since 2026-12-07 gives it to static views of at most 4 planes), router
 #            placement site, then block
+#   routedepi (only when named) the GPU tests of the routed epilogues, then the package rows with router placement
+#            block, the lean step and its prologues, with the views read on the device making the next launch's input
+#            (SmallConfig.fragment_routed_epilogues, benchmarks/NOTES.md entry 45) and without, each also with pdl
 #   block    (only when named; in loads) the default rows with router placement block (one router a layer), with
 #            and without the lean step, and its compiled step's census at routed 3.5 / 4.5 bits with it
 #            (BLOCK_CENSUS=0: without the census)
@@ -426,6 +430,14 @@ stage() {
         --package-fused-only
       run_stage pdlstatic_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_lean_step.py \
         -k lean_prologues_with_pdl ;;
+    routedepi)
+      # the views read on the device making the next launch's input (SmallConfig.fragment_routed_epilogues, NOTES 45):
+      # their GPU test, then the block placement's package rows with the lean step and its prologues, with and
+      # without them, and each with pdl on every launch (routers' too)
+      run_stage routedepi_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_lean_step.py \
+        -k "routed_epilogues or routed_budget_with_one_router"
+      package_stage routedepi block --package-lean-step --package-lean-prologues --package-routed-epilogues \
+        --package-pdl --package-fused-only ;;
     span)
       # k read on the device against the static views: every body, preloaded, a span of two views (the stack);
       # then their tests compiled
@@ -454,7 +466,7 @@ print(','.join(str(int(v)) for v in t))" "$RES/router_sweep/router_sweep.csv" 2>
       run_stage pattern 600 "$PY" benchmarks/stream_pattern.py --views 1,2,6 \
         --package-configs "$PATTERN_CONFIGS" --out "$RES/pattern" ;;
     *)
-      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement pdl spandef spanrule spancost loads lean attn prologues block pdlstatic epikinds epilogues span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
+      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement pdl spandef spanrule spancost loads lean attn prologues block pdlstatic epikinds routedepi epilogues span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
       return 2 ;;
   esac
 }

@@ -91,6 +91,22 @@ def test_quant_options_build_their_method(tmp_path):
     assert (method.mobi.anchor_bits, method.mobi.router_policy, method.mobi.slice_bits) == (4, "adjacent", (2, 2, 2, 2))
 
 
+def test_default_places_one_router_a_block_and_the_paper_one_a_site(tmp_path):
+    """The default configuration reads one router a block (``router: block``, measured level with ``site`` at the
+    paper protocol and faster to decode); ``quant=mobiquant_paper`` keeps the paper's one router per input site
+    whatever the router group says; ``router=site`` gives the default method the paper's placement."""
+    placements = {}
+    for overrides in ([], ["quant=mobiquant_paper"], ["quant=mobiquant_paper", "router=block"], ["router=site"]):
+        (method,), _ = validate(_compose([*overrides, "baselines=none"], tmp_path))
+        placements[" ".join(overrides)] = method.mobi.router_placement
+    assert placements == {
+        "": "block",
+        "quant=mobiquant_paper": "site",
+        "quant=mobiquant_paper router=block": "site",
+        "router=site": "site",
+    }
+
+
 @pytest.mark.parametrize(
     "override,fragment",
     [

@@ -167,10 +167,12 @@ def test_dry_runs(tmp_path, capsys):
     assert "package sites+inputs span pdl routed budget 4.5" in out
     lean = ["--dry-run", "--new-tokens", "3", "--fuse-inputs", "--package-policy", "adjacent", "--package-budgets"]
     lean += ["3.5", "--package-lean-step", "--package-lean-prologues", "--package-fused-only", "--package-pdl"]
-    assert decode_bench.main([*lean, "--package-epilogues", "--package-epilogue-kinds", "--package-pdl-static"]) == 0
+    extra = ["--package-epilogues", "--package-epilogue-kinds", "--package-pdl-static", "--package-routed-epilogues"]
+    assert decode_bench.main([*lean, *extra]) == 0
     out = capsys.readouterr().out
     modes = ("lean step", "lean prologues", "lean step pdl", "lean prologues pdl", "lean epilogues")
     modes += ("lean epilogues rms_norm", "lean epilogues silu_mul", "lean step pdl static", "lean prologues pdl static")
+    modes += ("lean prologues pdl off", "lean routed epilogues", "lean routed epilogues pdl")
     for mode in modes:
         assert f"package sites+inputs {mode} static k=2" in out and f"sites+inputs {mode} routed budget 3.5" in out
 

@@ -57,14 +57,9 @@ def test_k_distributions_sum_to_one(smoke_run):
     for df in (sites, layers):
         np.testing.assert_allclose(df[SHARES].sum(axis=1), 1.0, atol=1e-12)
         assert (df[SHARES] >= 0).all().all()
-    # site placement on LLaMA: q/k/v share a router, gate/up share one, o_proj and down_proj one each
+    # the default placement, block, on LLaMA: one router a block, at q/k/v's input, deciding for all seven linears
     one = sites[(sites["budget"] == 3) & (sites["layer"] == 0)]
-    assert dict(zip(one["site"], one["linears"], strict=True)) == {
-        "self_attn_q_proj": 3,
-        "self_attn_o_proj": 1,
-        "mlp_gate_proj": 2,
-        "mlp_down_proj": 1,
-    }
+    assert dict(zip(one["site"], one["linears"], strict=True)) == {"self_attn_q_proj": 7}
     assert (sites["tokens"] == 4 * 64).all()  # every window token, counted once per site
     assert sorted(sites["budget"].unique()) == BUDGETS and sorted(layers["layer"].unique()) == [0, 1]
 
@@ -160,3 +155,19 @@ def test_early_layers_checked_against_the_model(tmp_path, compose_cfg, no_calibr
     cfg = compose_cfg(tmp_path / "run", "experiment=routers_smoke", "analysis.routers.early_layers=2")
     with pytest.raises(ConfigError, match="early_layers=2 is invalid.*this model has 2 blocks"):
         routers.run(cfg)
+
+
+def test_site_placement_reports_one_row_a_router_site(tmp_path, compose_cfg):
+    """``router=site`` (the paper's placement): q/k/v share a router, gate/up share one, o_proj and down_proj one
+    each, every site's shares a distribution."""
+    out = tmp_path / "run"
+    routers.run(compose_cfg(out, *SMOKE, "router=site", "analysis.routers.budgets=[3]"))
+    sites = pd.read_csv(out / "router_sites.csv")
+    np.testing.assert_allclose(sites[SHARES].sum(axis=1), 1.0, atol=1e-12)
+    one = sites[(sites["budget"] == 3) & (sites["layer"] == 0)]
+    assert dict(zip(one["site"], one["linears"], strict=True)) == {
+        "self_attn_q_proj": 3,
+        "self_attn_o_proj": 1,
+        "mlp_gate_proj": 2,
+        "mlp_down_proj": 1,
+    }

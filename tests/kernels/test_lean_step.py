@@ -434,8 +434,9 @@ def test_gpu_lean_prologues_with_pdl():
     """The compiled and captured step of a packed tiny LLaMA at a static view, the prologues in its launches, with
     every launch of the layers' chain under programmatic dependent launch (``SmallConfig(pdl=True)``: the linears'
     kernels and, through the o projection's config, the attention's), or its static views' launches alone
-    (``pdl="static"``), gives the greedy tokens of the same step without it; so does a routed budget with
-    ``pdl="static"`` (its routers and views on the device without the attribute, any static launch with it)."""
+    (``pdl="static"``), or the default rule's (None: static views of at most 4 planes), gives the greedy tokens of
+    the same step without it; so does a routed budget with ``pdl="static"`` or the default (its routers and views on
+    the device without the attribute, any static launch with it)."""
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("programmatic dependent launch needs compute capability 9.0+")
     from test_fused_inputs import default_layout_model
@@ -450,17 +451,17 @@ def test_gpu_lean_prologues_with_pdl():
     prompt = torch.randint(0, q.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(9))
 
     def greedy(pdl):
-        set_small_config(q, None if pdl is None else SmallConfig(pdl=pdl))
+        set_small_config(q, SmallConfig(pdl=pdl))  # None: the default rule (static views of at most 4 planes)
         lean_step(q, prologues=True)
         g = generate(q, prompt, 8, cuda_graph="compile")
         lean_step(q, enable=False)
         assert g.graph == "compile", g.graph
         return g.tokens
 
-    ref = greedy(None)
-    assert torch.equal(greedy(True), ref) and torch.equal(greedy("static"), ref)
+    ref = greedy(False)
+    assert torch.equal(greedy(True), ref) and torch.equal(greedy("static"), ref) and torch.equal(greedy(None), ref)
     mq.set_budget(q, 4.5)  # the tokens choose their views on the device
-    assert torch.equal(greedy("static"), greedy(None))
+    assert torch.equal(greedy("static"), greedy(False)) and torch.equal(greedy(None), greedy(False))
     set_small_config(q, None)
 
 
@@ -604,3 +605,144 @@ def test_lean_epilogues_in_the_compiled_step(monkeypatch):
         tokens.append(g.tokens)
     assert torch.equal(tokens[1], tokens[0])
     assert True in handed and handed.count(True) == handed.count(False), handed  # the second layer's, each step
+
+
+@needs_triton
+def test_routed_epilogues_asked_of_borrowers_only(monkeypatch):
+    """``SmallConfig(fragment_routed_epilogues=True)`` with one router a block (``router=block``) at a routed budget:
+    the o launch (a borrower) and the gate/up site launch are asked to make the post-attention norm's parts and the
+    gated product, gate/up (borrowers: their decisions come from the block's input) take the made norm, q/k/v (the
+    router's home linears, whose router reads their input) do not; nothing is asked without the switch or at a
+    static view that the static rule leaves out. Where a launch makes them is the kernels' to say
+    (``triton_bitplane._routed_made_by``, here answered yes); the decisions only are checked."""
+    from test_fused_inputs import default_layout_model
+
+    import mobiquant as mq
+    from mobiquant.kernels import triton_bitplane as tb
+    from mobiquant.kernels.triton_bitplane import SmallConfig
+    from mobiquant.patching import fuse_inputs, set_small_config
+
+    q = default_layout_model("block")
+    fuse_inputs(q)
+    mq.set_budget(q, 4.5)
+    asked = []
+    monkeypatch.setattr(tb, "_routed_made_by", lambda *a: asked.append(a[3]) or True)
+    layer = q.model.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    x = torch.zeros(1, 1, q.config.hidden_size, device=DEV)
+    group = mlp.gate_proj._site_group
+    assert group is not None and not mlp.gate_proj.router_home and attn.q_proj.router_home
+
+    def answers(cfg):
+        set_small_config(q, cfg)
+        return (
+            attn.o_proj.takes_epilogue(x, "rms_norm"),
+            group.takes_prologue(x, cfg, "rms_scale"),
+            group.takes_epilogue(x, cfg, "silu_mul"),
+            attn.q_proj.takes_prologue(x, kind="rms_scale"),
+        )
+
+    routed = [m for m in (attn.o_proj, mlp.gate_proj, mlp.up_proj) if not m.decodes_static]
+    assert len(routed) == 3, "the budget leaves the block's borrowers routed"
+    assert answers(SmallConfig()) == (False, False, False, False)
+    assert answers(SmallConfig(fragment_routed_epilogues=True)) == (True, True, True, False)
+    assert (q.config.hidden_size,) in asked and (mlp.gate_proj.out_features, mlp.up_proj.out_features) in asked
+    set_small_config(q, None)
+
+
+@needs_triton
+def test_lean_epilogues_at_a_routed_budget_with_one_router_a_block(monkeypatch):
+    """With one router a block at a routed budget, where the linears' launches can make the next launch's input
+    (here every launch is asked to, the made norm taken only by linears that borrow their decisions, as
+    ``MoBiLinear.takes_prologue`` rules; on the CPU each request is filled in PyTorch after its launch): the lean
+    layer hands its o launch the post-attention norm and its gate/up site the product, calls neither the norm nor
+    the activation, leaves q/k/v's input norm to the router that reads it, and keeps its logits."""
+    from test_fused_inputs import default_layout_model
+
+    from mobiquant.kernels.epilogue import NextInput
+    from mobiquant.nn import lean
+    from mobiquant.patching import fuse_inputs
+
+    q = default_layout_model("block")
+    fuse_inputs(q)
+    ids = torch.randint(0, q.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(7)).to(q.device)
+    made: list[str] = []
+    real_make, real_takes = NextInput.make, lean._takes
+
+    def make(self, y):
+        made.append(self.kind)
+        real_make(self, y)
+
+    @contextlib.contextmanager
+    def spied():
+        made.clear()
+        with _norm_calls(q, made):
+            yield
+
+    monkeypatch.setattr(NextInput, "make", make)
+    outs = _logits_each_way(q, None, ids, 3, spied, [dict(prologues=True)])
+    assert "rms_norm" not in made and "silu_mul" not in made
+    monkeypatch.setattr(lean, "_makes", lambda *a: True)
+
+    def takes(lin, x, kind="rms_norm"):
+        if kind == "rms_scale":
+            return not lin.decodes_static and not lin.router_home  # a borrower: its decisions on another input
+        return real_takes(lin, x, kind)
+
+    monkeypatch.setattr(lean, "_takes", takes)
+    outs += _logits_each_way(q, None, ids, 3, spied, [dict(prologues=True)])
+    torch.testing.assert_close(outs[1], outs[0], atol=2e-3, rtol=2e-3)
+    n, tokens = q.config.num_hidden_layers, 3
+    assert made.count("silu_mul") == n * tokens and made.count("rms_norm") == n * tokens, made  # o's, not down's
+    assert "post_attention_layernorm" not in made and "mlp.act_fn" not in made, made
+    assert made.count("input_layernorm") == n * tokens, made  # q/k/v's router reads the normed input
+
+
+@needs_triton
+@needs_gpu
+def test_gpu_lean_routed_epilogues():
+    """On the GPU, a packed LLaMA with one router a block whose linears the fragment kernel serves (widths of 1024 and
+    2048, groups of 128) at a routed budget: with ``SmallConfig(fragment_routed_epilogues=True)`` the o launches make
+    the post-attention norms' parts and the gate/up launches the products (views read on the device), and the
+    step-by-step logits are those of the step without them."""
+    import mobiquant as mq
+    from mobiquant.kernels import gluon_fragment as gf
+    from mobiquant.kernels.triton_bitplane import SmallConfig
+    from mobiquant.patching import fuse_inputs, set_small_config
+
+    model = build_tiny_llama(hidden_size=1024, intermediate_size=2048, num_attention_heads=8, num_key_value_heads=4,
+                             num_hidden_layers=2)  # fmt: skip
+    cfg = mq.MoBiConfig(slice_bits=(3, 1, 1, 1, 1, 1), group_size=128, router_placement="block",
+                        router_policy="adjacent")  # fmt: skip
+    mq.quantize_model(model, cfg)
+    g = torch.Generator().manual_seed(100)
+    mq.calibrate_thresholds(model, [torch.randint(0, model.config.vocab_size, (4, 32), generator=g) for _ in range(2)])
+    mq.freeze(model)
+    q = model.half().cuda().eval()
+    fuse_inputs(q)
+    mq.set_budget(q, 3.5)
+    ids = torch.randint(0, q.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(6)).cuda()
+    kinds: list[str] = []
+    real = gf.fragment_linear
+
+    def spy(*a, **k):
+        if k.get("epilogue") is not None:
+            kinds.append(k["epilogue"].kind)
+        return real(*a, **k)
+
+    outs = []
+    for epi in (False, True):
+        set_small_config(q, SmallConfig(fragment_routed_epilogues=epi, fragment_epilogues=False))
+        lean_step(q, prologues=True)
+        kinds.clear()
+        gf.fragment_linear = spy
+        try:
+            outs.append(torch.cat(_cached_logits(q, ids, 3, 10)))
+        finally:
+            gf.fragment_linear = real
+        lean_step(q, enable=False)
+        assert (len(kinds) > 0) == epi, kinds
+        if epi:  # each o launch a norm's parts, each gate/up launch a product
+            assert kinds.count("silu_mul") == 2 * 3 and kinds.count("rms_norm") >= 2 * 3, kinds
+    set_small_config(q, None)
+    torch.testing.assert_close(outs[1], outs[0], atol=3e-2, rtol=3e-2)

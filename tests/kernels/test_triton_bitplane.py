@@ -948,7 +948,7 @@ def test_pdl_static_marks_only_the_static_views_launches(gen, monkeypatch):
         "device": lambda c: tb.bitplane_linear_bits(x, layers[0], torch.tensor([3], device=DEVICE), config=c),
         "routed": lambda c: tb.bitplane_site_bits(x, site, [tb.RoutedK(values, t) for t in taus], config=c),
     }
-    for pdl, want in (("static", {"static"}), (True, {"static", "device", "routed"}), (False, set())):
+    for pdl, want in (("static", {"static"}), (True, {"static", "device", "routed"}), (False, set()), (None, set())):
         cfg = dataclasses.replace(WHOLE, pdl=pdl)
         marked = set()
         for name, launch in launches.items():
@@ -958,8 +958,46 @@ def test_pdl_static_marks_only_the_static_views_launches(gen, monkeypatch):
                 marked.add(name)
         assert marked == want, pdl
     assert tb.launch_pdl(None, True) is False and tb.launch_pdl(tb.SmallConfig(pdl="static"), False) is False
-    with pytest.raises(ValueError, match=r"pdl must be False, True or 'static' .* got 'yes'"):
+    with pytest.raises(ValueError, match=r"pdl must be None \(the measured rule: .* at most 4 planes\), False, True or "
+                       r"'static' .* got 'yes'"):  # fmt: skip
         tb.SmallConfig(pdl="yes")
+
+
+def test_pdl_default_marks_static_views_of_at_most_four_planes(gen, monkeypatch):
+    """``SmallConfig.pdl`` None (the default): on a card that has it, the launches of static views of at most
+    :data:`PDL_MAX_PLANES` planes have programmatic dependent launch, those of wider views, views on the device and
+    routed sites not; on a card without it (or the CPU) none; the outputs are those without it."""
+    monkeypatch.setattr(tb, "_host_k_range", lambda k_t: None)
+    monkeypatch.setattr(tb, "_host_routed_k", lambda rk: None)
+    checked = []
+    monkeypatch.setattr(tb, "_check_pdl", lambda device: checked.append(device))
+    bits, group, n_in = DEFAULT_LAYOUT, 64, 192
+    layers = [tb.pack_bitplanes(*make_layer(n, n_in, bits, group, gen), bits, group, n_in) for n in (200, 70)]
+    site = tb.site_bitplanes(layers)
+    x = randx(1, n_in, torch.float16, gen)
+    values = torch.tensor([[0.9, 0.7, 0.5, 0.3, 0.1]], device=DEVICE)
+    taus = [torch.tensor(t, device=DEVICE) for t in (0.8, 0.4)]
+    launches = {
+        f"static {k}": (lambda c, k=k: tb.bitplane_linear_bits(x, layers[0], k, config=c)) for k in (1, 2, 3, 6)
+    }
+    launches["site static 2"] = lambda c: tb.bitplane_site_bits(x, site, [2, 2], config=c)
+    k_dev = torch.tensor([2], device=DEVICE)
+    launches["device"] = lambda c: tb.bitplane_linear_bits(x, layers[0], k_dev, config=c)
+    launches["routed"] = lambda c: tb.bitplane_site_bits(x, site, [tb.RoutedK(values, t) for t in taus], config=c)
+    off = dataclasses.replace(WHOLE, pdl=False)
+    assert WHOLE.pdl is None and tb.PDL_MAX_PLANES == 4
+    for capable, want in ((True, {"static 1", "static 2", "site static 2"}), (False, set())):
+        monkeypatch.setattr(tb, "_pdl_capable", lambda device, capable=capable: capable)
+        marked = set()
+        for name, launch in launches.items():
+            n = len(checked)
+            assert torch.equal(launch(WHOLE), launch(off)), name
+            if len(checked) > n:
+                marked.add(name)
+        assert marked == want, capable
+    monkeypatch.undo()
+    assert not tb._pdl_capable(torch.device("cpu")) and tb._pdl_capable(None)
+    assert [tb.launch_pdl(None, True, p) for p in (0, 3, 4, 5)] == [False, True, True, False]
 
 
 # ------------------------------------------------------------------------------ layouts and configs
@@ -1985,3 +2023,31 @@ def test_mobilinear_with_a_pair_per_view_on_the_triton_path(gen):
     ref = m(x)
     m.backend = "triton"
     torch.testing.assert_close(m(x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_routed_epilogues_are_asked_of_fragment_launches_of_views_on_the_device(gen, monkeypatch):
+    """``SmallConfig.fragment_routed_epilogues``: a launch of a view read on the device (``k`` None, a span or
+    none) takes an epilogue and a norm made by the launch before (``"rms_scale"``) only with the switch, on the
+    fragment kernel (fp16; a site of whole blocks of 128 rows, the product only from two layers of one width), and no
+    other prologue; a launch handed one without the switch is refused with the reason."""
+    bits, group, n_in = DEFAULT_LAYOUT, 64, 256
+    bp = tb.pack_bitplanes(*make_layer(256, n_in, bits, group, gen), bits, group, n_in)
+    x16 = torch.zeros(1, n_in, dtype=torch.float16)
+    on, off = tb.SmallConfig(fragment_routed_epilogues=True), tb.SmallConfig()
+    served = []
+    monkeypatch.setattr(tb, "fragment_serves", lambda cfg, bp, k, x2, span=None: served.append((k, span)) or True)
+    assert off.fragment_routed_epilogues is False
+    assert not tb.takes_epilogue(x16, bp, None, (256,), off, "rms_norm")
+    assert tb.takes_epilogue(x16, bp, None, (256,), on, "rms_norm", (1, 2)) and served[-1] == (None, (1, 2))
+    assert not tb.takes_epilogue(x16.float(), bp, None, (256,), on, "rms_norm")  # fp16 only
+    assert not tb.takes_epilogue(x16, bp, None, (256,), on, "silu_mul")  # a product needs gate and up
+    assert tb.takes_epilogue(x16, bp, None, (128, 128), on, "silu_mul")
+    assert not tb.takes_epilogue(x16, bp, None, (128, 64, 64), on, "rms_norm")  # not whole blocks of 128 rows
+    assert not tb.takes_epilogue(
+        x16, bp, None, (128, 128), dataclasses.replace(on, fragment_site_spans=False), "rms_norm"
+    )
+    assert tb.takes_prologue(x16, bp, None, (256,), on, "rms_scale")
+    assert not tb.takes_prologue(x16, bp, None, (256,), on, "rms_norm")  # a device view's router makes its norm
+    assert not tb.takes_prologue(x16, bp, None, (256,), off, "rms_scale")
+    with pytest.raises(ValueError, match="or a view on the device there with SmallConfig.fragment_routed_epilogues"):
+        tb._check_made_by_fragment(None, object(), False)

@@ -434,3 +434,24 @@ def test_lean_attention_takes_pdl_with_a_static_o_launch():
     m.set_routed()
     m.small_config = SmallConfig(pdl=True)
     assert _o_launch_pdl(m) is True
+
+
+def test_lean_attention_follows_the_default_pdl_rule(monkeypatch):
+    """``SmallConfig.pdl`` None (the default): the attention launch has programmatic dependent launch where the o
+    projection decodes a static view of at most 4 planes on a card that has it; not at wider views, routed, on a card
+    without it, or before an fp16 o projection."""
+    from mobiquant.kernels import triton_bitplane as tb
+    from mobiquant.nn.lean import _o_launch_pdl
+
+    m = MoBiLinear.from_linear(torch.nn.Linear(64, 24), group_size=32, slice_bits=(3, 1, 1, 1, 1, 1))
+    m.freeze()
+    m.attach_router(make_router(64, m.slice_bits, 8, "free"))
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(tb, "_pdl_capable", lambda device: device is not None and device.type == "cuda")
+    for k, want in ((1, True), (2, True), (3, False), (6, False)):
+        m.set_static(k)
+        assert _o_launch_pdl(m, gpu) is want, k
+        assert _o_launch_pdl(m, torch.device("cpu")) is False, k
+    m.set_routed()
+    assert _o_launch_pdl(m, gpu) is False
+    assert _o_launch_pdl(torch.nn.Linear(64, 24), gpu) is False

@@ -2600,6 +2600,11 @@ def _bits_dequant_kernel(
 
 
 # ------------------------------------------------------------------------------------------- host side
+#: ``SmallConfig.pdl`` None: the most planes a static view's launch has programmatic dependent launch at (measured on
+#: an H100: the 8B-shaped lean step's 3 and 4-bit views faster with it, 5-8 bits slower)
+PDL_MAX_PLANES = 4
+
+
 @dataclass(frozen=True)
 class SmallConfig:
     """Small-batch launch: ``use_dot`` None = tensor cores for 2..16 tokens, CUDA cores for one token."""
@@ -2651,7 +2656,11 @@ class SmallConfig:
     # routers sit between them, it was 0.98-1.02x (docs/RESULTS.md "Programmatic dependent launch and L2 requests").
     # "static": only the launches of static views (k known on the host, no router in or before them; the attention
     # before a static o projection in the lean step); router launches and views on the device without it.
-    pdl: bool | str = False
+    # None (the default): the launches of static views of at most PDL_MAX_PLANES planes, on cards that have it (compute
+    # capability 9.0+; elsewhere none): on an H100 the 8B-shaped lean step's static 3 / 4-bit views 4.3 / 3.9% faster
+    # with it, 5-8 bits 2-12% slower, the routed budgets level (docs/RESULTS.md "`router=block` at the paper
+    # protocol; `pdl` for static views of at most 4 planes").
+    pdl: bool | str | None = None
     # one-bit plane kernel, the launches on the stream-K grid (whole-K ones load everything at once anyway): each
     # program first asks L2 for every line of words and step/zero words of its whole range of groups
     # (prefetch.global.L2), so they stream from memory at once while the group loop, one group at a time, finds them
@@ -2802,6 +2811,11 @@ class SmallConfig:
     # level (where only the product is made so, in the register-capped gate/up launch); True: every static view;
     # False: none; "rms_norm" or "silu_mul": that kind alone, at every static view (to time each kind apart)
     fragment_epilogues: bool | str | None = None
+    # The same for views read on the device (a routed budget's launches on the fragment kernel, no router in the
+    # launch): the o launch makes the post-attention norm's parts where gate/up borrow their decisions from another
+    # input's router (router=block), the gate/up site launch the gated product. Off until timed (benchmarks/NOTES.md
+    # entry 45): the static views' epilogues took 8-12 us off the 8B 3 / 4-bit steps, which routed budgets lack.
+    fragment_routed_epilogues: bool = False
 
     def __post_init__(self) -> None:
         if self.fragment_tma not in (0, -1, -2):
@@ -2822,8 +2836,11 @@ class SmallConfig:
                 "fragment_epilogues must be None (the measured rule), True, False, 'rms_norm' or 'silu_mul' (that "
                 f"kind alone), got {self.fragment_epilogues!r}"
             )
-        if self.pdl not in (False, True, "static"):
-            raise ValueError(f"pdl must be False, True or 'static' (static views' launches only), got {self.pdl!r}")
+        if self.pdl not in (None, False, True, "static"):
+            raise ValueError(
+                f"pdl must be None (the measured rule: static views of at most {PDL_MAX_PLANES} planes), False, True "
+                f"or 'static' (static views' launches only), got {self.pdl!r}"
+            )
         if not 0 <= self.int4_tokens <= 16 or self.int4_tokens == 1:
             raise ValueError(
                 f"int4_tokens must be 0 (off) or 2-16 (the most tokens a forward), got {self.int4_tokens!r}"
@@ -3506,17 +3523,34 @@ def _fragment_wanted(
     return planes > 6 or register_capped(size, planes, cfg.fragment_cap)
 
 
-def launch_pdl(cfg: SmallConfig | None, static: bool) -> bool:
-    """Whether a launch has programmatic dependent launch under ``cfg.pdl``: True every launch, ``"static"`` those of
-    static views (``static``: the view known on the host, no router in the launch)."""
-    pdl = False if cfg is None else cfg.pdl
+def _pdl_capable(device: torch.device | None) -> bool:
+    """Whether launches on ``device`` can have programmatic dependent launch (a GPU of compute capability 9.0+;
+    None: no device to ask, taken as able)."""
+    if device is None:
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def launch_pdl(cfg: SmallConfig | None, static: bool, planes: int = 0, device: torch.device | None = None) -> bool:
+    """Whether a launch has programmatic dependent launch under ``cfg.pdl`` (``cfg`` None: the defaults): True every
+    launch, ``"static"`` those of static views (``static``: the view known on the host, no router in the launch),
+    None those of static views of ``planes`` from 1 to :data:`PDL_MAX_PLANES` on a ``device`` that has it."""
+    pdl = (cfg or _DEFAULT_SMALL).pdl
+    if pdl is None:
+        return static and 0 < planes <= PDL_MAX_PLANES and _pdl_capable(device)
     return pdl is True or (pdl == "static" and static)
 
 
-def _fragment_options(cfg: SmallConfig, static: bool = False) -> dict:
+def _view_planes(bp: BitPlanes, ksel: int) -> int:
+    """The planes of the static view ``ksel`` of ``bp`` (0: no view known on the host)."""
+    return planes_of_views(bp.slice_bits)[ksel - 1] if ksel else 0
+
+
+def _fragment_options(cfg: SmallConfig, static: bool = False, planes: int = 0, device=None) -> dict:
     """``fragment_linear``'s keywords from ``cfg`` (each launch uses those of its kind: ``cap`` and ``tma`` static
-    views', ``span_uncap`` and ``early_l2`` views' on the device; ``pdl`` as :func:`launch_pdl` says)."""
-    pdl = launch_pdl(cfg, static)
+    views', ``span_uncap`` and ``early_l2`` views' on the device; ``pdl`` as :func:`launch_pdl` says for a static view
+    of ``planes`` on ``device``)."""
+    pdl = launch_pdl(cfg, static, planes, device)
     return dict(cap=cfg.fragment_cap, tma=cfg.fragment_tma, pdl=pdl, span_uncap=cfg.fragment_span_uncap,
                 early_l2=cfg.fragment_early_l2, prefetch=cfg.fragment_prefetch, ahead=cfg.fragment_ahead)  # fmt: skip
 
@@ -3580,15 +3614,17 @@ def bitplane_linear_bits(
     router = _router_of([k])
     cfg = config or SmallConfig()
     frag = fragment_serves(cfg, bp, ksel, x2, span)
-    _check_made_by_fragment(prologue, epilogue, frag and bool(ksel) and router is None)
-    if router is None and (prologue is None or ksel) and frag:
+    made_by = frag and router is None and (bool(ksel) or cfg.fragment_routed_epilogues)
+    _check_made_by_fragment(prologue, epilogue, made_by)
+    if router is None and (prologue is None or ksel or prologue[0] == "rms_scale") and frag:
         from .gluon_fragment import fragment_linear, fragment_of
 
         if kvals:  # the router's gate values (or its partials, finished there): counted by the kernel
             return fragment_linear(x2, fragment_of(bp), None, bias, out, routed=(v_t, tau_t), span=span,
-                                   **_fragment_options(cfg))  # fmt: skip
+                                   prologue=prologue, epilogue=epilogue, **_fragment_options(cfg))  # fmt: skip
         return fragment_linear(x2, fragment_of(bp), ksel or k_t, bias, out, span=span, prologue=prologue,
-                               epilogue=epilogue, **_fragment_options(cfg, bool(ksel)))  # fmt: skip
+                               epilogue=epilogue, **_fragment_options(cfg, bool(ksel), _view_planes(bp, ksel),
+                                                                      x2.device))  # fmt: skip
     v_t = _made_values(v_t)
     if out is None:
         out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
@@ -3597,14 +3633,18 @@ def bitplane_linear_bits(
     )
 
 
-def _check_made_by_fragment(prologue: tuple | None, epilogue: Any, static_fragment: bool) -> None:
+def _check_made_by_fragment(prologue: tuple | None, epilogue: Any, on_fragment: bool) -> None:
     """Refuses a norm made by the launch before (prologue ``rms_scale``) or an ``epilogue`` for a launch that is not a
-    static view on the fragment kernel (the only one that takes them: :func:`takes_epilogue`)."""
-    if static_fragment:
+    static view on the fragment kernel, or a view on the device there with ``SmallConfig.fragment_routed_epilogues``
+    and no router in the launch (the only ones that take them: :func:`takes_epilogue`)."""
+    if on_fragment:
         return
     if epilogue is not None or (prologue is not None and prologue[0] == "rms_scale"):
         what = "an epilogue" if epilogue is not None else "a norm made by the launch before ('rms_scale')"
-        raise ValueError(f"{what} needs a static view on the fragment kernel (fp16, CUDA, SmallConfig.fragment)")
+        raise ValueError(
+            f"{what} needs a static view on the fragment kernel (fp16, CUDA, SmallConfig.fragment), or a view on the "
+            "device there with SmallConfig.fragment_routed_epilogues and no router in the launch"
+        )
 
 
 def spans(config: SmallConfig | None) -> bool:
@@ -3717,29 +3757,37 @@ def bitplane_site_bits(
     cfg = config or SmallConfig()
     whole = all(n % 128 == 0 for n in site.outs)  # the pack's rows are then the output columns
     static_frag = bool(ksel) and whole and fragment_serves(cfg, bp, ksel, x2)
-    _check_made_by_fragment(prologue, epilogue, static_frag)
+    router = _router_of(ks)
+    device_frag = not ksel and router is None and whole and _site_span_serves(cfg, bp, x2, len(site.outs), span)
+    _check_made_by_fragment(prologue, epilogue, static_frag or (device_frag and cfg.fragment_routed_epilogues))
     if static_frag:
         from .gluon_fragment import fragment_linear, fragment_of  # one static view: the layers as one
 
         return fragment_linear(x2, fragment_of(bp), ksel, site.bias, out, prologue=prologue, epilogue=epilogue,
-                               **_fragment_options(cfg, True))  # fmt: skip
+                               **_fragment_options(cfg, True, _view_planes(bp, ksel), x2.device))  # fmt: skip
     taus = [r[3] for r in resolved] if kvals else [x2]
-    router = _router_of(ks)
-    device_view = not ksel and router is None and len(site.outs) <= 3
-    frag_span = cfg.fragment_site_spans and fragment_serves(cfg, bp, None, x2, span)
-    if device_view and whole and prologue is None and frag_span:
+    if device_frag and (prologue is None or prologue[0] == "rms_scale"):
         from .gluon_fragment import BLOCK_N, fragment_linear, fragment_of  # the layers as one, k per row block
 
         starts = tuple(c // BLOCK_N for c in site.cols[1:])
+        made = dict(prologue=prologue, epilogue=epilogue)
         if kvals:  # the router's gate values (or its partials, finished there): counted by the kernel
             return fragment_linear(x2, fragment_of(bp), None, site.bias, out, routed=(v_t, taus), span=span,
-                                   seg_starts=starts, **_fragment_options(cfg))  # fmt: skip
-        return fragment_linear(x2, fragment_of(bp), k_t, site.bias, out, span=span, **_fragment_options(cfg))
+                                   seg_starts=starts, **made, **_fragment_options(cfg))  # fmt: skip
+        return fragment_linear(x2, fragment_of(bp), k_t, site.bias, out, span=span, **made, **_fragment_options(cfg))
     v_t = _made_values(v_t)  # the launches below read made gate values
     if out is None:
         out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
     segs = list(zip(site.outs, site.rows2, site.cols, strict=True))
     return _bits_launch(x2, bp, segs, ksel, k_t, v_t, taus, kvals, site.bias, out, cfg, router, span, prologue)
+
+
+def _site_span_serves(
+    cfg: SmallConfig, bp: BitPlanes, x2: torch.Tensor, layers: int, span: tuple[int, int] | None
+) -> bool:
+    """Whether the fragment kernel serves a site launch of ``layers`` layers (whole blocks of 128 rows each) whose
+    view is read on the device, within ``span`` when known (``SmallConfig.fragment_site_spans``; at most 3 layers)."""
+    return layers <= 3 and cfg.fragment_site_spans and fragment_serves(cfg, bp, None, x2, span)
 
 
 def _bits_grid(cfg: SmallConfig, bp: BitPlanes, rows: int, router: bool) -> tuple[int, int, int, int]:
@@ -3801,10 +3849,11 @@ def prologue_in_launch(x2: torch.Tensor, bp: BitPlanes, rows: int, config: Small
 def takes_prologue(
     x2: torch.Tensor,
     bp: BitPlanes,
-    k: int,
+    k: int | None,
     outs: Sequence[int],
     config: SmallConfig | None = None,
     kind: str = "rms_norm",
+    span: tuple[int, int] | None = None,
 ) -> bool:
     """Whether the one-token launch at the static view ``k`` of ``bp``, a layer (``outs``: its rows) or a site's
     layers (each one's rows), makes its input from a prologue of ``kind`` itself: on the fragment kernel where it
@@ -3812,7 +3861,10 @@ def takes_prologue(
     ``SmallConfig.fragment_prologues`` (measured slower), else on the one-bit plane kernel's whole-K programs of
     inputs up to ``SmallConfig.prologue_max_in`` wide;
     ``"rms_scale"`` (a norm made by the launch before, :func:`takes_epilogue`) on the fragment kernel only, with
-    ``SmallConfig.fragment_epilogues``."""
+    ``SmallConfig.fragment_epilogues``; ``k`` None: a view read on the device (within ``span`` when known), which
+    takes only ``"rms_scale"``, with ``SmallConfig.fragment_routed_epilogues`` (:func:`takes_epilogue`)."""
+    if k is None:
+        return kind == "rms_scale" and _routed_made_by(config, bp, x2, outs, span)
     frag = _fragment_launch(config, bp, k, x2, outs)
     if kind == "rms_scale":
         return frag and epilogues_on(config, bp, k, "rms_norm")  # the norm's parts made by the launch before
@@ -3837,17 +3889,41 @@ def epilogues_on(config: SmallConfig | None, bp: BitPlanes, k: int, kind: str = 
 
 
 def takes_epilogue(
-    x2: torch.Tensor, bp: BitPlanes, k: int, outs: Sequence[int], config: SmallConfig | None, kind: str
+    x2: torch.Tensor,
+    bp: BitPlanes,
+    k: int | None,
+    outs: Sequence[int],
+    config: SmallConfig | None,
+    kind: str,
+    span: tuple[int, int] | None = None,
 ) -> bool:
     """Whether the one-token launch at the static view ``k`` of ``bp`` (a layer, or a site's layers: ``outs``) makes
     the next launch's input of ``kind`` from its outputs (:mod:`~mobiquant.kernels.epilogue`): a fragment launch
     (fp16) where ``SmallConfig.fragment_epilogues`` asks for them (:func:`epilogues_on`); ``"silu_mul"`` only from a
-    site of two layers of whole blocks of 128 rows, the gate's and the up's of one width."""
-    if not isinstance(k, int) or not epilogues_on(config, bp, k, kind):
-        return False
+    site of two layers of whole blocks of 128 rows, the gate's and the up's of one width. ``k`` None: a view read on
+    the device (within ``span`` when known) with no router in the launch, on the fragment kernel where
+    ``SmallConfig.fragment_routed_epilogues`` asks."""
     if kind == "silu_mul" and not (len(outs) == 2 and outs[0] == outs[1]):
         return False
+    if k is None:
+        return _routed_made_by(config, bp, x2, outs, span)
+    if not isinstance(k, int) or not epilogues_on(config, bp, k, kind):
+        return False
     return _fragment_launch(config, bp, k, x2, outs)
+
+
+def _routed_made_by(
+    config: SmallConfig | None, bp: BitPlanes, x2: torch.Tensor, outs: Sequence[int], span: tuple[int, int] | None
+) -> bool:
+    """Whether the one-token launch of a view read on the device (within ``span`` when known) of ``bp``, a layer or a
+    site's layers (``outs``), takes an epilogue and a norm made by the launch before: on the fragment kernel (fp16),
+    with ``SmallConfig.fragment_routed_epilogues``."""
+    cfg = config or _DEFAULT_SMALL
+    if not cfg.fragment_routed_epilogues or x2.dtype != torch.float16:
+        return False
+    if len(outs) == 1:
+        return fragment_serves(cfg, bp, None, x2, span)
+    return all(n % 128 == 0 for n in outs) and _site_span_serves(cfg, bp, x2, len(outs), span)
 
 
 def _fragment_launch(config: SmallConfig | None, bp: BitPlanes, k: int, x2: torch.Tensor, outs: Sequence[int]) -> bool:
@@ -3888,7 +3964,7 @@ def _bits_launch(
         )
     if prologue is not None and router is not None:
         raise ValueError(f"a {prologue[0]} in the launch: a router in the same launch reads its output")
-    pdl = launch_pdl(cfg, bool(ksel) and router is None and not kvals)
+    pdl = launch_pdl(cfg, bool(ksel) and router is None and not kvals, _view_planes(bp, ksel), x2.device)
     if pdl:
         _check_pdl(x2.device)
     bn2 = block_n // 2

@@ -82,12 +82,15 @@ def lean_reason(module: torch.nn.Module) -> str | None:
     return supported(int(m.head_dim), int(heads), int(heads) // int(m.num_key_value_groups))
 
 
-def _o_launch_pdl(o_proj: Any) -> bool:
-    """Whether the o projection's one-token launch has programmatic dependent launch (``launch_pdl``; with
-    ``SmallConfig.pdl="static"`` where it decodes a static view: no router of its own or borrowed deciding)."""
+def _o_launch_pdl(o_proj: Any, device: torch.device | None = None) -> bool:
+    """Whether the o projection's one-token launch on ``device`` has programmatic dependent launch (``launch_pdl``;
+    with ``SmallConfig.pdl="static"`` where it decodes a static view: no router of its own or borrowed deciding; with
+    the default None where that view has at most ``PDL_MAX_PLANES`` planes; an fp16 linear never)."""
     from ..kernels.triton_bitplane import launch_pdl
 
-    return launch_pdl(getattr(o_proj, "small_config", None), getattr(o_proj, "decodes_static", True))
+    static = getattr(o_proj, "decodes_static", True)
+    planes = sum(o_proj.slice_bits[: o_proj.static_k]) if static and hasattr(o_proj, "static_k") else 0
+    return launch_pdl(getattr(o_proj, "small_config", None), static, planes, device)
 
 
 @torch.compiler.disable  # a Triton launch: opaque to torch.compile, like MoBiLinear.forward
@@ -95,8 +98,9 @@ def _attend(module: Any, q, k, v, cos, sin, layer: Any, mask) -> torch.Tensor:
     from ..kernels.triton_attention import decode_attention
 
     # with programmatic dependent launch where the o projection's launch has it (SmallConfig.pdl; "static": where
-    # it decodes a static view): it then loads its weights while the attention runs
-    pdl = q.is_cuda and _o_launch_pdl(module.o_proj)
+    # it decodes a static view; None: a static view of at most 4 planes): it then loads its weights while the
+    # attention runs
+    pdl = q.is_cuda and _o_launch_pdl(module.o_proj, q.device)
     return decode_attention(q, k, v, cos, sin, layer.keys, layer.values, layer.cumulative_length,
                             module.lean_ticket, module.scaling, mask, pdl=pdl)  # fmt: skip
 

@@ -390,6 +390,9 @@ class MoBiLinear(nn.Module):
         kernel does not serve it, or a norm made by the launch before (``"rms_scale"``) on the fragment kernel
         (``triton_bitplane.takes_prologue``); ``alone=False``: this linear's part of its site group's answer
         (:meth:`~mobiquant.nn.site.SiteGroup.takes_prologue`)."""
+        if kind == "rms_scale" and not self.router_home and self._device_view_launch(x):
+            # a borrower's view on the device: its decisions come from another input, so it may read a made norm
+            return alone is False or self._routed_made_by(x, kind)
         if not self._static_launch(x):
             return False
         from ..kernels import triton_bitplane as tbp
@@ -404,6 +407,8 @@ class MoBiLinear(nn.Module):
         """Whether this linear's one-token launch for ``x`` fills a :class:`~mobiquant.kernels.epilogue.NextInput`
         of ``kind`` itself (``triton_bitplane.takes_epilogue``: a static view on the fragment kernel); ``alone=False``:
         this linear's part of its site group's answer (:meth:`~mobiquant.nn.site.SiteGroup.takes_epilogue`)."""
+        if self._device_view_launch(x):
+            return alone is False or self._routed_made_by(x, kind)
         if not self._static_launch(x):
             return False
         from ..kernels import triton_bitplane as tbp
@@ -413,6 +418,37 @@ class MoBiLinear(nn.Module):
         cfg = getattr(self, "small_config", None)
         x2 = x.reshape(1, -1)
         return tbp.takes_epilogue(x2, self.bitplane_buffers(), self.static_k, (self.out_features,), cfg, kind)
+
+    def _routed_made_by(self, x: torch.Tensor, kind: str) -> bool:
+        """This routed linear's own launch's answer to :meth:`takes_epilogue` or :meth:`takes_prologue`
+        (``"rms_scale"``): ``triton_bitplane``'s for its view on the device, within its tokens' pair of views when
+        the config asks for spans."""
+        from ..kernels import triton_bitplane as tbp
+
+        cfg = getattr(self, "small_config", None)
+        j = self._token_pair()
+        span = (j, j + 1) if j is not None and tbp.spans(cfg) else None
+        x2, bp, outs = x.reshape(1, -1), self.bitplane_buffers(), (self.out_features,)
+        if kind == "rms_scale":
+            return tbp.takes_prologue(x2, bp, None, outs, cfg, kind, span)
+        return tbp.takes_epilogue(x2, bp, None, outs, cfg, kind, span)
+
+    def _device_view_launch(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is one token this packed routed linear decodes at a view read on the device (its router's
+        gate values, no router in its launch) on the one-bit plane buffers' kernels, with
+        ``SmallConfig.fragment_routed_epilogues`` (the launches that may then take an epilogue or a made norm)."""
+        cfg = getattr(self, "small_config", None)
+        if cfg is None or not cfg.fragment_routed_epilogues or self.decodes_static:
+            return False
+        if cfg.router_in_launch and self.router_home:
+            return False  # its router's programs in the launch: the norm is theirs to read
+        if x.numel() != x.shape[-1] or not self.packed or self.weight_override is not None or self.track:
+            return False
+        if not (x.is_cuda or getattr(self, "backend", "auto") != "auto") or not self._use_triton(x):
+            return False
+        from ..kernels import triton_bitplane as tbp
+
+        return bool(tbp.wants_bitplanes(self.slice_bits, self.slicer.group_size, cfg))
 
     def _static_launch(self, x: torch.Tensor) -> bool:
         """Whether ``x`` is one token this packed linear decodes at a static view on the one-bit plane buffers'

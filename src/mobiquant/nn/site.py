@@ -69,9 +69,14 @@ class SiteGroup:
     def _span(self, ks: list[Any], config: Any) -> tuple[int, int] | None:
         """The views the routed members' tokens lie in when each member's tokens choose between two adjacent views
         (``MoBiLinear._token_pair``) and the config asks for spans (``SmallConfig.span_bodies``); else None."""
+        return None if isinstance(ks[0], int) else self._pair_span(config)
+
+    def _pair_span(self, config: Any) -> tuple[int, int] | None:
+        """The views the members' tokens lie in when each member's tokens choose between two adjacent views and the
+        config asks for spans (:meth:`_span`, before any member's ``k`` is asked for); else None."""
         from ..kernels.triton_bitplane import spans
 
-        if isinstance(ks[0], int) or not spans(config):
+        if not spans(config):
             return None
         pairs = [m._token_pair() for m in self.members]
         known = [j for j in pairs if j is not None]
@@ -85,10 +90,10 @@ class SiteGroup:
         static view (``MoBiLinear.takes_prologue``) on a launch that takes it (``triton_bitplane.takes_prologue``)."""
         from ..kernels.triton_bitplane import takes_prologue
 
-        if not all(m.takes_prologue(x, alone=False) for m in self.members):
+        if not all(m.takes_prologue(x, alone=False, kind=kind) for m in self.members):
             return False
-        return self._one_static_launch(
-            x, lambda x2, site, k: takes_prologue(x2, site.planes, k, site.outs, config, kind)
+        return self._one_launch(
+            x, config, lambda x2, site, k, span: takes_prologue(x2, site.planes, k, site.outs, config, kind, span)
         )
 
     def takes_epilogue(self, x: torch.Tensor, config: Any, kind: str) -> bool:
@@ -99,16 +104,20 @@ class SiteGroup:
 
         if not all(m.takes_epilogue(x, kind, alone=False) for m in self.members):
             return False
-        return self._one_static_launch(
-            x, lambda x2, site, k: takes_epilogue(x2, site.planes, k, site.outs, config, kind)
+        return self._one_launch(
+            x, config, lambda x2, site, k, span: takes_epilogue(x2, site.planes, k, site.outs, config, kind, span)
         )
 
-    def _one_static_launch(self, x: torch.Tensor, ask: Any) -> bool:
-        """``ask(x2, site buffers, k)`` where every member is at the one static view ``k``; else False."""
-        ks = self._ks(x)
-        if ks is None or len(set(ks)) != 1:
+    def _one_launch(self, x: torch.Tensor, config: Any, ask: Any) -> bool:
+        """``ask(x2, site buffers, k, span)`` where every member is at the one static view ``k`` (span None), or
+        every member is routed, its view read on the device (``k`` None, within the group's span when known: no
+        member's router asked for its decisions here); else False."""
+        if all(m.decodes_static for m in self.members):
+            ks = self._ks(x)
+            return ks is not None and len(set(ks)) == 1 and bool(ask(x.reshape(1, -1), self.buffers(), ks[0], None))
+        if any(m.decodes_static for m in self.members):
             return False
-        return bool(ask(x.reshape(1, -1), self.buffers(), ks[0]))
+        return bool(ask(x.reshape(1, -1), self.buffers(), None, self._pair_span(config)))
 
     def output(
         self, member: Any, x: torch.Tensor, config: Any, prologue: Any = None, epilogue: Any = None
