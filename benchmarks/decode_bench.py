@@ -801,6 +801,10 @@ def package_kernels(args, bits_cfg=None) -> list:
         if args.package_pdl:
             cfg = SmallConfig(fragment_routed_epilogues=True, pdl=True)
             kernels.append(("package sites+inputs lean routed epilogues pdl", ("lean prologues", cfg, True)))
+    for n in _programs(args.package_fragment_programs):  # ... the lean step with its prologues, the fragment
+        # launches' grids aimed at n programs instead of TARGET_PROGRAMS (NOTES 46: the gate/up site's waves)
+        cfg = SmallConfig(fragment_programs=n)
+        kernels.append((f"package sites+inputs lean programs {n}", ("lean prologues", cfg, True)))
     if args.package_no_span:  # ... fused inputs, every view's body compiled (the default before 2026-12-06)
         kernels.append(("package sites+inputs no span", ("inputs", SmallConfig(span_bodies=False))))
     if args.package_pdl:  # ... fused inputs, every kernel launch of a linear with programmatic dependent launch
@@ -812,6 +816,14 @@ def package_kernels(args, bits_cfg=None) -> list:
         if args.package_lean_prologues:  # ... and with the norms and products in the launches
             kernels.append(("package sites+inputs lean prologues pdl", ("lean prologues", SmallConfig(pdl=True), True)))
     return kernels
+
+
+def _programs(text: str) -> list[int]:
+    """``--package-fragment-programs``' counts (empty: none), each a positive number of programs."""
+    counts = [int(v) for v in text.split(",") if v.strip()] if text else []
+    if any(n <= 0 for n in counts):
+        raise SystemExit(f"--package-fragment-programs: positive numbers of programs by commas, got {text!r}")
+    return counts
 
 
 def dry_run(args):
@@ -1123,6 +1135,12 @@ def main(argv=None):
         action="store_true",
         help="also the lean rows (with prologues) whose views read on the device make the next launch's input "
         "(SmallConfig(fragment_routed_epilogues=True); with --package-pdl also with pdl)",
+    )
+    ap.add_argument(
+        "--package-fragment-programs",
+        default="",
+        help="also the lean rows (with prologues) with the fragment launches' grids aimed at these numbers of "
+        "programs, by commas (SmallConfig(fragment_programs=N); the default aims at TARGET_PROGRAMS, 448)",
     )
     ap.add_argument(
         "--package-pdl-static",

@@ -120,6 +120,8 @@
 #   routedepi (only when named) the GPU tests of the routed epilogues, then the package rows with router placement
 #            block, the lean step and its prologues, with the views read on the device making the next launch's input
 #            (SmallConfig.fragment_routed_epilogues, benchmarks/NOTES.md entry 45) and without, each also with pdl
+#   programs (only when named) the package rows (block, lean step and prologues) with the fragment launches' grids
+#            aimed at 896 and 1792 programs beside the default 448 (SmallConfig.fragment_programs, NOTES entry 46)
 #   block    (only when named; in loads) the default rows with router placement block (one router a layer), with
 #            and without the lean step, and its compiled step's census at routed 3.5 / 4.5 bits with it
 #            (BLOCK_CENSUS=0: without the census)
@@ -438,6 +440,12 @@ stage() {
         -k "routed_epilogues or routed_budget_with_one_router"
       package_stage routedepi block --package-lean-step --package-lean-prologues --package-routed-epilogues \
         --package-pdl --package-fused-only ;;
+    programs)
+      # the fragment launches' grids aimed at 896 and 1792 programs instead of 448 (NOTES 46: the gate/up site launch
+      # at the single layer's best shape, 8 groups a program, in two waves), block placement, the lean step and its
+      # prologues
+      package_stage programs block --package-lean-step --package-lean-prologues --package-fragment-programs 896,1792 \
+        --package-fused-only ;;
     span)
       # k read on the device against the static views: every body, preloaded, a span of two views (the stack);
       # then their tests compiled
@@ -466,7 +474,7 @@ print(','.join(str(int(v)) for v in t))" "$RES/router_sweep/router_sweep.csv" 2>
       run_stage pattern 600 "$PY" benchmarks/stream_pattern.py --views 1,2,6 \
         --package-configs "$PATTERN_CONFIGS" --out "$RES/pattern" ;;
     *)
-      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement pdl spandef spanrule spancost loads lean attn prologues block pdlstatic epikinds routedepi epilogues span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
+      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement pdl spandef spanrule spancost loads lean attn prologues block pdlstatic epikinds routedepi programs epilogues span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
       return 2 ;;
   esac
 }

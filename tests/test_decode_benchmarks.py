@@ -168,11 +168,12 @@ def test_dry_runs(tmp_path, capsys):
     lean = ["--dry-run", "--new-tokens", "3", "--fuse-inputs", "--package-policy", "adjacent", "--package-budgets"]
     lean += ["3.5", "--package-lean-step", "--package-lean-prologues", "--package-fused-only", "--package-pdl"]
     extra = ["--package-epilogues", "--package-epilogue-kinds", "--package-pdl-static", "--package-routed-epilogues"]
+    extra += ["--package-fragment-programs", "896"]
     assert decode_bench.main([*lean, *extra]) == 0
     out = capsys.readouterr().out
     modes = ("lean step", "lean prologues", "lean step pdl", "lean prologues pdl", "lean epilogues")
     modes += ("lean epilogues rms_norm", "lean epilogues silu_mul", "lean step pdl static", "lean prologues pdl static")
-    modes += ("lean prologues pdl off", "lean routed epilogues", "lean routed epilogues pdl")
+    modes += ("lean prologues pdl off", "lean routed epilogues", "lean routed epilogues pdl", "lean programs 896")
     for mode in modes:
         assert f"package sites+inputs {mode} static k=2" in out and f"sites+inputs {mode} routed budget 3.5" in out
 
@@ -674,3 +675,10 @@ def test_site_stack_computes_the_per_linear_stack(monkeypatch, capsys):
     assert any(line.startswith("routed 4 +router") and "500.0" in line and "400.0" in line for line in out)
     assert any(line.startswith("routed 4 sublayer") and " 3.80 " in line and "375.0 ( 2.00x" in line for line in out)
     assert any(line.startswith("sites pf bulk o k=2") and "( 1.25x /  3.75x)" in line for line in out)
+
+
+def test_fragment_programs_argument_is_checked():
+    """``--package-fragment-programs``: counts by commas; a count that is not positive is refused with the reason."""
+    assert decode_bench._programs("") == [] and decode_bench._programs("896,1792") == [896, 1792]
+    with pytest.raises(SystemExit, match="positive numbers of programs by commas, got '0'"):
+        decode_bench._programs("0")

@@ -106,6 +106,22 @@ def test_launch_config_follows_the_measured_configs():
     assert [gf.launch_config(112, 32, p)[1] for p in (0, 3, 5, 6, 7, 8)] == [1, 1, 2, 2, 0, 0]
 
 
+def test_launch_config_aims_at_the_programs_asked_for():
+    """``SmallConfig.fragment_programs`` (``fragment_linear(programs=)``): the grid aims at that many programs; the
+    8B gate/up site launch (224 row blocks) runs 2 splits by default, 4 (the single layer's best shape, 8 groups a
+    program) at 896, 8 at 1792; a negative count is refused."""
+    assert gf.launch_config(224, 32, 4) == (8, 1, 2)
+    assert gf.launch_config(224, 32, 4, 896) == (8, 1, 4)
+    assert gf.launch_config(224, 32, 4, 1792) == (4, 1, 8)
+    assert gf.launch_config(112, 32, 4, 0) == gf.launch_config(112, 32, 4, gf.TARGET_PROGRAMS)
+    with pytest.raises(ValueError, match="target must be 0"):
+        gf.launch_config(224, 32, 4, -1)
+    assert tb._fragment_options(tb.SmallConfig(fragment_programs=896))["programs"] == 896
+    assert tb._fragment_options(tb.SmallConfig())["programs"] == 0
+    with pytest.raises(ValueError, match="fragment_programs must be an int >= 0"):
+        tb.SmallConfig(fragment_programs=-2)
+
+
 def test_kernel_builds_prepare_x_from_the_token(gen):
     """The B halves each lane loads straight from the token (``gluon_proto.kernel_b_loads``: its 32 consecutive
     activations, scaled) are ``prepare_x``'s B operand at ``b_slots``, the columns the pack assigns to the mma's

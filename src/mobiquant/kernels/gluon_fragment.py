@@ -1171,15 +1171,18 @@ def fragment_of(bp, row_block: int = 1024) -> FragPlanes:
     return fp
 
 
-def launch_config(n_blocks: int, groups: int, planes: int) -> tuple[int, int, int]:
+def launch_config(n_blocks: int, groups: int, planes: int, target: int = 0) -> tuple[int, int, int]:
     """``(batch, groups prefetched, splits)`` for ``n_blocks`` row blocks of ``groups`` groups: the largest batch
-    whose splits come nearest :data:`TARGET_PROGRAMS` programs; one group prefetched for views of at most 4 planes,
-    two for 5-6, none above (as measured fastest on an H200, docs/RESULTS.md). ``planes`` 0: a view read on the
-    device, one group prefetched (views of 3-4 planes carry a routed budget of 4)."""
+    whose splits come nearest ``target`` programs (0: :data:`TARGET_PROGRAMS`); one group prefetched for views of at
+    most 4 planes, two for 5-6, none above (as measured fastest on an H200, docs/RESULTS.md). ``planes`` 0: a view
+    read on the device, one group prefetched (views of 3-4 planes carry a routed budget of 4)."""
+    if target < 0:
+        raise ValueError(f"target must be 0 (TARGET_PROGRAMS) or a number of programs, got {target}")
+    target = target or TARGET_PROGRAMS
     best = None
     for batch in (8, 4, 2, 1):
         for s in split_choices(groups * GROUP, batch, groups):
-            gap = abs(n_blocks * s - TARGET_PROGRAMS)
+            gap = abs(n_blocks * s - target)
             if best is None or gap < best[0]:
                 best = (gap, batch, s)
     assert best is not None
@@ -1225,6 +1228,7 @@ def fragment_linear(
     ahead: int = 0,
     prologue=None,
     epilogue: NextInput | None = None,
+    programs: int = 0,
 ) -> torch.Tensor:
     """One token ``x2 [1, in]`` (fp16) -> ``[1, out]`` from a fragment pack: view ``k`` (an int, a one-element int
     tensor on the device, or None with ``routed = (gate values, threshold)`` on the device, counted by the kernel:
@@ -1245,7 +1249,8 @@ def fragment_linear(
     words a program loads into registers ahead of the decode (0-2; None: :func:`launch_config`'s; a capped static view
     at most 1). ``ahead``: at each group the planes of the group that many later asked of L2 (0: none).
     ``prologue``: ``x2`` is the input of what makes the layer's input, made as it is loaded (:func:`_launch_args`);
-    ``epilogue``: what the launch makes of its outputs for the next one (:mod:`~mobiquant.kernels.epilogue`)."""
+    ``epilogue``: what the launch makes of its outputs for the next one (:mod:`~mobiquant.kernels.epilogue`).
+    ``programs``: the programs :func:`launch_config` aims the grid at (0: :data:`TARGET_PROGRAMS`)."""
     M, K_IN = x2.shape
     if M != 1 or K_IN != fp.in_features or x2.dtype != torch.float16:
         raise ValueError(f"the fragment kernel takes one fp16 token of {fp.in_features} features, got {x2.dtype} "
@@ -1274,7 +1279,7 @@ def fragment_linear(
         raise ValueError(f"tma must be 0 (registers), -1 or -2 (TMA loads: a plane, a plane and group), got {tma}")
     if prefetch is not None and prefetch not in (0, 1, 2):
         raise ValueError(f"prefetch must be 0, 1 or 2 groups (or None: the launch's own), got {prefetch}")
-    batch, pf, splits = launch_config(nb, g, planes if isinstance(planes, int) else 0)
+    batch, pf, splits = launch_config(nb, g, planes if isinstance(planes, int) else 0, programs)
     prefetch = pf if prefetch is None else prefetch
     capped = register_capped(n_out * K_IN, planes if isinstance(planes, int) else 0, cap)
     if capped and dispatch is not None and span is not None and 0 < span_uncap <= fp.planes_of_view[span[1] - 1]:

@@ -2816,6 +2816,11 @@ class SmallConfig:
     # input's router (router=block), the gate/up site launch the gated product. Off until timed (benchmarks/NOTES.md
     # entry 45): the static views' epilogues took 8-12 us off the 8B 3 / 4-bit steps, which routed budgets lack.
     fragment_routed_epilogues: bool = False
+    # fragment kernel: the programs a launch's grid aims at (row blocks x K splits; 0: TARGET_PROGRAMS of
+    # gluon_fragment, 448, about 3.4 an SM on 132). The single 8B layers measured fastest there, but the gate/up site
+    # launch (28672 rows) then runs 2 splits of 16 groups a program where the 14336-row layer ran its best at 4 splits
+    # of 8; 896 gives the site that shape again, in two waves (benchmarks/NOTES.md entry 46). Not timed in the package.
+    fragment_programs: int = 0
 
     def __post_init__(self) -> None:
         if self.fragment_tma not in (0, -1, -2):
@@ -2824,7 +2829,7 @@ class SmallConfig:
                 f"barrier a group), got {self.fragment_tma!r}"
             )
         for name in ("fragment_span_planes", "fragment_span_from", "fragment_span_uncap", "fragment_early_l2",
-                     "fragment_ahead", "prologue_max_in"):  # fmt: skip
+                     "fragment_ahead", "prologue_max_in", "fragment_programs"):  # fmt: skip
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an int >= 0 (0: off), got {getattr(self, name)!r}")
         if self.fragment_prefetch not in (None, 0, 1, 2):
@@ -3552,7 +3557,8 @@ def _fragment_options(cfg: SmallConfig, static: bool = False, planes: int = 0, d
     of ``planes`` on ``device``)."""
     pdl = launch_pdl(cfg, static, planes, device)
     return dict(cap=cfg.fragment_cap, tma=cfg.fragment_tma, pdl=pdl, span_uncap=cfg.fragment_span_uncap,
-                early_l2=cfg.fragment_early_l2, prefetch=cfg.fragment_prefetch, ahead=cfg.fragment_ahead)  # fmt: skip
+                early_l2=cfg.fragment_early_l2, prefetch=cfg.fragment_prefetch, ahead=cfg.fragment_ahead,
+                programs=cfg.fragment_programs)  # fmt: skip
 
 
 def _fragment_ok(bp: BitPlanes, x2: torch.Tensor) -> bool:
