@@ -93,7 +93,7 @@ class Router:
         # programmatic dependent launch where the layers' config asks for it (as set_small_config does in the package)
         from mobiquant.kernels.triton_bitplane import launch_pdl  # loaded by then (load_kernels)
 
-        pdl = launch_pdl(QLinear.small_config, static=False)
+        pdl = launch_pdl(QLinear.small_config, static=False, router=True)
         k, _ = Router.fused(x, self.w1, self.b1, self.w2, self.b2, self.tau, "free", pdl=pdl, **Router.tiling)
         return k
 
@@ -801,6 +801,13 @@ def package_kernels(args, bits_cfg=None) -> list:
         if args.package_pdl:
             cfg = SmallConfig(fragment_routed_epilogues=True, pdl=True)
             kernels.append(("package sites+inputs lean routed epilogues pdl", ("lean prologues", cfg, True)))
+        if args.package_pdl_views:
+            cfg = SmallConfig(fragment_routed_epilogues=True, pdl="views")
+            kernels.append(("package sites+inputs lean routed epilogues pdl views", ("lean prologues", cfg, True)))
+    if args.package_pdl_views:  # ... the lean step with its prologues, pdl for every linear's launch, no router's
+        kernels.append(
+            ("package sites+inputs lean prologues pdl views", ("lean prologues", SmallConfig(pdl="views"), True))
+        )
     for n in _programs(args.package_fragment_programs):  # ... the lean step with its prologues, the fragment
         # launches' grids aimed at n programs instead of TARGET_PROGRAMS (NOTES 46: the gate/up site's waves)
         cfg = SmallConfig(fragment_programs=n)
@@ -1141,6 +1148,12 @@ def main(argv=None):
         default="",
         help="also the lean rows (with prologues) with the fragment launches' grids aimed at these numbers of "
         "programs, by commas (SmallConfig(fragment_programs=N); the default aims at TARGET_PROGRAMS, 448)",
+    )
+    ap.add_argument(
+        "--package-pdl-views",
+        action="store_true",
+        help="also the lean rows (with prologues) with programmatic dependent launch for every launch of a linear and "
+        "none of the routers' (SmallConfig(pdl='views'); with --package-routed-epilogues those rows too)",
     )
     ap.add_argument(
         "--package-pdl-static",

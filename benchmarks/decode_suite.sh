@@ -119,7 +119,8 @@
 #            placement site, then block
 #   routedepi (only when named) the GPU tests of the routed epilogues, then the package rows with router placement
 #            block, the lean step and its prologues, with the views read on the device making the next launch's input
-#            (SmallConfig.fragment_routed_epilogues, benchmarks/NOTES.md entry 45) and without, each also with pdl
+#            (SmallConfig.fragment_routed_epilogues, benchmarks/NOTES.md entry 45) and without, each also with pdl on
+#            every launch and on the linears' launches only (pdl="views")
 #   programs (only when named) the package rows (block, lean step and prologues) with the fragment launches' grids
 #            aimed at 896 and 1792 programs beside the default 448 (SmallConfig.fragment_programs, NOTES entry 46)
 #   block    (only when named; in loads) the default rows with router placement block (one router a layer), with
@@ -439,7 +440,7 @@ stage() {
       run_stage routedepi_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_lean_step.py \
         -k "routed_epilogues or routed_budget_with_one_router"
       package_stage routedepi block --package-lean-step --package-lean-prologues --package-routed-epilogues \
-        --package-pdl --package-fused-only ;;
+        --package-pdl --package-pdl-views --package-fused-only ;;
     programs)
       # the fragment launches' grids aimed at 896 and 1792 programs instead of 448 (NOTES 46: the gate/up site launch
       # at the single layer's best shape, 8 groups a program, in two waves), block placement, the lean step and its

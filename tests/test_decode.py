@@ -728,7 +728,7 @@ def test_task_decode_rejects_bad_settings(tmp_path):
         ("decode.lean_prologues=2", "decode.lean_prologues=2 must be true or false"),
         ("+decode.kernels.turbo=true", r"decode.kernels has unknown fields \['turbo'\]; allowed: block_n,"),
         ("+decode.kernels.num_warps=0", r"decode.kernels.num_warps=0 must be of type int"),
-        ("+decode.kernels.pdl=yes", r"decode.kernels: pdl must be None \(the measured rule: .*\), False, True or"),
+        ("+decode.kernels.pdl=yes", r"decode.kernels: pdl must be None \(the measured rule: .*\), False, True,"),
         ("+decode.kernels.pdl=2", r"decode.kernels.pdl=2 must be of type bool \| str"),
         ("decode.kernels=3", "decode.kernels=3 must be a mapping of SmallConfig fields"),
     ]:

@@ -239,7 +239,7 @@ def set_small_config(model: nn.Module, config) -> None:
     runs one-token forwards of every layout in the one-bit plane kernel (by default only the layouts the other
     small-batch kernels do not cover; ``bitplanes=False`` never), whose buffers each linear builds on first use.
     With ``pdl=True`` the linears' routers launch their fused kernel with programmatic dependent launch too (not
-    with ``pdl="static"``: static views' launches only), with
+    with ``pdl="static"``, static views' launches only, nor ``"views"``, the linears' launches only), with
     ``router_early_l2`` asking L2 for their weights first, with ``router_partials`` without its tail (one token:
     the GEMVs finish the router)."""
     from .kernels.triton_bitplane import launch_pdl
@@ -248,7 +248,7 @@ def set_small_config(model: nn.Module, config) -> None:
         m.small_config = config
         m._bitplanes = None
         if m.router is not None:
-            m.router.launch_pdl = launch_pdl(config, static=False)  # a router launch is never a static view's
+            m.router.launch_pdl = launch_pdl(config, static=False, router=True)
             m.router.launch_early_l2 = bool(getattr(config, "router_early_l2", False))
             m.router.launch_partials = bool(getattr(config, "router_partials", False))
 

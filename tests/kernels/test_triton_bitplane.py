@@ -948,7 +948,8 @@ def test_pdl_static_marks_only_the_static_views_launches(gen, monkeypatch):
         "device": lambda c: tb.bitplane_linear_bits(x, layers[0], torch.tensor([3], device=DEVICE), config=c),
         "routed": lambda c: tb.bitplane_site_bits(x, site, [tb.RoutedK(values, t) for t in taus], config=c),
     }
-    for pdl, want in (("static", {"static"}), (True, {"static", "device", "routed"}), (False, set()), (None, set())):
+    every = {"static", "device", "routed"}  # "views": every linear's launch (a routed site's reads its router's values)
+    for pdl, want in (("static", {"static"}), (True, every), ("views", every), (False, set()), (None, set())):
         cfg = dataclasses.replace(WHOLE, pdl=pdl)
         marked = set()
         for name, launch in launches.items():
@@ -958,8 +959,10 @@ def test_pdl_static_marks_only_the_static_views_launches(gen, monkeypatch):
                 marked.add(name)
         assert marked == want, pdl
     assert tb.launch_pdl(None, True) is False and tb.launch_pdl(tb.SmallConfig(pdl="static"), False) is False
-    with pytest.raises(ValueError, match=r"pdl must be None \(the measured rule: .* at most 4 planes\), False, True or "
-                       r"'static' .* got 'yes'"):  # fmt: skip
+    assert tb.launch_pdl(tb.SmallConfig(pdl="views"), False, router=True) is False  # routers: only with True
+    assert tb.launch_pdl(tb.SmallConfig(pdl=True), False, router=True) is True
+    with pytest.raises(ValueError, match=r"pdl must be None \(the measured rule: .* at most 4 planes\), False, True, "
+                       r"'static' .* or 'views' .* got 'yes'"):  # fmt: skip
         tb.SmallConfig(pdl="yes")
 
 

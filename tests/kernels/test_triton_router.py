@@ -325,7 +325,8 @@ def test_set_small_config_launches_the_routers_with_pdl(monkeypatch):
         (SmallConfig(), (False, False)),
         (None, (False, False)),
         (SmallConfig(pdl="static"), (False, False)),
-    )  # "static": views known on the host only
+        (SmallConfig(pdl="views"), (False, False)),
+    )  # "static": views known on the host only; "views": the linears' launches only
     for cfg, want in cases:
         set_small_config(model, cfg)
         assert (r.launch_pdl, r.launch_early_l2) == want

@@ -2656,6 +2656,8 @@ class SmallConfig:
     # routers sit between them, it was 0.98-1.02x (docs/RESULTS.md "Programmatic dependent launch and L2 requests").
     # "static": only the launches of static views (k known on the host, no router in or before them; the attention
     # before a static o projection in the lean step); router launches and views on the device without it.
+    # "views": every launch of a linear, static or read on the device, none of the routers' (to time whether the
+    # routed budgets' loss under True is the routers', benchmarks/NOTES.md entry 41 (c)).
     # None (the default): the launches of static views of at most PDL_MAX_PLANES planes, on cards that have it (compute
     # capability 9.0+; elsewhere none): on an H100 the 8B-shaped lean step's static 3 / 4-bit views 4.3 / 3.9% faster
     # with it, 5-8 bits 2-12% slower, the routed budgets level (docs/RESULTS.md "`router=block` at the paper
@@ -2841,10 +2843,11 @@ class SmallConfig:
                 "fragment_epilogues must be None (the measured rule), True, False, 'rms_norm' or 'silu_mul' (that "
                 f"kind alone), got {self.fragment_epilogues!r}"
             )
-        if self.pdl not in (None, False, True, "static"):
+        if self.pdl not in (None, False, True, "static", "views"):
             raise ValueError(
-                f"pdl must be None (the measured rule: static views of at most {PDL_MAX_PLANES} planes), False, True "
-                f"or 'static' (static views' launches only), got {self.pdl!r}"
+                f"pdl must be None (the measured rule: static views of at most {PDL_MAX_PLANES} planes), False, True, "
+                f"'static' (static views' launches only) or 'views' (every linear's launch, no router's), "
+                f"got {self.pdl!r}"
             )
         if not 0 <= self.int4_tokens <= 16 or self.int4_tokens == 1:
             raise ValueError(
@@ -3536,13 +3539,18 @@ def _pdl_capable(device: torch.device | None) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
-def launch_pdl(cfg: SmallConfig | None, static: bool, planes: int = 0, device: torch.device | None = None) -> bool:
+def launch_pdl(
+    cfg: SmallConfig | None, static: bool, planes: int = 0, device: torch.device | None = None, router: bool = False
+) -> bool:
     """Whether a launch has programmatic dependent launch under ``cfg.pdl`` (``cfg`` None: the defaults): True every
-    launch, ``"static"`` those of static views (``static``: the view known on the host, no router in the launch),
-    None those of static views of ``planes`` from 1 to :data:`PDL_MAX_PLANES` on a ``device`` that has it."""
+    launch, ``"views"`` every launch of a linear (static or not) but no ``router``'s, ``"static"`` those of static
+    views (``static``: the view known on the host, no router in the launch), None those of static views of
+    ``planes`` from 1 to :data:`PDL_MAX_PLANES` on a ``device`` that has it."""
     pdl = (cfg or _DEFAULT_SMALL).pdl
     if pdl is None:
         return static and 0 < planes <= PDL_MAX_PLANES and _pdl_capable(device)
+    if pdl == "views":
+        return not router
     return pdl is True or (pdl == "static" and static)
 
 
