@@ -465,25 +465,14 @@ def test_gpu_lean_prologues_with_pdl():
     set_small_config(q, None)
 
 
-@needs_triton
-def test_lean_epilogues_hand_the_norm_and_product_over(monkeypatch):
-    """Where the linears' launches can make the next launch's input (``SmallConfig.fragment_epilogues`` on the
-    fragment kernel; here every launch is asked to, and on the CPU each request is filled in PyTorch after the launch
-    that could not): the lean layer of a packed tiny LLaMA at a static view hands its o launch the post-attention
-    norm (the gate/up launch reads ``outputs * weight`` and scales) and its gate/up site the gated product (the down
-    launch reads it), and its down launch the next layer's input norm (which every layer but the first takes), calls
-    neither the post-attention norm nor the activation, and keeps its logits."""
-    from test_fused_inputs import default_layout_model
-
+def _made_spy(q, monkeypatch):
+    """``(made, spied)``: ``spied`` a context in which ``made`` (cleared on entry) records the kind of each
+    :class:`~mobiquant.kernels.epilogue.NextInput` filled after a launch that did not fill it, and the name of each of
+    ``q``'s layers' norms and activation as it is called."""
     from mobiquant.kernels.epilogue import NextInput
-    from mobiquant.nn import lean
-    from mobiquant.patching import fuse_inputs
 
-    q = default_layout_model("site")
-    fuse_inputs(q)
-    ids = torch.randint(0, q.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(5)).to(q.device)
     made: list[str] = []
-    real_make, real_takes = NextInput.make, lean._takes
+    real_make = NextInput.make
 
     def make(self, y):
         made.append(self.kind)
@@ -496,6 +485,27 @@ def test_lean_epilogues_hand_the_norm_and_product_over(monkeypatch):
             yield
 
     monkeypatch.setattr(NextInput, "make", make)
+    return made, spied
+
+
+@needs_triton
+def test_lean_epilogues_hand_the_norm_and_product_over(monkeypatch):
+    """Where the linears' launches can make the next launch's input (``SmallConfig.fragment_epilogues`` on the
+    fragment kernel; here every launch is asked to, and on the CPU each request is filled in PyTorch after the launch
+    that could not): the lean layer of a packed tiny LLaMA at a static view hands its o launch the post-attention
+    norm (the gate/up launch reads ``outputs * weight`` and scales) and its gate/up site the gated product (the down
+    launch reads it), and its down launch the next layer's input norm (which every layer but the first takes), calls
+    neither the post-attention norm nor the activation, and keeps its logits."""
+    from test_fused_inputs import default_layout_model
+
+    from mobiquant.nn import lean
+    from mobiquant.patching import fuse_inputs
+
+    q = default_layout_model("site")
+    fuse_inputs(q)
+    ids = torch.randint(0, q.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(5)).to(q.device)
+    real_takes = lean._takes
+    made, spied = _made_spy(q, monkeypatch)
     outs = _logits_each_way(q, 2, ids, 3, spied, [dict(prologues=True)])
     assert "rms_norm" not in made and "silu_mul" not in made  # not asked for: the CPU's launches cannot
     real_handed, handed = lean._handed, []
@@ -525,17 +535,39 @@ def test_gpu_lean_epilogues():
     and the gate/up launches the products (each request filled by its launch), and the compiled, captured step gives
     logits of the step without them, step by step."""
     import mobiquant as mq
-    from mobiquant.kernels import gluon_fragment as gf
     from mobiquant.kernels.triton_bitplane import SmallConfig
-    from mobiquant.patching import fuse_inputs, set_small_config
+
+    q = _fragment_llama(mq.MoBiConfig(slice_bits=(3, 1, 1, 1, 1, 1), group_size=128))
+    mq.set_static(q, 2)
+    (off, none), (on, kinds) = (_epilogue_kinds(q, SmallConfig(fragment_epilogues=e)) for e in (False, True))
+    # each o launch and each down launch but the last a norm's parts, each gate/up launch a product
+    assert none == [] and kinds.count("silu_mul") == 2 * 3 and kinds.count("rms_norm") == (2 * 2 - 1) * 3, kinds
+    torch.testing.assert_close(on, off, atol=3e-2, rtol=3e-2)
+
+
+def _fragment_llama(cfg):
+    """A packed two-layer LLaMA of widths 1024 / 2048 (the fragment kernel serves its linears) quantized by ``cfg``,
+    thresholds calibrated, frozen, fp16 on the GPU, its inputs fused."""
+    import mobiquant as mq
+    from mobiquant.patching import fuse_inputs
 
     model = build_tiny_llama(hidden_size=1024, intermediate_size=2048, num_attention_heads=8, num_key_value_heads=4,
                              num_hidden_layers=2)  # fmt: skip
-    mq.quantize_model(model, mq.MoBiConfig(slice_bits=(3, 1, 1, 1, 1, 1), group_size=128))
+    mq.quantize_model(model, cfg)
+    g = torch.Generator().manual_seed(100)
+    mq.calibrate_thresholds(model, [torch.randint(0, model.config.vocab_size, (4, 32), generator=g) for _ in range(2)])
     mq.freeze(model)
     q = model.half().cuda().eval()
     fuse_inputs(q)
-    mq.set_static(q, 2)
+    return q
+
+
+def _epilogue_kinds(q, config) -> tuple[torch.Tensor, list[str]]:
+    """``q``'s step-by-step logits with the lean step and its prologues under ``config`` (3 steps after a 3-token
+    prompt), and the kind of each epilogue a fragment launch was handed."""
+    from mobiquant.kernels import gluon_fragment as gf
+    from mobiquant.patching import set_small_config
+
     ids = torch.randint(0, q.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(6)).cuda()
     kinds: list[str] = []
     real = gf.fragment_linear
@@ -545,22 +577,16 @@ def test_gpu_lean_epilogues():
             kinds.append(k["epilogue"].kind)
         return real(*a, **k)
 
-    outs = []
-    for epi in (False, True):
-        set_small_config(q, SmallConfig(fragment_epilogues=epi))
-        lean_step(q, prologues=True)
-        kinds.clear()
-        gf.fragment_linear = spy
-        try:
-            outs.append(torch.cat(_cached_logits(q, ids, 3, 10)))
-        finally:
-            gf.fragment_linear = real
+    set_small_config(q, config)
+    lean_step(q, prologues=True)
+    gf.fragment_linear = spy
+    try:
+        logits = torch.cat(_cached_logits(q, ids, 3, 10))
+    finally:
+        gf.fragment_linear = real
         lean_step(q, enable=False)
-        assert (len(kinds) > 0) == epi, kinds
-        if epi:  # each o launch and each down launch but the last a norm's parts, each gate/up launch a product
-            assert kinds.count("silu_mul") == 2 * 3 and kinds.count("rms_norm") == (2 * 2 - 1) * 3, kinds
-    set_small_config(q, None)
-    torch.testing.assert_close(outs[1], outs[0], atol=3e-2, rtol=3e-2)
+        set_small_config(q, None)
+    return logits, kinds
 
 
 @needs_triton
@@ -659,27 +685,14 @@ def test_lean_epilogues_at_a_routed_budget_with_one_router_a_block(monkeypatch):
     the activation, leaves q/k/v's input norm to the router that reads it, and keeps its logits."""
     from test_fused_inputs import default_layout_model
 
-    from mobiquant.kernels.epilogue import NextInput
     from mobiquant.nn import lean
     from mobiquant.patching import fuse_inputs
 
     q = default_layout_model("block")
     fuse_inputs(q)
     ids = torch.randint(0, q.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(7)).to(q.device)
-    made: list[str] = []
-    real_make, real_takes = NextInput.make, lean._takes
-
-    def make(self, y):
-        made.append(self.kind)
-        real_make(self, y)
-
-    @contextlib.contextmanager
-    def spied():
-        made.clear()
-        with _norm_calls(q, made):
-            yield
-
-    monkeypatch.setattr(NextInput, "make", make)
+    real_takes = lean._takes
+    made, spied = _made_spy(q, monkeypatch)
     outs = _logits_each_way(q, None, ids, 3, spied, [dict(prologues=True)])
     assert "rms_norm" not in made and "silu_mul" not in made
     monkeypatch.setattr(lean, "_makes", lambda *a: True)
@@ -706,43 +719,15 @@ def test_gpu_lean_routed_epilogues():
     the post-attention norms' parts and the gate/up launches the products (views read on the device), and the
     step-by-step logits are those of the step without them."""
     import mobiquant as mq
-    from mobiquant.kernels import gluon_fragment as gf
     from mobiquant.kernels.triton_bitplane import SmallConfig
-    from mobiquant.patching import fuse_inputs, set_small_config
 
-    model = build_tiny_llama(hidden_size=1024, intermediate_size=2048, num_attention_heads=8, num_key_value_heads=4,
-                             num_hidden_layers=2)  # fmt: skip
     cfg = mq.MoBiConfig(slice_bits=(3, 1, 1, 1, 1, 1), group_size=128, router_placement="block",
                         router_policy="adjacent")  # fmt: skip
-    mq.quantize_model(model, cfg)
-    g = torch.Generator().manual_seed(100)
-    mq.calibrate_thresholds(model, [torch.randint(0, model.config.vocab_size, (4, 32), generator=g) for _ in range(2)])
-    mq.freeze(model)
-    q = model.half().cuda().eval()
-    fuse_inputs(q)
+    q = _fragment_llama(cfg)
     mq.set_budget(q, 3.5)
-    ids = torch.randint(0, q.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(6)).cuda()
-    kinds: list[str] = []
-    real = gf.fragment_linear
-
-    def spy(*a, **k):
-        if k.get("epilogue") is not None:
-            kinds.append(k["epilogue"].kind)
-        return real(*a, **k)
-
-    outs = []
-    for epi in (False, True):
-        set_small_config(q, SmallConfig(fragment_routed_epilogues=epi, fragment_epilogues=False))
-        lean_step(q, prologues=True)
-        kinds.clear()
-        gf.fragment_linear = spy
-        try:
-            outs.append(torch.cat(_cached_logits(q, ids, 3, 10)))
-        finally:
-            gf.fragment_linear = real
-        lean_step(q, enable=False)
-        assert (len(kinds) > 0) == epi, kinds
-        if epi:  # each o launch a norm's parts, each gate/up launch a product
-            assert kinds.count("silu_mul") == 2 * 3 and kinds.count("rms_norm") >= 2 * 3, kinds
-    set_small_config(q, None)
-    torch.testing.assert_close(outs[1], outs[0], atol=3e-2, rtol=3e-2)
+    runs = [
+        _epilogue_kinds(q, SmallConfig(fragment_routed_epilogues=e, fragment_epilogues=False)) for e in (False, True)
+    ]
+    (off, none), (on, kinds) = runs
+    assert none == [] and kinds.count("silu_mul") == 2 * 3 and kinds.count("rms_norm") >= 2 * 3, kinds
+    torch.testing.assert_close(on, off, atol=3e-2, rtol=3e-2)

@@ -930,9 +930,11 @@ def test_bits_kernel_pdl_changes_no_arithmetic(gen, monkeypatch):
     tb._check_pdl(torch.device("cpu"))  # the interpreter: nothing to check
 
 
-def test_pdl_static_marks_only_the_static_views_launches(gen, monkeypatch):
-    """``SmallConfig(pdl="static")``: a static view's launch has programmatic dependent launch (its check runs), a
-    view on the device's and a routed site's do not (``pdl=True``: all three); the outputs are those without it."""
+def _pdl_marks(gen, monkeypatch, static_ks):
+    """A function of ``(config, reference config)`` that runs a set of one-token launches (one layer at each static
+    view of ``static_ks``, a site of two layers at view 2, a view on the device, a routed site), asserts each output
+    equal to the reference config's and returns the names of the launches that asked for programmatic dependent
+    launch (their check ran)."""
     monkeypatch.setattr(tb, "_host_k_range", lambda k_t: None)
     monkeypatch.setattr(tb, "_host_routed_k", lambda rk: None)
     checked = []
@@ -943,21 +945,32 @@ def test_pdl_static_marks_only_the_static_views_launches(gen, monkeypatch):
     x = randx(1, n_in, torch.float16, gen)
     values = torch.tensor([[0.9, 0.7, 0.5, 0.3, 0.1]], device=DEVICE)
     taus = [torch.tensor(t, device=DEVICE) for t in (0.8, 0.4)]
-    launches = {
-        "static": lambda c: tb.bitplane_linear_bits(x, layers[0], 6, config=c),
-        "device": lambda c: tb.bitplane_linear_bits(x, layers[0], torch.tensor([3], device=DEVICE), config=c),
-        "routed": lambda c: tb.bitplane_site_bits(x, site, [tb.RoutedK(values, t) for t in taus], config=c),
-    }
-    every = {"static", "device", "routed"}  # "views": every linear's launch (a routed site's reads its router's values)
-    for pdl, want in (("static", {"static"}), (True, every), ("views", every), (False, set()), (None, set())):
-        cfg = dataclasses.replace(WHOLE, pdl=pdl)
+    k_dev = torch.tensor([3], device=DEVICE)
+    launches = {f"static {k}": (lambda c, k=k: tb.bitplane_linear_bits(x, layers[0], k, config=c)) for k in static_ks}
+    launches["site static 2"] = lambda c: tb.bitplane_site_bits(x, site, [2, 2], config=c)
+    launches["device"] = lambda c: tb.bitplane_linear_bits(x, layers[0], k_dev, config=c)
+    launches["routed"] = lambda c: tb.bitplane_site_bits(x, site, [tb.RoutedK(values, t) for t in taus], config=c)
+
+    def marks(cfg, ref):
         marked = set()
         for name, launch in launches.items():
             n = len(checked)
-            assert torch.equal(launch(cfg), launch(WHOLE)), (pdl, name)
+            assert torch.equal(launch(cfg), launch(ref)), (cfg.pdl, name)
             if len(checked) > n:
                 marked.add(name)
-        assert marked == want, pdl
+        return marked
+
+    return marks
+
+
+def test_pdl_static_marks_only_the_static_views_launches(gen, monkeypatch):
+    """``SmallConfig(pdl="static")``: a static view's launch has programmatic dependent launch (its check runs), a
+    view on the device's and a routed site's do not (``pdl=True`` and ``"views"``: all of them); the outputs are those
+    without it."""
+    marks = _pdl_marks(gen, monkeypatch, (6,))
+    static, every = {"static 6", "site static 2"}, {"static 6", "site static 2", "device", "routed"}
+    for pdl, want in (("static", static), (True, every), ("views", every), (False, set()), (None, set())):
+        assert marks(dataclasses.replace(WHOLE, pdl=pdl), WHOLE) == want, pdl  # None: no GPU here, none
     assert tb.launch_pdl(None, True) is False and tb.launch_pdl(tb.SmallConfig(pdl="static"), False) is False
     assert tb.launch_pdl(tb.SmallConfig(pdl="views"), False, router=True) is False  # routers: only with True
     assert tb.launch_pdl(tb.SmallConfig(pdl=True), False, router=True) is True
@@ -970,34 +983,12 @@ def test_pdl_default_marks_static_views_of_at_most_four_planes(gen, monkeypatch)
     """``SmallConfig.pdl`` None (the default): on a card that has it, the launches of static views of at most
     :data:`PDL_MAX_PLANES` planes have programmatic dependent launch, those of wider views, views on the device and
     routed sites not; on a card without it (or the CPU) none; the outputs are those without it."""
-    monkeypatch.setattr(tb, "_host_k_range", lambda k_t: None)
-    monkeypatch.setattr(tb, "_host_routed_k", lambda rk: None)
-    checked = []
-    monkeypatch.setattr(tb, "_check_pdl", lambda device: checked.append(device))
-    bits, group, n_in = DEFAULT_LAYOUT, 64, 192
-    layers = [tb.pack_bitplanes(*make_layer(n, n_in, bits, group, gen), bits, group, n_in) for n in (200, 70)]
-    site = tb.site_bitplanes(layers)
-    x = randx(1, n_in, torch.float16, gen)
-    values = torch.tensor([[0.9, 0.7, 0.5, 0.3, 0.1]], device=DEVICE)
-    taus = [torch.tensor(t, device=DEVICE) for t in (0.8, 0.4)]
-    launches = {
-        f"static {k}": (lambda c, k=k: tb.bitplane_linear_bits(x, layers[0], k, config=c)) for k in (1, 2, 3, 6)
-    }
-    launches["site static 2"] = lambda c: tb.bitplane_site_bits(x, site, [2, 2], config=c)
-    k_dev = torch.tensor([2], device=DEVICE)
-    launches["device"] = lambda c: tb.bitplane_linear_bits(x, layers[0], k_dev, config=c)
-    launches["routed"] = lambda c: tb.bitplane_site_bits(x, site, [tb.RoutedK(values, t) for t in taus], config=c)
+    marks = _pdl_marks(gen, monkeypatch, (1, 2, 3, 6))
     off = dataclasses.replace(WHOLE, pdl=False)
     assert WHOLE.pdl is None and tb.PDL_MAX_PLANES == 4
     for capable, want in ((True, {"static 1", "static 2", "site static 2"}), (False, set())):
         monkeypatch.setattr(tb, "_pdl_capable", lambda device, capable=capable: capable)
-        marked = set()
-        for name, launch in launches.items():
-            n = len(checked)
-            assert torch.equal(launch(WHOLE), launch(off)), name
-            if len(checked) > n:
-                marked.add(name)
-        assert marked == want, capable
+        assert marks(WHOLE, off) == want, capable
     monkeypatch.undo()
     assert not tb._pdl_capable(torch.device("cpu")) and tb._pdl_capable(None)
     assert [tb.launch_pdl(None, True, p) for p in (0, 3, 4, 5)] == [False, True, True, False]
