@@ -458,13 +458,10 @@ for name, extra in cases:
 )
 
 
-def test_epilogues_compile_for_sm90_offline():
-    """Compiled for sm_90 without a GPU: the 8B gate/up's static 4-plane view over 4 K splits (the last split of a
-    row block writes its outputs) with each epilogue and the norm made by the launch before, without spilling: the
-    norm's parts add no atomic, the product one ticket a row-block pair (and its reset) and the SiLU's
-    exponential, the scaled launch one reciprocal square root; none of it without them. (Run on a GPU:
-    ``test_gpu_epilogues``.)"""
-    got = run_offline(_OFFLINE_EPILOGUE)
+def _made_by_the_launch(got: dict[str, list[str]]) -> None:
+    """The offline compiles' readings (``name: EPI, PRO, stack, atomics, RSQ, EX2``) of a launch without, with the
+    norm's parts, with the product and with a made norm: nothing spilled, the product one ticket a row-block pair
+    (and its reset) and the SiLU's exponential, the made norm one reciprocal square root, the norm's parts neither."""
     none, norm, prod, scale = (got[n] for n in ("none", "norm", "product", "scale"))
     assert [r[:2] for r in (none, norm, prod, scale)] == [["0", "0"], ["1", "0"], ["2", "0"], ["0", "3"]], got
     assert all(r[2] == "0" for r in (none, norm, prod, scale)), got  # no stack: nothing spilled
@@ -472,6 +469,52 @@ def test_epilogues_compile_for_sm90_offline():
     assert int(norm[3]) == atoms and int(prod[3]) == atoms + 2 and int(scale[3]) == atoms, got
     assert none[4] == norm[4] == prod[4] == "0" and scale[4] == "1", got
     assert none[5] == norm[5] == scale[5] == "0" and int(prod[5]) >= 1, got
+
+
+def test_epilogues_compile_for_sm90_offline():
+    """Compiled for sm_90 without a GPU: the 8B gate/up's static 4-plane view over 4 K splits (the last split of a
+    row block writes its outputs) with each epilogue and the norm made by the launch before, without spilling: the
+    norm's parts add no atomic, the product one ticket a row-block pair (and its reset) and the SiLU's
+    exponential, the scaled launch one reciprocal square root; none of it without them. (Run on a GPU:
+    ``test_gpu_epilogues``.)"""
+    got = run_offline(_OFFLINE_EPILOGUE)
+    _made_by_the_launch(got)
+
+
+_OFFLINE_ROUTED_EPILOGUE = (
+    _OFFLINE_PRELUDE
+    + """
+from mobiquant.kernels.epilogue import NextInput
+s3 = sc[None].expand(4, -1, -1)
+like = torch.zeros(1, 14336, dtype=torch.float16)
+taus = [torch.zeros(1, dtype=torch.float16) for _ in range(2)]
+dev = dict(planes=torch.ones(1, dtype=torch.int32), dispatch=3, views=[3, 4], seg_starts=(56,), early=1)
+cases = (("none", {}), ("norm", dict(epilogue=NextInput.rms_norm(torch.ones(14336), 1e-5, like))),
+         ("product", dict(epilogue=NextInput.silu_mul(like, 7168))),
+         ("scale", dict(prologue=("rms_scale", torch.zeros(32), 1e-5))))
+for name, extra in cases:
+    o16 = torch.zeros(14336, dtype=torch.float16)
+    args, kw = gf._launch_args(words, s3, s3, x, o16, splits=4, out_mode=2, part=torch.zeros(4, 14336),
+                               locks=torch.zeros(112, dtype=torch.int32), routed=(torch.zeros(1, 5), taus), **dev,
+                               **extra)
+    kw["maxnreg"] = 128  # as fragment_linear caps a view on the device in a launch of this size
+    sass, res = osx.sass_and_resources(osx.compile_sm90(gf.frag_gemv_kernel, args, kw, source=GluonASTSource))
+    ops = [m.group(3) for m in osx.LINE.finditer(sass)]
+    print("RESULT", name, kw["EPI"], kw["PRO"], re.search(r"STACK:(\\d+)", res).group(1),
+          sum(o.startswith(("ATOM", "RED")) for o in ops), ops.count("MUFU.RSQ"), ops.count("MUFU.EX2"))
+"""
+)
+
+
+def test_routed_epilogues_compile_for_sm90_offline():
+    """Compiled for sm_90 without a GPU: a routed site launch of two layers (gate and up, the view counted from the
+    router's gate values against a threshold a layer, a span of 3-4 planes, 4 K splits, capped at 128 registers as
+    the package launches it) with each epilogue and the norm made by the launch before
+    (``SmallConfig.fragment_routed_epilogues``), without spilling: the product one ticket a row-block pair more and
+    the SiLU's exponential, the scaled launch one reciprocal square root, the norm's parts nothing of either.
+    (Run on a GPU: ``test_gpu_lean_routed_epilogues``.)"""
+    got = run_offline(_OFFLINE_ROUTED_EPILOGUE)
+    _made_by_the_launch(got)
 
 
 def test_router_partials_launch_args():
