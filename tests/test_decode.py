@@ -153,6 +153,33 @@ def test_linears_of_one_router_fixed_at_different_views_stay_routed(prompt, monk
     assert scored == [x.shape]  # thresholds set the library's way: the router runs again
 
 
+@pytest.mark.parametrize("graph", ["off", "graph"])
+def test_one_router_a_block_fixed_at_different_views_decodes_its_even_launches_static(prompt, cpu_graph, graph):
+    """One router a block (``router=block``) whose linears a plan fixes, q_proj a view above the block's others: the
+    q/k/v site launch stays routed (one launch; each member its fixed view) while o, gate/up and down, each launch's
+    linears at one view, decode as static views; the router never runs, and the tokens are the routed eager
+    model's, also through a graph capture."""
+    from tiny_models import mixed_view_model
+
+    model, named, router, odd = mixed_view_model(0, "block")
+    ref = eager_greedy(model, prompt, 6, 4.0)
+    cpu_graph()
+    g = generate(model, prompt, 6, budget=4.0, cuda_graph=graph)
+    assert g.tokens[0].tolist() == ref and g.graph == graph
+    block = [(n, m) for n, m in named if m.router is router]
+    assert named[odd][0].endswith("q_proj") and len(block) == 7
+    for n, m in block:
+        qkv = n.rsplit(".", 1)[1] in ("q_proj", "k_proj", "v_proj")
+        assert (m.mode, m.static_k if m.mode == "static" else None) == (("routed", None) if qkv else ("static", 2)), n
+    assert g.extra["routing"][4.0] == dict(
+        routed_linears=len(named),
+        static_linears=len(named) - 3,
+        routers=len({id(m.router) for _, m in named}),
+        routers_fixed=1,
+        routers_run=0,
+    )
+
+
 @pytest.mark.parametrize("budget", [2.0, 3.3, 5.0, 8.0])
 def test_greedy_equals_the_eager_model_at_a_budget(qmodel, prompt, budget):
     g = generate(qmodel, prompt, 12, budget=budget)

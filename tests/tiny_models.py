@@ -68,19 +68,21 @@ def token_batches(n: int, batch: int = 4, seqlen: int = 32, seed: int = 0) -> li
     return [torch.randint(0, VOCAB, (batch, seqlen), generator=g) for _ in range(n)]
 
 
-def mixed_view_model(seed: int = 0):
-    """``task=decode``'s tiny LLaMA (257 byte tokens) quantized with adjacent routers and a budget plan whose
-    thresholds fix every routed linear's view at every budget (view ``k`` at ``2 + k`` bits), except that at 4
-    bits one linear of a router serving several sits a view above the others (view 3, its router's others view
-    2). Returns ``(model, named, router, odd)``: the routed ``(name, linear)`` pairs, that router, and the odd
-    linear's index in ``named``."""
+def mixed_view_model(seed: int = 0, placement: str = "site"):
+    """``task=decode``'s tiny LLaMA (257 byte tokens) quantized with adjacent routers at ``placement`` and a budget
+    plan whose thresholds fix every routed linear's view at every budget (view ``k`` at ``2 + k`` bits), except that
+    at 4 bits one linear of a router serving several (its first: q_proj) sits a view above the others (view 3, its
+    router's others view 2). Returns ``(model, named, router, odd)``: the routed ``(name, linear)`` pairs, that
+    router, and the odd linear's index in ``named``."""
     import mobiquant as mq
     from mobiquant.elastic.plan import BudgetPlan
     from mobiquant.patching import install_plan, mobi_linears
     from mobiquant.tiny import tiny_llama
 
     model = tiny_llama(seed=seed)[0]  # task=decode's tiny model: 257 byte tokens
-    mq.quantize_model(model, mq.MoBiConfig(group_size=32, slice_bits=(3, 1, 1, 1, 1, 1), router_policy="adjacent"))
+    cfg = mq.MoBiConfig(group_size=32, slice_bits=(3, 1, 1, 1, 1, 1), router_policy="adjacent",
+                        router_placement=placement)  # fmt: skip
+    mq.quantize_model(model, cfg)
     g = torch.Generator().manual_seed(100)
     mq.calibrate_thresholds(model, [torch.randint(0, 257, (4, 32), generator=g) for _ in range(4)])
     mq.freeze(model)

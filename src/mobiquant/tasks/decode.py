@@ -89,14 +89,15 @@ _CONTROL_ATTR = "_mobiquant_budget_control"  # BudgetControl.of keeps the model'
 class BudgetControl:
     """Switches a model between budgets by writing thresholds on the device.
 
-    Where every linear of a router has a threshold that decides for every token whatever its scores, the same view
-    for all (:meth:`TokenRouter.constant_k`: with the adjacent policy, thresholds between two slices' bands), they
-    decode that budget as the static view: the same slices for every token, without the router's work and on the
-    static views' kernels. Linears of one router fixed at different views (q, k and v at 3, 4 and 4 bits) stay
-    routed, one site launch for them where static views would take a launch each, but their router does not run
-    (``TokenRouter.fixed``: constant gate values that give each threshold its fixed view). Beside a linear whose
-    threshold leaves the choice to the scores, they stay routed with the router. Such budgets change which
-    linears are routed and which routers run, so a graph is captured per such structure.
+    Where every linear of one launch (a site group's members, or a linear alone) has a threshold that decides for
+    every token whatever its scores, the same view for all (:meth:`TokenRouter.constant_k`: with the adjacent
+    policy, thresholds between two slices' bands), they decode that budget as the static view: the same slices for
+    every token, on the static views' kernels (with one router a block, its o, gate/up and down launches so each,
+    whatever the block's other launches do). Linears of one launch fixed at different views (q, k and v at 3, 4 and
+    4 bits) stay routed, one site launch for them where static views would take a launch each; where every linear
+    of a router is fixed, its router does not run (``TokenRouter.fixed``: constant gate values that give each
+    threshold its fixed view). Otherwise the router runs for the linears its scores decide. Such budgets change
+    which linears are routed and which routers run, so a graph is captured per such structure.
 
     The first time a budget is asked for, :func:`mobiquant.patching.set_budget` (or ``set_static`` for a
     model without routers) sets it the library's way; the resulting state (every router's ``tau``, every
@@ -187,8 +188,9 @@ class BudgetControl:
                 dev = m.router.tau.device if m.router is not None else torch.device("cpu")
                 t = torch.as_tensor(t).detach().to(device=dev, dtype=torch.float32).clone()
             lin.append((m.mode, m.static_k, t, k_fixed, pair))
-        for i, m in enumerate(self.linears):  # a router's linears all fixed at one view: that static view
-            views = fixed.get(id(m.router), [None]) if m.mode == "routed" else [None]
+        k_of = {id(m): entry[3] for m, entry in zip(self.linears, lin, strict=True)}
+        for i, m in enumerate(self.linears):  # a launch's linears all fixed at one view: that static view
+            views = [k_of.get(id(x)) for x in _launch_members(m)] if m.mode == "routed" else [None]
             if views[0] is not None and views.count(views[0]) == len(views):
                 lin[i] = ("static", views[0], lin[i][2], None, None)
         # fixed at different views: the router's decisions are constants (adjacent policy: band midpoints)
@@ -269,6 +271,12 @@ class BudgetControl:
                 for m in self.linears
             ) + tuple(r.fixed for r in self.routers)
         return self._structure
+
+
+def _launch_members(m: nn.Module) -> list:
+    """The linears of ``m``'s one-token launch: its site group's members (``patching.fuse_sites``), or ``m`` alone."""
+    group = getattr(m, "_site_group", None)
+    return list(group.members) if group is not None else [m]
 
 
 def _budget_fn(budget: Budget, n: int) -> Callable[[int], float | None]:
