@@ -89,7 +89,7 @@ def _o_launch_pdl(o_proj: Any, device: torch.device | None = None) -> bool:
     from ..kernels.triton_bitplane import launch_pdl
 
     static = getattr(o_proj, "decodes_static", True)
-    planes = sum(o_proj.slice_bits[: o_proj.static_k]) if static and hasattr(o_proj, "static_k") else 0
+    planes = o_proj.slicer.bits_at(o_proj.static_k) if static and hasattr(o_proj, "slicer") else 0
     return launch_pdl(getattr(o_proj, "small_config", None), static, planes, device)
 
 

@@ -442,21 +442,20 @@ class MoBiLinear(nn.Module):
             return False
         if cfg.router_in_launch and self.router_home:
             return False  # its router's programs in the launch: the norm is theirs to read
-        if x.numel() != x.shape[-1] or not self.packed or self.weight_override is not None or self.track:
-            return False
-        if not (x.is_cuda or getattr(self, "backend", "auto") != "auto") or not self._use_triton(x):
-            return False
-        from ..kernels import triton_bitplane as tbp
-
-        return bool(tbp.wants_bitplanes(self.slice_bits, self.slicer.group_size, cfg))
+        return self._one_token_bits(x)
 
     def _static_launch(self, x: torch.Tensor) -> bool:
         """Whether ``x`` is one token this packed linear decodes at a static view on the one-bit plane buffers'
         kernels (the launches that may take a prologue or an epilogue)."""
-        if x.numel() != x.shape[-1] or not self.packed or self.weight_override is not None or self.track:
-            return False
         if not self.decodes_static:
             return False  # a routed linear's router makes (or reads) the prologue's output
+        return self._one_token_bits(x)
+
+    def _one_token_bits(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is one token this packed linear (no weight override, not tracking) decodes on the one-bit
+        plane buffers' kernels (Triton on CUDA, or the backend asked for)."""
+        if x.numel() != x.shape[-1] or not self.packed or self.weight_override is not None or self.track:
+            return False
         if not (x.is_cuda or getattr(self, "backend", "auto") != "auto") or not self._use_triton(x):
             return False
         from ..kernels import triton_bitplane as tbp
