@@ -793,17 +793,18 @@ def package_kernels(args, bits_cfg=None) -> list:
             kernels.append(("package sites+inputs lean prologues pdl static", ("lean prologues", static_pdl, True)))
             cfg = SmallConfig(pdl=False)
             kernels.append(("package sites+inputs lean prologues pdl off", ("lean prologues", cfg, True)))
-    if args.package_routed_epilogues:  # ... the lean step with its prologues, the views read on the device making
-        # the next launch's input too (SmallConfig(fragment_routed_epilogues=True): the o launch the post-attention
-        # norm's parts where gate/up borrow their decisions, gate/up the product; NOTES 45), then with pdl too
-        cfg = SmallConfig(fragment_routed_epilogues=True)
-        kernels.append(("package sites+inputs lean routed epilogues", ("lean prologues", cfg, True)))
+    if args.package_routed_epilogues:  # ... the lean step with its prologues without the routed budgets' savings
+        # of the default (since 2026-12-07; NOTES 45, 49): the views read on the device making the next launch's
+        # input (fragment_routed_epilogues: the o launch the post-attention norm's parts where gate/up borrow their
+        # decisions, gate/up the product) and their launches under pdl, each apart and both; then with pdl on every
+        # launch (the routers' too). pdl="static" leaves the device views' launches without it, and gives it to the
+        # static views of 5-8 planes as well: read those rows' routed budgets only
+        off = (("routed epilogues off", dict(fragment_routed_epilogues=False)), ("routed pdl off", dict(pdl="static")),
+               ("routed savings off", dict(fragment_routed_epilogues=False, pdl="static")))  # fmt: skip
         if args.package_pdl:
-            cfg = SmallConfig(fragment_routed_epilogues=True, pdl=True)
-            kernels.append(("package sites+inputs lean routed epilogues pdl", ("lean prologues", cfg, True)))
-        if args.package_pdl_views:
-            cfg = SmallConfig(fragment_routed_epilogues=True, pdl="views")
-            kernels.append(("package sites+inputs lean routed epilogues pdl views", ("lean prologues", cfg, True)))
+            off += (("pdl", dict(pdl=True)),)
+        for name, kw in off:
+            kernels.append((f"package sites+inputs lean {name}", ("lean prologues", SmallConfig(**kw), True)))
     if args.package_pdl_views:  # ... the lean step with its prologues, pdl for every linear's launch, no router's
         kernels.append(
             ("package sites+inputs lean prologues pdl views", ("lean prologues", SmallConfig(pdl="views"), True))
@@ -1140,8 +1141,9 @@ def main(argv=None):
     ap.add_argument(
         "--package-routed-epilogues",
         action="store_true",
-        help="also the lean rows (with prologues) whose views read on the device make the next launch's input "
-        "(SmallConfig(fragment_routed_epilogues=True); with --package-pdl also with pdl)",
+        help="also the lean rows (with prologues) without the routed budgets' savings of the default: views read on "
+        "the device making the next launch's input (SmallConfig(fragment_routed_epilogues=False)), their launches "
+        "under pdl (pdl='static'), both; with --package-pdl also pdl on every launch",
     )
     ap.add_argument(
         "--package-fragment-programs",
@@ -1153,7 +1155,7 @@ def main(argv=None):
         "--package-pdl-views",
         action="store_true",
         help="also the lean rows (with prologues) with programmatic dependent launch for every launch of a linear and "
-        "none of the routers' (SmallConfig(pdl='views'); with --package-routed-epilogues those rows too)",
+        "none of the routers' (SmallConfig(pdl='views'))",
     )
     ap.add_argument(
         "--package-pdl-static",

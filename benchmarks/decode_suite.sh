@@ -117,10 +117,11 @@
 #            programmatic dependent launch for static views' launches only (SmallConfig(pdl="static")) and without
 #            any (pdl=False; the default since 2026-12-07 gives it to static views of at most 4 planes), router
 #            placement site, then block
-#   routedepi (only when named) the GPU tests of the routed epilogues, then the package rows with router placement
-#            block, the lean step and its prologues, with the views read on the device making the next launch's input
-#            (SmallConfig.fragment_routed_epilogues, benchmarks/NOTES.md entry 45) and without, each also with pdl on
-#            every launch and on the linears' launches only (pdl="views")
+#   routedepi (only when named) the GPU tests of the routed budgets' savings (views read on the device making the
+#            next launch's input, SmallConfig.fragment_routed_epilogues; their launches under pdl: benchmarks/NOTES.md
+#            entries 45, 49), then the package rows with router placement block, the lean step's prologues (the
+#            default) beside those without each saving and without both
+#   routedsite (only when named) the same with router placement site
 #   programs (only when named) the package rows (block, lean step and prologues) with the fragment launches' grids
 #            aimed at 896 and 1792 programs beside the default 448 (SmallConfig.fragment_programs, NOTES entry 46)
 #   block    (only when named; in loads) the default rows with router placement block (one router a layer), with
@@ -433,14 +434,16 @@ stage() {
         --package-fused-only
       run_stage pdlstatic_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_lean_step.py \
         -k lean_prologues_with_pdl ;;
-    routedepi)
-      # the views read on the device making the next launch's input (SmallConfig.fragment_routed_epilogues, NOTES 45):
-      # their GPU test, then the block placement's package rows with the lean step and its prologues, with and
-      # without them, and each with pdl on every launch (routers' too)
+    routedepi|routedsite)
+      # the routed budgets' savings of the default (since 2026-12-07; NOTES 45, 49: views read on the device making
+      # the next launch's input, their launches under pdl): their GPU tests, then the package rows with the lean step's
+      # prologues (the default) beside those without each saving and without both, router placement block
+      # (routedepi) or site (routedsite)
       run_stage routedepi_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_lean_step.py \
-        -k "routed_epilogues or routed_budget_with_one_router"
-      package_stage routedepi block --package-lean-step --package-lean-prologues --package-routed-epilogues \
-        --package-pdl --package-pdl-views --package-fused-only ;;
+        tests/kernels/test_triton_bitplane.py -k "routed_epilogues or routed_budget_with_one_router or gpu_lean or gpu_pdl or pdl_default or pdl_static"
+      local placement=block
+      [ "$1" = routedsite ] && placement=site
+      package_stage "$1" "$placement" --package-lean-prologues --package-routed-epilogues --package-fused-only ;;
     programs)
       # the fragment launches' grids aimed at 896 and 1792 programs instead of 448 (NOTES 46: the gate/up site launch
       # at the single layer's best shape, 8 groups a program, in two waves), block placement, the lean step and its
@@ -475,7 +478,7 @@ print(','.join(str(int(v)) for v in t))" "$RES/router_sweep/router_sweep.csv" 2>
       run_stage pattern 600 "$PY" benchmarks/stream_pattern.py --views 1,2,6 \
         --package-configs "$PATTERN_CONFIGS" --out "$RES/pattern" ;;
     *)
-      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement pdl spandef spanrule spancost loads lean attn prologues block pdlstatic epikinds routedepi programs epilogues span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
+      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement pdl spandef spanrule spancost loads lean attn prologues block pdlstatic epikinds routedepi routedsite programs epilogues span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
       return 2 ;;
   esac
 }

@@ -670,8 +670,8 @@ def test_routed_epilogues_asked_of_borrowers_only(monkeypatch):
 
     routed = [m for m in (attn.o_proj, mlp.gate_proj, mlp.up_proj) if not m.decodes_static]
     assert len(routed) == 3, "the budget leaves the block's borrowers routed"
-    assert answers(SmallConfig()) == (False, False, False, False)
-    assert answers(SmallConfig(fragment_routed_epilogues=True)) == (True, True, True, False)
+    assert answers(SmallConfig(fragment_routed_epilogues=False)) == (False, False, False, False)
+    assert answers(SmallConfig()) == (True, True, True, False)  # the switch is on by default
     assert (q.config.hidden_size,) in asked and (mlp.gate_proj.out_features, mlp.up_proj.out_features) in asked
     set_small_config(q, None)
 
@@ -717,14 +717,19 @@ def test_gpu_lean_routed_epilogues():
     """On the GPU, a packed LLaMA with one router a block whose linears the fragment kernel serves (widths of 1024 and
     2048, groups of 128) at a routed budget: with ``SmallConfig(fragment_routed_epilogues=True)`` the o launches make
     the post-attention norms' parts and the gate/up launches the products (views read on the device), and the
-    step-by-step logits are those of the step without them."""
+    step-by-step logits are those of the step without them. The budget is set as decode sets it
+    (:class:`~mobiquant.tasks.decode.BudgetControl`), which gives each routed launch its span of views: without one,
+    launches of these sizes read the view on the one-bit plane kernel, which makes no epilogue."""
     import mobiquant as mq
     from mobiquant.kernels.triton_bitplane import SmallConfig
+    from mobiquant.patching import mobi_linears
+    from mobiquant.tasks.decode import BudgetControl
 
     cfg = mq.MoBiConfig(slice_bits=(3, 1, 1, 1, 1, 1), group_size=128, router_placement="block",
                         router_policy="adjacent")  # fmt: skip
     q = _fragment_llama(cfg)
-    mq.set_budget(q, 3.5)
+    BudgetControl.of(q).apply(3.5)  # as decode sets a budget: each routed linear's pair of views known (its span)
+    assert all(m.pair_k == 1 for _, m in mobi_linears(q)), "budget 3.5 leaves every linear routed"
     runs = [
         _epilogue_kinds(q, SmallConfig(fragment_routed_epilogues=e, fragment_epilogues=False)) for e in (False, True)
     ]

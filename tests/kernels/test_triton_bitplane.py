@@ -974,24 +974,27 @@ def test_pdl_static_marks_only_the_static_views_launches(gen, monkeypatch):
     assert tb.launch_pdl(None, True) is False and tb.launch_pdl(tb.SmallConfig(pdl="static"), False) is False
     assert tb.launch_pdl(tb.SmallConfig(pdl="views"), False, router=True) is False  # routers: only with True
     assert tb.launch_pdl(tb.SmallConfig(pdl=True), False, router=True) is True
-    with pytest.raises(ValueError, match=r"pdl must be None \(the measured rule: .* at most 4 planes\), False, True, "
+    with pytest.raises(ValueError, match=r"pdl must be None \(the measured rule: .* at most 4 planes, .*\), False, True, "
                        r"'static' .* or 'views' .* got 'yes'"):  # fmt: skip
         tb.SmallConfig(pdl="yes")
 
 
 def test_pdl_default_marks_static_views_of_at_most_four_planes(gen, monkeypatch):
     """``SmallConfig.pdl`` None (the default): on a card that has it, the launches of static views of at most
-    :data:`PDL_MAX_PLANES` planes have programmatic dependent launch, those of wider views, views on the device and
-    routed sites not; on a card without it (or the CPU) none; the outputs are those without it."""
+    :data:`PDL_MAX_PLANES` planes, views on the device and routed sites (no router in the launch) have programmatic
+    dependent launch, those of wider static views not; on a card without it (or the CPU) none; the outputs are those
+    without it; a router's launch never."""
     marks = _pdl_marks(gen, monkeypatch, (1, 2, 3, 6))
     off = dataclasses.replace(WHOLE, pdl=False)
     assert WHOLE.pdl is None and tb.PDL_MAX_PLANES == 4
-    for capable, want in ((True, {"static 1", "static 2", "site static 2"}), (False, set())):
+    views = {"static 1", "static 2", "site static 2", "device", "routed"}
+    for capable, want in ((True, views), (False, set())):
         monkeypatch.setattr(tb, "_pdl_capable", lambda device, capable=capable: capable)
         assert marks(WHOLE, off) == want, capable
     monkeypatch.undo()
     assert not tb._pdl_capable(torch.device("cpu")) and tb._pdl_capable(None)
     assert [tb.launch_pdl(None, True, p) for p in (0, 3, 4, 5)] == [False, True, True, False]
+    assert tb.launch_pdl(None, False) and not tb.launch_pdl(None, False, router=True)
 
 
 # ------------------------------------------------------------------------------ layouts and configs
@@ -2021,16 +2024,17 @@ def test_mobilinear_with_a_pair_per_view_on_the_triton_path(gen):
 
 def test_routed_epilogues_are_asked_of_fragment_launches_of_views_on_the_device(gen, monkeypatch):
     """``SmallConfig.fragment_routed_epilogues``: a launch of a view read on the device (``k`` None, a span or
-    none) takes an epilogue and a norm made by the launch before (``"rms_scale"``) only with the switch, on the
+    none) takes an epilogue and a norm made by the launch before (``"rms_scale"``) only with the switch (on by
+    default), on the
     fragment kernel (fp16; a site of whole blocks of 128 rows, the product only from two layers of one width), and no
     other prologue; a launch handed one without the switch is refused with the reason."""
     bits, group, n_in = DEFAULT_LAYOUT, 64, 256
     bp = tb.pack_bitplanes(*make_layer(256, n_in, bits, group, gen), bits, group, n_in)
     x16 = torch.zeros(1, n_in, dtype=torch.float16)
-    on, off = tb.SmallConfig(fragment_routed_epilogues=True), tb.SmallConfig()
+    on, off = tb.SmallConfig(), tb.SmallConfig(fragment_routed_epilogues=False)
     served = []
     monkeypatch.setattr(tb, "fragment_serves", lambda cfg, bp, k, x2, span=None: served.append((k, span)) or True)
-    assert off.fragment_routed_epilogues is False
+    assert on.fragment_routed_epilogues is True  # the default since 2026-12-07
     assert not tb.takes_epilogue(x16, bp, None, (256,), off, "rms_norm")
     assert tb.takes_epilogue(x16, bp, None, (256,), on, "rms_norm", (1, 2)) and served[-1] == (None, (1, 2))
     assert not tb.takes_epilogue(x16.float(), bp, None, (256,), on, "rms_norm")  # fp16 only

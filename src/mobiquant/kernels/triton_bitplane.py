@@ -2658,10 +2658,12 @@ class SmallConfig:
     # before a static o projection in the lean step); router launches and views on the device without it.
     # "views": every launch of a linear, static or read on the device, none of the routers' (to time whether the
     # routed budgets' loss under True is the routers', benchmarks/NOTES.md entry 41 (c)).
-    # None (the default): the launches of static views of at most PDL_MAX_PLANES planes, on cards that have it (compute
-    # capability 9.0+; elsewhere none): on an H100 the 8B-shaped lean step's static 3 / 4-bit views 4.3 / 3.9% faster
-    # with it, 5-8 bits 2-12% slower, the routed budgets level (docs/RESULTS.md "`router=block` at the paper
-    # protocol; `pdl` for static views of at most 4 planes").
+    # None (the default): on cards that have it (compute capability 9.0+; elsewhere none), the launches of static
+    # views of at most PDL_MAX_PLANES planes and those of views read on the device with no router in them (as
+    # "views"): on an H100 the 8B-shaped lean step's static 3 / 4-bit views 4.3 / 3.9% faster with it, 5-8 bits 2-12%
+    # slower (docs/RESULTS.md "`router=block` at the paper protocol; `pdl` for static views of at most 4 planes"); the
+    # routed 3.5 / 4.5 / 5.5-bit budgets (router=block) 7.2 / 14.7 / 7.9 us faster with it on the linears' launches,
+    # 3-8% slower with it on the routers' too (docs/RESULTS.md "Routed budgets with the static views' savings").
     pdl: bool | str | None = None
     # one-bit plane kernel, the launches on the stream-K grid (whole-K ones load everything at once anyway): each
     # program first asks L2 for every line of words and step/zero words of its whole range of groups
@@ -2815,9 +2817,11 @@ class SmallConfig:
     fragment_epilogues: bool | str | None = None
     # The same for views read on the device (a routed budget's launches on the fragment kernel, no router in the
     # launch): the o launch makes the post-attention norm's parts where gate/up borrow their decisions from another
-    # input's router (router=block), the gate/up site launch the gated product. Off until timed (benchmarks/NOTES.md
-    # entry 45): the static views' epilogues took 8-12 us off the 8B 3 / 4-bit steps, which routed budgets lack.
-    fragment_routed_epilogues: bool = False
+    # input's router (router=block), the gate/up site launch the gated product. On (the default since 2026-12-07): on
+    # an H100 the 8B-shaped lean step's routed 3.5 / 4.5 / 5.5-bit budgets (router=block) 7.0 / 5.0 / 4.7 us faster,
+    # with the default pdl rule 19 / 27 / 15 us (docs/RESULTS.md "Routed budgets with the static views' savings";
+    # benchmarks/NOTES.md entry 49).
+    fragment_routed_epilogues: bool = True
     # fragment kernel: the programs a launch's grid aims at (row blocks x K splits; 0: TARGET_PROGRAMS of
     # gluon_fragment, 448, about 3.4 an SM on 132). The single 8B layers measured fastest there, but the gate/up site
     # launch (28672 rows) then runs 2 splits of 16 groups a program where the 14336-row layer ran its best at 4 splits
@@ -2845,7 +2849,8 @@ class SmallConfig:
             )
         if self.pdl not in (None, False, True, "static", "views"):
             raise ValueError(
-                f"pdl must be None (the measured rule: static views of at most {PDL_MAX_PLANES} planes), False, True, "
+                f"pdl must be None (the measured rule: static views of at most {PDL_MAX_PLANES} planes, views on the "
+                f"device without a router), False, True, "
                 f"'static' (static views' launches only) or 'views' (every linear's launch, no router's), "
                 f"got {self.pdl!r}"
             )
@@ -3543,12 +3548,15 @@ def launch_pdl(
     cfg: SmallConfig | None, static: bool, planes: int = 0, device: torch.device | None = None, router: bool = False
 ) -> bool:
     """Whether a launch has programmatic dependent launch under ``cfg.pdl`` (``cfg`` None: the defaults): True every
-    launch, ``"views"`` every launch of a linear (static or not) but no ``router``'s, ``"static"`` those of static
-    views (``static``: the view known on the host, no router in the launch), None those of static views of
-    ``planes`` from 1 to :data:`PDL_MAX_PLANES` on a ``device`` that has it."""
+    launch, ``"views"`` every launch of a linear (static or not) but no ``router``'s (a router's launch, or one with
+    a router's programs in it), ``"static"`` those of static views (``static``: the view known on the host, no router
+    in the launch), None on a ``device`` that has it those of static views of ``planes`` from 1 to
+    :data:`PDL_MAX_PLANES` and those of views read on the device with no router in the launch."""
     pdl = (cfg or _DEFAULT_SMALL).pdl
     if pdl is None:
-        return static and 0 < planes <= PDL_MAX_PLANES and _pdl_capable(device)
+        if router or not _pdl_capable(device):
+            return False
+        return 0 < planes <= PDL_MAX_PLANES if static else True
     if pdl == "views":
         return not router
     return pdl is True or (pdl == "static" and static)
@@ -3562,7 +3570,7 @@ def _view_planes(bp: BitPlanes, ksel: int) -> int:
 def _fragment_options(cfg: SmallConfig, static: bool = False, planes: int = 0, device=None) -> dict:
     """``fragment_linear``'s keywords from ``cfg`` (each launch uses those of its kind: ``cap`` and ``tma`` static
     views', ``span_uncap`` and ``early_l2`` views' on the device; ``pdl`` as :func:`launch_pdl` says for a static view
-    of ``planes`` on ``device``)."""
+    of ``planes``, or a view read on the device (no router in the launch), on ``device``)."""
     pdl = launch_pdl(cfg, static, planes, device)
     return dict(cap=cfg.fragment_cap, tma=cfg.fragment_tma, pdl=pdl, span_uncap=cfg.fragment_span_uncap,
                 early_l2=cfg.fragment_early_l2, prefetch=cfg.fragment_prefetch, ahead=cfg.fragment_ahead,
@@ -3635,7 +3643,8 @@ def bitplane_linear_bits(
 
         if kvals:  # the router's gate values (or its partials, finished there): counted by the kernel
             return fragment_linear(x2, fragment_of(bp), None, bias, out, routed=(v_t, tau_t), span=span,
-                                   prologue=prologue, epilogue=epilogue, **_fragment_options(cfg))  # fmt: skip
+                                   prologue=prologue, epilogue=epilogue,
+                                   **_fragment_options(cfg, device=x2.device))  # fmt: skip
         return fragment_linear(x2, fragment_of(bp), ksel or k_t, bias, out, span=span, prologue=prologue,
                                epilogue=epilogue, **_fragment_options(cfg, bool(ksel), _view_planes(bp, ksel),
                                                                       x2.device))  # fmt: skip
@@ -3787,8 +3796,9 @@ def bitplane_site_bits(
         made = dict(prologue=prologue, epilogue=epilogue)
         if kvals:  # the router's gate values (or its partials, finished there): counted by the kernel
             return fragment_linear(x2, fragment_of(bp), None, site.bias, out, routed=(v_t, taus), span=span,
-                                   seg_starts=starts, **made, **_fragment_options(cfg))  # fmt: skip
-        return fragment_linear(x2, fragment_of(bp), k_t, site.bias, out, span=span, **made, **_fragment_options(cfg))
+                                   seg_starts=starts, **made, **_fragment_options(cfg, device=x2.device))  # fmt: skip
+        return fragment_linear(x2, fragment_of(bp), k_t, site.bias, out, span=span, **made,
+                               **_fragment_options(cfg, device=x2.device))  # fmt: skip
     v_t = _made_values(v_t)  # the launches below read made gate values
     if out is None:
         out = torch.empty(1, bp.out_features, dtype=x2.dtype, device=x2.device)
@@ -3978,7 +3988,8 @@ def _bits_launch(
         )
     if prologue is not None and router is not None:
         raise ValueError(f"a {prologue[0]} in the launch: a router in the same launch reads its output")
-    pdl = launch_pdl(cfg, bool(ksel) and router is None and not kvals, _view_planes(bp, ksel), x2.device)
+    static = bool(ksel) and router is None and not kvals
+    pdl = launch_pdl(cfg, static, _view_planes(bp, ksel), x2.device, router=router is not None)
     if pdl:
         _check_pdl(x2.device)
     bn2 = block_n // 2
