@@ -440,7 +440,7 @@ stage() {
       # prologues (the default) beside those without each saving and without both, router placement block
       # (routedepi) or site (routedsite)
       run_stage routedepi_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_lean_step.py \
-        tests/kernels/test_triton_bitplane.py -k "routed_epilogues or routed_budget_with_one_router or gpu_lean or gpu_pdl or pdl_default or pdl_static"
+        tests/kernels/test_triton_bitplane.py -k "test_routed_epilogues_asked or test_lean_epilogues_at_a_routed or test_gpu_lean or test_gpu_pdl or test_pdl_default or test_pdl_static"
       local placement=block
       [ "$1" = routedsite ] && placement=site
       package_stage "$1" "$placement" --package-lean-prologues --package-routed-epilogues --package-fused-only ;;

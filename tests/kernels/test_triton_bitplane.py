@@ -974,8 +974,8 @@ def test_pdl_static_marks_only_the_static_views_launches(gen, monkeypatch):
     assert tb.launch_pdl(None, True) is False and tb.launch_pdl(tb.SmallConfig(pdl="static"), False) is False
     assert tb.launch_pdl(tb.SmallConfig(pdl="views"), False, router=True) is False  # routers: only with True
     assert tb.launch_pdl(tb.SmallConfig(pdl=True), False, router=True) is True
-    with pytest.raises(ValueError, match=r"pdl must be None \(the measured rule: .* at most 4 planes, .*\), False, True, "
-                       r"'static' .* or 'views' .* got 'yes'"):  # fmt: skip
+    with pytest.raises(ValueError, match=r"pdl must be None \(the measured rule: .* at most 4 planes, .*\), False, "
+                       r"True, 'static' .* or 'views' .* got 'yes'"):  # fmt: skip
         tb.SmallConfig(pdl="yes")
 
 

@@ -2663,7 +2663,7 @@ class SmallConfig:
     # "views"): on an H100 the 8B-shaped lean step's static 3 / 4-bit views 4.3 / 3.9% faster with it, 5-8 bits 2-12%
     # slower (docs/RESULTS.md "`router=block` at the paper protocol; `pdl` for static views of at most 4 planes"); the
     # routed 3.5 / 4.5 / 5.5-bit budgets (router=block) 7.2 / 14.7 / 7.9 us faster with it on the linears' launches,
-    # 3-8% slower with it on the routers' too (docs/RESULTS.md "Routed budgets with the static views' savings").
+    # 8-14% slower with it on the routers' too (docs/RESULTS.md "Routed budgets with the static views' savings").
     pdl: bool | str | None = None
     # one-bit plane kernel, the launches on the stream-K grid (whole-K ones load everything at once anyway): each
     # program first asks L2 for every line of words and step/zero words of its whole range of groups
@@ -2819,8 +2819,8 @@ class SmallConfig:
     # launch): the o launch makes the post-attention norm's parts where gate/up borrow their decisions from another
     # input's router (router=block), the gate/up site launch the gated product. On (the default since 2026-12-07): on
     # an H100 the 8B-shaped lean step's routed 3.5 / 4.5 / 5.5-bit budgets (router=block) 7.0 / 5.0 / 4.7 us faster,
-    # with the default pdl rule 19 / 27 / 15 us (docs/RESULTS.md "Routed budgets with the static views' savings";
-    # benchmarks/NOTES.md entry 49).
+    # with the default pdl rule 19 / 27 / 15 us in one run, 4 / 10 / 2 us in a second (docs/RESULTS.md "Routed budgets
+    # with the static views' savings"; benchmarks/NOTES.md entry 49).
     fragment_routed_epilogues: bool = True
     # fragment kernel: the programs a launch's grid aims at (row blocks x K splits; 0: TARGET_PROGRAMS of
     # gluon_fragment, 448, about 3.4 an SM on 132). The single 8B layers measured fastest there, but the gate/up site

@@ -85,7 +85,8 @@ def lean_reason(module: torch.nn.Module) -> str | None:
 def _o_launch_pdl(o_proj: Any, device: torch.device | None = None) -> bool:
     """Whether the o projection's one-token launch on ``device`` has programmatic dependent launch (``launch_pdl``;
     with ``SmallConfig.pdl="static"`` where it decodes a static view: no router of its own or borrowed deciding; with
-    the default None where that view has at most ``PDL_MAX_PLANES`` planes; an fp16 linear never)."""
+    the default None where that view has at most ``PDL_MAX_PLANES`` planes, or where the view is read on the device;
+    an fp16 linear never)."""
     from ..kernels.triton_bitplane import launch_pdl
 
     static = getattr(o_proj, "decodes_static", True)
@@ -98,7 +99,8 @@ def _attend(module: Any, q, k, v, cos, sin, layer: Any, mask) -> torch.Tensor:
     from ..kernels.triton_attention import decode_attention
 
     # with programmatic dependent launch where the o projection's launch has it (SmallConfig.pdl; "static": where
-    # it decodes a static view; None: a static view of at most 4 planes): it then loads its weights while the
+    # it decodes a static view; None: a static view of at most 4 planes, or a view read on the device): it then loads
+    # its weights while the
     # attention runs
     pdl = q.is_cuda and _o_launch_pdl(module.o_proj, q.device)
     return decode_attention(q, k, v, cos, sin, layer.keys, layer.values, layer.cumulative_length,
