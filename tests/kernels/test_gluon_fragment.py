@@ -517,6 +517,48 @@ def test_routed_epilogues_compile_for_sm90_offline():
     _made_by_the_launch(got)
 
 
+_OFFLINE_ROUTER_TAIL = (
+    _OFFLINE_PRELUDE
+    + """
+from mobiquant.kernels.epilogue import NextInput
+words = torch.zeros(4, 112, 32, 512, dtype=torch.int32)  # 4096 x 14336, the 8B down
+s3 = torch.zeros(4, 4096, 112, dtype=torch.float16)
+x = torch.zeros(14336, dtype=torch.float16)
+like = torch.zeros(1, 4096, dtype=torch.float16)
+router = (torch.zeros(64, 4096, dtype=torch.float16), torch.zeros(64, dtype=torch.float16),
+          torch.zeros(5, 64, dtype=torch.float16), torch.zeros(5, dtype=torch.float16), True)
+dev = dict(planes=torch.ones(1, dtype=torch.int32), dispatch=3, views=[3, 4], early=1)
+cases = (("norm", NextInput.rms_norm(torch.ones(4096), 1e-5, like)),
+         ("router", NextInput.rms_norm(torch.ones(4096), 1e-5, like, router=router)))
+for name, epilogue in cases:
+    o16 = torch.zeros(4096, dtype=torch.float16)
+    args, kw = gf._launch_args(words, s3, s3, x, o16, splits=14, out_mode=2, part=torch.zeros(14, 4096),
+                               locks=torch.zeros(32, dtype=torch.int32),
+                               routed=(torch.zeros(1, 5), torch.zeros(1, dtype=torch.float16)), epilogue=epilogue,
+                               **dev)
+    kw["maxnreg"] = 128
+    sass, res = osx.sass_and_resources(osx.compile_sm90(gf.frag_gemv_kernel, args, kw, source=GluonASTSource))
+    ops = [m.group(3) for m in osx.LINE.finditer(sass)]
+    print("RESULT", name, kw["EPI"], kw["ER"], kw["ERH"], kw["ERHP"], re.search(r"STACK:(\\d+)", res).group(1),
+          sum(o.startswith(("ATOM", "RED")) for o in ops), ops.count("MUFU.RSQ"), ops.count("MUFU.EX2"))
+"""
+)
+
+
+def test_router_tail_compiles_for_sm90_offline():
+    """Compiled for sm_90 without a GPU: the 8B down launch at a routed budget (the view counted from gate values, a
+    span of 3-4 planes, 14 K splits, capped at 128 registers) making the next block's input norm's parts and also
+    finishing the router that decides on that norm's output (``EPI`` 3, ``epilogue.RouterTail``: 5 gate values from
+    64 hidden units), without spilling: one ticket more than the norm's parts alone (its add and its reset), the
+    norm's reciprocal square root and the adjacent policy's five sigmoids' exponentials."""
+    got = run_offline(_OFFLINE_ROUTER_TAIL)
+    norm, tail = got["norm"], got["router"]
+    assert norm[0] == "1" and tail[:4] == ["3", "5", "64", "64"], got
+    assert norm[4] == tail[4] == "0", got  # no stack: nothing spilled
+    assert int(tail[5]) == int(norm[5]) + 2, got
+    assert norm[6] == "0" and int(tail[6]) >= 1 and int(tail[7]) >= 5 + int(norm[7]), got
+
+
 def test_router_partials_launch_args():
     """``routed = (RouterPartials, threshold)``: ``KMODE`` 3 with the router's second layer and the partials' layout;
     partials of more than one token refused."""

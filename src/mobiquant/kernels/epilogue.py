@@ -11,6 +11,13 @@ few microseconds, plus its gap. The launch before already holds what they need w
 * ``"silu_mul"``: the launch's rows are a gate and an up projection (first half, second half); the later program
   of each pair of row blocks writes ``fp16(silu(gate)) * up`` for its rows, the down projection's input.
 
+An ``"rms_norm"`` request may also carry the router that decides on the norm's output (:class:`RouterTail`: with one
+router a block, the next block's, whose launch would otherwise make the norm and run the router): its first layer is
+linear in the normed row, ``W1 norm(h) = rsqrt(mean(h^2) + eps) * W1 (h * weight)``, so each program also writes its
+row block's share of ``W1 (h * weight)``, and the last row block's program to finish (a ticket) sums the shares,
+scales them by the norm's rsqrt and finishes the router (``b1``, GELU, second layer, policy) into the gate values
+the next block's linears read: no router launch.
+
 :class:`NextInput` holds the request and its outputs; :meth:`NextInput.make` is the same arithmetic in PyTorch
 (what a launch that cannot make it does instead, and the tests' reference). The fragment kernel makes them in its
 epilogue (``gluon_fragment.frag_gemv_kernel``'s ``EPI``); ``triton_bitplane.takes_epilogue`` says where.
@@ -29,6 +36,77 @@ ROW_BLOCK = 128
 #: The kinds of :class:`NextInput`.
 KINDS = ("rms_norm", "silu_mul")
 
+#: The most hidden units of a router an epilogue finishes (:class:`RouterTail`).
+ROUTER_MAX_HIDDEN = 128
+
+
+@dataclass(eq=False)
+class RouterTail:
+    """The router an ``"rms_norm"`` request also finishes (module docstring): its layers ``w1 [hidden, n]``, ``b1``,
+    ``w2 [K-1, hidden]``, ``b2`` and policy (``adjacent``, else the running minimum), each row block's share of the
+    first layer (``part``, fp32 ``[blocks, hp]``, ``hp`` a power of 2 at least the hidden units) and the gate values
+    it makes (``values``, fp32 ``[1, K-1]``)."""
+
+    w1: torch.Tensor
+    b1: torch.Tensor
+    w2: torch.Tensor
+    b2: torch.Tensor
+    adjacent: bool
+    values: torch.Tensor
+    part: torch.Tensor
+
+    @classmethod
+    def of(cls, router: tuple, n: int, blocks: int, like: torch.Tensor) -> RouterTail:
+        """The tail of ``router`` (``(w1, b1, w2, b2, adjacent)``) for a norm of ``n`` values in ``blocks`` row
+        blocks, its buffers on ``like``'s device; its layers checked."""
+        w1, b1, w2, b2, adjacent = router
+        hidden = w1.shape[0] if torch.is_tensor(w1) and w1.dim() == 2 else -1
+        r = w2.shape[0] if torch.is_tensor(w2) and w2.dim() == 2 else -1
+        shapes_ok = (
+            torch.is_tensor(b1) and torch.is_tensor(b2) and w1.shape[1] == n and tuple(b1.shape) == (hidden,)
+            and r >= 1 and tuple(w2.shape) == (r, hidden) and tuple(b2.shape) == (r,)
+        )  # fmt: skip
+        if hidden < 1 or not shapes_ok:
+            raise ValueError(
+                f"a router finished by the epilogue takes w1 [hidden, {n}], b1 [hidden], w2 [K-1, hidden] and b2 "
+                f"[K-1]; got {_shapes(w1, b1, w2, b2)}"
+            )
+        if hidden > ROUTER_MAX_HIDDEN:
+            raise ValueError(
+                f"a router finished by the epilogue has at most {ROUTER_MAX_HIDDEN} hidden units, got {hidden}"
+            )
+        if any(t.device != like.device for t in (w1, b1, w2, b2)):
+            raise ValueError(f"the router's layers must be on {like.device}, as the launch's outputs")
+        hp = max(2, 1 << (hidden - 1).bit_length())
+        values = torch.empty(1, r, dtype=torch.float32, device=like.device)
+        part = torch.empty(blocks, hp, dtype=torch.float32, device=like.device)
+        w1, b1, w2, b2 = (t.detach().contiguous() for t in (w1, b1, w2, b2))
+        return cls(w1, b1, w2, b2, bool(adjacent), values, part)
+
+    def finish(self, made: torch.Tensor, sums: torch.Tensor, eps: float) -> None:
+        """Fills :attr:`part` and :attr:`values` in PyTorch from the norm's parts (``made``: the row times the norm's
+        weight; ``sums``: each row block's sum of squares), in the kernel's order: each row block's share in fp32,
+        the shares summed block by block, times ``rsqrt(sum(sums) / n + eps)``."""
+        from .triton_router import finished_values
+
+        h = made.reshape(-1).float()
+        n, hidden = h.numel(), self.b1.numel()
+        blocks = self.part.shape[0]
+        pad = blocks * ROW_BLOCK - n
+        w1 = F.pad(self.w1.float(), (0, pad)).reshape(hidden, blocks, ROW_BLOCK)
+        shares = torch.einsum("hbr,br->bh", w1, F.pad(h, (0, pad)).reshape(blocks, ROW_BLOCK))
+        self.part.zero_()
+        self.part[:, :hidden] = shares
+        pre = shares[0]
+        for b in range(1, blocks):
+            pre = pre + shares[b]
+        scale = torch.rsqrt(sums.float().sum() / n + eps)
+        self.values.copy_(finished_values((pre * scale)[None], self.b1, self.w2, self.b2, self.adjacent))
+
+
+def _shapes(*ts: object) -> str:
+    return ", ".join(str(tuple(t.shape)) if torch.is_tensor(t) else type(t).__name__ for t in ts)
+
 
 @dataclass(eq=False)
 class NextInput:
@@ -45,11 +123,14 @@ class NextInput:
     #: whether a launch (or :meth:`make`) filled it: a launch that could not leaves it to the caller, who holds
     #: every output it is made of (a site group's members side by side)
     made: bool = False
+    #: the router an ``"rms_norm"`` request also finishes (:class:`RouterTail`), or None
+    router: RouterTail | None = None
 
     @classmethod
-    def rms_norm(cls, weight: torch.Tensor, eps: float, like: torch.Tensor) -> NextInput:
+    def rms_norm(cls, weight: torch.Tensor, eps: float, like: torch.Tensor, router: tuple | None = None) -> NextInput:
         """The parts of an RMS norm (``weight [n]``, ``eps``) of outputs shaped like ``like`` (one token,
-        ``[..., n]``)."""
+        ``[..., n]``); ``router``: ``(w1, b1, w2, b2, adjacent)``, the router deciding on the norm's output, finished
+        too (:class:`RouterTail`)."""
         n = like.shape[-1]
         if like.numel() != n:
             raise ValueError(f"a norm made in the launch before takes one token, got outputs {tuple(like.shape)}")
@@ -61,7 +142,8 @@ class NextInput:
         blocks = -(-n // ROW_BLOCK)
         out = torch.empty_like(like)
         sums = torch.empty(blocks, dtype=torch.float32, device=like.device)
-        return cls("rms_norm", out, sums, weight.to(like.dtype).contiguous(), float(eps))
+        tail = None if router is None else RouterTail.of(router, n, blocks, like)
+        return cls("rms_norm", out, sums, weight.to(like.dtype).contiguous(), float(eps), router=tail)
 
     @classmethod
     def silu_mul(cls, like: torch.Tensor, m: int) -> NextInput:
@@ -89,6 +171,8 @@ class NextInput:
             hf = y.reshape(-1).float()
             pad = self.sums.numel() * ROW_BLOCK - hf.numel()
             self.sums.copy_(F.pad(hf * hf, (0, pad)).reshape(-1, ROW_BLOCK).sum(1))
+            if self.router is not None:
+                self.router.finish(self.out, self.sums, self.eps)
         else:
             gate, up = y.chunk(2, dim=-1)
             self.out.copy_(F.silu(gate.float()).to(up.dtype) * up)
@@ -102,4 +186,4 @@ def rms_scaled(x: torch.Tensor, sums: torch.Tensor, eps: float) -> torch.Tensor:
     return (x.float() * s).to(x.dtype)
 
 
-__all__ = ["KINDS", "NextInput", "ROW_BLOCK", "rms_scaled"]
+__all__ = ["KINDS", "NextInput", "ROUTER_MAX_HIDDEN", "ROW_BLOCK", "RouterTail", "rms_scaled"]

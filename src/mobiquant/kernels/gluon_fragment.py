@@ -206,8 +206,7 @@ def _ask_l2(ptrs):
 def _router_count(part_ptr, b1_ptr, w2_ptr, b2_ptr, t, RS: ttgl.constexpr, RBLK: ttgl.constexpr, RH: ttgl.constexpr,
                   RHP: ttgl.constexpr, R: ttgl.constexpr, ADJ: ttgl.constexpr):  # fmt: skip
     """``k = 1 + #{e : v_e > t}`` of one token from a router launch without its tail (``triton_router.RouterPartials``):
-    the ``RS`` column splits' pre-activations (``RBLK`` apart) summed in their order, ``b1``, the exact GELU, the
-    second layer's ``R`` rows and the policy (``ADJ``: sigmoid plus slice ``e``'s band; else a running minimum), in
+    the ``RS`` column splits' pre-activations (``RBLK`` apart) summed in their order, then :func:`_router_tail`, in
     fp32, every thread of the program the same."""
     HL: ttgl.constexpr = ttgl.BlockedLayout(size_per_thread=[1], threads_per_warp=[32], warps_per_cta=[4], order=[0])
     u = ttgl.arange(0, RHP, layout=HL)
@@ -215,6 +214,16 @@ def _router_count(part_ptr, b1_ptr, w2_ptr, b2_ptr, t, RS: ttgl.constexpr, RBLK:
     pre = ttgl.load(part_ptr + u, mask=um, other=0.0)
     for sp in ttgl.static_range(1, RS):
         pre += ttgl.load(part_ptr + sp * RBLK + u, mask=um, other=0.0)
+    return _router_tail(pre, u, um, b1_ptr, w2_ptr, b2_ptr, t, part_ptr, RH, R, ADJ, False)
+
+
+@gluon.jit
+def _router_tail(pre, u, um, b1_ptr, w2_ptr, b2_ptr, t, v_ptr, RH: ttgl.constexpr, R: ttgl.constexpr,
+                 ADJ: ttgl.constexpr, STORE: ttgl.constexpr):  # fmt: skip
+    """A router finished from its first layer's pre-activations ``pre`` (units ``u``, ``um`` those that exist):
+    ``b1``, the exact GELU, the second layer's ``R`` rows and the policy (``ADJ``: sigmoid plus slice ``e``'s band;
+    else a running minimum), in fp32. ``STORE``: each gate value stored at ``v_ptr + e`` (returns 1); else
+    ``k = 1 + #{e : v_e > t}``."""
     h = pre + ttgl.load(b1_ptr + u, mask=um, other=0.0).to(ttgl.float32)
     h = 0.5 * h * (1.0 + ttgl.erf(h * 0.7071067811865476))
     kk = 1
@@ -229,8 +238,48 @@ def _router_count(part_ptr, b1_ptr, w2_ptr, b2_ptr, t, RS: ttgl.constexpr, RBLK:
         else:
             ve = ttgl.minimum(prev, se)
         prev = ve
-        kk += (ve > t).to(ttgl.int32)
+        if STORE:
+            ttgl.store(v_ptr + e, ve)
+        else:
+            kk += (ve > t).to(ttgl.int32)
     return kk
+
+
+@gluon.jit
+def _router_share(yw, pid, N, N_OUT, sq_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, part_ptr, lock_ptr, v_ptr, eps,
+                  BN: ttgl.constexpr, R: ttgl.constexpr, RH: ttgl.constexpr, RHP: ttgl.constexpr,
+                  ADJ: ttgl.constexpr):  # fmt: skip
+    """The router an RMS norm's parts feed (``EPI`` 3, ``epilogue.RouterTail``): row block ``pid``'s share of its
+    first layer, ``W1[:, rows] yw`` (``yw``: the block's outputs times the norm's weight, as stored), at
+    ``part_ptr + pid * RHP``; the last row block to arrive (a self-resetting ticket at ``lock_ptr``) sums the shares
+    in block order, scales them by the norm's ``rsqrt(sum(sq) / N_OUT + eps)`` from the blocks' sums of squares at
+    ``sq_ptr`` and finishes the router (:func:`_router_tail`) into the gate values at ``v_ptr``."""
+    RL: ttgl.constexpr = ttgl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[4, 1],
+                                            order=[1, 0])  # fmt: skip
+    uu = ttgl.arange(0, RHP, layout=ttgl.SliceLayout(1, RL))
+    rr = pid * BN + ttgl.arange(0, BN, layout=ttgl.SliceLayout(0, RL))
+    yr = ttgl.convert_layout(yw, ttgl.SliceLayout(0, RL)).to(ttgl.float32)
+    wm = (uu < RH)[:, None] & (rr < N_OUT)[None, :]
+    w1 = ttgl.load(w1_ptr + uu[:, None] * N_OUT + rr[None, :], mask=wm, other=0.0).to(ttgl.float32)
+    ttgl.store(part_ptr + pid * RHP + uu, ttgl.sum(w1 * yr[None, :], axis=1))
+    _cta_barrier()  # every thread's share (and the block's sum of squares) stored before the release below
+    ticket = ttgl.atomic_add(lock_ptr, 1, sem="acq_rel")
+    _cta_barrier()
+    nb = N // BN
+    if ticket == nb - 1:  # the last row block: every share and sum of squares is stored
+        HL: ttgl.constexpr = ttgl.BlockedLayout(size_per_thread=[1], threads_per_warp=[32], warps_per_cta=[4],
+                                                order=[0])  # fmt: skip
+        u = ttgl.arange(0, RHP, layout=HL)
+        pre = ttgl.load(part_ptr + u, cache_modifier=".cg")
+        for b in range(1, nb):
+            pre += ttgl.load(part_ptr + b * RHP + u, cache_modifier=".cg")
+        qo = ttgl.arange(0, 128, layout=HL)
+        sq = ttgl.zeros([128], ttgl.float32, HL)
+        for c in range(0, nb, 128):
+            sq += ttgl.load(sq_ptr + c + qo, mask=c + qo < nb, other=0.0, cache_modifier=".cg")
+        scale = ttgl.rsqrt(ttgl.sum(sq, axis=0) / N_OUT + eps)
+        _router_tail(pre * scale, u, u < RH, b1_ptr, w2_ptr, b2_ptr, 0.0, v_ptr, RH, R, ADJ, True)
+        ttgl.atomic_xchg(lock_ptr, 0)  # self-resetting
 
 
 @gluon.jit
@@ -613,17 +662,23 @@ def _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PST
 
 
 @gluon.jit
-def _epilogue(yo, out_ptr, ro, pid, N, N_OUT, ep_w_ptr, ep_out_ptr, ep_sq_ptr, BN: ttgl.constexpr,
-              EPI: ttgl.constexpr):  # fmt: skip
+def _epilogue(yo, out_ptr, ro, pid, N, N_OUT, ep_w_ptr, ep_out_ptr, ep_sq_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+              part_ptr, lock_ptr, v_ptr, eps, BN: ttgl.constexpr, EPI: ttgl.constexpr, ER: ttgl.constexpr,
+              ERH: ttgl.constexpr, ERHP: ttgl.constexpr, ERADJ: ttgl.constexpr):  # fmt: skip
     """What the program that wrote row block ``pid``'s outputs ``yo`` (``out_ptr + ro``) makes of them for the next
-    launch (the kernel's ``EPI``): 1, the next RMS norm's parts; 2, a gated MLP's product, by the later program of
-    each gate / up pair of row blocks."""
+    launch (the kernel's ``EPI``): 1, the next RMS norm's parts; 3, those and the router on the norm's output
+    (:func:`_router_share`: its layers, shares, ticket, gate values and the norm's ``eps``); 2, a gated MLP's
+    product, by the later program of each gate / up pair of row blocks."""
     m = ro < N_OUT
-    if EPI == 1:
+    if EPI == 1 or EPI == 3:
         w = ttgl.load(ep_w_ptr + ro, mask=m, other=0.0)
-        ttgl.store(ep_out_ptr + ro, yo * w, mask=m)
+        yw = yo * w
+        ttgl.store(ep_out_ptr + ro, yw, mask=m)
         hf = yo.to(ttgl.float32)
         ttgl.store(ep_sq_ptr + pid, ttgl.sum(ttgl.where(m, hf * hf, 0.0), axis=0))
+        if EPI == 3:
+            _router_share(yw, pid, N, N_OUT, ep_sq_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, part_ptr, lock_ptr, v_ptr,
+                          eps, BN, ER, ERH, ERHP, ERADJ)  # fmt: skip
     else:
         half = N // (2 * BN)
         pair = pid % half
@@ -654,7 +709,9 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
                      AHEAD: ttgl.constexpr, r_b1_ptr, r_w2_ptr, r_b2_ptr, RS: ttgl.constexpr, RBLK: ttgl.constexpr,
                      RH: ttgl.constexpr, RHP: ttgl.constexpr, RADJ: ttgl.constexpr, pro_ptr, eps,
                      PRO: ttgl.constexpr, NSQ, NSQP: ttgl.constexpr, ep_w_ptr, ep_out_ptr, ep_sq_ptr,
-                     EPI: ttgl.constexpr):  # fmt: skip
+                     EPI: ttgl.constexpr, ep_w1_ptr, ep_b1_ptr, ep_w2_ptr, ep_b2_ptr, ep_part_ptr, ep_lock_ptr,
+                     ep_v_ptr, ep_eps, ER: ttgl.constexpr, ERH: ttgl.constexpr, ERHP: ttgl.constexpr,
+                     ERADJ: ttgl.constexpr):  # fmt: skip
     # PDL: launched with programmatic dependent launch (SmallConfig.pdl): the next kernel may start its programs now;
     # a view on the device awaits the kernel before at once (it may have written k), a view compiled in once its
     # first words are asked for (_view_total), before any activation is read; with an RMS norm in the launch, once
@@ -669,7 +726,10 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
     # (its weight at ep_w_ptr): out * weight (fp16) at ep_out_ptr and the block's sum of out's squares at
     # ep_sq_ptr + pid (a PRO 3 launch reads them); 2, a gated MLP's product: the pack's first half of rows the gate,
     # its second the up; the later of each pair of row blocks pid, pid + NB / 2 (a self-resetting ticket at
-    # ep_w_ptr + pid % (NB / 2)) writes fp16(silu(gate)) * up for its BN rows at ep_out_ptr
+    # ep_w_ptr + pid % (NB / 2)) writes fp16(silu(gate)) * up for its BN rows at ep_out_ptr; 3, EPI 1's parts and the
+    # router that decides on the norm's output (epilogue.RouterTail: its layers at ep_w1/b1/w2/b2_ptr, ER gate values
+    # from ERH hidden units, ERHP slots a share, ERADJ the policy): each row block's share of the first layer at
+    # ep_part_ptr, the last block (a ticket at ep_lock_ptr) finishing the router into ep_v_ptr (_router_share)
     # EARLY (P == -1): the program's first EARLY groups of the PMIN planes every body reads are asked of L2 before
     # the view is read or counted, and before the wait of PDL (the weights' first loads then wait on L2, not memory)
     # AHEAD: at each group, the planes of the group AHEAD later asked of L2 (views compiled in, span bodies included)
@@ -841,14 +901,18 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
             ttgl.store(out_ptr + ro, yo, mask=ro < N_OUT)
             ttgl.atomic_xchg(lock_ptr + pid, 0)  # self-resetting
             if EPI > 0:
-                _epilogue(yo, out_ptr, ro, pid, N, N_OUT, ep_w_ptr, ep_out_ptr, ep_sq_ptr, BN, EPI)
+                _epilogue(yo, out_ptr, ro, pid, N, N_OUT, ep_w_ptr, ep_out_ptr, ep_sq_ptr, ep_w1_ptr, ep_b1_ptr,
+                          ep_w2_ptr, ep_b2_ptr, ep_part_ptr, ep_lock_ptr, ep_v_ptr, ep_eps, BN, EPI, ER, ERH, ERHP,
+                          ERADJ)  # fmt: skip
     elif OUT_MODE == 1:
         if HAS_BIAS:
             y += ttgl.load(bias_ptr + ro, mask=ro < N_OUT, other=0.0).to(ttgl.float32)
         yo = y.to(out_ptr.dtype.element_ty)
         ttgl.store(out_ptr + ro, yo, mask=ro < N_OUT)
         if EPI > 0:
-            _epilogue(yo, out_ptr, ro, pid, N, N_OUT, ep_w_ptr, ep_out_ptr, ep_sq_ptr, BN, EPI)
+            _epilogue(yo, out_ptr, ro, pid, N, N_OUT, ep_w_ptr, ep_out_ptr, ep_sq_ptr, ep_w1_ptr, ep_b1_ptr,
+                          ep_w2_ptr, ep_b2_ptr, ep_part_ptr, ep_lock_ptr, ep_v_ptr, ep_eps, BN, EPI, ER, ERH, ERHP,
+                          ERADJ)  # fmt: skip
     elif SPLIT:
         ttgl.atomic_add(out_ptr + ro, y, mask=ro < N_OUT)
     else:
@@ -1004,9 +1068,35 @@ def _prologue_kw(prologue, x: torch.Tensor) -> dict:
 
 
 def _epilogue_kw(epilogue, out: torch.Tensor, n: int, n_out: int, out_mode: int) -> dict:
-    """The kernel's ``ep_w_ptr``, ``ep_out_ptr``, ``ep_sq_ptr`` and ``EPI`` for ``epilogue`` (a
-    :class:`~mobiquant.kernels.epilogue.NextInput` or None; :func:`_launch_args`), checked against the launch's
-    ``n`` rows (``n_out`` written) into ``out``."""
+    """The kernel's ``ep_w_ptr``, ``ep_out_ptr``, ``ep_sq_ptr``, ``EPI`` and the router's (``ep_w1_ptr`` ..
+    ``ERADJ``) for ``epilogue`` (a :class:`~mobiquant.kernels.epilogue.NextInput` or None; :func:`_launch_args`),
+    checked against the launch's ``n`` rows (``n_out`` written) into ``out``."""
+    kw = dict(_router_epilogue_kw(None, out, n), **_epilogue_parts_kw(epilogue, out, n, n_out, out_mode))
+    if epilogue is not None and epilogue.router is not None:
+        kw.update(_router_epilogue_kw(epilogue.router, out, n), EPI=3)
+    return kw
+
+
+def _router_epilogue_kw(tail, out: torch.Tensor, n: int) -> dict:
+    """The kernel's router keywords of ``EPI`` 3 for ``tail`` (an :class:`~mobiquant.kernels.epilogue.RouterTail`;
+    None: placeholders) in a launch of ``n`` rows."""
+    if tail is None:
+        return dict(ep_w1_ptr=out, ep_b1_ptr=out, ep_w2_ptr=out, ep_b2_ptr=out, ep_part_ptr=out, ep_lock_ptr=out,
+                    ep_v_ptr=out, ep_eps=0.0, ER=1, ERH=1, ERHP=2, ERADJ=False)  # fmt: skip
+    from .triton_bitplane import _locks
+
+    blocks = n // BLOCK_N
+    if tail.part.shape[0] < blocks:
+        raise ValueError(
+            f"a router finished in the epilogue needs a share a row block: {blocks}, got {tail.part.shape[0]}"
+        )
+    return dict(ep_w1_ptr=tail.w1, ep_b1_ptr=tail.b1, ep_w2_ptr=tail.w2, ep_b2_ptr=tail.b2, ep_part_ptr=tail.part,
+                ep_lock_ptr=_locks(out.device, 1, "router tail"), ep_v_ptr=tail.values, ER=tail.w2.shape[0],
+                ERH=tail.b1.numel(), ERHP=tail.part.shape[1], ERADJ=tail.adjacent)  # fmt: skip
+
+
+def _epilogue_parts_kw(epilogue, out: torch.Tensor, n: int, n_out: int, out_mode: int) -> dict:
+    """:func:`_epilogue_kw`'s norm or product keywords."""
     if epilogue is None:
         return dict(ep_w_ptr=out, ep_out_ptr=out, ep_sq_ptr=out, EPI=0)
     if not isinstance(epilogue, NextInput) or epilogue.kind not in KINDS:
@@ -1028,7 +1118,7 @@ def _epilogue_kw(epilogue, out: torch.Tensor, n: int, n_out: int, out_mode: int)
         ):
             raise ValueError(f"a norm made in the epilogue: its input and weight must be {n_out} fp16 values and "
                              f"its sums at least {blocks} (one a block of {BLOCK_N} rows)")  # fmt: skip
-        return dict(ep_w_ptr=weight, ep_out_ptr=made, ep_sq_ptr=sums, EPI=1)
+        return dict(ep_w_ptr=weight, ep_out_ptr=made, ep_sq_ptr=sums, EPI=1, ep_eps=epilogue.eps)
     if n_out != n or n % (2 * BLOCK_N) or made.numel() != n // 2 or made.dtype != out.dtype:
         raise ValueError(f"a product made in the epilogue: the launch's {n_out} rows must be gate and up of whole "
                          f"blocks of {BLOCK_N} each, the product {n // 2} fp16 values; got {made.numel()} "

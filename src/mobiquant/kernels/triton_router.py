@@ -646,14 +646,23 @@ class RouterPartials:
     def values(self) -> torch.Tensor:
         """The gate values ``[tokens, K-1]`` fp32, as the router's tail computes them (in another order: they may
         differ from the fused kernel's in the last bits)."""
-        h = self.pre_activations() + self.b1.float()
-        h = 0.5 * h * (1.0 + torch.erf(h * 0.7071067811865476))
-        s = h @ self.w2.float().t() + self.b2.float()
-        if self.adjacent:
-            r = s.shape[-1]
-            band = 2.0 * torch.arange(r - 1, -1, -1, dtype=s.dtype, device=s.device)
-            return torch.sigmoid(s) + band
-        return torch.cummin(s, dim=-1).values
+        return finished_values(self.pre_activations(), self.b1, self.w2, self.b2, self.adjacent)
+
+
+def finished_values(
+    pre: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, adjacent: bool
+) -> torch.Tensor:
+    """A router's gate values ``[tokens, K-1]`` fp32 from its first layer's pre-activations ``pre`` (``W1 x``,
+    ``[tokens, hidden]`` fp32): ``b1``, the exact GELU, the second layer and the policy (``adjacent``: each slice's
+    sigmoid in its band; else a running minimum), as the kernels that finish a router compute them."""
+    h = pre + b1.float()
+    h = 0.5 * h * (1.0 + torch.erf(h * 0.7071067811865476))
+    s = h @ w2.float().t() + b2.float()
+    if adjacent:
+        r = s.shape[-1]
+        band = 2.0 * torch.arange(r - 1, -1, -1, dtype=s.dtype, device=s.device)
+        return torch.sigmoid(s) + band
+    return torch.cummin(s, dim=-1).values
 
 
 def _counted(result: tuple[torch.Tensor, torch.Tensor] | RouterPartials) -> tuple[torch.Tensor, torch.Tensor]:
