@@ -712,6 +712,116 @@ def test_lean_epilogues_at_a_routed_budget_with_one_router_a_block(monkeypatch):
 
 
 @needs_triton
+def test_router_tail_takes_the_router_launch_out_of_later_blocks(monkeypatch):
+    """``SmallConfig(router_tail=True)`` with one router a block at a routed budget, where the down launch can make
+    the next block's input norm's parts (here every launch is asked to; on the CPU each request is filled in PyTorch
+    after its launch, the router's tail too, ``epilogue.RouterTail``): every block but the first reads its input
+    norm's parts and the gate values the block before made (its fused norm, the router launch, never called), no
+    router runs on them, and the logits are those of the lean step without it."""
+    from test_fused_inputs import default_layout_model
+
+    from mobiquant.kernels.triton_bitplane import SmallConfig
+    from mobiquant.nn import lean
+    from mobiquant.nn.router import TokenRouter
+    from mobiquant.patching import fuse_inputs, set_small_config
+
+    q = default_layout_model("block")
+    fuse_inputs(q)
+    ids = torch.randint(0, q.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(7)).to(q.device)
+    real_takes = lean._takes
+    made, spied_norms = _made_spy(q, monkeypatch)
+    runs: list[str] = []
+    for name in ("routed_input", "_hard_values"):  # a router launched (fused with the norm) or run on an input
+        real = getattr(TokenRouter, name)
+        monkeypatch.setattr(
+            TokenRouter, name, lambda self, *a, real=real, name=name: runs.append(name) or real(self, *a)
+        )
+    monkeypatch.setattr(lean, "_makes", lambda *a: True)
+
+    @contextlib.contextmanager
+    def spied():  # the steps' norms, requests and router runs, not the prompt's
+        runs.clear()
+        with spied_norms():
+            yield
+
+    def takes(lin, x, kind="rms_norm", home_made=False):
+        if kind == "rms_scale":  # a borrower, or a home linear whose router's decisions were made before
+            return not lin.decodes_static and (not lin.router_home or home_made or lin._decisions_made_for(x))
+        return real_takes(lin, x, kind, home_made)
+
+    monkeypatch.setattr(lean, "_takes", takes)
+    outs, counts = [], []
+    for tail in (False, True):
+        set_small_config(q, SmallConfig(router_tail=tail))
+        outs += _logits_each_way(q, None, ids, 3, spied, [dict(prologues=True)])
+        counts.append((list(made), list(runs)))
+    set_small_config(q, None)
+    torch.testing.assert_close(outs[1], outs[0], atol=2e-3, rtol=2e-3)
+    n, tokens = q.config.num_hidden_layers, 3
+    (made_off, runs_off), (made_on, runs_on) = counts
+    assert n > 1 and made_off.count("input_layernorm") == n * tokens, made_off  # each block's router launch
+    assert made_on.count("input_layernorm") == tokens, made_on  # the first block's only
+    assert len(runs_off) == n * tokens and len(runs_on) == tokens, (runs_off, runs_on)  # the first block's only
+    tails = [m for m in made_on if m == "rms_norm"]  # the down launches' requests (and the o launches')
+    assert len(tails) >= (n - 1) * tokens, made_on
+
+
+@needs_triton
+@needs_gpu
+def test_gpu_router_tail():
+    """On the GPU, the packed LLaMA of widths 1024 / 2048 with one router a block at a routed budget set as decode
+    sets it: with ``SmallConfig(router_tail=True)`` the first block's down launch makes the second block's input
+    norm's parts and finishes its router (a fragment launch handed a request with a router), the second block's
+    fused norm (its router launch) is not called, and the step-by-step logits are those without it."""
+    import mobiquant as mq
+    from mobiquant.kernels import gluon_fragment as gf
+    from mobiquant.kernels.triton_bitplane import SmallConfig
+    from mobiquant.patching import set_small_config
+    from mobiquant.tasks.decode import BudgetControl
+
+    cfg = mq.MoBiConfig(slice_bits=(3, 1, 1, 1, 1, 1), group_size=128, router_placement="block",
+                        router_policy="adjacent")  # fmt: skip
+    q = _fragment_llama(cfg)
+    BudgetControl.of(q).apply(3.5)
+    ids = torch.randint(0, q.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(6)).cuda()
+    norms: list[int] = []
+    second = q.model.layers[1].input_layernorm
+    hook = second.register_forward_hook(lambda *_: norms.append(1))
+    tails: list[bool] = []
+    real = gf.fragment_linear
+
+    def spy(*a, **k):
+        e = k.get("epilogue")
+        if e is not None and e.kind == "rms_norm":
+            tails.append(e.router is not None)
+        return real(*a, **k)
+
+    @contextlib.contextmanager
+    def steps():  # the steps' calls, not the prompt's
+        norms.clear()
+        tails.clear()
+        yield
+
+    outs, seen = [], []
+    try:
+        for tail in (False, True):
+            set_small_config(q, SmallConfig(router_tail=tail))
+            lean_step(q, prologues=True)
+            gf.fragment_linear = spy
+            try:
+                outs.append(torch.cat(_cached_logits(q, ids, 3, 10, steps)))
+            finally:
+                gf.fragment_linear = real
+                lean_step(q, enable=False)
+            seen.append((len(norms), tails.count(True)))
+    finally:
+        hook.remove()
+        set_small_config(q, None)
+    assert seen == [(3, 0), (0, 3)], seen  # the second block's router launch each step, or a tail made before
+    torch.testing.assert_close(outs[1], outs[0], atol=3e-2, rtol=3e-2)
+
+
+@needs_triton
 @needs_gpu
 def test_gpu_lean_routed_epilogues():
     """On the GPU, a packed LLaMA with one router a block whose linears the fragment kernel serves (widths of 1024 and

@@ -2795,6 +2795,13 @@ class SmallConfig:
     # operations. For routers over inputs wider than the router's column range (triton_router.SPLIT_COLS_ONE_TOKEN).
     # Off until timed
     router_partials: bool = False
+    # The launch before a block's input norm (the previous block's down launch, on the fragment kernel) also finishes
+    # the router that decides on that norm's output (kernels.epilogue.RouterTail: each row block's share of its first
+    # layer, the last block scaling their sum by the norm's rsqrt and finishing it into gate values), where the norm
+    # and that router would otherwise be one launch of their own (a fused input norm routing q/k/v: router=block, or a
+    # site's router); q/k/v then read the norm's parts (rms_scale) and the gate values: no router launch in any block
+    # but the first (benchmarks/NOTES.md entries 48, 50). Off until timed
+    router_tail: bool = False
     # The lean step's prologues (an RMS norm or gated product made in the launch that reads it) on the fragment
     # kernel too. Off: measured on an H100 (docs/RESULTS.md "Norms and gated products in the launches they feed") the
     # 8B static 4-bit step took 452.1 us with them against 361.1 without (its registers 100-115 -> 136-168 a thread,

@@ -31,7 +31,7 @@ def _fast(x: torch.Tensor, backend: str, operands: Any) -> bool:
     return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in operands)))
 
 
-def _routes(router: TokenRouter | None, consumer: Any) -> bool:
+def routes(router: TokenRouter | None, consumer: Any) -> bool:
     """Whether ``router`` decides for ``consumer`` (the linear fed by the rows) in the launch that makes them: a routed
     linear, not training, thresholds not being fitted, views not all fixed by their thresholds (``router.fixed``: the
     decisions are then a constant buffer). An unquantized consumer (nn.Linear) has no mode."""
@@ -45,7 +45,7 @@ def _compiled_away(router: TokenRouter | None, consumer: Any) -> bool:
     left to Inductor, which fuses the norm or product with the code around it: a fused launch there breaks the
     compiled graph for nothing (an H200, the 8B-shaped package model in fp16: 752.6 us a token with fused inputs
     against 678.7 without; docs/RESULTS.md "The fragment-native Gluon GEMV on the H200", seventh-session part)."""
-    return torch.compiler.is_compiling() and not _routes(router, consumer)
+    return torch.compiler.is_compiling() and not routes(router, consumer)
 
 
 @torch.compiler.disable  # a Triton launch: opaque to torch.compile, like MoBiLinear.forward
@@ -54,7 +54,7 @@ def _made(x: torch.Tensor, prologue: tuple, router: TokenRouter | None, consumer
     linear fed by the rows) will ask for them."""
     from .. import kernels
 
-    if _routes(router, consumer):
+    if routes(router, consumer):
         return router.routed_input(x, prologue)  # type: ignore[union-attr]
     return kernels.fused_input(x, prologue)
 
@@ -129,7 +129,7 @@ def norm_prologue(norm: nn.Module, consumer: Any) -> tuple | None:
     eps = getattr(norm, "variance_epsilon", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or eps is None:
         return None
-    if isinstance(norm, FusedRMSNorm) and _routes(norm.router, consumer):
+    if isinstance(norm, FusedRMSNorm) and routes(norm.router, consumer):
         return None
     return "rms_norm", weight, float(eps)
 

@@ -23,7 +23,16 @@ from typing import Any
 
 import torch
 
-from .fused import FusedGatedMLP, gated_mlp, linear_add, made_input, norm_prologue, prologue_outputs
+from .fused import (
+    FusedGatedMLP,
+    FusedRMSNorm,
+    gated_mlp,
+    linear_add,
+    made_input,
+    norm_prologue,
+    prologue_outputs,
+    routes,
+)
 
 #: The decoder layers whose forward is the pre-norm pattern :class:`LeanDecoderLayer` reproduces
 #: (``h = x + attn(norm1(x)); out = h + mlp(norm2(h))``).
@@ -192,6 +201,8 @@ class LeanDecoderLayer:
             h, _ = module(x, residual=hidden_states, lean_layer=layer, lean_next=post, **kwargs)
         else:  # the norm made in the q/k/v launch (from the input, or from the parts the launch before made)
             x = hidden_states if handed is None else handed.out.view_as(hidden_states)
+            if handed is not None and handed.router is not None:  # and the router that reads the norm's output
+                _hold_decisions(self.input_layernorm, x, handed)  # type: ignore[attr-defined]
             h, _ = module(x, residual=hidden_states, lean_layer=layer, lean_prologue=norm, lean_next=post,
                           **kwargs)  # fmt: skip
         if not gated:
@@ -217,17 +228,18 @@ class LeanDecoderLayer:
 
 
 @torch.compiler.disable  # reads the views and kernel choice, as the linears' own launches do
-def _takes(linear: Any, x: torch.Tensor, kind: str = "rms_norm") -> bool:
+def _takes(linear: Any, x: torch.Tensor, kind: str = "rms_norm", home_made: bool = False) -> bool:
     """Whether ``linear`` (a packed linear, alone or in a site group) makes its input from a prologue of ``kind`` on
-    ``x`` in its launch (``MoBiLinear.takes_prologue``, ``SiteGroup.takes_prologue``)."""
+    ``x`` in its launch (``MoBiLinear.takes_prologue``, ``SiteGroup.takes_prologue``; ``home_made``: as if its
+    router's decisions were made by the launch before)."""
     from .linear import MoBiLinear
 
     if not isinstance(linear, MoBiLinear):
         return False
     group = getattr(linear, "_site_group", None)
     if group is not None:
-        return bool(group.takes_prologue(x, getattr(linear, "small_config", None), kind))
-    return linear.takes_prologue(x, kind=kind)
+        return bool(group.takes_prologue(x, getattr(linear, "small_config", None), kind, home_made))
+    return linear.takes_prologue(x, kind=kind, home_made=home_made)
 
 
 @torch.compiler.disable  # reads the views and kernel choice, as the linears' own launches do
@@ -264,7 +276,37 @@ def _next_norm_by_down(layer: Any, mlp: Any, h: torch.Tensor) -> Any:
     if nxt is None or not getattr(nxt, "lean_prologues", False):
         return None
     q_proj = getattr(getattr(nxt, "self_attn", None), "q_proj", None)
-    return _norm_request(mlp.down_proj, nxt.input_layernorm, q_proj, h)
+    made = _norm_request(mlp.down_proj, nxt.input_layernorm, q_proj, h)
+    return made if made is not None else _router_norm_request(mlp.down_proj, nxt.input_layernorm, q_proj, h)
+
+
+def _router_norm_request(producer: Any, norm: Any, consumer: Any, x: torch.Tensor) -> Any:
+    """A :class:`~mobiquant.kernels.epilogue.NextInput` of the RMS norm ``norm`` and the router it runs for
+    ``consumer`` (a fused norm whose launch routes it: :func:`~mobiquant.nn.fused.routes`) for ``producer``'s launch
+    to fill (``SmallConfig.router_tail``; :class:`~mobiquant.kernels.epilogue.RouterTail`), where that launch makes
+    the norm's parts and ``consumer``'s launch can take them once the router's decisions are made; else None."""
+    from ..kernels.epilogue import ROUTER_MAX_HIDDEN, NextInput
+
+    cfg = getattr(producer, "small_config", None)
+    if cfg is None or not getattr(cfg, "router_tail", False) or not isinstance(norm, FusedRMSNorm):
+        return None
+    router = norm.router
+    if router is None or not routes(router, consumer) or router._weights()[0].shape[0] > ROUTER_MAX_HIDDEN:
+        return None
+    if not (_makes(producer, x, "rms_norm") and _takes(consumer, x, "rms_scale", home_made=True)):
+        return None
+    w1, b1, w2, b2 = router._weights()
+    return NextInput.rms_norm(
+        norm.weight, norm.variance_epsilon, x, router=(w1, b1, w2, b2, router.policy == "adjacent")
+    )
+
+
+@torch.compiler.disable  # host state beside the step's tensors, as the routers' caches
+def _hold_decisions(norm: Any, x: torch.Tensor, handed: Any) -> None:
+    """Gives the router of ``norm`` (a fused input norm) the decisions the launch before made for the input ``x``
+    (the norm's parts it handed over with ``handed``, a :class:`~mobiquant.kernels.epilogue.NextInput` with a
+    router), so the linears that read ``x`` launch no router (``TokenRouter.hold_values``)."""
+    norm.router.hold_values(x, handed.router.values)
 
 
 def _norm_request(producer: Any, norm: Any, consumer: Any, x: torch.Tensor) -> Any:

@@ -384,14 +384,19 @@ class MoBiLinear(nn.Module):
                 return y
         return self._forward_opaque(x, residual, prologue, epilogue)
 
-    def takes_prologue(self, x: torch.Tensor, alone: bool = True, kind: str = "rms_norm") -> bool:
+    def takes_prologue(
+        self, x: torch.Tensor, alone: bool = True, kind: str = "rms_norm", home_made: bool = False
+    ) -> bool:
         """Whether this linear's one-token launch for ``x`` makes its input from a prologue of ``kind`` itself
         (:meth:`forward`): a packed static view on the one-bit plane kernel's whole-K programs, where the fragment
         kernel does not serve it, or a norm made by the launch before (``"rms_scale"``) on the fragment kernel
         (``triton_bitplane.takes_prologue``); ``alone=False``: this linear's part of its site group's answer
-        (:meth:`~mobiquant.nn.site.SiteGroup.takes_prologue`)."""
-        if kind == "rms_scale" and not self.router_home and self._device_view_launch(x):
-            # a borrower's view on the device: its decisions come from another input, so it may read a made norm
+        (:meth:`~mobiquant.nn.site.SiteGroup.takes_prologue`). A linear whose own router reads its input takes a
+        made norm only where that router's decisions for ``x`` were made by the launch before too
+        (``TokenRouter.made_for``; ``home_made``: asked before they are, as if they were)."""
+        made = not self.router_home or home_made or self._decisions_made_for(x)
+        if kind == "rms_scale" and made and self._device_view_launch(x):
+            # its decisions come from another input (or were made before): it may read a made norm
             return alone is False or self._routed_made_by(x, kind)
         if not self._static_launch(x):
             return False
@@ -432,6 +437,21 @@ class MoBiLinear(nn.Module):
         if kind == "rms_scale":
             return tbp.takes_prologue(x2, bp, None, outs, cfg, kind, span)
         return tbp.takes_epilogue(x2, bp, None, outs, cfg, kind, span)
+
+    def _made_here(self, x: torch.Tensor, prologue: tuple) -> torch.Tensor:
+        """The input ``prologue`` makes of ``x``, made here (no launch makes it); where this linear's router holds
+        its decisions for ``x``, made elsewhere, they are its decisions for the made input too
+        (``TokenRouter.pass_values``: no router runs on it)."""
+        made = made_input(x, prologue)
+        if self._decisions_made_for(x):
+            self._router.pass_values(x, made)  # type: ignore[union-attr]
+        return made
+
+    def _decisions_made_for(self, x: torch.Tensor) -> bool:
+        """Whether this routed linear's router holds its decisions for ``x``, made elsewhere
+        (``TokenRouter.made_for``: the launch before finished it)."""
+        router = self._router
+        return router is not None and self.mode == "routed" and router.made_for(x)
 
     def _device_view_launch(self, x: torch.Tensor) -> bool:
         """Whether ``x`` is one token this packed routed linear decodes at a view read on the device (its router's
@@ -517,7 +537,8 @@ class MoBiLinear(nn.Module):
     ) -> torch.Tensor:
         router = self._router
         home = router is not None and router.has_borrowers and self.router_home
-        if prologue is not None and (home or not self.packed or self.weight_override is not None):
+        made = home and self._decisions_made_for(x)  # the router's decisions on x made before: x may stay unmade
+        if prologue is not None and ((home and not made) or not self.packed or self.weight_override is not None):
             x, prologue = made_input(x, prologue), None  # the input made here, once: no launch makes it
         if home:
             router.see_home(x)  # type: ignore[union-attr]
@@ -644,7 +665,7 @@ class MoBiLinear(nn.Module):
             if group is None and extra.get("path") == "bits" and self.takes_prologue(x, kind=prologue[0]):
                 extra["prologue"] = prologue  # made in this linear's launch
             else:  # no launch makes it: made here
-                x = made_input(x, prologue)
+                x = self._made_here(x, prologue)
         # one token's residual is the launch's bias: added in the kernel's epilogue
         in_epilogue = residual is not None and bias is None and extra.get("path") == "bits"
         epi_in_launch = (

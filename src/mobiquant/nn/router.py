@@ -286,6 +286,7 @@ class TokenRouter(nn.Module):
             self._cache = None
             self._values = None
             self.__dict__["_partials"] = None
+            self.__dict__["_made_for"] = None
         self._fixed = bool(value)
 
     @property
@@ -401,6 +402,8 @@ class TokenRouter(nn.Module):
                 tau = self._threshold_of(m, budget)
                 self.recorder.record(self, tau)
                 k = 1 + (m > tau).sum(-1)
+            elif (known := self._known_values(x, self._values_key())) is not None:  # held, or a linear's
+                k = 1 + (known > self.tau).sum(-1)
             else:
                 held = self._held_partials(x)  # a launch without its tail on x: finished here
                 m, k_fused = (held.values(), None) if held is not None else self._hard_values(x, self.tau)
@@ -474,8 +477,9 @@ class TokenRouter(nn.Module):
     def gate_values_of(self, x: torch.Tensor) -> torch.Tensor:
         """Hard gate values of ``x``, computed once per input and shared by every linear of the site."""
         key = self._values_key()
-        if _hit(self._values, x, key):
-            return self._values[2]  # type: ignore[index]
+        known = self._known_values(x, key)
+        if known is not None:
+            return known
         held = self._held_partials(x)  # a launch without its tail on x: finished here (a few torch operations)
         m = held.values() if held is not None else self._hard_values(x, self.tau)[0]
         self.__dict__["_values"] = (weakref.ref(x), key, m)
@@ -547,9 +551,37 @@ class TokenRouter(nn.Module):
         self.last_soft = soft  # read by the calibration loop's budget loss
         return result
 
+    def hold_values(self, x: torch.Tensor, values: torch.Tensor) -> None:
+        """Keeps ``values`` (hard gate values of ``x``'s tokens, ``[..., K-1]``) as this router's decisions for
+        ``x``, made elsewhere: the launch before finished this router on the norm whose parts ``x`` holds
+        (``SmallConfig.router_tail``, ``kernels.epilogue.RouterTail``). Its linears read them (:meth:`gate_values_of`,
+        :meth:`slice_counts`) and launch no router; :meth:`made_for` tells them that ``x`` is not itself the input the
+        router decides on (the norm's output is ``x`` scaled), so they may take it with the norm's scale."""
+        self.__dict__["_made_for"] = (weakref.ref(x), self._values_key(), values)
+
+    def pass_values(self, x: torch.Tensor, made: torch.Tensor) -> None:
+        """Where this router's decisions for ``x`` are held (:meth:`made_for`) and a linear makes the input they
+        decide on from ``x`` itself (``made``: the norm applied, its launch could not): the same decisions for
+        ``made``, which is the router's input (no router launched for it)."""
+        held = self.__dict__.get("_made_for")
+        if _hit(held, x, self._values_key()):
+            self.__dict__["_values"] = (weakref.ref(made), held[1], held[2])  # type: ignore[index]
+
+    def made_for(self, x: torch.Tensor) -> bool:
+        """Whether this router's decisions for ``x`` are held, made elsewhere (:meth:`hold_values`)."""
+        return _hit(self.__dict__.get("_made_for"), x, self._values_key())
+
+    def _known_values(self, x: torch.Tensor, key: tuple) -> torch.Tensor | None:
+        """The gate values known for this very ``x`` (kept by a linear, or held: :meth:`hold_values`), or None."""
+        if _hit(self._values, x, key):
+            return self._values[2]  # type: ignore[index]
+        held = self.__dict__.get("_made_for")
+        return held[2] if held is not None and _hit(held, x, key) else None
+
     def clear_cache(self) -> None:
         self._cache = None
         self._values = None
+        self.__dict__["_made_for"] = None
         self.__dict__["_partials"] = None
         self._tail = None
         self.last_soft = None

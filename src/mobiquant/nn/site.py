@@ -84,13 +84,14 @@ class SiteGroup:
             return None
         return min(known), max(known) + 1
 
-    def takes_prologue(self, x: torch.Tensor, config: Any, kind: str = "rms_norm") -> bool:
+    def takes_prologue(self, x: torch.Tensor, config: Any, kind: str = "rms_norm", home_made: bool = False) -> bool:
         """Whether the group's one launch for the one token ``x`` can make its input from ``x`` itself by a prologue
         of ``kind`` (:meth:`output` with a ``prologue``, e.g. the RMS norm before q/k/v): every member at the same
-        static view (``MoBiLinear.takes_prologue``) on a launch that takes it (``triton_bitplane.takes_prologue``)."""
+        static view (``MoBiLinear.takes_prologue``, ``home_made`` passed on) on a launch that takes it
+        (``triton_bitplane.takes_prologue``)."""
         from ..kernels.triton_bitplane import takes_prologue
 
-        if not all(m.takes_prologue(x, alone=False, kind=kind) for m in self.members):
+        if not all(m.takes_prologue(x, alone=False, kind=kind, home_made=home_made) for m in self.members):
             return False
         return self._one_launch(
             x, config, lambda x2, site, k, span: takes_prologue(x2, site.planes, k, site.outs, config, kind, span)
