@@ -809,6 +809,10 @@ def package_kernels(args, bits_cfg=None) -> list:
         kernels.append(
             ("package sites+inputs lean prologues pdl views", ("lean prologues", SmallConfig(pdl="views"), True))
         )
+    if args.package_router_tail:  # ... the lean step with its prologues, each block's router finished by the down
+        # launch before (SmallConfig(router_tail=True): no router launch in any block but the first; NOTES 48, 50)
+        cfg = SmallConfig(router_tail=True)
+        kernels.append(("package sites+inputs lean router tail", ("lean prologues", cfg, True)))
     for n in _programs(args.package_fragment_programs):  # ... the lean step with its prologues, the fragment
         # launches' grids aimed at n programs instead of TARGET_PROGRAMS (NOTES 46: the gate/up site's waves)
         cfg = SmallConfig(fragment_programs=n)
@@ -1093,6 +1097,12 @@ def main(argv=None):
         action="store_true",
         help="also the package's routed budgets with fused inputs and the routers' launches asking L2 for their "
         "weights before they read their inputs (SmallConfig(router_early_l2=True))",
+    )
+    ap.add_argument(
+        "--package-router-tail",
+        action="store_true",
+        help="also the lean rows (with prologues) whose down launches finish the next block's router "
+        "(SmallConfig(router_tail=True): no router launch in any block but the first)",
     )
     ap.add_argument(
         "--package-router-partials",

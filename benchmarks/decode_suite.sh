@@ -122,6 +122,9 @@
 #            entries 45, 49), then the package rows with router placement block, the lean step's prologues (the
 #            default) beside those without each saving and without both
 #   routedsite (only when named) the same with router placement site
+#   routertail (only when named) the GPU tests of each block's router finished by the down launch before
+#            (SmallConfig.router_tail, benchmarks/NOTES.md entries 48, 50), then the package rows with router placement
+#            block, the lean step's prologues (the default) beside the same with it
 #   programs (only when named) the package rows (block, lean step and prologues) with the fragment launches' grids
 #            aimed at 896 and 1792 programs beside the default 448 (SmallConfig.fragment_programs, NOTES entry 46)
 #   block    (only when named; in loads) the default rows with router placement block (one router a layer), with
@@ -444,6 +447,12 @@ stage() {
       local placement=block
       [ "$1" = routedsite ] && placement=site
       package_stage "$1" "$placement" --package-lean-prologues --package-routed-epilogues --package-fused-only ;;
+    routertail)
+      # each block's router finished by the down launch before (SmallConfig.router_tail, NOTES 48 and 50): its GPU
+      # tests, then the block placement's package rows with the lean step's prologues (the default) beside it
+      run_stage routertail_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_lean_step.py \
+        tests/kernels/test_epilogue.py -k "router_tail"
+      package_stage routertail block --package-lean-prologues --package-router-tail --package-fused-only ;;
     programs)
       # the fragment launches' grids aimed at 896 and 1792 programs instead of 448 (NOTES 46: the gate/up site launch
       # at the single layer's best shape, 8 groups a program, in two waves), block placement, the lean step and its
@@ -478,7 +487,7 @@ print(','.join(str(int(v)) for v in t))" "$RES/router_sweep/router_sweep.csv" 2>
       run_stage pattern 600 "$PY" benchmarks/stream_pattern.py --views 1,2,6 \
         --package-configs "$PATTERN_CONFIGS" --out "$RES/pattern" ;;
     *)
-      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement pdl spandef spanrule spancost loads lean attn prologues block pdlstatic epikinds routedepi routedsite programs epilogues span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
+      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement pdl spandef spanrule spancost loads lean attn prologues block pdlstatic epikinds routedepi routedsite routertail programs epilogues span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
       return 2 ;;
   esac
 }
