@@ -767,6 +767,52 @@ def test_router_tail_takes_the_router_launch_out_of_later_blocks(monkeypatch):
 
 
 @needs_triton
+def test_router_tail_in_the_compiled_step(monkeypatch):
+    """``cuda_graph='compile'`` (on the CPU compiled, not captured) at a routed budget with one router a block and
+    ``SmallConfig(router_tail=True)``, every down launch asked to make the next block's norm and router (filled in
+    PyTorch here): the second block finds the parts and gate values its router holds across the compiled code
+    between two blocks, and the greedy tokens are those of the compiled lean step without it."""
+    from test_fused_inputs import default_layout_model
+
+    from mobiquant.kernels.triton_bitplane import SmallConfig
+    from mobiquant.nn import lean
+    from mobiquant.patching import fuse_inputs, set_small_config
+
+    q = default_layout_model("block")
+    fuse_inputs(q)
+    prompt = torch.randint(0, q.config.vocab_size, (1, 4), generator=torch.Generator().manual_seed(8))
+    real_handed, real_takes, routers = lean._handed, lean._takes, []
+
+    def took(layer, x):
+        got = real_handed(layer, x)
+        routers.append(got is not None and got.router is not None)
+        return got
+
+    def takes(lin, x, kind="rms_norm", home_made=False):
+        if kind == "rms_scale":
+            return not lin.decodes_static and (not lin.router_home or home_made or lin._decisions_made_for(x))
+        return real_takes(lin, x, kind, home_made)
+
+    monkeypatch.setattr(lean, "_handed", torch.compiler.disable(took))
+    monkeypatch.setattr(lean, "_makes", torch.compiler.disable(lambda *a: True))
+    monkeypatch.setattr(lean, "_takes", torch.compiler.disable(takes))
+    tokens = []
+    for tail in (False, True):
+        set_small_config(q, SmallConfig(router_tail=tail))
+        routers.clear()
+        torch.compiler.reset()
+        lean_step(q, prologues=True)
+        g = generate(q, prompt, 4, budget=4.5, cuda_graph="compile")
+        lean_step(q, enable=False)
+        assert g.graph == "compile", g.graph
+        tokens.append(g.tokens)
+        assert any(routers) == tail, routers
+    set_small_config(q, None)
+    assert torch.equal(tokens[1], tokens[0])
+    assert routers.count(True) == routers.count(False), routers  # the second block's, each step
+
+
+@needs_triton
 @needs_gpu
 def test_gpu_router_tail():
     """On the GPU, the packed LLaMA of widths 1024 / 2048 with one router a block at a routed budget set as decode
