@@ -439,8 +439,9 @@ def test_lean_attention_takes_pdl_with_a_static_o_launch():
 
 def test_lean_attention_follows_the_default_pdl_rule(monkeypatch):
     """``SmallConfig.pdl`` None (the default): the attention launch has programmatic dependent launch where the o
-    projection decodes a static view of at most 4 planes on a card that has it; not at wider views, routed, on a card
-    without it, or before an fp16 o projection."""
+    projection decodes a static view of at most 4 planes, or a view read on the device with no router in its launch,
+    on a card that has it; not at wider views, with the o projection's router in its launch, on a card without it, or
+    before an fp16 o projection."""
     from mobiquant.kernels import triton_bitplane as tb
     from mobiquant.nn.lean import _o_launch_pdl
 
@@ -454,5 +455,7 @@ def test_lean_attention_follows_the_default_pdl_rule(monkeypatch):
         assert _o_launch_pdl(m, gpu) is want, k
         assert _o_launch_pdl(m, torch.device("cpu")) is False, k
     m.set_routed()
+    assert _o_launch_pdl(m, gpu) is True and _o_launch_pdl(m, torch.device("cpu")) is False
+    m.small_config = tb.SmallConfig(router_in_launch=True)  # its router's programs in its launch
     assert _o_launch_pdl(m, gpu) is False
     assert _o_launch_pdl(torch.nn.Linear(64, 24), gpu) is False

@@ -94,13 +94,15 @@ def lean_reason(module: torch.nn.Module) -> str | None:
 def _o_launch_pdl(o_proj: Any, device: torch.device | None = None) -> bool:
     """Whether the o projection's one-token launch on ``device`` has programmatic dependent launch (``launch_pdl``;
     with ``SmallConfig.pdl="static"`` where it decodes a static view: no router of its own or borrowed deciding; with
-    the default None where that view has at most ``PDL_MAX_PLANES`` planes, or where the view is read on the device;
-    an fp16 linear never)."""
+    the default None where that view has at most ``PDL_MAX_PLANES`` planes, or where the view is read on the device
+    with no router in the o launch; an fp16 linear never)."""
     from ..kernels.triton_bitplane import launch_pdl
 
     static = getattr(o_proj, "decodes_static", True)
     planes = o_proj.slicer.bits_at(o_proj.static_k) if static and hasattr(o_proj, "slicer") else 0
-    return launch_pdl(getattr(o_proj, "small_config", None), static, planes, device)
+    cfg = getattr(o_proj, "small_config", None)
+    router = not static and cfg is not None and cfg.router_in_launch and o_proj.router_home  # its router's programs
+    return launch_pdl(cfg, static, planes, device, router=router)
 
 
 @torch.compiler.disable  # a Triton launch: opaque to torch.compile, like MoBiLinear.forward
