@@ -541,6 +541,18 @@ for name, epilogue in cases:
     ops = [m.group(3) for m in osx.LINE.finditer(sass)]
     print("RESULT", name, kw["EPI"], kw["ER"], kw["ERH"], kw["ERHP"], re.search(r"STACK:(\\d+)", res).group(1),
           sum(o.startswith(("ATOM", "RED")) for o in ops), ops.count("MUFU.RSQ"), ops.count("MUFU.EX2"))
+# the next block's q/k/v site (6144 x 4096, 8 K splits, a threshold a layer): the norm's parts with its scale, the
+# views counted from the gate values the down launch made
+words = torch.zeros(4, 32, 48, 512, dtype=torch.int32)
+s3, x = torch.zeros(4, 6144, 32, dtype=torch.float16), torch.zeros(4096, dtype=torch.float16)
+taus = [torch.zeros(1, dtype=torch.float16) for _ in range(3)]
+args, kw = gf._launch_args(words, s3, s3, x, torch.zeros(6144, dtype=torch.float16), splits=8, batch=4, out_mode=2,
+                           part=torch.zeros(8, 6144), locks=torch.zeros(48, dtype=torch.int32),
+                           routed=(torch.zeros(1, 5), taus), seg_starts=(32, 40),
+                           prologue=("rms_scale", torch.zeros(32), 1e-5), **dev)
+kw["maxnreg"] = 128
+sass, res = osx.sass_and_resources(osx.compile_sm90(gf.frag_gemv_kernel, args, kw, source=GluonASTSource))
+print("RESULT qkv", kw["PRO"], kw["KMODE"], kw["NSEG"], re.search(r"STACK:(\\d+)", res).group(1))
 """
 )
 
@@ -550,8 +562,10 @@ def test_router_tail_compiles_for_sm90_offline():
     span of 3-4 planes, 14 K splits, capped at 128 registers) making the next block's input norm's parts and also
     finishing the router that decides on that norm's output (``EPI`` 3, ``epilogue.RouterTail``: 5 gate values from
     64 hidden units), without spilling: one ticket more than the norm's parts alone (its add and its reset), the
-    norm's reciprocal square root and the adjacent policy's five sigmoids' exponentials."""
+    norm's reciprocal square root and the adjacent policy's five sigmoids' exponentials; and the next block's q/k/v
+    site launch that reads them (the norm's scale, three thresholds on the made gate values) without spilling."""
     got = run_offline(_OFFLINE_ROUTER_TAIL)
+    assert got["qkv"] == ["3", "2", "3", "0"], got  # the next q/k/v site: the made norm's scale, no spill
     norm, tail = got["norm"], got["router"]
     assert norm[0] == "1" and tail[:4] == ["3", "5", "64", "64"], got
     assert norm[4] == tail[4] == "0", got  # no stack: nothing spilled
