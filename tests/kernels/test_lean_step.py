@@ -771,6 +771,54 @@ def test_router_tail_takes_the_router_launch_out_of_later_blocks(monkeypatch, pl
 
 
 @needs_triton
+def test_router_tail_for_borrowers_of_static_home_linears(monkeypatch):
+    """One router a block whose home linears (q/k/v) decode a static view while its borrowers (o, gate/up, down)
+    are routed (a budget a per-linear plan splits so): with ``SmallConfig(router_tail=True)`` the down launch before
+    still finishes the router for the borrowers (the q/k/v launch reads the norm's parts at its static view), no
+    router runs in any block but the first, and the logits are those without it (where the router runs on the
+    normed input the static q/k/v made)."""
+    from test_fused_inputs import default_layout_model
+
+    import mobiquant as mq
+    from mobiquant.kernels.triton_bitplane import SmallConfig
+    from mobiquant.nn import lean
+    from mobiquant.nn.router import TokenRouter
+    from mobiquant.patching import fuse_inputs, set_small_config
+
+    q = default_layout_model("block")
+    fuse_inputs(q)
+    mq.set_budget(q, 4.5)
+    for layer in q.model.layers:
+        for name in ("q_proj", "k_proj", "v_proj"):
+            getattr(layer.self_attn, name).set_static(2)
+    ids = torch.randint(0, q.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(9)).to(q.device)
+    runs: list[int] = []
+    real = TokenRouter._hard_values
+    monkeypatch.setattr(TokenRouter, "_hard_values", lambda self, *a: runs.append(1) or real(self, *a))
+    monkeypatch.setattr(lean, "_makes", lambda *a: True)
+    real_takes = lean._takes
+    monkeypatch.setattr(lean, "_takes", lambda lin, x, kind="rms_norm", home_made=False: kind == "rms_scale" or
+                        real_takes(lin, x, kind, home_made))  # fmt: skip
+
+    @contextlib.contextmanager
+    def steps():
+        runs.clear()
+        yield
+
+    outs, seen = [], []
+    for tail in (False, True):
+        set_small_config(q, SmallConfig(router_tail=tail))
+        lean_step(q, prologues=True)
+        outs.append(torch.cat(_cached_logits(q, ids, 3, 10, steps)))
+        lean_step(q, enable=False)
+        seen.append(len(runs))
+    set_small_config(q, None)
+    n, tokens = q.config.num_hidden_layers, 3
+    assert n > 1 and seen == [n * tokens, tokens], seen
+    torch.testing.assert_close(outs[1], outs[0], atol=2e-3, rtol=2e-3)
+
+
+@needs_triton
 def test_router_tail_in_the_compiled_step(monkeypatch):
     """``cuda_graph='compile'`` (on the CPU compiled, not captured) at a routed budget with one router a block and
     ``SmallConfig(router_tail=True)``, every down launch asked to make the next block's norm and router (filled in

@@ -278,22 +278,23 @@ def _next_norm_by_down(layer: Any, mlp: Any, h: torch.Tensor) -> Any:
     if nxt is None or not getattr(nxt, "lean_prologues", False):
         return None
     q_proj = getattr(getattr(nxt, "self_attn", None), "q_proj", None)
-    made = _norm_request(mlp.down_proj, nxt.input_layernorm, q_proj, h)
-    return made if made is not None else _router_norm_request(mlp.down_proj, nxt.input_layernorm, q_proj, h)
+    made = _router_norm_request(mlp.down_proj, nxt.input_layernorm, q_proj, h)  # with its router, where asked
+    return made if made is not None else _norm_request(mlp.down_proj, nxt.input_layernorm, q_proj, h)
 
 
 def _router_norm_request(producer: Any, norm: Any, consumer: Any, x: torch.Tensor) -> Any:
-    """A :class:`~mobiquant.kernels.epilogue.NextInput` of the RMS norm ``norm`` and the router it runs for
-    ``consumer`` (a fused norm whose launch routes it: :func:`~mobiquant.nn.fused.routes`) for ``producer``'s launch
-    to fill (``SmallConfig.router_tail``; :class:`~mobiquant.kernels.epilogue.RouterTail`), where that launch makes
-    the norm's parts and ``consumer``'s launch can take them once the router's decisions are made; else None."""
+    """A :class:`~mobiquant.kernels.epilogue.NextInput` of the RMS norm ``norm`` and the router that decides on its
+    output (a fused norm's, for ``consumer`` or for the linears that borrow its decisions: :func:`_decided_on`) for
+    ``producer``'s launch to fill (``SmallConfig.router_tail``; :class:`~mobiquant.kernels.epilogue.RouterTail`),
+    where that launch makes the norm's parts and ``consumer``'s launch can take them once the router's decisions are
+    made; else None."""
     from ..kernels.epilogue import ROUTER_MAX_HIDDEN, NextInput
 
     cfg = getattr(producer, "small_config", None)
     if cfg is None or not getattr(cfg, "router_tail", False) or not isinstance(norm, FusedRMSNorm):
         return None
     router = norm.router
-    if router is None or not routes(router, consumer) or router._weights()[0].shape[0] > ROUTER_MAX_HIDDEN:
+    if router is None or not _decided_on(router, consumer) or router._weights()[0].shape[0] > ROUTER_MAX_HIDDEN:
         return None
     if not (_makes(producer, x, "rms_norm") and _takes(consumer, x, "rms_scale", home_made=True)):
         return None
@@ -301,6 +302,15 @@ def _router_norm_request(producer: Any, norm: Any, consumer: Any, x: torch.Tenso
     return NextInput.rms_norm(
         norm.weight, norm.variance_epsilon, x, router=(w1, b1, w2, b2, router.policy == "adjacent")
     )
+
+
+def _decided_on(router: Any, consumer: Any) -> bool:
+    """Whether ``router``, run by a fused norm feeding ``consumer``, decides on the norm's output this step: for
+    ``consumer`` (:func:`~mobiquant.nn.fused.routes`), or for the linears that borrow its decisions (placement
+    'block' or 'sublayer') while ``consumer`` decodes a static view, its views not all fixed."""
+    if routes(router, consumer):
+        return True
+    return router.has_borrowers and router.recorder is None and not router.fixed and not consumer.training
 
 
 @torch.compiler.disable  # host state beside the step's tensors, as the routers' caches

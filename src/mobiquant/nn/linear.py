@@ -448,10 +448,10 @@ class MoBiLinear(nn.Module):
         return made
 
     def _decisions_made_for(self, x: torch.Tensor) -> bool:
-        """Whether this routed linear's router holds its decisions for ``x``, made elsewhere
-        (``TokenRouter.made_for``: the launch before finished it)."""
+        """Whether this linear's router holds its decisions for ``x``, made elsewhere (``TokenRouter.made_for``: the
+        launch before finished it; for this linear, or for the borrowers of a home linear at a static view)."""
         router = self._router
-        return router is not None and self.mode == "routed" and router.made_for(x)
+        return router is not None and router.made_for(x)
 
     def _device_view_launch(self, x: torch.Tensor) -> bool:
         """Whether ``x`` is one token this packed routed linear decodes at a view read on the device (its router's
