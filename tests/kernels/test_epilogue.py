@@ -86,3 +86,26 @@ def test_router_tail_launch_args():
     assert kw["EPI"] == 1 and kw["ER"] == 1
     _, kw = gf._launch_args(words, sc, sc, x, out, planes=4)
     assert kw["EPI"] == 0 and kw["ep_w1_ptr"] is out
+
+
+def test_held_decisions_are_for_that_input_only_and_not_pickled():
+    """``TokenRouter.hold_values``: the held gate values answer for that very input (``made_for``, ``gate_values_of``,
+    ``slice_counts`` at the router's threshold) and for the input a linear makes from it (``pass_values``), for no
+    other tensor; a router holding them pickles (deep-copies) without them."""
+    import copy
+
+    r = _router(64, "adjacent")
+    x, other = torch.randn(1, 64), torch.randn(1, 64)
+    values = torch.tensor([[6.9, 4.2, 2.1, 0.3, 0.1]])
+    r.tau.fill_(2.5)
+    r.hold_values(x, values)
+    assert r.made_for(x) and not r.made_for(other)
+    assert r.gate_values_of(x) is values and int(r.slice_counts(x)) == 1 + 2  # 6.9 and 4.2 above 2.5
+    made = x * 2
+    r.pass_values(x, made)
+    assert r.gate_values_of(made) is values and not r.made_for(made)
+    assert not torch.equal(r.gate_values_of(other), values)  # its own decisions
+    twin = copy.deepcopy(r)
+    assert not twin.made_for(x) and twin.__dict__.get("_made_for") is None
+    r.clear_cache()
+    assert not r.made_for(x)

@@ -610,7 +610,7 @@ class TokenRouter(nn.Module):
         """Pickled without its host copies and per-input caches (they hold weak references; both are rebuilt)."""
         state = dict(self.__dict__)
         state.update(_host_table=None, _host_tau=None, _cache=None, _values=None, _tail=None, _launch=None,
-                     _partials=None)  # fmt: skip
+                     _partials=None, _made_for=None)  # fmt: skip
         state.update(last_soft=None, _home=None, _held=None)
         return state
 
