@@ -124,7 +124,7 @@
 #   routedsite (only when named) the same with router placement site
 #   routertail (only when named) the GPU tests of each block's router finished by the down launch before
 #            (SmallConfig.router_tail, benchmarks/NOTES.md entries 48, 50), then the package rows with router placement
-#            block, the lean step's prologues (the default) beside the same with it
+#            block, the lean step's prologues (the default) beside the same with it, two rounds (each row's fastest)
 #   programs (only when named) the package rows (block, lean step and prologues) with the fragment launches' grids
 #            aimed at 896 and 1792 programs beside the default 448 (SmallConfig.fragment_programs, NOTES entry 46)
 #   block    (only when named; in loads) the default rows with router placement block (one router a layer), with
@@ -452,7 +452,8 @@ stage() {
       # tests, then the block placement's package rows with the lean step's prologues (the default) beside it
       run_stage routertail_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_lean_step.py \
         tests/kernels/test_epilogue.py -k "router_tail"
-      package_stage routertail block --package-lean-prologues --package-router-tail --package-fused-only ;;
+      package_stage routertail block --package-lean-prologues --package-router-tail --package-fused-only \
+        --package-rounds 2 ;;
     programs)
       # the fragment launches' grids aimed at 896 and 1792 programs instead of 448 (NOTES 46: the gate/up site launch
       # at the single layer's best shape, 8 groups a program, in two waves), block placement, the lean step and its

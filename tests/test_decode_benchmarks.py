@@ -179,6 +179,31 @@ def test_dry_runs(tmp_path, capsys):
         assert f"package sites+inputs {mode} static k=2" in out and f"sites+inputs {mode} routed budget 3.5" in out
 
 
+def test_package_rounds_keep_each_rows_fastest(capsys):
+    """``--package-rounds 2`` (dry run): every quantized package row is timed in both rounds, the configs in turn, the
+    table keeps one row each (its fastest); fewer than one round is refused."""
+    argv = ["--dry-run", "--new-tokens", "3", "--fuse-inputs", "--package-policy", "adjacent", "--package-budgets"]
+    argv += [
+        "3.5",
+        "--package-lean-prologues",
+        "--package-router-tail",
+        "--package-fused-only",
+        "--package-rounds",
+        "2",
+    ]
+    assert decode_bench.main(argv) == 0
+    out = capsys.readouterr().out
+    for mode in ("lean prologues", "lean router tail"):
+        for r in (1, 2):
+            assert f"[round {r}/2] package sites+inputs {mode} routed budget 3.5" in out, (mode, r)
+    assert "2 rounds: each quantized row below the fastest of its rounds" in out
+    table = [ln for ln in out.splitlines() if ln.startswith("package sites+inputs lean router tail routed")]
+    assert len(table) == 1, table
+    with pytest.raises(SystemExit):
+        decode_bench.main(["--dry-run", "--package-rounds", "0"])
+    assert "--package-rounds must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_e2e_plan_gives_every_linear_its_own_threshold():
     """Without a checkpoint, e2e_decode installs a plan of the routers' own thresholds (the decode path of a
     deployed checkpoint: a threshold tensor per linear), which decides as the routers do."""
