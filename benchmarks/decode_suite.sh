@@ -225,11 +225,13 @@ warm_shards() {  # NAME CMD...: unless NAME is done, CMD --warm-shard I/$WARM_SH
 
 package_stage() {  # NAME PLACEMENT ARGS...: the package rows with fused inputs and the adjacent routers at budgets 3.5,
   # 4.5 and 5.5 (where the tokens decide) with router placement PLACEMENT, decode_bench.py's ARGS added; their
-  # compiles first in $WARM_SHARDS processes side by side
+  # compiles first in $WARM_SHARDS processes side by side; $PACKAGE_ROUNDS rounds (default 1; a stage's own
+  # --package-rounds wins)
   local name=$1 placement=$2
   shift 2
   local cmd=("$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed --fuse-inputs \
-    --package-policy adjacent --package-placement "$placement" --package-budgets 3.5,4.5,5.5 "$@")
+    --package-policy adjacent --package-placement "$placement" --package-budgets 3.5,4.5,5.5 \
+    --package-rounds "${PACKAGE_ROUNDS:-1}" "$@")
   warm_shards "$name" "${cmd[@]}"
   run_stage "$name" 900 "${cmd[@]}" --out "$RES/$name"
 }
