@@ -111,8 +111,7 @@ def _attend(module: Any, q, k, v, cos, sin, layer: Any, mask) -> torch.Tensor:
 
     # with programmatic dependent launch where the o projection's launch has it (SmallConfig.pdl; "static": where
     # it decodes a static view; None: a static view of at most 4 planes, or a view read on the device): it then loads
-    # its weights while the
-    # attention runs
+    # its weights while the attention runs
     pdl = q.is_cuda and _o_launch_pdl(module.o_proj, q.device)
     return decode_attention(q, k, v, cos, sin, layer.keys, layer.values, layer.cumulative_length,
                             module.lean_ticket, module.scaling, mask, pdl=pdl)  # fmt: skip

@@ -394,8 +394,11 @@ class MoBiLinear(nn.Module):
         (:meth:`~mobiquant.nn.site.SiteGroup.takes_prologue`). A linear whose own router reads its input takes a
         made norm only where that router's decisions for ``x`` were made by the launch before too
         (``TokenRouter.made_for``; ``home_made``: asked before they are, as if they were)."""
-        made = not self.router_home or home_made or self._decisions_made_for(x)
-        if kind == "rms_scale" and made and self._device_view_launch(x):
+        if (
+            kind == "rms_scale"
+            and self._device_view_launch(x)
+            and (not self.router_home or home_made or self._decisions_made_for(x))
+        ):
             # its decisions come from another input (or were made before): it may read a made norm
             return alone is False or self._routed_made_by(x, kind)
         if not self._static_launch(x):
