@@ -911,8 +911,8 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
         ttgl.store(out_ptr + ro, yo, mask=ro < N_OUT)
         if EPI > 0:
             _epilogue(yo, out_ptr, ro, pid, N, N_OUT, ep_w_ptr, ep_out_ptr, ep_sq_ptr, ep_w1_ptr, ep_b1_ptr,
-                          ep_w2_ptr, ep_b2_ptr, ep_part_ptr, ep_lock_ptr, ep_v_ptr, ep_eps, BN, EPI, ER, ERH, ERHP,
-                          ERADJ)  # fmt: skip
+                      ep_w2_ptr, ep_b2_ptr, ep_part_ptr, ep_lock_ptr, ep_v_ptr, ep_eps, BN, EPI, ER, ERH, ERHP,
+                      ERADJ)  # fmt: skip
     elif SPLIT:
         ttgl.atomic_add(out_ptr + ro, y, mask=ro < N_OUT)
     else:

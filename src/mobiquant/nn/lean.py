@@ -293,11 +293,13 @@ def _router_norm_request(producer: Any, norm: Any, consumer: Any, x: torch.Tenso
     if cfg is None or not getattr(cfg, "router_tail", False) or not isinstance(norm, FusedRMSNorm):
         return None
     router = norm.router
-    if router is None or not _decided_on(router, consumer) or router._weights()[0].shape[0] > ROUTER_MAX_HIDDEN:
+    if router is None or not _decided_on(router, consumer):
+        return None
+    w1, b1, w2, b2 = router._weights()
+    if w1.shape[0] > ROUTER_MAX_HIDDEN:
         return None
     if not (_makes(producer, x, "rms_norm") and _takes(consumer, x, "rms_scale", home_made=True)):
         return None
-    w1, b1, w2, b2 = router._weights()
     return NextInput.rms_norm(
         norm.weight, norm.variance_epsilon, x, router=(w1, b1, w2, b2, router.policy == "adjacent")
     )
