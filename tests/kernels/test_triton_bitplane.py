@@ -954,8 +954,9 @@ def _pdl_marks(gen, monkeypatch, static_ks):
     def marks(cfg, ref):
         marked = set()
         for name, launch in launches.items():
+            want = launch(ref)  # the reference's own marks are not counted
             n = len(checked)
-            assert torch.equal(launch(cfg), launch(ref)), (cfg.pdl, name)
+            assert torch.equal(launch(cfg), want), (cfg.pdl, name)
             if len(checked) > n:
                 marked.add(name)
         return marked
@@ -969,8 +970,11 @@ def test_pdl_static_marks_only_the_static_views_launches(gen, monkeypatch):
     without it."""
     marks = _pdl_marks(gen, monkeypatch, (6,))
     static, every = {"static 6", "site static 2"}, {"static 6", "site static 2", "device", "routed"}
-    for pdl, want in (("static", static), (True, every), ("views", every), (False, set()), (None, set())):
-        assert marks(dataclasses.replace(WHOLE, pdl=pdl), WHOLE) == want, pdl  # None: no GPU here, none
+    # None on a GPU of compute capability 9.0+: static views of at most 4 planes and views read on the device with no
+    # router in the launch (the routed site here is given its values); elsewhere none
+    default = {"site static 2", "device", "routed"} if tb._pdl_capable(torch.device(DEVICE)) else set()
+    for pdl, want in (("static", static), (True, every), ("views", every), (False, set()), (None, default)):
+        assert marks(dataclasses.replace(WHOLE, pdl=pdl), WHOLE) == want, pdl
     assert tb.launch_pdl(None, True) is False and tb.launch_pdl(tb.SmallConfig(pdl="static"), False) is False
     assert tb.launch_pdl(tb.SmallConfig(pdl="views"), False, router=True) is False  # routers: only with True
     assert tb.launch_pdl(tb.SmallConfig(pdl=True), False, router=True) is True
