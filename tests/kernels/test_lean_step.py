@@ -819,6 +819,47 @@ def test_router_tail_for_borrowers_of_static_home_linears(monkeypatch):
 
 
 @needs_triton
+def test_router_tail_not_asked_where_no_linear_is_routed(monkeypatch):
+    """One router a block, ``SmallConfig(router_tail=True)``, every launch able to make the next one's input: where
+    the home linears (q/k/v) decode a static view and their borrowers are routed, the down launch is asked to finish
+    the next block's router; at static views everywhere (``set_static``) it is not (no linear asks for the
+    decisions: a tail would cost every static step its shares and its last program's router)."""
+    from test_fused_inputs import default_layout_model
+
+    import mobiquant as mq
+    from mobiquant.kernels.triton_bitplane import SmallConfig
+    from mobiquant.nn import lean
+    from mobiquant.patching import fuse_inputs, set_small_config
+
+    q = default_layout_model("block")
+    fuse_inputs(q)
+    monkeypatch.setattr(lean, "_makes", lambda *a: True)
+    real_takes, real_request, asked = lean._takes, lean._router_norm_request, []
+    monkeypatch.setattr(lean, "_takes", lambda lin, x, kind="rms_norm", home_made=False: kind == "rms_scale" or
+                        real_takes(lin, x, kind, home_made))  # fmt: skip
+    monkeypatch.setattr(lean, "_router_norm_request", lambda *a: asked.append(real_request(*a)) or asked[-1])
+    ids = torch.randint(0, q.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(9)).to(q.device)
+    set_small_config(q, SmallConfig(router_tail=True))
+    lean_step(q, prologues=True)
+    seen = []
+    for static_homes in (True, False):
+        mq.set_budget(q, 4.5)
+        if static_homes:
+            for layer in q.model.layers:
+                for name in ("q_proj", "k_proj", "v_proj"):
+                    getattr(layer.self_attn, name).set_static(2)
+        else:
+            mq.set_static(q, 2)
+        asked.clear()
+        _cached_logits(q, ids, 3, 10, contextlib.nullcontext)
+        seen.append(sum(a is not None and a.router is not None for a in asked))
+    lean_step(q, enable=False)
+    set_small_config(q, None)
+    n, tokens = q.config.num_hidden_layers, 3
+    assert n > 1 and seen == [(n - 1) * tokens, 0], seen
+
+
+@needs_triton
 def test_router_tail_in_the_compiled_step(monkeypatch):
     """``cuda_graph='compile'`` (on the CPU compiled, not captured) at a routed budget with one router a block and
     ``SmallConfig(router_tail=True)``, every down launch asked to make the next block's norm and router (filled in

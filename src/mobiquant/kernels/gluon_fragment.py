@@ -63,6 +63,7 @@ GROUP = 128
 PLANES = 4
 BATCH_GROUPS = 8  # groups whose partial sums share one accumulator, one mma column each
 BLOCK_N = 128  # rows a program
+SHARES: ttgl.constexpr = ttgl.constexpr(8)  # row blocks' router shares the router tail's last program reads at once
 
 
 def field_shift(j: int) -> int:
@@ -252,8 +253,9 @@ def _router_share(yw, pid, N, N_OUT, sq_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, par
     """The router an RMS norm's parts feed (``EPI`` 3, ``epilogue.RouterTail``): row block ``pid``'s share of its
     first layer, ``W1[:, rows] yw`` (``yw``: the block's outputs times the norm's weight, as stored), at
     ``part_ptr + pid * RHP``; the last row block to arrive (a self-resetting ticket at ``lock_ptr``) sums the shares
-    in block order, scales them by the norm's ``rsqrt(sum(sq) / N_OUT + eps)`` from the blocks' sums of squares at
-    ``sq_ptr`` and finishes the router (:func:`_router_tail`) into the gate values at ``v_ptr``."""
+    (a tile of :data:`SHARES` blocks at a time), scales them by the norm's ``rsqrt(sum(sq) / N_OUT + eps)`` from the
+    blocks' sums of squares at ``sq_ptr`` and finishes the router (:func:`_router_tail`) into the gate values at
+    ``v_ptr``."""
     RL: ttgl.constexpr = ttgl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[4, 1],
                                             order=[1, 0])  # fmt: skip
     uu = ttgl.arange(0, RHP, layout=ttgl.SliceLayout(1, RL))
@@ -267,12 +269,19 @@ def _router_share(yw, pid, N, N_OUT, sq_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, par
     _cta_barrier()
     nb = N // BN
     if ticket == nb - 1:  # the last row block: every share and sum of squares is stored
-        HL: ttgl.constexpr = ttgl.BlockedLayout(size_per_thread=[1], threads_per_warp=[32], warps_per_cta=[4],
-                                                order=[0])  # fmt: skip
+        # the shares a tile of SHARES row blocks at a time: one round trip to L2 a tile, where a loop of one load a
+        # block made as many dependent round trips as blocks (32 for a 4096-wide down launch; 4 tiles)
+        TL: ttgl.constexpr = ttgl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[2, 16], warps_per_cta=[4, 1],
+                                                order=[1, 0])  # fmt: skip
+        HL: ttgl.constexpr = ttgl.SliceLayout(0, TL)
         u = ttgl.arange(0, RHP, layout=HL)
-        pre = ttgl.load(part_ptr + u, cache_modifier=".cg")
-        for b in range(1, nb):
-            pre += ttgl.load(part_ptr + b * RHP + u, cache_modifier=".cg")
+        bq = ttgl.arange(0, SHARES, layout=ttgl.SliceLayout(1, TL))
+        acc = ttgl.zeros([SHARES, RHP], ttgl.float32, TL)
+        for c in range(0, nb, SHARES):
+            b = c + bq
+            bm = (b[:, None] < nb) & (u[None, :] < RHP)
+            acc += ttgl.load(part_ptr + b[:, None] * RHP + u[None, :], mask=bm, other=0.0, cache_modifier=".cg")
+        pre = ttgl.sum(acc, axis=0)
         qo = ttgl.arange(0, 128, layout=HL)
         sq = ttgl.zeros([128], ttgl.float32, HL)
         for c in range(0, nb, 128):

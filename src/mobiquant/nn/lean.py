@@ -277,23 +277,23 @@ def _next_norm_by_down(layer: Any, mlp: Any, h: torch.Tensor) -> Any:
     if nxt is None or not getattr(nxt, "lean_prologues", False):
         return None
     q_proj = getattr(getattr(nxt, "self_attn", None), "q_proj", None)
-    made = _router_norm_request(mlp.down_proj, nxt.input_layernorm, q_proj, h)  # with its router, where asked
+    made = _router_norm_request(mlp.down_proj, nxt.input_layernorm, q_proj, h, nxt)  # with its router, where asked
     return made if made is not None else _norm_request(mlp.down_proj, nxt.input_layernorm, q_proj, h)
 
 
-def _router_norm_request(producer: Any, norm: Any, consumer: Any, x: torch.Tensor) -> Any:
+def _router_norm_request(producer: Any, norm: Any, consumer: Any, x: torch.Tensor, layer: Any) -> Any:
     """A :class:`~mobiquant.kernels.epilogue.NextInput` of the RMS norm ``norm`` and the router that decides on its
-    output (a fused norm's, for ``consumer`` or for the linears that borrow its decisions: :func:`_decided_on`) for
-    ``producer``'s launch to fill (``SmallConfig.router_tail``; :class:`~mobiquant.kernels.epilogue.RouterTail`),
-    where that launch makes the norm's parts and ``consumer``'s launch can take them once the router's decisions are
-    made; else None."""
+    output (a fused norm's, for ``consumer`` or for the linears of ``layer`` that borrow its decisions:
+    :func:`_decided_on`) for ``producer``'s launch to fill (``SmallConfig.router_tail``;
+    :class:`~mobiquant.kernels.epilogue.RouterTail`), where that launch makes the norm's parts and ``consumer``'s
+    launch can take them once the router's decisions are made; else None."""
     from ..kernels.epilogue import ROUTER_MAX_HIDDEN, NextInput
 
     cfg = getattr(producer, "small_config", None)
     if cfg is None or not getattr(cfg, "router_tail", False) or not isinstance(norm, FusedRMSNorm):
         return None
     router = norm.router
-    if router is None or not _decided_on(router, consumer):
+    if router is None or not _decided_on(router, consumer, layer):
         return None
     w1, b1, w2, b2 = router._weights()
     if w1.shape[0] > ROUTER_MAX_HIDDEN:
@@ -305,13 +305,21 @@ def _router_norm_request(producer: Any, norm: Any, consumer: Any, x: torch.Tenso
     )
 
 
-def _decided_on(router: Any, consumer: Any) -> bool:
+def _decided_on(router: Any, consumer: Any, layer: Any) -> bool:
     """Whether ``router``, run by a fused norm feeding ``consumer``, decides on the norm's output this step: for
-    ``consumer`` (:func:`~mobiquant.nn.fused.routes`), or for the linears that borrow its decisions (placement
-    'block' or 'sublayer') while ``consumer`` decodes a static view, its views not all fixed."""
+    ``consumer`` (:func:`~mobiquant.nn.fused.routes`), or for the linears of ``layer`` that borrow its decisions
+    (placement 'block' or 'sublayer') while ``consumer`` decodes a static view, its views not all fixed and one of
+    those borrowers routed (at static views everywhere, ``set_static``, no one asks for the decisions)."""
     if routes(router, consumer):
         return True
-    return router.has_borrowers and router.recorder is None and not router.fixed and not consumer.training
+    if not router.has_borrowers or router.recorder is not None or router.fixed or consumer.training:
+        return False
+    from .linear import MoBiLinear
+
+    return any(
+        isinstance(m, MoBiLinear) and m.router is router and not m.router_home and not m.decodes_static
+        for m in layer.modules()
+    )
 
 
 @torch.compiler.disable  # host state beside the step's tensors, as the routers' caches
