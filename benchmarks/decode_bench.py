@@ -826,7 +826,8 @@ def package_kernels(args, bits_cfg=None) -> list:
             ("package sites+inputs lean prologues pdl views", ("lean prologues", SmallConfig(pdl="views"), True))
         )
     if args.package_router_tail:  # ... the lean step with its prologues, each block's router finished by the down
-        # launch before (SmallConfig(router_tail=True): no router launch in any block but the first; NOTES 48, 50)
+        # launch before (SmallConfig(router_tail=True): no router launch in any block but the first; NOTES 48, 50;
+        # timed slower, NOTES 52)
         cfg = SmallConfig(router_tail=True)
         kernels.append(("package sites+inputs lean router tail", ("lean prologues", cfg, True)))
     for n in _programs(args.package_fragment_programs):  # ... the lean step with its prologues, the fragment

@@ -2800,7 +2800,9 @@ class SmallConfig:
     # layer, the last block scaling their sum by the norm's rsqrt and finishing it into gate values), where the norm
     # and that router would otherwise be one launch of their own (a fused input norm routing q/k/v: router=block, or a
     # site's router); q/k/v then read the norm's parts (rms_scale) and the gate values: no router launch in any block
-    # but the first (benchmarks/NOTES.md entries 48, 50). Off until timed
+    # but the first (benchmarks/NOTES.md entries 48, 50). Off: measured on an H100 (docs/RESULTS.md "The router tail
+    # and the savings under `site`", NOTES entry 52) the routed 3.5 / 4.5 / 5.5-bit budgets took 362.3 / 449.2 / 556.2
+    # us a token against 356.7 / 419.1 / 514.0 without it (the static views level)
     router_tail: bool = False
     # The lean step's prologues (an RMS norm or gated product made in the launch that reads it) on the fragment
     # kernel too. Off: measured on an H100 (docs/RESULTS.md "Norms and gated products in the launches they feed") the
