@@ -17,6 +17,7 @@ of the routed rows launch on their own).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -73,7 +74,25 @@ def main(argv=None) -> None:
         help="the census's fp16 and quantized steps with the lean step (patching.lean_step: each layer's attention "
         "in one launch, its residual adds in the o and down launches)",
     )
+    ap.add_argument(
+        "--lean-prologues",
+        action="store_true",
+        help="with --lean-step, the norms and gated products made in the launches that read them or by the launch "
+        "before (lean_step(prologues=True), decode.lean_prologues: the package's decode default)",
+    )
+    ap.add_argument(
+        "--kernels",
+        nargs="*",
+        default=[""],
+        metavar="FIELD=VALUE,...",
+        help="the quantized model's census once per entry under that SmallConfig (fields of "
+        "mobiquant.kernels.triton_bitplane.SmallConfig, values as YAML reads them, e.g. router_tail=true; '' the "
+        "defaults): two entries put two configurations' kernels side by side",
+    )
     args = ap.parse_args(argv)
+    configs = [_small_config(text) for text in args.kernels]  # bad fields refused before any GPU work
+    if args.lean_prologues and not args.lean_step:
+        raise SystemExit("--lean-prologues needs --lean-step (the prologues are the lean step's)")
     if not torch.cuda.is_available():
         raise SystemExit("step_overhead.py needs a CUDA device")
 
@@ -85,7 +104,7 @@ def main(argv=None) -> None:
     load_kernels()  # puts src/ on the path
     import e2e_decode
     import mobiquant as mq
-    from mobiquant.patching import fuse_inputs, fuse_sites, lean_step
+    from mobiquant.patching import fuse_inputs, fuse_sites, lean_step, set_small_config
 
     d, ff, kv, heads, vocab, what = (
         (576, 1536, 192, 9, 49152, "SmolLM2-shaped") if args.smol else (D, FF, KV, 32, 1024, "8B-shaped")
@@ -101,11 +120,16 @@ def main(argv=None) -> None:
     e2e_decode.step_profile(fp, None, "cuda", prompt, None, "fp16" + lean, **census)
     lean_step(fp, enable=False)
     fuse_sites(q), fuse_inputs(q)  # the package's decode defaults (task=decode)
-    lean_step(q, enable=args.lean_step)
-    for b in args.census_budgets if args.census != "off" else ():
-        e2e_decode.step_profile(q, None, "cuda", prompt, b, f"routed budget {b:g}, fused inputs{lean}", **census)
-    mq.set_static(q, 2)
-    e2e_decode.step_profile(q, None, "cuda", prompt, None, f"static 4-bit view, fused inputs{lean}", **census)
+    lean_step(q, enable=args.lean_step, prologues=args.lean_prologues)
+    lean += " with prologues" if args.lean_prologues else ""
+    for text, cfg in zip(args.kernels, configs, strict=True):
+        set_small_config(q, cfg)
+        tag = f"{lean}{f' [{text}]' if text else ''}"
+        for b in args.census_budgets if args.census != "off" else ():
+            e2e_decode.step_profile(q, None, "cuda", prompt, b, f"routed budget {b:g}, fused inputs{tag}", **census)
+        mq.set_static(q, 2)
+        e2e_decode.step_profile(q, None, "cuda", prompt, None, f"static 4-bit view, fused inputs{tag}", **census)
+    set_small_config(q, None)
     lean_step(q, enable=False)
     if args.census_only:
         return
@@ -130,6 +154,31 @@ def main(argv=None) -> None:
             timed(q, f"static k={k} [{tag}]")
         for b in args.budgets:
             timed(q, f"routed {b:g} [{tag}]", budget=b)
+
+
+def _small_config(text: str):
+    """A ``--kernels`` entry as a ``SmallConfig`` (``''``: None, the defaults): ``field=value`` pairs by commas, each
+    value read as YAML reads it (``true``, ``5``, ``static``, ``null``)."""
+    import yaml
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from mobiquant.kernels.triton_bitplane import SmallConfig
+
+    if not text.strip():
+        return None
+    fields = {}
+    for pair in text.split(","):
+        name, eq, value = pair.partition("=")
+        if not eq or not name.strip():
+            raise SystemExit(f"--kernels: FIELD=VALUE pairs by commas, got {pair!r} in {text!r}")
+        fields[name.strip()] = yaml.safe_load(value)
+    known = {f.name for f in dataclasses.fields(SmallConfig)}
+    if set(fields) - known:
+        raise SystemExit(f"--kernels: no SmallConfig field {sorted(set(fields) - known)}; fields: {sorted(known)}")
+    try:
+        return SmallConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"--kernels {text!r}: {e}") from None
 
 
 if __name__ == "__main__":

@@ -708,3 +708,24 @@ def test_fragment_programs_argument_is_checked():
     assert decode_bench._programs("") == [] and decode_bench._programs("896,1792") == [896, 1792]
     with pytest.raises(SystemExit, match="positive numbers of programs by commas, got '0'"):
         decode_bench._programs("0")
+
+
+def test_step_overhead_kernels_argument_is_checked():
+    """``step_overhead.py --kernels``: each entry a SmallConfig of ``field=value`` pairs (values as YAML reads them,
+    '' the defaults); an unknown field, a pair without ``=`` or a value the config refuses stops it before any GPU
+    work, saying what was wrong."""
+    import step_overhead
+
+    from mobiquant.kernels.triton_bitplane import SmallConfig
+
+    assert step_overhead._small_config("") is None
+    assert step_overhead._small_config("router_tail=true, fragment_cap=7") == SmallConfig(
+        router_tail=True, fragment_cap=7
+    )
+    assert step_overhead._small_config("pdl=static").pdl == "static"
+    for text, why in (("bogus=1", r"no SmallConfig field \['bogus'\]; fields: \["), ("pdl", "FIELD=VALUE pairs"),
+                      ("pdl=maybe", "pdl must be None")):  # fmt: skip
+        with pytest.raises(SystemExit, match=why):
+            step_overhead._small_config(text)
+    with pytest.raises(SystemExit, match="--lean-prologues needs --lean-step"):
+        step_overhead.main(["--lean-prologues"])
