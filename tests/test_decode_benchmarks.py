@@ -715,7 +715,6 @@ def test_step_overhead_kernels_argument_is_checked():
     '' the defaults); an unknown field, a pair without ``=`` or a value the config refuses stops it before any GPU
     work, saying what was wrong."""
     import step_overhead
-
     from mobiquant.kernels.triton_bitplane import SmallConfig
 
     assert step_overhead._small_config("") is None
