@@ -830,6 +830,10 @@ def package_kernels(args, bits_cfg=None) -> list:
         # timed slower, NOTES 52)
         cfg = SmallConfig(router_tail=True)
         kernels.append(("package sites+inputs lean router tail", ("lean prologues", cfg, True)))
+    if args.package_router_tail_normed:  # ... the same with the normed row made by the tail too, so q/k/v read it
+        # with no rms_scale in their launch (SmallConfig(router_tail="normed"); NOTES 52, 54)
+        cfg = SmallConfig(router_tail="normed")
+        kernels.append(("package sites+inputs lean router tail normed", ("lean prologues", cfg, True)))
     for n in _programs(args.package_fragment_programs):  # ... the lean step with its prologues, the fragment
         # launches' grids aimed at n programs instead of TARGET_PROGRAMS (NOTES 46: the gate/up site's waves)
         cfg = SmallConfig(fragment_programs=n)
@@ -1136,6 +1140,12 @@ def main(argv=None):
         action="store_true",
         help="also the lean rows (with prologues) whose down launches finish the next block's router "
         "(SmallConfig(router_tail=True): no router launch in any block but the first)",
+    )
+    ap.add_argument(
+        "--package-router-tail-normed",
+        action="store_true",
+        help="also the lean rows (with prologues) whose down launches finish the next block's router and make its "
+        "normed row (SmallConfig(router_tail='normed'): q/k/v read it with no prologue)",
     )
     ap.add_argument(
         "--package-router-partials",

@@ -124,9 +124,10 @@
 #   routedsite (only when named) the same with router placement site
 #   routertail (only when named) the GPU tests of each block's router finished by the down launch before
 #            (SmallConfig.router_tail, benchmarks/NOTES.md entries 48, 50), then the package rows with router placement
-#            block, the lean step's prologues (the default) beside the same with it, two rounds (each row's fastest)
+#            block, the lean step's prologues (the default) beside the same with it and with its normed row
+#            (router_tail="normed", NOTES entry 54), two rounds (each row's fastest)
 #   tailcensus (only when named) the compiled step's kernels at routed 3.5 / 4.5 bits and the static 4-bit view, the
-#            default and SmallConfig.router_tail side by side (step_overhead.py --kernels; NOTES entry 52)
+#            default and SmallConfig.router_tail (True, "normed") side by side (step_overhead.py --kernels; NOTES 52)
 #   programs (only when named) the package rows (block, lean step and prologues) with the fragment launches' grids
 #            aimed at 896 and 1792 programs beside the default 448 (SmallConfig.fragment_programs, NOTES entry 46)
 #   block    (only when named; in loads) the default rows with router placement block (one router a layer), with
@@ -456,13 +457,14 @@ stage() {
       # tests, then the block placement's package rows with the lean step's prologues (the default) beside it
       run_stage routertail_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_lean_step.py \
         tests/kernels/test_epilogue.py -k "router_tail"
-      package_stage routertail block --package-lean-prologues --package-router-tail --package-fused-only \
-        --package-rounds 2 ;;
+      package_stage routertail block --package-lean-prologues --package-router-tail --package-router-tail-normed \
+        --package-fused-only --package-rounds 2 ;;
     tailcensus)
       # where the router tail's routed steps lose (NOTES 52): the compiled step's kernels at routed 3.5 / 4.5 bits, the
       # default and SmallConfig(router_tail=True) side by side, block placement, the lean step with its prologues
       run_stage tailcensus 900 "$PY" benchmarks/step_overhead.py --policy adjacent --placement block --census compile \
-        --census-only --census-budgets 3.5 4.5 --lean-step --lean-prologues --kernels "" "router_tail=true" ;;
+        --census-only --census-budgets 3.5 4.5 --lean-step --lean-prologues --kernels "" "router_tail=true" \
+        "router_tail=normed" ;;
     programs)
       # the fragment launches' grids aimed at 896 and 1792 programs instead of 448 (NOTES 46: the gate/up site launch
       # at the single layer's best shape, 8 groups a program, in two waves), block placement, the lean step and its

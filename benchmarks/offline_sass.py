@@ -121,6 +121,18 @@ def sass_and_resources(ck):
     return sass, res
 
 
+def local_in_loops(sass) -> int:
+    """The local-memory loads and stores (a spill's ``LDL`` / ``STL``) inside a loop of the kernel (the range of a
+    backward branch): a spill outside every loop costs a few L1 accesses a program, one inside costs every pass."""
+    ins = [(int(m.group(1), 16), m.group(3), m.group(4)) for m in LINE.finditer(sass)]
+    loops = []
+    for addr, op, rest in ins:
+        t = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if t is not None and int(t.group(1), 16) < addr:
+            loops.append((int(t.group(1), 16), addr))
+    return sum(op.startswith(("LDL", "STL")) and any(lo <= a <= hi for lo, hi in loops) for a, op, _ in ins)
+
+
 def report(sass, res, codes_per_iter, label) -> list[int]:
     """Prints the kernel's resources and each loop's instructions by opcode; returns the loops' sizes."""
     sizes: list[int] = []

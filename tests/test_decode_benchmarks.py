@@ -169,12 +169,14 @@ def test_dry_runs(tmp_path, capsys):
     lean += ["3.5", "--package-lean-step", "--package-lean-prologues", "--package-fused-only", "--package-pdl"]
     extra = ["--package-epilogues", "--package-epilogue-kinds", "--package-pdl-static", "--package-routed-epilogues"]
     extra += ["--package-fragment-programs", "896", "--package-pdl-views", "--package-router-tail"]
+    extra += ["--package-router-tail-normed"]
     assert decode_bench.main([*lean, *extra]) == 0
     out = capsys.readouterr().out
     modes = ("lean step", "lean prologues", "lean step pdl", "lean prologues pdl", "lean epilogues")
     modes += ("lean epilogues rms_norm", "lean epilogues silu_mul", "lean step pdl static", "lean prologues pdl static")
     modes += ("lean prologues pdl off", "lean routed epilogues off", "lean routed pdl off", "lean routed savings off")
     modes += ("lean pdl", "lean programs 896", "lean prologues pdl views", "lean router tail")
+    modes += ("lean router tail normed",)
     for mode in modes:
         assert f"package sites+inputs {mode} static k=2" in out and f"sites+inputs {mode} routed budget 3.5" in out
 

@@ -48,6 +48,29 @@ def test_router_tail_finishes_the_router_on_the_norms_output(policy, n):
     torch.testing.assert_close(req.router.part[0, :48], w1[:, :128] @ (y * weight)[0, :128])
 
 
+def test_router_tail_normed_makes_the_normed_row_in_place():
+    """``NextInput.rms_norm(router=..., normed=True)``: the same shares and gate values, and ``out`` then holds the
+    normed row itself, rounded as the kernel rounds it (``fp16(fp32(h w) * rsqrt)``, what ``rms_scale`` makes of
+    the parts), within fp16 rounding of the model's norm; its next launch reads it with no prologue."""
+    from mobiquant.kernels.epilogue import rms_scaled
+
+    g = torch.Generator().manual_seed(2)
+    y = torch.randn(1, 512, generator=g).half()
+    weight = (torch.rand(512, generator=g) + 0.5).half()
+    args = tuple(t.half() if torch.is_tensor(t) else t for t in _tail_args(_router(512, "adjacent")))
+    parts = NextInput.rms_norm(weight, 1e-5, y, router=args)
+    normed = NextInput.rms_norm(weight, 1e-5, y, router=args, normed=True)
+    parts.make(y)
+    normed.make(y)
+    assert normed.normed and not parts.normed and normed.prologue() is None
+    assert parts.prologue() is not None and parts.prologue()[0] == "rms_scale"
+    torch.testing.assert_close(normed.router.values, parts.router.values, atol=0, rtol=0)
+    assert torch.equal(normed.out, rms_scaled(parts.out, parts.sums, 1e-5))
+    torch.testing.assert_close(normed.out.float(), rms_norm(y.float(), weight.float(), 1e-5), atol=1e-2, rtol=1e-2)
+    with pytest.raises(ValueError, match="normed: the normed row is made by a router's tail"):
+        NextInput.rms_norm(weight, 1e-5, y, normed=True)
+
+
 def test_router_tail_checks_its_router():
     """A router whose layers do not fit the norm (``w1`` of another width, ``w2`` not of the hidden units, more
     hidden units than the epilogue's slots) is refused with what was expected."""
@@ -66,7 +89,7 @@ def test_router_tail_checks_its_router():
 def test_router_tail_launch_args():
     """The fragment kernel's keywords for a norm's parts with a router (``EPI`` 3: the router's layers, its shares,
     its gate values, one ticket, the norm's eps; ``ER`` gate values from ``ERH`` hidden units in ``ERHP`` slots),
-    for the norm alone (``EPI`` 1) and for none (placeholders)."""
+    with the normed row too (``EPI`` 4), for the norm alone (``EPI`` 1) and for none (placeholders)."""
     gf = pytest.importorskip("mobiquant.kernels.gluon_fragment")
     words = torch.zeros(4, 32, 4, 512, dtype=torch.int32)
     sc, x = torch.zeros(512, 32, dtype=torch.float16), torch.zeros(4096, dtype=torch.float16)
@@ -80,6 +103,10 @@ def test_router_tail_launch_args():
     assert req.router is not None
     assert (kw["EPI"], kw["ER"], kw["ERH"], kw["ERHP"], kw["ERADJ"], kw["ep_eps"]) == (3, 5, 48, 64, False, 1e-6)
     assert kw["ep_w1_ptr"] is req.router.w1 and kw["ep_v_ptr"] is req.router.values and kw["ep_sq_ptr"] is req.sums
+    half = tuple(t.half() if torch.is_tensor(t) else t for t in r)
+    normed = NextInput.rms_norm(torch.ones(512), 1e-6, like, router=half, normed=True)
+    _, kw = gf._launch_args(words, sc, sc, x, out, planes=4, out_mode=1, epilogue=normed)
+    assert kw["EPI"] == 4 and kw["ep_out_ptr"] is normed.out  # the normed row made in place of the parts
     _, kw = gf._launch_args(
         words, sc, sc, x, out, planes=4, out_mode=1, epilogue=NextInput.rms_norm(torch.ones(512), 1e-6, like)
     )
@@ -109,3 +136,12 @@ def test_held_decisions_are_for_that_input_only_and_not_pickled():
     assert not twin.made_for(x) and twin.__dict__.get("_made_for") is None
     r.clear_cache()
     assert not r.made_for(x)
+
+
+def test_router_tail_setting_is_checked():
+    """``SmallConfig.router_tail``: False, True or "normed"; anything else refused with the choices."""
+    from mobiquant.kernels.triton_bitplane import SmallConfig
+
+    assert SmallConfig().router_tail is False and SmallConfig(router_tail="normed").router_tail == "normed"
+    with pytest.raises(ValueError, match=r"router_tail must be False, True .* or 'normed' .*got 'yes'"):
+        SmallConfig(router_tail="yes")

@@ -529,7 +529,8 @@ router = (torch.zeros(64, 4096, dtype=torch.float16), torch.zeros(64, dtype=torc
           torch.zeros(5, 64, dtype=torch.float16), torch.zeros(5, dtype=torch.float16), True)
 dev = dict(planes=torch.ones(1, dtype=torch.int32), dispatch=3, views=[3, 4], early=1)
 cases = (("norm", NextInput.rms_norm(torch.ones(4096), 1e-5, like)),
-         ("router", NextInput.rms_norm(torch.ones(4096), 1e-5, like, router=router)))
+         ("router", NextInput.rms_norm(torch.ones(4096), 1e-5, like, router=router)),
+         ("normed", NextInput.rms_norm(torch.ones(4096), 1e-5, like, router=router, normed=True)))
 for name, epilogue in cases:
     o16 = torch.zeros(4096, dtype=torch.float16)
     args, kw = gf._launch_args(words, s3, s3, x, o16, splits=14, out_mode=2, part=torch.zeros(14, 4096),
@@ -540,7 +541,8 @@ for name, epilogue in cases:
     sass, res = osx.sass_and_resources(osx.compile_sm90(gf.frag_gemv_kernel, args, kw, source=GluonASTSource))
     ops = [m.group(3) for m in osx.LINE.finditer(sass)]
     print("RESULT", name, kw["EPI"], kw["ER"], kw["ERH"], kw["ERHP"], re.search(r"STACK:(\\d+)", res).group(1),
-          sum(o.startswith(("ATOM", "RED")) for o in ops), ops.count("MUFU.RSQ"), ops.count("MUFU.EX2"))
+          sum(o.startswith(("ATOM", "RED")) for o in ops), ops.count("MUFU.RSQ"), ops.count("MUFU.EX2"),
+          osx.local_in_loops(sass))
 # the next block's q/k/v site (6144 x 4096, 8 K splits, a threshold a layer): the norm's parts with its scale, the
 # views counted from the gate values the down launch made
 words = torch.zeros(4, 32, 48, 512, dtype=torch.int32)
@@ -561,16 +563,21 @@ def test_router_tail_compiles_for_sm90_offline():
     """Compiled for sm_90 without a GPU: the 8B down launch at a routed budget (the view counted from gate values, a
     span of 3-4 planes, 14 K splits, capped at 128 registers) making the next block's input norm's parts and also
     finishing the router that decides on that norm's output (``EPI`` 3, ``epilogue.RouterTail``: 5 gate values from
-    64 hidden units), without spilling: one ticket more than the norm's parts alone (its add and its reset), the
+    64 hidden units), and also making the normed row (``EPI`` 4; 8 bytes spilled outside every loop), without
+    spilling: one ticket more than the norm's parts alone (its add and its reset), the
     norm's reciprocal square root and the adjacent policy's five sigmoids' exponentials; and the next block's q/k/v
     site launch that reads them (the norm's scale, three thresholds on the made gate values) without spilling."""
     got = run_offline(_OFFLINE_ROUTER_TAIL)
     assert got["qkv"] == ["3", "2", "3", "0"], got  # the next q/k/v site: the made norm's scale, no spill
-    norm, tail = got["norm"], got["router"]
-    assert norm[0] == "1" and tail[:4] == ["3", "5", "64", "64"], got
+    norm, tail, normed = got["norm"], got["router"], got["normed"]
+    assert norm[0] == "1" and tail[:4] == ["3", "5", "64", "64"] and normed[:4] == ["4", "5", "64", "64"], got
     assert norm[4] == tail[4] == "0", got  # no stack: nothing spilled
-    assert int(tail[5]) == int(norm[5]) + 2, got
+    # the normed row's pass: one register kept in local memory (8 bytes), stored at the start and read back between
+    # the loops (sm_90, triton 3.6), none of its accesses inside a loop
+    assert int(normed[4]) <= 8 and norm[8] == tail[8] == normed[8] == "0", got
+    assert int(tail[5]) == int(normed[5]) == int(norm[5]) + 2, got
     assert norm[6] == "0" and int(tail[6]) >= 1 and int(tail[7]) >= 5 + int(norm[7]), got
+    assert normed[6:8] == tail[6:8], got  # the normed row: no ticket, rsqrt or exponential more
 
 
 def test_router_partials_launch_args():

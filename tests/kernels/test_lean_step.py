@@ -712,14 +712,16 @@ def test_lean_epilogues_at_a_routed_budget_with_one_router_a_block(monkeypatch):
 
 
 @needs_triton
+@pytest.mark.parametrize("tail", [True, "normed"])
 @pytest.mark.parametrize("placement", ["block", "site"])
-def test_router_tail_takes_the_router_launch_out_of_later_blocks(monkeypatch, placement):
+def test_router_tail_takes_the_router_launch_out_of_later_blocks(monkeypatch, placement, tail):
     """``SmallConfig(router_tail=True)`` at a routed budget, where the down launch can make the next block's input
     norm's parts (here every launch is asked to; on the CPU each request is filled in PyTorch after its launch, the
     router's tail too, ``epilogue.RouterTail``): every block but the first reads its input norm's parts and the gate
     values the block before made for the router that reads that norm (one router a block, or q/k/v's with one a
     site): its fused norm, the router launch, is never called, no router runs on them, and the logits are those of
-    the lean step without it."""
+    the lean step without it. ``router_tail="normed"``: the same with the normed row made there too, q/k/v taking
+    it with no prologue."""
     from test_fused_inputs import default_layout_model
 
     from mobiquant.kernels.triton_bitplane import SmallConfig
@@ -752,9 +754,19 @@ def test_router_tail_takes_the_router_launch_out_of_later_blocks(monkeypatch, pl
         return real_takes(lin, x, kind, home_made)
 
     monkeypatch.setattr(lean, "_takes", takes)
-    outs, counts = [], []
-    for tail in (False, True):
-        set_small_config(q, SmallConfig(router_tail=tail))
+    from mobiquant.nn.lean import LeanAttention
+
+    outs, counts, prologues = [], [], []
+    real_module_forward = LeanAttention.forward
+
+    def attention(self, *a, **kw):  # the prologue each q/k/v launch is handed
+        prologues.append(None if kw.get("lean_prologue") is None else kw["lean_prologue"][0])
+        return real_module_forward(self, *a, **kw)
+
+    monkeypatch.setattr(LeanAttention, "forward", attention)
+    for on in (False, tail):
+        set_small_config(q, SmallConfig(router_tail=on))
+        prologues.clear()
         outs += _logits_each_way(q, None, ids, 3, spied, [dict(prologues=True)])
         counts.append((list(made), list(runs)))
     set_small_config(q, None)
@@ -768,6 +780,8 @@ def test_router_tail_takes_the_router_launch_out_of_later_blocks(monkeypatch, pl
         assert len(runs_on) == tokens, runs_on  # the first block's only
     tails = [m for m in made_on if m == "rms_norm"]  # the down launches' requests (and the o launches')
     assert len(tails) >= (n - 1) * tokens, made_on
+    # the blocks after the first: q/k/v read the norm's parts with rms_scale, or ("normed") the normed row as it is
+    assert ("rms_scale" in prologues) == (tail is True), prologues
 
 
 @needs_triton
@@ -860,11 +874,13 @@ def test_router_tail_not_asked_where_no_linear_is_routed(monkeypatch):
 
 
 @needs_triton
-def test_router_tail_in_the_compiled_step(monkeypatch):
+@pytest.mark.parametrize("kind", [True, "normed"])
+def test_router_tail_in_the_compiled_step(monkeypatch, kind):
     """``cuda_graph='compile'`` (on the CPU compiled, not captured) at a routed budget with one router a block and
     ``SmallConfig(router_tail=True)``, every down launch asked to make the next block's norm and router (filled in
-    PyTorch here): the second block finds the parts and gate values its router holds across the compiled code
-    between two blocks, and the greedy tokens are those of the compiled lean step without it."""
+    PyTorch here): the second block finds the parts (or, ``"normed"``, the normed row) and gate values its router
+    holds across the compiled code between two blocks, and the greedy tokens are those of the compiled lean step
+    without it."""
     from test_fused_inputs import default_layout_model
 
     from mobiquant.kernels.triton_bitplane import SmallConfig
@@ -890,7 +906,7 @@ def test_router_tail_in_the_compiled_step(monkeypatch):
     monkeypatch.setattr(lean, "_makes", torch.compiler.disable(lambda *a: True))
     monkeypatch.setattr(lean, "_takes", torch.compiler.disable(takes))
     tokens = []
-    for tail in (False, True):
+    for tail in (False, kind):
         set_small_config(q, SmallConfig(router_tail=tail))
         routers.clear()
         torch.compiler.reset()
@@ -899,7 +915,7 @@ def test_router_tail_in_the_compiled_step(monkeypatch):
         lean_step(q, enable=False)
         assert g.graph == "compile", g.graph
         tokens.append(g.tokens)
-        assert any(routers) == tail, routers
+        assert any(routers) == bool(tail), routers
     set_small_config(q, None)
     assert torch.equal(tokens[1], tokens[0])
     assert routers.count(True) == routers.count(False), routers  # the second block's, each step
@@ -907,11 +923,13 @@ def test_router_tail_in_the_compiled_step(monkeypatch):
 
 @needs_triton
 @needs_gpu
-def test_gpu_router_tail():
+@pytest.mark.parametrize("kind", [True, "normed"])
+def test_gpu_router_tail(kind):
     """On the GPU, the packed LLaMA of widths 1024 / 2048 with one router a block at a routed budget set as decode
     sets it: with ``SmallConfig(router_tail=True)`` the first block's down launch makes the second block's input
     norm's parts and finishes its router (a fragment launch handed a request with a router), the second block's
-    fused norm (its router launch) is not called, and the step-by-step logits are those without it."""
+    fused norm (its router launch) is not called, and the step-by-step logits are those without it; the same with
+    ``router_tail="normed"`` (the normed row made in that launch too, the fragment kernel's ``EPI`` 4)."""
     import mobiquant as mq
     from mobiquant.kernels import gluon_fragment as gf
     from mobiquant.kernels.triton_bitplane import SmallConfig
@@ -932,7 +950,7 @@ def test_gpu_router_tail():
     def spy(*a, **k):
         e = k.get("epilogue")
         if e is not None and e.kind == "rms_norm":
-            tails.append(e.router is not None)
+            tails.append(e.router is not None and e.normed == (kind == "normed"))
         return real(*a, **k)
 
     @contextlib.contextmanager
@@ -943,7 +961,7 @@ def test_gpu_router_tail():
 
     outs, seen = [], []
     try:
-        for tail in (False, True):
+        for tail in (False, kind):
             set_small_config(q, SmallConfig(router_tail=tail))
             lean_step(q, prologues=True)
             gf.fragment_linear = spy

@@ -16,7 +16,8 @@ router a block, the next block's, whose launch would otherwise make the norm and
 linear in the normed row, ``W1 norm(h) = rsqrt(mean(h^2) + eps) * W1 (h * weight)``, so each program also writes its
 row block's share of ``W1 (h * weight)``, and the last row block's program to finish (a ticket) sums the shares,
 scales them by the norm's rsqrt and finishes the router (``b1``, GELU, second layer, policy) into the gate values
-the next block's linears read: no router launch.
+the next block's linears read: no router launch. With ``normed`` that program also scales the whole row into the
+normed row in place (``out`` then holds ``norm(h)``, read as a plain input: no ``rms_scale`` in the next launch).
 
 :class:`NextInput` holds the request and its outputs; :meth:`NextInput.make` is the same arithmetic in PyTorch
 (what a launch that cannot make it does instead, and the tests' reference). The fragment kernel makes them in its
@@ -45,7 +46,7 @@ class RouterTail:
     """The router an ``"rms_norm"`` request also finishes (module docstring): its layers ``w1 [hidden, n]``, ``b1``,
     ``w2 [K-1, hidden]``, ``b2`` and policy (``adjacent``, else the running minimum), each row block's share of the
     first layer (``part``, fp32 ``[blocks, hp]``, ``hp`` a power of 2 at least the hidden units) and the gate values
-    it makes (``values``, fp32 ``[1, K-1]``)."""
+    it makes (``values``, fp32 ``[1, K-1]``); ``normed``: the request's ``out`` scaled into the normed row too."""
 
     w1: torch.Tensor
     b1: torch.Tensor
@@ -54,11 +55,12 @@ class RouterTail:
     adjacent: bool
     values: torch.Tensor
     part: torch.Tensor
+    normed: bool = False
 
     @classmethod
-    def of(cls, router: tuple, n: int, blocks: int, like: torch.Tensor) -> RouterTail:
+    def of(cls, router: tuple, n: int, blocks: int, like: torch.Tensor, normed: bool = False) -> RouterTail:
         """The tail of ``router`` (``(w1, b1, w2, b2, adjacent)``) for a norm of ``n`` values in ``blocks`` row
-        blocks, its buffers on ``like``'s device; its layers checked."""
+        blocks, its buffers on ``like``'s device; its layers checked. ``normed``: the normed row made too."""
         w1, b1, w2, b2, adjacent = router
         hidden = w1.shape[0] if torch.is_tensor(w1) and w1.dim() == 2 else -1
         r = w2.shape[0] if torch.is_tensor(w2) and w2.dim() == 2 else -1
@@ -81,7 +83,7 @@ class RouterTail:
         values = torch.empty(1, r, dtype=torch.float32, device=like.device)
         part = torch.empty(blocks, hp, dtype=torch.float32, device=like.device)
         w1, b1, w2, b2 = (t.detach().contiguous() for t in (w1, b1, w2, b2))
-        return cls(w1, b1, w2, b2, bool(adjacent), values, part)
+        return cls(w1, b1, w2, b2, bool(adjacent), values, part, bool(normed))
 
     def finish(self, made: torch.Tensor, sums: torch.Tensor, eps: float) -> None:
         """Fills :attr:`part` and :attr:`values` in PyTorch from the norm's parts (``made``: the row times the norm's
@@ -127,10 +129,14 @@ class NextInput:
     router: RouterTail | None = None
 
     @classmethod
-    def rms_norm(cls, weight: torch.Tensor, eps: float, like: torch.Tensor, router: tuple | None = None) -> NextInput:
+    def rms_norm(
+        cls, weight: torch.Tensor, eps: float, like: torch.Tensor, router: tuple | None = None, normed: bool = False
+    ) -> NextInput:
         """The parts of an RMS norm (``weight [n]``, ``eps``) of outputs shaped like ``like`` (one token,
         ``[..., n]``); ``router``: ``(w1, b1, w2, b2, adjacent)``, the router deciding on the norm's output, finished
-        too (:class:`RouterTail`)."""
+        too (:class:`RouterTail`); ``normed`` (with ``router``): ``out`` made into the normed row itself."""
+        if normed and router is None:
+            raise ValueError("normed: the normed row is made by a router's tail (router=(w1, b1, w2, b2, adjacent))")
         n = like.shape[-1]
         if like.numel() != n:
             raise ValueError(f"a norm made in the launch before takes one token, got outputs {tuple(like.shape)}")
@@ -142,7 +148,7 @@ class NextInput:
         blocks = -(-n // ROW_BLOCK)
         out = torch.empty_like(like)
         sums = torch.empty(blocks, dtype=torch.float32, device=like.device)
-        tail = None if router is None else RouterTail.of(router, n, blocks, like)
+        tail = None if router is None else RouterTail.of(router, n, blocks, like, normed)
         return cls("rms_norm", out, sums, weight.to(like.dtype).contiguous(), float(eps), router=tail)
 
     @classmethod
@@ -153,10 +159,15 @@ class NextInput:
             raise ValueError(f"a product made in the launch before takes one token and m >= 1, got {tuple(like.shape)}")
         return cls("silu_mul", torch.empty(*like.shape[:-1], m, dtype=like.dtype, device=like.device))
 
+    @property
+    def normed(self) -> bool:
+        """Whether :attr:`out` is the normed row itself (a router's tail made it so: :class:`RouterTail`)."""
+        return self.router is not None and self.router.normed
+
     def prologue(self) -> tuple | None:
         """What the next launch adds to its reading of :attr:`out` (``("rms_scale", sums, eps)``: its outputs scaled
-        by ``rsqrt(sum(sums) / n + eps)``), or None (the product is the input as it is)."""
-        return ("rms_scale", self.sums, self.eps) if self.kind == "rms_norm" else None
+        by ``rsqrt(sum(sums) / n + eps)``), or None (the product, or the normed row, is the input as it is)."""
+        return ("rms_scale", self.sums, self.eps) if self.kind == "rms_norm" and not self.normed else None
 
     def make(self, y: torch.Tensor) -> None:
         """Fills :attr:`out` (and :attr:`sums`) from the launch's outputs ``y`` in PyTorch, with the kernel's
@@ -173,6 +184,8 @@ class NextInput:
             self.sums.copy_(F.pad(hf * hf, (0, pad)).reshape(-1, ROW_BLOCK).sum(1))
             if self.router is not None:
                 self.router.finish(self.out, self.sums, self.eps)
+                if self.router.normed:  # the kernel's rounding: fp16(fp32(out) * rsqrt), in place
+                    self.out.copy_(rms_scaled(self.out, self.sums, self.eps))
         else:
             gate, up = y.chunk(2, dim=-1)
             self.out.copy_(F.silu(gate.float()).to(up.dtype) * up)

@@ -64,6 +64,7 @@ PLANES = 4
 BATCH_GROUPS = 8  # groups whose partial sums share one accumulator, one mma column each
 BLOCK_N = 128  # rows a program
 SHARES: ttgl.constexpr = ttgl.constexpr(8)  # row blocks' router shares the router tail's last program reads at once
+NROW: ttgl.constexpr = ttgl.constexpr(1024)  # values of the normed row the router tail's last program scales at once
 
 
 def field_shift(j: int) -> int:
@@ -248,14 +249,15 @@ def _router_tail(pre, u, um, b1_ptr, w2_ptr, b2_ptr, t, v_ptr, RH: ttgl.constexp
 
 @gluon.jit
 def _router_share(yw, pid, N, N_OUT, sq_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, part_ptr, lock_ptr, v_ptr, eps,
-                  BN: ttgl.constexpr, R: ttgl.constexpr, RH: ttgl.constexpr, RHP: ttgl.constexpr,
-                  ADJ: ttgl.constexpr):  # fmt: skip
+                  made_ptr, BN: ttgl.constexpr, R: ttgl.constexpr, RH: ttgl.constexpr, RHP: ttgl.constexpr,
+                  ADJ: ttgl.constexpr, NORMED: ttgl.constexpr):  # fmt: skip
     """The router an RMS norm's parts feed (``EPI`` 3, ``epilogue.RouterTail``): row block ``pid``'s share of its
     first layer, ``W1[:, rows] yw`` (``yw``: the block's outputs times the norm's weight, as stored), at
     ``part_ptr + pid * RHP``; the last row block to arrive (a self-resetting ticket at ``lock_ptr``) sums the shares
     (a tile of :data:`SHARES` blocks at a time), scales them by the norm's ``rsqrt(sum(sq) / N_OUT + eps)`` from the
     blocks' sums of squares at ``sq_ptr`` and finishes the router (:func:`_router_tail`) into the gate values at
-    ``v_ptr``."""
+    ``v_ptr``; ``NORMED`` (``EPI`` 4): it also scales the whole row as stored at ``made_ptr`` (``yw`` of every
+    block) into the normed row, in place, so the next launch reads it as it is (no ``rms_scale``)."""
     RL: ttgl.constexpr = ttgl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[4, 1],
                                             order=[1, 0])  # fmt: skip
     uu = ttgl.arange(0, RHP, layout=ttgl.SliceLayout(1, RL))
@@ -288,6 +290,14 @@ def _router_share(yw, pid, N, N_OUT, sq_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, par
             sq += ttgl.load(sq_ptr + c + qo, mask=c + qo < nb, other=0.0, cache_modifier=".cg")
         scale = ttgl.rsqrt(ttgl.sum(sq, axis=0) / N_OUT + eps)
         _router_tail(pre * scale, u, u < RH, b1_ptr, w2_ptr, b2_ptr, 0.0, v_ptr, RH, R, ADJ, True)
+        if NORMED:  # the row as the norm makes it: fp16(yw * scale), NROW values a round trip
+            NL: ttgl.constexpr = ttgl.BlockedLayout(size_per_thread=[8], threads_per_warp=[32], warps_per_cta=[4],
+                                                    order=[0])  # fmt: skip
+            no = ttgl.arange(0, NROW, layout=NL)
+            for c in range(0, N_OUT, NROW):
+                nm = c + no < N_OUT
+                row = ttgl.load(made_ptr + c + no, mask=nm, other=0.0, cache_modifier=".cg").to(ttgl.float32)
+                ttgl.store(made_ptr + c + no, (row * scale).to(made_ptr.dtype.element_ty), mask=nm)
         ttgl.atomic_xchg(lock_ptr, 0)  # self-resetting
 
 
@@ -676,18 +686,19 @@ def _epilogue(yo, out_ptr, ro, pid, N, N_OUT, ep_w_ptr, ep_out_ptr, ep_sq_ptr, w
               ERH: ttgl.constexpr, ERHP: ttgl.constexpr, ERADJ: ttgl.constexpr):  # fmt: skip
     """What the program that wrote row block ``pid``'s outputs ``yo`` (``out_ptr + ro``) makes of them for the next
     launch (the kernel's ``EPI``): 1, the next RMS norm's parts; 3, those and the router on the norm's output
-    (:func:`_router_share`: its layers, shares, ticket, gate values and the norm's ``eps``); 2, a gated MLP's
-    product, by the later program of each gate / up pair of row blocks."""
+    (:func:`_router_share`: its layers, shares, ticket, gate values and the norm's ``eps``); 4, as 3, the parts then
+    scaled into the normed row by the last row block; 2, a gated MLP's product, by the later program of each gate /
+    up pair of row blocks."""
     m = ro < N_OUT
-    if EPI == 1 or EPI == 3:
+    if EPI == 1 or EPI >= 3:
         w = ttgl.load(ep_w_ptr + ro, mask=m, other=0.0)
         yw = yo * w
         ttgl.store(ep_out_ptr + ro, yw, mask=m)
         hf = yo.to(ttgl.float32)
         ttgl.store(ep_sq_ptr + pid, ttgl.sum(ttgl.where(m, hf * hf, 0.0), axis=0))
-        if EPI == 3:
+        if EPI >= 3:
             _router_share(yw, pid, N, N_OUT, ep_sq_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, part_ptr, lock_ptr, v_ptr,
-                          eps, BN, ER, ERH, ERHP, ERADJ)  # fmt: skip
+                          eps, ep_out_ptr, BN, ER, ERH, ERHP, ERADJ, EPI == 4)  # fmt: skip
     else:
         half = N // (2 * BN)
         pair = pid % half
@@ -738,7 +749,9 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
     # ep_w_ptr + pid % (NB / 2)) writes fp16(silu(gate)) * up for its BN rows at ep_out_ptr; 3, EPI 1's parts and the
     # router that decides on the norm's output (epilogue.RouterTail: its layers at ep_w1/b1/w2/b2_ptr, ER gate values
     # from ERH hidden units, ERHP slots a share, ERADJ the policy): each row block's share of the first layer at
-    # ep_part_ptr, the last block (a ticket at ep_lock_ptr) finishing the router into ep_v_ptr (_router_share)
+    # ep_part_ptr, the last block (a ticket at ep_lock_ptr) finishing the router into ep_v_ptr (_router_share); 4, as
+    # 3, and the last block also scales the row at ep_out_ptr into the normed row in place (the next launch reads it
+    # as a plain input)
     # EARLY (P == -1): the program's first EARLY groups of the PMIN planes every body reads are asked of L2 before
     # the view is read or counted, and before the wait of PDL (the weights' first loads then wait on L2, not memory)
     # AHEAD: at each group, the planes of the group AHEAD later asked of L2 (views compiled in, span bodies included)
@@ -1082,7 +1095,7 @@ def _epilogue_kw(epilogue, out: torch.Tensor, n: int, n_out: int, out_mode: int)
     checked against the launch's ``n`` rows (``n_out`` written) into ``out``."""
     kw = dict(_router_epilogue_kw(None, out, n), **_epilogue_parts_kw(epilogue, out, n, n_out, out_mode))
     if epilogue is not None and epilogue.router is not None:
-        kw.update(_router_epilogue_kw(epilogue.router, out, n), EPI=3)
+        kw.update(_router_epilogue_kw(epilogue.router, out, n), EPI=4 if epilogue.router.normed else 3)
     return kw
 
 

@@ -2802,8 +2802,10 @@ class SmallConfig:
     # site's router); q/k/v then read the norm's parts (rms_scale) and the gate values: no router launch in any block
     # but the first (benchmarks/NOTES.md entries 48, 50). Off: measured on an H100 (docs/RESULTS.md "The router tail
     # and the savings under `site`", NOTES entry 52) the routed 3.5 / 4.5 / 5.5-bit budgets took 362.3 / 449.2 / 556.2
-    # us a token against 356.7 / 419.1 / 514.0 without it (the static views level)
-    router_tail: bool = False
+    # us a token against 356.7 / 419.1 / 514.0 without it (the static views level). "normed": the tail's last program
+    # also scales the row into the normed row (one more pass over it, in place), so q/k/v read it as they read the
+    # router launch's by default, with no rms_scale in their launch (NOTES entry 52; not yet timed)
+    router_tail: bool | str = False
     # The lean step's prologues (an RMS norm or gated product made in the launch that reads it) on the fragment
     # kernel too. Off: measured on an H100 (docs/RESULTS.md "Norms and gated products in the launches they feed") the
     # 8B static 4-bit step took 452.1 us with them against 361.1 without (its registers 100-115 -> 136-168 a thread,
@@ -2862,6 +2864,11 @@ class SmallConfig:
                 f"device without a router), False, True, "
                 f"'static' (static views' launches only) or 'views' (every linear's launch, no router's), "
                 f"got {self.pdl!r}"
+            )
+        if self.router_tail not in (False, True, "normed"):
+            raise ValueError(
+                "router_tail must be False, True (the norm's parts and the router's values made by the launch before) "
+                f"or 'normed' (the normed row made there too), got {self.router_tail!r}"
             )
         if not 0 <= self.int4_tokens <= 16 or self.int4_tokens == 1:
             raise ValueError(

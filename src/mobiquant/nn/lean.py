@@ -197,7 +197,11 @@ class LeanDecoderLayer:
         mlp: Any = self.mlp  # type: ignore[attr-defined]
         gated = isinstance(mlp, FusedGatedMLP) or gated_mlp(mlp)
         post = _post_norm_by_o(self, module, mlp, hidden_states) if lean and gated else None
-        if norm is None:
+        if handed is not None and handed.normed:  # the launch before made the normed row and the router's values
+            x = handed.out.view_as(hidden_states)
+            _hold_decisions(self.input_layernorm, x, handed)  # type: ignore[attr-defined]
+            h, _ = module(x, residual=hidden_states, lean_layer=layer, lean_next=post, **kwargs)
+        elif norm is None:
             x = self.input_layernorm(hidden_states)  # type: ignore[attr-defined]
             h, _ = module(x, residual=hidden_states, lean_layer=layer, lean_next=post, **kwargs)
         else:  # the norm made in the q/k/v launch (from the input, or from the parts the launch before made)
@@ -286,11 +290,13 @@ def _router_norm_request(producer: Any, norm: Any, consumer: Any, x: torch.Tenso
     output (a fused norm's, for ``consumer`` or for the linears of ``layer`` that borrow its decisions:
     :func:`_decided_on`) for ``producer``'s launch to fill (``SmallConfig.router_tail``;
     :class:`~mobiquant.kernels.epilogue.RouterTail`), where that launch makes the norm's parts and ``consumer``'s
-    launch can take them once the router's decisions are made; else None."""
+    launch can take them once the router's decisions are made (``router_tail="normed"``: the normed row made there
+    too, which any consumer reads as it is); else None."""
     from ..kernels.epilogue import ROUTER_MAX_HIDDEN, NextInput
 
     cfg = getattr(producer, "small_config", None)
-    if cfg is None or not getattr(cfg, "router_tail", False) or not isinstance(norm, FusedRMSNorm):
+    tail = getattr(cfg, "router_tail", False)
+    if not tail or not isinstance(norm, FusedRMSNorm):
         return None
     router = norm.router
     if router is None or not _decided_on(router, consumer, layer):
@@ -298,11 +304,11 @@ def _router_norm_request(producer: Any, norm: Any, consumer: Any, x: torch.Tenso
     w1, b1, w2, b2 = router._weights()
     if w1.shape[0] > ROUTER_MAX_HIDDEN:
         return None
-    if not (_makes(producer, x, "rms_norm") and _takes(consumer, x, "rms_scale", home_made=True)):
+    normed = tail == "normed"  # the launch makes the normed row too: the consumer reads it as it is
+    if not (_makes(producer, x, "rms_norm") and (normed or _takes(consumer, x, "rms_scale", home_made=True))):
         return None
-    return NextInput.rms_norm(
-        norm.weight, norm.variance_epsilon, x, router=(w1, b1, w2, b2, router.policy == "adjacent")
-    )
+    adjacent = router.policy == "adjacent"
+    return NextInput.rms_norm(norm.weight, norm.variance_epsilon, x, router=(w1, b1, w2, b2, adjacent), normed=normed)
 
 
 def _decided_on(router: Any, consumer: Any, layer: Any) -> bool:
