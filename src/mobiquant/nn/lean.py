@@ -197,19 +197,16 @@ class LeanDecoderLayer:
         mlp: Any = self.mlp  # type: ignore[attr-defined]
         gated = isinstance(mlp, FusedGatedMLP) or gated_mlp(mlp)
         post = _post_norm_by_o(self, module, mlp, hidden_states) if lean and gated else None
-        if handed is not None and handed.normed:  # the launch before made the normed row and the router's values
+        if handed is not None:  # the launch before made our input: the norm's parts (``norm`` scales them in the
+            # q/k/v launch) or the normed row, and with a router's tail that router's values for it
             x = handed.out.view_as(hidden_states)
-            _hold_decisions(self.input_layernorm, x, handed)  # type: ignore[attr-defined]
-            h, _ = module(x, residual=hidden_states, lean_layer=layer, lean_next=post, **kwargs)
+            if handed.router is not None:
+                _hold_decisions(self.input_layernorm, x, handed)  # type: ignore[attr-defined]
         elif norm is None:
             x = self.input_layernorm(hidden_states)  # type: ignore[attr-defined]
-            h, _ = module(x, residual=hidden_states, lean_layer=layer, lean_next=post, **kwargs)
-        else:  # the norm made in the q/k/v launch (from the input, or from the parts the launch before made)
-            x = hidden_states if handed is None else handed.out.view_as(hidden_states)
-            if handed is not None and handed.router is not None:  # and the router that reads the norm's output
-                _hold_decisions(self.input_layernorm, x, handed)  # type: ignore[attr-defined]
-            h, _ = module(x, residual=hidden_states, lean_layer=layer, lean_prologue=norm, lean_next=post,
-                          **kwargs)  # fmt: skip
+        else:  # the norm made in the q/k/v launch from the input
+            x = hidden_states
+        h, _ = module(x, residual=hidden_states, lean_layer=layer, lean_prologue=norm, lean_next=post, **kwargs)
         if not gated:
             return h + mlp(self.post_attention_layernorm(h))  # type: ignore[attr-defined]
         if post is not None:  # the o launch made the norm's parts: gate/up scale their outputs
