@@ -126,6 +126,9 @@
 #            (SmallConfig.router_tail, benchmarks/NOTES.md entries 48, 50), then the package rows with router placement
 #            block, the lean step's prologues (the default) beside the same with it and with its normed row
 #            (router_tail="normed", NOTES entry 54), two rounds (each row's fastest)
+#   blockstatic (only when named) router placement block's static views taking the handed norms in their launches
+#            (NOTES entry 55): its GPU tests beside the compiles, then the package rows with the lean step's prologues
+#            and with every static view's epilogues on
 #   tailcensus (only when named) the compiled step's kernels at routed 3.5 / 4.5 bits and the static 4-bit view, the
 #            default and SmallConfig.router_tail (True, "normed") side by side (step_overhead.py --kernels; NOTES 52)
 #   programs (only when named) the package rows (block, lean step and prologues) with the fragment launches' grids
@@ -459,6 +462,19 @@ stage() {
         tests/kernels/test_epilogue.py -k "router_tail"
       package_stage routertail block --package-lean-prologues --package-router-tail --package-router-tail-normed \
         --package-fused-only --package-rounds 2 ;;
+    blockstatic)
+      # the static views under router=block with the norms the launches before hand over, their home linears no
+      # longer making the normed row for the router first (TokenRouter.idle_for, NOTES 55): the GPU tests side by side
+      # with the compiles, then the package rows with the lean step's prologues (the default) and with every static
+      # view's epilogues on (SmallConfig(fragment_epilogues=True))
+      local cmd=("$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed --fuse-inputs \
+        --package-policy adjacent --package-placement block --package-budgets 3.5,4.5,5.5 --package-lean-prologues \
+        --package-epilogues --package-fused-only --package-rounds "${PACKAGE_ROUNDS:-1}")
+      run_stage blockstatic_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_lean_step.py \
+        -k "gpu_static_block_router or gpu_lean_epilogues" &
+      warm_shards blockstatic "${cmd[@]}"
+      wait
+      run_stage blockstatic 900 "${cmd[@]}" --out "$RES/blockstatic" ;;
     tailcensus)
       # where the router tail's routed steps lose (NOTES 52): the compiled step's kernels at routed 3.5 / 4.5 bits, the
       # default and SmallConfig(router_tail=True) side by side, block placement, the lean step with its prologues
@@ -499,7 +515,7 @@ print(','.join(str(int(v)) for v in t))" "$RES/router_sweep/router_sweep.csv" 2>
       run_stage pattern 600 "$PY" benchmarks/stream_pattern.py --views 1,2,6 \
         --package-configs "$PATTERN_CONFIGS" --out "$RES/pattern" ;;
     *)
-      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement pdl spandef spanrule spancost loads lean attn prologues block pdlstatic epikinds routedepi routedsite routertail tailcensus programs epilogues span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
+      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement pdl spandef spanrule spancost loads lean attn prologues block pdlstatic epikinds routedepi routedsite routertail blockstatic tailcensus programs epilogues span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
       return 2 ;;
   esac
 }

@@ -528,6 +528,44 @@ def test_lean_epilogues_hand_the_norm_and_product_over(monkeypatch):
 
 
 @needs_triton
+def test_static_block_router_leaves_the_handed_norm_to_the_launch(monkeypatch):
+    """One router a block (``router=block``: q/k/v its home linears, the rest borrowing its decisions) at a static
+    view, the layer before's down launch handing the next layer its input norm's parts (every launch asked to, as in
+    :func:`test_lean_epilogues_hand_the_norm_and_product_over`; the first layer's q/k/v make it from the input): no
+    linear asks the router's decisions, so the home linears leave the norm to their (site's) launch
+    (``TokenRouter.idle_for``) instead of each making the normed row for the router first (on the CPU only the
+    launches that cannot take it make it, one each: ``_made_here``); at a routed budget q/k/v's router decides and is
+    not told so. The logits stay those of the step without the requests."""
+    from test_fused_inputs import default_layout_model
+
+    from mobiquant.nn import lean
+    from mobiquant.nn import linear as lin_mod
+    from mobiquant.nn.router import TokenRouter
+    from mobiquant.patching import fuse_inputs
+
+    q = default_layout_model("block")
+    fuse_inputs(q)
+    ids = torch.randint(0, q.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(5)).to(q.device)
+    ref = _logits_each_way(q, 2, ids, 3, None, [dict(prologues=True)])
+    real_takes, real_made, real_here = lean._takes, lin_mod.made_input, lin_mod.MoBiLinear._made_here
+    made, here, idle = [], [], []
+    monkeypatch.setattr(lean, "_makes", lambda *a: True)
+    monkeypatch.setattr(lean, "_takes", lambda lin, x, kind="rms_norm": kind == "rms_scale" or real_takes(lin, x, kind))
+    monkeypatch.setattr(lin_mod, "made_input", lambda x, p: made.append(p[0]) or real_made(x, p))
+    monkeypatch.setattr(lin_mod.MoBiLinear, "_made_here", lambda self, x, p: here.append(p[0]) or real_here(self, x, p))
+    real_hold = TokenRouter.hold_idle
+    monkeypatch.setattr(TokenRouter, "hold_idle", lambda self, x: idle.append(1) or real_hold(self, x))
+    got = _logits_each_way(q, 2, ids, 3, None, [dict(prologues=True)])
+    torch.testing.assert_close(got[0], ref[0], atol=2e-3, rtol=2e-3)
+    n, tokens = q.config.num_hidden_layers, 3
+    assert len(idle) == n * tokens, idle  # each layer's q/k/v (the first's make the norm from the input), each step
+    assert "rms_scale" in here and made == here, (made, here)  # no home linear made the norm for its router
+    idle.clear()
+    _logits_each_way(q, None, ids, 3, None, [dict(prologues=True)])
+    assert idle == []  # routed: the router decides on the block's input
+
+
+@needs_triton
 @needs_gpu
 def test_gpu_lean_epilogues():
     """On the GPU, a packed LLaMA whose linears the fragment kernel serves (widths of 1024 and 2048, groups of 128) at
@@ -543,6 +581,42 @@ def test_gpu_lean_epilogues():
     # each o launch and each down launch but the last a norm's parts, each gate/up launch a product
     assert none == [] and kinds.count("silu_mul") == 2 * 3 and kinds.count("rms_norm") == (2 * 2 - 1) * 3, kinds
     torch.testing.assert_close(on, off, atol=3e-2, rtol=3e-2)
+
+
+@needs_triton
+@needs_gpu
+def test_gpu_static_block_router_one_launch_a_site():
+    """On the GPU, one router a block (``router=block``) at a static 4-plane view with the default settings (its
+    launches make the next one's norm): each step is one fragment launch a site (q/k/v, o, gate/up, down) in every
+    layer, the second layer's q/k/v site making the norm the first layer's down launch handed it, none making it
+    beforehand for the router (no linear asks its decisions), and the logits are those of the step without the lean
+    layer's prologues."""
+    import mobiquant as mq
+    from mobiquant.kernels import gluon_fragment as gf
+
+    q = _fragment_llama(mq.MoBiConfig(slice_bits=(3, 1, 1, 1, 1, 1), group_size=128, router_placement="block"))
+    mq.set_static(q, 2)
+    ids = torch.randint(0, q.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(6)).cuda()
+    launches: list[str | None] = []
+    real = gf.fragment_linear
+
+    def spy(*a, **k):
+        launches.append(None if k.get("prologue") is None else k["prologue"][0])
+        return real(*a, **k)
+
+    lean_step(q, prologues=False)
+    ref = torch.cat(_cached_logits(q, ids, 3, 10))
+    lean_step(q, prologues=True)
+    gf.fragment_linear = spy
+    try:
+        got = torch.cat(_cached_logits(q, ids, 3, 10))
+    finally:
+        gf.fragment_linear = real
+        lean_step(q, enable=False)
+    n, steps = q.config.num_hidden_layers, 3
+    assert len(launches) == 4 * n * steps, launches
+    assert launches.count("rms_scale") == (2 * n - 1) * steps, launches  # gate/up everywhere, q/k/v but the first
+    torch.testing.assert_close(got, ref, atol=3e-2, rtol=3e-2)
 
 
 def _fragment_llama(cfg):

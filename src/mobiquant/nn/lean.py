@@ -206,6 +206,8 @@ class LeanDecoderLayer:
             x = self.input_layernorm(hidden_states)  # type: ignore[attr-defined]
         else:  # the norm made in the q/k/v launch from the input
             x = hidden_states
+        if norm is not None and (handed is None or handed.router is None):  # x is not the router's input
+            _idle_router(self, module.q_proj, x)
         h, _ = module(x, residual=hidden_states, lean_layer=layer, lean_prologue=norm, lean_next=post, **kwargs)
         if not gated:
             return h + mlp(self.post_attention_layernorm(h))  # type: ignore[attr-defined]
@@ -323,6 +325,23 @@ def _decided_on(router: Any, consumer: Any, layer: Any) -> bool:
         isinstance(m, MoBiLinear) and m.router is router and not m.router_home and not m.decodes_static
         for m in layer.modules()
     )
+
+
+@torch.compiler.disable  # host state beside the step's tensors, as the routers' caches
+def _idle_router(layer: Any, consumer: Any, x: torch.Tensor) -> None:
+    """Tells the router of ``consumer`` (a home linear of ``layer``'s input, e.g. q_proj) that no linear asks its
+    decisions for ``x`` (the input norm's input, or its parts made by the launch before: what the norm's prologue
+    reads), where every linear of ``layer`` reading them decodes a static view (no thresholds being fitted): the home
+    linears then make the norm in their (site's) launch instead of each making the normed row for the router first
+    (``TokenRouter.hold_idle``)."""
+    from .linear import MoBiLinear
+
+    router = getattr(consumer, "router", None)
+    if router is None or not router.has_borrowers or router.recorder is not None:
+        return
+    if any(isinstance(m, MoBiLinear) and m.router is router and not m.decodes_static for m in layer.modules()):
+        return
+    router.hold_idle(x)
 
 
 @torch.compiler.disable  # host state beside the step's tensors, as the routers' caches

@@ -540,7 +540,8 @@ class MoBiLinear(nn.Module):
     ) -> torch.Tensor:
         router = self._router
         home = router is not None and router.has_borrowers and self.router_home
-        made = home and self._decisions_made_for(x)  # the router's decisions on x made before: x may stay unmade
+        # the router's decisions on x made before, or asked by no one (router.idle_for): x may stay unmade
+        made = home and (self._decisions_made_for(x) or router.idle_for(x))  # type: ignore[union-attr]
         if prologue is not None and ((home and not made) or not self.packed or self.weight_override is not None):
             x, prologue = made_input(x, prologue), None  # the input made here, once: no launch makes it
         if home:

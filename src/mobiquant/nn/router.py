@@ -571,6 +571,18 @@ class TokenRouter(nn.Module):
         """Whether this router's decisions for ``x`` are held, made elsewhere (:meth:`hold_values`)."""
         return _hit(self.__dict__.get("_made_for"), x, self._values_key())
 
+    def hold_idle(self, x: torch.Tensor) -> None:
+        """Marks ``x`` (an input of this router's home linears that is not itself the input it decides on: a norm's
+        parts, made by the launch before) as one that no linear asks this router's decisions for (every linear
+        reading them decodes a static view this step): its home linears then need not make the input it would decide
+        on, and take the norm in their launch (:meth:`idle_for`)."""
+        self.__dict__["_idle_for"] = weakref.ref(x)
+
+    def idle_for(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` was marked by :meth:`hold_idle`: no linear asks this router's decisions for it."""
+        held = self.__dict__.get("_idle_for")
+        return held is not None and held() is x
+
     def _known_values(self, x: torch.Tensor, key: tuple) -> torch.Tensor | None:
         """The gate values known for this very ``x`` (kept by a linear, or held: :meth:`hold_values`), or None."""
         if _hit(self._values, x, key):
@@ -582,6 +594,7 @@ class TokenRouter(nn.Module):
         self._cache = None
         self._values = None
         self.__dict__["_made_for"] = None
+        self.__dict__["_idle_for"] = None
         self.__dict__["_partials"] = None
         self._tail = None
         self.last_soft = None
@@ -610,7 +623,7 @@ class TokenRouter(nn.Module):
         """Pickled without its host copies and per-input caches (they hold weak references; both are rebuilt)."""
         state = dict(self.__dict__)
         state.update(_host_table=None, _host_tau=None, _cache=None, _values=None, _tail=None, _launch=None,
-                     _partials=None, _made_for=None)  # fmt: skip
+                     _partials=None, _made_for=None, _idle_for=None)  # fmt: skip
         state.update(last_soft=None, _home=None, _held=None)
         return state
 
