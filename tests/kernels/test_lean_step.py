@@ -712,9 +712,10 @@ def test_routed_epilogues_asked_of_borrowers_only(monkeypatch):
     """``SmallConfig(fragment_routed_epilogues=True)`` with one router a block (``router=block``) at a routed budget:
     the o launch (a borrower) and the gate/up site launch are asked to make the post-attention norm's parts and the
     gated product, gate/up (borrowers: their decisions come from the block's input) take the made norm, q/k/v (the
-    router's home linears, whose router reads their input) do not; nothing is asked without the switch or at a
-    static view that the static rule leaves out. Where a launch makes them is the kernels' to say
-    (``triton_bitplane._routed_made_by``, here answered yes); the decisions only are checked."""
+    router's home linears, whose router reads their input) do not, with no config set too (the defaults: decode's
+    ``kernels: {}``); nothing is asked without the switch or at a static view that the static rule leaves out.
+    Where a launch makes them is the kernels' to say (``triton_bitplane._routed_made_by``, here answered yes); the
+    decisions only are checked."""
     from test_fused_inputs import default_layout_model
 
     import mobiquant as mq
@@ -746,6 +747,7 @@ def test_routed_epilogues_asked_of_borrowers_only(monkeypatch):
     assert len(routed) == 3, "the budget leaves the block's borrowers routed"
     assert answers(SmallConfig(fragment_routed_epilogues=False)) == (False, False, False, False)
     assert answers(SmallConfig()) == (True, True, True, False)  # the switch is on by default
+    assert answers(None) == (True, True, True, False)  # and no config set is the defaults (decode's kernels: {})
     assert (q.config.hidden_size,) in asked and (mlp.gate_proj.out_features, mlp.up_proj.out_features) in asked
     set_small_config(q, None)
 

@@ -459,9 +459,12 @@ class MoBiLinear(nn.Module):
     def _device_view_launch(self, x: torch.Tensor) -> bool:
         """Whether ``x`` is one token this packed routed linear decodes at a view read on the device (its router's
         gate values, no router in its launch) on the one-bit plane buffers' kernels, with
-        ``SmallConfig.fragment_routed_epilogues`` (the launches that may then take an epilogue or a made norm)."""
-        cfg = getattr(self, "small_config", None)
-        if cfg is None or not cfg.fragment_routed_epilogues or self.decodes_static:
+        ``SmallConfig.fragment_routed_epilogues`` (the launches that may then take an epilogue or a made norm; no
+        ``small_config``: the defaults, as every launch reads them)."""
+        from ..kernels.triton_bitplane import SmallConfig
+
+        cfg = getattr(self, "small_config", None) or SmallConfig()
+        if not cfg.fragment_routed_epilogues or self.decodes_static:
             return False
         if cfg.router_in_launch and self.router_home:
             return False  # its router's programs in the launch: the norm is theirs to read
