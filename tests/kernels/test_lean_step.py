@@ -566,6 +566,43 @@ def test_static_block_router_leaves_the_handed_norm_to_the_launch(monkeypatch):
 
 
 @needs_triton
+def test_home_linears_make_a_decided_norm_once(monkeypatch):
+    """One router a block at a routed budget with q/k/v (its home linears) at a static view and its borrowers routed
+    (a per-linear plan can split a block so), each layer handed its input norm (every launch asked to, as in
+    :func:`test_lean_epilogues_hand_the_norm_and_product_over`): the router decides on the normed row, which the home
+    linears make once between them (``TokenRouter.made_once``: one normed row a layer and step, not one each, so
+    their site's one launch serves them) and the borrowers' decisions are those of the step without the requests."""
+    from test_fused_inputs import default_layout_model
+
+    import mobiquant as mq
+    from mobiquant.nn import lean
+    from mobiquant.nn import linear as lin_mod
+    from mobiquant.patching import fuse_inputs
+
+    q = default_layout_model("block")
+    fuse_inputs(q)
+    ids = torch.randint(0, q.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(4)).to(q.device)
+    mq.set_budget(q, 4.5)
+    for layer in q.model.layers:
+        for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            lin.set_static(2)
+    lean_step(q, prologues=True)
+    ref = torch.cat(_cached_logits(q, ids, 3, 10))
+    real_takes, real_made, real_here = lean._takes, lin_mod.made_input, lin_mod.MoBiLinear._made_here
+    made, here = [], []
+    monkeypatch.setattr(lean, "_makes", lambda *a: True)
+    monkeypatch.setattr(lean, "_takes", lambda lin, x, kind="rms_norm": kind == "rms_scale" or real_takes(lin, x, kind))
+    monkeypatch.setattr(lin_mod, "made_input", lambda x, p: made.append(p[0]) or real_made(x, p))
+    monkeypatch.setattr(lin_mod.MoBiLinear, "_made_here", lambda self, x, p: here.append(p[0]) or real_here(self, x, p))
+    got = torch.cat(_cached_logits(q, ids, 3, 10))
+    lean_step(q, enable=False)
+    torch.testing.assert_close(got, ref, atol=2e-3, rtol=2e-3)
+    n, tokens = q.config.num_hidden_layers, 3
+    by_home = made.count("rms_scale") - here.count("rms_scale")  # not by a launch that could not take it (the CPU's)
+    assert by_home == (n - 1) * tokens, (made, here)  # each layer handed its norm: made once, not once a linear
+
+
+@needs_triton
 @needs_gpu
 def test_gpu_lean_epilogues():
     """On the GPU, a packed LLaMA whose linears the fragment kernel serves (widths of 1024 and 2048, groups of 128) at
@@ -592,27 +629,15 @@ def test_gpu_static_block_router_one_launch_a_site():
     beforehand for the router (no linear asks its decisions), and the logits are those of the step without the lean
     layer's prologues."""
     import mobiquant as mq
-    from mobiquant.kernels import gluon_fragment as gf
 
     q = _fragment_llama(mq.MoBiConfig(slice_bits=(3, 1, 1, 1, 1, 1), group_size=128, router_placement="block"))
     mq.set_static(q, 2)
     ids = torch.randint(0, q.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(6)).cuda()
-    launches: list[str | None] = []
-    real = gf.fragment_linear
-
-    def spy(*a, **k):
-        launches.append(None if k.get("prologue") is None else k["prologue"][0])
-        return real(*a, **k)
-
     lean_step(q, prologues=False)
     ref = torch.cat(_cached_logits(q, ids, 3, 10))
-    lean_step(q, prologues=True)
-    gf.fragment_linear = spy
-    try:
-        got = torch.cat(_cached_logits(q, ids, 3, 10))
-    finally:
-        gf.fragment_linear = real
-        lean_step(q, enable=False)
+    lean_step(q, enable=False)
+    launches: list[str | None] = []
+    got = _fragment_logits(q, ids, lambda k: launches.append(None if k.get("prologue") is None else k["prologue"][0]))
     n, steps = q.config.num_hidden_layers, 3
     assert len(launches) == 4 * n * steps, launches
     assert launches.count("rms_scale") == (2 * n - 1) * steps, launches  # gate/up everywhere, q/k/v but the first
@@ -639,28 +664,36 @@ def _fragment_llama(cfg):
 def _epilogue_kinds(q, config) -> tuple[torch.Tensor, list[str]]:
     """``q``'s step-by-step logits with the lean step and its prologues under ``config`` (3 steps after a 3-token
     prompt), and the kind of each epilogue a fragment launch was handed."""
-    from mobiquant.kernels import gluon_fragment as gf
     from mobiquant.patching import set_small_config
 
     ids = torch.randint(0, q.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(6)).cuda()
     kinds: list[str] = []
+    set_small_config(q, config)
+    try:
+        logits = _fragment_logits(q, ids, lambda k: k.get("epilogue") is None or kinds.append(k["epilogue"].kind))
+    finally:
+        set_small_config(q, None)
+    return logits, kinds
+
+
+def _fragment_logits(q, ids, record) -> torch.Tensor:
+    """``q``'s step-by-step logits (3 steps after a 3-token prompt of ``ids``) with the lean step and its prologues,
+    ``record`` called with the keywords of each fragment launch."""
+    from mobiquant.kernels import gluon_fragment as gf
+
     real = gf.fragment_linear
 
     def spy(*a, **k):
-        if k.get("epilogue") is not None:
-            kinds.append(k["epilogue"].kind)
+        record(k)
         return real(*a, **k)
 
-    set_small_config(q, config)
     lean_step(q, prologues=True)
     gf.fragment_linear = spy
     try:
-        logits = torch.cat(_cached_logits(q, ids, 3, 10))
+        return torch.cat(_cached_logits(q, ids, 3, 10))
     finally:
         gf.fragment_linear = real
         lean_step(q, enable=False)
-        set_small_config(q, None)
-    return logits, kinds
 
 
 @needs_triton

@@ -545,7 +545,9 @@ class MoBiLinear(nn.Module):
         home = router is not None and router.has_borrowers and self.router_home
         # the router's decisions on x made before, or asked by no one (router.idle_for): x may stay unmade
         made = home and (self._decisions_made_for(x) or router.idle_for(x))  # type: ignore[union-attr]
-        if prologue is not None and ((home and not made) or not self.packed or self.weight_override is not None):
+        if prologue is not None and home and not made:  # the router's input, made once for its home linears
+            x, prologue = router.made_once(x, prologue, made_input), None  # type: ignore[union-attr]
+        elif prologue is not None and (not self.packed or self.weight_override is not None):
             x, prologue = made_input(x, prologue), None  # the input made here, once: no launch makes it
         if home:
             router.see_home(x)  # type: ignore[union-attr]

@@ -578,6 +578,17 @@ class TokenRouter(nn.Module):
         on, and take the norm in their launch (:meth:`idle_for`)."""
         self.__dict__["_idle_for"] = weakref.ref(x)
 
+    def made_once(self, x: torch.Tensor, prologue: tuple, make: Any) -> torch.Tensor:
+        """``make(x, prologue)``: the input this router decides on, made from ``x`` by a norm's ``prologue`` its home
+        linears were handed, once for all of them (the same tensor for each: their site's one launch is kept for one
+        input)."""
+        held = self.__dict__.get("_made_once")
+        if held is not None and held[0]() is x and held[1] is prologue:
+            return held[2]
+        made = make(x, prologue)
+        self.__dict__["_made_once"] = (weakref.ref(x), prologue, made)
+        return made
+
     def idle_for(self, x: torch.Tensor) -> bool:
         """Whether ``x`` was marked by :meth:`hold_idle`: no linear asks this router's decisions for it."""
         held = self.__dict__.get("_idle_for")
@@ -595,6 +606,7 @@ class TokenRouter(nn.Module):
         self._values = None
         self.__dict__["_made_for"] = None
         self.__dict__["_idle_for"] = None
+        self.__dict__["_made_once"] = None
         self.__dict__["_partials"] = None
         self._tail = None
         self.last_soft = None
@@ -623,7 +635,8 @@ class TokenRouter(nn.Module):
         """Pickled without its host copies and per-input caches (they hold weak references; both are rebuilt)."""
         state = dict(self.__dict__)
         state.update(_host_table=None, _host_tau=None, _cache=None, _values=None, _tail=None, _launch=None,
-                     _partials=None, _made_for=None, _idle_for=None)  # fmt: skip
+                     _partials=None, _made_for=None, _idle_for=None,
+                     _made_once=None)  # fmt: skip
         state.update(last_soft=None, _home=None, _held=None)
         return state
 
