@@ -2879,6 +2879,11 @@ class SmallConfig:
 _DEFAULT_SMALL = SmallConfig()
 
 
+def small_config_or_default(config: SmallConfig | None) -> SmallConfig:
+    """``config``, or the defaults where none is set (one shared, frozen instance)."""
+    return config or _DEFAULT_SMALL
+
+
 @dataclass(frozen=True)
 class TileConfig:
     block_m: int = 128
@@ -4556,5 +4561,6 @@ __all__ = [
     "pack_bitplanes",
     "site_bitplanes",
     "wants_bitplanes",
+    "small_config_or_default",
     "small_supported",
 ]

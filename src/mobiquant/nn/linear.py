@@ -461,9 +461,9 @@ class MoBiLinear(nn.Module):
         gate values, no router in its launch) on the one-bit plane buffers' kernels, with
         ``SmallConfig.fragment_routed_epilogues`` (the launches that may then take an epilogue or a made norm; no
         ``small_config``: the defaults, as every launch reads them)."""
-        from ..kernels.triton_bitplane import SmallConfig
+        from ..kernels.triton_bitplane import small_config_or_default
 
-        cfg = getattr(self, "small_config", None) or SmallConfig()
+        cfg = small_config_or_default(getattr(self, "small_config", None))
         if not cfg.fragment_routed_epilogues or self.decodes_static:
             return False
         if cfg.router_in_launch and self.router_home:
