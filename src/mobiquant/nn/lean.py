@@ -319,12 +319,15 @@ def _decided_on(router: Any, consumer: Any, layer: Any) -> bool:
         return True
     if not router.has_borrowers or router.recorder is not None or router.fixed or consumer.training:
         return False
+    return any(not m.router_home for m in _routed_by(router, layer))
+
+
+def _routed_by(router: Any, layer: Any) -> list:
+    """The linears of ``layer`` that read ``router``'s decisions and decode no static view (its home linears and
+    borrowers alike)."""
     from .linear import MoBiLinear
 
-    return any(
-        isinstance(m, MoBiLinear) and m.router is router and not m.router_home and not m.decodes_static
-        for m in layer.modules()
-    )
+    return [m for m in layer.modules() if isinstance(m, MoBiLinear) and m.router is router and not m.decodes_static]
 
 
 @torch.compiler.disable  # host state beside the step's tensors, as the routers' caches
@@ -334,12 +337,8 @@ def _idle_router(layer: Any, consumer: Any, x: torch.Tensor) -> None:
     reads), where every linear of ``layer`` reading them decodes a static view (no thresholds being fitted): the home
     linears then make the norm in their (site's) launch instead of each making the normed row for the router first
     (``TokenRouter.hold_idle``)."""
-    from .linear import MoBiLinear
-
     router = getattr(consumer, "router", None)
-    if router is None or not router.has_borrowers or router.recorder is not None:
-        return
-    if any(isinstance(m, MoBiLinear) and m.router is router and not m.decodes_static for m in layer.modules()):
+    if router is None or not router.has_borrowers or router.recorder is not None or _routed_by(router, layer):
         return
     router.hold_idle(x)
 
