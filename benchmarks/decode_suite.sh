@@ -131,6 +131,9 @@
 #            and with every static view's epilogues on
 #   tailcensus (only when named) the compiled step's kernels at routed 3.5 / 4.5 bits and the static 4-bit view, the
 #            default and SmallConfig.router_tail (True, "normed") side by side (step_overhead.py --kernels; NOTES 52)
+#   stepcensus (only when named) the compiled step's kernels at routed 3.5 / 4.5 bits and the static 4-bit view under
+#            the defaults beside pdl=false (under pdl a launch's time includes its wait on the one before: only the
+#            row without it says which launches hold the step; NOTES 57)
 #   programs (only when named) the package rows (block, lean step and prologues) with the fragment launches' grids
 #            aimed at 896 and 1792 programs beside the default 448 (SmallConfig.fragment_programs, NOTES entry 46)
 #   block    (only when named; in loads) the default rows with router placement block (one router a layer), with
@@ -481,6 +484,11 @@ stage() {
       run_stage tailcensus 900 "$PY" benchmarks/step_overhead.py --policy adjacent --placement block --census compile \
         --census-only --census-budgets 3.5 4.5 --lean-step --lean-prologues --kernels "" "router_tail=true" \
         "router_tail=normed" ;;
+    stepcensus)
+      # where the default step's time goes (NOTES 57): the compiled step's kernels, block placement, the lean step with
+      # its prologues, the defaults beside pdl off (whose kernel times are the launches' own)
+      run_stage stepcensus 900 "$PY" benchmarks/step_overhead.py --policy adjacent --placement block --census compile \
+        --census-only --census-budgets 3.5 4.5 --lean-step --lean-prologues --top 40 --kernels "" "pdl=false" ;;
     programs)
       # the fragment launches' grids aimed at 896 and 1792 programs instead of 448 (NOTES 46: the gate/up site launch
       # at the single layer's best shape, 8 groups a program, in two waves), block placement, the lean step and its
@@ -515,7 +523,7 @@ print(','.join(str(int(v)) for v in t))" "$RES/router_sweep/router_sweep.csv" 2>
       run_stage pattern 600 "$PY" benchmarks/stream_pattern.py --views 1,2,6 \
         --package-configs "$PATTERN_CONFIGS" --out "$RES/pattern" ;;
     *)
-      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement pdl spandef spanrule spancost loads lean attn prologues block pdlstatic epikinds routedepi routedsite routertail blockstatic tailcensus programs epilogues span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
+      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement pdl spandef spanrule spancost loads lean attn prologues block pdlstatic epikinds routedepi routedsite routertail blockstatic tailcensus stepcensus programs epilogues span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
       return 2 ;;
   esac
 }
