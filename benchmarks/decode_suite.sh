@@ -302,7 +302,7 @@ stage() {
         return 0
       fi
       run_stage e2e_ckpt 1500 "$PY" benchmarks/e2e_decode.py --gguf "$GGUF" --checkpoint "$CKPT" \
-        --budgets 3.5,4,4.5,5 --views 2 --fuse-inputs --out "$RES/e2e_ckpt"
+        --budgets 3.5,4,4.5,5 --views 2 --fuse-inputs --lean-step --lean-prologues --out "$RES/e2e_ckpt"
       # budget 4 again with the compiled step's kernel census (fp16, routed 4, the static 4-bit view)
       run_stage e2e_ckpt_census 900 "$PY" benchmarks/e2e_decode.py --gguf "$GGUF" --checkpoint "$CKPT" \
         --budgets 4 --views 2 --fuse-inputs --repeats 2 --profile --census compile --out "$RES/e2e_ckpt_census" ;;

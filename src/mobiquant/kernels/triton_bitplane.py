@@ -3573,7 +3573,7 @@ def launch_pdl(
     a router's programs in it), ``"static"`` those of static views (``static``: the view known on the host, no router
     in the launch), None on a ``device`` that has it those of static views of ``planes`` from 1 to
     :data:`PDL_MAX_PLANES` and those of views read on the device with no router in the launch."""
-    pdl = (cfg or _DEFAULT_SMALL).pdl
+    pdl = small_config_or_default(cfg).pdl
     if pdl is None:
         if router or not _pdl_capable(device):
             return False
@@ -3694,7 +3694,7 @@ def _check_made_by_fragment(prologue: tuple | None, epilogue: Any, on_fragment: 
 def spans(config: SmallConfig | None) -> bool:
     """Whether the package's one-token launches take a routed layer's span of views (``SmallConfig.span_bodies``;
     ``config`` None: the default)."""
-    return (config or _DEFAULT_SMALL).span_bodies
+    return small_config_or_default(config).span_bodies
 
 
 def _check_span(span: tuple[int, int] | None, NS: int) -> None:
@@ -3915,7 +3915,7 @@ def takes_prologue(
         return frag and epilogues_on(config, bp, k, "rms_norm")  # the norm's parts made by the launch before
     if frag:
         return bool(config is not None and config.fragment_prologues) and x2.dtype == torch.float16
-    if bp.in_features > (config or _DEFAULT_SMALL).prologue_max_in:
+    if bp.in_features > small_config_or_default(config).prologue_max_in:
         return False
     return prologue_in_launch(x2, bp, sum(outs), config)
 
@@ -3924,7 +3924,7 @@ def epilogues_on(config: SmallConfig | None, bp: BitPlanes, k: int, kind: str = 
     """Whether ``config`` (None: the defaults) asks the launches of the static view ``k`` of ``bp`` to make the next
     launch's input of ``kind`` (``SmallConfig.fragment_epilogues``; None: views of at most 4 or at least 7 planes; a
     kind's name: that kind alone)."""
-    want = (config or _DEFAULT_SMALL).fragment_epilogues
+    want = small_config_or_default(config).fragment_epilogues
     if want is None:
         planes = planes_of_views(bp.slice_bits)[k - 1]
         return planes <= 4 or planes >= 7
@@ -3963,7 +3963,7 @@ def _routed_made_by(
     """Whether the one-token launch of a view read on the device (within ``span`` when known) of ``bp``, a layer or a
     site's layers (``outs``), takes an epilogue and a norm made by the launch before: on the fragment kernel (fp16),
     with ``SmallConfig.fragment_routed_epilogues``."""
-    cfg = config or _DEFAULT_SMALL
+    cfg = small_config_or_default(config)
     if not cfg.fragment_routed_epilogues or x2.dtype != torch.float16:
         return False
     if len(outs) == 1:
