@@ -25,8 +25,10 @@
 #            compile for fp16 and the default layout's views and budgets)
 #   ckpt     (only when named) SmolLM2-135M from a saved checkpoint of the default configuration ($CKPT, brought by
 #            bare_gpu.sh bundle-ckpt / install: adjacent routers, the budget plan; most linears then decode as static
-#            views, benchmarks/static_share.py) at budgets 3.5-5 and the static 4-bit view, fused inputs, compiled step;
-#            then budget 4 with the compiled step's kernel census (e2e_decode.py --profile --census compile)
+#            views, benchmarks/static_share.py) at budgets 3.5-5 (CKPT_BUDGETS) and the static 4-bit view, fused
+#            inputs, compiled step, with and without the lean step and its prologues (the package's decode defaults);
+#            then budget 4 with the compiled step's kernel census (e2e_decode.py --profile --census compile;
+#            CKPT_CENSUS=0: without it)
 #   prefill  (only when named) where SmolLM2's time to first token goes, from the checkpoint at $CKPT: fp16, routed budget 4
 #            and the static 4-bit view, one profiled prefill each (e2e_decode.py --prefill-profile; routed prefill took
 #            166-340 ms against fp16's 28-104 on 2026-12-04, 69-87 after its mend), for the 6-token prompt and for a
@@ -302,9 +304,11 @@ stage() {
         return 0
       fi
       run_stage e2e_ckpt 1500 "$PY" benchmarks/e2e_decode.py --gguf "$GGUF" --checkpoint "$CKPT" \
-        --budgets 3.5,4,4.5,5 --views 2 --fuse-inputs --lean-step --lean-prologues --out "$RES/e2e_ckpt"
-      # budget 4 again with the compiled step's kernel census (fp16, routed 4, the static 4-bit view)
-      run_stage e2e_ckpt_census 900 "$PY" benchmarks/e2e_decode.py --gguf "$GGUF" --checkpoint "$CKPT" \
+        --budgets "${CKPT_BUDGETS:-3.5,4,4.5,5}" --views 2 --fuse-inputs --lean-step --lean-prologues \
+        --out "$RES/e2e_ckpt"
+      # budget 4 again with the compiled step's kernel census (fp16, routed 4, the static 4-bit view; CKPT_CENSUS=0:
+      # without it)
+      [ "${CKPT_CENSUS:-1}" = 0 ] || run_stage e2e_ckpt_census 900 "$PY" benchmarks/e2e_decode.py --gguf "$GGUF" --checkpoint "$CKPT" \
         --budgets 4 --views 2 --fuse-inputs --repeats 2 --profile --census compile --out "$RES/e2e_ckpt_census" ;;
     prefill)
       if [ ! -e "$GGUF" ] || [ ! -f "$CKPT/mobiquant.json" ]; then
