@@ -383,15 +383,19 @@ class ReplayOnCPU:
     """A captured step on the CPU: like a CUDA graph, ``replay`` runs the recorded forward from the stepper's
     static inputs (token, position, the cache's offset tensors) into a static output; ``fault`` changes it."""
 
-    def __init__(self, stepper, out: torch.Tensor, fault=None):
+    def __init__(self, stepper, out, fault=None):
         self.stepper, self.out, self.fault = stepper, out, fault
 
     def replay(self):
         with recorded_in_capture():
-            logits = self.stepper._eager(self.stepper.ids, self.stepper.pos)
+            logits, _ = decode._split(self.stepper._eager(self.stepper.ids, self.stepper.pos))
         if self.fault == "raise":  # after the forward wrote the cache
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        self.out.copy_(self.fault(logits) if callable(self.fault) else logits)
+        logits = self.fault(logits) if callable(self.fault) else logits
+        outs = self.out if isinstance(self.out, tuple) else (self.out,)
+        outs[0].copy_(logits)
+        if len(outs) > 1:  # a greedy step's pick, from the logits the graph made
+            outs[1].copy_(logits.argmax(-1))
 
 
 def simulated_capture(fail: str | None = None, fault=None):
@@ -406,6 +410,8 @@ def simulated_capture(fail: str | None = None, fault=None):
         if fail == "after warm-up":
             raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
         out = torch.full((self.ids.shape[0], self.model.config.vocab_size), math.nan)
+        if self.greedy:  # the step picks the greedy token too: its graph's second output
+            out = (out, torch.zeros(self.ids.shape[0], dtype=torch.long))
         self.clear_routers()
         self.captures += 1
         return ReplayOnCPU(self, out, fault), out
@@ -577,6 +583,53 @@ def test_the_cache_after_a_capture_attempt_is_that_of_an_eager_step(prompt16, cp
     graph = steppers[1]
     assert graph.status == "graph" if failure == "accepted" else graph.mode == "off"
     assert len(graph.graphs) == (failure == "accepted")
+
+
+def test_a_greedy_step_picks_its_token_in_the_graph(qmodel, prompt16, cpu_graph, monkeypatch):
+    """Greedy decoding: the captured step also takes the argmax (the graph's second output), so a replayed step
+    hands its token over without a pick launched outside the graph, and its logits stay the graph's buffer; the
+    tokens are eager decoding's. Sampling picks outside the graph as before."""
+    from transformers import StaticCache
+
+    cpu_graph()
+    T, n = prompt16.shape[1], 5
+    kw = decode._forward_kwargs(qmodel)[0]
+    mq.set_budget(qmodel, 4.0)
+    cache = StaticCache(config=qmodel.config, max_cache_len=T + n)
+    with torch.no_grad():
+        tok = qmodel(input_ids=prompt16, **{kw: cache}, use_cache=True).logits[:, -1].argmax(-1)
+    s = decode._Stepper(qmodel, cache, kw, torch.device("cpu"), 1, "graph", T + n, greedy=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the capture kept
+        for pos in range(T, T + n):
+            with torch.no_grad():
+                logits, untimed = s.step(tok, pos, ())
+            assert s.picked is not None and torch.equal(s.picked, logits.argmax(-1)), pos
+            if not untimed:  # a replay: the graph's own outputs, not copies
+                assert s.picked is s.graphs[()][1][1] and logits is s.graphs[()][1][0]
+            tok = s.picked
+    assert s.status == "graph" and s.captures == 1
+    picks = []
+    real = decode._pick
+
+    def counted(logits, *a):
+        picks.append(logits.shape)
+        return real(logits, *a)
+
+    monkeypatch.setattr(decode, "_pick", counted)
+    ref = generate(qmodel, prompt16, 8, budget=4.0, cuda_graph="off")
+    assert len(picks) == 8  # eager: one pick a token
+    picks.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g = generate(qmodel, prompt16, 8, budget=4.0, cuda_graph="graph")
+    assert g.graph == "graph" and torch.equal(g.tokens, ref.tokens)
+    assert len(picks) == 1  # the prompt's token only: every decode step picked its own
+    picks.clear()
+    sampled = generate(qmodel, prompt16, 8, budget=4.0, cuda_graph="graph", temperature=0.7, seed=3)
+    assert len(picks) == 8 and sampled.tokens.shape == (1, 8)
+    assert torch.equal(sampled.tokens, generate(qmodel, prompt16, 8, budget=4.0, cuda_graph="off", temperature=0.7,
+                                                seed=3).tokens)  # fmt: skip
 
 
 def test_accepted_graph_replays_decode_like_eager(qmodel, prompt16, cpu_graph):

@@ -448,9 +448,18 @@ def _compiled_step(step, model: nn.Module):
     return torch.compile(step, dynamic=False)
 
 
+def _split(out) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A step's output as ``(logits, greedy token or None)`` (a step that picks returns both)."""
+    return (out[0], out[1]) if isinstance(out, tuple) else (out, None)
+
+
 class _Stepper:
     """One decode position: eager, a captured CUDA graph, or that graph of a step compiled by ``torch.compile``
-    between the package's kernels (``compile``; on the CPU compiled, not captured)."""
+    between the package's kernels (``compile``; on the CPU compiled, not captured).
+
+    ``greedy``: the captured or compiled step also picks the greedy token (``argmax`` in the graph, after
+    :attr:`picked`), so a replayed step launches nothing outside its graph for the pick and its logits are not
+    copied out (they stay the graph's buffer: valid until the next step)."""
 
     def __init__(
         self,
@@ -462,6 +471,7 @@ class _Stepper:
         mode: str,
         cache_len: int | None = None,
         fallback: str | None = None,
+        greedy: bool = False,
     ):
         self.model, self.cache, self.cache_kw, self.device, self.mode = model, cache, cache_kw, device, mode
         self.fallback = fallback  # the mode to capture with when a compiled capture fails ('auto' on CUDA)
@@ -472,15 +482,25 @@ class _Stepper:
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.captures = 0
         self.status = mode
-        self._forward = self._model_step
+        self.greedy = bool(greedy)
+        self.picked: torch.Tensor | None = None  # the last step's greedy token where the step picked it
+        self._forward = self._step_fn()
         if mode == "compile":
-            self._forward = _compiled_step(self._model_step, model)
+            self._forward = _compiled_step(self._forward, model)
         self._compiled: set[tuple] = set()  # compiled-only (CPU): the states whose compiled step has run
         self._warmed: set[tuple] = set()  # ... and those whose step ran eagerly first
 
     def _model_step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=ids, **{self.cache_kw: self.cache}, cache_position=pos, use_cache=True)
         return out.logits[:, -1]
+
+    def _picked_step(self, ids: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self._model_step(ids, pos)
+        return logits, logits.argmax(-1)
+
+    def _step_fn(self):
+        """The forward a captured or compiled step runs: with :attr:`greedy` the pick too."""
+        return self._picked_step if self.greedy and self.mode in ("graph", "compile") else self._model_step
 
     def _eager(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One forward of the step: the model's own, or with ``compile`` the one whose code between the package's
@@ -540,7 +560,7 @@ class _Stepper:
         try:
             entry = self._capture(saved)
             entry[0].replay()
-            got = entry[1].clone()
+            got = _split(entry[1])[0].clone()
         except Exception as e:  # a forward that synchronises with the host cannot be captured
             _sync(self.device)
             self.offsets.restore(saved)
@@ -555,7 +575,7 @@ class _Stepper:
             return self._eager(self.ids, self.pos)
         self.offsets.restore(saved)
         ref = self._eager(self.ids, self.pos)
-        why = _replay_mismatch(got, ref)
+        why = _replay_mismatch(got, _split(ref)[0])
         if why is not None:
             if self._fall_back(why):
                 self.offsets.restore(saved)  # the retry writes this step's slot again
@@ -579,25 +599,32 @@ class _Stepper:
 
     def step(self, tok: torch.Tensor, pos: int, key: tuple) -> tuple[torch.Tensor, bool]:
         """Logits of position ``pos`` fed ``tok``; the flag says the step was a capture or its check (keep it
-        out of the timing)."""
+        out of the timing). :attr:`picked` is then the step's greedy token where the step picked it, else None."""
+        logits, picked, untimed = self._step(tok, pos, key)
+        self.picked = picked
+        return logits, untimed
+
+    def _step(self, tok: torch.Tensor, pos: int, key: tuple) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
         if self.cache_len is not None and not 0 <= pos < self.cache_len:
             raise ValueError(f"decode position {pos} is outside the static cache of {self.cache_len} positions")
         if self.mode == "off":
-            return self.eager(tok, pos), False
+            return self.eager(tok, pos), None, False
         self.ids.copy_(tok.view(-1, 1))
         self.pos.fill_(pos)
         if self._compiled_only:
             if key not in self._warmed:  # a new state: its first step eager, which builds what the traced forward
                 self._warmed.add(key)  # reads and cannot build (MoBiLinear's int4 packs of the views now served)
-                return self._model_step(self.ids, self.pos).clone(), True
+                return self._model_step(self.ids, self.pos).clone(), None, True
             first = key not in self._compiled
             self._compiled.add(key)
-            return self._eager(self.ids, self.pos).clone(), first
+            logits, picked = _split(self._eager(self.ids, self.pos))
+            return logits.clone(), picked, first
         entry = self.graphs.get(key)
         if entry is None:
-            return self._first_step(pos, key), True
+            return *_split(self._first_step(pos, key)), True
         entry[0].replay()
-        return entry[1].clone(), False
+        logits, picked = _split(entry[1])
+        return (logits, picked, False) if picked is not None else (logits.clone(), None, False)
 
     def close(self) -> None:
         """Free the captured graphs now, at a point where no capture is under way (left to the cyclic garbage
@@ -617,7 +644,7 @@ class _Stepper:
             stacklevel=5,
         )
         self.mode, self.status, self.fallback, self.graphs = self.fallback, self.fallback, None, {}
-        self._forward = self._model_step
+        self._forward = self._step_fn()
         return True
 
     def _give_up(self, why: str) -> None:
@@ -775,7 +802,7 @@ def generate(
         _sync(device)
         prefill_s = time.perf_counter() - t0
         fallback = "graph" if cuda_graph == "auto" and mode == "compile" else None
-        stepper = _Stepper(model, cache, cache_kw, device, batch, mode, cache_len, fallback)
+        stepper = _Stepper(model, cache, cache_kw, device, batch, mode, cache_len, fallback, greedy=temperature <= 0)
         decode_s, timed, n = 0.0, 0, 1
         seg_start, seg_tokens = time.perf_counter(), 0
         for i in range(1, max_new_tokens):
@@ -792,7 +819,7 @@ def generate(
             if untimed:
                 stepper.offsets.check(T + i, f"after the capture step of position {T + i - 1}")
             record_bits()
-            tok = _pick(logits, temperature, top_k, gen)
+            tok = stepper.picked if stepper.picked is not None else _pick(logits, temperature, top_k, gen)
             if done is not None:
                 tok = torch.where(done, torch.full_like(tok, eos_token_id), tok)
                 done |= tok == eos_token_id
