@@ -1255,6 +1255,13 @@ def main(argv=None):
         help="the stack's router launches with hidden units a program, warps and columns a program, e.g. 1,4,0 "
         "(whole rows: the tiling before column splits); default the package's default_tiling",
     )
+    ap.add_argument(
+        "--pick-outside",
+        action="store_true",
+        help="greedy tokens picked outside the captured step, as before 2026-12-07's seventh session (argmax and the "
+        "logits' copy launched eagerly after each replay; mobiquant.tasks.decode.PICK_IN_GRAPH off): the baseline of "
+        "the pick inside the graph",
+    )
     ap.add_argument("--dry-run", action="store_true", help="no GPU: the package rows on a tiny CPU model")
     ap.add_argument(
         "--warm-shard",
@@ -1283,6 +1290,11 @@ def main(argv=None):
             ap.error(f"--router-tiling {args.router_tiling!r}: three integers HB,WARPS,COLS, e.g. 1,4,0")
         Router.tiling = dict(hidden_per_program=hb, num_warps=nw, cols_per_program=cols)
     QLinear.view_steps = args.view_steps
+    if args.pick_outside:
+        load_kernels()  # puts src/ on the path
+        from mobiquant.tasks import decode
+
+        decode.PICK_IN_GRAPH = False
     if args.dry_run:
         return dry_run(args)
     if not torch.cuda.is_available():

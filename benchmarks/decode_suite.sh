@@ -133,6 +133,9 @@
 #            and with every static view's epilogues on
 #   tailcensus (only when named) the compiled step's kernels at routed 3.5 / 4.5 bits and the static 4-bit view, the
 #            default and SmallConfig.router_tail (True, "normed") side by side (step_overhead.py --kernels; NOTES 52)
+#   pick     (only when named) the default rows (block, lean step with its prologues) with the greedy token picked
+#            inside the captured step (the default since 2026-12-07, seventh) and outside it (--pick-outside: the
+#            argmax and the logits' copy launched after each replay), each in its own process (NOTES entry 59)
 #   stepcensus (only when named) the compiled step's kernels at routed 3.5 / 4.5 bits and the static 4-bit view under
 #            the defaults beside pdl=false (under pdl a launch's time includes its wait on the one before: only the
 #            row without it says which launches hold the step; NOTES 57)
@@ -488,6 +491,15 @@ stage() {
       run_stage tailcensus 900 "$PY" benchmarks/step_overhead.py --policy adjacent --placement block --census compile \
         --census-only --census-budgets 3.5 4.5 --lean-step --lean-prologues --kernels "" "router_tail=true" \
         "router_tail=normed" ;;
+    pick)
+      # the greedy pick inside the captured step against outside it (NOTES 59): the default rows twice, one process
+      # each, the compiles shared
+      local cmd=("$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed --fuse-inputs \
+        --package-policy adjacent --package-placement block --package-budgets 3.5,4.5,5.5 --package-lean-prologues \
+        --package-fused-only --package-rounds "${PACKAGE_ROUNDS:-1}")
+      warm_shards pick "${cmd[@]}"
+      run_stage pick_outside 900 "${cmd[@]}" --pick-outside --out "$RES/pick_outside"
+      run_stage pick_inside 900 "${cmd[@]}" --out "$RES/pick_inside" ;;
     stepcensus)
       # where the default step's time goes (NOTES 57): the compiled step's kernels, block placement, the lean step with
       # its prologues, the defaults beside pdl off (whose kernel times are the launches' own)
@@ -527,7 +539,7 @@ print(','.join(str(int(v)) for v in t))" "$RES/router_sweep/router_sweep.csv" 2>
       run_stage pattern 600 "$PY" benchmarks/stream_pattern.py --views 1,2,6 \
         --package-configs "$PATTERN_CONFIGS" --out "$RES/pattern" ;;
     *)
-      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement pdl spandef spanrule spancost loads lean attn prologues block pdlstatic epikinds routedepi routedsite routertail blockstatic tailcensus stepcensus programs epilogues span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
+      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement pdl spandef spanrule spancost loads lean attn prologues block pdlstatic epikinds routedepi routedsite routertail blockstatic tailcensus stepcensus pick programs epilogues span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
       return 2 ;;
   esac
 }

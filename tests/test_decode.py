@@ -626,6 +626,11 @@ def test_a_greedy_step_picks_its_token_in_the_graph(qmodel, prompt16, cpu_graph,
     assert g.graph == "graph" and torch.equal(g.tokens, ref.tokens)
     assert len(picks) == 1  # the prompt's token only: every decode step picked its own
     picks.clear()
+    monkeypatch.setattr(decode, "PICK_IN_GRAPH", False)  # the baseline benchmarks/decode_bench.py --pick-outside times
+    assert torch.equal(generate(qmodel, prompt16, 8, budget=4.0, cuda_graph="graph").tokens, ref.tokens)
+    assert len(picks) == 8
+    monkeypatch.setattr(decode, "PICK_IN_GRAPH", True)
+    picks.clear()
     sampled = generate(qmodel, prompt16, 8, budget=4.0, cuda_graph="graph", temperature=0.7, seed=3)
     assert len(picks) == 8 and sampled.tokens.shape == (1, 8)
     assert torch.equal(sampled.tokens, generate(qmodel, prompt16, 8, budget=4.0, cuda_graph="off", temperature=0.7,

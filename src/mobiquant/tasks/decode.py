@@ -448,6 +448,11 @@ def _compiled_step(step, model: nn.Module):
     return torch.compile(step, dynamic=False)
 
 
+#: Greedy decoding picks each token inside the captured step (:class:`_Stepper`'s ``greedy``); off: the argmax after
+#: each replay, launched eagerly (the behaviour before; ``benchmarks/decode_bench.py --pick-outside`` times both)
+PICK_IN_GRAPH = True
+
+
 def _split(out) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A step's output as ``(logits, greedy token or None)`` (a step that picks returns both)."""
     return (out[0], out[1]) if isinstance(out, tuple) else (out, None)
@@ -802,7 +807,9 @@ def generate(
         _sync(device)
         prefill_s = time.perf_counter() - t0
         fallback = "graph" if cuda_graph == "auto" and mode == "compile" else None
-        stepper = _Stepper(model, cache, cache_kw, device, batch, mode, cache_len, fallback, greedy=temperature <= 0)
+        stepper = _Stepper(
+            model, cache, cache_kw, device, batch, mode, cache_len, fallback, greedy=temperature <= 0 and PICK_IN_GRAPH
+        )
         decode_s, timed, n = 0.0, 0, 1
         seg_start, seg_tokens = time.perf_counter(), 0
         for i in range(1, max_new_tokens):
