@@ -462,9 +462,9 @@ class _Stepper:
     """One decode position: eager, a captured CUDA graph, or that graph of a step compiled by ``torch.compile``
     between the package's kernels (``compile``; on the CPU compiled, not captured).
 
-    ``greedy``: the captured or compiled step also picks the greedy token (``argmax`` in the graph, after
-    :attr:`picked`), so a replayed step launches nothing outside its graph for the pick and its logits are not
-    copied out (they stay the graph's buffer: valid until the next step)."""
+    ``greedy``: the captured or compiled step also picks the greedy token (its ``argmax`` in the graph; the token
+    is then :attr:`picked`), so a replayed step launches nothing outside its graph for the pick and its logits are
+    not copied out (they stay the graph's buffer: valid until the next step)."""
 
     def __init__(
         self,
@@ -484,7 +484,8 @@ class _Stepper:
         self.offsets = _CacheOffsets(cache)
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # key -> (graph, its output: the logits, or with ``greedy`` the logits and the picked token)
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Any]] = {}
         self.captures = 0
         self.status = mode
         self.greedy = bool(greedy)
@@ -507,7 +508,7 @@ class _Stepper:
         """The forward a captured or compiled step runs: with :attr:`greedy` the pick too."""
         return self._picked_step if self.greedy and self.mode in ("graph", "compile") else self._model_step
 
-    def _eager(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def _eager(self, ids: torch.Tensor, pos: torch.Tensor) -> Any:
         """One forward of the step: the model's own, or with ``compile`` the one whose code between the package's
         kernels Inductor compiled (the graph captures and checks this one)."""
         return self._forward(ids, pos)
