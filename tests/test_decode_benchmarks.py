@@ -730,3 +730,23 @@ def test_step_overhead_kernels_argument_is_checked():
             step_overhead._small_config(text)
     with pytest.raises(SystemExit, match="--lean-prologues needs --lean-step"):
         step_overhead.main(["--lean-prologues"])
+
+
+@pytest.mark.slow
+def test_pick_benchmarks_dry_run(monkeypatch, capsys):
+    """``pick_ab.py`` (dry run) times every row with the greedy pick inside and outside the captured step and leaves
+    it inside; ``decode_bench.py --pick-outside`` turns it off for its run."""
+    import pick_ab
+    from mobiquant.tasks import decode
+
+    monkeypatch.setattr(decode, "PICK_IN_GRAPH", True)  # put back after the test, whatever the runs set
+    assert pick_ab.main(["--dry-run", "--rounds", "1", "--new-tokens", "3", "--budgets", "4.5"]) == 0
+    out = capsys.readouterr().out
+    for row in ("fp16, own step", "static k=2", "routed 4.5"):
+        assert re.search(rf"\| {re.escape(row)} \| [\d.]+ \| [\d.]+ \|", out), row
+        assert out.count(f"{row:<16} pick") == 2, row  # inside and outside
+    assert decode.PICK_IN_GRAPH
+    assert decode_bench.main(["--dry-run", "--new-tokens", "2", "--pick-outside"]) == 0
+    assert not decode.PICK_IN_GRAPH
+    with pytest.raises(SystemExit):
+        pick_ab.main(["--rounds", "0", "--dry-run"])
