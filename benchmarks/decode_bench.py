@@ -57,6 +57,8 @@ import kernel_bench as kb  # noqa: E402
 from kernel_bench import GROUP, bench, bits_tag, copy_bandwidth, load_kernels, view_bits  # noqa: E402
 
 D, FF, KV = 4096, 14336, 1024
+#: The tiny CPU model of the dry runs (``package_models`` keywords): the code path only, nothing measured
+DRY_RUN_SHAPE = dict(layers=1, d=256, ff=512, kv=64, heads=4, vocab=64)
 #: Where the stacks' layers and routers are made (the tests make small ones on the CPU, in Triton's interpreter).
 DEVICE = "cuda"
 HIDDEN = 64
@@ -863,9 +865,7 @@ def dry_run(args):
     """No GPU: the package rows on a tiny model on the CPU (eager decoding), gemlite's import status."""
     _, why = gemlite_module()
     print(f"# dry run on the CPU: gemlite {'importable' if not why else 'not importable (' + why + ')'}")
-    fp, q = package_models(
-        layers=1, d=256, ff=512, kv=64, heads=4, vocab=64, device="cpu", dtype=torch.float32, **package_routers(args)
-    )
+    fp, q = package_models(**DRY_RUN_SHAPE, device="cpu", dtype=torch.float32, **package_routers(args))
     budgets = package_budgets(args)
     warm = parse_shard(args.warm_shard) if args.warm_shard else None
     rows = package_rows(

@@ -311,8 +311,9 @@ stage() {
         --out "$RES/e2e_ckpt"
       # budget 4 again with the compiled step's kernel census (fp16, routed 4, the static 4-bit view; CKPT_CENSUS=0:
       # without it)
-      [ "${CKPT_CENSUS:-1}" = 0 ] || run_stage e2e_ckpt_census 900 "$PY" benchmarks/e2e_decode.py --gguf "$GGUF" --checkpoint "$CKPT" \
-        --budgets 4 --views 2 --fuse-inputs --repeats 2 --profile --census compile --out "$RES/e2e_ckpt_census" ;;
+      [ "${CKPT_CENSUS:-1}" = 0 ] || run_stage e2e_ckpt_census 900 "$PY" benchmarks/e2e_decode.py --gguf "$GGUF" \
+        --checkpoint "$CKPT" --budgets 4 --views 2 --fuse-inputs --repeats 2 --profile --census compile \
+        --out "$RES/e2e_ckpt_census" ;;
     prefill)
       if [ ! -e "$GGUF" ] || [ ! -f "$CKPT/mobiquant.json" ]; then
         echo "== prefill: needs the model at $GGUF and a checkpoint at $CKPT (bare_gpu.sh install), skipped"

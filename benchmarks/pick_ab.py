@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         ap.error("needs a CUDA device (--dry-run checks the code path on the CPU)")
 
-    from decode_bench import FF, KV, D, load_kernels, package_models, timed_generate
+    from decode_bench import DRY_RUN_SHAPE, FF, KV, D, load_kernels, package_models, timed_generate
 
     load_kernels()  # puts src/ on the path
     import mobiquant as mq
@@ -42,9 +42,7 @@ def main(argv=None) -> int:
     from mobiquant.tasks import decode
 
     dev, dtype = ("cpu", torch.float32) if args.dry_run else ("cuda", torch.float16)
-    shape = dict(layers=1, d=256, ff=512, kv=64, heads=4, vocab=64) if args.dry_run else dict(
-        layers=4, d=D, ff=FF, kv=KV, heads=32, vocab=1024
-    )  # fmt: skip
+    shape = DRY_RUN_SHAPE if args.dry_run else dict(layers=4, d=D, ff=FF, kv=KV, heads=32, vocab=1024)
     fp, q = package_models(**shape, device=dev, dtype=dtype, policy="adjacent", placement="block")
     fuse_sites(q), fuse_inputs(q)
     lean_step(q, prologues=True)
