@@ -7,7 +7,7 @@ fp16 with its own step decode through ``mobiquant.tasks.decode.generate`` (compi
 step's GPU time and the gap between steps (``step_timing``), and the saving of the pick inside. ``--dry-run``: a tiny
 model on the CPU, eager (the code path only)::
 
-    PYTHONPATH=src python benchmarks/pick_ab.py [--rounds 2] [--budgets 3.5] [--views 2]
+    PYTHONPATH=src python benchmarks/pick_ab.py [--rounds 2] [--budgets 3.5] [--views 2] [--slices 3,1,1,1,1,1]
 """
 
 from __future__ import annotations
@@ -25,6 +25,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=2, help="rounds of every row, the pick inside and outside in turn")
     ap.add_argument("--views", type=int, nargs="*", default=[2], help="static views timed (k; 2: the 4-bit view)")
+    ap.add_argument(
+        "--slices",
+        default="3,1,1,1,1,1",
+        help="slice layout of the quantized model (default: the library's, 3-1-1-1-1-1; decode_bench.py's own default "
+        "is 2-2-2-2)",
+    )
     ap.add_argument("--budgets", type=float, nargs="*", default=[3.5], help="routed budgets timed")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--dry-run", action="store_true", help="a tiny model on the CPU, eager (no timing)")
@@ -34,8 +40,10 @@ def main(argv=None) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         ap.error("needs a CUDA device (--dry-run checks the code path on the CPU)")
 
+    import kernel_bench as kb
     from decode_bench import DRY_RUN_SHAPE, FF, KV, D, load_kernels, package_models, timed_generate
 
+    kb.set_slices(args.slices.split(","))
     load_kernels()  # puts src/ on the path
     import mobiquant as mq
     from mobiquant.patching import fuse_inputs, fuse_sites, lean_step
@@ -67,7 +75,7 @@ def main(argv=None) -> int:
                     best[key] = (us, split)
     decode.PICK_IN_GRAPH = True
     print(f"\n# {torch.cuda.get_device_name() if not args.dry_run else 'CPU (dry run: not a measurement)'}; "
-          f"{args.new_tokens} tokens, fastest of {args.rounds} round(s)")  # fmt: skip
+          f"slices {'-'.join(map(str, kb.SLICE_BITS))}; {args.new_tokens} tokens, fastest of {args.rounds} round(s)")  # fmt: skip
     print("| row | pick outside us | inside us | saved us | outside GPU / gap us | inside GPU / gap us |")
     print("|---|---|---|---|---|---|")
     for label, *_ in rows:

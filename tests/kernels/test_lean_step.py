@@ -50,10 +50,13 @@ def _step(B, H, KVH, D, L, pos, masked, dtype=torch.float16, seed=0):
         (1, 9, 3, 64, 100, 37, True),  # SmolLM2's heads
     ],
 )
-@pytest.mark.parametrize("split,pdl", [(None, False), (16, False), (None, True), (16, True)])
-def test_decode_attention_matches_the_reference(B, H, KVH, D, L, pos, masked, split, pdl):
+@pytest.mark.parametrize(
+    "split,block_n,pdl", [(None, None, False), (None, 16, False), (16, 8, False), (None, None, True), (16, 8, True)]
+)
+def test_decode_attention_matches_the_reference(B, H, KVH, D, L, pos, masked, split, block_n, pdl):
     """Output, the written cache slot and the advanced offset equal the PyTorch reference; the ticket is left at 0.
-    With ``split``, the positions split over programs of 16 each and a second launch combining them; with ``pdl``
+    ``block_n`` None: the default positions a loop step (one step for these caches), 16: several steps; with
+    ``split``, the positions split over programs of 16 each and a second launch combining them; with ``pdl``
     launched with programmatic dependent launch (on a GPU of compute capability 9.0+; elsewhere the same code
     without the instructions)."""
     if pdl and DEV == "cuda" and torch.cuda.get_device_capability() < (9, 0):
@@ -61,8 +64,11 @@ def test_decode_attention_matches_the_reference(B, H, KVH, D, L, pos, masked, sp
     a = _step(B, H, KVH, D, L, pos, masked)
     b = {n: (t.clone() if torch.is_tensor(t) else t) for n, t in a.items()}
     ticket = torch.zeros((), dtype=torch.int32, device=DEV)
-    kw = {} if split is None else dict(split_positions=split, block_n=8)
-    kw.update(pdl=pdl)
+    kw: dict = dict(pdl=pdl)
+    if split is not None:
+        kw.update(split_positions=split)
+    if block_n is not None:
+        kw.update(block_n=block_n)
     got = ta.decode_attention(**a, ticket=ticket, scale=D**-0.5, **kw)
     ref = ta.decode_attention(**b, ticket=None, scale=D**-0.5, backend="torch")
     torch.testing.assert_close(got.float(), ref.float(), atol=2e-3, rtol=2e-3)

@@ -31,8 +31,10 @@ import triton.language as tl
 
 from .triton_router import _check_pdl, _interpreting, _pdl_launch_dependents, _pdl_wait
 
-#: Cache positions a program reads per step of its loop, and its warps.
-BLOCK_N = 32
+#: Cache positions a program reads per step of its loop, and its warps: the fastest of
+#: ``benchmarks/attention_bench.py``'s sweep (positions a step 16-128 x warps 1-8) for LLaMA-3-8B's and SmolLM2's heads
+#: at 80 and 1024 cached positions (H100, docs/RESULTS.md "The greedy pick timed; the attention launch's sweep").
+BLOCK_N = 128
 NUM_WARPS = 4
 #: A cache of more positions than this is split over programs (a second launch combines them). The lean step serves
 #: caches of at most ``mobiquant.nn.lean.LEAN_MAX_POSITIONS`` (512) positions, so its launches never split: splits
