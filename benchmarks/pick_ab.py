@@ -74,8 +74,9 @@ def main(argv=None) -> int:
                 if key not in best or us < best[key][0]:
                     best[key] = (us, split)
     decode.PICK_IN_GRAPH = True
-    print(f"\n# {torch.cuda.get_device_name() if not args.dry_run else 'CPU (dry run: not a measurement)'}; "
-          f"slices {'-'.join(map(str, kb.SLICE_BITS))}; {args.new_tokens} tokens, fastest of {args.rounds} round(s)")  # fmt: skip
+    card = torch.cuda.get_device_name() if not args.dry_run else "CPU (dry run: not a measurement)"
+    layout = "-".join(map(str, kb.SLICE_BITS))
+    print(f"\n# {card}; slices {layout}; {args.new_tokens} tokens, fastest of {args.rounds} round(s)")
     print("| row | pick outside us | inside us | saved us | outside GPU / gap us | inside GPU / gap us |")
     print("|---|---|---|---|---|---|")
     for label, *_ in rows:
