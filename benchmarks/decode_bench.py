@@ -797,6 +797,10 @@ def package_kernels(args, bits_cfg=None) -> list:
     if args.package_epilogues:  # ... and the post-attention norm made by the o launch, the product by gate/up
         cfg = SmallConfig(fragment_epilogues=True)
         kernels.append(("package sites+inputs lean epilogues", ("lean prologues", cfg, True)))
+    if args.package_chain:  # ... the lean step with its prologues, the gated product chained from gate/up into
+        # down (SmallConfig(fragment_chain=True): down's programs await their own groups' flags; NOTES 60)
+        cfg = SmallConfig(fragment_chain=True)
+        kernels.append(("package sites+inputs lean chain", ("lean prologues", cfg, True)))
     if args.package_epilogue_kinds:  # ... each kind of epilogue alone at every static view (NOTES 41 (b))
         for kind in ("rms_norm", "silu_mul"):
             cfg = SmallConfig(fragment_epilogues=kind)
@@ -1172,6 +1176,12 @@ def main(argv=None):
         help="also the package's static views and routed budgets with the lean step, its prologues, and the "
         "fragment kernel's epilogues (SmallConfig(fragment_epilogues=True): the post-attention RMS norm's parts made "
         "by the o launch, the gated product by the gate/up launch; mobiquant.kernels.epilogue)",
+    )
+    ap.add_argument(
+        "--package-chain",
+        action="store_true",
+        help="also the package's rows with the lean step, its prologues and the gated product chained from the "
+        "gate/up launch into the down launch (SmallConfig(fragment_chain=True))",
     )
     ap.add_argument(
         "--package-fused-only",

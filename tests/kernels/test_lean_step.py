@@ -628,6 +628,51 @@ def test_gpu_lean_epilogues():
 
 @needs_triton
 @needs_gpu
+def test_gpu_lean_chain():
+    """On the GPU, ``SmallConfig(fragment_chain=True)`` at a static 4-plane view: each gate/up launch makes the product
+    with its flags and each down launch reads it chained (every flag reset after); the step's logits are those of the
+    step without the chain, step by step, and a generation through the captured graph gives the greedy tokens of the
+    eager one."""
+    import mobiquant as mq
+    from mobiquant.kernels import gluon_fragment as gf
+    from mobiquant.kernels.triton_bitplane import SmallConfig
+    from mobiquant.patching import set_small_config
+
+    q = _fragment_llama(mq.MoBiConfig(slice_bits=(3, 1, 1, 1, 1, 1), group_size=128))
+    mq.set_static(q, 2)
+    off, _ = _epilogue_kinds(q, SmallConfig())
+    real, taken = gf.chained_product, []
+
+    def spy(x):
+        made = real(x)
+        taken.append(made is not None)
+        return made
+
+    gf.chained_product = spy
+    try:
+        on, kinds = _epilogue_kinds(q, SmallConfig(fragment_chain=True))
+    finally:
+        gf.chained_product = real
+    n, steps = q.config.num_hidden_layers, 3
+    assert kinds.count("silu_mul") == n * steps and taken.count(True) == n * steps, (kinds, taken)
+    torch.testing.assert_close(on, off, atol=3e-2, rtol=3e-2)
+    for mlp in (layer.mlp for layer in q.model.layers):
+        for flags in mlp.gate_proj.__dict__["_chain_flags"].values():
+            assert int(flags.abs().sum()) == 0  # reset by each down launch's last program
+    prompt = torch.randint(0, q.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(9)).cuda()
+    lean_step(q, prologues=True)
+    set_small_config(q, SmallConfig(fragment_chain=True))
+    try:
+        ref = generate(q, prompt, 8, cuda_graph="off")
+        got = generate(q, prompt, 8, cuda_graph="graph")
+    finally:
+        set_small_config(q, None)
+        lean_step(q, enable=False)
+    assert torch.equal(got.tokens, ref.tokens)
+
+
+@needs_triton
+@needs_gpu
 def test_gpu_static_block_router_one_launch_a_site():
     """On the GPU, one router a block (``router=block``) at a static 4-plane view with the default settings (its
     launches make the next one's norm): each step is one fragment launch a site (q/k/v, o, gate/up, down) in every

@@ -26,6 +26,7 @@ epilogue (``gluon_fragment.frag_gemv_kernel``'s ``EPI``); ``triton_bitplane.take
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -127,6 +128,10 @@ class NextInput:
     made: bool = False
     #: the router an ``"rms_norm"`` request also finishes (:class:`RouterTail`), or None
     router: RouterTail | None = None
+    #: a chained product's flags (int32 zeros, one a group of 128 values, then a ticket; :meth:`silu_mul`), or None
+    ready: torch.Tensor | None = None
+    #: whether a launch read it chained (and so reset :attr:`ready` when done)
+    chained: bool = False
 
     @classmethod
     def rms_norm(
@@ -152,12 +157,26 @@ class NextInput:
         return cls("rms_norm", out, sums, weight.to(like.dtype).contiguous(), float(eps), router=tail)
 
     @classmethod
-    def silu_mul(cls, like: torch.Tensor, m: int) -> NextInput:
+    def silu_mul(cls, like: torch.Tensor, m: int, ready: torch.Tensor | None = None) -> NextInput:
         """A gated MLP's product of ``m`` values for one token shaped like ``like`` (``[..., d]``: the launch's
-        outputs are the gate's ``m`` then the up's ``m``)."""
+        outputs are the gate's ``m`` then the up's ``m``). ``ready``: the chain's flags (:func:`chain_flags`), which
+        the making launch sets as it goes and the reading launch resets (:func:`chained_product`)."""
         if like.numel() != like.shape[-1] or m < 1:
             raise ValueError(f"a product made in the launch before takes one token and m >= 1, got {tuple(like.shape)}")
-        return cls("silu_mul", torch.empty(*like.shape[:-1], m, dtype=like.dtype, device=like.device))
+        made = cls("silu_mul", torch.empty(*like.shape[:-1], m, dtype=like.dtype, device=like.device))
+        if ready is not None:
+            groups = -(-m // ROW_BLOCK)
+            if ready.dtype != torch.int32 or ready.numel() != groups + 1 or ready.device != like.device:
+                raise ValueError(
+                    f"a chained product's flags: {groups + 1} int32 on {like.device} (a flag a group of {ROW_BLOCK}, "
+                    f"a ticket), got {ready.dtype} {ready.numel()} on {ready.device}"
+                )
+            made.ready = ready
+            _CHAINED[(made.out.device, made.out.data_ptr())] = weakref.ref(made)
+            if len(_CHAINED) > 256:  # requests of earlier steps, gone
+                for key in [key for key, ref in _CHAINED.items() if ref() is None]:
+                    del _CHAINED[key]
+        return made
 
     @property
     def normed(self) -> bool:
@@ -168,6 +187,11 @@ class NextInput:
         """What the next launch adds to its reading of :attr:`out` (``("rms_scale", sums, eps)``: its outputs scaled
         by ``rsqrt(sum(sums) / n + eps)``), or None (the product, or the normed row, is the input as it is)."""
         return ("rms_scale", self.sums, self.eps) if self.kind == "rms_norm" and not self.normed else None
+
+    def unchain(self) -> None:
+        """Reset :attr:`ready` where no launch read the product chained (the making launch set its flags)."""
+        if self.ready is not None and not self.chained:
+            self.ready.zero_()
 
     def make(self, y: torch.Tensor) -> None:
         """Fills :attr:`out` (and :attr:`sums`) from the launch's outputs ``y`` in PyTorch, with the kernel's
@@ -189,7 +213,37 @@ class NextInput:
         else:
             gate, up = y.chunk(2, dim=-1)
             self.out.copy_(F.silu(gate.float()).to(up.dtype) * up)
+            if self.ready is not None:  # made here, in stream order: every group ready for a chained reader
+                self.ready[:-1].fill_(1)
         self.made = True
+
+
+#: the chained products (:meth:`NextInput.silu_mul` with flags) by their output's device and address
+_CHAINED: dict[tuple[torch.device, int], weakref.ref] = {}
+
+
+def chain_flags(owner: object, m: int, device: torch.device) -> torch.Tensor:
+    """The chain's flags of a gated product of ``m`` values made by ``owner`` (the gate/up linear) on ``device``:
+    int32 zeros, a flag a group of :data:`ROW_BLOCK` values and a ticket, made once and kept on ``owner`` (not in a
+    state dict; each layer its own, so a later layer's reading launch never reads an earlier layer's flags)."""
+    held = owner.__dict__.setdefault("_chain_flags", {})
+    key = (device, m)
+    if key not in held:
+        held[key] = torch.zeros(-(-m // ROW_BLOCK) + 1, dtype=torch.int32, device=device)
+    return held[key]
+
+
+def chained_product(x: torch.Tensor) -> NextInput | None:
+    """The live chained gated product whose output ``x`` is (same device and address), or None. A launch that reads
+    it (``gluon_fragment.fragment_linear``) may start before the launch making it has finished and wait only for the
+    groups it reads: the making launch sets each group's flag once the group is stored, the reading launch's last
+    program resets them (``SmallConfig.fragment_chain``); a caller whose reading launch did not take the chain
+    (:attr:`NextInput.chained` False) resets them itself (:meth:`NextInput.unchain`)."""
+    ref = _CHAINED.get((x.device, x.data_ptr()))
+    made = ref() if ref is not None else None
+    if made is None or made.ready is None or made.out.data_ptr() != x.data_ptr() or made.out.device != x.device:
+        return None
+    return made
 
 
 def rms_scaled(x: torch.Tensor, sums: torch.Tensor, eps: float) -> torch.Tensor:

@@ -45,7 +45,7 @@ from triton.experimental.gluon import language as ttgl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
-from .epilogue import KINDS, NextInput
+from .epilogue import KINDS, NextInput, chained_product
 from .triton_bitplane import BIG_FRAGMENT_LAUNCH, planes_of_views, register_capped
 from .triton_router import RouterPartials, prologue_operand
 
@@ -202,6 +202,28 @@ def _ask_l2(ptrs):
     ttgl.inline_asm_elementwise(
         "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=ttgl.int32, is_pure=False, pack=1
     )
+
+
+@gluon.jit
+def _fence():
+    """Order this thread's memory operations before and after at the GPU's scope (``fence.acq_rel.gpu``): the
+    chained product's flags (:func:`_await_ready`) are reset, and seen set, before anything after."""
+    ttgl.inline_asm_elementwise("fence.acq_rel.gpu; // $0", "=r", [], dtype=ttgl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _await_ready(ready_ptr, g_lo, GS, CHP: ttgl.constexpr):
+    """Wait until the launch before has made groups ``g_lo .. g_lo + GS`` of this launch's input (a chained gated
+    product, ``CHAIN`` 2: each group's flag at ``ready_ptr`` set by the program that wrote it), then fence: the
+    activations are read only after. ``CHP``: a power of 2 from ``GS`` and 128 up."""
+    RL: ttgl.constexpr = ttgl.BlockedLayout(size_per_thread=[1], threads_per_warp=[32], warps_per_cta=[4], order=[0])
+    o = ttgl.arange(0, CHP, layout=RL)
+    m = o < GS
+    n = 0
+    while n < GS:
+        f = ttgl.load(ready_ptr + g_lo + o, mask=m, other=0, volatile=True)
+        n = ttgl.sum((f != 0).to(ttgl.int32), axis=0)
+    _fence()
 
 
 @gluon.jit
@@ -683,12 +705,14 @@ def _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PST
 @gluon.jit
 def _epilogue(yo, out_ptr, ro, pid, N, N_OUT, ep_w_ptr, ep_out_ptr, ep_sq_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
               part_ptr, lock_ptr, v_ptr, eps, BN: ttgl.constexpr, EPI: ttgl.constexpr, ER: ttgl.constexpr,
-              ERH: ttgl.constexpr, ERHP: ttgl.constexpr, ERADJ: ttgl.constexpr):  # fmt: skip
+              ERH: ttgl.constexpr, ERHP: ttgl.constexpr, ERADJ: ttgl.constexpr, ready_ptr,
+              CHAIN: ttgl.constexpr):  # fmt: skip
     """What the program that wrote row block ``pid``'s outputs ``yo`` (``out_ptr + ro``) makes of them for the next
     launch (the kernel's ``EPI``): 1, the next RMS norm's parts; 3, those and the router on the norm's output
     (:func:`_router_share`: its layers, shares, ticket, gate values and the norm's ``eps``); 4, as 3, the parts then
     scaled into the normed row by the last row block; 2, a gated MLP's product, by the later program of each gate /
-    up pair of row blocks."""
+    up pair of row blocks (with ``CHAIN`` 1 it then sets the pair's flag at ``ready_ptr``: the chained down launch
+    reads that group of its input once set)."""
     m = ro < N_OUT
     if EPI == 1 or EPI >= 3:
         w = ttgl.load(ep_w_ptr + ro, mask=m, other=0.0)
@@ -713,6 +737,9 @@ def _epilogue(yo, out_ptr, ro, pid, N, N_OUT, ep_w_ptr, ep_out_ptr, ep_sq_ptr, w
             act = (gate / (1.0 + ttgl.exp(-gate))).to(up.dtype)
             ttgl.store(ep_out_ptr + pair * BN + ro % BN, act * up)
             ttgl.atomic_xchg(ep_w_ptr + pair, 0)  # self-resetting
+            if CHAIN == 1:
+                _cta_barrier()  # every thread's products stored before the release below
+                ttgl.atomic_xchg(ready_ptr + pair, 1, sem="release")
 
 
 @gluon.jit
@@ -731,7 +758,8 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
                      PRO: ttgl.constexpr, NSQ, NSQP: ttgl.constexpr, ep_w_ptr, ep_out_ptr, ep_sq_ptr,
                      EPI: ttgl.constexpr, ep_w1_ptr, ep_b1_ptr, ep_w2_ptr, ep_b2_ptr, ep_part_ptr, ep_lock_ptr,
                      ep_v_ptr, ep_eps, ER: ttgl.constexpr, ERH: ttgl.constexpr, ERHP: ttgl.constexpr,
-                     ERADJ: ttgl.constexpr):  # fmt: skip
+                     ERADJ: ttgl.constexpr, ready_ptr, CHAIN: ttgl.constexpr, CHE: ttgl.constexpr,
+                     CHP: ttgl.constexpr):  # fmt: skip
     # PDL: launched with programmatic dependent launch (SmallConfig.pdl): the next kernel may start its programs now;
     # a view on the device awaits the kernel before at once (it may have written k), a view compiled in once its
     # first words are asked for (_view_total), before any activation is read; with an RMS norm in the launch, once
@@ -752,6 +780,11 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
     # ep_part_ptr, the last block (a ticket at ep_lock_ptr) finishing the router into ep_v_ptr (_router_share); 4, as
     # 3, and the last block also scales the row at ep_out_ptr into the normed row in place (the next launch reads it
     # as a plain input)
+    # CHAIN (a gated product chained from gate/up to down, SmallConfig.fragment_chain; flags at ready_ptr, one a
+    # group of the product, then a ticket): 1, the gate/up launch (EPI 2) sets a pair's flag once its product is
+    # stored; 2, the down launch (a static view, plain input) asks L2 for its first CHE groups of weights, then waits
+    # only for the flags of its own groups (_await_ready) instead of the whole kernel before (griddepcontrol.wait):
+    # its programs start on the groups made while gate/up's last programs drain; its last program resets the flags
     # EARLY (P == -1): the program's first EARLY groups of the PMIN planes every body reads are asked of L2 before
     # the view is read or counted, and before the wait of PDL (the weights' first loads then wait on L2, not memory)
     # AHEAD: at each group, the planes of the group AHEAD later asked of L2 (views compiled in, span bodies included)
@@ -834,8 +867,12 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
         if PRO == 1 and P > 0:  # the norm's pass below reads x: the first group's words asked of L2 before the wait
             for e in ttgl.static_range(P):
                 _ask_l2(w_ptr + g_lo * NB * 512 + lofs + e * PSTRIDE)
-        if P <= 0 or PRO == 1 or PRO == 3:
+        if (P <= 0 or PRO == 1 or PRO == 3) and CHAIN != 2:
             _griddep(True)
+    if CHAIN == 2:  # the first groups' words asked of L2, then this program's groups of the product awaited
+        for e in ttgl.static_range(CHE * P):
+            _ask_l2(w_ptr + lofs + (g_lo + e // P) * NB * 512 + (e % P) * PSTRIDE)
+        _await_ready(ready_ptr, g_lo, GS, CHP)
     s_pro = 1.0
     if PRO == 3:  # the norm's scale from the partial sums the launch before stored (they arrive under the weights)
         QL: ttgl.constexpr = ttgl.BlockedLayout(size_per_thread=[1], threads_per_warp=[32], warps_per_cta=[4],
@@ -902,8 +939,8 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
             hkr = HK
         total = _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PSTRIDE, G, g_lo, GS,
                             p, multr, zmr, hkr, P, W0, W1, BN, BATCH, PREFETCH, LW, AL, BL, MMA, smem, STAGES, SSTRIDE,
-                            VL, XL, BULK_GS, bars, PDL and P > 0 and PRO != 1 and PRO != 3, lofs, AHEAD, pro_ptr, s_pro,
-                            PRO)  # fmt: skip
+                            VL, XL, BULK_GS, bars, PDL and P > 0 and PRO != 1 and PRO != 3 and CHAIN != 2, lofs, AHEAD,
+                            pro_ptr, s_pro, PRO)  # fmt: skip
     y = ttgl.sum(total, axis=1)
     if PRO == 3:
         y = y * s_pro
@@ -925,7 +962,7 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
             if EPI > 0:
                 _epilogue(yo, out_ptr, ro, pid, N, N_OUT, ep_w_ptr, ep_out_ptr, ep_sq_ptr, ep_w1_ptr, ep_b1_ptr,
                           ep_w2_ptr, ep_b2_ptr, ep_part_ptr, ep_lock_ptr, ep_v_ptr, ep_eps, BN, EPI, ER, ERH, ERHP,
-                          ERADJ)  # fmt: skip
+                          ERADJ, ready_ptr, CHAIN)  # fmt: skip
     elif OUT_MODE == 1:
         if HAS_BIAS:
             y += ttgl.load(bias_ptr + ro, mask=ro < N_OUT, other=0.0).to(ttgl.float32)
@@ -934,17 +971,34 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
         if EPI > 0:
             _epilogue(yo, out_ptr, ro, pid, N, N_OUT, ep_w_ptr, ep_out_ptr, ep_sq_ptr, ep_w1_ptr, ep_b1_ptr,
                       ep_w2_ptr, ep_b2_ptr, ep_part_ptr, ep_lock_ptr, ep_v_ptr, ep_eps, BN, EPI, ER, ERH, ERHP,
-                      ERADJ)  # fmt: skip
+                      ERADJ, ready_ptr, CHAIN)  # fmt: skip
     elif SPLIT:
         ttgl.atomic_add(out_ptr + ro, y, mask=ro < N_OUT)
     else:
         ttgl.store(out_ptr + ro, y, mask=ro < N_OUT)
+    if CHAIN == 2:
+        _chain_done(ready_ptr, G, CHP)
+
+
+@gluon.jit
+def _chain_done(ready_ptr, G, CHP: ttgl.constexpr):
+    """A chained product's reader (``CHAIN`` 2) done: the last of the launch's programs to come here (the ticket
+    after the ``G`` flags) resets every flag and the ticket for the next step's making launch."""
+    _cta_barrier()  # every thread's reads of the product done before the ticket
+    t = ttgl.atomic_add(ready_ptr + G, 1, sem="acq_rel")
+    if t == ttgl.num_programs(0) * ttgl.num_programs(1) - 1:
+        RL: ttgl.constexpr = ttgl.BlockedLayout(size_per_thread=[1], threads_per_warp=[32], warps_per_cta=[4],
+                                                order=[0])  # fmt: skip
+        o = ttgl.arange(0, CHP, layout=RL)
+        for c in range(0, G, CHP):
+            ttgl.store(ready_ptr + c + o, ttgl.zeros([CHP], ttgl.int32, RL), mask=c + o < G)
+        ttgl.atomic_xchg(ready_ptr + G, 0)
 
 
 def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_GROUPS, prefetch=False,
                  dispatch=None, stages=0, b0=None, n_out=None, bias=None, out_mode=0, part=None,
                  locks=None, views=None, routed=None, dispatch_to=None, pdl=False, seg_starts=(),
-                 early=0, ahead=0, prologue=None, epilogue=None):  # fmt: skip
+                 early=0, ahead=0, prologue=None, epilogue=None, chain=None):  # fmt: skip
     """``planes``: an int (the view, compiled in), None (every plane of the pack) or an int32 device tensor of one
     element (the view read by the kernel; ``scale``/``zero`` then ``[planes of the pack, N, G]``, view ``p`` at
     ``p - 1``). ``dispatch``, with a device view: None decodes whole fields with the absent planes predicated off;
@@ -968,7 +1022,9 @@ def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_
     ``("silu_mul", up)`` (``triton_bitplane.bitplane_linear_bits``), or ``("rms_scale", sums, eps)``: a norm made
     by the launch before (``x`` its input times its weight; the outputs scaled). ``epilogue``: a
     :class:`~mobiquant.kernels.epilogue.NextInput` the programs that write the outputs fill for the next launch
-    (out_mode 1 or 2, fp16)."""
+    (out_mode 1 or 2, fp16); a gated product's with flags (``NextInput.ready``) sets them as its pairs are made.
+    ``chain``: the chained product's :class:`~mobiquant.kernels.epilogue.NextInput` ``x`` is (a view compiled in, no
+    prologue): the programs wait for their own groups' flags instead of the kernel before."""
     n, g = words.shape[2] * BLOCK_N, x.numel() // GROUP
     if x.dtype != torch.float16 or not x.is_contiguous() or g * GROUP != x.numel() or g != words.shape[1]:
         raise ValueError(f"x must be {words.shape[1] * GROUP} contiguous fp16 activations, got {x.dtype} "
@@ -1063,7 +1119,33 @@ def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_
     kw.update(AHEAD=min(ahead, g // splits - 1) if ahead else 0)
     kw.update(_prologue_kw(prologue, x))
     kw.update(_epilogue_kw(epilogue, out, n, n_out, out_mode))
+    kw.update(_chain_kw(chain, epilogue, x, out, pc, kw["PRO"], g // splits))
     return args, dict(kw, num_warps=4, **({"launch_pdl": True} if pdl else {}))
+
+
+def _chain_kw(chain, epilogue, x: torch.Tensor, out: torch.Tensor, planes: int, pro: int, gs: int) -> dict:
+    """The kernel's ``ready_ptr``, ``CHAIN``, ``CHE`` and ``CHP``: 1 where ``epilogue`` is a gated product with
+    flags (the gate/up launch sets them), 2 where ``x`` is such a product's output (``chain``; the down launch awaits
+    its groups' flags), checked; else 0."""
+    ready = getattr(epilogue, "ready", None)
+    if chain is not None:
+        if ready is not None:
+            raise ValueError("a launch either makes a chained product or reads one, not both")
+        if not (isinstance(chain, NextInput) and chain.ready is not None and chain.out.data_ptr() == x.data_ptr()):
+            raise ValueError("chain must be the NextInput (with flags) whose product is this launch's input")
+        if planes < 1 or pro != 0:
+            raise ValueError("a chained product is read by a view compiled in, with no prologue")
+        if chain.ready.numel() != x.numel() // GROUP + 1:
+            raise ValueError(f"a chained product of {x.numel()} values needs a flag a group and a ticket: "
+                             f"{x.numel() // GROUP + 1}, got {chain.ready.numel()}")  # fmt: skip
+        return dict(ready_ptr=chain.ready, CHAIN=2, CHE=min(2, gs), CHP=max(128, 1 << (gs - 1).bit_length()))
+    if ready is not None:
+        pairs = epilogue.out.numel() // BLOCK_N
+        if ready.numel() != pairs + 1 or ready.dtype != torch.int32:
+            raise ValueError(f"a chained product's flags: int32, one a pair of row blocks and a ticket ({pairs + 1}), "
+                             f"got {ready.dtype} {ready.numel()}")  # fmt: skip
+        return dict(ready_ptr=ready, CHAIN=1, CHE=0, CHP=128)
+    return dict(ready_ptr=out, CHAIN=0, CHE=0, CHP=128)
 
 
 def _prologue_kw(prologue, x: torch.Tensor) -> dict:
@@ -1341,6 +1423,7 @@ def fragment_linear(
     prologue=None,
     epilogue: NextInput | None = None,
     programs: int = 0,
+    chain: bool = True,
 ) -> torch.Tensor:
     """One token ``x2 [1, in]`` (fp16) -> ``[1, out]`` from a fragment pack: view ``k`` (an int, a one-element int
     tensor on the device, or None with ``routed = (gate values, threshold)`` on the device, counted by the kernel:
@@ -1362,7 +1445,9 @@ def fragment_linear(
     at most 1). ``ahead``: at each group the planes of the group that many later asked of L2 (0: none).
     ``prologue``: ``x2`` is the input of what makes the layer's input, made as it is loaded (:func:`_launch_args`);
     ``epilogue``: what the launch makes of its outputs for the next one (:mod:`~mobiquant.kernels.epilogue`).
-    ``programs``: the programs :func:`launch_config` aims the grid at (0: :data:`TARGET_PROGRAMS`)."""
+    ``programs``: the programs :func:`launch_config` aims the grid at (0: :data:`TARGET_PROGRAMS`). ``chain``: where
+    ``x2`` is a chained gated product (:func:`~mobiquant.kernels.epilogue.chained_product`) and the view is compiled
+    in with no prologue, the programs await their own groups of it, not the whole launch before."""
     M, K_IN = x2.shape
     if M != 1 or K_IN != fp.in_features or x2.dtype != torch.float16:
         raise ValueError(f"the fragment kernel takes one fp16 token of {fp.in_features} features, got {x2.dtype} "
@@ -1416,6 +1501,10 @@ def fragment_linear(
         extra.update(prologue=prologue)
     if epilogue is not None:
         extra.update(epilogue=epilogue)
+    made_by = chained_product(x2) if chain and isinstance(planes, int) and prologue is None else None
+    if made_by is not None:
+        extra.update(chain=made_by)
+        made_by.chained = True
     if dispatch is not None:
         extra.update(views=fp.planes_of_view, routed=routed, seg_starts=tuple(seg_starts), early=early_l2)
         if span is not None:

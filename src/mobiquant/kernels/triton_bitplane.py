@@ -2838,6 +2838,12 @@ class SmallConfig:
     # launch (28672 rows) then runs 2 splits of 16 groups a program where the 14336-row layer ran its best at 4 splits
     # of 8; 896 gives the site that shape again, in two waves (benchmarks/NOTES.md entry 46). Not timed in the package.
     fragment_programs: int = 0
+    # A gated product made by the gate/up launch (fragment_epilogues) chained into the down launch: the gate/up
+    # programs set a flag a group of the product as they store it (resetting them first, before the down launch may
+    # start), and the down launch of a static view, started early by pdl, waits for its own groups' flags instead of
+    # the whole gate/up launch (griddepcontrol.wait): its programs start on the groups made while gate/up's last
+    # programs drain (benchmarks/NOTES.md entry 60, the first stage of entry 58's persistent layer). Off until timed.
+    fragment_chain: bool = False
 
     def __post_init__(self) -> None:
         if self.fragment_tma not in (0, -1, -2):

@@ -221,6 +221,7 @@ class LeanDecoderLayer:
         if product is not None:  # made by the gate/up launch
             nxt = _next_norm_by_down(self, mlp, h)
             out = linear_add(mlp.down_proj, product.out, h, nxt)
+            _unchain(product)
             if nxt is not None:
                 _hand(self.lean_next_layer, out, nxt)  # type: ignore[attr-defined]
             return out
@@ -229,6 +230,13 @@ class LeanDecoderLayer:
         if isinstance(mlp, FusedGatedMLP):
             return mlp.down_of(gate, up, residual=h)
         return linear_add(mlp.down_proj, mlp.act_fn(gate) * up, h)
+
+
+@torch.compiler.disable  # a request's flags, outside a compiled trace as its buffers
+def _unchain(product: Any) -> None:
+    """Reset a chained product's flags where the down launch did not read it chained
+    (:meth:`~mobiquant.kernels.epilogue.NextInput.unchain`)."""
+    product.unchain()
 
 
 @torch.compiler.disable  # reads the views and kernel choice, as the linears' own launches do
@@ -380,16 +388,20 @@ def _handed(layer: Any, x: torch.Tensor) -> Any:
 @torch.compiler.disable  # its request's buffers made outside a compiled trace, as the launches' are
 def _product_by(mlp: Any, x: torch.Tensor) -> Any:
     """A :class:`~mobiquant.kernels.epilogue.NextInput` of the gated product for the gate/up site launch to fill
-    (a site group of exactly gate then up, SiLU, a launch that can: :func:`_makes`); else None. ``x``: one token of
-    the MLP's input width."""
-    from ..kernels.epilogue import NextInput
+    (a site group of exactly gate then up, SiLU, a launch that can: :func:`_makes`), chained into the down launch
+    where gate/up's ``SmallConfig.fragment_chain`` asks (on a GPU); else None. ``x``: one token of the MLP's input
+    width."""
+    from ..kernels.epilogue import NextInput, chain_flags
 
     group = getattr(mlp.gate_proj, "_site_group", None)
     if group is None or group.members != [mlp.gate_proj, mlp.up_proj] or not _silu(mlp.act_fn):
         return None
     if not _makes(mlp.gate_proj, x, "silu_mul"):
         return None
-    return NextInput.silu_mul(x, mlp.gate_proj.out_features)
+    m = mlp.gate_proj.out_features
+    chain = bool(getattr(getattr(mlp.gate_proj, "small_config", None), "fragment_chain", False)) and x.is_cuda
+    chain = chain and getattr(mlp.down_proj, "decodes_static", False)  # a view on the device reads it unchained
+    return NextInput.silu_mul(x, m, chain_flags(mlp.gate_proj, m, x.device) if chain else None)
 
 
 def _silu(act: Any) -> bool:
