@@ -131,6 +131,9 @@
 #   blockstatic (only when named) router placement block's static views taking the handed norms in their launches
 #            (NOTES entry 55): its GPU tests beside the compiles, then the package rows with the lean step's prologues
 #            and with every static view's epilogues on
+#   chain    (only when named) the gated product chained from gate/up into down (SmallConfig.fragment_chain,
+#            benchmarks/NOTES.md entry 60): its GPU tests beside the compiles, then the package rows with the lean step's
+#            prologues (the default) and with the chain, router placement block, two rounds
 #   tailcensus (only when named) the compiled step's kernels at routed 3.5 / 4.5 bits and the static 4-bit view, the
 #            default and SmallConfig.router_tail (True, "normed") side by side (step_overhead.py --kernels; NOTES 52)
 #   pick     (only when named) the default rows (block, lean step with its prologues) with the greedy token picked
@@ -473,6 +476,15 @@ stage() {
         tests/kernels/test_epilogue.py -k "router_tail"
       package_stage routertail block --package-lean-prologues --package-router-tail --package-router-tail-normed \
         --package-fused-only --package-rounds 2 ;;
+    chain)
+      local cmd=("$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed --fuse-inputs \
+        --package-policy adjacent --package-placement block --package-budgets 3.5,4.5 --package-lean-prologues \
+        --package-chain --package-fused-only --package-rounds "${PACKAGE_ROUNDS:-2}")
+      run_stage chain_tests 420 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_lean_step.py \
+        tests/kernels/test_gluon_fragment.py -k "gpu_lean_chain or gpu_lean_epilogues or gpu_epilogues" &
+      warm_shards chain "${cmd[@]}"
+      wait
+      run_stage chain 900 "${cmd[@]}" --out "$RES/chain" ;;
     blockstatic)
       # the static views under router=block with the norms the launches before hand over, their home linears no
       # longer making the normed row for the router first (TokenRouter.idle_for, NOTES 55): the GPU tests side by side
@@ -540,7 +552,7 @@ print(','.join(str(int(v)) for v in t))" "$RES/router_sweep/router_sweep.csv" 2>
       run_stage pattern 600 "$PY" benchmarks/stream_pattern.py --views 1,2,6 \
         --package-configs "$PATTERN_CONFIGS" --out "$RES/pattern" ;;
     *)
-      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement pdl spandef spanrule spancost loads lean attn prologues block pdlstatic epikinds routedepi routedsite routertail blockstatic tailcensus stepcensus pick programs epilogues span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
+      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement pdl spandef spanrule spancost loads lean attn prologues block pdlstatic epikinds routedepi routedsite routertail blockstatic chain tailcensus stepcensus pick programs epilogues span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
       return 2 ;;
   esac
 }
