@@ -632,46 +632,59 @@ def test_pdl_waits_after_the_first_weights_offline():
 
 
 def test_chain_launch_args():
-    """A gated product with the chain's flags: the gate/up launch making it sets them (``CHAIN`` 1), the down launch
-    reading it awaits them (``CHAIN`` 2: its first 2 groups asked of L2, a power of 2 from its groups and 128 up for
-    the wait); refused for a view on the device, with a prologue, for a product that is not the input, for flags of
-    the wrong size, and for a launch that would make one and read another; none asked, ``CHAIN`` 0."""
+    """Next inputs with the chain's flags: the gate/up launch making a gated product sets a flag a group (``CMAKE``
+    1), a launch making a norm's parts counts its row blocks (``CMAKE`` 2); the down launch reading the product awaits
+    its groups' flags (``CREAD`` 1), the gate/up launch reading the norm's parts with their sums the count (``CREAD``
+    2), both asking L2 for their first 2 groups first (a power of 2 from their groups and 128 up for the wait), the
+    gate/up launch both reading one and making another. Refused: a view on the device, a product read with a
+    prologue, a norm's parts without their sums, an input that is not the launch's, flags of the wrong size, a chained
+    norm with a router's tail. None asked: 0 and 0."""
     from mobiquant.kernels.epilogue import NextInput, chain_flags
 
     owner = torch.nn.Linear(1, 1)
     x = torch.zeros(4096, dtype=torch.float16)
-    flags = chain_flags(owner, 2048, x.device)
-    assert flags.dtype == torch.int32 and flags.tolist() == [0] * 17 and chain_flags(owner, 2048, x.device) is flags
+    flags = chain_flags(owner, 16, x.device)
+    assert flags.dtype == torch.int32 and flags.tolist() == [0] * 17 and chain_flags(owner, 16, x.device) is flags
     prod = NextInput.silu_mul(x[None], 2048, flags)
+    norm = NextInput.rms_norm(torch.ones(4096, dtype=torch.float16), 1e-5, x[None], ready=chain_flags(owner, 1, "cpu"))
     up = torch.zeros(4, 32, 32, 512, dtype=torch.int32)  # gate and up: 2 x 2048 rows
     sc, out = torch.zeros(4096, 32, dtype=torch.float16), torch.zeros(4096, dtype=torch.float16)
     _, kw = gf._launch_args(up, sc, sc, x, out, planes=4, out_mode=1, epilogue=prod)
-    assert kw["CHAIN"] == 1 and kw["ready_ptr"] is flags and kw["EPI"] == 2
+    assert (kw["CMAKE"], kw["CREAD"]) == (1, 0) and kw["mk_ptr"] is flags and kw["EPI"] == 2
+    made_by_o = dict(prologue=("rms_scale", norm.sums, 1e-5), chain=norm)
+    _, kw = gf._launch_args(up, sc, sc, norm.out.view(-1), out, planes=4, out_mode=1, epilogue=prod, **made_by_o)
+    assert (kw["CMAKE"], kw["CREAD"], kw["CHE"]) == (1, 2, 2) and kw["rd_ptr"] is norm.ready and kw["mk_ptr"] is flags
+    o_w, o_sc = torch.zeros(4, 32, 32, 512, dtype=torch.int32), torch.zeros(4096, 32, dtype=torch.float16)
+    _, kw = gf._launch_args(o_w, o_sc, o_sc, x, out, planes=4, out_mode=1, epilogue=norm)
+    assert (kw["CMAKE"], kw["CREAD"], kw["EPI"]) == (2, 0, 1) and kw["mk_ptr"] is norm.ready
     down = torch.zeros(4, 16, 8, 512, dtype=torch.int32)  # 1024 x 2048
     sc2, out2 = torch.zeros(1024, 16, dtype=torch.float16), torch.zeros(1024, dtype=torch.float16)
     _, kw = gf._launch_args(down, sc2, sc2, prod.out.view(-1), out2, planes=4, out_mode=1, chain=prod)
-    assert (kw["CHAIN"], kw["CHE"], kw["CHP"]) == (2, 2, 128) and kw["ready_ptr"] is flags
+    assert (kw["CMAKE"], kw["CREAD"], kw["CHE"], kw["CHP"]) == (0, 1, 2, 128) and kw["rd_ptr"] is flags
     _, kw = gf._launch_args(down, sc2, sc2, prod.out.view(-1), out2, planes=4, out_mode=1)
-    assert kw["CHAIN"] == 0
+    assert (kw["CMAKE"], kw["CREAD"]) == (0, 0)
     with pytest.raises(ValueError, match="compiled in, with no prologue"):
         gf._launch_args(down, sc2, sc2, prod.out.view(-1), out2, planes=4, out_mode=1, chain=prod,
                         prologue=("silu_mul", prod.out.view(-1)))  # fmt: skip
+    with pytest.raises(ValueError, match="with their own sums"):
+        gf._launch_args(up, sc, sc, norm.out.view(-1), out, planes=4, out_mode=1, chain=norm)
     with pytest.raises(ValueError, match="compiled in"):
         gf._launch_args(down, sc2[None].expand(4, -1, -1), sc2[None].expand(4, -1, -1), prod.out.view(-1), out2,
                         planes=torch.ones(1, dtype=torch.int32), out_mode=1, chain=prod)  # fmt: skip
     with pytest.raises(ValueError, match="this launch's input"):
         gf._launch_args(down, sc2, sc2, torch.zeros(2048, dtype=torch.float16), out2, planes=4, out_mode=1, chain=prod)
-    with pytest.raises(ValueError, match="make one and read another|either makes"):
-        other = NextInput.silu_mul(torch.zeros(1, 1024, dtype=torch.float16), 512, torch.zeros(5, dtype=torch.int32))
-        gf._launch_args(down, sc2, sc2, prod.out.view(-1), out2, planes=4, out_mode=1, chain=prod, epilogue=other)
     with pytest.raises(ValueError, match="a flag a group"):
         NextInput.silu_mul(x[None], 2048, torch.zeros(16, dtype=torch.int32))
+    with pytest.raises(ValueError, match="without a router's tail"):
+        r = (torch.zeros(8, 4096), torch.zeros(8), torch.zeros(5, 8), torch.zeros(5), True)
+        NextInput.rms_norm(torch.ones(4096), 1e-5, x[None].float(), router=r, ready=torch.zeros(2, dtype=torch.int32))
 
 
 def test_chained_product_found_by_its_output():
     """:func:`chained_product` finds a live chained product by its output's address (a view of it too), nothing for
     another tensor, a product without flags or one gone; a product made in PyTorch sets every flag (not the ticket),
-    and :meth:`NextInput.unchain` resets them unless a launch read it chained."""
+    a norm's parts the count of their row blocks, and :meth:`NextInput.unchain` resets them unless a launch read them
+    chained."""
     import gc
 
     from mobiquant.kernels.epilogue import NextInput, chained_product
@@ -688,51 +701,64 @@ def test_chained_product_found_by_its_output():
     prod.chained = True  # a launch read it chained: its last program resets the flags
     prod.unchain()
     assert prod.ready.tolist() == [1, 1, 0]
-    key = prod.out.data_ptr()
     out = prod.out
     del prod
     gc.collect()
-    assert chained_product(out) is None, key
+    assert chained_product(out) is None
+    norm = NextInput.rms_norm(torch.ones(300), 1e-5, torch.zeros(1, 300), ready=torch.zeros(2, dtype=torch.int32))
+    assert chained_product(norm.out) is norm
+    norm.make(torch.randn(1, 300))
+    assert norm.ready.tolist() == [3, 0]  # three row blocks of 128
+    norm.unchain()
+    assert norm.ready.tolist() == [0, 0]
 
 
 _OFFLINE_CHAIN = (
     _OFFLINE_PRELUDE
     + """
 from mobiquant.kernels.epilogue import NextInput
-for name, flags in (("plain", None), ("chained", torch.zeros(57, dtype=torch.int32))):
-    prod = NextInput.silu_mul(x[None], 7168, flags)
+for name, chained in (("plain", False), ("chained", True)):
+    flags = lambda n: torch.zeros(n, dtype=torch.int32) if chained else None
+    norm = NextInput.rms_norm(torch.ones(4096, dtype=torch.float16), 1e-5, x[None], ready=flags(2))
+    prod = NextInput.silu_mul(x[None], 7168, flags(57))
     lk = dict(part=torch.zeros(4, 14336), locks=torch.zeros(112, dtype=torch.int32), out_mode=2, pdl=True)
-    args, kw = gf._launch_args(words, sc, sc, x, out.half(), splits=4, planes=4, prefetch=True, epilogue=prod, **lk)
+    pro = dict(prologue=("rms_scale", norm.sums, 1e-5), chain=norm if chained else None)
+    args, kw = gf._launch_args(words, sc, sc, norm.out.view(-1), out.half(), splits=4, planes=4, prefetch=True,
+                               epilogue=prod, **lk, **pro)
     kw.pop("launch_pdl")
     sass, res = osx.sass_and_resources(osx.compile_sm90(gf.frag_gemv_kernel, args, kw, source=GluonASTSource))
     ops = [m.group(3) for m in osx.LINE.finditer(sass)]
-    print("RESULT make-" + name, re.search(r"REG:(\\d+)", res).group(1), re.search(r"STACK:(\\d+)", res).group(1),
-          sum(o.startswith("ATOMG.E.EXCH") for o in ops))
+    print("RESULT gateup-" + name, re.search(r"REG:(\\d+)", res).group(1), re.search(r"STACK:(\\d+)", res).group(1),
+          sum(o.startswith("ATOMG.E.EXCH") for o in ops), ops.count("ACQBULK"), ops.count("CCTL.E.PF2"))
     w2, s2 = torch.zeros(4, 56, 32, 512, dtype=torch.int32), torch.zeros(4096, 56, dtype=torch.float16)
     lk = dict(part=torch.zeros(7, 4096), locks=torch.zeros(32, dtype=torch.int32), out_mode=2, pdl=True)
     args, kw = gf._launch_args(w2, s2, s2, prod.out.view(-1), torch.zeros(4096, dtype=torch.float16), splits=7,
-                               planes=4, prefetch=True, chain=prod if flags is not None else None, **lk)
+                               planes=4, prefetch=True, chain=prod if chained else None, epilogue=norm, **lk)
     kw.pop("launch_pdl")
     sass, res = osx.sass_and_resources(osx.compile_sm90(gf.frag_gemv_kernel, args, kw, source=GluonASTSource))
     ops = [m.group(3) for m in osx.LINE.finditer(sass)]
-    print("RESULT read-" + name, ops.count("ACQBULK"), ops.count("PREEXIT"), ops.count("CCTL.E.PF2"),
-          sum(o.startswith("LDG.E.STRONG.SYS") for o in ops))
+    print("RESULT down-" + name, ops.count("ACQBULK"), ops.count("PREEXIT"), ops.count("CCTL.E.PF2"),
+          sum(o.startswith("LDG.E.STRONG.SYS") for o in ops), re.search(r"STACK:(\\d+)", res).group(1))
 """
 )
 
 
 def test_chain_compiles_for_sm90_offline():
-    """Compiled for sm_90 without a GPU (``SmallConfig.fragment_chain``): the gate/up launch making a chained product
-    keeps its registers (no spill) and sets a pair's flag (one more exchange); the down launch reading it lets the
-    next kernel start but never waits for the kernel before (no ``griddepcontrol.wait``, SASS ``ACQBULK``): it asks L2
-    for its first 2 groups' 4 planes (``CCTL.E.PF2``) and polls its groups' flags (volatile loads)."""
+    """Compiled for sm_90 without a GPU (``SmallConfig.fragment_chain``): the gate/up launch reading a chained norm's
+    parts and making a chained product keeps its registers within 4 (no spill), sets a pair's flag and resets the
+    count's ticket (two more exchanges) and waits for no kernel before (no ``griddepcontrol.wait``, SASS
+    ``ACQBULK``), asking L2 for its first 2 groups' 4 planes first (``CCTL.E.PF2``); the down launch reading the
+    product lets the next kernel start (``PREEXIT``), never waits for the kernel before, asks L2 for its first groups
+    and polls its groups' flags (volatile loads), its epilogue counting the next norm's row blocks, no spill."""
     got = run_offline(_OFFLINE_CHAIN)
-    regs_plain, stack_plain, xchg_plain = got["make-plain"]
-    regs, stack, xchg = got["make-chained"]
+    regs_plain, stack_plain, xchg_plain, wait_plain, l2_plain = got["gateup-plain"]
+    regs, stack, xchg, wait, l2 = got["gateup-chained"]
     assert stack == stack_plain == "0" and int(regs) <= int(regs_plain) + 4, got
-    assert int(xchg) == int(xchg_plain) + 1, got
-    assert got["read-plain"][:3] == ["1", "1", "0"] and got["read-plain"][3] == "0", got
-    assert got["read-chained"][:3] == ["0", "1", "8"] and int(got["read-chained"][3]) >= 1, got
+    # one exchange more sets a pair's flag, one more resets the read count's ticket
+    assert int(xchg) == int(xchg_plain) + 2 and (wait_plain, wait) == ("1", "0") and (l2_plain, l2) == ("0", "8"), got
+    assert got["down-plain"] == ["1", "1", "0", "0", "0"], got
+    assert got["down-chained"][:3] == ["0", "1", "8"] and int(got["down-chained"][3]) >= 1, got
+    assert got["down-chained"][4] == "0", got
 
 
 def test_early_l2_launch_args():

@@ -629,7 +629,8 @@ def test_gpu_lean_epilogues():
 @needs_triton
 @needs_gpu
 def test_gpu_lean_chain():
-    """On the GPU, ``SmallConfig(fragment_chain=True)`` at a static 4-plane view: each gate/up launch makes the product
+    """On the GPU, ``SmallConfig(fragment_chain=True)`` at a static 4-plane view: each o launch makes the post-attention
+    norm's parts with their count and each gate/up launch reads them chained, each gate/up launch makes the product
     with its flags and each down launch reads it chained (every flag reset after); the step's logits are those of the
     step without the chain, step by step, and a generation through the captured graph gives the greedy tokens of the
     eager one."""
@@ -654,11 +655,16 @@ def test_gpu_lean_chain():
     finally:
         gf.chained_product = real
     n, steps = q.config.num_hidden_layers, 3
-    assert kinds.count("silu_mul") == n * steps and taken.count(True) == n * steps, (kinds, taken)
+    assert kinds.count("silu_mul") == n * steps and taken.count(True) == 2 * n * steps, (kinds, taken)
     torch.testing.assert_close(on, off, atol=3e-2, rtol=3e-2)
-    for mlp in (layer.mlp for layer in q.model.layers):
-        for flags in mlp.gate_proj.__dict__["_chain_flags"].values():
-            assert int(flags.abs().sum()) == 0  # reset by each down launch's last program
+    for layer in q.model.layers:
+        held = [
+            *layer.mlp.gate_proj.__dict__["_chain_flags"].values(),
+            *layer.self_attn.o_proj.__dict__["_chain_flags"].values(),
+        ]
+        assert len(held) == 2 and all(
+            int(f.abs().sum()) == 0 for f in held
+        )  # reset by each reading launch's last program
     prompt = torch.randint(0, q.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(9)).cuda()
     lean_step(q, prologues=True)
     set_small_config(q, SmallConfig(fragment_chain=True))

@@ -128,18 +128,27 @@ class NextInput:
     made: bool = False
     #: the router an ``"rms_norm"`` request also finishes (:class:`RouterTail`), or None
     router: RouterTail | None = None
-    #: a chained product's flags (int32 zeros, one a group of 128 values, then a ticket; :meth:`silu_mul`), or None
+    #: a chained input's flags (:func:`chain_flags`: int32 zeros, then a ticket): a product's one a group of 128
+    #: values, a norm's parts one count of their row blocks; or None
     ready: torch.Tensor | None = None
     #: whether a launch read it chained (and so reset :attr:`ready` when done)
     chained: bool = False
 
     @classmethod
     def rms_norm(
-        cls, weight: torch.Tensor, eps: float, like: torch.Tensor, router: tuple | None = None, normed: bool = False
+        cls,
+        weight: torch.Tensor,
+        eps: float,
+        like: torch.Tensor,
+        router: tuple | None = None,
+        normed: bool = False,
+        ready: torch.Tensor | None = None,
     ) -> NextInput:
         """The parts of an RMS norm (``weight [n]``, ``eps``) of outputs shaped like ``like`` (one token,
         ``[..., n]``); ``router``: ``(w1, b1, w2, b2, adjacent)``, the router deciding on the norm's output, finished
-        too (:class:`RouterTail`); ``normed`` (with ``router``): ``out`` made into the normed row itself."""
+        too (:class:`RouterTail`); ``normed`` (with ``router``): ``out`` made into the normed row itself. ``ready``
+        (no router): the chain's flags (:func:`chain_flags` of one slot), the making launch counting its row blocks
+        made, the reading launch awaiting the count of all (:func:`chained_product`)."""
         if normed and router is None:
             raise ValueError("normed: the normed row is made by a router's tail (router=(w1, b1, w2, b2, adjacent))")
         n = like.shape[-1]
@@ -154,7 +163,12 @@ class NextInput:
         out = torch.empty_like(like)
         sums = torch.empty(blocks, dtype=torch.float32, device=like.device)
         tail = None if router is None else RouterTail.of(router, n, blocks, like, normed)
-        return cls("rms_norm", out, sums, weight.to(like.dtype).contiguous(), float(eps), router=tail)
+        made = cls("rms_norm", out, sums, weight.to(like.dtype).contiguous(), float(eps), router=tail)
+        if ready is not None:
+            if router is not None:
+                raise ValueError("a chained norm's parts are made without a router's tail")
+            made._chain(ready, 1)
+        return made
 
     @classmethod
     def silu_mul(cls, like: torch.Tensor, m: int, ready: torch.Tensor | None = None) -> NextInput:
@@ -165,18 +179,23 @@ class NextInput:
             raise ValueError(f"a product made in the launch before takes one token and m >= 1, got {tuple(like.shape)}")
         made = cls("silu_mul", torch.empty(*like.shape[:-1], m, dtype=like.dtype, device=like.device))
         if ready is not None:
-            groups = -(-m // ROW_BLOCK)
-            if ready.dtype != torch.int32 or ready.numel() != groups + 1 or ready.device != like.device:
-                raise ValueError(
-                    f"a chained product's flags: {groups + 1} int32 on {like.device} (a flag a group of {ROW_BLOCK}, "
-                    f"a ticket), got {ready.dtype} {ready.numel()} on {ready.device}"
-                )
-            made.ready = ready
-            _CHAINED[(made.out.device, made.out.data_ptr())] = weakref.ref(made)
-            if len(_CHAINED) > 256:  # requests of earlier steps, gone
-                for key in [key for key, ref in _CHAINED.items() if ref() is None]:
-                    del _CHAINED[key]
+            made._chain(ready, -(-m // ROW_BLOCK))
         return made
+
+    def _chain(self, ready: torch.Tensor, slots: int) -> None:
+        """Take the chain's flags ``ready`` (``slots`` flags and a ticket, checked) and register :attr:`out` for
+        :func:`chained_product`."""
+        dev = self.out.device
+        if ready.dtype != torch.int32 or ready.numel() != slots + 1 or ready.device != dev:
+            raise ValueError(
+                f"a chained {self.kind}'s flags: {slots + 1} int32 on {dev} ({slots} a flag a group of {ROW_BLOCK} "
+                f"values or a count of row blocks, then a ticket), got {ready.dtype} {ready.numel()} on {ready.device}"
+            )
+        self.ready = ready
+        _CHAINED[(dev, self.out.data_ptr())] = weakref.ref(self)
+        if len(_CHAINED) > 256:  # requests of earlier steps, gone
+            for key in [key for key, ref in _CHAINED.items() if ref() is None]:
+                del _CHAINED[key]
 
     @property
     def normed(self) -> bool:
@@ -203,6 +222,8 @@ class NextInput:
         if self.kind == "rms_norm":
             assert self.sums is not None and self.weight is not None
             self.out.copy_(y * self.weight)
+            if self.ready is not None:  # made here, in stream order: every block counted for a chained reader
+                self.ready[0].fill_(self.sums.numel())
             hf = y.reshape(-1).float()
             pad = self.sums.numel() * ROW_BLOCK - hf.numel()
             self.sums.copy_(F.pad(hf * hf, (0, pad)).reshape(-1, ROW_BLOCK).sum(1))
@@ -222,14 +243,15 @@ class NextInput:
 _CHAINED: dict[tuple[torch.device, int], weakref.ref] = {}
 
 
-def chain_flags(owner: object, m: int, device: torch.device) -> torch.Tensor:
-    """The chain's flags of a gated product of ``m`` values made by ``owner`` (the gate/up linear) on ``device``:
-    int32 zeros, a flag a group of :data:`ROW_BLOCK` values and a ticket, made once and kept on ``owner`` (not in a
-    state dict; each layer its own, so a later layer's reading launch never reads an earlier layer's flags)."""
+def chain_flags(owner: object, slots: int, device: torch.device) -> torch.Tensor:
+    """The chain's flags of an input made by ``owner``'s launch (the gate/up linear's product: a flag a group of
+    :data:`ROW_BLOCK` values; a linear's norm parts: ``slots`` 1, a count of row blocks) on ``device``: int32 zeros,
+    ``slots`` then a ticket, made once and kept on ``owner`` (not in a state dict; each layer its own, so a later
+    layer's reading launch never reads an earlier layer's flags)."""
     held = owner.__dict__.setdefault("_chain_flags", {})
-    key = (device, m)
+    key = (device, slots)
     if key not in held:
-        held[key] = torch.zeros(-(-m // ROW_BLOCK) + 1, dtype=torch.int32, device=device)
+        held[key] = torch.zeros(slots + 1, dtype=torch.int32, device=device)
     return held[key]
 
 

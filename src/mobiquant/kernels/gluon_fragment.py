@@ -212,17 +212,27 @@ def _fence():
 
 
 @gluon.jit
-def _await_ready(ready_ptr, g_lo, GS, CHP: ttgl.constexpr):
+def _await_ready(rd_ptr, g_lo, GS, CHP: ttgl.constexpr):
     """Wait until the launch before has made groups ``g_lo .. g_lo + GS`` of this launch's input (a chained gated
-    product, ``CHAIN`` 2: each group's flag at ``ready_ptr`` set by the program that wrote it), then fence: the
+    product, ``CREAD`` 1: each group's flag at ``rd_ptr`` set by the program that wrote it), then fence: the
     activations are read only after. ``CHP``: a power of 2 from ``GS`` and 128 up."""
     RL: ttgl.constexpr = ttgl.BlockedLayout(size_per_thread=[1], threads_per_warp=[32], warps_per_cta=[4], order=[0])
     o = ttgl.arange(0, CHP, layout=RL)
     m = o < GS
     n = 0
     while n < GS:
-        f = ttgl.load(ready_ptr + g_lo + o, mask=m, other=0, volatile=True)
+        f = ttgl.load(rd_ptr + g_lo + o, mask=m, other=0, volatile=True)
         n = ttgl.sum((f != 0).to(ttgl.int32), axis=0)
+    _fence()
+
+
+@gluon.jit
+def _await_count(rd_ptr, n):
+    """Wait until the launch before has counted ``n`` row blocks made at ``rd_ptr`` (a chained norm's parts,
+    ``CREAD`` 2: every block's outputs times the weight and its sum of squares), then fence."""
+    c = 0
+    while c < n:
+        c = ttgl.load(rd_ptr, volatile=True)
     _fence()
 
 
@@ -705,14 +715,16 @@ def _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PST
 @gluon.jit
 def _epilogue(yo, out_ptr, ro, pid, N, N_OUT, ep_w_ptr, ep_out_ptr, ep_sq_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
               part_ptr, lock_ptr, v_ptr, eps, BN: ttgl.constexpr, EPI: ttgl.constexpr, ER: ttgl.constexpr,
-              ERH: ttgl.constexpr, ERHP: ttgl.constexpr, ERADJ: ttgl.constexpr, ready_ptr,
-              CHAIN: ttgl.constexpr):  # fmt: skip
+              ERH: ttgl.constexpr, ERHP: ttgl.constexpr, ERADJ: ttgl.constexpr, mk_ptr,
+              CMAKE: ttgl.constexpr):  # fmt: skip
     """What the program that wrote row block ``pid``'s outputs ``yo`` (``out_ptr + ro``) makes of them for the next
     launch (the kernel's ``EPI``): 1, the next RMS norm's parts; 3, those and the router on the norm's output
     (:func:`_router_share`: its layers, shares, ticket, gate values and the norm's ``eps``); 4, as 3, the parts then
     scaled into the normed row by the last row block; 2, a gated MLP's product, by the later program of each gate /
-    up pair of row blocks (with ``CHAIN`` 1 it then sets the pair's flag at ``ready_ptr``: the chained down launch
-    reads that group of its input once set)."""
+    up pair of row blocks. ``CMAKE`` (a chained next input, ``SmallConfig.fragment_chain``): 1 (EPI 2), the pair's
+    flag at ``mk_ptr`` set once its product is stored: the chained down launch reads that group once set; 2 (EPI 1),
+    the block counted at ``mk_ptr`` once its parts are stored: the chained next launch reads them at the count of
+    every block."""
     m = ro < N_OUT
     if EPI == 1 or EPI >= 3:
         w = ttgl.load(ep_w_ptr + ro, mask=m, other=0.0)
@@ -720,6 +732,9 @@ def _epilogue(yo, out_ptr, ro, pid, N, N_OUT, ep_w_ptr, ep_out_ptr, ep_sq_ptr, w
         ttgl.store(ep_out_ptr + ro, yw, mask=m)
         hf = yo.to(ttgl.float32)
         ttgl.store(ep_sq_ptr + pid, ttgl.sum(ttgl.where(m, hf * hf, 0.0), axis=0))
+        if CMAKE == 2:
+            _cta_barrier()  # every thread's parts stored before the release below
+            ttgl.atomic_add(mk_ptr, 1, sem="release")
         if EPI >= 3:
             _router_share(yw, pid, N, N_OUT, ep_sq_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, part_ptr, lock_ptr, v_ptr,
                           eps, ep_out_ptr, BN, ER, ERH, ERHP, ERADJ, EPI == 4)  # fmt: skip
@@ -737,9 +752,9 @@ def _epilogue(yo, out_ptr, ro, pid, N, N_OUT, ep_w_ptr, ep_out_ptr, ep_sq_ptr, w
             act = (gate / (1.0 + ttgl.exp(-gate))).to(up.dtype)
             ttgl.store(ep_out_ptr + pair * BN + ro % BN, act * up)
             ttgl.atomic_xchg(ep_w_ptr + pair, 0)  # self-resetting
-            if CHAIN == 1:
+            if CMAKE == 1:
                 _cta_barrier()  # every thread's products stored before the release below
-                ttgl.atomic_xchg(ready_ptr + pair, 1, sem="release")
+                ttgl.atomic_xchg(mk_ptr + pair, 1, sem="release")
 
 
 @gluon.jit
@@ -758,8 +773,8 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
                      PRO: ttgl.constexpr, NSQ, NSQP: ttgl.constexpr, ep_w_ptr, ep_out_ptr, ep_sq_ptr,
                      EPI: ttgl.constexpr, ep_w1_ptr, ep_b1_ptr, ep_w2_ptr, ep_b2_ptr, ep_part_ptr, ep_lock_ptr,
                      ep_v_ptr, ep_eps, ER: ttgl.constexpr, ERH: ttgl.constexpr, ERHP: ttgl.constexpr,
-                     ERADJ: ttgl.constexpr, ready_ptr, CHAIN: ttgl.constexpr, CHE: ttgl.constexpr,
-                     CHP: ttgl.constexpr):  # fmt: skip
+                     ERADJ: ttgl.constexpr, mk_ptr, CMAKE: ttgl.constexpr, rd_ptr, CREAD: ttgl.constexpr,
+                     CHE: ttgl.constexpr, CHP: ttgl.constexpr):  # fmt: skip
     # PDL: launched with programmatic dependent launch (SmallConfig.pdl): the next kernel may start its programs now;
     # a view on the device awaits the kernel before at once (it may have written k), a view compiled in once its
     # first words are asked for (_view_total), before any activation is read; with an RMS norm in the launch, once
@@ -780,11 +795,12 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
     # ep_part_ptr, the last block (a ticket at ep_lock_ptr) finishing the router into ep_v_ptr (_router_share); 4, as
     # 3, and the last block also scales the row at ep_out_ptr into the normed row in place (the next launch reads it
     # as a plain input)
-    # CHAIN (a gated product chained from gate/up to down, SmallConfig.fragment_chain; flags at ready_ptr, one a
-    # group of the product, then a ticket): 1, the gate/up launch (EPI 2) sets a pair's flag once its product is
-    # stored; 2, the down launch (a static view, plain input) asks L2 for its first CHE groups of weights, then waits
-    # only for the flags of its own groups (_await_ready) instead of the whole kernel before (griddepcontrol.wait):
-    # its programs start on the groups made while gate/up's last programs drain; its last program resets the flags
+    # CMAKE / CREAD (a next input chained from launch to launch, SmallConfig.fragment_chain): CMAKE, this launch
+    # makes one (its flags at mk_ptr: _epilogue); CREAD, this launch reads one (a static view; flags at rd_ptr, then
+    # a ticket): it asks L2 for its first CHE groups of weights, then waits only for what it reads instead of the
+    # whole kernel before (griddepcontrol.wait), and its last program resets the flags: 1, a gated product (plain
+    # input; a flag a group: its own groups awaited, _await_ready); 2, a norm's parts (PRO 3; a count of the NSQ row
+    # blocks: every block awaited, _await_count). Its programs start on what is made while the launch before drains
     # EARLY (P == -1): the program's first EARLY groups of the PMIN planes every body reads are asked of L2 before
     # the view is read or counted, and before the wait of PDL (the weights' first loads then wait on L2, not memory)
     # AHEAD: at each group, the planes of the group AHEAD later asked of L2 (views compiled in, span bodies included)
@@ -867,12 +883,15 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
         if PRO == 1 and P > 0:  # the norm's pass below reads x: the first group's words asked of L2 before the wait
             for e in ttgl.static_range(P):
                 _ask_l2(w_ptr + g_lo * NB * 512 + lofs + e * PSTRIDE)
-        if (P <= 0 or PRO == 1 or PRO == 3) and CHAIN != 2:
+        if (P <= 0 or PRO == 1 or PRO == 3) and CREAD == 0:
             _griddep(True)
-    if CHAIN == 2:  # the first groups' words asked of L2, then this program's groups of the product awaited
+    if CREAD > 0:  # the first groups' words asked of L2, then what this program reads of the input awaited
         for e in ttgl.static_range(CHE * P):
             _ask_l2(w_ptr + lofs + (g_lo + e // P) * NB * 512 + (e % P) * PSTRIDE)
-        _await_ready(ready_ptr, g_lo, GS, CHP)
+        if CREAD == 1:
+            _await_ready(rd_ptr, g_lo, GS, CHP)
+        else:
+            _await_count(rd_ptr, NSQ)
     s_pro = 1.0
     if PRO == 3:  # the norm's scale from the partial sums the launch before stored (they arrive under the weights)
         QL: ttgl.constexpr = ttgl.BlockedLayout(size_per_thread=[1], threads_per_warp=[32], warps_per_cta=[4],
@@ -939,7 +958,7 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
             hkr = HK
         total = _view_total(w_ptr, s_ptr, z_ptr, x_ptr, vofs, xofs, xn, xsc, ro, no, NB, PSTRIDE, G, g_lo, GS,
                             p, multr, zmr, hkr, P, W0, W1, BN, BATCH, PREFETCH, LW, AL, BL, MMA, smem, STAGES, SSTRIDE,
-                            VL, XL, BULK_GS, bars, PDL and P > 0 and PRO != 1 and PRO != 3 and CHAIN != 2, lofs, AHEAD,
+                            VL, XL, BULK_GS, bars, PDL and P > 0 and PRO != 1 and PRO != 3 and CREAD == 0, lofs, AHEAD,
                             pro_ptr, s_pro, PRO)  # fmt: skip
     y = ttgl.sum(total, axis=1)
     if PRO == 3:
@@ -962,7 +981,7 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
             if EPI > 0:
                 _epilogue(yo, out_ptr, ro, pid, N, N_OUT, ep_w_ptr, ep_out_ptr, ep_sq_ptr, ep_w1_ptr, ep_b1_ptr,
                           ep_w2_ptr, ep_b2_ptr, ep_part_ptr, ep_lock_ptr, ep_v_ptr, ep_eps, BN, EPI, ER, ERH, ERHP,
-                          ERADJ, ready_ptr, CHAIN)  # fmt: skip
+                          ERADJ, mk_ptr, CMAKE)  # fmt: skip
     elif OUT_MODE == 1:
         if HAS_BIAS:
             y += ttgl.load(bias_ptr + ro, mask=ro < N_OUT, other=0.0).to(ttgl.float32)
@@ -971,28 +990,30 @@ def frag_gemv_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, p_ptr, N, N_OUT, PSTRI
         if EPI > 0:
             _epilogue(yo, out_ptr, ro, pid, N, N_OUT, ep_w_ptr, ep_out_ptr, ep_sq_ptr, ep_w1_ptr, ep_b1_ptr,
                       ep_w2_ptr, ep_b2_ptr, ep_part_ptr, ep_lock_ptr, ep_v_ptr, ep_eps, BN, EPI, ER, ERH, ERHP,
-                      ERADJ, ready_ptr, CHAIN)  # fmt: skip
+                      ERADJ, mk_ptr, CMAKE)  # fmt: skip
     elif SPLIT:
         ttgl.atomic_add(out_ptr + ro, y, mask=ro < N_OUT)
     else:
         ttgl.store(out_ptr + ro, y, mask=ro < N_OUT)
-    if CHAIN == 2:
-        _chain_done(ready_ptr, G, CHP)
+    if CREAD == 1:
+        _chain_done(rd_ptr, G, CHP)
+    elif CREAD == 2:
+        _chain_done(rd_ptr, 1, CHP)
 
 
 @gluon.jit
-def _chain_done(ready_ptr, G, CHP: ttgl.constexpr):
-    """A chained product's reader (``CHAIN`` 2) done: the last of the launch's programs to come here (the ticket
-    after the ``G`` flags) resets every flag and the ticket for the next step's making launch."""
-    _cta_barrier()  # every thread's reads of the product done before the ticket
-    t = ttgl.atomic_add(ready_ptr + G, 1, sem="acq_rel")
+def _chain_done(rd_ptr, G, CHP: ttgl.constexpr):
+    """A chained input's reader (``CREAD``) done: the last of the launch's programs to come here (the ticket after
+    the ``G`` flags) resets every flag and the ticket for the next step's making launch."""
+    _cta_barrier()  # every thread's reads of the input done before the ticket
+    t = ttgl.atomic_add(rd_ptr + G, 1, sem="acq_rel")
     if t == ttgl.num_programs(0) * ttgl.num_programs(1) - 1:
         RL: ttgl.constexpr = ttgl.BlockedLayout(size_per_thread=[1], threads_per_warp=[32], warps_per_cta=[4],
                                                 order=[0])  # fmt: skip
         o = ttgl.arange(0, CHP, layout=RL)
         for c in range(0, G, CHP):
-            ttgl.store(ready_ptr + c + o, ttgl.zeros([CHP], ttgl.int32, RL), mask=c + o < G)
-        ttgl.atomic_xchg(ready_ptr + G, 0)
+            ttgl.store(rd_ptr + c + o, ttgl.zeros([CHP], ttgl.int32, RL), mask=c + o < G)
+        ttgl.atomic_xchg(rd_ptr + G, 0)
 
 
 def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_GROUPS, prefetch=False,
@@ -1119,33 +1140,44 @@ def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_
     kw.update(AHEAD=min(ahead, g // splits - 1) if ahead else 0)
     kw.update(_prologue_kw(prologue, x))
     kw.update(_epilogue_kw(epilogue, out, n, n_out, out_mode))
-    kw.update(_chain_kw(chain, epilogue, x, out, pc, kw["PRO"], g // splits))
+    kw.update(_chain_kw(chain, epilogue, x, out, pc, kw, g // splits))
     return args, dict(kw, num_warps=4, **({"launch_pdl": True} if pdl else {}))
 
 
-def _chain_kw(chain, epilogue, x: torch.Tensor, out: torch.Tensor, planes: int, pro: int, gs: int) -> dict:
-    """The kernel's ``ready_ptr``, ``CHAIN``, ``CHE`` and ``CHP``: 1 where ``epilogue`` is a gated product with
-    flags (the gate/up launch sets them), 2 where ``x`` is such a product's output (``chain``; the down launch awaits
-    its groups' flags), checked; else 0."""
+def _chain_kw(chain, epilogue, x: torch.Tensor, out: torch.Tensor, planes: int, pro: dict, gs: int) -> dict:
+    """The kernel's ``mk_ptr``, ``CMAKE``, ``rd_ptr``, ``CREAD``, ``CHE`` and ``CHP``, checked: ``CMAKE`` 1 / 2 where
+    ``epilogue`` is a gated product / a norm's parts with flags (``NextInput.ready``; the launch sets them), ``CREAD``
+    1 / 2 where ``x`` is such a product / such a norm's input (``chain``; the launch awaits them); else 0."""
+    kw = dict(mk_ptr=out, CMAKE=0, rd_ptr=out, CREAD=0, CHE=0, CHP=128)
     ready = getattr(epilogue, "ready", None)
-    if chain is not None:
-        if ready is not None:
-            raise ValueError("a launch either makes a chained product or reads one, not both")
-        if not (isinstance(chain, NextInput) and chain.ready is not None and chain.out.data_ptr() == x.data_ptr()):
-            raise ValueError("chain must be the NextInput (with flags) whose product is this launch's input")
-        if planes < 1 or pro != 0:
+    if ready is not None:
+        if epilogue.router is not None:
+            raise ValueError("a chained norm's parts are made without a router's tail")
+        slots = epilogue.out.numel() // BLOCK_N if epilogue.kind == "silu_mul" else 1
+        if ready.numel() != slots + 1 or ready.dtype != torch.int32:
+            raise ValueError(f"a chained {epilogue.kind}'s flags: int32, {slots} and a ticket, got {ready.dtype} "
+                             f"{ready.numel()}")  # fmt: skip
+        kw.update(mk_ptr=ready, CMAKE=1 if epilogue.kind == "silu_mul" else 2)
+    if chain is None:
+        return kw
+    if not (isinstance(chain, NextInput) and chain.ready is not None and chain.out.data_ptr() == x.data_ptr()):
+        raise ValueError("chain must be the NextInput (with flags) whose output is this launch's input")
+    if planes < 1:
+        raise ValueError("a chained input is read by a view compiled in")
+    if chain.kind == "silu_mul":
+        if pro["PRO"] != 0:
             raise ValueError("a chained product is read by a view compiled in, with no prologue")
         if chain.ready.numel() != x.numel() // GROUP + 1:
             raise ValueError(f"a chained product of {x.numel()} values needs a flag a group and a ticket: "
                              f"{x.numel() // GROUP + 1}, got {chain.ready.numel()}")  # fmt: skip
-        return dict(ready_ptr=chain.ready, CHAIN=2, CHE=min(2, gs), CHP=max(128, 1 << (gs - 1).bit_length()))
-    if ready is not None:
-        pairs = epilogue.out.numel() // BLOCK_N
-        if ready.numel() != pairs + 1 or ready.dtype != torch.int32:
-            raise ValueError(f"a chained product's flags: int32, one a pair of row blocks and a ticket ({pairs + 1}), "
-                             f"got {ready.dtype} {ready.numel()}")  # fmt: skip
-        return dict(ready_ptr=ready, CHAIN=1, CHE=0, CHP=128)
-    return dict(ready_ptr=out, CHAIN=0, CHE=0, CHP=128)
+        read = 1
+    else:
+        if pro["PRO"] != 3 or pro["pro_ptr"] is not chain.sums:
+            raise ValueError("a chained norm's parts are read with their own sums (prologue ('rms_scale', sums, eps))")
+        if chain.ready.numel() != 2:
+            raise ValueError(f"a chained norm's flags: a count and a ticket, got {chain.ready.numel()}")
+        read = 2
+    return dict(kw, rd_ptr=chain.ready, CREAD=read, CHE=min(2, gs), CHP=max(128, 1 << (gs - 1).bit_length()))
 
 
 def _prologue_kw(prologue, x: torch.Tensor) -> dict:
@@ -1501,7 +1533,9 @@ def fragment_linear(
         extra.update(prologue=prologue)
     if epilogue is not None:
         extra.update(epilogue=epilogue)
-    made_by = chained_product(x2) if chain and isinstance(planes, int) and prologue is None else None
+    made_by = chained_product(x2) if chain and isinstance(planes, int) else None
+    if made_by is not None and (prologue is None) != (made_by.kind == "rms_norm"):
+        made_by = None  # a product is read plainly, a norm's parts with their sums
     if made_by is not None:
         extra.update(chain=made_by)
         made_by.chained = True

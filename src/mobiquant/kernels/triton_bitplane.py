@@ -2838,11 +2838,12 @@ class SmallConfig:
     # launch (28672 rows) then runs 2 splits of 16 groups a program where the 14336-row layer ran its best at 4 splits
     # of 8; 896 gives the site that shape again, in two waves (benchmarks/NOTES.md entry 46). Not timed in the package.
     fragment_programs: int = 0
-    # A gated product made by the gate/up launch (fragment_epilogues) chained into the down launch: the gate/up
-    # programs set a flag a group of the product as they store it (resetting them first, before the down launch may
-    # start), and the down launch of a static view, started early by pdl, waits for its own groups' flags instead of
-    # the whole gate/up launch (griddepcontrol.wait): its programs start on the groups made while gate/up's last
-    # programs drain (benchmarks/NOTES.md entry 60, the first stage of entry 58's persistent layer). Off until timed.
+    # The next inputs the fragment launches make (fragment_epilogues) chained into the launches reading them, within
+    # a layer: the gate/up launch's gated product into the down launch (a flag a group of 128 products, set as each
+    # is stored) and the o launch's post-attention norm parts into the gate/up launch (a count of the row blocks
+    # made). The reading launch of a static view, started early by pdl, waits for what it reads instead of the whole
+    # launch before (griddepcontrol.wait), and its last program resets the flags (benchmarks/NOTES.md entry 60, the
+    # first stage of entry 58's persistent layer). Off until timed.
     fragment_chain: bool = False
 
     def __post_init__(self) -> None:

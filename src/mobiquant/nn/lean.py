@@ -218,6 +218,8 @@ class LeanDecoderLayer:
             x = h if norm is not None else self.post_attention_layernorm(h)  # type: ignore[attr-defined]
         product = _product_by(mlp, h) if lean else None
         gate, up = prologue_outputs((mlp.gate_proj, mlp.up_proj), x, norm, product)
+        if post is not None:
+            _unchain(post)
         if product is not None:  # made by the gate/up launch
             nxt = _next_norm_by_down(self, mlp, h)
             out = linear_add(mlp.down_proj, product.out, h, nxt)
@@ -233,10 +235,10 @@ class LeanDecoderLayer:
 
 
 @torch.compiler.disable  # a request's flags, outside a compiled trace as its buffers
-def _unchain(product: Any) -> None:
-    """Reset a chained product's flags where the down launch did not read it chained
+def _unchain(made: Any) -> None:
+    """Reset a chained input's flags where the launch reading it did not read it chained
     (:meth:`~mobiquant.kernels.epilogue.NextInput.unchain`)."""
-    product.unchain()
+    made.unchain()
 
 
 @torch.compiler.disable  # reads the views and kernel choice, as the linears' own launches do
@@ -276,7 +278,7 @@ def _post_norm_by_o(layer: Any, attn: Any, mlp: Any, x: torch.Tensor) -> Any:
     (one token of the model's width)."""
     if attn.o_proj.in_features != x.shape[-1]:
         return None
-    return _norm_request(attn.o_proj, layer.post_attention_layernorm, mlp.gate_proj, x)
+    return _norm_request(attn.o_proj, layer.post_attention_layernorm, mlp.gate_proj, x, chain=True)
 
 
 @torch.compiler.disable  # its request's buffers made outside a compiled trace, as the launches' are
@@ -359,16 +361,27 @@ def _hold_decisions(norm: Any, x: torch.Tensor, handed: Any) -> None:
     norm.router.hold_values(x, handed.router.values)
 
 
-def _norm_request(producer: Any, norm: Any, consumer: Any, x: torch.Tensor) -> Any:
+def _norm_request(producer: Any, norm: Any, consumer: Any, x: torch.Tensor, chain: bool = False) -> Any:
     """A :class:`~mobiquant.kernels.epilogue.NextInput` of the RMS norm ``norm`` for ``producer``'s launch to fill,
     where that launch can and ``consumer``'s launch can take it (``("rms_scale", ...)``); else None. ``x``: one token
-    shaped as the producer's outputs."""
-    from ..kernels.epilogue import NextInput
+    shaped as the producer's outputs. ``chain`` (a consumer in the same layer, which resets the flags where its launch
+    does not read them chained: :func:`_unchain`): chained from producer to consumer where ``producer``'s
+    ``SmallConfig.fragment_chain`` asks, on a GPU, for a consumer decoding a static view."""
+    from ..kernels.epilogue import NextInput, chain_flags
 
     spec = norm_prologue(norm, consumer)
     if spec is None or not (_makes(producer, x, "rms_norm") and _takes(consumer, x, "rms_scale")):
         return None
-    return NextInput.rms_norm(spec[1], spec[2], x)
+    chain = chain and _chains(producer, consumer, x)
+    return NextInput.rms_norm(spec[1], spec[2], x, ready=chain_flags(producer, 1, x.device) if chain else None)
+
+
+def _chains(producer: Any, consumer: Any, x: torch.Tensor) -> bool:
+    """Whether ``producer``'s launch chains the next input it makes into ``consumer``'s
+    (``SmallConfig.fragment_chain``, on a GPU, ``consumer`` decoding a static view: a view on the device reads its
+    input unchained)."""
+    cfg = getattr(producer, "small_config", None)
+    return bool(getattr(cfg, "fragment_chain", False)) and x.is_cuda and getattr(consumer, "decodes_static", False)
 
 
 @torch.compiler.disable  # host state beside the step's tensors, as a site group's cache
@@ -399,9 +412,8 @@ def _product_by(mlp: Any, x: torch.Tensor) -> Any:
     if not _makes(mlp.gate_proj, x, "silu_mul"):
         return None
     m = mlp.gate_proj.out_features
-    chain = bool(getattr(getattr(mlp.gate_proj, "small_config", None), "fragment_chain", False)) and x.is_cuda
-    chain = chain and getattr(mlp.down_proj, "decodes_static", False)  # a view on the device reads it unchained
-    return NextInput.silu_mul(x, m, chain_flags(mlp.gate_proj, m, x.device) if chain else None)
+    chain = _chains(mlp.gate_proj, mlp.down_proj, x)
+    return NextInput.silu_mul(x, m, chain_flags(mlp.gate_proj, -(-m // 128), x.device) if chain else None)
 
 
 def _silu(act: Any) -> bool:
