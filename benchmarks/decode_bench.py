@@ -799,8 +799,11 @@ def package_kernels(args, bits_cfg=None) -> list:
         kernels.append(("package sites+inputs lean epilogues", ("lean prologues", cfg, True)))
     if args.package_chain:  # ... the lean step with its prologues, the gated product chained from gate/up into
         # down (SmallConfig(fragment_chain=True): down's programs await their own groups' flags; NOTES 60)
-        cfg = SmallConfig(fragment_chain=True)
-        kernels.append(("package sites+inputs lean chain", ("lean prologues", cfg, True)))
+        for chain in (True, "silu_mul", "rms_norm"):
+            name = "chain" if chain is True else f"chain {chain}"
+            kernels.append(
+                (f"package sites+inputs lean {name}", ("lean prologues", SmallConfig(fragment_chain=chain), True))
+            )
     if args.package_epilogue_kinds:  # ... each kind of epilogue alone at every static view (NOTES 41 (b))
         for kind in ("rms_norm", "silu_mul"):
             cfg = SmallConfig(fragment_epilogues=kind)
@@ -1180,8 +1183,8 @@ def main(argv=None):
     ap.add_argument(
         "--package-chain",
         action="store_true",
-        help="also the package's rows with the lean step, its prologues and the gated product chained from the "
-        "gate/up launch into the down launch (SmallConfig(fragment_chain=True))",
+        help="also the package's rows with the lean step, its prologues and the next inputs made in a layer chained "
+        "into the launches reading them (SmallConfig(fragment_chain=...): True, then each kind alone)",
     )
     ap.add_argument(
         "--package-fused-only",

@@ -212,6 +212,13 @@ def _fence():
 
 
 @gluon.jit
+def _doze():
+    """Sleep a few hundred nanoseconds (``nanosleep``): a program polling flags leaves the SM's issue slots to the
+    launch before, whose programs share the SM."""
+    ttgl.inline_asm_elementwise("nanosleep.u32 256; // $0", "=r", [], dtype=ttgl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
 def _await_ready(rd_ptr, g_lo, GS, CHP: ttgl.constexpr):
     """Wait until the launch before has made groups ``g_lo .. g_lo + GS`` of this launch's input (a chained gated
     product, ``CREAD`` 1: each group's flag at ``rd_ptr`` set by the program that wrote it), then fence: the
@@ -221,6 +228,7 @@ def _await_ready(rd_ptr, g_lo, GS, CHP: ttgl.constexpr):
     m = o < GS
     n = 0
     while n < GS:
+        _doze()
         f = ttgl.load(rd_ptr + g_lo + o, mask=m, other=0, volatile=True)
         n = ttgl.sum((f != 0).to(ttgl.int32), axis=0)
     _fence()
@@ -232,6 +240,7 @@ def _await_count(rd_ptr, n):
     ``CREAD`` 2: every block's outputs times the weight and its sum of squares), then fence."""
     c = 0
     while c < n:
+        _doze()
         c = ttgl.load(rd_ptr, volatile=True)
     _fence()
 

@@ -2843,8 +2843,8 @@ class SmallConfig:
     # is stored) and the o launch's post-attention norm parts into the gate/up launch (a count of the row blocks
     # made). The reading launch of a static view, started early by pdl, waits for what it reads instead of the whole
     # launch before (griddepcontrol.wait), and its last program resets the flags (benchmarks/NOTES.md entry 60, the
-    # first stage of entry 58's persistent layer). Off until timed.
-    fragment_chain: bool = False
+    # first stage of entry 58's persistent layer). "silu_mul" or "rms_norm": that kind alone. Off until timed.
+    fragment_chain: bool | str = False
 
     def __post_init__(self) -> None:
         if self.fragment_tma not in (0, -1, -2):
@@ -2871,6 +2871,11 @@ class SmallConfig:
                 f"device without a router), False, True, "
                 f"'static' (static views' launches only) or 'views' (every linear's launch, no router's), "
                 f"got {self.pdl!r}"
+            )
+        if self.fragment_chain not in (False, True, "silu_mul", "rms_norm"):
+            raise ValueError(
+                "fragment_chain must be False, True (every next input made in a layer chained into its reader), "
+                f"'silu_mul' or 'rms_norm' (that kind alone), got {self.fragment_chain!r}"
             )
         if self.router_tail not in (False, True, "normed"):
             raise ValueError(

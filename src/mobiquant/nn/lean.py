@@ -372,16 +372,17 @@ def _norm_request(producer: Any, norm: Any, consumer: Any, x: torch.Tensor, chai
     spec = norm_prologue(norm, consumer)
     if spec is None or not (_makes(producer, x, "rms_norm") and _takes(consumer, x, "rms_scale")):
         return None
-    chain = chain and _chains(producer, consumer, x)
+    chain = chain and _chains(producer, consumer, x, "rms_norm")
     return NextInput.rms_norm(spec[1], spec[2], x, ready=chain_flags(producer, 1, x.device) if chain else None)
 
 
-def _chains(producer: Any, consumer: Any, x: torch.Tensor) -> bool:
-    """Whether ``producer``'s launch chains the next input it makes into ``consumer``'s
-    (``SmallConfig.fragment_chain``, on a GPU, ``consumer`` decoding a static view: a view on the device reads its
-    input unchained)."""
-    cfg = getattr(producer, "small_config", None)
-    return bool(getattr(cfg, "fragment_chain", False)) and x.is_cuda and getattr(consumer, "decodes_static", False)
+def _chains(producer: Any, consumer: Any, x: torch.Tensor, kind: str) -> bool:
+    """Whether ``producer``'s launch chains the next input of ``kind`` it makes into ``consumer``'s
+    (``SmallConfig.fragment_chain``: True, or that kind's name; on a GPU, ``consumer`` decoding a static view: a view
+    on the device reads its input unchained)."""
+    want = getattr(getattr(producer, "small_config", None), "fragment_chain", False)
+    asked = want is True or want == kind
+    return asked and x.is_cuda and bool(getattr(consumer, "decodes_static", False))
 
 
 @torch.compiler.disable  # host state beside the step's tensors, as a site group's cache
@@ -412,7 +413,7 @@ def _product_by(mlp: Any, x: torch.Tensor) -> Any:
     if not _makes(mlp.gate_proj, x, "silu_mul"):
         return None
     m = mlp.gate_proj.out_features
-    chain = _chains(mlp.gate_proj, mlp.down_proj, x)
+    chain = _chains(mlp.gate_proj, mlp.down_proj, x, "silu_mul")
     return NextInput.silu_mul(x, m, chain_flags(mlp.gate_proj, -(-m // 128), x.device) if chain else None)
 
 
