@@ -626,6 +626,31 @@ def test_gpu_lean_epilogues():
     torch.testing.assert_close(on, off, atol=3e-2, rtol=3e-2)
 
 
+def test_chains_where_asked_by_kind():
+    """``SmallConfig.fragment_chain`` (True, or a kind's name) chains a next input into a reader decoding a static view
+    on a GPU; not another kind, not a view on the device, not the CPU, not a linear with no settings; other values
+    refused."""
+    from types import SimpleNamespace as NS
+
+    from mobiquant.kernels.triton_bitplane import SmallConfig
+    from mobiquant.nn.lean import _chains
+
+    def making(chain):
+        return NS(small_config=SmallConfig(fragment_chain=chain))
+
+    gpu, static, on_device = NS(is_cuda=True), NS(decodes_static=True), NS(decodes_static=False)
+    assert _chains(making(True), static, gpu, "silu_mul") and _chains(making(True), static, gpu, "rms_norm")
+    assert _chains(making("rms_norm"), static, gpu, "rms_norm") and not _chains(
+        making("rms_norm"), static, gpu, "silu_mul"
+    )
+    assert not _chains(making(True), on_device, gpu, "silu_mul") and not _chains(making(False), static, gpu, "silu_mul")
+    assert not _chains(making(True), static, NS(is_cuda=False), "silu_mul") and not _chains(
+        NS(), static, gpu, "rms_norm"
+    )
+    with pytest.raises(ValueError, match="fragment_chain must be"):
+        SmallConfig(fragment_chain="rms")
+
+
 @needs_triton
 @needs_gpu
 def test_gpu_lean_chain():

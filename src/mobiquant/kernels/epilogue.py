@@ -208,7 +208,7 @@ class NextInput:
         return ("rms_scale", self.sums, self.eps) if self.kind == "rms_norm" and not self.normed else None
 
     def unchain(self) -> None:
-        """Reset :attr:`ready` where no launch read the product chained (the making launch set its flags)."""
+        """Reset :attr:`ready` where no launch read this input chained (the making launch set its flags)."""
         if self.ready is not None and not self.chained:
             self.ready.zero_()
 
@@ -239,7 +239,8 @@ class NextInput:
         self.made = True
 
 
-#: the chained products (:meth:`NextInput.silu_mul` with flags) by their output's device and address
+#: the chained next inputs (:meth:`NextInput.silu_mul` / :meth:`NextInput.rms_norm` with flags) by their output's
+#: device and address
 _CHAINED: dict[tuple[torch.device, int], weakref.ref] = {}
 
 
@@ -256,11 +257,11 @@ def chain_flags(owner: object, slots: int, device: torch.device) -> torch.Tensor
 
 
 def chained_product(x: torch.Tensor) -> NextInput | None:
-    """The live chained gated product whose output ``x`` is (same device and address), or None. A launch that reads
-    it (``gluon_fragment.fragment_linear``) may start before the launch making it has finished and wait only for the
-    groups it reads: the making launch sets each group's flag once the group is stored, the reading launch's last
-    program resets them (``SmallConfig.fragment_chain``); a caller whose reading launch did not take the chain
-    (:attr:`NextInput.chained` False) resets them itself (:meth:`NextInput.unchain`)."""
+    """The live chained next input whose output ``x`` is (same device and address), or None. A launch that reads it
+    (``gluon_fragment.fragment_linear``) may start before the launch making it has finished and wait only for what it
+    reads: the making launch sets a gated product's flag a group as each is stored, or counts a norm's row blocks,
+    and the reading launch's last program resets them (``SmallConfig.fragment_chain``); a caller whose reading launch
+    did not take the chain (:attr:`NextInput.chained` False) resets them itself (:meth:`NextInput.unchain`)."""
     ref = _CHAINED.get((x.device, x.data_ptr()))
     made = ref() if ref is not None else None
     if made is None or made.ready is None or made.out.data_ptr() != x.data_ptr() or made.out.device != x.device:

@@ -218,12 +218,13 @@ class LeanDecoderLayer:
             x = h if norm is not None else self.post_attention_layernorm(h)  # type: ignore[attr-defined]
         product = _product_by(mlp, h) if lean else None
         gate, up = prologue_outputs((mlp.gate_proj, mlp.up_proj), x, norm, product)
-        if post is not None:
+        if post is not None and post.ready is not None:  # (no call, so no graph break, where nothing is chained)
             _unchain(post)
         if product is not None:  # made by the gate/up launch
             nxt = _next_norm_by_down(self, mlp, h)
             out = linear_add(mlp.down_proj, product.out, h, nxt)
-            _unchain(product)
+            if product.ready is not None:
+                _unchain(product)
             if nxt is not None:
                 _hand(self.lean_next_layer, out, nxt)  # type: ignore[attr-defined]
             return out
