@@ -519,11 +519,12 @@ stage() {
       run_stage stepcensus 900 "$PY" benchmarks/step_overhead.py --policy adjacent --placement block --census compile \
         --census-only --census-budgets 3.5 4.5 --lean-step --lean-prologues --top 40 --kernels "" "pdl=false" ;;
     programs)
-      # the fragment launches' grids aimed at 896 and 1792 programs instead of 448 (NOTES 46: the gate/up site launch
-      # at the single layer's best shape, 8 groups a program, in two waves), block placement, the lean step and its
+      # the fragment launches' grids aimed at $PROGRAMS programs instead of 448 (default 264,896: 264, two launches'
+      # grids resident at once at four programs an SM on 132 SMs, NOTES 62; 896, the gate/up site launch at the single
+      # layer's best shape, 8 groups a program, in two waves, NOTES 46), block placement, the lean step and its
       # prologues
-      package_stage programs block --package-lean-step --package-lean-prologues --package-fragment-programs 896,1792 \
-        --package-fused-only ;;
+      package_stage programs block --package-lean-step --package-lean-prologues \
+        --package-fragment-programs "${PROGRAMS:-264,896}" --package-fused-only ;;
     span)
       # k read on the device against the static views: every body, preloaded, a span of two views (the stack);
       # then their tests compiled
