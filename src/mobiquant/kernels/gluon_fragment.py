@@ -206,8 +206,8 @@ def _ask_l2(ptrs):
 
 @gluon.jit
 def _fence():
-    """Order this thread's memory operations before and after at the GPU's scope (``fence.acq_rel.gpu``): the
-    chained product's flags (:func:`_await_ready`) are reset, and seen set, before anything after."""
+    """Order this thread's memory operations before and after at the GPU's scope (``fence.acq_rel.gpu``): a chained
+    input's flags (:func:`_await_ready`, :func:`_await_count`) are seen set before the input is read."""
     ttgl.inline_asm_elementwise("fence.acq_rel.gpu; // $0", "=r", [], dtype=ttgl.int32, is_pure=False, pack=1)
 
 
@@ -1053,8 +1053,9 @@ def _launch_args(words, scale, zero, x, out, splits=1, planes=None, batch=BATCH_
     by the launch before (``x`` its input times its weight; the outputs scaled). ``epilogue``: a
     :class:`~mobiquant.kernels.epilogue.NextInput` the programs that write the outputs fill for the next launch
     (out_mode 1 or 2, fp16); a gated product's with flags (``NextInput.ready``) sets them as its pairs are made.
-    ``chain``: the chained product's :class:`~mobiquant.kernels.epilogue.NextInput` ``x`` is (a view compiled in, no
-    prologue): the programs wait for their own groups' flags instead of the kernel before."""
+    ``chain``: the chained :class:`~mobiquant.kernels.epilogue.NextInput` whose output ``x`` is (a view compiled in;
+    a gated product read with no prologue, a norm's parts with their ``rms_scale``): the programs wait for what they
+    read (their own groups' flags, or the count of every row block) instead of the kernel before."""
     n, g = words.shape[2] * BLOCK_N, x.numel() // GROUP
     if x.dtype != torch.float16 or not x.is_contiguous() or g * GROUP != x.numel() or g != words.shape[1]:
         raise ValueError(f"x must be {words.shape[1] * GROUP} contiguous fp16 activations, got {x.dtype} "
@@ -1487,8 +1488,9 @@ def fragment_linear(
     ``prologue``: ``x2`` is the input of what makes the layer's input, made as it is loaded (:func:`_launch_args`);
     ``epilogue``: what the launch makes of its outputs for the next one (:mod:`~mobiquant.kernels.epilogue`).
     ``programs``: the programs :func:`launch_config` aims the grid at (0: :data:`TARGET_PROGRAMS`). ``chain``: where
-    ``x2`` is a chained gated product (:func:`~mobiquant.kernels.epilogue.chained_product`) and the view is compiled
-    in with no prologue, the programs await their own groups of it, not the whole launch before."""
+    ``x2`` is a chained next input (:func:`~mobiquant.kernels.epilogue.chained_product`: a gated product read with
+    no prologue, a norm's parts with their ``rms_scale``) and the view is compiled in, the programs await what they
+    read of it, not the whole launch before."""
     M, K_IN = x2.shape
     if M != 1 or K_IN != fp.in_features or x2.dtype != torch.float16:
         raise ValueError(f"the fragment kernel takes one fp16 token of {fp.in_features} features, got {x2.dtype} "

@@ -406,7 +406,7 @@ def _product_by(mlp: Any, x: torch.Tensor) -> Any:
     (a site group of exactly gate then up, SiLU, a launch that can: :func:`_makes`), chained into the down launch
     where gate/up's ``SmallConfig.fragment_chain`` asks (on a GPU); else None. ``x``: one token of the MLP's input
     width."""
-    from ..kernels.epilogue import NextInput, chain_flags
+    from ..kernels.epilogue import ROW_BLOCK, NextInput, chain_flags
 
     group = getattr(mlp.gate_proj, "_site_group", None)
     if group is None or group.members != [mlp.gate_proj, mlp.up_proj] or not _silu(mlp.act_fn):
@@ -415,7 +415,7 @@ def _product_by(mlp: Any, x: torch.Tensor) -> Any:
         return None
     m = mlp.gate_proj.out_features
     chain = _chains(mlp.gate_proj, mlp.down_proj, x, "silu_mul")
-    return NextInput.silu_mul(x, m, chain_flags(mlp.gate_proj, -(-m // 128), x.device) if chain else None)
+    return NextInput.silu_mul(x, m, chain_flags(mlp.gate_proj, -(-m // ROW_BLOCK), x.device) if chain else None)
 
 
 def _silu(act: Any) -> bool:
