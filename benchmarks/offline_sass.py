@@ -179,7 +179,8 @@ def fragment_report(a) -> int:
     words = torch.zeros(planes, K // gf.GROUP, -(-N // gf.BLOCK_N), gf.BLOCK_N * gf.GROUP // 32, dtype=torch.int32)
     sc = torch.zeros(N, K // gf.GROUP, dtype=torch.float16)
     x, out = torch.zeros(K, dtype=torch.float16), torch.zeros(N)
-    args, kw = gf._launch_args(words, sc, sc, x, out, splits=a.fragment, planes=planes)
+    args, kw = gf._launch_args(words, sc, sc, x, out, splits=a.fragment, planes=planes, prefetch=a.frag_prefetch,
+                               ahead=a.ahead)
     sass, res = sass_and_resources(compile_sm90(gf.frag_gemv_kernel, args, kw, source=GluonASTSource))
     per_warp = gf.BLOCK_N * gf.BATCH_GROUPS * gf.GROUP // 4  # a warp's weights an iteration (4 warps a program)
     sizes = report(sass, res, per_warp / 32, f"frag_gemv_kernel {planes} planes, {N} x {K}, {a.fragment} splits")
@@ -217,7 +218,7 @@ def main(argv=None):
     ap.add_argument("--stages", type=int, default=None, help="num_stages of the stream-K group loop (stages)")
     ap.add_argument("--pdl", action="store_true", help="programmatic dependent launch (pdl): where the wait sits")
     ap.add_argument("--l2-prefetch", action="store_true", help="stream-K: the range asked of L2 first (l2_prefetch)")
-    ap.add_argument("--ahead", type=int, default=0, help="stream-K: the group this many ahead asked of L2 (ahead)")
+    ap.add_argument("--ahead", type=int, default=0, help="stream-K or --fragment: the group this many ahead asked of L2 (ahead)")
     ap.add_argument(
         "--routed", action="store_true", help="k counted in the kernel from gate values and a threshold (RoutedK)"
     )
@@ -249,6 +250,9 @@ def main(argv=None):
         metavar="SPLITS",
         help="instead: the fragment-native Gluon kernel (gluon_fragment.frag_gemv_kernel) at the static view --k, "
         "--n rows, --in-features inputs, K split in this many programs a row block; with an issue estimate",
+    )
+    ap.add_argument(
+        "--frag-prefetch", type=int, default=1, help="with --fragment: groups loaded into registers ahead (0-2)"
     )
     ap.add_argument("--save", default=None, help="write the SASS, TTGIR and PTX to this path prefix")
     a = ap.parse_args(argv)
