@@ -179,8 +179,9 @@ def fragment_report(a) -> int:
     words = torch.zeros(planes, K // gf.GROUP, -(-N // gf.BLOCK_N), gf.BLOCK_N * gf.GROUP // 32, dtype=torch.int32)
     sc = torch.zeros(N, K // gf.GROUP, dtype=torch.float16)
     x, out = torch.zeros(K, dtype=torch.float16), torch.zeros(N)
-    args, kw = gf._launch_args(words, sc, sc, x, out, splits=a.fragment, planes=planes, prefetch=a.frag_prefetch,
-                               ahead=a.ahead)
+    args, kw = gf._launch_args(
+        words, sc, sc, x, out, splits=a.fragment, planes=planes, prefetch=a.frag_prefetch, ahead=a.ahead
+    )
     sass, res = sass_and_resources(compile_sm90(gf.frag_gemv_kernel, args, kw, source=GluonASTSource))
     per_warp = gf.BLOCK_N * gf.BATCH_GROUPS * gf.GROUP // 4  # a warp's weights an iteration (4 warps a program)
     sizes = report(sass, res, per_warp / 32, f"frag_gemv_kernel {planes} planes, {N} x {K}, {a.fragment} splits")
@@ -218,7 +219,7 @@ def main(argv=None):
     ap.add_argument("--stages", type=int, default=None, help="num_stages of the stream-K group loop (stages)")
     ap.add_argument("--pdl", action="store_true", help="programmatic dependent launch (pdl): where the wait sits")
     ap.add_argument("--l2-prefetch", action="store_true", help="stream-K: the range asked of L2 first (l2_prefetch)")
-    ap.add_argument("--ahead", type=int, default=0, help="stream-K or --fragment: the group this many ahead asked of L2 (ahead)")
+    ap.add_argument("--ahead", type=int, default=0, help="stream-K, --fragment: the group this far ahead asked of L2")
     ap.add_argument(
         "--routed", action="store_true", help="k counted in the kernel from gate values and a threshold (RoutedK)"
     )
