@@ -158,7 +158,7 @@ def main(argv=None) -> None:
             for split in (sp for sp in args.split_positions if sp < cache_len):
 
                 def lean_split(L, split=split, ticket=ticket, scale=scale):
-                    return ta.decode_attention(**L, ticket=ticket, scale=scale, split_positions=split)
+                    return ta.decode_attention(**L, ticket=ticket, scale=scale, split_positions=split, split_above=0)
 
                 t = timed(lean_split, ls, pos)
                 rows.append(dict(heads=name, positions=pos, kernel=f"lean split {split}", us=t, x_model=base / t,

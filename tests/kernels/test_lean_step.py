@@ -66,7 +66,7 @@ def test_decode_attention_matches_the_reference(B, H, KVH, D, L, pos, masked, sp
     ticket = torch.zeros((), dtype=torch.int32, device=DEV)
     kw: dict = dict(pdl=pdl)
     if split is not None:
-        kw.update(split_positions=split)
+        kw.update(split_positions=split, split_above=0)
     if block_n is not None:
         kw.update(block_n=block_n)
     got = ta.decode_attention(**a, ticket=ticket, scale=D**-0.5, **kw)
@@ -92,7 +92,7 @@ def test_decode_attention_steps_through_the_cache():
         s = _step(B, H, KVH, D, L, 0, False, dtype=torch.float32, seed=i + 1)
         args = dict(q=s["q"], k=s["k"], v=s["v"], cos=s["cos"], sin=s["sin"])
         got = ta.decode_attention(**args, keys=keys, values=values, offset=off, ticket=ticket, scale=0.25,
-                                  split_positions=4, block_n=2)  # three splits, some empty  # fmt: skip
+                                  split_positions=4, split_above=0, block_n=2)  # three splits, some empty  # fmt: skip
         ref = ta.decode_attention(**args, keys=rk, values=rv, offset=roff, ticket=None, scale=0.25, backend="torch")
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     assert int(off) == L
@@ -149,6 +149,20 @@ def test_lean_step_decodes_as_the_model_does(monkeypatch, dtype, adds):
     assert len(calls) == 9 * model.config.num_hidden_layers
     assert lean_step(model, enable=False) == 0
     assert type(model.model.layers[0].self_attn) is own and type(model.model.layers[0]) is own_layer
+
+
+def _combine_launches(monkeypatch) -> list:
+    """The grids of the split attention's combining launches from now on."""
+    grids: list = []
+    real = ta._combine_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(ta, "_combine_kernel", Spy())
+    return grids
 
 
 def _cached_logits(model, ids, prefill: int, max_len: int, spy=None) -> list[torch.Tensor]:
@@ -246,19 +260,66 @@ def test_lean_step_adds_the_residuals_in_the_packed_launches(monkeypatch):
 
 
 @needs_triton
-def test_lean_step_leaves_long_caches_to_the_model(monkeypatch):
-    """A static cache longer than LEAN_MAX_POSITIONS takes the model's own attention (no split over positions)."""
+@pytest.mark.parametrize("pdl", [False, True])
+def test_lean_step_splits_long_caches(monkeypatch, pdl):
+    """A static cache of more than ``SPLIT_ABOVE`` positions takes the split launch and its combining one (the
+    module's defaults made small: 2 positions a loop step, splits of 4 past 8 positions), with the logits of the
+    model's own forward; a cache of at most ``SPLIT_ABOVE`` positions one launch a layer. ``pdl``: both launches
+    with programmatic dependent launch (on a GPU of compute capability 9.0+; elsewhere the same code without the
+    instructions), as where the o launch has it."""
     from mobiquant.nn import lean
 
+    if pdl and DEV == "cuda" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0+")
     model = build_tiny_llama().to(DEV)
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(4)).to(DEV)
+    ref = _cached_logits(model, ids, 3, 14)
     lean_step(model)
-    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(4)).to(DEV)
+    monkeypatch.setattr(lean, "_o_launch_pdl", lambda *a, **k: pdl)
+    for name, val in (("BLOCK_N", 2), ("SPLIT_POSITIONS", 4), ("SPLIT_ABOVE", 8)):
+        monkeypatch.setattr(ta, name, val)
+    combines = _combine_launches(monkeypatch)
     calls = _launches(monkeypatch)
-    monkeypatch.setattr(lean, "LEAN_MAX_POSITIONS", 8)
-    _cached_logits(model, ids, 4, 9)
-    assert not calls
-    _cached_logits(model, ids, 4, 8)
-    assert len(calls) == 2 * model.config.num_hidden_layers
+    got = _cached_logits(model, ids, 3, 14)
+    lean_step(model, enable=False)
+    steps, layers = ids.shape[1] - 3, model.config.num_hidden_layers
+    assert len(calls) == len(combines) == steps * layers  # 14 positions: four splits a query head, then combined
+    for g, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
+    lean_step(model)
+    calls.clear(), combines.clear()
+    _cached_logits(model, ids[:, :8], 3, 8)
+    assert len(calls) == 5 * layers and not combines  # 8 positions: one launch a layer
+
+
+_OFFLINE_SPLIT = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import offline_sass as osx
+from mobiquant.kernels import triton_attention as ta
+B, H, KVH, D, L = 1, 32, 8, 128, 2048  # LLaMA-3-8B's heads, a cache of 2048 positions
+h = lambda *s: torch.zeros(*s, dtype=torch.float16)
+a = dict(q=h(B, H * D), k=h(B, KVH * D), v=h(B, KVH * D), cos=h(1, D), sin=h(1, D), keys=h(B, KVH, L, D),
+         values=h(B, KVH, L, D), offset=torch.tensor(5), ticket=torch.zeros((), dtype=torch.int32), scale=0.1, pdl=True)
+for name, other in (("_decode_attention_kernel", "_combine_kernel"), ("_combine_kernel", "_decode_attention_kernel")):
+    fn, grid, args, kw = osx._recorded(ta, name, lambda: ta.decode_attention(**a), skip=(other,))
+    sass, _ = osx.sass_and_resources(osx.compile_sm90(fn, args, kw))
+    ops = [m.group(3) for m in osx.LINE.finditer(sass)]
+    wait = ops.index("ACQBULK")
+    first = min(i for i, o in enumerate(ops) if o.startswith("LDG"))
+    print("RESULT", name, grid[1] if len(grid) > 1 else 1, ops.index("PREEXIT") < wait < first, ops.count("ACQBULK"))
+"""
+
+
+def test_split_attention_with_pdl_compiles_for_sm90_offline():
+    """Compiled for sm_90 without a GPU, a 2048-position cache of LLaMA-3-8B's heads with ``pdl``: the split launch
+    (16 splits of the default 128 positions) and the combining launch each let the next kernel start
+    (``griddepcontrol.launch_dependents``, SASS ``PREEXIT``), then wait once for the kernel before
+    (``griddepcontrol.wait``, ``ACQBULK``) before their first load."""
+    from test_gluon_fragment import run_offline
+
+    got = run_offline(_OFFLINE_SPLIT)
+    assert got == {"_decode_attention_kernel": ["16", "True", "1"], "_combine_kernel": ["1", "True", "1"]}
 
 
 def test_lean_step_leaves_other_models_alone():
@@ -271,15 +332,19 @@ def test_lean_step_leaves_other_models_alone():
 
 
 @needs_gpu
-def test_gpu_lean_step_in_the_compiled_step():
+@pytest.mark.parametrize("cache_len", [None, 700])
+def test_gpu_lean_step_in_the_compiled_step(monkeypatch, cache_len):
     """fp16 on the GPU, the compiled and captured step (the decode default): the lean model's greedy tokens are the
-    model's own, and its step launches the attention kernel."""
+    model's own, and its step launches the attention kernel; with a cache of 700 positions (more than
+    ``SPLIT_ABOVE``) its split launch and the combining one."""
     model = build_tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=2).cuda().half()
     prompt = torch.randint(0, model.config.vocab_size, (1, 11), generator=torch.Generator().manual_seed(5))
-    ref = generate(model, prompt, 24, cuda_graph="compile")
+    ref = generate(model, prompt, 24, cuda_graph="compile", cache_len=cache_len)
     assert lean_step(model) == model.config.num_hidden_layers
-    got = generate(model, prompt, 24, cuda_graph="compile")
+    calls, combines = _launches(monkeypatch), _combine_launches(monkeypatch)
+    got = generate(model, prompt, 24, cuda_graph="compile", cache_len=cache_len)
     lean_step(model, enable=False)
+    assert calls and bool(combines) == (cache_len is not None)
     assert got.graph == ref.graph
     assert torch.equal(got.tokens, ref.tokens)
 

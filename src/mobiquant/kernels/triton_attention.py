@@ -15,12 +15,12 @@ position, as the cache's own ``update`` does. Grid: one program per (row, query 
 query heads read its keys from L2 after the first. The current token's key and value enter the softmax from
 registers (rounded to the cache's dtype as the cache holds them), so no program reads a slot another writes in the
 same launch. An optional boolean mask ``[B, 1, 1, L]`` (sdpa's; True = attend) is honoured; positions past ``pos``
-are never read. A cache of more than ``split_positions`` positions is split over programs on a second grid axis,
-each storing its partial softmax (running max, sum, weighted values), and a second launch combines them and
-advances the offset (flash-decoding's split; not used by the lean step yet, see :data:`SPLIT_POSITIONS`).
-With ``pdl`` the launch has the programmatic-dependent-launch attribute: its programs let the next kernel start
-(the o projection's launch then loads its weights while the attention runs), then wait for the kernel before
-them before reading anything. Torch and triton only, with the router module's ``griddepcontrol`` helpers.
+are never read. A cache of more than :data:`SPLIT_ABOVE` positions is split over programs of
+:data:`SPLIT_POSITIONS` positions each on a second grid axis, each storing its partial softmax (running max, sum,
+weighted values), and a second launch combines them and advances the offset (flash-decoding's split).
+With ``pdl`` the launch (and the combining one) has the programmatic-dependent-launch attribute: its programs let
+the next kernel start (the o projection's launch then loads its weights while the attention runs), then wait for the
+kernel before them before reading anything. Torch and triton only, with the router module's ``griddepcontrol`` helpers.
 """
 
 from __future__ import annotations
@@ -36,10 +36,14 @@ from .triton_router import _check_pdl, _interpreting, _pdl_launch_dependents, _p
 #: at 80 and 1024 cached positions (H100, docs/RESULTS.md "The greedy pick timed; the attention launch's sweep").
 BLOCK_N = 128
 NUM_WARPS = 4
-#: A cache of more positions than this is split over programs (a second launch combines them). The lean step serves
-#: caches of at most ``mobiquant.nn.lean.LEAN_MAX_POSITIONS`` (512) positions, so its launches never split: splits
-#: are timed by ``benchmarks/attention_bench.py`` before they serve a model.
-SPLIT_POSITIONS = 512
+#: A cache of more positions than :data:`SPLIT_ABOVE` is split over programs of this many positions each (a second
+#: launch combines them): 128, the fastest of ``benchmarks/attention_bench.py``'s splits (128 / 256 / 512) for both
+#: head shapes at 512-2048 positions, 1.4-2.1x the unsplit launch and 1.45-1.95x the model's compiled attention
+#: (H100, docs/RESULTS.md "The chain with a pause and each kind alone; grids of half the slots; the split attention
+#: launch"). Caches of at most :data:`SPLIT_ABOVE` positions, where the one launch was timed fastest (80-150
+#: positions), are not split.
+SPLIT_POSITIONS = 128
+SPLIT_ABOVE = 512
 
 
 @triton.jit
@@ -157,8 +161,14 @@ def _advance(off_ptr, ticket_ptr, pos):
 
 
 @triton.jit
-def _combine_kernel(part_ptr, out_ptr, off_ptr, ticket_ptr, S, HALF: tl.constexpr, SP: tl.constexpr):
+def _combine_kernel(
+    part_ptr, out_ptr, off_ptr, ticket_ptr, S, HALF: tl.constexpr, SP: tl.constexpr,
+    PDL: tl.constexpr = False, ASM: tl.constexpr = False,  # as the split launch before it
+):  # fmt: skip
     """The splits of one (row, query head) into its output: the softmax's running maxima rescaled to their largest."""
+    if PDL:  # the next kernel may start now; the splits are read once the split launch has finished
+        _pdl_launch_dependents(ASM)
+        _pdl_wait(ASM)
     pid = tl.program_id(0)
     D: tl.constexpr = 2 * HALF
     pos = tl.load(off_ptr).to(tl.int64)
@@ -197,9 +207,10 @@ def decode_attention(
     scale: float,
     mask: torch.Tensor | None = None,
     backend: str = "triton",
-    block_n: int = BLOCK_N,
-    num_warps: int = NUM_WARPS,
-    split_positions: int = SPLIT_POSITIONS,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    split_positions: int | None = None,
+    split_above: int | None = None,
     pdl: bool = False,
 ) -> torch.Tensor:
     """One decode step's attention for one layer (module docstring): ``q [B, H*D]``, ``k`` / ``v [B, KVH*D]``
@@ -207,10 +218,11 @@ def decode_attention(
     row), the cache layer's ``keys`` / ``values [B, KVH, L, D]`` (written at ``offset``, which is then advanced by
     one), ``ticket`` an int32 device scalar left at 0, ``mask`` None or bool ``[B, 1, 1, L]``. Returns
     ``[B, H*D]`` in ``q``'s dtype. ``backend='torch'``: the same in PyTorch (the tests' reference). ``block_n``
-    positions a program reads per step, ``num_warps`` its warps; a cache of more than ``split_positions`` positions
-    is split over programs of that many positions each, their partial softmaxes combined by a second launch
-    (``benchmarks/attention_bench.py`` times them). ``pdl``: launched with programmatic dependent launch (compute
-    capability 9.0+; module docstring)."""
+    positions a program reads per step (None: :data:`BLOCK_N`), ``num_warps`` its warps (:data:`NUM_WARPS`); a cache
+    of more than ``split_above`` positions (:data:`SPLIT_ABOVE`; 0: any cache of more than one split) is split over
+    programs of ``split_positions`` positions each (:data:`SPLIT_POSITIONS`, rounded up to whole loop steps), their
+    partial softmaxes combined by a second launch (``benchmarks/attention_bench.py`` times them). ``pdl``: launched
+    with programmatic dependent launch (compute capability 9.0+; module docstring)."""
     B, kvh, L, D = keys.shape
     H = q.shape[-1] // D
     why = supported(D, H, kvh)
@@ -238,12 +250,21 @@ def decode_attention(
         return _torch_attention(q, k, v, cos, sin, keys, values, offset, scale, mask)
     if backend != "triton" or ticket is None:
         raise ValueError(f"decode_attention: backend must be 'triton' (with a ticket) or 'torch', got {backend!r}")
+    block_n = BLOCK_N if block_n is None else block_n
+    num_warps = NUM_WARPS if num_warps is None else num_warps
+    split_positions = SPLIT_POSITIONS if split_positions is None else split_positions
+    split_above = SPLIT_ABOVE if split_above is None else split_above
+    for name, val in (("block_n", block_n), ("split_positions", split_positions)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"decode_attention: {name} must be a positive integer, got {val!r}")
+    if block_n & (block_n - 1):
+        raise ValueError(f"decode_attention: block_n must be a power of two, got {block_n}")
     if pdl:
         _check_pdl(q.device)
     asm = not _interpreting()
     out = torch.empty_like(q)
     chunk = -(-split_positions // block_n) * block_n  # whole steps of the loop
-    splits = -(-L // chunk) if L > chunk else 1
+    splits = -(-L // chunk) if L > max(chunk, split_above) else 1
     part = torch.empty(B * H * splits, 2 + D, dtype=torch.float32, device=q.device) if splits > 1 else out
     _decode_attention_kernel[(B * H, splits)](
         q.contiguous(), k.contiguous(), v.contiguous(), cos.reshape(rows, D).contiguous(),
@@ -253,7 +274,10 @@ def decode_attention(
         **({"launch_pdl": True} if pdl and asm else {}),
     )  # fmt: skip
     if splits > 1:
-        _combine_kernel[(B * H,)](part, out, offset, ticket, splits, HALF=D // 2, SP=triton.next_power_of_2(splits))
+        _combine_kernel[(B * H,)](
+            part, out, offset, ticket, splits, HALF=D // 2, SP=triton.next_power_of_2(splits), PDL=pdl,
+            ASM=asm and pdl, **({"launch_pdl": True} if pdl and asm else {}),
+        )  # fmt: skip
     return out
 
 

@@ -6,8 +6,10 @@ For one token against a transformers static cache on a device the kernels serve:
 
 * the attention runs ``q_proj``, ``k_proj`` and ``v_proj`` (the package's linears or the model's own), then one
   launch of :func:`mobiquant.kernels.triton_attention.decode_attention` (rotary embedding, the cache write, the
-  attention over the cache, the cache's write offset advanced), then ``o_proj``: the model's own step spends six
-  or more small launches a layer between ``v_proj`` and ``o_proj``;
+  attention over the cache, the cache's write offset advanced; a cache of more than
+  :data:`~mobiquant.kernels.triton_attention.SPLIT_ABOVE` positions split over programs and combined by a second
+  launch), then ``o_proj``: the model's own step spends six or more small launches a layer between ``v_proj`` and
+  ``o_proj``;
 * the layer's two residual additions go into the ``o_proj`` and ``down_proj`` launches
   (:func:`mobiquant.nn.fused.linear_add`: the epilogue of the package's kernels; for fp16 cuBLAS's ``addmm``
   eager, under ``torch.compile`` an addition Inductor fuses with the next norm).
@@ -37,11 +39,6 @@ from .fused import (
 #: The decoder layers whose forward is the pre-norm pattern :class:`LeanDecoderLayer` reproduces
 #: (``h = x + attn(norm1(x)); out = h + mlp(norm2(h))``).
 LEAN_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
-
-#: The longest static cache the lean attention serves: its launch runs a program per query head over the cached
-#: positions in turn (no split over positions), timed at 80-150 positions (docs/RESULTS.md "A lean decode step");
-#: a longer cache takes the model's own attention, whose kernels split long contexts.
-LEAN_MAX_POSITIONS = 512
 
 #: The attention classes whose arithmetic :func:`~mobiquant.kernels.triton_attention.decode_attention` reproduces
 #: (rotate-half rotary embedding, grouped-query attention, ``module.scaling``, no per-head norms or soft-capping).
@@ -140,8 +137,8 @@ class LeanAttention:
             return None
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         layer = _static_layer(cache, self.layer_idx)  # type: ignore[attr-defined]
-        if layer is None or layer.keys.shape[0] != x.shape[0] or layer.keys.shape[2] > LEAN_MAX_POSITIONS:
-            return None
+        if layer is None or layer.keys.shape[0] != x.shape[0]:
+            return None  # (a cache of any length: past triton_attention.SPLIT_ABOVE positions its launch splits them)
         if mask is not None and mask.numel() != x.shape[0] * layer.keys.shape[2]:
             return None
         return layer
