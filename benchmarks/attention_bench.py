@@ -3,8 +3,9 @@
 
 For LLaMA-3-8B's heads (32 query heads, 8 key/value heads, head_dim 128) and SmolLM2-135M's (9, 3, 64), one token
 at ``--positions`` cached positions: ``kernels.triton_attention.decode_attention`` (rotary embedding, cache write,
-attention, the write offset advanced: one launch) over positions per step x warps, and with the positions split
-over programs (``--split-positions``, a second launch combining them), against what a Hugging Face
+attention, the write offset advanced: one launch) unsplit over positions per step x warps, as the package launches
+it ('lean default': split past ``SPLIT_ABOVE`` positions of cache), and with the positions split over programs
+(``--split-positions``, a second launch combining them), against what a Hugging Face
 LLaMA step runs for the same work (the rotary embedding of q and k, two ``index_copy_`` into the static cache,
 ``scaled_dot_product_attention`` with grouped heads over the whole cache and its mask), compiled by
 ``torch.compile``. Each row: a CUDA graph of ``--reps`` layers' launches, each on its own cache, replayed; us per
@@ -13,6 +14,7 @@ reference first.
 
     python benchmarks/attention_bench.py                    # on a CUDA GPU
     python benchmarks/attention_bench.py --positions 80 1024
+    python benchmarks/attention_bench.py --positions 80 --cache-len 2048 --blocks 128 --warps 4 --split-positions 128
 """
 
 from __future__ import annotations
@@ -110,6 +112,13 @@ def timed(fn, ls, pos, reps_timed=50):
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--positions", type=int, nargs="*", default=[80, 1024], help="cached positions before the token")
+    ap.add_argument(
+        "--cache-len",
+        type=int,
+        default=None,
+        help="positions the cache holds (default: the positions + 64); a cache past SPLIT_ABOVE splits however few "
+        "positions are cached",
+    )
     ap.add_argument("--reps", type=int, default=32, help="layers (launches) in a graph")
     ap.add_argument("--blocks", type=int, nargs="*", default=[16, 32, 64, 128], help="positions a program step")
     ap.add_argument("--warps", type=int, nargs="*", default=[1, 2, 4, 8])
@@ -132,7 +141,9 @@ def main(argv=None) -> None:
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; fp16, one token, us per layer's launch")
     for name, (heads, kv, dim) in HEADS.items():
         for pos in args.positions:
-            cache_len = pos + 64
+            cache_len = pos + 64 if args.cache_len is None else args.cache_len
+            if cache_len <= pos:
+                raise SystemExit(f"--cache-len {cache_len} must exceed every --positions value, got {pos}")
             ls = layers(args.reps, heads, kv, dim, cache_len, pos)
             ticket = torch.zeros((), dtype=torch.int32, device="cuda")
             scale = dim**-0.5
@@ -149,12 +160,19 @@ def main(argv=None) -> None:
             for bn in args.blocks:
                 for w in args.warps:
 
-                    def lean(L, bn=bn, w=w, ticket=ticket, scale=scale):
-                        return ta.decode_attention(**L, ticket=ticket, scale=scale, block_n=bn, num_warps=w)
+                    def lean(L, bn=bn, w=w, ticket=ticket, scale=scale, unsplit=cache_len):
+                        return ta.decode_attention(**L, ticket=ticket, scale=scale, block_n=bn, num_warps=w,
+                                                   split_above=unsplit)  # fmt: skip
 
                     t = timed(lean, ls, pos)
                     rows.append(dict(heads=name, positions=pos, kernel=f"lean BN={bn} warps={w}", us=t,
                                      x_model=base / t, err=err))  # fmt: skip
+
+            def lean_default(L, ticket=ticket, scale=scale):  # the package's: split past SPLIT_ABOVE positions
+                return ta.decode_attention(**L, ticket=ticket, scale=scale)
+
+            t = timed(lean_default, ls, pos)
+            rows.append(dict(heads=name, positions=pos, kernel="lean default", us=t, x_model=base / t, err=err))
             for split in (sp for sp in args.split_positions if sp < cache_len):
 
                 def lean_split(L, split=split, ticket=ticket, scale=scale):

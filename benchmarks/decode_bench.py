@@ -414,8 +414,9 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def package_rows(
-    fp, q, device, new_tokens, graph, copy_bw, kernels=(("package", None),), budgets=None, warm=None, rounds=1
-):
+    fp, q, device, new_tokens, graph, copy_bw, kernels=(("package", None),), budgets=None, warm=None, rounds=1,
+    prompt_tokens=16, views=None,
+):  # fmt: skip
     """fp16, then for each ``(label, small_config)`` of ``kernels`` (``None``: the library's defaults; ``"sites"``:
     one launch per router site; ``"inputs"``: that and fused inputs, ``patching.fuse_inputs``, with an fp16 row
     of the same fused kernels; a pair ``(mode, small_config)``: that fusion with that config, routed budgets only;
@@ -427,13 +428,15 @@ def package_rows(
     ``kernels`` with ``j % n == i`` (and fp16 in shard 0) each decode a few tokens in every row's mode, so that their
     kernels are compiled into the on-disk caches (Triton's, Inductor's) that the timing run then finds. ``rounds``:
     every quantized row timed that many times, the configs in turn each round (so a difference of a few percent
-    between two configs is not one of when each ran), each row's fastest kept; every round's line is printed."""
+    between two configs is not one of when each ran), each row's fastest kept; every round's line is printed.
+    ``prompt_tokens``: the prompt's length (the cache holds it and the new tokens); ``views``: the static views
+    timed (None: every one)."""
     import mobiquant as mq
     from mobiquant.patching import fuse_inputs, fuse_sites, lean_step, set_small_config
     from mobiquant.tasks.decode import generate
 
     vocab = fp.config.vocab_size
-    prompt = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(7)).to(device)
+    prompt = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(7)).to(device)
     rows, splits = [], []
 
     def timed(model, budget=None):
@@ -533,7 +536,8 @@ def package_rows(
         if warm is not None:
             print(f"# warming: {label}", flush=True)
         # a (mode, config) entry: its routed budgets only (a config for views learnt on the device)
-        for k in range(1, ns + 1) if not isinstance(cfg, tuple) or cfg[2:] == (True,) else ():
+        static = not isinstance(cfg, tuple) or cfg[2:] == (True,)
+        for k in (k for k in range(1, ns + 1) if views is None or k in views) if static else ():
             mq.set_static(q, k)
             t, how = attempt(q)
             if t is None:
@@ -860,11 +864,22 @@ def package_kernels(args, bits_cfg=None) -> list:
     return kernels
 
 
-def _programs(text: str) -> list[int]:
-    """``--package-fragment-programs``' counts (empty: none), each a positive number of programs."""
-    counts = [int(v) for v in text.split(",") if v.strip()] if text else []
+def prompt_views(args) -> dict:
+    """:func:`package_rows`' ``prompt_tokens`` and ``views`` from ``--prompt-tokens`` and ``--package-views``."""
+    if args.prompt_tokens < 1:
+        raise SystemExit(f"--prompt-tokens must be at least 1, got {args.prompt_tokens}")
+    views = _programs(args.package_views, "--package-views", "static views") or None
+    return dict(prompt_tokens=args.prompt_tokens, views=views)
+
+
+def _programs(text: str, option: str = "--package-fragment-programs", what: str = "numbers of programs") -> list[int]:
+    """``option``'s positive integers by commas (empty: none)."""
+    try:
+        counts = [int(v) for v in text.split(",") if v.strip()] if text else []
+    except ValueError:
+        counts = [0]
     if any(n <= 0 for n in counts):
-        raise SystemExit(f"--package-fragment-programs: positive numbers of programs by commas, got {text!r}")
+        raise SystemExit(f"{option}: positive {what} by commas, got {text!r}")
     return counts
 
 
@@ -886,6 +901,7 @@ def dry_run(args):
         budgets=budgets,
         warm=warm,
         rounds=args.package_rounds,
+        **prompt_views(args),
     )
     x_gemlite(rows)
     print_table(rows, "# package rows, tiny model on the CPU (not a measurement of anything but the code path)")
@@ -1238,6 +1254,13 @@ def main(argv=None):
     )
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per package row")
     ap.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=16,
+        help="the package rows' prompt (prefilled; each timed step attends over it and the tokens before)",
+    )
+    ap.add_argument("--package-views", default="", help="the package rows' static views k, by commas (default all)")
+    ap.add_argument(
         "--package-graph",
         default="compile",
         choices=("graph", "compile"),
@@ -1318,8 +1341,9 @@ def main(argv=None):
             print(f"# warm shard {i}/{n}: no config of the {len(package_kernels(args))} falls to it")
             return 0
         fp, q = package_models(args.layers, D, FF, KV, 32, 1024, "cuda", torch.float16, **package_routers(args))
+        warm = parse_shard(args.warm_shard)
         package_rows(fp, q, "cuda", args.new_tokens, args.package_graph, None, kernels=package_kernels(args),
-                     budgets=package_budgets(args), warm=parse_shard(args.warm_shard))  # fmt: skip
+                     budgets=package_budgets(args), warm=warm, **prompt_views(args))  # fmt: skip
         return 0
     tb = load_kernels()
     Router.fused = staticmethod(load_router_kernel())
@@ -1641,6 +1665,7 @@ def main(argv=None):
             kernels=package_kernels(args, bits_cfg),
             budgets=package_budgets(args),
             rounds=args.package_rounds,
+            **prompt_views(args),
         )
         if args.profile:
             import mobiquant as mq

@@ -143,7 +143,11 @@
 #            the defaults beside pdl=false (under pdl a launch's time includes its wait on the one before: only the
 #            row without it says which launches hold the step; NOTES 57)
 #   programs (only when named) the package rows (block, lean step and prologues) with the fragment launches' grids
-#            aimed at 896 and 1792 programs beside the default 448 (SmallConfig.fragment_programs, NOTES entry 46)
+#            aimed at $PROGRAMS programs beside the default 448 (SmallConfig.fragment_programs, NOTES entries 46, 62)
+#   longctx  (only when named) a long cache: the GPU tests of the split attention in the lean step, then the package
+#            rows at a prompt of $PROMPT (default 1024) tokens, the static 3 / 4-bit views and routed 3.5 bits, with
+#            the model's own attention (fused inputs) and with the lean step and its prologues (the split launch past
+#            512 positions, NOTES 64), then the attention launch at 80 / 1024 positions of a 2048-position cache
 #   block    (only when named; in loads) the default rows with router placement block (one router a layer), with
 #            and without the lean step, and its compiled step's census at routed 3.5 / 4.5 bits with it
 #            (BLOCK_CENSUS=0: without the census)
@@ -525,6 +529,18 @@ stage() {
       # prologues
       package_stage programs block --package-lean-step --package-lean-prologues \
         --package-fragment-programs "${PROGRAMS:-264,896}" --package-fused-only ;;
+    longctx)
+      local cmd=("$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed --fuse-inputs \
+        --package-policy adjacent --package-placement block --package-budgets 3.5 --package-lean-prologues \
+        --package-fused-only --package-rounds "${PACKAGE_ROUNDS:-1}" --prompt-tokens "${PROMPT:-1024}" \
+        --package-views 1,2)
+      run_stage longctx_tests 600 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_lean_step.py \
+        -k "gpu_lean_step_in_the_compiled_step or splits_long or matches_the_reference or steps_through" &
+      warm_shards longctx "${cmd[@]}"
+      wait
+      run_stage longctx 900 "${cmd[@]}" --out "$RES/longctx"
+      run_stage longctx_attn 300 "$PY" benchmarks/attention_bench.py --positions 80 1024 --cache-len 2048 \
+        --blocks 128 --warps 4 --split-positions 128 ;;
     span)
       # k read on the device against the static views: every body, preloaded, a span of two views (the stack);
       # then their tests compiled
@@ -553,7 +569,7 @@ print(','.join(str(int(v)) for v in t))" "$RES/router_sweep/router_sweep.csv" 2>
       run_stage pattern 600 "$PY" benchmarks/stream_pattern.py --views 1,2,6 \
         --package-configs "$PATTERN_CONFIGS" --out "$RES/pattern" ;;
     *)
-      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement pdl spandef spanrule spancost loads lean attn prologues block pdlstatic epikinds routedepi routedsite routertail blockstatic chain tailcensus stepcensus pick programs epilogues span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
+      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement pdl spandef spanrule spancost loads lean attn prologues block pdlstatic epikinds routedepi routedsite routertail blockstatic chain tailcensus stepcensus pick programs longctx epilogues span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
       return 2 ;;
   esac
 }
