@@ -847,6 +847,15 @@ def package_kernels(args, bits_cfg=None) -> list:
         # with no rms_scale in their launch (SmallConfig(router_tail="normed"); NOTES 52, 54)
         cfg = SmallConfig(router_tail="normed")
         kernels.append(("package sites+inputs lean router tail normed", ("lean prologues", cfg, True)))
+    if args.package_inflight:  # ... the lean step with its prologues, more of the fragment launches' words in flight
+        # (NOTES 63: a program's bandwidth is bounded by its bytes in flight): L2 asked for the group 2 or 4 ahead at
+        # each group, or two groups loaded into registers ahead, each capped at 128 registers from 3 planes in the
+        # large launches (four programs an SM: uncapped they take 148-168 registers, three an SM)
+        loads = (("ahead 2", dict(fragment_ahead=2)), ("ahead 4", dict(fragment_ahead=4)),
+                 ("prefetch 2", dict(fragment_prefetch=2)))  # fmt: skip
+        for name, kw in loads:
+            cfg = SmallConfig(fragment_cap=3, **kw)
+            kernels.append((f"package sites+inputs lean {name} cap 3", ("lean prologues", cfg, True)))
     for n in _programs(args.package_fragment_programs):  # ... the lean step with its prologues, the fragment
         # launches' grids aimed at n programs instead of TARGET_PROGRAMS (NOTES 46: the gate/up site's waves)
         cfg = SmallConfig(fragment_programs=n)
@@ -1258,6 +1267,12 @@ def main(argv=None):
         type=int,
         default=16,
         help="the package rows' prompt (prefilled; each timed step attends over it and the tokens before)",
+    )
+    ap.add_argument(
+        "--package-inflight",
+        action="store_true",
+        help="also the lean step with its prologues and more words in flight: fragment_ahead 2 / 4, fragment_prefetch "
+        "2, each with fragment_cap 3 (NOTES 63)",
     )
     ap.add_argument("--package-views", default="", help="the package rows' static views k, by commas (default all)")
     ap.add_argument(

@@ -144,6 +144,8 @@
 #            row without it says which launches hold the step; NOTES 57)
 #   programs (only when named) the package rows (block, lean step and prologues) with the fragment launches' grids
 #            aimed at $PROGRAMS programs beside the default 448 (SmallConfig.fragment_programs, NOTES entries 46, 62)
+#   inflight (only when named) the package rows (block, lean step and prologues) with more of the fragment launches'
+#            words in flight: L2 asked 2 / 4 groups ahead, 2 groups loaded ahead, capped at 128 registers (NOTES 63)
 #   longctx  (only when named) a long cache: the GPU tests of the split attention in the lean step, then the package
 #            rows at a prompt of $PROMPT (default 1024) tokens, the static 3 / 4-bit views and routed 3.5 bits, with
 #            the model's own attention (fused inputs) and with the lean step and its prologues (the split launch past
@@ -529,6 +531,8 @@ stage() {
       # prologues
       package_stage programs block --package-lean-step --package-lean-prologues \
         --package-fragment-programs "${PROGRAMS:-264,896}" --package-fused-only ;;
+    inflight)
+      package_stage inflight block --package-lean-prologues --package-inflight --package-fused-only ;;
     longctx)
       local cmd=("$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed --fuse-inputs \
         --package-policy adjacent --package-placement block --package-budgets 3.5 --package-lean-prologues \
@@ -569,7 +573,7 @@ print(','.join(str(int(v)) for v in t))" "$RES/router_sweep/router_sweep.csv" 2>
       run_stage pattern 600 "$PY" benchmarks/stream_pattern.py --views 1,2,6 \
         --package-configs "$PATTERN_CONFIGS" --out "$RES/pattern" ;;
     *)
-      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement pdl spandef spanrule spancost loads lean attn prologues block pdlstatic epikinds routedepi routedsite routertail blockstatic chain tailcensus stepcensus pick programs longctx epilogues span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
+      echo "unknown stage '$1' (stages: tests kernels routers stack e2e pattern tiling package placement pdl spandef spanrule spancost loads lean attn prologues block pdlstatic epikinds routedepi routedsite routertail blockstatic chain tailcensus stepcensus pick programs inflight longctx epilogues span gluon fragment tma compile solo ckpt prefill prompt int4mm adjacent)" >&2
       return 2 ;;
   esac
 }
