@@ -848,14 +848,11 @@ def package_kernels(args, bits_cfg=None) -> list:
         cfg = SmallConfig(router_tail="normed")
         kernels.append(("package sites+inputs lean router tail normed", ("lean prologues", cfg, True)))
     if args.package_inflight:  # ... the lean step with its prologues, more of the fragment launches' words in flight
-        # (NOTES 63: a program's bandwidth is bounded by its bytes in flight): L2 asked for the group 2 or 4 ahead at
-        # each group, or two groups loaded into registers ahead, each capped at 128 registers from 3 planes in the
-        # large launches (four programs an SM: uncapped they take 148-168 registers, three an SM)
-        loads = (("ahead 2", dict(fragment_ahead=2)), ("ahead 4", dict(fragment_ahead=4)),
-                 ("prefetch 2", dict(fragment_prefetch=2)))  # fmt: skip
-        for name, kw in loads:
-            cfg = SmallConfig(fragment_cap=3, **kw)
-            kernels.append((f"package sites+inputs lean {name} cap 3", ("lean prologues", cfg, True)))
+        # (NOTES 63: a program's bandwidth is bounded by its bytes in flight): L2 asked for the group 2 ahead at each
+        # group, or two groups loaded into registers ahead; at 3-4 planes both run capped at 128 registers
+        # (gluon_fragment.DEEP_CAP_PLANES: four programs an SM, no spill)
+        for name, kw in (("ahead 2", dict(fragment_ahead=2)), ("prefetch 2", dict(fragment_prefetch=2))):
+            kernels.append((f"package sites+inputs lean {name}", ("lean prologues", SmallConfig(**kw), True)))
     for n in _programs(args.package_fragment_programs):  # ... the lean step with its prologues, the fragment
         # launches' grids aimed at n programs instead of TARGET_PROGRAMS (NOTES 46: the gate/up site's waves)
         cfg = SmallConfig(fragment_programs=n)
@@ -1271,8 +1268,8 @@ def main(argv=None):
     ap.add_argument(
         "--package-inflight",
         action="store_true",
-        help="also the lean step with its prologues and more words in flight: fragment_ahead 2 / 4, fragment_prefetch "
-        "2, each with fragment_cap 3 (NOTES 63)",
+        help="also the lean step with its prologues and more words in flight: fragment_ahead 2, fragment_prefetch 2 "
+        "(NOTES 63, 65)",
     )
     ap.add_argument("--package-views", default="", help="the package rows' static views k, by commas (default all)")
     ap.add_argument(

@@ -145,7 +145,7 @@
 #   programs (only when named) the package rows (block, lean step and prologues) with the fragment launches' grids
 #            aimed at $PROGRAMS programs beside the default 448 (SmallConfig.fragment_programs, NOTES entries 46, 62)
 #   inflight (only when named) the package rows (block, lean step and prologues) with more of the fragment launches'
-#            words in flight: L2 asked 2 / 4 groups ahead, 2 groups loaded ahead, capped at 128 registers (NOTES 63)
+#            words in flight: L2 asked 2 groups ahead, or 2 groups loaded ahead (capped at 128 registers; NOTES 65)
 #   longctx  (only when named) a long cache: the GPU tests of the split attention in the lean step, then the package
 #            rows at a prompt of $PROMPT (default 1024) tokens, the static 3 / 4-bit views and routed 3.5 bits, with
 #            the model's own attention (fused inputs) and with the lean step and its prologues (the split launch past

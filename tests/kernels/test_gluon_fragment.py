@@ -986,6 +986,38 @@ def test_span_uncap_lifts_the_register_cap(monkeypatch):
         tb.SmallConfig(fragment_span_uncap=-1)
 
 
+def test_deep_loads_run_capped(monkeypatch):
+    """A static view of at most ``DEEP_CAP_PLANES`` planes with 2 groups prefetched or the group 1-2 ahead asked of
+    L2 runs capped at 128 registers in any launch (uncapped it takes 148-167: three programs an SM), with its 2 groups
+    prefetched; a capped view of more planes keeps at most 1 (it spills with 2); the default launches are untouched.
+    (The launch keywords, recorded on the CPU.)"""
+    launched = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launched.append(kw)
+
+    monkeypatch.setattr(gf, "frag_gemv_kernel", Kernel())
+    g = 4096 // 128
+    big, small = (gf.FragPlanes(torch.zeros(8, g, n // 128, 512, dtype=torch.int32),
+                                torch.zeros(8, n, g, dtype=torch.float16), torch.zeros(8, n, g, dtype=torch.float16),
+                                SLICES, 4096, n) for n in (8192, 4096))  # fmt: skip
+
+    def launch(fp, k, **kw):
+        gf.fragment_linear(torch.zeros(1, 4096, dtype=torch.float16), fp, k, **kw)
+        return launched[-1].get("maxnreg"), launched[-1]["PREFETCH"], launched[-1]["AHEAD"]
+
+    assert gf.DEEP_CAP_PLANES == 4 and [gf.planes_of_views(SLICES)[k - 1] for k in (2, 3)] == [4, 5]
+    assert launch(small, 2) == (None, 1, 0)  # the default: one group prefetched, uncapped
+    assert launch(small, 2, prefetch=2) == (128, 2, 0)
+    assert launch(small, 2, ahead=2)[:2] == (128, 1)
+    assert launch(small, 2, ahead=4)[0] is None  # 4 ahead spills under the cap: not capped by this rule
+    assert launch(small, 3, prefetch=2) == (None, 2, 0)  # 5 planes: spills under the cap
+    assert launch(big, 3, cap=5) == (128, 1, 0)  # the default cap from 5 planes, one group prefetched
+    assert launch(big, 3, cap=5, prefetch=2) == (128, 1, 0)
+    assert launch(big, 2, cap=3, prefetch=2) == (128, 2, 0)  # capped from 3 planes: 2 groups fit at 4
+
+
 # ------------------------------------------------------------------------------------------------------- GPU
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA device (Gluon kernels do not run in the interpreter)")
 

@@ -1304,6 +1304,11 @@ TARGET_PROGRAMS = 448
 #: Weights (rows x inputs) from which a view read on the device compiles with at most 128 registers: measured 1.3x
 #: faster on the 8B gate/up and down, slower on the 4096 x 4096 q/o (docs/RESULTS.md)
 BIG_LAUNCH = BIG_FRAGMENT_LAUNCH
+#: the most planes of a static view whose loop keeps 2 groups prefetched, or asks L2 for the group 1-2 ahead, within
+#: 128 registers without a spill (offline for sm_90, the 8B gate/up and down: 127-128 registers at 3-4 planes, a
+#: stack of 80-192 bytes at 5-6); ``fragment_linear`` caps such launches, which uncapped take 148-167 registers: three
+#: programs an SM instead of four
+DEEP_CAP_PLANES = 4
 #: shared memory a program may fill with one TMA load (``stages=-1``), of the H200's 227 KiB
 BULK_SMEM_MAX = 200 * 1024
 _FRAG_CACHE: dict[int, tuple[torch.Tensor, FragPlanes]] = {}
@@ -1484,7 +1489,9 @@ def fragment_linear(
     or more (0: never uncapped). ``early_l2``, with a view on the device: its first ``early_l2`` groups of the planes
     every compiled body reads asked of L2 before the view is read or counted (0: none). ``prefetch``: groups whose
     words a program loads into registers ahead of the decode (0-2; None: :func:`launch_config`'s; a capped static view
-    at most 1). ``ahead``: at each group the planes of the group that many later asked of L2 (0: none).
+    of more than :data:`DEEP_CAP_PLANES` planes at most 1). ``ahead``: at each group the planes of the group that many
+    later asked of L2 (0: none). A static view of at most :data:`DEEP_CAP_PLANES` planes with 2 groups prefetched or
+    1-2 groups ahead runs capped at 128 registers in every launch.
     ``prologue``: ``x2`` is the input of what makes the layer's input, made as it is loaded (:func:`_launch_args`);
     ``epilogue``: what the launch makes of its outputs for the next one (:mod:`~mobiquant.kernels.epilogue`).
     ``programs``: the programs :func:`launch_config` aims the grid at (0: :data:`TARGET_PROGRAMS`). ``chain``: where
@@ -1524,8 +1531,11 @@ def fragment_linear(
     capped = register_capped(n_out * K_IN, planes if isinstance(planes, int) else 0, cap)
     if capped and dispatch is not None and span is not None and 0 < span_uncap <= fp.planes_of_view[span[1] - 1]:
         capped = False  # the span's bodies in their own registers (no stack; counted offline, NOTES 30)
-    if capped and dispatch is None:
-        prefetch = min(prefetch, 1)  # two groups prefetched spill at 6 planes under the cap
+    static = dispatch is None and isinstance(planes, int)
+    if static and planes <= DEEP_CAP_PLANES and (prefetch >= 2 or 0 < ahead <= 2):
+        capped = True  # more words in flight only pays at four programs an SM (uncapped: 148-167 registers, three)
+    if capped and static and planes > DEEP_CAP_PLANES:
+        prefetch = min(prefetch, 1)  # two groups prefetched spill from 5 planes under the cap
     stages = 0
     bulk = tma_config(nb, g, planes) if tma and isinstance(planes, int) else None
     if bulk is not None:
