@@ -4,10 +4,12 @@ The 8B-shaped package model of ``decode_bench.py`` (4 LLaMA-3-8B layers, adjacen
 package's decode defaults: one launch a site, fused inputs, the lean step with its prologues) and the same model in
 fp16 with its own step decode through ``mobiquant.tasks.decode.generate`` (compiled and captured step), each row with
 ``decode.PICK_IN_GRAPH`` on and off in turn for ``--rounds`` rounds, each row's fastest kept. Prints us a token, the
-step's GPU time and the gap between steps (``step_timing``), and the saving of the pick inside. ``--dry-run``: a tiny
-model on the CPU, eager (the code path only)::
+step's GPU time and the gap between steps (``step_timing``), and the saving of the pick inside. ``--feed``: instead,
+the pick inside with ``decode.FEED_IN_GRAPH`` off and on (the step writing its token into the next step's input: no
+copy launched between replays; NOTES 66). ``--dry-run``: a tiny model on the CPU, eager (the code path only)::
 
     PYTHONPATH=src python benchmarks/pick_ab.py [--rounds 2] [--budgets 3.5] [--views 2] [--slices 3,1,1,1,1,1]
+    PYTHONPATH=src python benchmarks/pick_ab.py --feed
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budgets", type=float, nargs="*", default=[3.5], help="routed budgets timed")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--dry-run", action="store_true", help="a tiny model on the CPU, eager (no timing)")
+    ap.add_argument("--feed", action="store_true", help="the pick inside, FEED_IN_GRAPH off and on, instead")
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.new_tokens < 2:
         ap.error("--rounds must be at least 1 and --new-tokens at least 2")
@@ -60,24 +63,29 @@ def main(argv=None) -> int:
     rows += [(f"static k={k}", q, k, None) for k in args.views]
     rows += [(f"routed {b:g}", q, None, b) for b in args.budgets]
     best: dict[tuple[str, bool], tuple[float, dict]] = {}
+    names = {False: "feed off", True: "feed on"} if args.feed else {False: "pick outside", True: "pick inside"}
     for r in range(args.rounds):
         for label, model, k, budget in rows:
             for inside in (False, True) if r % 2 == 0 else (True, False):
-                decode.PICK_IN_GRAPH = inside
+                if args.feed:
+                    decode.FEED_IN_GRAPH = inside
+                else:
+                    decode.PICK_IN_GRAPH = inside
                 if k is not None:
                     mq.set_static(model, k)
                 g, split = timed_generate(model, prompt, args.new_tokens, graph, budget)
                 us = 1e6 * g.decode_s / max(g.timed_tokens, 1)
-                print(f"# round {r + 1}: {label:<16} pick {'inside ' if inside else 'outside'} {us:8.1f} us/token "
-                      f"(graph: {g.graph})", flush=True)  # fmt: skip
+                print(f"# round {r + 1}: {label:<16} {names[inside]:<12} {us:8.1f} us/token (graph: {g.graph})",
+                      flush=True)  # fmt: skip
                 key = (label, inside)
                 if key not in best or us < best[key][0]:
                     best[key] = (us, split)
-    decode.PICK_IN_GRAPH = True
+    decode.PICK_IN_GRAPH, decode.FEED_IN_GRAPH = True, False
     card = torch.cuda.get_device_name() if not args.dry_run else "CPU (dry run: not a measurement)"
     layout = "-".join(map(str, kb.SLICE_BITS))
     print(f"\n# {card}; slices {layout}; {args.new_tokens} tokens, fastest of {args.rounds} round(s)")
-    print("| row | pick outside us | inside us | saved us | outside GPU / gap us | inside GPU / gap us |")
+    off, on = names[False], names[True]
+    print(f"| row | {off} us | {on} us | saved us | {off} GPU / gap us | {on} GPU / gap us |")
     print("|---|---|---|---|---|---|")
     for label, *_ in rows:
         (o, so), (i, si) = best[(label, False)], best[(label, True)]

@@ -637,6 +637,56 @@ def test_a_greedy_step_picks_its_token_in_the_graph(qmodel, prompt16, cpu_graph,
                                                 seed=3).tokens)  # fmt: skip
 
 
+def test_a_feeding_step_writes_the_next_input_in_the_graph(qmodel, prompt16, cpu_graph, monkeypatch):
+    """``FEED_IN_GRAPH``: the greedy captured step also writes its token into the next step's input and advances the
+    position, so a replay fed that token at the next position copies nothing first (``fed_at``); the capture's
+    warm-up and check start from the step's own inputs. The tokens are eager decoding's, with a budget changing
+    between tokens (a capture a state) and under ``torch.compile`` on the CPU (the step mutating its inputs)."""
+    from transformers import StaticCache
+
+    cpu_graph()
+    T, n = prompt16.shape[1], 6
+    kw = decode._forward_kwargs(qmodel)[0]
+    mq.set_budget(qmodel, 4.0)
+    cache = StaticCache(config=qmodel.config, max_cache_len=T + n)
+    with torch.no_grad():
+        tok = qmodel(input_ids=prompt16, **{kw: cache}, use_cache=True).logits[:, -1].argmax(-1)
+    s = decode._Stepper(qmodel, cache, kw, torch.device("cpu"), 1, "graph", T + n, greedy=True, feed=True)
+    copies: list = []
+    s.pos = _Spied(s.pos, copies)
+    for pos in range(T, T + n):
+        with torch.no_grad():
+            logits, untimed = s.step(tok, pos, ())
+        assert torch.equal(s.picked, logits.argmax(-1)) and s.fed_at == pos + 1
+        assert int(s.pos) == pos + 1 and torch.equal(s.ids.view(-1), s.picked.view(-1))
+        tok = s.picked
+    assert s.status == "graph" and s.captures == 1 and len(copies) == 1  # the first step's inputs only
+    monkeypatch.setattr(decode, "FEED_IN_GRAPH", True)
+    sched = [2.0, 8.0, 8.0, 3.0, 6.0, 4.0, 4.0, 2.0]
+    for budget in (4.0, sched):
+        ref = generate(qmodel, prompt16, 8, budget=budget, cuda_graph="off")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            g = generate(qmodel, prompt16, 8, budget=budget, cuda_graph="graph")
+        assert g.graph == "graph" and torch.equal(g.tokens, ref.tokens), budget
+    g = generate(qmodel, prompt16, 6, budget=4.0, cuda_graph="compile")
+    assert torch.equal(g.tokens, generate(qmodel, prompt16, 6, budget=4.0, cuda_graph="off").tokens)
+
+
+class _Spied(torch.Tensor):
+    """A position tensor whose ``fill_`` calls are counted (the stepper's host-side writes of its input)."""
+
+    @staticmethod
+    def __new__(cls, t, calls):
+        out = t.as_subclass(cls)
+        out._calls = calls
+        return out
+
+    def fill_(self, value):
+        self._calls.append(value)
+        return super().fill_(value)
+
+
 def test_accepted_graph_replays_decode_like_eager(qmodel, prompt16, cpu_graph):
     """A replay that differs from the eager forward by rounding noise is kept, and every later step replays it:
     the same tokens as eager decoding, one capture per generation, to the last position of the cache."""
@@ -1004,12 +1054,15 @@ def test_gpu_fused_inputs_decode_in_one_graph(prompt):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_gpu_compiled_step_decodes_in_one_graph(prompt):
+@pytest.mark.parametrize("feed", [False, True])
+def test_gpu_compiled_step_decodes_in_one_graph(prompt, monkeypatch, feed):
     """``cuda_graph='compile'`` on CUDA: the step's code between the package's kernels compiled by Inductor and the
     whole step captured as one graph gives eager decoding's greedy tokens at every budget, with fused inputs and
-    one launch per site, and one graph serves a per-token budget list; fp16 too."""
+    one launch per site, and one graph serves a per-token budget list; fp16 too. ``feed``: with
+    ``FEED_IN_GRAPH`` (the captured step writing its token into the next step's input)."""
     from mobiquant.patching import fuse_inputs, fuse_sites
 
+    monkeypatch.setattr(decode, "FEED_IN_GRAPH", feed)
     fp, q = gpu_models(torch.float16)
     assert fuse_sites(q) > 0 and fuse_inputs(q) > 0
     assert_one_graph_decodes_as_eager(q, prompt, mode="compile")

@@ -452,6 +452,11 @@ def _compiled_step(step, model: nn.Module):
 #: each replay, launched eagerly (the behaviour before; ``benchmarks/decode_bench.py --pick-outside`` times both)
 PICK_IN_GRAPH = True
 
+#: With the pick inside (and no ``eos_token_id``), the captured step also writes its token into the next step's input
+#: and advances the position (:class:`_Stepper`'s ``feed``), so a replay follows a replay with no copy launched
+#: between them; off until timed (``benchmarks/pick_ab.py --feed`` times both)
+FEED_IN_GRAPH = False
+
 
 def _split(out) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A step's output as ``(logits, greedy token or None)`` (a step that picks returns both)."""
@@ -464,7 +469,9 @@ class _Stepper:
 
     ``greedy``: the captured or compiled step also picks the greedy token (its ``argmax`` in the graph; the token
     is then :attr:`picked`), so a replayed step launches nothing outside its graph for the pick and its logits are
-    not copied out (they stay the graph's buffer: valid until the next step)."""
+    not copied out (they stay the graph's buffer: valid until the next step). ``feed`` (with ``greedy``): the step
+    also copies that token into its own input and advances its position, so the next step fed :attr:`picked` at the
+    next position launches no copy before its replay (:attr:`fed_at`: the position the inputs hold so, or None)."""
 
     def __init__(
         self,
@@ -477,6 +484,7 @@ class _Stepper:
         cache_len: int | None = None,
         fallback: str | None = None,
         greedy: bool = False,
+        feed: bool = False,
     ):
         self.model, self.cache, self.cache_kw, self.device, self.mode = model, cache, cache_kw, device, mode
         self.fallback = fallback  # the mode to capture with when a compiled capture fails ('auto' on CUDA)
@@ -489,7 +497,9 @@ class _Stepper:
         self.captures = 0
         self.status = mode
         self.greedy = bool(greedy)
+        self.feed = self.greedy and bool(feed)
         self.picked: torch.Tensor | None = None  # the last step's greedy token where the step picked it
+        self.fed_at: int | None = None  # the position whose token the last step wrote into ids (and pos)
         self._forward = self._step_fn()
         if mode == "compile":
             self._forward = _compiled_step(self._forward, model)
@@ -504,9 +514,26 @@ class _Stepper:
         logits = self._model_step(ids, pos)
         return logits, logits.argmax(-1)
 
+    def _fed_step(self, ids: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, tok = self._picked_step(ids, pos)
+        ids.copy_(tok.view(-1, 1))  # the next step's input, written by this step
+        pos.add_(1)
+        return logits, tok
+
     def _step_fn(self):
-        """The forward a captured or compiled step runs: with :attr:`greedy` the pick too."""
-        return self._picked_step if self.greedy and self.mode in ("graph", "compile") else self._model_step
+        """The forward a captured or compiled step runs: with :attr:`greedy` the pick too, with :attr:`feed` the
+        next step's input as well."""
+        if not (self.greedy and self.mode in ("graph", "compile")):
+            return self._model_step
+        return self._fed_step if self.feed else self._picked_step
+
+    def _inputs(self, saved: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of the step's inputs (token, position), or with ``saved`` those put back (a feeding step writes
+        them; every warm-up, capture check and reference forward starts from the same ones)."""
+        if saved is not None:
+            self.ids.copy_(saved[0])
+            self.pos.copy_(saved[1])
+        return self.ids.clone(), self.pos.clone()
 
     def _eager(self, ids: torch.Tensor, pos: torch.Tensor) -> Any:
         """One forward of the step: the model's own, or with ``compile`` the one whose code between the package's
@@ -526,10 +553,13 @@ class _Stepper:
     def _warm_up(self, saved, runs: int = 2) -> None:
         """Forwards of the step before its capture (kernels compile, allocations settle). Each starts from the
         cache offsets ``saved`` and so writes the step's own slot; the offsets are back at ``saved`` after."""
+        inputs = self._inputs()
         for _ in range(runs):
             self.offsets.restore(saved)
+            self._inputs(inputs)
             self._eager(self.ids, self.pos)
         self.offsets.restore(saved)
+        self._inputs(inputs)
 
     def _capture(self, saved) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up on a side stream, then capture; the cache offsets are at ``saved`` when it returns."""
@@ -563,13 +593,16 @@ class _Stepper:
             self._give_up(f"{why}: a capture attempt could not be undone")
             return self._eager(self.ids, self.pos)
         saved = self.offsets.save()
+        inputs = self._inputs()
         try:
             entry = self._capture(saved)
             entry[0].replay()
             got = _split(entry[1])[0].clone()
+            self._inputs(inputs)  # a feeding replay wrote them
         except Exception as e:  # a forward that synchronises with the host cannot be captured
             _sync(self.device)
             self.offsets.restore(saved)
+            self._inputs(inputs)
             why = (
                 f"capture failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
                 if str(e).strip()
@@ -585,6 +618,7 @@ class _Stepper:
         if why is not None:
             if self._fall_back(why):
                 self.offsets.restore(saved)  # the retry writes this step's slot again
+                self._inputs(inputs)
                 return self._first_step(pos, key)
             self._give_up(why)
             return ref
@@ -608,6 +642,7 @@ class _Stepper:
         out of the timing). :attr:`picked` is then the step's greedy token where the step picked it, else None."""
         logits, picked, untimed = self._step(tok, pos, key)
         self.picked = picked
+        self.fed_at = pos + 1 if picked is not None and self.feed and self.mode != "off" else None
         return logits, untimed
 
     def _step(self, tok: torch.Tensor, pos: int, key: tuple) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
@@ -615,8 +650,9 @@ class _Stepper:
             raise ValueError(f"decode position {pos} is outside the static cache of {self.cache_len} positions")
         if self.mode == "off":
             return self.eager(tok, pos), None, False
-        self.ids.copy_(tok.view(-1, 1))
-        self.pos.fill_(pos)
+        if not (self.fed_at == pos and tok is self.picked):  # else the step before wrote them
+            self.ids.copy_(tok.view(-1, 1))
+            self.pos.fill_(pos)
         if self._compiled_only:
             if key not in self._warmed:  # a new state: its first step eager, which builds what the traced forward
                 self._warmed.add(key)  # reads and cannot build (MoBiLinear's int4 packs of the views now served)
@@ -809,7 +845,16 @@ def generate(
         prefill_s = time.perf_counter() - t0
         fallback = "graph" if cuda_graph == "auto" and mode == "compile" else None
         stepper = _Stepper(
-            model, cache, cache_kw, device, batch, mode, cache_len, fallback, greedy=temperature <= 0 and PICK_IN_GRAPH
+            model,
+            cache,
+            cache_kw,
+            device,
+            batch,
+            mode,
+            cache_len,
+            fallback,
+            greedy=temperature <= 0 and PICK_IN_GRAPH,
+            feed=FEED_IN_GRAPH and eos_token_id is None,
         )
         decode_s, timed, n = 0.0, 0, 1
         seg_start, seg_tokens = time.perf_counter(), 0
