@@ -5,9 +5,9 @@ For LLaMA-3-8B's heads (32 query heads, 8 key/value heads, head_dim 128) and Smo
 at ``--positions`` cached positions: ``kernels.triton_attention.decode_attention`` (rotary embedding, cache write,
 attention, the write offset advanced: one launch) unsplit over positions per step x warps, as the package launches
 it ('lean default': split past ``SPLIT_ABOVE`` positions of cache), and with the positions split over programs
-(``--split-positions``, a second launch combining them), against what a Hugging Face
-LLaMA step runs for the same work (the rotary embedding of q and k, two ``index_copy_`` into the static cache,
-``scaled_dot_product_attention`` with grouped heads over the whole cache and its mask), compiled by
+(``--split-positions``; a second launch combining them, or the last split of each head, ``--combine``), against
+what a Hugging Face LLaMA step runs for the same work (the rotary embedding of q and k, two ``index_copy_`` into the
+static cache, ``scaled_dot_product_attention`` with grouped heads over the whole cache and its mask), compiled by
 ``torch.compile``. Each row: a CUDA graph of ``--reps`` layers' launches, each on its own cache, replayed; us per
 launch and the ratio against the model's arithmetic timed in the same run. Outputs are checked against the PyTorch
 reference first.
@@ -120,6 +120,13 @@ def main(argv=None) -> None:
         "positions are cached",
     )
     ap.add_argument("--reps", type=int, default=32, help="layers (launches) in a graph")
+    ap.add_argument(
+        "--combine",
+        nargs="*",
+        choices=("launch", "last"),
+        default=["launch", "last"],
+        help="how the split rows combine their partials: a second launch, or the last split of each head",
+    )
     ap.add_argument("--blocks", type=int, nargs="*", default=[16, 32, 64, 128], help="positions a program step")
     ap.add_argument("--warps", type=int, nargs="*", default=[1, 2, 4, 8])
     ap.add_argument(
@@ -173,14 +180,18 @@ def main(argv=None) -> None:
 
             t = timed(lean_default, ls, pos)
             rows.append(dict(heads=name, positions=pos, kernel="lean default", us=t, x_model=base / t, err=err))
-            for split in (sp for sp in args.split_positions if sp < cache_len):
+            for split, comb in ((sp, c) for sp in args.split_positions if sp < cache_len for c in args.combine):
 
-                def lean_split(L, split=split, ticket=ticket, scale=scale):
-                    return ta.decode_attention(**L, ticket=ticket, scale=scale, split_positions=split, split_above=0)
+                def lean_split(L, split=split, comb=comb, ticket=ticket, scale=scale):
+                    return ta.decode_attention(**L, ticket=ticket, scale=scale, split_positions=split, split_above=0,
+                                               combine=comb)  # fmt: skip
 
+                fresh = {n: (t.clone() if torch.is_tensor(t) else t) for n, t in L.items()}
+                fresh["offset"] = torch.tensor(pos, device="cuda")  # (the timed replays left it one past)
+                e = (lean_split(fresh).float() - ref.float()).abs().max().item()
                 t = timed(lean_split, ls, pos)
-                rows.append(dict(heads=name, positions=pos, kernel=f"lean split {split}", us=t, x_model=base / t,
-                                 err=err))  # fmt: skip
+                label = f"lean split {split}" + (" last" if comb == "last" else "")
+                rows.append(dict(heads=name, positions=pos, kernel=label, us=t, x_model=base / t, err=e))
             print(pd.DataFrame([r for r in rows if r["heads"] == name and r["positions"] == pos]).to_string(
                 index=False, float_format=lambda v: f"{v:.3g}"), flush=True)  # fmt: skip
 

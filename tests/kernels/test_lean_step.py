@@ -51,12 +51,15 @@ def _step(B, H, KVH, D, L, pos, masked, dtype=torch.float16, seed=0):
     ],
 )
 @pytest.mark.parametrize(
-    "split,block_n,pdl", [(None, None, False), (None, 16, False), (16, 8, False), (None, None, True), (16, 8, True)]
-)
-def test_decode_attention_matches_the_reference(B, H, KVH, D, L, pos, masked, split, block_n, pdl):
+    "split,block_n,pdl,combine",
+    [(None, None, False, None), (None, 16, False, None), (16, 8, False, None), (None, None, True, None),
+     (16, 8, True, None), (16, 8, False, "last"), (16, 8, True, "last")],
+)  # fmt: skip
+def test_decode_attention_matches_the_reference(B, H, KVH, D, L, pos, masked, split, block_n, pdl, combine):
     """Output, the written cache slot and the advanced offset equal the PyTorch reference; the ticket is left at 0.
     ``block_n`` None: the default positions a loop step (one step for these caches), 16: several steps; with
-    ``split``, the positions split over programs of 16 each and a second launch combining them; with ``pdl``
+    ``split``, the positions split over programs of 16 each and a second launch combining them (``combine`` "last":
+    the last split of each head, whose tickets are left at 0); with ``pdl``
     launched with programmatic dependent launch (on a GPU of compute capability 9.0+; elsewhere the same code
     without the instructions)."""
     if pdl and DEV == "cuda" and torch.cuda.get_device_capability() < (9, 0):
@@ -64,7 +67,7 @@ def test_decode_attention_matches_the_reference(B, H, KVH, D, L, pos, masked, sp
     a = _step(B, H, KVH, D, L, pos, masked)
     b = {n: (t.clone() if torch.is_tensor(t) else t) for n, t in a.items()}
     ticket = torch.zeros((), dtype=torch.int32, device=DEV)
-    kw: dict = dict(pdl=pdl)
+    kw: dict = dict(pdl=pdl, combine=combine)
     if split is not None:
         kw.update(split_positions=split, split_above=0)
     if block_n is not None:
@@ -76,6 +79,8 @@ def test_decode_attention_matches_the_reference(B, H, KVH, D, L, pos, masked, sp
     assert torch.equal(a["values"], b["values"])
     assert int(a["offset"]) == int(b["offset"]) == pos + 1
     assert int(ticket) == 0
+    if combine == "last":
+        assert not ta._head_tickets(torch.device(DEV), B * H).any()
 
 
 @needs_triton
@@ -260,13 +265,14 @@ def test_lean_step_adds_the_residuals_in_the_packed_launches(monkeypatch):
 
 
 @needs_triton
-@pytest.mark.parametrize("pdl", [False, True])
-def test_lean_step_splits_long_caches(monkeypatch, pdl):
+@pytest.mark.parametrize("pdl,combine", [(False, "launch"), (True, "launch"), (True, "last")])
+def test_lean_step_splits_long_caches(monkeypatch, pdl, combine):
     """A static cache of more than ``SPLIT_ABOVE`` positions takes the split launch and its combining one (the
     module's defaults made small: 2 positions a loop step, splits of 4 past 8 positions), with the logits of the
     model's own forward; a cache of at most ``SPLIT_ABOVE`` positions one launch a layer. ``pdl``: both launches
     with programmatic dependent launch (on a GPU of compute capability 9.0+; elsewhere the same code without the
-    instructions), as where the o launch has it."""
+    instructions), as where the o launch has it. ``combine`` "last" (``SPLIT_COMBINE``): no combining launch, the last
+    split of each head combines."""
     from mobiquant.nn import lean
 
     if pdl and DEV == "cuda" and torch.cuda.get_device_capability() < (9, 0):
@@ -276,14 +282,15 @@ def test_lean_step_splits_long_caches(monkeypatch, pdl):
     ref = _cached_logits(model, ids, 3, 14)
     lean_step(model)
     monkeypatch.setattr(lean, "_o_launch_pdl", lambda *a, **k: pdl)
-    for name, val in (("BLOCK_N", 2), ("SPLIT_POSITIONS", 4), ("SPLIT_ABOVE", 8)):
+    for name, val in (("BLOCK_N", 2), ("SPLIT_POSITIONS", 4), ("SPLIT_ABOVE", 8), ("SPLIT_COMBINE", combine)):
         monkeypatch.setattr(ta, name, val)
     combines = _combine_launches(monkeypatch)
     calls = _launches(monkeypatch)
     got = _cached_logits(model, ids, 3, 14)
     lean_step(model, enable=False)
     steps, layers = ids.shape[1] - 3, model.config.num_hidden_layers
-    assert len(calls) == len(combines) == steps * layers  # 14 positions: four splits a query head, then combined
+    assert len(calls) == steps * layers  # 14 positions: four splits a query head, then combined
+    assert len(combines) == (steps * layers if combine == "launch" else 0)
     for g, r in zip(got, ref, strict=True):
         torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
     lean_step(model)
@@ -301,13 +308,17 @@ B, H, KVH, D, L = 1, 32, 8, 128, 2048  # LLaMA-3-8B's heads, a cache of 2048 pos
 h = lambda *s: torch.zeros(*s, dtype=torch.float16)
 a = dict(q=h(B, H * D), k=h(B, KVH * D), v=h(B, KVH * D), cos=h(1, D), sin=h(1, D), keys=h(B, KVH, L, D),
          values=h(B, KVH, L, D), offset=torch.tensor(5), ticket=torch.zeros((), dtype=torch.int32), scale=0.1, pdl=True)
-for name, other in (("_decode_attention_kernel", "_combine_kernel"), ("_combine_kernel", "_decode_attention_kernel")):
-    fn, grid, args, kw = osx._recorded(ta, name, lambda: ta.decode_attention(**a), skip=(other,))
+for name, other, comb in (("_decode_attention_kernel", "_combine_kernel", "launch"),
+                          ("_combine_kernel", "_decode_attention_kernel", "launch"),
+                          ("_decode_attention_kernel", "_combine_kernel", "last")):
+    fn, grid, args, kw = osx._recorded(ta, name, lambda: ta.decode_attention(**a, combine=comb), skip=(other,))
     sass, _ = osx.sass_and_resources(osx.compile_sm90(fn, args, kw))
     ops = [m.group(3) for m in osx.LINE.finditer(sass)]
     wait = ops.index("ACQBULK")
     first = min(i for i, o in enumerate(ops) if o.startswith("LDG"))
-    print("RESULT", name, grid[1] if len(grid) > 1 else 1, ops.index("PREEXIT") < wait < first, ops.count("ACQBULK"))
+    atoms = sum(o.startswith(("ATOMG", "RED")) for o in ops)
+    print("RESULT", name + "_" + comb, grid[1] if len(grid) > 1 else 1, ops.index("PREEXIT") < wait < first,
+          ops.count("ACQBULK"), atoms)
 """
 
 
@@ -315,11 +326,16 @@ def test_split_attention_with_pdl_compiles_for_sm90_offline():
     """Compiled for sm_90 without a GPU, a 2048-position cache of LLaMA-3-8B's heads with ``pdl``: the split launch
     (16 splits of the default 128 positions) and the combining launch each let the next kernel start
     (``griddepcontrol.launch_dependents``, SASS ``PREEXIT``), then wait once for the kernel before
-    (``griddepcontrol.wait``, ``ACQBULK``) before their first load."""
+    (``griddepcontrol.wait``, ``ACQBULK``) before their first load; with ``combine="last"`` the split launch compiles
+    with its tickets (two atomics) the same way."""
     from test_gluon_fragment import run_offline
 
     got = run_offline(_OFFLINE_SPLIT)
-    assert got == {"_decode_attention_kernel": ["16", "True", "1"], "_combine_kernel": ["1", "True", "1"]}
+    assert got["_decode_attention_kernel_launch"][:3] == ["16", "True", "1"]
+    assert got["_combine_kernel_launch"][:3] == ["1", "True", "1"]
+    # combine="last": the same launch, with the head's ticket and the launch's (the last head advancing the offset)
+    last = got["_decode_attention_kernel_last"]
+    assert last[:3] == ["16", "True", "1"] and int(last[3]) >= 2, got
 
 
 def test_lean_step_leaves_other_models_alone():

@@ -44,6 +44,11 @@ NUM_WARPS = 4
 #: positions), are not split.
 SPLIT_POSITIONS = 128
 SPLIT_ABOVE = 512
+#: How a split launch's partials become the output: "launch", a second launch (timed, the default); "last", the last
+#: split program of each query head combines them in the same launch (a ticket a head; one launch a layer fewer,
+#: not yet timed: ``benchmarks/attention_bench.py --combine last``)
+SPLIT_COMBINE = "launch"
+_HEAD_TICKETS: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
 @triton.jit
@@ -65,9 +70,11 @@ def _decode_attention_kernel(
     keys_ptr, values_ptr,  # the cache layer's [B, KVH, L, D] tensors (contiguous)
     off_ptr, ticket_ptr, mask_ptr, out_ptr,  # offset (0-dim int), ticket (int32), mask [B, L] (int8), out [B, H*D]
     part_ptr,  # SPLIT: each (row, head, split)'s running max, sum and weighted values [B*H*S, 2 + D] (fp32)
+    heads_ptr,  # LAST: a ticket a (row, head) [B*H] (int32 zeros, left at 0)
     L, scale, cos_b,  # cos_b: cos / sin row stride (0: one row for the batch)
     H: tl.constexpr, KVH: tl.constexpr, HALF: tl.constexpr, BN: tl.constexpr, HAS_MASK: tl.constexpr,
     SPLIT: tl.constexpr, CHUNK: tl.constexpr,  # SPLIT: grid axis 1 splits the positions, CHUNK each
+    LAST: tl.constexpr = False, SP: tl.constexpr = 1,  # LAST: the last split of a head combines (SP: splits, pow2)
     PDL: tl.constexpr = False, ASM: tl.constexpr = False,  # programmatic dependent launch (ASM: on a GPU)
 ):  # fmt: skip
     if PDL:  # the next kernel may start now; nothing is read before the kernel before has finished
@@ -131,12 +138,16 @@ def _decode_attention_kernel(
         acc2 = acc2 * alpha + tl.sum(p[:, None] * vb2, 0)
         l_i = l_i * alpha + tl.sum(p, 0)
         m_i = m_new
-    if SPLIT:  # the combine launch finishes the softmax and advances the offset
+    if SPLIT:  # the combine launch (or with LAST the head's last split) finishes the softmax, advances the offset
         part = part_ptr + (pid * tl.num_programs(1) + sp) * (2 + D)
         tl.store(part, m_i)
         tl.store(part + 1, l_i)
         tl.store(part + 2 + d, acc1)
         tl.store(part + 2 + HALF + d, acc2)
+        if LAST:  # a ticket a head (acquire-release at GPU scope: the other splits' partials are visible after it)
+            if tl.atomic_add(heads_ptr + pid, 1) == tl.num_programs(1) - 1:
+                tl.store(heads_ptr + pid, 0)
+                _combine_head(part_ptr, out_ptr, off_ptr, ticket_ptr, pid, tl.num_programs(1), pos, HALF, SP)
     else:
         _finish(out_ptr + b * H * D + h * D, acc1, acc2, l_i, d, HALF)
         _advance(off_ptr, ticket_ptr, pos)
@@ -161,17 +172,10 @@ def _advance(off_ptr, ticket_ptr, pos):
 
 
 @triton.jit
-def _combine_kernel(
-    part_ptr, out_ptr, off_ptr, ticket_ptr, S, HALF: tl.constexpr, SP: tl.constexpr,
-    PDL: tl.constexpr = False, ASM: tl.constexpr = False,  # as the split launch before it
-):  # fmt: skip
-    """The splits of one (row, query head) into its output: the softmax's running maxima rescaled to their largest."""
-    if PDL:  # the next kernel may start now; the splits are read once the split launch has finished
-        _pdl_launch_dependents(ASM)
-        _pdl_wait(ASM)
-    pid = tl.program_id(0)
+def _combine_head(part_ptr, out_ptr, off_ptr, ticket_ptr, pid, S, pos, HALF: tl.constexpr, SP: tl.constexpr):
+    """The ``S`` splits of one (row, query head) ``pid`` into its output: the softmax's running maxima rescaled to
+    their largest; then the launch's ticket (the last head advances the offset)."""
     D: tl.constexpr = 2 * HALF
-    pos = tl.load(off_ptr).to(tl.int64)
     j = tl.arange(0, SP)
     d = tl.arange(0, HALF)
     rows = part_ptr + (pid * S + j) * (2 + D)
@@ -183,6 +187,19 @@ def _combine_kernel(
     acc2 = tl.sum(scale[:, None] * tl.load(part + HALF, mask=(j < S)[:, None], other=0.0), 0)
     _finish(out_ptr + pid * D, acc1, acc2, l_i, d, HALF)
     _advance(off_ptr, ticket_ptr, pos)
+
+
+@triton.jit
+def _combine_kernel(
+    part_ptr, out_ptr, off_ptr, ticket_ptr, S, HALF: tl.constexpr, SP: tl.constexpr,
+    PDL: tl.constexpr = False, ASM: tl.constexpr = False,  # as the split launch before it
+):  # fmt: skip
+    """The splits of one (row, query head) into its output: the softmax's running maxima rescaled to their largest."""
+    if PDL:  # the next kernel may start now; the splits are read once the split launch has finished
+        _pdl_launch_dependents(ASM)
+        _pdl_wait(ASM)
+    pos = tl.load(off_ptr).to(tl.int64)
+    _combine_head(part_ptr, out_ptr, off_ptr, ticket_ptr, tl.program_id(0), S, pos, HALF, SP)
 
 
 def supported(head_dim: int, num_heads: int, num_kv_heads: int) -> str | None:
@@ -212,6 +229,7 @@ def decode_attention(
     split_positions: int | None = None,
     split_above: int | None = None,
     pdl: bool = False,
+    combine: str | None = None,
 ) -> torch.Tensor:
     """One decode step's attention for one layer (module docstring): ``q [B, H*D]``, ``k`` / ``v [B, KVH*D]``
     (this token's projections, before the rotary embedding), ``cos`` / ``sin [B, D]`` (or ``[1, D]`` for every
@@ -221,8 +239,9 @@ def decode_attention(
     positions a program reads per step (None: :data:`BLOCK_N`), ``num_warps`` its warps (:data:`NUM_WARPS`); a cache
     of more than ``split_above`` positions (:data:`SPLIT_ABOVE`; 0: any cache of more than one split) is split over
     programs of ``split_positions`` positions each (:data:`SPLIT_POSITIONS`, rounded up to whole loop steps), their
-    partial softmaxes combined by a second launch (``benchmarks/attention_bench.py`` times them). ``pdl``: launched
-    with programmatic dependent launch (compute capability 9.0+; module docstring)."""
+    partial softmaxes combined by a second launch, or with ``combine`` "last" by the last split of each head
+    (:data:`SPLIT_COMBINE`; ``benchmarks/attention_bench.py`` times them). ``pdl``: launched with programmatic
+    dependent launch (compute capability 9.0+; module docstring)."""
     B, kvh, L, D = keys.shape
     H = q.shape[-1] // D
     why = supported(D, H, kvh)
@@ -259,6 +278,9 @@ def decode_attention(
             raise ValueError(f"decode_attention: {name} must be a positive integer, got {val!r}")
     if block_n & (block_n - 1):
         raise ValueError(f"decode_attention: block_n must be a power of two, got {block_n}")
+    combine = SPLIT_COMBINE if combine is None else combine
+    if combine not in ("launch", "last"):
+        raise ValueError(f"decode_attention: combine must be 'launch' or 'last', got {combine!r}")
     if pdl:
         _check_pdl(q.device)
     asm = not _interpreting()
@@ -266,19 +288,31 @@ def decode_attention(
     chunk = -(-split_positions // block_n) * block_n  # whole steps of the loop
     splits = -(-L // chunk) if L > max(chunk, split_above) else 1
     part = torch.empty(B * H * splits, 2 + D, dtype=torch.float32, device=q.device) if splits > 1 else out
+    last = splits > 1 and combine == "last"
+    heads = _head_tickets(q.device, B * H) if last else ticket
     _decode_attention_kernel[(B * H, splits)](
         q.contiguous(), k.contiguous(), v.contiguous(), cos.reshape(rows, D).contiguous(),
-        sin.reshape(rows, D).contiguous(), keys, values, offset, ticket, m if m is not None else q, out, part,
+        sin.reshape(rows, D).contiguous(), keys, values, offset, ticket, m if m is not None else q, out, part, heads,
         L, float(scale), 0 if rows == 1 else D, H=H, KVH=kvh, HALF=D // 2, BN=block_n, HAS_MASK=m is not None,
-        SPLIT=splits > 1, CHUNK=chunk, PDL=pdl, ASM=asm and pdl, num_warps=num_warps,
-        **({"launch_pdl": True} if pdl and asm else {}),
+        SPLIT=splits > 1, CHUNK=chunk, LAST=last, SP=triton.next_power_of_2(splits), PDL=pdl, ASM=asm and pdl,
+        num_warps=num_warps, **({"launch_pdl": True} if pdl and asm else {}),
     )  # fmt: skip
-    if splits > 1:
+    if splits > 1 and not last:
         _combine_kernel[(B * H,)](
             part, out, offset, ticket, splits, HALF=D // 2, SP=triton.next_power_of_2(splits), PDL=pdl,
             ASM=asm and pdl, **({"launch_pdl": True} if pdl and asm else {}),
         )  # fmt: skip
     return out
+
+
+def _head_tickets(device: torch.device, n: int) -> torch.Tensor:
+    """``n`` int32 zeros on ``device`` for the per-head tickets of ``combine="last"``, kept per device and count:
+    every launch leaves them at 0, and launches of one stream never run their tickets at once (a launch started
+    early under ``pdl`` waits for the one before before it takes any)."""
+    key = (device, n)
+    if key not in _HEAD_TICKETS:
+        _HEAD_TICKETS[key] = torch.zeros(n, dtype=torch.int32, device=device)
+    return _HEAD_TICKETS[key]
 
 
 def _torch_attention(q, k, v, cos, sin, keys, values, offset, scale, mask) -> torch.Tensor:
