@@ -532,7 +532,9 @@ stage() {
       package_stage programs block --package-lean-step --package-lean-prologues \
         --package-fragment-programs "${PROGRAMS:-264,896}" --package-fused-only ;;
     inflight)
-      package_stage inflight block --package-lean-prologues --package-inflight --package-fused-only ;;
+      # the static 3 / 4-bit views and routed 3.5 / 4.5 bits (the targets' rows)
+      package_stage inflight block --package-lean-prologues --package-inflight --package-fused-only \
+        --package-views 1,2 --package-budgets 3.5,4.5 ;;
     longctx)
       local cmd=("$PY" benchmarks/decode_bench.py --slices 3,1,1,1,1,1 --no-routed --fuse-inputs \
         --package-policy adjacent --package-placement block --package-budgets 3.5 --package-lean-prologues \
