@@ -6,10 +6,13 @@ fp16 with its own step decode through ``mobiquant.tasks.decode.generate`` (compi
 ``decode.PICK_IN_GRAPH`` on and off in turn for ``--rounds`` rounds, each row's fastest kept. Prints us a token, the
 step's GPU time and the gap between steps (``step_timing``), and the saving of the pick inside. ``--feed``: instead,
 the pick inside with ``decode.FEED_IN_GRAPH`` off and on (the step writing its token into the next step's input: no
-copy launched between replays; NOTES 66). ``--dry-run``: a tiny model on the CPU, eager (the code path only)::
+copy launched between replays; NOTES 66); ``--rope``: ``decode.ROPE_IN_LAUNCH`` off and on (the attention launches
+making the rotary embedding's cos and sin; NOTES 68). ``--dry-run``: a tiny model on the CPU, eager (the code path
+only)::
 
     PYTHONPATH=src python benchmarks/pick_ab.py [--rounds 2] [--budgets 3.5] [--views 2] [--slices 3,1,1,1,1,1]
     PYTHONPATH=src python benchmarks/pick_ab.py --feed
+    PYTHONPATH=src python benchmarks/pick_ab.py --rope
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--dry-run", action="store_true", help="a tiny model on the CPU, eager (no timing)")
     ap.add_argument("--feed", action="store_true", help="the pick inside, FEED_IN_GRAPH off and on, instead")
+    ap.add_argument("--rope", action="store_true", help="the pick inside, ROPE_IN_LAUNCH off and on, instead")
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.new_tokens < 2:
         ap.error("--rounds must be at least 1 and --new-tokens at least 2")
@@ -63,12 +67,19 @@ def main(argv=None) -> int:
     rows += [(f"static k={k}", q, k, None) for k in args.views]
     rows += [(f"routed {b:g}", q, None, b) for b in args.budgets]
     best: dict[tuple[str, bool], tuple[float, dict]] = {}
-    names = {False: "feed off", True: "feed on"} if args.feed else {False: "pick outside", True: "pick inside"}
+    names = {False: "pick outside", True: "pick inside"}
+    if args.feed or args.rope:
+        what = "feed" if args.feed else "rope"
+        names = {False: f"{what} off", True: f"{what} on"}
+    if args.feed and args.rope:
+        ap.error("--feed and --rope: one at a time")
     for r in range(args.rounds):
         for label, model, k, budget in rows:
             for inside in (False, True) if r % 2 == 0 else (True, False):
                 if args.feed:
                     decode.FEED_IN_GRAPH = inside
+                elif args.rope:
+                    decode.ROPE_IN_LAUNCH = inside
                 else:
                     decode.PICK_IN_GRAPH = inside
                 if k is not None:
@@ -80,7 +91,7 @@ def main(argv=None) -> int:
                 key = (label, inside)
                 if key not in best or us < best[key][0]:
                     best[key] = (us, split)
-    decode.PICK_IN_GRAPH, decode.FEED_IN_GRAPH = True, False
+    decode.PICK_IN_GRAPH, decode.FEED_IN_GRAPH, decode.ROPE_IN_LAUNCH = True, False, False
     card = torch.cuda.get_device_name() if not args.dry_run else "CPU (dry run: not a measurement)"
     layout = "-".join(map(str, kb.SLICE_BITS))
     print(f"\n# {card}; slices {layout}; {args.new_tokens} tokens, fastest of {args.rounds} round(s)")

@@ -363,13 +363,22 @@ def lean_step(model: nn.Module, enable: bool = True, adds: bool = True, prologue
     Works on unquantized models too. Parameters, names and state dicts do not change. ``enable=False`` puts the
     model's own forwards back. Returns the number of attention modules that take the lean step."""
     from . import kernels
-    from .nn.lean import LeanAttention, LeanDecoderLayer, base_type, layer_reason, lean_reason, lean_type
+    from .nn.lean import (
+        LeanAttention,
+        LeanDecoderLayer,
+        base_type,
+        layer_reason,
+        lean_reason,
+        lean_type,
+        rotary_for_launch,
+    )
 
     done = 0
+    rotary = rotary_for_launch(model) if enable else None  # held outside the module tree (not a submodule)
     for mod in model.modules():
         if isinstance(mod, (LeanAttention, LeanDecoderLayer)):
             mod.__class__ = base_type(type(mod))
-            for key in ("lean_next_layer", "_lean_handed"):
+            for key in ("lean_next_layer", "_lean_handed", "lean_rotary", "_lean_inv32"):
                 mod.__dict__.pop(key, None)
         if not enable:
             continue
@@ -379,6 +388,8 @@ def lean_step(model: nn.Module, enable: bool = True, adds: bool = True, prologue
             mod.__class__ = lean_type(type(mod), LeanAttention)
             mod.register_buffer("lean_ticket", torch.zeros((), dtype=torch.int32, device=dev), persistent=False)
             mod.lean_interpret = kernels.interpreting()
+            if rotary is not None:
+                mod.__dict__["lean_rotary"] = rotary
             done += 1
         elif adds and layer_reason(mod) is None:
             mod.__class__ = lean_type(type(mod), LeanDecoderLayer)

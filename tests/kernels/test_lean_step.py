@@ -84,6 +84,43 @@ def test_decode_attention_matches_the_reference(B, H, KVH, D, L, pos, masked, sp
 
 
 @needs_triton
+@pytest.mark.parametrize("split,scaling,dtype", [(None, 1.0, torch.float16), (16, 0.7, torch.float32)])
+def test_decode_attention_makes_the_rotary_table_from_the_offset(split, scaling, dtype):
+    """``rope=(inv_freq, scaling)``: the launch makes cos and sin from the offset as a Hugging Face LLaMA rotary
+    embedding makes them from the position (``rope_from_offset`` equals the model's module exactly), and its output,
+    cache slot and offset equal those of the launch handed that cos and sin."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    model = build_tiny_llama()
+    rot = LlamaRotaryEmbedding(config=model.config).to(DEV)
+    D = model.config.hidden_size // model.config.num_attention_heads
+    B, H, KVH, L, pos = 2, 4, 2, 70, 57
+    a = _step(B, H, KVH, D, L, pos, True, dtype=dtype)
+    x = torch.zeros(1, 1, D, dtype=dtype, device=DEV)
+    cos, sin = rot(x, torch.tensor([[pos]], device=DEV))
+    mine = ta.rope_from_offset(rot.inv_freq, rot.attention_scaling, a["offset"], dtype)
+    assert torch.equal(mine[0], cos.reshape(1, D)) and torch.equal(mine[1], sin.reshape(1, D))
+    c, sn = (t * scaling / rot.attention_scaling for t in ta.rope_from_offset(rot.inv_freq, 1.0, a["offset"],
+                                                                                torch.float32))  # fmt: skip
+    b = {n: (t.clone() if torch.is_tensor(t) else t) for n, t in a.items()}
+    kw: dict = dict(split_positions=split, split_above=0) if split else {}
+    t1, t2 = (torch.zeros((), dtype=torch.int32, device=DEV) for _ in range(2))
+    made = ta.decode_attention(**dict(a, cos=None, sin=None), ticket=t1, scale=D**-0.5,
+                               rope=(rot.inv_freq, scaling), **kw)  # fmt: skip
+    handed = ta.decode_attention(**dict(b, cos=c.to(dtype), sin=sn.to(dtype)), ticket=t2, scale=D**-0.5, **kw)
+    torch.testing.assert_close(made, handed, atol=2e-3 if dtype == torch.float16 else 1e-5, rtol=1e-3)
+    torch.testing.assert_close(a["keys"], b["keys"], atol=2e-3, rtol=0)
+    assert int(a["offset"]) == int(b["offset"]) == pos + 1
+    ref = ta.decode_attention(**dict(b, cos=None, sin=None, offset=torch.tensor(pos, device=DEV)), ticket=None,
+                              scale=D**-0.5, backend="torch", rope=(rot.inv_freq, scaling))  # fmt: skip
+    torch.testing.assert_close(made.float(), ref.float(), atol=2e-3, rtol=2e-3)
+    with pytest.raises(ValueError, match="give cos and sin, or rope"):
+        ta.decode_attention(**a, ticket=t1, scale=1.0, rope=(rot.inv_freq, 1.0))
+    with pytest.raises(ValueError, match="inv_freq must be fp32"):
+        ta.decode_attention(**dict(a, cos=None, sin=None), ticket=t1, scale=1.0, rope=(rot.inv_freq.half(), 1.0))
+
+
+@needs_triton
 def test_decode_attention_steps_through_the_cache():
     """Positions 0..n-1 one launch after another against one reference cache (each step reads the slots the
     earlier ones wrote); a masked-out row reads zeros."""
@@ -336,6 +373,45 @@ def test_split_attention_with_pdl_compiles_for_sm90_offline():
     # combine="last": the same launch, with the head's ticket and the launch's (the last head advancing the offset)
     last = got["_decode_attention_kernel_last"]
     assert last[:3] == ["16", "True", "1"] and int(last[3]) >= 2, got
+
+
+@needs_triton
+def test_lean_step_makes_the_rotary_table_in_the_launch(monkeypatch):
+    """``decode.ROPE_IN_LAUNCH``: while ``generate`` decodes, the lean attention launches make cos and sin from the
+    cache's offset and the model's ``inv_freq`` (handed none), with the model's own greedy tokens, eager and compiled;
+    outside ``generate`` they take the model's. A model cast to fp16 casts ``inv_freq`` too: the launch reads it in
+    fp32, converted once. Dynamic rope types are left to the model."""
+    from mobiquant.nn import lean
+    from mobiquant.tasks import decode
+
+    model = build_tiny_llama().to(DEV)
+    prompt = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(8))
+    ref = generate(model, prompt, 6, cuda_graph="off")
+    lean_step(model)
+    attn = model.model.layers[0].self_attn
+    assert attn.lean_rotary is model.model.rotary_emb and "lean_rotary" not in dict(attn.named_modules())
+    handed = []
+    real = ta.decode_attention
+    monkeypatch.setattr(ta, "decode_attention", lambda *a, **k: handed.append(a[3] is None) or real(*a, **k))
+    monkeypatch.setattr(decode, "ROPE_IN_LAUNCH", True)
+    for graph in ("off", "compile"):
+        handed.clear()
+        got = generate(model, prompt, 6, cuda_graph=graph)
+        assert torch.equal(got.tokens, ref.tokens), graph
+        assert handed and all(handed), graph  # every lean launch made its own cos and sin
+    assert not lean.ROPE_FROM_OFFSET  # left as generate found it
+    handed.clear()
+    _cached_logits(model, prompt.to(DEV), 3, 8)
+    assert handed and not any(handed)  # a forward outside generate: the model's cos and sin
+    rot = model.model.rotary_emb
+    rot.inv_freq = rot.inv_freq.half()
+    first = lean._inv_freq32(attn)
+    assert first.dtype == torch.float32 and lean._inv_freq32(attn) is first
+    assert torch.equal(first, rot.inv_freq.float())
+    rot.rope_type = "dynamic"
+    assert lean.rotary_for_launch(model) is None
+    lean_step(model, enable=False)
+    assert "lean_rotary" not in attn.__dict__
 
 
 def test_lean_step_leaves_other_models_alone():

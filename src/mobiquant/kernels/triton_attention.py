@@ -52,30 +52,45 @@ _HEAD_TICKETS: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
 @triton.jit
-def _rope_halves(x_ptr, c_ptr, s_ptr, HALF: tl.constexpr):
-    """The two halves of ``x * cos + rotate_half(x) * sin`` (fp32) for one head of ``HALF * 2`` values."""
+def _rope_table(c_ptr, s_ptr, pos, rope_scale, HALF: tl.constexpr, FROM_POS: tl.constexpr, DT: tl.constexpr):
+    """This step's ``cos`` and ``sin`` halves (fp32): loaded (``c_ptr`` / ``s_ptr``: a row of ``HALF * 2`` values),
+    or with ``FROM_POS`` made from the position as a Hugging Face LLaMA rotary embedding makes them (``c_ptr``: its
+    ``inv_freq``, fp32; ``emb = pos * inv_freq`` twice over, ``cos(emb) * rope_scale`` rounded to ``DT``)."""
     d = tl.arange(0, HALF)
-    x1 = tl.load(x_ptr + d).to(tl.float32)
-    x2 = tl.load(x_ptr + HALF + d).to(tl.float32)
+    if FROM_POS:
+        f = pos.to(tl.float32) * tl.load(c_ptr + d)
+        c = (tl.cos(f) * rope_scale).to(DT).to(tl.float32)
+        sn = (tl.sin(f) * rope_scale).to(DT).to(tl.float32)
+        return c, c, sn, sn
     c1 = tl.load(c_ptr + d).to(tl.float32)
     c2 = tl.load(c_ptr + HALF + d).to(tl.float32)
     s1 = tl.load(s_ptr + d).to(tl.float32)
     s2 = tl.load(s_ptr + HALF + d).to(tl.float32)
+    return c1, c2, s1, s2
+
+
+@triton.jit
+def _rope_halves(x_ptr, c1, c2, s1, s2, HALF: tl.constexpr):
+    """The two halves of ``x * cos + rotate_half(x) * sin`` (fp32) for one head of ``HALF * 2`` values."""
+    d = tl.arange(0, HALF)
+    x1 = tl.load(x_ptr + d).to(tl.float32)
+    x2 = tl.load(x_ptr + HALF + d).to(tl.float32)
     return x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
 
 
 @triton.jit
 def _decode_attention_kernel(
-    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr,  # q [B, H*D], k / v [B, KVH*D], cos / sin [B, D] (this step's)
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr,  # q [B, H*D], k / v [B, KVH*D], cos / sin [B, D] (ROPE_POS: inv_freq)
     keys_ptr, values_ptr,  # the cache layer's [B, KVH, L, D] tensors (contiguous)
     off_ptr, ticket_ptr, mask_ptr, out_ptr,  # offset (0-dim int), ticket (int32), mask [B, L] (int8), out [B, H*D]
     part_ptr,  # SPLIT: each (row, head, split)'s running max, sum and weighted values [B*H*S, 2 + D] (fp32)
     heads_ptr,  # LAST: a ticket a (row, head) [B*H] (int32 zeros, left at 0)
-    L, scale, cos_b,  # cos_b: cos / sin row stride (0: one row for the batch)
+    L, scale, cos_b, rope_scale,  # cos_b: cos / sin row stride (0: one row for the batch); ROPE_POS: the scaling
     H: tl.constexpr, KVH: tl.constexpr, HALF: tl.constexpr, BN: tl.constexpr, HAS_MASK: tl.constexpr,
     SPLIT: tl.constexpr, CHUNK: tl.constexpr,  # SPLIT: grid axis 1 splits the positions, CHUNK each
     LAST: tl.constexpr = False, SP: tl.constexpr = 1,  # LAST: the last split of a head combines (SP: splits, pow2)
     PDL: tl.constexpr = False, ASM: tl.constexpr = False,  # programmatic dependent launch (ASM: on a GPU)
+    ROPE_POS: tl.constexpr = False,  # cos / sin made from the offset and inv_freq (_rope_table)
 ):  # fmt: skip
     if PDL:  # the next kernel may start now; nothing is read before the kernel before has finished
         _pdl_launch_dependents(ASM)
@@ -88,10 +103,11 @@ def _decode_attention_kernel(
     D: tl.constexpr = 2 * HALF
     pos = tl.load(off_ptr).to(tl.int64)
     cs = b * cos_b
-    q1, q2 = _rope_halves(q_ptr + b * H * D + h * D, cos_ptr + cs, sin_ptr + cs, HALF)
+    c1, c2, s1, s2 = _rope_table(cos_ptr + cs, sin_ptr + cs, pos, rope_scale, HALF, ROPE_POS, q_ptr.dtype.element_ty)
+    q1, q2 = _rope_halves(q_ptr + b * H * D + h * D, c1, c2, s1, s2, HALF)
     q1 = q1 * scale
     q2 = q2 * scale
-    k1, k2 = _rope_halves(k_ptr + b * KVH * D + kh * D, cos_ptr + cs, sin_ptr + cs, HALF)
+    k1, k2 = _rope_halves(k_ptr + b * KVH * D + kh * D, c1, c2, s1, s2, HALF)
     d = tl.arange(0, HALF)
     vrow = v_ptr + b * KVH * D + kh * D
     v1 = tl.load(vrow + d)
@@ -215,8 +231,8 @@ def decode_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
     keys: torch.Tensor,
     values: torch.Tensor,
     offset: torch.Tensor,
@@ -230,6 +246,7 @@ def decode_attention(
     split_above: int | None = None,
     pdl: bool = False,
     combine: str | None = None,
+    rope: tuple[torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """One decode step's attention for one layer (module docstring): ``q [B, H*D]``, ``k`` / ``v [B, KVH*D]``
     (this token's projections, before the rotary embedding), ``cos`` / ``sin [B, D]`` (or ``[1, D]`` for every
@@ -241,7 +258,9 @@ def decode_attention(
     programs of ``split_positions`` positions each (:data:`SPLIT_POSITIONS`, rounded up to whole loop steps), their
     partial softmaxes combined by a second launch, or with ``combine`` "last" by the last split of each head
     (:data:`SPLIT_COMBINE`; ``benchmarks/attention_bench.py`` times them). ``pdl``: launched with programmatic
-    dependent launch (compute capability 9.0+; module docstring)."""
+    dependent launch (compute capability 9.0+; module docstring). ``rope = (inv_freq, scaling)`` with ``cos`` and
+    ``sin`` None: the launch makes them from the offset, as a Hugging Face LLaMA rotary embedding makes them from a
+    position (``inv_freq`` fp32 ``[D / 2]``; every row at the offset)."""
     B, kvh, L, D = keys.shape
     H = q.shape[-1] // D
     why = supported(D, H, kvh)
@@ -254,11 +273,21 @@ def decode_attention(
         )
     if values.shape != keys.shape or not (keys.is_contiguous() and values.is_contiguous()):
         raise ValueError("decode_attention: keys and values must be contiguous tensors of one shape [B, KVH, L, D]")
-    if cos.shape[-1] != D or cos.numel() not in (D, B * D) or sin.shape != cos.shape:
+    if (cos is None) != (sin is None) or (cos is None) == (rope is None):
+        raise ValueError("decode_attention: give cos and sin, or rope=(inv_freq, scaling) with neither")
+    if rope is not None:
+        inv = rope[0]
+        if inv.dtype != torch.float32 or inv.numel() != D // 2 or inv.device != q.device:
+            raise ValueError(f"decode_attention: rope's inv_freq must be fp32 [{D // 2}] on {q.device}, got "
+                             f"{inv.dtype} {tuple(inv.shape)} on {inv.device}")  # fmt: skip
+        if backend == "torch":
+            cos, sin = rope_from_offset(inv, float(rope[1]), offset, q.dtype)
+    elif cos is None or sin is None or cos.shape[-1] != D or cos.numel() not in (D, B * D) or sin.shape != cos.shape:
         raise ValueError(
-            f"decode_attention: cos / sin must hold [B, D] = [{B}, {D}] or [1, D] values, got {tuple(cos.shape)}"
+            f"decode_attention: cos / sin must hold [B, D] = [{B}, {D}] or [1, D] values, got "
+            f"{None if cos is None else tuple(cos.shape)}"
         )
-    rows = cos.numel() // D
+    rows = 1 if cos is None else cos.numel() // D
     m = None
     if mask is not None:
         if mask.dtype != torch.bool or mask.numel() != B * L:
@@ -266,6 +295,7 @@ def decode_attention(
                              f"{tuple(mask.shape)}")  # fmt: skip
         m = mask.reshape(B, L).contiguous().view(torch.int8)  # an expanded mask: one row per batch row
     if backend == "torch":
+        assert cos is not None and sin is not None
         return _torch_attention(q, k, v, cos, sin, keys, values, offset, scale, mask)
     if backend != "triton" or ticket is None:
         raise ValueError(f"decode_attention: backend must be 'triton' (with a ticket) or 'torch', got {backend!r}")
@@ -290,11 +320,16 @@ def decode_attention(
     part = torch.empty(B * H * splits, 2 + D, dtype=torch.float32, device=q.device) if splits > 1 else out
     last = splits > 1 and combine == "last"
     heads = _head_tickets(q.device, B * H) if last else ticket
+    if rope is not None:  # the kernel makes cos and sin: inv_freq in their place
+        c, sn, rope_scale = rope[0].contiguous(), rope[0], float(rope[1])
+    else:
+        assert cos is not None and sin is not None
+        c, sn, rope_scale = cos.reshape(rows, D).contiguous(), sin.reshape(rows, D).contiguous(), 1.0
     _decode_attention_kernel[(B * H, splits)](
-        q.contiguous(), k.contiguous(), v.contiguous(), cos.reshape(rows, D).contiguous(),
-        sin.reshape(rows, D).contiguous(), keys, values, offset, ticket, m if m is not None else q, out, part, heads,
-        L, float(scale), 0 if rows == 1 else D, H=H, KVH=kvh, HALF=D // 2, BN=block_n, HAS_MASK=m is not None,
-        SPLIT=splits > 1, CHUNK=chunk, LAST=last, SP=triton.next_power_of_2(splits), PDL=pdl, ASM=asm and pdl,
+        q.contiguous(), k.contiguous(), v.contiguous(), c, sn, keys, values, offset, ticket,
+        m if m is not None else q, out, part, heads, L, float(scale), 0 if rows == 1 else D, rope_scale, H=H,
+        KVH=kvh, HALF=D // 2, BN=block_n, HAS_MASK=m is not None, SPLIT=splits > 1, CHUNK=chunk, LAST=last,
+        SP=triton.next_power_of_2(splits), PDL=pdl, ASM=asm and pdl, ROPE_POS=rope is not None,
         num_warps=num_warps, **({"launch_pdl": True} if pdl and asm else {}),
     )  # fmt: skip
     if splits > 1 and not last:
@@ -303,6 +338,17 @@ def decode_attention(
             ASM=asm and pdl, **({"launch_pdl": True} if pdl and asm else {}),
         )  # fmt: skip
     return out
+
+
+def rope_from_offset(
+    inv_freq: torch.Tensor, scaling: float, offset: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos``, ``sin [1, D]`` at the position ``offset`` holds, as a Hugging Face LLaMA rotary embedding makes them
+    (``emb = cat(pos * inv_freq, pos * inv_freq)`` in fp32, ``cos(emb) * scaling`` in ``dtype``): the PyTorch form
+    of ``decode_attention(rope=...)``."""
+    freqs = offset.reshape(1, 1).float() * inv_freq.float().reshape(1, -1)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 
 
 def _head_tickets(device: torch.device, n: int) -> torch.Tensor:

@@ -20,6 +20,7 @@ Triton's interpreter) runs the model's own forwards.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Any
 
@@ -102,6 +103,52 @@ def _o_launch_pdl(o_proj: Any, device: torch.device | None = None) -> bool:
     return launch_pdl(cfg, static, planes, device, router=router)
 
 
+#: Where the decode loop knows every row's position is its cache's write offset (the package's own ``generate``, with
+#: ``decode.ROPE_IN_LAUNCH``): the attention launch makes the rotary embedding's cos and sin from that offset and the
+#: model's ``inv_freq``, so the compiled step drops the model's own rotary kernels (:func:`rope_from_offset`)
+ROPE_FROM_OFFSET = False
+
+#: rope types whose ``inv_freq`` a forward may change (transformers' ``dynamic_rope_update``): never made in the launch
+_DYNAMIC_ROPE = ("dynamic", "longrope")
+
+
+def rotary_for_launch(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The model's rotary embedding module where the attention launch can make its cos and sin from a position
+    (an ``inv_freq`` no forward changes, an ``attention_scaling``), or None."""
+    for mod in model.modules():
+        rope_type = getattr(mod, "rope_type", None)
+        if torch.is_tensor(getattr(mod, "inv_freq", None)) and hasattr(mod, "attention_scaling"):
+            if isinstance(rope_type, str) and not any(t in rope_type for t in _DYNAMIC_ROPE):
+                return mod
+            return None
+    return None
+
+
+@contextlib.contextmanager
+def rope_from_offset(enable: bool = True):
+    """Within it, the lean attention launches make cos and sin from the cache's write offset (:data:`ROPE_FROM_OFFSET`);
+    only where every row's position is that offset."""
+    global ROPE_FROM_OFFSET
+    before, ROPE_FROM_OFFSET = ROPE_FROM_OFFSET, bool(enable)
+    try:
+        yield
+    finally:
+        ROPE_FROM_OFFSET = before
+
+
+def _inv_freq32(module: Any) -> torch.Tensor:
+    """The rotary module's ``inv_freq`` in fp32 as its forward uses it, converted once per buffer (a model cast to fp16
+    casts the buffer too)."""
+    inv = module.lean_rotary.inv_freq
+    if inv.dtype == torch.float32:
+        return inv
+    held = module.__dict__.get("_lean_inv32")
+    if held is None or held[0] is not inv or held[1] != inv._version:
+        held = (inv, inv._version, inv.float())
+        module.__dict__["_lean_inv32"] = held
+    return held[2]
+
+
 @torch.compiler.disable  # a Triton launch: opaque to torch.compile, like MoBiLinear.forward
 def _attend(module: Any, q, k, v, cos, sin, layer: Any, mask) -> torch.Tensor:
     from ..kernels.triton_attention import decode_attention
@@ -110,8 +157,9 @@ def _attend(module: Any, q, k, v, cos, sin, layer: Any, mask) -> torch.Tensor:
     # it decodes a static view; None: a static view of at most 4 planes, or a view read on the device): it then loads
     # its weights while the attention runs
     pdl = q.is_cuda and _o_launch_pdl(module.o_proj, q.device)
+    rope = None if cos is not None else (_inv_freq32(module), float(module.lean_rotary.attention_scaling))
     return decode_attention(q, k, v, cos, sin, layer.keys, layer.values, layer.cumulative_length,
-                            module.lean_ticket, module.scaling, mask, pdl=pdl)  # fmt: skip
+                            module.lean_ticket, module.scaling, mask, pdl=pdl, rope=rope)  # fmt: skip
 
 
 class LeanAttention:
@@ -164,6 +212,8 @@ class LeanAttention:
         projs = (self.q_proj, self.k_proj, self.v_proj)  # type: ignore[attr-defined]
         q, k, v = (y.reshape(B, -1) for y in prologue_outputs(projs, hidden_states, prologue))
         cos, sin = kwargs["position_embeddings"]
+        if ROPE_FROM_OFFSET and getattr(self, "lean_rotary", None) is not None:  # the launch makes them
+            cos = sin = None
         out = _attend(self, q, k, v, cos, sin, layer, kwargs.get("attention_mask")).reshape(B, 1, -1)
         return linear_add(self.o_proj, out, residual, nxt), None  # type: ignore[attr-defined]
 

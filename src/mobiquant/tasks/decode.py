@@ -18,6 +18,7 @@ budget of ``decode.budgets`` (and the unquantized model) and writes ``decode.csv
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import inspect
 import logging
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..nn.lean import rope_from_offset
 from ..patching import (
     achieved_bits,
     budget_plan,
@@ -457,6 +459,11 @@ PICK_IN_GRAPH = True
 #: between them; off until timed (``benchmarks/pick_ab.py --feed`` times both)
 FEED_IN_GRAPH = False
 
+#: The lean attention launches make the rotary embedding's cos and sin from the cache's write offset while
+#: :func:`generate` decodes (every row's position is that offset there), so the compiled step drops the model's own
+#: rotary kernels (``mobiquant.nn.lean.ROPE_FROM_OFFSET``); off until timed (``benchmarks/pick_ab.py --rope``)
+ROPE_IN_LAUNCH = False
+
 
 def _split(out) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A step's output as ``(logits, greedy token or None)`` (a step that picks returns both)."""
@@ -829,6 +836,7 @@ def generate(
     if any(m.training for m in model.modules()):  # eval() walks every module (thousands): only when needed
         model.eval()
     stepper: _Stepper | None = None
+    rope_ctx = contextlib.ExitStack()
     try:
         _sync(device)
         t0 = time.perf_counter()
@@ -857,6 +865,7 @@ def generate(
             feed=FEED_IN_GRAPH and eos_token_id is None,
         )
         decode_s, timed, n = 0.0, 0, 1
+        rope_ctx.enter_context(rope_from_offset(ROPE_IN_LAUNCH))  # left in the finally below
         seg_start, seg_tokens = time.perf_counter(), 0
         for i in range(1, max_new_tokens):
             if done is not None and bool(done.all()):
@@ -888,6 +897,7 @@ def generate(
         timed += seg_tokens
         stepper.offsets.check(T + n - 1, f"after {n} new tokens of a {T}-token prompt")
     finally:
+        rope_ctx.close()
         if was_training:
             model.train(True)
         for m in control.linears:
