@@ -585,20 +585,27 @@ def test_the_cache_after_a_capture_attempt_is_that_of_an_eager_step(prompt16, cp
     assert len(graph.graphs) == (failure == "accepted")
 
 
-def test_a_greedy_step_picks_its_token_in_the_graph(qmodel, prompt16, cpu_graph, monkeypatch):
-    """Greedy decoding: the captured step also takes the argmax (the graph's second output), so a replayed step
-    hands its token over without a pick launched outside the graph, and its logits stay the graph's buffer; the
-    tokens are eager decoding's. Sampling picks outside the graph as before."""
+def _greedy_stepper(qmodel, prompt, n, feed=False):
+    """A greedy graph-mode ``_Stepper`` on the CPU at budget 4 after ``prompt``'s prefill (a cache of ``n`` more
+    positions), and the prompt's token."""
     from transformers import StaticCache
 
-    cpu_graph()
-    T, n = prompt16.shape[1], 5
+    T = prompt.shape[1]
     kw = decode._forward_kwargs(qmodel)[0]
     mq.set_budget(qmodel, 4.0)
     cache = StaticCache(config=qmodel.config, max_cache_len=T + n)
     with torch.no_grad():
-        tok = qmodel(input_ids=prompt16, **{kw: cache}, use_cache=True).logits[:, -1].argmax(-1)
-    s = decode._Stepper(qmodel, cache, kw, torch.device("cpu"), 1, "graph", T + n, greedy=True)
+        tok = qmodel(input_ids=prompt, **{kw: cache}, use_cache=True).logits[:, -1].argmax(-1)
+    return decode._Stepper(qmodel, cache, kw, torch.device("cpu"), 1, "graph", T + n, greedy=True, feed=feed), tok
+
+
+def test_a_greedy_step_picks_its_token_in_the_graph(qmodel, prompt16, cpu_graph, monkeypatch):
+    """Greedy decoding: the captured step also takes the argmax (the graph's second output), so a replayed step
+    hands its token over without a pick launched outside the graph, and its logits stay the graph's buffer; the
+    tokens are eager decoding's. Sampling picks outside the graph as before."""
+    cpu_graph()
+    T, n = prompt16.shape[1], 5
+    s, tok = _greedy_stepper(qmodel, prompt16, n)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the capture kept
         for pos in range(T, T + n):
@@ -642,16 +649,9 @@ def test_a_feeding_step_writes_the_next_input_in_the_graph(qmodel, prompt16, cpu
     position, so a replay fed that token at the next position copies nothing first (``fed_at``); the capture's
     warm-up and check start from the step's own inputs. The tokens are eager decoding's, with a budget changing
     between tokens (a capture a state) and under ``torch.compile`` on the CPU (the step mutating its inputs)."""
-    from transformers import StaticCache
-
     cpu_graph()
     T, n = prompt16.shape[1], 6
-    kw = decode._forward_kwargs(qmodel)[0]
-    mq.set_budget(qmodel, 4.0)
-    cache = StaticCache(config=qmodel.config, max_cache_len=T + n)
-    with torch.no_grad():
-        tok = qmodel(input_ids=prompt16, **{kw: cache}, use_cache=True).logits[:, -1].argmax(-1)
-    s = decode._Stepper(qmodel, cache, kw, torch.device("cpu"), 1, "graph", T + n, greedy=True, feed=True)
+    s, tok = _greedy_stepper(qmodel, prompt16, n, feed=True)
     copies: list = []
     s.pos = _Spied(s.pos, copies)
     for pos in range(T, T + n):
