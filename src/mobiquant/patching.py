@@ -378,7 +378,7 @@ def lean_step(model: nn.Module, enable: bool = True, adds: bool = True, prologue
     for mod in model.modules():
         if isinstance(mod, (LeanAttention, LeanDecoderLayer)):
             mod.__class__ = base_type(type(mod))
-            for key in ("lean_next_layer", "_lean_handed", "lean_rotary", "_lean_inv32"):
+            for key in ("lean_next_layer", "_lean_handed", "lean_rotary"):
                 mod.__dict__.pop(key, None)
         if not enable:
             continue

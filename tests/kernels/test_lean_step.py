@@ -407,6 +407,7 @@ def test_lean_step_makes_the_rotary_table_in_the_launch(monkeypatch):
     rot.inv_freq = rot.inv_freq.half()
     first = lean._inv_freq32(attn)
     assert first.dtype == torch.float32 and lean._inv_freq32(attn) is first
+    assert lean._inv_freq32(model.model.layers[-1].self_attn) is first  # one copy for every layer
     assert torch.equal(first, rot.inv_freq.float())
     rot.rope_type = "dynamic"
     assert lean.rotary_for_launch(model) is None

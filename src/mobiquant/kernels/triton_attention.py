@@ -314,6 +314,7 @@ def decode_attention(
     if pdl:
         _check_pdl(q.device)
     asm = not _interpreting()
+    launch = {"launch_pdl": True} if pdl and asm else {}  # both launches' attribute
     out = torch.empty_like(q)
     chunk = -(-split_positions // block_n) * block_n  # whole steps of the loop
     splits = -(-L // chunk) if L > max(chunk, split_above) else 1
@@ -330,12 +331,12 @@ def decode_attention(
         m if m is not None else q, out, part, heads, L, float(scale), 0 if rows == 1 else D, rope_scale, H=H,
         KVH=kvh, HALF=D // 2, BN=block_n, HAS_MASK=m is not None, SPLIT=splits > 1, CHUNK=chunk, LAST=last,
         SP=triton.next_power_of_2(splits), PDL=pdl, ASM=asm and pdl, ROPE_POS=rope is not None,
-        num_warps=num_warps, **({"launch_pdl": True} if pdl and asm else {}),
+        num_warps=num_warps, **launch,
     )  # fmt: skip
     if splits > 1 and not last:
         _combine_kernel[(B * H,)](
             part, out, offset, ticket, splits, HALF=D // 2, SP=triton.next_power_of_2(splits), PDL=pdl,
-            ASM=asm and pdl, **({"launch_pdl": True} if pdl and asm else {}),
+            ASM=asm and pdl, **launch,
         )  # fmt: skip
     return out
 

@@ -105,7 +105,7 @@ def _o_launch_pdl(o_proj: Any, device: torch.device | None = None) -> bool:
 
 #: Where the decode loop knows every row's position is its cache's write offset (the package's own ``generate``, with
 #: ``decode.ROPE_IN_LAUNCH``): the attention launch makes the rotary embedding's cos and sin from that offset and the
-#: model's ``inv_freq``, so the compiled step drops the model's own rotary kernels (:func:`rope_from_offset`)
+#: model's ``inv_freq``, so the compiled step drops the model's own rotary kernels (:func:`rope_in_launch`)
 ROPE_FROM_OFFSET = False
 
 #: rope types whose ``inv_freq`` a forward may change (transformers' ``dynamic_rope_update``): never made in the launch
@@ -125,7 +125,7 @@ def rotary_for_launch(model: torch.nn.Module) -> torch.nn.Module | None:
 
 
 @contextlib.contextmanager
-def rope_from_offset(enable: bool = True):
+def rope_in_launch(enable: bool = True):
     """Within it, the lean attention launches make cos and sin from the cache's write offset (:data:`ROPE_FROM_OFFSET`);
     only where every row's position is that offset."""
     global ROPE_FROM_OFFSET
@@ -137,15 +137,16 @@ def rope_from_offset(enable: bool = True):
 
 
 def _inv_freq32(module: Any) -> torch.Tensor:
-    """The rotary module's ``inv_freq`` in fp32 as its forward uses it, converted once per buffer (a model cast to fp16
-    casts the buffer too)."""
-    inv = module.lean_rotary.inv_freq
+    """The rotary module's ``inv_freq`` in fp32 as its forward uses it, converted once per buffer for every layer
+    (a model cast to fp16 casts the buffer too; the copy is held on the rotary module)."""
+    rotary = module.lean_rotary
+    inv = rotary.inv_freq
     if inv.dtype == torch.float32:
         return inv
-    held = module.__dict__.get("_lean_inv32")
+    held = rotary.__dict__.get("_lean_inv32")
     if held is None or held[0] is not inv or held[1] != inv._version:
         held = (inv, inv._version, inv.float())
-        module.__dict__["_lean_inv32"] = held
+        rotary.__dict__["_lean_inv32"] = held
     return held[2]
 
 

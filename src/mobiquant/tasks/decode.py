@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..nn.lean import rope_from_offset
+from ..nn.lean import rope_in_launch
 from ..patching import (
     achieved_bits,
     budget_plan,
@@ -865,7 +865,7 @@ def generate(
             feed=FEED_IN_GRAPH and eos_token_id is None,
         )
         decode_s, timed, n = 0.0, 0, 1
-        rope_ctx.enter_context(rope_from_offset(ROPE_IN_LAUNCH))  # left in the finally below
+        rope_ctx.enter_context(rope_in_launch(ROPE_IN_LAUNCH))  # left in the finally below
         seg_start, seg_tokens = time.perf_counter(), 0
         for i in range(1, max_new_tokens):
             if done is not None and bool(done.all()):
